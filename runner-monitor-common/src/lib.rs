@@ -1,0 +1,433 @@
+//! Types shared by the kernel programs and the agent.
+//!
+//! Every struct here crosses the kernel/user boundary as raw bytes, so each is `#[repr(C)]`, has
+//! no `bool`, no implicit padding (checked by the size asserts at the bottom), and only fixed-size
+//! arrays. The agent never casts a ring-buffer pointer to these types: it checks the length and
+//! copies (see `runner-monitor/src/sensor/decode.rs`).
+#![no_std]
+
+/// Longest path (including the NUL) the kernel copies for one path argument.
+pub const PATH_LEN: usize = 256;
+/// Bytes of the argument vector copied at exec (NUL-separated, like `/proc/<pid>/cmdline`).
+pub const ARGV_LEN: usize = 512;
+/// How many arguments are copied at most.
+pub const ARGV_MAX_ARGS: u32 = 16;
+/// Bytes of one argument copied at most.
+pub const ARG_LEN: usize = 128;
+/// Bytes of a DNS message copied from a packet.
+pub const DNS_LEN: usize = 512;
+/// Longest `sun_path` of a unix socket address.
+pub const UNIX_PATH_LEN: usize = 108;
+/// Width of a name key (basename, directory name or executable name) in the pattern maps.
+pub const NAME_LEN: usize = 64;
+/// Length of `task_struct::comm`.
+pub const COMM_LEN: usize = 16;
+
+/// What an event is. The numbers are part of the wire format: never renumber.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EventKind {
+    Fork = 1,
+    Exec = 2,
+    Exit = 3,
+    FileOpen = 4,
+    FileRename = 5,
+    FileUnlink = 6,
+    FileLink = 7,
+    Ptrace = 8,
+    ProcessVmRead = 9,
+    Connect = 10,
+    DnsQuery = 11,
+    DnsAnswer = 12,
+    Signal = 13,
+    Bpf = 14,
+    Chdir = 15,
+}
+
+/// One past the highest `EventKind`; sizes the per-kind counters.
+pub const EVENT_KIND_SLOTS: u32 = 16;
+
+impl EventKind {
+    pub const ALL: [EventKind; 15] = [
+        EventKind::Fork,
+        EventKind::Exec,
+        EventKind::Exit,
+        EventKind::FileOpen,
+        EventKind::FileRename,
+        EventKind::FileUnlink,
+        EventKind::FileLink,
+        EventKind::Ptrace,
+        EventKind::ProcessVmRead,
+        EventKind::Connect,
+        EventKind::DnsQuery,
+        EventKind::DnsAnswer,
+        EventKind::Signal,
+        EventKind::Bpf,
+        EventKind::Chdir,
+    ];
+
+    pub fn from_u32(value: u32) -> Option<Self> {
+        Self::ALL.iter().copied().find(|k| *k as u32 == value)
+    }
+
+    /// Stable lowercase name, used in JSON and metrics.
+    pub fn name(self) -> &'static str {
+        match self {
+            EventKind::Fork => "fork",
+            EventKind::Exec => "exec",
+            EventKind::Exit => "exit",
+            EventKind::FileOpen => "file_open",
+            EventKind::FileRename => "file_rename",
+            EventKind::FileUnlink => "file_unlink",
+            EventKind::FileLink => "file_link",
+            EventKind::Ptrace => "ptrace",
+            EventKind::ProcessVmRead => "process_vm_read",
+            EventKind::Connect => "connect",
+            EventKind::DnsQuery => "dns_query",
+            EventKind::DnsAnswer => "dns_answer",
+            EventKind::Signal => "signal",
+            EventKind::Bpf => "bpf",
+            EventKind::Chdir => "chdir",
+        }
+    }
+}
+
+/// `EventHeader::flags`: the event's job had already ended when the event happened.
+pub const HEADER_JOB_ENDED: u32 = 1;
+/// `EventHeader::flags`: the process is the root of its job.
+pub const HEADER_JOB_ROOT: u32 = 1 << 1;
+/// `EventHeader::flags`: a string in the body was cut at its buffer size.
+pub const HEADER_TRUNCATED: u32 = 1 << 2;
+
+/// Common to every event; the first bytes of every ring-buffer record.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct EventHeader {
+    /// An `EventKind`.
+    pub kind: u32,
+    /// `HEADER_*` bits.
+    pub flags: u32,
+    /// `bpf_ktime_get_ns()`: CLOCK_MONOTONIC nanoseconds.
+    pub ts_ns: u64,
+    /// Job key, 0 when the process belongs to no job (only tamper events).
+    pub job: u64,
+    pub cgroup_id: u64,
+    /// Thread id.
+    pub pid: u32,
+    /// Process id.
+    pub tgid: u32,
+    /// Parent process id as recorded at fork (0 when unknown, e.g. for a job root).
+    pub ppid: u32,
+    pub uid: u32,
+    pub comm: [u8; COMM_LEN],
+}
+
+/// A job process created a child process (not a thread).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct ForkEvent {
+    pub header: EventHeader,
+    pub child_tgid: u32,
+    pub _pad: u32,
+}
+
+/// A job process executed a program (or a job root was recognised at exec).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct ExecEvent {
+    pub header: EventHeader,
+    /// Bytes of `filename` used (without NUL).
+    pub filename_len: u32,
+    /// Bytes of `argv` used: NUL-terminated arguments back to back.
+    pub argv_len: u32,
+    /// Number of arguments the process was given (may exceed what was copied).
+    pub argc: u32,
+    pub _pad: u32,
+    pub filename: [u8; PATH_LEN],
+    pub argv: [u8; ARGV_LEN],
+}
+
+/// `ExitEvent::flags`: `exit_code` is the process's own exit status (from `exit_group`).
+pub const EXIT_CODE_KNOWN: u32 = 1;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct ExitEvent {
+    pub header: EventHeader,
+    pub exit_code: i32,
+    pub flags: u32,
+}
+
+/// `FileEvent::matched` bits: which kernel-side pattern let the event through.
+pub const MATCH_BASENAME: u32 = 1;
+pub const MATCH_DIRNAME: u32 = 1 << 1;
+pub const MATCH_PREFIX: u32 = 1 << 2;
+/// `/proc/<pid>/{mem,environ,maps}` of another process.
+pub const MATCH_PROC_MEMORY: u32 = 1 << 3;
+/// The match was on the second path (the destination of a rename or link).
+pub const MATCH_SECOND_PATH: u32 = 1 << 4;
+
+/// `dirfd` value meaning "relative to the working directory".
+pub const AT_FDCWD: i32 = -100;
+
+/// A file operation on a watched path: open, rename, unlink or link.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct FileEvent {
+    pub header: EventHeader,
+    /// Syscall return value: an fd or 0 on success, `-errno` on failure.
+    pub result: i64,
+    /// `dirfd` of `path` (`AT_FDCWD` for the working directory).
+    pub dirfd: i32,
+    /// `dirfd` of `path2`.
+    pub dirfd2: i32,
+    /// open flags, or rename/unlink/link flags.
+    pub flags: u32,
+    /// `MATCH_*` bits.
+    pub matched: u32,
+    /// For `/proc/<pid>/...` matches: the pid whose memory was asked for.
+    pub target_pid: u32,
+    pub path_len: u32,
+    pub path2_len: u32,
+    pub _pad: u32,
+    pub path: [u8; PATH_LEN],
+    /// Destination of a rename or link; empty otherwise.
+    pub path2: [u8; PATH_LEN],
+}
+
+/// Ptrace requests reported (the agent names them).
+pub const PTRACE_PEEKTEXT: u64 = 1;
+pub const PTRACE_PEEKDATA: u64 = 2;
+pub const PTRACE_PEEKUSER: u64 = 3;
+pub const PTRACE_ATTACH: u64 = 16;
+pub const PTRACE_SEIZE: u64 = 0x4206;
+
+/// A `ptrace` or `process_vm_readv` aimed at another process.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct ProcessAccessEvent {
+    pub header: EventHeader,
+    /// ptrace request; 0 for `process_vm_readv`.
+    pub request: u64,
+    pub target_pid: u32,
+    /// 1 when the target is the agent itself.
+    pub targets_agent: u32,
+}
+
+pub const AF_UNIX: u16 = 1;
+pub const AF_INET: u16 = 2;
+pub const AF_INET6: u16 = 10;
+
+/// `connect()` by a job process.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct ConnectEvent {
+    pub header: EventHeader,
+    pub result: i64,
+    pub fd: i32,
+    pub family: u16,
+    /// Host byte order.
+    pub port: u16,
+    /// IPv4 in the first 4 bytes, or IPv6; network byte order.
+    pub addr: [u8; 16],
+    /// Bytes of `unix_path` used; an abstract socket starts with a NUL byte.
+    pub unix_path_len: u32,
+    pub _pad: u32,
+    pub unix_path: [u8; UNIX_PATH_LEN],
+    pub _pad2: [u8; 4],
+}
+
+pub const DNS_DIRECTION_QUERY: u32 = 0;
+pub const DNS_DIRECTION_ANSWER: u32 = 1;
+
+/// A DNS message on UDP port 53 sent or received on a job process's socket.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct DnsEvent {
+    pub header: EventHeader,
+    /// Bytes of `payload` used.
+    pub len: u32,
+    /// Length of the UDP payload on the wire (may exceed `len`).
+    pub wire_len: u32,
+    pub family: u16,
+    /// The DNS server's port, host byte order.
+    pub server_port: u16,
+    pub _pad: u32,
+    /// The DNS server's address, network byte order.
+    pub server_addr: [u8; 16],
+    pub payload: [u8; DNS_LEN],
+}
+
+pub const SIGNAL_SYSCALL_KILL: u32 = 1;
+pub const SIGNAL_SYSCALL_TKILL: u32 = 2;
+pub const SIGNAL_SYSCALL_TGKILL: u32 = 3;
+
+/// A signal sent to the agent (by any process).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct SignalEvent {
+    pub header: EventHeader,
+    pub target_pid: u32,
+    pub signal: u32,
+    /// `SIGNAL_SYSCALL_*`.
+    pub syscall: u32,
+    pub _pad: u32,
+}
+
+/// A `bpf()` call by a job process.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct BpfEvent {
+    pub header: EventHeader,
+    pub cmd: u32,
+    pub _pad: u32,
+}
+
+/// A successful `chdir`/`fchdir` by a job process, so the agent can resolve relative paths.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct ChdirEvent {
+    pub header: EventHeader,
+    /// -1 for `chdir(path)`, the fd for `fchdir(fd)`.
+    pub fd: i32,
+    pub path_len: u32,
+    pub path: [u8; PATH_LEN],
+}
+
+/// Value of the process map: which job a process belongs to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ProcessJob {
+    pub job: u64,
+    /// Parent tgid recorded at fork; 0 for a root.
+    pub ppid: u32,
+    /// `PROCESS_*` bits.
+    pub flags: u32,
+}
+
+/// `ProcessJob::flags`: this process is the job's root.
+pub const PROCESS_JOB_ROOT: u32 = 1;
+
+/// Value of the job map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct JobState {
+    /// tgid of the root process.
+    pub root_tgid: u32,
+    /// `JOB_*` bits.
+    pub flags: u32,
+    /// When the job started (ktime ns).
+    pub started_ns: u64,
+    /// When the job ended (ktime ns), 0 while it runs.
+    pub ended_ns: u64,
+}
+
+/// `JobState::flags`: the job has ended.
+pub const JOB_ENDED: u32 = 1;
+/// `JobState::flags`: the job was registered by the agent (its end comes from the agent too).
+pub const JOB_REGISTERED: u32 = 1 << 1;
+
+/// Job keys the agent hands out have this bit set; keys made in the kernel never do.
+pub const AGENT_JOB_KEY_BIT: u64 = 1 << 63;
+
+/// Key of the name pattern map: a basename, a directory name, a basename prefix, or a job-root
+/// executable name, zero padded.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct NameKey {
+    /// `NAME_KIND_*`.
+    pub kind: u32,
+    /// Length of the name in bytes.
+    pub len: u32,
+    pub name: [u8; NAME_LEN],
+}
+
+pub const NAME_KIND_BASENAME: u32 = 1;
+pub const NAME_KIND_DIRNAME: u32 = 2;
+pub const NAME_KIND_PREFIX: u32 = 3;
+pub const NAME_KIND_JOB_ROOT_EXE: u32 = 4;
+
+impl NameKey {
+    /// Builds a key; `None` when the name does not fit.
+    pub fn new(kind: u32, name: &[u8]) -> Option<Self> {
+        if name.is_empty() || name.len() > NAME_LEN {
+            return None;
+        }
+        let mut key = NameKey {
+            kind,
+            len: name.len() as u32,
+            name: [0; NAME_LEN],
+        };
+        key.name[..name.len()].copy_from_slice(name);
+        Some(key)
+    }
+}
+
+/// Indexes of the per-CPU counter array. Per-kind counters are at `base + kind`.
+pub mod counter {
+    use super::EVENT_KIND_SLOTS;
+    /// Events submitted to the ring buffer, per kind.
+    pub const EMITTED: u32 = 0;
+    /// Events lost because the ring buffer was full, per kind.
+    pub const LOST: u32 = EVENT_KIND_SLOTS;
+    /// A user-memory string (path, argument, address) could not be read.
+    pub const USER_READ_ERRORS: u32 = 2 * EVENT_KIND_SLOTS;
+    /// A job process could not be added to the process map (map full): it is untracked.
+    pub const PROCESS_MAP_FULL: u32 = 2 * EVENT_KIND_SLOTS + 1;
+    /// A syscall's arguments could not be kept until its exit (pending map full): event lost.
+    pub const PENDING_MAP_FULL: u32 = 2 * EVENT_KIND_SLOTS + 2;
+    /// A job could not be added to the job map.
+    pub const JOB_MAP_FULL: u32 = 2 * EVENT_KIND_SLOTS + 3;
+    /// A DNS socket could not be remembered.
+    pub const DNS_SOCKET_MAP_FULL: u32 = 2 * EVENT_KIND_SLOTS + 4;
+    /// Rate-limited process-access events not sent (counted, not lost: the first one was sent).
+    pub const RATE_LIMITED: u32 = 2 * EVENT_KIND_SLOTS + 5;
+    /// Size of the counter array.
+    pub const SLOTS: u32 = 2 * EVENT_KIND_SLOTS + 8;
+}
+
+/// Names of the kernel maps the agent opens.
+pub mod map_name {
+    pub const EVENTS: &str = "EVENTS";
+    pub const COUNTERS: &str = "COUNTERS";
+    pub const PROCESSES: &str = "PROCESSES";
+    pub const JOBS: &str = "JOBS";
+    pub const NAMES: &str = "NAMES";
+}
+
+/// Capacity of the kernel's process map: job processes alive at once.
+pub const MAX_TRACKED_PROCESSES: u32 = 65536;
+/// Capacity of the kernel's job map: jobs running or ended with survivors.
+pub const MAX_JOBS: u32 = 4096;
+/// Size of the ring buffer in bytes.
+pub const RING_BUFFER_BYTES: u32 = 16 << 20;
+
+macro_rules! assert_size {
+    ($t:ty, $size:expr) => {
+        const _: () = assert!(core::mem::size_of::<$t>() == $size);
+    };
+}
+assert_size!(EventHeader, 64);
+assert_size!(ForkEvent, 72);
+assert_size!(ExecEvent, 64 + 16 + PATH_LEN + ARGV_LEN);
+assert_size!(ExitEvent, 72);
+assert_size!(FileEvent, 64 + 40 + 2 * PATH_LEN);
+assert_size!(ProcessAccessEvent, 80);
+assert_size!(ConnectEvent, 64 + 16 + 16 + 8 + UNIX_PATH_LEN + 4);
+assert_size!(DnsEvent, 64 + 16 + 16 + DNS_LEN);
+assert_size!(SignalEvent, 80);
+assert_size!(BpfEvent, 72);
+assert_size!(ChdirEvent, 64 + 8 + PATH_LEN);
+assert_size!(ProcessJob, 16);
+assert_size!(JobState, 24);
+assert_size!(NameKey, 8 + NAME_LEN);
+
+#[cfg(feature = "user")]
+mod user {
+    use super::*;
+    // SAFETY: plain `#[repr(C)]` data without padding (sizes asserted above); every bit pattern
+    // is a valid value.
+    unsafe impl aya::Pod for ProcessJob {}
+    unsafe impl aya::Pod for JobState {}
+    unsafe impl aya::Pod for NameKey {}
+}

@@ -1,0 +1,303 @@
+//! File access by job processes: opens of credential paths and of other processes' memory, and
+//! renames, unlinks and links onto watched paths.
+//!
+//! Each syscall is seen twice: at entry the path is read from user memory and matched; a match is
+//! kept per thread until the exit, which adds the result and sends the event.
+
+use aya_ebpf::{
+    helpers::{bpf_get_current_pid_tgid, bpf_probe_read_user, generated::bpf_probe_read_user_str},
+    macros::{map, tracepoint},
+    maps::{HashMap, PerCpuArray},
+    programs::TracePointContext,
+};
+use runner_monitor_common::{
+    AT_FDCWD, EventKind, FileEvent, HEADER_TRUNCATED, MATCH_SECOND_PATH, PATH_LEN, counter,
+};
+
+use crate::{
+    emit::{count, current_process, fill_header, submit_copy},
+    names::{mark, match_credential, match_proc_memory, split},
+};
+
+/// Per-CPU room to build a file event (too large for the BPF stack).
+#[map]
+static FILE_SCRATCH: PerCpuArray<FileEvent> = PerCpuArray::with_max_entries(1, 0);
+
+/// thread id -> matched file event waiting for its syscall's result.
+#[map]
+static PENDING_FILES: HashMap<u32, FileEvent> = HashMap::with_max_entries(4096, 0);
+
+/// Offsets of syscall arguments in a `sys_enter_*` record, and of the result in `sys_exit_*`.
+const ARG0: usize = 16;
+const ARG1: usize = 24;
+const ARG2: usize = 32;
+const ARG3: usize = 40;
+const ARG4: usize = 48;
+const RET: usize = 16;
+
+#[inline(always)]
+fn arg<T>(ctx: &TracePointContext, offset: usize) -> T
+where
+    T: Default,
+{
+    // SAFETY: reads a field of the tracepoint record at a fixed offset.
+    unsafe { ctx.read_at::<T>(offset).unwrap_or_default() }
+}
+
+/// Reads a NUL-terminated user string into `dst`; returns its length with the NUL, 0 on error.
+#[inline(always)]
+pub fn read_user_path(dst: &mut [u8; PATH_LEN], src: u64) -> usize {
+    if src == 0 {
+        return 0;
+    }
+    // SAFETY: the helper writes at most PATH_LEN bytes into `dst` and checks the user address.
+    let n = unsafe {
+        bpf_probe_read_user_str(dst.as_mut_ptr().cast(), PATH_LEN as u32, src as *const _)
+    };
+    if n <= 0 {
+        count(counter::USER_READ_ERRORS);
+        0
+    } else {
+        n as usize
+    }
+}
+
+/// Entry of a file syscall: read and match the path(s), keep a match until the exit.
+#[inline(always)]
+fn enter(kind: EventKind, dirfd: i32, path: u64, dirfd2: i32, path2: u64, flags: u32) {
+    let Some(process) = current_process() else {
+        return;
+    };
+    let Some(event) = FILE_SCRATCH.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: per-CPU scratch owned by this program run.
+    let event = unsafe { &mut *event };
+    fill_header(&mut event.header, kind, Some(&process));
+    event.result = 0;
+    event.dirfd = dirfd;
+    event.dirfd2 = dirfd2;
+    event.flags = flags;
+    event.target_pid = 0;
+    event.path2_len = 0;
+    event.path2[0] = 0;
+
+    let n = read_user_path(&mut event.path, path);
+    if n == 0 {
+        return;
+    }
+    event.path_len = (n - 1) as u32;
+    if n >= PATH_LEN {
+        event.header.flags |= HEADER_TRUNCATED;
+    }
+    event.matched = 0;
+    if let Some(parts) = split(&event.path, n) {
+        match_credential(&event.path, &parts, &mut event.matched);
+        if matches!(kind, EventKind::FileOpen) {
+            let own = event.header.tgid;
+            match_proc_memory(&event.path, &parts, own, &mut event.matched, &mut event.target_pid);
+        }
+    }
+    if path2 != 0 {
+        let n2 = read_user_path(&mut event.path2, path2);
+        if n2 > 0 {
+            event.path2_len = (n2 - 1) as u32;
+            if n2 >= PATH_LEN {
+                event.header.flags |= HEADER_TRUNCATED;
+            }
+            if let Some(parts2) = split(&event.path2, n2) {
+                // The destination's own bits are folded into MATCH_SECOND_PATH.
+                // `_pad` serves as map-memory scratch for them (see `mark`).
+                event._pad = 0;
+                match_credential(&event.path2, &parts2, &mut event._pad);
+                // SAFETY: read back from map memory.
+                if unsafe { core::ptr::read_volatile(&event._pad) } != 0 {
+                    mark(&mut event.matched, MATCH_SECOND_PATH);
+                }
+                event._pad = 0;
+            }
+        }
+    }
+    // SAFETY: read back from map memory (see `mark`).
+    if unsafe { core::ptr::read_volatile(&event.matched) } == 0 {
+        return;
+    }
+    let tid = bpf_get_current_pid_tgid() as u32;
+    if PENDING_FILES.insert(&tid, event, 0).is_err() {
+        count(counter::PENDING_MAP_FULL);
+    }
+}
+
+/// Exit of a file syscall: add the result to the kept event and send it.
+#[inline(always)]
+fn exit(ctx: &TracePointContext) {
+    let tid = bpf_get_current_pid_tgid() as u32;
+    let Some(event) = PENDING_FILES.get_ptr_mut(&tid) else {
+        return;
+    };
+    // SAFETY: the entry belongs to this thread, which is the only one that touches it.
+    let kind = unsafe {
+        (*event).result = arg::<i64>(ctx, RET);
+        (*event).header.kind
+    };
+    submit_copy(kind, event as *const FileEvent);
+    let _ = PENDING_FILES.remove(&tid);
+}
+
+// long sys_openat(int dfd, const char __user *filename, int flags, umode_t mode)
+#[tracepoint]
+pub fn sys_enter_openat(ctx: TracePointContext) -> u32 {
+    enter(
+        EventKind::FileOpen,
+        arg::<i64>(&ctx, ARG0) as i32,
+        arg(&ctx, ARG1),
+        0,
+        0,
+        arg::<u64>(&ctx, ARG2) as u32,
+    );
+    0
+}
+
+// long sys_openat2(int dfd, const char __user *filename, struct open_how __user *how, size_t usize)
+#[tracepoint]
+pub fn sys_enter_openat2(ctx: TracePointContext) -> u32 {
+    let how: u64 = arg(&ctx, ARG2);
+    // struct open_how { __u64 flags; __u64 mode; __u64 resolve; }
+    // SAFETY: a checked read of user memory.
+    let flags = if how == 0 {
+        0
+    } else {
+        unsafe { bpf_probe_read_user(how as *const u64).unwrap_or(0) }
+    };
+    enter(
+        EventKind::FileOpen,
+        arg::<i64>(&ctx, ARG0) as i32,
+        arg(&ctx, ARG1),
+        0,
+        0,
+        flags as u32,
+    );
+    0
+}
+
+// long sys_open(const char __user *filename, int flags, umode_t mode)
+#[tracepoint]
+pub fn sys_enter_open(ctx: TracePointContext) -> u32 {
+    enter(
+        EventKind::FileOpen,
+        AT_FDCWD,
+        arg(&ctx, ARG0),
+        0,
+        0,
+        arg::<u64>(&ctx, ARG1) as u32,
+    );
+    0
+}
+
+// long sys_creat(const char __user *pathname, umode_t mode)
+#[tracepoint]
+pub fn sys_enter_creat(ctx: TracePointContext) -> u32 {
+    // creat() is open(O_CREAT|O_WRONLY|O_TRUNC).
+    enter(EventKind::FileOpen, AT_FDCWD, arg(&ctx, ARG0), 0, 0, 0o1101);
+    0
+}
+
+// long sys_rename(const char __user *oldname, const char __user *newname)
+#[tracepoint]
+pub fn sys_enter_rename(ctx: TracePointContext) -> u32 {
+    enter(
+        EventKind::FileRename,
+        AT_FDCWD,
+        arg(&ctx, ARG0),
+        AT_FDCWD,
+        arg(&ctx, ARG1),
+        0,
+    );
+    0
+}
+
+// long sys_renameat(int olddfd, const char __user *oldname, int newdfd, const char __user *newname)
+#[tracepoint]
+pub fn sys_enter_renameat(ctx: TracePointContext) -> u32 {
+    enter(
+        EventKind::FileRename,
+        arg::<i64>(&ctx, ARG0) as i32,
+        arg(&ctx, ARG1),
+        arg::<i64>(&ctx, ARG2) as i32,
+        arg(&ctx, ARG3),
+        0,
+    );
+    0
+}
+
+// long sys_renameat2(int olddfd, const char __user *oldname, int newdfd,
+//                    const char __user *newname, unsigned int flags)
+#[tracepoint]
+pub fn sys_enter_renameat2(ctx: TracePointContext) -> u32 {
+    enter(
+        EventKind::FileRename,
+        arg::<i64>(&ctx, ARG0) as i32,
+        arg(&ctx, ARG1),
+        arg::<i64>(&ctx, ARG2) as i32,
+        arg(&ctx, ARG3),
+        arg::<u64>(&ctx, ARG4) as u32,
+    );
+    0
+}
+
+// long sys_unlink(const char __user *pathname)
+#[tracepoint]
+pub fn sys_enter_unlink(ctx: TracePointContext) -> u32 {
+    enter(EventKind::FileUnlink, AT_FDCWD, arg(&ctx, ARG0), 0, 0, 0);
+    0
+}
+
+// long sys_unlinkat(int dfd, const char __user *pathname, int flag)
+#[tracepoint]
+pub fn sys_enter_unlinkat(ctx: TracePointContext) -> u32 {
+    enter(
+        EventKind::FileUnlink,
+        arg::<i64>(&ctx, ARG0) as i32,
+        arg(&ctx, ARG1),
+        0,
+        0,
+        arg::<u64>(&ctx, ARG2) as u32,
+    );
+    0
+}
+
+// long sys_link(const char __user *oldname, const char __user *newname)
+#[tracepoint]
+pub fn sys_enter_link(ctx: TracePointContext) -> u32 {
+    enter(
+        EventKind::FileLink,
+        AT_FDCWD,
+        arg(&ctx, ARG0),
+        AT_FDCWD,
+        arg(&ctx, ARG1),
+        0,
+    );
+    0
+}
+
+// long sys_linkat(int olddfd, const char __user *oldname, int newdfd,
+//                 const char __user *newname, int flags)
+#[tracepoint]
+pub fn sys_enter_linkat(ctx: TracePointContext) -> u32 {
+    enter(
+        EventKind::FileLink,
+        arg::<i64>(&ctx, ARG0) as i32,
+        arg(&ctx, ARG1),
+        arg::<i64>(&ctx, ARG2) as i32,
+        arg(&ctx, ARG3),
+        arg::<u64>(&ctx, ARG4) as u32,
+    );
+    0
+}
+
+/// One exit program serves every file syscall above: the kept event already says its kind.
+#[tracepoint]
+pub fn sys_exit_file(ctx: TracePointContext) -> u32 {
+    exit(&ctx);
+    0
+}

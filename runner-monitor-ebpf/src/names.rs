@@ -1,0 +1,216 @@
+//! In-kernel path matching: only opens of interesting paths cross the ring buffer.
+//!
+//! The agent loads a set of names into `NAMES`: credential basenames (`config.json`,
+//! `credentials`), directory names (`.ssh`, `.aws`), basename prefixes (`id_`) and job-root
+//! executable names (`Runner.Worker`). A path matches when its basename, its last directory name
+//! or a prefix of its basename is in the set. This is a prefilter: the agent resolves the full
+//! path and applies the real policy.
+
+use aya_ebpf::{
+    helpers::generated::bpf_probe_read_kernel,
+    macros::map,
+    maps::{HashMap, PerCpuArray},
+};
+use runner_monitor_common::{
+    MATCH_BASENAME, MATCH_DIRNAME, MATCH_PREFIX, MATCH_PROC_MEMORY, NAME_KIND_BASENAME,
+    NAME_KIND_DIRNAME, NAME_KIND_PREFIX, NAME_LEN, NameKey, PATH_LEN,
+};
+
+#[map]
+pub static NAMES: HashMap<NameKey, u32> = HashMap::with_max_entries(1024, 0);
+
+/// Bit `n - 1` set when some basename prefix of length `n` is in `NAMES`; set at load.
+#[unsafe(no_mangle)]
+static PREFIX_LENGTHS: u32 = 0;
+
+/// Where the last two components of a path start and end.
+pub struct PathParts {
+    /// Index of the first byte of the basename.
+    pub base_start: usize,
+    /// Index of the first byte of the last directory name (== `base_start` when there is none).
+    pub dir_start: usize,
+    /// Length of the path without its NUL.
+    pub len: usize,
+}
+
+/// Positions of the last two slashes seen while scanning a path, and the path's length.
+#[repr(C)]
+pub struct SlashPositions {
+    last: u32,
+    before: u32,
+    len: u32,
+}
+
+/// VERIFIER: the scan keeps its state in map memory, not in registers. The verifier tracks
+/// registers exactly, so a slash position that takes a new constant at every slash, or a length
+/// narrowed at every step of a loop that may stop at any step, turns the code after the loop into
+/// hundreds of separate states; a value read back from a map is just "some u32" to it.
+#[map]
+static SLASHES: PerCpuArray<SlashPositions> = PerCpuArray::with_max_entries(1, 0);
+
+const NONE: u32 = u32::MAX;
+
+/// Splits a NUL-terminated path of `len_with_nul` bytes.
+#[inline(always)]
+pub fn split(path: &[u8; PATH_LEN], len_with_nul: usize) -> Option<PathParts> {
+    let slashes = SLASHES.get_ptr_mut(0)?;
+    // SAFETY: per-CPU scratch owned by this program run; volatile keeps every access in memory.
+    unsafe {
+        let len = if len_with_nul > 0 { len_with_nul - 1 } else { 0 };
+        core::ptr::write_volatile(&mut (*slashes).len, len as u32);
+        core::ptr::write_volatile(&mut (*slashes).last, NONE);
+        core::ptr::write_volatile(&mut (*slashes).before, NONE);
+        // VERIFIER: a fixed trip count with no early exit, so the loop leaves in one state.
+        for i in 0..PATH_LEN {
+            if path[i] == b'/' && (i as u32) < core::ptr::read_volatile(&(*slashes).len) {
+                let last = core::ptr::read_volatile(&(*slashes).last);
+                core::ptr::write_volatile(&mut (*slashes).before, last);
+                core::ptr::write_volatile(&mut (*slashes).last, i as u32);
+            }
+        }
+        let len = core::ptr::read_volatile(&(*slashes).len) as usize;
+        let last = core::ptr::read_volatile(&(*slashes).last);
+        let before = core::ptr::read_volatile(&(*slashes).before);
+        let base_start = if last == NONE { 0 } else { (last as usize + 1) & (PATH_LEN - 1) };
+        let dir_start = if last == NONE {
+            0
+        } else if before == NONE {
+            if path[0] == b'/' { 1 } else { 0 }
+        } else {
+            (before as usize + 1) & (PATH_LEN - 1)
+        };
+        Some(PathParts {
+            base_start,
+            dir_start,
+            len: len & (PATH_LEN - 1),
+        })
+    }
+}
+
+/// Builds a name key from `path[start..end]`; `None` when it is empty or longer than `NAME_LEN`.
+#[inline(always)]
+pub fn key_of(kind: u32, path: &[u8; PATH_LEN], start: usize, end: usize) -> Option<NameKey> {
+    if end <= start || end - start > NAME_LEN {
+        return None;
+    }
+    let len = end - start;
+    let mut key = core::mem::MaybeUninit::<NameKey>::uninit();
+    let p = key.as_mut_ptr().cast::<u64>();
+    // VERIFIER: word-by-word volatile zeroing. `[0; NAME_LEN]` becomes a call to the byte loop of
+    // compiler-builtins' memset, which the verifier walks byte by byte at every call site.
+    // SAFETY: NameKey is 8-aligned and a whole number of u64 words.
+    unsafe {
+        core::ptr::write_volatile(p, (kind as u64) | ((len as u64) << 32));
+        for w in 1..core::mem::size_of::<NameKey>() / 8 {
+            core::ptr::write_volatile(p.add(w), 0);
+        }
+        // VERIFIER: one helper copy of a length the verifier can bound, instead of a byte loop.
+        let n = ((len - 1) & (NAME_LEN - 1)) as u32 + 1;
+        bpf_probe_read_kernel(
+            (*key.as_mut_ptr()).name.as_mut_ptr().cast(),
+            n,
+            path.as_ptr().add(start & (PATH_LEN - 1)).cast(),
+        );
+        Some(key.assume_init())
+    }
+}
+
+#[inline(always)]
+fn in_names(key: &NameKey) -> bool {
+    NAMES.get_ptr(key).is_some()
+}
+
+/// Sets `bit` in `out`, which lives in map memory.
+///
+/// VERIFIER: match results go to memory at once. Kept in a register, each combination of bits is
+/// a separate state the verifier carries through all the code that follows.
+#[inline(always)]
+pub fn mark(out: &mut u32, bit: u32) {
+    // SAFETY: `out` is a valid, exclusive reference.
+    unsafe { core::ptr::write_volatile(out, core::ptr::read_volatile(out) | bit) }
+}
+
+/// ORs into `out` the `MATCH_*` bits of a path.
+#[inline(always)]
+pub fn match_credential(path: &[u8; PATH_LEN], parts: &PathParts, out: &mut u32) {
+    if let Some(key) = key_of(NAME_KIND_BASENAME, path, parts.base_start, parts.len)
+        && in_names(&key)
+    {
+        mark(out, MATCH_BASENAME);
+    }
+    if parts.dir_start < parts.base_start
+        && let Some(key) = key_of(NAME_KIND_DIRNAME, path, parts.dir_start, parts.base_start - 1)
+        && in_names(&key)
+    {
+        mark(out, MATCH_DIRNAME);
+    }
+    // SAFETY: read of a global the loader fills in.
+    let prefixes = unsafe { core::ptr::read_volatile(&PREFIX_LENGTHS) };
+    if prefixes != 0 {
+        for n in 1..=16usize {
+            if prefixes & (1 << (n - 1)) != 0
+                && parts.base_start + n <= parts.len
+                && let Some(key) = key_of(NAME_KIND_PREFIX, path, parts.base_start, parts.base_start + n)
+                && in_names(&key)
+            {
+                mark(out, MATCH_PREFIX);
+                break;
+            }
+        }
+    }
+}
+
+/// For `/proc/<pid>/mem`, `/proc/<pid>/environ` and `/proc/<pid>/maps` of a process other than
+/// `own_tgid`: marks `MATCH_PROC_MEMORY` in `out` and stores the pid in `target`.
+/// `/proc/self/...` and the process's own pid are not reported: every runtime reads its own maps.
+#[inline(always)]
+pub fn match_proc_memory(
+    path: &[u8; PATH_LEN],
+    parts: &PathParts,
+    own_tgid: u32,
+    out: &mut u32,
+    target: &mut u32,
+) {
+    const PREFIX: &[u8; 6] = b"/proc/";
+    for i in 0..6 {
+        if path[i] != PREFIX[i] {
+            return;
+        }
+    }
+    // The pid: digits from index 6 up to the basename's slash.
+    let mut pid: u32 = 0;
+    let mut digits = 0usize;
+    for i in 6..17 {
+        let c = path[i];
+        if c == b'/' {
+            break;
+        }
+        if !c.is_ascii_digit() {
+            return;
+        }
+        pid = pid.wrapping_mul(10).wrapping_add((c - b'0') as u32);
+        digits += 1;
+    }
+    if digits == 0 || 6 + digits + 1 != parts.base_start || pid == own_tgid {
+        return;
+    }
+    let base_len = parts.len.wrapping_sub(parts.base_start);
+    let start = parts.base_start & (PATH_LEN - 1);
+    let is = |name: &[u8]| -> bool {
+        if base_len != name.len() {
+            return false;
+        }
+        for (j, c) in name.iter().enumerate() {
+            // VERIFIER: masked index.
+            if path[(start + j) & (PATH_LEN - 1)] != *c {
+                return false;
+            }
+        }
+        true
+    };
+    if is(b"mem") || is(b"environ") || is(b"maps") {
+        mark(out, MATCH_PROC_MEMORY);
+        // SAFETY: valid exclusive reference into map memory.
+        unsafe { core::ptr::write_volatile(target, pid) };
+    }
+}

@@ -1,0 +1,315 @@
+//! Sockets: `connect` by job processes, and the DNS messages their sockets send and receive.
+//!
+//! DNS is seen without any syscall hook: `cgroup_sock_addr` programs (connect4/6, sendmsg4/6),
+//! which run in the calling process, remember which sockets of job processes talk to port 53;
+//! `cgroup_skb` programs then copy the DNS messages those sockets send and receive. That covers
+//! `sendto`, `sendmsg`, glibc's `sendmmsg`, `write` on a connected socket and io_uring alike, and
+//! taxes no syscall.
+
+use aya_ebpf::{
+    EbpfContext,
+    helpers::{
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
+        bpf_probe_read_user,
+        generated::{bpf_get_current_cgroup_id, bpf_get_socket_cookie, bpf_skb_load_bytes, bpf_probe_read_user as read_user_raw},
+    },
+    macros::{cgroup_skb, cgroup_sock_addr, map, tracepoint},
+    maps::{HashMap, LruHashMap, PerCpuArray},
+    programs::{SkBuffContext, SockAddrContext, TracePointContext},
+};
+use runner_monitor_common::{
+    AF_INET, AF_INET6, AF_UNIX, COMM_LEN, ConnectEvent, DNS_DIRECTION_ANSWER, DNS_LEN, DnsEvent,
+    EventKind, UNIX_PATH_LEN, counter,
+};
+
+use crate::emit::{count, current_process, fill_header, fill_job, now_ns, submit_copy};
+
+#[map]
+static CONNECT_SCRATCH: PerCpuArray<ConnectEvent> = PerCpuArray::with_max_entries(1, 0);
+
+/// thread id -> connect waiting for its result.
+#[map]
+static PENDING_CONNECTS: HashMap<u32, ConnectEvent> = HashMap::with_max_entries(4096, 0);
+
+/// Who owns a socket that talks to port 53.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct DnsSocket {
+    job: u64,
+    cgroup_id: u64,
+    pid: u32,
+    tgid: u32,
+    ppid: u32,
+    uid: u32,
+    process_flags: u32,
+    _pad: u32,
+    comm: [u8; COMM_LEN],
+}
+
+/// socket cookie -> owner, for sockets of job processes that sent to or connected to port 53.
+/// LRU: a closed socket's entry simply ages out.
+#[map]
+static DNS_SOCKETS: LruHashMap<u64, DnsSocket> = LruHashMap::with_max_entries(8192, 0);
+
+#[map]
+static DNS_SCRATCH: PerCpuArray<DnsEvent> = PerCpuArray::with_max_entries(1, 0);
+
+const DNS_PORT: u16 = 53;
+const ETH_P_IP: u32 = 0x0800;
+const ETH_P_IPV6: u32 = 0x86DD;
+const IPPROTO_UDP: u8 = 17;
+
+#[inline(always)]
+fn arg<T: Default>(ctx: &TracePointContext, offset: usize) -> T {
+    // SAFETY: reads a field of the tracepoint record at a fixed offset.
+    unsafe { ctx.read_at::<T>(offset).unwrap_or_default() }
+}
+
+// long sys_connect(int fd, struct sockaddr __user *uservaddr, int addrlen)
+#[tracepoint]
+pub fn sys_enter_connect(ctx: TracePointContext) -> u32 {
+    let Some(process) = current_process() else {
+        return 0;
+    };
+    let fd: i64 = arg(&ctx, 16);
+    let addr: u64 = arg(&ctx, 24);
+    let addrlen: i64 = arg(&ctx, 32);
+    if addr == 0 {
+        return 0;
+    }
+    // SAFETY: checked reads of user memory.
+    let Ok(family) = (unsafe { bpf_probe_read_user(addr as *const u16) }) else {
+        count(counter::USER_READ_ERRORS);
+        return 0;
+    };
+    if family != AF_INET && family != AF_INET6 && family != AF_UNIX {
+        return 0;
+    }
+    let Some(event) = CONNECT_SCRATCH.get_ptr_mut(0) else {
+        return 0;
+    };
+    // SAFETY: per-CPU scratch owned by this program run.
+    let event = unsafe { &mut *event };
+    fill_header(&mut event.header, EventKind::Connect, Some(&process));
+    event.result = 0;
+    event.fd = fd as i32;
+    event.family = family;
+    event.port = 0;
+    event.addr = [0; 16];
+    event.unix_path_len = 0;
+    event.unix_path[0] = 0;
+    // SAFETY: checked reads of user memory at the sockaddr's fixed offsets.
+    unsafe {
+        match family {
+            AF_INET => {
+                // struct sockaddr_in { u16 family; be16 port; be32 addr; }
+                let port: u16 = bpf_probe_read_user((addr + 2) as *const u16).unwrap_or(0);
+                let ip: [u8; 4] = bpf_probe_read_user((addr + 4) as *const [u8; 4]).unwrap_or([0; 4]);
+                event.port = u16::from_be(port);
+                event.addr[..4].copy_from_slice(&ip);
+            }
+            AF_INET6 => {
+                // struct sockaddr_in6 { u16 family; be16 port; u32 flowinfo; u8 addr[16]; ... }
+                let port: u16 = bpf_probe_read_user((addr + 2) as *const u16).unwrap_or(0);
+                event.port = u16::from_be(port);
+                event.addr = bpf_probe_read_user((addr + 8) as *const [u8; 16]).unwrap_or([0; 16]);
+            }
+            _ => {
+                // struct sockaddr_un { u16 family; char sun_path[108]; }
+                let len = (addrlen - 2).clamp(0, UNIX_PATH_LEN as i64) as u32;
+                if len > 0
+                    && read_user_raw(
+                        event.unix_path.as_mut_ptr().cast(),
+                        UNIX_PATH_LEN as u32,
+                        (addr + 2) as *const _,
+                    ) < 0
+                {
+                    // The address may end before a full sun_path: read what addrlen says.
+                    let _ = read_user_raw(
+                        event.unix_path.as_mut_ptr().cast(),
+                        len & 0x7f,
+                        (addr + 2) as *const _,
+                    );
+                }
+                event.unix_path_len = len;
+            }
+        }
+    }
+    let tid = bpf_get_current_pid_tgid() as u32;
+    if PENDING_CONNECTS.insert(&tid, event, 0).is_err() {
+        count(counter::PENDING_MAP_FULL);
+    }
+    0
+}
+
+#[tracepoint]
+pub fn sys_exit_connect(ctx: TracePointContext) -> u32 {
+    let tid = bpf_get_current_pid_tgid() as u32;
+    let Some(event) = PENDING_CONNECTS.get_ptr_mut(&tid) else {
+        return 0;
+    };
+    // SAFETY: the entry belongs to this thread.
+    unsafe { (*event).result = arg::<i64>(&ctx, 16) };
+    submit_copy(EventKind::Connect as u32, event as *const ConnectEvent);
+    let _ = PENDING_CONNECTS.remove(&tid);
+    0
+}
+
+/// Remembers the socket when a job process addresses port 53.
+#[inline(always)]
+fn note_dns_socket(ctx: &SockAddrContext) {
+    // SAFETY: context field reads.
+    let port = unsafe { (*ctx.sock_addr).user_port };
+    if u16::from_be(port as u16) != DNS_PORT {
+        return;
+    }
+    let Some(process) = current_process() else {
+        return;
+    };
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let owner = DnsSocket {
+        job: process.job,
+        // SAFETY: helper without arguments.
+        cgroup_id: unsafe { bpf_get_current_cgroup_id() },
+        pid: pid_tgid as u32,
+        tgid: (pid_tgid >> 32) as u32,
+        ppid: process.ppid,
+        uid: bpf_get_current_uid_gid() as u32,
+        process_flags: process.flags,
+        _pad: 0,
+        comm: bpf_get_current_comm().unwrap_or([0; COMM_LEN]),
+    };
+    // SAFETY: the context is a socket-address context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    if DNS_SOCKETS.insert(&cookie, &owner, 0).is_err() {
+        count(counter::DNS_SOCKET_MAP_FULL);
+    }
+}
+
+#[cgroup_sock_addr(connect4)]
+pub fn dns_connect4(ctx: SockAddrContext) -> i32 {
+    note_dns_socket(&ctx);
+    1
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn dns_connect6(ctx: SockAddrContext) -> i32 {
+    note_dns_socket(&ctx);
+    1
+}
+
+#[cgroup_sock_addr(sendmsg4)]
+pub fn dns_sendmsg4(ctx: SockAddrContext) -> i32 {
+    note_dns_socket(&ctx);
+    1
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn dns_sendmsg6(ctx: SockAddrContext) -> i32 {
+    note_dns_socket(&ctx);
+    1
+}
+
+/// Copies a DNS message of a remembered socket into a DNS event.
+#[inline(always)]
+fn dns_packet(ctx: &SkBuffContext, direction: u32) {
+    let protocol = u32::from_be(ctx.skb.protocol()) ;
+    let (l4, family, udp_proto, server_at) = match protocol {
+        ETH_P_IP => {
+            let Ok(vihl) = ctx.load::<u8>(0) else { return };
+            let Ok(proto) = ctx.load::<u8>(9) else { return };
+            let l4 = ((vihl & 0x0f) as usize) * 4;
+            // Egress: the server is the destination (16); ingress: the source (12).
+            (l4, AF_INET, proto, if direction == DNS_DIRECTION_ANSWER { 12 } else { 16 })
+        }
+        ETH_P_IPV6 => {
+            // Extension headers before UDP are not followed: DNS clients do not send them.
+            let Ok(next) = ctx.load::<u8>(6) else { return };
+            (40, AF_INET6, next, if direction == DNS_DIRECTION_ANSWER { 8 } else { 24 })
+        }
+        _ => return,
+    };
+    if udp_proto != IPPROTO_UDP || l4 < 20 {
+        return;
+    }
+    let Ok(sport) = ctx.load::<u16>(l4) else { return };
+    let Ok(dport) = ctx.load::<u16>(l4 + 2) else { return };
+    let server_port = if direction == DNS_DIRECTION_ANSWER { sport } else { dport };
+    if u16::from_be(server_port) != DNS_PORT {
+        return;
+    }
+    // SAFETY: the context is a socket buffer.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // SAFETY: copied out at once.
+    let Some(owner) = (unsafe { DNS_SOCKETS.get(&cookie).copied() }) else {
+        return;
+    };
+    let Some(event) = DNS_SCRATCH.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: per-CPU scratch owned by this program run.
+    let event = unsafe { &mut *event };
+    let kind = if direction == DNS_DIRECTION_ANSWER {
+        EventKind::DnsAnswer
+    } else {
+        EventKind::DnsQuery
+    };
+    let h = &mut event.header;
+    h.kind = kind as u32;
+    h.ts_ns = now_ns();
+    h.cgroup_id = owner.cgroup_id;
+    h.pid = owner.pid;
+    h.tgid = owner.tgid;
+    h.uid = owner.uid;
+    h.comm = owner.comm;
+    let process = runner_monitor_common::ProcessJob {
+        job: owner.job,
+        ppid: owner.ppid,
+        flags: owner.process_flags,
+    };
+    fill_job(h, Some(&process));
+    event.family = family;
+    event.server_port = u16::from_be(server_port);
+    event._pad = 0;
+    event.server_addr = [0; 16];
+    if family == AF_INET {
+        if let Ok(ip) = ctx.load::<[u8; 4]>(server_at) {
+            event.server_addr[..4].copy_from_slice(&ip);
+        }
+    } else if let Ok(ip) = ctx.load::<[u8; 16]>(server_at) {
+        event.server_addr = ip;
+    }
+    let udp_len = ctx.load::<u16>(l4 + 4).map(u16::from_be).unwrap_or(0) as u32;
+    event.wire_len = udp_len.saturating_sub(8);
+    let payload_at = l4 + 8;
+    let available = (ctx.len() as usize).saturating_sub(payload_at);
+    if available == 0 {
+        event.len = 0;
+    } else {
+        // VERIFIER: the helper needs a length it can prove is in 1..=DNS_LEN.
+        let len = ((available.min(DNS_LEN) - 1) & (DNS_LEN - 1)) + 1;
+        // SAFETY: writes `len` <= DNS_LEN bytes into the payload buffer.
+        let rc = unsafe {
+            bpf_skb_load_bytes(
+                ctx.as_ptr() as *const _,
+                payload_at as u32,
+                event.payload.as_mut_ptr().cast(),
+                len as u32,
+            )
+        };
+        event.len = if rc == 0 { len as u32 } else { 0 };
+    }
+    submit_copy(kind as u32, event as *const DnsEvent);
+}
+
+#[cgroup_skb(egress)]
+pub fn dns_egress(ctx: SkBuffContext) -> i32 {
+    dns_packet(&ctx, runner_monitor_common::DNS_DIRECTION_QUERY);
+    1
+}
+
+#[cgroup_skb(ingress)]
+pub fn dns_ingress(ctx: SkBuffContext) -> i32 {
+    dns_packet(&ctx, DNS_DIRECTION_ANSWER);
+    1
+}

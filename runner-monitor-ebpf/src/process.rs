@@ -1,0 +1,426 @@
+//! Process lifecycle and in-kernel job attribution.
+//!
+//! A process belongs to a job when it is in `PROCESSES`. Entries come from three places: a job
+//! root recognised at exec by its executable name (`NAMES`, kind job-root-exe), a root the agent
+//! registers, and fork, where the child inherits its parent's job before it ever runs. So a
+//! double fork, `setsid` or re-parenting to init cannot leave the job.
+
+use aya_ebpf::{
+    EbpfContext,
+    helpers::{
+        bpf_get_current_pid_tgid, bpf_probe_read_user,
+        generated::{bpf_get_smp_processor_id, bpf_probe_read_kernel_str, bpf_probe_read_user_str},
+    },
+    macros::{map, tracepoint},
+    maps::{HashMap, PerCpuArray},
+    programs::TracePointContext,
+};
+use runner_monitor_common::{
+    ARG_LEN, ARGV_LEN, ARGV_MAX_ARGS, ChdirEvent, EXIT_CODE_KNOWN, EventKind, ExecEvent,
+    ExitEvent, ForkEvent, HEADER_TRUNCATED, JOB_ENDED, JobState, NAME_KIND_JOB_ROOT_EXE,
+    PATH_LEN, PROCESS_JOB_ROOT, ProcessJob, counter,
+};
+
+use aya_log_ebpf::warn;
+
+use crate::{
+    emit::{
+        JOBS, PROCESSES, count, current_process, current_tgid, fill_header, now_ns, reserve,
+        submit_copy, submitted,
+    },
+    files::read_user_path,
+    names::{NAMES, key_of, split},
+};
+
+/// An exec event being built, with room behind `argv` so that an argument read at any offset
+/// below `ARGV_LEN` stays inside the map value.
+#[repr(C)]
+struct ExecScratch {
+    event: ExecEvent,
+    // VERIFIER: the verifier bounds `offset + ARG_LEN`, not the string's real length.
+    _slack: [u8; ARG_LEN],
+}
+
+#[map]
+static EXEC_SCRATCH: PerCpuArray<ExecScratch> = PerCpuArray::with_max_entries(1, 0);
+
+/// thread id -> exec arguments read at `execve` entry, sent when the exec succeeds.
+#[map]
+static PENDING_EXECS: HashMap<u32, ExecScratch> = HashMap::with_max_entries(1024, 0);
+
+/// tgid -> status passed to `exit_group`, for the exit event.
+#[map]
+static EXIT_CODES: HashMap<u32, i32> = HashMap::with_max_entries(4096, 0);
+
+#[map]
+static CHDIR_SCRATCH: PerCpuArray<ChdirEvent> = PerCpuArray::with_max_entries(1, 0);
+
+/// thread id -> chdir waiting for its result.
+#[map]
+static PENDING_CHDIRS: HashMap<u32, ChdirEvent> = HashMap::with_max_entries(1024, 0);
+
+const CLONE_THREAD: u64 = 0x0001_0000;
+
+#[inline(always)]
+fn arg<T: Default>(ctx: &TracePointContext, offset: usize) -> T {
+    // SAFETY: reads a field of the tracepoint record at a fixed offset.
+    unsafe { ctx.read_at::<T>(offset).unwrap_or_default() }
+}
+
+// task:task_newtask: pid_t pid; char comm[16]; u64 clone_flags; short oom_score_adj
+// Runs in the parent, before the child can run.
+#[tracepoint]
+pub fn task_newtask(ctx: TracePointContext) -> u32 {
+    let Some(parent) = current_process() else {
+        return 0;
+    };
+    let clone_flags: u64 = arg(&ctx, 32);
+    if clone_flags & CLONE_THREAD != 0 {
+        // Threads share the process's entry (lookups are by tgid).
+        return 0;
+    }
+    let child: i32 = arg(&ctx, 8);
+    let child = child as u32;
+    let entry = ProcessJob {
+        job: parent.job,
+        ppid: current_tgid(),
+        flags: 0,
+    };
+    if PROCESSES.insert(&child, &entry, 0).is_err() {
+        count(counter::PROCESS_MAP_FULL);
+        warn!(&ctx, "process map full: child {} of job process {} is untracked", child, entry.ppid);
+    }
+    if let Some(mut event) = reserve::<ForkEvent>(EventKind::Fork) {
+        // SAFETY: the reserved entry is ours until submit.
+        let e = unsafe { &mut *event.as_mut_ptr() };
+        fill_header(&mut e.header, EventKind::Fork, Some(&parent));
+        e.child_tgid = child;
+        e._pad = 0;
+        event.submit(0);
+        submitted(EventKind::Fork);
+    }
+    0
+}
+
+/// Reads up to `ARGV_MAX_ARGS` arguments into `scratch.event.argv`.
+#[inline(always)]
+fn read_argv(scratch: &mut ExecScratch, argv: u64) {
+    let event = &mut scratch.event;
+    event.argc = 0;
+    event.argv_len = 0;
+    if argv == 0 {
+        return;
+    }
+    let mut offset: usize = 0;
+    for i in 0..ARGV_MAX_ARGS {
+        // SAFETY: checked read of a user pointer.
+        let Ok(ptr) = (unsafe { bpf_probe_read_user((argv as *const u64).add(i as usize)) }) else {
+            break;
+        };
+        if ptr == 0 {
+            break;
+        }
+        event.argc = i + 1;
+        if offset >= ARGV_LEN - 1 {
+            event.header.flags |= HEADER_TRUNCATED;
+            continue;
+        }
+        // VERIFIER: masked so the verifier knows offset < ARGV_LEN; the scratch has ARG_LEN bytes
+        // of slack behind argv.
+        let at = offset & (ARGV_LEN - 1);
+        // SAFETY: writes at most ARG_LEN bytes at argv[at], inside the scratch value.
+        let n = unsafe {
+            bpf_probe_read_user_str(
+                event.argv.as_mut_ptr().add(at).cast(),
+                ARG_LEN as u32,
+                ptr as *const _,
+            )
+        };
+        if n <= 0 {
+            count(counter::USER_READ_ERRORS);
+            break;
+        }
+        if n as usize >= ARG_LEN {
+            event.header.flags |= HEADER_TRUNCATED;
+        }
+        offset += n as usize;
+    }
+    event.argv_len = if offset > ARGV_LEN {
+        event.header.flags |= HEADER_TRUNCATED;
+        ARGV_LEN as u32
+    } else {
+        offset as u32
+    };
+}
+
+/// Whether a path's basename is a configured job-root executable.
+#[inline(always)]
+fn is_job_root_exe(path: &[u8; PATH_LEN], len_with_nul: usize) -> bool {
+    let Some(parts) = split(path, len_with_nul) else {
+        return false;
+    };
+    match key_of(NAME_KIND_JOB_ROOT_EXE, path, parts.base_start, parts.len) {
+        Some(key) => NAMES.get_ptr(&key).is_some(),
+        None => false,
+    }
+}
+
+#[inline(always)]
+fn enter_exec(filename: u64, argv: u64) {
+    let process = current_process();
+    let Some(scratch) = EXEC_SCRATCH.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: per-CPU scratch owned by this program run.
+    let scratch = unsafe { &mut *scratch };
+    let n = read_user_path(&mut scratch.event.filename, filename);
+    // Arguments are kept for job processes and for programs that may become job roots.
+    if process.is_none() && (n == 0 || !is_job_root_exe(&scratch.event.filename, n)) {
+        return;
+    }
+    scratch.event.header.flags = 0;
+    read_argv(scratch, argv);
+    let tid = bpf_get_current_pid_tgid() as u32;
+    if PENDING_EXECS.insert(&tid, scratch, 0).is_err() {
+        count(counter::PENDING_MAP_FULL);
+    }
+}
+
+// long sys_execve(const char __user *filename, const char __user *const __user *argv, ...)
+#[tracepoint]
+pub fn sys_enter_execve(ctx: TracePointContext) -> u32 {
+    enter_exec(arg(&ctx, 16), arg(&ctx, 24));
+    0
+}
+
+// long sys_execveat(int fd, const char __user *filename, const char __user *const __user *argv,
+//                   const char __user *const __user *envp, int flags)
+#[tracepoint]
+pub fn sys_enter_execveat(ctx: TracePointContext) -> u32 {
+    enter_exec(arg(&ctx, 24), arg(&ctx, 32));
+    0
+}
+
+/// A failed exec drops the kept arguments (a successful one sends them at `sched_process_exec`).
+#[tracepoint]
+pub fn sys_exit_exec(ctx: TracePointContext) -> u32 {
+    let ret: i64 = arg(&ctx, 16);
+    if ret < 0 {
+        let tid = bpf_get_current_pid_tgid() as u32;
+        let _ = PENDING_EXECS.remove(&tid);
+    }
+    0
+}
+
+/// A new job key: unique across CPUs, never 0, top bit clear (agent keys have it set).
+#[inline(always)]
+fn new_job_key() -> u64 {
+    // SAFETY: helper without arguments.
+    let cpu = unsafe { bpf_get_smp_processor_id() } as u64;
+    ((now_ns() & !0xff) | (cpu & 0xff) | 0x100) & !runner_monitor_common::AGENT_JOB_KEY_BIT
+}
+
+// sched:sched_process_exec: __data_loc char[] filename; pid_t pid; pid_t old_pid
+#[tracepoint]
+pub fn sched_process_exec(ctx: TracePointContext) -> u32 {
+    let old_pid: i32 = arg(&ctx, 16);
+    let old_pid = old_pid as u32;
+    let tgid = current_tgid();
+    let Some(scratch) = EXEC_SCRATCH.get_ptr_mut(0) else {
+        return 0;
+    };
+    // SAFETY: per-CPU scratch owned by this program run.
+    let scratch = unsafe { &mut *scratch };
+    // The kernel's copy of the filename, from the tracepoint record.
+    let data_loc: u32 = arg(&ctx, 8);
+    let offset = (data_loc & 0xffff) as usize;
+    // SAFETY: the record holds the string at `offset`; the helper bounds the copy.
+    let n = unsafe {
+        bpf_probe_read_kernel_str(
+            scratch.event.filename.as_mut_ptr().cast(),
+            PATH_LEN as u32,
+            (ctx.as_ptr() as *const u8).add(offset).cast(),
+        )
+    };
+    let n = if n > 0 { n as usize } else { 0 };
+
+    let mut process = current_process();
+    if process.is_none() {
+        if n == 0 || !is_job_root_exe(&scratch.event.filename, n) {
+            let _ = PENDING_EXECS.remove(&old_pid);
+            return 0;
+        }
+        // A job root recognised at exec: a new job starts here.
+        let job = new_job_key();
+        let state = JobState {
+            root_tgid: tgid,
+            flags: 0,
+            started_ns: now_ns(),
+            ended_ns: 0,
+        };
+        if JOBS.insert(&job, &state, 0).is_err() {
+            count(counter::JOB_MAP_FULL);
+            warn!(&ctx, "job map full: job root {} is untracked", tgid);
+            return 0;
+        }
+        let entry = ProcessJob {
+            job,
+            ppid: 0,
+            flags: PROCESS_JOB_ROOT,
+        };
+        if PROCESSES.insert(&tgid, &entry, 0).is_err() {
+            count(counter::PROCESS_MAP_FULL);
+            return 0;
+        }
+        process = Some(entry);
+    }
+
+    // Arguments kept at execve entry, when there are some.
+    if let Some(pending) = PENDING_EXECS.get_ptr(&old_pid) {
+        // SAFETY: the entry belongs to this thread.
+        let pending = unsafe { &(*pending).event };
+        scratch.event.argv_len = pending.argv_len;
+        scratch.event.argc = pending.argc;
+        scratch.event.header.flags = pending.header.flags & HEADER_TRUNCATED;
+        // SAFETY: same-sized kernel buffers.
+        unsafe {
+            aya_ebpf::helpers::generated::bpf_probe_read_kernel(
+                scratch.event.argv.as_mut_ptr().cast(),
+                ARGV_LEN as u32,
+                pending.argv.as_ptr().cast(),
+            );
+        }
+        let _ = PENDING_EXECS.remove(&old_pid);
+    } else {
+        scratch.event.argv_len = 0;
+        scratch.event.argc = 0;
+        scratch.event.header.flags = 0;
+    }
+    let truncated = scratch.event.header.flags;
+    fill_header(&mut scratch.event.header, EventKind::Exec, process.as_ref());
+    scratch.event.header.flags |= truncated;
+    scratch.event.filename_len = if n > 0 { (n - 1) as u32 } else { 0 };
+    scratch.event._pad = 0;
+    submit_copy(EventKind::Exec as u32, &scratch.event as *const ExecEvent);
+    0
+}
+
+// long sys_exit_group(int error_code)
+#[tracepoint]
+pub fn sys_enter_exit_group(ctx: TracePointContext) -> u32 {
+    let tgid = current_tgid();
+    if current_process().is_none() {
+        return 0;
+    }
+    let code: i64 = arg(&ctx, 16);
+    let _ = EXIT_CODES.insert(&tgid, &(code as i32), 0);
+    0
+}
+
+// sched:sched_process_exit: char comm[16]; pid_t pid; int prio; bool group_dead
+// Runs in the exiting thread; `group_dead` is set for the process's last thread.
+#[tracepoint]
+pub fn sched_process_exit(ctx: TracePointContext) -> u32 {
+    let group_dead: u8 = arg(&ctx, 32);
+    if group_dead == 0 {
+        return 0;
+    }
+    let tgid = current_tgid();
+    let Some(process) = current_process() else {
+        return 0;
+    };
+    // SAFETY: copied out at once.
+    let code = unsafe { EXIT_CODES.get(&tgid).copied() };
+    let _ = EXIT_CODES.remove(&tgid);
+    if let Some(mut event) = reserve::<ExitEvent>(EventKind::Exit) {
+        // SAFETY: the reserved entry is ours until submit.
+        let e = unsafe { &mut *event.as_mut_ptr() };
+        fill_header(&mut e.header, EventKind::Exit, Some(&process));
+        match code {
+            Some(code) => {
+                e.exit_code = code;
+                e.flags = EXIT_CODE_KNOWN;
+            }
+            None => {
+                e.exit_code = 0;
+                e.flags = 0;
+            }
+        }
+        event.submit(0);
+        submitted(EventKind::Exit);
+    }
+    let _ = PROCESSES.remove(&tgid);
+    if process.flags & PROCESS_JOB_ROOT != 0
+        && let Some(state) = JOBS.get_ptr_mut(&process.job)
+    {
+        // The job ends when its root exits; its survivors' events now say so.
+        // SAFETY: a field update of a map value.
+        unsafe {
+            if (*state).flags & JOB_ENDED == 0 {
+                (*state).flags |= JOB_ENDED;
+                (*state).ended_ns = now_ns();
+            }
+        }
+    }
+    0
+}
+
+#[inline(always)]
+fn enter_chdir(fd: i32, path: u64) {
+    let Some(process) = current_process() else {
+        return;
+    };
+    let Some(event) = CHDIR_SCRATCH.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: per-CPU scratch owned by this program run.
+    let event = unsafe { &mut *event };
+    fill_header(&mut event.header, EventKind::Chdir, Some(&process));
+    event.fd = fd;
+    event.path_len = 0;
+    event.path[0] = 0;
+    if path != 0 {
+        let n = read_user_path(&mut event.path, path);
+        if n == 0 {
+            return;
+        }
+        event.path_len = (n - 1) as u32;
+        if n >= PATH_LEN {
+            event.header.flags |= HEADER_TRUNCATED;
+        }
+    }
+    let tid = bpf_get_current_pid_tgid() as u32;
+    if PENDING_CHDIRS.insert(&tid, event, 0).is_err() {
+        count(counter::PENDING_MAP_FULL);
+    }
+}
+
+// long sys_chdir(const char __user *filename)
+#[tracepoint]
+pub fn sys_enter_chdir(ctx: TracePointContext) -> u32 {
+    enter_chdir(-1, arg(&ctx, 16));
+    0
+}
+
+// long sys_fchdir(unsigned int fd)
+#[tracepoint]
+pub fn sys_enter_fchdir(ctx: TracePointContext) -> u32 {
+    let fd: u64 = arg(&ctx, 16);
+    enter_chdir(fd as i32, 0);
+    0
+}
+
+/// A successful chdir is sent; a failed one changed nothing.
+#[tracepoint]
+pub fn sys_exit_chdir(ctx: TracePointContext) -> u32 {
+    let tid = bpf_get_current_pid_tgid() as u32;
+    let Some(event) = PENDING_CHDIRS.get_ptr(&tid) else {
+        return 0;
+    };
+    let ret: i64 = arg(&ctx, 16);
+    if ret == 0 {
+        submit_copy(EventKind::Chdir as u32, event);
+    }
+    let _ = PENDING_CHDIRS.remove(&tid);
+    0
+}

@@ -1,0 +1,75 @@
+//! Signals aimed at the agent (from any process) and `bpf()` calls by job processes.
+
+use aya_ebpf::{macros::tracepoint, programs::TracePointContext};
+use runner_monitor_common::{
+    BpfEvent, EventKind, SIGNAL_SYSCALL_KILL, SIGNAL_SYSCALL_TGKILL, SIGNAL_SYSCALL_TKILL,
+    SignalEvent,
+};
+
+use crate::emit::{agent_tgid, current_process, fill_header, reserve, submitted};
+
+#[inline(always)]
+fn arg<T: Default>(ctx: &TracePointContext, offset: usize) -> T {
+    // SAFETY: reads a field of the tracepoint record at a fixed offset.
+    unsafe { ctx.read_at::<T>(offset).unwrap_or_default() }
+}
+
+#[inline(always)]
+fn signal(target: i64, signal: i64, syscall: u32) {
+    let agent = agent_tgid();
+    if agent == 0 || target != agent as i64 {
+        return;
+    }
+    let process = current_process();
+    if let Some(mut event) = reserve::<SignalEvent>(EventKind::Signal) {
+        // SAFETY: the reserved entry is ours until submit.
+        let e = unsafe { &mut *event.as_mut_ptr() };
+        fill_header(&mut e.header, EventKind::Signal, process.as_ref());
+        e.target_pid = target as u32;
+        e.signal = signal as u32;
+        e.syscall = syscall;
+        e._pad = 0;
+        event.submit(0);
+        submitted(EventKind::Signal);
+    }
+}
+
+// long sys_kill(pid_t pid, int sig)
+#[tracepoint]
+pub fn sys_enter_kill(ctx: TracePointContext) -> u32 {
+    signal(arg(&ctx, 16), arg(&ctx, 24), SIGNAL_SYSCALL_KILL);
+    0
+}
+
+// long sys_tkill(pid_t pid, int sig): a thread id; the agent's main thread has the agent's pid.
+#[tracepoint]
+pub fn sys_enter_tkill(ctx: TracePointContext) -> u32 {
+    signal(arg(&ctx, 16), arg(&ctx, 24), SIGNAL_SYSCALL_TKILL);
+    0
+}
+
+// long sys_tgkill(pid_t tgid, pid_t pid, int sig)
+#[tracepoint]
+pub fn sys_enter_tgkill(ctx: TracePointContext) -> u32 {
+    signal(arg(&ctx, 16), arg(&ctx, 32), SIGNAL_SYSCALL_TGKILL);
+    0
+}
+
+// long sys_bpf(int cmd, union bpf_attr __user *uattr, unsigned int size)
+#[tracepoint]
+pub fn sys_enter_bpf(ctx: TracePointContext) -> u32 {
+    let Some(process) = current_process() else {
+        return 0;
+    };
+    let cmd: i64 = arg(&ctx, 16);
+    if let Some(mut event) = reserve::<BpfEvent>(EventKind::Bpf) {
+        // SAFETY: the reserved entry is ours until submit.
+        let e = unsafe { &mut *event.as_mut_ptr() };
+        fill_header(&mut e.header, EventKind::Bpf, Some(&process));
+        e.cmd = cmd as u32;
+        e._pad = 0;
+        event.submit(0);
+        submitted(EventKind::Bpf);
+    }
+    0
+}

@@ -1,0 +1,24 @@
+//! Builds the kernel programs (runner-monitor-ebpf) for the bpf target with aya-build, so that
+//! `include_bytes_aligned!` in `sensor/mod.rs` embeds them and the agent is one binary.
+//! Needs the nightly toolchain with rust-src and bpf-linker: `cargo xtask setup` installs both.
+
+use anyhow::anyhow;
+use aya_build::{Package, Toolchain};
+
+fn main() -> anyhow::Result<()> {
+    let ebpf_dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .ok_or_else(|| anyhow!("no workspace directory"))?
+        .join("runner-monitor-ebpf");
+    let root_dir = ebpf_dir
+        .to_str()
+        .ok_or_else(|| anyhow!("non-UTF-8 path {}", ebpf_dir.display()))?;
+    aya_build::build_ebpf(
+        [Package {
+            name: "runner-monitor-ebpf",
+            root_dir,
+            ..Default::default()
+        }],
+        Toolchain::default(),
+    )
+}

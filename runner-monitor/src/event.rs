@@ -1,0 +1,211 @@
+//! Decoded events: what the sensor hands to the rest of the agent, and the JSON-lines format of
+//! `run --events-out` that `replay` reads back.
+//!
+//! Strings that come from the kernel (paths, arguments, comm) are untrusted bytes: they are turned
+//! into UTF-8 lossily and JSON escapes every control character, so newlines and terminal escapes
+//! cannot forge lines or colour a terminal.
+
+use serde::{Deserialize, Serialize};
+
+/// Identifies a job for as long as the agent runs. Made in the kernel (job root recognised at
+/// exec) or by the agent (registered root, top bit set).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct JobKey(pub u64);
+
+impl std::fmt::Display for JobKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:016x}", self.0)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Event {
+    /// CLOCK_MONOTONIC nanoseconds, from the kernel.
+    pub time_ns: u64,
+    /// The job, `None` only for tamper events from processes outside any job.
+    pub job: Option<JobRef>,
+    pub process: ProcessRef,
+    /// A string was cut at the kernel's buffer size.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub truncated: bool,
+    #[serde(flatten)]
+    pub detail: EventDetail,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobRef {
+    pub key: JobKey,
+    /// The job had already ended when the event happened.
+    pub ended: bool,
+    /// The process is the job's root.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub root: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcessRef {
+    /// Process id (tgid).
+    pub pid: u32,
+    /// Thread id.
+    pub tid: u32,
+    /// Parent process as recorded when the process was forked (0 when unknown).
+    pub ppid: u32,
+    pub uid: u32,
+    pub comm: String,
+    pub cgroup_id: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum EventDetail {
+    Fork {
+        child_pid: u32,
+    },
+    Exec {
+        filename: String,
+        argv: Vec<String>,
+        /// Arguments the program was given (`argv` may hold fewer).
+        argc: u32,
+    },
+    Exit {
+        /// The status passed to `exit_group`; `None` when the process did not call it (killed).
+        exit_code: Option<i32>,
+    },
+    FileOpen(FileAccess),
+    FileRename(FileAccess),
+    FileUnlink(FileAccess),
+    FileLink(FileAccess),
+    Ptrace {
+        request: String,
+        target_pid: u32,
+        targets_agent: bool,
+    },
+    ProcessVmRead {
+        target_pid: u32,
+        targets_agent: bool,
+    },
+    Connect(Connect),
+    DnsQuery(Dns),
+    DnsAnswer(Dns),
+    Signal {
+        target_pid: u32,
+        signal: u32,
+        syscall: String,
+    },
+    Bpf {
+        cmd: u32,
+        cmd_name: String,
+    },
+    Chdir {
+        /// The new working directory, absolute and normalised when it could be resolved.
+        path: String,
+        resolved: bool,
+    },
+}
+
+impl EventDetail {
+    /// The stable name of the kind, as in the JSON `kind` field.
+    pub fn kind_name(&self) -> &'static str {
+        match self {
+            EventDetail::Fork { .. } => "fork",
+            EventDetail::Exec { .. } => "exec",
+            EventDetail::Exit { .. } => "exit",
+            EventDetail::FileOpen(_) => "file_open",
+            EventDetail::FileRename(_) => "file_rename",
+            EventDetail::FileUnlink(_) => "file_unlink",
+            EventDetail::FileLink(_) => "file_link",
+            EventDetail::Ptrace { .. } => "ptrace",
+            EventDetail::ProcessVmRead { .. } => "process_vm_read",
+            EventDetail::Connect(_) => "connect",
+            EventDetail::DnsQuery(_) => "dns_query",
+            EventDetail::DnsAnswer(_) => "dns_answer",
+            EventDetail::Signal { .. } => "signal",
+            EventDetail::Bpf { .. } => "bpf",
+            EventDetail::Chdir { .. } => "chdir",
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileAccess {
+    /// Absolute, normalised path (relative paths, `dirfd` and `..` resolved) when `resolved`;
+    /// otherwise the path as the process gave it.
+    pub path: String,
+    /// The path exactly as passed to the syscall.
+    pub raw_path: String,
+    pub resolved: bool,
+    /// Destination of a rename or link.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub new_path: Option<String>,
+    /// open(2) flags, or the rename/unlink/link flags.
+    pub flags: u32,
+    /// Opened for writing (O_WRONLY, O_RDWR, O_CREAT or O_TRUNC).
+    #[serde(default)]
+    pub write: bool,
+    /// The syscall's return value: fd or 0 on success, negative errno on failure.
+    pub result: i64,
+    /// Which kernel-side patterns matched: `basename`, `dirname`, `prefix`, `proc_memory`,
+    /// `new_path`.
+    pub matched: Vec<String>,
+    /// For `/proc/<pid>/{mem,environ,maps}`: whose memory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_pid: Option<u32>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SocketFamily {
+    Inet,
+    Inet6,
+    Unix,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Connect {
+    pub family: SocketFamily,
+    /// IP address for inet sockets.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip: Option<std::net::IpAddr>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    /// Socket path for unix sockets; abstract names start with `@`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unix_path: Option<String>,
+    pub fd: i32,
+    /// 0 on success, negative errno on failure (`-115`, EINPROGRESS, for a non-blocking connect).
+    pub result: i64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Dns {
+    pub server_ip: std::net::IpAddr,
+    pub server_port: u16,
+    /// Transaction id, to pair a query with its answer.
+    pub id: u16,
+    /// Response code name (answers only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rcode: Option<String>,
+    pub questions: Vec<DnsQuestion>,
+    pub answers: Vec<DnsRecord>,
+    /// The message could not be parsed (it is kept out of the event: it may be anything).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parse_error: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DnsQuestion {
+    pub name: String,
+    #[serde(rename = "type")]
+    pub record_type: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DnsRecord {
+    pub name: String,
+    #[serde(rename = "type")]
+    pub record_type: String,
+    pub ttl: u32,
+    /// IP address for A/AAAA, target name for CNAME.
+    pub data: String,
+}

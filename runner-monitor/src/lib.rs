@@ -1,0 +1,8 @@
+//! runner-monitor: an eBPF runtime monitor for CI runner hosts.
+//!
+//! Data flows one way: `sensor` (kernel programs, ring buffer, decoding) produces `event`s; the
+//! job, engine and output layers consume them. `policy` is read by all.
+
+pub mod event;
+pub mod policy;
+pub mod sensor;

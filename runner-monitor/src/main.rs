@@ -1,0 +1,231 @@
+use std::{
+    io::Write,
+    path::PathBuf,
+    sync::{Arc, atomic::Ordering},
+    time::Duration,
+};
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+use runner_monitor::{
+    policy::SensorPolicy,
+    sensor::{
+        KernelCounters, ProbeState, Sensor,
+        check::{Support, probe_kernel},
+        decode::Decoder,
+        reader::{self, ReaderCounters},
+    },
+};
+use tokio::sync::mpsc;
+
+#[derive(Parser)]
+#[command(name = "runner-monitor", version, about = "eBPF runtime monitor for CI runner hosts")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Load the probes and stream events (JSON lines).
+    Run(RunArgs),
+    /// Probe what this kernel supports and print the sensor set the agent would use.
+    Check {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// Where to write every decoded event, one JSON object per line; `-` is stdout.
+    #[arg(long, value_name = "FILE", default_value = "-")]
+    events_out: PathBuf,
+    /// Executable basename that starts a job when executed (repeatable); adds to the default
+    /// (`Runner.Worker`).
+    #[arg(long = "job-root-exe", value_name = "NAME")]
+    job_root_exes: Vec<String>,
+    /// Register a running process (and all its descendants) as a job root (repeatable).
+    #[arg(long = "job-pid", value_name = "PID")]
+    job_pids: Vec<u32>,
+    /// Seconds between status lines in the log (events sent, lost).
+    #[arg(long, value_name = "SECONDS", default_value_t = 30)]
+    status_interval: u64,
+}
+
+fn main() -> std::process::ExitCode {
+    match run_cli() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            // The whole chain on one line, without a backtrace: this is for the operator.
+            eprintln!("runner-monitor: error: {error:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run_cli() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Check { json } => check(json),
+        Command::Run(args) => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .context("starting the async runtime")?
+            .block_on(run(args)),
+    }
+}
+
+fn require_root() -> anyhow::Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("runner-monitor must run as root (it loads eBPF programs)");
+    }
+    Ok(())
+}
+
+fn check(json: bool) -> anyhow::Result<()> {
+    require_root()?;
+    let features = probe_kernel();
+    // The real test: load and attach the agent's own programs, then detach them.
+    let sensor = Sensor::load(&SensorPolicy::default());
+    let probes = match &sensor {
+        Ok(s) => s.probes().to_vec(),
+        Err(_) => Vec::new(),
+    };
+    if json {
+        let out = serde_json::json!({
+            "features": features,
+            "probes": probes,
+            "error": sensor.as_ref().err().map(|e| e.to_string()),
+        });
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    } else {
+        println!("kernel features");
+        for f in &features {
+            let mark = match f.support {
+                Support::Yes => "yes",
+                Support::No => "no",
+                Support::Refused => "refused",
+            };
+            let req = if f.required { " (required)" } else { "" };
+            println!("  {:<18} {:<8} {}{}", f.name, mark, f.detail, req);
+        }
+        println!("sensor set");
+        for p in &probes {
+            let (mark, reason) = match &p.state {
+                ProbeState::Attached => ("attached", String::new()),
+                ProbeState::Absent(r) => ("absent", format!(" ({r})")),
+                ProbeState::Failed(r) => ("FAILED", format!(" ({r})")),
+            };
+            println!("  {:<18} {:<28} {:<38} {mark}{reason}", p.sensor, p.program, p.target);
+        }
+    }
+    let missing: Vec<&str> = features
+        .iter()
+        .filter(|f| f.required && f.support != Support::Yes)
+        .map(|f| f.name)
+        .collect();
+    if !missing.is_empty() {
+        bail!("required kernel features missing: {}", missing.join(", "));
+    }
+    if let Err(e) = sensor {
+        bail!("the agent's probes do not load on this kernel: {e}");
+    }
+    Ok(())
+}
+
+fn status(kernel: &KernelCounters, reader: &ReaderCounters) -> String {
+    format!(
+        "events sent {} read {}, lost {}, decode errors {}, unreadable user strings {}",
+        kernel.total_emitted(),
+        reader.records.load(Ordering::Relaxed),
+        kernel.total_lost(),
+        reader.decode_errors.load(Ordering::Relaxed),
+        kernel.user_read_errors,
+    )
+}
+
+async fn run(args: RunArgs) -> anyhow::Result<()> {
+    require_root()?;
+    let mut policy = SensorPolicy::default();
+    policy.job_root_executables.extend(args.job_root_exes);
+    let mut sensor = Sensor::load(&policy).context("starting the sensors")?;
+    for probe in sensor.probes() {
+        if let ProbeState::Failed(reason) = &probe.state {
+            tracing::warn!(sensor = probe.sensor, program = %probe.program, target = %probe.target, %reason,
+                "sensor degraded: probe not attached");
+        }
+    }
+    let attached = sensor.probes().iter().filter(|p| p.state == ProbeState::Attached).count();
+    tracing::info!(attached, total = sensor.probes().len(), job_roots = ?policy.job_root_executables, "probes attached");
+    for pid in args.job_pids {
+        let key = sensor
+            .register_job(pid)
+            .with_context(|| format!("registering process {pid} as a job root"))?;
+        tracing::info!(job = %key, pid, "watching job");
+    }
+
+    sensor.start_kernel_log();
+    let ring = sensor.take_events().context("event ring buffer already taken")?;
+    let counters = Arc::new(ReaderCounters::default());
+    let (tx, mut rx) = mpsc::channel(8192);
+    let reader = tokio::spawn(reader::run(ring, Decoder::new(), tx, counters.clone()));
+
+    let mut out: Box<dyn Write + Send> = if args.events_out.as_os_str() == "-" {
+        Box::new(std::io::BufWriter::new(std::io::stdout()))
+    } else {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&args.events_out)
+            .with_context(|| format!("opening --events-out {}", args.events_out.display()))?;
+        Box::new(std::io::BufWriter::new(file))
+    };
+
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut status_tick = tokio::time::interval(Duration::from_secs(args.status_interval.max(1)));
+    status_tick.tick().await;
+    let mut last_lost = 0;
+    loop {
+        tokio::select! {
+            event = rx.recv() => {
+                let Some(event) = event else { break };
+                serde_json::to_writer(&mut out, &event)?;
+                out.write_all(b"\n")?;
+                // Flush when the queue is empty, so a quiet stream is never held back.
+                if rx.is_empty() {
+                    out.flush()?;
+                }
+            }
+            _ = status_tick.tick() => {
+                let kernel = sensor.counters()?;
+                let lost = kernel.total_lost();
+                if lost > last_lost {
+                    tracing::warn!(lost = lost - last_lost, "sensor degraded: events lost in the kernel");
+                    last_lost = lost;
+                }
+                tracing::info!("{}", status(&kernel, &counters));
+            }
+            _ = tokio::signal::ctrl_c() => break,
+            _ = sigterm.recv() => break,
+        }
+    }
+    reader.abort();
+    while let Ok(event) = rx.try_recv() {
+        serde_json::to_writer(&mut out, &event)?;
+        out.write_all(b"\n")?;
+    }
+    out.flush()?;
+    tracing::info!("stopping: {}", status(&sensor.counters()?, &counters));
+    Ok(())
+}

@@ -1,0 +1,475 @@
+//! Which program goes where, and attaching them with a clear report of what did not.
+
+use std::{fs::File, path::PathBuf};
+
+use aya::{
+    Ebpf,
+    programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, TracePoint},
+};
+use serde::Serialize;
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case", tag = "state", content = "reason")]
+pub enum ProbeState {
+    Attached,
+    /// The hook does not exist on this kernel or architecture (e.g. `open` on arm64).
+    Absent(String),
+    Failed(String),
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct ProbeStatus {
+    /// What the probe sees, e.g. "file access".
+    pub sensor: &'static str,
+    pub program: String,
+    /// Tracepoint `category/name`, or `cgroup:<path>:<attach type>`.
+    pub target: String,
+    /// Without it the agent does not start.
+    pub required: bool,
+    pub state: ProbeState,
+}
+
+enum Hook {
+    /// A tracepoint that must exist.
+    Tracepoint(&'static str, &'static str),
+    /// A syscall tracepoint that only some architectures have.
+    OptionalTracepoint(&'static str, &'static str),
+    SockAddr,
+    Skb(CgroupSkbAttachType),
+}
+
+struct Probe {
+    sensor: &'static str,
+    program: &'static str,
+    hooks: &'static [Hook],
+    required: bool,
+}
+
+use Hook::{OptionalTracepoint as Opt, Tracepoint as Tp};
+
+/// Every probe. Syscall tracepoints only where nothing cheaper sees the event: DNS traffic is
+/// seen by cgroup programs, which tax no syscall.
+const PROBES: &[Probe] = &[
+    Probe {
+        sensor: "process",
+        program: "task_newtask",
+        hooks: &[Tp("task", "task_newtask")],
+        required: true,
+    },
+    Probe {
+        sensor: "process",
+        program: "sched_process_exec",
+        hooks: &[Tp("sched", "sched_process_exec")],
+        required: true,
+    },
+    Probe {
+        sensor: "process",
+        program: "sched_process_exit",
+        hooks: &[Tp("sched", "sched_process_exit")],
+        required: true,
+    },
+    Probe {
+        sensor: "process",
+        program: "sys_enter_execve",
+        hooks: &[Tp("syscalls", "sys_enter_execve")],
+        required: false,
+    },
+    Probe {
+        sensor: "process",
+        program: "sys_enter_execveat",
+        hooks: &[Tp("syscalls", "sys_enter_execveat")],
+        required: false,
+    },
+    Probe {
+        sensor: "process",
+        program: "sys_exit_exec",
+        hooks: &[Tp("syscalls", "sys_exit_execve"), Tp("syscalls", "sys_exit_execveat")],
+        required: false,
+    },
+    Probe {
+        sensor: "process",
+        program: "sys_enter_exit_group",
+        hooks: &[Tp("syscalls", "sys_enter_exit_group")],
+        required: false,
+    },
+    Probe {
+        sensor: "working directory",
+        program: "sys_enter_chdir",
+        hooks: &[Tp("syscalls", "sys_enter_chdir")],
+        required: false,
+    },
+    Probe {
+        sensor: "working directory",
+        program: "sys_enter_fchdir",
+        hooks: &[Tp("syscalls", "sys_enter_fchdir")],
+        required: false,
+    },
+    Probe {
+        sensor: "working directory",
+        program: "sys_exit_chdir",
+        hooks: &[Tp("syscalls", "sys_exit_chdir"), Tp("syscalls", "sys_exit_fchdir")],
+        required: false,
+    },
+    Probe {
+        sensor: "file access",
+        program: "sys_enter_openat",
+        hooks: &[Tp("syscalls", "sys_enter_openat")],
+        required: true,
+    },
+    Probe {
+        sensor: "file access",
+        program: "sys_enter_openat2",
+        hooks: &[Tp("syscalls", "sys_enter_openat2")],
+        required: false,
+    },
+    Probe {
+        sensor: "file access",
+        program: "sys_enter_open",
+        hooks: &[Opt("syscalls", "sys_enter_open")],
+        required: false,
+    },
+    Probe {
+        sensor: "file access",
+        program: "sys_enter_creat",
+        hooks: &[Opt("syscalls", "sys_enter_creat")],
+        required: false,
+    },
+    Probe {
+        sensor: "file access",
+        program: "sys_enter_rename",
+        hooks: &[Opt("syscalls", "sys_enter_rename")],
+        required: false,
+    },
+    Probe {
+        sensor: "file access",
+        program: "sys_enter_renameat",
+        hooks: &[Opt("syscalls", "sys_enter_renameat")],
+        required: false,
+    },
+    Probe {
+        sensor: "file access",
+        program: "sys_enter_renameat2",
+        hooks: &[Tp("syscalls", "sys_enter_renameat2")],
+        required: false,
+    },
+    Probe {
+        sensor: "file access",
+        program: "sys_enter_unlink",
+        hooks: &[Opt("syscalls", "sys_enter_unlink")],
+        required: false,
+    },
+    Probe {
+        sensor: "file access",
+        program: "sys_enter_unlinkat",
+        hooks: &[Tp("syscalls", "sys_enter_unlinkat")],
+        required: false,
+    },
+    Probe {
+        sensor: "file access",
+        program: "sys_enter_link",
+        hooks: &[Opt("syscalls", "sys_enter_link")],
+        required: false,
+    },
+    Probe {
+        sensor: "file access",
+        program: "sys_enter_linkat",
+        hooks: &[Tp("syscalls", "sys_enter_linkat")],
+        required: false,
+    },
+    Probe {
+        sensor: "file access",
+        program: "sys_exit_file",
+        hooks: &[
+            Tp("syscalls", "sys_exit_openat"),
+            Tp("syscalls", "sys_exit_openat2"),
+            Opt("syscalls", "sys_exit_open"),
+            Opt("syscalls", "sys_exit_creat"),
+            Opt("syscalls", "sys_exit_rename"),
+            Opt("syscalls", "sys_exit_renameat"),
+            Tp("syscalls", "sys_exit_renameat2"),
+            Opt("syscalls", "sys_exit_unlink"),
+            Tp("syscalls", "sys_exit_unlinkat"),
+            Opt("syscalls", "sys_exit_link"),
+            Tp("syscalls", "sys_exit_linkat"),
+        ],
+        required: true,
+    },
+    Probe {
+        sensor: "process memory",
+        program: "sys_enter_ptrace",
+        hooks: &[Tp("syscalls", "sys_enter_ptrace")],
+        required: false,
+    },
+    Probe {
+        sensor: "process memory",
+        program: "sys_enter_process_vm_readv",
+        hooks: &[Tp("syscalls", "sys_enter_process_vm_readv")],
+        required: false,
+    },
+    Probe {
+        sensor: "connect",
+        program: "sys_enter_connect",
+        hooks: &[Tp("syscalls", "sys_enter_connect")],
+        required: false,
+    },
+    Probe {
+        sensor: "connect",
+        program: "sys_exit_connect",
+        hooks: &[Tp("syscalls", "sys_exit_connect")],
+        required: false,
+    },
+    Probe {
+        sensor: "dns",
+        program: "dns_connect4",
+        hooks: &[Hook::SockAddr],
+        required: false,
+    },
+    Probe {
+        sensor: "dns",
+        program: "dns_connect6",
+        hooks: &[Hook::SockAddr],
+        required: false,
+    },
+    Probe {
+        sensor: "dns",
+        program: "dns_sendmsg4",
+        hooks: &[Hook::SockAddr],
+        required: false,
+    },
+    Probe {
+        sensor: "dns",
+        program: "dns_sendmsg6",
+        hooks: &[Hook::SockAddr],
+        required: false,
+    },
+    Probe {
+        sensor: "dns",
+        program: "dns_egress",
+        hooks: &[Hook::Skb(CgroupSkbAttachType::Egress)],
+        required: false,
+    },
+    Probe {
+        sensor: "dns",
+        program: "dns_ingress",
+        hooks: &[Hook::Skb(CgroupSkbAttachType::Ingress)],
+        required: false,
+    },
+    Probe {
+        sensor: "tamper",
+        program: "sys_enter_kill",
+        hooks: &[Tp("syscalls", "sys_enter_kill")],
+        required: false,
+    },
+    Probe {
+        sensor: "tamper",
+        program: "sys_enter_tkill",
+        hooks: &[Tp("syscalls", "sys_enter_tkill")],
+        required: false,
+    },
+    Probe {
+        sensor: "tamper",
+        program: "sys_enter_tgkill",
+        hooks: &[Tp("syscalls", "sys_enter_tgkill")],
+        required: false,
+    },
+    Probe {
+        sensor: "tamper",
+        program: "sys_enter_bpf",
+        hooks: &[Tp("syscalls", "sys_enter_bpf")],
+        required: false,
+    },
+];
+
+/// Where tracefs is; mounts it when nothing has.
+pub fn ensure_tracefs() -> Result<PathBuf, String> {
+    for dir in ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"] {
+        if std::path::Path::new(dir).join("events").is_dir() {
+            return Ok(dir.into());
+        }
+    }
+    let target = c"/sys/kernel/tracing";
+    // SAFETY: mount(2) with static NUL-terminated strings.
+    let rc = unsafe {
+        libc::mount(
+            c"tracefs".as_ptr(),
+            target.as_ptr(),
+            c"tracefs".as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        return Err(format!(
+            "tracefs is not mounted and mounting it at /sys/kernel/tracing failed: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    Ok("/sys/kernel/tracing".into())
+}
+
+/// Mount point of the cgroup v2 hierarchy (`/sys/fs/cgroup` on unified systems,
+/// `/sys/fs/cgroup/unified` on hybrid ones).
+pub fn cgroup2_root() -> Option<PathBuf> {
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    mountinfo.lines().find_map(|line| {
+        // "... <mount point> <options> - <fstype> <source> <super options>"
+        let (left, right) = line.split_once(" - ")?;
+        if right.split_whitespace().next()? != "cgroup2" {
+            return None;
+        }
+        left.split_whitespace().nth(4).map(PathBuf::from)
+    })
+}
+
+fn tracepoint_exists(tracefs: &std::path::Path, category: &str, name: &str) -> bool {
+    tracefs.join("events").join(category).join(name).is_dir()
+}
+
+/// Loads and attaches every probe; never fails as a whole: each probe reports its state.
+pub fn attach_all(ebpf: &mut Ebpf) -> Vec<ProbeStatus> {
+    let tracefs = ensure_tracefs();
+    let cgroup = cgroup2_root();
+    let mut out = Vec::new();
+    for probe in PROBES {
+        let mut loaded: Result<(), String> = Ok(());
+        for hook in probe.hooks {
+            let target = match hook {
+                Hook::Tracepoint(c, n) | Hook::OptionalTracepoint(c, n) => format!("{c}/{n}"),
+                Hook::SockAddr => format!(
+                    "cgroup:{}",
+                    cgroup.as_ref().map_or("?".into(), |p| p.display().to_string())
+                ),
+                Hook::Skb(t) => format!(
+                    "cgroup:{}:{}",
+                    cgroup.as_ref().map_or("?".into(), |p| p.display().to_string()),
+                    match t {
+                        CgroupSkbAttachType::Ingress => "ingress",
+                        CgroupSkbAttachType::Egress => "egress",
+                    }
+                ),
+            };
+            let state = match &loaded {
+                Err(reason) => ProbeState::Failed(reason.clone()),
+                Ok(()) => match attach_one(ebpf, probe.program, hook, &tracefs, cgroup.as_deref()) {
+                    Ok(state) => state,
+                    Err(LoadError(reason)) => {
+                        loaded = Err(reason.clone());
+                        ProbeState::Failed(reason)
+                    }
+                },
+            };
+            match &state {
+                ProbeState::Attached => tracing::debug!(program = probe.program, %target, "attached"),
+                ProbeState::Absent(reason) => {
+                    tracing::debug!(program = probe.program, %target, %reason, "hook absent")
+                }
+                ProbeState::Failed(reason) => {
+                    tracing::warn!(program = probe.program, %target, %reason, "probe not attached")
+                }
+            }
+            out.push(ProbeStatus {
+                sensor: probe.sensor,
+                program: probe.program.to_owned(),
+                target,
+                required: probe.required && !matches!(hook, Hook::OptionalTracepoint(..)),
+                state,
+            });
+        }
+    }
+    out
+}
+
+/// The program did not load: every later hook of it fails with the same reason.
+struct LoadError(String);
+
+fn attach_one(
+    ebpf: &mut Ebpf,
+    name: &str,
+    hook: &Hook,
+    tracefs: &Result<PathBuf, String>,
+    cgroup: Option<&std::path::Path>,
+) -> Result<ProbeState, LoadError> {
+    let Some(program) = ebpf.program_mut(name) else {
+        return Err(LoadError(format!("program {name} is not in the object")));
+    };
+    match hook {
+        Hook::Tracepoint(category, tp) | Hook::OptionalTracepoint(category, tp) => {
+            let tracefs = match tracefs {
+                Ok(dir) => dir,
+                Err(reason) => return Ok(ProbeState::Failed(reason.clone())),
+            };
+            if !tracepoint_exists(tracefs, category, tp) {
+                let reason = format!("no tracepoint {category}/{tp} on this kernel");
+                return Ok(if matches!(hook, Hook::OptionalTracepoint(..)) {
+                    ProbeState::Absent(reason)
+                } else {
+                    ProbeState::Failed(reason)
+                });
+            }
+            let program: &mut TracePoint = program
+                .try_into()
+                .map_err(|e| LoadError(format!("{name}: {e}")))?;
+            if program.fd().is_err() {
+                program.load().map_err(|e| LoadError(verifier_reason(name, &e)))?;
+            }
+            Ok(match program.attach(category, tp) {
+                Ok(_) => ProbeState::Attached,
+                Err(e) => ProbeState::Failed(error_chain(&e)),
+            })
+        }
+        Hook::SockAddr | Hook::Skb(_) => {
+            let Some(cgroup) = cgroup else {
+                return Ok(ProbeState::Failed("no cgroup v2 hierarchy is mounted".into()));
+            };
+            let file = match File::open(cgroup) {
+                Ok(f) => f,
+                Err(e) => return Ok(ProbeState::Failed(format!("{}: {e}", cgroup.display()))),
+            };
+            let attached = if let Hook::Skb(attach_type) = hook {
+                let program: &mut CgroupSkb = program
+                    .try_into()
+                    .map_err(|e| LoadError(format!("{name}: {e}")))?;
+                program.load().map_err(|e| LoadError(verifier_reason(name, &e)))?;
+                // Single: with a bpf_link (Linux 5.7+) the kernel always allows other programs
+                // beside ours; ALLOW_MULTI is rejected for links.
+                program
+                    .attach(&file, *attach_type, CgroupAttachMode::Single)
+                    .map(|_| ())
+            } else {
+                let program: &mut CgroupSockAddr = program
+                    .try_into()
+                    .map_err(|e| LoadError(format!("{name}: {e}")))?;
+                program.load().map_err(|e| LoadError(verifier_reason(name, &e)))?;
+                program
+                    .attach(&file, CgroupAttachMode::Single)
+                    .map(|_| ())
+            };
+            Ok(match attached {
+                Ok(()) => ProbeState::Attached,
+                Err(e) => ProbeState::Failed(error_chain(&e)),
+            })
+        }
+    }
+}
+
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(e) = source {
+        text.push_str(": ");
+        text.push_str(&e.to_string());
+        source = e.source();
+    }
+    text
+}
+
+/// A load error with the verifier's last lines, which say why.
+fn verifier_reason(name: &str, error: &aya::programs::ProgramError) -> String {
+    if let aya::programs::ProgramError::LoadError { io_error, verifier_log } = error {
+        let log = verifier_log.to_string();
+        let tail: Vec<&str> = log.lines().rev().take(12).collect();
+        let tail: Vec<&str> = tail.into_iter().rev().collect();
+        return format!("{name} failed to load: {io_error}; verifier: {}", tail.join(" | "));
+    }
+    format!("{name} failed to load: {}", error_chain(error))
+}

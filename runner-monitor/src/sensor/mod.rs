@@ -1,0 +1,245 @@
+//! The kernel side of the agent: load the embedded programs, attach them, feed them the patterns
+//! and the job roots, and read what they send.
+
+pub mod attach;
+pub mod check;
+pub mod decode;
+pub mod dns;
+pub mod jobs;
+pub mod paths;
+pub mod reader;
+
+use std::collections::BTreeMap;
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{HashMap, MapData, PerCpuArray, RingBuf},
+};
+use runner_monitor_common::{
+    EVENT_KIND_SLOTS, EventKind, JobState, NAME_KIND_BASENAME, NAME_KIND_DIRNAME,
+    NAME_KIND_JOB_ROOT_EXE, NAME_KIND_PREFIX, NameKey, ProcessJob, counter, map_name,
+};
+
+pub use attach::{ProbeState, ProbeStatus};
+
+use crate::policy::SensorPolicy;
+
+/// The kernel programs, built by build.rs.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/runner-monitor"));
+
+#[derive(Debug, thiserror::Error)]
+pub enum SensorError {
+    #[error("loading the kernel programs failed: {0}")]
+    Load(#[source] aya::EbpfError),
+    #[error("kernel map {0} is missing from the object")]
+    MissingMap(&'static str),
+    #[error("kernel map {name}: {source}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
+    #[error("name {0:?} does not fit the kernel's {len}-byte name key", len = runner_monitor_common::NAME_LEN)]
+    NameTooLong(String),
+    #[error("required probe {program} on {target} did not attach: {reason}")]
+    RequiredProbe {
+        program: String,
+        target: String,
+        reason: String,
+    },
+    #[error("process {pid}: {reason}")]
+    Process { pid: u32, reason: String },
+    #[error("no such job {0}")]
+    NoSuchJob(crate::event::JobKey),
+}
+
+/// What the kernel counted, summed over CPUs.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct KernelCounters {
+    pub emitted: BTreeMap<&'static str, u64>,
+    pub lost: BTreeMap<&'static str, u64>,
+    pub user_read_errors: u64,
+    pub process_map_full: u64,
+    pub pending_map_full: u64,
+    pub job_map_full: u64,
+    pub dns_socket_map_full: u64,
+    pub rate_limited: u64,
+}
+
+impl KernelCounters {
+    pub fn total_lost(&self) -> u64 {
+        self.lost.values().sum::<u64>() + self.pending_map_full + self.process_map_full
+    }
+    pub fn total_emitted(&self) -> u64 {
+        self.emitted.values().sum()
+    }
+}
+
+/// The loaded and attached kernel programs and the maps the agent works with.
+pub struct Sensor {
+    ebpf: Ebpf,
+    kernel_log: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
+    /// Kept so that the patterns can be changed while running.
+    #[expect(dead_code, reason = "held for policy reload")]
+    names: HashMap<MapData, NameKey, u32>,
+    processes: HashMap<MapData, u32, ProcessJob>,
+    jobs: HashMap<MapData, u64, JobState>,
+    counters: PerCpuArray<MapData, u64>,
+    events: Option<RingBuf<MapData>>,
+    probes: Vec<ProbeStatus>,
+}
+
+fn take_map(ebpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map, SensorError> {
+    ebpf.take_map(name).ok_or(SensorError::MissingMap(name))
+}
+
+impl Sensor {
+    /// Loads the programs, fills the pattern maps from `policy` and attaches every probe.
+    /// Fails when a required probe does not attach; optional ones are reported in `probes()`.
+    pub fn load(policy: &SensorPolicy) -> Result<Self, SensorError> {
+        let agent_tgid = std::process::id();
+        let prefix_lengths = prefix_length_mask(&policy.credential_prefixes);
+        let mut ebpf = EbpfLoader::new()
+            .override_global("AGENT_TGID", &agent_tgid, true)
+            .override_global("PREFIX_LENGTHS", &prefix_lengths, true)
+            .load(OBJECT)
+            .map_err(SensorError::Load)?;
+
+        // Held by the sensor: the programs are loaded later and need the log map alive.
+        let kernel_log = match aya_log::EbpfLogger::init(&mut ebpf) {
+            Ok(logger) => Some(logger),
+            Err(error) => {
+                tracing::warn!(%error, "kernel-side log unavailable");
+                None
+            }
+        };
+
+        let mut names: HashMap<MapData, NameKey, u32> =
+            HashMap::try_from(take_map(&mut ebpf, map_name::NAMES)?).map_err(|source| {
+                SensorError::Map {
+                    name: map_name::NAMES,
+                    source,
+                }
+            })?;
+        for (kind, list) in [
+            (NAME_KIND_BASENAME, &policy.credential_basenames),
+            (NAME_KIND_DIRNAME, &policy.credential_dirnames),
+            (NAME_KIND_PREFIX, &policy.credential_prefixes),
+            (NAME_KIND_JOB_ROOT_EXE, &policy.job_root_executables),
+        ] {
+            for name in list {
+                let fits = kind != NAME_KIND_PREFIX || name.len() <= MAX_PREFIX_LEN;
+                let key = NameKey::new(kind, name.as_bytes())
+                    .filter(|_| fits)
+                    .ok_or_else(|| SensorError::NameTooLong(name.clone()))?;
+                names.insert(key, 1, 0).map_err(|source| SensorError::Map {
+                    name: map_name::NAMES,
+                    source,
+                })?;
+            }
+        }
+
+        let map_error = |name| move |source| SensorError::Map { name, source };
+        let processes = HashMap::try_from(take_map(&mut ebpf, map_name::PROCESSES)?)
+            .map_err(map_error(map_name::PROCESSES))?;
+        let jobs = HashMap::try_from(take_map(&mut ebpf, map_name::JOBS)?)
+            .map_err(map_error(map_name::JOBS))?;
+        let counters = PerCpuArray::try_from(take_map(&mut ebpf, map_name::COUNTERS)?)
+            .map_err(map_error(map_name::COUNTERS))?;
+        let events = RingBuf::try_from(take_map(&mut ebpf, map_name::EVENTS)?)
+            .map_err(map_error(map_name::EVENTS))?;
+
+        let probes = attach::attach_all(&mut ebpf);
+        for probe in &probes {
+            if let ProbeState::Failed(reason) = &probe.state
+                && probe.required
+            {
+                return Err(SensorError::RequiredProbe {
+                    program: probe.program.clone(),
+                    target: probe.target.clone(),
+                    reason: reason.clone(),
+                });
+            }
+        }
+        Ok(Self {
+            ebpf,
+            kernel_log,
+            names,
+            processes,
+            jobs,
+            counters,
+            events: Some(events),
+            probes,
+        })
+    }
+
+    /// Every probe and whether it attached.
+    pub fn probes(&self) -> &[ProbeStatus] {
+        &self.probes
+    }
+
+    /// Starts forwarding the kernel programs' log records (aya-log) to the agent's log. Needs a
+    /// tokio runtime.
+    pub fn start_kernel_log(&mut self) {
+        if let Some(logger) = self.kernel_log.take() {
+            reader::spawn_kernel_log(logger);
+        }
+    }
+
+    /// The event ring buffer; can be taken once.
+    pub fn take_events(&mut self) -> Option<RingBuf<MapData>> {
+        self.events.take()
+    }
+
+    pub fn counters(&self) -> Result<KernelCounters, SensorError> {
+        let read = |index: u32| -> u64 {
+            self.counters
+                .get(&index, 0)
+                .map(|per_cpu| per_cpu.iter().sum())
+                .unwrap_or(0)
+        };
+        let mut c = KernelCounters::default();
+        for kind in EventKind::ALL {
+            let k = kind as u32;
+            debug_assert!(k < EVENT_KIND_SLOTS);
+            c.emitted.insert(kind.name(), read(counter::EMITTED + k));
+            c.lost.insert(kind.name(), read(counter::LOST + k));
+        }
+        c.user_read_errors = read(counter::USER_READ_ERRORS);
+        c.process_map_full = read(counter::PROCESS_MAP_FULL);
+        c.pending_map_full = read(counter::PENDING_MAP_FULL);
+        c.job_map_full = read(counter::JOB_MAP_FULL);
+        c.dns_socket_map_full = read(counter::DNS_SOCKET_MAP_FULL);
+        c.rate_limited = read(counter::RATE_LIMITED);
+        Ok(c)
+    }
+
+    /// The underlying object, for programs and maps not wrapped here.
+    pub fn ebpf(&mut self) -> &mut Ebpf {
+        &mut self.ebpf
+    }
+}
+
+/// Longest basename prefix the kernel checks.
+pub const MAX_PREFIX_LEN: usize = 16;
+
+/// Bit n-1 set for each prefix length n in use.
+fn prefix_length_mask(prefixes: &[String]) -> u32 {
+    prefixes
+        .iter()
+        .map(|p| p.len())
+        .filter(|n| (1..=MAX_PREFIX_LEN).contains(n))
+        .fold(0, |mask, n| mask | 1 << (n - 1))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefix_mask_has_one_bit_per_length() {
+        assert_eq!(prefix_length_mask(&["id_".into()]), 0b100);
+        assert_eq!(prefix_length_mask(&["id_".into(), "ab".into(), "x".repeat(40)]), 0b110);
+        assert_eq!(prefix_length_mask(&[]), 0);
+    }
+}
