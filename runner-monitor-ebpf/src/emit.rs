@@ -10,8 +10,8 @@ use aya_ebpf::{
     maps::{HashMap, PerCpuArray, RingBuf},
 };
 use runner_monitor_common::{
-    EventHeader, EventKind, HEADER_JOB_ENDED, HEADER_JOB_ROOT, JOB_ENDED, JobState,
-    MAX_JOBS, MAX_TRACKED_PROCESSES, PROCESS_JOB_ROOT, ProcessJob, RING_BUFFER_BYTES, counter,
+    EventHeader, EventKind, HEADER_JOB_ENDED, HEADER_JOB_ROOT, JOB_ENDED, JobState, MAX_JOBS,
+    MAX_TRACKED_PROCESSES, PROCESS_JOB_ROOT, ProcessJob, RING_BUFFER_BYTES, counter,
 };
 
 /// Every event, in one ring buffer, so the agent sees them in the order they were reserved.
@@ -69,13 +69,13 @@ pub fn current_process() -> Option<ProcessJob> {
 #[inline(always)]
 pub fn process_of(tgid: u32) -> Option<ProcessJob> {
     // SAFETY: the value is copied out at once.
-    unsafe { PROCESSES.get(&tgid).copied() }
+    unsafe { PROCESSES.get(tgid).copied() }
 }
 
 #[inline(always)]
 pub fn job_ended(job: u64) -> bool {
     // SAFETY: the value is copied out at once.
-    match unsafe { JOBS.get(&job) } {
+    match unsafe { JOBS.get(job) } {
         Some(state) => state.flags & JOB_ENDED != 0,
         None => false,
     }

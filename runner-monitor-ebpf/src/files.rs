@@ -19,13 +19,26 @@ use crate::{
     names::{mark, match_credential, match_proc_memory, split},
 };
 
+/// A matched file event waiting for its syscall's result, with the user pointers of its paths:
+/// a path not yet paged in cannot be read at entry, but the kernel has faulted it in by the exit,
+/// so the exit reads it again.
+#[repr(C)]
+struct PendingFile {
+    event: FileEvent,
+    path: u64,
+    path2: u64,
+    /// 1 when the paths still have to be read and matched at the exit.
+    retry: u32,
+    _pad: u32,
+}
+
 /// Per-CPU room to build a file event (too large for the BPF stack).
 #[map]
-static FILE_SCRATCH: PerCpuArray<FileEvent> = PerCpuArray::with_max_entries(1, 0);
+static FILE_SCRATCH: PerCpuArray<PendingFile> = PerCpuArray::with_max_entries(1, 0);
 
-/// thread id -> matched file event waiting for its syscall's result.
+/// thread id -> file event waiting for its syscall's result.
 #[map]
-static PENDING_FILES: HashMap<u32, FileEvent> = HashMap::with_max_entries(4096, 0);
+static PENDING_FILES: HashMap<u32, PendingFile> = HashMap::with_max_entries(4096, 0);
 
 /// Offsets of syscall arguments in a `sys_enter_*` record, and of the result in `sys_exit_*`.
 const ARG0: usize = 16;
@@ -54,60 +67,58 @@ pub fn read_user_path(dst: &mut [u8; PATH_LEN], src: u64) -> usize {
     let n = unsafe {
         bpf_probe_read_user_str(dst.as_mut_ptr().cast(), PATH_LEN as u32, src as *const _)
     };
-    if n <= 0 {
-        count(counter::USER_READ_ERRORS);
-        0
-    } else {
-        n as usize
-    }
+    if n <= 0 { 0 } else { n as usize }
 }
 
-/// Entry of a file syscall: read and match the path(s), keep a match until the exit.
+/// Whether the paths could be read, and matched.
+#[derive(PartialEq, Eq)]
+enum Outcome {
+    Unreadable,
+    NoMatch,
+    Match,
+}
+
+/// Reads the path(s) of `pending` from user memory and matches them.
 #[inline(always)]
-fn enter(kind: EventKind, dirfd: i32, path: u64, dirfd2: i32, path2: u64, flags: u32) {
-    let Some(process) = current_process() else {
-        return;
-    };
-    let Some(event) = FILE_SCRATCH.get_ptr_mut(0) else {
-        return;
-    };
-    // SAFETY: per-CPU scratch owned by this program run.
-    let event = unsafe { &mut *event };
-    fill_header(&mut event.header, kind, Some(&process));
-    event.result = 0;
-    event.dirfd = dirfd;
-    event.dirfd2 = dirfd2;
-    event.flags = flags;
+fn read_and_match(pending: &mut PendingFile) -> Outcome {
+    let is_open = pending.event.header.kind == EventKind::FileOpen as u32;
+    let event = &mut pending.event;
+    event.matched = 0;
     event.target_pid = 0;
     event.path2_len = 0;
     event.path2[0] = 0;
-
-    let n = read_user_path(&mut event.path, path);
+    let n = read_user_path(&mut event.path, pending.path);
     if n == 0 {
-        return;
+        event.path_len = 0;
+        return Outcome::Unreadable;
     }
     event.path_len = (n - 1) as u32;
     if n >= PATH_LEN {
         event.header.flags |= HEADER_TRUNCATED;
     }
-    event.matched = 0;
     if let Some(parts) = split(&event.path, n) {
         match_credential(&event.path, &parts, &mut event.matched);
-        if matches!(kind, EventKind::FileOpen) {
+        if is_open {
             let own = event.header.tgid;
-            match_proc_memory(&event.path, &parts, own, &mut event.matched, &mut event.target_pid);
+            match_proc_memory(
+                &event.path,
+                &parts,
+                own,
+                &mut event.matched,
+                &mut event.target_pid,
+            );
         }
     }
-    if path2 != 0 {
-        let n2 = read_user_path(&mut event.path2, path2);
+    if pending.path2 != 0 {
+        let n2 = read_user_path(&mut event.path2, pending.path2);
         if n2 > 0 {
             event.path2_len = (n2 - 1) as u32;
             if n2 >= PATH_LEN {
                 event.header.flags |= HEADER_TRUNCATED;
             }
             if let Some(parts2) = split(&event.path2, n2) {
-                // The destination's own bits are folded into MATCH_SECOND_PATH.
-                // `_pad` serves as map-memory scratch for them (see `mark`).
+                // The destination's own bits are folded into MATCH_SECOND_PATH; `_pad` serves as
+                // map-memory scratch for them (see `mark`).
                 event._pad = 0;
                 match_credential(&event.path2, &parts2, &mut event._pad);
                 // SAFETY: read back from map memory.
@@ -120,10 +131,39 @@ fn enter(kind: EventKind, dirfd: i32, path: u64, dirfd2: i32, path2: u64, flags:
     }
     // SAFETY: read back from map memory (see `mark`).
     if unsafe { core::ptr::read_volatile(&event.matched) } == 0 {
-        return;
+        Outcome::NoMatch
+    } else {
+        Outcome::Match
     }
+}
+
+/// Entry of a file syscall: read and match the path(s), keep a match until the exit.
+#[inline(always)]
+fn enter(kind: EventKind, dirfd: i32, path: u64, dirfd2: i32, path2: u64, flags: u32) {
+    let Some(process) = current_process() else {
+        return;
+    };
+    let Some(pending) = FILE_SCRATCH.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: per-CPU scratch owned by this program run.
+    let pending = unsafe { &mut *pending };
+    let event = &mut pending.event;
+    fill_header(&mut event.header, kind, Some(&process));
+    event.result = 0;
+    event.dirfd = dirfd;
+    event.dirfd2 = dirfd2;
+    event.flags = flags;
+    pending.path = path;
+    pending.path2 = path2;
+    pending._pad = 0;
+    pending.retry = match read_and_match(pending) {
+        Outcome::NoMatch => return,
+        Outcome::Match => 0,
+        Outcome::Unreadable => 1,
+    };
     let tid = bpf_get_current_pid_tgid() as u32;
-    if PENDING_FILES.insert(&tid, event, 0).is_err() {
+    if PENDING_FILES.insert(tid, pending, 0).is_err() {
         count(counter::PENDING_MAP_FULL);
     }
 }
@@ -132,16 +172,29 @@ fn enter(kind: EventKind, dirfd: i32, path: u64, dirfd2: i32, path2: u64, flags:
 #[inline(always)]
 fn exit(ctx: &TracePointContext) {
     let tid = bpf_get_current_pid_tgid() as u32;
-    let Some(event) = PENDING_FILES.get_ptr_mut(&tid) else {
+    let Some(pending) = PENDING_FILES.get_ptr_mut(tid) else {
         return;
     };
     // SAFETY: the entry belongs to this thread, which is the only one that touches it.
-    let kind = unsafe {
-        (*event).result = arg::<i64>(ctx, RET);
-        (*event).header.kind
-    };
-    submit_copy(kind, event as *const FileEvent);
-    let _ = PENDING_FILES.remove(&tid);
+    let pending = unsafe { &mut *pending };
+    if pending.retry != 0 {
+        match read_and_match(pending) {
+            Outcome::Match => {}
+            outcome => {
+                if outcome == Outcome::Unreadable {
+                    count(counter::USER_READ_ERRORS);
+                }
+                let _ = PENDING_FILES.remove(tid);
+                return;
+            }
+        }
+    }
+    pending.event.result = arg::<i64>(ctx, RET);
+    submit_copy(
+        pending.event.header.kind,
+        &pending.event as *const FileEvent,
+    );
+    let _ = PENDING_FILES.remove(tid);
 }
 
 // long sys_openat(int dfd, const char __user *filename, int flags, umode_t mode)

@@ -44,13 +44,13 @@ fn access(kind: EventKind, request: u64, target: u32, rate_limited: bool) {
         let key = ((own as u64) << 32) | target as u64;
         let now = now_ns();
         // SAFETY: copied out at once.
-        if let Some(last) = unsafe { LAST_ACCESS.get(&key).copied() }
+        if let Some(last) = unsafe { LAST_ACCESS.get(key).copied() }
             && now.wrapping_sub(last) < RATE_LIMIT_NS
         {
             count(counter::RATE_LIMITED);
             return;
         }
-        let _ = LAST_ACCESS.insert(&key, &now, 0);
+        let _ = LAST_ACCESS.insert(key, now, 0);
     }
     if let Some(mut event) = reserve::<ProcessAccessEvent>(kind) {
         // SAFETY: the reserved entry is ours until submit.

@@ -56,11 +56,19 @@ pub fn split(path: &[u8; PATH_LEN], len_with_nul: usize) -> Option<PathParts> {
     let slashes = SLASHES.get_ptr_mut(0)?;
     // SAFETY: per-CPU scratch owned by this program run; volatile keeps every access in memory.
     unsafe {
-        let len = if len_with_nul > 0 { len_with_nul - 1 } else { 0 };
+        let len = if len_with_nul > 0 {
+            len_with_nul - 1
+        } else {
+            0
+        };
         core::ptr::write_volatile(&mut (*slashes).len, len as u32);
         core::ptr::write_volatile(&mut (*slashes).last, NONE);
         core::ptr::write_volatile(&mut (*slashes).before, NONE);
         // VERIFIER: a fixed trip count with no early exit, so the loop leaves in one state.
+        #[expect(
+            clippy::needless_range_loop,
+            reason = "an index loop is what the verifier checks"
+        )]
         for i in 0..PATH_LEN {
             if path[i] == b'/' && (i as u32) < core::ptr::read_volatile(&(*slashes).len) {
                 let last = core::ptr::read_volatile(&(*slashes).last);
@@ -71,7 +79,11 @@ pub fn split(path: &[u8; PATH_LEN], len_with_nul: usize) -> Option<PathParts> {
         let len = core::ptr::read_volatile(&(*slashes).len) as usize;
         let last = core::ptr::read_volatile(&(*slashes).last);
         let before = core::ptr::read_volatile(&(*slashes).before);
-        let base_start = if last == NONE { 0 } else { (last as usize + 1) & (PATH_LEN - 1) };
+        let base_start = if last == NONE {
+            0
+        } else {
+            (last as usize + 1) & (PATH_LEN - 1)
+        };
         let dir_start = if last == NONE {
             0
         } else if before == NONE {
@@ -139,7 +151,12 @@ pub fn match_credential(path: &[u8; PATH_LEN], parts: &PathParts, out: &mut u32)
         mark(out, MATCH_BASENAME);
     }
     if parts.dir_start < parts.base_start
-        && let Some(key) = key_of(NAME_KIND_DIRNAME, path, parts.dir_start, parts.base_start - 1)
+        && let Some(key) = key_of(
+            NAME_KIND_DIRNAME,
+            path,
+            parts.dir_start,
+            parts.base_start - 1,
+        )
         && in_names(&key)
     {
         mark(out, MATCH_DIRNAME);
@@ -150,7 +167,12 @@ pub fn match_credential(path: &[u8; PATH_LEN], parts: &PathParts, out: &mut u32)
         for n in 1..=16usize {
             if prefixes & (1 << (n - 1)) != 0
                 && parts.base_start + n <= parts.len
-                && let Some(key) = key_of(NAME_KIND_PREFIX, path, parts.base_start, parts.base_start + n)
+                && let Some(key) = key_of(
+                    NAME_KIND_PREFIX,
+                    path,
+                    parts.base_start,
+                    parts.base_start + n,
+                )
                 && in_names(&key)
             {
                 mark(out, MATCH_PREFIX);
@@ -180,6 +202,10 @@ pub fn match_proc_memory(
     // The pid: digits from index 6 up to the basename's slash.
     let mut pid: u32 = 0;
     let mut digits = 0usize;
+    #[expect(
+        clippy::needless_range_loop,
+        reason = "an index loop is what the verifier checks"
+    )]
     for i in 6..17 {
         let c = path[i];
         if c == b'/' {

@@ -11,7 +11,10 @@ use aya_ebpf::{
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
         bpf_probe_read_user,
-        generated::{bpf_get_current_cgroup_id, bpf_get_socket_cookie, bpf_skb_load_bytes, bpf_probe_read_user as read_user_raw},
+        generated::{
+            bpf_get_current_cgroup_id, bpf_get_socket_cookie, bpf_probe_read_user as read_user_raw,
+            bpf_skb_load_bytes,
+        },
     },
     macros::{cgroup_skb, cgroup_sock_addr, map, tracepoint},
     maps::{HashMap, LruHashMap, PerCpuArray},
@@ -104,7 +107,8 @@ pub fn sys_enter_connect(ctx: TracePointContext) -> u32 {
             AF_INET => {
                 // struct sockaddr_in { u16 family; be16 port; be32 addr; }
                 let port: u16 = bpf_probe_read_user((addr + 2) as *const u16).unwrap_or(0);
-                let ip: [u8; 4] = bpf_probe_read_user((addr + 4) as *const [u8; 4]).unwrap_or([0; 4]);
+                let ip: [u8; 4] =
+                    bpf_probe_read_user((addr + 4) as *const [u8; 4]).unwrap_or([0; 4]);
                 event.port = u16::from_be(port);
                 event.addr[..4].copy_from_slice(&ip);
             }
@@ -136,7 +140,7 @@ pub fn sys_enter_connect(ctx: TracePointContext) -> u32 {
         }
     }
     let tid = bpf_get_current_pid_tgid() as u32;
-    if PENDING_CONNECTS.insert(&tid, event, 0).is_err() {
+    if PENDING_CONNECTS.insert(tid, event, 0).is_err() {
         count(counter::PENDING_MAP_FULL);
     }
     0
@@ -145,13 +149,13 @@ pub fn sys_enter_connect(ctx: TracePointContext) -> u32 {
 #[tracepoint]
 pub fn sys_exit_connect(ctx: TracePointContext) -> u32 {
     let tid = bpf_get_current_pid_tgid() as u32;
-    let Some(event) = PENDING_CONNECTS.get_ptr_mut(&tid) else {
+    let Some(event) = PENDING_CONNECTS.get_ptr_mut(tid) else {
         return 0;
     };
     // SAFETY: the entry belongs to this thread.
     unsafe { (*event).result = arg::<i64>(&ctx, 16) };
     submit_copy(EventKind::Connect as u32, event as *const ConnectEvent);
-    let _ = PENDING_CONNECTS.remove(&tid);
+    let _ = PENDING_CONNECTS.remove(tid);
     0
 }
 
@@ -181,7 +185,7 @@ fn note_dns_socket(ctx: &SockAddrContext) {
     };
     // SAFETY: the context is a socket-address context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    if DNS_SOCKETS.insert(&cookie, &owner, 0).is_err() {
+    if DNS_SOCKETS.insert(cookie, owner, 0).is_err() {
         count(counter::DNS_SOCKET_MAP_FULL);
     }
 }
@@ -213,35 +217,62 @@ pub fn dns_sendmsg6(ctx: SockAddrContext) -> i32 {
 /// Copies a DNS message of a remembered socket into a DNS event.
 #[inline(always)]
 fn dns_packet(ctx: &SkBuffContext, direction: u32) {
-    let protocol = u32::from_be(ctx.skb.protocol()) ;
+    // __sk_buff.protocol holds the big-endian 16-bit ethertype.
+    let protocol = u16::from_be(ctx.skb.protocol() as u16) as u32;
     let (l4, family, udp_proto, server_at) = match protocol {
         ETH_P_IP => {
             let Ok(vihl) = ctx.load::<u8>(0) else { return };
             let Ok(proto) = ctx.load::<u8>(9) else { return };
             let l4 = ((vihl & 0x0f) as usize) * 4;
             // Egress: the server is the destination (16); ingress: the source (12).
-            (l4, AF_INET, proto, if direction == DNS_DIRECTION_ANSWER { 12 } else { 16 })
+            (
+                l4,
+                AF_INET,
+                proto,
+                if direction == DNS_DIRECTION_ANSWER {
+                    12
+                } else {
+                    16
+                },
+            )
         }
         ETH_P_IPV6 => {
             // Extension headers before UDP are not followed: DNS clients do not send them.
             let Ok(next) = ctx.load::<u8>(6) else { return };
-            (40, AF_INET6, next, if direction == DNS_DIRECTION_ANSWER { 8 } else { 24 })
+            (
+                40,
+                AF_INET6,
+                next,
+                if direction == DNS_DIRECTION_ANSWER {
+                    8
+                } else {
+                    24
+                },
+            )
         }
         _ => return,
     };
     if udp_proto != IPPROTO_UDP || l4 < 20 {
         return;
     }
-    let Ok(sport) = ctx.load::<u16>(l4) else { return };
-    let Ok(dport) = ctx.load::<u16>(l4 + 2) else { return };
-    let server_port = if direction == DNS_DIRECTION_ANSWER { sport } else { dport };
+    let Ok(sport) = ctx.load::<u16>(l4) else {
+        return;
+    };
+    let Ok(dport) = ctx.load::<u16>(l4 + 2) else {
+        return;
+    };
+    let server_port = if direction == DNS_DIRECTION_ANSWER {
+        sport
+    } else {
+        dport
+    };
     if u16::from_be(server_port) != DNS_PORT {
         return;
     }
     // SAFETY: the context is a socket buffer.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     // SAFETY: copied out at once.
-    let Some(owner) = (unsafe { DNS_SOCKETS.get(&cookie).copied() }) else {
+    let Some(owner) = (unsafe { DNS_SOCKETS.get(cookie).copied() }) else {
         return;
     };
     let Some(event) = DNS_SCRATCH.get_ptr_mut(0) else {

@@ -16,9 +16,9 @@ use aya_ebpf::{
     programs::TracePointContext,
 };
 use runner_monitor_common::{
-    ARG_LEN, ARGV_LEN, ARGV_MAX_ARGS, ChdirEvent, EXIT_CODE_KNOWN, EventKind, ExecEvent,
-    ExitEvent, ForkEvent, HEADER_TRUNCATED, JOB_ENDED, JobState, NAME_KIND_JOB_ROOT_EXE,
-    PATH_LEN, PROCESS_JOB_ROOT, ProcessJob, counter,
+    ARG_LEN, ARGV_LEN, ARGV_MAX_ARGS, ChdirEvent, EXIT_CODE_KNOWN, EventKind, ExecEvent, ExitEvent,
+    ForkEvent, HEADER_TRUNCATED, JOB_ENDED, JobState, NAME_KIND_JOB_ROOT_EXE, PATH_LEN,
+    PROCESS_JOB_ROOT, ProcessJob, counter,
 };
 
 use aya_log_ebpf::warn;
@@ -86,9 +86,12 @@ pub fn task_newtask(ctx: TracePointContext) -> u32 {
         ppid: current_tgid(),
         flags: 0,
     };
-    if PROCESSES.insert(&child, &entry, 0).is_err() {
+    if PROCESSES.insert(child, entry, 0).is_err() {
         count(counter::PROCESS_MAP_FULL);
-        warn!(&ctx, "process map full: child {} of job process {} is untracked", child, entry.ppid);
+        warn!(
+            &ctx,
+            "process map full: child {} of job process {} is untracked", child, entry.ppid
+        );
     }
     if let Some(mut event) = reserve::<ForkEvent>(EventKind::Fork) {
         // SAFETY: the reserved entry is ours until submit.
@@ -160,7 +163,7 @@ fn is_job_root_exe(path: &[u8; PATH_LEN], len_with_nul: usize) -> bool {
         return false;
     };
     match key_of(NAME_KIND_JOB_ROOT_EXE, path, parts.base_start, parts.len) {
-        Some(key) => NAMES.get_ptr(&key).is_some(),
+        Some(key) => NAMES.get_ptr(key).is_some(),
         None => false,
     }
 }
@@ -181,7 +184,7 @@ fn enter_exec(filename: u64, argv: u64) {
     scratch.event.header.flags = 0;
     read_argv(scratch, argv);
     let tid = bpf_get_current_pid_tgid() as u32;
-    if PENDING_EXECS.insert(&tid, scratch, 0).is_err() {
+    if PENDING_EXECS.insert(tid, scratch, 0).is_err() {
         count(counter::PENDING_MAP_FULL);
     }
 }
@@ -207,7 +210,7 @@ pub fn sys_exit_exec(ctx: TracePointContext) -> u32 {
     let ret: i64 = arg(&ctx, 16);
     if ret < 0 {
         let tid = bpf_get_current_pid_tgid() as u32;
-        let _ = PENDING_EXECS.remove(&tid);
+        let _ = PENDING_EXECS.remove(tid);
     }
     0
 }
@@ -247,7 +250,7 @@ pub fn sched_process_exec(ctx: TracePointContext) -> u32 {
     let mut process = current_process();
     if process.is_none() {
         if n == 0 || !is_job_root_exe(&scratch.event.filename, n) {
-            let _ = PENDING_EXECS.remove(&old_pid);
+            let _ = PENDING_EXECS.remove(old_pid);
             return 0;
         }
         // A job root recognised at exec: a new job starts here.
@@ -258,7 +261,7 @@ pub fn sched_process_exec(ctx: TracePointContext) -> u32 {
             started_ns: now_ns(),
             ended_ns: 0,
         };
-        if JOBS.insert(&job, &state, 0).is_err() {
+        if JOBS.insert(job, state, 0).is_err() {
             count(counter::JOB_MAP_FULL);
             warn!(&ctx, "job map full: job root {} is untracked", tgid);
             return 0;
@@ -268,7 +271,7 @@ pub fn sched_process_exec(ctx: TracePointContext) -> u32 {
             ppid: 0,
             flags: PROCESS_JOB_ROOT,
         };
-        if PROCESSES.insert(&tgid, &entry, 0).is_err() {
+        if PROCESSES.insert(tgid, entry, 0).is_err() {
             count(counter::PROCESS_MAP_FULL);
             return 0;
         }
@@ -276,7 +279,7 @@ pub fn sched_process_exec(ctx: TracePointContext) -> u32 {
     }
 
     // Arguments kept at execve entry, when there are some.
-    if let Some(pending) = PENDING_EXECS.get_ptr(&old_pid) {
+    if let Some(pending) = PENDING_EXECS.get_ptr(old_pid) {
         // SAFETY: the entry belongs to this thread.
         let pending = unsafe { &(*pending).event };
         scratch.event.argv_len = pending.argv_len;
@@ -290,7 +293,7 @@ pub fn sched_process_exec(ctx: TracePointContext) -> u32 {
                 pending.argv.as_ptr().cast(),
             );
         }
-        let _ = PENDING_EXECS.remove(&old_pid);
+        let _ = PENDING_EXECS.remove(old_pid);
     } else {
         scratch.event.argv_len = 0;
         scratch.event.argc = 0;
@@ -313,7 +316,7 @@ pub fn sys_enter_exit_group(ctx: TracePointContext) -> u32 {
         return 0;
     }
     let code: i64 = arg(&ctx, 16);
-    let _ = EXIT_CODES.insert(&tgid, &(code as i32), 0);
+    let _ = EXIT_CODES.insert(tgid, code as i32, 0);
     0
 }
 
@@ -330,8 +333,8 @@ pub fn sched_process_exit(ctx: TracePointContext) -> u32 {
         return 0;
     };
     // SAFETY: copied out at once.
-    let code = unsafe { EXIT_CODES.get(&tgid).copied() };
-    let _ = EXIT_CODES.remove(&tgid);
+    let code = unsafe { EXIT_CODES.get(tgid).copied() };
+    let _ = EXIT_CODES.remove(tgid);
     if let Some(mut event) = reserve::<ExitEvent>(EventKind::Exit) {
         // SAFETY: the reserved entry is ours until submit.
         let e = unsafe { &mut *event.as_mut_ptr() };
@@ -349,9 +352,9 @@ pub fn sched_process_exit(ctx: TracePointContext) -> u32 {
         event.submit(0);
         submitted(EventKind::Exit);
     }
-    let _ = PROCESSES.remove(&tgid);
+    let _ = PROCESSES.remove(tgid);
     if process.flags & PROCESS_JOB_ROOT != 0
-        && let Some(state) = JOBS.get_ptr_mut(&process.job)
+        && let Some(state) = JOBS.get_ptr_mut(process.job)
     {
         // The job ends when its root exits; its survivors' events now say so.
         // SAFETY: a field update of a map value.
@@ -382,6 +385,7 @@ fn enter_chdir(fd: i32, path: u64) {
     if path != 0 {
         let n = read_user_path(&mut event.path, path);
         if n == 0 {
+            count(counter::USER_READ_ERRORS);
             return;
         }
         event.path_len = (n - 1) as u32;
@@ -390,7 +394,7 @@ fn enter_chdir(fd: i32, path: u64) {
         }
     }
     let tid = bpf_get_current_pid_tgid() as u32;
-    if PENDING_CHDIRS.insert(&tid, event, 0).is_err() {
+    if PENDING_CHDIRS.insert(tid, event, 0).is_err() {
         count(counter::PENDING_MAP_FULL);
     }
 }
@@ -414,13 +418,13 @@ pub fn sys_enter_fchdir(ctx: TracePointContext) -> u32 {
 #[tracepoint]
 pub fn sys_exit_chdir(ctx: TracePointContext) -> u32 {
     let tid = bpf_get_current_pid_tgid() as u32;
-    let Some(event) = PENDING_CHDIRS.get_ptr(&tid) else {
+    let Some(event) = PENDING_CHDIRS.get_ptr(tid) else {
         return 0;
     };
     let ret: i64 = arg(&ctx, 16);
     if ret == 0 {
         submit_copy(EventKind::Chdir as u32, event);
     }
-    let _ = PENDING_CHDIRS.remove(&tid);
+    let _ = PENDING_CHDIRS.remove(tid);
     0
 }

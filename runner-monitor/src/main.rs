@@ -19,7 +19,11 @@ use runner_monitor::{
 use tokio::sync::mpsc;
 
 #[derive(Parser)]
-#[command(name = "runner-monitor", version, about = "eBPF runtime monitor for CI runner hosts")]
+#[command(
+    name = "runner-monitor",
+    version,
+    about = "eBPF runtime monitor for CI runner hosts"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -127,7 +131,10 @@ fn check(json: bool) -> anyhow::Result<()> {
                 ProbeState::Absent(r) => ("absent", format!(" ({r})")),
                 ProbeState::Failed(r) => ("FAILED", format!(" ({r})")),
             };
-            println!("  {:<18} {:<28} {:<38} {mark}{reason}", p.sensor, p.program, p.target);
+            println!(
+                "  {:<18} {:<28} {:<38} {mark}{reason}",
+                p.sensor, p.program, p.target
+            );
         }
     }
     let missing: Vec<&str> = features
@@ -166,7 +173,11 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                 "sensor degraded: probe not attached");
         }
     }
-    let attached = sensor.probes().iter().filter(|p| p.state == ProbeState::Attached).count();
+    let attached = sensor
+        .probes()
+        .iter()
+        .filter(|p| p.state == ProbeState::Attached)
+        .count();
     tracing::info!(attached, total = sensor.probes().len(), job_roots = ?policy.job_root_executables, "probes attached");
     for pid in args.job_pids {
         let key = sensor
@@ -176,10 +187,19 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     }
 
     sensor.start_kernel_log();
-    let ring = sensor.take_events().context("event ring buffer already taken")?;
+    let ring = sensor
+        .take_events()
+        .context("event ring buffer already taken")?;
     let counters = Arc::new(ReaderCounters::default());
     let (tx, mut rx) = mpsc::channel(8192);
-    let reader = tokio::spawn(reader::run(ring, Decoder::new(), tx, counters.clone()));
+    let (stop_reader, stop) = tokio::sync::oneshot::channel();
+    let reader = tokio::spawn(reader::run(
+        ring,
+        Decoder::new(),
+        tx,
+        counters.clone(),
+        stop,
+    ));
 
     let mut out: Box<dyn Write + Send> = if args.events_out.as_os_str() == "-" {
         Box::new(std::io::BufWriter::new(std::io::stdout()))
@@ -220,10 +240,16 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             _ = sigterm.recv() => break,
         }
     }
-    reader.abort();
-    while let Ok(event) = rx.try_recv() {
+    // The reader drains the ring buffer, then closes the channel.
+    let _ = stop_reader.send(());
+    while let Some(event) = rx.recv().await {
         serde_json::to_writer(&mut out, &event)?;
         out.write_all(b"\n")?;
+    }
+    match reader.await {
+        Ok(Ok(())) => {}
+        Ok(Err(error)) => tracing::error!(%error, "event reader failed"),
+        Err(error) => tracing::error!(%error, "event reader panicked"),
     }
     out.flush()?;
     tracing::info!("stopping: {}", status(&sensor.counters()?, &counters));

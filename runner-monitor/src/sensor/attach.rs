@@ -83,7 +83,10 @@ const PROBES: &[Probe] = &[
     Probe {
         sensor: "process",
         program: "sys_exit_exec",
-        hooks: &[Tp("syscalls", "sys_exit_execve"), Tp("syscalls", "sys_exit_execveat")],
+        hooks: &[
+            Tp("syscalls", "sys_exit_execve"),
+            Tp("syscalls", "sys_exit_execveat"),
+        ],
         required: false,
     },
     Probe {
@@ -107,7 +110,10 @@ const PROBES: &[Probe] = &[
     Probe {
         sensor: "working directory",
         program: "sys_exit_chdir",
-        hooks: &[Tp("syscalls", "sys_exit_chdir"), Tp("syscalls", "sys_exit_fchdir")],
+        hooks: &[
+            Tp("syscalls", "sys_exit_chdir"),
+            Tp("syscalls", "sys_exit_fchdir"),
+        ],
         required: false,
     },
     Probe {
@@ -337,11 +343,15 @@ pub fn attach_all(ebpf: &mut Ebpf) -> Vec<ProbeStatus> {
                 Hook::Tracepoint(c, n) | Hook::OptionalTracepoint(c, n) => format!("{c}/{n}"),
                 Hook::SockAddr => format!(
                     "cgroup:{}",
-                    cgroup.as_ref().map_or("?".into(), |p| p.display().to_string())
+                    cgroup
+                        .as_ref()
+                        .map_or("?".into(), |p| p.display().to_string())
                 ),
                 Hook::Skb(t) => format!(
                     "cgroup:{}:{}",
-                    cgroup.as_ref().map_or("?".into(), |p| p.display().to_string()),
+                    cgroup
+                        .as_ref()
+                        .map_or("?".into(), |p| p.display().to_string()),
                     match t {
                         CgroupSkbAttachType::Ingress => "ingress",
                         CgroupSkbAttachType::Egress => "egress",
@@ -350,16 +360,20 @@ pub fn attach_all(ebpf: &mut Ebpf) -> Vec<ProbeStatus> {
             };
             let state = match &loaded {
                 Err(reason) => ProbeState::Failed(reason.clone()),
-                Ok(()) => match attach_one(ebpf, probe.program, hook, &tracefs, cgroup.as_deref()) {
-                    Ok(state) => state,
-                    Err(LoadError(reason)) => {
-                        loaded = Err(reason.clone());
-                        ProbeState::Failed(reason)
+                Ok(()) => {
+                    match attach_one(ebpf, probe.program, hook, &tracefs, cgroup.as_deref()) {
+                        Ok(state) => state,
+                        Err(LoadError(reason)) => {
+                            loaded = Err(reason.clone());
+                            ProbeState::Failed(reason)
+                        }
                     }
-                },
+                }
             };
             match &state {
-                ProbeState::Attached => tracing::debug!(program = probe.program, %target, "attached"),
+                ProbeState::Attached => {
+                    tracing::debug!(program = probe.program, %target, "attached")
+                }
                 ProbeState::Absent(reason) => {
                     tracing::debug!(program = probe.program, %target, %reason, "hook absent")
                 }
@@ -410,7 +424,9 @@ fn attach_one(
                 .try_into()
                 .map_err(|e| LoadError(format!("{name}: {e}")))?;
             if program.fd().is_err() {
-                program.load().map_err(|e| LoadError(verifier_reason(name, &e)))?;
+                program
+                    .load()
+                    .map_err(|e| LoadError(verifier_reason(name, &e)))?;
             }
             Ok(match program.attach(category, tp) {
                 Ok(_) => ProbeState::Attached,
@@ -419,7 +435,9 @@ fn attach_one(
         }
         Hook::SockAddr | Hook::Skb(_) => {
             let Some(cgroup) = cgroup else {
-                return Ok(ProbeState::Failed("no cgroup v2 hierarchy is mounted".into()));
+                return Ok(ProbeState::Failed(
+                    "no cgroup v2 hierarchy is mounted".into(),
+                ));
             };
             let file = match File::open(cgroup) {
                 Ok(f) => f,
@@ -429,7 +447,9 @@ fn attach_one(
                 let program: &mut CgroupSkb = program
                     .try_into()
                     .map_err(|e| LoadError(format!("{name}: {e}")))?;
-                program.load().map_err(|e| LoadError(verifier_reason(name, &e)))?;
+                program
+                    .load()
+                    .map_err(|e| LoadError(verifier_reason(name, &e)))?;
                 // Single: with a bpf_link (Linux 5.7+) the kernel always allows other programs
                 // beside ours; ALLOW_MULTI is rejected for links.
                 program
@@ -439,10 +459,10 @@ fn attach_one(
                 let program: &mut CgroupSockAddr = program
                     .try_into()
                     .map_err(|e| LoadError(format!("{name}: {e}")))?;
-                program.load().map_err(|e| LoadError(verifier_reason(name, &e)))?;
                 program
-                    .attach(&file, CgroupAttachMode::Single)
-                    .map(|_| ())
+                    .load()
+                    .map_err(|e| LoadError(verifier_reason(name, &e)))?;
+                program.attach(&file, CgroupAttachMode::Single).map(|_| ())
             };
             Ok(match attached {
                 Ok(()) => ProbeState::Attached,
@@ -465,11 +485,18 @@ pub fn error_chain(error: &dyn std::error::Error) -> String {
 
 /// A load error with the verifier's last lines, which say why.
 fn verifier_reason(name: &str, error: &aya::programs::ProgramError) -> String {
-    if let aya::programs::ProgramError::LoadError { io_error, verifier_log } = error {
+    if let aya::programs::ProgramError::LoadError {
+        io_error,
+        verifier_log,
+    } = error
+    {
         let log = verifier_log.to_string();
         let tail: Vec<&str> = log.lines().rev().take(12).collect();
         let tail: Vec<&str> = tail.into_iter().rev().collect();
-        return format!("{name} failed to load: {io_error}; verifier: {}", tail.join(" | "));
+        return format!(
+            "{name} failed to load: {io_error}; verifier: {}",
+            tail.join(" | ")
+        );
     }
     format!("{name} failed to load: {}", error_chain(error))
 }

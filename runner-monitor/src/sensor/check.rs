@@ -75,7 +75,11 @@ pub fn probe_kernel() -> Vec<Feature> {
     let tracefs = ensure_tracefs();
     out.push(Feature {
         name: "tracefs",
-        support: if tracefs.is_ok() { Support::Yes } else { Support::No },
+        support: if tracefs.is_ok() {
+            Support::Yes
+        } else {
+            Support::No
+        },
         detail: match &tracefs {
             Ok(p) => p.display().to_string(),
             Err(e) => e.clone(),
@@ -89,8 +93,16 @@ pub fn probe_kernel() -> Vec<Feature> {
     let raw_tp = out.last().is_some_and(|f| f.support == Support::Yes);
     out.push(Feature {
         name: "tp_btf",
-        support: if btf && raw_tp { Support::Yes } else { Support::No },
-        detail: if btf { "BTF present".into() } else { "needs BTF".into() },
+        support: if btf && raw_tp {
+            Support::Yes
+        } else {
+            Support::No
+        },
+        detail: if btf {
+            "BTF present".into()
+        } else {
+            "needs BTF".into()
+        },
         required: false,
     });
     out.push(program("fentry", ProgramType::Tracing, false));
@@ -106,12 +118,20 @@ pub fn probe_kernel() -> Vec<Feature> {
         kprobe.detail = "program type loads, but the kernel has no kprobe support".into();
     }
     out.push(kprobe);
-    out.push(program("cgroup_sock_addr", ProgramType::CgroupSockAddr, false));
+    out.push(program(
+        "cgroup_sock_addr",
+        ProgramType::CgroupSockAddr,
+        false,
+    ));
     out.push(program("cgroup_skb", ProgramType::CgroupSkb, false));
     let cgroup = cgroup2_root();
     out.push(Feature {
         name: "cgroup_v2",
-        support: if cgroup.is_some() { Support::Yes } else { Support::No },
+        support: if cgroup.is_some() {
+            Support::Yes
+        } else {
+            Support::No
+        },
         detail: cgroup.map_or("no cgroup2 mount (DNS sensor unavailable)".into(), |p| {
             p.display().to_string()
         }),

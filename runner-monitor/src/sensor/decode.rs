@@ -86,8 +86,7 @@ impl Decoder {
 
     pub fn decode(&mut self, bytes: &[u8]) -> Result<Event, DecodeError> {
         let header: EventHeader = read(bytes)?;
-        let kind =
-            EventKind::from_u32(header.kind).ok_or(DecodeError::UnknownKind(header.kind))?;
+        let kind = EventKind::from_u32(header.kind).ok_or(DecodeError::UnknownKind(header.kind))?;
         let detail = match kind {
             EventKind::Fork => {
                 let e: ForkEvent = read(bytes)?;
@@ -147,7 +146,8 @@ impl Decoder {
             EventKind::DnsQuery | EventKind::DnsAnswer => {
                 let e: DnsEvent = read(bytes)?;
                 let len = (e.len as usize).min(e.payload.len());
-                let server = ip(e.family, &e.server_addr).unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
+                let server =
+                    ip(e.family, &e.server_addr).unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
                 let parsed = dns::parse(&e.payload[..len], server, e.server_port);
                 if kind == EventKind::DnsQuery {
                     EventDetail::DnsQuery(parsed)
@@ -193,7 +193,7 @@ impl Decoder {
         };
         Ok(Event {
             time_ns: header.ts_ns,
-            job: (header.job != 0).then(|| JobRef {
+            job: (header.job != 0).then_some(JobRef {
                 key: JobKey(header.job),
                 ended: header.flags & HEADER_JOB_ENDED != 0,
                 root: header.flags & HEADER_JOB_ROOT != 0,
@@ -230,7 +230,8 @@ impl Decoder {
                 matched.push(name.to_owned());
             }
         }
-        const WRITE_FLAGS: u32 = (libc::O_WRONLY | libc::O_RDWR | libc::O_CREAT | libc::O_TRUNC) as u32;
+        const WRITE_FLAGS: u32 =
+            (libc::O_WRONLY | libc::O_RDWR | libc::O_CREAT | libc::O_TRUNC) as u32;
         FileAccess {
             path,
             raw_path,
@@ -257,7 +258,9 @@ fn c_split(buf: &[u8], len: u32) -> Vec<String> {
 
 fn ip(family: u16, addr: &[u8; 16]) -> Option<IpAddr> {
     match family {
-        AF_INET => Some(IpAddr::V4(Ipv4Addr::new(addr[0], addr[1], addr[2], addr[3]))),
+        AF_INET => Some(IpAddr::V4(Ipv4Addr::new(
+            addr[0], addr[1], addr[2], addr[3],
+        ))),
         AF_INET6 => Some(IpAddr::V6(Ipv6Addr::from(*addr))),
         _ => None,
     }
@@ -430,7 +433,10 @@ mod tests {
 
     #[test]
     fn hostile_bytes_become_escaped_json() {
-        let e = file_event(b"/tmp/\n{\"kind\":\"forged\"}\x1b[31m\xff/credentials", AT_FDCWD);
+        let e = file_event(
+            b"/tmp/\n{\"kind\":\"forged\"}\x1b[31m\xff/credentials",
+            AT_FDCWD,
+        );
         let event = decoder().decode(&bytes_of(&e)).unwrap();
         let line = serde_json::to_string(&event).unwrap();
         assert!(!line.contains('\n'));

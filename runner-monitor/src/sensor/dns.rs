@@ -80,7 +80,9 @@ mod tests {
         let name = Name::from_ascii("api.example.test.").unwrap();
         let target = Name::from_ascii("edge.example.test.").unwrap();
         let mut message = Message::new();
-        message.set_id(0x1234).set_message_type(MessageType::Response);
+        message
+            .set_id(0x1234)
+            .set_message_type(MessageType::Response);
         message.add_query(Query::query(name.clone(), RecordType::A));
         message.add_answer(Record::from_rdata(
             name.clone(),

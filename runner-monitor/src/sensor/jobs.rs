@@ -11,8 +11,7 @@ use std::{
 };
 
 use runner_monitor_common::{
-    AGENT_JOB_KEY_BIT, JOB_ENDED, JOB_REGISTERED, JobState, PROCESS_JOB_ROOT, ProcessJob,
-    map_name,
+    AGENT_JOB_KEY_BIT, JOB_ENDED, JOB_REGISTERED, JobState, PROCESS_JOB_ROOT, ProcessJob, map_name,
 };
 
 use super::{Sensor, SensorError};
@@ -45,7 +44,10 @@ fn children(pid: u32) -> Vec<u32> {
     let mut out = Vec::new();
     for task in tasks.flatten() {
         if let Ok(text) = std::fs::read_to_string(task.path().join("children")) {
-            out.extend(text.split_whitespace().filter_map(|s| s.parse::<u32>().ok()));
+            out.extend(
+                text.split_whitespace()
+                    .filter_map(|s| s.parse::<u32>().ok()),
+            );
         }
     }
     out
@@ -117,7 +119,10 @@ impl Sensor {
 
     /// Marks a job ended: from now on its processes' events say so.
     pub fn end_job(&mut self, key: JobKey) -> Result<(), SensorError> {
-        let mut state = self.jobs.get(&key.0, 0).map_err(|_| SensorError::NoSuchJob(key))?;
+        let mut state = self
+            .jobs
+            .get(&key.0, 0)
+            .map_err(|_| SensorError::NoSuchJob(key))?;
         if state.flags & JOB_ENDED == 0 {
             state.flags |= JOB_ENDED;
             state.ended_ns = monotonic_ns();

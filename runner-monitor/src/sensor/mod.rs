@@ -239,7 +239,10 @@ mod tests {
     #[test]
     fn prefix_mask_has_one_bit_per_length() {
         assert_eq!(prefix_length_mask(&["id_".into()]), 0b100);
-        assert_eq!(prefix_length_mask(&["id_".into(), "ab".into(), "x".repeat(40)]), 0b110);
+        assert_eq!(
+            prefix_length_mask(&["id_".into(), "ab".into(), "x".repeat(40)]),
+            0b110
+        );
         assert_eq!(prefix_length_mask(&[]), 0);
     }
 }

@@ -149,8 +149,14 @@ mod tests {
 
     #[test]
     fn normalize_removes_dots_and_repeated_slashes() {
-        assert_eq!(normalize("/root//.docker/./config.json"), "/root/.docker/config.json");
-        assert_eq!(normalize("/root/x/../.aws/credentials"), "/root/.aws/credentials");
+        assert_eq!(
+            normalize("/root//.docker/./config.json"),
+            "/root/.docker/config.json"
+        );
+        assert_eq!(
+            normalize("/root/x/../.aws/credentials"),
+            "/root/.aws/credentials"
+        );
         assert_eq!(normalize("/../../etc/passwd"), "/etc/passwd");
         assert_eq!(normalize("/"), "/");
         assert_eq!(normalize("/a/b/"), "/a/b");
@@ -158,8 +164,14 @@ mod tests {
 
     #[test]
     fn relative_paths_join_the_base() {
-        assert_eq!(join("/root/.docker", "config.json"), "/root/.docker/config.json");
-        assert_eq!(join("/home/u/src", "../.aws/credentials"), "/home/u/.aws/credentials");
+        assert_eq!(
+            join("/root/.docker", "config.json"),
+            "/root/.docker/config.json"
+        );
+        assert_eq!(
+            join("/home/u/src", "../.aws/credentials"),
+            "/home/u/.aws/credentials"
+        );
         assert_eq!(join("/anything", "/etc/shadow"), "/etc/shadow");
     }
 
@@ -169,7 +181,10 @@ mod tests {
         let mut dirs = WorkingDirectories::with_proc_root("/nonexistent-proc");
         dirs.remember(10, "/home/u".into());
         dirs.fork(10, 11);
-        assert_eq!(dirs.chdir(11, -1, ".docker"), Some("/home/u/.docker".into()));
+        assert_eq!(
+            dirs.chdir(11, -1, ".docker"),
+            Some("/home/u/.docker".into())
+        );
         assert_eq!(
             dirs.resolve(11, AT_FDCWD, "config.json"),
             ("/home/u/.docker/config.json".into(), true)
@@ -186,7 +201,10 @@ mod tests {
     #[test]
     fn unresolvable_dirfd_is_reported_as_given() {
         let mut dirs = WorkingDirectories::with_proc_root("/nonexistent-proc");
-        assert_eq!(dirs.resolve(5, 7, "config.json"), ("config.json".into(), false));
+        assert_eq!(
+            dirs.resolve(5, 7, "config.json"),
+            ("config.json".into(), false)
+        );
         assert_eq!(dirs.resolve(5, 7, "/a/../b"), ("/b".into(), true));
     }
 

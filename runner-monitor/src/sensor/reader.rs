@@ -46,42 +46,69 @@ pub fn spawn_kernel_log<T: log::Log + Send + 'static>(logger: aya_log::EbpfLogge
     });
 }
 
-/// Reads `ring` until the receiver is dropped. Decoding happens here, in order.
+/// Reads `ring` until `stop` fires or the receiver is dropped. On stop, everything still in the
+/// ring buffer is read and handed on first: a clean shutdown loses nothing.
 pub async fn run(
     ring: RingBuf<MapData>,
     mut decoder: Decoder,
     events: mpsc::Sender<Event>,
     counters: Arc<ReaderCounters>,
+    mut stop: tokio::sync::oneshot::Receiver<()>,
 ) -> std::io::Result<()> {
     // SAFETY: the RingBuf owns its map fd for as long as the AsyncFd owns the RingBuf.
     let mut fd = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
         .map_err(|e| e.into_parts().1)?;
     let mut batch = Vec::with_capacity(256);
+    let mut stopping = false;
     loop {
-        let mut guard = fd.readable_mut().await?;
-        let ring = guard.get_inner_mut();
-        while let Some(record) = ring.next() {
-            counters.records.fetch_add(1, Ordering::Relaxed);
-            match decoder.decode(&record) {
-                Ok(event) => batch.push(event),
-                Err(error) => {
-                    counters.decode_errors.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(%error, "undecodable kernel record");
+        let drained = if stopping {
+            drain(fd.get_mut(), &mut decoder, &counters, &mut batch)
+        } else {
+            tokio::select! {
+                guard = fd.readable_mut() => {
+                    let mut guard = guard?;
+                    let drained = drain(guard.get_inner_mut(), &mut decoder, &counters, &mut batch);
+                    if drained {
+                        guard.clear_ready();
+                    }
+                    drained
+                }
+                _ = &mut stop => {
+                    stopping = true;
+                    continue;
                 }
             }
-            if batch.len() == batch.capacity() {
-                break;
-            }
-        }
-        let drained = batch.len() < batch.capacity();
-        if drained {
-            guard.clear_ready();
-        }
-        drop(guard);
+        };
         for event in batch.drain(..) {
             if events.send(event).await.is_err() {
                 return Ok(());
             }
         }
+        if stopping && drained {
+            return Ok(());
+        }
     }
+}
+
+/// Decodes records into `batch` until it is full (false) or the ring buffer is empty (true).
+fn drain(
+    ring: &mut RingBuf<MapData>,
+    decoder: &mut Decoder,
+    counters: &ReaderCounters,
+    batch: &mut Vec<Event>,
+) -> bool {
+    while batch.len() < batch.capacity() {
+        let Some(record) = ring.next() else {
+            return true;
+        };
+        counters.records.fetch_add(1, Ordering::Relaxed);
+        match decoder.decode(&record) {
+            Ok(event) => batch.push(event),
+            Err(error) => {
+                counters.decode_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(%error, "undecodable kernel record");
+            }
+        }
+    }
+    false
 }

@@ -1,0 +1,64 @@
+//! What a CI job step does, one syscall at a time, so the integration tests can trigger exactly
+//! the call they check (`openat` with a directory fd, `connect` on each family, ...).
+//!
+//! job-step open-at DIR NAME        openat(open(DIR), NAME)
+//! job-step connect-tcp IP:PORT     connect a TCP socket
+//! job-step connect-unix PATH       connect a unix stream socket
+//! job-step listen IP:PORT          accept one TCP connection, then exit
+//! job-step signal PID SIG          kill(PID, SIG)
+
+use std::{
+    ffi::CString,
+    io::Read,
+    net::{TcpListener, TcpStream},
+    os::unix::net::UnixStream,
+};
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let arg = |i: usize| {
+        args.get(i)
+            .unwrap_or_else(|| panic!("missing argument {i}: {args:?}"))
+    };
+    match arg(0).as_str() {
+        "open-at" => {
+            let dir = CString::new(arg(1).as_str()).unwrap();
+            let name = CString::new(arg(2).as_str()).unwrap();
+            // SAFETY: plain syscalls with NUL-terminated strings.
+            let dirfd = unsafe { libc::open(dir.as_ptr(), libc::O_RDONLY | libc::O_DIRECTORY) };
+            assert!(
+                dirfd >= 0,
+                "open {}: {}",
+                arg(1),
+                std::io::Error::last_os_error()
+            );
+            let fd = unsafe { libc::openat(dirfd, name.as_ptr(), libc::O_RDONLY) };
+            assert!(
+                fd >= 0,
+                "openat {}: {}",
+                arg(2),
+                std::io::Error::last_os_error()
+            );
+        }
+        "connect-tcp" => {
+            let _ = TcpStream::connect(arg(1).as_str()).expect("tcp connect");
+        }
+        "connect-unix" => {
+            let _ = UnixStream::connect(arg(1)).expect("unix connect");
+        }
+        "listen" => {
+            let listener = TcpListener::bind(arg(1).as_str()).expect("bind");
+            println!("listening");
+            let (mut stream, _) = listener.accept().expect("accept");
+            let mut buf = [0u8; 16];
+            let _ = stream.read(&mut buf);
+        }
+        "signal" => {
+            let pid: i32 = arg(1).parse().unwrap();
+            let sig: i32 = arg(2).parse().unwrap();
+            // SAFETY: kill(2).
+            unsafe { libc::kill(pid, sig) };
+        }
+        other => panic!("unknown step {other}"),
+    }
+}
