@@ -142,8 +142,11 @@ fn setup() -> anyhow::Result<()> {
     }
 
     // 2. bpf-linker, built against the nightly's own LLVM (no LLVM download needed).
-    let linker_ok = output(Command::new("bpf-linker").arg("--version"))
-        .is_some_and(|v| v.contains(BPF_LINKER_VERSION));
+    // Under `rustup run nightly`, as aya-build runs it: that puts the nightly's libLLVM on the
+    // library path.
+    let linker_ok =
+        output(Command::new("rustup").args(["run", "nightly", "bpf-linker", "--version"]))
+            .is_some_and(|v| v.contains(BPF_LINKER_VERSION));
     if !linker_ok {
         install_bpf_linker(&sysroot)?;
     }
