@@ -5,4 +5,5 @@
 
 pub mod event;
 pub mod policy;
+pub mod rule;
 pub mod sensor;

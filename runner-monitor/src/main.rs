@@ -8,7 +8,7 @@ use std::{
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
 use runner_monitor::{
-    policy::SensorPolicy,
+    policy::{Policy, SensorPolicy},
     sensor::{
         KernelCounters, ProbeState, Sensor,
         check::{Support, probe_kernel},
@@ -33,6 +33,9 @@ struct Cli {
 enum Command {
     /// Load the probes and stream events (JSON lines).
     Run(RunArgs),
+    /// Policy files.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
     /// Probe what this kernel supports and print the sensor set the agent would use.
     Check {
         /// Print JSON instead of a table.
@@ -41,8 +44,19 @@ enum Command {
     },
 }
 
+#[derive(Subcommand)]
+enum PolicyCommand {
+    /// Check a policy file; errors name the file, line and field.
+    Check { file: PathBuf },
+    /// Print the built-in policy (a starting point for a policy file).
+    Default,
+}
+
 #[derive(clap::Args)]
 struct RunArgs {
+    /// Policy file (TOML); without it, the built-in policy.
+    #[arg(long, value_name = "FILE")]
+    policy: Option<PathBuf>,
     /// Where to write every decoded event, one JSON object per line; `-` is stdout.
     #[arg(long, value_name = "FILE", default_value = "-")]
     events_out: PathBuf,
@@ -80,6 +94,22 @@ fn run_cli() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Check { json } => check(json),
+        Command::Policy(PolicyCommand::Check { file }) => {
+            let policy = Policy::load(&file)?;
+            println!(
+                "{}: ok ({} credential kinds, {} secret socket kinds, {} egress allowances, {} rules)",
+                file.display(),
+                policy.credentials.len(),
+                policy.secret_socket_kinds.len(),
+                policy.egress_allow.len(),
+                policy.rules.len()
+            );
+            Ok(())
+        }
+        Command::Policy(PolicyCommand::Default) => {
+            print!("{}", runner_monitor::policy::DEFAULT_POLICY);
+            Ok(())
+        }
         Command::Run(args) => tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -164,7 +194,11 @@ fn status(kernel: &KernelCounters, reader: &ReaderCounters) -> String {
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {
     require_root()?;
-    let mut policy = SensorPolicy::default();
+    let policy = match &args.policy {
+        Some(path) => Policy::load(path).context("refusing to start with an invalid policy")?,
+        None => Policy::builtin(),
+    };
+    let mut policy = policy.sensor_policy();
     policy.job_root_executables.extend(args.job_root_exes);
     let mut sensor = Sensor::load(&policy).context("starting the sensors")?;
     for probe in sensor.probes() {

@@ -1,0 +1,133 @@
+//! The policy file's form (TOML), as written by people. Unknown fields are errors: a typo must not
+//! silently turn a rule off.
+
+use serde::Deserialize;
+use toml::Spanned;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyFile {
+    #[serde(default)]
+    pub agent: AgentSection,
+    #[serde(default)]
+    pub limits: LimitsSection,
+    #[serde(default)]
+    pub credentials: Vec<CredentialSection>,
+    #[serde(default)]
+    pub secret_sockets: Vec<SecretSocketSection>,
+    #[serde(default)]
+    pub metadata: MetadataSection,
+    #[serde(default)]
+    pub egress: EgressSection,
+    #[serde(default)]
+    pub rules: Vec<RuleSection>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AgentSection {
+    pub job_root_executables: Vec<Spanned<String>>,
+    pub grace_period_seconds: u64,
+    pub dedup_window_seconds: u64,
+    pub harvesting_kinds: usize,
+}
+
+impl Default for AgentSection {
+    fn default() -> Self {
+        Self {
+            job_root_executables: Vec::new(),
+            grace_period_seconds: 30,
+            dedup_window_seconds: 600,
+            harvesting_kinds: 3,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsSection {
+    pub processes: usize,
+    pub jobs: usize,
+    pub credentials: usize,
+    pub dns_addresses: usize,
+}
+
+impl Default for LimitsSection {
+    fn default() -> Self {
+        Self {
+            processes: 65536,
+            jobs: 4096,
+            credentials: 16384,
+            dns_addresses: 65536,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CredentialSection {
+    pub kind: Spanned<String>,
+    pub paths: Vec<Spanned<String>>,
+    /// The runner's own registration credentials.
+    #[serde(default)]
+    pub runner: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SecretSocketSection {
+    pub kind: Spanned<String>,
+    pub paths: Vec<Spanned<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetadataSection {
+    #[serde(default)]
+    pub endpoints: Vec<Spanned<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EgressSection {
+    #[serde(default)]
+    pub allow: Vec<Spanned<DestinationEntry>>,
+}
+
+/// One allowed destination: a CIDR or a DNS name (wildcards allowed), optionally limited to ports.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DestinationEntry {
+    pub cidr: Option<String>,
+    pub name: Option<String>,
+    #[serde(default)]
+    pub ports: Vec<u16>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuleSection {
+    /// Glob over `owner/name` (GitHub) or the project path (GitLab). Default: every repository.
+    pub repository: Option<Spanned<String>>,
+    /// Glob over the workflow (GitHub) or job name (GitLab). Default: every workflow.
+    pub workflow: Option<Spanned<String>>,
+    #[serde(default)]
+    pub allow_egress: Vec<Spanned<DestinationEntry>>,
+    /// Secret-socket kinds these jobs may use.
+    #[serde(default)]
+    pub secret_sockets: Vec<Spanned<String>>,
+    pub grace_period_seconds: Option<u64>,
+    /// rule id -> severity.
+    #[serde(default)]
+    pub severity: std::collections::BTreeMap<String, Spanned<String>>,
+    #[serde(default)]
+    pub suppress: Vec<Spanned<SuppressEntry>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SuppressEntry {
+    pub rule: String,
+    /// Why: required, so every silenced detection is explained.
+    pub reason: String,
+}
