@@ -48,11 +48,16 @@ pub struct ProcessRef {
     /// Process id (tgid).
     pub pid: u32,
     /// Thread id.
+    #[serde(default)]
     pub tid: u32,
     /// Parent process as recorded when the process was forked (0 when unknown).
+    #[serde(default)]
     pub ppid: u32,
+    #[serde(default)]
     pub uid: u32,
+    #[serde(default)]
     pub comm: String,
+    #[serde(default)]
     pub cgroup_id: u64,
 }
 
@@ -102,6 +107,40 @@ pub enum EventDetail {
         path: String,
         resolved: bool,
     },
+    /// From the agent, not the kernel: a job started (hook, control socket, discovery) or its
+    /// metadata became known. `process` is the job's root.
+    JobStart(JobInfo),
+    /// From the agent: the job was ended explicitly (hook, control socket).
+    JobEnd,
+    /// From the agent: the sensor lost events or a probe is not attached.
+    SensorStatus(SensorStatus),
+}
+
+/// What is known about a job, from its hooks or its processes' environment.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobInfo {
+    /// The CI's job id (`GITHUB_RUN_ID`/`GITHUB_JOB`, `CI_JOB_ID`, or the id given to `job start`).
+    pub id: String,
+    /// `github`, `gitlab`, or `manual`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub platform: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repository: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workflow: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runner: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SensorStatus {
+    /// Events lost since the previous status.
+    pub lost_events: u64,
+    /// Probes that are not attached.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub detached_probes: Vec<String>,
 }
 
 impl EventDetail {
@@ -123,6 +162,9 @@ impl EventDetail {
             EventDetail::Signal { .. } => "signal",
             EventDetail::Bpf { .. } => "bpf",
             EventDetail::Chdir { .. } => "chdir",
+            EventDetail::JobStart(_) => "job_start",
+            EventDetail::JobEnd => "job_end",
+            EventDetail::SensorStatus(_) => "sensor_status",
         }
     }
 }
@@ -133,20 +175,25 @@ pub struct FileAccess {
     /// otherwise the path as the process gave it.
     pub path: String,
     /// The path exactly as passed to the syscall.
+    #[serde(default)]
     pub raw_path: String,
+    #[serde(default)]
     pub resolved: bool,
     /// Destination of a rename or link.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub new_path: Option<String>,
     /// open(2) flags, or the rename/unlink/link flags.
+    #[serde(default)]
     pub flags: u32,
     /// Opened for writing (O_WRONLY, O_RDWR, O_CREAT or O_TRUNC).
     #[serde(default)]
     pub write: bool,
     /// The syscall's return value: fd or 0 on success, negative errno on failure.
+    #[serde(default)]
     pub result: i64,
     /// Which kernel-side patterns matched: `basename`, `dirname`, `prefix`, `proc_memory`,
     /// `new_path`.
+    #[serde(default)]
     pub matched: Vec<String>,
     /// For `/proc/<pid>/{mem,environ,maps}`: whose memory.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -172,8 +219,10 @@ pub struct Connect {
     /// Socket path for unix sockets; abstract names start with `@`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub unix_path: Option<String>,
+    #[serde(default)]
     pub fd: i32,
     /// 0 on success, negative errno on failure (`-115`, EINPROGRESS, for a non-blocking connect).
+    #[serde(default)]
     pub result: i64,
 }
 

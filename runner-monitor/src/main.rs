@@ -1,5 +1,4 @@
 use std::{
-    io::Write,
     path::PathBuf,
     sync::{Arc, atomic::Ordering},
     time::Duration,
@@ -8,11 +7,15 @@ use std::{
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
 use runner_monitor::{
+    event::{Event, EventDetail, JobInfo, JobKey, JobRef, ProcessRef, SensorStatus},
+    output::alerts::WallClock,
+    pipeline::Pipeline,
     policy::{Policy, SensorPolicy},
     sensor::{
         KernelCounters, ProbeState, Sensor,
         check::{Support, probe_kernel},
         decode::Decoder,
+        jobs::monotonic_ns,
         reader::{self, ReaderCounters},
     },
 };
@@ -36,6 +39,18 @@ enum Command {
     /// Policy files.
     #[command(subcommand)]
     Policy(PolicyCommand),
+    /// Run a recorded event trace (JSON lines, as written by `run --events-out`) through the
+    /// engine and write the findings.
+    Replay {
+        /// The trace.
+        events: PathBuf,
+        /// Policy file; without it, the built-in policy.
+        #[arg(long, value_name = "FILE")]
+        policy: Option<PathBuf>,
+        /// Where to write the findings; `-` is stdout.
+        #[arg(long, value_name = "FILE", default_value = "-")]
+        alerts_out: PathBuf,
+    },
     /// Probe what this kernel supports and print the sensor set the agent would use.
     Check {
         /// Print JSON instead of a table.
@@ -57,9 +72,12 @@ struct RunArgs {
     /// Policy file (TOML); without it, the built-in policy.
     #[arg(long, value_name = "FILE")]
     policy: Option<PathBuf>,
-    /// Where to write every decoded event, one JSON object per line; `-` is stdout.
+    /// Where to write the findings, one JSON object per line; `-` is stdout.
     #[arg(long, value_name = "FILE", default_value = "-")]
-    events_out: PathBuf,
+    alerts_out: PathBuf,
+    /// Also write every event, one JSON object per line (`-` is stdout); `replay` reads it back.
+    #[arg(long, value_name = "FILE")]
+    events_out: Option<PathBuf>,
     /// Executable basename that starts a job when executed (repeatable); adds to the default
     /// (`Runner.Worker`).
     #[arg(long = "job-root-exe", value_name = "NAME")]
@@ -94,6 +112,11 @@ fn run_cli() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Check { json } => check(json),
+        Command::Replay {
+            events,
+            policy,
+            alerts_out,
+        } => replay(&events, policy.as_deref(), &alerts_out),
         Command::Policy(PolicyCommand::Check { file }) => {
             let policy = Policy::load(&file)?;
             println!(
@@ -194,13 +217,21 @@ fn status(kernel: &KernelCounters, reader: &ReaderCounters) -> String {
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {
     require_root()?;
-    let policy = match &args.policy {
+    let policy = Arc::new(match &args.policy {
         Some(path) => Policy::load(path).context("refusing to start with an invalid policy")?,
         None => Policy::builtin(),
-    };
-    let mut policy = policy.sensor_policy();
-    policy.job_root_executables.extend(args.job_root_exes);
-    let mut sensor = Sensor::load(&policy).context("starting the sensors")?;
+    });
+    let mut sensor_policy = policy.sensor_policy();
+    sensor_policy
+        .job_root_executables
+        .extend(args.job_root_exes);
+    let mut sensor = Sensor::load(&sensor_policy).context("starting the sensors")?;
+    let detached: Vec<String> = sensor
+        .probes()
+        .iter()
+        .filter(|p| matches!(p.state, ProbeState::Failed(_)))
+        .map(|p| format!("{} on {}", p.program, p.target))
+        .collect();
     for probe in sensor.probes() {
         if let ProbeState::Failed(reason) = &probe.state {
             tracing::warn!(sensor = probe.sensor, program = %probe.program, target = %probe.target, %reason,
@@ -212,12 +243,37 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         .iter()
         .filter(|p| p.state == ProbeState::Attached)
         .count();
-    tracing::info!(attached, total = sensor.probes().len(), job_roots = ?policy.job_root_executables, "probes attached");
+    tracing::info!(attached, total = sensor.probes().len(), job_roots = ?sensor_policy.job_root_executables, "probes attached");
+
+    let clock = WallClock::now(monotonic_ns());
+    let mut pipeline = Pipeline::new(
+        policy.clone(),
+        args.events_out.as_deref(),
+        &args.alerts_out,
+        Some(clock),
+    )
+    .context("opening the event and alert outputs")?;
+    if !detached.is_empty() {
+        pipeline.event(&agent_event(
+            EventDetail::SensorStatus(SensorStatus {
+                lost_events: 0,
+                detached_probes: detached,
+            }),
+            None,
+            0,
+        ))?;
+    }
     for pid in args.job_pids {
         let key = sensor
             .register_job(pid)
             .with_context(|| format!("registering process {pid} as a job root"))?;
         tracing::info!(job = %key, pid, "watching job");
+        let info = JobInfo {
+            id: format!("pid-{pid}"),
+            platform: Some("manual".into()),
+            ..JobInfo::default()
+        };
+        pipeline.event(&agent_event(EventDetail::JobStart(info), Some(key), pid))?;
     }
 
     sensor.start_kernel_log();
@@ -235,40 +291,36 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         stop,
     ));
 
-    let mut out: Box<dyn Write + Send> = if args.events_out.as_os_str() == "-" {
-        Box::new(std::io::BufWriter::new(std::io::stdout()))
-    } else {
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&args.events_out)
-            .with_context(|| format!("opening --events-out {}", args.events_out.display()))?;
-        Box::new(std::io::BufWriter::new(file))
-    };
-
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut status_tick = tokio::time::interval(Duration::from_secs(args.status_interval.max(1)));
+    let mut second = tokio::time::interval(Duration::from_secs(1));
     status_tick.tick().await;
     let mut last_lost = 0;
     loop {
         tokio::select! {
             event = rx.recv() => {
                 let Some(event) = event else { break };
-                serde_json::to_writer(&mut out, &event)?;
-                out.write_all(b"\n")?;
+                pipeline.event(&event)?;
                 // Flush when the queue is empty, so a quiet stream is never held back.
                 if rx.is_empty() {
-                    out.flush()?;
+                    pipeline.flush()?;
                 }
+            }
+            _ = second.tick() => {
+                pipeline.advance(monotonic_ns())?;
             }
             _ = status_tick.tick() => {
                 let kernel = sensor.counters()?;
                 let lost = kernel.total_lost();
                 if lost > last_lost {
                     tracing::warn!(lost = lost - last_lost, "sensor degraded: events lost in the kernel");
+                    pipeline.event(&agent_event(EventDetail::SensorStatus(SensorStatus {
+                        lost_events: lost - last_lost,
+                        detached_probes: Vec::new(),
+                    }), None, 0))?;
                     last_lost = lost;
                 }
-                tracing::info!("{}", status(&kernel, &counters));
+                tracing::info!("{}; engine {:?}", status(&kernel, &counters), pipeline.stats());
             }
             _ = tokio::signal::ctrl_c() => break,
             _ = sigterm.recv() => break,
@@ -277,15 +329,71 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     // The reader drains the ring buffer, then closes the channel.
     let _ = stop_reader.send(());
     while let Some(event) = rx.recv().await {
-        serde_json::to_writer(&mut out, &event)?;
-        out.write_all(b"\n")?;
+        pipeline.event(&event)?;
     }
     match reader.await {
         Ok(Ok(())) => {}
         Ok(Err(error)) => tracing::error!(%error, "event reader failed"),
         Err(error) => tracing::error!(%error, "event reader panicked"),
     }
-    out.flush()?;
-    tracing::info!("stopping: {}", status(&sensor.counters()?, &counters));
+    pipeline.flush()?;
+    tracing::info!(
+        "stopping: {}; engine {:?}",
+        status(&sensor.counters()?, &counters),
+        pipeline.stats()
+    );
+    Ok(())
+}
+
+/// An event the agent itself produces (job lifecycle, sensor status).
+fn agent_event(detail: EventDetail, job: Option<JobKey>, pid: u32) -> Event {
+    Event {
+        time_ns: monotonic_ns(),
+        job: job.map(|key| JobRef {
+            key,
+            ended: false,
+            root: true,
+        }),
+        process: ProcessRef {
+            pid,
+            tid: pid,
+            ppid: 0,
+            uid: 0,
+            comm: String::new(),
+            cgroup_id: 0,
+        },
+        truncated: false,
+        detail,
+    }
+}
+
+/// Replays a recorded event trace through the engine.
+fn replay(
+    file: &std::path::Path,
+    policy: Option<&std::path::Path>,
+    alerts_out: &std::path::Path,
+) -> anyhow::Result<()> {
+    let policy = Arc::new(match policy {
+        Some(path) => Policy::load(path)?,
+        None => Policy::builtin(),
+    });
+    let mut pipeline = Pipeline::new(policy, None, alerts_out, None)?;
+    let reader = std::io::BufReader::new(
+        std::fs::File::open(file).with_context(|| format!("opening {}", file.display()))?,
+    );
+    let mut last = 0;
+    let mut findings = 0;
+    for (n, line) in std::io::BufRead::lines(reader).enumerate() {
+        let line = line.with_context(|| format!("reading {}", file.display()))?;
+        if line.trim().is_empty() || line.trim_start().starts_with('#') {
+            continue;
+        }
+        let event: Event = serde_json::from_str(&line)
+            .with_context(|| format!("{}:{}: not an event", file.display(), n + 1))?;
+        last = last.max(event.time_ns);
+        findings += pipeline.event(&event)?;
+    }
+    findings += pipeline.advance(last)?;
+    tracing::info!(findings, stats = ?pipeline.stats(), "replay done");
     Ok(())
 }

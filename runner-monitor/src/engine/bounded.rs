@@ -1,0 +1,107 @@
+//! A map with a capacity: when full, the oldest entry (by first insertion) goes, and is counted.
+//! Every engine table is one, so no input can grow the agent's memory without bound.
+
+use std::collections::{BTreeMap, HashMap};
+
+pub struct BoundedMap<K, V> {
+    entries: HashMap<K, (u64, V)>,
+    order: BTreeMap<u64, K>,
+    next: u64,
+    capacity: usize,
+    evicted: u64,
+}
+
+impl<K: std::hash::Hash + Eq + Clone, V> BoundedMap<K, V> {
+    pub fn new(capacity: usize) -> Self {
+        Self {
+            entries: HashMap::new(),
+            order: BTreeMap::new(),
+            next: 0,
+            capacity: capacity.max(1),
+            evicted: 0,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Entries dropped to make room, since creation.
+    pub fn evicted(&self) -> u64 {
+        self.evicted
+    }
+
+    pub fn get(&self, key: &K) -> Option<&V> {
+        self.entries.get(key).map(|(_, v)| v)
+    }
+
+    pub fn get_mut(&mut self, key: &K) -> Option<&mut V> {
+        self.entries.get_mut(key).map(|(_, v)| v)
+    }
+
+    pub fn contains_key(&self, key: &K) -> bool {
+        self.entries.contains_key(key)
+    }
+
+    /// Inserts or replaces (a replaced entry keeps its age). Returns the evicted entry, if any.
+    pub fn insert(&mut self, key: K, value: V) -> Option<(K, V)> {
+        if let Some((_, v)) = self.entries.get_mut(&key) {
+            *v = value;
+            return None;
+        }
+        let mut evicted = None;
+        if self.entries.len() >= self.capacity
+            && let Some((_, oldest)) = self.order.pop_first()
+        {
+            evicted = self.entries.remove(&oldest).map(|(_, v)| (oldest, v));
+            self.evicted += 1;
+        }
+        let seq = self.next;
+        self.next += 1;
+        self.order.insert(seq, key.clone());
+        self.entries.insert(key, (seq, value));
+        evicted
+    }
+
+    /// The value for `key`, inserted with `make` when absent.
+    pub fn get_or_insert_with(&mut self, key: K, make: impl FnOnce() -> V) -> &mut V {
+        if !self.entries.contains_key(&key) {
+            self.insert(key.clone(), make());
+        }
+        self.get_mut(&key).expect("just inserted")
+    }
+
+    pub fn remove(&mut self, key: &K) -> Option<V> {
+        let (seq, v) = self.entries.remove(key)?;
+        self.order.remove(&seq);
+        Some(v)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&K, &V)> {
+        self.entries.iter().map(|(k, (_, v))| (k, v))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn full_map_drops_the_oldest_and_counts_it() {
+        let mut m = BoundedMap::new(2);
+        m.insert("a", 1);
+        m.insert("b", 2);
+        m.insert("a", 10); // replace keeps age
+        assert_eq!(m.insert("c", 3), Some(("a", 10)));
+        assert_eq!(m.len(), 2);
+        assert_eq!(m.evicted(), 1);
+        assert!(m.get(&"a").is_none());
+        m.remove(&"b");
+        m.insert("d", 4);
+        assert_eq!(m.evicted(), 1);
+        m.insert("e", 5);
+        assert_eq!(m.evicted(), 2, "c was the oldest left");
+        assert!(m.get(&"c").is_none());
+        assert_eq!(m.iter().count(), 2);
+    }
+}

@@ -1,0 +1,359 @@
+//! The correlation engine: a pure state machine. Events (with their kernel timestamps) go in,
+//! findings come out. No I/O, no clock, no aya: the live agent, `replay` and the tests run the
+//! very same code.
+//!
+//! Time only moves with the events: every event's timestamp is "now", and timers (survivors
+//! after the grace period) fire when an event or an explicit `advance` passes them.
+
+mod bounded;
+mod detect;
+pub mod finding;
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+    sync::Arc,
+};
+
+use bounded::BoundedMap;
+pub use finding::Finding;
+
+use crate::{
+    event::{Event, EventDetail, JobInfo, JobKey},
+    policy::{JobSelector, Policy},
+};
+
+/// A process the engine follows (alive, or recently exited for ancestry).
+#[derive(Clone, Debug)]
+struct Process {
+    pid: u32,
+    ppid: u32,
+    job: Option<JobKey>,
+    exe: Option<String>,
+    cmdline: Option<String>,
+    comm: String,
+    uid: u32,
+    /// Programs this process or its ancestors ran that detach from a job (setsid, nohup, ...).
+    detached_via: BTreeSet<String>,
+    /// Credential kinds this process touched.
+    kinds: BTreeSet<String>,
+}
+
+#[derive(Clone, Debug)]
+struct Job {
+    key: JobKey,
+    info: JobInfo,
+    root_pid: u32,
+    ended_ns: Option<u64>,
+    /// Survivors were looked for (after the grace period).
+    survivors_checked: bool,
+    /// Credentials this job wrote (path -> kind); removed when unlinked or renamed away.
+    written: BTreeMap<String, String>,
+    kinds: BTreeSet<String>,
+    harvesting_reported: bool,
+}
+
+/// Which job made a credential object.
+#[derive(Clone, Debug)]
+struct LedgerEntry {
+    materialised_by: Option<JobKey>,
+}
+
+/// Counters of the engine itself.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct EngineStats {
+    pub events: u64,
+    pub findings: u64,
+    /// Repeats of a finding inside the dedup window (counted, not re-raised).
+    pub duplicates: u64,
+    /// Findings dropped by a suppression in policy.
+    pub suppressed: u64,
+    pub evicted_processes: u64,
+    pub evicted_jobs: u64,
+    pub evicted_credentials: u64,
+    pub evicted_dns: u64,
+}
+
+pub struct Engine {
+    policy: Arc<Policy>,
+    processes: BoundedMap<u32, Process>,
+    /// Exited processes, for the ancestry of their descendants.
+    exited: BoundedMap<u32, Process>,
+    jobs: BoundedMap<JobKey, Job>,
+    ledger: BoundedMap<String, LedgerEntry>,
+    /// (job, address) -> names the job resolved to that address.
+    dns: BoundedMap<(JobKey, IpAddr), Vec<String>>,
+    /// dedup key -> (first time, repeats).
+    dedup: BoundedMap<String, (u64, u64)>,
+    now_ns: u64,
+    stats: EngineStats,
+}
+
+impl Engine {
+    pub fn new(policy: Arc<Policy>) -> Self {
+        Self {
+            processes: BoundedMap::new(policy.max_processes),
+            exited: BoundedMap::new(4096),
+            jobs: BoundedMap::new(policy.max_jobs),
+            ledger: BoundedMap::new(policy.max_credentials),
+            dns: BoundedMap::new(policy.max_dns_addresses),
+            dedup: BoundedMap::new(policy.max_credentials * 4),
+            policy,
+            now_ns: 0,
+            stats: EngineStats::default(),
+        }
+    }
+
+    /// Replaces the policy; every table is kept.
+    pub fn set_policy(&mut self, policy: Arc<Policy>) {
+        self.policy = policy;
+    }
+
+    pub fn stats(&self) -> EngineStats {
+        let mut s = self.stats.clone();
+        s.evicted_processes = self.processes.evicted();
+        s.evicted_jobs = self.jobs.evicted();
+        s.evicted_credentials = self.ledger.evicted();
+        s.evicted_dns = self.dns.evicted();
+        s
+    }
+
+    /// Live processes followed.
+    pub fn tracked_processes(&self) -> usize {
+        self.processes.len()
+    }
+
+    /// Jobs that have started and not ended.
+    pub fn active_jobs(&self) -> usize {
+        self.jobs
+            .iter()
+            .filter(|(_, j)| j.ended_ns.is_none())
+            .count()
+    }
+
+    /// Feeds one event; returns the findings it raises (and any timers it passed).
+    pub fn handle(&mut self, event: &Event) -> Vec<Finding> {
+        self.stats.events += 1;
+        let mut out = Vec::new();
+        self.advance_into(event.time_ns, &mut out);
+        self.track(event, &mut out);
+        detect::event(self, event, &mut out);
+        self.finish(out)
+    }
+
+    /// Moves time forward without an event (the live agent calls this every second).
+    pub fn advance(&mut self, now_ns: u64) -> Vec<Finding> {
+        let mut out = Vec::new();
+        self.advance_into(now_ns, &mut out);
+        self.finish(out)
+    }
+
+    fn advance_into(&mut self, now_ns: u64, out: &mut Vec<Finding>) {
+        if now_ns > self.now_ns {
+            self.now_ns = now_ns;
+        }
+        detect::timers(self, out);
+    }
+
+    /// Applies severity overrides and suppressions of the job's rules, and deduplicates.
+    fn finish(&mut self, findings: Vec<Finding>) -> Vec<Finding> {
+        let mut kept = Vec::with_capacity(findings.len());
+        let window = self
+            .policy
+            .dedup_window_seconds
+            .saturating_mul(1_000_000_000);
+        for mut f in findings {
+            let selector = JobSelector {
+                repository: f.job.as_ref().and_then(|j| j.repository.as_deref()),
+                workflow: f.job.as_ref().and_then(|j| j.workflow.as_deref()),
+            };
+            let mut suppressed = false;
+            if f.job.is_some() {
+                for rule in self.policy.rules_for(selector) {
+                    if let Some(level) = rule.severity.get(&f.rule) {
+                        f.severity = *level;
+                    }
+                    suppressed |= rule.suppress.contains_key(&f.rule);
+                }
+            }
+            if suppressed {
+                self.stats.suppressed += 1;
+                continue;
+            }
+            let key = f.dedup_key();
+            match self.dedup.get_mut(&key) {
+                Some((first, repeats)) if f.time_ns.saturating_sub(*first) < window => {
+                    *repeats += 1;
+                    self.stats.duplicates += 1;
+                    continue;
+                }
+                _ => {
+                    self.dedup.insert(key, (f.time_ns, 0));
+                }
+            }
+            self.stats.findings += 1;
+            kept.push(f);
+        }
+        kept
+    }
+
+    /// Keeps the process and job tables in step with the event.
+    fn track(&mut self, event: &Event, out: &mut Vec<Finding>) {
+        let pid = event.process.pid;
+        let job = event.job.as_ref().map(|j| j.key);
+        // A job the engine has not seen yet: the kernel knows it (root recognised at exec, or a
+        // root registered before the engine started).
+        if let Some(j) = &event.job
+            && !self.jobs.contains_key(&j.key)
+        {
+            let root_pid = if j.root { pid } else { 0 };
+            self.start_job(j.key, JobInfo::default(), root_pid);
+            if j.ended {
+                self.end_job(j.key, event.time_ns, out);
+            }
+        }
+        if job.is_some() && !self.processes.contains_key(&pid) {
+            let known = self.exited.remove(&pid);
+            self.processes
+                .insert(pid, known.unwrap_or_else(|| self.new_process(event)));
+        }
+        match &event.detail {
+            EventDetail::Fork { child_pid } => {
+                let mut child = self
+                    .processes
+                    .get(&pid)
+                    .cloned()
+                    .unwrap_or_else(|| self.new_process(event));
+                child.pid = *child_pid;
+                child.ppid = pid;
+                child.kinds.clear();
+                // A reused pid starts afresh.
+                self.exited.remove(child_pid);
+                self.processes.insert(*child_pid, child);
+            }
+            EventDetail::Exec { filename, argv, .. } => {
+                if let Some(p) = self.processes.get_mut(&pid) {
+                    p.exe = Some(filename.clone());
+                    p.cmdline = Some(argv.join(" "));
+                    p.comm = event.process.comm.clone();
+                    let base = filename.rsplit('/').next().unwrap_or(filename);
+                    if matches!(
+                        base,
+                        "setsid" | "nohup" | "daemonize" | "disown" | "start-stop-daemon"
+                    ) {
+                        p.detached_via.insert(base.to_owned());
+                    }
+                }
+            }
+            EventDetail::Exit { .. } => {
+                if let Some(p) = self.processes.remove(&pid) {
+                    self.exited.insert(pid, p);
+                }
+                if let Some(j) = &event.job
+                    && j.root
+                {
+                    self.end_job(j.key, event.time_ns, out);
+                }
+            }
+            EventDetail::JobStart(info) => {
+                if let Some(key) = job {
+                    match self.jobs.get_mut(&key) {
+                        Some(existing) => existing.info = info.clone(),
+                        None => self.start_job(key, info.clone(), pid),
+                    }
+                    if let Some(j) = self.jobs.get_mut(&key)
+                        && j.root_pid == 0
+                    {
+                        j.root_pid = pid;
+                    }
+                }
+            }
+            EventDetail::JobEnd => {
+                if let Some(key) = job {
+                    self.end_job(key, event.time_ns, out);
+                }
+            }
+            EventDetail::DnsAnswer(dns) => {
+                if let Some(key) = job {
+                    let mut names: Vec<String> = dns
+                        .questions
+                        .iter()
+                        .map(|q| q.name.trim_end_matches('.').to_owned())
+                        .collect();
+                    for record in &dns.answers {
+                        let name = record.name.trim_end_matches('.').to_owned();
+                        if !names.contains(&name) {
+                            names.push(name);
+                        }
+                        if let Ok(ip) = record.data.parse::<IpAddr>() {
+                            let entry = self.dns.get_or_insert_with((key, ip), Vec::new);
+                            for n in &names {
+                                if !entry.contains(n) && entry.len() < 8 {
+                                    entry.push(n.clone());
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn new_process(&self, event: &Event) -> Process {
+        Process {
+            pid: event.process.pid,
+            ppid: event.process.ppid,
+            job: event.job.as_ref().map(|j| j.key),
+            exe: None,
+            cmdline: None,
+            comm: event.process.comm.clone(),
+            uid: event.process.uid,
+            detached_via: self
+                .processes
+                .get(&event.process.ppid)
+                .map(|p| p.detached_via.clone())
+                .unwrap_or_default(),
+            kinds: BTreeSet::new(),
+        }
+    }
+
+    fn start_job(&mut self, key: JobKey, info: JobInfo, root_pid: u32) {
+        let info = if info.id.is_empty() {
+            JobInfo {
+                id: key.to_string(),
+                ..info
+            }
+        } else {
+            info
+        };
+        self.jobs.insert(
+            key,
+            Job {
+                key,
+                info,
+                root_pid,
+                ended_ns: None,
+                survivors_checked: false,
+                written: BTreeMap::new(),
+                kinds: BTreeSet::new(),
+                harvesting_reported: false,
+            },
+        );
+    }
+
+    fn end_job(&mut self, key: JobKey, time_ns: u64, out: &mut Vec<Finding>) {
+        let Some(job) = self.jobs.get_mut(&key) else {
+            return;
+        };
+        if job.ended_ns.is_some() {
+            return;
+        }
+        job.ended_ns = Some(time_ns);
+        let job = job.clone();
+        detect::job_ended(self, &job, time_ns, out);
+    }
+}
+
+#[cfg(test)]
+mod tests;

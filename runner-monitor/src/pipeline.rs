@@ -1,0 +1,84 @@
+//! Events in, findings out, both written: the part of the agent that `run` and `replay` share.
+
+use std::{io::Write, path::Path, sync::Arc};
+
+use crate::{
+    engine::{Engine, EngineStats},
+    event::Event,
+    output::alerts::{AlertWriter, WallClock},
+    policy::Policy,
+};
+
+pub struct Pipeline {
+    engine: Engine,
+    events: Option<Box<dyn Write + Send>>,
+    alerts: AlertWriter,
+}
+
+fn open(target: &Path) -> std::io::Result<Box<dyn Write + Send>> {
+    Ok(if target.as_os_str() == "-" {
+        Box::new(std::io::BufWriter::new(std::io::stdout()))
+    } else {
+        Box::new(std::io::BufWriter::new(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(target)?,
+        ))
+    })
+}
+
+impl Pipeline {
+    /// `events_out`: where to copy every event (JSON lines), if anywhere. `clock`: to give alerts
+    /// a wall-clock time (live only).
+    pub fn new(
+        policy: Arc<Policy>,
+        events_out: Option<&Path>,
+        alerts_out: &Path,
+        clock: Option<WallClock>,
+    ) -> std::io::Result<Self> {
+        Ok(Self {
+            engine: Engine::new(policy),
+            events: events_out.map(open).transpose()?,
+            alerts: AlertWriter::open(alerts_out, clock)?,
+        })
+    }
+
+    /// Records the event, runs the engine on it, writes what it finds. Returns the number of
+    /// findings.
+    pub fn event(&mut self, event: &Event) -> std::io::Result<usize> {
+        if let Some(out) = &mut self.events {
+            serde_json::to_writer(&mut *out, event)?;
+            out.write_all(b"\n")?;
+        }
+        let findings = self.engine.handle(event);
+        for f in &findings {
+            self.alerts.write(f)?;
+        }
+        Ok(findings.len())
+    }
+
+    /// Moves the engine's time (timers such as survivors' grace periods).
+    pub fn advance(&mut self, now_ns: u64) -> std::io::Result<usize> {
+        let findings = self.engine.advance(now_ns);
+        for f in &findings {
+            self.alerts.write(f)?;
+        }
+        Ok(findings.len())
+    }
+
+    pub fn flush(&mut self) -> std::io::Result<()> {
+        if let Some(out) = &mut self.events {
+            out.flush()?;
+        }
+        Ok(())
+    }
+
+    pub fn stats(&self) -> EngineStats {
+        self.engine.stats()
+    }
+
+    pub fn set_policy(&mut self, policy: Arc<Policy>) {
+        self.engine.set_policy(policy);
+    }
+}
