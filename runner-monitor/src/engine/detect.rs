@@ -377,12 +377,13 @@ fn file_open(engine: &mut Engine, event: &Event, f: &FileAccess, out: &mut Vec<F
         out.push(finding);
     }
 
-    // Harvesting: many kinds in one job, or in one process.
+    // Harvesting: many kinds in one job, or in one process; each reported once.
     let threshold = engine.policy.harvesting_kinds;
     let mut process_kinds = Vec::new();
     if let Some(p) = engine.processes.get_mut(&event.process.pid) {
         p.kinds.insert(kind_name.clone());
-        if p.kinds.len() >= threshold {
+        if p.kinds.len() >= threshold && !p.harvesting_reported {
+            p.harvesting_reported = true;
             process_kinds = p.kinds.iter().cloned().collect();
         }
     }

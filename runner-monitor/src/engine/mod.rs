@@ -37,6 +37,7 @@ struct Process {
     detached_via: BTreeSet<String>,
     /// Credential kinds this process touched.
     kinds: BTreeSet<String>,
+    harvesting_reported: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -227,6 +228,7 @@ impl Engine {
                 child.pid = *child_pid;
                 child.ppid = pid;
                 child.kinds.clear();
+                child.harvesting_reported = false;
                 // A reused pid starts afresh.
                 self.exited.remove(child_pid);
                 self.processes.insert(*child_pid, child);
@@ -315,6 +317,7 @@ impl Engine {
                 .map(|p| p.detached_via.clone())
                 .unwrap_or_default(),
             kinds: BTreeSet::new(),
+            harvesting_reported: false,
         }
     }
 

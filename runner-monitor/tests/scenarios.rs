@@ -1,0 +1,145 @@
+//! The scenario corpus (`tests/scenarios/`): each trace, replayed through the engine, must produce
+//! exactly the findings its `.expect.json` lists — no more, no fewer. A `.policy.toml` beside a
+//! trace replaces the built-in policy for it.
+
+use std::{path::PathBuf, sync::Arc};
+
+use runner_monitor::{
+    engine::{Engine, Finding},
+    event::Event,
+    policy::Policy,
+};
+use serde::Deserialize;
+
+#[derive(Deserialize)]
+struct Expectation {
+    description: String,
+    findings: Vec<Expected>,
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+struct Expected {
+    rule: String,
+    job: Option<String>,
+    pid: Option<u32>,
+    /// Credential or socket path, `ip:port`, or `pid:<pid>:<access>`.
+    object: Option<String>,
+    severity: Option<String>,
+    dns_name: Option<String>,
+    escape: Option<Vec<String>>,
+}
+
+fn object_of(f: &Finding) -> Option<String> {
+    if let Some(c) = &f.credential {
+        return Some(c.path.clone());
+    }
+    if let Some(d) = &f.destination {
+        return Some(format!("{}:{}", d.ip, d.port));
+    }
+    if let Some(s) = &f.socket {
+        return Some(s.path.clone());
+    }
+    f.target
+        .as_ref()
+        .map(|t| format!("pid:{}:{}", t.pid, t.access))
+}
+
+impl Expected {
+    fn matches(&self, f: &Finding) -> bool {
+        self.rule == f.rule.as_str()
+            && self
+                .job
+                .as_ref()
+                .is_none_or(|j| f.job.as_ref().is_some_and(|fj| &fj.id == j))
+            && self
+                .pid
+                .is_none_or(|p| f.process.as_ref().is_some_and(|fp| fp.pid == p))
+            && self
+                .object
+                .as_ref()
+                .is_none_or(|o| object_of(f).as_ref() == Some(o))
+            && self
+                .severity
+                .as_ref()
+                .is_none_or(|s| s == f.severity.as_str())
+            && self
+                .dns_name
+                .as_ref()
+                .is_none_or(|n| f.destination.as_ref().and_then(|d| d.dns_name.as_ref()) == Some(n))
+            && self.escape.as_ref().is_none_or(|e| e == &f.escape)
+    }
+}
+
+fn scenario_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/scenarios")
+}
+
+fn replay(trace: &std::path::Path, policy: Policy) -> Vec<Finding> {
+    let mut engine = Engine::new(Arc::new(policy));
+    let text = std::fs::read_to_string(trace).unwrap();
+    let mut findings = Vec::new();
+    let mut last = 0;
+    for (n, line) in text.lines().enumerate() {
+        if line.trim().is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let event: Event = serde_json::from_str(line)
+            .unwrap_or_else(|e| panic!("{}:{}: {e}", trace.display(), n + 1));
+        last = last.max(event.time_ns);
+        findings.extend(engine.handle(&event));
+    }
+    findings.extend(engine.advance(last));
+    findings
+}
+
+#[test]
+fn every_scenario_produces_exactly_its_expected_findings() {
+    let mut traces: Vec<PathBuf> = std::fs::read_dir(scenario_dir())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "jsonl"))
+        .collect();
+    traces.sort();
+    assert!(traces.len() >= 7, "the corpus is missing: {traces:?}");
+    let mut rules_seen = std::collections::BTreeSet::new();
+    let mut failures = Vec::new();
+    for trace in &traces {
+        let stem = trace.file_stem().unwrap().to_str().unwrap().to_owned();
+        let expect_path = trace.with_file_name(format!("{stem}.expect.json"));
+        let expectation: Expectation =
+            serde_json::from_str(&std::fs::read_to_string(&expect_path).unwrap())
+                .unwrap_or_else(|e| panic!("{}: {e}", expect_path.display()));
+        let policy_path = trace.with_file_name(format!("{stem}.policy.toml"));
+        let policy = if policy_path.exists() {
+            Policy::load(&policy_path).unwrap()
+        } else {
+            Policy::builtin()
+        };
+        let mut found = replay(trace, policy);
+        let mut missing = Vec::new();
+        for want in &expectation.findings {
+            match found.iter().position(|f| want.matches(f)) {
+                Some(i) => {
+                    rules_seen.insert(found.remove(i).rule);
+                }
+                None => missing.push(want),
+            }
+        }
+        if !missing.is_empty() || !found.is_empty() {
+            failures.push(format!(
+                "{stem} ({}):\n  missing: {missing:#?}\n  unexpected: {:#?}",
+                expectation.description,
+                found
+                    .iter()
+                    .map(|f| (&f.rule, object_of(f), &f.summary))
+                    .collect::<Vec<_>>()
+            ));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    // The corpus covers every rule.
+    for rule in runner_monitor::rule::RuleId::ALL {
+        assert!(rules_seen.contains(&rule), "no scenario raises {rule}");
+    }
+}
