@@ -3,8 +3,10 @@
 //! Data flows one way: `sensor` (kernel programs, ring buffer, decoding) produces `event`s; the
 //! job, engine and output layers consume them. `policy` is read by all.
 
+pub mod bounded;
 pub mod engine;
 pub mod event;
+pub mod job;
 pub mod output;
 pub mod pipeline;
 pub mod policy;

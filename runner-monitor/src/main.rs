@@ -7,7 +7,12 @@ use std::{
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
 use runner_monitor::{
-    event::{Event, EventDetail, JobInfo, JobKey, JobRef, ProcessRef, SensorStatus},
+    event::{Event, EventDetail, JobInfo, SensorStatus},
+    job::{
+        JobDirectory, agent_event,
+        control::{self, Request, Response},
+        job_start_event,
+    },
     output::alerts::WallClock,
     pipeline::Pipeline,
     policy::{Policy, SensorPolicy},
@@ -36,6 +41,9 @@ struct Cli {
 enum Command {
     /// Load the probes and stream events (JSON lines).
     Run(RunArgs),
+    /// Tell the running agent that a job starts or ends (for the runner's hooks).
+    #[command(subcommand)]
+    Job(JobCommand),
     /// Policy files.
     #[command(subcommand)]
     Policy(PolicyCommand),
@@ -56,6 +64,38 @@ enum Command {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum JobCommand {
+    /// A job starts: `--pid` is its root (its existing descendants join it), or any process
+    /// already in the job, to name it.
+    Start {
+        #[arg(long)]
+        id: String,
+        #[arg(long)]
+        pid: u32,
+        #[arg(long)]
+        repository: Option<String>,
+        #[arg(long)]
+        workflow: Option<String>,
+        #[arg(long)]
+        run: Option<String>,
+        #[arg(long)]
+        runner: Option<String>,
+        /// github, gitlab, or anything else.
+        #[arg(long, default_value = "manual")]
+        platform: String,
+        #[arg(long, env = "RUNNER_MONITOR_SOCKET", default_value = control::DEFAULT_SOCKET)]
+        socket: PathBuf,
+    },
+    /// A job ends: from now on its remaining processes are survivors.
+    End {
+        #[arg(long)]
+        id: String,
+        #[arg(long, env = "RUNNER_MONITOR_SOCKET", default_value = control::DEFAULT_SOCKET)]
+        socket: PathBuf,
     },
 }
 
@@ -85,6 +125,12 @@ struct RunArgs {
     /// Register a running process (and all its descendants) as a job root (repeatable).
     #[arg(long = "job-pid", value_name = "PID")]
     job_pids: Vec<u32>,
+    /// The control socket for `runner-monitor job start|end`.
+    #[arg(long, value_name = "PATH", env = "RUNNER_MONITOR_SOCKET", default_value = control::DEFAULT_SOCKET)]
+    control_socket: PathBuf,
+    /// The user the runner (and its hooks) run as; admitted on the control socket besides root.
+    #[arg(long, value_name = "NAME")]
+    runner_user: Option<String>,
     /// Seconds between status lines in the log (events sent, lost).
     #[arg(long, value_name = "SECONDS", default_value_t = 30)]
     status_interval: u64,
@@ -112,6 +158,7 @@ fn run_cli() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Check { json } => check(json),
+        Command::Job(command) => job_command(command),
         Command::Replay {
             events,
             policy,
@@ -263,6 +310,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             0,
         ))?;
     }
+    let mut directory = JobDirectory::default();
     for pid in args.job_pids {
         let key = sensor
             .register_job(pid)
@@ -273,8 +321,24 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             platform: Some("manual".into()),
             ..JobInfo::default()
         };
-        pipeline.event(&agent_event(EventDetail::JobStart(info), Some(key), pid))?;
+        directory.set_explicit(key, &info.id);
+        pipeline.event(&job_start_event(key, pid, info))?;
     }
+    let runner = match &args.runner_user {
+        Some(name) => Some(
+            control::user_ids(name)
+                .with_context(|| format!("no such user {name:?} (--runner-user)"))?,
+        ),
+        None => None,
+    };
+    let listener = control::bind(&args.control_socket, runner)?;
+    let (command_tx, mut commands) = mpsc::channel(64);
+    tokio::spawn(control::serve(
+        listener,
+        runner.map(|(uid, _)| uid),
+        command_tx,
+    ));
+    tracing::info!(socket = %args.control_socket.display(), runner_user = ?args.runner_user, "control socket ready");
 
     sensor.start_kernel_log();
     let ring = sensor
@@ -301,10 +365,18 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             event = rx.recv() => {
                 let Some(event) = event else { break };
                 pipeline.event(&event)?;
+                if let Some(start) = directory.discover(&event, &policy.job_identity) {
+                    pipeline.event(&start)?;
+                }
                 // Flush when the queue is empty, so a quiet stream is never held back.
                 if rx.is_empty() {
                     pipeline.flush()?;
                 }
+            }
+            Some(command) = commands.recv() => {
+                let control::Command { peer, request, reply } = command;
+                let response = control_request(&mut sensor, &mut directory, &mut pipeline, peer, request)?;
+                let _ = reply.send(response);
             }
             _ = second.tick() => {
                 pipeline.advance(monotonic_ns())?;
@@ -345,26 +417,113 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// An event the agent itself produces (job lifecycle, sensor status).
-fn agent_event(detail: EventDetail, job: Option<JobKey>, pid: u32) -> Event {
-    Event {
-        time_ns: monotonic_ns(),
-        job: job.map(|key| JobRef {
-            key,
-            ended: false,
-            root: true,
-        }),
-        process: ProcessRef {
+/// Carries out a control-socket request. A process inside a job speaks only for its own job.
+fn control_request(
+    sensor: &mut Sensor,
+    directory: &mut JobDirectory,
+    pipeline: &mut Pipeline,
+    peer: control::Peer,
+    request: Request,
+) -> anyhow::Result<Response> {
+    let peer_job = sensor.job_of(peer.pid);
+    Ok(match request {
+        Request::JobStart { pid, info } => {
+            if info.id.trim().is_empty() {
+                return Ok(Response::error("a job id is required"));
+            }
+            let id_owner = directory.key_of(&info.id);
+            let key = match sensor.job_of(pid) {
+                Some(key) => {
+                    if peer_job.is_some_and(|p| p != key) {
+                        return Ok(Response::error(format!(
+                            "process {pid} belongs to another job"
+                        )));
+                    }
+                    if id_owner.is_some_and(|o| o != key) {
+                        return Ok(Response::error(format!(
+                            "job id {:?} is already in use by another job",
+                            info.id
+                        )));
+                    }
+                    key
+                }
+                None => {
+                    if peer_job.is_some() {
+                        return Ok(Response::error(
+                            "a process inside a job cannot start a job for a process outside it",
+                        ));
+                    }
+                    if id_owner.is_some() {
+                        return Ok(Response::error(format!(
+                            "job id {:?} is already in use",
+                            info.id
+                        )));
+                    }
+                    match sensor.register_job(pid) {
+                        Ok(key) => key,
+                        Err(e) => return Ok(Response::error(e.to_string())),
+                    }
+                }
+            };
+            directory.set_explicit(key, &info.id);
+            tracing::info!(job = %key, id = %info.id, pid, peer = peer.pid, "job started (control socket)");
+            pipeline.event(&job_start_event(key, pid, *info))?;
+            Response::ok(key.to_string())
+        }
+        Request::JobEnd { id } => {
+            let Some(key) = directory.key_of(&id) else {
+                return Ok(Response::error(format!("no job {id:?}")));
+            };
+            if peer_job.is_some_and(|p| p != key) {
+                return Ok(Response::error("a process cannot end another job"));
+            }
+            if let Err(e) = sensor.end_job(key) {
+                return Ok(Response::error(e.to_string()));
+            }
+            pipeline.event(&agent_event(EventDetail::JobEnd, Some(key), peer.pid))?;
+            Response::ok(key.to_string())
+        }
+    })
+}
+
+fn job_command(command: JobCommand) -> anyhow::Result<()> {
+    let (socket, request) = match command {
+        JobCommand::Start {
+            id,
             pid,
-            tid: pid,
-            ppid: 0,
-            uid: 0,
-            comm: String::new(),
-            cgroup_id: 0,
-        },
-        truncated: false,
-        detail,
+            repository,
+            workflow,
+            run,
+            runner,
+            platform,
+            socket,
+        } => (
+            socket,
+            Request::JobStart {
+                pid,
+                info: Box::new(JobInfo {
+                    id,
+                    platform: Some(platform),
+                    repository,
+                    workflow,
+                    run,
+                    runner,
+                    ..JobInfo::default()
+                }),
+            },
+        ),
+        JobCommand::End { id, socket } => (socket, Request::JobEnd { id }),
+    };
+    let response = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?
+        .block_on(control::send(&socket, &request))
+        .with_context(|| format!("talking to the agent at {}", socket.display()))?;
+    println!("{}", serde_json::to_string(&response)?);
+    if !response.ok {
+        bail!("{}", response.error.unwrap_or_default());
     }
+    Ok(())
 }
 
 /// Replays a recorded event trace through the engine.

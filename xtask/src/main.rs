@@ -275,7 +275,8 @@ fn test(args: &[String]) -> anyhow::Result<()> {
             "the integration tests load eBPF programs and need root: run `sudo cargo xtask test`"
         );
     }
-    say("integration tests (real probes, real processes)");
+    say("integration tests (real probes, real processes, the real agent binary)");
+    run_cmd(Command::new("cargo").args(["build", "-p", "runner-monitor"]))?;
     run_cmd(
         Command::new("cargo")
             .args(["test", "-p", "integration-tests", "--", "--nocapture"])

@@ -5,7 +5,6 @@
 //! Time only moves with the events: every event's timestamp is "now", and timers (survivors
 //! after the grace period) fire when an event or an explicit `advance` passes them.
 
-mod bounded;
 mod detect;
 pub mod finding;
 
@@ -15,7 +14,7 @@ use std::{
     sync::Arc,
 };
 
-use bounded::BoundedMap;
+use crate::bounded::BoundedMap;
 pub use finding::Finding;
 
 use crate::{

@@ -70,6 +70,7 @@ impl Trace {
                 workflow: Some("ci".into()),
                 run: Some(job.to_string()),
                 runner: Some("runner-1".into()),
+                ..JobInfo::default()
             }),
         );
     }

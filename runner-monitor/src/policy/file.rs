@@ -12,6 +12,8 @@ pub struct PolicyFile {
     #[serde(default)]
     pub limits: LimitsSection,
     #[serde(default)]
+    pub job_identity: Vec<JobIdentity>,
+    #[serde(default)]
     pub credentials: Vec<CredentialSection>,
     #[serde(default)]
     pub secret_sockets: Vec<SecretSocketSection>,
@@ -130,4 +132,22 @@ pub struct SuppressEntry {
     pub rule: String,
     /// Why: required, so every silenced detection is explained.
     pub reason: String,
+}
+
+/// Environment variables that identify a job of one CI platform.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct JobIdentity {
+    pub platform: String,
+    /// Set in every job process of this platform.
+    pub detect: String,
+    pub id: Vec<String>,
+    pub repository: Option<String>,
+    pub workflow: Option<String>,
+    pub run: Option<String>,
+    pub attempt: Option<String>,
+    pub runner: Option<String>,
+    pub actor: Option<String>,
+    pub git_ref: Option<String>,
+    pub event: Option<String>,
 }

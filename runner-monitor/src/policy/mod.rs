@@ -4,6 +4,8 @@
 //! Every error names the file, the line and column, and the field.
 
 mod file;
+
+pub use file::JobIdentity;
 pub mod sensor;
 
 use std::{
@@ -97,6 +99,7 @@ pub struct JobRule {
 #[derive(Debug)]
 pub struct Policy {
     pub job_root_executables: Vec<String>,
+    pub job_identity: Vec<JobIdentity>,
     pub grace_period_seconds: u64,
     pub dedup_window_seconds: u64,
     pub harvesting_kinds: usize,
@@ -377,8 +380,18 @@ impl Policy {
             });
         }
 
+        for (i, id) in f.job_identity.iter().enumerate() {
+            if id.id.is_empty() || id.detect.is_empty() {
+                return Err(src.error(
+                    0..0,
+                    &format!("job_identity[{i}]"),
+                    "needs `detect` and at least one `id` variable",
+                ));
+            }
+        }
         Ok(Self {
             job_root_executables,
+            job_identity: f.job_identity,
             grace_period_seconds: f.agent.grace_period_seconds,
             dedup_window_seconds: f.agent.dedup_window_seconds,
             harvesting_kinds: f.agent.harvesting_kinds,

@@ -1,5 +1,5 @@
 //! A map with a capacity: when full, the oldest entry (by first insertion) goes, and is counted.
-//! Every engine table is one, so no input can grow the agent's memory without bound.
+//! Every engine and job table is one, so no input can grow the agent's memory without bound.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -24,6 +24,10 @@ impl<K: std::hash::Hash + Eq + Clone, V> BoundedMap<K, V> {
 
     pub fn len(&self) -> usize {
         self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
     }
 
     /// Entries dropped to make room, since creation.

@@ -1,0 +1,296 @@
+//! The control socket: `runner-monitor job start|end` from the runner's hooks.
+//!
+//! One JSON request per connection, one JSON response. Only root and the configured runner user
+//! are admitted (peer credentials); requests are bounded in size and time; a process inside a
+//! job may only speak for its own job.
+
+use std::{os::unix::fs::PermissionsExt, path::Path, time::Duration};
+
+use serde::{Deserialize, Serialize};
+use tokio::{
+    io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
+    net::{UnixListener, UnixStream},
+    sync::{mpsc, oneshot},
+};
+
+use crate::event::JobInfo;
+
+/// Default path of the control socket.
+pub const DEFAULT_SOCKET: &str = "/run/runner-monitor/control.sock";
+/// Largest request accepted.
+pub const MAX_REQUEST: usize = 16 * 1024;
+const TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Request {
+    /// Start a job rooted at `pid` (with all its descendants), or name the job `pid` is in.
+    JobStart {
+        pid: u32,
+        #[serde(flatten)]
+        info: Box<JobInfo>,
+    },
+    JobEnd {
+        id: String,
+    },
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Response {
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// The job's key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job: Option<String>,
+}
+
+impl Response {
+    pub fn ok(job: String) -> Self {
+        Self {
+            ok: true,
+            error: None,
+            job: Some(job),
+        }
+    }
+
+    pub fn error(message: impl Into<String>) -> Self {
+        Self {
+            ok: false,
+            error: Some(message.into()),
+            job: None,
+        }
+    }
+}
+
+/// Who is asking, from the socket's peer credentials.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Peer {
+    pub uid: u32,
+    pub pid: u32,
+}
+
+/// A request admitted by the socket, for the agent's main loop to carry out.
+pub struct Command {
+    pub peer: Peer,
+    pub request: Request,
+    pub reply: oneshot::Sender<Response>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("control socket {path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Binds the socket: mode 0600, or 0660 with the runner user's group when one is allowed.
+pub fn bind(path: &Path, runner: Option<(u32, u32)>) -> Result<UnixListener, ControlError> {
+    let io = |source| ControlError::Io {
+        path: path.display().to_string(),
+        source,
+    };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(io)?;
+    }
+    // A stale socket from a previous run.
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io(e)),
+    }
+    let listener = UnixListener::bind(path).map_err(io)?;
+    let mode = if let Some((_, gid)) = runner {
+        std::os::unix::fs::chown(path, Some(0), Some(gid)).map_err(io)?;
+        0o660
+    } else {
+        0o600
+    };
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(io)?;
+    Ok(listener)
+}
+
+/// Accepts connections until the receiver of `commands` is gone.
+pub async fn serve(
+    listener: UnixListener,
+    runner_uid: Option<u32>,
+    commands: mpsc::Sender<Command>,
+) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let commands = commands.clone();
+        tokio::spawn(async move {
+            if let Err(error) = connection(stream, runner_uid, commands).await {
+                tracing::warn!(%error, "control connection failed");
+            }
+        });
+    }
+}
+
+async fn respond(stream: &mut UnixStream, response: &Response) -> std::io::Result<()> {
+    let mut line = serde_json::to_vec(response).map_err(std::io::Error::other)?;
+    line.push(b'\n');
+    stream.write_all(&line).await
+}
+
+async fn connection(
+    mut stream: UnixStream,
+    runner_uid: Option<u32>,
+    commands: mpsc::Sender<Command>,
+) -> std::io::Result<()> {
+    let cred = stream.peer_cred()?;
+    let peer = Peer {
+        uid: cred.uid(),
+        pid: cred.pid().unwrap_or(0) as u32,
+    };
+    if peer.uid != 0 && Some(peer.uid) != runner_uid {
+        tracing::warn!(
+            uid = peer.uid,
+            pid = peer.pid,
+            "control socket: peer not allowed"
+        );
+        return respond(
+            &mut stream,
+            &Response::error("not allowed: only root and the runner user"),
+        )
+        .await;
+    }
+    let mut line = Vec::new();
+    let read = {
+        let mut reader = BufReader::new(&mut stream).take(MAX_REQUEST as u64 + 1);
+        tokio::time::timeout(TIMEOUT, reader.read_until(b'\n', &mut line)).await
+    };
+    let response = match read {
+        Err(_) => Response::error("timed out waiting for the request"),
+        Ok(Err(e)) => Response::error(format!("reading the request: {e}")),
+        Ok(Ok(_)) if line.len() > MAX_REQUEST => {
+            Response::error(format!("request larger than {MAX_REQUEST} bytes"))
+        }
+        Ok(Ok(_)) => match serde_json::from_slice::<Request>(&line) {
+            Err(e) => Response::error(format!("malformed request: {e}")),
+            Ok(request) => {
+                let (reply, answer) = oneshot::channel();
+                if commands
+                    .send(Command {
+                        peer,
+                        request,
+                        reply,
+                    })
+                    .await
+                    .is_err()
+                {
+                    Response::error("the agent is stopping")
+                } else {
+                    answer
+                        .await
+                        .unwrap_or_else(|_| Response::error("no answer"))
+                }
+            }
+        },
+    };
+    if !response.ok {
+        tracing::warn!(uid = peer.uid, pid = peer.pid, error = ?response.error, "control request rejected");
+    }
+    respond(&mut stream, &response).await
+}
+
+/// The client side: sends one request and returns the agent's response.
+pub async fn send(path: &Path, request: &Request) -> std::io::Result<Response> {
+    let mut stream = tokio::time::timeout(TIMEOUT, UnixStream::connect(path))
+        .await
+        .map_err(|_| std::io::Error::other("timed out connecting"))??;
+    let mut line = serde_json::to_vec(request).map_err(std::io::Error::other)?;
+    line.push(b'\n');
+    stream.write_all(&line).await?;
+    let mut answer = Vec::new();
+    let mut reader = BufReader::new(stream).take(MAX_REQUEST as u64);
+    tokio::time::timeout(TIMEOUT, reader.read_until(b'\n', &mut answer))
+        .await
+        .map_err(|_| std::io::Error::other("timed out waiting for the answer"))??;
+    serde_json::from_slice(&answer).map_err(|e| std::io::Error::other(format!("bad answer: {e}")))
+}
+
+/// uid and primary gid of a user name.
+pub fn user_ids(name: &str) -> Option<(u32, u32)> {
+    let c = std::ffi::CString::new(name).ok()?;
+    // SAFETY: getpwnam with a NUL-terminated name; the result is read at once.
+    let pw = unsafe { libc::getpwnam(c.as_ptr()) };
+    if pw.is_null() {
+        return None;
+    }
+    // SAFETY: non-null passwd entry.
+    Some(unsafe { ((*pw).pw_uid, (*pw).pw_gid) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_parse_and_reject_unknown_fields() {
+        let r: Request = serde_json::from_str(
+            r#"{"op":"job_start","pid":42,"id":"9001/build","repository":"acme/app"}"#,
+        )
+        .unwrap();
+        let Request::JobStart { pid, info } = r else {
+            panic!()
+        };
+        assert_eq!(pid, 42);
+        assert_eq!(info.id, "9001/build");
+        assert_eq!(info.repository.as_deref(), Some("acme/app"));
+        assert!(serde_json::from_str::<Request>(r#"{"op":"job_end","id":"x","extra":1}"#).is_err());
+        assert!(serde_json::from_str::<Request>(r#"{"op":"rename","id":"x"}"#).is_err());
+    }
+
+    #[tokio::test]
+    async fn socket_round_trip_with_peer_credentials_and_limits() {
+        let dir = std::env::temp_dir().join(format!("rm-control-{}", std::process::id()));
+        let path = dir.join("control.sock");
+        let listener = bind(&path, None).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let (tx, mut rx) = mpsc::channel(4);
+        // Whoever runs the test is admitted as the "runner user".
+        // SAFETY: getuid has no preconditions.
+        let me = unsafe { libc::getuid() };
+        tokio::spawn(serve(listener, Some(me), tx));
+        tokio::spawn(async move {
+            while let Some(cmd) = rx.recv().await {
+                let Command {
+                    peer,
+                    request,
+                    reply,
+                } = cmd;
+                assert_eq!(peer.pid, std::process::id());
+                let _ = reply.send(match request {
+                    Request::JobEnd { id } => Response::ok(format!("ended {id}")),
+                    Request::JobStart { .. } => Response::error("no"),
+                });
+            }
+        });
+        let r = send(&path, &Request::JobEnd { id: "7".into() })
+            .await
+            .unwrap();
+        assert_eq!(r, Response::ok("ended 7".into()));
+
+        // Malformed and oversized requests get an error, not a hang.
+        let mut s = UnixStream::connect(&path).await.unwrap();
+        s.write_all(b"{not json}\n").await.unwrap();
+        let mut answer = String::new();
+        BufReader::new(s).read_line(&mut answer).await.unwrap();
+        assert!(answer.contains("malformed request"), "{answer}");
+
+        let mut s = UnixStream::connect(&path).await.unwrap();
+        s.write_all(&vec![b'x'; MAX_REQUEST + 10]).await.unwrap();
+        s.write_all(b"\n").await.unwrap();
+        let mut answer = String::new();
+        BufReader::new(s).read_line(&mut answer).await.unwrap();
+        assert!(answer.contains("larger than"), "{answer}");
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}

@@ -1,0 +1,97 @@
+//! Who a job is, from its processes' environment (`GITHUB_*`, `CI_*`, as the policy says).
+//!
+//! A process environment holds secrets. Only the variables the policy names are looked at; every
+//! other value is skipped without being copied, logged or kept.
+
+use crate::{event::JobInfo, policy::JobIdentity};
+
+/// Longest identity value kept; longer ones are cut (they are names, not payloads).
+const MAX_VALUE: usize = 256;
+
+/// The value of `name` in a NUL-separated environment block.
+fn var<'a>(environ: &'a [u8], name: &str) -> Option<&'a [u8]> {
+    environ.split(|b| *b == 0).find_map(|entry| {
+        let rest = entry.strip_prefix(name.as_bytes())?;
+        rest.strip_prefix(b"=")
+    })
+}
+
+fn text(value: &[u8]) -> String {
+    let cut = &value[..value.len().min(MAX_VALUE)];
+    String::from_utf8_lossy(cut).into_owned()
+}
+
+/// The job an environment belongs to, by the first identity whose `detect` variable is set.
+pub fn identify(environ: &[u8], identities: &[JobIdentity]) -> Option<JobInfo> {
+    let identity = identities
+        .iter()
+        .find(|i| var(environ, &i.detect).is_some())?;
+    let get = |name: &Option<String>| name.as_deref().and_then(|n| var(environ, n)).map(text);
+    let id: Vec<String> = identity
+        .id
+        .iter()
+        .filter_map(|n| var(environ, n).map(text))
+        .collect();
+    if id.is_empty() {
+        return None;
+    }
+    Some(JobInfo {
+        id: id.join("/"),
+        platform: Some(identity.platform.clone()),
+        repository: get(&identity.repository),
+        workflow: get(&identity.workflow),
+        run: get(&identity.run),
+        runner: get(&identity.runner),
+        attempt: get(&identity.attempt),
+        actor: get(&identity.actor),
+        git_ref: get(&identity.git_ref),
+        event: get(&identity.event),
+    })
+}
+
+/// Reads `/proc/<pid>/environ` and identifies the job; `None` when the process is gone or
+/// carries no identity.
+pub fn identify_process(pid: u32, identities: &[JobIdentity]) -> Option<JobInfo> {
+    let environ = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
+    identify(&environ, identities)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::Policy;
+
+    #[test]
+    fn github_step_environment_identifies_the_job_and_nothing_else_is_kept() {
+        let env = b"PATH=/usr/bin\0GITHUB_TOKEN=ghs_rmcanarySECRET\0GITHUB_RUN_ID=9001\0GITHUB_JOB=build\0\
+GITHUB_REPOSITORY=acme/app\0GITHUB_WORKFLOW=CI\0RUNNER_NAME=runner-7\0GITHUB_RUN_ATTEMPT=2\0\
+GITHUB_ACTOR=octocat\0GITHUB_REF=refs/heads/main\0GITHUB_EVENT_NAME=push\0";
+        let info = identify(env, &Policy::builtin().job_identity).unwrap();
+        assert_eq!(info.id, "9001/build");
+        assert_eq!(info.platform.as_deref(), Some("github"));
+        assert_eq!(info.repository.as_deref(), Some("acme/app"));
+        assert_eq!(info.workflow.as_deref(), Some("CI"));
+        assert_eq!(info.run.as_deref(), Some("9001"));
+        assert_eq!(info.attempt.as_deref(), Some("2"));
+        assert_eq!(info.runner.as_deref(), Some("runner-7"));
+        assert_eq!(info.actor.as_deref(), Some("octocat"));
+        assert_eq!(info.git_ref.as_deref(), Some("refs/heads/main"));
+        assert_eq!(info.event.as_deref(), Some("push"));
+        let json = serde_json::to_string(&info).unwrap();
+        assert!(!json.contains("rmcanary"), "{json}");
+    }
+
+    #[test]
+    fn gitlab_environment_and_unrelated_processes() {
+        let ids = Policy::builtin().job_identity;
+        let env = b"CI_JOB_ID=555\0CI_PROJECT_PATH=group/proj\0CI_JOB_NAME=test\0CI_PIPELINE_ID=77\0CI_RUNNER_ID=3\0";
+        let info = identify(env, &ids).unwrap();
+        assert_eq!(
+            (info.id.as_str(), info.platform.as_deref()),
+            ("555", Some("gitlab"))
+        );
+        assert_eq!(info.repository.as_deref(), Some("group/proj"));
+        assert!(identify(b"HOME=/root\0GITHUB_RUN_IDX=1\0", &ids).is_none());
+        assert!(identify(b"", &ids).is_none());
+    }
+}

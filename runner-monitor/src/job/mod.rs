@@ -1,0 +1,124 @@
+//! Jobs: who they are (discovery from the environment, or the hooks and the control socket) and
+//! their explicit lifecycle. Produces `job_start` / `job_end` events for the engine.
+
+pub mod control;
+pub mod discovery;
+
+use crate::{
+    bounded::BoundedMap,
+    event::{Event, EventDetail, JobInfo, JobKey, JobRef, ProcessRef},
+    policy::JobIdentity,
+    sensor::jobs::monotonic_ns,
+};
+
+/// How many exec events of a job are used to look for its identity before giving up.
+const DISCOVERY_ATTEMPTS: u32 = 32;
+
+/// What the agent knows about jobs beyond the kernel's keys.
+pub struct JobDirectory {
+    /// CI job id -> key.
+    by_id: BoundedMap<String, JobKey>,
+    /// key -> identity known (explicitly from a hook, or discovered).
+    known: BoundedMap<JobKey, Known>,
+}
+
+#[derive(Clone, Debug)]
+struct Known {
+    id: Option<String>,
+    /// Set by a hook or the control socket: discovery does not override it.
+    explicit: bool,
+    attempts: u32,
+}
+
+impl Default for JobDirectory {
+    fn default() -> Self {
+        Self::new(4096)
+    }
+}
+
+/// A `job_start` event for `key`, from `pid`.
+pub fn job_start_event(key: JobKey, pid: u32, info: JobInfo) -> Event {
+    agent_event(EventDetail::JobStart(info), Some(key), pid)
+}
+
+/// An event the agent itself produces (job lifecycle, sensor status).
+pub fn agent_event(detail: EventDetail, job: Option<JobKey>, pid: u32) -> Event {
+    Event {
+        time_ns: monotonic_ns(),
+        job: job.map(|key| JobRef {
+            key,
+            ended: false,
+            root: true,
+        }),
+        process: ProcessRef {
+            pid,
+            tid: pid,
+            ppid: 0,
+            uid: 0,
+            comm: String::new(),
+            cgroup_id: 0,
+        },
+        truncated: false,
+        detail,
+    }
+}
+
+impl JobDirectory {
+    pub fn new(capacity: usize) -> Self {
+        Self {
+            by_id: BoundedMap::new(capacity),
+            known: BoundedMap::new(capacity),
+        }
+    }
+
+    pub fn key_of(&self, id: &str) -> Option<JobKey> {
+        self.by_id.get(&id.to_owned()).copied()
+    }
+
+    pub fn id_of(&self, key: JobKey) -> Option<String> {
+        self.known.get(&key).and_then(|k| k.id.clone())
+    }
+
+    /// Records an identity given by a hook or the control socket.
+    pub fn set_explicit(&mut self, key: JobKey, id: &str) {
+        self.by_id.insert(id.to_owned(), key);
+        self.known.insert(
+            key,
+            Known {
+                id: Some(id.to_owned()),
+                explicit: true,
+                attempts: 0,
+            },
+        );
+    }
+
+    /// On an exec of a job process: when the job's identity is not known yet, look at this
+    /// process's environment. Returns the `job_start` event to emit when it was found.
+    pub fn discover(&mut self, event: &Event, identities: &[JobIdentity]) -> Option<Event> {
+        let job = event.job.as_ref()?;
+        if !matches!(event.detail, EventDetail::Exec { .. }) {
+            return None;
+        }
+        let known = self.known.get_or_insert_with(job.key, || Known {
+            id: None,
+            explicit: false,
+            attempts: 0,
+        });
+        if known.explicit || known.id.is_some() || known.attempts >= DISCOVERY_ATTEMPTS {
+            return None;
+        }
+        known.attempts += 1;
+        let info = discovery::identify_process(event.process.pid, identities)?;
+        if let Some(other) = self.by_id.get(&info.id).copied()
+            && other != job.key
+        {
+            // Another job already has this id (a job cannot rename itself into another).
+            tracing::warn!(id = %info.id, job = %job.key, other = %other, "job id already in use; not taken");
+            return None;
+        }
+        known.id = Some(info.id.clone());
+        self.by_id.insert(info.id.clone(), job.key);
+        tracing::info!(job = %job.key, id = %info.id, repository = ?info.repository, "job identified");
+        Some(job_start_event(job.key, event.process.pid, info))
+    }
+}

@@ -1,0 +1,384 @@
+//! Simulated CI jobs through the real agent binary: a fake `Runner.Worker` running GitHub-style
+//! steps with the runner's hooks, and a GitLab-style shell job with its pre/post build scripts.
+//! The agent's alert stream must hold the expected findings, and no output may hold a secret.
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::OnceLock,
+    time::{Duration, Instant},
+};
+
+use integration_tests::{CANARY, NetNs, TestEnv, job_step};
+use serde_json::Value;
+
+struct Agent {
+    dir: PathBuf,
+    socket: PathBuf,
+    _child: Child,
+}
+
+static AGENT: OnceLock<Agent> = OnceLock::new();
+
+fn target_dir() -> PathBuf {
+    job_step().parent().unwrap().to_path_buf()
+}
+
+fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+/// One agent for this test binary, with a short grace period so survivors show quickly.
+fn agent() -> &'static Agent {
+    AGENT.get_or_init(|| {
+        let binary = target_dir().join("runner-monitor");
+        assert!(
+            binary.exists(),
+            "{} is missing: `cargo build -p runner-monitor` first",
+            binary.display()
+        );
+        let dir = std::env::temp_dir().join(format!("rm-live-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let policy = dir.join("policy.toml");
+        std::fs::write(
+            &policy,
+            runner_monitor::policy::DEFAULT_POLICY
+                .replace("grace_period_seconds = 30", "grace_period_seconds = 2"),
+        )
+        .unwrap();
+        let socket = dir.join("control.sock");
+        let log = std::fs::File::create(dir.join("agent.log")).unwrap();
+        let mut command = Command::new(&binary);
+        command
+            .args(["run", "--status-interval", "2", "--policy"])
+            .arg(&policy)
+            .arg("--alerts-out")
+            .arg(dir.join("alerts.jsonl"))
+            .arg("--events-out")
+            .arg(dir.join("events.jsonl"))
+            .arg("--control-socket")
+            .arg(&socket)
+            .stdout(Stdio::null())
+            .stderr(log);
+        // SAFETY: prctl in the forked child before exec, async-signal-safe.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut command, || {
+                // The agent dies with the thread that started it, which lives as long as this
+                // test binary (below): no agent is left running after the tests.
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+                Ok(())
+            });
+        }
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let child = command.spawn().expect("starting the agent");
+            tx.send(child).unwrap();
+            loop {
+                std::thread::park();
+            }
+        });
+        let child = rx.recv().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !std::fs::read_to_string(dir.join("agent.log"))
+            .unwrap_or_default()
+            .contains("control socket ready")
+        {
+            assert!(
+                Instant::now() < deadline,
+                "the agent did not start: {}",
+                agent_log(&dir)
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Agent {
+            dir,
+            socket,
+            _child: child,
+        }
+    })
+}
+
+fn agent_log(dir: &Path) -> String {
+    std::fs::read_to_string(dir.join("agent.log")).unwrap_or_default()
+}
+
+fn alerts(agent: &Agent) -> Vec<Value> {
+    std::fs::read_to_string(agent.dir.join("alerts.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("an alert is one JSON object"))
+        .collect()
+}
+
+/// Waits for an alert of `rule` for the job whose id is `job_id`.
+fn wait_alert(agent: &Agent, rule: &str, job_id: &str, extra: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        if let Some(a) = alerts(agent)
+            .into_iter()
+            .find(|a| a["rule"] == rule && a["job"]["id"] == job_id && extra(a))
+        {
+            return a;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no {rule} alert for job {job_id}; alerts: {:#?}\nlog: {}",
+            alerts(agent),
+            agent_log(&agent.dir)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Runs a GitHub-style job: a `Runner.Worker` that runs the job-started hook, then `steps`, then
+/// the job-completed hook.
+fn github_job(env: &TestEnv, agent: &Agent, run_id: &str, repository: &str, steps: &str) {
+    let worker = env.dir.join("Runner.Worker");
+    std::fs::copy("/bin/sh", &worker).unwrap();
+    let hooks = repo_root().join("hooks/github");
+    let script = format!(
+        "sh {started}\n{steps}\nsh {completed}\n",
+        started = hooks.join("job-started.sh").display(),
+        completed = hooks.join("job-completed.sh").display(),
+    );
+    let out = Command::new(&worker)
+        .arg("-c")
+        .arg(script)
+        .env("HOME", &env.home)
+        .env("PATH", format!("{}:/usr/bin:/bin", target_dir().display()))
+        .env("RUNNER_MONITOR_SOCKET", &agent.socket)
+        .env("JOB_STEP", job_step())
+        .env("GITHUB_RUN_ID", run_id)
+        .env("GITHUB_JOB", "build")
+        .env("GITHUB_REPOSITORY", repository)
+        .env("GITHUB_WORKFLOW", "CI")
+        .env("RUNNER_NAME", "runner-test")
+        .env("GITHUB_TOKEN", CANARY)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success() && out.stderr.is_empty(),
+        "job failed: {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// No output of the agent (alerts, event trace, log) carries the canary secret planted in the
+/// credential files and in the jobs' environment (`GITHUB_TOKEN`, `CI_JOB_TOKEN`).
+fn assert_no_secret(agent: &Agent) {
+    for file in ["alerts.jsonl", "events.jsonl", "agent.log"] {
+        let text = std::fs::read_to_string(agent.dir.join(file)).unwrap_or_default();
+        assert!(!text.is_empty(), "{file} is empty");
+        assert!(!text.contains(CANARY), "the canary leaked into {file}");
+    }
+}
+
+fn run_id(tag: u32) -> String {
+    format!("{}{tag:02}", std::process::id())
+}
+
+#[test]
+fn github_survivor_reading_a_credential_after_the_job_ended() {
+    let agent = agent();
+    let env = TestEnv::new("live-survivor");
+    let run = run_id(1);
+    github_job(
+        &env,
+        agent,
+        &run,
+        "acme/app",
+        "(setsid sh -c 'sleep 1; cat \"$HOME/.aws/credentials\" > /dev/null; sleep 4' &)",
+    );
+    let id = format!("{run}/build");
+    let after = wait_alert(agent, "credential-after-job-end", &id, |_| true);
+    assert_eq!(after["severity"], "critical");
+    assert_eq!(after["credential"]["kind"], "aws");
+    assert_eq!(after["job"]["repository"], "acme/app");
+    assert_eq!(after["job"]["platform"], "github");
+    assert!(after["time"].as_str().unwrap().ends_with('Z'));
+    // The setsid'd shell was re-parented when its parent subshell exited; its `sleep` child
+    // inherits the setsid escape.
+    let survivor = wait_alert(agent, "process-survived-job", &id, |a| {
+        a["escape"]
+            .as_array()
+            .is_some_and(|e| e.iter().any(|v| v == "re-parented"))
+    });
+    let escape: Vec<&str> = survivor["escape"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    assert!(escape.contains(&"re-parented"), "{survivor}");
+    assert!(escape.contains(&"setsid"), "{survivor}");
+    assert_no_secret(agent);
+}
+
+#[test]
+fn credential_written_by_one_repository_and_read_by_another() {
+    let agent = agent();
+    let env = TestEnv::new("live-reuse");
+    let (first, second) = (run_id(2), run_id(3));
+    github_job(
+        &env,
+        agent,
+        &first,
+        "acme/release",
+        "printf '{\"auths\":{}}' > \"$HOME/.docker/config.json\"",
+    );
+    wait_alert(
+        agent,
+        "credential-left-behind",
+        &format!("{first}/build"),
+        |_| true,
+    );
+    github_job(
+        &env,
+        agent,
+        &second,
+        "someone/fork",
+        "cat \"$HOME/.docker/config.json\" > /dev/null",
+    );
+    let reuse = wait_alert(
+        agent,
+        "cross-job-credential-reuse",
+        &format!("{second}/build"),
+        |_| true,
+    );
+    assert_eq!(reuse["severity"], "critical");
+    assert_eq!(reuse["origin_job"]["repository"], "acme/release");
+    assert_eq!(reuse["credential"]["path"], env.path(".docker/config.json"));
+    assert_no_secret(agent);
+}
+
+#[test]
+fn egress_to_a_namespace_host_outside_the_allowlist() {
+    let agent = agent();
+    let env = TestEnv::new("live-egress");
+    let ns = NetNs::new(9);
+    let mut server = ns.spawn(&job_step(), &["listen", &format!("{}:7070", ns.ns_ip)]);
+    let mut ready = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(server.stdout.take().unwrap()),
+        &mut ready,
+    )
+    .unwrap();
+    let run = run_id(4);
+    github_job(
+        &env,
+        agent,
+        &run,
+        "acme/app",
+        &format!("\"$JOB_STEP\" connect-tcp {}:7070", ns.ns_ip),
+    );
+    let egress = wait_alert(agent, "unexpected-egress", &format!("{run}/build"), |_| {
+        true
+    });
+    assert_eq!(egress["destination"]["ip"], ns.ns_ip);
+    assert_eq!(egress["destination"]["port"], 7070);
+    let _ = server.wait();
+}
+
+#[test]
+fn a_step_reading_the_runner_worker_environment() {
+    let agent = agent();
+    let env = TestEnv::new("live-memory");
+    let run = run_id(5);
+    // $PPID of the step shell is the Runner.Worker, which holds the job's secrets.
+    github_job(
+        &env,
+        agent,
+        &run,
+        "acme/app",
+        "sh -c 'cat /proc/$PPID/environ > /dev/null'",
+    );
+    let id = format!("{run}/build");
+    let alert = wait_alert(agent, "process-memory-access", &id, |_| true);
+    assert_eq!(alert["severity"], "critical");
+    assert!(
+        alert["target"]["access"]
+            .as_str()
+            .unwrap()
+            .ends_with("/environ"),
+        "{alert}"
+    );
+    assert!(
+        alert["target"]["exe"]
+            .as_str()
+            .unwrap_or("")
+            .ends_with("Runner.Worker"),
+        "the target is named: {alert}"
+    );
+    assert_no_secret(agent);
+}
+
+#[test]
+fn gitlab_shell_job_with_pre_and_post_build_scripts() {
+    let agent = agent();
+    let env = TestEnv::new("live-gitlab");
+    // A secret socket the policy knows (**/.docker/run/docker.sock), served by the test.
+    let sock_dir = env.home.join(".docker/run");
+    std::fs::create_dir_all(&sock_dir).unwrap();
+    let sock = sock_dir.join("docker.sock");
+    let _listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    let job_id = run_id(6);
+    let hooks = repo_root().join("hooks/gitlab");
+    let script = format!(
+        ". {pre}\n\"$JOB_STEP\" connect-unix {sock}\n. {post}\n",
+        pre = hooks.join("pre-build.sh").display(),
+        post = hooks.join("post-build.sh").display(),
+        sock = sock.display()
+    );
+    let out = Command::new("bash")
+        .arg("-c")
+        .arg(script)
+        .env("HOME", &env.home)
+        .env("PATH", format!("{}:/usr/bin:/bin", target_dir().display()))
+        .env("RUNNER_MONITOR_SOCKET", &agent.socket)
+        .env("JOB_STEP", job_step())
+        .env("CI_JOB_ID", &job_id)
+        .env("CI_PROJECT_PATH", "group/project")
+        .env("CI_JOB_NAME", "test")
+        .env("CI_PIPELINE_ID", "77")
+        .env("CI_JOB_TOKEN", CANARY)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success() && out.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let alert = wait_alert(agent, "secret-socket-access", &job_id, |_| true);
+    assert_eq!(alert["job"]["platform"], "gitlab");
+    assert_eq!(alert["job"]["repository"], "group/project");
+    assert_eq!(alert["socket"]["kind"], "docker");
+    assert_no_secret(agent);
+}
+
+#[test]
+fn control_socket_refuses_to_end_a_job_that_does_not_exist_and_malformed_input() {
+    let agent = agent();
+    let out = Command::new(target_dir().join("runner-monitor"))
+        .args(["job", "end", "--id", "no-such-job"])
+        .env("RUNNER_MONITOR_SOCKET", &agent.socket)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no job"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = Command::new(target_dir().join("runner-monitor"))
+        .args(["job", "start", "--id", "x", "--pid", "999999999"])
+        .env("RUNNER_MONITOR_SOCKET", &agent.socket)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no such process"));
+}
