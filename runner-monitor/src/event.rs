@@ -114,6 +114,12 @@ pub enum EventDetail {
     JobEnd,
     /// From the agent: the sensor lost events or a probe is not attached.
     SensorStatus(SensorStatus),
+    /// From the agent: the keyed hash of a credential the job wrote (hashed when the writer
+    /// exited, so the content is complete).
+    CredentialFingerprint {
+        path: String,
+        fingerprint: String,
+    },
 }
 
 /// What is known about a job, from its hooks or its processes' environment.
@@ -140,6 +146,9 @@ pub struct JobInfo {
     pub git_ref: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub event: Option<String>,
+    /// The runner's tag for the job's processes (GitHub: `RUNNER_TRACKING_ID`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tracking_id: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -173,6 +182,7 @@ impl EventDetail {
             EventDetail::JobStart(_) => "job_start",
             EventDetail::JobEnd => "job_end",
             EventDetail::SensorStatus(_) => "sensor_status",
+            EventDetail::CredentialFingerprint { .. } => "credential_fingerprint",
         }
     }
 }
@@ -206,6 +216,9 @@ pub struct FileAccess {
     /// For `/proc/<pid>/{mem,environ,maps}`: whose memory.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target_pid: Option<u32>,
+    /// Keyed hash of the credential's content (when fingerprints are on), added by the agent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fingerprint: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

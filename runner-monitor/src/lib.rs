@@ -5,6 +5,7 @@
 
 pub mod bounded;
 pub mod engine;
+pub mod enrich;
 pub mod event;
 pub mod job;
 pub mod output;

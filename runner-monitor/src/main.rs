@@ -7,6 +7,7 @@ use std::{
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
 use runner_monitor::{
+    enrich::{self, Fingerprinter},
     event::{Event, EventDetail, JobInfo, SensorStatus},
     job::{
         JobDirectory, agent_event,
@@ -131,6 +132,10 @@ struct RunArgs {
     /// The user the runner (and its hooks) run as; admitted on the control socket besides root.
     #[arg(long, value_name = "NAME")]
     runner_user: Option<String>,
+    /// Secret key file (at least 32 bytes, mode 0600) for credential fingerprints: keyed hashes
+    /// of credential contents that recognise a token copied to another path or host.
+    #[arg(long, value_name = "FILE")]
+    fingerprint_key: Option<PathBuf>,
     /// Seconds between status lines in the log (events sent, lost).
     #[arg(long, value_name = "SECONDS", default_value_t = 30)]
     status_interval: u64,
@@ -300,17 +305,25 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         Some(clock),
     )
     .context("opening the event and alert outputs")?;
-    if !detached.is_empty() {
-        pipeline.event(&agent_event(
-            EventDetail::SensorStatus(SensorStatus {
-                lost_events: 0,
-                detached_probes: detached,
-            }),
-            None,
-            0,
-        ))?;
-    }
     let mut directory = JobDirectory::default();
+    if !detached.is_empty() {
+        feed(
+            &mut pipeline,
+            &directory,
+            &agent_event(
+                EventDetail::SensorStatus(SensorStatus {
+                    lost_events: 0,
+                    detached_probes: detached,
+                }),
+                None,
+                0,
+            ),
+        )?;
+    }
+    let mut fingerprints = match &args.fingerprint_key {
+        Some(path) => Some(Fingerprinter::load(path)?),
+        None => None,
+    };
     for pid in args.job_pids {
         let key = sensor
             .register_job(pid)
@@ -322,7 +335,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             ..JobInfo::default()
         };
         directory.set_explicit(key, &info.id);
-        pipeline.event(&job_start_event(key, pid, info))?;
+        feed(&mut pipeline, &directory, &job_start_event(key, pid, info))?;
     }
     let runner = match &args.runner_user {
         Some(name) => Some(
@@ -363,10 +376,17 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     loop {
         tokio::select! {
             event = rx.recv() => {
-                let Some(event) = event else { break };
-                pipeline.event(&event)?;
+                let Some(mut event) = event else { break };
+                let extra = match &mut fingerprints {
+                    Some(f) => f.process(&mut event, &policy),
+                    None => Vec::new(),
+                };
+                feed(&mut pipeline, &directory, &event)?;
                 if let Some(start) = directory.discover(&event, &policy.job_identity) {
-                    pipeline.event(&start)?;
+                    feed(&mut pipeline, &directory, &start)?;
+                }
+                for e in &extra {
+                    feed(&mut pipeline, &directory, e)?;
                 }
                 // Flush when the queue is empty, so a quiet stream is never held back.
                 if rx.is_empty() {
@@ -379,14 +399,18 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                 let _ = reply.send(response);
             }
             _ = second.tick() => {
-                pipeline.advance(monotonic_ns())?;
+                let mut findings = pipeline.tick(monotonic_ns());
+                for f in &mut findings {
+                    enrich::survivor_tracking_id(f, &directory);
+                }
+                pipeline.alert_all(&findings)?;
             }
             _ = status_tick.tick() => {
                 let kernel = sensor.counters()?;
                 let lost = kernel.total_lost();
                 if lost > last_lost {
                     tracing::warn!(lost = lost - last_lost, "sensor degraded: events lost in the kernel");
-                    pipeline.event(&agent_event(EventDetail::SensorStatus(SensorStatus {
+                    feed(&mut pipeline, &directory, &agent_event(EventDetail::SensorStatus(SensorStatus {
                         lost_events: lost - last_lost,
                         detached_probes: Vec::new(),
                     }), None, 0))?;
@@ -401,7 +425,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     // The reader drains the ring buffer, then closes the channel.
     let _ = stop_reader.send(());
     while let Some(event) = rx.recv().await {
-        pipeline.event(&event)?;
+        feed(&mut pipeline, &directory, &event)?;
     }
     match reader.await {
         Ok(Ok(())) => {}
@@ -415,6 +439,16 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         pipeline.stats()
     );
     Ok(())
+}
+
+/// Runs one event through the engine and writes the findings, with what only the live agent can
+/// add (a survivor's tracking id).
+fn feed(pipeline: &mut Pipeline, directory: &JobDirectory, event: &Event) -> std::io::Result<()> {
+    let mut findings = pipeline.handle(event)?;
+    for f in &mut findings {
+        enrich::survivor_tracking_id(f, directory);
+    }
+    pipeline.alert_all(&findings)
 }
 
 /// Carries out a control-socket request. A process inside a job speaks only for its own job.
@@ -467,7 +501,7 @@ fn control_request(
             };
             directory.set_explicit(key, &info.id);
             tracing::info!(job = %key, id = %info.id, pid, peer = peer.pid, "job started (control socket)");
-            pipeline.event(&job_start_event(key, pid, *info))?;
+            feed(pipeline, directory, &job_start_event(key, pid, *info))?;
             Response::ok(key.to_string())
         }
         Request::JobEnd { id } => {
@@ -480,7 +514,11 @@ fn control_request(
             if let Err(e) = sensor.end_job(key) {
                 return Ok(Response::error(e.to_string()));
             }
-            pipeline.event(&agent_event(EventDetail::JobEnd, Some(key), peer.pid))?;
+            feed(
+                pipeline,
+                directory,
+                &agent_event(EventDetail::JobEnd, Some(key), peer.pid),
+            )?;
             Response::ok(key.to_string())
         }
     })

@@ -3,7 +3,7 @@
 use std::{io::Write, path::Path, sync::Arc};
 
 use crate::{
-    engine::{Engine, EngineStats},
+    engine::{Engine, EngineStats, Finding},
     event::Event,
     output::alerts::{AlertWriter, WallClock},
     policy::Policy,
@@ -44,27 +44,40 @@ impl Pipeline {
         })
     }
 
-    /// Records the event, runs the engine on it, writes what it finds. Returns the number of
-    /// findings.
-    pub fn event(&mut self, event: &Event) -> std::io::Result<usize> {
+    /// Records the event and runs the engine on it; returns what it found, for the caller to
+    /// add to (live enrichment) and `alert`.
+    pub fn handle(&mut self, event: &Event) -> std::io::Result<Vec<Finding>> {
         if let Some(out) = &mut self.events {
             serde_json::to_writer(&mut *out, event)?;
             out.write_all(b"\n")?;
         }
-        let findings = self.engine.handle(event);
-        for f in &findings {
-            self.alerts.write(f)?;
-        }
+        Ok(self.engine.handle(event))
+    }
+
+    /// `handle`, then writes the findings as they are.
+    pub fn event(&mut self, event: &Event) -> std::io::Result<usize> {
+        let findings = self.handle(event)?;
+        self.alert_all(&findings)?;
         Ok(findings.len())
     }
 
     /// Moves the engine's time (timers such as survivors' grace periods).
+    pub fn tick(&mut self, now_ns: u64) -> Vec<Finding> {
+        self.engine.advance(now_ns)
+    }
+
+    /// `tick`, then writes the findings as they are.
     pub fn advance(&mut self, now_ns: u64) -> std::io::Result<usize> {
-        let findings = self.engine.advance(now_ns);
-        for f in &findings {
+        let findings = self.tick(now_ns);
+        self.alert_all(&findings)?;
+        Ok(findings.len())
+    }
+
+    pub fn alert_all(&mut self, findings: &[Finding]) -> std::io::Result<()> {
+        for f in findings {
             self.alerts.write(f)?;
         }
-        Ok(findings.len())
+        Ok(())
     }
 
     pub fn flush(&mut self) -> std::io::Result<()> {

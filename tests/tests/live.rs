@@ -51,6 +51,10 @@ fn agent() -> &'static Agent {
         )
         .unwrap();
         let socket = dir.join("control.sock");
+        let key = dir.join("fingerprint.key");
+        std::fs::write(&key, [0x5a; 32]).unwrap();
+        std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .unwrap();
         let log = std::fs::File::create(dir.join("agent.log")).unwrap();
         let mut command = Command::new(&binary);
         command
@@ -62,6 +66,8 @@ fn agent() -> &'static Agent {
             .arg(dir.join("events.jsonl"))
             .arg("--control-socket")
             .arg(&socket)
+            .arg("--fingerprint-key")
+            .arg(&key)
             .stdout(Stdio::null())
             .stderr(log);
         // SAFETY: prctl in the forked child before exec, async-signal-safe.
@@ -158,6 +164,8 @@ fn github_job(env: &TestEnv, agent: &Agent, run_id: &str, repository: &str, step
         .env("GITHUB_WORKFLOW", "CI")
         .env("RUNNER_NAME", "runner-test")
         .env("GITHUB_TOKEN", CANARY)
+        .env("TOKEN", CANARY)
+        .env("RUNNER_TRACKING_ID", format!("github_{run_id}"))
         .output()
         .unwrap();
     assert!(
@@ -381,4 +389,87 @@ fn control_socket_refuses_to_end_a_job_that_does_not_exist_and_malformed_input()
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("no such process"));
+}
+
+#[test]
+fn a_token_copied_outside_any_job_is_recognised_by_its_fingerprint() {
+    let agent = agent();
+    let env = TestEnv::new("live-fingerprint");
+    let (first, second) = (run_id(7), run_id(8));
+    // The writer is a child that exits: the agent hashes what it wrote.
+    github_job(
+        &env,
+        agent,
+        &first,
+        "acme/release",
+        "sh -c 'printf %s \"$TOKEN\" > \"$HOME/.npmrc\"'",
+    );
+    wait_alert(
+        agent,
+        "credential-left-behind",
+        &format!("{first}/build"),
+        |_| true,
+    );
+    // Copied by someone outside any job, to a path no job wrote.
+    let loot = env.dir.join("loot");
+    std::fs::create_dir_all(&loot).unwrap();
+    std::fs::copy(env.home.join(".npmrc"), loot.join(".npmrc")).unwrap();
+    github_job(
+        &env,
+        agent,
+        &second,
+        "someone/fork",
+        &format!("cat {}/.npmrc > /dev/null", loot.display()),
+    );
+    let reuse = wait_alert(
+        agent,
+        "cross-job-credential-reuse",
+        &format!("{second}/build"),
+        |_| true,
+    );
+    assert_eq!(
+        reuse["credential"]["path"],
+        format!("{}/.npmrc", loot.display())
+    );
+    assert!(
+        reuse["credential"]["fingerprint"]
+            .as_str()
+            .unwrap()
+            .starts_with("hmac-sha256:"),
+        "{reuse}"
+    );
+    assert_eq!(reuse["origin_job"]["repository"], "acme/release");
+    assert_no_secret(agent);
+}
+
+#[test]
+fn a_survivor_that_changed_runner_tracking_id_is_named_so() {
+    let agent = agent();
+    let env = TestEnv::new("live-tracking");
+    let run = run_id(9);
+    github_job(
+        &env,
+        agent,
+        &run,
+        "acme/app",
+        "(setsid env RUNNER_TRACKING_ID=0 sh -c 'sleep 5' &)",
+    );
+    let survivor = wait_alert(
+        agent,
+        "process-survived-job",
+        &format!("{run}/build"),
+        |a| {
+            a["escape"]
+                .as_array()
+                .is_some_and(|e| e.iter().any(|v| v == "RUNNER_TRACKING_ID changed"))
+        },
+    );
+    assert!(
+        survivor["summary"]
+            .as_str()
+            .unwrap()
+            .contains("RUNNER_TRACKING_ID"),
+        "{survivor}"
+    );
+    assert_no_secret(agent);
 }

@@ -301,6 +301,7 @@ fn file_open(engine: &mut Engine, event: &Event, f: &FileAccess, out: &mut Vec<F
     let credential = CredentialRef {
         path: f.path.clone(),
         kind: kind_name.clone(),
+        fingerprint: f.fingerprint.clone(),
     };
     let verb = if f.write {
         "wrote"
@@ -338,43 +339,20 @@ fn file_open(engine: &mut Engine, event: &Event, f: &FileAccess, out: &mut Vec<F
     }
     if f.write {
         materialise(engine, job_key, &f.path, &kind_name);
-    } else if let Some(LedgerEntry {
-        materialised_by: Some(origin),
-    }) = engine.ledger.get(&f.path).cloned()
-        && origin != job_key
-    {
-        let origin_job = engine
-            .jobs
-            .get(&origin)
-            .map(|j| finding_job(j, j.ended_ns.is_some()));
-        let this_repo = engine
-            .jobs
-            .get(&job_key)
-            .and_then(|j| j.info.repository.clone());
-        let origin_repo = origin_job.as_ref().and_then(|j| j.repository.clone());
-        let other_repo = this_repo != origin_repo;
-        let mut finding = engine.raise(
-            RuleId::CrossJobCredentialReuse,
-            event,
-            format!(
-                "read {kind_name} credential {} that {} wrote{}",
-                f.path,
-                origin_job
-                    .as_ref()
-                    .map_or_else(|| format!("job {origin}"), job_label),
-                if other_repo {
-                    " (another repository)"
-                } else {
-                    ""
-                }
-            ),
-        );
-        if other_repo {
-            finding.severity = crate::rule::Severity::Critical;
+    } else {
+        // Who wrote this credential: by path, or by content (fingerprint) when it was copied.
+        let by_path = engine.ledger.get(&f.path).and_then(|e| e.materialised_by);
+        let by_content = f
+            .fingerprint
+            .as_ref()
+            .and_then(|fp| engine.fingerprints.get(fp).copied());
+        let origin = by_path
+            .filter(|o| *o != job_key)
+            .or(by_content.filter(|o| *o != job_key));
+        if let Some(origin) = origin {
+            let copied = by_path != Some(origin);
+            out.push(reuse(engine, event, job_key, origin, &credential, copied));
         }
-        finding.credential = Some(credential.clone());
-        finding.origin_job = origin_job;
-        out.push(finding);
     }
 
     // Harvesting: many kinds in one job, or in one process; each reported once.
@@ -414,6 +392,55 @@ fn file_open(engine: &mut Engine, event: &Event, f: &FileAccess, out: &mut Vec<F
         finding.credential = Some(credential);
         out.push(finding);
     }
+}
+
+/// A credential of job `origin` used by `job`: critical across repositories.
+fn reuse(
+    engine: &Engine,
+    event: &Event,
+    job: JobKey,
+    origin: JobKey,
+    credential: &CredentialRef,
+    copied: bool,
+) -> Finding {
+    let origin_job = engine
+        .jobs
+        .get(&origin)
+        .map(|j| finding_job(j, j.ended_ns.is_some()));
+    let this_repo = engine
+        .jobs
+        .get(&job)
+        .and_then(|j| j.info.repository.clone());
+    let origin_repo = origin_job.as_ref().and_then(|j| j.repository.clone());
+    let other_repo = this_repo != origin_repo;
+    let mut finding = engine.raise(
+        RuleId::CrossJobCredentialReuse,
+        event,
+        format!(
+            "read {} credential {} that {} wrote{}{}",
+            credential.kind,
+            credential.path,
+            origin_job
+                .as_ref()
+                .map_or_else(|| format!("job {origin}"), job_label),
+            if copied {
+                " (same content, another path)"
+            } else {
+                ""
+            },
+            if other_repo {
+                " (another repository)"
+            } else {
+                ""
+            }
+        ),
+    );
+    if other_repo {
+        finding.severity = crate::rule::Severity::Critical;
+    }
+    finding.credential = Some(credential.clone());
+    finding.origin_job = origin_job;
+    finding
 }
 
 fn materialise(engine: &mut Engine, job: JobKey, path: &str, kind: &str) {
@@ -603,6 +630,7 @@ pub(super) fn job_ended(engine: &mut Engine, job: &Job, time_ns: u64, out: &mut 
             credential: Some(CredentialRef {
                 path: path.clone(),
                 kind: kind.clone(),
+                fingerprint: None,
             }),
             destination: None,
             socket: None,

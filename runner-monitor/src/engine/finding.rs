@@ -58,6 +58,10 @@ pub struct FindingProcess {
 pub struct CredentialRef {
     pub path: String,
     pub kind: String,
+    /// Keyed hash of the content (when fingerprints are on): the same token under another path
+    /// or on another host has the same fingerprint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fingerprint: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

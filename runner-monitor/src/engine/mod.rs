@@ -81,6 +81,8 @@ pub struct Engine {
     exited: BoundedMap<u32, Process>,
     jobs: BoundedMap<JobKey, Job>,
     ledger: BoundedMap<String, LedgerEntry>,
+    /// credential fingerprint -> the job that wrote it (when fingerprints are on).
+    fingerprints: BoundedMap<String, JobKey>,
     /// (job, address) -> names the job resolved to that address.
     dns: BoundedMap<(JobKey, IpAddr), Vec<String>>,
     /// dedup key -> (first time, repeats).
@@ -96,6 +98,7 @@ impl Engine {
             exited: BoundedMap::new(4096),
             jobs: BoundedMap::new(policy.max_jobs),
             ledger: BoundedMap::new(policy.max_credentials),
+            fingerprints: BoundedMap::new(policy.max_credentials),
             dns: BoundedMap::new(policy.max_dns_addresses),
             dedup: BoundedMap::new(policy.max_credentials * 4),
             policy,
@@ -267,6 +270,11 @@ impl Engine {
                     {
                         j.root_pid = pid;
                     }
+                }
+            }
+            EventDetail::CredentialFingerprint { fingerprint, .. } => {
+                if let Some(key) = job {
+                    self.fingerprints.insert(fingerprint.clone(), key);
                 }
             }
             EventDetail::JobEnd => {

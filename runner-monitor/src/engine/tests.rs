@@ -132,6 +132,7 @@ impl Trace {
                 result: 3,
                 matched: vec!["basename".into()],
                 target_pid: None,
+                fingerprint: None,
             }),
         );
     }
@@ -308,6 +309,7 @@ fn a_credential_removed_before_the_end_is_not_left_behind() {
             result: 0,
             matched: vec![],
             target_pid: None,
+            fingerprint: None,
         }),
     );
     t.end(4, 1, 100);
@@ -336,6 +338,7 @@ fn memory_dump_of_the_runner_then_unknown_egress() {
             result: 5,
             matched: vec!["proc_memory".into()],
             target_pid: Some(100),
+            fingerprint: None,
         }),
     );
     t.feed(
@@ -570,4 +573,56 @@ fn tables_are_bounded_and_evictions_counted() {
     }
     assert!(t.engine.tracked_processes() <= 100);
     assert!(t.engine.stats().evicted_processes >= 900);
+}
+
+#[test]
+fn a_token_copied_to_another_path_is_recognised_by_its_fingerprint() {
+    let mut t = Trace::new();
+    t.start(1, 1, 100, "acme/release");
+    t.open(2, 1, 101, "/home/ci/.npmrc", true);
+    // The writer exited; the agent hashed what it wrote.
+    t.feed(
+        3,
+        1,
+        101,
+        100,
+        "npm",
+        EventDetail::CredentialFingerprint {
+            path: "/home/ci/.npmrc".into(),
+            fingerprint: "hmac-sha256:aa".into(),
+        },
+    );
+    t.end(4, 1, 100);
+    t.findings.clear();
+    t.start(10, 2, 200, "evil/fork");
+    t.feed(
+        11,
+        2,
+        200,
+        1,
+        "cat",
+        EventDetail::FileOpen(FileAccess {
+            path: "/tmp/loot/.npmrc".into(),
+            raw_path: "/tmp/loot/.npmrc".into(),
+            resolved: true,
+            new_path: None,
+            flags: 0,
+            write: false,
+            result: 3,
+            matched: vec!["basename".into()],
+            target_pid: None,
+            fingerprint: Some("hmac-sha256:aa".into()),
+        }),
+    );
+    let f = t.only(RuleId::CrossJobCredentialReuse);
+    assert_eq!(f.severity, Severity::Critical);
+    assert_eq!(
+        f.credential.as_ref().unwrap().fingerprint.as_deref(),
+        Some("hmac-sha256:aa")
+    );
+    assert!(
+        f.summary.contains("same content, another path"),
+        "{}",
+        f.summary
+    );
 }

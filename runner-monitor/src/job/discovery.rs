@@ -9,7 +9,7 @@ use crate::{event::JobInfo, policy::JobIdentity};
 const MAX_VALUE: usize = 256;
 
 /// The value of `name` in a NUL-separated environment block.
-fn var<'a>(environ: &'a [u8], name: &str) -> Option<&'a [u8]> {
+pub fn var<'a>(environ: &'a [u8], name: &str) -> Option<&'a [u8]> {
     environ.split(|b| *b == 0).find_map(|entry| {
         let rest = entry.strip_prefix(name.as_bytes())?;
         rest.strip_prefix(b"=")
@@ -46,6 +46,7 @@ pub fn identify(environ: &[u8], identities: &[JobIdentity]) -> Option<JobInfo> {
         actor: get(&identity.actor),
         git_ref: get(&identity.git_ref),
         event: get(&identity.event),
+        tracking_id: get(&identity.tracking_id),
     })
 }
 
@@ -65,7 +66,7 @@ mod tests {
     fn github_step_environment_identifies_the_job_and_nothing_else_is_kept() {
         let env = b"PATH=/usr/bin\0GITHUB_TOKEN=ghs_rmcanarySECRET\0GITHUB_RUN_ID=9001\0GITHUB_JOB=build\0\
 GITHUB_REPOSITORY=acme/app\0GITHUB_WORKFLOW=CI\0RUNNER_NAME=runner-7\0GITHUB_RUN_ATTEMPT=2\0\
-GITHUB_ACTOR=octocat\0GITHUB_REF=refs/heads/main\0GITHUB_EVENT_NAME=push\0";
+GITHUB_ACTOR=octocat\0GITHUB_REF=refs/heads/main\0GITHUB_EVENT_NAME=push\0RUNNER_TRACKING_ID=github_1f2e\0";
         let info = identify(env, &Policy::builtin().job_identity).unwrap();
         assert_eq!(info.id, "9001/build");
         assert_eq!(info.platform.as_deref(), Some("github"));
@@ -77,6 +78,7 @@ GITHUB_ACTOR=octocat\0GITHUB_REF=refs/heads/main\0GITHUB_EVENT_NAME=push\0";
         assert_eq!(info.actor.as_deref(), Some("octocat"));
         assert_eq!(info.git_ref.as_deref(), Some("refs/heads/main"));
         assert_eq!(info.event.as_deref(), Some("push"));
+        assert_eq!(info.tracking_id.as_deref(), Some("github_1f2e"));
         let json = serde_json::to_string(&info).unwrap();
         assert!(!json.contains("rmcanary"), "{json}");
     }

@@ -25,8 +25,11 @@ pub struct JobDirectory {
 #[derive(Clone, Debug)]
 struct Known {
     id: Option<String>,
+    tracking_id: Option<String>,
     /// Set by a hook or the control socket: discovery does not override it.
     explicit: bool,
+    /// Discovery found the environment (it runs once more for explicit jobs, for the tracking id).
+    discovered: bool,
     attempts: u32,
 }
 
@@ -79,6 +82,11 @@ impl JobDirectory {
         self.known.get(&key).and_then(|k| k.id.clone())
     }
 
+    /// The runner's tracking id of the job's processes, when discovery found one.
+    pub fn tracking_id_of(&self, key: JobKey) -> Option<String> {
+        self.known.get(&key).and_then(|k| k.tracking_id.clone())
+    }
+
     /// Records an identity given by a hook or the control socket.
     pub fn set_explicit(&mut self, key: JobKey, id: &str) {
         self.by_id.insert(id.to_owned(), key);
@@ -86,7 +94,9 @@ impl JobDirectory {
             key,
             Known {
                 id: Some(id.to_owned()),
+                tracking_id: self.known.get(&key).and_then(|k| k.tracking_id.clone()),
                 explicit: true,
+                discovered: self.known.get(&key).is_some_and(|k| k.discovered),
                 attempts: 0,
             },
         );
@@ -101,14 +111,22 @@ impl JobDirectory {
         }
         let known = self.known.get_or_insert_with(job.key, || Known {
             id: None,
+            tracking_id: None,
             explicit: false,
+            discovered: false,
             attempts: 0,
         });
-        if known.explicit || known.id.is_some() || known.attempts >= DISCOVERY_ATTEMPTS {
+        if known.discovered || known.attempts >= DISCOVERY_ATTEMPTS {
             return None;
         }
         known.attempts += 1;
         let info = discovery::identify_process(event.process.pid, identities)?;
+        known.discovered = true;
+        known.tracking_id = info.tracking_id.clone();
+        if known.explicit {
+            // A hook named the job already; discovery only adds the tracking id.
+            return None;
+        }
         if let Some(other) = self.by_id.get(&info.id).copied()
             && other != job.key
         {

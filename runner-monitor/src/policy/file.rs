@@ -150,4 +150,5 @@ pub struct JobIdentity {
     pub actor: Option<String>,
     pub git_ref: Option<String>,
     pub event: Option<String>,
+    pub tracking_id: Option<String>,
 }

@@ -242,6 +242,7 @@ impl Decoder {
             result: e.result,
             matched,
             target_pid: (e.matched & MATCH_PROC_MEMORY != 0).then_some(e.target_pid),
+            fingerprint: None,
         }
     }
 }
