@@ -346,6 +346,9 @@ pub const NAME_KIND_BASENAME: u32 = 1;
 pub const NAME_KIND_DIRNAME: u32 = 2;
 pub const NAME_KIND_PREFIX: u32 = 3;
 pub const NAME_KIND_JOB_ROOT_EXE: u32 = 4;
+/// A process with this comm that is in no job starts a new job for each child it forks (GitLab
+/// Runner's shell executor: one child shell per stage).
+pub const NAME_KIND_JOB_PARENT_COMM: u32 = 5;
 
 impl NameKey {
     /// Builds a key; `None` when the name does not fit.

@@ -127,6 +127,38 @@ pub fn key_of(kind: u32, path: &[u8; PATH_LEN], start: usize, end: usize) -> Opt
     }
 }
 
+/// A name key from a task's comm (NUL-padded, at most 15 bytes).
+#[inline(always)]
+pub fn comm_key(kind: u32, comm: &[u8; 16]) -> NameKey {
+    let mut len = 0u64;
+    for c in comm.iter() {
+        if *c == 0 {
+            break;
+        }
+        len += 1;
+    }
+    let mut key = core::mem::MaybeUninit::<NameKey>::uninit();
+    let p = key.as_mut_ptr().cast::<u64>();
+    // VERIFIER: word-by-word volatile zeroing (see key_of); the comm's padding is already zero.
+    // SAFETY: NameKey is 8-aligned and a whole number of u64 words.
+    unsafe {
+        core::ptr::write_volatile(p, (kind as u64) | (len << 32));
+        for w in 1..core::mem::size_of::<NameKey>() / 8 {
+            core::ptr::write_volatile(p.add(w), 0);
+        }
+        let words = comm.as_ptr().cast::<[u8; 8]>();
+        core::ptr::write_volatile(
+            p.add(1),
+            u64::from_ne_bytes(core::ptr::read_unaligned(words)),
+        );
+        core::ptr::write_volatile(
+            p.add(2),
+            u64::from_ne_bytes(core::ptr::read_unaligned(words.add(1))),
+        );
+        key.assume_init()
+    }
+}
+
 #[inline(always)]
 fn in_names(key: &NameKey) -> bool {
     NAMES.get_ptr(key).is_some()

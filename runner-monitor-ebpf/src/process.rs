@@ -8,7 +8,7 @@
 use aya_ebpf::{
     EbpfContext,
     helpers::{
-        bpf_get_current_pid_tgid, bpf_probe_read_user,
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_probe_read_user,
         generated::{bpf_get_smp_processor_id, bpf_probe_read_kernel_str, bpf_probe_read_user_str},
     },
     macros::{map, tracepoint},
@@ -17,8 +17,8 @@ use aya_ebpf::{
 };
 use runner_monitor_common::{
     ARG_LEN, ARGV_LEN, ARGV_MAX_ARGS, ChdirEvent, EXIT_CODE_KNOWN, EventKind, ExecEvent, ExitEvent,
-    ForkEvent, HEADER_TRUNCATED, JOB_ENDED, JobState, NAME_KIND_JOB_ROOT_EXE, PATH_LEN,
-    PROCESS_JOB_ROOT, ProcessJob, counter,
+    ForkEvent, HEADER_TRUNCATED, JOB_ENDED, JobState, NAME_KIND_JOB_PARENT_COMM,
+    NAME_KIND_JOB_ROOT_EXE, PATH_LEN, PROCESS_JOB_ROOT, ProcessJob, counter,
 };
 
 use aya_log_ebpf::warn;
@@ -29,7 +29,7 @@ use crate::{
         submit_copy, submitted,
     },
     files::read_user_path,
-    names::{NAMES, key_of, split},
+    names::{NAMES, comm_key, key_of, split},
 };
 
 /// An exec event being built, with room behind `argv` so that an argument read at any offset
@@ -71,14 +71,15 @@ fn arg<T: Default>(ctx: &TracePointContext, offset: usize) -> T {
 // Runs in the parent, before the child can run.
 #[tracepoint]
 pub fn task_newtask(ctx: TracePointContext) -> u32 {
-    let Some(parent) = current_process() else {
-        return 0;
-    };
     let clone_flags: u64 = arg(&ctx, 32);
     if clone_flags & CLONE_THREAD != 0 {
         // Threads share the process's entry (lookups are by tgid).
         return 0;
     }
+    let Some(parent) = current_process() else {
+        job_parent_fork(&ctx);
+        return 0;
+    };
     let child: i32 = arg(&ctx, 8);
     let child = child as u32;
     let entry = ProcessJob {
@@ -103,6 +104,48 @@ pub fn task_newtask(ctx: TracePointContext) -> u32 {
         submitted(EventKind::Fork);
     }
     0
+}
+
+/// Set at load when some job-parent names are configured: otherwise forks outside jobs cost one
+/// branch.
+#[unsafe(no_mangle)]
+static JOB_PARENTS: u32 = 0;
+
+/// A fork by a job parent (outside any job): the child is the root of a new job.
+#[inline(always)]
+fn job_parent_fork(ctx: &TracePointContext) {
+    // SAFETY: read of a global the loader fills in.
+    if unsafe { core::ptr::read_volatile(&JOB_PARENTS) } == 0 {
+        return;
+    }
+    let Ok(comm) = bpf_get_current_comm() else {
+        return;
+    };
+    let key = comm_key(NAME_KIND_JOB_PARENT_COMM, &comm);
+    if NAMES.get_ptr(key).is_none() {
+        return;
+    }
+    let child: i32 = arg(ctx, 8);
+    let child = child as u32;
+    let job = new_job_key();
+    let state = JobState {
+        root_tgid: child,
+        flags: 0,
+        started_ns: now_ns(),
+        ended_ns: 0,
+    };
+    if JOBS.insert(job, state, 0).is_err() {
+        count(counter::JOB_MAP_FULL);
+        return;
+    }
+    let entry = ProcessJob {
+        job,
+        ppid: current_tgid(),
+        flags: PROCESS_JOB_ROOT,
+    };
+    if PROCESSES.insert(child, entry, 0).is_err() {
+        count(counter::PROCESS_MAP_FULL);
+    }
 }
 
 /// Reads up to `ARGV_MAX_ARGS` arguments into `scratch.event.argv`.

@@ -382,7 +382,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                     None => Vec::new(),
                 };
                 feed(&mut pipeline, &directory, &event)?;
-                if let Some(start) = directory.discover(&event, &policy.job_identity) {
+                if let Some(start) = directory.discover(&event, &policy) {
                     feed(&mut pipeline, &directory, &start)?;
                 }
                 for e in &extra {
@@ -395,7 +395,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             }
             Some(command) = commands.recv() => {
                 let control::Command { peer, request, reply } = command;
-                let response = control_request(&mut sensor, &mut directory, &mut pipeline, peer, request)?;
+                let response = control_request(&mut sensor, &mut directory, &mut pipeline, &policy, peer, request)?;
                 let _ = reply.send(response);
             }
             _ = second.tick() => {
@@ -456,28 +456,36 @@ fn control_request(
     sensor: &mut Sensor,
     directory: &mut JobDirectory,
     pipeline: &mut Pipeline,
+    policy: &Policy,
     peer: control::Peer,
     request: Request,
 ) -> anyhow::Result<Response> {
-    let peer_job = sensor.job_of(peer.pid);
+    // Stages of one staged job (GitLab) are that job.
+    let peer_job = sensor.job_of(peer.pid).map(|k| directory.job_of_stage(k));
     Ok(match request {
         Request::JobStart { pid, info } => {
             if info.id.trim().is_empty() {
                 return Ok(Response::error("a job id is required"));
             }
             let id_owner = directory.key_of(&info.id);
+            let staged = policy.has_stages(info.platform.as_deref());
             let key = match sensor.job_of(pid) {
                 Some(key) => {
-                    if peer_job.is_some_and(|p| p != key) {
+                    if peer_job.is_some_and(|p| p != directory.job_of_stage(key)) {
                         return Ok(Response::error(format!(
                             "process {pid} belongs to another job"
                         )));
                     }
-                    if id_owner.is_some_and(|o| o != key) {
-                        return Ok(Response::error(format!(
-                            "job id {:?} is already in use by another job",
-                            info.id
-                        )));
+                    match id_owner {
+                        // Another stage of a staged job (GitLab) names itself.
+                        Some(owner) if staged => directory.add_stage(key, owner),
+                        Some(owner) if owner != key => {
+                            return Ok(Response::error(format!(
+                                "job id {:?} is already in use by another job",
+                                info.id
+                            )));
+                        }
+                        _ => {}
                     }
                     key
                 }
@@ -487,16 +495,20 @@ fn control_request(
                             "a process inside a job cannot start a job for a process outside it",
                         ));
                     }
-                    if id_owner.is_some() {
+                    if id_owner.is_some() && !staged {
                         return Ok(Response::error(format!(
                             "job id {:?} is already in use",
                             info.id
                         )));
                     }
-                    match sensor.register_job(pid) {
+                    let key = match sensor.register_job(pid) {
                         Ok(key) => key,
                         Err(e) => return Ok(Response::error(e.to_string())),
+                    };
+                    if let Some(owner) = id_owner {
+                        directory.add_stage(key, owner);
                     }
+                    key
                 }
             };
             directory.set_explicit(key, &info.id);
@@ -508,7 +520,7 @@ fn control_request(
             let Some(key) = directory.key_of(&id) else {
                 return Ok(Response::error(format!("no job {id:?}")));
             };
-            if peer_job.is_some_and(|p| p != key) {
+            if peer_job.is_some_and(|p| p != directory.job_of_stage(key)) {
                 return Ok(Response::error("a process cannot end another job"));
             }
             if let Err(e) = sensor.end_job(key) {

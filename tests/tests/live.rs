@@ -47,7 +47,8 @@ fn agent() -> &'static Agent {
         std::fs::write(
             &policy,
             runner_monitor::policy::DEFAULT_POLICY
-                .replace("grace_period_seconds = 30", "grace_period_seconds = 2"),
+                .replace("grace_period_seconds = 30", "grace_period_seconds = 2")
+                .replace("stage_gap_seconds = 10", "stage_gap_seconds = 1"),
         )
         .unwrap();
         let socket = dir.join("control.sock");
@@ -470,6 +471,53 @@ fn a_survivor_that_changed_runner_tracking_id_is_named_so() {
             .unwrap()
             .contains("RUNNER_TRACKING_ID"),
         "{survivor}"
+    );
+    assert_no_secret(agent);
+}
+
+#[test]
+fn gitlab_runner_stages_are_found_and_joined_without_hooks() {
+    let agent = agent();
+    let env = TestEnv::new("live-gitlab-stages");
+    // GitLab Runner's shell executor runs each stage as a child shell of `gitlab-runner`.
+    let runner = env.dir.join("gitlab-runner");
+    std::fs::copy("/bin/sh", &runner).unwrap();
+    let job_id = run_id(10);
+    let out = Command::new(&runner)
+        .arg("-c")
+        .arg(concat!(
+            "bash -c 'printf %s \"$TOKEN\" > \"$HOME/.npmrc\"'\n",
+            "bash -c 'cat \"$HOME/.npmrc\" > /dev/null; ",
+            "(setsid sh -c \"sleep 2; cat $HOME/.aws/credentials > /dev/null; sleep 4\" &)'\n",
+        ))
+        .env("HOME", &env.home)
+        .env("TOKEN", CANARY)
+        .env("CI_JOB_ID", &job_id)
+        .env("CI_PROJECT_PATH", "group/staged")
+        .env("CI_JOB_NAME", "build")
+        .env("CI_PIPELINE_ID", "88")
+        .env("CI_JOB_TOKEN", CANARY)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The second stage reading what the first wrote is the same job: no reuse. The job ends
+    // after its last stage: the credential is left behind, the survivor's read is after the end.
+    let after = wait_alert(agent, "credential-after-job-end", &job_id, |_| true);
+    assert_eq!(after["job"]["platform"], "gitlab");
+    assert_eq!(after["job"]["repository"], "group/staged");
+    wait_alert(agent, "credential-left-behind", &job_id, |_| true);
+    wait_alert(agent, "process-survived-job", &job_id, |_| true);
+    let reuse: Vec<Value> = alerts(agent)
+        .into_iter()
+        .filter(|a| a["rule"] == "cross-job-credential-reuse" && a["job"]["id"] == job_id.as_str())
+        .collect();
+    assert!(
+        reuse.is_empty(),
+        "stages of one job are not reuse: {reuse:#?}"
     );
     assert_no_secret(agent);
 }

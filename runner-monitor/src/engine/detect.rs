@@ -650,9 +650,21 @@ pub(super) fn job_ended(engine: &mut Engine, job: &Job, time_ns: u64, out: &mut 
     }
 }
 
-/// Survivors: processes of an ended job still alive after its grace period.
+/// Staged jobs whose last stage ended `stage_gap` ago end; survivors: processes of an ended job
+/// still alive after its grace period.
 pub(super) fn timers(engine: &mut Engine, out: &mut Vec<Finding>) {
     let now = engine.now_ns;
+    let gap = engine.policy.stage_gap_seconds.saturating_mul(NS);
+    let finished: Vec<(JobKey, u64)> = engine
+        .jobs
+        .iter()
+        .filter(|(_, j)| j.ended_ns.is_none())
+        .filter_map(|(k, j)| j.last_stage_exit.map(|t| (*k, t)))
+        .filter(|(_, t)| now >= t.saturating_add(gap))
+        .collect();
+    for (key, ended) in finished {
+        engine.end_job(key, ended, out);
+    }
     let due: Vec<JobKey> = engine
         .jobs
         .iter()

@@ -47,6 +47,11 @@ struct Job {
     ended_ns: Option<u64>,
     /// Survivors were looked for (after the grace period).
     survivors_checked: bool,
+    /// Runs as several process trees (stages) sharing its id (GitLab): ends `stage_gap` after
+    /// its last stage's root exited, unless a stage starts again.
+    staged: bool,
+    /// A stage's root exited at this time; the job ends when no stage follows.
+    last_stage_exit: Option<u64>,
     /// Credentials this job wrote (path -> kind); removed when unlinked or renamed away.
     written: BTreeMap<String, String>,
     kinds: BTreeSet<String>,
@@ -85,6 +90,8 @@ pub struct Engine {
     fingerprints: BoundedMap<String, JobKey>,
     /// (job, address) -> names the job resolved to that address.
     dns: BoundedMap<(JobKey, IpAddr), Vec<String>>,
+    /// Stage job key -> the job it is a stage of.
+    stages: BoundedMap<JobKey, JobKey>,
     /// dedup key -> (first time, repeats).
     dedup: BoundedMap<String, (u64, u64)>,
     now_ns: u64,
@@ -101,6 +108,7 @@ impl Engine {
             fingerprints: BoundedMap::new(policy.max_credentials),
             dns: BoundedMap::new(policy.max_dns_addresses),
             dedup: BoundedMap::new(policy.max_credentials * 4),
+            stages: BoundedMap::new(policy.max_jobs),
             policy,
             now_ns: 0,
             stats: EngineStats::default(),
@@ -139,9 +147,48 @@ impl Engine {
         self.stats.events += 1;
         let mut out = Vec::new();
         self.advance_into(event.time_ns, &mut out);
+        let staged = self.as_stage_of_its_job(event);
+        let event = staged.as_ref().unwrap_or(event);
         self.track(event, &mut out);
         detect::event(self, event, &mut out);
         self.finish(out)
+    }
+
+    /// An event of a stage, as an event of the job it is a stage of; for a staged job, "ended"
+    /// is the engine's view (the kernel ends each stage when its root exits).
+    fn as_stage_of_its_job(&self, event: &Event) -> Option<Event> {
+        let key = event.job.as_ref()?.key;
+        let job_key = self.stages.get(&key).copied().unwrap_or(key);
+        let job = self.jobs.get(&job_key)?;
+        if !job.staged {
+            return None;
+        }
+        let mut e = event.clone();
+        if let Some(j) = &mut e.job {
+            j.key = job_key;
+            j.ended = job.ended_ns.is_some();
+        }
+        Some(e)
+    }
+
+    /// Makes job `stage` a stage of `job`: its processes move over, and the job goes on.
+    fn join_stage(&mut self, stage: JobKey, job: JobKey) {
+        self.stages.insert(stage, job);
+        self.jobs.remove(&stage);
+        let pids: Vec<u32> = self
+            .processes
+            .iter()
+            .filter(|(_, p)| p.job == Some(stage))
+            .map(|(pid, _)| *pid)
+            .collect();
+        for pid in pids {
+            if let Some(p) = self.processes.get_mut(&pid) {
+                p.job = Some(job);
+            }
+        }
+        if let Some(j) = self.jobs.get_mut(&job) {
+            j.last_stage_exit = None;
+        }
     }
 
     /// Moves time forward without an event (the live agent calls this every second).
@@ -256,14 +303,40 @@ impl Engine {
                 if let Some(j) = &event.job
                     && j.root
                 {
-                    self.end_job(j.key, event.time_ns, out);
+                    match self.jobs.get_mut(&j.key) {
+                        // A stage ended; the job waits for the next one (see detect::timers).
+                        Some(job) if job.staged && job.ended_ns.is_none() => {
+                            job.last_stage_exit = Some(event.time_ns);
+                        }
+                        _ => self.end_job(j.key, event.time_ns, out),
+                    }
                 }
             }
             EventDetail::JobStart(info) => {
                 if let Some(key) = job {
+                    let staged = self.policy.has_stages(info.platform.as_deref());
+                    // Another stage of a running job with this id: it joins that job.
+                    let running = self
+                        .jobs
+                        .iter()
+                        .find(|(k, j)| {
+                            **k != key
+                                && j.staged
+                                && j.ended_ns.is_none()
+                                && j.info.id == info.id
+                                && j.info.platform == info.platform
+                        })
+                        .map(|(k, _)| *k);
+                    if staged && let Some(job) = running {
+                        self.join_stage(key, job);
+                        return;
+                    }
                     match self.jobs.get_mut(&key) {
                         Some(existing) => existing.info = info.clone(),
                         None => self.start_job(key, info.clone(), pid),
+                    }
+                    if let Some(j) = self.jobs.get_mut(&key) {
+                        j.staged = staged;
                     }
                     if let Some(j) = self.jobs.get_mut(&key)
                         && j.root_pid == 0
@@ -344,6 +417,8 @@ impl Engine {
                 info,
                 root_pid,
                 ended_ns: None,
+                staged: false,
+                last_stage_exit: None,
                 survivors_checked: false,
                 written: BTreeMap::new(),
                 kinds: BTreeSet::new(),

@@ -34,12 +34,30 @@ impl Trace {
     }
 
     fn feed(&mut self, t: u64, job: u64, pid: u32, ppid: u32, comm: &str, detail: EventDetail) {
+        self.feed_as(t, job, false, pid, ppid, comm, detail);
+    }
+
+    /// `feed`, saying whether the process is its (kernel) job's root.
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "a test helper that reads like the event"
+    )]
+    fn feed_as(
+        &mut self,
+        t: u64,
+        job: u64,
+        root: bool,
+        pid: u32,
+        ppid: u32,
+        comm: &str,
+        detail: EventDetail,
+    ) {
         let event = Event {
             time_ns: t * S,
             job: (job != 0).then(|| JobRef {
                 key: JobKey(job),
                 ended: self.ended.contains(&job),
-                root: false,
+                root,
             }),
             process: ProcessRef {
                 pid,
@@ -625,4 +643,84 @@ fn a_token_copied_to_another_path_is_recognised_by_its_fingerprint() {
         "{}",
         f.summary
     );
+}
+
+#[test]
+fn gitlab_stages_are_one_job_that_ends_after_the_last_stage() {
+    let mut t = Trace::new();
+    let info = JobInfo {
+        id: "4242".into(),
+        platform: Some("gitlab".into()),
+        repository: Some("group/project".into()),
+        ..JobInfo::default()
+    };
+    // Stage 1 (kernel job 1, root 100) writes a credential; its root exits (the kernel marks
+    // kernel job 1 ended).
+    t.feed_as(
+        1,
+        1,
+        true,
+        100,
+        50,
+        "bash",
+        EventDetail::JobStart(info.clone()),
+    );
+    t.fork(1, 1, 100, 101);
+    t.open(2, 1, 101, "/home/gitlab-runner/.npmrc", true);
+    t.feed(
+        2,
+        1,
+        101,
+        100,
+        "npm",
+        EventDetail::Exit { exit_code: Some(0) },
+    );
+    t.feed_as(
+        3,
+        1,
+        true,
+        100,
+        50,
+        "bash",
+        EventDetail::Exit { exit_code: Some(0) },
+    );
+    t.ended.insert(1);
+    // Stage 2 (kernel job 2) starts within the gap, reads it, leaves a process behind.
+    t.feed_as(4, 2, true, 200, 50, "bash", EventDetail::JobStart(info));
+    t.fork(5, 2, 200, 201);
+    t.open(5, 2, 201, "/home/gitlab-runner/.npmrc", false);
+    t.fork(5, 2, 201, 202);
+    t.feed(
+        6,
+        2,
+        201,
+        200,
+        "cat",
+        EventDetail::Exit { exit_code: Some(0) },
+    );
+    t.feed_as(
+        7,
+        2,
+        true,
+        200,
+        50,
+        "bash",
+        EventDetail::Exit { exit_code: Some(0) },
+    );
+    t.ended.insert(2);
+    assert!(
+        t.findings.is_empty(),
+        "stages of one job are not reuse: {:#?}",
+        t.findings
+    );
+    // No stage follows: the job ends at the last stage's end (7 s); what it wrote is left
+    // behind; the leftover process survives it.
+    t.findings.extend(t.engine.advance(20 * S));
+    let left = t.only(RuleId::CredentialLeftBehind);
+    assert_eq!(left.job.as_ref().unwrap().id, "4242");
+    assert_eq!(left.time_ns, 7 * S);
+    t.findings.extend(t.engine.advance(40 * S));
+    let survivor = t.only(RuleId::ProcessSurvivedJob);
+    assert_eq!(survivor.process.as_ref().unwrap().pid, 202);
+    assert_eq!(t.engine.active_jobs(), 0);
 }

@@ -7,7 +7,7 @@ pub mod discovery;
 use crate::{
     bounded::BoundedMap,
     event::{Event, EventDetail, JobInfo, JobKey, JobRef, ProcessRef},
-    policy::JobIdentity,
+    policy::Policy,
     sensor::jobs::monotonic_ns,
 };
 
@@ -20,6 +20,8 @@ pub struct JobDirectory {
     by_id: BoundedMap<String, JobKey>,
     /// key -> identity known (explicitly from a hook, or discovered).
     known: BoundedMap<JobKey, Known>,
+    /// Stage key -> the job (first stage's key) it belongs to, for staged jobs (GitLab).
+    stage_of: BoundedMap<JobKey, JobKey>,
 }
 
 #[derive(Clone, Debug)]
@@ -71,6 +73,7 @@ impl JobDirectory {
         Self {
             by_id: BoundedMap::new(capacity),
             known: BoundedMap::new(capacity),
+            stage_of: BoundedMap::new(capacity),
         }
     }
 
@@ -87,9 +90,24 @@ impl JobDirectory {
         self.known.get(&key).and_then(|k| k.tracking_id.clone())
     }
 
+    /// The job a kernel job key belongs to: itself, or the job it is a stage of.
+    pub fn job_of_stage(&self, key: JobKey) -> JobKey {
+        self.stage_of.get(&key).copied().unwrap_or(key)
+    }
+
+    /// Records that `stage` is a stage of `job`.
+    pub fn add_stage(&mut self, stage: JobKey, job: JobKey) {
+        let job = self.job_of_stage(job);
+        if stage != job {
+            self.stage_of.insert(stage, job);
+        }
+    }
+
     /// Records an identity given by a hook or the control socket.
     pub fn set_explicit(&mut self, key: JobKey, id: &str) {
-        self.by_id.insert(id.to_owned(), key);
+        if !self.by_id.contains_key(&id.to_owned()) {
+            self.by_id.insert(id.to_owned(), key);
+        }
         self.known.insert(
             key,
             Known {
@@ -104,7 +122,7 @@ impl JobDirectory {
 
     /// On an exec of a job process: when the job's identity is not known yet, look at this
     /// process's environment. Returns the `job_start` event to emit when it was found.
-    pub fn discover(&mut self, event: &Event, identities: &[JobIdentity]) -> Option<Event> {
+    pub fn discover(&mut self, event: &Event, policy: &Policy) -> Option<Event> {
         let job = event.job.as_ref()?;
         if !matches!(event.detail, EventDetail::Exec { .. }) {
             return None;
@@ -120,7 +138,7 @@ impl JobDirectory {
             return None;
         }
         known.attempts += 1;
-        let info = discovery::identify_process(event.process.pid, identities)?;
+        let info = discovery::identify_process(event.process.pid, &policy.job_identity)?;
         known.discovered = true;
         known.tracking_id = info.tracking_id.clone();
         if known.explicit {
@@ -129,13 +147,21 @@ impl JobDirectory {
         }
         if let Some(other) = self.by_id.get(&info.id).copied()
             && other != job.key
+            && !policy.has_stages(info.platform.as_deref())
         {
             // Another job already has this id (a job cannot rename itself into another).
             tracing::warn!(id = %info.id, job = %job.key, other = %other, "job id already in use; not taken");
             return None;
         }
         known.id = Some(info.id.clone());
-        self.by_id.insert(info.id.clone(), job.key);
+        // A later stage of a staged job keeps the id pointing at the first stage's key, which
+        // the engine treats as the job.
+        match self.by_id.get(&info.id).copied() {
+            Some(first) => self.add_stage(job.key, first),
+            None => {
+                self.by_id.insert(info.id.clone(), job.key);
+            }
+        }
         tracing::info!(job = %job.key, id = %info.id, repository = ?info.repository, "job identified");
         Some(job_start_event(job.key, event.process.pid, info))
     }

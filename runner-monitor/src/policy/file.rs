@@ -29,6 +29,8 @@ pub struct PolicyFile {
 #[serde(deny_unknown_fields, default)]
 pub struct AgentSection {
     pub job_root_executables: Vec<Spanned<String>>,
+    pub job_parent_executables: Vec<Spanned<String>>,
+    pub stage_gap_seconds: u64,
     pub grace_period_seconds: u64,
     pub dedup_window_seconds: u64,
     pub harvesting_kinds: usize,
@@ -38,6 +40,8 @@ impl Default for AgentSection {
     fn default() -> Self {
         Self {
             job_root_executables: Vec::new(),
+            job_parent_executables: Vec::new(),
+            stage_gap_seconds: 10,
             grace_period_seconds: 30,
             dedup_window_seconds: 600,
             harvesting_kinds: 3,
@@ -151,4 +155,8 @@ pub struct JobIdentity {
     pub git_ref: Option<String>,
     pub event: Option<String>,
     pub tracking_id: Option<String>,
+    /// The job runs as several process trees (GitLab's stages) that share its id: they are one
+    /// job, which ends `stage_gap_seconds` after the last stage unless a hook ends it first.
+    #[serde(default)]
+    pub stages: bool,
 }

@@ -99,6 +99,10 @@ pub struct JobRule {
 #[derive(Debug)]
 pub struct Policy {
     pub job_root_executables: Vec<String>,
+    pub job_parent_executables: Vec<String>,
+    /// A job whose identity has `stages` ends this long after its last stage's root exited,
+    /// unless another stage starts.
+    pub stage_gap_seconds: u64,
     pub job_identity: Vec<JobIdentity>,
     pub grace_period_seconds: u64,
     pub dedup_window_seconds: u64,
@@ -210,6 +214,18 @@ impl Policy {
                 ));
             }
             job_root_executables.push(name.clone());
+        }
+        let mut job_parent_executables = Vec::new();
+        for (i, comm) in f.agent.job_parent_executables.iter().enumerate() {
+            let name = comm.get_ref();
+            if name.is_empty() || name.len() > 15 || name.contains('/') {
+                return Err(err(
+                    &comm.span(),
+                    format!("agent.job_parent_executables[{i}]"),
+                    "a process name (comm) of 1 to 15 bytes without '/'".into(),
+                ));
+            }
+            job_parent_executables.push(name.clone());
         }
         if f.agent.harvesting_kinds < 2 {
             return Err(src.error(0..0, "agent.harvesting_kinds", "must be at least 2"));
@@ -391,6 +407,8 @@ impl Policy {
         }
         Ok(Self {
             job_root_executables,
+            job_parent_executables,
+            stage_gap_seconds: f.agent.stage_gap_seconds,
             job_identity: f.job_identity,
             grace_period_seconds: f.agent.grace_period_seconds,
             dedup_window_seconds: f.agent.dedup_window_seconds,
@@ -437,6 +455,15 @@ impl Policy {
         })
     }
 
+    /// Whether jobs of `platform` run as several process trees (stages) sharing one id.
+    pub fn has_stages(&self, platform: Option<&str>) -> bool {
+        platform.is_some_and(|p| {
+            self.job_identity
+                .iter()
+                .any(|i| i.platform == p && i.stages)
+        })
+    }
+
     /// What the kernel prefilter needs.
     pub fn sensor_policy(&self) -> SensorPolicy {
         SensorPolicy::from_credentials(
@@ -444,6 +471,7 @@ impl Policy {
                 .iter()
                 .flat_map(|c| c.patterns.iter().map(String::as_str)),
             &self.job_root_executables,
+            &self.job_parent_executables,
         )
     }
 }

@@ -14,6 +14,8 @@ pub struct SensorPolicy {
     pub credential_prefixes: Vec<String>,
     /// Executable basenames that start a job when executed (`Runner.Worker`).
     pub job_root_executables: Vec<String>,
+    /// Process names (comm) whose every child outside a job starts a job (`gitlab-runner`).
+    pub job_parent_executables: Vec<String>,
 }
 
 impl Default for SensorPolicy {
@@ -73,12 +75,14 @@ impl SensorPolicy {
     pub fn from_credentials<'a>(
         patterns: impl IntoIterator<Item = &'a str>,
         job_root_executables: &[String],
+        job_parent_executables: &[String],
     ) -> Self {
         let mut p = SensorPolicy {
             credential_basenames: Vec::new(),
             credential_dirnames: Vec::new(),
             credential_prefixes: Vec::new(),
             job_root_executables: job_root_executables.to_vec(),
+            job_parent_executables: job_parent_executables.to_vec(),
         };
         for pattern in patterns {
             let (list, name) = match kernel_name(pattern) {
@@ -135,5 +139,6 @@ mod tests {
         }
         assert_eq!(p.credential_prefixes, ["id_"]);
         assert_eq!(p.job_root_executables, ["Runner.Worker"]);
+        assert_eq!(p.job_parent_executables, ["gitlab-runner"]);
     }
 }

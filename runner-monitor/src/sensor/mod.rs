@@ -17,7 +17,8 @@ use aya::{
 };
 use runner_monitor_common::{
     EVENT_KIND_SLOTS, EventKind, JobState, NAME_KIND_BASENAME, NAME_KIND_DIRNAME,
-    NAME_KIND_JOB_ROOT_EXE, NAME_KIND_PREFIX, NameKey, ProcessJob, counter, map_name,
+    NAME_KIND_JOB_PARENT_COMM, NAME_KIND_JOB_ROOT_EXE, NAME_KIND_PREFIX, NameKey, ProcessJob,
+    counter, map_name,
 };
 
 pub use attach::{ProbeState, ProbeStatus};
@@ -102,6 +103,11 @@ impl Sensor {
         let mut ebpf = EbpfLoader::new()
             .override_global("AGENT_TGID", &agent_tgid, true)
             .override_global("PREFIX_LENGTHS", &prefix_lengths, true)
+            .override_global(
+                "JOB_PARENTS",
+                &(policy.job_parent_executables.len() as u32),
+                true,
+            )
             .load(OBJECT)
             .map_err(SensorError::Load)?;
 
@@ -126,6 +132,7 @@ impl Sensor {
             (NAME_KIND_DIRNAME, &policy.credential_dirnames),
             (NAME_KIND_PREFIX, &policy.credential_prefixes),
             (NAME_KIND_JOB_ROOT_EXE, &policy.job_root_executables),
+            (NAME_KIND_JOB_PARENT_COMM, &policy.job_parent_executables),
         ] {
             for name in list {
                 let fits = kind != NAME_KIND_PREFIX || name.len() <= MAX_PREFIX_LEN;
