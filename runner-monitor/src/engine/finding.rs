@@ -120,6 +120,30 @@ pub struct Finding {
 }
 
 impl Finding {
+    /// A finding of `rule` with its default severity and technique, and nothing attached yet.
+    pub fn new(rule: RuleId, time_ns: u64, summary: String) -> Self {
+        let technique = rule.technique();
+        Self {
+            rule,
+            severity: rule.default_severity(),
+            mitre: Mitre {
+                id: technique.id.to_owned(),
+                name: technique.name.to_owned(),
+            },
+            time_ns,
+            job: None,
+            process: None,
+            credential: None,
+            destination: None,
+            socket: None,
+            target: None,
+            origin_job: None,
+            escape: Vec::new(),
+            kinds: Vec::new(),
+            summary,
+        }
+    }
+
     /// What identifies "the same finding" for deduplication.
     pub fn dedup_key(&self) -> String {
         let object = if let Some(c) = &self.credential {

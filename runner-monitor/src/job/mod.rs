@@ -3,6 +3,7 @@
 
 pub mod control;
 pub mod discovery;
+pub mod requests;
 
 use crate::{
     bounded::BoundedMap,

@@ -1,0 +1,226 @@
+//! Credential files: reads, writes, reuse across jobs, harvesting.
+
+use super::{Engine, LedgerEntry, finding_job, is_ended, job_label};
+use crate::{
+    engine::finding::{CredentialRef, Finding, TargetProcess},
+    event::{Event, EventDetail, FileAccess, JobKey},
+    rule::RuleId,
+};
+
+pub(super) fn file_open(
+    engine: &mut Engine,
+    event: &Event,
+    f: &FileAccess,
+    out: &mut Vec<Finding>,
+) {
+    let Some(job_key) = event.job.as_ref().map(|j| j.key) else {
+        return;
+    };
+    if let Some(target) = f.target_pid {
+        let what = f.path.rsplit('/').next().unwrap_or("mem").to_owned();
+        let verb = if f.result >= 0 {
+            "read"
+        } else {
+            "tried to read"
+        };
+        let mut finding = engine.raise(
+            RuleId::ProcessMemoryAccess,
+            event,
+            format!(
+                "{verb} the {what} of pid {target}{}",
+                engine
+                    .target_exe(target)
+                    .map(|e| format!(" ({e})"))
+                    .unwrap_or_default()
+            ),
+        );
+        finding.target = Some(TargetProcess {
+            pid: target,
+            exe: engine.target_exe(target),
+            access: f.path.clone(),
+        });
+        out.push(finding);
+        return;
+    }
+    let Some(kind) = engine.policy.credential_of(&f.path) else {
+        return;
+    };
+    let (kind_name, runner) = (kind.kind.clone(), kind.runner);
+    let credential = CredentialRef {
+        path: f.path.clone(),
+        kind: kind_name.clone(),
+        fingerprint: f.fingerprint.clone(),
+    };
+    let verb = if f.write {
+        "wrote"
+    } else if f.result >= 0 {
+        "read"
+    } else {
+        "tried to read"
+    };
+
+    if is_ended(event) {
+        let mut finding = engine.raise(
+            RuleId::CredentialAfterJobEnd,
+            event,
+            format!(
+                "{verb} {kind_name} credential {} {}",
+                f.path,
+                engine.after_end_text(event)
+            ),
+        );
+        finding.credential = Some(credential.clone());
+        out.push(finding);
+    }
+    if runner {
+        let mut finding = engine.raise(
+            RuleId::RunnerCredentialAccess,
+            event,
+            format!("{verb} the runner's registration credential {}", f.path),
+        );
+        finding.credential = Some(credential.clone());
+        out.push(finding);
+        return;
+    }
+    if f.result < 0 {
+        return;
+    }
+    if f.write {
+        materialise(engine, job_key, &f.path, &kind_name);
+    } else {
+        // Who wrote this credential: by path, or by content (fingerprint) when it was copied.
+        let by_path = engine.ledger.get(&f.path).and_then(|e| e.materialised_by);
+        let by_content = f
+            .fingerprint
+            .as_ref()
+            .and_then(|fp| engine.fingerprints.get(fp).copied());
+        let origin = by_path
+            .filter(|o| *o != job_key)
+            .or(by_content.filter(|o| *o != job_key));
+        if let Some(origin) = origin {
+            let copied = by_path != Some(origin);
+            out.push(reuse(engine, event, job_key, origin, &credential, copied));
+        }
+    }
+
+    // Harvesting: many kinds in one job, or in one process; each reported once.
+    let threshold = engine.policy.harvesting_kinds;
+    let mut process_kinds = Vec::new();
+    if let Some(p) = engine.processes.get_mut(&event.process.pid) {
+        p.kinds.insert(kind_name.clone());
+        if p.kinds.len() >= threshold && !p.harvesting_reported {
+            p.harvesting_reported = true;
+            process_kinds = p.kinds.iter().cloned().collect();
+        }
+    }
+    let mut job_kinds = Vec::new();
+    if let Some(job) = engine.jobs.get_mut(&job_key) {
+        job.kinds.insert(kind_name.clone());
+        if job.kinds.len() >= threshold && !job.harvesting_reported {
+            job.harvesting_reported = true;
+            job_kinds = job.kinds.iter().cloned().collect();
+        }
+    }
+    let kinds = if !job_kinds.is_empty() {
+        job_kinds
+    } else {
+        process_kinds
+    };
+    if !kinds.is_empty() {
+        let mut finding = engine.raise(
+            RuleId::CredentialHarvesting,
+            event,
+            format!(
+                "touched credentials of {} kinds: {}",
+                kinds.len(),
+                kinds.join(", ")
+            ),
+        );
+        finding.kinds = kinds;
+        finding.credential = Some(credential);
+        out.push(finding);
+    }
+}
+
+/// A credential of job `origin` used by `job`: critical across repositories.
+fn reuse(
+    engine: &Engine,
+    event: &Event,
+    job: JobKey,
+    origin: JobKey,
+    credential: &CredentialRef,
+    copied: bool,
+) -> Finding {
+    let origin_job = engine
+        .jobs
+        .get(&origin)
+        .map(|j| finding_job(j, j.ended_ns.is_some()));
+    let this_repo = engine
+        .jobs
+        .get(&job)
+        .and_then(|j| j.info.repository.clone());
+    let origin_repo = origin_job.as_ref().and_then(|j| j.repository.clone());
+    let other_repo = this_repo != origin_repo;
+    let mut finding = engine.raise(
+        RuleId::CrossJobCredentialReuse,
+        event,
+        format!(
+            "read {} credential {} that {} wrote{}{}",
+            credential.kind,
+            credential.path,
+            origin_job
+                .as_ref()
+                .map_or_else(|| format!("job {origin}"), job_label),
+            if copied {
+                " (same content, another path)"
+            } else {
+                ""
+            },
+            if other_repo {
+                " (another repository)"
+            } else {
+                ""
+            }
+        ),
+    );
+    if other_repo {
+        finding.severity = crate::rule::Severity::Critical;
+    }
+    finding.credential = Some(credential.clone());
+    finding.origin_job = origin_job;
+    finding
+}
+
+fn materialise(engine: &mut Engine, job: JobKey, path: &str, kind: &str) {
+    engine.ledger.insert(
+        path.to_owned(),
+        LedgerEntry {
+            materialised_by: Some(job),
+        },
+    );
+    if let Some(j) = engine.jobs.get_mut(&job) {
+        j.written.insert(path.to_owned(), kind.to_owned());
+    }
+}
+
+/// Rename or link: a credential put in place at the new path; one moved away is gone.
+pub(super) fn file_moved(engine: &mut Engine, event: &Event, f: &FileAccess) {
+    let Some(job) = event.job.as_ref().map(|j| j.key) else {
+        return;
+    };
+    if f.result < 0 {
+        return;
+    }
+    if matches!(event.detail, EventDetail::FileRename(_)) {
+        if let Some(j) = engine.jobs.get_mut(&job) {
+            j.written.remove(&f.path);
+        }
+        engine.ledger.remove(&f.path);
+    }
+    if let Some(new_path) = &f.new_path
+        && let Some(kind) = engine.policy.credential_of(new_path)
+    {
+        let kind = kind.kind.clone();
+        materialise(engine, job, new_path, &kind);
+    }
+}

@@ -1,0 +1,111 @@
+//! Connections: secret sockets, metadata endpoints, egress outside the allowlist, use after the
+//! job ended.
+
+use std::net::IpAddr;
+
+use super::{Engine, is_ended};
+use crate::{
+    engine::finding::{DestinationRef, Finding, SocketRef},
+    event::{Connect, Event, JobKey, SocketFamily},
+    rule::RuleId,
+};
+
+pub(super) fn connect(engine: &mut Engine, event: &Event, c: &Connect, out: &mut Vec<Finding>) {
+    let Some(job) = event.job.as_ref().map(|j| j.key) else {
+        return;
+    };
+    if c.family == SocketFamily::Unix {
+        let Some(path) = &c.unix_path else { return };
+        let Some(kind) = engine.policy.secret_socket_of(path).map(str::to_owned) else {
+            return;
+        };
+        let socket = SocketRef {
+            path: path.clone(),
+            kind: kind.clone(),
+        };
+        if is_ended(event) {
+            let mut f = engine.raise(
+                RuleId::CredentialAfterJobEnd,
+                event,
+                format!(
+                    "connected to the {kind} socket {path} {}",
+                    engine.after_end_text(event)
+                ),
+            );
+            f.socket = Some(socket.clone());
+            out.push(f);
+        }
+        let entitled = engine
+            .policy
+            .rules_for(engine.job_selector(Some(job)))
+            .any(|r| r.secret_sockets.contains(&kind));
+        if !entitled {
+            let mut f = engine.raise(
+                RuleId::SecretSocketAccess,
+                event,
+                format!(
+                    "connected to the {kind} socket {path}, which its policy does not entitle it to"
+                ),
+            );
+            f.socket = Some(socket);
+            out.push(f);
+        }
+        return;
+    }
+    let (Some(ip), Some(port)) = (c.ip, c.port) else {
+        return;
+    };
+    if ip.is_unspecified() {
+        return;
+    }
+    let names = engine.dns.get(&(job, ip)).cloned().unwrap_or_default();
+    let destination = DestinationRef {
+        ip,
+        port,
+        dns_name: names.first().cloned(),
+    };
+    let shown = match &destination.dns_name {
+        Some(name) => format!("{name} ({ip}) port {port}"),
+        None => format!("{ip} port {port}"),
+    };
+    if is_ended(event) && !ip.is_loopback() {
+        let mut f = engine.raise(
+            RuleId::CredentialAfterJobEnd,
+            event,
+            format!("connected to {shown} {}", engine.after_end_text(event)),
+        );
+        f.destination = Some(destination.clone());
+        out.push(f);
+    }
+    if engine.policy.is_metadata_endpoint(ip) {
+        let mut f = engine.raise(
+            RuleId::MetadataEndpointAccess,
+            event,
+            format!("connected to the cloud metadata endpoint {ip} port {port}"),
+        );
+        f.destination = Some(destination);
+        out.push(f);
+        return;
+    }
+    if !egress_allowed(engine, job, ip, port, &names) {
+        let mut f = engine.raise(
+            RuleId::UnexpectedEgress,
+            event,
+            format!("connected to {shown}, outside its egress allowlist"),
+        );
+        f.destination = Some(destination);
+        out.push(f);
+    }
+}
+
+fn egress_allowed(engine: &Engine, job: JobKey, ip: IpAddr, port: u16, names: &[String]) -> bool {
+    engine
+        .policy
+        .egress_allow
+        .iter()
+        .any(|a| a.allows(ip, port, names))
+        || engine
+            .policy
+            .rules_for(engine.job_selector(Some(job)))
+            .any(|r| r.allow_egress.iter().any(|a| a.allows(ip, port, names)))
+}

@@ -1,0 +1,123 @@
+//! Credentials across jobs: reuse by path and by fingerprint, left behind.
+
+use super::*;
+
+#[test]
+fn docker_login_in_one_job_read_by_another_repository_is_cross_job_reuse() {
+    let mut t = Trace::new();
+    t.start(1, 1, 100, "acme/release");
+    t.open(2, 1, 100, "/home/ci/.docker/config.json", true);
+    t.end(3, 1, 100);
+    // Left behind at the end of the first job.
+    let left = t.only(RuleId::CredentialLeftBehind).clone();
+    assert_eq!(
+        left.credential.as_ref().unwrap().path,
+        "/home/ci/.docker/config.json"
+    );
+    t.start(10, 2, 200, "evil/fork");
+    t.open(11, 2, 200, "/home/ci/.docker/config.json", false);
+    let f = t.only(RuleId::CrossJobCredentialReuse);
+    assert_eq!(f.severity, Severity::Critical, "another repository");
+    assert_eq!(
+        f.origin_job.as_ref().unwrap().repository.as_deref(),
+        Some("acme/release")
+    );
+    assert_eq!(
+        f.job.as_ref().unwrap().repository.as_deref(),
+        Some("evil/fork")
+    );
+}
+
+#[test]
+fn reuse_within_the_same_repository_is_high_not_critical() {
+    let mut t = Trace::new();
+    t.start(1, 1, 100, "acme/app");
+    t.open(2, 1, 100, "/home/ci/.npmrc", true);
+    t.end(3, 1, 100);
+    t.start(4, 2, 200, "acme/app");
+    t.open(5, 2, 200, "/home/ci/.npmrc", false);
+    assert_eq!(
+        t.only(RuleId::CrossJobCredentialReuse).severity,
+        Severity::High
+    );
+}
+
+#[test]
+fn a_credential_removed_before_the_end_is_not_left_behind() {
+    let mut t = Trace::new();
+    t.start(1, 1, 100, "acme/app");
+    t.open(2, 1, 100, "/home/ci/.docker/config.json", true);
+    t.feed(
+        3,
+        1,
+        100,
+        1,
+        "rm",
+        EventDetail::FileUnlink(FileAccess {
+            path: "/home/ci/.docker/config.json".into(),
+            raw_path: String::new(),
+            resolved: true,
+            new_path: None,
+            flags: 0,
+            write: false,
+            result: 0,
+            matched: vec![],
+            target_pid: None,
+            fingerprint: None,
+        }),
+    );
+    t.end(4, 1, 100);
+    assert!(t.findings.is_empty(), "{:#?}", t.findings);
+}
+
+#[test]
+fn a_token_copied_to_another_path_is_recognised_by_its_fingerprint() {
+    let mut t = Trace::new();
+    t.start(1, 1, 100, "acme/release");
+    t.open(2, 1, 101, "/home/ci/.npmrc", true);
+    // The writer exited; the agent hashed what it wrote.
+    t.feed(
+        3,
+        1,
+        101,
+        100,
+        "npm",
+        EventDetail::CredentialFingerprint {
+            path: "/home/ci/.npmrc".into(),
+            fingerprint: "hmac-sha256:aa".into(),
+        },
+    );
+    t.end(4, 1, 100);
+    t.findings.clear();
+    t.start(10, 2, 200, "evil/fork");
+    t.feed(
+        11,
+        2,
+        200,
+        1,
+        "cat",
+        EventDetail::FileOpen(FileAccess {
+            path: "/tmp/loot/.npmrc".into(),
+            raw_path: "/tmp/loot/.npmrc".into(),
+            resolved: true,
+            new_path: None,
+            flags: 0,
+            write: false,
+            result: 3,
+            matched: vec!["basename".into()],
+            target_pid: None,
+            fingerprint: Some("hmac-sha256:aa".into()),
+        }),
+    );
+    let f = t.only(RuleId::CrossJobCredentialReuse);
+    assert_eq!(f.severity, Severity::Critical);
+    assert_eq!(
+        f.credential.as_ref().unwrap().fingerprint.as_deref(),
+        Some("hmac-sha256:aa")
+    );
+    assert!(
+        f.summary.contains("same content, another path"),
+        "{}",
+        f.summary
+    );
+}

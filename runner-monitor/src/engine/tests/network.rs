@@ -1,0 +1,206 @@
+//! Memory access, egress, metadata, secret sockets, harvesting and tamper.
+
+use super::*;
+
+#[test]
+fn memory_dump_of_the_runner_then_unknown_egress() {
+    let mut t = Trace::new();
+    t.start(1, 1, 100, "acme/app");
+    t.exec(1, 1, 100, 1, &["Runner.Worker"]);
+    t.fork(2, 1, 100, 101);
+    t.feed(
+        3,
+        1,
+        101,
+        100,
+        "python3",
+        EventDetail::FileOpen(FileAccess {
+            path: "/proc/100/mem".into(),
+            raw_path: "/proc/100/mem".into(),
+            resolved: true,
+            new_path: None,
+            flags: 0,
+            write: false,
+            result: 5,
+            matched: vec!["proc_memory".into()],
+            target_pid: Some(100),
+            fingerprint: None,
+        }),
+    );
+    t.feed(
+        4,
+        1,
+        101,
+        100,
+        "python3",
+        EventDetail::DnsAnswer(Dns {
+            server_ip: "127.0.0.53".parse().unwrap(),
+            server_port: 53,
+            id: 1,
+            rcode: Some("No Error".into()),
+            questions: vec![DnsQuestion {
+                name: "exfil.example.net.".into(),
+                record_type: "A".into(),
+            }],
+            answers: vec![DnsRecord {
+                name: "exfil.example.net.".into(),
+                record_type: "A".into(),
+                ttl: 60,
+                data: "203.0.113.9".into(),
+            }],
+            parse_error: None,
+        }),
+    );
+    t.connect(5, 1, 101, "203.0.113.9", 443);
+    assert_eq!(
+        t.rules(),
+        [RuleId::ProcessMemoryAccess, RuleId::UnexpectedEgress]
+    );
+    let mem = &t.findings[0];
+    assert_eq!(mem.target.as_ref().unwrap().pid, 100);
+    assert_eq!(
+        mem.target.as_ref().unwrap().exe.as_deref(),
+        Some("/usr/bin/Runner.Worker")
+    );
+    assert_eq!(mem.severity, Severity::Critical);
+    let egress = &t.findings[1];
+    let d = egress.destination.as_ref().unwrap();
+    assert_eq!(d.dns_name.as_deref(), Some("exfil.example.net"));
+    assert_eq!(d.port, 443);
+    assert_eq!(egress.process.as_ref().unwrap().ancestry[0].pid, 100);
+}
+
+#[test]
+fn egress_allowed_by_name_or_by_repository_rule_is_quiet() {
+    let policy = Policy::parse(
+        &format!(
+            "{}\n[[rules]]\nrepository = \"acme/*\"\nallow_egress = [{{ cidr = \"198.51.100.0/24\", ports = [443] }}]\n",
+            crate::policy::DEFAULT_POLICY
+        ),
+        "t.toml",
+    )
+    .unwrap();
+    let mut t = Trace::with_policy(policy);
+    t.start(1, 1, 100, "acme/app");
+    t.feed(
+        2,
+        1,
+        100,
+        1,
+        "git",
+        EventDetail::DnsAnswer(Dns {
+            server_ip: "127.0.0.53".parse().unwrap(),
+            server_port: 53,
+            id: 2,
+            rcode: None,
+            questions: vec![DnsQuestion {
+                name: "api.github.com.".into(),
+                record_type: "A".into(),
+            }],
+            answers: vec![DnsRecord {
+                name: "api.github.com.".into(),
+                record_type: "A".into(),
+                ttl: 60,
+                data: "140.82.112.5".into(),
+            }],
+            parse_error: None,
+        }),
+    );
+    t.connect(3, 1, 100, "140.82.112.5", 443);
+    t.connect(3, 1, 100, "198.51.100.7", 443);
+    assert!(t.findings.is_empty(), "{:#?}", t.findings);
+    t.connect(4, 1, 100, "198.51.100.7", 22);
+    assert_eq!(t.rules(), [RuleId::UnexpectedEgress]);
+}
+
+#[test]
+fn metadata_runner_credentials_secret_sockets_harvesting_and_tamper() {
+    let mut t = Trace::new();
+    t.start(1, 1, 100, "acme/app");
+    t.connect(2, 1, 100, "169.254.169.254", 80);
+    t.open(3, 1, 100, "/home/runner/actions-runner/.credentials", false);
+    t.feed(
+        4,
+        1,
+        100,
+        1,
+        "docker",
+        EventDetail::Connect(Connect {
+            family: SocketFamily::Unix,
+            ip: None,
+            port: None,
+            unix_path: Some("/var/run/docker.sock".into()),
+            fd: 3,
+            result: 0,
+        }),
+    );
+    t.open(5, 1, 100, "/home/ci/.aws/credentials", false);
+    t.open(5, 1, 100, "/home/ci/.kube/config", false);
+    t.open(5, 1, 100, "/home/ci/.config/gh/hosts.yml", false);
+    t.feed(
+        6,
+        1,
+        100,
+        1,
+        "kill",
+        EventDetail::Signal {
+            target_pid: 4242,
+            signal: 9,
+            syscall: "kill".into(),
+        },
+    );
+    t.feed(
+        7,
+        0,
+        0,
+        0,
+        "agent",
+        EventDetail::SensorStatus(SensorStatus {
+            lost_events: 12,
+            detached_probes: vec![],
+        }),
+    );
+    assert_eq!(
+        t.rules(),
+        [
+            RuleId::MetadataEndpointAccess,
+            RuleId::RunnerCredentialAccess,
+            RuleId::SecretSocketAccess,
+            RuleId::CredentialHarvesting,
+            RuleId::AgentTamper,
+            RuleId::SensorDegraded,
+        ]
+    );
+    let harvest = t.only(RuleId::CredentialHarvesting);
+    assert_eq!(harvest.kinds, ["aws", "gh", "kubernetes"]);
+}
+
+#[test]
+fn an_entitled_secret_socket_is_quiet() {
+    let policy = Policy::parse(
+        &format!(
+            "{}\n[[rules]]\nrepository = \"acme/*\"\nsecret_sockets = [\"docker\"]\n",
+            crate::policy::DEFAULT_POLICY
+        ),
+        "t.toml",
+    )
+    .unwrap();
+    let mut t = Trace::with_policy(policy);
+    t.start(1, 1, 100, "acme/app");
+    t.feed(
+        2,
+        1,
+        100,
+        1,
+        "docker",
+        EventDetail::Connect(Connect {
+            family: SocketFamily::Unix,
+            ip: None,
+            port: None,
+            unix_path: Some("/run/docker.sock".into()),
+            fd: 3,
+            result: 0,
+        }),
+    );
+    assert!(t.findings.is_empty(), "{:#?}", t.findings);
+}
