@@ -127,25 +127,39 @@ fn job_parent_fork(ctx: &TracePointContext) {
     }
     let child: i32 = arg(ctx, 8);
     let child = child as u32;
+    if start_job(child, current_tgid()).is_none() {
+        warn!(
+            ctx,
+            "job map or process map full: job root {} is untracked", child
+        );
+    }
+}
+
+/// A new job rooted at `root`, in the kernel's maps; `None` (counted) when a map is full.
+#[inline(always)]
+fn start_job(root: u32, ppid: u32) -> Option<ProcessJob> {
     let job = new_job_key();
     let state = JobState {
-        root_tgid: child,
+        root_tgid: root,
         flags: 0,
         started_ns: now_ns(),
         ended_ns: 0,
     };
     if JOBS.insert(job, state, 0).is_err() {
         count(counter::JOB_MAP_FULL);
-        return;
+        return None;
     }
     let entry = ProcessJob {
         job,
-        ppid: current_tgid(),
+        ppid,
         flags: PROCESS_JOB_ROOT,
     };
-    if PROCESSES.insert(child, entry, 0).is_err() {
+    if PROCESSES.insert(root, entry, 0).is_err() {
+        let _ = JOBS.remove(job);
         count(counter::PROCESS_MAP_FULL);
+        return None;
     }
+    Some(entry)
 }
 
 /// Reads up to `ARGV_MAX_ARGS` arguments into `scratch.event.argv`.
@@ -297,27 +311,13 @@ pub fn sched_process_exec(ctx: TracePointContext) -> u32 {
             return 0;
         }
         // A job root recognised at exec: a new job starts here.
-        let job = new_job_key();
-        let state = JobState {
-            root_tgid: tgid,
-            flags: 0,
-            started_ns: now_ns(),
-            ended_ns: 0,
-        };
-        if JOBS.insert(job, state, 0).is_err() {
-            count(counter::JOB_MAP_FULL);
-            warn!(&ctx, "job map full: job root {} is untracked", tgid);
+        let Some(entry) = start_job(tgid, 0) else {
+            warn!(
+                &ctx,
+                "job map or process map full: job root {} is untracked", tgid
+            );
             return 0;
-        }
-        let entry = ProcessJob {
-            job,
-            ppid: 0,
-            flags: PROCESS_JOB_ROOT,
         };
-        if PROCESSES.insert(tgid, entry, 0).is_err() {
-            count(counter::PROCESS_MAP_FULL);
-            return 0;
-        }
         process = Some(entry);
     }
 

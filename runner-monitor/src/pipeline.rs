@@ -15,19 +15,6 @@ pub struct Pipeline {
     alerts: AlertWriter,
 }
 
-fn open(target: &Path) -> std::io::Result<Box<dyn Write + Send>> {
-    Ok(if target.as_os_str() == "-" {
-        Box::new(std::io::BufWriter::new(std::io::stdout()))
-    } else {
-        Box::new(std::io::BufWriter::new(
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(target)?,
-        ))
-    })
-}
-
 impl Pipeline {
     /// `events_out`: where to copy every event (JSON lines), if anywhere. `clock`: to give alerts
     /// a wall-clock time (live only).
@@ -39,7 +26,7 @@ impl Pipeline {
     ) -> std::io::Result<Self> {
         Ok(Self {
             engine: Engine::new(policy),
-            events: events_out.map(open).transpose()?,
+            events: events_out.map(crate::output::open_append).transpose()?,
             alerts: AlertWriter::open(alerts_out, clock)?,
         })
     }

@@ -48,17 +48,10 @@ pub struct AlertWriter {
 impl AlertWriter {
     /// `-` is stdout; a path is opened for appending.
     pub fn open(target: &Path, clock: Option<WallClock>) -> std::io::Result<Self> {
-        let out: Box<dyn Write + Send> = if target.as_os_str() == "-" {
-            Box::new(std::io::BufWriter::new(std::io::stdout()))
-        } else {
-            Box::new(std::io::BufWriter::new(
-                std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(target)?,
-            ))
-        };
-        Ok(Self { out, clock })
+        Ok(Self {
+            out: super::open_append(target)?,
+            clock,
+        })
     }
 
     pub fn write(&mut self, finding: &Finding) -> std::io::Result<()> {
