@@ -80,7 +80,12 @@ fn open_relative_to_a_directory_fd_is_resolved() {
     let h = harness();
     let env = TestEnv::new("dirfd");
     let job = h
-        .start_job(&env, "\"$JOB_STEP\" open-at \"$HOME/.docker\" config.json")
+        // The directory fd is resolved through /proc/<pid>/fd while the process holds it (the
+        // kernel reports the fd, not its path): the step keeps it open for a second.
+        .start_job(
+            &env,
+            "\"$JOB_STEP\" open-at \"$HOME/.docker\" config.json 1000",
+        )
         .wait_success();
     let event = h.wait_for("openat with dirfd", |e| {
         e.job.as_ref().is_some_and(|j| j.key == job) && file_open(e).is_some()
@@ -336,7 +341,7 @@ fn glibc_lookup_gives_the_query_name_and_the_answer_addresses() {
     let resolv = env.dir.join("resolv.conf");
     std::fs::write(
         &resolv,
-        format!("nameserver {server_ip}\noptions attempts:1 timeout:2\n"),
+        format!("nameserver {server_ip}\noptions attempts:2 timeout:5\n"),
     )
     .unwrap();
     let name = "build-cache.runner-monitor.test";

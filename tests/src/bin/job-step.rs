@@ -1,7 +1,7 @@
 //! What a CI job step does, one syscall at a time, so the integration tests can trigger exactly
 //! the call they check (`openat` with a directory fd, `connect` on each family, ...).
 //!
-//! job-step open-at DIR NAME        openat(open(DIR), NAME)
+//! job-step open-at DIR NAME [MS]   openat(open(DIR), NAME), then keep both open MS milliseconds
 //! job-step connect-tcp IP:PORT     connect a TCP socket
 //! job-step connect-unix PATH       connect a unix stream socket
 //! job-step listen IP:PORT          accept one TCP connection, then exit
