@@ -244,6 +244,21 @@ pub fn assert_no_canary(events: &[Event]) {
     }
 }
 
+/// `Command::output`, retried while the executable is "text file busy": a program the test just
+/// copied can still be open for writing in a child another test thread forked meanwhile (between
+/// its fork and exec), which makes exec fail with ETXTBSY for a moment.
+pub fn output_of(command: &mut Command) -> std::process::Output {
+    for _ in 0..100 {
+        match command.output() {
+            Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) => {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            result => return result.expect("running the command"),
+        }
+    }
+    panic!("{command:?}: executable stayed busy");
+}
+
 /// Runs a command and panics with its output when it fails.
 pub fn sh(cmd: &str) {
     let out = Command::new("sh").arg("-c").arg(cmd).output().expect("sh");

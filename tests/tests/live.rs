@@ -9,7 +9,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use integration_tests::{CANARY, NetNs, TestEnv, job_step};
+use integration_tests::{CANARY, NetNs, TestEnv, job_step, output_of};
 use serde_json::Value;
 
 struct Agent {
@@ -152,23 +152,23 @@ fn github_job(env: &TestEnv, agent: &Agent, run_id: &str, repository: &str, step
         started = hooks.join("job-started.sh").display(),
         completed = hooks.join("job-completed.sh").display(),
     );
-    let out = Command::new(&worker)
-        .arg("-c")
-        .arg(script)
-        .env("HOME", &env.home)
-        .env("PATH", format!("{}:/usr/bin:/bin", target_dir().display()))
-        .env("RUNNER_MONITOR_SOCKET", &agent.socket)
-        .env("JOB_STEP", job_step())
-        .env("GITHUB_RUN_ID", run_id)
-        .env("GITHUB_JOB", "build")
-        .env("GITHUB_REPOSITORY", repository)
-        .env("GITHUB_WORKFLOW", "CI")
-        .env("RUNNER_NAME", "runner-test")
-        .env("GITHUB_TOKEN", CANARY)
-        .env("TOKEN", CANARY)
-        .env("RUNNER_TRACKING_ID", format!("github_{run_id}"))
-        .output()
-        .unwrap();
+    let out = output_of(
+        Command::new(&worker)
+            .arg("-c")
+            .arg(script)
+            .env("HOME", &env.home)
+            .env("PATH", format!("{}:/usr/bin:/bin", target_dir().display()))
+            .env("RUNNER_MONITOR_SOCKET", &agent.socket)
+            .env("JOB_STEP", job_step())
+            .env("GITHUB_RUN_ID", run_id)
+            .env("GITHUB_JOB", "build")
+            .env("GITHUB_REPOSITORY", repository)
+            .env("GITHUB_WORKFLOW", "CI")
+            .env("RUNNER_NAME", "runner-test")
+            .env("GITHUB_TOKEN", CANARY)
+            .env("TOKEN", CANARY)
+            .env("RUNNER_TRACKING_ID", format!("github_{run_id}")),
+    );
     assert!(
         out.status.success() && out.stderr.is_empty(),
         "job failed: {}\n{}",
@@ -483,22 +483,22 @@ fn gitlab_runner_stages_are_found_and_joined_without_hooks() {
     let runner = env.dir.join("gitlab-runner");
     std::fs::copy("/bin/sh", &runner).unwrap();
     let job_id = run_id(10);
-    let out = Command::new(&runner)
-        .arg("-c")
-        .arg(concat!(
-            "bash -c 'printf %s \"$TOKEN\" > \"$HOME/.npmrc\"'\n",
-            "bash -c 'cat \"$HOME/.npmrc\" > /dev/null; ",
-            "(setsid sh -c \"sleep 2; cat $HOME/.aws/credentials > /dev/null; sleep 4\" &)'\n",
-        ))
-        .env("HOME", &env.home)
-        .env("TOKEN", CANARY)
-        .env("CI_JOB_ID", &job_id)
-        .env("CI_PROJECT_PATH", "group/staged")
-        .env("CI_JOB_NAME", "build")
-        .env("CI_PIPELINE_ID", "88")
-        .env("CI_JOB_TOKEN", CANARY)
-        .output()
-        .unwrap();
+    let out = output_of(
+        Command::new(&runner)
+            .arg("-c")
+            .arg(concat!(
+                "bash -c 'printf %s \"$TOKEN\" > \"$HOME/.npmrc\"'\n",
+                "bash -c 'cat \"$HOME/.npmrc\" > /dev/null; ",
+                "(setsid sh -c \"sleep 2; cat $HOME/.aws/credentials > /dev/null; sleep 4\" &)'\n",
+            ))
+            .env("HOME", &env.home)
+            .env("TOKEN", CANARY)
+            .env("CI_JOB_ID", &job_id)
+            .env("CI_PROJECT_PATH", "group/staged")
+            .env("CI_JOB_NAME", "build")
+            .env("CI_PIPELINE_ID", "88")
+            .env("CI_JOB_TOKEN", CANARY),
+    );
     assert!(
         out.status.success(),
         "{}",

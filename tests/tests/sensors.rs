@@ -165,12 +165,12 @@ fn job_root_recognised_at_exec_by_executable_name() {
     let worker = env.dir.join("Runner.Worker");
     std::fs::copy("/bin/sh", &worker).unwrap();
     let cred = env.path(".docker/config.json");
-    let status = std::process::Command::new(&worker)
-        .arg("-c")
-        .arg(format!("cat {cred} > /dev/null"))
-        .status()
-        .unwrap();
-    assert!(status.success());
+    let out = integration_tests::output_of(
+        std::process::Command::new(&worker)
+            .arg("-c")
+            .arg(format!("cat {cred} > /dev/null")),
+    );
+    assert!(out.status.success());
     let exec = h.wait_for("exec of Runner.Worker", |e| {
         matches!(&e.detail, EventDetail::Exec { filename, .. } if filename == &worker.display().to_string())
     });
