@@ -417,7 +417,12 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                     }), None, 0))?;
                     last_lost = lost;
                 }
-                tracing::info!("{}; engine {:?}", status(&kernel, &counters), pipeline.stats());
+                tracing::info!(
+                    "{}; engine {:?}; unnamed jobs {}",
+                    status(&kernel, &counters),
+                    pipeline.stats(),
+                    directory.unidentified
+                );
             }
             _ = tokio::signal::ctrl_c() => break,
             _ = sigterm.recv() => break,

@@ -23,6 +23,8 @@ pub struct JobDirectory {
     known: BoundedMap<JobKey, Known>,
     /// Stage key -> the job (first stage's key) it belongs to, for staged jobs (GitLab).
     stage_of: BoundedMap<JobKey, JobKey>,
+    /// Jobs whose root exited before discovery could read an identity.
+    pub unidentified: u64,
 }
 
 #[derive(Clone, Debug)]
@@ -75,6 +77,7 @@ impl JobDirectory {
             by_id: BoundedMap::new(capacity),
             known: BoundedMap::new(capacity),
             stage_of: BoundedMap::new(capacity),
+            unidentified: 0,
         }
     }
 
@@ -125,6 +128,21 @@ impl JobDirectory {
     /// process's environment. Returns the `job_start` event to emit when it was found.
     pub fn discover(&mut self, event: &Event, policy: &Policy) -> Option<Event> {
         let job = event.job.as_ref()?;
+        if job.root && matches!(event.detail, EventDetail::Exit { .. }) {
+            if let Some(known) = self.known.get(&job.key)
+                && known.id.is_none()
+                && known.attempts > 0
+            {
+                self.unidentified += 1;
+                tracing::warn!(
+                    job = %job.key,
+                    attempts = known.attempts,
+                    "job root exited before any of its processes' environment could be read: \
+                     the job stays unnamed (a hook names it for sure)"
+                );
+            }
+            return None;
+        }
         if !matches!(event.detail, EventDetail::Exec { .. }) {
             return None;
         }
