@@ -1,5 +1,7 @@
 use std::{
+    os::fd::AsRawFd,
     path::PathBuf,
+    sync::atomic::AtomicBool,
     sync::{Arc, atomic::Ordering},
     time::Duration,
 };
@@ -16,8 +18,13 @@ use runner_monitor::{
         requests::{control_request, feed},
     },
     output::alerts::WallClock,
+    output::{
+        http::{self, Endpoint},
+        metrics::Metrics,
+    },
     pipeline::Pipeline,
     policy::{Policy, SensorPolicy},
+    sensor::ringfill::RingFill,
     sensor::{
         KernelCounters, ProbeState, Sensor,
         check::{Support, probe_kernel},
@@ -133,6 +140,9 @@ struct RunArgs {
     /// The user the runner (and its hooks) run as; admitted on the control socket besides root.
     #[arg(long, value_name = "NAME")]
     runner_user: Option<String>,
+    /// Address of the HTTP endpoint (/metrics, /healthz, /readyz).
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:9477")]
+    listen: std::net::SocketAddr,
     /// Secret key file (at least 32 bytes, mode 0600) for credential fingerprints: keyed hashes
     /// of credential contents that recognise a token copied to another path or host.
     #[arg(long, value_name = "FILE")]
@@ -156,6 +166,8 @@ fn main() -> std::process::ExitCode {
 fn run_cli() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        // Colours only for a terminal: journald and log files get plain text.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
@@ -298,6 +310,18 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         .count();
     tracing::info!(attached, total = sensor.probes().len(), job_roots = ?sensor_policy.job_root_executables, "probes attached");
 
+    let metrics = Arc::new(Metrics::new());
+    metrics.probes(sensor.probes());
+    let ready = Arc::new(AtomicBool::new(false));
+    let endpoint = Endpoint {
+        metrics: metrics.clone(),
+        ready: ready.clone(),
+    };
+    let bound = http::serve(args.listen, endpoint)
+        .await
+        .with_context(|| format!("listening on {} (--listen)", args.listen))?;
+    tracing::info!(address = %bound, "serving /metrics, /healthz, /readyz");
+
     let clock = WallClock::now(monotonic_ns());
     let mut pipeline = Pipeline::new(
         policy.clone(),
@@ -305,7 +329,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         &args.alerts_out,
         Some(clock),
     )
-    .context("opening the event and alert outputs")?;
+    .context("opening the event and alert outputs")?
+    .with_metrics(metrics.clone());
     let mut directory = JobDirectory::default();
     if !detached.is_empty() {
         feed(
@@ -358,6 +383,12 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let ring = sensor
         .take_events()
         .context("event ring buffer already taken")?;
+    let ring_fill = RingFill::new(
+        ring.as_raw_fd(),
+        u64::from(runner_monitor_common::RING_BUFFER_BYTES),
+    )
+    .map_err(|error| tracing::warn!(%error, "ring buffer fill will not be reported"))
+    .ok();
     let counters = Arc::new(ReaderCounters::default());
     let (tx, mut rx) = mpsc::channel(8192);
     let (stop_reader, stop) = tokio::sync::oneshot::channel();
@@ -405,6 +436,12 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                     enrich::survivor_tracking_id(f, &directory);
                 }
                 pipeline.alert_all(&findings)?;
+                pipeline.export_engine();
+                metrics.kernel(&sensor.counters()?, counters.decode_errors.load(Ordering::Relaxed));
+                if let Some(fill) = &ring_fill {
+                    metrics.ring_fill(fill.ratio());
+                }
+                ready.store(true, Ordering::Relaxed);
             }
             _ = status_tick.tick() => {
                 let kernel = sensor.counters()?;

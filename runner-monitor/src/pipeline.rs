@@ -5,12 +5,16 @@ use std::{io::Write, path::Path, sync::Arc};
 use crate::{
     engine::{Engine, EngineStats, Finding},
     event::Event,
-    output::alerts::{AlertWriter, WallClock},
+    output::{
+        alerts::{AlertWriter, WallClock},
+        metrics::Metrics,
+    },
     policy::Policy,
 };
 
 pub struct Pipeline {
     engine: Engine,
+    metrics: Option<std::sync::Arc<Metrics>>,
     events: Option<Box<dyn Write + Send>>,
     alerts: AlertWriter,
 }
@@ -26,9 +30,16 @@ impl Pipeline {
     ) -> std::io::Result<Self> {
         Ok(Self {
             engine: Engine::new(policy),
+            metrics: None,
             events: events_out.map(crate::output::open_append).transpose()?,
             alerts: AlertWriter::open(alerts_out, clock)?,
         })
+    }
+
+    /// Counts events, findings and latency into `metrics` (the live agent).
+    pub fn with_metrics(mut self, metrics: std::sync::Arc<Metrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
     }
 
     /// Records the event and runs the engine on it; returns what it found, for the caller to
@@ -38,7 +49,24 @@ impl Pipeline {
             serde_json::to_writer(&mut *out, event)?;
             out.write_all(b"\n")?;
         }
-        Ok(self.engine.handle(event))
+        let findings = self.engine.handle(event);
+        if let Some(m) = &self.metrics {
+            m.event(event.detail.kind_name());
+            let now = crate::sensor::jobs::monotonic_ns();
+            m.latency(now.saturating_sub(event.time_ns) as f64 / 1e9);
+        }
+        Ok(findings)
+    }
+
+    /// Refreshes the engine's gauges and counters in `metrics`.
+    pub fn export_engine(&self) {
+        if let Some(m) = &self.metrics {
+            m.engine(
+                &self.engine.stats(),
+                self.engine.active_jobs(),
+                self.engine.tracked_processes(),
+            );
+        }
     }
 
     /// `handle`, then writes the findings as they are.
@@ -61,6 +89,9 @@ impl Pipeline {
     }
 
     pub fn alert_all(&mut self, findings: &[Finding]) -> std::io::Result<()> {
+        if let Some(m) = &self.metrics {
+            m.findings(findings);
+        }
         for f in findings {
             self.alerts.write(f)?;
         }

@@ -15,6 +15,8 @@ use serde_json::Value;
 struct Agent {
     dir: PathBuf,
     socket: PathBuf,
+    /// Where the agent serves /metrics.
+    http: String,
     _child: Child,
 }
 
@@ -69,6 +71,7 @@ fn agent() -> &'static Agent {
             .arg(&socket)
             .arg("--fingerprint-key")
             .arg(&key)
+            .args(["--listen", "127.0.0.1:0"])
             .stdout(Stdio::null())
             .stderr(log);
         // SAFETY: prctl in the forked child before exec, async-signal-safe.
@@ -101,9 +104,18 @@ fn agent() -> &'static Agent {
             );
             std::thread::sleep(Duration::from_millis(100));
         }
+        let log = agent_log(&dir);
+        let http = log
+            .split("address=")
+            .nth(1)
+            .and_then(|rest| rest.split_whitespace().next())
+            .expect("the agent logs its HTTP address")
+            .trim_matches(|c: char| !c.is_ascii_digit() && c != '.' && c != ':')
+            .to_owned();
         Agent {
             dir,
             socket,
+            http,
             _child: child,
         }
     })
@@ -522,4 +534,107 @@ fn gitlab_runner_stages_are_found_and_joined_without_hooks() {
         "stages of one job are not reuse: {reuse:#?}"
     );
     assert_no_secret(agent);
+}
+
+/// A free loopback port (bound and released).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn curl(url: &str) -> String {
+    let out = Command::new("curl")
+        .args(["-s", "--max-time", "5", url])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn a_real_prometheus_scrapes_the_finding_counter_a_job_raised() {
+    let agent = agent();
+    assert_eq!(
+        curl(&format!("http://{}/readyz", agent.http)).trim(),
+        "ready"
+    );
+    let dir = agent.dir.join("prometheus");
+    std::fs::create_dir_all(&dir).unwrap();
+    let port = free_port();
+    std::fs::write(
+        dir.join("prometheus.yml"),
+        format!(
+            "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: runner-monitor\n    static_configs:\n      - targets: ['{}']\n",
+            agent.http
+        ),
+    )
+    .unwrap();
+    let mut command = Command::new("prometheus");
+    command
+        .arg(format!(
+            "--config.file={}",
+            dir.join("prometheus.yml").display()
+        ))
+        .arg(format!(
+            "--storage.tsdb.path={}",
+            dir.join("data").display()
+        ))
+        .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.join("prometheus.log")).unwrap());
+    // SAFETY: prctl in the forked child before exec: Prometheus dies with this test's thread.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut command, || {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        });
+    }
+    let mut prometheus = command
+        .spawn()
+        .expect("starting prometheus (Debian package)");
+
+    // The only job in this test binary that reads the runner's registration.
+    let env = TestEnv::new("live-prometheus");
+    let runner_dir = env.dir.join("actions-runner");
+    std::fs::create_dir_all(&runner_dir).unwrap();
+    std::fs::write(runner_dir.join(".runner"), "{}").unwrap();
+    let run = run_id(11);
+    github_job(
+        &env,
+        agent,
+        &run,
+        "acme/app",
+        &format!("cat {}/.runner > /dev/null", runner_dir.display()),
+    );
+    wait_alert(
+        agent,
+        "runner-credential-access",
+        &format!("{run}/build"),
+        |_| true,
+    );
+
+    let query = format!(
+        "http://127.0.0.1:{port}/api/v1/query?query=sum(runner_monitor_findings_total%7Brule%3D%22runner-credential-access%22%7D)"
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let value = loop {
+        let answer = curl(&query);
+        if let Ok(v) = serde_json::from_str::<Value>(&answer)
+            && let Some(value) = v["data"]["result"][0]["value"][1].as_str()
+            && value != "0"
+        {
+            break value.to_owned();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "prometheus never saw the finding: {answer}\n{}",
+            std::fs::read_to_string(dir.join("prometheus.log")).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    assert_eq!(value, "1");
+    let _ = prometheus.kill();
+    let _ = prometheus.wait();
 }

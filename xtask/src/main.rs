@@ -44,8 +44,17 @@ enum Task {
 /// bpf-linker version the build is known to work with.
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// Debian packages the tests use: `ip` for network namespaces, `unshare`/`mount` for a private
-/// resolv.conf, `getent` for glibc lookups, bpftool to inspect what is loaded.
-const DEBIAN_PACKAGES: &[&str] = &["iproute2", "util-linux", "mount", "libc-bin", "bpftool"];
+/// resolv.conf, `getent` for glibc lookups, bpftool to inspect what is loaded, a real Prometheus
+/// (and promtool) to scrape the agent and check the rules, curl to query it.
+const DEBIAN_PACKAGES: &[&str] = &[
+    "iproute2",
+    "util-linux",
+    "mount",
+    "libc-bin",
+    "bpftool",
+    "prometheus",
+    "curl",
+];
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();

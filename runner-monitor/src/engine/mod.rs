@@ -77,6 +77,14 @@ pub struct EngineStats {
     pub evicted_jobs: u64,
     pub evicted_credentials: u64,
     pub evicted_dns: u64,
+    pub jobs_started: u64,
+    pub jobs_ended: u64,
+    /// Processes found alive after their job's grace period.
+    pub survivors: u64,
+    /// Successful credential reads and writes by credential kind.
+    pub credential_accesses: BTreeMap<String, u64>,
+    /// Outbound connections by verdict: allowed, unexpected, metadata.
+    pub egress: BTreeMap<String, u64>,
 }
 
 pub struct Engine {
@@ -174,7 +182,10 @@ impl Engine {
     /// Makes job `stage` a stage of `job`: its processes move over, and the job goes on.
     fn join_stage(&mut self, stage: JobKey, job: JobKey) {
         self.stages.insert(stage, job);
-        self.jobs.remove(&stage);
+        if self.jobs.remove(&stage).is_some() {
+            // It was counted as a job of its own until now.
+            self.stats.jobs_started -= 1;
+        }
         let pids: Vec<u32> = self
             .processes
             .iter()
@@ -402,6 +413,7 @@ impl Engine {
     }
 
     fn start_job(&mut self, key: JobKey, info: JobInfo, root_pid: u32) {
+        self.stats.jobs_started += 1;
         let info = if info.id.is_empty() {
             JobInfo {
                 id: key.to_string(),
@@ -436,6 +448,7 @@ impl Engine {
         }
         job.ended_ns = Some(time_ns);
         let job = job.clone();
+        self.stats.jobs_ended += 1;
         detect::job_ended(self, &job, time_ns, out);
     }
 }

@@ -1,6 +1,8 @@
-//! Where findings and events go. (Metrics and the Alertmanager/webhook sinks build on this.)
+//! Where findings, events and metrics go.
 
 pub mod alerts;
+pub mod http;
+pub mod metrics;
 
 /// `-` is stdout; a path is opened for appending (created when missing).
 pub fn open_append(target: &std::path::Path) -> std::io::Result<Box<dyn std::io::Write + Send>> {

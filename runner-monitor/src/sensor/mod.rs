@@ -8,6 +8,7 @@ pub mod dns;
 pub mod jobs;
 pub mod paths;
 pub mod reader;
+pub mod ringfill;
 
 use std::collections::BTreeMap;
 

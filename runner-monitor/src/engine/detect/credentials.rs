@@ -85,6 +85,11 @@ pub(super) fn file_open(
     if f.result < 0 {
         return;
     }
+    *engine
+        .stats
+        .credential_accesses
+        .entry(kind_name.clone())
+        .or_default() += 1;
     if f.write {
         materialise(engine, job_key, &f.path, &kind_name);
     } else {

@@ -360,6 +360,7 @@ pub(super) fn timers(engine: &mut Engine, out: &mut Vec<Finding>) {
                 detail: EventDetail::JobEnd,
             };
             let process = engine.process_view(pid, &fake);
+            engine.stats.survivors += 1;
             let mut finding = Finding::new(
                 RuleId::ProcessSurvivedJob,
                 now,

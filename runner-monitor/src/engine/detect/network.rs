@@ -77,7 +77,15 @@ pub(super) fn connect(engine: &mut Engine, event: &Event, c: &Connect, out: &mut
         f.destination = Some(destination.clone());
         out.push(f);
     }
-    if engine.policy.is_metadata_endpoint(ip) {
+    let verdict = if engine.policy.is_metadata_endpoint(ip) {
+        "metadata"
+    } else if egress_allowed(engine, job, ip, port, &names) {
+        "allowed"
+    } else {
+        "unexpected"
+    };
+    *engine.stats.egress.entry(verdict.to_owned()).or_default() += 1;
+    if verdict == "metadata" {
         let mut f = engine.raise(
             RuleId::MetadataEndpointAccess,
             event,
@@ -87,7 +95,7 @@ pub(super) fn connect(engine: &mut Engine, event: &Event, c: &Connect, out: &mut
         out.push(f);
         return;
     }
-    if !egress_allowed(engine, job, ip, port, &names) {
+    if verdict == "unexpected" {
         let mut f = engine.raise(
             RuleId::UnexpectedEgress,
             event,
