@@ -312,6 +312,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
 
     let metrics = Arc::new(Metrics::new());
     metrics.probes(sensor.probes());
+    metrics.credential_kinds(policy.credentials.iter().map(|c| c.kind.as_str()));
     let ready = Arc::new(AtomicBool::new(false));
     let endpoint = Endpoint {
         metrics: metrics.clone(),

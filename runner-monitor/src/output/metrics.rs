@@ -193,12 +193,41 @@ impl Metrics {
         ] {
             r.register(c).expect("unique metric names");
         }
-        // Every rule and severity exists from the start, so queries and alert rules see zeros.
+        // Every known label value exists from the start at zero: queries see the family, and
+        // `increase()` counts the first event too (a series born at 1 would hide it).
         for rule in crate::rule::RuleId::ALL {
             m.findings
                 .with_label_values(&[rule.as_str(), rule.default_severity().as_str()]);
         }
+        for kind in runner_monitor_common::EventKind::ALL {
+            m.events.with_label_values(&[kind.name()]);
+            m.lost.with_label_values(&[kind.name()]);
+        }
+        for kind in [
+            "job_start",
+            "job_end",
+            "sensor_status",
+            "credential_fingerprint",
+        ] {
+            m.events.with_label_values(&[kind]);
+        }
+        for map in ["processes", "pending", "jobs", "dns_sockets"] {
+            m.map_full.with_label_values(&[map]);
+        }
+        for verdict in ["allowed", "unexpected", "metadata"] {
+            m.egress.with_label_values(&[verdict]);
+        }
+        for table in ["processes", "jobs", "credentials", "dns"] {
+            m.evictions.with_label_values(&[table]);
+        }
         m
+    }
+
+    /// Creates the credential-kind series at zero (the kinds come from the policy).
+    pub fn credential_kinds<'a>(&self, kinds: impl IntoIterator<Item = &'a str>) {
+        for kind in kinds {
+            self.credential_accesses.with_label_values(&[kind]);
+        }
     }
 
     pub fn event(&self, kind: &str) {
