@@ -19,6 +19,7 @@ use runner_monitor::{
     },
     output::alerts::WallClock,
     output::{
+        delivery::{Receiver, Sink},
         http::{self, Endpoint},
         metrics::Metrics,
     },
@@ -140,6 +141,19 @@ struct RunArgs {
     /// The user the runner (and its hooks) run as; admitted on the control socket besides root.
     #[arg(long, value_name = "NAME")]
     runner_user: Option<String>,
+    /// Deliver alerts to this Alertmanager (base URL, v2 API), spooled on disk while it is down.
+    #[arg(long, value_name = "URL")]
+    alertmanager: Option<String>,
+    /// Deliver alerts as JSON arrays POSTed to this URL, spooled on disk while it is down.
+    #[arg(long, value_name = "URL")]
+    webhook: Option<String>,
+    /// Where undelivered alerts wait, per receiver (kept across restarts).
+    #[arg(
+        long,
+        value_name = "DIR",
+        default_value = "/var/lib/runner-monitor/spool"
+    )]
+    spool_dir: PathBuf,
     /// Address of the HTTP endpoint (/metrics, /healthz, /readyz).
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:9477")]
     listen: std::net::SocketAddr,
@@ -332,6 +346,24 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     )
     .context("opening the event and alert outputs")?
     .with_metrics(metrics.clone());
+    let receivers = [
+        args.alertmanager.clone().map(Receiver::Alertmanager),
+        args.webhook.clone().map(Receiver::Webhook),
+    ];
+    for receiver in receivers.into_iter().flatten() {
+        receiver
+            .validate()
+            .map_err(|e| anyhow::anyhow!("--{}: {e}", receiver.name()))?;
+        let name = receiver.name();
+        let sink = Sink::start(receiver, &args.spool_dir, metrics.clone())
+            .with_context(|| format!("opening the {name} spool in {}", args.spool_dir.display()))?;
+        tracing::info!(
+            sink = name,
+            pending_bytes = sink.pending_bytes(),
+            "alert delivery ready"
+        );
+        pipeline = pipeline.with_sink(sink);
+    }
     let mut directory = JobDirectory::default();
     if !detached.is_empty() {
         feed(

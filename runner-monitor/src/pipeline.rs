@@ -7,6 +7,7 @@ use crate::{
     event::Event,
     output::{
         alerts::{AlertWriter, WallClock},
+        delivery::Sink,
         metrics::Metrics,
     },
     policy::Policy,
@@ -14,6 +15,7 @@ use crate::{
 
 pub struct Pipeline {
     engine: Engine,
+    sinks: Vec<Sink>,
     metrics: Option<std::sync::Arc<Metrics>>,
     events: Option<Box<dyn Write + Send>>,
     alerts: AlertWriter,
@@ -30,10 +32,17 @@ impl Pipeline {
     ) -> std::io::Result<Self> {
         Ok(Self {
             engine: Engine::new(policy),
+            sinks: Vec::new(),
             metrics: None,
             events: events_out.map(crate::output::open_append).transpose()?,
             alerts: AlertWriter::open(alerts_out, clock)?,
         })
+    }
+
+    /// Also delivers every alert to `sink` (spooled, retried).
+    pub fn with_sink(mut self, sink: Sink) -> Self {
+        self.sinks.push(sink);
+        self
     }
 
     /// Counts events, findings and latency into `metrics` (the live agent).
@@ -93,7 +102,10 @@ impl Pipeline {
             m.findings(findings);
         }
         for f in findings {
-            self.alerts.write(f)?;
+            let line = self.alerts.write(f)?;
+            for sink in &self.sinks {
+                sink.send(&line)?;
+            }
         }
         Ok(())
     }

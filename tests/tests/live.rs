@@ -17,6 +17,8 @@ struct Agent {
     socket: PathBuf,
     /// Where the agent serves /metrics.
     http: String,
+    /// The Alertmanager port the agent delivers to (nothing listens until a test starts one).
+    alertmanager_port: u16,
     _child: Child,
 }
 
@@ -54,6 +56,7 @@ fn agent() -> &'static Agent {
         )
         .unwrap();
         let socket = dir.join("control.sock");
+        let alertmanager_port = free_port();
         let key = dir.join("fingerprint.key");
         std::fs::write(&key, [0x5a; 32]).unwrap();
         std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600))
@@ -72,6 +75,10 @@ fn agent() -> &'static Agent {
             .arg("--fingerprint-key")
             .arg(&key)
             .args(["--listen", "127.0.0.1:0"])
+            .arg("--alertmanager")
+            .arg(format!("http://127.0.0.1:{alertmanager_port}"))
+            .arg("--spool-dir")
+            .arg(dir.join("spool"))
             .stdout(Stdio::null())
             .stderr(log);
         // SAFETY: prctl in the forked child before exec, async-signal-safe.
@@ -116,6 +123,7 @@ fn agent() -> &'static Agent {
             dir,
             socket,
             http,
+            alertmanager_port,
             _child: child,
         }
     })
@@ -637,4 +645,117 @@ fn a_real_prometheus_scrapes_the_finding_counter_a_job_raised() {
     assert_eq!(value, "1");
     let _ = prometheus.kill();
     let _ = prometheus.wait();
+}
+
+/// Starts a real Alertmanager (Debian package) on `port`, dying with this test's thread.
+fn start_alertmanager(dir: &Path, port: u16) -> Child {
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(
+        dir.join("alertmanager.yml"),
+        "route:\n  receiver: soc\nreceivers:\n  - name: soc\n",
+    )
+    .unwrap();
+    let mut command = Command::new("prometheus-alertmanager");
+    command
+        .arg(format!(
+            "--config.file={}",
+            dir.join("alertmanager.yml").display()
+        ))
+        .arg(format!("--storage.path={}", dir.join("data").display()))
+        .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+        .arg("--cluster.listen-address=")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.join("alertmanager.log")).unwrap());
+    // SAFETY: prctl in the forked child before exec.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut command, || {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        });
+    }
+    let child = command
+        .spawn()
+        .expect("starting prometheus-alertmanager (Debian package)");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while curl(&format!("http://127.0.0.1:{port}/-/ready")).trim() != "OK" {
+        assert!(Instant::now() < deadline, "alertmanager did not start");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    child
+}
+
+/// The alerts Alertmanager holds for a job id.
+fn alertmanager_has(port: u16, job_id: &str) -> bool {
+    let answer = curl(&format!("http://127.0.0.1:{port}/api/v2/alerts"));
+    serde_json::from_str::<Value>(&answer)
+        .ok()
+        .and_then(|v| v.as_array().cloned())
+        .unwrap_or_default()
+        .iter()
+        .any(|a| {
+            a["labels"]["job_id"] == job_id && a["labels"]["alertname"] == "RunnerMonitorFinding"
+        })
+}
+
+fn wait_until(what: &str, seconds: u64, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+#[test]
+fn alerts_reach_a_real_alertmanager_through_an_outage() {
+    let agent = agent();
+    let port = agent.alertmanager_port;
+    let dir = agent.dir.join("alertmanager");
+    let env = TestEnv::new("live-alertmanager");
+    let runner_dir = env.dir.join("actions-runner");
+    std::fs::create_dir_all(&runner_dir).unwrap();
+    std::fs::write(runner_dir.join(".credentials_rsaparams"), "{}").unwrap();
+    let read = format!(
+        "cat {}/.credentials_rsaparams > /dev/null",
+        runner_dir.display()
+    );
+
+    let mut alertmanager = start_alertmanager(&dir, port);
+    let before = run_id(12);
+    github_job(&env, agent, &before, "acme/app", &read);
+    let before_id = format!("{before}/build");
+    wait_until("the first alert in Alertmanager", 30, || {
+        alertmanager_has(port, &before_id)
+    });
+
+    // Outage: the receiver is gone while the next finding is raised.
+    alertmanager.kill().unwrap();
+    alertmanager.wait().unwrap();
+    let during = run_id(13);
+    github_job(&env, agent, &during, "acme/app", &read);
+    let during_id = format!("{during}/build");
+    wait_alert(agent, "runner-credential-access", &during_id, |_| true);
+    wait_until("a counted delivery failure", 30, || {
+        curl(&format!("http://{}/metrics", agent.http))
+            .lines()
+            .any(|l| {
+                l.starts_with("runner_monitor_alert_delivery_failures_total{sink=\"alertmanager\"}")
+                    && !l.ends_with(" 0")
+            })
+    });
+    assert!(
+        std::fs::metadata(agent.dir.join("spool/alertmanager.jsonl"))
+            .unwrap()
+            .len()
+            > 0,
+        "the undelivered alert waits in the spool"
+    );
+
+    // The receiver returns (empty: a restarted Alertmanager keeps no alerts) and gets it.
+    let mut alertmanager = start_alertmanager(&dir, port);
+    wait_until("the alert raised during the outage", 90, || {
+        alertmanager_has(port, &during_id)
+    });
+    let _ = alertmanager.kill();
+    let _ = alertmanager.wait();
+    assert_no_secret(agent);
 }

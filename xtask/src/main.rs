@@ -45,7 +45,8 @@ enum Task {
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// Debian packages the tests use: `ip` for network namespaces, `unshare`/`mount` for a private
 /// resolv.conf, `getent` for glibc lookups, bpftool to inspect what is loaded, a real Prometheus
-/// (and promtool) to scrape the agent and check the rules, curl to query it.
+/// (and promtool) to scrape the agent and check the rules, a real Alertmanager to receive its
+/// alerts, curl to query them.
 const DEBIAN_PACKAGES: &[&str] = &[
     "iproute2",
     "util-linux",
@@ -53,6 +54,7 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "libc-bin",
     "bpftool",
     "prometheus",
+    "prometheus-alertmanager",
     "curl",
 ];
 

@@ -40,28 +40,59 @@ impl WallClock {
     }
 }
 
+/// Rotate the alert file past this size, keeping this many old ones (`FILE.1` is the newest).
+const ROTATE_BYTES: u64 = 64 << 20;
+const ROTATE_KEEP: u32 = 5;
+
 pub struct AlertWriter {
     out: Box<dyn Write + Send>,
     clock: Option<WallClock>,
+    /// The file, when not stdout, and its size.
+    file: Option<(std::path::PathBuf, u64)>,
 }
 
 impl AlertWriter {
-    /// `-` is stdout; a path is opened for appending.
+    /// `-` is stdout; a path is opened for appending and rotated at 64 MiB (5 kept).
     pub fn open(target: &Path, clock: Option<WallClock>) -> std::io::Result<Self> {
+        let file = (target.as_os_str() != "-").then(|| {
+            let size = std::fs::metadata(target).map(|m| m.len()).unwrap_or(0);
+            (target.to_path_buf(), size)
+        });
         Ok(Self {
             out: super::open_append(target)?,
             clock,
+            file,
         })
     }
 
-    pub fn write(&mut self, finding: &Finding) -> std::io::Result<()> {
+    /// Writes one alert line; returns it (without the newline) for the other sinks.
+    pub fn write(&mut self, finding: &Finding) -> std::io::Result<Vec<u8>> {
         let alert = Alert {
             time: self.clock.map(|c| c.format(finding.time_ns)),
             finding,
         };
-        serde_json::to_writer(&mut self.out, &alert)?;
+        let line = serde_json::to_vec(&alert)?;
+        self.out.write_all(&line)?;
         self.out.write_all(b"\n")?;
         // Alerts are rare and urgent: each is flushed at once.
-        self.out.flush()
+        self.out.flush()?;
+        if let Some((path, size)) = &mut self.file {
+            *size += line.len() as u64 + 1;
+            if *size > ROTATE_BYTES {
+                for n in (1..ROTATE_KEEP).rev() {
+                    let _ = std::fs::rename(rotated(path, n), rotated(path, n + 1));
+                }
+                std::fs::rename(&*path, rotated(path, 1))?;
+                self.out = super::open_append(path)?;
+                *size = 0;
+            }
+        }
+        Ok(line)
     }
+}
+
+fn rotated(path: &Path, n: u32) -> std::path::PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(format!(".{n}"));
+    name.into()
 }

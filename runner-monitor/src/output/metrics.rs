@@ -33,6 +33,9 @@ pub const METRIC_NAMES: &[&str] = &[
     "runner_monitor_engine_latency_seconds",
     "runner_monitor_probe_attached",
     "runner_monitor_engine_evictions_total",
+    "runner_monitor_alerts_delivered_total",
+    "runner_monitor_alert_delivery_failures_total",
+    "runner_monitor_alert_spool_pending_bytes",
 ];
 
 pub struct Metrics {
@@ -54,6 +57,9 @@ pub struct Metrics {
     latency: Histogram,
     probe_attached: IntGaugeVec,
     evictions: IntCounterVec,
+    delivered: IntCounterVec,
+    delivery_failures: IntCounterVec,
+    spool_pending: IntGaugeVec,
 }
 
 fn counter_vec(name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -162,6 +168,24 @@ impl Metrics {
                 "Engine table entries dropped to stay within the limits, by table.",
                 &["table"],
             ),
+            delivered: counter_vec(
+                "runner_monitor_alerts_delivered_total",
+                "Alerts a receiver accepted, by sink.",
+                &["sink"],
+            ),
+            delivery_failures: counter_vec(
+                "runner_monitor_alert_delivery_failures_total",
+                "Failed delivery attempts (the alerts stay spooled), by sink.",
+                &["sink"],
+            ),
+            spool_pending: IntGaugeVec::new(
+                Opts::new(
+                    "runner_monitor_alert_spool_pending_bytes",
+                    "Bytes of alerts spooled on disk and not yet delivered, by sink.",
+                ),
+                &["sink"],
+            )
+            .expect("valid metric"),
             registry,
         };
         let build = IntGaugeVec::new(
@@ -190,6 +214,9 @@ impl Metrics {
             Box::new(m.latency.clone()),
             Box::new(m.probe_attached.clone()),
             Box::new(m.evictions.clone()),
+            Box::new(m.delivered.clone()),
+            Box::new(m.delivery_failures.clone()),
+            Box::new(m.spool_pending.clone()),
         ] {
             r.register(c).expect("unique metric names");
         }
@@ -220,7 +247,26 @@ impl Metrics {
         for table in ["processes", "jobs", "credentials", "dns"] {
             m.evictions.with_label_values(&[table]);
         }
+        for sink in ["alertmanager", "webhook"] {
+            m.delivered.with_label_values(&[sink]);
+            m.delivery_failures.with_label_values(&[sink]);
+            m.spool_pending.with_label_values(&[sink]);
+        }
         m
+    }
+
+    pub fn delivered(&self, sink: &str, alerts: u64) {
+        self.delivered.with_label_values(&[sink]).inc_by(alerts);
+    }
+
+    pub fn delivery_failed(&self, sink: &str) {
+        self.delivery_failures.with_label_values(&[sink]).inc();
+    }
+
+    pub fn spool_pending(&self, sink: &str, bytes: u64) {
+        self.spool_pending
+            .with_label_values(&[sink])
+            .set(bytes as i64);
     }
 
     /// Creates the credential-kind series at zero (the kinds come from the policy).

@@ -1,6 +1,7 @@
 //! Where findings, events and metrics go.
 
 pub mod alerts;
+pub mod delivery;
 pub mod http;
 pub mod metrics;
 

@@ -1,0 +1,398 @@
+//! Alert delivery to receivers that can be down: the Alertmanager v2 API and a generic JSON
+//! webhook (reqwest, over the same hyper stack as the HTTP endpoint).
+//!
+//! Every alert is first appended to the sink's spool on disk (fsynced), then delivered in order
+//! by the sink's own task, which moves a cursor (also on disk) only when the receiver accepted.
+//! A receiver outage or an agent restart therefore loses nothing: delivery resumes from the
+//! cursor, with backoff, and failures are counted.
+
+use std::{
+    fs::{File, OpenOptions},
+    io::{BufRead, BufReader, Seek, SeekFrom, Write},
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use serde_json::{Value, json};
+use tokio::sync::Notify;
+
+use super::metrics::Metrics;
+
+/// Alerts sent in one request at most.
+const BATCH: usize = 64;
+/// A spool larger than this refuses new alerts (counted as dropped) until the receiver drains it.
+const MAX_SPOOL_BYTES: u64 = 256 << 20;
+const MAX_BACKOFF: Duration = Duration::from_secs(60);
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Receiver {
+    /// Base URL of an Alertmanager; alerts go to `<url>/api/v2/alerts`.
+    Alertmanager(String),
+    /// Any URL; receives a JSON array of alerts per POST.
+    Webhook(String),
+}
+
+impl Receiver {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Receiver::Alertmanager(_) => "alertmanager",
+            Receiver::Webhook(_) => "webhook",
+        }
+    }
+
+    /// Checks the URL; only plain http:// for now.
+    pub fn validate(&self) -> Result<(), String> {
+        let url = match self {
+            Receiver::Alertmanager(u) | Receiver::Webhook(u) => u,
+        };
+        let parsed = reqwest::Url::parse(url).map_err(|e| format!("{url:?}: {e}"))?;
+        if parsed.scheme() != "http" {
+            return Err(format!(
+                "{url:?}: only http:// receivers are supported (put a TLS proxy in front)"
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// An append-only file of alerts (JSON lines) and the offset up to which they were delivered.
+pub struct Spool {
+    data: PathBuf,
+    cursor: PathBuf,
+    file: File,
+    delivered: u64,
+    size: u64,
+    pub dropped: u64,
+}
+
+impl Spool {
+    pub fn open(dir: &Path, name: &str) -> std::io::Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        let data = dir.join(format!("{name}.jsonl"));
+        let cursor = dir.join(format!("{name}.cursor"));
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .read(true)
+            .open(&data)?;
+        let size = file.metadata()?.len();
+        let delivered = std::fs::read_to_string(&cursor)
+            .ok()
+            .and_then(|s| s.trim().parse::<u64>().ok())
+            .unwrap_or(0)
+            .min(size);
+        Ok(Self {
+            data,
+            cursor,
+            file,
+            delivered,
+            size,
+            dropped: 0,
+        })
+    }
+
+    /// Appends one alert (a JSON object) and syncs it to disk.
+    pub fn append(&mut self, alert: &[u8]) -> std::io::Result<()> {
+        if self.size - self.delivered > MAX_SPOOL_BYTES {
+            self.dropped += 1;
+            tracing::error!(spool = %self.data.display(), "alert spool full: alert dropped");
+            return Ok(());
+        }
+        let mut line = alert.to_vec();
+        line.push(b'\n');
+        self.file.write_all(&line)?;
+        self.file.sync_data()?;
+        self.size += line.len() as u64;
+        Ok(())
+    }
+
+    /// Bytes waiting for delivery.
+    pub fn pending_bytes(&self) -> u64 {
+        self.size - self.delivered
+    }
+
+    /// Up to `max` undelivered alerts, and the offset just after the last one.
+    pub fn next_batch(&self, max: usize) -> std::io::Result<(Vec<Value>, u64)> {
+        let mut reader = BufReader::new(File::open(&self.data)?);
+        reader.seek(SeekFrom::Start(self.delivered))?;
+        let mut out = Vec::new();
+        let mut offset = self.delivered;
+        let mut line = String::new();
+        while out.len() < max {
+            line.clear();
+            let n = reader.read_line(&mut line)?;
+            if n == 0 || !line.ends_with('\n') {
+                break;
+            }
+            offset += n as u64;
+            match serde_json::from_str::<Value>(line.trim_end()) {
+                Ok(v) => out.push(v),
+                Err(e) => {
+                    tracing::error!(error = %e, "unreadable line in the alert spool: skipped")
+                }
+            }
+        }
+        Ok((out, offset))
+    }
+
+    /// Everything before `offset` was delivered: saves the cursor (atomically), and empties the
+    /// spool once it is all delivered.
+    pub fn commit(&mut self, offset: u64) -> std::io::Result<()> {
+        self.delivered = offset.min(self.size);
+        if self.delivered == self.size {
+            self.file.set_len(0)?;
+            self.file.sync_all()?;
+            self.size = 0;
+            self.delivered = 0;
+        }
+        let tmp = self.cursor.with_extension("cursor.tmp");
+        std::fs::write(&tmp, self.delivered.to_string())?;
+        File::open(&tmp)?.sync_all()?;
+        std::fs::rename(&tmp, &self.cursor)
+    }
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+/// An alert (as written to the alert stream) in the Alertmanager v2 form.
+fn alertmanager_alert(alert: &Value, host: &str) -> Value {
+    let text = |v: &Value| v.as_str().unwrap_or("").to_owned();
+    let job = &alert["job"];
+    let object = alert["credential"]["path"]
+        .as_str()
+        .map(str::to_owned)
+        .or_else(|| {
+            alert["destination"]["ip"]
+                .as_str()
+                .map(|ip| format!("{ip}:{}", alert["destination"]["port"]))
+        })
+        .or_else(|| alert["socket"]["path"].as_str().map(str::to_owned))
+        .unwrap_or_default();
+    // Alertmanager merges alerts with equal labels: the finding's identity keeps them apart.
+    let identity = format!(
+        "{}|{}|{}|{}|{}",
+        text(&alert["rule"]),
+        job["key"],
+        alert["process"]["pid"],
+        object,
+        alert["time_ns"]
+    );
+    let mut labels = json!({
+        "alertname": "RunnerMonitorFinding",
+        "rule": text(&alert["rule"]),
+        "severity": text(&alert["severity"]),
+        "mitre": text(&alert["mitre"]["id"]),
+        "host": host,
+        "finding": format!("{:016x}", fnv1a(identity.as_bytes())),
+    });
+    for (label, value) in [
+        ("job_id", &job["id"]),
+        ("repository", &job["repository"]),
+        ("workflow", &job["workflow"]),
+        ("platform", &job["platform"]),
+    ] {
+        if let Some(v) = value.as_str() {
+            labels[label] = json!(v);
+        }
+    }
+    let mut am = json!({
+        "labels": labels,
+        "annotations": {
+            "summary": text(&alert["summary"]),
+            "object": object,
+            "finding": alert.to_string(),
+        },
+    });
+    if let Some(time) = alert["time"].as_str() {
+        am["startsAt"] = json!(time);
+    }
+    am
+}
+
+/// FNV-1a, for a short stable label value.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// A receiver with its spool and delivery task.
+pub struct Sink {
+    pub receiver: Receiver,
+    spool: Arc<Mutex<Spool>>,
+    wake: Arc<Notify>,
+}
+
+impl Sink {
+    /// Opens the spool and starts delivering (in the current tokio runtime).
+    pub fn start(
+        receiver: Receiver,
+        spool_dir: &Path,
+        metrics: Arc<Metrics>,
+    ) -> std::io::Result<Self> {
+        let spool = Arc::new(Mutex::new(Spool::open(spool_dir, receiver.name())?));
+        let wake = Arc::new(Notify::new());
+        tokio::spawn(deliver(
+            receiver.clone(),
+            spool.clone(),
+            wake.clone(),
+            metrics,
+        ));
+        Ok(Self {
+            receiver,
+            spool,
+            wake,
+        })
+    }
+
+    /// Spools one alert for delivery.
+    pub fn send(&self, alert: &[u8]) -> std::io::Result<()> {
+        self.spool.lock().expect("spool lock").append(alert)?;
+        self.wake.notify_one();
+        Ok(())
+    }
+
+    pub fn pending_bytes(&self) -> u64 {
+        self.spool.lock().expect("spool lock").pending_bytes()
+    }
+}
+
+async fn post(
+    client: &reqwest::Client,
+    receiver: &Receiver,
+    batch: &[Value],
+    host: &str,
+) -> Result<(), String> {
+    let (url, body) = match receiver {
+        Receiver::Alertmanager(base) => (
+            format!("{}/api/v2/alerts", base.trim_end_matches('/')),
+            Value::Array(batch.iter().map(|a| alertmanager_alert(a, host)).collect()),
+        ),
+        Receiver::Webhook(url) => (url.clone(), Value::Array(batch.to_vec())),
+    };
+    let response = client
+        .post(&url)
+        .json(&body)
+        .send()
+        .await
+        .map_err(|e| format!("{url}: {e}"))?;
+    if response.status().is_success() {
+        Ok(())
+    } else {
+        Err(format!("{url}: HTTP {}", response.status()))
+    }
+}
+
+async fn deliver(
+    receiver: Receiver,
+    spool: Arc<Mutex<Spool>>,
+    wake: Arc<Notify>,
+    metrics: Arc<Metrics>,
+) {
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .expect("HTTP client");
+    let host = hostname();
+    let name = receiver.name();
+    let mut backoff = Duration::from_millis(500);
+    loop {
+        let batch = spool.lock().expect("spool lock").next_batch(BATCH);
+        let (alerts, end) = match batch {
+            Ok(b) => b,
+            Err(error) => {
+                tracing::error!(%error, sink = name, "reading the alert spool");
+                tokio::time::sleep(backoff).await;
+                continue;
+            }
+        };
+        metrics.spool_pending(name, spool.lock().expect("spool lock").pending_bytes());
+        if alerts.is_empty() {
+            let _ = tokio::time::timeout(Duration::from_secs(5), wake.notified()).await;
+            continue;
+        }
+        match post(&client, &receiver, &alerts, &host).await {
+            Ok(()) => {
+                if let Err(error) = spool.lock().expect("spool lock").commit(end) {
+                    tracing::error!(%error, sink = name, "saving the alert spool cursor");
+                }
+                metrics.delivered(name, alerts.len() as u64);
+                backoff = Duration::from_millis(500);
+            }
+            Err(error) => {
+                metrics.delivery_failed(name);
+                tracing::warn!(%error, sink = name, pending = alerts.len(), retry_in = ?backoff, "alert delivery failed; kept in the spool");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spool_keeps_order_survives_reopen_and_empties_when_delivered() {
+        let dir = std::env::temp_dir().join(format!("rm-spool-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        {
+            let mut s = Spool::open(&dir, "am").unwrap();
+            for i in 0..5 {
+                s.append(format!("{{\"n\":{i}}}").as_bytes()).unwrap();
+            }
+            let (batch, end) = s.next_batch(2).unwrap();
+            assert_eq!(batch, [json!({"n": 0}), json!({"n": 1})]);
+            s.commit(end).unwrap();
+        }
+        // A restart resumes after what was delivered.
+        let mut s = Spool::open(&dir, "am").unwrap();
+        let (batch, end) = s.next_batch(10).unwrap();
+        assert_eq!(batch.len(), 3);
+        assert_eq!(batch[0], json!({"n": 2}));
+        s.commit(end).unwrap();
+        assert_eq!(s.pending_bytes(), 0);
+        assert_eq!(std::fs::metadata(dir.join("am.jsonl")).unwrap().len(), 0);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn alertmanager_form_keeps_findings_apart_and_carries_the_job() {
+        let alert = json!({"rule": "credential-after-job-end", "severity": "critical", "mitre": {"id": "T1552.001"},
+            "time": "2026-11-22T08:00:00.000Z", "time_ns": 5, "job": {"key": 7, "id": "9/build", "repository": "acme/app"},
+            "process": {"pid": 42}, "credential": {"path": "/root/.aws/credentials", "kind": "aws"}, "summary": "s"});
+        let a = alertmanager_alert(&alert, "runner-1");
+        assert_eq!(a["labels"]["rule"], "credential-after-job-end");
+        assert_eq!(a["labels"]["repository"], "acme/app");
+        assert_eq!(a["labels"]["host"], "runner-1");
+        assert_eq!(a["annotations"]["object"], "/root/.aws/credentials");
+        assert_eq!(a["startsAt"], "2026-11-22T08:00:00.000Z");
+        let mut other = alert.clone();
+        other["time_ns"] = json!(6);
+        assert_ne!(
+            alertmanager_alert(&other, "runner-1")["labels"]["finding"],
+            a["labels"]["finding"]
+        );
+    }
+
+    #[test]
+    fn only_plain_http_receivers_are_accepted() {
+        assert!(
+            Receiver::Alertmanager("http://127.0.0.1:9093".into())
+                .validate()
+                .is_ok()
+        );
+        assert!(
+            Receiver::Webhook("https://soc.example/hook".into())
+                .validate()
+                .is_err()
+        );
+        assert!(Receiver::Webhook("not a url".into()).validate().is_err());
+    }
+}
