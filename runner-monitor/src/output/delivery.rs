@@ -381,6 +381,72 @@ mod tests {
         );
     }
 
+    /// A webhook receiver (axum) that records the alerts it gets.
+    async fn receiver(listener: tokio::net::TcpListener) -> Arc<Mutex<Vec<Value>>> {
+        let got: Arc<Mutex<Vec<Value>>> = Arc::default();
+        let store = got.clone();
+        let app = axum::Router::new().route(
+            "/hook",
+            axum::routing::post(move |body: String| {
+                let store = store.clone();
+                async move {
+                    let batch: Vec<Value> = serde_json::from_str(&body).unwrap();
+                    store.lock().unwrap().extend(batch);
+                    "ok"
+                }
+            }),
+        );
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        got
+    }
+
+    #[tokio::test]
+    async fn webhook_gets_every_alert_in_order_after_an_outage() {
+        let dir = std::env::temp_dir().join(format!("rm-hook-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        // A port with nothing behind it yet: the receiver is down.
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = probe.local_addr().unwrap();
+        drop(probe);
+        let metrics = Arc::new(Metrics::new());
+        let sink = Sink::start(
+            Receiver::Webhook(format!("http://{addr}/hook")),
+            &dir,
+            metrics.clone(),
+        )
+        .unwrap();
+        for i in 0..3 {
+            sink.send(format!("{{\"rule\":\"agent-tamper\",\"n\":{i}}}").as_bytes())
+                .unwrap();
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !metrics.encode().lines().any(|l| {
+            l.starts_with("runner_monitor_alert_delivery_failures_total{sink=\"webhook\"}")
+                && !l.ends_with(" 0")
+        }) {
+            assert!(std::time::Instant::now() < deadline, "no failure counted");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(sink.pending_bytes() > 0);
+        // The receiver comes up: everything arrives, in order, once.
+        let got = receiver(tokio::net::TcpListener::bind(addr).await.unwrap()).await;
+        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        while got.lock().unwrap().len() < 3 {
+            assert!(std::time::Instant::now() < deadline, "alerts not delivered");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let n: Vec<i64> = got
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|a| a["n"].as_i64().unwrap())
+            .collect();
+        assert_eq!(n, [0, 1, 2]);
+        assert_eq!(sink.pending_bytes(), 0);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
     #[test]
     fn only_plain_http_receivers_are_accepted() {
         assert!(
