@@ -603,28 +603,25 @@ fn a_real_prometheus_scrapes_the_finding_counter_a_job_raised() {
         .spawn()
         .expect("starting prometheus (Debian package)");
 
-    // The only job in this test binary that reads the runner's registration.
+    // The only job in this test binary that touches three kinds of credentials.
     let env = TestEnv::new("live-prometheus");
-    let runner_dir = env.dir.join("actions-runner");
-    std::fs::create_dir_all(&runner_dir).unwrap();
-    std::fs::write(runner_dir.join(".runner"), "{}").unwrap();
     let run = run_id(11);
     github_job(
         &env,
         agent,
         &run,
         "acme/app",
-        &format!("cat {}/.runner > /dev/null", runner_dir.display()),
+        "cat $HOME/.aws/credentials $HOME/.git-credentials $HOME/.ssh/id_ed25519 > /dev/null",
     );
     wait_alert(
         agent,
-        "runner-credential-access",
+        "credential-harvesting",
         &format!("{run}/build"),
         |_| true,
     );
 
     let query = format!(
-        "http://127.0.0.1:{port}/api/v1/query?query=sum(runner_monitor_findings_total%7Brule%3D%22runner-credential-access%22%7D)"
+        "http://127.0.0.1:{port}/api/v1/query?query=sum(runner_monitor_findings_total%7Brule%3D%22credential-harvesting%22%7D)"
     );
     let deadline = Instant::now() + Duration::from_secs(30);
     let value = loop {
