@@ -22,6 +22,8 @@ use runner_monitor::{
     },
 };
 
+pub mod live;
+
 /// The recognisable fake secret planted in every credential file the tests create. No output may
 /// ever contain it.
 pub const CANARY: &str = "rmcanary-7f3c9e1d-NOT-A-REAL-TOKEN";
@@ -257,6 +259,19 @@ pub fn output_of(command: &mut Command) -> std::process::Output {
         }
     }
     panic!("{command:?}: executable stayed busy");
+}
+
+/// Spawns `command` so that it is killed (`signal`) when the calling thread ends: nothing a test
+/// starts outlives it.
+pub fn spawn_with_parent_death(command: &mut Command, signal: i32) -> std::io::Result<Child> {
+    // SAFETY: prctl in the forked child before exec is async-signal-safe.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(command, move || {
+            libc::prctl(libc::PR_SET_PDEATHSIG, signal);
+            Ok(())
+        });
+    }
+    command.spawn()
 }
 
 /// Runs a command and panics with its output when it fails.

@@ -1,0 +1,277 @@
+//! The live tests' machinery: one real agent binary per test binary, simulated CI jobs, and the
+//! real Prometheus and Alertmanager the tests start.
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::OnceLock,
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+
+use crate::{CANARY, TestEnv, job_step, output_of};
+
+pub struct Agent {
+    pub dir: PathBuf,
+    pub socket: PathBuf,
+    /// Where the agent serves /metrics.
+    pub http: String,
+    /// The Alertmanager port the agent delivers to (nothing listens until a test starts one).
+    pub alertmanager_port: u16,
+    _child: Child,
+}
+
+static AGENT: OnceLock<Agent> = OnceLock::new();
+
+pub fn target_dir() -> PathBuf {
+    job_step().parent().unwrap().to_path_buf()
+}
+
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+/// One agent for this test binary, with a short grace period so survivors show quickly.
+pub fn agent() -> &'static Agent {
+    AGENT.get_or_init(|| {
+        let binary = target_dir().join("runner-monitor");
+        assert!(
+            binary.exists(),
+            "{} is missing: `cargo build -p runner-monitor` first",
+            binary.display()
+        );
+        let dir = std::env::temp_dir().join(format!("rm-live-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let policy = dir.join("policy.toml");
+        std::fs::write(
+            &policy,
+            runner_monitor::policy::DEFAULT_POLICY
+                .replace("grace_period_seconds = 30", "grace_period_seconds = 2")
+                .replace("stage_gap_seconds = 10", "stage_gap_seconds = 1"),
+        )
+        .unwrap();
+        let socket = dir.join("control.sock");
+        let alertmanager_port = free_port();
+        let key = dir.join("fingerprint.key");
+        std::fs::write(&key, [0x5a; 32]).unwrap();
+        std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .unwrap();
+        let log = std::fs::File::create(dir.join("agent.log")).unwrap();
+        let mut command = Command::new(&binary);
+        command
+            .args(["run", "--status-interval", "2", "--policy"])
+            .arg(&policy)
+            .arg("--alerts-out")
+            .arg(dir.join("alerts.jsonl"))
+            .arg("--events-out")
+            .arg(dir.join("events.jsonl"))
+            .arg("--control-socket")
+            .arg(&socket)
+            .arg("--fingerprint-key")
+            .arg(&key)
+            .args(["--listen", "127.0.0.1:0"])
+            .arg("--alertmanager")
+            .arg(format!("http://127.0.0.1:{alertmanager_port}"))
+            .arg("--spool-dir")
+            .arg(dir.join("spool"))
+            .stdout(Stdio::null())
+            .stderr(log);
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            // The agent dies with this thread, which lives as long as the test binary.
+            let child = crate::spawn_with_parent_death(&mut command, libc::SIGTERM)
+                .expect("starting the agent");
+            tx.send(child).unwrap();
+            loop {
+                std::thread::park();
+            }
+        });
+        let child = rx.recv().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !std::fs::read_to_string(dir.join("agent.log"))
+            .unwrap_or_default()
+            .contains("control socket ready")
+        {
+            assert!(
+                Instant::now() < deadline,
+                "the agent did not start: {}",
+                agent_log(&dir)
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let log = agent_log(&dir);
+        let http = log
+            .split("address=")
+            .nth(1)
+            .and_then(|rest| rest.split_whitespace().next())
+            .expect("the agent logs its HTTP address")
+            .trim_matches(|c: char| !c.is_ascii_digit() && c != '.' && c != ':')
+            .to_owned();
+        Agent {
+            dir,
+            socket,
+            http,
+            alertmanager_port,
+            _child: child,
+        }
+    })
+}
+
+pub fn agent_log(dir: &Path) -> String {
+    std::fs::read_to_string(dir.join("agent.log")).unwrap_or_default()
+}
+
+pub fn alerts(agent: &Agent) -> Vec<Value> {
+    std::fs::read_to_string(agent.dir.join("alerts.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("an alert is one JSON object"))
+        .collect()
+}
+
+/// Waits for an alert of `rule` for the job whose id is `job_id`.
+pub fn wait_alert(
+    agent: &Agent,
+    rule: &str,
+    job_id: &str,
+    extra: impl Fn(&Value) -> bool,
+) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        if let Some(a) = alerts(agent)
+            .into_iter()
+            .find(|a| a["rule"] == rule && a["job"]["id"] == job_id && extra(a))
+        {
+            return a;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no {rule} alert for job {job_id}; alerts: {:#?}\nlog: {}",
+            alerts(agent),
+            agent_log(&agent.dir)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Runs a GitHub-style job: a `Runner.Worker` that runs the job-started hook, then `steps`, then
+/// the job-completed hook.
+pub fn github_job(env: &TestEnv, agent: &Agent, run_id: &str, repository: &str, steps: &str) {
+    let worker = env.dir.join("Runner.Worker");
+    std::fs::copy("/bin/sh", &worker).unwrap();
+    let hooks = repo_root().join("hooks/github");
+    let script = format!(
+        "sh {started}\n{steps}\nsh {completed}\n",
+        started = hooks.join("job-started.sh").display(),
+        completed = hooks.join("job-completed.sh").display(),
+    );
+    let out = output_of(
+        Command::new(&worker)
+            .arg("-c")
+            .arg(script)
+            .env("HOME", &env.home)
+            .env("PATH", format!("{}:/usr/bin:/bin", target_dir().display()))
+            .env("RUNNER_MONITOR_SOCKET", &agent.socket)
+            .env("JOB_STEP", job_step())
+            .env("GITHUB_RUN_ID", run_id)
+            .env("GITHUB_JOB", "build")
+            .env("GITHUB_REPOSITORY", repository)
+            .env("GITHUB_WORKFLOW", "CI")
+            .env("RUNNER_NAME", "runner-test")
+            .env("GITHUB_TOKEN", CANARY)
+            .env("TOKEN", CANARY)
+            .env("RUNNER_TRACKING_ID", format!("github_{run_id}")),
+    );
+    assert!(
+        out.status.success() && out.stderr.is_empty(),
+        "job failed: {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// No output of the agent (alerts, event trace, log) carries the canary secret planted in the
+/// credential files and in the jobs' environment (`GITHUB_TOKEN`, `CI_JOB_TOKEN`).
+pub fn assert_no_secret(agent: &Agent) {
+    for file in ["alerts.jsonl", "events.jsonl", "agent.log"] {
+        let text = std::fs::read_to_string(agent.dir.join(file)).unwrap_or_default();
+        assert!(!text.is_empty(), "{file} is empty");
+        assert!(!text.contains(CANARY), "the canary leaked into {file}");
+    }
+}
+
+pub fn run_id(tag: u32) -> String {
+    format!("{}{tag:02}", std::process::id())
+}
+
+/// A free loopback port (bound and released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub fn curl(url: &str) -> String {
+    let out = Command::new("curl")
+        .args(["-s", "--max-time", "5", url])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Starts a real Alertmanager (Debian package) on `port`, dying with this test's thread.
+pub fn start_alertmanager(dir: &Path, port: u16) -> Child {
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(
+        dir.join("alertmanager.yml"),
+        "route:\n  receiver: soc\nreceivers:\n  - name: soc\n",
+    )
+    .unwrap();
+    let mut command = Command::new("prometheus-alertmanager");
+    command
+        .arg(format!(
+            "--config.file={}",
+            dir.join("alertmanager.yml").display()
+        ))
+        .arg(format!("--storage.path={}", dir.join("data").display()))
+        .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+        .arg("--cluster.listen-address=")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.join("alertmanager.log")).unwrap());
+    let child = crate::spawn_with_parent_death(&mut command, libc::SIGKILL)
+        .expect("starting prometheus-alertmanager (Debian package)");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while curl(&format!("http://127.0.0.1:{port}/-/ready")).trim() != "OK" {
+        assert!(Instant::now() < deadline, "alertmanager did not start");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    child
+}
+
+/// The alerts Alertmanager holds for a job id.
+pub fn alertmanager_has(port: u16, job_id: &str) -> bool {
+    let answer = curl(&format!("http://127.0.0.1:{port}/api/v2/alerts"));
+    serde_json::from_str::<Value>(&answer)
+        .ok()
+        .and_then(|v| v.as_array().cloned())
+        .unwrap_or_default()
+        .iter()
+        .any(|a| {
+            a["labels"]["job_id"] == job_id && a["labels"]["alertname"] == "RunnerMonitorFinding"
+        })
+}
+
+pub fn wait_until(what: &str, seconds: u64, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
