@@ -51,7 +51,7 @@ impl Expected {
             && self
                 .job
                 .as_ref()
-                .is_none_or(|j| f.job.as_ref().is_some_and(|fj| &fj.id == j))
+                .is_none_or(|j| f.job.as_ref().is_some_and(|fj| &fj.info.id == j))
             && self
                 .pid
                 .is_none_or(|p| f.process.as_ref().is_some_and(|fp| fp.pid == p))

@@ -6,7 +6,7 @@ use std::net::IpAddr;
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    event::JobKey,
+    event::{JobInfo, JobKey},
     rule::{RuleId, Severity},
 };
 
@@ -19,17 +19,9 @@ pub struct Mitre {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FindingJob {
     pub key: JobKey,
-    pub id: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub platform: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub repository: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub workflow: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub run: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub runner: Option<String>,
+    /// Who the job is: id, platform, repository, workflow, run, runner, ...
+    #[serde(flatten)]
+    pub info: JobInfo,
     /// The job had ended when this happened.
     pub ended: bool,
 }

@@ -225,8 +225,8 @@ impl Engine {
             .saturating_mul(1_000_000_000);
         for mut f in findings {
             let selector = JobSelector {
-                repository: f.job.as_ref().and_then(|j| j.repository.as_deref()),
-                workflow: f.job.as_ref().and_then(|j| j.workflow.as_deref()),
+                repository: f.job.as_ref().and_then(|j| j.info.repository.as_deref()),
+                workflow: f.job.as_ref().and_then(|j| j.info.workflow.as_deref()),
             };
             let mut suppressed = false;
             if f.job.is_some() {

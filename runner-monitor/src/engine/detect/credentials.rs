@@ -164,7 +164,7 @@ fn reuse(
         .jobs
         .get(&job)
         .and_then(|j| j.info.repository.clone());
-    let origin_repo = origin_job.as_ref().and_then(|j| j.repository.clone());
+    let origin_repo = origin_job.as_ref().and_then(|j| j.info.repository.clone());
     let other_repo = this_repo != origin_repo;
     let mut finding = engine.raise(
         RuleId::CrossJobCredentialReuse,

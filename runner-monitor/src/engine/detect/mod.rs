@@ -18,30 +18,26 @@ const NS: u64 = 1_000_000_000;
 fn finding_job(job: &Job, ended: bool) -> FindingJob {
     FindingJob {
         key: job.key,
-        id: job.info.id.clone(),
-        platform: job.info.platform.clone(),
-        repository: job.info.repository.clone(),
-        workflow: job.info.workflow.clone(),
-        run: job.info.run.clone(),
-        runner: job.info.runner.clone(),
+        info: job.info.clone(),
         ended,
     }
 }
 
 /// A short name for a job in summaries: `repository workflow #run` or its id.
 fn job_label(job: &FindingJob) -> String {
-    match &job.repository {
+    let info = &job.info;
+    match &info.repository {
         Some(repo) => {
             let mut s = repo.clone();
-            if let Some(w) = &job.workflow {
+            if let Some(w) = &info.workflow {
                 s.push_str(&format!(" / {w}"));
             }
-            if let Some(r) = &job.run {
+            if let Some(r) = &info.run {
                 s.push_str(&format!(" #{r}"));
             }
             s
         }
-        None => format!("job {}", job.id),
+        None => format!("job {}", info.id),
     }
 }
 

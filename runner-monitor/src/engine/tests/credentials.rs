@@ -19,11 +19,11 @@ fn docker_login_in_one_job_read_by_another_repository_is_cross_job_reuse() {
     let f = t.only(RuleId::CrossJobCredentialReuse);
     assert_eq!(f.severity, Severity::Critical, "another repository");
     assert_eq!(
-        f.origin_job.as_ref().unwrap().repository.as_deref(),
+        f.origin_job.as_ref().unwrap().info.repository.as_deref(),
         Some("acme/release")
     );
     assert_eq!(
-        f.job.as_ref().unwrap().repository.as_deref(),
+        f.job.as_ref().unwrap().info.repository.as_deref(),
         Some("evil/fork")
     );
 }

@@ -41,7 +41,7 @@ fn survivor_reading_aws_credentials_ten_minutes_after_job_end_is_critical() {
     assert_eq!(f.severity, Severity::Critical);
     assert_eq!(f.credential.as_ref().unwrap().kind, "aws");
     assert_eq!(
-        f.job.as_ref().unwrap().repository.as_deref(),
+        f.job.as_ref().unwrap().info.repository.as_deref(),
         Some("acme/app")
     );
     assert!(f.job.as_ref().unwrap().ended);
@@ -195,7 +195,7 @@ fn gitlab_stages_are_one_job_that_ends_after_the_last_stage() {
     // behind; the leftover process survives it.
     t.findings.extend(t.engine.advance(20 * S));
     let left = t.only(RuleId::CredentialLeftBehind);
-    assert_eq!(left.job.as_ref().unwrap().id, "4242");
+    assert_eq!(left.job.as_ref().unwrap().info.id, "4242");
     assert_eq!(left.time_ns, 7 * S);
     t.findings.extend(t.engine.advance(40 * S));
     let survivor = t.only(RuleId::ProcessSurvivedJob);
