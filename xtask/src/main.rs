@@ -3,6 +3,8 @@
 //! Every command first makes sure the machine can build the kernel programs (`setup`, which is
 //! idempotent and says what it does), so `cargo xtask run` works on a fresh machine.
 
+mod bench;
+
 use std::{
     path::{Path, PathBuf},
     process::Command,
@@ -33,6 +35,12 @@ enum Task {
     Check,
     /// Clippy with warnings as errors, on the agent and on the kernel programs (bpf target).
     Lint,
+    /// Measure the agent's cost (syscalls off/floor/on, engine throughput and memory).
+    Bench {
+        /// A short run of each benchmark (CI keeps them working with it).
+        #[arg(long)]
+        smoke: bool,
+    },
     /// Run every test: unit tests and the root-only integration tests with the real probes.
     Test {
         /// Extra arguments for the test binaries (e.g. a test name filter).
@@ -80,6 +88,13 @@ fn main() -> anyhow::Result<()> {
             build()?;
             run_cmd(Command::new(agent_binary()).arg("check"))
         }
+        Task::Bench { smoke } => {
+            setup()?;
+            if !is_root() {
+                bail!("the benchmarks load the agent and enable tracepoints: run them as root");
+            }
+            bench::bench(smoke)
+        }
         Task::Lint => {
             setup()?;
             lint()
@@ -91,14 +106,14 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
-fn workspace_root() -> PathBuf {
+pub(crate) fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .expect("xtask lives in the workspace")
         .to_path_buf()
 }
 
-fn agent_binary() -> PathBuf {
+pub(crate) fn agent_binary() -> PathBuf {
     workspace_root().join("target/release/runner-monitor")
 }
 
@@ -106,7 +121,7 @@ fn say(what: &str) {
     eprintln!("xtask: {what}");
 }
 
-fn run_cmd(cmd: &mut Command) -> anyhow::Result<()> {
+pub(crate) fn run_cmd(cmd: &mut Command) -> anyhow::Result<()> {
     let status = cmd.status().with_context(|| format!("running {cmd:?}"))?;
     if !status.success() {
         bail!("{cmd:?} failed: {status}");
@@ -114,7 +129,7 @@ fn run_cmd(cmd: &mut Command) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn output(cmd: &mut Command) -> Option<String> {
+pub(crate) fn output(cmd: &mut Command) -> Option<String> {
     let out = cmd.output().ok()?;
     out.status
         .success()
