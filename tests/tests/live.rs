@@ -317,7 +317,7 @@ fn gitlab_runner_stages_are_found_and_joined_without_hooks() {
                 // A stage lives as long as its script; this one is a few hundred milliseconds, so
                 // the agent reads its identity from /proc even when the machine is busy.
                 "bash -c 'printf %s \"$TOKEN\" > \"$HOME/.npmrc\"; sleep 0.3'\n",
-                "bash -c 'cat \"$HOME/.npmrc\" > /dev/null; ",
+                "bash -c 'sleep 0.3; cat \"$HOME/.npmrc\" > /dev/null; ",
                 "(setsid sh -c \"sleep 2; cat $HOME/.aws/credentials > /dev/null; sleep 4\" &)'\n",
             ))
             .env("HOME", &env.home)

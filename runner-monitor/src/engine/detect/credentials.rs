@@ -165,7 +165,9 @@ fn reuse(
         .get(&job)
         .and_then(|j| j.info.repository.clone());
     let origin_repo = origin_job.as_ref().and_then(|j| j.info.repository.clone());
-    let other_repo = this_repo != origin_repo;
+    // Critical only when both repositories are known and differ: a job not yet identified
+    // (its identity is read from /proc, which can lag) is not claimed to be another repository.
+    let other_repo = matches!((&this_repo, &origin_repo), (Some(a), Some(b)) if a != b);
     let mut finding = engine.raise(
         RuleId::CrossJobCredentialReuse,
         event,

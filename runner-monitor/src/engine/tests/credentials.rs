@@ -121,3 +121,16 @@ fn a_token_copied_to_another_path_is_recognised_by_its_fingerprint() {
         f.summary
     );
 }
+
+#[test]
+fn reuse_by_a_job_not_yet_identified_is_not_claimed_to_cross_repositories() {
+    let mut t = Trace::new();
+    t.start(1, 1, 100, "acme/release");
+    t.open(2, 1, 100, "/home/ci/.npmrc", true);
+    t.end(3, 1, 100);
+    // Job 2's identity is not known yet (no job_start): its repository is unknown.
+    t.open(4, 2, 200, "/home/ci/.npmrc", false);
+    let f = t.only(RuleId::CrossJobCredentialReuse);
+    assert_eq!(f.severity, Severity::High);
+    assert!(!f.summary.contains("another repository"), "{}", f.summary);
+}
