@@ -103,6 +103,9 @@ pub struct Engine {
     /// dedup key -> (first time, repeats).
     dedup: BoundedMap<String, (u64, u64)>,
     now_ns: u64,
+    /// The earliest time a timer (stage gap, survivor grace) is due; the job table is only
+    /// scanned when time passes it, not at every event.
+    next_timer_ns: u64,
     stats: EngineStats,
 }
 
@@ -119,6 +122,7 @@ impl Engine {
             stages: BoundedMap::new(policy.max_jobs),
             policy,
             now_ns: 0,
+            next_timer_ns: u64::MAX,
             stats: EngineStats::default(),
         }
     }
@@ -213,7 +217,9 @@ impl Engine {
         if now_ns > self.now_ns {
             self.now_ns = now_ns;
         }
-        detect::timers(self, out);
+        if self.now_ns >= self.next_timer_ns {
+            detect::timers(self, out);
+        }
     }
 
     /// Applies severity overrides and suppressions of the job's rules, and deduplicates.
@@ -318,6 +324,9 @@ impl Engine {
                         // A stage ended; the job waits for the next one (see detect::timers).
                         Some(job) if job.staged && job.ended_ns.is_none() => {
                             job.last_stage_exit = Some(event.time_ns);
+                            let gap = self.policy.stage_gap_seconds.saturating_mul(1_000_000_000);
+                            self.next_timer_ns =
+                                self.next_timer_ns.min(event.time_ns.saturating_add(gap));
                         }
                         _ => self.end_job(j.key, event.time_ns, out),
                     }
@@ -449,6 +458,9 @@ impl Engine {
         job.ended_ns = Some(time_ns);
         let job = job.clone();
         self.stats.jobs_ended += 1;
+        self.next_timer_ns = self
+            .next_timer_ns
+            .min(time_ns.saturating_add(self.grace_ns(key)));
         detect::job_ended(self, &job, time_ns, out);
     }
 }

@@ -52,7 +52,7 @@ impl Engine {
         }
     }
 
-    fn grace_ns(&self, key: JobKey) -> u64 {
+    pub(super) fn grace_ns(&self, key: JobKey) -> u64 {
         let mut grace = self.policy.grace_period_seconds;
         for rule in self.policy.rules_for(self.job_selector(Some(key))) {
             if let Some(g) = rule.grace_period_seconds {
@@ -378,4 +378,16 @@ pub(super) fn timers(engine: &mut Engine, out: &mut Vec<Finding>) {
             out.push(finding);
         }
     }
+    // When the next timer is due: the earliest stage gap or grace period still pending.
+    let gap = engine.policy.stage_gap_seconds.saturating_mul(NS);
+    engine.next_timer_ns = engine
+        .jobs
+        .iter()
+        .filter_map(|(k, j)| match (j.ended_ns, j.last_stage_exit) {
+            (None, Some(t)) => Some(t.saturating_add(gap)),
+            (Some(t), _) if !j.survivors_checked => Some(t.saturating_add(engine.grace_ns(*k))),
+            _ => None,
+        })
+        .min()
+        .unwrap_or(u64::MAX);
 }
