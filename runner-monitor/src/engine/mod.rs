@@ -190,13 +190,7 @@ impl Engine {
             // It was counted as a job of its own until now.
             self.stats.jobs_started -= 1;
         }
-        let pids: Vec<u32> = self
-            .processes
-            .iter()
-            .filter(|(_, p)| p.job == Some(stage))
-            .map(|(pid, _)| *pid)
-            .collect();
-        for pid in pids {
+        for pid in self.pids_of(stage) {
             if let Some(p) = self.processes.get_mut(&pid) {
                 p.job = Some(job);
             }
@@ -204,6 +198,15 @@ impl Engine {
         if let Some(j) = self.jobs.get_mut(&job) {
             j.last_stage_exit = None;
         }
+    }
+
+    /// Live processes of a job.
+    fn pids_of(&self, job: JobKey) -> Vec<u32> {
+        self.processes
+            .iter()
+            .filter(|(_, p)| p.job == Some(job))
+            .map(|(pid, _)| *pid)
+            .collect()
     }
 
     /// Moves time forward without an event (the live agent calls this every second).

@@ -322,13 +322,7 @@ pub(super) fn timers(engine: &mut Engine, out: &mut Vec<Finding>) {
         job.survivors_checked = true;
         let job = job.clone();
         let ended = job.ended_ns.unwrap_or(now);
-        let survivors: Vec<u32> = engine
-            .processes
-            .iter()
-            .filter(|(_, p)| p.job == Some(key))
-            .map(|(pid, _)| *pid)
-            .collect();
-        for pid in survivors {
+        for pid in engine.pids_of(key) {
             let Some(p) = engine.processes.get(&pid).cloned() else {
                 continue;
             };
