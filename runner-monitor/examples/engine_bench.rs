@@ -9,8 +9,8 @@ use std::{net::IpAddr, sync::Arc, time::Instant};
 use runner_monitor::{
     engine::Engine,
     event::{
-        Connect, Dns, DnsQuestion, DnsRecord, Event, EventDetail, FileAccess, JobInfo, JobKey,
-        JobRef, ProcessRef, SocketFamily,
+        Connect, Dns, Event, EventDetail, FileAccess, JobInfo, JobKey, JobRef, ProcessRef,
+        SocketFamily,
     },
     policy::Policy,
 };
@@ -105,16 +105,9 @@ fn throughput(total: u64) {
         let ppid = (job * 1000) as u32;
         let detail = match i % 4 {
             0 | 1 => EventDetail::FileOpen(FileAccess {
-                path: paths[(i % 4) as usize].into(),
-                raw_path: String::new(),
-                resolved: true,
-                new_path: None,
-                flags: 0,
-                write: false,
                 result: 3,
                 matched: vec!["basename".into()],
-                target_pid: None,
-                fingerprint: None,
+                ..FileAccess::at(paths[(i % 4) as usize])
             }),
             2 => EventDetail::Connect(Connect {
                 family: SocketFamily::Inet,
@@ -124,23 +117,7 @@ fn throughput(total: u64) {
                 fd: 3,
                 result: 0,
             }),
-            _ => EventDetail::DnsAnswer(Dns {
-                server_ip: "127.0.0.53".parse().unwrap(),
-                server_port: 53,
-                id: 1,
-                rcode: None,
-                questions: vec![DnsQuestion {
-                    name: "api.github.com.".into(),
-                    record_type: "A".into(),
-                }],
-                answers: vec![DnsRecord {
-                    name: "api.github.com.".into(),
-                    record_type: "A".into(),
-                    ttl: 60,
-                    data: ip.to_string(),
-                }],
-                parse_error: None,
-            }),
+            _ => EventDetail::DnsAnswer(Dns::answer_a("api.github.com", &ip.to_string())),
         };
         events.push(event(t + i, job, pid, ppid, detail));
     }

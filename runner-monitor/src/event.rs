@@ -221,6 +221,25 @@ pub struct FileAccess {
     pub fingerprint: Option<String>,
 }
 
+impl FileAccess {
+    /// An access to the resolved `path` and nothing more (flags 0, result 0): the base for
+    /// traces written by hand (`FileAccess { write: true, ..FileAccess::at(path) }`).
+    pub fn at(path: &str) -> Self {
+        Self {
+            path: path.to_owned(),
+            raw_path: path.to_owned(),
+            resolved: true,
+            new_path: None,
+            flags: 0,
+            write: false,
+            result: 0,
+            matched: Vec::new(),
+            target_pid: None,
+            fingerprint: None,
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum SocketFamily {
@@ -261,6 +280,31 @@ pub struct Dns {
     /// The message could not be parsed (it is kept out of the event: it may be anything).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parse_error: Option<String>,
+}
+
+impl Dns {
+    /// A resolver's answer (from 127.0.0.53) giving `name` one A record: for traces written by
+    /// hand.
+    pub fn answer_a(name: &str, ip: &str) -> Self {
+        let fqdn = format!("{}.", name.trim_end_matches('.'));
+        Self {
+            server_ip: std::net::IpAddr::from([127, 0, 0, 53]),
+            server_port: 53,
+            id: 1,
+            rcode: Some("No Error".into()),
+            questions: vec![DnsQuestion {
+                name: fqdn.clone(),
+                record_type: "A".into(),
+            }],
+            answers: vec![DnsRecord {
+                name: fqdn,
+                record_type: "A".into(),
+                ttl: 60,
+                data: ip.to_owned(),
+            }],
+            parse_error: None,
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -53,18 +53,7 @@ fn a_credential_removed_before_the_end_is_not_left_behind() {
         100,
         1,
         "rm",
-        EventDetail::FileUnlink(FileAccess {
-            path: "/home/ci/.docker/config.json".into(),
-            raw_path: String::new(),
-            resolved: true,
-            new_path: None,
-            flags: 0,
-            write: false,
-            result: 0,
-            matched: vec![],
-            target_pid: None,
-            fingerprint: None,
-        }),
+        EventDetail::FileUnlink(FileAccess::at("/home/ci/.docker/config.json")),
     );
     t.end(4, 1, 100);
     assert!(t.findings.is_empty(), "{:#?}", t.findings);
@@ -97,16 +86,10 @@ fn a_token_copied_to_another_path_is_recognised_by_its_fingerprint() {
         1,
         "cat",
         EventDetail::FileOpen(FileAccess {
-            path: "/tmp/loot/.npmrc".into(),
-            raw_path: "/tmp/loot/.npmrc".into(),
-            resolved: true,
-            new_path: None,
-            flags: 0,
-            write: false,
             result: 3,
             matched: vec!["basename".into()],
-            target_pid: None,
             fingerprint: Some("hmac-sha256:aa".into()),
+            ..FileAccess::at("/tmp/loot/.npmrc")
         }),
     );
     let f = t.only(RuleId::CrossJobCredentialReuse);

@@ -8,10 +8,7 @@ use std::sync::Arc;
 
 use super::*;
 use crate::{
-    event::{
-        Connect, Dns, DnsQuestion, DnsRecord, FileAccess, JobRef, ProcessRef, SensorStatus,
-        SocketFamily,
-    },
+    event::{Connect, Dns, FileAccess, JobRef, ProcessRef, SensorStatus, SocketFamily},
     rule::{RuleId, Severity},
 };
 
@@ -153,16 +150,11 @@ impl Trace {
             0,
             "cat",
             EventDetail::FileOpen(FileAccess {
-                path: path.into(),
-                raw_path: path.into(),
-                resolved: true,
-                new_path: None,
                 flags: if write { 0o1101 } else { 0 },
                 write,
                 result: 3,
                 matched: vec!["basename".into()],
-                target_pid: None,
-                fingerprint: None,
+                ..FileAccess::at(path)
             }),
         );
     }

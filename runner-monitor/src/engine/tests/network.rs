@@ -15,16 +15,10 @@ fn memory_dump_of_the_runner_then_unknown_egress() {
         100,
         "python3",
         EventDetail::FileOpen(FileAccess {
-            path: "/proc/100/mem".into(),
-            raw_path: "/proc/100/mem".into(),
-            resolved: true,
-            new_path: None,
-            flags: 0,
-            write: false,
             result: 5,
             matched: vec!["proc_memory".into()],
             target_pid: Some(100),
-            fingerprint: None,
+            ..FileAccess::at("/proc/100/mem")
         }),
     );
     t.feed(
@@ -33,23 +27,7 @@ fn memory_dump_of_the_runner_then_unknown_egress() {
         101,
         100,
         "python3",
-        EventDetail::DnsAnswer(Dns {
-            server_ip: "127.0.0.53".parse().unwrap(),
-            server_port: 53,
-            id: 1,
-            rcode: Some("No Error".into()),
-            questions: vec![DnsQuestion {
-                name: "exfil.example.net.".into(),
-                record_type: "A".into(),
-            }],
-            answers: vec![DnsRecord {
-                name: "exfil.example.net.".into(),
-                record_type: "A".into(),
-                ttl: 60,
-                data: "203.0.113.9".into(),
-            }],
-            parse_error: None,
-        }),
+        EventDetail::DnsAnswer(Dns::answer_a("exfil.example.net", "203.0.113.9")),
     );
     t.connect(5, 1, 101, "203.0.113.9", 443);
     assert_eq!(
@@ -88,23 +66,7 @@ fn egress_allowed_by_name_or_by_repository_rule_is_quiet() {
         100,
         1,
         "git",
-        EventDetail::DnsAnswer(Dns {
-            server_ip: "127.0.0.53".parse().unwrap(),
-            server_port: 53,
-            id: 2,
-            rcode: None,
-            questions: vec![DnsQuestion {
-                name: "api.github.com.".into(),
-                record_type: "A".into(),
-            }],
-            answers: vec![DnsRecord {
-                name: "api.github.com.".into(),
-                record_type: "A".into(),
-                ttl: 60,
-                data: "140.82.112.5".into(),
-            }],
-            parse_error: None,
-        }),
+        EventDetail::DnsAnswer(Dns::answer_a("api.github.com", "140.82.112.5")),
     );
     t.connect(3, 1, 100, "140.82.112.5", 443);
     t.connect(3, 1, 100, "198.51.100.7", 443);
