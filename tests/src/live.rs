@@ -171,13 +171,9 @@ pub fn github_job(env: &TestEnv, agent: &Agent, run_id: &str, repository: &str, 
         completed = hooks.join("job-completed.sh").display(),
     );
     let out = output_of(
-        Command::new(&worker)
+        job_command(&worker, env, agent)
             .arg("-c")
             .arg(script)
-            .env("HOME", &env.home)
-            .env("PATH", format!("{}:/usr/bin:/bin", target_dir().display()))
-            .env("RUNNER_MONITOR_SOCKET", &agent.socket)
-            .env("JOB_STEP", job_step())
             .env("GITHUB_RUN_ID", run_id)
             .env("GITHUB_JOB", "build")
             .env("GITHUB_REPOSITORY", repository)
@@ -193,6 +189,18 @@ pub fn github_job(env: &TestEnv, agent: &Agent, run_id: &str, repository: &str, 
         out.status,
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// A command as a CI job runs it here: the test's home, the agent's CLI (for the hooks) and
+/// the `job-step` helper on hand, and the agent's control socket.
+pub fn job_command(program: &Path, env: &TestEnv, agent: &Agent) -> Command {
+    let mut command = Command::new(program);
+    command
+        .env("HOME", &env.home)
+        .env("PATH", format!("{}:/usr/bin:/bin", target_dir().display()))
+        .env("RUNNER_MONITOR_SOCKET", &agent.socket)
+        .env("JOB_STEP", job_step());
+    command
 }
 
 /// No output of the agent (alerts, event trace, log) carries the canary secret planted in the

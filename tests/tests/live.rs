@@ -11,8 +11,8 @@ use std::{
 use integration_tests::{
     CANARY, NetNs, TestEnv, job_step,
     live::{
-        agent, alertmanager_has, alerts, assert_no_secret, curl, free_port, github_job, repo_root,
-        run_id, start_alertmanager, target_dir, wait_alert, wait_until,
+        agent, alertmanager_has, alerts, assert_no_secret, curl, free_port, github_job,
+        job_command, repo_root, run_id, start_alertmanager, target_dir, wait_alert, wait_until,
     },
     output_of, spawn_with_parent_death,
 };
@@ -170,13 +170,9 @@ fn gitlab_shell_job_with_pre_and_post_build_scripts() {
         post = hooks.join("post-build.sh").display(),
         sock = sock.display()
     );
-    let out = Command::new("bash")
+    let out = job_command(std::path::Path::new("bash"), &env, agent)
         .arg("-c")
         .arg(script)
-        .env("HOME", &env.home)
-        .env("PATH", format!("{}:/usr/bin:/bin", target_dir().display()))
-        .env("RUNNER_MONITOR_SOCKET", &agent.socket)
-        .env("JOB_STEP", job_step())
         .env("CI_JOB_ID", &job_id)
         .env("CI_PROJECT_PATH", "group/project")
         .env("CI_JOB_NAME", "test")

@@ -22,6 +22,11 @@ fn file_open(e: &runner_monitor::event::Event) -> Option<&FileAccess> {
     }
 }
 
+/// A file open by a process of `job`.
+fn open_in(job: runner_monitor::event::JobKey) -> impl Fn(&runner_monitor::event::Event) -> bool {
+    move |e| e.job.as_ref().is_some_and(|j| j.key == job) && file_open(e).is_some()
+}
+
 #[test]
 fn job_process_reading_credential_by_absolute_path_gives_one_event() {
     let h = harness();
@@ -30,9 +35,7 @@ fn job_process_reading_credential_by_absolute_path_gives_one_event() {
     let job = h
         .start_job(&env, &format!("cat {cred} > /dev/null"))
         .wait_success();
-    let event = h.wait_for("open of docker config", |e| {
-        e.job.as_ref().is_some_and(|j| j.key == job) && file_open(e).is_some()
-    });
+    let event = h.wait_for("open of docker config", open_in(job));
     let opens: Vec<_> = h
         .job_events(job)
         .into_iter()
@@ -87,9 +90,7 @@ fn open_relative_to_a_directory_fd_is_resolved() {
             "\"$JOB_STEP\" open-at \"$HOME/.docker\" config.json 1000",
         )
         .wait_success();
-    let event = h.wait_for("openat with dirfd", |e| {
-        e.job.as_ref().is_some_and(|j| j.key == job) && file_open(e).is_some()
-    });
+    let event = h.wait_for("openat with dirfd", open_in(job));
     let f = file_open(&event).unwrap();
     assert_eq!(f.raw_path, "config.json");
     assert_eq!(f.path, env.path(".docker/config.json"));
@@ -143,9 +144,7 @@ fn daemonised_grandchild_stays_in_the_job_and_its_late_read_says_the_job_ended()
             &format!("(setsid sh -c 'sleep 0.5; cat {cred} > /dev/null' &) ; exit 0"),
         )
         .wait_success();
-    let event = h.wait_for("the survivor's read", |e| {
-        e.job.as_ref().is_some_and(|j| j.key == job) && file_open(e).is_some()
-    });
+    let event = h.wait_for("the survivor's read", open_in(job));
     assert_eq!(file_open(&event).unwrap().path, cred);
     let j = event.job.as_ref().unwrap();
     assert!(j.ended, "the root exited before the read: {event:?}");
@@ -202,9 +201,7 @@ fn process_outside_any_job_produces_nothing() {
     let job = h
         .start_job(&env, "cat $HOME/.git-credentials > /dev/null")
         .wait_success();
-    h.wait_for("the later job's read", |e| {
-        e.job.as_ref().is_some_and(|j| j.key == job) && file_open(e).is_some()
-    });
+    h.wait_for("the later job's read", open_in(job));
     assert!(
         h.events(|e| e.process.pid == pid || e.process.ppid == pid)
             .is_empty()
@@ -396,9 +393,7 @@ fn reading_another_process_environment_is_reported_with_its_pid() {
     let job = h
         .start_job(&env, &format!("cat /proc/{victim_pid}/environ > /dev/null; cat /proc/self/environ > /dev/null; cat /proc/$$/maps > /dev/null"))
         .wait_success();
-    let event = h.wait_for("environ read", |e| {
-        e.job.as_ref().is_some_and(|j| j.key == job) && file_open(e).is_some()
-    });
+    let event = h.wait_for("environ read", open_in(job));
     let f = file_open(&event).unwrap();
     assert_eq!(f.path, format!("/proc/{victim_pid}/environ"));
     assert_eq!(f.target_pid, Some(victim_pid));
@@ -499,9 +494,7 @@ fn registering_a_root_attributes_the_processes_it_already_has() {
     let job = h.sensor().register_job(root.id()).unwrap();
     std::fs::write(&gate, "").unwrap();
     assert!(root.wait().unwrap().success());
-    let event = h.wait_for("the existing child's read", |e| {
-        e.job.as_ref().is_some_and(|j| j.key == job) && file_open(e).is_some()
-    });
+    let event = h.wait_for("the existing child's read", open_in(job));
     assert_eq!(file_open(&event).unwrap().path, cred);
     // The cat's parent is the shell that existed before registration, recorded as the root's
     // child by the /proc walk.
