@@ -82,15 +82,19 @@ fn relative_path_after_cd_is_resolved_to_the_credential() {
 fn open_relative_to_a_directory_fd_is_resolved() {
     let h = harness();
     let env = TestEnv::new("dirfd");
-    let job = h
-        // The directory fd is resolved through /proc/<pid>/fd while the process holds it (the
-        // kernel reports the fd, not its path): the step keeps it open for a second.
-        .start_job(
-            &env,
-            "\"$JOB_STEP\" open-at \"$HOME/.docker\" config.json 1000",
-        )
-        .wait_success();
-    let event = h.wait_for("openat with dirfd", open_in(job));
+    // The directory fd is resolved through /proc/<pid>/fd while the process holds it (the kernel
+    // reports the fd, not its path): the step keeps it open until the test has the event.
+    let gate = env.dir.join("seen");
+    let run = h.start_job(
+        &env,
+        &format!(
+            "\"$JOB_STEP\" open-at \"$HOME/.docker\" config.json {}",
+            gate.display()
+        ),
+    );
+    let event = h.wait_for("openat with dirfd", open_in(run.key));
+    std::fs::write(&gate, "").unwrap();
+    run.wait_success();
     let f = file_open(&event).unwrap();
     assert_eq!(f.raw_path, "config.json");
     assert_eq!(f.path, env.path(".docker/config.json"));

@@ -1,7 +1,8 @@
 //! What a CI job step does, one syscall at a time, so the integration tests can trigger exactly
 //! the call they check (`openat` with a directory fd, `connect` on each family, ...).
 //!
-//! job-step open-at DIR NAME [MS]   openat(open(DIR), NAME), then keep both open MS milliseconds
+//! job-step open-at DIR NAME [GATE] openat(open(DIR), NAME), then keep both open until the file
+//!                                  GATE exists (at most 30 s)
 //! job-step connect-tcp IP:PORT     connect a TCP socket
 //! job-step connect-unix PATH       connect a unix stream socket
 //! job-step listen IP:PORT          accept one TCP connection, then exit
@@ -39,6 +40,12 @@ fn main() {
                 arg(2),
                 std::io::Error::last_os_error()
             );
+            if let Some(gate) = args.get(3) {
+                let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+                while !std::path::Path::new(gate).exists() && std::time::Instant::now() < deadline {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+            }
         }
         "connect-tcp" => {
             let _ = TcpStream::connect(arg(1).as_str()).expect("tcp connect");
