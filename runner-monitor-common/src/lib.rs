@@ -404,6 +404,11 @@ pub const MAX_TRACKED_PROCESSES: u32 = 65536;
 pub const MAX_JOBS: u32 = 4096;
 /// Size of the ring buffer in bytes.
 pub const RING_BUFFER_BYTES: u32 = 16 << 20;
+/// Backlog in the ring buffer at which the producer wakes the agent early; below it the agent
+/// finds the records on its next poll, every `WAKEUP_POLL_MS`.
+pub const WAKEUP_BYTES: u64 = 256 << 10;
+/// How often the agent polls the ring buffer when nobody woke it.
+pub const WAKEUP_POLL_MS: u64 = 2;
 
 macro_rules! assert_size {
     ($t:ty, $size:expr) => {

@@ -2,16 +2,17 @@
 //! buffer.
 
 use aya_ebpf::{
+    bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
-        generated::{bpf_get_current_cgroup_id, bpf_ktime_get_ns, bpf_probe_read_kernel},
+        generated::{bpf_get_current_cgroup_id, bpf_ktime_get_ns},
     },
     macros::map,
     maps::{HashMap, PerCpuArray, RingBuf},
 };
 use runner_monitor_common::{
     EventHeader, EventKind, HEADER_JOB_ENDED, HEADER_JOB_ROOT, JOB_ENDED, JobState, MAX_JOBS,
-    MAX_TRACKED_PROCESSES, PROCESS_JOB_ROOT, ProcessJob, RING_BUFFER_BYTES, counter,
+    MAX_TRACKED_PROCESSES, PROCESS_JOB_ROOT, ProcessJob, RING_BUFFER_BYTES, WAKEUP_BYTES, counter,
 };
 
 /// Every event, in one ring buffer, so the agent sees them in the order they were reserved.
@@ -117,26 +118,40 @@ pub fn fill_job(header: &mut EventHeader, process: Option<&ProcessJob>) {
     }
 }
 
+/// Wake-up flags for a record of `size` bytes once it is in the ring buffer.
+///
+/// The agent is not woken for each record: it polls the ring buffer on a short timer
+/// (`WAKEUP_POLL_MS`), and is woken early only by the record that takes the backlog past
+/// `WAKEUP_BYTES`. A wake-up is an inter-processor interrupt sent from the traced syscall; one
+/// per event cost a reported `openat` more than all the probes together (measured: ~3 µs of a
+/// 6 µs overhead on this VM).
+#[inline(always)]
+pub fn wakeup_flags(size: u64) -> u64 {
+    let backlog = EVENTS.query(BPF_RB_AVAIL_DATA as u64);
+    if backlog >= WAKEUP_BYTES && backlog < WAKEUP_BYTES + size + 8 {
+        BPF_RB_FORCE_WAKEUP as u64
+    } else {
+        BPF_RB_NO_WAKEUP as u64
+    }
+}
+
 /// Sends an event built elsewhere (per-CPU scratch or a pending map), counting it as sent or lost.
 #[inline(always)]
 pub fn submit_copy<T: 'static>(kind: u32, event: *const T) {
     // VERIFIER: keeps the counter index provably inside the per-kind range.
     let kind = kind & (runner_monitor_common::EVENT_KIND_SLOTS - 1);
-    match EVENTS.reserve::<T>(0) {
-        Some(mut entry) => {
-            // SAFETY: both sides are `size_of::<T>()` bytes of kernel (BPF) memory. A helper copy
-            // instead of `*dst = *src`: the struct is larger than the BPF stack.
-            unsafe {
-                bpf_probe_read_kernel(
-                    entry.as_mut_ptr().cast(),
-                    core::mem::size_of::<T>() as u32,
-                    event.cast(),
-                );
-            }
-            entry.submit(0);
-            count(counter::EMITTED + kind);
-        }
-        None => count(counter::LOST + kind),
+    let size = core::mem::size_of::<T>() as u64;
+    // The backlog before this record: it crosses the mark when it ends past it.
+    let backlog = EVENTS.query(BPF_RB_AVAIL_DATA as u64);
+    let flags = if backlog < WAKEUP_BYTES && backlog + size + 8 >= WAKEUP_BYTES {
+        BPF_RB_FORCE_WAKEUP as u64
+    } else {
+        BPF_RB_NO_WAKEUP as u64
+    };
+    // SAFETY: `event` points at a live `T` in map memory; the helper copies it.
+    match EVENTS.output::<T>(unsafe { &*event }, flags) {
+        Ok(()) => count(counter::EMITTED + kind),
+        Err(_) => count(counter::LOST + kind),
     }
 }
 

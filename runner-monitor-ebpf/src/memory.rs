@@ -13,6 +13,7 @@ use runner_monitor_common::{
 
 use crate::emit::{
     agent_tgid, count, current_process, current_tgid, fill_header, now_ns, reserve, submitted,
+    wakeup_flags,
 };
 
 /// (tgid << 32 | target) -> when the last peek or read was sent. A memory dump is millions of
@@ -59,7 +60,8 @@ fn access(kind: EventKind, request: u64, target: u32, rate_limited: bool) {
         e.request = request;
         e.target_pid = target;
         e.targets_agent = targets_agent as u32;
-        event.submit(0);
+        let flags = wakeup_flags(size_of_val(&*event) as u64);
+        event.submit(flags);
         submitted(kind);
     }
 }

@@ -26,7 +26,7 @@ use aya_log_ebpf::warn;
 use crate::{
     emit::{
         JOBS, PROCESSES, count, current_process, current_tgid, fill_header, now_ns, reserve,
-        submit_copy, submitted,
+        submit_copy, submitted, wakeup_flags,
     },
     files::read_user_path,
     names::{NAMES, comm_key, key_of, split},
@@ -100,7 +100,8 @@ pub fn task_newtask(ctx: TracePointContext) -> u32 {
         fill_header(&mut e.header, EventKind::Fork, Some(&parent));
         e.child_tgid = child;
         e._pad = 0;
-        event.submit(0);
+        let flags = wakeup_flags(size_of_val(&*event) as u64);
+        event.submit(flags);
         submitted(EventKind::Fork);
     }
     0
@@ -367,14 +368,15 @@ pub fn sys_enter_exit_group(ctx: TracePointContext) -> u32 {
 // Runs in the exiting thread; `group_dead` is set for the process's last thread.
 #[tracepoint]
 pub fn sched_process_exit(ctx: TracePointContext) -> u32 {
+    let Some(process) = current_process() else {
+        return 0;
+    };
+    crate::files::forget_thread(bpf_get_current_pid_tgid() as u32);
     let group_dead: u8 = arg(&ctx, 32);
     if group_dead == 0 {
         return 0;
     }
     let tgid = current_tgid();
-    let Some(process) = current_process() else {
-        return 0;
-    };
     // SAFETY: copied out at once.
     let code = unsafe { EXIT_CODES.get(tgid).copied() };
     let _ = EXIT_CODES.remove(tgid);
@@ -392,7 +394,8 @@ pub fn sched_process_exit(ctx: TracePointContext) -> u32 {
                 e.flags = 0;
             }
         }
-        event.submit(0);
+        let flags = wakeup_flags(size_of_val(&*event) as u64);
+        event.submit(flags);
         submitted(EventKind::Exit);
     }
     let _ = PROCESSES.remove(tgid);

@@ -6,7 +6,7 @@ use runner_monitor_common::{
     SignalEvent,
 };
 
-use crate::emit::{agent_tgid, current_process, fill_header, reserve, submitted};
+use crate::emit::{agent_tgid, current_process, fill_header, reserve, submitted, wakeup_flags};
 
 #[inline(always)]
 fn arg<T: Default>(ctx: &TracePointContext, offset: usize) -> T {
@@ -29,7 +29,8 @@ fn signal(target: i64, signal: i64, syscall: u32) {
         e.signal = signal as u32;
         e.syscall = syscall;
         e._pad = 0;
-        event.submit(0);
+        let flags = wakeup_flags(size_of_val(&*event) as u64);
+        event.submit(flags);
         submitted(EventKind::Signal);
     }
 }
@@ -68,7 +69,8 @@ pub fn sys_enter_bpf(ctx: TracePointContext) -> u32 {
         fill_header(&mut e.header, EventKind::Bpf, Some(&process));
         e.cmd = cmd as u32;
         e._pad = 0;
-        event.submit(0);
+        let flags = wakeup_flags(size_of_val(&*event) as u64);
+        event.submit(flags);
         submitted(EventKind::Bpf);
     }
     0
