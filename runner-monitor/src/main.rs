@@ -423,7 +423,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     .map_err(|error| tracing::warn!(%error, "ring buffer fill will not be reported"))
     .ok();
     let counters = Arc::new(ReaderCounters::default());
-    let (tx, mut rx) = mpsc::channel(8192);
+    // Batches of up to `reader::BATCH` events: 8192 events in flight at most.
+    let (tx, mut rx) = mpsc::channel(8192 / reader::BATCH);
     let (stop_reader, stop) = tokio::sync::oneshot::channel();
     let reader = tokio::spawn(reader::run(
         ring,
@@ -440,18 +441,20 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut last_lost = 0;
     loop {
         tokio::select! {
-            event = rx.recv() => {
-                let Some(mut event) = event else { break };
-                let extra = match &mut fingerprints {
-                    Some(f) => f.process(&mut event, &policy),
-                    None => Vec::new(),
-                };
-                feed(&mut pipeline, &directory, &event)?;
-                if let Some(start) = directory.discover(&event, &policy) {
-                    feed(&mut pipeline, &directory, &start)?;
-                }
-                for e in &extra {
-                    feed(&mut pipeline, &directory, e)?;
+            batch = rx.recv() => {
+                let Some(batch) = batch else { break };
+                for mut event in batch {
+                    let extra = match &mut fingerprints {
+                        Some(f) => f.process(&mut event, &policy),
+                        None => Vec::new(),
+                    };
+                    feed(&mut pipeline, &directory, &event)?;
+                    if let Some(start) = directory.discover(&event, &policy) {
+                        feed(&mut pipeline, &directory, &start)?;
+                    }
+                    for e in &extra {
+                        feed(&mut pipeline, &directory, e)?;
+                    }
                 }
                 // Flush when the queue is empty, so a quiet stream is never held back.
                 if rx.is_empty() {
@@ -500,8 +503,10 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     // The reader drains the ring buffer, then closes the channel.
     let _ = stop_reader.send(());
-    while let Some(event) = rx.recv().await {
-        feed(&mut pipeline, &directory, &event)?;
+    while let Some(batch) = rx.recv().await {
+        for event in &batch {
+            feed(&mut pipeline, &directory, event)?;
+        }
     }
     match reader.await {
         Ok(Ok(())) => {}

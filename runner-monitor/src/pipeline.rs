@@ -110,6 +110,16 @@ impl Pipeline {
         Ok(())
     }
 
+    /// Records the latency of `alerts` alerts written for an event of kernel time `event_ns`.
+    pub fn alerted(&self, event_ns: u64, alerts: usize) {
+        if let Some(m) = &self.metrics {
+            let seconds = crate::sensor::jobs::monotonic_ns().saturating_sub(event_ns) as f64 / 1e9;
+            for _ in 0..alerts {
+                m.alert_latency(seconds);
+            }
+        }
+    }
+
     pub fn flush(&mut self) -> std::io::Result<()> {
         if let Some(out) = &mut self.events {
             out.flush()?;

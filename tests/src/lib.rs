@@ -63,13 +63,13 @@ pub fn harness() -> &'static Harness {
                 .build()
                 .expect("runtime");
             runtime.block_on(async move {
-                let (tx, mut rx) = tokio::sync::mpsc::channel(4096);
+                let (tx, mut rx) = tokio::sync::mpsc::channel(64);
                 let (_stop_tx, stop) = tokio::sync::oneshot::channel();
                 let counters = Arc::new(ReaderCounters::default());
                 tokio::spawn(reader::run(ring, Decoder::new(), tx, counters, stop));
-                while let Some(event) = rx.recv().await {
+                while let Some(batch) = rx.recv().await {
                     let (lock, cvar) = &*sink;
-                    lock.lock().unwrap().push(event);
+                    lock.lock().unwrap().extend(batch);
                     cvar.notify_all();
                 }
             });

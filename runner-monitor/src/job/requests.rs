@@ -24,7 +24,9 @@ pub fn feed(
     for f in &mut findings {
         enrich::survivor_tracking_id(f, directory);
     }
-    pipeline.alert_all(&findings)
+    pipeline.alert_all(&findings)?;
+    pipeline.alerted(event.time_ns, findings.len());
+    Ok(())
 }
 
 /// Carries out a control-socket request. A process inside a job speaks only for its own job.

@@ -1,6 +1,6 @@
 //! Reading the ring buffer: polled every few milliseconds and woken through epoll (`AsyncFd`) when
 //! the backlog grows, drain everything that is there, decode, and hand the events on through a
-//! bounded channel.
+//! bounded channel, a batch at a time (one channel operation per batch, not per event).
 //!
 //! Back-pressure goes to the kernel: when the consumer is slow the reader waits on the channel,
 //! the ring buffer fills, and the kernel counts what it cannot reserve. Nothing is dropped here
@@ -18,6 +18,9 @@ use runner_monitor_common::WAKEUP_POLL_MS;
 
 use super::decode::Decoder;
 use crate::event::Event;
+
+/// Events handed on at a time, at most.
+pub const BATCH: usize = 256;
 
 /// What the reader counted on the user side.
 #[derive(Debug, Default)]
@@ -54,14 +57,14 @@ pub fn spawn_kernel_log<T: log::Log + Send + 'static>(logger: aya_log::EbpfLogge
 pub async fn run(
     ring: RingBuf<MapData>,
     mut decoder: Decoder,
-    events: mpsc::Sender<Event>,
+    events: mpsc::Sender<Vec<Event>>,
     counters: Arc<ReaderCounters>,
     mut stop: tokio::sync::oneshot::Receiver<()>,
 ) -> std::io::Result<()> {
     // SAFETY: the RingBuf owns its map fd for as long as the AsyncFd owns the RingBuf.
     let mut fd = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
         .map_err(|e| e.into_parts().1)?;
-    let mut batch = Vec::with_capacity(256);
+    let mut batch = Vec::with_capacity(BATCH);
     let mut stopping = false;
     // Producers wake the reader only when the backlog passes `WAKEUP_BYTES`; below it the reader
     // polls, which saves the traced syscall an inter-processor interrupt per event.
@@ -87,8 +90,9 @@ pub async fn run(
                 }
             }
         };
-        for event in batch.drain(..) {
-            if events.send(event).await.is_err() {
+        if !batch.is_empty() {
+            let full = std::mem::replace(&mut batch, Vec::with_capacity(BATCH));
+            if events.send(full).await.is_err() {
                 return Ok(());
             }
         }

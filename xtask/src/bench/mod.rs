@@ -1,0 +1,397 @@
+//! `cargo xtask bench`: what the agent costs, measured with the agent off and on in the same run.
+//! Prints a table and writes JSON (`target/bench/results.json`). Benchmarks, not tests: nothing
+//! here asserts a timing; `--smoke` runs each one briefly so CI keeps them working.
+
+mod memory;
+mod pipeline;
+mod syscalls;
+mod workloads;
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use serde_json::{Value, json};
+
+/// How much of each benchmark to run.
+pub(crate) struct Sizes {
+    smoke: bool,
+    rounds: usize,
+    getppid: u64,
+    open: u64,
+    engine_events: u64,
+    /// Seconds of the pipeline flood.
+    flood_secs: u64,
+    /// Tracked-process counts for the memory benchmark.
+    held: &'static [u64],
+    tar_files: usize,
+}
+
+pub(crate) fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(|a, b| a.total_cmp(b));
+    values[values.len() / 2]
+}
+
+pub(crate) fn spread(values: &[f64]) -> [f64; 2] {
+    let min = values.iter().cloned().fold(f64::MAX, f64::min);
+    let max = values.iter().cloned().fold(0.0, f64::max);
+    [min, max]
+}
+
+fn bench_workload() -> PathBuf {
+    crate::workspace_root().join("target/release/bench-workload")
+}
+
+/// A shell command run as a `Runner.Worker` job (so the agent tracks it when it is on); returns
+/// its standard output.
+pub(crate) fn job(dir: &Path, script: &str) -> anyhow::Result<String> {
+    let out = Command::new(dir.join("Runner.Worker"))
+        .arg("-c")
+        .arg(script)
+        .current_dir(dir)
+        .stderr(Stdio::piped())
+        .output()
+        .context("running the workload")?;
+    if !out.status.success() {
+        bail!(
+            "workload `{script}` failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// `bench-workload ARGS` as a job; its output parsed as a number.
+pub(crate) fn workload(dir: &Path, args: &[String]) -> anyhow::Result<f64> {
+    let script = format!("exec {} {}", bench_workload().display(), args.join(" "));
+    job(dir, &script)?.trim().parse().context("workload output")
+}
+
+/// CPU time (user + system) of process `pid` so far, from /proc/PID/schedstat.
+pub(crate) fn cpu_ns(pid: u32) -> anyhow::Result<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/schedstat"))?;
+    text.split_whitespace()
+        .next()
+        .and_then(|s| s.parse().ok())
+        .context("parsing schedstat")
+}
+
+/// CPU time of this process's waited-for children so far, in nanoseconds.
+pub(crate) fn children_cpu_ns() -> u64 {
+    // SAFETY: getrusage fills the struct.
+    let usage = unsafe {
+        let mut usage = std::mem::zeroed::<libc::rusage>();
+        libc::getrusage(libc::RUSAGE_CHILDREN, &mut usage);
+        usage
+    };
+    let ns = |t: libc::timeval| t.tv_sec as u64 * 1_000_000_000 + t.tv_usec as u64 * 1_000;
+    ns(usage.ru_utime) + ns(usage.ru_stime)
+}
+
+/// The agent, started with its built-in policy and stopped with SIGTERM.
+pub(crate) struct Agent {
+    child: Child,
+    listen: String,
+    pub alerts: PathBuf,
+}
+
+impl Agent {
+    pub(crate) fn start(dir: &Path) -> anyhow::Result<Self> {
+        let log = dir.join("agent.log");
+        let alerts = dir.join("alerts.jsonl");
+        let _ = std::fs::remove_file(&alerts);
+        // A free port, released just before the agent binds it.
+        let listen = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .to_string();
+        let child = Command::new(crate::agent_binary())
+            .args(["run", "--listen", &listen])
+            .arg("--alerts-out")
+            .arg(&alerts)
+            .arg("--control-socket")
+            .arg(dir.join("control.sock"))
+            .arg("--spool-dir")
+            .arg(dir.join("spool"))
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log)?)
+            .spawn()
+            .context("starting the agent")?;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("control socket ready")
+        {
+            if Instant::now() > deadline {
+                bail!(
+                    "the agent did not start: {}",
+                    std::fs::read_to_string(&log)?
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Ok(Self {
+            child,
+            listen,
+            alerts,
+        })
+    }
+
+    pub(crate) fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub(crate) fn cpu_ns(&self) -> anyhow::Result<u64> {
+        cpu_ns(self.pid())
+    }
+
+    /// Resident set size, in bytes.
+    pub(crate) fn rss_bytes(&self) -> anyhow::Result<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))?;
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .map(|kb| kb * 1024)
+            .context("VmRSS")
+    }
+
+    /// Resident bytes of the agent's mappings of BPF maps: the event ring buffer, whose kernel
+    /// pages user space maps (its data twice, so records can be read across the wrap).
+    pub(crate) fn bpf_map_rss_bytes(&self) -> anyhow::Result<u64> {
+        let smaps = std::fs::read_to_string(format!("/proc/{}/smaps", self.pid()))?;
+        let mut in_map = false;
+        let mut kb = 0;
+        for line in smaps.lines() {
+            if line.split_whitespace().nth(1).is_some_and(|p| p.len() == 4)
+                && line
+                    .split('-')
+                    .next()
+                    .is_some_and(|a| a.chars().all(|c| c.is_ascii_hexdigit()))
+            {
+                in_map = line.ends_with("anon_inode:bpf-map");
+            } else if in_map && let Some(v) = line.strip_prefix("Rss:") {
+                kb += v
+                    .trim()
+                    .trim_end_matches("kB")
+                    .trim()
+                    .parse::<u64>()
+                    .unwrap_or(0);
+            }
+        }
+        Ok(kb * 1024)
+    }
+
+    /// The agent's Prometheus metrics.
+    pub(crate) fn metrics(&self) -> anyhow::Result<Metrics> {
+        let text = crate::output(Command::new("curl").args([
+            "-sf",
+            "--max-time",
+            "5",
+            &format!("http://{}/metrics", self.listen),
+        ]))
+        .context("scraping the agent's metrics")?;
+        Ok(Metrics(text))
+    }
+
+    pub(crate) fn stop(mut self) -> anyhow::Result<()> {
+        // SAFETY: kill(2) on our child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        self.child.wait()?;
+        Ok(())
+    }
+}
+
+/// One scrape of the Prometheus text format.
+pub(crate) struct Metrics(String);
+
+impl Metrics {
+    /// Sum of every series of `name` whose labels contain `labels` (e.g. `kind="file_open"`).
+    pub(crate) fn sum(&self, name: &str, labels: &str) -> f64 {
+        self.0
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter_map(|l| {
+                let (series, value) = l.rsplit_once(' ')?;
+                let rest = series.strip_prefix(name)?;
+                (rest.is_empty() || rest.starts_with('{') && rest.contains(labels))
+                    .then(|| value.parse::<f64>().ok())?
+            })
+            .sum()
+    }
+
+    /// Cumulative buckets `(le, count)` of histogram `name`.
+    pub(crate) fn buckets(&self, name: &str) -> Vec<(f64, f64)> {
+        let prefix = format!("{name}_bucket{{le=\"");
+        self.0
+            .lines()
+            .filter_map(|l| {
+                let rest = l.strip_prefix(&prefix)?;
+                let (le, rest) = rest.split_once('"')?;
+                let le = if le == "+Inf" {
+                    f64::INFINITY
+                } else {
+                    le.parse().ok()?
+                };
+                Some((le, rest.rsplit_once(' ')?.1.parse().ok()?))
+            })
+            .collect()
+    }
+}
+
+/// Quantile `q` of the observations between two scrapes of a histogram, interpolated inside
+/// its bucket the way Prometheus's `histogram_quantile` does.
+pub(crate) fn quantile(before: &[(f64, f64)], after: &[(f64, f64)], q: f64) -> Option<f64> {
+    let counts: Vec<(f64, f64)> = after
+        .iter()
+        .map(|&(le, n)| {
+            let old = before.iter().find(|b| b.0 == le).map_or(0.0, |b| b.1);
+            (le, n - old)
+        })
+        .collect();
+    let total = counts.last()?.1;
+    if total <= 0.0 {
+        return None;
+    }
+    let rank = q * total;
+    let mut lower = (0.0, 0.0);
+    for &(le, n) in &counts {
+        if n >= rank {
+            if le.is_infinite() {
+                return Some(lower.0);
+            }
+            let in_bucket = n - lower.1;
+            let frac = if in_bucket > 0.0 {
+                (rank - lower.1) / in_bucket
+            } else {
+                1.0
+            };
+            return Some(lower.0 + (le - lower.0) * frac);
+        }
+        lower = (le, n);
+    }
+    None
+}
+
+fn engine(sizes: &Sizes) -> anyhow::Result<Value> {
+    let bin = crate::workspace_root().join("target/release/examples/engine_bench");
+    let run = |args: &[&str]| -> anyhow::Result<Value> {
+        let out = Command::new(&bin)
+            .args(args)
+            .output()
+            .context("engine_bench")?;
+        if !out.status.success() {
+            bail!(
+                "engine_bench failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(serde_json::from_slice(&out.stdout)?)
+    };
+    Ok(json!({
+        "throughput": run(&["throughput", &sizes.engine_events.to_string()])?,
+        "memory": run(&["memory"])?,
+    }))
+}
+
+pub fn bench(smoke: bool) -> anyhow::Result<()> {
+    let sizes = if smoke {
+        Sizes {
+            smoke,
+            rounds: 1,
+            getppid: 20_000,
+            open: 2_000,
+            engine_events: 20_000,
+            flood_secs: 1,
+            held: &[0, 100],
+            tar_files: 500,
+        }
+    } else {
+        Sizes {
+            smoke,
+            rounds: 5,
+            getppid: 2_000_000,
+            open: 200_000,
+            engine_events: 1_000_000,
+            flood_secs: 5,
+            held: &[0, 1_000, 10_000],
+            tar_files: 20_000,
+        }
+    };
+    crate::run_cmd(Command::new("cargo").args(["build", "--release", "-p", "runner-monitor"]))?;
+    crate::run_cmd(Command::new("cargo").args([
+        "build",
+        "--release",
+        "-p",
+        "runner-monitor",
+        "--example",
+        "engine_bench",
+    ]))?;
+    crate::run_cmd(Command::new("cargo").args([
+        "build",
+        "--release",
+        "-p",
+        "integration-tests",
+        "--bin",
+        "bench-workload",
+    ]))?;
+    let dir = std::env::temp_dir().join(format!("rm-bench-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    std::fs::copy("/bin/sh", dir.join("Runner.Worker"))?;
+
+    let syscalls = syscalls::run(&dir, &sizes)?;
+    let workloads = workloads::run(&dir, &sizes)?;
+    let pipeline = pipeline::run(&dir, &sizes)?;
+    let memory = memory::run(&dir, &sizes)?;
+    let engine = engine(&sizes)?;
+    let machine = crate::output(Command::new("uname").arg("-srm")).unwrap_or_default();
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let results = json!({
+        "smoke": smoke,
+        "machine": machine.trim(),
+        "cpus": cpus,
+        "syscalls": syscalls,
+        "workloads": workloads,
+        "pipeline": pipeline,
+        "memory": memory,
+        "engine": engine,
+    });
+
+    println!(
+        "\nrunner-monitor benchmarks ({}; {} CPUs){}",
+        machine.trim(),
+        cpus,
+        if smoke { " [smoke]" } else { "" }
+    );
+    syscalls::print(&results["syscalls"]);
+    workloads::print(&results["workloads"]);
+    pipeline::print(&results["pipeline"]);
+    memory::print(&results["memory"]);
+    let t = &results["engine"]["throughput"];
+    println!(
+        "engine alone: {:.0} events/s ({:.0} ns/event) over {} synthetic events",
+        t["events_per_second"].as_f64().unwrap_or(0.0),
+        t["ns_per_event"].as_f64().unwrap_or(0.0),
+        t["events"]
+    );
+    let m = &results["engine"]["memory"];
+    println!(
+        "engine memory: {:.0} bytes per tracked process (RSS {} )",
+        m["bytes_per_process"].as_f64().unwrap_or(0.0),
+        m["rss_bytes"]
+    );
+    let out = crate::workspace_root().join("target/bench");
+    std::fs::create_dir_all(&out)?;
+    let file = out.join(if smoke {
+        "results-smoke.json"
+    } else {
+        "results.json"
+    });
+    std::fs::write(&file, serde_json::to_string_pretty(&results)?)?;
+    println!("written to {}", file.display());
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}

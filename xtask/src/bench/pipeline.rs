@@ -1,0 +1,111 @@
+//! The whole pipeline under load: processes of one job open a credential path as fast as they
+//! can, through the real probes and ring buffer into the agent's engine, while another process of
+//! the job raises an alert every few milliseconds. Reports events/s, lost events, the agent's CPU
+//! per event, and event-to-alert latency.
+
+use std::{path::Path, time::Duration};
+
+use serde_json::{Value, json};
+
+use super::{Agent, Sizes, bench_workload, job, quantile};
+
+pub(super) fn run(dir: &Path, sizes: &Sizes) -> anyhow::Result<Value> {
+    let agent = Agent::start(dir)?;
+    // A credential path that does not exist: a failed open is still reported (with its errno),
+    // and is the cheapest reported syscall, so the producers push the pipeline hardest.
+    let target = dir.join("flood/.aws/credentials");
+    let producers = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let before = agent.metrics()?;
+    let cpu_before = agent.cpu_ns()?;
+    let w = bench_workload();
+    let script = format!(
+        "{w} flood {target} {secs} {producers} > flood.out & \
+         {w} alerts {secs} 2000 > alerts.out; wait",
+        w = w.display(),
+        target = target.display(),
+        secs = sizes.flood_secs,
+    );
+    job(dir, &script)?;
+    let opens: u64 = std::fs::read_to_string(dir.join("flood.out"))?
+        .trim()
+        .parse()?;
+    let alerts_raised: u64 = std::fs::read_to_string(dir.join("alerts.out"))?
+        .trim()
+        .parse()?;
+    // Let the agent finish what is queued: the counters stop moving.
+    let mut after = agent.metrics()?;
+    for _ in 0..30 {
+        std::thread::sleep(Duration::from_millis(500));
+        let next = agent.metrics()?;
+        let settled = next.sum("runner_monitor_events_total", "")
+            == after.sum("runner_monitor_events_total", "");
+        after = next;
+        if settled {
+            break;
+        }
+    }
+    let agent_cpu = agent.cpu_ns()? - cpu_before;
+    let delta = |name: &str, labels: &str| after.sum(name, labels) - before.sum(name, labels);
+    let opens_seen = delta("runner_monitor_events_total", "kind=\"file_open\"");
+    let events = delta("runner_monitor_events_total", "");
+    let lost = delta("runner_monitor_events_lost_total", "");
+    let alert_lat = (
+        before.buckets("runner_monitor_alert_latency_seconds"),
+        after.buckets("runner_monitor_alert_latency_seconds"),
+    );
+    let engine_lat = (
+        before.buckets("runner_monitor_engine_latency_seconds"),
+        after.buckets("runner_monitor_engine_latency_seconds"),
+    );
+    let alerts_written = std::fs::read_to_string(&agent.alerts)?
+        .lines()
+        .filter(|l| l.contains("process-memory-access"))
+        .count();
+    agent.stop()?;
+    let ms = |q: Option<f64>| q.map(|s| s * 1e3);
+    Ok(json!({
+        "producers": producers,
+        "seconds": sizes.flood_secs,
+        "opens": opens,
+        "open_events_seen": opens_seen,
+        "events": events,
+        "events_per_second": events / sizes.flood_secs as f64,
+        "lost": lost,
+        "agent_cpu_ns_per_event": agent_cpu as f64 / events.max(1.0),
+        "alerts_raised": alerts_raised,
+        "alerts_written": alerts_written,
+        "alert_latency_ms": {
+            "p50": ms(quantile(&alert_lat.0, &alert_lat.1, 0.5)),
+            "p99": ms(quantile(&alert_lat.0, &alert_lat.1, 0.99)),
+        },
+        "engine_latency_ms": {
+            "p50": ms(quantile(&engine_lat.0, &engine_lat.1, 0.5)),
+            "p99": ms(quantile(&engine_lat.0, &engine_lat.1, 0.99)),
+        },
+    }))
+}
+
+pub(super) fn print(r: &Value) {
+    let f = |v: &Value| v.as_f64().unwrap_or(f64::NAN);
+    println!(
+        "pipeline: {:.0} events/s for {} s from {} producers; opens {} seen {} lost {}; \
+         agent {:.0} ns CPU/event",
+        f(&r["events_per_second"]),
+        r["seconds"],
+        r["producers"],
+        r["opens"],
+        r["open_events_seen"],
+        r["lost"],
+        f(&r["agent_cpu_ns_per_event"]),
+    );
+    println!(
+        "event-to-alert under that load: p50 {:.2} ms, p99 {:.2} ms over {} alerts \
+         ({} raised); engine p50 {:.3} ms, p99 {:.3} ms",
+        f(&r["alert_latency_ms"]["p50"]),
+        f(&r["alert_latency_ms"]["p99"]),
+        r["alerts_written"],
+        r["alerts_raised"],
+        f(&r["engine_latency_ms"]["p50"]),
+        f(&r["engine_latency_ms"]["p99"]),
+    );
+}
