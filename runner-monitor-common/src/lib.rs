@@ -303,6 +303,9 @@ pub struct ProcessJob {
     pub ppid: u32,
     /// `PROCESS_*` bits.
     pub flags: u32,
+    /// When the process started, in CLOCK_BOOTTIME ns (the clock of /proc/PID/stat's start
+    /// time); 0 when unknown. Tells a live process from a later one that reused its pid.
+    pub start_ns: u64,
 }
 
 /// `ProcessJob::flags`: this process is the job's root.
@@ -396,6 +399,16 @@ pub mod map_name {
     pub const PROCESSES: &str = "PROCESSES";
     pub const JOBS: &str = "JOBS";
     pub const NAMES: &str = "NAMES";
+    pub const SETTINGS: &str = "SETTINGS";
+}
+
+/// Indexes of the kernel's `SETTINGS` array, which the agent writes at load and on reload.
+pub mod setting {
+    /// Bit n-1 set when some credential basename prefix of length n is in `NAMES`.
+    pub const PREFIX_LENGTHS: u32 = 0;
+    /// Non-zero when some job-parent names are in `NAMES`.
+    pub const JOB_PARENTS: u32 = 1;
+    pub const SLOTS: u32 = 2;
 }
 
 /// Capacity of the kernel's process map: job processes alive at once.
@@ -426,7 +439,7 @@ assert_size!(DnsEvent, 64 + 16 + 16 + DNS_LEN);
 assert_size!(SignalEvent, 80);
 assert_size!(BpfEvent, 72);
 assert_size!(ChdirEvent, 64 + 8 + PATH_LEN);
-assert_size!(ProcessJob, 16);
+assert_size!(ProcessJob, 24);
 assert_size!(JobState, 24);
 assert_size!(NameKey, 8 + NAME_LEN);
 

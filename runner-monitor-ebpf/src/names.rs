@@ -9,19 +9,24 @@
 use aya_ebpf::{
     helpers::generated::bpf_probe_read_kernel,
     macros::map,
-    maps::{HashMap, PerCpuArray},
+    maps::{Array, HashMap, PerCpuArray},
 };
 use runner_monitor_common::{
     MATCH_BASENAME, MATCH_DIRNAME, MATCH_PREFIX, MATCH_PROC_MEMORY, NAME_KIND_BASENAME,
-    NAME_KIND_DIRNAME, NAME_KIND_PREFIX, NAME_LEN, NameKey, PATH_LEN,
+    NAME_KIND_DIRNAME, NAME_KIND_PREFIX, NAME_LEN, NameKey, PATH_LEN, setting,
 };
 
 #[map]
 pub static NAMES: HashMap<NameKey, u32> = HashMap::with_max_entries(1024, 0);
 
-/// Bit `n - 1` set when some basename prefix of length `n` is in `NAMES`; set at load.
-#[unsafe(no_mangle)]
-static PREFIX_LENGTHS: u32 = 0;
+/// Settings the agent writes (`runner_monitor_common::setting`): at load and on policy reload.
+#[map]
+static SETTINGS: Array<u32> = Array::with_max_entries(setting::SLOTS, 0);
+
+#[inline(always)]
+pub fn setting(index: u32) -> u32 {
+    SETTINGS.get(index).copied().unwrap_or(0)
+}
 
 /// Where the last two components of a path start and end.
 pub struct PathParts {
@@ -201,8 +206,7 @@ pub fn match_credential(path: &[u8; PATH_LEN], parts: &PathParts, out: &mut u32)
     {
         mark(out, MATCH_DIRNAME);
     }
-    // SAFETY: read of a global the loader fills in.
-    let prefixes = unsafe { core::ptr::read_volatile(&PREFIX_LENGTHS) };
+    let prefixes = setting(setting::PREFIX_LENGTHS);
     if prefixes != 0 {
         for n in 1..=16usize {
             if prefixes & (1 << (n - 1)) != 0

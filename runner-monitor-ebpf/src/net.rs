@@ -297,6 +297,7 @@ fn dns_packet(ctx: &SkBuffContext, direction: u32) {
         job: owner.job,
         ppid: owner.ppid,
         flags: owner.process_flags,
+        start_ns: 0,
     };
     fill_job(h, Some(&process));
     event.family = family;

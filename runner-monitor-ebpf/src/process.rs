@@ -86,6 +86,7 @@ pub fn task_newtask(ctx: TracePointContext) -> u32 {
         job: parent.job,
         ppid: current_tgid(),
         flags: 0,
+        start_ns: boot_ns(),
     };
     if PROCESSES.insert(child, entry, 0).is_err() {
         count(counter::PROCESS_MAP_FULL);
@@ -107,16 +108,11 @@ pub fn task_newtask(ctx: TracePointContext) -> u32 {
     0
 }
 
-/// Set at load when some job-parent names are configured: otherwise forks outside jobs cost one
-/// branch.
-#[unsafe(no_mangle)]
-static JOB_PARENTS: u32 = 0;
-
 /// A fork by a job parent (outside any job): the child is the root of a new job.
 #[inline(always)]
 fn job_parent_fork(ctx: &TracePointContext) {
-    // SAFETY: read of a global the loader fills in.
-    if unsafe { core::ptr::read_volatile(&JOB_PARENTS) } == 0 {
+    // Without job-parent names configured, a fork outside a job costs one lookup.
+    if crate::names::setting(runner_monitor_common::setting::JOB_PARENTS) == 0 {
         return;
     }
     let Ok(comm) = bpf_get_current_comm() else {
@@ -128,7 +124,7 @@ fn job_parent_fork(ctx: &TracePointContext) {
     }
     let child: i32 = arg(ctx, 8);
     let child = child as u32;
-    if start_job(child, current_tgid()).is_none() {
+    if start_job(child, current_tgid(), boot_ns()).is_none() {
         warn!(
             ctx,
             "job map or process map full: job root {} is untracked", child
@@ -136,9 +132,17 @@ fn job_parent_fork(ctx: &TracePointContext) {
     }
 }
 
-/// A new job rooted at `root`, in the kernel's maps; `None` (counted) when a map is full.
+/// CLOCK_BOOTTIME now: at fork, the child's start time as /proc shows it (to the tick).
 #[inline(always)]
-fn start_job(root: u32, ppid: u32) -> Option<ProcessJob> {
+fn boot_ns() -> u64 {
+    // SAFETY: helper without arguments.
+    unsafe { aya_ebpf::helpers::generated::bpf_ktime_get_boot_ns() }
+}
+
+/// A new job rooted at `root` (started at `start_ns`, 0 if unknown), in the kernel's maps;
+/// `None` (counted) when a map is full.
+#[inline(always)]
+fn start_job(root: u32, ppid: u32, start_ns: u64) -> Option<ProcessJob> {
     let job = new_job_key();
     let state = JobState {
         root_tgid: root,
@@ -154,6 +158,7 @@ fn start_job(root: u32, ppid: u32) -> Option<ProcessJob> {
         job,
         ppid,
         flags: PROCESS_JOB_ROOT,
+        start_ns,
     };
     if PROCESSES.insert(root, entry, 0).is_err() {
         let _ = JOBS.remove(job);
@@ -312,7 +317,7 @@ pub fn sched_process_exec(ctx: TracePointContext) -> u32 {
             return 0;
         }
         // A job root recognised at exec: a new job starts here.
-        let Some(entry) = start_job(tgid, 0) else {
+        let Some(entry) = start_job(tgid, 0, 0) else {
             warn!(
                 &ctx,
                 "job map or process map full: job root {} is untracked", tgid

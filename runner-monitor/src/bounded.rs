@@ -84,6 +84,31 @@ impl<K: std::hash::Hash + Eq + Clone, V> BoundedMap<K, V> {
     pub fn iter(&self) -> impl Iterator<Item = (&K, &V)> {
         self.entries.iter().map(|(k, (_, v))| (k, v))
     }
+
+    /// Entries oldest first: inserting them in this order into an empty map rebuilds the same
+    /// ages (state snapshots).
+    pub fn iter_by_age(&self) -> impl Iterator<Item = (&K, &V)> {
+        self.order
+            .values()
+            .filter_map(|k| self.entries.get(k).map(|(_, v)| (k, v)))
+    }
+
+    /// Inserts `entries` in order (oldest first), as `insert` would.
+    pub fn extend(&mut self, entries: impl IntoIterator<Item = (K, V)>) {
+        for (k, v) in entries {
+            self.insert(k, v);
+        }
+    }
+}
+
+/// A snapshot is the entries, oldest first; the capacity comes from the policy in force when it
+/// is read back.
+impl<K: serde::Serialize + std::hash::Hash + Eq + Clone, V: serde::Serialize> serde::Serialize
+    for BoundedMap<K, V>
+{
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(self.iter_by_age())
+    }
 }
 
 #[cfg(test)]
@@ -107,5 +132,22 @@ mod tests {
         assert_eq!(m.evicted(), 2, "c was the oldest left");
         assert!(m.get(&"c").is_none());
         assert_eq!(m.iter().count(), 2);
+    }
+
+    #[test]
+    fn a_snapshot_rebuilds_the_same_ages() {
+        let mut m = BoundedMap::new(3);
+        for (k, v) in [("a", 1), ("b", 2), ("c", 3)] {
+            m.insert(k, v);
+        }
+        m.remove(&"a");
+        m.insert("d", 4);
+        let json = serde_json::to_string(&m).unwrap();
+        assert_eq!(json, r#"[["b",2],["c",3],["d",4]]"#);
+        let entries: Vec<(String, i32)> = serde_json::from_str(&json).unwrap();
+        let mut back = BoundedMap::new(3);
+        back.extend(entries);
+        back.insert("e".to_owned(), 5);
+        assert!(back.get(&"b".to_owned()).is_none(), "b is still the oldest");
     }
 }

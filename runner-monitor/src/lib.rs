@@ -13,3 +13,4 @@ pub mod pipeline;
 pub mod policy;
 pub mod rule;
 pub mod sensor;
+pub mod state;

@@ -9,6 +9,7 @@ use std::{
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
 use runner_monitor::{
+    engine::Engine,
     enrich::{self, Fingerprinter},
     event::{Event, EventDetail, JobInfo, SensorStatus},
     job::{
@@ -27,12 +28,14 @@ use runner_monitor::{
     policy::{Policy, SensorPolicy},
     sensor::ringfill::RingFill,
     sensor::{
-        KernelCounters, ProbeState, Sensor,
+        KernelCounters, ProbeState, Sensor, SensorOptions,
         check::{Support, probe_kernel},
         decode::Decoder,
         jobs::monotonic_ns,
+        pins,
         reader::{self, ReaderCounters},
     },
+    state::StateDir,
 };
 use tokio::sync::mpsc;
 
@@ -164,7 +167,27 @@ struct RunArgs {
     /// Seconds between status lines in the log (events sent, lost).
     #[arg(long, value_name = "SECONDS", default_value_t = 30)]
     status_interval: u64,
+    /// Where the agent keeps its state across restarts (engine and job tables), locked so that
+    /// one agent runs per host.
+    #[arg(
+        long,
+        value_name = "DIR",
+        default_value = "/var/lib/runner-monitor/state"
+    )]
+    state_dir: PathBuf,
+    /// Where the kernel's process and job maps are pinned (bpffs), so that jobs stay attributed
+    /// across restarts.
+    #[arg(long, value_name = "DIR", default_value = "/sys/fs/bpf/runner-monitor")]
+    pin_dir: PathBuf,
+    /// Start afresh: forget the saved state and the pinned kernel maps.
+    #[arg(long)]
+    fresh_state: bool,
 }
+
+/// How often the state snapshot is written while events arrive.
+const SNAPSHOT_INTERVAL: Duration = Duration::from_secs(10);
+/// How long a stopping agent waits for receivers to take the spooled alerts.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
 fn main() -> std::process::ExitCode {
     match run_cli() {
@@ -294,17 +317,76 @@ fn status(kernel: &KernelCounters, reader: &ReaderCounters) -> String {
     )
 }
 
-async fn run(args: RunArgs) -> anyhow::Result<()> {
-    require_root()?;
-    let policy = Arc::new(match &args.policy {
-        Some(path) => Policy::load(path).context("refusing to start with an invalid policy")?,
-        None => Policy::builtin(),
-    });
+/// The kernel's view of `policy` (plus `--job-root-exe`).
+fn sensor_policy_of(policy: &Policy, job_root_exes: &[String]) -> SensorPolicy {
     let mut sensor_policy = policy.sensor_policy();
     sensor_policy
         .job_root_executables
-        .extend(args.job_root_exes);
-    let mut sensor = Sensor::load(&sensor_policy).context("starting the sensors")?;
+        .extend(job_root_exes.iter().cloned());
+    sensor_policy
+}
+
+/// One batch from the ring buffer through enrichment, the engine and the outputs.
+fn handle_batch(
+    batch: Vec<Event>,
+    fingerprints: &mut Option<Fingerprinter>,
+    pipeline: &mut Pipeline,
+    directory: &mut JobDirectory,
+    policy: &Policy,
+) -> std::io::Result<()> {
+    for mut event in batch {
+        let extra = match fingerprints {
+            Some(f) => f.process(&mut event, policy),
+            None => Vec::new(),
+        };
+        feed(pipeline, directory, &event)?;
+        if let Some(start) = directory.discover(&event, policy) {
+            feed(pipeline, directory, &start)?;
+        }
+        for e in &extra {
+            feed(pipeline, directory, e)?;
+        }
+    }
+    Ok(())
+}
+
+/// SIGHUP: the policy file read again. A policy that does not parse, or that the kernel cannot
+/// take, is rejected and the one in force stays.
+fn reload_policy(
+    args: &RunArgs,
+    sensor: &mut Sensor,
+    current: &Policy,
+) -> anyhow::Result<Option<Arc<Policy>>> {
+    let Some(path) = &args.policy else {
+        tracing::info!("SIGHUP: no policy file (--policy); the built-in policy stays in force");
+        return Ok(None);
+    };
+    let policy = Arc::new(Policy::load(path)?);
+    if let Err(error) = sensor.set_names(&sensor_policy_of(&policy, &args.job_root_exes)) {
+        // Put the kernel back to the policy in force.
+        sensor.set_names(&sensor_policy_of(current, &args.job_root_exes))?;
+        return Err(error.into());
+    }
+    Ok(Some(policy))
+}
+
+async fn run(args: RunArgs) -> anyhow::Result<()> {
+    require_root()?;
+    let state = StateDir::open(&args.state_dir)?;
+    if args.fresh_state {
+        pins::remove(&args.pin_dir)?;
+        state.discard()?;
+        tracing::info!("--fresh-state: saved state and pinned kernel maps removed");
+    }
+    let mut policy = Arc::new(match &args.policy {
+        Some(path) => Policy::load(path).context("refusing to start with an invalid policy")?,
+        None => Policy::builtin(),
+    });
+    let sensor_policy = sensor_policy_of(&policy, &args.job_root_exes);
+    let options = SensorOptions {
+        pin_dir: Some(args.pin_dir.clone()),
+    };
+    let mut sensor = Sensor::load_with(&sensor_policy, &options).context("starting the sensors")?;
     let detached: Vec<String> = sensor
         .probes()
         .iter()
@@ -365,6 +447,40 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         pipeline = pipeline.with_sink(sink);
     }
     let mut directory = JobDirectory::default();
+    let saved = state.load();
+    if !sensor.resumed() && saved.is_some() {
+        tracing::warn!(
+            pin_dir = %args.pin_dir.display(),
+            "saved state found but the pinned kernel maps were not: the jobs it names are judged \
+             from what was saved, their processes are no longer attributed"
+        );
+    }
+    if let Some(saved) = saved {
+        let age_s = monotonic_ns().saturating_sub(saved.saved_ns) as f64 / 1e9;
+        pipeline.set_engine(Engine::restore(policy.clone(), saved.engine));
+        directory = JobDirectory::restore(4096, saved.directory);
+        tracing::info!(
+            jobs = pipeline.engine().active_jobs(),
+            processes = pipeline.engine().tracked_processes(),
+            age_s,
+            "resumed from the saved state"
+        );
+    }
+    if sensor.resumed() {
+        // What happened while no agent ran: exits, forks, job roots gone.
+        let reconciled = sensor
+            .reconcile()
+            .context("reconciling the pinned kernel maps")?;
+        tracing::info!(
+            exited = reconciled.exited.len(),
+            born = reconciled.adopted.len(),
+            jobs_ended = reconciled.ended.len(),
+            "resumed the pinned kernel maps; while the agent was down"
+        );
+        for event in reconciled.events(&sensor) {
+            feed(&mut pipeline, &directory, &event)?;
+        }
+    }
     if !detached.is_empty() {
         feed(
             &mut pipeline,
@@ -383,7 +499,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         Some(path) => Some(Fingerprinter::load(path)?),
         None => None,
     };
-    for pid in args.job_pids {
+    for &pid in &args.job_pids {
         let key = sensor
             .register_job(pid)
             .with_context(|| format!("registering process {pid} as a job root"))?;
@@ -434,7 +550,11 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         stop,
     ));
 
-    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sighup = signal(SignalKind::hangup())?;
+    let mut snapshot_tick = tokio::time::interval(SNAPSHOT_INTERVAL);
+    let mut dirty = false;
     let mut status_tick = tokio::time::interval(Duration::from_secs(args.status_interval.max(1)));
     let mut second = tokio::time::interval(Duration::from_secs(1));
     status_tick.tick().await;
@@ -443,19 +563,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         tokio::select! {
             batch = rx.recv() => {
                 let Some(batch) = batch else { break };
-                for mut event in batch {
-                    let extra = match &mut fingerprints {
-                        Some(f) => f.process(&mut event, &policy),
-                        None => Vec::new(),
-                    };
-                    feed(&mut pipeline, &directory, &event)?;
-                    if let Some(start) = directory.discover(&event, &policy) {
-                        feed(&mut pipeline, &directory, &start)?;
-                    }
-                    for e in &extra {
-                        feed(&mut pipeline, &directory, e)?;
-                    }
-                }
+                handle_batch(batch, &mut fingerprints, &mut pipeline, &mut directory, &policy)?;
+                dirty = true;
                 // Flush when the queue is empty, so a quiet stream is never held back.
                 if rx.is_empty() {
                     pipeline.flush()?;
@@ -465,6 +574,27 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                 let control::Command { peer, request, reply } = command;
                 let response = control_request(&mut sensor, &mut directory, &mut pipeline, &policy, peer, request)?;
                 let _ = reply.send(response);
+                dirty = true;
+            }
+            _ = sighup.recv() => match reload_policy(&args, &mut sensor, &policy) {
+                Ok(Some(new)) => {
+                    policy = new;
+                    pipeline.set_policy(policy.clone());
+                    metrics.credential_kinds(policy.credentials.iter().map(|c| c.kind.as_str()));
+                    metrics.policy_reload(true);
+                    tracing::info!(policy = ?args.policy, "SIGHUP: policy reloaded; state kept");
+                }
+                Ok(None) => {}
+                Err(error) => {
+                    metrics.policy_reload(false);
+                    tracing::error!(error = format!("{error:#}"), "SIGHUP: new policy rejected; the previous policy stays in force");
+                }
+            },
+            _ = snapshot_tick.tick(), if dirty => {
+                if let Err(error) = state.save(pipeline.engine(), &directory, monotonic_ns()) {
+                    tracing::warn!(%error, "writing the state snapshot");
+                }
+                dirty = false;
             }
             _ = second.tick() => {
                 let mut findings = pipeline.tick(monotonic_ns());
@@ -473,14 +603,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                 }
                 pipeline.alert_all(&findings)?;
                 pipeline.export_engine();
-                metrics.kernel(&sensor.counters()?, counters.decode_errors.load(Ordering::Relaxed));
-                if let Some(fill) = &ring_fill {
-                    metrics.ring_fill(fill.ratio());
-                }
-                ready.store(true, Ordering::Relaxed);
-            }
-            _ = status_tick.tick() => {
                 let kernel = sensor.counters()?;
+                // Every event the kernel could not keep is raised within a second.
                 let lost = kernel.total_lost();
                 if lost > last_lost {
                     tracing::warn!(lost = lost - last_lost, "sensor degraded: events lost in the kernel");
@@ -490,6 +614,14 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                     }), None, 0))?;
                     last_lost = lost;
                 }
+                metrics.kernel(&kernel, counters.decode_errors.load(Ordering::Relaxed));
+                if let Some(fill) = &ring_fill {
+                    metrics.ring_fill(fill.ratio());
+                }
+                ready.store(true, Ordering::Relaxed);
+            }
+            _ = status_tick.tick() => {
+                let kernel = sensor.counters()?;
                 tracing::info!(
                     "{}; engine {:?}; unnamed jobs {}",
                     status(&kernel, &counters),
@@ -504,9 +636,13 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     // The reader drains the ring buffer, then closes the channel.
     let _ = stop_reader.send(());
     while let Some(batch) = rx.recv().await {
-        for event in &batch {
-            feed(&mut pipeline, &directory, event)?;
-        }
+        handle_batch(
+            batch,
+            &mut fingerprints,
+            &mut pipeline,
+            &mut directory,
+            &policy,
+        )?;
     }
     match reader.await {
         Ok(Ok(())) => {}
@@ -518,6 +654,34 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         "stopping: {}; engine {:?}",
         status(&sensor.counters()?, &counters),
         pipeline.stats()
+    );
+    match state.save(pipeline.engine(), &directory, monotonic_ns()) {
+        Ok(()) => tracing::info!(dir = %state.path().display(), "state saved for the next start"),
+        Err(error) => tracing::error!(%error, "saving the state"),
+    }
+    for (sink, pending) in pipeline
+        .drain_sinks(tokio::time::Instant::now() + DRAIN_TIMEOUT)
+        .await
+    {
+        if pending > 0 {
+            tracing::warn!(
+                sink,
+                pending_bytes = pending,
+                "receiver did not take every alert before shutdown: they stay spooled and are \
+                 delivered at the next start"
+            );
+        }
+    }
+    let attached = sensor
+        .probes()
+        .iter()
+        .filter(|p| p.state == ProbeState::Attached)
+        .count();
+    drop(sensor);
+    tracing::info!(
+        detached = attached,
+        pin_dir = %args.pin_dir.display(),
+        "stopped: every probe detached; the kernel's job maps stay pinned for the next start"
     );
     Ok(())
 }

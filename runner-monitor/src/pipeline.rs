@@ -39,6 +39,31 @@ impl Pipeline {
         })
     }
 
+    /// The engine, e.g. to snapshot it.
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// Replaces the engine (one restored from a snapshot).
+    pub fn set_engine(&mut self, engine: Engine) {
+        self.engine = engine;
+    }
+
+    /// Replaces the policy the engine judges by; its tables are kept.
+    pub fn set_policy(&mut self, policy: Arc<Policy>) {
+        self.engine.set_policy(policy);
+    }
+
+    /// Shutdown: gives each receiver until `deadline` to take the spooled alerts; returns what
+    /// is still pending per receiver (kept in the spool for the next start).
+    pub async fn drain_sinks(&self, deadline: tokio::time::Instant) -> Vec<(&'static str, u64)> {
+        let mut left = Vec::new();
+        for sink in &self.sinks {
+            left.push((sink.receiver.name(), sink.drain(deadline).await));
+        }
+        left
+    }
+
     /// Also delivers every alert to `sink` (spooled, retried).
     pub fn with_sink(mut self, sink: Sink) -> Self {
         self.sinks.push(sink);
@@ -129,9 +154,5 @@ impl Pipeline {
 
     pub fn stats(&self) -> EngineStats {
         self.engine.stats()
-    }
-
-    pub fn set_policy(&mut self, policy: Arc<Policy>) {
-        self.engine.set_policy(policy);
     }
 }

@@ -344,3 +344,23 @@ impl Drop for NetNs {
             .output();
     }
 }
+
+/// A bpffs directory for one agent's pinned maps, `/sys/fs/bpf/rm-test-NAME-PID`. Test agents die
+/// with their test binary, leaving their pins: those of test binaries no longer running are
+/// removed here first, so kernel memory does not pile up across runs.
+pub fn pin_dir(name: &str) -> PathBuf {
+    let root = Path::new("/sys/fs/bpf");
+    if let Ok(entries) = std::fs::read_dir(root) {
+        for entry in entries.flatten() {
+            let file = entry.file_name().to_string_lossy().into_owned();
+            let Some(rest) = file.strip_prefix("rm-test-") else {
+                continue;
+            };
+            let pid = rest.rsplit('-').next().and_then(|p| p.parse::<u32>().ok());
+            if pid.is_some_and(|p| !Path::new(&format!("/proc/{p}")).exists()) {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+    }
+    root.join(format!("rm-test-{name}-{}", std::process::id()))
+}

@@ -79,6 +79,10 @@ pub fn agent() -> &'static Agent {
             .arg(format!("http://127.0.0.1:{alertmanager_port}"))
             .arg("--spool-dir")
             .arg(dir.join("spool"))
+            .arg("--state-dir")
+            .arg(dir.join("state"))
+            .arg("--pin-dir")
+            .arg(crate::pin_dir("live"))
             .stdout(Stdio::null())
             .stderr(log);
         let (tx, rx) = std::sync::mpsc::channel();

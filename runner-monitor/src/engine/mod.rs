@@ -7,6 +7,7 @@
 
 mod detect;
 pub mod finding;
+pub mod snapshot;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -23,7 +24,7 @@ use crate::{
 };
 
 /// A process the engine follows (alive, or recently exited for ancestry).
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 struct Process {
     pid: u32,
     ppid: u32,
@@ -39,7 +40,7 @@ struct Process {
     harvesting_reported: bool,
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 struct Job {
     key: JobKey,
     info: JobInfo,
@@ -59,13 +60,13 @@ struct Job {
 }
 
 /// Which job made a credential object.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 struct LedgerEntry {
     materialised_by: Option<JobKey>,
 }
 
 /// Counters of the engine itself.
-#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct EngineStats {
     pub events: u64,
     pub findings: u64,

@@ -27,7 +27,7 @@ pub struct JobDirectory {
     pub unidentified: u64,
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 struct Known {
     id: Option<String>,
     tracking_id: Option<String>,
@@ -36,6 +36,48 @@ struct Known {
     /// Discovery found the environment (it runs once more for explicit jobs, for the tracking id).
     discovered: bool,
     attempts: u32,
+}
+
+/// The directory's tables as data (state snapshots), entries oldest first.
+#[derive(serde::Serialize, serde::Deserialize)]
+pub struct DirectorySnapshot {
+    by_id: Vec<(String, JobKey)>,
+    known: Vec<(JobKey, Known)>,
+    stage_of: Vec<(JobKey, JobKey)>,
+    unidentified: u64,
+}
+
+#[derive(serde::Serialize)]
+struct DirectorySnapshotRef<'a> {
+    by_id: &'a BoundedMap<String, JobKey>,
+    known: &'a BoundedMap<JobKey, Known>,
+    stage_of: &'a BoundedMap<JobKey, JobKey>,
+    unidentified: u64,
+}
+
+impl JobDirectory {
+    /// Writes the directory's tables (the shape of `DirectorySnapshot`) with `serializer`.
+    pub fn save<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serde::Serialize::serialize(
+            &DirectorySnapshotRef {
+                by_id: &self.by_id,
+                known: &self.known,
+                stage_of: &self.stage_of,
+                unidentified: self.unidentified,
+            },
+            serializer,
+        )
+    }
+
+    /// A directory of `capacity` jobs with the tables of `snapshot`.
+    pub fn restore(capacity: usize, snapshot: DirectorySnapshot) -> Self {
+        let mut d = Self::new(capacity);
+        d.by_id.extend(snapshot.by_id);
+        d.known.extend(snapshot.known);
+        d.stage_of.extend(snapshot.stage_of);
+        d.unidentified = snapshot.unidentified;
+        d
+    }
 }
 
 impl Default for JobDirectory {

@@ -260,6 +260,19 @@ impl Sink {
     pub fn pending_bytes(&self) -> u64 {
         self.spool.lock().expect("spool lock").pending_bytes()
     }
+
+    /// Gives the delivery task until `deadline` to empty the spool (shutdown); returns the bytes
+    /// still pending, which stay spooled for the next start.
+    pub async fn drain(&self, deadline: tokio::time::Instant) -> u64 {
+        loop {
+            let pending = self.pending_bytes();
+            if pending == 0 || tokio::time::Instant::now() >= deadline {
+                return pending;
+            }
+            self.wake.notify_one();
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
 }
 
 async fn post(

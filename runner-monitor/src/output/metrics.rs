@@ -32,6 +32,7 @@ pub const METRIC_NAMES: &[&str] = &[
     "runner_monitor_ring_buffer_fill_ratio",
     "runner_monitor_engine_latency_seconds",
     "runner_monitor_alert_latency_seconds",
+    "runner_monitor_policy_reloads_total",
     "runner_monitor_probe_attached",
     "runner_monitor_engine_evictions_total",
     "runner_monitor_alerts_delivered_total",
@@ -59,6 +60,7 @@ pub struct Metrics {
     ring_fill: prometheus::Gauge,
     latency: Histogram,
     alert_latency: Histogram,
+    policy_reloads: IntCounterVec,
     probe_attached: IntGaugeVec,
     evictions: IntCounterVec,
     delivered: IntCounterVec,
@@ -160,6 +162,11 @@ impl Metrics {
                 ]),
             )
             .expect("valid metric"),
+            policy_reloads: counter_vec(
+                "runner_monitor_policy_reloads_total",
+                "Policy reloads (SIGHUP), by result: applied or rejected (the old policy stays).",
+                &["result"],
+            ),
             alert_latency: Histogram::with_opts(
                 HistogramOpts::new(
                     "runner_monitor_alert_latency_seconds",
@@ -230,6 +237,7 @@ impl Metrics {
             Box::new(m.ring_fill.clone()),
             Box::new(m.latency.clone()),
             Box::new(m.alert_latency.clone()),
+            Box::new(m.policy_reloads.clone()),
             Box::new(m.probe_attached.clone()),
             Box::new(m.evictions.clone()),
             Box::new(m.delivered.clone()),
@@ -256,6 +264,9 @@ impl Metrics {
             "credential_fingerprint",
         ] {
             m.events.with_label_values(&[kind]);
+        }
+        for result in ["applied", "rejected"] {
+            m.policy_reloads.with_label_values(&[result]);
         }
         for map in ["processes", "pending", "jobs", "dns_sockets"] {
             m.map_full.with_label_values(&[map]);
@@ -314,6 +325,13 @@ impl Metrics {
     /// Event-to-judgement latency, in seconds.
     pub fn latency(&self, seconds: f64) {
         self.latency.observe(seconds);
+    }
+
+    /// A policy reload, applied or rejected.
+    pub fn policy_reload(&self, applied: bool) {
+        self.policy_reloads
+            .with_label_values(&[if applied { "applied" } else { "rejected" }])
+            .inc();
     }
 
     /// Event-to-alert latency of one alert, in seconds.

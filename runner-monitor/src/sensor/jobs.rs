@@ -14,7 +14,7 @@ use runner_monitor_common::{
     AGENT_JOB_KEY_BIT, JOB_ENDED, JOB_REGISTERED, JobState, PROCESS_JOB_ROOT, ProcessJob, map_name,
 };
 
-use super::{Sensor, SensorError};
+use super::{Sensor, SensorError, reconcile::start_ns};
 use crate::event::JobKey;
 
 /// CLOCK_MONOTONIC in nanoseconds: the clock of `bpf_ktime_get_ns`.
@@ -37,7 +37,7 @@ fn new_agent_job_key() -> JobKey {
 }
 
 /// Children of a process, from every thread's `children` file.
-fn children(pid: u32) -> Vec<u32> {
+pub(super) fn children(pid: u32) -> Vec<u32> {
     let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
         return Vec::new();
     };
@@ -92,6 +92,7 @@ impl Sensor {
             job: key.0,
             ppid: 0,
             flags: PROCESS_JOB_ROOT,
+            start_ns: start_ns(root_pid).unwrap_or(0),
         };
         self.processes
             .insert(root_pid, root, 0)
@@ -106,6 +107,7 @@ impl Sensor {
                     job: key.0,
                     ppid: parent,
                     flags: 0,
+                    start_ns: start_ns(child).unwrap_or(0),
                 };
                 self.processes
                     .insert(child, entry, 0)

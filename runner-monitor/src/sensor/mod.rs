@@ -7,19 +7,24 @@ pub mod decode;
 pub mod dns;
 pub mod jobs;
 pub mod paths;
+pub mod pins;
 pub mod reader;
+pub mod reconcile;
 pub mod ringfill;
 
-use std::collections::BTreeMap;
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    path::PathBuf,
+};
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, MapData, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
 };
 use runner_monitor_common::{
     EVENT_KIND_SLOTS, EventKind, JobState, NAME_KIND_BASENAME, NAME_KIND_DIRNAME,
     NAME_KIND_JOB_PARENT_COMM, NAME_KIND_JOB_ROOT_EXE, NAME_KIND_PREFIX, NameKey, ProcessJob,
-    counter, map_name,
+    counter, map_name, setting,
 };
 
 pub use attach::{ProbeState, ProbeStatus};
@@ -53,6 +58,21 @@ pub enum SensorError {
     Process { pid: u32, reason: String },
     #[error("no such job {0}")]
     NoSuchJob(crate::event::JobKey),
+    #[error("kernel state directory {path}: {source}")]
+    Pins {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// How to load the sensor.
+#[derive(Clone, Debug, Default)]
+pub struct SensorOptions {
+    /// Where the process and job maps are pinned (on bpffs) so that they outlive the agent: a
+    /// restarted agent takes them over and its jobs stay attributed. `None`: maps live and die
+    /// with this sensor (tests).
+    pub pin_dir: Option<PathBuf>,
 }
 
 /// What the kernel counted, summed over CPUs.
@@ -81,9 +101,11 @@ impl KernelCounters {
 pub struct Sensor {
     ebpf: Ebpf,
     kernel_log: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
-    /// Kept so that the patterns can be changed while running.
-    #[expect(dead_code, reason = "held for policy reload")]
+    /// Kept so that the patterns can be changed while running (`set_names`).
     names: HashMap<MapData, NameKey, u32>,
+    settings: Array<MapData, u32>,
+    /// Whether the process and job maps were taken over from an earlier agent.
+    resumed: bool,
     processes: HashMap<MapData, u32, ProcessJob>,
     jobs: HashMap<MapData, u64, JobState>,
     counters: PerCpuArray<MapData, u64>,
@@ -99,18 +121,23 @@ impl Sensor {
     /// Loads the programs, fills the pattern maps from `policy` and attaches every probe.
     /// Fails when a required probe does not attach; optional ones are reported in `probes()`.
     pub fn load(policy: &SensorPolicy) -> Result<Self, SensorError> {
+        Self::load_with(policy, &SensorOptions::default())
+    }
+
+    /// `load`, with the process and job maps pinned per `options`.
+    pub fn load_with(policy: &SensorPolicy, options: &SensorOptions) -> Result<Self, SensorError> {
         let agent_tgid = std::process::id();
-        let prefix_lengths = prefix_length_mask(&policy.credential_prefixes);
-        let mut ebpf = EbpfLoader::new()
-            .override_global("AGENT_TGID", &agent_tgid, true)
-            .override_global("PREFIX_LENGTHS", &prefix_lengths, true)
-            .override_global(
-                "JOB_PARENTS",
-                &(policy.job_parent_executables.len() as u32),
-                true,
-            )
-            .load(OBJECT)
-            .map_err(SensorError::Load)?;
+        let mut loader = EbpfLoader::new();
+        loader.override_global("AGENT_TGID", &agent_tgid, true);
+        let pinned = match &options.pin_dir {
+            Some(dir) => pins::prepare(dir)?,
+            None => Vec::new(),
+        };
+        let resumed = pinned.iter().all(|p| p.existed) && !pinned.is_empty();
+        for pin in &pinned {
+            loader.map_pin_path(pin.name, pin.path.clone());
+        }
+        let mut ebpf = loader.load(OBJECT).map_err(SensorError::Load)?;
 
         // Held by the sensor: the programs are loaded later and need the log map alive.
         let kernel_log = match aya_log::EbpfLogger::init(&mut ebpf) {
@@ -121,13 +148,64 @@ impl Sensor {
             }
         };
 
-        let mut names: HashMap<MapData, NameKey, u32> =
-            HashMap::try_from(take_map(&mut ebpf, map_name::NAMES)?).map_err(|source| {
-                SensorError::Map {
-                    name: map_name::NAMES,
-                    source,
-                }
-            })?;
+        let map_error = |name| move |source| SensorError::Map { name, source };
+        let names = HashMap::try_from(take_map(&mut ebpf, map_name::NAMES)?)
+            .map_err(map_error(map_name::NAMES))?;
+        let settings = Array::try_from(take_map(&mut ebpf, map_name::SETTINGS)?)
+            .map_err(map_error(map_name::SETTINGS))?;
+        let processes = HashMap::try_from(take_map(&mut ebpf, map_name::PROCESSES)?)
+            .map_err(map_error(map_name::PROCESSES))?;
+        let jobs = HashMap::try_from(take_map(&mut ebpf, map_name::JOBS)?)
+            .map_err(map_error(map_name::JOBS))?;
+        let counters = PerCpuArray::try_from(take_map(&mut ebpf, map_name::COUNTERS)?)
+            .map_err(map_error(map_name::COUNTERS))?;
+        let events = RingBuf::try_from(take_map(&mut ebpf, map_name::EVENTS)?)
+            .map_err(map_error(map_name::EVENTS))?;
+
+        let mut sensor = Self {
+            ebpf,
+            kernel_log,
+            names,
+            settings,
+            resumed,
+            processes,
+            jobs,
+            counters,
+            events: Some(events),
+            probes: Vec::new(),
+        };
+        // The patterns go in before any probe can look for them.
+        sensor.set_names(policy)?;
+        let probes = attach::attach_all(&mut sensor.ebpf);
+        for probe in &probes {
+            if let ProbeState::Failed(reason) = &probe.state
+                && probe.required
+            {
+                return Err(SensorError::RequiredProbe {
+                    program: probe.program.clone(),
+                    target: probe.target.clone(),
+                    reason: reason.clone(),
+                });
+            }
+        }
+        sensor.probes = probes;
+        Ok(sensor)
+    }
+
+    /// Whether the process and job maps were taken over from an earlier agent (pinned).
+    pub fn resumed(&self) -> bool {
+        self.resumed
+    }
+
+    /// Makes the kernel's name sets those of `policy`: credential names, job-root executables
+    /// and job parents. Used at load and on policy reload; names no longer wanted are removed
+    /// after the new ones are in, so a reload never opens a gap.
+    pub fn set_names(&mut self, policy: &SensorPolicy) -> Result<(), SensorError> {
+        let map_error = |source| SensorError::Map {
+            name: map_name::NAMES,
+            source,
+        };
+        let mut wanted = BTreeSet::new();
         for (kind, list) in [
             (NAME_KIND_BASENAME, &policy.credential_basenames),
             (NAME_KIND_DIRNAME, &policy.credential_dirnames),
@@ -140,45 +218,38 @@ impl Sensor {
                 let key = NameKey::new(kind, name.as_bytes())
                     .filter(|_| fits)
                     .ok_or_else(|| SensorError::NameTooLong(name.clone()))?;
-                names.insert(key, 1, 0).map_err(|source| SensorError::Map {
-                    name: map_name::NAMES,
-                    source,
-                })?;
+                wanted.insert(key_bytes(&key));
+                self.names.insert(key, 1, 0).map_err(map_error)?;
             }
         }
-
-        let map_error = |name| move |source| SensorError::Map { name, source };
-        let processes = HashMap::try_from(take_map(&mut ebpf, map_name::PROCESSES)?)
-            .map_err(map_error(map_name::PROCESSES))?;
-        let jobs = HashMap::try_from(take_map(&mut ebpf, map_name::JOBS)?)
-            .map_err(map_error(map_name::JOBS))?;
-        let counters = PerCpuArray::try_from(take_map(&mut ebpf, map_name::COUNTERS)?)
-            .map_err(map_error(map_name::COUNTERS))?;
-        let events = RingBuf::try_from(take_map(&mut ebpf, map_name::EVENTS)?)
-            .map_err(map_error(map_name::EVENTS))?;
-
-        let probes = attach::attach_all(&mut ebpf);
-        for probe in &probes {
-            if let ProbeState::Failed(reason) = &probe.state
-                && probe.required
-            {
-                return Err(SensorError::RequiredProbe {
-                    program: probe.program.clone(),
-                    target: probe.target.clone(),
-                    reason: reason.clone(),
-                });
-            }
+        let stale: Vec<NameKey> = self
+            .names
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !wanted.contains(&key_bytes(k)))
+            .collect();
+        for key in stale {
+            self.names.remove(&key).map_err(map_error)?;
         }
-        Ok(Self {
-            ebpf,
-            kernel_log,
-            names,
-            processes,
-            jobs,
-            counters,
-            events: Some(events),
-            probes,
-        })
+        let settings_error = |source| SensorError::Map {
+            name: map_name::SETTINGS,
+            source,
+        };
+        self.settings
+            .set(
+                setting::PREFIX_LENGTHS,
+                prefix_length_mask(&policy.credential_prefixes),
+                0,
+            )
+            .map_err(settings_error)?;
+        self.settings
+            .set(
+                setting::JOB_PARENTS,
+                policy.job_parent_executables.len() as u32,
+                0,
+            )
+            .map_err(settings_error)?;
+        Ok(())
     }
 
     /// Every probe and whether it attached.
@@ -226,6 +297,14 @@ impl Sensor {
     pub fn ebpf(&mut self) -> &mut Ebpf {
         &mut self.ebpf
     }
+}
+
+/// A name key as bytes, to compare keys (the kernel struct has no `Ord`).
+fn key_bytes(key: &NameKey) -> Vec<u8> {
+    let mut out = key.kind.to_le_bytes().to_vec();
+    out.extend_from_slice(&key.len.to_le_bytes());
+    out.extend_from_slice(&key.name);
+    out
 }
 
 /// Longest basename prefix the kernel checks.

@@ -115,6 +115,12 @@ impl Agent {
             .arg(dir.join("control.sock"))
             .arg("--spool-dir")
             .arg(dir.join("spool"))
+            // Each start is a fresh agent: no state carried over from the previous round.
+            .arg("--fresh-state")
+            .arg("--state-dir")
+            .arg(dir.join("state"))
+            .arg("--pin-dir")
+            .arg(bench_pin_dir())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log)?)
             .spawn()
@@ -200,8 +206,13 @@ impl Agent {
         // SAFETY: kill(2) on our child.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
         self.child.wait()?;
+        let _ = std::fs::remove_dir_all(bench_pin_dir());
         Ok(())
     }
+}
+
+fn bench_pin_dir() -> PathBuf {
+    PathBuf::from(format!("/sys/fs/bpf/rm-bench-{}", std::process::id()))
 }
 
 /// One scrape of the Prometheus text format.
