@@ -19,7 +19,8 @@ pub struct Agent {
     pub http: String,
     /// The Alertmanager port the agent delivers to (nothing listens until a test starts one).
     pub alertmanager_port: u16,
-    _child: Child,
+    pub pin_dir: PathBuf,
+    child: Child,
 }
 
 static AGENT: OnceLock<Agent> = OnceLock::new();
@@ -35,33 +36,42 @@ pub fn repo_root() -> PathBuf {
         .to_path_buf()
 }
 
-/// One agent for this test binary, with a short grace period so survivors show quickly.
-pub fn agent() -> &'static Agent {
-    AGENT.get_or_init(|| {
+/// The built-in policy with a short grace period and stage gap, so survivors show quickly.
+pub fn test_policy() -> String {
+    runner_monitor::policy::DEFAULT_POLICY
+        .replace("grace_period_seconds = 30", "grace_period_seconds = 2")
+        .replace("stage_gap_seconds = 10", "stage_gap_seconds = 1")
+}
+
+impl Agent {
+    /// Starts the agent binary on `dir` (its policy.toml, written with `test_policy` when
+    /// absent; alerts, events, state and spool inside; log appended to agent.log, so a restarted
+    /// agent adds to it), with pins in `pin_dir`, and waits until it is ready. The agent gets
+    /// SIGTERM when the calling thread ends.
+    pub fn launch(dir: &Path, pin_dir: &Path, alertmanager_port: u16, extra: &[&str]) -> Agent {
         let binary = target_dir().join("runner-monitor");
         assert!(
             binary.exists(),
             "{} is missing: `cargo build -p runner-monitor` first",
             binary.display()
         );
-        let dir = std::env::temp_dir().join(format!("rm-live-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::create_dir_all(dir).unwrap();
         let policy = dir.join("policy.toml");
-        std::fs::write(
-            &policy,
-            runner_monitor::policy::DEFAULT_POLICY
-                .replace("grace_period_seconds = 30", "grace_period_seconds = 2")
-                .replace("stage_gap_seconds = 10", "stage_gap_seconds = 1"),
-        )
-        .unwrap();
+        if !policy.exists() {
+            std::fs::write(&policy, test_policy()).unwrap();
+        }
         let socket = dir.join("control.sock");
-        let alertmanager_port = free_port();
         let key = dir.join("fingerprint.key");
         std::fs::write(&key, [0x5a; 32]).unwrap();
         std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600))
             .unwrap();
-        let log = std::fs::File::create(dir.join("agent.log")).unwrap();
+        let log_path = dir.join("agent.log");
+        let logged_before = agent_log(dir).len();
+        let log = std::fs::File::options()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .unwrap();
         let mut command = Command::new(&binary);
         command
             .args(["run", "--status-interval", "2", "--policy"])
@@ -82,34 +92,23 @@ pub fn agent() -> &'static Agent {
             .arg("--state-dir")
             .arg(dir.join("state"))
             .arg("--pin-dir")
-            .arg(crate::pin_dir("live"))
+            .arg(pin_dir)
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(log);
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            // The agent dies with this thread, which lives as long as the test binary.
-            let child = crate::spawn_with_parent_death(&mut command, libc::SIGTERM)
-                .expect("starting the agent");
-            tx.send(child).unwrap();
-            loop {
-                std::thread::park();
-            }
-        });
-        let child = rx.recv().unwrap();
+        let child = crate::spawn_with_parent_death(&mut command, libc::SIGTERM)
+            .expect("starting the agent");
         let deadline = Instant::now() + Duration::from_secs(60);
-        while !std::fs::read_to_string(dir.join("agent.log"))
-            .unwrap_or_default()
-            .contains("control socket ready")
-        {
+        let new_log = || agent_log(dir).get(logged_before..).unwrap_or("").to_owned();
+        while !new_log().contains("control socket ready") {
             assert!(
                 Instant::now() < deadline,
                 "the agent did not start: {}",
-                agent_log(&dir)
+                new_log()
             );
             std::thread::sleep(Duration::from_millis(100));
         }
-        let log = agent_log(&dir);
-        let http = log
+        let http = new_log()
             .split("address=")
             .nth(1)
             .and_then(|rest| rest.split_whitespace().next())
@@ -117,12 +116,50 @@ pub fn agent() -> &'static Agent {
             .trim_matches(|c: char| !c.is_ascii_digit() && c != '.' && c != ':')
             .to_owned();
         Agent {
-            dir,
+            dir: dir.to_path_buf(),
             socket,
             http,
             alertmanager_port,
-            _child: child,
+            pin_dir: pin_dir.to_path_buf(),
+            child,
         }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGTERM, and the agent's exit status once it stopped.
+    pub fn stop(mut self) -> std::process::ExitStatus {
+        // SAFETY: kill(2) on our child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        self.child.wait().unwrap()
+    }
+
+    /// Sends `signal` to the agent.
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: kill(2) on our child.
+        unsafe { libc::kill(self.child.id() as i32, signal) };
+    }
+}
+
+/// One agent for this test binary, with a short grace period so survivors show quickly.
+pub fn agent() -> &'static Agent {
+    AGENT.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("rm-live-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let alertmanager_port = free_port();
+        let pin_dir = crate::pin_dir("live");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            // The agent dies with this thread, which lives as long as the test binary.
+            tx.send(Agent::launch(&dir, &pin_dir, alertmanager_port, &[]))
+                .unwrap();
+            loop {
+                std::thread::park();
+            }
+        });
+        rx.recv().unwrap()
     })
 }
 

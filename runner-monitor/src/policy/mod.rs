@@ -156,6 +156,35 @@ impl Source<'_> {
     }
 }
 
+/// The dotted field a TOML parse error at byte `at` is about: the key on that line under the
+/// nearest table header above it (`agent.grace_period_seconds`, `credentials.paths`); "-" when
+/// the line holds no key (toml then names the field in its message, e.g. "missing field").
+fn field_at(text: &str, at: usize) -> String {
+    let at = at.min(text.len());
+    let line_start = text[..at].rfind('\n').map_or(0, |i| i + 1);
+    let line_end = text[at..].find('\n').map_or(text.len(), |i| at + i);
+    let line = &text[line_start..line_end];
+    let key = line
+        .split_once('=')
+        .map(|(k, _)| k.trim())
+        .filter(|k| !k.is_empty() && !k.starts_with('['));
+    let table = text[..line_start]
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| l.starts_with('['))
+        .map(|l| l.trim_matches(|c| c == '[' || c == ']').trim());
+    match (table, key) {
+        (Some(t), Some(k)) => format!("{t}.{k}"),
+        (None, Some(k)) => k.to_owned(),
+        (Some(_), None) if line.trim_start().starts_with('[') => line
+            .trim()
+            .trim_matches(|c| c == '[' || c == ']')
+            .to_owned(),
+        _ => "-".to_owned(),
+    }
+}
+
 fn path_glob(pattern: &str) -> Result<Glob, globset::Error> {
     GlobBuilder::new(pattern).literal_separator(true).build()
 }
@@ -189,8 +218,7 @@ impl Policy {
         let parsed: file::PolicyFile = toml::from_str(text).map_err(|e| {
             let span = e.span().unwrap_or(0..0);
             let message = e.message().to_owned();
-            // toml names the field in its message ("unknown field `x`", "missing field `y`").
-            src.error(span, "-", message)
+            src.error(span.clone(), &field_at(text, span.start), message)
         })?;
         Self::compile(parsed, &src)
     }

@@ -141,3 +141,19 @@ fn errors_name_file_line_and_field() {
     let text = e.to_string();
     assert!(text.starts_with("bad.toml:3:"), "{text}");
 }
+
+#[test]
+fn a_wrongly_typed_or_unknown_field_is_named_with_its_table() {
+    let e = Policy::parse("[agent]\ngrace_period_seconds = \"soon\"\n", "p.toml").unwrap_err();
+    assert_eq!(
+        (e.line, e.field.as_str()),
+        (2, "agent.grace_period_seconds")
+    );
+    let e = Policy::parse(
+        "[agent]\nstage_gap_seconds = 1\n\n[[credentials]]\nkind = \"x\"\npathz = [\"a\"]\n",
+        "p.toml",
+    )
+    .unwrap_err();
+    assert_eq!((e.line, e.field.as_str()), (6, "credentials.pathz"));
+    assert!(e.to_string().starts_with("p.toml:6:"), "{e}");
+}

@@ -1,0 +1,295 @@
+//! The agent itself under restarts, reloads and shutdown: each test runs its own agent binary
+//! (with its own state directory and pinned maps), stops and starts it, and checks what it
+//! judged.
+
+use std::{
+    path::Path,
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use integration_tests::{
+    CANARY, TestEnv,
+    live::{Agent, agent_log, curl, free_port, job_command, test_policy, wait_alert},
+    pin_dir,
+};
+
+fn wait_until(what: &str, seconds: u64, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting: {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn worker(env: &TestEnv) -> std::path::PathBuf {
+    let worker = env.dir.join("Runner.Worker");
+    if !worker.exists() {
+        std::fs::copy("/bin/sh", &worker).unwrap();
+    }
+    worker
+}
+
+/// The value of one series in the agent's /metrics (0 when absent).
+fn metric(agent: &Agent, series: &str) -> f64 {
+    curl(&format!("http://{}/metrics", agent.http))
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[test]
+fn a_restarted_agent_keeps_its_jobs_and_judges_one_that_ended_while_it_was_down() {
+    let env = TestEnv::new("restart");
+    let dir = env.dir.join("agent");
+    let pins = pin_dir("restart");
+    let port = free_port();
+    let agent = Agent::launch(&dir, &pins, port, &[]);
+    let run = format!("{}41", std::process::id());
+    let id = format!("{run}/build");
+    let (down, gate) = (env.dir.join("agent-down"), env.dir.join("gate"));
+    // The job names itself through the runner's hook, leaves a setsid'd shell behind, and its
+    // root exits only once the agent is down. The shell starts a new process while the agent is
+    // down; that one reads a credential after the agent is back.
+    let hooks = integration_tests::live::repo_root().join("hooks/github");
+    let survivor = env.dir.join("survivor.sh");
+    std::fs::write(
+        &survivor,
+        format!(
+            "while [ ! -e {down} ]; do sleep 0.1; done\n\
+             sh -c 'while [ ! -e {gate} ]; do sleep 0.1; done; \
+             cat \"$HOME/.aws/credentials\" > /dev/null; sleep 5'\n",
+            down = down.display(),
+            gate = gate.display(),
+        ),
+    )
+    .unwrap();
+    let script = format!(
+        "sh {started}\n(setsid sh {survivor} &)\nwhile [ ! -e {down} ]; do sleep 0.1; done\n",
+        started = hooks.join("job-started.sh").display(),
+        survivor = survivor.display(),
+        down = down.display(),
+    );
+    let mut job = job_command(&worker(&env), &env, &agent)
+        .arg("-c")
+        .arg(script)
+        .env("GITHUB_RUN_ID", &run)
+        .env("GITHUB_JOB", "build")
+        .env("GITHUB_REPOSITORY", "acme/restart")
+        .env("GITHUB_TOKEN", CANARY)
+        .spawn()
+        .unwrap();
+    wait_until("the agent names the job", 20, || {
+        std::fs::read_to_string(dir.join("events.jsonl"))
+            .unwrap_or_default()
+            .contains(&format!("\"id\":\"{id}\""))
+    });
+
+    let status = agent.stop();
+    assert!(status.success(), "the agent stopped with {status}");
+    assert!(
+        agent_log(&dir).contains("stopped: every probe detached"),
+        "{}",
+        agent_log(&dir)
+    );
+    // While no agent runs: the job's root exits (the job ends) and its survivor starts a process.
+    std::fs::write(&down, "").unwrap();
+    assert!(job.wait().unwrap().success());
+    std::thread::sleep(Duration::from_millis(500));
+
+    let agent = Agent::launch(&dir, &pins, port, &[]);
+    let log = agent_log(&dir);
+    assert!(log.contains("resumed from the saved state"), "{log}");
+    let resumed = log
+        .lines()
+        .find(|l| l.contains("resumed the pinned kernel maps"))
+        .unwrap_or_else(|| panic!("no resume line: {log}"));
+    assert!(resumed.contains("jobs_ended=1"), "{resumed}");
+    assert!(!resumed.contains("born=0"), "{resumed}");
+
+    std::fs::write(&gate, "").unwrap();
+    // Named as before the restart, ended while the agent was down, judged now.
+    let read = wait_alert(&agent, "credential-after-job-end", &id, |_| true);
+    assert_eq!(read["job"]["repository"], "acme/restart");
+    assert_eq!(read["job"]["ended"], true);
+    wait_alert(&agent, "process-survived-job", &id, |_| true);
+    assert!(agent.stop().success());
+    for file in [
+        "alerts.jsonl",
+        "events.jsonl",
+        "agent.log",
+        "state/state.json",
+    ] {
+        let text = std::fs::read_to_string(dir.join(file)).unwrap_or_default();
+        assert!(!text.contains(CANARY), "the canary leaked into {file}");
+    }
+    let _ = std::fs::remove_dir_all(&pins);
+}
+
+#[test]
+fn sighup_reloads_the_policy_and_a_bad_one_is_rejected_keeping_the_old() {
+    let env = TestEnv::new("reload");
+    let dir = env.dir.join("agent");
+    let pins = pin_dir("reload");
+    let agent = Agent::launch(&dir, &pins, free_port(), &[]);
+    let token = env.home.join(".reload-test-token");
+    std::fs::write(&token, CANARY).unwrap();
+    let series = "runner_monitor_credential_accesses_total{kind=\"reload-test\"}";
+    let read_token = || {
+        let out = job_command(&worker(&env), &env, &agent)
+            .arg("-c")
+            .arg("cat \"$HOME/.reload-test-token\" > /dev/null")
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+    };
+    read_token();
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(metric(&agent, series), 0.0, "not a credential yet");
+
+    let policy = dir.join("policy.toml");
+    std::fs::write(
+        &policy,
+        format!(
+            "{}\n[[credentials]]\nkind = \"reload-test\"\npaths = [\"**/.reload-test-token\"]\n",
+            test_policy()
+        ),
+    )
+    .unwrap();
+    agent.signal(libc::SIGHUP);
+    wait_until("the reload", 10, || {
+        agent_log(&dir).contains("policy reloaded")
+    });
+    read_token();
+    wait_until("the new credential kind counted", 10, || {
+        metric(&agent, series) >= 1.0
+    });
+
+    // A broken policy: rejected with its file and line, and the reloaded one stays.
+    std::fs::write(&policy, "[agent]\ngrace_period_seconds = \"soon\"\n").unwrap();
+    agent.signal(libc::SIGHUP);
+    wait_until("the rejection", 10, || {
+        agent_log(&dir).contains("new policy rejected")
+    });
+    let log = agent_log(&dir);
+    let rejected = log
+        .lines()
+        .find(|l| l.contains("new policy rejected"))
+        .unwrap();
+    assert!(
+        rejected.contains(&format!("{}:2:", policy.display()))
+            && rejected.contains("agent.grace_period_seconds"),
+        "{rejected}"
+    );
+    assert_eq!(
+        metric(
+            &agent,
+            "runner_monitor_policy_reloads_total{result=\"rejected\"}"
+        ),
+        1.0
+    );
+    read_token();
+    wait_until("the old policy still in force", 10, || {
+        metric(&agent, series) >= 2.0
+    });
+    assert!(agent.stop().success());
+    let _ = std::fs::remove_dir_all(&pins);
+}
+
+/// Ids of the BPF programs process `pid` holds (its fds' `prog_id` in /proc/PID/fdinfo).
+fn programs_of(pid: u32) -> Vec<u64> {
+    let mut ids: Vec<u64> = std::fs::read_dir(format!("/proc/{pid}/fdinfo"))
+        .unwrap()
+        .flatten()
+        .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+        .filter_map(|info| {
+            info.lines()
+                .find_map(|l| l.strip_prefix("prog_id:"))
+                .and_then(|v| v.trim().parse().ok())
+        })
+        .collect();
+    ids.sort_unstable();
+    ids.dedup();
+    ids
+}
+
+fn program_exists(id: u64) -> bool {
+    Command::new("bpftool")
+        .args(["prog", "show", "id", &id.to_string()])
+        .output()
+        .unwrap()
+        .status
+        .success()
+}
+
+#[test]
+fn clean_shutdown_writes_what_is_pending_and_detaches_every_probe() {
+    let env = TestEnv::new("shutdown");
+    let dir = env.dir.join("agent");
+    let pins = pin_dir("shutdown");
+    let agent = Agent::launch(&dir, &pins, free_port(), &[]);
+    let programs = programs_of(agent.pid());
+    // 48 attachments of 36 programs (one exit program serves many syscalls).
+    assert!(programs.len() >= 30, "{programs:?}");
+    // A job reads its parent's environment, and the agent is told to stop at once.
+    let mut job = job_command(&worker(&env), &env, &agent)
+        .arg("-c")
+        .arg("sh -c 'cat /proc/$PPID/environ > /dev/null'")
+        .spawn()
+        .unwrap();
+    let root = job.id();
+    assert!(job.wait().unwrap().success());
+    let status = agent.stop();
+    assert!(status.success(), "{status}");
+    assert!(
+        alerts_in(&dir)
+            .iter()
+            .any(|a| a["rule"] == "process-memory-access" && a["target"]["pid"] == root),
+        "the alert raised just before the stop was not written: {:#?}",
+        alerts_in(&dir)
+    );
+    let left: Vec<u64> = programs
+        .into_iter()
+        .filter(|id| program_exists(*id))
+        .collect();
+    assert!(left.is_empty(), "programs left after the stop: {left:?}");
+    let _ = std::fs::remove_dir_all(&pins);
+}
+
+fn alerts_in(dir: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(dir.join("alerts.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[test]
+fn a_second_agent_on_the_same_state_refuses_to_start() {
+    let env = TestEnv::new("second");
+    let dir = env.dir.join("agent");
+    let pins = pin_dir("second");
+    let agent = Agent::launch(&dir, &pins, free_port(), &[]);
+    let out = Command::new(integration_tests::live::target_dir().join("runner-monitor"))
+        .args([
+            "run",
+            "--listen",
+            "127.0.0.1:0",
+            "--alerts-out",
+            "/dev/null",
+        ])
+        .arg("--state-dir")
+        .arg(dir.join("state"))
+        .arg("--control-socket")
+        .arg(env.dir.join("second.sock"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("another runner-monitor is running with state directory"),
+        "{stderr}"
+    );
+    assert!(agent.stop().success());
+    let _ = std::fs::remove_dir_all(&pins);
+}
