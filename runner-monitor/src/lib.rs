@@ -11,5 +11,6 @@ pub mod job;
 pub mod output;
 pub mod pipeline;
 pub mod policy;
+pub mod privilege;
 pub mod rule;
 pub mod sensor;

@@ -104,7 +104,7 @@ pub fn bind(path: &Path, runner: Option<(u32, u32)>) -> Result<UnixListener, Con
     }
     let listener = UnixListener::bind(path).map_err(io)?;
     let mode = if let Some((_, gid)) = runner {
-        std::os::unix::fs::chown(path, Some(0), Some(gid)).map_err(io)?;
+        std::os::unix::fs::chown(path, None, Some(gid)).map_err(io)?;
         0o660
     } else {
         0o600
