@@ -447,6 +447,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         listener,
         runner.map(|(uid, _)| uid),
         command_tx,
+        metrics.clone(),
     ));
     tracing::info!(socket = %args.control_socket.display(), runner_user = ?args.runner_user, "control socket ready");
 

@@ -16,7 +16,7 @@ use std::{
 use integration_tests::{
     TestEnv,
     live::{
-        Agent, agent_command, agent_dir, agent_log, alerts, assert_no_secret, github_worker,
+        Agent, agent_command, agent_dir, agent_log, alerts, assert_no_secret, curl, github_worker,
         run_github_worker, run_id, target_dir, wait_alert, wait_ready,
     },
 };
@@ -203,6 +203,30 @@ fn the_agent_as_nobody_with_only_the_listed_capabilities_raises_the_survivor_ale
     }
     let _ = process.kill();
     let _ = process.wait();
+    // Someone else who can open the socket (here nobody, its owner) is refused and counted.
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(target_dir().join("runner-monitor"))
+        .args(["job", "end", "--id", &id])
+        .env("RUNNER_MONITOR_SOCKET", &agent.socket)
+        .output()
+        .unwrap();
+    assert!(
+        !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("not allowed"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let metrics = curl(&format!("http://{}/metrics", agent.http));
+    for series in [
+        r#"runner_monitor_control_requests_total{request="unknown",result="forbidden_peer"} 1"#,
+        r#"runner_monitor_control_requests_total{request="job_start",result="ok"} 1"#,
+        r#"runner_monitor_control_requests_total{request="job_end",result="ok"} 1"#,
+    ] {
+        assert!(
+            metrics.lines().any(|l| l == series),
+            "{series} in\n{metrics}"
+        );
+    }
     assert_no_secret(&agent);
     assert!(
         !agent_log(&dir).contains("missing capabilit"),
