@@ -343,7 +343,16 @@ pub async fn send(path: &Path, request: &Request) -> std::io::Result<Response> {
         .map_err(|_| std::io::Error::other("timed out connecting"))??;
     let mut line = serde_json::to_vec(request).map_err(std::io::Error::other)?;
     line.push(b'\n');
-    stream.write_all(&line).await?;
+    // The agent answers a peer it does not admit without reading the request, and may have
+    // closed the connection before this write: its answer is still there to read.
+    if let Err(e) = stream.write_all(&line).await
+        && !matches!(
+            e.kind(),
+            std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset
+        )
+    {
+        return Err(e);
+    }
     let mut answer = Vec::new();
     let mut reader = BufReader::new(stream).take(MAX_REQUEST as u64);
     tokio::time::timeout(TIMEOUT, reader.read_until(b'\n', &mut answer))
