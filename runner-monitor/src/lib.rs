@@ -11,6 +11,7 @@ pub mod job;
 pub mod output;
 pub mod pipeline;
 pub mod policy;
+pub mod privilege;
 pub mod rule;
 pub mod sensor;
 pub mod state;

@@ -26,6 +26,7 @@ use runner_monitor::{
     },
     pipeline::Pipeline,
     policy::{Policy, SensorPolicy},
+    privilege,
     sensor::ringfill::RingFill,
     sensor::{
         KernelCounters, ProbeState, Sensor, SensorOptions,
@@ -244,16 +245,24 @@ fn run_cli() -> anyhow::Result<()> {
     }
 }
 
-fn require_root() -> anyhow::Result<()> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        bail!("runner-monitor must run as root (it loads eBPF programs)");
+/// Checks the effective capabilities before anything is loaded: a missing required one stops
+/// the agent with its name and purpose; a missing optional one is a warning.
+fn require_capabilities(runner_user: bool) -> anyhow::Result<()> {
+    for r in privilege::check(&privilege::Setup::here(runner_user))? {
+        tracing::warn!(
+            capability = %r.capability,
+            "sensor degraded: missing capability {} (needed {}): {}",
+            r.capability,
+            r.why,
+            r.without
+        );
     }
     Ok(())
 }
 
 fn check(json: bool) -> anyhow::Result<()> {
-    require_root()?;
+    // Report, not refuse: the table below shows what loads with what the agent has.
+    let capabilities = privilege::assess(&privilege::effective()?, &privilege::Setup::here(false));
     let features = probe_kernel();
     // The real test: load and attach the agent's own programs, then detach them.
     let sensor = Sensor::load(&SensorPolicy::default());
@@ -261,14 +270,40 @@ fn check(json: bool) -> anyhow::Result<()> {
         Ok(s) => s.probes().to_vec(),
         Err(_) => Vec::new(),
     };
+    let missing_capabilities: Vec<String> = capabilities
+        .missing
+        .iter()
+        .chain(&capabilities.degraded)
+        .map(|r| r.capability.to_string())
+        .collect();
     if json {
         let out = serde_json::json!({
             "features": features,
             "probes": probes,
+            "missing_capabilities": missing_capabilities,
             "error": sensor.as_ref().err().map(|e| e.to_string()),
         });
         println!("{}", serde_json::to_string_pretty(&out)?);
     } else {
+        println!("capabilities");
+        for r in privilege::REQUIREMENTS {
+            let state = if capabilities
+                .missing
+                .iter()
+                .any(|m| m.capability == r.capability)
+            {
+                "MISSING"
+            } else if capabilities
+                .degraded
+                .iter()
+                .any(|m| m.capability == r.capability)
+            {
+                "missing (optional)"
+            } else {
+                "ok"
+            };
+            println!("  {:<20} {state}", r.capability.to_string());
+        }
         println!("kernel features");
         for f in &features {
             let mark = match f.support {
@@ -299,6 +334,9 @@ fn check(json: bool) -> anyhow::Result<()> {
         .collect();
     if !missing.is_empty() {
         bail!("required kernel features missing: {}", missing.join(", "));
+    }
+    if !capabilities.missing.is_empty() {
+        bail!(privilege::PrivilegeError::Missing(capabilities.missing));
     }
     if let Err(e) = sensor {
         bail!("the agent's probes do not load on this kernel: {e}");
@@ -371,7 +409,7 @@ fn reload_policy(
 }
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {
-    require_root()?;
+    require_capabilities(args.runner_user.is_some())?;
     let state = StateDir::open(&args.state_dir)?;
     if args.fresh_state {
         pins::remove(&args.pin_dir)?;
@@ -525,6 +563,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         listener,
         runner.map(|(uid, _)| uid),
         command_tx,
+        metrics.clone(),
     ));
     tracing::info!(socket = %args.control_socket.display(), runner_user = ?args.runner_user, "control socket ready");
 

@@ -345,10 +345,11 @@ impl Drop for NetNs {
     }
 }
 
-/// A bpffs directory for one agent's pinned maps, `/sys/fs/bpf/rm-test-NAME-PID`. Test agents die
-/// with their test binary, leaving their pins: those of test binaries no longer running are
-/// removed here first, so kernel memory does not pile up across runs.
-pub fn pin_dir(name: &str) -> PathBuf {
+/// The bpffs directory for the pinned maps of the agent whose files are in `dir`:
+/// `/sys/fs/bpf/rm-test-<dir>-PID`. Test agents die with their test binary, leaving their pins:
+/// those of test binaries no longer running are removed here first, so kernel memory does not
+/// pile up across runs.
+pub fn pin_dir_of(dir: &Path) -> PathBuf {
     let root = Path::new("/sys/fs/bpf");
     if let Ok(entries) = std::fs::read_dir(root) {
         for entry in entries.flatten() {
@@ -362,5 +363,12 @@ pub fn pin_dir(name: &str) -> PathBuf {
             }
         }
     }
+    let name: String = dir
+        .strip_prefix(std::env::temp_dir())
+        .unwrap_or(dir)
+        .to_string_lossy()
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .collect();
     root.join(format!("rm-test-{name}-{}", std::process::id()))
 }

@@ -19,8 +19,57 @@ pub struct Agent {
     pub http: String,
     /// The Alertmanager port the agent delivers to (nothing listens until a test starts one).
     pub alertmanager_port: u16,
-    pub pin_dir: PathBuf,
     child: Child,
+}
+
+impl Agent {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Starts the agent on `dir` (keeping what an earlier agent left there: a restart; its
+    /// pinned maps in `pin_dir_of(dir)`), delivering to Alertmanager on `alertmanager_port`, plus
+    /// `extra` arguments; waits until it is ready. The agent gets SIGTERM when the calling thread
+    /// ends.
+    pub fn launch(dir: &Path, alertmanager_port: u16, extra: &[&str]) -> Agent {
+        if !dir.join("policy.toml").exists() {
+            std::fs::create_dir_all(dir).unwrap();
+            write_agent_files(dir);
+        }
+        let mut command = agent_command(dir, &[]);
+        command
+            .arg("--alertmanager")
+            .arg(format!("http://127.0.0.1:{alertmanager_port}"))
+            .args(extra);
+        let logged_before = agent_log(dir).len();
+        let child = crate::spawn_with_parent_death(&mut command, libc::SIGTERM)
+            .expect("starting the agent");
+        let mut agent = wait_ready_after(dir, child, logged_before)
+            .unwrap_or_else(|log| panic!("the agent did not start: {log}"));
+        agent.alertmanager_port = alertmanager_port;
+        agent
+    }
+
+    /// SIGTERM, and the agent's exit status once it stopped.
+    pub fn stop(mut self) -> std::process::ExitStatus {
+        self.signal(libc::SIGTERM);
+        self.child.wait().unwrap()
+    }
+
+    /// Sends `signal` to the agent.
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: kill(2) on our child.
+        unsafe { libc::kill(self.child.id() as i32, signal) };
+    }
+}
+
+/// A test's own agent stops with it (the shared one is a static, never dropped: it dies with
+/// the test binary).
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 static AGENT: OnceLock<Agent> = OnceLock::new();
@@ -36,6 +85,42 @@ pub fn repo_root() -> PathBuf {
         .to_path_buf()
 }
 
+/// One agent for this test binary, with a short grace period so survivors show quickly.
+pub fn agent() -> &'static Agent {
+    AGENT.get_or_init(|| {
+        let dir = agent_dir("live");
+        let alertmanager_port = free_port();
+        let mut command = agent_command(&dir, &[]);
+        command
+            .arg("--alertmanager")
+            .arg(format!("http://127.0.0.1:{alertmanager_port}"));
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            // The agent dies with this thread, which lives as long as the test binary.
+            let child = crate::spawn_with_parent_death(&mut command, libc::SIGTERM)
+                .expect("starting the agent");
+            tx.send(child).unwrap();
+            loop {
+                std::thread::park();
+            }
+        });
+        let mut agent = wait_ready(&dir, rx.recv().unwrap())
+            .unwrap_or_else(|log| panic!("the agent did not start: {log}"));
+        agent.alertmanager_port = alertmanager_port;
+        agent
+    })
+}
+
+/// A fresh directory for an agent's files: its policy (short grace period and stage gap), its
+/// fingerprint key, and later its alerts, event trace, log, spool and control socket.
+pub fn agent_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("rm-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    write_agent_files(&dir);
+    dir
+}
+
 /// The built-in policy with a short grace period and stage gap, so survivors show quickly.
 pub fn test_policy() -> String {
     runner_monitor::policy::DEFAULT_POLICY
@@ -43,123 +128,94 @@ pub fn test_policy() -> String {
         .replace("stage_gap_seconds = 10", "stage_gap_seconds = 1")
 }
 
-impl Agent {
-    /// Starts the agent binary on `dir` (its policy.toml, written with `test_policy` when
-    /// absent; alerts, events, state and spool inside; log appended to agent.log, so a restarted
-    /// agent adds to it), with pins in `pin_dir`, and waits until it is ready. The agent gets
-    /// SIGTERM when the calling thread ends.
-    pub fn launch(dir: &Path, pin_dir: &Path, alertmanager_port: u16, extra: &[&str]) -> Agent {
-        let binary = target_dir().join("runner-monitor");
-        assert!(
-            binary.exists(),
-            "{} is missing: `cargo build -p runner-monitor` first",
-            binary.display()
-        );
-        std::fs::create_dir_all(dir).unwrap();
-        let policy = dir.join("policy.toml");
-        if !policy.exists() {
-            std::fs::write(&policy, test_policy()).unwrap();
-        }
-        let socket = dir.join("control.sock");
-        let key = dir.join("fingerprint.key");
-        std::fs::write(&key, [0x5a; 32]).unwrap();
-        std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600))
-            .unwrap();
-        let log_path = dir.join("agent.log");
-        let logged_before = agent_log(dir).len();
-        let log = std::fs::File::options()
-            .create(true)
-            .append(true)
-            .open(&log_path)
-            .unwrap();
-        let mut command = Command::new(&binary);
-        command
-            .args(["run", "--status-interval", "2", "--policy"])
-            .arg(&policy)
-            .arg("--alerts-out")
-            .arg(dir.join("alerts.jsonl"))
-            .arg("--events-out")
-            .arg(dir.join("events.jsonl"))
-            .arg("--control-socket")
-            .arg(&socket)
-            .arg("--fingerprint-key")
-            .arg(&key)
-            .args(["--listen", "127.0.0.1:0"])
-            .arg("--alertmanager")
-            .arg(format!("http://127.0.0.1:{alertmanager_port}"))
-            .arg("--spool-dir")
-            .arg(dir.join("spool"))
-            .arg("--state-dir")
-            .arg(dir.join("state"))
-            .arg("--pin-dir")
-            .arg(pin_dir)
-            .args(extra)
-            .stdout(Stdio::null())
-            .stderr(log);
-        let child = crate::spawn_with_parent_death(&mut command, libc::SIGTERM)
-            .expect("starting the agent");
-        let deadline = Instant::now() + Duration::from_secs(60);
-        let new_log = || agent_log(dir).get(logged_before..).unwrap_or("").to_owned();
-        while !new_log().contains("control socket ready") {
-            assert!(
-                Instant::now() < deadline,
-                "the agent did not start: {}",
-                new_log()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        let http = new_log()
-            .split("address=")
-            .nth(1)
-            .and_then(|rest| rest.split_whitespace().next())
-            .expect("the agent logs its HTTP address")
-            .trim_matches(|c: char| !c.is_ascii_digit() && c != '.' && c != ':')
-            .to_owned();
-        Agent {
-            dir: dir.to_path_buf(),
-            socket,
-            http,
-            alertmanager_port,
-            pin_dir: pin_dir.to_path_buf(),
-            child,
-        }
-    }
-
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// SIGTERM, and the agent's exit status once it stopped.
-    pub fn stop(mut self) -> std::process::ExitStatus {
-        // SAFETY: kill(2) on our child.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        self.child.wait().unwrap()
-    }
-
-    /// Sends `signal` to the agent.
-    pub fn signal(&self, signal: i32) {
-        // SAFETY: kill(2) on our child.
-        unsafe { libc::kill(self.child.id() as i32, signal) };
-    }
+fn write_agent_files(dir: &Path) {
+    std::fs::write(dir.join("policy.toml"), test_policy()).unwrap();
+    let key = dir.join("fingerprint.key");
+    std::fs::write(&key, [0x5a; 32]).unwrap();
+    std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
 }
 
-/// One agent for this test binary, with a short grace period so survivors show quickly.
-pub fn agent() -> &'static Agent {
-    AGENT.get_or_init(|| {
-        let dir = std::env::temp_dir().join(format!("rm-live-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        let alertmanager_port = free_port();
-        let pin_dir = crate::pin_dir("live");
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            // The agent dies with this thread, which lives as long as the test binary.
-            tx.send(Agent::launch(&dir, &pin_dir, alertmanager_port, &[]))
-                .unwrap();
-            loop {
-                std::thread::park();
-            }
-        });
-        rx.recv().unwrap()
+/// `runner-monitor run` with its files in `dir` (see `agent_dir`), started through `launcher`
+/// (e.g. `setpriv ...`) when one is given; its log goes to `dir/agent.log`.
+pub fn agent_command(dir: &Path, launcher: &[String]) -> Command {
+    let binary = target_dir().join("runner-monitor");
+    assert!(
+        binary.exists(),
+        "{} is missing: `cargo build -p runner-monitor` first",
+        binary.display()
+    );
+    let mut command = match launcher.split_first() {
+        Some((program, args)) => {
+            let mut command = Command::new(program);
+            command.args(args).arg(&binary);
+            command
+        }
+        None => Command::new(&binary),
+    };
+    command
+        .args(["run", "--status-interval", "2", "--policy"])
+        .arg(dir.join("policy.toml"))
+        .arg("--alerts-out")
+        .arg(dir.join("alerts.jsonl"))
+        .arg("--events-out")
+        .arg(dir.join("events.jsonl"))
+        .arg("--control-socket")
+        .arg(dir.join("control.sock"))
+        .arg("--fingerprint-key")
+        .arg(dir.join("fingerprint.key"))
+        .args(["--listen", "127.0.0.1:0"])
+        .arg("--spool-dir")
+        .arg(dir.join("spool"))
+        .arg("--state-dir")
+        .arg(dir.join("state"))
+        .arg("--pin-dir")
+        .arg(crate::pin_dir_of(dir))
+        .stdout(Stdio::null())
+        // Appended: a restarted agent adds to the log of the one before.
+        .stderr(
+            std::fs::File::options()
+                .create(true)
+                .append(true)
+                .open(dir.join("agent.log"))
+                .unwrap(),
+        );
+    command
+}
+
+/// Waits until the agent started from `agent_command(dir, ..)` has its control socket ready.
+/// `Err` holds its log when it exits first or is not ready within 60 s.
+pub fn wait_ready(dir: &Path, child: Child) -> Result<Agent, String> {
+    wait_ready_after(dir, child, 0)
+}
+
+/// `wait_ready`, reading the log from byte `from` on (what this agent wrote, after the agents
+/// before it on `dir`).
+fn wait_ready_after(dir: &Path, mut child: Child, from: usize) -> Result<Agent, String> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let log = || agent_log(dir).get(from..).unwrap_or("").to_owned();
+    while !log().contains("control socket ready") {
+        let exited = child.try_wait().ok().flatten();
+        if exited.is_some() || Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(format!("{exited:?}\n{}", log()));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let log = log();
+    let http = log
+        .split("address=")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .expect("the agent logs its HTTP address")
+        .trim_matches(|c: char| !c.is_ascii_digit() && c != '.' && c != ':')
+        .to_owned();
+    Ok(Agent {
+        dir: dir.to_path_buf(),
+        socket: dir.join("control.sock"),
+        http,
+        alertmanager_port: 0,
+        child,
     })
 }
 
@@ -203,27 +259,43 @@ pub fn wait_alert(
 /// Runs a GitHub-style job: a `Runner.Worker` that runs the job-started hook, then `steps`, then
 /// the job-completed hook.
 pub fn github_job(env: &TestEnv, agent: &Agent, run_id: &str, repository: &str, steps: &str) {
-    let worker = env.dir.join("Runner.Worker");
-    std::fs::copy("/bin/sh", &worker).unwrap();
     let hooks = repo_root().join("hooks/github");
     let script = format!(
         "sh {started}\n{steps}\nsh {completed}\n",
         started = hooks.join("job-started.sh").display(),
         completed = hooks.join("job-completed.sh").display(),
     );
-    let out = output_of(
-        job_command(&worker, env, agent)
-            .arg("-c")
-            .arg(script)
-            .env("GITHUB_RUN_ID", run_id)
-            .env("GITHUB_JOB", "build")
-            .env("GITHUB_REPOSITORY", repository)
-            .env("GITHUB_WORKFLOW", "CI")
-            .env("RUNNER_NAME", "runner-test")
-            .env("GITHUB_TOKEN", CANARY)
-            .env("TOKEN", CANARY)
-            .env("RUNNER_TRACKING_ID", format!("github_{run_id}")),
-    );
+    run_github_worker(&mut github_worker(env, agent, run_id, repository, &script));
+}
+
+/// A `Runner.Worker` (a copy of `sh`) that runs `script` with a GitHub job's environment.
+pub fn github_worker(
+    env: &TestEnv,
+    agent: &Agent,
+    run_id: &str,
+    repository: &str,
+    script: &str,
+) -> Command {
+    let worker = env.dir.join("Runner.Worker");
+    std::fs::copy("/bin/sh", &worker).unwrap();
+    let mut command = job_command(&worker, env, agent);
+    command
+        .arg("-c")
+        .arg(script)
+        .env("GITHUB_RUN_ID", run_id)
+        .env("GITHUB_JOB", "build")
+        .env("GITHUB_REPOSITORY", repository)
+        .env("GITHUB_WORKFLOW", "CI")
+        .env("RUNNER_NAME", "runner-test")
+        .env("GITHUB_TOKEN", CANARY)
+        .env("TOKEN", CANARY)
+        .env("RUNNER_TRACKING_ID", format!("github_{run_id}"));
+    command
+}
+
+/// Runs a `github_worker` and checks that it succeeded quietly.
+pub fn run_github_worker(worker: &mut Command) {
+    let out = output_of(worker);
     assert!(
         out.status.success() && out.stderr.is_empty(),
         "job failed: {}\n{}",

@@ -215,6 +215,86 @@ fn control_socket_refuses_to_end_a_job_that_does_not_exist_and_malformed_input()
     assert!(String::from_utf8_lossy(&out.stderr).contains("no such process"));
 }
 
+/// The value of one series of the agent's /metrics.
+fn metric(agent: &integration_tests::live::Agent, series: &str) -> u64 {
+    let text = curl(&format!("http://{}/metrics", agent.http));
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .unwrap_or_else(|| panic!("no {series} in\n{text}"))
+        .parse()
+        .unwrap()
+}
+
+#[test]
+fn control_socket_refuses_replayed_and_cross_job_requests_and_counts_them() {
+    let agent = agent();
+    let client = |args: &[&str]| {
+        Command::new(target_dir().join("runner-monitor"))
+            .arg("job")
+            .args(args)
+            .env("RUNNER_MONITOR_SOCKET", &agent.socket)
+            .output()
+            .unwrap()
+    };
+    let refused = |out: std::process::Output, why: &str| {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && stderr.contains(why),
+            "{why}: {stderr}"
+        );
+    };
+    let sleeper =
+        || spawn_with_parent_death(Command::new("sleep").arg("30"), libc::SIGKILL).unwrap();
+    let job_a = format!("replay-a-{}", std::process::id());
+    let job_b = format!("replay-b-{}", std::process::id());
+    let mut root_a = sleeper();
+    let start_a = ["start", "--id", &job_a, "--pid", &root_a.id().to_string()];
+    assert!(client(&start_a).status.success());
+    // The same start again, and the same id for another process.
+    refused(client(&start_a), "already started as");
+    let mut other = sleeper();
+    refused(
+        client(&["start", "--id", &job_a, "--pid", &other.id().to_string()]),
+        "already in use",
+    );
+    // A process of job B tries to end job A.
+    let mut root_b = Command::new("sh")
+        .arg("-c")
+        .arg(format!("read _go; runner-monitor job end --id {job_a}"))
+        .env("PATH", format!("{}:/usr/bin:/bin", target_dir().display()))
+        .env("RUNNER_MONITOR_SOCKET", &agent.socket)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    assert!(
+        client(&["start", "--id", &job_b, "--pid", &root_b.id().to_string()])
+            .status
+            .success()
+    );
+    std::io::Write::write_all(&mut root_b.stdin.take().unwrap(), b"go\n").unwrap();
+    refused(root_b.wait_with_output().unwrap(), "cannot end another job");
+    // A ends once.
+    assert!(client(&["end", "--id", &job_a]).status.success());
+    refused(client(&["end", "--id", &job_a]), "already ended");
+    for p in [&mut root_a, &mut other] {
+        let _ = p.kill();
+        let _ = p.wait();
+    }
+    // No other test replays or crosses jobs: the counts are exactly this test's.
+    let series = |request: &str, result: &str| {
+        format!(
+            "runner_monitor_control_requests_total{{request=\"{request}\",result=\"{result}\"}}"
+        )
+    };
+    assert_eq!(metric(agent, &series("job_start", "replayed")), 2);
+    assert_eq!(metric(agent, &series("job_end", "replayed")), 1);
+    assert_eq!(metric(agent, &series("job_end", "cross_job")), 1);
+    assert!(metric(agent, &series("job_start", "ok")) >= 2);
+    assert!(metric(agent, &series("job_end", "ok")) >= 1);
+}
+
 #[test]
 fn a_token_copied_outside_any_job_is_recognised_by_its_fingerprint() {
     let agent = agent();

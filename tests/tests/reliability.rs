@@ -11,7 +11,7 @@ use std::{
 use integration_tests::{
     CANARY, TestEnv,
     live::{Agent, agent_log, curl, free_port, job_command, test_policy, wait_alert},
-    pin_dir,
+    pin_dir_of,
 };
 
 fn wait_until(what: &str, seconds: u64, mut done: impl FnMut() -> bool) {
@@ -42,9 +42,9 @@ fn metric(agent: &Agent, series: &str) -> f64 {
 fn a_restarted_agent_keeps_its_jobs_and_judges_one_that_ended_while_it_was_down() {
     let env = TestEnv::new("restart");
     let dir = env.dir.join("agent");
-    let pins = pin_dir("restart");
+    let pins = pin_dir_of(&dir);
     let port = free_port();
-    let agent = Agent::launch(&dir, &pins, port, &[]);
+    let agent = Agent::launch(&dir, port, &[]);
     let run = format!("{}41", std::process::id());
     let id = format!("{run}/build");
     let (down, gate) = (env.dir.join("agent-down"), env.dir.join("gate"));
@@ -97,7 +97,7 @@ fn a_restarted_agent_keeps_its_jobs_and_judges_one_that_ended_while_it_was_down(
     assert!(job.wait().unwrap().success());
     std::thread::sleep(Duration::from_millis(500));
 
-    let agent = Agent::launch(&dir, &pins, port, &[]);
+    let agent = Agent::launch(&dir, port, &[]);
     let log = agent_log(&dir);
     assert!(log.contains("resumed from the saved state"), "{log}");
     let resumed = log
@@ -130,8 +130,8 @@ fn a_restarted_agent_keeps_its_jobs_and_judges_one_that_ended_while_it_was_down(
 fn sighup_reloads_the_policy_and_a_bad_one_is_rejected_keeping_the_old() {
     let env = TestEnv::new("reload");
     let dir = env.dir.join("agent");
-    let pins = pin_dir("reload");
-    let agent = Agent::launch(&dir, &pins, free_port(), &[]);
+    let pins = pin_dir_of(&dir);
+    let agent = Agent::launch(&dir, free_port(), &[]);
     let token = env.home.join(".reload-test-token");
     std::fs::write(&token, CANARY).unwrap();
     let series = "runner_monitor_credential_accesses_total{kind=\"reload-test\"}";
@@ -226,8 +226,8 @@ fn program_exists(id: u64) -> bool {
 fn clean_shutdown_writes_what_is_pending_and_detaches_every_probe() {
     let env = TestEnv::new("shutdown");
     let dir = env.dir.join("agent");
-    let pins = pin_dir("shutdown");
-    let agent = Agent::launch(&dir, &pins, free_port(), &[]);
+    let pins = pin_dir_of(&dir);
+    let agent = Agent::launch(&dir, free_port(), &[]);
     let programs = programs_of(agent.pid());
     // 48 attachments of 36 programs (one exit program serves many syscalls).
     assert!(programs.len() >= 30, "{programs:?}");
@@ -268,8 +268,8 @@ fn alerts_in(dir: &Path) -> Vec<serde_json::Value> {
 fn a_second_agent_on_the_same_state_refuses_to_start() {
     let env = TestEnv::new("second");
     let dir = env.dir.join("agent");
-    let pins = pin_dir("second");
-    let agent = Agent::launch(&dir, &pins, free_port(), &[]);
+    let pins = pin_dir_of(&dir);
+    let agent = Agent::launch(&dir, free_port(), &[]);
     let out = Command::new(integration_tests::live::target_dir().join("runner-monitor"))
         .args([
             "run",

@@ -21,7 +21,7 @@ use std::{
 use integration_tests::{
     CANARY, TestEnv,
     live::{Agent, agent_log, free_port, job_command, repo_root, target_dir, wait_alert},
-    pin_dir,
+    pin_dir_of,
 };
 use serde_json::Value;
 
@@ -155,11 +155,11 @@ fn soak_floods_restarts_outages_and_a_reload_deliver_every_finding_exactly_once(
         .unwrap_or(3);
     let env = TestEnv::new("soak");
     let dir = env.dir.join("agent");
-    let pins = pin_dir("soak");
+    let pins = pin_dir_of(&dir);
     let mut receiver = Receiver::new();
     let webhook = format!("http://127.0.0.1:{}/alerts", receiver.port);
     let am_port = free_port();
-    let launch = || Agent::launch(&dir, &pins, am_port, &["--webhook", &webhook]);
+    let launch = || Agent::launch(&dir, am_port, &["--webhook", &webhook]);
     let mut agent = launch();
     let worker = env.dir.join("Runner.Worker");
     std::fs::copy("/bin/sh", &worker).unwrap();

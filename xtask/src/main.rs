@@ -54,10 +54,12 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 /// Debian packages the tests use: `ip` for network namespaces, `unshare`/`mount` for a private
 /// resolv.conf, `getent` for glibc lookups, bpftool to inspect what is loaded, a real Prometheus
 /// (and promtool) to scrape the agent and check the rules, a real Alertmanager to receive its
-/// alerts, curl to query them.
+/// alerts, curl to query them, systemd for `systemd-analyze` and to boot a systemd that runs
+/// the hardened unit (`unshare`/`nsenter` from util-linux).
 const DEBIAN_PACKAGES: &[&str] = &[
     "iproute2",
     "util-linux",
+    "systemd",
     "mount",
     "libc-bin",
     "bpftool",

@@ -4,7 +4,7 @@
 //! are admitted (peer credentials); requests are bounded in size and time; a process inside a
 //! job may only speak for its own job.
 
-use std::{os::unix::fs::PermissionsExt, path::Path, time::Duration};
+use std::{os::unix::fs::PermissionsExt, path::Path, sync::Arc, time::Duration};
 
 use serde::{Deserialize, Serialize};
 use tokio::{
@@ -13,7 +13,7 @@ use tokio::{
     sync::{mpsc, oneshot},
 };
 
-use crate::event::JobInfo;
+use crate::{event::JobInfo, output::metrics::Metrics};
 
 /// Default path of the control socket.
 pub const DEFAULT_SOCKET: &str = "/run/runner-monitor/control.sock";
@@ -70,11 +70,98 @@ pub struct Peer {
     pub pid: u32,
 }
 
+impl Request {
+    /// The request's name, a label of `runner_monitor_control_requests_total`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Request::JobStart { .. } => "job_start",
+            Request::JobEnd { .. } => "job_end",
+        }
+    }
+}
+
+/// Every request name, and `unknown` for what was refused before it was read or parsed.
+pub const REQUEST_NAMES: [&str; 3] = ["job_start", "job_end", "unknown"];
+
+/// How a control request ended: the `result` label of `runner_monitor_control_requests_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    Ok,
+    /// Refused on its merits (no such job, no such process, no id).
+    Rejected,
+    /// A request that was already carried out: the same job started twice, a job ended twice.
+    Replayed,
+    /// A process inside one job speaking for another.
+    CrossJob,
+    /// Neither root nor the runner user.
+    ForbiddenPeer,
+    Malformed,
+    Oversized,
+    Timeout,
+}
+
+impl Outcome {
+    pub const ALL: [Outcome; 8] = [
+        Outcome::Ok,
+        Outcome::Rejected,
+        Outcome::Replayed,
+        Outcome::CrossJob,
+        Outcome::ForbiddenPeer,
+        Outcome::Malformed,
+        Outcome::Oversized,
+        Outcome::Timeout,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Ok => "ok",
+            Outcome::Rejected => "rejected",
+            Outcome::Replayed => "replayed",
+            Outcome::CrossJob => "cross_job",
+            Outcome::ForbiddenPeer => "forbidden_peer",
+            Outcome::Malformed => "malformed",
+            Outcome::Oversized => "oversized",
+            Outcome::Timeout => "timeout",
+        }
+    }
+
+    /// The outcomes a parsed request can have (the others happen before parsing).
+    pub fn of_parsed_request(self) -> bool {
+        matches!(
+            self,
+            Outcome::Ok | Outcome::Rejected | Outcome::Replayed | Outcome::CrossJob
+        )
+    }
+}
+
+/// The agent's answer to a request, and how the request ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Reply {
+    pub response: Response,
+    pub outcome: Outcome,
+}
+
+impl Reply {
+    pub fn ok(job: String) -> Self {
+        Self {
+            response: Response::ok(job),
+            outcome: Outcome::Ok,
+        }
+    }
+
+    pub fn refused(outcome: Outcome, message: impl Into<String>) -> Self {
+        Self {
+            response: Response::error(message),
+            outcome,
+        }
+    }
+}
+
 /// A request admitted by the socket, for the agent's main loop to carry out.
 pub struct Command {
     pub peer: Peer,
     pub request: Request,
-    pub reply: oneshot::Sender<Response>,
+    pub reply: oneshot::Sender<Reply>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -104,7 +191,7 @@ pub fn bind(path: &Path, runner: Option<(u32, u32)>) -> Result<UnixListener, Con
     }
     let listener = UnixListener::bind(path).map_err(io)?;
     let mode = if let Some((_, gid)) = runner {
-        std::os::unix::fs::chown(path, Some(0), Some(gid)).map_err(io)?;
+        std::os::unix::fs::chown(path, None, Some(gid)).map_err(io)?;
         0o660
     } else {
         0o600
@@ -113,19 +200,32 @@ pub fn bind(path: &Path, runner: Option<(u32, u32)>) -> Result<UnixListener, Con
     Ok(listener)
 }
 
-/// Accepts connections until the receiver of `commands` is gone.
+/// Accepts connections until the receiver of `commands` is gone; counts every request by
+/// outcome in `metrics`.
 pub async fn serve(
     listener: UnixListener,
     runner_uid: Option<u32>,
     commands: mpsc::Sender<Command>,
+    metrics: Arc<Metrics>,
+) {
+    serve_with_timeout(listener, runner_uid, commands, metrics, TIMEOUT).await
+}
+
+async fn serve_with_timeout(
+    listener: UnixListener,
+    runner_uid: Option<u32>,
+    commands: mpsc::Sender<Command>,
+    metrics: Arc<Metrics>,
+    timeout: Duration,
 ) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             continue;
         };
         let commands = commands.clone();
+        let metrics = metrics.clone();
         tokio::spawn(async move {
-            if let Err(error) = connection(stream, runner_uid, commands).await {
+            if let Err(error) = connection(stream, runner_uid, commands, &metrics, timeout).await {
                 tracing::warn!(%error, "control connection failed");
             }
         });
@@ -138,65 +238,102 @@ async fn respond(stream: &mut UnixStream, response: &Response) -> std::io::Resul
     stream.write_all(&line).await
 }
 
+/// Only root and the runner user may speak to the agent.
+fn admitted(uid: u32, runner_uid: Option<u32>) -> bool {
+    uid == 0 || Some(uid) == runner_uid
+}
+
 async fn connection(
     mut stream: UnixStream,
     runner_uid: Option<u32>,
     commands: mpsc::Sender<Command>,
+    metrics: &Metrics,
+    timeout: Duration,
 ) -> std::io::Result<()> {
     let cred = stream.peer_cred()?;
     let peer = Peer {
         uid: cred.uid(),
         pid: cred.pid().unwrap_or(0) as u32,
     };
-    if peer.uid != 0 && Some(peer.uid) != runner_uid {
-        tracing::warn!(
-            uid = peer.uid,
-            pid = peer.pid,
-            "control socket: peer not allowed"
-        );
-        return respond(
-            &mut stream,
-            &Response::error("not allowed: only root and the runner user"),
+    let (request, reply) = if admitted(peer.uid, runner_uid) {
+        read_and_carry_out(&mut stream, peer, &commands, timeout).await
+    } else {
+        (
+            "unknown",
+            Reply::refused(
+                Outcome::ForbiddenPeer,
+                "not allowed: only root and the runner user",
+            ),
         )
-        .await;
+    };
+    metrics.control_request(request, reply.outcome.as_str());
+    if !reply.response.ok {
+        tracing::warn!(uid = peer.uid, pid = peer.pid, request, result = reply.outcome.as_str(),
+            error = ?reply.response.error, "control request rejected");
     }
+    respond(&mut stream, &reply.response).await
+}
+
+/// Reads one request (bounded in size and time) and has the main loop carry it out. Returns
+/// the request's name (`unknown` when it was not read) and the reply.
+async fn read_and_carry_out(
+    stream: &mut UnixStream,
+    peer: Peer,
+    commands: &mpsc::Sender<Command>,
+    timeout: Duration,
+) -> (&'static str, Reply) {
     let mut line = Vec::new();
     let read = {
-        let mut reader = BufReader::new(&mut stream).take(MAX_REQUEST as u64 + 1);
-        tokio::time::timeout(TIMEOUT, reader.read_until(b'\n', &mut line)).await
+        let mut reader = BufReader::new(&mut *stream).take(MAX_REQUEST as u64 + 1);
+        tokio::time::timeout(timeout, reader.read_until(b'\n', &mut line)).await
     };
-    let response = match read {
-        Err(_) => Response::error("timed out waiting for the request"),
-        Ok(Err(e)) => Response::error(format!("reading the request: {e}")),
+    let request = match read {
+        Err(_) => {
+            return (
+                "unknown",
+                Reply::refused(Outcome::Timeout, "timed out waiting for the request"),
+            );
+        }
+        Ok(Err(e)) => {
+            return (
+                "unknown",
+                Reply::refused(Outcome::Malformed, format!("reading the request: {e}")),
+            );
+        }
         Ok(Ok(_)) if line.len() > MAX_REQUEST => {
-            Response::error(format!("request larger than {MAX_REQUEST} bytes"))
+            return (
+                "unknown",
+                Reply::refused(
+                    Outcome::Oversized,
+                    format!("request larger than {MAX_REQUEST} bytes"),
+                ),
+            );
         }
         Ok(Ok(_)) => match serde_json::from_slice::<Request>(&line) {
-            Err(e) => Response::error(format!("malformed request: {e}")),
-            Ok(request) => {
-                let (reply, answer) = oneshot::channel();
-                if commands
-                    .send(Command {
-                        peer,
-                        request,
-                        reply,
-                    })
-                    .await
-                    .is_err()
-                {
-                    Response::error("the agent is stopping")
-                } else {
-                    answer
-                        .await
-                        .unwrap_or_else(|_| Response::error("no answer"))
-                }
+            Err(e) => {
+                return (
+                    "unknown",
+                    Reply::refused(Outcome::Malformed, format!("malformed request: {e}")),
+                );
             }
+            Ok(request) => request,
         },
     };
-    if !response.ok {
-        tracing::warn!(uid = peer.uid, pid = peer.pid, error = ?response.error, "control request rejected");
-    }
-    respond(&mut stream, &response).await
+    let name = request.name();
+    let (reply, answer) = oneshot::channel();
+    let command = Command {
+        peer,
+        request,
+        reply,
+    };
+    let reply = if commands.send(command).await.is_err() {
+        Reply::refused(Outcome::Rejected, "the agent is stopping")
+    } else {
+        answer
+            .await
+            .unwrap_or_else(|_| Reply::refused(Outcome::Rejected, "no answer"))
+    };
+    (name, reply)
 }
 
 /// The client side: sends one request and returns the agent's response.
@@ -206,7 +343,16 @@ pub async fn send(path: &Path, request: &Request) -> std::io::Result<Response> {
         .map_err(|_| std::io::Error::other("timed out connecting"))??;
     let mut line = serde_json::to_vec(request).map_err(std::io::Error::other)?;
     line.push(b'\n');
-    stream.write_all(&line).await?;
+    // The agent answers a peer it does not admit without reading the request, and may have
+    // closed the connection before this write: its answer is still there to read.
+    if let Err(e) = stream.write_all(&line).await
+        && !matches!(
+            e.kind(),
+            std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset
+        )
+    {
+        return Err(e);
+    }
     let mut answer = Vec::new();
     let mut reader = BufReader::new(stream).take(MAX_REQUEST as u64);
     tokio::time::timeout(TIMEOUT, reader.read_until(b'\n', &mut answer))
@@ -247,18 +393,46 @@ mod tests {
         assert!(serde_json::from_str::<Request>(r#"{"op":"rename","id":"x"}"#).is_err());
     }
 
+    fn count(metrics: &Metrics, request: &str, result: &str) -> u64 {
+        let series = format!(
+            "runner_monitor_control_requests_total{{request=\"{request}\",result=\"{result}\"}} "
+        );
+        let text = metrics.encode();
+        text.lines()
+            .find_map(|l| l.strip_prefix(&series))
+            .unwrap_or_else(|| panic!("no series {series}in\n{text}"))
+            .parse()
+            .unwrap()
+    }
+
+    async fn answer(path: &Path, bytes: &[u8]) -> String {
+        let mut s = UnixStream::connect(path).await.unwrap();
+        s.write_all(bytes).await.unwrap();
+        let mut answer = String::new();
+        BufReader::new(s).read_line(&mut answer).await.unwrap();
+        answer
+    }
+
     #[tokio::test]
-    async fn socket_round_trip_with_peer_credentials_and_limits() {
+    async fn socket_round_trip_with_peer_credentials_limits_and_counted_outcomes() {
         let dir = std::env::temp_dir().join(format!("rm-control-{}", std::process::id()));
         let path = dir.join("control.sock");
         let listener = bind(&path, None).unwrap();
         let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
         let (tx, mut rx) = mpsc::channel(4);
+        let metrics = Arc::new(Metrics::new());
         // Whoever runs the test is admitted as the "runner user".
         // SAFETY: getuid has no preconditions.
         let me = unsafe { libc::getuid() };
-        tokio::spawn(serve(listener, Some(me), tx));
+        tokio::spawn(serve_with_timeout(
+            listener,
+            Some(me),
+            tx,
+            metrics.clone(),
+            Duration::from_millis(300),
+        ));
+        // The main loop's stand-in: ends jobs, and takes every start for a replay.
         tokio::spawn(async move {
             while let Some(cmd) = rx.recv().await {
                 let Command {
@@ -268,29 +442,66 @@ mod tests {
                 } = cmd;
                 assert_eq!(peer.pid, std::process::id());
                 let _ = reply.send(match request {
-                    Request::JobEnd { id } => Response::ok(format!("ended {id}")),
-                    Request::JobStart { .. } => Response::error("no"),
+                    Request::JobEnd { id } => Reply::ok(format!("ended {id}")),
+                    Request::JobStart { .. } => Reply::refused(Outcome::Replayed, "again"),
                 });
             }
         });
+        for outcome in Outcome::ALL {
+            for request in REQUEST_NAMES {
+                let expected = (request == "unknown") != outcome.of_parsed_request();
+                let exists = metrics.encode().contains(&format!(
+                    "runner_monitor_control_requests_total{{request=\"{request}\",result=\"{}\"}} 0",
+                    outcome.as_str()
+                ));
+                assert_eq!(exists, expected, "{request} {outcome:?} pre-created");
+            }
+        }
+
         let r = send(&path, &Request::JobEnd { id: "7".into() })
             .await
             .unwrap();
         assert_eq!(r, Response::ok("ended 7".into()));
+        let r = send(
+            &path,
+            &Request::JobStart {
+                pid: 1,
+                info: Box::default(),
+            },
+        )
+        .await
+        .unwrap();
+        assert_eq!(r, Response::error("again"));
 
-        // Malformed and oversized requests get an error, not a hang.
-        let mut s = UnixStream::connect(&path).await.unwrap();
-        s.write_all(b"{not json}\n").await.unwrap();
-        let mut answer = String::new();
-        BufReader::new(s).read_line(&mut answer).await.unwrap();
-        assert!(answer.contains("malformed request"), "{answer}");
+        // Malformed, oversized and silent requests get an error, not a hang.
+        let malformed = answer(&path, b"{not json}\n").await;
+        assert!(malformed.contains("malformed request"), "{malformed}");
+        let mut big = vec![b'x'; MAX_REQUEST + 10];
+        big.push(b'\n');
+        let oversized = answer(&path, &big).await;
+        assert!(oversized.contains("larger than"), "{oversized}");
+        let silent = answer(&path, b"").await;
+        assert!(silent.contains("timed out"), "{silent}");
 
-        let mut s = UnixStream::connect(&path).await.unwrap();
-        s.write_all(&vec![b'x'; MAX_REQUEST + 10]).await.unwrap();
-        s.write_all(b"\n").await.unwrap();
-        let mut answer = String::new();
-        BufReader::new(s).read_line(&mut answer).await.unwrap();
-        assert!(answer.contains("larger than"), "{answer}");
+        for (request, result) in [
+            ("job_end", "ok"),
+            ("job_start", "replayed"),
+            ("unknown", "malformed"),
+            ("unknown", "oversized"),
+            ("unknown", "timeout"),
+        ] {
+            assert_eq!(count(&metrics, request, result), 1, "{request} {result}");
+        }
+        assert_eq!(count(&metrics, "job_start", "ok"), 0);
         let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn only_root_and_the_runner_user_are_admitted() {
+        assert!(admitted(0, None));
+        assert!(admitted(0, Some(1000)));
+        assert!(admitted(1000, Some(1000)));
+        assert!(!admitted(1000, None));
+        assert!(!admitted(1001, Some(1000)));
     }
 }

@@ -36,6 +36,8 @@ struct Known {
     /// Discovery found the environment (it runs once more for explicit jobs, for the tracking id).
     discovered: bool,
     attempts: u32,
+    /// A `job end` for it was carried out.
+    end_requested: bool,
 }
 
 /// The directory's tables as data (state snapshots), entries oldest first.
@@ -154,16 +156,42 @@ impl JobDirectory {
         if !self.by_id.contains_key(&id.to_owned()) {
             self.by_id.insert(id.to_owned(), key);
         }
-        self.known.insert(
-            key,
-            Known {
-                id: Some(id.to_owned()),
-                tracking_id: self.known.get(&key).and_then(|k| k.tracking_id.clone()),
-                explicit: true,
-                discovered: self.known.get(&key).is_some_and(|k| k.discovered),
+        let before = self.known.get(&key);
+        let known = Known {
+            id: Some(id.to_owned()),
+            tracking_id: before.and_then(|k| k.tracking_id.clone()),
+            explicit: true,
+            discovered: before.is_some_and(|k| k.discovered),
+            attempts: 0,
+            end_requested: before.is_some_and(|k| k.end_requested),
+        };
+        self.known.insert(key, known);
+    }
+
+    /// The id a hook or the control socket gave the job, if one did.
+    pub fn explicit_id(&self, key: JobKey) -> Option<String> {
+        self.known
+            .get(&key)
+            .filter(|k| k.explicit)
+            .and_then(|k| k.id.clone())
+    }
+
+    /// Was a `job end` for this job carried out already?
+    pub fn end_requested(&self, key: JobKey) -> bool {
+        self.known.get(&key).is_some_and(|k| k.end_requested)
+    }
+
+    pub fn set_end_requested(&mut self, key: JobKey) {
+        self.known
+            .get_or_insert_with(key, || Known {
+                id: None,
+                tracking_id: None,
+                explicit: false,
+                discovered: false,
                 attempts: 0,
-            },
-        );
+                end_requested: false,
+            })
+            .end_requested = true;
     }
 
     /// On an exec of a job process: when the job's identity is not known yet, look at this
@@ -194,6 +222,7 @@ impl JobDirectory {
             explicit: false,
             discovered: false,
             attempts: 0,
+            end_requested: false,
         });
         if known.discovered || known.attempts >= DISCOVERY_ATTEMPTS {
             return None;
@@ -225,5 +254,30 @@ impl JobDirectory {
         }
         tracing::info!(job = %job.key, id = %info.id, repository = ?info.repository, "job identified");
         Some(job_start_event(job.key, event.process.pid, info))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_job_named_through_the_socket_keeps_its_name_and_remembers_its_end() {
+        let mut directory = JobDirectory::default();
+        let key = JobKey(7);
+        assert_eq!(directory.explicit_id(key), None);
+        assert!(!directory.end_requested(key));
+        directory.set_explicit(key, "9001/build");
+        assert_eq!(directory.explicit_id(key).as_deref(), Some("9001/build"));
+        assert_eq!(directory.key_of("9001/build"), Some(key));
+        directory.set_end_requested(key);
+        assert!(directory.end_requested(key));
+        // Naming it again (as a staged job's later stage does for its own key) keeps the end.
+        directory.set_explicit(key, "9001/build");
+        assert!(directory.end_requested(key));
+        // An end for a job the directory knew nothing about is remembered too.
+        directory.set_end_requested(JobKey(8));
+        assert!(directory.end_requested(JobKey(8)));
+        assert_eq!(directory.explicit_id(JobKey(8)), None);
     }
 }

@@ -5,7 +5,7 @@ use crate::{
     event::{Event, EventDetail},
     job::{
         JobDirectory, agent_event,
-        control::{self, Request, Response},
+        control::{self, Outcome, Reply, Request},
         job_start_event,
     },
     pipeline::Pipeline,
@@ -29,7 +29,10 @@ pub fn feed(
     Ok(())
 }
 
-/// Carries out a control-socket request. A process inside a job speaks only for its own job.
+/// Carries out a control-socket request. A process inside a job speaks only for its own job; a
+/// job is started (named) through the socket once and ended once: a replay of either is refused,
+/// so a job's process cannot rename its job (and the per-repository rules that apply to it) or
+/// move its end.
 pub fn control_request(
     sensor: &mut Sensor,
     directory: &mut JobDirectory,
@@ -37,31 +40,38 @@ pub fn control_request(
     policy: &Policy,
     peer: control::Peer,
     request: Request,
-) -> anyhow::Result<Response> {
+) -> anyhow::Result<Reply> {
     // Stages of one staged job (GitLab) are that job.
     let peer_job = sensor.job_of(peer.pid).map(|k| directory.job_of_stage(k));
     Ok(match request {
         Request::JobStart { pid, info } => {
             if info.id.trim().is_empty() {
-                return Ok(Response::error("a job id is required"));
+                return Ok(Reply::refused(Outcome::Rejected, "a job id is required"));
             }
             let id_owner = directory.key_of(&info.id);
             let staged = policy.has_stages(info.platform.as_deref());
             let key = match sensor.job_of(pid) {
                 Some(key) => {
                     if peer_job.is_some_and(|p| p != directory.job_of_stage(key)) {
-                        return Ok(Response::error(format!(
-                            "process {pid} belongs to another job"
-                        )));
+                        return Ok(Reply::refused(
+                            Outcome::CrossJob,
+                            format!("process {pid} belongs to another job"),
+                        ));
+                    }
+                    if let Some(started) = directory.explicit_id(key) {
+                        return Ok(Reply::refused(
+                            Outcome::Replayed,
+                            format!("the job of process {pid} was already started as {started:?}"),
+                        ));
                     }
                     match id_owner {
                         // Another stage of a staged job (GitLab) names itself.
                         Some(owner) if staged => directory.add_stage(key, owner),
                         Some(owner) if owner != key => {
-                            return Ok(Response::error(format!(
-                                "job id {:?} is already in use by another job",
-                                info.id
-                            )));
+                            return Ok(Reply::refused(
+                                Outcome::Replayed,
+                                format!("job id {:?} is already in use by another job", info.id),
+                            ));
                         }
                         _ => {}
                     }
@@ -69,19 +79,20 @@ pub fn control_request(
                 }
                 None => {
                     if peer_job.is_some() {
-                        return Ok(Response::error(
+                        return Ok(Reply::refused(
+                            Outcome::CrossJob,
                             "a process inside a job cannot start a job for a process outside it",
                         ));
                     }
                     if id_owner.is_some() && !staged {
-                        return Ok(Response::error(format!(
-                            "job id {:?} is already in use",
-                            info.id
-                        )));
+                        return Ok(Reply::refused(
+                            Outcome::Replayed,
+                            format!("job id {:?} is already in use", info.id),
+                        ));
                     }
                     let key = match sensor.register_job(pid) {
                         Ok(key) => key,
-                        Err(e) => return Ok(Response::error(e.to_string())),
+                        Err(e) => return Ok(Reply::refused(Outcome::Rejected, e.to_string())),
                     };
                     if let Some(owner) = id_owner {
                         directory.add_stage(key, owner);
@@ -92,24 +103,34 @@ pub fn control_request(
             directory.set_explicit(key, &info.id);
             tracing::info!(job = %key, id = %info.id, pid, peer = peer.pid, "job started (control socket)");
             feed(pipeline, directory, &job_start_event(key, pid, *info))?;
-            Response::ok(key.to_string())
+            Reply::ok(key.to_string())
         }
         Request::JobEnd { id } => {
             let Some(key) = directory.key_of(&id) else {
-                return Ok(Response::error(format!("no job {id:?}")));
+                return Ok(Reply::refused(Outcome::Rejected, format!("no job {id:?}")));
             };
             if peer_job.is_some_and(|p| p != directory.job_of_stage(key)) {
-                return Ok(Response::error("a process cannot end another job"));
+                return Ok(Reply::refused(
+                    Outcome::CrossJob,
+                    "a process cannot end another job",
+                ));
+            }
+            if directory.end_requested(key) {
+                return Ok(Reply::refused(
+                    Outcome::Replayed,
+                    format!("job {id:?} was already ended"),
+                ));
             }
             if let Err(e) = sensor.end_job(key) {
-                return Ok(Response::error(e.to_string()));
+                return Ok(Reply::refused(Outcome::Rejected, e.to_string()));
             }
+            directory.set_end_requested(key);
             feed(
                 pipeline,
                 directory,
                 &agent_event(EventDetail::JobEnd, Some(key), peer.pid),
             )?;
-            Response::ok(key.to_string())
+            Reply::ok(key.to_string())
         }
     })
 }

@@ -153,10 +153,16 @@ impl Spool {
     }
 }
 
+/// The host name, from gethostname(2): /proc/sys is hidden under systemd's ProcSubset=pid.
 fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|s| s.trim().to_owned())
-        .unwrap_or_else(|_| "unknown".into())
+    let mut name = [0u8; 256];
+    // SAFETY: gethostname writes at most `len` bytes into the buffer.
+    let rc = unsafe { libc::gethostname(name.as_mut_ptr().cast(), name.len()) };
+    let len = name.iter().position(|b| *b == 0).unwrap_or(name.len());
+    match std::str::from_utf8(&name[..len]) {
+        Ok(host) if rc == 0 && !host.is_empty() => host.to_owned(),
+        _ => "unknown".into(),
+    }
 }
 
 /// An alert (as written to the alert stream) in the Alertmanager v2 form.
@@ -350,6 +356,12 @@ async fn deliver(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hostname_comes_from_the_kernel_without_reading_proc_sys() {
+        let from_proc = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
+        assert_eq!(hostname(), from_proc.trim());
+    }
 
     #[test]
     fn spool_keeps_order_survives_reopen_and_empties_when_delivered() {

@@ -10,6 +10,7 @@ use prometheus::{
 
 use crate::{
     engine::{EngineStats, Finding},
+    job::control::{Outcome, REQUEST_NAMES},
     sensor::{KernelCounters, ProbeState, ProbeStatus},
 };
 
@@ -38,6 +39,7 @@ pub const METRIC_NAMES: &[&str] = &[
     "runner_monitor_alerts_delivered_total",
     "runner_monitor_alert_delivery_failures_total",
     "runner_monitor_alert_spool_pending_bytes",
+    "runner_monitor_control_requests_total",
 ];
 
 pub struct Metrics {
@@ -66,6 +68,7 @@ pub struct Metrics {
     delivered: IntCounterVec,
     delivery_failures: IntCounterVec,
     spool_pending: IntGaugeVec,
+    control_requests: IntCounterVec,
 }
 
 fn counter_vec(name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -210,6 +213,12 @@ impl Metrics {
                 &["sink"],
             )
             .expect("valid metric"),
+            control_requests: counter_vec(
+                "runner_monitor_control_requests_total",
+                "Control-socket requests, by request and result (ok, rejected, replayed, \
+                 cross_job, forbidden_peer, malformed, oversized, timeout).",
+                &["request", "result"],
+            ),
             registry,
         };
         let build = IntGaugeVec::new(
@@ -243,6 +252,7 @@ impl Metrics {
             Box::new(m.delivered.clone()),
             Box::new(m.delivery_failures.clone()),
             Box::new(m.spool_pending.clone()),
+            Box::new(m.control_requests.clone()),
         ] {
             r.register(c).expect("unique metric names");
         }
@@ -282,7 +292,24 @@ impl Metrics {
             m.delivery_failures.with_label_values(&[sink]);
             m.spool_pending.with_label_values(&[sink]);
         }
+        for outcome in Outcome::ALL {
+            // A request that was not read or parsed has no name.
+            for request in REQUEST_NAMES
+                .into_iter()
+                .filter(|r| (*r == "unknown") != outcome.of_parsed_request())
+            {
+                m.control_requests
+                    .with_label_values(&[request, outcome.as_str()]);
+            }
+        }
         m
+    }
+
+    /// One control-socket request and how it ended (`job::control::Outcome`).
+    pub fn control_request(&self, request: &str, result: &str) {
+        self.control_requests
+            .with_label_values(&[request, result])
+            .inc();
     }
 
     pub fn delivered(&self, sink: &str, alerts: u64) {

@@ -286,11 +286,21 @@ const PROBES: &[Probe] = &[
     },
 ];
 
+/// Where tracefs can be, in the order it is looked for.
+pub const TRACEFS_DIRS: [&str; 2] = ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"];
+
 /// Where tracefs is; mounts it when nothing has.
 pub fn ensure_tracefs() -> Result<PathBuf, String> {
-    for dir in ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"] {
-        if std::path::Path::new(dir).join("events").is_dir() {
-            return Ok(dir.into());
+    for dir in TRACEFS_DIRS {
+        match std::fs::metadata(std::path::Path::new(dir).join("events")) {
+            Ok(meta) if meta.is_dir() => return Ok(dir.into()),
+            // tracefs is root-only: mounted, but this unprivileged agent cannot look in.
+            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                return Err(format!(
+                    "tracefs at {dir} is not readable ({e}): CAP_DAC_READ_SEARCH is needed"
+                ));
+            }
+            _ => {}
         }
     }
     let target = c"/sys/kernel/tracing";

@@ -58,6 +58,11 @@ pub enum SensorError {
     Process { pid: u32, reason: String },
     #[error("no such job {0}")]
     NoSuchJob(crate::event::JobKey),
+    #[error(
+        "kernel state directory {0} is in use by another runner-monitor (one agent per pin \
+         directory: they would corrupt each other's jobs)"
+    )]
+    PinsInUse(PathBuf),
     #[error("kernel state directory {path}: {source}")]
     Pins {
         path: PathBuf,
@@ -106,6 +111,8 @@ pub struct Sensor {
     settings: Array<MapData, u32>,
     /// Whether the process and job maps were taken over from an earlier agent.
     resumed: bool,
+    /// Held: the pin directory's lock.
+    _pins: Option<pins::PinDir>,
     processes: HashMap<MapData, u32, ProcessJob>,
     jobs: HashMap<MapData, u64, JobState>,
     counters: PerCpuArray<MapData, u64>,
@@ -129,12 +136,21 @@ impl Sensor {
         let agent_tgid = std::process::id();
         let mut loader = EbpfLoader::new();
         loader.override_global("AGENT_TGID", &agent_tgid, true);
-        let pinned = match &options.pin_dir {
-            Some(dir) => pins::prepare(dir)?,
-            None => Vec::new(),
+        let pin_dir = match &options.pin_dir {
+            Some(dir) => match pins::prepare(dir) {
+                Ok(pins) => Some(pins),
+                Err(error @ SensorError::PinsInUse(_)) => return Err(error),
+                Err(error) => {
+                    tracing::warn!(%error, "kernel job state not pinned: jobs will not stay \
+                        attributed across an agent restart");
+                    None
+                }
+            },
+            None => None,
         };
-        let resumed = pinned.iter().all(|p| p.existed) && !pinned.is_empty();
-        for pin in &pinned {
+        let pinned = pin_dir.as_ref().map_or(&[][..], |d| &d.pins[..]);
+        let resumed = !pinned.is_empty() && pinned.iter().all(|p| p.existed);
+        for pin in pinned {
             loader.map_pin_path(pin.name, pin.path.clone());
         }
         let mut ebpf = loader.load(OBJECT).map_err(SensorError::Load)?;
@@ -168,6 +184,7 @@ impl Sensor {
             names,
             settings,
             resumed,
+            _pins: pin_dir,
             processes,
             jobs,
             counters,

@@ -60,9 +60,17 @@ fn is_bpffs(path: &Path) -> bool {
     }
 }
 
-/// Makes `dir` usable for pins (mounting bpffs at /sys/fs/bpf when nothing is mounted there)
-/// and checks the pins already in it.
-pub fn prepare(dir: &Path) -> Result<Vec<Pin>, SensorError> {
+/// The pin directory, locked (flock) for one agent: two agents sharing the maps would each
+/// remove the other's processes as dead when they reconcile.
+#[derive(Debug)]
+pub struct PinDir {
+    pub pins: Vec<Pin>,
+    _lock: std::fs::File,
+}
+
+/// Makes `dir` usable for pins (mounting bpffs at /sys/fs/bpf when nothing is mounted there),
+/// locks it, and checks the pins already in it.
+pub fn prepare(dir: &Path) -> Result<PinDir, SensorError> {
     let parent = dir.parent().unwrap_or(Path::new("/"));
     if !is_bpffs(parent) {
         if parent == Path::new("/sys/fs/bpf") {
@@ -88,6 +96,17 @@ pub fn prepare(dir: &Path) -> Result<Vec<Pin>, SensorError> {
         }
     }
     std::fs::create_dir_all(dir).map_err(io(dir))?;
+    let lock = std::fs::File::open(dir).map_err(io(dir))?;
+    // SAFETY: flock on an fd we own.
+    if unsafe {
+        libc::flock(
+            std::os::fd::AsRawFd::as_raw_fd(&lock),
+            libc::LOCK_EX | libc::LOCK_NB,
+        )
+    } != 0
+    {
+        return Err(SensorError::PinsInUse(dir.to_path_buf()));
+    }
     let mut out = Vec::new();
     for (name, key_size, value_size, capacity) in pinned_maps() {
         let path = dir.join(name);
@@ -113,7 +132,10 @@ pub fn prepare(dir: &Path) -> Result<Vec<Pin>, SensorError> {
             existed,
         });
     }
-    Ok(out)
+    Ok(PinDir {
+        pins: out,
+        _lock: lock,
+    })
 }
 
 /// Removes the pinned kernel state (`runner-monitor run --fresh-state`, uninstall).
