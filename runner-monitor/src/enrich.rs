@@ -44,6 +44,33 @@ pub struct Fingerprinter {
     /// pid -> credential files it opened for writing: hashed when it exits (the content is
     /// complete then).
     pending: BoundedMap<u32, Vec<(String, JobKey)>>,
+    /// path -> the file's identity and its fingerprint: a credential read again unchanged costs a
+    /// stat, not a read and a hash (a job reading one file in a loop must not slow the agent).
+    cache: BoundedMap<String, (FileStamp, String)>,
+}
+
+/// What changes when a file's content may have: device, inode, size, and the modification and
+/// status-change times (a write, truncate, rename over or chmod moves ctime).
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct FileStamp {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime_ns: i128,
+    ctime_ns: i128,
+}
+
+impl FileStamp {
+    fn of(meta: &std::fs::Metadata) -> Self {
+        use std::os::unix::fs::MetadataExt as _;
+        Self {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            size: meta.size(),
+            mtime_ns: i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec()),
+            ctime_ns: i128::from(meta.ctime()) * 1_000_000_000 + i128::from(meta.ctime_nsec()),
+        }
+    }
 }
 
 impl Fingerprinter {
@@ -51,6 +78,7 @@ impl Fingerprinter {
         Self {
             key,
             pending: BoundedMap::new(4096),
+            cache: BoundedMap::new(4096),
         }
     }
 
@@ -87,9 +115,16 @@ impl Fingerprinter {
         format!("hmac-sha256:{hex}")
     }
 
-    fn fingerprint_file(&self, path: &str) -> Option<String> {
+    fn fingerprint_file(&mut self, path: &str) -> Option<String> {
+        if let Ok(meta) = std::fs::metadata(path)
+            && let Some((stamp, fingerprint)) = self.cache.get(&path.to_owned())
+            && *stamp == FileStamp::of(&meta)
+        {
+            return Some(fingerprint.clone());
+        }
         let file = std::fs::File::open(path).ok()?;
-        if file.metadata().ok()?.len() > MAX_CREDENTIAL_FILE {
+        let meta = file.metadata().ok()?;
+        if meta.len() > MAX_CREDENTIAL_FILE {
             return None;
         }
         let mut content = Vec::new();
@@ -99,10 +134,14 @@ impl Fingerprinter {
         if content.is_empty() {
             return None;
         }
-        Some(self.fingerprint(&content))
+        let fingerprint = self.fingerprint(&content);
+        // The stamp from before the read: a change during it shows at the next stat.
+        self.cache
+            .insert(path.to_owned(), (FileStamp::of(&meta), fingerprint.clone()));
+        Some(fingerprint)
     }
 
-    fn fingerprint_event(&self, event: &Event, job: JobKey, path: &str) -> Option<Event> {
+    fn fingerprint_event(&mut self, event: &Event, job: JobKey, path: &str) -> Option<Event> {
         let fingerprint = self.fingerprint_file(path)?;
         let mut e = event.clone();
         e.job = Some(crate::event::JobRef {
@@ -203,6 +242,35 @@ mod tests {
         let f = a.fingerprint(token);
         assert!(f.starts_with("hmac-sha256:") && f.len() == 12 + 32, "{f}");
         assert!(!f.contains("rmcanary"));
+    }
+
+    #[test]
+    fn a_changed_credential_is_fingerprinted_again_an_unchanged_one_from_the_cache() {
+        let dir = std::env::temp_dir().join(format!("rm-fpcache-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("credentials");
+        let path = file.display().to_string();
+        let mut f = Fingerprinter::new(vec![3; 32]);
+        std::fs::write(&file, "token-one").unwrap();
+        let first = f.fingerprint_file(&path).unwrap();
+        assert_eq!(first, f.fingerprint(b"token-one"));
+        assert_eq!(f.fingerprint_file(&path).unwrap(), first, "cached");
+        // Same size, rewritten in place: ctime moves, the content is read again.
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        std::fs::write(&file, "token-two").unwrap();
+        assert_eq!(
+            f.fingerprint_file(&path).unwrap(),
+            f.fingerprint(b"token-two")
+        );
+        // Replaced by another file (another inode) of the same content and size.
+        let other = dir.join("other");
+        std::fs::write(&other, "token-3ne").unwrap();
+        std::fs::rename(&other, &file).unwrap();
+        assert_eq!(
+            f.fingerprint_file(&path).unwrap(),
+            f.fingerprint(b"token-3ne")
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -58,7 +58,8 @@ fn a_restarted_agent_keeps_its_jobs_and_judges_one_that_ended_while_it_was_down(
         format!(
             "while [ ! -e {down} ]; do sleep 0.1; done\n\
              sh -c 'while [ ! -e {gate} ]; do sleep 0.1; done; \
-             cat \"$HOME/.aws/credentials\" > /dev/null; sleep 5'\n",
+             cat \"$HOME/.aws/credentials\" > /dev/null; sleep 5' &\n\
+             wait\n",
             down = down.display(),
             gate = gate.display(),
         ),
@@ -92,7 +93,8 @@ fn a_restarted_agent_keeps_its_jobs_and_judges_one_that_ended_while_it_was_down(
         "{}",
         agent_log(&dir)
     );
-    // While no agent runs: the job's root exits (the job ends) and its survivor starts a process.
+    // While no agent runs: the job's root exits (the job ends) and its survivor starts a process
+    // (in the background, so it is a new process and not the shell exec'ing itself).
     std::fs::write(&down, "").unwrap();
     assert!(job.wait().unwrap().success());
     std::thread::sleep(Duration::from_millis(500));
