@@ -388,6 +388,8 @@ pub mod counter {
     pub const DNS_SOCKET_MAP_FULL: u32 = 2 * EVENT_KIND_SLOTS + 4;
     /// Rate-limited process-access events not sent (counted, not lost: the first one was sent).
     pub const RATE_LIMITED: u32 = 2 * EVENT_KIND_SLOTS + 5;
+    /// Events of a job over its event budget, dropped (also counted in `LOST` by kind).
+    pub const JOB_BUDGET_DROPPED: u32 = 2 * EVENT_KIND_SLOTS + 6;
     /// Size of the counter array.
     pub const SLOTS: u32 = 2 * EVENT_KIND_SLOTS + 8;
 }
@@ -400,6 +402,23 @@ pub mod map_name {
     pub const JOBS: &str = "JOBS";
     pub const NAMES: &str = "NAMES";
     pub const SETTINGS: &str = "SETTINGS";
+    pub const JOB_BUDGETS: &str = "JOB_BUDGETS";
+}
+
+/// Length of a job's event-budget window.
+pub const BUDGET_WINDOW_NS: u64 = 100_000_000;
+
+/// A job's use of its event budget (value of `JOB_BUDGETS`, keyed by job). Updated without
+/// atomics from every CPU: the counts are close, not exact.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct JobBudget {
+    /// Start of the current window (ktime ns).
+    pub window_ns: u64,
+    /// Events of the job in the current window.
+    pub count: u64,
+    /// Events dropped because the job was over budget, since the job was first seen.
+    pub dropped: u64,
 }
 
 /// Indexes of the kernel's `SETTINGS` array, which the agent writes at load and on reload.
@@ -408,7 +427,9 @@ pub mod setting {
     pub const PREFIX_LENGTHS: u32 = 0;
     /// Non-zero when some job-parent names are in `NAMES`.
     pub const JOB_PARENTS: u32 = 1;
-    pub const SLOTS: u32 = 2;
+    /// File, connect and DNS events one job may send per `BUDGET_WINDOW_NS`; 0: no limit.
+    pub const JOB_EVENTS_PER_WINDOW: u32 = 2;
+    pub const SLOTS: u32 = 3;
 }
 
 /// Capacity of the kernel's process map: job processes alive at once.
@@ -441,6 +462,7 @@ assert_size!(BpfEvent, 72);
 assert_size!(ChdirEvent, 64 + 8 + PATH_LEN);
 assert_size!(ProcessJob, 24);
 assert_size!(JobState, 24);
+assert_size!(JobBudget, 24);
 assert_size!(NameKey, 8 + NAME_LEN);
 
 #[cfg(feature = "user")]
@@ -450,5 +472,6 @@ mod user {
     // is a valid value.
     unsafe impl aya::Pod for ProcessJob {}
     unsafe impl aya::Pod for JobState {}
+    unsafe impl aya::Pod for JobBudget {}
     unsafe impl aya::Pod for NameKey {}
 }

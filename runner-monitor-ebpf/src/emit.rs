@@ -8,11 +8,12 @@ use aya_ebpf::{
         generated::{bpf_get_current_cgroup_id, bpf_ktime_get_ns},
     },
     macros::map,
-    maps::{HashMap, PerCpuArray, RingBuf},
+    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 use runner_monitor_common::{
-    EventHeader, EventKind, HEADER_JOB_ENDED, HEADER_JOB_ROOT, JOB_ENDED, JobState, MAX_JOBS,
-    MAX_TRACKED_PROCESSES, PROCESS_JOB_ROOT, ProcessJob, RING_BUFFER_BYTES, WAKEUP_BYTES, counter,
+    BUDGET_WINDOW_NS, EventHeader, EventKind, HEADER_JOB_ENDED, HEADER_JOB_ROOT, JOB_ENDED,
+    JobBudget, JobState, MAX_JOBS, MAX_TRACKED_PROCESSES, PROCESS_JOB_ROOT, ProcessJob,
+    RING_BUFFER_BYTES, WAKEUP_BYTES, counter, setting,
 };
 
 /// Every event, in one ring buffer, so the agent sees them in the order they were reserved.
@@ -31,6 +32,50 @@ pub static PROCESSES: HashMap<u32, ProcessJob> =
 /// job key -> job state. Kept after the job ends, so that survivors' events say so.
 #[map]
 pub static JOBS: HashMap<u64, JobState> = HashMap::with_max_entries(MAX_JOBS, 0);
+
+/// job key -> its use of the event budget. LRU: jobs long gone make room by themselves.
+#[map]
+pub static JOB_BUDGETS: LruHashMap<u64, JobBudget> = LruHashMap::with_max_entries(MAX_JOBS, 0);
+
+/// Whether one more file, connect or DNS event of `job` fits its budget
+/// (`setting::JOB_EVENTS_PER_WINDOW` per `BUDGET_WINDOW_NS`). Over it, the event is dropped and
+/// counted, per kind with the ring buffer's losses and per job in `JOB_BUDGETS`: one job's flood
+/// cannot fill the ring buffer and crowd out the other jobs' events.
+#[inline(always)]
+pub fn within_budget(job: u64, kind: u32) -> bool {
+    let per_window = u64::from(crate::names::setting(setting::JOB_EVENTS_PER_WINDOW));
+    if per_window == 0 {
+        return true;
+    }
+    let now = now_ns();
+    match JOB_BUDGETS.get_ptr_mut(&job) {
+        // SAFETY: a map value; concurrent updates from other CPUs only make the counts inexact.
+        Some(b) => unsafe {
+            if now.wrapping_sub((*b).window_ns) >= BUDGET_WINDOW_NS {
+                (*b).window_ns = now;
+                (*b).count = 1;
+                return true;
+            }
+            (*b).count += 1;
+            if (*b).count <= per_window {
+                return true;
+            }
+            (*b).dropped += 1;
+            count(counter::JOB_BUDGET_DROPPED);
+            count(counter::LOST + (kind & (runner_monitor_common::EVENT_KIND_SLOTS - 1)));
+            false
+        },
+        None => {
+            let fresh = JobBudget {
+                window_ns: now,
+                count: 1,
+                dropped: 0,
+            };
+            let _ = JOB_BUDGETS.insert(&job, &fresh, 0);
+            true
+        }
+    }
+}
 
 /// The agent's own tgid, set at load: signals and memory access aimed at it are tamper.
 #[unsafe(no_mangle)]

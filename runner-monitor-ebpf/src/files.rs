@@ -18,7 +18,7 @@ use runner_monitor_common::{
 };
 
 use crate::{
-    emit::{count, current_process, current_tgid, fill_header, submit_copy},
+    emit::{count, current_process, current_tgid, fill_header, submit_copy, within_budget},
     names::{mark, match_credential, match_proc_memory, split},
 };
 
@@ -229,6 +229,9 @@ fn exit(ctx: &TracePointContext) {
         _ => return,
     }
     pending.state = IDLE;
+    if !within_budget(pending.event.header.job, pending.event.header.kind) {
+        return;
+    }
     pending.event.result = arg::<i64>(ctx, RET);
     submit_copy(
         pending.event.header.kind,

@@ -25,7 +25,9 @@ use runner_monitor_common::{
     EventKind, UNIX_PATH_LEN, counter,
 };
 
-use crate::emit::{count, current_process, fill_header, fill_job, now_ns, submit_copy};
+use crate::emit::{
+    count, current_process, fill_header, fill_job, now_ns, submit_copy, within_budget,
+};
 
 #[map]
 static CONNECT_SCRATCH: PerCpuArray<ConnectEvent> = PerCpuArray::with_max_entries(1, 0);
@@ -154,7 +156,10 @@ pub fn sys_exit_connect(ctx: TracePointContext) -> u32 {
     };
     // SAFETY: the entry belongs to this thread.
     unsafe { (*event).result = arg::<i64>(&ctx, 16) };
-    submit_copy(EventKind::Connect as u32, event as *const ConnectEvent);
+    // SAFETY: as above.
+    if within_budget(unsafe { (*event).header.job }, EventKind::Connect as u32) {
+        submit_copy(EventKind::Connect as u32, event as *const ConnectEvent);
+    }
     let _ = PENDING_CONNECTS.remove(tid);
     0
 }
@@ -331,7 +336,9 @@ fn dns_packet(ctx: &SkBuffContext, direction: u32) {
         };
         event.len = if rc == 0 { len as u32 } else { 0 };
     }
-    submit_copy(kind as u32, event as *const DnsEvent);
+    if within_budget(event.header.job, kind as u32) {
+        submit_copy(kind as u32, event as *const DnsEvent);
+    }
 }
 
 #[cgroup_skb(egress)]

@@ -158,6 +158,20 @@ pub struct SensorStatus {
     /// Probes that are not attached.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub detached_probes: Vec<String>,
+    /// Jobs whose events the kernel dropped for being over their event budget, since the
+    /// previous status (part of `lost_events`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub over_budget: Vec<JobOverBudget>,
+}
+
+/// A job over its event budget and the events of it dropped.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobOverBudget {
+    pub job: JobKey,
+    /// The job's CI id, when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    pub dropped: u64,
 }
 
 impl EventDetail {

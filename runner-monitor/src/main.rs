@@ -11,7 +11,7 @@ use clap::{Parser, Subcommand};
 use runner_monitor::{
     engine::Engine,
     enrich::{self, Fingerprinter},
-    event::{Event, EventDetail, JobInfo, SensorStatus},
+    event::{Event, EventDetail, JobInfo, JobKey, JobOverBudget, SensorStatus},
     job::{
         JobDirectory, agent_event,
         control::{self, Request},
@@ -195,10 +195,27 @@ fn main() -> std::process::ExitCode {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(error) => {
             // The whole chain on one line, without a backtrace: this is for the operator.
-            eprintln!("runner-monitor: error: {error:#}");
+            eprintln!("runner-monitor: error: {}", one_line(&error));
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+/// An error and its causes on one line; a cause the message before it already quotes (errors
+/// that name their source in their own text) is not repeated.
+fn one_line(error: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in error.chain() {
+        let text = cause.to_string();
+        if line.contains(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line
 }
 
 fn run_cli() -> anyhow::Result<()> {
@@ -364,6 +381,30 @@ fn sensor_policy_of(policy: &Policy, job_root_exes: &[String]) -> SensorPolicy {
     sensor_policy
 }
 
+/// Jobs with events dropped over their budget since the last call (`reported` remembers).
+fn over_budget_since(
+    sensor: &Sensor,
+    directory: &JobDirectory,
+    reported: &mut std::collections::HashMap<JobKey, u64>,
+) -> Vec<JobOverBudget> {
+    let mut out = Vec::new();
+    // Only the jobs the kernel still has (its map is LRU): so this stays bounded too.
+    let mut now = std::collections::HashMap::new();
+    for (job, dropped) in sensor.over_budget_jobs() {
+        let before = reported.get(&job).copied().unwrap_or(0);
+        if dropped > before {
+            out.push(JobOverBudget {
+                job,
+                id: directory.id_of(directory.job_of_stage(job)),
+                dropped: dropped - before,
+            });
+        }
+        now.insert(job, dropped);
+    }
+    *reported = now;
+    out
+}
+
 /// One batch from the ring buffer through enrichment, the engine and the outputs.
 fn handle_batch(
     batch: Vec<Event>,
@@ -420,6 +461,11 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         Some(path) => Policy::load(path).context("refusing to start with an invalid policy")?,
         None => Policy::builtin(),
     });
+    // Configuration errors first, before the probes take seconds to load.
+    let mut fingerprints = match &args.fingerprint_key {
+        Some(path) => Some(Fingerprinter::load(path)?),
+        None => None,
+    };
     let sensor_policy = sensor_policy_of(&policy, &args.job_root_exes);
     let options = SensorOptions {
         pin_dir: Some(args.pin_dir.clone()),
@@ -527,16 +573,13 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                 EventDetail::SensorStatus(SensorStatus {
                     lost_events: 0,
                     detached_probes: detached,
+                    over_budget: Vec::new(),
                 }),
                 None,
                 0,
             ),
         )?;
     }
-    let mut fingerprints = match &args.fingerprint_key {
-        Some(path) => Some(Fingerprinter::load(path)?),
-        None => None,
-    };
     for &pid in &args.job_pids {
         let key = sensor
             .register_job(pid)
@@ -598,6 +641,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut second = tokio::time::interval(Duration::from_secs(1));
     status_tick.tick().await;
     let mut last_lost = 0;
+    let mut budget_reported = std::collections::HashMap::new();
     loop {
         tokio::select! {
             batch = rx.recv() => {
@@ -646,10 +690,12 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                 // Every event the kernel could not keep is raised within a second.
                 let lost = kernel.total_lost();
                 if lost > last_lost {
-                    tracing::warn!(lost = lost - last_lost, "sensor degraded: events lost in the kernel");
+                    let over_budget = over_budget_since(&sensor, &directory, &mut budget_reported);
+                    tracing::warn!(lost = lost - last_lost, ?over_budget, "sensor degraded: events lost in the kernel");
                     feed(&mut pipeline, &directory, &agent_event(EventDetail::SensorStatus(SensorStatus {
                         lost_events: lost - last_lost,
                         detached_probes: Vec::new(),
+                        over_budget,
                     }), None, 0))?;
                     last_lost = lost;
                 }

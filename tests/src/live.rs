@@ -32,10 +32,8 @@ impl Agent {
     /// `extra` arguments; waits until it is ready. The agent gets SIGTERM when the calling thread
     /// ends.
     pub fn launch(dir: &Path, alertmanager_port: u16, extra: &[&str]) -> Agent {
-        if !dir.join("policy.toml").exists() {
-            std::fs::create_dir_all(dir).unwrap();
-            write_agent_files(dir);
-        }
+        std::fs::create_dir_all(dir).unwrap();
+        write_agent_files(dir);
         let mut command = agent_command(dir, &[]);
         command
             .arg("--alertmanager")
@@ -128,8 +126,11 @@ pub fn test_policy() -> String {
         .replace("stage_gap_seconds = 10", "stage_gap_seconds = 1")
 }
 
+/// The test policy (unless the test wrote its own) and the fingerprint key.
 fn write_agent_files(dir: &Path) {
-    std::fs::write(dir.join("policy.toml"), test_policy()).unwrap();
+    if !dir.join("policy.toml").exists() {
+        std::fs::write(dir.join("policy.toml"), test_policy()).unwrap();
+    }
     let key = dir.join("fingerprint.key");
     std::fs::write(&key, [0x5a; 32]).unwrap();
     std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();

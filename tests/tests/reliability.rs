@@ -295,3 +295,73 @@ fn a_second_agent_on_the_same_state_refuses_to_start() {
     assert!(agent.stop().success());
     let _ = std::fs::remove_dir_all(&pins);
 }
+
+#[test]
+fn a_flooding_job_is_held_to_its_budget_and_another_jobs_read_still_arrives() {
+    let env = TestEnv::new("flood");
+    let dir = env.dir.join("agent");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("policy.toml"),
+        test_policy().replace(
+            "job_events_per_second = 200000",
+            "job_events_per_second = 20000",
+        ),
+    )
+    .unwrap();
+    let pins = pin_dir_of(&dir);
+    let agent = Agent::launch(&dir, free_port(), &[]);
+    // Job A opens a credential path as fast as two processes can, for 3 s.
+    let flood = integration_tests::live::target_dir().join("bench-workload");
+    let mut flooding = job_command(&worker(&env), &env, &agent)
+        .arg("-c")
+        .arg(format!(
+            "exec {} flood {}/nope/.aws/credentials 3 2",
+            flood.display(),
+            env.home.display()
+        ))
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    // Job B, meanwhile: its survivor reads a credential after the job ended.
+    let run = format!("{}51", std::process::id());
+    let hooks = integration_tests::live::repo_root().join("hooks/github");
+    let out = job_command(&worker(&env), &env, &agent)
+        .arg("-c")
+        .arg(format!(
+            "sh {}\n(setsid sh -c 'sleep 1; cat \"$HOME/.aws/credentials\" > /dev/null' &)\nsh {}\n",
+            hooks.join("job-started.sh").display(),
+            hooks.join("job-completed.sh").display()
+        ))
+        .env("GITHUB_RUN_ID", &run)
+        .env("GITHUB_JOB", "build")
+        .env("GITHUB_REPOSITORY", "acme/quiet")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    wait_alert(
+        &agent,
+        "credential-after-job-end",
+        &format!("{run}/build"),
+        |_| true,
+    );
+    assert!(flooding.wait().unwrap().success());
+    // The flood itself is counted and raised, naming the job.
+    wait_until("the flood raised as sensor-degraded", 10, || {
+        alerts_in(&dir).iter().any(|a| {
+            a["rule"] == "sensor-degraded"
+                && a["summary"]
+                    .as_str()
+                    .is_some_and(|s| s.contains("over its event budget"))
+        })
+    });
+    assert!(
+        metric(
+            &agent,
+            "runner_monitor_events_lost_total{kind=\"file_open\"}"
+        ) > 0.0
+    );
+    assert!(agent.stop().success());
+    let _ = std::fs::remove_dir_all(&pins);
+}

@@ -56,6 +56,7 @@ pub struct LimitsSection {
     pub jobs: usize,
     pub credentials: usize,
     pub dns_addresses: usize,
+    pub job_events_per_second: u32,
 }
 
 impl Default for LimitsSection {
@@ -65,6 +66,7 @@ impl Default for LimitsSection {
             jobs: 4096,
             credentials: 16384,
             dns_addresses: 65536,
+            job_events_per_second: 200_000,
         }
     }
 }

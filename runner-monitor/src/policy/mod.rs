@@ -111,6 +111,8 @@ pub struct Policy {
     pub max_jobs: usize,
     pub max_credentials: usize,
     pub max_dns_addresses: usize,
+    /// Per-job event budget the kernel enforces (0: none).
+    pub job_events_per_second: u32,
     pub credentials: Vec<CredentialKind>,
     credential_set: GlobSet,
     /// For each glob of `credential_set`, its index in `credentials`.
@@ -445,6 +447,7 @@ impl Policy {
             max_jobs: f.limits.jobs.max(4),
             max_credentials: f.limits.credentials.max(16),
             max_dns_addresses: f.limits.dns_addresses.max(16),
+            job_events_per_second: f.limits.job_events_per_second,
             credentials,
             credential_set,
             credential_owner,
@@ -494,13 +497,15 @@ impl Policy {
 
     /// What the kernel prefilter needs.
     pub fn sensor_policy(&self) -> SensorPolicy {
-        SensorPolicy::from_credentials(
+        let mut p = SensorPolicy::from_credentials(
             self.credentials
                 .iter()
                 .flat_map(|c| c.patterns.iter().map(String::as_str)),
             &self.job_root_executables,
             &self.job_parent_executables,
-        )
+        );
+        p.job_events_per_second = self.job_events_per_second;
+        p
     }
 }
 

@@ -16,6 +16,8 @@ pub struct SensorPolicy {
     pub job_root_executables: Vec<String>,
     /// Process names (comm) whose every child outside a job starts a job (`gitlab-runner`).
     pub job_parent_executables: Vec<String>,
+    /// File, connect and DNS events one job may send per second (0: no limit).
+    pub job_events_per_second: u32,
 }
 
 impl Default for SensorPolicy {
@@ -83,6 +85,7 @@ impl SensorPolicy {
             credential_prefixes: Vec::new(),
             job_root_executables: job_root_executables.to_vec(),
             job_parent_executables: job_parent_executables.to_vec(),
+            job_events_per_second: 0,
         };
         for pattern in patterns {
             let (list, name) = match kernel_name(pattern) {

@@ -22,7 +22,7 @@ use aya::{
     maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
 };
 use runner_monitor_common::{
-    EVENT_KIND_SLOTS, EventKind, JobState, NAME_KIND_BASENAME, NAME_KIND_DIRNAME,
+    EVENT_KIND_SLOTS, EventKind, JobBudget, JobState, NAME_KIND_BASENAME, NAME_KIND_DIRNAME,
     NAME_KIND_JOB_PARENT_COMM, NAME_KIND_JOB_ROOT_EXE, NAME_KIND_PREFIX, NameKey, ProcessJob,
     counter, map_name, setting,
 };
@@ -91,6 +91,8 @@ pub struct KernelCounters {
     pub job_map_full: u64,
     pub dns_socket_map_full: u64,
     pub rate_limited: u64,
+    /// Events of jobs over their event budget, dropped (also in `lost`).
+    pub job_budget_dropped: u64,
 }
 
 impl KernelCounters {
@@ -115,6 +117,7 @@ pub struct Sensor {
     _pins: Option<pins::PinDir>,
     processes: HashMap<MapData, u32, ProcessJob>,
     jobs: HashMap<MapData, u64, JobState>,
+    budgets: HashMap<MapData, u64, JobBudget>,
     counters: PerCpuArray<MapData, u64>,
     events: Option<RingBuf<MapData>>,
     probes: Vec<ProbeStatus>,
@@ -173,6 +176,8 @@ impl Sensor {
             .map_err(map_error(map_name::PROCESSES))?;
         let jobs = HashMap::try_from(take_map(&mut ebpf, map_name::JOBS)?)
             .map_err(map_error(map_name::JOBS))?;
+        let budgets = HashMap::try_from(take_map(&mut ebpf, map_name::JOB_BUDGETS)?)
+            .map_err(map_error(map_name::JOB_BUDGETS))?;
         let counters = PerCpuArray::try_from(take_map(&mut ebpf, map_name::COUNTERS)?)
             .map_err(map_error(map_name::COUNTERS))?;
         let events = RingBuf::try_from(take_map(&mut ebpf, map_name::EVENTS)?)
@@ -187,6 +192,7 @@ impl Sensor {
             _pins: pin_dir,
             processes,
             jobs,
+            budgets,
             counters,
             events: Some(events),
             probes: Vec::new(),
@@ -266,7 +272,28 @@ impl Sensor {
                 0,
             )
             .map_err(settings_error)?;
+        let per_window = (u64::from(policy.job_events_per_second)
+            * runner_monitor_common::BUDGET_WINDOW_NS
+            / 1_000_000_000) as u32;
+        let per_window = if policy.job_events_per_second > 0 {
+            per_window.max(1)
+        } else {
+            0
+        };
+        self.settings
+            .set(setting::JOB_EVENTS_PER_WINDOW, per_window, 0)
+            .map_err(settings_error)?;
         Ok(())
+    }
+
+    /// Jobs the kernel dropped events of for being over their budget, with how many so far.
+    pub fn over_budget_jobs(&self) -> Vec<(crate::event::JobKey, u64)> {
+        self.budgets
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, b)| b.dropped > 0)
+            .map(|(job, b)| (crate::event::JobKey(job), b.dropped))
+            .collect()
     }
 
     /// Every probe and whether it attached.
@@ -307,6 +334,7 @@ impl Sensor {
         c.job_map_full = read(counter::JOB_MAP_FULL);
         c.dns_socket_map_full = read(counter::DNS_SOCKET_MAP_FULL);
         c.rate_limited = read(counter::RATE_LIMITED);
+        c.job_budget_dropped = read(counter::JOB_BUDGET_DROPPED);
         Ok(c)
     }
 

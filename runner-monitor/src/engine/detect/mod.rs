@@ -211,6 +211,13 @@ pub(super) fn event(engine: &mut Engine, event: &Event, out: &mut Vec<Finding>) 
             if status.lost_events > 0 {
                 parts.push(format!("lost {} events", status.lost_events));
             }
+            for job in &status.over_budget {
+                parts.push(format!(
+                    "job {} over its event budget: {} events dropped",
+                    job.id.clone().unwrap_or_else(|| job.job.to_string()),
+                    job.dropped
+                ));
+            }
             if !status.detached_probes.is_empty() {
                 parts.push(format!(
                     "probes not attached: {}",

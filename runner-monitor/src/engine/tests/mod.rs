@@ -8,7 +8,9 @@ use std::sync::Arc;
 
 use super::*;
 use crate::{
-    event::{Connect, Dns, FileAccess, JobRef, ProcessRef, SensorStatus, SocketFamily},
+    event::{
+        Connect, Dns, FileAccess, JobOverBudget, JobRef, ProcessRef, SensorStatus, SocketFamily,
+    },
     rule::{RuleId, Severity},
 };
 

@@ -120,6 +120,11 @@ fn metadata_runner_credentials_secret_sockets_harvesting_and_tamper() {
         EventDetail::SensorStatus(SensorStatus {
             lost_events: 12,
             detached_probes: vec![],
+            over_budget: vec![JobOverBudget {
+                job: JobKey(9),
+                id: Some("77/flood".into()),
+                dropped: 10,
+            }],
         }),
     );
     assert_eq!(
@@ -135,6 +140,11 @@ fn metadata_runner_credentials_secret_sockets_harvesting_and_tamper() {
     );
     let harvest = t.only(RuleId::CredentialHarvesting);
     assert_eq!(harvest.kinds, ["aws", "gh", "kubernetes"]);
+    assert_eq!(
+        t.only(RuleId::SensorDegraded).summary,
+        "the monitor is degraded: lost 12 events; job 77/flood over its event budget: 10 events \
+         dropped"
+    );
 }
 
 #[test]
