@@ -100,6 +100,11 @@ pub(crate) struct Agent {
 
 impl Agent {
     pub(crate) fn start(dir: &Path) -> anyhow::Result<Self> {
+        Self::start_with(dir, &[])
+    }
+
+    /// `start`, with more arguments for the agent.
+    pub(crate) fn start_with(dir: &Path, extra: &[&std::ffi::OsStr]) -> anyhow::Result<Self> {
         let log = dir.join("agent.log");
         let alerts = dir.join("alerts.jsonl");
         let _ = std::fs::remove_file(&alerts);
@@ -121,6 +126,7 @@ impl Agent {
             .arg(dir.join("state"))
             .arg("--pin-dir")
             .arg(bench_pin_dir())
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log)?)
             .spawn()

@@ -3,14 +3,25 @@
 //! the job raises an alert every few milliseconds. Reports events/s, lost events, the agent's CPU
 //! per event, and event-to-alert latency.
 
-use std::{path::Path, time::Duration};
+use std::{path::Path, process::Command, time::Duration};
+
+use anyhow::Context as _;
 
 use serde_json::{Value, json};
 
 use super::{Agent, Sizes, bench_workload, job, quantile};
 
 pub(super) fn run(dir: &Path, sizes: &Sizes) -> anyhow::Result<Value> {
-    let agent = Agent::start(dir)?;
+    // The built-in policy without the per-job event budget: this measures what the pipeline
+    // carries, not the budget (which would drop most of one job's flood by design).
+    let default = crate::output(Command::new(crate::agent_binary()).args(["policy", "default"]))
+        .context("runner-monitor policy default")?;
+    let policy = dir.join("pipeline-policy.toml");
+    std::fs::write(
+        &policy,
+        default.replace("job_events_per_second = 200000", "job_events_per_second = 0"),
+    )?;
+    let agent = Agent::start_with(dir, &["--policy".as_ref(), policy.as_os_str()])?;
     // A credential path that does not exist: a failed open is still reported (with its errno),
     // and is the cheapest reported syscall, so the producers push the pipeline hardest.
     let target = dir.join("flood/.aws/credentials");
