@@ -95,6 +95,9 @@ pub struct JobRule {
     pub suppress: BTreeMap<RuleId, String>,
 }
 
+/// Paths whose credential kind `Policy::credential_of` remembers.
+const CREDENTIAL_CACHE: usize = 8192;
+
 /// The policy, checked and compiled.
 #[derive(Debug)]
 pub struct Policy {
@@ -117,6 +120,10 @@ pub struct Policy {
     credential_set: GlobSet,
     /// For each glob of `credential_set`, its index in `credentials`.
     credential_owner: Vec<usize>,
+    /// path -> its credential kind's index: the paths the kernel lets through repeat (a job reads
+    /// the same files again and again), and a glob-set match costs more than the rest of an
+    /// event's handling. Emptied when it reaches `CREDENTIAL_CACHE` entries.
+    credential_cache: std::sync::Mutex<std::collections::HashMap<String, Option<usize>>>,
     pub secret_socket_kinds: Vec<String>,
     socket_set: GlobSet,
     socket_owner: Vec<usize>,
@@ -451,6 +458,7 @@ impl Policy {
             credentials,
             credential_set,
             credential_owner,
+            credential_cache: Default::default(),
             secret_socket_kinds,
             socket_set,
             socket_owner,
@@ -462,8 +470,27 @@ impl Policy {
 
     /// The credential kind of a path, if it is a credential.
     pub fn credential_of(&self, path: &str) -> Option<&CredentialKind> {
-        let hit = self.credential_set.matches(path).into_iter().next()?;
-        self.credentials.get(self.credential_owner[hit])
+        let mut cache = self
+            .credential_cache
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let kind = match cache.get(path) {
+            Some(kind) => *kind,
+            None => {
+                let kind = self
+                    .credential_set
+                    .matches(path)
+                    .into_iter()
+                    .next()
+                    .map(|hit| self.credential_owner[hit]);
+                if cache.len() >= CREDENTIAL_CACHE {
+                    cache.clear();
+                }
+                cache.insert(path.to_owned(), kind);
+                kind
+            }
+        };
+        self.credentials.get(kind?)
     }
 
     /// The secret-socket kind of a unix socket path.

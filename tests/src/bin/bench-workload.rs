@@ -3,7 +3,9 @@
 //! bench-workload getppid N            N getppid() calls; prints ns per call
 //! bench-workload open PATH N          N openat(PATH) + close() pairs; prints ns per pair
 //! bench-workload flood PATH SECS P    P processes open PATH as fast as they can for SECS
-//!                                     seconds; prints the number of opens
+//!                                     seconds; prints the number of opens. `{}` in PATH becomes
+//!                                     the process's index: separate paths do not contend for
+//!                                     one dentry across CPUs
 //! bench-workload alerts SECS US       every US microseconds a new child reads its parent's
 //!                                     environment (one alert each) for SECS; prints how many
 //! bench-workload hold N               N children that wait; prints "ready", then waits for
@@ -86,11 +88,10 @@ fn reap(pid: libc::pid_t) -> i32 {
 }
 
 fn flood(path: &str, secs: Duration, procs: u64) {
-    let path = CString::new(path).unwrap();
     let (read_end, write_end) = pipe();
     let children: Vec<_> = (0..procs.max(1))
-        .map(|_| {
-            let path = path.clone();
+        .map(|i| {
+            let path = CString::new(path.replace("{}", &i.to_string())).unwrap();
             fork_child(move || {
                 let deadline = Instant::now() + secs;
                 let mut n: u64 = 0;

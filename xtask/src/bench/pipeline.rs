@@ -23,8 +23,9 @@ pub(super) fn run(dir: &Path, sizes: &Sizes) -> anyhow::Result<Value> {
     )?;
     let agent = Agent::start_with(dir, &["--policy".as_ref(), policy.as_os_str()])?;
     // A credential path that does not exist: a failed open is still reported (with its errno),
-    // and is the cheapest reported syscall, so the producers push the pipeline hardest.
-    let target = dir.join("flood/.aws/credentials");
+    // and is the cheapest reported syscall, so the producers push the pipeline hardest. One path
+    // per producer: a shared one makes the producers contend for its dentry across CPUs.
+    let target = dir.join("flood-{}/.aws/credentials");
     let producers = std::thread::available_parallelism().map_or(2, |n| n.get());
     let before = agent.metrics()?;
     let cpu_before = agent.cpu_ns()?;
