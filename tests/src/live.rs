@@ -320,10 +320,28 @@ pub fn job_command(program: &Path, env: &TestEnv, agent: &Agent) -> Command {
 /// No output of the agent (alerts, event trace, log) carries the canary secret planted in the
 /// credential files and in the jobs' environment (`GITHUB_TOKEN`, `CI_JOB_TOKEN`).
 pub fn assert_no_secret(agent: &Agent) {
+    assert_no_secret_in(&agent.dir);
+}
+
+/// `assert_no_secret` for the agent files in `dir`, and also its saved state and alert spools.
+pub fn assert_no_secret_in(dir: &Path) {
     for file in ["alerts.jsonl", "events.jsonl", "agent.log"] {
-        let text = std::fs::read_to_string(agent.dir.join(file)).unwrap_or_default();
+        let text = std::fs::read_to_string(dir.join(file)).unwrap_or_default();
         assert!(!text.is_empty(), "{file} is empty");
         assert!(!text.contains(CANARY), "the canary leaked into {file}");
+    }
+    let spooled = std::fs::read_dir(dir.join("spool"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path());
+    for file in spooled.chain([dir.join("state/state.json")]) {
+        let bytes = std::fs::read(&file).unwrap_or_default();
+        assert!(
+            !String::from_utf8_lossy(&bytes).contains(CANARY),
+            "the canary leaked into {}",
+            file.display()
+        );
     }
 }
 

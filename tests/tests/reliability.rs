@@ -5,22 +5,17 @@
 use std::{
     path::Path,
     process::Command,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use integration_tests::{
     CANARY, TestEnv,
-    live::{Agent, agent_log, curl, free_port, job_command, test_policy, wait_alert},
+    live::{
+        Agent, agent_log, assert_no_secret_in, curl, free_port, job_command, test_policy,
+        wait_alert, wait_until,
+    },
     pin_dir_of,
 };
-
-fn wait_until(what: &str, seconds: u64, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(seconds);
-    while !done() {
-        assert!(Instant::now() < deadline, "timed out waiting: {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
 
 fn worker(env: &TestEnv) -> std::path::PathBuf {
     let worker = env.dir.join("Runner.Worker");
@@ -116,15 +111,7 @@ fn a_restarted_agent_keeps_its_jobs_and_judges_one_that_ended_while_it_was_down(
     assert_eq!(read["job"]["ended"], true);
     wait_alert(&agent, "process-survived-job", &id, |_| true);
     assert!(agent.stop().success());
-    for file in [
-        "alerts.jsonl",
-        "events.jsonl",
-        "agent.log",
-        "state/state.json",
-    ] {
-        let text = std::fs::read_to_string(dir.join(file)).unwrap_or_default();
-        assert!(!text.contains(CANARY), "the canary leaked into {file}");
-    }
+    assert_no_secret_in(&dir);
     let _ = std::fs::remove_dir_all(&pins);
 }
 

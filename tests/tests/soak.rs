@@ -15,12 +15,15 @@ use std::{
         Arc, Mutex,
         atomic::{AtomicBool, Ordering},
     },
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use integration_tests::{
     CANARY, TestEnv,
-    live::{Agent, agent_log, free_port, job_command, repo_root, target_dir, wait_alert},
+    live::{
+        Agent, agent_log, assert_no_secret_in, free_port, job_command, repo_root, target_dir,
+        wait_alert, wait_until,
+    },
     pin_dir_of,
 };
 use serde_json::Value;
@@ -130,14 +133,6 @@ fn identity(a: &Value) -> String {
         "{} {} {} {} {}",
         a["rule"], a["job"]["id"], a["process"]["pid"], a["time_ns"], a["credential"]["path"]
     )
-}
-
-fn wait_until(what: &str, seconds: u64, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(seconds);
-    while !done() {
-        assert!(Instant::now() < deadline, "timed out waiting: {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -287,22 +282,7 @@ fn soak_floods_restarts_outages_and_a_reload_deliver_every_finding_exactly_once(
     }
     let stopped = agent.stop();
     assert!(stopped.success());
-    for file in [
-        "alerts.jsonl",
-        "events.jsonl",
-        "agent.log",
-        "state/state.json",
-    ] {
-        let text = std::fs::read_to_string(dir.join(file)).unwrap_or_default();
-        assert!(!text.contains(CANARY), "the canary leaked into {file}");
-    }
-    for spooled in std::fs::read_dir(dir.join("spool")).unwrap().flatten() {
-        let text = std::fs::read(spooled.path()).unwrap_or_default();
-        assert!(
-            !String::from_utf8_lossy(&text).contains(CANARY),
-            "the canary leaked into the spool"
-        );
-    }
+    assert_no_secret_in(&dir);
     eprintln!(
         "soak: {rounds} rounds, {} findings written and delivered once each; agent own RSS by \
          round (KiB): {memory:?}",

@@ -19,7 +19,10 @@ pub(super) fn run(dir: &Path, sizes: &Sizes) -> anyhow::Result<Value> {
     let policy = dir.join("pipeline-policy.toml");
     std::fs::write(
         &policy,
-        default.replace("job_events_per_second = 200000", "job_events_per_second = 0"),
+        default.replace(
+            "job_events_per_second = 200000",
+            "job_events_per_second = 0",
+        ),
     )?;
     let agent = Agent::start_with(dir, &["--policy".as_ref(), policy.as_os_str()])?;
     // A credential path that does not exist: a failed open is still reported (with its errno),
