@@ -13,3 +13,5 @@ pub mod pipeline;
 pub mod policy;
 pub mod rule;
 pub mod sensor;
+#[cfg(test)]
+mod test_log;

@@ -132,8 +132,21 @@ pub async fn serve(
     }
 }
 
+/// Parses one request as read from the socket (the line, newline included, at most
+/// `MAX_REQUEST + 1` bytes). The error is the message the client gets back. Public so that the
+/// fuzz target `control` drives exactly what the socket runs on a peer's bytes.
+pub fn parse_request(line: &[u8]) -> Result<Request, String> {
+    if line.len() > MAX_REQUEST {
+        return Err(format!("request larger than {MAX_REQUEST} bytes"));
+    }
+    // serde's messages quote the offending name or value as given ("unknown variant `…`"):
+    // escaped, so the peer's control characters reach neither its terminal nor the log raw.
+    serde_json::from_slice(line)
+        .map_err(|e| format!("malformed request: {}", e.to_string().escape_debug()))
+}
+
 async fn respond(stream: &mut UnixStream, response: &Response) -> std::io::Result<()> {
-    let mut line = serde_json::to_vec(response).map_err(std::io::Error::other)?;
+    let mut line = crate::output::jsonl::line(response).map_err(std::io::Error::other)?;
     line.push(b'\n');
     stream.write_all(&line).await
 }
@@ -168,11 +181,8 @@ async fn connection(
     let response = match read {
         Err(_) => Response::error("timed out waiting for the request"),
         Ok(Err(e)) => Response::error(format!("reading the request: {e}")),
-        Ok(Ok(_)) if line.len() > MAX_REQUEST => {
-            Response::error(format!("request larger than {MAX_REQUEST} bytes"))
-        }
-        Ok(Ok(_)) => match serde_json::from_slice::<Request>(&line) {
-            Err(e) => Response::error(format!("malformed request: {e}")),
+        Ok(Ok(_)) => match parse_request(&line) {
+            Err(message) => Response::error(message),
             Ok(request) => {
                 let (reply, answer) = oneshot::channel();
                 if commands
@@ -245,6 +255,25 @@ mod tests {
         assert_eq!(info.repository.as_deref(), Some("acme/app"));
         assert!(serde_json::from_str::<Request>(r#"{"op":"job_end","id":"x","extra":1}"#).is_err());
         assert!(serde_json::from_str::<Request>(r#"{"op":"rename","id":"x"}"#).is_err());
+    }
+
+    #[test]
+    fn malformed_request_errors_quote_the_peers_bytes_escaped() {
+        for line in [
+            &br#"{"op":"\u001b]0;pwn\u0007"}"#[..],
+            br#"{"op":"job_end","id":"x","\u001b[2J\n\u009b":1}"#,
+            br#"{"op":"job_start","pid":"\u001b[31m"}"#,
+        ] {
+            let message = parse_request(line).unwrap_err();
+            assert!(message.starts_with("malformed request: "), "{message}");
+            assert!(!message.contains(char::is_control), "{message:?}");
+            assert!(message.contains("\\u{1b}"), "{message:?}");
+        }
+        assert!(parse_request(&vec![b' '; MAX_REQUEST + 1]).is_err());
+        assert_eq!(
+            parse_request(b"{\"op\":\"job_end\",\"id\":\"7\"}\n"),
+            Ok(Request::JobEnd { id: "7".into() })
+        );
     }
 
     #[tokio::test]
