@@ -15,3 +15,5 @@ pub mod privilege;
 pub mod rule;
 pub mod sensor;
 pub mod state;
+#[cfg(test)]
+mod test_log;

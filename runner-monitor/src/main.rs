@@ -804,7 +804,7 @@ fn job_command(command: JobCommand) -> anyhow::Result<()> {
         .build()?
         .block_on(control::send(&socket, &request))
         .with_context(|| format!("talking to the agent at {}", socket.display()))?;
-    println!("{}", serde_json::to_string(&response)?);
+    println!("{}", runner_monitor::output::jsonl::line_string(&response)?);
     if !response.ok {
         bail!("{}", response.error.unwrap_or_default());
     }

@@ -80,7 +80,7 @@ impl Pipeline {
     /// add to (live enrichment) and `alert`.
     pub fn handle(&mut self, event: &Event) -> std::io::Result<Vec<Finding>> {
         if let Some(out) = &mut self.events {
-            serde_json::to_writer(&mut *out, event)?;
+            out.write_all(&crate::output::jsonl::line(event)?)?;
             out.write_all(b"\n")?;
         }
         let findings = self.engine.handle(event);

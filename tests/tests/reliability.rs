@@ -2,11 +2,7 @@
 //! (with its own state directory and pinned maps), stops and starts it, and checks what it
 //! judged.
 
-use std::{
-    path::Path,
-    process::Command,
-    time::Duration,
-};
+use std::{path::Path, process::Command, time::Duration};
 
 use integration_tests::{
     CANARY, TestEnv,

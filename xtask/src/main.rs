@@ -1,9 +1,10 @@
-//! `cargo xtask setup|build|run|check|test`: the front door for people and CI.
+//! `cargo xtask setup|build|run|check|lint|bench|fuzz|test`: the front door for people and CI.
 //!
 //! Every command first makes sure the machine can build the kernel programs (`setup`, which is
 //! idempotent and says what it does), so `cargo xtask run` works on a fresh machine.
 
 mod bench;
+mod fuzz;
 
 use std::{
     path::{Path, PathBuf},
@@ -22,7 +23,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Task {
-    /// Install what building and testing need: nightly rust-src, bpf-linker, Debian packages.
+    /// Install what building and testing need: nightly rust-src, bpf-linker, cargo-fuzz, Debian
+    /// packages.
     Setup,
     /// Build the agent (release), kernel programs embedded.
     Build,
@@ -41,6 +43,18 @@ enum Task {
         #[arg(long)]
         smoke: bool,
     },
+    /// Fuzz the parsers of untrusted input (libFuzzer via cargo-fuzz, nightly) for a bounded
+    /// time per target; fails on a crash and names the reproducer.
+    Fuzz {
+        /// How long each target runs.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+        /// Where the instrumented build goes (default: fuzz/target); CI keeps it between runs.
+        #[arg(long)]
+        target_dir: Option<PathBuf>,
+        /// Targets to run (default: all): decode, dns, policy, paths, control.
+        targets: Vec<String>,
+    },
     /// Run every test: unit tests and the root-only integration tests with the real probes.
     Test {
         /// Extra arguments for the test binaries (e.g. a test name filter).
@@ -51,6 +65,8 @@ enum Task {
 
 /// bpf-linker version the build is known to work with.
 const BPF_LINKER_VERSION: &str = "0.13.0";
+/// cargo-fuzz version `cargo xtask fuzz` is known to work with.
+const CARGO_FUZZ_VERSION: &str = "0.13.2";
 /// Debian packages the tests use: `ip` for network namespaces, `unshare`/`mount` for a private
 /// resolv.conf, `getent` for glibc lookups, bpftool to inspect what is loaded, a real Prometheus
 /// (and promtool) to scrape the agent and check the rules, a real Alertmanager to receive its
@@ -100,6 +116,14 @@ fn main() -> anyhow::Result<()> {
         Task::Lint => {
             setup()?;
             lint()
+        }
+        Task::Fuzz {
+            seconds,
+            target_dir,
+            targets,
+        } => {
+            setup()?;
+            fuzz::fuzz(seconds, &targets, target_dir.as_deref())
         }
         Task::Test { args } => {
             setup()?;
@@ -179,7 +203,23 @@ fn setup() -> anyhow::Result<()> {
         install_bpf_linker(&sysroot)?;
     }
 
-    // 3. Debian packages the tests use.
+    // 3. cargo-fuzz, for `cargo xtask fuzz`, built from crates.io like bpf-linker.
+    let fuzz_ok = output(Command::new("cargo").args(["fuzz", "--version"]))
+        .is_some_and(|v| v.contains(CARGO_FUZZ_VERSION));
+    if !fuzz_ok {
+        say(&format!(
+            "installing cargo-fuzz {CARGO_FUZZ_VERSION} (about two minutes, once)"
+        ));
+        run_cmd(Command::new("cargo").args([
+            "install",
+            "cargo-fuzz",
+            "--version",
+            CARGO_FUZZ_VERSION,
+            "--locked",
+        ]))?;
+    }
+
+    // 4. Debian packages the tests use.
     if is_root() && Path::new("/usr/bin/apt-get").exists() {
         let missing: Vec<&str> = DEBIAN_PACKAGES
             .iter()

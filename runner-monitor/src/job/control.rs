@@ -232,8 +232,21 @@ async fn serve_with_timeout(
     }
 }
 
+/// Parses one request as read from the socket (the line, newline included, at most
+/// `MAX_REQUEST + 1` bytes). The error is the message the client gets back. Public so that the
+/// fuzz target `control` drives exactly what the socket runs on a peer's bytes.
+pub fn parse_request(line: &[u8]) -> Result<Request, String> {
+    if line.len() > MAX_REQUEST {
+        return Err(format!("request larger than {MAX_REQUEST} bytes"));
+    }
+    // serde's messages quote the offending name or value as given ("unknown variant `…`"):
+    // escaped, so the peer's control characters reach neither its terminal nor the log raw.
+    serde_json::from_slice(line)
+        .map_err(|e| format!("malformed request: {}", e.to_string().escape_debug()))
+}
+
 async fn respond(stream: &mut UnixStream, response: &Response) -> std::io::Result<()> {
-    let mut line = serde_json::to_vec(response).map_err(std::io::Error::other)?;
+    let mut line = crate::output::jsonl::line(response).map_err(std::io::Error::other)?;
     line.push(b'\n');
     stream.write_all(&line).await
 }
@@ -309,12 +322,9 @@ async fn read_and_carry_out(
                 ),
             );
         }
-        Ok(Ok(_)) => match serde_json::from_slice::<Request>(&line) {
-            Err(e) => {
-                return (
-                    "unknown",
-                    Reply::refused(Outcome::Malformed, format!("malformed request: {e}")),
-                );
+        Ok(Ok(_)) => match parse_request(&line) {
+            Err(message) => {
+                return ("unknown", Reply::refused(Outcome::Malformed, message));
             }
             Ok(request) => request,
         },
@@ -411,6 +421,25 @@ mod tests {
         let mut answer = String::new();
         BufReader::new(s).read_line(&mut answer).await.unwrap();
         answer
+    }
+
+    #[test]
+    fn malformed_request_errors_quote_the_peers_bytes_escaped() {
+        for line in [
+            &br#"{"op":"\u001b]0;pwn\u0007"}"#[..],
+            br#"{"op":"job_end","id":"x","\u001b[2J\n\u009b":1}"#,
+            br#"{"op":"job_start","pid":"\u001b[31m"}"#,
+        ] {
+            let message = parse_request(line).unwrap_err();
+            assert!(message.starts_with("malformed request: "), "{message}");
+            assert!(!message.contains(char::is_control), "{message:?}");
+            assert!(message.contains("\\u{1b}"), "{message:?}");
+        }
+        assert!(parse_request(&vec![b' '; MAX_REQUEST + 1]).is_err());
+        assert_eq!(
+            parse_request(b"{\"op\":\"job_end\",\"id\":\"7\"}\n"),
+            Ok(Request::JobEnd { id: "7".into() })
+        );
     }
 
     #[tokio::test]

@@ -240,7 +240,7 @@ impl JobDirectory {
             && !policy.has_stages(info.platform.as_deref())
         {
             // Another job already has this id (a job cannot rename itself into another).
-            tracing::warn!(id = %info.id, job = %job.key, other = %other, "job id already in use; not taken");
+            tracing::warn!(id = ?info.id, job = %job.key, other = %other, "job id already in use; not taken");
             return None;
         }
         known.id = Some(info.id.clone());
@@ -252,7 +252,8 @@ impl JobDirectory {
                 self.by_id.insert(info.id.clone(), job.key);
             }
         }
-        tracing::info!(job = %job.key, id = %info.id, repository = ?info.repository, "job identified");
+        // Names from the job's environment are Debug-escaped: `%` would log their bytes raw.
+        tracing::info!(job = %job.key, id = ?info.id, repository = ?info.repository, "job identified");
         Some(job_start_event(job.key, event.process.pid, info))
     }
 }
@@ -260,6 +261,7 @@ impl JobDirectory {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_log;
 
     #[test]
     fn a_job_named_through_the_socket_keeps_its_name_and_remembers_its_end() {
@@ -279,5 +281,57 @@ mod tests {
         directory.set_end_requested(JobKey(8));
         assert!(directory.end_requested(JobKey(8)));
         assert_eq!(directory.explicit_id(JobKey(8)), None);
+    }
+
+    #[test]
+    fn job_names_from_the_environment_are_logged_escaped() {
+        // A real step process whose GitHub variables carry terminal escapes and a forged line.
+        let mut step = std::process::Command::new("sleep")
+            .arg("10")
+            .env_clear()
+            .env("GITHUB_RUN_ID", "9\u{1b}]0;pwn\u{7}")
+            .env(
+                "GITHUB_JOB",
+                "build\n2026-01-01T00:00:00Z  INFO forged: job ended",
+            )
+            .env("GITHUB_REPOSITORY", "acme/\u{1b}[2J\u{9b}31mapp")
+            .spawn()
+            .expect("spawning sleep");
+        let event = Event {
+            detail: EventDetail::Exec {
+                filename: "/usr/bin/sleep".into(),
+                argv: vec![],
+                argc: 2,
+            },
+            job: Some(JobRef {
+                key: JobKey(7),
+                ended: false,
+                root: false,
+            }),
+            ..agent_event(EventDetail::JobEnd, None, step.id())
+        };
+        let policy = Policy::builtin();
+        let mut directory = JobDirectory::default();
+        let mut found = None;
+        // spawn() returns once sleep is exec'd: its environment is readable.
+        let log = test_log::capture(|| found = directory.discover(&event, &policy));
+        let _ = step.kill();
+        let _ = step.wait();
+        let Some(Event {
+            detail: EventDetail::JobStart(info),
+            ..
+        }) = found
+        else {
+            panic!("the step's job was not identified: {log}");
+        };
+        // The event keeps the names exactly; only the log escapes them.
+        assert!(
+            info.id.starts_with("9\u{1b}]0;pwn\u{7}/build\n"),
+            "{info:?}"
+        );
+        assert!(log.contains("job identified"), "{log}");
+        test_log::assert_safe(&log, 1);
+        assert!(log.contains(r"\u{1b}]0;pwn\u{7}"), "{log}");
+        assert!(log.contains(r"\u{9b}31mapp"), "{log}");
     }
 }

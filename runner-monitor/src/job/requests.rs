@@ -101,7 +101,8 @@ pub fn control_request(
                 }
             };
             directory.set_explicit(key, &info.id);
-            tracing::info!(job = %key, id = %info.id, pid, peer = peer.pid, "job started (control socket)");
+            // The id is the peer's: Debug-escaped (`%` would write its bytes raw into the log).
+            tracing::info!(job = %key, id = ?info.id, pid, peer = peer.pid, "job started (control socket)");
             feed(pipeline, directory, &job_start_event(key, pid, *info))?;
             Reply::ok(key.to_string())
         }

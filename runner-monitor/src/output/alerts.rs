@@ -71,7 +71,7 @@ impl AlertWriter {
             time: self.clock.map(|c| c.format(finding.time_ns)),
             finding,
         };
-        let line = serde_json::to_vec(&alert)?;
+        let line = super::jsonl::line(&alert)?;
         self.out.write_all(&line)?;
         self.out.write_all(b"\n")?;
         // Alerts are rare and urgent: each is flushed at once.

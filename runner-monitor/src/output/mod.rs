@@ -3,6 +3,7 @@
 pub mod alerts;
 pub mod delivery;
 pub mod http;
+pub mod jsonl;
 pub mod metrics;
 
 /// `-` is stdout; a path is opened for appending (created when missing).

@@ -26,6 +26,9 @@ pub enum DecodeError {
     Short { len: usize, needed: usize },
     #[error("unknown event kind {0}")]
     UnknownKind(u32),
+    /// The kernel sends connects of inet, inet6 and unix sockets only.
+    #[error("connect record with address family {0}")]
+    UnknownFamily(u16),
 }
 
 /// Copies a `T` out of the front of `bytes` after checking the length.
@@ -141,7 +144,7 @@ impl Decoder {
             }
             EventKind::Connect => {
                 let e: ConnectEvent = read(bytes)?;
-                EventDetail::Connect(connect(&e))
+                EventDetail::Connect(connect(&e)?)
             }
             EventKind::DnsQuery | EventKind::DnsAnswer => {
                 let e: DnsEvent = read(bytes)?;
@@ -267,12 +270,11 @@ fn ip(family: u16, addr: &[u8; 16]) -> Option<IpAddr> {
     }
 }
 
-fn connect(e: &ConnectEvent) -> Connect {
+fn connect(e: &ConnectEvent) -> Result<Connect, DecodeError> {
     let (family, unix_path) = match e.family {
         AF_INET => (SocketFamily::Inet, None),
         AF_INET6 => (SocketFamily::Inet6, None),
-        _ => {
-            debug_assert_eq!(e.family, AF_UNIX);
+        AF_UNIX => {
             let len = (e.unix_path_len as usize).min(e.unix_path.len());
             let bytes = &e.unix_path[..len];
             // Abstract names start with NUL and are not NUL-terminated; shown with '@' like ss(8).
@@ -283,16 +285,19 @@ fn connect(e: &ConnectEvent) -> Connect {
             };
             (SocketFamily::Unix, Some(path))
         }
+        // Not a record the kernel writes (a debug assertion used to panic on it, found by the
+        // `decode` fuzz target): an error, counted like any undecodable record.
+        other => return Err(DecodeError::UnknownFamily(other)),
     };
     let is_inet = e.family == AF_INET || e.family == AF_INET6;
-    Connect {
+    Ok(Connect {
         family,
         ip: ip(e.family, &e.addr),
         port: is_inet.then_some(e.port),
         unix_path,
         fd: e.fd,
         result: e.result,
-    }
+    })
 }
 
 fn ptrace_request_name(request: u64) -> String {
@@ -449,6 +454,42 @@ mod tests {
     }
 
     #[test]
+    fn connect_record_of_an_unknown_address_family_is_an_error_not_a_panic() {
+        // The `decode` fuzz target's first crash: family 0 hit a debug assertion.
+        let e = ConnectEvent {
+            header: header(EventKind::Connect),
+            result: 0,
+            fd: 3,
+            family: 0,
+            port: 0,
+            addr: [0; 16],
+            unix_path_len: 0,
+            _pad: 0,
+            unix_path: [0; 108],
+            _pad2: [0; 4],
+        };
+        assert_eq!(
+            decoder().decode(&bytes_of(&e)),
+            Err(DecodeError::UnknownFamily(0))
+        );
+    }
+
+    #[test]
+    fn del_and_c1_controls_from_the_kernel_are_escaped_in_the_json_line() {
+        // The `decode` fuzz target's second finding: serde_json leaves DEL and the C1 controls
+        // (U+009B is CSI to a terminal) raw; the agent's JSON lines escape them.
+        let mut e = file_event(b"/tmp/\xc2\x9b2J\x7f/credentials", AT_FDCWD);
+        e.header.comm[..6].copy_from_slice(b"\x7f\xc2\x9b31m");
+        let event = decoder().decode(&bytes_of(&e)).unwrap();
+        assert_eq!(event.process.comm, "\u{7f}\u{9b}31m");
+        let line = crate::output::jsonl::line_string(&event).unwrap();
+        assert!(!line.contains(char::is_control), "{line:?}");
+        assert!(line.contains(r"/tmp/\u009b2J\u007f/credentials"), "{line}");
+        let back: Event = serde_json::from_str(&line).unwrap();
+        assert_eq!(back, event);
+    }
+
+    #[test]
     fn exec_arguments_are_split() {
         let mut e = ExecEvent {
             header: header(EventKind::Exec),
@@ -493,7 +534,7 @@ mod tests {
             _pad2: [0; 4],
         };
         e.addr[..4].copy_from_slice(&[127, 0, 0, 1]);
-        let c = connect(&e);
+        let c = connect(&e).unwrap();
         assert_eq!(c.ip, Some("127.0.0.1".parse().unwrap()));
         assert_eq!(c.port, Some(8080));
         assert_eq!(c.result, -111);
@@ -502,7 +543,7 @@ mod tests {
         let path = b"/run/docker.sock\0";
         e.unix_path[..path.len()].copy_from_slice(path);
         e.unix_path_len = 200;
-        let c = connect(&e);
+        let c = connect(&e).unwrap();
         assert_eq!(c.unix_path.as_deref(), Some("/run/docker.sock"));
         assert_eq!(c.ip, None);
         assert_eq!(c.port, None);
@@ -510,6 +551,6 @@ mod tests {
         e.unix_path = [0; 108];
         e.unix_path[1..6].copy_from_slice(b"agent");
         e.unix_path_len = 6;
-        assert_eq!(connect(&e).unix_path.as_deref(), Some("@agent"));
+        assert_eq!(connect(&e).unwrap().unix_path.as_deref(), Some("@agent"));
     }
 }
