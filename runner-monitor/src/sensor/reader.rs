@@ -70,8 +70,18 @@ pub async fn run(
     // polls, which saves the traced syscall an inter-processor interrupt per event.
     let mut poll = tokio::time::interval(std::time::Duration::from_millis(WAKEUP_POLL_MS));
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Set when the last drain stopped at a full batch: there is more to read now, and waiting
+    // for a wake-up would be wrong (once the backlog is past the mark no producer crosses it
+    // again, so none comes; each poll would read one batch).
+    let mut more = false;
     loop {
-        let drained = if stopping {
+        if !stopping
+            && more
+            && !matches!(stop.try_recv(), Err(tokio::sync::oneshot::error::TryRecvError::Empty))
+        {
+            stopping = true;
+        }
+        let drained = if stopping || more {
             drain(fd.get_mut(), &mut decoder, &counters, &mut batch)
         } else {
             tokio::select! {
@@ -90,6 +100,7 @@ pub async fn run(
                 }
             }
         };
+        more = !drained;
         if !batch.is_empty() {
             let full = std::mem::replace(&mut batch, Vec::with_capacity(BATCH));
             if events.send(full).await.is_err() {
