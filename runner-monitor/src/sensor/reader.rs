@@ -77,7 +77,10 @@ pub async fn run(
     loop {
         if !stopping
             && more
-            && !matches!(stop.try_recv(), Err(tokio::sync::oneshot::error::TryRecvError::Empty))
+            && !matches!(
+                stop.try_recv(),
+                Err(tokio::sync::oneshot::error::TryRecvError::Empty)
+            )
         {
             stopping = true;
         }
