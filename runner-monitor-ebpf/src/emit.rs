@@ -48,7 +48,7 @@ pub fn within_budget(job: u64, kind: u32) -> bool {
         return true;
     }
     let now = now_ns();
-    match JOB_BUDGETS.get_ptr_mut(&job) {
+    match JOB_BUDGETS.get_ptr_mut(job) {
         // SAFETY: a map value; concurrent updates from other CPUs only make the counts inexact.
         Some(b) => unsafe {
             if now.wrapping_sub((*b).window_ns) >= BUDGET_WINDOW_NS {
@@ -71,7 +71,7 @@ pub fn within_budget(job: u64, kind: u32) -> bool {
                 count: 1,
                 dropped: 0,
             };
-            let _ = JOB_BUDGETS.insert(&job, &fresh, 0);
+            let _ = JOB_BUDGETS.insert(job, fresh, 0);
             true
         }
     }

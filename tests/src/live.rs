@@ -321,6 +321,12 @@ pub fn job_command(program: &Path, env: &TestEnv, agent: &Agent) -> Command {
 /// credential files and in the jobs' environment (`GITHUB_TOKEN`, `CI_JOB_TOKEN`).
 pub fn assert_no_secret(agent: &Agent) {
     assert_no_secret_in(&agent.dir);
+    let metrics = curl(&format!("http://{}/metrics", agent.http));
+    assert!(
+        metrics.contains("runner_monitor_events_total"),
+        "no metrics: {metrics}"
+    );
+    assert!(!metrics.contains(CANARY), "the canary leaked into /metrics");
 }
 
 /// `assert_no_secret` for the agent files in `dir`, and also its saved state and alert spools.
