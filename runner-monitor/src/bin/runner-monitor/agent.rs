@@ -1,3 +1,7 @@
+//! `runner-monitor run`: the agent. Loads the sensors, takes over the state a previous agent left,
+//! then reads events, serves the control socket and keeps time until SIGTERM; SIGHUP reloads the
+//! policy.
+
 use std::{
     os::fd::AsRawFd,
     path::PathBuf,
@@ -6,15 +10,14 @@ use std::{
     time::Duration,
 };
 
-use anyhow::{Context as _, bail};
-use clap::{Parser, Subcommand};
+use anyhow::Context as _;
 use runner_monitor::{
     engine::Engine,
     enrich::{self, Fingerprinter},
     event::{Event, EventDetail, JobInfo, JobKey, JobOverBudget, SensorStatus},
     job::{
         JobDirectory, agent_event,
-        control::{self, Request},
+        control::{self},
         job_start_event,
         requests::{control_request, feed},
     },
@@ -30,7 +33,6 @@ use runner_monitor::{
     sensor::ringfill::RingFill,
     sensor::{
         KernelCounters, ProbeState, Sensor, SensorOptions,
-        check::{Support, probe_kernel},
         decode::Decoder,
         jobs::monotonic_ns,
         pins,
@@ -40,89 +42,8 @@ use runner_monitor::{
 };
 use tokio::sync::mpsc;
 
-#[derive(Parser)]
-#[command(
-    name = "runner-monitor",
-    version,
-    about = "eBPF runtime monitor for CI runner hosts"
-)]
-struct Cli {
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Subcommand)]
-enum Command {
-    /// Load the probes and stream events (JSON lines).
-    Run(RunArgs),
-    /// Tell the running agent that a job starts or ends (for the runner's hooks).
-    #[command(subcommand)]
-    Job(JobCommand),
-    /// Policy files.
-    #[command(subcommand)]
-    Policy(PolicyCommand),
-    /// Run a recorded event trace (JSON lines, as written by `run --events-out`) through the
-    /// engine and write the findings.
-    Replay {
-        /// The trace.
-        events: PathBuf,
-        /// Policy file; without it, the built-in policy.
-        #[arg(long, value_name = "FILE")]
-        policy: Option<PathBuf>,
-        /// Where to write the findings; `-` is stdout.
-        #[arg(long, value_name = "FILE", default_value = "-")]
-        alerts_out: PathBuf,
-    },
-    /// Probe what this kernel supports and print the sensor set the agent would use.
-    Check {
-        /// Print JSON instead of a table.
-        #[arg(long)]
-        json: bool,
-    },
-}
-
-#[derive(Subcommand)]
-enum JobCommand {
-    /// A job starts: `--pid` is its root (its existing descendants join it), or any process
-    /// already in the job, to name it.
-    Start {
-        #[arg(long)]
-        id: String,
-        #[arg(long)]
-        pid: u32,
-        #[arg(long)]
-        repository: Option<String>,
-        #[arg(long)]
-        workflow: Option<String>,
-        #[arg(long)]
-        run: Option<String>,
-        #[arg(long)]
-        runner: Option<String>,
-        /// github, gitlab, or anything else.
-        #[arg(long, default_value = "manual")]
-        platform: String,
-        #[arg(long, env = "RUNNER_MONITOR_SOCKET", default_value = control::DEFAULT_SOCKET)]
-        socket: PathBuf,
-    },
-    /// A job ends: from now on its remaining processes are survivors.
-    End {
-        #[arg(long)]
-        id: String,
-        #[arg(long, env = "RUNNER_MONITOR_SOCKET", default_value = control::DEFAULT_SOCKET)]
-        socket: PathBuf,
-    },
-}
-
-#[derive(Subcommand)]
-enum PolicyCommand {
-    /// Check a policy file; errors name the file, line and field.
-    Check { file: PathBuf },
-    /// Print the built-in policy (a starting point for a policy file).
-    Default,
-}
-
 #[derive(clap::Args)]
-struct RunArgs {
+pub struct RunArgs {
     /// Policy file (TOML); without it, the built-in policy.
     #[arg(long, value_name = "FILE")]
     policy: Option<PathBuf>,
@@ -190,78 +111,6 @@ const SNAPSHOT_INTERVAL: Duration = Duration::from_secs(10);
 /// How long a stopping agent waits for receivers to take the spooled alerts.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
-fn main() -> std::process::ExitCode {
-    match run_cli() {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(error) => {
-            // The whole chain on one line, without a backtrace: this is for the operator.
-            eprintln!("runner-monitor: error: {}", one_line(&error));
-            std::process::ExitCode::FAILURE
-        }
-    }
-}
-
-/// An error and its causes on one line; a cause the message before it already quotes (errors
-/// that name their source in their own text) is not repeated.
-fn one_line(error: &anyhow::Error) -> String {
-    let mut line = String::new();
-    for cause in error.chain() {
-        let text = cause.to_string();
-        if line.contains(&text) {
-            continue;
-        }
-        if !line.is_empty() {
-            line.push_str(": ");
-        }
-        line.push_str(&text);
-    }
-    line
-}
-
-fn run_cli() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        // Colours only for a terminal: journald and log files get plain text.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
-    let cli = Cli::parse();
-    match cli.command {
-        Command::Check { json } => check(json),
-        Command::Job(command) => job_command(command),
-        Command::Replay {
-            events,
-            policy,
-            alerts_out,
-        } => replay(&events, policy.as_deref(), &alerts_out),
-        Command::Policy(PolicyCommand::Check { file }) => {
-            let policy = Policy::load(&file)?;
-            println!(
-                "{}: ok ({} credential kinds, {} secret socket kinds, {} egress allowances, {} rules)",
-                file.display(),
-                policy.credentials.len(),
-                policy.secret_socket_kinds.len(),
-                policy.egress_allow.len(),
-                policy.rules.len()
-            );
-            Ok(())
-        }
-        Command::Policy(PolicyCommand::Default) => {
-            print!("{}", runner_monitor::policy::DEFAULT_POLICY);
-            Ok(())
-        }
-        Command::Run(args) => tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .context("starting the async runtime")?
-            .block_on(run(args)),
-    }
-}
-
 /// Checks the effective capabilities before anything is loaded: a missing required one stops
 /// the agent with its name and purpose; a missing optional one is a warning.
 fn require_capabilities(runner_user: bool) -> anyhow::Result<()> {
@@ -273,90 +122,6 @@ fn require_capabilities(runner_user: bool) -> anyhow::Result<()> {
             r.why,
             r.without
         );
-    }
-    Ok(())
-}
-
-fn check(json: bool) -> anyhow::Result<()> {
-    // Report, not refuse: the table below shows what loads with what the agent has.
-    let capabilities = privilege::assess(&privilege::effective()?, &privilege::Setup::here(false));
-    let features = probe_kernel();
-    // The real test: load and attach the agent's own programs, then detach them.
-    let sensor = Sensor::load(&SensorPolicy::default());
-    let probes = match &sensor {
-        Ok(s) => s.probes().to_vec(),
-        Err(_) => Vec::new(),
-    };
-    let missing_capabilities: Vec<String> = capabilities
-        .missing
-        .iter()
-        .chain(&capabilities.degraded)
-        .map(|r| r.capability.to_string())
-        .collect();
-    if json {
-        let out = serde_json::json!({
-            "features": features,
-            "probes": probes,
-            "missing_capabilities": missing_capabilities,
-            "error": sensor.as_ref().err().map(|e| e.to_string()),
-        });
-        println!("{}", serde_json::to_string_pretty(&out)?);
-    } else {
-        println!("capabilities");
-        for r in privilege::REQUIREMENTS {
-            let state = if capabilities
-                .missing
-                .iter()
-                .any(|m| m.capability == r.capability)
-            {
-                "MISSING"
-            } else if capabilities
-                .degraded
-                .iter()
-                .any(|m| m.capability == r.capability)
-            {
-                "missing (optional)"
-            } else {
-                "ok"
-            };
-            println!("  {:<20} {state}", r.capability.to_string());
-        }
-        println!("kernel features");
-        for f in &features {
-            let mark = match f.support {
-                Support::Yes => "yes",
-                Support::No => "no",
-                Support::Refused => "refused",
-            };
-            let req = if f.required { " (required)" } else { "" };
-            println!("  {:<18} {:<8} {}{}", f.name, mark, f.detail, req);
-        }
-        println!("sensor set");
-        for p in &probes {
-            let (mark, reason) = match &p.state {
-                ProbeState::Attached => ("attached", String::new()),
-                ProbeState::Absent(r) => ("absent", format!(" ({r})")),
-                ProbeState::Failed(r) => ("FAILED", format!(" ({r})")),
-            };
-            println!(
-                "  {:<18} {:<28} {:<38} {mark}{reason}",
-                p.sensor, p.program, p.target
-            );
-        }
-    }
-    let missing: Vec<&str> = features
-        .iter()
-        .filter(|f| f.required && f.support != Support::Yes)
-        .map(|f| f.name)
-        .collect();
-    if !missing.is_empty() {
-        bail!("required kernel features missing: {}", missing.join(", "));
-    }
-    if !capabilities.missing.is_empty() {
-        bail!(privilege::PrivilegeError::Missing(capabilities.missing));
-    }
-    if let Err(e) = sensor {
-        bail!("the agent's probes do not load on this kernel: {e}");
     }
     Ok(())
 }
@@ -449,7 +214,7 @@ fn reload_policy(
     Ok(Some(policy))
 }
 
-async fn run(args: RunArgs) -> anyhow::Result<()> {
+pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     require_capabilities(args.runner_user.is_some())?;
     let state = StateDir::open(&args.state_dir)?;
     if args.fresh_state {
@@ -768,76 +533,5 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         pin_dir = %args.pin_dir.display(),
         "stopped: every probe detached; the kernel's job maps stay pinned for the next start"
     );
-    Ok(())
-}
-
-fn job_command(command: JobCommand) -> anyhow::Result<()> {
-    let (socket, request) = match command {
-        JobCommand::Start {
-            id,
-            pid,
-            repository,
-            workflow,
-            run,
-            runner,
-            platform,
-            socket,
-        } => (
-            socket,
-            Request::JobStart {
-                pid,
-                info: Box::new(JobInfo {
-                    id,
-                    platform: Some(platform),
-                    repository,
-                    workflow,
-                    run,
-                    runner,
-                    ..JobInfo::default()
-                }),
-            },
-        ),
-        JobCommand::End { id, socket } => (socket, Request::JobEnd { id }),
-    };
-    let response = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?
-        .block_on(control::send(&socket, &request))
-        .with_context(|| format!("talking to the agent at {}", socket.display()))?;
-    println!("{}", runner_monitor::output::jsonl::line_string(&response)?);
-    if !response.ok {
-        bail!("{}", response.error.unwrap_or_default());
-    }
-    Ok(())
-}
-
-/// Replays a recorded event trace through the engine.
-fn replay(
-    file: &std::path::Path,
-    policy: Option<&std::path::Path>,
-    alerts_out: &std::path::Path,
-) -> anyhow::Result<()> {
-    let policy = Arc::new(match policy {
-        Some(path) => Policy::load(path)?,
-        None => Policy::builtin(),
-    });
-    let mut pipeline = Pipeline::new(policy, None, alerts_out, None)?;
-    let reader = std::io::BufReader::new(
-        std::fs::File::open(file).with_context(|| format!("opening {}", file.display()))?,
-    );
-    let mut last = 0;
-    let mut findings = 0;
-    for (n, line) in std::io::BufRead::lines(reader).enumerate() {
-        let line = line.with_context(|| format!("reading {}", file.display()))?;
-        if line.trim().is_empty() || line.trim_start().starts_with('#') {
-            continue;
-        }
-        let event: Event = serde_json::from_str(&line)
-            .with_context(|| format!("{}:{}: not an event", file.display(), n + 1))?;
-        last = last.max(event.time_ns);
-        findings += pipeline.event(&event)?;
-    }
-    findings += pipeline.advance(last)?;
-    tracing::info!(findings, stats = ?pipeline.stats(), "replay done");
     Ok(())
 }
