@@ -35,7 +35,11 @@ impl<K: std::hash::Hash + Eq + Clone, V> BoundedMap<K, V> {
         self.evicted
     }
 
-    pub fn get(&self, key: &K) -> Option<&V> {
+    /// By `key` or anything `K` borrows as (a `&str` for a `String` key: no allocation).
+    pub fn get<Q: std::hash::Hash + Eq + ?Sized>(&self, key: &Q) -> Option<&V>
+    where
+        K: std::borrow::Borrow<Q>,
+    {
         self.entries.get(key).map(|(_, v)| v)
     }
 
@@ -43,7 +47,10 @@ impl<K: std::hash::Hash + Eq + Clone, V> BoundedMap<K, V> {
         self.entries.get_mut(key).map(|(_, v)| v)
     }
 
-    pub fn contains_key(&self, key: &K) -> bool {
+    pub fn contains_key<Q: std::hash::Hash + Eq + ?Sized>(&self, key: &Q) -> bool
+    where
+        K: std::borrow::Borrow<Q>,
+    {
         self.entries.contains_key(key)
     }
 

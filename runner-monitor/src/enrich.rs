@@ -117,7 +117,7 @@ impl Fingerprinter {
 
     fn fingerprint_file(&mut self, path: &str) -> Option<String> {
         if let Ok(meta) = std::fs::metadata(path)
-            && let Some((stamp, fingerprint)) = self.cache.get(&path.to_owned())
+            && let Some((stamp, fingerprint)) = self.cache.get(path)
             && *stamp == FileStamp::of(&meta)
         {
             return Some(fingerprint.clone());

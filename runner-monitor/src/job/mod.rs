@@ -27,7 +27,7 @@ pub struct JobDirectory {
     pub unidentified: u64,
 }
 
-#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
 struct Known {
     id: Option<String>,
     tracking_id: Option<String>,
@@ -126,7 +126,7 @@ impl JobDirectory {
     }
 
     pub fn key_of(&self, id: &str) -> Option<JobKey> {
-        self.by_id.get(&id.to_owned()).copied()
+        self.by_id.get(id).copied()
     }
 
     pub fn id_of(&self, key: JobKey) -> Option<String> {
@@ -153,7 +153,7 @@ impl JobDirectory {
 
     /// Records an identity given by a hook or the control socket.
     pub fn set_explicit(&mut self, key: JobKey, id: &str) {
-        if !self.by_id.contains_key(&id.to_owned()) {
+        if !self.by_id.contains_key(id) {
             self.by_id.insert(id.to_owned(), key);
         }
         let before = self.known.get(&key);
@@ -183,14 +183,7 @@ impl JobDirectory {
 
     pub fn set_end_requested(&mut self, key: JobKey) {
         self.known
-            .get_or_insert_with(key, || Known {
-                id: None,
-                tracking_id: None,
-                explicit: false,
-                discovered: false,
-                attempts: 0,
-                end_requested: false,
-            })
+            .get_or_insert_with(key, Known::default)
             .end_requested = true;
     }
 
@@ -216,14 +209,7 @@ impl JobDirectory {
         if !matches!(event.detail, EventDetail::Exec { .. }) {
             return None;
         }
-        let known = self.known.get_or_insert_with(job.key, || Known {
-            id: None,
-            tracking_id: None,
-            explicit: false,
-            discovered: false,
-            attempts: 0,
-            end_requested: false,
-        });
+        let known = self.known.get_or_insert_with(job.key, Known::default);
         if known.discovered || known.attempts >= DISCOVERY_ATTEMPTS {
             return None;
         }
