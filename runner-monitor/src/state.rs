@@ -8,7 +8,6 @@
 
 use std::{
     fs::File,
-    io::BufWriter,
     os::fd::AsRawFd as _,
     path::{Path, PathBuf},
 };
@@ -147,31 +146,56 @@ impl StateDir {
         Some(saved)
     }
 
-    /// Writes the snapshot: to a temporary file, flushed to disk, then renamed over the old one.
+    /// Writes the snapshot: `encode`, then `write`, in the calling thread (shutdown).
     pub fn save(
         &self,
         engine: &Engine,
         directory: &JobDirectory,
         now_ns: u64,
     ) -> Result<(), StateError> {
-        let tmp = self.path.join("state.json.tmp");
-        let file = File::create(&tmp).map_err(io(&tmp))?;
-        let mut out = BufWriter::new(file);
+        let bytes = Self::encode(engine, directory, now_ns).map_err(io(&self.path))?;
+        self.writer().write(&bytes)
+    }
+
+    /// The snapshot's bytes. Taken on the event loop (the tables must not move meanwhile); the
+    /// slow part, writing them out and syncing, is `SnapshotWriter::write`, which can run on
+    /// another thread.
+    pub fn encode(
+        engine: &Engine,
+        directory: &JobDirectory,
+        now_ns: u64,
+    ) -> std::io::Result<Vec<u8>> {
         let snapshot = SavedRef {
             boot_id: boot_id(),
             saved_ns: now_ns,
             engine,
             directory,
         };
-        serde_json::to_writer(&mut out, &snapshot)
-            .map_err(|e| io(&tmp)(std::io::Error::other(e)))?;
-        let file = out.into_inner().map_err(|e| io(&tmp)(e.into_error()))?;
+        serde_json::to_vec(&snapshot).map_err(std::io::Error::other)
+    }
+
+    /// Where snapshots go, to hand to a blocking thread.
+    pub fn writer(&self) -> SnapshotWriter {
+        SnapshotWriter(self.path.clone())
+    }
+}
+
+/// Writes encoded snapshots into a state directory.
+#[derive(Clone, Debug)]
+pub struct SnapshotWriter(PathBuf);
+
+impl SnapshotWriter {
+    /// To a temporary file, flushed to disk, then renamed over the old one.
+    pub fn write(&self, bytes: &[u8]) -> Result<(), StateError> {
+        let tmp = self.0.join("state.json.tmp");
+        let mut file = File::create(&tmp).map_err(io(&tmp))?;
+        std::io::Write::write_all(&mut file, bytes).map_err(io(&tmp))?;
         file.sync_all().map_err(io(&tmp))?;
-        let dest = self.path.join(SNAPSHOT);
+        let dest = self.0.join(SNAPSHOT);
         std::fs::rename(&tmp, &dest).map_err(io(&dest))?;
-        File::open(&self.path)
+        File::open(&self.0)
             .and_then(|d| d.sync_all())
-            .map_err(io(&self.path))?;
+            .map_err(io(&self.0))?;
         Ok(())
     }
 }

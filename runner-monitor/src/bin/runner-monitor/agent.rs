@@ -402,6 +402,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut sighup = signal(SignalKind::hangup())?;
     let mut snapshot_tick = tokio::time::interval(SNAPSHOT_INTERVAL);
     let mut dirty = false;
+    let mut snapshot_write: Option<tokio::task::JoinHandle<()>> = None;
     let mut status_tick = tokio::time::interval(Duration::from_secs(args.status_interval.max(1)));
     let mut second = tokio::time::interval(Duration::from_secs(1));
     status_tick.tick().await;
@@ -438,9 +439,19 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                     tracing::error!(error = format!("{error:#}"), "SIGHUP: new policy rejected; the previous policy stays in force");
                 }
             },
-            _ = snapshot_tick.tick(), if dirty => {
-                if let Err(error) = state.save(pipeline.engine(), &directory, monotonic_ns()) {
-                    tracing::warn!(%error, "writing the state snapshot");
+            // Encoded here, written and synced on a blocking thread: the fsync must not hold up
+            // events. One write at a time; a tick while one is under way waits for the next.
+            _ = snapshot_tick.tick(), if dirty && snapshot_write.as_ref().is_none_or(|w| w.is_finished()) => {
+                match StateDir::encode(pipeline.engine(), &directory, monotonic_ns()) {
+                    Ok(bytes) => {
+                        let writer = state.writer();
+                        snapshot_write = Some(tokio::task::spawn_blocking(move || {
+                            if let Err(error) = writer.write(&bytes) {
+                                tracing::warn!(%error, "writing the state snapshot");
+                            }
+                        }));
+                    }
+                    Err(error) => tracing::warn!(%error, "encoding the state snapshot"),
                 }
                 dirty = false;
             }
@@ -505,6 +516,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         status(&sensor.counters()?, &counters),
         pipeline.stats()
     );
+    if let Some(write) = snapshot_write.take() {
+        let _ = write.await;
+    }
     match state.save(pipeline.engine(), &directory, monotonic_ns()) {
         Ok(()) => tracing::info!(dir = %state.path().display(), "state saved for the next start"),
         Err(error) => tracing::error!(%error, "saving the state"),
