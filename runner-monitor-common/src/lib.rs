@@ -22,6 +22,9 @@ pub const UNIX_PATH_LEN: usize = 108;
 pub const NAME_LEN: usize = 64;
 /// Length of `task_struct::comm`.
 pub const COMM_LEN: usize = 16;
+/// Longest basename prefix the kernel checks (a credential name pattern such as `id_*` is matched
+/// by its literal prefix, cut to this length); the `PREFIX_LENGTHS` setting has one bit per length.
+pub const MAX_PREFIX_LEN: usize = 16;
 
 /// What an event is. The numbers are part of the wire format: never renumber.
 #[repr(u32)]

@@ -12,8 +12,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, PerCpuArray},
 };
 use runner_monitor_common::{
-    MATCH_BASENAME, MATCH_DIRNAME, MATCH_PREFIX, MATCH_PROC_MEMORY, NAME_KIND_BASENAME,
-    NAME_KIND_DIRNAME, NAME_KIND_PREFIX, NAME_LEN, NameKey, PATH_LEN, setting,
+    COMM_LEN, MATCH_BASENAME, MATCH_DIRNAME, MATCH_PREFIX, MATCH_PROC_MEMORY, MAX_PREFIX_LEN,
+    NAME_KIND_BASENAME, NAME_KIND_DIRNAME, NAME_KIND_PREFIX, NAME_LEN, NameKey, PATH_LEN, setting,
 };
 
 #[map]
@@ -142,7 +142,7 @@ pub fn key_of(kind: u32, path: &[u8; PATH_LEN], start: usize, end: usize) -> Opt
 
 /// A name key from a task's comm (NUL-padded, at most 15 bytes).
 #[inline(always)]
-pub fn comm_key(kind: u32, comm: &[u8; 16]) -> NameKey {
+pub fn comm_key(kind: u32, comm: &[u8; COMM_LEN]) -> NameKey {
     let mut len = 0u64;
     for c in comm.iter() {
         if *c == 0 {
@@ -208,7 +208,7 @@ pub fn match_credential(path: &[u8; PATH_LEN], parts: &PathParts, out: &mut u32)
     }
     let prefixes = setting(setting::PREFIX_LENGTHS);
     if prefixes != 0 {
-        for n in 1..=16usize {
+        for n in 1..=MAX_PREFIX_LEN {
             if prefixes & (1 << (n - 1)) != 0
                 && parts.base_start + n <= parts.len
                 && let Some(key) = key_of(

@@ -4,6 +4,7 @@
 //! job, engine and output layers consume them. `policy` is read by all.
 
 pub mod bounded;
+pub mod clock;
 pub mod engine;
 pub mod enrich;
 pub mod event;

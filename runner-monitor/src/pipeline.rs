@@ -86,7 +86,7 @@ impl Pipeline {
         let findings = self.engine.handle(event);
         if let Some(m) = &self.metrics {
             m.event(event.detail.kind_name());
-            let now = crate::sensor::jobs::monotonic_ns();
+            let now = crate::clock::monotonic_ns();
             m.latency(now.saturating_sub(event.time_ns) as f64 / 1e9);
         }
         Ok(findings)
@@ -138,7 +138,7 @@ impl Pipeline {
     /// Records the latency of `alerts` alerts written for an event of kernel time `event_ns`.
     pub fn alerted(&self, event_ns: u64, alerts: usize) {
         if let Some(m) = &self.metrics {
-            let seconds = crate::sensor::jobs::monotonic_ns().saturating_sub(event_ns) as f64 / 1e9;
+            let seconds = crate::clock::monotonic_ns().saturating_sub(event_ns) as f64 / 1e9;
             for _ in 0..alerts {
                 m.alert_latency(seconds);
             }

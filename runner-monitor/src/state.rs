@@ -307,7 +307,7 @@ mod tests {
         let state = StateDir::open(&dir).unwrap();
         let saved = state.load().expect("the snapshot is read back");
         assert_eq!(saved.saved_ns, 3_000);
-        let directory = JobDirectory::restore(4096, saved.directory);
+        let directory = JobDirectory::restore(saved.directory);
         assert_eq!(directory.key_of("run-1/build"), Some(job));
         let mut engine = Engine::restore(policy, saved.engine);
         // After the restart the survivor reads a credential after its job ended.

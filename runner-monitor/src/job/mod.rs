@@ -5,11 +5,13 @@ pub mod control;
 pub mod discovery;
 pub mod requests;
 
+use runner_monitor_common::MAX_JOBS;
+
 use crate::{
     bounded::BoundedMap,
+    clock::monotonic_ns,
     event::{Event, EventDetail, JobInfo, JobKey, JobRef, ProcessRef},
     policy::Policy,
-    sensor::jobs::monotonic_ns,
 };
 
 /// How many exec events of a job are used to look for its identity before giving up.
@@ -71,9 +73,9 @@ impl JobDirectory {
         )
     }
 
-    /// A directory of `capacity` jobs with the tables of `snapshot`.
-    pub fn restore(capacity: usize, snapshot: DirectorySnapshot) -> Self {
-        let mut d = Self::new(capacity);
+    /// A directory with the tables of `snapshot`.
+    pub fn restore(snapshot: DirectorySnapshot) -> Self {
+        let mut d = Self::default();
         d.by_id.extend(snapshot.by_id);
         d.known.extend(snapshot.known);
         d.stage_of.extend(snapshot.stage_of);
@@ -84,7 +86,8 @@ impl JobDirectory {
 
 impl Default for JobDirectory {
     fn default() -> Self {
-        Self::new(4096)
+        // As many jobs as the kernel's job table holds.
+        Self::new(MAX_JOBS as usize)
     }
 }
 

@@ -19,6 +19,8 @@ use ipnet::IpNet;
 pub use sensor::SensorPolicy;
 use toml::Spanned;
 
+use runner_monitor_common::COMM_LEN;
+
 use crate::rule::{RuleId, Severity};
 
 /// The built-in policy text.
@@ -255,11 +257,14 @@ impl Policy {
         let mut job_parent_executables = Vec::new();
         for (i, comm) in f.agent.job_parent_executables.iter().enumerate() {
             let name = comm.get_ref();
-            if name.is_empty() || name.len() > 15 || name.contains('/') {
+            if name.is_empty() || name.len() >= COMM_LEN || name.contains('/') {
                 return Err(err(
                     &comm.span(),
                     format!("agent.job_parent_executables[{i}]"),
-                    "a process name (comm) of 1 to 15 bytes without '/'".into(),
+                    format!(
+                        "a process name (comm) of 1 to {} bytes without '/'",
+                        COMM_LEN - 1
+                    ),
                 ));
             }
             job_parent_executables.push(name.clone());

@@ -2,7 +2,7 @@
 //! its last directory name, or a prefix of its basename is listed; the agent then applies the full
 //! glob to the resolved path. Each credential glob is turned into one such name.
 
-use crate::sensor::MAX_PREFIX_LEN;
+use runner_monitor_common::MAX_PREFIX_LEN;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SensorPolicy {

@@ -5,9 +5,10 @@ pub mod attach;
 pub mod check;
 pub mod decode;
 pub mod dns;
-pub mod jobs;
+pub mod job_roots;
 pub mod paths;
 pub mod pins;
+mod procfs;
 pub mod reader;
 pub mod reconcile;
 pub mod ringfill;
@@ -22,9 +23,9 @@ use aya::{
     maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
 };
 use runner_monitor_common::{
-    EVENT_KIND_SLOTS, EventKind, JobBudget, JobState, NAME_KIND_BASENAME, NAME_KIND_DIRNAME,
-    NAME_KIND_JOB_PARENT_COMM, NAME_KIND_JOB_ROOT_EXE, NAME_KIND_PREFIX, NameKey, ProcessJob,
-    counter, map_name, setting,
+    EVENT_KIND_SLOTS, EventKind, JobBudget, JobState, MAX_PREFIX_LEN, NAME_KIND_BASENAME,
+    NAME_KIND_DIRNAME, NAME_KIND_JOB_PARENT_COMM, NAME_KIND_JOB_ROOT_EXE, NAME_KIND_PREFIX,
+    NameKey, ProcessJob, counter, map_name, setting,
 };
 
 pub use attach::{ProbeState, ProbeStatus};
@@ -351,9 +352,6 @@ fn key_bytes(key: &NameKey) -> Vec<u8> {
     out.extend_from_slice(&key.name);
     out
 }
-
-/// Longest basename prefix the kernel checks.
-pub const MAX_PREFIX_LEN: usize = 16;
 
 /// Bit n-1 set for each prefix length n in use.
 fn prefix_length_mask(prefixes: &[String]) -> u32 {

@@ -12,9 +12,12 @@ use runner_monitor_common::{JOB_ENDED, PROCESS_JOB_ROOT, ProcessJob, map_name};
 
 use super::{
     Sensor, SensorError,
-    jobs::{children, monotonic_ns},
+    procfs::{children, same_process, start_ns},
 };
-use crate::event::{Event, EventDetail, JobKey, JobRef, ProcessRef};
+use crate::{
+    clock::monotonic_ns,
+    event::{Event, EventDetail, JobKey, JobRef, ProcessRef},
+};
 
 /// What `reconcile` changed.
 #[derive(Debug, Default)]
@@ -68,33 +71,6 @@ impl Reconciled {
     }
 }
 
-/// Clock ticks per second of /proc's times.
-fn clock_ticks() -> u64 {
-    // SAFETY: sysconf has no preconditions.
-    (unsafe { libc::sysconf(libc::_SC_CLK_TCK) }).max(1) as u64
-}
-
-/// When `pid` started, in CLOCK_BOOTTIME ns (to the clock tick); `None` if it is gone.
-pub fn start_ns(pid: u32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The name is in parentheses and may hold anything: fields start after the last ')'.
-    let rest = &stat[stat.rfind(')')? + 1..];
-    // Field 22 of proc_pid_stat(5), the 20th after the name.
-    let ticks: u64 = rest.split_whitespace().nth(19)?.parse().ok()?;
-    Some(ticks * 1_000_000_000 / clock_ticks())
-}
-
-/// Whether `pid` is alive and the same process the entry was made for.
-fn same_process(pid: u32, entry: &ProcessJob) -> bool {
-    match start_ns(pid) {
-        None => false,
-        // Recorded by an older path that did not know it: alive is all that can be told.
-        Some(_) if entry.start_ns == 0 => true,
-        // /proc rounds down to the tick; two ticks of slack.
-        Some(start) => start.abs_diff(entry.start_ns) <= 2 * 1_000_000_000 / clock_ticks(),
-    }
-}
-
 impl Sensor {
     /// Brings the kernel's process and job maps in line with /proc (see the module docs).
     pub fn reconcile(&mut self) -> Result<Reconciled, SensorError> {
@@ -104,7 +80,7 @@ impl Sensor {
         let mut out = Reconciled::default();
         let mut alive = Vec::new();
         for (pid, entry) in entries {
-            if same_process(pid, &entry) {
+            if same_process(pid, entry.start_ns) {
                 alive.push((pid, entry));
                 continue;
             }

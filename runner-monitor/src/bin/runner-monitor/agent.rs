@@ -12,6 +12,7 @@ use std::{
 
 use anyhow::Context as _;
 use runner_monitor::{
+    clock::monotonic_ns,
     engine::Engine,
     enrich::{self, Fingerprinter},
     event::{Event, EventDetail, JobInfo, JobKey, JobOverBudget, SensorStatus},
@@ -34,7 +35,6 @@ use runner_monitor::{
     sensor::{
         KernelCounters, ProbeState, Sensor, SensorOptions,
         decode::Decoder,
-        jobs::monotonic_ns,
         pins,
         reader::{self, ReaderCounters},
     },
@@ -307,7 +307,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     if let Some(saved) = saved {
         let age_s = monotonic_ns().saturating_sub(saved.saved_ns) as f64 / 1e9;
         pipeline.set_engine(Engine::restore(policy.clone(), saved.engine));
-        directory = JobDirectory::restore(4096, saved.directory);
+        directory = JobDirectory::restore(saved.directory);
         tracing::info!(
             jobs = pipeline.engine().active_jobs(),
             processes = pipeline.engine().tracked_processes(),

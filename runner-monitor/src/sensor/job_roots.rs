@@ -14,19 +14,11 @@ use runner_monitor_common::{
     AGENT_JOB_KEY_BIT, JOB_ENDED, JOB_REGISTERED, JobState, PROCESS_JOB_ROOT, ProcessJob, map_name,
 };
 
-use super::{Sensor, SensorError, reconcile::start_ns};
-use crate::event::JobKey;
-
-/// CLOCK_MONOTONIC in nanoseconds: the clock of `bpf_ktime_get_ns`.
-pub fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes into the timespec we own.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
+use super::{
+    Sensor, SensorError,
+    procfs::{children, start_ns},
+};
+use crate::{clock::monotonic_ns, event::JobKey};
 
 static NEXT_JOB: AtomicU64 = AtomicU64::new(0);
 
@@ -34,23 +26,6 @@ static NEXT_JOB: AtomicU64 = AtomicU64::new(0);
 fn new_agent_job_key() -> JobKey {
     let sequence = NEXT_JOB.fetch_add(1, Ordering::Relaxed) & 0xfff;
     JobKey(AGENT_JOB_KEY_BIT | (monotonic_ns() & !0xfff & !AGENT_JOB_KEY_BIT) | sequence)
-}
-
-/// Children of a process, from every thread's `children` file.
-pub(super) fn children(pid: u32) -> Vec<u32> {
-    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-        return Vec::new();
-    };
-    let mut out = Vec::new();
-    for task in tasks.flatten() {
-        if let Ok(text) = std::fs::read_to_string(task.path().join("children")) {
-            out.extend(
-                text.split_whitespace()
-                    .filter_map(|s| s.parse::<u32>().ok()),
-            );
-        }
-    }
-    out
 }
 
 impl Sensor {
