@@ -1,42 +1,136 @@
-//! Events in, findings out, both written: the part of the agent that `run` and `replay` share.
+//! The conductor: every event the agent judges goes through here, live and in `replay`, through
+//! the same stages in the same order.
+//!
+//! ```text
+//! batch ─▶ fingerprint ─▶ discover ─▶ engine ─▶ tracking id ─▶ write
+//!          (host)         (host)                (host)
+//! time  ─────────────────────────────▶ engine ─▶ tracking id ─▶ write
+//! ```
+//!
+//! - fingerprint: a credential read gets the keyed hash of its content; a credential written is
+//!   hashed when its writer exits, as an event of its own after the exit (`enrich`).
+//! - discover: an exec in a job whose identity is not known yet has its environment read; the
+//!   `job_start` found there goes to the engine *before* the exec that revealed it, with that
+//!   exec's time and process, so the exec and everything after it are judged as the named job
+//!   (its repository's rules) and the event trace holds them in that order (`job`).
+//! - engine: events in, findings out (`engine`; pure).
+//! - tracking id: a survivor that changed `RUNNER_TRACKING_ID` says so (`enrich`).
+//! - write: the event trace, the alert stream and its receivers, the metrics (`output`).
+//!
+//! The stages marked "host" read the file system and `/proc`; `replay` runs without a `Host`,
+//! so it runs the rest exactly as live, on the events the live agent recorded (discovered job
+//! starts and fingerprints included).
 
-use std::{io::Write, path::Path, sync::Arc};
+use std::sync::Arc;
 
 use crate::{
     engine::{Engine, EngineStats, Finding},
+    enrich::{self, Fingerprinter},
     event::Event,
-    output::{
-        alerts::{AlertWriter, WallClock},
-        delivery::Sink,
-        metrics::Metrics,
-    },
+    job::JobDirectory,
+    output::Outputs,
     policy::Policy,
 };
 
+/// What only the live agent reads from the host.
+#[derive(Default)]
+pub struct Host {
+    /// Keyed hashes of credential contents (`--fingerprint-key`), when configured.
+    pub fingerprints: Option<Fingerprinter>,
+}
+
 pub struct Pipeline {
+    policy: Arc<Policy>,
+    host: Option<Host>,
+    jobs: JobDirectory,
     engine: Engine,
-    sinks: Vec<Sink>,
-    metrics: Option<std::sync::Arc<Metrics>>,
-    events: Option<Box<dyn Write + Send>>,
-    alerts: AlertWriter,
+    out: Outputs,
 }
 
 impl Pipeline {
-    /// `events_out`: where to copy every event (JSON lines), if anywhere. `clock`: to give alerts
-    /// a wall-clock time (live only).
-    pub fn new(
-        policy: Arc<Policy>,
-        events_out: Option<&Path>,
-        alerts_out: &Path,
-        clock: Option<WallClock>,
-    ) -> std::io::Result<Self> {
-        Ok(Self {
-            engine: Engine::new(policy),
-            sinks: Vec::new(),
-            metrics: None,
-            events: events_out.map(crate::output::open_append).transpose()?,
-            alerts: AlertWriter::open(alerts_out, clock)?,
-        })
+    /// `host`: the live agent's; `None` in `replay`.
+    pub fn new(policy: Arc<Policy>, host: Option<Host>, out: Outputs) -> Self {
+        Self {
+            engine: Engine::new(policy.clone()),
+            jobs: JobDirectory::default(),
+            policy,
+            host,
+            out,
+        }
+    }
+
+    /// Runs a batch of events through the stages, in order; returns the findings written.
+    pub fn run(&mut self, batch: impl IntoIterator<Item = Event>) -> std::io::Result<Vec<Finding>> {
+        let mut written = Vec::new();
+        for mut event in batch {
+            let credentials_written = self.fingerprint(&mut event);
+            if let Some(start) = self.discover(&event) {
+                written.extend(self.judge(&start)?);
+            }
+            written.extend(self.judge(&event)?);
+            for e in &credentials_written {
+                written.extend(self.judge(e)?);
+            }
+        }
+        Ok(written)
+    }
+
+    /// Moves time to `now_ns` (timers such as survivors' grace periods); returns the findings
+    /// written.
+    pub fn advance(&mut self, now_ns: u64) -> std::io::Result<Vec<Finding>> {
+        let mut findings = self.engine.advance(now_ns);
+        self.tracking_id(&mut findings);
+        self.out.findings(&findings, None)?;
+        self.out.engine(&self.engine);
+        Ok(findings)
+    }
+
+    /// Stage 1: fingerprints a credential read in place; returns the fingerprints of credentials
+    /// written by a process that exits now, to judge after its exit.
+    fn fingerprint(&mut self, event: &mut Event) -> Vec<Event> {
+        match self.host.as_mut().and_then(|h| h.fingerprints.as_mut()) {
+            Some(f) => f.process(event, &self.policy),
+            None => Vec::new(),
+        }
+    }
+
+    /// Stage 2: the `job_start` an exec reveals, if any.
+    fn discover(&mut self, event: &Event) -> Option<Event> {
+        self.host.as_ref()?;
+        self.jobs.discover(event, &self.policy)
+    }
+
+    /// Stages 3 to 5 for one event: engine, tracking id, write.
+    fn judge(&mut self, event: &Event) -> std::io::Result<Vec<Finding>> {
+        self.out.event(event)?;
+        let mut findings = self.engine.handle(event);
+        self.out.judged(event.time_ns);
+        self.tracking_id(&mut findings);
+        self.out.findings(&findings, Some(event.time_ns))?;
+        Ok(findings)
+    }
+
+    /// Stage 4: survivors that changed the runner's tracking id.
+    fn tracking_id(&self, findings: &mut [Finding]) {
+        if self.host.is_some() {
+            for f in findings {
+                enrich::survivor_tracking_id(f, &self.jobs);
+            }
+        }
+    }
+
+    pub fn flush(&mut self) -> std::io::Result<()> {
+        self.out.flush()
+    }
+
+    pub fn policy(&self) -> &Arc<Policy> {
+        &self.policy
+    }
+
+    /// Replaces the policy every stage judges by; the tables are kept.
+    pub fn set_policy(&mut self, policy: Arc<Policy>) {
+        self.engine.set_policy(policy.clone());
+        self.policy = policy;
     }
 
     /// The engine, e.g. to snapshot it.
@@ -44,115 +138,29 @@ impl Pipeline {
         &self.engine
     }
 
-    /// Replaces the engine (one restored from a snapshot).
-    pub fn set_engine(&mut self, engine: Engine) {
-        self.engine = engine;
+    /// What the agent knows of jobs beyond the kernel's keys.
+    pub fn jobs(&self) -> &JobDirectory {
+        &self.jobs
     }
 
-    /// Replaces the policy the engine judges by; its tables are kept.
-    pub fn set_policy(&mut self, policy: Arc<Policy>) {
-        self.engine.set_policy(policy);
+    /// The job directory, for the control socket's requests (which then `run` their event).
+    pub fn jobs_mut(&mut self) -> &mut JobDirectory {
+        &mut self.jobs
+    }
+
+    /// Takes over the engine and job tables a previous agent saved.
+    pub fn restore(&mut self, engine: Engine, jobs: JobDirectory) {
+        self.engine = engine;
+        self.jobs = jobs;
+    }
+
+    pub fn stats(&self) -> EngineStats {
+        self.engine.stats()
     }
 
     /// Shutdown: gives each receiver until `deadline` to take the spooled alerts; returns what
     /// is still pending per receiver (kept in the spool for the next start).
     pub async fn drain_sinks(&self, deadline: tokio::time::Instant) -> Vec<(&'static str, u64)> {
-        let mut left = Vec::new();
-        for sink in &self.sinks {
-            left.push((sink.receiver.name(), sink.drain(deadline).await));
-        }
-        left
-    }
-
-    /// Also delivers every alert to `sink` (spooled, retried).
-    pub fn with_sink(mut self, sink: Sink) -> Self {
-        self.sinks.push(sink);
-        self
-    }
-
-    /// Counts events, findings and latency into `metrics` (the live agent).
-    pub fn with_metrics(mut self, metrics: std::sync::Arc<Metrics>) -> Self {
-        self.metrics = Some(metrics);
-        self
-    }
-
-    /// Records the event and runs the engine on it; returns what it found, for the caller to
-    /// add to (live enrichment) and `alert`.
-    pub fn handle(&mut self, event: &Event) -> std::io::Result<Vec<Finding>> {
-        if let Some(out) = &mut self.events {
-            out.write_all(&crate::output::jsonl::line(event)?)?;
-            out.write_all(b"\n")?;
-        }
-        let findings = self.engine.handle(event);
-        if let Some(m) = &self.metrics {
-            m.event(event.detail.kind_name());
-            let now = crate::clock::monotonic_ns();
-            m.latency(now.saturating_sub(event.time_ns) as f64 / 1e9);
-        }
-        Ok(findings)
-    }
-
-    /// Refreshes the engine's gauges and counters in `metrics`.
-    pub fn export_engine(&self) {
-        if let Some(m) = &self.metrics {
-            m.engine(
-                &self.engine.stats(),
-                self.engine.active_jobs(),
-                self.engine.tracked_processes(),
-            );
-        }
-    }
-
-    /// `handle`, then writes the findings as they are.
-    pub fn event(&mut self, event: &Event) -> std::io::Result<usize> {
-        let findings = self.handle(event)?;
-        self.alert_all(&findings)?;
-        Ok(findings.len())
-    }
-
-    /// Moves the engine's time (timers such as survivors' grace periods).
-    pub fn tick(&mut self, now_ns: u64) -> Vec<Finding> {
-        self.engine.advance(now_ns)
-    }
-
-    /// `tick`, then writes the findings as they are.
-    pub fn advance(&mut self, now_ns: u64) -> std::io::Result<usize> {
-        let findings = self.tick(now_ns);
-        self.alert_all(&findings)?;
-        Ok(findings.len())
-    }
-
-    pub fn alert_all(&mut self, findings: &[Finding]) -> std::io::Result<()> {
-        if let Some(m) = &self.metrics {
-            m.findings(findings);
-        }
-        for f in findings {
-            let line = self.alerts.write(f)?;
-            for sink in &self.sinks {
-                sink.send(&line)?;
-            }
-        }
-        Ok(())
-    }
-
-    /// Records the latency of `alerts` alerts written for an event of kernel time `event_ns`.
-    pub fn alerted(&self, event_ns: u64, alerts: usize) {
-        if let Some(m) = &self.metrics {
-            let seconds = crate::clock::monotonic_ns().saturating_sub(event_ns) as f64 / 1e9;
-            for _ in 0..alerts {
-                m.alert_latency(seconds);
-            }
-        }
-    }
-
-    pub fn flush(&mut self) -> std::io::Result<()> {
-        if let Some(out) = &mut self.events {
-            out.flush()?;
-        }
-        Ok(())
-    }
-
-    pub fn stats(&self) -> EngineStats {
-        self.engine.stats()
+        self.out.drain_sinks(deadline).await
     }
 }

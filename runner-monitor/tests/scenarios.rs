@@ -1,12 +1,15 @@
-//! The scenario corpus (`tests/scenarios/`): each trace, replayed through the engine, must produce
+//! The scenario corpus (`tests/scenarios/`): each trace, replayed through the pipeline exactly as
+//! `runner-monitor replay` runs it (the live agent's stages without the host's), must produce
 //! exactly the findings its `.expect.json` lists — no more, no fewer. A `.policy.toml` beside a
 //! trace replaces the built-in policy for it.
 
 use std::{path::PathBuf, sync::Arc};
 
 use runner_monitor::{
-    engine::{Engine, Finding},
+    engine::Finding,
     event::Event,
+    output::{Outputs, alerts::AlertWriter},
+    pipeline::Pipeline,
     policy::Policy,
 };
 use serde::Deserialize;
@@ -76,7 +79,9 @@ fn scenario_dir() -> PathBuf {
 }
 
 fn replay(trace: &std::path::Path, policy: Policy) -> Vec<Finding> {
-    let mut engine = Engine::new(Arc::new(policy));
+    let alerts = AlertWriter::to_writer(Box::new(std::io::sink()), None);
+    let outputs = Outputs::new(alerts, None).unwrap();
+    let mut pipeline = Pipeline::new(Arc::new(policy), None, outputs);
     let text = std::fs::read_to_string(trace).unwrap();
     let mut findings = Vec::new();
     let mut last = 0;
@@ -87,9 +92,9 @@ fn replay(trace: &std::path::Path, policy: Policy) -> Vec<Finding> {
         let event: Event = serde_json::from_str(line)
             .unwrap_or_else(|e| panic!("{}:{}: {e}", trace.display(), n + 1));
         last = last.max(event.time_ns);
-        findings.extend(engine.handle(&event));
+        findings.extend(pipeline.run([event]).unwrap());
     }
-    findings.extend(engine.advance(last));
+    findings.extend(pipeline.advance(last).unwrap());
     findings
 }
 

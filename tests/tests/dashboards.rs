@@ -158,6 +158,8 @@ fn every_dashboard_query_parses() {
 #[test]
 fn every_metric_a_dashboard_or_rule_uses_is_exported_by_the_agent() {
     let metrics = Metrics::new();
+    // The control socket registers its own metric, as the agent does.
+    runner_monitor::job::control::ControlMetrics::register(metrics.registry());
     metrics.credential_kinds(
         runner_monitor::policy::Policy::builtin()
             .credentials

@@ -4,7 +4,7 @@
 //! are admitted (peer credentials); requests are bounded in size and time; a process inside a
 //! job may only speak for its own job.
 
-use std::{os::unix::fs::PermissionsExt, path::Path, sync::Arc, time::Duration};
+use std::{os::unix::fs::PermissionsExt, path::Path, time::Duration};
 
 use serde::{Deserialize, Serialize};
 use tokio::{
@@ -13,7 +13,9 @@ use tokio::{
     sync::{mpsc, oneshot},
 };
 
-use crate::{event::JobInfo, output::metrics::Metrics};
+use prometheus::{IntCounterVec, Opts, Registry};
+
+use crate::event::JobInfo;
 
 /// Default path of the control socket.
 pub const DEFAULT_SOCKET: &str = "/run/runner-monitor/control.sock";
@@ -200,13 +202,50 @@ pub fn bind(path: &Path, runner: Option<(u32, u32)>) -> Result<UnixListener, Con
     Ok(listener)
 }
 
+/// The control socket's own metric, `runner_monitor_control_requests_total{request,result}`,
+/// registered into the agent's registry: every request counted by how it ended.
+#[derive(Clone)]
+pub struct ControlMetrics(IntCounterVec);
+
+impl ControlMetrics {
+    /// Registers the metric with every (request, result) series that can occur, at zero.
+    pub fn register(registry: &Registry) -> Self {
+        let requests = IntCounterVec::new(
+            Opts::new(
+                "runner_monitor_control_requests_total",
+                "Control-socket requests, by request and result (ok, rejected, replayed, \
+                 cross_job, forbidden_peer, malformed, oversized, timeout).",
+            ),
+            &["request", "result"],
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(requests.clone()))
+            .expect("unique metric names");
+        for outcome in Outcome::ALL {
+            // A request that was not read or parsed has no name.
+            for request in REQUEST_NAMES
+                .into_iter()
+                .filter(|r| (*r == "unknown") != outcome.of_parsed_request())
+            {
+                requests.with_label_values(&[request, outcome.as_str()]);
+            }
+        }
+        Self(requests)
+    }
+
+    fn count(&self, request: &str, outcome: Outcome) {
+        self.0.with_label_values(&[request, outcome.as_str()]).inc();
+    }
+}
+
 /// Accepts connections until the receiver of `commands` is gone; counts every request by
 /// outcome in `metrics`.
 pub async fn serve(
     listener: UnixListener,
     runner_uid: Option<u32>,
     commands: mpsc::Sender<Command>,
-    metrics: Arc<Metrics>,
+    metrics: ControlMetrics,
 ) {
     serve_with_timeout(listener, runner_uid, commands, metrics, TIMEOUT).await
 }
@@ -215,7 +254,7 @@ async fn serve_with_timeout(
     listener: UnixListener,
     runner_uid: Option<u32>,
     commands: mpsc::Sender<Command>,
-    metrics: Arc<Metrics>,
+    metrics: ControlMetrics,
     timeout: Duration,
 ) {
     loop {
@@ -260,7 +299,7 @@ async fn connection(
     mut stream: UnixStream,
     runner_uid: Option<u32>,
     commands: mpsc::Sender<Command>,
-    metrics: &Metrics,
+    metrics: &ControlMetrics,
     timeout: Duration,
 ) -> std::io::Result<()> {
     let cred = stream.peer_cred()?;
@@ -279,7 +318,7 @@ async fn connection(
             ),
         )
     };
-    metrics.control_request(request, reply.outcome.as_str());
+    metrics.count(request, reply.outcome);
     if !reply.response.ok {
         tracing::warn!(uid = peer.uid, pid = peer.pid, request, result = reply.outcome.as_str(),
             error = ?reply.response.error, "control request rejected");
@@ -403,11 +442,22 @@ mod tests {
         assert!(serde_json::from_str::<Request>(r#"{"op":"rename","id":"x"}"#).is_err());
     }
 
-    fn count(metrics: &Metrics, request: &str, result: &str) -> u64 {
+    fn encode(registry: &Registry) -> String {
+        let mut out = Vec::new();
+        prometheus::Encoder::encode(
+            &prometheus::TextEncoder::new(),
+            &registry.gather(),
+            &mut out,
+        )
+        .unwrap();
+        String::from_utf8(out).unwrap()
+    }
+
+    fn count(registry: &Registry, request: &str, result: &str) -> u64 {
         let series = format!(
             "runner_monitor_control_requests_total{{request=\"{request}\",result=\"{result}\"}} "
         );
-        let text = metrics.encode();
+        let text = encode(registry);
         text.lines()
             .find_map(|l| l.strip_prefix(&series))
             .unwrap_or_else(|| panic!("no series {series}in\n{text}"))
@@ -450,7 +500,8 @@ mod tests {
         let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
         let (tx, mut rx) = mpsc::channel(4);
-        let metrics = Arc::new(Metrics::new());
+        let registry = Registry::new();
+        let metrics = ControlMetrics::register(&registry);
         // Whoever runs the test is admitted as the "runner user".
         // SAFETY: getuid has no preconditions.
         let me = unsafe { libc::getuid() };
@@ -458,7 +509,7 @@ mod tests {
             listener,
             Some(me),
             tx,
-            metrics.clone(),
+            metrics,
             Duration::from_millis(300),
         ));
         // The main loop's stand-in: ends jobs, and takes every start for a replay.
@@ -479,7 +530,7 @@ mod tests {
         for outcome in Outcome::ALL {
             for request in REQUEST_NAMES {
                 let expected = (request == "unknown") != outcome.of_parsed_request();
-                let exists = metrics.encode().contains(&format!(
+                let exists = encode(&registry).contains(&format!(
                     "runner_monitor_control_requests_total{{request=\"{request}\",result=\"{}\"}} 0",
                     outcome.as_str()
                 ));
@@ -519,9 +570,9 @@ mod tests {
             ("unknown", "oversized"),
             ("unknown", "timeout"),
         ] {
-            assert_eq!(count(&metrics, request, result), 1, "{request} {result}");
+            assert_eq!(count(&registry, request, result), 1, "{request} {result}");
         }
-        assert_eq!(count(&metrics, "job_start", "ok"), 0);
+        assert_eq!(count(&registry, "job_start", "ok"), 0);
         let _ = std::fs::remove_dir_all(dir);
     }
 

@@ -3,7 +3,6 @@
 
 pub mod control;
 pub mod discovery;
-pub mod requests;
 
 use runner_monitor_common::MAX_JOBS;
 
@@ -191,7 +190,8 @@ impl JobDirectory {
     }
 
     /// On an exec of a job process: when the job's identity is not known yet, look at this
-    /// process's environment. Returns the `job_start` event to emit when it was found.
+    /// process's environment. Returns the `job_start` event to judge (before the exec) when it
+    /// was found.
     pub fn discover(&mut self, event: &Event, policy: &Policy) -> Option<Event> {
         let job = event.job.as_ref()?;
         if job.root && matches!(event.detail, EventDetail::Exit { .. }) {
@@ -243,7 +243,19 @@ impl JobDirectory {
         }
         // Names from the job's environment are Debug-escaped: `%` would log their bytes raw.
         tracing::info!(job = %job.key, id = ?info.id, repository = ?info.repository, "job identified");
-        Some(job_start_event(job.key, event.process.pid, info))
+        // The job's start as of the exec that revealed it (its time and process): the pipeline
+        // has the engine judge it just before that exec.
+        Some(Event {
+            time_ns: event.time_ns,
+            job: Some(JobRef {
+                key: job.key,
+                ended: job.ended,
+                root: true,
+            }),
+            process: event.process.clone(),
+            truncated: false,
+            detail: EventDetail::JobStart(info),
+        })
     }
 }
 

@@ -65,6 +65,15 @@ impl AlertWriter {
         })
     }
 
+    /// Alerts to `out` (no rotation): `replay` into a test, for example.
+    pub fn to_writer(out: Box<dyn Write + Send>, clock: Option<WallClock>) -> Self {
+        Self {
+            out,
+            clock,
+            file: None,
+        }
+    }
+
     /// Writes one alert line; returns it (without the newline) for the other sinks.
     pub fn write(&mut self, finding: &Finding) -> std::io::Result<Vec<u8>> {
         let alert = Alert {

@@ -1,4 +1,4 @@
-//! Where findings, events and metrics go.
+//! Where findings, events and metrics go: the pipeline's last stage.
 
 pub mod alerts;
 pub mod delivery;
@@ -6,8 +6,15 @@ pub mod http;
 pub mod jsonl;
 pub mod metrics;
 
+use std::{io::Write, path::Path, sync::Arc};
+
+use crate::{clock::monotonic_ns, engine::Engine, engine::Finding, event::Event};
+use alerts::{AlertWriter, WallClock};
+use delivery::Sink;
+use metrics::Metrics;
+
 /// `-` is stdout; a path is opened for appending (created when missing).
-pub fn open_append(target: &std::path::Path) -> std::io::Result<Box<dyn std::io::Write + Send>> {
+pub fn open_append(target: &Path) -> std::io::Result<Box<dyn Write + Send>> {
     Ok(if target.as_os_str() == "-" {
         Box::new(std::io::BufWriter::new(std::io::stdout()))
     } else {
@@ -18,4 +25,115 @@ pub fn open_append(target: &std::path::Path) -> std::io::Result<Box<dyn std::io:
                 .open(target)?,
         ))
     })
+}
+
+/// The write stage: the event trace, the alert stream and the receivers behind it, and what the
+/// metrics count of both.
+pub struct Outputs {
+    /// Every event the engine judges, in that order (`--events-out`; `replay` reads it back).
+    events: Option<Box<dyn Write + Send>>,
+    alerts: AlertWriter,
+    sinks: Vec<Sink>,
+    metrics: Option<Arc<Metrics>>,
+}
+
+impl Outputs {
+    /// Alerts to `alerts` (see `AlertWriter`); events copied to `events_out`, if anywhere.
+    pub fn new(alerts: AlertWriter, events_out: Option<&Path>) -> std::io::Result<Self> {
+        Ok(Self {
+            events: events_out.map(open_append).transpose()?,
+            alerts,
+            sinks: Vec::new(),
+            metrics: None,
+        })
+    }
+
+    /// Alerts to `alerts_out` (`-` is stdout), stamped with wall-clock time when `clock` is given.
+    pub fn to_file(
+        alerts_out: &Path,
+        clock: Option<WallClock>,
+        events_out: Option<&Path>,
+    ) -> std::io::Result<Self> {
+        Self::new(AlertWriter::open(alerts_out, clock)?, events_out)
+    }
+
+    /// Also delivers every alert to `sink` (spooled, retried).
+    pub fn with_sink(mut self, sink: Sink) -> Self {
+        self.sinks.push(sink);
+        self
+    }
+
+    /// Counts events, findings and latencies into `metrics` (the live agent).
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    /// An event about to be judged: into the trace, counted by kind.
+    pub fn event(&mut self, event: &Event) -> std::io::Result<()> {
+        if let Some(out) = &mut self.events {
+            out.write_all(&jsonl::line(event)?)?;
+            out.write_all(b"\n")?;
+        }
+        if let Some(m) = &self.metrics {
+            m.event(event.detail.kind_name());
+        }
+        Ok(())
+    }
+
+    /// The engine judged an event of kernel time `event_ns`.
+    pub fn judged(&self, event_ns: u64) {
+        if let Some(m) = &self.metrics {
+            m.latency(monotonic_ns().saturating_sub(event_ns) as f64 / 1e9);
+        }
+    }
+
+    /// Findings: into the alert stream and to every receiver, counted. `event_ns` is the kernel
+    /// time of the event that raised them, for the event-to-alert latency (none for timers).
+    pub fn findings(&mut self, findings: &[Finding], event_ns: Option<u64>) -> std::io::Result<()> {
+        if let Some(m) = &self.metrics {
+            m.findings(findings);
+        }
+        for f in findings {
+            let line = self.alerts.write(f)?;
+            for sink in &self.sinks {
+                sink.send(&line)?;
+            }
+        }
+        if let (Some(m), Some(event_ns)) = (&self.metrics, event_ns) {
+            let seconds = monotonic_ns().saturating_sub(event_ns) as f64 / 1e9;
+            for _ in findings {
+                m.alert_latency(seconds);
+            }
+        }
+        Ok(())
+    }
+
+    /// The engine's gauges and counters, refreshed.
+    pub fn engine(&self, engine: &Engine) {
+        if let Some(m) = &self.metrics {
+            m.engine(
+                &engine.stats(),
+                engine.active_jobs(),
+                engine.tracked_processes(),
+            );
+        }
+    }
+
+    pub fn flush(&mut self) -> std::io::Result<()> {
+        if let Some(out) = &mut self.events {
+            out.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Shutdown: gives each receiver until `deadline` to take the spooled alerts; returns what
+    /// is still pending per receiver (kept in the spool for the next start).
+    pub async fn drain_sinks(&self, deadline: tokio::time::Instant) -> Vec<(&'static str, u64)> {
+        let mut left = Vec::new();
+        for sink in &self.sinks {
+            left.push((sink.receiver.name(), sink.drain(deadline).await));
+        }
+        left
+    }
 }

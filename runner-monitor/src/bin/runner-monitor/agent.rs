@@ -1,12 +1,17 @@
-//! `runner-monitor run`: the agent. Loads the sensors, takes over the state a previous agent left,
-//! then reads events, serves the control socket and keeps time until SIGTERM; SIGHUP reloads the
-//! policy.
+//! `runner-monitor run`: the agent, in three parts. `Agent::start` loads the sensors and the
+//! outputs and takes over the state a previous agent left; `Agent::serve` is the loop, one method
+//! per input (a batch of events, a control request, SIGHUP, the snapshot tick, the one-second
+//! tick, the status line) until SIGTERM; `Agent::stop` drains, saves, delivers and detaches.
+//! Every event goes through the one `Pipeline` (`runner_monitor::pipeline`).
 
 use std::{
+    collections::HashMap,
     os::fd::AsRawFd,
     path::PathBuf,
-    sync::atomic::AtomicBool,
-    sync::{Arc, atomic::Ordering},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
     time::Duration,
 };
 
@@ -14,33 +19,40 @@ use anyhow::Context as _;
 use runner_monitor::{
     clock::monotonic_ns,
     engine::Engine,
-    enrich::{self, Fingerprinter},
+    enrich::Fingerprinter,
     event::{Event, EventDetail, JobInfo, JobKey, JobOverBudget, SensorStatus},
     job::{
         JobDirectory, agent_event,
-        control::{self},
+        control::{self, ControlMetrics},
         job_start_event,
-        requests::{control_request, feed},
     },
-    output::alerts::WallClock,
     output::{
+        Outputs,
+        alerts::WallClock,
         delivery::{Receiver, Sink},
         http::{self, Endpoint},
         metrics::Metrics,
     },
-    pipeline::Pipeline,
+    pipeline::{Host, Pipeline},
     policy::{Policy, SensorPolicy},
     privilege,
-    sensor::ringfill::RingFill,
     sensor::{
-        KernelCounters, ProbeState, Sensor, SensorOptions,
+        KernelCounters, ProbeState, ProbeStatus, Sensor, SensorOptions,
         decode::Decoder,
         pins,
         reader::{self, ReaderCounters},
+        ringfill::RingFill,
     },
     state::StateDir,
 };
-use tokio::sync::mpsc;
+use tokio::{
+    signal::unix::{Signal, SignalKind, signal},
+    sync::{mpsc, oneshot},
+    task::JoinHandle,
+    time::Interval,
+};
+
+use crate::requests::control_request;
 
 #[derive(clap::Args)]
 pub struct RunArgs {
@@ -111,6 +123,45 @@ const SNAPSHOT_INTERVAL: Duration = Duration::from_secs(10);
 /// How long a stopping agent waits for receivers to take the spooled alerts.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
+pub async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let (mut agent, mut inputs) = Agent::start(args).await?;
+    agent.serve(&mut inputs).await?;
+    agent.stop(inputs).await
+}
+
+/// The running agent: the sensors, the pipeline every event goes through, and what the loop
+/// keeps between its inputs.
+struct Agent {
+    args: RunArgs,
+    sensor: Sensor,
+    pipeline: Pipeline,
+    metrics: Arc<Metrics>,
+    state: StateDir,
+    /// `/readyz`: set at the first one-second tick.
+    ready: Arc<AtomicBool>,
+    reader_counters: Arc<ReaderCounters>,
+    ring_fill: Option<RingFill>,
+    /// Lost events raised so far; events dropped over budget reported so far, per job.
+    lost_raised: u64,
+    budget_reported: HashMap<JobKey, u64>,
+    /// Something changed since the last snapshot; the snapshot being written, if one is.
+    dirty: bool,
+    snapshot_write: Option<JoinHandle<()>>,
+}
+
+/// What the loop waits on.
+struct Inputs {
+    batches: mpsc::Receiver<Vec<Event>>,
+    commands: mpsc::Receiver<control::Command>,
+    stop_reader: oneshot::Sender<()>,
+    reader: JoinHandle<std::io::Result<()>>,
+    sigterm: Signal,
+    sighup: Signal,
+    snapshot_tick: Interval,
+    status_tick: Interval,
+    second: Interval,
+}
+
 /// Checks the effective capabilities before anything is loaded: a missing required one stops
 /// the agent with its name and purpose; a missing optional one is a warning.
 fn require_capabilities(runner_user: bool) -> anyhow::Result<()> {
@@ -146,406 +197,474 @@ fn sensor_policy_of(policy: &Policy, job_root_exes: &[String]) -> SensorPolicy {
     sensor_policy
 }
 
-/// Jobs with events dropped over their budget since the last call (`reported` remembers).
-fn over_budget_since(
-    sensor: &Sensor,
-    directory: &JobDirectory,
-    reported: &mut std::collections::HashMap<JobKey, u64>,
-) -> Vec<JobOverBudget> {
-    let mut out = Vec::new();
-    // Only the jobs the kernel still has (its map is LRU): so this stays bounded too.
-    let mut now = std::collections::HashMap::new();
-    for (job, dropped) in sensor.over_budget_jobs() {
-        let before = reported.get(&job).copied().unwrap_or(0);
-        if dropped > before {
-            out.push(JobOverBudget {
-                job,
-                id: directory.id_of(directory.job_of_stage(job)),
-                dropped: dropped - before,
-            });
-        }
-        now.insert(job, dropped);
-    }
-    *reported = now;
-    out
-}
-
-/// One batch from the ring buffer through enrichment, the engine and the outputs.
-fn handle_batch(
-    batch: Vec<Event>,
-    fingerprints: &mut Option<Fingerprinter>,
-    pipeline: &mut Pipeline,
-    directory: &mut JobDirectory,
-    policy: &Policy,
-) -> std::io::Result<()> {
-    for mut event in batch {
-        let extra = match fingerprints {
-            Some(f) => f.process(&mut event, policy),
-            None => Vec::new(),
-        };
-        feed(pipeline, directory, &event)?;
-        if let Some(start) = directory.discover(&event, policy) {
-            feed(pipeline, directory, &start)?;
-        }
-        for e in &extra {
-            feed(pipeline, directory, e)?;
-        }
-    }
-    Ok(())
-}
-
-/// SIGHUP: the policy file read again. A policy that does not parse, or that the kernel cannot
-/// take, is rejected and the one in force stays.
-fn reload_policy(
-    args: &RunArgs,
-    sensor: &mut Sensor,
-    current: &Policy,
-) -> anyhow::Result<Option<Arc<Policy>>> {
-    let Some(path) = &args.policy else {
-        tracing::info!("SIGHUP: no policy file (--policy); the built-in policy stays in force");
-        return Ok(None);
-    };
-    let policy = Arc::new(Policy::load(path)?);
-    if let Err(error) = sensor.set_names(&sensor_policy_of(&policy, &args.job_root_exes)) {
-        // Put the kernel back to the policy in force.
-        sensor.set_names(&sensor_policy_of(current, &args.job_root_exes))?;
-        return Err(error.into());
-    }
-    Ok(Some(policy))
-}
-
-pub async fn run(args: RunArgs) -> anyhow::Result<()> {
-    require_capabilities(args.runner_user.is_some())?;
-    let state = StateDir::open(&args.state_dir)?;
-    if args.fresh_state {
-        pins::remove(&args.pin_dir)?;
-        state.discard()?;
-        tracing::info!("--fresh-state: saved state and pinned kernel maps removed");
-    }
-    let mut policy = Arc::new(match &args.policy {
-        Some(path) => Policy::load(path).context("refusing to start with an invalid policy")?,
-        None => Policy::builtin(),
-    });
-    // Configuration errors first, before the probes take seconds to load.
-    let mut fingerprints = match &args.fingerprint_key {
-        Some(path) => Some(Fingerprinter::load(path)?),
-        None => None,
-    };
-    let sensor_policy = sensor_policy_of(&policy, &args.job_root_exes);
-    let options = SensorOptions {
-        pin_dir: Some(args.pin_dir.clone()),
-    };
-    let mut sensor = Sensor::load_with(&sensor_policy, &options).context("starting the sensors")?;
-    let detached: Vec<String> = sensor
-        .probes()
+fn attached(probes: &[ProbeStatus]) -> usize {
+    probes
         .iter()
-        .filter(|p| matches!(p.state, ProbeState::Failed(_)))
-        .map(|p| format!("{} on {}", p.program, p.target))
-        .collect();
-    for probe in sensor.probes() {
+        .filter(|p| p.state == ProbeState::Attached)
+        .count()
+}
+
+/// The probes that did not attach, logged; as `program on target` for a `sensor_status` event.
+fn detached(probes: &[ProbeStatus]) -> Vec<String> {
+    let mut out = Vec::new();
+    for probe in probes {
         if let ProbeState::Failed(reason) = &probe.state {
             tracing::warn!(sensor = probe.sensor, program = %probe.program, target = %probe.target, %reason,
                 "sensor degraded: probe not attached");
+            out.push(format!("{} on {}", probe.program, probe.target));
         }
     }
-    let attached = sensor
-        .probes()
-        .iter()
-        .filter(|p| p.state == ProbeState::Attached)
-        .count();
-    tracing::info!(attached, total = sensor.probes().len(), job_roots = ?sensor_policy.job_root_executables, "probes attached");
+    out
+}
 
-    let metrics = Arc::new(Metrics::new());
-    metrics.probes(sensor.probes());
-    metrics.credential_kinds(policy.credentials.iter().map(|c| c.kind.as_str()));
-    let ready = Arc::new(AtomicBool::new(false));
-    let endpoint = Endpoint {
-        metrics: metrics.clone(),
-        ready: ready.clone(),
-    };
-    let bound = http::serve(args.listen, endpoint)
-        .await
-        .with_context(|| format!("listening on {} (--listen)", args.listen))?;
-    tracing::info!(address = %bound, "serving /metrics, /healthz, /readyz");
-
-    let clock = WallClock::now(monotonic_ns());
-    let mut pipeline = Pipeline::new(
-        policy.clone(),
-        args.events_out.as_deref(),
-        &args.alerts_out,
-        Some(clock),
+fn sensor_status(
+    lost_events: u64,
+    detached_probes: Vec<String>,
+    over_budget: Vec<JobOverBudget>,
+) -> Event {
+    agent_event(
+        EventDetail::SensorStatus(SensorStatus {
+            lost_events,
+            detached_probes,
+            over_budget,
+        }),
+        None,
+        0,
     )
-    .context("opening the event and alert outputs")?
-    .with_metrics(metrics.clone());
-    let receivers = [
-        args.alertmanager.clone().map(Receiver::Alertmanager),
-        args.webhook.clone().map(Receiver::Webhook),
-    ];
-    for receiver in receivers.into_iter().flatten() {
-        receiver
-            .validate()
-            .map_err(|e| anyhow::anyhow!("--{}: {e}", receiver.name()))?;
-        let name = receiver.name();
-        let sink = Sink::start(receiver, &args.spool_dir, metrics.clone())
-            .with_context(|| format!("opening the {name} spool in {}", args.spool_dir.display()))?;
-        tracing::info!(
-            sink = name,
-            pending_bytes = sink.pending_bytes(),
-            "alert delivery ready"
-        );
-        pipeline = pipeline.with_sink(sink);
-    }
-    let mut directory = JobDirectory::default();
-    let saved = state.load();
-    if !sensor.resumed() && saved.is_some() {
-        tracing::warn!(
-            pin_dir = %args.pin_dir.display(),
-            "saved state found but the pinned kernel maps were not: the jobs it names are judged \
-             from what was saved, their processes are no longer attributed"
-        );
-    }
-    if let Some(saved) = saved {
-        let age_s = monotonic_ns().saturating_sub(saved.saved_ns) as f64 / 1e9;
-        pipeline.set_engine(Engine::restore(policy.clone(), saved.engine));
-        directory = JobDirectory::restore(saved.directory);
-        tracing::info!(
-            jobs = pipeline.engine().active_jobs(),
-            processes = pipeline.engine().tracked_processes(),
-            age_s,
-            "resumed from the saved state"
-        );
-    }
-    if sensor.resumed() {
-        // What happened while no agent ran: exits, forks, job roots gone.
-        let reconciled = sensor
-            .reconcile()
-            .context("reconciling the pinned kernel maps")?;
-        tracing::info!(
-            exited = reconciled.exited.len(),
-            born = reconciled.adopted.len(),
-            jobs_ended = reconciled.ended.len(),
-            "resumed the pinned kernel maps; while the agent was down"
-        );
-        for event in reconciled.events(&sensor) {
-            feed(&mut pipeline, &directory, &event)?;
+}
+
+impl Agent {
+    /// Everything before the first event: configuration errors first, before the probes take
+    /// seconds to load; then the probes, the outputs, the state a previous agent left, the
+    /// control socket and the ring buffer's reader.
+    async fn start(args: RunArgs) -> anyhow::Result<(Self, Inputs)> {
+        require_capabilities(args.runner_user.is_some())?;
+        let state = StateDir::open(&args.state_dir)?;
+        if args.fresh_state {
+            pins::remove(&args.pin_dir)?;
+            state.discard()?;
+            tracing::info!("--fresh-state: saved state and pinned kernel maps removed");
         }
-    }
-    if !detached.is_empty() {
-        feed(
-            &mut pipeline,
-            &directory,
-            &agent_event(
-                EventDetail::SensorStatus(SensorStatus {
-                    lost_events: 0,
-                    detached_probes: detached,
-                    over_budget: Vec::new(),
-                }),
-                None,
-                0,
-            ),
-        )?;
-    }
-    for &pid in &args.job_pids {
-        let key = sensor
-            .register_job(pid)
-            .with_context(|| format!("registering process {pid} as a job root"))?;
-        tracing::info!(job = %key, pid, "watching job");
-        let info = JobInfo {
-            id: format!("pid-{pid}"),
-            platform: Some("manual".into()),
-            ..JobInfo::default()
-        };
-        directory.set_explicit(key, &info.id);
-        feed(&mut pipeline, &directory, &job_start_event(key, pid, info))?;
-    }
-    let runner = match &args.runner_user {
-        Some(name) => Some(
-            control::user_ids(name)
-                .with_context(|| format!("no such user {name:?} (--runner-user)"))?,
-        ),
-        None => None,
-    };
-    let listener = control::bind(&args.control_socket, runner)?;
-    let (command_tx, mut commands) = mpsc::channel(64);
-    tokio::spawn(control::serve(
-        listener,
-        runner.map(|(uid, _)| uid),
-        command_tx,
-        metrics.clone(),
-    ));
-    tracing::info!(socket = %args.control_socket.display(), runner_user = ?args.runner_user, "control socket ready");
-
-    sensor.start_kernel_log();
-    let ring = sensor
-        .take_events()
-        .context("event ring buffer already taken")?;
-    let ring_fill = RingFill::new(
-        ring.as_raw_fd(),
-        u64::from(runner_monitor_common::RING_BUFFER_BYTES),
-    )
-    .map_err(|error| tracing::warn!(%error, "ring buffer fill will not be reported"))
-    .ok();
-    let counters = Arc::new(ReaderCounters::default());
-    // Batches of up to `reader::BATCH` events: 8192 events in flight at most.
-    let (tx, mut rx) = mpsc::channel(8192 / reader::BATCH);
-    let (stop_reader, stop) = tokio::sync::oneshot::channel();
-    let reader = tokio::spawn(reader::run(
-        ring,
-        Decoder::new(),
-        tx,
-        counters.clone(),
-        stop,
-    ));
-
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut sigterm = signal(SignalKind::terminate())?;
-    let mut sighup = signal(SignalKind::hangup())?;
-    let mut snapshot_tick = tokio::time::interval(SNAPSHOT_INTERVAL);
-    let mut dirty = false;
-    let mut snapshot_write: Option<tokio::task::JoinHandle<()>> = None;
-    let mut status_tick = tokio::time::interval(Duration::from_secs(args.status_interval.max(1)));
-    let mut second = tokio::time::interval(Duration::from_secs(1));
-    status_tick.tick().await;
-    let mut last_lost = 0;
-    let mut budget_reported = std::collections::HashMap::new();
-    loop {
-        tokio::select! {
-            batch = rx.recv() => {
-                let Some(batch) = batch else { break };
-                handle_batch(batch, &mut fingerprints, &mut pipeline, &mut directory, &policy)?;
-                dirty = true;
-                // Flush when the queue is empty, so a quiet stream is never held back.
-                if rx.is_empty() {
-                    pipeline.flush()?;
-                }
-            }
-            Some(command) = commands.recv() => {
-                let control::Command { peer, request, reply } = command;
-                let response = control_request(&mut sensor, &mut directory, &mut pipeline, &policy, peer, request)?;
-                let _ = reply.send(response);
-                dirty = true;
-            }
-            _ = sighup.recv() => match reload_policy(&args, &mut sensor, &policy) {
-                Ok(Some(new)) => {
-                    policy = new;
-                    pipeline.set_policy(policy.clone());
-                    metrics.credential_kinds(policy.credentials.iter().map(|c| c.kind.as_str()));
-                    metrics.policy_reload(true);
-                    tracing::info!(policy = ?args.policy, "SIGHUP: policy reloaded; state kept");
-                }
-                Ok(None) => {}
-                Err(error) => {
-                    metrics.policy_reload(false);
-                    tracing::error!(error = format!("{error:#}"), "SIGHUP: new policy rejected; the previous policy stays in force");
-                }
+        let policy = Arc::new(match &args.policy {
+            Some(path) => Policy::load(path).context("refusing to start with an invalid policy")?,
+            None => Policy::builtin(),
+        });
+        let host = Host {
+            fingerprints: match &args.fingerprint_key {
+                Some(path) => Some(Fingerprinter::load(path)?),
+                None => None,
             },
-            // Encoded here, written and synced on a blocking thread: the fsync must not hold up
-            // events. One write at a time; a tick while one is under way waits for the next.
-            _ = snapshot_tick.tick(), if dirty && snapshot_write.as_ref().is_none_or(|w| w.is_finished()) => {
-                match StateDir::encode(pipeline.engine(), &directory, monotonic_ns()) {
-                    Ok(bytes) => {
-                        let writer = state.writer();
-                        snapshot_write = Some(tokio::task::spawn_blocking(move || {
-                            if let Err(error) = writer.write(&bytes) {
-                                tracing::warn!(%error, "writing the state snapshot");
-                            }
-                        }));
-                    }
-                    Err(error) => tracing::warn!(%error, "encoding the state snapshot"),
-                }
-                dirty = false;
-            }
-            _ = second.tick() => {
-                let mut findings = pipeline.tick(monotonic_ns());
-                for f in &mut findings {
-                    enrich::survivor_tracking_id(f, &directory);
-                }
-                pipeline.alert_all(&findings)?;
-                pipeline.export_engine();
-                let kernel = sensor.counters()?;
-                // Every event the kernel could not keep is raised within a second.
-                let lost = kernel.total_lost();
-                if lost > last_lost {
-                    let over_budget = over_budget_since(&sensor, &directory, &mut budget_reported);
-                    tracing::warn!(lost = lost - last_lost, ?over_budget, "sensor degraded: events lost in the kernel");
-                    feed(&mut pipeline, &directory, &agent_event(EventDetail::SensorStatus(SensorStatus {
-                        lost_events: lost - last_lost,
-                        detached_probes: Vec::new(),
-                        over_budget,
-                    }), None, 0))?;
-                    last_lost = lost;
-                }
-                metrics.kernel(&kernel, counters.decode_errors.load(Ordering::Relaxed));
-                if let Some(fill) = &ring_fill {
-                    metrics.ring_fill(fill.ratio());
-                }
-                ready.store(true, Ordering::Relaxed);
-            }
-            _ = status_tick.tick() => {
-                let kernel = sensor.counters()?;
-                tracing::info!(
-                    "{}; engine {:?}; unnamed jobs {}",
-                    status(&kernel, &counters),
-                    pipeline.stats(),
-                    directory.unidentified
-                );
-            }
-            _ = tokio::signal::ctrl_c() => break,
-            _ = sigterm.recv() => break,
+        };
+        let sensor_policy = sensor_policy_of(&policy, &args.job_root_exes);
+        let options = SensorOptions {
+            pin_dir: Some(args.pin_dir.clone()),
+        };
+        let mut sensor =
+            Sensor::load_with(&sensor_policy, &options).context("starting the sensors")?;
+        let detached = detached(sensor.probes());
+        tracing::info!(attached = attached(sensor.probes()), total = sensor.probes().len(), job_roots = ?sensor_policy.job_root_executables, "probes attached");
+
+        let metrics = Arc::new(Metrics::new());
+        metrics.probes(sensor.probes());
+        metrics.credential_kinds(policy.credentials.iter().map(|c| c.kind.as_str()));
+        let ready = Arc::new(AtomicBool::new(false));
+        let endpoint = Endpoint {
+            metrics: metrics.clone(),
+            ready: ready.clone(),
+        };
+        let bound = http::serve(args.listen, endpoint)
+            .await
+            .with_context(|| format!("listening on {} (--listen)", args.listen))?;
+        tracing::info!(address = %bound, "serving /metrics, /healthz, /readyz");
+
+        let outputs = Self::outputs(&args, &metrics)?;
+        let mut pipeline = Pipeline::new(policy, Some(host), outputs);
+        Self::resume(&args, &state, &mut sensor, &mut pipeline)?;
+        if !detached.is_empty() {
+            pipeline.run([sensor_status(0, detached, Vec::new())])?;
         }
+        for &pid in &args.job_pids {
+            let key = sensor
+                .register_job(pid)
+                .with_context(|| format!("registering process {pid} as a job root"))?;
+            tracing::info!(job = %key, pid, "watching job");
+            let info = JobInfo {
+                id: format!("pid-{pid}"),
+                platform: Some("manual".into()),
+                ..JobInfo::default()
+            };
+            pipeline.jobs_mut().set_explicit(key, &info.id);
+            pipeline.run([job_start_event(key, pid, info)])?;
+        }
+        let commands = Self::control_socket(&args, &metrics)?;
+
+        sensor.start_kernel_log();
+        let ring = sensor
+            .take_events()
+            .context("event ring buffer already taken")?;
+        let ring_fill = RingFill::new(
+            ring.as_raw_fd(),
+            u64::from(runner_monitor_common::RING_BUFFER_BYTES),
+        )
+        .map_err(|error| tracing::warn!(%error, "ring buffer fill will not be reported"))
+        .ok();
+        let reader_counters = Arc::new(ReaderCounters::default());
+        // Batches of up to `reader::BATCH` events: 8192 events in flight at most.
+        let (tx, batches) = mpsc::channel(8192 / reader::BATCH);
+        let (stop_reader, stop) = oneshot::channel();
+        let reader = tokio::spawn(reader::run(
+            ring,
+            Decoder::new(),
+            tx,
+            reader_counters.clone(),
+            stop,
+        ));
+        let mut status_tick =
+            tokio::time::interval(Duration::from_secs(args.status_interval.max(1)));
+        status_tick.tick().await;
+        let inputs = Inputs {
+            batches,
+            commands,
+            stop_reader,
+            reader,
+            sigterm: signal(SignalKind::terminate())?,
+            sighup: signal(SignalKind::hangup())?,
+            snapshot_tick: tokio::time::interval(SNAPSHOT_INTERVAL),
+            status_tick,
+            second: tokio::time::interval(Duration::from_secs(1)),
+        };
+        let agent = Self {
+            args,
+            sensor,
+            pipeline,
+            metrics,
+            state,
+            ready,
+            reader_counters,
+            ring_fill,
+            lost_raised: 0,
+            budget_reported: HashMap::new(),
+            dirty: false,
+            snapshot_write: None,
+        };
+        Ok((agent, inputs))
     }
-    // The reader drains the ring buffer, then closes the channel.
-    let _ = stop_reader.send(());
-    while let Some(batch) = rx.recv().await {
-        handle_batch(
-            batch,
-            &mut fingerprints,
-            &mut pipeline,
-            &mut directory,
-            &policy,
-        )?;
+
+    /// The alert stream, the receivers behind it (spooled on disk) and the event trace.
+    fn outputs(args: &RunArgs, metrics: &Arc<Metrics>) -> anyhow::Result<Outputs> {
+        let clock = WallClock::now(monotonic_ns());
+        let mut outputs =
+            Outputs::to_file(&args.alerts_out, Some(clock), args.events_out.as_deref())
+                .context("opening the event and alert outputs")?
+                .with_metrics(metrics.clone());
+        let receivers = [
+            args.alertmanager.clone().map(Receiver::Alertmanager),
+            args.webhook.clone().map(Receiver::Webhook),
+        ];
+        for receiver in receivers.into_iter().flatten() {
+            receiver
+                .validate()
+                .map_err(|e| anyhow::anyhow!("--{}: {e}", receiver.name()))?;
+            let name = receiver.name();
+            let sink =
+                Sink::start(receiver, &args.spool_dir, metrics.clone()).with_context(|| {
+                    format!("opening the {name} spool in {}", args.spool_dir.display())
+                })?;
+            tracing::info!(
+                sink = name,
+                pending_bytes = sink.pending_bytes(),
+                "alert delivery ready"
+            );
+            outputs = outputs.with_sink(sink);
+        }
+        Ok(outputs)
     }
-    match reader.await {
-        Ok(Ok(())) => {}
-        Ok(Err(error)) => tracing::error!(%error, "event reader failed"),
-        Err(error) => tracing::error!(%error, "event reader panicked"),
-    }
-    pipeline.flush()?;
-    tracing::info!(
-        "stopping: {}; engine {:?}",
-        status(&sensor.counters()?, &counters),
-        pipeline.stats()
-    );
-    if let Some(write) = snapshot_write.take() {
-        let _ = write.await;
-    }
-    match state.save(pipeline.engine(), &directory, monotonic_ns()) {
-        Ok(()) => tracing::info!(dir = %state.path().display(), "state saved for the next start"),
-        Err(error) => tracing::error!(%error, "saving the state"),
-    }
-    for (sink, pending) in pipeline
-        .drain_sinks(tokio::time::Instant::now() + DRAIN_TIMEOUT)
-        .await
-    {
-        if pending > 0 {
+
+    /// Takes over what a previous agent left: its saved tables, and the pinned kernel maps
+    /// brought in line with what happened while no agent ran (exits, forks, job roots gone).
+    fn resume(
+        args: &RunArgs,
+        state: &StateDir,
+        sensor: &mut Sensor,
+        pipeline: &mut Pipeline,
+    ) -> anyhow::Result<()> {
+        let saved = state.load();
+        if !sensor.resumed() && saved.is_some() {
             tracing::warn!(
-                sink,
-                pending_bytes = pending,
-                "receiver did not take every alert before shutdown: they stay spooled and are \
-                 delivered at the next start"
+                pin_dir = %args.pin_dir.display(),
+                "saved state found but the pinned kernel maps were not: the jobs it names are judged \
+                 from what was saved, their processes are no longer attributed"
             );
         }
+        if let Some(saved) = saved {
+            let age_s = monotonic_ns().saturating_sub(saved.saved_ns) as f64 / 1e9;
+            pipeline.restore(
+                Engine::restore(pipeline.policy().clone(), saved.engine),
+                JobDirectory::restore(saved.directory),
+            );
+            tracing::info!(
+                jobs = pipeline.engine().active_jobs(),
+                processes = pipeline.engine().tracked_processes(),
+                age_s,
+                "resumed from the saved state"
+            );
+        }
+        if sensor.resumed() {
+            let reconciled = sensor
+                .reconcile()
+                .context("reconciling the pinned kernel maps")?;
+            tracing::info!(
+                exited = reconciled.exited.len(),
+                born = reconciled.adopted.len(),
+                jobs_ended = reconciled.ended.len(),
+                "resumed the pinned kernel maps; while the agent was down"
+            );
+            pipeline.run(reconciled.events(sensor))?;
+        }
+        Ok(())
     }
-    let attached = sensor
-        .probes()
-        .iter()
-        .filter(|p| p.state == ProbeState::Attached)
-        .count();
-    drop(sensor);
-    tracing::info!(
-        detached = attached,
-        pin_dir = %args.pin_dir.display(),
-        "stopped: every probe detached; the kernel's job maps stay pinned for the next start"
-    );
-    Ok(())
+
+    /// Binds the control socket and serves it; its requests arrive on the returned channel.
+    fn control_socket(
+        args: &RunArgs,
+        metrics: &Metrics,
+    ) -> anyhow::Result<mpsc::Receiver<control::Command>> {
+        let runner = match &args.runner_user {
+            Some(name) => Some(
+                control::user_ids(name)
+                    .with_context(|| format!("no such user {name:?} (--runner-user)"))?,
+            ),
+            None => None,
+        };
+        let listener = control::bind(&args.control_socket, runner)?;
+        let (command_tx, commands) = mpsc::channel(64);
+        tokio::spawn(control::serve(
+            listener,
+            runner.map(|(uid, _)| uid),
+            command_tx,
+            ControlMetrics::register(metrics.registry()),
+        ));
+        tracing::info!(socket = %args.control_socket.display(), runner_user = ?args.runner_user, "control socket ready");
+        Ok(commands)
+    }
+
+    /// The loop: until SIGTERM, Ctrl-C, or the reader stops.
+    async fn serve(&mut self, inputs: &mut Inputs) -> anyhow::Result<()> {
+        loop {
+            tokio::select! {
+                batch = inputs.batches.recv() => {
+                    let Some(batch) = batch else { break };
+                    self.events(batch)?;
+                    // Flush when the queue is empty, so a quiet stream is never held back.
+                    if inputs.batches.is_empty() {
+                        self.pipeline.flush()?;
+                    }
+                }
+                Some(command) = inputs.commands.recv() => self.command(command)?,
+                _ = inputs.sighup.recv() => self.reload(),
+                // A tick while a snapshot is still being written waits for the next.
+                _ = inputs.snapshot_tick.tick(), if self.dirty && self.snapshot_write.as_ref().is_none_or(|w| w.is_finished()) => self.snapshot(),
+                _ = inputs.second.tick() => self.second()?,
+                _ = inputs.status_tick.tick() => self.status()?,
+                _ = tokio::signal::ctrl_c() => break,
+                _ = inputs.sigterm.recv() => break,
+            }
+        }
+        Ok(())
+    }
+
+    /// A batch from the ring buffer.
+    fn events(&mut self, batch: Vec<Event>) -> std::io::Result<()> {
+        self.pipeline.run(batch)?;
+        self.dirty = true;
+        Ok(())
+    }
+
+    /// A control-socket request, carried out and answered.
+    fn command(&mut self, command: control::Command) -> std::io::Result<()> {
+        let control::Command {
+            peer,
+            request,
+            reply,
+        } = command;
+        let response = control_request(&mut self.sensor, &mut self.pipeline, peer, request)?;
+        let _ = reply.send(response);
+        self.dirty = true;
+        Ok(())
+    }
+
+    /// SIGHUP: the policy file read again. A policy that does not parse, or that the kernel
+    /// cannot take, is rejected and the one in force stays.
+    fn reload(&mut self) {
+        match self.load_policy() {
+            Ok(Some(policy)) => {
+                self.metrics
+                    .credential_kinds(policy.credentials.iter().map(|c| c.kind.as_str()));
+                self.pipeline.set_policy(policy);
+                self.metrics.policy_reload(true);
+                tracing::info!(policy = ?self.args.policy, "SIGHUP: policy reloaded; state kept");
+            }
+            Ok(None) => {}
+            Err(error) => {
+                self.metrics.policy_reload(false);
+                tracing::error!(
+                    error = format!("{error:#}"),
+                    "SIGHUP: new policy rejected; the previous policy stays in force"
+                );
+            }
+        }
+    }
+
+    fn load_policy(&mut self) -> anyhow::Result<Option<Arc<Policy>>> {
+        let Some(path) = &self.args.policy else {
+            tracing::info!("SIGHUP: no policy file (--policy); the built-in policy stays in force");
+            return Ok(None);
+        };
+        let policy = Arc::new(Policy::load(path)?);
+        let exes = &self.args.job_root_exes;
+        if let Err(error) = self.sensor.set_names(&sensor_policy_of(&policy, exes)) {
+            // Put the kernel back to the policy in force.
+            self.sensor
+                .set_names(&sensor_policy_of(self.pipeline.policy(), exes))?;
+            return Err(error.into());
+        }
+        Ok(Some(policy))
+    }
+
+    /// The state snapshot: encoded here, written and synced on a blocking thread (the fsync must
+    /// not hold up events), one write at a time.
+    fn snapshot(&mut self) {
+        match StateDir::encode(self.pipeline.engine(), self.pipeline.jobs(), monotonic_ns()) {
+            Ok(bytes) => {
+                let writer = self.state.writer();
+                self.snapshot_write = Some(tokio::task::spawn_blocking(move || {
+                    if let Err(error) = writer.write(&bytes) {
+                        tracing::warn!(%error, "writing the state snapshot");
+                    }
+                }));
+            }
+            Err(error) => tracing::warn!(%error, "encoding the state snapshot"),
+        }
+        self.dirty = false;
+    }
+
+    /// Every second: time moves (survivors' grace periods), the kernel's losses are raised, the
+    /// gauges refreshed.
+    fn second(&mut self) -> anyhow::Result<()> {
+        self.pipeline.advance(monotonic_ns())?;
+        let kernel = self.sensor.counters()?;
+        // Every event the kernel could not keep is raised within a second.
+        let lost = kernel.total_lost();
+        if lost > self.lost_raised {
+            let over_budget = self.over_budget_since();
+            tracing::warn!(
+                lost = lost - self.lost_raised,
+                ?over_budget,
+                "sensor degraded: events lost in the kernel"
+            );
+            self.pipeline.run([sensor_status(
+                lost - self.lost_raised,
+                Vec::new(),
+                over_budget,
+            )])?;
+            self.lost_raised = lost;
+        }
+        self.metrics.kernel(
+            &kernel,
+            self.reader_counters.decode_errors.load(Ordering::Relaxed),
+        );
+        if let Some(fill) = &self.ring_fill {
+            self.metrics.ring_fill(fill.ratio());
+        }
+        self.ready.store(true, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Jobs with events dropped over their budget since the last call.
+    fn over_budget_since(&mut self) -> Vec<JobOverBudget> {
+        let mut out = Vec::new();
+        // Only the jobs the kernel still has (its map is LRU): so this stays bounded too.
+        let mut now = HashMap::new();
+        let jobs = self.pipeline.jobs();
+        for (job, dropped) in self.sensor.over_budget_jobs() {
+            let before = self.budget_reported.get(&job).copied().unwrap_or(0);
+            if dropped > before {
+                out.push(JobOverBudget {
+                    job,
+                    id: jobs.id_of(jobs.job_of_stage(job)),
+                    dropped: dropped - before,
+                });
+            }
+            now.insert(job, dropped);
+        }
+        self.budget_reported = now;
+        out
+    }
+
+    /// The status line in the log.
+    fn status(&self) -> anyhow::Result<()> {
+        let kernel = self.sensor.counters()?;
+        tracing::info!(
+            "{}; engine {:?}; unnamed jobs {}",
+            status(&kernel, &self.reader_counters),
+            self.pipeline.stats(),
+            self.pipeline.jobs().unidentified
+        );
+        Ok(())
+    }
+
+    /// Shutdown: the reader drains the ring buffer and the pipeline judges it all; the state is
+    /// saved; receivers get `DRAIN_TIMEOUT` to take the spooled alerts; every probe detaches.
+    async fn stop(mut self, mut inputs: Inputs) -> anyhow::Result<()> {
+        // The reader drains the ring buffer, then closes the channel.
+        let _ = inputs.stop_reader.send(());
+        while let Some(batch) = inputs.batches.recv().await {
+            self.pipeline.run(batch)?;
+        }
+        match inputs.reader.await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => tracing::error!(%error, "event reader failed"),
+            Err(error) => tracing::error!(%error, "event reader panicked"),
+        }
+        self.pipeline.flush()?;
+        tracing::info!(
+            "stopping: {}; engine {:?}",
+            status(&self.sensor.counters()?, &self.reader_counters),
+            self.pipeline.stats()
+        );
+        if let Some(write) = self.snapshot_write.take() {
+            let _ = write.await;
+        }
+        match self
+            .state
+            .save(self.pipeline.engine(), self.pipeline.jobs(), monotonic_ns())
+        {
+            Ok(()) => {
+                tracing::info!(dir = %self.state.path().display(), "state saved for the next start")
+            }
+            Err(error) => tracing::error!(%error, "saving the state"),
+        }
+        for (sink, pending) in self
+            .pipeline
+            .drain_sinks(tokio::time::Instant::now() + DRAIN_TIMEOUT)
+            .await
+        {
+            if pending > 0 {
+                tracing::warn!(
+                    sink,
+                    pending_bytes = pending,
+                    "receiver did not take every alert before shutdown: they stay spooled and are \
+                     delivered at the next start"
+                );
+            }
+        }
+        let detached = attached(self.sensor.probes());
+        drop(self.sensor);
+        tracing::info!(
+            detached,
+            pin_dir = %self.args.pin_dir.display(),
+            "stopped: every probe detached; the kernel's job maps stay pinned for the next start"
+        );
+        Ok(())
+    }
 }

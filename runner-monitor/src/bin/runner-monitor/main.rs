@@ -5,6 +5,7 @@ use clap::{Parser, Subcommand};
 use runner_monitor::{
     event::{Event, JobInfo},
     job::control::{self, Request},
+    output::Outputs,
     pipeline::Pipeline,
     policy::{Policy, SensorPolicy},
     privilege,
@@ -15,6 +16,7 @@ use runner_monitor::{
 };
 
 mod agent;
+mod requests;
 
 use agent::RunArgs;
 
@@ -295,7 +297,9 @@ fn job_command(command: JobCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Replays a recorded event trace through the engine.
+/// Replays a recorded event trace through the pipeline the live agent runs, without what only
+/// the live agent reads from the host (no /proc, no fingerprint key: the trace has what they
+/// found).
 fn replay(
     file: &std::path::Path,
     policy: Option<&std::path::Path>,
@@ -305,7 +309,7 @@ fn replay(
         Some(path) => Policy::load(path)?,
         None => Policy::builtin(),
     });
-    let mut pipeline = Pipeline::new(policy, None, alerts_out, None)?;
+    let mut pipeline = Pipeline::new(policy, None, Outputs::to_file(alerts_out, None, None)?);
     let reader = std::io::BufReader::new(
         std::fs::File::open(file).with_context(|| format!("opening {}", file.display()))?,
     );
@@ -319,9 +323,10 @@ fn replay(
         let event: Event = serde_json::from_str(&line)
             .with_context(|| format!("{}:{}: not an event", file.display(), n + 1))?;
         last = last.max(event.time_ns);
-        findings += pipeline.event(&event)?;
+        findings += pipeline.run([event])?.len();
     }
-    findings += pipeline.advance(last)?;
+    findings += pipeline.advance(last)?.len();
+    pipeline.flush()?;
     tracing::info!(findings, stats = ?pipeline.stats(), "replay done");
     Ok(())
 }

@@ -1,33 +1,16 @@
-//! Carrying out control-socket requests against the sensor, the job directory and the engine.
+//! Carrying out control-socket requests: the kernel's job maps (the sensor), the job directory,
+//! and the resulting `job_start` / `job_end` through the pipeline.
 
-use crate::{
-    enrich,
-    event::{Event, EventDetail},
+use runner_monitor::{
+    event::EventDetail,
     job::{
-        JobDirectory, agent_event,
+        agent_event,
         control::{self, Outcome, Reply, Request},
         job_start_event,
     },
     pipeline::Pipeline,
-    policy::Policy,
     sensor::Sensor,
 };
-
-/// Runs one event through the engine and writes the findings, with what only the live agent can
-/// add (a survivor's tracking id).
-pub fn feed(
-    pipeline: &mut Pipeline,
-    directory: &JobDirectory,
-    event: &Event,
-) -> std::io::Result<()> {
-    let mut findings = pipeline.handle(event)?;
-    for f in &mut findings {
-        enrich::survivor_tracking_id(f, directory);
-    }
-    pipeline.alert_all(&findings)?;
-    pipeline.alerted(event.time_ns, findings.len());
-    Ok(())
-}
 
 /// Carries out a control-socket request. A process inside a job speaks only for its own job; a
 /// job is started (named) through the socket once and ended once: a replay of either is refused,
@@ -35,12 +18,12 @@ pub fn feed(
 /// move its end.
 pub fn control_request(
     sensor: &mut Sensor,
-    directory: &mut JobDirectory,
     pipeline: &mut Pipeline,
-    policy: &Policy,
     peer: control::Peer,
     request: Request,
-) -> anyhow::Result<Reply> {
+) -> std::io::Result<Reply> {
+    let policy = pipeline.policy().clone();
+    let directory = pipeline.jobs_mut();
     // Stages of one staged job (GitLab) are that job.
     let peer_job = sensor.job_of(peer.pid).map(|k| directory.job_of_stage(k));
     Ok(match request {
@@ -103,7 +86,7 @@ pub fn control_request(
             directory.set_explicit(key, &info.id);
             // The id is the peer's: Debug-escaped (`%` would write its bytes raw into the log).
             tracing::info!(job = %key, id = ?info.id, pid, peer = peer.pid, "job started (control socket)");
-            feed(pipeline, directory, &job_start_event(key, pid, *info))?;
+            pipeline.run([job_start_event(key, pid, *info)])?;
             Reply::ok(key.to_string())
         }
         Request::JobEnd { id } => {
@@ -126,11 +109,7 @@ pub fn control_request(
                 return Ok(Reply::refused(Outcome::Rejected, e.to_string()));
             }
             directory.set_end_requested(key);
-            feed(
-                pipeline,
-                directory,
-                &agent_event(EventDetail::JobEnd, Some(key), peer.pid),
-            )?;
+            pipeline.run([agent_event(EventDetail::JobEnd, Some(key), peer.pid)])?;
             Reply::ok(key.to_string())
         }
     })
