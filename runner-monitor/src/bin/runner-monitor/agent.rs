@@ -2,11 +2,11 @@
 //! outputs and takes over the state a previous agent left; `Agent::serve` is the loop, one method
 //! per input (a batch of events, a control request, SIGHUP, the snapshot tick, the one-second
 //! tick, the status line) until SIGTERM; `Agent::stop` drains, saves, delivers and detaches.
-//! Every event goes through the one `Pipeline` (`runner_monitor::pipeline`).
+//! Every event goes through the one `Pipeline` (`runner_monitor::pipeline`). `start` is in
+//! `agent/start.rs`.
 
 use std::{
     collections::HashMap,
-    os::fd::AsRawFd,
     path::PathBuf,
     sync::{
         Arc,
@@ -15,44 +15,28 @@ use std::{
     time::Duration,
 };
 
-use anyhow::Context as _;
 use runner_monitor::{
     clock::monotonic_ns,
-    engine::Engine,
-    enrich::Fingerprinter,
-    event::{Event, EventDetail, JobInfo, JobKey, JobOverBudget, SensorStatus},
-    job::{
-        JobDirectory, agent_event,
-        control::{self, ControlMetrics},
-        job_start_event,
-    },
-    output::{
-        Outputs,
-        alerts::WallClock,
-        delivery::{Receiver, Sink},
-        http::{self, Endpoint},
-        metrics::Metrics,
-    },
-    pipeline::{Host, Pipeline},
+    event::{Event, EventDetail, JobKey, JobOverBudget, SensorStatus},
+    job::{agent_event, control},
+    output::metrics::Metrics,
+    pipeline::Pipeline,
     policy::{Policy, SensorPolicy},
-    privilege,
     sensor::{
-        KernelCounters, ProbeState, ProbeStatus, Sensor, SensorOptions,
-        decode::Decoder,
-        pins,
-        reader::{self, ReaderCounters},
-        ringfill::RingFill,
+        KernelCounters, ProbeState, ProbeStatus, Sensor, reader::ReaderCounters, ringfill::RingFill,
     },
     state::StateDir,
 };
 use tokio::{
-    signal::unix::{Signal, SignalKind, signal},
+    signal::unix::Signal,
     sync::{mpsc, oneshot},
     task::JoinHandle,
     time::Interval,
 };
 
 use crate::requests::control_request;
+
+mod start;
 
 #[derive(clap::Args)]
 pub struct RunArgs {
@@ -162,21 +146,6 @@ struct Inputs {
     second: Interval,
 }
 
-/// Checks the effective capabilities before anything is loaded: a missing required one stops
-/// the agent with its name and purpose; a missing optional one is a warning.
-fn require_capabilities(runner_user: bool) -> anyhow::Result<()> {
-    for r in privilege::check(&privilege::Setup::here(runner_user))? {
-        tracing::warn!(
-            capability = %r.capability,
-            "sensor degraded: missing capability {} (needed {}): {}",
-            r.capability,
-            r.why,
-            r.without
-        );
-    }
-    Ok(())
-}
-
 fn status(kernel: &KernelCounters, reader: &ReaderCounters) -> String {
     format!(
         "events sent {} read {}, lost {}, decode errors {}, unreadable user strings {}",
@@ -204,19 +173,6 @@ fn attached(probes: &[ProbeStatus]) -> usize {
         .count()
 }
 
-/// The probes that did not attach, logged; as `program on target` for a `sensor_status` event.
-fn detached(probes: &[ProbeStatus]) -> Vec<String> {
-    let mut out = Vec::new();
-    for probe in probes {
-        if let ProbeState::Failed(reason) = &probe.state {
-            tracing::warn!(sensor = probe.sensor, program = %probe.program, target = %probe.target, %reason,
-                "sensor degraded: probe not attached");
-            out.push(format!("{} on {}", probe.program, probe.target));
-        }
-    }
-    out
-}
-
 fn sensor_status(
     lost_events: u64,
     detached_probes: Vec<String>,
@@ -234,220 +190,6 @@ fn sensor_status(
 }
 
 impl Agent {
-    /// Everything before the first event: configuration errors first, before the probes take
-    /// seconds to load; then the probes, the outputs, the state a previous agent left, the
-    /// control socket and the ring buffer's reader.
-    async fn start(args: RunArgs) -> anyhow::Result<(Self, Inputs)> {
-        require_capabilities(args.runner_user.is_some())?;
-        let state = StateDir::open(&args.state_dir)?;
-        if args.fresh_state {
-            pins::remove(&args.pin_dir)?;
-            state.discard()?;
-            tracing::info!("--fresh-state: saved state and pinned kernel maps removed");
-        }
-        let policy = Arc::new(match &args.policy {
-            Some(path) => Policy::load(path).context("refusing to start with an invalid policy")?,
-            None => Policy::builtin(),
-        });
-        let host = Host {
-            fingerprints: match &args.fingerprint_key {
-                Some(path) => Some(Fingerprinter::load(path)?),
-                None => None,
-            },
-        };
-        let sensor_policy = sensor_policy_of(&policy, &args.job_root_exes);
-        let options = SensorOptions {
-            pin_dir: Some(args.pin_dir.clone()),
-        };
-        let mut sensor =
-            Sensor::load_with(&sensor_policy, &options).context("starting the sensors")?;
-        let detached = detached(sensor.probes());
-        tracing::info!(attached = attached(sensor.probes()), total = sensor.probes().len(), job_roots = ?sensor_policy.job_root_executables, "probes attached");
-
-        let metrics = Arc::new(Metrics::new());
-        metrics.probes(sensor.probes());
-        metrics.credential_kinds(policy.credentials.iter().map(|c| c.kind.as_str()));
-        let ready = Arc::new(AtomicBool::new(false));
-        let endpoint = Endpoint {
-            metrics: metrics.clone(),
-            ready: ready.clone(),
-        };
-        let bound = http::serve(args.listen, endpoint)
-            .await
-            .with_context(|| format!("listening on {} (--listen)", args.listen))?;
-        tracing::info!(address = %bound, "serving /metrics, /healthz, /readyz");
-
-        let outputs = Self::outputs(&args, &metrics)?;
-        let mut pipeline = Pipeline::new(policy, Some(host), outputs);
-        Self::resume(&args, &state, &mut sensor, &mut pipeline)?;
-        if !detached.is_empty() {
-            pipeline.run([sensor_status(0, detached, Vec::new())])?;
-        }
-        for &pid in &args.job_pids {
-            let key = sensor
-                .register_job(pid)
-                .with_context(|| format!("registering process {pid} as a job root"))?;
-            tracing::info!(job = %key, pid, "watching job");
-            let info = JobInfo {
-                id: format!("pid-{pid}"),
-                platform: Some("manual".into()),
-                ..JobInfo::default()
-            };
-            pipeline.jobs_mut().set_explicit(key, &info.id);
-            pipeline.run([job_start_event(key, pid, info)])?;
-        }
-        let commands = Self::control_socket(&args, &metrics)?;
-
-        sensor.start_kernel_log();
-        let ring = sensor
-            .take_events()
-            .context("event ring buffer already taken")?;
-        let ring_fill = RingFill::new(
-            ring.as_raw_fd(),
-            u64::from(runner_monitor_common::RING_BUFFER_BYTES),
-        )
-        .map_err(|error| tracing::warn!(%error, "ring buffer fill will not be reported"))
-        .ok();
-        let reader_counters = Arc::new(ReaderCounters::default());
-        // Batches of up to `reader::BATCH` events: 8192 events in flight at most.
-        let (tx, batches) = mpsc::channel(8192 / reader::BATCH);
-        let (stop_reader, stop) = oneshot::channel();
-        let reader = tokio::spawn(reader::run(
-            ring,
-            Decoder::new(),
-            tx,
-            reader_counters.clone(),
-            stop,
-        ));
-        let mut status_tick =
-            tokio::time::interval(Duration::from_secs(args.status_interval.max(1)));
-        status_tick.tick().await;
-        let inputs = Inputs {
-            batches,
-            commands,
-            stop_reader,
-            reader,
-            sigterm: signal(SignalKind::terminate())?,
-            sighup: signal(SignalKind::hangup())?,
-            snapshot_tick: tokio::time::interval(SNAPSHOT_INTERVAL),
-            status_tick,
-            second: tokio::time::interval(Duration::from_secs(1)),
-        };
-        let agent = Self {
-            args,
-            sensor,
-            pipeline,
-            metrics,
-            state,
-            ready,
-            reader_counters,
-            ring_fill,
-            lost_raised: 0,
-            budget_reported: HashMap::new(),
-            dirty: false,
-            snapshot_write: None,
-        };
-        Ok((agent, inputs))
-    }
-
-    /// The alert stream, the receivers behind it (spooled on disk) and the event trace.
-    fn outputs(args: &RunArgs, metrics: &Arc<Metrics>) -> anyhow::Result<Outputs> {
-        let clock = WallClock::now(monotonic_ns());
-        let mut outputs =
-            Outputs::to_file(&args.alerts_out, Some(clock), args.events_out.as_deref())
-                .context("opening the event and alert outputs")?
-                .with_metrics(metrics.clone());
-        let receivers = [
-            args.alertmanager.clone().map(Receiver::Alertmanager),
-            args.webhook.clone().map(Receiver::Webhook),
-        ];
-        for receiver in receivers.into_iter().flatten() {
-            receiver
-                .validate()
-                .map_err(|e| anyhow::anyhow!("--{}: {e}", receiver.name()))?;
-            let name = receiver.name();
-            let sink =
-                Sink::start(receiver, &args.spool_dir, metrics.clone()).with_context(|| {
-                    format!("opening the {name} spool in {}", args.spool_dir.display())
-                })?;
-            tracing::info!(
-                sink = name,
-                pending_bytes = sink.pending_bytes(),
-                "alert delivery ready"
-            );
-            outputs = outputs.with_sink(sink);
-        }
-        Ok(outputs)
-    }
-
-    /// Takes over what a previous agent left: its saved tables, and the pinned kernel maps
-    /// brought in line with what happened while no agent ran (exits, forks, job roots gone).
-    fn resume(
-        args: &RunArgs,
-        state: &StateDir,
-        sensor: &mut Sensor,
-        pipeline: &mut Pipeline,
-    ) -> anyhow::Result<()> {
-        let saved = state.load();
-        if !sensor.resumed() && saved.is_some() {
-            tracing::warn!(
-                pin_dir = %args.pin_dir.display(),
-                "saved state found but the pinned kernel maps were not: the jobs it names are judged \
-                 from what was saved, their processes are no longer attributed"
-            );
-        }
-        if let Some(saved) = saved {
-            let age_s = monotonic_ns().saturating_sub(saved.saved_ns) as f64 / 1e9;
-            pipeline.restore(
-                Engine::restore(pipeline.policy().clone(), saved.engine),
-                JobDirectory::restore(saved.directory),
-            );
-            tracing::info!(
-                jobs = pipeline.engine().active_jobs(),
-                processes = pipeline.engine().tracked_processes(),
-                age_s,
-                "resumed from the saved state"
-            );
-        }
-        if sensor.resumed() {
-            let reconciled = sensor
-                .reconcile()
-                .context("reconciling the pinned kernel maps")?;
-            tracing::info!(
-                exited = reconciled.exited.len(),
-                born = reconciled.adopted.len(),
-                jobs_ended = reconciled.ended.len(),
-                "resumed the pinned kernel maps; while the agent was down"
-            );
-            pipeline.run(reconciled.events(sensor))?;
-        }
-        Ok(())
-    }
-
-    /// Binds the control socket and serves it; its requests arrive on the returned channel.
-    fn control_socket(
-        args: &RunArgs,
-        metrics: &Metrics,
-    ) -> anyhow::Result<mpsc::Receiver<control::Command>> {
-        let runner = match &args.runner_user {
-            Some(name) => Some(
-                control::user_ids(name)
-                    .with_context(|| format!("no such user {name:?} (--runner-user)"))?,
-            ),
-            None => None,
-        };
-        let listener = control::bind(&args.control_socket, runner)?;
-        let (command_tx, commands) = mpsc::channel(64);
-        tokio::spawn(control::serve(
-            listener,
-            runner.map(|(uid, _)| uid),
-            command_tx,
-            ControlMetrics::register(metrics.registry()),
-        ));
-        tracing::info!(socket = %args.control_socket.display(), runner_user = ?args.runner_user, "control socket ready");
-        Ok(commands)
-    }
-
     /// The loop: until SIGTERM, Ctrl-C, or the reader stops.
     async fn serve(&mut self, inputs: &mut Inputs) -> anyhow::Result<()> {
         loop {
