@@ -40,6 +40,10 @@ enum Task {
     /// Build and run `runner-monitor check`.
     Check,
     /// Clippy with warnings as errors, on the agent and on the kernel programs (bpf target).
+    ///
+    /// Without the nightly and bpf-linker, `RUNNER_MONITOR_SKIP_EBPF=1 cargo clippy -p
+    /// runner-monitor --all-targets -- -D warnings` lints the agent alone (an empty object stands
+    /// in for the kernel programs).
     Lint,
     /// Measure the agent's cost (syscalls off/floor/on, engine throughput and memory).
     Bench {
@@ -60,6 +64,10 @@ enum Task {
         targets: Vec<String>,
     },
     /// Run every test: unit tests and the root-only integration tests with the real probes.
+    ///
+    /// Without the nightly and bpf-linker, `RUNNER_MONITOR_SKIP_EBPF=1 cargo test -p
+    /// runner-monitor` runs the agent's unit tests alone (an empty object stands in for the
+    /// kernel programs; an agent built so refuses to load its sensors).
     Test {
         /// Extra arguments for the test binaries (e.g. a test name filter).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
