@@ -12,6 +12,8 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
+use crate::common::{run_cmd, say, workspace_root};
+
 /// Every fuzz target (`fuzz/fuzz_targets/NAME.rs`).
 pub const TARGETS: &[&str] = &["decode", "dns", "policy", "paths", "control"];
 
@@ -86,20 +88,20 @@ pub fn fuzz(seconds: u64, targets: &[String], target_dir: Option<&Path>) -> anyh
         }
         targets.iter().map(String::as_str).collect()
     };
-    let fuzz_dir = crate::workspace_root().join("fuzz");
+    let fuzz_dir = workspace_root().join("fuzz");
     let target_dir_args: Vec<String> = target_dir
         .map(|d| vec!["--target-dir".to_owned(), d.display().to_string()])
         .unwrap_or_default();
 
     let started = Instant::now();
-    crate::say("building the fuzz targets (cargo +nightly fuzz build)");
-    crate::run_cmd(
+    say("building the fuzz targets (cargo +nightly fuzz build)");
+    run_cmd(
         Command::new("cargo")
             .args(["+nightly", "fuzz", "build"])
             .args(&target_dir_args)
-            .current_dir(crate::workspace_root()),
+            .current_dir(workspace_root()),
     )?;
-    crate::say(&format!(
+    say(&format!(
         "fuzz targets built in {:.0} s",
         started.elapsed().as_secs_f64()
     ));
@@ -117,7 +119,7 @@ pub fn fuzz(seconds: u64, targets: &[String], target_dir: Option<&Path>) -> anyh
         let log_path = logs.join(format!("{target}.log"));
         let log = std::fs::File::create(&log_path)
             .with_context(|| format!("creating {}", log_path.display()))?;
-        crate::say(&format!(
+        say(&format!(
             "fuzzing {target} for {seconds} s (log: {})",
             log_path.display()
         ));
@@ -139,7 +141,7 @@ pub fn fuzz(seconds: u64, targets: &[String], target_dir: Option<&Path>) -> anyh
             .arg(&seeds)
             .arg("--")
             .args(&libfuzzer_args)
-            .current_dir(crate::workspace_root())
+            .current_dir(workspace_root())
             .stdout(Stdio::from(log.try_clone()?))
             .stderr(Stdio::from(log))
             .status()
@@ -205,7 +207,7 @@ mod tests {
 
     #[test]
     fn every_fuzz_target_is_declared_and_has_seeds() {
-        let fuzz = crate::workspace_root().join("fuzz");
+        let fuzz = workspace_root().join("fuzz");
         let manifest = std::fs::read_to_string(fuzz.join("Cargo.toml")).unwrap();
         for target in TARGETS {
             assert!(

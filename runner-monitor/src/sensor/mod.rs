@@ -37,6 +37,11 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ru
 
 #[derive(Debug, thiserror::Error)]
 pub enum SensorError {
+    #[error(
+        "this runner-monitor was built without kernel programs (RUNNER_MONITOR_SKIP_EBPF set, or \
+         a fuzz build): build it with `cargo xtask build` and that variable unset"
+    )]
+    NoKernelPrograms,
     #[error("loading the kernel programs failed: {0}")]
     Load(#[source] aya::EbpfError),
     #[error("kernel map {0} is missing from the object")]
@@ -137,6 +142,9 @@ impl Sensor {
 
     /// `load`, with the process and job maps pinned per `options`.
     pub fn load_with(policy: &SensorPolicy, options: &SensorOptions) -> Result<Self, SensorError> {
+        if OBJECT.is_empty() {
+            return Err(SensorError::NoKernelPrograms);
+        }
         let agent_tgid = std::process::id();
         let mut loader = EbpfLoader::new();
         loader.override_global("AGENT_TGID", &agent_tgid, true);

@@ -16,6 +16,8 @@ use std::{
 use anyhow::{Context as _, bail};
 use serde_json::{Value, json};
 
+use crate::common::{agent_binary, output, run_cmd, workspace_root};
+
 /// How much of each benchmark to run.
 pub(crate) struct Sizes {
     smoke: bool,
@@ -42,7 +44,7 @@ pub(crate) fn spread(values: &[f64]) -> [f64; 2] {
 }
 
 fn bench_workload() -> PathBuf {
-    crate::workspace_root().join("target/release/bench-workload")
+    workspace_root().join("target/release/bench-workload")
 }
 
 /// A shell command run as a `Runner.Worker` job (so the agent tracks it when it is on); returns
@@ -112,7 +114,7 @@ impl Agent {
         let listen = std::net::TcpListener::bind("127.0.0.1:0")?
             .local_addr()?
             .to_string();
-        let child = Command::new(crate::agent_binary())
+        let child = Command::new(agent_binary())
             .args(["run", "--listen", &listen])
             .arg("--alerts-out")
             .arg(&alerts)
@@ -198,7 +200,7 @@ impl Agent {
 
     /// The agent's Prometheus metrics.
     pub(crate) fn metrics(&self) -> anyhow::Result<Metrics> {
-        let text = crate::output(Command::new("curl").args([
+        let text = output(Command::new("curl").args([
             "-sf",
             "--max-time",
             "5",
@@ -293,7 +295,7 @@ pub(crate) fn quantile(before: &[(f64, f64)], after: &[(f64, f64)], q: f64) -> O
 }
 
 fn engine(sizes: &Sizes) -> anyhow::Result<Value> {
-    let bin = crate::workspace_root().join("target/release/examples/engine_bench");
+    let bin = workspace_root().join("target/release/examples/engine_bench");
     let run = |args: &[&str]| -> anyhow::Result<Value> {
         let out = Command::new(&bin)
             .args(args)
@@ -337,8 +339,8 @@ pub fn bench(smoke: bool) -> anyhow::Result<()> {
             tar_files: 20_000,
         }
     };
-    crate::run_cmd(Command::new("cargo").args(["build", "--release", "-p", "runner-monitor"]))?;
-    crate::run_cmd(Command::new("cargo").args([
+    run_cmd(Command::new("cargo").args(["build", "--release", "-p", "runner-monitor"]))?;
+    run_cmd(Command::new("cargo").args([
         "build",
         "--release",
         "-p",
@@ -346,7 +348,7 @@ pub fn bench(smoke: bool) -> anyhow::Result<()> {
         "--example",
         "engine_bench",
     ]))?;
-    crate::run_cmd(Command::new("cargo").args([
+    run_cmd(Command::new("cargo").args([
         "build",
         "--release",
         "-p",
@@ -364,7 +366,7 @@ pub fn bench(smoke: bool) -> anyhow::Result<()> {
     let pipeline = pipeline::run(&dir, &sizes)?;
     let memory = memory::run(&dir, &sizes)?;
     let engine = engine(&sizes)?;
-    let machine = crate::output(Command::new("uname").arg("-srm")).unwrap_or_default();
+    let machine = output(Command::new("uname").arg("-srm")).unwrap_or_default();
     let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
     let results = json!({
         "smoke": smoke,
@@ -400,7 +402,7 @@ pub fn bench(smoke: bool) -> anyhow::Result<()> {
         m["bytes_per_process"].as_f64().unwrap_or(0.0),
         m["rss_bytes"]
     );
-    let out = crate::workspace_root().join("target/bench");
+    let out = workspace_root().join("target/bench");
     std::fs::create_dir_all(&out)?;
     let file = out.join(if smoke {
         "results-smoke.json"

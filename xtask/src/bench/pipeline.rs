@@ -9,12 +9,14 @@ use anyhow::Context as _;
 
 use serde_json::{Value, json};
 
+use crate::common::{agent_binary, output};
+
 use super::{Agent, Sizes, bench_workload, job, quantile};
 
 pub(super) fn run(dir: &Path, sizes: &Sizes) -> anyhow::Result<Value> {
     // The built-in policy without the per-job event budget: this measures what the pipeline
     // carries, not the budget (which would drop most of one job's flood by design).
-    let default = crate::output(Command::new(crate::agent_binary()).args(["policy", "default"]))
+    let default = output(Command::new(agent_binary()).args(["policy", "default"]))
         .context("runner-monitor policy default")?;
     let policy = dir.join("pipeline-policy.toml");
     std::fs::write(

@@ -11,6 +11,8 @@ use std::{
 use anyhow::{Context as _, bail};
 use serde_json::{Value, json};
 
+use crate::common::run_cmd;
+
 use super::{Agent, Sizes, children_cpu_ns, job, median, spread};
 
 /// The newest version of `name` in cargo's registry sources (the workspace depends on it, so
@@ -45,7 +47,7 @@ fn registry_crate(name: &str) -> anyhow::Result<PathBuf> {
 /// package, library and the features that need no optional dependency are kept.
 fn vendor(from: &Path, to: &Path) -> anyhow::Result<()> {
     let _ = std::fs::remove_dir_all(to);
-    crate::run_cmd(Command::new("cp").arg("-r").arg(from).arg(to))?;
+    run_cmd(Command::new("cp").arg("-r").arg(from).arg(to))?;
     let manifest: toml::Table = std::fs::read_to_string(from.join("Cargo.toml"))?.parse()?;
     let mut out = toml::Table::new();
     let package = manifest
@@ -129,7 +131,7 @@ pub(super) fn run(dir: &Path, sizes: &Sizes) -> anyhow::Result<Value> {
     let files = dir.join("files");
     generate_files(&files, sizes.tar_files)?;
     let tarball = dir.join("files.tar");
-    crate::run_cmd(
+    run_cmd(
         Command::new("tar")
             .arg("-cf")
             .arg(&tarball)
