@@ -2,7 +2,7 @@
 //! and says what it is for, instead of an EPERM deep inside a program load.
 //!
 //! The list was found by experiment on Linux 6.18, running the agent as an unprivileged user with
-//! ambient capabilities and removing each in turn (README, "Capabilities";
+//! ambient capabilities and removing each in turn (packaging/README.md, "Capabilities";
 //! `tests/tests/privilege.rs` keeps it true). Not on it: CAP_SYS_RESOURCE (since Linux 5.11 BPF
 //! memory is charged to the memory cgroup, not RLIMIT_MEMLOCK) and CAP_SYS_ADMIN, except to mount
 //! tracefs when nothing has.

@@ -1,5 +1,5 @@
 //! Least privilege: the real agent binary runs as an unprivileged user (`nobody`) holding only the
-//! capabilities the README lists, under `setpriv` with no-new-privs, and still does its job: a
+//! capabilities packaging/README.md lists, under `setpriv` with no-new-privs, and still does its job: a
 //! simulated GitHub job run by root, identified from its environment, leaves a survivor that
 //! reads a root-only credential by a relative path after the job ended, and the alert names the
 //! job, the resolved path and the credential's fingerprint. Without any one required capability
@@ -27,7 +27,7 @@ const AGENT_UID: u32 = 65534;
 /// The runner user given to `--runner-user`: the control socket gets its group.
 const RUNNER_USER: &str = "daemon";
 
-/// What the README's table grants (setpriv's names): required ones first.
+/// What the table in packaging/README.md grants (setpriv's names): required ones first.
 const REQUIRED: &[&str] = &["bpf", "perfmon", "dac_read_search", "sys_ptrace", "chown"];
 /// Without it the DNS sensor is off, and the agent says so.
 const OPTIONAL: &str = "net_admin";

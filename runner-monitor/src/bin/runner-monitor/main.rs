@@ -10,7 +10,7 @@ use runner_monitor::{
     policy::{Policy, SensorPolicy},
     privilege,
     sensor::{
-        ProbeState, Sensor,
+        ProbeState, Sensor, SensorError,
         check::{Support, probe_kernel},
     },
 };
@@ -251,8 +251,10 @@ fn check(json: bool) -> anyhow::Result<()> {
     if !capabilities.missing.is_empty() {
         bail!(privilege::PrivilegeError::Missing(capabilities.missing));
     }
-    if let Err(e) = sensor {
-        bail!("the agent's probes do not load on this kernel: {e}");
+    match sensor {
+        Err(e @ SensorError::NoKernelPrograms) => bail!(e),
+        Err(e) => bail!("the agent's probes do not load on this kernel: {e}"),
+        Ok(_) => {}
     }
     Ok(())
 }
