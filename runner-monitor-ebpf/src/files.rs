@@ -18,7 +18,9 @@ use runner_monitor_common::{
 };
 
 use crate::{
-    emit::{count, current_process, current_tgid, fill_header, submit_copy, within_budget},
+    budget::within_budget,
+    emit::{fill_header, submit_copy},
+    maps::{PRIVATE_MAP_ENTRIES, count, current_process, current_tgid},
     names::{mark, match_credential, match_proc_memory, split},
 };
 
@@ -49,7 +51,7 @@ static FILE_SCRATCH: PerCpuArray<PendingFile> = PerCpuArray::with_max_entries(1,
 /// next match, so a thread that keeps opening credentials does not pay a map insert and delete
 /// per open; entries go when their thread exits (`forget_thread`).
 #[map]
-static PENDING_FILES: HashMap<u32, PendingFile> = HashMap::with_max_entries(4096, 0);
+static PENDING_FILES: HashMap<u32, PendingFile> = HashMap::with_max_entries(PRIVATE_MAP_ENTRIES, 0);
 
 /// Drops the pending-file entry of an exiting thread.
 #[inline(always)]

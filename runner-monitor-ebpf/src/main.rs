@@ -6,8 +6,10 @@
 #![no_std]
 #![no_main]
 
+mod budget;
 mod emit;
 mod files;
+mod maps;
 mod memory;
 mod names;
 mod net;

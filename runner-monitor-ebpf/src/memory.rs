@@ -11,15 +11,15 @@ use runner_monitor_common::{
     ProcessAccessEvent, counter,
 };
 
-use crate::emit::{
-    agent_tgid, count, current_process, current_tgid, fill_header, now_ns, reserve, submitted,
-    wakeup_flags,
+use crate::{
+    emit::{fill_header, reserve, submitted, wakeup_flags},
+    maps::{PRIVATE_MAP_ENTRIES, agent_tgid, count, current_process, current_tgid, now_ns},
 };
 
 /// (tgid << 32 | target) -> when the last peek or read was sent. A memory dump is millions of
 /// calls; one event per pair and second is enough, and the rest are counted.
 #[map]
-static LAST_ACCESS: LruHashMap<u64, u64> = LruHashMap::with_max_entries(4096, 0);
+static LAST_ACCESS: LruHashMap<u64, u64> = LruHashMap::with_max_entries(PRIVATE_MAP_ENTRIES, 0);
 
 const RATE_LIMIT_NS: u64 = 1_000_000_000;
 

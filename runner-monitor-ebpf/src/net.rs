@@ -25,8 +25,10 @@ use runner_monitor_common::{
     EventKind, UNIX_PATH_LEN, counter,
 };
 
-use crate::emit::{
-    count, current_process, fill_header, fill_job, now_ns, submit_copy, within_budget,
+use crate::{
+    budget::within_budget,
+    emit::{fill_header, fill_job, submit_copy},
+    maps::{PRIVATE_MAP_ENTRIES, count, current_process, now_ns},
 };
 
 #[map]
@@ -34,7 +36,8 @@ static CONNECT_SCRATCH: PerCpuArray<ConnectEvent> = PerCpuArray::with_max_entrie
 
 /// thread id -> connect waiting for its result.
 #[map]
-static PENDING_CONNECTS: HashMap<u32, ConnectEvent> = HashMap::with_max_entries(4096, 0);
+static PENDING_CONNECTS: HashMap<u32, ConnectEvent> =
+    HashMap::with_max_entries(PRIVATE_MAP_ENTRIES, 0);
 
 /// Who owns a socket that talks to port 53.
 #[repr(C)]
@@ -51,10 +54,13 @@ struct DnsSocket {
     comm: [u8; COMM_LEN],
 }
 
+/// How many sockets that talk to port 53 are remembered at once.
+const MAX_DNS_SOCKETS: u32 = 8192;
+
 /// socket cookie -> owner, for sockets of job processes that sent to or connected to port 53.
 /// LRU: a closed socket's entry simply ages out.
 #[map]
-static DNS_SOCKETS: LruHashMap<u64, DnsSocket> = LruHashMap::with_max_entries(8192, 0);
+static DNS_SOCKETS: LruHashMap<u64, DnsSocket> = LruHashMap::with_max_entries(MAX_DNS_SOCKETS, 0);
 
 #[map]
 static DNS_SCRATCH: PerCpuArray<DnsEvent> = PerCpuArray::with_max_entries(1, 0);

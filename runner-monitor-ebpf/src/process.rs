@@ -24,11 +24,12 @@ use runner_monitor_common::{
 use aya_log_ebpf::warn;
 
 use crate::{
-    emit::{
-        JOBS, PROCESSES, count, current_process, current_tgid, fill_header, now_ns, reserve,
-        submit_copy, submitted, wakeup_flags,
-    },
+    emit::{fill_header, reserve, submit_copy, submitted, wakeup_flags},
     files::read_user_path,
+    maps::{
+        JOBS, PRIVATE_EVENT_MAP_ENTRIES, PRIVATE_MAP_ENTRIES, PROCESSES, count, current_process,
+        current_tgid, now_ns,
+    },
     names::{NAMES, comm_key, key_of, split},
 };
 
@@ -46,18 +47,20 @@ static EXEC_SCRATCH: PerCpuArray<ExecScratch> = PerCpuArray::with_max_entries(1,
 
 /// thread id -> exec arguments read at `execve` entry, sent when the exec succeeds.
 #[map]
-static PENDING_EXECS: HashMap<u32, ExecScratch> = HashMap::with_max_entries(1024, 0);
+static PENDING_EXECS: HashMap<u32, ExecScratch> =
+    HashMap::with_max_entries(PRIVATE_EVENT_MAP_ENTRIES, 0);
 
 /// tgid -> status passed to `exit_group`, for the exit event.
 #[map]
-static EXIT_CODES: HashMap<u32, i32> = HashMap::with_max_entries(4096, 0);
+static EXIT_CODES: HashMap<u32, i32> = HashMap::with_max_entries(PRIVATE_MAP_ENTRIES, 0);
 
 #[map]
 static CHDIR_SCRATCH: PerCpuArray<ChdirEvent> = PerCpuArray::with_max_entries(1, 0);
 
 /// thread id -> chdir waiting for its result.
 #[map]
-static PENDING_CHDIRS: HashMap<u32, ChdirEvent> = HashMap::with_max_entries(1024, 0);
+static PENDING_CHDIRS: HashMap<u32, ChdirEvent> =
+    HashMap::with_max_entries(PRIVATE_EVENT_MAP_ENTRIES, 0);
 
 const CLONE_THREAD: u64 = 0x0001_0000;
 

@@ -6,7 +6,10 @@ use runner_monitor_common::{
     SignalEvent,
 };
 
-use crate::emit::{agent_tgid, current_process, fill_header, reserve, submitted, wakeup_flags};
+use crate::{
+    emit::{fill_header, reserve, submitted, wakeup_flags},
+    maps::{agent_tgid, current_process},
+};
 
 #[inline(always)]
 fn arg<T: Default>(ctx: &TracePointContext, offset: usize) -> T {
