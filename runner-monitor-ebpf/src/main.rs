@@ -6,6 +6,7 @@
 #![no_std]
 #![no_main]
 
+mod args;
 mod budget;
 mod emit;
 mod files;

@@ -12,6 +12,7 @@ use runner_monitor_common::{
 };
 
 use crate::{
+    args::syscall_arg,
     emit::{fill_header, reserve, submitted, wakeup_flags},
     maps::{PRIVATE_MAP_ENTRIES, agent_tgid, count, current_process, current_tgid, now_ns},
 };
@@ -22,12 +23,6 @@ use crate::{
 static LAST_ACCESS: LruHashMap<u64, u64> = LruHashMap::with_max_entries(PRIVATE_MAP_ENTRIES, 0);
 
 const RATE_LIMIT_NS: u64 = 1_000_000_000;
-
-#[inline(always)]
-fn arg<T: Default>(ctx: &TracePointContext, offset: usize) -> T {
-    // SAFETY: reads a field of the tracepoint record at a fixed offset.
-    unsafe { ctx.read_at::<T>(offset).unwrap_or_default() }
-}
 
 #[inline(always)]
 fn access(kind: EventKind, request: u64, target: u32, rate_limited: bool) {
@@ -69,8 +64,8 @@ fn access(kind: EventKind, request: u64, target: u32, rate_limited: bool) {
 // long sys_ptrace(long request, long pid, unsigned long addr, unsigned long data)
 #[tracepoint]
 pub fn sys_enter_ptrace(ctx: TracePointContext) -> u32 {
-    let request: u64 = arg(&ctx, 16);
-    let pid: i64 = arg(&ctx, 24);
+    let request: u64 = syscall_arg(&ctx, 0);
+    let pid: i64 = syscall_arg(&ctx, 1);
     match request {
         PTRACE_ATTACH | PTRACE_SEIZE => access(EventKind::Ptrace, request, pid as u32, false),
         PTRACE_PEEKTEXT | PTRACE_PEEKDATA | PTRACE_PEEKUSER => {
@@ -86,7 +81,7 @@ pub fn sys_enter_ptrace(ctx: TracePointContext) -> u32 {
 //                           unsigned long flags)
 #[tracepoint]
 pub fn sys_enter_process_vm_readv(ctx: TracePointContext) -> u32 {
-    let pid: i64 = arg(&ctx, 16);
+    let pid: i64 = syscall_arg(&ctx, 0);
     access(EventKind::ProcessVmRead, 0, pid as u32, true);
     0
 }

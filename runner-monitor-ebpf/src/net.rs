@@ -26,6 +26,7 @@ use runner_monitor_common::{
 };
 
 use crate::{
+    args::{syscall_arg, syscall_ret},
     budget::within_budget,
     emit::{fill_header, fill_job, submit_copy},
     maps::{PRIVATE_MAP_ENTRIES, count, current_process, now_ns},
@@ -70,21 +71,15 @@ const ETH_P_IP: u32 = 0x0800;
 const ETH_P_IPV6: u32 = 0x86DD;
 const IPPROTO_UDP: u8 = 17;
 
-#[inline(always)]
-fn arg<T: Default>(ctx: &TracePointContext, offset: usize) -> T {
-    // SAFETY: reads a field of the tracepoint record at a fixed offset.
-    unsafe { ctx.read_at::<T>(offset).unwrap_or_default() }
-}
-
 // long sys_connect(int fd, struct sockaddr __user *uservaddr, int addrlen)
 #[tracepoint]
 pub fn sys_enter_connect(ctx: TracePointContext) -> u32 {
     let Some(process) = current_process() else {
         return 0;
     };
-    let fd: i64 = arg(&ctx, 16);
-    let addr: u64 = arg(&ctx, 24);
-    let addrlen: i64 = arg(&ctx, 32);
+    let fd: i64 = syscall_arg(&ctx, 0);
+    let addr: u64 = syscall_arg(&ctx, 1);
+    let addrlen: i64 = syscall_arg(&ctx, 2);
     if addr == 0 {
         return 0;
     }
@@ -161,7 +156,7 @@ pub fn sys_exit_connect(ctx: TracePointContext) -> u32 {
         return 0;
     };
     // SAFETY: the entry belongs to this thread.
-    unsafe { (*event).result = arg::<i64>(&ctx, 16) };
+    unsafe { (*event).result = syscall_ret(&ctx) };
     // SAFETY: as above.
     if within_budget(unsafe { (*event).header.job }, EventKind::Connect as u32) {
         submit_copy(EventKind::Connect as u32, event as *const ConnectEvent);

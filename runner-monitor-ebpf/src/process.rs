@@ -24,6 +24,7 @@ use runner_monitor_common::{
 use aya_log_ebpf::warn;
 
 use crate::{
+    args::{field, syscall_arg, syscall_ret},
     emit::{fill_header, reserve, submit_copy, submitted, wakeup_flags},
     files::read_user_path,
     maps::{
@@ -64,17 +65,26 @@ static PENDING_CHDIRS: HashMap<u32, ChdirEvent> =
 
 const CLONE_THREAD: u64 = 0x0001_0000;
 
-#[inline(always)]
-fn arg<T: Default>(ctx: &TracePointContext, offset: usize) -> T {
-    // SAFETY: reads a field of the tracepoint record at a fixed offset.
-    unsafe { ctx.read_at::<T>(offset).unwrap_or_default() }
+/// Offsets of the fields read from `task:task_newtask`, `sched:sched_process_exec` and
+/// `sched:sched_process_exit` records (after the 8-byte common header; see their `format` files).
+mod offsets {
+    /// task_newtask: `pid_t pid`.
+    pub const NEWTASK_PID: usize = 8;
+    /// task_newtask: `u64 clone_flags`.
+    pub const NEWTASK_CLONE_FLAGS: usize = 32;
+    /// sched_process_exec: `__data_loc char[] filename` (offset in the low 16 bits).
+    pub const EXEC_FILENAME: usize = 8;
+    /// sched_process_exec: `pid_t old_pid`.
+    pub const EXEC_OLD_PID: usize = 16;
+    /// sched_process_exit: `bool group_dead`.
+    pub const EXIT_GROUP_DEAD: usize = 32;
 }
 
 // task:task_newtask: pid_t pid; char comm[16]; u64 clone_flags; short oom_score_adj
 // Runs in the parent, before the child can run.
 #[tracepoint]
 pub fn task_newtask(ctx: TracePointContext) -> u32 {
-    let clone_flags: u64 = arg(&ctx, 32);
+    let clone_flags: u64 = field(&ctx, offsets::NEWTASK_CLONE_FLAGS);
     if clone_flags & CLONE_THREAD != 0 {
         // Threads share the process's entry (lookups are by tgid).
         return 0;
@@ -83,7 +93,7 @@ pub fn task_newtask(ctx: TracePointContext) -> u32 {
         job_parent_fork(&ctx);
         return 0;
     };
-    let child: i32 = arg(&ctx, 8);
+    let child: i32 = field(&ctx, offsets::NEWTASK_PID);
     let child = child as u32;
     let entry = ProcessJob {
         job: parent.job,
@@ -125,7 +135,7 @@ fn job_parent_fork(ctx: &TracePointContext) {
     if NAMES.get_ptr(key).is_none() {
         return;
     }
-    let child: i32 = arg(ctx, 8);
+    let child: i32 = field(ctx, offsets::NEWTASK_PID);
     let child = child as u32;
     if start_job(child, current_tgid(), boot_ns()).is_none() {
         warn!(
@@ -258,7 +268,7 @@ fn enter_exec(filename: u64, argv: u64) {
 // long sys_execve(const char __user *filename, const char __user *const __user *argv, ...)
 #[tracepoint]
 pub fn sys_enter_execve(ctx: TracePointContext) -> u32 {
-    enter_exec(arg(&ctx, 16), arg(&ctx, 24));
+    enter_exec(syscall_arg(&ctx, 0), syscall_arg(&ctx, 1));
     0
 }
 
@@ -266,15 +276,14 @@ pub fn sys_enter_execve(ctx: TracePointContext) -> u32 {
 //                   const char __user *const __user *envp, int flags)
 #[tracepoint]
 pub fn sys_enter_execveat(ctx: TracePointContext) -> u32 {
-    enter_exec(arg(&ctx, 24), arg(&ctx, 32));
+    enter_exec(syscall_arg(&ctx, 1), syscall_arg(&ctx, 2));
     0
 }
 
 /// A failed exec drops the kept arguments (a successful one sends them at `sched_process_exec`).
 #[tracepoint]
 pub fn sys_exit_exec(ctx: TracePointContext) -> u32 {
-    let ret: i64 = arg(&ctx, 16);
-    if ret < 0 {
+    if syscall_ret(&ctx) < 0 {
         let tid = bpf_get_current_pid_tgid() as u32;
         let _ = PENDING_EXECS.remove(tid);
     }
@@ -292,7 +301,7 @@ fn new_job_key() -> u64 {
 // sched:sched_process_exec: __data_loc char[] filename; pid_t pid; pid_t old_pid
 #[tracepoint]
 pub fn sched_process_exec(ctx: TracePointContext) -> u32 {
-    let old_pid: i32 = arg(&ctx, 16);
+    let old_pid: i32 = field(&ctx, offsets::EXEC_OLD_PID);
     let old_pid = old_pid as u32;
     let tgid = current_tgid();
     let Some(scratch) = EXEC_SCRATCH.get_ptr_mut(0) else {
@@ -301,7 +310,7 @@ pub fn sched_process_exec(ctx: TracePointContext) -> u32 {
     // SAFETY: per-CPU scratch owned by this program run.
     let scratch = unsafe { &mut *scratch };
     // The kernel's copy of the filename, from the tracepoint record.
-    let data_loc: u32 = arg(&ctx, 8);
+    let data_loc: u32 = field(&ctx, offsets::EXEC_FILENAME);
     let offset = (data_loc & 0xffff) as usize;
     // SAFETY: the record holds the string at `offset`; the helper bounds the copy.
     let n = unsafe {
@@ -367,7 +376,7 @@ pub fn sys_enter_exit_group(ctx: TracePointContext) -> u32 {
     if current_process().is_none() {
         return 0;
     }
-    let code: i64 = arg(&ctx, 16);
+    let code: i64 = syscall_arg(&ctx, 0);
     let _ = EXIT_CODES.insert(tgid, code as i32, 0);
     0
 }
@@ -380,7 +389,7 @@ pub fn sched_process_exit(ctx: TracePointContext) -> u32 {
         return 0;
     };
     crate::files::forget_thread(bpf_get_current_pid_tgid() as u32);
-    let group_dead: u8 = arg(&ctx, 32);
+    let group_dead: u8 = field(&ctx, offsets::EXIT_GROUP_DEAD);
     if group_dead == 0 {
         return 0;
     }
@@ -456,14 +465,14 @@ fn enter_chdir(fd: i32, path: u64) {
 // long sys_chdir(const char __user *filename)
 #[tracepoint]
 pub fn sys_enter_chdir(ctx: TracePointContext) -> u32 {
-    enter_chdir(-1, arg(&ctx, 16));
+    enter_chdir(-1, syscall_arg(&ctx, 0));
     0
 }
 
 // long sys_fchdir(unsigned int fd)
 #[tracepoint]
 pub fn sys_enter_fchdir(ctx: TracePointContext) -> u32 {
-    let fd: u64 = arg(&ctx, 16);
+    let fd: u64 = syscall_arg(&ctx, 0);
     enter_chdir(fd as i32, 0);
     0
 }
@@ -475,8 +484,7 @@ pub fn sys_exit_chdir(ctx: TracePointContext) -> u32 {
     let Some(event) = PENDING_CHDIRS.get_ptr(tid) else {
         return 0;
     };
-    let ret: i64 = arg(&ctx, 16);
-    if ret == 0 {
+    if syscall_ret(&ctx) == 0 {
         submit_copy(EventKind::Chdir as u32, event);
     }
     let _ = PENDING_CHDIRS.remove(tid);

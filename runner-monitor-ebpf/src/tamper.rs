@@ -7,15 +7,10 @@ use runner_monitor_common::{
 };
 
 use crate::{
+    args::syscall_arg,
     emit::{fill_header, reserve, submitted, wakeup_flags},
     maps::{agent_tgid, current_process},
 };
-
-#[inline(always)]
-fn arg<T: Default>(ctx: &TracePointContext, offset: usize) -> T {
-    // SAFETY: reads a field of the tracepoint record at a fixed offset.
-    unsafe { ctx.read_at::<T>(offset).unwrap_or_default() }
-}
 
 #[inline(always)]
 fn signal(target: i64, signal: i64, syscall: u32) {
@@ -41,21 +36,27 @@ fn signal(target: i64, signal: i64, syscall: u32) {
 // long sys_kill(pid_t pid, int sig)
 #[tracepoint]
 pub fn sys_enter_kill(ctx: TracePointContext) -> u32 {
-    signal(arg(&ctx, 16), arg(&ctx, 24), SIGNAL_SYSCALL_KILL);
+    let pid: i64 = syscall_arg(&ctx, 0);
+    let sig: i64 = syscall_arg(&ctx, 1);
+    signal(pid, sig, SIGNAL_SYSCALL_KILL);
     0
 }
 
 // long sys_tkill(pid_t pid, int sig): a thread id; the agent's main thread has the agent's pid.
 #[tracepoint]
 pub fn sys_enter_tkill(ctx: TracePointContext) -> u32 {
-    signal(arg(&ctx, 16), arg(&ctx, 24), SIGNAL_SYSCALL_TKILL);
+    let pid: i64 = syscall_arg(&ctx, 0);
+    let sig: i64 = syscall_arg(&ctx, 1);
+    signal(pid, sig, SIGNAL_SYSCALL_TKILL);
     0
 }
 
 // long sys_tgkill(pid_t tgid, pid_t pid, int sig)
 #[tracepoint]
 pub fn sys_enter_tgkill(ctx: TracePointContext) -> u32 {
-    signal(arg(&ctx, 16), arg(&ctx, 32), SIGNAL_SYSCALL_TGKILL);
+    let tgid: i64 = syscall_arg(&ctx, 0);
+    let sig: i64 = syscall_arg(&ctx, 2);
+    signal(tgid, sig, SIGNAL_SYSCALL_TGKILL);
     0
 }
 
@@ -65,7 +66,7 @@ pub fn sys_enter_bpf(ctx: TracePointContext) -> u32 {
     let Some(process) = current_process() else {
         return 0;
     };
-    let cmd: i64 = arg(&ctx, 16);
+    let cmd: i64 = syscall_arg(&ctx, 0);
     if let Some(mut event) = reserve::<BpfEvent>(EventKind::Bpf) {
         // SAFETY: the reserved entry is ours until submit.
         let e = unsafe { &mut *event.as_mut_ptr() };
