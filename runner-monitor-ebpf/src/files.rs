@@ -20,7 +20,7 @@ use runner_monitor_common::{
 use crate::{
     args::{syscall_arg, syscall_ret},
     budget::within_budget,
-    emit::{fill_header, submit_copy},
+    emit::{fill_header, send_built},
     maps::{PRIVATE_MAP_ENTRIES, count, current_process, current_tgid},
     names::{mark, match_credential, match_proc_memory, split},
 };
@@ -219,10 +219,7 @@ fn exit(ctx: &TracePointContext) {
         return;
     }
     pending.event.result = syscall_ret(ctx);
-    submit_copy(
-        pending.event.header.kind,
-        &pending.event as *const FileEvent,
-    );
+    send_built::<FileEvent>(&pending.event);
 }
 
 // long sys_openat(int dfd, const char __user *filename, int flags, umode_t mode)

@@ -13,7 +13,7 @@ use runner_monitor_common::{
 
 use crate::{
     args::syscall_arg,
-    emit::{fill_header, reserve, submitted, wakeup_flags},
+    emit::send,
     maps::{PRIVATE_MAP_ENTRIES, agent_tgid, count, current_process, current_tgid, now_ns},
 };
 
@@ -48,17 +48,11 @@ fn access(kind: EventKind, request: u64, target: u32, rate_limited: bool) {
         }
         let _ = LAST_ACCESS.insert(key, now, 0);
     }
-    if let Some(mut event) = reserve::<ProcessAccessEvent>(kind) {
-        // SAFETY: the reserved entry is ours until submit.
-        let e = unsafe { &mut *event.as_mut_ptr() };
-        fill_header(&mut e.header, kind, process.as_ref());
+    send(kind, process.as_ref(), |e: &mut ProcessAccessEvent| {
         e.request = request;
         e.target_pid = target;
         e.targets_agent = targets_agent as u32;
-        let flags = wakeup_flags(size_of_val(&*event) as u64);
-        event.submit(flags);
-        submitted(kind);
-    }
+    });
 }
 
 // long sys_ptrace(long request, long pid, unsigned long addr, unsigned long data)

@@ -28,7 +28,7 @@ use runner_monitor_common::{
 use crate::{
     args::{syscall_arg, syscall_ret},
     budget::within_budget,
-    emit::{fill_header, fill_job, submit_copy},
+    emit::{fill_header, fill_job, send_built},
     maps::{PRIVATE_MAP_ENTRIES, count, current_process, now_ns},
 };
 
@@ -155,11 +155,11 @@ pub fn sys_exit_connect(ctx: TracePointContext) -> u32 {
     let Some(event) = PENDING_CONNECTS.get_ptr_mut(tid) else {
         return 0;
     };
-    // SAFETY: the entry belongs to this thread.
-    unsafe { (*event).result = syscall_ret(&ctx) };
-    // SAFETY: as above.
-    if within_budget(unsafe { (*event).header.job }, EventKind::Connect as u32) {
-        submit_copy(EventKind::Connect as u32, event as *const ConnectEvent);
+    // SAFETY: the entry belongs to this thread, which is the only one that touches it.
+    let event = unsafe { &mut *event };
+    event.result = syscall_ret(&ctx);
+    if within_budget(event.header.job, EventKind::Connect as u32) {
+        send_built::<ConnectEvent>(event);
     }
     let _ = PENDING_CONNECTS.remove(tid);
     0
@@ -338,7 +338,7 @@ fn dns_packet(ctx: &SkBuffContext, direction: u32) {
         event.len = if rc == 0 { len as u32 } else { 0 };
     }
     if within_budget(event.header.job, kind as u32) {
-        submit_copy(kind as u32, event as *const DnsEvent);
+        send_built::<DnsEvent>(event);
     }
 }
 

@@ -25,7 +25,7 @@ use aya_log_ebpf::warn;
 
 use crate::{
     args::{field, syscall_arg, syscall_ret},
-    emit::{fill_header, reserve, submit_copy, submitted, wakeup_flags},
+    emit::{fill_header, send, send_built},
     files::read_user_path,
     maps::{
         JOBS, PRIVATE_EVENT_MAP_ENTRIES, PRIVATE_MAP_ENTRIES, PROCESSES, count, current_process,
@@ -108,16 +108,10 @@ pub fn task_newtask(ctx: TracePointContext) -> u32 {
             "process map full: child {} of job process {} is untracked", child, entry.ppid
         );
     }
-    if let Some(mut event) = reserve::<ForkEvent>(EventKind::Fork) {
-        // SAFETY: the reserved entry is ours until submit.
-        let e = unsafe { &mut *event.as_mut_ptr() };
-        fill_header(&mut e.header, EventKind::Fork, Some(&parent));
+    send(EventKind::Fork, Some(&parent), |e: &mut ForkEvent| {
         e.child_tgid = child;
         e._pad = 0;
-        let flags = wakeup_flags(size_of_val(&*event) as u64);
-        event.submit(flags);
-        submitted(EventKind::Fork);
-    }
+    });
     0
 }
 
@@ -365,7 +359,7 @@ pub fn sched_process_exec(ctx: TracePointContext) -> u32 {
     scratch.event.header.flags |= truncated;
     scratch.event.filename_len = if n > 0 { (n - 1) as u32 } else { 0 };
     scratch.event._pad = 0;
-    submit_copy(EventKind::Exec as u32, &scratch.event as *const ExecEvent);
+    send_built::<ExecEvent>(&scratch.event);
     0
 }
 
@@ -397,11 +391,10 @@ pub fn sched_process_exit(ctx: TracePointContext) -> u32 {
     // SAFETY: copied out at once.
     let code = unsafe { EXIT_CODES.get(tgid).copied() };
     let _ = EXIT_CODES.remove(tgid);
-    if let Some(mut event) = reserve::<ExitEvent>(EventKind::Exit) {
-        // SAFETY: the reserved entry is ours until submit.
-        let e = unsafe { &mut *event.as_mut_ptr() };
-        fill_header(&mut e.header, EventKind::Exit, Some(&process));
-        match code {
+    send(
+        EventKind::Exit,
+        Some(&process),
+        |e: &mut ExitEvent| match code {
             Some(code) => {
                 e.exit_code = code;
                 e.flags = EXIT_CODE_KNOWN;
@@ -410,11 +403,8 @@ pub fn sched_process_exit(ctx: TracePointContext) -> u32 {
                 e.exit_code = 0;
                 e.flags = 0;
             }
-        }
-        let flags = wakeup_flags(size_of_val(&*event) as u64);
-        event.submit(flags);
-        submitted(EventKind::Exit);
-    }
+        },
+    );
     let _ = PROCESSES.remove(tgid);
     if process.flags & PROCESS_JOB_ROOT != 0
         && let Some(state) = JOBS.get_ptr_mut(process.job)
@@ -485,7 +475,8 @@ pub fn sys_exit_chdir(ctx: TracePointContext) -> u32 {
         return 0;
     };
     if syscall_ret(&ctx) == 0 {
-        submit_copy(EventKind::Chdir as u32, event);
+        // SAFETY: the entry belongs to this thread, which is the only one that touches it.
+        send_built::<ChdirEvent>(unsafe { &*event });
     }
     let _ = PENDING_CHDIRS.remove(tid);
     0

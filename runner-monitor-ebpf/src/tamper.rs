@@ -8,7 +8,7 @@ use runner_monitor_common::{
 
 use crate::{
     args::syscall_arg,
-    emit::{fill_header, reserve, submitted, wakeup_flags},
+    emit::send,
     maps::{agent_tgid, current_process},
 };
 
@@ -19,18 +19,16 @@ fn signal(target: i64, signal: i64, syscall: u32) {
         return;
     }
     let process = current_process();
-    if let Some(mut event) = reserve::<SignalEvent>(EventKind::Signal) {
-        // SAFETY: the reserved entry is ours until submit.
-        let e = unsafe { &mut *event.as_mut_ptr() };
-        fill_header(&mut e.header, EventKind::Signal, process.as_ref());
-        e.target_pid = target as u32;
-        e.signal = signal as u32;
-        e.syscall = syscall;
-        e._pad = 0;
-        let flags = wakeup_flags(size_of_val(&*event) as u64);
-        event.submit(flags);
-        submitted(EventKind::Signal);
-    }
+    send(
+        EventKind::Signal,
+        process.as_ref(),
+        |e: &mut SignalEvent| {
+            e.target_pid = target as u32;
+            e.signal = signal as u32;
+            e.syscall = syscall;
+            e._pad = 0;
+        },
+    );
 }
 
 // long sys_kill(pid_t pid, int sig)
@@ -67,15 +65,9 @@ pub fn sys_enter_bpf(ctx: TracePointContext) -> u32 {
         return 0;
     };
     let cmd: i64 = syscall_arg(&ctx, 0);
-    if let Some(mut event) = reserve::<BpfEvent>(EventKind::Bpf) {
-        // SAFETY: the reserved entry is ours until submit.
-        let e = unsafe { &mut *event.as_mut_ptr() };
-        fill_header(&mut e.header, EventKind::Bpf, Some(&process));
+    send(EventKind::Bpf, Some(&process), |e: &mut BpfEvent| {
         e.cmd = cmd as u32;
         e._pad = 0;
-        let flags = wakeup_flags(size_of_val(&*event) as u64);
-        event.submit(flags);
-        submitted(EventKind::Bpf);
-    }
+    });
     0
 }
