@@ -1,129 +1,131 @@
-//! The maps every probe family shares, the event header, and the counted path onto the ring
-//! buffer.
+//! The one way an event reaches the agent: header, fields, the ring buffer, the counters.
+//!
+//! Every probe family sends through this module, in one of two shapes that end the same way:
+//!
+//! - `send`: a small event, built in place in a ring-buffer reservation (reserve, header,
+//!   fields, submit);
+//! - `send_built`: an event too large for the BPF stack, built in per-CPU scratch or kept in a
+//!   pending map between a syscall's entry and exit, and copied into the ring buffer.
+//!
+//! Both apply one wake-up rule (`wakeup_flags`) and count the event per kind as emitted or lost
+//! (`counter::EMITTED`, `counter::LOST`). `EVENTS` is private to this module, so no probe can
+//! write to the ring buffer any other way.
 
 use aya_ebpf::{
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
-        generated::{bpf_get_current_cgroup_id, bpf_ktime_get_ns},
+        generated::bpf_get_current_cgroup_id,
     },
     macros::map,
-    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
+    maps::RingBuf,
 };
 use runner_monitor_common::{
-    BUDGET_WINDOW_NS, EventHeader, EventKind, HEADER_JOB_ENDED, HEADER_JOB_ROOT, JOB_ENDED,
-    JobBudget, JobState, MAX_JOBS, MAX_TRACKED_PROCESSES, PROCESS_JOB_ROOT, ProcessJob,
-    RING_BUFFER_BYTES, WAKEUP_BYTES, counter, setting,
+    BpfEvent, ChdirEvent, ConnectEvent, DnsEvent, EVENT_KIND_SLOTS, EventHeader, EventKind,
+    ExecEvent, ExitEvent, FileEvent, ForkEvent, HEADER_JOB_ENDED, HEADER_JOB_ROOT,
+    PROCESS_JOB_ROOT, ProcessAccessEvent, ProcessJob, RING_BUFFER_BYTES, SignalEvent, WAKEUP_BYTES,
+    counter,
 };
+
+use crate::maps::{count, job_ended, now_ns};
 
 /// Every event, in one ring buffer, so the agent sees them in the order they were reserved.
 #[map]
-pub static EVENTS: RingBuf = RingBuf::with_byte_size(RING_BUFFER_BYTES, 0);
+static EVENTS: RingBuf = RingBuf::with_byte_size(RING_BUFFER_BYTES, 0);
 
-/// Per-CPU counters, indexed by `runner_monitor_common::counter`.
-#[map]
-pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::SLOTS, 0);
+/// The header the kernel puts before each ring-buffer record, in bytes.
+const RECORD_HEADER_BYTES: u64 = 8;
 
-/// tgid -> job of every process that belongs to a job. Children inherit at fork, in the kernel.
-#[map]
-pub static PROCESSES: HashMap<u32, ProcessJob> =
-    HashMap::with_max_entries(MAX_TRACKED_PROCESSES, 0);
+/// An event of the wire format: a `#[repr(C)]` struct that starts with its `EventHeader`.
+pub trait Event: 'static {
+    fn header(&self) -> &EventHeader;
+    fn header_mut(&mut self) -> &mut EventHeader;
+}
 
-/// job key -> job state. Kept after the job ends, so that survivors' events say so.
-#[map]
-pub static JOBS: HashMap<u64, JobState> = HashMap::with_max_entries(MAX_JOBS, 0);
-
-/// job key -> its use of the event budget. LRU: jobs long gone make room by themselves.
-#[map]
-pub static JOB_BUDGETS: LruHashMap<u64, JobBudget> = LruHashMap::with_max_entries(MAX_JOBS, 0);
-
-/// Whether one more file, connect or DNS event of `job` fits its budget
-/// (`setting::JOB_EVENTS_PER_WINDOW` per `BUDGET_WINDOW_NS`). Over it, the event is dropped and
-/// counted, per kind with the ring buffer's losses and per job in `JOB_BUDGETS`: one job's flood
-/// cannot fill the ring buffer and crowd out the other jobs' events.
-#[inline(always)]
-pub fn within_budget(job: u64, kind: u32) -> bool {
-    let per_window = u64::from(crate::names::setting(setting::JOB_EVENTS_PER_WINDOW));
-    if per_window == 0 {
-        return true;
-    }
-    let now = now_ns();
-    match JOB_BUDGETS.get_ptr_mut(job) {
-        // SAFETY: a map value; concurrent updates from other CPUs only make the counts inexact.
-        Some(b) => unsafe {
-            if now.wrapping_sub((*b).window_ns) >= BUDGET_WINDOW_NS {
-                (*b).window_ns = now;
-                (*b).count = 1;
-                return true;
+macro_rules! events {
+    ($($t:ty),* $(,)?) => {
+        $(impl Event for $t {
+            #[inline(always)]
+            fn header(&self) -> &EventHeader {
+                &self.header
             }
-            (*b).count += 1;
-            if (*b).count <= per_window {
-                return true;
+            #[inline(always)]
+            fn header_mut(&mut self) -> &mut EventHeader {
+                &mut self.header
             }
-            (*b).dropped += 1;
-            count(counter::JOB_BUDGET_DROPPED);
-            count(counter::LOST + (kind & (runner_monitor_common::EVENT_KIND_SLOTS - 1)));
-            false
-        },
-        None => {
-            let fresh = JobBudget {
-                window_ns: now,
-                count: 1,
-                dropped: 0,
-            };
-            let _ = JOB_BUDGETS.insert(job, fresh, 0);
-            true
-        }
+        })*
+    };
+}
+events!(
+    ForkEvent,
+    ExecEvent,
+    ExitEvent,
+    ChdirEvent,
+    FileEvent,
+    ProcessAccessEvent,
+    ConnectEvent,
+    DnsEvent,
+    SignalEvent,
+    BpfEvent,
+);
+
+/// Sends a small event of the current task: reserves its room in the ring buffer, fills the
+/// header (`fill_header`), lets `fields` write every other field, and submits it. A full ring
+/// buffer drops it, counted as lost.
+#[inline(always)]
+pub fn send<T: Event>(kind: EventKind, process: Option<&ProcessJob>, fields: impl FnOnce(&mut T)) {
+    let slot = kind_slot(kind as u32);
+    let Some(mut entry) = EVENTS.reserve::<T>(0) else {
+        count(counter::LOST + slot);
+        return;
+    };
+    // SAFETY: the reserved entry is ours until submit; the header and `fields` write all of it.
+    let event = unsafe { &mut *entry.as_mut_ptr() };
+    fill_header(event.header_mut(), kind, process);
+    fields(event);
+    let size = core::mem::size_of::<T>() as u64;
+    // Asked after the reservation, the backlog includes this record; the rule wants the backlog
+    // the record was written onto.
+    let backlog = EVENTS
+        .query(BPF_RB_AVAIL_DATA as u64)
+        .wrapping_sub(size + RECORD_HEADER_BYTES);
+    entry.submit(wakeup_flags(backlog, size));
+    count(counter::EMITTED + slot);
+}
+
+/// Sends an event built elsewhere (per-CPU scratch or a pending map), with its header filled:
+/// the ring buffer gets a copy. A full ring buffer drops it, counted as lost.
+#[inline(always)]
+pub fn send_built<T: Event>(event: &T) {
+    let slot = kind_slot(event.header().kind);
+    let backlog = EVENTS.query(BPF_RB_AVAIL_DATA as u64);
+    let flags = wakeup_flags(backlog, core::mem::size_of::<T>() as u64);
+    match EVENTS.output::<T>(event, flags) {
+        Ok(()) => count(counter::EMITTED + slot),
+        Err(_) => count(counter::LOST + slot),
     }
 }
 
-/// The agent's own tgid, set at load: signals and memory access aimed at it are tamper.
-#[unsafe(no_mangle)]
-static AGENT_TGID: u32 = 0;
-
+/// An event kind as an index into the per-kind counters.
 #[inline(always)]
-pub fn agent_tgid() -> u32 {
-    // SAFETY: a read of a global the loader fills in; volatile so it is not constant-folded.
-    unsafe { core::ptr::read_volatile(&AGENT_TGID) }
+fn kind_slot(kind: u32) -> u32 {
+    // VERIFIER: keeps the counter index provably inside the per-kind range.
+    kind & (EVENT_KIND_SLOTS - 1)
 }
 
+/// Wake-up flags for a record of `size` bytes written onto a backlog of `backlog` bytes.
+///
+/// The agent is not woken for each record: it polls the ring buffer on a short timer
+/// (`WAKEUP_POLL_MS`), and is woken early only by the record that takes the backlog past
+/// `WAKEUP_BYTES`. A wake-up is an inter-processor interrupt sent from the traced syscall; one
+/// per event cost a reported `openat` more than all the probes together (measured: ~3 µs of a
+/// 6 µs overhead on this VM).
 #[inline(always)]
-pub fn count(index: u32) {
-    if let Some(slot) = COUNTERS.get_ptr_mut(index) {
-        // SAFETY: per-CPU slot, no other writer while this program runs on this CPU.
-        unsafe { *slot += 1 }
-    }
-}
-
-#[inline(always)]
-pub fn current_tgid() -> u32 {
-    (bpf_get_current_pid_tgid() >> 32) as u32
-}
-
-#[inline(always)]
-pub fn now_ns() -> u64 {
-    // SAFETY: helper without arguments.
-    unsafe { bpf_ktime_get_ns() }
-}
-
-/// The job of the current process, if it belongs to one.
-#[inline(always)]
-pub fn current_process() -> Option<ProcessJob> {
-    process_of(current_tgid())
-}
-
-#[inline(always)]
-pub fn process_of(tgid: u32) -> Option<ProcessJob> {
-    // SAFETY: the value is copied out at once.
-    unsafe { PROCESSES.get(tgid).copied() }
-}
-
-#[inline(always)]
-pub fn job_ended(job: u64) -> bool {
-    // SAFETY: the value is copied out at once.
-    match unsafe { JOBS.get(job) } {
-        Some(state) => state.flags & JOB_ENDED != 0,
-        None => false,
+fn wakeup_flags(backlog: u64, size: u64) -> u64 {
+    if backlog < WAKEUP_BYTES && backlog + size + RECORD_HEADER_BYTES >= WAKEUP_BYTES {
+        BPF_RB_FORCE_WAKEUP as u64
+    } else {
+        BPF_RB_NO_WAKEUP as u64
     }
 }
 
@@ -142,6 +144,7 @@ pub fn fill_header(header: &mut EventHeader, kind: EventKind, process: Option<&P
     fill_job(header, process);
 }
 
+/// Fills the job part of a header (job, parent, `HEADER_JOB_*` flags) and clears its other flags.
 #[inline(always)]
 pub fn fill_job(header: &mut EventHeader, process: Option<&ProcessJob>) {
     header.flags = 0;
@@ -161,56 +164,4 @@ pub fn fill_job(header: &mut EventHeader, process: Option<&ProcessJob>) {
             header.ppid = 0;
         }
     }
-}
-
-/// Wake-up flags for a record of `size` bytes once it is in the ring buffer.
-///
-/// The agent is not woken for each record: it polls the ring buffer on a short timer
-/// (`WAKEUP_POLL_MS`), and is woken early only by the record that takes the backlog past
-/// `WAKEUP_BYTES`. A wake-up is an inter-processor interrupt sent from the traced syscall; one
-/// per event cost a reported `openat` more than all the probes together (measured: ~3 µs of a
-/// 6 µs overhead on this VM).
-#[inline(always)]
-pub fn wakeup_flags(size: u64) -> u64 {
-    let backlog = EVENTS.query(BPF_RB_AVAIL_DATA as u64);
-    if backlog >= WAKEUP_BYTES && backlog < WAKEUP_BYTES + size + 8 {
-        BPF_RB_FORCE_WAKEUP as u64
-    } else {
-        BPF_RB_NO_WAKEUP as u64
-    }
-}
-
-/// Sends an event built elsewhere (per-CPU scratch or a pending map), counting it as sent or lost.
-#[inline(always)]
-pub fn submit_copy<T: 'static>(kind: u32, event: *const T) {
-    // VERIFIER: keeps the counter index provably inside the per-kind range.
-    let kind = kind & (runner_monitor_common::EVENT_KIND_SLOTS - 1);
-    let size = core::mem::size_of::<T>() as u64;
-    // The backlog before this record: it crosses the mark when it ends past it.
-    let backlog = EVENTS.query(BPF_RB_AVAIL_DATA as u64);
-    let flags = if backlog < WAKEUP_BYTES && backlog + size + 8 >= WAKEUP_BYTES {
-        BPF_RB_FORCE_WAKEUP as u64
-    } else {
-        BPF_RB_NO_WAKEUP as u64
-    };
-    // SAFETY: `event` points at a live `T` in map memory; the helper copies it.
-    match EVENTS.output::<T>(unsafe { &*event }, flags) {
-        Ok(()) => count(counter::EMITTED + kind),
-        Err(_) => count(counter::LOST + kind),
-    }
-}
-
-/// Reserves room for an event, counting a loss when the ring buffer is full.
-#[inline(always)]
-pub fn reserve<T: 'static>(kind: EventKind) -> Option<aya_ebpf::maps::ring_buf::RingBufEntry<T>> {
-    let entry = EVENTS.reserve::<T>(0);
-    if entry.is_none() {
-        count(counter::LOST + kind as u32);
-    }
-    entry
-}
-
-#[inline(always)]
-pub fn submitted(kind: EventKind) {
-    count(counter::EMITTED + kind as u32);
 }

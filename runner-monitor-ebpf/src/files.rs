@@ -18,7 +18,10 @@ use runner_monitor_common::{
 };
 
 use crate::{
-    emit::{count, current_process, current_tgid, fill_header, submit_copy, within_budget},
+    args::{syscall_arg, syscall_ret},
+    budget::within_budget,
+    emit::{fill_header, send_built},
+    maps::{PRIVATE_MAP_ENTRIES, count, current_process, current_tgid},
     names::{mark, match_credential, match_proc_memory, split},
 };
 
@@ -49,29 +52,12 @@ static FILE_SCRATCH: PerCpuArray<PendingFile> = PerCpuArray::with_max_entries(1,
 /// next match, so a thread that keeps opening credentials does not pay a map insert and delete
 /// per open; entries go when their thread exits (`forget_thread`).
 #[map]
-static PENDING_FILES: HashMap<u32, PendingFile> = HashMap::with_max_entries(4096, 0);
+static PENDING_FILES: HashMap<u32, PendingFile> = HashMap::with_max_entries(PRIVATE_MAP_ENTRIES, 0);
 
 /// Drops the pending-file entry of an exiting thread.
 #[inline(always)]
 pub fn forget_thread(tid: u32) {
     let _ = PENDING_FILES.remove(tid);
-}
-
-/// Offsets of syscall arguments in a `sys_enter_*` record, and of the result in `sys_exit_*`.
-const ARG0: usize = 16;
-const ARG1: usize = 24;
-const ARG2: usize = 32;
-const ARG3: usize = 40;
-const ARG4: usize = 48;
-const RET: usize = 16;
-
-#[inline(always)]
-fn arg<T>(ctx: &TracePointContext, offset: usize) -> T
-where
-    T: Default,
-{
-    // SAFETY: reads a field of the tracepoint record at a fixed offset.
-    unsafe { ctx.read_at::<T>(offset).unwrap_or_default() }
 }
 
 /// Reads a NUL-terminated user string into `dst`; returns its length with the NUL, 0 on error.
@@ -232,11 +218,8 @@ fn exit(ctx: &TracePointContext) {
     if !within_budget(pending.event.header.job, pending.event.header.kind) {
         return;
     }
-    pending.event.result = arg::<i64>(ctx, RET);
-    submit_copy(
-        pending.event.header.kind,
-        &pending.event as *const FileEvent,
-    );
+    pending.event.result = syscall_ret(ctx);
+    send_built::<FileEvent>(&pending.event);
 }
 
 // long sys_openat(int dfd, const char __user *filename, int flags, umode_t mode)
@@ -244,11 +227,11 @@ fn exit(ctx: &TracePointContext) {
 pub fn sys_enter_openat(ctx: TracePointContext) -> u32 {
     enter(
         EventKind::FileOpen,
-        arg::<i64>(&ctx, ARG0) as i32,
-        arg(&ctx, ARG1),
+        syscall_arg::<i64>(&ctx, 0) as i32,
+        syscall_arg(&ctx, 1),
         0,
         0,
-        arg::<u64>(&ctx, ARG2) as u32,
+        syscall_arg::<u64>(&ctx, 2) as u32,
     );
     0
 }
@@ -256,7 +239,7 @@ pub fn sys_enter_openat(ctx: TracePointContext) -> u32 {
 // long sys_openat2(int dfd, const char __user *filename, struct open_how __user *how, size_t usize)
 #[tracepoint]
 pub fn sys_enter_openat2(ctx: TracePointContext) -> u32 {
-    let how: u64 = arg(&ctx, ARG2);
+    let how: u64 = syscall_arg(&ctx, 2);
     // struct open_how { __u64 flags; __u64 mode; __u64 resolve; }
     // SAFETY: a checked read of user memory.
     let flags = if how == 0 {
@@ -266,8 +249,8 @@ pub fn sys_enter_openat2(ctx: TracePointContext) -> u32 {
     };
     enter(
         EventKind::FileOpen,
-        arg::<i64>(&ctx, ARG0) as i32,
-        arg(&ctx, ARG1),
+        syscall_arg::<i64>(&ctx, 0) as i32,
+        syscall_arg(&ctx, 1),
         0,
         0,
         flags as u32,
@@ -281,10 +264,10 @@ pub fn sys_enter_open(ctx: TracePointContext) -> u32 {
     enter(
         EventKind::FileOpen,
         AT_FDCWD,
-        arg(&ctx, ARG0),
+        syscall_arg(&ctx, 0),
         0,
         0,
-        arg::<u64>(&ctx, ARG1) as u32,
+        syscall_arg::<u64>(&ctx, 1) as u32,
     );
     0
 }
@@ -293,7 +276,14 @@ pub fn sys_enter_open(ctx: TracePointContext) -> u32 {
 #[tracepoint]
 pub fn sys_enter_creat(ctx: TracePointContext) -> u32 {
     // creat() is open(O_CREAT|O_WRONLY|O_TRUNC).
-    enter(EventKind::FileOpen, AT_FDCWD, arg(&ctx, ARG0), 0, 0, 0o1101);
+    enter(
+        EventKind::FileOpen,
+        AT_FDCWD,
+        syscall_arg(&ctx, 0),
+        0,
+        0,
+        0o1101,
+    );
     0
 }
 
@@ -303,9 +293,9 @@ pub fn sys_enter_rename(ctx: TracePointContext) -> u32 {
     enter(
         EventKind::FileRename,
         AT_FDCWD,
-        arg(&ctx, ARG0),
+        syscall_arg(&ctx, 0),
         AT_FDCWD,
-        arg(&ctx, ARG1),
+        syscall_arg(&ctx, 1),
         0,
     );
     0
@@ -316,10 +306,10 @@ pub fn sys_enter_rename(ctx: TracePointContext) -> u32 {
 pub fn sys_enter_renameat(ctx: TracePointContext) -> u32 {
     enter(
         EventKind::FileRename,
-        arg::<i64>(&ctx, ARG0) as i32,
-        arg(&ctx, ARG1),
-        arg::<i64>(&ctx, ARG2) as i32,
-        arg(&ctx, ARG3),
+        syscall_arg::<i64>(&ctx, 0) as i32,
+        syscall_arg(&ctx, 1),
+        syscall_arg::<i64>(&ctx, 2) as i32,
+        syscall_arg(&ctx, 3),
         0,
     );
     0
@@ -331,11 +321,11 @@ pub fn sys_enter_renameat(ctx: TracePointContext) -> u32 {
 pub fn sys_enter_renameat2(ctx: TracePointContext) -> u32 {
     enter(
         EventKind::FileRename,
-        arg::<i64>(&ctx, ARG0) as i32,
-        arg(&ctx, ARG1),
-        arg::<i64>(&ctx, ARG2) as i32,
-        arg(&ctx, ARG3),
-        arg::<u64>(&ctx, ARG4) as u32,
+        syscall_arg::<i64>(&ctx, 0) as i32,
+        syscall_arg(&ctx, 1),
+        syscall_arg::<i64>(&ctx, 2) as i32,
+        syscall_arg(&ctx, 3),
+        syscall_arg::<u64>(&ctx, 4) as u32,
     );
     0
 }
@@ -343,7 +333,14 @@ pub fn sys_enter_renameat2(ctx: TracePointContext) -> u32 {
 // long sys_unlink(const char __user *pathname)
 #[tracepoint]
 pub fn sys_enter_unlink(ctx: TracePointContext) -> u32 {
-    enter(EventKind::FileUnlink, AT_FDCWD, arg(&ctx, ARG0), 0, 0, 0);
+    enter(
+        EventKind::FileUnlink,
+        AT_FDCWD,
+        syscall_arg(&ctx, 0),
+        0,
+        0,
+        0,
+    );
     0
 }
 
@@ -352,11 +349,11 @@ pub fn sys_enter_unlink(ctx: TracePointContext) -> u32 {
 pub fn sys_enter_unlinkat(ctx: TracePointContext) -> u32 {
     enter(
         EventKind::FileUnlink,
-        arg::<i64>(&ctx, ARG0) as i32,
-        arg(&ctx, ARG1),
+        syscall_arg::<i64>(&ctx, 0) as i32,
+        syscall_arg(&ctx, 1),
         0,
         0,
-        arg::<u64>(&ctx, ARG2) as u32,
+        syscall_arg::<u64>(&ctx, 2) as u32,
     );
     0
 }
@@ -367,9 +364,9 @@ pub fn sys_enter_link(ctx: TracePointContext) -> u32 {
     enter(
         EventKind::FileLink,
         AT_FDCWD,
-        arg(&ctx, ARG0),
+        syscall_arg(&ctx, 0),
         AT_FDCWD,
-        arg(&ctx, ARG1),
+        syscall_arg(&ctx, 1),
         0,
     );
     0
@@ -381,11 +378,11 @@ pub fn sys_enter_link(ctx: TracePointContext) -> u32 {
 pub fn sys_enter_linkat(ctx: TracePointContext) -> u32 {
     enter(
         EventKind::FileLink,
-        arg::<i64>(&ctx, ARG0) as i32,
-        arg(&ctx, ARG1),
-        arg::<i64>(&ctx, ARG2) as i32,
-        arg(&ctx, ARG3),
-        arg::<u64>(&ctx, ARG4) as u32,
+        syscall_arg::<i64>(&ctx, 0) as i32,
+        syscall_arg(&ctx, 1),
+        syscall_arg::<i64>(&ctx, 2) as i32,
+        syscall_arg(&ctx, 3),
+        syscall_arg::<u64>(&ctx, 4) as u32,
     );
     0
 }

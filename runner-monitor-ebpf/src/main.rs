@@ -6,8 +6,11 @@
 #![no_std]
 #![no_main]
 
+mod args;
+mod budget;
 mod emit;
 mod files;
+mod maps;
 mod memory;
 mod names;
 mod net;

@@ -11,23 +11,18 @@ use runner_monitor_common::{
     ProcessAccessEvent, counter,
 };
 
-use crate::emit::{
-    agent_tgid, count, current_process, current_tgid, fill_header, now_ns, reserve, submitted,
-    wakeup_flags,
+use crate::{
+    args::syscall_arg,
+    emit::send,
+    maps::{PRIVATE_MAP_ENTRIES, agent_tgid, count, current_process, current_tgid, now_ns},
 };
 
 /// (tgid << 32 | target) -> when the last peek or read was sent. A memory dump is millions of
 /// calls; one event per pair and second is enough, and the rest are counted.
 #[map]
-static LAST_ACCESS: LruHashMap<u64, u64> = LruHashMap::with_max_entries(4096, 0);
+static LAST_ACCESS: LruHashMap<u64, u64> = LruHashMap::with_max_entries(PRIVATE_MAP_ENTRIES, 0);
 
 const RATE_LIMIT_NS: u64 = 1_000_000_000;
-
-#[inline(always)]
-fn arg<T: Default>(ctx: &TracePointContext, offset: usize) -> T {
-    // SAFETY: reads a field of the tracepoint record at a fixed offset.
-    unsafe { ctx.read_at::<T>(offset).unwrap_or_default() }
-}
 
 #[inline(always)]
 fn access(kind: EventKind, request: u64, target: u32, rate_limited: bool) {
@@ -53,24 +48,18 @@ fn access(kind: EventKind, request: u64, target: u32, rate_limited: bool) {
         }
         let _ = LAST_ACCESS.insert(key, now, 0);
     }
-    if let Some(mut event) = reserve::<ProcessAccessEvent>(kind) {
-        // SAFETY: the reserved entry is ours until submit.
-        let e = unsafe { &mut *event.as_mut_ptr() };
-        fill_header(&mut e.header, kind, process.as_ref());
+    send(kind, process.as_ref(), |e: &mut ProcessAccessEvent| {
         e.request = request;
         e.target_pid = target;
         e.targets_agent = targets_agent as u32;
-        let flags = wakeup_flags(size_of_val(&*event) as u64);
-        event.submit(flags);
-        submitted(kind);
-    }
+    });
 }
 
 // long sys_ptrace(long request, long pid, unsigned long addr, unsigned long data)
 #[tracepoint]
 pub fn sys_enter_ptrace(ctx: TracePointContext) -> u32 {
-    let request: u64 = arg(&ctx, 16);
-    let pid: i64 = arg(&ctx, 24);
+    let request: u64 = syscall_arg(&ctx, 0);
+    let pid: i64 = syscall_arg(&ctx, 1);
     match request {
         PTRACE_ATTACH | PTRACE_SEIZE => access(EventKind::Ptrace, request, pid as u32, false),
         PTRACE_PEEKTEXT | PTRACE_PEEKDATA | PTRACE_PEEKUSER => {
@@ -86,7 +75,7 @@ pub fn sys_enter_ptrace(ctx: TracePointContext) -> u32 {
 //                           unsigned long flags)
 #[tracepoint]
 pub fn sys_enter_process_vm_readv(ctx: TracePointContext) -> u32 {
-    let pid: i64 = arg(&ctx, 16);
+    let pid: i64 = syscall_arg(&ctx, 0);
     access(EventKind::ProcessVmRead, 0, pid as u32, true);
     0
 }

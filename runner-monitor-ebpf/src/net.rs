@@ -25,8 +25,11 @@ use runner_monitor_common::{
     EventKind, UNIX_PATH_LEN, counter,
 };
 
-use crate::emit::{
-    count, current_process, fill_header, fill_job, now_ns, submit_copy, within_budget,
+use crate::{
+    args::{syscall_arg, syscall_ret},
+    budget::within_budget,
+    emit::{fill_header, fill_job, send_built},
+    maps::{PRIVATE_MAP_ENTRIES, count, current_process, now_ns},
 };
 
 #[map]
@@ -34,7 +37,8 @@ static CONNECT_SCRATCH: PerCpuArray<ConnectEvent> = PerCpuArray::with_max_entrie
 
 /// thread id -> connect waiting for its result.
 #[map]
-static PENDING_CONNECTS: HashMap<u32, ConnectEvent> = HashMap::with_max_entries(4096, 0);
+static PENDING_CONNECTS: HashMap<u32, ConnectEvent> =
+    HashMap::with_max_entries(PRIVATE_MAP_ENTRIES, 0);
 
 /// Who owns a socket that talks to port 53.
 #[repr(C)]
@@ -51,10 +55,13 @@ struct DnsSocket {
     comm: [u8; COMM_LEN],
 }
 
+/// How many sockets that talk to port 53 are remembered at once.
+const MAX_DNS_SOCKETS: u32 = 8192;
+
 /// socket cookie -> owner, for sockets of job processes that sent to or connected to port 53.
 /// LRU: a closed socket's entry simply ages out.
 #[map]
-static DNS_SOCKETS: LruHashMap<u64, DnsSocket> = LruHashMap::with_max_entries(8192, 0);
+static DNS_SOCKETS: LruHashMap<u64, DnsSocket> = LruHashMap::with_max_entries(MAX_DNS_SOCKETS, 0);
 
 #[map]
 static DNS_SCRATCH: PerCpuArray<DnsEvent> = PerCpuArray::with_max_entries(1, 0);
@@ -64,21 +71,15 @@ const ETH_P_IP: u32 = 0x0800;
 const ETH_P_IPV6: u32 = 0x86DD;
 const IPPROTO_UDP: u8 = 17;
 
-#[inline(always)]
-fn arg<T: Default>(ctx: &TracePointContext, offset: usize) -> T {
-    // SAFETY: reads a field of the tracepoint record at a fixed offset.
-    unsafe { ctx.read_at::<T>(offset).unwrap_or_default() }
-}
-
 // long sys_connect(int fd, struct sockaddr __user *uservaddr, int addrlen)
 #[tracepoint]
 pub fn sys_enter_connect(ctx: TracePointContext) -> u32 {
     let Some(process) = current_process() else {
         return 0;
     };
-    let fd: i64 = arg(&ctx, 16);
-    let addr: u64 = arg(&ctx, 24);
-    let addrlen: i64 = arg(&ctx, 32);
+    let fd: i64 = syscall_arg(&ctx, 0);
+    let addr: u64 = syscall_arg(&ctx, 1);
+    let addrlen: i64 = syscall_arg(&ctx, 2);
     if addr == 0 {
         return 0;
     }
@@ -154,11 +155,11 @@ pub fn sys_exit_connect(ctx: TracePointContext) -> u32 {
     let Some(event) = PENDING_CONNECTS.get_ptr_mut(tid) else {
         return 0;
     };
-    // SAFETY: the entry belongs to this thread.
-    unsafe { (*event).result = arg::<i64>(&ctx, 16) };
-    // SAFETY: as above.
-    if within_budget(unsafe { (*event).header.job }, EventKind::Connect as u32) {
-        submit_copy(EventKind::Connect as u32, event as *const ConnectEvent);
+    // SAFETY: the entry belongs to this thread, which is the only one that touches it.
+    let event = unsafe { &mut *event };
+    event.result = syscall_ret(&ctx);
+    if within_budget(event.header.job, EventKind::Connect as u32) {
+        send_built::<ConnectEvent>(event);
     }
     let _ = PENDING_CONNECTS.remove(tid);
     0
@@ -337,7 +338,7 @@ fn dns_packet(ctx: &SkBuffContext, direction: u32) {
         event.len = if rc == 0 { len as u32 } else { 0 };
     }
     if within_budget(event.header.job, kind as u32) {
-        submit_copy(kind as u32, event as *const DnsEvent);
+        send_built::<DnsEvent>(event);
     }
 }
 

@@ -24,11 +24,13 @@ use runner_monitor_common::{
 use aya_log_ebpf::warn;
 
 use crate::{
-    emit::{
-        JOBS, PROCESSES, count, current_process, current_tgid, fill_header, now_ns, reserve,
-        submit_copy, submitted, wakeup_flags,
-    },
+    args::{field, syscall_arg, syscall_ret},
+    emit::{fill_header, send, send_built},
     files::read_user_path,
+    maps::{
+        JOBS, PRIVATE_EVENT_MAP_ENTRIES, PRIVATE_MAP_ENTRIES, PROCESSES, count, current_process,
+        current_tgid, now_ns,
+    },
     names::{NAMES, comm_key, key_of, split},
 };
 
@@ -46,32 +48,43 @@ static EXEC_SCRATCH: PerCpuArray<ExecScratch> = PerCpuArray::with_max_entries(1,
 
 /// thread id -> exec arguments read at `execve` entry, sent when the exec succeeds.
 #[map]
-static PENDING_EXECS: HashMap<u32, ExecScratch> = HashMap::with_max_entries(1024, 0);
+static PENDING_EXECS: HashMap<u32, ExecScratch> =
+    HashMap::with_max_entries(PRIVATE_EVENT_MAP_ENTRIES, 0);
 
 /// tgid -> status passed to `exit_group`, for the exit event.
 #[map]
-static EXIT_CODES: HashMap<u32, i32> = HashMap::with_max_entries(4096, 0);
+static EXIT_CODES: HashMap<u32, i32> = HashMap::with_max_entries(PRIVATE_MAP_ENTRIES, 0);
 
 #[map]
 static CHDIR_SCRATCH: PerCpuArray<ChdirEvent> = PerCpuArray::with_max_entries(1, 0);
 
 /// thread id -> chdir waiting for its result.
 #[map]
-static PENDING_CHDIRS: HashMap<u32, ChdirEvent> = HashMap::with_max_entries(1024, 0);
+static PENDING_CHDIRS: HashMap<u32, ChdirEvent> =
+    HashMap::with_max_entries(PRIVATE_EVENT_MAP_ENTRIES, 0);
 
 const CLONE_THREAD: u64 = 0x0001_0000;
 
-#[inline(always)]
-fn arg<T: Default>(ctx: &TracePointContext, offset: usize) -> T {
-    // SAFETY: reads a field of the tracepoint record at a fixed offset.
-    unsafe { ctx.read_at::<T>(offset).unwrap_or_default() }
+/// Offsets of the fields read from `task:task_newtask`, `sched:sched_process_exec` and
+/// `sched:sched_process_exit` records (after the 8-byte common header; see their `format` files).
+mod offsets {
+    /// task_newtask: `pid_t pid`.
+    pub const NEWTASK_PID: usize = 8;
+    /// task_newtask: `u64 clone_flags`.
+    pub const NEWTASK_CLONE_FLAGS: usize = 32;
+    /// sched_process_exec: `__data_loc char[] filename` (offset in the low 16 bits).
+    pub const EXEC_FILENAME: usize = 8;
+    /// sched_process_exec: `pid_t old_pid`.
+    pub const EXEC_OLD_PID: usize = 16;
+    /// sched_process_exit: `bool group_dead`.
+    pub const EXIT_GROUP_DEAD: usize = 32;
 }
 
 // task:task_newtask: pid_t pid; char comm[16]; u64 clone_flags; short oom_score_adj
 // Runs in the parent, before the child can run.
 #[tracepoint]
 pub fn task_newtask(ctx: TracePointContext) -> u32 {
-    let clone_flags: u64 = arg(&ctx, 32);
+    let clone_flags: u64 = field(&ctx, offsets::NEWTASK_CLONE_FLAGS);
     if clone_flags & CLONE_THREAD != 0 {
         // Threads share the process's entry (lookups are by tgid).
         return 0;
@@ -80,7 +93,7 @@ pub fn task_newtask(ctx: TracePointContext) -> u32 {
         job_parent_fork(&ctx);
         return 0;
     };
-    let child: i32 = arg(&ctx, 8);
+    let child: i32 = field(&ctx, offsets::NEWTASK_PID);
     let child = child as u32;
     let entry = ProcessJob {
         job: parent.job,
@@ -95,16 +108,10 @@ pub fn task_newtask(ctx: TracePointContext) -> u32 {
             "process map full: child {} of job process {} is untracked", child, entry.ppid
         );
     }
-    if let Some(mut event) = reserve::<ForkEvent>(EventKind::Fork) {
-        // SAFETY: the reserved entry is ours until submit.
-        let e = unsafe { &mut *event.as_mut_ptr() };
-        fill_header(&mut e.header, EventKind::Fork, Some(&parent));
+    send(EventKind::Fork, Some(&parent), |e: &mut ForkEvent| {
         e.child_tgid = child;
         e._pad = 0;
-        let flags = wakeup_flags(size_of_val(&*event) as u64);
-        event.submit(flags);
-        submitted(EventKind::Fork);
-    }
+    });
     0
 }
 
@@ -122,7 +129,7 @@ fn job_parent_fork(ctx: &TracePointContext) {
     if NAMES.get_ptr(key).is_none() {
         return;
     }
-    let child: i32 = arg(ctx, 8);
+    let child: i32 = field(ctx, offsets::NEWTASK_PID);
     let child = child as u32;
     if start_job(child, current_tgid(), boot_ns()).is_none() {
         warn!(
@@ -255,7 +262,7 @@ fn enter_exec(filename: u64, argv: u64) {
 // long sys_execve(const char __user *filename, const char __user *const __user *argv, ...)
 #[tracepoint]
 pub fn sys_enter_execve(ctx: TracePointContext) -> u32 {
-    enter_exec(arg(&ctx, 16), arg(&ctx, 24));
+    enter_exec(syscall_arg(&ctx, 0), syscall_arg(&ctx, 1));
     0
 }
 
@@ -263,15 +270,14 @@ pub fn sys_enter_execve(ctx: TracePointContext) -> u32 {
 //                   const char __user *const __user *envp, int flags)
 #[tracepoint]
 pub fn sys_enter_execveat(ctx: TracePointContext) -> u32 {
-    enter_exec(arg(&ctx, 24), arg(&ctx, 32));
+    enter_exec(syscall_arg(&ctx, 1), syscall_arg(&ctx, 2));
     0
 }
 
 /// A failed exec drops the kept arguments (a successful one sends them at `sched_process_exec`).
 #[tracepoint]
 pub fn sys_exit_exec(ctx: TracePointContext) -> u32 {
-    let ret: i64 = arg(&ctx, 16);
-    if ret < 0 {
+    if syscall_ret(&ctx) < 0 {
         let tid = bpf_get_current_pid_tgid() as u32;
         let _ = PENDING_EXECS.remove(tid);
     }
@@ -289,7 +295,7 @@ fn new_job_key() -> u64 {
 // sched:sched_process_exec: __data_loc char[] filename; pid_t pid; pid_t old_pid
 #[tracepoint]
 pub fn sched_process_exec(ctx: TracePointContext) -> u32 {
-    let old_pid: i32 = arg(&ctx, 16);
+    let old_pid: i32 = field(&ctx, offsets::EXEC_OLD_PID);
     let old_pid = old_pid as u32;
     let tgid = current_tgid();
     let Some(scratch) = EXEC_SCRATCH.get_ptr_mut(0) else {
@@ -298,7 +304,7 @@ pub fn sched_process_exec(ctx: TracePointContext) -> u32 {
     // SAFETY: per-CPU scratch owned by this program run.
     let scratch = unsafe { &mut *scratch };
     // The kernel's copy of the filename, from the tracepoint record.
-    let data_loc: u32 = arg(&ctx, 8);
+    let data_loc: u32 = field(&ctx, offsets::EXEC_FILENAME);
     let offset = (data_loc & 0xffff) as usize;
     // SAFETY: the record holds the string at `offset`; the helper bounds the copy.
     let n = unsafe {
@@ -353,7 +359,7 @@ pub fn sched_process_exec(ctx: TracePointContext) -> u32 {
     scratch.event.header.flags |= truncated;
     scratch.event.filename_len = if n > 0 { (n - 1) as u32 } else { 0 };
     scratch.event._pad = 0;
-    submit_copy(EventKind::Exec as u32, &scratch.event as *const ExecEvent);
+    send_built::<ExecEvent>(&scratch.event);
     0
 }
 
@@ -364,7 +370,7 @@ pub fn sys_enter_exit_group(ctx: TracePointContext) -> u32 {
     if current_process().is_none() {
         return 0;
     }
-    let code: i64 = arg(&ctx, 16);
+    let code: i64 = syscall_arg(&ctx, 0);
     let _ = EXIT_CODES.insert(tgid, code as i32, 0);
     0
 }
@@ -377,7 +383,7 @@ pub fn sched_process_exit(ctx: TracePointContext) -> u32 {
         return 0;
     };
     crate::files::forget_thread(bpf_get_current_pid_tgid() as u32);
-    let group_dead: u8 = arg(&ctx, 32);
+    let group_dead: u8 = field(&ctx, offsets::EXIT_GROUP_DEAD);
     if group_dead == 0 {
         return 0;
     }
@@ -385,11 +391,10 @@ pub fn sched_process_exit(ctx: TracePointContext) -> u32 {
     // SAFETY: copied out at once.
     let code = unsafe { EXIT_CODES.get(tgid).copied() };
     let _ = EXIT_CODES.remove(tgid);
-    if let Some(mut event) = reserve::<ExitEvent>(EventKind::Exit) {
-        // SAFETY: the reserved entry is ours until submit.
-        let e = unsafe { &mut *event.as_mut_ptr() };
-        fill_header(&mut e.header, EventKind::Exit, Some(&process));
-        match code {
+    send(
+        EventKind::Exit,
+        Some(&process),
+        |e: &mut ExitEvent| match code {
             Some(code) => {
                 e.exit_code = code;
                 e.flags = EXIT_CODE_KNOWN;
@@ -398,11 +403,8 @@ pub fn sched_process_exit(ctx: TracePointContext) -> u32 {
                 e.exit_code = 0;
                 e.flags = 0;
             }
-        }
-        let flags = wakeup_flags(size_of_val(&*event) as u64);
-        event.submit(flags);
-        submitted(EventKind::Exit);
-    }
+        },
+    );
     let _ = PROCESSES.remove(tgid);
     if process.flags & PROCESS_JOB_ROOT != 0
         && let Some(state) = JOBS.get_ptr_mut(process.job)
@@ -453,14 +455,14 @@ fn enter_chdir(fd: i32, path: u64) {
 // long sys_chdir(const char __user *filename)
 #[tracepoint]
 pub fn sys_enter_chdir(ctx: TracePointContext) -> u32 {
-    enter_chdir(-1, arg(&ctx, 16));
+    enter_chdir(-1, syscall_arg(&ctx, 0));
     0
 }
 
 // long sys_fchdir(unsigned int fd)
 #[tracepoint]
 pub fn sys_enter_fchdir(ctx: TracePointContext) -> u32 {
-    let fd: u64 = arg(&ctx, 16);
+    let fd: u64 = syscall_arg(&ctx, 0);
     enter_chdir(fd as i32, 0);
     0
 }
@@ -472,9 +474,9 @@ pub fn sys_exit_chdir(ctx: TracePointContext) -> u32 {
     let Some(event) = PENDING_CHDIRS.get_ptr(tid) else {
         return 0;
     };
-    let ret: i64 = arg(&ctx, 16);
-    if ret == 0 {
-        submit_copy(EventKind::Chdir as u32, event);
+    if syscall_ret(&ctx) == 0 {
+        // SAFETY: the entry belongs to this thread, which is the only one that touches it.
+        send_built::<ChdirEvent>(unsafe { &*event });
     }
     let _ = PENDING_CHDIRS.remove(tid);
     0

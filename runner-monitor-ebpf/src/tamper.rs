@@ -6,13 +6,11 @@ use runner_monitor_common::{
     SignalEvent,
 };
 
-use crate::emit::{agent_tgid, current_process, fill_header, reserve, submitted, wakeup_flags};
-
-#[inline(always)]
-fn arg<T: Default>(ctx: &TracePointContext, offset: usize) -> T {
-    // SAFETY: reads a field of the tracepoint record at a fixed offset.
-    unsafe { ctx.read_at::<T>(offset).unwrap_or_default() }
-}
+use crate::{
+    args::syscall_arg,
+    emit::send,
+    maps::{agent_tgid, current_process},
+};
 
 #[inline(always)]
 fn signal(target: i64, signal: i64, syscall: u32) {
@@ -21,38 +19,42 @@ fn signal(target: i64, signal: i64, syscall: u32) {
         return;
     }
     let process = current_process();
-    if let Some(mut event) = reserve::<SignalEvent>(EventKind::Signal) {
-        // SAFETY: the reserved entry is ours until submit.
-        let e = unsafe { &mut *event.as_mut_ptr() };
-        fill_header(&mut e.header, EventKind::Signal, process.as_ref());
-        e.target_pid = target as u32;
-        e.signal = signal as u32;
-        e.syscall = syscall;
-        e._pad = 0;
-        let flags = wakeup_flags(size_of_val(&*event) as u64);
-        event.submit(flags);
-        submitted(EventKind::Signal);
-    }
+    send(
+        EventKind::Signal,
+        process.as_ref(),
+        |e: &mut SignalEvent| {
+            e.target_pid = target as u32;
+            e.signal = signal as u32;
+            e.syscall = syscall;
+            e._pad = 0;
+        },
+    );
 }
 
 // long sys_kill(pid_t pid, int sig)
 #[tracepoint]
 pub fn sys_enter_kill(ctx: TracePointContext) -> u32 {
-    signal(arg(&ctx, 16), arg(&ctx, 24), SIGNAL_SYSCALL_KILL);
+    let pid: i64 = syscall_arg(&ctx, 0);
+    let sig: i64 = syscall_arg(&ctx, 1);
+    signal(pid, sig, SIGNAL_SYSCALL_KILL);
     0
 }
 
 // long sys_tkill(pid_t pid, int sig): a thread id; the agent's main thread has the agent's pid.
 #[tracepoint]
 pub fn sys_enter_tkill(ctx: TracePointContext) -> u32 {
-    signal(arg(&ctx, 16), arg(&ctx, 24), SIGNAL_SYSCALL_TKILL);
+    let pid: i64 = syscall_arg(&ctx, 0);
+    let sig: i64 = syscall_arg(&ctx, 1);
+    signal(pid, sig, SIGNAL_SYSCALL_TKILL);
     0
 }
 
 // long sys_tgkill(pid_t tgid, pid_t pid, int sig)
 #[tracepoint]
 pub fn sys_enter_tgkill(ctx: TracePointContext) -> u32 {
-    signal(arg(&ctx, 16), arg(&ctx, 32), SIGNAL_SYSCALL_TGKILL);
+    let tgid: i64 = syscall_arg(&ctx, 0);
+    let sig: i64 = syscall_arg(&ctx, 2);
+    signal(tgid, sig, SIGNAL_SYSCALL_TGKILL);
     0
 }
 
@@ -62,16 +64,10 @@ pub fn sys_enter_bpf(ctx: TracePointContext) -> u32 {
     let Some(process) = current_process() else {
         return 0;
     };
-    let cmd: i64 = arg(&ctx, 16);
-    if let Some(mut event) = reserve::<BpfEvent>(EventKind::Bpf) {
-        // SAFETY: the reserved entry is ours until submit.
-        let e = unsafe { &mut *event.as_mut_ptr() };
-        fill_header(&mut e.header, EventKind::Bpf, Some(&process));
+    let cmd: i64 = syscall_arg(&ctx, 0);
+    send(EventKind::Bpf, Some(&process), |e: &mut BpfEvent| {
         e.cmd = cmd as u32;
         e._pad = 0;
-        let flags = wakeup_flags(size_of_val(&*event) as u64);
-        event.submit(flags);
-        submitted(EventKind::Bpf);
-    }
+    });
     0
 }
