@@ -19,7 +19,7 @@ use crate::bounded::BoundedMap;
 pub use finding::Finding;
 
 use crate::{
-    event::{Event, EventDetail, JobInfo, JobKey},
+    event::{Dns, Event, EventDetail, JobInfo, JobKey},
     policy::{JobSelector, Policy},
 };
 
@@ -272,101 +272,19 @@ impl Engine {
     fn track(&mut self, event: &Event, out: &mut Vec<Finding>) {
         let pid = event.process.pid;
         let job = event.job.as_ref().map(|j| j.key);
-        // A job the engine has not seen yet: the kernel knows it (root recognised at exec, or a
-        // root registered before the engine started).
-        if let Some(j) = &event.job
-            && !self.jobs.contains_key(&j.key)
-        {
-            let root_pid = if j.root { pid } else { 0 };
-            self.start_job(j.key, JobInfo::default(), root_pid);
-            if j.ended {
-                self.end_job(j.key, event.time_ns, out);
-            }
-        }
+        self.track_unseen_job(event, out);
         if job.is_some() && !self.processes.contains_key(&pid) {
             let known = self.exited.remove(&pid);
             self.processes
                 .insert(pid, known.unwrap_or_else(|| self.new_process(event)));
         }
         match &event.detail {
-            EventDetail::Fork { child_pid } => {
-                let mut child = self
-                    .processes
-                    .get(&pid)
-                    .cloned()
-                    .unwrap_or_else(|| self.new_process(event));
-                child.pid = *child_pid;
-                child.ppid = pid;
-                child.kinds.clear();
-                child.harvesting_reported = false;
-                // A reused pid starts afresh.
-                self.exited.remove(child_pid);
-                self.processes.insert(*child_pid, child);
-            }
-            EventDetail::Exec { filename, argv, .. } => {
-                if let Some(p) = self.processes.get_mut(&pid) {
-                    p.exe = Some(filename.clone());
-                    p.cmdline = Some(argv.join(" "));
-                    p.comm = event.process.comm.clone();
-                    let base = filename.rsplit('/').next().unwrap_or(filename);
-                    if matches!(
-                        base,
-                        "setsid" | "nohup" | "daemonize" | "disown" | "start-stop-daemon"
-                    ) {
-                        p.detached_via.insert(base.to_owned());
-                    }
-                }
-            }
-            EventDetail::Exit { .. } => {
-                if let Some(p) = self.processes.remove(&pid) {
-                    self.exited.insert(pid, p);
-                }
-                if let Some(j) = &event.job
-                    && j.root
-                {
-                    match self.jobs.get_mut(&j.key) {
-                        // A stage ended; the job waits for the next one (see detect::timers).
-                        Some(job) if job.staged && job.ended_ns.is_none() => {
-                            job.last_stage_exit = Some(event.time_ns);
-                            let gap = self.policy.stage_gap_seconds.saturating_mul(1_000_000_000);
-                            self.next_timer_ns =
-                                self.next_timer_ns.min(event.time_ns.saturating_add(gap));
-                        }
-                        _ => self.end_job(j.key, event.time_ns, out),
-                    }
-                }
-            }
+            EventDetail::Fork { child_pid } => self.track_fork(event, *child_pid),
+            EventDetail::Exec { filename, argv, .. } => self.track_exec(event, filename, argv),
+            EventDetail::Exit { .. } => self.track_exit(event, out),
             EventDetail::JobStart(info) => {
                 if let Some(key) = job {
-                    let staged = self.policy.has_stages(info.platform.as_deref());
-                    // Another stage of a running job with this id: it joins that job.
-                    let running = self
-                        .jobs
-                        .iter()
-                        .find(|(k, j)| {
-                            **k != key
-                                && j.staged
-                                && j.ended_ns.is_none()
-                                && j.info.id == info.id
-                                && j.info.platform == info.platform
-                        })
-                        .map(|(k, _)| *k);
-                    if staged && let Some(job) = running {
-                        self.join_stage(key, job);
-                        return;
-                    }
-                    match self.jobs.get_mut(&key) {
-                        Some(existing) => existing.info = info.clone(),
-                        None => self.start_job(key, info.clone(), pid),
-                    }
-                    if let Some(j) = self.jobs.get_mut(&key) {
-                        j.staged = staged;
-                    }
-                    if let Some(j) = self.jobs.get_mut(&key)
-                        && j.root_pid == 0
-                    {
-                        j.root_pid = pid;
-                    }
+                    self.track_job_start(key, info, pid);
                 }
             }
             EventDetail::CredentialFingerprint { fingerprint, .. } => {
@@ -381,28 +299,137 @@ impl Engine {
             }
             EventDetail::DnsAnswer(dns) => {
                 if let Some(key) = job {
-                    let mut names: Vec<String> = dns
-                        .questions
-                        .iter()
-                        .map(|q| q.name.trim_end_matches('.').to_owned())
-                        .collect();
-                    for record in &dns.answers {
-                        let name = record.name.trim_end_matches('.').to_owned();
-                        if !names.contains(&name) {
-                            names.push(name);
-                        }
-                        if let Ok(ip) = record.data.parse::<IpAddr>() {
-                            let entry = self.dns.get_or_insert_with((key, ip), Vec::new);
-                            for n in &names {
-                                if !entry.contains(n) && entry.len() < 8 {
-                                    entry.push(n.clone());
-                                }
-                            }
-                        }
-                    }
+                    self.track_dns_answer(key, dns);
                 }
             }
             _ => {}
+        }
+    }
+
+    /// A job the engine has not seen yet: the kernel knows it (root recognised at exec, or a
+    /// root registered before the engine started).
+    fn track_unseen_job(&mut self, event: &Event, out: &mut Vec<Finding>) {
+        if let Some(j) = &event.job
+            && !self.jobs.contains_key(&j.key)
+        {
+            let root_pid = if j.root { event.process.pid } else { 0 };
+            self.start_job(j.key, JobInfo::default(), root_pid);
+            if j.ended {
+                self.end_job(j.key, event.time_ns, out);
+            }
+        }
+    }
+
+    /// A fork: the child starts as a copy of its parent, without the parent's credential kinds.
+    fn track_fork(&mut self, event: &Event, child_pid: u32) {
+        let pid = event.process.pid;
+        let mut child = self
+            .processes
+            .get(&pid)
+            .cloned()
+            .unwrap_or_else(|| self.new_process(event));
+        child.pid = child_pid;
+        child.ppid = pid;
+        child.kinds.clear();
+        child.harvesting_reported = false;
+        // A reused pid starts afresh.
+        self.exited.remove(&child_pid);
+        self.processes.insert(child_pid, child);
+    }
+
+    /// An exec: the process's new program, and whether it is one that detaches from a job.
+    fn track_exec(&mut self, event: &Event, filename: &str, argv: &[String]) {
+        if let Some(p) = self.processes.get_mut(&event.process.pid) {
+            p.exe = Some(filename.to_owned());
+            p.cmdline = Some(argv.join(" "));
+            p.comm = event.process.comm.clone();
+            let base = filename.rsplit('/').next().unwrap_or(filename);
+            if matches!(
+                base,
+                "setsid" | "nohup" | "daemonize" | "disown" | "start-stop-daemon"
+            ) {
+                p.detached_via.insert(base.to_owned());
+            }
+        }
+    }
+
+    /// An exit: the process moves to the exited table; a job root's exit ends its job, or, for a
+    /// staged job, its stage.
+    fn track_exit(&mut self, event: &Event, out: &mut Vec<Finding>) {
+        let pid = event.process.pid;
+        if let Some(p) = self.processes.remove(&pid) {
+            self.exited.insert(pid, p);
+        }
+        if let Some(j) = &event.job
+            && j.root
+        {
+            match self.jobs.get_mut(&j.key) {
+                // A stage ended; the job waits for the next one (see detect::timers).
+                Some(job) if job.staged && job.ended_ns.is_none() => {
+                    job.last_stage_exit = Some(event.time_ns);
+                    let gap = self.policy.stage_gap_seconds.saturating_mul(1_000_000_000);
+                    self.next_timer_ns = self.next_timer_ns.min(event.time_ns.saturating_add(gap));
+                }
+                _ => self.end_job(j.key, event.time_ns, out),
+            }
+        }
+    }
+
+    /// The agent identified job `key`, whose root is `pid`: it starts (or takes the identity), or
+    /// joins the running job it is another stage of.
+    fn track_job_start(&mut self, key: JobKey, info: &JobInfo, pid: u32) {
+        let staged = self.policy.has_stages(info.platform.as_deref());
+        // Another stage of a running job with this id: it joins that job.
+        let running = self
+            .jobs
+            .iter()
+            .find(|(k, j)| {
+                **k != key
+                    && j.staged
+                    && j.ended_ns.is_none()
+                    && j.info.id == info.id
+                    && j.info.platform == info.platform
+            })
+            .map(|(k, _)| *k);
+        if staged && let Some(job) = running {
+            self.join_stage(key, job);
+            return;
+        }
+        match self.jobs.get_mut(&key) {
+            Some(existing) => existing.info = info.clone(),
+            None => self.start_job(key, info.clone(), pid),
+        }
+        if let Some(j) = self.jobs.get_mut(&key) {
+            j.staged = staged;
+        }
+        if let Some(j) = self.jobs.get_mut(&key)
+            && j.root_pid == 0
+        {
+            j.root_pid = pid;
+        }
+    }
+
+    /// A DNS answer to job `key`: the names it asked for and got, by the addresses they resolved
+    /// to (at most 8 names an address).
+    fn track_dns_answer(&mut self, key: JobKey, dns: &Dns) {
+        let mut names: Vec<String> = dns
+            .questions
+            .iter()
+            .map(|q| q.name.trim_end_matches('.').to_owned())
+            .collect();
+        for record in &dns.answers {
+            let name = record.name.trim_end_matches('.').to_owned();
+            if !names.contains(&name) {
+                names.push(name);
+            }
+            if let Ok(ip) = record.data.parse::<IpAddr>() {
+                let entry = self.dns.get_or_insert_with((key, ip), Vec::new);
+                for n in &names {
+                    if !entry.contains(n) && entry.len() < 8 {
+                        entry.push(n.clone());
+                    }
+                }
+            }
         }
     }
 

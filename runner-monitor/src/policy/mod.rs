@@ -3,6 +3,7 @@
 //!
 //! Every error names the file, the line and column, and the field.
 
+mod compile;
 mod file;
 
 pub use file::JobIdentity;
@@ -14,12 +15,9 @@ use std::{
     path::Path,
 };
 
-use globset::{Glob, GlobBuilder, GlobMatcher, GlobSet, GlobSetBuilder};
+use globset::{GlobMatcher, GlobSet};
 use ipnet::IpNet;
 pub use sensor::SensorPolicy;
-use toml::Spanned;
-
-use runner_monitor_common::COMM_LEN;
 
 use crate::rule::{RuleId, Severity};
 
@@ -196,14 +194,6 @@ fn field_at(text: &str, at: usize) -> String {
     }
 }
 
-fn path_glob(pattern: &str) -> Result<Glob, globset::Error> {
-    GlobBuilder::new(pattern).literal_separator(true).build()
-}
-
-fn name_glob(pattern: &str) -> Result<GlobMatcher, globset::Error> {
-    Ok(GlobBuilder::new(pattern).build()?.compile_matcher())
-}
-
 impl Policy {
     /// The built-in policy.
     pub fn builtin() -> Self {
@@ -232,245 +222,6 @@ impl Policy {
             src.error(span.clone(), &field_at(text, span.start), message)
         })?;
         Self::compile(parsed, &src)
-    }
-
-    fn compile(f: file::PolicyFile, src: &Source<'_>) -> Result<Self, PolicyError> {
-        let err =
-            |s: &std::ops::Range<usize>, field: String, m: String| src.error(s.clone(), &field, m);
-
-        let mut job_root_executables = Vec::new();
-        for (i, exe) in f.agent.job_root_executables.iter().enumerate() {
-            let name = exe.get_ref();
-            if name.is_empty() || name.contains('/') || name.len() > runner_monitor_common::NAME_LEN
-            {
-                return Err(err(
-                    &exe.span(),
-                    format!("agent.job_root_executables[{i}]"),
-                    format!(
-                        "an executable basename of 1 to {} bytes without '/'",
-                        runner_monitor_common::NAME_LEN
-                    ),
-                ));
-            }
-            job_root_executables.push(name.clone());
-        }
-        let mut job_parent_executables = Vec::new();
-        for (i, comm) in f.agent.job_parent_executables.iter().enumerate() {
-            let name = comm.get_ref();
-            if name.is_empty() || name.len() >= COMM_LEN || name.contains('/') {
-                return Err(err(
-                    &comm.span(),
-                    format!("agent.job_parent_executables[{i}]"),
-                    format!(
-                        "a process name (comm) of 1 to {} bytes without '/'",
-                        COMM_LEN - 1
-                    ),
-                ));
-            }
-            job_parent_executables.push(name.clone());
-        }
-        if f.agent.harvesting_kinds < 2 {
-            return Err(src.error(0..0, "agent.harvesting_kinds", "must be at least 2"));
-        }
-
-        let mut credentials = Vec::new();
-        let mut builder = GlobSetBuilder::new();
-        let mut credential_owner = Vec::new();
-        for (i, c) in f.credentials.iter().enumerate() {
-            let kind = c.kind.get_ref().trim();
-            if kind.is_empty() {
-                return Err(err(
-                    &c.kind.span(),
-                    format!("credentials[{i}].kind"),
-                    "empty".into(),
-                ));
-            }
-            if c.paths.is_empty() {
-                return Err(err(
-                    &c.kind.span(),
-                    format!("credentials[{i}].paths"),
-                    "no paths".into(),
-                ));
-            }
-            let mut patterns = Vec::new();
-            for (j, p) in c.paths.iter().enumerate() {
-                let field = format!("credentials[{i}].paths[{j}]");
-                let glob = path_glob(p.get_ref())
-                    .map_err(|e| err(&p.span(), field.clone(), e.to_string()))?;
-                if !p.get_ref().starts_with('/') && !p.get_ref().starts_with("**/") {
-                    return Err(err(
-                        &p.span(),
-                        field,
-                        "must be absolute or start with **/".into(),
-                    ));
-                }
-                sensor::kernel_name(p.get_ref()).map_err(|m| err(&p.span(), field, m))?;
-                builder.add(glob);
-                credential_owner.push(credentials.len());
-                patterns.push(p.get_ref().clone());
-            }
-            credentials.push(CredentialKind {
-                kind: kind.to_owned(),
-                runner: c.runner,
-                patterns,
-            });
-        }
-        let credential_set = builder
-            .build()
-            .map_err(|e| src.error(0..0, "credentials", e.to_string()))?;
-
-        let mut secret_socket_kinds = Vec::new();
-        let mut builder = GlobSetBuilder::new();
-        let mut socket_owner = Vec::new();
-        for (i, s) in f.secret_sockets.iter().enumerate() {
-            for (j, p) in s.paths.iter().enumerate() {
-                let field = format!("secret_sockets[{i}].paths[{j}]");
-                let glob =
-                    path_glob(p.get_ref()).map_err(|e| err(&p.span(), field, e.to_string()))?;
-                builder.add(glob);
-                socket_owner.push(secret_socket_kinds.len());
-            }
-            secret_socket_kinds.push(s.kind.get_ref().clone());
-        }
-        let socket_set = builder
-            .build()
-            .map_err(|e| src.error(0..0, "secret_sockets", e.to_string()))?;
-
-        let mut metadata_endpoints = Vec::new();
-        for (i, e) in f.metadata.endpoints.iter().enumerate() {
-            let ip: IpAddr = e.get_ref().parse().map_err(|_| {
-                err(
-                    &e.span(),
-                    format!("metadata.endpoints[{i}]"),
-                    format!("not an IP address: {:?}", e.get_ref()),
-                )
-            })?;
-            metadata_endpoints.push(ip);
-        }
-
-        let destinations = |list: &[Spanned<file::DestinationEntry>],
-                            at: &str|
-         -> Result<Vec<AllowedDestination>, PolicyError> {
-            list.iter()
-                .enumerate()
-                .map(|(i, d)| destination(d, &format!("{at}[{i}]"), src))
-                .collect()
-        };
-        let egress_allow = destinations(&f.egress.allow, "egress.allow")?;
-
-        let mut rules = Vec::new();
-        let known_sockets: BTreeSet<&str> =
-            secret_socket_kinds.iter().map(String::as_str).collect();
-        for (i, r) in f.rules.iter().enumerate() {
-            let at = format!("rules[{i}]");
-            let selector =
-                |g: &Option<Spanned<String>>, field: &str| -> Result<GlobMatcher, PolicyError> {
-                    match g {
-                        None => Ok(name_glob("*").expect("valid")),
-                        Some(g) => name_glob(g.get_ref())
-                            .map_err(|e| err(&g.span(), format!("{at}.{field}"), e.to_string())),
-                    }
-                };
-            let repository = selector(&r.repository, "repository")?;
-            let workflow = selector(&r.workflow, "workflow")?;
-            let allow_egress = destinations(&r.allow_egress, &format!("{at}.allow_egress"))?;
-            let mut secret_sockets = BTreeSet::new();
-            for (j, s) in r.secret_sockets.iter().enumerate() {
-                if !known_sockets.contains(s.get_ref().as_str()) {
-                    return Err(err(
-                        &s.span(),
-                        format!("{at}.secret_sockets[{j}]"),
-                        format!(
-                            "no secret socket kind {:?} (known: {:?})",
-                            s.get_ref(),
-                            known_sockets
-                        ),
-                    ));
-                }
-                secret_sockets.insert(s.get_ref().clone());
-            }
-            let mut severity = BTreeMap::new();
-            for (rule, level) in &r.severity {
-                let field = format!("{at}.severity.{rule}");
-                let rule_id = RuleId::parse(rule).ok_or_else(|| {
-                    err(&level.span(), field.clone(), format!("no rule {rule:?}"))
-                })?;
-                let level_value = Severity::parse(level.get_ref()).ok_or_else(|| {
-                    err(
-                        &level.span(),
-                        field,
-                        format!(
-                            "severity must be info, low, medium, high or critical, not {:?}",
-                            level.get_ref()
-                        ),
-                    )
-                })?;
-                severity.insert(rule_id, level_value);
-            }
-            let mut suppress = BTreeMap::new();
-            for (j, s) in r.suppress.iter().enumerate() {
-                let field = format!("{at}.suppress[{j}]");
-                let entry = s.get_ref();
-                let rule_id = RuleId::parse(&entry.rule).ok_or_else(|| {
-                    err(
-                        &s.span(),
-                        format!("{field}.rule"),
-                        format!("no rule {:?}", entry.rule),
-                    )
-                })?;
-                if entry.reason.trim().is_empty() {
-                    return Err(err(
-                        &s.span(),
-                        format!("{field}.reason"),
-                        "a suppression needs a reason".into(),
-                    ));
-                }
-                suppress.insert(rule_id, entry.reason.clone());
-            }
-            rules.push(JobRule {
-                repository,
-                workflow,
-                allow_egress,
-                secret_sockets,
-                grace_period_seconds: r.grace_period_seconds,
-                severity,
-                suppress,
-            });
-        }
-
-        for (i, id) in f.job_identity.iter().enumerate() {
-            if id.id.is_empty() || id.detect.is_empty() {
-                return Err(src.error(
-                    0..0,
-                    &format!("job_identity[{i}]"),
-                    "needs `detect` and at least one `id` variable",
-                ));
-            }
-        }
-        Ok(Self {
-            job_root_executables,
-            job_parent_executables,
-            stage_gap_seconds: f.agent.stage_gap_seconds,
-            job_identity: f.job_identity,
-            grace_period_seconds: f.agent.grace_period_seconds,
-            dedup_window_seconds: f.agent.dedup_window_seconds,
-            harvesting_kinds: f.agent.harvesting_kinds,
-            max_processes: f.limits.processes.max(16),
-            max_jobs: f.limits.jobs.max(4),
-            max_credentials: f.limits.credentials.max(16),
-            max_dns_addresses: f.limits.dns_addresses.max(16),
-            job_events_per_second: f.limits.job_events_per_second,
-            credentials,
-            credential_set,
-            credential_owner,
-            credential_cache: Default::default(),
-            secret_socket_kinds,
-            socket_set,
-            socket_owner,
-            metadata_endpoints,
-            egress_allow,
-            rules,
-        })
     }
 
     /// The credential kind of a path, if it is a credential.
@@ -539,51 +290,6 @@ impl Policy {
         p.job_events_per_second = self.job_events_per_second;
         p
     }
-}
-
-fn destination(
-    d: &Spanned<file::DestinationEntry>,
-    field: &str,
-    src: &Source<'_>,
-) -> Result<AllowedDestination, PolicyError> {
-    let entry = d.get_ref();
-    let destination = match (&entry.cidr, &entry.name) {
-        (Some(cidr), None) => {
-            let net: IpNet = cidr
-                .parse()
-                .or_else(|_| cidr.parse::<IpAddr>().map(IpNet::from))
-                .map_err(|_| {
-                    src.error(
-                        d.span(),
-                        &format!("{field}.cidr"),
-                        format!("not a CIDR or IP: {cidr:?}"),
-                    )
-                })?;
-            Destination::Net(net)
-        }
-        (None, Some(name)) => {
-            let name = name.trim_end_matches('.').to_ascii_lowercase();
-            let bare = name.strip_prefix("*.").unwrap_or(&name);
-            if bare.is_empty()
-                || bare.contains('*')
-                || bare.contains(|c: char| c.is_whitespace() || c == '/')
-            {
-                return Err(src.error(
-                    d.span(),
-                    &format!("{field}.name"),
-                    format!("a DNS name, optionally starting with '*.', not {name:?}"),
-                ));
-            }
-            Destination::Name(name)
-        }
-        _ => {
-            return Err(src.error(d.span(), field, "exactly one of `cidr` or `name`"));
-        }
-    };
-    Ok(AllowedDestination {
-        destination,
-        ports: entry.ports.clone(),
-    })
 }
 
 #[cfg(test)]

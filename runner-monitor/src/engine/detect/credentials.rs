@@ -7,6 +7,7 @@ use crate::{
     rule::RuleId,
 };
 
+/// A file a job process opened: another process's memory, or a credential read or written.
 pub(super) fn file_open(
     engine: &mut Engine,
     event: &Event,
@@ -17,29 +18,7 @@ pub(super) fn file_open(
         return;
     };
     if let Some(target) = f.target_pid {
-        let what = f.path.rsplit('/').next().unwrap_or("mem").to_owned();
-        let verb = if f.result >= 0 {
-            "read"
-        } else {
-            "tried to read"
-        };
-        let mut finding = engine.raise(
-            RuleId::ProcessMemoryAccess,
-            event,
-            format!(
-                "{verb} the {what} of pid {target}{}",
-                engine
-                    .target_exe(target)
-                    .map(|e| format!(" ({e})"))
-                    .unwrap_or_default()
-            ),
-        );
-        finding.target = Some(TargetProcess {
-            pid: target,
-            exe: engine.target_exe(target),
-            access: f.path.clone(),
-        });
-        out.push(finding);
+        out.push(process_memory_access(engine, event, f, target));
         return;
     }
     let Some(kind) = engine.policy.credential_of(&f.path) else {
@@ -60,26 +39,10 @@ pub(super) fn file_open(
     };
 
     if is_ended(event) {
-        let mut finding = engine.raise(
-            RuleId::CredentialAfterJobEnd,
-            event,
-            format!(
-                "{verb} {kind_name} credential {} {}",
-                f.path,
-                engine.after_end_text(event)
-            ),
-        );
-        finding.credential = Some(credential.clone());
-        out.push(finding);
+        out.push(credential_after_job_end(engine, event, verb, &credential));
     }
     if runner {
-        let mut finding = engine.raise(
-            RuleId::RunnerCredentialAccess,
-            event,
-            format!("{verb} the runner's registration credential {}", f.path),
-        );
-        finding.credential = Some(credential.clone());
-        out.push(finding);
+        out.push(runner_credential_access(engine, event, verb, &credential));
         return;
     }
     if f.result < 0 {
@@ -92,59 +55,141 @@ pub(super) fn file_open(
         .or_default() += 1;
     if f.write {
         materialise(engine, job_key, &f.path, &kind_name);
-    } else {
-        // Who wrote this credential: by path, or by content (fingerprint) when it was copied.
-        let by_path = engine.ledger.get(&f.path).and_then(|e| e.materialised_by);
-        let by_content = f
-            .fingerprint
-            .as_ref()
-            .and_then(|fp| engine.fingerprints.get(fp).copied());
-        let origin = by_path
-            .filter(|o| *o != job_key)
-            .or(by_content.filter(|o| *o != job_key));
-        if let Some(origin) = origin {
-            let copied = by_path != Some(origin);
-            out.push(reuse(engine, event, job_key, origin, &credential, copied));
-        }
+    } else if let Some((origin, copied)) = written_by_another_job(engine, job_key, f) {
+        out.push(reuse(engine, event, job_key, origin, &credential, copied));
     }
+    if let Some(finding) = credential_harvesting(engine, event, job_key, &kind_name, credential) {
+        out.push(finding);
+    }
+}
 
-    // Harvesting: many kinds in one job, or in one process; each reported once.
+/// Another process's `/proc/<pid>/{mem,environ,maps}` opened, or tried.
+fn process_memory_access(engine: &Engine, event: &Event, f: &FileAccess, target: u32) -> Finding {
+    let what = f.path.rsplit('/').next().unwrap_or("mem").to_owned();
+    let verb = if f.result >= 0 {
+        "read"
+    } else {
+        "tried to read"
+    };
+    let mut finding = engine.raise(
+        RuleId::ProcessMemoryAccess,
+        event,
+        format!(
+            "{verb} the {what} of pid {target}{}",
+            engine
+                .target_exe(target)
+                .map(|e| format!(" ({e})"))
+                .unwrap_or_default()
+        ),
+    );
+    finding.target = Some(TargetProcess {
+        pid: target,
+        exe: engine.target_exe(target),
+        access: f.path.clone(),
+    });
+    finding
+}
+
+/// A credential touched by a process its job left behind.
+fn credential_after_job_end(
+    engine: &Engine,
+    event: &Event,
+    verb: &str,
+    credential: &CredentialRef,
+) -> Finding {
+    let mut finding = engine.raise(
+        RuleId::CredentialAfterJobEnd,
+        event,
+        format!(
+            "{verb} {} credential {} {}",
+            credential.kind,
+            credential.path,
+            engine.after_end_text(event)
+        ),
+    );
+    finding.credential = Some(credential.clone());
+    finding
+}
+
+/// The runner's own registration credential touched by a job.
+fn runner_credential_access(
+    engine: &Engine,
+    event: &Event,
+    verb: &str,
+    credential: &CredentialRef,
+) -> Finding {
+    let mut finding = engine.raise(
+        RuleId::RunnerCredentialAccess,
+        event,
+        format!(
+            "{verb} the runner's registration credential {}",
+            credential.path
+        ),
+    );
+    finding.credential = Some(credential.clone());
+    finding
+}
+
+/// The other job that wrote the credential `job` reads, by path, or by content (fingerprint)
+/// when it was copied; and whether it was copied.
+fn written_by_another_job(engine: &Engine, job: JobKey, f: &FileAccess) -> Option<(JobKey, bool)> {
+    let by_path = engine.ledger.get(&f.path).and_then(|e| e.materialised_by);
+    let by_content = f
+        .fingerprint
+        .as_ref()
+        .and_then(|fp| engine.fingerprints.get(fp).copied());
+    let origin = by_path
+        .filter(|o| *o != job)
+        .or(by_content.filter(|o| *o != job))?;
+    Some((origin, by_path != Some(origin)))
+}
+
+/// Harvesting: many credential kinds in one job, or in one process; each reported once. Records
+/// `kind` as touched by the process and its job.
+fn credential_harvesting(
+    engine: &mut Engine,
+    event: &Event,
+    job: JobKey,
+    kind: &str,
+    credential: CredentialRef,
+) -> Option<Finding> {
     let threshold = engine.policy.harvesting_kinds;
     let mut process_kinds = Vec::new();
     if let Some(p) = engine.processes.get_mut(&event.process.pid) {
-        p.kinds.insert(kind_name.clone());
+        p.kinds.insert(kind.to_owned());
         if p.kinds.len() >= threshold && !p.harvesting_reported {
             p.harvesting_reported = true;
             process_kinds = p.kinds.iter().cloned().collect();
         }
     }
     let mut job_kinds = Vec::new();
-    if let Some(job) = engine.jobs.get_mut(&job_key) {
-        job.kinds.insert(kind_name.clone());
-        if job.kinds.len() >= threshold && !job.harvesting_reported {
-            job.harvesting_reported = true;
-            job_kinds = job.kinds.iter().cloned().collect();
+    if let Some(j) = engine.jobs.get_mut(&job) {
+        j.kinds.insert(kind.to_owned());
+        if j.kinds.len() >= threshold && !j.harvesting_reported {
+            j.harvesting_reported = true;
+            job_kinds = j.kinds.iter().cloned().collect();
         }
     }
-    let kinds = if !job_kinds.is_empty() {
+    let kinds: Vec<String> = if !job_kinds.is_empty() {
         job_kinds
     } else {
         process_kinds
     };
-    if !kinds.is_empty() {
-        let mut finding = engine.raise(
-            RuleId::CredentialHarvesting,
-            event,
-            format!(
-                "touched credentials of {} kinds: {}",
-                kinds.len(),
-                kinds.join(", ")
-            ),
-        );
-        finding.kinds = kinds;
-        finding.credential = Some(credential);
-        out.push(finding);
+    if kinds.is_empty() {
+        return None;
     }
+    let mut finding = engine.raise(
+        RuleId::CredentialHarvesting,
+        event,
+        format!(
+            "touched credentials of {} kinds: {}",
+            kinds.len(),
+            kinds.join(", ")
+        ),
+    );
+    finding.kinds = kinds;
+    finding.credential = Some(credential);
+    Some(finding)
 }
 
 /// A credential of job `origin` used by `job`: critical across repositories.
