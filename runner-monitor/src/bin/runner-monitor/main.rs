@@ -16,6 +16,7 @@ use runner_monitor::{
 };
 
 mod agent;
+mod hooks;
 mod requests;
 
 use agent::RunArgs;
@@ -53,6 +54,9 @@ enum Command {
         #[arg(long, value_name = "FILE", default_value = "-")]
         alerts_out: PathBuf,
     },
+    /// Point GitHub / GitLab runners at runner-monitor's hook scripts, or take them out.
+    #[command(subcommand)]
+    Hooks(hooks::HooksCommand),
     /// Probe what this kernel supports and print the sensor set the agent would use.
     Check {
         /// Print JSON instead of a table.
@@ -143,6 +147,7 @@ fn run_cli() -> anyhow::Result<()> {
     match cli.command {
         Command::Check { json } => check(json),
         Command::Job(command) => job_command(command),
+        Command::Hooks(command) => hooks::run(command),
         Command::Replay {
             events,
             policy,
