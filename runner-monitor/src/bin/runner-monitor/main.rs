@@ -16,6 +16,7 @@ use runner_monitor::{
 };
 
 mod agent;
+mod baseline;
 mod requests;
 
 use agent::RunArgs;
@@ -53,6 +54,9 @@ enum Command {
         #[arg(long, value_name = "FILE", default_value = "-")]
         alerts_out: PathBuf,
     },
+    /// Learn per-repository baselines from recorded traces of normal jobs.
+    #[command(subcommand)]
+    Baseline(baseline::BaselineCommand),
     /// Probe what this kernel supports and print the sensor set the agent would use.
     Check {
         /// Print JSON instead of a table.
@@ -148,6 +152,7 @@ fn run_cli() -> anyhow::Result<()> {
             policy,
             alerts_out,
         } => replay(&events, policy.as_deref(), &alerts_out),
+        Command::Baseline(command) => baseline::command(command),
         Command::Policy(PolicyCommand::Check { file }) => {
             let policy = Policy::load(&file)?;
             println!(
