@@ -133,6 +133,16 @@ impl Pipeline {
         self.policy = policy;
     }
 
+    /// From now on, the engine records what jobs use (learning a baseline: `crate::baseline`).
+    pub fn record_usage(&mut self) {
+        self.engine.record_usage();
+    }
+
+    /// What jobs used since the last call, as the engine judged it.
+    pub fn take_usage(&mut self) -> Vec<crate::engine::usage::Usage> {
+        self.engine.take_usage()
+    }
+
     /// The engine, e.g. to snapshot it.
     pub fn engine(&self) -> &Engine {
         &self.engine

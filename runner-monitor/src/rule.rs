@@ -17,6 +17,7 @@ pub enum RuleId {
     CredentialHarvesting,
     AgentTamper,
     SensorDegraded,
+    BaselineDeviation,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -60,7 +61,7 @@ pub struct Technique {
 }
 
 impl RuleId {
-    pub const ALL: [RuleId; 12] = [
+    pub const ALL: [RuleId; 13] = [
         RuleId::CredentialAfterJobEnd,
         RuleId::ProcessSurvivedJob,
         RuleId::CredentialLeftBehind,
@@ -73,6 +74,7 @@ impl RuleId {
         RuleId::CredentialHarvesting,
         RuleId::AgentTamper,
         RuleId::SensorDegraded,
+        RuleId::BaselineDeviation,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -89,6 +91,7 @@ impl RuleId {
             RuleId::CredentialHarvesting => "credential-harvesting",
             RuleId::AgentTamper => "agent-tamper",
             RuleId::SensorDegraded => "sensor-degraded",
+            RuleId::BaselineDeviation => "baseline-deviation",
         }
     }
 
@@ -111,6 +114,10 @@ impl RuleId {
             RuleId::CredentialHarvesting => Severity::High,
             RuleId::AgentTamper => Severity::Critical,
             RuleId::SensorDegraded => Severity::High,
+            // Something new, not necessarily hostile: a new dependency mirror is a deviation too.
+            // The rules that know what is dangerous (secret sockets, metadata, egress) raise
+            // their own findings beside it.
+            RuleId::BaselineDeviation => Severity::Medium,
         }
     }
 
@@ -137,6 +144,11 @@ impl RuleId {
             RuleId::CredentialHarvesting => ("T1552", "Unsecured Credentials"),
             RuleId::AgentTamper => ("T1562.001", "Impair Defenses: Disable or Modify Tools"),
             RuleId::SensorDegraded => ("T1562", "Impair Defenses"),
+            // The rule's technique; each finding names the one of what deviated
+            // (`engine/detect/baseline.rs`): egress T1041, a secret socket T1552, a credential
+            // kind T1552.001. Two of the three are credential access, and a baseline exists to narrow
+            // a job's reach to credentials.
+            RuleId::BaselineDeviation => ("T1552", "Unsecured Credentials"),
         };
         Technique { id, name }
     }

@@ -148,3 +148,87 @@ fn every_scenario_produces_exactly_its_expected_findings() {
         assert!(rules_seen.contains(&rule), "no scenario raises {rule}");
     }
 }
+
+/// The recorded normal jobs: the corpus's clean job and `clean-jobs/`, in that order.
+fn clean_traces() -> Vec<PathBuf> {
+    let mut more: Vec<PathBuf> = std::fs::read_dir(scenario_dir().join("clean-jobs"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "jsonl"))
+        .collect();
+    more.sort();
+    let mut traces = vec![scenario_dir().join("clean-job.jsonl")];
+    traces.extend(more);
+    traces
+}
+
+/// The rules `baseline learn` writes for the clean traces, under the built-in policy.
+fn learned_from_clean_jobs() -> String {
+    let mut learner = runner_monitor::baseline::Learner::new(Arc::new(Policy::builtin()));
+    for trace in clean_traces() {
+        let name = trace.file_name().unwrap().to_str().unwrap().to_owned();
+        learner.learn(&name, runner_monitor::baseline::read_trace(&trace).unwrap());
+    }
+    learner.rules()
+}
+
+#[test]
+fn the_scenario_baseline_is_what_learning_the_clean_jobs_gives() {
+    let checked_in = scenario_dir().join("baseline-deviation.baseline.toml");
+    assert_eq!(
+        std::fs::read_to_string(&checked_in).unwrap(),
+        learned_from_clean_jobs(),
+        "{} is stale: `runner-monitor baseline learn tests/scenarios/clean-job.jsonl \
+         tests/scenarios/clean-jobs/*.jsonl -o {}` writes it again",
+        checked_in.display(),
+        checked_in.display()
+    );
+}
+
+#[test]
+fn under_the_baseline_learned_from_clean_jobs_they_raise_nothing_and_attacks_still_raise() {
+    let learned = learned_from_clean_jobs();
+    let with_learned = |policy_text: &str| {
+        Policy::parse(&format!("{policy_text}\n{learned}"), "learned.toml")
+            .unwrap_or_else(|e| panic!("{e}\n{learned}"))
+    };
+    for trace in clean_traces() {
+        let found = replay(&trace, with_learned(runner_monitor::policy::DEFAULT_POLICY));
+        assert!(
+            found.is_empty(),
+            "{}: {:#?}",
+            trace.display(),
+            found.iter().map(|f| &f.summary).collect::<Vec<_>>()
+        );
+    }
+    let mut attacks = 0;
+    for entry in std::fs::read_dir(scenario_dir()).unwrap() {
+        let trace = entry.unwrap().path();
+        let stem = trace.file_stem().unwrap().to_str().unwrap().to_owned();
+        // The clean job is above; baseline-deviation's own policy already holds this baseline.
+        if trace.extension().is_none_or(|x| x != "jsonl")
+            || stem == "clean-job"
+            || stem == "baseline-deviation"
+        {
+            continue;
+        }
+        let policy_path = trace.with_file_name(format!("{stem}.policy.toml"));
+        let policy_text = std::fs::read_to_string(&policy_path)
+            .unwrap_or_else(|_| runner_monitor::policy::DEFAULT_POLICY.to_owned());
+        let expectation: Expectation = serde_json::from_str(
+            &std::fs::read_to_string(trace.with_file_name(format!("{stem}.expect.json"))).unwrap(),
+        )
+        .unwrap();
+        assert!(!expectation.findings.is_empty(), "{stem} is not an attack");
+        let mut found = replay(&trace, with_learned(&policy_text));
+        for want in &expectation.findings {
+            let i = found
+                .iter()
+                .position(|f| want.matches(f))
+                .unwrap_or_else(|| panic!("{stem}: no longer raises {want:?}"));
+            found.remove(i);
+        }
+        attacks += 1;
+    }
+    assert!(attacks >= 6, "only {attacks} attack scenarios");
+}

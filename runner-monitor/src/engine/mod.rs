@@ -8,6 +8,7 @@
 mod detect;
 pub mod finding;
 pub mod snapshot;
+pub mod usage;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -57,6 +58,9 @@ struct Job {
     written: BTreeMap<String, String>,
     kinds: BTreeSet<String>,
     harvesting_reported: bool,
+    /// What this job used outside its baseline, each reported once (`Used::object`).
+    #[serde(default)]
+    deviations: BTreeSet<String>,
 }
 
 /// Which job made a credential object.
@@ -108,6 +112,9 @@ pub struct Engine {
     /// scanned when time passes it, not at every event.
     next_timer_ns: u64,
     stats: EngineStats,
+    /// What jobs used, when recording (learning a baseline); `None` otherwise: the live agent
+    /// keeps nothing.
+    usage: Option<Vec<usage::Usage>>,
 }
 
 impl Engine {
@@ -125,7 +132,23 @@ impl Engine {
             now_ns: 0,
             next_timer_ns: u64::MAX,
             stats: EngineStats::default(),
+            usage: None,
         }
+    }
+
+    /// From now on, records what jobs use, for `take_usage`.
+    pub fn record_usage(&mut self) {
+        self.usage.get_or_insert_with(Vec::new);
+    }
+
+    /// What jobs used since the last call (empty unless `record_usage` was called).
+    pub fn take_usage(&mut self) -> Vec<usage::Usage> {
+        self.usage.as_mut().map(std::mem::take).unwrap_or_default()
+    }
+
+    /// The jobs the engine knows (started, or ended and not yet evicted), with who they are.
+    pub fn jobs(&self) -> impl Iterator<Item = (JobKey, &JobInfo)> {
+        self.jobs.iter().map(|(k, j)| (*k, &j.info))
     }
 
     /// Replaces the policy; every table is kept.
@@ -475,6 +498,7 @@ impl Engine {
                 written: BTreeMap::new(),
                 kinds: BTreeSet::new(),
                 harvesting_reported: false,
+                deviations: BTreeSet::new(),
             },
         );
     }

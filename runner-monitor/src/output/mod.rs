@@ -5,6 +5,7 @@ pub mod delivery;
 pub mod http;
 pub mod jsonl;
 pub mod metrics;
+pub mod summary;
 
 use std::{io::Write, path::Path, sync::Arc};
 

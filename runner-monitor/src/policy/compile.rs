@@ -28,7 +28,7 @@ impl Policy {
             compile_secret_sockets(&f.secret_sockets, src)?;
         let metadata_endpoints = compile_metadata(&f.metadata, src)?;
         let egress_allow = destinations(&f.egress.allow, "egress.allow", src)?;
-        let rules = compile_rules(&f.rules, &secret_socket_kinds, src)?;
+        let rules = compile_rules(&f.rules, &secret_socket_kinds, &credentials, src)?;
         check_job_identity(&f.job_identity, src)?;
         Ok(Self {
             job_root_executables,
@@ -196,35 +196,187 @@ fn compile_metadata(
     Ok(metadata_endpoints)
 }
 
-/// `[[rules]]`: the per-repository rules, whose secret sockets must be kinds of
-/// `secret_socket_kinds`.
+/// What a rule may name: the secret socket kinds and credential kinds the policy defines.
+struct Kinds<'a> {
+    sockets: BTreeSet<&'a str>,
+    credentials: BTreeSet<&'a str>,
+}
+
+/// `[[rules]]`: the per-repository rules, whose secret sockets and credential kinds must be
+/// kinds the policy defines; a `baseline = "FILE"` entry stands for the rules of that file.
 fn compile_rules(
-    sections: &[file::RuleSection],
+    sections: &[Spanned<file::RuleSection>],
     secret_socket_kinds: &[String],
+    credentials: &[CredentialKind],
     src: &Source<'_>,
 ) -> Result<Vec<JobRule>, PolicyError> {
-    let known_sockets: BTreeSet<&str> = secret_socket_kinds.iter().map(String::as_str).collect();
-    sections
+    let kinds = Kinds {
+        sockets: secret_socket_kinds.iter().map(String::as_str).collect(),
+        credentials: credentials
+            .iter()
+            .filter(|c| !c.runner)
+            .map(|c| c.kind.as_str())
+            .collect(),
+    };
+    let mut rules = Vec::new();
+    for (i, r) in sections.iter().enumerate() {
+        let at = format!("rules[{i}]");
+        match baseline_of(r.get_ref(), &at, src)? {
+            Baseline::File(path, span) => rules.extend(include_baseline(
+                r.get_ref(),
+                &path,
+                span,
+                &at,
+                &kinds,
+                src,
+            )?),
+            Baseline::Learned(learned) => {
+                rules.push(compile_rule(r, &at, learned, &kinds, src)?);
+            }
+        }
+    }
+    Ok(rules)
+}
+
+/// A rule's `baseline`: absent or `false` (an ordinary rule), `true` (a learned baseline), or a
+/// file of learned rules.
+enum Baseline {
+    Learned(bool),
+    File(String, std::ops::Range<usize>),
+}
+
+fn baseline_of(r: &file::RuleSection, at: &str, src: &Source<'_>) -> Result<Baseline, PolicyError> {
+    let Some(value) = &r.baseline else {
+        return Ok(Baseline::Learned(false));
+    };
+    match value.get_ref() {
+        toml::Value::Boolean(b) => Ok(Baseline::Learned(*b)),
+        toml::Value::String(path) if !path.trim().is_empty() => {
+            Ok(Baseline::File(path.clone(), value.span()))
+        }
+        other => Err(src.error(
+            value.span(),
+            &format!("{at}.baseline"),
+            format!(
+                "`true` (this rule is a learned baseline) or the name of a baseline file, not {other}"
+            ),
+        )),
+    }
+}
+
+/// The rules of baseline file `path`, named by entry `at` of `src`: every rule in it is a
+/// baseline. Errors inside the file name the file, its line and field, and the entry that
+/// included it.
+fn include_baseline(
+    entry: &file::RuleSection,
+    path: &str,
+    span: std::ops::Range<usize>,
+    at: &str,
+    kinds: &Kinds<'_>,
+    src: &Source<'_>,
+) -> Result<Vec<JobRule>, PolicyError> {
+    let field = format!("{at}.baseline");
+    let Some(dir) = src.dir else {
+        return Err(src.error(
+            span,
+            &field,
+            "a baseline file can only be referenced from a policy file, not from policy text",
+        ));
+    };
+    let others = entry.repository.is_some()
+        || entry.workflow.is_some()
+        || !entry.allow_egress.is_empty()
+        || !entry.secret_sockets.is_empty()
+        || !entry.credential_kinds.is_empty()
+        || entry.grace_period_seconds.is_some()
+        || !entry.severity.is_empty()
+        || !entry.suppress.is_empty();
+    if others {
+        return Err(src.error(
+            span,
+            &field,
+            "an entry with `baseline = \"FILE\"` holds nothing else: the repository, workflow \
+             and allowances are in the file; severities and suppressions go in an entry of their own",
+        ));
+    }
+    let file_path = dir.join(path);
+    let shown = file_path.display().to_string();
+    let text = std::fs::read_to_string(&file_path)
+        .map_err(|e| src.error(span.clone(), &field, format!("cannot read {shown}: {e}")))?;
+    let included_at = src.place(span);
+    let inner = Source {
+        origin: &shown,
+        text: &text,
+        dir: None,
+    };
+    let in_file = |mut e: PolicyError| {
+        e.message = format!("{} (baseline included by {included_at})", e.message);
+        e
+    };
+    let parsed: file::BaselineFile = toml::from_str(&text).map_err(|e| {
+        let span = e.span().unwrap_or(0..0);
+        in_file(inner.error(
+            span.clone(),
+            &super::field_at(&text, span.start),
+            e.message(),
+        ))
+    })?;
+    parsed
+        .rules
         .iter()
         .enumerate()
-        .map(|(i, r)| compile_rule(r, &format!("rules[{i}]"), &known_sockets, src))
+        .map(|(i, r)| {
+            if let Some(v) = &r.get_ref().baseline
+                && v.get_ref().as_bool() != Some(true)
+            {
+                return Err(in_file(inner.error(
+                    v.span(),
+                    &format!("rules[{i}].baseline"),
+                    "every rule of a baseline file is a baseline: `true` or nothing",
+                )));
+            }
+            compile_rule(r, &format!("rules[{i}]"), true, kinds, &inner).map_err(in_file)
+        })
         .collect()
 }
 
 /// One `[[rules]]` entry, `at` naming it in errors.
 fn compile_rule(
-    r: &file::RuleSection,
+    entry: &Spanned<file::RuleSection>,
     at: &str,
-    known_sockets: &BTreeSet<&str>,
+    baseline: bool,
+    kinds: &Kinds<'_>,
     src: &Source<'_>,
 ) -> Result<JobRule, PolicyError> {
+    let r = entry.get_ref();
     let repository = rule_selector(&r.repository, &format!("{at}.repository"), src)?;
     let workflow = rule_selector(&r.workflow, &format!("{at}.workflow"), src)?;
     let allow_egress = destinations(&r.allow_egress, &format!("{at}.allow_egress"), src)?;
-    let secret_sockets = rule_secret_sockets(&r.secret_sockets, at, known_sockets, src)?;
+    let secret_sockets = rule_kinds(
+        &r.secret_sockets,
+        &format!("{at}.secret_sockets"),
+        "secret socket",
+        &kinds.sockets,
+        src,
+    )?;
+    if !baseline && let Some(first) = r.credential_kinds.first() {
+        return Err(src.error(
+            first.span(),
+            &format!("{at}.credential_kinds"),
+            "credential kinds belong to a learned baseline: add `baseline = true`",
+        ));
+    }
+    let credential_kinds = rule_kinds(
+        &r.credential_kinds,
+        &format!("{at}.credential_kinds"),
+        "credential",
+        &kinds.credentials,
+        src,
+    )?;
     let severity = rule_severity(&r.severity, at, src)?;
     let suppress = rule_suppress(&r.suppress, at, src)?;
     Ok(JobRule {
+        origin: src.place(entry.span()),
         repository,
         workflow,
         allow_egress,
@@ -232,6 +384,8 @@ fn compile_rule(
         grace_period_seconds: r.grace_period_seconds,
         severity,
         suppress,
+        baseline,
+        credential_kinds,
     })
 }
 
@@ -247,29 +401,26 @@ fn rule_selector(
     }
 }
 
-/// A rule's secret sockets, each a known secret socket kind.
-fn rule_secret_sockets(
+/// A rule's list of kinds (secret sockets, credentials), each one the policy defines.
+fn rule_kinds(
     names: &[Spanned<String>],
     at: &str,
-    known_sockets: &BTreeSet<&str>,
+    what: &str,
+    known: &BTreeSet<&str>,
     src: &Source<'_>,
 ) -> Result<BTreeSet<String>, PolicyError> {
-    let mut secret_sockets = BTreeSet::new();
+    let mut kinds = BTreeSet::new();
     for (j, s) in names.iter().enumerate() {
-        if !known_sockets.contains(s.get_ref().as_str()) {
+        if !known.contains(s.get_ref().as_str()) {
             return Err(src.error(
                 s.span(),
-                &format!("{at}.secret_sockets[{j}]"),
-                format!(
-                    "no secret socket kind {:?} (known: {:?})",
-                    s.get_ref(),
-                    known_sockets
-                ),
+                &format!("{at}[{j}]"),
+                format!("no {what} kind {:?} (known: {known:?})", s.get_ref()),
             ));
         }
-        secret_sockets.insert(s.get_ref().clone());
+        kinds.insert(s.get_ref().clone());
     }
-    Ok(secret_sockets)
+    Ok(kinds)
 }
 
 /// A rule's severity overrides: rule -> severity.

@@ -22,7 +22,15 @@ pub struct PolicyFile {
     #[serde(default)]
     pub egress: EgressSection,
     #[serde(default)]
-    pub rules: Vec<RuleSection>,
+    pub rules: Vec<Spanned<RuleSection>>,
+}
+
+/// A baseline file (`[[rules]] baseline = "FILE"`): learned rules, nothing else.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BaselineFile {
+    #[serde(default)]
+    pub rules: Vec<Spanned<RuleSection>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -130,6 +138,13 @@ pub struct RuleSection {
     pub severity: std::collections::BTreeMap<String, Spanned<String>>,
     #[serde(default)]
     pub suppress: Vec<Spanned<SuppressEntry>>,
+    /// `true`: a learned baseline (what these jobs normally use; anything else is
+    /// `baseline-deviation`). A string: a file of learned rules to include here, relative to
+    /// this file's directory; the entry then holds nothing else.
+    pub baseline: Option<Spanned<toml::Value>>,
+    /// Credential kinds these jobs read or write (baselines only).
+    #[serde(default)]
+    pub credential_kinds: Vec<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]

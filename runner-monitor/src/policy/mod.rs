@@ -85,6 +85,8 @@ pub fn name_matches(pattern: &str, name: &str) -> bool {
 /// A per-repository / per-workflow rule.
 #[derive(Debug)]
 pub struct JobRule {
+    /// Where it was written: `FILE:LINE`.
+    pub origin: String,
     pub repository: GlobMatcher,
     pub workflow: GlobMatcher,
     pub allow_egress: Vec<AllowedDestination>,
@@ -93,6 +95,11 @@ pub struct JobRule {
     pub severity: BTreeMap<RuleId, Severity>,
     /// rule -> reason.
     pub suppress: BTreeMap<RuleId, String>,
+    /// A learned baseline: its allowances and `credential_kinds` are what the jobs it selects
+    /// normally use, and anything else they use is `baseline-deviation`.
+    pub baseline: bool,
+    /// Credential kinds the jobs read or write (baselines only).
+    pub credential_kinds: BTreeSet<String>,
 }
 
 /// Paths whose credential kind `Policy::credential_of` remembers.
@@ -143,9 +150,18 @@ pub struct JobSelector<'a> {
 struct Source<'a> {
     origin: &'a str,
     text: &'a str,
+    /// The policy file's directory, against which baseline files resolve; `None` for policy
+    /// text, which may not reference files.
+    dir: Option<&'a Path>,
 }
 
 impl Source<'_> {
+    /// `origin:line` of a span.
+    fn place(&self, span: std::ops::Range<usize>) -> String {
+        let e = self.error(span, "", "");
+        format!("{}:{}", e.origin, e.line)
+    }
+
     fn error(
         &self,
         span: std::ops::Range<usize>,
@@ -210,18 +226,32 @@ impl Policy {
             field: "-".into(),
             message: format!("cannot read: {e}"),
         })?;
-        Self::parse(&text, &origin)
+        let src = Source {
+            origin: &origin,
+            text: &text,
+            dir: Some(path.parent().unwrap_or(Path::new("."))),
+        };
+        Self::parse_source(&src)
     }
 
-    /// Parses and checks policy text; `origin` names it in errors.
+    /// Parses and checks policy text; `origin` names it in errors. Text cannot reference
+    /// baseline files (`Policy::load` can: they resolve against the policy file's directory).
     pub fn parse(text: &str, origin: &str) -> Result<Self, PolicyError> {
-        let src = Source { origin, text };
+        Self::parse_source(&Source {
+            origin,
+            text,
+            dir: None,
+        })
+    }
+
+    fn parse_source(src: &Source<'_>) -> Result<Self, PolicyError> {
+        let text = src.text;
         let parsed: file::PolicyFile = toml::from_str(text).map_err(|e| {
             let span = e.span().unwrap_or(0..0);
             let message = e.message().to_owned();
             src.error(span.clone(), &field_at(text, span.start), message)
         })?;
-        Self::compile(parsed, &src)
+        Self::compile(parsed, src)
     }
 
     /// The credential kind of a path, if it is a credential.

@@ -157,3 +157,134 @@ fn a_wrongly_typed_or_unknown_field_is_named_with_its_table() {
     assert_eq!((e.line, e.field.as_str()), (6, "credentials.pathz"));
     assert!(e.to_string().starts_with("p.toml:6:"), "{e}");
 }
+
+/// A directory of its own under the system's temporary directory, with `files` written in it.
+fn policy_dir(name: &str, files: &[(&str, &str)]) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("rm-policy-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    for (file, text) in files {
+        std::fs::write(dir.join(file), text).unwrap();
+    }
+    dir
+}
+
+const LEARNED: &str = r#"# learned
+[[rules]]
+repository = "acme/app"
+workflow = "ci"
+baseline = true
+allow_egress = [
+    { name = "*.crates.io", ports = [443] }, # used by 1 of 2 jobs
+]
+secret_sockets = [] # none used
+credential_kinds = [
+    "git", # used by 2 of 2 jobs
+]
+"#;
+
+#[test]
+fn a_baseline_file_resolves_beside_the_policy_and_its_rules_are_baselines() {
+    let policy = format!(
+        "{DEFAULT_POLICY}\n[[rules]]\nbaseline = \"learned/app.toml\"\n\n[[rules]]\nrepository = \"acme/site\"\n"
+    );
+    let dir = policy_dir("include", &[("policy.toml", &policy)]);
+    std::fs::create_dir_all(dir.join("learned")).unwrap();
+    std::fs::write(dir.join("learned/app.toml"), LEARNED).unwrap();
+    let p = Policy::load(&dir.join("policy.toml")).unwrap();
+    assert_eq!(p.rules.len(), 2);
+    let learned = &p.rules[0];
+    assert!(learned.baseline);
+    assert!(learned.credential_kinds.contains("git"));
+    assert!(learned.allow_egress[0].allows(
+        "18.1.1.1".parse().unwrap(),
+        443,
+        &["index.crates.io".into()]
+    ));
+    assert_eq!(
+        learned.origin,
+        format!("{}:2", dir.join("learned/app.toml").display())
+    );
+    assert!(!p.rules[1].baseline);
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn a_missing_baseline_file_is_an_error_naming_the_policy_line_and_field() {
+    let policy = format!("{DEFAULT_POLICY}\n[[rules]]\nbaseline = \"nowhere.toml\"\n");
+    let line = policy.lines().count();
+    let dir = policy_dir("missing", &[("policy.toml", &policy)]);
+    let e = Policy::load(&dir.join("policy.toml")).unwrap_err();
+    assert_eq!(e.origin, dir.join("policy.toml").display().to_string());
+    assert_eq!((e.line, e.field.as_str()), (line, "rules[0].baseline"));
+    assert!(e.message.contains("nowhere.toml"), "{e}");
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn an_error_inside_a_baseline_file_names_that_file_and_who_included_it() {
+    let policy = format!("{DEFAULT_POLICY}\n[[rules]]\nbaseline = \"b.toml\"\n");
+    let line = policy.lines().count();
+    let learned = LEARNED.replace("\"git\"", "\"floppy\"");
+    let dir = policy_dir("inner", &[("policy.toml", &policy), ("b.toml", &learned)]);
+    let e = Policy::load(&dir.join("policy.toml")).unwrap_err();
+    assert_eq!(e.origin, dir.join("b.toml").display().to_string());
+    assert_eq!(
+        (e.line, e.field.as_str()),
+        (11, "rules[0].credential_kinds[0]")
+    );
+    assert!(
+        e.message.contains(&format!(
+            "included by {}:{line}",
+            dir.join("policy.toml").display()
+        )),
+        "{e}"
+    );
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn baseline_references_are_refused_where_they_cannot_mean_anything() {
+    // From policy text (no directory to resolve against; the fuzzer reads no files).
+    let e = Policy::parse(
+        &format!("{DEFAULT_POLICY}\n[[rules]]\nbaseline = \"b.toml\"\n"),
+        "t.toml",
+    )
+    .unwrap_err();
+    assert_eq!(e.field, "rules[0].baseline");
+    // An include entry holds nothing else.
+    let policy =
+        format!("{DEFAULT_POLICY}\n[[rules]]\nrepository = \"acme/*\"\nbaseline = \"b.toml\"\n");
+    let dir = policy_dir("extra", &[("policy.toml", &policy), ("b.toml", LEARNED)]);
+    let e = Policy::load(&dir.join("policy.toml")).unwrap_err();
+    assert!(e.message.contains("holds nothing else"), "{e}");
+    // A baseline file does not include another.
+    let nested = LEARNED.replace("baseline = true", "baseline = \"other.toml\"");
+    std::fs::write(dir.join("b.toml"), nested).unwrap();
+    let policy = format!("{DEFAULT_POLICY}\n[[rules]]\nbaseline = \"b.toml\"\n");
+    std::fs::write(dir.join("policy.toml"), policy).unwrap();
+    let e = Policy::load(&dir.join("policy.toml")).unwrap_err();
+    assert_eq!(e.field, "rules[0].baseline");
+    assert_eq!(e.origin, dir.join("b.toml").display().to_string());
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn baseline_must_be_true_or_a_file_and_credential_kinds_need_it() {
+    let e = Policy::parse(
+        &format!("{DEFAULT_POLICY}\n[[rules]]\nbaseline = 3\n"),
+        "t.toml",
+    )
+    .unwrap_err();
+    assert_eq!(e.field, "rules[0].baseline");
+    let e = Policy::parse(
+        &format!("{DEFAULT_POLICY}\n[[rules]]\ncredential_kinds = [\"git\"]\n"),
+        "t.toml",
+    )
+    .unwrap_err();
+    assert_eq!(e.field, "rules[0].credential_kinds");
+    assert!(e.message.contains("baseline = true"), "{e}");
+    // Pasted learned rules are a policy of their own.
+    let p = Policy::parse(&format!("{DEFAULT_POLICY}\n{LEARNED}"), "t.toml").unwrap();
+    assert!(p.rules[0].baseline);
+}

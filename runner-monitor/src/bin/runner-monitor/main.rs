@@ -16,6 +16,7 @@ use runner_monitor::{
 };
 
 mod agent;
+mod baseline;
 mod hooks;
 mod requests;
 
@@ -53,10 +54,16 @@ enum Command {
         /// Where to write the findings; `-` is stdout.
         #[arg(long, value_name = "FILE", default_value = "-")]
         alerts_out: PathBuf,
+        /// Then print, per rule and repository, how many findings and of which severities.
+        #[arg(long)]
+        summary: bool,
     },
     /// Point GitHub / GitLab runners at runner-monitor's hook scripts, or take them out.
     #[command(subcommand)]
     Hooks(hooks::HooksCommand),
+    /// Learn per-repository baselines from recorded traces of normal jobs.
+    #[command(subcommand)]
+    Baseline(baseline::BaselineCommand),
     /// Probe what this kernel supports and print the sensor set the agent would use.
     Check {
         /// Print JSON instead of a table.
@@ -152,7 +159,9 @@ fn run_cli() -> anyhow::Result<()> {
             events,
             policy,
             alerts_out,
-        } => replay(&events, policy.as_deref(), &alerts_out),
+            summary,
+        } => replay(&events, policy.as_deref(), &alerts_out, summary),
+        Command::Baseline(command) => baseline::command(command),
         Command::Policy(PolicyCommand::Check { file }) => {
             let policy = Policy::load(&file)?;
             println!(
@@ -311,6 +320,7 @@ fn replay(
     file: &std::path::Path,
     policy: Option<&std::path::Path>,
     alerts_out: &std::path::Path,
+    summary: bool,
 ) -> anyhow::Result<()> {
     let policy = Arc::new(match policy {
         Some(path) => Policy::load(path)?,
@@ -322,6 +332,7 @@ fn replay(
     );
     let mut last = 0;
     let mut findings = 0;
+    let mut table = runner_monitor::output::summary::FindingSummary::default();
     for (n, line) in std::io::BufRead::lines(reader).enumerate() {
         let line = line.with_context(|| format!("reading {}", file.display()))?;
         if line.trim().is_empty() || line.trim_start().starts_with('#') {
@@ -330,10 +341,17 @@ fn replay(
         let event: Event = serde_json::from_str(&line)
             .with_context(|| format!("{}:{}: not an event", file.display(), n + 1))?;
         last = last.max(event.time_ns);
-        findings += pipeline.run([event])?.len();
+        let found = pipeline.run([event])?;
+        findings += found.len();
+        table.add(&found);
     }
-    findings += pipeline.advance(last)?.len();
+    let found = pipeline.advance(last)?;
+    findings += found.len();
+    table.add(&found);
     pipeline.flush()?;
     tracing::info!(findings, stats = ?pipeline.stats(), "replay done");
+    if summary {
+        print!("{}", table.table());
+    }
     Ok(())
 }

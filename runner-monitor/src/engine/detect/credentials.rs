@@ -1,8 +1,11 @@
 //! Credential files: reads, writes, reuse across jobs, harvesting.
 
-use super::{Engine, LedgerEntry, finding_job, is_ended, job_label};
+use super::{Engine, LedgerEntry, baseline, finding_job, is_ended, job_label};
 use crate::{
-    engine::finding::{CredentialRef, Finding, TargetProcess},
+    engine::{
+        finding::{CredentialRef, Finding, TargetProcess},
+        usage::Used,
+    },
     event::{Event, EventDetail, FileAccess, JobKey},
     rule::RuleId,
 };
@@ -53,6 +56,11 @@ pub(super) fn file_open(
         .credential_accesses
         .entry(kind_name.clone())
         .or_default() += 1;
+    let used = Used::Credential {
+        kind: kind_name.clone(),
+        path: f.path.clone(),
+    };
+    baseline::used(engine, event, job_key, used, out);
     if f.write {
         materialise(engine, job_key, &f.path, &kind_name);
     } else if let Some((origin, copied)) = written_by_another_job(engine, job_key, f) {

@@ -1,5 +1,6 @@
 //! The detections, one function per kind of evidence.
 
+mod baseline;
 mod credentials;
 mod network;
 

@@ -3,9 +3,12 @@
 
 use std::net::IpAddr;
 
-use super::{Engine, is_ended};
+use super::{Engine, baseline, is_ended};
 use crate::{
-    engine::finding::{DestinationRef, Finding, SocketRef},
+    engine::{
+        finding::{DestinationRef, Finding, SocketRef},
+        usage::Used,
+    },
     event::{Connect, Event, JobKey, SocketFamily},
     rule::RuleId,
 };
@@ -50,6 +53,11 @@ pub(super) fn connect(engine: &mut Engine, event: &Event, c: &Connect, out: &mut
             f.socket = Some(socket);
             out.push(f);
         }
+        let used = Used::SecretSocket {
+            kind,
+            path: path.clone(),
+        };
+        baseline::used(engine, event, job, used, out);
         return;
     }
     let (Some(ip), Some(port)) = (c.ip, c.port) else {
@@ -85,6 +93,7 @@ pub(super) fn connect(engine: &mut Engine, event: &Event, c: &Connect, out: &mut
         "unexpected"
     };
     *engine.stats.egress.entry(verdict.to_owned()).or_default() += 1;
+    baseline::used(engine, event, job, Used::Egress { ip, port, names }, out);
     if verdict == "metadata" {
         let mut f = engine.raise(
             RuleId::MetadataEndpointAccess,

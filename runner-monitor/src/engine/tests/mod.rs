@@ -1,5 +1,6 @@
 //! The engine, driven with event sequences and timestamps.
 
+mod baseline;
 mod credentials;
 mod jobs;
 mod network;
