@@ -1,5 +1,6 @@
 //! `setup`: make the machine ready to build and test, idempotently, saying what it installs:
-//! nightly rust-src, bpf-linker, cargo-fuzz, the Debian packages the tests use.
+//! nightly rust-src, bpf-linker, cargo-fuzz, the Debian packages the tests use, and the
+//! Kubernetes manifests' validator.
 
 use std::{
     path::{Path, PathBuf},
@@ -19,6 +20,11 @@ const CARGO_FUZZ_VERSION: &str = "0.13.2";
 /// (and promtool) to scrape the agent and check the rules, a real Alertmanager to receive its
 /// alerts, curl to query them, systemd for `systemd-analyze` and to boot a systemd that runs
 /// the hardened unit (`unshare`/`nsenter` from util-linux).
+/// kubernetes-validate (PyPI) checks the Kubernetes manifests against the API's own schemas, strict
+/// (unknown fields fail), for every Kubernetes version it ships schemas for, offline: the schema
+/// sets are inside the package. `runner-monitor/tests/kubernetes.rs` runs it. This version ships
+/// 1.25 to 1.37.
+const KUBERNETES_VALIDATE_VERSION: &str = "1.37.0";
 const DEBIAN_PACKAGES: &[&str] = &[
     "iproute2",
     "util-linux",
@@ -108,7 +114,48 @@ pub(crate) fn setup() -> anyhow::Result<()> {
             )?;
         }
     }
+
+    // 5. The Kubernetes manifests' validator and renderer.
+    install_kubernetes_validate()?;
+    let kustomize = output(Command::new("kubectl").args(["version", "--client"]))
+        .is_some_and(|v| v.contains("Kustomize Version: v5"));
+    if !kustomize {
+        // kubectl comes with this project's machine image; Debian's own kubectl (1.20) has a
+        // kustomize too old for the overlays, and there is no other packaged kustomize to take.
+        say(
+            "kubectl with kustomize v5 is not on PATH: the Kubernetes manifest tests will fail \
+             (install kubectl 1.27 or newer)",
+        );
+    }
     Ok(())
+}
+
+/// Where the validator's virtualenv lives; `runner-monitor/tests/kubernetes.rs` looks there too.
+fn kubernetes_validate_venv() -> PathBuf {
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or("/root".into());
+    home.join(".cache/runner-monitor/kubernetes-validate")
+}
+
+fn install_kubernetes_validate() -> anyhow::Result<()> {
+    let venv = kubernetes_validate_venv();
+    let installed = output(Command::new(venv.join("bin/kubernetes-validate")).arg("--version"))
+        .is_some_and(|v| v.trim() == KUBERNETES_VALIDATE_VERSION);
+    if installed {
+        return Ok(());
+    }
+    say(&format!(
+        "installing kubernetes-validate {KUBERNETES_VALIDATE_VERSION} into {}",
+        venv.display()
+    ));
+    run_cmd(Command::new("python3").arg("-m").arg("venv").arg(&venv))?;
+    run_cmd(Command::new(venv.join("bin/pip")).args([
+        "install",
+        "--quiet",
+        "--disable-pip-version-check",
+        &format!("kubernetes-validate=={KUBERNETES_VALIDATE_VERSION}"),
+    ]))
 }
 
 fn install_bpf_linker(sysroot: &Path) -> anyhow::Result<()> {
