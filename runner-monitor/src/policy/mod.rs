@@ -202,10 +202,15 @@ fn field_at(text: &str, at: usize) -> String {
     match (table, key) {
         (Some(t), Some(k)) => format!("{t}.{k}"),
         (None, Some(k)) => k.to_owned(),
-        (Some(_), None) if line.trim_start().starts_with('[') => line
-            .trim()
-            .trim_matches(|c| c == '[' || c == ']')
-            .to_owned(),
+        // A table header line (`[egress]`, `[[rules]]`); a header without a name (`[`) is "-".
+        (Some(_), None) if line.trim_start().starts_with('[') => {
+            let header = line.trim().trim_matches(|c| c == '[' || c == ']').trim();
+            if header.is_empty() {
+                "-".to_owned()
+            } else {
+                header.to_owned()
+            }
+        }
         _ => "-".to_owned(),
     }
 }

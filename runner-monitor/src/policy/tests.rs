@@ -158,6 +158,17 @@ fn a_wrongly_typed_or_unknown_field_is_named_with_its_table() {
     assert!(e.to_string().starts_with("p.toml:6:"), "{e}");
 }
 
+#[test]
+fn a_table_header_without_a_name_is_an_error_with_a_field() {
+    // Found by the `policy` fuzz target: a lone `[` under a table named no field at all.
+    let e = Policy::parse(
+        "[agent]\nstage_gap_seconds = 1\n\n[\nkind = \"x\"\n",
+        "p.toml",
+    )
+    .unwrap_err();
+    assert_eq!((e.line, e.field.as_str()), (4, "-"), "{e:?}");
+}
+
 /// A directory of its own under the system's temporary directory, with `files` written in it.
 fn policy_dir(name: &str, files: &[(&str, &str)]) -> std::path::PathBuf {
     let dir = std::env::temp_dir().join(format!("rm-policy-{name}-{}", std::process::id()));
