@@ -1,5 +1,5 @@
 #!/bin/sh
-# GitHub Actions runner hook: ACTIONS_RUNNER_HOOK_JOB_COMPLETED=/opt/runner-monitor/hooks/github/job-completed.sh
+# GitHub Actions runner hook: ACTIONS_RUNNER_HOOK_JOB_COMPLETED=/usr/share/runner-monitor/hooks/github/job-completed.sh
 # Ends the job for runner-monitor: from now on, whatever of it still runs is a survivor.
 set -u
 runner-monitor job end --id "${GITHUB_RUN_ID:-?}/${GITHUB_JOB:-?}" >/dev/null || {

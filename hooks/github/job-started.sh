@@ -1,5 +1,5 @@
 #!/bin/sh
-# GitHub Actions runner hook: ACTIONS_RUNNER_HOOK_JOB_STARTED=/opt/runner-monitor/hooks/github/job-started.sh
+# GitHub Actions runner hook: ACTIONS_RUNNER_HOOK_JOB_STARTED=/usr/share/runner-monitor/hooks/github/job-started.sh
 # Names the job that this runner's Runner.Worker runs, for runner-monitor. The kernel already
 # attributes every process of the job; this adds the repository, workflow and run.
 # Set RUNNER_MONITOR_REQUIRED=1 to fail the job when the monitor cannot be told.

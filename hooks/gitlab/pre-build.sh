@@ -1,4 +1,4 @@
-# GitLab Runner (shell executor), config.toml:  pre_build_script = ". /opt/runner-monitor/hooks/gitlab/pre-build.sh"
+# GitLab Runner (shell executor), config.toml:  pre_build_script = ". /usr/share/runner-monitor/hooks/gitlab/pre-build.sh"
 # Sourced by the job's shell: that shell ($$) becomes the job's root, with all it starts.
 runner-monitor job start --platform gitlab \
     --id "${CI_JOB_ID:-?}" --pid "$$" \

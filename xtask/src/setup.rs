@@ -1,5 +1,5 @@
 //! `setup`: make the machine ready to build and test, idempotently, saying what it installs:
-//! nightly rust-src, bpf-linker, cargo-fuzz, the Debian packages the tests use.
+//! nightly rust-src, bpf-linker, cargo-fuzz, cargo-deb, the Debian packages the tests use.
 
 use std::{
     path::{Path, PathBuf},
@@ -14,11 +14,13 @@ use crate::common::{is_root, output, run_cmd, say};
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// cargo-fuzz version `cargo xtask fuzz` is known to work with.
 const CARGO_FUZZ_VERSION: &str = "0.13.2";
+/// cargo-deb version `cargo xtask package` is known to work with.
+const CARGO_DEB_VERSION: &str = "3.8.0";
 /// Debian packages the tests use: `ip` for network namespaces, `unshare`/`mount` for a private
 /// resolv.conf, `getent` for glibc lookups, bpftool to inspect what is loaded, a real Prometheus
 /// (and promtool) to scrape the agent and check the rules, a real Alertmanager to receive its
 /// alerts, curl to query them, systemd for `systemd-analyze` and to boot a systemd that runs
-/// the hardened unit (`unshare`/`nsenter` from util-linux).
+/// the hardened unit (`unshare`/`nsenter` from util-linux), lintian to check the Debian package.
 const DEBIAN_PACKAGES: &[&str] = &[
     "iproute2",
     "util-linux",
@@ -29,6 +31,7 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "prometheus",
     "prometheus-alertmanager",
     "curl",
+    "lintian",
 ];
 
 pub(crate) fn setup() -> anyhow::Result<()> {
@@ -84,7 +87,23 @@ pub(crate) fn setup() -> anyhow::Result<()> {
         ]))?;
     }
 
-    // 4. Debian packages the tests use.
+    // 4. cargo-deb, for `cargo xtask package`, from crates.io the same way.
+    let deb_ok = output(Command::new("cargo").args(["deb", "--version"]))
+        .is_some_and(|v| v.contains(CARGO_DEB_VERSION));
+    if !deb_ok {
+        say(&format!(
+            "installing cargo-deb {CARGO_DEB_VERSION} (about two minutes, once)"
+        ));
+        run_cmd(Command::new("cargo").args([
+            "install",
+            "cargo-deb",
+            "--version",
+            CARGO_DEB_VERSION,
+            "--locked",
+        ]))?;
+    }
+
+    // 5. Debian packages the tests use.
     if is_root() && Path::new("/usr/bin/apt-get").exists() {
         let missing: Vec<&str> = DEBIAN_PACKAGES
             .iter()
