@@ -23,6 +23,7 @@ use runner_monitor::{
 };
 
 pub mod live;
+pub mod systemd;
 
 /// The recognisable fake secret planted in every credential file the tests create. No output may
 /// ever contain it.

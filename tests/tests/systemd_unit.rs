@@ -1,21 +1,19 @@
 //! The hardened systemd unit (packaging/systemd/runner-monitor.service): systemd accepts it, its
 //! exposure score stays low, it grants exactly the capabilities the agent checks for, and the
 //! agent really loads and attaches every probe inside its sandbox: a real systemd boots as the
-//! init of a private PID and mount namespace (this machine's PID 1 is not systemd) and starts the
-//! unit, seccomp filter, capabilities, read-only file system, ProtectProc and all.
+//! init of a private PID and mount namespace (this machine's PID 1 is not systemd; the machinery
+//! is in `integration_tests::systemd`) and starts the unit, seccomp filter, capabilities,
+//! read-only file system, ProtectProc and all.
 
 use std::{
     collections::BTreeSet,
-    os::unix::fs::PermissionsExt,
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
-    time::{Duration, Instant},
+    process::Command,
 };
 
 use integration_tests::{
-    CANARY, TestEnv,
     live::{repo_root, target_dir},
-    output_of, spawn_with_parent_death,
+    systemd::{Root, Systemd, test_agent_args, test_dropin},
 };
 use runner_monitor::privilege::{REQUIREMENTS, When};
 
@@ -103,199 +101,39 @@ fn the_unit_grants_exactly_the_capabilities_the_agent_checks_for() {
     assert!(text.contains("\nRequires=sys-kernel-tracing.mount\n"));
 }
 
-/// A systemd booted as the init of a private PID and mount namespace; killed (with everything
-/// it started) on drop.
-struct Systemd {
-    unshare: Child,
-    init: u32,
-    /// cgroups it created, to remove afterwards.
-    cgroups: Vec<PathBuf>,
-}
-
-impl Systemd {
-    fn in_namespace(&self, program: &str, args: &[&str]) -> std::process::Output {
-        Command::new("nsenter")
-            .args(["-t", &self.init.to_string(), "-m", "-p", program])
-            .args(args)
-            .output()
-            .expect("nsenter")
-    }
-
-    fn read(&self, path: &str) -> String {
-        String::from_utf8_lossy(&self.in_namespace("cat", &[path]).stdout).into_owned()
-    }
-
-    fn status(&self) -> String {
-        let out = self.in_namespace(
-            "systemctl",
-            &["status", "--no-pager", "runner-monitor.service"],
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-}
-
-impl Drop for Systemd {
-    fn drop(&mut self) {
-        // SIGKILL to a namespace's init kills every process in it.
-        // SAFETY: kill(2) on the pid of our own child's child.
-        unsafe { libc::kill(self.init as i32, libc::SIGKILL) };
-        let _ = self.unshare.kill();
-        let _ = self.unshare.wait();
-        // The cgroups it created empty once their processes are gone; deepest first.
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while self.cgroups.iter().any(|d| d.exists()) && Instant::now() < deadline {
-            let mut created: Vec<PathBuf> =
-                self.cgroups.iter().flat_map(|d| walk_dirs(d)).collect();
-            created.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
-            for d in created {
-                let _ = std::fs::remove_dir(d);
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-}
-
-fn walk_dirs(dir: &Path) -> Vec<PathBuf> {
-    if !dir.is_dir() {
-        return Vec::new();
-    }
-    let mut out = vec![dir.to_path_buf()];
-    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-        if entry.file_type().is_ok_and(|t| t.is_dir()) {
-            out.extend(walk_dirs(&entry.path()));
-        }
-    }
-    out
-}
-
-/// The cgroups a systemd started from here would create (init.scope, system.slice) that do not
-/// exist yet: it takes its name=systemd (or unified) cgroup as its root and uses the same path in
-/// every hierarchy mounted under /sys/fs/cgroup.
-fn cgroups_systemd_will_create() -> Vec<PathBuf> {
-    let table = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
-    let own = |controllers: &str| {
-        table.lines().find_map(|l| {
-            let mut parts = l.splitn(3, ':');
-            parts.next();
-            (parts.next()? == controllers).then(|| parts.next().map(str::to_owned))?
-        })
-    };
-    let path = own("name=systemd")
-        .or_else(|| own(""))
-        .unwrap_or_else(|| "/".into());
-    let mut out = Vec::new();
-    for hierarchy in std::fs::read_dir("/sys/fs/cgroup")
-        .into_iter()
-        .flatten()
-        .flatten()
-    {
-        let base = hierarchy.path().join(path.trim_start_matches('/'));
-        for name in ["init.scope", "system.slice"] {
-            if base.is_dir() && !base.join(name).exists() {
-                out.push(base.join(name));
-            }
-        }
-    }
-    out
-}
-
 fn boot_systemd(dir: &Path) -> Systemd {
-    let units = dir.join("units");
+    std::fs::create_dir_all(dir).unwrap();
+    // The unit runs this build's binary with the built-in policy, the text the package installs
+    // as /etc/runner-monitor/policy.toml.
+    let policy = dir.join("policy.toml");
+    std::fs::write(&policy, runner_monitor::policy::DEFAULT_POLICY).unwrap();
     let binary = target_dir().join("runner-monitor");
-    let dropin = units.join("runner-monitor.service.d");
-    std::fs::create_dir_all(&dropin).unwrap();
-    std::fs::write(
-        units.join("runner-monitor.service"),
-        unit_text().replace("/usr/bin/runner-monitor", &binary.display().to_string()),
-    )
-    .unwrap();
-    // Only what this test needs changes: no boot dependencies (nothing else is started), an
-    // existing user, a log file instead of the journal (no journald here), a free port, and
-    // the runner user whose group the control socket gets.
-    // The pins go to a directory of this test's (the host's bpffs is shared), made the way the
-    // unit makes its own.
-    let pins = integration_tests::pin_dir_of(dir);
-    std::fs::write(
-        dropin.join("test.conf"),
-        format!(
-            "[Unit]\nDefaultDependencies=no\nRequires=\nAfter=\nWants=\n\
-             [Service]\nUser=nobody\nGroup=nogroup\n\
-             ExecStartPre=\n\
-             ExecStartPre=+/usr/bin/install -d -o nobody -g nogroup -m 0700 {pins}\n\
-             ReadWritePaths=-{pins}\n\
-             Environment=\"RUNNER_MONITOR_ARGS=--status-interval=2 --runner-user daemon \
-             --listen 127.0.0.1:0 --pin-dir {pins}\"\n\
-             StandardOutput=append:/run/rm-agent.log\nStandardError=append:/run/rm-agent.log\n",
-            pins = pins.display()
-        ),
-    )
-    .unwrap();
-    std::fs::write(
-        units.join("rm-test.target"),
-        "[Unit]\nDefaultDependencies=no\nWants=runner-monitor.service\n",
-    )
-    .unwrap();
-    let boot = dir.join("boot.sh");
-    std::fs::write(
-        &boot,
-        format!(
-            "set -e\n\
-             mount -t proc proc /proc\n\
-             mount -t tmpfs tmpfs /run\n\
-             mount -t tmpfs tmpfs /var/lib\n\
-             mount -t tmpfs tmpfs /var/log\n\
-             mkdir -p /run/systemd/system\n\
-             cp -r {units}/. /run/systemd/system/\n\
-             exec env container=runner-monitor-test /lib/systemd/systemd --system \
-             --unit=rm-test.target --log-target=null\n",
-            units = units.display()
-        ),
-    )
-    .unwrap();
-    std::fs::set_permissions(&boot, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let cgroups = cgroups_systemd_will_create();
-    let mut command = Command::new("unshare");
-    command
-        .args([
-            "--pid",
-            "--fork",
-            "--kill-child",
-            "--mount",
-            "--propagation",
-            "private",
-        ])
-        .arg("sh")
-        .arg(&boot)
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(dir.join("boot.log")).unwrap());
-    let unshare = spawn_with_parent_death(&mut command, libc::SIGKILL).expect("unshare");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let init = loop {
-        let children =
-            std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", unshare.id()))
-                .unwrap_or_default();
-        let init = children
-            .split_whitespace()
-            .next()
-            .and_then(|p| p.parse::<u32>().ok());
-        if let Some(pid) = init
-            && std::fs::read_link(format!("/proc/{pid}/exe"))
-                .is_ok_and(|exe| exe.ends_with("systemd"))
-        {
-            break pid;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "systemd did not start: {}",
-            std::fs::read_to_string(dir.join("boot.log")).unwrap_or_default()
+    let unit = unit_text()
+        .replace("/usr/bin/runner-monitor", &binary.display().to_string())
+        .replace(
+            "/etc/runner-monitor/policy.toml",
+            &policy.display().to_string(),
         );
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    Systemd {
-        unshare,
-        init,
-        cgroups,
-    }
+    // Besides the boot dependencies, log and pins: an existing user, and the agent's options
+    // (the host has no /etc/default/runner-monitor).
+    let pins = integration_tests::pin_dir_of(dir);
+    let dropin = test_dropin(
+        &pins,
+        "nobody",
+        "nogroup",
+        &format!(
+            "User=nobody\nGroup=nogroup\nEnvironment=\"RUNNER_MONITOR_ARGS={}\"\n",
+            test_agent_args(&pins)
+        ),
+    );
+    Systemd::boot(
+        dir,
+        &Root::Host,
+        &[
+            ("runner-monitor.service", unit),
+            ("runner-monitor.service.d/test.conf", dropin),
+        ],
+    )
 }
 
 #[test]
@@ -304,74 +142,13 @@ fn a_real_systemd_runs_the_agent_in_the_units_sandbox_and_it_raises_alerts() {
     let dir = std::env::temp_dir().join(format!("rm-systemd-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let systemd = boot_systemd(&dir);
-    let started = Instant::now();
-    let deadline = started + Duration::from_secs(60);
-    while !systemd
-        .read("/run/rm-agent.log")
-        .contains("control socket ready")
-    {
-        assert!(
-            Instant::now() < deadline,
-            "the agent did not start under systemd:\n{}\n{}",
-            systemd.read("/run/rm-agent.log"),
-            systemd.status()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    eprintln!("systemd: agent ready in {:?}", started.elapsed());
-    let log = systemd.read("/run/rm-agent.log");
-    let attached: Vec<&str> = log
-        .split("probes attached attached=")
-        .nth(1)
-        .map(|rest| rest.split_whitespace().take(2).collect())
-        .unwrap_or_default();
-    assert!(
-        attached.len() == 2 && attached[1] == format!("total={}", attached[0]),
-        "not every probe attached in the sandbox: {log}"
-    );
-    assert!(!log.contains("missing capabilit"), "{log}");
-    // Its job maps are pinned, in the unit's writable pin directory.
-    assert!(!log.contains("not pinned"), "{log}");
+    systemd.wait_agent_ready();
     let pins = integration_tests::pin_dir_of(&dir);
     assert!(pins.join("PROCESSES").exists() && pins.join("JOBS").exists());
     // The control socket got the runner user's group (CAP_CHOWN and fchownat past seccomp).
     let socket = systemd.in_namespace("stat", &["-c", "%G %a", "/run/runner-monitor/control.sock"]);
     assert_eq!(String::from_utf8_lossy(&socket.stdout).trim(), "daemon 660");
-
-    // A job on the host whose survivor reads a credential after the job ended. (The agent's
-    // /proc is its namespace's, so it cannot read the job's environment or working directory
-    // here: the job stays unnamed and the path is absolute.)
-    let env = TestEnv::new("systemd");
-    let worker = env.dir.join("Runner.Worker");
-    std::fs::copy("/bin/sh", &worker).unwrap();
-    let out = output_of(
-        Command::new(&worker)
-            .arg("-c")
-            .arg("(setsid sh -c 'sleep 2; cat \"$HOME/.aws/credentials\" > /dev/null' &); sleep 1")
-            .env("HOME", &env.home)
-            .env("GITHUB_TOKEN", CANARY),
-    );
-    assert!(out.status.success(), "{out:?}");
-    let path = env.path(".aws/credentials");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let alerts = systemd.read("/var/log/runner-monitor/alerts.jsonl");
-        assert!(!alerts.contains(CANARY), "the canary leaked: {alerts}");
-        let found = alerts.lines().any(|l| {
-            serde_json::from_str::<serde_json::Value>(l).is_ok_and(|a| {
-                a["rule"] == "credential-after-job-end" && a["credential"]["path"] == path.as_str()
-            })
-        });
-        if found {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no alert under systemd: {alerts}\n{}",
-            systemd.read("/run/rm-agent.log")
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    systemd.expect_survivor_alert("systemd");
     drop(systemd);
     let _ = std::fs::remove_dir_all(pins);
     let _ = std::fs::remove_dir_all(dir);

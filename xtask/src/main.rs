@@ -1,4 +1,4 @@
-//! `cargo xtask setup|build|run|check|lint|bench|fuzz|test`: the front door for people and CI.
+//! `cargo xtask setup|build|package|run|check|lint|bench|fuzz|test`: the front door for people and CI.
 //!
 //! Every command first makes sure the machine can build the kernel programs (`setup`, which is
 //! idempotent and says what it does), so `cargo xtask run` works on a fresh machine.
@@ -8,6 +8,7 @@ mod build;
 mod common;
 mod fuzz;
 mod lint;
+mod package;
 mod setup;
 mod test;
 
@@ -27,11 +28,14 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Task {
-    /// Install what building and testing need: nightly rust-src, bpf-linker, cargo-fuzz, Debian
-    /// packages.
+    /// Install what building and testing need: nightly rust-src, bpf-linker, cargo-fuzz, cargo-deb,
+    /// Debian packages.
     Setup,
     /// Build the agent (release), kernel programs embedded.
     Build,
+    /// Build the Debian package (release agent, unit, sysusers file, hooks, policy, maintainer
+    /// scripts) with cargo-deb and print its path.
+    Package,
     /// Build and start the agent with the built-in default policy; arguments go to `run`.
     Run {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -84,6 +88,12 @@ fn main() -> anyhow::Result<()> {
         Task::Build => {
             setup()?;
             build::build()
+        }
+        Task::Package => {
+            setup()?;
+            let path = package::package()?;
+            println!("{}", path.display());
+            Ok(())
         }
         Task::Run { args } => {
             setup()?;

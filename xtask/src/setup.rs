@@ -1,6 +1,6 @@
 //! `setup`: make the machine ready to build and test, idempotently, saying what it installs:
-//! nightly rust-src, bpf-linker, cargo-fuzz, the Debian packages the tests use, and the
-//! Kubernetes manifests' validator.
+//! nightly rust-src, bpf-linker, cargo-fuzz, cargo-deb, the Debian packages the tests use, and
+//! the Kubernetes manifests' validator.
 
 use std::{
     path::{Path, PathBuf},
@@ -15,16 +15,18 @@ use crate::common::{is_root, output, run_cmd, say};
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// cargo-fuzz version `cargo xtask fuzz` is known to work with.
 const CARGO_FUZZ_VERSION: &str = "0.13.2";
-/// Debian packages the tests use: `ip` for network namespaces, `unshare`/`mount` for a private
-/// resolv.conf, `getent` for glibc lookups, bpftool to inspect what is loaded, a real Prometheus
-/// (and promtool) to scrape the agent and check the rules, a real Alertmanager to receive its
-/// alerts, curl to query them, systemd for `systemd-analyze` and to boot a systemd that runs
-/// the hardened unit (`unshare`/`nsenter` from util-linux).
+/// cargo-deb version `cargo xtask package` is known to work with.
+const CARGO_DEB_VERSION: &str = "3.8.0";
 /// kubernetes-validate (PyPI) checks the Kubernetes manifests against the API's own schemas, strict
 /// (unknown fields fail), for every Kubernetes version it ships schemas for, offline: the schema
 /// sets are inside the package. `runner-monitor/tests/kubernetes.rs` runs it. This version ships
 /// 1.25 to 1.37.
 const KUBERNETES_VALIDATE_VERSION: &str = "1.37.0";
+/// Debian packages the tests use: `ip` for network namespaces, `unshare`/`mount` for a private
+/// resolv.conf, `getent` for glibc lookups, bpftool to inspect what is loaded, a real Prometheus
+/// (and promtool) to scrape the agent and check the rules, a real Alertmanager to receive its
+/// alerts, curl to query them, systemd for `systemd-analyze` and to boot a systemd that runs
+/// the hardened unit (`unshare`/`nsenter` from util-linux), lintian to check the Debian package.
 const DEBIAN_PACKAGES: &[&str] = &[
     "iproute2",
     "util-linux",
@@ -35,6 +37,7 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "prometheus",
     "prometheus-alertmanager",
     "curl",
+    "lintian",
 ];
 
 pub(crate) fn setup() -> anyhow::Result<()> {
@@ -90,7 +93,23 @@ pub(crate) fn setup() -> anyhow::Result<()> {
         ]))?;
     }
 
-    // 4. Debian packages the tests use.
+    // 4. cargo-deb, for `cargo xtask package`, from crates.io the same way.
+    let deb_ok = output(Command::new("cargo").args(["deb", "--version"]))
+        .is_some_and(|v| v.contains(CARGO_DEB_VERSION));
+    if !deb_ok {
+        say(&format!(
+            "installing cargo-deb {CARGO_DEB_VERSION} (about two minutes, once)"
+        ));
+        run_cmd(Command::new("cargo").args([
+            "install",
+            "cargo-deb",
+            "--version",
+            CARGO_DEB_VERSION,
+            "--locked",
+        ]))?;
+    }
+
+    // 5. Debian packages the tests use.
     if is_root() && Path::new("/usr/bin/apt-get").exists() {
         let missing: Vec<&str> = DEBIAN_PACKAGES
             .iter()

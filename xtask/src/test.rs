@@ -1,10 +1,14 @@
-//! `test`: the unit tests, then (as root) the integration tests with the real probes.
+//! `test`: the unit tests, then (as root) the Debian package and the integration tests with the
+//! real probes.
 
 use std::process::Command;
 
 use anyhow::bail;
 
-use crate::common::{is_root, run_cmd, say};
+use crate::{
+    common::{is_root, run_cmd, say},
+    package,
+};
 
 pub(crate) fn test(args: &[String]) -> anyhow::Result<()> {
     say("unit tests");
@@ -29,9 +33,13 @@ pub(crate) fn test(args: &[String]) -> anyhow::Result<()> {
     }
     say("integration tests (real probes, real processes, the real agent binary)");
     run_cmd(Command::new("cargo").args(["build", "-p", "runner-monitor"]))?;
+    // tests/tests/package.rs installs the Debian package of this tree.
+    say("the Debian package, for tests/tests/package.rs");
+    let deb = package::package()?;
     run_cmd(
         Command::new("cargo")
             .args(["test", "-p", "integration-tests", "--", "--nocapture"])
-            .args(args),
+            .args(args)
+            .env("RM_PACKAGE", deb),
     )
 }
