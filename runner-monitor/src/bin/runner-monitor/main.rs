@@ -16,6 +16,7 @@ use runner_monitor::{
 };
 
 mod agent;
+mod job_report;
 mod requests;
 
 use agent::RunArgs;
@@ -53,6 +54,9 @@ enum Command {
         #[arg(long, value_name = "FILE", default_value = "-")]
         alerts_out: PathBuf,
     },
+    /// What one job did: its process tree, credentials, egress, survivors and findings, from the
+    /// running agent or offline from a trace.
+    Report(job_report::ReportArgs),
     /// Probe what this kernel supports and print the sensor set the agent would use.
     Check {
         /// Print JSON instead of a table.
@@ -143,6 +147,7 @@ fn run_cli() -> anyhow::Result<()> {
     match cli.command {
         Command::Check { json } => check(json),
         Command::Job(command) => job_command(command),
+        Command::Report(args) => job_report::run(args),
         Command::Replay {
             events,
             policy,
