@@ -18,7 +18,8 @@ const CARGO_FUZZ_VERSION: &str = "0.13.2";
 /// resolv.conf, `getent` for glibc lookups, bpftool to inspect what is loaded, a real Prometheus
 /// (and promtool) to scrape the agent and check the rules, a real Alertmanager to receive its
 /// alerts, curl to query them, systemd for `systemd-analyze` and to boot a systemd that runs
-/// the hardened unit (`unshare`/`nsenter` from util-linux).
+/// the hardened unit (`unshare`/`nsenter` from util-linux), and a headless Chromium to render
+/// the agent's `/jobs` pages (`tests/tests/job_report.rs`).
 const DEBIAN_PACKAGES: &[&str] = &[
     "iproute2",
     "util-linux",
@@ -29,6 +30,7 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "prometheus",
     "prometheus-alertmanager",
     "curl",
+    "chromium",
 ];
 
 pub(crate) fn setup() -> anyhow::Result<()> {

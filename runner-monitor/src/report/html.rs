@@ -116,11 +116,7 @@ pub fn job_page(report: &JobReport) -> String {
         report.key,
         status(report)
     );
-    let _ = writeln!(
-        b,
-        "<p class=\"muted\">{}</p>",
-        h(&not_tracked_line(report))
-    );
+    let _ = writeln!(b, "<p class=\"muted\">{}</p>", h(&not_tracked_line(report)));
 
     let _ = writeln!(
         b,
@@ -164,7 +160,11 @@ pub fn job_page(report: &JobReport) -> String {
             }
         }
         let (head, tail) = process_line(report, p);
-        let class = if p.survivor { " class=\"survivor\"" } else { "" };
+        let class = if p.survivor {
+            " class=\"survivor\""
+        } else {
+            ""
+        };
         let _ = write!(
             b,
             "<li><span{class}>{}</span> <span class=\"muted\">[{tail}]</span>",
@@ -199,11 +199,7 @@ pub fn job_page(report: &JobReport) -> String {
         b.push_str("</table>\n");
     }
 
-    let _ = writeln!(
-        b,
-        "<h2 id=\"egress\">Egress ({})</h2>",
-        report.egress.len()
-    );
+    let _ = writeln!(b, "<h2 id=\"egress\">Egress ({})</h2>", report.egress.len());
     if !report.egress.is_empty() {
         b.push_str("<table><tr><th>name</th><th>address</th><th>port</th><th>connections</th><th>pids</th><th>first</th></tr>\n");
         for e in &report.egress {

@@ -16,9 +16,9 @@
 //! for, and the containers a job started (`JobReport::not_tracked` says so).
 
 mod html;
-mod text;
 #[cfg(test)]
 mod tests;
+mod text;
 
 use std::{
     collections::HashMap,
@@ -523,7 +523,8 @@ impl JobReports {
         for f in findings {
             if let Some(job) = &f.job {
                 let record = self.record_of(job.key, f.time_ns);
-                if record.report.job.id == job.key.to_string() && job.info.id != record.report.job.id
+                if record.report.job.id == job.key.to_string()
+                    && job.info.id != record.report.job.id
                 {
                     record.report.job = job.info.clone();
                 }

@@ -21,8 +21,11 @@ impl Run {
     fn new() -> Self {
         let policy = Arc::new(Policy::builtin());
         let reports = JobReports::shared(policy.clone());
-        let outputs = Outputs::new(AlertWriter::to_writer(Box::new(std::io::sink()), None), None)
-            .unwrap();
+        let outputs = Outputs::new(
+            AlertWriter::to_writer(Box::new(std::io::sink()), None),
+            None,
+        )
+        .unwrap();
         Self {
             pipeline: Pipeline::new(policy, None, outputs).with_reports(reports.clone()),
             reports,
@@ -167,11 +170,36 @@ fn connect(ip: &str, port: u16) -> EventDetail {
 fn job_with_a_survivor(run: &mut Run) {
     run.start(1000, 7, 100, "9001/build", "acme/app");
     run.exec(1100, 7, false, 101, 100, &["sh", "-c", "step"]);
-    run.exec(1200, 7, false, 102, 101, &["cat", "/home/ci/.aws/credentials"]);
+    run.exec(
+        1200,
+        7,
+        false,
+        102,
+        101,
+        &["cat", "/home/ci/.aws/credentials"],
+    );
     for t in [1300, 1310] {
-        run.feed(t, 7, false, false, 102, 101, "cat", read("/home/ci/.aws/credentials"));
+        run.feed(
+            t,
+            7,
+            false,
+            false,
+            102,
+            101,
+            "cat",
+            read("/home/ci/.aws/credentials"),
+        );
     }
-    run.feed(1320, 7, false, false, 102, 101, "cat", read("/home/ci/notes.txt"));
+    run.feed(
+        1320,
+        7,
+        false,
+        false,
+        102,
+        101,
+        "cat",
+        read("/home/ci/notes.txt"),
+    );
     run.feed(
         1400,
         7,
@@ -182,13 +210,56 @@ fn job_with_a_survivor(run: &mut Run) {
         "sh",
         EventDetail::DnsAnswer(Dns::answer_a("exfil.example", "203.0.113.9")),
     );
-    run.feed(1500, 7, false, false, 101, 100, "sh", connect("203.0.113.9", 443));
-    run.feed(1510, 7, false, false, 101, 100, "sh", connect("203.0.113.9", 443));
-    run.feed(1600, 7, false, false, 102, 101, "cat", EventDetail::Exit { exit_code: Some(0) });
+    run.feed(
+        1500,
+        7,
+        false,
+        false,
+        101,
+        100,
+        "sh",
+        connect("203.0.113.9", 443),
+    );
+    run.feed(
+        1510,
+        7,
+        false,
+        false,
+        101,
+        100,
+        "sh",
+        connect("203.0.113.9", 443),
+    );
+    run.feed(
+        1600,
+        7,
+        false,
+        false,
+        102,
+        101,
+        "cat",
+        EventDetail::Exit { exit_code: Some(0) },
+    );
     run.exec(1700, 7, false, 103, 101, &["nohup", "sleep", "60"]);
     run.end(2000, 7, 100);
-    run.exec(3000, 7, true, 104, 103, &["cat", "/home/ci/.docker/config.json"]);
-    run.feed(3100, 7, true, false, 104, 103, "cat", read("/home/ci/.docker/config.json"));
+    run.exec(
+        3000,
+        7,
+        true,
+        104,
+        103,
+        &["cat", "/home/ci/.docker/config.json"],
+    );
+    run.feed(
+        3100,
+        7,
+        true,
+        false,
+        104,
+        103,
+        "cat",
+        read("/home/ci/.docker/config.json"),
+    );
     // Past the grace period (30 s): the survivors are found.
     run.pipeline.advance(40 * S).unwrap();
 }
@@ -203,7 +274,10 @@ fn a_jobs_report_holds_its_tree_credentials_egress_survivors_and_findings() {
     assert_eq!(r.end_ns, Some(2 * S));
 
     let pids: Vec<(u32, u32)> = r.processes.iter().map(|p| (p.pid, p.ppid)).collect();
-    assert_eq!(pids, [(100, 1), (101, 100), (102, 101), (103, 101), (104, 103)]);
+    assert_eq!(
+        pids,
+        [(100, 1), (101, 100), (102, 101), (103, 101), (104, 103)]
+    );
     let cat = &r.processes[2];
     assert_eq!(cat.argv.as_deref(), Some("cat /home/ci/.aws/credentials"));
     assert_eq!((cat.exit_ns, cat.exit_code), (Some(1_600_000_000), Some(0)));
@@ -212,7 +286,10 @@ fn a_jobs_report_holds_its_tree_credentials_egress_survivors_and_findings() {
     // Two reads of one file are one line; a path that is no credential is not there.
     assert_eq!(r.credentials.len(), 2, "{:#?}", r.credentials);
     let aws = &r.credentials[0];
-    assert_eq!((aws.kind.as_str(), aws.reads, aws.after_end), ("aws", 2, false));
+    assert_eq!(
+        (aws.kind.as_str(), aws.reads, aws.after_end),
+        ("aws", 2, false)
+    );
     assert_eq!(aws.pids, [102]);
     let docker = &r.credentials[1];
     assert_eq!((docker.kind.as_str(), docker.after_end), ("docker", true));
@@ -222,7 +299,11 @@ fn a_jobs_report_holds_its_tree_credentials_egress_survivors_and_findings() {
     assert_eq!(e.dns_name.as_deref(), Some("exfil.example"));
     assert_eq!((e.port, e.connections), (443, 2));
 
-    assert!(r.survivors.iter().any(|s| s.pid == 103 && s.escape.contains(&"nohup".to_owned())));
+    assert!(
+        r.survivors
+            .iter()
+            .any(|s| s.pid == 103 && s.escape.contains(&"nohup".to_owned()))
+    );
     let rules: Vec<RuleId> = r.findings.iter().map(|f| f.rule).collect();
     assert!(rules.contains(&RuleId::UnexpectedEgress), "{rules:?}");
     assert!(rules.contains(&RuleId::CredentialAfterJobEnd), "{rules:?}");
@@ -246,7 +327,13 @@ fn reports_are_found_by_ci_id_or_key_and_listed_most_recent_first() {
 fn only_the_most_recent_jobs_are_kept() {
     let mut run = Run::new();
     for job in 1..=(MAX_JOBS as u64 + 5) {
-        run.start(job * 1000, job, job as u32 * 10, &format!("job-{job}"), "acme/app");
+        run.start(
+            job * 1000,
+            job,
+            job as u32 * 10,
+            &format!("job-{job}"),
+            "acme/app",
+        );
     }
     let reports = lock(&run.reports);
     assert_eq!(reports.list().len(), MAX_JOBS);
@@ -259,12 +346,30 @@ fn a_report_is_bounded_and_counts_what_it_left_out() {
     let mut run = Run::new();
     run.start(1000, 7, 100, "busy", "acme/app");
     for pid in 0..(MAX_PROCESSES as u32 + 10) {
-        run.feed(2000, 7, false, false, 100, 1, "sh", EventDetail::Fork {
-            child_pid: 1000 + pid,
-        });
+        run.feed(
+            2000,
+            7,
+            false,
+            false,
+            100,
+            1,
+            "sh",
+            EventDetail::Fork {
+                child_pid: 1000 + pid,
+            },
+        );
     }
     for port in 0..(MAX_EGRESS as u16 + 3) {
-        run.feed(3000, 7, false, false, 100, 1, "sh", connect("203.0.113.1", 1000 + port));
+        run.feed(
+            3000,
+            7,
+            false,
+            false,
+            100,
+            1,
+            "sh",
+            connect("203.0.113.1", 1000 + port),
+        );
     }
     let r = run.report("busy");
     assert_eq!(r.processes.len(), MAX_PROCESSES);
@@ -277,10 +382,19 @@ fn a_report_is_bounded_and_counts_what_it_left_out() {
 #[test]
 fn events_of_kinds_a_report_does_not_show_leave_no_record() {
     let mut run = Run::new();
-    run.feed(1000, 9, false, false, 100, 1, "sh", EventDetail::Chdir {
-        path: "/tmp".into(),
-        resolved: true,
-    });
+    run.feed(
+        1000,
+        9,
+        false,
+        false,
+        100,
+        1,
+        "sh",
+        EventDetail::Chdir {
+            path: "/tmp".into(),
+            resolved: true,
+        },
+    );
     assert!(lock(&run.reports).list().is_empty());
 }
 
@@ -296,10 +410,37 @@ fn another_stage_of_a_gitlab_job_reports_as_that_job() {
         })
     };
     run.feed(1000, 7, false, true, 100, 1, "bash", info("555"));
-    run.feed(1100, 7, false, false, 100, 1, "cat", read("/home/ci/.aws/credentials"));
-    run.feed(1200, 7, false, true, 100, 1, "bash", EventDetail::Exit { exit_code: Some(0) });
+    run.feed(
+        1100,
+        7,
+        false,
+        false,
+        100,
+        1,
+        "cat",
+        read("/home/ci/.aws/credentials"),
+    );
+    run.feed(
+        1200,
+        7,
+        false,
+        true,
+        100,
+        1,
+        "bash",
+        EventDetail::Exit { exit_code: Some(0) },
+    );
     run.feed(1300, 8, false, true, 200, 1, "bash", info("555"));
-    run.feed(1400, 8, false, false, 200, 1, "bash", read("/home/ci/.docker/config.json"));
+    run.feed(
+        1400,
+        8,
+        false,
+        false,
+        200,
+        1,
+        "bash",
+        read("/home/ci/.docker/config.json"),
+    );
     let list = lock(&run.reports).list();
     assert_eq!(list.len(), 1, "{list:#?}");
     let r = run.report("555");
@@ -332,18 +473,18 @@ fn the_page_escapes_every_job_supplied_string_and_loads_nothing() {
     let r = hostile_report();
     let page = job_page(&r);
     assert!(!page.contains("<script"), "{page}");
-    assert!(page.contains("&lt;script&gt;alert(1)&lt;/script&gt;"), "{page}");
+    assert!(
+        page.contains("&lt;script&gt;alert(1)&lt;/script&gt;"),
+        "{page}"
+    );
     assert!(!page.contains('\u{1b}'), "raw ESC on the page");
     assert!(page.contains(r"\u{1b}]0;pwn\u{7}"), "{page}");
-    for external in ["src=", "http:", "https:", "<link", "<form", "<iframe", "@import"] {
+    for external in [
+        "src=", "http:", "https:", "<link", "<form", "<iframe", "@import",
+    ] {
         assert!(!page.contains(external), "{external} on the page");
     }
-    let list = jobs_page(&lock(&{
-        let reports = JobReports::shared(Arc::new(Policy::builtin()));
-        reports
-    })
-    .list());
-    assert!(list.contains("No job seen"));
+    assert!(jobs_page(&[]).contains("No job seen"));
 }
 
 #[test]
@@ -372,7 +513,10 @@ fn text_and_markdown_escape_controls_and_markup() {
     let m = markdown(&r);
     assert!(!m.chars().any(|c| c.is_control() && c != '\n'), "{m:?}");
     assert!(!m.contains("<script"), "{m}");
-    assert!(m.contains(r"\|\*\*x\*\*"), "table cells cannot be split: {m}");
+    assert!(
+        m.contains(r"\|\*\*x\*\*"),
+        "table cells cannot be split: {m}"
+    );
 }
 
 #[test]
@@ -406,7 +550,10 @@ fn the_json_report_reads_back() {
     job_with_a_survivor(&mut run);
     let r = run.report("9001/build");
     let json = serde_json::to_string(&r).unwrap();
-    assert!(!json.contains("\"steps\":"), "steps are not tracked: absent");
+    assert!(
+        !json.contains("\"steps\":"),
+        "steps are not tracked: absent"
+    );
     let back: JobReport = serde_json::from_str(&json).unwrap();
     assert_eq!(back, r);
 }

@@ -42,7 +42,11 @@ fn md(s: &str) -> String {
 /// `+1.234s` after the job's first event.
 pub(super) fn offset(report: &JobReport, time_ns: u64) -> String {
     let ns = time_ns.saturating_sub(report.start_ns);
-    format!("+{}.{:03}s", ns / 1_000_000_000, ns % 1_000_000_000 / 1_000_000)
+    format!(
+        "+{}.{:03}s",
+        ns / 1_000_000_000,
+        ns % 1_000_000_000 / 1_000_000
+    )
 }
 
 /// The job in one line: `acme/app, workflow CI, run 9001, github, runner r1`.
@@ -223,7 +227,11 @@ pub fn text(report: &JobReport) -> String {
 
     let _ = writeln!(o, "\nEgress ({})", report.egress.len());
     for e in &report.egress {
-        let name = e.dns_name.as_deref().map(plain).unwrap_or_else(|| "-".into());
+        let name = e
+            .dns_name
+            .as_deref()
+            .map(plain)
+            .unwrap_or_else(|| "-".into());
         let _ = writeln!(
             o,
             "  {name} {}:{}  {} (pids {}) from {}",

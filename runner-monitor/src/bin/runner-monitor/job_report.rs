@@ -89,7 +89,10 @@ fn offline(trace: &Path, policy: Option<&Path>, id: Option<&str>) -> anyhow::Res
         None => Policy::builtin(),
     });
     let reports = JobReports::shared(policy.clone());
-    let outputs = Outputs::new(AlertWriter::to_writer(Box::new(std::io::sink()), None), None)?;
+    let outputs = Outputs::new(
+        AlertWriter::to_writer(Box::new(std::io::sink()), None),
+        None,
+    )?;
     let mut pipeline = Pipeline::new(policy, None, outputs).with_reports(reports.clone());
     let reader = std::io::BufReader::new(
         std::fs::File::open(trace).with_context(|| format!("opening {}", trace.display()))?,

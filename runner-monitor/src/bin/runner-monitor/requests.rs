@@ -134,7 +134,10 @@ fn job_report(sensor: &Sensor, pipeline: &Pipeline, peer: control::Peer, id: &st
     let directory = pipeline.jobs();
     let peer_job = sensor.job_of(peer.pid).map(|k| directory.job_of_stage(k));
     if peer_job.is_some_and(|p| p != directory.job_of_stage(found.key)) {
-        return Reply::refused(Outcome::CrossJob, "a process cannot read another job's report");
+        return Reply::refused(
+            Outcome::CrossJob,
+            "a process cannot read another job's report",
+        );
     }
     match serde_json::to_value(&found) {
         Ok(value) => Reply::report(found.key.to_string(), value),

@@ -29,8 +29,8 @@ use runner_monitor::{
     },
     pipeline::{Host, Pipeline},
     policy::Policy,
-    report::JobReports,
     privilege,
+    report::JobReports,
     sensor::{
         ProbeState, ProbeStatus, Sensor, SensorOptions,
         decode::Decoder,
