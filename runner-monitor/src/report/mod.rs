@@ -480,6 +480,10 @@ pub struct JobReports {
     jobs: BoundedMap<JobKey, Record>,
     /// Stage job key -> the job it is a stage of (GitLab: one job, several process trees).
     stages: BoundedMap<JobKey, JobKey>,
+    /// Jobs whose report made room for a newer job's: their later events are ignored (one
+    /// lookup) instead of starting a partial report that would push out another (with more jobs
+    /// than `MAX_JOBS` at once, every event would).
+    evicted: BoundedMap<JobKey, ()>,
 }
 
 impl JobReports {
@@ -488,6 +492,7 @@ impl JobReports {
             policy,
             jobs: BoundedMap::new(MAX_JOBS),
             stages: BoundedMap::new(MAX_JOBS * 4),
+            evicted: BoundedMap::new(MAX_JOBS * 64),
         }
     }
 
@@ -522,7 +527,9 @@ impl JobReports {
     pub fn findings(&mut self, findings: &[Finding]) {
         for f in findings {
             if let Some(job) = &f.job {
-                let record = self.record_of(job.key, f.time_ns);
+                let Some(record) = self.record_of(job.key, f.time_ns) else {
+                    continue;
+                };
                 if record.report.job.id == job.key.to_string()
                     && job.info.id != record.report.job.id
                 {
@@ -533,10 +540,19 @@ impl JobReports {
         }
     }
 
-    fn record_of(&mut self, key: JobKey, time_ns: u64) -> &mut Record {
+    /// The record of job `key` (or of the job it is a stage of), started when new; `None` for
+    /// a job whose record was evicted.
+    fn record_of(&mut self, key: JobKey, time_ns: u64) -> Option<&mut Record> {
         let key = self.stages.get(&key).copied().unwrap_or(key);
-        self.jobs
-            .get_or_insert_with(key, || Record::new(key, time_ns))
+        if !self.jobs.contains_key(&key) {
+            if self.evicted.contains_key(&key) {
+                return None;
+            }
+            if let Some((old, _)) = self.jobs.insert(key, Record::new(key, time_ns)) {
+                self.evicted.insert(old, ());
+            }
+        }
+        self.jobs.get_mut(&key)
     }
 
     fn record(&mut self, event: &Event, key: JobKey, ended: bool) {
@@ -544,12 +560,15 @@ impl JobReports {
             && self.joins_a_stage(key, info)
         {
             // The stage's root is a process of the job.
-            let record = self.record_of(key, event.time_ns);
-            record.process(event, event.process.pid, event.process.ppid);
+            if let Some(record) = self.record_of(key, event.time_ns) {
+                record.process(event, event.process.pid, event.process.ppid);
+            }
             return;
         }
         let policy = self.policy.clone();
-        let record = self.record_of(key, event.time_ns);
+        let Some(record) = self.record_of(key, event.time_ns) else {
+            return;
+        };
         let ended = ended || record.report.end_ns.is_some();
         let pid = event.process.pid;
         match &event.detail {

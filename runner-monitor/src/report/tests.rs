@@ -335,9 +335,22 @@ fn only_the_most_recent_jobs_are_kept() {
             "acme/app",
         );
     }
+    // An event of a job whose report went does not start a partial one that pushes out another.
+    run.feed(
+        99_000,
+        1,
+        false,
+        false,
+        10,
+        1,
+        "cat",
+        read("/home/ci/.aws/credentials"),
+    );
     let reports = lock(&run.reports);
     assert_eq!(reports.list().len(), MAX_JOBS);
     assert!(reports.find("job-1").is_none(), "the oldest went");
+    assert!(reports.find("0000000000000001").is_none(), "and stays gone");
+    assert!(reports.find("job-6").is_some());
     assert!(reports.find(&format!("job-{}", MAX_JOBS + 5)).is_some());
 }
 
