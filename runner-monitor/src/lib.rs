@@ -14,6 +14,7 @@ pub mod output;
 pub mod pipeline;
 pub mod policy;
 pub mod privilege;
+pub mod report;
 pub mod rule;
 pub mod sensor;
 pub mod state;

@@ -2,9 +2,9 @@
 //! the same stages in the same order.
 //!
 //! ```text
-//! batch ─▶ fingerprint ─▶ discover ─▶ engine ─▶ tracking id ─▶ write
+//! batch ─▶ fingerprint ─▶ discover ─▶ engine ─▶ tracking id ─▶ report ─▶ write
 //!          (host)         (host)                (host)
-//! time  ─────────────────────────────▶ engine ─▶ tracking id ─▶ write
+//! time  ─────────────────────────────▶ engine ─▶ tracking id ─▶ report ─▶ write
 //! ```
 //!
 //! - fingerprint: a credential read gets the keyed hash of its content; a credential written is
@@ -15,6 +15,8 @@
 //!   (its repository's rules) and the event trace holds them in that order (`job`).
 //! - engine: events in, findings out (`engine`; pure).
 //! - tracking id: a survivor that changed `RUNNER_TRACKING_ID` says so (`enrich`).
+//! - report: what each recent job did, for `runner-monitor report` and `/jobs` (`report`), when
+//!   the pipeline has one (`with_reports`); locked once per batch.
 //! - write: the event trace, the alert stream and its receivers, the metrics (`output`).
 //!
 //! The stages marked "host" read the file system and `/proc`; `replay` runs without a `Host`,
@@ -30,6 +32,7 @@ use crate::{
     job::JobDirectory,
     output::Outputs,
     policy::Policy,
+    report::{self, JobReports, SharedReports},
 };
 
 /// What only the live agent reads from the host.
@@ -44,6 +47,7 @@ pub struct Pipeline {
     host: Option<Host>,
     jobs: JobDirectory,
     engine: Engine,
+    reports: Option<SharedReports>,
     out: Outputs,
 }
 
@@ -53,23 +57,38 @@ impl Pipeline {
         Self {
             engine: Engine::new(policy.clone()),
             jobs: JobDirectory::default(),
+            reports: None,
             policy,
             host,
             out,
         }
     }
 
+    /// Turns the report stage on: every job's report is kept in `reports` (see `report`).
+    pub fn with_reports(mut self, reports: SharedReports) -> Self {
+        self.reports = Some(reports);
+        self
+    }
+
+    /// The report stage's reports, when it is on.
+    pub fn reports(&self) -> Option<&SharedReports> {
+        self.reports.as_ref()
+    }
+
     /// Runs a batch of events through the stages, in order; returns the findings written.
     pub fn run(&mut self, batch: impl IntoIterator<Item = Event>) -> std::io::Result<Vec<Finding>> {
+        // The reports are locked once for the batch (readers copy a report out and go).
+        let reports = self.reports.clone();
+        let mut reports = reports.as_ref().map(report::lock);
         let mut written = Vec::new();
         for mut event in batch {
             let credentials_written = self.fingerprint(&mut event);
             if let Some(start) = self.discover(&event) {
-                written.extend(self.judge(&start)?);
+                written.extend(self.judge(&start, reports.as_deref_mut())?);
             }
-            written.extend(self.judge(&event)?);
+            written.extend(self.judge(&event, reports.as_deref_mut())?);
             for e in &credentials_written {
-                written.extend(self.judge(e)?);
+                written.extend(self.judge(e, reports.as_deref_mut())?);
             }
         }
         Ok(written)
@@ -80,6 +99,11 @@ impl Pipeline {
     pub fn advance(&mut self, now_ns: u64) -> std::io::Result<Vec<Finding>> {
         let mut findings = self.engine.advance(now_ns);
         self.tracking_id(&mut findings);
+        if let Some(reports) = &self.reports
+            && !findings.is_empty()
+        {
+            report::lock(reports).findings(&findings);
+        }
         self.out.findings(&findings, None)?;
         self.out.engine(&self.engine);
         Ok(findings)
@@ -100,12 +124,19 @@ impl Pipeline {
         self.jobs.discover(event, &self.policy)
     }
 
-    /// Stages 3 to 5 for one event: engine, tracking id, write.
-    fn judge(&mut self, event: &Event) -> std::io::Result<Vec<Finding>> {
+    /// Stages 3 to 6 for one event: engine, tracking id, report, write.
+    fn judge(
+        &mut self,
+        event: &Event,
+        reports: Option<&mut JobReports>,
+    ) -> std::io::Result<Vec<Finding>> {
         self.out.event(event)?;
         let mut findings = self.engine.handle(event);
         self.out.judged(event.time_ns);
         self.tracking_id(&mut findings);
+        if let Some(reports) = reports {
+            reports.judged(event, &findings);
+        }
         self.out.findings(&findings, Some(event.time_ns))?;
         Ok(findings)
     }
@@ -130,6 +161,9 @@ impl Pipeline {
     /// Replaces the policy every stage judges by; the tables are kept.
     pub fn set_policy(&mut self, policy: Arc<Policy>) {
         self.engine.set_policy(policy.clone());
+        if let Some(reports) = &self.reports {
+            report::lock(reports).set_policy(policy.clone());
+        }
         self.policy = policy;
     }
 

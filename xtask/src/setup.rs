@@ -26,7 +26,8 @@ const KUBERNETES_VALIDATE_VERSION: &str = "1.37.0";
 /// resolv.conf, `getent` for glibc lookups, bpftool to inspect what is loaded, a real Prometheus
 /// (and promtool) to scrape the agent and check the rules, a real Alertmanager to receive its
 /// alerts, curl to query them, systemd for `systemd-analyze` and to boot a systemd that runs
-/// the hardened unit (`unshare`/`nsenter` from util-linux), lintian to check the Debian package.
+/// the hardened unit (`unshare`/`nsenter` from util-linux), lintian to check the Debian package,
+/// and a headless Chromium to render the agent's `/jobs` pages (`tests/tests/job_report.rs`).
 const DEBIAN_PACKAGES: &[&str] = &[
     "iproute2",
     "util-linux",
@@ -38,6 +39,7 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "prometheus-alertmanager",
     "curl",
     "lintian",
+    "chromium",
 ];
 
 pub(crate) fn setup() -> anyhow::Result<()> {

@@ -1,4 +1,5 @@
-//! The control socket: `runner-monitor job start|end` from the runner's hooks.
+//! The control socket: `runner-monitor job start|end` from the runner's hooks, and
+//! `runner-monitor report --job ID` (a job's report, read-only).
 //!
 //! One JSON request per connection, one JSON response. Only root and the configured runner user
 //! are admitted (peer credentials); requests are bounded in size and time; a process inside a
@@ -21,6 +22,8 @@ use crate::event::JobInfo;
 pub const DEFAULT_SOCKET: &str = "/run/runner-monitor/control.sock";
 /// Largest request accepted.
 pub const MAX_REQUEST: usize = 16 * 1024;
+/// Largest answer a client reads (a job's report is bounded well below it).
+pub const MAX_ANSWER: usize = 8 * 1024 * 1024;
 const TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -35,6 +38,10 @@ pub enum Request {
     JobEnd {
         id: String,
     },
+    /// The report of the job with this id (or key): what it did so far.
+    JobReport {
+        id: String,
+    },
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -45,6 +52,9 @@ pub struct Response {
     /// The job's key.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub job: Option<String>,
+    /// For `job_report`: the report (`runner_monitor::report::JobReport` as JSON).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub report: Option<serde_json::Value>,
 }
 
 impl Response {
@@ -53,6 +63,7 @@ impl Response {
             ok: true,
             error: None,
             job: Some(job),
+            report: None,
         }
     }
 
@@ -61,6 +72,7 @@ impl Response {
             ok: false,
             error: Some(message.into()),
             job: None,
+            report: None,
         }
     }
 }
@@ -78,12 +90,13 @@ impl Request {
         match self {
             Request::JobStart { .. } => "job_start",
             Request::JobEnd { .. } => "job_end",
+            Request::JobReport { .. } => "job_report",
         }
     }
 }
 
 /// Every request name, and `unknown` for what was refused before it was read or parsed.
-pub const REQUEST_NAMES: [&str; 3] = ["job_start", "job_end", "unknown"];
+pub const REQUEST_NAMES: [&str; 4] = ["job_start", "job_end", "job_report", "unknown"];
 
 /// How a control request ended: the `result` label of `runner_monitor_control_requests_total`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -147,6 +160,16 @@ impl Reply {
     pub fn ok(job: String) -> Self {
         Self {
             response: Response::ok(job),
+            outcome: Outcome::Ok,
+        }
+    }
+
+    /// A job's report, for `job_report`.
+    pub fn report(job: String, report: serde_json::Value) -> Self {
+        let mut response = Response::ok(job);
+        response.report = Some(report);
+        Self {
+            response,
             outcome: Outcome::Ok,
         }
     }
@@ -403,7 +426,7 @@ pub async fn send(path: &Path, request: &Request) -> std::io::Result<Response> {
         return Err(e);
     }
     let mut answer = Vec::new();
-    let mut reader = BufReader::new(stream).take(MAX_REQUEST as u64);
+    let mut reader = BufReader::new(stream).take(MAX_ANSWER as u64);
     tokio::time::timeout(TIMEOUT, reader.read_until(b'\n', &mut answer))
         .await
         .map_err(|_| std::io::Error::other("timed out waiting for the answer"))??;
@@ -524,6 +547,9 @@ mod tests {
                 let _ = reply.send(match request {
                     Request::JobEnd { id } => Reply::ok(format!("ended {id}")),
                     Request::JobStart { .. } => Reply::refused(Outcome::Replayed, "again"),
+                    Request::JobReport { id } => {
+                        Reply::report(id, serde_json::json!({ "processes": [] }))
+                    }
                 });
             }
         });
@@ -552,6 +578,11 @@ mod tests {
         .await
         .unwrap();
         assert_eq!(r, Response::error("again"));
+        // A report comes back whole in the answer.
+        let r = send(&path, &Request::JobReport { id: "7".into() })
+            .await
+            .unwrap();
+        assert_eq!(r.report, Some(serde_json::json!({ "processes": [] })));
 
         // Malformed, oversized and silent requests get an error, not a hang.
         let malformed = answer(&path, b"{not json}\n").await;
@@ -566,6 +597,7 @@ mod tests {
         for (request, result) in [
             ("job_end", "ok"),
             ("job_start", "replayed"),
+            ("job_report", "ok"),
             ("unknown", "malformed"),
             ("unknown", "oversized"),
             ("unknown", "timeout"),

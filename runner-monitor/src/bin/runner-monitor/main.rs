@@ -18,6 +18,7 @@ use runner_monitor::{
 mod agent;
 mod baseline;
 mod hooks;
+mod job_report;
 mod requests;
 
 use agent::RunArgs;
@@ -64,6 +65,9 @@ enum Command {
     /// Learn per-repository baselines from recorded traces of normal jobs.
     #[command(subcommand)]
     Baseline(baseline::BaselineCommand),
+    /// What one job did: its process tree, credentials, egress, survivors and findings, from the
+    /// running agent or offline from a trace.
+    Report(job_report::ReportArgs),
     /// Probe what this kernel supports and print the sensor set the agent would use.
     Check {
         /// Print JSON instead of a table.
@@ -155,6 +159,7 @@ fn run_cli() -> anyhow::Result<()> {
         Command::Check { json } => check(json),
         Command::Job(command) => job_command(command),
         Command::Hooks(command) => hooks::run(command),
+        Command::Report(args) => job_report::run(args),
         Command::Replay {
             events,
             policy,

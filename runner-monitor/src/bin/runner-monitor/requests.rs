@@ -9,6 +9,7 @@ use runner_monitor::{
         job_start_event,
     },
     pipeline::Pipeline,
+    report,
     sensor::Sensor,
 };
 
@@ -22,6 +23,9 @@ pub fn control_request(
     peer: control::Peer,
     request: Request,
 ) -> std::io::Result<Reply> {
+    if let Request::JobReport { id } = &request {
+        return Ok(job_report(sensor, pipeline, peer, id));
+    }
     let policy = pipeline.policy().clone();
     let directory = pipeline.jobs_mut();
     // Stages of one staged job (GitLab) are that job.
@@ -112,5 +116,31 @@ pub fn control_request(
             pipeline.run([agent_event(EventDetail::JobEnd, Some(key), peer.pid)])?;
             Reply::ok(key.to_string())
         }
+        Request::JobReport { .. } => unreachable!("answered above"),
     })
+}
+
+/// A job's report, read-only. A process inside a job gets its own job's report only: another
+/// job's processes, credentials and destinations are not its business.
+fn job_report(sensor: &Sensor, pipeline: &Pipeline, peer: control::Peer, id: &str) -> Reply {
+    let Some(reports) = pipeline.reports() else {
+        return Reply::refused(Outcome::Rejected, "this agent keeps no job reports");
+    };
+    // Copied out: the lock is held for the lookup only.
+    let found = report::lock(reports).find(id);
+    let Some(found) = found else {
+        return Reply::refused(Outcome::Rejected, format!("no report of a job {id:?}"));
+    };
+    let directory = pipeline.jobs();
+    let peer_job = sensor.job_of(peer.pid).map(|k| directory.job_of_stage(k));
+    if peer_job.is_some_and(|p| p != directory.job_of_stage(found.key)) {
+        return Reply::refused(
+            Outcome::CrossJob,
+            "a process cannot read another job's report",
+        );
+    }
+    match serde_json::to_value(&found) {
+        Ok(value) => Reply::report(found.key.to_string(), value),
+        Err(e) => Reply::refused(Outcome::Rejected, format!("encoding the report: {e}")),
+    }
 }

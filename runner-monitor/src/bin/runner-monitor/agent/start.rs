@@ -30,6 +30,7 @@ use runner_monitor::{
     pipeline::{Host, Pipeline},
     policy::Policy,
     privilege,
+    report::JobReports,
     sensor::{
         ProbeState, ProbeStatus, Sensor, SensorOptions,
         decode::Decoder,
@@ -109,17 +110,19 @@ impl Agent {
         metrics.probes(sensor.probes());
         metrics.credential_kinds(policy.credentials.iter().map(|c| c.kind.as_str()));
         let ready = Arc::new(AtomicBool::new(false));
+        let reports = JobReports::shared(policy.clone());
         let endpoint = Endpoint {
             metrics: metrics.clone(),
             ready: ready.clone(),
+            reports: Some(reports.clone()),
         };
         let bound = http::serve(args.listen, endpoint)
             .await
             .with_context(|| format!("listening on {} (--listen)", args.listen))?;
-        tracing::info!(address = %bound, "serving /metrics, /healthz, /readyz");
+        tracing::info!(address = %bound, "serving /metrics, /healthz, /readyz, /jobs");
 
         let outputs = Self::outputs(&args, &metrics)?;
-        let mut pipeline = Pipeline::new(policy, Some(host), outputs);
+        let mut pipeline = Pipeline::new(policy, Some(host), outputs).with_reports(reports);
         Self::resume(&args, &state, &mut sensor, &mut pipeline)?;
         if !detached.is_empty() {
             pipeline.run([sensor_status(0, detached, Vec::new())])?;
