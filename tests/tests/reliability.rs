@@ -97,8 +97,21 @@ fn a_restarted_agent_keeps_its_jobs_and_judges_one_that_ended_while_it_was_down(
         .lines()
         .find(|l| l.contains("resumed the pinned kernel maps"))
         .unwrap_or_else(|| panic!("no resume line: {log}"));
-    assert!(resumed.contains("jobs_ended=1"), "{resumed}");
-    assert!(!resumed.contains("born=0"), "{resumed}");
+    // Host-wide counts: every agent's probes see every `Runner.Worker` on the host, so the jobs
+    // of tests running beside this one (the flood test's, say) can end while this agent is down
+    // too. This job's own end is proven by its alerts below.
+    let count = |name: &str| -> u64 {
+        let at = resumed
+            .find(&format!("{name}="))
+            .unwrap_or_else(|| panic!("no {name} in {resumed}"));
+        resumed[at + name.len() + 1..]
+            .split(|c: char| !c.is_ascii_digit())
+            .next()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("{name} is no number in {resumed}"))
+    };
+    assert!(count("jobs_ended") >= 1, "{resumed}");
+    assert!(count("born") >= 1, "{resumed}");
 
     std::fs::write(&gate, "").unwrap();
     // Named as before the restart, ended while the agent was down, judged now.
