@@ -15,6 +15,12 @@ use crate::{
     rule::RuleId,
 };
 
+/// Whether what a job uses is wanted at all: usage is being recorded (learning), or some rule is
+/// a baseline. Callers ask first, so a policy without baselines costs no allocation per event.
+pub(super) fn wanted(engine: &Engine) -> bool {
+    engine.usage.is_some() || engine.policy.rules.iter().any(|r| r.baseline)
+}
+
 /// Job `job` used `used` in `event`: recorded when the engine records usage (learning), and
 /// judged against the job's baselines.
 pub(super) fn used(

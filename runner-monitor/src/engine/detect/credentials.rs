@@ -56,11 +56,13 @@ pub(super) fn file_open(
         .credential_accesses
         .entry(kind_name.clone())
         .or_default() += 1;
-    let used = Used::Credential {
-        kind: kind_name.clone(),
-        path: f.path.clone(),
-    };
-    baseline::used(engine, event, job_key, used, out);
+    if baseline::wanted(engine) {
+        let used = Used::Credential {
+            kind: kind_name.clone(),
+            path: f.path.clone(),
+        };
+        baseline::used(engine, event, job_key, used, out);
+    }
     if f.write {
         materialise(engine, job_key, &f.path, &kind_name);
     } else if let Some((origin, copied)) = written_by_another_job(engine, job_key, f) {

@@ -53,11 +53,13 @@ pub(super) fn connect(engine: &mut Engine, event: &Event, c: &Connect, out: &mut
             f.socket = Some(socket);
             out.push(f);
         }
-        let used = Used::SecretSocket {
-            kind,
-            path: path.clone(),
-        };
-        baseline::used(engine, event, job, used, out);
+        if baseline::wanted(engine) {
+            let used = Used::SecretSocket {
+                kind,
+                path: path.clone(),
+            };
+            baseline::used(engine, event, job, used, out);
+        }
         return;
     }
     let (Some(ip), Some(port)) = (c.ip, c.port) else {
@@ -93,7 +95,9 @@ pub(super) fn connect(engine: &mut Engine, event: &Event, c: &Connect, out: &mut
         "unexpected"
     };
     *engine.stats.egress.entry(verdict.to_owned()).or_default() += 1;
-    baseline::used(engine, event, job, Used::Egress { ip, port, names }, out);
+    if baseline::wanted(engine) {
+        baseline::used(engine, event, job, Used::Egress { ip, port, names }, out);
+    }
     if verdict == "metadata" {
         let mut f = engine.raise(
             RuleId::MetadataEndpointAccess,
