@@ -9,6 +9,7 @@ pub mod clock;
 pub mod engine;
 pub mod enrich;
 pub mod event;
+pub mod fleet;
 pub mod job;
 pub mod output;
 pub mod pipeline;
