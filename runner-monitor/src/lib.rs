@@ -3,6 +3,7 @@
 //! Data flows one way: `sensor` (kernel programs, ring buffer, decoding) produces `event`s; the
 //! job, engine and output layers consume them. `policy` is read by all.
 
+pub mod attest;
 pub mod baseline;
 pub mod bounded;
 pub mod clock;

@@ -17,6 +17,8 @@
 //! - tracking id: a survivor that changed `RUNNER_TRACKING_ID` says so (`enrich`).
 //! - report: what each recent job did, for `runner-monitor report` and `/jobs` (`report`), when
 //!   the pipeline has one (`with_reports`); locked once per batch.
+//! - attest: after time moves, each ended job whose survivors were looked for gets its signed
+//!   runtime attestation (`attest`; host, and only with the report stage on).
 //! - write: the event trace, the alert stream and its receivers, the metrics (`output`).
 //!
 //! The stages marked "host" read the file system and `/proc`; `replay` runs without a `Host`,
@@ -26,6 +28,7 @@
 use std::sync::Arc;
 
 use crate::{
+    attest::Attestor,
     engine::{Engine, EngineStats, Finding},
     enrich::{self, Fingerprinter},
     event::Event,
@@ -40,6 +43,8 @@ use crate::{
 pub struct Host {
     /// Keyed hashes of credential contents (`--fingerprint-key`), when configured.
     pub fingerprints: Option<Fingerprinter>,
+    /// Signed job attestations (`--attestation-key`), when configured; needs the report stage.
+    pub attestor: Option<Attestor>,
 }
 
 pub struct Pipeline {
@@ -104,14 +109,19 @@ impl Pipeline {
         {
             report::lock(reports).findings(&findings);
         }
+        self.attest(now_ns);
         self.out.findings(&findings, None)?;
         self.out.engine(&self.engine);
         Ok(findings)
     }
 
     /// Stage 1: fingerprints a credential read in place; returns the fingerprints of credentials
-    /// written by a process that exits now, to judge after its exit.
+    /// written by a process that exits now, to judge after its exit. An exec has its executable
+    /// hashed for the job's attestation.
     fn fingerprint(&mut self, event: &mut Event) -> Vec<Event> {
+        if let Some(a) = self.host.as_mut().and_then(|h| h.attestor.as_mut()) {
+            a.event(event);
+        }
         match self.host.as_mut().and_then(|h| h.fingerprints.as_mut()) {
             Some(f) => f.process(event, &self.policy),
             None => Vec::new(),
@@ -139,6 +149,22 @@ impl Pipeline {
         }
         self.out.findings(&findings, Some(event.time_ns))?;
         Ok(findings)
+    }
+
+    /// After time moved (and the survivors found were reported): the attestations of the jobs
+    /// whose survivors were looked for.
+    fn attest(&mut self, now_ns: u64) {
+        if let (Some(attestor), Some(reports)) = (
+            self.host.as_mut().and_then(|h| h.attestor.as_mut()),
+            &self.reports,
+        ) {
+            attestor.attest_due(&report::lock(reports), &self.engine, now_ns);
+        }
+    }
+
+    /// The attestor, when attestations are on (e.g. to take the envelopes it wrote).
+    pub fn attestor_mut(&mut self) -> Option<&mut Attestor> {
+        self.host.as_mut().and_then(|h| h.attestor.as_mut())
     }
 
     /// Stage 4: survivors that changed the runner's tracking id.

@@ -503,6 +503,13 @@ impl Engine {
         );
     }
 
+    /// Whether job `key`'s survivors were looked for (it ended and its grace period passed);
+    /// `None` for a job the engine does not know (any more).
+    pub fn survivors_checked(&self, key: JobKey) -> Option<bool> {
+        let key = self.stages.get(&key).copied().unwrap_or(key);
+        self.jobs.get(&key).map(|j| j.survivors_checked)
+    }
+
     fn end_job(&mut self, key: JobKey, time_ns: u64, out: &mut Vec<Finding>) {
         let Some(job) = self.jobs.get_mut(&key) else {
             return;

@@ -511,6 +511,11 @@ impl JobReports {
             .map(|(_, r)| r.report.clone())
     }
 
+    /// Every report kept, oldest first (the live agent's attestations are made from them).
+    pub fn reports(&self) -> impl Iterator<Item = &JobReport> {
+        self.jobs.iter_by_age().map(|(_, r)| &r.report)
+    }
+
     /// Every job kept, most recent first.
     pub fn list(&self) -> Vec<JobSummary> {
         let mut out: Vec<JobSummary> = self

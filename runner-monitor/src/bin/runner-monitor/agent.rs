@@ -82,6 +82,10 @@ pub struct RunArgs {
     /// of credential contents that recognise a token copied to another path or host.
     #[arg(long, value_name = "FILE")]
     fingerprint_key: Option<PathBuf>,
+    /// ed25519 private key (PKCS#8 PEM, mode 0600; `runner-monitor attest keygen`) that signs a
+    /// runtime attestation of every job at its end, written to <state-dir>/attestations/.
+    #[arg(long, value_name = "FILE")]
+    attestation_key: Option<PathBuf>,
     /// Seconds between status lines in the log (events sent, lost).
     #[arg(long, value_name = "SECONDS", default_value_t = 30)]
     status_interval: u64,

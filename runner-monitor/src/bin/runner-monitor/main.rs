@@ -16,6 +16,7 @@ use runner_monitor::{
 };
 
 mod agent;
+mod attest;
 mod baseline;
 mod hooks;
 mod job_report;
@@ -68,6 +69,9 @@ enum Command {
     /// What one job did: its process tree, credentials, egress, survivors and findings, from the
     /// running agent or offline from a trace.
     Report(job_report::ReportArgs),
+    /// Signed job attestations: make a key, verify an attestation.
+    #[command(subcommand)]
+    Attest(attest::AttestCommand),
     /// Probe what this kernel supports and print the sensor set the agent would use.
     Check {
         /// Print JSON instead of a table.
@@ -160,6 +164,7 @@ fn run_cli() -> anyhow::Result<()> {
         Command::Job(command) => job_command(command),
         Command::Hooks(command) => hooks::run(command),
         Command::Report(args) => job_report::run(args),
+        Command::Attest(command) => attest::run(command),
         Command::Replay {
             events,
             policy,

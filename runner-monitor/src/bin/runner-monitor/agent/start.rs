@@ -11,6 +11,7 @@ use std::{
 
 use anyhow::Context as _;
 use runner_monitor::{
+    attest::{Attestor, dsse},
     clock::monotonic_ns,
     engine::Engine,
     enrich::Fingerprinter,
@@ -94,6 +95,17 @@ impl Agent {
         let host = Host {
             fingerprints: match &args.fingerprint_key {
                 Some(path) => Some(Fingerprinter::load(path)?),
+                None => None,
+            },
+            attestor: match &args.attestation_key {
+                Some(path) => {
+                    let key = dsse::load_signing_key(path)?;
+                    let dir = args.state_dir.join("attestations");
+                    let attestor = Attestor::new(key, dir.clone(), Attestor::host_name())
+                        .with_context(|| format!("creating {}", dir.display()))?;
+                    tracing::info!(dir = %dir.display(), "signed job attestations on");
+                    Some(attestor)
+                }
                 None => None,
             },
         };
