@@ -22,6 +22,10 @@ const CARGO_DEB_VERSION: &str = "3.8.0";
 /// sets are inside the package. `runner-monitor/tests/kubernetes.rs` runs it. This version ships
 /// 1.25 to 1.37.
 const KUBERNETES_VALIDATE_VERSION: &str = "1.37.0";
+/// in-toto (PyPI, with its securesystemslib) verifies the agent's signed job attestations
+/// independently of our own `attest verify`: `tests/tests/attestation.rs` runs
+/// `tests/python/verify_attestation.py` with it.
+const IN_TOTO_VERSION: &str = "3.1.0";
 /// Debian packages the tests use: `ip` for network namespaces, `unshare`/`mount` for a private
 /// resolv.conf, `getent` for glibc lookups, bpftool to inspect what is loaded, a real Prometheus
 /// (and promtool) to scrape the agent and check the rules, a real Alertmanager to receive its
@@ -138,6 +142,7 @@ pub(crate) fn setup() -> anyhow::Result<()> {
 
     // 5. The Kubernetes manifests' validator and renderer.
     install_kubernetes_validate()?;
+    install_in_toto()?;
     let kustomize = output(Command::new("kubectl").args(["version", "--client"]))
         .is_some_and(|v| v.contains("Kustomize Version: v5"));
     if !kustomize {
@@ -176,6 +181,37 @@ fn install_kubernetes_validate() -> anyhow::Result<()> {
         "--quiet",
         "--disable-pip-version-check",
         &format!("kubernetes-validate=={KUBERNETES_VALIDATE_VERSION}"),
+    ]))
+}
+
+/// Where in-toto's virtualenv lives; `tests/tests/attestation.rs` looks there too.
+fn in_toto_venv() -> PathBuf {
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or("/root".into());
+    home.join(".cache/runner-monitor/in-toto")
+}
+
+fn install_in_toto() -> anyhow::Result<()> {
+    let venv = in_toto_venv();
+    let installed = output(Command::new(venv.join("bin/python")).args([
+        "-c",
+        "import importlib.metadata as m; print(m.version('in-toto'))",
+    ]))
+    .is_some_and(|v| v.trim() == IN_TOTO_VERSION);
+    if installed {
+        return Ok(());
+    }
+    say(&format!(
+        "installing in-toto {IN_TOTO_VERSION} into {}",
+        venv.display()
+    ));
+    run_cmd(Command::new("python3").arg("-m").arg("venv").arg(&venv))?;
+    run_cmd(Command::new(venv.join("bin/pip")).args([
+        "install",
+        "--quiet",
+        "--disable-pip-version-check",
+        &format!("in-toto=={IN_TOTO_VERSION}"),
     ]))
 }
 
