@@ -38,7 +38,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Load the probes and stream events (JSON lines).
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Tell the running agent that a job starts or ends (for the runner's hooks).
     #[command(subcommand)]
     Job(JobCommand),
@@ -193,7 +193,7 @@ fn run_cli() -> anyhow::Result<()> {
             .enable_all()
             .build()
             .context("starting the async runtime")?
-            .block_on(agent::run(args)),
+            .block_on(agent::run(*args)),
     }
 }
 
