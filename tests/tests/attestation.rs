@@ -137,6 +137,14 @@ fn a_jobs_signed_attestation_verifies_with_our_tool_and_in_totos_and_a_changed_b
             .any(|e| e == "setsid")),
         "{survivors:?}"
     );
+    // The writers exited before the end: not survivors (their credentials' fingerprints, made
+    // after they exited, must not bring them back).
+    assert!(
+        !survivors
+            .iter()
+            .any(|s| s["cmdline"].as_str().unwrap_or("").contains("printf")),
+        "{survivors:?}"
+    );
     assert!(
         p["monitorLog"]["process"]
             .as_array()

@@ -296,7 +296,10 @@ impl Engine {
         let pid = event.process.pid;
         let job = event.job.as_ref().map(|j| j.key);
         self.track_unseen_job(event, out);
-        if job.is_some() && !self.processes.contains_key(&pid) {
+        // A fingerprint is the agent's event about what a process wrote, made after it exited:
+        // it must not bring the process back (it would be a survivor at the job's end).
+        let after_exit = matches!(event.detail, EventDetail::CredentialFingerprint { .. });
+        if job.is_some() && !after_exit && !self.processes.contains_key(&pid) {
             let known = self.exited.remove(&pid);
             self.processes
                 .insert(pid, known.unwrap_or_else(|| self.new_process(event)));

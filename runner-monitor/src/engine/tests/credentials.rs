@@ -117,3 +117,39 @@ fn reuse_by_a_job_not_yet_identified_is_not_claimed_to_cross_repositories() {
     assert_eq!(f.severity, Severity::High);
     assert!(!f.summary.contains("another repository"), "{}", f.summary);
 }
+
+#[test]
+fn the_fingerprint_of_what_an_exited_writer_wrote_does_not_bring_the_writer_back_as_a_survivor() {
+    let mut t = Trace::new();
+    t.start(1, 1, 100, "acme/release");
+    t.fork(2, 1, 100, 101);
+    t.open(3, 1, 101, "/home/ci/.npmrc", true);
+    t.feed(
+        4,
+        1,
+        101,
+        100,
+        "sh",
+        EventDetail::Exit { exit_code: Some(0) },
+    );
+    // The agent hashes what the writer wrote once it exited: an event of the exited process.
+    t.feed(
+        4,
+        1,
+        101,
+        100,
+        "sh",
+        EventDetail::CredentialFingerprint {
+            path: "/home/ci/.npmrc".into(),
+            fingerprint: "hmac-sha256:aa".into(),
+        },
+    );
+    t.end(5, 1, 100);
+    t.findings.extend(t.engine.advance(1000 * S));
+    assert!(
+        !t.rules().contains(&RuleId::ProcessSurvivedJob),
+        "{:#?}",
+        t.findings
+    );
+    assert!(t.rules().contains(&RuleId::CredentialLeftBehind));
+}
