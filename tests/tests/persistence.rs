@@ -131,10 +131,7 @@ fn a_step_planting_cron_systemd_ld_so_preload_and_the_runner_env_raises_each() {
         assert_eq!(alert["mitre"]["id"], technique, "{alert}");
         assert_eq!(alert["severity"], severity, "{alert}");
         assert_eq!(alert["job"]["repository"], "evil/app", "{alert}");
-        assert!(
-            alert["summary"].as_str().unwrap().contains(path),
-            "{alert}"
-        );
+        assert!(alert["summary"].as_str().unwrap().contains(path), "{alert}");
         assert!(alert["process"]["pid"].as_u64().unwrap() > 0, "{alert}");
         // TODO(step): assert `alert["step"]` names the step once findings carry it (issue 12).
     }

@@ -13,7 +13,10 @@ pub const TECHNIQUES: &[(&str, &str)] = &[
     ("T1053.003", "Scheduled Task/Job: Cron"),
     ("T1053.006", "Scheduled Task/Job: Systemd Timers"),
     ("T1543", "Create or Modify System Process"),
-    ("T1543.002", "Create or Modify System Process: Systemd Service"),
+    (
+        "T1543.002",
+        "Create or Modify System Process: Systemd Service",
+    ),
     ("T1546", "Event Triggered Execution"),
     (
         "T1546.004",
@@ -21,7 +24,10 @@ pub const TECHNIQUES: &[(&str, &str)] = &[
     ),
     ("T1098.004", "Account Manipulation: SSH Authorized Keys"),
     ("T1574", "Hijack Execution Flow"),
-    ("T1574.006", "Hijack Execution Flow: Dynamic Linker Hijacking"),
+    (
+        "T1574.006",
+        "Hijack Execution Flow: Dynamic Linker Hijacking",
+    ),
     (
         "T1574.007",
         "Hijack Execution Flow: Path Interception by PATH Environment Variable",
@@ -56,7 +62,11 @@ impl PersistenceKind {
             return true;
         }
         let in_root_home = path.starts_with("/root/");
-        if uid == 0 { !in_root_home } else { in_root_home }
+        if uid == 0 {
+            !in_root_home
+        } else {
+            in_root_home
+        }
     }
 }
 
@@ -154,12 +164,20 @@ mod tests {
             kind("/home/runner/_work/r/r/.git/hooks/post-checkout"),
             Some("git-hook")
         );
-        assert_eq!(kind("/home/runner/.gradle/init.d/x.gradle"), Some("tool-config"));
-        let runner = p.persistence_of("/home/runner/actions-runner/.env").unwrap();
+        assert_eq!(
+            kind("/home/runner/.gradle/init.d/x.gradle"),
+            Some("tool-config")
+        );
+        let runner = p
+            .persistence_of("/home/runner/actions-runner/.env")
+            .unwrap();
         assert!(runner.runner);
         // What jobs write all day is not persistence.
         assert_eq!(kind("/home/runner/_work/r/r/.env"), None);
-        assert_eq!(kind("/home/runner/_work/r/r/.git/hooks/pre-commit.sample"), None);
+        assert_eq!(
+            kind("/home/runner/_work/r/r/.git/hooks/pre-commit.sample"),
+            None
+        );
         assert_eq!(kind("/lib/systemd/system/nginx.service"), None);
         assert_eq!(kind("/etc/hosts"), None);
     }
@@ -188,7 +206,8 @@ mod tests {
         let e = Policy::parse(text, "p.toml").unwrap_err();
         assert_eq!((e.line, e.field.as_str()), (4, "persistence[0].paths[1]"));
 
-        let text = "[[persistence]]\nkind = \"x\"\ntechnique = \"T1053\"\npaths = [\"etc/cron.d/*\"]\n";
+        let text =
+            "[[persistence]]\nkind = \"x\"\ntechnique = \"T1053\"\npaths = [\"etc/cron.d/*\"]\n";
         let e = Policy::parse(text, "p.toml").unwrap_err();
         assert!(e.message.contains("absolute"), "{e}");
 
@@ -207,6 +226,9 @@ mod tests {
         .unwrap();
         let s = p.sensor_policy();
         assert!(s.credential_dirnames.iter().any(|d| d == "jobs.d"), "{s:?}");
-        assert!(s.credential_basenames.iter().any(|b| b == "evil.conf"), "{s:?}");
+        assert!(
+            s.credential_basenames.iter().any(|b| b == "evil.conf"),
+            "{s:?}"
+        );
     }
 }

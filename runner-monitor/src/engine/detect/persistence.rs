@@ -43,7 +43,11 @@ pub(super) fn file_event(engine: &Engine, event: &Event, f: &FileAccess, out: &m
     let mut finding = engine.raise(
         RuleId::PersistencePlanted,
         event,
-        format!("{how} {whose} {path} ({}){}", kind.kind, after_end(engine, event)),
+        format!(
+            "{how} {whose} {path} ({}){}",
+            kind.kind,
+            after_end(engine, event)
+        ),
     );
     // TODO(step): name the step that did it (`finding.step`) once findings carry one (issue 12,
     // "The step that did it"); the summary then says "in step ...".

@@ -120,7 +120,14 @@ fn crontab_renaming_its_temporary_file_into_the_spool_plants_a_cron_entry() {
     let mut t = Trace::new();
     t.start(1, 1, 100, "acme/app");
     // What crontab(1) does: a temporary file beside the target, renamed onto it.
-    file_event(&mut t, 2, 1, 101, 0, write("/var/spool/cron/crontabs/tmp.Xa1"));
+    file_event(
+        &mut t,
+        2,
+        1,
+        101,
+        0,
+        write("/var/spool/cron/crontabs/tmp.Xa1"),
+    );
     file_event(
         &mut t,
         2,
@@ -134,7 +141,8 @@ fn crontab_renaming_its_temporary_file_into_the_spool_plants_a_cron_entry() {
     );
     let all = planted(&t);
     assert!(
-        all.iter().any(|(p, k, _)| p == "/var/spool/cron/crontabs/root" && k == "cron"),
+        all.iter()
+            .any(|(p, k, _)| p == "/var/spool/cron/crontabs/root" && k == "cron"),
         "{all:?}"
     );
     let f = t
@@ -149,7 +157,14 @@ fn crontab_renaming_its_temporary_file_into_the_spool_plants_a_cron_entry() {
 fn the_runners_own_env_file_is_critical() {
     let mut t = Trace::new();
     t.start(1, 1, 100, "evil/app");
-    file_event(&mut t, 2, 1, 101, 1001, write("/home/runner/actions-runner/.env"));
+    file_event(
+        &mut t,
+        2,
+        1,
+        101,
+        1001,
+        write("/home/runner/actions-runner/.env"),
+    );
     let f = t.only(RuleId::PersistencePlanted);
     assert_eq!(f.severity, Severity::Critical);
     assert_eq!(f.persistence.as_ref().unwrap().kind, "runner");
@@ -167,7 +182,14 @@ fn own_profile_is_routine_another_users_is_not() {
     // Root editing the runner user's profile is planting.
     file_event(&mut t, 3, 1, 102, 0, write("/home/runner/.bashrc"));
     // Anyone's authorized_keys, own included, is.
-    file_event(&mut t, 4, 1, 101, 1001, write("/home/runner/.ssh/authorized_keys"));
+    file_event(
+        &mut t,
+        4,
+        1,
+        101,
+        1001,
+        write("/home/runner/.ssh/authorized_keys"),
+    );
     let kinds: Vec<String> = planted(&t).into_iter().map(|(_, k, _)| k).collect();
     assert_eq!(kinds, ["shell-profile", "authorized-keys"]);
     assert_eq!(t.findings[1].mitre.id, "T1098.004");
@@ -181,7 +203,11 @@ fn a_survivor_planting_after_the_end_is_named_as_such() {
     t.end(3, 1, 100);
     file_event(&mut t, 8, 1, 101, 0, write("/etc/cron.d/late"));
     let f = t.only(RuleId::PersistencePlanted);
-    assert!(f.summary.contains("5 s after the job ended"), "{}", f.summary);
+    assert!(
+        f.summary.contains("5 s after the job ended"),
+        "{}",
+        f.summary
+    );
     assert!(f.job.as_ref().unwrap().ended);
 }
 
