@@ -1,5 +1,5 @@
 //! persistence-planted through the real agent: a GitHub-style step writes a cron entry, a systemd
-//! unit, `/etc/ld.so.preload` and the runner's own `.env`. The system paths are written in a
+//! unit, a timer (renamed into place), `/etc/ld.so.preload` and the runner's own `.env`. The system paths are written in a
 //! throw-away root: the step runs in a private mount namespace with an overlay over `/etc` whose
 //! upper layer is the test's directory, so the host's `/etc` never changes (checked, and undone by
 //! a guard even if the test panics).
@@ -77,8 +77,10 @@ fn a_step_planting_cron_systemd_ld_so_preload_and_the_runner_env_raises_each() {
     let name = format!("rm-test-{}", std::process::id());
     let cron = format!("/etc/cron.d/{name}");
     let unit = format!("/etc/systemd/system/{name}.service");
+    let timer = format!("/etc/systemd/system/{name}.timer");
+    let timer_tmp = format!("/etc/{name}.timer.tmp");
     let preload = "/etc/ld.so.preload";
-    let guard = HostEtcGuard::new(&[&cron, &unit, preload]);
+    let guard = HostEtcGuard::new(&[&cron, &unit, &timer, &timer_tmp, preload]);
 
     let agent = agent();
     let env = TestEnv::new("live-persistence");
@@ -86,12 +88,14 @@ fn a_step_planting_cron_systemd_ld_so_preload_and_the_runner_env_raises_each() {
     std::fs::create_dir_all(&runner_dir).unwrap();
     let runner_env = runner_dir.join(".env");
     let run = run_id(1);
-    // Reading /etc/crontab is what cron does: not planting.
+    // `cat` reading the cron entry back is what cron does: not planting.
     let body = format!(
-        "cat /etc/crontab > /dev/null 2>&1 || true\n\
-         mkdir -p /etc/cron.d /etc/systemd/system\n\
+        "mkdir -p /etc/cron.d /etc/systemd/system\n\
          echo \"* * * * * root /bin/true\" > {cron}\n\
+         cat {cron} > /dev/null\n\
          printf \"[Service]\\nExecStart=/bin/true\\n\" > {unit}\n\
+         printf \"[Timer]\\nOnCalendar=minutely\\n\" > {timer_tmp}\n\
+         mv {timer_tmp} {timer}\n\
          : > {preload}\n"
     );
     let steps = format!(
@@ -109,6 +113,7 @@ fn a_step_planting_cron_systemd_ld_so_preload_and_the_runner_env_raises_each() {
             .join(format!("systemd/system/{name}.service"))
             .exists()
     );
+    assert!(upper.join(format!("systemd/system/{name}.timer")).exists());
     assert_eq!(std::fs::read(upper.join("ld.so.preload")).unwrap(), b"");
     assert!(
         guard.changed().is_empty(),
@@ -121,6 +126,8 @@ fn a_step_planting_cron_systemd_ld_so_preload_and_the_runner_env_raises_each() {
     for (path, kind, technique, severity) in [
         (cron.as_str(), "cron", "T1053.003", "high"),
         (unit.as_str(), "systemd", "T1543.002", "high"),
+        // Written beside it and renamed into place, as editors and `crontab` do.
+        (timer.as_str(), "systemd", "T1543.002", "high"),
         (preload, "ld-preload", "T1574.006", "high"),
         (runner_env.as_str(), "runner", "T1574.007", "critical"),
     ] {
@@ -142,8 +149,8 @@ fn a_step_planting_cron_systemd_ld_so_preload_and_the_runner_env_raises_each() {
         .collect();
     assert_eq!(
         planted.len(),
-        4,
-        "one finding per planted path, none for the read of /etc/crontab: {planted:?}"
+        5,
+        "one finding per planted path, none for `cat` reading the cron entry: {planted:?}"
     );
     assert_no_secret(agent);
 }

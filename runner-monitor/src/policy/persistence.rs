@@ -231,4 +231,46 @@ mod tests {
             "{s:?}"
         );
     }
+
+    #[test]
+    fn builtin_persistence_names_are_in_the_kernel_prefilter() {
+        let s = Policy::builtin().sensor_policy();
+        for dir in [
+            "cron.d",
+            "crontabs",
+            "atjobs",
+            "system",
+            "user",
+            "profile.d",
+            "init.d",
+        ] {
+            assert!(
+                s.credential_dirnames.iter().any(|d| d == dir),
+                "{dir}: {s:?}"
+            );
+        }
+        for base in [
+            "ld.so.preload",
+            "crontab",
+            ".env",
+            "authorized_keys",
+            "post-checkout",
+        ] {
+            assert!(
+                s.credential_basenames.iter().any(|b| b == base),
+                "{base}: {s:?}"
+            );
+        }
+        let names = s.credential_basenames.len()
+            + s.credential_dirnames.len()
+            + s.credential_prefixes.len();
+        // The kernel's NAMES map holds 1024 entries, job-root names included.
+        assert!(names < 200, "{names} names");
+        println!(
+            "kernel names: {} basenames, {} dirnames, {} prefixes",
+            s.credential_basenames.len(),
+            s.credential_dirnames.len(),
+            s.credential_prefixes.len()
+        );
+    }
 }
