@@ -154,3 +154,24 @@ fn a_step_planting_cron_systemd_ld_so_preload_and_the_runner_env_raises_each() {
     );
     assert_no_secret(agent);
 }
+
+#[test]
+fn a_symlink_made_at_ld_so_preload_raises_without_a_write() {
+    let preload = "/etc/ld.so.preload";
+    let guard = HostEtcGuard::new(&[preload]);
+    let agent = agent();
+    let env = TestEnv::new("live-persistence-symlink");
+    let run = run_id(2);
+    // `/dev/null`: what the dynamic linker then reads in the namespace is empty.
+    let steps = in_throwaway_etc(&env.dir, &format!("ln -s /dev/null {preload}\n"));
+    github_job(&env, agent, &run, "evil/app", &steps);
+    let link = std::fs::symlink_metadata(env.dir.join("etc-upper/ld.so.preload")).unwrap();
+    assert!(link.file_type().is_symlink());
+    assert!(guard.changed().is_empty(), "the host's /etc changed");
+    let alert = wait_alert(agent, "persistence-planted", &format!("{run}/build"), |a| {
+        a["persistence"]["path"] == preload
+    });
+    assert_eq!(alert["persistence"]["how"], "made a symlink at", "{alert}");
+    assert_eq!(alert["persistence"]["kind"], "ld-preload", "{alert}");
+    assert_eq!(alert["process"]["comm"], "ln", "{alert}");
+}

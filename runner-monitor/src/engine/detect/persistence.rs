@@ -1,7 +1,9 @@
 //! Persistence by proxy: a job that cannot outlive itself plants work for something that will (a
 //! cron entry, a systemd unit, `/etc/ld.so.preload`, another user's profile, the runner's own
-//! files, ...). A job process creating or changing such a path, or renaming or linking a file
-//! onto it, is `persistence-planted`.
+//! files, ...). A job process creating or changing such a path, renaming or linking a file onto
+//! it, or making a symlink there (`ln -s /tmp/x /etc/ld.so.preload`), is `persistence-planted`.
+
+use runner_monitor_common::LINK_SYMBOLIC;
 
 use super::Engine;
 use crate::{
@@ -24,6 +26,7 @@ pub(super) fn file_event(engine: &Engine, event: &Event, f: &FileAccess, out: &m
             None => return,
         },
         EventDetail::FileLink(_) => match &f.new_path {
+            Some(new) if f.flags & LINK_SYMBOLIC != 0 => (new.as_str(), "made a symlink at"),
             Some(new) => (new.as_str(), "linked a file onto"),
             None => return,
         },

@@ -257,3 +257,28 @@ fn a_repository_rule_can_suppress_persistence_with_a_reason() {
     file_event(&mut t, 2, 1, 101, 0, write("/etc/cron.d/backup"));
     assert!(planted(&t).is_empty(), "{:#?}", t.findings);
 }
+
+#[test]
+fn a_symlink_at_ld_so_preload_plants_it_without_writing_it() {
+    let mut t = Trace::new();
+    t.start(1, 1, 100, "evil/app");
+    file_event(
+        &mut t,
+        2,
+        1,
+        101,
+        0,
+        EventDetail::FileLink(FileAccess {
+            new_path: Some("/etc/ld.so.preload".into()),
+            flags: runner_monitor_common::LINK_SYMBOLIC,
+            matched: vec!["new_path".into()],
+            ..FileAccess::at("/tmp/evil.list")
+        }),
+    );
+    let f = t.only(RuleId::PersistencePlanted);
+    let p = f.persistence.as_ref().unwrap();
+    assert_eq!(
+        (p.path.as_str(), p.how.as_str()),
+        ("/etc/ld.so.preload", "made a symlink at")
+    );
+}
