@@ -172,6 +172,11 @@ mod tests {
             .persistence_of("/home/runner/actions-runner/.env")
             .unwrap();
         assert!(runner.runner);
+        assert!(
+            p.persistence_of("/usr/share/runner-monitor/hooks/github/job-started.sh")
+                .unwrap()
+                .runner
+        );
         // What jobs write all day is not persistence.
         assert_eq!(kind("/home/runner/_work/r/r/.env"), None);
         assert_eq!(
