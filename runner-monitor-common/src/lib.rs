@@ -170,6 +170,10 @@ pub const MATCH_PROC_MEMORY: u32 = 1 << 3;
 /// The match was on the second path (the destination of a rename or link).
 pub const MATCH_SECOND_PATH: u32 = 1 << 4;
 
+/// `FileEvent::flags` of a `FileLink` event: a symbolic link (`symlink`, `symlinkat`), whose first
+/// path is the link's target as written, not a path the process opened. No `linkat` flag uses it.
+pub const LINK_SYMBOLIC: u32 = 1 << 31;
+
 /// `dirfd` value meaning "relative to the working directory".
 pub const AT_FDCWD: i32 = -100;
 

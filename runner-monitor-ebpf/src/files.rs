@@ -14,7 +14,8 @@ use aya_ebpf::{
     programs::TracePointContext,
 };
 use runner_monitor_common::{
-    AT_FDCWD, EventKind, FileEvent, HEADER_TRUNCATED, MATCH_SECOND_PATH, PATH_LEN, counter,
+    AT_FDCWD, EventKind, FileEvent, HEADER_TRUNCATED, LINK_SYMBOLIC, MATCH_SECOND_PATH, PATH_LEN,
+    counter,
 };
 
 use crate::{
@@ -383,6 +384,35 @@ pub fn sys_enter_linkat(ctx: TracePointContext) -> u32 {
         syscall_arg::<i64>(&ctx, 2) as i32,
         syscall_arg(&ctx, 3),
         syscall_arg::<u64>(&ctx, 4) as u32,
+    );
+    0
+}
+
+// long sys_symlink(const char __user *old, const char __user *new)
+// A symlink onto a watched path plants it as surely as a write (`ln -s /tmp/x /etc/ld.so.preload`).
+#[tracepoint]
+pub fn sys_enter_symlink(ctx: TracePointContext) -> u32 {
+    enter(
+        EventKind::FileLink,
+        AT_FDCWD,
+        syscall_arg(&ctx, 0),
+        AT_FDCWD,
+        syscall_arg(&ctx, 1),
+        LINK_SYMBOLIC,
+    );
+    0
+}
+
+// long sys_symlinkat(const char __user *oldname, int newdfd, const char __user *newname)
+#[tracepoint]
+pub fn sys_enter_symlinkat(ctx: TracePointContext) -> u32 {
+    enter(
+        EventKind::FileLink,
+        AT_FDCWD,
+        syscall_arg(&ctx, 0),
+        syscall_arg::<i64>(&ctx, 1) as i32,
+        syscall_arg(&ctx, 2),
+        LINK_SYMBOLIC,
     );
     0
 }

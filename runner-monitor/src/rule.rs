@@ -18,6 +18,7 @@ pub enum RuleId {
     AgentTamper,
     SensorDegraded,
     BaselineDeviation,
+    PersistencePlanted,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -61,7 +62,7 @@ pub struct Technique {
 }
 
 impl RuleId {
-    pub const ALL: [RuleId; 13] = [
+    pub const ALL: [RuleId; 14] = [
         RuleId::CredentialAfterJobEnd,
         RuleId::ProcessSurvivedJob,
         RuleId::CredentialLeftBehind,
@@ -75,6 +76,7 @@ impl RuleId {
         RuleId::AgentTamper,
         RuleId::SensorDegraded,
         RuleId::BaselineDeviation,
+        RuleId::PersistencePlanted,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -92,6 +94,7 @@ impl RuleId {
             RuleId::AgentTamper => "agent-tamper",
             RuleId::SensorDegraded => "sensor-degraded",
             RuleId::BaselineDeviation => "baseline-deviation",
+            RuleId::PersistencePlanted => "persistence-planted",
         }
     }
 
@@ -118,6 +121,8 @@ impl RuleId {
             // The rules that know what is dangerous (secret sockets, metadata, egress) raise
             // their own findings beside it.
             RuleId::BaselineDeviation => Severity::Medium,
+            // Critical for the runner's own files (a `runner = true` persistence kind).
+            RuleId::PersistencePlanted => Severity::High,
         }
     }
 
@@ -149,6 +154,10 @@ impl RuleId {
             // kind T1552.001. Two of the three are credential access, and a baseline exists to narrow
             // a job's reach to credentials.
             RuleId::BaselineDeviation => ("T1552", "Unsecured Credentials"),
+            // The rule's technique; each finding names its persistence kind's (`technique` of a
+            // `[[persistence]]` entry): cron T1053.003, systemd T1543.002, ld.so.preload
+            // T1574.006, ...
+            RuleId::PersistencePlanted => ("T1053", "Scheduled Task/Job"),
         };
         Technique { id, name }
     }

@@ -26,7 +26,7 @@ struct Expected {
     rule: String,
     job: Option<String>,
     pid: Option<u32>,
-    /// Credential or socket path, `ip:port`, or `pid:<pid>:<access>`.
+    /// Credential, socket or persistence path, `ip:port`, or `pid:<pid>:<access>`.
     object: Option<String>,
     severity: Option<String>,
     dns_name: Option<String>,
@@ -42,6 +42,9 @@ fn object_of(f: &Finding) -> Option<String> {
     }
     if let Some(s) = &f.socket {
         return Some(s.path.clone());
+    }
+    if let Some(p) = &f.persistence {
+        return Some(p.path.clone());
     }
     f.target
         .as_ref()

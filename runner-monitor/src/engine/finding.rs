@@ -71,6 +71,16 @@ pub struct SocketRef {
     pub kind: String,
 }
 
+/// A path something outside the job will run or read later, and its persistence kind.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PersistenceRef {
+    pub path: String,
+    /// The `[[persistence]]` kind: `cron`, `systemd`, `ld-preload`, `runner`, ...
+    pub kind: String,
+    /// How it was planted: `created or changed` (open for writing), `renamed onto`, `linked onto`.
+    pub how: String,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TargetProcess {
     pub pid: u32,
@@ -99,6 +109,9 @@ pub struct Finding {
     pub socket: Option<SocketRef>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target: Option<TargetProcess>,
+    /// For persistence-planted: the path planted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub persistence: Option<PersistenceRef>,
     /// For cross-job reuse: the job that materialised the credential.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub origin_job: Option<FindingJob>,
@@ -129,6 +142,7 @@ impl Finding {
             destination: None,
             socket: None,
             target: None,
+            persistence: None,
             origin_job: None,
             escape: Vec::new(),
             kinds: Vec::new(),
@@ -146,6 +160,8 @@ impl Finding {
             s.path.clone()
         } else if let Some(t) = &self.target {
             format!("{}:{}", t.pid, t.access)
+        } else if let Some(p) = &self.persistence {
+            p.path.clone()
         } else {
             String::new()
         };

@@ -178,6 +178,7 @@ fn alertmanager_alert(alert: &Value, host: &str) -> Value {
                 .map(|ip| format!("{ip}:{}", alert["destination"]["port"]))
         })
         .or_else(|| alert["socket"]["path"].as_str().map(str::to_owned))
+        .or_else(|| alert["persistence"]["path"].as_str().map(str::to_owned))
         .unwrap_or_default();
     // Alertmanager merges alerts with equal labels: the finding's identity keeps them apart.
     let identity = format!(
@@ -403,6 +404,13 @@ mod tests {
         assert_ne!(
             alertmanager_alert(&other, "runner-1")["labels"]["finding"],
             a["labels"]["finding"]
+        );
+        let planted = json!({"rule": "persistence-planted", "severity": "high", "mitre": {"id": "T1053.003"},
+            "time_ns": 5, "job": {"key": 7, "id": "9/build"}, "process": {"pid": 42},
+            "persistence": {"path": "/etc/cron.d/x", "kind": "cron", "how": "created or changed"}, "summary": "s"});
+        assert_eq!(
+            alertmanager_alert(&planted, "runner-1")["annotations"]["object"],
+            "/etc/cron.d/x"
         );
     }
 

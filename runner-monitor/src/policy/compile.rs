@@ -26,6 +26,7 @@ impl Policy {
             compile_credentials(&f.credentials, src)?;
         let (secret_socket_kinds, socket_set, socket_owner) =
             compile_secret_sockets(&f.secret_sockets, src)?;
+        let persistence = super::persistence::compile(&f.persistence, src)?;
         let metadata_endpoints = compile_metadata(&f.metadata, src)?;
         let egress_allow = destinations(&f.egress.allow, "egress.allow", src)?;
         let rules = compile_rules(&f.rules, &secret_socket_kinds, &credentials, src)?;
@@ -47,6 +48,9 @@ impl Policy {
             credential_set,
             credential_owner,
             credential_cache: Default::default(),
+            persistence: persistence.kinds,
+            persistence_set: persistence.set,
+            persistence_owner: persistence.owner,
             secret_socket_kinds,
             socket_set,
             socket_owner,
@@ -58,7 +62,7 @@ impl Policy {
 }
 
 /// A glob over paths: `*` does not cross a `/`.
-fn path_glob(pattern: &str) -> Result<Glob, globset::Error> {
+pub(super) fn path_glob(pattern: &str) -> Result<Glob, globset::Error> {
     GlobBuilder::new(pattern).literal_separator(true).build()
 }
 

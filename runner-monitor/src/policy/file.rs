@@ -18,6 +18,8 @@ pub struct PolicyFile {
     #[serde(default)]
     pub secret_sockets: Vec<SecretSocketSection>,
     #[serde(default)]
+    pub persistence: Vec<PersistenceSection>,
+    #[serde(default)]
     pub metadata: MetadataSection,
     #[serde(default)]
     pub egress: EgressSection,
@@ -87,6 +89,24 @@ pub struct CredentialSection {
     /// The runner's own registration credentials.
     #[serde(default)]
     pub runner: bool,
+}
+
+/// `[[persistence]]`: paths that something outside the job runs or reads later (cron, systemd,
+/// `ld.so.preload`, shell profiles, the runner's own files, ...).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PersistenceSection {
+    pub kind: Spanned<String>,
+    /// The MITRE ATT&CK technique of planting work here, one `policy::persistence` knows.
+    pub technique: Spanned<String>,
+    pub paths: Vec<Spanned<String>>,
+    /// The runner's own files: critical.
+    #[serde(default)]
+    pub runner: bool,
+    /// Only other users' files count: a process writing under its own home (`/root` for root;
+    /// a non-root process cannot write another user's home anyway) is a tool installer at work.
+    #[serde(default)]
+    pub other_users_only: bool,
 }
 
 #[derive(Debug, Deserialize)]

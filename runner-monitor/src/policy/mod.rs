@@ -5,8 +5,10 @@
 
 mod compile;
 mod file;
+mod persistence;
 
 pub use file::JobIdentity;
+pub use persistence::{PersistenceKind, TECHNIQUES, technique_name};
 pub mod sensor;
 
 use std::{
@@ -131,6 +133,11 @@ pub struct Policy {
     /// the same files again and again), and a glob-set match costs more than the rest of an
     /// event's handling. Emptied when it reaches `CREDENTIAL_CACHE` entries.
     credential_cache: std::sync::Mutex<std::collections::HashMap<String, Option<usize>>>,
+    /// `[[persistence]]`: paths something outside the job runs later.
+    pub persistence: Vec<PersistenceKind>,
+    persistence_set: GlobSet,
+    /// For each glob of `persistence_set`, its index in `persistence`.
+    persistence_owner: Vec<usize>,
     pub secret_socket_kinds: Vec<String>,
     socket_set: GlobSet,
     socket_owner: Vec<usize>,
@@ -284,6 +291,12 @@ impl Policy {
         self.credentials.get(kind?)
     }
 
+    /// The persistence kind of a path, if something outside the job runs or reads it later.
+    pub fn persistence_of(&self, path: &str) -> Option<&PersistenceKind> {
+        let hit = self.persistence_set.matches(path).into_iter().next()?;
+        self.persistence.get(self.persistence_owner[hit])
+    }
+
     /// The secret-socket kind of a unix socket path.
     pub fn secret_socket_of(&self, path: &str) -> Option<&str> {
         let hit = self.socket_set.matches(path).into_iter().next()?;
@@ -316,9 +329,15 @@ impl Policy {
     /// What the kernel prefilter needs.
     pub fn sensor_policy(&self) -> SensorPolicy {
         let mut p = SensorPolicy::from_credentials(
+            // Persistence paths pass the same name filter: the agent tells them apart by glob.
             self.credentials
                 .iter()
-                .flat_map(|c| c.patterns.iter().map(String::as_str)),
+                .flat_map(|c| c.patterns.iter().map(String::as_str))
+                .chain(
+                    self.persistence
+                        .iter()
+                        .flat_map(|k| k.patterns.iter().map(String::as_str)),
+                ),
             &self.job_root_executables,
             &self.job_parent_executables,
         );

@@ -184,6 +184,18 @@ const PROBES: &[Probe] = &[
     },
     Probe {
         sensor: "file access",
+        program: "sys_enter_symlink",
+        hooks: &[Opt("syscalls", "sys_enter_symlink")],
+        required: false,
+    },
+    Probe {
+        sensor: "file access",
+        program: "sys_enter_symlinkat",
+        hooks: &[Tp("syscalls", "sys_enter_symlinkat")],
+        required: false,
+    },
+    Probe {
+        sensor: "file access",
         program: "sys_exit_file",
         hooks: &[
             Tp("syscalls", "sys_exit_openat"),
@@ -197,6 +209,8 @@ const PROBES: &[Probe] = &[
             Tp("syscalls", "sys_exit_unlinkat"),
             Opt("syscalls", "sys_exit_link"),
             Tp("syscalls", "sys_exit_linkat"),
+            Opt("syscalls", "sys_exit_symlink"),
+            Tp("syscalls", "sys_exit_symlinkat"),
         ],
         required: true,
     },

@@ -3,6 +3,7 @@
 mod baseline;
 mod credentials;
 mod network;
+mod persistence;
 
 use super::{Engine, Job, LedgerEntry};
 use crate::{
@@ -136,8 +137,12 @@ impl Engine {
 /// Every detection that one event can raise.
 pub(super) fn event(engine: &mut Engine, event: &Event, out: &mut Vec<Finding>) {
     match &event.detail {
-        EventDetail::FileOpen(f) => credentials::file_open(engine, event, f, out),
+        EventDetail::FileOpen(f) => {
+            persistence::file_event(engine, event, f, out);
+            credentials::file_open(engine, event, f, out)
+        }
         EventDetail::FileRename(f) | EventDetail::FileLink(f) => {
+            persistence::file_event(engine, event, f, out);
             credentials::file_moved(engine, event, f)
         }
         EventDetail::FileUnlink(f) => {

@@ -4,6 +4,7 @@ mod baseline;
 mod credentials;
 mod jobs;
 mod network;
+mod persistence;
 
 use std::sync::Arc;
 
