@@ -2,8 +2,10 @@
 
 mod baseline;
 mod credentials;
+mod ends;
 mod jobs;
 mod network;
+mod steps;
 
 use std::sync::Arc;
 
