@@ -78,7 +78,10 @@ impl Expected {
             && self
                 .ended_ns
                 .is_none_or(|t| f.job.as_ref().and_then(|j| j.ended_ns) == Some(t))
-            && self.step.as_ref().is_none_or(|s| f.step.as_ref() == Some(s))
+            && self
+                .step
+                .as_ref()
+                .is_none_or(|s| f.step.as_ref() == Some(s))
     }
 }
 

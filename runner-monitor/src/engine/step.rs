@@ -87,6 +87,30 @@ pub fn of_step_process(filename: &str, argv: &[String], index: u32) -> Step {
     step
 }
 
+/// The step after its own process exec'd again (`sh -c 'node ...'` becoming `node ...`): the
+/// new command line names it, unless that would trade an action or a `run:` script for a bare
+/// command.
+pub fn on_reexec(previous: &Step, next: Step) -> Step {
+    let named = matches!(previous.kind.as_deref(), Some("action" | "run"));
+    if named && next.kind.as_deref() == Some("command") {
+        previous.clone()
+    } else {
+        next
+    }
+}
+
+/// A step in one line: `step 2: action evil-org/changed-files@v45`, `stage step_script`.
+pub fn label(step: &Step) -> String {
+    let mut parts = Vec::new();
+    if let Some(i) = step.index {
+        parts.push(format!("step {i}:"));
+    }
+    parts.extend(step.kind.clone());
+    parts.extend(step.action.clone());
+    parts.extend(step.name.clone());
+    parts.join(" ")
+}
+
 /// `owner/repo@ref` (or `owner/repo/path@ref`) for a path under `_work/_actions/`.
 fn action_of_path(path: &str) -> Option<String> {
     let (_, rest) = path.split_once("/_actions/")?;
@@ -172,13 +196,10 @@ impl super::Engine {
         let Some(p) = self.processes.get_mut(&pid) else {
             return;
         };
-        let named = |s: &Step| matches!(s.kind.as_deref(), Some("action" | "run"));
-        let keep = p.starts_step
-            && p.step.as_ref().is_some_and(named)
-            && step.kind.as_deref() == Some("command");
-        if !keep {
-            p.step = Some(step);
-        }
+        p.step = Some(match (&p.step, p.starts_step) {
+            (Some(previous), true) => on_reexec(previous, step),
+            _ => step,
+        });
         p.starts_step = true;
     }
 }
