@@ -122,6 +122,13 @@ fn a_stage_gap_survivor_reading_credentials_is_after_the_true_end() {
             .contains("s after the job ended"),
         "{after}"
     );
+    // The step that left it: the stage shell's child, named by its first command line.
+    assert!(
+        after["step"]["name"]
+            .as_str()
+            .is_some_and(|n| n.starts_with("setsid nohup bash -c")),
+        "{after}"
+    );
     assert_no_secret(agent);
 }
 

@@ -87,15 +87,16 @@ pub fn of_step_process(filename: &str, argv: &[String], index: u32) -> Step {
     step
 }
 
-/// The step after its own process exec'd again (`sh -c 'node ...'` becoming `node ...`): the
-/// new command line names it, unless that would trade an action or a `run:` script for a bare
-/// command.
+/// The step after its own process exec'd again: a bare command becomes the action, `run:`
+/// script or stage the new command line names (`sh -c 'node .../_actions/...'` becoming
+/// `node ...`); otherwise the first command line stays its name (`setsid nohup bash -c '...'`
+/// is not renamed after the `cat` that bash finally execs).
 pub fn on_reexec(previous: &Step, next: Step) -> Step {
-    let named = matches!(previous.kind.as_deref(), Some("action" | "run"));
-    if named && next.kind.as_deref() == Some("command") {
-        previous.clone()
-    } else {
+    let bare = |s: &Step| s.kind.as_deref() == Some("command");
+    if bare(previous) && !bare(&next) {
         next
+    } else {
+        previous.clone()
     }
 }
 
@@ -155,8 +156,7 @@ fn run_script_of_path(path: &str) -> Option<String> {
 impl super::Engine {
     /// The step an exec starts: a stage named on a stage shell's command line, or the step a
     /// direct child of the job's root (one not in a named stage) starts. A step's own process
-    /// exec'ing again renames the step (`sh -c 'node ...'`), unless that would trade an action
-    /// or `run:` script for a bare command.
+    /// exec'ing again may name it better (`on_reexec`).
     pub(super) fn track_step(&mut self, event: &Event, filename: &str, argv: &[String]) {
         let pid = event.process.pid;
         let Some(p) = self.processes.get(&pid) else {
@@ -299,6 +299,20 @@ mod tests {
         assert_eq!(s.kind.as_deref(), Some("stage"));
         assert_eq!(s.name.as_deref(), Some("step_script"));
         assert!(stage_of_root(&["bash".into(), "--login".into()]).is_none());
+    }
+
+    #[test]
+    fn a_reexec_names_an_action_but_keeps_the_first_command() {
+        let first = step(
+            "/usr/bin/setsid",
+            &["setsid", "nohup", "bash", "-c", "sleep 4; cat x"],
+        );
+        let later = step("/usr/bin/cat", &["cat", "x"]);
+        assert_eq!(on_reexec(&first, later), first);
+        let node = "/usr/bin/node";
+        let action = step(node, &[node, "/r/_work/_actions/a/b/v1/index.js"]);
+        assert_eq!(on_reexec(&first, action.clone()), action);
+        assert_eq!(on_reexec(&action, first), action);
     }
 
     #[test]
