@@ -34,7 +34,10 @@ fn memory_dump_trace_reports_the_tree_the_memory_read_the_named_egress_and_findi
     assert!(
         text.contains(
             "  Runner.Worker (pid 100) /home/runner/bin/Runner.Worker spawnclient 113 116"
-        ) && text.contains("  └─ python3 (pid 101) python3 memdump.py  [exit 0 at +4.000s]"),
+        ) && text.contains(
+            "  └─ python3 (pid 101) python3 memdump.py  \
+             [starts step 1: command python3 memdump.py; exit 0 at +4.000s]"
+        ),
         "the tree: {text}"
     );
     assert!(text.contains("pid 100  memory /proc/100/mem"), "{text}");
@@ -46,9 +49,10 @@ fn memory_dump_trace_reports_the_tree_the_memory_read_the_named_egress_and_findi
     assert!(text.contains("critical process-memory-access"), "{text}");
     assert!(text.contains("medium   unexpected-egress"), "{text}");
     assert!(
-        text.contains("not in this report: steps, actions, containers"),
+        text.contains("Steps (1)\n  step 1: command python3 memdump.py (pid 101) from +1.000s"),
         "{text}"
     );
+    assert!(text.contains("not in this report: containers"), "{text}");
 
     let (ok, json, err) = report(&["--trace", trace.to_str().unwrap(), "--format", "json"]);
     assert!(ok, "{err}");
@@ -56,7 +60,9 @@ fn memory_dump_trace_reports_the_tree_the_memory_read_the_named_egress_and_findi
     assert_eq!(v["job"]["id"], "run-4097");
     assert_eq!(v["egress"][0]["dns_name"], "paste.exfil.example");
     assert_eq!(v["findings"].as_array().unwrap().len(), 3);
-    assert!(v.get("steps").is_none() && v.get("containers").is_none());
+    assert_eq!(v["steps"][0]["kind"], "command");
+    assert_eq!(v["steps"][0]["pid"], 101);
+    assert!(v.get("containers").is_none());
 
     let (ok, md, err) = report(&["--trace", trace.to_str().unwrap(), "--format", "markdown"]);
     assert!(ok, "{err}");

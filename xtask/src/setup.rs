@@ -44,6 +44,8 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "curl",
     "lintian",
     "chromium",
+    // tests/tests/steps_ends.rs runs a JavaScript action with `node`, as the runner does.
+    "nodejs",
 ];
 
 pub(crate) fn setup() -> anyhow::Result<()> {

@@ -24,6 +24,31 @@ pub struct FindingJob {
     pub info: JobInfo,
     /// The job had ended when this happened.
     pub ended: bool,
+    /// When the job ended (CLOCK_MONOTONIC nanoseconds), for a finding about an ended job. For
+    /// an end the engine inferred (a staged job's last stage exited and no stage followed), the
+    /// true end: the last stage's exit, not the moment the end was inferred.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ended_ns: Option<u64>,
+}
+
+/// The step of the job a process belongs to: the job root's direct child that it descends from
+/// (or, for a GitLab stage named on its shell's command line, the stage). Fields are absent when
+/// unknown.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Step {
+    /// The step's order among the job's steps, from 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub index: Option<u32>,
+    /// `action` (GitHub JavaScript, composite or docker action), `run` (a GitHub `run:` script),
+    /// `stage` (a GitLab stage) or `command` (anything else: the command the root ran).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+    /// For an action: `owner/repo@ref` or `owner/repo/path@ref`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub action: Option<String>,
+    /// The `run:` script's file, the stage's name, or the command.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -101,6 +126,9 @@ pub struct Finding {
     pub job: Option<FindingJob>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub process: Option<FindingProcess>,
+    /// The step of the job the process was running in.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step: Option<Step>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credential: Option<CredentialRef>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -138,6 +166,7 @@ impl Finding {
             time_ns,
             job: None,
             process: None,
+            step: None,
             credential: None,
             destination: None,
             socket: None,

@@ -8,6 +8,8 @@
 mod detect;
 pub mod finding;
 pub mod snapshot;
+mod stages;
+pub mod step;
 pub mod usage;
 
 use std::{
@@ -17,7 +19,7 @@ use std::{
 };
 
 use crate::bounded::BoundedMap;
-pub use finding::Finding;
+pub use finding::{Finding, Step};
 
 use crate::{
     event::{Dns, Event, EventDetail, JobInfo, JobKey},
@@ -39,7 +41,21 @@ struct Process {
     /// Credential kinds this process touched.
     kinds: BTreeSet<String>,
     harvesting_reported: bool,
+    /// The job step it runs in: inherited at fork, set when a direct child of the job's root
+    /// execs (see `step`).
+    #[serde(default)]
+    step: Option<Step>,
+    /// It is the process that started its step: a later exec of it renames the step.
+    #[serde(default)]
+    starts_step: bool,
+    /// It is its (kernel) job's root: a job root or a stage's shell.
+    #[serde(default)]
+    is_root: bool,
 }
+
+/// Events of a staged job's processes held while the job waits for its next stage, at most this
+/// many a job: if no stage follows, they happened after the job's true end.
+const MAX_GAP_EVENTS: usize = 64;
 
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 struct Job {
@@ -61,6 +77,14 @@ struct Job {
     /// What this job used outside its baseline, each reported once (`Used::object`).
     #[serde(default)]
     deviations: BTreeSet<String>,
+    /// Steps started so far (the next one is `steps + 1`).
+    #[serde(default)]
+    steps: u32,
+    /// While a staged job waits for its next stage (`last_stage_exit` set): what its surviving
+    /// processes did that an ended job is judged for (credentials, secret sockets, egress),
+    /// at most `MAX_GAP_EVENTS`. Judged as after the end if no stage follows; dropped if one does.
+    #[serde(default)]
+    gap: Vec<Event>,
 }
 
 /// Which job made a credential object.
@@ -186,42 +210,9 @@ impl Engine {
         let staged = self.as_stage_of_its_job(event);
         let event = staged.as_ref().unwrap_or(event);
         self.track(event, &mut out);
+        self.hold_if_in_stage_gap(event);
         detect::event(self, event, &mut out);
         self.finish(out)
-    }
-
-    /// An event of a stage, as an event of the job it is a stage of; for a staged job, "ended"
-    /// is the engine's view (the kernel ends each stage when its root exits).
-    fn as_stage_of_its_job(&self, event: &Event) -> Option<Event> {
-        let key = event.job.as_ref()?.key;
-        let job_key = self.stages.get(&key).copied().unwrap_or(key);
-        let job = self.jobs.get(&job_key)?;
-        if !job.staged {
-            return None;
-        }
-        let mut e = event.clone();
-        if let Some(j) = &mut e.job {
-            j.key = job_key;
-            j.ended = job.ended_ns.is_some();
-        }
-        Some(e)
-    }
-
-    /// Makes job `stage` a stage of `job`: its processes move over, and the job goes on.
-    fn join_stage(&mut self, stage: JobKey, job: JobKey) {
-        self.stages.insert(stage, job);
-        if self.jobs.remove(&stage).is_some() {
-            // It was counted as a job of its own until now.
-            self.stats.jobs_started -= 1;
-        }
-        for pid in self.pids_of(stage) {
-            if let Some(p) = self.processes.get_mut(&pid) {
-                p.job = Some(job);
-            }
-        }
-        if let Some(j) = self.jobs.get_mut(&job) {
-            j.last_stage_exit = None;
-        }
     }
 
     /// Live processes of a job.
@@ -304,6 +295,11 @@ impl Engine {
             self.processes
                 .insert(pid, known.unwrap_or_else(|| self.new_process(event)));
         }
+        if event.job.as_ref().is_some_and(|j| j.root)
+            && let Some(p) = self.processes.get_mut(&pid)
+        {
+            p.is_root = true;
+        }
         match &event.detail {
             EventDetail::Fork { child_pid } => self.track_fork(event, *child_pid),
             EventDetail::Exec { filename, argv, .. } => self.track_exec(event, filename, argv),
@@ -358,13 +354,17 @@ impl Engine {
         child.ppid = pid;
         child.kinds.clear();
         child.harvesting_reported = false;
+        child.starts_step = false;
+        child.is_root = false;
         // A reused pid starts afresh.
         self.exited.remove(&child_pid);
         self.processes.insert(child_pid, child);
     }
 
-    /// An exec: the process's new program, and whether it is one that detaches from a job.
+    /// An exec: the process's new program, whether it is one that detaches from a job, and the
+    /// step it starts.
     fn track_exec(&mut self, event: &Event, filename: &str, argv: &[String]) {
+        self.track_step(event, filename, argv);
         if let Some(p) = self.processes.get_mut(&event.process.pid) {
             p.exe = Some(filename.to_owned());
             p.cmdline = Some(argv.join(" "));
@@ -475,6 +475,12 @@ impl Engine {
                 .unwrap_or_default(),
             kinds: BTreeSet::new(),
             harvesting_reported: false,
+            step: self
+                .processes
+                .get(&event.process.ppid)
+                .and_then(|p| p.step.clone()),
+            starts_step: false,
+            is_root: event.job.as_ref().is_some_and(|j| j.root),
         }
     }
 
@@ -502,6 +508,8 @@ impl Engine {
                 kinds: BTreeSet::new(),
                 harvesting_reported: false,
                 deviations: BTreeSet::new(),
+                steps: 0,
+                gap: Vec::new(),
             },
         );
     }
@@ -521,12 +529,18 @@ impl Engine {
             return;
         }
         job.ended_ns = Some(time_ns);
+        let held = std::mem::take(&mut job.gap);
         let job = job.clone();
         self.stats.jobs_ended += 1;
         self.next_timer_ns = self
             .next_timer_ns
             .min(time_ns.saturating_add(self.grace_ns(key)));
         detect::job_ended(self, &job, time_ns, out);
+        // Ended at its last stage's exit, inferred later: what its survivors did since was after
+        // the end. (An explicit end holds nothing: `gap` is only filled while a stage gap runs.)
+        if time_ns == job.last_stage_exit.unwrap_or(u64::MAX) {
+            detect::judge_gap(self, held, out);
+        }
     }
 }
 

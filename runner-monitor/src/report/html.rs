@@ -8,8 +8,8 @@ use std::fmt::Write as _;
 use super::{
     JobReport, JobSummary,
     text::{
-        access_name, credential_counts, egress_counts, not_tracked_line, offset, omitted_line,
-        pids, plain, process_line, status, tree, who,
+        access_name, credential_counts, egress_counts, finding_what, not_tracked_line, offset,
+        omitted_line, pids, plain, process_line, status, step_lines, tree, who,
     },
 };
 
@@ -132,8 +132,17 @@ pub fn job_page(report: &JobReport) -> String {
                 offset(report, f.time_ns),
                 severity(f.severity),
                 f.rule,
-                h(&f.summary)
+                h(&finding_what(f))
             );
+        }
+        b.push_str("</ol>\n");
+    }
+
+    let _ = writeln!(b, "<h2 id=\"steps\">Steps ({})</h2>", report.steps.len());
+    if !report.steps.is_empty() {
+        b.push_str("<ol class=\"steps\">\n");
+        for line in step_lines(report) {
+            let _ = writeln!(b, "<li>{}</li>", h(&line));
         }
         b.push_str("</ol>\n");
     }
@@ -167,8 +176,9 @@ pub fn job_page(report: &JobReport) -> String {
         };
         let _ = write!(
             b,
-            "<li><span{class}>{}</span> <span class=\"muted\">[{tail}]</span>",
-            h(&head)
+            "<li><span{class}>{}</span> <span class=\"muted\">[{}]</span>",
+            h(&head),
+            h(&tail)
         );
     }
     while depth_open > 0 {

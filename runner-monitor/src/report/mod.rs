@@ -12,17 +12,19 @@
 //! Never a secret: a report holds what the events and findings hold (paths, addresses, names,
 //! command lines), never file contents or environments.
 //!
-//! Not known to the agent yet, so absent from every report: the step and action a process ran
-//! for, and the containers a job started (`JobReport::not_tracked` says so).
+//! Steps are derived from the recorded process tree with the engine's own pure functions
+//! (`engine::step`, see `steps`). Not known to the agent yet, so absent from every report: the
+//! containers a job started (`JobReport::not_tracked` says so).
 
 mod html;
 mod model;
+mod steps;
 #[cfg(test)]
 mod tests;
 mod text;
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     net::IpAddr,
     sync::{Arc, Mutex, MutexGuard, PoisonError},
 };
@@ -50,13 +52,14 @@ const MAX_CREDENTIALS: usize = 128;
 const MAX_EGRESS: usize = 256;
 const MAX_DNS: usize = 256;
 const MAX_FINDINGS: usize = 128;
+const MAX_STEPS: usize = 256;
 /// Processes named per credential or destination.
 const MAX_PIDS: usize = 4;
 /// A command line is cut to this many characters.
 const ARGV_CHARS: usize = 200;
 
 /// What the agent does not track yet (other issues), named in every report.
-pub const NOT_TRACKED: [&str; 3] = ["steps", "actions", "containers"];
+pub const NOT_TRACKED: [&str; 1] = ["containers"];
 
 /// The reports, shared between the pipeline (which writes them) and the HTTP endpoint and the
 /// control socket (which read them; lock briefly, copy out, render outside the lock).
@@ -77,6 +80,8 @@ struct Record {
     egress_at: HashMap<(IpAddr, u16), usize>,
     /// address -> the first name the job resolved to it.
     names: HashMap<IpAddr, String>,
+    /// The job's roots (its root, its stages' shells): their direct children start steps.
+    roots: HashSet<u32>,
 }
 
 impl Record {
@@ -91,6 +96,7 @@ impl Record {
                 start_ns: time_ns,
                 end_ns: None,
                 processes: Vec::new(),
+                steps: Vec::new(),
                 credentials: Vec::new(),
                 egress: Vec::new(),
                 survivors: Vec::new(),
@@ -102,6 +108,7 @@ impl Record {
             credential_at: HashMap::new(),
             egress_at: HashMap::new(),
             names: HashMap::new(),
+            roots: HashSet::new(),
         }
     }
 
@@ -125,6 +132,7 @@ impl Record {
             exit_ns: None,
             exit_code: None,
             survivor: false,
+            step: None,
         });
         self.report.processes.last_mut()
     }
@@ -133,8 +141,12 @@ impl Record {
         // A reused pid is a new process.
         self.process_at.remove(&child);
         let parent = event.process.pid;
-        self.process(event, parent, event.process.ppid);
-        self.process(event, child, parent);
+        let step = self
+            .process(event, parent, event.process.ppid)
+            .and_then(|p| p.step);
+        if let Some(c) = self.process(event, child, parent) {
+            c.step = step;
+        }
     }
 
     fn exec(&mut self, event: &Event, filename: &str, argv: &[String]) {
@@ -144,6 +156,7 @@ impl Record {
         p.comm.clone_from(&event.process.comm);
         p.exe = Some(filename.to_owned());
         p.argv = Some(argv_summary(argv));
+        self.exec_step(event, filename, argv);
     }
 
     fn exit(&mut self, event: &Event, code: Option<i32>) {
@@ -437,6 +450,12 @@ impl JobReports {
         };
         let ended = ended || record.report.end_ns.is_some();
         let pid = event.process.pid;
+        if (event.job.as_ref().is_some_and(|j| j.root)
+            || matches!(event.detail, EventDetail::JobStart(_)))
+            && record.roots.len() < MAX_PROCESSES
+        {
+            record.roots.insert(pid);
+        }
         match &event.detail {
             EventDetail::Fork { child_pid } => record.fork(event, *child_pid),
             EventDetail::Exec { filename, argv, .. } => record.exec(event, filename, argv),

@@ -6,7 +6,7 @@ use std::net::IpAddr;
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    engine::Finding,
+    engine::{Finding, Step},
     event::{JobInfo, JobKey},
 };
 
@@ -31,6 +31,19 @@ pub struct ProcessNode {
     /// Still alive after the job ended plus its grace period (`process-survived-job`).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub survivor: bool,
+    /// The step it runs in: its position in `JobReport::steps`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step: Option<usize>,
+}
+
+/// A step of the job: what started it (see `engine::step`), by which process, when.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StepNode {
+    #[serde(flatten)]
+    pub step: Step,
+    /// The process that started it (the job root's direct child, or a named stage's shell).
+    pub pid: u32,
+    pub start_ns: u64,
 }
 
 /// How a credential was touched.
@@ -99,11 +112,13 @@ pub struct Omitted {
     pub credentials: u64,
     pub egress: u64,
     pub findings: u64,
+    #[serde(default)]
+    pub steps: u64,
 }
 
 impl Omitted {
     pub fn any(&self) -> bool {
-        self.processes + self.credentials + self.egress + self.findings > 0
+        self.processes + self.credentials + self.egress + self.findings + self.steps > 0
     }
 }
 
@@ -121,6 +136,9 @@ pub struct JobReport {
     pub end_ns: Option<u64>,
     /// Every process, in the order they appeared; `ppid` makes the tree.
     pub processes: Vec<ProcessNode>,
+    /// The job's steps, in the order they started.
+    #[serde(default)]
+    pub steps: Vec<StepNode>,
     pub credentials: Vec<CredentialUse>,
     pub egress: Vec<Egress>,
     pub survivors: Vec<Survivor>,
@@ -128,7 +146,7 @@ pub struct JobReport {
     pub findings: Vec<Finding>,
     #[serde(default)]
     pub omitted: Omitted,
-    /// What the agent does not track yet, absent from the report: steps, actions, containers.
+    /// What the agent does not track yet, absent from the report: containers.
     pub not_tracked: Vec<String>,
 }
 

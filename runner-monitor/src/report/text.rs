@@ -6,6 +6,7 @@
 use std::fmt::Write as _;
 
 use super::{Access, CredentialUse, Egress, JobReport, ProcessNode};
+use crate::engine::{Finding, step};
 
 /// Control characters escaped, the rest as given.
 pub(super) fn plain(s: &str) -> String {
@@ -115,7 +116,36 @@ pub(super) fn process_line(report: &JobReport, p: &ProcessNode) -> (String, Stri
     if p.survivor {
         tail.push_str(", SURVIVED THE JOB");
     }
+    if let Some(s) = p.step.and_then(|s| report.steps.get(s))
+        && s.pid == p.pid
+    {
+        tail = format!("starts {}; {tail}", step::label(&s.step));
+    }
     (head.trim_end().to_owned(), tail)
+}
+
+/// A finding's summary, with the step it names: `... (step 2: action evil-org/x@v1)`.
+pub(super) fn finding_what(f: &Finding) -> String {
+    match &f.step {
+        Some(s) => format!("{} ({})", f.summary, step::label(s)),
+        None => f.summary.clone(),
+    }
+}
+
+/// The job's steps, one line each: `step 2: action evil-org/x@v1 (pid 7) from +1.000s`.
+pub(super) fn step_lines(report: &JobReport) -> Vec<String> {
+    report
+        .steps
+        .iter()
+        .map(|s| {
+            format!(
+                "{} (pid {}) from {}",
+                step::label(&s.step),
+                s.pid,
+                offset(report, s.start_ns)
+            )
+        })
+        .collect()
 }
 
 pub(super) fn credential_counts(c: &CredentialUse) -> String {
@@ -166,8 +196,8 @@ pub(super) fn omitted_line(report: &JobReport) -> Option<String> {
     let o = &report.omitted;
     o.any().then(|| {
         format!(
-            "not shown (over the report's bounds): {} processes, {} credentials, {} destinations, {} findings",
-            o.processes, o.credentials, o.egress, o.findings
+            "not shown (over the report's bounds): {} processes, {} credentials, {} destinations, {} findings, {} steps",
+            o.processes, o.credentials, o.egress, o.findings, o.steps
         )
     })
 }
@@ -189,6 +219,11 @@ pub fn text(report: &JobReport) -> String {
     let _ = writeln!(o, "  {}", status(report));
     let _ = writeln!(o, "  {}", not_tracked_line(report));
 
+    let _ = writeln!(o, "\nSteps ({})", report.steps.len());
+    for line in step_lines(report) {
+        let _ = writeln!(o, "  {}", plain(&line));
+    }
+
     let _ = writeln!(o, "\nProcesses ({})", report.processes.len());
     // Whether the ancestor at each depth has siblings still to come: `│` or blank.
     let lines = tree(report);
@@ -208,7 +243,7 @@ pub fn text(report: &JobReport) -> String {
         }
         open.push(!last);
         let (head, tail) = process_line(report, p);
-        let _ = writeln!(o, "  {prefix}{}  [{tail}]", plain(&head));
+        let _ = writeln!(o, "  {prefix}{}  [{}]", plain(&head), plain(&tail));
     }
 
     let _ = writeln!(o, "\nCredentials ({})", report.credentials.len());
@@ -262,7 +297,7 @@ pub fn text(report: &JobReport) -> String {
             offset(report, f.time_ns),
             f.severity.as_str(),
             f.rule,
-            plain(&f.summary)
+            plain(&finding_what(f))
         );
     }
     if let Some(line) = omitted_line(report) {
@@ -293,16 +328,22 @@ pub fn markdown(report: &JobReport) -> String {
                 offset(report, f.time_ns),
                 f.severity.as_str(),
                 f.rule,
-                md(&f.summary)
+                md(&finding_what(f))
             );
         }
         o.push('\n');
     }
 
+    let _ = writeln!(o, "### Steps ({})\n", report.steps.len());
+    for line in step_lines(report) {
+        let _ = writeln!(o, "1. {}", md(&line));
+    }
+    o.push('\n');
+
     let _ = writeln!(o, "### Processes ({})\n", report.processes.len());
     for (depth, p) in tree(report) {
         let (head, tail) = process_line(report, p);
-        let _ = writeln!(o, "{}- {} — {tail}", "  ".repeat(depth), md(&head));
+        let _ = writeln!(o, "{}- {} — {}", "  ".repeat(depth), md(&head), md(&tail));
     }
     o.push('\n');
 

@@ -33,16 +33,9 @@ pub(super) fn file_open(
         kind: kind_name.clone(),
         fingerprint: f.fingerprint.clone(),
     };
-    let verb = if f.write {
-        "wrote"
-    } else if f.result >= 0 {
-        "read"
-    } else {
-        "tried to read"
-    };
-
-    if is_ended(event) {
-        out.push(credential_after_job_end(engine, event, verb, &credential));
+    let verb = verb_of(f);
+    if let Some(finding) = after_end(engine, event, f) {
+        out.push(finding);
     }
     if runner {
         out.push(runner_credential_access(engine, event, verb, &credential));
@@ -98,6 +91,36 @@ fn process_memory_access(engine: &Engine, event: &Event, f: &FileAccess, target:
         access: f.path.clone(),
     });
     finding
+}
+
+/// `credential-after-job-end` for a file opened by a process of an ended job, if the file is a
+/// credential.
+pub(super) fn after_end(engine: &Engine, event: &Event, f: &FileAccess) -> Option<Finding> {
+    if !is_ended(event) || f.target_pid.is_some() {
+        return None;
+    }
+    let kind = engine.policy.credential_of(&f.path)?;
+    let credential = CredentialRef {
+        path: f.path.clone(),
+        kind: kind.kind.clone(),
+        fingerprint: f.fingerprint.clone(),
+    };
+    Some(credential_after_job_end(
+        engine,
+        event,
+        verb_of(f),
+        &credential,
+    ))
+}
+
+fn verb_of(f: &FileAccess) -> &'static str {
+    if f.write {
+        "wrote"
+    } else if f.result >= 0 {
+        "read"
+    } else {
+        "tried to read"
+    }
 }
 
 /// A credential touched by a process its job left behind.

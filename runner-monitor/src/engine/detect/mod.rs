@@ -22,6 +22,7 @@ fn finding_job(job: &Job, ended: bool) -> FindingJob {
         key: job.key,
         info: job.info.clone(),
         ended,
+        ended_ns: job.ended_ns.filter(|_| ended),
     }
 }
 
@@ -109,7 +110,16 @@ impl Engine {
         let mut finding = Finding::new(rule, event.time_ns, summary);
         finding.job = job;
         finding.process = Some(process);
+        finding.step = self.step_of(event.process.pid);
         finding
+    }
+
+    /// The job step process `pid` runs (or ran) in.
+    fn step_of(&self, pid: u32) -> Option<crate::engine::Step> {
+        self.processes
+            .get(&pid)
+            .or_else(|| self.exited.get(&pid))
+            .and_then(|p| p.step.clone())
     }
 
     fn after_end_text(&self, event: &Event) -> String {
@@ -242,6 +252,36 @@ pub(super) fn event(engine: &mut Engine, event: &Event, out: &mut Vec<Finding>) 
 
 fn is_ended(event: &Event) -> bool {
     event.job.as_ref().is_some_and(|j| j.ended)
+}
+
+/// Whether a process of an ended job doing `event` raises `credential-after-job-end`: a
+/// credential touched, a secret socket or a remote address connected to.
+pub(super) fn judged_after_end(engine: &Engine, event: &Event) -> bool {
+    let mut ended = event.clone();
+    if let Some(j) = &mut ended.job {
+        j.ended = true;
+    }
+    after_end(engine, &ended).is_some()
+}
+
+/// `credential-after-job-end` for `event` of an ended job, if it is one.
+fn after_end(engine: &Engine, event: &Event) -> Option<Finding> {
+    match &event.detail {
+        EventDetail::FileOpen(f) => credentials::after_end(engine, event, f),
+        EventDetail::Connect(c) => network::after_end(engine, event, c),
+        _ => None,
+    }
+}
+
+/// A staged job's end was inferred (no stage followed its last one within the stage gap): what
+/// its surviving processes did between the last stage's exit and now happened after the end.
+pub(super) fn judge_gap(engine: &Engine, held: Vec<Event>, out: &mut Vec<Finding>) {
+    for mut event in held {
+        if let Some(j) = &mut event.job {
+            j.ended = true;
+        }
+        out.extend(after_end(engine, &event));
+    }
 }
 
 fn memory_access(
@@ -381,6 +421,7 @@ pub(super) fn timers(engine: &mut Engine, out: &mut Vec<Finding>) {
             );
             finding.job = Some(fj);
             finding.process = Some(process);
+            finding.step = p.step.clone();
             finding.escape = escape;
             out.push(finding);
         }

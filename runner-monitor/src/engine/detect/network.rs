@@ -26,18 +26,7 @@ pub(super) fn connect(engine: &mut Engine, event: &Event, c: &Connect, out: &mut
             path: path.clone(),
             kind: kind.clone(),
         };
-        if is_ended(event) {
-            let mut f = engine.raise(
-                RuleId::CredentialAfterJobEnd,
-                event,
-                format!(
-                    "connected to the {kind} socket {path} {}",
-                    engine.after_end_text(event)
-                ),
-            );
-            f.socket = Some(socket.clone());
-            out.push(f);
-        }
+        out.extend(after_end(engine, event, c));
         let entitled = engine
             .policy
             .rules_for(engine.job_selector(Some(job)))
@@ -78,15 +67,7 @@ pub(super) fn connect(engine: &mut Engine, event: &Event, c: &Connect, out: &mut
         Some(name) => format!("{name} ({ip}) port {port}"),
         None => format!("{ip} port {port}"),
     };
-    if is_ended(event) && !ip.is_loopback() {
-        let mut f = engine.raise(
-            RuleId::CredentialAfterJobEnd,
-            event,
-            format!("connected to {shown} {}", engine.after_end_text(event)),
-        );
-        f.destination = Some(destination.clone());
-        out.push(f);
-    }
+    out.extend(after_end(engine, event, c));
     let verdict = if engine.policy.is_metadata_endpoint(ip) {
         "metadata"
     } else if egress_allowed(engine, job, ip, port, &names) {
@@ -117,6 +98,55 @@ pub(super) fn connect(engine: &mut Engine, event: &Event, c: &Connect, out: &mut
         f.destination = Some(destination);
         out.push(f);
     }
+}
+
+/// `credential-after-job-end` for a connection by a process of an ended job: to a secret socket,
+/// or to a remote (not loopback) address.
+pub(super) fn after_end(engine: &Engine, event: &Event, c: &Connect) -> Option<Finding> {
+    if !is_ended(event) {
+        return None;
+    }
+    let job = event.job.as_ref()?.key;
+    if c.family == SocketFamily::Unix {
+        let path = c.unix_path.as_ref()?;
+        let kind = engine.policy.secret_socket_of(path)?;
+        let mut f = engine.raise(
+            RuleId::CredentialAfterJobEnd,
+            event,
+            format!(
+                "connected to the {kind} socket {path} {}",
+                engine.after_end_text(event)
+            ),
+        );
+        f.socket = Some(SocketRef {
+            path: path.clone(),
+            kind: kind.to_owned(),
+        });
+        return Some(f);
+    }
+    let (ip, port) = (c.ip?, c.port?);
+    if ip.is_unspecified() || ip.is_loopback() {
+        return None;
+    }
+    let destination = DestinationRef {
+        ip,
+        port,
+        dns_name: engine
+            .dns
+            .get(&(job, ip))
+            .and_then(|names| names.first().cloned()),
+    };
+    let shown = match &destination.dns_name {
+        Some(name) => format!("{name} ({ip}) port {port}"),
+        None => format!("{ip} port {port}"),
+    };
+    let mut f = engine.raise(
+        RuleId::CredentialAfterJobEnd,
+        event,
+        format!("connected to {shown} {}", engine.after_end_text(event)),
+    );
+    f.destination = Some(destination);
+    Some(f)
 }
 
 fn egress_allowed(engine: &Engine, job: JobKey, ip: IpAddr, port: u16, names: &[String]) -> bool {

@@ -2,9 +2,11 @@
 
 mod baseline;
 mod credentials;
+mod ends;
 mod jobs;
 mod network;
 mod persistence;
+mod steps;
 
 use std::sync::Arc;
 
