@@ -22,10 +22,12 @@ use runner_monitor::{
     },
     output::{
         Outputs,
-        alerts::WallClock,
-        delivery::{Receiver, Sink},
+        alerts::{AlertWriter, WallClock},
+        delivery::{Receiver, Sink, SinkOptions},
         http::{self, Endpoint},
         metrics::Metrics,
+        ocsf::AlertFormat,
+        tls::TlsFiles,
     },
     pipeline::{Host, Pipeline},
     policy::Policy,
@@ -197,10 +199,17 @@ impl Agent {
     /// The alert stream, the receivers behind it (spooled on disk) and the event trace.
     fn outputs(args: &RunArgs, metrics: &Arc<Metrics>) -> anyhow::Result<Outputs> {
         let clock = WallClock::now(monotonic_ns());
-        let mut outputs =
-            Outputs::to_file(&args.alerts_out, Some(clock), args.events_out.as_deref())
-                .context("opening the event and alert outputs")?
-                .with_metrics(metrics.clone());
+        let alerts = AlertWriter::open(&args.alerts_out, Some(clock))
+            .with_context(|| format!("opening {}", args.alerts_out.display()))?
+            .with_format(args.alerts_format);
+        let mut outputs = Outputs::new(alerts, args.events_out.as_deref())
+            .context("opening the event output")?
+            .with_metrics(metrics.clone());
+        let tls = TlsFiles {
+            ca: args.tls_ca.clone(),
+            cert: args.tls_cert.clone(),
+            key: args.tls_key.clone(),
+        };
         let receivers = [
             args.alertmanager.clone().map(Receiver::Alertmanager),
             args.webhook.clone().map(Receiver::Webhook),
@@ -210,9 +219,19 @@ impl Agent {
                 .validate()
                 .map_err(|e| anyhow::anyhow!("--{}: {e}", receiver.name()))?;
             let name = receiver.name();
-            let sink =
-                Sink::start(receiver, &args.spool_dir, metrics.clone()).with_context(|| {
-                    format!("opening the {name} spool in {}", args.spool_dir.display())
+            let options = SinkOptions {
+                format: match receiver {
+                    Receiver::Webhook(_) => args.webhook_format.unwrap_or(args.alerts_format),
+                    Receiver::Alertmanager(_) => AlertFormat::Json,
+                },
+                tls: tls.clone(),
+            };
+            let sink = Sink::start_with(receiver, &options, &args.spool_dir, metrics.clone())
+                .with_context(|| {
+                    format!(
+                        "starting the {name} sink (spool in {})",
+                        args.spool_dir.display()
+                    )
                 })?;
             tracing::info!(
                 sink = name,
