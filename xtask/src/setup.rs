@@ -1,6 +1,6 @@
 //! `setup`: make the machine ready to build and test, idempotently, saying what it installs:
 //! nightly rust-src, bpf-linker, cargo-fuzz, cargo-deb, the Debian packages the tests use, and
-//! the Kubernetes manifests' validator.
+//! the Kubernetes manifests' validator and the OCSF findings' validator.
 
 use std::{
     path::{Path, PathBuf},
@@ -22,6 +22,11 @@ const CARGO_DEB_VERSION: &str = "3.8.0";
 /// sets are inside the package. `runner-monitor/tests/kubernetes.rs` runs it. This version ships
 /// 1.25 to 1.37.
 const KUBERNETES_VALIDATE_VERSION: &str = "1.37.0";
+/// ocsf-json-schema (PyPI) generates JSON Schemas (draft 2020-12, unknown fields refused) for OCSF
+/// classes from the OCSF schema exports it ships (1.0.0 to 1.8.0), offline; `jsonschema` (PyPI)
+/// validates the agent's OCSF findings against them (`runner-monitor/tests/ocsf.rs`).
+const OCSF_JSON_SCHEMA_VERSION: &str = "1.2.0";
+const JSONSCHEMA_VERSION: &str = "4.26.0";
 /// Debian packages the tests use: `ip` for network namespaces, `unshare`/`mount` for a private
 /// resolv.conf, `getent` for glibc lookups, bpftool to inspect what is loaded, a real Prometheus
 /// (and promtool) to scrape the agent and check the rules, a real Alertmanager to receive its
@@ -136,8 +141,9 @@ pub(crate) fn setup() -> anyhow::Result<()> {
         }
     }
 
-    // 5. The Kubernetes manifests' validator and renderer.
+    // 5. The Kubernetes manifests' validator and renderer, the OCSF findings' validator.
     install_kubernetes_validate()?;
+    install_ocsf_validator()?;
     let kustomize = output(Command::new("kubectl").args(["version", "--client"]))
         .is_some_and(|v| v.contains("Kustomize Version: v5"));
     if !kustomize {
@@ -177,6 +183,38 @@ fn install_kubernetes_validate() -> anyhow::Result<()> {
         "--disable-pip-version-check",
         &format!("kubernetes-validate=={KUBERNETES_VALIDATE_VERSION}"),
     ]))
+}
+
+/// Where the OCSF validator's virtualenv lives; `runner-monitor/tests/ocsf.rs` looks there too.
+fn ocsf_venv() -> PathBuf {
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or("/root".into());
+    home.join(".cache/runner-monitor/ocsf-json-schema")
+}
+
+fn install_ocsf_validator() -> anyhow::Result<()> {
+    let venv = ocsf_venv();
+    let wanted = [
+        format!("ocsf-json-schema=={OCSF_JSON_SCHEMA_VERSION}"),
+        format!("jsonschema=={JSONSCHEMA_VERSION}"),
+    ];
+    let installed = output(Command::new(venv.join("bin/pip")).arg("freeze"))
+        .is_some_and(|f| wanted.iter().all(|w| f.lines().any(|l| l == w)));
+    if installed {
+        return Ok(());
+    }
+    say(&format!(
+        "installing ocsf-json-schema {OCSF_JSON_SCHEMA_VERSION} and jsonschema \
+         {JSONSCHEMA_VERSION} into {}",
+        venv.display()
+    ));
+    run_cmd(Command::new("python3").arg("-m").arg("venv").arg(&venv))?;
+    run_cmd(
+        Command::new(venv.join("bin/pip"))
+            .args(["install", "--quiet", "--disable-pip-version-check"])
+            .args(&wanted),
+    )
 }
 
 fn install_bpf_linker(sysroot: &Path) -> anyhow::Result<()> {
