@@ -119,6 +119,16 @@ pub fn tls_failure(error: &(dyn std::error::Error + 'static)) -> Option<String> 
         if let Some(tls) = e.downcast_ref::<rustls::Error>() {
             return Some(tls.to_string());
         }
+        // An io::Error's source() is its inner error's source, skipping the inner error itself;
+        // rustls's error sits inside one (inside another, from hyper's connector).
+        if let Some(inner) = e
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+        {
+            if let Some(found) = tls_failure(inner) {
+                return Some(found);
+            }
+        }
         current = e.source();
     }
     None
