@@ -121,13 +121,11 @@ pub fn tls_failure(error: &(dyn std::error::Error + 'static)) -> Option<String> 
         }
         // An io::Error's source() is its inner error's source, skipping the inner error itself;
         // rustls's error sits inside one (inside another, from hyper's connector).
-        if let Some(inner) = e
+        let inner = e
             .downcast_ref::<std::io::Error>()
-            .and_then(|io| io.get_ref())
-        {
-            if let Some(found) = tls_failure(inner) {
-                return Some(found);
-            }
+            .and_then(|io| io.get_ref());
+        if let Some(found) = inner.and_then(|inner| tls_failure(inner)) {
+            return Some(found);
         }
         current = e.source();
     }
