@@ -203,3 +203,15 @@ fn a_spooled_alert_keeps_its_own_time() {
     assert_eq!(o["unmapped"]["time"], "2026-11-22T08:00:00.250Z");
     assert!(from_alert(&json!({"not": "a finding"}), "h").is_none());
 }
+
+#[test]
+fn the_alert_stream_and_a_webhook_give_a_finding_the_same_uid() {
+    let mut f = Finding::new(RuleId::CredentialLeftBehind, 9, "s".into());
+    f.job = Some(job("run-1", "acme/app"));
+    let direct = render(&f);
+    let spooled = from_alert(&serde_json::to_value(&f).unwrap(), "runner-1").unwrap();
+    assert_eq!(
+        direct["finding_info"]["uid"],
+        spooled["finding_info"]["uid"]
+    );
+}
