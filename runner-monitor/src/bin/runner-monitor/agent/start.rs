@@ -27,7 +27,7 @@ use runner_monitor::{
         http::{self, Endpoint},
         metrics::Metrics,
         ocsf::AlertFormat,
-        tls::TlsFiles,
+        tls::{self, TlsFiles},
     },
     pipeline::{Host, Pipeline},
     policy::Policy,
@@ -99,6 +99,7 @@ impl Agent {
                 None => None,
             },
         };
+        Self::check_receivers(&args)?;
         let sensor_policy = sensor_policy_of(&policy, &args.job_root_exes);
         let options = SensorOptions {
             pin_dir: Some(args.pin_dir.clone()),
@@ -196,6 +197,25 @@ impl Agent {
         Ok((agent, inputs))
     }
 
+    /// The receivers' URLs and TLS files, checked before the probes take seconds to load.
+    fn check_receivers(args: &RunArgs) -> anyhow::Result<()> {
+        let receivers = [
+            args.alertmanager.clone().map(Receiver::Alertmanager),
+            args.webhook.clone().map(Receiver::Webhook),
+        ];
+        let mut https = false;
+        for receiver in receivers.into_iter().flatten() {
+            receiver
+                .validate()
+                .map_err(|e| anyhow::anyhow!("--{}: {e}", receiver.name()))?;
+            https |= receiver.url().starts_with("https://");
+        }
+        if https {
+            tls::client_config(&tls_files(args)).context("TLS to the receivers")?;
+        }
+        Ok(())
+    }
+
     /// The alert stream, the receivers behind it (spooled on disk) and the event trace.
     fn outputs(args: &RunArgs, metrics: &Arc<Metrics>) -> anyhow::Result<Outputs> {
         let clock = WallClock::now(monotonic_ns());
@@ -205,11 +225,7 @@ impl Agent {
         let mut outputs = Outputs::new(alerts, args.events_out.as_deref())
             .context("opening the event output")?
             .with_metrics(metrics.clone());
-        let tls = TlsFiles {
-            ca: args.tls_ca.clone(),
-            cert: args.tls_cert.clone(),
-            key: args.tls_key.clone(),
-        };
+        let tls = tls_files(args);
         let receivers = [
             args.alertmanager.clone().map(Receiver::Alertmanager),
             args.webhook.clone().map(Receiver::Webhook),
@@ -309,5 +325,13 @@ impl Agent {
         ));
         tracing::info!(socket = %args.control_socket.display(), runner_user = ?args.runner_user, "control socket ready");
         Ok(commands)
+    }
+}
+
+fn tls_files(args: &RunArgs) -> TlsFiles {
+    TlsFiles {
+        ca: args.tls_ca.clone(),
+        cert: args.tls_cert.clone(),
+        key: args.tls_key.clone(),
     }
 }
