@@ -535,8 +535,10 @@ fn alerts_reach_a_real_alertmanager_through_an_outage() {
         curl(&format!("http://{}/metrics", agent.http))
             .lines()
             .any(|l| {
-                l.starts_with("runner_monitor_alert_delivery_failures_total{sink=\"alertmanager\"}")
-                    && !l.ends_with(" 0")
+                // Alertmanager is down: refused connections.
+                l.starts_with(
+                    "runner_monitor_alert_delivery_failures_total{reason=\"connect\",sink=\"alertmanager\"}",
+                ) && !l.ends_with(" 0")
             })
     });
     assert!(

@@ -1,6 +1,6 @@
 //! `setup`: make the machine ready to build and test, idempotently, saying what it installs:
 //! nightly rust-src, bpf-linker, cargo-fuzz, cargo-deb, the Debian packages the tests use, and
-//! the Kubernetes manifests' validator.
+//! the Kubernetes manifests' validator, in-toto and the OCSF findings' validator.
 
 use std::{
     path::{Path, PathBuf},
@@ -26,6 +26,11 @@ const KUBERNETES_VALIDATE_VERSION: &str = "1.37.0";
 /// independently of our own `attest verify`: `tests/tests/attestation.rs` runs
 /// `tests/python/verify_attestation.py` with it.
 const IN_TOTO_VERSION: &str = "3.1.0";
+/// ocsf-json-schema (PyPI) generates JSON Schemas (draft 2020-12, unknown fields refused) for OCSF
+/// classes from the OCSF schema exports it ships (1.0.0 to 1.8.0), offline; `jsonschema` (PyPI)
+/// validates the agent's OCSF findings against them (`runner-monitor/tests/ocsf.rs`).
+const OCSF_JSON_SCHEMA_VERSION: &str = "1.2.0";
+const JSONSCHEMA_VERSION: &str = "4.26.0";
 /// Debian packages the tests use: `ip` for network namespaces, `unshare`/`mount` for a private
 /// resolv.conf, `getent` for glibc lookups, bpftool to inspect what is loaded, a real Prometheus
 /// (and promtool) to scrape the agent and check the rules, a real Alertmanager to receive its
@@ -145,6 +150,7 @@ pub(crate) fn setup() -> anyhow::Result<()> {
     // 5. The Kubernetes manifests' validator and renderer.
     install_kubernetes_validate()?;
     install_in_toto()?;
+    install_ocsf_validator()?;
     let kustomize = output(Command::new("kubectl").args(["version", "--client"]))
         .is_some_and(|v| v.contains("Kustomize Version: v5"));
     if !kustomize {
@@ -215,6 +221,38 @@ fn install_in_toto() -> anyhow::Result<()> {
         "--disable-pip-version-check",
         &format!("in-toto=={IN_TOTO_VERSION}"),
     ]))
+}
+
+/// Where the OCSF validator's virtualenv lives; `runner-monitor/tests/ocsf.rs` looks there too.
+fn ocsf_venv() -> PathBuf {
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or("/root".into());
+    home.join(".cache/runner-monitor/ocsf-json-schema")
+}
+
+fn install_ocsf_validator() -> anyhow::Result<()> {
+    let venv = ocsf_venv();
+    let wanted = [
+        format!("ocsf-json-schema=={OCSF_JSON_SCHEMA_VERSION}"),
+        format!("jsonschema=={JSONSCHEMA_VERSION}"),
+    ];
+    let installed = output(Command::new(venv.join("bin/pip")).arg("freeze"))
+        .is_some_and(|f| wanted.iter().all(|w| f.lines().any(|l| l == w)));
+    if installed {
+        return Ok(());
+    }
+    say(&format!(
+        "installing ocsf-json-schema {OCSF_JSON_SCHEMA_VERSION} and jsonschema \
+         {JSONSCHEMA_VERSION} into {}",
+        venv.display()
+    ));
+    run_cmd(Command::new("python3").arg("-m").arg("venv").arg(&venv))?;
+    run_cmd(
+        Command::new(venv.join("bin/pip"))
+            .args(["install", "--quiet", "--disable-pip-version-check"])
+            .args(&wanted),
+    )
 }
 
 fn install_bpf_linker(sysroot: &Path) -> anyhow::Result<()> {

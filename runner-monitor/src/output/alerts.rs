@@ -1,4 +1,5 @@
-//! The alert stream: one JSON object per finding, on stdout or appended to a file.
+//! The alert stream: one JSON object per finding (ours, or an OCSF Detection Finding), on stdout
+//! or appended to a file.
 
 use std::{
     io::Write,
@@ -8,6 +9,7 @@ use std::{
 
 use serde::Serialize;
 
+use super::ocsf::{self, AlertFormat};
 use crate::engine::Finding;
 
 /// A finding as written: the finding and its wall-clock time.
@@ -35,8 +37,11 @@ impl WallClock {
     }
 
     pub fn format(&self, monotonic_ns: u64) -> String {
-        humantime::format_rfc3339_millis(self.epoch + Duration::from_nanos(monotonic_ns))
-            .to_string()
+        humantime::format_rfc3339_millis(self.at(monotonic_ns)).to_string()
+    }
+
+    pub fn at(&self, monotonic_ns: u64) -> SystemTime {
+        self.epoch + Duration::from_nanos(monotonic_ns)
     }
 }
 
@@ -49,6 +54,9 @@ pub struct AlertWriter {
     clock: Option<WallClock>,
     /// The file, when not stdout, and its size.
     file: Option<(std::path::PathBuf, u64)>,
+    format: AlertFormat,
+    /// The host name OCSF findings carry (`device.hostname`, and in `finding_info.uid`).
+    host: String,
 }
 
 impl AlertWriter {
@@ -62,6 +70,8 @@ impl AlertWriter {
             out: super::open_append(target)?,
             clock,
             file,
+            format: AlertFormat::Json,
+            host: String::new(),
         })
     }
 
@@ -71,16 +81,39 @@ impl AlertWriter {
             out,
             clock,
             file: None,
+            format: AlertFormat::Json,
+            host: String::new(),
         }
     }
 
-    /// Writes one alert line; returns it (without the newline) for the other sinks.
+    /// Writes findings as `format` (ours by default). OCSF findings carry this host's name.
+    pub fn with_format(mut self, format: AlertFormat) -> Self {
+        self.format = format;
+        if format == AlertFormat::Ocsf {
+            self.host = super::delivery::hostname();
+        }
+        self
+    }
+
+    /// Writes one alert line; returns it in our JSON (without the newline) for the receivers,
+    /// which spool that and render their own format.
     pub fn write(&mut self, finding: &Finding) -> std::io::Result<Vec<u8>> {
         let alert = Alert {
             time: self.clock.map(|c| c.format(finding.time_ns)),
             finding,
         };
-        let line = super::jsonl::line(&alert)?;
+        let native = super::jsonl::line(&alert)?;
+        let line = match self.format {
+            AlertFormat::Json => native.clone(),
+            AlertFormat::Ocsf => {
+                // Replay has no wall clock: the time the finding is written stands in.
+                let time = self
+                    .clock
+                    .map_or_else(SystemTime::now, |c| c.at(finding.time_ns));
+                let value = serde_json::to_value(&alert)?;
+                super::jsonl::line(&ocsf::detection_finding(finding, &value, time, &self.host))?
+            }
+        };
         self.out.write_all(&line)?;
         self.out.write_all(b"\n")?;
         // Alerts are rare and urgent: each is flushed at once.
@@ -96,7 +129,7 @@ impl AlertWriter {
                 *size = 0;
             }
         }
-        Ok(line)
+        Ok(native)
     }
 }
 

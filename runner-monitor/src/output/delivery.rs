@@ -1,5 +1,6 @@
 //! Alert delivery to receivers that can be down: the Alertmanager v2 API and a generic JSON
-//! webhook (reqwest, over the same hyper stack as the HTTP endpoint).
+//! webhook (reqwest, over the same hyper stack as the HTTP endpoint), over http:// or https://
+//! (rustls, `super::tls`). A webhook gets our JSON or OCSF findings (`SinkOptions::format`).
 //!
 //! Every alert is first appended to the sink's spool on disk (fsynced), then delivered in order
 //! by the sink's own task, which moves a cursor (also on disk) only when the receiver accepted.
@@ -17,7 +18,11 @@ use std::{
 use serde_json::{Value, json};
 use tokio::sync::Notify;
 
-use super::metrics::Metrics;
+use super::{
+    metrics::Metrics,
+    ocsf::{self, AlertFormat},
+    tls::{self, TlsError, TlsFiles},
+};
 
 /// Alerts sent in one request at most.
 const BATCH: usize = 64;
@@ -41,19 +46,57 @@ impl Receiver {
         }
     }
 
-    /// Checks the URL; only plain http:// for now.
-    pub fn validate(&self) -> Result<(), String> {
-        let url = match self {
+    pub fn url(&self) -> &str {
+        match self {
             Receiver::Alertmanager(u) | Receiver::Webhook(u) => u,
-        };
+        }
+    }
+
+    /// Checks the URL: http:// or https://.
+    pub fn validate(&self) -> Result<(), String> {
+        let url = self.url();
         let parsed = reqwest::Url::parse(url).map_err(|e| format!("{url:?}: {e}"))?;
-        if parsed.scheme() != "http" {
-            return Err(format!(
-                "{url:?}: only http:// receivers are supported (put a TLS proxy in front)"
-            ));
+        if !matches!(parsed.scheme(), "http" | "https") {
+            return Err(format!("{url:?}: only http:// and https:// receivers"));
         }
         Ok(())
     }
+
+    fn is_https(&self) -> bool {
+        self.url().starts_with("https://")
+    }
+}
+
+/// How a sink talks to its receiver.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SinkOptions {
+    /// What a webhook receives: our JSON findings or OCSF Detection Findings. Alertmanager always
+    /// gets its own v2 form.
+    pub format: AlertFormat,
+    /// CA, client certificate and key for an https:// receiver.
+    pub tls: TlsFiles,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SinkError {
+    #[error("opening the spool: {0}")]
+    Spool(#[from] std::io::Error),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error("building the HTTP client: {0}")]
+    Client(#[from] reqwest::Error),
+}
+
+/// The HTTP client for `receiver`: rustls (ring) for https://, with `options.tls`.
+fn http_client(receiver: &Receiver, options: &SinkOptions) -> Result<reqwest::Client, SinkError> {
+    // reqwest is built without a bundled crypto provider: ring is installed once, for any
+    // client (a plain http:// one too, which reqwest also prepares TLS for).
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let mut builder = reqwest::Client::builder().timeout(Duration::from_secs(10));
+    if receiver.is_https() {
+        builder = builder.tls_backend_preconfigured(tls::client_config(&options.tls)?);
+    }
+    Ok(builder.build()?)
 }
 
 /// An append-only file of alerts (JSON lines) and the offset up to which they were delivered.
@@ -154,7 +197,7 @@ impl Spool {
 }
 
 /// The host name, from gethostname(2): /proc/sys is hidden under systemd's ProcSubset=pid.
-fn hostname() -> String {
+pub fn hostname() -> String {
     let mut name = [0u8; 256];
     // SAFETY: gethostname writes at most `len` bytes into the buffer.
     let rc = unsafe { libc::gethostname(name.as_mut_ptr().cast(), name.len()) };
@@ -236,16 +279,33 @@ pub struct Sink {
 }
 
 impl Sink {
-    /// Opens the spool and starts delivering (in the current tokio runtime).
+    /// Opens the spool and starts delivering (in the current tokio runtime), with the default
+    /// options (our JSON, system CA roots).
     pub fn start(
         receiver: Receiver,
         spool_dir: &Path,
         metrics: Arc<Metrics>,
-    ) -> std::io::Result<Self> {
+    ) -> Result<Self, SinkError> {
+        Self::start_with(receiver, &SinkOptions::default(), spool_dir, metrics)
+    }
+
+    /// Opens the spool and starts delivering with `options`; a CA or client certificate file
+    /// that cannot be used is an error here, not at the first alert.
+    pub fn start_with(
+        receiver: Receiver,
+        options: &SinkOptions,
+        spool_dir: &Path,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, SinkError> {
+        let client = http_client(&receiver, options)?;
         let spool = Arc::new(Mutex::new(Spool::open(spool_dir, receiver.name())?));
         let wake = Arc::new(Notify::new());
         tokio::spawn(deliver(
-            receiver.clone(),
+            Delivery {
+                receiver: receiver.clone(),
+                format: options.format,
+                client,
+            },
             spool.clone(),
             wake.clone(),
             metrics,
@@ -282,44 +342,82 @@ impl Sink {
     }
 }
 
-async fn post(
-    client: &reqwest::Client,
-    receiver: &Receiver,
-    batch: &[Value],
-    host: &str,
-) -> Result<(), String> {
-    let (url, body) = match receiver {
+/// What the delivery task sends where, and with which client.
+struct Delivery {
+    receiver: Receiver,
+    format: AlertFormat,
+    client: reqwest::Client,
+}
+
+/// Why a delivery failed: `reason` is the metric's label (`tls`, `connect`, `timeout`, `http`,
+/// `other`), `message` the whole story for the log.
+struct Failure {
+    reason: &'static str,
+    message: String,
+}
+
+impl Failure {
+    fn of(url: &str, error: &reqwest::Error) -> Self {
+        let reason = if tls::tls_failure(error).is_some() {
+            "tls"
+        } else if error.is_timeout() {
+            "timeout"
+        } else if error.is_connect() {
+            "connect"
+        } else {
+            "other"
+        };
+        Self {
+            reason,
+            message: format!("{url}: {}", tls::error_chain(error)),
+        }
+    }
+}
+
+async fn post(delivery: &Delivery, batch: &[Value], host: &str) -> Result<(), Failure> {
+    let (url, body) = match &delivery.receiver {
         Receiver::Alertmanager(base) => (
             format!("{}/api/v2/alerts", base.trim_end_matches('/')),
             Value::Array(batch.iter().map(|a| alertmanager_alert(a, host)).collect()),
         ),
-        Receiver::Webhook(url) => (url.clone(), Value::Array(batch.to_vec())),
+        Receiver::Webhook(url) => (
+            url.clone(),
+            match delivery.format {
+                AlertFormat::Json => Value::Array(batch.to_vec()),
+                AlertFormat::Ocsf => Value::Array(
+                    batch
+                        .iter()
+                        .map(|a| ocsf::from_alert(a, host).unwrap_or_else(|| a.clone()))
+                        .collect(),
+                ),
+            },
+        ),
     };
-    let response = client
+    let response = delivery
+        .client
         .post(&url)
         .json(&body)
         .send()
         .await
-        .map_err(|e| format!("{url}: {e}"))?;
+        .map_err(|e| Failure::of(&url, &e))?;
     if response.status().is_success() {
         Ok(())
     } else {
-        Err(format!("{url}: HTTP {}", response.status()))
+        Err(Failure {
+            reason: "http",
+            message: format!("{url}: HTTP {}", response.status()),
+        })
     }
 }
 
 async fn deliver(
-    receiver: Receiver,
+    delivery: Delivery,
     spool: Arc<Mutex<Spool>>,
     wake: Arc<Notify>,
     metrics: Arc<Metrics>,
 ) {
-    let client = reqwest::Client::builder()
-        .timeout(Duration::from_secs(10))
-        .build()
-        .expect("HTTP client");
     let host = hostname();
-    let name = receiver.name();
+    let name = delivery.receiver.name();
     let mut backoff = Duration::from_millis(500);
     loop {
         let batch = spool.lock().expect("spool lock").next_batch(BATCH);
@@ -336,7 +434,7 @@ async fn deliver(
             let _ = tokio::time::timeout(Duration::from_secs(5), wake.notified()).await;
             continue;
         }
-        match post(&client, &receiver, &alerts, &host).await {
+        match post(&delivery, &alerts, &host).await {
             Ok(()) => {
                 if let Err(error) = spool.lock().expect("spool lock").commit(end) {
                     tracing::error!(%error, sink = name, "saving the alert spool cursor");
@@ -344,9 +442,15 @@ async fn deliver(
                 metrics.delivered(name, alerts.len() as u64);
                 backoff = Duration::from_millis(500);
             }
-            Err(error) => {
-                metrics.delivery_failed(name);
-                tracing::warn!(%error, sink = name, pending = alerts.len(), retry_in = ?backoff, "alert delivery failed; kept in the spool");
+            Err(Failure { reason, message }) => {
+                metrics.delivery_failed_because(name, reason);
+                if reason == "tls" {
+                    // Not an outage: the receiver's certificate (or ours) is wrong until
+                    // someone fixes the CA or certificate files; say so loudly.
+                    tracing::error!(error = %message, sink = name, pending = alerts.len(), retry_in = ?backoff, "alert delivery failed: TLS; kept in the spool (check --tls-ca / --tls-cert)");
+                } else {
+                    tracing::warn!(error = %message, sink = name, reason, pending = alerts.len(), retry_in = ?backoff, "alert delivery failed; kept in the spool");
+                }
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(MAX_BACKOFF);
             }
@@ -454,8 +558,9 @@ mod tests {
         }
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         while !metrics.encode().lines().any(|l| {
-            l.starts_with("runner_monitor_alert_delivery_failures_total{sink=\"webhook\"}")
-                && !l.ends_with(" 0")
+            l.starts_with(
+                "runner_monitor_alert_delivery_failures_total{reason=\"connect\",sink=\"webhook\"}",
+            ) && !l.ends_with(" 0")
         }) {
             assert!(std::time::Instant::now() < deadline, "no failure counted");
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -481,7 +586,7 @@ mod tests {
     }
 
     #[test]
-    fn only_plain_http_receivers_are_accepted() {
+    fn http_and_https_receivers_are_accepted_and_nothing_else() {
         assert!(
             Receiver::Alertmanager("http://127.0.0.1:9093".into())
                 .validate()
@@ -489,6 +594,11 @@ mod tests {
         );
         assert!(
             Receiver::Webhook("https://soc.example/hook".into())
+                .validate()
+                .is_ok()
+        );
+        assert!(
+            Receiver::Webhook("ftp://soc.example/hook".into())
                 .validate()
                 .is_err()
         );

@@ -42,6 +42,9 @@ pub const METRIC_NAMES: &[&str] = &[
     "runner_monitor_control_requests_total",
 ];
 
+/// The `reason` label of `runner_monitor_alert_delivery_failures_total`.
+pub const DELIVERY_FAILURE_REASONS: [&str; 5] = ["tls", "connect", "timeout", "http", "other"];
+
 /// The agent's registry and the metrics of each part of it. A part that lives above this module
 /// (the control socket) registers its own metric into `registry()`.
 pub struct Metrics {
@@ -291,8 +294,10 @@ impl DeliveryMetrics {
             delivery_failures: counter_vec(
                 r,
                 "runner_monitor_alert_delivery_failures_total",
-                "Failed delivery attempts (the alerts stay spooled), by sink.",
-                &["sink"],
+                "Failed delivery attempts (the alerts stay spooled), by sink and reason (tls: a \
+                 certificate that does not verify or a refused handshake; connect, timeout, \
+                 http: a non-2xx answer, other).",
+                &["sink", "reason"],
             ),
             spool_pending: gauge_vec(
                 r,
@@ -303,7 +308,9 @@ impl DeliveryMetrics {
         };
         for sink in ["alertmanager", "webhook"] {
             m.delivered.with_label_values(&[sink]);
-            m.delivery_failures.with_label_values(&[sink]);
+            for reason in DELIVERY_FAILURE_REASONS {
+                m.delivery_failures.with_label_values(&[sink, reason]);
+            }
             m.spool_pending.with_label_values(&[sink]);
         }
         m
@@ -356,10 +363,16 @@ impl Metrics {
             .inc_by(alerts);
     }
 
+    /// A failed delivery attempt, for no reason in particular (`other`).
     pub fn delivery_failed(&self, sink: &str) {
+        self.delivery_failed_because(sink, "other");
+    }
+
+    /// A failed delivery attempt; `reason` is one of `DELIVERY_FAILURE_REASONS`.
+    pub fn delivery_failed_because(&self, sink: &str, reason: &str) {
         self.delivery
             .delivery_failures
-            .with_label_values(&[sink])
+            .with_label_values(&[sink, reason])
             .inc();
     }
 

@@ -5,7 +5,9 @@ pub mod delivery;
 pub mod http;
 pub mod jsonl;
 pub mod metrics;
+pub mod ocsf;
 pub mod summary;
+pub mod tls;
 
 use std::{io::Write, path::Path, sync::Arc};
 

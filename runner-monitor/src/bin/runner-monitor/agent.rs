@@ -19,7 +19,7 @@ use runner_monitor::{
     clock::monotonic_ns,
     event::{Event, EventDetail, JobKey, JobOverBudget, SensorStatus},
     job::{agent_event, control},
-    output::metrics::Metrics,
+    output::{metrics::Metrics, ocsf::AlertFormat},
     pipeline::Pipeline,
     policy::{Policy, SensorPolicy},
     sensor::{
@@ -68,6 +68,24 @@ pub struct RunArgs {
     /// Deliver alerts as JSON arrays POSTed to this URL, spooled on disk while it is down.
     #[arg(long, value_name = "URL")]
     webhook: Option<String>,
+    /// What the alert stream (`--alerts-out`) holds: our JSON findings, or OCSF 1.5.0 Detection
+    /// Findings (docs/ocsf.md). Also the webhook's format unless `--webhook-format` says.
+    #[arg(long, value_name = "FORMAT", value_enum, default_value_t = AlertFormat::Json)]
+    alerts_format: AlertFormat,
+    /// What the webhook receives (default: `--alerts-format`). Alertmanager always gets its own.
+    #[arg(long, value_name = "FORMAT", value_enum)]
+    webhook_format: Option<AlertFormat>,
+    /// PEM CA certificates that https:// receivers' certificates must chain to (instead of the
+    /// system's CA roots).
+    #[arg(long, value_name = "FILE")]
+    tls_ca: Option<PathBuf>,
+    /// PEM client certificate presented to https:// receivers that ask for one (mTLS); with
+    /// `--tls-key`.
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of `--tls-cert`.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
     /// Where undelivered alerts wait, per receiver (kept across restarts).
     #[arg(
         long,

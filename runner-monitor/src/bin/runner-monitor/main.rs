@@ -5,7 +5,7 @@ use clap::{Parser, Subcommand};
 use runner_monitor::{
     event::{Event, JobInfo},
     job::control::{self, Request},
-    output::Outputs,
+    output::{Outputs, alerts::AlertWriter, ocsf::AlertFormat},
     pipeline::Pipeline,
     policy::{Policy, SensorPolicy},
     privilege,
@@ -36,6 +36,10 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
+#[expect(
+    clippy::large_enum_variant,
+    reason = "parsed once at start; `run`'s options are most of it"
+)]
 enum Command {
     /// Load the probes and stream events (JSON lines).
     Run(Box<RunArgs>),
@@ -56,6 +60,10 @@ enum Command {
         /// Where to write the findings; `-` is stdout.
         #[arg(long, value_name = "FILE", default_value = "-")]
         alerts_out: PathBuf,
+        /// Our JSON findings, or OCSF 1.5.0 Detection Findings (their `time` is when replay
+        /// wrote them: a trace has no wall clock).
+        #[arg(long, value_name = "FORMAT", value_enum, default_value_t = AlertFormat::Json)]
+        alerts_format: AlertFormat,
         /// Then print, per rule and repository, how many findings and of which severities.
         #[arg(long)]
         summary: bool,
@@ -169,8 +177,15 @@ fn run_cli() -> anyhow::Result<()> {
             events,
             policy,
             alerts_out,
+            alerts_format,
             summary,
-        } => replay(&events, policy.as_deref(), &alerts_out, summary),
+        } => replay(
+            &events,
+            policy.as_deref(),
+            &alerts_out,
+            alerts_format,
+            summary,
+        ),
         Command::Baseline(command) => baseline::command(command),
         Command::Policy(PolicyCommand::Check { file }) => {
             let policy = Policy::load(&file)?;
@@ -330,13 +345,17 @@ fn replay(
     file: &std::path::Path,
     policy: Option<&std::path::Path>,
     alerts_out: &std::path::Path,
+    format: AlertFormat,
     summary: bool,
 ) -> anyhow::Result<()> {
     let policy = Arc::new(match policy {
         Some(path) => Policy::load(path)?,
         None => Policy::builtin(),
     });
-    let mut pipeline = Pipeline::new(policy, None, Outputs::to_file(alerts_out, None, None)?);
+    let alerts = AlertWriter::open(alerts_out, None)
+        .with_context(|| format!("opening {}", alerts_out.display()))?
+        .with_format(format);
+    let mut pipeline = Pipeline::new(policy, None, Outputs::new(alerts, None)?);
     let reader = std::io::BufReader::new(
         std::fs::File::open(file).with_context(|| format!("opening {}", file.display()))?,
     );

@@ -23,10 +23,12 @@ use runner_monitor::{
     },
     output::{
         Outputs,
-        alerts::WallClock,
-        delivery::{Receiver, Sink},
+        alerts::{AlertWriter, WallClock},
+        delivery::{Receiver, Sink, SinkOptions},
         http::{self, Endpoint},
         metrics::Metrics,
+        ocsf::AlertFormat,
+        tls::{self, TlsFiles},
     },
     pipeline::{Host, Pipeline},
     policy::Policy,
@@ -109,6 +111,7 @@ impl Agent {
                 None => None,
             },
         };
+        Self::check_receivers(&args)?;
         let sensor_policy = sensor_policy_of(&policy, &args.job_root_exes);
         let options = SensorOptions {
             pin_dir: Some(args.pin_dir.clone()),
@@ -206,13 +209,35 @@ impl Agent {
         Ok((agent, inputs))
     }
 
+    /// The receivers' URLs and TLS files, checked before the probes take seconds to load.
+    fn check_receivers(args: &RunArgs) -> anyhow::Result<()> {
+        let receivers = [
+            args.alertmanager.clone().map(Receiver::Alertmanager),
+            args.webhook.clone().map(Receiver::Webhook),
+        ];
+        let mut https = false;
+        for receiver in receivers.into_iter().flatten() {
+            receiver
+                .validate()
+                .map_err(|e| anyhow::anyhow!("--{}: {e}", receiver.name()))?;
+            https |= receiver.url().starts_with("https://");
+        }
+        if https {
+            tls::client_config(&tls_files(args)).context("TLS to the receivers")?;
+        }
+        Ok(())
+    }
+
     /// The alert stream, the receivers behind it (spooled on disk) and the event trace.
     fn outputs(args: &RunArgs, metrics: &Arc<Metrics>) -> anyhow::Result<Outputs> {
         let clock = WallClock::now(monotonic_ns());
-        let mut outputs =
-            Outputs::to_file(&args.alerts_out, Some(clock), args.events_out.as_deref())
-                .context("opening the event and alert outputs")?
-                .with_metrics(metrics.clone());
+        let alerts = AlertWriter::open(&args.alerts_out, Some(clock))
+            .with_context(|| format!("opening {}", args.alerts_out.display()))?
+            .with_format(args.alerts_format);
+        let mut outputs = Outputs::new(alerts, args.events_out.as_deref())
+            .context("opening the event output")?
+            .with_metrics(metrics.clone());
+        let tls = tls_files(args);
         let receivers = [
             args.alertmanager.clone().map(Receiver::Alertmanager),
             args.webhook.clone().map(Receiver::Webhook),
@@ -222,9 +247,19 @@ impl Agent {
                 .validate()
                 .map_err(|e| anyhow::anyhow!("--{}: {e}", receiver.name()))?;
             let name = receiver.name();
-            let sink =
-                Sink::start(receiver, &args.spool_dir, metrics.clone()).with_context(|| {
-                    format!("opening the {name} spool in {}", args.spool_dir.display())
+            let options = SinkOptions {
+                format: match receiver {
+                    Receiver::Webhook(_) => args.webhook_format.unwrap_or(args.alerts_format),
+                    Receiver::Alertmanager(_) => AlertFormat::Json,
+                },
+                tls: tls.clone(),
+            };
+            let sink = Sink::start_with(receiver, &options, &args.spool_dir, metrics.clone())
+                .with_context(|| {
+                    format!(
+                        "starting the {name} sink (spool in {})",
+                        args.spool_dir.display()
+                    )
                 })?;
             tracing::info!(
                 sink = name,
@@ -302,5 +337,13 @@ impl Agent {
         ));
         tracing::info!(socket = %args.control_socket.display(), runner_user = ?args.runner_user, "control socket ready");
         Ok(commands)
+    }
+}
+
+fn tls_files(args: &RunArgs) -> TlsFiles {
+    TlsFiles {
+        ca: args.tls_ca.clone(),
+        cert: args.tls_cert.clone(),
+        key: args.tls_key.clone(),
     }
 }
