@@ -17,7 +17,8 @@
 //! - tracking id: a survivor that changed `RUNNER_TRACKING_ID` says so (`enrich`).
 //! - report: what each recent job did, for `runner-monitor report` and `/jobs` (`report`), when
 //!   the pipeline has one (`with_reports`); locked once per batch.
-//! - write: the event trace, the alert stream and its receivers, the metrics (`output`).
+//! - write: the event trace, the alert stream and its receivers, the metrics (`output`); with a
+//!   fleet stream, also every credential fingerprint (read or materialised) with its job.
 //!
 //! The stages marked "host" read the file system and `/proc`; `replay` runs without a `Host`,
 //! so it runs the rest exactly as live, on the events the live agent recorded (discovered job
@@ -133,12 +134,32 @@ impl Pipeline {
         self.out.event(event)?;
         let mut findings = self.engine.handle(event);
         self.out.judged(event.time_ns);
+        self.credential_use(event)?;
         self.tracking_id(&mut findings);
         if let Some(reports) = reports {
             reports.judged(event, &findings);
         }
         self.out.findings(&findings, Some(event.time_ns))?;
         Ok(findings)
+    }
+
+    /// Part of the write stage: a credential fingerprint (read, or written by the job) goes to
+    /// the fleet stream with who the job is, as the engine knows it after judging the event.
+    fn credential_use(&mut self, event: &Event) -> std::io::Result<()> {
+        if !self.out.wants_fingerprints() {
+            return Ok(());
+        }
+        let Some(job) = &event.job else {
+            return Ok(());
+        };
+        let path = match &event.detail {
+            crate::event::EventDetail::FileOpen(f) if f.fingerprint.is_some() => &f.path,
+            crate::event::EventDetail::CredentialFingerprint { path, .. } => path,
+            _ => return Ok(()),
+        };
+        let kind = self.policy.credential_of(path).map(|c| c.kind.clone());
+        self.out
+            .credential_use(event, self.engine.job(job.key), kind.as_deref())
     }
 
     /// Stage 4: survivors that changed the runner's tracking id.

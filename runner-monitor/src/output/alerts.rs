@@ -34,6 +34,13 @@ impl WallClock {
         }
     }
 
+    /// Unix nanoseconds of a monotonic time.
+    pub fn unix_ns(&self, monotonic_ns: u64) -> u64 {
+        (self.epoch + Duration::from_nanos(monotonic_ns))
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64)
+    }
+
     pub fn format(&self, monotonic_ns: u64) -> String {
         humantime::format_rfc3339_millis(self.epoch + Duration::from_nanos(monotonic_ns))
             .to_string()
@@ -72,6 +79,11 @@ impl AlertWriter {
             clock,
             file: None,
         }
+    }
+
+    /// The wall clock alerts are stamped with, if any.
+    pub fn clock(&self) -> Option<WallClock> {
+        self.clock
     }
 
     /// Writes one alert line; returns it (without the newline) for the other sinks.
