@@ -40,6 +40,8 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "curl",
     "lintian",
     "chromium",
+    // The fleet stream's broker (JetStream), for tests/tests/fleet.rs and the NATS benchmark.
+    "nats-server",
 ];
 
 pub(crate) fn setup() -> anyhow::Result<()> {

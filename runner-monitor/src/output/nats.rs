@@ -53,6 +53,30 @@ pub struct NatsTarget {
     pub host: String,
 }
 
+impl NatsTarget {
+    /// The fleet stream to publish to, if any: `url` (`--nats`) or the policy's `[fleet] url`;
+    /// the host is `host` (`--host`), else the policy's, else the kernel's host name.
+    pub fn resolve(
+        url: Option<&str>,
+        fleet: &FleetConfig,
+        host: Option<&str>,
+    ) -> Result<Option<Self>, String> {
+        let Some(url) = url.or(fleet.url.as_deref()) else {
+            return Ok(None);
+        };
+        crate::policy::fleet::check_url(url)?;
+        let host = host
+            .map(str::to_owned)
+            .or_else(|| fleet.host.clone())
+            .unwrap_or_else(super::delivery::hostname);
+        Ok(Some(Self {
+            url: url.to_owned(),
+            fleet: fleet.clone(),
+            host,
+        }))
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum NatsError {
     #[error("fleet credentials file {path}: {source}")]
@@ -379,6 +403,8 @@ async fn deliver(
         match error {
             None => backoff = Duration::from_millis(250),
             Some(error) => {
+                // Connect afresh next time: a broker that lost its store gets its stream back.
+                context = None;
                 metrics.delivery_failed(SINK);
                 tracing::warn!(error = %error, sink = SINK, pending = records.len() - acked, retry_in = ?backoff, "fleet stream delivery failed; kept in the spool");
                 tokio::time::sleep(backoff).await;

@@ -68,6 +68,11 @@ pub struct RunArgs {
     /// Deliver alerts as JSON arrays POSTed to this URL, spooled on disk while it is down.
     #[arg(long, value_name = "URL")]
     webhook: Option<String>,
+    /// Publish every finding and credential fingerprint to the fleet's NATS JetStream stream
+    /// (`nats://HOST:PORT` or `tls://HOST:PORT`; stream, subjects, credentials and TLS in the
+    /// policy's `[fleet]`), spooled on disk while it is unreachable.
+    #[arg(long, value_name = "URL")]
+    nats: Option<String>,
     /// Where undelivered alerts wait, per receiver (kept across restarts).
     #[arg(
         long,
