@@ -62,14 +62,18 @@ async fn main() {
         }
     }
     let start = Instant::now();
-    let sink = NatsSink::start(target("bench-publish"), &dir.join("publish"), metrics.clone())
-        .expect("sink");
+    let sink = NatsSink::start(
+        target("bench-publish"),
+        &dir.join("publish"),
+        metrics.clone(),
+    )
+    .expect("sink");
     drained(&sink).await;
     let publish = start.elapsed().as_secs_f64();
 
     // End to end: sent while the sink runs.
-    let sink = NatsSink::start(target("bench-live"), &dir.join("live"), metrics.clone())
-        .expect("sink");
+    let sink =
+        NatsSink::start(target("bench-live"), &dir.join("live"), metrics.clone()).expect("sink");
     let start = Instant::now();
     for n in 0..count {
         sink.finding(finding(n).as_bytes()).expect("spooling");

@@ -163,9 +163,7 @@ pub struct TestPki {
 impl TestPki {
     /// Generates them in `dir` (rcgen, fresh keys each time: two calls make two unrelated CAs).
     pub fn generate(dir: &Path) -> Self {
-        use rcgen::{
-            BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair,
-        };
+        use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
         std::fs::create_dir_all(dir).unwrap();
         let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
         ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
@@ -180,8 +178,7 @@ impl TestPki {
             let cert = params.signed_by(&key, &ca).unwrap();
             (cert.pem(), key.serialize_pem())
         };
-        let (server_cert, server_key) =
-            leaf(vec!["127.0.0.1".into(), "localhost".into()], "nats");
+        let (server_cert, server_key) = leaf(vec!["127.0.0.1".into(), "localhost".into()], "nats");
         let (client_cert, client_key) = leaf(vec!["runner-monitor".into()], "runner-monitor");
         let write = |name: &str, text: &str| {
             let path = dir.join(name);

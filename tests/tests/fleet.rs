@@ -106,7 +106,7 @@ fn write_then_read(env: &TestEnv, agent: &Agent, tag: u32) -> (String, String) {
 
 #[test]
 fn agent_publishes_findings_and_fingerprints_of_a_credential_written_and_read() {
-    let root = std::env::temp_dir().join(format!("rm-fleet-publish-{}", std::process::id()));
+    let root = std::env::temp_dir().join(format!("rm-broker-publish-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&root);
     let broker = Broker::start(&root.join("broker"));
     let dir = fleet_dir("fleet-publish", "");
@@ -128,8 +128,12 @@ fn agent_publishes_findings_and_fingerprints_of_a_credential_written_and_read() 
     wait_until("both fingerprints in the stream", 30, || {
         let messages = broker.messages(STREAM, None);
         let prints = fingerprints(&messages);
-        prints.iter().any(|m| m.payload["job"]["id"] == writer.as_str())
-            && prints.iter().any(|m| m.payload["job"]["id"] == reader.as_str())
+        prints
+            .iter()
+            .any(|m| m.payload["job"]["id"] == writer.as_str())
+            && prints
+                .iter()
+                .any(|m| m.payload["job"]["id"] == reader.as_str())
     });
     let messages = broker.messages(STREAM, None);
     let npmrc = env.path(".npmrc");
@@ -209,7 +213,7 @@ fn agent_publishes_findings_and_fingerprints_of_a_credential_written_and_read() 
 
 #[test]
 fn a_broker_killed_mid_run_and_restarted_loses_and_duplicates_nothing() {
-    let root = std::env::temp_dir().join(format!("rm-fleet-outage-{}", std::process::id()));
+    let root = std::env::temp_dir().join(format!("rm-broker-outage-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&root);
     let broker = Broker::start(&root.join("broker"));
     let dir = fleet_dir("fleet-outage", "");
@@ -237,8 +241,9 @@ fn a_broker_killed_mid_run_and_restarted_loses_and_duplicates_nothing() {
     let _ = std::fs::remove_dir_all(root);
 }
 
-/// Copies the spool directory's files.
+/// Makes `to` a copy of the spool directory `from` (files `from` lacks are removed).
 fn copy_spool(from: &Path, to: &Path) {
+    let _ = std::fs::remove_dir_all(to);
     std::fs::create_dir_all(to).unwrap();
     for entry in std::fs::read_dir(from).unwrap().flatten() {
         std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
@@ -247,7 +252,7 @@ fn copy_spool(from: &Path, to: &Path) {
 
 #[test]
 fn an_agent_restarted_with_an_undelivered_spool_resumes_without_duplicates() {
-    let root = std::env::temp_dir().join(format!("rm-fleet-restart-{}", std::process::id()));
+    let root = std::env::temp_dir().join(format!("rm-broker-restart-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&root);
     let port = free_port();
     let dir = fleet_dir("fleet-restart", "");
@@ -292,7 +297,7 @@ fn an_agent_restarted_with_an_undelivered_spool_resumes_without_duplicates() {
 
 #[test]
 fn tls_with_a_test_ca_delivers_and_an_unverifiable_server_keeps_findings_spooled() {
-    let root = std::env::temp_dir().join(format!("rm-fleet-tls-{}", std::process::id()));
+    let root = std::env::temp_dir().join(format!("rm-broker-tls-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&root);
     let pki = TestPki::generate(&root.join("pki"));
     let broker = Broker::start_on(&root.join("broker"), free_port(), Some(pki.server_block()));
@@ -338,7 +343,11 @@ fn tls_with_a_test_ca_delivers_and_an_unverifiable_server_keeps_findings_spooled
     );
     let spooled = std::fs::read_to_string(dir.join("spool/nats.jsonl")).unwrap();
     assert!(
-        spooled.lines().filter(|l| l.starts_with("findings\t")).count() >= alerts(&agent).len(),
+        spooled
+            .lines()
+            .filter(|l| l.starts_with("findings\t"))
+            .count()
+            >= alerts(&agent).len(),
         "findings not kept in the spool: {spooled}"
     );
     assert_eq!(broker.messages(STREAM, Some(&pki)).len(), before);

@@ -44,7 +44,10 @@ pub(super) fn run(dir: &Path, smoke: bool) -> anyhow::Result<Value> {
     let _ = server.wait();
     let out = out?;
     if !out.status.success() {
-        bail!("nats_bench failed: {}", String::from_utf8_lossy(&out.stderr));
+        bail!(
+            "nats_bench failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     Ok(serde_json::from_slice(&out.stdout)?)
 }

@@ -41,7 +41,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Load the probes and stream events (JSON lines).
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Tell the running agent that a job starts or ends (for the runner's hooks).
     #[command(subcommand)]
     Job(JobCommand),
@@ -71,7 +71,11 @@ enum Command {
         #[arg(long, value_name = "NAME", requires = "nats")]
         host: Option<String>,
         /// Where messages wait for the NATS server (kept for the next run if it is down).
-        #[arg(long, value_name = "DIR", default_value = "/var/lib/runner-monitor/replay-spool")]
+        #[arg(
+            long,
+            value_name = "DIR",
+            default_value = "/var/lib/runner-monitor/replay-spool"
+        )]
         spool_dir: PathBuf,
     },
     /// Point GitHub / GitLab runners at runner-monitor's hook scripts, or take them out.
@@ -212,7 +216,7 @@ fn run_cli() -> anyhow::Result<()> {
             .enable_all()
             .build()
             .context("starting the async runtime")?
-            .block_on(agent::run(args)),
+            .block_on(agent::run(*args)),
     }
 }
 

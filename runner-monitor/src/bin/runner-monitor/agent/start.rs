@@ -240,9 +240,10 @@ impl Agent {
                 target.fleet.stream.clone(),
                 target.host.clone(),
             );
-            let sink = NatsSink::start(target, &args.spool_dir, metrics.clone()).with_context(|| {
-                format!("opening the nats spool in {}", args.spool_dir.display())
-            })?;
+            let sink =
+                NatsSink::start(target, &args.spool_dir, metrics.clone()).with_context(|| {
+                    format!("opening the nats spool in {}", args.spool_dir.display())
+                })?;
             tracing::info!(sink = "nats", %url, %stream, %host, pending_bytes = sink.pending_bytes(), "fleet stream delivery ready");
             outputs = outputs.with_nats(sink);
         }
