@@ -4,7 +4,9 @@
 //! Fingerprints: with a per-host secret key, the keyed hash (HMAC-SHA256, RustCrypto's `hmac` and
 //! `sha2`) of a credential file's content, so the same token copied to another path or host is
 //! still recognised. Only the hash is kept or shown; the content is dropped as soon as it is
-//! hashed.
+//! hashed. A fingerprint reads `hmac-sha256:KEYID:HASH`: `KEYID` names the key (a one-way hash of
+//! it, `key_id`), so that the agents of a fleet, which share one key, can tell fingerprints of an
+//! old key from the current one's while a key is rotated (docs/fleet.md).
 
 use std::{io::Read, os::unix::fs::PermissionsExt, path::Path};
 
@@ -41,6 +43,8 @@ pub enum KeyError {
 
 pub struct Fingerprinter {
     key: Vec<u8>,
+    /// `key_id(key)`.
+    key_id: String,
     /// pid -> credential files it opened for writing: hashed when it exits (the content is
     /// complete then).
     pending: BoundedMap<u32, Vec<(String, JobKey)>>,
@@ -76,6 +80,7 @@ impl FileStamp {
 impl Fingerprinter {
     pub fn new(key: Vec<u8>) -> Self {
         Self {
+            key_id: key_id(&key),
             key,
             pending: BoundedMap::new(4096),
             cache: BoundedMap::new(4096),
@@ -112,7 +117,12 @@ impl Fingerprinter {
         mac.update(content);
         let digest = mac.finalize().into_bytes();
         let hex: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
-        format!("hmac-sha256:{hex}")
+        format!("hmac-sha256:{}:{hex}", self.key_id)
+    }
+
+    /// The key's id, as in every fingerprint it makes.
+    pub fn key_id(&self) -> &str {
+        &self.key_id
     }
 
     fn fingerprint_file(&mut self, path: &str) -> Option<String> {
@@ -198,6 +208,28 @@ impl Fingerprinter {
     }
 }
 
+/// The id of a fingerprint key: the first 6 bytes of SHA-256 over a fixed label and the key, in
+/// hex. It names the key without revealing it (the key has at least 32 bytes), and every agent
+/// with the same key file derives the same id, so nothing but the key is distributed.
+pub fn key_id(key: &[u8]) -> String {
+    use sha2::Digest as _;
+    let mut hash = Sha256::new();
+    hash.update(b"runner-monitor fingerprint key id\n");
+    hash.update(key);
+    hash.finalize()[..6]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// The key id in a fingerprint (`hmac-sha256:KEYID:HASH`); `None` for one without (made before
+/// key ids, e.g. in an old trace).
+pub fn fingerprint_key_id(fingerprint: &str) -> Option<&str> {
+    let rest = fingerprint.strip_prefix("hmac-sha256:")?;
+    let (id, _) = rest.split_once(':')?;
+    Some(id)
+}
+
 /// For a survivor: did it change `RUNNER_TRACKING_ID`, the tag the GitHub runner uses to kill a
 /// job's leftover processes? Adds that to the finding's escape.
 pub fn survivor_tracking_id(finding: &mut Finding, directory: &JobDirectory) {
@@ -240,8 +272,23 @@ mod tests {
             a.fingerprint(b"ghp_rmcanary0123456788")
         );
         let f = a.fingerprint(token);
-        assert!(f.starts_with("hmac-sha256:") && f.len() == 12 + 32, "{f}");
+        assert!(
+            f.starts_with(&format!("hmac-sha256:{}:", a.key_id())) && f.len() == 12 + 13 + 32,
+            "{f}"
+        );
         assert!(!f.contains("rmcanary"));
+        assert_eq!(fingerprint_key_id(&f), Some(a.key_id()));
+        assert_eq!(fingerprint_key_id("hmac-sha256:00ff"), None);
+    }
+
+    #[test]
+    fn key_ids_are_stable_per_key_and_do_not_reveal_it() {
+        let key = vec![0x41; 32];
+        let id = key_id(&key);
+        assert_eq!(id.len(), 12);
+        assert_eq!(id, Fingerprinter::new(key.clone()).key_id());
+        assert_ne!(id, key_id(&[0x42; 32]));
+        assert!(!id.contains("4141"), "{id}");
     }
 
     #[test]

@@ -19,7 +19,8 @@
 //!   the pipeline has one (`with_reports`); locked once per batch.
 //! - attest: after time moves, each ended job whose survivors were looked for gets its signed
 //!   runtime attestation (`attest`; host, and only with the report stage on).
-//! - write: the event trace, the alert stream and its receivers, the metrics (`output`).
+//! - write: the event trace, the alert stream and its receivers, the metrics (`output`); with a
+//!   fleet stream, also every credential fingerprint (read or materialised) with its job.
 //!
 //! The stages marked "host" read the file system and `/proc`; `replay` runs without a `Host`,
 //! so it runs the rest exactly as live, on the events the live agent recorded (discovered job
@@ -143,6 +144,7 @@ impl Pipeline {
         self.out.event(event)?;
         let mut findings = self.engine.handle(event);
         self.out.judged(event.time_ns);
+        self.credential_use(event)?;
         self.tracking_id(&mut findings);
         if let Some(reports) = reports {
             reports.judged(event, &findings);
@@ -165,6 +167,25 @@ impl Pipeline {
     /// The attestor, when attestations are on (e.g. to take the envelopes it wrote).
     pub fn attestor_mut(&mut self) -> Option<&mut Attestor> {
         self.host.as_mut().and_then(|h| h.attestor.as_mut())
+    }
+
+    /// Part of the write stage: a credential fingerprint (read, or written by the job) goes to
+    /// the fleet stream with who the job is, as the engine knows it after judging the event.
+    fn credential_use(&mut self, event: &Event) -> std::io::Result<()> {
+        if !self.out.wants_fingerprints() {
+            return Ok(());
+        }
+        let Some(job) = &event.job else {
+            return Ok(());
+        };
+        let path = match &event.detail {
+            crate::event::EventDetail::FileOpen(f) if f.fingerprint.is_some() => &f.path,
+            crate::event::EventDetail::CredentialFingerprint { path, .. } => path,
+            _ => return Ok(()),
+        };
+        let kind = self.policy.credential_of(path).map(|c| c.kind.clone());
+        self.out
+            .credential_use(event, self.engine.job(job.key), kind.as_deref())
     }
 
     /// Stage 4: survivors that changed the runner's tracking id.

@@ -23,6 +23,7 @@ use runner_monitor::{
 };
 
 pub mod live;
+pub mod nats;
 pub mod systemd;
 
 /// The recognisable fake secret planted in every credential file the tests create. No output may

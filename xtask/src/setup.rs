@@ -51,6 +51,8 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "chromium",
     // tests/tests/steps_ends.rs runs a JavaScript action with `node`, as the runner does.
     "nodejs",
+    // The fleet stream's broker (JetStream), for tests/tests/fleet.rs and the NATS benchmark.
+    "nats-server",
 ];
 
 pub(crate) fn setup() -> anyhow::Result<()> {

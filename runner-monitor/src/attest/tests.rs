@@ -149,6 +149,7 @@ fn report() -> JobReport {
         exit_ns: Some(start_ns + 10),
         exit_code: Some(0),
         survivor: false,
+        step: None,
     };
     let mut left = finding(crate::rule::RuleId::CredentialLeftBehind, 9_000);
     left.credential = Some(CredentialRef {
@@ -180,6 +181,7 @@ fn report() -> JobReport {
         job,
         start_ns: 1_000,
         end_ns: Some(9_000),
+        steps: Vec::new(),
         processes: vec![
             node(10, 1, "/usr/bin/bash", 1_000),
             node(11, 10, "/usr/bin/cat", 1_500),

@@ -175,6 +175,11 @@ impl Engine {
         self.jobs.iter().map(|(k, j)| (*k, &j.info))
     }
 
+    /// Who the job `key` is, if the engine knows it.
+    pub fn job(&self, key: JobKey) -> Option<&JobInfo> {
+        self.jobs.get(&key).map(|j| &j.info)
+    }
+
     /// Replaces the policy; every table is kept.
     pub fn set_policy(&mut self, policy: Arc<Policy>) {
         self.policy = policy;

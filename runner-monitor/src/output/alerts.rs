@@ -36,6 +36,13 @@ impl WallClock {
         }
     }
 
+    /// Unix nanoseconds of a monotonic time.
+    pub fn unix_ns(&self, monotonic_ns: u64) -> u64 {
+        (self.epoch + Duration::from_nanos(monotonic_ns))
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64)
+    }
+
     pub fn format(&self, monotonic_ns: u64) -> String {
         humantime::format_rfc3339_millis(self.at(monotonic_ns)).to_string()
     }
@@ -93,6 +100,11 @@ impl AlertWriter {
             self.host = super::delivery::hostname();
         }
         self
+    }
+
+    /// The wall clock alerts are stamped with, if any.
+    pub fn clock(&self) -> Option<WallClock> {
+        self.clock
     }
 
     /// Writes one alert line; returns it in our JSON (without the newline) for the receivers,

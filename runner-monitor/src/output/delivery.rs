@@ -100,12 +100,19 @@ fn http_client(receiver: &Receiver, options: &SinkOptions) -> Result<reqwest::Cl
 }
 
 /// An append-only file of alerts (JSON lines) and the offset up to which they were delivered.
+///
+/// The cursor file holds `DELIVERED BASE`: the offset delivered up to in the data file, and the
+/// data file's start as an offset in everything this spool ever held (`BASE` grows each time a
+/// fully delivered file is emptied). A record's absolute offset (`BASE` + its offset) therefore
+/// names it for good: the NATS sink's message ids are built from it. A cursor of one number (as
+/// written before) has `BASE` 0.
 pub struct Spool {
     data: PathBuf,
     cursor: PathBuf,
     file: File,
     delivered: u64,
     size: u64,
+    base: u64,
     pub dropped: u64,
 }
 
@@ -120,17 +127,22 @@ impl Spool {
             .read(true)
             .open(&data)?;
         let size = file.metadata()?.len();
-        let delivered = std::fs::read_to_string(&cursor)
-            .ok()
-            .and_then(|s| s.trim().parse::<u64>().ok())
-            .unwrap_or(0)
-            .min(size);
+        let saved = std::fs::read_to_string(&cursor).unwrap_or_default();
+        let mut numbers = saved.split_whitespace().map(|n| n.parse::<u64>().ok());
+        let mut delivered = numbers.next().flatten().unwrap_or(0);
+        let mut base = numbers.next().flatten().unwrap_or(0);
+        if delivered > size {
+            // Emptied after it was all delivered, before the cursor said so (see `commit`).
+            base += delivered;
+            delivered = 0;
+        }
         Ok(Self {
             data,
             cursor,
             file,
             delivered,
             size,
+            base,
             dropped: 0,
         })
     }
@@ -179,21 +191,64 @@ impl Spool {
         Ok((out, offset))
     }
 
+    /// Up to `max` undelivered records as written.
+    pub fn next_records(&self, max: usize) -> std::io::Result<Vec<SpoolRecord>> {
+        let mut reader = BufReader::new(File::open(&self.data)?);
+        reader.seek(SeekFrom::Start(self.delivered))?;
+        let mut out = Vec::new();
+        let mut offset = self.delivered;
+        let mut line = String::new();
+        while out.len() < max {
+            line.clear();
+            let n = reader.read_line(&mut line)?;
+            if n == 0 || !line.ends_with('\n') {
+                break;
+            }
+            out.push(SpoolRecord {
+                id: self.base + offset,
+                end: offset + n as u64,
+                line: line.trim_end_matches('\n').to_owned(),
+            });
+            offset += n as u64;
+        }
+        Ok(out)
+    }
+
     /// Everything before `offset` was delivered: saves the cursor (atomically), and empties the
-    /// spool once it is all delivered.
+    /// spool once it is all delivered. The cursor is saved before the file is emptied, so that a
+    /// crash in between is recognised at the next `open` (delivered past the end) and the
+    /// absolute offsets never repeat.
     pub fn commit(&mut self, offset: u64) -> std::io::Result<()> {
         self.delivered = offset.min(self.size);
-        if self.delivered == self.size {
+        self.save_cursor()?;
+        if self.delivered == self.size && self.size > 0 {
             self.file.set_len(0)?;
             self.file.sync_all()?;
+            self.base += self.size;
             self.size = 0;
             self.delivered = 0;
+            self.save_cursor()?;
         }
+        Ok(())
+    }
+
+    fn save_cursor(&self) -> std::io::Result<()> {
         let tmp = self.cursor.with_extension("cursor.tmp");
-        std::fs::write(&tmp, self.delivered.to_string())?;
+        std::fs::write(&tmp, format!("{} {}", self.delivered, self.base))?;
         File::open(&tmp)?.sync_all()?;
         std::fs::rename(&tmp, &self.cursor)
     }
+}
+
+/// One record of a spool, as `Spool::next_records` reads it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SpoolRecord {
+    /// Its absolute offset (see `Spool`): names it for good.
+    pub id: u64,
+    /// Where it ends in the spool file: `Spool::commit(end)` once it is delivered.
+    pub end: u64,
+    /// As appended, without the newline.
+    pub line: String,
 }
 
 /// The host name, from gethostname(2): /proc/sys is hidden under systemd's ProcSubset=pid.
@@ -489,6 +544,45 @@ mod tests {
         s.commit(end).unwrap();
         assert_eq!(s.pending_bytes(), 0);
         assert_eq!(std::fs::metadata(dir.join("am.jsonl")).unwrap().len(), 0);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn absolute_offsets_never_repeat_across_emptying_and_reopen() {
+        let dir = std::env::temp_dir().join(format!("rm-spool-abs-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let mut seen = Vec::new();
+        {
+            let mut s = Spool::open(&dir, "nats").unwrap();
+            s.append(b"{\"n\":0}").unwrap();
+            s.append(b"{\"n\":1}").unwrap();
+            let records = s.next_records(10).unwrap();
+            assert_eq!(records[1].line, "{\"n\":1}");
+            seen.extend(records.iter().map(|r| r.id));
+            s.commit(records[1].end).unwrap();
+            s.append(b"{\"n\":2}").unwrap();
+        }
+        let mut s = Spool::open(&dir, "nats").unwrap();
+        let records = s.next_records(10).unwrap();
+        assert_eq!(records.len(), 1);
+        seen.extend(records.iter().map(|r| r.id));
+        s.commit(records[0].end).unwrap();
+        // A crash after the file was emptied but before the cursor said so.
+        s.append(b"{\"n\":3}").unwrap();
+        let records = s.next_records(10).unwrap();
+        seen.extend(records.iter().map(|r| r.id));
+        let end = records[0].end;
+        std::fs::write(dir.join("nats.cursor"), format!("{end} {}", seen[3])).unwrap();
+        s.file.set_len(0).unwrap();
+        drop(s);
+        let mut s = Spool::open(&dir, "nats").unwrap();
+        s.append(b"{\"n\":4}").unwrap();
+        let records = s.next_records(10).unwrap();
+        seen.extend(records.iter().map(|r| r.id));
+        let mut unique = seen.clone();
+        unique.dedup();
+        assert_eq!(seen, unique, "offsets repeat: {seen:?}");
+        assert!(seen.windows(2).all(|w| w[0] < w[1]), "{seen:?}");
         let _ = std::fs::remove_dir_all(dir);
     }
 

@@ -5,16 +5,23 @@ pub mod delivery;
 pub mod http;
 pub mod jsonl;
 pub mod metrics;
+pub mod nats;
 pub mod ocsf;
 pub mod summary;
 pub mod tls;
 
 use std::{io::Write, path::Path, sync::Arc};
 
-use crate::{clock::monotonic_ns, engine::Engine, engine::Finding, event::Event};
+use crate::{
+    clock::monotonic_ns,
+    engine::Engine,
+    engine::Finding,
+    event::{Event, JobInfo},
+};
 use alerts::{AlertWriter, WallClock};
 use delivery::Sink;
 use metrics::Metrics;
+use nats::NatsSink;
 
 /// `-` is stdout; a path is opened for appending (created when missing).
 pub fn open_append(target: &Path) -> std::io::Result<Box<dyn Write + Send>> {
@@ -37,6 +44,8 @@ pub struct Outputs {
     events: Option<Box<dyn Write + Send>>,
     alerts: AlertWriter,
     sinks: Vec<Sink>,
+    /// The fleet stream: findings and credential fingerprints.
+    nats: Option<NatsSink>,
     metrics: Option<Arc<Metrics>>,
 }
 
@@ -47,6 +56,7 @@ impl Outputs {
             events: events_out.map(open_append).transpose()?,
             alerts,
             sinks: Vec::new(),
+            nats: None,
             metrics: None,
         })
     }
@@ -64,6 +74,35 @@ impl Outputs {
     pub fn with_sink(mut self, sink: Sink) -> Self {
         self.sinks.push(sink);
         self
+    }
+
+    /// Also publishes every finding and credential fingerprint to the fleet stream.
+    pub fn with_nats(mut self, sink: NatsSink) -> Self {
+        self.nats = Some(sink);
+        self
+    }
+
+    /// Whether credential fingerprints go anywhere (the fleet stream).
+    pub fn wants_fingerprints(&self) -> bool {
+        self.nats.is_some()
+    }
+
+    /// A credential fingerprint the engine judged (a credential read, or one a job wrote), as
+    /// the fleet stream's message. `job`: who the engine knows the job to be; `kind`: the path's
+    /// credential kind.
+    pub fn credential_use(
+        &mut self,
+        event: &Event,
+        job: Option<&JobInfo>,
+        kind: Option<&str>,
+    ) -> std::io::Result<()> {
+        if let Some(sink) = &self.nats
+            && let Some(message) =
+                nats::fingerprint_message(event, job, kind, sink.host(), self.alerts.clock())
+        {
+            sink.fingerprint(&message)?;
+        }
+        Ok(())
     }
 
     /// Counts events, findings and latencies into `metrics` (the live agent).
@@ -102,6 +141,9 @@ impl Outputs {
             for sink in &self.sinks {
                 sink.send(&line)?;
             }
+            if let Some(nats) = &self.nats {
+                nats.finding(&line)?;
+            }
         }
         if let (Some(m), Some(event_ns)) = (&self.metrics, event_ns) {
             let seconds = monotonic_ns().saturating_sub(event_ns) as f64 / 1e9;
@@ -136,6 +178,9 @@ impl Outputs {
         let mut left = Vec::new();
         for sink in &self.sinks {
             left.push((sink.receiver.name(), sink.drain(deadline).await));
+        }
+        if let Some(nats) = &self.nats {
+            left.push((nats::SINK, nats.drain(deadline).await));
         }
         left
     }

@@ -75,6 +75,7 @@ fn title(rule: RuleId) -> &'static str {
         RuleId::AgentTamper => "CI job tampered with the runtime monitor",
         RuleId::SensorDegraded => "Runtime monitor sensor degraded",
         RuleId::BaselineDeviation => "CI job deviated from its repository's baseline",
+        RuleId::PersistencePlanted => "CI job planted persistence for something outside it to run",
     }
 }
 
@@ -82,7 +83,7 @@ fn title(rule: RuleId) -> &'static str {
 fn tactic(technique: &str) -> Option<(&'static str, &'static str)> {
     Some(match technique {
         "T1552" | "T1003" => ("TA0006", "Credential Access"),
-        "T1543" => ("TA0003", "Persistence"),
+        "T1543" | "T1053" | "T1546" | "T1574" | "T1098" => ("TA0003", "Persistence"),
         "T1550" => ("TA0008", "Lateral Movement"),
         "T1041" => ("TA0010", "Exfiltration"),
         "T1562" => ("TA0005", "Defense Evasion"),

@@ -31,6 +31,7 @@ impl Policy {
         let egress_allow = destinations(&f.egress.allow, "egress.allow", src)?;
         let rules = compile_rules(&f.rules, &secret_socket_kinds, &credentials, src)?;
         check_job_identity(&f.job_identity, src)?;
+        let fleet = super::fleet::compile(&f.fleet, src)?;
         Ok(Self {
             job_root_executables,
             job_parent_executables,
@@ -57,6 +58,7 @@ impl Policy {
             metadata_endpoints,
             egress_allow,
             rules,
+            fleet,
         })
     }
 }

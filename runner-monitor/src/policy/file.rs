@@ -25,6 +25,8 @@ pub struct PolicyFile {
     pub egress: EgressSection,
     #[serde(default)]
     pub rules: Vec<Spanned<RuleSection>>,
+    #[serde(default)]
+    pub fleet: FleetSection,
 }
 
 /// A baseline file (`[[rules]] baseline = "FILE"`): learned rules, nothing else.
@@ -196,4 +198,25 @@ pub struct JobIdentity {
     /// job, which ends `stage_gap_seconds` after the last stage unless a hook ends it first.
     #[serde(default)]
     pub stages: bool,
+}
+
+/// `[fleet]`: the fleet's NATS JetStream stream (`run --nats URL` turns publishing on).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FleetSection {
+    /// `nats://HOST:PORT` or `tls://HOST:PORT`; `--nats` takes precedence.
+    pub url: Option<Spanned<String>>,
+    pub stream: Option<Spanned<String>>,
+    pub subject_prefix: Option<Spanned<String>>,
+    /// The host name in subjects and messages; default: the kernel's host name.
+    pub host: Option<Spanned<String>>,
+    /// A NATS credentials file (`.creds`: user JWT and NKey seed).
+    pub credentials: Option<Spanned<String>>,
+    /// PEM file of the CA(s) the server's certificate must chain to (TLS).
+    pub tls_ca: Option<Spanned<String>>,
+    /// PEM client certificate and key, for servers that verify clients.
+    pub tls_cert: Option<Spanned<String>>,
+    pub tls_key: Option<Spanned<String>>,
+    /// JetStream's duplicate window when the agent creates the stream.
+    pub duplicate_window_seconds: Option<Spanned<u64>>,
 }

@@ -5,6 +5,7 @@
 
 mod compile;
 mod file;
+pub mod fleet;
 mod persistence;
 
 pub use file::JobIdentity;
@@ -17,6 +18,7 @@ use std::{
     path::Path,
 };
 
+pub use fleet::FleetConfig;
 use globset::{GlobMatcher, GlobSet};
 use ipnet::IpNet;
 pub use sensor::SensorPolicy;
@@ -144,6 +146,8 @@ pub struct Policy {
     pub metadata_endpoints: Vec<IpAddr>,
     pub egress_allow: Vec<AllowedDestination>,
     pub rules: Vec<JobRule>,
+    /// `[fleet]`: where and how the fleet stream is reached.
+    pub fleet: FleetConfig,
 }
 
 /// What a job is, as far as rule selection needs it.

@@ -3,6 +3,7 @@
 //! here asserts a timing; `--smoke` runs each one briefly so CI keeps them working.
 
 mod memory;
+mod nats;
 mod pipeline;
 mod syscalls;
 mod workloads;
@@ -352,6 +353,14 @@ pub fn bench(smoke: bool) -> anyhow::Result<()> {
         "build",
         "--release",
         "-p",
+        "runner-monitor",
+        "--example",
+        "nats_bench",
+    ]))?;
+    run_cmd(Command::new("cargo").args([
+        "build",
+        "--release",
+        "-p",
         "integration-tests",
         "--bin",
         "bench-workload",
@@ -366,6 +375,7 @@ pub fn bench(smoke: bool) -> anyhow::Result<()> {
     let pipeline = pipeline::run(&dir, &sizes)?;
     let memory = memory::run(&dir, &sizes)?;
     let engine = engine(&sizes)?;
+    let nats = nats::run(&dir, smoke)?;
     let machine = output(Command::new("uname").arg("-srm")).unwrap_or_default();
     let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
     let results = json!({
@@ -377,6 +387,7 @@ pub fn bench(smoke: bool) -> anyhow::Result<()> {
         "pipeline": pipeline,
         "memory": memory,
         "engine": engine,
+        "nats": nats,
     });
 
     println!(
@@ -402,6 +413,7 @@ pub fn bench(smoke: bool) -> anyhow::Result<()> {
         m["bytes_per_process"].as_f64().unwrap_or(0.0),
         m["rss_bytes"]
     );
+    nats::print(&results["nats"]);
     let out = workspace_root().join("target/bench");
     std::fs::create_dir_all(&out)?;
     let file = out.join(if smoke {

@@ -86,6 +86,11 @@ pub struct RunArgs {
     /// PEM private key of `--tls-cert`.
     #[arg(long, value_name = "FILE", requires = "tls_cert")]
     tls_key: Option<PathBuf>,
+    /// Publish every finding and credential fingerprint to the fleet's NATS JetStream stream
+    /// (`nats://HOST:PORT` or `tls://HOST:PORT`; stream, subjects, credentials and TLS in the
+    /// policy's `[fleet]`), spooled on disk while it is unreachable.
+    #[arg(long, value_name = "URL")]
+    nats: Option<String>,
     /// Where undelivered alerts wait, per receiver (kept across restarts).
     #[arg(
         long,

@@ -5,7 +5,13 @@ use clap::{Parser, Subcommand};
 use runner_monitor::{
     event::{Event, JobInfo},
     job::control::{self, Request},
-    output::{Outputs, alerts::AlertWriter, ocsf::AlertFormat},
+    output::{
+        Outputs,
+        alerts::AlertWriter,
+        metrics::Metrics,
+        nats::{NatsSink, NatsTarget},
+        ocsf::AlertFormat,
+    },
     pipeline::Pipeline,
     policy::{Policy, SensorPolicy},
     privilege,
@@ -67,6 +73,21 @@ enum Command {
         /// Then print, per rule and repository, how many findings and of which severities.
         #[arg(long)]
         summary: bool,
+        /// Also publish the findings and the trace's credential fingerprints to this NATS
+        /// JetStream server (as `run --nats`), e.g. to feed the fleet correlator a recorded host.
+        #[arg(long, value_name = "URL")]
+        nats: Option<String>,
+        /// The host name the replayed trace is published under (default: the policy's
+        /// `[fleet] host`, else this host's name).
+        #[arg(long, value_name = "NAME", requires = "nats")]
+        host: Option<String>,
+        /// Where messages wait for the NATS server (kept for the next run if it is down).
+        #[arg(
+            long,
+            value_name = "DIR",
+            default_value = "/var/lib/runner-monitor/replay-spool"
+        )]
+        spool_dir: PathBuf,
     },
     /// Point GitHub / GitLab runners at runner-monitor's hook scripts, or take them out.
     #[command(subcommand)]
@@ -179,12 +200,16 @@ fn run_cli() -> anyhow::Result<()> {
             alerts_out,
             alerts_format,
             summary,
+            nats,
+            host,
+            spool_dir,
         } => replay(
             &events,
             policy.as_deref(),
             &alerts_out,
             alerts_format,
             summary,
+            nats.map(|url| (url, host, spool_dir)),
         ),
         Command::Baseline(command) => baseline::command(command),
         Command::Policy(PolicyCommand::Check { file }) => {
@@ -338,6 +363,9 @@ fn job_command(command: JobCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// How long `replay --nats` waits for the server to take what it published.
+const REPLAY_DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Replays a recorded event trace through the pipeline the live agent runs, without what only
 /// the live agent reads from the host (no /proc, no fingerprint key: the trace has what they
 /// found).
@@ -347,6 +375,7 @@ fn replay(
     alerts_out: &std::path::Path,
     format: AlertFormat,
     summary: bool,
+    nats: Option<(String, Option<String>, PathBuf)>,
 ) -> anyhow::Result<()> {
     let policy = Arc::new(match policy {
         Some(path) => Policy::load(path)?,
@@ -355,7 +384,23 @@ fn replay(
     let alerts = AlertWriter::open(alerts_out, None)
         .with_context(|| format!("opening {}", alerts_out.display()))?
         .with_format(format);
-    let mut pipeline = Pipeline::new(policy, None, Outputs::new(alerts, None)?);
+    let mut outputs = Outputs::new(alerts, None)?;
+    // The fleet sink's task runs on this runtime while the trace is replayed.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    if let Some((url, host, spool_dir)) = &nats {
+        let target = NatsTarget::resolve(Some(url), &policy.fleet, host.as_deref())
+            .map_err(|e| anyhow::anyhow!("--nats: {e}"))?
+            .expect("a URL was given");
+        let _guard = runtime.enter();
+        let sink = NatsSink::start(target, spool_dir, Arc::new(Metrics::new()))
+            .with_context(|| format!("opening the nats spool in {}", spool_dir.display()))?;
+        outputs = outputs.with_nats(sink);
+    }
+    let mut pipeline = Pipeline::new(policy, None, outputs);
     let reader = std::io::BufReader::new(
         std::fs::File::open(file).with_context(|| format!("opening {}", file.display()))?,
     );
@@ -378,6 +423,20 @@ fn replay(
     findings += found.len();
     table.add(&found);
     pipeline.flush()?;
+    if nats.is_some() {
+        let deadline = tokio::time::Instant::now() + REPLAY_DRAIN_TIMEOUT;
+        let left: u64 = runtime
+            .block_on(pipeline.drain_sinks(deadline))
+            .iter()
+            .map(|(_, pending)| pending)
+            .sum();
+        if left > 0 {
+            bail!(
+                "the NATS server did not take every message within {REPLAY_DRAIN_TIMEOUT:?}: \
+                 {left} bytes stay spooled for the next replay with this --spool-dir"
+            );
+        }
+    }
     tracing::info!(findings, stats = ?pipeline.stats(), "replay done");
     if summary {
         print!("{}", table.table());

@@ -23,6 +23,7 @@ fn job(id: &str, repository: &str) -> FindingJob {
             tracking_id: None,
         },
         ended: true,
+        ended_ns: None,
     }
 }
 

@@ -27,6 +27,7 @@ use runner_monitor::{
         delivery::{Receiver, Sink, SinkOptions},
         http::{self, Endpoint},
         metrics::Metrics,
+        nats::{NatsSink, NatsTarget},
         ocsf::AlertFormat,
         tls::{self, TlsFiles},
     },
@@ -112,6 +113,14 @@ impl Agent {
             },
         };
         Self::check_receivers(&args)?;
+        let fleet = NatsTarget::resolve(args.nats.as_deref(), &policy.fleet, None)
+            .map_err(|e| anyhow::anyhow!("--nats: {e}"))?;
+        if fleet.is_some() && host.fingerprints.is_none() {
+            tracing::warn!(
+                "fleet stream without --fingerprint-key: findings are published, credential \
+                 fingerprints are not (there are none)"
+            );
+        }
         let sensor_policy = sensor_policy_of(&policy, &args.job_root_exes);
         let options = SensorOptions {
             pin_dir: Some(args.pin_dir.clone()),
@@ -136,7 +145,7 @@ impl Agent {
             .with_context(|| format!("listening on {} (--listen)", args.listen))?;
         tracing::info!(address = %bound, "serving /metrics, /healthz, /readyz, /jobs");
 
-        let outputs = Self::outputs(&args, &metrics)?;
+        let outputs = Self::outputs(&args, &metrics, fleet)?;
         let mut pipeline = Pipeline::new(policy, Some(host), outputs).with_reports(reports);
         Self::resume(&args, &state, &mut sensor, &mut pipeline)?;
         if !detached.is_empty() {
@@ -229,7 +238,11 @@ impl Agent {
     }
 
     /// The alert stream, the receivers behind it (spooled on disk) and the event trace.
-    fn outputs(args: &RunArgs, metrics: &Arc<Metrics>) -> anyhow::Result<Outputs> {
+    fn outputs(
+        args: &RunArgs,
+        metrics: &Arc<Metrics>,
+        fleet: Option<NatsTarget>,
+    ) -> anyhow::Result<Outputs> {
         let clock = WallClock::now(monotonic_ns());
         let alerts = AlertWriter::open(&args.alerts_out, Some(clock))
             .with_context(|| format!("opening {}", args.alerts_out.display()))?
@@ -267,6 +280,19 @@ impl Agent {
                 "alert delivery ready"
             );
             outputs = outputs.with_sink(sink);
+        }
+        if let Some(target) = fleet {
+            let (url, stream, host) = (
+                target.url.clone(),
+                target.fleet.stream.clone(),
+                target.host.clone(),
+            );
+            let sink =
+                NatsSink::start(target, &args.spool_dir, metrics.clone()).with_context(|| {
+                    format!("opening the nats spool in {}", args.spool_dir.display())
+                })?;
+            tracing::info!(sink = "nats", %url, %stream, %host, pending_bytes = sink.pending_bytes(), "fleet stream delivery ready");
+            outputs = outputs.with_nats(sink);
         }
         Ok(outputs)
     }
