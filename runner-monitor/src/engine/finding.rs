@@ -24,6 +24,10 @@ pub struct FindingJob {
     pub info: JobInfo,
     /// The job had ended when this happened.
     pub ended: bool,
+    /// The host the job ran on: set by the fleet correlator, whose findings span hosts (an
+    /// agent's own findings are all of its host).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -34,6 +34,13 @@ impl WallClock {
         }
     }
 
+    /// For times that already are Unix nanoseconds (the fleet correlator's findings).
+    pub fn unix() -> Self {
+        Self {
+            epoch: SystemTime::UNIX_EPOCH,
+        }
+    }
+
     pub fn format(&self, monotonic_ns: u64) -> String {
         humantime::format_rfc3339_millis(self.epoch + Duration::from_nanos(monotonic_ns))
             .to_string()

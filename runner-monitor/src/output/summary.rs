@@ -95,6 +95,7 @@ mod tests {
                 ..JobInfo::default()
             },
             ended: false,
+            host: None,
         });
         f
     }

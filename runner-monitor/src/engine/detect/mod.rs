@@ -21,6 +21,7 @@ fn finding_job(job: &Job, ended: bool) -> FindingJob {
         key: job.key,
         info: job.info.clone(),
         ended,
+        host: None,
     }
 }
 
