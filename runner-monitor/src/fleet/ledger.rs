@@ -159,6 +159,8 @@ impl Outcome {
 pub struct Raised {
     pub finding: Finding,
     pub message_id: String,
+    /// Its entry in the set of reuses raised ([`Ledger::commit`]).
+    dedup: u64,
 }
 
 /// Counters since the ledger was made.
@@ -346,14 +348,8 @@ impl Ledger {
         }
         let id = reuse_id(digest, &m.key_id, &m.host, &m.job.id);
         let short = u64::from_be_bytes(id[..8].try_into().expect("8 bytes"));
-        if !self.raised.insert(short) {
+        if self.raised.contains(&short) {
             return (Outcome::AlreadyRaised, None);
-        }
-        self.raised_order.push_back(short);
-        while self.raised_order.len() > self.config.max_entries.max(1) {
-            if let Some(old) = self.raised_order.pop_front() {
-                self.raised.remove(&old);
-            }
         }
         let finding = self.finding(m, from, origin);
         let hex: String = id[..16].iter().map(|b| format!("{b:02x}")).collect();
@@ -362,8 +358,24 @@ impl Ledger {
             Some(Raised {
                 finding,
                 message_id: format!("fleet:{hex}"),
+                dedup: short,
             }),
         )
+    }
+
+    /// `raised` was delivered: the same job reading the same credential again is not raised
+    /// again. (Not done by `judge`, so that a finding that could not be delivered is raised
+    /// again when its message is redelivered.)
+    pub fn commit(&mut self, raised: &Raised) {
+        if !self.raised.insert(raised.dedup) {
+            return;
+        }
+        self.raised_order.push_back(raised.dedup);
+        while self.raised_order.len() > self.config.max_entries.max(1) {
+            if let Some(old) = self.raised_order.pop_front() {
+                self.raised.remove(&old);
+            }
+        }
     }
 
     fn finding(&self, m: &FingerprintMessage, from: &OriginJob, origin: Origin) -> Finding {

@@ -46,7 +46,11 @@ fn run(ledger: &mut Ledger, messages: &[FingerprintMessage]) -> Vec<(Outcome, Op
         .map(|m| {
             let learnt = ledger.learn(m, m.time_unix_ns);
             if m.usage == CredentialUse::Read {
-                ledger.judge(m, m.time_unix_ns)
+                let judged = ledger.judge(m, m.time_unix_ns);
+                if let Some(raised) = &judged.1 {
+                    ledger.commit(raised);
+                }
+                judged
             } else {
                 (learnt, None)
             }
@@ -171,6 +175,25 @@ fn a_job_reading_a_stolen_credential_again_is_one_finding() {
     );
     assert_eq!(out[1].0, Outcome::Reuse);
     assert_eq!(out[2], (Outcome::AlreadyRaised, None));
+}
+
+#[test]
+fn a_finding_not_delivered_is_raised_again_on_redelivery() {
+    let mut l = Ledger::new(config());
+    let read = message("b", "2", "evil/fork", Read, FP, "k1", T0 + S);
+    run(
+        &mut l,
+        &[message("a", "1", "acme/app", Materialised, FP, "k1", T0)],
+    );
+    let first = l.judge(&read, T0 + S);
+    // Not committed (publishing failed): the redelivered read raises it again, same id.
+    let again = l.judge(&read, T0 + 2 * S);
+    assert_eq!(first.0, Outcome::Reuse);
+    assert_eq!(again.0, Outcome::Reuse);
+    assert_eq!(
+        first.1.as_ref().unwrap().message_id,
+        again.1.as_ref().unwrap().message_id
+    );
 }
 
 #[test]

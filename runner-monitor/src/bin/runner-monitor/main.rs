@@ -17,6 +17,7 @@ use runner_monitor::{
 
 mod agent;
 mod baseline;
+mod fleet;
 mod hooks;
 mod job_report;
 mod requests;
@@ -68,6 +69,9 @@ enum Command {
     /// What one job did: its process tree, credentials, egress, survivors and findings, from the
     /// running agent or offline from a trace.
     Report(job_report::ReportArgs),
+    /// The fleet's correlator: consumes every agent's credential fingerprints from NATS
+    /// JetStream and raises cross-job-credential-reuse across hosts.
+    Fleet(fleet::FleetArgs),
     /// Probe what this kernel supports and print the sensor set the agent would use.
     Check {
         /// Print JSON instead of a table.
@@ -183,6 +187,12 @@ fn run_cli() -> anyhow::Result<()> {
             print!("{}", runner_monitor::policy::DEFAULT_POLICY);
             Ok(())
         }
+        Command::Fleet(args) => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .context("starting the async runtime")?
+            .block_on(fleet::run(args)),
         Command::Run(args) => tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
