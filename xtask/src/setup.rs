@@ -40,6 +40,8 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "curl",
     "lintian",
     "chromium",
+    // The fleet stream's broker, for tests/tests/fleet.rs (JetStream, Debian's 2.9).
+    "nats-server",
 ];
 
 pub(crate) fn setup() -> anyhow::Result<()> {
