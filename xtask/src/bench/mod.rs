@@ -2,6 +2,7 @@
 //! Prints a table and writes JSON (`target/bench/results.json`). Benchmarks, not tests: nothing
 //! here asserts a timing; `--smoke` runs each one briefly so CI keeps them working.
 
+mod fleet;
 mod memory;
 mod pipeline;
 mod syscalls;
@@ -30,6 +31,8 @@ pub(crate) struct Sizes {
     /// Tracked-process counts for the memory benchmark.
     held: &'static [u64],
     tar_files: usize,
+    /// Fingerprints in the fleet correlator's ledger.
+    fleet_fingerprints: u64,
 }
 
 pub(crate) fn median(values: &mut [f64]) -> f64 {
@@ -326,6 +329,7 @@ pub fn bench(smoke: bool) -> anyhow::Result<()> {
             flood_secs: 1,
             held: &[0, 100],
             tar_files: 500,
+            fleet_fingerprints: 20_000,
         }
     } else {
         Sizes {
@@ -337,6 +341,7 @@ pub fn bench(smoke: bool) -> anyhow::Result<()> {
             flood_secs: 5,
             held: &[0, 1_000, 10_000],
             tar_files: 20_000,
+            fleet_fingerprints: 1_000_000,
         }
     };
     run_cmd(Command::new("cargo").args(["build", "--release", "-p", "runner-monitor"]))?;
@@ -347,6 +352,14 @@ pub fn bench(smoke: bool) -> anyhow::Result<()> {
         "runner-monitor",
         "--example",
         "engine_bench",
+    ]))?;
+    run_cmd(Command::new("cargo").args([
+        "build",
+        "--release",
+        "-p",
+        "runner-monitor",
+        "--example",
+        "fleet_bench",
     ]))?;
     run_cmd(Command::new("cargo").args([
         "build",
@@ -366,6 +379,7 @@ pub fn bench(smoke: bool) -> anyhow::Result<()> {
     let pipeline = pipeline::run(&dir, &sizes)?;
     let memory = memory::run(&dir, &sizes)?;
     let engine = engine(&sizes)?;
+    let fleet = fleet::run(&sizes)?;
     let machine = output(Command::new("uname").arg("-srm")).unwrap_or_default();
     let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
     let results = json!({
@@ -377,6 +391,7 @@ pub fn bench(smoke: bool) -> anyhow::Result<()> {
         "pipeline": pipeline,
         "memory": memory,
         "engine": engine,
+        "fleet": fleet,
     });
 
     println!(
@@ -402,6 +417,7 @@ pub fn bench(smoke: bool) -> anyhow::Result<()> {
         m["bytes_per_process"].as_f64().unwrap_or(0.0),
         m["rss_bytes"]
     );
+    fleet::print(&results["fleet"]);
     let out = workspace_root().join("target/bench");
     std::fs::create_dir_all(&out)?;
     let file = out.join(if smoke {
