@@ -310,13 +310,10 @@ async fn start_view(
             let Ok(sequence) = message.info().map(|i| i.stream_sequence) else {
                 continue;
             };
-            match serde_json::from_slice::<FingerprintMessage>(&message.payload) {
-                Ok(m) => {
-                    let mut l = ledger.lock().expect("ledger lock");
-                    l.learn(&m, unix_now_ns());
-                }
-                // Counted once, by the instance the work consumer gives it to.
-                Err(_) => {}
+            // Not a fingerprint message: counted once, by the instance the work consumer gives
+            // it to.
+            if let Ok(m) = serde_json::from_slice::<FingerprintMessage>(&message.payload) {
+                ledger.lock().expect("ledger lock").learn(&m, unix_now_ns());
             }
             position.send_modify(|p| {
                 p.applied = sequence;
