@@ -43,18 +43,85 @@ fn tempdir(name: &str) -> PathBuf {
     dir
 }
 
-/// A nats-server with JetStream, killed when dropped.
+/// A nats-server with JetStream, killed when dropped; over TLS (client certificates required)
+/// with `pki`.
 struct Nats {
     child: Child,
     port: u16,
+    pki: Option<Pki>,
+}
+
+/// A test CA, the server's certificate (127.0.0.1) and a client certificate, made by rcgen.
+struct Pki {
+    ca: PathBuf,
+    cert: PathBuf,
+    key: PathBuf,
+    client_cert: PathBuf,
+    client_key: PathBuf,
+}
+
+impl Pki {
+    fn generate(dir: &Path) -> Self {
+        use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca_params
+            .distinguished_name
+            .push(DnType::CommonName, "runner-monitor fleet test CA");
+        let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
+        let write = |name: &str, text: &str| {
+            let path = dir.join(name);
+            std::fs::write(&path, text).unwrap();
+            path
+        };
+        let leaf = |names: Vec<String>, name: &str| {
+            let key = KeyPair::generate().unwrap();
+            let cert = CertificateParams::new(names)
+                .unwrap()
+                .signed_by(&key, &ca)
+                .unwrap();
+            (
+                write(&format!("{name}.pem"), &cert.pem()),
+                write(&format!("{name}.key"), &key.serialize_pem()),
+            )
+        };
+        let (cert, key) = leaf(vec!["127.0.0.1".into()], "server");
+        let (client_cert, client_key) = leaf(vec!["fleet-correlator".into()], "client");
+        Self {
+            ca: write("ca.pem", &ca.pem()),
+            cert,
+            key,
+            client_cert,
+            client_key,
+        }
+    }
 }
 
 impl Nats {
     fn start(dir: &Path) -> Self {
+        Self::start_with(dir, None)
+    }
+
+    fn start_with(dir: &Path, pki: Option<Pki>) -> Self {
         let port = free_port();
+        let config = dir.join("nats.conf");
+        let tls = pki.as_ref().map_or(String::new(), |p| {
+            format!(
+                "tls {{\n  cert_file: {:?}\n  key_file: {:?}\n  ca_file: {:?}\n  verify: true\n}}\n",
+                p.cert, p.key, p.ca
+            )
+        });
+        std::fs::write(
+            &config,
+            format!(
+                "listen: 127.0.0.1:{port}\njetstream {{ store_dir: {:?} }}\n{tls}",
+                dir.join("jetstream")
+            ),
+        )
+        .unwrap();
         let child = Command::new("nats-server")
-            .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
-            .arg(dir.join("jetstream"))
+            .arg("-c")
+            .arg(&config)
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(dir.join("nats-server.log")).unwrap())
             .spawn()
@@ -64,11 +131,26 @@ impl Nats {
             assert!(Instant::now() < deadline, "nats-server did not listen");
             std::thread::sleep(Duration::from_millis(50));
         }
-        Self { child, port }
+        Self { child, port, pki }
     }
 
     fn url(&self) -> String {
-        format!("nats://127.0.0.1:{}", self.port)
+        match self.pki {
+            Some(_) => format!("tls://127.0.0.1:{}", self.port),
+            None => format!("nats://127.0.0.1:{}", self.port),
+        }
+    }
+
+    /// A client as an agent's sink connects: with the CA and a client certificate over TLS.
+    async fn client(&self) -> async_nats::Client {
+        let mut options = async_nats::ConnectOptions::new();
+        if let Some(p) = &self.pki {
+            options = options
+                .require_tls(true)
+                .add_root_certificates(p.ca.clone())
+                .add_client_certificate(p.client_cert.clone(), p.client_key.clone());
+        }
+        options.connect(self.url()).await.unwrap()
     }
 }
 
@@ -89,6 +171,21 @@ struct Correlator {
 
 impl Correlator {
     fn start(nats: &Nats, dir: &Path, name: &str, consumer: &str) -> Self {
+        let tls: Vec<PathBuf> = nats.pki.as_ref().map_or(Vec::new(), |p| {
+            [
+                "--tls-ca".into(),
+                p.ca.clone(),
+                "--tls-cert".into(),
+                p.client_cert.clone(),
+                "--tls-key".into(),
+                p.client_key.clone(),
+            ]
+            .into()
+        });
+        Self::start_with(nats, dir, name, consumer, &tls)
+    }
+
+    fn start_with(nats: &Nats, dir: &Path, name: &str, consumer: &str, extra: &[PathBuf]) -> Self {
         std::fs::create_dir_all(dir).unwrap();
         let port = free_port();
         let alerts = dir.join("alerts.jsonl");
@@ -101,6 +198,7 @@ impl Correlator {
             .arg(&alerts)
             .arg("--spool-dir")
             .arg(dir.join("spool"))
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(
                 std::fs::OpenOptions::new()
@@ -214,8 +312,7 @@ fn runtime() -> tokio::runtime::Runtime {
 /// acknowledged by JetStream. `offset` keeps message ids distinct across calls.
 fn publish(nats: &Nats, messages: &[FingerprintMessage], offset: u64) {
     runtime().block_on(async {
-        let client = async_nats::connect(nats.url()).await.unwrap();
-        let js = jetstream::new(client);
+        let js = jetstream::new(nats.client().await);
         js.get_or_create_stream(jetstream::stream::Config {
             name: DEFAULT_STREAM.into(),
             subjects: vec![format!("{DEFAULT_PREFIX}.>")],
@@ -245,8 +342,7 @@ fn publish(nats: &Nats, messages: &[FingerprintMessage], offset: u64) {
 /// The correlator's findings on the stream (`<prefix>.findings.fleet`).
 fn stream_findings(nats: &Nats) -> Vec<Value> {
     runtime().block_on(async {
-        let client = async_nats::connect(nats.url()).await.unwrap();
-        let js = jetstream::new(client);
+        let js = jetstream::new(nats.client().await);
         let stream = js.get_stream(DEFAULT_STREAM).await.unwrap();
         let consumer = stream
             .create_consumer(jetstream::consumer::pull::OrderedConfig {
@@ -466,4 +562,35 @@ fn a_restarted_correlator_resumes_without_losing_or_raising_again() {
     assert_eq!(stream_findings(&nats).len(), 2);
     let log2 = second.stop();
     assert_no_canary(&dir, &[log1, log2]);
+}
+
+#[test]
+fn over_tls_with_a_client_certificate_and_refused_without_the_ca() {
+    let dir = tempdir("tls");
+    let nats = Nats::start_with(&dir, Some(Pki::generate(&dir)));
+    // Without the CA the server's certificate does not verify: a clear error, no start.
+    let out = Command::new(target_dir().join("runner-monitor"))
+        .args(["fleet", "--nats", &nats.url(), "--alerts-out"])
+        .arg(dir.join("refused.jsonl"))
+        .args(["--listen", &format!("127.0.0.1:{}", free_port())])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("connecting to tls://127.0.0.1"), "{stderr}");
+    let c = Correlator::start(&nats, &dir, "tls", "fleet-tls");
+    publish(
+        &nats,
+        &[
+            message("runner-a", "101/build", "acme/app", Materialised, "k1", 1),
+            message("runner-b", "202/test", "evil/fork", Read, "k1", 1),
+        ],
+        0,
+    );
+    wait_until("the finding over TLS", Duration::from_secs(30), || {
+        c.alerts().len() == 1
+    });
+    assert_eq!(stream_findings(&nats).len(), 1);
+    let log = c.stop();
+    assert_no_canary(&dir, &[log, stderr.into_owned()]);
 }
