@@ -26,15 +26,16 @@ pub(super) fn run(sizes: &Sizes) -> anyhow::Result<Value> {
 
 pub(super) fn print(r: &Value) {
     println!(
-        "fleet ledger: {:.0} fingerprint messages/s ({:.0} ns each); {} fingerprints of {} jobs in \
-         {:.1} MiB ({:.0} bytes per fingerprint, RSS)",
+        "fleet ledger: {:.0} fingerprint messages/s ({:.0} ns each); {} fingerprints of {} jobs: \
+         {:.1} MiB on the heap ({:.0} bytes per fingerprint), RSS +{:.1} MiB",
         r["messages_per_second"].as_f64().unwrap_or(0.0),
         r["ns_per_message"].as_f64().unwrap_or(0.0),
         r["fingerprints"],
         r["origin_jobs"],
+        r["heap_bytes"].as_f64().unwrap_or(0.0) / 1048576.0,
+        r["bytes_per_fingerprint"].as_f64().unwrap_or(0.0),
         (r["rss_after_bytes"].as_f64().unwrap_or(0.0)
             - r["rss_before_bytes"].as_f64().unwrap_or(0.0))
             / 1048576.0,
-        r["bytes_per_fingerprint"].as_f64().unwrap_or(0.0),
     );
 }
