@@ -123,7 +123,7 @@ pub enum EventDetail {
 }
 
 /// What is known about a job, from its hooks or its processes' environment.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct JobInfo {
     /// The CI's job id (`GITHUB_RUN_ID`/`GITHUB_JOB`, `CI_JOB_ID`, or the id given to `job start`).
     pub id: String,

@@ -29,6 +29,10 @@ pub struct FindingJob {
     /// true end: the last stage's exit, not the moment the end was inferred.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ended_ns: Option<u64>,
+    /// The host the job ran on: set by the fleet correlator, whose findings span hosts (an
+    /// agent's own findings are all of its host).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
 }
 
 /// The step of the job a process belongs to: the job root's direct child that it descends from

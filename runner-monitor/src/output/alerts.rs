@@ -43,6 +43,13 @@ impl WallClock {
             .map_or(0, |d| d.as_nanos() as u64)
     }
 
+    /// For times that already are Unix nanoseconds (the fleet correlator's findings).
+    pub fn unix() -> Self {
+        Self {
+            epoch: SystemTime::UNIX_EPOCH,
+        }
+    }
+
     pub fn format(&self, monotonic_ns: u64) -> String {
         humantime::format_rfc3339_millis(self.at(monotonic_ns)).to_string()
     }

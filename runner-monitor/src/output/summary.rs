@@ -96,6 +96,7 @@ mod tests {
             },
             ended: false,
             ended_ns: None,
+            host: None,
         });
         f
     }

@@ -2,6 +2,7 @@
 //! Prints a table and writes JSON (`target/bench/results.json`). Benchmarks, not tests: nothing
 //! here asserts a timing; `--smoke` runs each one briefly so CI keeps them working.
 
+mod fleet;
 mod memory;
 mod nats;
 mod pipeline;
@@ -31,6 +32,8 @@ pub(crate) struct Sizes {
     /// Tracked-process counts for the memory benchmark.
     held: &'static [u64],
     tar_files: usize,
+    /// Fingerprints in the fleet correlator's ledger.
+    fleet_fingerprints: u64,
 }
 
 pub(crate) fn median(values: &mut [f64]) -> f64 {
@@ -327,6 +330,7 @@ pub fn bench(smoke: bool) -> anyhow::Result<()> {
             flood_secs: 1,
             held: &[0, 100],
             tar_files: 500,
+            fleet_fingerprints: 20_000,
         }
     } else {
         Sizes {
@@ -338,6 +342,7 @@ pub fn bench(smoke: bool) -> anyhow::Result<()> {
             flood_secs: 5,
             held: &[0, 1_000, 10_000],
             tar_files: 20_000,
+            fleet_fingerprints: 1_000_000,
         }
     };
     run_cmd(Command::new("cargo").args(["build", "--release", "-p", "runner-monitor"]))?;
@@ -356,6 +361,7 @@ pub fn bench(smoke: bool) -> anyhow::Result<()> {
         "runner-monitor",
         "--example",
         "nats_bench",
+        "fleet_bench",
     ]))?;
     run_cmd(Command::new("cargo").args([
         "build",
@@ -376,6 +382,7 @@ pub fn bench(smoke: bool) -> anyhow::Result<()> {
     let memory = memory::run(&dir, &sizes)?;
     let engine = engine(&sizes)?;
     let nats = nats::run(&dir, smoke)?;
+    let fleet = fleet::run(&sizes)?;
     let machine = output(Command::new("uname").arg("-srm")).unwrap_or_default();
     let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
     let results = json!({
@@ -388,6 +395,7 @@ pub fn bench(smoke: bool) -> anyhow::Result<()> {
         "memory": memory,
         "engine": engine,
         "nats": nats,
+        "fleet": fleet,
     });
 
     println!(
@@ -414,6 +422,7 @@ pub fn bench(smoke: bool) -> anyhow::Result<()> {
         m["rss_bytes"]
     );
     nats::print(&results["nats"]);
+    fleet::print(&results["fleet"]);
     let out = workspace_root().join("target/bench");
     std::fs::create_dir_all(&out)?;
     let file = out.join(if smoke {

@@ -24,6 +24,7 @@ use runner_monitor::{
 mod agent;
 mod attest;
 mod baseline;
+mod fleet;
 mod hooks;
 mod job_report;
 mod requests;
@@ -101,6 +102,9 @@ enum Command {
     /// Signed job attestations: make a key, verify an attestation.
     #[command(subcommand)]
     Attest(attest::AttestCommand),
+    /// The fleet's correlator: consumes every agent's credential fingerprints from NATS
+    /// JetStream and raises cross-job-credential-reuse across hosts.
+    Fleet(fleet::FleetArgs),
     /// Probe what this kernel supports and print the sensor set the agent would use.
     Check {
         /// Print JSON instead of a table.
@@ -228,6 +232,12 @@ fn run_cli() -> anyhow::Result<()> {
             print!("{}", runner_monitor::policy::DEFAULT_POLICY);
             Ok(())
         }
+        Command::Fleet(args) => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .context("starting the async runtime")?
+            .block_on(fleet::run(args)),
         Command::Run(args) => tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()

@@ -23,6 +23,7 @@ fn finding_job(job: &Job, ended: bool) -> FindingJob {
         info: job.info.clone(),
         ended,
         ended_ns: job.ended_ns.filter(|_| ended),
+        host: None,
     }
 }
 

@@ -24,6 +24,7 @@ fn job(id: &str, repository: &str) -> FindingJob {
         },
         ended: true,
         ended_ns: None,
+        host: None,
     }
 }
 
