@@ -50,6 +50,31 @@ pub fn identify(environ: &[u8], identities: &[JobIdentity]) -> Option<JobInfo> {
     })
 }
 
+/// The job the kernel's identity values of one exec name (`EventDetail::JobEnv`): each value
+/// with the `NAMES` value of its variable, resolved through `vars` (`Policy::job_env_vars`).
+/// Marker-only variables count as set, with an empty value.
+pub fn identify_values(
+    values: &[(u32, String)],
+    vars: &[(String, u32)],
+    identities: &[JobIdentity],
+) -> Option<JobInfo> {
+    let mut environ = Vec::new();
+    for (var, value) in values {
+        let Some((name, bits)) = vars.get((var & runner_monitor_common::JOB_ENV_INDEX) as usize)
+        else {
+            continue;
+        };
+        environ.extend_from_slice(name.as_bytes());
+        environ.push(b'=');
+        // Only what the policy calls an identity field has a value (the kernel copies no other).
+        if bits & runner_monitor_common::JOB_ENV_VALUE != 0 {
+            environ.extend_from_slice(value.as_bytes());
+        }
+        environ.push(0);
+    }
+    identify(&environ, identities)
+}
+
 /// Reads `/proc/<pid>/environ` and identifies the job; `None` when the process is gone or
 /// carries no identity.
 pub fn identify_process(pid: u32, identities: &[JobIdentity]) -> Option<JobInfo> {

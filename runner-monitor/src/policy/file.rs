@@ -177,3 +177,24 @@ pub struct JobIdentity {
     #[serde(default)]
     pub stages: bool,
 }
+
+impl JobIdentity {
+    /// The variables whose values make the job's identity (what the kernel may copy out).
+    pub fn value_vars(&self) -> impl Iterator<Item = &String> {
+        self.id.iter().chain(
+            [
+                &self.repository,
+                &self.workflow,
+                &self.run,
+                &self.attempt,
+                &self.runner,
+                &self.actor,
+                &self.git_ref,
+                &self.event,
+                &self.tracking_id,
+            ]
+            .into_iter()
+            .flatten(),
+        )
+    }
+}
