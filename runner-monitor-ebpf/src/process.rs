@@ -227,6 +227,21 @@ fn read_argv(scratch: &mut ExecScratch, argv: u64) {
     };
 }
 
+/// Whether the current process (its comm, after exec the new program's) is a job parent: a
+/// runner that starts jobs is never one itself, whatever its environment holds.
+#[inline(always)]
+fn is_job_parent() -> bool {
+    if crate::names::setting(runner_monitor_common::setting::JOB_PARENTS) == 0 {
+        return false;
+    }
+    match bpf_get_current_comm() {
+        Ok(comm) => NAMES
+            .get_ptr(comm_key(NAME_KIND_JOB_PARENT_COMM, &comm))
+            .is_some(),
+        Err(_) => false,
+    }
+}
+
 /// Whether a path's basename is a configured job-root executable.
 #[inline(always)]
 fn is_job_root_exe(path: &[u8; PATH_LEN], len_with_nul: usize) -> bool {
@@ -340,7 +355,7 @@ pub fn sched_process_exec(ctx: TracePointContext) -> u32 {
     let env = crate::env::PENDING_ENVS.get_ptr_mut(old_pid);
     if process.is_none() {
         // SAFETY: the entry belongs to this thread.
-        let marked = env.is_some_and(|e| unsafe { (*e).markers } > 0);
+        let marked = env.is_some_and(|e| unsafe { (*e).markers } > 0) && !is_job_parent();
         if !marked && (n == 0 || !is_job_root_exe(&scratch.event.filename, n)) {
             let _ = PENDING_EXECS.remove(old_pid);
             if env.is_some() {
