@@ -40,7 +40,15 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "curl",
     "lintian",
     "chromium",
+    // gitlab-ci-local (tests/tests/gitlab_ci_local.rs) runs on Node and copies the project
+    // with rsync.
+    "nodejs",
+    "npm",
+    "rsync",
 ];
+
+/// gitlab-ci-local, a real GitLab CI runner for workstations, for the job-discovery tests.
+const GITLAB_CI_LOCAL_VERSION: &str = "4.70.0";
 
 pub(crate) fn setup() -> anyhow::Result<()> {
     // 1. The nightly toolchain builds the kernel programs (-Z build-std needs rust-src).
@@ -138,6 +146,7 @@ pub(crate) fn setup() -> anyhow::Result<()> {
 
     // 5. The Kubernetes manifests' validator and renderer.
     install_kubernetes_validate()?;
+    install_gitlab_ci_local()?;
     let kustomize = output(Command::new("kubectl").args(["version", "--client"]))
         .is_some_and(|v| v.contains("Kustomize Version: v5"));
     if !kustomize {
@@ -177,6 +186,35 @@ fn install_kubernetes_validate() -> anyhow::Result<()> {
         "--disable-pip-version-check",
         &format!("kubernetes-validate=={KUBERNETES_VALIDATE_VERSION}"),
     ]))
+}
+
+/// Where gitlab-ci-local is installed (npm, under node_modules/.bin); the tests look there.
+fn gitlab_ci_local_dir() -> PathBuf {
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or("/root".into());
+    home.join(".cache/runner-monitor/gitlab-ci-local")
+}
+
+fn install_gitlab_ci_local() -> anyhow::Result<()> {
+    let dir = gitlab_ci_local_dir();
+    let bin = dir.join("node_modules/.bin/gitlab-ci-local");
+    let installed = output(Command::new(&bin).arg("--version"))
+        .is_some_and(|v| v.trim() == GITLAB_CI_LOCAL_VERSION);
+    if installed {
+        return Ok(());
+    }
+    say(&format!(
+        "installing gitlab-ci-local {GITLAB_CI_LOCAL_VERSION} into {}",
+        dir.display()
+    ));
+    std::fs::create_dir_all(&dir)?;
+    run_cmd(
+        Command::new("npm")
+            .args(["install", "--no-audit", "--no-fund", "--silent"])
+            .arg(format!("gitlab-ci-local@{GITLAB_CI_LOCAL_VERSION}"))
+            .current_dir(&dir),
+    )
 }
 
 fn install_bpf_linker(sysroot: &Path) -> anyhow::Result<()> {
