@@ -40,10 +40,8 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "curl",
     "lintian",
     "chromium",
-    // gitlab-ci-local (tests/tests/gitlab_ci_local.rs) runs on Node and copies the project
-    // with rsync.
-    "nodejs",
-    "npm",
+    // gitlab-ci-local (tests/tests/gitlab_ci_local.rs) copies the project with rsync. It runs
+    // on the host's Node (20 or later, with its npm; Debian's npm conflicts with NodeSource's).
     "rsync",
 ];
 
