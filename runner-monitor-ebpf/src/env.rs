@@ -38,7 +38,7 @@ const NAME_WORDS: usize = NAME_LEN / 8;
 /// registers, so that the loops' early exits meet in one verifier state (see `names::SLASHES`).
 #[repr(C)]
 struct EnvScan {
-    ptrs: [u64; 1],
+    ptrs: [u64; CHUNK],
     candidates: [u64; JOB_ENV_MAX_CANDIDATES as usize],
     ncand: u32,
     flags: u32,
@@ -140,7 +140,7 @@ pub fn scan(envp: u64, tid: u32) -> bool {
     // SAFETY: helper call; the callbacks are static functions, the context is on this stack.
     unsafe {
         bpf_loop(
-            JOB_ENV_MAX_VARS,
+            JOB_ENV_MAX_VARS / CHUNK as u32,
             collect_one as *mut c_void,
             (&mut walk as *mut Walk).cast(),
             0,
@@ -185,46 +185,74 @@ struct Walk {
     envp: u64,
 }
 
-/// Phase 1, variable `index`: its first bytes against `ENV_PREFIXES`; when they pass it goes to
-/// `scan.candidates`. Returns 1 (stop) at the end of the array.
+/// `envp` pointers read per helper call (and per callback).
+const CHUNK: usize = 8;
+
+/// Phase 1, variables `index * CHUNK ..`: their first bytes against `ENV_PREFIXES`; the ones
+/// that pass go to `scan.candidates`. Returns 1 (stop) at the end of the array.
 extern "C" fn collect_one(index: u64, walk: *mut c_void) -> i64 {
     let Some(scan) = ENV_SCRATCH.get_ptr_mut(0) else {
         return 1;
     };
     // SAFETY: per-CPU scratch owned by this program run; `walk` is the caller's `Walk`.
     let (scan, envp) = unsafe { (&mut *scan, (*(walk as *const Walk)).envp) };
-    let at = envp + (index & 0xffff) * 8;
-    // SAFETY: checked read of user memory into the scratch.
-    let r = unsafe { bpf_probe_read_user(scan.ptrs.as_mut_ptr().cast(), 8, at as *const _) };
-    let ptr = get!(scan.ptrs[0]);
-    if r != 0 || ptr == 0 {
-        set!(scan.flags, SCAN_DONE);
-        return 1;
+    let at = envp + (index & 0xffff) * (CHUNK as u64) * 8;
+    // One read for 8 pointers; the array may end just before an unmapped page, then one by one.
+    // SAFETY: checked reads of user memory into the scratch.
+    if unsafe {
+        bpf_probe_read_user(
+            scan.ptrs.as_mut_ptr().cast(),
+            (CHUNK * 8) as u32,
+            at as *const _,
+        )
+    } != 0
+    {
+        for j in 0..CHUNK {
+            // SAFETY: as above.
+            let r = unsafe {
+                bpf_probe_read_user(
+                    scan.ptrs.as_mut_ptr().add(j).cast(),
+                    8,
+                    (at + (j * 8) as u64) as *const _,
+                )
+            };
+            if r != 0 {
+                set!(scan.ptrs[j], 0);
+            }
+        }
     }
-    set!(scan.prefix[0], 0);
-    set!(scan.prefix[1], 0);
-    // SAFETY: checked read of at most 16 bytes (15 and a NUL) into the scratch.
-    let n =
-        unsafe { bpf_probe_read_user_str(scan.prefix.as_mut_ptr().cast(), 16, ptr as *const _) };
-    if n <= 0 {
-        return 0;
+    for j in 0..CHUNK {
+        let ptr = get!(scan.ptrs[j]);
+        if ptr == 0 {
+            set!(scan.flags, SCAN_DONE);
+            return 1;
+        }
+        set!(scan.prefix[0], 0);
+        set!(scan.prefix[1], 0);
+        // SAFETY: checked read of at most 16 bytes (15 and a NUL) into the scratch.
+        let n = unsafe {
+            bpf_probe_read_user_str(scan.prefix.as_mut_ptr().cast(), 16, ptr as *const _)
+        };
+        if n <= 0 {
+            continue;
+        }
+        let key = prefix_key([get!(scan.prefix[0]), get!(scan.prefix[1])]);
+        set!(scan.prefix_key[0], key[0]);
+        set!(scan.prefix_key[1], key[1]);
+        if ENV_PREFIXES.get_ptr(&scan.prefix_key).is_none() {
+            continue;
+        }
+        let c = get!(scan.ncand);
+        if c >= JOB_ENV_MAX_CANDIDATES {
+            set!(scan.flags, SCAN_TRUNCATED);
+            continue;
+        }
+        set!(
+            scan.candidates[(c & (JOB_ENV_MAX_CANDIDATES - 1)) as usize],
+            ptr
+        );
+        set!(scan.ncand, c + 1);
     }
-    let key = prefix_key([get!(scan.prefix[0]), get!(scan.prefix[1])]);
-    set!(scan.prefix_key[0], key[0]);
-    set!(scan.prefix_key[1], key[1]);
-    if ENV_PREFIXES.get_ptr(&scan.prefix_key).is_none() {
-        return 0;
-    }
-    let c = get!(scan.ncand);
-    if c >= JOB_ENV_MAX_CANDIDATES {
-        set!(scan.flags, SCAN_TRUNCATED);
-        return 0;
-    }
-    set!(
-        scan.candidates[(c & (JOB_ENV_MAX_CANDIDATES - 1)) as usize],
-        ptr
-    );
-    set!(scan.ncand, c + 1);
     0
 }
 
