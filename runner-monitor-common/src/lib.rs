@@ -45,13 +45,16 @@ pub enum EventKind {
     Signal = 13,
     Bpf = 14,
     Chdir = 15,
+    /// Sent just before the exec event of a process that became a job root by its environment
+    /// (or of a job root whose environment names its job): the identity values found there.
+    JobEnv = 16,
 }
 
 /// One past the highest `EventKind`; sizes the per-kind counters.
-pub const EVENT_KIND_SLOTS: u32 = 16;
+pub const EVENT_KIND_SLOTS: u32 = 17;
 
 impl EventKind {
-    pub const ALL: [EventKind; 15] = [
+    pub const ALL: [EventKind; 16] = [
         EventKind::Fork,
         EventKind::Exec,
         EventKind::Exit,
@@ -67,6 +70,7 @@ impl EventKind {
         EventKind::Signal,
         EventKind::Bpf,
         EventKind::Chdir,
+        EventKind::JobEnv,
     ];
 
     pub fn from_u32(value: u32) -> Option<Self> {
@@ -91,6 +95,7 @@ impl EventKind {
             EventKind::Signal => "signal",
             EventKind::Bpf => "bpf",
             EventKind::Chdir => "chdir",
+            EventKind::JobEnv => "job_env",
         }
     }
 }
@@ -301,6 +306,48 @@ pub struct ChdirEvent {
     pub path: [u8; PATH_LEN],
 }
 
+/// Environment variables scanned at most per exec (the rest are not looked at; counted by
+/// `HEADER_TRUNCATED` on the `JobEnvEvent`, and a marker among them is missed).
+pub const JOB_ENV_MAX_VARS: u32 = 512;
+/// Variables whose name passes the 7-byte prefix filter that are looked at in full per exec.
+pub const JOB_ENV_MAX_CANDIDATES: u32 = 32;
+/// Identity values carried out of the kernel per exec at most.
+pub const JOB_ENV_MAX_VALUES: usize = 16;
+/// Bytes of one identity value (with its NUL); a longer value is cut.
+pub const JOB_ENV_VALUE_LEN: usize = 128;
+
+/// `NAMES` value of a `NAME_KIND_ENV_VAR` key: the variable's index in the agent's table
+/// (`JOB_ENV_INDEX`), and what it is.
+pub const JOB_ENV_INDEX: u32 = 0xffff;
+/// The variable is a job marker: a process outside any job that has it becomes a job root.
+pub const JOB_ENV_MARKER: u32 = 1 << 31;
+/// The variable is an identity field: its value (only its) is copied out of the kernel.
+pub const JOB_ENV_VALUE: u32 = 1 << 30;
+
+/// One environment variable of a job's identity found at exec.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct JobEnvValue {
+    /// The `NAMES` value of its name: index and `JOB_ENV_*` bits.
+    pub var: u32,
+    /// Bytes of `value` used (without NUL); 0 when the value is not copied (a marker only).
+    pub len: u32,
+    pub value: [u8; JOB_ENV_VALUE_LEN],
+}
+
+/// The identity values of one exec's new environment: only variables the policy names as
+/// identity fields have a value here; no other variable ever leaves the kernel.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct JobEnvEvent {
+    pub header: EventHeader,
+    /// Entries of `values` used.
+    pub count: u32,
+    /// Markers among them.
+    pub markers: u32,
+    pub values: [JobEnvValue; JOB_ENV_MAX_VALUES],
+}
+
 /// Value of the process map: which job a process belongs to.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -359,6 +406,32 @@ pub const NAME_KIND_JOB_ROOT_EXE: u32 = 4;
 /// A process with this comm that is in no job starts a new job for each child it forks (GitLab
 /// Runner's shell executor: one child shell per stage).
 pub const NAME_KIND_JOB_PARENT_COMM: u32 = 5;
+/// An environment variable name (a job marker or identity field); the value holds `JOB_ENV_*`.
+pub const NAME_KIND_ENV_VAR: u32 = 6;
+
+/// Bytes of a variable's start that `ENV_PREFIXES` keys hold (the 16th byte is the NUL of the
+/// kernel's string read).
+pub const JOB_ENV_PREFIX_LEN: usize = 15;
+
+/// Key of `ENV_PREFIXES`: the first 15 bytes of `NAME=` (up to and with the `=` when shorter),
+/// zero padded, as two little-endian words. A variable whose start is not in it is skipped after
+/// one 16-byte read and one lookup.
+pub fn env_prefix_key(name: &[u8]) -> [u64; 2] {
+    let mut bytes = [0u8; 16];
+    for (i, b) in name
+        .iter()
+        .chain(b"=".iter())
+        .take(JOB_ENV_PREFIX_LEN)
+        .enumerate()
+    {
+        bytes[i] = *b;
+    }
+    let (lo, hi) = bytes.split_at(8);
+    [
+        u64::from_le_bytes(lo.try_into().unwrap_or([0; 8])),
+        u64::from_le_bytes(hi.try_into().unwrap_or([0; 8])),
+    ]
+}
 
 impl NameKey {
     /// Builds a key; `None` when the name does not fit.
@@ -410,6 +483,7 @@ pub mod map_name {
     pub const NAMES: &str = "NAMES";
     pub const SETTINGS: &str = "SETTINGS";
     pub const JOB_BUDGETS: &str = "JOB_BUDGETS";
+    pub const ENV_PREFIXES: &str = "ENV_PREFIXES";
 }
 
 /// Length of a job's event-budget window.
@@ -436,7 +510,10 @@ pub mod setting {
     pub const JOB_PARENTS: u32 = 1;
     /// File, connect and DNS events one job may send per `BUDGET_WINDOW_NS`; 0: no limit.
     pub const JOB_EVENTS_PER_WINDOW: u32 = 2;
-    pub const SLOTS: u32 = 3;
+    /// Non-zero when some job marker variables are in `NAMES`: execs outside jobs scan their
+    /// environment.
+    pub const JOB_ENV: u32 = 3;
+    pub const SLOTS: u32 = 4;
 }
 
 /// Capacity of the kernel's process map: job processes alive at once.
@@ -467,6 +544,11 @@ assert_size!(DnsEvent, 64 + 16 + 16 + DNS_LEN);
 assert_size!(SignalEvent, 80);
 assert_size!(BpfEvent, 72);
 assert_size!(ChdirEvent, 64 + 8 + PATH_LEN);
+assert_size!(JobEnvValue, 8 + JOB_ENV_VALUE_LEN);
+assert_size!(
+    JobEnvEvent,
+    64 + 8 + JOB_ENV_MAX_VALUES * (8 + JOB_ENV_VALUE_LEN)
+);
 assert_size!(ProcessJob, 24);
 assert_size!(JobState, 24);
 assert_size!(JobBudget, 24);

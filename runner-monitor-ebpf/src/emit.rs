@@ -22,7 +22,7 @@ use aya_ebpf::{
 };
 use runner_monitor_common::{
     BpfEvent, ChdirEvent, ConnectEvent, DnsEvent, EVENT_KIND_SLOTS, EventHeader, EventKind,
-    ExecEvent, ExitEvent, FileEvent, ForkEvent, HEADER_JOB_ENDED, HEADER_JOB_ROOT,
+    ExecEvent, ExitEvent, FileEvent, ForkEvent, HEADER_JOB_ENDED, HEADER_JOB_ROOT, JobEnvEvent,
     PROCESS_JOB_ROOT, ProcessAccessEvent, ProcessJob, RING_BUFFER_BYTES, SignalEvent, WAKEUP_BYTES,
     counter,
 };
@@ -67,6 +67,7 @@ events!(
     DnsEvent,
     SignalEvent,
     BpfEvent,
+    JobEnvEvent,
 );
 
 /// Sends a small event of the current task: reserves its room in the ring buffer, fills the

@@ -9,6 +9,7 @@
 mod args;
 mod budget;
 mod emit;
+mod env;
 mod files;
 mod maps;
 mod memory;

@@ -1,7 +1,8 @@
 //! Process lifecycle and in-kernel job attribution.
 //!
-//! A process belongs to a job when it is in `PROCESSES`. Entries come from three places: a job
-//! root recognised at exec by its executable name (`NAMES`, kind job-root-exe), a root the agent
+//! A process belongs to a job when it is in `PROCESSES`. Entries come from four places: a job
+//! root recognised at exec by its new environment (a job marker variable, `env.rs`) or by its
+//! executable name (`NAMES`, kind job-root-exe), a child of a job parent, a root the agent
 //! registers, and fork, where the child inherits its parent's job before it ever runs. So a
 //! double fork, `setsid` or re-parenting to init cannot leave the job.
 
@@ -17,7 +18,7 @@ use aya_ebpf::{
 };
 use runner_monitor_common::{
     ARG_LEN, ARGV_LEN, ARGV_MAX_ARGS, ChdirEvent, EXIT_CODE_KNOWN, EventKind, ExecEvent, ExitEvent,
-    ForkEvent, HEADER_TRUNCATED, JOB_ENDED, JobState, NAME_KIND_JOB_PARENT_COMM,
+    ForkEvent, HEADER_TRUNCATED, JOB_ENDED, JobEnvEvent, JobState, NAME_KIND_JOB_PARENT_COMM,
     NAME_KIND_JOB_ROOT_EXE, PATH_LEN, PROCESS_JOB_ROOT, ProcessJob, counter,
 };
 
@@ -226,6 +227,21 @@ fn read_argv(scratch: &mut ExecScratch, argv: u64) {
     };
 }
 
+/// Whether the current process (its comm, after exec the new program's) is a job parent: a
+/// runner that starts jobs is never one itself, whatever its environment holds.
+#[inline(always)]
+fn is_job_parent() -> bool {
+    if crate::names::setting(runner_monitor_common::setting::JOB_PARENTS) == 0 {
+        return false;
+    }
+    match bpf_get_current_comm() {
+        Ok(comm) => NAMES
+            .get_ptr(comm_key(NAME_KIND_JOB_PARENT_COMM, &comm))
+            .is_some(),
+        Err(_) => false,
+    }
+}
+
 /// Whether a path's basename is a configured job-root executable.
 #[inline(always)]
 fn is_job_root_exe(path: &[u8; PATH_LEN], len_with_nul: usize) -> bool {
@@ -239,8 +255,19 @@ fn is_job_root_exe(path: &[u8; PATH_LEN], len_with_nul: usize) -> bool {
 }
 
 #[inline(always)]
-fn enter_exec(filename: u64, argv: u64) {
+fn enter_exec(filename: u64, argv: u64, envp: u64) {
     let process = current_process();
+    let tid = bpf_get_current_pid_tgid() as u32;
+    // The new environment of a process outside any job may make it a job root; a root's may
+    // name its job (a stage shell GitLab Runner forked). A job's other processes carry the
+    // markers too: they are not looked at.
+    let scan_env = match process {
+        None => true,
+        Some(p) => p.flags & PROCESS_JOB_ROOT != 0,
+    };
+    let marked = scan_env
+        && crate::names::setting(runner_monitor_common::setting::JOB_ENV) != 0
+        && crate::env::scan(envp, tid);
     let Some(scratch) = EXEC_SCRATCH.get_ptr_mut(0) else {
         return;
     };
@@ -248,12 +275,11 @@ fn enter_exec(filename: u64, argv: u64) {
     let scratch = unsafe { &mut *scratch };
     let n = read_user_path(&mut scratch.event.filename, filename);
     // Arguments are kept for job processes and for programs that may become job roots.
-    if process.is_none() && (n == 0 || !is_job_root_exe(&scratch.event.filename, n)) {
+    if process.is_none() && !marked && (n == 0 || !is_job_root_exe(&scratch.event.filename, n)) {
         return;
     }
     scratch.event.header.flags = 0;
     read_argv(scratch, argv);
-    let tid = bpf_get_current_pid_tgid() as u32;
     if PENDING_EXECS.insert(tid, scratch, 0).is_err() {
         count(counter::PENDING_MAP_FULL);
     }
@@ -262,7 +288,11 @@ fn enter_exec(filename: u64, argv: u64) {
 // long sys_execve(const char __user *filename, const char __user *const __user *argv, ...)
 #[tracepoint]
 pub fn sys_enter_execve(ctx: TracePointContext) -> u32 {
-    enter_exec(syscall_arg(&ctx, 0), syscall_arg(&ctx, 1));
+    enter_exec(
+        syscall_arg(&ctx, 0),
+        syscall_arg(&ctx, 1),
+        syscall_arg(&ctx, 2),
+    );
     0
 }
 
@@ -270,7 +300,11 @@ pub fn sys_enter_execve(ctx: TracePointContext) -> u32 {
 //                   const char __user *const __user *envp, int flags)
 #[tracepoint]
 pub fn sys_enter_execveat(ctx: TracePointContext) -> u32 {
-    enter_exec(syscall_arg(&ctx, 1), syscall_arg(&ctx, 2));
+    enter_exec(
+        syscall_arg(&ctx, 1),
+        syscall_arg(&ctx, 2),
+        syscall_arg(&ctx, 3),
+    );
     0
 }
 
@@ -280,6 +314,7 @@ pub fn sys_exit_exec(ctx: TracePointContext) -> u32 {
     if syscall_ret(&ctx) < 0 {
         let tid = bpf_get_current_pid_tgid() as u32;
         let _ = PENDING_EXECS.remove(tid);
+        let _ = crate::env::PENDING_ENVS.remove(tid);
     }
     0
 }
@@ -317,12 +352,19 @@ pub fn sched_process_exec(ctx: TracePointContext) -> u32 {
     let n = if n > 0 { n as usize } else { 0 };
 
     let mut process = current_process();
+    let env = crate::env::PENDING_ENVS.get_ptr_mut(old_pid);
     if process.is_none() {
-        if n == 0 || !is_job_root_exe(&scratch.event.filename, n) {
+        // SAFETY: the entry belongs to this thread.
+        let marked = env.is_some_and(|e| unsafe { (*e).markers } > 0) && !is_job_parent();
+        if !marked && (n == 0 || !is_job_root_exe(&scratch.event.filename, n)) {
             let _ = PENDING_EXECS.remove(old_pid);
+            if env.is_some() {
+                let _ = crate::env::PENDING_ENVS.remove(old_pid);
+            }
             return 0;
         }
-        // A job root recognised at exec: a new job starts here.
+        // A job root recognised at exec, by its environment or its name: a new job starts here,
+        // before the program's first instruction.
         let Some(entry) = start_job(tgid, 0, 0) else {
             warn!(
                 &ctx,
@@ -331,6 +373,18 @@ pub fn sched_process_exec(ctx: TracePointContext) -> u32 {
             return 0;
         };
         process = Some(entry);
+    }
+
+    // The identity values of its environment go first, so that the agent names the job before
+    // it judges the exec.
+    if let Some(env) = env {
+        // SAFETY: the entry belongs to this thread; sent, then removed.
+        let env = unsafe { &mut *env };
+        let truncated = env.header.flags & HEADER_TRUNCATED;
+        fill_header(&mut env.header, EventKind::JobEnv, process.as_ref());
+        env.header.flags |= truncated;
+        send_built::<JobEnvEvent>(env);
+        let _ = crate::env::PENDING_ENVS.remove(old_pid);
     }
 
     // Arguments kept at execve entry, when there are some.

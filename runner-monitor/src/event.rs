@@ -110,6 +110,14 @@ pub enum EventDetail {
     /// From the agent, not the kernel: a job started (hook, control socket, discovery) or its
     /// metadata became known. `process` is the job's root.
     JobStart(JobInfo),
+    /// From the kernel, never written to the event trace: the identity values of a job root's
+    /// environment at exec (only variables the policy names; see `job::discovery`). The agent
+    /// turns it into a `JobStart`.
+    JobEnv {
+        /// Each value with the kernel's `NAMES` value of its variable (index into
+        /// `Policy::job_env_vars` and `JOB_ENV_*` bits); marker-only variables have no value.
+        values: Vec<(u32, String)>,
+    },
     /// From the agent: the job was ended explicitly (hook, control socket).
     JobEnd,
     /// From the agent: the sensor lost events or a probe is not attached.
@@ -194,6 +202,7 @@ impl EventDetail {
             EventDetail::Bpf { .. } => "bpf",
             EventDetail::Chdir { .. } => "chdir",
             EventDetail::JobStart(_) => "job_start",
+            EventDetail::JobEnv { .. } => "job_env",
             EventDetail::JobEnd => "job_end",
             EventDetail::SensorStatus(_) => "sensor_status",
             EventDetail::CredentialFingerprint { .. } => "credential_fingerprint",

@@ -9,7 +9,9 @@
 //!
 //! - fingerprint: a credential read gets the keyed hash of its content; a credential written is
 //!   hashed when its writer exits, as an event of its own after the exit (`enrich`).
-//! - discover: an exec in a job whose identity is not known yet has its environment read; the
+//! - discover: the identity values the kernel copied from a job root's environment at exec
+//!   (`job_env`, consumed here), or else an exec in a job whose identity is not known yet has its
+//!   environment read from /proc; the
 //!   `job_start` found there goes to the engine *before* the exec that revealed it, with that
 //!   exec's time and process, so the exec and everything after it are judged as the named job
 //!   (its repository's rules) and the event trace holds them in that order (`job`).
@@ -32,7 +34,7 @@ use crate::{
     attest::Attestor,
     engine::{Engine, EngineStats, Finding},
     enrich::{self, Fingerprinter},
-    event::Event,
+    event::{Event, EventDetail},
     job::JobDirectory,
     output::Outputs,
     policy::Policy,
@@ -88,6 +90,13 @@ impl Pipeline {
         let mut reports = reports.as_ref().map(report::lock);
         let mut written = Vec::new();
         for mut event in batch {
+            if matches!(event.detail, EventDetail::JobEnv { .. }) {
+                // Identity values for discovery only: not judged, not in the event trace.
+                if let Some(start) = self.discover(&event) {
+                    written.extend(self.judge(&start, reports.as_deref_mut())?);
+                }
+                continue;
+            }
             let credentials_written = self.fingerprint(&mut event);
             if let Some(start) = self.discover(&event) {
                 written.extend(self.judge(&start, reports.as_deref_mut())?);

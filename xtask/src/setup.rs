@@ -53,7 +53,13 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "nodejs",
     // The fleet stream's broker (JetStream), for tests/tests/fleet.rs and the NATS benchmark.
     "nats-server",
+    // gitlab-ci-local (tests/tests/gitlab_ci_local.rs) copies the project with rsync. It runs
+    // on the host's Node (20 or later, with its npm; Debian's npm conflicts with NodeSource's).
+    "rsync",
 ];
+
+/// gitlab-ci-local, a real GitLab CI runner for workstations, for the job-discovery tests.
+const GITLAB_CI_LOCAL_VERSION: &str = "4.70.0";
 
 pub(crate) fn setup() -> anyhow::Result<()> {
     // 1. The nightly toolchain builds the kernel programs (-Z build-std needs rust-src).
@@ -153,6 +159,7 @@ pub(crate) fn setup() -> anyhow::Result<()> {
     install_kubernetes_validate()?;
     install_in_toto()?;
     install_ocsf_validator()?;
+    install_gitlab_ci_local()?;
     let kustomize = output(Command::new("kubectl").args(["version", "--client"]))
         .is_some_and(|v| v.contains("Kustomize Version: v5"));
     if !kustomize {
@@ -254,6 +261,35 @@ fn install_ocsf_validator() -> anyhow::Result<()> {
         Command::new(venv.join("bin/pip"))
             .args(["install", "--quiet", "--disable-pip-version-check"])
             .args(&wanted),
+    )
+}
+
+/// Where gitlab-ci-local is installed (npm, under node_modules/.bin); the tests look there.
+fn gitlab_ci_local_dir() -> PathBuf {
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or("/root".into());
+    home.join(".cache/runner-monitor/gitlab-ci-local")
+}
+
+fn install_gitlab_ci_local() -> anyhow::Result<()> {
+    let dir = gitlab_ci_local_dir();
+    let bin = dir.join("node_modules/.bin/gitlab-ci-local");
+    let installed = output(Command::new(&bin).arg("--version"))
+        .is_some_and(|v| v.trim() == GITLAB_CI_LOCAL_VERSION);
+    if installed {
+        return Ok(());
+    }
+    say(&format!(
+        "installing gitlab-ci-local {GITLAB_CI_LOCAL_VERSION} into {}",
+        dir.display()
+    ));
+    std::fs::create_dir_all(&dir)?;
+    run_cmd(
+        Command::new("npm")
+            .args(["install", "--no-audit", "--no-fund", "--silent"])
+            .arg(format!("gitlab-ci-local@{GITLAB_CI_LOCAL_VERSION}"))
+            .current_dir(&dir),
     )
 }
 

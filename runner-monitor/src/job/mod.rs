@@ -189,9 +189,10 @@ impl JobDirectory {
             .end_requested = true;
     }
 
-    /// On an exec of a job process: when the job's identity is not known yet, look at this
-    /// process's environment. Returns the `job_start` event to judge (before the exec) when it
-    /// was found.
+    /// On the identity values the kernel found in a job root's environment at exec, or on an
+    /// exec of a job process when the job's identity is not known yet (then this process's
+    /// environment is read from /proc). Returns the `job_start` event to judge (before the exec)
+    /// when it was found.
     pub fn discover(&mut self, event: &Event, policy: &Policy) -> Option<Event> {
         let job = event.job.as_ref()?;
         if job.root && matches!(event.detail, EventDetail::Exit { .. }) {
@@ -209,15 +210,41 @@ impl JobDirectory {
             }
             return None;
         }
-        if !matches!(event.detail, EventDetail::Exec { .. }) {
-            return None;
-        }
+        let info = match &event.detail {
+            // The kernel copied the identity from the exec that made the job (its root's): no
+            // race with the job's processes exiting, and no /proc.
+            EventDetail::JobEnv { values } => {
+                let known = self.known.get_or_insert_with(job.key, Known::default);
+                if known.discovered {
+                    return None;
+                }
+                discovery::identify_values(values, &policy.job_env_vars(), &policy.job_identity)?
+            }
+            // A job found some other way (executable name, job parent, registered root): the
+            // environment of its processes, read from /proc.
+            EventDetail::Exec { .. } => {
+                let known = self.known.get_or_insert_with(job.key, Known::default);
+                if known.discovered || known.attempts >= DISCOVERY_ATTEMPTS {
+                    return None;
+                }
+                known.attempts += 1;
+                discovery::identify_process(event.process.pid, &policy.job_identity)?
+            }
+            _ => return None,
+        };
+        self.found(job, event, info, policy)
+    }
+
+    /// Discovery found job `job`'s identity at `event`: the `job_start` to judge, unless a hook
+    /// named the job already or another job has the id.
+    fn found(
+        &mut self,
+        job: &JobRef,
+        event: &Event,
+        info: JobInfo,
+        policy: &Policy,
+    ) -> Option<Event> {
         let known = self.known.get_or_insert_with(job.key, Known::default);
-        if known.discovered || known.attempts >= DISCOVERY_ATTEMPTS {
-            return None;
-        }
-        known.attempts += 1;
-        let info = discovery::identify_process(event.process.pid, &policy.job_identity)?;
         known.discovered = true;
         known.tracking_id = info.tracking_id.clone();
         if known.explicit {
@@ -232,6 +259,7 @@ impl JobDirectory {
             tracing::warn!(id = ?info.id, job = %job.key, other = %other, "job id already in use; not taken");
             return None;
         }
+        let known = self.known.get_or_insert_with(job.key, Known::default);
         known.id = Some(info.id.clone());
         // A later stage of a staged job keeps the id pointing at the first stage's key, which
         // the engine treats as the job.

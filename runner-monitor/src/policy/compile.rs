@@ -484,8 +484,10 @@ fn rule_suppress(
     Ok(suppress)
 }
 
-/// `[[job_identity]]`: each needs a `detect` variable and at least one `id` variable.
+/// `[[job_identity]]`: each needs a `detect` variable and at least one `id` variable; every
+/// variable name must fit the kernel's scan (`NAME=` in `NAME_LEN - 1` bytes).
 fn check_job_identity(identities: &[JobIdentity], src: &Source<'_>) -> Result<(), PolicyError> {
+    let mut names = std::collections::BTreeSet::new();
     for (i, id) in identities.iter().enumerate() {
         if id.id.is_empty() || id.detect.is_empty() {
             return Err(src.error(
@@ -494,6 +496,29 @@ fn check_job_identity(identities: &[JobIdentity], src: &Source<'_>) -> Result<()
                 "needs `detect` and at least one `id` variable",
             ));
         }
+        for name in std::iter::once(&id.detect).chain(id.value_vars()) {
+            let bad = name.is_empty()
+                || name.len() > NAME_LEN - 2
+                || name.bytes().any(|b| b == b'=' || b == 0);
+            if bad {
+                return Err(src.error(
+                    0..0,
+                    &format!("job_identity[{i}]"),
+                    format!(
+                        "variable name {name:?}: 1 to {} bytes, without '=' or NUL",
+                        NAME_LEN - 2
+                    ),
+                ));
+            }
+            names.insert(name.clone());
+        }
+    }
+    if names.len() > 200 {
+        return Err(src.error(
+            0..0,
+            "job_identity",
+            format!("{} variables named; the kernel holds 200", names.len()),
+        ));
     }
     Ok(())
 }

@@ -220,3 +220,24 @@ pub struct FleetSection {
     /// JetStream's duplicate window when the agent creates the stream.
     pub duplicate_window_seconds: Option<Spanned<u64>>,
 }
+
+impl JobIdentity {
+    /// The variables whose values make the job's identity (what the kernel may copy out).
+    pub fn value_vars(&self) -> impl Iterator<Item = &String> {
+        self.id.iter().chain(
+            [
+                &self.repository,
+                &self.workflow,
+                &self.run,
+                &self.attempt,
+                &self.runner,
+                &self.actor,
+                &self.git_ref,
+                &self.event,
+                &self.tracking_id,
+            ]
+            .into_iter()
+            .flatten(),
+        )
+    }
+}

@@ -330,6 +330,25 @@ impl Policy {
         })
     }
 
+    /// Every variable `[[job_identity]]` names, in a fixed order (its index is what the kernel
+    /// reports), with `JOB_ENV_MARKER` for a `detect` variable and `JOB_ENV_VALUE` for an
+    /// identity field: only those values ever leave the kernel.
+    pub fn job_env_vars(&self) -> Vec<(String, u32)> {
+        use runner_monitor_common::{JOB_ENV_MARKER, JOB_ENV_VALUE};
+        let mut vars: Vec<(String, u32)> = Vec::new();
+        let mut add = |name: &String, bits: u32| match vars.iter_mut().find(|(n, _)| n == name) {
+            Some((_, b)) => *b |= bits,
+            None => vars.push((name.clone(), bits)),
+        };
+        for identity in &self.job_identity {
+            add(&identity.detect, JOB_ENV_MARKER);
+            for name in identity.value_vars() {
+                add(name, JOB_ENV_VALUE);
+            }
+        }
+        vars
+    }
+
     /// What the kernel prefilter needs.
     pub fn sensor_policy(&self) -> SensorPolicy {
         let mut p = SensorPolicy::from_credentials(
@@ -346,6 +365,7 @@ impl Policy {
             &self.job_parent_executables,
         );
         p.job_events_per_second = self.job_events_per_second;
+        p.job_env_vars = self.job_env_vars();
         p
     }
 }

@@ -18,6 +18,8 @@ pub struct SensorPolicy {
     pub job_parent_executables: Vec<String>,
     /// File, connect and DNS events one job may send per second (0: no limit).
     pub job_events_per_second: u32,
+    /// Environment variables of job identities, with `JOB_ENV_*` bits (`Policy::job_env_vars`).
+    pub job_env_vars: Vec<(String, u32)>,
 }
 
 impl Default for SensorPolicy {
@@ -86,6 +88,7 @@ impl SensorPolicy {
             job_root_executables: job_root_executables.to_vec(),
             job_parent_executables: job_parent_executables.to_vec(),
             job_events_per_second: 0,
+            job_env_vars: Vec::new(),
         };
         for pattern in patterns {
             let (list, name) = match kernel_name(pattern) {

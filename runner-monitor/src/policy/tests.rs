@@ -299,3 +299,15 @@ fn baseline_must_be_true_or_a_file_and_credential_kinds_need_it() {
     let p = Policy::parse(&format!("{DEFAULT_POLICY}\n{LEARNED}"), "t.toml").unwrap();
     assert!(p.rules[0].baseline);
 }
+
+#[test]
+fn job_identity_variable_names_must_fit_the_kernel_scan() {
+    let e = error_of("[[job_identity]]\nplatform = \"x\"\ndetect = \"A=B\"\nid = [\"X_ID\"]\n");
+    assert_eq!(e.field, "job_identity[0]", "{e}");
+    assert!(e.message.contains("\"A=B\""), "{e}");
+    let long = "V".repeat(63);
+    let e = error_of(&format!(
+        "[[job_identity]]\nplatform = \"x\"\ndetect = \"X\"\nid = [\"{long}\"]\n"
+    ));
+    assert!(e.message.contains("1 to 62 bytes"), "{e}");
+}

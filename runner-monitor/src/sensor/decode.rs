@@ -9,7 +9,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use runner_monitor_common::{
     AF_INET, AF_INET6, AF_UNIX, BpfEvent, ChdirEvent, ConnectEvent, DnsEvent, EXIT_CODE_KNOWN,
     EventHeader, EventKind, ExecEvent, ExitEvent, FileEvent, ForkEvent, HEADER_JOB_ENDED,
-    HEADER_JOB_ROOT, HEADER_TRUNCATED, MATCH_BASENAME, MATCH_DIRNAME, MATCH_PREFIX,
+    HEADER_JOB_ROOT, HEADER_TRUNCATED, JobEnvEvent, MATCH_BASENAME, MATCH_DIRNAME, MATCH_PREFIX,
     MATCH_PROC_MEMORY, MATCH_SECOND_PATH, PTRACE_ATTACH, PTRACE_PEEKDATA, PTRACE_PEEKTEXT,
     PTRACE_PEEKUSER, PTRACE_SEIZE, ProcessAccessEvent, SIGNAL_SYSCALL_KILL, SIGNAL_SYSCALL_TGKILL,
     SIGNAL_SYSCALL_TKILL, SignalEvent,
@@ -177,6 +177,16 @@ impl Decoder {
                 EventDetail::Bpf {
                     cmd: e.cmd,
                     cmd_name: bpf_cmd_name(e.cmd).to_owned(),
+                }
+            }
+            EventKind::JobEnv => {
+                let e: JobEnvEvent = read(bytes)?;
+                let count = (e.count as usize).min(e.values.len());
+                EventDetail::JobEnv {
+                    values: e.values[..count]
+                        .iter()
+                        .map(|v| (v.var, lossy(c_bytes(&v.value, v.len))))
+                        .collect(),
                 }
             }
             EventKind::Chdir => {

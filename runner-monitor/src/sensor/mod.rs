@@ -23,9 +23,10 @@ use aya::{
     maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
 };
 use runner_monitor_common::{
-    EVENT_KIND_SLOTS, EventKind, JobBudget, JobState, MAX_PREFIX_LEN, NAME_KIND_BASENAME,
-    NAME_KIND_DIRNAME, NAME_KIND_JOB_PARENT_COMM, NAME_KIND_JOB_ROOT_EXE, NAME_KIND_PREFIX,
-    NameKey, ProcessJob, counter, map_name, setting,
+    EVENT_KIND_SLOTS, EventKind, JOB_ENV_INDEX, JOB_ENV_MARKER, JobBudget, JobState,
+    MAX_PREFIX_LEN, NAME_KIND_BASENAME, NAME_KIND_DIRNAME, NAME_KIND_ENV_VAR,
+    NAME_KIND_JOB_PARENT_COMM, NAME_KIND_JOB_ROOT_EXE, NAME_KIND_PREFIX, NAME_LEN, NameKey,
+    ProcessJob, counter, env_prefix_key, map_name, setting,
 };
 
 pub use attach::{ProbeState, ProbeStatus};
@@ -116,6 +117,8 @@ pub struct Sensor {
     kernel_log: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
     /// Kept so that the patterns can be changed while running (`set_names`).
     names: HashMap<MapData, NameKey, u32>,
+    /// First bytes of the job identity variables (`env_prefix_key`): the environment prefilter.
+    env_prefixes: HashMap<MapData, [u64; 2], u32>,
     settings: Array<MapData, u32>,
     /// Whether the process and job maps were taken over from an earlier agent.
     resumed: bool,
@@ -179,6 +182,8 @@ impl Sensor {
         let map_error = |name| move |source| SensorError::Map { name, source };
         let names = HashMap::try_from(take_map(&mut ebpf, map_name::NAMES)?)
             .map_err(map_error(map_name::NAMES))?;
+        let env_prefixes = HashMap::try_from(take_map(&mut ebpf, map_name::ENV_PREFIXES)?)
+            .map_err(map_error(map_name::ENV_PREFIXES))?;
         let settings = Array::try_from(take_map(&mut ebpf, map_name::SETTINGS)?)
             .map_err(map_error(map_name::SETTINGS))?;
         let processes = HashMap::try_from(take_map(&mut ebpf, map_name::PROCESSES)?)
@@ -196,6 +201,7 @@ impl Sensor {
             ebpf,
             kernel_log,
             names,
+            env_prefixes,
             settings,
             resumed,
             _pins: pin_dir,
@@ -229,8 +235,8 @@ impl Sensor {
         self.resumed
     }
 
-    /// Makes the kernel's name sets those of `policy`: credential names, job-root executables
-    /// and job parents. Used at load and on policy reload; names no longer wanted are removed
+    /// Makes the kernel's name sets those of `policy`: credential names, job-root executables,
+    /// job parents and job identity variables. Used at load and on policy reload; names no longer wanted are removed
     /// after the new ones are in, so a reload never opens a gap.
     pub fn set_names(&mut self, policy: &SensorPolicy) -> Result<(), SensorError> {
         let map_error = |source| SensorError::Map {
@@ -254,6 +260,36 @@ impl Sensor {
                 self.names.insert(key, 1, 0).map_err(map_error)?;
             }
         }
+        // Job identity variables: the value says which (index) and what (marker, value).
+        let mut prefixes = BTreeSet::new();
+        for (index, (name, bits)) in policy.job_env_vars.iter().enumerate() {
+            let key = NameKey::new(NAME_KIND_ENV_VAR, name.as_bytes())
+                .filter(|_| name.len() < NAME_LEN - 1 && index as u32 <= JOB_ENV_INDEX)
+                .ok_or_else(|| SensorError::NameTooLong(name.clone()))?;
+            wanted.insert(key_bytes(&key));
+            self.names
+                .insert(key, index as u32 | bits, 0)
+                .map_err(map_error)?;
+            prefixes.insert(env_prefix_key(name.as_bytes()));
+        }
+        let prefix_error = |source| SensorError::Map {
+            name: map_name::ENV_PREFIXES,
+            source,
+        };
+        for prefix in &prefixes {
+            self.env_prefixes
+                .insert(prefix, 1, 0)
+                .map_err(prefix_error)?;
+        }
+        let stale: Vec<[u64; 2]> = self
+            .env_prefixes
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !prefixes.contains(k))
+            .collect();
+        for key in stale {
+            self.env_prefixes.remove(&key).map_err(prefix_error)?;
+        }
         let stale: Vec<NameKey> = self
             .names
             .keys()
@@ -273,6 +309,14 @@ impl Sensor {
                 prefix_length_mask(&policy.credential_prefixes),
                 0,
             )
+            .map_err(settings_error)?;
+        let markers = policy
+            .job_env_vars
+            .iter()
+            .filter(|(_, bits)| bits & JOB_ENV_MARKER != 0)
+            .count();
+        self.settings
+            .set(setting::JOB_ENV, markers as u32, 0)
             .map_err(settings_error)?;
         self.settings
             .set(

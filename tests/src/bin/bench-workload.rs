@@ -8,6 +8,8 @@
 //!                                     one dentry across CPUs
 //! bench-workload alerts SECS US       every US microseconds a new child reads its parent's
 //!                                     environment (one alert each) for SECS; prints how many
+//! bench-workload exec PROGRAM N      N fork + execve(PROGRAM) + wait, with an environment of 60
+//!                                     variables of realistic size; prints ns per exec
 //! bench-workload hold N               N children that wait; prints "ready", then waits for
 //!                                     stdin to close and reaps them
 
@@ -46,6 +48,7 @@ fn main() {
         "flood" => flood(&args[1], Duration::from_secs(num(2)), num(3)),
         "alerts" => alerts(Duration::from_secs(num(1)), Duration::from_micros(num(2))),
         "hold" => hold(num(1)),
+        "exec" => exec(&args[1], num(2)),
         other => panic!("unknown workload {other}"),
     }
 }
@@ -163,4 +166,68 @@ fn pipe() -> (i32, i32) {
     // SAFETY: pipe writes two fds into the array.
     assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0, "pipe failed");
     (fds[0], fds[1])
+}
+
+/// An environment as a CI host's processes have one: 60 variables of realistic names and sizes
+/// (a long PATH, locale, XDG, a few tool settings, none of them a job marker).
+fn realistic_environment() -> Vec<CString> {
+    let mut vars = vec![
+        "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin:/snap/bin:/opt/tools/bin"
+            .to_owned(),
+        "HOME=/home/runner".to_owned(),
+        "USER=runner".to_owned(),
+        "LOGNAME=runner".to_owned(),
+        "SHELL=/bin/bash".to_owned(),
+        "LANG=C.UTF-8".to_owned(),
+        "LC_ALL=C.UTF-8".to_owned(),
+        "TERM=xterm-256color".to_owned(),
+        "PWD=/home/runner/work".to_owned(),
+        "XDG_RUNTIME_DIR=/run/user/1001".to_owned(),
+        "XDG_CONFIG_HOME=/home/runner/.config".to_owned(),
+        "XDG_CACHE_HOME=/home/runner/.cache".to_owned(),
+        "JAVA_HOME=/usr/lib/jvm/java-17-openjdk-amd64".to_owned(),
+        "GOPATH=/home/runner/go".to_owned(),
+        "CARGO_HOME=/home/runner/.cargo".to_owned(),
+        "RUSTUP_HOME=/home/runner/.rustup".to_owned(),
+        "NODE_OPTIONS=--max-old-space-size=4096".to_owned(),
+        "DEBIAN_FRONTEND=noninteractive".to_owned(),
+        "SSL_CERT_FILE=/etc/ssl/certs/ca-certificates.crt".to_owned(),
+        "EDITOR=vi".to_owned(),
+    ];
+    for i in vars.len()..60 {
+        vars.push(format!(
+            "TOOL_SETTING_{i:02}=/opt/tools/{i}/share/config/value-{i}-{}",
+            "x".repeat(i % 24)
+        ));
+    }
+    vars.into_iter().map(|v| CString::new(v).unwrap()).collect()
+}
+
+fn exec(program: &str, n: u64) {
+    let program = CString::new(program).unwrap();
+    let env = realistic_environment();
+    let mut envp: Vec<*const libc::c_char> = env.iter().map(|v| v.as_ptr()).collect();
+    envp.push(std::ptr::null());
+    let argv = [program.as_ptr(), std::ptr::null()];
+    let start = Instant::now();
+    for _ in 0..n {
+        // SAFETY: fork, then only async-signal-safe calls in the child (execve, _exit).
+        let pid = unsafe { libc::fork() };
+        if pid == 0 {
+            // SAFETY: NUL-terminated arrays of NUL-terminated strings that outlive the call.
+            unsafe {
+                libc::execve(program.as_ptr(), argv.as_ptr(), envp.as_ptr());
+                libc::_exit(127);
+            }
+        }
+        assert!(pid > 0, "fork failed");
+        let mut status = 0;
+        // SAFETY: waits for our own child.
+        unsafe { libc::waitpid(pid, &mut status, 0) };
+        assert!(
+            libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+            "the exec'd program failed: {status}"
+        );
+    }
+    per_op(start, n);
 }

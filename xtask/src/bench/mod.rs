@@ -2,6 +2,7 @@
 //! Prints a table and writes JSON (`target/bench/results.json`). Benchmarks, not tests: nothing
 //! here asserts a timing; `--smoke` runs each one briefly so CI keeps them working.
 
+mod exec;
 mod fleet;
 mod memory;
 mod nats;
@@ -47,7 +48,7 @@ pub(crate) fn spread(values: &[f64]) -> [f64; 2] {
     [min, max]
 }
 
-fn bench_workload() -> PathBuf {
+pub(crate) fn bench_workload() -> PathBuf {
     workspace_root().join("target/release/bench-workload")
 }
 
@@ -376,6 +377,7 @@ pub fn bench(smoke: bool) -> anyhow::Result<()> {
     std::fs::create_dir_all(&dir)?;
     std::fs::copy("/bin/sh", dir.join("Runner.Worker"))?;
 
+    let exec = exec::run(&dir, &sizes)?;
     let syscalls = syscalls::run(&dir, &sizes)?;
     let workloads = workloads::run(&dir, &sizes)?;
     let pipeline = pipeline::run(&dir, &sizes)?;
@@ -390,6 +392,7 @@ pub fn bench(smoke: bool) -> anyhow::Result<()> {
         "machine": machine.trim(),
         "cpus": cpus,
         "syscalls": syscalls,
+        "exec": exec,
         "workloads": workloads,
         "pipeline": pipeline,
         "memory": memory,
@@ -405,6 +408,7 @@ pub fn bench(smoke: bool) -> anyhow::Result<()> {
         if smoke { " [smoke]" } else { "" }
     );
     syscalls::print(&results["syscalls"]);
+    exec::print(&results["exec"]);
     workloads::print(&results["workloads"]);
     pipeline::print(&results["pipeline"]);
     memory::print(&results["memory"]);
