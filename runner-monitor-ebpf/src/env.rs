@@ -120,6 +120,10 @@ macro_rules! set {
 /// Scans `envp` of the exec by thread `tid`. When a configured variable is found, keeps the
 /// identity values in `PENDING_ENVS` and returns whether a job marker was among them.
 #[inline(always)]
+#[expect(
+    clippy::needless_borrows_for_generic_args,
+    reason = "map keys and values stay in the per-CPU scratch; by value they would be copied onto the 512-byte BPF stack"
+)]
 pub fn scan(envp: u64, tid: u32) -> bool {
     if envp == 0 {
         return false;
@@ -190,6 +194,10 @@ const CHUNK: usize = 8;
 
 /// Phase 1, variables `index * CHUNK ..`: their first bytes against `ENV_PREFIXES`; the ones
 /// that pass go to `scan.candidates`. Returns 1 (stop) at the end of the array.
+#[expect(
+    clippy::needless_borrows_for_generic_args,
+    reason = "map keys and values stay in the per-CPU scratch; by value they would be copied onto the 512-byte BPF stack"
+)]
 extern "C" fn collect_one(index: u64, walk: *mut c_void) -> i64 {
     let Some(scan) = ENV_SCRATCH.get_ptr_mut(0) else {
         return 1;
@@ -273,6 +281,10 @@ extern "C" fn look_one(index: u64, _: *mut c_void) -> i64 {
 /// Phase 2: one candidate variable. Its name is looked up exactly; for an identity field its
 /// value is copied. Returns false when no more values fit.
 #[inline(always)]
+#[expect(
+    clippy::needless_borrows_for_generic_args,
+    reason = "map keys and values stay in the per-CPU scratch; by value they would be copied onto the 512-byte BPF stack"
+)]
 fn look_at(scan: &mut EnvScan, ptr: u64) -> bool {
     for w in 0..NAME_WORDS {
         set!(scan.name[w], 0);

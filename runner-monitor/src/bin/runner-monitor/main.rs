@@ -43,10 +43,6 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
-#[expect(
-    clippy::large_enum_variant,
-    reason = "parsed once at start; `run`'s options are most of it"
-)]
 enum Command {
     /// Load the probes and stream events (JSON lines).
     Run(Box<RunArgs>),
