@@ -354,14 +354,9 @@ pub fn bench(smoke: bool) -> anyhow::Result<()> {
         "runner-monitor",
         "--example",
         "engine_bench",
-    ]))?;
-    run_cmd(Command::new("cargo").args([
-        "build",
-        "--release",
-        "-p",
-        "runner-monitor",
         "--example",
         "nats_bench",
+        "--example",
         "fleet_bench",
     ]))?;
     run_cmd(Command::new("cargo").args([
