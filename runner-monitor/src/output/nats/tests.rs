@@ -162,7 +162,9 @@ async fn every_message_arrives_once_in_order_across_a_broker_outage_and_a_restar
     }
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     while !metrics.encode().lines().any(|l| {
-        l.starts_with("runner_monitor_alert_delivery_failures_total{sink=\"nats\"}")
+        // Failures carry a reason label beside the sink's.
+        l.starts_with("runner_monitor_alert_delivery_failures_total{")
+            && l.contains("sink=\"nats\"")
             && !l.ends_with(" 0")
     }) {
         assert!(std::time::Instant::now() < deadline, "no failure counted");
