@@ -50,8 +50,14 @@ pub enum EventKind {
     JobEnv = 16,
 }
 
-/// One past the highest `EventKind`; sizes the per-kind counters.
-pub const EVENT_KIND_SLOTS: u32 = 17;
+/// Per-kind counter slots: a power of two above the highest `EventKind`, because the kernel
+/// programs index the counters with `kind & (EVENT_KIND_SLOTS - 1)` (a mask the verifier can
+/// bound). At 17 the mask sent every kind but one to slot 0.
+pub const EVENT_KIND_SLOTS: u32 = 32;
+const _: () = assert!(
+    EVENT_KIND_SLOTS.is_power_of_two() && (EventKind::JobEnv as u32) < EVENT_KIND_SLOTS,
+    "EVENT_KIND_SLOTS must be a power of two above every EventKind"
+);
 
 impl EventKind {
     pub const ALL: [EventKind; 16] = [
