@@ -99,7 +99,7 @@ fn a_step_planting_cron_systemd_ld_so_preload_and_the_runner_env_raises_each() {
          : > {preload}\n"
     );
     let steps = format!(
-        "{}\nprintf \"LANG=C\\n\" > \"{}\"",
+        "{}\nsh -c 'printf \"LANG=C\\n\" > \"{}\"'",
         in_throwaway_etc(&env.dir, &body),
         runner_env.display()
     );
@@ -123,13 +123,14 @@ fn a_step_planting_cron_systemd_ld_so_preload_and_the_runner_env_raises_each() {
 
     let id = format!("{run}/build");
     let runner_env = runner_env.display().to_string();
-    for (path, kind, technique, severity) in [
-        (cron.as_str(), "cron", "T1053.003", "high"),
-        (unit.as_str(), "systemd", "T1543.002", "high"),
+    // Step 1 is the job-started hook, step 2 the throw-away-/etc script, step 3 the `.env` write.
+    for (path, kind, technique, severity, step) in [
+        (cron.as_str(), "cron", "T1053.003", "high", 2),
+        (unit.as_str(), "systemd", "T1543.002", "high", 2),
         // Written beside it and renamed into place, as editors and `crontab` do.
-        (timer.as_str(), "systemd", "T1543.002", "high"),
-        (preload, "ld-preload", "T1574.006", "high"),
-        (runner_env.as_str(), "runner", "T1574.007", "critical"),
+        (timer.as_str(), "systemd", "T1543.002", "high", 2),
+        (preload, "ld-preload", "T1574.006", "high", 2),
+        (runner_env.as_str(), "runner", "T1574.007", "critical", 3),
     ] {
         let alert = wait_alert(agent, "persistence-planted", &id, |a| {
             a["persistence"]["path"] == path
@@ -140,7 +141,11 @@ fn a_step_planting_cron_systemd_ld_so_preload_and_the_runner_env_raises_each() {
         assert_eq!(alert["job"]["repository"], "evil/app", "{alert}");
         assert!(alert["summary"].as_str().unwrap().contains(path), "{alert}");
         assert!(alert["process"]["pid"].as_u64().unwrap() > 0, "{alert}");
-        // TODO(step): assert `alert["step"]` names the step once findings carry it (issue 12).
+        assert_eq!(alert["step"]["index"], step, "{alert}");
+        assert_eq!(alert["step"]["kind"], "command", "{alert}");
+        let name = alert["step"]["name"].as_str().unwrap_or_default();
+        let first = if step == 2 { "unshare " } else { "sh -c " };
+        assert!(name.starts_with(first), "{alert}");
     }
     let planted: Vec<String> = alerts(agent)
         .iter()

@@ -52,8 +52,7 @@ pub(super) fn file_event(engine: &Engine, event: &Event, f: &FileAccess, out: &m
             after_end(engine, event)
         ),
     );
-    // TODO(step): name the step that did it (`finding.step`) once findings carry one (issue 12,
-    // "The step that did it"); the summary then says "in step ...".
+    // `raise` names the step that did it (`finding.step`), like every finding of a job process.
     if kind.runner {
         finding.severity = Severity::Critical;
     }
