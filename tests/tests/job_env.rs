@@ -107,6 +107,83 @@ fn jenkins_and_buildkite_jobs_are_found_and_named_by_their_environment() {
 }
 
 #[test]
+fn azure_circleci_drone_and_woodpecker_jobs_are_found_and_named_by_their_environment() {
+    let agent = agent();
+    let env = TestEnv::new("job-env-more");
+    let n = run_id(3);
+    // (platform, the job's identity variables, the job id and repository the finding must name)
+    let systems: [(&str, Vec<(&str, String)>, String, &str); 4] = [
+        (
+            "azure",
+            vec![
+                ("TF_BUILD", "True".into()),
+                ("SYSTEM_JOBID", format!("9b2c-{n}")),
+                ("BUILD_REPOSITORY_NAME", "acme/azure-app".into()),
+                ("BUILD_BUILDID", n.clone()),
+                ("AGENT_NAME", "azure-agent-1".into()),
+                ("SYSTEM_ACCESSTOKEN", CANARY.into()),
+            ],
+            format!("9b2c-{n}"),
+            "acme/azure-app",
+        ),
+        (
+            "circleci",
+            vec![
+                ("CIRCLECI", "true".into()),
+                ("CIRCLE_WORKFLOW_JOB_ID", format!("c1rc-{n}")),
+                ("CIRCLE_PROJECT_REPONAME", "circle-app".into()),
+                ("CIRCLE_JOB", "build".into()),
+                ("CIRCLE_WORKFLOW_ID", format!("wf-{n}")),
+                ("CIRCLE_OIDC_TOKEN", CANARY.into()),
+            ],
+            format!("c1rc-{n}"),
+            "circle-app",
+        ),
+        (
+            "drone",
+            vec![
+                ("DRONE", "true".into()),
+                ("DRONE_BUILD_NUMBER", n.clone()),
+                ("DRONE_REPO", "acme/drone-app".into()),
+                ("DRONE_STAGE_NAME", "default".into()),
+                ("DRONE_STAGE_MACHINE", "drone-runner-2".into()),
+                ("DRONE_NETRC_PASSWORD", CANARY.into()),
+            ],
+            format!("acme/drone-app/{n}/default"),
+            "acme/drone-app",
+        ),
+        (
+            "woodpecker",
+            vec![
+                // Woodpecker sets CI_* variables as GitLab does: its entry comes first.
+                ("CI", "woodpecker".into()),
+                ("CI_PIPELINE_NUMBER", n.clone()),
+                ("CI_REPO", "acme/wood-app".into()),
+                ("CI_WORKFLOW_NAME", "build".into()),
+                ("CI_COMMIT_SHA", "0123abcd".into()),
+                ("CI_NETRC_PASSWORD", CANARY.into()),
+            ],
+            format!("acme/wood-app/{n}/build"),
+            "acme/wood-app",
+        ),
+    ];
+    for (_, vars, _, _) in &systems {
+        let mut command = job("/bin/sh", &env);
+        command.arg("-c").arg(SWEEP);
+        for (name, value) in vars {
+            command.env(name, value);
+        }
+        run(secrets(&mut command));
+    }
+    for (platform, _, id, repository) in &systems {
+        let alert = wait_alert(agent, "credential-harvesting", id, |_| true);
+        assert_eq!(alert["job"]["platform"], *platform, "{alert:#}");
+        assert_eq!(alert["job"]["repository"], *repository, "{alert:#}");
+    }
+    assert_no_secret(agent);
+}
+
+#[test]
 fn a_job_whose_only_process_exits_at_once_is_still_named() {
     // The "unnamed job" case of /proc discovery: the stage is gone before its environment could
     // be read. Its identity comes with its exec.
