@@ -119,7 +119,7 @@ impl Pipeline {
         {
             report::lock(reports).findings(&findings);
         }
-        self.attest(now_ns);
+        self.attest(now_ns)?;
         self.out.findings(&findings, None)?;
         self.out.engine(&self.engine);
         Ok(findings)
@@ -163,20 +163,21 @@ impl Pipeline {
     }
 
     /// After time moved (and the survivors found were reported): the attestations of the jobs
-    /// whose survivors were looked for.
-    fn attest(&mut self, now_ns: u64) {
-        if let (Some(attestor), Some(reports)) = (
+    /// whose survivors were looked for, written, then spooled for the fleet stream.
+    fn attest(&mut self, now_ns: u64) -> std::io::Result<()> {
+        let (Some(attestor), Some(reports)) = (
             self.host.as_mut().and_then(|h| h.attestor.as_mut()),
             &self.reports,
-        ) {
-            attestor.attest_due(&report::lock(reports), &self.engine, now_ns);
+        ) else {
+            return Ok(());
+        };
+        attestor.attest_due(&report::lock(reports), &self.engine, now_ns);
+        for written in attestor.take_written() {
+            self.out.attestation(&written.envelope)?;
         }
+        Ok(())
     }
 
-    /// The attestor, when attestations are on (e.g. to take the envelopes it wrote).
-    pub fn attestor_mut(&mut self) -> Option<&mut Attestor> {
-        self.host.as_mut().and_then(|h| h.attestor.as_mut())
-    }
 
     /// Part of the write stage: a credential fingerprint (read, or written by the job) goes to
     /// the fleet stream with who the job is, as the engine knows it after judging the event.

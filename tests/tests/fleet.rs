@@ -118,7 +118,23 @@ fn agent_publishes_findings_and_fingerprints_of_a_credential_written_and_read() 
     let _ = std::fs::remove_dir_all(&root);
     let broker = Broker::start(&root.join("broker"));
     let dir = fleet_dir("fleet-publish", "");
-    let agent = Agent::launch(&dir, free_port(), &["--nats", &broker.url()]);
+    let key = dir.join("attestation.key");
+    let keygen = Command::new(target_dir().join("runner-monitor"))
+        .args(["attest", "keygen"])
+        .arg(&key)
+        .output()
+        .unwrap();
+    assert!(keygen.status.success(), "{keygen:?}");
+    let agent = Agent::launch(
+        &dir,
+        free_port(),
+        &[
+            "--nats",
+            &broker.url(),
+            "--attestation-key",
+            key.to_str().unwrap(),
+        ],
+    );
     let env = TestEnv::new("fleet-publish");
     let (writer, reader) = write_then_read(&env, &agent, 41);
     wait_alert(&agent, "cross-job-credential-reuse", &reader, |_| true);
@@ -176,6 +192,44 @@ fn agent_publishes_findings_and_fingerprints_of_a_credential_written_and_read() 
     );
     assert_no_canary_in(&messages);
     assert!(!agent_log(&dir).contains(CANARY));
+
+    // Each job's signed attestation, published as written to the state directory, verifiable
+    // from the stream alone.
+    let mut published = Vec::new();
+    wait_until("both jobs' attestations in the stream", 60, || {
+        published = broker
+            .messages(STREAM, None)
+            .into_iter()
+            .filter(|m| m.subject == "runner-monitor.attestations.runner-a")
+            .collect();
+        published.len() >= 2
+    });
+    for job in [&writer, &reader] {
+        let wanted = format!("-{}.intoto.json", job.replace('/', "_"));
+        let file = std::fs::read_dir(dir.join("state/attestations"))
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| p.to_string_lossy().ends_with(&wanted))
+            .unwrap_or_else(|| panic!("no attestation file for {job}"));
+        let written: Value = serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
+        let message = published
+            .iter()
+            .find(|m| m.payload == written)
+            .unwrap_or_else(|| panic!("{job}'s attestation is not in the stream: {published:#?}"));
+        let copy = root.join(format!("{}.intoto.json", job.replace('/', "_")));
+        std::fs::write(&copy, message.payload.to_string()).unwrap();
+        let verify = Command::new(target_dir().join("runner-monitor"))
+            .args(["attest", "verify"])
+            .arg(&copy)
+            .arg("--public-key")
+            .arg(dir.join("attestation.key.pub"))
+            .output()
+            .unwrap();
+        assert!(verify.status.success(), "{verify:?}");
+    }
+    assert_eq!(published.len(), 2, "one message per job: {published:#?}");
+    assert_no_canary_in(&broker.messages(STREAM, None));
     drop(agent);
 
     // A second host: this agent's recorded trace, replayed under another name.

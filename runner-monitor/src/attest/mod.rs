@@ -12,8 +12,9 @@
 //! Never a secret: the statement holds what the report holds (paths, addresses, names, command
 //! lines, findings); credential contents are neither read nor hashed here.
 //!
-//! Fleet stream: every envelope written is kept in `Attestor::take_written` for a publisher (the
-//! NATS sink) to pick up; nothing takes them yet, so they are dropped at the next job's.
+//! Fleet stream: every envelope written is kept in `Attestor::take_written` for the pipeline,
+//! which hands it to the write stage (`Outputs::attestation`: the NATS sink's spool, when the
+//! agent publishes to a fleet stream).
 
 pub mod dsse;
 pub mod statement;
@@ -181,7 +182,7 @@ impl Attestor {
             }
             self.executables.remove(&report.key);
         }
-        // Nothing publishes them yet (the fleet stream will): keep only the latest few.
+        // Taken after each call by the pipeline; bounded all the same.
         let excess = self.written.len().saturating_sub(JOBS);
         self.written.drain(..excess);
     }

@@ -5,6 +5,8 @@
 //! - `<prefix>.findings.<host>`: one finding per message, the same JSON object as a line of the
 //!   alert stream. The correlator publishes its own under `<prefix>.findings.fleet`.
 //! - `<prefix>.fingerprints.<host>`: one [`FingerprintMessage`] per message.
+//! - `<prefix>.attestations.<host>`: one signed job attestation per message, the DSSE envelope
+//!   exactly as written to the agent's state directory (`crate::attest`), without its newline.
 //!
 //! Every message carries a `Nats-Msg-Id` header ([`message_id`]) that is the same when the same
 //! spooled record is sent again, so JetStream's duplicate window drops a resend after a crash.
@@ -81,6 +83,10 @@ pub fn fingerprints_subject(prefix: &str, host: &str) -> String {
     format!("{prefix}.fingerprints.{}", subject_token(host))
 }
 
+pub fn attestations_subject(prefix: &str, host: &str) -> String {
+    format!("{prefix}.attestations.{}", subject_token(host))
+}
+
 /// `Nats-Msg-Id` of the record at `offset` of the spool `spool` of `host`: stable across resends.
 pub fn message_id(host: &str, spool: &str, offset: u64) -> String {
     format!("{}:{spool}:{offset}", subject_token(host))
@@ -97,6 +103,7 @@ mod tests {
             "runner-monitor.findings.runner-7_example_com"
         );
         assert_eq!(fingerprints_subject("rm", "a b>*"), "rm.fingerprints.a_b__");
+        assert_eq!(attestations_subject("rm", "h.1"), "rm.attestations.h_1");
         assert_eq!(subject_token(""), "_");
         assert_eq!(message_id("h.1", "nats", 42), "h_1:nats:42");
     }

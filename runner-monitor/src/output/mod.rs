@@ -105,6 +105,15 @@ impl Outputs {
         Ok(())
     }
 
+    /// A job's signed attestation (its DSSE envelope as written), to the fleet stream if there
+    /// is one.
+    pub fn attestation(&mut self, envelope: &[u8]) -> std::io::Result<()> {
+        if let Some(sink) = &self.nats {
+            sink.attestation(envelope)?;
+        }
+        Ok(())
+    }
+
     /// Counts events, findings and latencies into `metrics` (the live agent).
     pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
         self.metrics = Some(metrics);

@@ -8,8 +8,8 @@
 //! absolute offset, so a message published again after a crash or an outage (before the cursor
 //! moved) is dropped by the stream's duplicate window instead of stored twice.
 //!
-//! A spool record is `KIND<TAB>JSON`, `KIND` being `findings` or `fingerprints` (the subject's
-//! middle token); the JSON is published as written.
+//! A spool record is `KIND<TAB>JSON`, `KIND` being `findings`, `fingerprints` or `attestations`
+//! (the subject's middle token); the JSON is published as written.
 
 use std::{
     path::{Path, PathBuf},
@@ -30,7 +30,8 @@ use crate::{
     enrich::fingerprint_key_id,
     event::{Event, EventDetail, JobInfo},
     fleet::message::{
-        CredentialUse, FingerprintMessage, findings_subject, fingerprints_subject, message_id,
+        CredentialUse, FingerprintMessage, attestations_subject, findings_subject,
+        fingerprints_subject, message_id,
     },
     policy::FleetConfig,
 };
@@ -164,6 +165,12 @@ impl NatsSink {
     /// Spools one fingerprint for `<prefix>.fingerprints.<host>`.
     pub fn fingerprint(&self, message: &FingerprintMessage) -> std::io::Result<()> {
         self.spool("fingerprints", &serde_json::to_vec(message)?)
+    }
+
+    /// Spools one signed job attestation (a DSSE envelope, one line of JSON) for
+    /// `<prefix>.attestations.<host>`.
+    pub fn attestation(&self, envelope: &[u8]) -> std::io::Result<()> {
+        self.spool("attestations", envelope.trim_ascii_end())
     }
 
     pub fn pending_bytes(&self) -> u64 {
@@ -313,6 +320,7 @@ async fn publish(
         let (subject, body) = match record.line.split_once('\t') {
             Some(("findings", body)) => (findings_subject(prefix, &target.host), body),
             Some(("fingerprints", body)) => (fingerprints_subject(prefix, &target.host), body),
+            Some(("attestations", body)) => (attestations_subject(prefix, &target.host), body),
             _ => {
                 // Not written by this sink: acknowledged as is, so it cannot block the rest.
                 tracing::error!(sink = SINK, "unreadable record in the spool: skipped");
