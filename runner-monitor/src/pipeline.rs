@@ -178,7 +178,6 @@ impl Pipeline {
         Ok(())
     }
 
-
     /// Part of the write stage: a credential fingerprint (read, or written by the job) goes to
     /// the fleet stream with who the job is, as the engine knows it after judging the event.
     fn credential_use(&mut self, event: &Event) -> std::io::Result<()> {

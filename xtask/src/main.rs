@@ -54,6 +54,10 @@ enum Task {
         /// A short run of each benchmark (CI keeps them working with it).
         #[arg(long)]
         smoke: bool,
+        /// Only these benchmarks (comma-separated): syscalls, exec, workloads, pipeline, memory,
+        /// engine, nats, fleet. All by default.
+        #[arg(long, value_delimiter = ',')]
+        only: Vec<String>,
     },
     /// Fuzz the parsers of untrusted input (libFuzzer via cargo-fuzz, nightly) for a bounded
     /// time per target; fails on a crash and names the reproducer.
@@ -103,12 +107,12 @@ fn main() -> anyhow::Result<()> {
             setup()?;
             build::check()
         }
-        Task::Bench { smoke } => {
+        Task::Bench { smoke, only } => {
             setup()?;
             if !is_root() {
                 bail!("the benchmarks load the agent and enable tracepoints: run them as root");
             }
-            bench::bench(smoke)
+            bench::bench(smoke, &only)
         }
         Task::Lint => {
             setup()?;

@@ -6,7 +6,7 @@ use std::{
     net::IpAddr,
 };
 
-use globset::{Glob, GlobBuilder, GlobMatcher, GlobSet, GlobSetBuilder};
+use globset::{GlobMatcher, GlobSet, GlobSetBuilder};
 use ipnet::IpNet;
 use toml::Spanned;
 
@@ -14,7 +14,9 @@ use runner_monitor_common::{COMM_LEN, NAME_LEN};
 
 use super::{
     AllowedDestination, CredentialKind, Destination, JobIdentity, JobRule, Policy, PolicyError,
-    Source, file, sensor,
+    Source, file,
+    glob::{name_glob, path_glob},
+    sensor,
 };
 use crate::rule::{RuleId, Severity};
 
@@ -61,16 +63,6 @@ impl Policy {
             fleet,
         })
     }
-}
-
-/// A glob over paths: `*` does not cross a `/`.
-pub(super) fn path_glob(pattern: &str) -> Result<Glob, globset::Error> {
-    GlobBuilder::new(pattern).literal_separator(true).build()
-}
-
-/// A glob over repository or workflow names.
-fn name_glob(pattern: &str) -> Result<GlobMatcher, globset::Error> {
-    Ok(GlobBuilder::new(pattern).build()?.compile_matcher())
 }
 
 /// `[agent]`: the job root executables and job parent process names, checked; and the

@@ -5,6 +5,7 @@
 
 mod compile;
 mod file;
+mod glob;
 pub mod fleet;
 mod persistence;
 

@@ -4,7 +4,7 @@
 
 use globset::{GlobSet, GlobSetBuilder};
 
-use super::{PolicyError, Source, compile::path_glob, file, sensor};
+use super::{PolicyError, Source, file, glob::path_glob, sensor};
 
 /// The techniques a persistence kind may name: id and name, as ATT&CK writes them.
 pub const TECHNIQUES: &[(&str, &str)] = &[

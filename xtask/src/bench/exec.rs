@@ -29,8 +29,9 @@ fn noop(dir: &Path) -> anyhow::Result<std::path::PathBuf> {
     Ok(program)
 }
 
-/// ns per fork + exec + wait, run outside any job (not as a Runner.Worker job).
-fn measure(program: &Path, n: u64) -> anyhow::Result<f64> {
+/// Wall-clock and CPU ns per fork + exec + wait, run outside any job (not as a Runner.Worker
+/// job).
+fn measure(program: &Path, n: u64) -> anyhow::Result<(f64, f64)> {
     let out = Command::new(bench_workload())
         .arg("exec")
         .arg(program)
@@ -44,10 +45,12 @@ fn measure(program: &Path, n: u64) -> anyhow::Result<f64> {
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    String::from_utf8_lossy(&out.stdout)
-        .trim()
-        .parse()
-        .context("bench-workload exec output")
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut numbers = text.split_whitespace().map(str::parse::<f64>);
+    match (numbers.next(), numbers.next()) {
+        (Some(Ok(wall)), Some(Ok(cpu))) => Ok((wall, cpu)),
+        _ => bail!("bench-workload exec printed {text:?}, not two numbers"),
+    }
 }
 
 /// Run time and run count of the agent's exec programs so far (kernel.bpf_stats_enabled), by
@@ -108,15 +111,20 @@ pub(super) fn run(dir: &Path, sizes: &Sizes) -> anyhow::Result<Value> {
     let program = noop(dir)?;
     let n = if sizes.smoke { 300 } else { 5_000 };
     let (mut off, mut on) = (Vec::new(), Vec::new());
+    let (mut off_cpu, mut on_cpu) = (Vec::new(), Vec::new());
     // In-kernel time per exec of the exec programs (all execs on the host while measuring, so
     // other processes' environments count too): the scan's cost without scheduling noise.
     let mut kernel_ns: BTreeMap<String, Vec<f64>> = BTreeMap::new();
     for _ in 0..sizes.rounds {
-        off.push(measure(&program, n)?);
+        let (wall, cpu) = measure(&program, n)?;
+        off.push(wall);
+        off_cpu.push(cpu);
         let agent = Agent::start(dir)?;
         let stats = BpfStats::enable()?;
         let before = program_stats(&agent);
-        on.push(measure(&program, n)?);
+        let (wall, cpu) = measure(&program, n)?;
+        on.push(wall);
+        on_cpu.push(cpu);
         let after = program_stats(&agent);
         drop(stats);
         agent.stop()?;
@@ -136,10 +144,14 @@ pub(super) fn run(dir: &Path, sizes: &Sizes) -> anyhow::Result<Value> {
         .collect();
     let (off_spread, on_spread) = (spread(&off), spread(&on));
     let (off_m, on_m) = (median(&mut off), median(&mut on));
+    let (off_cpu_m, on_cpu_m) = (median(&mut off_cpu), median(&mut on_cpu));
     Ok(json!({
         "off_ns": off_m,
         "on_ns": on_m,
         "on_ratio": on_m / off_m,
+        "off_cpu_ns": off_cpu_m,
+        "on_cpu_ns": on_cpu_m,
+        "on_cpu_ratio": on_cpu_m / off_cpu_m,
         "kernel_ns_per_run": kernel,
         "off_spread_ns": off_spread,
         "on_spread_ns": on_spread,
@@ -158,6 +170,13 @@ pub(super) fn print(r: &Value) {
         r["on_ratio"].as_f64().unwrap_or(0.0),
         r["off_spread_ns"],
         r["on_spread_ns"],
+    );
+    println!(
+        "  CPU ns per exec (median; the scan runs on the exec'ing CPU, waits do not count): \
+         off {:.0}, agent {:.0}, agent/off {:.3}",
+        r["off_cpu_ns"].as_f64().unwrap_or(0.0),
+        r["on_cpu_ns"].as_f64().unwrap_or(0.0),
+        r["on_cpu_ratio"].as_f64().unwrap_or(0.0),
     );
     if let Some(kernel) = r["kernel_ns_per_run"].as_object() {
         let parts: Vec<String> = kernel

@@ -320,7 +320,26 @@ fn engine(sizes: &Sizes) -> anyhow::Result<Value> {
     }))
 }
 
-pub fn bench(smoke: bool) -> anyhow::Result<()> {
+/// The benchmarks, in the order they run and print.
+const NAMES: [&str; 8] = [
+    "exec",
+    "syscalls",
+    "workloads",
+    "pipeline",
+    "memory",
+    "engine",
+    "nats",
+    "fleet",
+];
+
+pub fn bench(smoke: bool, only: &[String]) -> anyhow::Result<()> {
+    if let Some(unknown) = only.iter().find(|n| !NAMES.contains(&n.as_str())) {
+        anyhow::bail!(
+            "no benchmark named {unknown:?}; there are {}",
+            NAMES.join(", ")
+        );
+    }
+    let want = |name: &str| only.is_empty() || only.iter().any(|n| n == name);
     let sizes = if smoke {
         Sizes {
             smoke,
@@ -372,14 +391,47 @@ pub fn bench(smoke: bool) -> anyhow::Result<()> {
     std::fs::create_dir_all(&dir)?;
     std::fs::copy("/bin/sh", dir.join("Runner.Worker"))?;
 
-    let exec = exec::run(&dir, &sizes)?;
-    let syscalls = syscalls::run(&dir, &sizes)?;
-    let workloads = workloads::run(&dir, &sizes)?;
-    let pipeline = pipeline::run(&dir, &sizes)?;
-    let memory = memory::run(&dir, &sizes)?;
-    let engine = engine(&sizes)?;
-    let nats = nats::run(&dir, smoke)?;
-    let fleet = fleet::run(&sizes)?;
+    let skipped = || Ok(Value::Null);
+    let exec = if want("exec") {
+        exec::run(&dir, &sizes)
+    } else {
+        skipped()
+    }?;
+    let syscalls = if want("syscalls") {
+        syscalls::run(&dir, &sizes)
+    } else {
+        skipped()
+    }?;
+    let workloads = if want("workloads") {
+        workloads::run(&dir, &sizes)
+    } else {
+        skipped()
+    }?;
+    let pipeline = if want("pipeline") {
+        pipeline::run(&dir, &sizes)
+    } else {
+        skipped()
+    }?;
+    let memory = if want("memory") {
+        memory::run(&dir, &sizes)
+    } else {
+        skipped()
+    }?;
+    let engine = if want("engine") {
+        engine(&sizes)
+    } else {
+        skipped()
+    }?;
+    let nats = if want("nats") {
+        nats::run(&dir, smoke)
+    } else {
+        skipped()
+    }?;
+    let fleet = if want("fleet") {
+        fleet::run(&sizes)
+    } else {
+        skipped()
+    }?;
     let machine = output(Command::new("uname").arg("-srm")).unwrap_or_default();
     let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
     let results = json!({
@@ -402,35 +454,56 @@ pub fn bench(smoke: bool) -> anyhow::Result<()> {
         cpus,
         if smoke { " [smoke]" } else { "" }
     );
-    syscalls::print(&results["syscalls"]);
-    exec::print(&results["exec"]);
-    workloads::print(&results["workloads"]);
-    pipeline::print(&results["pipeline"]);
-    memory::print(&results["memory"]);
-    let t = &results["engine"]["throughput"];
+    let ran = |name: &str| !results[name].is_null();
+    if ran("syscalls") {
+        syscalls::print(&results["syscalls"]);
+    }
+    if ran("exec") {
+        exec::print(&results["exec"]);
+    }
+    if ran("workloads") {
+        workloads::print(&results["workloads"]);
+    }
+    if ran("pipeline") {
+        pipeline::print(&results["pipeline"]);
+    }
+    if ran("memory") {
+        memory::print(&results["memory"]);
+    }
+    if ran("engine") {
+        print_engine(&results["engine"]);
+    }
+    if ran("nats") {
+        nats::print(&results["nats"]);
+    }
+    if ran("fleet") {
+        fleet::print(&results["fleet"]);
+    }
+    let out = workspace_root().join("target/bench");
+    std::fs::create_dir_all(&out)?;
+    let file = out.join(match (smoke, only.is_empty()) {
+        (true, _) => "results-smoke.json",
+        (false, true) => "results.json",
+        (false, false) => "results-partial.json",
+    });
+    std::fs::write(&file, serde_json::to_string_pretty(&results)?)?;
+    println!("written to {}", file.display());
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+fn print_engine(engine: &Value) {
+    let t = &engine["throughput"];
     println!(
         "engine alone: {:.0} events/s ({:.0} ns/event) over {} synthetic events",
         t["events_per_second"].as_f64().unwrap_or(0.0),
         t["ns_per_event"].as_f64().unwrap_or(0.0),
         t["events"]
     );
-    let m = &results["engine"]["memory"];
+    let m = &engine["memory"];
     println!(
         "engine memory: {:.0} bytes per tracked process (RSS {} )",
         m["bytes_per_process"].as_f64().unwrap_or(0.0),
         m["rss_bytes"]
     );
-    nats::print(&results["nats"]);
-    fleet::print(&results["fleet"]);
-    let out = workspace_root().join("target/bench");
-    std::fs::create_dir_all(&out)?;
-    let file = out.join(if smoke {
-        "results-smoke.json"
-    } else {
-        "results.json"
-    });
-    std::fs::write(&file, serde_json::to_string_pretty(&results)?)?;
-    println!("written to {}", file.display());
-    let _ = std::fs::remove_dir_all(&dir);
-    Ok(())
 }
