@@ -96,6 +96,13 @@ fn a_gitlab_ci_local_job_sweeping_credentials_and_its_survivor_are_found() {
     let job_id = harvest["job"]["id"].as_str().unwrap().to_owned();
     let after = wait_alert(agent, "credential-after-job-end", &job_id, |_| true);
     assert_eq!(after["job"]["repository"], project.as_str(), "{after:#}");
+    // The step: the command the job's shell ran (gitlab-ci-local runs the script's lines in a
+    // subshell of the job's root shell).
+    assert_eq!(harvest["step"]["kind"], "command", "{harvest:#}");
+    let name = harvest["step"]["name"].as_str().unwrap_or_default();
+    assert!(name.starts_with("cat "), "{harvest:#}");
+    let name = after["step"]["name"].as_str().unwrap_or_default();
+    assert!(name.starts_with("setsid nohup sh -c "), "{after:#}");
     assert_no_secret(agent);
 }
 

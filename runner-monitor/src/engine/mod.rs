@@ -51,6 +51,11 @@ struct Process {
     /// It is its (kernel) job's root: a job root or a stage's shell.
     #[serde(default)]
     is_root: bool,
+    /// A subshell of a step-less job root: a fork of it (or of such a fork) that has not exec'd.
+    /// What it execs starts steps as the root's own children do (a shell root running its
+    /// script's lines in subshells, as gitlab-ci-local's does).
+    #[serde(default)]
+    root_fork: bool,
 }
 
 /// Events of a staged job's processes held while the job waits for its next stage, at most this
@@ -350,11 +355,16 @@ impl Engine {
     /// A fork: the child starts as a copy of its parent, without the parent's credential kinds.
     fn track_fork(&mut self, event: &Event, child_pid: u32) {
         let pid = event.process.pid;
+        let root_fork = self
+            .processes
+            .get(&pid)
+            .is_some_and(|parent| self.starts_steps(parent));
         let mut child = self
             .processes
             .get(&pid)
             .cloned()
             .unwrap_or_else(|| self.new_process(event));
+        child.root_fork = root_fork;
         child.pid = child_pid;
         child.ppid = pid;
         child.kinds.clear();
@@ -371,6 +381,7 @@ impl Engine {
     fn track_exec(&mut self, event: &Event, filename: &str, argv: &[String]) {
         self.track_step(event, filename, argv);
         if let Some(p) = self.processes.get_mut(&event.process.pid) {
+            p.root_fork = false;
             p.exe = Some(filename.to_owned());
             p.cmdline = Some(argv.join(" "));
             p.comm = event.process.comm.clone();
@@ -486,6 +497,7 @@ impl Engine {
                 .and_then(|p| p.step.clone()),
             starts_step: false,
             is_root: event.job.as_ref().is_some_and(|j| j.root),
+            root_fork: false,
         }
     }
 

@@ -154,6 +154,13 @@ fn run_script_of_path(path: &str) -> Option<String> {
 
 /// The engine's side: which process starts a step, and which step a process is in.
 impl super::Engine {
+    /// Whether `p`'s children start steps: it is its job's root, or a subshell of it, and not
+    /// in a named stage.
+    pub(super) fn starts_steps(&self, p: &super::Process) -> bool {
+        let job_root = p.job.and_then(|k| self.jobs.get(&k)).map(|j| j.root_pid);
+        (p.is_root || job_root == Some(p.pid) || p.root_fork) && p.step.is_none()
+    }
+
     /// The step an exec starts: a stage named on a stage shell's command line, or the step a
     /// direct child of the job's root (one not in a named stage) starts. A step's own process
     /// exec'ing again may name it better (`on_reexec`).
@@ -178,7 +185,7 @@ impl super::Engine {
             .processes
             .get(&p.ppid)
             .or_else(|| self.exited.get(&p.ppid))
-            .is_some_and(|parent| is_root(parent) && parent.step.is_none());
+            .is_some_and(|parent| self.starts_steps(parent));
         if !parent_is_step_root {
             return;
         }

@@ -5,8 +5,8 @@
 
 mod compile;
 mod file;
-mod glob;
 pub mod fleet;
+mod glob;
 mod persistence;
 
 pub use file::JobIdentity;

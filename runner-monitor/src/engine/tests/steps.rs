@@ -127,3 +127,48 @@ fn a_gitlab_stage_named_on_its_shell_names_what_runs_in_it() {
     assert_eq!(step.kind.as_deref(), Some("stage"));
     assert_eq!(step.name.as_deref(), Some("step_script"));
 }
+
+#[test]
+fn a_root_shell_running_its_lines_in_subshells_starts_a_step_per_command() {
+    // gitlab-ci-local: the job root (a bash exec'd with the job's environment) forks a subshell
+    // that does not exec, and the subshell runs the script's commands.
+    let mut t = Trace::new();
+    t.start(1, 1, 100, "acme/app");
+    t.fork(2, 1, 100, 101);
+    t.fork(2, 1, 101, 102);
+    t.exec(2, 1, 102, 101, &["cat", "/home/u/.aws/credentials"]);
+    t.fork(3, 1, 101, 103);
+    t.exec(3, 1, 103, 101, &["curl", "https://example.org"]);
+    // A subshell of the subshell: its command starts a step too.
+    t.fork(3, 1, 101, 104);
+    t.fork(3, 1, 104, 105);
+    t.exec(3, 1, 105, 104, &["wget", "https://example.net"]);
+    t.connect(4, 1, 103, "203.0.113.7", 443);
+    t.connect(4, 1, 105, "203.0.113.8", 443);
+    let steps: Vec<_> = t
+        .findings
+        .iter()
+        .filter(|f| f.rule == RuleId::UnexpectedEgress)
+        .map(|f| f.step.clone().expect("the finding names its step"))
+        .collect();
+    assert_eq!(steps.len(), 2);
+    assert_eq!(steps[0].name.as_deref(), Some("curl https://example.org"));
+    assert_eq!(steps[0].index, Some(2));
+    assert_eq!(steps[1].name.as_deref(), Some("wget https://example.net"));
+    assert_eq!(steps[1].index, Some(3));
+}
+
+#[test]
+fn what_a_steps_own_subshell_runs_stays_in_that_step() {
+    let mut t = Trace::new();
+    t.start(1, 1, 100, "acme/app");
+    t.fork(2, 1, 100, 101);
+    t.exec(2, 1, 101, 100, &["make", "deploy"]);
+    t.fork(2, 1, 101, 102);
+    t.fork(2, 1, 102, 103);
+    t.exec(2, 1, 103, 102, &["curl", "https://example.org"]);
+    t.connect(3, 1, 103, "203.0.113.7", 443);
+    let step = t.only(RuleId::UnexpectedEgress).step.clone().unwrap();
+    assert_eq!(step.name.as_deref(), Some("make deploy"));
+    assert_eq!(step.index, Some(1));
+}
