@@ -19,6 +19,8 @@ pub struct Broker {
     pub dir: PathBuf,
     /// The server's TLS block, when it serves TLS.
     tls: Option<String>,
+    /// A `.creds` file to read the stream with, when the broker authenticates (`NatsAuth`).
+    creds: Option<PathBuf>,
 }
 
 /// One message of the stream.
@@ -38,14 +40,33 @@ impl Broker {
     /// Starts nats-server on `port` with its store in `dir`, and `tls` (a nats-server `tls { }`
     /// block) if given.
     pub fn start_on(dir: &Path, port: u16, tls: Option<String>) -> Self {
+        Self::launch(dir, port, tls, None)
+    }
+
+    /// Starts nats-server that admits only users of `auth`'s account; the test reads the stream
+    /// with a `.creds` file of its own (`<dir>/reader.creds`).
+    pub fn start_authenticated(dir: &Path, auth: &NatsAuth) -> Self {
+        std::fs::create_dir_all(dir).unwrap();
+        let creds = dir.join("reader.creds");
+        std::fs::write(&creds, &auth.creds).unwrap();
+        Self::launch(dir, free_port(), None, Some((auth, creds)))
+    }
+
+    fn launch(
+        dir: &Path,
+        port: u16,
+        tls: Option<String>,
+        auth: Option<(&NatsAuth, PathBuf)>,
+    ) -> Self {
         std::fs::create_dir_all(dir).unwrap();
         let config = dir.join("nats.conf");
         std::fs::write(
             &config,
             format!(
-                "listen: 127.0.0.1:{port}\njetstream {{ store_dir: {:?} }}\n{}\n",
+                "listen: 127.0.0.1:{port}\njetstream {{ store_dir: {:?} }}\n{}\n{}\n",
                 dir.join("store").display(),
-                tls.as_deref().unwrap_or("")
+                tls.as_deref().unwrap_or(""),
+                auth.as_ref().map_or("", |(a, _)| a.server_config.as_str()),
             ),
         )
         .unwrap();
@@ -78,6 +99,7 @@ impl Broker {
             port,
             dir: dir.to_path_buf(),
             tls,
+            creds: auth.map(|(_, creds)| creds),
         }
     }
 
@@ -103,12 +125,16 @@ impl Broker {
     pub fn messages(&self, stream: &str, tls: Option<&TestPki>) -> Vec<StreamMessage> {
         let url = self.url();
         let tls = tls.cloned();
+        let creds = self.creds.clone();
         tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .unwrap()
             .block_on(async move {
                 let mut options = async_nats::ConnectOptions::new();
+                if let Some(creds) = &creds {
+                    options = options.credentials_file(creds).await.unwrap();
+                }
                 if let Some(pki) = &tls {
                     options = options
                         .add_root_certificates(pki.ca.clone())
@@ -203,4 +229,98 @@ impl TestPki {
             self.ca.display()
         )
     }
+}
+
+/// Decentralised NATS authentication (operator, account and user JWTs signed with nkeys), as
+/// `nsc` makes it: the broker trusts the operator and knows the account (`resolver: MEMORY`),
+/// and a user proves itself with a `.creds` file. nats-server checks every signature itself.
+pub struct NatsAuth {
+    /// The nats-server configuration lines that trust the operator and preload the account.
+    pub server_config: String,
+    /// A `.creds` file's text for a user of the account.
+    pub creds: String,
+}
+
+impl NatsAuth {
+    pub fn generate(name: &str) -> Self {
+        let operator = nkeys::KeyPair::new_operator();
+        let account = nkeys::KeyPair::new_account();
+        let user = nkeys::KeyPair::new_user();
+        // JetStream needs the server's system account.
+        let system = nkeys::KeyPair::new_account();
+        let operator_jwt = jwt(
+            &operator,
+            &operator.public_key(),
+            name,
+            serde_json::json!({
+                "system_account": system.public_key(), "type": "operator", "version": 2,
+            }),
+        );
+        let system_jwt = jwt(
+            &operator,
+            &system.public_key(),
+            "SYS",
+            serde_json::json!({ "type": "account", "version": 2 }),
+        );
+        // JetStream is on for an account whose storage limits are not zero.
+        let unlimited = serde_json::json!({
+            "subs": -1, "data": -1, "payload": -1, "imports": -1, "exports": -1,
+            "wildcards": true, "conn": -1, "leaf": -1,
+            "mem_storage": -1, "disk_storage": -1, "streams": -1, "consumer": -1,
+        });
+        let account_jwt = jwt(
+            &operator,
+            &account.public_key(),
+            name,
+            serde_json::json!({ "limits": unlimited, "type": "account", "version": 2 }),
+        );
+        let user_jwt = jwt(
+            &account,
+            &user.public_key(),
+            name,
+            serde_json::json!({
+                "pub": {}, "sub": {}, "subs": -1, "data": -1, "payload": -1,
+                "type": "user", "version": 2,
+            }),
+        );
+        Self {
+            server_config: format!(
+                "operator: {operator_jwt}\nsystem_account: {sys}\nresolver: MEMORY\n\
+                 resolver_preload: {{\n  {sys}: {system_jwt}\n  {}: {account_jwt}\n}}\n",
+                account.public_key(),
+                sys = system.public_key(),
+            ),
+            creds: format!(
+                "-----BEGIN NATS USER JWT-----\n{user_jwt}\n------END NATS USER JWT------\n\n\
+                 -----BEGIN USER NKEY SEED-----\n{}\n------END USER NKEY SEED------\n",
+                user.seed().unwrap()
+            ),
+        }
+    }
+}
+
+/// A NATS JWT (`ed25519-nkey`) about `subject`, issued and signed by `issuer`.
+fn jwt(issuer: &nkeys::KeyPair, subject: &str, name: &str, nats: Value) -> String {
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let iat = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let header = serde_json::json!({ "typ": "JWT", "alg": "ed25519-nkey" });
+    let claims = serde_json::json!({
+        "jti": format!("RMTEST{}{}", std::process::id(), subject.get(..12).unwrap_or(subject)),
+        "iat": iat,
+        "iss": issuer.public_key(),
+        "name": name,
+        "sub": subject,
+        "nats": nats,
+    });
+    let signed = format!(
+        "{}.{}",
+        b64.encode(header.to_string()),
+        b64.encode(claims.to_string())
+    );
+    let signature = issuer.sign(signed.as_bytes()).unwrap();
+    format!("{signed}.{}", b64.encode(signature))
 }

@@ -13,7 +13,7 @@ use integration_tests::{
         Agent, agent_dir, agent_log, alerts, free_port, github_job, run_id, target_dir,
         test_policy, wait_alert, wait_until,
     },
-    nats::{Broker, StreamMessage, TestPki},
+    nats::{Broker, NatsAuth, StreamMessage, TestPki},
 };
 use serde_json::Value;
 
@@ -425,6 +425,63 @@ fn tls_with_a_test_ca_delivers_and_an_unverifiable_server_keeps_findings_spooled
         "findings not kept in the spool: {spooled}"
     );
     assert_eq!(broker.messages(STREAM, Some(&pki)).len(), before);
+    drop(agent);
+    let _ = std::fs::remove_dir_all(root);
+}
+
+#[test]
+fn a_credentials_file_authenticates_and_a_user_of_another_operator_stays_spooled() {
+    let _one = one_agent();
+    let root = std::env::temp_dir().join(format!("rm-broker-creds-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    let auth = NatsAuth::generate("rm-test");
+    let broker = Broker::start_authenticated(&root.join("broker"), &auth);
+    let creds = root.join("agent.creds");
+    std::fs::write(&creds, &auth.creds).unwrap();
+    let dir = fleet_dir(
+        "fleet-creds",
+        &format!("credentials = {:?}\n", creds.display()),
+    );
+    let agent = Agent::launch(&dir, free_port(), &["--nats", &broker.url()]);
+    let env = TestEnv::new("fleet-creds");
+    let (_, reader) = write_then_read(&env, &agent, 81);
+    wait_alert(&agent, "cross-job-credential-reuse", &reader, |_| true);
+    wait_published(&broker, &agent, 2, None);
+    assert_findings_published_once(&alerts(&agent), &broker.messages(STREAM, None));
+    drop(agent);
+
+    // A user of an operator the broker does not trust: refused, said so, findings kept.
+    let stranger = root.join("stranger.creds");
+    std::fs::write(&stranger, NatsAuth::generate("stranger").creds).unwrap();
+    let dir = fleet_dir(
+        "fleet-creds-bad",
+        &format!("credentials = {:?}\n", stranger.display()),
+    );
+    let agent = Agent::launch(&dir, free_port(), &["--nats", &broker.url()]);
+    let before = broker.messages(STREAM, None).len();
+    let (_, reader) = write_then_read(&env, &agent, 83);
+    wait_alert(&agent, "cross-job-credential-reuse", &reader, |_| true);
+    wait_until("the authorization error in the log", 30, || {
+        agent_log(&dir).contains("fleet stream delivery failed")
+    });
+    let log = agent_log(&dir);
+    let line = log
+        .lines()
+        .find(|l| l.contains("fleet stream delivery failed"))
+        .unwrap();
+    assert!(
+        line.contains(&broker.url()) && line.to_lowercase().contains("authori"),
+        "not a clear authorization error: {line}"
+    );
+    let spooled = std::fs::read_to_string(dir.join("spool/nats.jsonl")).unwrap();
+    assert!(
+        spooled.lines().any(|l| l.starts_with("findings\t")),
+        "findings not kept in the spool: {spooled}"
+    );
+    assert_eq!(broker.messages(STREAM, None).len(), before);
+    // The seed in the credentials file never reaches the log.
+    let seed = auth.creds.lines().find(|l| l.starts_with("SU")).unwrap();
+    assert!(!log.contains(seed) && !agent_log(&dir).contains(seed));
     drop(agent);
     let _ = std::fs::remove_dir_all(root);
 }
