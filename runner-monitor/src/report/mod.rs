@@ -328,6 +328,9 @@ impl Record {
     }
 
     fn finding(&mut self, f: &Finding) {
+        if f.rule == RuleId::CredentialAfterJobEnd {
+            self.after_end_from(f);
+        }
         if f.rule == RuleId::ProcessSurvivedJob
             && let Some(p) = &f.process
         {
@@ -350,6 +353,29 @@ impl Record {
             return;
         }
         self.report.findings.push(f.clone());
+    }
+}
+
+impl Record {
+    /// The object of a `credential-after-job-end` finding was used after the end: for a staged
+    /// job the engine only knows that once no stage followed the gap it happened in.
+    fn after_end_from(&mut self, f: &Finding) {
+        let path = f
+            .credential
+            .as_ref()
+            .map(|c| c.path.as_str())
+            .or(f.socket.as_ref().map(|s| s.path.as_str()));
+        if let Some(Some(at)) = path.and_then(|p| self.credential_at.get(p))
+            && let Some(c) = self.report.credentials.get_mut(*at)
+        {
+            c.after_end = true;
+        }
+        if let Some(d) = &f.destination
+            && let Some(&at) = self.egress_at.get(&(d.ip, d.port))
+            && let Some(e) = self.report.egress.get_mut(at)
+        {
+            e.after_end = true;
+        }
     }
 }
 
@@ -448,7 +474,11 @@ impl JobReports {
         let Some(record) = self.record_of(key, event.time_ns) else {
             return;
         };
-        let ended = ended || record.report.end_ns.is_some();
+        // A staged job's stage ending is not the job's end: what its survivors do before the
+        // next stage or the inferred end is judged by the engine, whose findings say so
+        // (`Record::after_end_from`).
+        let staged = policy.has_stages(record.report.job.platform.as_deref());
+        let ended = (ended && !staged) || record.report.end_ns.is_some();
         let pid = event.process.pid;
         if (event.job.as_ref().is_some_and(|j| j.root)
             || matches!(event.detail, EventDetail::JobStart(_)))
@@ -462,7 +492,6 @@ impl JobReports {
             EventDetail::Exit { exit_code } => {
                 record.exit(event, *exit_code);
                 // A staged job's root is one stage's: the job ends with its `job_end`.
-                let staged = policy.has_stages(record.report.job.platform.as_deref());
                 if event.job.as_ref().is_some_and(|j| j.root)
                     && !staged
                     && record.report.end_ns.is_none()

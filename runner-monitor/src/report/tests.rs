@@ -10,6 +10,7 @@ use crate::{
     pipeline::Pipeline,
 };
 
+mod stages;
 mod steps;
 
 const S: u64 = 1_000_000_000;
