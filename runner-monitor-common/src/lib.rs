@@ -48,6 +48,8 @@ pub enum EventKind {
     /// Sent just before the exec event of a process that became a job root by its environment
     /// (or of a job root whose environment names its job): the identity values found there.
     JobEnv = 16,
+    /// A job process set up an io_uring instance (`io_uring:io_uring_create`).
+    IoUringSetup = 17,
 }
 
 /// Per-kind counter slots: a power of two above the highest `EventKind`, because the kernel
@@ -55,12 +57,12 @@ pub enum EventKind {
 /// bound). At 17 the mask sent every kind but one to slot 0.
 pub const EVENT_KIND_SLOTS: u32 = 32;
 const _: () = assert!(
-    EVENT_KIND_SLOTS.is_power_of_two() && (EventKind::JobEnv as u32) < EVENT_KIND_SLOTS,
+    EVENT_KIND_SLOTS.is_power_of_two() && (EventKind::IoUringSetup as u32) < EVENT_KIND_SLOTS,
     "EVENT_KIND_SLOTS must be a power of two above every EventKind"
 );
 
 impl EventKind {
-    pub const ALL: [EventKind; 16] = [
+    pub const ALL: [EventKind; 17] = [
         EventKind::Fork,
         EventKind::Exec,
         EventKind::Exit,
@@ -77,6 +79,7 @@ impl EventKind {
         EventKind::Bpf,
         EventKind::Chdir,
         EventKind::JobEnv,
+        EventKind::IoUringSetup,
     ];
 
     pub fn from_u32(value: u32) -> Option<Self> {
@@ -102,6 +105,7 @@ impl EventKind {
             EventKind::Bpf => "bpf",
             EventKind::Chdir => "chdir",
             EventKind::JobEnv => "job_env",
+            EventKind::IoUringSetup => "io_uring_setup",
         }
     }
 }
@@ -112,6 +116,9 @@ pub const HEADER_JOB_ENDED: u32 = 1;
 pub const HEADER_JOB_ROOT: u32 = 1 << 1;
 /// `EventHeader::flags`: a string in the body was cut at its buffer size.
 pub const HEADER_TRUNCATED: u32 = 1 << 2;
+/// `EventHeader::flags`: a `FileOpen` from an io_uring request (`IORING_OP_OPENAT`/`OPENAT2`),
+/// sent at its submission, before the open ran: its `result` is 0, not the open's.
+pub const HEADER_IO_URING: u32 = 1 << 3;
 
 /// Common to every event; the first bytes of every ring-buffer record.
 #[repr(C)]
@@ -519,7 +526,19 @@ pub mod setting {
     /// Non-zero when some job marker variables are in `NAMES`: execs outside jobs scan their
     /// environment.
     pub const JOB_ENV: u32 = 3;
-    pub const SLOTS: u32 = 4;
+    /// Non-zero when the `IO_URING_*` offsets below are those of the running kernel (read from
+    /// its BTF by the agent); 0: the io_uring request probe reads nothing.
+    pub const IO_URING_LAYOUT: u32 = 4;
+    /// Byte offsets from the start of a `struct io_kiocb`: its `opcode` (u8), and the open
+    /// request's `dfd` (i32), `filename` (`struct filename *`) and `how.flags` (u64) in its
+    /// command area.
+    pub const IO_URING_OPCODE: u32 = 5;
+    pub const IO_URING_OPEN_DFD: u32 = 6;
+    pub const IO_URING_OPEN_FILENAME: u32 = 7;
+    pub const IO_URING_OPEN_FLAGS: u32 = 8;
+    /// Byte offset of `name` (`const char *`) in `struct filename`.
+    pub const IO_URING_FILENAME_NAME: u32 = 9;
+    pub const SLOTS: u32 = 10;
 }
 
 /// Capacity of the kernel's process map: job processes alive at once.
@@ -559,6 +578,9 @@ assert_size!(ProcessJob, 24);
 assert_size!(JobState, 24);
 assert_size!(JobBudget, 24);
 assert_size!(NameKey, 8 + NAME_LEN);
+
+pub mod io_uring;
+pub use io_uring::IoUringSetupEvent;
 
 #[cfg(feature = "user")]
 mod user {

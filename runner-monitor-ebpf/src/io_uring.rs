@@ -1,0 +1,82 @@
+//! io_uring: rings set up by job processes, and the opens they submit.
+//!
+//! Syscall tracepoints are blind to io_uring: an `IORING_OP_OPENAT` makes no `openat` syscall.
+//! The `io_uring:` tracepoints are not, and as `tp_btf` programs they get the kernel's typed
+//! arguments. aya-ebpf has no CO-RE field relocations, so the offsets into `struct io_kiocb` and
+//! `struct filename` come from the agent, which reads them from the running kernel's BTF
+//! (`setting::IO_URING_*`); without them the request probe reads nothing.
+//!
+//! Both tracepoints fire in the context of the task that submitted: the process that called
+//! `io_uring_setup` / `io_uring_enter`, or, with `IORING_SETUP_SQPOLL`, the ring's polling thread
+//! (`iou-sqp-<pid>`), which is a thread of the process that created the ring. Either way the
+//! process map gives the job.
+
+use aya_ebpf::{
+    helpers::bpf_probe_read_kernel, macros::btf_tracepoint, programs::BtfTracePointContext,
+};
+use runner_monitor_common::{
+    EventKind, IoUringSetupEvent,
+    io_uring::{IORING_OP_OPENAT, IORING_OP_OPENAT2},
+    setting,
+};
+
+use crate::{emit::send, files::kernel_open, maps::current_process, names::setting};
+
+/// The `T` at kernel address `base + offset`; `None` when it cannot be read.
+#[inline(always)]
+fn kernel_field<T>(base: u64, offset: u32) -> Option<T> {
+    // SAFETY: a checked read of kernel memory (bpf_probe_read_kernel).
+    unsafe { bpf_probe_read_kernel((base + offset as u64) as *const T).ok() }
+}
+
+// TP_PROTO(int fd, void *ctx, u32 sq_entries, u32 cq_entries, u32 flags)
+#[btf_tracepoint(function = "io_uring_create")]
+pub fn io_uring_create(ctx: BtfTracePointContext) -> i32 {
+    let Some(process) = current_process() else {
+        return 0;
+    };
+    let fd: i32 = ctx.arg(0);
+    let sq_entries: u32 = ctx.arg(2);
+    let cq_entries: u32 = ctx.arg(3);
+    let flags: u32 = ctx.arg(4);
+    send::<IoUringSetupEvent>(EventKind::IoUringSetup, Some(&process), |e| {
+        e.fd = fd;
+        e.sq_entries = sq_entries;
+        e.cq_entries = cq_entries;
+        e.flags = flags;
+    });
+    0
+}
+
+// TP_PROTO(struct io_kiocb *req)
+// Fires in io_submit_sqe() after io_init_req() prepared the request: for an open, the name is
+// already in a `struct filename` (getname), which is what the open will use.
+#[btf_tracepoint(function = "io_uring_submit_req")]
+pub fn io_uring_submit_req(ctx: BtfTracePointContext) -> i32 {
+    let Some(process) = current_process() else {
+        return 0;
+    };
+    if setting(setting::IO_URING_LAYOUT) == 0 {
+        return 0;
+    }
+    let req: u64 = ctx.arg(0);
+    let Some(opcode) = kernel_field::<u8>(req, setting(setting::IO_URING_OPCODE)) else {
+        return 0;
+    };
+    if opcode != IORING_OP_OPENAT && opcode != IORING_OP_OPENAT2 {
+        return 0;
+    }
+    let Some(filename) = kernel_field::<u64>(req, setting(setting::IO_URING_OPEN_FILENAME)) else {
+        return 0;
+    };
+    if filename == 0 {
+        return 0;
+    }
+    let Some(name) = kernel_field::<u64>(filename, setting(setting::IO_URING_FILENAME_NAME)) else {
+        return 0;
+    };
+    let dfd = kernel_field::<i32>(req, setting(setting::IO_URING_OPEN_DFD)).unwrap_or(0);
+    let flags = kernel_field::<u64>(req, setting(setting::IO_URING_OPEN_FLAGS)).unwrap_or(0);
+    kernel_open(&process, dfd, name, flags as u32);
+    0
+}
