@@ -116,8 +116,8 @@ pub const HEADER_JOB_ENDED: u32 = 1;
 pub const HEADER_JOB_ROOT: u32 = 1 << 1;
 /// `EventHeader::flags`: a string in the body was cut at its buffer size.
 pub const HEADER_TRUNCATED: u32 = 1 << 2;
-/// `EventHeader::flags`: a `FileOpen` from an io_uring request (`IORING_OP_OPENAT`/`OPENAT2`),
-/// sent at its submission, before the open ran: its `result` is 0, not the open's.
+/// `EventHeader::flags`: a `FileOpen` or `Connect` from an io_uring request (`IORING_OP_OPENAT`,
+/// `OPENAT2`, `CONNECT`), sent at its submission, before it ran: its `result` is 0.
 pub const HEADER_IO_URING: u32 = 1 << 3;
 
 /// Common to every event; the first bytes of every ring-buffer record.
@@ -526,19 +526,9 @@ pub mod setting {
     /// Non-zero when some job marker variables are in `NAMES`: execs outside jobs scan their
     /// environment.
     pub const JOB_ENV: u32 = 3;
-    /// Non-zero when the `IO_URING_*` offsets below are those of the running kernel (read from
-    /// its BTF by the agent); 0: the io_uring request probe reads nothing.
-    pub const IO_URING_LAYOUT: u32 = 4;
-    /// Byte offsets from the start of a `struct io_kiocb`: its `opcode` (u8), and the open
-    /// request's `dfd` (i32), `filename` (`struct filename *`) and `how.flags` (u64) in its
-    /// command area.
-    pub const IO_URING_OPCODE: u32 = 5;
-    pub const IO_URING_OPEN_DFD: u32 = 6;
-    pub const IO_URING_OPEN_FILENAME: u32 = 7;
-    pub const IO_URING_OPEN_FLAGS: u32 = 8;
-    /// Byte offset of `name` (`const char *`) in `struct filename`.
-    pub const IO_URING_FILENAME_NAME: u32 = 9;
-    pub const SLOTS: u32 = 10;
+    /// Slots 4 to 12: the io_uring request layout (`io_uring::slot`).
+    pub use crate::io_uring::slot::*;
+    pub const SLOTS: u32 = 13;
 }
 
 /// Capacity of the kernel's process map: job processes alive at once.

@@ -1,4 +1,4 @@
-//! io_uring: rings set up by job processes, and the opens they submit.
+//! io_uring: rings set up by job processes, and the opens and connects they submit.
 //!
 //! Syscall tracepoints are blind to io_uring: an `IORING_OP_OPENAT` makes no `openat` syscall.
 //! The `io_uring:` tracepoints are not, and as `tp_btf` programs they get the kernel's typed
@@ -16,11 +16,15 @@ use aya_ebpf::{
 };
 use runner_monitor_common::{
     EventKind, IoUringSetupEvent,
-    io_uring::{IORING_OP_OPENAT, IORING_OP_OPENAT2},
+    io_uring::{
+        IORING_OP_CONNECT, IORING_OP_OPENAT, IORING_OP_OPENAT2, LAYOUT_CONNECT, LAYOUT_OPEN,
+    },
     setting,
 };
 
-use crate::{emit::send, files::kernel_open, maps::current_process, names::setting};
+use crate::{
+    emit::send, files::kernel_open, maps::current_process, names::setting, net::io_uring_connect,
+};
 
 /// The `T` at kernel address `base + offset`; `None` when it cannot be read.
 #[inline(always)]
@@ -50,20 +54,32 @@ pub fn io_uring_create(ctx: BtfTracePointContext) -> i32 {
 
 // TP_PROTO(struct io_kiocb *req)
 // Fires in io_submit_sqe() after io_init_req() prepared the request: for an open, the name is
-// already in a `struct filename` (getname), which is what the open will use.
+// already in a `struct filename` (getname), which is what the open will use; for a connect, the
+// address was copied from the user pointer the request keeps.
 #[btf_tracepoint(function = "io_uring_submit_req")]
 pub fn io_uring_submit_req(ctx: BtfTracePointContext) -> i32 {
     let Some(process) = current_process() else {
         return 0;
     };
-    if setting(setting::IO_URING_LAYOUT) == 0 {
+    let layout = setting(setting::IO_URING_LAYOUT);
+    if layout == 0 {
         return 0;
     }
     let req: u64 = ctx.arg(0);
     let Some(opcode) = kernel_field::<u8>(req, setting(setting::IO_URING_OPCODE)) else {
         return 0;
     };
-    if opcode != IORING_OP_OPENAT && opcode != IORING_OP_OPENAT2 {
+    if opcode == IORING_OP_CONNECT && layout & LAYOUT_CONNECT != 0 {
+        // io_connect_prep() kept the user address (and copied it into the request's async
+        // data, whose type differs between kernels; the user copy's place does not).
+        let addr = kernel_field::<u64>(req, setting(setting::IO_URING_CONNECT_ADDR)).unwrap_or(0);
+        let len =
+            kernel_field::<i32>(req, setting(setting::IO_URING_CONNECT_ADDR_LEN)).unwrap_or(0);
+        let fd = kernel_field::<i32>(req, setting(setting::IO_URING_FD)).unwrap_or(-1);
+        io_uring_connect(&process, fd, addr, len as i64);
+        return 0;
+    }
+    if (opcode != IORING_OP_OPENAT && opcode != IORING_OP_OPENAT2) || layout & LAYOUT_OPEN == 0 {
         return 0;
     }
     let Some(filename) = kernel_field::<u64>(req, setting(setting::IO_URING_OPEN_FILENAME)) else {

@@ -305,6 +305,10 @@ pub struct Connect {
     /// 0 on success, negative errno on failure (`-115`, EINPROGRESS, for a non-blocking connect).
     #[serde(default)]
     pub result: i64,
+    /// Submitted as an io_uring request (`IORING_OP_CONNECT`), not a syscall; seen at
+    /// submission, so `result` is 0 whatever the connect then returned.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub io_uring: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

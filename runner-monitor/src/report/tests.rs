@@ -164,6 +164,7 @@ fn connect(ip: &str, port: u16) -> EventDetail {
         unix_path: None,
         fd: 3,
         result: 0,
+        io_uring: false,
     })
 }
 

@@ -145,7 +145,9 @@ impl Decoder {
             }
             EventKind::Connect => {
                 let e: ConnectEvent = read(bytes)?;
-                EventDetail::Connect(connect(&e)?)
+                let mut c = connect(&e)?;
+                c.io_uring = header.flags & HEADER_IO_URING != 0;
+                EventDetail::Connect(c)
             }
             EventKind::DnsQuery | EventKind::DnsAnswer => {
                 let e: DnsEvent = read(bytes)?;
@@ -319,6 +321,7 @@ fn connect(e: &ConnectEvent) -> Result<Connect, DecodeError> {
         unix_path,
         fd: e.fd,
         result: e.result,
+        io_uring: false,
     })
 }
 

@@ -1,6 +1,6 @@
 //! The io_uring probes: `tp_btf` programs on `io_uring:io_uring_create` (a job process sets up a
-//! ring) and `io_uring:io_uring_submit_req` (the opens it submits), with the request layout they
-//! need read from the running kernel's BTF.
+//! ring) and `io_uring:io_uring_submit_req` (the opens and connects it submits), with the request
+//! layouts they need read from the running kernel's BTF.
 //!
 //! What they cover, and what not, is in `docs/sensors.md` ("io_uring") and in `coverage`, which
 //! `runner-monitor check` prints.
@@ -10,7 +10,10 @@ use aya::{
     maps::{Array, MapData},
     programs::BtfTracePoint,
 };
-use runner_monitor_common::setting;
+use runner_monitor_common::{
+    io_uring::{LAYOUT_CONNECT, LAYOUT_OPEN},
+    setting,
+};
 
 use super::{
     ProbeState, ProbeStatus,
@@ -18,10 +21,52 @@ use super::{
     btf::{BtfError, KernelBtf},
 };
 
+/// Checked member lookups in the kernel's BTF: each error names the member that is missing or
+/// not what the probe reads.
+struct Members<'a>(&'a KernelBtf);
+
+impl Members<'_> {
+    fn offset(&self, ty: &str, name: &str) -> Result<u32, String> {
+        self.0
+            .member(ty, name)
+            .map(|m| m.offset)
+            .map_err(|e: BtfError| e.to_string())
+    }
+
+    fn sized(&self, ty: &str, name: &str, size: u32) -> Result<u32, String> {
+        let m = self.0.member(ty, name).map_err(|e| e.to_string())?;
+        match self.0.size_of(m.type_id) {
+            Some(s) if s == size => Ok(m.offset),
+            other => Err(format!("{ty}.{name} is {other:?} bytes, not {size}")),
+        }
+    }
+
+    fn pointer(&self, ty: &str, name: &str) -> Result<u32, String> {
+        let m = self.0.member(ty, name).map_err(|e| e.to_string())?;
+        if self.0.is_pointer(m.type_id) {
+            Ok(m.offset)
+        } else {
+            Err(format!("{ty}.{name} is not a pointer"))
+        }
+    }
+
+    /// `io_kiocb.cmd`, checked to hold the request struct `op` (the kernel asserts it fits).
+    fn command_area(&self, op: &str) -> Result<u32, String> {
+        let cmd = self.offset("io_kiocb", "cmd")?;
+        let size = |ty| self.0.struct_id(ty).and_then(|id| self.0.size_of(id));
+        match (size(op), size("io_cmd_data")) {
+            (Some(o), Some(area)) if o <= area => Ok(cmd),
+            (o, area) => Err(format!(
+                "struct {op} ({o:?} bytes) is not in io_kiocb's command area ({area:?} bytes)"
+            )),
+        }
+    }
+}
+
 /// Where the request probe reads an open request, in bytes from the start of `struct io_kiocb`
 /// (and of `struct filename`), for the running kernel.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
-pub struct RequestLayout {
+pub struct OpenLayout {
     /// `io_kiocb.opcode`.
     pub opcode: u32,
     /// `io_kiocb.cmd` + `io_open.dfd`.
@@ -34,51 +79,85 @@ pub struct RequestLayout {
     pub filename_name: u32,
 }
 
-impl RequestLayout {
-    /// The layout from `btf`, checked member by member (sizes and pointers as the probe reads
-    /// them); the error names the member that is missing or not what the probe expects.
+impl OpenLayout {
     pub fn from_btf(btf: &KernelBtf) -> Result<Self, String> {
-        let member =
-            |ty: &str, name: &str| btf.member(ty, name).map_err(|e: BtfError| e.to_string());
-        let sized = |ty: &str, name: &str, size: u32| -> Result<u32, String> {
-            let m = member(ty, name)?;
-            match btf.size_of(m.type_id) {
-                Some(s) if s == size => Ok(m.offset),
-                other => Err(format!("{ty}.{name} is {other:?} bytes, not {size}")),
-            }
-        };
-        let pointer = |ty: &str, name: &str| -> Result<u32, String> {
-            let m = member(ty, name)?;
-            if btf.is_pointer(m.type_id) {
-                Ok(m.offset)
-            } else {
-                Err(format!("{ty}.{name} is not a pointer"))
-            }
-        };
-        let cmd = member("io_kiocb", "cmd")?.offset;
-        let how = member("io_open", "how")?.offset;
-        let layout = Self {
-            opcode: sized("io_kiocb", "opcode", 1)?,
-            open_dfd: cmd + sized("io_open", "dfd", 4)?,
-            open_filename: cmd + pointer("io_open", "filename")?,
-            open_flags: cmd + how + sized("open_how", "flags", 8)?,
-            filename_name: pointer("filename", "name")?,
-        };
-        // The command area holds the request's own struct (the kernel asserts it fits).
-        let area = btf
-            .struct_id("io_cmd_data")
-            .and_then(|id| btf.size_of(id))
-            .unwrap_or(64);
-        let open = btf
-            .struct_id("io_open")
-            .and_then(|id| btf.size_of(id))
-            .unwrap_or(u32::MAX);
-        if open > area {
-            return Err(format!(
-                "struct io_open ({open} bytes) is not in io_kiocb's {area}-byte command area"
-            ));
+        let m = Members(btf);
+        let cmd = m.command_area("io_open")?;
+        Ok(Self {
+            opcode: m.sized("io_kiocb", "opcode", 1)?,
+            open_dfd: cmd + m.sized("io_open", "dfd", 4)?,
+            open_filename: cmd + m.pointer("io_open", "filename")?,
+            open_flags: cmd + m.offset("io_open", "how")? + m.sized("open_how", "flags", 8)?,
+            filename_name: m.pointer("filename", "name")?,
+        })
+    }
+}
+
+/// Where the request probe reads a connect request, from the start of `struct io_kiocb`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct ConnectLayout {
+    /// `io_kiocb.opcode`.
+    pub opcode: u32,
+    /// `io_kiocb.cqe` + `io_cqe.fd`: the socket's fd.
+    pub fd: u32,
+    /// `io_kiocb.cmd` + `io_connect.addr`: the user address.
+    pub addr: u32,
+    /// `io_kiocb.cmd` + `io_connect.addr_len`.
+    pub addr_len: u32,
+}
+
+impl ConnectLayout {
+    pub fn from_btf(btf: &KernelBtf) -> Result<Self, String> {
+        let m = Members(btf);
+        let cmd = m.command_area("io_connect")?;
+        Ok(Self {
+            opcode: m.sized("io_kiocb", "opcode", 1)?,
+            fd: m.offset("io_kiocb", "cqe")? + m.sized("io_cqe", "fd", 4)?,
+            addr: cmd + m.pointer("io_connect", "addr")?,
+            addr_len: cmd + m.sized("io_connect", "addr_len", 4)?,
+        })
+    }
+}
+
+/// The request layouts of the running kernel, each with the reason it is not known.
+pub struct Layouts {
+    pub open: Result<OpenLayout, String>,
+    pub connect: Result<ConnectLayout, String>,
+}
+
+impl Layouts {
+    pub fn of(btf: &Result<KernelBtf, String>) -> Self {
+        match btf {
+            Ok(btf) => Self {
+                open: OpenLayout::from_btf(btf),
+                connect: ConnectLayout::from_btf(btf),
+            },
+            Err(e) => Self {
+                open: Err(e.clone()),
+                connect: Err(e.clone()),
+            },
         }
-        Ok(layout)
+    }
+
+    /// Writes the known offsets and the `LAYOUT_*` bits saying which they are.
+    fn write(&self, settings: &mut Array<MapData, u32>) -> Result<(), aya::maps::MapError> {
+        let mut bits = 0;
+        if let Ok(l) = &self.open {
+            settings.set(setting::IO_URING_OPCODE, l.opcode, 0)?;
+            settings.set(setting::IO_URING_OPEN_DFD, l.open_dfd, 0)?;
+            settings.set(setting::IO_URING_OPEN_FILENAME, l.open_filename, 0)?;
+            settings.set(setting::IO_URING_OPEN_FLAGS, l.open_flags, 0)?;
+            settings.set(setting::IO_URING_FILENAME_NAME, l.filename_name, 0)?;
+            bits |= LAYOUT_OPEN;
+        }
+        if let Ok(l) = &self.connect {
+            settings.set(setting::IO_URING_OPCODE, l.opcode, 0)?;
+            settings.set(setting::IO_URING_FD, l.fd, 0)?;
+            settings.set(setting::IO_URING_CONNECT_ADDR, l.addr, 0)?;
+            settings.set(setting::IO_URING_CONNECT_ADDR_LEN, l.addr_len, 0)?;
+            bits |= LAYOUT_CONNECT;
+        }
+        settings.set(setting::IO_URING_LAYOUT, bits, 0)
     }
 }
 
@@ -90,26 +169,12 @@ const PROBES: [(&str, &str); 2] = [
 
 /// Loads and attaches the io_uring probes, after writing the request layout into `settings`.
 /// Never fails as a whole: each probe reports its state. The request probe is not attached
-/// when the layout cannot be read from the kernel's BTF.
+/// when no request layout can be read from the kernel's BTF.
 pub fn attach(ebpf: &mut Ebpf, settings: &mut Array<MapData, u32>) -> Vec<ProbeStatus> {
     let kernel_btf = KernelBtf::vmlinux().map_err(|e| e.to_string());
-    let layout = kernel_btf
-        .as_ref()
-        .map_err(Clone::clone)
-        .and_then(RequestLayout::from_btf);
-    if let Ok(l) = &layout {
-        for (index, value) in [
-            (setting::IO_URING_OPCODE, l.opcode),
-            (setting::IO_URING_OPEN_DFD, l.open_dfd),
-            (setting::IO_URING_OPEN_FILENAME, l.open_filename),
-            (setting::IO_URING_OPEN_FLAGS, l.open_flags),
-            (setting::IO_URING_FILENAME_NAME, l.filename_name),
-            (setting::IO_URING_LAYOUT, 1),
-        ] {
-            if let Err(e) = settings.set(index, value, 0) {
-                tracing::warn!(error = %e, "io_uring request layout not written");
-            }
-        }
+    let layouts = Layouts::of(&kernel_btf);
+    if let Err(e) = layouts.write(settings) {
+        tracing::warn!(error = %e, "io_uring request layout not written");
     }
     let btf = kernel_btf.and_then(|k| {
         aya::Btf::from_sys_fs()
@@ -118,16 +183,17 @@ pub fn attach(ebpf: &mut Ebpf, settings: &mut Array<MapData, u32>) -> Vec<ProbeS
     });
     let mut out = Vec::new();
     for (program, tracepoint) in PROBES {
-        let state = match (&btf, &layout) {
+        let state = match (&btf, (&layouts.open, &layouts.connect)) {
             (Err(reason), _) => ProbeState::Failed(reason.clone()),
             (Ok((k, _)), _) if !k.has_typedef(&format!("btf_trace_{tracepoint}")) => {
                 ProbeState::Absent(format!(
                     "no tracepoint io_uring/{tracepoint} on this kernel (io_uring not built in)"
                 ))
             }
-            (Ok(_), Err(reason)) if program == "io_uring_submit_req" => {
+            (Ok(_), (Err(open), Err(connect))) if program == "io_uring_submit_req" => {
                 ProbeState::Failed(format!(
-                    "not attached: the io_uring request layout is not in the kernel's BTF ({reason})"
+                    "not attached: the io_uring request layouts are not in the kernel's BTF \
+                     (open: {open}; connect: {connect})"
                 ))
             }
             (Ok((_, aya_btf)), _) => attach_one(ebpf, program, tracepoint, aya_btf),
@@ -168,39 +234,65 @@ fn attach_one(ebpf: &mut Ebpf, program: &str, tracepoint: &str, btf: &aya::Btf) 
 /// What the io_uring probes in `probes` cover on this kernel, one line per kind of request, for
 /// `runner-monitor check`.
 pub fn coverage(probes: &[ProbeStatus]) -> Vec<(&'static str, String)> {
-    let state = |program: &str| {
-        probes
-            .iter()
-            .find(|p| p.program == program)
-            .map(|p| p.state.clone())
-    };
-    let why = |s: Option<ProbeState>| match s {
-        Some(ProbeState::Attached) => None,
-        Some(ProbeState::Absent(r) | ProbeState::Failed(r)) => Some(r),
+    coverage_with(
+        probes,
+        &Layouts::of(&KernelBtf::vmlinux().map_err(|e| e.to_string())),
+    )
+}
+
+fn coverage_with(probes: &[ProbeStatus], layouts: &Layouts) -> Vec<(&'static str, String)> {
+    let why = |program: &str| match probes.iter().find(|p| p.program == program) {
+        Some(ProbeStatus {
+            state: ProbeState::Attached,
+            ..
+        }) => None,
+        Some(ProbeStatus {
+            state: ProbeState::Absent(r) | ProbeState::Failed(r),
+            ..
+        }) => Some(r.clone()),
         None => Some("probe not loaded".to_owned()),
     };
-    let setup = match why(state("io_uring_create")) {
-        None => "seen: io_uring_setup by a job process is an io_uring_setup event".to_owned(),
-        Some(r) => format!("NOT seen: {r}"),
-    };
-    let opens = match why(state("io_uring_submit_req")) {
-        None => "seen at submission, matched like openat (file_open, via io_uring; the open's \
-                 result is not known: reported as 0); SQPOLL rings too, as their creator's"
-            .to_owned(),
-        Some(r) => format!("NOT seen: {r}"),
-    };
+    let request =
+        |layout: Result<(), &String>, seen: &str| match (why("io_uring_submit_req"), layout) {
+            (Some(r), _) => format!("NOT seen: {r}"),
+            (None, Err(r)) => format!("NOT seen: {r}"),
+            (None, Ok(())) => format!("seen at submission: {seen}"),
+        };
     vec![
-        ("ring setup", setup),
-        ("OPENAT, OPENAT2", opens),
+        (
+            "ring setup",
+            match why("io_uring_create") {
+                None => "seen: an io_uring_setup event of the job process".to_owned(),
+                Some(r) => format!("NOT seen: {r}"),
+            },
+        ),
+        (
+            "OPENAT, OPENAT2",
+            request(
+                layouts.open.as_ref().map(|_| ()),
+                "file_open as for openat (io_uring: true, result 0: not known yet)",
+            ),
+        ),
+        (
+            "CONNECT",
+            request(
+                layouts.connect.as_ref().map(|_| ()),
+                "connect as for the syscall (io_uring: true, result 0: not known yet)",
+            ),
+        ),
         (
             "READ, READV, WRITE, ...",
-            "not matched by name: the file's open is (syscall or io_uring); a registered \
-             (fixed) file or an fd received from elsewhere is judged where it was opened"
+            "not matched by name: the fd's open is (syscall or io_uring); a registered (fixed) \
+             file or an fd received from elsewhere is judged where it was opened"
                 .to_owned(),
         ),
         (
-            "CONNECT, RENAMEAT, UNLINKAT, LINKAT, ...",
-            "NOT seen on the tracepoint set (DNS over UDP is, by the cgroup programs)".to_owned(),
+            "RENAMEAT, UNLINKAT, LINKAT, ...",
+            "NOT seen on the tracepoint set".to_owned(),
+        ),
+        (
+            "SQPOLL rings",
+            "requests are the ring creator's (its polling thread submits them)".to_owned(),
         ),
     ]
 }
@@ -218,8 +310,10 @@ mod tests {
         }
         blob.push(0);
         let btf = KernelBtf::parse(blob).unwrap();
-        let reason = RequestLayout::from_btf(&btf).unwrap_err();
+        let layouts = Layouts::of(&Ok(btf));
+        let reason = layouts.open.clone().unwrap_err();
         assert!(reason.contains("io_kiocb"), "{reason}");
+        assert!(layouts.connect.clone().unwrap_err().contains("io_kiocb"));
         let attached = |state| ProbeStatus {
             sensor: "io_uring",
             program: "io_uring_submit_req".into(),
@@ -249,9 +343,14 @@ mod tests {
             eprintln!("kernel without io_uring: skipped");
             return;
         }
-        let layout = RequestLayout::from_btf(&btf).unwrap();
+        let layout = OpenLayout::from_btf(&btf).unwrap();
         assert!(layout.open_filename < layout.opcode, "{layout:?}");
         assert!(layout.open_dfd < layout.open_filename, "{layout:?}");
         assert_eq!(layout.filename_name, 0, "{layout:?}");
+        let connect = ConnectLayout::from_btf(&btf).unwrap();
+        assert!(
+            connect.addr < connect.opcode && connect.fd > connect.opcode,
+            "{connect:?}"
+        );
     }
 }
