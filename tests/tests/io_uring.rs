@@ -1,6 +1,7 @@
 //! io_uring, which syscall hooks cannot see: a job process that opens and reads credentials
-//! with `IORING_OP_OPENAT` + `IORING_OP_READ` only (`tests/c/uring-cat.c`, liburing; no open or
-//! read syscall) is seen through the `io_uring:` tracepoints, with the real programs (root).
+//! with `IORING_OP_OPENAT` + `IORING_OP_READ` only, or connects with `IORING_OP_CONNECT`
+//! (`tests/c/uring-cat.c`, liburing; no open, read or connect syscall) is seen through the
+//! `io_uring:` tracepoints, with the real programs (root).
 //!
 //! Needs Debian's liburing-dev and a C compiler (`cargo xtask setup` installs liburing-dev).
 
@@ -14,7 +15,7 @@ use integration_tests::{
     CANARY, TestEnv, assert_no_canary, harness,
     live::{agent, agent_log, assert_no_secret, github_job, repo_root, run_id, wait_alert},
 };
-use runner_monitor::event::{Event, EventDetail, FileAccess, JobKey};
+use runner_monitor::event::{Connect, Event, EventDetail, FileAccess, JobKey, SocketFamily};
 
 /// `uring-cat`, built once per test binary from `tests/c/uring-cat.c` with liburing.
 fn uring_cat() -> &'static Path {
@@ -68,6 +69,22 @@ fn file_open(e: &Event) -> Option<&FileAccess> {
         EventDetail::FileOpen(f) => Some(f),
         _ => None,
     }
+}
+
+fn connect(e: &Event) -> Option<&Connect> {
+    match &e.detail {
+        EventDetail::Connect(c) => Some(c),
+        _ => None,
+    }
+}
+
+/// A secret socket the policy knows (`**/.docker/run/docker.sock`) in the test's home, listening.
+fn docker_socket(env: &TestEnv) -> (PathBuf, std::os::unix::net::UnixListener) {
+    let dir = env.home.join(".docker/run");
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("docker.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    (path, listener)
 }
 
 fn of_job(job: JobKey) -> impl Fn(&Event) -> bool {
@@ -176,6 +193,38 @@ fn sqpoll_opens_are_the_ring_creators() {
     assert!(open.process.comm.starts_with("iou-sqp"), "{open:?}");
 }
 
+#[test]
+fn io_uring_connects_are_the_jobs_connects() {
+    let env = TestEnv::new("uring-connect");
+    let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = tcp.local_addr().unwrap().port();
+    let (sock, _listener) = docker_socket(&env);
+    let h = harness();
+    let job = h
+        .start_job(
+            &env,
+            &format!(
+                "{} tcp:127.0.0.1:{port} unix:{} > /dev/null",
+                uring_cat().display(),
+                sock.display()
+            ),
+        )
+        .wait_success();
+    h.wait_for("io_uring connect to the docker socket", |e| {
+        of_job(job)(e) && connect(e).is_some_and(|c| c.family == SocketFamily::Unix)
+    });
+    let events = h.job_events(job);
+    let connects: Vec<&Connect> = events.iter().filter_map(connect).collect();
+    assert_eq!(connects.len(), 2, "{connects:#?}");
+    let (inet, unix) = (connects[0], connects[1]);
+    assert!(inet.io_uring && unix.io_uring, "{connects:#?}");
+    assert_eq!(inet.family, SocketFamily::Inet);
+    assert_eq!(inet.ip, Some("127.0.0.1".parse().unwrap()));
+    assert_eq!(inet.port, Some(port));
+    assert!(inet.fd >= 0 && inet.result == 0, "{inet:?}");
+    assert_eq!(unix.unix_path.as_deref(), Some(sock.to_str().unwrap()));
+}
+
 /// The case: a survivor of a GitHub job reads three credentials through io_uring only,
 /// after its job ended. Each read raises `credential-after-job-end`.
 #[test]
@@ -218,5 +267,32 @@ fn github_survivor_reading_credentials_through_io_uring_is_caught() {
             agent_log(&agent.dir)
         );
     }
+    assert_no_secret(agent);
+}
+
+/// A survivor that reaches the Docker socket through io_uring after its job ended.
+#[test]
+fn github_survivor_using_the_docker_socket_through_io_uring_is_caught() {
+    let agent = agent();
+    let env = TestEnv::new("uring-survivor-socket");
+    let (sock, _listener) = docker_socket(&env);
+    let run = run_id(2);
+    github_job(
+        &env,
+        agent,
+        &run,
+        "acme/app",
+        &format!(
+            "(setsid sh -c 'sleep 1; {} unix:{} > /dev/null; sleep 4' &)",
+            uring_cat().display(),
+            sock.display()
+        ),
+    );
+    let id = format!("{run}/build");
+    let after = wait_alert(agent, "credential-after-job-end", &id, |a| {
+        a["socket"]["kind"] == "docker"
+    });
+    assert_eq!(after["socket"]["path"], sock.to_str().unwrap(), "{after}");
+    assert_eq!(after["process"]["comm"], "uring-cat", "{after}");
     assert_no_secret(agent);
 }
