@@ -9,6 +9,10 @@ pub const IORING_OP_OPENAT: u8 = 18;
 pub const IORING_OP_OPENAT2: u8 = 28;
 /// `IORING_OP_CONNECT`.
 pub const IORING_OP_CONNECT: u8 = 16;
+/// `IORING_OP_RENAMEAT`, `IORING_OP_SYMLINKAT`, `IORING_OP_LINKAT`.
+pub const IORING_OP_RENAMEAT: u8 = 35;
+pub const IORING_OP_SYMLINKAT: u8 = 38;
+pub const IORING_OP_LINKAT: u8 = 39;
 /// `IORING_SETUP_SQPOLL`: a kernel thread of the ring's creator polls the submission queue, so
 /// requests are submitted without any syscall.
 pub const IORING_SETUP_SQPOLL: u32 = 1 << 1;
@@ -34,12 +38,22 @@ pub mod slot {
     pub const IO_URING_FD: u32 = 10;
     pub const IO_URING_CONNECT_ADDR: u32 = 11;
     pub const IO_URING_CONNECT_ADDR_LEN: u32 = 12;
+    /// From the start of a `struct io_kiocb`: a rename's or link's `old_dfd`, `new_dfd` (i32),
+    /// `oldpath`, `newpath` (`struct filename *`) and `flags` (i32) in its command area
+    /// (`struct io_rename` and `struct io_link`, laid out alike).
+    pub const IO_URING_PATHS_OLD_DFD: u32 = 13;
+    pub const IO_URING_PATHS_NEW_DFD: u32 = 14;
+    pub const IO_URING_PATHS_OLD: u32 = 15;
+    pub const IO_URING_PATHS_NEW: u32 = 16;
+    pub const IO_URING_PATHS_FLAGS: u32 = 17;
 }
 
 /// `IO_URING_LAYOUT` bit: the open request's offsets are known.
 pub const LAYOUT_OPEN: u32 = 1;
 /// `IO_URING_LAYOUT` bit: the connect request's offsets (and the fd's) are known.
 pub const LAYOUT_CONNECT: u32 = 1 << 1;
+/// `IO_URING_LAYOUT` bit: the rename and link requests' offsets (and `filename.name`) are known.
+pub const LAYOUT_PATHS: u32 = 1 << 2;
 
 /// A job process set up an io_uring instance (`io_uring_setup`).
 #[repr(C)]

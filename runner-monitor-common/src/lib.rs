@@ -116,8 +116,9 @@ pub const HEADER_JOB_ENDED: u32 = 1;
 pub const HEADER_JOB_ROOT: u32 = 1 << 1;
 /// `EventHeader::flags`: a string in the body was cut at its buffer size.
 pub const HEADER_TRUNCATED: u32 = 1 << 2;
-/// `EventHeader::flags`: a `FileOpen` or `Connect` from an io_uring request (`IORING_OP_OPENAT`,
-/// `OPENAT2`, `CONNECT`), sent at its submission, before it ran: its `result` is 0.
+/// `EventHeader::flags`: a file event or `Connect` from an io_uring request (`IORING_OP_OPENAT`,
+/// `OPENAT2`, `RENAMEAT`, `LINKAT`, `SYMLINKAT`, `CONNECT`), sent at its submission, before it
+/// ran: its `result` is 0.
 pub const HEADER_IO_URING: u32 = 1 << 3;
 
 /// Common to every event; the first bytes of every ring-buffer record.
@@ -526,9 +527,9 @@ pub mod setting {
     /// Non-zero when some job marker variables are in `NAMES`: execs outside jobs scan their
     /// environment.
     pub const JOB_ENV: u32 = 3;
-    /// Slots 4 to 12: the io_uring request layout (`io_uring::slot`).
+    /// Slots 4 to 17: the io_uring request layout (`io_uring::slot`).
     pub use crate::io_uring::slot::*;
-    pub const SLOTS: u32 = 13;
+    pub const SLOTS: u32 = 18;
 }
 
 /// Capacity of the kernel's process map: job processes alive at once.

@@ -132,7 +132,11 @@ fn read_and_match(pending: &mut PendingFile, kernel: bool) -> Outcome {
         }
     }
     if pending.path2 != 0 {
-        let n2 = read_user_path(&mut event.path2, pending.path2);
+        let n2 = if kernel {
+            read_kernel_path(&mut event.path2, pending.path2)
+        } else {
+            read_user_path(&mut event.path2, pending.path2)
+        };
         if n2 > 0 {
             event.path2_len = (n2 - 1) as u32;
             if n2 >= PATH_LEN {
@@ -241,38 +245,41 @@ fn exit(ctx: &TracePointContext) {
     send_built::<FileEvent>(&pending.event);
 }
 
-/// An open whose file name the kernel already holds (`name`, a kernel string): an io_uring
-/// `IORING_OP_OPENAT`/`OPENAT2` request, prepared (its name copied from user memory) before it
-/// was submitted. Matched like a syscall's path, and a match is sent at once, flagged
-/// `HEADER_IO_URING`: the open runs later, so `result` is 0.
+/// A file operation whose path(s) the kernel already holds (`name`, `name2`: kernel strings):
+/// an io_uring `IORING_OP_OPENAT`/`OPENAT2`, `RENAMEAT`, `LINKAT` or `SYMLINKAT` request,
+/// prepared (its names copied from user memory, `getname`) before it was submitted. Matched like
+/// a syscall's paths, and a match is sent at once, flagged `HEADER_IO_URING`: the operation runs
+/// later, so `result` is 0.
 #[inline(always)]
-pub fn kernel_open(process: &ProcessJob, dirfd: i32, name: u64, flags: u32) {
+pub fn kernel_file(
+    process: &ProcessJob,
+    kind: EventKind,
+    (dirfd, name): (i32, u64),
+    (dirfd2, name2): (i32, u64),
+    flags: u32,
+) {
     let Some(pending) = FILE_SCRATCH.get_ptr_mut(0) else {
         return;
     };
     // SAFETY: per-CPU scratch owned by this program run.
     let pending = unsafe { &mut *pending };
     let event = &mut pending.event;
-    event.header.kind = EventKind::FileOpen as u32;
+    event.header.kind = kind as u32;
     event.header.tgid = current_tgid();
     event.header.flags = 0;
     event.result = 0;
     event.dirfd = dirfd;
-    event.dirfd2 = 0;
+    event.dirfd2 = dirfd2;
     event.flags = flags;
     pending.path = name;
-    pending.path2 = 0;
+    pending.path2 = name2;
     pending._pad = 0;
     pending.state = IDLE;
     if read_and_match(pending, true) != Outcome::Match {
         return;
     }
     let truncated = pending.event.header.flags & HEADER_TRUNCATED;
-    fill_header(
-        &mut pending.event.header,
-        EventKind::FileOpen,
-        Some(process),
-    );
+    fill_header(&mut pending.event.header, kind, Some(process));
     pending.event.header.flags |= truncated | HEADER_IO_URING;
     if !within_budget(pending.event.header.job, pending.event.header.kind) {
         return;

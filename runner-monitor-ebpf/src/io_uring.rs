@@ -1,4 +1,5 @@
-//! io_uring: rings set up by job processes, and the opens and connects they submit.
+//! io_uring: rings set up by job processes, and the opens, renames, links and connects they
+//! submit.
 //!
 //! Syscall tracepoints are blind to io_uring: an `IORING_OP_OPENAT` makes no `openat` syscall.
 //! The `io_uring:` tracepoints are not, and as `tp_btf` programs they get the kernel's typed
@@ -15,15 +16,16 @@ use aya_ebpf::{
     helpers::bpf_probe_read_kernel, macros::btf_tracepoint, programs::BtfTracePointContext,
 };
 use runner_monitor_common::{
-    EventKind, IoUringSetupEvent,
+    AT_FDCWD, EventKind, IoUringSetupEvent, LINK_SYMBOLIC,
     io_uring::{
-        IORING_OP_CONNECT, IORING_OP_OPENAT, IORING_OP_OPENAT2, LAYOUT_CONNECT, LAYOUT_OPEN,
+        IORING_OP_CONNECT, IORING_OP_LINKAT, IORING_OP_OPENAT, IORING_OP_OPENAT2,
+        IORING_OP_RENAMEAT, IORING_OP_SYMLINKAT, LAYOUT_CONNECT, LAYOUT_OPEN, LAYOUT_PATHS,
     },
     setting,
 };
 
 use crate::{
-    emit::send, files::kernel_open, maps::current_process, names::setting, net::io_uring_connect,
+    emit::send, files::kernel_file, maps::current_process, names::setting, net::io_uring_connect,
 };
 
 /// The `T` at kernel address `base + offset`; `None` when it cannot be read.
@@ -79,20 +81,67 @@ pub fn io_uring_submit_req(ctx: BtfTracePointContext) -> i32 {
         io_uring_connect(&process, fd, addr, len as i64);
         return 0;
     }
+    if matches!(
+        opcode,
+        IORING_OP_RENAMEAT | IORING_OP_LINKAT | IORING_OP_SYMLINKAT
+    ) && layout & LAYOUT_PATHS != 0
+    {
+        paths(&process, req, opcode);
+        return 0;
+    }
     if (opcode != IORING_OP_OPENAT && opcode != IORING_OP_OPENAT2) || layout & LAYOUT_OPEN == 0 {
         return 0;
     }
-    let Some(filename) = kernel_field::<u64>(req, setting(setting::IO_URING_OPEN_FILENAME)) else {
-        return 0;
-    };
-    if filename == 0 {
+    let name = name_at(req, setting(setting::IO_URING_OPEN_FILENAME));
+    if name == 0 {
         return 0;
     }
-    let Some(name) = kernel_field::<u64>(filename, setting(setting::IO_URING_FILENAME_NAME)) else {
-        return 0;
-    };
     let dfd = kernel_field::<i32>(req, setting(setting::IO_URING_OPEN_DFD)).unwrap_or(0);
     let flags = kernel_field::<u64>(req, setting(setting::IO_URING_OPEN_FLAGS)).unwrap_or(0);
-    kernel_open(&process, dfd, name, flags as u32);
+    kernel_file(
+        &process,
+        EventKind::FileOpen,
+        (dfd, name),
+        (0, 0),
+        flags as u32,
+    );
     0
+}
+
+/// The name (a kernel string) of the `struct filename *` at `req + offset`; 0 when there is none.
+#[inline(always)]
+fn name_at(req: u64, offset: u32) -> u64 {
+    match kernel_field::<u64>(req, offset) {
+        Some(filename) if filename != 0 => {
+            kernel_field::<u64>(filename, setting(setting::IO_URING_FILENAME_NAME)).unwrap_or(0)
+        }
+        _ => 0,
+    }
+}
+
+/// A rename, hard link or symbolic link request (`struct io_rename`, `struct io_link`): the
+/// same file events as the syscalls'. A symbolic link's first path is its target as written,
+/// not a path opened (`LINK_SYMBOLIC`), as for `symlinkat`.
+#[inline(always)]
+fn paths(process: &runner_monitor_common::ProcessJob, req: u64, opcode: u8) {
+    let old = name_at(req, setting(setting::IO_URING_PATHS_OLD));
+    let new = name_at(req, setting(setting::IO_URING_PATHS_NEW));
+    if old == 0 || new == 0 {
+        return;
+    }
+    let new_dfd = kernel_field::<i32>(req, setting(setting::IO_URING_PATHS_NEW_DFD)).unwrap_or(0);
+    let (kind, old_dfd, flags) = if opcode == IORING_OP_SYMLINKAT {
+        (EventKind::FileLink, AT_FDCWD, LINK_SYMBOLIC)
+    } else {
+        let old_dfd =
+            kernel_field::<i32>(req, setting(setting::IO_URING_PATHS_OLD_DFD)).unwrap_or(0);
+        let flags = kernel_field::<i32>(req, setting(setting::IO_URING_PATHS_FLAGS)).unwrap_or(0);
+        let kind = if opcode == IORING_OP_RENAMEAT {
+            EventKind::FileRename
+        } else {
+            EventKind::FileLink
+        };
+        (kind, old_dfd, flags as u32)
+    };
+    kernel_file(process, kind, (old_dfd, old), (new_dfd, new), flags);
 }

@@ -11,7 +11,7 @@ use aya::{
     programs::BtfTracePoint,
 };
 use runner_monitor_common::{
-    io_uring::{LAYOUT_CONNECT, LAYOUT_OPEN},
+    io_uring::{LAYOUT_CONNECT, LAYOUT_OPEN, LAYOUT_PATHS},
     setting,
 };
 
@@ -119,10 +119,55 @@ impl ConnectLayout {
     }
 }
 
+/// Where the request probe reads a rename or link request (`struct io_rename` and
+/// `struct io_link`, which must be laid out alike), from the start of `struct io_kiocb`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct PathsLayout {
+    pub opcode: u32,
+    pub old_dfd: u32,
+    pub new_dfd: u32,
+    pub oldpath: u32,
+    pub newpath: u32,
+    pub flags: u32,
+    /// `filename.name`.
+    pub filename_name: u32,
+}
+
+impl PathsLayout {
+    pub fn from_btf(btf: &KernelBtf) -> Result<Self, String> {
+        let m = Members(btf);
+        let of = |ty: &str| -> Result<[u32; 5], String> {
+            let cmd = m.command_area(ty)?;
+            Ok([
+                cmd + m.sized(ty, "old_dfd", 4)?,
+                cmd + m.sized(ty, "new_dfd", 4)?,
+                cmd + m.pointer(ty, "oldpath")?,
+                cmd + m.pointer(ty, "newpath")?,
+                cmd + m.sized(ty, "flags", 4)?,
+            ])
+        };
+        let rename = of("io_rename")?;
+        if of("io_link")? != rename {
+            return Err("struct io_link is not laid out as struct io_rename".to_owned());
+        }
+        let [old_dfd, new_dfd, oldpath, newpath, flags] = rename;
+        Ok(Self {
+            opcode: m.sized("io_kiocb", "opcode", 1)?,
+            old_dfd,
+            new_dfd,
+            oldpath,
+            newpath,
+            flags,
+            filename_name: m.pointer("filename", "name")?,
+        })
+    }
+}
+
 /// The request layouts of the running kernel, each with the reason it is not known.
 pub struct Layouts {
     pub open: Result<OpenLayout, String>,
     pub connect: Result<ConnectLayout, String>,
+    pub paths: Result<PathsLayout, String>,
 }
 
 impl Layouts {
@@ -131,10 +176,12 @@ impl Layouts {
             Ok(btf) => Self {
                 open: OpenLayout::from_btf(btf),
                 connect: ConnectLayout::from_btf(btf),
+                paths: PathsLayout::from_btf(btf),
             },
             Err(e) => Self {
                 open: Err(e.clone()),
                 connect: Err(e.clone()),
+                paths: Err(e.clone()),
             },
         }
     }
@@ -156,6 +203,16 @@ impl Layouts {
             settings.set(setting::IO_URING_CONNECT_ADDR, l.addr, 0)?;
             settings.set(setting::IO_URING_CONNECT_ADDR_LEN, l.addr_len, 0)?;
             bits |= LAYOUT_CONNECT;
+        }
+        if let Ok(l) = &self.paths {
+            settings.set(setting::IO_URING_OPCODE, l.opcode, 0)?;
+            settings.set(setting::IO_URING_FILENAME_NAME, l.filename_name, 0)?;
+            settings.set(setting::IO_URING_PATHS_OLD_DFD, l.old_dfd, 0)?;
+            settings.set(setting::IO_URING_PATHS_NEW_DFD, l.new_dfd, 0)?;
+            settings.set(setting::IO_URING_PATHS_OLD, l.oldpath, 0)?;
+            settings.set(setting::IO_URING_PATHS_NEW, l.newpath, 0)?;
+            settings.set(setting::IO_URING_PATHS_FLAGS, l.flags, 0)?;
+            bits |= LAYOUT_PATHS;
         }
         settings.set(setting::IO_URING_LAYOUT, bits, 0)
     }
@@ -183,17 +240,17 @@ pub fn attach(ebpf: &mut Ebpf, settings: &mut Array<MapData, u32>) -> Vec<ProbeS
     });
     let mut out = Vec::new();
     for (program, tracepoint) in PROBES {
-        let state = match (&btf, (&layouts.open, &layouts.connect)) {
+        let state = match (&btf, (&layouts.open, &layouts.connect, &layouts.paths)) {
             (Err(reason), _) => ProbeState::Failed(reason.clone()),
             (Ok((k, _)), _) if !k.has_typedef(&format!("btf_trace_{tracepoint}")) => {
                 ProbeState::Absent(format!(
                     "no tracepoint io_uring/{tracepoint} on this kernel (io_uring not built in)"
                 ))
             }
-            (Ok(_), (Err(open), Err(connect))) if program == "io_uring_submit_req" => {
+            (Ok(_), (Err(open), Err(connect), Err(paths))) if program == "io_uring_submit_req" => {
                 ProbeState::Failed(format!(
                     "not attached: the io_uring request layouts are not in the kernel's BTF \
-                     (open: {open}; connect: {connect})"
+                     (open: {open}; connect: {connect}; rename and link: {paths})"
                 ))
             }
             (Ok((_, aya_btf)), _) => attach_one(ebpf, program, tracepoint, aya_btf),
@@ -281,13 +338,20 @@ fn coverage_with(probes: &[ProbeStatus], layouts: &Layouts) -> Vec<(&'static str
             ),
         ),
         (
+            "RENAMEAT, LINKAT, SYMLINKAT",
+            request(
+                layouts.paths.as_ref().map(|_| ()),
+                "file_rename, file_link as for the syscalls (io_uring: true, result 0)",
+            ),
+        ),
+        (
             "READ, READV, WRITE, ...",
             "not matched by name: the fd's open is (syscall or io_uring); a registered (fixed) \
              file or an fd received from elsewhere is judged where it was opened"
                 .to_owned(),
         ),
         (
-            "RENAMEAT, UNLINKAT, LINKAT, ...",
+            "UNLINKAT, MKDIRAT, STATX, SEND(MSG) to an address",
             "NOT seen on the tracepoint set".to_owned(),
         ),
         (
@@ -314,6 +378,7 @@ mod tests {
         let reason = layouts.open.clone().unwrap_err();
         assert!(reason.contains("io_kiocb"), "{reason}");
         assert!(layouts.connect.clone().unwrap_err().contains("io_kiocb"));
+        assert!(layouts.paths.clone().unwrap_err().contains("io_kiocb"));
         let attached = |state| ProbeStatus {
             sensor: "io_uring",
             program: "io_uring_submit_req".into(),
@@ -321,14 +386,16 @@ mod tests {
             required: false,
             state,
         };
-        let lines = coverage(&[attached(ProbeState::Failed(reason.clone()))]);
-        assert!(lines[1].1.starts_with("NOT seen") && lines[1].1.contains(&reason));
+        // Not attached: every request kind says why.
+        let lines = coverage_with(&[attached(ProbeState::Failed("EPERM".into()))], &layouts);
         assert!(
-            coverage(&[])
-                .iter()
-                .take(2)
-                .all(|(_, how)| how.starts_with("NOT"))
+            lines[1..4].iter().all(|(_, how)| how == "NOT seen: EPERM"),
+            "{lines:?}"
         );
+        // Attached, but without the layouts: not seen either, with the missing member.
+        let lines = coverage_with(&[attached(ProbeState::Attached)], &layouts);
+        assert!(lines[1].1.starts_with("NOT seen") && lines[1].1.contains(&reason));
+        assert!(coverage_with(&[], &layouts)[0].1.starts_with("NOT seen"));
     }
 
     /// On a kernel with BTF and io_uring (this project's test hosts), the layout is found and
@@ -351,6 +418,11 @@ mod tests {
         assert!(
             connect.addr < connect.opcode && connect.fd > connect.opcode,
             "{connect:?}"
+        );
+        let paths = PathsLayout::from_btf(&btf).unwrap();
+        assert!(
+            paths.oldpath < paths.newpath && paths.newpath < paths.opcode,
+            "{paths:?}"
         );
     }
 }
