@@ -3,10 +3,10 @@
  * IORING_OP_CLOSE; no open, read or close syscall), as the "curing" rootkit does to slip past
  * syscall hooks. Prints how many bytes it read from each file, never the bytes.
  *
- *   uring-cat [--sqpoll] FILE|tcp:IPV4:PORT|unix:PATH...
+ *   uring-cat [--sqpoll] FILE|tcp:IPV4:PORT|unix:PATH|rename:OLD:NEW|link:OLD:NEW|symlink:TARGET:LINK...
  *
  * tcp:... and unix:... connect a new socket (socket(2)) with IORING_OP_CONNECT instead: no
- * connect syscall.
+ * connect syscall. rename:, link: and symlink: are IORING_OP_RENAMEAT, LINKAT and SYMLINKAT.
  *
  * --sqpoll sets the ring up with IORING_SETUP_SQPOLL: a kernel thread submits the requests, so
  * the process makes no syscall for them at all. Exits 1 when a file could not be opened or read.
@@ -74,6 +74,28 @@ static int connect_to(struct io_uring *ring, const char *target) {
     return rc;
 }
 
+/* rename:OLD:NEW, link:OLD:NEW or symlink:TARGET:LINK through the ring; 0 on success. */
+static int two_paths(struct io_uring *ring, const char *arg) {
+    char buf[1024];
+    strncpy(buf, strchr(arg, ':') + 1, sizeof buf - 1);
+    buf[sizeof buf - 1] = 0;
+    char *second = strchr(buf, ':');
+    if (!second)
+        return -1;
+    *second++ = 0;
+    struct io_uring_sqe *sqe = io_uring_get_sqe(ring);
+    if (strncmp(arg, "rename:", 7) == 0)
+        io_uring_prep_renameat(sqe, AT_FDCWD, buf, AT_FDCWD, second, 0);
+    else if (strncmp(arg, "link:", 5) == 0)
+        io_uring_prep_linkat(sqe, AT_FDCWD, buf, AT_FDCWD, second, 0);
+    else
+        io_uring_prep_symlinkat(sqe, buf, AT_FDCWD, second);
+    int rc = run(ring, sqe);
+    if (rc < 0)
+        fprintf(stderr, "%s: %s\n", arg, strerror(-rc));
+    return rc;
+}
+
 int main(int argc, char **argv) {
     struct io_uring ring;
     unsigned flags = 0;
@@ -91,6 +113,12 @@ int main(int argc, char **argv) {
         static char buf[4096];
         if (strncmp(argv[i], "tcp:", 4) == 0 || strncmp(argv[i], "unix:", 5) == 0) {
             if (connect_to(&ring, argv[i]) < 0)
+                failed = 1;
+            continue;
+        }
+        if (strncmp(argv[i], "rename:", 7) == 0 || strncmp(argv[i], "link:", 5) == 0 ||
+            strncmp(argv[i], "symlink:", 8) == 0) {
+            if (two_paths(&ring, argv[i]) < 0)
                 failed = 1;
             continue;
         }

@@ -1,7 +1,7 @@
 //! io_uring, which syscall hooks cannot see: a job process that opens and reads credentials
-//! with `IORING_OP_OPENAT` + `IORING_OP_READ` only, or connects with `IORING_OP_CONNECT`
-//! (`tests/c/uring-cat.c`, liburing; no open, read or connect syscall) is seen through the
-//! `io_uring:` tracepoints, with the real programs (root).
+//! with `IORING_OP_OPENAT` + `IORING_OP_READ` only, renames or links them, or connects with
+//! `IORING_OP_CONNECT` (`tests/c/uring-cat.c`, liburing; no open, read, rename, link or connect
+//! syscall) is seen through the `io_uring:` tracepoints, with the real programs (root).
 //!
 //! Needs Debian's liburing-dev and a C compiler (`cargo xtask setup` installs liburing-dev).
 
@@ -225,6 +225,60 @@ fn io_uring_connects_are_the_jobs_connects() {
     assert_eq!(unix.unix_path.as_deref(), Some(sock.to_str().unwrap()));
 }
 
+#[test]
+fn io_uring_renames_and_links_of_credentials_are_the_jobs_file_events() {
+    let env = TestEnv::new("uring-paths");
+    let (staged, docker) = (env.path("notes/staged"), env.path(".docker/config.json"));
+    let (aws, git) = (env.path(".aws/credentials"), env.path(".git-credentials"));
+    let (hard, soft) = (env.path("notes/hard"), env.path("notes/soft"));
+    let h = harness();
+    let job = h
+        .start_job(
+            &env,
+            &format!(
+                "echo '{{}}' > {staged} && {} rename:{staged}:{docker} link:{aws}:{hard} \
+                 symlink:{git}:{soft} > /dev/null",
+                uring_cat().display()
+            ),
+        )
+        .wait_success();
+    h.wait_for("io_uring symlink to the git credentials", |e| {
+        of_job(job)(e) && matches!(&e.detail, EventDetail::FileLink(f) if f.path == git)
+    });
+    let events = h.job_events(job);
+    let file_events: Vec<(&str, &FileAccess)> = events
+        .iter()
+        .filter_map(|e| match &e.detail {
+            EventDetail::FileRename(f) => Some(("rename", f)),
+            EventDetail::FileLink(f) => Some(("link", f)),
+            EventDetail::FileOpen(f) => Some(("open", f)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(file_events.len(), 3, "{file_events:#?}");
+    let [(k0, rename), (k1, link), (k2, symlink)] = file_events[..] else {
+        unreachable!()
+    };
+    assert_eq!((k0, k1, k2), ("rename", "link", "link"));
+    assert!(
+        rename.io_uring && link.io_uring && symlink.io_uring,
+        "{file_events:#?}"
+    );
+    assert_eq!(rename.path, staged);
+    assert_eq!(rename.new_path.as_deref(), Some(docker.as_str()));
+    assert!(
+        rename.matched.contains(&"new_path".to_owned()),
+        "{rename:?}"
+    );
+    assert_eq!(
+        (link.path.as_str(), link.new_path.as_deref()),
+        (aws.as_str(), Some(hard.as_str()))
+    );
+    assert_eq!(link.flags & (1 << 31), 0, "a hard link: {link:?}");
+    assert_eq!(symlink.new_path.as_deref(), Some(soft.as_str()));
+    assert_ne!(symlink.flags & (1 << 31), 0, "LINK_SYMBOLIC: {symlink:?}");
+}
+
 /// The issue's case: a survivor of a GitHub job reads three credentials through io_uring only,
 /// after its job ended. Each read raises `credential-after-job-end`.
 #[test]
@@ -295,4 +349,31 @@ fn github_survivor_using_the_docker_socket_through_io_uring_is_caught() {
     assert_eq!(after["socket"]["path"], sock.to_str().unwrap(), "{after}");
     assert_eq!(after["process"]["comm"], "uring-cat", "{after}");
     assert_no_secret(agent);
+}
+
+/// A credential put in place by an io_uring rename during a job (no rename syscall) is still
+/// there when the job ends: left behind.
+#[test]
+fn a_credential_renamed_into_place_through_io_uring_is_left_behind() {
+    let agent = agent();
+    let env = TestEnv::new("uring-left-behind");
+    let (staged, docker) = (env.path("notes/staged"), env.path(".docker/config.json"));
+    let run = run_id(3);
+    github_job(
+        &env,
+        agent,
+        &run,
+        "acme/app",
+        &format!(
+            "echo '{{}}' > {staged} && {} rename:{staged}:{docker} > /dev/null",
+            uring_cat().display()
+        ),
+    );
+    let left = wait_alert(
+        agent,
+        "credential-left-behind",
+        &format!("{run}/build"),
+        |a| a["credential"]["path"] == docker.as_str(),
+    );
+    assert_eq!(left["credential"]["kind"], "docker", "{left}");
 }
