@@ -365,7 +365,11 @@ fn a_credential_renamed_into_place_through_io_uring_is_left_behind() {
         &run,
         "acme/app",
         &format!(
-            "echo '{{}}' > {staged} && {} rename:{staged}:{docker} > /dev/null",
+            // The pause: the job-completed hook's end, which reaches the agent through its
+            // control socket, can overtake kernel events still in the ring buffer on a loaded
+            // host (seen: a rename 9 ms before the hook was judged after the end, and no
+            // credential was left behind). Not io_uring's doing: any write just before the end.
+            "echo '{{}}' > {staged} && {} rename:{staged}:{docker} > /dev/null && sleep 1",
             uring_cat().display()
         ),
     );
