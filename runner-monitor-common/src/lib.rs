@@ -48,6 +48,8 @@ pub enum EventKind {
     /// Sent just before the exec event of a process that became a job root by its environment
     /// (or of a job root whose environment names its job): the identity values found there.
     JobEnv = 16,
+    /// A job process set up an io_uring instance (`io_uring:io_uring_create`).
+    IoUringSetup = 17,
 }
 
 /// Per-kind counter slots: a power of two above the highest `EventKind`, because the kernel
@@ -55,12 +57,12 @@ pub enum EventKind {
 /// bound). At 17 the mask sent every kind but one to slot 0.
 pub const EVENT_KIND_SLOTS: u32 = 32;
 const _: () = assert!(
-    EVENT_KIND_SLOTS.is_power_of_two() && (EventKind::JobEnv as u32) < EVENT_KIND_SLOTS,
+    EVENT_KIND_SLOTS.is_power_of_two() && (EventKind::IoUringSetup as u32) < EVENT_KIND_SLOTS,
     "EVENT_KIND_SLOTS must be a power of two above every EventKind"
 );
 
 impl EventKind {
-    pub const ALL: [EventKind; 16] = [
+    pub const ALL: [EventKind; 17] = [
         EventKind::Fork,
         EventKind::Exec,
         EventKind::Exit,
@@ -77,6 +79,7 @@ impl EventKind {
         EventKind::Bpf,
         EventKind::Chdir,
         EventKind::JobEnv,
+        EventKind::IoUringSetup,
     ];
 
     pub fn from_u32(value: u32) -> Option<Self> {
@@ -102,6 +105,7 @@ impl EventKind {
             EventKind::Bpf => "bpf",
             EventKind::Chdir => "chdir",
             EventKind::JobEnv => "job_env",
+            EventKind::IoUringSetup => "io_uring_setup",
         }
     }
 }
@@ -112,6 +116,10 @@ pub const HEADER_JOB_ENDED: u32 = 1;
 pub const HEADER_JOB_ROOT: u32 = 1 << 1;
 /// `EventHeader::flags`: a string in the body was cut at its buffer size.
 pub const HEADER_TRUNCATED: u32 = 1 << 2;
+/// `EventHeader::flags`: a file event or `Connect` from an io_uring request (`IORING_OP_OPENAT`,
+/// `OPENAT2`, `RENAMEAT`, `LINKAT`, `SYMLINKAT`, `CONNECT`), sent at its submission, before it
+/// ran: its `result` is 0.
+pub const HEADER_IO_URING: u32 = 1 << 3;
 
 /// Common to every event; the first bytes of every ring-buffer record.
 #[repr(C)]
@@ -519,7 +527,9 @@ pub mod setting {
     /// Non-zero when some job marker variables are in `NAMES`: execs outside jobs scan their
     /// environment.
     pub const JOB_ENV: u32 = 3;
-    pub const SLOTS: u32 = 4;
+    /// Slots 4 to 17: the io_uring request layout (`io_uring::slot`).
+    pub use crate::io_uring::slot::*;
+    pub const SLOTS: u32 = 18;
 }
 
 /// Capacity of the kernel's process map: job processes alive at once.
@@ -559,6 +569,9 @@ assert_size!(ProcessJob, 24);
 assert_size!(JobState, 24);
 assert_size!(JobBudget, 24);
 assert_size!(NameKey, 8 + NAME_LEN);
+
+pub mod io_uring;
+pub use io_uring::IoUringSetupEvent;
 
 #[cfg(feature = "user")]
 mod user {

@@ -22,9 +22,9 @@ use aya_ebpf::{
 };
 use runner_monitor_common::{
     BpfEvent, ChdirEvent, ConnectEvent, DnsEvent, EVENT_KIND_SLOTS, EventHeader, EventKind,
-    ExecEvent, ExitEvent, FileEvent, ForkEvent, HEADER_JOB_ENDED, HEADER_JOB_ROOT, JobEnvEvent,
-    PROCESS_JOB_ROOT, ProcessAccessEvent, ProcessJob, RING_BUFFER_BYTES, SignalEvent, WAKEUP_BYTES,
-    counter,
+    ExecEvent, ExitEvent, FileEvent, ForkEvent, HEADER_JOB_ENDED, HEADER_JOB_ROOT,
+    IoUringSetupEvent, JobEnvEvent, PROCESS_JOB_ROOT, ProcessAccessEvent, ProcessJob,
+    RING_BUFFER_BYTES, SignalEvent, WAKEUP_BYTES, counter,
 };
 
 use crate::maps::{count, job_ended, now_ns};
@@ -68,6 +68,7 @@ events!(
     SignalEvent,
     BpfEvent,
     JobEnvEvent,
+    IoUringSetupEvent,
 );
 
 /// Sends a small event of the current task: reserves its room in the ring buffer, fills the

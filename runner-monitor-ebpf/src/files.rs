@@ -7,15 +7,15 @@
 use aya_ebpf::{
     helpers::{
         bpf_get_current_pid_tgid, bpf_probe_read_user,
-        generated::{bpf_probe_read_kernel, bpf_probe_read_user_str},
+        generated::{bpf_probe_read_kernel, bpf_probe_read_kernel_str, bpf_probe_read_user_str},
     },
     macros::{map, tracepoint},
     maps::{HashMap, PerCpuArray},
     programs::TracePointContext,
 };
 use runner_monitor_common::{
-    AT_FDCWD, EventKind, FileEvent, HEADER_TRUNCATED, LINK_SYMBOLIC, MATCH_SECOND_PATH, PATH_LEN,
-    counter,
+    AT_FDCWD, EventKind, FileEvent, HEADER_IO_URING, HEADER_TRUNCATED, LINK_SYMBOLIC,
+    MATCH_SECOND_PATH, PATH_LEN, ProcessJob, counter,
 };
 
 use crate::{
@@ -74,6 +74,19 @@ pub fn read_user_path(dst: &mut [u8; PATH_LEN], src: u64) -> usize {
     if n <= 0 { 0 } else { n as usize }
 }
 
+/// Reads a NUL-terminated kernel string into `dst`; returns its length with the NUL, 0 on error.
+#[inline(always)]
+fn read_kernel_path(dst: &mut [u8; PATH_LEN], src: u64) -> usize {
+    if src == 0 {
+        return 0;
+    }
+    // SAFETY: the helper writes at most PATH_LEN bytes into `dst` and checks the kernel address.
+    let n = unsafe {
+        bpf_probe_read_kernel_str(dst.as_mut_ptr().cast(), PATH_LEN as u32, src as *const _)
+    };
+    if n <= 0 { 0 } else { n as usize }
+}
+
 /// Whether the paths could be read, and matched.
 #[derive(PartialEq, Eq)]
 enum Outcome {
@@ -82,16 +95,21 @@ enum Outcome {
     Match,
 }
 
-/// Reads the path(s) of `pending` from user memory and matches them.
+/// Reads the path(s) of `pending` from user memory (kernel memory when `kernel`) and matches
+/// them.
 #[inline(always)]
-fn read_and_match(pending: &mut PendingFile) -> Outcome {
+fn read_and_match(pending: &mut PendingFile, kernel: bool) -> Outcome {
     let is_open = pending.event.header.kind == EventKind::FileOpen as u32;
     let event = &mut pending.event;
     event.matched = 0;
     event.target_pid = 0;
     event.path2_len = 0;
     event.path2[0] = 0;
-    let n = read_user_path(&mut event.path, pending.path);
+    let n = if kernel {
+        read_kernel_path(&mut event.path, pending.path)
+    } else {
+        read_user_path(&mut event.path, pending.path)
+    };
     if n == 0 {
         event.path_len = 0;
         return Outcome::Unreadable;
@@ -114,7 +132,11 @@ fn read_and_match(pending: &mut PendingFile) -> Outcome {
         }
     }
     if pending.path2 != 0 {
-        let n2 = read_user_path(&mut event.path2, pending.path2);
+        let n2 = if kernel {
+            read_kernel_path(&mut event.path2, pending.path2)
+        } else {
+            read_user_path(&mut event.path2, pending.path2)
+        };
         if n2 > 0 {
             event.path2_len = (n2 - 1) as u32;
             if n2 >= PATH_LEN {
@@ -165,7 +187,7 @@ fn enter(kind: EventKind, dirfd: i32, path: u64, dirfd2: i32, path2: u64, flags:
     pending.path = path;
     pending.path2 = path2;
     pending._pad = 0;
-    pending.state = match read_and_match(pending) {
+    pending.state = match read_and_match(pending, false) {
         Outcome::NoMatch => return,
         Outcome::Match => MATCHED,
         Outcome::Unreadable => RETRY,
@@ -204,7 +226,7 @@ fn exit(ctx: &TracePointContext) {
     match pending.state {
         MATCHED => {}
         RETRY => {
-            let outcome = read_and_match(pending);
+            let outcome = read_and_match(pending, false);
             if outcome != Outcome::Match {
                 if outcome == Outcome::Unreadable {
                     count(counter::USER_READ_ERRORS);
@@ -220,6 +242,48 @@ fn exit(ctx: &TracePointContext) {
         return;
     }
     pending.event.result = syscall_ret(ctx);
+    send_built::<FileEvent>(&pending.event);
+}
+
+/// A file operation whose path(s) the kernel already holds (`name`, `name2`: kernel strings):
+/// an io_uring `IORING_OP_OPENAT`/`OPENAT2`, `RENAMEAT`, `LINKAT` or `SYMLINKAT` request,
+/// prepared (its names copied from user memory, `getname`) before it was submitted. Matched like
+/// a syscall's paths, and a match is sent at once, flagged `HEADER_IO_URING`: the operation runs
+/// later, so `result` is 0.
+#[inline(always)]
+pub fn kernel_file(
+    process: &ProcessJob,
+    kind: EventKind,
+    (dirfd, name): (i32, u64),
+    (dirfd2, name2): (i32, u64),
+    flags: u32,
+) {
+    let Some(pending) = FILE_SCRATCH.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: per-CPU scratch owned by this program run.
+    let pending = unsafe { &mut *pending };
+    let event = &mut pending.event;
+    event.header.kind = kind as u32;
+    event.header.tgid = current_tgid();
+    event.header.flags = 0;
+    event.result = 0;
+    event.dirfd = dirfd;
+    event.dirfd2 = dirfd2;
+    event.flags = flags;
+    pending.path = name;
+    pending.path2 = name2;
+    pending._pad = 0;
+    pending.state = IDLE;
+    if read_and_match(pending, true) != Outcome::Match {
+        return;
+    }
+    let truncated = pending.event.header.flags & HEADER_TRUNCATED;
+    fill_header(&mut pending.event.header, kind, Some(process));
+    pending.event.header.flags |= truncated | HEADER_IO_URING;
+    if !within_budget(pending.event.header.job, pending.event.header.kind) {
+        return;
+    }
     send_built::<FileEvent>(&pending.event);
 }
 

@@ -11,6 +11,7 @@ mod budget;
 mod emit;
 mod env;
 mod files;
+mod io_uring;
 mod maps;
 mod memory;
 mod names;

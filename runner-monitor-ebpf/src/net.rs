@@ -22,7 +22,7 @@ use aya_ebpf::{
 };
 use runner_monitor_common::{
     AF_INET, AF_INET6, AF_UNIX, COMM_LEN, ConnectEvent, DNS_DIRECTION_ANSWER, DNS_LEN, DnsEvent,
-    EventKind, UNIX_PATH_LEN, counter,
+    EventKind, HEADER_IO_URING, ProcessJob, UNIX_PATH_LEN, counter,
 };
 
 use crate::{
@@ -71,34 +71,33 @@ const ETH_P_IP: u32 = 0x0800;
 const ETH_P_IPV6: u32 = 0x86DD;
 const IPPROTO_UDP: u8 = 17;
 
-// long sys_connect(int fd, struct sockaddr __user *uservaddr, int addrlen)
-#[tracepoint]
-pub fn sys_enter_connect(ctx: TracePointContext) -> u32 {
-    let Some(process) = current_process() else {
-        return 0;
-    };
-    let fd: i64 = syscall_arg(&ctx, 0);
-    let addr: u64 = syscall_arg(&ctx, 1);
-    let addrlen: i64 = syscall_arg(&ctx, 2);
+/// Builds, in per-CPU scratch, the connect event of the current job process for the user
+/// address `addr` (`addrlen` bytes); `None` when the address is not one the agent reports
+/// (inet, inet6, unix) or cannot be read.
+#[inline(always)]
+fn connect_event(
+    process: &ProcessJob,
+    fd: i32,
+    addr: u64,
+    addrlen: i64,
+) -> Option<&'static mut ConnectEvent> {
     if addr == 0 {
-        return 0;
+        return None;
     }
     // SAFETY: checked reads of user memory.
     let Ok(family) = (unsafe { bpf_probe_read_user(addr as *const u16) }) else {
         count(counter::USER_READ_ERRORS);
-        return 0;
+        return None;
     };
     if family != AF_INET && family != AF_INET6 && family != AF_UNIX {
-        return 0;
+        return None;
     }
-    let Some(event) = CONNECT_SCRATCH.get_ptr_mut(0) else {
-        return 0;
-    };
+    let event = CONNECT_SCRATCH.get_ptr_mut(0)?;
     // SAFETY: per-CPU scratch owned by this program run.
     let event = unsafe { &mut *event };
-    fill_header(&mut event.header, EventKind::Connect, Some(&process));
+    fill_header(&mut event.header, EventKind::Connect, Some(process));
     event.result = 0;
-    event.fd = fd as i32;
+    event.fd = fd;
     event.family = family;
     event.port = 0;
     event.addr = [0; 16];
@@ -142,11 +141,41 @@ pub fn sys_enter_connect(ctx: TracePointContext) -> u32 {
             }
         }
     }
+    Some(event)
+}
+
+// long sys_connect(int fd, struct sockaddr __user *uservaddr, int addrlen)
+#[tracepoint]
+pub fn sys_enter_connect(ctx: TracePointContext) -> u32 {
+    let Some(process) = current_process() else {
+        return 0;
+    };
+    let fd: i64 = syscall_arg(&ctx, 0);
+    let addr: u64 = syscall_arg(&ctx, 1);
+    let addrlen: i64 = syscall_arg(&ctx, 2);
+    let Some(event) = connect_event(&process, fd as i32, addr, addrlen) else {
+        return 0;
+    };
     let tid = bpf_get_current_pid_tgid() as u32;
     if PENDING_CONNECTS.insert(tid, event, 0).is_err() {
         count(counter::PENDING_MAP_FULL);
     }
     0
+}
+
+/// An io_uring `IORING_OP_CONNECT` request of a job process, at its submission: the address is
+/// read from the user memory the request names (as the syscall's is; the kernel copied it a
+/// moment before, in the same task), and the event is sent at once, flagged `HEADER_IO_URING`,
+/// with `result` 0: the connect runs later.
+#[inline(always)]
+pub fn io_uring_connect(process: &ProcessJob, fd: i32, addr: u64, addrlen: i64) {
+    let Some(event) = connect_event(process, fd, addr, addrlen) else {
+        return;
+    };
+    event.header.flags |= HEADER_IO_URING;
+    if within_budget(event.header.job, EventKind::Connect as u32) {
+        send_built::<ConnectEvent>(event);
+    }
 }
 
 #[tracepoint]

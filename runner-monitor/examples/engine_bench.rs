@@ -116,6 +116,7 @@ fn throughput(total: u64) {
                 unix_path: None,
                 fd: 3,
                 result: 0,
+                io_uring: false,
             }),
             _ => EventDetail::DnsAnswer(Dns::answer_a("api.github.com", &ip.to_string())),
         };

@@ -118,6 +118,18 @@ pub enum EventDetail {
         /// `Policy::job_env_vars` and `JOB_ENV_*` bits); marker-only variables have no value.
         values: Vec<(u32, String)>,
     },
+    /// A job process set up an io_uring instance: what it submits there makes no syscall, and
+    /// only some of it is seen (docs/sensors.md, "io_uring").
+    IoUringSetup {
+        /// The ring's file descriptor.
+        fd: i32,
+        sq_entries: u32,
+        cq_entries: u32,
+        /// `IORING_SETUP_*` flags.
+        flags: u32,
+        /// `IORING_SETUP_SQPOLL`: a kernel thread of the process submits for it, no syscall.
+        sqpoll: bool,
+    },
     /// From the agent: the job was ended explicitly (hook, control socket).
     JobEnd,
     /// From the agent: the sensor lost events or a probe is not attached.
@@ -203,6 +215,7 @@ impl EventDetail {
             EventDetail::Chdir { .. } => "chdir",
             EventDetail::JobStart(_) => "job_start",
             EventDetail::JobEnv { .. } => "job_env",
+            EventDetail::IoUringSetup { .. } => "io_uring_setup",
             EventDetail::JobEnd => "job_end",
             EventDetail::SensorStatus(_) => "sensor_status",
             EventDetail::CredentialFingerprint { .. } => "credential_fingerprint",
@@ -242,6 +255,10 @@ pub struct FileAccess {
     /// Keyed hash of the credential's content (when fingerprints are on), added by the agent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fingerprint: Option<String>,
+    /// Submitted as an io_uring request (`IORING_OP_OPENAT`/`OPENAT2`), not a syscall; seen at
+    /// submission, so `result` is 0 whatever the open then returned.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub io_uring: bool,
 }
 
 impl FileAccess {
@@ -259,6 +276,7 @@ impl FileAccess {
             matched: Vec::new(),
             target_pid: None,
             fingerprint: None,
+            io_uring: false,
         }
     }
 }
@@ -287,6 +305,10 @@ pub struct Connect {
     /// 0 on success, negative errno on failure (`-115`, EINPROGRESS, for a non-blocking connect).
     #[serde(default)]
     pub result: i64,
+    /// Submitted as an io_uring request (`IORING_OP_CONNECT`), not a syscall; seen at
+    /// submission, so `result` is 0 whatever the connect then returned.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub io_uring: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

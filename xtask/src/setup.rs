@@ -56,6 +56,9 @@ const DEBIAN_PACKAGES: &[&str] = &[
     // gitlab-ci-local (tests/tests/gitlab_ci_local.rs) copies the project with rsync. It runs
     // on the host's Node (20 or later, with its npm; Debian's npm conflicts with NodeSource's).
     "rsync",
+    // tests/tests/io_uring.rs builds tests/c/uring-cat.c against liburing: opens and reads
+    // through io_uring only, which syscall tracepoints do not see.
+    "liburing-dev",
 ];
 
 /// gitlab-ci-local, a real GitLab CI runner for workstations, for the job-discovery tests.

@@ -150,6 +150,7 @@ fn report() -> JobReport {
         exit_code: Some(0),
         survivor: false,
         step: None,
+        io_uring: false,
     };
     let mut left = finding(crate::rule::RuleId::CredentialLeftBehind, 9_000);
     left.credential = Some(CredentialRef {

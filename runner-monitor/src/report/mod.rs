@@ -133,6 +133,7 @@ impl Record {
             exit_code: None,
             survivor: false,
             step: None,
+            io_uring: false,
         });
         self.report.processes.last_mut()
     }
@@ -420,6 +421,7 @@ impl JobReports {
                 | EventDetail::FileOpen(_)
                 | EventDetail::Connect(_)
                 | EventDetail::DnsAnswer(_)
+                | EventDetail::IoUringSetup { .. }
                 | EventDetail::JobStart(_)
                 | EventDetail::JobEnd => self.record(event, j.key, j.ended),
                 _ => {}
@@ -502,6 +504,11 @@ impl JobReports {
             EventDetail::FileOpen(f) => record.file_open(&policy, event, f, ended),
             EventDetail::Connect(c) => record.connect(&policy, event, c, ended),
             EventDetail::DnsAnswer(dns) => record.dns_answer(dns),
+            EventDetail::IoUringSetup { .. } => {
+                if let Some(p) = record.process(event, pid, event.process.ppid) {
+                    p.io_uring = true;
+                }
+            }
             EventDetail::JobStart(info) => {
                 record.report.job = info.clone();
                 record.process(event, pid, event.process.ppid);

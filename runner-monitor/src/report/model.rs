@@ -34,6 +34,9 @@ pub struct ProcessNode {
     /// The step it runs in: its position in `JobReport::steps`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub step: Option<usize>,
+    /// It set up an io_uring instance (requests submitted there make no syscall).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub io_uring: bool,
 }
 
 /// A step of the job: what started it (see `engine::step`), by which process, when.

@@ -165,6 +165,7 @@ fn connect(ip: &str, port: u16) -> EventDetail {
         unix_path: None,
         fd: 3,
         result: 0,
+        io_uring: false,
     })
 }
 
@@ -569,4 +570,28 @@ fn the_json_report_reads_back() {
     assert!(json.contains("\"steps\":[{"), "{json}");
     let back: JobReport = serde_json::from_str(&json).unwrap();
     assert_eq!(back, r);
+}
+
+#[test]
+fn a_process_that_set_up_io_uring_is_marked() {
+    let mut run = Run::new();
+    run.start(1000, 7, 100, "9001/build", "acme/app");
+    run.exec(1100, 7, false, 101, 100, &["node", "build.js"]);
+    let setup = EventDetail::IoUringSetup {
+        fd: 3,
+        sq_entries: 8,
+        cq_entries: 16,
+        flags: 0,
+        sqpoll: false,
+    };
+    run.feed(1200, 7, false, false, 101, 100, "node", setup);
+    let r = run.report("9001/build");
+    let marked: Vec<u32> = r
+        .processes
+        .iter()
+        .filter(|p| p.io_uring)
+        .map(|p| p.pid)
+        .collect();
+    assert_eq!(marked, [101]);
+    assert!(text(&r).contains("set up io_uring"), "{}", text(&r));
 }

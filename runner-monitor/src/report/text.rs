@@ -113,6 +113,9 @@ pub(super) fn process_line(report: &JobReport, p: &ProcessNode) -> (String, Stri
         (Some(t), None) => format!("killed at {}", offset(report, t)),
         (None, _) => "running".to_owned(),
     };
+    if p.io_uring {
+        tail.push_str(", set up io_uring");
+    }
     if p.survivor {
         tail.push_str(", SURVIVED THE JOB");
     }

@@ -508,7 +508,7 @@ pub fn error_chain(error: &dyn std::error::Error) -> String {
 }
 
 /// A load error with the verifier's last lines, which say why.
-fn verifier_reason(name: &str, error: &aya::programs::ProgramError) -> String {
+pub(super) fn verifier_reason(name: &str, error: &aya::programs::ProgramError) -> String {
     if let aya::programs::ProgramError::LoadError {
         io_error,
         verifier_log,

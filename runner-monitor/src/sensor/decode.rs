@@ -8,11 +8,12 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use runner_monitor_common::{
     AF_INET, AF_INET6, AF_UNIX, BpfEvent, ChdirEvent, ConnectEvent, DnsEvent, EXIT_CODE_KNOWN,
-    EventHeader, EventKind, ExecEvent, ExitEvent, FileEvent, ForkEvent, HEADER_JOB_ENDED,
-    HEADER_JOB_ROOT, HEADER_TRUNCATED, JobEnvEvent, MATCH_BASENAME, MATCH_DIRNAME, MATCH_PREFIX,
-    MATCH_PROC_MEMORY, MATCH_SECOND_PATH, PTRACE_ATTACH, PTRACE_PEEKDATA, PTRACE_PEEKTEXT,
-    PTRACE_PEEKUSER, PTRACE_SEIZE, ProcessAccessEvent, SIGNAL_SYSCALL_KILL, SIGNAL_SYSCALL_TGKILL,
-    SIGNAL_SYSCALL_TKILL, SignalEvent,
+    EventHeader, EventKind, ExecEvent, ExitEvent, FileEvent, ForkEvent, HEADER_IO_URING,
+    HEADER_JOB_ENDED, HEADER_JOB_ROOT, HEADER_TRUNCATED, IoUringSetupEvent, JobEnvEvent,
+    MATCH_BASENAME, MATCH_DIRNAME, MATCH_PREFIX, MATCH_PROC_MEMORY, MATCH_SECOND_PATH,
+    PTRACE_ATTACH, PTRACE_PEEKDATA, PTRACE_PEEKTEXT, PTRACE_PEEKUSER, PTRACE_SEIZE,
+    ProcessAccessEvent, SIGNAL_SYSCALL_KILL, SIGNAL_SYSCALL_TGKILL, SIGNAL_SYSCALL_TKILL,
+    SignalEvent,
 };
 
 use super::{dns, paths::WorkingDirectories};
@@ -144,7 +145,9 @@ impl Decoder {
             }
             EventKind::Connect => {
                 let e: ConnectEvent = read(bytes)?;
-                EventDetail::Connect(connect(&e)?)
+                let mut c = connect(&e)?;
+                c.io_uring = header.flags & HEADER_IO_URING != 0;
+                EventDetail::Connect(c)
             }
             EventKind::DnsQuery | EventKind::DnsAnswer => {
                 let e: DnsEvent = read(bytes)?;
@@ -187,6 +190,16 @@ impl Decoder {
                         .iter()
                         .map(|v| (v.var, lossy(c_bytes(&v.value, v.len))))
                         .collect(),
+                }
+            }
+            EventKind::IoUringSetup => {
+                let e: IoUringSetupEvent = read(bytes)?;
+                EventDetail::IoUringSetup {
+                    fd: e.fd,
+                    sq_entries: e.sq_entries,
+                    cq_entries: e.cq_entries,
+                    flags: e.flags,
+                    sqpoll: e.flags & runner_monitor_common::io_uring::IORING_SETUP_SQPOLL != 0,
                 }
             }
             EventKind::Chdir => {
@@ -256,6 +269,7 @@ impl Decoder {
             matched,
             target_pid: (e.matched & MATCH_PROC_MEMORY != 0).then_some(e.target_pid),
             fingerprint: None,
+            io_uring: header.flags & HEADER_IO_URING != 0,
         }
     }
 }
@@ -307,6 +321,7 @@ fn connect(e: &ConnectEvent) -> Result<Connect, DecodeError> {
         unix_path,
         fd: e.fd,
         result: e.result,
+        io_uring: false,
     })
 }
 

@@ -2,9 +2,11 @@
 //! and the job roots, and read what they send.
 
 pub mod attach;
+pub mod btf;
 pub mod check;
 pub mod decode;
 pub mod dns;
+pub mod io_uring;
 pub mod job_roots;
 pub mod paths;
 pub mod pins;
@@ -214,7 +216,8 @@ impl Sensor {
         };
         // The patterns go in before any probe can look for them.
         sensor.set_names(policy)?;
-        let probes = attach::attach_all(&mut sensor.ebpf);
+        let mut probes = attach::attach_all(&mut sensor.ebpf);
+        probes.extend(io_uring::attach(&mut sensor.ebpf, &mut sensor.settings));
         for probe in &probes {
             if let ProbeState::Failed(reason) = &probe.state
                 && probe.required

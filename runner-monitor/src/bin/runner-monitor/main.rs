@@ -253,6 +253,7 @@ fn check(json: bool) -> anyhow::Result<()> {
         Ok(s) => s.probes().to_vec(),
         Err(_) => Vec::new(),
     };
+    let io_uring = runner_monitor::sensor::io_uring::coverage(&probes);
     let missing_capabilities: Vec<String> = capabilities
         .missing
         .iter()
@@ -263,6 +264,8 @@ fn check(json: bool) -> anyhow::Result<()> {
         let out = serde_json::json!({
             "features": features,
             "probes": probes,
+            "io_uring": io_uring.iter().map(|(what, how)| (*what, how.as_str()))
+                .collect::<std::collections::BTreeMap<_, _>>(),
             "missing_capabilities": missing_capabilities,
             "error": sensor.as_ref().err().map(|e| e.to_string()),
         });
@@ -308,6 +311,10 @@ fn check(json: bool) -> anyhow::Result<()> {
                 "  {:<18} {:<28} {:<38} {mark}{reason}",
                 p.sensor, p.program, p.target
             );
+        }
+        println!("io_uring coverage (docs/sensors.md, \"io_uring\")");
+        for (what, how) in &io_uring {
+            println!("  {what:<40} {how}");
         }
     }
     let missing: Vec<&str> = features

@@ -116,6 +116,9 @@ pub(super) fn after_end(engine: &Engine, event: &Event, f: &FileAccess) -> Optio
 fn verb_of(f: &FileAccess) -> &'static str {
     if f.write {
         "wrote"
+    } else if f.io_uring {
+        // Seen at submission: whether the open then succeeded is not known.
+        "submitted an io_uring open of"
     } else if f.result >= 0 {
         "read"
     } else {

@@ -153,3 +153,32 @@ fn the_fingerprint_of_what_an_exited_writer_wrote_does_not_bring_the_writer_back
     );
     assert!(t.rules().contains(&RuleId::CredentialLeftBehind));
 }
+
+#[test]
+fn a_survivor_opening_a_credential_through_io_uring_is_caught_and_said_so() {
+    let mut t = Trace::new();
+    t.start(1, 1, 100, "acme/app");
+    t.end(3, 1, 100);
+    t.findings.clear();
+    t.feed(
+        5,
+        1,
+        101,
+        1,
+        "uring-cat",
+        EventDetail::FileOpen(FileAccess {
+            io_uring: true,
+            matched: vec!["dirname".into()],
+            ..FileAccess::at("/home/ci/.aws/credentials")
+        }),
+    );
+    let f = t.only(RuleId::CredentialAfterJobEnd);
+    assert_eq!(f.credential.as_ref().unwrap().kind, "aws");
+    // Seen at submission: the summary does not claim the open succeeded.
+    assert!(
+        f.summary
+            .contains("submitted an io_uring open of aws credential /home/ci/.aws/credentials"),
+        "{}",
+        f.summary
+    );
+}

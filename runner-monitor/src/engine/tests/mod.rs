@@ -179,6 +179,7 @@ impl Trace {
                 unix_path: None,
                 fd: 3,
                 result: 0,
+                io_uring: false,
             }),
         );
     }

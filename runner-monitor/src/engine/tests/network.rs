@@ -94,6 +94,7 @@ fn metadata_runner_credentials_secret_sockets_harvesting_and_tamper() {
             unix_path: Some("/var/run/docker.sock".into()),
             fd: 3,
             result: 0,
+            io_uring: false,
         }),
     );
     t.open(5, 1, 100, "/home/ci/.aws/credentials", false);
@@ -172,6 +173,7 @@ fn an_entitled_secret_socket_is_quiet() {
             unix_path: Some("/run/docker.sock".into()),
             fd: 3,
             result: 0,
+            io_uring: false,
         }),
     );
     assert!(t.findings.is_empty(), "{:#?}", t.findings);

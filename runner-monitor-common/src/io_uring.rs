@@ -1,0 +1,71 @@
+//! io_uring as the kernel programs see it: rings set up by job processes, and the requests they
+//! submit (the `io_uring:*` tracepoints, attached as `tp_btf`).
+
+use crate::EventHeader;
+
+/// `IORING_OP_OPENAT` (UAPI `enum io_uring_op`, stable numbers).
+pub const IORING_OP_OPENAT: u8 = 18;
+/// `IORING_OP_OPENAT2`.
+pub const IORING_OP_OPENAT2: u8 = 28;
+/// `IORING_OP_CONNECT`.
+pub const IORING_OP_CONNECT: u8 = 16;
+/// `IORING_OP_RENAMEAT`, `IORING_OP_SYMLINKAT`, `IORING_OP_LINKAT`.
+pub const IORING_OP_RENAMEAT: u8 = 35;
+pub const IORING_OP_SYMLINKAT: u8 = 38;
+pub const IORING_OP_LINKAT: u8 = 39;
+/// `IORING_SETUP_SQPOLL`: a kernel thread of the ring's creator polls the submission queue, so
+/// requests are submitted without any syscall.
+pub const IORING_SETUP_SQPOLL: u32 = 1 << 1;
+
+/// Indexes of the kernel's `SETTINGS` array (re-exported in `setting`) holding the request
+/// layout of the running kernel, which the agent reads from its BTF: aya-ebpf has no CO-RE field
+/// relocations.
+pub mod slot {
+    /// `LAYOUT_*` bits: which of the offsets below are the running kernel's; a request whose
+    /// layout is not known is not read.
+    pub const IO_URING_LAYOUT: u32 = 4;
+    /// Byte offsets from the start of a `struct io_kiocb`: its `opcode` (u8), and the open
+    /// request's `dfd` (i32), `filename` (`struct filename *`) and `how.flags` (u64) in its
+    /// command area.
+    pub const IO_URING_OPCODE: u32 = 5;
+    pub const IO_URING_OPEN_DFD: u32 = 6;
+    pub const IO_URING_OPEN_FILENAME: u32 = 7;
+    pub const IO_URING_OPEN_FLAGS: u32 = 8;
+    /// Byte offset of `name` (`const char *`) in `struct filename`.
+    pub const IO_URING_FILENAME_NAME: u32 = 9;
+    /// From the start of a `struct io_kiocb`: the request's fd (`cqe.fd`, i32), and the connect
+    /// request's user address (`struct sockaddr __user *`) and its length (i32).
+    pub const IO_URING_FD: u32 = 10;
+    pub const IO_URING_CONNECT_ADDR: u32 = 11;
+    pub const IO_URING_CONNECT_ADDR_LEN: u32 = 12;
+    /// From the start of a `struct io_kiocb`: a rename's or link's `old_dfd`, `new_dfd` (i32),
+    /// `oldpath`, `newpath` (`struct filename *`) and `flags` (i32) in its command area
+    /// (`struct io_rename` and `struct io_link`, laid out alike).
+    pub const IO_URING_PATHS_OLD_DFD: u32 = 13;
+    pub const IO_URING_PATHS_NEW_DFD: u32 = 14;
+    pub const IO_URING_PATHS_OLD: u32 = 15;
+    pub const IO_URING_PATHS_NEW: u32 = 16;
+    pub const IO_URING_PATHS_FLAGS: u32 = 17;
+}
+
+/// `IO_URING_LAYOUT` bit: the open request's offsets are known.
+pub const LAYOUT_OPEN: u32 = 1;
+/// `IO_URING_LAYOUT` bit: the connect request's offsets (and the fd's) are known.
+pub const LAYOUT_CONNECT: u32 = 1 << 1;
+/// `IO_URING_LAYOUT` bit: the rename and link requests' offsets (and `filename.name`) are known.
+pub const LAYOUT_PATHS: u32 = 1 << 2;
+
+/// A job process set up an io_uring instance (`io_uring_setup`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct IoUringSetupEvent {
+    pub header: EventHeader,
+    /// The ring's file descriptor.
+    pub fd: i32,
+    pub sq_entries: u32,
+    pub cq_entries: u32,
+    /// `IORING_SETUP_*` flags.
+    pub flags: u32,
+}
+
+const _: () = assert!(core::mem::size_of::<IoUringSetupEvent>() == 64 + 16);

@@ -1,0 +1,147 @@
+//! io_uring: rings set up by job processes, and the opens, renames, links and connects they
+//! submit.
+//!
+//! Syscall tracepoints are blind to io_uring: an `IORING_OP_OPENAT` makes no `openat` syscall.
+//! The `io_uring:` tracepoints are not, and as `tp_btf` programs they get the kernel's typed
+//! arguments. aya-ebpf has no CO-RE field relocations, so the offsets into `struct io_kiocb` and
+//! `struct filename` come from the agent, which reads them from the running kernel's BTF
+//! (`setting::IO_URING_*`); without them the request probe reads nothing.
+//!
+//! Both tracepoints fire in the context of the task that submitted: the process that called
+//! `io_uring_setup` / `io_uring_enter`, or, with `IORING_SETUP_SQPOLL`, the ring's polling thread
+//! (`iou-sqp-<pid>`), which is a thread of the process that created the ring. Either way the
+//! process map gives the job.
+
+use aya_ebpf::{
+    helpers::bpf_probe_read_kernel, macros::btf_tracepoint, programs::BtfTracePointContext,
+};
+use runner_monitor_common::{
+    AT_FDCWD, EventKind, IoUringSetupEvent, LINK_SYMBOLIC,
+    io_uring::{
+        IORING_OP_CONNECT, IORING_OP_LINKAT, IORING_OP_OPENAT, IORING_OP_OPENAT2,
+        IORING_OP_RENAMEAT, IORING_OP_SYMLINKAT, LAYOUT_CONNECT, LAYOUT_OPEN, LAYOUT_PATHS,
+    },
+    setting,
+};
+
+use crate::{
+    emit::send, files::kernel_file, maps::current_process, names::setting, net::io_uring_connect,
+};
+
+/// The `T` at kernel address `base + offset`; `None` when it cannot be read.
+#[inline(always)]
+fn kernel_field<T>(base: u64, offset: u32) -> Option<T> {
+    // SAFETY: a checked read of kernel memory (bpf_probe_read_kernel).
+    unsafe { bpf_probe_read_kernel((base + offset as u64) as *const T).ok() }
+}
+
+// TP_PROTO(int fd, void *ctx, u32 sq_entries, u32 cq_entries, u32 flags)
+#[btf_tracepoint(function = "io_uring_create")]
+pub fn io_uring_create(ctx: BtfTracePointContext) -> i32 {
+    let Some(process) = current_process() else {
+        return 0;
+    };
+    let fd: i32 = ctx.arg(0);
+    let sq_entries: u32 = ctx.arg(2);
+    let cq_entries: u32 = ctx.arg(3);
+    let flags: u32 = ctx.arg(4);
+    send::<IoUringSetupEvent>(EventKind::IoUringSetup, Some(&process), |e| {
+        e.fd = fd;
+        e.sq_entries = sq_entries;
+        e.cq_entries = cq_entries;
+        e.flags = flags;
+    });
+    0
+}
+
+// TP_PROTO(struct io_kiocb *req)
+// Fires in io_submit_sqe() after io_init_req() prepared the request: for an open, the name is
+// already in a `struct filename` (getname), which is what the open will use; for a connect, the
+// address was copied from the user pointer the request keeps.
+#[btf_tracepoint(function = "io_uring_submit_req")]
+pub fn io_uring_submit_req(ctx: BtfTracePointContext) -> i32 {
+    let Some(process) = current_process() else {
+        return 0;
+    };
+    let layout = setting(setting::IO_URING_LAYOUT);
+    if layout == 0 {
+        return 0;
+    }
+    let req: u64 = ctx.arg(0);
+    let Some(opcode) = kernel_field::<u8>(req, setting(setting::IO_URING_OPCODE)) else {
+        return 0;
+    };
+    if opcode == IORING_OP_CONNECT && layout & LAYOUT_CONNECT != 0 {
+        // io_connect_prep() kept the user address (and copied it into the request's async
+        // data, whose type differs between kernels; the user copy's place does not).
+        let addr = kernel_field::<u64>(req, setting(setting::IO_URING_CONNECT_ADDR)).unwrap_or(0);
+        let len =
+            kernel_field::<i32>(req, setting(setting::IO_URING_CONNECT_ADDR_LEN)).unwrap_or(0);
+        let fd = kernel_field::<i32>(req, setting(setting::IO_URING_FD)).unwrap_or(-1);
+        io_uring_connect(&process, fd, addr, len as i64);
+        return 0;
+    }
+    if matches!(
+        opcode,
+        IORING_OP_RENAMEAT | IORING_OP_LINKAT | IORING_OP_SYMLINKAT
+    ) && layout & LAYOUT_PATHS != 0
+    {
+        paths(&process, req, opcode);
+        return 0;
+    }
+    if (opcode != IORING_OP_OPENAT && opcode != IORING_OP_OPENAT2) || layout & LAYOUT_OPEN == 0 {
+        return 0;
+    }
+    let name = name_at(req, setting(setting::IO_URING_OPEN_FILENAME));
+    if name == 0 {
+        return 0;
+    }
+    let dfd = kernel_field::<i32>(req, setting(setting::IO_URING_OPEN_DFD)).unwrap_or(0);
+    let flags = kernel_field::<u64>(req, setting(setting::IO_URING_OPEN_FLAGS)).unwrap_or(0);
+    kernel_file(
+        &process,
+        EventKind::FileOpen,
+        (dfd, name),
+        (0, 0),
+        flags as u32,
+    );
+    0
+}
+
+/// The name (a kernel string) of the `struct filename *` at `req + offset`; 0 when there is none.
+#[inline(always)]
+fn name_at(req: u64, offset: u32) -> u64 {
+    match kernel_field::<u64>(req, offset) {
+        Some(filename) if filename != 0 => {
+            kernel_field::<u64>(filename, setting(setting::IO_URING_FILENAME_NAME)).unwrap_or(0)
+        }
+        _ => 0,
+    }
+}
+
+/// A rename, hard link or symbolic link request (`struct io_rename`, `struct io_link`): the
+/// same file events as the syscalls'. A symbolic link's first path is its target as written,
+/// not a path opened (`LINK_SYMBOLIC`), as for `symlinkat`.
+#[inline(always)]
+fn paths(process: &runner_monitor_common::ProcessJob, req: u64, opcode: u8) {
+    let old = name_at(req, setting(setting::IO_URING_PATHS_OLD));
+    let new = name_at(req, setting(setting::IO_URING_PATHS_NEW));
+    if old == 0 || new == 0 {
+        return;
+    }
+    let new_dfd = kernel_field::<i32>(req, setting(setting::IO_URING_PATHS_NEW_DFD)).unwrap_or(0);
+    let (kind, old_dfd, flags) = if opcode == IORING_OP_SYMLINKAT {
+        (EventKind::FileLink, AT_FDCWD, LINK_SYMBOLIC)
+    } else {
+        let old_dfd =
+            kernel_field::<i32>(req, setting(setting::IO_URING_PATHS_OLD_DFD)).unwrap_or(0);
+        let flags = kernel_field::<i32>(req, setting(setting::IO_URING_PATHS_FLAGS)).unwrap_or(0);
+        let kind = if opcode == IORING_OP_RENAMEAT {
+            EventKind::FileRename
+        } else {
+            EventKind::FileLink
+        };
+        (kind, old_dfd, flags as u32)
+    };
+    kernel_file(process, kind, (old_dfd, old), (new_dfd, new), flags);
+}

@@ -1,0 +1,428 @@
+//! The io_uring probes: `tp_btf` programs on `io_uring:io_uring_create` (a job process sets up a
+//! ring) and `io_uring:io_uring_submit_req` (the opens and connects it submits), with the request
+//! layouts they need read from the running kernel's BTF.
+//!
+//! What they cover, and what not, is in `docs/sensors.md` ("io_uring") and in `coverage`, which
+//! `runner-monitor check` prints.
+
+use aya::{
+    Ebpf,
+    maps::{Array, MapData},
+    programs::BtfTracePoint,
+};
+use runner_monitor_common::{
+    io_uring::{LAYOUT_CONNECT, LAYOUT_OPEN, LAYOUT_PATHS},
+    setting,
+};
+
+use super::{
+    ProbeState, ProbeStatus,
+    attach::error_chain,
+    btf::{BtfError, KernelBtf},
+};
+
+/// Checked member lookups in the kernel's BTF: each error names the member that is missing or
+/// not what the probe reads.
+struct Members<'a>(&'a KernelBtf);
+
+impl Members<'_> {
+    fn offset(&self, ty: &str, name: &str) -> Result<u32, String> {
+        self.0
+            .member(ty, name)
+            .map(|m| m.offset)
+            .map_err(|e: BtfError| e.to_string())
+    }
+
+    fn sized(&self, ty: &str, name: &str, size: u32) -> Result<u32, String> {
+        let m = self.0.member(ty, name).map_err(|e| e.to_string())?;
+        match self.0.size_of(m.type_id) {
+            Some(s) if s == size => Ok(m.offset),
+            other => Err(format!("{ty}.{name} is {other:?} bytes, not {size}")),
+        }
+    }
+
+    fn pointer(&self, ty: &str, name: &str) -> Result<u32, String> {
+        let m = self.0.member(ty, name).map_err(|e| e.to_string())?;
+        if self.0.is_pointer(m.type_id) {
+            Ok(m.offset)
+        } else {
+            Err(format!("{ty}.{name} is not a pointer"))
+        }
+    }
+
+    /// `io_kiocb.cmd`, checked to hold the request struct `op` (the kernel asserts it fits).
+    fn command_area(&self, op: &str) -> Result<u32, String> {
+        let cmd = self.offset("io_kiocb", "cmd")?;
+        let size = |ty| self.0.struct_id(ty).and_then(|id| self.0.size_of(id));
+        match (size(op), size("io_cmd_data")) {
+            (Some(o), Some(area)) if o <= area => Ok(cmd),
+            (o, area) => Err(format!(
+                "struct {op} ({o:?} bytes) is not in io_kiocb's command area ({area:?} bytes)"
+            )),
+        }
+    }
+}
+
+/// Where the request probe reads an open request, in bytes from the start of `struct io_kiocb`
+/// (and of `struct filename`), for the running kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct OpenLayout {
+    /// `io_kiocb.opcode`.
+    pub opcode: u32,
+    /// `io_kiocb.cmd` + `io_open.dfd`.
+    pub open_dfd: u32,
+    /// `io_kiocb.cmd` + `io_open.filename`.
+    pub open_filename: u32,
+    /// `io_kiocb.cmd` + `io_open.how` + `open_how.flags`.
+    pub open_flags: u32,
+    /// `filename.name`.
+    pub filename_name: u32,
+}
+
+impl OpenLayout {
+    pub fn from_btf(btf: &KernelBtf) -> Result<Self, String> {
+        let m = Members(btf);
+        let cmd = m.command_area("io_open")?;
+        Ok(Self {
+            opcode: m.sized("io_kiocb", "opcode", 1)?,
+            open_dfd: cmd + m.sized("io_open", "dfd", 4)?,
+            open_filename: cmd + m.pointer("io_open", "filename")?,
+            open_flags: cmd + m.offset("io_open", "how")? + m.sized("open_how", "flags", 8)?,
+            filename_name: m.pointer("filename", "name")?,
+        })
+    }
+}
+
+/// Where the request probe reads a connect request, from the start of `struct io_kiocb`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct ConnectLayout {
+    /// `io_kiocb.opcode`.
+    pub opcode: u32,
+    /// `io_kiocb.cqe` + `io_cqe.fd`: the socket's fd.
+    pub fd: u32,
+    /// `io_kiocb.cmd` + `io_connect.addr`: the user address.
+    pub addr: u32,
+    /// `io_kiocb.cmd` + `io_connect.addr_len`.
+    pub addr_len: u32,
+}
+
+impl ConnectLayout {
+    pub fn from_btf(btf: &KernelBtf) -> Result<Self, String> {
+        let m = Members(btf);
+        let cmd = m.command_area("io_connect")?;
+        Ok(Self {
+            opcode: m.sized("io_kiocb", "opcode", 1)?,
+            fd: m.offset("io_kiocb", "cqe")? + m.sized("io_cqe", "fd", 4)?,
+            addr: cmd + m.pointer("io_connect", "addr")?,
+            addr_len: cmd + m.sized("io_connect", "addr_len", 4)?,
+        })
+    }
+}
+
+/// Where the request probe reads a rename or link request (`struct io_rename` and
+/// `struct io_link`, which must be laid out alike), from the start of `struct io_kiocb`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct PathsLayout {
+    pub opcode: u32,
+    pub old_dfd: u32,
+    pub new_dfd: u32,
+    pub oldpath: u32,
+    pub newpath: u32,
+    pub flags: u32,
+    /// `filename.name`.
+    pub filename_name: u32,
+}
+
+impl PathsLayout {
+    pub fn from_btf(btf: &KernelBtf) -> Result<Self, String> {
+        let m = Members(btf);
+        let of = |ty: &str| -> Result<[u32; 5], String> {
+            let cmd = m.command_area(ty)?;
+            Ok([
+                cmd + m.sized(ty, "old_dfd", 4)?,
+                cmd + m.sized(ty, "new_dfd", 4)?,
+                cmd + m.pointer(ty, "oldpath")?,
+                cmd + m.pointer(ty, "newpath")?,
+                cmd + m.sized(ty, "flags", 4)?,
+            ])
+        };
+        let rename = of("io_rename")?;
+        if of("io_link")? != rename {
+            return Err("struct io_link is not laid out as struct io_rename".to_owned());
+        }
+        let [old_dfd, new_dfd, oldpath, newpath, flags] = rename;
+        Ok(Self {
+            opcode: m.sized("io_kiocb", "opcode", 1)?,
+            old_dfd,
+            new_dfd,
+            oldpath,
+            newpath,
+            flags,
+            filename_name: m.pointer("filename", "name")?,
+        })
+    }
+}
+
+/// The request layouts of the running kernel, each with the reason it is not known.
+pub struct Layouts {
+    pub open: Result<OpenLayout, String>,
+    pub connect: Result<ConnectLayout, String>,
+    pub paths: Result<PathsLayout, String>,
+}
+
+impl Layouts {
+    pub fn of(btf: &Result<KernelBtf, String>) -> Self {
+        match btf {
+            Ok(btf) => Self {
+                open: OpenLayout::from_btf(btf),
+                connect: ConnectLayout::from_btf(btf),
+                paths: PathsLayout::from_btf(btf),
+            },
+            Err(e) => Self {
+                open: Err(e.clone()),
+                connect: Err(e.clone()),
+                paths: Err(e.clone()),
+            },
+        }
+    }
+
+    /// Writes the known offsets and the `LAYOUT_*` bits saying which they are.
+    fn write(&self, settings: &mut Array<MapData, u32>) -> Result<(), aya::maps::MapError> {
+        let mut bits = 0;
+        if let Ok(l) = &self.open {
+            settings.set(setting::IO_URING_OPCODE, l.opcode, 0)?;
+            settings.set(setting::IO_URING_OPEN_DFD, l.open_dfd, 0)?;
+            settings.set(setting::IO_URING_OPEN_FILENAME, l.open_filename, 0)?;
+            settings.set(setting::IO_URING_OPEN_FLAGS, l.open_flags, 0)?;
+            settings.set(setting::IO_URING_FILENAME_NAME, l.filename_name, 0)?;
+            bits |= LAYOUT_OPEN;
+        }
+        if let Ok(l) = &self.connect {
+            settings.set(setting::IO_URING_OPCODE, l.opcode, 0)?;
+            settings.set(setting::IO_URING_FD, l.fd, 0)?;
+            settings.set(setting::IO_URING_CONNECT_ADDR, l.addr, 0)?;
+            settings.set(setting::IO_URING_CONNECT_ADDR_LEN, l.addr_len, 0)?;
+            bits |= LAYOUT_CONNECT;
+        }
+        if let Ok(l) = &self.paths {
+            settings.set(setting::IO_URING_OPCODE, l.opcode, 0)?;
+            settings.set(setting::IO_URING_FILENAME_NAME, l.filename_name, 0)?;
+            settings.set(setting::IO_URING_PATHS_OLD_DFD, l.old_dfd, 0)?;
+            settings.set(setting::IO_URING_PATHS_NEW_DFD, l.new_dfd, 0)?;
+            settings.set(setting::IO_URING_PATHS_OLD, l.oldpath, 0)?;
+            settings.set(setting::IO_URING_PATHS_NEW, l.newpath, 0)?;
+            settings.set(setting::IO_URING_PATHS_FLAGS, l.flags, 0)?;
+            bits |= LAYOUT_PATHS;
+        }
+        settings.set(setting::IO_URING_LAYOUT, bits, 0)
+    }
+}
+
+/// (program, tracepoint)
+const PROBES: [(&str, &str); 2] = [
+    ("io_uring_create", "io_uring_create"),
+    ("io_uring_submit_req", "io_uring_submit_req"),
+];
+
+/// Loads and attaches the io_uring probes, after writing the request layout into `settings`.
+/// Never fails as a whole: each probe reports its state. The request probe is not attached
+/// when no request layout can be read from the kernel's BTF.
+pub fn attach(ebpf: &mut Ebpf, settings: &mut Array<MapData, u32>) -> Vec<ProbeStatus> {
+    let kernel_btf = KernelBtf::vmlinux().map_err(|e| e.to_string());
+    let layouts = Layouts::of(&kernel_btf);
+    if let Err(e) = layouts.write(settings) {
+        tracing::warn!(error = %e, "io_uring request layout not written");
+    }
+    let btf = kernel_btf.and_then(|k| {
+        aya::Btf::from_sys_fs()
+            .map(|aya_btf| (k, aya_btf))
+            .map_err(|e| format!("kernel BTF: {}", error_chain(&e)))
+    });
+    let mut out = Vec::new();
+    for (program, tracepoint) in PROBES {
+        let state = match (&btf, (&layouts.open, &layouts.connect, &layouts.paths)) {
+            (Err(reason), _) => ProbeState::Failed(reason.clone()),
+            (Ok((k, _)), _) if !k.has_typedef(&format!("btf_trace_{tracepoint}")) => {
+                ProbeState::Absent(format!(
+                    "no tracepoint io_uring/{tracepoint} on this kernel (io_uring not built in)"
+                ))
+            }
+            (Ok(_), (Err(open), Err(connect), Err(paths))) if program == "io_uring_submit_req" => {
+                ProbeState::Failed(format!(
+                    "not attached: the io_uring request layouts are not in the kernel's BTF \
+                     (open: {open}; connect: {connect}; rename and link: {paths})"
+                ))
+            }
+            (Ok((_, aya_btf)), _) => attach_one(ebpf, program, tracepoint, aya_btf),
+        };
+        match &state {
+            ProbeState::Attached => tracing::debug!(program, "attached"),
+            ProbeState::Absent(reason) => tracing::info!(program, %reason, "hook absent"),
+            ProbeState::Failed(reason) => tracing::warn!(program, %reason, "probe not attached"),
+        }
+        out.push(ProbeStatus {
+            sensor: "io_uring",
+            program: program.to_owned(),
+            target: format!("tp_btf:io_uring/{tracepoint}"),
+            required: false,
+            state,
+        });
+    }
+    out
+}
+
+fn attach_one(ebpf: &mut Ebpf, program: &str, tracepoint: &str, btf: &aya::Btf) -> ProbeState {
+    let Some(p) = ebpf.program_mut(program) else {
+        return ProbeState::Failed(format!("program {program} is not in the object"));
+    };
+    let p: &mut BtfTracePoint = match p.try_into() {
+        Ok(p) => p,
+        Err(e) => return ProbeState::Failed(format!("{program}: {e}")),
+    };
+    if let Err(e) = p.load(tracepoint, btf) {
+        return ProbeState::Failed(super::attach::verifier_reason(program, &e));
+    }
+    match p.attach() {
+        Ok(_) => ProbeState::Attached,
+        Err(e) => ProbeState::Failed(error_chain(&e)),
+    }
+}
+
+/// What the io_uring probes in `probes` cover on this kernel, one line per kind of request, for
+/// `runner-monitor check`.
+pub fn coverage(probes: &[ProbeStatus]) -> Vec<(&'static str, String)> {
+    coverage_with(
+        probes,
+        &Layouts::of(&KernelBtf::vmlinux().map_err(|e| e.to_string())),
+    )
+}
+
+fn coverage_with(probes: &[ProbeStatus], layouts: &Layouts) -> Vec<(&'static str, String)> {
+    let why = |program: &str| match probes.iter().find(|p| p.program == program) {
+        Some(ProbeStatus {
+            state: ProbeState::Attached,
+            ..
+        }) => None,
+        Some(ProbeStatus {
+            state: ProbeState::Absent(r) | ProbeState::Failed(r),
+            ..
+        }) => Some(r.clone()),
+        None => Some("probe not loaded".to_owned()),
+    };
+    let request =
+        |layout: Result<(), &String>, seen: &str| match (why("io_uring_submit_req"), layout) {
+            (Some(r), _) => format!("NOT seen: {r}"),
+            (None, Err(r)) => format!("NOT seen: {r}"),
+            (None, Ok(())) => format!("seen at submission: {seen}"),
+        };
+    vec![
+        (
+            "ring setup",
+            match why("io_uring_create") {
+                None => "seen: an io_uring_setup event of the job process".to_owned(),
+                Some(r) => format!("NOT seen: {r}"),
+            },
+        ),
+        (
+            "OPENAT, OPENAT2",
+            request(
+                layouts.open.as_ref().map(|_| ()),
+                "file_open as for openat (io_uring: true, result 0: not known yet)",
+            ),
+        ),
+        (
+            "CONNECT",
+            request(
+                layouts.connect.as_ref().map(|_| ()),
+                "connect as for the syscall (io_uring: true, result 0: not known yet)",
+            ),
+        ),
+        (
+            "RENAMEAT, LINKAT, SYMLINKAT",
+            request(
+                layouts.paths.as_ref().map(|_| ()),
+                "file_rename, file_link as for the syscalls (io_uring: true, result 0)",
+            ),
+        ),
+        (
+            "READ, READV, WRITE, ...",
+            "not matched by name: the fd's open is (syscall or io_uring); a registered (fixed) \
+             file or an fd received from elsewhere is judged where it was opened"
+                .to_owned(),
+        ),
+        (
+            "UNLINKAT, MKDIRAT, STATX, SEND(MSG) to an address",
+            "NOT seen on the tracepoint set".to_owned(),
+        ),
+        (
+            "SQPOLL rings",
+            "requests are the ring creator's (its polling thread submits them)".to_owned(),
+        ),
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_kernel_without_the_request_structs_gets_no_layout_and_the_reason() {
+        // A valid BTF blob with no types: a header and the empty string.
+        let mut blob = vec![0x9f, 0xeb, 1, 0];
+        for v in [24u32, 0, 0, 0, 1] {
+            blob.extend(v.to_le_bytes());
+        }
+        blob.push(0);
+        let btf = KernelBtf::parse(blob).unwrap();
+        let layouts = Layouts::of(&Ok(btf));
+        let reason = layouts.open.clone().unwrap_err();
+        assert!(reason.contains("io_kiocb"), "{reason}");
+        assert!(layouts.connect.clone().unwrap_err().contains("io_kiocb"));
+        assert!(layouts.paths.clone().unwrap_err().contains("io_kiocb"));
+        let attached = |state| ProbeStatus {
+            sensor: "io_uring",
+            program: "io_uring_submit_req".into(),
+            target: String::new(),
+            required: false,
+            state,
+        };
+        // Not attached: every request kind says why.
+        let lines = coverage_with(&[attached(ProbeState::Failed("EPERM".into()))], &layouts);
+        assert!(
+            lines[1..4].iter().all(|(_, how)| how == "NOT seen: EPERM"),
+            "{lines:?}"
+        );
+        // Attached, but without the layouts: not seen either, with the missing member.
+        let lines = coverage_with(&[attached(ProbeState::Attached)], &layouts);
+        assert!(lines[1].1.starts_with("NOT seen") && lines[1].1.contains(&reason));
+        assert!(coverage_with(&[], &layouts)[0].1.starts_with("NOT seen"));
+    }
+
+    /// On a kernel with BTF and io_uring (this project's test hosts), the layout is found and
+    /// the open request's fields lie in the command area, before the opcode.
+    #[test]
+    fn the_running_kernels_open_request_layout_is_found() {
+        let Ok(btf) = KernelBtf::vmlinux() else {
+            eprintln!("no kernel BTF: skipped");
+            return;
+        };
+        if btf.struct_id("io_kiocb").is_none() {
+            eprintln!("kernel without io_uring: skipped");
+            return;
+        }
+        let layout = OpenLayout::from_btf(&btf).unwrap();
+        assert!(layout.open_filename < layout.opcode, "{layout:?}");
+        assert!(layout.open_dfd < layout.open_filename, "{layout:?}");
+        assert_eq!(layout.filename_name, 0, "{layout:?}");
+        let connect = ConnectLayout::from_btf(&btf).unwrap();
+        assert!(
+            connect.addr < connect.opcode && connect.fd > connect.opcode,
+            "{connect:?}"
+        );
+        let paths = PathsLayout::from_btf(&btf).unwrap();
+        assert!(
+            paths.oldpath < paths.newpath && paths.newpath < paths.opcode,
+            "{paths:?}"
+        );
+    }
+}
