@@ -112,7 +112,8 @@ fn azure_circleci_drone_and_woodpecker_jobs_are_found_and_named_by_their_environ
     let env = TestEnv::new("job-env-more");
     let n = run_id(3);
     // (platform, the job's identity variables, the job id and repository the finding must name)
-    let systems: [(&str, Vec<(&str, String)>, String, &str); 4] = [
+    type System<'a> = (&'a str, Vec<(&'a str, String)>, String, &'a str);
+    let systems: [System; 4] = [
         (
             "azure",
             vec![

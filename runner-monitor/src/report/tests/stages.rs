@@ -3,7 +3,7 @@
 
 use super::*;
 
-fn stage(job: u64, id: &str) -> EventDetail {
+fn stage(id: &str) -> EventDetail {
     EventDetail::JobStart(JobInfo {
         id: id.into(),
         platform: Some("gitlab".into()),
@@ -15,7 +15,7 @@ fn stage(job: u64, id: &str) -> EventDetail {
 /// Stage one of job 555 (kernel job 7, root 100) leaves a survivor (101) that reads a
 /// credential 0.8 s after the stage's shell exited; the kernel calls the stage ended.
 fn stage_with_a_survivor_reading_in_the_gap(run: &mut Run) {
-    run.feed(1000, 7, false, true, 100, 1, "bash", stage(7, "555"));
+    run.feed(1000, 7, false, true, 100, 1, "bash", stage("555"));
     run.feed(
         1050,
         7,
@@ -52,7 +52,7 @@ fn stage_with_a_survivor_reading_in_the_gap(run: &mut Run) {
 fn a_read_in_the_gap_is_inside_the_job_when_another_stage_follows() {
     let mut run = Run::new();
     stage_with_a_survivor_reading_in_the_gap(&mut run);
-    run.feed(3000, 8, false, true, 200, 1, "bash", stage(8, "555"));
+    run.feed(3000, 8, false, true, 200, 1, "bash", stage("555"));
     run.pipeline.advance(4 * S).unwrap();
     let r = run.report("555");
     let aws = r.credentials.iter().find(|c| c.kind == "aws").unwrap();
