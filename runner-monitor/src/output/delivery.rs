@@ -491,10 +491,11 @@ async fn deliver(
         }
         match post(&delivery, &alerts, &host).await {
             Ok(()) => {
+                // Counted before the cursor moves: whoever sees the spool empty sees them counted.
+                metrics.delivered(name, alerts.len() as u64);
                 if let Err(error) = spool.lock().expect("spool lock").commit(end) {
                     tracing::error!(%error, sink = name, "saving the alert spool cursor");
                 }
-                metrics.delivered(name, alerts.len() as u64);
                 backoff = Duration::from_millis(500);
             }
             Err(Failure { reason, message }) => {

@@ -399,6 +399,8 @@ async fn deliver(
         };
         let (acked, error) = result;
         if acked > 0 {
+            // Counted before the cursor moves: whoever sees the spool empty sees them counted.
+            metrics.delivered(SINK, acked as u64);
             if let Err(error) = spool
                 .lock()
                 .expect("spool lock")
@@ -406,7 +408,6 @@ async fn deliver(
             {
                 tracing::error!(%error, sink = SINK, "saving the spool cursor");
             }
-            metrics.delivered(SINK, acked as u64);
         }
         match error {
             None => backoff = Duration::from_millis(250),
