@@ -116,6 +116,8 @@ fn throughput(total: u64) {
                 unix_path: None,
                 fd: 3,
                 result: 0,
+                blocked: false,
+                udp_send: false,
             }),
             _ => EventDetail::DnsAnswer(Dns::answer_a("api.github.com", &ip.to_string())),
         };

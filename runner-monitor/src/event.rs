@@ -287,6 +287,12 @@ pub struct Connect {
     /// 0 on success, negative errno on failure (`-115`, EINPROGRESS, for a non-blocking connect).
     #[serde(default)]
     pub result: i64,
+    /// Block mode refused it in the kernel (`result` is -1, EPERM).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub blocked: bool,
+    /// A UDP send to the address (`sendto`, `sendmsg`), not a `connect()`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub udp_send: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

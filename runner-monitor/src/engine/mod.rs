@@ -112,7 +112,8 @@ pub struct EngineStats {
     pub survivors: u64,
     /// Successful credential reads and writes by credential kind.
     pub credential_accesses: BTreeMap<String, u64>,
-    /// Outbound connections by verdict: allowed, unexpected, metadata.
+    /// Outbound connections by verdict: allowed, unexpected, metadata, blocked (refused by block
+    /// mode; counted there only).
     pub egress: BTreeMap<String, u64>,
 }
 
@@ -192,6 +193,15 @@ impl Engine {
         s.evicted_credentials = self.ledger.evicted();
         s.evicted_dns = self.dns.evicted();
         s
+    }
+
+    /// Changes whenever a job starts or is named, ends, or is forgotten: a cheap "look again"
+    /// for whoever mirrors the job table (block mode's per-job plans).
+    pub fn job_changes(&self) -> u64 {
+        self.stats
+            .jobs_started
+            .wrapping_add(self.stats.jobs_ended)
+            .wrapping_add(self.jobs.evicted())
     }
 
     /// Live processes followed.

@@ -217,7 +217,7 @@ impl EngineMetrics {
             egress: counter_vec(
                 r,
                 "runner_monitor_egress_connections_total",
-                "Outbound connections by job processes, by verdict.",
+                "Outbound connections by job processes, by verdict (`blocked`: refused by block mode).",
                 &["verdict"],
             ),
             jobs_started: counter(r, "runner_monitor_jobs_started_total", "Jobs started."),
@@ -272,7 +272,7 @@ impl EngineMetrics {
         ] {
             m.events.with_label_values(&[kind]);
         }
-        for verdict in ["allowed", "unexpected", "metadata"] {
+        for verdict in ["allowed", "unexpected", "metadata", "blocked"] {
             m.egress.with_label_values(&[verdict]);
         }
         for table in ["processes", "jobs", "credentials", "dns"] {

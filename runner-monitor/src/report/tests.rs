@@ -164,6 +164,8 @@ fn connect(ip: &str, port: u16) -> EventDetail {
         unix_path: None,
         fd: 3,
         result: 0,
+        blocked: false,
+        udp_send: false,
     })
 }
 

@@ -7,11 +7,15 @@
 //! job-step connect-unix PATH       connect a unix stream socket
 //! job-step listen IP:PORT          accept one TCP connection, then exit
 //! job-step signal PID SIG          kill(PID, SIG)
+//! job-step egress HOW ADDR         try `tcp` (connect), `udp` (connect) or `udp-send` (sendto)
+//!                                  to ADDR (`IP:PORT`, `[IPv6]:PORT`); print `ok` or `errno N`
+//! job-step serve ADDR...           accept TCP connections and take UDP datagrams on each ADDR,
+//!                                  print `listening`, then serve until killed
 
 use std::{
     ffi::CString,
     io::Read,
-    net::{TcpListener, TcpStream},
+    net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
     os::unix::net::UnixStream,
 };
 
@@ -65,6 +69,47 @@ fn main() {
             let sig: i32 = arg(2).parse().unwrap();
             // SAFETY: kill(2).
             unsafe { libc::kill(pid, sig) };
+        }
+        "egress" => {
+            let addr: SocketAddr = arg(2).parse().expect("IP:PORT");
+            let unbound: SocketAddr = if addr.is_ipv4() {
+                "0.0.0.0:0".parse().unwrap()
+            } else {
+                "[::]:0".parse().unwrap()
+            };
+            let result = match arg(1).as_str() {
+                "tcp" => {
+                    TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(3)).map(|_| ())
+                }
+                "udp" => UdpSocket::bind(unbound).and_then(|s| s.connect(addr)),
+                "udp-send" => {
+                    UdpSocket::bind(unbound).and_then(|s| s.send_to(b"x", addr).map(|_| ()))
+                }
+                other => panic!("unknown egress {other}"),
+            };
+            match result {
+                Ok(()) => println!("ok"),
+                Err(e) => println!("errno {}", e.raw_os_error().unwrap_or(-1)),
+            }
+        }
+        "serve" => {
+            for addr in &args[1..] {
+                let listener = TcpListener::bind(addr.as_str()).expect("bind tcp");
+                std::thread::spawn(move || {
+                    for stream in listener.incoming() {
+                        drop(stream);
+                    }
+                });
+                let udp = UdpSocket::bind(addr.as_str()).expect("bind udp");
+                std::thread::spawn(move || {
+                    let mut buf = [0u8; 64];
+                    while udp.recv(&mut buf).is_ok() {}
+                });
+            }
+            println!("listening");
+            loop {
+                std::thread::park();
+            }
         }
         other => panic!("unknown step {other}"),
     }

@@ -47,6 +47,8 @@ fn unix_connect(t: &mut Trace, at: u64, job: u64, pid: u32, path: &str) {
             unix_path: Some(path.into()),
             fd: 3,
             result: 0,
+            blocked: false,
+            udp_send: false,
         }),
     );
 }
@@ -163,6 +165,8 @@ fn deviation_does_not_depend_on_the_egress_verdict_or_the_connection_succeeding(
             unix_path: None,
             fd: 3,
             result: -1,
+            blocked: false,
+            udp_send: false,
         }),
     );
     assert_eq!(deviations(&t).len(), 2);

@@ -179,6 +179,8 @@ impl Trace {
                 unix_path: None,
                 fd: 3,
                 result: 0,
+                blocked: false,
+                udp_send: false,
             }),
         );
     }
