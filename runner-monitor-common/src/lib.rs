@@ -489,6 +489,9 @@ pub mod counter {
     pub const SLOTS: u32 = 2 * EVENT_KIND_SLOTS + 8;
 }
 
+mod egress;
+pub use egress::*;
+
 /// Names of the kernel maps the agent opens.
 pub mod map_name {
     pub const EVENTS: &str = "EVENTS";
@@ -503,56 +506,6 @@ pub mod map_name {
     pub const EGRESS_ALLOW4: &str = "EGRESS_ALLOW4";
     pub const EGRESS_ALLOW6: &str = "EGRESS_ALLOW6";
     pub const EGRESS_METADATA: &str = "EGRESS_METADATA";
-}
-
-/// Egress policy id of the global allowlist: jobs the agent has not given a policy of their own
-/// yet (their rules are not known) are judged by it when `setting::EGRESS_MODE` is block.
-pub const EGRESS_GLOBAL_POLICY: u32 = 0;
-/// `EgressJob::flags`: the job's connections outside its allowlist are refused.
-pub const EGRESS_BLOCK: u32 = 1;
-/// `EgressJob::flags`: the job may reach the cloud metadata endpoints.
-pub const EGRESS_METADATA_ENTITLED: u32 = 1 << 1;
-
-/// Value of `EGRESS_JOBS` (keyed by job): which compiled allowlist judges the job, and how.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct EgressJob {
-    /// Policy id: the first 4 bytes of its allowlist keys.
-    pub policy: u32,
-    /// `EGRESS_*` bits.
-    pub flags: u32,
-}
-
-/// Key bytes of an IPv4 allowlist entry (`EGRESS_ALLOW4`, an LPM trie): policy id (big-endian),
-/// destination port (big-endian, 0: any port), address. The prefix length counts from the
-/// first bit: `EGRESS_KEY_FIXED_BITS` + the CIDR's prefix.
-pub type EgressKey4 = [u8; 10];
-/// `EgressKey4` for IPv6 (`EGRESS_ALLOW6`).
-pub type EgressKey6 = [u8; 22];
-/// Bits of policy id and port before the address in an allowlist key.
-pub const EGRESS_KEY_FIXED_BITS: u32 = 48;
-/// Capacity of each allowlist trie (entries over all policies).
-pub const MAX_EGRESS_ENTRIES: u32 = 65536;
-/// Capacity of the metadata endpoint set.
-pub const MAX_METADATA_ENDPOINTS: u32 = 64;
-
-/// Value of an allowlist entry.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct EgressAllow {
-    /// ktime ns after which the entry no longer admits anything; 0: never (a CIDR of the
-    /// policy). Addresses a job resolved for an allowed name carry their TTL here.
-    pub expires_ns: u64,
-}
-
-/// The allowlist key of `policy`, `port` (0: any) and an address (4 or 16 bytes).
-pub fn egress_key<const N: usize>(policy: u32, port: u16, addr: &[u8]) -> [u8; N] {
-    let mut key = [0u8; N];
-    key[..4].copy_from_slice(&policy.to_be_bytes());
-    key[4..6].copy_from_slice(&port.to_be_bytes());
-    let n = addr.len().min(N - 6);
-    key[6..6 + n].copy_from_slice(&addr[..n]);
-    key
 }
 
 /// Length of a job's event-budget window.
@@ -624,8 +577,6 @@ assert_size!(ProcessJob, 24);
 assert_size!(JobState, 24);
 assert_size!(JobBudget, 24);
 assert_size!(NameKey, 8 + NAME_LEN);
-assert_size!(EgressJob, 8);
-assert_size!(EgressAllow, 8);
 
 #[cfg(feature = "user")]
 mod user {
@@ -636,6 +587,4 @@ mod user {
     unsafe impl aya::Pod for JobState {}
     unsafe impl aya::Pod for JobBudget {}
     unsafe impl aya::Pod for NameKey {}
-    unsafe impl aya::Pod for EgressJob {}
-    unsafe impl aya::Pod for EgressAllow {}
 }

@@ -61,7 +61,7 @@ pub fn verdict(ctx: &SockAddrContext, v6: bool, udp_send: bool) -> i32 {
         return 1;
     };
     // SAFETY: the value is copied out at once.
-    let job = match unsafe { EGRESS_JOBS.get(&process.job) } {
+    let job = match unsafe { EGRESS_JOBS.get(process.job) } {
         Some(job) => *job,
         None if names::setting(setting::EGRESS_MODE) != 0 => EgressJob {
             policy: EGRESS_GLOBAL_POLICY,
@@ -170,22 +170,22 @@ fn is_local(dest: &Destination) -> bool {
 #[inline(always)]
 fn allowed(job: &EgressJob, dest: &Destination, port: u16) -> bool {
     // SAFETY: the value is only tested.
-    let metadata = unsafe { EGRESS_METADATA.get(&dest.addr) }.is_some();
+    let metadata = unsafe { EGRESS_METADATA.get(dest.addr) }.is_some();
     if metadata {
         return job.flags & EGRESS_METADATA_ENTITLED != 0;
     }
     if dest.v4 {
         let v4 = [dest.addr[12], dest.addr[13], dest.addr[14], dest.addr[15]];
         let bits = EGRESS_KEY_FIXED_BITS + 32;
-        admits(EGRESS_ALLOW4.get(&Key::new(bits, egress_key::<10>(job.policy, port, &v4))))
-            || admits(EGRESS_ALLOW4.get(&Key::new(bits, egress_key::<10>(job.policy, 0, &v4))))
+        admits(EGRESS_ALLOW4.get(Key::new(bits, egress_key::<10>(job.policy, port, &v4))))
+            || admits(EGRESS_ALLOW4.get(Key::new(bits, egress_key::<10>(job.policy, 0, &v4))))
     } else {
         let bits = EGRESS_KEY_FIXED_BITS + 128;
-        admits(EGRESS_ALLOW6.get(&Key::new(
+        admits(EGRESS_ALLOW6.get(Key::new(
             bits,
             egress_key::<22>(job.policy, port, &dest.addr),
         ))) || admits(
-            EGRESS_ALLOW6.get(&Key::new(bits, egress_key::<22>(job.policy, 0, &dest.addr))),
+            EGRESS_ALLOW6.get(Key::new(bits, egress_key::<22>(job.policy, 0, &dest.addr))),
         )
     }
 }
