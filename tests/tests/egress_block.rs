@@ -266,6 +266,22 @@ fn block_mode_refuses_in_the_kernel_what_the_allowlist_does_not_admit() {
         metric(&agent, series) >= refused
     });
 
+    // The control socket's status says the mode and counts the refusals.
+    let out = output_of(
+        Command::new(integration_tests::live::target_dir().join("runner-monitor"))
+            .args(["job", "status", "--socket"])
+            .arg(&agent.socket),
+    );
+    let status: Value = serde_json::from_slice(&out.stdout).expect("status is JSON");
+    let egress = &status["status"]["egress"];
+    assert_eq!(egress["mode"], "audit", "{status}");
+    assert_eq!(egress["rules_blocking"], 1, "{status}");
+    assert_eq!(egress["enforceable"], true, "{status}");
+    assert!(
+        egress["connections_blocked"].as_u64() >= Some(refused),
+        "{status}"
+    );
+
     // A process outside any job reaches the address the job was refused.
     let out = output_of(
         Command::new("ip")

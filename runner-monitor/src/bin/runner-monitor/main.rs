@@ -142,6 +142,12 @@ enum JobCommand {
         #[arg(long, env = "RUNNER_MONITOR_SOCKET", default_value = control::DEFAULT_SOCKET)]
         socket: PathBuf,
     },
+    /// The running agent's state: the egress mode in force, jobs in block mode, connections
+    /// refused.
+    Status {
+        #[arg(long, env = "RUNNER_MONITOR_SOCKET", default_value = control::DEFAULT_SOCKET)]
+        socket: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -393,6 +399,7 @@ fn job_command(command: JobCommand) -> anyhow::Result<()> {
             },
         ),
         JobCommand::End { id, socket } => (socket, Request::JobEnd { id }),
+        JobCommand::Status { socket } => (socket, Request::Status),
     };
     let response = tokio::runtime::Builder::new_current_thread()
         .enable_all()
