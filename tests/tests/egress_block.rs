@@ -125,9 +125,28 @@ fn block_cases() -> Vec<(String, &'static str)> {
     .collect()
 }
 
+/// A cgroup v2 group of its own, removed on drop: a job process moves itself there.
+struct Cgroup(std::path::PathBuf);
+
+impl Cgroup {
+    fn new() -> Self {
+        let root = runner_monitor::sensor::attach::cgroup2_root().expect("a cgroup v2 hierarchy");
+        let dir = root.join(format!("rm-egress-{}", std::process::id()));
+        let _ = std::fs::remove_dir(&dir);
+        std::fs::create_dir(&dir).expect("creating a cgroup");
+        Cgroup(dir)
+    }
+}
+
+impl Drop for Cgroup {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
 /// Runs a GitHub-style job of `repository` (with the runner's hooks, so the agent knows the
-/// repository before the first step) whose steps try each of `cases` from the client namespace;
-/// returns attempt -> answer.
+/// repository before the first step) whose steps try each of `cases` from the client namespace,
+/// and then `extra` (script lines printing `NAME=ANSWER`); returns attempt -> answer.
 fn job_tries(
     env: &TestEnv,
     agent: &Agent,
@@ -135,6 +154,7 @@ fn job_tries(
     run: &str,
     repository: &str,
     cases: &[String],
+    extra: &str,
 ) -> BTreeMap<String, String> {
     let hooks = repo_root().join("hooks/github");
     let mut script = format!("sh {}\n", hooks.join("job-started.sh").display());
@@ -144,6 +164,7 @@ fn job_tries(
             ns.client
         ));
     }
+    script.push_str(extra);
     script.push_str(&format!(
         "sh {}\n",
         hooks.join("job-completed.sh").display()
@@ -216,8 +237,23 @@ fn block_mode_refuses_in_the_kernel_what_the_allowlist_does_not_admit() {
     // A job in block mode.
     let cases = block_cases();
     let attempts: Vec<String> = cases.iter().map(|(c, _)| c.clone()).collect();
+    // A step that moves itself to another cgroup stays enforced: the job is the process's, not
+    // its cgroup's, and the programs sit at the root of the hierarchy.
+    let cgroup = Cgroup::new();
+    let moved = format!(
+        "printf 'moved-cgroup='; sh -c 'echo $$ > {}/cgroup.procs && exec ip netns exec {} \
+         \"$JOB_STEP\" egress tcp {REFUSED_V4}:{PORT}'\n",
+        cgroup.0.display(),
+        ns.client
+    );
     let run = run_id(1);
-    let answers = job_tries(&env, &agent, &ns, &run, "acme/blocked", &attempts);
+    let answers = job_tries(&env, &agent, &ns, &run, "acme/blocked", &attempts, &moved);
+    assert_eq!(
+        answers.get("moved-cgroup").map(String::as_str),
+        Some("errno 1"),
+        "a job process in another cgroup: {answers:#?}"
+    );
+    drop(cgroup);
     for (case, expected) in &cases {
         assert_eq!(
             answers.get(case).map(String::as_str),
@@ -305,6 +341,7 @@ fn block_mode_refuses_in_the_kernel_what_the_allowlist_does_not_admit() {
         &run,
         "acme/audited",
         std::slice::from_ref(&audit_case),
+        "",
     );
     assert_eq!(
         answers.get(&audit_case).map(String::as_str),
@@ -334,6 +371,7 @@ fn block_mode_refuses_in_the_kernel_what_the_allowlist_does_not_admit() {
         &run,
         "acme/blocked",
         std::slice::from_ref(&audit_case),
+        "",
     );
     assert_eq!(
         answers.get(&audit_case).map(String::as_str),
