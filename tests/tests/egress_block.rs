@@ -113,6 +113,10 @@ fn block_cases() -> Vec<(String, &'static str)> {
         ("tcp 169.254.169.254:80".to_owned(), "errno 1"),
         ("tcp [::ffff:169.254.169.254]:80".to_owned(), "errno 1"),
         ("tcp [64:ff9b::a9fe:a9fe]:80".to_owned(), "errno 1"),
+        // io_uring's connect makes no connect syscall; the cgroup hook sees it all the same.
+        (format!("uring {REFUSED_V4}:{p}"), "errno 1"),
+        (format!("uring [{REFUSED_V6}]:{p}"), "errno 1"),
+        (format!("uring {ALLOWED_V4}:{p}"), "ok"),
         (format!("udp {REFUSED_V4}:{p}"), "errno 1"),
         (format!("udp-send {REFUSED_V4}:{p}"), "errno 1"),
         (format!("udp-send [{REFUSED_V6}]:{p}"), "errno 1"),
@@ -284,6 +288,16 @@ fn block_mode_refuses_in_the_kernel_what_the_allowlist_does_not_admit() {
             "{alert}"
         );
     }
+    let uring = wait_alert(&agent, "unexpected-egress", &job_id, |a| {
+        destination_is(a, REFUSED_V4, PORT)
+            && a["process"]["cmdline"]
+                .as_str()
+                .is_some_and(|c| c.contains("egress uring"))
+    });
+    assert_eq!(
+        uring["blocked"], true,
+        "an io_uring connect is reported: {uring}"
+    );
     let udp_send = wait_alert(&agent, "unexpected-egress", &job_id, |a| {
         destination_is(a, REFUSED_V6, PORT) && a["summary"].as_str().unwrap().contains("UDP send")
     });

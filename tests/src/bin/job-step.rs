@@ -7,8 +7,9 @@
 //! job-step connect-unix PATH       connect a unix stream socket
 //! job-step listen IP:PORT          accept one TCP connection, then exit
 //! job-step signal PID SIG          kill(PID, SIG)
-//! job-step egress HOW ADDR         try `tcp` (connect), `udp` (connect) or `udp-send` (sendto)
-//!                                  to ADDR (`IP:PORT`, `[IPv6]:PORT`); print `ok` or `errno N`
+//! job-step egress HOW ADDR         try `tcp` (connect), `udp` (connect), `udp-send` (sendto) or
+//!                                  `uring` (a TCP connect issued through io_uring) to ADDR
+//!                                  (`IP:PORT`, `[IPv6]:PORT`); print `ok` or `errno N`
 //! job-step serve ADDR...           accept TCP connections and take UDP datagrams on each ADDR,
 //!                                  print `listening`, then serve until killed
 
@@ -16,6 +17,7 @@ use std::{
     ffi::CString,
     io::Read,
     net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
+    os::fd::FromRawFd,
     os::unix::net::UnixStream,
 };
 
@@ -85,6 +87,7 @@ fn main() {
                 "udp-send" => {
                     UdpSocket::bind(unbound).and_then(|s| s.send_to(b"x", addr).map(|_| ()))
                 }
+                "uring" => uring_connect(addr),
                 other => panic!("unknown egress {other}"),
             };
             match result {
@@ -112,5 +115,64 @@ fn main() {
             }
         }
         other => panic!("unknown step {other}"),
+    }
+}
+
+/// A TCP connect made by io_uring (`IORING_OP_CONNECT`): no `connect` syscall is made.
+fn uring_connect(addr: SocketAddr) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let mut ring = io_uring::IoUring::new(4)?;
+    // SAFETY: plain socket(2); the fd is owned below.
+    let fd = unsafe {
+        libc::socket(
+            if addr.is_ipv4() {
+                libc::AF_INET
+            } else {
+                libc::AF_INET6
+            },
+            libc::SOCK_STREAM,
+            0,
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a fresh fd nobody else owns.
+    let socket = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+    // SAFETY: all-zero sockaddr structs are valid.
+    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let len = match addr {
+        SocketAddr::V4(a) => {
+            // SAFETY: sockaddr_storage is large enough and aligned for sockaddr_in.
+            let sin = unsafe { &mut *(&mut storage as *mut _ as *mut libc::sockaddr_in) };
+            sin.sin_family = libc::AF_INET as u16;
+            sin.sin_port = a.port().to_be();
+            sin.sin_addr.s_addr = u32::from_ne_bytes(a.ip().octets());
+            std::mem::size_of::<libc::sockaddr_in>()
+        }
+        SocketAddr::V6(a) => {
+            // SAFETY: as above, for sockaddr_in6.
+            let sin6 = unsafe { &mut *(&mut storage as *mut _ as *mut libc::sockaddr_in6) };
+            sin6.sin6_family = libc::AF_INET6 as u16;
+            sin6.sin6_port = a.port().to_be();
+            sin6.sin6_addr.s6_addr = a.ip().octets();
+            std::mem::size_of::<libc::sockaddr_in6>()
+        }
+    };
+    let connect = io_uring::opcode::Connect::new(
+        io_uring::types::Fd(socket.as_raw_fd()),
+        &storage as *const _ as *const libc::sockaddr,
+        len as libc::socklen_t,
+    )
+    .build()
+    .user_data(1);
+    // SAFETY: the address and the socket outlive the operation (we wait for it below).
+    unsafe { ring.submission().push(&connect) }.map_err(std::io::Error::other)?;
+    ring.submit_and_wait(1)?;
+    let result = ring.completion().next().expect("a completion").result();
+    if result < 0 {
+        Err(std::io::Error::from_raw_os_error(-result))
+    } else {
+        Ok(())
     }
 }
