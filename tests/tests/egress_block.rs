@@ -315,6 +315,14 @@ fn block_mode_refuses_in_the_kernel_what_the_allowlist_does_not_admit() {
     wait_until("the blocked connections counted in /metrics", 10, || {
         metric(&agent, series) >= refused
     });
+    assert_eq!(
+        metric(&agent, "runner_monitor_egress_mode{mode=\"audit\"}"),
+        1
+    );
+    assert_eq!(
+        metric(&agent, "runner_monitor_egress_mode{mode=\"block\"}"),
+        0
+    );
 
     // The control socket's status says the mode and counts the refusals.
     let out = output_of(

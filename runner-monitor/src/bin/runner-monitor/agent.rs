@@ -359,6 +359,10 @@ impl Agent {
         if let Some(fill) = &self.ring_fill {
             self.metrics.ring_fill(fill.ratio());
         }
+        self.metrics.egress(
+            self.pipeline.policy().egress.mode.as_str(),
+            self.sensor.egress().blocking_jobs(),
+        );
         self.ready.store(true, Ordering::Relaxed);
         Ok(())
     }
