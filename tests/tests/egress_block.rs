@@ -190,9 +190,48 @@ fn job_tries(
 fn policy() -> String {
     format!(
         "{}\n[[rules]]\nrepository = \"acme/blocked\"\nmode = \"block\"\nallow_egress = [\
-         {{ cidr = \"{ALLOWED_V4}\", ports = [{PORT}] }}, {{ cidr = \"{ALLOWED_V6}/128\", ports = [{PORT}] }}]\n",
+         {{ cidr = \"{ALLOWED_V4}\", ports = [{PORT}] }}, {{ cidr = \"{ALLOWED_V6}/128\", ports = [{PORT}] }}]\n\
+         \n[[rules]]\nrepository = \"group/blocked\"\nmode = \"block\"\n",
         test_policy()
     )
+}
+
+/// A GitLab shell-executor job of `group/blocked` (no hooks): two stages, each a child shell of
+/// `gitlab-runner` found by its environment, each trying the refused address once the agent has
+/// had time to name it; returns stage -> answer.
+fn gitlab_stages_try(
+    env: &TestEnv,
+    agent: &Agent,
+    ns: &Namespaces,
+    job_id: &str,
+) -> BTreeMap<String, String> {
+    let runner = env.dir.join("gitlab-runner");
+    std::fs::copy("/bin/sh", &runner).unwrap();
+    let stage = |n: u32| {
+        format!(
+            "bash -c 'sleep 1.5; printf \"stage{n}=\"; ip netns exec {} \"$JOB_STEP\" egress tcp {REFUSED_V4}:{PORT}'\n",
+            ns.client
+        )
+    };
+    let out = output_of(
+        integration_tests::live::job_command(&runner, env, agent)
+            .arg("-c")
+            .arg(format!("{}{}", stage(1), stage(2)))
+            .env("CI_JOB_ID", job_id)
+            .env("CI_PROJECT_PATH", "group/blocked")
+            .env("CI_JOB_NAME", "build")
+            .env("CI_PIPELINE_ID", "89"),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_once('='))
+        .map(|(stage, answer)| (stage.to_owned(), answer.to_owned()))
+        .collect()
 }
 
 /// The value of one series of the agent's /metrics (0 when absent).
@@ -333,7 +372,7 @@ fn block_mode_refuses_in_the_kernel_what_the_allowlist_does_not_admit() {
     let status: Value = serde_json::from_slice(&out.stdout).expect("status is JSON");
     let egress = &status["status"]["egress"];
     assert_eq!(egress["mode"], "audit", "{status}");
-    assert_eq!(egress["rules_blocking"], 1, "{status}");
+    assert_eq!(egress["rules_blocking"], 2, "{status}");
     assert_eq!(egress["enforceable"], true, "{status}");
     assert!(
         egress["connections_blocked"].as_u64() >= Some(refused),
@@ -374,6 +413,18 @@ fn block_mode_refuses_in_the_kernel_what_the_allowlist_does_not_admit() {
         destination_is(a, REFUSED_V4, PORT)
     });
     assert!(alert.get("blocked").is_none(), "{alert}");
+
+    // Both stages of a GitLab job in block mode are refused: the second stage, a kernel job of
+    // its own, is judged by its job's plan.
+    let job_id = run_id(4);
+    let answers = gitlab_stages_try(&env, &agent, &ns, &job_id);
+    for stage in ["stage1", "stage2"] {
+        assert_eq!(
+            answers.get(stage).map(String::as_str),
+            Some("errno 1"),
+            "GitLab {stage} in block mode: {answers:#?}"
+        );
+    }
 
     // SIGHUP: the rule now says audit, and the next block-mode job is not refused.
     std::fs::write(

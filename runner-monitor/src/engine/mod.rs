@@ -202,6 +202,13 @@ impl Engine {
             .jobs_started
             .wrapping_add(self.stats.jobs_ended)
             .wrapping_add(self.jobs.evicted())
+            .wrapping_add(self.stages.len() as u64)
+            .wrapping_add(self.stages.evicted())
+    }
+
+    /// Stages (their own kernel job keys) and the job each is a stage of.
+    pub fn stages(&self) -> impl Iterator<Item = (JobKey, JobKey)> + '_ {
+        self.stages.iter().map(|(stage, job)| (*stage, *job))
     }
 
     /// Live processes followed.

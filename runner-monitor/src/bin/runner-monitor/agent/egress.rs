@@ -45,7 +45,7 @@ impl Agent {
         }
         self.egress_seen = Some(changes);
         let policy = self.pipeline.policy().clone();
-        let jobs: Vec<_> = engine
+        let mut jobs: Vec<_> = engine
             .jobs()
             .map(|(key, info)| {
                 let selector = JobSelector {
@@ -55,6 +55,15 @@ impl Agent {
                 (key, policy.egress_plan(selector))
             })
             .collect();
+        // A stage (GitLab) has a kernel job key of its own: it gets its job's plan.
+        let stages: Vec<_> = engine
+            .stages()
+            .filter_map(|(stage, job)| {
+                let plan = jobs.iter().find(|(key, _)| *key == job)?.1.clone();
+                Some((stage, plan))
+            })
+            .collect();
+        jobs.extend(stages);
         let egress = self.sensor.egress_mut();
         let mut gone = egress.planned_jobs();
         gone.retain(|k| !jobs.iter().any(|(key, _)| key == k));
