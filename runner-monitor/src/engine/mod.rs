@@ -140,6 +140,9 @@ pub struct Engine {
     /// What jobs used, when recording (learning a baseline); `None` otherwise: the live agent
     /// keeps nothing.
     usage: Option<Vec<usage::Usage>>,
+    /// Jobs named again (a hook or the environment naming a job already known): counted for
+    /// `job_changes`, not kept in snapshots.
+    renames: u64,
 }
 
 impl Engine {
@@ -158,6 +161,7 @@ impl Engine {
             next_timer_ns: u64::MAX,
             stats: EngineStats::default(),
             usage: None,
+            renames: 0,
         }
     }
 
@@ -195,8 +199,8 @@ impl Engine {
         s
     }
 
-    /// Changes whenever a job starts or is named, ends, or is forgotten: a cheap "look again"
-    /// for whoever mirrors the job table (block mode's per-job plans).
+    /// Changes whenever a job starts or is named (again), ends, is forgotten, or gains a stage:
+    /// a cheap "look again" for whoever mirrors the job table (block mode's per-job plans).
     pub fn job_changes(&self) -> u64 {
         self.stats
             .jobs_started
@@ -204,6 +208,7 @@ impl Engine {
             .wrapping_add(self.jobs.evicted())
             .wrapping_add(self.stages.len() as u64)
             .wrapping_add(self.stages.evicted())
+            .wrapping_add(self.renames)
     }
 
     /// Stages (their own kernel job keys) and the job each is a stage of.
@@ -444,7 +449,10 @@ impl Engine {
             return;
         }
         match self.jobs.get_mut(&key) {
-            Some(existing) => existing.info = info.clone(),
+            Some(existing) => {
+                existing.info = info.clone();
+                self.renames += 1;
+            }
             None => self.start_job(key, info.clone(), pid),
         }
         if let Some(j) = self.jobs.get_mut(&key) {

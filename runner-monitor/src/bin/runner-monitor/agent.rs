@@ -332,8 +332,7 @@ impl Agent {
     /// gauges refreshed.
     fn second(&mut self) -> anyhow::Result<()> {
         self.pipeline.advance(monotonic_ns())?;
-        // Also catches what the cheap change count misses (a stage folded into its job).
-        self.egress_seen = None;
+        // Jobs forgotten as time passes.
         self.sync_egress();
         let kernel = self.sensor.counters()?;
         // Every event the kernel could not keep is raised within a second.

@@ -35,7 +35,7 @@ pub(super) fn announce(policy: &Policy, probes: &[ProbeStatus]) {
 
 impl Agent {
     /// Brings block mode's plans in step with the engine's jobs when they changed (or when
-    /// `egress_seen` was reset: a reload, the one-second tick). A map error is logged: the jobs
+    /// `egress_seen` was reset: a reload, a control request). A map error is logged: the jobs
     /// keep the plan they had.
     pub(super) fn sync_egress(&mut self) {
         let engine = self.pipeline.engine();
@@ -56,17 +56,16 @@ impl Agent {
             })
             .collect();
         // A stage (GitLab) has a kernel job key of its own: it gets its job's plan.
+        let by_job: std::collections::HashMap<_, _> = jobs.iter().cloned().collect();
         let stages: Vec<_> = engine
             .stages()
-            .filter_map(|(stage, job)| {
-                let plan = jobs.iter().find(|(key, _)| *key == job)?.1.clone();
-                Some((stage, plan))
-            })
+            .filter_map(|(stage, job)| Some((stage, by_job.get(&job)?.clone())))
             .collect();
         jobs.extend(stages);
         let egress = self.sensor.egress_mut();
+        let current: std::collections::HashSet<_> = jobs.iter().map(|(key, _)| *key).collect();
         let mut gone = egress.planned_jobs();
-        gone.retain(|k| !jobs.iter().any(|(key, _)| key == k));
+        gone.retain(|k| !current.contains(k));
         for (key, plan) in &jobs {
             if let Err(error) = egress.set_job(*key, plan) {
                 tracing::warn!(job = %key, %error, "egress plan not written: the job keeps its previous one");
