@@ -50,6 +50,9 @@ static EGRESS_METADATA: HashMap<[u8; 16], u32> =
 /// A destination, IPv4-mapped and NAT64 addresses already turned into their IPv4 address.
 struct Destination {
     v4: bool,
+    /// Written as a NAT64 address: it goes to the translator, so an IPv4 loopback or
+    /// unspecified address inside it is not this host.
+    nat64: bool,
     /// IPv4 in the last 4 bytes (mapped form), or IPv6.
     addr: [u8; 16],
 }
@@ -92,8 +95,8 @@ fn written_address(ctx: &SockAddrContext, v6: bool) -> [u8; 16] {
     // SAFETY: context field reads; user_ip4/user_ip6 hold the address in network byte order.
     unsafe {
         if v6 {
-            // VERIFIER: one 4-byte load per word (volatile, so they are not merged into a wider
-            // access the context does not allow at every offset).
+            // VERIFIER: the context's user_ip6 is read as four 4-byte loads, the access size the
+            // kernel allows at every word (volatile keeps LLVM from merging them).
             let w0 = core::ptr::read_volatile(&(*sa).user_ip6[0]);
             let w1 = core::ptr::read_volatile(&(*sa).user_ip6[1]);
             let w2 = core::ptr::read_volatile(&(*sa).user_ip6[2]);
@@ -118,7 +121,11 @@ fn normalise(written: &[u8; 16], v6: bool) -> Destination {
     addr[11] = 0xff;
     if !v6 {
         addr[12..16].copy_from_slice(&written[0..4]);
-        return Destination { v4: true, addr };
+        return Destination {
+            v4: true,
+            nat64: false,
+            addr,
+        };
     }
     let hi = u64::from_be_bytes([
         written[0], written[1], written[2], written[3], written[4], written[5], written[6],
@@ -129,10 +136,15 @@ fn normalise(written: &[u8; 16], v6: bool) -> Destination {
     let nat64 = hi == 0x0064_ff9b_0000_0000 && mid == 0;
     if mapped || nat64 {
         addr[12..16].copy_from_slice(&written[12..16]);
-        Destination { v4: true, addr }
+        Destination {
+            v4: true,
+            nat64,
+            addr,
+        }
     } else {
         Destination {
             v4: false,
+            nat64: false,
             addr: *written,
         }
     }
@@ -142,7 +154,7 @@ fn normalise(written: &[u8; 16], v6: bool) -> Destination {
 #[inline(always)]
 fn is_local(dest: &Destination) -> bool {
     if dest.v4 {
-        return dest.addr[12] == 127 || dest.addr[12..16] == [0; 4];
+        return !dest.nat64 && (dest.addr[12] == 127 || dest.addr[12..16] == [0; 4]);
     }
     let hi = u64::from_be_bytes([
         dest.addr[0],
