@@ -536,8 +536,10 @@ pub mod setting {
     /// environment.
     pub const JOB_ENV: u32 = 3;
     /// The global `[egress] mode`: 1 block, 0 audit. Judges jobs without an `EGRESS_JOBS` entry.
-    pub const EGRESS_MODE: u32 = 4;
-    pub const SLOTS: u32 = 5;
+    /// Slot 18, not 4: slots 4 to 17 are the io_uring sensor's request layout on main (a value
+    /// written there by it must never read as "block").
+    pub const EGRESS_MODE: u32 = 18;
+    pub const SLOTS: u32 = 19;
 }
 
 /// Capacity of the kernel's process map: job processes alive at once.
