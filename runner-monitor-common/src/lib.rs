@@ -258,10 +258,17 @@ pub struct ConnectEvent {
     pub addr: [u8; 16],
     /// Bytes of `unix_path` used; an abstract socket starts with a NUL byte.
     pub unix_path_len: u32,
-    pub _pad: u32,
+    /// `CONNECT_*` bits: what the egress check decided, and how the destination was addressed.
+    pub flags: u32,
     pub unix_path: [u8; UNIX_PATH_LEN],
     pub _pad2: [u8; 4],
 }
+
+/// `ConnectEvent::flags`: block mode refused the connection in the kernel (`result` is -EPERM).
+pub const CONNECT_BLOCKED: u32 = 1;
+/// `ConnectEvent::flags`: a UDP send (`sendto`, `sendmsg`) to the address, not a `connect()`;
+/// only refused sends are reported (`fd` is -1: the cgroup hook does not see it).
+pub const CONNECT_UDP_SEND: u32 = 1 << 1;
 
 pub const DNS_DIRECTION_QUERY: u32 = 0;
 pub const DNS_DIRECTION_ANSWER: u32 = 1;
@@ -463,30 +470,10 @@ impl NameKey {
     }
 }
 
-/// Indexes of the per-CPU counter array. Per-kind counters are at `base + kind`.
-pub mod counter {
-    use super::EVENT_KIND_SLOTS;
-    /// Events submitted to the ring buffer, per kind.
-    pub const EMITTED: u32 = 0;
-    /// Events lost because the ring buffer was full, per kind.
-    pub const LOST: u32 = EVENT_KIND_SLOTS;
-    /// A user-memory string (path, argument, address) could not be read.
-    pub const USER_READ_ERRORS: u32 = 2 * EVENT_KIND_SLOTS;
-    /// A job process could not be added to the process map (map full): it is untracked.
-    pub const PROCESS_MAP_FULL: u32 = 2 * EVENT_KIND_SLOTS + 1;
-    /// A syscall's arguments could not be kept until its exit (pending map full): event lost.
-    pub const PENDING_MAP_FULL: u32 = 2 * EVENT_KIND_SLOTS + 2;
-    /// A job could not be added to the job map.
-    pub const JOB_MAP_FULL: u32 = 2 * EVENT_KIND_SLOTS + 3;
-    /// A DNS socket could not be remembered.
-    pub const DNS_SOCKET_MAP_FULL: u32 = 2 * EVENT_KIND_SLOTS + 4;
-    /// Rate-limited process-access events not sent (counted, not lost: the first one was sent).
-    pub const RATE_LIMITED: u32 = 2 * EVENT_KIND_SLOTS + 5;
-    /// Events of a job over its event budget, dropped (also counted in `LOST` by kind).
-    pub const JOB_BUDGET_DROPPED: u32 = 2 * EVENT_KIND_SLOTS + 6;
-    /// Size of the counter array.
-    pub const SLOTS: u32 = 2 * EVENT_KIND_SLOTS + 8;
-}
+pub mod counter;
+
+mod egress;
+pub use egress::*;
 
 /// Names of the kernel maps the agent opens.
 pub mod map_name {
@@ -498,6 +485,10 @@ pub mod map_name {
     pub const SETTINGS: &str = "SETTINGS";
     pub const JOB_BUDGETS: &str = "JOB_BUDGETS";
     pub const ENV_PREFIXES: &str = "ENV_PREFIXES";
+    pub const EGRESS_JOBS: &str = "EGRESS_JOBS";
+    pub const EGRESS_ALLOW4: &str = "EGRESS_ALLOW4";
+    pub const EGRESS_ALLOW6: &str = "EGRESS_ALLOW6";
+    pub const EGRESS_METADATA: &str = "EGRESS_METADATA";
 }
 
 /// Length of a job's event-budget window.
@@ -529,7 +520,9 @@ pub mod setting {
     pub const JOB_ENV: u32 = 3;
     /// Slots 4 to 17: the io_uring request layout (`io_uring::slot`).
     pub use crate::io_uring::slot::*;
-    pub const SLOTS: u32 = 18;
+    /// The global `[egress] mode`: 1 block, 0 audit. Judges jobs without an `EGRESS_JOBS` entry.
+    pub const EGRESS_MODE: u32 = 18;
+    pub const SLOTS: u32 = 19;
 }
 
 /// Capacity of the kernel's process map: job processes alive at once.

@@ -8,6 +8,7 @@
 
 mod args;
 mod budget;
+mod egress;
 mod emit;
 mod env;
 mod files;

@@ -102,6 +102,7 @@ fn connect_event(
     event.port = 0;
     event.addr = [0; 16];
     event.unix_path_len = 0;
+    event.flags = 0;
     event.unix_path[0] = 0;
     // SAFETY: checked reads of user memory at the sockaddr's fixed offsets.
     unsafe {
@@ -172,6 +173,14 @@ pub fn io_uring_connect(process: &ProcessJob, fd: i32, addr: u64, addrlen: i64) 
     let Some(event) = connect_event(process, fd, addr, addrlen) else {
         return;
     };
+    // A connect block mode will refuse is reported by the sock_addr program when the request
+    // runs, as refused; reported here too it would be one connection seen twice, the first time
+    // as if it had gone through.
+    if event.family != AF_UNIX
+        && crate::egress::refuses(process, &event.addr, event.family == AF_INET6, event.port)
+    {
+        return;
+    }
     event.header.flags |= HEADER_IO_URING;
     if within_budget(event.header.job, EventKind::Connect as u32) {
         send_built::<ConnectEvent>(event);
@@ -192,6 +201,20 @@ pub fn sys_exit_connect(ctx: TracePointContext) -> u32 {
     }
     let _ = PENDING_CONNECTS.remove(tid);
     0
+}
+
+/// Marks the connect this thread is in (seen by `sys_enter_connect`) as refused by block mode;
+/// false when there is none (io_uring, or the connect tracepoints are not attached).
+#[inline(always)]
+pub fn mark_pending_blocked(tid: u32) -> bool {
+    match PENDING_CONNECTS.get_ptr_mut(tid) {
+        Some(event) => {
+            // SAFETY: the entry belongs to this thread, which is the only one that touches it.
+            unsafe { (*event).flags |= runner_monitor_common::CONNECT_BLOCKED };
+            true
+        }
+        None => false,
+    }
 }
 
 /// Remembers the socket when a job process addresses port 53.
@@ -225,28 +248,32 @@ fn note_dns_socket(ctx: &SockAddrContext) {
     }
 }
 
+// The four sock_addr programs remember DNS sockets and, in block mode, refuse egress outside
+// the job's allowlist (`egress::verdict`: 0 makes the syscall fail with EPERM). Their names
+// stay those of the DNS sensor they started as.
+
 #[cgroup_sock_addr(connect4)]
 pub fn dns_connect4(ctx: SockAddrContext) -> i32 {
     note_dns_socket(&ctx);
-    1
+    crate::egress::verdict(&ctx, false, false)
 }
 
 #[cgroup_sock_addr(connect6)]
 pub fn dns_connect6(ctx: SockAddrContext) -> i32 {
     note_dns_socket(&ctx);
-    1
+    crate::egress::verdict(&ctx, true, false)
 }
 
 #[cgroup_sock_addr(sendmsg4)]
 pub fn dns_sendmsg4(ctx: SockAddrContext) -> i32 {
     note_dns_socket(&ctx);
-    1
+    crate::egress::verdict(&ctx, false, true)
 }
 
 #[cgroup_sock_addr(sendmsg6)]
 pub fn dns_sendmsg6(ctx: SockAddrContext) -> i32 {
     note_dns_socket(&ctx);
-    1
+    crate::egress::verdict(&ctx, true, true)
 }
 
 /// Copies a DNS message of a remembered socket into a DNS event.

@@ -117,6 +117,8 @@ fn throughput(total: u64) {
                 fd: 3,
                 result: 0,
                 io_uring: false,
+                blocked: false,
+                udp_send: false,
             }),
             _ => EventDetail::DnsAnswer(Dns::answer_a("api.github.com", &ip.to_string())),
         };

@@ -309,6 +309,12 @@ pub struct Connect {
     /// submission, so `result` is 0 whatever the connect then returned.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub io_uring: bool,
+    /// Block mode refused it in the kernel (`result` is -1, EPERM).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub blocked: bool,
+    /// A UDP send to the address (`sendto`, `sendmsg`), not a `connect()`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub udp_send: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -93,6 +93,7 @@ fn dashboard_queries() -> Vec<(String, String)> {
                 let expr = t["expr"].as_str().expect("expr");
                 let filled = expr
                     .replace("$__rate_interval", "1m")
+                    .replace("$__range", "1h")
                     .replace("$instance", ".*");
                 out.push((format!("{} / {}", file.display(), p["title"]), filled));
             }

@@ -137,6 +137,10 @@ pub struct Finding {
     pub credential: Option<CredentialRef>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub destination: Option<DestinationRef>,
+    /// Block mode refused the connection in the kernel (`unexpected-egress`,
+    /// `metadata-endpoint-access`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub blocked: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub socket: Option<SocketRef>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -173,6 +177,7 @@ impl Finding {
             step: None,
             credential: None,
             destination: None,
+            blocked: false,
             socket: None,
             target: None,
             persistence: None,

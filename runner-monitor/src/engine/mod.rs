@@ -117,7 +117,8 @@ pub struct EngineStats {
     pub survivors: u64,
     /// Successful credential reads and writes by credential kind.
     pub credential_accesses: BTreeMap<String, u64>,
-    /// Outbound connections by verdict: allowed, unexpected, metadata.
+    /// Outbound connections by verdict: allowed, unexpected, metadata, blocked (refused by block
+    /// mode; counted there only).
     pub egress: BTreeMap<String, u64>,
 }
 
@@ -144,6 +145,9 @@ pub struct Engine {
     /// What jobs used, when recording (learning a baseline); `None` otherwise: the live agent
     /// keeps nothing.
     usage: Option<Vec<usage::Usage>>,
+    /// Jobs named again (a hook or the environment naming a job already known): counted for
+    /// `job_changes`, not kept in snapshots.
+    renames: u64,
 }
 
 impl Engine {
@@ -162,6 +166,7 @@ impl Engine {
             next_timer_ns: u64::MAX,
             stats: EngineStats::default(),
             usage: None,
+            renames: 0,
         }
     }
 
@@ -197,6 +202,23 @@ impl Engine {
         s.evicted_credentials = self.ledger.evicted();
         s.evicted_dns = self.dns.evicted();
         s
+    }
+
+    /// Changes whenever a job starts or is named (again), ends, is forgotten, or gains a stage:
+    /// a cheap "look again" for whoever mirrors the job table (block mode's per-job plans).
+    pub fn job_changes(&self) -> u64 {
+        self.stats
+            .jobs_started
+            .wrapping_add(self.stats.jobs_ended)
+            .wrapping_add(self.jobs.evicted())
+            .wrapping_add(self.stages.len() as u64)
+            .wrapping_add(self.stages.evicted())
+            .wrapping_add(self.renames)
+    }
+
+    /// Stages (their own kernel job keys) and the job each is a stage of.
+    pub fn stages(&self) -> impl Iterator<Item = (JobKey, JobKey)> + '_ {
+        self.stages.iter().map(|(stage, job)| (*stage, *job))
     }
 
     /// Live processes followed.
@@ -438,7 +460,10 @@ impl Engine {
             return;
         }
         match self.jobs.get_mut(&key) {
-            Some(existing) => existing.info = info.clone(),
+            Some(existing) => {
+                existing.info = info.clone();
+                self.renames += 1;
+            }
             None => self.start_job(key, info.clone(), pid),
         }
         if let Some(j) = self.jobs.get_mut(&key) {

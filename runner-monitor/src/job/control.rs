@@ -42,6 +42,8 @@ pub enum Request {
     JobReport {
         id: String,
     },
+    /// The agent's state: the egress mode in force and what block mode enforces.
+    Status,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -55,6 +57,9 @@ pub struct Response {
     /// For `job_report`: the report (`runner_monitor::report::JobReport` as JSON).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub report: Option<serde_json::Value>,
+    /// For `status`: the agent's state.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<serde_json::Value>,
 }
 
 impl Response {
@@ -64,6 +69,7 @@ impl Response {
             error: None,
             job: Some(job),
             report: None,
+            status: None,
         }
     }
 
@@ -73,6 +79,7 @@ impl Response {
             error: Some(message.into()),
             job: None,
             report: None,
+            status: None,
         }
     }
 }
@@ -91,12 +98,13 @@ impl Request {
             Request::JobStart { .. } => "job_start",
             Request::JobEnd { .. } => "job_end",
             Request::JobReport { .. } => "job_report",
+            Request::Status => "status",
         }
     }
 }
 
 /// Every request name, and `unknown` for what was refused before it was read or parsed.
-pub const REQUEST_NAMES: [&str; 4] = ["job_start", "job_end", "job_report", "unknown"];
+pub const REQUEST_NAMES: [&str; 5] = ["job_start", "job_end", "job_report", "status", "unknown"];
 
 /// How a control request ended: the `result` label of `runner_monitor_control_requests_total`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -168,6 +176,17 @@ impl Reply {
     pub fn report(job: String, report: serde_json::Value) -> Self {
         let mut response = Response::ok(job);
         response.report = Some(report);
+        Self {
+            response,
+            outcome: Outcome::Ok,
+        }
+    }
+
+    /// The agent's state, for `status`.
+    pub fn status(status: serde_json::Value) -> Self {
+        let mut response = Response::ok(String::new());
+        response.job = None;
+        response.status = Some(status);
         Self {
             response,
             outcome: Outcome::Ok,

@@ -24,6 +24,8 @@ pub const METRIC_NAMES: &[&str] = &[
     "runner_monitor_findings_total",
     "runner_monitor_credential_accesses_total",
     "runner_monitor_egress_connections_total",
+    "runner_monitor_egress_mode",
+    "runner_monitor_egress_jobs_blocking",
     "runner_monitor_jobs_started_total",
     "runner_monitor_jobs_ended_total",
     "runner_monitor_jobs_active",
@@ -53,6 +55,9 @@ pub struct Metrics {
     engine: EngineMetrics,
     delivery: DeliveryMetrics,
     policy_reloads: IntCounterVec,
+    /// 1 for the global `[egress] mode` in force, 0 for the other.
+    egress_mode: IntGaugeVec,
+    egress_jobs_blocking: IntGauge,
 }
 
 /// What the kernel side reports: losses, decode errors, full maps, the ring buffer, the probes.
@@ -217,7 +222,7 @@ impl EngineMetrics {
             egress: counter_vec(
                 r,
                 "runner_monitor_egress_connections_total",
-                "Outbound connections by job processes, by verdict.",
+                "Outbound connections by job processes, by verdict (`blocked`: refused by block mode).",
                 &["verdict"],
             ),
             jobs_started: counter(r, "runner_monitor_jobs_started_total", "Jobs started."),
@@ -272,7 +277,7 @@ impl EngineMetrics {
         ] {
             m.events.with_label_values(&[kind]);
         }
-        for verdict in ["allowed", "unexpected", "metadata"] {
+        for verdict in ["allowed", "unexpected", "metadata", "blocked"] {
             m.egress.with_label_values(&[verdict]);
         }
         for table in ["processes", "jobs", "credentials", "dns"] {
@@ -342,7 +347,23 @@ impl Metrics {
         for result in ["applied", "rejected"] {
             policy_reloads.with_label_values(&[result]);
         }
+        let egress_mode = gauge_vec(
+            &registry,
+            "runner_monitor_egress_mode",
+            "The global egress mode in force: 1 for it, 0 for the other (rules may override it \
+             per repository).",
+            &["mode"],
+        );
+        egress_mode.with_label_values(&["audit"]).set(1);
+        egress_mode.with_label_values(&["block"]).set(0);
+        let egress_jobs_blocking = gauge(
+            &registry,
+            "runner_monitor_egress_jobs_blocking",
+            "Jobs whose egress outside their allowlist the kernel refuses (block mode).",
+        );
         Self {
+            egress_mode,
+            egress_jobs_blocking,
             kernel: KernelMetrics::new(&registry),
             engine: EngineMetrics::new(&registry),
             delivery: DeliveryMetrics::new(&registry),
@@ -465,6 +486,16 @@ impl Metrics {
         }
     }
 
+    /// The global egress mode (`audit` or `block`) and the jobs block mode refuses egress for.
+    pub fn egress(&self, mode: &str, jobs_blocking: usize) {
+        for m in ["audit", "block"] {
+            self.egress_mode
+                .with_label_values(&[m])
+                .set(i64::from(m == mode));
+        }
+        self.egress_jobs_blocking.set(jobs_blocking as i64);
+    }
+
     pub fn ring_fill(&self, ratio: f64) {
         self.kernel.ring_fill.set(ratio);
     }
@@ -508,7 +539,20 @@ mod tests {
         s.egress.insert("unexpected".into(), 2);
         s.credential_accesses.insert("aws".into(), 1);
         m.engine(&s, 1, 5);
+        m.egress("block", 2);
         let text = m.encode();
+        assert!(
+            text.contains("runner_monitor_egress_mode{mode=\"block\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("runner_monitor_egress_mode{mode=\"audit\"} 0"),
+            "{text}"
+        );
+        assert!(
+            text.contains("runner_monitor_egress_jobs_blocking 2"),
+            "{text}"
+        );
         for name in METRIC_NAMES {
             if *name == "runner_monitor_probe_attached" {
                 continue; // no probe given here

@@ -31,6 +31,7 @@ impl Policy {
         let persistence = super::persistence::compile(&f.persistence, src)?;
         let metadata_endpoints = compile_metadata(&f.metadata, src)?;
         let egress_allow = destinations(&f.egress.allow, "egress.allow", src)?;
+        let egress = super::egress::compile(&f.egress, src)?;
         let rules = compile_rules(&f.rules, &secret_socket_kinds, &credentials, src)?;
         check_job_identity(&f.job_identity, src)?;
         let fleet = super::fleet::compile(&f.fleet, src)?;
@@ -59,6 +60,7 @@ impl Policy {
             socket_owner,
             metadata_endpoints,
             egress_allow,
+            egress,
             rules,
             fleet,
         })
@@ -284,6 +286,8 @@ fn include_baseline(
     let others = entry.repository.is_some()
         || entry.workflow.is_some()
         || !entry.allow_egress.is_empty()
+        || entry.mode.is_some()
+        || entry.metadata.is_some()
         || !entry.secret_sockets.is_empty()
         || !entry.credential_kinds.is_empty()
         || entry.grace_period_seconds.is_some()
@@ -373,11 +377,17 @@ fn compile_rule(
     )?;
     let severity = rule_severity(&r.severity, at, src)?;
     let suppress = rule_suppress(&r.suppress, at, src)?;
+    let mode = match &r.mode {
+        Some(m) => Some(super::egress::mode(m, &format!("{at}.mode"), src)?),
+        None => None,
+    };
     Ok(JobRule {
         origin: src.place(entry.span()),
         repository,
         workflow,
         allow_egress,
+        mode,
+        metadata: r.metadata.unwrap_or(false),
         secret_sockets,
         grace_period_seconds: r.grace_period_seconds,
         severity,

@@ -130,6 +130,11 @@ pub struct MetadataSection {
 pub struct EgressSection {
     #[serde(default)]
     pub allow: Vec<Spanned<DestinationEntry>>,
+    /// `audit` (report only; the default) or `block` (refuse in the kernel what the allowlist
+    /// does not admit).
+    pub mode: Option<Spanned<String>>,
+    /// What a crashed agent leaves behind: `open` (enforcement goes with it) or `closed`.
+    pub on_agent_failure: Option<Spanned<String>>,
 }
 
 /// One allowed destination: a CIDR or a DNS name (wildcards allowed), optionally limited to ports.
@@ -151,6 +156,11 @@ pub struct RuleSection {
     pub workflow: Option<Spanned<String>>,
     #[serde(default)]
     pub allow_egress: Vec<Spanned<DestinationEntry>>,
+    /// `audit` or `block`: the egress mode of these jobs, over `[egress] mode`.
+    pub mode: Option<Spanned<String>>,
+    /// These jobs may reach the cloud metadata endpoints (in block mode too; no
+    /// metadata-endpoint-access).
+    pub metadata: Option<bool>,
     /// Secret-socket kinds these jobs may use.
     #[serde(default)]
     pub secret_sockets: Vec<Spanned<String>>,

@@ -4,11 +4,13 @@
 //! Every error names the file, the line and column, and the field.
 
 mod compile;
+mod egress;
 mod file;
 pub mod fleet;
 mod glob;
 mod persistence;
 
+pub use egress::{AgentFailure, EgressMode, EgressPlan, EgressSettings, egress_address};
 pub use file::JobIdentity;
 pub use persistence::{PersistenceKind, TECHNIQUES, technique_name};
 pub mod sensor;
@@ -95,6 +97,10 @@ pub struct JobRule {
     pub repository: GlobMatcher,
     pub workflow: GlobMatcher,
     pub allow_egress: Vec<AllowedDestination>,
+    /// `mode`: the egress mode of the jobs it selects, over `[egress] mode`.
+    pub mode: Option<EgressMode>,
+    /// `metadata = true`: the jobs may reach the cloud metadata endpoints.
+    pub metadata: bool,
     pub secret_sockets: BTreeSet<String>,
     pub grace_period_seconds: Option<u64>,
     pub severity: BTreeMap<RuleId, Severity>,
@@ -146,6 +152,8 @@ pub struct Policy {
     socket_owner: Vec<usize>,
     pub metadata_endpoints: Vec<IpAddr>,
     pub egress_allow: Vec<AllowedDestination>,
+    /// `[egress] mode` and `on_agent_failure`.
+    pub egress: EgressSettings,
     pub rules: Vec<JobRule>,
     /// `[fleet]`: where and how the fleet stream is reached.
     pub fleet: FleetConfig,
@@ -310,8 +318,10 @@ impl Policy {
             .map(String::as_str)
     }
 
+    /// Also under its IPv4-mapped and NAT64 forms (`64:ff9b::a9fe:a9fe`).
     pub fn is_metadata_endpoint(&self, ip: IpAddr) -> bool {
         self.metadata_endpoints.contains(&ip)
+            || self.metadata_endpoints.contains(&egress_address(ip))
     }
 
     /// The rules that apply to a job, in file order.
@@ -366,6 +376,8 @@ impl Policy {
             &self.job_parent_executables,
         );
         p.job_events_per_second = self.job_events_per_second;
+        p.egress = self.global_egress_plan();
+        p.metadata_endpoints = self.metadata_endpoints.clone();
         p.job_env_vars = self.job_env_vars();
         p
     }

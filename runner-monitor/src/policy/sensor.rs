@@ -20,6 +20,11 @@ pub struct SensorPolicy {
     pub job_events_per_second: u32,
     /// Environment variables of job identities, with `JOB_ENV_*` bits (`Policy::job_env_vars`).
     pub job_env_vars: Vec<(String, u32)>,
+    /// What the kernel enforces for jobs it has no plan of their own for: the global mode and
+    /// allowlist (`Policy::global_egress_plan`).
+    pub egress: super::EgressPlan,
+    /// The cloud metadata endpoints, refused in block mode unless a rule entitles the job.
+    pub metadata_endpoints: Vec<std::net::IpAddr>,
 }
 
 impl Default for SensorPolicy {
@@ -89,6 +94,8 @@ impl SensorPolicy {
             job_parent_executables: job_parent_executables.to_vec(),
             job_events_per_second: 0,
             job_env_vars: Vec::new(),
+            egress: super::EgressPlan::default(),
+            metadata_endpoints: Vec::new(),
         };
         for pattern in patterns {
             let (list, name) = match kernel_name(pattern) {

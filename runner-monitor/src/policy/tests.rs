@@ -311,3 +311,94 @@ fn job_identity_variable_names_must_fit_the_kernel_scan() {
     ));
     assert!(e.message.contains("1 to 62 bytes"), "{e}");
 }
+
+#[test]
+fn egress_mode_is_audit_by_default_and_the_last_rule_that_sets_one_decides() {
+    assert_eq!(Policy::builtin().egress.mode, EgressMode::Audit);
+    let p = Policy::parse(
+        r#"
+[egress]
+mode = "block"
+allow = [{ cidr = "10.0.0.0/8", ports = [443] }, { name = "github.com" }]
+
+[[rules]]
+repository = "acme/*"
+mode = "audit"
+allow_egress = [{ cidr = "fd00::/8" }]
+
+[[rules]]
+repository = "acme/strict"
+mode = "block"
+metadata = true
+"#,
+        "test",
+    )
+    .unwrap();
+    let job = |repository| JobSelector {
+        repository: Some(repository),
+        workflow: Some("ci"),
+    };
+    assert_eq!(p.egress_mode_for(job("other/x")), EgressMode::Block);
+    assert_eq!(p.egress_mode_for(job("acme/app")), EgressMode::Audit);
+    assert_eq!(p.egress_mode_for(job("acme/strict")), EgressMode::Block);
+
+    let plan = p.egress_plan(job("acme/strict"));
+    assert!(plan.block && plan.metadata);
+    assert_eq!(
+        plan.nets,
+        vec![
+            ("10.0.0.0/8".parse().unwrap(), vec![443]),
+            ("fd00::/8".parse().unwrap(), vec![]),
+        ],
+        "the global and the rules' networks; names are not in the kernel's plan"
+    );
+    let global = p.global_egress_plan();
+    assert!(global.block && !global.metadata);
+    assert_eq!(global.nets.len(), 1);
+    assert!(!p.egress_plan(job("acme/app")).block);
+    assert!(!p.egress_plan(job("other/x")).metadata);
+}
+
+#[test]
+fn bad_egress_modes_are_errors_naming_file_line_and_field() {
+    let e = error_of("[egress]\nmode = \"deny\"\n");
+    assert_eq!((e.line, e.field.as_str()), (2, "egress.mode"), "{e}");
+    assert!(e.message.contains("`audit` or `block`"), "{e}");
+
+    let e = error_of("[[rules]]\nrepository = \"a/*\"\nmode = \"Block\"\n");
+    assert_eq!((e.line, e.field.as_str()), (3, "rules[0].mode"), "{e}");
+
+    let e = error_of("[egress]\non_agent_failure = \"maybe\"\n");
+    assert_eq!(
+        (e.line, e.field.as_str()),
+        (2, "egress.on_agent_failure"),
+        "{e}"
+    );
+    let e = error_of("[egress]\non_agent_failure = \"closed\"\n");
+    assert!(e.message.contains("not implemented"), "{e}");
+    let p = Policy::parse("[egress]\non_agent_failure = \"open\"\n", "t").unwrap();
+    assert_eq!(p.egress.on_agent_failure, AgentFailure::Open);
+
+    let e = error_of("[[rules]]\nmetadata = \"yes\"\n");
+    assert_eq!(e.line, 2, "{e}");
+}
+
+#[test]
+fn mapped_and_nat64_forms_of_the_metadata_endpoint_are_the_metadata_endpoint() {
+    let p = Policy::builtin();
+    for form in [
+        "::ffff:169.254.169.254",
+        "64:ff9b::a9fe:a9fe",
+        "169.254.169.254",
+    ] {
+        let ip: IpAddr = form.parse().unwrap();
+        assert!(p.is_metadata_endpoint(ip), "{form}");
+        assert_eq!(
+            egress_address(ip),
+            "169.254.169.254".parse::<IpAddr>().unwrap()
+        );
+    }
+    let other: IpAddr = "64:ff9c::a9fe:a9fe".parse().unwrap();
+    assert!(!p.is_metadata_endpoint(other));
+    assert_eq!(egress_address(other), other);
+}

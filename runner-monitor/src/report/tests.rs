@@ -166,6 +166,8 @@ fn connect(ip: &str, port: u16) -> EventDetail {
         fd: 3,
         result: 0,
         io_uring: false,
+        blocked: false,
+        udp_send: false,
     })
 }
 

@@ -7,13 +7,13 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use runner_monitor_common::{
-    AF_INET, AF_INET6, AF_UNIX, BpfEvent, ChdirEvent, ConnectEvent, DnsEvent, EXIT_CODE_KNOWN,
-    EventHeader, EventKind, ExecEvent, ExitEvent, FileEvent, ForkEvent, HEADER_IO_URING,
-    HEADER_JOB_ENDED, HEADER_JOB_ROOT, HEADER_TRUNCATED, IoUringSetupEvent, JobEnvEvent,
-    MATCH_BASENAME, MATCH_DIRNAME, MATCH_PREFIX, MATCH_PROC_MEMORY, MATCH_SECOND_PATH,
-    PTRACE_ATTACH, PTRACE_PEEKDATA, PTRACE_PEEKTEXT, PTRACE_PEEKUSER, PTRACE_SEIZE,
-    ProcessAccessEvent, SIGNAL_SYSCALL_KILL, SIGNAL_SYSCALL_TGKILL, SIGNAL_SYSCALL_TKILL,
-    SignalEvent,
+    AF_INET, AF_INET6, AF_UNIX, BpfEvent, CONNECT_BLOCKED, CONNECT_UDP_SEND, ChdirEvent,
+    ConnectEvent, DnsEvent, EXIT_CODE_KNOWN, EventHeader, EventKind, ExecEvent, ExitEvent,
+    FileEvent, ForkEvent, HEADER_IO_URING, HEADER_JOB_ENDED, HEADER_JOB_ROOT, HEADER_TRUNCATED,
+    IoUringSetupEvent, JobEnvEvent, MATCH_BASENAME, MATCH_DIRNAME, MATCH_PREFIX, MATCH_PROC_MEMORY,
+    MATCH_SECOND_PATH, PTRACE_ATTACH, PTRACE_PEEKDATA, PTRACE_PEEKTEXT, PTRACE_PEEKUSER,
+    PTRACE_SEIZE, ProcessAccessEvent, SIGNAL_SYSCALL_KILL, SIGNAL_SYSCALL_TGKILL,
+    SIGNAL_SYSCALL_TKILL, SignalEvent,
 };
 
 use super::{dns, paths::WorkingDirectories};
@@ -322,6 +322,8 @@ fn connect(e: &ConnectEvent) -> Result<Connect, DecodeError> {
         fd: e.fd,
         result: e.result,
         io_uring: false,
+        blocked: e.flags & CONNECT_BLOCKED != 0,
+        udp_send: e.flags & CONNECT_UDP_SEND != 0,
     })
 }
 
@@ -489,7 +491,7 @@ mod tests {
             port: 0,
             addr: [0; 16],
             unix_path_len: 0,
-            _pad: 0,
+            flags: 0,
             unix_path: [0; 108],
             _pad2: [0; 4],
         };
@@ -554,7 +556,7 @@ mod tests {
             port: 8080,
             addr: [0; 16],
             unix_path_len: 0,
-            _pad: 0,
+            flags: 0,
             unix_path: [0; 108],
             _pad2: [0; 4],
         };
@@ -563,6 +565,16 @@ mod tests {
         assert_eq!(c.ip, Some("127.0.0.1".parse().unwrap()));
         assert_eq!(c.port, Some(8080));
         assert_eq!(c.result, -111);
+        assert!(!c.blocked && !c.udp_send);
+
+        e.flags = CONNECT_BLOCKED | CONNECT_UDP_SEND;
+        e.result = -1;
+        let c = connect(&e).unwrap();
+        assert!(
+            c.blocked && c.udp_send,
+            "the kernel's verdict and operation decode"
+        );
+        e.flags = 0;
 
         e.family = AF_UNIX;
         let path = b"/run/docker.sock\0";

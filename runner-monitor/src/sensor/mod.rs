@@ -6,6 +6,7 @@ pub mod btf;
 pub mod check;
 pub mod decode;
 pub mod dns;
+pub mod egress;
 pub mod io_uring;
 pub mod job_roots;
 pub mod paths;
@@ -102,6 +103,8 @@ pub struct KernelCounters {
     pub rate_limited: u64,
     /// Events of jobs over their event budget, dropped (also in `lost`).
     pub job_budget_dropped: u64,
+    /// Connections and UDP sends refused by block mode.
+    pub egress_blocked: u64,
 }
 
 impl KernelCounters {
@@ -122,6 +125,8 @@ pub struct Sensor {
     /// First bytes of the job identity variables (`env_prefix_key`): the environment prefilter.
     env_prefixes: HashMap<MapData, [u64; 2], u32>,
     settings: Array<MapData, u32>,
+    /// Block mode's maps.
+    egress: egress::EgressMaps,
     /// Whether the process and job maps were taken over from an earlier agent.
     resumed: bool,
     /// Held: the pin directory's lock.
@@ -198,6 +203,7 @@ impl Sensor {
             .map_err(map_error(map_name::COUNTERS))?;
         let events = RingBuf::try_from(take_map(&mut ebpf, map_name::EVENTS)?)
             .map_err(map_error(map_name::EVENTS))?;
+        let egress = egress::EgressMaps::take(&mut ebpf)?;
 
         let mut sensor = Self {
             ebpf,
@@ -205,6 +211,7 @@ impl Sensor {
             names,
             env_prefixes,
             settings,
+            egress,
             resumed,
             _pins: pin_dir,
             processes,
@@ -339,7 +346,22 @@ impl Sensor {
         self.settings
             .set(setting::JOB_EVENTS_PER_WINDOW, per_window, 0)
             .map_err(settings_error)?;
+        // The global allowlist is in before block mode is switched on.
+        self.egress
+            .set_global(&policy.egress, &policy.metadata_endpoints)?;
+        self.settings
+            .set(setting::EGRESS_MODE, u32::from(policy.egress.block), 0)
+            .map_err(settings_error)?;
         Ok(())
+    }
+
+    /// Block mode's per-job plans.
+    pub fn egress_mut(&mut self) -> &mut egress::EgressMaps {
+        &mut self.egress
+    }
+
+    pub fn egress(&self) -> &egress::EgressMaps {
+        &self.egress
     }
 
     /// Jobs the kernel dropped events of for being over their budget, with how many so far.
@@ -391,6 +413,7 @@ impl Sensor {
         c.dns_socket_map_full = read(counter::DNS_SOCKET_MAP_FULL);
         c.rate_limited = read(counter::RATE_LIMITED);
         c.job_budget_dropped = read(counter::JOB_BUDGET_DROPPED);
+        c.egress_blocked = read(counter::EGRESS_BLOCKED);
         Ok(c)
     }
 

@@ -7,11 +7,17 @@
 //! job-step connect-unix PATH       connect a unix stream socket
 //! job-step listen IP:PORT          accept one TCP connection, then exit
 //! job-step signal PID SIG          kill(PID, SIG)
+//! job-step egress HOW ADDR         try `tcp` (connect), `udp` (connect), `udp-send` (sendto) or
+//!                                  `uring` (a TCP connect issued through io_uring) to ADDR
+//!                                  (`IP:PORT`, `[IPv6]:PORT`); print `ok` or `errno N`
+//! job-step serve ADDR...           accept TCP connections and take UDP datagrams on each ADDR,
+//!                                  print `listening`, then serve until killed
 
 use std::{
     ffi::CString,
     io::Read,
-    net::{TcpListener, TcpStream},
+    net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
+    os::fd::FromRawFd,
     os::unix::net::UnixStream,
 };
 
@@ -66,6 +72,107 @@ fn main() {
             // SAFETY: kill(2).
             unsafe { libc::kill(pid, sig) };
         }
+        "egress" => {
+            let addr: SocketAddr = arg(2).parse().expect("IP:PORT");
+            let unbound: SocketAddr = if addr.is_ipv4() {
+                "0.0.0.0:0".parse().unwrap()
+            } else {
+                "[::]:0".parse().unwrap()
+            };
+            let result = match arg(1).as_str() {
+                "tcp" => {
+                    TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(3)).map(|_| ())
+                }
+                "udp" => UdpSocket::bind(unbound).and_then(|s| s.connect(addr)),
+                "udp-send" => {
+                    UdpSocket::bind(unbound).and_then(|s| s.send_to(b"x", addr).map(|_| ()))
+                }
+                "uring" => uring_connect(addr),
+                other => panic!("unknown egress {other}"),
+            };
+            match result {
+                Ok(()) => println!("ok"),
+                Err(e) => println!("errno {}", e.raw_os_error().unwrap_or(-1)),
+            }
+        }
+        "serve" => {
+            for addr in &args[1..] {
+                let listener = TcpListener::bind(addr.as_str()).expect("bind tcp");
+                std::thread::spawn(move || {
+                    for stream in listener.incoming() {
+                        drop(stream);
+                    }
+                });
+                let udp = UdpSocket::bind(addr.as_str()).expect("bind udp");
+                std::thread::spawn(move || {
+                    let mut buf = [0u8; 64];
+                    while udp.recv(&mut buf).is_ok() {}
+                });
+            }
+            println!("listening");
+            loop {
+                std::thread::park();
+            }
+        }
         other => panic!("unknown step {other}"),
+    }
+}
+
+/// A TCP connect made by io_uring (`IORING_OP_CONNECT`): no `connect` syscall is made.
+fn uring_connect(addr: SocketAddr) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let mut ring = io_uring::IoUring::new(4)?;
+    // SAFETY: plain socket(2); the fd is owned below.
+    let fd = unsafe {
+        libc::socket(
+            if addr.is_ipv4() {
+                libc::AF_INET
+            } else {
+                libc::AF_INET6
+            },
+            libc::SOCK_STREAM,
+            0,
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a fresh fd nobody else owns.
+    let socket = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+    // SAFETY: all-zero sockaddr structs are valid.
+    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let len = match addr {
+        SocketAddr::V4(a) => {
+            // SAFETY: sockaddr_storage is large enough and aligned for sockaddr_in.
+            let sin = unsafe { &mut *(&mut storage as *mut _ as *mut libc::sockaddr_in) };
+            sin.sin_family = libc::AF_INET as u16;
+            sin.sin_port = a.port().to_be();
+            sin.sin_addr.s_addr = u32::from_ne_bytes(a.ip().octets());
+            std::mem::size_of::<libc::sockaddr_in>()
+        }
+        SocketAddr::V6(a) => {
+            // SAFETY: as above, for sockaddr_in6.
+            let sin6 = unsafe { &mut *(&mut storage as *mut _ as *mut libc::sockaddr_in6) };
+            sin6.sin6_family = libc::AF_INET6 as u16;
+            sin6.sin6_port = a.port().to_be();
+            sin6.sin6_addr.s6_addr = a.ip().octets();
+            std::mem::size_of::<libc::sockaddr_in6>()
+        }
+    };
+    let connect = io_uring::opcode::Connect::new(
+        io_uring::types::Fd(socket.as_raw_fd()),
+        &storage as *const _ as *const libc::sockaddr,
+        len as libc::socklen_t,
+    )
+    .build()
+    .user_data(1);
+    // SAFETY: the address and the socket outlive the operation (we wait for it below).
+    unsafe { ring.submission().push(&connect) }.map_err(std::io::Error::other)?;
+    ring.submit_and_wait(1)?;
+    let result = ring.completion().next().expect("a completion").result();
+    if result < 0 {
+        Err(std::io::Error::from_raw_os_error(-result))
+    } else {
+        Ok(())
     }
 }

@@ -36,6 +36,7 @@ use tokio::{
 
 use crate::requests::control_request;
 
+mod egress;
 mod start;
 
 #[derive(clap::Args)]
@@ -155,6 +156,9 @@ struct Agent {
     /// Lost events raised so far; events dropped over budget reported so far, per job.
     lost_raised: u64,
     budget_reported: HashMap<JobKey, u64>,
+    /// The engine's job changes block mode's plans were last brought in step with; `None`:
+    /// bring them in step at the next chance.
+    egress_seen: Option<u64>,
     /// Something changed since the last snapshot; the snapshot being written, if one is.
     dirty: bool,
     snapshot_write: Option<JoinHandle<()>>,
@@ -245,6 +249,7 @@ impl Agent {
     /// A batch from the ring buffer.
     fn events(&mut self, batch: Vec<Event>) -> std::io::Result<()> {
         self.pipeline.run(batch)?;
+        self.sync_egress();
         self.dirty = true;
         Ok(())
     }
@@ -257,6 +262,10 @@ impl Agent {
             reply,
         } = command;
         let response = control_request(&mut self.sensor, &mut self.pipeline, peer, request)?;
+        // A job named by the job-started hook is enforced before the hook returns (a job known
+        // already is renamed without a new start: always look).
+        self.egress_seen = None;
+        self.sync_egress();
         let _ = reply.send(response);
         self.dirty = true;
         Ok(())
@@ -270,6 +279,8 @@ impl Agent {
                 self.metrics
                     .credential_kinds(policy.credentials.iter().map(|c| c.kind.as_str()));
                 self.pipeline.set_policy(policy);
+                self.egress_seen = None;
+                self.sync_egress();
                 self.metrics.policy_reload(true);
                 tracing::info!(policy = ?self.args.policy, "SIGHUP: policy reloaded; state kept");
             }
@@ -321,6 +332,8 @@ impl Agent {
     /// gauges refreshed.
     fn second(&mut self) -> anyhow::Result<()> {
         self.pipeline.advance(monotonic_ns())?;
+        // Jobs forgotten as time passes.
+        self.sync_egress();
         let kernel = self.sensor.counters()?;
         // Every event the kernel could not keep is raised within a second.
         let lost = kernel.total_lost();
@@ -345,6 +358,10 @@ impl Agent {
         if let Some(fill) = &self.ring_fill {
             self.metrics.ring_fill(fill.ratio());
         }
+        self.metrics.egress(
+            self.pipeline.policy().egress.mode.as_str(),
+            self.sensor.egress().blocking_jobs(),
+        );
         self.ready.store(true, Ordering::Relaxed);
         Ok(())
     }

@@ -106,6 +106,9 @@ enum Command {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+        /// The policy whose egress mode to show (default: the built-in one).
+        #[arg(long, value_name = "FILE")]
+        policy: Option<PathBuf>,
     },
 }
 
@@ -136,6 +139,12 @@ enum JobCommand {
     End {
         #[arg(long)]
         id: String,
+        #[arg(long, env = "RUNNER_MONITOR_SOCKET", default_value = control::DEFAULT_SOCKET)]
+        socket: PathBuf,
+    },
+    /// The running agent's state: the egress mode in force, jobs in block mode, connections
+    /// refused.
+    Status {
         #[arg(long, env = "RUNNER_MONITOR_SOCKET", default_value = control::DEFAULT_SOCKET)]
         socket: PathBuf,
     },
@@ -189,7 +198,7 @@ fn run_cli() -> anyhow::Result<()> {
         .init();
     let cli = Cli::parse();
     match cli.command {
-        Command::Check { json } => check(json),
+        Command::Check { json, policy } => check(json, policy.as_deref()),
         Command::Job(command) => job_command(command),
         Command::Hooks(command) => hooks::run(command),
         Command::Report(args) => job_report::run(args),
@@ -214,13 +223,16 @@ fn run_cli() -> anyhow::Result<()> {
         Command::Baseline(command) => baseline::command(command),
         Command::Policy(PolicyCommand::Check { file }) => {
             let policy = Policy::load(&file)?;
+            let blocking = blocking_rules(&policy);
             println!(
-                "{}: ok ({} credential kinds, {} secret socket kinds, {} egress allowances, {} rules)",
+                "{}: ok ({} credential kinds, {} secret socket kinds, {} egress allowances, {} rules; \
+                 egress mode {}, {blocking} rules block)",
                 file.display(),
                 policy.credentials.len(),
                 policy.secret_socket_kinds.len(),
                 policy.egress_allow.len(),
-                policy.rules.len()
+                policy.rules.len(),
+                policy.egress.mode.as_str(),
             );
             Ok(())
         }
@@ -243,7 +255,11 @@ fn run_cli() -> anyhow::Result<()> {
     }
 }
 
-fn check(json: bool) -> anyhow::Result<()> {
+fn check(json: bool, policy: Option<&std::path::Path>) -> anyhow::Result<()> {
+    let policy = match policy {
+        Some(path) => Policy::load(path)?,
+        None => Policy::builtin(),
+    };
     // Report, not refuse: the table below shows what loads with what the agent has.
     let capabilities = privilege::assess(&privilege::effective()?, &privilege::Setup::here(false));
     let features = probe_kernel();
@@ -261,11 +277,17 @@ fn check(json: bool) -> anyhow::Result<()> {
         .map(|r| r.capability.to_string())
         .collect();
     if json {
+        let missing_enforcement = runner_monitor::sensor::egress::missing_enforcement(&probes);
         let out = serde_json::json!({
             "features": features,
             "probes": probes,
             "io_uring": io_uring.iter().map(|(what, how)| (*what, how.as_str()))
                 .collect::<std::collections::BTreeMap<_, _>>(),
+            "egress": {
+                "mode": policy.egress.mode.as_str(),
+                "blocking_rules": blocking_rules(&policy),
+                "block_mode_enforceable": sensor.is_ok() && missing_enforcement.is_empty(),
+            },
             "missing_capabilities": missing_capabilities,
             "error": sensor.as_ref().err().map(|e| e.to_string()),
         });
@@ -316,6 +338,18 @@ fn check(json: bool) -> anyhow::Result<()> {
         for (what, how) in &io_uring {
             println!("  {what:<40} {how}");
         }
+        let missing = runner_monitor::sensor::egress::missing_enforcement(&probes);
+        println!("egress");
+        println!(
+            "  mode {}, {} rules block; block mode {}",
+            policy.egress.mode.as_str(),
+            blocking_rules(&policy),
+            if sensor.is_ok() && missing.is_empty() {
+                "enforceable (cgroup sock_addr programs attach)".to_owned()
+            } else {
+                format!("NOT enforceable: {} not attached", missing.join(", "))
+            }
+        );
     }
     let missing: Vec<&str> = features
         .iter()
@@ -334,6 +368,15 @@ fn check(json: bool) -> anyhow::Result<()> {
         Ok(_) => {}
     }
     Ok(())
+}
+
+/// Rules that put their jobs in block mode.
+fn blocking_rules(policy: &Policy) -> usize {
+    policy
+        .rules
+        .iter()
+        .filter(|r| r.mode == Some(runner_monitor::policy::EgressMode::Block))
+        .count()
 }
 
 fn job_command(command: JobCommand) -> anyhow::Result<()> {
@@ -363,6 +406,7 @@ fn job_command(command: JobCommand) -> anyhow::Result<()> {
             },
         ),
         JobCommand::End { id, socket } => (socket, Request::JobEnd { id }),
+        JobCommand::Status { socket } => (socket, Request::Status),
     };
     let response = tokio::runtime::Builder::new_current_thread()
         .enable_all()

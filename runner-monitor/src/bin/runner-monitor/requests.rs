@@ -26,6 +26,9 @@ pub fn control_request(
     if let Request::JobReport { id } = &request {
         return Ok(job_report(sensor, pipeline, peer, id));
     }
+    if request == Request::Status {
+        return Ok(Reply::status(status(sensor, pipeline)));
+    }
     let policy = pipeline.policy().clone();
     let directory = pipeline.jobs_mut();
     // Stages of one staged job (GitLab) are that job.
@@ -116,7 +119,30 @@ pub fn control_request(
             pipeline.run([agent_event(EventDetail::JobEnd, Some(key), peer.pid)])?;
             Reply::ok(key.to_string())
         }
-        Request::JobReport { .. } => unreachable!("answered above"),
+        Request::JobReport { .. } | Request::Status => unreachable!("answered above"),
+    })
+}
+
+/// The agent's state: the egress mode in force, how many jobs block mode has a plan for and
+/// refuses egress of, the connections it refused, and whether the kernel can enforce it.
+fn status(sensor: &Sensor, pipeline: &Pipeline) -> serde_json::Value {
+    let policy = pipeline.policy();
+    let stats = pipeline.stats();
+    serde_json::json!({
+        "egress": {
+            "mode": policy.egress.mode.as_str(),
+            "on_agent_failure": policy.egress.on_agent_failure,
+            "rules_blocking": policy
+                .rules
+                .iter()
+                .filter(|r| r.mode == Some(runner_monitor::policy::EgressMode::Block))
+                .count(),
+            "jobs_planned": sensor.egress().planned_jobs().len(),
+            "jobs_blocking": sensor.egress().blocking_jobs(),
+            "connections_blocked": stats.egress.get("blocked").copied().unwrap_or(0),
+            "enforceable": runner_monitor::sensor::egress::missing_enforcement(sensor.probes())
+                .is_empty(),
+        }
     })
 }
 

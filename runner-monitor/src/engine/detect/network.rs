@@ -10,6 +10,7 @@ use crate::{
         usage::Used,
     },
     event::{Connect, Event, JobKey, SocketFamily},
+    policy::egress_address,
     rule::RuleId,
 };
 
@@ -68,9 +69,16 @@ pub(super) fn connect(engine: &mut Engine, event: &Event, c: &Connect, out: &mut
         None => format!("{ip} port {port}"),
     };
     out.extend(after_end(engine, event, c));
-    let verdict = if engine.policy.is_metadata_endpoint(ip) {
+    let metadata = engine.policy.is_metadata_endpoint(ip);
+    // As the kernel judges it: an IPv4-mapped or NAT64 address is its IPv4 address.
+    let allowed = !metadata
+        && (egress_allowed(engine, job, ip, port, &names)
+            || egress_allowed(engine, job, egress_address(ip), port, &names));
+    let verdict = if c.blocked {
+        "blocked"
+    } else if metadata {
         "metadata"
-    } else if egress_allowed(engine, job, ip, port, &names) {
+    } else if allowed {
         "allowed"
     } else {
         "unexpected"
@@ -79,23 +87,53 @@ pub(super) fn connect(engine: &mut Engine, event: &Event, c: &Connect, out: &mut
     if baseline::wanted(engine) {
         baseline::used(engine, event, job, Used::Egress { ip, port, names }, out);
     }
-    if verdict == "metadata" {
-        let mut f = engine.raise(
-            RuleId::MetadataEndpointAccess,
-            event,
-            format!("connected to the cloud metadata endpoint {ip} port {port}"),
-        );
+    let what = if c.udp_send {
+        "sent UDP to"
+    } else {
+        "connected to"
+    };
+    let refused = if c.udp_send {
+        "a UDP send to"
+    } else {
+        "a connection to"
+    };
+    if metadata {
+        let entitled = engine
+            .policy
+            .rules_for(engine.job_selector(Some(job)))
+            .any(|r| r.metadata);
+        if entitled && !c.blocked {
+            return;
+        }
+        let summary = if c.blocked {
+            format!(
+                "was refused {refused} the cloud metadata endpoint {ip} port {port} (block mode)"
+            )
+        } else {
+            format!("{what} the cloud metadata endpoint {ip} port {port}")
+        };
+        let mut f = engine.raise(RuleId::MetadataEndpointAccess, event, summary);
         f.destination = Some(destination);
+        f.blocked = c.blocked;
         out.push(f);
         return;
     }
-    if verdict == "unexpected" {
-        let mut f = engine.raise(
-            RuleId::UnexpectedEgress,
-            event,
-            format!("connected to {shown}, outside its egress allowlist"),
-        );
+    if c.blocked || !allowed {
+        // A refusal of what the engine allows is a name-only allowance: the kernel admits
+        // addresses, and the addresses a job resolves are not added to it yet.
+        let summary = match (c.blocked, allowed) {
+            (true, false) => {
+                format!("was refused {refused} {shown} (block mode), outside its egress allowlist")
+            }
+            (true, true) => format!(
+                "was refused {refused} {shown} (block mode): its allowlist admits it by name only, \
+                 which the kernel does not enforce yet"
+            ),
+            _ => format!("{what} {shown}, outside its egress allowlist"),
+        };
+        let mut f = engine.raise(RuleId::UnexpectedEgress, event, summary);
         f.destination = Some(destination);
+        f.blocked = c.blocked;
         out.push(f);
     }
 }

@@ -48,6 +48,8 @@ fn unix_connect(t: &mut Trace, at: u64, job: u64, pid: u32, path: &str) {
             fd: 3,
             result: 0,
             io_uring: false,
+            blocked: false,
+            udp_send: false,
         }),
     );
 }
@@ -165,6 +167,8 @@ fn deviation_does_not_depend_on_the_egress_verdict_or_the_connection_succeeding(
             fd: 3,
             result: -1,
             io_uring: false,
+            blocked: false,
+            udp_send: false,
         }),
     );
     assert_eq!(deviations(&t).len(), 2);

@@ -180,6 +180,8 @@ impl Trace {
                 fd: 3,
                 result: 0,
                 io_uring: false,
+                blocked: false,
+                udp_send: false,
             }),
         );
     }

@@ -95,6 +95,8 @@ fn metadata_runner_credentials_secret_sockets_harvesting_and_tamper() {
             fd: 3,
             result: 0,
             io_uring: false,
+            blocked: false,
+            udp_send: false,
         }),
     );
     t.open(5, 1, 100, "/home/ci/.aws/credentials", false);
@@ -174,7 +176,100 @@ fn an_entitled_secret_socket_is_quiet() {
             fd: 3,
             result: 0,
             io_uring: false,
+            blocked: false,
+            udp_send: false,
         }),
     );
     assert!(t.findings.is_empty(), "{:#?}", t.findings);
+}
+
+/// A connect or UDP send as block mode reports it: refused in the kernel with EPERM.
+fn refused(ip: &str, port: u16, udp_send: bool) -> EventDetail {
+    let ip: std::net::IpAddr = ip.parse().unwrap();
+    EventDetail::Connect(Connect {
+        family: if ip.is_ipv4() {
+            SocketFamily::Inet
+        } else {
+            SocketFamily::Inet6
+        },
+        ip: Some(ip),
+        port: Some(port),
+        unix_path: None,
+        fd: -1,
+        result: -1,
+        io_uring: false,
+        blocked: true,
+        udp_send,
+    })
+}
+
+#[test]
+fn a_connection_block_mode_refused_is_unexpected_egress_marked_blocked_and_counted_so() {
+    let mut t = Trace::new();
+    t.start(1, 1, 100, "acme/app");
+    t.feed(2, 1, 100, 1, "curl", refused("203.0.113.9", 443, false));
+    t.feed(3, 1, 101, 1, "nc", refused("2001:db8::9", 53, true));
+    t.feed(
+        4,
+        1,
+        102,
+        1,
+        "curl",
+        refused("64:ff9b::a9fe:a9fe", 80, false),
+    );
+    t.connect(5, 1, 103, "203.0.113.10", 443);
+    assert_eq!(
+        t.rules(),
+        [
+            RuleId::UnexpectedEgress,
+            RuleId::UnexpectedEgress,
+            RuleId::MetadataEndpointAccess,
+            RuleId::UnexpectedEgress
+        ]
+    );
+    let [tcp, udp, metadata, audited] = &t.findings[..] else {
+        unreachable!()
+    };
+    assert!(tcp.blocked && udp.blocked && metadata.blocked && !audited.blocked);
+    assert!(
+        tcp.summary
+            .contains("was refused a connection to 203.0.113.9 port 443 (block mode)"),
+        "{}",
+        tcp.summary
+    );
+    assert!(
+        udp.summary.contains("was refused a UDP send to"),
+        "{}",
+        udp.summary
+    );
+    let json = serde_json::to_value(tcp).unwrap();
+    assert_eq!(json["blocked"], true);
+    assert!(
+        serde_json::to_value(audited)
+            .unwrap()
+            .get("blocked")
+            .is_none()
+    );
+    let stats = t.engine.stats();
+    assert_eq!(stats.egress.get("blocked"), Some(&3));
+    assert_eq!(stats.egress.get("unexpected"), Some(&1));
+}
+
+#[test]
+fn a_rule_with_metadata_entitles_its_jobs_to_the_metadata_endpoint() {
+    let policy = Policy::parse(
+        &format!(
+            "{}\n[[rules]]\nrepository = \"acme/cloud\"\nmetadata = true\n",
+            crate::policy::DEFAULT_POLICY
+        ),
+        "t.toml",
+    )
+    .unwrap();
+    let mut t = Trace::with_policy(policy);
+    t.start(1, 1, 100, "acme/cloud");
+    t.connect(2, 1, 100, "169.254.169.254", 80);
+    assert!(t.findings.is_empty(), "{:#?}", t.findings);
+    t.start(3, 2, 200, "acme/app");
+    t.connect(4, 2, 200, "169.254.169.254", 80);
+    assert_eq!(t.rules(), [RuleId::MetadataEndpointAccess]);
 }

@@ -103,6 +103,9 @@ async fn socket_round_trip_with_peer_credentials_limits_and_counted_outcomes() {
                 Request::JobReport { id } => {
                     Reply::report(id, serde_json::json!({ "processes": [] }))
                 }
+                Request::Status => {
+                    Reply::status(serde_json::json!({ "egress": { "mode": "block" } }))
+                }
             });
         }
     });
@@ -136,6 +139,12 @@ async fn socket_round_trip_with_peer_credentials_limits_and_counted_outcomes() {
         .await
         .unwrap();
     assert_eq!(r.report, Some(serde_json::json!({ "processes": [] })));
+    // So does the agent's status, as `{"op":"status"}`.
+    let status = answer(&path, b"{\"op\":\"status\"}\n").await;
+    assert!(
+        status.contains(r#""status":{"egress":{"mode":"block"}}"#),
+        "{status}"
+    );
 
     // Malformed, oversized and silent requests get an error, not a hang.
     let malformed = answer(&path, b"{not json}\n").await;

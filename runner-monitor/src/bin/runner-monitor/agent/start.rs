@@ -129,6 +129,7 @@ impl Agent {
             Sensor::load_with(&sensor_policy, &options).context("starting the sensors")?;
         let detached = detached(sensor.probes());
         tracing::info!(attached = attached(sensor.probes()), total = sensor.probes().len(), job_roots = ?sensor_policy.job_root_executables, "probes attached");
+        super::egress::announce(&policy, sensor.probes());
 
         let metrics = Arc::new(Metrics::new());
         metrics.probes(sensor.probes());
@@ -212,6 +213,7 @@ impl Agent {
             ring_fill,
             lost_raised: 0,
             budget_reported: HashMap::new(),
+            egress_seen: None,
             dirty: false,
             snapshot_write: None,
         };

@@ -1,0 +1,63 @@
+//! Block mode's maps: which policy judges a job's egress, and the allowlist entries.
+
+/// Egress policy id of the global allowlist: jobs the agent has not given a policy of their own
+/// yet (their rules are not known) are judged by it when `setting::EGRESS_MODE` is block.
+pub const EGRESS_GLOBAL_POLICY: u32 = 0;
+/// `EgressJob::flags`: the job's connections outside its allowlist are refused.
+pub const EGRESS_BLOCK: u32 = 1;
+/// `EgressJob::flags`: the job may reach the cloud metadata endpoints.
+pub const EGRESS_METADATA_ENTITLED: u32 = 1 << 1;
+
+/// Value of `EGRESS_JOBS` (keyed by job): which compiled allowlist judges the job, and how.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EgressJob {
+    /// Policy id: the first 4 bytes of its allowlist keys.
+    pub policy: u32,
+    /// `EGRESS_*` bits.
+    pub flags: u32,
+}
+
+/// Key bytes of an IPv4 allowlist entry (`EGRESS_ALLOW4`, an LPM trie): policy id (big-endian),
+/// destination port (big-endian, 0: any port), address. The prefix length counts from the
+/// first bit: `EGRESS_KEY_FIXED_BITS` + the CIDR's prefix.
+pub type EgressKey4 = [u8; 10];
+/// `EgressKey4` for IPv6 (`EGRESS_ALLOW6`).
+pub type EgressKey6 = [u8; 22];
+/// Bits of policy id and port before the address in an allowlist key.
+pub const EGRESS_KEY_FIXED_BITS: u32 = 48;
+/// Capacity of each allowlist trie (entries over all policies).
+pub const MAX_EGRESS_ENTRIES: u32 = 65536;
+/// Capacity of the metadata endpoint set.
+pub const MAX_METADATA_ENDPOINTS: u32 = 64;
+
+/// Value of an allowlist entry.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EgressAllow {
+    /// ktime ns after which the entry no longer admits anything; 0: never (a CIDR of the
+    /// policy). Addresses a job resolved for an allowed name carry their TTL here.
+    pub expires_ns: u64,
+}
+
+/// The allowlist key of `policy`, `port` (0: any) and an address (4 or 16 bytes).
+pub fn egress_key<const N: usize>(policy: u32, port: u16, addr: &[u8]) -> [u8; N] {
+    let mut key = [0u8; N];
+    key[..4].copy_from_slice(&policy.to_be_bytes());
+    key[4..6].copy_from_slice(&port.to_be_bytes());
+    let n = addr.len().min(N - 6);
+    key[6..6 + n].copy_from_slice(&addr[..n]);
+    key
+}
+
+const _: () = assert!(core::mem::size_of::<EgressJob>() == 8);
+const _: () = assert!(core::mem::size_of::<EgressAllow>() == 8);
+
+#[cfg(feature = "user")]
+mod user {
+    use super::*;
+    // SAFETY: plain `#[repr(C)]` data without padding (sizes asserted above); every bit pattern
+    // is a valid value.
+    unsafe impl aya::Pod for EgressJob {}
+    unsafe impl aya::Pod for EgressAllow {}
+}

@@ -1,0 +1,243 @@
+//! Block mode: the cgroup `sock_addr` programs of `net.rs` (connect4/6, sendmsg4/6) ask here
+//! whether a job process may reach the address it gave to `connect`, `sendto` or `sendmsg` (or
+//! that io_uring gave on its behalf); a refusal makes the syscall fail with EPERM before any
+//! packet exists.
+//!
+//! The agent compiles each job's policy into the maps below: `EGRESS_JOBS` says which policy id
+//! judges the job and whether it blocks; `EGRESS_ALLOW4/6` are LPM tries keyed by
+//! (policy id, port or 0 for any, address); entries carry an expiry so that addresses a job
+//! resolves for an allowed name can be admitted for their TTL. Processes outside jobs, loopback
+//! and the unspecified address are never refused.
+
+use aya_ebpf::{
+    helpers::bpf_get_current_pid_tgid,
+    macros::map,
+    maps::{HashMap, LpmTrie, lpm_trie::Key},
+    programs::SockAddrContext,
+};
+use runner_monitor_common::{
+    AF_INET, AF_INET6, CONNECT_BLOCKED, CONNECT_UDP_SEND, ConnectEvent, EGRESS_BLOCK,
+    EGRESS_GLOBAL_POLICY, EGRESS_KEY_FIXED_BITS, EGRESS_METADATA_ENTITLED, EgressAllow, EgressJob,
+    EgressKey4, EgressKey6, EventKind, MAX_EGRESS_ENTRIES, MAX_JOBS, MAX_METADATA_ENDPOINTS,
+    ProcessJob, UNIX_PATH_LEN, counter, egress_key, setting,
+};
+
+use crate::{
+    budget::within_budget,
+    emit::send,
+    maps::{count, current_process, now_ns},
+    names,
+};
+
+/// job key -> its policy id and mode. A job without an entry is judged by the global policy
+/// when `setting::EGRESS_MODE` says block.
+#[map]
+static EGRESS_JOBS: HashMap<u64, EgressJob> = HashMap::with_max_entries(MAX_JOBS, 0);
+
+#[map]
+static EGRESS_ALLOW4: LpmTrie<EgressKey4, EgressAllow> =
+    LpmTrie::with_max_entries(MAX_EGRESS_ENTRIES, 0);
+
+#[map]
+static EGRESS_ALLOW6: LpmTrie<EgressKey6, EgressAllow> =
+    LpmTrie::with_max_entries(MAX_EGRESS_ENTRIES, 0);
+
+/// Cloud metadata endpoints, IPv4 ones in their mapped form (`::ffff:a.b.c.d`).
+#[map]
+static EGRESS_METADATA: HashMap<[u8; 16], u32> =
+    HashMap::with_max_entries(MAX_METADATA_ENDPOINTS, 0);
+
+/// A destination, IPv4-mapped and NAT64 addresses already turned into their IPv4 address.
+struct Destination {
+    v4: bool,
+    /// Written as a NAT64 address: it goes to the translator, so an IPv4 loopback or
+    /// unspecified address inside it is not this host.
+    nat64: bool,
+    /// IPv4 in the last 4 bytes (mapped form), or IPv6.
+    addr: [u8; 16],
+}
+
+/// The sock_addr program's verdict: 1 lets the connection or send through, 0 refuses it (EPERM).
+#[inline(always)]
+pub fn verdict(ctx: &SockAddrContext, v6: bool, udp_send: bool) -> i32 {
+    let Some(process) = current_process() else {
+        return 1;
+    };
+    // SAFETY: context field reads.
+    let port = u16::from_be(unsafe { (*ctx.sock_addr).user_port } as u16);
+    let written = written_address(ctx, v6);
+    if !refuses(&process, &written, v6, port) {
+        return 1;
+    }
+    count(counter::EGRESS_BLOCKED);
+    report(&process, &written, v6, port, udp_send);
+    0
+}
+
+/// Whether block mode refuses job process `process` the address `written` (as the process wrote
+/// it: IPv4 in its first 4 bytes) and `port`.
+#[inline(always)]
+pub fn refuses(process: &ProcessJob, written: &[u8; 16], v6: bool, port: u16) -> bool {
+    // SAFETY: the value is copied out at once.
+    let job = match unsafe { EGRESS_JOBS.get(process.job) } {
+        Some(job) => *job,
+        None if names::setting(setting::EGRESS_MODE) != 0 => EgressJob {
+            policy: EGRESS_GLOBAL_POLICY,
+            flags: EGRESS_BLOCK,
+        },
+        None => return false,
+    };
+    if job.flags & EGRESS_BLOCK == 0 {
+        return false;
+    }
+    let dest = normalise(written, v6);
+    !(is_local(&dest) || allowed(&job, &dest, port))
+}
+
+/// The address as the process wrote it.
+#[inline(always)]
+fn written_address(ctx: &SockAddrContext, v6: bool) -> [u8; 16] {
+    let mut addr = [0u8; 16];
+    let sa = ctx.sock_addr;
+    // SAFETY: context field reads; user_ip4/user_ip6 hold the address in network byte order.
+    unsafe {
+        if v6 {
+            // VERIFIER: the context's user_ip6 is read as four 4-byte loads, the access size the
+            // kernel allows at every word (volatile keeps LLVM from merging them).
+            let w0 = core::ptr::read_volatile(&(*sa).user_ip6[0]);
+            let w1 = core::ptr::read_volatile(&(*sa).user_ip6[1]);
+            let w2 = core::ptr::read_volatile(&(*sa).user_ip6[2]);
+            let w3 = core::ptr::read_volatile(&(*sa).user_ip6[3]);
+            addr[0..4].copy_from_slice(&w0.to_ne_bytes());
+            addr[4..8].copy_from_slice(&w1.to_ne_bytes());
+            addr[8..12].copy_from_slice(&w2.to_ne_bytes());
+            addr[12..16].copy_from_slice(&w3.to_ne_bytes());
+        } else {
+            let ip = core::ptr::read_volatile(&(*sa).user_ip4);
+            addr[0..4].copy_from_slice(&ip.to_ne_bytes());
+        }
+    }
+    addr
+}
+
+/// IPv4-mapped (`::ffff:0:0/96`) and NAT64 (`64:ff9b::/96`) addresses are their IPv4 address.
+#[inline(always)]
+fn normalise(written: &[u8; 16], v6: bool) -> Destination {
+    let mut addr = [0u8; 16];
+    addr[10] = 0xff;
+    addr[11] = 0xff;
+    if !v6 {
+        addr[12..16].copy_from_slice(&written[0..4]);
+        return Destination {
+            v4: true,
+            nat64: false,
+            addr,
+        };
+    }
+    let hi = u64::from_be_bytes([
+        written[0], written[1], written[2], written[3], written[4], written[5], written[6],
+        written[7],
+    ]);
+    let mid = u32::from_be_bytes([written[8], written[9], written[10], written[11]]);
+    let mapped = hi == 0 && mid == 0x0000_ffff;
+    let nat64 = hi == 0x0064_ff9b_0000_0000 && mid == 0;
+    if mapped || nat64 {
+        addr[12..16].copy_from_slice(&written[12..16]);
+        Destination {
+            v4: true,
+            nat64,
+            addr,
+        }
+    } else {
+        Destination {
+            v4: false,
+            nat64: false,
+            addr: *written,
+        }
+    }
+}
+
+/// Loopback, and the unspecified address (which reaches the host itself).
+#[inline(always)]
+fn is_local(dest: &Destination) -> bool {
+    if dest.v4 {
+        return !dest.nat64 && (dest.addr[12] == 127 || dest.addr[12..16] == [0; 4]);
+    }
+    let hi = u64::from_be_bytes([
+        dest.addr[0],
+        dest.addr[1],
+        dest.addr[2],
+        dest.addr[3],
+        dest.addr[4],
+        dest.addr[5],
+        dest.addr[6],
+        dest.addr[7],
+    ]);
+    let lo = u64::from_be_bytes([
+        dest.addr[8],
+        dest.addr[9],
+        dest.addr[10],
+        dest.addr[11],
+        dest.addr[12],
+        dest.addr[13],
+        dest.addr[14],
+        dest.addr[15],
+    ]);
+    hi == 0 && lo <= 1
+}
+
+#[inline(always)]
+fn allowed(job: &EgressJob, dest: &Destination, port: u16) -> bool {
+    // SAFETY: the value is only tested.
+    let metadata = unsafe { EGRESS_METADATA.get(dest.addr) }.is_some();
+    if metadata {
+        return job.flags & EGRESS_METADATA_ENTITLED != 0;
+    }
+    if dest.v4 {
+        let v4 = [dest.addr[12], dest.addr[13], dest.addr[14], dest.addr[15]];
+        let bits = EGRESS_KEY_FIXED_BITS + 32;
+        admits(EGRESS_ALLOW4.get(Key::new(bits, egress_key::<10>(job.policy, port, &v4))))
+            || admits(EGRESS_ALLOW4.get(Key::new(bits, egress_key::<10>(job.policy, 0, &v4))))
+    } else {
+        let bits = EGRESS_KEY_FIXED_BITS + 128;
+        admits(EGRESS_ALLOW6.get(Key::new(
+            bits,
+            egress_key::<22>(job.policy, port, &dest.addr),
+        ))) || admits(
+            EGRESS_ALLOW6.get(Key::new(bits, egress_key::<22>(job.policy, 0, &dest.addr))),
+        )
+    }
+}
+
+#[inline(always)]
+fn admits(entry: Option<&EgressAllow>) -> bool {
+    match entry {
+        Some(e) => e.expires_ns == 0 || now_ns() < e.expires_ns,
+        None => false,
+    }
+}
+
+/// The refusal, for the agent: a `connect()` seen by the connect tracepoints has its pending
+/// event marked (sent at the syscall's exit with its -EPERM); anything else (a UDP send, an
+/// io_uring connect) is sent now.
+#[inline(always)]
+fn report(process: &ProcessJob, written: &[u8; 16], v6: bool, port: u16, udp_send: bool) {
+    let tid = bpf_get_current_pid_tgid() as u32;
+    if !udp_send && crate::net::mark_pending_blocked(tid) {
+        return;
+    }
+    if !within_budget(process.job, EventKind::Connect as u32) {
+        return;
+    }
+    send::<ConnectEvent>(EventKind::Connect, Some(process), |e| {
+        e.result = -1;
+        e.fd = -1;
+        e.family = if v6 { AF_INET6 } else { AF_INET };
+        e.port = port;
+        e.addr = *written;
+        e.unix_path_len = 0;
+        e.unix_path = [0; UNIX_PATH_LEN];
+        e.flags = CONNECT_BLOCKED | if udp_send { CONNECT_UDP_SEND } else { 0 };
+        e._pad2 = [0; 4];
+    });
+}

@@ -1,0 +1,172 @@
+//! `[egress] mode` and a rule's `mode` / `metadata`: which jobs block mode refuses egress for,
+//! and the plan the kernel enforces for one job (`EgressPlan`, compiled into its maps by
+//! `sensor::egress`).
+
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+use toml::Spanned;
+
+use super::{Destination, JobSelector, Policy, PolicyError, Source, file};
+
+/// What happens to a connection outside a job's allowlist.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EgressMode {
+    /// Reported (`unexpected-egress`), not refused: the default.
+    #[default]
+    Audit,
+    /// Refused in the kernel with EPERM, and reported with `"blocked": true`.
+    Block,
+}
+
+impl EgressMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EgressMode::Audit => "audit",
+            EgressMode::Block => "block",
+        }
+    }
+}
+
+/// `[egress] on_agent_failure`: what a crashed agent leaves behind.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AgentFailure {
+    /// Enforcement goes with the agent (its programs detach when its process ends).
+    #[default]
+    Open,
+    /// Kept: not implemented yet (the programs are not pinned), so the policy refuses it.
+    Closed,
+}
+
+/// `[egress]` beside the allowlist.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct EgressSettings {
+    pub mode: EgressMode,
+    pub on_agent_failure: AgentFailure,
+}
+
+/// What the kernel enforces for one job (or, as the global plan, for jobs without one).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct EgressPlan {
+    pub block: bool,
+    /// The job may reach the metadata endpoints.
+    pub metadata: bool,
+    /// Allowed networks with their ports (empty: every port). DNS names are not here: the kernel
+    /// admits only what the policy names by address (the agent's resolver is to add the
+    /// addresses a job resolves for an allowed name).
+    pub nets: Vec<(IpNet, Vec<u16>)>,
+}
+
+/// `audit` or `block`, `field` naming it in errors.
+pub(super) fn mode(
+    value: &Spanned<String>,
+    field: &str,
+    src: &Source<'_>,
+) -> Result<EgressMode, PolicyError> {
+    match value.get_ref().as_str() {
+        "audit" => Ok(EgressMode::Audit),
+        "block" => Ok(EgressMode::Block),
+        other => Err(src.error(
+            value.span(),
+            field,
+            format!("`audit` or `block`, not {other:?}"),
+        )),
+    }
+}
+
+/// `[egress] mode` and `on_agent_failure`.
+pub(super) fn compile(
+    section: &file::EgressSection,
+    src: &Source<'_>,
+) -> Result<EgressSettings, PolicyError> {
+    let mut settings = EgressSettings::default();
+    if let Some(m) = &section.mode {
+        settings.mode = mode(m, "egress.mode", src)?;
+    }
+    if let Some(f) = &section.on_agent_failure {
+        settings.on_agent_failure = match f.get_ref().as_str() {
+            "open" => AgentFailure::Open,
+            "closed" => {
+                return Err(src.error(
+                    f.span(),
+                    "egress.on_agent_failure",
+                    "`closed` is not implemented yet: a stopped or crashed agent takes its \
+                     enforcement with it (`open`)",
+                ));
+            }
+            other => {
+                return Err(src.error(
+                    f.span(),
+                    "egress.on_agent_failure",
+                    format!("`open` or `closed`, not {other:?}"),
+                ));
+            }
+        };
+    }
+    Ok(settings)
+}
+
+fn nets_of(list: &[super::AllowedDestination]) -> impl Iterator<Item = (IpNet, Vec<u16>)> + '_ {
+    list.iter().filter_map(|a| match &a.destination {
+        Destination::Net(net) => Some((*net, a.ports.clone())),
+        Destination::Name(_) => None,
+    })
+}
+
+impl Policy {
+    /// A job's egress mode: that of the last rule selecting it that sets one, else `[egress]`'s.
+    pub fn egress_mode_for(&self, job: JobSelector<'_>) -> EgressMode {
+        self.rules_for(job)
+            .filter_map(|r| r.mode)
+            .last()
+            .unwrap_or(self.egress.mode)
+    }
+
+    /// Whether a rule selecting the job entitles it to the cloud metadata endpoints.
+    pub fn metadata_entitled(&self, job: JobSelector<'_>) -> bool {
+        self.rules_for(job).any(|r| r.metadata)
+    }
+
+    /// What the kernel enforces for jobs it has no plan of their own for: `[egress]` alone.
+    pub fn global_egress_plan(&self) -> EgressPlan {
+        EgressPlan {
+            block: self.egress.mode == EgressMode::Block,
+            metadata: false,
+            nets: nets_of(&self.egress_allow).collect(),
+        }
+    }
+
+    /// What the kernel enforces for a job: its mode, its metadata entitlement, and the global
+    /// and its rules' allowed networks.
+    pub fn egress_plan(&self, job: JobSelector<'_>) -> EgressPlan {
+        let mut nets: Vec<(IpNet, Vec<u16>)> = nets_of(&self.egress_allow).collect();
+        for rule in self.rules_for(job) {
+            nets.extend(nets_of(&rule.allow_egress));
+        }
+        EgressPlan {
+            block: self.egress_mode_for(job) == EgressMode::Block,
+            metadata: self.metadata_entitled(job),
+            nets,
+        }
+    }
+}
+
+/// The address a connection to `ip` reaches, as the kernel's egress check sees it: an
+/// IPv4-mapped (`::ffff:a.b.c.d`) or NAT64 (`64:ff9b::a.b.c.d`) address is the IPv4 address.
+pub fn egress_address(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => {
+            let o = v6.octets();
+            let mapped = o[..10].iter().all(|b| *b == 0) && o[10] == 0xff && o[11] == 0xff;
+            let nat64 = o[..12] == [0, 0x64, 0xff, 0x9b, 0, 0, 0, 0, 0, 0, 0, 0];
+            if mapped || nat64 {
+                IpAddr::from([o[12], o[13], o[14], o[15]])
+            } else {
+                ip
+            }
+        }
+        v4 => v4,
+    }
+}
