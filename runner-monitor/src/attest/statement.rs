@@ -212,13 +212,17 @@ fn processes(report: &JobReport, cx: &Context<'_>) -> Vec<Value> {
         .collect()
 }
 
-/// How the engine judged a destination: from the findings about it.
+/// How the engine judged a destination: from the findings about it. `blocked`: block mode
+/// refused it in the kernel.
 fn verdict(findings: &[Finding], ip: std::net::IpAddr, port: u16) -> &'static str {
     let mut verdict = "allowed";
     for f in findings {
         let Some(d) = &f.destination else { continue };
         if d.ip != ip || d.port != port {
             continue;
+        }
+        if f.blocked {
+            return "blocked";
         }
         match f.rule {
             RuleId::MetadataEndpointAccess => return "metadata",
@@ -378,4 +382,33 @@ fn extension(report: &JobReport, cx: &Context<'_>, identity: &JobIdentity) -> Va
         not_tracked: &report.not_tracked,
     })
     .expect("the extension serialises")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::finding::DestinationRef;
+
+    #[test]
+    fn a_destination_block_mode_refused_is_blocked_whatever_else_was_said_of_it() {
+        let ip: std::net::IpAddr = "203.0.113.9".parse().unwrap();
+        let about = |rule, blocked| {
+            let mut f = Finding::new(rule, 1, String::new());
+            f.destination = Some(DestinationRef {
+                ip,
+                port: 443,
+                dns_name: None,
+            });
+            f.blocked = blocked;
+            f
+        };
+        let unexpected = about(RuleId::UnexpectedEgress, false);
+        let refused = about(RuleId::UnexpectedEgress, true);
+        assert_eq!(
+            verdict(std::slice::from_ref(&unexpected), ip, 443),
+            "unexpected"
+        );
+        assert_eq!(verdict(&[unexpected, refused], ip, 443), "blocked");
+        assert_eq!(verdict(&[], ip, 443), "allowed");
+    }
 }
