@@ -223,7 +223,7 @@ fn admits(entry: Option<&EgressAllow>) -> bool {
 #[inline(always)]
 fn report(process: &ProcessJob, written: &[u8; 16], v6: bool, port: u16, udp_send: bool) {
     let tid = bpf_get_current_pid_tgid() as u32;
-    if !udp_send && crate::net::mark_pending_blocked(tid) {
+    if !udp_send && crate::maps::mark_pending_blocked(tid) {
         return;
     }
     if !within_budget(process.job, EventKind::Connect as u32) {

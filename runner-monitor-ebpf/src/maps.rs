@@ -6,7 +6,8 @@ use aya_ebpf::{
     maps::{HashMap, PerCpuArray},
 };
 use runner_monitor_common::{
-    JOB_ENDED, JobState, MAX_JOBS, MAX_TRACKED_PROCESSES, ProcessJob, counter,
+    CONNECT_BLOCKED, ConnectEvent, JOB_ENDED, JobState, MAX_JOBS, MAX_TRACKED_PROCESSES,
+    ProcessJob, counter,
 };
 
 /// Capacity of each kernel-private map keyed by thread, process or (process, target) pair:
@@ -18,6 +19,26 @@ pub const PRIVATE_MAP_ENTRIES: u32 = 4096;
 /// Capacity of the kernel-private maps whose values are whole exec or chdir events (about 1 KiB
 /// and 330 bytes): execs and chdirs between their syscall's entry and exit.
 pub const PRIVATE_EVENT_MAP_ENTRIES: u32 = 1024;
+
+/// thread id -> connect waiting for its result (`net.rs`), which block mode may mark refused
+/// (`egress.rs`).
+#[map]
+pub static PENDING_CONNECTS: HashMap<u32, ConnectEvent> =
+    HashMap::with_max_entries(PRIVATE_MAP_ENTRIES, 0);
+
+/// Marks the connect this thread is in (seen by `sys_enter_connect`) as refused by block mode;
+/// false when there is none (io_uring, or the connect tracepoints are not attached).
+#[inline(always)]
+pub fn mark_pending_blocked(tid: u32) -> bool {
+    match PENDING_CONNECTS.get_ptr_mut(tid) {
+        Some(event) => {
+            // SAFETY: the entry belongs to this thread, which is the only one that touches it.
+            unsafe { (*event).flags |= CONNECT_BLOCKED };
+            true
+        }
+        None => false,
+    }
+}
 
 /// Per-CPU counters, indexed by `runner_monitor_common::counter`.
 #[map]

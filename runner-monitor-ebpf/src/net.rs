@@ -17,7 +17,7 @@ use aya_ebpf::{
         },
     },
     macros::{cgroup_skb, cgroup_sock_addr, map, tracepoint},
-    maps::{HashMap, LruHashMap, PerCpuArray},
+    maps::{LruHashMap, PerCpuArray},
     programs::{SkBuffContext, SockAddrContext, TracePointContext},
 };
 use runner_monitor_common::{
@@ -29,16 +29,11 @@ use crate::{
     args::{syscall_arg, syscall_ret},
     budget::within_budget,
     emit::{fill_header, fill_job, send_built},
-    maps::{PRIVATE_MAP_ENTRIES, count, current_process, now_ns},
+    maps::{PENDING_CONNECTS, count, current_process, now_ns},
 };
 
 #[map]
 static CONNECT_SCRATCH: PerCpuArray<ConnectEvent> = PerCpuArray::with_max_entries(1, 0);
-
-/// thread id -> connect waiting for its result.
-#[map]
-static PENDING_CONNECTS: HashMap<u32, ConnectEvent> =
-    HashMap::with_max_entries(PRIVATE_MAP_ENTRIES, 0);
 
 /// Who owns a socket that talks to port 53.
 #[repr(C)]
@@ -201,20 +196,6 @@ pub fn sys_exit_connect(ctx: TracePointContext) -> u32 {
     }
     let _ = PENDING_CONNECTS.remove(tid);
     0
-}
-
-/// Marks the connect this thread is in (seen by `sys_enter_connect`) as refused by block mode;
-/// false when there is none (io_uring, or the connect tracepoints are not attached).
-#[inline(always)]
-pub fn mark_pending_blocked(tid: u32) -> bool {
-    match PENDING_CONNECTS.get_ptr_mut(tid) {
-        Some(event) => {
-            // SAFETY: the entry belongs to this thread, which is the only one that touches it.
-            unsafe { (*event).flags |= runner_monitor_common::CONNECT_BLOCKED };
-            true
-        }
-        None => false,
-    }
 }
 
 /// Remembers the socket when a job process addresses port 53.
