@@ -12,6 +12,7 @@ pub mod enrich;
 pub mod event;
 pub mod fleet;
 pub mod job;
+pub mod jsonl;
 pub mod output;
 pub mod pipeline;
 pub mod policy;

@@ -6,7 +6,7 @@
 //!   alert stream. The correlator publishes its own under `<prefix>.findings.fleet`.
 //! - `<prefix>.fingerprints.<host>`: one [`FingerprintMessage`] per message.
 //! - `<prefix>.attestations.<host>`: one signed job attestation per message, the DSSE envelope
-//!   exactly as written to the agent's state directory (`crate::attest`), without its newline.
+//!   exactly as the agent wrote it to its state directory (see attestations), without its newline.
 //!
 //! Every message carries a `Nats-Msg-Id` header ([`message_id`]) that is the same when the same
 //! spooled record is sent again, so JetStream's duplicate window drops a resend after a crash.
@@ -16,9 +16,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::event::JobInfo;
 
-/// Default subject prefix and stream name.
-pub const DEFAULT_PREFIX: &str = "runner-monitor";
-pub const DEFAULT_STREAM: &str = "RUNNER_MONITOR";
+/// Default subject prefix and stream name (the policy's `[fleet]` defaults).
+pub use crate::policy::fleet::{DEFAULT_PREFIX, DEFAULT_STREAM};
 /// Host token the correlator publishes its findings under.
 pub const CORRELATOR_HOST: &str = "fleet";
 

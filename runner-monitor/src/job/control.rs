@@ -327,7 +327,7 @@ pub fn parse_request(line: &[u8]) -> Result<Request, String> {
 }
 
 async fn respond(stream: &mut UnixStream, response: &Response) -> std::io::Result<()> {
-    let mut line = crate::output::jsonl::line(response).map_err(std::io::Error::other)?;
+    let mut line = crate::jsonl::line(response).map_err(std::io::Error::other)?;
     line.push(b'\n');
     stream.write_all(&line).await
 }

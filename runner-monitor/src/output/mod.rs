@@ -3,12 +3,15 @@
 pub mod alerts;
 pub mod delivery;
 pub mod http;
-pub mod jsonl;
 pub mod metrics;
 pub mod nats;
 pub mod ocsf;
 pub mod summary;
 pub mod tls;
+
+/// The JSON-lines writer of the alert stream and the event trace (at the crate root: the control
+/// socket writes its answers with it too).
+pub use crate::jsonl;
 
 use std::{io::Write, path::Path, sync::Arc};
 

@@ -11,7 +11,11 @@ use std::{
 use toml::Spanned;
 
 use super::{PolicyError, Source, file::FleetSection};
-use crate::fleet::message::{DEFAULT_PREFIX, DEFAULT_STREAM};
+
+/// Default subject prefix and stream name of the fleet stream (`crate::fleet::message` builds
+/// the subjects under the prefix).
+pub const DEFAULT_PREFIX: &str = "runner-monitor";
+pub const DEFAULT_STREAM: &str = "RUNNER_MONITOR";
 
 /// Duplicate window of a stream the agent creates: a resend within it is dropped by JetStream.
 pub const DEFAULT_DUPLICATE_WINDOW: Duration = Duration::from_secs(600);

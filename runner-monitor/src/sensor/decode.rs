@@ -509,7 +509,7 @@ mod tests {
         e.header.comm[..6].copy_from_slice(b"\x7f\xc2\x9b31m");
         let event = decoder().decode(&bytes_of(&e)).unwrap();
         assert_eq!(event.process.comm, "\u{7f}\u{9b}31m");
-        let line = crate::output::jsonl::line_string(&event).unwrap();
+        let line = crate::jsonl::line_string(&event).unwrap();
         assert!(!line.contains(char::is_control), "{line:?}");
         assert!(line.contains(r"/tmp/\u009b2J\u007f/credentials"), "{line}");
         let back: Event = serde_json::from_str(&line).unwrap();
