@@ -13,6 +13,24 @@ use integration_tests::{
     pin_dir_of,
 };
 
+/// The flood test keeps both CPUs busy, and every agent on the host sees every job: agents of
+/// the tests beside it would spend the CPU on the flood too, its own agent would fall behind,
+/// and its ring buffer would drop what it must show arrives. It runs alone; the others may run
+/// side by side.
+static MACHINE: std::sync::RwLock<()> = std::sync::RwLock::new(());
+
+fn beside_others() -> std::sync::RwLockReadGuard<'static, ()> {
+    MACHINE
+        .read()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn alone() -> std::sync::RwLockWriteGuard<'static, ()> {
+    MACHINE
+        .write()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 fn worker(env: &TestEnv) -> std::path::PathBuf {
     let worker = env.dir.join("Runner.Worker");
     if !worker.exists() {
@@ -31,6 +49,7 @@ fn metric(agent: &Agent, series: &str) -> f64 {
 
 #[test]
 fn a_restarted_agent_keeps_its_jobs_and_judges_one_that_ended_while_it_was_down() {
+    let _machine = beside_others();
     let env = TestEnv::new("restart");
     let dir = env.dir.join("agent");
     let pins = pin_dir_of(&dir);
@@ -126,6 +145,7 @@ fn a_restarted_agent_keeps_its_jobs_and_judges_one_that_ended_while_it_was_down(
 
 #[test]
 fn sighup_reloads_the_policy_and_a_bad_one_is_rejected_keeping_the_old() {
+    let _machine = beside_others();
     let env = TestEnv::new("reload");
     let dir = env.dir.join("agent");
     let pins = pin_dir_of(&dir);
@@ -222,6 +242,7 @@ fn program_exists(id: u64) -> bool {
 
 #[test]
 fn clean_shutdown_writes_what_is_pending_and_detaches_every_probe() {
+    let _machine = beside_others();
     let env = TestEnv::new("shutdown");
     let dir = env.dir.join("agent");
     let pins = pin_dir_of(&dir);
@@ -264,6 +285,7 @@ fn alerts_in(dir: &Path) -> Vec<serde_json::Value> {
 
 #[test]
 fn a_second_agent_on_the_same_state_refuses_to_start() {
+    let _machine = beside_others();
     let env = TestEnv::new("second");
     let dir = env.dir.join("agent");
     let pins = pin_dir_of(&dir);
@@ -294,6 +316,7 @@ fn a_second_agent_on_the_same_state_refuses_to_start() {
 
 #[test]
 fn a_flooding_job_is_held_to_its_budget_and_another_jobs_read_still_arrives() {
+    let _machine = alone();
     let env = TestEnv::new("flood");
     let dir = env.dir.join("agent");
     std::fs::create_dir_all(&dir).unwrap();
