@@ -231,7 +231,19 @@ fn soak_floods_restarts_outages_and_a_reload_deliver_every_finding_exactly_once(
         memory.push(own_rss_kib(agent.pid()));
     }
 
-    // Every finding the agent wrote reaches the receiver, once.
+    // Every finding the agent wrote reaches the receiver, once. The last job's survivors are
+    // raised in one tick and written a line at a time: the stream is read once it stopped
+    // growing for a second (read earlier, a late line was "delivered but never written").
+    let mut last = None;
+    wait_until("the alert stream settles", 30, || {
+        let now = std::fs::read_to_string(dir.join("alerts.jsonl")).unwrap_or_default();
+        let settled = last.as_ref() == Some(&now);
+        last = Some(now);
+        if !settled {
+            std::thread::sleep(Duration::from_millis(750));
+        }
+        settled
+    });
     let written: Vec<Value> = std::fs::read_to_string(dir.join("alerts.jsonl"))
         .unwrap()
         .lines()
