@@ -499,7 +499,6 @@ async fn deliver(
                 backoff = Duration::from_millis(500);
             }
             Err(Failure { reason, message }) => {
-                metrics.delivery_failed_because(name, reason);
                 if reason == "tls" {
                     // Not an outage: the receiver's certificate (or ours) is wrong until
                     // someone fixes the CA or certificate files; say so loudly.
@@ -507,6 +506,8 @@ async fn deliver(
                 } else {
                     tracing::warn!(error = %message, sink = name, reason, pending = alerts.len(), retry_in = ?backoff, "alert delivery failed; kept in the spool");
                 }
+                // Counted after the log line: whoever sees the count finds the reason logged.
+                metrics.delivery_failed_because(name, reason);
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(MAX_BACKOFF);
             }
