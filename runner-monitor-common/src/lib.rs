@@ -243,6 +243,11 @@ pub struct ProcessAccessEvent {
 pub const AF_UNIX: u16 = 1;
 pub const AF_INET: u16 = 2;
 pub const AF_INET6: u16 = 10;
+pub const AF_PACKET: u16 = 17;
+pub const SOCK_DGRAM: u16 = 2;
+pub const SOCK_RAW: u16 = 3;
+pub const IPPROTO_ICMP: u16 = 1;
+pub const IPPROTO_ICMPV6: u16 = 58;
 
 /// `connect()` by a job process.
 #[repr(C)]
@@ -269,6 +274,10 @@ pub const CONNECT_BLOCKED: u32 = 1;
 /// `ConnectEvent::flags`: a UDP send (`sendto`, `sendmsg`) to the address, not a `connect()`;
 /// only refused sends are reported (`fd` is -1: the cgroup hook does not see it).
 pub const CONNECT_UDP_SEND: u32 = 1 << 1;
+/// `ConnectEvent::flags`: not a connect but the creation of a socket that bypasses the
+/// address hooks (raw, packet, ICMP): `family` is its family, `port` its protocol,
+/// `addr[0]` its type; `fd` is -1. With `CONNECT_BLOCKED`, block mode refused the `socket()`.
+pub const CONNECT_RAW_SOCKET: u32 = 1 << 2;
 
 pub const DNS_DIRECTION_QUERY: u32 = 0;
 pub const DNS_DIRECTION_ANSWER: u32 = 1;

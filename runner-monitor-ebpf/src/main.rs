@@ -18,6 +18,7 @@ mod memory;
 mod names;
 mod net;
 mod process;
+mod sockets;
 mod tamper;
 
 #[cfg(not(test))]

@@ -287,6 +287,8 @@ pub enum SocketFamily {
     Inet,
     Inet6,
     Unix,
+    /// `AF_PACKET`: only ever a `raw_socket`.
+    Packet,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -315,6 +317,39 @@ pub struct Connect {
     /// A UDP send to the address (`sendto`, `sendmsg`), not a `connect()`.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub udp_send: bool,
+    /// Not a connect: the creation of a socket that sends without passing the address hooks
+    /// (`ip` and `port` are unset).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub raw_socket: Option<RawSocket>,
+}
+
+/// A raw IP, packet or ICMP ("ping") socket a job process created.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RawSocket {
+    pub kind: RawSocketKind,
+    /// The protocol given to `socket()` (`ETH_P_*` in network byte order for packet sockets).
+    pub protocol: u16,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RawSocketKind {
+    /// `SOCK_RAW` in `AF_INET`/`AF_INET6`.
+    Raw,
+    /// `AF_PACKET`.
+    Packet,
+    /// `SOCK_DGRAM` with `IPPROTO_ICMP`/`IPPROTO_ICMPV6`.
+    Icmp,
+}
+
+impl RawSocketKind {
+    pub fn describe(self) -> &'static str {
+        match self {
+            RawSocketKind::Raw => "a raw IP socket",
+            RawSocketKind::Packet => "a packet socket",
+            RawSocketKind::Icmp => "an ICMP socket",
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

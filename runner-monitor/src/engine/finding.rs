@@ -141,6 +141,9 @@ pub struct Finding {
     /// `metadata-endpoint-access`).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub blocked: bool,
+    /// The raw, packet or ICMP socket a job process created (`unexpected-egress`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub raw_socket: Option<crate::event::RawSocket>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub socket: Option<SocketRef>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -178,6 +181,7 @@ impl Finding {
             credential: None,
             destination: None,
             blocked: false,
+            raw_socket: None,
             socket: None,
             target: None,
             persistence: None,

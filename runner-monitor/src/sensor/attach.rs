@@ -4,7 +4,9 @@ use std::{fs::File, path::PathBuf};
 
 use aya::{
     Ebpf,
-    programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, TracePoint},
+    programs::{
+        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr, TracePoint,
+    },
 };
 use serde::Serialize;
 
@@ -35,6 +37,8 @@ enum Hook {
     /// A syscall tracepoint that only some architectures have.
     OptionalTracepoint(&'static str, &'static str),
     SockAddr,
+    /// `cgroup/sock_create`.
+    SockCreate,
     Skb(CgroupSkbAttachType),
 }
 
@@ -263,6 +267,18 @@ const PROBES: &[Probe] = &[
         required: false,
     },
     Probe {
+        sensor: "connect",
+        program: "raw_socket_create",
+        hooks: &[Hook::SockCreate],
+        required: false,
+    },
+    Probe {
+        sensor: "connect",
+        program: "sys_enter_socket",
+        hooks: &[Tp("syscalls", "sys_enter_socket")],
+        required: false,
+    },
+    Probe {
         sensor: "dns",
         program: "dns_egress",
         hooks: &[Hook::Skb(CgroupSkbAttachType::Egress)],
@@ -371,6 +387,12 @@ pub fn attach_all(ebpf: &mut Ebpf) -> Vec<ProbeStatus> {
                         .as_ref()
                         .map_or("?".into(), |p| p.display().to_string())
                 ),
+                Hook::SockCreate => format!(
+                    "cgroup:{}:sock_create",
+                    cgroup
+                        .as_ref()
+                        .map_or("?".into(), |p| p.display().to_string())
+                ),
                 Hook::Skb(t) => format!(
                     "cgroup:{}:{}",
                     cgroup
@@ -457,7 +479,7 @@ fn attach_one(
                 Err(e) => ProbeState::Failed(error_chain(&e)),
             })
         }
-        Hook::SockAddr | Hook::Skb(_) => {
+        Hook::SockAddr | Hook::SockCreate | Hook::Skb(_) => {
             let Some(cgroup) = cgroup else {
                 return Ok(ProbeState::Failed(
                     "no cgroup v2 hierarchy is mounted".into(),
@@ -479,6 +501,14 @@ fn attach_one(
                 program
                     .attach(&file, *attach_type, CgroupAttachMode::Single)
                     .map(|_| ())
+            } else if let Hook::SockCreate = hook {
+                let program: &mut CgroupSock = program
+                    .try_into()
+                    .map_err(|e| LoadError(format!("{name}: {e}")))?;
+                program
+                    .load()
+                    .map_err(|e| LoadError(verifier_reason(name, &e)))?;
+                program.attach(&file, CgroupAttachMode::Single).map(|_| ())
             } else {
                 let program: &mut CgroupSockAddr = program
                     .try_into()

@@ -24,11 +24,12 @@ use super::SensorError;
 use crate::{event::JobKey, policy::EgressPlan};
 
 /// The programs that refuse egress in block mode (they also watch DNS sockets, hence the names).
-pub const ENFORCING_PROGRAMS: [&str; 4] = [
+pub const ENFORCING_PROGRAMS: [&str; 5] = [
     "dns_connect4",
     "dns_connect6",
     "dns_sendmsg4",
     "dns_sendmsg6",
+    "raw_socket_create",
 ];
 
 /// The enforcing programs among `probes` that are not attached: block mode can only report

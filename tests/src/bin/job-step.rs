@@ -10,6 +10,9 @@
 //! job-step egress HOW ADDR         try `tcp` (connect), `udp` (connect), `udp-send` (sendto) or
 //!                                  `uring` (a TCP connect issued through io_uring) to ADDR
 //!                                  (`IP:PORT`, `[IPv6]:PORT`); print `ok` or `errno N`
+//! job-step socket KIND             socket() of KIND: `raw` (IPv4 ICMP), `raw6` (IPv6 ICMP),
+//!                                  `packet` (AF_PACKET), `icmp` (a ping socket) or `tcp`;
+//!                                  print `ok` or `errno N`
 //! job-step serve ADDR...           accept TCP connections and take UDP datagrams on each ADDR,
 //!                                  print `listening`, then serve until killed
 
@@ -93,6 +96,29 @@ fn main() {
             match result {
                 Ok(()) => println!("ok"),
                 Err(e) => println!("errno {}", e.raw_os_error().unwrap_or(-1)),
+            }
+        }
+        "socket" => {
+            let (family, kind, protocol) = match arg(1).as_str() {
+                "raw" => (libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_ICMP),
+                "raw6" => (libc::AF_INET6, libc::SOCK_RAW, libc::IPPROTO_ICMPV6),
+                "packet" => (
+                    libc::AF_PACKET,
+                    libc::SOCK_RAW,
+                    i32::from((libc::ETH_P_ALL as u16).to_be()),
+                ),
+                "icmp" => (libc::AF_INET, libc::SOCK_DGRAM, libc::IPPROTO_ICMP),
+                "tcp" => (libc::AF_INET, libc::SOCK_STREAM, 0),
+                other => panic!("unknown socket kind {other}"),
+            };
+            // SAFETY: socket(2); the descriptor is closed at once.
+            let fd = unsafe { libc::socket(family, kind, protocol) };
+            if fd >= 0 {
+                unsafe { libc::close(fd) };
+                println!("ok");
+            } else {
+                let errno = std::io::Error::last_os_error().raw_os_error().unwrap_or(-1);
+                println!("errno {errno}");
             }
         }
         "serve" => {

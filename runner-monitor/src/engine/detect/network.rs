@@ -9,7 +9,7 @@ use crate::{
         finding::{DestinationRef, Finding, SocketRef},
         usage::Used,
     },
-    event::{Connect, Event, JobKey, SocketFamily},
+    event::{Connect, Event, JobKey, RawSocket, SocketFamily},
     policy::egress_address,
     rule::RuleId,
 };
@@ -50,6 +50,10 @@ pub(super) fn connect(engine: &mut Engine, event: &Event, c: &Connect, out: &mut
             };
             baseline::used(engine, event, job, used, out);
         }
+        return;
+    }
+    if let Some(raw) = c.raw_socket {
+        raw_socket(engine, event, raw, c.blocked, out);
         return;
     }
     let (Some(ip), Some(port)) = (c.ip, c.port) else {
@@ -136,6 +140,36 @@ pub(super) fn connect(engine: &mut Engine, event: &Event, c: &Connect, out: &mut
         f.blocked = c.blocked;
         out.push(f);
     }
+}
+
+/// A raw, packet or ICMP socket sends to any address without passing the cgroup address hooks
+/// that enforce the allowlist: `unexpected-egress` for every job, refused in block mode.
+fn raw_socket(
+    engine: &mut Engine,
+    event: &Event,
+    raw: RawSocket,
+    blocked: bool,
+    out: &mut Vec<Finding>,
+) {
+    let verdict = if blocked { "blocked" } else { "unexpected" };
+    *engine.stats.egress.entry(verdict.to_owned()).or_default() += 1;
+    let what = raw.kind.describe();
+    let summary = if blocked {
+        format!(
+            "was refused {what} (protocol {}) in block mode: it would send past the egress \
+             allowlist",
+            raw.protocol
+        )
+    } else {
+        format!(
+            "opened {what} (protocol {}), which sends past the egress allowlist",
+            raw.protocol
+        )
+    };
+    let mut f = engine.raise(RuleId::UnexpectedEgress, event, summary);
+    f.blocked = blocked;
+    f.raw_socket = Some(raw);
+    out.push(f);
 }
 
 /// `credential-after-job-end` for a connection by a process of an ended job: to a secret socket,

@@ -97,6 +97,7 @@ fn metadata_runner_credentials_secret_sockets_harvesting_and_tamper() {
             io_uring: false,
             blocked: false,
             udp_send: false,
+            raw_socket: None,
         }),
     );
     t.open(5, 1, 100, "/home/ci/.aws/credentials", false);
@@ -178,6 +179,7 @@ fn an_entitled_secret_socket_is_quiet() {
             io_uring: false,
             blocked: false,
             udp_send: false,
+            raw_socket: None,
         }),
     );
     assert!(t.findings.is_empty(), "{:#?}", t.findings);
@@ -200,6 +202,7 @@ fn refused(ip: &str, port: u16, udp_send: bool) -> EventDetail {
         io_uring: false,
         blocked: true,
         udp_send,
+        raw_socket: None,
     })
 }
 
@@ -272,4 +275,70 @@ fn a_rule_with_metadata_entitles_its_jobs_to_the_metadata_endpoint() {
     t.start(3, 2, 200, "acme/app");
     t.connect(4, 2, 200, "169.254.169.254", 80);
     assert_eq!(t.rules(), [RuleId::MetadataEndpointAccess]);
+}
+
+#[test]
+fn a_raw_packet_or_icmp_socket_is_unexpected_egress_refused_in_block_mode() {
+    use crate::event::{RawSocket, RawSocketKind};
+    let raw = |family, kind, protocol, blocked| {
+        EventDetail::Connect(Connect {
+            family,
+            ip: None,
+            port: None,
+            unix_path: None,
+            fd: -1,
+            result: if blocked { -1 } else { 0 },
+            io_uring: false,
+            blocked,
+            udp_send: false,
+            raw_socket: Some(RawSocket { kind, protocol }),
+        })
+    };
+    let mut t = Trace::new();
+    t.start(1, 1, 100, "acme/app");
+    t.feed(
+        2,
+        1,
+        100,
+        1,
+        "ping",
+        raw(SocketFamily::Inet, RawSocketKind::Icmp, 1, false),
+    );
+    t.feed(
+        3,
+        1,
+        101,
+        1,
+        "scapy",
+        raw(SocketFamily::Packet, RawSocketKind::Packet, 768, true),
+    );
+    t.feed(
+        4,
+        1,
+        102,
+        1,
+        "tun",
+        raw(SocketFamily::Inet6, RawSocketKind::Raw, 58, true),
+    );
+    assert_eq!(t.rules(), [RuleId::UnexpectedEgress; 3]);
+    let summaries: Vec<&str> = t.findings.iter().map(|f| f.summary.as_str()).collect();
+    assert!(
+        summaries[0].contains("opened an ICMP socket (protocol 1)"),
+        "{summaries:?}"
+    );
+    assert!(
+        summaries[1].contains("was refused a packet socket"),
+        "{summaries:?}"
+    );
+    assert!(
+        summaries[2].contains("was refused a raw IP socket (protocol 58)"),
+        "{summaries:?}"
+    );
+    let blocked: Vec<bool> = t.findings.iter().map(|f| f.blocked).collect();
+    assert_eq!(blocked, [false, true, true]);
+    assert_eq!(
+        t.findings[1].raw_socket.map(|r| r.kind),
+        Some(RawSocketKind::Packet)
+    );
+    assert!(t.findings.iter().all(|f| f.destination.is_none()));
 }

@@ -1,0 +1,97 @@
+//! Sockets the address hooks cannot judge: raw IP sockets, packet sockets and ICMP ("ping")
+//! sockets send without `connect`/`sendmsg` passing the cgroup `sock_addr` programs of
+//! `egress.rs`, so a job process could reach any host through them. A job process creating one
+//! is reported; in block mode the IP ones are refused (`EPERM`) by `cgroup/sock_create`, which
+//! the kernel runs for `AF_INET`/`AF_INET6` sockets only. Packet sockets are seen at the
+//! `socket()` syscall, where a tracepoint can report but not refuse.
+
+use aya_ebpf::{
+    macros::{cgroup_sock, tracepoint},
+    programs::{SockContext, TracePointContext},
+};
+use runner_monitor_common::{
+    AF_INET, AF_INET6, AF_PACKET, CONNECT_BLOCKED, CONNECT_RAW_SOCKET, ConnectEvent, EventKind,
+    IPPROTO_ICMP, IPPROTO_ICMPV6, SOCK_DGRAM, SOCK_RAW, UNIX_PATH_LEN, counter,
+};
+
+use crate::{
+    args::syscall_arg,
+    budget::within_budget,
+    emit::send,
+    maps::{count, current_process},
+};
+
+/// Runs in the task calling `socket()`: 1 lets the socket be created, 0 refuses it (EPERM).
+#[cgroup_sock(sock_create)]
+pub fn raw_socket_create(ctx: SockContext) -> i32 {
+    let Some(process) = current_process() else {
+        return 1;
+    };
+    // SAFETY: context field reads.
+    let (family, kind, protocol) = unsafe {
+        let sk = ctx.sock;
+        (
+            (*sk).family as u16,
+            (*sk).type_ as u16,
+            (*sk).protocol as u16,
+        )
+    };
+    let inet = family == AF_INET || family == AF_INET6;
+    let ping = kind == SOCK_DGRAM && (protocol == IPPROTO_ICMP || protocol == IPPROTO_ICMPV6);
+    if !(inet && (kind == SOCK_RAW || ping)) {
+        return 1;
+    }
+    let refuse = crate::egress::blocks(&process);
+    if refuse {
+        count(counter::EGRESS_BLOCKED);
+    }
+    report(&process, family, kind, protocol, refuse);
+    if refuse { 0 } else { 1 }
+}
+
+// long sys_socket(int family, int type, int protocol)
+#[tracepoint]
+pub fn sys_enter_socket(ctx: TracePointContext) -> u32 {
+    let family: i64 = syscall_arg(&ctx, 0);
+    if family as u16 != AF_PACKET {
+        return 0;
+    }
+    let Some(process) = current_process() else {
+        return 0;
+    };
+    // SOCK_NONBLOCK and SOCK_CLOEXEC share the type argument.
+    let kind: i64 = syscall_arg(&ctx, 1);
+    let protocol: i64 = syscall_arg(&ctx, 2);
+    report(
+        &process,
+        AF_PACKET,
+        (kind & 0xf) as u16,
+        protocol as u16,
+        false,
+    );
+    0
+}
+
+#[inline(always)]
+fn report(
+    process: &runner_monitor_common::ProcessJob,
+    family: u16,
+    kind: u16,
+    protocol: u16,
+    refuse: bool,
+) {
+    if within_budget(process.job, EventKind::Connect as u32) {
+        send::<ConnectEvent>(EventKind::Connect, Some(process), |e| {
+            e.result = if refuse { -1 } else { 0 };
+            e.fd = -1;
+            e.family = family;
+            e.port = protocol;
+            e.addr = [0; 16];
+            e.addr[0] = kind as u8;
+            e.unix_path_len = 0;
+            e.unix_path = [0; UNIX_PATH_LEN];
+            e.flags = CONNECT_RAW_SOCKET | if refuse { CONNECT_BLOCKED } else { 0 };
+            e._pad2 = [0; 4];
+        });
+    }
+}

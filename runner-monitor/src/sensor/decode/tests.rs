@@ -1,0 +1,277 @@
+//! Records as the kernel writes them, decoded.
+
+use runner_monitor_common::{AT_FDCWD, PATH_LEN};
+
+use super::*;
+use crate::sensor::paths::WorkingDirectories;
+
+fn header(kind: EventKind) -> EventHeader {
+    let mut comm = [0u8; 16];
+    comm[..4].copy_from_slice(b"cat\0");
+    EventHeader {
+        kind: kind as u32,
+        flags: HEADER_JOB_ENDED,
+        ts_ns: 42,
+        job: 7,
+        cgroup_id: 1,
+        pid: 101,
+        tgid: 100,
+        ppid: 99,
+        uid: 1000,
+        comm,
+    }
+}
+
+fn bytes_of<T: Copy>(value: &T) -> Vec<u8> {
+    // SAFETY: T is a padding-free plain-old-data event struct.
+    unsafe {
+        std::slice::from_raw_parts((value as *const T).cast::<u8>(), std::mem::size_of::<T>())
+    }
+    .to_vec()
+}
+
+fn file_event(path: &[u8], dirfd: i32) -> FileEvent {
+    let mut e = FileEvent {
+        header: header(EventKind::FileOpen),
+        result: 3,
+        dirfd,
+        dirfd2: 0,
+        flags: 0,
+        matched: MATCH_BASENAME,
+        target_pid: 0,
+        path_len: path.len() as u32,
+        path2_len: 0,
+        _pad: 0,
+        path: [0; PATH_LEN],
+        path2: [0; PATH_LEN],
+    };
+    e.path[..path.len()].copy_from_slice(path);
+    e
+}
+
+fn decoder() -> Decoder {
+    Decoder::with_working_directories(WorkingDirectories::with_proc_root("/nonexistent"))
+}
+
+#[test]
+fn open_of_absolute_credential_path_decodes_with_job_and_process() {
+    let e = file_event(b"/root/./.docker//config.json", AT_FDCWD);
+    let event = decoder().decode(&bytes_of(&e)).unwrap();
+    assert_eq!(event.time_ns, 42);
+    let job = event.job.unwrap();
+    assert_eq!(job.key, JobKey(7));
+    assert!(job.ended);
+    assert_eq!(event.process.pid, 100);
+    assert_eq!(event.process.tid, 101);
+    assert_eq!(event.process.comm, "cat");
+    match event.detail {
+        EventDetail::FileOpen(f) => {
+            assert_eq!(f.path, "/root/.docker/config.json");
+            assert_eq!(f.raw_path, "/root/./.docker//config.json");
+            assert!(f.resolved);
+            assert_eq!(f.result, 3);
+            assert_eq!(f.matched, ["basename"]);
+        }
+        other => panic!("expected a file open, got {other:?}"),
+    }
+}
+
+#[test]
+fn lengths_from_the_kernel_are_clamped() {
+    let mut e = file_event(b"/x/credentials", AT_FDCWD);
+    e.path_len = u32::MAX;
+    let event = decoder().decode(&bytes_of(&e)).unwrap();
+    let EventDetail::FileOpen(f) = event.detail else {
+        panic!("expected a file open");
+    };
+    assert_eq!(f.raw_path, "/x/credentials");
+}
+
+#[test]
+fn short_and_unknown_records_are_errors_not_panics() {
+    let e = file_event(b"/x", AT_FDCWD);
+    let bytes = bytes_of(&e);
+    let mut d = decoder();
+    for cut in [0, 3, 63, 64, 100, bytes.len() - 1] {
+        assert!(
+            matches!(d.decode(&bytes[..cut]), Err(DecodeError::Short { .. })),
+            "cut at {cut}"
+        );
+    }
+    let mut h = header(EventKind::Fork);
+    h.kind = 999;
+    assert_eq!(d.decode(&bytes_of(&h)), Err(DecodeError::UnknownKind(999)));
+}
+
+#[test]
+fn hostile_bytes_become_escaped_json() {
+    let e = file_event(
+        b"/tmp/\n{\"kind\":\"forged\"}\x1b[31m\xff/credentials",
+        AT_FDCWD,
+    );
+    let event = decoder().decode(&bytes_of(&e)).unwrap();
+    let line = serde_json::to_string(&event).unwrap();
+    assert!(!line.contains('\n'));
+    assert!(!line.contains('\x1b'));
+    assert!(line.contains("\\n"));
+    assert!(line.contains("\\u001b"));
+    let back: Event = serde_json::from_str(&line).unwrap();
+    assert_eq!(back, event);
+}
+
+#[test]
+fn connect_record_of_an_unknown_address_family_is_an_error_not_a_panic() {
+    // The `decode` fuzz target's first crash: family 0 hit a debug assertion.
+    let e = ConnectEvent {
+        header: header(EventKind::Connect),
+        result: 0,
+        fd: 3,
+        family: 0,
+        port: 0,
+        addr: [0; 16],
+        unix_path_len: 0,
+        flags: 0,
+        unix_path: [0; 108],
+        _pad2: [0; 4],
+    };
+    assert_eq!(
+        decoder().decode(&bytes_of(&e)),
+        Err(DecodeError::UnknownFamily(0))
+    );
+}
+
+#[test]
+fn del_and_c1_controls_from_the_kernel_are_escaped_in_the_json_line() {
+    // The `decode` fuzz target's second finding: serde_json leaves DEL and the C1 controls
+    // (U+009B is CSI to a terminal) raw; the agent's JSON lines escape them.
+    let mut e = file_event(b"/tmp/\xc2\x9b2J\x7f/credentials", AT_FDCWD);
+    e.header.comm[..6].copy_from_slice(b"\x7f\xc2\x9b31m");
+    let event = decoder().decode(&bytes_of(&e)).unwrap();
+    assert_eq!(event.process.comm, "\u{7f}\u{9b}31m");
+    let line = crate::jsonl::line_string(&event).unwrap();
+    assert!(!line.contains(char::is_control), "{line:?}");
+    assert!(line.contains(r"/tmp/\u009b2J\u007f/credentials"), "{line}");
+    let back: Event = serde_json::from_str(&line).unwrap();
+    assert_eq!(back, event);
+}
+
+#[test]
+fn exec_arguments_are_split() {
+    let mut e = ExecEvent {
+        header: header(EventKind::Exec),
+        filename_len: 8,
+        argv_len: 0,
+        argc: 3,
+        _pad: 0,
+        filename: [0; PATH_LEN],
+        argv: [0; runner_monitor_common::ARGV_LEN],
+    };
+    e.filename[..8].copy_from_slice(b"/bin/cat");
+    let argv = b"cat\0-n\0\0";
+    e.argv[..argv.len()].copy_from_slice(argv);
+    e.argv_len = argv.len() as u32;
+    let event = decoder().decode(&bytes_of(&e)).unwrap();
+    match event.detail {
+        EventDetail::Exec {
+            filename,
+            argv,
+            argc,
+        } => {
+            assert_eq!(filename, "/bin/cat");
+            assert_eq!(argv, ["cat", "-n", ""]);
+            assert_eq!(argc, 3);
+        }
+        other => panic!("expected exec, got {other:?}"),
+    }
+}
+
+#[test]
+fn unix_and_inet_connects_decode() {
+    let mut e = ConnectEvent {
+        header: header(EventKind::Connect),
+        result: -111,
+        fd: 3,
+        family: AF_INET,
+        port: 8080,
+        addr: [0; 16],
+        unix_path_len: 0,
+        flags: 0,
+        unix_path: [0; 108],
+        _pad2: [0; 4],
+    };
+    e.addr[..4].copy_from_slice(&[127, 0, 0, 1]);
+    let c = connect(&e).unwrap();
+    assert_eq!(c.ip, Some("127.0.0.1".parse().unwrap()));
+    assert_eq!(c.port, Some(8080));
+    assert_eq!(c.result, -111);
+    assert!(!c.blocked && !c.udp_send);
+
+    e.flags = CONNECT_BLOCKED | CONNECT_UDP_SEND;
+    e.result = -1;
+    let c = connect(&e).unwrap();
+    assert!(
+        c.blocked && c.udp_send,
+        "the kernel's verdict and operation decode"
+    );
+    e.flags = 0;
+
+    e.family = AF_UNIX;
+    let path = b"/run/docker.sock\0";
+    e.unix_path[..path.len()].copy_from_slice(path);
+    e.unix_path_len = 200;
+    let c = connect(&e).unwrap();
+    assert_eq!(c.unix_path.as_deref(), Some("/run/docker.sock"));
+    assert_eq!(c.ip, None);
+    assert_eq!(c.port, None);
+
+    e.unix_path = [0; 108];
+    e.unix_path[1..6].copy_from_slice(b"agent");
+    e.unix_path_len = 6;
+    assert_eq!(connect(&e).unwrap().unix_path.as_deref(), Some("@agent"));
+}
+
+#[test]
+fn raw_socket_records_decode_with_their_kind_and_protocol() {
+    let mut e = ConnectEvent {
+        header: header(EventKind::Connect),
+        result: -1,
+        fd: -1,
+        family: AF_INET6,
+        port: 58,
+        addr: [0; 16],
+        unix_path_len: 0,
+        flags: CONNECT_RAW_SOCKET | CONNECT_BLOCKED,
+        unix_path: [0; 108],
+        _pad2: [0; 4],
+    };
+    e.addr[0] = SOCK_RAW as u8;
+    let c = connect(&e).unwrap();
+    assert_eq!(
+        (c.family, c.ip, c.port, c.blocked),
+        (SocketFamily::Inet6, None, None, true)
+    );
+    assert_eq!(
+        c.raw_socket,
+        Some(RawSocket {
+            kind: RawSocketKind::Raw,
+            protocol: 58
+        })
+    );
+    e.family = AF_PACKET;
+    e.port = 768;
+    e.flags = CONNECT_RAW_SOCKET;
+    let c = connect(&e).unwrap();
+    assert_eq!(c.family, SocketFamily::Packet);
+    assert_eq!(c.raw_socket.map(|r| r.kind), Some(RawSocketKind::Packet));
+    e.family = AF_INET;
+    e.addr[0] = 2; // SOCK_DGRAM: an ICMP socket
+    assert_eq!(
+        connect(&e).unwrap().raw_socket.map(|r| r.kind),
+        Some(RawSocketKind::Icmp)
+    );
+    e.family = AF_UNIX;
+    assert!(
+        connect(&e).is_err(),
+        "a raw socket of another family is not a record the kernel writes"
+    );
+}
