@@ -414,8 +414,9 @@ async fn deliver(
             Some(error) => {
                 // Connect afresh next time: a broker that lost its store gets its stream back.
                 context = None;
-                metrics.delivery_failed(SINK);
                 tracing::warn!(error = %error, sink = SINK, pending = records.len() - acked, retry_in = ?backoff, "fleet stream delivery failed; kept in the spool");
+                // Counted after the log line: whoever sees the count finds the reason logged.
+                metrics.delivery_failed(SINK);
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(MAX_BACKOFF);
             }
