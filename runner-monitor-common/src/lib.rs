@@ -171,6 +171,9 @@ pub struct ExecEvent {
 
 /// `ExitEvent::flags`: `exit_code` is the process's own exit status (from `exit_group`).
 pub const EXIT_CODE_KNOWN: u32 = 1;
+/// `ExitEvent::flags`: the process was killed by the signal in `exit_code` (read from
+/// `task_struct.exit_code`, at the offset in `setting::TASK_EXIT_CODE`).
+pub const EXIT_KILLED_BY_SIGNAL: u32 = 1 << 1;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
@@ -531,7 +534,10 @@ pub mod setting {
     pub use crate::io_uring::slot::*;
     /// The global `[egress] mode`: 1 block, 0 audit. Judges jobs without an `EGRESS_JOBS` entry.
     pub const EGRESS_MODE: u32 = 18;
-    pub const SLOTS: u32 = 19;
+    /// Byte offset of `task_struct.exit_code` plus one, from the kernel's BTF; 0: unknown (the
+    /// exit status of a process killed by a signal is then unknown).
+    pub const TASK_EXIT_CODE: u32 = 19;
+    pub const SLOTS: u32 = 20;
 }
 
 /// Capacity of the kernel's process map: job processes alive at once.

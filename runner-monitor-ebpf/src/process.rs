@@ -9,7 +9,8 @@
 use aya_ebpf::{
     EbpfContext,
     helpers::{
-        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_probe_read_user,
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_task,
+        bpf_probe_read_kernel, bpf_probe_read_user,
         generated::{bpf_get_smp_processor_id, bpf_probe_read_kernel_str, bpf_probe_read_user_str},
     },
     macros::{map, tracepoint},
@@ -17,9 +18,10 @@ use aya_ebpf::{
     programs::TracePointContext,
 };
 use runner_monitor_common::{
-    ARG_LEN, ARGV_LEN, ARGV_MAX_ARGS, ChdirEvent, EXIT_CODE_KNOWN, EventKind, ExecEvent, ExitEvent,
-    ForkEvent, HEADER_TRUNCATED, JOB_ENDED, JobEnvEvent, JobState, NAME_KIND_JOB_PARENT_COMM,
-    NAME_KIND_JOB_ROOT_EXE, PATH_LEN, PROCESS_JOB_ROOT, ProcessJob, counter,
+    ARG_LEN, ARGV_LEN, ARGV_MAX_ARGS, ChdirEvent, EXIT_CODE_KNOWN, EXIT_KILLED_BY_SIGNAL,
+    EventKind, ExecEvent, ExitEvent, ForkEvent, HEADER_TRUNCATED, JOB_ENDED, JobEnvEvent, JobState,
+    NAME_KIND_JOB_PARENT_COMM, NAME_KIND_JOB_ROOT_EXE, PATH_LEN, PROCESS_JOB_ROOT, ProcessJob,
+    counter, setting,
 };
 
 use aya_log_ebpf::warn;
@@ -32,7 +34,7 @@ use crate::{
         JOBS, PRIVATE_EVENT_MAP_ENTRIES, PRIVATE_MAP_ENTRIES, PROCESSES, count, current_process,
         current_tgid, now_ns,
     },
-    names::{NAMES, comm_key, key_of, split},
+    names::{self, NAMES, comm_key, key_of, split},
 };
 
 /// An exec event being built, with room behind `argv` so that an argument read at any offset
@@ -445,15 +447,20 @@ pub fn sched_process_exit(ctx: TracePointContext) -> u32 {
     // SAFETY: copied out at once.
     let code = unsafe { EXIT_CODES.get(tgid).copied() };
     let _ = EXIT_CODES.remove(tgid);
+    let signal = killed_by();
     send(
         EventKind::Exit,
         Some(&process),
-        |e: &mut ExitEvent| match code {
-            Some(code) => {
+        |e: &mut ExitEvent| match (signal, code) {
+            (Some(signal), _) => {
+                e.exit_code = signal;
+                e.flags = EXIT_KILLED_BY_SIGNAL;
+            }
+            (None, Some(code)) => {
                 e.exit_code = code;
                 e.flags = EXIT_CODE_KNOWN;
             }
-            None => {
+            (None, None) => {
                 e.exit_code = 0;
                 e.flags = 0;
             }
@@ -473,6 +480,23 @@ pub fn sched_process_exit(ctx: TracePointContext) -> u32 {
         }
     }
     0
+}
+
+/// The signal that killed the exiting task, from its wait status (`task_struct.exit_code`, set
+/// by `do_exit` before this tracepoint: the signal in the low 7 bits, 0 for a normal exit).
+#[inline(always)]
+fn killed_by() -> Option<i32> {
+    let offset = names::setting(setting::TASK_EXIT_CODE);
+    if offset == 0 {
+        return None;
+    }
+    // SAFETY: a checked read of the current task (bpf_probe_read_kernel).
+    let status: i32 = unsafe {
+        let task = bpf_get_current_task();
+        bpf_probe_read_kernel((task + u64::from(offset - 1)) as *const i32).ok()?
+    };
+    let signal = status & 0x7f;
+    (signal != 0 && signal != 0x7f).then_some(signal)
 }
 
 #[inline(always)]

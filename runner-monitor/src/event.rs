@@ -76,6 +76,10 @@ pub enum EventDetail {
     Exit {
         /// The status passed to `exit_group`; `None` when the process did not call it (killed).
         exit_code: Option<i32>,
+        /// The signal that killed it; `None` when it exited, or when the kernel's layout is not
+        /// known (no BTF).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        signal: Option<i32>,
     },
     FileOpen(FileAccess),
     FileRename(FileAccess),

@@ -316,7 +316,10 @@ mod tests {
             100,
             job,
             true,
-            EventDetail::Exit { exit_code: Some(0) },
+            EventDetail::Exit {
+                exit_code: Some(0),
+                signal: None,
+            },
         );
         end.job.as_mut().unwrap().root = true;
         engine.handle(&end);

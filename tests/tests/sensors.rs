@@ -444,13 +444,47 @@ fn a_signal_to_the_agent_is_reported_as_tamper() {
 }
 
 #[test]
+fn a_process_killed_by_a_signal_exits_with_that_signal() {
+    let h = harness();
+    let env = TestEnv::new("killed");
+    let job = h
+        .start_job(
+            &env,
+            "sh -c 'kill -TERM $$'; sh -c 'kill -KILL $$'; sh -c 'exit 3'; true",
+        )
+        .wait_success();
+    for signal in [15, 9] {
+        h.wait_for(&format!("exit by signal {signal}"), |e| {
+            e.job.as_ref().is_some_and(|j| j.key == job)
+                && matches!(e.detail, EventDetail::Exit { exit_code: None, signal: Some(s) } if s == signal)
+        });
+    }
+    h.wait_for("exit 3, no signal", |e| {
+        e.job.as_ref().is_some_and(|j| j.key == job)
+            && matches!(
+                e.detail,
+                EventDetail::Exit {
+                    exit_code: Some(3),
+                    signal: None
+                }
+            )
+    });
+}
+
+#[test]
 fn exec_and_exit_carry_arguments_and_status() {
     let h = harness();
     let env = TestEnv::new("exec");
     let job = h.start_job(&env, "sh -c 'exit 7' x y; true").wait_success();
     let exit = h.wait_for("exit 7", |e| {
         e.job.as_ref().is_some_and(|j| j.key == job)
-            && matches!(e.detail, EventDetail::Exit { exit_code: Some(7) })
+            && matches!(
+                e.detail,
+                EventDetail::Exit {
+                    exit_code: Some(7),
+                    signal: None
+                }
+            )
     });
     let exec = h.wait_for("exec of sh", |e| {
         e.process.pid == exit.process.pid && matches!(e.detail, EventDetail::Exec { .. })

@@ -204,6 +204,9 @@ fn processes(report: &JobReport, cx: &Context<'_>) -> Vec<Value> {
             if let Some(code) = p.exit_code {
                 o.insert("exitCode".into(), code.into());
             }
+            if let Some(signal) = p.signal {
+                o.insert("exitSignal".into(), signal.into());
+            }
             if p.survivor {
                 o.insert("survivor".into(), true.into());
             }

@@ -148,6 +148,7 @@ fn report() -> JobReport {
         start_ns,
         exit_ns: Some(start_ns + 10),
         exit_code: Some(0),
+        signal: None,
         survivor: false,
         step: None,
         io_uring: false,

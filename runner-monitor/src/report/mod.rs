@@ -132,6 +132,7 @@ impl Record {
             start_ns: event.time_ns,
             exit_ns: None,
             exit_code: None,
+            signal: None,
             survivor: false,
             step: None,
             io_uring: false,
@@ -161,10 +162,11 @@ impl Record {
         self.exec_step(event, filename, argv);
     }
 
-    fn exit(&mut self, event: &Event, code: Option<i32>) {
+    fn exit(&mut self, event: &Event, code: Option<i32>, signal: Option<i32>) {
         if let Some(p) = self.process(event, event.process.pid, event.process.ppid) {
             p.exit_ns = Some(event.time_ns);
             p.exit_code = code;
+            p.signal = signal;
         }
     }
 
@@ -469,8 +471,8 @@ impl JobReports {
         match &event.detail {
             EventDetail::Fork { child_pid } => record.fork(event, *child_pid),
             EventDetail::Exec { filename, argv, .. } => record.exec(event, filename, argv),
-            EventDetail::Exit { exit_code } => {
-                record.exit(event, *exit_code);
+            EventDetail::Exit { exit_code, signal } => {
+                record.exit(event, *exit_code, *signal);
                 // A staged job's root is one stage's: the job ends with its `job_end`.
                 if event.job.as_ref().is_some_and(|j| j.root)
                     && !staged

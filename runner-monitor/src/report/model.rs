@@ -28,6 +28,9 @@ pub struct ProcessNode {
     /// The status passed to `exit_group`; absent when killed or still running.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub exit_code: Option<i32>,
+    /// The signal that killed it, when the kernel's layout is known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signal: Option<i32>,
     /// Still alive after the job ended plus its grace period (`process-survived-job`).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub survivor: bool,

@@ -139,7 +139,10 @@ impl Run {
             root,
             1,
             "Runner.Worker",
-            EventDetail::Exit { exit_code: Some(0) },
+            EventDetail::Exit {
+                exit_code: Some(0),
+                signal: None,
+            },
         );
     }
 
@@ -245,7 +248,10 @@ fn job_with_a_survivor(run: &mut Run) {
         102,
         101,
         "cat",
-        EventDetail::Exit { exit_code: Some(0) },
+        EventDetail::Exit {
+            exit_code: Some(0),
+            signal: None,
+        },
     );
     run.exec(1700, 7, false, 103, 101, &["nohup", "sleep", "60"]);
     run.end(2000, 7, 100);
@@ -448,7 +454,10 @@ fn another_stage_of_a_gitlab_job_reports_as_that_job() {
         100,
         1,
         "bash",
-        EventDetail::Exit { exit_code: Some(0) },
+        EventDetail::Exit {
+            exit_code: Some(0),
+            signal: None,
+        },
     );
     run.feed(1300, 8, false, true, 200, 1, "bash", info("555"));
     run.feed(

@@ -108,10 +108,13 @@ pub(super) fn process_line(report: &JobReport, p: &ProcessNode) -> (String, Stri
         _ => String::new(),
     };
     let head = format!("{} (pid {}) {what}", p.comm, p.pid);
-    let mut tail = match (p.exit_ns, p.exit_code) {
-        (Some(t), Some(code)) => format!("exit {code} at {}", offset(report, t)),
-        (Some(t), None) => format!("killed at {}", offset(report, t)),
-        (None, _) => "running".to_owned(),
+    let mut tail = match (p.exit_ns, p.exit_code, p.signal) {
+        (Some(t), Some(code), _) => format!("exit {code} at {}", offset(report, t)),
+        (Some(t), None, Some(signal)) => {
+            format!("killed by signal {signal} at {}", offset(report, t))
+        }
+        (Some(t), None, None) => format!("killed at {}", offset(report, t)),
+        (None, ..) => "running".to_owned(),
     };
     if p.io_uring {
         tail.push_str(", set up io_uring");

@@ -227,8 +227,11 @@ const PROBES: [(&str, &str); 2] = [
 /// Loads and attaches the io_uring probes, after writing the request layout into `settings`.
 /// Never fails as a whole: each probe reports its state. The request probe is not attached
 /// when no request layout can be read from the kernel's BTF.
-pub fn attach(ebpf: &mut Ebpf, settings: &mut Array<MapData, u32>) -> Vec<ProbeStatus> {
-    let kernel_btf = KernelBtf::vmlinux().map_err(|e| e.to_string());
+pub fn attach(
+    ebpf: &mut Ebpf,
+    settings: &mut Array<MapData, u32>,
+    kernel_btf: Result<KernelBtf, String>,
+) -> Vec<ProbeStatus> {
     let layouts = Layouts::of(&kernel_btf);
     if let Err(e) = layouts.write(settings) {
         tracing::warn!(error = %e, "io_uring request layout not written");

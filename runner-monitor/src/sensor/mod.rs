@@ -224,7 +224,13 @@ impl Sensor {
         // The patterns go in before any probe can look for them.
         sensor.set_names(policy)?;
         let mut probes = attach::attach_all(&mut sensor.ebpf);
-        probes.extend(io_uring::attach(&mut sensor.ebpf, &mut sensor.settings));
+        let kernel_btf = btf::KernelBtf::vmlinux().map_err(|e| e.to_string());
+        write_task_layout(&kernel_btf, &mut sensor.settings);
+        probes.extend(io_uring::attach(
+            &mut sensor.ebpf,
+            &mut sensor.settings,
+            kernel_btf,
+        ));
         for probe in &probes {
             if let ProbeState::Failed(reason) = &probe.state
                 && probe.required
@@ -452,5 +458,24 @@ mod tests {
             0b110
         );
         assert_eq!(prefix_length_mask(&[]), 0);
+    }
+}
+
+/// `task_struct.exit_code`'s offset, for the signal that killed a process.
+fn write_task_layout(btf: &Result<btf::KernelBtf, String>, settings: &mut Array<MapData, u32>) {
+    let offset = match btf {
+        Ok(btf) => btf
+            .member("task_struct", "exit_code")
+            .map(|m| m.offset + 1)
+            .map_err(|e| e.to_string()),
+        Err(reason) => Err(reason.clone()),
+    };
+    let written = offset.and_then(|offset| {
+        settings
+            .set(setting::TASK_EXIT_CODE, offset, 0)
+            .map_err(|e| e.to_string())
+    });
+    if let Err(reason) = written {
+        tracing::warn!(%reason, "the signal that kills a job process will not be known");
     }
 }

@@ -65,7 +65,10 @@ impl Reconciled {
             )),
             process: process(*pid, entry.ppid),
             truncated: false,
-            detail: EventDetail::Exit { exit_code: None },
+            detail: EventDetail::Exit {
+                exit_code: None,
+                signal: None,
+            },
         });
         forks.chain(exits).collect()
     }

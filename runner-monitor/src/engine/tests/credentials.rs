@@ -130,7 +130,10 @@ fn the_fingerprint_of_what_an_exited_writer_wrote_does_not_bring_the_writer_back
         101,
         100,
         "sh",
-        EventDetail::Exit { exit_code: Some(0) },
+        EventDetail::Exit {
+            exit_code: Some(0),
+            signal: None,
+        },
     );
     // The agent hashes what the writer wrote once it exited: an event of the exited process.
     t.feed(

@@ -46,7 +46,10 @@ fn stage_leaving_a_survivor(t: &mut Trace) {
         100,
         50,
         "bash",
-        EventDetail::Exit { exit_code: Some(0) },
+        EventDetail::Exit {
+            exit_code: Some(0),
+            signal: None,
+        },
     );
     t.ended.insert(1);
 }
@@ -64,7 +67,10 @@ fn a_survivor_acting_inside_the_stage_gap_is_judged_after_the_true_end() {
         101,
         100,
         "sh",
-        EventDetail::Exit { exit_code: Some(0) },
+        EventDetail::Exit {
+            exit_code: Some(0),
+            signal: None,
+        },
     );
     assert!(
         !t.rules().contains(&RuleId::CredentialAfterJobEnd),
@@ -110,7 +116,10 @@ fn a_new_stage_inside_the_gap_reopens_the_job_and_nothing_is_raised() {
         101,
         100,
         "sh",
-        EventDetail::Exit { exit_code: Some(0) },
+        EventDetail::Exit {
+            exit_code: Some(0),
+            signal: None,
+        },
     );
     // The next stage, 3 s after the first ended.
     t.feed_as(
@@ -129,7 +138,10 @@ fn a_new_stage_inside_the_gap_reopens_the_job_and_nothing_is_raised() {
         200,
         50,
         "bash",
-        EventDetail::Exit { exit_code: Some(0) },
+        EventDetail::Exit {
+            exit_code: Some(0),
+            signal: None,
+        },
     );
     t.ended.insert(2);
     t.findings.extend(t.engine.advance(60 * S));
@@ -168,7 +180,10 @@ fn a_job_ended_by_its_hook_inside_the_gap_judges_nothing_held() {
         101,
         100,
         "sh",
-        EventDetail::Exit { exit_code: Some(0) },
+        EventDetail::Exit {
+            exit_code: Some(0),
+            signal: None,
+        },
     );
     t.findings.extend(t.engine.advance(60 * S));
     assert!(

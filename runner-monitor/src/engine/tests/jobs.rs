@@ -16,7 +16,10 @@ fn clean_job_produces_nothing() {
         101,
         100,
         "git",
-        EventDetail::Exit { exit_code: Some(0) },
+        EventDetail::Exit {
+            exit_code: Some(0),
+            signal: None,
+        },
     );
     t.end(5, 7, 100);
     t.engine.advance(600 * S);
@@ -151,7 +154,10 @@ fn gitlab_stages_are_one_job_that_ends_after_the_last_stage() {
         101,
         100,
         "npm",
-        EventDetail::Exit { exit_code: Some(0) },
+        EventDetail::Exit {
+            exit_code: Some(0),
+            signal: None,
+        },
     );
     t.feed_as(
         3,
@@ -160,7 +166,10 @@ fn gitlab_stages_are_one_job_that_ends_after_the_last_stage() {
         100,
         50,
         "bash",
-        EventDetail::Exit { exit_code: Some(0) },
+        EventDetail::Exit {
+            exit_code: Some(0),
+            signal: None,
+        },
     );
     t.ended.insert(1);
     // Stage 2 (kernel job 2) starts within the gap, reads it, leaves a process behind.
@@ -174,7 +183,10 @@ fn gitlab_stages_are_one_job_that_ends_after_the_last_stage() {
         201,
         200,
         "cat",
-        EventDetail::Exit { exit_code: Some(0) },
+        EventDetail::Exit {
+            exit_code: Some(0),
+            signal: None,
+        },
     );
     t.feed_as(
         7,
@@ -183,7 +195,10 @@ fn gitlab_stages_are_one_job_that_ends_after_the_last_stage() {
         200,
         50,
         "bash",
-        EventDetail::Exit { exit_code: Some(0) },
+        EventDetail::Exit {
+            exit_code: Some(0),
+            signal: None,
+        },
     );
     t.ended.insert(2);
     assert!(

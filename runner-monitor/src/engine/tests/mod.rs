@@ -118,7 +118,10 @@ impl Trace {
             root,
             1,
             "Runner.Worker",
-            EventDetail::Exit { exit_code: Some(0) },
+            EventDetail::Exit {
+                exit_code: Some(0),
+                signal: None,
+            },
         );
     }
 

@@ -34,7 +34,10 @@ fn stage_with_a_survivor_reading_in_the_gap(run: &mut Run) {
         100,
         1,
         "bash",
-        EventDetail::Exit { exit_code: Some(0) },
+        EventDetail::Exit {
+            exit_code: Some(0),
+            signal: None,
+        },
     );
     run.feed(
         2000,

@@ -8,12 +8,13 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use runner_monitor_common::{
     AF_INET, AF_INET6, AF_PACKET, AF_UNIX, BpfEvent, CONNECT_BLOCKED, CONNECT_RAW_SOCKET,
-    CONNECT_UDP_SEND, ChdirEvent, ConnectEvent, DnsEvent, EXIT_CODE_KNOWN, EventHeader, EventKind,
-    ExecEvent, ExitEvent, FileEvent, ForkEvent, HEADER_IO_URING, HEADER_JOB_ENDED, HEADER_JOB_ROOT,
-    HEADER_TRUNCATED, IoUringSetupEvent, JobEnvEvent, MATCH_BASENAME, MATCH_DIRNAME, MATCH_PREFIX,
-    MATCH_PROC_MEMORY, MATCH_SECOND_PATH, PTRACE_ATTACH, PTRACE_PEEKDATA, PTRACE_PEEKTEXT,
-    PTRACE_PEEKUSER, PTRACE_SEIZE, ProcessAccessEvent, SIGNAL_SYSCALL_KILL, SIGNAL_SYSCALL_TGKILL,
-    SIGNAL_SYSCALL_TKILL, SOCK_RAW, SignalEvent,
+    CONNECT_UDP_SEND, ChdirEvent, ConnectEvent, DnsEvent, EXIT_CODE_KNOWN, EXIT_KILLED_BY_SIGNAL,
+    EventHeader, EventKind, ExecEvent, ExitEvent, FileEvent, ForkEvent, HEADER_IO_URING,
+    HEADER_JOB_ENDED, HEADER_JOB_ROOT, HEADER_TRUNCATED, IoUringSetupEvent, JobEnvEvent,
+    MATCH_BASENAME, MATCH_DIRNAME, MATCH_PREFIX, MATCH_PROC_MEMORY, MATCH_SECOND_PATH,
+    PTRACE_ATTACH, PTRACE_PEEKDATA, PTRACE_PEEKTEXT, PTRACE_PEEKUSER, PTRACE_SEIZE,
+    ProcessAccessEvent, SIGNAL_SYSCALL_KILL, SIGNAL_SYSCALL_TGKILL, SIGNAL_SYSCALL_TKILL, SOCK_RAW,
+    SignalEvent,
 };
 
 use super::{dns, paths::WorkingDirectories};
@@ -114,6 +115,7 @@ impl Decoder {
                 self.cwd.exit(header.tgid);
                 EventDetail::Exit {
                     exit_code: (e.flags & EXIT_CODE_KNOWN != 0).then_some(e.exit_code),
+                    signal: (e.flags & EXIT_KILLED_BY_SIGNAL != 0).then_some(e.exit_code),
                 }
             }
             EventKind::FileOpen
