@@ -226,9 +226,35 @@ pub fn match_credential(path: &[u8; PATH_LEN], parts: &PathParts, out: &mut u32)
     }
 }
 
-/// For `/proc/<pid>/mem`, `/proc/<pid>/environ` and `/proc/<pid>/maps` of a process other than
-/// `own_tgid`: marks `MATCH_PROC_MEMORY` in `out` and stores the pid in `target`.
-/// `/proc/self/...` and the process's own pid are not reported: every runtime reads its own maps.
+/// Whether `path[at..base_start]` is `task/<tid>/`.
+#[inline(always)]
+fn is_task_dir(path: &[u8; PATH_LEN], at: usize, base_start: usize) -> bool {
+    const TASK: &[u8; 5] = b"task/";
+    for (j, c) in TASK.iter().enumerate() {
+        // VERIFIER: masked index.
+        if path[(at + j) & (PATH_LEN - 1)] != *c {
+            return false;
+        }
+    }
+    let mut digits = 0usize;
+    for j in 0..10 {
+        // VERIFIER: masked index.
+        let c = path[(at + 5 + j) & (PATH_LEN - 1)];
+        if c == b'/' {
+            break;
+        }
+        if !c.is_ascii_digit() {
+            return false;
+        }
+        digits += 1;
+    }
+    digits > 0 && at + 5 + digits + 1 == base_start
+}
+
+/// For `/proc/<pid>/mem`, `/proc/<pid>/environ` and `/proc/<pid>/maps` (or the same files of one
+/// of its threads, `/proc/<pid>/task/<tid>/...`) of a process other than `own_tgid`: marks
+/// `MATCH_PROC_MEMORY` in `out` and stores the pid in `target`. `/proc/self/...` and the
+/// process's own pid are not reported: every runtime reads its own maps.
 #[inline(always)]
 pub fn match_proc_memory(
     path: &[u8; PATH_LEN],
@@ -261,7 +287,12 @@ pub fn match_proc_memory(
         pid = pid.wrapping_mul(10).wrapping_add((c - b'0') as u32);
         digits += 1;
     }
-    if digits == 0 || 6 + digits + 1 != parts.base_start || pid == own_tgid {
+    if digits == 0 || pid == own_tgid {
+        return;
+    }
+    // `/proc/<pid>/<name>`, or one of its threads' `/proc/<pid>/task/<tid>/<name>`.
+    let after_pid = 6 + digits + 1;
+    if after_pid != parts.base_start && !is_task_dir(path, after_pid, parts.base_start) {
         return;
     }
     let base_len = parts.len.wrapping_sub(parts.base_start);

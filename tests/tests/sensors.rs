@@ -395,7 +395,7 @@ fn reading_another_process_environment_is_reported_with_its_pid() {
         .unwrap();
     let victim_pid = victim.id();
     let job = h
-        .start_job(&env, &format!("cat /proc/{victim_pid}/environ > /dev/null; cat /proc/self/environ > /dev/null; cat /proc/$$/maps > /dev/null"))
+        .start_job(&env, &format!("cat /proc/{victim_pid}/environ > /dev/null; cat /proc/self/environ > /dev/null; cat /proc/$$/maps > /dev/null; cat /proc/{victim_pid}/task/{victim_pid}/environ > /dev/null"))
         .wait_success();
     let event = h.wait_for("environ read", open_in(job));
     let f = file_open(&event).unwrap();
@@ -416,6 +416,14 @@ fn reading_another_process_environment_is_reported_with_its_pid() {
         opens.iter().all(|f| f.raw_path != "/proc/self/environ"),
         "{opens:#?}"
     );
+    // A thread's view of the same process (`/proc/<pid>/task/<tid>/environ`) is the process.
+    let thread = h.wait_for("a thread's environ read", |e| {
+        e.job.as_ref().is_some_and(|j| j.key == job)
+            && file_open(e).is_some_and(|f| f.path.contains("/task/"))
+    });
+    let f = file_open(&thread).unwrap();
+    assert_eq!(f.target_pid, Some(victim_pid), "{f:?}");
+    assert_eq!(f.matched, ["proc_memory"]);
 }
 
 #[test]
