@@ -120,6 +120,7 @@ fn throughput(total: u64) {
                 blocked: false,
                 udp_send: false,
                 raw_socket: None,
+                via: None,
             }),
             _ => EventDetail::DnsAnswer(Dns::answer_a("api.github.com", &ip.to_string())),
         };

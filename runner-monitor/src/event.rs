@@ -263,6 +263,10 @@ pub struct FileAccess {
     /// submission, so `result` is 0 whatever the open then returned.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub io_uring: bool,
+    /// The path the process used, when `path` is what it stands for: the credential a symlink,
+    /// hard link or renamed copy leads to (set by the agent, `identity`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub via: Option<String>,
 }
 
 impl FileAccess {
@@ -281,6 +285,7 @@ impl FileAccess {
             target_pid: None,
             fingerprint: None,
             io_uring: false,
+            via: None,
         }
     }
 }
@@ -325,6 +330,10 @@ pub struct Connect {
     /// (`ip` and `port` are unset).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub raw_socket: Option<RawSocket>,
+    /// The unix path the process used, when `unix_path` is the secret socket it leads to (set
+    /// by the agent, `identity`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub via: Option<String>,
 }
 
 /// A raw IP, packet or ICMP ("ping") socket a job process created.

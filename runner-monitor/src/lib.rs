@@ -11,6 +11,7 @@ pub mod engine;
 pub mod enrich;
 pub mod event;
 pub mod fleet;
+pub mod identity;
 pub mod job;
 pub mod jsonl;
 pub mod output;

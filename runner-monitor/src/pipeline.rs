@@ -7,8 +7,10 @@
 //! time  ─────────────────────────────▶ engine ─▶ tracking id ─▶ report ─▶ write
 //! ```
 //!
-//! - fingerprint: a credential read gets the keyed hash of its content; a credential written is
-//!   hashed when its writer exits, as an event of its own after the exit (`enrich`).
+//! - fingerprint: an open or unix connect that reached a credential or secret socket under
+//!   another name is brought back to it (`identity`); a credential read gets the keyed hash of
+//!   its content; a credential written is hashed when its writer exits, as an event of its own
+//!   after the exit (`enrich`).
 //! - discover: the identity values the kernel copied from a job root's environment at exec
 //!   (`job_env`, consumed here), or else an exec in a job whose identity is not known yet has its
 //!   environment read from /proc; the
@@ -35,6 +37,7 @@ use crate::{
     engine::{Engine, EngineStats, Finding},
     enrich::{self, Fingerprinter},
     event::{Event, EventDetail},
+    identity::Identities,
     job::JobDirectory,
     output::Outputs,
     policy::Policy,
@@ -48,6 +51,8 @@ pub struct Host {
     pub fingerprints: Option<Fingerprinter>,
     /// Signed job attestations (`--attestation-key`), when configured; needs the report stage.
     pub attestor: Option<Attestor>,
+    /// Credentials and secret sockets reached under another name (`identity`).
+    pub identities: Identities,
 }
 
 pub struct Pipeline {
@@ -81,6 +86,15 @@ impl Pipeline {
     /// The report stage's reports, when it is on.
     pub fn reports(&self) -> Option<&SharedReports> {
         self.reports.as_ref()
+    }
+
+    /// Basenames of credential aliases learned since the last call, for the kernel's name table
+    /// (`identity`).
+    pub fn take_kernel_names(&mut self) -> Vec<String> {
+        self.host
+            .as_mut()
+            .map(|h| h.identities.take_kernel_names())
+            .unwrap_or_default()
     }
 
     /// Runs a batch of events through the stages, in order; returns the findings written.
@@ -129,6 +143,9 @@ impl Pipeline {
     /// written by a process that exits now, to judge after its exit. An exec has its executable
     /// hashed for the job's attestation.
     fn fingerprint(&mut self, event: &mut Event) -> Vec<Event> {
+        if let Some(host) = self.host.as_mut() {
+            host.identities.process(event, &self.policy);
+        }
         if let Some(a) = self.host.as_mut().and_then(|h| h.attestor.as_mut()) {
             a.event(event);
         }

@@ -158,6 +158,7 @@ fn report() -> JobReport {
         path: "/home/r/.docker/config.json".into(),
         kind: "docker".into(),
         fingerprint: None,
+        used_path: None,
     });
     let mut egress = finding(crate::rule::RuleId::UnexpectedEgress, 3_000);
     egress.destination = Some(DestinationRef {

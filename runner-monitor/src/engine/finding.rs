@@ -83,6 +83,10 @@ pub struct CredentialRef {
     /// or on another host has the same fingerprint.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fingerprint: Option<String>,
+    /// The path the process opened, when it is not `path` (a symlink, hard link or renamed
+    /// copy of the credential: `identity`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub used_path: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -98,6 +102,10 @@ pub struct DestinationRef {
 pub struct SocketRef {
     pub path: String,
     pub kind: String,
+    /// The path the process connected to, when it is not `path` (a symlink to the socket, or
+    /// the same socket under another name: `identity`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub used_path: Option<String>,
 }
 
 /// A path something outside the job will run or read later, and its persistence kind.

@@ -415,6 +415,7 @@ impl Ledger {
             path: m.path.clone(),
             kind,
             fingerprint: Some(m.fingerprint.clone()),
+            used_path: None,
         });
         finding
     }

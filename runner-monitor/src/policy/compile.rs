@@ -28,6 +28,12 @@ impl Policy {
             compile_credentials(&f.credentials, src)?;
         let (secret_socket_kinds, socket_set, socket_owner) =
             compile_secret_sockets(&f.secret_sockets, src)?;
+        let secret_socket_paths = f
+            .secret_sockets
+            .iter()
+            .flat_map(|s| s.paths.iter().map(|p| p.get_ref().clone()))
+            .filter(|p| !p.contains(['*', '?', '[', '{']))
+            .collect();
         let persistence = super::persistence::compile(&f.persistence, src)?;
         let metadata_endpoints = compile_metadata(&f.metadata, src)?;
         let egress_allow = destinations(&f.egress.allow, "egress.allow", src)?;
@@ -58,6 +64,7 @@ impl Policy {
             secret_socket_kinds,
             socket_set,
             socket_owner,
+            secret_socket_paths,
             metadata_endpoints,
             egress_allow,
             egress,

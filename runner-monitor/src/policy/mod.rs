@@ -150,6 +150,9 @@ pub struct Policy {
     pub secret_socket_kinds: Vec<String>,
     socket_set: GlobSet,
     socket_owner: Vec<usize>,
+    /// The secret socket paths that are not globs: the agent compares what a job connects to
+    /// with the sockets at these paths (`identity`).
+    pub secret_socket_paths: Vec<String>,
     pub metadata_endpoints: Vec<IpAddr>,
     pub egress_allow: Vec<AllowedDestination>,
     /// `[egress] mode` and `on_agent_failure`.

@@ -172,6 +172,7 @@ fn connect(ip: &str, port: u16) -> EventDetail {
         blocked: false,
         udp_send: false,
         raw_socket: None,
+        via: None,
     })
 }
 

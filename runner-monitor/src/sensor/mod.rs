@@ -122,6 +122,8 @@ pub struct Sensor {
     kernel_log: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
     /// Kept so that the patterns can be changed while running (`set_names`).
     names: HashMap<MapData, NameKey, u32>,
+    /// Basenames of credential aliases (`identity`), kept in `names` across policy reloads.
+    alias_names: BTreeSet<String>,
     /// First bytes of the job identity variables (`env_prefix_key`): the environment prefilter.
     env_prefixes: HashMap<MapData, [u64; 2], u32>,
     settings: Array<MapData, u32>,
@@ -138,6 +140,9 @@ pub struct Sensor {
     events: Option<RingBuf<MapData>>,
     probes: Vec<ProbeStatus>,
 }
+
+/// Credential alias basenames the kernel's name table takes, beside the policy's patterns.
+pub const MAX_ALIAS_NAMES: usize = 256;
 
 fn take_map(ebpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map, SensorError> {
     ebpf.take_map(name).ok_or(SensorError::MissingMap(name))
@@ -209,6 +214,7 @@ impl Sensor {
             ebpf,
             kernel_log,
             names,
+            alias_names: BTreeSet::new(),
             env_prefixes,
             settings,
             egress,
@@ -254,12 +260,44 @@ impl Sensor {
     /// Makes the kernel's name sets those of `policy`: credential names, job-root executables,
     /// job parents and job identity variables. Used at load and on policy reload; names no longer wanted are removed
     /// after the new ones are in, so a reload never opens a gap.
+    /// Makes the kernel report opens of files named `names` (basenames of credential aliases,
+    /// `identity`), up to `MAX_ALIAS_NAMES`; returns how many were refused for lack of room.
+    pub fn add_alias_names(&mut self, names: Vec<String>) -> Result<usize, SensorError> {
+        let mut refused = 0;
+        for name in names {
+            if self.alias_names.contains(&name) {
+                continue;
+            }
+            let Some(key) = NameKey::new(NAME_KIND_BASENAME, name.as_bytes()) else {
+                refused += 1;
+                continue;
+            };
+            if self.alias_names.len() >= MAX_ALIAS_NAMES {
+                refused += 1;
+                continue;
+            }
+            self.names
+                .insert(key, 1, 0)
+                .map_err(|source| SensorError::Map {
+                    name: map_name::NAMES,
+                    source,
+                })?;
+            self.alias_names.insert(name);
+        }
+        Ok(refused)
+    }
+
     pub fn set_names(&mut self, policy: &SensorPolicy) -> Result<(), SensorError> {
         let map_error = |source| SensorError::Map {
             name: map_name::NAMES,
             source,
         };
         let mut wanted = BTreeSet::new();
+        for name in &self.alias_names {
+            if let Some(key) = NameKey::new(NAME_KIND_BASENAME, name.as_bytes()) {
+                wanted.insert(key_bytes(&key));
+            }
+        }
         for (kind, list) in [
             (NAME_KIND_BASENAME, &policy.credential_basenames),
             (NAME_KIND_DIRNAME, &policy.credential_dirnames),

@@ -250,8 +250,25 @@ impl Agent {
     fn events(&mut self, batch: Vec<Event>) -> std::io::Result<()> {
         self.pipeline.run(batch)?;
         self.sync_egress();
+        self.sync_alias_names();
         self.dirty = true;
         Ok(())
+    }
+
+    /// Credential aliases the pipeline learned: the kernel reports their opens from now on.
+    fn sync_alias_names(&mut self) {
+        let names = self.pipeline.take_kernel_names();
+        if names.is_empty() {
+            return;
+        }
+        match self.sensor.add_alias_names(names) {
+            Ok(0) => {}
+            Ok(refused) => tracing::warn!(
+                refused,
+                "credential aliases not watched in the kernel: its name table is full"
+            ),
+            Err(error) => tracing::warn!(%error, "credential aliases not watched in the kernel"),
+        }
     }
 
     /// A control-socket request, carried out and answered.

@@ -105,12 +105,19 @@ fn deviation(engine: &Engine, event: &Event, used: Used) -> Finding {
                 dns_name: names.into_iter().next(),
             });
         }
-        Used::SecretSocket { kind, path } => f.socket = Some(SocketRef { path, kind }),
+        Used::SecretSocket { kind, path } => {
+            f.socket = Some(SocketRef {
+                path,
+                kind,
+                used_path: None,
+            })
+        }
         Used::Credential { kind, path } => {
             f.credential = Some(CredentialRef {
                 path,
                 kind,
                 fingerprint: None,
+                used_path: None,
             });
         }
     }

@@ -32,6 +32,7 @@ pub(super) fn file_open(
         path: f.path.clone(),
         kind: kind_name.clone(),
         fingerprint: f.fingerprint.clone(),
+        used_path: f.via.clone(),
     };
     let verb = verb_of(f);
     if let Some(finding) = after_end(engine, event, f) {
@@ -104,6 +105,7 @@ pub(super) fn after_end(engine: &Engine, event: &Event, f: &FileAccess) -> Optio
         path: f.path.clone(),
         kind: kind.kind.clone(),
         fingerprint: f.fingerprint.clone(),
+        used_path: f.via.clone(),
     };
     Some(credential_after_job_end(
         engine,

@@ -337,6 +337,7 @@ pub(super) fn job_ended(engine: &mut Engine, job: &Job, time_ns: u64, out: &mut 
             path: path.clone(),
             kind: kind.clone(),
             fingerprint: None,
+            used_path: None,
         });
         out.push(finding);
     }

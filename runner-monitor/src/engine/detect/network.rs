@@ -26,6 +26,7 @@ pub(super) fn connect(engine: &mut Engine, event: &Event, c: &Connect, out: &mut
         let socket = SocketRef {
             path: path.clone(),
             kind: kind.clone(),
+            used_path: c.via.clone(),
         };
         out.extend(after_end(engine, event, c));
         let entitled = engine
@@ -37,7 +38,12 @@ pub(super) fn connect(engine: &mut Engine, event: &Event, c: &Connect, out: &mut
                 RuleId::SecretSocketAccess,
                 event,
                 format!(
-                    "connected to the {kind} socket {path}, which its policy does not entitle it to"
+                    "connected to the {kind} socket {path}{}, which its policy does not entitle \
+                     it to",
+                    c.via
+                        .as_ref()
+                        .map(|via| format!(" (through {via})"))
+                        .unwrap_or_default()
                 ),
             );
             f.socket = Some(socket);
@@ -193,6 +199,7 @@ pub(super) fn after_end(engine: &Engine, event: &Event, c: &Connect) -> Option<F
         f.socket = Some(SocketRef {
             path: path.clone(),
             kind: kind.to_owned(),
+            used_path: c.via.clone(),
         });
         return Some(f);
     }

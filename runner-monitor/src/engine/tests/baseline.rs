@@ -51,6 +51,7 @@ fn unix_connect(t: &mut Trace, at: u64, job: u64, pid: u32, path: &str) {
             blocked: false,
             udp_send: false,
             raw_socket: None,
+            via: None,
         }),
     );
 }
@@ -171,6 +172,7 @@ fn deviation_does_not_depend_on_the_egress_verdict_or_the_connection_succeeding(
             blocked: false,
             udp_send: false,
             raw_socket: None,
+            via: None,
         }),
     );
     assert_eq!(deviations(&t).len(), 2);

@@ -186,6 +186,7 @@ impl Trace {
                 blocked: false,
                 udp_send: false,
                 raw_socket: None,
+                via: None,
             }),
         );
     }

@@ -98,6 +98,7 @@ fn metadata_runner_credentials_secret_sockets_harvesting_and_tamper() {
             blocked: false,
             udp_send: false,
             raw_socket: None,
+            via: None,
         }),
     );
     t.open(5, 1, 100, "/home/ci/.aws/credentials", false);
@@ -180,6 +181,7 @@ fn an_entitled_secret_socket_is_quiet() {
             blocked: false,
             udp_send: false,
             raw_socket: None,
+            via: None,
         }),
     );
     assert!(t.findings.is_empty(), "{:#?}", t.findings);
@@ -203,6 +205,7 @@ fn refused(ip: &str, port: u16, udp_send: bool) -> EventDetail {
         blocked: true,
         udp_send,
         raw_socket: None,
+        via: None,
     })
 }
 
@@ -292,6 +295,7 @@ fn a_raw_packet_or_icmp_socket_is_unexpected_egress_refused_in_block_mode() {
             blocked,
             udp_send: false,
             raw_socket: Some(RawSocket { kind, protocol }),
+            via: None,
         })
     };
     let mut t = Trace::new();

@@ -70,6 +70,7 @@ fn credential_after_job_end_is_a_critical_detection_finding_with_job_process_and
         path: "/home/runner/.aws/credentials".into(),
         kind: "aws".into(),
         fingerprint: Some("k1:0123abcd".into()),
+        used_path: None,
     });
     let o = render(&f);
     assert_eq!(o["class_uid"], 2004);
@@ -163,6 +164,7 @@ fn egress_and_sockets_go_to_dst_endpoint_and_a_local_socket_file() {
     f.socket = Some(SocketRef {
         path: "/var/run/docker.sock".into(),
         kind: "docker".into(),
+        used_path: None,
     });
     let o = render(&f);
     assert_eq!(o["evidences"][0]["file"]["type_id"], 5);

@@ -273,6 +273,7 @@ impl Decoder {
             target_pid: (e.matched & MATCH_PROC_MEMORY != 0).then_some(e.target_pid),
             fingerprint: None,
             io_uring: header.flags & HEADER_IO_URING != 0,
+            via: None,
         }
     }
 }
@@ -331,6 +332,7 @@ fn connect(e: &ConnectEvent) -> Result<Connect, DecodeError> {
         blocked: e.flags & CONNECT_BLOCKED != 0,
         udp_send: e.flags & CONNECT_UDP_SEND != 0,
         raw_socket: None,
+        via: None,
     })
 }
 
@@ -361,6 +363,7 @@ fn raw_socket(e: &ConnectEvent) -> Result<Connect, DecodeError> {
             kind,
             protocol: e.port,
         }),
+        via: None,
     })
 }
 

@@ -111,6 +111,7 @@ impl Agent {
                 }
                 None => None,
             },
+            identities: Default::default(),
         };
         Self::check_receivers(&args)?;
         let fleet = NatsTarget::resolve(args.nats.as_deref(), &policy.fleet, None)
