@@ -16,7 +16,10 @@
 //! a link to a credential's directory (`ln -s ~/.aws /tmp/x`), and a link removed before the
 //! agent looked at it (milliseconds) are not followed.
 
-use std::os::unix::fs::MetadataExt as _;
+use std::{
+    os::unix::fs::MetadataExt as _,
+    time::{Duration, Instant},
+};
 
 use crate::{
     bounded::BoundedMap,
@@ -40,7 +43,12 @@ pub struct Identities {
     aliases: Option<BoundedMap<String, Alias>>,
     /// Basenames the kernel must report opens of from now on.
     kernel_names: Vec<String>,
+    /// The secret sockets' device and inode, and when they were looked at.
+    sockets: Option<(Instant, Vec<((u64, u64), String)>)>,
 }
+
+/// How long the secret sockets' identities are trusted before they are looked at again.
+const SOCKETS_FRESH: Duration = Duration::from_secs(1);
 
 impl Identities {
     /// Learns aliases from links and renames, and brings opens and unix connects back to the
@@ -53,7 +61,7 @@ impl Identities {
             }
             EventDetail::FileOpen(f) if f.target_pid.is_none() => self.resolve_file(f, policy),
             EventDetail::Connect(c) if c.family == SocketFamily::Unix => {
-                resolve_socket(pid, c, policy)
+                self.resolve_socket(pid, c, policy)
             }
             _ => {}
         }
@@ -96,12 +104,12 @@ impl Identities {
     }
 
     fn resolve_file(&mut self, f: &mut FileAccess, policy: &Policy) {
-        if policy.credential_of(&f.path).is_some() {
-            return;
-        }
         let Some(alias) = self.alias_of(&f.path) else {
             return;
         };
+        if policy.credential_of(&f.path).is_some() {
+            return;
+        }
         // Still the same file: a name reused for something else is not the credential.
         let same = std::fs::metadata(&f.path).is_ok_and(|m| (m.dev(), m.ino()) == alias.file);
         if same {
@@ -110,25 +118,45 @@ impl Identities {
     }
 }
 
-/// A unix connect to a path that is not a secret socket but is one of them under another name.
-fn resolve_socket(pid: u32, c: &mut Connect, policy: &Policy) {
-    let Some(path) = c.unix_path.as_deref() else {
-        return;
-    };
-    if !path.starts_with('/') || policy.secret_socket_of(path).is_some() {
-        return;
-    }
-    let meta =
-        std::fs::metadata(format!("/proc/{pid}/root{path}")).or_else(|_| std::fs::metadata(path));
-    let Ok(meta) = meta else { return };
-    let reached = (meta.dev(), meta.ino());
-    let socket = policy
-        .secret_socket_paths
-        .iter()
-        .find(|socket| std::fs::metadata(socket).is_ok_and(|m| (m.dev(), m.ino()) == reached));
-    if let Some(socket) = socket {
-        let used = std::mem::replace(&mut c.unix_path, Some(socket.clone()));
-        c.via = used;
+impl Identities {
+    /// A unix connect to a path that is not a secret socket but is one of them under another
+    /// name.
+    fn resolve_socket(&mut self, pid: u32, c: &mut Connect, policy: &Policy) {
+        let Some(path) = c.unix_path.as_deref() else {
+            return;
+        };
+        if !path.starts_with('/') || policy.secret_socket_of(path).is_some() {
+            return;
+        }
+        let stale = self
+            .sockets
+            .as_ref()
+            .is_none_or(|(at, _)| at.elapsed() > SOCKETS_FRESH);
+        if stale {
+            let found = policy
+                .secret_socket_paths
+                .iter()
+                .filter_map(|p| {
+                    let m = std::fs::metadata(p).ok()?;
+                    Some(((m.dev(), m.ino()), p.clone()))
+                })
+                .collect();
+            self.sockets = Some((Instant::now(), found));
+        }
+        let Some((_, sockets)) = &self.sockets else {
+            return;
+        };
+        if sockets.is_empty() {
+            return;
+        }
+        let meta = std::fs::metadata(format!("/proc/{pid}/root{path}"))
+            .or_else(|_| std::fs::metadata(path));
+        let Ok(meta) = meta else { return };
+        let reached = (meta.dev(), meta.ino());
+        if let Some((_, socket)) = sockets.iter().find(|(id, _)| *id == reached) {
+            let used = std::mem::replace(&mut c.unix_path, Some(socket.clone()));
+            c.via = used;
+        }
     }
 }
 
