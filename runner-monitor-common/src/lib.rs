@@ -385,6 +385,12 @@ pub struct ProcessJob {
 
 /// `ProcessJob::flags`: this process is the job's root.
 pub const PROCESS_JOB_ROOT: u32 = 1;
+/// `ProcessJob::flags`: this process joined its job at exec, in the cgroup of a container the
+/// job started (`runner-monitor-ebpf/src/containers.rs`).
+pub const PROCESS_CONTAINER: u32 = 1 << 1;
+
+/// Length of a container id (Docker, containerd, CRI): 64 hex digits.
+pub const CONTAINER_ID_LEN: usize = 64;
 
 /// Value of the job map.
 #[repr(C)]

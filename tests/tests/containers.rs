@@ -1,0 +1,165 @@
+//! Containers a job starts are the job, from their first instruction: a real Docker engine
+//! (Debian's `docker.io`, started by each test with its own roots and socket, see
+//! `integration_tests::docker`), driven by the docker CLI from GitHub-style jobs of the real
+//! agent. The agent's alert stream must name the job for what the containers did, containers
+//! started outside jobs must produce nothing, and no output may hold a secret.
+
+use std::time::Duration;
+
+use integration_tests::{
+    TestEnv,
+    docker::{Docker, IMAGE},
+    live::{agent, alerts, assert_no_secret, github_job, run_id, wait_alert},
+};
+
+/// `docker run` from a job step, against the test's daemon, with the job's home mounted at
+/// `mount` in the container.
+fn docker_run(docker: &Docker, env: &TestEnv, mount: &str, args: &str) -> String {
+    format!(
+        "{cli} run --network none -v {home}:{mount} {args}",
+        cli = docker.shell_cli(),
+        home = env.home.display(),
+    )
+}
+
+/// The three kinds of credentials of the test home, read from `mount` in a container.
+fn read_three_kinds(mount: &str) -> String {
+    format!("cat {mount}/.aws/credentials {mount}/.ssh/id_ed25519 {mount}/.docker/config.json")
+}
+
+#[test]
+fn a_short_container_of_a_job_is_seen_from_its_first_instruction() {
+    let agent = agent();
+    let docker = Docker::start("short");
+    let env = TestEnv::new("containers-short");
+    let run = run_id(1);
+    // `cat` is the container's entrypoint: its opens are its first actions, a few ms after the
+    // start request.
+    let step = docker_run(
+        &docker,
+        &env,
+        "/h",
+        &format!("--rm {IMAGE} {} > /dev/null", read_three_kinds("/h")),
+    );
+    github_job(&env, agent, &run, "acme/containers", &step);
+    let id = format!("{run}/build");
+    let harvest = wait_alert(agent, "credential-harvesting", &id, |_| true);
+    assert_eq!(harvest["job"]["repository"], "acme/containers", "{harvest}");
+    assert_eq!(harvest["process"]["comm"], "cat", "{harvest}");
+    // The job's connect to the Docker socket is reported as before.
+    let socket = wait_alert(agent, "secret-socket-access", &id, |_| true);
+    assert_eq!(socket["socket"]["kind"], "docker", "{socket}");
+    assert_no_secret(agent);
+}
+
+#[test]
+fn a_detached_container_of_a_job_outlives_it_and_reads_a_credential_after_the_end() {
+    let agent = agent();
+    let docker = Docker::start("detached");
+    let env = TestEnv::new("containers-detached");
+    let run = run_id(2);
+    let step = docker_run(
+        &docker,
+        &env,
+        "/h",
+        &format!(
+            "-d {IMAGE} sh -c 'sleep 3; cat /h/.aws/credentials > /dev/null; sleep 30' > /dev/null"
+        ),
+    );
+    github_job(&env, agent, &run, "acme/detached", &step);
+    let id = format!("{run}/build");
+    let after = wait_alert(agent, "credential-after-job-end", &id, |_| true);
+    assert_eq!(after["credential"]["kind"], "aws", "{after}");
+    assert_eq!(after["job"]["repository"], "acme/detached", "{after}");
+    // busybox's `sh` runs its `cat` applet as `/proc/self/exe`.
+    assert_eq!(
+        after["process"]["cmdline"], "cat /h/.aws/credentials",
+        "{after}"
+    );
+    let survivor = wait_alert(agent, "process-survived-job", &id, |_| true);
+    assert_eq!(survivor["job"]["repository"], "acme/detached", "{survivor}");
+    assert_no_secret(agent);
+}
+
+#[test]
+fn docker_exec_into_a_job_container_is_the_job() {
+    let agent = agent();
+    let docker = Docker::start("exec");
+    let env = TestEnv::new("containers-exec");
+    let run = run_id(3);
+    let name = format!("rm-exec-{run}");
+    // The container itself only sleeps; what reads is the program `docker exec` runs in it.
+    let step = format!(
+        "{run_detached} > /dev/null\n{cli} exec {name} {read} > /dev/null\n\
+         {cli} rm -f {name} > /dev/null",
+        run_detached = docker_run(
+            &docker,
+            &env,
+            "/h",
+            &format!("-d --name {name} {IMAGE} sleep 30")
+        ),
+        cli = docker.shell_cli(),
+        read = read_three_kinds("/h"),
+    );
+    github_job(&env, agent, &run, "acme/exec", &step);
+    let id = format!("{run}/build");
+    let harvest = wait_alert(agent, "credential-harvesting", &id, |_| true);
+    assert_eq!(harvest["process"]["comm"], "cat", "{harvest}");
+    assert_no_secret(agent);
+}
+
+#[test]
+fn a_container_started_outside_any_job_produces_nothing() {
+    let agent = agent();
+    let docker = Docker::start("outside");
+    let env = TestEnv::new("containers-outside");
+    // The host's own service starts a container that reads the same credentials: nothing.
+    let home = env.home.display().to_string();
+    docker.run(&[
+        "run",
+        "--rm",
+        "--network",
+        "none",
+        "-v",
+        &format!("{home}:/h-outside"),
+        IMAGE,
+        "sh",
+        "-c",
+        &format!("{} > /dev/null", read_three_kinds("/h-outside")),
+    ]);
+    // The control: the same container started by a job is seen. Its alert comes after
+    // everything the outside container could have caused (one ring buffer, read in order).
+    let run = run_id(4);
+    let step = docker_run(
+        &docker,
+        &env,
+        "/h-job",
+        &format!("--rm {IMAGE} {} > /dev/null", read_three_kinds("/h-job")),
+    );
+    github_job(&env, agent, &run, "acme/control", &step);
+    wait_alert(
+        agent,
+        "credential-harvesting",
+        &format!("{run}/build"),
+        |_| true,
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let outside: Vec<_> = alerts(agent)
+        .into_iter()
+        .filter(|a| a.to_string().contains("/h-outside"))
+        .collect();
+    assert!(
+        outside.is_empty(),
+        "alerts for a container outside jobs: {outside:#?}"
+    );
+    let events = std::fs::read_to_string(agent.dir.join("events.jsonl")).unwrap_or_default();
+    assert!(
+        !events.contains("/h-outside"),
+        "the event trace holds a container outside jobs"
+    );
+    assert!(
+        events.contains("/h-job"),
+        "the control job's container left no event"
+    );
+    assert_no_secret(agent);
+}
