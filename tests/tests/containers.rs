@@ -163,3 +163,80 @@ fn a_container_started_outside_any_job_produces_nothing() {
     );
     assert_no_secret(agent);
 }
+
+/// A job's `--pid=host` container reads the environment of a host process (one holding a
+/// secret, as the runner's worker does).
+#[test]
+fn a_host_pid_container_of_a_job_reading_a_host_process_environment() {
+    let agent = agent();
+    let docker = Docker::start("pidhost");
+    let env = TestEnv::new("containers-pidhost");
+    let mut victim = std::process::Command::new("sleep")
+        .arg("60")
+        .env("RUNNER_SECRET", integration_tests::CANARY)
+        .spawn()
+        .unwrap();
+    let run = run_id(5);
+    let step = format!(
+        "{cli} run --rm --network none --pid=host --cap-add SYS_PTRACE {IMAGE} \
+         cat /proc/{pid}/environ > /dev/null",
+        cli = docker.shell_cli(),
+        pid = victim.id(),
+    );
+    github_job(&env, agent, &run, "acme/pidhost", &step);
+    let _ = victim.kill();
+    let _ = victim.wait();
+    let id = format!("{run}/build");
+    let access = wait_alert(agent, "process-memory-access", &id, |_| true);
+    assert_eq!(access["process"]["comm"], "cat", "{access}");
+    assert_no_secret(agent);
+}
+
+/// GitLab Runner's docker executor, as the runner does it: a process outside any job creates
+/// the job container with the runner's labels and the job's `CI_*` variables (a canary
+/// `CI_JOB_TOKEN` among them). The kernel's environment scan makes the container's entrypoint a
+/// job root at its exec, named from those variables.
+#[test]
+fn a_gitlab_docker_executor_job_container_is_a_job_named_from_its_environment() {
+    let agent = agent();
+    let docker = Docker::start("gitlab");
+    let env = TestEnv::new("containers-gitlab");
+    let job_id = run_id(6);
+    let home = env.home.display().to_string();
+    let mut run = docker.cli();
+    run.args(["run", "--rm", "--network", "none", "-v"])
+        .arg(format!("{home}:/builds/h"))
+        .args([
+            "--label",
+            &format!("com.gitlab.gitlab-runner.job.id={job_id}"),
+        ])
+        .args(["--label", "com.gitlab.gitlab-runner.project.id=42"])
+        .args(["--label", "com.gitlab.gitlab-runner.type=build"])
+        .args(["-e", "GITLAB_CI=true", "-e", "CI=true"])
+        .args(["-e", &format!("CI_JOB_ID={job_id}")])
+        .args(["-e", "CI_PROJECT_PATH=group/containerised"])
+        .args(["-e", "CI_PIPELINE_ID=77", "-e", "CI_JOB_NAME=test"])
+        .args(["-e", "CI_RUNNER_ID=9"])
+        // The CLI reads the token from its own environment: not on any command line.
+        .args(["-e", "CI_JOB_TOKEN"])
+        .env("CI_JOB_TOKEN", integration_tests::CANARY)
+        .args([
+            IMAGE,
+            "sh",
+            "-c",
+            &format!("{} > /dev/null", read_three_kinds("/builds/h")),
+        ]);
+    let out = run.output().unwrap();
+    assert!(
+        out.status.success(),
+        "docker run: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let harvest = wait_alert(agent, "credential-harvesting", &job_id, |_| true);
+    assert_eq!(harvest["job"]["platform"], "gitlab", "{harvest}");
+    assert_eq!(
+        harvest["job"]["repository"], "group/containerised",
+        "{harvest}"
+    );
+    assert_no_secret(agent);
+}
