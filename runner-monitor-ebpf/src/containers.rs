@@ -17,15 +17,20 @@
 
 use aya_ebpf::{
     EbpfContext,
-    helpers::{bpf_probe_read_kernel_buf, bpf_probe_read_user_buf},
+    helpers::{
+        bpf_probe_read_kernel_buf, bpf_probe_read_user_buf, generated::bpf_probe_read_kernel_str,
+    },
     macros::{map, tracepoint},
     maps::LruHashMap,
     programs::TracePointContext,
 };
-use runner_monitor_common::{CONTAINER_ID_LEN, ProcessJob, counter};
+use runner_monitor_common::{
+    CONTAINER_ID_LEN, ContainerEvent, EventKind, ProcessJob, container::CGROUP_PATH_LEN, counter,
+};
 
 use crate::{
     args::{field, syscall_arg},
+    emit::send,
     maps::{count, current_tgid},
 };
 
@@ -203,7 +208,30 @@ pub fn cgroup_mkdir(ctx: TracePointContext) -> u32 {
             let cgroup: u64 = field(&ctx, offsets::ID);
             if CONTAINER_CGROUPS.insert(cgroup, job, 0).is_err() {
                 count(counter::PENDING_MAP_FULL);
+                return 0;
             }
+            // The agent learns the container's id and cgroup (to name it in findings).
+            let skip = len.saturating_sub(CGROUP_PATH_LEN as u32);
+            // SAFETY: a pointer inside the tracepoint record; read with a checked helper below.
+            let path = unsafe { (ctx.as_ptr() as *const u8).add((offset + skip) as usize) };
+            send(
+                EventKind::Container,
+                Some(&member(job)),
+                |e: &mut ContainerEvent| {
+                    e.cgroup_id = cgroup;
+                    e._pad = 0;
+                    e.id = id;
+                    // SAFETY: the helper bounds the copy to the buffer.
+                    let n = unsafe {
+                        bpf_probe_read_kernel_str(
+                            e.path.as_mut_ptr().cast(),
+                            CGROUP_PATH_LEN as u32,
+                            path.cast(),
+                        )
+                    };
+                    e.path_len = if n > 0 { (n - 1) as u32 } else { 0 };
+                },
+            );
             return 0;
         }
     }

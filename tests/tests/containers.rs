@@ -27,6 +27,28 @@ fn read_three_kinds(mount: &str) -> String {
     format!("cat {mount}/.aws/credentials {mount}/.ssh/id_ed25519 {mount}/.docker/config.json")
 }
 
+/// The finding names the container: its id, the image the job asked for, its runtime, and its
+/// name (`name` when the job gave one).
+fn assert_container(finding: &serde_json::Value, name: Option<&str>) {
+    let c = &finding["container"];
+    let id = c["id"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no container: {finding}"));
+    assert!(
+        id.len() == 64 && id.bytes().all(|b| b.is_ascii_hexdigit()),
+        "{finding}"
+    );
+    assert_eq!(c["runtime"], "docker", "{finding}");
+    assert_eq!(c["image"], IMAGE, "{finding}");
+    assert!(
+        c["name"].as_str().is_some_and(|n| !n.is_empty()),
+        "{finding}"
+    );
+    if let Some(name) = name {
+        assert_eq!(c["name"], name, "{finding}");
+    }
+}
+
 #[test]
 fn a_short_container_of_a_job_is_seen_from_its_first_instruction() {
     let agent = agent();
@@ -46,6 +68,7 @@ fn a_short_container_of_a_job_is_seen_from_its_first_instruction() {
     let harvest = wait_alert(agent, "credential-harvesting", &id, |_| true);
     assert_eq!(harvest["job"]["repository"], "acme/containers", "{harvest}");
     assert_eq!(harvest["process"]["comm"], "cat", "{harvest}");
+    assert_container(&harvest, None);
     // The job's connect to the Docker socket is reported as before.
     let socket = wait_alert(agent, "secret-socket-access", &id, |_| true);
     assert_eq!(socket["socket"]["kind"], "docker", "{socket}");
@@ -76,8 +99,11 @@ fn a_detached_container_of_a_job_outlives_it_and_reads_a_credential_after_the_en
         after["process"]["cmdline"], "cat /h/.aws/credentials",
         "{after}"
     );
+    assert_container(&after, None);
     let survivor = wait_alert(agent, "process-survived-job", &id, |_| true);
     assert_eq!(survivor["job"]["repository"], "acme/detached", "{survivor}");
+    assert_container(&survivor, None);
+    assert_eq!(survivor["container"]["id"], after["container"]["id"]);
     assert_no_secret(agent);
 }
 
@@ -105,6 +131,7 @@ fn docker_exec_into_a_job_container_is_the_job() {
     let id = format!("{run}/build");
     let harvest = wait_alert(agent, "credential-harvesting", &id, |_| true);
     assert_eq!(harvest["process"]["comm"], "cat", "{harvest}");
+    assert_container(&harvest, Some(&name));
     assert_no_secret(agent);
 }
 

@@ -8,17 +8,18 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use runner_monitor_common::{
     AF_INET, AF_INET6, AF_UNIX, BpfEvent, CONNECT_BLOCKED, CONNECT_UDP_SEND, ChdirEvent,
-    ConnectEvent, DnsEvent, EXIT_CODE_KNOWN, EventHeader, EventKind, ExecEvent, ExitEvent,
-    FileEvent, ForkEvent, HEADER_IO_URING, HEADER_JOB_ENDED, HEADER_JOB_ROOT, HEADER_TRUNCATED,
-    IoUringSetupEvent, JobEnvEvent, MATCH_BASENAME, MATCH_DIRNAME, MATCH_PREFIX, MATCH_PROC_MEMORY,
-    MATCH_SECOND_PATH, PTRACE_ATTACH, PTRACE_PEEKDATA, PTRACE_PEEKTEXT, PTRACE_PEEKUSER,
-    PTRACE_SEIZE, ProcessAccessEvent, SIGNAL_SYSCALL_KILL, SIGNAL_SYSCALL_TGKILL,
+    ConnectEvent, ContainerEvent, DnsEvent, EXIT_CODE_KNOWN, EventHeader, EventKind, ExecEvent,
+    ExitEvent, FileEvent, ForkEvent, HEADER_IO_URING, HEADER_JOB_ENDED, HEADER_JOB_ROOT,
+    HEADER_TRUNCATED, IoUringSetupEvent, JobEnvEvent, MATCH_BASENAME, MATCH_DIRNAME, MATCH_PREFIX,
+    MATCH_PROC_MEMORY, MATCH_SECOND_PATH, PTRACE_ATTACH, PTRACE_PEEKDATA, PTRACE_PEEKTEXT,
+    PTRACE_PEEKUSER, PTRACE_SEIZE, ProcessAccessEvent, SIGNAL_SYSCALL_KILL, SIGNAL_SYSCALL_TGKILL,
     SIGNAL_SYSCALL_TKILL, SignalEvent,
 };
 
 use super::{dns, paths::WorkingDirectories};
 use crate::event::{
-    Connect, Event, EventDetail, FileAccess, JobKey, JobRef, ProcessRef, SocketFamily,
+    Connect, ContainerInfo, Event, EventDetail, FileAccess, JobKey, JobRef, ProcessRef,
+    SocketFamily,
 };
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -201,6 +202,18 @@ impl Decoder {
                     flags: e.flags,
                     sqpoll: e.flags & runner_monitor_common::io_uring::IORING_SETUP_SQPOLL != 0,
                 }
+            }
+            EventKind::Container => {
+                let e: ContainerEvent = read(bytes)?;
+                let path = lossy(c_bytes(&e.path, e.path_len));
+                EventDetail::Container(ContainerInfo {
+                    id: lossy(&e.id),
+                    name: None,
+                    image: None,
+                    runtime: ContainerInfo::runtime_of(&path).to_owned(),
+                    cgroup: path,
+                    cgroup_id: e.cgroup_id,
+                })
             }
             EventKind::Chdir => {
                 let e: ChdirEvent = read(bytes)?;
