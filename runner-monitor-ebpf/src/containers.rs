@@ -204,7 +204,7 @@ pub fn cgroup_mkdir(ctx: TracePointContext) -> u32 {
             continue;
         }
         // SAFETY: the value is copied out at once.
-        if let Some(job) = unsafe { REQUESTED_CONTAINERS.get(&id).copied() } {
+        if let Some(job) = unsafe { REQUESTED_CONTAINERS.get(id).copied() } {
             let cgroup: u64 = field(&ctx, offsets::ID);
             if CONTAINER_CGROUPS.insert(cgroup, job, 0).is_err() {
                 count(counter::PENDING_MAP_FULL);
