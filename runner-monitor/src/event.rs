@@ -248,6 +248,18 @@ pub struct ContainerInfo {
 }
 
 impl ContainerInfo {
+    /// The container `id` whose cgroup is `cgroup` (its v2 path) with id `cgroup_id`; not named.
+    pub fn new(id: String, cgroup: String, cgroup_id: u64) -> Self {
+        Self {
+            id,
+            name: None,
+            image: None,
+            runtime: Self::runtime_of(&cgroup).to_owned(),
+            cgroup,
+            cgroup_id,
+        }
+    }
+
     /// The runtime that made the cgroup `path` (`/docker/<id>`, `.../docker-<id>.scope`,
     /// `.../libpod-<id>.scope`, `.../cri-containerd-<id>.scope`, `.../crio-<id>.scope`).
     pub fn runtime_of(path: &str) -> &'static str {

@@ -206,14 +206,7 @@ impl Decoder {
             EventKind::Container => {
                 let e: ContainerEvent = read(bytes)?;
                 let path = lossy(c_bytes(&e.path, e.path_len));
-                EventDetail::Container(ContainerInfo {
-                    id: lossy(&e.id),
-                    name: None,
-                    image: None,
-                    runtime: ContainerInfo::runtime_of(&path).to_owned(),
-                    cgroup: path,
-                    cgroup_id: e.cgroup_id,
-                })
+                EventDetail::Container(ContainerInfo::new(lossy(&e.id), path, e.cgroup_id))
             }
             EventKind::Chdir => {
                 let e: ChdirEvent = read(bytes)?;
