@@ -267,3 +267,33 @@ fn a_gitlab_docker_executor_job_container_is_a_job_named_from_its_environment() 
     );
     assert_no_secret(agent);
 }
+
+/// The Docker API straight from a job process (curl, which sends with `sendto`, where the docker
+/// CLI writes with `write`): create, start by id, wait.
+#[test]
+fn a_container_a_job_starts_through_the_docker_api_with_curl() {
+    let agent = agent();
+    let docker = Docker::start("curl");
+    let env = TestEnv::new("containers-curl");
+    let run = run_id(7);
+    let body = format!(
+        r#"{{"Image":"{IMAGE}","Cmd":["sh","-c","{read} > /dev/null"],"HostConfig":{{"Binds":["{home}:/h"],"NetworkMode":"none"}}}}"#,
+        read = read_three_kinds("/h"),
+        home = env.home.display(),
+    );
+    let api = format!(
+        "curl -sf --unix-socket {socket}",
+        socket = docker.socket.display()
+    );
+    let step = format!(
+        "id=$({api} -H 'Content-Type: application/json' -d '{body}' \
+         http://docker/v1.41/containers/create?name=rm-curl-{run} | sed 's/.*\"Id\":\"\\([0-9a-f]*\\)\".*/\\1/')\n\
+         {api} -X POST http://docker/v1.41/containers/$id/start\n\
+         {api} -X POST http://docker/v1.41/containers/$id/wait > /dev/null"
+    );
+    github_job(&env, agent, &run, "acme/api", &step);
+    let id = format!("{run}/build");
+    let harvest = wait_alert(agent, "credential-harvesting", &id, |_| true);
+    assert_container(&harvest, Some(&format!("rm-curl-{run}")));
+    assert_no_secret(agent);
+}
