@@ -4,6 +4,9 @@ use crate::EventHeader;
 
 /// Length of a container id (Docker, containerd, CRI): 64 hex digits.
 pub const CONTAINER_ID_LEN: usize = 64;
+/// Capacity of the kernel's container maps (requested ids, container cgroups), which are pinned
+/// like the process map so that a job's containers stay its own across an agent restart.
+pub const MAX_CONTAINERS: u32 = 4096;
 /// Bytes of the cgroup path kept (the end of it, which holds the id, is what matters).
 pub const CGROUP_PATH_LEN: usize = 128;
 

@@ -488,6 +488,8 @@ pub mod map_name {
     pub const COUNTERS: &str = "COUNTERS";
     pub const PROCESSES: &str = "PROCESSES";
     pub const JOBS: &str = "JOBS";
+    pub const CONTAINER_CGROUPS: &str = "CONTAINER_CGROUPS";
+    pub const REQUESTED_CONTAINERS: &str = "REQUESTED_CONTAINERS";
     pub const NAMES: &str = "NAMES";
     pub const SETTINGS: &str = "SETTINGS";
     pub const JOB_BUDGETS: &str = "JOB_BUDGETS";

@@ -25,7 +25,9 @@ use aya_ebpf::{
     programs::TracePointContext,
 };
 use runner_monitor_common::{
-    CONTAINER_ID_LEN, ContainerEvent, EventKind, ProcessJob, container::CGROUP_PATH_LEN, counter,
+    CONTAINER_ID_LEN, ContainerEvent, EventKind, ProcessJob,
+    container::{CGROUP_PATH_LEN, MAX_CONTAINERS},
+    counter,
 };
 
 use crate::{
@@ -34,8 +36,8 @@ use crate::{
     maps::{count, current_tgid},
 };
 
-/// How many unix-socket connections of job processes, requested containers and container
-/// cgroups are remembered; LRU, so closed sockets and old containers age out.
+/// How many unix-socket connections of job processes are remembered; LRU, so closed sockets
+/// age out. The container maps hold `MAX_CONTAINERS` each, LRU too, and are pinned by the agent.
 const MAX_ENTRIES: u32 = 4096;
 
 /// (tgid << 32 | fd) -> job, for unix sockets a job process connected to.
@@ -45,11 +47,12 @@ static UNIX_CONNS: LruHashMap<u64, u64> = LruHashMap::with_max_entries(MAX_ENTRI
 /// Container id (64 hex digits) -> job, for containers a job asked a runtime API to start.
 #[map]
 static REQUESTED_CONTAINERS: LruHashMap<[u8; CONTAINER_ID_LEN], u64> =
-    LruHashMap::with_max_entries(MAX_ENTRIES, 0);
+    LruHashMap::with_max_entries(MAX_CONTAINERS, 0);
 
 /// cgroup v2 id -> job, for the cgroups of a job's containers.
 #[map]
-pub static CONTAINER_CGROUPS: LruHashMap<u64, u64> = LruHashMap::with_max_entries(MAX_ENTRIES, 0);
+pub static CONTAINER_CGROUPS: LruHashMap<u64, u64> =
+    LruHashMap::with_max_entries(MAX_CONTAINERS, 0);
 
 /// A job process connected socket `fd` to a unix address.
 #[inline(always)]

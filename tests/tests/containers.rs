@@ -297,3 +297,43 @@ fn a_container_a_job_starts_through_the_docker_api_with_curl() {
     assert_container(&harvest, Some(&format!("rm-curl-{run}")));
     assert_no_secret(agent);
 }
+
+/// A job's detached container outlives the job and an agent restart: a program `docker exec`
+/// runs in it afterwards (here from outside any job) is still the job's, because the kernel's
+/// container maps are pinned with the process map.
+#[test]
+fn a_job_container_stays_the_job_across_an_agent_restart() {
+    let env = TestEnv::new("containers-restart");
+    let dir = env.dir.join("agent");
+    let pins = integration_tests::pin_dir_of(&dir);
+    let port = integration_tests::live::free_port();
+    let agent = integration_tests::live::Agent::launch(&dir, port, &[]);
+    let docker = Docker::start("restart");
+    let run = run_id(8);
+    let name = format!("rm-restart-{run}");
+    let step = docker_run(
+        &docker,
+        &env,
+        "/h",
+        &format!("-d --name {name} {IMAGE} sleep 60 > /dev/null"),
+    );
+    github_job(&env, &agent, &run, "acme/restart", &step);
+    let id = format!("{run}/build");
+    wait_alert(&agent, "secret-socket-access", &id, |_| true);
+    assert!(agent.stop().success());
+    let agent = integration_tests::live::Agent::launch(&dir, port, &[]);
+    docker.run(&[
+        "exec",
+        &name,
+        "sh",
+        "-c",
+        &format!("{} > /dev/null", read_three_kinds("/h")),
+    ]);
+    let harvest = wait_alert(&agent, "credential-harvesting", &id, |_| true);
+    assert_eq!(harvest["job"]["repository"], "acme/restart", "{harvest}");
+    assert_eq!(harvest["job"]["ended"], true, "{harvest}");
+    drop(docker);
+    assert!(agent.stop().success());
+    integration_tests::live::assert_no_secret_in(&dir);
+    let _ = std::fs::remove_dir_all(&pins);
+}
