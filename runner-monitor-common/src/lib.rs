@@ -50,6 +50,8 @@ pub enum EventKind {
     JobEnv = 16,
     /// A job process set up an io_uring instance (`io_uring:io_uring_create`).
     IoUringSetup = 17,
+    /// The cgroup of a container a job asked a runtime to start was made (`container.rs`).
+    Container = 18,
 }
 
 /// Per-kind counter slots: a power of two above the highest `EventKind`, because the kernel
@@ -57,12 +59,12 @@ pub enum EventKind {
 /// bound). At 17 the mask sent every kind but one to slot 0.
 pub const EVENT_KIND_SLOTS: u32 = 32;
 const _: () = assert!(
-    EVENT_KIND_SLOTS.is_power_of_two() && (EventKind::IoUringSetup as u32) < EVENT_KIND_SLOTS,
+    EVENT_KIND_SLOTS.is_power_of_two() && (EventKind::Container as u32) < EVENT_KIND_SLOTS,
     "EVENT_KIND_SLOTS must be a power of two above every EventKind"
 );
 
 impl EventKind {
-    pub const ALL: [EventKind; 17] = [
+    pub const ALL: [EventKind; 18] = [
         EventKind::Fork,
         EventKind::Exec,
         EventKind::Exit,
@@ -80,6 +82,7 @@ impl EventKind {
         EventKind::Chdir,
         EventKind::JobEnv,
         EventKind::IoUringSetup,
+        EventKind::Container,
     ];
 
     pub fn from_u32(value: u32) -> Option<Self> {
@@ -106,6 +109,7 @@ impl EventKind {
             EventKind::Chdir => "chdir",
             EventKind::JobEnv => "job_env",
             EventKind::IoUringSetup => "io_uring_setup",
+            EventKind::Container => "container",
         }
     }
 }
@@ -397,6 +401,9 @@ pub struct ProcessJob {
 
 /// `ProcessJob::flags`: this process is the job's root.
 pub const PROCESS_JOB_ROOT: u32 = 1;
+/// `ProcessJob::flags`: this process joined its job at exec, in the cgroup of a container the
+/// job started (`runner-monitor-ebpf/src/containers.rs`).
+pub const PROCESS_CONTAINER: u32 = 1 << 1;
 
 /// Value of the job map.
 #[repr(C)]
@@ -493,6 +500,8 @@ pub mod map_name {
     pub const COUNTERS: &str = "COUNTERS";
     pub const PROCESSES: &str = "PROCESSES";
     pub const JOBS: &str = "JOBS";
+    pub const CONTAINER_CGROUPS: &str = "CONTAINER_CGROUPS";
+    pub const REQUESTED_CONTAINERS: &str = "REQUESTED_CONTAINERS";
     pub const NAMES: &str = "NAMES";
     pub const SETTINGS: &str = "SETTINGS";
     pub const JOB_BUDGETS: &str = "JOB_BUDGETS";
@@ -566,6 +575,10 @@ assert_size!(ProcessAccessEvent, 80);
 assert_size!(ConnectEvent, 64 + 16 + 16 + 8 + UNIX_PATH_LEN + 4);
 assert_size!(DnsEvent, 64 + 16 + 16 + DNS_LEN);
 assert_size!(SignalEvent, 80);
+assert_size!(
+    ContainerEvent,
+    64 + 16 + container::CONTAINER_ID_LEN + container::CGROUP_PATH_LEN
+);
 assert_size!(BpfEvent, 72);
 assert_size!(ChdirEvent, 64 + 8 + PATH_LEN);
 assert_size!(JobEnvValue, 8 + JOB_ENV_VALUE_LEN);
@@ -580,6 +593,8 @@ assert_size!(NameKey, 8 + NAME_LEN);
 
 pub mod io_uring;
 pub use io_uring::IoUringSetupEvent;
+pub mod container;
+pub use container::{CONTAINER_ID_LEN, ContainerEvent};
 
 #[cfg(feature = "user")]
 mod user {

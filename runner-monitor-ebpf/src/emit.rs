@@ -21,8 +21,8 @@ use aya_ebpf::{
     maps::RingBuf,
 };
 use runner_monitor_common::{
-    BpfEvent, ChdirEvent, ConnectEvent, DnsEvent, EVENT_KIND_SLOTS, EventHeader, EventKind,
-    ExecEvent, ExitEvent, FileEvent, ForkEvent, HEADER_JOB_ENDED, HEADER_JOB_ROOT,
+    BpfEvent, ChdirEvent, ConnectEvent, ContainerEvent, DnsEvent, EVENT_KIND_SLOTS, EventHeader,
+    EventKind, ExecEvent, ExitEvent, FileEvent, ForkEvent, HEADER_JOB_ENDED, HEADER_JOB_ROOT,
     IoUringSetupEvent, JobEnvEvent, PROCESS_JOB_ROOT, ProcessAccessEvent, ProcessJob,
     RING_BUFFER_BYTES, SignalEvent, WAKEUP_BYTES, counter,
 };
@@ -69,6 +69,7 @@ events!(
     BpfEvent,
     JobEnvEvent,
     IoUringSetupEvent,
+    ContainerEvent,
 );
 
 /// Sends a small event of the current task: reserves its room in the ring buffer, fills the

@@ -191,6 +191,9 @@ pub fn sys_exit_connect(ctx: TracePointContext) -> u32 {
     // SAFETY: the entry belongs to this thread, which is the only one that touches it.
     let event = unsafe { &mut *event };
     event.result = syscall_ret(&ctx);
+    if event.family == AF_UNIX && event.result == 0 {
+        crate::containers::unix_connected(event.header.tgid, event.fd, event.header.job);
+    }
     if within_budget(event.header.job, EventKind::Connect as u32) {
         send_built::<ConnectEvent>(event);
     }

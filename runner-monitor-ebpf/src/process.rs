@@ -11,7 +11,10 @@ use aya_ebpf::{
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_task,
         bpf_probe_read_kernel, bpf_probe_read_user,
-        generated::{bpf_get_smp_processor_id, bpf_probe_read_kernel_str, bpf_probe_read_user_str},
+        generated::{
+            bpf_get_current_cgroup_id, bpf_get_smp_processor_id, bpf_probe_read_kernel_str,
+            bpf_probe_read_user_str,
+        },
     },
     macros::{map, tracepoint},
     maps::{HashMap, PerCpuArray},
@@ -277,7 +280,11 @@ fn enter_exec(filename: u64, argv: u64, envp: u64) {
     let scratch = unsafe { &mut *scratch };
     let n = read_user_path(&mut scratch.event.filename, filename);
     // Arguments are kept for job processes and for programs that may become job roots.
-    if process.is_none() && !marked && (n == 0 || !is_job_root_exe(&scratch.event.filename, n)) {
+    if process.is_none()
+        && !marked
+        && !in_job_container()
+        && (n == 0 || !is_job_root_exe(&scratch.event.filename, n))
+    {
         return;
     }
     scratch.event.header.flags = 0;
@@ -354,6 +361,13 @@ pub fn sched_process_exec(ctx: TracePointContext) -> u32 {
     let n = if n > 0 { n as usize } else { 0 };
 
     let mut process = current_process();
+    if process.is_none() {
+        process = join_container(tgid);
+        if process.is_some() {
+            // A container's environment does not name (or rename) the job that started it.
+            let _ = crate::env::PENDING_ENVS.remove(old_pid);
+        }
+    }
     let env = crate::env::PENDING_ENVS.get_ptr_mut(old_pid);
     if process.is_none() {
         // SAFETY: the entry belongs to this thread.
@@ -417,6 +431,27 @@ pub fn sched_process_exec(ctx: TracePointContext) -> u32 {
     scratch.event._pad = 0;
     send_built::<ExecEvent>(&scratch.event);
     0
+}
+
+/// Whether the current task runs in the cgroup of a job's container.
+#[inline(always)]
+fn in_job_container() -> bool {
+    // SAFETY: helper without arguments.
+    crate::containers::container_job(unsafe { bpf_get_current_cgroup_id() }).is_some()
+}
+
+/// A process outside any job that execs in the cgroup of a job's container joins that job,
+/// before the new program's first instruction (`containers.rs`).
+#[inline(always)]
+fn join_container(tgid: u32) -> Option<ProcessJob> {
+    // SAFETY: helper without arguments.
+    let cgroup = unsafe { bpf_get_current_cgroup_id() };
+    let entry = crate::containers::member(crate::containers::container_job(cgroup)?);
+    if PROCESSES.insert(tgid, entry, 0).is_err() {
+        count(counter::PROCESS_MAP_FULL);
+        return None;
+    }
+    Some(entry)
 }
 
 // long sys_exit_group(int error_code)

@@ -10,6 +10,9 @@
 
 use std::{io::Read, os::unix::fs::PermissionsExt, path::Path};
 
+mod containers;
+pub use containers::ContainerNamer;
+
 use hmac::{Hmac, KeyInit, Mac};
 use sha2::Sha256;
 

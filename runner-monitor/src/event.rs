@@ -122,6 +122,9 @@ pub enum EventDetail {
         /// `Policy::job_env_vars` and `JOB_ENV_*` bits); marker-only variables have no value.
         values: Vec<(u32, String)>,
     },
+    /// From the kernel: the cgroup of a container the job asked a runtime to start was made;
+    /// the container's processes are the job's (docs/containers.md). `process` is the runtime's.
+    Container(ContainerInfo),
     /// A job process set up an io_uring instance: what it submits there makes no syscall, and
     /// only some of it is seen (docs/sensors.md, "io_uring").
     IoUringSetup {
@@ -220,9 +223,62 @@ impl EventDetail {
             EventDetail::JobStart(_) => "job_start",
             EventDetail::JobEnv { .. } => "job_env",
             EventDetail::IoUringSetup { .. } => "io_uring_setup",
+            EventDetail::Container(_) => "container",
             EventDetail::JobEnd => "job_end",
             EventDetail::SensorStatus(_) => "sensor_status",
             EventDetail::CredentialFingerprint { .. } => "credential_fingerprint",
+        }
+    }
+}
+
+/// A container of a job: what findings about its processes name.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ContainerInfo {
+    /// The runtime's id (64 hex digits).
+    pub id: String,
+    /// Its name, asked of the Docker API the job used (live agent only; absent if unknown).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Its image, as the job asked for it (same source as `name`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    /// `docker`, `podman`, `containerd`, `cri-o` or `unknown`, from its cgroup's path.
+    pub runtime: String,
+    /// Its cgroup: path in the cgroup v2 hierarchy (its last 127 bytes) and id.
+    #[serde(default)]
+    pub cgroup: String,
+    #[serde(default)]
+    pub cgroup_id: u64,
+}
+
+impl ContainerInfo {
+    /// The container `id` whose cgroup is `cgroup` (its v2 path) with id `cgroup_id`; not named.
+    pub fn new(id: String, cgroup: String, cgroup_id: u64) -> Self {
+        Self {
+            id,
+            name: None,
+            image: None,
+            runtime: Self::runtime_of(&cgroup).to_owned(),
+            cgroup,
+            cgroup_id,
+        }
+    }
+
+    /// The runtime that made the cgroup `path` (`/docker/<id>`, `.../docker-<id>.scope`,
+    /// `.../libpod-<id>.scope`, `.../cri-containerd-<id>.scope`, `.../crio-<id>.scope`).
+    pub fn runtime_of(path: &str) -> &'static str {
+        let name = path.rsplit('/').next().unwrap_or(path);
+        let parent = path.rsplit('/').nth(1).unwrap_or("");
+        if name.starts_with("docker-") || parent == "docker" {
+            "docker"
+        } else if name.starts_with("libpod-") || parent == "libpod_parent" {
+            "podman"
+        } else if name.starts_with("cri-containerd-") || parent.contains("containerd") {
+            "containerd"
+        } else if name.starts_with("crio-") {
+            "cri-o"
+        } else {
+            "unknown"
         }
     }
 }

@@ -2,11 +2,12 @@
 //! the same stages in the same order.
 //!
 //! ```text
-//! batch ─▶ fingerprint ─▶ discover ─▶ engine ─▶ tracking id ─▶ report ─▶ write
-//!          (host)         (host)                (host)
-//! time  ─────────────────────────────▶ engine ─▶ tracking id ─▶ report ─▶ write
+//! batch ─▶ containers ─▶ fingerprint ─▶ discover ─▶ engine ─▶ tracking id ─▶ report ─▶ write
+//!          (host)        (host)         (host)                (host)
+//! time  ─────────────────────────────────────────▶ engine ─▶ tracking id ─▶ report ─▶ write
 //! ```
 //!
+//! - containers: a job's new container is named by the Docker API the job used (`enrich`).
 //! - fingerprint: an open or unix connect that reached a credential or secret socket under
 //!   another name is brought back to it (`identity`); a credential read gets the keyed hash of
 //!   its content; a credential written is hashed when its writer exits, as an event of its own
@@ -53,6 +54,8 @@ pub struct Host {
     pub attestor: Option<Attestor>,
     /// Credentials and secret sockets reached under another name (`identity`).
     pub identities: Identities,
+    /// Names and images of the jobs' containers, from the Docker API they used.
+    pub containers: enrich::ContainerNamer,
 }
 
 pub struct Pipeline {
@@ -110,6 +113,9 @@ impl Pipeline {
                     written.extend(self.judge(&start, reports.as_deref_mut())?);
                 }
                 continue;
+            }
+            if let Some(host) = self.host.as_mut() {
+                host.containers.process(&mut event, &self.policy);
             }
             let credentials_written = self.fingerprint(&mut event);
             if let Some(start) = self.discover(&event) {

@@ -59,6 +59,10 @@ const DEBIAN_PACKAGES: &[&str] = &[
     // tests/tests/io_uring.rs builds tests/c/uring-cat.c against liburing: opens and reads
     // through io_uring only, which syscall tracepoints do not see.
     "liburing-dev",
+    // tests/tests/containers.rs starts its own Docker engine (dockerd, containerd, runc) and
+    // builds its image from Debian's static busybox (`docker import`: nothing is pulled).
+    "docker.io",
+    "busybox-static",
 ];
 
 /// gitlab-ci-local, a real GitLab CI runner for workstations, for the job-discovery tests.

@@ -6,7 +6,7 @@ use std::net::IpAddr;
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    event::{JobInfo, JobKey},
+    event::{ContainerInfo, JobInfo, JobKey},
     rule::{RuleId, Severity},
 };
 
@@ -141,6 +141,9 @@ pub struct Finding {
     /// The step of the job the process was running in.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub step: Option<Step>,
+    /// The job's container the process runs in.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container: Option<ContainerInfo>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credential: Option<CredentialRef>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -186,6 +189,7 @@ impl Finding {
             job: None,
             process: None,
             step: None,
+            container: None,
             credential: None,
             destination: None,
             blocked: false,

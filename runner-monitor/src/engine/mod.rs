@@ -7,6 +7,7 @@
 
 mod detect;
 pub mod finding;
+mod names;
 pub mod snapshot;
 mod stages;
 pub mod step;
@@ -22,7 +23,7 @@ use crate::bounded::BoundedMap;
 pub use finding::{Finding, Step};
 
 use crate::{
-    event::{Dns, Event, EventDetail, JobInfo, JobKey},
+    event::{Event, EventDetail, JobInfo, JobKey},
     policy::{JobSelector, Policy},
 };
 
@@ -56,6 +57,9 @@ struct Process {
     /// script's lines in subshells, as gitlab-ci-local's does).
     #[serde(default)]
     root_fork: bool,
+    /// Its cgroup (v2 id) at its last exec: a job's container's, or another.
+    #[serde(default)]
+    cgroup_id: u64,
 }
 
 /// Events of a staged job's processes held while the job waits for its next stage, at most this
@@ -137,6 +141,8 @@ pub struct Engine {
     stages: BoundedMap<JobKey, JobKey>,
     /// dedup key -> (first time, repeats).
     dedup: BoundedMap<String, (u64, u64)>,
+    /// cgroup id -> the job's container it is (not in snapshots).
+    containers: BoundedMap<u64, crate::event::ContainerInfo>,
     now_ns: u64,
     /// The earliest time a timer (stage gap, survivor grace) is due; the job table is only
     /// scanned when time passes it, not at every event.
@@ -161,6 +167,7 @@ impl Engine {
             dns: BoundedMap::new(policy.max_dns_addresses),
             dedup: BoundedMap::new(policy.max_credentials * 4),
             stages: BoundedMap::new(policy.max_jobs),
+            containers: BoundedMap::new(policy.max_jobs),
             policy,
             now_ns: 0,
             next_timer_ns: u64::MAX,
@@ -309,6 +316,7 @@ impl Engine {
                 }
             }
             self.stats.findings += 1;
+            f.container = f.process.as_ref().and_then(|p| self.container_of(p.pid));
             kept.push(f);
         }
         kept
@@ -321,7 +329,11 @@ impl Engine {
         self.track_unseen_job(event, out);
         // A fingerprint is the agent's event about what a process wrote, made after it exited:
         // it must not bring the process back (it would be a survivor at the job's end).
-        let after_exit = matches!(event.detail, EventDetail::CredentialFingerprint { .. });
+        // A container event's process is the runtime that made the cgroup, not a job's.
+        let after_exit = matches!(
+            event.detail,
+            EventDetail::CredentialFingerprint { .. } | EventDetail::Container(_)
+        );
         if job.is_some() && !after_exit && !self.processes.contains_key(&pid) {
             let known = self.exited.remove(&pid);
             self.processes
@@ -356,6 +368,7 @@ impl Engine {
                     self.track_dns_answer(key, dns);
                 }
             }
+            EventDetail::Container(c) => self.track_container(c),
             _ => {}
         }
     }
@@ -403,6 +416,7 @@ impl Engine {
     fn track_exec(&mut self, event: &Event, filename: &str, argv: &[String]) {
         self.track_step(event, filename, argv);
         if let Some(p) = self.processes.get_mut(&event.process.pid) {
+            p.cgroup_id = event.process.cgroup_id;
             p.root_fork = false;
             p.exe = Some(filename.to_owned());
             p.cmdline = Some(argv.join(" "));
@@ -476,30 +490,6 @@ impl Engine {
         }
     }
 
-    /// A DNS answer to job `key`: the names it asked for and got, by the addresses they resolved
-    /// to (at most 8 names an address).
-    fn track_dns_answer(&mut self, key: JobKey, dns: &Dns) {
-        let mut names: Vec<String> = dns
-            .questions
-            .iter()
-            .map(|q| q.name.trim_end_matches('.').to_owned())
-            .collect();
-        for record in &dns.answers {
-            let name = record.name.trim_end_matches('.').to_owned();
-            if !names.contains(&name) {
-                names.push(name);
-            }
-            if let Ok(ip) = record.data.parse::<IpAddr>() {
-                let entry = self.dns.get_or_insert_with((key, ip), Vec::new);
-                for n in &names {
-                    if !entry.contains(n) && entry.len() < 8 {
-                        entry.push(n.clone());
-                    }
-                }
-            }
-        }
-    }
-
     fn new_process(&self, event: &Event) -> Process {
         Process {
             pid: event.process.pid,
@@ -523,6 +513,7 @@ impl Engine {
             starts_step: false,
             is_root: event.job.as_ref().is_some_and(|j| j.root),
             root_fork: false,
+            cgroup_id: event.process.cgroup_id,
         }
     }
 

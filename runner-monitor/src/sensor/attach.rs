@@ -242,6 +242,26 @@ const PROBES: &[Probe] = &[
         hooks: &[Tp("syscalls", "sys_exit_connect")],
         required: false,
     },
+    // Containers a job starts (runner-monitor-ebpf/src/containers.rs): the start request on a
+    // job's unix socket, then the container's cgroup.
+    Probe {
+        sensor: "containers",
+        program: "sys_enter_write",
+        hooks: &[Tp("syscalls", "sys_enter_write")],
+        required: false,
+    },
+    Probe {
+        sensor: "containers",
+        program: "sys_enter_sendto",
+        hooks: &[Tp("syscalls", "sys_enter_sendto")],
+        required: false,
+    },
+    Probe {
+        sensor: "containers",
+        program: "cgroup_mkdir",
+        hooks: &[Tp("cgroup", "cgroup_mkdir")],
+        required: false,
+    },
     Probe {
         sensor: "dns",
         program: "dns_connect4",

@@ -176,7 +176,13 @@ impl Sensor {
             None => None,
         };
         let pinned = pin_dir.as_ref().map_or(&[][..], |d| &d.pins[..]);
-        let resumed = !pinned.is_empty() && pinned.iter().all(|p| p.existed);
+        // Resumed when the process and job maps were there; the container maps may be missing
+        // (an upgrade from a build without them) and start empty.
+        let resumed = !pinned.is_empty()
+            && pinned
+                .iter()
+                .filter(|p| p.name == map_name::PROCESSES || p.name == map_name::JOBS)
+                .all(|p| p.existed);
         for pin in pinned {
             loader.map_pin_path(pin.name, pin.path.clone());
         }

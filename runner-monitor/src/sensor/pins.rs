@@ -1,4 +1,5 @@
-//! Kernel state that outlives the agent: the process and job maps, pinned on bpffs.
+//! Kernel state that outlives the agent: the process and job maps, and the jobs' containers,
+//! pinned on bpffs.
 //!
 //! A restarted agent (crash, upgrade, `systemctl restart`) loads its programs with these maps
 //! instead of empty ones, so every process the kernel attributed to a job still is. A pin whose
@@ -8,7 +9,10 @@
 use std::path::{Path, PathBuf};
 
 use aya::maps::MapInfo;
-use runner_monitor_common::{JobState, MAX_JOBS, MAX_TRACKED_PROCESSES, ProcessJob, map_name};
+use runner_monitor_common::{
+    CONTAINER_ID_LEN, JobState, MAX_JOBS, MAX_TRACKED_PROCESSES, ProcessJob,
+    container::MAX_CONTAINERS, map_name,
+};
 
 use super::SensorError;
 
@@ -25,7 +29,7 @@ pub struct Pin {
 
 /// The maps that carry job attribution across restarts, with their expected shape
 /// (key size, value size, capacity).
-fn pinned_maps() -> [(&'static str, u32, u32, u32); 2] {
+fn pinned_maps() -> [(&'static str, u32, u32, u32); 4] {
     [
         (
             map_name::PROCESSES,
@@ -38,6 +42,19 @@ fn pinned_maps() -> [(&'static str, u32, u32, u32); 2] {
             size_of::<u64>() as u32,
             size_of::<JobState>() as u32,
             MAX_JOBS,
+        ),
+        // A job's containers: a `docker exec` into one after a restart is still the job's.
+        (
+            map_name::CONTAINER_CGROUPS,
+            size_of::<u64>() as u32,
+            size_of::<u64>() as u32,
+            MAX_CONTAINERS,
+        ),
+        (
+            map_name::REQUESTED_CONTAINERS,
+            CONTAINER_ID_LEN as u32,
+            size_of::<u64>() as u32,
+            MAX_CONTAINERS,
         ),
     ]
 }

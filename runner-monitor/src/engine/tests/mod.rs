@@ -1,6 +1,7 @@
 //! The engine, driven with event sequences and timestamps.
 
 mod baseline;
+mod containers;
 mod credentials;
 mod ends;
 mod jobs;
@@ -25,6 +26,8 @@ pub(super) struct Trace {
     pub(super) engine: Engine,
     pub(super) findings: Vec<Finding>,
     pub(super) ended: BTreeSet<u64>,
+    /// The cgroup id of the events fed from now on.
+    pub(super) cgroup: u64,
 }
 
 impl Trace {
@@ -37,6 +40,7 @@ impl Trace {
             engine: Engine::new(Arc::new(policy)),
             findings: Vec::new(),
             ended: BTreeSet::new(),
+            cgroup: 1,
         }
     }
 
@@ -80,7 +84,7 @@ impl Trace {
                 ppid,
                 uid: 1001,
                 comm: comm.into(),
-                cgroup_id: 1,
+                cgroup_id: self.cgroup,
             },
             truncated: false,
             detail,

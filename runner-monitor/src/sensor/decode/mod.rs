@@ -8,10 +8,10 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use runner_monitor_common::{
     AF_INET, AF_INET6, AF_PACKET, AF_UNIX, BpfEvent, CONNECT_BLOCKED, CONNECT_RAW_SOCKET,
-    CONNECT_UDP_SEND, ChdirEvent, ConnectEvent, DnsEvent, EXIT_CODE_KNOWN, EXIT_KILLED_BY_SIGNAL,
-    EventHeader, EventKind, ExecEvent, ExitEvent, FileEvent, ForkEvent, HEADER_IO_URING,
-    HEADER_JOB_ENDED, HEADER_JOB_ROOT, HEADER_TRUNCATED, IoUringSetupEvent, JobEnvEvent,
-    MATCH_BASENAME, MATCH_DIRNAME, MATCH_PREFIX, MATCH_PROC_MEMORY, MATCH_SECOND_PATH,
+    CONNECT_UDP_SEND, ChdirEvent, ConnectEvent, ContainerEvent, DnsEvent, EXIT_CODE_KNOWN,
+    EXIT_KILLED_BY_SIGNAL, EventHeader, EventKind, ExecEvent, ExitEvent, FileEvent, ForkEvent,
+    HEADER_IO_URING, HEADER_JOB_ENDED, HEADER_JOB_ROOT, HEADER_TRUNCATED, IoUringSetupEvent,
+    JobEnvEvent, MATCH_BASENAME, MATCH_DIRNAME, MATCH_PREFIX, MATCH_PROC_MEMORY, MATCH_SECOND_PATH,
     PTRACE_ATTACH, PTRACE_PEEKDATA, PTRACE_PEEKTEXT, PTRACE_PEEKUSER, PTRACE_SEIZE,
     ProcessAccessEvent, SIGNAL_SYSCALL_KILL, SIGNAL_SYSCALL_TGKILL, SIGNAL_SYSCALL_TKILL, SOCK_RAW,
     SignalEvent,
@@ -19,8 +19,8 @@ use runner_monitor_common::{
 
 use super::{dns, paths::WorkingDirectories};
 use crate::event::{
-    Connect, Event, EventDetail, FileAccess, JobKey, JobRef, ProcessRef, RawSocket, RawSocketKind,
-    SocketFamily,
+    Connect, ContainerInfo, Event, EventDetail, FileAccess, JobKey, JobRef, ProcessRef, RawSocket,
+    RawSocketKind, SocketFamily,
 };
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -204,6 +204,11 @@ impl Decoder {
                     flags: e.flags,
                     sqpoll: e.flags & runner_monitor_common::io_uring::IORING_SETUP_SQPOLL != 0,
                 }
+            }
+            EventKind::Container => {
+                let e: ContainerEvent = read(bytes)?;
+                let path = lossy(c_bytes(&e.path, e.path_len));
+                EventDetail::Container(ContainerInfo::new(lossy(&e.id), path, e.cgroup_id))
             }
             EventKind::Chdir => {
                 let e: ChdirEvent = read(bytes)?;

@@ -96,6 +96,7 @@ impl Agent {
             None => Policy::builtin(),
         });
         let host = Host {
+            containers: Default::default(),
             fingerprints: match &args.fingerprint_key {
                 Some(path) => Some(Fingerprinter::load(path)?),
                 None => None,

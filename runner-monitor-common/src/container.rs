@@ -1,0 +1,29 @@
+//! Containers a job started, as the kernel programs see them (`runner-monitor-ebpf/src/containers.rs`).
+
+use crate::EventHeader;
+
+/// Length of a container id (Docker, containerd, CRI): 64 hex digits.
+pub const CONTAINER_ID_LEN: usize = 64;
+/// Capacity of the kernel's container maps (requested ids, container cgroups), which are pinned
+/// like the process map so that a job's containers stay its own across an agent restart.
+pub const MAX_CONTAINERS: u32 = 4096;
+/// Bytes of the cgroup path kept (the end of it, which holds the id, is what matters).
+pub const CGROUP_PATH_LEN: usize = 128;
+
+/// The cgroup of a container job `header.job` asked a runtime to start was made: from now on,
+/// a process outside jobs that execs in it joins the job. The header's process is whoever made
+/// the cgroup (the runtime), not a job process.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct ContainerEvent {
+    pub header: EventHeader,
+    /// The cgroup's id in the cgroup v2 hierarchy (what `bpf_get_current_cgroup_id` returns and
+    /// every event header carries).
+    pub cgroup_id: u64,
+    /// Bytes of `path` used (the path's last bytes when it was longer).
+    pub path_len: u32,
+    pub _pad: u32,
+    pub id: [u8; CONTAINER_ID_LEN],
+    /// The cgroup's path in the v2 hierarchy (`/docker/<id>`, `/system.slice/docker-<id>.scope`).
+    pub path: [u8; CGROUP_PATH_LEN],
+}

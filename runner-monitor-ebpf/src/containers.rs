@@ -1,0 +1,253 @@
+//! Containers a job starts belong to the job, in the kernel, from their first instruction.
+//!
+//! A container's processes descend from containerd-shim, not from the job, so fork inheritance
+//! cannot reach them. The link is made in three steps, each before the next can happen:
+//!
+//! 1. a job process's successful `connect` to a unix socket remembers (tgid, fd) (`net.rs`);
+//! 2. a `write` or `sendto` on such a socket that starts an HTTP request `POST
+//!    [/vN.NN]/containers/<64 hex id>/start` (what the docker CLI, compose and the SDKs send
+//!    after create) records the id as the job's, at the syscall's entry: before the daemon can
+//!    read the request;
+//! 3. when the runtime makes the container's cgroup (`cgroup:cgroup_mkdir` in the cgroup v2
+//!    hierarchy, `.../<id>` or `.../docker-<id>.scope`), the cgroup id becomes the job's.
+//!
+//! A process outside any job that execs inside such a cgroup (runc init exec'ing the entrypoint,
+//! or a `docker exec`'d program) joins the job at `sched_process_exec` (`process.rs`), before
+//! the new program's first instruction; its children inherit at fork as always.
+
+use aya_ebpf::{
+    EbpfContext,
+    helpers::{
+        bpf_probe_read_kernel_buf, bpf_probe_read_user_buf, generated::bpf_probe_read_kernel_str,
+    },
+    macros::{map, tracepoint},
+    maps::LruHashMap,
+    programs::TracePointContext,
+};
+use runner_monitor_common::{
+    CONTAINER_ID_LEN, ContainerEvent, EventKind, ProcessJob,
+    container::{CGROUP_PATH_LEN, MAX_CONTAINERS},
+    counter,
+};
+
+use crate::{
+    args::{field, syscall_arg},
+    emit::send,
+    maps::{count, current_tgid},
+};
+
+/// How many unix-socket connections of job processes are remembered; LRU, so closed sockets
+/// age out. The container maps hold `MAX_CONTAINERS` each, LRU too, and are pinned by the agent.
+const MAX_ENTRIES: u32 = 4096;
+
+/// (tgid << 32 | fd) -> job, for unix sockets a job process connected to.
+#[map]
+static UNIX_CONNS: LruHashMap<u64, u64> = LruHashMap::with_max_entries(MAX_ENTRIES, 0);
+
+/// Container id (64 hex digits) -> job, for containers a job asked a runtime API to start.
+#[map]
+static REQUESTED_CONTAINERS: LruHashMap<[u8; CONTAINER_ID_LEN], u64> =
+    LruHashMap::with_max_entries(MAX_CONTAINERS, 0);
+
+/// cgroup v2 id -> job, for the cgroups of a job's containers.
+#[map]
+pub static CONTAINER_CGROUPS: LruHashMap<u64, u64> =
+    LruHashMap::with_max_entries(MAX_CONTAINERS, 0);
+
+/// A job process connected socket `fd` to a unix address.
+#[inline(always)]
+pub fn unix_connected(tgid: u32, fd: i32, job: u64) {
+    let key = (u64::from(tgid) << 32) | u64::from(fd as u32);
+    if UNIX_CONNS.insert(key, job, 0).is_err() {
+        count(counter::PENDING_MAP_FULL);
+    }
+}
+
+/// The job of a process that is not in one but runs in a job's container cgroup.
+#[inline(always)]
+pub fn container_job(cgroup_id: u64) -> Option<u64> {
+    // SAFETY: the value is copied out at once.
+    unsafe { CONTAINER_CGROUPS.get(cgroup_id).copied() }
+}
+
+const POST: &[u8; 6] = b"POST /";
+const CONTAINERS: &[u8; 12] = b"/containers/";
+const START: &[u8; 6] = b"/start";
+/// The request line's first bytes: `POST /v1.47/containers/`, with room for a longer version.
+const PREFIX_LEN: usize = 32;
+/// Where `/containers/` may begin: unversioned, or after `/v1.9`, `/v1.47`, `/v1.100`.
+const CONTAINERS_AT: [usize; 4] = [5, 10, 11, 12];
+
+#[inline(always)]
+fn same<const N: usize>(buf: &[u8], at: usize, want: &[u8; N]) -> bool {
+    let mut i = 0;
+    while i < N {
+        if buf[at + i] != want[i] {
+            return false;
+        }
+        i += 1;
+    }
+    true
+}
+
+/// A write of `len` bytes at user address `buf` on socket `fd` of the current process.
+#[inline(always)]
+fn on_send(fd: i64, buf: u64, len: u64) {
+    let key = (u64::from(current_tgid()) << 32) | (fd as u64 & 0xffff_ffff);
+    // SAFETY: the value is copied out at once.
+    let Some(job) = (unsafe { UNIX_CONNS.get(key).copied() }) else {
+        return;
+    };
+    if len < (PREFIX_LEN + CONTAINER_ID_LEN + START.len()) as u64 || buf == 0 {
+        return;
+    }
+    let mut prefix = [0u8; PREFIX_LEN];
+    // SAFETY: a checked read of user memory into a stack buffer.
+    if unsafe { bpf_probe_read_user_buf(buf as *const u8, &mut prefix) }.is_err() {
+        return;
+    }
+    if !same(&prefix, 0, POST) {
+        return;
+    }
+    let mut id_at = 0;
+    for at in CONTAINERS_AT {
+        if same(&prefix, at, CONTAINERS) {
+            id_at = at + CONTAINERS.len();
+            break;
+        }
+    }
+    if id_at == 0 {
+        return;
+    }
+    // The id and what follows it: `/start` then a space or `?`.
+    let mut tail = [0u8; CONTAINER_ID_LEN + 8];
+    // SAFETY: a checked read of user memory into a stack buffer.
+    if unsafe { bpf_probe_read_user_buf((buf + id_at as u64) as *const u8, &mut tail) }.is_err() {
+        return;
+    }
+    if !same(&tail, CONTAINER_ID_LEN, START) {
+        return;
+    }
+    let after = tail[CONTAINER_ID_LEN + START.len()];
+    if after != b' ' && after != b'?' {
+        return;
+    }
+    let mut id = [0u8; CONTAINER_ID_LEN];
+    id.copy_from_slice(&tail[..CONTAINER_ID_LEN]);
+    for c in id {
+        if !c.is_ascii_digit() && !(b'a'..=b'f').contains(&c) {
+            return;
+        }
+    }
+    if REQUESTED_CONTAINERS.insert(id, job, 0).is_err() {
+        count(counter::PENDING_MAP_FULL);
+    }
+}
+
+// long sys_write(unsigned int fd, const char __user *buf, size_t count)
+#[tracepoint]
+pub fn sys_enter_write(ctx: TracePointContext) -> u32 {
+    on_send(
+        syscall_arg(&ctx, 0),
+        syscall_arg(&ctx, 1),
+        syscall_arg(&ctx, 2),
+    );
+    0
+}
+
+// long sys_sendto(int fd, void __user *buff, size_t len, unsigned int flags, ...)
+#[tracepoint]
+pub fn sys_enter_sendto(ctx: TracePointContext) -> u32 {
+    on_send(
+        syscall_arg(&ctx, 0),
+        syscall_arg(&ctx, 1),
+        syscall_arg(&ctx, 2),
+    );
+    0
+}
+
+/// Offsets of `cgroup:cgroup_mkdir` fields (see its `format` file).
+mod offsets {
+    /// `int root`: the hierarchy; 0 is the cgroup v2 one.
+    pub const ROOT: usize = 8;
+    /// `u64 id`.
+    pub const ID: usize = 16;
+    /// `__data_loc char[] path`: offset in the low 16 bits, length (with the NUL) in the high.
+    pub const PATH: usize = 24;
+}
+
+/// What may follow the id at the end of a cgroup's name: nothing (`/docker/<id>`, kubepods,
+/// cgroupfs drivers) or `.scope` (`docker-<id>.scope`, `cri-containerd-<id>.scope`: systemd
+/// drivers).
+const SUFFIXES: [u32; 2] = [0, 6];
+
+// cgroup:cgroup_mkdir: int root; int level; u64 id; __data_loc char[] path
+#[tracepoint]
+pub fn cgroup_mkdir(ctx: TracePointContext) -> u32 {
+    let root: i32 = field(&ctx, offsets::ROOT);
+    if root != 0 {
+        return 0;
+    }
+    let data_loc: u32 = field(&ctx, offsets::PATH);
+    let offset = data_loc & 0xffff;
+    let len = data_loc >> 16;
+    for suffix in SUFFIXES {
+        // Without the NUL and the suffix, the name ends with the id.
+        let Some(end) = len.checked_sub(1 + suffix) else {
+            continue;
+        };
+        let Some(start) = end.checked_sub(CONTAINER_ID_LEN as u32) else {
+            continue;
+        };
+        let mut id = [0u8; CONTAINER_ID_LEN];
+        // SAFETY: a checked kernel read inside the tracepoint record.
+        let at = unsafe { (ctx.as_ptr() as *const u8).add((offset + start) as usize) };
+        // SAFETY: as above.
+        if unsafe { bpf_probe_read_kernel_buf(at, &mut id) }.is_err() {
+            continue;
+        }
+        // SAFETY: the value is copied out at once.
+        if let Some(job) = unsafe { REQUESTED_CONTAINERS.get(id).copied() } {
+            let cgroup: u64 = field(&ctx, offsets::ID);
+            if CONTAINER_CGROUPS.insert(cgroup, job, 0).is_err() {
+                count(counter::PENDING_MAP_FULL);
+                return 0;
+            }
+            // The agent learns the container's id and cgroup (to name it in findings).
+            let skip = len.saturating_sub(CGROUP_PATH_LEN as u32);
+            // SAFETY: a pointer inside the tracepoint record; read with a checked helper below.
+            let path = unsafe { (ctx.as_ptr() as *const u8).add((offset + skip) as usize) };
+            send(
+                EventKind::Container,
+                Some(&member(job)),
+                |e: &mut ContainerEvent| {
+                    e.cgroup_id = cgroup;
+                    e._pad = 0;
+                    e.id = id;
+                    // SAFETY: the helper bounds the copy to the buffer.
+                    let n = unsafe {
+                        bpf_probe_read_kernel_str(
+                            e.path.as_mut_ptr().cast(),
+                            CGROUP_PATH_LEN as u32,
+                            path.cast(),
+                        )
+                    };
+                    e.path_len = if n > 0 { (n - 1) as u32 } else { 0 };
+                },
+            );
+            return 0;
+        }
+    }
+    0
+}
+
+/// The process-map entry of a process that joins job `job` by its container's cgroup.
+#[inline(always)]
+pub fn member(job: u64) -> ProcessJob {
+    ProcessJob {
+        job,
+        ppid: 0,
+        flags: runner_monitor_common::PROCESS_CONTAINER,
+        start_ns: 0,
+    }
+}

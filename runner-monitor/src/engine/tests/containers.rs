@@ -1,0 +1,100 @@
+//! A job's containers: their processes join the job at exec (in the kernel), and findings about
+//! them name the container.
+
+use super::*;
+use crate::event::ContainerInfo;
+
+fn container(cgroup_id: u64) -> ContainerInfo {
+    ContainerInfo {
+        id: "ab".repeat(32),
+        name: Some("web".into()),
+        image: Some("busybox:latest".into()),
+        runtime: "docker".into(),
+        cgroup: format!("/docker/{}", "ab".repeat(32)),
+        cgroup_id,
+    }
+}
+
+#[test]
+fn findings_about_a_job_container_process_name_the_container() {
+    let mut t = Trace::new();
+    t.start(1, 7, 100, "acme/app");
+    // The runtime (runc, outside the job) made the container's cgroup 77 the job's.
+    t.feed(2, 7, 900, 1, "runc", EventDetail::Container(container(77)));
+    // A job process outside the container reads one credential: no container named.
+    t.fork(2, 7, 100, 101);
+    t.exec(2, 7, 101, 100, &["docker", "run"]);
+    // The entrypoint joined the job at its exec, in the container's cgroup.
+    t.cgroup = 77;
+    t.exec(3, 7, 200, 0, &["cat"]);
+    for path in [
+        "/h/.aws/credentials",
+        "/h/.ssh/id_rsa",
+        "/h/.docker/config.json",
+    ] {
+        t.open(3, 7, 200, path, false);
+    }
+    let f = t.only(RuleId::CredentialHarvesting);
+    assert_eq!(f.container, Some(container(77)), "{f:#?}");
+    assert_eq!(f.process.as_ref().unwrap().pid, 200);
+    t.feed(
+        4,
+        7,
+        200,
+        0,
+        "cat",
+        EventDetail::Exit { exit_code: Some(0), signal: None },
+    );
+    t.cgroup = 1;
+    t.feed(
+        4,
+        7,
+        101,
+        100,
+        "docker",
+        EventDetail::Exit { exit_code: Some(0), signal: None },
+    );
+    t.end(5, 7, 100);
+    let found = t.engine.advance(600 * S);
+    t.findings.extend(found);
+    // The runtime's process was never one of the job's: it is no survivor.
+    assert!(
+        !t.rules().contains(&RuleId::ProcessSurvivedJob),
+        "{:#?}",
+        t.findings
+    );
+}
+
+#[test]
+fn a_detached_container_surviving_its_job_is_named_in_the_survivor_finding() {
+    let mut t = Trace::new();
+    t.start(1, 7, 100, "acme/app");
+    t.feed(2, 7, 900, 1, "runc", EventDetail::Container(container(78)));
+    t.cgroup = 78;
+    t.exec(2, 7, 300, 0, &["sleep", "600"]);
+    t.cgroup = 1;
+    t.end(5, 7, 100);
+    let found = t.engine.advance(600 * S);
+    t.findings.extend(found);
+    let f = t.only(RuleId::ProcessSurvivedJob);
+    assert_eq!(f.process.as_ref().unwrap().pid, 300);
+    assert_eq!(f.container, Some(container(78)), "{f:#?}");
+}
+
+#[test]
+fn the_runtime_is_read_from_the_cgroup_path() {
+    let id = "ab".repeat(32);
+    for (path, runtime) in [
+        (format!("/docker/{id}"), "docker"),
+        (format!("/system.slice/docker-{id}.scope"), "docker"),
+        (format!("/machine.slice/libpod-{id}.scope"), "podman"),
+        (
+            format!("/kubepods.slice/kubepods-pod1.slice/cri-containerd-{id}.scope"),
+            "containerd",
+        ),
+        (format!("/kubepods/burstable/pod1/crio-{id}.scope"), "cri-o"),
+        (format!("/kubepods/burstable/pod1/{id}"), "unknown"),
+    ] {
+        assert_eq!(ContainerInfo::runtime_of(&path), runtime, "{path}");
+    }
+}

@@ -1,0 +1,110 @@
+//! Names a job's containers: at the kernel's container event (the container's cgroup was just
+//! made, its entrypoint has not run yet), asks the Docker API the job itself used for the
+//! container's name and image (the container list, filtered by its id), so that the event, the trace and
+//! every finding about the container's processes carry them. Only a socket the policy lists as a
+//! `docker` secret socket is asked (a job cannot point the agent at a socket of its choosing),
+//! with a short timeout: a daemon that does not answer leaves the name and image out, never the
+//! container. The kernel's attribution does not depend on any of this (docs/containers.md).
+
+use std::{
+    io::{Read, Write},
+    os::unix::net::UnixStream,
+    time::Duration,
+};
+
+use crate::{
+    bounded::BoundedMap,
+    event::{ContainerInfo, Event, EventDetail, JobKey, SocketFamily},
+    policy::Policy,
+};
+
+/// How long the Docker API may take to answer one inspect.
+const TIMEOUT: Duration = Duration::from_millis(300);
+/// The most of an answer read (an inspect is a few KiB).
+const MAX_ANSWER: u64 = 1 << 20;
+
+pub struct ContainerNamer {
+    /// job -> the Docker API socket it last connected to.
+    sockets: BoundedMap<JobKey, String>,
+}
+
+impl Default for ContainerNamer {
+    fn default() -> Self {
+        Self {
+            sockets: BoundedMap::new(4096),
+        }
+    }
+}
+
+impl ContainerNamer {
+    /// Remembers a job's connect to a Docker socket; names a container of a job.
+    pub fn process(&mut self, event: &mut Event, policy: &Policy) {
+        let Some(job) = event.job.as_ref().map(|j| j.key) else {
+            return;
+        };
+        match &mut event.detail {
+            EventDetail::Connect(c) if c.family == SocketFamily::Unix && c.result == 0 => {
+                if let Some(path) = &c.unix_path
+                    && policy.secret_socket_of(path) == Some("docker")
+                {
+                    self.sockets.insert(job, path.clone());
+                }
+            }
+            EventDetail::Container(info) => {
+                if let Some(socket) = self.sockets.get(&job) {
+                    name(socket, info);
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Fills `info`'s name and image from the Docker API at `socket`, when it answers.
+fn name(socket: &str, info: &mut ContainerInfo) {
+    if info.id.len() != 64 || !info.id.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return;
+    }
+    match inspect(socket, &info.id) {
+        Ok(answer) => {
+            let c = &answer[0];
+            info.name = c["Names"][0]
+                .as_str()
+                .map(|n| n.trim_start_matches('/').to_owned());
+            info.image = c["Image"].as_str().map(str::to_owned);
+        }
+        Err(e) => {
+            tracing::debug!(socket, id = %info.id, error = %e, "container not named");
+        }
+    }
+}
+
+fn inspect(socket: &str, id: &str) -> std::io::Result<serde_json::Value> {
+    let mut stream = UnixStream::connect(socket)?;
+    stream.set_read_timeout(Some(TIMEOUT))?;
+    stream.set_write_timeout(Some(TIMEOUT))?;
+    // The container list, filtered by id: it reads the daemon's snapshot of its containers and
+    // so answers while the container is starting (an inspect waits for the start to finish).
+    // HTTP/1.0: the daemon closes the connection after its answer, which is read to the end.
+    write!(
+        stream,
+        "GET /containers/json?all=1&filters=%7B%22id%22%3A%5B%22{id}%22%5D%7D HTTP/1.0\r\n\
+         Host: docker\r\n\r\n"
+    )?;
+    let mut answer = Vec::new();
+    stream.take(MAX_ANSWER).read_to_end(&mut answer)?;
+    let invalid =
+        |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, what.to_owned());
+    let split = answer
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or_else(|| invalid("no end of headers"))?;
+    let status = answer[..split]
+        .split(|b| *b == b'\n')
+        .next()
+        .unwrap_or_default();
+    if !status.windows(5).any(|w| w == b" 200 ") {
+        return Err(invalid("not 200"));
+    }
+    serde_json::from_slice(&answer[split + 4..]).map_err(|e| invalid(&e.to_string()))
+}

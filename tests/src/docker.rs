@@ -1,0 +1,179 @@
+//! A real Docker engine for the container tests: Debian's `docker.io` (dockerd, containerd,
+//! runc), started by the test with its own data root, exec root and socket under a directory the
+//! test owns, no bridge and no iptables rules, and an image built here (`docker import` of a
+//! rootfs holding Debian's static busybox: nothing is pulled). Dropping it removes every
+//! container, stops the daemon and removes its files.
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+/// Debian's docker CLI (another `docker` may come first on PATH).
+pub const DOCKER_CLI: &str = "/usr/bin/docker";
+/// The busybox image every test daemon has.
+pub const IMAGE: &str = "rm-busybox:test";
+
+pub struct Docker {
+    child: Child,
+    pub dir: PathBuf,
+    /// The API socket: `<dir>/.docker/run/docker.sock`, a path the built-in policy lists as the
+    /// Docker secret socket (rootless Docker's place for it).
+    pub socket: PathBuf,
+}
+
+impl Docker {
+    /// Starts dockerd with its files in a fresh directory named after `name`, and imports
+    /// `IMAGE`.
+    pub fn start(name: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("rm-docker-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let socket = dir.join(".docker/run/docker.sock");
+        std::fs::create_dir_all(socket.parent().unwrap()).unwrap();
+        let log = std::fs::File::create(dir.join("dockerd.log")).unwrap();
+        let child = crate::spawn_with_parent_death(
+            Command::new("dockerd")
+                .arg("--data-root")
+                .arg(dir.join("data"))
+                .arg("--exec-root")
+                .arg(dir.join("exec"))
+                .arg("--pidfile")
+                .arg(dir.join("dockerd.pid"))
+                .arg("-H")
+                .arg(format!("unix://{}", socket.display()))
+                .args(["--bridge=none", "--iptables=false", "--ip6tables=false"])
+                .stdout(Stdio::null())
+                .stderr(log),
+            libc::SIGTERM,
+        )
+        .expect("starting dockerd (Debian's docker.io; `cargo xtask setup` installs it)");
+        let docker = Self { child, dir, socket };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !docker
+            .cli()
+            .arg("version")
+            .output()
+            .is_ok_and(|o| o.status.success())
+        {
+            assert!(
+                Instant::now() < deadline,
+                "dockerd did not answer: {}",
+                docker.log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        docker.import_busybox();
+        docker
+    }
+
+    /// `docker` talking to this daemon.
+    pub fn cli(&self) -> Command {
+        let mut command = Command::new(DOCKER_CLI);
+        command
+            .env("DOCKER_CONFIG", self.dir.join("cli"))
+            .arg("-H")
+            .arg(self.host());
+        command
+    }
+
+    /// The same, as a shell command line for a job's step: the CLI's own configuration is not
+    /// the job's `~/.docker/config.json` (the tests' home holds a canary there).
+    pub fn shell_cli(&self) -> String {
+        format!(
+            "DOCKER_CONFIG={} {DOCKER_CLI} -H {}",
+            self.dir.join("cli").display(),
+            self.host()
+        )
+    }
+
+    /// The `-H` value for this daemon.
+    pub fn host(&self) -> String {
+        format!("unix://{}", self.socket.display())
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("dockerd.log")).unwrap_or_default()
+    }
+
+    /// `docker <args>`, which must succeed; its stdout.
+    pub fn run(&self, args: &[&str]) -> String {
+        let out = self.cli().args(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "docker {args:?}: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            self.log()
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// A rootfs of Debian's static busybox (`busybox-static`), imported as `IMAGE`.
+    fn import_busybox(&self) {
+        let root = self.dir.join("rootfs");
+        for sub in ["bin", "proc", "sys", "dev", "etc", "tmp", "h"] {
+            std::fs::create_dir_all(root.join(sub)).unwrap();
+        }
+        std::fs::copy(busybox(), root.join("bin/busybox")).unwrap();
+        for applet in ["sh", "cat", "sleep", "true", "ls"] {
+            std::os::unix::fs::symlink("busybox", root.join("bin").join(applet)).unwrap();
+        }
+        let tar = self.dir.join("rootfs.tar");
+        let status = Command::new("tar")
+            .arg("-C")
+            .arg(&root)
+            .arg("-cf")
+            .arg(&tar)
+            .arg(".")
+            .status()
+            .unwrap();
+        assert!(status.success(), "tar of the busybox rootfs failed");
+        self.run(&["import", &tar.display().to_string(), IMAGE]);
+    }
+}
+
+/// Debian's static busybox (the dynamic one would need its libraries in the image).
+fn busybox() -> &'static Path {
+    let path = Path::new("/bin/busybox");
+    let out = Command::new("file").arg("-L").arg(path).output();
+    if let Ok(out) = out {
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            !text.contains("dynamically linked"),
+            "/bin/busybox is not static: install Debian's busybox-static (`cargo xtask setup`)"
+        );
+    }
+    path
+}
+
+impl Drop for Docker {
+    fn drop(&mut self) {
+        if let Ok(out) = self.cli().args(["ps", "-aq"]).output() {
+            let ids = String::from_utf8_lossy(&out.stdout).to_string();
+            let ids: Vec<&str> = ids.split_whitespace().collect();
+            if !ids.is_empty() {
+                let _ = self.cli().args(["rm", "-f"]).args(&ids).output();
+            }
+        }
+        // SAFETY: kill(2) of the daemon this value started.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while self.child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        // Whatever the daemon left mounted under its roots goes before its files.
+        let _ = Command::new("umount")
+            .args(["-R", "-l"])
+            .arg(self.dir.join("exec"))
+            .stderr(Stdio::null())
+            .status();
+        let _ = Command::new("umount")
+            .args(["-R", "-l"])
+            .arg(self.dir.join("data"))
+            .stderr(Stdio::null())
+            .status();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

@@ -1,0 +1,339 @@
+//! Containers a job starts are the job, from their first instruction: a real Docker engine
+//! (Debian's `docker.io`, started by each test with its own roots and socket, see
+//! `integration_tests::docker`), driven by the docker CLI from GitHub-style jobs of the real
+//! agent. The agent's alert stream must name the job for what the containers did, containers
+//! started outside jobs must produce nothing, and no output may hold a secret.
+
+use std::time::Duration;
+
+use integration_tests::{
+    TestEnv,
+    docker::{Docker, IMAGE},
+    live::{agent, alerts, assert_no_secret, github_job, run_id, wait_alert},
+};
+
+/// `docker run` from a job step, against the test's daemon, with the job's home mounted at
+/// `mount` in the container.
+fn docker_run(docker: &Docker, env: &TestEnv, mount: &str, args: &str) -> String {
+    format!(
+        "{cli} run --network none -v {home}:{mount} {args}",
+        cli = docker.shell_cli(),
+        home = env.home.display(),
+    )
+}
+
+/// The three kinds of credentials of the test home, read from `mount` in a container.
+fn read_three_kinds(mount: &str) -> String {
+    format!("cat {mount}/.aws/credentials {mount}/.ssh/id_ed25519 {mount}/.docker/config.json")
+}
+
+/// The finding names the container: its id, the image the job asked for, its runtime, and its
+/// name (`name` when the job gave one).
+fn assert_container(finding: &serde_json::Value, name: Option<&str>) {
+    let c = &finding["container"];
+    let id = c["id"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no container: {finding}"));
+    assert!(
+        id.len() == 64 && id.bytes().all(|b| b.is_ascii_hexdigit()),
+        "{finding}"
+    );
+    assert_eq!(c["runtime"], "docker", "{finding}");
+    assert_eq!(c["image"], IMAGE, "{finding}");
+    assert!(
+        c["name"].as_str().is_some_and(|n| !n.is_empty()),
+        "{finding}"
+    );
+    if let Some(name) = name {
+        assert_eq!(c["name"], name, "{finding}");
+    }
+}
+
+#[test]
+fn a_short_container_of_a_job_is_seen_from_its_first_instruction() {
+    let agent = agent();
+    let docker = Docker::start("short");
+    let env = TestEnv::new("containers-short");
+    let run = run_id(1);
+    // `cat` is the container's entrypoint: its opens are its first actions, a few ms after the
+    // start request.
+    let step = docker_run(
+        &docker,
+        &env,
+        "/h",
+        &format!("--rm {IMAGE} {} > /dev/null", read_three_kinds("/h")),
+    );
+    github_job(&env, agent, &run, "acme/containers", &step);
+    let id = format!("{run}/build");
+    let harvest = wait_alert(agent, "credential-harvesting", &id, |_| true);
+    assert_eq!(harvest["job"]["repository"], "acme/containers", "{harvest}");
+    assert_eq!(harvest["process"]["comm"], "cat", "{harvest}");
+    assert_container(&harvest, None);
+    // The job's connect to the Docker socket is reported as before.
+    let socket = wait_alert(agent, "secret-socket-access", &id, |_| true);
+    assert_eq!(socket["socket"]["kind"], "docker", "{socket}");
+    assert_no_secret(agent);
+}
+
+#[test]
+fn a_detached_container_of_a_job_outlives_it_and_reads_a_credential_after_the_end() {
+    let agent = agent();
+    let docker = Docker::start("detached");
+    let env = TestEnv::new("containers-detached");
+    let run = run_id(2);
+    let step = docker_run(
+        &docker,
+        &env,
+        "/h",
+        &format!(
+            "-d {IMAGE} sh -c 'sleep 3; cat /h/.aws/credentials > /dev/null; sleep 30' > /dev/null"
+        ),
+    );
+    github_job(&env, agent, &run, "acme/detached", &step);
+    let id = format!("{run}/build");
+    let after = wait_alert(agent, "credential-after-job-end", &id, |_| true);
+    assert_eq!(after["credential"]["kind"], "aws", "{after}");
+    assert_eq!(after["job"]["repository"], "acme/detached", "{after}");
+    // busybox's `sh` runs its `cat` applet as `/proc/self/exe`.
+    assert_eq!(
+        after["process"]["cmdline"], "cat /h/.aws/credentials",
+        "{after}"
+    );
+    assert_container(&after, None);
+    let survivor = wait_alert(agent, "process-survived-job", &id, |_| true);
+    assert_eq!(survivor["job"]["repository"], "acme/detached", "{survivor}");
+    assert_container(&survivor, None);
+    assert_eq!(survivor["container"]["id"], after["container"]["id"]);
+    assert_no_secret(agent);
+}
+
+#[test]
+fn docker_exec_into_a_job_container_is_the_job() {
+    let agent = agent();
+    let docker = Docker::start("exec");
+    let env = TestEnv::new("containers-exec");
+    let run = run_id(3);
+    let name = format!("rm-exec-{run}");
+    // The container itself only sleeps; what reads is the program `docker exec` runs in it.
+    let step = format!(
+        "{run_detached} > /dev/null\n{cli} exec {name} {read} > /dev/null\n\
+         {cli} rm -f {name} > /dev/null",
+        run_detached = docker_run(
+            &docker,
+            &env,
+            "/h",
+            &format!("-d --name {name} {IMAGE} sleep 30")
+        ),
+        cli = docker.shell_cli(),
+        read = read_three_kinds("/h"),
+    );
+    github_job(&env, agent, &run, "acme/exec", &step);
+    let id = format!("{run}/build");
+    let harvest = wait_alert(agent, "credential-harvesting", &id, |_| true);
+    assert_eq!(harvest["process"]["comm"], "cat", "{harvest}");
+    assert_container(&harvest, Some(&name));
+    assert_no_secret(agent);
+}
+
+#[test]
+fn a_container_started_outside_any_job_produces_nothing() {
+    let agent = agent();
+    let docker = Docker::start("outside");
+    let env = TestEnv::new("containers-outside");
+    // The host's own service starts a container that reads the same credentials: nothing.
+    let home = env.home.display().to_string();
+    docker.run(&[
+        "run",
+        "--rm",
+        "--network",
+        "none",
+        "-v",
+        &format!("{home}:/h-outside"),
+        IMAGE,
+        "sh",
+        "-c",
+        &format!("{} > /dev/null", read_three_kinds("/h-outside")),
+    ]);
+    // The control: the same container started by a job is seen. Its alert comes after
+    // everything the outside container could have caused (one ring buffer, read in order).
+    let run = run_id(4);
+    let step = docker_run(
+        &docker,
+        &env,
+        "/h-job",
+        &format!("--rm {IMAGE} {} > /dev/null", read_three_kinds("/h-job")),
+    );
+    github_job(&env, agent, &run, "acme/control", &step);
+    wait_alert(
+        agent,
+        "credential-harvesting",
+        &format!("{run}/build"),
+        |_| true,
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let outside: Vec<_> = alerts(agent)
+        .into_iter()
+        .filter(|a| a.to_string().contains("/h-outside"))
+        .collect();
+    assert!(
+        outside.is_empty(),
+        "alerts for a container outside jobs: {outside:#?}"
+    );
+    let events = std::fs::read_to_string(agent.dir.join("events.jsonl")).unwrap_or_default();
+    assert!(
+        !events.contains("/h-outside"),
+        "the event trace holds a container outside jobs"
+    );
+    assert!(
+        events.contains("/h-job"),
+        "the control job's container left no event"
+    );
+    assert_no_secret(agent);
+}
+
+/// A job's `--pid=host` container reads the environment of a host process (one holding a
+/// secret, as the runner's worker does).
+#[test]
+fn a_host_pid_container_of_a_job_reading_a_host_process_environment() {
+    let agent = agent();
+    let docker = Docker::start("pidhost");
+    let env = TestEnv::new("containers-pidhost");
+    let mut victim = std::process::Command::new("sleep")
+        .arg("60")
+        .env("RUNNER_SECRET", integration_tests::CANARY)
+        .spawn()
+        .unwrap();
+    let run = run_id(5);
+    let step = format!(
+        "{cli} run --rm --network none --pid=host --cap-add SYS_PTRACE {IMAGE} \
+         cat /proc/{pid}/environ > /dev/null",
+        cli = docker.shell_cli(),
+        pid = victim.id(),
+    );
+    github_job(&env, agent, &run, "acme/pidhost", &step);
+    let _ = victim.kill();
+    let _ = victim.wait();
+    let id = format!("{run}/build");
+    let access = wait_alert(agent, "process-memory-access", &id, |_| true);
+    assert_eq!(access["process"]["comm"], "cat", "{access}");
+    assert_no_secret(agent);
+}
+
+/// GitLab Runner's docker executor, as the runner does it: a process outside any job creates
+/// the job container with the runner's labels and the job's `CI_*` variables (a canary
+/// `CI_JOB_TOKEN` among them). The kernel's environment scan makes the container's entrypoint a
+/// job root at its exec, named from those variables.
+#[test]
+fn a_gitlab_docker_executor_job_container_is_a_job_named_from_its_environment() {
+    let agent = agent();
+    let docker = Docker::start("gitlab");
+    let env = TestEnv::new("containers-gitlab");
+    let job_id = run_id(6);
+    let home = env.home.display().to_string();
+    let mut run = docker.cli();
+    run.args(["run", "--rm", "--network", "none", "-v"])
+        .arg(format!("{home}:/builds/h"))
+        .args([
+            "--label",
+            &format!("com.gitlab.gitlab-runner.job.id={job_id}"),
+        ])
+        .args(["--label", "com.gitlab.gitlab-runner.project.id=42"])
+        .args(["--label", "com.gitlab.gitlab-runner.type=build"])
+        .args(["-e", "GITLAB_CI=true", "-e", "CI=true"])
+        .args(["-e", &format!("CI_JOB_ID={job_id}")])
+        .args(["-e", "CI_PROJECT_PATH=group/containerised"])
+        .args(["-e", "CI_PIPELINE_ID=77", "-e", "CI_JOB_NAME=test"])
+        .args(["-e", "CI_RUNNER_ID=9"])
+        // The CLI reads the token from its own environment: not on any command line.
+        .args(["-e", "CI_JOB_TOKEN"])
+        .env("CI_JOB_TOKEN", integration_tests::CANARY)
+        .args([
+            IMAGE,
+            "sh",
+            "-c",
+            &format!("{} > /dev/null", read_three_kinds("/builds/h")),
+        ]);
+    let out = run.output().unwrap();
+    assert!(
+        out.status.success(),
+        "docker run: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let harvest = wait_alert(agent, "credential-harvesting", &job_id, |_| true);
+    assert_eq!(harvest["job"]["platform"], "gitlab", "{harvest}");
+    assert_eq!(
+        harvest["job"]["repository"], "group/containerised",
+        "{harvest}"
+    );
+    assert_no_secret(agent);
+}
+
+/// The Docker API straight from a job process (curl, which sends with `sendto`, where the docker
+/// CLI writes with `write`): create, start by id, wait.
+#[test]
+fn a_container_a_job_starts_through_the_docker_api_with_curl() {
+    let agent = agent();
+    let docker = Docker::start("curl");
+    let env = TestEnv::new("containers-curl");
+    let run = run_id(7);
+    let body = format!(
+        r#"{{"Image":"{IMAGE}","Cmd":["sh","-c","{read} > /dev/null"],"HostConfig":{{"Binds":["{home}:/h"],"NetworkMode":"none"}}}}"#,
+        read = read_three_kinds("/h"),
+        home = env.home.display(),
+    );
+    let api = format!(
+        "curl -sf --unix-socket {socket}",
+        socket = docker.socket.display()
+    );
+    let step = format!(
+        "id=$({api} -H 'Content-Type: application/json' -d '{body}' \
+         http://docker/v1.41/containers/create?name=rm-curl-{run} | sed 's/.*\"Id\":\"\\([0-9a-f]*\\)\".*/\\1/')\n\
+         {api} -X POST http://docker/v1.41/containers/$id/start\n\
+         {api} -X POST http://docker/v1.41/containers/$id/wait > /dev/null"
+    );
+    github_job(&env, agent, &run, "acme/api", &step);
+    let id = format!("{run}/build");
+    let harvest = wait_alert(agent, "credential-harvesting", &id, |_| true);
+    assert_container(&harvest, Some(&format!("rm-curl-{run}")));
+    assert_no_secret(agent);
+}
+
+/// A job's detached container outlives the job and an agent restart: a program `docker exec`
+/// runs in it afterwards (here from outside any job) is still the job's, because the kernel's
+/// container maps are pinned with the process map.
+#[test]
+fn a_job_container_stays_the_job_across_an_agent_restart() {
+    let env = TestEnv::new("containers-restart");
+    let dir = env.dir.join("agent");
+    let pins = integration_tests::pin_dir_of(&dir);
+    let port = integration_tests::live::free_port();
+    let agent = integration_tests::live::Agent::launch(&dir, port, &[]);
+    let docker = Docker::start("restart");
+    let run = run_id(8);
+    let name = format!("rm-restart-{run}");
+    let step = docker_run(
+        &docker,
+        &env,
+        "/h",
+        &format!("-d --name {name} {IMAGE} sleep 60 > /dev/null"),
+    );
+    github_job(&env, &agent, &run, "acme/restart", &step);
+    let id = format!("{run}/build");
+    wait_alert(&agent, "secret-socket-access", &id, |_| true);
+    assert!(agent.stop().success());
+    let agent = integration_tests::live::Agent::launch(&dir, port, &[]);
+    docker.run(&[
+        "exec",
+        &name,
+        "sh",
+        "-c",
+        &format!("{} > /dev/null", read_three_kinds("/h")),
+    ]);
+    let harvest = wait_alert(&agent, "credential-harvesting", &id, |_| true);
+    assert_eq!(harvest["job"]["repository"], "acme/restart", "{harvest}");
+    assert_eq!(harvest["job"]["ended"], true, "{harvest}");
+    drop(docker);
+    assert!(agent.stop().success());
+    integration_tests::live::assert_no_secret_in(&dir);
+    let _ = std::fs::remove_dir_all(&pins);
+}
