@@ -13,6 +13,12 @@
 //!                                     and CPU ns per exec (this process and its children)
 //! bench-workload hold N               N children that wait; prints "ready", then waits for
 //!                                     stdin to close and reaps them
+//! bench-workload connect ADDR N       N TCP connects to ADDR (closed with a reset: no
+//!                                     TIME_WAIT); prints ns per connect
+//! bench-workload http ADDR N          N HTTP/1.0 GETs to ADDR, a connection each; prints ns per
+//!                                     request
+//! bench-workload serve-http ADDR      answers every connection on ADDR with 16 KiB; prints
+//!                                     "listening", then serves until killed
 
 use std::{
     ffi::CString,
@@ -50,6 +56,33 @@ fn main() {
         "alerts" => alerts(Duration::from_secs(num(1)), Duration::from_micros(num(2))),
         "hold" => hold(num(1)),
         "exec" => exec(&args[1], num(2)),
+        "connect" => {
+            let addr: std::net::SocketAddr = args[1].parse().expect("IP:PORT");
+            let n = num(2);
+            let start = Instant::now();
+            for _ in 0..n {
+                let stream = std::net::TcpStream::connect(addr).expect("connect");
+                reset_on_close(&stream);
+            }
+            per_op(start, n);
+        }
+        "http" => {
+            let addr: std::net::SocketAddr = args[1].parse().expect("IP:PORT");
+            let n = num(2);
+            let mut body = Vec::new();
+            let start = Instant::now();
+            for _ in 0..n {
+                let mut stream = std::net::TcpStream::connect(addr).expect("connect");
+                stream
+                    .write_all(b"GET /object HTTP/1.0\r\nHost: bench\r\n\r\n")
+                    .expect("request");
+                body.clear();
+                stream.read_to_end(&mut body).expect("response");
+                assert!(body.starts_with(b"HTTP/1.0 200"), "not an HTTP answer");
+            }
+            per_op(start, n);
+        }
+        "serve-http" => serve_http(&args[1]),
         other => panic!("unknown workload {other}"),
     }
 }
@@ -253,4 +286,50 @@ fn cpu_ns() -> u64 {
         }
     }
     total
+}
+
+/// A minimal HTTP/1.0 server: every request gets the same 16 KiB answer and the connection is
+/// closed by the server (the client sees EOF, and the server side holds the TIME_WAIT).
+fn serve_http(addr: &str) {
+    let listener = std::net::TcpListener::bind(addr).expect("bind");
+    let mut answer = b"HTTP/1.0 200 OK\r\nContent-Length: 16384\r\n\r\n".to_vec();
+    answer.resize(answer.len() + 16384, b'x');
+    println!("listening");
+    std::io::stdout().flush().expect("stdout");
+    for stream in listener.incoming() {
+        let Ok(mut stream) = stream else { continue };
+        let mut request = [0u8; 1024];
+        let mut got = 0;
+        while got < request.len() {
+            match stream.read(&mut request[got..]) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => got += n,
+            }
+            if request[..got].windows(4).any(|w| w == b"\r\n\r\n") {
+                break;
+            }
+        }
+        let _ = stream.write_all(&answer);
+    }
+}
+
+/// SO_LINGER 0: the close sends a reset and leaves no TIME_WAIT, so a long run of connects does
+/// not run out of ephemeral ports.
+fn reset_on_close(stream: &std::net::TcpStream) {
+    use std::os::fd::AsRawFd as _;
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: setsockopt with a valid socket and a linger struct of the size given.
+    let rc = unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&linger as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0, "SO_LINGER: {}", std::io::Error::last_os_error());
 }

@@ -2,6 +2,7 @@
 //! Prints a table and writes JSON (`target/bench/results.json`). Benchmarks, not tests: nothing
 //! here asserts a timing; `--smoke` runs each one briefly so CI keeps them working.
 
+mod egress;
 mod exec;
 mod fleet;
 mod memory;
@@ -321,8 +322,9 @@ fn engine(sizes: &Sizes) -> anyhow::Result<Value> {
 }
 
 /// The benchmarks, in the order they run and print.
-const NAMES: [&str; 8] = [
+const NAMES: [&str; 9] = [
     "exec",
+    "egress",
     "syscalls",
     "workloads",
     "pipeline",
@@ -397,6 +399,11 @@ pub fn bench(smoke: bool, only: &[String]) -> anyhow::Result<()> {
     } else {
         skipped()
     }?;
+    let egress = if want("egress") {
+        egress::run(&dir, &sizes)
+    } else {
+        skipped()
+    }?;
     let syscalls = if want("syscalls") {
         syscalls::run(&dir, &sizes)
     } else {
@@ -440,6 +447,7 @@ pub fn bench(smoke: bool, only: &[String]) -> anyhow::Result<()> {
         "cpus": cpus,
         "syscalls": syscalls,
         "exec": exec,
+        "egress": egress,
         "workloads": workloads,
         "pipeline": pipeline,
         "memory": memory,
@@ -460,6 +468,9 @@ pub fn bench(smoke: bool, only: &[String]) -> anyhow::Result<()> {
     }
     if ran("exec") {
         exec::print(&results["exec"]);
+    }
+    if ran("egress") {
+        egress::print(&results["egress"]);
     }
     if ran("workloads") {
         workloads::print(&results["workloads"]);
