@@ -269,6 +269,8 @@ pub const CONNECT_BLOCKED: u32 = 1;
 /// `ConnectEvent::flags`: a UDP send (`sendto`, `sendmsg`) to the address, not a `connect()`;
 /// only refused sends are reported (`fd` is -1: the cgroup hook does not see it).
 pub const CONNECT_UDP_SEND: u32 = 1 << 1;
+/// `ConnectEvent::flags`: a DNS connect that block mode sent to the agent's resolver.
+pub const CONNECT_DNS_REDIRECTED: u32 = 1 << 2;
 
 pub const DNS_DIRECTION_QUERY: u32 = 0;
 pub const DNS_DIRECTION_ANSWER: u32 = 1;
@@ -489,6 +491,7 @@ pub mod map_name {
     pub const EGRESS_ALLOW4: &str = "EGRESS_ALLOW4";
     pub const EGRESS_ALLOW6: &str = "EGRESS_ALLOW6";
     pub const EGRESS_METADATA: &str = "EGRESS_METADATA";
+    pub const DNS_PORTS: &str = "DNS_PORTS";
 }
 
 /// Length of a job's event-budget window.
@@ -522,7 +525,13 @@ pub mod setting {
     pub use crate::io_uring::slot::*;
     /// The global `[egress] mode`: 1 block, 0 audit. Judges jobs without an `EGRESS_JOBS` entry.
     pub const EGRESS_MODE: u32 = 18;
-    pub const SLOTS: u32 = 19;
+    /// The port of the agent's DNS resolver on 127.0.0.1; 0: job DNS is not redirected.
+    pub const DNS_RESOLVER_PORT: u32 = 19;
+    /// The agent's network namespace cookie (low and high halves): only port-53 traffic in that
+    /// namespace can reach the resolver, so only it is redirected.
+    pub const DNS_NETNS_LO: u32 = 20;
+    pub const DNS_NETNS_HI: u32 = 21;
+    pub const SLOTS: u32 = 22;
 }
 
 /// Capacity of the kernel's process map: job processes alive at once.

@@ -78,6 +78,16 @@ pub fn verdict(ctx: &SockAddrContext, v6: bool, udp_send: bool) -> i32 {
 /// it: IPv4 in its first 4 bytes) and `port`.
 #[inline(always)]
 pub fn refuses(process: &ProcessJob, written: &[u8; 16], v6: bool, port: u16) -> bool {
+    let Some(job) = blocking(process) else {
+        return false;
+    };
+    let dest = normalise(written, v6);
+    !(is_local(&dest) || allowed(&job, &dest, port))
+}
+
+/// The plan that judges job process `process`, when it is in block mode.
+#[inline(always)]
+pub fn blocking(process: &ProcessJob) -> Option<EgressJob> {
     // SAFETY: the value is copied out at once.
     let job = match unsafe { EGRESS_JOBS.get(process.job) } {
         Some(job) => *job,
@@ -85,13 +95,9 @@ pub fn refuses(process: &ProcessJob, written: &[u8; 16], v6: bool, port: u16) ->
             policy: EGRESS_GLOBAL_POLICY,
             flags: EGRESS_BLOCK,
         },
-        None => return false,
+        None => return None,
     };
-    if job.flags & EGRESS_BLOCK == 0 {
-        return false;
-    }
-    let dest = normalise(written, v6);
-    !(is_local(&dest) || allowed(&job, &dest, port))
+    (job.flags & EGRESS_BLOCK != 0).then_some(job)
 }
 
 /// The address as the process wrote it.

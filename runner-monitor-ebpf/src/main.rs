@@ -18,6 +18,7 @@ mod memory;
 mod names;
 mod net;
 mod process;
+mod redirect;
 mod tamper;
 
 #[cfg(not(test))]

@@ -315,6 +315,10 @@ pub struct Connect {
     /// A UDP send to the address (`sendto`, `sendmsg`), not a `connect()`.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub udp_send: bool,
+    /// A DNS connect block mode sent to the agent's resolver instead (the address is the one the
+    /// process gave).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub dns_redirected: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -168,6 +168,7 @@ fn connect(ip: &str, port: u16) -> EventDetail {
         io_uring: false,
         blocked: false,
         udp_send: false,
+        dns_redirected: false,
     })
 }
 

@@ -7,12 +7,12 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use runner_monitor_common::{
-    AF_INET, AF_INET6, AF_UNIX, BpfEvent, CONNECT_BLOCKED, CONNECT_UDP_SEND, ChdirEvent,
-    ConnectEvent, DnsEvent, EXIT_CODE_KNOWN, EventHeader, EventKind, ExecEvent, ExitEvent,
-    FileEvent, ForkEvent, HEADER_IO_URING, HEADER_JOB_ENDED, HEADER_JOB_ROOT, HEADER_TRUNCATED,
-    IoUringSetupEvent, JobEnvEvent, MATCH_BASENAME, MATCH_DIRNAME, MATCH_PREFIX, MATCH_PROC_MEMORY,
-    MATCH_SECOND_PATH, PTRACE_ATTACH, PTRACE_PEEKDATA, PTRACE_PEEKTEXT, PTRACE_PEEKUSER,
-    PTRACE_SEIZE, ProcessAccessEvent, SIGNAL_SYSCALL_KILL, SIGNAL_SYSCALL_TGKILL,
+    AF_INET, AF_INET6, AF_UNIX, BpfEvent, CONNECT_BLOCKED, CONNECT_DNS_REDIRECTED,
+    CONNECT_UDP_SEND, ChdirEvent, ConnectEvent, DnsEvent, EXIT_CODE_KNOWN, EventHeader, EventKind,
+    ExecEvent, ExitEvent, FileEvent, ForkEvent, HEADER_IO_URING, HEADER_JOB_ENDED, HEADER_JOB_ROOT,
+    HEADER_TRUNCATED, IoUringSetupEvent, JobEnvEvent, MATCH_BASENAME, MATCH_DIRNAME, MATCH_PREFIX,
+    MATCH_PROC_MEMORY, MATCH_SECOND_PATH, PTRACE_ATTACH, PTRACE_PEEKDATA, PTRACE_PEEKTEXT,
+    PTRACE_PEEKUSER, PTRACE_SEIZE, ProcessAccessEvent, SIGNAL_SYSCALL_KILL, SIGNAL_SYSCALL_TGKILL,
     SIGNAL_SYSCALL_TKILL, SignalEvent,
 };
 
@@ -324,6 +324,7 @@ fn connect(e: &ConnectEvent) -> Result<Connect, DecodeError> {
         io_uring: false,
         blocked: e.flags & CONNECT_BLOCKED != 0,
         udp_send: e.flags & CONNECT_UDP_SEND != 0,
+        dns_redirected: e.flags & CONNECT_DNS_REDIRECTED != 0,
     })
 }
 

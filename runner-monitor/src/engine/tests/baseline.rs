@@ -50,6 +50,7 @@ fn unix_connect(t: &mut Trace, at: u64, job: u64, pid: u32, path: &str) {
             io_uring: false,
             blocked: false,
             udp_send: false,
+            dns_redirected: false,
         }),
     );
 }
@@ -169,6 +170,7 @@ fn deviation_does_not_depend_on_the_egress_verdict_or_the_connection_succeeding(
             io_uring: false,
             blocked: false,
             udp_send: false,
+            dns_redirected: false,
         }),
     );
     assert_eq!(deviations(&t).len(), 2);

@@ -182,6 +182,7 @@ impl Trace {
                 io_uring: false,
                 blocked: false,
                 udp_send: false,
+                dns_redirected: false,
             }),
         );
     }

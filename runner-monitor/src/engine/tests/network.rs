@@ -97,6 +97,7 @@ fn metadata_runner_credentials_secret_sockets_harvesting_and_tamper() {
             io_uring: false,
             blocked: false,
             udp_send: false,
+            dns_redirected: false,
         }),
     );
     t.open(5, 1, 100, "/home/ci/.aws/credentials", false);
@@ -178,6 +179,7 @@ fn an_entitled_secret_socket_is_quiet() {
             io_uring: false,
             blocked: false,
             udp_send: false,
+            dns_redirected: false,
         }),
     );
     assert!(t.findings.is_empty(), "{:#?}", t.findings);
