@@ -119,6 +119,7 @@ fn throughput(total: u64) {
                 io_uring: false,
                 blocked: false,
                 udp_send: false,
+                dns_redirected: false,
             }),
             _ => EventDetail::DnsAnswer(Dns::answer_a("api.github.com", &ip.to_string())),
         };

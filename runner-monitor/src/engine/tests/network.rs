@@ -202,6 +202,7 @@ fn refused(ip: &str, port: u16, udp_send: bool) -> EventDetail {
         io_uring: false,
         blocked: true,
         udp_send,
+        dns_redirected: false,
     })
 }
 
@@ -274,4 +275,18 @@ fn a_rule_with_metadata_entitles_its_jobs_to_the_metadata_endpoint() {
     t.start(3, 2, 200, "acme/app");
     t.connect(4, 2, 200, "169.254.169.254", 80);
     assert_eq!(t.rules(), [RuleId::MetadataEndpointAccess]);
+}
+
+#[test]
+fn a_dns_connect_block_mode_sent_to_the_agents_resolver_is_not_unexpected_egress() {
+    let mut t = Trace::new();
+    t.start(1, 1, 100, "acme/app");
+    let EventDetail::Connect(mut redirected) = refused("203.0.113.53", 53, false) else {
+        unreachable!()
+    };
+    redirected.blocked = false;
+    redirected.result = 0;
+    redirected.dns_redirected = true;
+    t.feed(2, 1, 100, 1, "curl", EventDetail::Connect(redirected));
+    assert!(t.findings.is_empty(), "{:#?}", t.findings);
 }
