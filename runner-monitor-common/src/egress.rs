@@ -31,6 +31,28 @@ pub const MAX_EGRESS_ENTRIES: u32 = 65536;
 /// Capacity of the metadata endpoint set.
 pub const MAX_METADATA_ENDPOINTS: u32 = 64;
 
+/// Policy ids the agent gives jobs stay below this: the DNS redirect carries the id in the
+/// last 24 bits of a loopback source address (`dns_source`).
+pub const EGRESS_MAX_POLICY: u32 = 0x00fe_0000;
+/// Name of the redirect's source addresses: `127.1.0.0` + policy id.
+const DNS_SOURCE_BASE: u32 = 0x7f01_0000;
+
+/// The loopback address block mode binds a job's redirected DNS socket to (host byte order):
+/// the agent's resolver reads the job's policy id from the query's source address.
+pub fn dns_source(policy: u32) -> u32 {
+    DNS_SOURCE_BASE + (policy & 0x00ff_ffff)
+}
+
+/// The policy id a redirected query's source address (host byte order) carries, if it is one.
+pub fn dns_source_policy(addr: u32) -> Option<u32> {
+    let policy = addr.checked_sub(DNS_SOURCE_BASE)?;
+    (policy < EGRESS_MAX_POLICY).then_some(policy)
+}
+
+/// Capacity of `DNS_PORTS` (LRU): local port of a redirected socket bound before its connect
+/// -> policy id.
+pub const MAX_DNS_PORTS: u32 = 4096;
+
 /// Value of an allowlist entry.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

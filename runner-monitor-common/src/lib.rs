@@ -285,6 +285,8 @@ pub const CONNECT_UDP_SEND: u32 = 1 << 1;
 /// address hooks (raw, packet, ICMP): `family` is its family, `port` its protocol,
 /// `addr[0]` its type; `fd` is -1. With `CONNECT_BLOCKED`, block mode refused the `socket()`.
 pub const CONNECT_RAW_SOCKET: u32 = 1 << 2;
+/// `ConnectEvent::flags`: a DNS connect that block mode sent to the agent's resolver.
+pub const CONNECT_DNS_REDIRECTED: u32 = 1 << 3;
 
 pub const DNS_DIRECTION_QUERY: u32 = 0;
 pub const DNS_DIRECTION_ANSWER: u32 = 1;
@@ -510,6 +512,7 @@ pub mod map_name {
     pub const EGRESS_ALLOW4: &str = "EGRESS_ALLOW4";
     pub const EGRESS_ALLOW6: &str = "EGRESS_ALLOW6";
     pub const EGRESS_METADATA: &str = "EGRESS_METADATA";
+    pub const DNS_PORTS: &str = "DNS_PORTS";
 }
 
 /// Length of a job's event-budget window.
@@ -543,10 +546,16 @@ pub mod setting {
     pub use crate::io_uring::slot::*;
     /// The global `[egress] mode`: 1 block, 0 audit. Judges jobs without an `EGRESS_JOBS` entry.
     pub const EGRESS_MODE: u32 = 18;
+    /// The port of the agent's DNS resolver on 127.0.0.1; 0: job DNS is not redirected.
+    pub const DNS_RESOLVER_PORT: u32 = 19;
+    /// The agent's network namespace cookie (low and high halves): only port-53 traffic in that
+    /// namespace can reach the resolver, so only it is redirected.
+    pub const DNS_NETNS_LO: u32 = 20;
+    pub const DNS_NETNS_HI: u32 = 21;
     /// Byte offset of `task_struct.exit_code` plus one, from the kernel's BTF; 0: unknown (the
     /// exit status of a process killed by a signal is then unknown).
-    pub const TASK_EXIT_CODE: u32 = 19;
-    pub const SLOTS: u32 = 20;
+    pub const TASK_EXIT_CODE: u32 = 22;
+    pub const SLOTS: u32 = 23;
 }
 
 /// Capacity of the kernel's process map: job processes alive at once.

@@ -91,9 +91,9 @@ pub fn blocks(process: &ProcessJob) -> bool {
     blocking(process).is_some()
 }
 
-/// The egress plan judging job process `process`, when it blocks.
+/// The plan that judges job process `process`, when it is in block mode.
 #[inline(always)]
-fn blocking(process: &ProcessJob) -> Option<EgressJob> {
+pub fn blocking(process: &ProcessJob) -> Option<EgressJob> {
     // SAFETY: the value is copied out at once.
     let job = match unsafe { EGRESS_JOBS.get(process.job) } {
         Some(job) => *job,

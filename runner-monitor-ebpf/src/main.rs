@@ -19,6 +19,7 @@ mod memory;
 mod names;
 mod net;
 mod process;
+mod redirect;
 mod sockets;
 mod tamper;
 

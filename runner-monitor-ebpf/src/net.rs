@@ -239,6 +239,9 @@ fn note_dns_socket(ctx: &SockAddrContext) {
 #[cgroup_sock_addr(connect4)]
 pub fn dns_connect4(ctx: SockAddrContext) -> i32 {
     note_dns_socket(&ctx);
+    if crate::redirect::redirect4(&ctx, false) {
+        return 1;
+    }
     crate::egress::verdict(&ctx, false, false)
 }
 
@@ -251,6 +254,9 @@ pub fn dns_connect6(ctx: SockAddrContext) -> i32 {
 #[cgroup_sock_addr(sendmsg4)]
 pub fn dns_sendmsg4(ctx: SockAddrContext) -> i32 {
     note_dns_socket(&ctx);
+    if crate::redirect::redirect4(&ctx, true) {
+        return 1;
+    }
     crate::egress::verdict(&ctx, false, true)
 }
 
@@ -312,11 +318,21 @@ fn dns_packet(ctx: &SkBuffContext, direction: u32) {
     } else {
         dport
     };
-    if u16::from_be(server_port) != DNS_PORT {
-        return;
-    }
     // SAFETY: the context is a socket buffer.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // A query block mode sent to the agent's resolver is reported with the server the process
+    // addressed.
+    let mut redirected = None;
+    if u16::from_be(server_port) != DNS_PORT {
+        if family != AF_INET || crate::redirect::resolver_port() != Some(u32::from(server_port)) {
+            return;
+        }
+        // SAFETY: copied out at once.
+        redirected = unsafe { crate::redirect::DNS_REDIRECTS.get(cookie).copied() };
+        if redirected.is_none() {
+            return;
+        }
+    }
     // SAFETY: copied out at once.
     let Some(owner) = (unsafe { DNS_SOCKETS.get(cookie).copied() }) else {
         return;
@@ -350,7 +366,10 @@ fn dns_packet(ctx: &SkBuffContext, direction: u32) {
     event.server_port = u16::from_be(server_port);
     event._pad = 0;
     event.server_addr = [0; 16];
-    if family == AF_INET {
+    if let Some(original) = redirected {
+        event.server_port = u16::from_be(original.port as u16);
+        event.server_addr[..4].copy_from_slice(&original.ip4.to_ne_bytes());
+    } else if family == AF_INET {
         if let Ok(ip) = ctx.load::<[u8; 4]>(server_at) {
             event.server_addr[..4].copy_from_slice(&ip);
         }

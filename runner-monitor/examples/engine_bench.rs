@@ -121,6 +121,7 @@ fn throughput(total: u64) {
                 udp_send: false,
                 raw_socket: None,
                 via: None,
+                dns_redirected: false,
             }),
             _ => EventDetail::DnsAnswer(Dns::answer_a("api.github.com", &ip.to_string())),
         };

@@ -390,6 +390,10 @@ pub struct Connect {
     /// by the agent, `identity`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub via: Option<String>,
+    /// A DNS connect block mode sent to the agent's resolver instead (the address is the one the
+    /// process gave).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub dns_redirected: bool,
 }
 
 /// A raw IP, packet or ICMP ("ping") socket a job process created.

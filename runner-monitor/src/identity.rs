@@ -254,6 +254,7 @@ mod tests {
                 udp_send: false,
                 raw_socket: None,
                 via: None,
+                dns_redirected: false,
             }))
         };
         let link = link.to_str().unwrap().to_owned();

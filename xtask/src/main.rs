@@ -55,7 +55,7 @@ enum Task {
         #[arg(long)]
         smoke: bool,
         /// Only these benchmarks (comma-separated): syscalls, exec, workloads, pipeline, memory,
-        /// engine, nats, fleet. All by default.
+        /// engine, nats, fleet, dns. All by default.
         #[arg(long, value_delimiter = ',')]
         only: Vec<String>,
     },

@@ -41,10 +41,13 @@ pub enum AgentFailure {
 }
 
 /// `[egress]` beside the allowlist.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct EgressSettings {
     pub mode: EgressMode,
     pub on_agent_failure: AgentFailure,
+    /// `dns_upstream`: where the agent's resolver forwards the queries of jobs in block mode;
+    /// empty: the nameservers of /etc/resolv.conf when the agent starts.
+    pub dns_upstream: Vec<std::net::SocketAddr>,
 }
 
 /// What the kernel enforces for one job (or, as the global plan, for jobs without one).
@@ -53,10 +56,32 @@ pub struct EgressPlan {
     pub block: bool,
     /// The job may reach the metadata endpoints.
     pub metadata: bool,
-    /// Allowed networks with their ports (empty: every port). DNS names are not here: the kernel
-    /// admits only what the policy names by address (the agent's resolver is to add the
-    /// addresses a job resolves for an allowed name).
+    /// Allowed networks with their ports (empty: every port).
     pub nets: Vec<(IpNet, Vec<u16>)>,
+    /// Allowed DNS names (`*.` wildcards) with their ports: the agent's resolver admits the
+    /// addresses the job resolves for them (`sensor::resolver`).
+    pub names: Vec<(String, Vec<u16>)>,
+}
+
+impl EgressPlan {
+    /// The ports `name` is allowed on (an empty list: every port), if it is allowed at all.
+    pub fn name_ports(&self, name: &str) -> Option<Vec<u16>> {
+        let mut ports = Vec::new();
+        let mut any = false;
+        for (pattern, p) in &self.names {
+            if !super::name_matches(pattern, name) {
+                continue;
+            }
+            if p.is_empty() {
+                return Some(Vec::new());
+            }
+            any = true;
+            ports.extend(p);
+        }
+        ports.sort_unstable();
+        ports.dedup();
+        any.then_some(ports)
+    }
 }
 
 /// `audit` or `block`, `field` naming it in errors.
@@ -105,7 +130,30 @@ pub(super) fn compile(
             }
         };
     }
+    for (i, upstream) in section.dns_upstream.iter().enumerate() {
+        let text = upstream.get_ref();
+        let parsed = text
+            .parse::<std::net::SocketAddr>()
+            .or_else(|_| text.parse::<IpAddr>().map(|ip| (ip, 53).into()));
+        match parsed {
+            Ok(addr) => settings.dns_upstream.push(addr),
+            Err(_) => {
+                return Err(src.error(
+                    upstream.span(),
+                    &format!("egress.dns_upstream[{i}]"),
+                    format!("an IP address with an optional port (`10.0.0.2:53`), not {text:?}"),
+                ));
+            }
+        }
+    }
     Ok(settings)
+}
+
+fn names_of(list: &[super::AllowedDestination]) -> impl Iterator<Item = (String, Vec<u16>)> + '_ {
+    list.iter().filter_map(|a| match &a.destination {
+        Destination::Name(name) => Some((name.clone(), a.ports.clone())),
+        Destination::Net(_) => None,
+    })
 }
 
 fn nets_of(list: &[super::AllowedDestination]) -> impl Iterator<Item = (IpNet, Vec<u16>)> + '_ {
@@ -135,6 +183,7 @@ impl Policy {
             block: self.egress.mode == EgressMode::Block,
             metadata: false,
             nets: nets_of(&self.egress_allow).collect(),
+            names: names_of(&self.egress_allow).collect(),
         }
     }
 
@@ -142,13 +191,16 @@ impl Policy {
     /// and its rules' allowed networks.
     pub fn egress_plan(&self, job: JobSelector<'_>) -> EgressPlan {
         let mut nets: Vec<(IpNet, Vec<u16>)> = nets_of(&self.egress_allow).collect();
+        let mut names: Vec<(String, Vec<u16>)> = names_of(&self.egress_allow).collect();
         for rule in self.rules_for(job) {
             nets.extend(nets_of(&rule.allow_egress));
+            names.extend(names_of(&rule.allow_egress));
         }
         EgressPlan {
             block: self.egress_mode_for(job) == EgressMode::Block,
             metadata: self.metadata_entitled(job),
             nets,
+            names,
         }
     }
 }

@@ -135,6 +135,9 @@ pub struct EgressSection {
     pub mode: Option<Spanned<String>>,
     /// What a crashed agent leaves behind: `open` (enforcement goes with it) or `closed`.
     pub on_agent_failure: Option<Spanned<String>>,
+    /// Where the agent's resolver forwards job queries in block mode (`ip` or `ip:port`).
+    #[serde(default)]
+    pub dns_upstream: Vec<Spanned<String>>,
 }
 
 /// One allowed destination: a CIDR or a DNS name (wildcards allowed), optionally limited to ports.

@@ -402,3 +402,34 @@ fn mapped_and_nat64_forms_of_the_metadata_endpoint_are_the_metadata_endpoint() {
     assert!(!p.is_metadata_endpoint(other));
     assert_eq!(egress_address(other), other);
 }
+
+#[test]
+fn dns_upstream_and_the_names_a_plan_admits() {
+    let p = Policy::parse(
+        "[egress]\ndns_upstream = [\"10.0.0.2\", \"10.0.0.3:5353\"]\n\
+         allow = [{ name = \"*.example.test\", ports = [443] }, { name = \"api.example.test\" }]\n",
+        "t",
+    )
+    .unwrap();
+    let upstream: Vec<String> = p
+        .egress
+        .dns_upstream
+        .iter()
+        .map(|a| a.to_string())
+        .collect();
+    assert_eq!(upstream, ["10.0.0.2:53", "10.0.0.3:5353"]);
+    let plan = p.global_egress_plan();
+    assert_eq!(plan.name_ports("a.b.example.test."), Some(vec![443]));
+    assert_eq!(
+        plan.name_ports("API.example.test"),
+        Some(vec![]),
+        "any port"
+    );
+    assert_eq!(plan.name_ports("example.test"), None);
+    let e = error_of("[egress]\ndns_upstream = [\"resolver\"]\n");
+    assert_eq!(
+        (e.line, e.field.as_str()),
+        (2, "egress.dns_upstream[0]"),
+        "{e}"
+    );
+}

@@ -173,6 +173,7 @@ fn connect(ip: &str, port: u16) -> EventDetail {
         udp_send: false,
         raw_socket: None,
         via: None,
+        dns_redirected: false,
     })
 }
 

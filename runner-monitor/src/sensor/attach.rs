@@ -300,6 +300,12 @@ const PROBES: &[Probe] = &[
     },
     Probe {
         sensor: "dns",
+        program: "dns_recvmsg4",
+        hooks: &[Hook::SockAddr],
+        required: false,
+    },
+    Probe {
+        sensor: "dns",
         program: "dns_egress",
         hooks: &[Hook::Skb(CgroupSkbAttachType::Egress)],
         required: false,

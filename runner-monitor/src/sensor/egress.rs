@@ -8,6 +8,7 @@
 use std::{
     collections::{BTreeSet, HashMap as StdHashMap},
     net::IpAddr,
+    sync::{Arc, Mutex},
 };
 
 use aya::maps::{
@@ -16,8 +17,8 @@ use aya::maps::{
 };
 use ipnet::IpNet;
 use runner_monitor_common::{
-    EGRESS_BLOCK, EGRESS_GLOBAL_POLICY, EGRESS_KEY_FIXED_BITS, EGRESS_METADATA_ENTITLED,
-    EgressAllow, EgressJob, EgressKey4, EgressKey6, egress_key, map_name,
+    EGRESS_BLOCK, EGRESS_GLOBAL_POLICY, EGRESS_KEY_FIXED_BITS, EGRESS_MAX_POLICY,
+    EGRESS_METADATA_ENTITLED, EgressAllow, EgressJob, EgressKey4, EgressKey6, egress_key, map_name,
 };
 
 use super::SensorError;
@@ -47,7 +48,7 @@ pub fn missing_enforcement(probes: &[super::ProbeStatus]) -> Vec<&'static str> {
 }
 
 /// One allowlist entry's key: the trie, the prefix length and the key bytes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 enum EntryKey {
     V4(u32, EgressKey4),
     V6(u32, EgressKey6),
@@ -89,15 +90,170 @@ fn map_error(name: &'static str) -> impl Fn(aya::maps::MapError) -> SensorError 
     move |source| SensorError::Map { name, source }
 }
 
-pub struct EgressMaps {
-    jobs: HashMap<MapData, u64, EgressJob>,
+/// The allowlist tries and what was written into them, shared by the agent's loop (plans) and
+/// its DNS resolver (addresses a job resolved for an allowed name).
+pub struct Allowlists {
     allow4: LpmTrie<MapData, EgressKey4, EgressAllow>,
     allow6: LpmTrie<MapData, EgressKey6, EgressAllow>,
+    /// policy id -> the plan's entries written under it (no expiry).
+    written: StdHashMap<u32, BTreeSet<EntryKey>>,
+    /// policy id -> its plan, for the resolver (the names it admits).
+    plans: StdHashMap<u32, EgressPlan>,
+    /// policy id -> entries the resolver wrote under it, with their expiry (ktime ns).
+    resolved: StdHashMap<u32, StdHashMap<EntryKey, u64>>,
+    /// Local port -> policy id of redirected sockets bound before their connect.
+    ports: HashMap<MapData, u16, u32>,
+}
+
+pub type SharedAllowlists = Arc<Mutex<Allowlists>>;
+
+/// How long an address a job resolved stays admitted when its TTL is shorter: clients cache
+/// answers a little past their TTL, and a connect right after a 0-TTL answer must go through.
+pub const RESOLVED_FLOOR_NS: u64 = 30_000_000_000;
+
+impl Allowlists {
+    /// Writes the entries of `policy` that `wanted` has and it lacks, then removes the others;
+    /// an empty `wanted` and no plan forget the policy, with what the resolver wrote under it.
+    fn write(
+        &mut self,
+        policy: u32,
+        wanted: BTreeSet<EntryKey>,
+        plan: Option<&EgressPlan>,
+    ) -> Result<(), SensorError> {
+        let allow = EgressAllow { expires_ns: 0 };
+        let before = self.written.remove(&policy).unwrap_or_default();
+        for entry in wanted.difference(&before) {
+            self.insert(entry, allow)?;
+        }
+        for entry in before.difference(&wanted) {
+            self.remove(entry);
+        }
+        if !wanted.is_empty() {
+            self.written.insert(policy, wanted);
+        }
+        match plan {
+            Some(plan) => {
+                self.plans.insert(policy, plan.clone());
+            }
+            None => {
+                self.plans.remove(&policy);
+                for entry in self.resolved.remove(&policy).unwrap_or_default().keys() {
+                    self.remove(entry);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn insert(&mut self, entry: &EntryKey, allow: EgressAllow) -> Result<(), SensorError> {
+        match entry {
+            EntryKey::V4(bits, data) => self
+                .allow4
+                .insert(&Key::new(*bits, *data), allow, 0)
+                .map_err(map_error(map_name::EGRESS_ALLOW4)),
+            EntryKey::V6(bits, data) => self
+                .allow6
+                .insert(&Key::new(*bits, *data), allow, 0)
+                .map_err(map_error(map_name::EGRESS_ALLOW6)),
+        }
+    }
+
+    fn remove(&mut self, entry: &EntryKey) {
+        // Gone already is fine: the goal is its absence.
+        let _ = match entry {
+            EntryKey::V4(bits, data) => self.allow4.remove(&Key::new(*bits, *data)),
+            EntryKey::V6(bits, data) => self.allow6.remove(&Key::new(*bits, *data)),
+        };
+    }
+
+    /// The policy id of a redirected socket that queries from 127.0.0.1 and `port`.
+    pub fn policy_of_port(&self, port: u16) -> Option<u32> {
+        self.ports.get(&port, 0).ok()
+    }
+
+    /// The plan judged under `policy` (a job's, or the global one), if it blocks.
+    pub fn plan(&self, policy: u32) -> Option<&EgressPlan> {
+        self.plans.get(&policy).filter(|p| p.block)
+    }
+
+    /// Admits `addrs` (with their TTL in seconds) on `ports` (empty: any) under `policy` until
+    /// `now_ns` + the TTL (at least `RESOLVED_FLOOR_NS`). An entry of the plan itself is left
+    /// as it is; a longer expiry already written is kept.
+    pub fn admit(
+        &mut self,
+        policy: u32,
+        addrs: &[(IpAddr, u32)],
+        ports: &[u16],
+        now_ns: u64,
+    ) -> Result<(), SensorError> {
+        if !self.plans.contains_key(&policy) {
+            return Ok(());
+        }
+        let any: &[u16] = if ports.is_empty() { &[0] } else { ports };
+        for (ip, ttl) in addrs {
+            let expires = now_ns + (u64::from(*ttl) * 1_000_000_000).max(RESOLVED_FLOOR_NS);
+            for port in any {
+                let entry = match super::super::policy::egress_address(*ip) {
+                    IpAddr::V4(v4) => EntryKey::V4(
+                        EGRESS_KEY_FIXED_BITS + 32,
+                        egress_key(policy, *port, &v4.octets()),
+                    ),
+                    IpAddr::V6(v6) => EntryKey::V6(
+                        EGRESS_KEY_FIXED_BITS + 128,
+                        egress_key(policy, *port, &v6.octets()),
+                    ),
+                };
+                if self
+                    .written
+                    .get(&policy)
+                    .is_some_and(|w| w.contains(&entry))
+                {
+                    continue;
+                }
+                let known = self.resolved.entry(policy).or_default();
+                let expires = expires.max(known.get(&entry).copied().unwrap_or(0));
+                known.insert(entry, expires);
+                self.insert(
+                    &entry,
+                    EgressAllow {
+                        expires_ns: expires,
+                    },
+                )?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes resolved entries whose expiry has passed (the kernel already ignores them).
+    pub fn expire(&mut self, now_ns: u64) {
+        let mut stale = Vec::new();
+        for known in self.resolved.values_mut() {
+            known.retain(|entry, expires| {
+                let keep = *expires > now_ns;
+                if !keep {
+                    stale.push(*entry);
+                }
+                keep
+            });
+        }
+        self.resolved.retain(|_, known| !known.is_empty());
+        for entry in stale {
+            self.remove(&entry);
+        }
+    }
+
+    /// Entries the resolver has written and that have not expired yet.
+    pub fn resolved_entries(&self) -> usize {
+        self.resolved.values().map(StdHashMap::len).sum()
+    }
+}
+
+pub struct EgressMaps {
+    jobs: HashMap<MapData, u64, EgressJob>,
+    lists: SharedAllowlists,
     metadata: HashMap<MapData, [u8; 16], u32>,
     /// job -> its policy id and the plan compiled under it.
     planned: StdHashMap<JobKey, (u32, EgressPlan)>,
-    /// policy id -> the entries written under it.
-    written: StdHashMap<u32, BTreeSet<EntryKey>>,
     last_policy: u32,
 }
 
@@ -112,44 +268,47 @@ impl EgressMaps {
             .map_err(map_error(map_name::EGRESS_ALLOW6))?;
         let metadata = HashMap::try_from(take(map_name::EGRESS_METADATA)?)
             .map_err(map_error(map_name::EGRESS_METADATA))?;
+        let ports = HashMap::try_from(take(map_name::DNS_PORTS)?)
+            .map_err(map_error(map_name::DNS_PORTS))?;
         Ok(Self {
             jobs,
-            allow4,
-            allow6,
+            lists: Arc::new(Mutex::new(Allowlists {
+                allow4,
+                allow6,
+                written: StdHashMap::new(),
+                plans: StdHashMap::new(),
+                resolved: StdHashMap::new(),
+                ports,
+            })),
             metadata,
             planned: StdHashMap::new(),
-            written: StdHashMap::new(),
             last_policy: EGRESS_GLOBAL_POLICY,
         })
     }
 
-    /// Writes the entries of `policy` that `wanted` has and it lacks, then removes the others.
-    fn write(&mut self, policy: u32, wanted: BTreeSet<EntryKey>) -> Result<(), SensorError> {
-        let allow = EgressAllow { expires_ns: 0 };
-        let before = self.written.remove(&policy).unwrap_or_default();
-        for entry in wanted.difference(&before) {
-            match entry {
-                EntryKey::V4(bits, data) => self
-                    .allow4
-                    .insert(&Key::new(*bits, *data), allow, 0)
-                    .map_err(map_error(map_name::EGRESS_ALLOW4))?,
-                EntryKey::V6(bits, data) => self
-                    .allow6
-                    .insert(&Key::new(*bits, *data), allow, 0)
-                    .map_err(map_error(map_name::EGRESS_ALLOW6))?,
-            }
-        }
-        for entry in before.difference(&wanted) {
-            // Gone already is fine: the goal is its absence.
-            let _ = match entry {
-                EntryKey::V4(bits, data) => self.allow4.remove(&Key::new(*bits, *data)),
-                EntryKey::V6(bits, data) => self.allow6.remove(&Key::new(*bits, *data)),
-            };
-        }
-        if !wanted.is_empty() {
-            self.written.insert(policy, wanted);
-        }
-        Ok(())
+    /// The allowlists, for the resolver.
+    pub fn allowlists(&self) -> SharedAllowlists {
+        self.lists.clone()
+    }
+
+    fn write(
+        &mut self,
+        policy: u32,
+        wanted: BTreeSet<EntryKey>,
+        plan: Option<&EgressPlan>,
+    ) -> Result<(), SensorError> {
+        self.lists
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .write(policy, wanted, plan)
+    }
+
+    /// Removes the addresses resolved for jobs whose TTL has passed.
+    pub fn expire(&mut self, now_ns: u64) {
+        self.lists
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .expire(now_ns);
     }
 
     /// The global plan and the metadata endpoints (at load and on reload). The caller sets
@@ -181,7 +340,16 @@ impl EgressMaps {
             block: true,
             ..plan.clone()
         };
-        self.write(EGRESS_GLOBAL_POLICY, entries(EGRESS_GLOBAL_POLICY, &global))
+        let wanted = entries(EGRESS_GLOBAL_POLICY, &global);
+        // The global plan judges jobs without one only when `[egress] mode` blocks.
+        self.write(
+            EGRESS_GLOBAL_POLICY,
+            wanted,
+            Some(&EgressPlan {
+                block: plan.block,
+                ..global
+            }),
+        )
     }
 
     /// Enforces `plan` for `job` from now on; nothing to do when it is the plan in force.
@@ -190,7 +358,7 @@ impl EgressMaps {
             return Ok(());
         }
         let policy = self.next_policy();
-        self.write(policy, entries(policy, plan))?;
+        self.write(policy, entries(policy, plan), Some(plan))?;
         let mut flags = 0;
         if plan.block {
             flags |= EGRESS_BLOCK;
@@ -202,7 +370,7 @@ impl EgressMaps {
             .insert(job.0, EgressJob { policy, flags }, 0)
             .map_err(map_error(map_name::EGRESS_JOBS))?;
         if let Some((old, _)) = self.planned.insert(job, (policy, plan.clone())) {
-            self.write(old, BTreeSet::new())?;
+            self.write(old, BTreeSet::new(), None)?;
         }
         Ok(())
     }
@@ -211,7 +379,7 @@ impl EgressMaps {
     pub fn forget_job(&mut self, job: JobKey) -> Result<(), SensorError> {
         let _ = self.jobs.remove(&job.0);
         if let Some((old, _)) = self.planned.remove(&job) {
-            self.write(old, BTreeSet::new())?;
+            self.write(old, BTreeSet::new(), None)?;
         }
         Ok(())
     }
@@ -226,10 +394,11 @@ impl EgressMaps {
         self.planned.values().filter(|(_, p)| p.block).count()
     }
 
-    /// A policy id no plan uses (ids wrap after 2^32 - 1 plans).
+    /// A policy id no plan uses (ids wrap after `EGRESS_MAX_POLICY` - 1 plans: the DNS redirect
+    /// carries the id in 24 bits).
     fn next_policy(&mut self) -> u32 {
         loop {
-            self.last_policy = self.last_policy.wrapping_add(1);
+            self.last_policy = (self.last_policy + 1) % EGRESS_MAX_POLICY;
             let id = self.last_policy;
             if id != EGRESS_GLOBAL_POLICY && !self.planned.values().any(|(p, _)| *p == id) {
                 return id;
@@ -247,6 +416,7 @@ mod tests {
         let plan = EgressPlan {
             block: true,
             metadata: false,
+            names: vec![],
             nets: vec![
                 ("10.1.0.0/16".parse().unwrap(), vec![443, 80]),
                 ("fd00::/8".parse().unwrap(), vec![]),

@@ -14,6 +14,7 @@ pub mod pins;
 mod procfs;
 pub mod reader;
 pub mod reconcile;
+pub mod resolver;
 pub mod ringfill;
 
 use std::{
@@ -403,6 +404,25 @@ impl Sensor {
             .set(setting::EGRESS_MODE, u32::from(policy.egress.block), 0)
             .map_err(settings_error)?;
         Ok(())
+    }
+
+    /// Sends the DNS of job processes in block mode to the resolver on 127.0.0.1:`port` in the
+    /// network namespace `netns_cookie` (the namespace first: a port without it redirects
+    /// nothing).
+    pub fn set_dns_resolver(&mut self, port: u16, netns_cookie: u64) -> Result<(), SensorError> {
+        let settings_error = |source| SensorError::Map {
+            name: map_name::SETTINGS,
+            source,
+        };
+        self.settings
+            .set(setting::DNS_NETNS_LO, netns_cookie as u32, 0)
+            .map_err(settings_error)?;
+        self.settings
+            .set(setting::DNS_NETNS_HI, (netns_cookie >> 32) as u32, 0)
+            .map_err(settings_error)?;
+        self.settings
+            .set(setting::DNS_RESOLVER_PORT, u32::from(port), 0)
+            .map_err(settings_error)
     }
 
     /// Block mode's per-job plans.

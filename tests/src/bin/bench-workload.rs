@@ -19,6 +19,12 @@
 //!                                     request
 //! bench-workload serve-http ADDR      answers every connection on ADDR with 16 KiB; prints
 //!                                     "listening", then serves until killed
+//! bench-workload dns-serve ADDR       serve the test DNS zone on ADDR; print "listening", then
+//!                                     serve until killed
+//! bench-workload dns SERVER NAME N    N lookups of NAME's A record at SERVER, each on a new UDP
+//!                                     socket (connect, send, receive), as glibc does; prints the
+//!                                     p50 and p99 latency in microseconds, or `rcode CODE` at
+//!                                     the first answer without an address
 
 use std::{
     ffi::CString,
@@ -83,6 +89,14 @@ fn main() {
             per_op(start, n);
         }
         "serve-http" => serve_http(&args[1]),
+        "dns-serve" => {
+            integration_tests::dns::serve(args[1].parse().expect("IP:PORT"));
+            println!("listening");
+            loop {
+                std::thread::park();
+            }
+        }
+        "dns" => dns(&args[1], &args[2], num(3)),
         other => panic!("unknown workload {other}"),
     }
 }
@@ -332,4 +346,22 @@ fn reset_on_close(stream: &std::net::TcpStream) {
         )
     };
     assert_eq!(rc, 0, "SO_LINGER: {}", std::io::Error::last_os_error());
+}
+
+fn dns(server: &str, name: &str, n: u64) {
+    let server: std::net::SocketAddr = server.parse().expect("IP:PORT");
+    let mut us = Vec::with_capacity(n as usize);
+    for _ in 0..n {
+        let start = Instant::now();
+        let (rcode, addrs) =
+            integration_tests::dns::ask("udp", server, name).expect("a DNS answer");
+        if rcode != "NoError" || addrs.is_empty() {
+            println!("rcode {rcode}");
+            return;
+        }
+        us.push(start.elapsed().as_nanos() as f64 / 1000.0);
+    }
+    us.sort_by(f64::total_cmp);
+    let at = |q: f64| us[((us.len() as f64 * q) as usize).min(us.len() - 1)];
+    println!("{:.1} {:.1}", at(0.5), at(0.99));
 }

@@ -15,6 +15,14 @@
 //!                                  print `ok` or `errno N`
 //! job-step serve ADDR...           accept TCP connections and take UDP datagrams on each ADDR,
 //!                                  print `listening`, then serve until killed
+//! job-step dns-serve ADDR          serve the test DNS zone (`integration_tests::dns`) on ADDR
+//!                                  (UDP and TCP), print `listening`, serve until killed
+//! job-step dns HOW SERVER NAME PORT
+//!                                  ask SERVER for NAME's A records over HOW (`udp`, `udp-send`,
+//!                                  `tcp`), then at once TCP-connect to the first address on
+//!                                  PORT; print `RCODE ADDRS CONNECT` (`-` for none)
+//! job-step connect-name HOST:PORT  resolve HOST with the C library (getaddrinfo, so
+//!                                  /etc/resolv.conf) and TCP-connect; print `ok` or `errno N`
 
 use std::{
     ffi::CString,
@@ -138,6 +146,60 @@ fn main() {
             println!("listening");
             loop {
                 std::thread::park();
+            }
+        }
+        "dns-serve" => {
+            integration_tests::dns::serve(arg(1).parse().expect("IP:PORT"));
+            println!("listening");
+            loop {
+                std::thread::park();
+            }
+        }
+        "dns" => {
+            let server: SocketAddr = arg(2).parse().expect("IP:PORT");
+            let port: u16 = arg(4).parse().expect("a port");
+            match integration_tests::dns::ask(arg(1), server, arg(3)) {
+                Ok((rcode, addrs)) => {
+                    let connect = match addrs.first() {
+                        Some(ip) => match TcpStream::connect_timeout(
+                            &SocketAddr::new(*ip, port),
+                            std::time::Duration::from_secs(3),
+                        ) {
+                            Ok(_) => "ok".to_owned(),
+                            Err(e) => format!("errno-{}", e.raw_os_error().unwrap_or(-1)),
+                        },
+                        None => "-".to_owned(),
+                    };
+                    let shown: Vec<String> = addrs.iter().map(ToString::to_string).collect();
+                    let shown = if shown.is_empty() {
+                        "-".to_owned()
+                    } else {
+                        shown.join(",")
+                    };
+                    println!("{rcode} {shown} {connect}");
+                }
+                Err(e) => println!("error {e}"),
+            }
+        }
+        "connect-name" => {
+            use std::net::ToSocketAddrs;
+            let result = arg(1)
+                .as_str()
+                .to_socket_addrs()
+                .and_then(|mut addrs| {
+                    addrs
+                        .find(SocketAddr::is_ipv4)
+                        .ok_or_else(|| std::io::Error::other("no IPv4 address"))
+                })
+                .and_then(|addr| {
+                    TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(3))
+                });
+            match result {
+                Ok(_) => println!("ok"),
+                Err(e) => match e.raw_os_error() {
+                    Some(errno) => println!("errno {errno}"),
+                    None => println!("error {e}"),
+                },
             }
         }
         other => panic!("unknown step {other}"),

@@ -17,8 +17,8 @@ use crate::common::{agent_binary, output, run_cmd};
 
 use super::{Agent, Sizes, bench_workload, median, spread, workload};
 
-const SERVER: &str = "10.215.0.2";
-const HOST_SIDE: &str = "10.215.0.1";
+const SERVER: &str = "10.216.0.2";
+const HOST_SIDE: &str = "10.216.0.1";
 
 /// A namespace with a veth pair to the host and an HTTP server in it; removed on drop.
 struct Namespace {

@@ -2,6 +2,7 @@
 //! Prints a table and writes JSON (`target/bench/results.json`). Benchmarks, not tests: nothing
 //! here asserts a timing; `--smoke` runs each one briefly so CI keeps them working.
 
+mod dns;
 mod egress;
 mod exec;
 mod fleet;
@@ -332,6 +333,7 @@ const NAMES: [&str; 9] = [
     "engine",
     "nats",
     "fleet",
+    "dns",
 ];
 
 pub fn bench(smoke: bool, only: &[String]) -> anyhow::Result<()> {
@@ -439,6 +441,11 @@ pub fn bench(smoke: bool, only: &[String]) -> anyhow::Result<()> {
     } else {
         skipped()
     }?;
+    let dns = if want("dns") {
+        dns::run(&dir, &sizes)
+    } else {
+        skipped()
+    }?;
     let machine = output(Command::new("uname").arg("-srm")).unwrap_or_default();
     let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
     let results = json!({
@@ -454,6 +461,7 @@ pub fn bench(smoke: bool, only: &[String]) -> anyhow::Result<()> {
         "engine": engine,
         "nats": nats,
         "fleet": fleet,
+        "dns": dns,
     });
 
     println!(
@@ -489,6 +497,9 @@ pub fn bench(smoke: bool, only: &[String]) -> anyhow::Result<()> {
     }
     if ran("fleet") {
         fleet::print(&results["fleet"]);
+    }
+    if ran("dns") {
+        dns::print(&results["dns"]);
     }
     let out = workspace_root().join("target/bench");
     std::fs::create_dir_all(&out)?;

@@ -159,6 +159,8 @@ struct Agent {
     /// The engine's job changes block mode's plans were last brought in step with; `None`:
     /// bring them in step at the next chance.
     egress_seen: Option<u64>,
+    /// Where block mode's resolver forwards (`None`: it did not start).
+    dns_upstream: Option<runner_monitor::sensor::resolver::Upstream>,
     /// Something changed since the last snapshot; the snapshot being written, if one is.
     dirty: bool,
     snapshot_write: Option<JoinHandle<()>>,
@@ -295,6 +297,7 @@ impl Agent {
             Ok(Some(policy)) => {
                 self.metrics
                     .credential_kinds(policy.credentials.iter().map(|c| c.kind.as_str()));
+                self.set_dns_upstream(&policy);
                 self.pipeline.set_policy(policy);
                 self.egress_seen = None;
                 self.sync_egress();
@@ -349,8 +352,9 @@ impl Agent {
     /// gauges refreshed.
     fn second(&mut self) -> anyhow::Result<()> {
         self.pipeline.advance(monotonic_ns())?;
-        // Jobs forgotten as time passes.
+        // Jobs forgotten as time passes, addresses whose TTL passed.
         self.sync_egress();
+        self.sensor.egress_mut().expire(monotonic_ns());
         let kernel = self.sensor.counters()?;
         // Every event the kernel could not keep is raised within a second.
         let lost = kernel.total_lost();

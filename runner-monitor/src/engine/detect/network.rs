@@ -79,6 +79,11 @@ pub(super) fn connect(engine: &mut Engine, event: &Event, c: &Connect, out: &mut
         None => format!("{ip} port {port}"),
     };
     out.extend(after_end(engine, event, c));
+    if c.dns_redirected {
+        // It went to the agent's resolver, which judges the names asked: the DNS events say
+        // which.
+        return;
+    }
     let metadata = engine.policy.is_metadata_endpoint(ip);
     // As the kernel judges it: an IPv4-mapped or NAT64 address is its IPv4 address.
     let allowed = !metadata
@@ -129,15 +134,16 @@ pub(super) fn connect(engine: &mut Engine, event: &Event, c: &Connect, out: &mut
         return;
     }
     if c.blocked || !allowed {
-        // A refusal of what the engine allows is a name-only allowance: the kernel admits
-        // addresses, and the addresses a job resolves are not added to it yet.
+        // A refusal of what the engine allows is a name-only allowance the kernel did not
+        // have: the job did not resolve the address through the agent's resolver (another
+        // network namespace, a resolver it reached some other way), or its TTL ran out.
         let summary = match (c.blocked, allowed) {
             (true, false) => {
                 format!("was refused {refused} {shown} (block mode), outside its egress allowlist")
             }
             (true, true) => format!(
                 "was refused {refused} {shown} (block mode): its allowlist admits it by name only, \
-                 which the kernel does not enforce yet"
+                 and the address was not resolved through the agent's resolver (or its TTL ran out)"
             ),
             _ => format!("{what} {shown}, outside its egress allowlist"),
         };

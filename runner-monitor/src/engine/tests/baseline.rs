@@ -52,6 +52,7 @@ fn unix_connect(t: &mut Trace, at: u64, job: u64, pid: u32, path: &str) {
             udp_send: false,
             raw_socket: None,
             via: None,
+            dns_redirected: false,
         }),
     );
 }
@@ -173,6 +174,7 @@ fn deviation_does_not_depend_on_the_egress_verdict_or_the_connection_succeeding(
             udp_send: false,
             raw_socket: None,
             via: None,
+            dns_redirected: false,
         }),
     );
     assert_eq!(deviations(&t).len(), 2);

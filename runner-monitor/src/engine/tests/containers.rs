@@ -43,7 +43,10 @@ fn findings_about_a_job_container_process_name_the_container() {
         200,
         0,
         "cat",
-        EventDetail::Exit { exit_code: Some(0), signal: None },
+        EventDetail::Exit {
+            exit_code: Some(0),
+            signal: None,
+        },
     );
     t.cgroup = 1;
     t.feed(
@@ -52,7 +55,10 @@ fn findings_about_a_job_container_process_name_the_container() {
         101,
         100,
         "docker",
-        EventDetail::Exit { exit_code: Some(0), signal: None },
+        EventDetail::Exit {
+            exit_code: Some(0),
+            signal: None,
+        },
     );
     t.end(5, 7, 100);
     let found = t.engine.advance(600 * S);

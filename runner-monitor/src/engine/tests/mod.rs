@@ -191,6 +191,7 @@ impl Trace {
                 udp_send: false,
                 raw_socket: None,
                 via: None,
+                dns_redirected: false,
             }),
         );
     }

@@ -99,6 +99,7 @@ fn metadata_runner_credentials_secret_sockets_harvesting_and_tamper() {
             udp_send: false,
             raw_socket: None,
             via: None,
+            dns_redirected: false,
         }),
     );
     t.open(5, 1, 100, "/home/ci/.aws/credentials", false);
@@ -182,6 +183,7 @@ fn an_entitled_secret_socket_is_quiet() {
             udp_send: false,
             raw_socket: None,
             via: None,
+            dns_redirected: false,
         }),
     );
     assert!(t.findings.is_empty(), "{:#?}", t.findings);
@@ -206,6 +208,7 @@ fn refused(ip: &str, port: u16, udp_send: bool) -> EventDetail {
         udp_send,
         raw_socket: None,
         via: None,
+        dns_redirected: false,
     })
 }
 
@@ -296,6 +299,7 @@ fn a_raw_packet_or_icmp_socket_is_unexpected_egress_refused_in_block_mode() {
             udp_send: false,
             raw_socket: Some(RawSocket { kind, protocol }),
             via: None,
+            dns_redirected: false,
         })
     };
     let mut t = Trace::new();
@@ -345,4 +349,18 @@ fn a_raw_packet_or_icmp_socket_is_unexpected_egress_refused_in_block_mode() {
         Some(RawSocketKind::Packet)
     );
     assert!(t.findings.iter().all(|f| f.destination.is_none()));
+}
+
+#[test]
+fn a_dns_connect_block_mode_sent_to_the_agents_resolver_is_not_unexpected_egress() {
+    let mut t = Trace::new();
+    t.start(1, 1, 100, "acme/app");
+    let EventDetail::Connect(mut redirected) = refused("203.0.113.53", 53, false) else {
+        unreachable!()
+    };
+    redirected.blocked = false;
+    redirected.result = 0;
+    redirected.dns_redirected = true;
+    t.feed(2, 1, 100, 1, "curl", EventDetail::Connect(redirected));
+    assert!(t.findings.is_empty(), "{:#?}", t.findings);
 }

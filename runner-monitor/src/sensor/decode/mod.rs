@@ -7,14 +7,14 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use runner_monitor_common::{
-    AF_INET, AF_INET6, AF_PACKET, AF_UNIX, BpfEvent, CONNECT_BLOCKED, CONNECT_RAW_SOCKET,
-    CONNECT_UDP_SEND, ChdirEvent, ConnectEvent, ContainerEvent, DnsEvent, EXIT_CODE_KNOWN,
-    EXIT_KILLED_BY_SIGNAL, EventHeader, EventKind, ExecEvent, ExitEvent, FileEvent, ForkEvent,
-    HEADER_IO_URING, HEADER_JOB_ENDED, HEADER_JOB_ROOT, HEADER_TRUNCATED, IoUringSetupEvent,
-    JobEnvEvent, MATCH_BASENAME, MATCH_DIRNAME, MATCH_PREFIX, MATCH_PROC_MEMORY, MATCH_SECOND_PATH,
-    PTRACE_ATTACH, PTRACE_PEEKDATA, PTRACE_PEEKTEXT, PTRACE_PEEKUSER, PTRACE_SEIZE,
-    ProcessAccessEvent, SIGNAL_SYSCALL_KILL, SIGNAL_SYSCALL_TGKILL, SIGNAL_SYSCALL_TKILL, SOCK_RAW,
-    SignalEvent,
+    AF_INET, AF_INET6, AF_PACKET, AF_UNIX, BpfEvent, CONNECT_BLOCKED, CONNECT_DNS_REDIRECTED,
+    CONNECT_RAW_SOCKET, CONNECT_UDP_SEND, ChdirEvent, ConnectEvent, ContainerEvent, DnsEvent,
+    EXIT_CODE_KNOWN, EXIT_KILLED_BY_SIGNAL, EventHeader, EventKind, ExecEvent, ExitEvent,
+    FileEvent, ForkEvent, HEADER_IO_URING, HEADER_JOB_ENDED, HEADER_JOB_ROOT, HEADER_TRUNCATED,
+    IoUringSetupEvent, JobEnvEvent, MATCH_BASENAME, MATCH_DIRNAME, MATCH_PREFIX, MATCH_PROC_MEMORY,
+    MATCH_SECOND_PATH, PTRACE_ATTACH, PTRACE_PEEKDATA, PTRACE_PEEKTEXT, PTRACE_PEEKUSER,
+    PTRACE_SEIZE, ProcessAccessEvent, SIGNAL_SYSCALL_KILL, SIGNAL_SYSCALL_TGKILL,
+    SIGNAL_SYSCALL_TKILL, SOCK_RAW, SignalEvent,
 };
 
 use super::{dns, paths::WorkingDirectories};
@@ -338,6 +338,7 @@ fn connect(e: &ConnectEvent) -> Result<Connect, DecodeError> {
         udp_send: e.flags & CONNECT_UDP_SEND != 0,
         raw_socket: None,
         via: None,
+        dns_redirected: e.flags & CONNECT_DNS_REDIRECTED != 0,
     })
 }
 
@@ -369,6 +370,7 @@ fn raw_socket(e: &ConnectEvent) -> Result<Connect, DecodeError> {
             protocol: e.port,
         }),
         via: None,
+        dns_redirected: false,
     })
 }
 

@@ -3,9 +3,15 @@
 //! sensor compiles into the kernel's maps. A job the kernel has no plan for yet is judged by the
 //! global `[egress]` mode and allowlist.
 
+use std::net::SocketAddr;
+
 use runner_monitor::{
     policy::{EgressMode, JobSelector, Policy},
-    sensor::{ProbeStatus, egress::missing_enforcement},
+    sensor::{
+        ProbeStatus, Sensor,
+        egress::missing_enforcement,
+        resolver::{self, Upstream},
+    },
 };
 
 use super::Agent;
@@ -33,7 +39,57 @@ pub(super) fn announce(policy: &Policy, probes: &[ProbeStatus]) {
     );
 }
 
+/// `[egress] dns_upstream`, else the nameservers of /etc/resolv.conf as the agent sees them.
+fn upstream_of(policy: &Policy) -> Vec<SocketAddr> {
+    if !policy.egress.dns_upstream.is_empty() {
+        return policy.egress.dns_upstream.clone();
+    }
+    std::fs::read_to_string("/etc/resolv.conf")
+        .map(|conf| resolver::nameservers(&conf))
+        .unwrap_or_default()
+}
+
+/// Starts block mode's DNS resolver and points the kernel's redirect at it. Without it, job
+/// processes in block mode reach only the DNS servers their allowlist admits by address, and
+/// names in allowlists admit nothing.
+pub(super) async fn start_resolver(policy: &Policy, sensor: &mut Sensor) -> Option<Upstream> {
+    let upstream = upstream_of(policy);
+    if upstream.is_empty() {
+        tracing::warn!(
+            "no DNS upstream (no [egress] dns_upstream, no nameserver in /etc/resolv.conf): \
+             job DNS in block mode is not redirected"
+        );
+    }
+    let lists = sensor.egress().allowlists();
+    let started = match resolver::start(lists, upstream.clone()).await {
+        Ok(started) => started,
+        Err(error) => {
+            tracing::error!(%error, "block mode's DNS resolver did not start: job DNS is not redirected");
+            return None;
+        }
+    };
+    if let Err(error) = sensor.set_dns_resolver(started.port, started.netns_cookie) {
+        tracing::error!(%error, "block mode's DNS redirect not set: job DNS is not redirected");
+        return None;
+    }
+    tracing::info!(
+        port = started.port,
+        ?upstream,
+        "block mode's DNS resolver on 127.0.0.1"
+    );
+    Some(started.upstream)
+}
+
 impl Agent {
+    /// A reloaded policy's upstream for the resolver.
+    pub(super) fn set_dns_upstream(&mut self, policy: &Policy) {
+        if let Some(upstream) = &self.dns_upstream {
+            *upstream
+                .write()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = upstream_of(policy);
+        }
+    }
+
     /// Brings block mode's plans in step with the engine's jobs when they changed (or when
     /// `egress_seen` was reset: a reload, a control request). A map error is logged: the jobs
     /// keep the plan they had.

@@ -132,6 +132,7 @@ impl Agent {
         let detached = detached(sensor.probes());
         tracing::info!(attached = attached(sensor.probes()), total = sensor.probes().len(), job_roots = ?sensor_policy.job_root_executables, "probes attached");
         super::egress::announce(&policy, sensor.probes());
+        let dns_upstream = super::egress::start_resolver(&policy, &mut sensor).await;
 
         let metrics = Arc::new(Metrics::new());
         metrics.probes(sensor.probes());
@@ -216,6 +217,7 @@ impl Agent {
             lost_raised: 0,
             budget_reported: HashMap::new(),
             egress_seen: None,
+            dns_upstream,
             dirty: false,
             snapshot_write: None,
         };

@@ -1,0 +1,333 @@
+//! Block mode's DNS resolver. The kernel sends the port-53 traffic of job processes in block
+//! mode here (`runner-monitor-ebpf/src/redirect.rs`), from a loopback source address that
+//! carries the job's policy id. A query for a name the job's plan allows is forwarded to the
+//! upstream resolver, and the A/AAAA addresses of the answer (through CNAME chains from the name
+//! asked) are written into the job's allowlist BEFORE the answer is sent: a connect right after
+//! the answer finds them. A query for any other name is answered REFUSED and not forwarded: a
+//! query is itself a way out (DNS tunnelling puts the data in the name), so block mode does not
+//! let it leave the host.
+
+use std::{
+    io,
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    sync::{Arc, PoisonError, RwLock},
+    time::Duration,
+};
+
+use hickory_proto::{
+    op::{Message, MessageType, ResponseCode},
+    rr::{Name, RData},
+};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpStream, UdpSocket},
+    time::timeout,
+};
+
+use super::egress::SharedAllowlists;
+use crate::clock::monotonic_ns;
+
+/// How long the upstream has to answer one query.
+const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long a TCP client may stay idle between queries.
+const TCP_IDLE: Duration = Duration::from_secs(10);
+
+/// The upstream servers, replaced on reload.
+pub type Upstream = Arc<RwLock<Vec<SocketAddr>>>;
+
+/// A running resolver: where it listens, and the network namespace it listens in.
+pub struct Resolver {
+    pub port: u16,
+    pub netns_cookie: u64,
+    pub upstream: Upstream,
+}
+
+/// The nameservers of a resolv.conf text, on port 53.
+pub fn nameservers(resolv_conf: &str) -> Vec<SocketAddr> {
+    resolv_conf
+        .lines()
+        .filter_map(|line| {
+            let mut words = line.split_whitespace();
+            (words.next()? == "nameserver").then_some(())?;
+            let ip: IpAddr = words.next()?.split('%').next()?.parse().ok()?;
+            Some(SocketAddr::new(ip, 53))
+        })
+        .collect()
+}
+
+/// The network namespace cookie of the namespace `socket` lives in (`SO_NETNS_COOKIE`).
+fn netns_cookie(socket: &impl std::os::fd::AsRawFd) -> io::Result<u64> {
+    const SO_NETNS_COOKIE: libc::c_int = 71;
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into the u64 we own.
+    let rc = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_NETNS_COOKIE,
+            (&mut cookie as *mut u64).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(cookie)
+}
+
+/// Starts the resolver on 127.0.0.1 (UDP and TCP on one port) in the current tokio runtime.
+pub async fn start(lists: SharedAllowlists, upstream: Vec<SocketAddr>) -> io::Result<Resolver> {
+    let mut attempt = 0;
+    let (udp, tcp) = loop {
+        let udp = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).await?;
+        let port = udp.local_addr()?.port();
+        match TcpListener::bind((Ipv4Addr::LOCALHOST, port)).await {
+            Ok(tcp) => break (udp, tcp),
+            Err(error) if attempt >= 10 => return Err(error),
+            Err(_) => attempt += 1,
+        }
+    };
+    let port = udp.local_addr()?.port();
+    let netns_cookie = netns_cookie(&udp)?;
+    let upstream: Upstream = Arc::new(RwLock::new(upstream));
+    let udp = Arc::new(udp);
+    let (l, u) = (lists.clone(), upstream.clone());
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 4096];
+        loop {
+            let Ok((n, peer)) = udp.recv_from(&mut buf).await else {
+                continue;
+            };
+            let query = buf[..n].to_vec();
+            let (udp, lists, upstream) = (udp.clone(), l.clone(), u.clone());
+            tokio::spawn(async move {
+                if let Some(answer) = answer(&lists, &upstream, peer, &query, false).await {
+                    let _ = udp.send_to(&answer, peer).await;
+                }
+            });
+        }
+    });
+    let u = upstream.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, peer)) = tcp.accept().await else {
+                continue;
+            };
+            let (lists, upstream) = (lists.clone(), u.clone());
+            tokio::spawn(async move {
+                let _ = serve_tcp(stream, peer, &lists, &upstream).await;
+            });
+        }
+    });
+    Ok(Resolver {
+        port,
+        netns_cookie,
+        upstream,
+    })
+}
+
+/// DNS over TCP: length-prefixed messages, one answer per query, until the client goes.
+async fn serve_tcp(
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    lists: &SharedAllowlists,
+    upstream: &Upstream,
+) -> io::Result<()> {
+    loop {
+        let Ok(len) = timeout(TCP_IDLE, stream.read_u16()).await else {
+            return Ok(());
+        };
+        let mut query = vec![0u8; usize::from(len?)];
+        stream.read_exact(&mut query).await?;
+        let Some(answer) = answer(lists, upstream, peer, &query, true).await else {
+            return Ok(());
+        };
+        let mut out = (answer.len() as u16).to_be_bytes().to_vec();
+        out.extend_from_slice(&answer);
+        stream.write_all(&out).await?;
+    }
+}
+
+/// A response to `query` with only a response code.
+fn refusal(query: &Message, code: ResponseCode) -> Option<Vec<u8>> {
+    let mut response = Message::new();
+    response
+        .set_id(query.id())
+        .set_message_type(MessageType::Response)
+        .set_op_code(query.op_code())
+        .set_recursion_desired(query.recursion_desired())
+        .set_recursion_available(true)
+        .set_response_code(code);
+    response.add_queries(query.queries().to_vec());
+    response.to_vec().ok()
+}
+
+/// The answer to a query from `peer`; `None`: nothing to send (not a DNS query).
+async fn answer(
+    lists: &SharedAllowlists,
+    upstream: &Upstream,
+    peer: SocketAddr,
+    query: &[u8],
+    tcp: bool,
+) -> Option<Vec<u8>> {
+    let message = Message::from_vec(query).ok()?;
+    if message.message_type() != MessageType::Query {
+        return None;
+    }
+    let question = message.queries().first().map(|q| q.name().clone());
+    let (policy, ports) = {
+        let lists = lists.lock().unwrap_or_else(PoisonError::into_inner);
+        let policy = match peer.ip() {
+            IpAddr::V4(v4) if v4 == Ipv4Addr::LOCALHOST => lists.policy_of_port(peer.port()),
+            IpAddr::V4(v4) => runner_monitor_common::dns_source_policy(u32::from(v4)),
+            IpAddr::V6(_) => None,
+        };
+        let ports = policy
+            .and_then(|p| lists.plan(p))
+            .zip(question.as_ref())
+            .and_then(|(plan, name)| plan.name_ports(&name.to_utf8()));
+        (policy, ports)
+    };
+    let (Some(policy), Some(question), Some(ports)) = (policy, question, ports) else {
+        return refusal(&message, ResponseCode::Refused);
+    };
+    let servers = upstream
+        .read()
+        .unwrap_or_else(PoisonError::into_inner)
+        .clone();
+    for server in servers {
+        let forwarded = if tcp {
+            timeout(UPSTREAM_TIMEOUT, forward_tcp(server, query)).await
+        } else {
+            timeout(UPSTREAM_TIMEOUT, forward_udp(server, query)).await
+        };
+        let Ok(Ok(response)) = forwarded else {
+            continue;
+        };
+        let Ok(parsed) = Message::from_vec(&response) else {
+            continue;
+        };
+        if parsed.id() != message.id() {
+            continue;
+        }
+        let addrs = addresses(&parsed, &question);
+        if !addrs.is_empty() {
+            let mut lists = lists.lock().unwrap_or_else(PoisonError::into_inner);
+            if let Err(error) = lists.admit(policy, &addrs, &ports, monotonic_ns()) {
+                tracing::warn!(%error, "resolved addresses not admitted: answering SERVFAIL");
+                return refusal(&message, ResponseCode::ServFail);
+            }
+        }
+        return Some(response);
+    }
+    refusal(&message, ResponseCode::ServFail)
+}
+
+/// The A and AAAA addresses (with TTL) of `name` in `response`, through CNAME chains.
+pub fn addresses(response: &Message, name: &Name) -> Vec<(IpAddr, u32)> {
+    let mut names = vec![name.to_lowercase()];
+    // A chain is at most as long as the answer section.
+    for _ in 0..response.answers().len() {
+        let before = names.len();
+        for record in response.answers() {
+            if let RData::CNAME(target) = record.data()
+                && names.contains(&record.name().to_lowercase())
+                && !names.contains(&target.0.to_lowercase())
+            {
+                names.push(target.0.to_lowercase());
+            }
+        }
+        if names.len() == before {
+            break;
+        }
+    }
+    response
+        .answers()
+        .iter()
+        .filter(|r| names.contains(&r.name().to_lowercase()))
+        .filter_map(|r| match r.data() {
+            RData::A(a) => Some((IpAddr::V4(a.0), r.ttl())),
+            RData::AAAA(aaaa) => Some((IpAddr::V6(aaaa.0), r.ttl())),
+            _ => None,
+        })
+        .collect()
+}
+
+async fn forward_udp(server: SocketAddr, query: &[u8]) -> io::Result<Vec<u8>> {
+    let bind: SocketAddr = if server.is_ipv4() {
+        (Ipv4Addr::UNSPECIFIED, 0).into()
+    } else {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    };
+    let socket = UdpSocket::bind(bind).await?;
+    socket.connect(server).await?;
+    socket.send(query).await?;
+    let mut buf = vec![0u8; 65535];
+    let n = socket.recv(&mut buf).await?;
+    buf.truncate(n);
+    Ok(buf)
+}
+
+async fn forward_tcp(server: SocketAddr, query: &[u8]) -> io::Result<Vec<u8>> {
+    let mut stream = TcpStream::connect(server).await?;
+    let mut out = (query.len() as u16).to_be_bytes().to_vec();
+    out.extend_from_slice(query);
+    stream.write_all(&out).await?;
+    let len = stream.read_u16().await?;
+    let mut buf = vec![0u8; usize::from(len)];
+    stream.read_exact(&mut buf).await?;
+    Ok(buf)
+}
+
+#[cfg(test)]
+mod tests {
+    use hickory_proto::{
+        op::Query,
+        rr::{Record, RecordType, rdata},
+    };
+
+    use super::*;
+
+    #[test]
+    fn addresses_follow_cname_chains_from_the_name_asked_only() {
+        let asked = Name::from_ascii("api.allowed.test.").unwrap();
+        let edge = Name::from_ascii("edge.cdn.test.").unwrap();
+        let other = Name::from_ascii("other.test.").unwrap();
+        let mut m = Message::new();
+        m.set_message_type(MessageType::Response);
+        m.add_query(Query::query(asked.clone(), RecordType::A));
+        m.add_answer(Record::from_rdata(
+            Name::from_ascii("API.allowed.test.").unwrap(),
+            60,
+            RData::CNAME(rdata::CNAME(edge.clone())),
+        ));
+        m.add_answer(Record::from_rdata(
+            edge,
+            5,
+            RData::A(rdata::A(Ipv4Addr::new(10, 0, 0, 7))),
+        ));
+        // Not on the chain: an answer may not admit addresses of names nobody asked for.
+        m.add_answer(Record::from_rdata(
+            other,
+            5,
+            RData::A(rdata::A(Ipv4Addr::new(10, 0, 0, 8))),
+        ));
+        assert_eq!(
+            addresses(&m, &asked),
+            vec![(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 7)), 5)]
+        );
+    }
+
+    #[test]
+    fn nameservers_are_read_from_resolv_conf() {
+        let conf = "# c\nnameserver 10.0.0.2\nsearch x\nnameserver fe80::1%eth0\nnameserver bad\n";
+        assert_eq!(
+            nameservers(conf),
+            vec![
+                "10.0.0.2:53".parse().unwrap(),
+                "[fe80::1]:53".parse().unwrap()
+            ]
+        );
+    }
+}

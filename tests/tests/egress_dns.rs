@@ -1,0 +1,283 @@
+//! Block mode's DNS through the real agent: job processes in block mode that ask a DNS server
+//! (UDP connected, UDP unconnected, TCP, and glibc's resolver through a private resolv.conf) are
+//! sent in the kernel to the agent's resolver, which forwards the names the job's allowlist
+//! admits to the server and admits the addresses of the answer for that job before answering;
+//! other names are REFUSED and their addresses stay refused.
+//!
+//! The DNS server and the listeners live in a namespace joined to this one by a veth pair
+//! (10.215.0.0/24): the job's processes run in the agent's network namespace, whose loopback is
+//! where the resolver listens. Nothing is sent anywhere else.
+
+use std::{
+    collections::BTreeMap,
+    io::BufRead,
+    process::{Child, Command, Stdio},
+};
+
+use integration_tests::{
+    TestEnv,
+    dns::{ALLOWED, CNAME_TARGET, DENIED, GLIBC},
+    job_step,
+    live::{
+        Agent, agent_dir, agent_log, alerts, free_port, github_worker, repo_root, run_id,
+        test_policy, wait_alert,
+    },
+    output_of, sh, spawn_with_parent_death,
+};
+use serde_json::Value;
+
+const SERVER: &str = "10.215.0.2";
+const PORT: u16 = 7000;
+
+/// The server namespace, its veth pair to this namespace and the servers in it; removed on drop.
+struct ServerNamespace {
+    name: String,
+    host_link: String,
+    servers: Vec<Child>,
+}
+
+impl ServerNamespace {
+    fn new() -> Self {
+        let id = std::process::id() % 100000;
+        let ns = ServerNamespace {
+            name: format!("rmdns{id}"),
+            host_link: format!("rmdh{id}"),
+            servers: Vec::new(),
+        };
+        let (n, h) = (&ns.name, &ns.host_link);
+        let _ = Command::new("ip").args(["netns", "del", n]).output();
+        let _ = Command::new("ip").args(["link", "del", h]).output();
+        sh(&format!(
+            "ip netns add {n} && ip -n {n} link set lo up && \
+             ip link add {h} type veth peer name vs netns {n} && \
+             ip addr add 10.215.0.1/24 dev {h} && ip link set {h} up && \
+             ip -n {n} addr add {SERVER}/24 dev vs && ip -n {n} addr add {ALLOWED}/24 dev vs && \
+             ip -n {n} addr add {DENIED}/24 dev vs && ip -n {n} addr add {CNAME_TARGET}/24 dev vs && \
+             ip -n {n} addr add {GLIBC}/24 dev vs && ip -n {n} link set vs up"
+        ));
+        ns
+    }
+
+    /// `job-step ARGS` inside the namespace, ready when it printed `listening`.
+    fn serve(&mut self, args: &[String]) {
+        let mut command = Command::new("ip");
+        command
+            .args(["netns", "exec", &self.name])
+            .arg(job_step())
+            .args(args)
+            .stdout(Stdio::piped());
+        let mut child = spawn_with_parent_death(&mut command, libc::SIGKILL).expect("serve");
+        let mut ready = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut ready)
+            .unwrap();
+        assert_eq!(ready.trim(), "listening", "{args:?} did not start");
+        self.servers.push(child);
+    }
+}
+
+impl Drop for ServerNamespace {
+    fn drop(&mut self) {
+        for child in &mut self.servers {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.host_link])
+            .output();
+    }
+}
+
+fn policy() -> String {
+    let names = format!(
+        "{{ name = \"allowed.test\", ports = [{PORT}] }}, {{ name = \"*.allowed.test\", ports = [{PORT}] }}"
+    );
+    format!(
+        "{}\n[[rules]]\nrepository = \"acme/dns-a\"\nmode = \"block\"\nallow_egress = [{names}]\n\
+         \n[[rules]]\nrepository = \"acme/dns-b\"\nmode = \"block\"\nallow_egress = [{names}]\n",
+        test_policy().replace(
+            "[egress]\n",
+            &format!("[egress]\ndns_upstream = [\"{SERVER}:53\"]\n")
+        )
+    )
+}
+
+/// Runs a GitHub-style job of `repository` whose steps are `steps` (label, command line after
+/// `$JOB_STEP`, or a whole shell line when it starts with `!`); returns label -> output.
+fn job(
+    env: &TestEnv,
+    agent: &Agent,
+    run: &str,
+    repository: &str,
+    steps: &[(&str, String)],
+) -> BTreeMap<String, String> {
+    let hooks = repo_root().join("hooks/github");
+    let mut script = format!("sh {}\n", hooks.join("job-started.sh").display());
+    for (label, step) in steps {
+        let command = match step.strip_prefix('!') {
+            Some(line) => line.to_owned(),
+            None => format!("\"$JOB_STEP\" {step}"),
+        };
+        script.push_str(&format!("printf '%s=' '{label}'; {command}\n"));
+    }
+    script.push_str(&format!(
+        "sh {}\n",
+        hooks.join("job-completed.sh").display()
+    ));
+    let out = output_of(&mut github_worker(env, agent, run, repository, &script));
+    assert!(
+        out.status.success(),
+        "job failed: {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_once('='))
+        .map(|(label, answer)| (label.to_owned(), answer.trim().to_owned()))
+        .collect()
+}
+
+fn destination_is(alert: &Value, ip: &str, port: u16) -> bool {
+    alert["destination"]["ip"] == ip && alert["destination"]["port"] == port
+}
+
+#[test]
+fn block_mode_admits_what_a_job_resolved_for_an_allowed_name_and_nothing_else() {
+    let dir = agent_dir("egress-dns");
+    std::fs::write(dir.join("policy.toml"), policy()).unwrap();
+    let agent = Agent::launch(&dir, free_port(), &[]);
+    let env = TestEnv::new("egress-dns");
+    let mut ns = ServerNamespace::new();
+    ns.serve(&["dns-serve".to_owned(), format!("{SERVER}:53")]);
+    let listeners: Vec<String> = [ALLOWED, DENIED, CNAME_TARGET, GLIBC]
+        .iter()
+        .map(|ip| format!("{ip}:{PORT}"))
+        .collect();
+    ns.serve(&[vec!["serve".to_owned()], listeners].concat());
+    assert!(
+        agent_log(&dir).contains("DNS resolver on 127.0.0.1"),
+        "the resolver started: {}",
+        agent_log(&dir)
+    );
+
+    // The job's own resolv.conf, in a private mount namespace, for glibc's resolver.
+    let resolv = env.dir.join("resolv.conf");
+    std::fs::write(
+        &resolv,
+        format!("nameserver {SERVER}\noptions attempts:1\n"),
+    )
+    .unwrap();
+    let glibc = format!(
+        "!unshare -m sh -c 'mount --bind {} /etc/resolv.conf && exec \"$JOB_STEP\" connect-name glibc.allowed.test:{PORT}'",
+        resolv.display()
+    );
+    let dns = |how: &str, name: &str| format!("dns {how} {SERVER}:53 {name} {PORT}");
+    let run_a = run_id(1);
+    let steps = vec![
+        // Connects at once after the answer: no window in which the address is not admitted.
+        ("udp", dns("udp", "allowed.test")),
+        ("cname", dns("udp-send", "www.allowed.test")),
+        ("tcp", dns("tcp", "allowed.test")),
+        ("denied", dns("udp", "denied.test")),
+        ("denied-addr", format!("egress tcp {DENIED}:{PORT}")),
+        // An allowed name's address on a port its entry does not list: refused, and the
+        // finding names it.
+        ("other-port", format!("egress tcp {ALLOWED}:{}", PORT + 1)),
+        ("glibc", glibc),
+    ];
+    let answers = job(&env, &agent, &run_a, "acme/dns-a", &steps);
+    let expect = |label: &str, want: &str| {
+        assert_eq!(
+            answers.get(label).map(String::as_str),
+            Some(want),
+            "`{label}`; all answers: {answers:#?}\nlog: {}",
+            agent_log(&dir)
+        );
+    };
+    expect("udp", &format!("NoError {ALLOWED} ok"));
+    expect("cname", &format!("NoError {CNAME_TARGET} ok"));
+    expect("tcp", &format!("NoError {ALLOWED} ok"));
+    expect("denied", "Refused - -");
+    expect("denied-addr", "errno 1");
+    expect("other-port", "errno 1");
+    expect("glibc", "ok");
+
+    let job_a = format!("{run_a}/build");
+    let alert = wait_alert(&agent, "unexpected-egress", &job_a, |a| {
+        destination_is(a, &DENIED.to_string(), PORT)
+    });
+    assert_eq!(alert["blocked"], true, "{alert}");
+    // The answers the job got still feed the engine's names: the finding names the destination.
+    let alert = wait_alert(&agent, "unexpected-egress", &job_a, |a| {
+        destination_is(a, &ALLOWED.to_string(), PORT + 1)
+    });
+    assert_eq!(alert["blocked"], true, "{alert}");
+    assert_eq!(alert["destination"]["dns_name"], "allowed.test", "{alert}");
+    for ip in [ALLOWED, CNAME_TARGET, GLIBC] {
+        assert!(
+            !alerts(&agent)
+                .iter()
+                .any(|a| a["job"]["id"] == job_a.as_str()
+                    && destination_is(a, &ip.to_string(), PORT)),
+            "a resolved, allowed address ({ip}) is not reported"
+        );
+    }
+    assert!(
+        !alerts(&agent)
+            .iter()
+            .any(|a| a["job"]["id"] == job_a.as_str() && a["destination"]["port"] == 53),
+        "a redirected DNS connect is not unexpected egress"
+    );
+
+    // Job B may reach the same names, but never resolved allowed.test: A's answer admits
+    // nothing for B.
+    let run_b = run_id(2);
+    let answers = job(
+        &env,
+        &agent,
+        &run_b,
+        "acme/dns-b",
+        &[("a-address", format!("egress tcp {ALLOWED}:{PORT}"))],
+    );
+    assert_eq!(
+        answers.get("a-address").map(String::as_str),
+        Some("errno 1"),
+        "job B: {answers:#?}"
+    );
+
+    // A job in audit mode and a process outside jobs are not redirected: they ask the server
+    // itself, which answers any name.
+    let run_c = run_id(3);
+    let answers = job(
+        &env,
+        &agent,
+        &run_c,
+        "acme/audited",
+        &[("denied", dns("udp", "denied.test"))],
+    );
+    assert_eq!(
+        answers.get("denied").map(String::as_str),
+        Some(format!("NoError {DENIED} ok").as_str()),
+        "audit mode: {answers:#?}"
+    );
+    let out = output_of(Command::new(job_step()).args([
+        "dns",
+        "udp",
+        &format!("{SERVER}:53"),
+        "denied.test",
+        &PORT.to_string(),
+    ]));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        format!("NoError {DENIED} ok"),
+        "outside jobs nothing is redirected"
+    );
+
+    drop(ns);
+    let status = agent.stop();
+    assert!(status.success(), "agent exit: {status}");
+}
