@@ -532,31 +532,7 @@ pub struct JobBudget {
 }
 
 /// Indexes of the kernel's `SETTINGS` array, which the agent writes at load and on reload.
-pub mod setting {
-    /// Bit n-1 set when some credential basename prefix of length n is in `NAMES`.
-    pub const PREFIX_LENGTHS: u32 = 0;
-    /// Non-zero when some job-parent names are in `NAMES`.
-    pub const JOB_PARENTS: u32 = 1;
-    /// File, connect and DNS events one job may send per `BUDGET_WINDOW_NS`; 0: no limit.
-    pub const JOB_EVENTS_PER_WINDOW: u32 = 2;
-    /// Non-zero when some job marker variables are in `NAMES`: execs outside jobs scan their
-    /// environment.
-    pub const JOB_ENV: u32 = 3;
-    /// Slots 4 to 17: the io_uring request layout (`io_uring::slot`).
-    pub use crate::io_uring::slot::*;
-    /// The global `[egress] mode`: 1 block, 0 audit. Judges jobs without an `EGRESS_JOBS` entry.
-    pub const EGRESS_MODE: u32 = 18;
-    /// The port of the agent's DNS resolver on 127.0.0.1; 0: job DNS is not redirected.
-    pub const DNS_RESOLVER_PORT: u32 = 19;
-    /// The agent's network namespace cookie (low and high halves): only port-53 traffic in that
-    /// namespace can reach the resolver, so only it is redirected.
-    pub const DNS_NETNS_LO: u32 = 20;
-    pub const DNS_NETNS_HI: u32 = 21;
-    /// Byte offset of `task_struct.exit_code` plus one, from the kernel's BTF; 0: unknown (the
-    /// exit status of a process killed by a signal is then unknown).
-    pub const TASK_EXIT_CODE: u32 = 22;
-    pub const SLOTS: u32 = 23;
-}
+pub mod setting;
 
 /// Capacity of the kernel's process map: job processes alive at once.
 pub const MAX_TRACKED_PROCESSES: u32 = 65536;

@@ -396,6 +396,42 @@ pub struct Connect {
     pub dns_redirected: bool,
 }
 
+impl Connect {
+    /// A successful connect of fd 3 to `ip` port `port`: the base for traces written by hand
+    /// (`Connect { blocked: true, ..Connect::inet(ip, port) }`).
+    pub fn inet(ip: std::net::IpAddr, port: u16) -> Self {
+        Self {
+            family: if ip.is_ipv4() {
+                SocketFamily::Inet
+            } else {
+                SocketFamily::Inet6
+            },
+            ip: Some(ip),
+            port: Some(port),
+            unix_path: None,
+            fd: 3,
+            result: 0,
+            io_uring: false,
+            blocked: false,
+            udp_send: false,
+            raw_socket: None,
+            via: None,
+            dns_redirected: false,
+        }
+    }
+
+    /// A successful connect of fd 3 to the unix socket `path`.
+    pub fn unix(path: &str) -> Self {
+        Self {
+            family: SocketFamily::Unix,
+            ip: None,
+            port: None,
+            unix_path: Some(path.to_owned()),
+            ..Self::inet(std::net::Ipv4Addr::UNSPECIFIED.into(), 0)
+        }
+    }
+}
+
 /// A raw IP, packet or ICMP ("ping") socket a job process created.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RawSocket {

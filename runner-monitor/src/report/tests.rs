@@ -161,20 +161,7 @@ fn read(path: &str) -> EventDetail {
 }
 
 fn connect(ip: &str, port: u16) -> EventDetail {
-    EventDetail::Connect(Connect {
-        family: SocketFamily::Inet,
-        ip: Some(ip.parse().unwrap()),
-        port: Some(port),
-        unix_path: None,
-        fd: 3,
-        result: 0,
-        io_uring: false,
-        blocked: false,
-        udp_send: false,
-        raw_socket: None,
-        via: None,
-        dns_redirected: false,
-    })
+    EventDetail::Connect(Connect::inet(ip.parse().unwrap(), port))
 }
 
 /// A job whose step reads a credential twice, resolves a name and connects to it, and leaves a
