@@ -44,8 +44,11 @@ pub struct Identities {
     /// Basenames the kernel must report opens of from now on.
     kernel_names: Vec<String>,
     /// The secret sockets' device and inode, and when they were looked at.
-    sockets: Option<(Instant, Vec<((u64, u64), String)>)>,
+    sockets: Option<(Instant, SocketFiles)>,
 }
+
+/// The secret sockets found: (device, inode) and path.
+type SocketFiles = Vec<((u64, u64), String)>;
 
 /// How long the secret sockets' identities are trusted before they are looked at again.
 const SOCKETS_FRESH: Duration = Duration::from_secs(1);
@@ -154,8 +157,7 @@ impl Identities {
         let Ok(meta) = meta else { return };
         let reached = (meta.dev(), meta.ino());
         if let Some((_, socket)) = sockets.iter().find(|(id, _)| *id == reached) {
-            let used = std::mem::replace(&mut c.unix_path, Some(socket.clone()));
-            c.via = used;
+            c.via = c.unix_path.replace(socket.clone());
         }
     }
 }

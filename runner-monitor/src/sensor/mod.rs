@@ -510,21 +510,6 @@ fn prefix_length_mask(prefixes: &[String]) -> u32 {
         .fold(0, |mask, n| mask | 1 << (n - 1))
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn prefix_mask_has_one_bit_per_length() {
-        assert_eq!(prefix_length_mask(&["id_".into()]), 0b100);
-        assert_eq!(
-            prefix_length_mask(&["id_".into(), "ab".into(), "x".repeat(40)]),
-            0b110
-        );
-        assert_eq!(prefix_length_mask(&[]), 0);
-    }
-}
-
 /// `task_struct.exit_code`'s offset, for the signal that killed a process.
 fn write_task_layout(btf: &Result<btf::KernelBtf, String>, settings: &mut Array<MapData, u32>) {
     let offset = match btf {
@@ -541,5 +526,20 @@ fn write_task_layout(btf: &Result<btf::KernelBtf, String>, settings: &mut Array<
     });
     if let Err(reason) = written {
         tracing::warn!(%reason, "the signal that kills a job process will not be known");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefix_mask_has_one_bit_per_length() {
+        assert_eq!(prefix_length_mask(&["id_".into()]), 0b100);
+        assert_eq!(
+            prefix_length_mask(&["id_".into(), "ab".into(), "x".repeat(40)]),
+            0b110
+        );
+        assert_eq!(prefix_length_mask(&[]), 0);
     }
 }

@@ -323,7 +323,7 @@ fn engine(sizes: &Sizes) -> anyhow::Result<Value> {
 }
 
 /// The benchmarks, in the order they run and print.
-const NAMES: [&str; 9] = [
+const NAMES: [&str; 10] = [
     "exec",
     "egress",
     "syscalls",
