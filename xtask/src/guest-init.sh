@@ -38,12 +38,16 @@ $B mount -t securityfs securityfs $R/sys/kernel/security
 $B mount -t cgroup2 cgroup2 $R/sys/fs/cgroup
 $B ip link set lo up
 $B hostname guest
-$B chroot $R /bin/sh -c '
+# PID 1 itself moves into the host root (exec, not a child): the kernel's module autoloading
+# (`ip link add ... type veth` asks for veth) runs modprobe in PID 1's root, which must be the one
+# with /sbin/modprobe and /lib/modules.
+$B cp /bin/busybox $R/run/rm-busybox
+exec $B chroot $R /bin/sh -c '
     ulimit -l unlimited
     export HOME=/root PATH=/root/.cargo/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
     export RESULTS=/run/rm-guest
     cd /
     /bin/bash $RESULTS/run.sh > $RESULTS/output 2>&1
-    echo $? > $RESULTS/rc'
-$B sync
-$B poweroff -f
+    echo $? > $RESULTS/rc
+    /run/rm-busybox sync
+    /run/rm-busybox poweroff -f'

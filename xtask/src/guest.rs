@@ -109,22 +109,27 @@ fn cache_dir(release: &str) -> PathBuf {
 pub(crate) fn prepare(kernel: &Kernel) -> anyhow::Result<(PathBuf, PathBuf)> {
     let dir = cache_dir(&kernel.release);
     let vmlinux = dir.join("vmlinux");
-    let initramfs = dir.join("initramfs.cpio");
-    if vmlinux.exists() && initramfs.exists() {
-        return Ok((vmlinux, initramfs));
-    }
+    // The init script and module list are part of the name: a changed one makes a new image.
+    let recipe = format!("{INIT}{MODULES:?}");
+    let fnv = recipe.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    let initramfs = dir.join(format!("initramfs-{fnv:016x}.cpio"));
     std::fs::create_dir_all(&dir)?;
-    say(&format!(
-        "preparing the {} guest in {}",
-        kernel.release,
-        dir.display()
-    ));
-    let elf = extract_vmlinux(&kernel.vmlinuz)?;
-    std::fs::write(dir.join("vmlinux.tmp"), elf)?;
-    let cpio = initramfs_for(&kernel.release)?;
-    std::fs::write(dir.join("initramfs.tmp"), cpio)?;
-    std::fs::rename(dir.join("vmlinux.tmp"), &vmlinux)?;
-    std::fs::rename(dir.join("initramfs.tmp"), &initramfs)?;
+    if !vmlinux.exists() {
+        say(&format!(
+            "extracting the {} vmlinux into {}",
+            kernel.release,
+            dir.display()
+        ));
+        std::fs::write(dir.join("vmlinux.tmp"), extract_vmlinux(&kernel.vmlinuz)?)?;
+        std::fs::rename(dir.join("vmlinux.tmp"), &vmlinux)?;
+    }
+    if !initramfs.exists() {
+        say(&format!("making the {} guest's initramfs", kernel.release));
+        std::fs::write(dir.join("initramfs.tmp"), initramfs_for(&kernel.release)?)?;
+        std::fs::rename(dir.join("initramfs.tmp"), &initramfs)?;
+    }
     Ok((vmlinux, initramfs))
 }
 
@@ -268,7 +273,7 @@ impl Cpio {
     }
 
     fn pad(&mut self) {
-        while self.out.len() % 4 != 0 {
+        while !self.out.len().is_multiple_of(4) {
             self.out.push(0);
         }
     }
