@@ -522,7 +522,11 @@ pub mod setting {
     pub use crate::io_uring::slot::*;
     /// The global `[egress] mode`: 1 block, 0 audit. Judges jobs without an `EGRESS_JOBS` entry.
     pub const EGRESS_MODE: u32 = 18;
-    pub const SLOTS: u32 = 19;
+    /// Byte offset of `bool group_dead` in the `sched:sched_process_exit` record, 0 when the
+    /// kernel's record has none (the field is newer than Debian 12's 6.1 and 6.12): then the
+    /// thread-group leader's exit stands for the process's.
+    pub const EXIT_GROUP_DEAD: u32 = 19;
+    pub const SLOTS: u32 = 20;
 }
 
 /// Capacity of the kernel's process map: job processes alive at once.
