@@ -22,4 +22,8 @@ pub const DNS_NETNS_HI: u32 = 21;
 /// Byte offset of `task_struct.exit_code` plus one, from the kernel's BTF; 0: unknown (the
 /// exit status of a process killed by a signal is then unknown).
 pub const TASK_EXIT_CODE: u32 = 22;
-pub const SLOTS: u32 = 23;
+/// Byte offset of `bool group_dead` in the `sched:sched_process_exit` record, 0 when the
+/// kernel's record has none (the field is newer than Debian 12's 6.1 and 6.12): then the
+/// thread-group leader's exit stands for the process's.
+pub const EXIT_GROUP_DEAD: u32 = 23;
+pub const SLOTS: u32 = 24;

@@ -82,8 +82,6 @@ mod offsets {
     pub const EXEC_FILENAME: usize = 8;
     /// sched_process_exec: `pid_t old_pid`.
     pub const EXEC_OLD_PID: usize = 16;
-    /// sched_process_exit: `bool group_dead`.
-    pub const EXIT_GROUP_DEAD: usize = 32;
 }
 
 // task:task_newtask: pid_t pid; char comm[16]; u64 clone_flags; short oom_score_adj
@@ -474,8 +472,17 @@ pub fn sched_process_exit(ctx: TracePointContext) -> u32 {
         return 0;
     };
     crate::files::forget_thread(bpf_get_current_pid_tgid() as u32);
-    let group_dead: u8 = field(&ctx, offsets::EXIT_GROUP_DEAD);
-    if group_dead == 0 {
+    // `group_dead` is where the kernel's record has it (the agent read its format); without it,
+    // the leader's exit is the process's (a leader that leaves with pthread_exit before its
+    // other threads ends the process early: the price of older kernels).
+    let group_dead_at = crate::names::setting(runner_monitor_common::setting::EXIT_GROUP_DEAD);
+    let group_dead = if group_dead_at != 0 {
+        field::<u8>(&ctx, group_dead_at as usize) != 0
+    } else {
+        let pid_tgid = bpf_get_current_pid_tgid();
+        pid_tgid as u32 == (pid_tgid >> 32) as u32
+    };
+    if !group_dead {
         return 0;
     }
     let tgid = current_tgid();

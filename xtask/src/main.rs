@@ -7,6 +7,8 @@ mod bench;
 mod build;
 mod common;
 mod fuzz;
+mod guest;
+mod kernels;
 mod lint;
 mod package;
 mod setup;
@@ -77,9 +79,25 @@ enum Task {
     /// runner-monitor` runs the agent's unit tests alone (an empty object stands in for the
     /// kernel programs; an agent built so refuses to load its sensors).
     Test {
+        /// Only the sensor tests (tests/tests/sensors.rs, io_uring.rs), in a QEMU guest booting
+        /// this kernel: `6.1`, `6.12` (Debian's, installed by setup), `host`, a release or a
+        /// path to a vmlinuz-RELEASE. Repeatable.
+        #[arg(long)]
+        kernel: Vec<String>,
+        /// Only the sensor tests, on the kernel matrix: host, Debian's 6.1 and 6.12.
+        #[arg(long)]
+        kernels: bool,
         /// Extra arguments for the test binaries (e.g. a test name filter).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
+    },
+    /// Boot a kernel of the matrix under QEMU with the host's files and run a shell command there
+    /// (e.g. `cargo xtask guest 6.1 target/release/runner-monitor check`).
+    Guest {
+        /// `6.1`, `6.12`, a release or a path to a vmlinuz-RELEASE.
+        kernel: String,
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
+        command: Vec<String>,
     },
 }
 
@@ -126,9 +144,44 @@ fn main() -> anyhow::Result<()> {
             setup()?;
             fuzz::fuzz(seconds, &targets, target_dir.as_deref())
         }
-        Task::Test { args } => {
+        Task::Test {
+            kernel,
+            kernels,
+            args,
+        } => {
             setup()?;
-            test::test(&args)
+            if kernels {
+                let mut all = vec!["host".to_owned()];
+                all.extend(guest::MATRIX.map(str::to_owned));
+                kernels::test(&all, &args)
+            } else if !kernel.is_empty() {
+                kernels::test(&kernel, &args)
+            } else {
+                test::test(&args)
+            }
         }
+        Task::Guest { kernel, command } => guest_command(&kernel, &command),
+    }
+}
+
+/// `cargo xtask guest KERNEL COMMAND...`: the command's output, and its exit status as ours.
+fn guest_command(kernel: &str, command: &[String]) -> anyhow::Result<()> {
+    let kernel = guest::resolve(kernel)?;
+    let dir = common::workspace_root()
+        .join("target/guest")
+        .join(format!("command-{}", kernel.release));
+    let cwd = std::env::current_dir()?;
+    let script = format!("cd '{}' && {}\n", cwd.display(), command.join(" "));
+    let run = guest::run(&kernel, &dir, &script, std::time::Duration::from_secs(900))?;
+    print!("{}", run.output);
+    common::say(&format!(
+        "{} guest: {:.1} s boot to power-off",
+        kernel.release,
+        run.elapsed.as_secs_f64()
+    ));
+    match run.status {
+        Some(0) => Ok(()),
+        Some(rc) => bail!("exit status {rc}"),
+        None => bail!("the guest died:\n{}", run.console),
     }
 }

@@ -63,6 +63,11 @@ const DEBIAN_PACKAGES: &[&str] = &[
     // builds its image from Debian's static busybox (`docker import`: nothing is pulled).
     "docker.io",
     "busybox-static",
+    // The kernel matrix (`cargo xtask test --kernels`, xtask/src/guest.rs): QEMU, busybox as the
+    // guest's init, and Debian's 6.1 and 6.12 kernels with their modules.
+    "qemu-system-x86",
+    "linux-image-amd64",
+    "linux-image-6.12-amd64",
 ];
 
 /// gitlab-ci-local, a real GitLab CI runner for workstations, for the job-discovery tests.
@@ -162,7 +167,17 @@ pub(crate) fn setup() -> anyhow::Result<()> {
         }
     }
 
-    // 5. The Kubernetes manifests' validator and renderer.
+    // 6. The kernel matrix's guests: each kernel of it must be there (a missing one is an
+    // error, not a skipped kernel), its vmlinux extracted and its initramfs made, once.
+    if is_root() {
+        for name in crate::guest::MATRIX {
+            let kernel = crate::guest::resolve(name)
+                .with_context(|| format!("the kernel matrix needs Debian's kernel {name}"))?;
+            crate::guest::prepare(&kernel)?;
+        }
+    }
+
+    // 7. The Kubernetes manifests' validator and renderer.
     install_kubernetes_validate()?;
     install_in_toto()?;
     install_ocsf_validator()?;

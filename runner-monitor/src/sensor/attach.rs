@@ -393,6 +393,27 @@ pub fn cgroup2_root() -> Option<PathBuf> {
     })
 }
 
+/// Offset of `group_dead` in the `sched:sched_process_exit` record, from its tracefs `format`
+/// (`field:bool group_dead;\toffset:32;\tsize:1;\tsigned:0;`); `None` when the kernel's record
+/// has no such field (before Linux 6.16 or so: Debian 12's 6.1 and 6.12 have none).
+pub fn exit_group_dead_offset() -> Option<u32> {
+    let tracefs = ensure_tracefs().ok()?;
+    let format =
+        std::fs::read_to_string(tracefs.join("events/sched/sched_process_exit/format")).ok()?;
+    format_field_offset(&format, "group_dead")
+}
+
+fn format_field_offset(format: &str, field: &str) -> Option<u32> {
+    format.lines().find_map(|line| {
+        let mut parts = line.trim().split(';');
+        let decl = parts.next()?.strip_prefix("field:")?;
+        if decl.split_whitespace().last()? != field {
+            return None;
+        }
+        parts.find_map(|p| p.trim().strip_prefix("offset:")?.parse().ok())
+    })
+}
+
 fn tracepoint_exists(tracefs: &std::path::Path, category: &str, name: &str) -> bool {
     tracefs.join("events").join(category).join(name).is_dir()
 }
@@ -579,4 +600,18 @@ pub(super) fn verifier_reason(name: &str, error: &aya::programs::ProgramError) -
         );
     }
     format!("{name} failed to load: {}", error_chain(error))
+}
+
+#[cfg(test)]
+mod format_tests {
+    #[test]
+    fn group_dead_offset_is_read_from_the_format_and_absent_on_older_records() {
+        let new = "\tfield:pid_t pid;\toffset:24;\tsize:4;\tsigned:1;\n\
+                   \tfield:bool group_dead;\toffset:32;\tsize:1;\tsigned:0;\n";
+        assert_eq!(super::format_field_offset(new, "group_dead"), Some(32));
+        assert_eq!(super::format_field_offset(new, "pid"), Some(24));
+        let old = "\tfield:pid_t pid;\toffset:24;\tsize:4;\tsigned:1;\n\
+                   \tfield:int prio;\toffset:28;\tsize:4;\tsigned:1;\n";
+        assert_eq!(super::format_field_offset(old, "group_dead"), None);
+    }
 }

@@ -218,10 +218,16 @@ impl Layouts {
     }
 }
 
-/// (program, tracepoint)
-const PROBES: [(&str, &str); 2] = [
-    ("io_uring_create", "io_uring_create"),
-    ("io_uring_submit_req", "io_uring_submit_req"),
+/// (program, the tracepoints it attaches to, first one the kernel has). Before Linux 6.2 the
+/// request tracepoint was `io_uring_submit_sqe(struct io_kiocb *req, bool force_nonblock)`, at the
+/// same place in `io_submit_sqe()` (after `io_init_req()`) and with the request as its first
+/// argument too (Debian 12's 6.1 has it, not `io_uring_submit_req`).
+const PROBES: [(&str, &[&str]); 2] = [
+    ("io_uring_create", &["io_uring_create"]),
+    (
+        "io_uring_submit_req",
+        &["io_uring_submit_req", "io_uring_submit_sqe"],
+    ),
 ];
 
 /// Loads and attaches the io_uring probes, after writing the request layout into `settings`.
@@ -242,21 +248,31 @@ pub fn attach(
             .map_err(|e| format!("kernel BTF: {}", error_chain(&e)))
     });
     let mut out = Vec::new();
-    for (program, tracepoint) in PROBES {
+    for (program, tracepoints) in PROBES {
+        let tracepoint = btf
+            .as_ref()
+            .ok()
+            .and_then(|(k, _)| {
+                tracepoints
+                    .iter()
+                    .find(|t| k.has_typedef(&format!("btf_trace_{t}")))
+            })
+            .copied();
         let state = match (&btf, (&layouts.open, &layouts.connect, &layouts.paths)) {
             (Err(reason), _) => ProbeState::Failed(reason.clone()),
-            (Ok((k, _)), _) if !k.has_typedef(&format!("btf_trace_{tracepoint}")) => {
-                ProbeState::Absent(format!(
-                    "no tracepoint io_uring/{tracepoint} on this kernel (io_uring not built in)"
-                ))
-            }
+            _ if tracepoint.is_none() => ProbeState::Absent(format!(
+                "no tracepoint io_uring/{} in the kernel's BTF (io_uring not built in?)",
+                tracepoints.join(" or ")
+            )),
             (Ok(_), (Err(open), Err(connect), Err(paths))) if program == "io_uring_submit_req" => {
                 ProbeState::Failed(format!(
                     "not attached: the io_uring request layouts are not in the kernel's BTF \
                      (open: {open}; connect: {connect}; rename and link: {paths})"
                 ))
             }
-            (Ok((_, aya_btf)), _) => attach_one(ebpf, program, tracepoint, aya_btf),
+            (Ok((_, aya_btf)), _) => {
+                attach_one(ebpf, program, tracepoint.unwrap_or_default(), aya_btf)
+            }
         };
         match &state {
             ProbeState::Attached => tracing::debug!(program, "attached"),
@@ -266,7 +282,7 @@ pub fn attach(
         out.push(ProbeStatus {
             sensor: "io_uring",
             program: program.to_owned(),
-            target: format!("tp_btf:io_uring/{tracepoint}"),
+            target: format!("tp_btf:io_uring/{}", tracepoint.unwrap_or(tracepoints[0])),
             required: false,
             state,
         });

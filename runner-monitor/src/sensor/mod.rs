@@ -403,6 +403,13 @@ impl Sensor {
         self.settings
             .set(setting::EGRESS_MODE, u32::from(policy.egress.block), 0)
             .map_err(settings_error)?;
+        self.settings
+            .set(
+                setting::EXIT_GROUP_DEAD,
+                attach::exit_group_dead_offset().unwrap_or(0),
+                0,
+            )
+            .map_err(settings_error)?;
         Ok(())
     }
 
