@@ -8,6 +8,7 @@
 
 mod args;
 mod budget;
+mod chdir;
 mod containers;
 mod egress;
 mod emit;

@@ -8,10 +8,7 @@ use std::{net::IpAddr, sync::Arc, time::Instant};
 
 use runner_monitor::{
     engine::Engine,
-    event::{
-        Connect, Dns, Event, EventDetail, FileAccess, JobInfo, JobKey, JobRef, ProcessRef,
-        SocketFamily,
-    },
+    event::{Connect, Dns, Event, EventDetail, FileAccess, JobInfo, JobKey, JobRef, ProcessRef},
     policy::Policy,
 };
 
@@ -109,20 +106,7 @@ fn throughput(total: u64) {
                 matched: vec!["basename".into()],
                 ..FileAccess::at(paths[(i % 4) as usize])
             }),
-            2 => EventDetail::Connect(Connect {
-                family: SocketFamily::Inet,
-                ip: Some(ip),
-                port: Some(443),
-                unix_path: None,
-                fd: 3,
-                result: 0,
-                io_uring: false,
-                blocked: false,
-                udp_send: false,
-                raw_socket: None,
-                via: None,
-                dns_redirected: false,
-            }),
+            2 => EventDetail::Connect(Connect::inet(ip, 443)),
             _ => EventDetail::DnsAnswer(Dns::answer_a("api.github.com", &ip.to_string())),
         };
         events.push(event(t + i, job, pid, ppid, detail));

@@ -243,22 +243,7 @@ mod tests {
             crate::policy::DEFAULT_POLICY
         );
         let policy = Policy::parse(&toml, "t.toml").unwrap();
-        let connect = |path: &str| {
-            event(EventDetail::Connect(Connect {
-                family: SocketFamily::Unix,
-                ip: None,
-                port: None,
-                unix_path: Some(path.to_owned()),
-                fd: 3,
-                result: 0,
-                io_uring: false,
-                blocked: false,
-                udp_send: false,
-                raw_socket: None,
-                via: None,
-                dns_redirected: false,
-            }))
-        };
+        let connect = |path: &str| event(EventDetail::Connect(Connect::unix(path)));
         let link = link.to_str().unwrap().to_owned();
         let mut ids = Identities::default();
         let mut e = connect(&link);

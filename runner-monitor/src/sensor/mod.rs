@@ -11,6 +11,7 @@ pub mod io_uring;
 pub mod job_roots;
 pub mod paths;
 pub mod pins;
+mod probes;
 mod procfs;
 pub mod reader;
 pub mod reconcile;

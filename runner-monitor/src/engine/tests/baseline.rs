@@ -40,20 +40,7 @@ fn unix_connect(t: &mut Trace, at: u64, job: u64, pid: u32, path: &str) {
         pid,
         0,
         "docker",
-        EventDetail::Connect(Connect {
-            family: SocketFamily::Unix,
-            ip: None,
-            port: None,
-            unix_path: Some(path.into()),
-            fd: 3,
-            result: 0,
-            io_uring: false,
-            blocked: false,
-            udp_send: false,
-            raw_socket: None,
-            via: None,
-            dns_redirected: false,
-        }),
+        EventDetail::Connect(Connect::unix(path)),
     );
 }
 
@@ -163,18 +150,8 @@ fn deviation_does_not_depend_on_the_egress_verdict_or_the_connection_succeeding(
         0,
         "curl",
         EventDetail::Connect(Connect {
-            family: SocketFamily::Inet,
-            ip: Some("203.0.113.9".parse().unwrap()),
-            port: Some(443),
-            unix_path: None,
-            fd: 3,
             result: -1,
-            io_uring: false,
-            blocked: false,
-            udp_send: false,
-            raw_socket: None,
-            via: None,
-            dns_redirected: false,
+            ..Connect::inet("203.0.113.9".parse().unwrap(), 443)
         }),
     );
     assert_eq!(deviations(&t).len(), 2);

@@ -179,20 +179,7 @@ impl Trace {
             pid,
             0,
             "curl",
-            EventDetail::Connect(Connect {
-                family: SocketFamily::Inet,
-                ip: Some(ip.parse().unwrap()),
-                port: Some(port),
-                unix_path: None,
-                fd: 3,
-                result: 0,
-                io_uring: false,
-                blocked: false,
-                udp_send: false,
-                raw_socket: None,
-                via: None,
-                dns_redirected: false,
-            }),
+            EventDetail::Connect(Connect::inet(ip.parse().unwrap(), port)),
         );
     }
 

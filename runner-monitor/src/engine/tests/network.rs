@@ -87,20 +87,7 @@ fn metadata_runner_credentials_secret_sockets_harvesting_and_tamper() {
         100,
         1,
         "docker",
-        EventDetail::Connect(Connect {
-            family: SocketFamily::Unix,
-            ip: None,
-            port: None,
-            unix_path: Some("/var/run/docker.sock".into()),
-            fd: 3,
-            result: 0,
-            io_uring: false,
-            blocked: false,
-            udp_send: false,
-            raw_socket: None,
-            via: None,
-            dns_redirected: false,
-        }),
+        EventDetail::Connect(Connect::unix("/var/run/docker.sock")),
     );
     t.open(5, 1, 100, "/home/ci/.aws/credentials", false);
     t.open(5, 1, 100, "/home/ci/.kube/config", false);
@@ -171,20 +158,7 @@ fn an_entitled_secret_socket_is_quiet() {
         100,
         1,
         "docker",
-        EventDetail::Connect(Connect {
-            family: SocketFamily::Unix,
-            ip: None,
-            port: None,
-            unix_path: Some("/run/docker.sock".into()),
-            fd: 3,
-            result: 0,
-            io_uring: false,
-            blocked: false,
-            udp_send: false,
-            raw_socket: None,
-            via: None,
-            dns_redirected: false,
-        }),
+        EventDetail::Connect(Connect::unix("/run/docker.sock")),
     );
     assert!(t.findings.is_empty(), "{:#?}", t.findings);
 }
