@@ -269,6 +269,35 @@ pub fn github_job(env: &TestEnv, agent: &Agent, run_id: &str, repository: &str, 
     run_github_worker(&mut github_worker(env, agent, run_id, repository, &script));
 }
 
+/// Runs a GitHub-style job of `repository` with the runner's hooks around `steps`: script lines
+/// that each print `NAME=ANSWER`. Returns name -> answer; the job must succeed.
+pub fn job_answers(
+    env: &TestEnv,
+    agent: &Agent,
+    run_id: &str,
+    repository: &str,
+    steps: &str,
+) -> std::collections::BTreeMap<String, String> {
+    let hooks = repo_root().join("hooks/github");
+    let script = format!(
+        "sh {}\n{steps}sh {}\n",
+        hooks.join("job-started.sh").display(),
+        hooks.join("job-completed.sh").display()
+    );
+    let out = output_of(&mut github_worker(env, agent, run_id, repository, &script));
+    assert!(
+        out.status.success(),
+        "job failed: {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_once('='))
+        .map(|(name, answer)| (name.to_owned(), answer.trim().to_owned()))
+        .collect()
+}
+
 /// A `Runner.Worker` (a copy of `sh`) that runs `script` with a GitHub job's environment.
 pub fn github_worker(
     env: &TestEnv,

@@ -17,8 +17,8 @@ use std::{
 use integration_tests::{
     TestEnv, job_step,
     live::{
-        Agent, agent_dir, agent_log, alerts, curl, free_port, github_worker, repo_root, run_id,
-        test_policy, wait_alert, wait_until,
+        Agent, agent_dir, agent_log, alerts, curl, free_port, job_answers, run_id, test_policy,
+        wait_alert, wait_until,
     },
     output_of, sh, spawn_with_parent_death,
 };
@@ -160,8 +160,7 @@ fn job_tries(
     cases: &[String],
     extra: &str,
 ) -> BTreeMap<String, String> {
-    let hooks = repo_root().join("hooks/github");
-    let mut script = format!("sh {}\n", hooks.join("job-started.sh").display());
+    let mut script = String::new();
     for case in cases {
         script.push_str(&format!(
             "printf '%s=' '{case}'; ip netns exec {} \"$JOB_STEP\" egress {case}\n",
@@ -169,22 +168,7 @@ fn job_tries(
         ));
     }
     script.push_str(extra);
-    script.push_str(&format!(
-        "sh {}\n",
-        hooks.join("job-completed.sh").display()
-    ));
-    let out = output_of(&mut github_worker(env, agent, run, repository, &script));
-    assert!(
-        out.status.success(),
-        "job failed: {}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| l.split_once('='))
-        .map(|(case, answer)| (case.to_owned(), answer.to_owned()))
-        .collect()
+    job_answers(env, agent, run, repository, &script)
 }
 
 fn policy() -> String {

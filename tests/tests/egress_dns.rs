@@ -19,8 +19,8 @@ use integration_tests::{
     dns::{ALLOWED, CNAME_TARGET, DENIED, GLIBC},
     job_step,
     live::{
-        Agent, agent_dir, agent_log, alerts, free_port, github_worker, repo_root, run_id,
-        test_policy, wait_alert,
+        Agent, agent_dir, agent_log, alerts, free_port, job_answers, run_id, test_policy,
+        wait_alert,
     },
     output_of, sh, spawn_with_parent_death,
 };
@@ -114,8 +114,7 @@ fn job(
     repository: &str,
     steps: &[(&str, String)],
 ) -> BTreeMap<String, String> {
-    let hooks = repo_root().join("hooks/github");
-    let mut script = format!("sh {}\n", hooks.join("job-started.sh").display());
+    let mut script = String::new();
     for (label, step) in steps {
         let command = match step.strip_prefix('!') {
             Some(line) => line.to_owned(),
@@ -123,22 +122,7 @@ fn job(
         };
         script.push_str(&format!("printf '%s=' '{label}'; {command}\n"));
     }
-    script.push_str(&format!(
-        "sh {}\n",
-        hooks.join("job-completed.sh").display()
-    ));
-    let out = output_of(&mut github_worker(env, agent, run, repository, &script));
-    assert!(
-        out.status.success(),
-        "job failed: {}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| l.split_once('='))
-        .map(|(label, answer)| (label.to_owned(), answer.trim().to_owned()))
-        .collect()
+    job_answers(env, agent, run, repository, &script)
 }
 
 fn destination_is(alert: &Value, ip: &str, port: u16) -> bool {

@@ -12,8 +12,8 @@ use std::{collections::BTreeMap, process::Command};
 use integration_tests::{
     TestEnv, job_step,
     live::{
-        Agent, agent_dir, agent_log, alerts, free_port, github_worker, repo_root, run_id,
-        test_policy, wait_alert,
+        Agent, agent_dir, agent_log, alerts, free_port, job_answers, run_id, test_policy,
+        wait_alert,
     },
     output_of,
 };
@@ -39,25 +39,7 @@ fn job_sockets(
     run: &str,
     repository: &str,
 ) -> BTreeMap<String, String> {
-    let hooks = repo_root().join("hooks/github");
-    let script = format!(
-        "sh {}\n{}sh {}\n",
-        hooks.join("job-started.sh").display(),
-        socket_lines(),
-        hooks.join("job-completed.sh").display()
-    );
-    let out = output_of(&mut github_worker(env, agent, run, repository, &script));
-    assert!(
-        out.status.success(),
-        "job failed: {}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| l.split_once('='))
-        .map(|(k, v)| (k.to_owned(), v.to_owned()))
-        .collect()
+    job_answers(env, agent, run, repository, &socket_lines())
 }
 
 #[test]
