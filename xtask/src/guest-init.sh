@@ -11,13 +11,13 @@ R=/newroot
 $B mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000,cache=loose,ro hostroot $R \
     || { echo "init: no 9p root"; $B poweroff -f; }
 # Writable, thrown away at power-off: overlays where the host's files are needed (/etc, /var,
-# /root: passwd, ld.so.cache, rustup), plain tmpfs where they are not (/tmp, /run).
+# /root: passwd, ld.so.cache, rustup; /tmp: a workspace cloned there, as CI may), plain tmpfs
+# where they are not (/run).
 $B mount -t tmpfs ov /ov
-for d in etc var root; do
+for d in etc var root tmp; do
     $B mkdir -p /ov/$d/upper /ov/$d/work
     $B mount -t overlay overlay -o lowerdir=$R/$d,upperdir=/ov/$d/upper,workdir=/ov/$d/work $R/$d
 done
-$B mount -t tmpfs tmp $R/tmp -o mode=1777
 $B mount -t tmpfs run $R/run -o mode=755
 $B mkdir -p $R/run/rm-guest
 $B mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000 results $R/run/rm-guest
