@@ -34,6 +34,9 @@ pub const MAX_METADATA_ENDPOINTS: u32 = 64;
 /// Policy ids the agent gives jobs stay below this: the DNS redirect carries the id in the
 /// last 24 bits of a loopback source address (`dns_source`).
 pub const EGRESS_MAX_POLICY: u32 = 0x00fe_0000;
+/// A policy id no allowlist entry has: what judges a job's egress while the agent is gone and
+/// `on_agent_failure` is `closed` (only loopback gets through).
+pub const EGRESS_NO_POLICY: u32 = 0x00ff_ffff;
 /// Name of the redirect's source addresses: `127.1.0.0` + policy id.
 const DNS_SOURCE_BASE: u32 = 0x7f01_0000;
 

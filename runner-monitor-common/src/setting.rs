@@ -26,4 +26,14 @@ pub const TASK_EXIT_CODE: u32 = 22;
 /// kernel's record has none (the field is newer than Debian 12's 6.1 and 6.12): then the
 /// thread-group leader's exit stands for the process's.
 pub const EXIT_GROUP_DEAD: u32 = 23;
-pub const SLOTS: u32 = 24;
+/// Monotonic seconds at which the agent last said it is alive (every second); 0: not written
+/// (a sensor loaded without an agent loop, tests). Programs that outlive a crashed agent (their
+/// links pinned) see it go stale after `AGENT_STALE_SECONDS`.
+pub const AGENT_HEARTBEAT: u32 = 24;
+/// `[egress] on_agent_failure`: 1 `closed` (a job's egress is refused while the agent is gone),
+/// 0 `open` (not judged, and DNS not redirected, while the agent is gone).
+pub const AGENT_FAILURE_CLOSED: u32 = 25;
+pub const SLOTS: u32 = 26;
+
+/// How long the heartbeat may be silent before the agent is taken for gone.
+pub const AGENT_STALE_SECONDS: u32 = 5;

@@ -17,9 +17,9 @@ use aya_ebpf::{
 };
 use runner_monitor_common::{
     AF_INET, AF_INET6, CONNECT_BLOCKED, CONNECT_UDP_SEND, ConnectEvent, EGRESS_BLOCK,
-    EGRESS_GLOBAL_POLICY, EGRESS_KEY_FIXED_BITS, EGRESS_METADATA_ENTITLED, EgressAllow, EgressJob,
-    EgressKey4, EgressKey6, EventKind, MAX_EGRESS_ENTRIES, MAX_JOBS, MAX_METADATA_ENDPOINTS,
-    ProcessJob, UNIX_PATH_LEN, counter, egress_key, setting,
+    EGRESS_GLOBAL_POLICY, EGRESS_KEY_FIXED_BITS, EGRESS_METADATA_ENTITLED, EGRESS_NO_POLICY,
+    EgressAllow, EgressJob, EgressKey4, EgressKey6, EventKind, MAX_EGRESS_ENTRIES, MAX_JOBS,
+    MAX_METADATA_ENDPOINTS, ProcessJob, UNIX_PATH_LEN, counter, egress_key, setting,
 };
 
 use crate::{
@@ -94,6 +94,17 @@ pub fn blocks(process: &ProcessJob) -> bool {
 /// The plan that judges job process `process`, when it is in block mode.
 #[inline(always)]
 pub fn blocking(process: &ProcessJob) -> Option<EgressJob> {
+    match agent_gone() {
+        None => {}
+        // No plan: the policy id no allowlist entry has, so only loopback gets through.
+        Some(true) => {
+            return Some(EgressJob {
+                policy: EGRESS_NO_POLICY,
+                flags: EGRESS_BLOCK,
+            });
+        }
+        Some(false) => return None,
+    }
     // SAFETY: the value is copied out at once.
     let job = match unsafe { EGRESS_JOBS.get(process.job) } {
         Some(job) => *job,
@@ -104,6 +115,21 @@ pub fn blocking(process: &ProcessJob) -> Option<EgressJob> {
         None => return None,
     };
     (job.flags & EGRESS_BLOCK != 0).then_some(job)
+}
+
+/// `Some(closed)` when the agent has been silent for `AGENT_STALE_SECONDS` (it crashed and these
+/// programs outlive it, their links pinned): `closed` from `[egress] on_agent_failure`.
+#[inline(always)]
+fn agent_gone() -> Option<bool> {
+    let beat = names::setting(setting::AGENT_HEARTBEAT);
+    if beat == 0 {
+        return None;
+    }
+    let now = (now_ns() / 1_000_000_000) as u32;
+    if now <= beat.saturating_add(setting::AGENT_STALE_SECONDS) {
+        return None;
+    }
+    Some(names::setting(setting::AGENT_FAILURE_CLOSED) != 0)
 }
 
 /// The address as the process wrote it.

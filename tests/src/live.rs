@@ -59,12 +59,28 @@ impl Agent {
         // SAFETY: kill(2) on our child.
         unsafe { libc::kill(self.child.id() as i32, signal) };
     }
+
+    /// `signal` (SIGKILL: a crash; SIGUSR2: a hand-over), and the agent's exit status. Its
+    /// probes stay attached, pinned: the next agent on the same directory takes them over, or
+    /// removing the pin directory detaches them.
+    pub fn end_with(mut self, signal: i32) -> std::process::ExitStatus {
+        self.signal(signal);
+        self.child.wait().unwrap()
+    }
 }
 
 /// A test's own agent stops with it (the shared one is a static, never dropped: it dies with
-/// the test binary).
+/// the test binary, which sends it SIGTERM). SIGTERM: a killed agent would leave its probes
+/// pinned and recording until its pin directory is removed.
 impl Drop for Agent {
     fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            self.signal(libc::SIGTERM);
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while matches!(self.child.try_wait(), Ok(None)) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }

@@ -143,6 +143,91 @@ fn a_restarted_agent_keeps_its_jobs_and_judges_one_that_ended_while_it_was_down(
     let _ = std::fs::remove_dir_all(&pins);
 }
 
+/// The agent ends with `signal` (SIGKILL: a crash; SIGUSR2: a hand-over) while a job runs; while
+/// no agent runs, the job's root exits and its survivor reads a credential. The probes stayed
+/// attached (pinned) and recorded it: the next agent judges the read as after the job's end.
+fn probes_record_while_no_agent_runs(signal: i32, name: &str) {
+    let _machine = beside_others();
+    let env = TestEnv::new(name);
+    let dir = env.dir.join("agent");
+    let pins = pin_dir_of(&dir);
+    let port = free_port();
+    let agent = Agent::launch(&dir, port, &[]);
+    let run = format!("{}{}", std::process::id(), signal);
+    let id = format!("{run}/build");
+    let down = env.dir.join("agent-down");
+    let hooks = integration_tests::live::repo_root().join("hooks/github");
+    let survivor = env.dir.join("survivor.sh");
+    let read = env.dir.join("read");
+    std::fs::write(
+        &survivor,
+        format!(
+            "while [ ! -e {down} ]; do sleep 0.1; done; sleep 1\n\
+             cat \"$HOME/.aws/credentials\" > /dev/null; touch {read}; sleep 5\n",
+            down = down.display(),
+            read = read.display(),
+        ),
+    )
+    .unwrap();
+    let script = format!(
+        "sh {started}\n(setsid sh {survivor} &)\nwhile [ ! -e {down} ]; do sleep 0.1; done\n",
+        started = hooks.join("job-started.sh").display(),
+        survivor = survivor.display(),
+        down = down.display(),
+    );
+    let mut job = job_command(&worker(&env), &env, &agent)
+        .arg("-c")
+        .arg(script)
+        .env("GITHUB_RUN_ID", &run)
+        .env("GITHUB_JOB", "build")
+        .env("GITHUB_REPOSITORY", "acme/handover")
+        .env("GITHUB_TOKEN", CANARY)
+        .spawn()
+        .unwrap();
+    wait_until("the agent names the job", 20, || {
+        std::fs::read_to_string(dir.join("events.jsonl"))
+            .unwrap_or_default()
+            .contains(&format!("\"id\":\"{id}\""))
+    });
+    let status = agent.end_with(signal);
+    if signal == libc::SIGUSR2 {
+        assert_eq!(status.code(), Some(75), "a hand-over exits 75: {status}");
+        assert!(
+            agent_log(&dir).contains("probes stay attached"),
+            "{}",
+            agent_log(&dir)
+        );
+    }
+    // No agent: the job ends, its survivor reads a credential after the end.
+    std::fs::write(&down, "").unwrap();
+    assert!(job.wait().unwrap().success());
+    wait_until("the survivor read", 10, || read.exists());
+
+    let agent = Agent::launch(&dir, port, &[]);
+    assert!(
+        agent_log(&dir).contains("took over the probes an earlier agent left attached"),
+        "{}",
+        agent_log(&dir)
+    );
+    let alert = wait_alert(&agent, "credential-after-job-end", &id, |_| true);
+    assert_eq!(alert["job"]["repository"], "acme/handover");
+    assert!(agent.stop().success());
+    // A clean stop leaves nothing attached.
+    assert_eq!(std::fs::read_dir(pins.join("links")).unwrap().count(), 0);
+    assert_no_secret_in(&dir);
+    let _ = std::fs::remove_dir_all(&pins);
+}
+
+#[test]
+fn a_crashed_agents_probes_record_until_the_next_agent_reads_them() {
+    probes_record_while_no_agent_runs(libc::SIGKILL, "crash");
+}
+
+#[test]
+fn an_agent_hands_over_with_sigusr2_and_the_next_reads_what_happened_between() {
+    probes_record_while_no_agent_runs(libc::SIGUSR2, "handover");
+}
+
 #[test]
 fn sighup_reloads_the_policy_and_a_bad_one_is_rejected_keeping_the_old() {
     let _machine = beside_others();

@@ -17,7 +17,7 @@ use crate::{
 
 /// The test binaries the guests run. Built in release: under emulation a debug build's BTF
 /// parsing makes every program load take seconds.
-const BINARIES: [&str; 2] = ["sensors", "io_uring"];
+const BINARIES: [&str; 3] = ["sensors", "io_uring", "handover"];
 
 /// What `cargo xtask test` runs in each guest after the host suite: the sensor tests that prove
 /// the programs load and attach (the shared harness asserts every probe attached) and a core
@@ -25,7 +25,7 @@ const BINARIES: [&str; 2] = ["sensors", "io_uring"];
 /// daemonised survivor's read after its job's root exited, connect, DNS through the cgroup
 /// programs, tamper, process memory). The io_uring tests are left out: ~100 s each in a guest
 /// (uring-cat is compiled there); `--kernels` runs them.
-pub(crate) const CI_SUBSET: [&str; 8] = [
+pub(crate) const CI_SUBSET: [&str; 9] = [
     "job_process_reading_credential_by_absolute_path_gives_one_event",
     "kernel_matches_basename_dirname_and_prefix_and_ignores_other_files",
     "exec_and_exit_carry_arguments_and_status",
@@ -34,6 +34,7 @@ pub(crate) const CI_SUBSET: [&str; 8] = [
     "glibc_lookup_gives_the_query_name_and_the_answer_addresses",
     "a_signal_to_the_agent_is_reported_as_tamper",
     "reading_another_process_environment_is_reported_with_its_pid",
+    "probes_outlive_a_crashed_agent_and_the_next_reads_what_they_recorded",
 ];
 
 /// One test binary's result on one kernel.

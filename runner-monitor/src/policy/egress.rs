@@ -33,10 +33,12 @@ impl EgressMode {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum AgentFailure {
-    /// Enforcement goes with the agent (its programs detach when its process ends).
+    /// A job's egress is not judged (and its DNS not redirected) once the agent has been gone
+    /// for `AGENT_STALE_SECONDS`: jobs keep working, unwatched.
     #[default]
     Open,
-    /// Kept: not implemented yet (the programs are not pinned), so the policy refuses it.
+    /// A job's egress is refused (loopback aside) once the agent has been gone for
+    /// `AGENT_STALE_SECONDS`, until an agent is back: jobs fail rather than go unwatched.
     Closed,
 }
 
@@ -113,14 +115,7 @@ pub(super) fn compile(
     if let Some(f) = &section.on_agent_failure {
         settings.on_agent_failure = match f.get_ref().as_str() {
             "open" => AgentFailure::Open,
-            "closed" => {
-                return Err(src.error(
-                    f.span(),
-                    "egress.on_agent_failure",
-                    "`closed` is not implemented yet: a stopped or crashed agent takes its \
-                     enforcement with it (`open`)",
-                ));
-            }
+            "closed" => AgentFailure::Closed,
             other => {
                 return Err(src.error(
                     f.span(),

@@ -381,6 +381,7 @@ impl Policy {
         p.job_events_per_second = self.job_events_per_second;
         p.egress = self.global_egress_plan();
         p.metadata_endpoints = self.metadata_endpoints.clone();
+        p.failure_closed = self.egress.on_agent_failure == AgentFailure::Closed;
         p.job_env_vars = self.job_env_vars();
         p
     }

@@ -25,6 +25,9 @@ pub struct SensorPolicy {
     pub egress: super::EgressPlan,
     /// The cloud metadata endpoints, refused in block mode unless a rule entitles the job.
     pub metadata_endpoints: Vec<std::net::IpAddr>,
+    /// `[egress] on_agent_failure = "closed"`: programs that outlive a crashed agent refuse
+    /// jobs' egress.
+    pub failure_closed: bool,
 }
 
 impl Default for SensorPolicy {
@@ -96,6 +99,7 @@ impl SensorPolicy {
             job_env_vars: Vec::new(),
             egress: super::EgressPlan::default(),
             metadata_endpoints: Vec::new(),
+            failure_closed: false,
         };
         for pattern in patterns {
             let (list, name) = match kernel_name(pattern) {

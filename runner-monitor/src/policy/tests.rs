@@ -374,8 +374,9 @@ fn bad_egress_modes_are_errors_naming_file_line_and_field() {
         (2, "egress.on_agent_failure"),
         "{e}"
     );
-    let e = error_of("[egress]\non_agent_failure = \"closed\"\n");
-    assert!(e.message.contains("not implemented"), "{e}");
+    assert!(e.message.contains("`open` or `closed`"), "{e}");
+    let p = Policy::parse("[egress]\non_agent_failure = \"closed\"\n", "t").unwrap();
+    assert_eq!(p.egress.on_agent_failure, AgentFailure::Closed);
     let p = Policy::parse("[egress]\non_agent_failure = \"open\"\n", "t").unwrap();
     assert_eq!(p.egress.on_agent_failure, AgentFailure::Open);
 

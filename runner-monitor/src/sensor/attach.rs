@@ -5,9 +5,12 @@ use std::{fs::File, path::PathBuf};
 use aya::{
     Ebpf,
     programs::{
-        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr, TracePoint,
+        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr, ProgramError,
+        TracePoint, links::FdLink,
     },
 };
+
+use super::links::LinkPins;
 use serde::Serialize;
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -109,44 +112,34 @@ fn tracepoint_exists(tracefs: &std::path::Path, category: &str, name: &str) -> b
     tracefs.join("events").join(category).join(name).is_dir()
 }
 
-/// Loads and attaches every probe; never fails as a whole: each probe reports its state.
-pub fn attach_all(ebpf: &mut Ebpf) -> Vec<ProbeStatus> {
+/// Loads and attaches every probe; never fails as a whole: each probe reports its state. With
+/// a pin directory in `links`, every attachment is pinned (`links.rs`) in place of an earlier agent's.
+pub fn attach_all(ebpf: &mut Ebpf, links: &mut LinkPins) -> Vec<ProbeStatus> {
     let tracefs = ensure_tracefs();
     let cgroup = cgroup2_root();
+    let cgroup_name = cgroup
+        .as_ref()
+        .map_or("?".into(), |p| p.display().to_string());
     let mut out = Vec::new();
     for probe in PROBES {
         let mut loaded: Result<(), String> = Ok(());
-        for hook in probe.hooks {
+        for (index, hook) in probe.hooks.iter().enumerate() {
             let target = match hook {
                 Hook::Tracepoint(c, n) | Hook::OptionalTracepoint(c, n) => format!("{c}/{n}"),
-                Hook::SockAddr => format!(
-                    "cgroup:{}",
-                    cgroup
-                        .as_ref()
-                        .map_or("?".into(), |p| p.display().to_string())
-                ),
-                Hook::SockCreate => format!(
-                    "cgroup:{}:sock_create",
-                    cgroup
-                        .as_ref()
-                        .map_or("?".into(), |p| p.display().to_string())
-                ),
-                Hook::Skb(t) => format!(
-                    "cgroup:{}:{}",
-                    cgroup
-                        .as_ref()
-                        .map_or("?".into(), |p| p.display().to_string()),
-                    match t {
-                        CgroupSkbAttachType::Ingress => "ingress",
-                        CgroupSkbAttachType::Egress => "egress",
-                    }
-                ),
+                Hook::SockAddr => format!("cgroup:{cgroup_name}"),
+                Hook::SockCreate => format!("cgroup:{cgroup_name}:sock_create"),
+                Hook::Skb(CgroupSkbAttachType::Ingress) => format!("cgroup:{cgroup_name}:ingress"),
+                Hook::Skb(CgroupSkbAttachType::Egress) => format!("cgroup:{cgroup_name}:egress"),
             };
             let state = match &loaded {
                 Err(reason) => ProbeState::Failed(reason.clone()),
                 Ok(()) => {
                     match attach_one(ebpf, probe.program, hook, &tracefs, cgroup.as_deref()) {
-                        Ok(state) => state,
+                        Ok(Attached::Yes(link)) => {
+                            links.pin(probe.program, index, link);
+                            ProbeState::Attached
+                        }
+                        Ok(Attached::No(state)) => state,
                         Err(LoadError(reason)) => {
                             loaded = Err(reason.clone());
                             ProbeState::Failed(reason)
@@ -180,13 +173,46 @@ pub fn attach_all(ebpf: &mut Ebpf) -> Vec<ProbeStatus> {
 /// The program did not load: every later hook of it fails with the same reason.
 struct LoadError(String);
 
+/// Attached, with the link taken from the program (to pin), or not, and why.
+pub(super) enum Attached {
+    Yes(Result<FdLink, String>),
+    No(ProbeState),
+}
+
+/// The link of attachment `id`, taken from its program as an fd link (pinnable).
+pub(super) fn fd_link<L>(taken: Result<L, ProgramError>) -> Result<FdLink, String>
+where
+    FdLink: TryFrom<L>,
+    <FdLink as TryFrom<L>>::Error: std::fmt::Display,
+{
+    let link = taken.map_err(|e| error_chain(&e))?;
+    FdLink::try_from(link).map_err(|e| format!("not an fd link (kernel too old?): {e}"))
+}
+
+/// Loads `program` (once) as a `$kind` and attaches it with `$attach`, taking the link.
+macro_rules! load_attach {
+    ($program:expr, $name:expr, $kind:ty, |$p:ident| $attach:expr) => {{
+        let $p: &mut $kind = $program
+            .try_into()
+            .map_err(|e| LoadError(format!("{}: {e}", $name)))?;
+        if $p.fd().is_err() {
+            $p.load()
+                .map_err(|e| LoadError(verifier_reason($name, &e)))?;
+        }
+        match $attach {
+            Ok(id) => Attached::Yes(fd_link($p.take_link(id))),
+            Err(e) => Attached::No(ProbeState::Failed(error_chain(&e))),
+        }
+    }};
+}
+
 fn attach_one(
     ebpf: &mut Ebpf,
     name: &str,
     hook: &Hook,
     tracefs: &Result<PathBuf, String>,
     cgroup: Option<&std::path::Path>,
-) -> Result<ProbeState, LoadError> {
+) -> Result<Attached, LoadError> {
     let Some(program) = ebpf.program_mut(name) else {
         return Err(LoadError(format!("program {name} is not in the object")));
     };
@@ -194,71 +220,48 @@ fn attach_one(
         Hook::Tracepoint(category, tp) | Hook::OptionalTracepoint(category, tp) => {
             let tracefs = match tracefs {
                 Ok(dir) => dir,
-                Err(reason) => return Ok(ProbeState::Failed(reason.clone())),
+                Err(reason) => return Ok(Attached::No(ProbeState::Failed(reason.clone()))),
             };
             if !tracepoint_exists(tracefs, category, tp) {
                 let reason = format!("no tracepoint {category}/{tp} on this kernel");
-                return Ok(if matches!(hook, Hook::OptionalTracepoint(..)) {
-                    ProbeState::Absent(reason)
-                } else {
-                    ProbeState::Failed(reason)
-                });
+                return Ok(Attached::No(
+                    if matches!(hook, Hook::OptionalTracepoint(..)) {
+                        ProbeState::Absent(reason)
+                    } else {
+                        ProbeState::Failed(reason)
+                    },
+                ));
             }
-            let program: &mut TracePoint = program
-                .try_into()
-                .map_err(|e| LoadError(format!("{name}: {e}")))?;
-            if program.fd().is_err() {
-                program
-                    .load()
-                    .map_err(|e| LoadError(verifier_reason(name, &e)))?;
-            }
-            Ok(match program.attach(category, tp) {
-                Ok(_) => ProbeState::Attached,
-                Err(e) => ProbeState::Failed(error_chain(&e)),
-            })
+            Ok(load_attach!(program, name, TracePoint, |p| p.attach(category, tp)))
         }
         Hook::SockAddr | Hook::SockCreate | Hook::Skb(_) => {
             let Some(cgroup) = cgroup else {
-                return Ok(ProbeState::Failed(
+                return Ok(Attached::No(ProbeState::Failed(
                     "no cgroup v2 hierarchy is mounted".into(),
-                ));
+                )));
             };
             let file = match File::open(cgroup) {
                 Ok(f) => f,
-                Err(e) => return Ok(ProbeState::Failed(format!("{}: {e}", cgroup.display()))),
+                Err(e) => {
+                    return Ok(Attached::No(ProbeState::Failed(format!(
+                        "{}: {e}",
+                        cgroup.display()
+                    ))));
+                }
             };
-            let attached = if let Hook::Skb(attach_type) = hook {
-                let program: &mut CgroupSkb = program
-                    .try_into()
-                    .map_err(|e| LoadError(format!("{name}: {e}")))?;
-                program
-                    .load()
-                    .map_err(|e| LoadError(verifier_reason(name, &e)))?;
-                // Single: with a bpf_link (Linux 5.7+) the kernel always allows other programs
-                // beside ours; ALLOW_MULTI is rejected for links.
-                program
-                    .attach(&file, *attach_type, CgroupAttachMode::Single)
-                    .map(|_| ())
-            } else if let Hook::SockCreate = hook {
-                let program: &mut CgroupSock = program
-                    .try_into()
-                    .map_err(|e| LoadError(format!("{name}: {e}")))?;
-                program
-                    .load()
-                    .map_err(|e| LoadError(verifier_reason(name, &e)))?;
-                program.attach(&file, CgroupAttachMode::Single).map(|_| ())
-            } else {
-                let program: &mut CgroupSockAddr = program
-                    .try_into()
-                    .map_err(|e| LoadError(format!("{name}: {e}")))?;
-                program
-                    .load()
-                    .map_err(|e| LoadError(verifier_reason(name, &e)))?;
-                program.attach(&file, CgroupAttachMode::Single).map(|_| ())
-            };
-            Ok(match attached {
-                Ok(()) => ProbeState::Attached,
-                Err(e) => ProbeState::Failed(error_chain(&e)),
+            // Single: with a bpf_link (Linux 5.7+) the kernel always allows other programs
+            // beside ours (an earlier agent's, being replaced); ALLOW_MULTI is rejected for links.
+            let single = CgroupAttachMode::Single;
+            Ok(match hook {
+                Hook::Skb(attach_type) => load_attach!(program, name, CgroupSkb, |p| p.attach(
+                    &file,
+                    *attach_type,
+                    single
+                )),
+                Hook::SockCreate => {
+                    load_attach!(program, name, CgroupSock, |p| p.attach(&file, single))
+                }
+                _ => load_attach!(program, name, CgroupSockAddr, |p| p.attach(&file, single)),
             })
         }
     }

@@ -8,7 +8,7 @@
 use aya::{
     Ebpf,
     maps::{Array, MapData},
-    programs::BtfTracePoint,
+    programs::{BtfTracePoint, links::FdLink},
 };
 use runner_monitor_common::{
     io_uring::{LAYOUT_CONNECT, LAYOUT_OPEN, LAYOUT_PATHS},
@@ -237,6 +237,7 @@ pub fn attach(
     ebpf: &mut Ebpf,
     settings: &mut Array<MapData, u32>,
     kernel_btf: Result<KernelBtf, String>,
+    links: &mut super::links::LinkPins,
 ) -> Vec<ProbeStatus> {
     let layouts = Layouts::of(&kernel_btf);
     if let Err(e) = layouts.write(settings) {
@@ -271,7 +272,13 @@ pub fn attach(
                 ))
             }
             (Ok((_, aya_btf)), _) => {
-                attach_one(ebpf, program, tracepoint.unwrap_or_default(), aya_btf)
+                match attach_one(ebpf, program, tracepoint.unwrap_or_default(), aya_btf) {
+                    Ok(link) => {
+                        links.pin(program, 0, link);
+                        ProbeState::Attached
+                    }
+                    Err(state) => state,
+                }
             }
         };
         match &state {
@@ -290,21 +297,27 @@ pub fn attach(
     out
 }
 
-fn attach_one(ebpf: &mut Ebpf, program: &str, tracepoint: &str, btf: &aya::Btf) -> ProbeState {
+/// Attached: the link, to pin; or why not.
+fn attach_one(
+    ebpf: &mut Ebpf,
+    program: &str,
+    tracepoint: &str,
+    btf: &aya::Btf,
+) -> Result<Result<FdLink, String>, ProbeState> {
     let Some(p) = ebpf.program_mut(program) else {
-        return ProbeState::Failed(format!("program {program} is not in the object"));
+        return Err(ProbeState::Failed(format!(
+            "program {program} is not in the object"
+        )));
     };
-    let p: &mut BtfTracePoint = match p.try_into() {
-        Ok(p) => p,
-        Err(e) => return ProbeState::Failed(format!("{program}: {e}")),
-    };
-    if let Err(e) = p.load(tracepoint, btf) {
-        return ProbeState::Failed(super::attach::verifier_reason(program, &e));
-    }
-    match p.attach() {
-        Ok(_) => ProbeState::Attached,
-        Err(e) => ProbeState::Failed(error_chain(&e)),
-    }
+    let p: &mut BtfTracePoint = p
+        .try_into()
+        .map_err(|e| ProbeState::Failed(format!("{program}: {e}")))?;
+    p.load(tracepoint, btf)
+        .map_err(|e| ProbeState::Failed(super::attach::verifier_reason(program, &e)))?;
+    let id = p
+        .attach()
+        .map_err(|e| ProbeState::Failed(error_chain(&e)))?;
+    Ok(super::attach::fd_link(p.take_link(id)))
 }
 
 /// What the io_uring probes in `probes` cover on this kernel, one line per kind of request, for

@@ -9,6 +9,7 @@ pub mod dns;
 pub mod egress;
 pub mod io_uring;
 pub mod job_roots;
+pub mod links;
 pub mod paths;
 pub mod pins;
 mod probes;
@@ -135,6 +136,11 @@ pub struct Sensor {
     resumed: bool,
     /// Held: the pin directory's lock.
     _pins: Option<pins::PinDir>,
+    /// The probes' links (pinned with a pin directory).
+    links: links::LinkPins,
+    /// The pin directory and the ring buffer's pin name in it.
+    events_pin: Option<(PathBuf, String)>,
+    heartbeat: Option<Heartbeat>,
     processes: HashMap<MapData, u32, ProcessJob>,
     jobs: HashMap<MapData, u64, JobState>,
     budgets: HashMap<MapData, u64, JobBudget>,
@@ -165,8 +171,9 @@ impl Sensor {
         let agent_tgid = std::process::id();
         let mut loader = EbpfLoader::new();
         loader.override_global("AGENT_TGID", &agent_tgid, true);
+        let events_pin = pins::events_pin_name(OBJECT);
         let pin_dir = match &options.pin_dir {
-            Some(dir) => match pins::prepare(dir) {
+            Some(dir) => match pins::prepare(dir, &events_pin) {
                 Ok(pins) => Some(pins),
                 Err(error @ SensorError::PinsInUse(_)) => return Err(error),
                 Err(error) => {
@@ -189,6 +196,17 @@ impl Sensor {
             loader.map_pin_path(pin.name, pin.path.clone());
         }
         let mut ebpf = loader.load(OBJECT).map_err(SensorError::Load)?;
+        let links = match (&pin_dir, &options.pin_dir) {
+            (Some(_), Some(dir)) => links::LinkPins::open(dir).unwrap_or_else(|error| {
+                tracing::warn!(%error, "probes not pinned: while no agent runs, no probe does");
+                links::LinkPins::default()
+            }),
+            _ => links::LinkPins::default(),
+        };
+        let events_pin = match (&pin_dir, &options.pin_dir) {
+            (Some(_), Some(dir)) => Some((dir.clone(), events_pin)),
+            _ => None,
+        };
 
         // Held by the sensor: the programs are loaded later and need the log map alive.
         let kernel_log = match aya_log::EbpfLogger::init(&mut ebpf) {
@@ -204,8 +222,12 @@ impl Sensor {
             .map_err(map_error(map_name::NAMES))?;
         let env_prefixes = HashMap::try_from(take_map(&mut ebpf, map_name::ENV_PREFIXES)?)
             .map_err(map_error(map_name::ENV_PREFIXES))?;
-        let settings = Array::try_from(take_map(&mut ebpf, map_name::SETTINGS)?)
-            .map_err(map_error(map_name::SETTINGS))?;
+        let settings = take_map(&mut ebpf, map_name::SETTINGS)?;
+        let settings_id = match &settings {
+            aya::maps::Map::Array(map) => map.info().map(|i| i.id()).ok(),
+            _ => None,
+        };
+        let settings = Array::try_from(settings).map_err(map_error(map_name::SETTINGS))?;
         let processes = HashMap::try_from(take_map(&mut ebpf, map_name::PROCESSES)?)
             .map_err(map_error(map_name::PROCESSES))?;
         let jobs = HashMap::try_from(take_map(&mut ebpf, map_name::JOBS)?)
@@ -228,6 +250,9 @@ impl Sensor {
             egress,
             resumed,
             _pins: pin_dir,
+            links,
+            events_pin,
+            heartbeat: None,
             processes,
             jobs,
             budgets,
@@ -237,14 +262,37 @@ impl Sensor {
         };
         // The patterns go in before any probe can look for them.
         sensor.set_names(policy)?;
-        let mut probes = attach::attach_all(&mut sensor.ebpf);
+        // Alive before any program that outlives the agent can look.
+        sensor.heartbeat = settings_id.and_then(Heartbeat::start);
+        let mut probes = attach::attach_all(&mut sensor.ebpf, &mut sensor.links);
         let kernel_btf = btf::KernelBtf::vmlinux().map_err(|e| e.to_string());
         write_task_layout(&kernel_btf, &mut sensor.settings);
         probes.extend(io_uring::attach(
             &mut sensor.ebpf,
             &mut sensor.settings,
             kernel_btf,
+            &mut sensor.links,
         ));
+        {
+            let links = &mut sensor.links;
+            if let Some((n, reason)) = links.refused() {
+                tracing::warn!(
+                    probes = n,
+                    %reason,
+                    "the kernel refused to pin the probes: they detach with this agent, and \
+                     while no agent runs, no probe does"
+                );
+            }
+            let (replaced, removed) = links.finish();
+            if replaced + removed > 0 {
+                tracing::info!(
+                    replaced,
+                    removed,
+                    "took over the probes an earlier agent left attached: what they recorded \
+                     while no agent ran is read now"
+                );
+            }
+        }
         for probe in &probes {
             if let ProbeState::Failed(reason) = &probe.state
                 && probe.required
@@ -263,6 +311,46 @@ impl Sensor {
     /// Whether the process and job maps were taken over from an earlier agent (pinned).
     pub fn resumed(&self) -> bool {
         self.resumed
+    }
+
+    /// How many probes are pinned (outlive this sensor); 0 without a pin directory or when the
+    /// kernel refuses to pin links.
+    pub fn pinned_probes(&self) -> usize {
+        self.links.len()
+    }
+
+    /// Why the probes are not pinned, when they are not.
+    pub fn pin_refusal(&self) -> Option<String> {
+        if self.events_pin.is_none() {
+            return Some("no pin directory (none given, or not usable: see the log)".into());
+        }
+        self.links
+            .refused()
+            .map(|(n, reason)| format!("{n} probes: {reason}"))
+    }
+
+    /// A clean stop: the probes' pins and the ring buffer's are removed, so every probe detaches
+    /// with this sensor. Returns how many pins were removed.
+    pub fn stop(mut self) -> usize {
+        let n = self.links.unpin_all();
+        if let Some((dir, events)) = &self.events_pin {
+            pins::remove_events(dir, events);
+        }
+        n
+    }
+
+    /// Leaves the probes attached and recording for the next agent (`SIGUSR2`): the heartbeat
+    /// is set `HAND_OVER_SECONDS` ahead, so block mode keeps enforcing while the next agent
+    /// starts. Returns how many probes stay (0: none is pinned, every probe detaches).
+    pub fn hand_over(mut self) -> usize {
+        if let Some(heartbeat) = self.heartbeat.take() {
+            heartbeat.stop();
+        }
+        let ahead = (crate::clock::monotonic_ns() / 1_000_000_000) as u32 + HAND_OVER_SECONDS;
+        if let Err(error) = self.settings.set(setting::AGENT_HEARTBEAT, ahead, 0) {
+            tracing::warn!(%error, "heartbeat not set ahead for the hand-over");
+        }
+        self.links.len()
     }
 
     /// Makes the kernel's name sets those of `policy`: credential names, job-root executables,
@@ -406,6 +494,13 @@ impl Sensor {
             .map_err(settings_error)?;
         self.settings
             .set(
+                setting::AGENT_FAILURE_CLOSED,
+                u32::from(policy.failure_closed),
+                0,
+            )
+            .map_err(settings_error)?;
+        self.settings
+            .set(
                 setting::EXIT_GROUP_DEAD,
                 attach::exit_group_dead_offset().unwrap_or(0),
                 0,
@@ -498,6 +593,76 @@ impl Sensor {
     /// The underlying object, for programs and maps not wrapped here.
     pub fn ebpf(&mut self) -> &mut Ebpf {
         &mut self.ebpf
+    }
+}
+
+/// How long programs left for the next agent (`Sensor::hand_over`) take the agent for alive.
+const HAND_OVER_SECONDS: u32 = 30;
+
+/// Writes the monotonic second into `setting::AGENT_HEARTBEAT` every second, from a thread of
+/// its own (a busy event loop is not a dead agent). Programs left attached after the agent's
+/// process is gone see it go stale and apply `[egress] on_agent_failure`.
+struct Heartbeat {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl Heartbeat {
+    /// Starts it on the settings map with id `id`, through a handle of its own.
+    fn start(id: u32) -> Option<Self> {
+        let mut own = match MapData::from_id(id) {
+            Ok(map) => match Array::<MapData, u32>::try_from(aya::maps::Map::Array(map)) {
+                Ok(array) => array,
+                Err(error) => {
+                    tracing::warn!(%error, "no heartbeat: on_agent_failure will not apply");
+                    return None;
+                }
+            },
+            Err(error) => {
+                tracing::warn!(%error, "no heartbeat: on_agent_failure will not apply");
+                return None;
+            }
+        };
+        let beat = |settings: &mut Array<MapData, u32>| {
+            let now = (crate::clock::monotonic_ns() / 1_000_000_000) as u32;
+            settings.set(setting::AGENT_HEARTBEAT, now.max(1), 0)
+        };
+        if let Err(error) = beat(&mut own) {
+            tracing::warn!(%error, "no heartbeat: on_agent_failure will not apply");
+            return None;
+        }
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopped = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("heartbeat".into())
+            .spawn(move || {
+                while !stopped.load(std::sync::atomic::Ordering::Relaxed) {
+                    std::thread::park_timeout(std::time::Duration::from_secs(1));
+                    if stopped.load(std::sync::atomic::Ordering::Relaxed) {
+                        break;
+                    }
+                    if let Err(error) = beat(&mut own) {
+                        tracing::warn!(%error, "heartbeat not written");
+                    }
+                }
+            })
+            .ok()?;
+        Some(Self { stop, thread })
+    }
+
+    /// Stops the thread and waits for it: nothing writes the heartbeat after this returns.
+    fn stop(self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.thread().unpark();
+        let _ = self.thread.join();
+    }
+}
+
+impl Drop for Sensor {
+    fn drop(&mut self) {
+        if let Some(heartbeat) = self.heartbeat.take() {
+            heartbeat.stop();
+        }
     }
 }
 

@@ -1,5 +1,9 @@
-//! Kernel state that outlives the agent: the process and job maps, and the jobs' containers,
-//! pinned on bpffs.
+//! Kernel state that outlives the agent: the process and job maps, the jobs' containers and the
+//! event ring buffer, pinned on bpffs (the probes' links are pinned by `links.rs`).
+//!
+//! The ring buffer's pin is named after this build's kernel object (`events-<hash>`): a build with
+//! the same object writes the same records, so a restarted agent reads what the probes recorded
+//! while no agent ran; a different build's ring buffer is removed (what it held is not read).
 //!
 //! A restarted agent (crash, upgrade, `systemctl restart`) loads its programs with these maps
 //! instead of empty ones, so every process the kernel attributed to a job still is. A pin whose
@@ -10,7 +14,7 @@ use std::path::{Path, PathBuf};
 
 use aya::maps::MapInfo;
 use runner_monitor_common::{
-    CONTAINER_ID_LEN, JobState, MAX_JOBS, MAX_TRACKED_PROCESSES, ProcessJob,
+    CONTAINER_ID_LEN, JobState, MAX_JOBS, MAX_TRACKED_PROCESSES, ProcessJob, RING_BUFFER_BYTES,
     container::MAX_CONTAINERS, map_name,
 };
 
@@ -18,6 +22,14 @@ use super::SensorError;
 
 /// bpffs's `statfs` magic number.
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+/// The ring buffer's pin name for the kernel object `object`.
+pub fn events_pin_name(object: &[u8]) -> String {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    object.hash(&mut h);
+    format!("events-{:016x}", h.finish())
+}
 
 /// A map to pin: its name in the object, its pin path, and whether a pin was already there.
 #[derive(Debug)]
@@ -87,7 +99,7 @@ pub struct PinDir {
 
 /// Makes `dir` usable for pins (mounting bpffs at /sys/fs/bpf when nothing is mounted there),
 /// locks it, and checks the pins already in it.
-pub fn prepare(dir: &Path) -> Result<PinDir, SensorError> {
+pub fn prepare(dir: &Path, events: &str) -> Result<PinDir, SensorError> {
     let parent = dir.parent().unwrap_or(Path::new("/"));
     if !is_bpffs(parent) {
         if parent == Path::new("/sys/fs/bpf") {
@@ -124,9 +136,25 @@ pub fn prepare(dir: &Path) -> Result<PinDir, SensorError> {
     {
         return Err(SensorError::PinsInUse(dir.to_path_buf()));
     }
+    // Another build's ring buffer: its records may not be this build's.
+    for entry in std::fs::read_dir(dir).map_err(io(dir))?.flatten() {
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with("events-") && name != events {
+            tracing::warn!(path = %entry.path().display(),
+                "events an earlier build's probes recorded while no agent ran are not read \
+                 (another build): removed");
+            std::fs::remove_file(entry.path()).map_err(io(&entry.path()))?;
+        }
+    }
     let mut out = Vec::new();
-    for (name, key_size, value_size, capacity) in pinned_maps() {
-        let path = dir.join(name);
+    let events_map = (map_name::EVENTS, 0, 0, RING_BUFFER_BYTES);
+    for (name, key_size, value_size, capacity) in pinned_maps().into_iter().chain([events_map]) {
+        let path = dir.join(if name == map_name::EVENTS {
+            events
+        } else {
+            name
+        });
         let mut existed = path.exists();
         if existed {
             let fits = MapInfo::from_pin(&path).map(|info| {
@@ -155,9 +183,16 @@ pub fn prepare(dir: &Path) -> Result<PinDir, SensorError> {
     })
 }
 
-/// Removes the pinned kernel state (`runner-monitor run --fresh-state`, uninstall).
+/// Removes the pinned kernel state (`runner-monitor run --fresh-state`, uninstall): maps, ring
+/// buffers and the probes' links (which detach).
 pub fn remove(dir: &Path) -> Result<(), SensorError> {
-    for (name, ..) in pinned_maps() {
+    let events = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("events-"));
+    for name in pinned_maps().iter().map(|m| m.0.to_owned()).chain(events) {
         let path = dir.join(name);
         match std::fs::remove_file(&path) {
             Ok(()) => {}
@@ -165,5 +200,15 @@ pub fn remove(dir: &Path) -> Result<(), SensorError> {
             Err(e) => return Err(io(&path)(e)),
         }
     }
-    Ok(())
+    super::links::remove(dir).map_err(io(dir))
+}
+
+/// Removes the ring buffer's pin (a clean stop: nothing records into it any more).
+pub fn remove_events(dir: &Path, events: &str) {
+    let path = dir.join(events);
+    if let Err(error) = std::fs::remove_file(&path)
+        && error.kind() != std::io::ErrorKind::NotFound
+    {
+        tracing::warn!(path = %path.display(), %error, "removing the ring buffer's pin");
+    }
 }

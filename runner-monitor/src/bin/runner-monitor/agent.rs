@@ -135,10 +135,18 @@ const SNAPSHOT_INTERVAL: Duration = Duration::from_secs(10);
 /// How long a stopping agent waits for receivers to take the spooled alerts.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// The exit status of an agent that handed over (`SIGUSR2`): the unit's
+/// `RestartForceExitStatus=` starts the next one.
+const HAND_OVER_EXIT: i32 = 75;
+
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let (mut agent, mut inputs) = Agent::start(args).await?;
-    agent.serve(&mut inputs).await?;
-    agent.stop(inputs).await
+    let hand_over = agent.serve(&mut inputs).await?;
+    agent.stop(inputs, hand_over).await?;
+    if hand_over {
+        std::process::exit(HAND_OVER_EXIT);
+    }
+    Ok(())
 }
 
 /// The running agent: the sensors, the pipeline every event goes through, and what the loop
@@ -174,6 +182,8 @@ struct Inputs {
     reader: JoinHandle<std::io::Result<()>>,
     sigterm: Signal,
     sighup: Signal,
+    /// Hand over to the next agent: stop, leaving the probes attached and recording.
+    sigusr2: Signal,
     snapshot_tick: Interval,
     status_tick: Interval,
     second: Interval,
@@ -223,8 +233,9 @@ fn sensor_status(
 }
 
 impl Agent {
-    /// The loop: until SIGTERM, Ctrl-C, or the reader stops.
-    async fn serve(&mut self, inputs: &mut Inputs) -> anyhow::Result<()> {
+    /// The loop: until SIGTERM, Ctrl-C, or the reader stops (false), or SIGUSR2 (true: hand
+    /// over).
+    async fn serve(&mut self, inputs: &mut Inputs) -> anyhow::Result<bool> {
         loop {
             tokio::select! {
                 batch = inputs.batches.recv() => {
@@ -243,9 +254,10 @@ impl Agent {
                 _ = inputs.status_tick.tick() => self.status()?,
                 _ = tokio::signal::ctrl_c() => break,
                 _ = inputs.sigterm.recv() => break,
+                _ = inputs.sigusr2.recv() => return Ok(true),
             }
         }
-        Ok(())
+        Ok(false)
     }
 
     /// A batch from the ring buffer.
@@ -287,6 +299,11 @@ impl Agent {
         self.sync_egress();
         let _ = reply.send(response);
         self.dirty = true;
+        // A job's name and end come only from here: saved at once, so that an agent that
+        // crashes next still knows whose events its probes kept recording.
+        if self.snapshot_write.as_ref().is_none_or(|w| w.is_finished()) {
+            self.snapshot();
+        }
         Ok(())
     }
 
@@ -421,8 +438,9 @@ impl Agent {
     }
 
     /// Shutdown: the reader drains the ring buffer and the pipeline judges it all; the state is
-    /// saved; receivers get `DRAIN_TIMEOUT` to take the spooled alerts; every probe detaches.
-    async fn stop(mut self, mut inputs: Inputs) -> anyhow::Result<()> {
+    /// saved; receivers get `DRAIN_TIMEOUT` to take the spooled alerts; every probe detaches,
+    /// or, handing over, stays attached and recording for the next agent.
+    async fn stop(mut self, mut inputs: Inputs, hand_over: bool) -> anyhow::Result<()> {
         // The reader drains the ring buffer, then closes the channel.
         let _ = inputs.stop_reader.send(());
         while let Some(batch) = inputs.batches.recv().await {
@@ -465,10 +483,20 @@ impl Agent {
                 );
             }
         }
-        let detached = attached(self.sensor.probes());
-        drop(self.sensor);
+        let attached = attached(self.sensor.probes());
+        if hand_over {
+            let kept = self.sensor.hand_over();
+            tracing::info!(
+                kept,
+                pin_dir = %self.args.pin_dir.display(),
+                "handed over: {kept} probes stay attached and record for the next agent \
+                 (exit status {HAND_OVER_EXIT})"
+            );
+            return Ok(());
+        }
+        self.sensor.stop();
         tracing::info!(
-            detached,
+            detached = attached,
             pin_dir = %self.args.pin_dir.display(),
             "stopped: every probe detached; the kernel's job maps stay pinned for the next start"
         );

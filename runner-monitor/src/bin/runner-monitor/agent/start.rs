@@ -201,6 +201,7 @@ impl Agent {
             reader,
             sigterm: signal(SignalKind::terminate())?,
             sighup: signal(SignalKind::hangup())?,
+            sigusr2: signal(SignalKind::user_defined2())?,
             snapshot_tick: tokio::time::interval(SNAPSHOT_INTERVAL),
             status_tick,
             second: tokio::time::interval(Duration::from_secs(1)),

@@ -1,0 +1,217 @@
+//! Probes that outlive the agent (`runner-monitor/src/sensor/links.rs`): real sensors with a pin
+//! directory, one dropped the way a crash leaves it (nothing unpinned), the next taking over. The
+//! kernel matrix runs the first one on Debian's 6.1 and 6.12 too.
+
+use std::{
+    io::{BufRead, BufReader, Write},
+    process::{Child, ChildStdin, ChildStdout, Command, Stdio},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use integration_tests::{TestEnv, job_step, pin_dir_of};
+use runner_monitor::{
+    event::{Event, EventDetail, JobKey},
+    policy::{EgressPlan, SensorPolicy},
+    sensor::{
+        Sensor, SensorOptions,
+        decode::Decoder,
+        reader::{self, ReaderCounters},
+    },
+};
+
+fn load(pins: &std::path::Path, policy: &SensorPolicy) -> Sensor {
+    let options = SensorOptions {
+        pin_dir: Some(pins.to_path_buf()),
+    };
+    let sensor = Sensor::load_with(policy, &options).expect("loading the sensor");
+    assert!(
+        sensor.pinned_probes() > 0,
+        "the probes' links are not pinned: {}",
+        sensor.pin_refusal().unwrap_or_default()
+    );
+    sensor
+}
+
+/// Reads `sensor`'s ring buffer for up to `within`, until `want` matches an event.
+fn read_until(sensor: &mut Sensor, within: Duration, want: impl Fn(&Event) -> bool) -> Vec<Event> {
+    let ring = sensor.take_events().expect("ring buffer");
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async move {
+        let (tx, mut rx) = tokio::sync::mpsc::channel(64);
+        let (_stop, stop) = tokio::sync::oneshot::channel();
+        let counters = Arc::new(ReaderCounters::default());
+        tokio::spawn(reader::run(ring, Decoder::new(), tx, counters, stop));
+        let deadline = tokio::time::Instant::now() + within;
+        let mut events = Vec::new();
+        while let Ok(Some(batch)) = tokio::time::timeout_at(deadline, rx.recv()).await {
+            events.extend(batch);
+            if events.iter().any(&want) {
+                break;
+            }
+        }
+        events
+    })
+}
+
+/// A job's root: a shell the sensor registers, running the lines it is sent, one at a time,
+/// answering each with its output and a line `done`.
+struct Job {
+    child: Child,
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+    key: JobKey,
+}
+
+impl Job {
+    fn start(sensor: &mut Sensor, env: &TestEnv) -> Job {
+        let mut child = Command::new("sh")
+            .arg("-c")
+            .arg("read _go; while read line; do eval \"$line\"; echo done; done")
+            .env("HOME", &env.home)
+            .current_dir(&env.dir)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let key = sensor
+            .register_job(child.id())
+            .expect("registering the job");
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(b"go\n").unwrap();
+        let stdout = BufReader::new(child.stdout.take().unwrap());
+        Job {
+            child,
+            stdin,
+            stdout,
+            key,
+        }
+    }
+
+    /// Runs `line` in the job; its output.
+    fn run(&mut self, line: &str) -> String {
+        writeln!(self.stdin, "{line}").unwrap();
+        let mut out = String::new();
+        loop {
+            let mut l = String::new();
+            assert!(self.stdout.read_line(&mut l).unwrap() > 0, "the job died");
+            if l.trim() == "done" {
+                return out;
+            }
+            out.push_str(&l);
+        }
+    }
+}
+
+impl Drop for Job {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn probes_outlive_a_crashed_agent_and_the_next_reads_what_they_recorded() {
+    let env = TestEnv::new("handover-crash");
+    let pins = pin_dir_of(&env.dir);
+    let mut first = load(&pins, &SensorPolicy::default());
+    let mut job = Job::start(&mut first, &env);
+    // Dropped without `stop`: what a crash leaves. The probes stay attached and recording.
+    drop(first);
+    let cred = env.path(".aws/credentials");
+    job.run(&format!("cat {cred} > /dev/null"));
+
+    let mut next = load(&pins, &SensorPolicy::default());
+    let key = job.key;
+    let is_read = |e: &Event| {
+        e.job.as_ref().is_some_and(|j| j.key == key)
+            && matches!(&e.detail, EventDetail::FileOpen(f) if f.path == cred)
+    };
+    let events = read_until(&mut next, Duration::from_secs(10), is_read);
+    assert!(
+        events.iter().any(is_read),
+        "the read made while no agent ran was not read by the next one: {events:#?}"
+    );
+    // A clean stop removes every pin: nothing is left attached.
+    let links = pins.join("links");
+    assert!(std::fs::read_dir(&links).unwrap().count() > 0);
+    next.stop();
+    assert_eq!(std::fs::read_dir(&links).unwrap().count(), 0);
+    let _ = std::fs::remove_dir_all(&pins);
+}
+
+/// `job-step egress udp ADDR` in `job`: refused (EPERM) or not.
+fn refused(job: &mut Job, addr: &str) -> bool {
+    let step = job_step();
+    let out = job.run(&format!("{} egress udp {addr}", step.display()));
+    out.trim() == "errno 1"
+}
+
+/// Block mode for every job, admitting 192.0.2.1 only; `closed` per `on_agent_failure`.
+fn blocking(closed: bool) -> SensorPolicy {
+    SensorPolicy {
+        egress: EgressPlan {
+            block: true,
+            nets: vec![("192.0.2.1/32".parse().unwrap(), Vec::new())],
+            ..EgressPlan::default()
+        },
+        failure_closed: closed,
+        ..SensorPolicy::default()
+    }
+}
+
+/// The agent crashes with a job in block mode: until the heartbeat is stale the job's plan still
+/// holds; then `closed` refuses what the plan allowed and `open` lets through what it refused.
+fn after_a_crash(closed: bool) {
+    let env = TestEnv::new(if closed {
+        "failure-closed"
+    } else {
+        "failure-open"
+    });
+    let pins = pin_dir_of(&env.dir);
+    let mut first = load(&pins, &blocking(closed));
+    let mut job = Job::start(&mut first, &env);
+    assert!(!refused(&mut job, "192.0.2.1:9"), "the allowed address");
+    assert!(
+        refused(&mut job, "192.0.2.2:9"),
+        "an address outside the list"
+    );
+    drop(first);
+    // Still the plan while the heartbeat is fresh.
+    assert!(refused(&mut job, "192.0.2.2:9"));
+    let stale = Instant::now()
+        + Duration::from_secs(u64::from(runner_monitor_common::setting::AGENT_STALE_SECONDS) + 2);
+    std::thread::sleep(stale.saturating_duration_since(Instant::now()));
+    if closed {
+        assert!(
+            refused(&mut job, "192.0.2.1:9"),
+            "closed: even the allowed address"
+        );
+        // Loopback stays.
+        assert!(!refused(&mut job, "127.0.0.1:9"));
+    } else {
+        assert!(
+            !refused(&mut job, "192.0.2.2:9"),
+            "open: not judged any more"
+        );
+    }
+    // The next agent takes over: its plan holds again.
+    let next = load(&pins, &blocking(closed));
+    assert!(refused(&mut job, "192.0.2.2:9"));
+    assert!(!refused(&mut job, "192.0.2.1:9"));
+    next.stop();
+    let _ = std::fs::remove_dir_all(&pins);
+}
+
+#[test]
+fn on_agent_failure_closed_refuses_a_jobs_egress_once_the_agent_is_gone() {
+    after_a_crash(true);
+}
+
+#[test]
+fn on_agent_failure_open_stops_judging_a_jobs_egress_once_the_agent_is_gone() {
+    after_a_crash(false);
+}
