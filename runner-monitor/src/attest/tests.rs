@@ -165,6 +165,7 @@ fn report() -> JobReport {
         ip: "203.0.113.9".parse().unwrap(),
         port: 443,
         dns_name: Some("exfil.example".into()),
+        sni: None,
     });
     let mut survived = finding(crate::rule::RuleId::ProcessSurvivedJob, 12_000);
     survived.process = Some(FindingProcess {

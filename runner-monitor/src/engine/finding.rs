@@ -96,6 +96,10 @@ pub struct DestinationRef {
     /// The name the job resolved this address from, when it did.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dns_name: Option<String>,
+    /// The server name (SNI) of the TLS ClientHello the connection sent, when the finding is
+    /// about it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sni: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

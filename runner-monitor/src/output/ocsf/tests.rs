@@ -147,6 +147,7 @@ fn egress_and_sockets_go_to_dst_endpoint_and_a_local_socket_file() {
         ip: "203.0.113.9".parse().unwrap(),
         port: 443,
         dns_name: Some("exfil.example".into()),
+        sni: None,
     });
     let o = render(&f);
     assert_eq!(
