@@ -213,7 +213,11 @@ impl Finding {
         let object = if let Some(c) = &self.credential {
             c.path.clone()
         } else if let Some(d) = &self.destination {
-            format!("{}:{}", d.ip, d.port)
+            match &d.sni {
+                // Each server name to one address is a finding of its own.
+                Some(sni) => format!("{}:{} {sni}", d.ip, d.port),
+                None => format!("{}:{}", d.ip, d.port),
+            }
         } else if let Some(s) = &self.socket {
             s.path.clone()
         } else if let Some(t) = &self.target {
