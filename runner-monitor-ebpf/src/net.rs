@@ -278,7 +278,7 @@ pub fn dns_connect4(ctx: SockAddrContext) -> i32 {
     }
     let verdict = crate::egress::verdict(&ctx, false, false);
     if verdict == 1 {
-        crate::tls::note_socket(&ctx, false);
+        return crate::tls::note_socket(&ctx, false);
     }
     verdict
 }
@@ -288,7 +288,7 @@ pub fn dns_connect6(ctx: SockAddrContext) -> i32 {
     note_dns_socket(&ctx);
     let verdict = crate::egress::verdict(&ctx, true, false);
     if verdict == 1 {
-        crate::tls::note_socket(&ctx, true);
+        return crate::tls::note_socket(&ctx, true);
     }
     verdict
 }

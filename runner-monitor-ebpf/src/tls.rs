@@ -7,13 +7,20 @@
 //! (`runner_monitor_common::tls::find_server_name`), reported, and the socket forgotten; when
 //! the job's policy says `sni = true` in block mode and the name is not allowed (`TLS_NAMES`), the
 //! socket is kept, marked refused, and this segment and every later one are dropped.
+//!
+//! `TLS_SOCKETS` is a plain hash map, not an LRU one: an LRU map would let a job evict its own
+//! refused socket (by connecting thousands of others) and have the retransmitted ClientHello go
+//! out. Entries leave at the first data segment or when the socket is released
+//! (`tls_sock_release`); a job whose TLS is enforced cannot connect while the map is full (fails
+//! closed, EPERM).
 
 use aya_ebpf::{
     EbpfContext,
+    bindings::BPF_F_NO_PREALLOC,
     helpers::generated::{bpf_get_socket_cookie, bpf_skb_load_bytes},
-    macros::map,
-    maps::{HashMap, LruHashMap, PerCpuArray},
-    programs::{SkBuffContext, SockAddrContext},
+    macros::{cgroup_sock, map},
+    maps::{HashMap, PerCpuArray},
+    programs::{SkBuffContext, SockAddrContext, SockContext},
 };
 use runner_monitor_common::{
     AF_INET, AF_INET6, EGRESS_BLOCK, EGRESS_SNI, EventKind, MAX_TLS_NAMES, SNI_HASH_SEED, SNI_LEN,
@@ -43,11 +50,13 @@ struct TlsSocket {
     _pad: u32,
 }
 
-/// Job TCP sockets remembered at once. LRU: a socket closed before sending anything ages out.
-const MAX_TLS_SOCKETS: u32 = 16384;
+/// Job TCP sockets remembered at once: connected, and not past their first data segment (or
+/// refused) yet. Allocated as used.
+const MAX_TLS_SOCKETS: u32 = 32768;
 
 #[map]
-static TLS_SOCKETS: LruHashMap<u64, TlsSocket> = LruHashMap::with_max_entries(MAX_TLS_SOCKETS, 0);
+static TLS_SOCKETS: HashMap<u64, TlsSocket> =
+    HashMap::with_max_entries(MAX_TLS_SOCKETS, BPF_F_NO_PREALLOC);
 
 /// (policy id, exact or wildcard, hash of the name or of the suffix after `*.`) -> 1: the
 /// names a policy with `sni = true` allows (written by the agent, `sensor::egress`).
@@ -63,17 +72,19 @@ const ETH_P_IP: u32 = 0x0800;
 const ETH_P_IPV6: u32 = 0x86DD;
 
 /// Remembers a job process's TCP socket at its (allowed) connect; loopback is left alone.
+/// Returns 0 when the connect must be refused: its TLS is enforced and the socket could not be
+/// remembered (map full).
 #[inline(always)]
-pub fn note_socket(ctx: &SockAddrContext, v6: bool) {
+pub fn note_socket(ctx: &SockAddrContext, v6: bool) -> i32 {
     // SAFETY: context field read.
     if unsafe { (*ctx.sock_addr).type_ } != SOCK_STREAM {
-        return;
+        return 1;
     }
     let Some(process) = current_process() else {
-        return;
+        return 1;
     };
     if crate::egress::local(ctx, v6) {
-        return;
+        return 1;
     }
     let (policy, egress) = match crate::egress::blocking(&process) {
         Some(job) => (job.policy, job.flags),
@@ -88,8 +99,24 @@ pub fn note_socket(ctx: &SockAddrContext, v6: bool) {
     };
     // SAFETY: the context is a socket-address context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    // An LRU map makes room; a failed insert only loses this socket's server name.
-    let _ = TLS_SOCKETS.insert(cookie, socket, 0);
+    if TLS_SOCKETS.insert(cookie, socket, 0).is_ok() {
+        return 1;
+    }
+    // Map full: only the server name is lost, unless the name is enforced.
+    if egress & (EGRESS_BLOCK | EGRESS_SNI) == EGRESS_BLOCK | EGRESS_SNI {
+        count(counter::EGRESS_BLOCKED);
+        return 0;
+    }
+    1
+}
+
+/// A socket is released: a job socket that never sent data (or was refused) is forgotten.
+#[cgroup_sock(sock_release)]
+pub fn tls_sock_release(ctx: SockContext) -> i32 {
+    // SAFETY: the context is a socket.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let _ = TLS_SOCKETS.remove(cookie);
+    1
 }
 
 /// The socket buffer as `find_server_name` reads it.

@@ -125,11 +125,16 @@ pub fn attach_all(ebpf: &mut Ebpf) -> Vec<ProbeStatus> {
                         .as_ref()
                         .map_or("?".into(), |p| p.display().to_string())
                 ),
-                Hook::SockCreate => format!(
-                    "cgroup:{}:sock_create",
+                Hook::SockCreate | Hook::SockRelease => format!(
+                    "cgroup:{}:{}",
                     cgroup
                         .as_ref()
-                        .map_or("?".into(), |p| p.display().to_string())
+                        .map_or("?".into(), |p| p.display().to_string()),
+                    if matches!(hook, Hook::SockCreate) {
+                        "sock_create"
+                    } else {
+                        "sock_release"
+                    }
                 ),
                 Hook::Skb(t) => format!(
                     "cgroup:{}:{}",
@@ -217,7 +222,7 @@ fn attach_one(
                 Err(e) => ProbeState::Failed(error_chain(&e)),
             })
         }
-        Hook::SockAddr | Hook::SockCreate | Hook::Skb(_) => {
+        Hook::SockAddr | Hook::SockCreate | Hook::SockRelease | Hook::Skb(_) => {
             let Some(cgroup) = cgroup else {
                 return Ok(ProbeState::Failed(
                     "no cgroup v2 hierarchy is mounted".into(),
@@ -239,7 +244,7 @@ fn attach_one(
                 program
                     .attach(&file, *attach_type, CgroupAttachMode::Single)
                     .map(|_| ())
-            } else if let Hook::SockCreate = hook {
+            } else if let Hook::SockCreate | Hook::SockRelease = hook {
                 let program: &mut CgroupSock = program
                     .try_into()
                     .map_err(|e| LoadError(format!("{name}: {e}")))?;
