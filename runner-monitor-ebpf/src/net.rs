@@ -429,13 +429,8 @@ fn dns_packet(ctx: &SkBuffContext, direction: u32) {
     }
 }
 
-/// Every packet a socket in the cgroup tree sends: the TLS check of job TCP sockets' first data
-/// segment (which may drop it, and every later one of a refused socket), then the DNS copy.
 #[cgroup_skb(egress)]
 pub fn dns_egress(ctx: SkBuffContext) -> i32 {
-    if crate::tls::egress_segment(&ctx) == 0 {
-        return 0;
-    }
     dns_packet(&ctx, runner_monitor_common::DNS_DIRECTION_QUERY);
     1
 }

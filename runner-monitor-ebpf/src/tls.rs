@@ -2,7 +2,7 @@
 //!
 //! `connect4`/`connect6` (net.rs) remember a job process's TCP socket by its cookie
 //! (`note_socket`); the `cgroup_skb` egress program then looks every packet's socket up once
-//! (`egress_segment`): a miss (every socket outside jobs, and job sockets past their first data
+//! (`tls_egress`): a miss (every socket outside jobs, and job sockets past their first data
 //! segment) costs that one look-up. The first segment with a payload is parsed
 //! (`runner_monitor_common::tls::find_server_name`), reported, and the socket forgotten; when
 //! the job's policy says `sni = true` in block mode and the name is not allowed (`TLS_NAMES`), the
@@ -18,7 +18,7 @@ use aya_ebpf::{
     EbpfContext,
     bindings::BPF_F_NO_PREALLOC,
     helpers::generated::{bpf_get_socket_cookie, bpf_skb_load_bytes},
-    macros::{cgroup_sock, map},
+    macros::{cgroup_skb, cgroup_sock, map},
     maps::{HashMap, PerCpuArray},
     programs::{SkBuffContext, SockAddrContext, SockContext},
 };
@@ -177,9 +177,17 @@ fn tcp_with_payload(ctx: &SkBuffContext) -> Option<Tcp> {
     })
 }
 
+/// Every packet a socket in the cgroup tree sends: 1 passes it, 0 drops it (a refused socket's).
+/// A program of its own beside `dns_egress` (the kernel passes a packet only when both say
+/// so): each is verified alone, and a kernel that refuses one keeps the other.
+#[cgroup_skb(egress)]
+pub fn tls_egress(ctx: SkBuffContext) -> i32 {
+    egress_segment(&ctx)
+}
+
 /// The egress verdict for one packet: 1 passes it, 0 drops it.
 #[inline(always)]
-pub fn egress_segment(ctx: &SkBuffContext) -> i32 {
+fn egress_segment(ctx: &SkBuffContext) -> i32 {
     // SAFETY: the context is a socket buffer.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let Some(entry) = TLS_SOCKETS.get_ptr_mut(cookie) else {

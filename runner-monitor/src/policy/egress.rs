@@ -122,7 +122,8 @@ pub(super) fn sni(
             value.span(),
             &format!("{at}.sni"),
             "`sni = true` checks TLS server names against the DNS names of this rule's \
-             `allow_egress`, and it has none: every TLS connection of these jobs would be refused",
+             `allow_egress`, and it has none: every TLS connection of these jobs would be refused \
+             (block mode) or reported (audit mode)",
         ));
     }
     Ok(*value.get_ref())

@@ -267,6 +267,12 @@ pub(super) const PROBES: &[Probe] = &[
     },
     Probe {
         sensor: "connect",
+        program: "tls_egress",
+        hooks: &[Hook::Skb(CgroupSkbAttachType::Egress)],
+        required: false,
+    },
+    Probe {
+        sensor: "connect",
         program: "tls_sock_release",
         hooks: &[Hook::SockRelease],
         required: false,
