@@ -7,6 +7,9 @@ pub const EGRESS_GLOBAL_POLICY: u32 = 0;
 pub const EGRESS_BLOCK: u32 = 1;
 /// `EgressJob::flags`: the job may reach the cloud metadata endpoints.
 pub const EGRESS_METADATA_ENTITLED: u32 = 1 << 1;
+/// `EgressJob::flags`: a rule of the job says `sni = true`: in block mode, TLS whose server name
+/// is not in `TLS_NAMES` under the job's policy id is refused (`runner-monitor-ebpf/src/tls.rs`).
+pub const EGRESS_SNI: u32 = 1 << 2;
 
 /// Value of `EGRESS_JOBS` (keyed by job): which compiled allowlist judges the job, and how.
 #[repr(C)]

@@ -52,6 +52,9 @@ pub enum EventKind {
     IoUringSetup = 17,
     /// The cgroup of a container a job asked a runtime to start was made (`container.rs`).
     Container = 18,
+    /// The first data segment of a job's TCP socket was a TLS handshake: its server name
+    /// (`tls.rs`).
+    TlsClientHello = 19,
 }
 
 /// Per-kind counter slots: a power of two above the highest `EventKind`, because the kernel
@@ -59,12 +62,12 @@ pub enum EventKind {
 /// bound). At 17 the mask sent every kind but one to slot 0.
 pub const EVENT_KIND_SLOTS: u32 = 32;
 const _: () = assert!(
-    EVENT_KIND_SLOTS.is_power_of_two() && (EventKind::Container as u32) < EVENT_KIND_SLOTS,
+    EVENT_KIND_SLOTS.is_power_of_two() && (EventKind::TlsClientHello as u32) < EVENT_KIND_SLOTS,
     "EVENT_KIND_SLOTS must be a power of two above every EventKind"
 );
 
 impl EventKind {
-    pub const ALL: [EventKind; 18] = [
+    pub const ALL: [EventKind; 19] = [
         EventKind::Fork,
         EventKind::Exec,
         EventKind::Exit,
@@ -83,6 +86,7 @@ impl EventKind {
         EventKind::JobEnv,
         EventKind::IoUringSetup,
         EventKind::Container,
+        EventKind::TlsClientHello,
     ];
 
     pub fn from_u32(value: u32) -> Option<Self> {
@@ -110,6 +114,7 @@ impl EventKind {
             EventKind::JobEnv => "job_env",
             EventKind::IoUringSetup => "io_uring_setup",
             EventKind::Container => "container",
+            EventKind::TlsClientHello => "tls_client_hello",
         }
     }
 }
@@ -513,6 +518,7 @@ pub mod map_name {
     pub const EGRESS_ALLOW6: &str = "EGRESS_ALLOW6";
     pub const EGRESS_METADATA: &str = "EGRESS_METADATA";
     pub const DNS_PORTS: &str = "DNS_PORTS";
+    pub const TLS_NAMES: &str = "TLS_NAMES";
 }
 
 /// Length of a job's event-budget window.
@@ -580,6 +586,8 @@ pub mod io_uring;
 pub use io_uring::IoUringSetupEvent;
 pub mod container;
 pub use container::{CONTAINER_ID_LEN, ContainerEvent};
+pub mod tls;
+pub use tls::*;
 
 #[cfg(feature = "user")]
 mod user {

@@ -85,6 +85,12 @@ pub fn refuses(process: &ProcessJob, written: &[u8; 16], v6: bool, port: u16) ->
     !(is_local(&dest) || allowed(&job, &dest, port))
 }
 
+/// Whether the address a sock_addr program sees is loopback or unspecified: never refused.
+#[inline(always)]
+pub fn local(ctx: &SockAddrContext, v6: bool) -> bool {
+    is_local(&normalise(&written_address(ctx, v6), v6))
+}
+
 /// Whether job process `process` is in block mode.
 #[inline(always)]
 pub fn blocks(process: &ProcessJob) -> bool {

@@ -70,6 +70,7 @@ events!(
     JobEnvEvent,
     IoUringSetupEvent,
     ContainerEvent,
+    runner_monitor_common::TlsEvent,
 );
 
 /// Sends a small event of the current task: reserves its room in the ring buffer, fills the

@@ -23,6 +23,7 @@ mod process;
 mod redirect;
 mod sockets;
 mod tamper;
+mod tls;
 
 #[cfg(not(test))]
 #[panic_handler]

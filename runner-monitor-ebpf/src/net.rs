@@ -35,10 +35,11 @@ use crate::{
 #[map]
 static CONNECT_SCRATCH: PerCpuArray<ConnectEvent> = PerCpuArray::with_max_entries(1, 0);
 
-/// Who owns a socket that talks to port 53.
+/// Who owns a remembered socket (one that talks to port 53, or a job's TCP socket whose first
+/// segment `tls.rs` reads).
 #[repr(C)]
 #[derive(Clone, Copy)]
-struct DnsSocket {
+pub(crate) struct DnsSocket {
     job: u64,
     cgroup_id: u64,
     pid: u32,
@@ -48,6 +49,51 @@ struct DnsSocket {
     process_flags: u32,
     _pad: u32,
     comm: [u8; COMM_LEN],
+}
+
+impl DnsSocket {
+    /// The current task, a process of the job `process` says.
+    #[inline(always)]
+    pub(crate) fn current(process: &ProcessJob) -> Self {
+        let pid_tgid = bpf_get_current_pid_tgid();
+        Self {
+            job: process.job,
+            // SAFETY: helper without arguments.
+            cgroup_id: unsafe { bpf_get_current_cgroup_id() },
+            pid: pid_tgid as u32,
+            tgid: (pid_tgid >> 32) as u32,
+            ppid: process.ppid,
+            uid: bpf_get_current_uid_gid() as u32,
+            process_flags: process.flags,
+            _pad: 0,
+            comm: bpf_get_current_comm().unwrap_or([0; COMM_LEN]),
+        }
+    }
+
+    /// Fills `h` (an event of `kind` sent from a socket-buffer program, which runs in no
+    /// particular task) with the owner's process and job.
+    #[inline(always)]
+    pub(crate) fn fill_header(&self, h: &mut runner_monitor_common::EventHeader, kind: EventKind) {
+        h.kind = kind as u32;
+        h.ts_ns = now_ns();
+        h.cgroup_id = self.cgroup_id;
+        h.pid = self.pid;
+        h.tgid = self.tgid;
+        h.uid = self.uid;
+        h.comm = self.comm;
+        let process = ProcessJob {
+            job: self.job,
+            ppid: self.ppid,
+            flags: self.process_flags,
+            start_ns: 0,
+        };
+        fill_job(h, Some(&process));
+    }
+
+    #[inline(always)]
+    pub(crate) fn job(&self) -> u64 {
+        self.job
+    }
 }
 
 /// How many sockets that talk to port 53 are remembered at once.
@@ -212,19 +258,7 @@ fn note_dns_socket(ctx: &SockAddrContext) {
     let Some(process) = current_process() else {
         return;
     };
-    let pid_tgid = bpf_get_current_pid_tgid();
-    let owner = DnsSocket {
-        job: process.job,
-        // SAFETY: helper without arguments.
-        cgroup_id: unsafe { bpf_get_current_cgroup_id() },
-        pid: pid_tgid as u32,
-        tgid: (pid_tgid >> 32) as u32,
-        ppid: process.ppid,
-        uid: bpf_get_current_uid_gid() as u32,
-        process_flags: process.flags,
-        _pad: 0,
-        comm: bpf_get_current_comm().unwrap_or([0; COMM_LEN]),
-    };
+    let owner = DnsSocket::current(&process);
     // SAFETY: the context is a socket-address context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     if DNS_SOCKETS.insert(cookie, owner, 0).is_err() {
@@ -242,13 +276,21 @@ pub fn dns_connect4(ctx: SockAddrContext) -> i32 {
     if crate::redirect::redirect4(&ctx, false) {
         return 1;
     }
-    crate::egress::verdict(&ctx, false, false)
+    let verdict = crate::egress::verdict(&ctx, false, false);
+    if verdict == 1 {
+        return crate::tls::note_socket(&ctx, false);
+    }
+    verdict
 }
 
 #[cgroup_sock_addr(connect6)]
 pub fn dns_connect6(ctx: SockAddrContext) -> i32 {
     note_dns_socket(&ctx);
-    crate::egress::verdict(&ctx, true, false)
+    let verdict = crate::egress::verdict(&ctx, true, false);
+    if verdict == 1 {
+        return crate::tls::note_socket(&ctx, true);
+    }
+    verdict
 }
 
 #[cgroup_sock_addr(sendmsg4)]
@@ -347,21 +389,7 @@ fn dns_packet(ctx: &SkBuffContext, direction: u32) {
     } else {
         EventKind::DnsQuery
     };
-    let h = &mut event.header;
-    h.kind = kind as u32;
-    h.ts_ns = now_ns();
-    h.cgroup_id = owner.cgroup_id;
-    h.pid = owner.pid;
-    h.tgid = owner.tgid;
-    h.uid = owner.uid;
-    h.comm = owner.comm;
-    let process = runner_monitor_common::ProcessJob {
-        job: owner.job,
-        ppid: owner.ppid,
-        flags: owner.process_flags,
-        start_ns: 0,
-    };
-    fill_job(h, Some(&process));
+    owner.fill_header(&mut event.header, kind);
     event.family = family;
     event.server_port = u16::from_be(server_port);
     event._pad = 0;

@@ -97,6 +97,8 @@ pub enum EventDetail {
     Connect(Connect),
     DnsQuery(Dns),
     DnsAnswer(Dns),
+    /// The first data segment of a job's TCP socket was a TLS ClientHello (read in the kernel).
+    TlsClientHello(TlsHello),
     Signal {
         target_pid: u32,
         signal: u32,
@@ -217,6 +219,7 @@ impl EventDetail {
             EventDetail::Connect(_) => "connect",
             EventDetail::DnsQuery(_) => "dns_query",
             EventDetail::DnsAnswer(_) => "dns_answer",
+            EventDetail::TlsClientHello(_) => "tls_client_hello",
             EventDetail::Signal { .. } => "signal",
             EventDetail::Bpf { .. } => "bpf",
             EventDetail::Chdir { .. } => "chdir",
@@ -394,6 +397,25 @@ pub struct Connect {
     /// process gave).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub dns_redirected: bool,
+}
+
+/// A TLS ClientHello a job's TCP socket sent as its first data (docs/policy.md, "TLS server
+/// names").
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TlsHello {
+    pub ip: std::net::IpAddr,
+    pub port: u16,
+    /// The `server_name` (SNI) host name; absent when the first segment had none the kernel
+    /// could read (no extension, or a ClientHello longer than the segment).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sni: Option<String>,
+    /// The name was longer than the kernel copies (128 bytes) and is cut.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub sni_truncated: bool,
+    /// Block mode refused it (`sni = true`, a name the allowlist does not have): the kernel
+    /// dropped this segment and every later one of the connection.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub blocked: bool,
 }
 
 impl Connect {

@@ -27,6 +27,7 @@ pub mod docker;
 pub mod live;
 pub mod nats;
 pub mod systemd;
+pub mod tls;
 
 /// The recognisable fake secret planted in every credential file the tests create. No output may
 /// ever contain it.

@@ -401,6 +401,7 @@ mod tests {
                 ip,
                 port: 443,
                 dns_name: None,
+                sni: None,
             });
             f.blocked = blocked;
             f

@@ -165,6 +165,7 @@ fn report() -> JobReport {
         ip: "203.0.113.9".parse().unwrap(),
         port: 443,
         dns_name: Some("exfil.example".into()),
+        sni: None,
     });
     let mut survived = finding(crate::rule::RuleId::ProcessSurvivedJob, 12_000);
     survived.process = Some(FindingProcess {
@@ -209,6 +210,7 @@ fn report() -> JobReport {
                 dns_name: Some("exfil.example".into()),
                 connections: 1,
                 failed: 0,
+                sni: Vec::new(),
                 first_ns: 3_000,
                 pids: vec![11],
                 after_end: false,
@@ -219,6 +221,7 @@ fn report() -> JobReport {
                 dns_name: Some("github.com".into()),
                 connections: 3,
                 failed: 0,
+                sni: Vec::new(),
                 first_ns: 2_000,
                 pids: vec![10],
                 after_end: false,

@@ -96,6 +96,10 @@ pub struct DestinationRef {
     /// The name the job resolved this address from, when it did.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dns_name: Option<String>,
+    /// The server name (SNI) of the TLS ClientHello the connection sent, when the finding is
+    /// about it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sni: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -209,7 +213,11 @@ impl Finding {
         let object = if let Some(c) = &self.credential {
             c.path.clone()
         } else if let Some(d) = &self.destination {
-            format!("{}:{}", d.ip, d.port)
+            match &d.sni {
+                // Each server name to one address is a finding of its own.
+                Some(sni) => format!("{}:{} {sni}", d.ip, d.port),
+                None => format!("{}:{}", d.ip, d.port),
+            }
         } else if let Some(s) = &self.socket {
             s.path.clone()
         } else if let Some(t) = &self.target {

@@ -232,6 +232,10 @@ pub fn detection_finding(finding: &Finding, native: &Value, time: SystemTime, ho
             endpoint["hostname"] = json!(name);
         }
         evidence.insert("dst_endpoint".into(), endpoint);
+        if let Some(sni) = &d.sni {
+            // The TLS server name the connection sent (OCSF's `tls.sni` has no place here).
+            evidence.insert("data".into(), json!({"sni": sni}));
+        }
     }
     let mut evidences = Vec::new();
     // An evidence needs at least one of its objects; a sensor finding may have none.

@@ -295,6 +295,7 @@ fn include_baseline(
         || !entry.allow_egress.is_empty()
         || entry.mode.is_some()
         || entry.metadata.is_some()
+        || entry.sni.is_some()
         || !entry.secret_sockets.is_empty()
         || !entry.credential_kinds.is_empty()
         || entry.grace_period_seconds.is_some()
@@ -388,6 +389,7 @@ fn compile_rule(
         Some(m) => Some(super::egress::mode(m, &format!("{at}.mode"), src)?),
         None => None,
     };
+    let sni = super::egress::sni(r.sni.as_ref(), &allow_egress, at, src)?;
     Ok(JobRule {
         origin: src.place(entry.span()),
         repository,
@@ -395,6 +397,7 @@ fn compile_rule(
         allow_egress,
         mode,
         metadata: r.metadata.unwrap_or(false),
+        sni,
         secret_sockets,
         grace_period_seconds: r.grace_period_seconds,
         severity,

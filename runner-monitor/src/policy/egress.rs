@@ -63,6 +63,8 @@ pub struct EgressPlan {
     /// Allowed DNS names (`*.` wildcards) with their ports: the agent's resolver admits the
     /// addresses the job resolves for them (`sensor::resolver`).
     pub names: Vec<(String, Vec<u16>)>,
+    /// A rule says `sni = true`: TLS must name a server in `names` (checked in the kernel).
+    pub sni: bool,
 }
 
 impl EgressPlan {
@@ -101,6 +103,32 @@ pub(super) fn mode(
             format!("`audit` or `block`, not {other:?}"),
         )),
     }
+}
+
+/// A rule's `sni`, `at` naming the rule in errors: `true` needs DNS names in the rule's
+/// allowlist (the names server names are checked against).
+pub(super) fn sni(
+    value: Option<&Spanned<bool>>,
+    allow_egress: &[super::AllowedDestination],
+    at: &str,
+    src: &Source<'_>,
+) -> Result<bool, PolicyError> {
+    let Some(value) = value else {
+        return Ok(false);
+    };
+    let names = allow_egress
+        .iter()
+        .any(|a| matches!(a.destination, Destination::Name(_)));
+    if *value.get_ref() && !names {
+        return Err(src.error(
+            value.span(),
+            &format!("{at}.sni"),
+            "`sni = true` checks TLS server names against the DNS names of this rule's \
+             `allow_egress`, and it has none: every TLS connection of these jobs would be refused \
+             (block mode) or reported (audit mode)",
+        ));
+    }
+    Ok(*value.get_ref())
 }
 
 /// `[egress] mode` and `on_agent_failure`.
@@ -179,6 +207,7 @@ impl Policy {
             metadata: false,
             nets: nets_of(&self.egress_allow).collect(),
             names: names_of(&self.egress_allow).collect(),
+            sni: false,
         }
     }
 
@@ -196,6 +225,7 @@ impl Policy {
             metadata: self.metadata_entitled(job),
             nets,
             names,
+            sni: self.rules_for(job).any(|r| r.sni),
         }
     }
 }

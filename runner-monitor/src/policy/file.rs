@@ -164,6 +164,9 @@ pub struct RuleSection {
     /// These jobs may reach the cloud metadata endpoints (in block mode too; no
     /// metadata-endpoint-access).
     pub metadata: Option<bool>,
+    /// `true`: these jobs' TLS must name (SNI) a server in the DNS names of the allowlist;
+    /// refused in the kernel in block mode (docs/policy.md, "TLS server names").
+    pub sni: Option<Spanned<bool>>,
     /// Secret-socket kinds these jobs may use.
     #[serde(default)]
     pub secret_sockets: Vec<Spanned<String>>,

@@ -101,6 +101,8 @@ pub struct JobRule {
     pub mode: Option<EgressMode>,
     /// `metadata = true`: the jobs may reach the cloud metadata endpoints.
     pub metadata: bool,
+    /// `sni = true`: TLS server names must be in the allowlist's DNS names.
+    pub sni: bool,
     pub secret_sockets: BTreeSet<String>,
     pub grace_period_seconds: Option<u64>,
     pub severity: BTreeMap<RuleId, Severity>,

@@ -434,3 +434,42 @@ fn dns_upstream_and_the_names_a_plan_admits() {
         "{e}"
     );
 }
+
+#[test]
+fn sni_true_needs_dns_names_in_the_rule_and_reaches_the_plan() {
+    let text = |allow: &str| {
+        format!(
+            "[[rules]]\nrepository = \"acme/app\"\nmode = \"block\"\nsni = true\nallow_egress = [{allow}]\n"
+        )
+    };
+    let e = Policy::parse(&text("{ cidr = \"10.0.0.0/8\" }"), "p.toml").unwrap_err();
+    let message = e.to_string();
+    assert!(
+        message.contains("rules[0].sni") && message.contains("has none"),
+        "{message}"
+    );
+    let e = Policy::parse(
+        "[[rules]]\nrepository = \"acme/app\"\nsni = \"yes\"\n",
+        "p.toml",
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("sni"), "{e}");
+    let p = Policy::parse(
+        &text("{ name = \"*.github.com\" }, { cidr = \"10.0.0.0/8\" }"),
+        "p.toml",
+    )
+    .unwrap();
+    let job = JobSelector {
+        repository: Some("acme/app"),
+        workflow: Some("ci"),
+    };
+    let plan = p.egress_plan(job);
+    assert!(plan.sni && plan.block);
+    assert!(
+        !p.egress_plan(JobSelector {
+            repository: Some("other/x"),
+            workflow: None,
+        })
+        .sni
+    );
+}

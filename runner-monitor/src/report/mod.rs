@@ -23,6 +23,7 @@ mod steps;
 #[cfg(test)]
 mod tests;
 mod text;
+mod tls;
 
 use std::{
     collections::{HashMap, HashSet},
@@ -232,6 +233,7 @@ impl Record {
                     dns_name: self.names.get(&ip).cloned(),
                     connections: 0,
                     failed: 0,
+                    sni: Vec::new(),
                     first_ns: event.time_ns,
                     pids: Vec::new(),
                     after_end: false,
@@ -401,6 +403,7 @@ impl JobReports {
                 | EventDetail::FileOpen(_)
                 | EventDetail::Connect(_)
                 | EventDetail::DnsAnswer(_)
+                | EventDetail::TlsClientHello(_)
                 | EventDetail::IoUringSetup { .. }
                 | EventDetail::JobStart(_)
                 | EventDetail::JobEnd => self.record(event, j.key, j.ended),
@@ -484,6 +487,7 @@ impl JobReports {
             EventDetail::FileOpen(f) => record.file_open(&policy, event, f, ended),
             EventDetail::Connect(c) => record.connect(&policy, event, c, ended),
             EventDetail::DnsAnswer(dns) => record.dns_answer(dns),
+            EventDetail::TlsClientHello(t) => record.tls_hello(t),
             EventDetail::IoUringSetup { .. } => {
                 if let Some(p) = record.process(event, pid, event.process.ppid) {
                     p.io_uring = true;

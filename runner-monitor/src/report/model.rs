@@ -93,6 +93,9 @@ pub struct Egress {
     pub dns_name: Option<String>,
     pub connections: u64,
     pub failed: u64,
+    /// TLS server names (SNI) the job's connections here sent (the first few).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sni: Vec<String>,
     pub first_ns: u64,
     pub pids: Vec<u32>,
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]

@@ -174,6 +174,9 @@ pub(super) fn credential_counts(c: &CredentialUse) -> String {
 
 pub(super) fn egress_counts(e: &Egress) -> String {
     let mut parts = vec![format!("{} connections", e.connections)];
+    if !e.sni.is_empty() {
+        parts.push(format!("TLS to {}", e.sni.join(", ")));
+    }
     if e.failed > 0 {
         parts.push(format!("{} failed", e.failed));
     }

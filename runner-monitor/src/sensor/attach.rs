@@ -128,6 +128,7 @@ pub fn attach_all(ebpf: &mut Ebpf, links: &mut LinkPins) -> Vec<ProbeStatus> {
                 Hook::Tracepoint(c, n) | Hook::OptionalTracepoint(c, n) => format!("{c}/{n}"),
                 Hook::SockAddr => format!("cgroup:{cgroup_name}"),
                 Hook::SockCreate => format!("cgroup:{cgroup_name}:sock_create"),
+                Hook::SockRelease => format!("cgroup:{cgroup_name}:sock_release"),
                 Hook::Skb(CgroupSkbAttachType::Ingress) => format!("cgroup:{cgroup_name}:ingress"),
                 Hook::Skb(CgroupSkbAttachType::Egress) => format!("cgroup:{cgroup_name}:egress"),
             };
@@ -234,7 +235,7 @@ fn attach_one(
             }
             Ok(load_attach!(program, name, TracePoint, |p| p.attach(category, tp)))
         }
-        Hook::SockAddr | Hook::SockCreate | Hook::Skb(_) => {
+        Hook::SockAddr | Hook::SockCreate | Hook::SockRelease | Hook::Skb(_) => {
             let Some(cgroup) = cgroup else {
                 return Ok(Attached::No(ProbeState::Failed(
                     "no cgroup v2 hierarchy is mounted".into(),
@@ -258,7 +259,7 @@ fn attach_one(
                     *attach_type,
                     single
                 )),
-                Hook::SockCreate => {
+                Hook::SockCreate | Hook::SockRelease => {
                     load_attach!(program, name, CgroupSock, |p| p.attach(&file, single))
                 }
                 _ => load_attach!(program, name, CgroupSockAddr, |p| p.attach(&file, single)),

@@ -18,7 +18,9 @@ use aya::maps::{
 use ipnet::IpNet;
 use runner_monitor_common::{
     EGRESS_BLOCK, EGRESS_GLOBAL_POLICY, EGRESS_KEY_FIXED_BITS, EGRESS_MAX_POLICY,
-    EGRESS_METADATA_ENTITLED, EgressAllow, EgressJob, EgressKey4, EgressKey6, egress_key, map_name,
+    EGRESS_METADATA_ENTITLED, EGRESS_SNI, EgressAllow, EgressJob, EgressKey4, EgressKey6,
+    TLS_NAME_EXACT, TLS_NAME_WILDCARD, egress_key, map_name,
+    tls::{TlsNameKey, sni_hash},
 };
 
 use super::SensorError;
@@ -76,6 +78,30 @@ fn entries(policy: u32, plan: &EgressPlan) -> BTreeSet<EntryKey> {
         }
     }
     out
+}
+
+/// The `TLS_NAMES` keys of `plan` under policy id `policy`: its DNS names, exact or `*.`
+/// wildcards, when it blocks and a rule says `sni = true`; ports do not matter here (the
+/// address check has them).
+fn sni_names(policy: u32, plan: &EgressPlan) -> BTreeSet<TlsNameKey> {
+    if !(plan.block && plan.sni) {
+        return BTreeSet::new();
+    }
+    plan.names
+        .iter()
+        .map(|(name, _)| match name.strip_prefix("*.") {
+            Some(suffix) => TlsNameKey {
+                policy,
+                kind: TLS_NAME_WILDCARD,
+                hash: sni_hash(suffix.as_bytes()),
+            },
+            None => TlsNameKey {
+                policy,
+                kind: TLS_NAME_EXACT,
+                hash: sni_hash(name.as_bytes()),
+            },
+        })
+        .collect()
 }
 
 /// An address as `EGRESS_METADATA` keys it: IPv4 in its mapped form.
@@ -252,6 +278,9 @@ pub struct EgressMaps {
     jobs: HashMap<MapData, u64, EgressJob>,
     lists: SharedAllowlists,
     metadata: HashMap<MapData, [u8; 16], u32>,
+    /// The server names `sni = true` allows, and which were written under each policy id.
+    tls_names: HashMap<MapData, TlsNameKey, u32>,
+    tls_written: StdHashMap<u32, BTreeSet<TlsNameKey>>,
     /// job -> its policy id and the plan compiled under it.
     planned: StdHashMap<JobKey, (u32, EgressPlan)>,
     last_policy: u32,
@@ -270,6 +299,8 @@ impl EgressMaps {
             .map_err(map_error(map_name::EGRESS_METADATA))?;
         let ports = HashMap::try_from(take(map_name::DNS_PORTS)?)
             .map_err(map_error(map_name::DNS_PORTS))?;
+        let tls_names = HashMap::try_from(take(map_name::TLS_NAMES)?)
+            .map_err(map_error(map_name::TLS_NAMES))?;
         Ok(Self {
             jobs,
             lists: Arc::new(Mutex::new(Allowlists {
@@ -281,6 +312,8 @@ impl EgressMaps {
                 ports,
             })),
             metadata,
+            tls_names,
+            tls_written: StdHashMap::new(),
             planned: StdHashMap::new(),
             last_policy: EGRESS_GLOBAL_POLICY,
         })
@@ -359,6 +392,7 @@ impl EgressMaps {
         }
         let policy = self.next_policy();
         self.write(policy, entries(policy, plan), Some(plan))?;
+        self.write_names(policy, sni_names(policy, plan))?;
         let mut flags = 0;
         if plan.block {
             flags |= EGRESS_BLOCK;
@@ -366,11 +400,36 @@ impl EgressMaps {
         if plan.metadata {
             flags |= EGRESS_METADATA_ENTITLED;
         }
+        if plan.sni {
+            flags |= EGRESS_SNI;
+        }
         self.jobs
             .insert(job.0, EgressJob { policy, flags }, 0)
             .map_err(map_error(map_name::EGRESS_JOBS))?;
         if let Some((old, _)) = self.planned.insert(job, (policy, plan.clone())) {
             self.write(old, BTreeSet::new(), None)?;
+            self.write_names(old, BTreeSet::new())?;
+        }
+        Ok(())
+    }
+
+    /// Makes the server names under `policy` those of `wanted` (empty: none).
+    fn write_names(
+        &mut self,
+        policy: u32,
+        wanted: BTreeSet<TlsNameKey>,
+    ) -> Result<(), SensorError> {
+        let before = self.tls_written.remove(&policy).unwrap_or_default();
+        for key in wanted.difference(&before) {
+            self.tls_names
+                .insert(key, 1, 0)
+                .map_err(map_error(map_name::TLS_NAMES))?;
+        }
+        for key in before.difference(&wanted) {
+            let _ = self.tls_names.remove(key);
+        }
+        if !wanted.is_empty() {
+            self.tls_written.insert(policy, wanted);
         }
         Ok(())
     }
@@ -380,6 +439,7 @@ impl EgressMaps {
         let _ = self.jobs.remove(&job.0);
         if let Some((old, _)) = self.planned.remove(&job) {
             self.write(old, BTreeSet::new(), None)?;
+            self.write_names(old, BTreeSet::new())?;
         }
         Ok(())
     }
@@ -412,11 +472,46 @@ mod tests {
     use super::*;
 
     #[test]
+    fn sni_true_writes_each_name_exact_or_as_its_wildcard_suffix_under_the_policy_id() {
+        let mut plan = EgressPlan {
+            block: true,
+            sni: true,
+            names: vec![
+                ("api.github.com".to_owned(), vec![443]),
+                ("*.githubusercontent.com".to_owned(), vec![]),
+            ],
+            ..EgressPlan::default()
+        };
+        let keys: Vec<TlsNameKey> = sni_names(9, &plan).into_iter().collect();
+        let exact = TlsNameKey {
+            policy: 9,
+            kind: TLS_NAME_EXACT,
+            hash: sni_hash(b"api.github.com"),
+        };
+        let wildcard = TlsNameKey {
+            policy: 9,
+            kind: TLS_NAME_WILDCARD,
+            hash: sni_hash(b"githubusercontent.com"),
+        };
+        assert_eq!(keys.len(), 2);
+        assert!(
+            keys.contains(&exact) && keys.contains(&wildcard),
+            "{keys:?}"
+        );
+        plan.block = false;
+        assert!(
+            sni_names(9, &plan).is_empty(),
+            "audit mode: nothing to enforce"
+        );
+    }
+
+    #[test]
     fn a_plan_becomes_one_entry_per_network_and_port_under_its_policy_id() {
         let plan = EgressPlan {
             block: true,
             metadata: false,
             names: vec![],
+            sni: false,
             nets: vec![
                 ("10.1.0.0/16".parse().unwrap(), vec![443, 80]),
                 ("fd00::/8".parse().unwrap(), vec![]),

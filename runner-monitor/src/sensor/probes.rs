@@ -10,6 +10,8 @@ pub(super) enum Hook {
     SockAddr,
     /// `cgroup/sock_create`.
     SockCreate,
+    /// `cgroup/sock_release`.
+    SockRelease,
     Skb(CgroupSkbAttachType),
 }
 
@@ -261,6 +263,18 @@ pub(super) const PROBES: &[Probe] = &[
         sensor: "connect",
         program: "raw_socket_create",
         hooks: &[Hook::SockCreate],
+        required: false,
+    },
+    Probe {
+        sensor: "connect",
+        program: "tls_egress",
+        hooks: &[Hook::Skb(CgroupSkbAttachType::Egress)],
+        required: false,
+    },
+    Probe {
+        sensor: "connect",
+        program: "tls_sock_release",
+        hooks: &[Hook::SockRelease],
         required: false,
     },
     Probe {

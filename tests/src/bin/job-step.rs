@@ -21,6 +21,11 @@
 //!                                  ask SERVER for NAME's A records over HOW (`udp`, `udp-send`,
 //!                                  `tcp`), then at once TCP-connect to the first address on
 //!                                  PORT; print `RCODE ADDRS CONNECT` (`-` for none)
+//! job-step tls NAME ADDR          TCP-connect to ADDR, send a rustls ClientHello for NAME (`-`:
+//!                                  a plain HTTP request instead), print `answered`, `silent`
+//!                                  (no answer in 3 s: the server got nothing) or `errno N`
+//! job-step tls-serve ADDR...       answer `!` to the first bytes of each TCP connection on each
+//!                                  ADDR, print `listening`, serve until killed
 //! job-step connect-name HOST:PORT  resolve HOST with the C library (getaddrinfo, so
 //!                                  /etc/resolv.conf) and TCP-connect; print `ok` or `errno N`
 
@@ -142,6 +147,23 @@ fn main() {
                     let mut buf = [0u8; 64];
                     while udp.recv(&mut buf).is_ok() {}
                 });
+            }
+            println!("listening");
+            loop {
+                std::thread::park();
+            }
+        }
+        "tls" => {
+            let first = match arg(1).as_str() {
+                "-" => b"GET / HTTP/1.0\r\n\r\n".to_vec(),
+                name => integration_tests::tls::client_hello(name),
+            };
+            let addr: SocketAddr = arg(2).parse().expect("IP:PORT");
+            println!("{}", integration_tests::tls::send_first(addr, &first));
+        }
+        "tls-serve" => {
+            for addr in &args[1..] {
+                integration_tests::tls::answer_first_bytes(addr);
             }
             println!("listening");
             loop {

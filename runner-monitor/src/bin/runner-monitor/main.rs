@@ -224,9 +224,10 @@ fn run_cli() -> anyhow::Result<()> {
         Command::Policy(PolicyCommand::Check { file }) => {
             let policy = Policy::load(&file)?;
             let blocking = blocking_rules(&policy);
+            let sni = policy.rules.iter().filter(|r| r.sni).count();
             println!(
                 "{}: ok ({} credential kinds, {} secret socket kinds, {} egress allowances, {} rules; \
-                 egress mode {}, {blocking} rules block)",
+                 egress mode {}, {blocking} rules block, {sni} rules check TLS server names)",
                 file.display(),
                 policy.credentials.len(),
                 policy.secret_socket_kinds.len(),

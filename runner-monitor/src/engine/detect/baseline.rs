@@ -103,6 +103,7 @@ fn deviation(engine: &Engine, event: &Event, used: Used) -> Finding {
                 ip,
                 port,
                 dns_name: names.into_iter().next(),
+                sni: None,
             });
         }
         Used::SecretSocket { kind, path } => {

@@ -167,6 +167,7 @@ pub(super) fn event(engine: &mut Engine, event: &Event, out: &mut Vec<Finding>) 
             }
         }
         EventDetail::Connect(c) => network::connect(engine, event, c, out),
+        EventDetail::TlsClientHello(t) => network::tls_hello(engine, event, t, out),
         EventDetail::Ptrace {
             request,
             target_pid,

@@ -9,7 +9,7 @@ use crate::{
         finding::{DestinationRef, Finding, SocketRef},
         usage::Used,
     },
-    event::{Connect, Event, JobKey, RawSocket, SocketFamily},
+    event::{Connect, Event, JobKey, RawSocket, SocketFamily, TlsHello},
     policy::egress_address,
     rule::RuleId,
 };
@@ -73,6 +73,7 @@ pub(super) fn connect(engine: &mut Engine, event: &Event, c: &Connect, out: &mut
         ip,
         port,
         dns_name: names.first().cloned(),
+        sni: None,
     };
     let shown = match &destination.dns_name {
         Some(name) => format!("{name} ({ip}) port {port}"),
@@ -154,6 +155,64 @@ pub(super) fn connect(engine: &mut Engine, event: &Event, c: &Connect, out: &mut
     }
 }
 
+/// The TLS ClientHello a job's connection sent first: `unexpected-egress` when block mode refused
+/// it (a rule says `sni = true` and the server name is not allowed), or, in audit mode, when a
+/// rule says `sni = true` and the name is outside the allowlist.
+pub(super) fn tls_hello(engine: &mut Engine, event: &Event, t: &TlsHello, out: &mut Vec<Finding>) {
+    let Some(job) = event.job.as_ref().map(|j| j.key) else {
+        return;
+    };
+    let (ip, port) = (t.ip, t.port);
+    let destination = DestinationRef {
+        ip,
+        port,
+        dns_name: engine
+            .dns
+            .get(&(job, ip))
+            .and_then(|names| names.first().cloned()),
+        sni: t.sni.clone(),
+    };
+    let named = match &t.sni {
+        Some(name) => format!("TLS for server name {name} to {ip} port {port}"),
+        None => format!("TLS without a readable server name to {ip} port {port}"),
+    };
+    let summary = if t.blocked {
+        *engine.stats.egress.entry("blocked".to_owned()).or_default() += 1;
+        format!("was refused {named} (block mode, sni = true): outside its egress allowlist")
+    } else {
+        let checks_sni = engine
+            .policy
+            .rules_for(engine.job_selector(Some(job)))
+            .any(|r| r.sni);
+        if !checks_sni || sni_allowed(engine, job, t) {
+            return;
+        }
+        format!("sent {named}, outside its egress allowlist (sni = true)")
+    };
+    let mut f = engine.raise(RuleId::UnexpectedEgress, event, summary);
+    f.destination = Some(destination);
+    f.blocked = t.blocked;
+    out.push(f);
+}
+
+/// Whether the allowlist of the job (global and its rules') has the ClientHello's server name,
+/// as the kernel judges it: a name it had to cut, or none, is not allowed.
+fn sni_allowed(engine: &Engine, job: JobKey, t: &TlsHello) -> bool {
+    let Some(name) = t.sni.as_deref().filter(|_| !t.sni_truncated) else {
+        return false;
+    };
+    // Ports are the address check's business: a name is allowed on any port here.
+    let allows = |a: &crate::policy::AllowedDestination| match &a.destination {
+        crate::policy::Destination::Name(pattern) => crate::policy::name_matches(pattern, name),
+        crate::policy::Destination::Net(_) => false,
+    };
+    engine.policy.egress_allow.iter().any(allows)
+        || engine
+            .policy
+            .rules_for(engine.job_selector(Some(job)))
+            .any(|r| r.allow_egress.iter().any(allows))
+}
+
 /// A raw, packet or ICMP socket sends to any address without passing the cgroup address hooks
 /// that enforce the allowlist: `unexpected-egress` for every job, refused in block mode.
 fn raw_socket(
@@ -220,6 +279,7 @@ pub(super) fn after_end(engine: &Engine, event: &Event, c: &Connect) -> Option<F
             .dns
             .get(&(job, ip))
             .and_then(|names| names.first().cloned()),
+        sni: None,
     };
     let shown = match &destination.dns_name {
         Some(name) => format!("{name} ({ip}) port {port}"),

@@ -338,3 +338,53 @@ fn a_dns_connect_block_mode_sent_to_the_agents_resolver_is_not_unexpected_egress
     t.feed(2, 1, 100, 1, "curl", EventDetail::Connect(redirected));
     assert!(t.findings.is_empty(), "{:#?}", t.findings);
 }
+
+#[test]
+fn tls_server_names_outside_an_sni_rule_are_unexpected_egress_with_destination_sni() {
+    let policy = Policy::parse(
+        &format!(
+            "{}\n[[rules]]\nrepository = \"acme/tls\"\nsni = true\nallow_egress = [\
+             {{ cidr = \"198.51.100.0/24\" }}, {{ name = \"*.github.com\" }}]\n",
+            crate::policy::DEFAULT_POLICY
+        ),
+        "t.toml",
+    )
+    .unwrap();
+    let hello = |sni: Option<&str>, blocked: bool| {
+        EventDetail::TlsClientHello(crate::event::TlsHello {
+            ip: "198.51.100.7".parse().unwrap(),
+            port: 443,
+            sni: sni.map(str::to_owned),
+            sni_truncated: false,
+            blocked,
+        })
+    };
+    let mut t = Trace::with_policy(policy);
+    t.start(1, 1, 100, "acme/tls");
+    t.feed(2, 1, 100, 1, "curl", hello(Some("api.github.com"), false));
+    assert!(t.findings.is_empty(), "{:#?}", t.findings);
+    // Audit mode: reported, not blocked.
+    t.feed(3, 1, 100, 1, "curl", hello(Some("evil.example"), false));
+    // Block mode: the kernel refused it.
+    t.feed(4, 1, 100, 1, "curl", hello(None, true));
+    assert_eq!(
+        t.rules(),
+        [RuleId::UnexpectedEgress, RuleId::UnexpectedEgress]
+    );
+    let audit = &t.findings[0];
+    assert!(!audit.blocked);
+    let d = audit.destination.as_ref().unwrap();
+    assert_eq!(d.sni.as_deref(), Some("evil.example"));
+    assert!(
+        audit
+            .summary
+            .contains("sent TLS for server name evil.example")
+    );
+    let refused = &t.findings[1];
+    assert!(refused.blocked);
+    assert!(refused.summary.contains("without a readable server name"));
+    // A job without an sni rule: server names are events only.
+    t.start(5, 2, 200, "acme/other");
+    t.feed(6, 2, 200, 1, "curl", hello(Some("evil.example"), false));
+    assert_eq!(t.findings.len(), 2);
+}

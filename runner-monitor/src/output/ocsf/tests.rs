@@ -147,12 +147,14 @@ fn egress_and_sockets_go_to_dst_endpoint_and_a_local_socket_file() {
         ip: "203.0.113.9".parse().unwrap(),
         port: 443,
         dns_name: Some("exfil.example".into()),
+        sni: Some("exfil.example".into()),
     });
     let o = render(&f);
     assert_eq!(
         o["evidences"][0]["dst_endpoint"],
         json!({"ip": "203.0.113.9", "port": 443, "hostname": "exfil.example"})
     );
+    assert_eq!(o["evidences"][0]["data"], json!({"sni": "exfil.example"}));
     assert_eq!(o["severity_id"], 3);
     assert_eq!(
         o["finding_info"]["attacks"][0],

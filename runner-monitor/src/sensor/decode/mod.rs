@@ -14,13 +14,14 @@ use runner_monitor_common::{
     IoUringSetupEvent, JobEnvEvent, MATCH_BASENAME, MATCH_DIRNAME, MATCH_PREFIX, MATCH_PROC_MEMORY,
     MATCH_SECOND_PATH, PTRACE_ATTACH, PTRACE_PEEKDATA, PTRACE_PEEKTEXT, PTRACE_PEEKUSER,
     PTRACE_SEIZE, ProcessAccessEvent, SIGNAL_SYSCALL_KILL, SIGNAL_SYSCALL_TGKILL,
-    SIGNAL_SYSCALL_TKILL, SOCK_RAW, SignalEvent,
+    SIGNAL_SYSCALL_TKILL, SOCK_RAW, SignalEvent, TLS_BLOCKED, TLS_NO_SNI, TLS_SNI_TRUNCATED,
+    TlsEvent,
 };
 
 use super::{dns, paths::WorkingDirectories};
 use crate::event::{
     Connect, ContainerInfo, Event, EventDetail, FileAccess, JobKey, JobRef, ProcessRef, RawSocket,
-    RawSocketKind, SocketFamily,
+    RawSocketKind, SocketFamily, TlsHello,
 };
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -47,6 +48,19 @@ fn read<T: Copy>(bytes: &[u8]) -> Result<T, DecodeError> {
     // structs of runner-monitor-common (integers and byte arrays only), valid for any bits;
     // read_unaligned makes no alignment assumption.
     Ok(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<T>()) })
+}
+
+/// A `TlsEvent`'s destination and server name.
+fn tls_hello(e: &TlsEvent) -> Result<TlsHello, DecodeError> {
+    let ip = ip(e.family, &e.addr).ok_or(DecodeError::UnknownFamily(e.family))?;
+    let name = &e.sni[..(e.sni_len as usize).min(e.sni.len())];
+    Ok(TlsHello {
+        ip,
+        port: e.port,
+        sni: (e.flags & TLS_NO_SNI == 0 && !name.is_empty()).then(|| lossy(name)),
+        sni_truncated: e.flags & TLS_SNI_TRUNCATED != 0,
+        blocked: e.flags & TLS_BLOCKED != 0,
+    })
 }
 
 /// The first `len` bytes of `buf` (clamped), up to the first NUL.
@@ -163,6 +177,10 @@ impl Decoder {
                 } else {
                     EventDetail::DnsAnswer(parsed)
                 }
+            }
+            EventKind::TlsClientHello => {
+                let e: TlsEvent = read(bytes)?;
+                EventDetail::TlsClientHello(tls_hello(&e)?)
             }
             EventKind::Signal => {
                 let e: SignalEvent = read(bytes)?;

@@ -275,3 +275,114 @@ fn raw_socket_records_decode_with_their_kind_and_protocol() {
         "a raw socket of another family is not a record the kernel writes"
     );
 }
+
+/// A real ClientHello, as rustls sends it first for `server`.
+fn client_hello(server: &str) -> Vec<u8> {
+    use std::sync::Arc;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth();
+    let name = rustls::pki_types::ServerName::try_from(server.to_owned()).unwrap();
+    let mut connection = rustls::ClientConnection::new(Arc::new(config), name).unwrap();
+    let mut out = Vec::new();
+    while connection.wants_write() {
+        connection.write_tls(&mut out).unwrap();
+    }
+    out
+}
+
+#[test]
+fn the_kernels_parser_finds_the_server_name_of_a_real_client_hello() {
+    use runner_monitor_common::tls::{ClientHello, find_server_name};
+    let hello = client_hello("api.github.com");
+    // A payload that starts after 52 bytes of IP and TCP headers, as in a socket buffer.
+    let mut segment = vec![0u8; 52];
+    segment.extend_from_slice(&hello);
+    let found = find_server_name(&segment[..], 52);
+    let ClientHello::ServerName { offset, len } = found else {
+        panic!("no server name in a rustls ClientHello: {found:?}");
+    };
+    assert_eq!(
+        &segment[offset as usize..(offset + len) as usize],
+        b"api.github.com"
+    );
+    // Cut anywhere before the name's last byte (a ClientHello split across segments): no name,
+    // but still a TLS handshake.
+    for cut in [6, 60, (offset + len - 1) as usize] {
+        assert_eq!(
+            find_server_name(&segment[..cut], 52),
+            if cut <= 53 {
+                ClientHello::NotTls
+            } else {
+                ClientHello::NoServerName
+            },
+            "cut at {cut}"
+        );
+    }
+    assert_eq!(
+        find_server_name(&segment[..(offset + len) as usize], 52),
+        found,
+        "the name's last byte is enough"
+    );
+    // An IP address is never sent as a server name.
+    assert_eq!(
+        find_server_name(&client_hello("10.0.0.1")[..], 0),
+        ClientHello::NoServerName
+    );
+    assert_eq!(
+        find_server_name(&b"GET / HTTP/1.1\r\n\r\n"[..], 0),
+        ClientHello::NotTls
+    );
+}
+
+#[test]
+fn suffix_hashes_fall_out_of_the_name_hash_at_label_boundaries() {
+    use runner_monitor_common::tls::{SNI_HASH_SEED, sni_hash, sni_hash_step};
+    // The kernel hashes from the last byte; before it folds in the `.` at index 3 it holds the
+    // hash of `github.com`, which the agent wrote for `*.github.com`.
+    let name = b"API.GitHub.com";
+    let mut hash = SNI_HASH_SEED;
+    let mut at_dots = Vec::new();
+    for (i, byte) in name.iter().enumerate().rev() {
+        if *byte == b'.' {
+            at_dots.push((i, hash));
+        }
+        hash = sni_hash_step(hash, *byte);
+    }
+    assert_eq!(hash, sni_hash(b"api.github.com"), "case folds");
+    assert_eq!(
+        at_dots,
+        vec![(10, sni_hash(b"com")), (3, sni_hash(b"github.com"))]
+    );
+}
+
+#[test]
+fn a_tls_record_decodes_to_its_destination_and_server_name() {
+    let mut e = TlsEvent {
+        header: header(EventKind::TlsClientHello),
+        family: AF_INET6,
+        port: 443,
+        flags: TLS_BLOCKED,
+        addr: "fd00::2".parse::<Ipv6Addr>().unwrap().octets(),
+        sni_len: 12,
+        _pad: 0,
+        sni: [0; runner_monitor_common::SNI_LEN],
+    };
+    e.sni[..12].copy_from_slice(b"evil.example");
+    let event = decoder().decode(&bytes_of(&e)).unwrap();
+    let EventDetail::TlsClientHello(t) = event.detail else {
+        panic!("{event:?}");
+    };
+    assert_eq!(t.sni.as_deref(), Some("evil.example"));
+    assert!(t.blocked);
+    assert_eq!((t.ip, t.port), ("fd00::2".parse().unwrap(), 443));
+    e.flags = TLS_NO_SNI;
+    let event = decoder().decode(&bytes_of(&e)).unwrap();
+    let EventDetail::TlsClientHello(t) = event.detail else {
+        panic!("{event:?}");
+    };
+    assert_eq!(t.sni, None);
+}

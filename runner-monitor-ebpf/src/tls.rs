@@ -1,0 +1,308 @@
+//! TLS server names: the ClientHello a job's TCP socket sends first, read in the kernel.
+//!
+//! `connect4`/`connect6` (net.rs) remember a job process's TCP socket by its cookie
+//! (`note_socket`); the `cgroup_skb` egress program then looks every packet's socket up once
+//! (`tls_egress`): a miss (every socket outside jobs, and job sockets past their first data
+//! segment) costs that one look-up. The first segment with a payload is parsed
+//! (`runner_monitor_common::tls::find_server_name`), reported, and the socket forgotten; when
+//! the job's policy says `sni = true` in block mode and the name is not allowed (`TLS_NAMES`), the
+//! socket is kept, marked refused, and this segment and every later one are dropped.
+//!
+//! `TLS_SOCKETS` is a plain hash map, not an LRU one: an LRU map would let a job evict its own
+//! refused socket (by connecting thousands of others) and have the retransmitted ClientHello go
+//! out. Entries leave at the first data segment or when the socket is released
+//! (`tls_sock_release`); a job whose TLS is enforced cannot connect while the map is full (fails
+//! closed, EPERM).
+
+use aya_ebpf::{
+    EbpfContext,
+    bindings::BPF_F_NO_PREALLOC,
+    helpers::generated::{bpf_get_socket_cookie, bpf_skb_load_bytes},
+    macros::{cgroup_skb, cgroup_sock, map},
+    maps::{HashMap, PerCpuArray},
+    programs::{SkBuffContext, SockAddrContext, SockContext},
+};
+use runner_monitor_common::{
+    AF_INET, AF_INET6, EGRESS_BLOCK, EGRESS_SNI, EventKind, MAX_TLS_NAMES, SNI_HASH_SEED, SNI_LEN,
+    TLS_BLOCKED, TLS_NAME_EXACT, TLS_NAME_WILDCARD, TLS_NO_SNI, TLS_SNI_TRUNCATED, TlsEvent,
+    counter,
+    tls::{ClientHello, TlsBytes, TlsNameKey, find_server_name, sni_hash_step},
+};
+
+use crate::{
+    budget::within_budget,
+    emit::send_built,
+    maps::{count, current_process},
+    net::DnsSocket,
+};
+
+/// A job TCP socket whose first data segment has not been seen yet (or that was refused).
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct TlsSocket {
+    owner: DnsSocket,
+    /// The policy id that judges its server name.
+    policy: u32,
+    /// `EGRESS_*` bits of the job when it blocks, else 0.
+    egress: u32,
+    /// Non-zero once refused: every segment is dropped.
+    refused: u32,
+    _pad: u32,
+}
+
+/// Job TCP sockets remembered at once: connected, and not past their first data segment (or
+/// refused) yet. Allocated as used.
+const MAX_TLS_SOCKETS: u32 = 32768;
+
+#[map]
+static TLS_SOCKETS: HashMap<u64, TlsSocket> =
+    HashMap::with_max_entries(MAX_TLS_SOCKETS, BPF_F_NO_PREALLOC);
+
+/// (policy id, exact or wildcard, hash of the name or of the suffix after `*.`) -> 1: the
+/// names a policy with `sni = true` allows (written by the agent, `sensor::egress`).
+#[map]
+static TLS_NAMES: HashMap<TlsNameKey, u32> = HashMap::with_max_entries(MAX_TLS_NAMES, 0);
+
+#[map]
+static TLS_SCRATCH: PerCpuArray<TlsEvent> = PerCpuArray::with_max_entries(1, 0);
+
+const SOCK_STREAM: u32 = 1;
+const IPPROTO_TCP: u8 = 6;
+const ETH_P_IP: u32 = 0x0800;
+const ETH_P_IPV6: u32 = 0x86DD;
+
+/// Remembers a job process's TCP socket at its (allowed) connect; loopback is left alone.
+/// Returns 0 when the connect must be refused: its TLS is enforced and the socket could not be
+/// remembered (map full).
+#[inline(always)]
+pub fn note_socket(ctx: &SockAddrContext, v6: bool) -> i32 {
+    // SAFETY: context field read.
+    if unsafe { (*ctx.sock_addr).type_ } != SOCK_STREAM {
+        return 1;
+    }
+    let Some(process) = current_process() else {
+        return 1;
+    };
+    if crate::egress::local(ctx, v6) {
+        return 1;
+    }
+    let (policy, egress) = match crate::egress::blocking(&process) {
+        Some(job) => (job.policy, job.flags),
+        None => (0, 0),
+    };
+    let socket = TlsSocket {
+        owner: DnsSocket::current(&process),
+        policy,
+        egress,
+        refused: 0,
+        _pad: 0,
+    };
+    // SAFETY: the context is a socket-address context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    if TLS_SOCKETS.insert(cookie, socket, 0).is_ok() {
+        return 1;
+    }
+    // Map full: only the server name is lost, unless the name is enforced.
+    if egress & (EGRESS_BLOCK | EGRESS_SNI) == EGRESS_BLOCK | EGRESS_SNI {
+        count(counter::EGRESS_BLOCKED);
+        return 0;
+    }
+    1
+}
+
+/// A socket is released: a job socket that never sent data (or was refused) is forgotten.
+#[cgroup_sock(sock_release)]
+pub fn tls_sock_release(ctx: SockContext) -> i32 {
+    // SAFETY: the context is a socket.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let _ = TLS_SOCKETS.remove(cookie);
+    1
+}
+
+/// The socket buffer as `find_server_name` reads it.
+struct Segment<'a>(&'a SkBuffContext);
+
+impl TlsBytes for Segment<'_> {
+    #[inline(always)]
+    fn u8_at(&self, offset: u32) -> Option<u8> {
+        self.0.load::<u8>(offset as usize).ok()
+    }
+
+    #[inline(always)]
+    fn u16_at(&self, offset: u32) -> Option<u16> {
+        self.0.load::<u16>(offset as usize).ok().map(u16::from_be)
+    }
+}
+
+/// Where a TCP segment's payload starts and where it goes.
+struct Tcp {
+    family: u16,
+    port: u16,
+    addr: [u8; 16],
+    payload: u32,
+}
+
+/// The TCP segment in `ctx`, if it carries a payload.
+#[inline(always)]
+fn tcp_with_payload(ctx: &SkBuffContext) -> Option<Tcp> {
+    let protocol = u16::from_be(ctx.skb.protocol() as u16) as u32;
+    let mut addr = [0u8; 16];
+    let (family, l4) = match protocol {
+        ETH_P_IP => {
+            let vihl = ctx.load::<u8>(0).ok()?;
+            if ctx.load::<u8>(9).ok()? != IPPROTO_TCP {
+                return None;
+            }
+            addr[..4].copy_from_slice(&ctx.load::<[u8; 4]>(16).ok()?);
+            (AF_INET, u32::from(vihl & 0x0f) * 4)
+        }
+        ETH_P_IPV6 => {
+            // Extension headers are not followed: TCP clients do not send them.
+            if ctx.load::<u8>(6).ok()? != IPPROTO_TCP {
+                return None;
+            }
+            addr = ctx.load::<[u8; 16]>(24).ok()?;
+            (AF_INET6, 40)
+        }
+        _ => return None,
+    };
+    let port = u16::from_be(ctx.load::<u16>(l4 as usize + 2).ok()?);
+    let data_offset = u32::from(ctx.load::<u8>(l4 as usize + 12).ok()? >> 4) * 4;
+    let payload = l4 + data_offset;
+    (ctx.len() > payload).then_some(Tcp {
+        family,
+        port,
+        addr,
+        payload,
+    })
+}
+
+/// Every packet a socket in the cgroup tree sends: 1 passes it, 0 drops it (a refused socket's).
+/// A program of its own beside `dns_egress` (the kernel passes a packet only when both say
+/// so): each is verified alone, and a kernel that refuses one keeps the other.
+#[cgroup_skb(egress)]
+pub fn tls_egress(ctx: SkBuffContext) -> i32 {
+    egress_segment(&ctx)
+}
+
+/// The egress verdict for one packet: 1 passes it, 0 drops it.
+#[inline(always)]
+fn egress_segment(ctx: &SkBuffContext) -> i32 {
+    // SAFETY: the context is a socket buffer.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let Some(entry) = TLS_SOCKETS.get_ptr_mut(cookie) else {
+        return 1;
+    };
+    // SAFETY: a live map value; copied out before the entry is removed.
+    let socket = unsafe { *entry };
+    if socket.refused != 0 {
+        return 0;
+    }
+    let Some(tcp) = tcp_with_payload(ctx) else {
+        // The handshake's SYN and ACKs: the first data segment is still to come.
+        return 1;
+    };
+    let hello = find_server_name(&Segment(ctx), tcp.payload);
+    if hello == ClientHello::NotTls {
+        let _ = TLS_SOCKETS.remove(cookie);
+        return 1;
+    }
+    let Some(event) = TLS_SCRATCH.get_ptr_mut(0) else {
+        let _ = TLS_SOCKETS.remove(cookie);
+        return 1;
+    };
+    // SAFETY: per-CPU scratch owned by this program run.
+    let event = unsafe { &mut *event };
+    socket
+        .owner
+        .fill_header(&mut event.header, EventKind::TlsClientHello);
+    event.family = tcp.family;
+    event.port = tcp.port;
+    event.addr = tcp.addr;
+    event.flags = 0;
+    event.sni_len = 0;
+    event._pad = 0;
+    match hello {
+        ClientHello::ServerName { offset, len } => {
+            if len as usize > SNI_LEN {
+                event.flags |= TLS_SNI_TRUNCATED;
+            }
+            // VERIFIER: the helper needs a length it can prove is in 1..=SNI_LEN.
+            let n = ((len as usize).min(SNI_LEN) - 1) & (SNI_LEN - 1);
+            let n = n + 1;
+            // SAFETY: writes `n` <= SNI_LEN bytes into the event's name buffer.
+            let rc = unsafe {
+                bpf_skb_load_bytes(
+                    ctx.as_ptr() as *const _,
+                    offset,
+                    event.sni.as_mut_ptr().cast(),
+                    n as u32,
+                )
+            };
+            if rc == 0 {
+                event.sni_len = n as u32;
+            } else {
+                event.flags |= TLS_NO_SNI;
+            }
+        }
+        _ => event.flags |= TLS_NO_SNI,
+    }
+    let enforced = socket.egress & (EGRESS_BLOCK | EGRESS_SNI) == EGRESS_BLOCK | EGRESS_SNI;
+    // A handshake whose name cannot be read, or was cut, cannot be shown to be allowed.
+    let refuse = enforced
+        && (event.flags & (TLS_NO_SNI | TLS_SNI_TRUNCATED) != 0
+            || !name_allowed(socket.policy, &event.sni, event.sni_len as usize));
+    if refuse {
+        event.flags |= TLS_BLOCKED;
+        // SAFETY: the entry is still in the map; only this field changes.
+        unsafe { (*entry).refused = 1 };
+        count(counter::EGRESS_BLOCKED);
+    } else {
+        let _ = TLS_SOCKETS.remove(cookie);
+    }
+    if within_budget(socket.owner.job(), EventKind::TlsClientHello as u32) {
+        send_built::<TlsEvent>(event);
+    }
+    if refuse { 0 } else { 1 }
+}
+
+/// Whether `name` (its first `len` bytes) is allowed under `policy`: its whole hash is an exact
+/// name, or the hash of a suffix that starts after a dot (with a label before the dot) is a
+/// wildcard's. The hash runs from the last byte, so each suffix's hash is there on the way.
+#[inline(always)]
+fn name_allowed(policy: u32, name: &[u8; SNI_LEN], len: usize) -> bool {
+    // A trailing dot names the same host (the policy's names have none).
+    let len = if len > 1 && name[(len - 1) & (SNI_LEN - 1)] == b'.' {
+        len - 1
+    } else {
+        len
+    };
+    let mut hash = SNI_HASH_SEED;
+    // VERIFIER: a constant bound, and every index masked into the buffer.
+    for i in 0..SNI_LEN {
+        if i >= len {
+            break;
+        }
+        let at = (len - 1 - i) & (SNI_LEN - 1);
+        let byte = name[at];
+        if byte == b'.' && i > 0 && at > 0 {
+            let key = TlsNameKey {
+                policy,
+                kind: TLS_NAME_WILDCARD,
+                hash,
+            };
+            // SAFETY: only tested.
+            if unsafe { TLS_NAMES.get(key) }.is_some() {
+                return true;
+            }
+        }
+        hash = sni_hash_step(hash, byte);
+    }
+    let key = TlsNameKey {
+        policy,
+        kind: TLS_NAME_EXACT,
+        hash,
+    };
+    // SAFETY: only tested.
+    unsafe { TLS_NAMES.get(key) }.is_some()
+}

@@ -1,0 +1,72 @@
+//! TLS for the server-name tests (`tests/tests/egress_tls.rs`): a real ClientHello from rustls,
+//! and a server that answers one byte to whatever it receives first.
+
+use std::{
+    io::{Read, Write},
+    net::{SocketAddr, TcpListener, TcpStream},
+    sync::Arc,
+    time::Duration,
+};
+
+/// The first flight rustls sends for `server`: one ClientHello record. A host name is sent as
+/// its SNI; an IP address (which TLS never names) gives a ClientHello without one.
+pub fn client_hello(server: &str) -> Vec<u8> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("rustls protocol versions")
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth();
+    let name = rustls::pki_types::ServerName::try_from(server.to_owned()).expect("a server name");
+    let mut connection =
+        rustls::ClientConnection::new(Arc::new(config), name).expect("a TLS client");
+    let mut out = Vec::new();
+    while connection.wants_write() {
+        connection
+            .write_tls(&mut out)
+            .expect("writing the ClientHello");
+    }
+    out
+}
+
+/// Connects to `addr`, sends `first` and waits up to 3 s for the server's one-byte answer:
+/// `answered` (the server received the bytes), `silent` (nothing came back: the segment never
+/// reached it) or `errno N`.
+pub fn send_first(addr: SocketAddr, first: &[u8]) -> String {
+    let attempt = || -> std::io::Result<String> {
+        let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(3))?;
+        stream.set_read_timeout(Some(Duration::from_secs(3)))?;
+        stream.write_all(first)?;
+        let mut answer = [0u8; 1];
+        match stream.read(&mut answer) {
+            Ok(1) => Ok("answered".to_owned()),
+            Ok(_) => Ok("closed".to_owned()),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                Ok("silent".to_owned())
+            }
+            Err(e) => Err(e),
+        }
+    };
+    attempt().unwrap_or_else(|e| format!("errno {}", e.raw_os_error().unwrap_or(-1)))
+}
+
+/// Accepts TCP connections on `addr` and answers `!` to the first bytes of each.
+pub fn answer_first_bytes(addr: &str) {
+    let listener = TcpListener::bind(addr).expect("bind tcp");
+    std::thread::spawn(move || {
+        for mut stream in listener.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                if matches!(stream.read(&mut buf), Ok(n) if n > 0) {
+                    let _ = stream.write_all(b"!");
+                }
+                let _ = stream.read(&mut buf);
+            });
+        }
+    });
+}

@@ -1,0 +1,237 @@
+//! TLS server names through the real agent: a job sends a real ClientHello (rustls) from a
+//! client network namespace to a server namespace (IPv4 and IPv6); the kernel reads its SNI from
+//! the first data segment. With `sni = true` in block mode, a name outside the allowlist never
+//! reaches the server (the kernel drops the segment and every later one) and is reported
+//! `"blocked": true` with `destination.sni`; allowed names, exact and `*.` wildcards, go through.
+//! In audit mode the same name reaches the server and is reported.
+//!
+//! The server answers one byte to the first bytes it receives: `answered` proves it received
+//! them, `silent` (no answer in 3 s) that it received nothing.
+
+use std::{
+    io::BufRead,
+    process::{Child, Command, Stdio},
+};
+
+use integration_tests::{
+    TestEnv, job_step,
+    live::{
+        Agent, agent_dir, agent_log, alerts, free_port, job_answers, run_id, test_policy,
+        wait_alert,
+    },
+    sh, spawn_with_parent_death,
+};
+use serde_json::Value;
+
+const SERVER_V4: &str = "10.215.0.2";
+const SERVER_V6: &str = "fd00:215::2";
+const PORT: u16 = 7443;
+
+/// A client and a server namespace joined by a veth pair, and a `tls-serve` in the server one;
+/// removed on drop.
+struct Namespaces {
+    client: String,
+    server: String,
+    serving: Option<Child>,
+}
+
+impl Namespaces {
+    fn new() -> Self {
+        let id = std::process::id() % 100000;
+        let mut ns = Namespaces {
+            client: format!("rmtlc{id}"),
+            server: format!("rmtls{id}"),
+            serving: None,
+        };
+        let (c, s) = (&ns.client, &ns.server);
+        for name in [c, s] {
+            let _ = Command::new("ip").args(["netns", "del", name]).output();
+            sh(&format!(
+                "ip netns add {name} && ip -n {name} link set lo up"
+            ));
+        }
+        sh(&format!(
+            "ip -n {c} link add vc type veth peer name vs netns {s} && \
+             ip -n {c} addr add 10.215.0.1/24 dev vc && \
+             ip -n {c} addr add fd00:215::1/64 dev vc nodad && ip -n {c} link set vc up && \
+             ip -n {s} addr add {SERVER_V4}/24 dev vs && \
+             ip -n {s} addr add {SERVER_V6}/64 dev vs nodad && ip -n {s} link set vs up"
+        ));
+        let mut command = Command::new("ip");
+        command
+            .args(["netns", "exec", s])
+            .arg(job_step())
+            .arg("tls-serve")
+            .arg(format!("{SERVER_V4}:{PORT}"))
+            .arg(format!("[{SERVER_V6}]:{PORT}"))
+            .stdout(Stdio::piped());
+        let mut child = spawn_with_parent_death(&mut command, libc::SIGKILL).expect("tls-serve");
+        let mut ready = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut ready)
+            .unwrap();
+        assert_eq!(ready.trim(), "listening", "the TLS server did not start");
+        ns.serving = Some(child);
+        ns
+    }
+}
+
+impl Drop for Namespaces {
+    fn drop(&mut self) {
+        if let Some(child) = &mut self.serving {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        for name in [&self.client, &self.server] {
+            let _ = Command::new("ip").args(["netns", "del", name]).output();
+        }
+    }
+}
+
+fn policy() -> String {
+    let allow = format!(
+        "allow_egress = [{{ cidr = \"{SERVER_V4}\" }}, {{ cidr = \"{SERVER_V6}/128\" }}, \
+         {{ name = \"allowed.example\" }}, {{ name = \"*.good.example\" }}]"
+    );
+    format!(
+        "{}\n[[rules]]\nrepository = \"acme/tls-block\"\nmode = \"block\"\nsni = true\n{allow}\n\
+         \n[[rules]]\nrepository = \"acme/tls-audit\"\nsni = true\n{allow}\n",
+        test_policy()
+    )
+}
+
+/// Runs a job of `repository` that sends, from the client namespace, each case (`NAME ADDR`,
+/// `job-step tls`); returns case -> answer.
+fn job_sends(
+    env: &TestEnv,
+    agent: &Agent,
+    ns: &Namespaces,
+    run: &str,
+    repository: &str,
+    cases: &[String],
+) -> std::collections::BTreeMap<String, String> {
+    let script: String = cases
+        .iter()
+        .map(|case| {
+            format!(
+                "printf '%s=' '{case}'; ip netns exec {} \"$JOB_STEP\" tls {case}\n",
+                ns.client
+            )
+        })
+        .collect();
+    job_answers(env, agent, run, repository, &script)
+}
+
+fn sni_is(alert: &Value, sni: &str, ip: &str) -> bool {
+    alert["destination"]["sni"] == sni && alert["destination"]["ip"] == ip
+}
+
+#[test]
+fn sni_true_in_block_mode_drops_tls_to_a_server_name_outside_the_allowlist() {
+    let dir = agent_dir("egress-tls");
+    std::fs::write(dir.join("policy.toml"), policy()).unwrap();
+    let agent = Agent::launch(&dir, free_port(), &[]);
+    let env = TestEnv::new("egress-tls");
+    let ns = Namespaces::new();
+    let v4 = format!("{SERVER_V4}:{PORT}");
+    let v6 = format!("[{SERVER_V6}]:{PORT}");
+    let cases: Vec<(String, &str)> = vec![
+        (format!("allowed.example {v4}"), "answered"),
+        (format!("API.Good.Example {v4}"), "answered"),
+        (format!("deep.api.good.example {v6}"), "answered"),
+        (format!("allowed.example {v6}"), "answered"),
+        // Not TLS: the address check already admitted it; nothing to read.
+        (format!("- {v4}"), "answered"),
+        (format!("evil.example {v4}"), "silent"),
+        (format!("evil.example {v6}"), "silent"),
+        // `*.good.example` does not match `good.example` itself.
+        (format!("good.example {v4}"), "silent"),
+        (format!("good.example.evil.example {v4}"), "silent"),
+        // An IP address is never a TLS server name: a ClientHello without SNI is refused.
+        (format!("{SERVER_V4} {v4}"), "silent"),
+    ];
+    let attempts: Vec<String> = cases.iter().map(|(c, _)| c.clone()).collect();
+    let run = run_id(1);
+    let answers = job_sends(&env, &agent, &ns, &run, "acme/tls-block", &attempts);
+    for (case, expected) in &cases {
+        assert_eq!(
+            answers.get(case).map(String::as_str),
+            Some(*expected),
+            "block mode, sni = true: `{case}`; all answers: {answers:#?}\nlog: {}",
+            agent_log(&dir)
+        );
+    }
+    let job_id = format!("{run}/build");
+    for (sni, ip) in [
+        ("evil.example", SERVER_V4),
+        ("evil.example", SERVER_V6),
+        ("good.example", SERVER_V4),
+    ] {
+        let alert = wait_alert(&agent, "unexpected-egress", &job_id, |a| sni_is(a, sni, ip));
+        assert_eq!(alert["blocked"], true, "{alert}");
+        assert_eq!(alert["destination"]["port"], PORT, "{alert}");
+        assert!(
+            alert["summary"]
+                .as_str()
+                .unwrap()
+                .contains("was refused TLS"),
+            "{alert}"
+        );
+    }
+    let no_name = wait_alert(&agent, "unexpected-egress", &job_id, |a| {
+        a["blocked"] == true
+            && a["summary"]
+                .as_str()
+                .unwrap()
+                .contains("without a readable")
+    });
+    assert!(no_name["destination"].get("sni").is_none(), "{no_name}");
+    for allowed in [
+        "allowed.example",
+        "API.Good.Example",
+        "deep.api.good.example",
+    ] {
+        assert!(
+            !alerts(&agent)
+                .iter()
+                .any(|a| a["destination"]["sni"] == allowed),
+            "an allowed server name raised a finding"
+        );
+    }
+    // The event trace has every ClientHello with its name.
+    let trace = std::fs::read_to_string(dir.join("events.jsonl")).unwrap_or_default();
+    let hellos: Vec<Value> = trace
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|e| e["kind"] == "tls_client_hello")
+        .collect();
+    for sni in ["allowed.example", "deep.api.good.example", "evil.example"] {
+        assert!(
+            hellos.iter().any(|e| e["sni"] == sni),
+            "no tls_client_hello event for {sni}: {hellos:#?}"
+        );
+    }
+
+    // Audit mode with the same rule: everything reaches the server; the name is reported.
+    let run = run_id(2);
+    let audit_cases = [
+        format!("evil.example {v4}"),
+        format!("allowed.example {v6}"),
+    ];
+    let answers = job_sends(&env, &agent, &ns, &run, "acme/tls-audit", &audit_cases);
+    for case in &audit_cases {
+        assert_eq!(
+            answers.get(case).map(String::as_str),
+            Some("answered"),
+            "audit mode: `{case}`: {answers:#?}"
+        );
+    }
+    let alert = wait_alert(&agent, "unexpected-egress", &format!("{run}/build"), |a| {
+        sni_is(a, "evil.example", SERVER_V4)
+    });
+    assert_ne!(alert["blocked"], true, "{alert}");
+    assert!(
+        alert["summary"].as_str().unwrap().contains("sent TLS"),
+        "{alert}"
+    );
+}
