@@ -183,8 +183,10 @@ impl Systemd {
             "not every probe attached in the sandbox: {log}"
         );
         assert!(!log.contains("missing capabilit"), "{log}");
-        // Its job maps are pinned, in the unit's writable pin directory.
+        // Its job maps and its probes are pinned, in the unit's writable pin directory, with
+        // only the unit's capabilities.
         assert!(!log.contains("not pinned"), "{log}");
+        assert!(!log.contains("refused to pin"), "{log}");
         log
     }
 

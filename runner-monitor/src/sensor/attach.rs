@@ -5,8 +5,7 @@ use std::{fs::File, path::PathBuf};
 use aya::{
     Ebpf,
     programs::{
-        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr, ProgramError,
-        TracePoint, links::FdLink,
+        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr, TracePoint,
     },
 };
 
@@ -136,8 +135,8 @@ pub fn attach_all(ebpf: &mut Ebpf, links: &mut LinkPins) -> Vec<ProbeStatus> {
                 Err(reason) => ProbeState::Failed(reason.clone()),
                 Ok(()) => {
                     match attach_one(ebpf, probe.program, hook, &tracefs, cgroup.as_deref()) {
-                        Ok(Attached::Yes(link)) => {
-                            links.pin(probe.program, index, link);
+                        Ok(Attached::Yes(program_id)) => {
+                            links.pin_new(probe.program, index, program_id);
                             ProbeState::Attached
                         }
                         Ok(Attached::No(state)) => state,
@@ -174,23 +173,14 @@ pub fn attach_all(ebpf: &mut Ebpf, links: &mut LinkPins) -> Vec<ProbeStatus> {
 /// The program did not load: every later hook of it fails with the same reason.
 struct LoadError(String);
 
-/// Attached, with the link taken from the program (to pin), or not, and why.
+/// Attached (the program's id, to find its new link), or not, and why.
 pub(super) enum Attached {
-    Yes(Result<FdLink, String>),
+    Yes(Option<u32>),
     No(ProbeState),
 }
 
-/// The link of attachment `id`, taken from its program as an fd link (pinnable).
-pub(super) fn fd_link<L>(taken: Result<L, ProgramError>) -> Result<FdLink, String>
-where
-    FdLink: TryFrom<L>,
-    <FdLink as TryFrom<L>>::Error: std::fmt::Display,
-{
-    let link = taken.map_err(|e| error_chain(&e))?;
-    FdLink::try_from(link).map_err(|e| format!("not an fd link (kernel too old?): {e}"))
-}
-
-/// Loads `program` (once) as a `$kind` and attaches it with `$attach`, taking the link.
+/// Loads `program` (once) as a `$kind` and attaches it with `$attach`. The link stays with the
+/// program; `LinkPins` pins it by its descriptor.
 macro_rules! load_attach {
     ($program:expr, $name:expr, $kind:ty, |$p:ident| $attach:expr) => {{
         let $p: &mut $kind = $program
@@ -201,7 +191,7 @@ macro_rules! load_attach {
                 .map_err(|e| LoadError(verifier_reason($name, &e)))?;
         }
         match $attach {
-            Ok(id) => Attached::Yes(fd_link($p.take_link(id))),
+            Ok(_) => Attached::Yes($p.info().map(|i| i.id()).ok()),
             Err(e) => Attached::No(ProbeState::Failed(error_chain(&e))),
         }
     }};

@@ -8,7 +8,7 @@
 use aya::{
     Ebpf,
     maps::{Array, MapData},
-    programs::{BtfTracePoint, links::FdLink},
+    programs::BtfTracePoint,
 };
 use runner_monitor_common::{
     io_uring::{LAYOUT_CONNECT, LAYOUT_OPEN, LAYOUT_PATHS},
@@ -273,8 +273,8 @@ pub fn attach(
             }
             (Ok((_, aya_btf)), _) => {
                 match attach_one(ebpf, program, tracepoint.unwrap_or_default(), aya_btf) {
-                    Ok(link) => {
-                        links.pin(program, 0, link);
+                    Ok(program_id) => {
+                        links.pin_new(program, 0, program_id);
                         ProbeState::Attached
                     }
                     Err(state) => state,
@@ -297,13 +297,13 @@ pub fn attach(
     out
 }
 
-/// Attached: the link, to pin; or why not.
+/// Attached: the program's id (to pin its link); or why not.
 fn attach_one(
     ebpf: &mut Ebpf,
     program: &str,
     tracepoint: &str,
     btf: &aya::Btf,
-) -> Result<Result<FdLink, String>, ProbeState> {
+) -> Result<Option<u32>, ProbeState> {
     let Some(p) = ebpf.program_mut(program) else {
         return Err(ProbeState::Failed(format!(
             "program {program} is not in the object"
@@ -314,10 +314,9 @@ fn attach_one(
         .map_err(|e| ProbeState::Failed(format!("{program}: {e}")))?;
     p.load(tracepoint, btf)
         .map_err(|e| ProbeState::Failed(super::attach::verifier_reason(program, &e)))?;
-    let id = p
-        .attach()
+    p.attach()
         .map_err(|e| ProbeState::Failed(error_chain(&e)))?;
-    Ok(super::attach::fd_link(p.take_link(id)))
+    Ok(p.info().map(|i| i.id()).ok())
 }
 
 /// What the io_uring probes in `probes` cover on this kernel, one line per kind of request, for

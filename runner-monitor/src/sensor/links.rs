@@ -1,7 +1,10 @@
 //! Probes that outlive the agent: every attachment pinned on bpffs under `<pin dir>/links/`, one
 //! pin per program and hook.
 //!
-//! A link whose pin stays keeps its program attached after the agent's process is gone. So:
+//! The links stay with their programs (aya's); each new link is found among this process's
+//! descriptors (`/proc/self/fd`, by its program's id) and pinned through that descriptor, which
+//! needs no capability beyond the agent's. A link whose pin stays keeps its program attached after
+//! the agent's process is gone. So:
 //! - an agent that crashes (or is killed) leaves its probes recording into the pinned ring
 //!   buffer, and block mode enforcing, until the next agent takes over;
 //! - an agent that hands over (`SIGUSR2`) does the same on purpose;
@@ -17,21 +20,18 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-
-use aya::programs::links::FdLink;
-
 /// The links of one agent's probes (pinned when it has a pin directory), and the pins an earlier
 /// agent left.
 #[derive(Debug, Default)]
 pub struct LinkPins {
     /// `None`: nothing is pinned, the links live and die with this sensor (tests).
     dir: Option<PathBuf>,
-    /// Held links with their pins.
-    pinned: Vec<(FdLink, PathBuf)>,
-    /// Links that could not be pinned (or without a pin directory): attached for this agent's
-    /// life only; and the first reason.
-    unpinned: Vec<FdLink>,
+    /// Pins made.
+    pinned: Vec<PathBuf>,
+    /// Links already pinned (or found not pinnable), by id.
+    known: BTreeSet<u32>,
+    /// Links that could not be pinned: attached for this agent's life only; and the first reason.
+    unpinned: usize,
     refusal: Option<String>,
     /// Pins found at start (an earlier agent's), by file name; removed as they are replaced.
     earlier: BTreeSet<String>,
@@ -59,12 +59,11 @@ impl LinkPins {
         self.replaced > 0 || !self.earlier.is_empty()
     }
 
-    /// Pins `link` (program `program`, its hook number `hook`) in place of the earlier agent's
-    /// pin of the same probe, which detaches. A link that cannot be pinned stays attached for
-    /// this agent's life only (`refused` says why).
-    pub fn pin(&mut self, program: &str, hook: usize, link: Result<FdLink, String>) {
+    /// Pins the link program `program` (id `program_id`) just got for its hook number `hook`,
+    /// in place of the earlier agent's pin of the same probe, which detaches. A link that cannot
+    /// be pinned stays attached for this agent's life only (`refused` says why).
+    pub fn pin_new(&mut self, program: &str, hook: usize, program_id: Option<u32>) {
         let Some(dir) = &self.dir else {
-            self.unpinned.extend(link.ok());
             return;
         };
         // No dots: bpffs refuses them in names (EPERM).
@@ -77,26 +76,32 @@ impl LinkPins {
                     "an earlier agent's probe could not be detached"),
             }
         }
-        let pinned = link.and_then(|link| match pin(&link, &path) {
-            Ok(()) => {
-                self.pinned.push((link, path));
-                Ok(())
-            }
-            Err(reason) => {
-                self.unpinned.push(link);
-                Err(reason)
-            }
+        let found = program_id
+            .ok_or_else(|| "its program id is unknown".to_owned())
+            .and_then(|id| {
+                new_link(id, &self.known).ok_or_else(|| {
+                    "no bpf_link for it (attached without one: a kernel before 5.15 for \
+                     tracepoints?)"
+                        .to_owned()
+                })
+            });
+        let pinned = found.and_then(|(fd, link_id)| {
+            self.known.insert(link_id);
+            pin(fd, &path)
         });
-        if let Err(reason) = pinned {
-            self.refusal
-                .get_or_insert_with(|| format!("{program}: {reason}"));
+        match pinned {
+            Ok(()) => self.pinned.push(path),
+            Err(reason) => {
+                self.unpinned += 1;
+                self.refusal
+                    .get_or_insert_with(|| format!("{program}: {reason}"));
+            }
         }
     }
 
     /// How many probes could not be pinned, and the first reason.
     pub fn refused(&self) -> Option<(usize, &str)> {
-        let n = self.unpinned.len();
-        self.refusal.as_deref().map(|r| (n, r))
+        self.refusal.as_deref().map(|r| (self.unpinned, r))
     }
 
     /// Removes the pins of the earlier agent's probes this build has not replaced (programs it
@@ -118,10 +123,10 @@ impl LinkPins {
         (self.replaced, removed)
     }
 
-    /// Removes every pin: the probes detach once this agent's handles are closed.
+    /// Removes every pin: the probes detach once this agent's programs are closed.
     pub fn unpin_all(&mut self) -> usize {
         let mut n = 0;
-        for (_, path) in self.pinned.drain(..) {
+        for path in self.pinned.drain(..) {
             match std::fs::remove_file(&path) {
                 Ok(()) => n += 1,
                 Err(error) => tracing::warn!(path = %path.display(), %error,
@@ -149,44 +154,42 @@ pub fn remove(pin_dir: &Path) -> std::io::Result<()> {
     }
 }
 
-/// `bpf(2)` commands used here (uapi `enum bpf_cmd`).
+/// `bpf(2)`'s `BPF_OBJ_PIN` (uapi `enum bpf_cmd`).
 const BPF_OBJ_PIN: libc::c_long = 6;
-const BPF_LINK_GET_FD_BY_ID: libc::c_long = 30;
 
-/// Pins `link` at `path` through a descriptor of its own (by the link's id), so that `link` is
-/// still held when the kernel refuses: aya's `FdLink::pin` consumes the link, and a refused pin
-/// would detach the probe.
-fn pin(link: &FdLink, path: &Path) -> Result<(), String> {
-    let id = link
-        .info()
-        .map_err(|e| format!("link id: {}", super::attach::error_chain(&e)))?
-        .id();
-    // `union bpf_attr`, zeroed: the fields of each command at their uapi offsets.
-    let mut attr = [0u64; 8];
-    attr[0] = u64::from(id);
-    // SAFETY: bpf(2) reads `size` bytes of `attr`, which we own; the returned fd is owned below.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_LINK_GET_FD_BY_ID,
-            attr.as_mut_ptr(),
-            size_of_val(&attr),
-        )
+/// A `bpf_link` descriptor of this process for program `program_id` whose link id is not in
+/// `known`: (descriptor, link id). From `/proc/self/fdinfo` (`link_id:`, `prog_id:`).
+fn new_link(program_id: u32, known: &BTreeSet<u32>) -> Option<(i32, u32)> {
+    let field = |info: &str, name: &str| -> Option<u32> {
+        info.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().parse().ok())
     };
-    if fd < 0 {
-        return Err(format!(
-            "BPF_LINK_GET_FD_BY_ID: {}",
-            std::io::Error::last_os_error()
-        ));
-    }
-    // SAFETY: a new descriptor the kernel just gave us.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    std::fs::read_dir("/proc/self/fd")
+        .ok()?
+        .flatten()
+        .filter(|e| {
+            std::fs::read_link(e.path())
+                .is_ok_and(|target| target.as_os_str() == "anon_inode:bpf_link")
+        })
+        .find_map(|e| {
+            let fd: i32 = e.file_name().to_str()?.parse().ok()?;
+            let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).ok()?;
+            let link = field(&info, "link_id:")?;
+            (field(&info, "prog_id:")? == program_id && !known.contains(&link))
+                .then_some((fd, link))
+        })
+}
+
+/// Pins the link open as descriptor `fd` (aya's, borrowed) at `path`.
+fn pin(fd: i32, path: &Path) -> Result<(), String> {
     let c_path =
         std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).map_err(|e| e.to_string())?;
+    // `union bpf_attr` for BPF_OBJ_PIN: pathname, then bpf_fd; the rest zero.
     let mut attr = [0u64; 8];
     attr[0] = c_path.as_ptr() as u64;
-    attr[1] = fd.as_raw_fd() as u32 as u64;
-    // SAFETY: as above; `c_path` outlives the call.
+    attr[1] = u64::from(fd as u32);
+    // SAFETY: bpf(2) reads `size` bytes of `attr`, which we own; `c_path` outlives the call.
     let rc = unsafe {
         libc::syscall(
             libc::SYS_bpf,
