@@ -52,8 +52,7 @@ pub enum EventKind {
     IoUringSetup = 17,
     /// The cgroup of a container a job asked a runtime to start was made (`container.rs`).
     Container = 18,
-    /// The first data segment of a job's TCP socket was a TLS handshake: its server name
-    /// (`tls.rs`).
+    /// A job's TCP socket sent a TLS ClientHello first: its server name (`tls.rs`).
     TlsClientHello = 19,
 }
 
