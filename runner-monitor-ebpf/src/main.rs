@@ -19,6 +19,7 @@ mod maps;
 mod memory;
 mod names;
 mod net;
+mod owner;
 mod process;
 mod redirect;
 mod sockets;

@@ -9,11 +9,9 @@
 use aya_ebpf::{
     EbpfContext,
     helpers::{
-        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
-        bpf_probe_read_user,
+        bpf_get_current_pid_tgid, bpf_probe_read_user,
         generated::{
-            bpf_get_current_cgroup_id, bpf_get_socket_cookie, bpf_probe_read_user as read_user_raw,
-            bpf_skb_load_bytes,
+            bpf_get_socket_cookie, bpf_probe_read_user as read_user_raw, bpf_skb_load_bytes,
         },
     },
     macros::{cgroup_skb, cgroup_sock_addr, map, tracepoint},
@@ -21,80 +19,20 @@ use aya_ebpf::{
     programs::{SkBuffContext, SockAddrContext, TracePointContext},
 };
 use runner_monitor_common::{
-    AF_INET, AF_INET6, AF_UNIX, COMM_LEN, ConnectEvent, DNS_DIRECTION_ANSWER, DNS_LEN, DnsEvent,
-    EventKind, HEADER_IO_URING, ProcessJob, UNIX_PATH_LEN, counter,
+    AF_INET, AF_INET6, AF_UNIX, ConnectEvent, DNS_DIRECTION_ANSWER, DNS_LEN, DnsEvent, EventKind,
+    HEADER_IO_URING, ProcessJob, UNIX_PATH_LEN, counter,
 };
 
 use crate::{
     args::{syscall_arg, syscall_ret},
     budget::within_budget,
-    emit::{fill_header, fill_job, send_built},
-    maps::{PENDING_CONNECTS, count, current_process, now_ns},
+    emit::{fill_header, send_built},
+    maps::{PENDING_CONNECTS, count, current_process},
+    owner::SocketOwner,
 };
 
 #[map]
 static CONNECT_SCRATCH: PerCpuArray<ConnectEvent> = PerCpuArray::with_max_entries(1, 0);
-
-/// Who owns a remembered socket (one that talks to port 53, or a job's TCP socket whose first
-/// segment `tls.rs` reads).
-#[repr(C)]
-#[derive(Clone, Copy)]
-pub(crate) struct DnsSocket {
-    job: u64,
-    cgroup_id: u64,
-    pid: u32,
-    tgid: u32,
-    ppid: u32,
-    uid: u32,
-    process_flags: u32,
-    _pad: u32,
-    comm: [u8; COMM_LEN],
-}
-
-impl DnsSocket {
-    /// The current task, a process of the job `process` says.
-    #[inline(always)]
-    pub(crate) fn current(process: &ProcessJob) -> Self {
-        let pid_tgid = bpf_get_current_pid_tgid();
-        Self {
-            job: process.job,
-            // SAFETY: helper without arguments.
-            cgroup_id: unsafe { bpf_get_current_cgroup_id() },
-            pid: pid_tgid as u32,
-            tgid: (pid_tgid >> 32) as u32,
-            ppid: process.ppid,
-            uid: bpf_get_current_uid_gid() as u32,
-            process_flags: process.flags,
-            _pad: 0,
-            comm: bpf_get_current_comm().unwrap_or([0; COMM_LEN]),
-        }
-    }
-
-    /// Fills `h` (an event of `kind` sent from a socket-buffer program, which runs in no
-    /// particular task) with the owner's process and job.
-    #[inline(always)]
-    pub(crate) fn fill_header(&self, h: &mut runner_monitor_common::EventHeader, kind: EventKind) {
-        h.kind = kind as u32;
-        h.ts_ns = now_ns();
-        h.cgroup_id = self.cgroup_id;
-        h.pid = self.pid;
-        h.tgid = self.tgid;
-        h.uid = self.uid;
-        h.comm = self.comm;
-        let process = ProcessJob {
-            job: self.job,
-            ppid: self.ppid,
-            flags: self.process_flags,
-            start_ns: 0,
-        };
-        fill_job(h, Some(&process));
-    }
-
-    #[inline(always)]
-    pub(crate) fn job(&self) -> u64 {
-        self.job
-    }
-}
 
 /// How many sockets that talk to port 53 are remembered at once.
 const MAX_DNS_SOCKETS: u32 = 8192;
@@ -102,7 +40,7 @@ const MAX_DNS_SOCKETS: u32 = 8192;
 /// socket cookie -> owner, for sockets of job processes that sent to or connected to port 53.
 /// LRU: a closed socket's entry simply ages out.
 #[map]
-static DNS_SOCKETS: LruHashMap<u64, DnsSocket> = LruHashMap::with_max_entries(MAX_DNS_SOCKETS, 0);
+static DNS_SOCKETS: LruHashMap<u64, SocketOwner> = LruHashMap::with_max_entries(MAX_DNS_SOCKETS, 0);
 
 #[map]
 static DNS_SCRATCH: PerCpuArray<DnsEvent> = PerCpuArray::with_max_entries(1, 0);
@@ -258,7 +196,7 @@ fn note_dns_socket(ctx: &SockAddrContext) {
     let Some(process) = current_process() else {
         return;
     };
-    let owner = DnsSocket::current(&process);
+    let owner = SocketOwner::current(&process);
     // SAFETY: the context is a socket-address context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     if DNS_SOCKETS.insert(cookie, owner, 0).is_err() {

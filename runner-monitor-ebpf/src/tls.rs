@@ -33,14 +33,14 @@ use crate::{
     budget::within_budget,
     emit::send_built,
     maps::{count, current_process},
-    net::DnsSocket,
+    owner::SocketOwner,
 };
 
 /// A job TCP socket whose first data segment has not been seen yet (or that was refused).
 #[repr(C)]
 #[derive(Clone, Copy)]
 struct TlsSocket {
-    owner: DnsSocket,
+    owner: SocketOwner,
     /// The policy id that judges its server name.
     policy: u32,
     /// `EGRESS_*` bits of the job when it blocks, else 0.
@@ -91,7 +91,7 @@ pub fn note_socket(ctx: &SockAddrContext, v6: bool) -> i32 {
         None => (0, 0),
     };
     let socket = TlsSocket {
-        owner: DnsSocket::current(&process),
+        owner: SocketOwner::current(&process),
         policy,
         egress,
         refused: 0,
