@@ -47,6 +47,45 @@ fn metric(agent: &Agent, series: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
+/// A GitHub-style job named by its hook (`repository`, run `run`) whose root leaves a setsid'd
+/// survivor running `survivor` (a shell script) and exits once `down` exists; returns the root
+/// once the agent has named the job.
+fn named_job_with_survivor(
+    env: &TestEnv,
+    agent: &Agent,
+    repository: &str,
+    run: &str,
+    survivor: &str,
+    down: &Path,
+) -> std::process::Child {
+    let hooks = integration_tests::live::repo_root().join("hooks/github");
+    let path = env.dir.join("survivor.sh");
+    std::fs::write(&path, survivor).unwrap();
+    let script = format!(
+        "sh {started}\n(setsid sh {survivor} &)\nwhile [ ! -e {down} ]; do sleep 0.1; done\n",
+        started = hooks.join("job-started.sh").display(),
+        survivor = path.display(),
+        down = down.display(),
+    );
+    let job = job_command(&worker(env), env, agent)
+        .arg("-c")
+        .arg(script)
+        .env("GITHUB_RUN_ID", run)
+        .env("GITHUB_JOB", "build")
+        .env("GITHUB_REPOSITORY", repository)
+        .env("GITHUB_TOKEN", CANARY)
+        .spawn()
+        .unwrap();
+    let id = format!("\"id\":\"{run}/build\"");
+    let events = env.dir.join("agent/events.jsonl");
+    wait_until("the agent names the job", 20, || {
+        std::fs::read_to_string(&events)
+            .unwrap_or_default()
+            .contains(&id)
+    });
+    job
+}
+
 #[test]
 fn a_restarted_agent_keeps_its_jobs_and_judges_one_that_ended_while_it_was_down() {
     let _machine = beside_others();
@@ -61,40 +100,15 @@ fn a_restarted_agent_keeps_its_jobs_and_judges_one_that_ended_while_it_was_down(
     // The job names itself through the runner's hook, leaves a setsid'd shell behind, and its
     // root exits only once the agent is down. The shell starts a new process while the agent is
     // down; that one reads a credential after the agent is back.
-    let hooks = integration_tests::live::repo_root().join("hooks/github");
-    let survivor = env.dir.join("survivor.sh");
-    std::fs::write(
-        &survivor,
-        format!(
-            "while [ ! -e {down} ]; do sleep 0.1; done\n\
-             sh -c 'while [ ! -e {gate} ]; do sleep 0.1; done; \
-             cat \"$HOME/.aws/credentials\" > /dev/null; sleep 5' &\n\
-             wait\n",
-            down = down.display(),
-            gate = gate.display(),
-        ),
-    )
-    .unwrap();
-    let script = format!(
-        "sh {started}\n(setsid sh {survivor} &)\nwhile [ ! -e {down} ]; do sleep 0.1; done\n",
-        started = hooks.join("job-started.sh").display(),
-        survivor = survivor.display(),
+    let survivor = format!(
+        "while [ ! -e {down} ]; do sleep 0.1; done\n\
+         sh -c 'while [ ! -e {gate} ]; do sleep 0.1; done; \
+         cat \"$HOME/.aws/credentials\" > /dev/null; sleep 5' &\n\
+         wait\n",
         down = down.display(),
+        gate = gate.display(),
     );
-    let mut job = job_command(&worker(&env), &env, &agent)
-        .arg("-c")
-        .arg(script)
-        .env("GITHUB_RUN_ID", &run)
-        .env("GITHUB_JOB", "build")
-        .env("GITHUB_REPOSITORY", "acme/restart")
-        .env("GITHUB_TOKEN", CANARY)
-        .spawn()
-        .unwrap();
-    wait_until("the agent names the job", 20, || {
-        std::fs::read_to_string(dir.join("events.jsonl"))
-            .unwrap_or_default()
-            .contains(&format!("\"id\":\"{id}\""))
-    });
+    let mut job = named_job_with_survivor(&env, &agent, "acme/restart", &run, &survivor, &down);
 
     let status = agent.stop();
     assert!(status.success(), "the agent stopped with {status}");
@@ -156,39 +170,14 @@ fn probes_record_while_no_agent_runs(signal: i32, name: &str) {
     let run = format!("{}{}", std::process::id(), signal);
     let id = format!("{run}/build");
     let down = env.dir.join("agent-down");
-    let hooks = integration_tests::live::repo_root().join("hooks/github");
-    let survivor = env.dir.join("survivor.sh");
     let read = env.dir.join("read");
-    std::fs::write(
-        &survivor,
-        format!(
-            "while [ ! -e {down} ]; do sleep 0.1; done; sleep 1\n\
-             cat \"$HOME/.aws/credentials\" > /dev/null; touch {read}; sleep 5\n",
-            down = down.display(),
-            read = read.display(),
-        ),
-    )
-    .unwrap();
-    let script = format!(
-        "sh {started}\n(setsid sh {survivor} &)\nwhile [ ! -e {down} ]; do sleep 0.1; done\n",
-        started = hooks.join("job-started.sh").display(),
-        survivor = survivor.display(),
+    let survivor = format!(
+        "while [ ! -e {down} ]; do sleep 0.1; done; sleep 1\n\
+         cat \"$HOME/.aws/credentials\" > /dev/null; touch {read}; sleep 5\n",
         down = down.display(),
+        read = read.display(),
     );
-    let mut job = job_command(&worker(&env), &env, &agent)
-        .arg("-c")
-        .arg(script)
-        .env("GITHUB_RUN_ID", &run)
-        .env("GITHUB_JOB", "build")
-        .env("GITHUB_REPOSITORY", "acme/handover")
-        .env("GITHUB_TOKEN", CANARY)
-        .spawn()
-        .unwrap();
-    wait_until("the agent names the job", 20, || {
-        std::fs::read_to_string(dir.join("events.jsonl"))
-            .unwrap_or_default()
-            .contains(&format!("\"id\":\"{id}\""))
-    });
+    let mut job = named_job_with_survivor(&env, &agent, "acme/handover", &run, &survivor, &down);
     let status = agent.end_with(signal);
     if signal == libc::SIGUSR2 {
         assert_eq!(status.code(), Some(75), "a hand-over exits 75: {status}");
