@@ -26,6 +26,7 @@ pub mod dns;
 pub mod docker;
 pub mod live;
 pub mod nats;
+pub mod netpair;
 pub mod systemd;
 pub mod tls;
 

@@ -8,11 +8,7 @@
 //! only route is the veth pair to the server namespace, so a refusal that did not happen fails
 //! with "network unreachable" instead of sending anything off the host.
 
-use std::{
-    collections::BTreeMap,
-    io::BufRead,
-    process::{Child, Command, Stdio},
-};
+use std::{collections::BTreeMap, process::Command};
 
 use integration_tests::{
     TestEnv, job_step,
@@ -20,17 +16,10 @@ use integration_tests::{
         Agent, agent_dir, agent_log, alerts, curl, free_port, job_answers, run_id, test_policy,
         wait_alert, wait_until,
     },
-    output_of, sh, spawn_with_parent_death,
+    netpair::NetPair,
+    output_of,
 };
 use serde_json::Value;
-
-/// The client and server namespaces, their veth pair and the servers in them; all removed on
-/// drop, also when the test fails.
-struct Namespaces {
-    client: String,
-    server: String,
-    servers: Vec<Child>,
-}
 
 const ALLOWED_V4: &str = "10.214.0.2";
 const REFUSED_V4: &str = "10.214.0.3";
@@ -38,63 +27,6 @@ const ALLOWED_V6: &str = "fd00:214::2";
 const REFUSED_V6: &str = "fd00:214::3";
 const PORT: u16 = 7000;
 const LOOPBACK_PORT: u16 = 7001;
-
-impl Namespaces {
-    fn new() -> Self {
-        let id = std::process::id() % 100000;
-        let ns = Namespaces {
-            client: format!("rmegc{id}"),
-            server: format!("rmegs{id}"),
-            servers: Vec::new(),
-        };
-        let (c, s) = (&ns.client, &ns.server);
-        for name in [c, s] {
-            let _ = Command::new("ip").args(["netns", "del", name]).output();
-            sh(&format!(
-                "ip netns add {name} && ip -n {name} link set lo up"
-            ));
-        }
-        sh(&format!(
-            "ip -n {c} link add vc type veth peer name vs netns {s} && \
-             ip -n {c} addr add 10.214.0.1/24 dev vc && \
-             ip -n {c} addr add fd00:214::1/64 dev vc nodad && ip -n {c} link set vc up && \
-             ip -n {s} addr add {ALLOWED_V4}/24 dev vs && ip -n {s} addr add {REFUSED_V4}/24 dev vs && \
-             ip -n {s} addr add {ALLOWED_V6}/64 dev vs nodad && \
-             ip -n {s} addr add {REFUSED_V6}/64 dev vs nodad && ip -n {s} link set vs up"
-        ));
-        ns
-    }
-
-    /// `job-step serve` on `addrs` inside namespace `name`, ready when this returns.
-    fn serve(&mut self, name: &str, addrs: &[String]) {
-        let mut command = Command::new("ip");
-        command
-            .args(["netns", "exec", name])
-            .arg(job_step())
-            .arg("serve")
-            .args(addrs)
-            .stdout(Stdio::piped());
-        let mut child = spawn_with_parent_death(&mut command, libc::SIGKILL).expect("serve");
-        let mut ready = String::new();
-        std::io::BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut ready)
-            .unwrap();
-        assert_eq!(ready.trim(), "listening", "servers in {name} did not start");
-        self.servers.push(child);
-    }
-}
-
-impl Drop for Namespaces {
-    fn drop(&mut self) {
-        for child in &mut self.servers {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        for name in [&self.client, &self.server] {
-            let _ = Command::new("ip").args(["netns", "del", name]).output();
-        }
-    }
-}
 
 /// The attempts a job makes (`job-step egress HOW ADDR`), with what block mode must answer:
 /// `ok`, `errno 1` (EPERM: refused) or another errno that shows the kernel let it through.
@@ -154,7 +86,7 @@ impl Drop for Cgroup {
 fn job_tries(
     env: &TestEnv,
     agent: &Agent,
-    ns: &Namespaces,
+    ns: &NetPair,
     run: &str,
     repository: &str,
     cases: &[String],
@@ -186,7 +118,7 @@ fn policy() -> String {
 fn gitlab_stages_try(
     env: &TestEnv,
     agent: &Agent,
-    ns: &Namespaces,
+    ns: &NetPair,
     job_id: &str,
 ) -> BTreeMap<String, String> {
     let runner = env.dir.join("gitlab-runner");
@@ -236,7 +168,12 @@ fn block_mode_refuses_in_the_kernel_what_the_allowlist_does_not_admit() {
     std::fs::write(dir.join("policy.toml"), policy()).unwrap();
     let agent = Agent::launch(&dir, free_port(), &[]);
     let env = TestEnv::new("egress-block");
-    let mut ns = Namespaces::new();
+    let mut ns = NetPair::new(
+        "eg",
+        214,
+        &[ALLOWED_V4, REFUSED_V4],
+        &[ALLOWED_V6, REFUSED_V6],
+    );
     let servers: Vec<String> = [ALLOWED_V4, REFUSED_V4]
         .iter()
         .map(|ip| format!("{ip}:{PORT}"))
@@ -247,11 +184,13 @@ fn block_mode_refuses_in_the_kernel_what_the_allowlist_does_not_admit() {
         )
         .collect();
     let server_ns = ns.server.clone();
-    ns.serve(&server_ns, &servers);
+    let serve: Vec<String> = std::iter::once("serve".to_owned()).chain(servers).collect();
+    ns.serve(&server_ns, &serve);
     let client_ns = ns.client.clone();
     ns.serve(
         &client_ns,
         &[
+            "serve".to_owned(),
             format!("127.0.0.1:{LOOPBACK_PORT}"),
             format!("[::1]:{LOOPBACK_PORT}"),
         ],

@@ -8,84 +8,33 @@
 //! The server answers one byte to the first bytes it receives: `answered` proves it received
 //! them, `silent` (no answer in 3 s) that it received nothing.
 
-use std::{
-    io::BufRead,
-    process::{Child, Command, Stdio},
-};
-
 use integration_tests::{
-    TestEnv, job_step,
+    TestEnv,
     live::{
         Agent, agent_dir, agent_log, alerts, free_port, job_answers, run_id, test_policy,
         wait_alert,
     },
-    sh, spawn_with_parent_death,
+    netpair::NetPair,
 };
 use serde_json::Value;
 
-const SERVER_V4: &str = "10.215.0.2";
-const SERVER_V6: &str = "fd00:215::2";
+const SERVER_V4: &str = "10.217.0.2";
+const SERVER_V6: &str = "fd00:217::2";
 const PORT: u16 = 7443;
 
-/// A client and a server namespace joined by a veth pair, and a `tls-serve` in the server one;
-/// removed on drop.
-struct Namespaces {
-    client: String,
-    server: String,
-    serving: Option<Child>,
-}
-
-impl Namespaces {
-    fn new() -> Self {
-        let id = std::process::id() % 100000;
-        let mut ns = Namespaces {
-            client: format!("rmtlc{id}"),
-            server: format!("rmtls{id}"),
-            serving: None,
-        };
-        let (c, s) = (&ns.client, &ns.server);
-        for name in [c, s] {
-            let _ = Command::new("ip").args(["netns", "del", name]).output();
-            sh(&format!(
-                "ip netns add {name} && ip -n {name} link set lo up"
-            ));
-        }
-        sh(&format!(
-            "ip -n {c} link add vc type veth peer name vs netns {s} && \
-             ip -n {c} addr add 10.215.0.1/24 dev vc && \
-             ip -n {c} addr add fd00:215::1/64 dev vc nodad && ip -n {c} link set vc up && \
-             ip -n {s} addr add {SERVER_V4}/24 dev vs && \
-             ip -n {s} addr add {SERVER_V6}/64 dev vs nodad && ip -n {s} link set vs up"
-        ));
-        let mut command = Command::new("ip");
-        command
-            .args(["netns", "exec", s])
-            .arg(job_step())
-            .arg("tls-serve")
-            .arg(format!("{SERVER_V4}:{PORT}"))
-            .arg(format!("[{SERVER_V6}]:{PORT}"))
-            .stdout(Stdio::piped());
-        let mut child = spawn_with_parent_death(&mut command, libc::SIGKILL).expect("tls-serve");
-        let mut ready = String::new();
-        std::io::BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut ready)
-            .unwrap();
-        assert_eq!(ready.trim(), "listening", "the TLS server did not start");
-        ns.serving = Some(child);
-        ns
-    }
-}
-
-impl Drop for Namespaces {
-    fn drop(&mut self) {
-        if let Some(child) = &mut self.serving {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        for name in [&self.client, &self.server] {
-            let _ = Command::new("ip").args(["netns", "del", name]).output();
-        }
-    }
+/// The namespaces, with a `tls-serve` in the server one.
+fn namespaces() -> NetPair {
+    let mut ns = NetPair::new("tl", 217, &[SERVER_V4], &[SERVER_V6]);
+    let server = ns.server.clone();
+    ns.serve(
+        &server,
+        &[
+            "tls-serve".to_owned(),
+            format!("{SERVER_V4}:{PORT}"),
+            format!("[{SERVER_V6}]:{PORT}"),
+        ],
+    );
+    ns
 }
 
 fn policy() -> String {
@@ -105,7 +54,7 @@ fn policy() -> String {
 fn job_sends(
     env: &TestEnv,
     agent: &Agent,
-    ns: &Namespaces,
+    ns: &NetPair,
     run: &str,
     repository: &str,
     cases: &[String],
@@ -132,7 +81,7 @@ fn sni_true_in_block_mode_drops_tls_to_a_server_name_outside_the_allowlist() {
     std::fs::write(dir.join("policy.toml"), policy()).unwrap();
     let agent = Agent::launch(&dir, free_port(), &[]);
     let env = TestEnv::new("egress-tls");
-    let ns = Namespaces::new();
+    let ns = namespaces();
     let v4 = format!("{SERVER_V4}:{PORT}");
     let v6 = format!("[{SERVER_V6}]:{PORT}");
     let cases: Vec<(String, &str)> = vec![
