@@ -102,6 +102,11 @@ fn the_unit_grants_exactly_the_capabilities_the_agent_checks_for() {
 }
 
 fn boot_systemd(dir: &Path) -> Systemd {
+    boot_systemd_with(dir, "")
+}
+
+/// `boot_systemd`, with `extra` [Service] lines in the test's drop-in.
+fn boot_systemd_with(dir: &Path, extra: &str) -> Systemd {
     std::fs::create_dir_all(dir).unwrap();
     // The unit runs this build's binary with the built-in policy, the text the package installs
     // as /etc/runner-monitor/policy.toml.
@@ -122,7 +127,7 @@ fn boot_systemd(dir: &Path) -> Systemd {
         "nobody",
         "nogroup",
         &format!(
-            "User=nobody\nGroup=nogroup\nEnvironment=\"RUNNER_MONITOR_ARGS={}\"\n",
+            "User=nobody\nGroup=nogroup\nEnvironment=\"RUNNER_MONITOR_ARGS={}\"\n{extra}",
             test_agent_args(&pins)
         ),
     );
@@ -149,6 +154,117 @@ fn a_real_systemd_runs_the_agent_in_the_units_sandbox_and_it_raises_alerts() {
     let socket = systemd.in_namespace("stat", &["-c", "%G %a", "/run/runner-monitor/control.sock"]);
     assert_eq!(String::from_utf8_lossy(&socket.stdout).trim(), "daemon 660");
     systemd.expect_survivor_alert("systemd");
+    drop(systemd);
+    let _ = std::fs::remove_dir_all(pins);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// Waits until the agent's log holds `text` `times` times.
+fn wait_logged(systemd: &Systemd, text: &str, times: usize) -> String {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let log = systemd.read("/run/rm-agent.log");
+        if log.matches(text).count() >= times {
+            return log;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{text:?} not logged {times} times:\n{log}\n{}",
+            systemd.status()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn systemctl_restart_keeps_the_probes_recording_and_systemctl_stop_detaches_them() {
+    runner_monitor::sensor::attach::ensure_tracefs().expect("tracefs (sys-kernel-tracing.mount)");
+    let dir = std::env::temp_dir().join(format!("rm-systemd-restart-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    // A slow start: a restart leaves seconds with no agent.
+    let systemd = boot_systemd_with(&dir, "ExecStartPre=/bin/sleep 3\n");
+    let log = systemd.wait_agent_ready();
+    assert!(
+        log.contains("probes kept in systemd's file descriptor store"),
+        "{log}"
+    );
+
+    // A job's survivor reads a credential once told to: while no agent runs.
+    let env = integration_tests::TestEnv::new("systemd-restart");
+    let worker = env.dir.join("Runner.Worker");
+    std::fs::copy("/bin/sh", &worker).unwrap();
+    let go = env.dir.join("go");
+    let read = env.dir.join("read");
+    let out = integration_tests::output_of(
+        Command::new(&worker)
+            .arg("-c")
+            .arg(format!(
+                "(setsid sh -c 'while [ ! -e {go} ]; do sleep 0.1; done; \
+                 cat \"$HOME/.aws/credentials\" > /dev/null; touch {read}; sleep 2' \
+                 > /dev/null 2>&1 &); sleep 1",
+                go = go.display(),
+                read = read.display()
+            ))
+            .env("HOME", &env.home)
+            .env("GITHUB_TOKEN", integration_tests::CANARY),
+    );
+    assert!(out.status.success(), "{out:?}");
+    systemd.in_namespace(
+        "systemctl",
+        &["restart", "--no-block", "runner-monitor.service"],
+    );
+    wait_logged(&systemd, "stopped: every probe detached", 1);
+    std::fs::write(&go, "").unwrap();
+    integration_tests::live::wait_until("the survivor read", 10, || read.exists());
+    let log = wait_logged(&systemd, "control socket ready", 2);
+    assert!(log.contains("systemd handed back the probes"), "{log}");
+    assert!(
+        log.contains("took over the probes an earlier agent left attached"),
+        "{log}"
+    );
+    // The read made while no agent ran is judged by the next one.
+    let path = env.path(".aws/credentials");
+    integration_tests::live::wait_until("the read is raised", 20, || {
+        systemd
+            .read("/var/log/runner-monitor/alerts.jsonl")
+            .lines()
+            .any(|l| {
+                serde_json::from_str::<serde_json::Value>(l).is_ok_and(|a| {
+                    a["rule"] == "credential-after-job-end"
+                        && a["credential"]["path"] == path.as_str()
+                })
+            })
+    });
+
+    // `systemctl stop`: systemd closes its store, the agent removed its pins: nothing stays.
+    let pins = integration_tests::pin_dir_of(&dir);
+    let links: Vec<String> = std::fs::read_dir(pins.join("links"))
+        .unwrap()
+        .flatten()
+        .filter_map(|e| {
+            let out = Command::new("bpftool")
+                .args(["link", "show", "pinned"])
+                .arg(e.path())
+                .output()
+                .ok()?;
+            String::from_utf8_lossy(&out.stdout)
+                .split(':')
+                .next()
+                .map(|id| id.trim().to_owned())
+        })
+        .collect();
+    assert!(links.len() > 30, "{links:?}");
+    systemd.in_namespace("systemctl", &["stop", "runner-monitor.service"]);
+    integration_tests::live::wait_until("every link detached", 10, || {
+        links.iter().all(|id| {
+            !Command::new("bpftool")
+                .args(["link", "show", "id", id])
+                .output()
+                .unwrap()
+                .status
+                .success()
+        })
+    });
     drop(systemd);
     let _ = std::fs::remove_dir_all(pins);
     let _ = std::fs::remove_dir_all(dir);

@@ -182,7 +182,7 @@ fn new_link(program_id: u32, known: &BTreeSet<u32>) -> Option<(i32, u32)> {
 }
 
 /// Pins the link open as descriptor `fd` (aya's, borrowed) at `path`.
-fn pin(fd: i32, path: &Path) -> Result<(), String> {
+pub(super) fn pin(fd: i32, path: &Path) -> Result<(), String> {
     let c_path =
         std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).map_err(|e| e.to_string())?;
     // `union bpf_attr` for BPF_OBJ_PIN: pathname, then bpf_fd; the rest zero.

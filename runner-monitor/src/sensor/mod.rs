@@ -7,6 +7,7 @@ pub mod check;
 pub mod decode;
 pub mod dns;
 pub mod egress;
+mod fdstore;
 pub mod io_uring;
 pub mod job_roots;
 pub mod links;
@@ -191,6 +192,11 @@ impl Sensor {
                 .iter()
                 .filter(|p| p.name == map_name::PROCESSES || p.name == map_name::JOBS)
                 .all(|p| p.existed);
+        // What systemd kept across a restart goes back where a crashed agent's pins would be.
+        let restored = match (&pin_dir, &options.pin_dir) {
+            (Some(_), Some(dir)) => fdstore::restore(dir, &events_pin),
+            _ => Vec::new(),
+        };
         for pin in pinned {
             loader.map_pin_path(pin.name, pin.path.clone());
         }
@@ -283,6 +289,11 @@ impl Sensor {
                 );
             }
             let (replaced, removed) = links.finish();
+            if let Some((dir, events)) = &sensor.events_pin
+                && !links.is_empty()
+            {
+                fdstore::store(dir, events, &restored);
+            }
             if replaced + removed > 0 {
                 tracing::info!(
                     replaced,
