@@ -1,8 +1,17 @@
 //! Egress with the agent off, in audit mode and in block mode (the connect goes through the
-//! cgroup programs' allowlist lookup), interleaved rounds: TCP connects to a listener in a
-//! network namespace, and a workload of many short HTTP requests to a server there. The job
-//! runs in the host's namespace; the server's address is on the allowlist, so block mode lets
-//! every connection through after its lookup. Traffic goes only to that namespace.
+//! cgroup programs' allowlist lookup), interleaved rounds (each round runs the three modes, in an
+//! order that rotates from round to round, so a busy host's noise hits all three): TCP connects
+//! to a listener in a network namespace, and a workload of many short HTTP requests to a server
+//! there. The job runs in the host's namespace; the servers' address is on the allowlist, so
+//! block mode lets every connection through after its lookup. Traffic goes only to that
+//! namespace.
+//!
+//! The connects go to a listener of their own: threads that only accept and close, with a
+//! backlog of 4096. A client connecting in a loop outruns a single-threaded server that also
+//! answers HTTP; its accept queue fills, SYNs are dropped and retransmitted after a second, and
+//! the benchmark measured that instead of the agent. Each run reports its slowest connect and how
+//! many took over 100 ms, and the namespace's `ListenDrops` counter is read around it, so a run
+//! that hit a retransmission shows.
 
 use std::{
     io::BufRead as _,
@@ -15,25 +24,30 @@ use serde_json::{Value, json};
 
 use crate::common::{agent_binary, output, run_cmd};
 
-use super::{Agent, Sizes, bench_workload, median, spread, workload};
+use super::{Agent, Sizes, bench_workload, job, median, spread};
 
 const SERVER: &str = "10.216.0.2";
 const HOST_SIDE: &str = "10.216.0.1";
+/// Ports inside the namespace, which is new and has nothing else listening.
+const HTTP_PORT: u16 = 8080;
+const ACCEPT_PORT: u16 = 8081;
+/// Accepting threads: the client is one thread, the host has 2 CPUs.
+const ACCEPT_THREADS: &str = "2";
 
-/// A namespace with a veth pair to the host and an HTTP server in it; removed on drop.
+/// A namespace with a veth pair to the host and the two servers in it; removed on drop.
 struct Namespace {
     name: String,
     host_link: String,
-    server: Option<Child>,
+    servers: Vec<Child>,
 }
 
 impl Namespace {
-    fn new(port: u16) -> anyhow::Result<Self> {
+    fn new() -> anyhow::Result<Self> {
         let id = std::process::id() % 100_000;
         let mut ns = Namespace {
             name: format!("rmbench{id}"),
             host_link: format!("rmbh{id}"),
-            server: None,
+            servers: Vec::new(),
         };
         let _ = Command::new("ip").args(["netns", "del", &ns.name]).output();
         let _ = Command::new("ip")
@@ -51,28 +65,63 @@ impl Namespace {
         ] {
             run_cmd(Command::new("sh").arg("-c").arg(&step))?;
         }
+        let http = ns.spawn(&["serve-http", &format!("{SERVER}:{HTTP_PORT}")])?;
+        ns.servers.push(http);
+        let accept = ns.spawn(&[
+            "serve-accept",
+            &format!("{SERVER}:{ACCEPT_PORT}"),
+            ACCEPT_THREADS,
+        ])?;
+        ns.servers.push(accept);
+        Ok(ns)
+    }
+
+    /// `bench-workload ARGS` in the namespace, once it printed "listening".
+    fn spawn(&self, args: &[&str]) -> anyhow::Result<Child> {
         let mut server = Command::new("ip")
-            .args(["netns", "exec", n])
+            .args(["netns", "exec", &self.name])
             .arg(bench_workload())
-            .args(["serve-http", &format!("{SERVER}:{port}")])
+            .args(args)
             .stdout(Stdio::piped())
             .spawn()
-            .context("starting the HTTP server")?;
+            .with_context(|| format!("starting {args:?}"))?;
         let mut ready = String::new();
         std::io::BufReader::new(server.stdout.take().context("server stdout")?)
             .read_line(&mut ready)?;
         if ready.trim() != "listening" {
             let _ = server.kill();
-            bail!("the HTTP server in {n} did not start");
+            bail!("{args:?} in {} did not start", self.name);
         }
-        ns.server = Some(server);
-        Ok(ns)
+        Ok(server)
+    }
+
+    /// The namespace's TcpExt ListenDrops: SYNs and handshakes its listeners dropped (a full
+    /// accept queue among them).
+    fn listen_drops(&self) -> anyhow::Result<u64> {
+        let text = output(Command::new("ip").args([
+            "netns",
+            "exec",
+            &self.name,
+            "cat",
+            "/proc/net/netstat",
+        ]))
+        .context("reading the namespace's /proc/net/netstat")?;
+        let mut lines = text.lines().filter(|l| l.starts_with("TcpExt:"));
+        let (Some(names), Some(values)) = (lines.next(), lines.next()) else {
+            bail!("no TcpExt in /proc/net/netstat");
+        };
+        names
+            .split_whitespace()
+            .zip(values.split_whitespace())
+            .find(|(name, _)| *name == "ListenDrops")
+            .and_then(|(_, v)| v.parse().ok())
+            .context("ListenDrops")
     }
 }
 
 impl Drop for Namespace {
     fn drop(&mut self) {
-        if let Some(mut server) = self.server.take() {
+        for mut server in self.servers.drain(..) {
             let _ = server.kill();
             let _ = server.wait();
         }
@@ -83,6 +132,21 @@ impl Drop for Namespace {
             .args(["netns", "del", &self.name])
             .output();
     }
+}
+
+/// One run of `bench-workload connect` or `http` as a job: ns per operation, the slowest in ns,
+/// how many took over 100 ms.
+fn timed(dir: &Path, args: &[&str]) -> anyhow::Result<[f64; 3]> {
+    let script = format!("exec {} {}", bench_workload().display(), args.join(" "));
+    let out = job(dir, &script)?;
+    let numbers: Vec<f64> = out
+        .split_whitespace()
+        .map(str::parse)
+        .collect::<Result<_, _>>()
+        .with_context(|| format!("bench-workload printed {out:?}"))?;
+    numbers
+        .try_into()
+        .map_err(|_| anyhow::anyhow!("bench-workload printed {out:?}"))
 }
 
 /// The built-in policy with the server's address on the global allowlist, in `mode`.
@@ -104,26 +168,66 @@ fn policy(dir: &Path, mode: &str) -> anyhow::Result<std::path::PathBuf> {
     Ok(path)
 }
 
+const MODES: [&str; 3] = ["off", "audit", "block"];
+
+/// Each mode's runs of one part, in round order.
+#[derive(Default)]
+struct Runs {
+    ns: [Vec<f64>; 3],
+    max_ns: [Vec<f64>; 3],
+    over_100ms: [Vec<f64>; 3],
+    listen_drops: [Vec<f64>; 3],
+}
+
+impl Runs {
+    fn push(&mut self, mode: usize, [ns, max, slow]: [f64; 3], drops: u64) {
+        self.ns[mode].push(ns);
+        self.max_ns[mode].push(max);
+        self.over_100ms[mode].push(slow);
+        self.listen_drops[mode].push(drops as f64);
+    }
+
+    fn summary(&self) -> Value {
+        let off = median(&mut self.ns[0].clone());
+        let mut out = serde_json::Map::new();
+        for (i, mode) in MODES.iter().enumerate() {
+            let m = median(&mut self.ns[i].clone());
+            out.insert(
+                (*mode).into(),
+                json!({
+                    "ns": m,
+                    "spread": spread(&self.ns[i]),
+                    "ratio": m / off,
+                    "rounds": self.ns[i],
+                    "max_ns": self.max_ns[i].iter().cloned().fold(0.0, f64::max),
+                    "over_100ms": self.over_100ms[i].iter().sum::<f64>(),
+                    "listen_drops": self.listen_drops[i].iter().sum::<f64>(),
+                }),
+            );
+        }
+        Value::Object(out)
+    }
+}
+
 pub(super) fn run(dir: &Path, sizes: &Sizes) -> anyhow::Result<Value> {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
-    let _ns = Namespace::new(port)?;
-    let target = format!("{SERVER}:{port}");
+    let ns = Namespace::new()?;
+    let accept = format!("{SERVER}:{ACCEPT_PORT}");
+    let http_target = format!("{SERVER}:{HTTP_PORT}");
     let (connects, requests) = if sizes.smoke {
         (200, 50)
     } else {
         (20_000, 2_000)
     };
-    let modes = ["off", "audit", "block"];
+    let (connects_arg, requests_arg) = (connects.to_string(), requests.to_string());
     let policies = [policy(dir, "audit")?, policy(dir, "block")?];
-    // Unmeasured: the first connects resolve the neighbour and warm the server.
-    workload(dir, &["connect".into(), target.clone(), "100".into()])?;
-    workload(dir, &["http".into(), target.clone(), "20".into()])?;
-    let mut connect: [Vec<f64>; 3] = Default::default();
-    let mut http: [Vec<f64>; 3] = Default::default();
-    for _ in 0..sizes.rounds {
-        for (i, _) in modes.iter().enumerate() {
+    // Unmeasured: the first connects resolve the neighbour and warm the servers.
+    timed(dir, &["connect", &accept, "100"])?;
+    timed(dir, &["http", &http_target, "20"])?;
+    let mut connect = Runs::default();
+    let mut http = Runs::default();
+    for round in 0..sizes.rounds {
+        for step in 0..MODES.len() {
+            let i = (round + step) % MODES.len();
             let agent = match i {
                 0 => None,
                 _ => Some(Agent::start_with(
@@ -131,57 +235,61 @@ pub(super) fn run(dir: &Path, sizes: &Sizes) -> anyhow::Result<Value> {
                     &["--policy".as_ref(), policies[i - 1].as_os_str()],
                 )?),
             };
-            connect[i].push(workload(
-                dir,
-                &["connect".into(), target.clone(), connects.to_string()],
-            )?);
-            http[i].push(workload(
-                dir,
-                &["http".into(), target.clone(), requests.to_string()],
-            )?);
+            let drops = ns.listen_drops()?;
+            let c = timed(dir, &["connect", &accept, &connects_arg])?;
+            let after = ns.listen_drops()?;
+            connect.push(i, c, after - drops);
+            let h = timed(dir, &["http", &http_target, &requests_arg])?;
+            http.push(i, h, ns.listen_drops()? - after);
             if let Some(agent) = agent {
                 agent.stop()?;
             }
         }
     }
-    let summary = |runs: &mut [Vec<f64>; 3]| {
-        let off = median(&mut runs[0]);
-        let mut out = serde_json::Map::new();
-        for (i, mode) in modes.iter().enumerate() {
-            let m = median(&mut runs[i]);
-            out.insert(
-                (*mode).into(),
-                json!({ "ns": m, "spread": spread(&runs[i]), "ratio": m / off }),
-            );
-        }
-        Value::Object(out)
-    };
     Ok(json!({
         "connects": connects,
         "requests": requests,
-        "connect": summary(&mut connect),
-        "http": summary(&mut http),
+        "rounds": sizes.rounds,
+        "connect": connect.summary(),
+        "http": http.summary(),
     }))
 }
 
 pub(super) fn print(v: &Value) {
     println!(
-        "\negress (connect: {} TCP connects to a namespace listener; http: {} requests of 16 KiB, \
-         a connection each; median of rounds, ratio to agent off):",
-        v["connects"], v["requests"]
+        "\negress (connect: {} TCP connects to a namespace listener that accepts and closes; http: \
+         {} requests of 16 KiB, a connection each; median of {} interleaved rounds, spread, ratio \
+         to agent off):",
+        v["connects"], v["requests"], v["rounds"]
     );
     for part in ["connect", "http"] {
-        let line: Vec<String> = ["off", "audit", "block"]
+        let line: Vec<String> = MODES
             .iter()
             .map(|mode| {
                 let m = &v[part][mode];
+                let us = |x: &Value| x.as_f64().unwrap_or(0.0) / 1000.0;
                 format!(
-                    "{mode} {:.1} µs ({:.3}x)",
-                    m["ns"].as_f64().unwrap_or(0.0) / 1000.0,
+                    "{mode} {:.1} us ({:.1}-{:.1}) {:.3}x",
+                    us(&m["ns"]),
+                    us(&m["spread"][0]),
+                    us(&m["spread"][1]),
                     m["ratio"].as_f64().unwrap_or(0.0)
                 )
             })
             .collect();
         println!("  {part:<8} {}", line.join(", "));
+        let slow: Vec<String> = MODES
+            .iter()
+            .map(|mode| {
+                let m = &v[part][mode];
+                format!(
+                    "{mode} slowest {:.1} ms, {} over 100 ms, {} listen drops",
+                    m["max_ns"].as_f64().unwrap_or(0.0) / 1e6,
+                    m["over_100ms"],
+                    m["listen_drops"]
+                )
+            })
+            .collect();
+        println!("  {:<8} {}", "", slow.join("; "));
     }
 }
