@@ -75,10 +75,7 @@ pub(super) fn connect(engine: &mut Engine, event: &Event, c: &Connect, out: &mut
         dns_name: names.first().cloned(),
         sni: None,
     };
-    let shown = match &destination.dns_name {
-        Some(name) => format!("{name} ({ip}) port {port}"),
-        None => format!("{ip} port {port}"),
-    };
+    let shown = shown(&destination);
     out.extend(after_end(engine, event, c));
     if c.dns_redirected {
         // It went to the agent's resolver, which judges the names asked: the DNS events say
@@ -163,15 +160,7 @@ pub(super) fn tls_hello(engine: &mut Engine, event: &Event, t: &TlsHello, out: &
         return;
     };
     let (ip, port) = (t.ip, t.port);
-    let destination = DestinationRef {
-        ip,
-        port,
-        dns_name: engine
-            .dns
-            .get(&(job, ip))
-            .and_then(|names| names.first().cloned()),
-        sni: t.sni.clone(),
-    };
+    let destination = destination(engine, job, ip, port, t.sni.clone());
     let named = match &t.sni {
         Some(name) => format!("TLS for server name {name} to {ip} port {port}"),
         None => format!("TLS without a readable server name to {ip} port {port}"),
@@ -272,19 +261,8 @@ pub(super) fn after_end(engine: &Engine, event: &Event, c: &Connect) -> Option<F
     if ip.is_unspecified() || ip.is_loopback() {
         return None;
     }
-    let destination = DestinationRef {
-        ip,
-        port,
-        dns_name: engine
-            .dns
-            .get(&(job, ip))
-            .and_then(|names| names.first().cloned()),
-        sni: None,
-    };
-    let shown = match &destination.dns_name {
-        Some(name) => format!("{name} ({ip}) port {port}"),
-        None => format!("{ip} port {port}"),
-    };
+    let destination = destination(engine, job, ip, port, None);
+    let shown = shown(&destination);
     let mut f = engine.raise(
         RuleId::CredentialAfterJobEnd,
         event,
@@ -304,4 +282,31 @@ fn egress_allowed(engine: &Engine, job: JobKey, ip: IpAddr, port: u16, names: &[
             .policy
             .rules_for(engine.job_selector(Some(job)))
             .any(|r| r.allow_egress.iter().any(|a| a.allows(ip, port, names)))
+}
+
+/// `ip` port `port` as job `job` reached it: named by the first DNS name it resolved for `ip`.
+fn destination(
+    engine: &Engine,
+    job: JobKey,
+    ip: IpAddr,
+    port: u16,
+    sni: Option<String>,
+) -> DestinationRef {
+    DestinationRef {
+        ip,
+        port,
+        dns_name: engine
+            .dns
+            .get(&(job, ip))
+            .and_then(|names| names.first().cloned()),
+        sni,
+    }
+}
+
+/// A destination in a summary: `name (ip) port N`, or `ip port N`.
+fn shown(d: &DestinationRef) -> String {
+    match &d.dns_name {
+        Some(name) => format!("{name} ({}) port {}", d.ip, d.port),
+        None => format!("{} port {}", d.ip, d.port),
+    }
 }
