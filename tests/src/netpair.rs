@@ -52,23 +52,47 @@ impl NetPair {
     /// `job-step ARGS` inside namespace `name` (`client` or `server`), ready when it printed
     /// `listening`.
     pub fn serve(&mut self, name: &str, args: &[String]) {
-        let mut command = Command::new("ip");
-        command
-            .args(["netns", "exec", name])
-            .arg(job_step())
-            .args(args)
-            .stdout(Stdio::piped());
-        let mut child = spawn_with_parent_death(&mut command, libc::SIGKILL).expect("serve");
-        let mut ready = String::new();
-        std::io::BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut ready)
-            .unwrap();
+        self.servers.push(serve_in(name, args));
+    }
+}
+
+/// `job-step ARGS` inside network namespace `name`, killed if the test dies; returned once it
+/// printed `listening`.
+pub fn serve_in(name: &str, args: &[String]) -> Child {
+    let mut command = Command::new("ip");
+    command
+        .args(["netns", "exec", name])
+        .arg(job_step())
+        .args(args)
+        .stdout(Stdio::piped());
+    let mut child = spawn_with_parent_death(&mut command, libc::SIGKILL).expect("serve");
+    let mut ready = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut ready)
+        .unwrap();
+    assert_eq!(
+        ready.trim(),
+        "listening",
+        "{args:?} in {name} did not start"
+    );
+    child
+}
+
+/// Asserts that each `(case, expected)` of `cases` got `expected` in `answers`; `what` and
+/// `log` go into the message.
+pub fn assert_answers(
+    what: &str,
+    cases: &[(String, &str)],
+    answers: &std::collections::BTreeMap<String, String>,
+    log: impl Fn() -> String,
+) {
+    for (case, expected) in cases {
         assert_eq!(
-            ready.trim(),
-            "listening",
-            "{args:?} in {name} did not start"
+            answers.get(case).map(String::as_str),
+            Some(*expected),
+            "{what}: `{case}`; all answers: {answers:#?}\nlog: {}",
+            log()
         );
-        self.servers.push(child);
     }
 }
 

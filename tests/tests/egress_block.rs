@@ -16,7 +16,7 @@ use integration_tests::{
         Agent, agent_dir, agent_log, alerts, curl, free_port, job_answers, run_id, test_policy,
         wait_alert, wait_until,
     },
-    netpair::NetPair,
+    netpair::{NetPair, assert_answers},
     output_of,
 };
 use serde_json::Value;
@@ -220,14 +220,7 @@ fn block_mode_refuses_in_the_kernel_what_the_allowlist_does_not_admit() {
         "a job process in another cgroup: {answers:#?}"
     );
     drop(cgroup);
-    for (case, expected) in &cases {
-        assert_eq!(
-            answers.get(case).map(String::as_str),
-            Some(*expected),
-            "block mode: `{case}`; all answers: {answers:#?}\nlog: {}",
-            agent_log(&dir)
-        );
-    }
+    assert_answers("block mode", &cases, &answers, || agent_log(&dir));
     let job_id = format!("{run}/build");
     for (ip, rule) in [
         (REFUSED_V4, "unexpected-egress"),

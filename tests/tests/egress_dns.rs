@@ -10,8 +10,7 @@
 
 use std::{
     collections::BTreeMap,
-    io::BufRead,
-    process::{Child, Command, Stdio},
+    process::{Child, Command},
 };
 
 use integration_tests::{
@@ -22,7 +21,8 @@ use integration_tests::{
         Agent, agent_dir, agent_log, alerts, free_port, job_answers, run_id, test_policy,
         wait_alert,
     },
-    output_of, sh, spawn_with_parent_death,
+    netpair::serve_in,
+    output_of, sh,
 };
 use serde_json::Value;
 
@@ -60,19 +60,7 @@ impl ServerNamespace {
 
     /// `job-step ARGS` inside the namespace, ready when it printed `listening`.
     fn serve(&mut self, args: &[String]) {
-        let mut command = Command::new("ip");
-        command
-            .args(["netns", "exec", &self.name])
-            .arg(job_step())
-            .args(args)
-            .stdout(Stdio::piped());
-        let mut child = spawn_with_parent_death(&mut command, libc::SIGKILL).expect("serve");
-        let mut ready = String::new();
-        std::io::BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut ready)
-            .unwrap();
-        assert_eq!(ready.trim(), "listening", "{args:?} did not start");
-        self.servers.push(child);
+        self.servers.push(serve_in(&self.name, args));
     }
 }
 

@@ -14,7 +14,7 @@ use integration_tests::{
         Agent, agent_dir, agent_log, alerts, free_port, job_answers, run_id, test_policy,
         wait_alert,
     },
-    netpair::NetPair,
+    netpair::{NetPair, assert_answers},
 };
 use serde_json::Value;
 
@@ -102,14 +102,9 @@ fn sni_true_in_block_mode_drops_tls_to_a_server_name_outside_the_allowlist() {
     let attempts: Vec<String> = cases.iter().map(|(c, _)| c.clone()).collect();
     let run = run_id(1);
     let answers = job_sends(&env, &agent, &ns, &run, "acme/tls-block", &attempts);
-    for (case, expected) in &cases {
-        assert_eq!(
-            answers.get(case).map(String::as_str),
-            Some(*expected),
-            "block mode, sni = true: `{case}`; all answers: {answers:#?}\nlog: {}",
-            agent_log(&dir)
-        );
-    }
+    assert_answers("block mode, sni = true", &cases, &answers, || {
+        agent_log(&dir)
+    });
     let job_id = format!("{run}/build");
     for (sni, ip) in [
         ("evil.example", SERVER_V4),
