@@ -154,9 +154,16 @@ fn server_name<B: TlsBytes + ?Sized>(b: &B, start: u32) -> Option<(u32, u32)> {
         }
         let kind = b.u16_at(at)?;
         let len = u32::from(b.u16_at(at + 2)?);
+        // An extension longer than the extensions block is malformed: servers refuse it, and a
+        // name read from it would not be the one they see.
+        if at + 4 + len > end {
+            return None;
+        }
         if kind == EXTENSION_SERVER_NAME {
-            // server_name_list<1..2^16-1> of (name_type(1), host_name<1..2^16-1>).
-            if b.u8_at(at + 6)? != NAME_TYPE_HOST_NAME {
+            // server_name_list<1..2^16-1> of (name_type(1), host_name<1..2^16-1>), filling the
+            // extension.
+            let list_len = u32::from(b.u16_at(at + 4)?);
+            if list_len + 2 != len || b.u8_at(at + 6)? != NAME_TYPE_HOST_NAME {
                 return None;
             }
             let name_len = u32::from(b.u16_at(at + 7)?);

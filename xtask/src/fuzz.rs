@@ -15,7 +15,7 @@ use anyhow::{Context as _, bail};
 use crate::common::{run_cmd, say, workspace_root};
 
 /// Every fuzz target (`fuzz/fuzz_targets/NAME.rs`).
-pub const TARGETS: &[&str] = &["decode", "dns", "policy", "paths", "control"];
+pub const TARGETS: &[&str] = &["decode", "dns", "policy", "paths", "control", "tls"];
 
 /// What libFuzzer reported at the end of a run (`-print_final_stats=1`).
 #[derive(Debug, Default, PartialEq)]

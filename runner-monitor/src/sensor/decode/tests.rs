@@ -336,6 +336,19 @@ fn the_kernels_parser_finds_the_server_name_of_a_real_client_hello() {
         find_server_name(&b"GET / HTTP/1.1\r\n\r\n"[..], 0),
         ClientHello::NotTls
     );
+    // A server_name extension whose length runs past the extensions block, or whose name list
+    // does not fill it (both found by the `tls` fuzz target against tls-parser): servers refuse
+    // such a ClientHello, so no name is read from it.
+    let at = offset as usize - 9;
+    for (field, value) in [(at + 2, 0x1300u16), (at + 4, 0x0010)] {
+        let mut bad = segment.clone();
+        bad[field..field + 2].copy_from_slice(&value.to_be_bytes());
+        assert_eq!(
+            find_server_name(&bad[..], 52),
+            ClientHello::NoServerName,
+            "{value:#x} at {field}"
+        );
+    }
 }
 
 #[test]
