@@ -76,9 +76,17 @@ impl Drop for Agent {
     fn drop(&mut self) {
         if matches!(self.child.try_wait(), Ok(None)) {
             self.signal(libc::SIGTERM);
-            let deadline = Instant::now() + Duration::from_secs(20);
+            let started = Instant::now();
+            let deadline = started + Duration::from_secs(20);
             while matches!(self.child.try_wait(), Ok(None)) && Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(50));
+            }
+            // A slow stop is a slow suite (and, for a user, a slow `systemctl stop`): say so.
+            if started.elapsed() > Duration::from_secs(2) {
+                eprintln!(
+                    "the agent took {:?} to stop after SIGTERM",
+                    started.elapsed()
+                );
             }
         }
         let _ = self.child.kill();

@@ -222,7 +222,9 @@ impl EngineMetrics {
             egress: counter_vec(
                 r,
                 "runner_monitor_egress_connections_total",
-                "Outbound connections by job processes, by verdict (`blocked`: refused by block mode).",
+                "Outbound connections by job processes, by verdict (`blocked`: refused by block mode; \
+                 a TLS connection refused for its server name counts at its connect and again as \
+                 `blocked` at its ClientHello).",
                 &["verdict"],
             ),
             jobs_started: counter(r, "runner_monitor_jobs_started_total", "Jobs started."),

@@ -195,6 +195,24 @@ impl Policy {
             .unwrap_or(self.egress.mode)
     }
 
+    /// How many rules put their jobs in block mode.
+    pub fn blocking_rules(&self) -> usize {
+        self.rules
+            .iter()
+            .filter(|r| r.mode == Some(EgressMode::Block))
+            .count()
+    }
+
+    /// Whether anything is in block mode: `[egress] mode` or a rule.
+    pub fn wants_block(&self) -> bool {
+        self.egress.mode == EgressMode::Block || self.blocking_rules() > 0
+    }
+
+    /// Whether a rule checks TLS server names (`sni = true`).
+    pub fn checks_sni(&self) -> bool {
+        self.rules.iter().any(|r| r.sni)
+    }
+
     /// Whether a rule selecting the job entitles it to the cloud metadata endpoints.
     pub fn metadata_entitled(&self, job: JobSelector<'_>) -> bool {
         self.rules_for(job).any(|r| r.metadata)

@@ -26,21 +26,32 @@ use runner_monitor_common::{
 use super::SensorError;
 use crate::{event::JobKey, policy::EgressPlan};
 
-/// The programs that refuse egress in block mode (they also watch DNS sockets, hence the names).
-pub const ENFORCING_PROGRAMS: [&str; 5] = [
+/// The programs that refuse egress in block mode (they also watch DNS sockets, hence the names),
+/// and `dns_recvmsg4`, without which answers from the agent's resolver would not look like the
+/// server's and resolvers would drop them.
+pub const ENFORCING_PROGRAMS: [&str; 6] = [
     "dns_connect4",
     "dns_connect6",
     "dns_sendmsg4",
     "dns_sendmsg6",
+    "dns_recvmsg4",
     "raw_socket_create",
 ];
 
-/// The enforcing programs among `probes` that are not attached: block mode can only report
-/// while any is missing.
-pub fn missing_enforcement(probes: &[super::ProbeStatus]) -> Vec<&'static str> {
+/// The program that refuses TLS to server names outside the allowlist (`sni = true`).
+pub const SNI_PROGRAM: &str = "tls_egress";
+
+/// The programs block mode needs under `policy` that are not among the attached `probes`: block
+/// mode can only report (or, for `tls_egress`, not check server names) while any is missing.
+pub fn missing_enforcement(
+    probes: &[super::ProbeStatus],
+    policy: &crate::policy::Policy,
+) -> Vec<&'static str> {
+    let sni = policy.checks_sni().then_some(SNI_PROGRAM);
     ENFORCING_PROGRAMS
         .iter()
         .copied()
+        .chain(sni)
         .filter(|name| {
             !probes
                 .iter()
@@ -470,6 +481,32 @@ impl EgressMaps {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn block_mode_needs_tls_egress_only_when_a_rule_checks_server_names() {
+        let attached = |program: &str| super::super::ProbeStatus {
+            sensor: "egress",
+            program: program.to_owned(),
+            target: String::new(),
+            required: false,
+            state: super::super::ProbeState::Attached,
+        };
+        let all: Vec<_> = ENFORCING_PROGRAMS.iter().map(|p| attached(p)).collect();
+        let plain = crate::policy::Policy::builtin();
+        assert!(missing_enforcement(&all, &plain).is_empty());
+        let sni = crate::policy::Policy::parse(
+            "[egress]\nmode = \"block\"\n[[rules]]\nrepository = \"o/r\"\nsni = true\n\
+             allow_egress = [{ name = \"api.github.com\" }]\n",
+            "test",
+        )
+        .expect("valid policy");
+        assert_eq!(missing_enforcement(&all, &sni), vec![SNI_PROGRAM]);
+        assert_eq!(
+            missing_enforcement(&all[1..], &plain),
+            vec!["dns_connect4"],
+            "a missing enforcing program is named"
+        );
+    }
 
     #[test]
     fn sni_true_writes_each_name_exact_or_as_its_wildcard_suffix_under_the_policy_id() {

@@ -223,7 +223,7 @@ fn run_cli() -> anyhow::Result<()> {
         Command::Baseline(command) => baseline::command(command),
         Command::Policy(PolicyCommand::Check { file }) => {
             let policy = Policy::load(&file)?;
-            let blocking = blocking_rules(&policy);
+            let blocking = policy.blocking_rules();
             let sni = policy.rules.iter().filter(|r| r.sni).count();
             println!(
                 "{}: ok ({} credential kinds, {} secret socket kinds, {} egress allowances, {} rules; \
@@ -278,7 +278,8 @@ fn check(json: bool, policy: Option<&std::path::Path>) -> anyhow::Result<()> {
         .map(|r| r.capability.to_string())
         .collect();
     if json {
-        let missing_enforcement = runner_monitor::sensor::egress::missing_enforcement(&probes);
+        let missing_enforcement =
+            runner_monitor::sensor::egress::missing_enforcement(&probes, &policy);
         let out = serde_json::json!({
             "features": features,
             "probes": probes,
@@ -286,7 +287,7 @@ fn check(json: bool, policy: Option<&std::path::Path>) -> anyhow::Result<()> {
                 .collect::<std::collections::BTreeMap<_, _>>(),
             "egress": {
                 "mode": policy.egress.mode.as_str(),
-                "blocking_rules": blocking_rules(&policy),
+                "blocking_rules": policy.blocking_rules(),
                 "block_mode_enforceable": sensor.is_ok() && missing_enforcement.is_empty(),
             },
             "missing_capabilities": missing_capabilities,
@@ -339,12 +340,12 @@ fn check(json: bool, policy: Option<&std::path::Path>) -> anyhow::Result<()> {
         for (what, how) in &io_uring {
             println!("  {what:<40} {how}");
         }
-        let missing = runner_monitor::sensor::egress::missing_enforcement(&probes);
+        let missing = runner_monitor::sensor::egress::missing_enforcement(&probes, &policy);
         println!("egress");
         println!(
             "  mode {}, {} rules block; block mode {}",
             policy.egress.mode.as_str(),
-            blocking_rules(&policy),
+            policy.blocking_rules(),
             if sensor.is_ok() && missing.is_empty() {
                 "enforceable (cgroup sock_addr programs attach)".to_owned()
             } else {
@@ -368,16 +369,15 @@ fn check(json: bool, policy: Option<&std::path::Path>) -> anyhow::Result<()> {
         Err(e) => bail!("the agent's probes do not load on this kernel: {e}"),
         Ok(_) => {}
     }
+    let unenforced = runner_monitor::sensor::egress::missing_enforcement(&probes, &policy);
+    if policy.wants_block() && !unenforced.is_empty() {
+        bail!(
+            "egress block mode is configured but {} not attached: connections would be reported, \
+             not refused",
+            unenforced.join(", ")
+        );
+    }
     Ok(())
-}
-
-/// Rules that put their jobs in block mode.
-fn blocking_rules(policy: &Policy) -> usize {
-    policy
-        .rules
-        .iter()
-        .filter(|r| r.mode == Some(runner_monitor::policy::EgressMode::Block))
-        .count()
 }
 
 fn job_command(command: JobCommand) -> anyhow::Result<()> {

@@ -132,15 +132,11 @@ fn status(sensor: &Sensor, pipeline: &Pipeline) -> serde_json::Value {
         "egress": {
             "mode": policy.egress.mode.as_str(),
             "on_agent_failure": policy.egress.on_agent_failure,
-            "rules_blocking": policy
-                .rules
-                .iter()
-                .filter(|r| r.mode == Some(runner_monitor::policy::EgressMode::Block))
-                .count(),
+            "rules_blocking": policy.blocking_rules(),
             "jobs_planned": sensor.egress().planned_jobs().len(),
             "jobs_blocking": sensor.egress().blocking_jobs(),
             "connections_blocked": stats.egress.get("blocked").copied().unwrap_or(0),
-            "enforceable": runner_monitor::sensor::egress::missing_enforcement(sensor.probes())
+            "enforceable": runner_monitor::sensor::egress::missing_enforcement(sensor.probes(), policy)
                 .is_empty(),
         }
     })

@@ -6,7 +6,7 @@
 use std::net::SocketAddr;
 
 use runner_monitor::{
-    policy::{EgressMode, JobSelector, Policy},
+    policy::{JobSelector, Policy},
     sensor::{
         ProbeStatus, Sensor,
         egress::missing_enforcement,
@@ -18,14 +18,9 @@ use super::Agent;
 
 /// Says at start which egress mode is in force, and whether the kernel can enforce it.
 pub(super) fn announce(policy: &Policy, probes: &[ProbeStatus]) {
-    let blocking_rules = policy
-        .rules
-        .iter()
-        .filter(|r| r.mode == Some(EgressMode::Block))
-        .count();
-    let missing = missing_enforcement(probes);
-    let wants_block = policy.egress.mode == EgressMode::Block || blocking_rules > 0;
-    if wants_block && !missing.is_empty() {
+    let blocking_rules = policy.blocking_rules();
+    let missing = missing_enforcement(probes, policy);
+    if policy.wants_block() && !missing.is_empty() {
         tracing::error!(
             ?missing,
             "egress block mode is configured but its cgroup programs are not attached: \
