@@ -11,7 +11,11 @@
 use std::{io::Read, os::unix::fs::PermissionsExt, path::Path};
 
 mod containers;
+pub mod cri;
+pub mod kube;
+mod pods;
 pub use containers::ContainerNamer;
+pub use pods::{DEFAULT_CRI_SOCKET, PodContainer, PodNamer, gitlab_job};
 
 use hmac::{Hmac, KeyInit, Mac};
 use sha2::Sha256;

@@ -252,6 +252,21 @@ pub struct ContainerInfo {
     pub cgroup: String,
     #[serde(default)]
     pub cgroup_id: u64,
+    /// The Kubernetes pod it is part of (kubelet's cgroup layout, named through the CRI).
+    /// Findings show it next to `container`, not inside it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod: Option<PodInfo>,
+}
+
+/// A Kubernetes pod: uid from the kubelet's cgroup path, name and namespace from the CRI
+/// (docs/containers.md, "Kubernetes").
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PodInfo {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    pub uid: String,
 }
 
 impl ContainerInfo {
@@ -264,6 +279,7 @@ impl ContainerInfo {
             runtime: Self::runtime_of(&cgroup).to_owned(),
             cgroup,
             cgroup_id,
+            pod: None,
         }
     }
 

@@ -2,12 +2,15 @@
 //! the same stages in the same order.
 //!
 //! ```text
-//! batch ─▶ containers ─▶ fingerprint ─▶ discover ─▶ engine ─▶ tracking id ─▶ report ─▶ write
-//!          (host)        (host)         (host)                (host)
+//! batch ─▶ containers ─▶ pods ─▶ fingerprint ─▶ discover ─▶ engine ─▶ tracking id ─▶ report ─▶ write
+//!          (host)        (host)   (host)         (host)                (host)
 //! time  ─────────────────────────────────────────▶ engine ─▶ tracking id ─▶ report ─▶ write
 //! ```
 //!
 //! - containers: a job's new container is named by the Docker API the job used (`enrich`).
+//! - pods: the first event of a job process from a cgroup of a Kubernetes pod (kubelet's
+//!   layout) brings a container event naming container and pod (CRI) before it, and a GitLab
+//!   kubernetes-executor pod's annotations name its job when discovery has not (`enrich`).
 //! - fingerprint: an open or unix connect that reached a credential or secret socket under
 //!   another name is brought back to it (`identity`); a credential read gets the keyed hash of
 //!   its content; a credential written is hashed when its writer exits, as an event of its own
@@ -46,7 +49,6 @@ use crate::{
 };
 
 /// What only the live agent reads from the host.
-#[derive(Default)]
 pub struct Host {
     /// Keyed hashes of credential contents (`--fingerprint-key`), when configured.
     pub fingerprints: Option<Fingerprinter>,
@@ -56,6 +58,20 @@ pub struct Host {
     pub identities: Identities,
     /// Names and images of the jobs' containers, from the Docker API they used.
     pub containers: enrich::ContainerNamer,
+    /// Pods and containers under Kubernetes, from the kubelet's cgroup layout and the CRI.
+    pub pods: enrich::PodNamer,
+}
+
+impl Default for Host {
+    fn default() -> Self {
+        Self {
+            fingerprints: None,
+            attestor: None,
+            identities: Default::default(),
+            containers: Default::default(),
+            pods: enrich::PodNamer::new(Some(enrich::DEFAULT_CRI_SOCKET.into())),
+        }
+    }
 }
 
 pub struct Pipeline {
@@ -117,6 +133,14 @@ impl Pipeline {
             if let Some(host) = self.host.as_mut() {
                 host.containers.process(&mut event, &self.policy);
             }
+            for pod in self.pods(&event) {
+                if let Some(info) = pod.gitlab_job
+                    && let Some(start) = self.jobs.discover_pod(&event, info, &self.policy)
+                {
+                    written.extend(self.judge(&start, reports.as_deref_mut())?);
+                }
+                written.extend(self.judge(&pod.event, reports.as_deref_mut())?);
+            }
             let credentials_written = self.fingerprint(&mut event);
             if let Some(start) = self.discover(&event) {
                 written.extend(self.judge(&start, reports.as_deref_mut())?);
@@ -143,6 +167,14 @@ impl Pipeline {
         self.out.findings(&findings, None)?;
         self.out.engine(&self.engine);
         Ok(findings)
+    }
+
+    /// Stage 0b: the container events for a pod container `event` reveals (`enrich::PodNamer`).
+    fn pods(&mut self, event: &Event) -> Vec<enrich::PodContainer> {
+        match self.host.as_mut() {
+            Some(host) => host.pods.process(event),
+            None => Vec::new(),
+        }
     }
 
     /// Stage 1: fingerprints a credential read in place; returns the fingerprints of credentials

@@ -22,6 +22,7 @@ use runner_monitor::{
     },
 };
 
+pub mod cri;
 pub mod dns;
 pub mod docker;
 pub mod live;

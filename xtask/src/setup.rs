@@ -61,6 +61,8 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "liburing-dev",
     // tests/tests/containers.rs starts its own Docker engine (dockerd, containerd, runc) and
     // builds its image from Debian's static busybox (`docker import`: nothing is pulled).
+    // tests/tests/pods.rs starts the same containerd (a dependency of docker.io) with its CRI
+    // plugin, as the kubelet's runtime, and imports its image with containerd's `ctr`.
     "docker.io",
     "busybox-static",
     // The kernel matrix (`cargo xtask test --kernels`, xtask/src/guest.rs): QEMU, busybox as the

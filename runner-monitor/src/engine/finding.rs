@@ -148,6 +148,9 @@ pub struct Finding {
     /// The job's container the process runs in.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub container: Option<ContainerInfo>,
+    /// The Kubernetes pod of that container (its `pod`, moved up here).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod: Option<crate::event::PodInfo>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credential: Option<CredentialRef>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -194,6 +197,7 @@ impl Finding {
             process: None,
             step: None,
             container: None,
+            pod: None,
             credential: None,
             destination: None,
             blocked: false,

@@ -317,6 +317,7 @@ impl Engine {
             }
             self.stats.findings += 1;
             f.container = f.process.as_ref().and_then(|p| self.container_of(p.pid));
+            f.pod = f.container.as_mut().and_then(|c| c.pod.take());
             kept.push(f);
         }
         kept

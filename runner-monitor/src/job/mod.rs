@@ -235,6 +235,16 @@ impl JobDirectory {
         self.found(job, event, info, policy)
     }
 
+    /// A GitLab kubernetes-executor pod's annotations name the job of `event`'s process: the
+    /// `job_start` to judge, unless the job is named already (its environment came first).
+    pub fn discover_pod(&mut self, event: &Event, info: JobInfo, policy: &Policy) -> Option<Event> {
+        let job = event.job.as_ref()?;
+        if self.known.get(&job.key).is_some_and(|k| k.discovered) {
+            return None;
+        }
+        self.found(job, event, info, policy)
+    }
+
     /// Discovery found job `job`'s identity at `event`: the `job_start` to judge, unless a hook
     /// named the job already or another job has the id.
     fn found(

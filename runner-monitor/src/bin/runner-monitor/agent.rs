@@ -106,6 +106,11 @@ pub struct RunArgs {
     /// of credential contents that recognise a token copied to another path or host.
     #[arg(long, value_name = "FILE")]
     fingerprint_key: Option<PathBuf>,
+    /// The CRI socket asked for the names of the pods and containers jobs run in under
+    /// Kubernetes (containerd's; an absent socket is fine). `none`: the kubelet's cgroup
+    /// layout only.
+    #[arg(long, value_name = "SOCKET", default_value = runner_monitor::enrich::DEFAULT_CRI_SOCKET)]
+    cri_socket: PathBuf,
     /// ed25519 private key (PKCS#8 PEM, mode 0600; `runner-monitor attest keygen`) that signs a
     /// runtime attestation of every job at its end, written to <state-dir>/attestations/.
     #[arg(long, value_name = "FILE")]

@@ -12,6 +12,7 @@ fn container(cgroup_id: u64) -> ContainerInfo {
         runtime: "docker".into(),
         cgroup: format!("/docker/{}", "ab".repeat(32)),
         cgroup_id,
+        pod: None,
     }
 }
 
@@ -103,4 +104,33 @@ fn the_runtime_is_read_from_the_cgroup_path() {
     ] {
         assert_eq!(ContainerInfo::runtime_of(&path), runtime, "{path}");
     }
+}
+
+#[test]
+fn findings_about_a_pod_container_process_name_the_pod_beside_the_container() {
+    let mut t = Trace::new();
+    t.start(1, 7, 100, "group/app");
+    let mut c = container(78);
+    c.runtime = "containerd".into();
+    c.pod = Some(crate::event::PodInfo {
+        name: Some("runner-abc-project-42-concurrent-0".into()),
+        namespace: Some("gitlab-ci".into()),
+        uid: "5f0c1e2a-7b3d-4c8e-9a1f-000000000001".into(),
+    });
+    // The pods stage sends the container event before the first event from its cgroup.
+    t.feed(2, 7, 200, 0, "sh", EventDetail::Container(c.clone()));
+    t.cgroup = 78;
+    t.exec(2, 7, 200, 0, &["cat"]);
+    for path in [
+        "/h/.aws/credentials",
+        "/h/.ssh/id_rsa",
+        "/h/.docker/config.json",
+    ] {
+        t.open(3, 7, 200, path, false);
+    }
+    let f = t.only(RuleId::CredentialHarvesting);
+    assert_eq!(f.pod, c.pod, "{f:#?}");
+    let shown = f.container.as_ref().expect("a container");
+    assert_eq!(shown.pod, None, "the pod is beside the container: {f:#?}");
+    assert_eq!(shown.id, c.id);
 }

@@ -5,6 +5,7 @@
 use std::{
     collections::HashMap,
     os::fd::AsRawFd,
+    path::Path,
     sync::{Arc, atomic::AtomicBool},
     time::Duration,
 };
@@ -14,7 +15,7 @@ use runner_monitor::{
     attest::{Attestor, dsse},
     clock::monotonic_ns,
     engine::Engine,
-    enrich::Fingerprinter,
+    enrich::{Fingerprinter, PodNamer},
     event::JobInfo,
     job::{
         JobDirectory,
@@ -113,6 +114,9 @@ impl Agent {
                 None => None,
             },
             identities: Default::default(),
+            pods: PodNamer::new(
+                (args.cri_socket != Path::new("none")).then(|| args.cri_socket.clone()),
+            ),
         };
         Self::check_receivers(&args)?;
         let fleet = NatsTarget::resolve(args.nats.as_deref(), &policy.fleet, None)

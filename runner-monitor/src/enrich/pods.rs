@@ -1,0 +1,348 @@
+//! Names the pods and containers jobs run in under Kubernetes (docs/containers.md,
+//! "Kubernetes"). At the first event of a job process from a cgroup not looked at yet, the
+//! process's cgroup path (`/proc/<pid>/cgroup`) is read in the kubelet's layout (`kube`): pod uid
+//! and container id. Then the CRI socket (containerd's by default) is asked for the container's
+//! name and image and its pod's name, namespace, labels and annotations. The answer becomes a
+//! container event before the event that revealed the cgroup, so findings, the event trace and
+//! `replay` carry `container` and `pod`.
+//!
+//! The CRI is asked on a thread of its own; the pipeline waits for it at most `WAIT`, once per
+//! container. A later answer is sent as a second container event for the same cgroup when the
+//! next event of a job comes. An absent socket is no error: the container and pod uid from the
+//! path are still sent.
+//!
+//! A GitLab kubernetes-executor pod's annotations (`job.runner.gitlab.com/*`) name the job, for
+//! discovery, when its environment has not already.
+
+use std::{
+    collections::HashMap,
+    path::{Path, PathBuf},
+    sync::mpsc,
+    time::{Duration, Instant},
+};
+
+use super::{cri, kube};
+use crate::{
+    bounded::BoundedMap,
+    event::{ContainerInfo, Event, EventDetail, JobInfo, JobRef, PodInfo},
+};
+
+/// containerd's socket, where the kubelet's CRI runtime listens on most nodes.
+pub const DEFAULT_CRI_SOCKET: &str = "/run/containerd/containerd.sock";
+/// How long the pipeline waits for the CRI's answer about a new container.
+const WAIT: Duration = Duration::from_millis(250);
+/// How long one CRI request may take on the CRI thread.
+const TIMEOUT: Duration = Duration::from_secs(2);
+
+/// A container event to judge before the event that revealed it, and the GitLab job its pod's
+/// annotations name, if any.
+pub struct PodContainer {
+    pub event: Event,
+    pub gitlab_job: Option<JobInfo>,
+}
+
+pub struct PodNamer {
+    socket: Option<PathBuf>,
+    worker: Option<Worker>,
+    /// cgroup ids looked at.
+    seen: BoundedMap<u64, ()>,
+    /// container id -> its container event, sent without names; waiting for the CRI.
+    pending: BoundedMap<String, Event>,
+    /// Answers that came while the pipeline waited for another container's.
+    late: Vec<(String, Option<cri::Named>)>,
+}
+
+impl PodNamer {
+    /// `socket`: the CRI socket to ask (`None`: the kubelet's layout only).
+    pub fn new(socket: Option<PathBuf>) -> Self {
+        Self {
+            socket,
+            worker: None,
+            seen: BoundedMap::new(4096),
+            pending: BoundedMap::new(256),
+            late: Vec::new(),
+        }
+    }
+
+    /// Before `event`: container events for a pod container it reveals, and for containers the
+    /// CRI named late.
+    pub fn process(&mut self, event: &Event) -> Vec<PodContainer> {
+        let mut out = self.late_answers(None);
+        let Some(job) = &event.job else {
+            return out;
+        };
+        let cgroup_id = event.process.cgroup_id;
+        if cgroup_id == 0
+            || self.seen.contains_key(&cgroup_id)
+            || matches!(
+                event.detail,
+                EventDetail::Container(_)
+                    | EventDetail::JobEnv { .. }
+                    | EventDetail::CredentialFingerprint { .. }
+            )
+        {
+            return out;
+        }
+        // The process (or, if it is gone already, its parent, often in the same cgroup).
+        let Some(path) = [event.process.pid, event.process.ppid]
+            .into_iter()
+            .find_map(cgroup_v2_path)
+        else {
+            return out;
+        };
+        self.seen.insert(cgroup_id, ());
+        let Some(kube::KubeCgroup {
+            pod_uid,
+            container_id: Some(id),
+            runtime,
+        }) = kube::parse(&path)
+        else {
+            return out;
+        };
+        let mut info = ContainerInfo::new(id.clone(), path, cgroup_id);
+        info.runtime = runtime.to_owned();
+        info.pod = Some(PodInfo {
+            uid: pod_uid,
+            ..Default::default()
+        });
+        let container = Event {
+            time_ns: event.time_ns,
+            job: Some(JobRef {
+                root: false,
+                ..job.clone()
+            }),
+            process: event.process.clone(),
+            truncated: false,
+            detail: EventDetail::Container(info),
+        };
+        let named = self.ask(&id);
+        out.extend(self.late_answers(named.as_ref().map(|_| id.as_str())));
+        match named {
+            Some(named) => out.extend(Self::named(container, named)),
+            None => {
+                if self.worker.is_some() {
+                    self.pending.insert(id, container.clone());
+                }
+                out.push(PodContainer {
+                    event: container,
+                    gitlab_job: None,
+                });
+            }
+        }
+        out
+    }
+
+    /// Asks the CRI about container `id`, waiting at most `WAIT`; `None` without an answer
+    /// (no socket, no such container, slow runtime).
+    fn ask(&mut self, id: &str) -> Option<cri::Named> {
+        let socket = self.socket.as_ref()?;
+        if self.worker.is_none() {
+            if !Path::new(socket).exists() {
+                return None;
+            }
+            self.worker = Some(Worker::spawn(socket.clone()));
+        }
+        let worker = self.worker.as_ref()?;
+        worker.ask.send(id.to_owned()).ok()?;
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match worker.answers.recv_timeout(left) {
+                Ok((answered, named)) if answered == id => return named,
+                // An answer that came too late for its own container.
+                Ok((answered, named)) => self.late.push((answered, named)),
+                Err(_) => return None,
+            }
+        }
+    }
+
+    /// Container events for pending containers the CRI has named since (not `except`).
+    fn late_answers(&mut self, except: Option<&str>) -> Vec<PodContainer> {
+        let Some(worker) = &self.worker else {
+            return Vec::new();
+        };
+        let mut answers: Vec<_> = self.late.drain(..).collect();
+        answers.extend(worker.answers.try_iter());
+        let mut out = Vec::new();
+        for (id, named) in answers {
+            if Some(id.as_str()) == except {
+                continue;
+            }
+            if let (Some(container), Some(named)) = (self.pending.remove(&id), named) {
+                out.extend(Self::named(container, named));
+            }
+        }
+        out
+    }
+
+    /// The container event `container` with what the CRI said.
+    fn named(mut container: Event, named: cri::Named) -> Option<PodContainer> {
+        let EventDetail::Container(info) = &mut container.detail else {
+            return None;
+        };
+        let some = |s: String| (!s.is_empty()).then_some(s);
+        info.name = some(named.container);
+        info.image = some(named.image);
+        if info.runtime == "cri" && !named.runtime.is_empty() {
+            info.runtime = named.runtime;
+        }
+        let pod = info.pod.get_or_insert_with(PodInfo::default);
+        pod.name = some(named.pod);
+        pod.namespace = some(named.namespace);
+        if pod.uid.is_empty() {
+            pod.uid = named.pod_uid;
+        }
+        Some(PodContainer {
+            event: container,
+            gitlab_job: gitlab_job(&named.pod_annotations, &named.pod_labels),
+        })
+    }
+}
+
+/// The job a GitLab kubernetes-executor pod runs, from its annotations (the runner sets
+/// `job.runner.gitlab.com/{id,url,sha,before_sha,ref,name,timeout}` and
+/// `project.runner.gitlab.com/id`; its labels `project.runner.gitlab.com/*` are read-only for
+/// jobs). The repository is the job URL's path before `/-/jobs/`; the pipeline is not among them.
+pub fn gitlab_job(
+    annotations: &HashMap<String, String>,
+    labels: &HashMap<String, String>,
+) -> Option<JobInfo> {
+    let id = annotations.get("job.runner.gitlab.com/id")?;
+    let repository = annotations
+        .get("job.runner.gitlab.com/url")
+        .and_then(|url| url.split_once("://"))
+        .and_then(|(_, rest)| rest.split_once('/'))
+        .and_then(|(_, path)| path.split_once("/-/jobs/"))
+        .map(|(project, _)| project.to_owned())
+        .or_else(|| {
+            // Without the URL, the namespace and name labels (no subgroups in labels).
+            let namespace = labels.get("project.runner.gitlab.com/namespace")?;
+            let name = labels.get("project.runner.gitlab.com/name")?;
+            Some(format!("{namespace}/{name}"))
+        });
+    Some(JobInfo {
+        id: id.clone(),
+        platform: Some("gitlab".into()),
+        repository,
+        workflow: annotations.get("job.runner.gitlab.com/name").cloned(),
+        git_ref: annotations.get("job.runner.gitlab.com/ref").cloned(),
+        ..Default::default()
+    })
+}
+
+/// The process's cgroup in the v2 hierarchy (`0::<path>` in `/proc/<pid>/cgroup`).
+fn cgroup_v2_path(pid: u32) -> Option<String> {
+    if pid == 0 {
+        return None;
+    }
+    let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .map(str::to_owned)
+}
+
+/// The CRI thread: a tokio runtime of its own with one channel to the socket, made again after
+/// an error.
+struct Worker {
+    ask: tokio::sync::mpsc::UnboundedSender<String>,
+    answers: mpsc::Receiver<(String, Option<cri::Named>)>,
+}
+
+impl Worker {
+    fn spawn(socket: PathBuf) -> Self {
+        let (ask, mut asked) = tokio::sync::mpsc::unbounded_channel::<String>();
+        let (answer, answers) = mpsc::channel();
+        let spawned = std::thread::Builder::new()
+            .name("cri".into())
+            .spawn(move || {
+                let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                else {
+                    return;
+                };
+                runtime.block_on(async move {
+                    let mut channel = None;
+                    let mut name = String::new();
+                    while let Some(id) = asked.recv().await {
+                        if channel.is_none() {
+                            match cri::connect(socket.clone(), TIMEOUT).await {
+                                Ok(c) => {
+                                    let version: Result<cri::VersionResponse, _> =
+                                        cri::call(&c, "Version", cri::VersionRequest::default())
+                                            .await;
+                                    name = version.map(|v| v.runtime_name).unwrap_or_default();
+                                    channel = Some(c);
+                                }
+                                Err(e) => {
+                                    tracing::debug!(socket = %socket.display(), error = %e, "CRI not reached");
+                                }
+                            }
+                        }
+                        let named = match &channel {
+                            Some(c) => match cri::name(c, &name, &id).await {
+                                Ok(named) => named,
+                                Err(e) => {
+                                    tracing::debug!(id, error = %e, "container not named by the CRI");
+                                    if e.code() == tonic::Code::Unavailable {
+                                        channel = None;
+                                    }
+                                    None
+                                }
+                            },
+                            None => None,
+                        };
+                        if answer.send((id, named)).is_err() {
+                            return;
+                        }
+                    }
+                });
+            });
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "no CRI thread: pods are not named");
+        }
+        Self { ask, answers }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_gitlab_kubernetes_executor_pod_names_its_job() {
+        let annotations: HashMap<String, String> = [
+            ("job.runner.gitlab.com/id", "4242"),
+            (
+                "job.runner.gitlab.com/url",
+                "https://gitlab.example.com/acme/sub/app/-/jobs/4242",
+            ),
+            ("job.runner.gitlab.com/name", "test"),
+            ("job.runner.gitlab.com/ref", "main"),
+            ("project.runner.gitlab.com/id", "17"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
+        let job = gitlab_job(&annotations, &HashMap::new()).unwrap();
+        assert_eq!(job.id, "4242");
+        assert_eq!(job.platform.as_deref(), Some("gitlab"));
+        assert_eq!(job.repository.as_deref(), Some("acme/sub/app"));
+        assert_eq!(job.workflow.as_deref(), Some("test"));
+        assert_eq!(job.git_ref.as_deref(), Some("main"));
+        // Without the URL, the labels name the project.
+        let mut bare = annotations.clone();
+        bare.remove("job.runner.gitlab.com/url");
+        let labels: HashMap<String, String> = [
+            ("project.runner.gitlab.com/namespace", "acme"),
+            ("project.runner.gitlab.com/name", "app"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
+        let job = gitlab_job(&bare, &labels).unwrap();
+        assert_eq!(job.repository.as_deref(), Some("acme/app"));
+        // Another pod is no GitLab job.
+        assert_eq!(gitlab_job(&HashMap::new(), &labels), None);
+    }
+}
