@@ -346,6 +346,7 @@ impl Sensor {
         if let Some((dir, events)) = &self.events_pin {
             pins::remove_events(dir, events);
         }
+        links::detach_all(&mut self.ebpf);
         n
     }
 
