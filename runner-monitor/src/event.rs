@@ -252,6 +252,26 @@ pub struct ContainerInfo {
     pub cgroup: String,
     #[serde(default)]
     pub cgroup_id: u64,
+    /// How the job's start request named the container when not by its full id: a name or a
+    /// short id (the kernel matched it to the next container made: docs/containers.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requested_as: Option<RequestedAs>,
+}
+
+/// A start by name or short id, as the kernel matched it to a container.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RequestedAs {
+    /// The name or short id in the job's request.
+    pub reference: String,
+    /// `short-id` (the container's id starts with it: exact) or `name` (the first container
+    /// made after the request: a guess).
+    pub by: String,
+    /// Microseconds from the request to the container's cgroup.
+    pub waited_us: u64,
+    /// The daemon confirmed it: the container's name is the reference (by name), or its id
+    /// starts with it. False when the daemon named it otherwise; absent when it was not asked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub confirmed: Option<bool>,
 }
 
 impl ContainerInfo {
@@ -264,6 +284,7 @@ impl ContainerInfo {
             runtime: Self::runtime_of(&cgroup).to_owned(),
             cgroup,
             cgroup_id,
+            requested_as: None,
         }
     }
 

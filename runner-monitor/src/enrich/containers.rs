@@ -72,10 +72,33 @@ fn name(socket: &str, info: &mut ContainerInfo) {
                 .as_str()
                 .map(|n| n.trim_start_matches('/').to_owned());
             info.image = c["Image"].as_str().map(str::to_owned);
+            confirm(info);
         }
         Err(e) => {
             tracing::debug!(socket, id = %info.id, error = %e, "container not named");
         }
+    }
+}
+
+/// A container the kernel matched to a start by name or short id: does the daemon agree? A
+/// name guess the daemon contradicts (another container was made between the job's request
+/// and its own) is reported; the container stays the job's (docs/containers.md).
+fn confirm(info: &mut ContainerInfo) {
+    let Some(requested) = info.requested_as.as_mut() else {
+        return;
+    };
+    let confirmed = match requested.by.as_str() {
+        "short-id" => info.id.starts_with(&requested.reference),
+        _ => info.name.as_deref() == Some(requested.reference.as_str()),
+    };
+    requested.confirmed = Some(confirmed);
+    if !confirmed {
+        tracing::warn!(
+            id = %info.id,
+            name = info.name.as_deref().unwrap_or(""),
+            reference = %requested.reference,
+            "a container was attributed to a job's start by name, but the daemon names it otherwise"
+        );
     }
 }
 

@@ -12,6 +12,7 @@ fn container(cgroup_id: u64) -> ContainerInfo {
         runtime: "docker".into(),
         cgroup: format!("/docker/{}", "ab".repeat(32)),
         cgroup_id,
+        requested_as: None,
     }
 }
 
