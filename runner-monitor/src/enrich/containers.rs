@@ -131,3 +131,49 @@ fn inspect(socket: &str, id: &str) -> std::io::Result<serde_json::Value> {
     }
     serde_json::from_slice(&answer[split + 4..]).map_err(|e| invalid(&e.to_string()))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::RequestedAs;
+
+    fn matched(by: &str, reference: &str, name: Option<&str>) -> ContainerInfo {
+        let id = "3f2a".repeat(16);
+        let mut info = ContainerInfo::new(id.clone(), format!("/docker/{id}"), 7);
+        info.name = name.map(str::to_owned);
+        info.requested_as = Some(RequestedAs {
+            reference: reference.into(),
+            by: by.into(),
+            waited_us: 90_000,
+            confirmed: None,
+        });
+        info
+    }
+
+    fn confirmed(mut info: ContainerInfo) -> Option<bool> {
+        confirm(&mut info);
+        info.requested_as.unwrap().confirmed
+    }
+
+    #[test]
+    fn a_start_by_name_is_confirmed_by_the_daemons_name_for_the_container() {
+        assert_eq!(confirmed(matched("name", "web", Some("web"))), Some(true));
+        // Another container was made between the job's request and its own.
+        assert_eq!(confirmed(matched("name", "web", Some("db"))), Some(false));
+        assert_eq!(confirmed(matched("name", "web", None)), Some(false));
+    }
+
+    #[test]
+    fn a_start_by_short_id_is_confirmed_by_the_id() {
+        assert_eq!(confirmed(matched("short-id", "3f2a3f", None)), Some(true));
+        assert_eq!(confirmed(matched("short-id", "3f2b", None)), Some(false));
+    }
+
+    #[test]
+    fn a_start_by_id_has_nothing_to_confirm() {
+        let id = "ab".repeat(32);
+        let mut info = ContainerInfo::new(id.clone(), format!("/docker/{id}"), 7);
+        confirm(&mut info);
+        assert_eq!(info.requested_as, None);
+    }
+}
