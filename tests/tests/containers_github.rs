@@ -164,3 +164,80 @@ fn an_entitled_job_raises_no_socket_finding_and_its_containers_are_still_the_job
     drop(docker);
     assert!(agent.stop().success());
 }
+
+/// GitLab's docker executor with a service: the runner (outside any job) creates the service
+/// and the build container with its labels and the job's `CI_*` variables, the build reads
+/// credentials, the runner removes both. One job (its containers are stages of it, by the
+/// environment scan), and once its containers are gone no survivor.
+#[test]
+fn a_gitlab_job_with_a_service_is_one_job_and_leaves_no_survivor_once_removed() {
+    let agent = agent();
+    let docker = Docker::start("gitlabsvc");
+    let env = TestEnv::new("containers-gitlabsvc");
+    let job_id = run_id(25);
+    let home = env.home.display().to_string();
+    let create = |kind: &str, name: &str, command: &str| {
+        let mut c = docker.cli();
+        c.args(["create", "--name", name, "--network", "none", "-v"])
+            .arg(format!("{home}:/builds/h"))
+            .args([
+                "--label",
+                &format!("com.gitlab.gitlab-runner.job.id={job_id}"),
+            ])
+            .args(["--label", "com.gitlab.gitlab-runner.project.id=42"])
+            .args(["--label", "com.gitlab.gitlab-runner.pipeline.id=77"])
+            .args(["--label", "com.gitlab.gitlab-runner.runner.id=9"])
+            .args(["--label", &format!("com.gitlab.gitlab-runner.type={kind}")])
+            .args(["-e", "GITLAB_CI=true", "-e", "CI=true"])
+            .args(["-e", &format!("CI_JOB_ID={job_id}")])
+            .args(["-e", "CI_PROJECT_PATH=group/with-service"])
+            .args(["-e", "CI_PIPELINE_ID=77", "-e", "CI_JOB_NAME=test"])
+            .args(["-e", "CI_RUNNER_ID=9", "-e", "CI_JOB_TOKEN"])
+            .env("CI_JOB_TOKEN", integration_tests::CANARY)
+            .args([IMAGE, "sh", "-c", command]);
+        let out = c.output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let service = format!("rm-svc-{job_id}");
+    let build = format!("rm-build-{job_id}");
+    create("service", &service, "sleep 60");
+    create(
+        "build",
+        &build,
+        &format!("{} > /dev/null", read_three_kinds("/builds/h")),
+    );
+    docker.run(&["start", &service]);
+    docker.run(&["start", "-a", &build]);
+    let harvest = wait_alert(agent, "credential-harvesting", &job_id, |_| true);
+    assert_eq!(harvest["job"]["platform"], "gitlab", "{harvest}");
+    assert_eq!(
+        harvest["job"]["repository"], "group/with-service",
+        "{harvest}"
+    );
+    // Two stages of the one job: the service's and the build's entrypoints, each a root found
+    // by the environment scan.
+    let stages = std::fs::read_to_string(agent.dir.join("events.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|e| e["kind"] == "job_start" && e["id"] == job_id.as_str())
+        .count();
+    assert_eq!(stages, 2, "stages of job {job_id}");
+    // The runner removes the containers: the job ends `stage_gap` after its last stage's root
+    // exits, and nothing of it survives the grace period.
+    docker.run(&["rm", "-f", &service, &build]);
+    std::thread::sleep(Duration::from_secs(5));
+    let survivors: Vec<_> = alerts(agent)
+        .into_iter()
+        .filter(|a| {
+            (a["rule"] == "process-survived-job" || a["rule"] == "credential-after-job-end")
+                && a["job"]["id"] == job_id
+        })
+        .collect();
+    assert!(survivors.is_empty(), "survivors: {survivors:#?}");
+    assert_no_secret(agent);
+}
