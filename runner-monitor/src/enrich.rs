@@ -11,7 +11,7 @@
 use std::{io::Read, os::unix::fs::PermissionsExt, path::Path};
 
 mod containers;
-pub use containers::ContainerNamer;
+pub use containers::{ContainerNamer, of_job_root};
 
 use hmac::{Hmac, KeyInit, Mac};
 use sha2::Sha256;

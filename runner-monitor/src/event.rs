@@ -256,6 +256,10 @@ pub struct ContainerInfo {
     /// short id (the kernel matched it to the next container made: docs/containers.md).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub requested_as: Option<RequestedAs>,
+    /// GitLab Runner's labels (`com.gitlab.gitlab-runner.*`: job, project, pipeline and runner
+    /// ids, the container's type), when the daemon was asked.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub labels: std::collections::BTreeMap<String, String>,
 }
 
 /// A start by name or short id, as the kernel matched it to a container.
@@ -285,6 +289,7 @@ impl ContainerInfo {
             cgroup,
             cgroup_id,
             requested_as: None,
+            labels: Default::default(),
         }
     }
 

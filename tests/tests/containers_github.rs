@@ -165,6 +165,44 @@ fn an_entitled_job_raises_no_socket_finding_and_its_containers_are_still_the_job
     assert!(agent.stop().success());
 }
 
+/// A container of GitLab's docker executor, created as the runner does it (outside any job):
+/// the runner's labels, the job's `CI_*` variables (a canary `CI_JOB_TOKEN`), the job's home
+/// at `/builds/h`; `kind` is the label's type (`build`, `service`, `helper`).
+fn gitlab_container(
+    docker: &Docker,
+    env: &TestEnv,
+    job_id: &str,
+    kind: &str,
+    name: &str,
+    command: &str,
+) {
+    let mut c = docker.cli();
+    c.args(["create", "--name", name, "--network", "none", "-v"])
+        .arg(format!("{}:/builds/h", env.home.display()))
+        .args([
+            "--label",
+            &format!("com.gitlab.gitlab-runner.job.id={job_id}"),
+        ])
+        .args(["--label", "com.gitlab.gitlab-runner.project.id=42"])
+        .args(["--label", "com.gitlab.gitlab-runner.pipeline.id=77"])
+        .args(["--label", "com.gitlab.gitlab-runner.runner.id=9"])
+        .args(["--label", &format!("com.gitlab.gitlab-runner.type={kind}")])
+        .args(["-e", "GITLAB_CI=true", "-e", "CI=true"])
+        .args(["-e", &format!("CI_JOB_ID={job_id}")])
+        .args(["-e", "CI_PROJECT_PATH=group/with-service"])
+        .args(["-e", "CI_PIPELINE_ID=77", "-e", "CI_JOB_NAME=test"])
+        .args(["-e", "CI_RUNNER_ID=9", "-e", "CI_JOB_TOKEN"])
+        // The CLI reads the token from its own environment: not on any command line.
+        .env("CI_JOB_TOKEN", integration_tests::CANARY)
+        .args([IMAGE, "sh", "-c", command]);
+    let out = c.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// GitLab's docker executor with a service: the runner (outside any job) creates the service
 /// and the build container with its labels and the job's `CI_*` variables, the build reads
 /// credentials, the runner removes both. One job (its containers are stages of it, by the
@@ -175,37 +213,13 @@ fn a_gitlab_job_with_a_service_is_one_job_and_leaves_no_survivor_once_removed() 
     let docker = Docker::start("gitlabsvc");
     let env = TestEnv::new("containers-gitlabsvc");
     let job_id = run_id(25);
-    let home = env.home.display().to_string();
-    let create = |kind: &str, name: &str, command: &str| {
-        let mut c = docker.cli();
-        c.args(["create", "--name", name, "--network", "none", "-v"])
-            .arg(format!("{home}:/builds/h"))
-            .args([
-                "--label",
-                &format!("com.gitlab.gitlab-runner.job.id={job_id}"),
-            ])
-            .args(["--label", "com.gitlab.gitlab-runner.project.id=42"])
-            .args(["--label", "com.gitlab.gitlab-runner.pipeline.id=77"])
-            .args(["--label", "com.gitlab.gitlab-runner.runner.id=9"])
-            .args(["--label", &format!("com.gitlab.gitlab-runner.type={kind}")])
-            .args(["-e", "GITLAB_CI=true", "-e", "CI=true"])
-            .args(["-e", &format!("CI_JOB_ID={job_id}")])
-            .args(["-e", "CI_PROJECT_PATH=group/with-service"])
-            .args(["-e", "CI_PIPELINE_ID=77", "-e", "CI_JOB_NAME=test"])
-            .args(["-e", "CI_RUNNER_ID=9", "-e", "CI_JOB_TOKEN"])
-            .env("CI_JOB_TOKEN", integration_tests::CANARY)
-            .args([IMAGE, "sh", "-c", command]);
-        let out = c.output().unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
     let service = format!("rm-svc-{job_id}");
     let build = format!("rm-build-{job_id}");
-    create("service", &service, "sleep 60");
-    create(
+    gitlab_container(&docker, &env, &job_id, "service", &service, "sleep 60");
+    gitlab_container(
+        &docker,
+        &env,
+        &job_id,
         "build",
         &build,
         &format!("{} > /dev/null", read_three_kinds("/builds/h")),
@@ -240,4 +254,60 @@ fn a_gitlab_job_with_a_service_is_one_job_and_leaves_no_survivor_once_removed() 
         .collect();
     assert!(survivors.is_empty(), "survivors: {survivors:#?}");
     assert_no_secret(agent);
+}
+
+/// The agent reads GitLab Runner's labels of a docker-executor container from the runner's
+/// Docker socket (a `docker` secret socket path of the policy): findings about the build
+/// container name it, with the job, project, pipeline and runner ids and its type.
+#[test]
+fn a_gitlab_executor_container_is_named_with_the_runners_labels() {
+    let docker = Docker::start("gitlablabels");
+    let dir = agent_dir("containers-gitlablabels");
+    std::fs::write(
+        dir.join("policy.toml"),
+        format!(
+            "{}\n[[secret_sockets]]\nkind = \"docker\"\npaths = [\"{}\"]\n",
+            test_policy(),
+            docker.socket.display()
+        ),
+    )
+    .unwrap();
+    let agent = Agent::launch(&dir, free_port(), &[]);
+    let env = TestEnv::new("containers-gitlablabels");
+    let job_id = run_id(26);
+    let build = format!("rm-build-{job_id}");
+    // The entrypoint lives on a second after its reads: the agent reads its cgroup from /proc.
+    let read = format!("{} > /dev/null; sleep 1", read_three_kinds("/builds/h"));
+    gitlab_container(&docker, &env, &job_id, "build", &build, &read);
+    docker.run(&["start", "-a", &build]);
+    let harvest = wait_alert(&agent, "credential-harvesting", &job_id, |_| true);
+    assert_eq!(harvest["job"]["platform"], "gitlab", "{harvest}");
+    let c = &harvest["container"];
+    assert_eq!(c["name"], build.as_str(), "{harvest}");
+    assert_eq!(c["image"], IMAGE, "{harvest}");
+    let labels = &c["labels"];
+    assert_eq!(
+        labels["com.gitlab.gitlab-runner.job.id"],
+        job_id.as_str(),
+        "{harvest}"
+    );
+    assert_eq!(
+        labels["com.gitlab.gitlab-runner.project.id"], "42",
+        "{harvest}"
+    );
+    assert_eq!(
+        labels["com.gitlab.gitlab-runner.pipeline.id"], "77",
+        "{harvest}"
+    );
+    assert_eq!(
+        labels["com.gitlab.gitlab-runner.runner.id"], "9",
+        "{harvest}"
+    );
+    assert_eq!(
+        labels["com.gitlab.gitlab-runner.type"], "build",
+        "{harvest}"
+    );
+    assert_no_secret(&agent);
+    drop(docker);
+    assert!(agent.stop().success());
 }

@@ -60,24 +60,72 @@ impl ContainerNamer {
     }
 }
 
-/// Fills `info`'s name and image from the Docker API at `socket`, when it answers.
-fn name(socket: &str, info: &mut ContainerInfo) {
+/// Fills `info`'s name, image and GitLab Runner labels from the Docker API at `socket`, when it
+/// answers and knows the container.
+fn name(socket: &str, info: &mut ContainerInfo) -> bool {
     if info.id.len() != 64 || !info.id.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return;
+        return false;
     }
     match inspect(socket, &info.id) {
-        Ok(answer) => {
+        Ok(answer) if answer[0].is_object() => {
             let c = &answer[0];
             info.name = c["Names"][0]
                 .as_str()
                 .map(|n| n.trim_start_matches('/').to_owned());
             info.image = c["Image"].as_str().map(str::to_owned);
+            if let Some(labels) = c["Labels"].as_object() {
+                info.labels = labels
+                    .iter()
+                    .filter(|(k, _)| k.starts_with(GITLAB_LABELS))
+                    .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_owned())))
+                    .collect();
+            }
             confirm(info);
+            true
         }
+        Ok(_) => false,
         Err(e) => {
             tracing::debug!(socket, id = %info.id, error = %e, "container not named");
+            false
         }
     }
+}
+
+/// GitLab Runner's labels on the containers of its docker executor.
+const GITLAB_LABELS: &str = "com.gitlab.gitlab-runner.";
+
+/// A GitLab job root the environment scan found in a container cgroup (the docker executor:
+/// the runner, outside any job, created the container, so the kernel sent no container event):
+/// its container, as a container event of the job, named with the runner's labels by the
+/// daemon at a `docker` secret-socket path of the policy (the runner's socket: the job never
+/// connected to it). Best effort: the root must still run (its `/proc/<pid>/cgroup`).
+pub fn of_job_root(start: &Event, policy: &Policy) -> Option<Event> {
+    let EventDetail::JobStart(job) = &start.detail else {
+        return None;
+    };
+    if job.platform.as_deref() != Some("gitlab") || start.process.cgroup_id <= 1 {
+        return None;
+    }
+    let cgroups = std::fs::read_to_string(format!("/proc/{}/cgroup", start.process.pid)).ok()?;
+    let path = cgroups.lines().find_map(|l| l.strip_prefix("0::"))?;
+    let base = path.rsplit('/').next()?;
+    let base = base.strip_suffix(".scope").unwrap_or(base);
+    let id = base.get(base.len().checked_sub(64)?..)?;
+    if !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    let mut info = ContainerInfo::new(id.to_owned(), path.to_owned(), start.process.cgroup_id);
+    for socket in &policy.secret_socket_paths {
+        if policy.secret_socket_of(socket) == Some("docker")
+            && std::path::Path::new(socket).exists()
+            && name(socket, &mut info)
+        {
+            break;
+        }
+    }
+    let mut event = start.clone();
+    event.detail = EventDetail::Container(info);
+    Some(event)
 }
 
 /// A container the kernel matched to a start by name or short id: does the daemon agree? A

@@ -13,6 +13,7 @@ fn container(cgroup_id: u64) -> ContainerInfo {
         cgroup: format!("/docker/{}", "ab".repeat(32)),
         cgroup_id,
         requested_as: None,
+        labels: Default::default(),
     }
 }
 
