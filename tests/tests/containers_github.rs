@@ -163,6 +163,7 @@ fn an_entitled_job_raises_no_socket_finding_and_its_containers_are_still_the_job
     assert_no_secret(&agent);
     drop(docker);
     assert!(agent.stop().success());
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// A container of GitLab's docker executor, created as the runner does it (outside any job):
@@ -310,4 +311,5 @@ fn a_gitlab_executor_container_is_named_with_the_runners_labels() {
     assert_no_secret(&agent);
     drop(docker);
     assert!(agent.stop().success());
+    let _ = std::fs::remove_dir_all(&dir);
 }
