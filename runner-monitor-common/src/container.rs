@@ -10,6 +10,13 @@ pub const MAX_CONTAINERS: u32 = 4096;
 /// Bytes of the cgroup path kept (the end of it, which holds the id, is what matters).
 pub const CGROUP_PATH_LEN: usize = 128;
 
+/// How a container was matched to a job's start request (`ContainerEvent::matched`): by its
+/// 64-digit id (exact), by a short id it starts with (exact), or by a name (the oldest pending
+/// start by name of any job: a guess the agent checks against the daemon).
+pub const MATCHED_BY_ID: u32 = 1;
+pub const MATCHED_BY_SHORT_ID: u32 = 2;
+pub const MATCHED_BY_NAME: u32 = 3;
+
 /// The cgroup of a container job `header.job` asked a runtime to start was made: from now on,
 /// a process outside jobs that execs in it joins the job. The header's process is whoever made
 /// the cgroup (the runtime), not a job process.
@@ -22,8 +29,13 @@ pub struct ContainerEvent {
     pub cgroup_id: u64,
     /// Bytes of `path` used (the path's last bytes when it was longer).
     pub path_len: u32,
-    pub _pad: u32,
+    /// `MATCHED_BY_ID`, `MATCHED_BY_SHORT_ID` or `MATCHED_BY_NAME`.
+    pub matched: u32,
+    /// Nanoseconds from the job's start request to the cgroup (0 when matched by id).
+    pub waited_ns: u64,
     pub id: [u8; CONTAINER_ID_LEN],
+    /// The name or short id the job's start request gave, NUL-padded (zero when by id).
+    pub reference: [u8; CONTAINER_ID_LEN],
     /// The cgroup's path in the v2 hierarchy (`/docker/<id>`, `/system.slice/docker-<id>.scope`).
     pub path: [u8; CGROUP_PATH_LEN],
 }

@@ -567,7 +567,7 @@ assert_size!(DnsEvent, 64 + 16 + 16 + DNS_LEN);
 assert_size!(SignalEvent, 80);
 assert_size!(
     ContainerEvent,
-    64 + 16 + container::CONTAINER_ID_LEN + container::CGROUP_PATH_LEN
+    64 + 24 + 2 * container::CONTAINER_ID_LEN + container::CGROUP_PATH_LEN
 );
 assert_size!(BpfEvent, 72);
 assert_size!(ChdirEvent, 64 + 8 + PATH_LEN);

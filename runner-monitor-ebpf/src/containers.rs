@@ -26,12 +26,13 @@ use aya_ebpf::{
 };
 use runner_monitor_common::{
     CONTAINER_ID_LEN, ContainerEvent, EventKind, ProcessJob,
-    container::{CGROUP_PATH_LEN, MAX_CONTAINERS},
+    container::{CGROUP_PATH_LEN, MATCHED_BY_ID, MAX_CONTAINERS},
     counter,
 };
 
 use crate::{
     args::{field, syscall_arg},
+    container_refs::{Matched, start_by_reference, take_pending},
     emit::send,
     maps::{count, current_tgid},
 };
@@ -90,6 +91,11 @@ fn same<const N: usize>(buf: &[u8], at: usize, want: &[u8; N]) -> bool {
     true
 }
 
+#[inline(always)]
+pub fn is_hex(c: u8) -> bool {
+    c.is_ascii_digit() || (b'a'..=b'f').contains(&c)
+}
+
 /// A write of `len` bytes at user address `buf` on socket `fd` of the current process.
 #[inline(always)]
 fn on_send(fd: i64, buf: u64, len: u64) {
@@ -98,7 +104,8 @@ fn on_send(fd: i64, buf: u64, len: u64) {
     let Some(job) = (unsafe { UNIX_CONNS.get(key).copied() }) else {
         return;
     };
-    if len < (PREFIX_LEN + CONTAINER_ID_LEN + START.len()) as u64 || buf == 0 {
+    // The shortest request that can name a container: `POST /containers/x/start `.
+    if len < (PREFIX_LEN + 2) as u64 || buf == 0 {
         return;
     }
     let mut prefix = [0u8; PREFIX_LEN];
@@ -119,26 +126,25 @@ fn on_send(fd: i64, buf: u64, len: u64) {
     if id_at == 0 {
         return;
     }
-    // The id and what follows it: `/start` then a space or `?`.
+    // The id and what follows it: `/start` then a space or `?`. A shorter request is read past
+    // its end (within the sender's buffer: what follows the reference decides).
     let mut tail = [0u8; CONTAINER_ID_LEN + 8];
     // SAFETY: a checked read of user memory into a stack buffer.
     if unsafe { bpf_probe_read_user_buf((buf + id_at as u64) as *const u8, &mut tail) }.is_err() {
         return;
     }
-    if !same(&tail, CONTAINER_ID_LEN, START) {
-        return;
-    }
     let after = tail[CONTAINER_ID_LEN + START.len()];
-    if after != b' ' && after != b'?' {
+    let by_id = len >= (id_at + CONTAINER_ID_LEN + START.len() + 1) as u64
+        && same(&tail, CONTAINER_ID_LEN, START)
+        && (after == b' ' || after == b'?')
+        && tail[..CONTAINER_ID_LEN].iter().all(|c| is_hex(*c));
+    if !by_id {
+        // By name or short id: `docker start web`, `docker start 3f2a9c`.
+        start_by_reference(&tail, len - id_at as u64, job);
         return;
     }
     let mut id = [0u8; CONTAINER_ID_LEN];
     id.copy_from_slice(&tail[..CONTAINER_ID_LEN]);
-    for c in id {
-        if !c.is_ascii_digit() && !(b'a'..=b'f').contains(&c) {
-            return;
-        }
-    }
     if REQUESTED_CONTAINERS.insert(id, job, 0).is_err() {
         count(counter::PENDING_MAP_FULL);
     }
@@ -207,36 +213,51 @@ pub fn cgroup_mkdir(ctx: TracePointContext) -> u32 {
             continue;
         }
         // SAFETY: the value is copied out at once.
-        if let Some(job) = unsafe { REQUESTED_CONTAINERS.get(id).copied() } {
-            let cgroup: u64 = field(&ctx, offsets::ID);
-            if CONTAINER_CGROUPS.insert(cgroup, job, 0).is_err() {
-                count(counter::PENDING_MAP_FULL);
-                return 0;
-            }
-            // The agent learns the container's id and cgroup (to name it in findings).
-            let skip = len.saturating_sub(CGROUP_PATH_LEN as u32);
-            // SAFETY: a pointer inside the tracepoint record; read with a checked helper below.
-            let path = unsafe { (ctx.as_ptr() as *const u8).add((offset + skip) as usize) };
-            send(
-                EventKind::Container,
-                Some(&member(job)),
-                |e: &mut ContainerEvent| {
-                    e.cgroup_id = cgroup;
-                    e._pad = 0;
-                    e.id = id;
-                    // SAFETY: the helper bounds the copy to the buffer.
-                    let n = unsafe {
-                        bpf_probe_read_kernel_str(
-                            e.path.as_mut_ptr().cast(),
-                            CGROUP_PATH_LEN as u32,
-                            path.cast(),
-                        )
-                    };
-                    e.path_len = if n > 0 { (n - 1) as u32 } else { 0 };
-                },
-            );
+        let requested = unsafe { REQUESTED_CONTAINERS.get(id).copied() };
+        let matched = match requested {
+            Some(job) => Matched {
+                job,
+                how: MATCHED_BY_ID,
+                waited_ns: 0,
+                reference: [0; CONTAINER_ID_LEN],
+            },
+            // Not the name of a container (`.../<64 hex>`): try the next suffix.
+            None if !id.iter().all(|c| is_hex(*c)) => continue,
+            None => match take_pending(&id) {
+                Some(m) => m,
+                None => return 0,
+            },
+        };
+        let cgroup: u64 = field(&ctx, offsets::ID);
+        if CONTAINER_CGROUPS.insert(cgroup, matched.job, 0).is_err() {
+            count(counter::PENDING_MAP_FULL);
             return 0;
         }
+        // The agent learns the container's id and cgroup (to name it in findings).
+        let skip = len.saturating_sub(CGROUP_PATH_LEN as u32);
+        // SAFETY: a pointer inside the tracepoint record; read with a checked helper below.
+        let path = unsafe { (ctx.as_ptr() as *const u8).add((offset + skip) as usize) };
+        send(
+            EventKind::Container,
+            Some(&member(matched.job)),
+            |e: &mut ContainerEvent| {
+                e.cgroup_id = cgroup;
+                e.matched = matched.how;
+                e.waited_ns = matched.waited_ns;
+                e.id = id;
+                e.reference = matched.reference;
+                // SAFETY: the helper bounds the copy to the buffer.
+                let n = unsafe {
+                    bpf_probe_read_kernel_str(
+                        e.path.as_mut_ptr().cast(),
+                        CGROUP_PATH_LEN as u32,
+                        path.cast(),
+                    )
+                };
+                e.path_len = if n > 0 { (n - 1) as u32 } else { 0 };
+            },
+        );
+        return 0;
     }
     0
 }

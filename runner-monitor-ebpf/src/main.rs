@@ -9,6 +9,7 @@
 mod args;
 mod budget;
 mod chdir;
+mod container_refs;
 mod containers;
 mod egress;
 mod emit;

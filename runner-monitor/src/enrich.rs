@@ -14,7 +14,7 @@ mod containers;
 pub mod cri;
 pub mod kube;
 mod pods;
-pub use containers::ContainerNamer;
+pub use containers::{ContainerNamer, of_job_root};
 pub use pods::{DEFAULT_CRI_SOCKET, PodContainer, PodNamer, gitlab_job};
 
 use hmac::{Hmac, KeyInit, Mac};

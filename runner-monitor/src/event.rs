@@ -256,6 +256,14 @@ pub struct ContainerInfo {
     /// Findings show it next to `container`, not inside it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pod: Option<PodInfo>,
+    /// How the job's start request named the container when not by its full id: a name or a
+    /// short id (the kernel matched it to the next container made: docs/containers.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requested_as: Option<RequestedAs>,
+    /// GitLab Runner's labels (`com.gitlab.gitlab-runner.*`: job, project, pipeline and runner
+    /// ids, the container's type), when the daemon was asked.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub labels: std::collections::BTreeMap<String, String>,
 }
 
 /// A Kubernetes pod: uid from the kubelet's cgroup path, name and namespace from the CRI
@@ -269,6 +277,22 @@ pub struct PodInfo {
     pub uid: String,
 }
 
+/// A start by name or short id, as the kernel matched it to a container.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RequestedAs {
+    /// The name or short id in the job's request.
+    pub reference: String,
+    /// `short-id` (the container's id starts with it: exact) or `name` (the first container
+    /// made after the request: a guess).
+    pub by: String,
+    /// Microseconds from the request to the container's cgroup.
+    pub waited_us: u64,
+    /// The daemon confirmed it: the container's name is the reference (by name), or its id
+    /// starts with it. False when the daemon named it otherwise; absent when it was not asked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub confirmed: Option<bool>,
+}
+
 impl ContainerInfo {
     /// The container `id` whose cgroup is `cgroup` (its v2 path) with id `cgroup_id`; not named.
     pub fn new(id: String, cgroup: String, cgroup_id: u64) -> Self {
@@ -280,6 +304,8 @@ impl ContainerInfo {
             cgroup,
             cgroup_id,
             pod: None,
+            requested_as: None,
+            labels: Default::default(),
         }
     }
 

@@ -126,7 +126,7 @@ impl Pipeline {
             if matches!(event.detail, EventDetail::JobEnv { .. }) {
                 // Identity values for discovery only: not judged, not in the event trace.
                 if let Some(start) = self.discover(&event) {
-                    written.extend(self.judge(&start, reports.as_deref_mut())?);
+                    written.extend(self.start(&start, reports.as_deref_mut())?);
                 }
                 continue;
             }
@@ -143,7 +143,7 @@ impl Pipeline {
             }
             let credentials_written = self.fingerprint(&mut event);
             if let Some(start) = self.discover(&event) {
-                written.extend(self.judge(&start, reports.as_deref_mut())?);
+                written.extend(self.start(&start, reports.as_deref_mut())?);
             }
             written.extend(self.judge(&event, reports.as_deref_mut())?);
             for e in &credentials_written {
@@ -197,6 +197,23 @@ impl Pipeline {
     fn discover(&mut self, event: &Event) -> Option<Event> {
         self.host.as_ref()?;
         self.jobs.discover(event, &self.policy)
+    }
+
+    /// A `job_start` discovery revealed, judged; then, for a GitLab docker-executor job root,
+    /// its container (labels, name: `enrich::of_job_root`). Live agent only: replay finds the
+    /// container event in the trace.
+    fn start(
+        &mut self,
+        start: &Event,
+        mut reports: Option<&mut JobReports>,
+    ) -> std::io::Result<Vec<Finding>> {
+        let mut written = self.judge(start, reports.as_deref_mut())?;
+        if self.host.is_some()
+            && let Some(c) = enrich::of_job_root(start, &self.policy)
+        {
+            written.extend(self.judge(&c, reports)?);
+        }
+        Ok(written)
     }
 
     /// Stages 3 to 6 for one event: engine, tracking id, report, write.

@@ -115,7 +115,7 @@ impl Docker {
             std::fs::create_dir_all(root.join(sub)).unwrap();
         }
         std::fs::copy(busybox(), root.join("bin/busybox")).unwrap();
-        for applet in ["sh", "cat", "sleep", "true", "ls"] {
+        for applet in ["sh", "cat", "sleep", "true", "ls", "tail"] {
             std::os::unix::fs::symlink("busybox", root.join("bin").join(applet)).unwrap();
         }
         let tar = self.dir.join("rootfs.tar");
@@ -129,6 +129,43 @@ impl Docker {
             .unwrap();
         assert!(status.success(), "tar of the busybox rootfs failed");
         self.run(&["import", &tar.display().to_string(), IMAGE]);
+    }
+}
+
+/// `docker run` from a job step, against the test's daemon, with the job's home mounted at
+/// `mount` in the container.
+pub fn docker_run(docker: &Docker, env: &crate::TestEnv, mount: &str, args: &str) -> String {
+    format!(
+        "{cli} run --network none -v {home}:{mount} {args}",
+        cli = docker.shell_cli(),
+        home = env.home.display(),
+    )
+}
+
+/// The three kinds of credentials of the test home, read from `mount` in a container.
+pub fn read_three_kinds(mount: &str) -> String {
+    format!("cat {mount}/.aws/credentials {mount}/.ssh/id_ed25519 {mount}/.docker/config.json")
+}
+
+/// The finding names the container: its id, the image the job asked for, its runtime, and its
+/// name (`name` when the job gave one).
+pub fn assert_container(finding: &serde_json::Value, name: Option<&str>) {
+    let c = &finding["container"];
+    let id = c["id"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no container: {finding}"));
+    assert!(
+        id.len() == 64 && id.bytes().all(|b| b.is_ascii_hexdigit()),
+        "{finding}"
+    );
+    assert_eq!(c["runtime"], "docker", "{finding}");
+    assert_eq!(c["image"], IMAGE, "{finding}");
+    assert!(
+        c["name"].as_str().is_some_and(|n| !n.is_empty()),
+        "{finding}"
+    );
+    if let Some(name) = name {
+        assert_eq!(c["name"], name, "{finding}");
     }
 }
 

@@ -8,46 +8,9 @@ use std::time::Duration;
 
 use integration_tests::{
     TestEnv,
-    docker::{Docker, IMAGE},
+    docker::{Docker, IMAGE, assert_container, docker_run, read_three_kinds},
     live::{agent, alerts, assert_no_secret, github_job, run_id, wait_alert},
 };
-
-/// `docker run` from a job step, against the test's daemon, with the job's home mounted at
-/// `mount` in the container.
-fn docker_run(docker: &Docker, env: &TestEnv, mount: &str, args: &str) -> String {
-    format!(
-        "{cli} run --network none -v {home}:{mount} {args}",
-        cli = docker.shell_cli(),
-        home = env.home.display(),
-    )
-}
-
-/// The three kinds of credentials of the test home, read from `mount` in a container.
-fn read_three_kinds(mount: &str) -> String {
-    format!("cat {mount}/.aws/credentials {mount}/.ssh/id_ed25519 {mount}/.docker/config.json")
-}
-
-/// The finding names the container: its id, the image the job asked for, its runtime, and its
-/// name (`name` when the job gave one).
-fn assert_container(finding: &serde_json::Value, name: Option<&str>) {
-    let c = &finding["container"];
-    let id = c["id"]
-        .as_str()
-        .unwrap_or_else(|| panic!("no container: {finding}"));
-    assert!(
-        id.len() == 64 && id.bytes().all(|b| b.is_ascii_hexdigit()),
-        "{finding}"
-    );
-    assert_eq!(c["runtime"], "docker", "{finding}");
-    assert_eq!(c["image"], IMAGE, "{finding}");
-    assert!(
-        c["name"].as_str().is_some_and(|n| !n.is_empty()),
-        "{finding}"
-    );
-    if let Some(name) = name {
-        assert_eq!(c["name"], name, "{finding}");
-    }
-}
 
 #[test]
 fn a_short_container_of_a_job_is_seen_from_its_first_instruction() {

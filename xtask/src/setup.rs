@@ -65,6 +65,9 @@ const DEBIAN_PACKAGES: &[&str] = &[
     // plugin, as the kubelet's runtime, and imports its image with containerd's `ctr`.
     "docker.io",
     "busybox-static",
+    // tests/tests/containers_start.rs runs `docker-compose` (Compose v1, Python, Debian's; the
+    // v2 plugin is not packaged in Debian 12) from a job.
+    "docker-compose",
     // The kernel matrix (`cargo xtask test --kernels`, xtask/src/guest.rs): QEMU, busybox as the
     // guest's init, and Debian's 6.1 and 6.12 kernels with their modules.
     "qemu-system-x86",

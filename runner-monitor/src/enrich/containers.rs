@@ -60,22 +60,93 @@ impl ContainerNamer {
     }
 }
 
-/// Fills `info`'s name and image from the Docker API at `socket`, when it answers.
-fn name(socket: &str, info: &mut ContainerInfo) {
+/// Fills `info`'s name, image and GitLab Runner labels from the Docker API at `socket`, when it
+/// answers and knows the container.
+fn name(socket: &str, info: &mut ContainerInfo) -> bool {
     if info.id.len() != 64 || !info.id.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return;
+        return false;
     }
     match inspect(socket, &info.id) {
-        Ok(answer) => {
+        Ok(answer) if answer[0].is_object() => {
             let c = &answer[0];
             info.name = c["Names"][0]
                 .as_str()
                 .map(|n| n.trim_start_matches('/').to_owned());
             info.image = c["Image"].as_str().map(str::to_owned);
+            if let Some(labels) = c["Labels"].as_object() {
+                info.labels = labels
+                    .iter()
+                    .filter(|(k, _)| k.starts_with(GITLAB_LABELS))
+                    .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_owned())))
+                    .collect();
+            }
+            confirm(info);
+            true
         }
+        Ok(_) => false,
         Err(e) => {
             tracing::debug!(socket, id = %info.id, error = %e, "container not named");
+            false
         }
+    }
+}
+
+/// GitLab Runner's labels on the containers of its docker executor.
+const GITLAB_LABELS: &str = "com.gitlab.gitlab-runner.";
+
+/// A GitLab job root the environment scan found in a container cgroup (the docker executor:
+/// the runner, outside any job, created the container, so the kernel sent no container event):
+/// its container, as a container event of the job, named with the runner's labels by the
+/// daemon at a `docker` secret-socket path of the policy (the runner's socket: the job never
+/// connected to it). Best effort: the root must still run (its `/proc/<pid>/cgroup`).
+pub fn of_job_root(start: &Event, policy: &Policy) -> Option<Event> {
+    let EventDetail::JobStart(job) = &start.detail else {
+        return None;
+    };
+    if job.platform.as_deref() != Some("gitlab") || start.process.cgroup_id <= 1 {
+        return None;
+    }
+    let cgroups = std::fs::read_to_string(format!("/proc/{}/cgroup", start.process.pid)).ok()?;
+    let path = cgroups.lines().find_map(|l| l.strip_prefix("0::"))?;
+    let base = path.rsplit('/').next()?;
+    let base = base.strip_suffix(".scope").unwrap_or(base);
+    let id = base.get(base.len().checked_sub(64)?..)?;
+    if !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    let mut info = ContainerInfo::new(id.to_owned(), path.to_owned(), start.process.cgroup_id);
+    for socket in &policy.secret_socket_paths {
+        if policy.secret_socket_of(socket) == Some("docker")
+            && std::path::Path::new(socket).exists()
+            && name(socket, &mut info)
+        {
+            break;
+        }
+    }
+    let mut event = start.clone();
+    event.detail = EventDetail::Container(info);
+    Some(event)
+}
+
+/// A container the kernel matched to a start by name or short id: does the daemon agree? A
+/// name guess the daemon contradicts (another container was made between the job's request
+/// and its own) is reported; the container stays the job's (docs/containers.md).
+fn confirm(info: &mut ContainerInfo) {
+    let Some(requested) = info.requested_as.as_mut() else {
+        return;
+    };
+    let confirmed = match requested.by.as_str() {
+        "short-id" => info.id.starts_with(&requested.reference),
+        _ => info.name.as_deref() == Some(requested.reference.as_str()),
+    };
+    requested.confirmed = Some(confirmed);
+    if !confirmed {
+        tracing::warn!(
+            id = %info.id,
+            name = info.name.as_deref().unwrap_or(""),
+            reference = %requested.reference,
+            "a container was attributed to a job's start by name, but the daemon names it otherwise"
+        );
     }
 }
 
@@ -107,4 +178,50 @@ fn inspect(socket: &str, id: &str) -> std::io::Result<serde_json::Value> {
         return Err(invalid("not 200"));
     }
     serde_json::from_slice(&answer[split + 4..]).map_err(|e| invalid(&e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::RequestedAs;
+
+    fn matched(by: &str, reference: &str, name: Option<&str>) -> ContainerInfo {
+        let id = "3f2a".repeat(16);
+        let mut info = ContainerInfo::new(id.clone(), format!("/docker/{id}"), 7);
+        info.name = name.map(str::to_owned);
+        info.requested_as = Some(RequestedAs {
+            reference: reference.into(),
+            by: by.into(),
+            waited_us: 90_000,
+            confirmed: None,
+        });
+        info
+    }
+
+    fn confirmed(mut info: ContainerInfo) -> Option<bool> {
+        confirm(&mut info);
+        info.requested_as.unwrap().confirmed
+    }
+
+    #[test]
+    fn a_start_by_name_is_confirmed_by_the_daemons_name_for_the_container() {
+        assert_eq!(confirmed(matched("name", "web", Some("web"))), Some(true));
+        // Another container was made between the job's request and its own.
+        assert_eq!(confirmed(matched("name", "web", Some("db"))), Some(false));
+        assert_eq!(confirmed(matched("name", "web", None)), Some(false));
+    }
+
+    #[test]
+    fn a_start_by_short_id_is_confirmed_by_the_id() {
+        assert_eq!(confirmed(matched("short-id", "3f2a3f", None)), Some(true));
+        assert_eq!(confirmed(matched("short-id", "3f2b", None)), Some(false));
+    }
+
+    #[test]
+    fn a_start_by_id_has_nothing_to_confirm() {
+        let id = "ab".repeat(32);
+        let mut info = ContainerInfo::new(id.clone(), format!("/docker/{id}"), 7);
+        confirm(&mut info);
+        assert_eq!(info.requested_as, None);
+    }
 }

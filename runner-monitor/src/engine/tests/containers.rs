@@ -13,6 +13,8 @@ fn container(cgroup_id: u64) -> ContainerInfo {
         cgroup: format!("/docker/{}", "ab".repeat(32)),
         cgroup_id,
         pod: None,
+        requested_as: None,
+        labels: Default::default(),
     }
 }
 

@@ -15,13 +15,13 @@ use runner_monitor_common::{
     MATCH_SECOND_PATH, PTRACE_ATTACH, PTRACE_PEEKDATA, PTRACE_PEEKTEXT, PTRACE_PEEKUSER,
     PTRACE_SEIZE, ProcessAccessEvent, SIGNAL_SYSCALL_KILL, SIGNAL_SYSCALL_TGKILL,
     SIGNAL_SYSCALL_TKILL, SOCK_RAW, SignalEvent, TLS_BLOCKED, TLS_NO_SNI, TLS_SNI_TRUNCATED,
-    TlsEvent,
+    TlsEvent, container,
 };
 
 use super::{dns, paths::WorkingDirectories};
 use crate::event::{
     Connect, ContainerInfo, Event, EventDetail, FileAccess, JobKey, JobRef, ProcessRef, RawSocket,
-    RawSocketKind, SocketFamily, TlsHello,
+    RawSocketKind, RequestedAs, SocketFamily, TlsHello,
 };
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -226,7 +226,19 @@ impl Decoder {
             EventKind::Container => {
                 let e: ContainerEvent = read(bytes)?;
                 let path = lossy(c_bytes(&e.path, e.path_len));
-                EventDetail::Container(ContainerInfo::new(lossy(&e.id), path, e.cgroup_id))
+                let mut info = ContainerInfo::new(lossy(&e.id), path, e.cgroup_id);
+                let by = match e.matched {
+                    container::MATCHED_BY_SHORT_ID => Some("short-id"),
+                    container::MATCHED_BY_NAME => Some("name"),
+                    _ => None,
+                };
+                info.requested_as = by.map(|by| RequestedAs {
+                    reference: lossy(c_bytes(&e.reference, e.reference.len() as u32)),
+                    by: by.to_owned(),
+                    waited_us: e.waited_ns / 1000,
+                    confirmed: None,
+                });
+                EventDetail::Container(info)
             }
             EventKind::Chdir => {
                 let e: ChdirEvent = read(bytes)?;

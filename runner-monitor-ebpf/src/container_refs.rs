@@ -1,0 +1,191 @@
+//! Starts by name or short id (`docker start web`, `docker start 3f2a9c`, the API's `POST
+//! /containers/web/start`): the request does not carry the container's id, and the kernel
+//! cannot ask the daemon which container a name is. The job's request is remembered as a
+//! pending start, and the next container cgroup made whose id no job requested takes it:
+//!
+//! - a short id is exact: a cgroup whose id starts with it takes the oldest such start;
+//! - a name is a guess: the cgroup takes the oldest pending name start, first in, first out,
+//!   within `WINDOW_NS`. The daemon handles requests as they come, so the first container made
+//!   after a job's start of a name is that container unless another start (by anyone, by id,
+//!   outside jobs) slipped in between. The agent checks every guess against the daemon's name
+//!   for the container (`enrich/containers.rs`) and reports a mismatch.
+//!
+//! A start by the 64-digit id never comes here (`containers.rs` matches it exactly).
+
+use aya_ebpf::{macros::map, maps::Array};
+use runner_monitor_common::{
+    CONTAINER_ID_LEN,
+    container::{MATCHED_BY_NAME, MATCHED_BY_SHORT_ID},
+};
+
+use crate::{containers::is_hex, maps::now_ns};
+
+/// How many starts by reference may be pending at once (across all jobs): more than a host
+/// starts at the same instant; the oldest is overwritten when full.
+const SLOTS: u32 = 8;
+/// A pending start older than this has no container: the daemon refused it (an unknown name, a
+/// container already running) or it was matched the other way round. A start makes its cgroup
+/// within tens of milliseconds (docs/containers.md).
+const WINDOW_NS: u64 = 5_000_000_000;
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct PendingStart {
+    /// The job that asked; 0: a free slot.
+    pub job: u64,
+    pub ts_ns: u64,
+    /// Bytes of `reference` used.
+    pub len: u32,
+    /// Every byte is a lowercase hex digit: a short id, matched by prefix only.
+    pub hex: u32,
+    pub reference: [u8; CONTAINER_ID_LEN],
+}
+
+#[map]
+static PENDING_STARTS: Array<PendingStart> = Array::with_max_entries(SLOTS, 0);
+
+/// A match of a new container cgroup to a pending start.
+pub struct Matched {
+    pub job: u64,
+    pub how: u32,
+    pub waited_ns: u64,
+    pub reference: [u8; CONTAINER_ID_LEN],
+}
+
+/// A docker name byte (`[a-zA-Z0-9][a-zA-Z0-9_.-]*`).
+#[inline(always)]
+fn name_byte(c: u8) -> bool {
+    c.is_ascii_alphanumeric() || c == b'_' || c == b'.' || c == b'-'
+}
+
+/// The next slot to write (round robin: a pending start is overwritten by the eighth start by
+/// reference after it). Two CPUs may take the same slot at the same instant; one start is then
+/// lost, never misattributed.
+#[map]
+static NEXT_SLOT: Array<u32> = Array::with_max_entries(1, 0);
+
+/// `tail` follows `/containers/` in a job's request, of which `avail` bytes were sent from
+/// there: `<ref>/start` then a space or `?`, with `ref` shorter than an id. Remembers the start
+/// for `job`.
+#[inline(always)]
+pub fn start_by_reference(tail: &[u8; CONTAINER_ID_LEN + 8], avail: u64, job: u64) {
+    // One pass, no loop after it: the verifier follows each length the scan can end with.
+    let mut reference = [0u8; CONTAINER_ID_LEN];
+    let mut hex = 1u32;
+    let mut len = 0usize;
+    let mut i = 0usize;
+    while i < CONTAINER_ID_LEN {
+        let c = tail[i];
+        if c == b'/' {
+            len = i;
+            break;
+        }
+        if !name_byte(c) {
+            return;
+        }
+        hex &= u32::from(is_hex(c));
+        reference[i] = c;
+        i += 1;
+    }
+    if len == 0 || (len + 7) as u64 > avail {
+        return;
+    }
+    let Some(start) = tail.get(len..len + 7) else {
+        return;
+    };
+    if start[..6] != *b"/start" || (start[6] != b' ' && start[6] != b'?') {
+        return;
+    }
+    let Some(next) = NEXT_SLOT.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: a pointer into the array map's only value.
+    let slot = unsafe {
+        let slot = *next % SLOTS;
+        *next = slot + 1;
+        slot
+    };
+    let Some(p) = PENDING_STARTS.get_ptr_mut(slot) else {
+        return;
+    };
+    // SAFETY: a pointer into the array map's value, written whole.
+    unsafe {
+        *p = PendingStart {
+            job,
+            ts_ns: now_ns(),
+            len: len as u32,
+            hex,
+            reference,
+        };
+    }
+}
+
+/// The job whose pending start the new container cgroup of `id`, which no job requested by
+/// id, takes: a short id it starts with, else the oldest pending name. The slot is freed.
+#[inline(always)]
+pub fn take_pending(id: &[u8; CONTAINER_ID_LEN]) -> Option<Matched> {
+    let now = now_ns();
+    // First a short id (exact), then the oldest name: two passes, so that the verifier does not
+    // follow every combination of the two.
+    for slot in 0..SLOTS {
+        let Some(p) = PENDING_STARTS.get(slot) else {
+            continue;
+        };
+        if p.job != 0
+            && p.hex != 0
+            && now.saturating_sub(p.ts_ns) <= WINDOW_NS
+            && is_prefix(&p.reference, id)
+        {
+            return take(slot, MATCHED_BY_SHORT_ID, now);
+        }
+    }
+    let mut pick = SLOTS;
+    let mut oldest = u64::MAX;
+    for slot in 0..SLOTS {
+        let Some(p) = PENDING_STARTS.get(slot) else {
+            continue;
+        };
+        if p.job != 0 && p.hex == 0 && now.saturating_sub(p.ts_ns) <= WINDOW_NS && p.ts_ns < oldest
+        {
+            oldest = p.ts_ns;
+            pick = slot;
+        }
+    }
+    take(pick, MATCHED_BY_NAME, now)
+}
+
+/// Frees slot `slot` and returns its start.
+#[inline(always)]
+fn take(slot: u32, how: u32, now: u64) -> Option<Matched> {
+    let p = PENDING_STARTS.get_ptr_mut(slot)?;
+    // SAFETY: a pointer into the array map's value; the slot is freed by zeroing its job.
+    let p = unsafe { &mut *p };
+    let job = p.job;
+    p.job = 0;
+    if job == 0 {
+        return None;
+    }
+    Some(Matched {
+        job,
+        how,
+        waited_ns: now.saturating_sub(p.ts_ns),
+        reference: p.reference,
+    })
+}
+
+/// `id` starts with the NUL-padded `reference`.
+#[inline(always)]
+fn is_prefix(reference: &[u8; CONTAINER_ID_LEN], id: &[u8; CONTAINER_ID_LEN]) -> bool {
+    let mut i = 0usize;
+    while i < CONTAINER_ID_LEN {
+        let r = reference[i];
+        if r == 0 {
+            return true;
+        }
+        if r != id[i] {
+            return false;
+        }
+        i += 1;
+    }
+    true
+}

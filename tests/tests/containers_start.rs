@@ -1,0 +1,151 @@
+//! Containers a job starts by name or short id (`docker create --name X`, then `docker start X`;
+//! the API's `POST /containers/X/start`), and through `docker-compose`: the kernel matches the
+//! start request to the container made next (runner-monitor-ebpf/src/container_refs.rs), and
+//! the agent checks the match against the daemon. Real dockerd, real agent, GitHub-style jobs.
+
+use integration_tests::{
+    TestEnv,
+    docker::{Docker, IMAGE, assert_container, read_three_kinds},
+    live::{agent, assert_no_secret, github_job, run_id, wait_alert},
+};
+
+/// `docker create` from a job step: the job's home mounted at `/h`, the container reads three
+/// kinds of credentials; `args` before the image (a name).
+fn create_reader(docker: &Docker, env: &TestEnv, args: &str) -> String {
+    format!(
+        "{cli} create --network none -v {home}:/h {args} {IMAGE} sh -c '{read} > /dev/null'",
+        cli = docker.shell_cli(),
+        home = env.home.display(),
+        read = read_three_kinds("/h"),
+    )
+}
+
+/// The finding's container was matched to the job's start by `by` (`name`, `short-id`) of
+/// `reference`, and the daemon confirmed it.
+fn assert_requested_as(finding: &serde_json::Value, by: &str, reference: &str) {
+    let r = &finding["container"]["requested_as"];
+    assert_eq!(r["by"], by, "{finding}");
+    assert_eq!(r["reference"], reference, "{finding}");
+    assert_eq!(r["confirmed"], true, "{finding}");
+    // The window the match depends on: from the job's request to the container's cgroup.
+    eprintln!(
+        "start by {by}: request to cgroup {} us",
+        r["waited_us"].as_u64().unwrap_or_default()
+    );
+}
+
+#[test]
+fn a_container_a_job_starts_by_name_is_the_job() {
+    let agent = agent();
+    let docker = Docker::start("byname");
+    let env = TestEnv::new("containers-byname");
+    let run = run_id(11);
+    let name = format!("rm-byname-{run}");
+    let cli = docker.shell_cli();
+    let step = format!(
+        "{create} > /dev/null\n{cli} start {name} > /dev/null\n{cli} wait {name} > /dev/null",
+        create = create_reader(&docker, &env, &format!("--name {name}")),
+    );
+    github_job(&env, agent, &run, "acme/byname", &step);
+    let id = format!("{run}/build");
+    let harvest = wait_alert(agent, "credential-harvesting", &id, |_| true);
+    // busybox's `sh` runs its `cat` applet as `/proc/self/exe`.
+    assert!(
+        harvest["process"]["cmdline"]
+            .as_str()
+            .is_some_and(|c| c.starts_with("cat /h/")),
+        "{harvest}"
+    );
+    assert_container(&harvest, Some(&name));
+    assert_requested_as(&harvest, "name", &name);
+    assert_no_secret(agent);
+}
+
+#[test]
+fn a_container_a_job_starts_by_short_id_is_the_job() {
+    let agent = agent();
+    let docker = Docker::start("byshortid");
+    let env = TestEnv::new("containers-byshortid");
+    let run = run_id(12);
+    let cli = docker.shell_cli();
+    let step = format!(
+        "cid=$({create})\nshort=$(echo $cid | cut -c1-12)\n\
+         {cli} start $short > /dev/null\n{cli} wait $short > /dev/null",
+        create = create_reader(&docker, &env, ""),
+    );
+    github_job(&env, agent, &run, "acme/byshortid", &step);
+    let id = format!("{run}/build");
+    let harvest = wait_alert(agent, "credential-harvesting", &id, |_| true);
+    assert_container(&harvest, None);
+    let full = harvest["container"]["id"].as_str().unwrap();
+    assert_requested_as(&harvest, "short-id", &full[..12]);
+    assert_no_secret(agent);
+}
+
+/// curl's request is short (under 100 bytes, no body): the reference is still found.
+#[test]
+fn a_container_a_job_starts_by_name_through_the_docker_api() {
+    let agent = agent();
+    let docker = Docker::start("apiname");
+    let env = TestEnv::new("containers-apiname");
+    let run = run_id(13);
+    let name = format!("rm-apiname-{run}");
+    let step = format!(
+        "{create} > /dev/null\n\
+         curl -sf --unix-socket {socket} -X POST http://docker/v1.41/containers/{name}/start\n\
+         {cli} wait {name} > /dev/null",
+        create = create_reader(&docker, &env, &format!("--name {name}")),
+        socket = docker.socket.display(),
+        cli = docker.shell_cli(),
+    );
+    github_job(&env, agent, &run, "acme/apiname", &step);
+    let id = format!("{run}/build");
+    let harvest = wait_alert(agent, "credential-harvesting", &id, |_| true);
+    assert_container(&harvest, Some(&name));
+    assert_requested_as(&harvest, "name", &name);
+    assert_no_secret(agent);
+}
+
+/// Compose v1 (Debian's `docker-compose`, Python: docker-py creates each service's container
+/// and starts it by id): a service that reads credentials is the job.
+#[test]
+fn a_compose_service_of_a_job_is_the_job() {
+    let agent = agent();
+    let docker = Docker::start("compose");
+    let env = TestEnv::new("containers-compose");
+    let run = run_id(14);
+    let project = env.dir.join("compose");
+    std::fs::create_dir_all(&project).unwrap();
+    std::fs::write(
+        project.join("docker-compose.yml"),
+        format!(
+            "version: \"3\"\nservices:\n  reader:\n    image: {IMAGE}\n    network_mode: none\n    \
+             volumes:\n      - {home}:/h\n    command: [\"sh\", \"-c\", \"{read} > /dev/null\"]\n",
+            home = env.home.display(),
+            read = read_three_kinds("/h"),
+        ),
+    )
+    .unwrap();
+    // Compose reads the CLI's configuration: the daemon's own, not the job's canary one (which
+    // docker-py cannot parse).
+    std::fs::create_dir_all(docker.dir.join("cli")).unwrap();
+    std::fs::write(docker.dir.join("cli/config.json"), "{}").unwrap();
+    let step = format!(
+        "cd {dir} && export DOCKER_CONFIG={config}\nDOCKER_HOST={host} docker-compose -p rm{run} up --no-color \
+         --abort-on-container-exit > compose.log 2>&1\n\
+         DOCKER_HOST={host} docker-compose -p rm{run} rm -f >> compose.log 2>&1",
+        dir = project.display(),
+        config = docker.dir.join("cli").display(),
+        host = docker.host(),
+    );
+    github_job(&env, agent, &run, "acme/compose", &step);
+    eprintln!(
+        "docker-compose: {}",
+        std::fs::read_to_string(project.join("compose.log")).unwrap_or_default()
+    );
+    let id = format!("{run}/build");
+    let harvest = wait_alert(agent, "credential-harvesting", &id, |_| true);
+    assert_eq!(harvest["job"]["repository"], "acme/compose", "{harvest}");
+    assert_container(&harvest, Some(&format!("rm{run}_reader_1")));
+    assert_no_secret(agent);
+}
