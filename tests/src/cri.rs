@@ -444,14 +444,7 @@ impl Drop for Containerd {
                 });
             }
         }
-        // SAFETY: kill(2) of the daemon this value started.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while self.child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        crate::terminate(&mut self.child, Duration::from_secs(20));
         for sub in ["state", "root"] {
             let _ = Command::new("umount")
                 .args(["-R", "-l"])

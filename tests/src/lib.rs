@@ -268,6 +268,22 @@ pub fn output_of(command: &mut Command) -> std::process::Output {
     panic!("{command:?}: executable stayed busy");
 }
 
+/// Stops a daemon a test started: SIGTERM, up to `within` to exit, then SIGKILL. Returns how long
+/// it took to exit.
+pub fn terminate(child: &mut Child, within: Duration) -> Duration {
+    let started = Instant::now();
+    if matches!(child.try_wait(), Ok(None)) {
+        // SAFETY: kill(2) of a child this test started and has not reaped.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        while matches!(child.try_wait(), Ok(None)) && started.elapsed() < within {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    started.elapsed()
+}
+
 /// Spawns `command` so that it is killed (`signal`) when the calling thread ends: nothing a test
 /// starts outlives it.
 pub fn spawn_with_parent_death(command: &mut Command, signal: i32) -> std::io::Result<Child> {

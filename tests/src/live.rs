@@ -74,23 +74,11 @@ impl Agent {
 /// pinned and recording until its pin directory is removed.
 impl Drop for Agent {
     fn drop(&mut self) {
-        if matches!(self.child.try_wait(), Ok(None)) {
-            self.signal(libc::SIGTERM);
-            let started = Instant::now();
-            let deadline = started + Duration::from_secs(20);
-            while matches!(self.child.try_wait(), Ok(None)) && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            // A slow stop is a slow suite (and, for a user, a slow `systemctl stop`): say so.
-            if started.elapsed() > Duration::from_secs(2) {
-                eprintln!(
-                    "the agent took {:?} to stop after SIGTERM",
-                    started.elapsed()
-                );
-            }
+        let took = crate::terminate(&mut self.child, Duration::from_secs(20));
+        // A slow stop is a slow suite (and, for a user, a slow `systemctl stop`): say so.
+        if took > Duration::from_secs(2) {
+            eprintln!("the agent took {took:?} to stop after SIGTERM");
         }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -250,6 +238,32 @@ pub fn agent_log(dir: &Path) -> String {
 
 pub fn alerts(agent: &Agent) -> Vec<Value> {
     std::fs::read_to_string(agent.dir.join("alerts.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("an alert is one JSON object"))
+        .collect()
+}
+
+/// The alerts `runner-monitor replay` raises from the event trace the agent in `dir` recorded,
+/// under that agent's policy.
+pub fn replay_alerts(dir: &Path) -> Vec<Value> {
+    let replayed = dir.join("replayed-alerts.jsonl");
+    let _ = std::fs::remove_file(&replayed);
+    let out = output_of(
+        Command::new(target_dir().join("runner-monitor"))
+            .arg("replay")
+            .arg(dir.join("events.jsonl"))
+            .arg("--policy")
+            .arg(dir.join("policy.toml"))
+            .arg("--alerts-out")
+            .arg(&replayed),
+    );
+    assert!(
+        out.status.success(),
+        "replay: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::read_to_string(&replayed)
         .unwrap_or_default()
         .lines()
         .map(|l| serde_json::from_str(l).expect("an alert is one JSON object"))

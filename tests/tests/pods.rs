@@ -5,12 +5,12 @@
 //! its build container) is a job; what its container does is reported with `pod` and
 //! `container` named through the CRI; no output holds the job token.
 
-use std::{collections::HashMap, process::Command};
+use std::collections::HashMap;
 
 use integration_tests::{
     TestEnv,
     cri::{Containerd, IMAGE, PodSpec},
-    live::{Agent, agent_dir, assert_no_secret, free_port, run_id, target_dir, wait_alert},
+    live::{Agent, agent_dir, assert_no_secret, free_port, replay_alerts, run_id, wait_alert},
 };
 
 fn map(pairs: &[(&str, &str)]) -> HashMap<String, String> {
@@ -97,25 +97,8 @@ fn a_gitlab_kubernetes_executor_pod_is_a_job_and_findings_name_pod_and_container
         .unwrap_or_else(|| panic!("no named container event in the trace"));
     assert_eq!(container["pod"]["name"], pod.name.as_str(), "{container}");
     // Replay of that trace names the same pod and container.
-    let replayed = dir.join("replayed-alerts.jsonl");
-    let out = Command::new(target_dir().join("runner-monitor"))
-        .arg("replay")
-        .arg(dir.join("events.jsonl"))
-        .arg("--policy")
-        .arg(dir.join("policy.toml"))
-        .arg("--alerts-out")
-        .arg(&replayed)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let again = std::fs::read_to_string(&replayed)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+    let again = replay_alerts(&dir)
+        .into_iter()
         .find(|a| a["rule"] == "credential-harvesting" && a["job"]["id"] == job_id.as_str())
         .expect("replay raises the finding");
     assert_eq!(again["pod"], harvest["pod"], "{again}");

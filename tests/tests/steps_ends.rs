@@ -12,7 +12,7 @@ use std::{
 use integration_tests::{
     CANARY, TestEnv,
     live::{
-        Agent, agent_dir, alerts, assert_no_secret, free_port, github_job, run_id, target_dir,
+        Agent, agent_dir, alerts, assert_no_secret, free_port, github_job, replay_alerts, run_id,
         test_policy, wait_alert,
     },
     output_of,
@@ -209,26 +209,8 @@ fn a_javascript_action_reading_the_worker_environ_is_named_live_and_in_replay() 
     );
 
     // The agent's trace carries what replay needs to name the same step.
-    let replayed = agent.dir.join("replayed-alerts.jsonl");
-    let _ = std::fs::remove_file(&replayed);
-    let out = output_of(
-        Command::new(target_dir().join("runner-monitor"))
-            .arg("replay")
-            .arg(agent.dir.join("events.jsonl"))
-            .arg("--policy")
-            .arg(agent.dir.join("policy.toml"))
-            .arg("--alerts-out")
-            .arg(&replayed),
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let again = std::fs::read_to_string(&replayed)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+    let again = replay_alerts(&agent.dir)
+        .into_iter()
         .find(|a| a["rule"] == "process-memory-access" && a["job"]["id"] == id.as_str())
         .expect("replay raises the finding");
     assert_eq!(again["step"], dump["step"]);
