@@ -12,7 +12,7 @@ use integration_tests::{
     docker::{Docker, IMAGE, assert_container, docker_run, read_three_kinds},
     live::{
         Agent, agent, agent_dir, alerts, assert_no_secret, free_port, github_job, run_id,
-        test_policy, wait_alert,
+        test_policy, wait_alert, wait_until,
     },
 };
 
@@ -259,16 +259,17 @@ fn a_gitlab_job_with_a_service_is_one_job_and_leaves_no_survivor_once_removed() 
 
 /// The agent reads GitLab Runner's labels of a docker-executor container from the runner's
 /// Docker socket (a `docker` secret socket path of the policy): findings about the build
-/// container name it, with the job, project, pipeline and runner ids and its type.
+/// container name it, with the job, project, pipeline and runner ids and its type; the job
+/// ends when the runner removes its container, not before (the stage gap is long here).
 #[test]
-fn a_gitlab_executor_container_is_named_with_the_runners_labels() {
+fn a_gitlab_executor_container_is_named_with_the_runners_labels_and_its_removal_ends_the_job() {
     let docker = Docker::start("gitlablabels");
     let dir = agent_dir("containers-gitlablabels");
     std::fs::write(
         dir.join("policy.toml"),
         format!(
             "{}\n[[secret_sockets]]\nkind = \"docker\"\npaths = [\"{}\"]\n",
-            test_policy(),
+            test_policy().replace("stage_gap_seconds = 1", "stage_gap_seconds = 300"),
             docker.socket.display()
         ),
     )
@@ -308,6 +309,36 @@ fn a_gitlab_executor_container_is_named_with_the_runners_labels() {
         labels["com.gitlab.gitlab-runner.type"], "build",
         "{harvest}"
     );
+    // The container has exited; the job is not over until the runner removes it.
+    let trace = || -> Vec<serde_json::Value> {
+        std::fs::read_to_string(dir.join("events.jsonl"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    };
+    let key = trace()
+        .into_iter()
+        .find(|e| e["kind"] == "job_start" && e["id"] == job_id.as_str())
+        .expect("the job's start in the trace")["job"]["key"]
+        .clone();
+    let ended = || {
+        trace()
+            .iter()
+            .any(|e| e["kind"] == "job_end" && e["job"]["key"] == key)
+    };
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        !ended(),
+        "job {job_id} ended before its container was removed"
+    );
+    docker.run(&["rm", &build]);
+    wait_until("the job's end once its container is removed", 10, ended);
+    let end = trace()
+        .into_iter()
+        .find(|e| e["kind"] == "job_end" && e["job"]["key"] == key)
+        .unwrap();
+    assert_eq!(end["process"]["pid"], 0, "ended by the agent itself: {end}");
     assert_no_secret(&agent);
     drop(docker);
     assert!(agent.stop().success());

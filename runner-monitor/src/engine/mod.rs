@@ -330,12 +330,13 @@ impl Engine {
         self.track_unseen_job(event, out);
         // A fingerprint is the agent's event about what a process wrote, made after it exited:
         // it must not bring the process back (it would be a survivor at the job's end).
-        // A container event's process is the runtime that made the cgroup, not a job's.
+        // A container event's process is the runtime that made the cgroup, not a job's; pid 0
+        // is the agent's own (a job it ended when the runner removed the job's containers).
         let after_exit = matches!(
             event.detail,
             EventDetail::CredentialFingerprint { .. } | EventDetail::Container(_)
         );
-        if job.is_some() && !after_exit && !self.processes.contains_key(&pid) {
+        if job.is_some() && !after_exit && pid != 0 && !self.processes.contains_key(&pid) {
             let known = self.exited.remove(&pid);
             self.processes
                 .insert(pid, known.unwrap_or_else(|| self.new_process(event)));

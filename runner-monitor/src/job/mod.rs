@@ -3,6 +3,7 @@
 
 pub mod control;
 pub mod discovery;
+pub mod docker_events;
 
 use runner_monitor_common::MAX_JOBS;
 

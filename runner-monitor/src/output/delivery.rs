@@ -11,7 +11,10 @@ use std::{
     fs::{File, OpenOptions},
     io::{BufRead, BufReader, Seek, SeekFrom, Write},
     path::{Path, PathBuf},
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
     time::Duration,
 };
 
@@ -331,6 +334,8 @@ pub struct Sink {
     pub receiver: Receiver,
     spool: Arc<Mutex<Spool>>,
     wake: Arc<Notify>,
+    /// The last delivery attempt failed (the task is backing off).
+    failing: Arc<AtomicBool>,
 }
 
 impl Sink {
@@ -355,11 +360,13 @@ impl Sink {
         let client = http_client(&receiver, options)?;
         let spool = Arc::new(Mutex::new(Spool::open(spool_dir, receiver.name())?));
         let wake = Arc::new(Notify::new());
+        let failing = Arc::new(AtomicBool::new(false));
         tokio::spawn(deliver(
             Delivery {
                 receiver: receiver.clone(),
                 format: options.format,
                 client,
+                failing: failing.clone(),
             },
             spool.clone(),
             wake.clone(),
@@ -369,6 +376,7 @@ impl Sink {
             receiver,
             spool,
             wake,
+            failing,
         })
     }
 
@@ -384,11 +392,15 @@ impl Sink {
     }
 
     /// Gives the delivery task until `deadline` to empty the spool (shutdown); returns the bytes
-    /// still pending, which stay spooled for the next start.
+    /// still pending, which stay spooled for the next start. A receiver whose last delivery
+    /// failed is not waited for: the task is backing off, and waiting would only delay the stop.
     pub async fn drain(&self, deadline: tokio::time::Instant) -> u64 {
         loop {
             let pending = self.pending_bytes();
-            if pending == 0 || tokio::time::Instant::now() >= deadline {
+            if pending == 0
+                || self.failing.load(Ordering::Relaxed)
+                || tokio::time::Instant::now() >= deadline
+            {
                 return pending;
             }
             self.wake.notify_one();
@@ -402,6 +414,7 @@ struct Delivery {
     receiver: Receiver,
     format: AlertFormat,
     client: reqwest::Client,
+    failing: Arc<AtomicBool>,
 }
 
 /// Why a delivery failed: `reason` is the metric's label (`tls`, `connect`, `timeout`, `http`,
@@ -493,6 +506,7 @@ async fn deliver(
             Ok(()) => {
                 // Counted before the cursor moves: whoever sees the spool empty sees them counted.
                 metrics.delivered(name, alerts.len() as u64);
+                delivery.failing.store(false, Ordering::Relaxed);
                 if let Err(error) = spool.lock().expect("spool lock").commit(end) {
                     tracing::error!(%error, sink = name, "saving the alert spool cursor");
                 }
@@ -508,6 +522,7 @@ async fn deliver(
                 }
                 // Counted after the log line: whoever sees the count finds the reason logged.
                 metrics.delivery_failed_because(name, reason);
+                delivery.failing.store(true, Ordering::Relaxed);
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(MAX_BACKOFF);
             }

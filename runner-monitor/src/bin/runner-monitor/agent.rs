@@ -298,6 +298,8 @@ impl Agent {
             reply,
         } = command;
         let response = control_request(&mut self.sensor, &mut self.pipeline, peer, request)?;
+        // What it raised and recorded is written now, not with the next batch of events.
+        self.pipeline.flush()?;
         // A job named by the job-started hook is enforced before the hook returns (a job known
         // already is renamed without a new start: always look).
         self.egress_seen = None;

@@ -172,7 +172,7 @@ impl Agent {
             pipeline.jobs_mut().set_explicit(key, &info.id);
             pipeline.run([job_start_event(key, pid, info)])?;
         }
-        let commands = Self::control_socket(&args, &metrics)?;
+        let commands = Self::control_socket(&args, &metrics, pipeline.policy())?;
 
         sensor.start_kernel_log();
         let ring = sensor
@@ -353,9 +353,12 @@ impl Agent {
     }
 
     /// Binds the control socket and serves it; its requests arrive on the returned channel.
+    /// GitLab docker-executor jobs end when the runner removed their containers: Docker's
+    /// events at the runner's socket arrive as `job_end` requests on the same channel.
     fn control_socket(
         args: &RunArgs,
         metrics: &Metrics,
+        policy: &Policy,
     ) -> anyhow::Result<mpsc::Receiver<control::Command>> {
         let runner = match &args.runner_user {
             Some(name) => Some(
@@ -366,6 +369,14 @@ impl Agent {
         };
         let listener = control::bind(&args.control_socket, runner)?;
         let (command_tx, commands) = mpsc::channel(64);
+        let docker_sockets = policy
+            .secret_socket_paths
+            .iter()
+            .filter(|p| policy.secret_socket_of(p) == Some("docker"))
+            .map(std::path::PathBuf::from)
+            .filter(|p| p.exists())
+            .collect();
+        runner_monitor::job::docker_events::watch(docker_sockets, command_tx.clone());
         tokio::spawn(control::serve(
             listener,
             runner.map(|(uid, _)| uid),

@@ -1,0 +1,227 @@
+//! GitLab's docker executor ends a job by removing its containers: the build, helper and service
+//! containers the runner made for it, all labelled `com.gitlab.gitlab-runner.job.id`. This
+//! watches Docker's event stream at the runner's socket (each `docker` secret-socket path of the
+//! policy that is a plain path and exists) and, when the last container of a job is destroyed,
+//! ends that job through the control socket's own route (a `job_end` request from the agent
+//! itself): as exact as the runner's hook, with no hook installed. A job with a hook is ended
+//! by the hook first; the second end is refused as a replay, which is harmless.
+//!
+//! What a job is stays the kernel's business (its containers' entrypoints are job roots by
+//! their `CI_*` environment); this only says when it is over. Without the daemon (not running,
+//! the agent not allowed to open its socket) jobs end as before: `stage_gap_seconds` after the
+//! last stage's root exits.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    io::{BufRead, BufReader, Read, Write},
+    os::unix::net::UnixStream,
+    path::PathBuf,
+    time::Duration,
+};
+
+use tokio::sync::{mpsc, oneshot};
+
+use super::control::{Command, Peer, Request};
+
+/// The label GitLab Runner puts on every container of a job, with the job's id.
+pub const JOB_LABEL: &str = "com.gitlab.gitlab-runner.job.id";
+
+/// `{"label":["com.gitlab.gitlab-runner.job.id"]}`, URL-encoded.
+const LABEL_FILTER: &str = "%7B%22label%22%3A%5B%22com.gitlab.gitlab-runner.job.id%22%5D%2C\
+                            %22type%22%3A%5B%22container%22%5D%7D";
+const LIST_FILTER: &str = "%7B%22label%22%3A%5B%22com.gitlab.gitlab-runner.job.id%22%5D%7D";
+
+/// The live containers of each GitLab job, as the daemon reported them.
+#[derive(Debug, Default)]
+pub struct JobContainers {
+    live: BTreeMap<String, BTreeSet<String>>,
+}
+
+impl JobContainers {
+    /// A container of job `job` exists.
+    pub fn add(&mut self, job: &str, container: &str) {
+        self.live
+            .entry(job.to_owned())
+            .or_default()
+            .insert(container.to_owned());
+    }
+
+    /// One event of Docker's stream; returns the job whose last container it destroyed.
+    pub fn event(&mut self, event: &serde_json::Value) -> Option<String> {
+        let actor = &event["Actor"];
+        let job = actor["Attributes"][JOB_LABEL].as_str()?;
+        let container = actor["ID"].as_str()?;
+        match event["Action"].as_str()? {
+            "create" => {
+                self.add(job, container);
+                None
+            }
+            "destroy" => {
+                let left = self.live.get_mut(job)?;
+                if !left.remove(container) || !left.is_empty() {
+                    return None;
+                }
+                self.live.remove(job);
+                Some(job.to_owned())
+            }
+            _ => None,
+        }
+    }
+}
+
+/// Watches each socket on a thread of its own (reconnecting while the agent runs) and sends a
+/// `job_end` for every job whose containers are all gone.
+pub fn watch(sockets: Vec<PathBuf>, commands: mpsc::Sender<Command>) {
+    for socket in sockets {
+        let commands = commands.clone();
+        let spawned = std::thread::Builder::new()
+            .name("docker-events".into())
+            .spawn(move || {
+                let mut logged = false;
+                loop {
+                    if let Err(error) = follow(&socket, &commands)
+                        && !logged
+                    {
+                        tracing::info!(
+                            socket = %socket.display(),
+                            %error,
+                            "Docker's event stream not followed (retrying): GitLab \
+                             docker-executor jobs end stage_gap_seconds after their last \
+                             container's entrypoint"
+                        );
+                        logged = true;
+                    }
+                    if commands.is_closed() {
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_secs(2));
+                }
+            });
+        if let Err(error) = spawned {
+            tracing::warn!(%error, "no thread to follow Docker's events");
+        }
+    }
+}
+
+/// Follows one daemon's events until the stream ends or fails.
+fn follow(socket: &PathBuf, commands: &mpsc::Sender<Command>) -> std::io::Result<()> {
+    // Subscribe first, then list: a container made in between is in both, never in neither.
+    let mut stream = UnixStream::connect(socket)?;
+    write!(
+        stream,
+        "GET /events?filters={LABEL_FILTER} HTTP/1.0\r\nHost: docker\r\n\r\n"
+    )?;
+    let mut events = BufReader::new(stream);
+    expect_ok(&mut events)?;
+    let mut jobs = JobContainers::default();
+    for container in list(socket)? {
+        if let (Some(id), Some(job)) = (
+            container["Id"].as_str(),
+            container["Labels"][JOB_LABEL].as_str(),
+        ) {
+            jobs.add(job, id);
+        }
+    }
+    tracing::info!(socket = %socket.display(), jobs = jobs.live.len(), "following Docker's events");
+    let mut line = String::new();
+    loop {
+        line.clear();
+        if events.read_line(&mut line)? == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "the daemon closed its event stream",
+            ));
+        }
+        let Ok(event) = serde_json::from_str::<serde_json::Value>(&line) else {
+            continue;
+        };
+        if let Some(id) = jobs.event(&event) {
+            tracing::info!(id = ?id, "the runner removed the last container of GitLab job: ending it");
+            let (reply, answer) = oneshot::channel();
+            let command = Command {
+                // Pid 0: the agent itself, no process of any job.
+                peer: Peer { uid: 0, pid: 0 },
+                request: Request::JobEnd { id },
+                reply,
+            };
+            if commands.blocking_send(command).is_err() {
+                return Ok(());
+            }
+            drop(answer);
+        }
+    }
+}
+
+/// Reads the status line and headers; an answer other than 200 is an error.
+fn expect_ok(reader: &mut impl BufRead) -> std::io::Result<()> {
+    let mut status = String::new();
+    reader.read_line(&mut status)?;
+    if !status.contains(" 200 ") {
+        return Err(std::io::Error::other(format!(
+            "the daemon answered {:?}",
+            status.trim_end()
+        )));
+    }
+    let mut header = String::new();
+    loop {
+        header.clear();
+        if reader.read_line(&mut header)? == 0 || header == "\r\n" || header == "\n" {
+            return Ok(());
+        }
+    }
+}
+
+/// The containers with GitLab's job label, running or not.
+fn list(socket: &PathBuf) -> std::io::Result<Vec<serde_json::Value>> {
+    let mut stream = UnixStream::connect(socket)?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(
+        stream,
+        "GET /containers/json?all=1&filters={LIST_FILTER} HTTP/1.0\r\nHost: docker\r\n\r\n"
+    )?;
+    let mut reader = BufReader::new(stream);
+    expect_ok(&mut reader)?;
+    let mut body = Vec::new();
+    reader.take(16 << 20).read_to_end(&mut body)?;
+    serde_json::from_slice(&body).map_err(std::io::Error::other)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(action: &str, job: &str, id: &str) -> serde_json::Value {
+        serde_json::json!({
+            "Type": "container",
+            "Action": action,
+            "Actor": {"ID": id, "Attributes": {JOB_LABEL: job, "name": "runner-x-build"}},
+        })
+    }
+
+    #[test]
+    fn a_job_ends_when_its_last_container_is_destroyed_not_before() {
+        let mut jobs = JobContainers::default();
+        jobs.add("41", "predefined");
+        assert_eq!(jobs.event(&event("create", "41", "build")), None);
+        assert_eq!(jobs.event(&event("create", "42", "other")), None);
+        assert_eq!(jobs.event(&event("die", "41", "build")), None);
+        assert_eq!(jobs.event(&event("destroy", "41", "build")), None);
+        // A container of another job, or one never seen, ends nothing.
+        assert_eq!(jobs.event(&event("destroy", "41", "unknown")), None);
+        assert_eq!(
+            jobs.event(&event("destroy", "41", "predefined")),
+            Some("41".to_owned())
+        );
+        // Ended once: a late duplicate destroy does not end it again.
+        assert_eq!(jobs.event(&event("destroy", "41", "predefined")), None);
+        assert_eq!(
+            jobs.event(&event("destroy", "42", "other")),
+            Some("42".to_owned())
+        );
+        // Events without the label are not GitLab's.
+        assert_eq!(
+            jobs.event(&serde_json::json!({"Action": "destroy", "Actor": {"ID": "x"}})),
+            None
+        );
+    }
+}
