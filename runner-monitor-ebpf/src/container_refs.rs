@@ -18,7 +18,7 @@ use runner_monitor_common::{
     container::{MATCHED_BY_NAME, MATCHED_BY_SHORT_ID},
 };
 
-use crate::{containers::is_hex, maps::now_ns};
+use crate::maps::now_ns;
 
 /// How many starts by reference may be pending at once (across all jobs): more than a host
 /// starts at the same instant; the oldest is overwritten when full.
@@ -188,4 +188,10 @@ fn is_prefix(reference: &[u8; CONTAINER_ID_LEN], id: &[u8; CONTAINER_ID_LEN]) ->
         i += 1;
     }
     true
+}
+
+/// A lowercase hex digit: what container ids are made of.
+#[inline(always)]
+pub fn is_hex(c: u8) -> bool {
+    c.is_ascii_digit() || (b'a'..=b'f').contains(&c)
 }

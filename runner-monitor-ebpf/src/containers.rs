@@ -32,7 +32,7 @@ use runner_monitor_common::{
 
 use crate::{
     args::{field, syscall_arg},
-    container_refs::{Matched, start_by_reference, take_pending},
+    container_refs::{Matched, is_hex, start_by_reference, take_pending},
     emit::send,
     maps::{count, current_tgid},
 };
@@ -89,11 +89,6 @@ fn same<const N: usize>(buf: &[u8], at: usize, want: &[u8; N]) -> bool {
         i += 1;
     }
     true
-}
-
-#[inline(always)]
-pub fn is_hex(c: u8) -> bool {
-    c.is_ascii_digit() || (b'a'..=b'f').contains(&c)
 }
 
 /// A write of `len` bytes at user address `buf` on socket `fd` of the current process.
