@@ -23,7 +23,7 @@ use aya_ebpf::{
         generated::{bpf_d_path, bpf_probe_read_kernel_str},
     },
     macros::{fentry, lsm, map},
-    maps::{LruHashMap, PerCpuArray},
+    maps::PerCpuArray,
     programs::{FEntryContext, LsmContext},
 };
 use runner_monitor_common::{
@@ -33,7 +33,7 @@ use runner_monitor_common::{
 use crate::{
     budget::within_budget,
     emit::{fill_header, send_built},
-    maps::{current_process, now_ns},
+    maps::current_process,
     names::{match_credential, match_proc_memory, split},
 };
 
@@ -48,6 +48,9 @@ static FILE_F_PATH: u32 = 0;
 /// `struct file.f_flags`.
 #[unsafe(no_mangle)]
 static FILE_F_FLAGS: u32 = 0;
+/// `struct file.f_mode`.
+#[unsafe(no_mangle)]
+static FILE_F_MODE: u32 = 0;
 /// `struct path.dentry`.
 #[unsafe(no_mangle)]
 static PATH_DENTRY: u32 = 0;
@@ -57,12 +60,6 @@ static DENTRY_D_PARENT: u32 = 0;
 /// `struct dentry.d_name` + `struct qstr.name`.
 #[unsafe(no_mangle)]
 static DENTRY_D_NAME: u32 = 0;
-/// `struct dentry.d_sb`.
-#[unsafe(no_mangle)]
-static DENTRY_D_SB: u32 = 0;
-/// `struct super_block.s_magic`.
-#[unsafe(no_mangle)]
-static SB_S_MAGIC: u32 = 0;
 /// Non-zero when the offsets above were written.
 #[unsafe(no_mangle)]
 static FILE_LAYOUT_KNOWN: u32 = 0;
@@ -73,22 +70,13 @@ fn layout(field: &'static u32) -> u64 {
     u64::from(unsafe { core::ptr::read_volatile(field) })
 }
 
-const OVERLAYFS_SUPER_MAGIC: u64 = 0x794c_7630;
-
-/// How long after an overlayfs open the same thread's next matched open is taken for the
-/// overlay's own open of the file beneath (see `OVERLAY_OPENS`).
-const OVERLAY_INNER_NS: u64 = 1_000_000_000;
-
-/// thread id -> when it last opened a watched file on overlayfs.
-///
-/// `security_file_open` runs twice for an open on overlayfs: for the overlay's file, then,
-/// nested in it, for the file of the layer beneath (6.1: a file with the overlay's path; 6.6 and
-/// later: a backing file with the layer's path). The first is what the process opened and is
-/// sent; the second, the same thread's next matched open, is dropped. An overlay open that fails
-/// before opening the layer's file leaves its mark, and the thread's next matched open within
-/// `OVERLAY_INNER_NS` is dropped with it: the price of not sending every overlay open twice.
-#[map]
-static OVERLAY_OPENS: LruHashMap<u32, u64> = LruHashMap::with_max_entries(4096, 0);
+/// `FMODE_NOACCOUNT` (the same bit in 6.1 and 6.12; `#define`s are not in BTF): a file the kernel
+/// opens for itself. `security_file_open` runs twice for an open on overlayfs: for the overlay's
+/// file, then, nested in it, for the file of the layer beneath, which the kernel allocates
+/// without accounting (6.1 `open_with_fake_path`; 6.6 and later a backing file, also
+/// `FMODE_BACKING`). The first is what the process opened and is sent; the second is skipped by
+/// this bit, with nothing else such a file may be (cachefiles' own files).
+const FMODE_NOACCOUNT: u32 = 1 << 29;
 
 /// Per-CPU room to build the event (too large for the BPF stack).
 #[map]
@@ -135,6 +123,10 @@ fn file_opened(file: *const c_void) {
     // SAFETY: per-CPU scratch owned by this program run.
     let event = unsafe { &mut *event };
     let base = file as u64;
+    // The layer's file beneath an overlayfs open (see FMODE_NOACCOUNT).
+    if read::<u32>(base + layout(&FILE_F_MODE)).is_none_or(|mode| mode & FMODE_NOACCOUNT != 0) {
+        return;
+    }
     let Some(dentry) = read::<u64>(base + layout(&FILE_F_PATH) + layout(&PATH_DENTRY)) else {
         return;
     };
@@ -189,19 +181,6 @@ fn file_opened(file: *const c_void) {
     if !named && !proc_memory {
         return;
     }
-    // The overlay's second call for the same open (see `OVERLAY_OPENS`).
-    let tid = bpf_get_current_pid_tgid() as u32;
-    let now = now_ns();
-    // SAFETY: the value is copied out at once.
-    if let Some(at) = unsafe { OVERLAY_OPENS.get(tid) }.copied() {
-        let _ = OVERLAY_OPENS.remove(tid);
-        if now.wrapping_sub(at) < OVERLAY_INNER_NS {
-            return;
-        }
-    }
-    let magic = read::<u64>(dentry + layout(&DENTRY_D_SB))
-        .and_then(|sb| read::<u64>(sb + layout(&SB_S_MAGIC)))
-        .unwrap_or(0);
     let mut truncated = 0;
     // SAFETY: `file` is the hook's typed `struct file *` and FILE_F_PATH a constant (frozen
     // .rodata) offset of its `f_path`, which the verifier checks is a `struct path`; the helper
@@ -249,9 +228,6 @@ fn file_opened(file: *const c_void) {
         }
     } else if !named {
         return;
-    }
-    if magic == OVERLAYFS_SUPER_MAGIC {
-        let _ = OVERLAY_OPENS.insert(tid, now, 0);
     }
     event.path_len = path_len as u32;
     event.path2_len = 0;

@@ -97,12 +97,11 @@ pub(super) const OPEN_TRACEPOINTS: [&str; 8] = [
 pub struct FileLayout {
     pub file_f_path: u32,
     pub file_f_flags: u32,
+    pub file_f_mode: u32,
     pub path_dentry: u32,
     pub dentry_d_parent: u32,
     /// `dentry.d_name` + `qstr.name`.
     pub dentry_d_name: u32,
-    pub dentry_d_sb: u32,
-    pub sb_s_magic: u32,
 }
 
 impl FileLayout {
@@ -119,11 +118,10 @@ impl FileLayout {
         Ok(Self {
             file_f_path: offset("file", "f_path")?.offset,
             file_f_flags: offset("file", "f_flags")?.offset,
+            file_f_mode: offset("file", "f_mode")?.offset,
             path_dentry: pointer("path", "dentry")?,
             dentry_d_parent: pointer("dentry", "d_parent")?,
             dentry_d_name: offset("dentry", "d_name")?.offset + pointer("qstr", "name")?,
-            dentry_d_sb: pointer("dentry", "d_sb")?,
-            sb_s_magic: offset("super_block", "s_magic")?.offset,
         })
     }
 
@@ -134,11 +132,10 @@ impl FileLayout {
         for (name, value) in [
             ("FILE_F_PATH", &self.file_f_path),
             ("FILE_F_FLAGS", &self.file_f_flags),
+            ("FILE_F_MODE", &self.file_f_mode),
             ("PATH_DENTRY", &self.path_dentry),
             ("DENTRY_D_PARENT", &self.dentry_d_parent),
             ("DENTRY_D_NAME", &self.dentry_d_name),
-            ("DENTRY_D_SB", &self.dentry_d_sb),
-            ("SB_S_MAGIC", &self.sb_s_magic),
             ("FILE_LAYOUT_KNOWN", known),
         ] {
             loader.override_global(name, value, true);
