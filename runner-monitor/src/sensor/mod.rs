@@ -318,6 +318,21 @@ impl Sensor {
             kernel_btf,
             &mut sensor.links,
         ));
+        if sensor.file_open_hooks.set != file_hooks::FileOpenSet::Tracepoint {
+            // The file-open hook sees io_uring's opens when they run, with the file's own path:
+            // the request probe leaves them alone, or each would be sent twice.
+            let layout = sensor
+                .settings
+                .get(&setting::IO_URING_LAYOUT, 0)
+                .unwrap_or(0);
+            let open = runner_monitor_common::io_uring::LAYOUT_OPEN;
+            if let Err(error) = sensor
+                .settings
+                .set(setting::IO_URING_LAYOUT, layout & !open, 0)
+            {
+                tracing::warn!(%error, "io_uring opens will be sent twice");
+            }
+        }
         {
             let links = &mut sensor.links;
             if let Some((n, reason)) = links.refused() {

@@ -288,7 +288,10 @@ fn check(
         Err(_) => Vec::new(),
     };
     let file_opens = sensor.as_ref().ok().map(|s| s.file_open_hooks().clone());
-    let io_uring = runner_monitor::sensor::io_uring::coverage(&probes);
+    let kernel_opens = file_opens
+        .as_ref()
+        .is_some_and(|f| f.set != runner_monitor::sensor::file_hooks::FileOpenSet::Tracepoint);
+    let io_uring = runner_monitor::sensor::io_uring::coverage(&probes, kernel_opens);
     let missing_capabilities: Vec<String> = capabilities
         .missing
         .iter()
