@@ -128,6 +128,11 @@ pub const HEADER_TRUNCATED: u32 = 1 << 2;
 /// `OPENAT2`, `RENAMEAT`, `LINKAT`, `SYMLINKAT`, `CONNECT`), sent at its submission, before it
 /// ran: its `result` is 0.
 pub const HEADER_IO_URING: u32 = 1 << 3;
+/// `EventHeader::flags`: a `FileOpen` from the kernel's open of the file (`security_file_open`,
+/// LSM or fentry), not from the syscall: `path` is the kernel's path of the file opened (symlinks,
+/// `..` and bind mounts resolved, as the opening process sees it), and `result` is 0 (the open
+/// had not returned).
+pub const HEADER_KERNEL_PATH: u32 = 1 << 4;
 
 /// Common to every event; the first bytes of every ring-buffer record.
 #[repr(C)]

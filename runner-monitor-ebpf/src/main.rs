@@ -14,6 +14,7 @@ mod containers;
 mod egress;
 mod emit;
 mod env;
+mod file_open;
 mod files;
 mod io_uring;
 mod maps;

@@ -51,7 +51,19 @@ pub fn harness() -> &'static Harness {
             0,
             "the integration tests need root"
         );
-        let mut sensor = Sensor::load(&SensorPolicy::default()).expect("loading the sensor");
+        // RUNNER_MONITOR_TEST_HOOKS=tracepoint|fast|auto (default auto): which file-open hooks
+        // the shared sensor uses, so that each set can be tested where the kernel has both.
+        let hooks = std::env::var("RUNNER_MONITOR_TEST_HOOKS")
+            .unwrap_or_else(|_| "auto".into())
+            .parse()
+            .expect("RUNNER_MONITOR_TEST_HOOKS");
+        let options = runner_monitor::sensor::SensorOptions {
+            hooks,
+            ..Default::default()
+        };
+        let mut sensor =
+            Sensor::load_with(&SensorPolicy::default(), &options).expect("loading the sensor");
+        eprintln!("file opens: {}", sensor.file_open_hooks().describe());
         for probe in sensor.probes() {
             assert_eq!(
                 probe.state,
@@ -91,6 +103,13 @@ pub fn harness() -> &'static Harness {
 impl Harness {
     pub fn sensor(&self) -> std::sync::MutexGuard<'_, Sensor> {
         self.sensor.lock().unwrap()
+    }
+
+    /// Whether file opens are seen where the kernel opens the file (LSM or fentry), not at the
+    /// open syscalls: then `path` is the file's own path and `raw_path` the same.
+    pub fn kernel_opens(&self) -> bool {
+        self.sensor().file_open_hooks().set
+            != runner_monitor::sensor::file_hooks::FileOpenSet::Tracepoint
     }
 
     /// Every event so far that matches `pred`.

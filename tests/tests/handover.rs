@@ -23,6 +23,7 @@ use runner_monitor::{
 fn load(pins: &std::path::Path, policy: &SensorPolicy) -> Sensor {
     let options = SensorOptions {
         pin_dir: Some(pins.to_path_buf()),
+        ..SensorOptions::default()
     };
     let sensor = Sensor::load_with(policy, &options).expect("loading the sensor");
     assert!(

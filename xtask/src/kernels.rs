@@ -17,7 +17,7 @@ use crate::{
 
 /// The test binaries the guests run. Built in release: under emulation a debug build's BTF
 /// parsing makes every program load take seconds.
-const BINARIES: [&str; 3] = ["sensors", "io_uring", "handover"];
+const BINARIES: [&str; 4] = ["sensors", "io_uring", "handover", "kernel_opens"];
 
 /// What `cargo xtask test` runs in each guest after the host suite: the sensor tests that prove
 /// the programs load and attach (the shared harness asserts every probe attached) and a core
@@ -25,7 +25,7 @@ const BINARIES: [&str; 3] = ["sensors", "io_uring", "handover"];
 /// daemonised survivor's read after its job's root exited, connect, DNS through the cgroup
 /// programs, tamper, process memory). The io_uring tests are left out: ~100 s each in a guest
 /// (uring-cat is compiled there); `--kernels` runs them.
-pub(crate) const CI_SUBSET: [&str; 9] = [
+pub(crate) const CI_SUBSET: [&str; 11] = [
     "job_process_reading_credential_by_absolute_path_gives_one_event",
     "kernel_matches_basename_dirname_and_prefix_and_ignores_other_files",
     "exec_and_exit_carry_arguments_and_status",
@@ -35,6 +35,9 @@ pub(crate) const CI_SUBSET: [&str; 9] = [
     "a_signal_to_the_agent_is_reported_as_tamper",
     "reading_another_process_environment_is_reported_with_its_pid",
     "probes_outlive_a_crashed_agent_and_the_next_reads_what_they_recorded",
+    // The file-open hooks the guests' kernels allow (LSM): what the tracepoints cannot see.
+    "a_credential_read_through_a_symlink_made_before_the_job_is_reported_as_itself",
+    "a_credential_read_through_proc_pid_root_is_reported_under_its_own_path",
 ];
 
 /// One test binary's result on one kernel.
@@ -235,6 +238,10 @@ fn script(root: &Path, binaries: &[(String, PathBuf)], filters: &[String]) -> St
         "{} check > \"$RESULTS/check.txt\" 2>&1; echo \"check exited $?\"",
         quote(&agent.display().to_string())
     );
+    // Which file-open hooks the tests' sensor uses (tests/src/lib.rs), passed on to the guest.
+    if let Ok(hooks) = std::env::var("RUNNER_MONITOR_TEST_HOOKS") {
+        let _ = writeln!(s, "export RUNNER_MONITOR_TEST_HOOKS={}", quote(&hooks));
+    }
     let args: Vec<String> = filters.iter().map(|f| quote(f)).collect();
     for (name, exe) in binaries {
         let _ = writeln!(

@@ -113,7 +113,9 @@ fn tracepoint_exists(tracefs: &std::path::Path, category: &str, name: &str) -> b
 
 /// Loads and attaches every probe; never fails as a whole: each probe reports its state. With
 /// a pin directory in `links`, every attachment is pinned (`links.rs`) in place of an earlier agent's.
-pub fn attach_all(ebpf: &mut Ebpf, links: &mut LinkPins) -> Vec<ProbeStatus> {
+/// Tracepoints named in `skip` are left alone (the open ones, when `file_hooks` attached the
+/// fast set); a probe with every hook skipped is not listed.
+pub fn attach_all(ebpf: &mut Ebpf, links: &mut LinkPins, skip: &[&str]) -> Vec<ProbeStatus> {
     let tracefs = ensure_tracefs();
     let cgroup = cgroup2_root();
     let cgroup_name = cgroup
@@ -123,6 +125,11 @@ pub fn attach_all(ebpf: &mut Ebpf, links: &mut LinkPins) -> Vec<ProbeStatus> {
     for probe in PROBES {
         let mut loaded: Result<(), String> = Ok(());
         for (index, hook) in probe.hooks.iter().enumerate() {
+            if let Hook::Tracepoint(_, name) | Hook::OptionalTracepoint(_, name) = hook
+                && skip.contains(name)
+            {
+                continue;
+            }
             let target = match hook {
                 Hook::Tracepoint(c, n) | Hook::OptionalTracepoint(c, n) => format!("{c}/{n}"),
                 Hook::SockAddr => format!("cgroup:{cgroup_name}"),
@@ -277,6 +284,9 @@ pub(super) fn verifier_reason(name: &str, error: &aya::programs::ProgramError) -
     } = error
     {
         let log = verifier_log.to_string();
+        if log.trim().is_empty() {
+            return format!("{name} failed to load: {io_error}");
+        }
         let tail: Vec<&str> = log.lines().rev().take(12).collect();
         let tail: Vec<&str> = tail.into_iter().rev().collect();
         return format!(

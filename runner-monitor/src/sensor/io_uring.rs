@@ -321,11 +321,18 @@ fn attach_one(
 
 /// What the io_uring probes in `probes` cover on this kernel, one line per kind of request, for
 /// `runner-monitor check`.
-pub fn coverage(probes: &[ProbeStatus]) -> Vec<(&'static str, String)> {
-    coverage_with(
+/// `kernel_opens`: the file-open hook set (LSM, fentry) is in use and sees io_uring's opens.
+pub fn coverage(probes: &[ProbeStatus], kernel_opens: bool) -> Vec<(&'static str, String)> {
+    let mut lines = coverage_with(
         probes,
         &Layouts::of(&KernelBtf::vmlinux().map_err(|e| e.to_string())),
-    )
+    );
+    if kernel_opens {
+        lines[1].1 = "seen when they run, by the file-open hook: file_open with the file's own \
+                      path (io_uring: false)"
+            .to_owned();
+    }
+    lines
 }
 
 fn coverage_with(probes: &[ProbeStatus], layouts: &Layouts) -> Vec<(&'static str, String)> {

@@ -8,6 +8,7 @@ pub mod decode;
 pub mod dns;
 pub mod egress;
 mod fdstore;
+pub mod file_hooks;
 pub mod io_uring;
 pub mod job_roots;
 pub mod links;
@@ -67,6 +68,8 @@ pub enum SensorError {
         target: String,
         reason: String,
     },
+    #[error("--hooks fast: no fast file-open hook loads on this kernel: {0}")]
+    NoFastHooks(String),
     #[error("process {pid}: {reason}")]
     Process { pid: u32, reason: String },
     #[error("no such job {0}")]
@@ -91,6 +94,8 @@ pub struct SensorOptions {
     /// restarted agent takes them over and its jobs stay attributed. `None`: maps live and die
     /// with this sensor (tests).
     pub pin_dir: Option<PathBuf>,
+    /// Which hooks see file opens (`file_hooks`): `Auto` takes the fastest the kernel allows.
+    pub hooks: file_hooks::HookChoice,
 }
 
 /// What the kernel counted, summed over CPUs.
@@ -147,6 +152,7 @@ pub struct Sensor {
     counters: PerCpuArray<MapData, u64>,
     events: Option<RingBuf<MapData>>,
     probes: Vec<ProbeStatus>,
+    file_open_hooks: file_hooks::FileOpenHooks,
 }
 
 /// Credential alias basenames the kernel's name table takes, beside the policy's patterns.
@@ -199,6 +205,14 @@ impl Sensor {
         };
         for pin in pinned {
             loader.map_pin_path(pin.name, pin.path.clone());
+        }
+        let kernel_btf = btf::KernelBtf::vmlinux().map_err(|e| e.to_string());
+        let file_layout = kernel_btf
+            .as_ref()
+            .map_err(Clone::clone)
+            .and_then(file_hooks::FileLayout::from_btf);
+        if let Ok(layout) = &file_layout {
+            layout.set_globals(&mut loader);
         }
         let mut ebpf = loader.load(OBJECT).map_err(SensorError::Load)?;
         let links = match (&pin_dir, &options.pin_dir) {
@@ -264,13 +278,39 @@ impl Sensor {
             counters,
             events: Some(events),
             probes: Vec::new(),
+            file_open_hooks: file_hooks::FileOpenHooks {
+                set: file_hooks::FileOpenSet::Tracepoint,
+                reason: String::new(),
+            },
         };
         // The patterns go in before any probe can look for them.
         sensor.set_names(policy)?;
         // Alive before any program that outlives the agent can look.
         sensor.heartbeat = settings_id.and_then(Heartbeat::start);
-        let mut probes = attach::attach_all(&mut sensor.ebpf, &mut sensor.links);
-        let kernel_btf = btf::KernelBtf::vmlinux().map_err(|e| e.to_string());
+        let (file_open_hooks, mut probes) = file_hooks::attach(
+            &mut sensor.ebpf,
+            options.hooks,
+            &file_layout,
+            &mut sensor.links,
+        );
+        tracing::info!(hooks = %file_open_hooks.describe(), "file opens");
+        if matches!(
+            options.hooks,
+            file_hooks::HookChoice::Fast | file_hooks::HookChoice::Fentry
+        ) && file_open_hooks.set == file_hooks::FileOpenSet::Tracepoint
+        {
+            return Err(SensorError::NoFastHooks(file_open_hooks.reason));
+        }
+        let skip: &[&str] = match file_open_hooks.set {
+            file_hooks::FileOpenSet::Tracepoint => &[],
+            _ => &file_hooks::OPEN_TRACEPOINTS,
+        };
+        sensor.file_open_hooks = file_open_hooks;
+        probes.extend(attach::attach_all(
+            &mut sensor.ebpf,
+            &mut sensor.links,
+            skip,
+        ));
         write_task_layout(&kernel_btf, &mut sensor.settings);
         probes.extend(io_uring::attach(
             &mut sensor.ebpf,
@@ -278,6 +318,21 @@ impl Sensor {
             kernel_btf,
             &mut sensor.links,
         ));
+        if sensor.file_open_hooks.set != file_hooks::FileOpenSet::Tracepoint {
+            // The file-open hook sees io_uring's opens when they run, with the file's own path:
+            // the request probe leaves them alone, or each would be sent twice.
+            let layout = sensor
+                .settings
+                .get(&setting::IO_URING_LAYOUT, 0)
+                .unwrap_or(0);
+            let open = runner_monitor_common::io_uring::LAYOUT_OPEN;
+            if let Err(error) = sensor
+                .settings
+                .set(setting::IO_URING_LAYOUT, layout & !open, 0)
+            {
+                tracing::warn!(%error, "io_uring opens will be sent twice");
+            }
+        }
         {
             let links = &mut sensor.links;
             if let Some((n, reason)) = links.refused() {
@@ -400,6 +455,11 @@ impl Sensor {
             .filter(|(_, b)| b.dropped > 0)
             .map(|(job, b)| (crate::event::JobKey(job), b.dropped))
             .collect()
+    }
+
+    /// Which hooks see file opens, and why.
+    pub fn file_open_hooks(&self) -> &file_hooks::FileOpenHooks {
+        &self.file_open_hooks
     }
 
     /// Every probe and whether it attached.

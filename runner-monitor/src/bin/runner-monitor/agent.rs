@@ -133,6 +133,11 @@ pub struct RunArgs {
     /// Start afresh: forget the saved state and the pinned kernel maps.
     #[arg(long)]
     fresh_state: bool,
+    /// Which hooks see file opens: `auto` (BPF LSM `file_open`, else fentry on
+    /// `security_file_open`, else the open syscall tracepoints), `tracepoint` (always those), or
+    /// `fast` (LSM or fentry, or refuse to start), `fentry` (fentry, or refuse to start).
+    #[arg(long, value_name = "SET", default_value = "auto")]
+    hooks: runner_monitor::sensor::file_hooks::HookChoice,
 }
 
 /// How often the state snapshot is written while events arrive.

@@ -109,6 +109,9 @@ enum Command {
         /// The policy whose egress mode to show (default: the built-in one).
         #[arg(long, value_name = "FILE")]
         policy: Option<PathBuf>,
+        /// Which file-open hooks to try, as `run --hooks`.
+        #[arg(long, value_name = "SET", default_value = "auto")]
+        hooks: runner_monitor::sensor::file_hooks::HookChoice,
     },
 }
 
@@ -198,7 +201,11 @@ fn run_cli() -> anyhow::Result<()> {
         .init();
     let cli = Cli::parse();
     match cli.command {
-        Command::Check { json, policy } => check(json, policy.as_deref()),
+        Command::Check {
+            json,
+            policy,
+            hooks,
+        } => check(json, policy.as_deref(), hooks),
         Command::Job(command) => job_command(command),
         Command::Hooks(command) => hooks::run(command),
         Command::Report(args) => job_report::run(args),
@@ -256,7 +263,11 @@ fn run_cli() -> anyhow::Result<()> {
     }
 }
 
-fn check(json: bool, policy: Option<&std::path::Path>) -> anyhow::Result<()> {
+fn check(
+    json: bool,
+    policy: Option<&std::path::Path>,
+    hooks: runner_monitor::sensor::file_hooks::HookChoice,
+) -> anyhow::Result<()> {
     let policy = match policy {
         Some(path) => Policy::load(path)?,
         None => Policy::builtin(),
@@ -265,12 +276,22 @@ fn check(json: bool, policy: Option<&std::path::Path>) -> anyhow::Result<()> {
     let capabilities = privilege::assess(&privilege::effective()?, &privilege::Setup::here(false));
     let features = probe_kernel();
     // The real test: load and attach the agent's own programs, then detach them.
-    let sensor = Sensor::load(&SensorPolicy::default());
+    let sensor = Sensor::load_with(
+        &SensorPolicy::default(),
+        &runner_monitor::sensor::SensorOptions {
+            hooks,
+            ..Default::default()
+        },
+    );
     let probes = match &sensor {
         Ok(s) => s.probes().to_vec(),
         Err(_) => Vec::new(),
     };
-    let io_uring = runner_monitor::sensor::io_uring::coverage(&probes);
+    let file_opens = sensor.as_ref().ok().map(|s| s.file_open_hooks().clone());
+    let kernel_opens = file_opens
+        .as_ref()
+        .is_some_and(|f| f.set != runner_monitor::sensor::file_hooks::FileOpenSet::Tracepoint);
+    let io_uring = runner_monitor::sensor::io_uring::coverage(&probes, kernel_opens);
     let missing_capabilities: Vec<String> = capabilities
         .missing
         .iter()
@@ -283,6 +304,7 @@ fn check(json: bool, policy: Option<&std::path::Path>) -> anyhow::Result<()> {
         let out = serde_json::json!({
             "features": features,
             "probes": probes,
+            "hook_sets": { "file_opens": file_opens },
             "io_uring": io_uring.iter().map(|(what, how)| (*what, how.as_str()))
                 .collect::<std::collections::BTreeMap<_, _>>(),
             "egress": {
@@ -335,6 +357,10 @@ fn check(json: bool, policy: Option<&std::path::Path>) -> anyhow::Result<()> {
                 "  {:<18} {:<28} {:<38} {mark}{reason}",
                 p.sensor, p.program, p.target
             );
+        }
+        println!("hook sets (docs/sensors.md, \"Hook sets\")");
+        if let Some(f) = &file_opens {
+            println!("  {:<18} {}", "file opens", f.describe());
         }
         println!("io_uring coverage (docs/sensors.md, \"io_uring\")");
         for (what, how) in &io_uring {

@@ -130,6 +130,7 @@ impl Agent {
         let sensor_policy = sensor_policy_of(&policy, &args.job_root_exes);
         let options = SensorOptions {
             pin_dir: Some(args.pin_dir.clone()),
+            hooks: args.hooks,
         };
         let mut sensor =
             Sensor::load_with(&sensor_policy, &options).context("starting the sensors")?;
