@@ -23,6 +23,8 @@ use crate::maps::now_ns;
 /// How many starts by reference may be pending at once (across all jobs): more than a host
 /// starts at the same instant; the oldest is overwritten when full.
 const SLOTS: u32 = 8;
+// `take_pending` visits the slots one by one, written out.
+const _: () = assert!(SLOTS == 8);
 /// A pending start older than this has no container: the daemon refused it (an unknown name, a
 /// container already running) or it was matched the other way round. A start makes its cgroup
 /// within tens of milliseconds (docs/containers.md).
@@ -122,36 +124,67 @@ pub fn start_by_reference(tail: &[u8; CONTAINER_ID_LEN + 8], avail: u64, job: u6
 
 /// The job whose pending start the new container cgroup of `id`, which no job requested by
 /// id, takes: a short id it starts with, else the oldest pending name. The slot is freed.
+///
+/// VERIFIER: the slots are visited by a written-out sequence, not a loop: Linux 6.1's verifier
+/// refuses the loop LLVM made of `for slot in 0..SLOTS` here (a back-edge reached by fall-through,
+/// which kernels before 6.2 reject even for bounded loops).
 #[inline(always)]
 pub fn take_pending(id: &[u8; CONTAINER_ID_LEN]) -> Option<Matched> {
     let now = now_ns();
     // First a short id (exact), then the oldest name: two passes, so that the verifier does not
     // follow every combination of the two.
-    for slot in 0..SLOTS {
-        let Some(p) = PENDING_STARTS.get(slot) else {
-            continue;
+    macro_rules! each_slot {
+        ($visit:ident) => {
+            $visit!(0);
+            $visit!(1);
+            $visit!(2);
+            $visit!(3);
+            $visit!(4);
+            $visit!(5);
+            $visit!(6);
+            $visit!(7);
         };
-        if p.job != 0
+    }
+    macro_rules! short_id {
+        ($slot:expr) => {
+            if short_id_matches($slot, now, id) {
+                return take($slot, MATCHED_BY_SHORT_ID, now);
+            }
+        };
+    }
+    each_slot!(short_id);
+    let mut pick = SLOTS;
+    let mut oldest = u64::MAX;
+    macro_rules! oldest_name {
+        ($slot:expr) => {
+            if let Some(ts) = pending_name($slot, now)
+                && ts < oldest
+            {
+                oldest = ts;
+                pick = $slot;
+            }
+        };
+    }
+    each_slot!(oldest_name);
+    take(pick, MATCHED_BY_NAME, now)
+}
+
+/// Slot `slot` holds a live pending start by short id that `id` starts with.
+#[inline(always)]
+fn short_id_matches(slot: u32, now: u64, id: &[u8; CONTAINER_ID_LEN]) -> bool {
+    PENDING_STARTS.get(slot).is_some_and(|p| {
+        p.job != 0
             && p.hex != 0
             && now.saturating_sub(p.ts_ns) <= WINDOW_NS
             && is_prefix(&p.reference, id)
-        {
-            return take(slot, MATCHED_BY_SHORT_ID, now);
-        }
-    }
-    let mut pick = SLOTS;
-    let mut oldest = u64::MAX;
-    for slot in 0..SLOTS {
-        let Some(p) = PENDING_STARTS.get(slot) else {
-            continue;
-        };
-        if p.job != 0 && p.hex == 0 && now.saturating_sub(p.ts_ns) <= WINDOW_NS && p.ts_ns < oldest
-        {
-            oldest = p.ts_ns;
-            pick = slot;
-        }
-    }
-    take(pick, MATCHED_BY_NAME, now)
+    })
+}
+
+/// The time of slot `slot`'s live pending start by name.
+#[inline(always)]
+fn pending_name(slot: u32, now: u64) -> Option<u64> {
+    let p = PENDING_STARTS.get(slot)?;
+    (p.job != 0 && p.hex == 0 && now.saturating_sub(p.ts_ns) <= WINDOW_NS).then_some(p.ts_ns)
 }
 
 /// Frees slot `slot` and returns its start.
@@ -173,21 +206,18 @@ fn take(slot: u32, how: u32, now: u64) -> Option<Matched> {
     })
 }
 
-/// `id` starts with the NUL-padded `reference`.
+/// `id` starts with the NUL-padded `reference` (NUL from its end on: it is written whole).
+/// Branch-free, with no early exit, so that it is a straight run of compares.
 #[inline(always)]
 fn is_prefix(reference: &[u8; CONTAINER_ID_LEN], id: &[u8; CONTAINER_ID_LEN]) -> bool {
+    let mut differ = 0u8;
     let mut i = 0usize;
     while i < CONTAINER_ID_LEN {
         let r = reference[i];
-        if r == 0 {
-            return true;
-        }
-        if r != id[i] {
-            return false;
-        }
+        differ |= u8::from(r != 0 && r != id[i]);
         i += 1;
     }
-    true
+    differ == 0
 }
 
 /// A lowercase hex digit: what container ids are made of.
