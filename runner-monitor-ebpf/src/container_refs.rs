@@ -129,6 +129,10 @@ pub fn start_by_reference(tail: &[u8; CONTAINER_ID_LEN + 8], avail: u64, job: u6
 /// refuses the loop LLVM made of `for slot in 0..SLOTS` here (a back-edge reached by fall-through,
 /// which kernels before 6.2 reject even for bounded loops).
 #[inline(always)]
+#[expect(
+    unused_assignments,
+    reason = "the last written-out slot's `oldest` is not read again"
+)]
 pub fn take_pending(id: &[u8; CONTAINER_ID_LEN]) -> Option<Matched> {
     let now = now_ns();
     // First a short id (exact), then the oldest name: two passes, so that the verifier does not
