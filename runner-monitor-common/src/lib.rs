@@ -505,25 +505,7 @@ pub mod counter;
 mod egress;
 pub use egress::*;
 
-/// Names of the kernel maps the agent opens.
-pub mod map_name {
-    pub const EVENTS: &str = "EVENTS";
-    pub const COUNTERS: &str = "COUNTERS";
-    pub const PROCESSES: &str = "PROCESSES";
-    pub const JOBS: &str = "JOBS";
-    pub const CONTAINER_CGROUPS: &str = "CONTAINER_CGROUPS";
-    pub const REQUESTED_CONTAINERS: &str = "REQUESTED_CONTAINERS";
-    pub const NAMES: &str = "NAMES";
-    pub const SETTINGS: &str = "SETTINGS";
-    pub const JOB_BUDGETS: &str = "JOB_BUDGETS";
-    pub const ENV_PREFIXES: &str = "ENV_PREFIXES";
-    pub const EGRESS_JOBS: &str = "EGRESS_JOBS";
-    pub const EGRESS_ALLOW4: &str = "EGRESS_ALLOW4";
-    pub const EGRESS_ALLOW6: &str = "EGRESS_ALLOW6";
-    pub const EGRESS_METADATA: &str = "EGRESS_METADATA";
-    pub const DNS_PORTS: &str = "DNS_PORTS";
-    pub const TLS_NAMES: &str = "TLS_NAMES";
-}
+pub mod map_name;
 
 /// Length of a job's event-budget window.
 pub const BUDGET_WINDOW_NS: u64 = 100_000_000;

@@ -276,6 +276,28 @@ impl KernelBtf {
     }
 }
 
+/// `task_struct.exit_code`'s offset, for the signal that killed a process.
+pub(super) fn write_task_layout(
+    btf: &Result<KernelBtf, String>,
+    settings: &mut aya::maps::Array<aya::maps::MapData, u32>,
+) {
+    let offset = match btf {
+        Ok(btf) => btf
+            .member("task_struct", "exit_code")
+            .map(|m| m.offset + 1)
+            .map_err(|e| e.to_string()),
+        Err(reason) => Err(reason.clone()),
+    };
+    let written = offset.and_then(|offset| {
+        settings
+            .set(runner_monitor_common::setting::TASK_EXIT_CODE, offset, 0)
+            .map_err(|e| e.to_string())
+    });
+    if let Err(reason) = written {
+        tracing::warn!(%reason, "the signal that kills a job process will not be known");
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -311,7 +311,7 @@ impl Sensor {
             &mut sensor.links,
             skip,
         ));
-        write_task_layout(&kernel_btf, &mut sensor.settings);
+        btf::write_task_layout(&kernel_btf, &mut sensor.settings);
         probes.extend(io_uring::attach(
             &mut sensor.ebpf,
             &mut sensor.settings,
@@ -578,24 +578,5 @@ impl Drop for Sensor {
         if let Some(heartbeat) = self.heartbeat.take() {
             heartbeat.stop();
         }
-    }
-}
-
-/// `task_struct.exit_code`'s offset, for the signal that killed a process.
-fn write_task_layout(btf: &Result<btf::KernelBtf, String>, settings: &mut Array<MapData, u32>) {
-    let offset = match btf {
-        Ok(btf) => btf
-            .member("task_struct", "exit_code")
-            .map(|m| m.offset + 1)
-            .map_err(|e| e.to_string()),
-        Err(reason) => Err(reason.clone()),
-    };
-    let written = offset.and_then(|offset| {
-        settings
-            .set(setting::TASK_EXIT_CODE, offset, 0)
-            .map_err(|e| e.to_string())
-    });
-    if let Err(reason) = written {
-        tracing::warn!(%reason, "the signal that kills a job process will not be known");
     }
 }
