@@ -78,72 +78,37 @@ pub(crate) fn test(kernels: &[String], filters: &[String]) -> anyhow::Result<()>
     ]))?;
     let binaries = build_tests()?;
     let root = workspace_root();
+    let script = script(&root, &binaries, filters);
+    // The host runs first, alone (its tests time things). Then the guests side by side: each is
+    // one single-threaded TCG process, so two take two host cores and the matrix takes as long
+    // as its slowest kernel. Reports print in the matrix's order.
     let mut results = Vec::new();
-    for (name, kernel) in kernels.iter().zip(&resolved) {
-        let dir = root.join("target/guest").join(name.replace('/', "_"));
-        let script = script(&root, &binaries, filters);
-        let start = Instant::now();
-        let (status, console) = match kernel {
-            None => {
-                say("kernel host: running natively");
-                let _ = std::fs::remove_dir_all(&dir);
-                std::fs::create_dir_all(&dir)?;
-                std::fs::write(dir.join("run.sh"), &script)?;
-                let status = Command::new("bash")
-                    .arg(dir.join("run.sh"))
-                    .env("RESULTS", &dir)
-                    .current_dir("/")
-                    .status()?;
-                (status.code(), String::new())
-            }
-            Some(kernel) => {
-                say(&format!(
-                    "kernel {} ({}): booting a guest",
-                    kernel.name, kernel.release
-                ));
-                let run = guest::run(kernel, &dir, &script, Duration::from_secs(900))?;
-                print!("{}", run.output);
-                (run.status, run.console)
-            }
-        };
-        let elapsed = start.elapsed();
-        let check = std::fs::read_to_string(dir.join("check.txt")).unwrap_or_default();
-        println!("---- runner-monitor check on {name}\n{check}");
-        let mut result = KernelResult {
-            name: name.clone(),
-            release: kernel
-                .as_ref()
-                .map_or_else(host_release, |k| k.release.clone()),
-            elapsed,
-            binaries: Vec::new(),
-            crashed: status.is_none(),
-        };
-        if result.crashed {
-            let tail: Vec<&str> = console.lines().rev().take(40).collect();
-            println!(
-                "---- the {name} guest died before its script ended; console (last 40 lines):"
-            );
-            for line in tail.iter().rev() {
-                println!("{line}");
-            }
-        }
-        for (binary, _) in &binaries {
-            let out =
-                std::fs::read_to_string(dir.join(format!("{binary}.out"))).unwrap_or_default();
-            let rc = std::fs::read_to_string(dir.join(format!("{binary}.rc")))
-                .ok()
-                .and_then(|s| s.trim().parse::<i32>().ok());
-            println!("---- {binary} on {name}\n{out}");
-            let summary = out
-                .lines()
-                .rfind(|l| l.starts_with("test result:"))
-                .map_or_else(|| format!("no result (exit {rc:?})"), str::to_owned);
-            result.binaries.push(BinaryResult {
-                name: binary.clone(),
-                summary,
-                ok: rc == Some(0),
-            });
-        }
+    let pairs: Vec<(&String, &Option<Kernel>)> = kernels.iter().zip(&resolved).collect();
+    let (host, guests): (Vec<_>, Vec<_>) = pairs.into_iter().partition(|(_, k)| k.is_none());
+    for (name, _) in host {
+        let (result, report) = run_one(name, None, &root, &script, &binaries)?;
+        print!("{report}");
+        results.push(result);
+    }
+    let runs: Vec<anyhow::Result<(KernelResult, String)>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = guests
+            .iter()
+            .map(|(name, kernel)| {
+                let (root, script, binaries) = (&root, &script, &binaries);
+                scope.spawn(move || run_one(name, kernel.as_ref(), root, script, binaries))
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("a guest's runner panicked")))
+            })
+            .collect()
+    });
+    for run in runs {
+        let (result, report) = run?;
+        print!("{report}");
         results.push(result);
     }
     let table = table(&results);
@@ -158,6 +123,85 @@ pub(crate) fn test(kernels: &[String], filters: &[String]) -> anyhow::Result<()>
         bail!("kernel matrix: failed on {}", failed.join(", "));
     }
     Ok(())
+}
+
+/// Runs the script on one kernel (`None`: natively on the host) and returns its result and the
+/// report to print: its `check`, the console tail if the guest died, each binary's output.
+fn run_one(
+    name: &str,
+    kernel: Option<&Kernel>,
+    root: &Path,
+    script: &str,
+    binaries: &[(String, PathBuf)],
+) -> anyhow::Result<(KernelResult, String)> {
+    let dir = root.join("target/guest").join(name.replace('/', "_"));
+    let mut report = String::new();
+    let start = Instant::now();
+    let (status, console) = match kernel {
+        None => {
+            say("kernel host: running natively");
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir)?;
+            std::fs::write(dir.join("run.sh"), script)?;
+            let status = Command::new("bash")
+                .arg(dir.join("run.sh"))
+                .env("RESULTS", &dir)
+                .current_dir("/")
+                .status()?;
+            (status.code(), String::new())
+        }
+        Some(kernel) => {
+            say(&format!(
+                "kernel {} ({}): booting a guest",
+                kernel.name, kernel.release
+            ));
+            let run = guest::run(kernel, &dir, script, Duration::from_secs(900))?;
+            say(&format!(
+                "kernel {}: guest done in {:.0} s",
+                kernel.name,
+                start.elapsed().as_secs_f64()
+            ));
+            report.push_str(&run.output);
+            (run.status, run.console)
+        }
+    };
+    let elapsed = start.elapsed();
+    let check = std::fs::read_to_string(dir.join("check.txt")).unwrap_or_default();
+    let _ = writeln!(report, "---- runner-monitor check on {name}\n{check}");
+    let mut result = KernelResult {
+        name: name.to_owned(),
+        release: kernel.map_or_else(host_release, |k| k.release.clone()),
+        elapsed,
+        binaries: Vec::new(),
+        crashed: status.is_none(),
+    };
+    if result.crashed {
+        let tail: Vec<&str> = console.lines().rev().take(40).collect();
+        let _ = writeln!(
+            report,
+            "---- the {name} guest died before its script ended; console (last 40 lines):"
+        );
+        for line in tail.iter().rev() {
+            let _ = writeln!(report, "{line}");
+        }
+    }
+    for (binary, _) in binaries {
+        let out = std::fs::read_to_string(dir.join(format!("{binary}.out"))).unwrap_or_default();
+        let rc = std::fs::read_to_string(dir.join(format!("{binary}.rc")))
+            .ok()
+            .and_then(|s| s.trim().parse::<i32>().ok());
+        let _ = writeln!(report, "---- {binary} on {name}\n{out}");
+        let summary = out
+            .lines()
+            .rfind(|l| l.starts_with("test result:"))
+            .map_or_else(|| format!("no result (exit {rc:?})"), str::to_owned);
+        result.binaries.push(BinaryResult {
+            name: binary.clone(),
+            summary,
+            ok: rc == Some(0),
+        });
+    }
+    Ok((result, report))
 }
 
 fn host_release() -> String {
