@@ -27,7 +27,7 @@ use std::{
 
 use super::{
     cri, kube,
-    workflow_pods::{ContainerLink, JobPods, WorkflowPods},
+    workflow_pods::{ContainerLink, JobPods, Linked, WorkflowPods},
 };
 use crate::{
     bounded::BoundedMap,
@@ -98,7 +98,8 @@ impl PodNamer {
         {
             self.job_pods.set(namespace, pod, job.key);
         }
-        let out = self.reveal(event);
+        let mut out = self.linked(event);
+        out.extend(self.reveal(event));
         for named in &out {
             if let (EventDetail::Container(info), Some(job)) =
                 (&named.event.detail, &named.event.job)
@@ -113,6 +114,36 @@ impl PodNamer {
                 self.pod_of_cgroup
                     .insert(info.cgroup_id, (namespace.clone(), pod.clone()));
             }
+        }
+        out
+    }
+
+    /// Container events for the workflow pods' containers the CRI thread linked to a job since
+    /// the last event (judged before `event`).
+    fn linked(&mut self, event: &Event) -> Vec<PodContainer> {
+        let Some(worker) = &self.worker else {
+            return Vec::new();
+        };
+        let linked: Vec<Linked> = worker.linked.try_iter().collect();
+        let mut out = Vec::new();
+        for l in linked {
+            self.seen.insert(l.cgroup_id, ());
+            let mut info = ContainerInfo::new(l.id, l.cgroup.clone(), l.cgroup_id);
+            info.runtime = kube::parse(&l.cgroup)
+                .map_or("cri", |k| k.runtime)
+                .to_owned();
+            let container = Event {
+                time_ns: event.time_ns,
+                job: Some(JobRef {
+                    key: l.job,
+                    ended: false,
+                    root: false,
+                }),
+                process: event.process.clone(),
+                truncated: false,
+                detail: EventDetail::Container(info),
+            };
+            out.extend(Self::named(container, l.named));
         }
         out
     }
@@ -135,21 +166,25 @@ impl PodNamer {
             return out;
         }
         // The process (or, if it is gone already, its parent, often in the same cgroup).
-        let Some(path) = [event.process.pid, event.process.ppid]
-            .into_iter()
-            .find_map(cgroup_v2_path)
-        else {
+        let own = cgroup_v2_path(event.process.pid);
+        let from_parent = own.is_none();
+        let Some(path) = own.or_else(|| cgroup_v2_path(event.process.ppid)) else {
             return out;
         };
-        self.seen.insert(cgroup_id, ());
         let Some(kube::KubeCgroup {
             pod_uid,
             container_id: Some(id),
             runtime,
         }) = kube::parse(&path)
         else {
+            // A parent outside the pod (containerd-shim, for an exec'd process gone already)
+            // says nothing of the process's cgroup: the next event of it is looked at again.
+            if !from_parent {
+                self.seen.insert(cgroup_id, ());
+            }
             return out;
         };
+        self.seen.insert(cgroup_id, ());
         let mut info = ContainerInfo::new(id.clone(), path, cgroup_id);
         info.runtime = runtime.to_owned();
         info.pod = Some(PodInfo {
@@ -301,6 +336,8 @@ fn cgroup_v2_path(pid: u32) -> Option<String> {
 struct Worker {
     ask: tokio::sync::mpsc::UnboundedSender<String>,
     answers: mpsc::Receiver<(String, Option<cri::Named>)>,
+    /// The workflow pods' containers linked to jobs.
+    linked: mpsc::Receiver<Linked>,
 }
 
 impl Worker {
@@ -308,6 +345,10 @@ impl Worker {
     fn spawn(socket: PathBuf, mut workflow: Option<WorkflowPods>) -> Self {
         let (ask, mut asked) = tokio::sync::mpsc::unbounded_channel::<String>();
         let (answer, answers) = mpsc::channel();
+        let (told, linked) = mpsc::channel();
+        if let Some(w) = workflow.as_mut() {
+            w.told = Some(told);
+        }
         let spawned = std::thread::Builder::new()
             .name("cri".into())
             .spawn(move || {
@@ -338,7 +379,7 @@ impl Worker {
                                 if let Some(w) = workflow.as_mut()
                                     && !w.pods.is_empty()
                                     && let Some(channel) = cri.channel().await
-                                    && let Err(e) = w.poll(&channel).await
+                                    && let Err(e) = w.poll(&channel, &cri.name).await
                                 {
                                     tracing::debug!(error = %e, "workflow pods not looked for");
                                     cri.failed(&e);
@@ -351,7 +392,11 @@ impl Worker {
         if let Err(e) = spawned {
             tracing::warn!(error = %e, "no CRI thread: pods are not named");
         }
-        Self { ask, answers }
+        Self {
+            ask,
+            answers,
+            linked,
+        }
     }
 }
 

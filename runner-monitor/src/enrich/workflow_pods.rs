@@ -10,12 +10,14 @@
 //! written into the kernel's map of job container cgroups, so a process exec'd there joins the
 //! job at its exec, before its first instruction, as a `docker exec`'d one does. The hooks exec
 //! a step only once the pod is Running (the kubelet reports that after its next relist), so the
-//! map is written in time; the pod's own entrypoint started before and is not the job's.
+//! map is written in time; the pod's own entrypoint started before and is not the job's. The
+//! container linked is told to the pod namer (`Linked`), whose container event for it then comes
+//! before the first step's events.
 
 use std::{
     collections::{HashMap, HashSet},
     path::{Path, PathBuf},
-    sync::{Arc, Mutex},
+    sync::{Arc, Mutex, mpsc},
 };
 
 use tonic::{Status, transport::Channel};
@@ -26,6 +28,18 @@ use crate::{bounded::BoundedMap, event::JobKey};
 /// Writes "cgroup `id` is a container of job `key`" into the kernel's map of job container
 /// cgroups (the live agent passes the sensor's); `Err` says why it could not.
 pub type ContainerLink = Box<dyn FnMut(u64, JobKey) -> Result<(), String> + Send>;
+
+/// A workflow pod's container linked to a job, for its container event (sent to the pod namer,
+/// which judges it before the next event: before the first step's).
+pub struct Linked {
+    pub job: JobKey,
+    pub cgroup_id: u64,
+    /// Its cgroup's path in the host's v2 hierarchy.
+    pub cgroup: String,
+    pub named: cri::Named,
+    /// The container's id.
+    pub id: String,
+}
 
 /// The label ARC's container hooks put on the pods they make: the runner pod's name.
 pub const RUNNER_POD_LABEL: &str = "runner-pod";
@@ -127,8 +141,8 @@ pub fn host_cgroup_path(cgroups_path: &str) -> Option<String> {
 /// The cgroup id of a container, from containerd's verbose `ContainerStatus` info: the spec's
 /// cgroup path under `root` (the v2 hierarchy's mount), or else its task's `/proc/<pid>/cgroup`
 /// (only when that is not relative to another cgroup namespace). A cgroup v2 directory's inode
-/// number is the cgroup's id.
-fn cgroup_id(info: &HashMap<String, String>, root: &Path) -> Option<u64> {
+/// number is the cgroup's id. Returns the id and the path.
+fn cgroup_of(info: &HashMap<String, String>, root: &Path) -> Option<(u64, String)> {
     use std::os::unix::fs::MetadataExt as _;
     let json: serde_json::Value = serde_json::from_str(info.get("info")?).ok()?;
     let from_spec = json["runtimeSpec"]["linux"]["cgroupsPath"]
@@ -141,7 +155,7 @@ fn cgroup_id(info: &HashMap<String, String>, root: &Path) -> Option<u64> {
         (!path.starts_with("/..")).then(|| path.to_owned())
     })?;
     let meta = std::fs::metadata(root.join(path.trim_start_matches('/'))).ok()?;
-    meta.is_dir().then(|| meta.ino())
+    meta.is_dir().then(|| (meta.ino(), path))
 }
 
 /// The CRI thread's side: looks for the job pods' workflow pods and links their running
@@ -153,6 +167,8 @@ pub struct WorkflowPods {
     linked: BoundedMap<String, ()>,
     /// The cgroup v2 hierarchy's mount.
     root: Option<PathBuf>,
+    /// Where the containers linked are told (the pod namer).
+    pub(super) told: Option<mpsc::Sender<Linked>>,
 }
 
 impl WorkflowPods {
@@ -162,11 +178,12 @@ impl WorkflowPods {
             link,
             linked: BoundedMap::new(4096),
             root: crate::sensor::attach::cgroup2_root(),
+            told: None,
         }
     }
 
-    /// One look at the runtime's pods.
-    pub async fn poll(&mut self, channel: &Channel) -> Result<(), Status> {
+    /// One look at the runtime's pods; `runtime` is the runtime's name for itself.
+    pub async fn poll(&mut self, channel: &Channel, runtime: &str) -> Result<(), Status> {
         let watched = self.pods.snapshot();
         let Some(root) = self.root.clone() else {
             return Ok(());
@@ -217,7 +234,7 @@ impl WorkflowPods {
                 )
                 .await?;
                 let container = c.metadata.map(|m| m.name).unwrap_or_default();
-                let Some(cgroup) = cgroup_id(&status.info, &root) else {
+                let Some((cgroup, path)) = cgroup_of(&status.info, &root) else {
                     tracing::debug!(id = c.id, "no cgroup found for a workflow pod's container");
                     continue;
                 };
@@ -234,6 +251,25 @@ impl WorkflowPods {
                             job = %job,
                             "a runner pod's workflow pod container is its job's"
                         );
+                        let named = cri::Named {
+                            runtime: runtime.to_owned(),
+                            container,
+                            image: c.image.map(|i| i.image).unwrap_or_default(),
+                            pod: meta.name.clone(),
+                            namespace: meta.namespace.clone(),
+                            pod_uid: meta.uid.clone(),
+                            pod_labels: sandbox.labels.clone(),
+                            pod_annotations: HashMap::new(),
+                        };
+                        if let Some(told) = &self.told {
+                            let _ = told.send(Linked {
+                                job,
+                                cgroup_id: cgroup,
+                                cgroup: path,
+                                named,
+                                id: c.id.clone(),
+                            });
+                        }
                     }
                     Err(e) => {
                         tracing::warn!(
