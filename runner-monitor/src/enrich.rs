@@ -14,6 +14,7 @@ mod containers;
 pub mod cri;
 pub mod kube;
 mod pods;
+pub mod workflow_pods;
 pub use containers::{ContainerNamer, of_job_root};
 pub use pods::{DEFAULT_CRI_SOCKET, PodContainer, PodNamer, gitlab_job};
 

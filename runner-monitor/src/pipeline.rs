@@ -11,6 +11,8 @@
 //! - pods: the first event of a job process from a cgroup of a Kubernetes pod (kubelet's
 //!   layout) brings a container event naming container and pod (CRI) before it, and a GitLab
 //!   kubernetes-executor pod's annotations name its job when discovery has not (`enrich`).
+//!   The pods named as running a job are watched for their ARC workflow pods, whose containers
+//!   the CRI thread links to the job in the kernel (`enrich::workflow_pods`).
 //! - fingerprint: an open or unix connect that reached a credential or secret socket under
 //!   another name is brought back to it (`identity`); a credential read gets the keyed hash of
 //!   its content; a credential written is hashed when its writer exits, as an event of its own

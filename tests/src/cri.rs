@@ -141,6 +141,27 @@ pub struct ContainerIdMessage {
     pub container_id: String,
 }
 
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ExecSyncRequest {
+    #[prost(string, tag = "1")]
+    pub container_id: String,
+    #[prost(string, repeated, tag = "2")]
+    pub cmd: Vec<String>,
+    /// Seconds.
+    #[prost(int64, tag = "3")]
+    pub timeout: i64,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ExecSyncResponse {
+    #[prost(bytes = "vec", tag = "1")]
+    pub stdout: Vec<u8>,
+    #[prost(bytes = "vec", tag = "2")]
+    pub stderr: Vec<u8>,
+    #[prost(int32, tag = "3")]
+    pub exit_code: i32,
+}
+
 /// A pod to make: its metadata, labels and annotations; it gets the kubelet's cgroup parent for
 /// a best-effort pod and the host's network namespace.
 pub struct PodSpec {
@@ -249,13 +270,14 @@ state = "{d}/state"
     }
 
     /// Makes `pod` and in it a container `name` running `sh -c script` with `env` and the host's
-    /// `mount` (host path, container path); returns the container's id once started.
+    /// `mounts` (host path, container path; read-only, as the kubelet mounts secrets); returns
+    /// the container's id once started.
     pub fn run(
         &mut self,
         pod: &PodSpec,
         name: &str,
         env: &[(&str, &str)],
-        mount: (&Path, &str),
+        mounts: &[(&Path, &str)],
         script: &str,
     ) -> String {
         let config = PodSandboxConfig {
@@ -307,11 +329,14 @@ state = "{d}/state"
                     value: (*v).to_owned(),
                 })
                 .collect(),
-            mounts: vec![Mount {
-                container_path: mount.1.to_owned(),
-                host_path: mount.0.display().to_string(),
-                readonly: true,
-            }],
+            mounts: mounts
+                .iter()
+                .map(|(host, container)| Mount {
+                    container_path: (*container).to_owned(),
+                    host_path: host.display().to_string(),
+                    readonly: true,
+                })
+                .collect(),
             log_path: format!("{name}.log"),
             linux: Some(LinuxContainerConfig {
                 security_context: Some(SecurityContext {
@@ -339,6 +364,20 @@ state = "{d}/state"
             },
         );
         created.container_id
+    }
+
+    /// Runs `sh -c script` in container `id` as the kubelet runs a `kubectl exec` (CRI
+    /// `ExecSync`: containerd-shim starts it in the container); returns its exit code.
+    pub fn exec(&self, id: &str, script: &str) -> i32 {
+        let out: ExecSyncResponse = self.call(
+            "ExecSync",
+            ExecSyncRequest {
+                container_id: id.to_owned(),
+                cmd: vec!["sh".into(), "-c".into(), script.to_owned()],
+                timeout: 30,
+            },
+        );
+        out.exit_code
     }
 
     /// An OCI image layout of a busybox-static rootfs whose entrypoint sleeps (it is also the

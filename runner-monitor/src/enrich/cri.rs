@@ -43,6 +43,8 @@ pub struct ListContainersRequest {
 pub struct ContainerFilter {
     #[prost(string, tag = "1")]
     pub id: String,
+    #[prost(string, tag = "3")]
+    pub pod_sandbox_id: String,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -61,6 +63,9 @@ pub struct Container {
     pub metadata: Option<ContainerMetadata>,
     #[prost(message, optional, tag = "4")]
     pub image: Option<ImageSpec>,
+    /// `CONTAINER_CREATED` (0), `_RUNNING` (1), `_EXITED` (2), `_UNKNOWN` (3).
+    #[prost(int32, tag = "6")]
+    pub state: i32,
     #[prost(map = "string, string", tag = "8")]
     pub labels: HashMap<String, String>,
 }
@@ -115,6 +120,44 @@ pub struct PodSandboxMetadata {
     pub namespace: String,
     #[prost(uint32, tag = "4")]
     pub attempt: u32,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ListPodSandboxRequest {}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ListPodSandboxResponse {
+    #[prost(message, repeated, tag = "1")]
+    pub items: Vec<PodSandbox>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct PodSandbox {
+    #[prost(string, tag = "1")]
+    pub id: String,
+    #[prost(message, optional, tag = "2")]
+    pub metadata: Option<PodSandboxMetadata>,
+    /// `SANDBOX_READY` (0) or `SANDBOX_NOTREADY` (1).
+    #[prost(int32, tag = "3")]
+    pub state: i32,
+    #[prost(map = "string, string", tag = "5")]
+    pub labels: HashMap<String, String>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ContainerStatusRequest {
+    #[prost(string, tag = "1")]
+    pub container_id: String,
+    #[prost(bool, tag = "2")]
+    pub verbose: bool,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ContainerStatusResponse {
+    /// With `verbose`, containerd's `info`: JSON with the task's `pid` and the OCI
+    /// `runtimeSpec` (its `linux.cgroupsPath`).
+    #[prost(map = "string, string", tag = "2")]
+    pub info: HashMap<String, String>,
 }
 
 /// A channel to the CRI socket at `socket` (gRPC over HTTP/2 on a unix socket), each request
@@ -194,7 +237,10 @@ pub async fn name(channel: &Channel, runtime: &str, id: &str) -> Result<Option<N
         channel,
         "ListContainers",
         ListContainersRequest {
-            filter: Some(ContainerFilter { id: id.to_owned() }),
+            filter: Some(ContainerFilter {
+                id: id.to_owned(),
+                ..Default::default()
+            }),
         },
     )
     .await?;

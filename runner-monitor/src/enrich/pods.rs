@@ -13,6 +13,10 @@
 //!
 //! A GitLab kubernetes-executor pod's annotations (`job.runner.gitlab.com/*`) name the job, for
 //! discovery, when its environment has not already.
+//!
+//! The pods found running a job's processes are watched for workflow pods of theirs
+//! (actions-runner-controller's kubernetes mode, `workflow_pods`): with a container link (the
+//! kernel's map of job container cgroups), the CRI thread polls for them every `POLL`.
 
 use std::{
     collections::HashMap,
@@ -21,7 +25,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use super::{cri, kube};
+use super::{
+    cri, kube,
+    workflow_pods::{ContainerLink, JobPods, Linked, WorkflowPods},
+};
 use crate::{
     bounded::BoundedMap,
     event::{ContainerInfo, Event, EventDetail, JobInfo, JobRef, PodInfo},
@@ -33,6 +40,8 @@ pub const DEFAULT_CRI_SOCKET: &str = "/run/containerd/containerd.sock";
 const WAIT: Duration = Duration::from_millis(250);
 /// How long one CRI request may take on the CRI thread.
 const TIMEOUT: Duration = Duration::from_secs(2);
+/// How often the CRI thread looks for workflow pods while a pod runs a job's processes.
+const POLL: Duration = Duration::from_millis(200);
 
 /// A container event to judge before the event that revealed it, and the GitLab job its pod's
 /// annotations name, if any.
@@ -50,6 +59,13 @@ pub struct PodNamer {
     pending: BoundedMap<String, Event>,
     /// Answers that came while the pipeline waited for another container's.
     late: Vec<(String, Option<cri::Named>)>,
+    /// Pods running a job's processes, for the workflow pods' link.
+    job_pods: JobPods,
+    /// cgroup id -> (namespace, pod) of the job pods' containers named.
+    pod_of_cgroup: BoundedMap<u64, (String, String)>,
+    /// Writes a workflow pod's container cgroup into the kernel's map (moved to the CRI thread
+    /// when it starts).
+    link: Option<ContainerLink>,
 }
 
 impl PodNamer {
@@ -61,12 +77,78 @@ impl PodNamer {
             seen: BoundedMap::new(4096),
             pending: BoundedMap::new(256),
             late: Vec::new(),
+            job_pods: JobPods::default(),
+            pod_of_cgroup: BoundedMap::new(4096),
+            link: None,
         }
     }
 
+    /// Links the containers of job pods' workflow pods to their jobs in the kernel through
+    /// `link` (`workflow_pods`).
+    pub fn link_containers(&mut self, link: ContainerLink) {
+        self.link = Some(link);
+    }
+
     /// Before `event`: container events for a pod container it reveals, and for containers the
-    /// CRI named late.
+    /// CRI named late. The pods named are remembered as running the job.
     pub fn process(&mut self, event: &Event) -> Vec<PodContainer> {
+        if let Some(job) = &event.job
+            && !job.ended
+            && let Some((namespace, pod)) = self.pod_of_cgroup.get(&event.process.cgroup_id)
+        {
+            self.job_pods.set(namespace, pod, job.key);
+        }
+        let mut out = self.linked(event);
+        out.extend(self.reveal(event));
+        for named in &out {
+            if let (EventDetail::Container(info), Some(job)) =
+                (&named.event.detail, &named.event.job)
+                && let Some(PodInfo {
+                    name: Some(pod),
+                    namespace: Some(namespace),
+                    ..
+                }) = &info.pod
+                && !job.ended
+            {
+                self.job_pods.set(namespace, pod, job.key);
+                self.pod_of_cgroup
+                    .insert(info.cgroup_id, (namespace.clone(), pod.clone()));
+            }
+        }
+        out
+    }
+
+    /// Container events for the workflow pods' containers the CRI thread linked to a job since
+    /// the last event (judged before `event`).
+    fn linked(&mut self, event: &Event) -> Vec<PodContainer> {
+        let Some(worker) = &self.worker else {
+            return Vec::new();
+        };
+        let linked: Vec<Linked> = worker.linked.try_iter().collect();
+        let mut out = Vec::new();
+        for l in linked {
+            self.seen.insert(l.cgroup_id, ());
+            let mut info = ContainerInfo::new(l.id, l.cgroup.clone(), l.cgroup_id);
+            info.runtime = kube::parse(&l.cgroup)
+                .map_or("cri", |k| k.runtime)
+                .to_owned();
+            let container = Event {
+                time_ns: event.time_ns,
+                job: Some(JobRef {
+                    key: l.job,
+                    ended: false,
+                    root: false,
+                }),
+                process: event.process.clone(),
+                truncated: false,
+                detail: EventDetail::Container(info),
+            };
+            out.extend(Self::named(container, l.named));
+        }
+        out
+    }
+
+    fn reveal(&mut self, event: &Event) -> Vec<PodContainer> {
         let mut out = self.late_answers(None);
         let Some(job) = &event.job else {
             return out;
@@ -84,21 +166,25 @@ impl PodNamer {
             return out;
         }
         // The process (or, if it is gone already, its parent, often in the same cgroup).
-        let Some(path) = [event.process.pid, event.process.ppid]
-            .into_iter()
-            .find_map(cgroup_v2_path)
-        else {
+        let own = cgroup_v2_path(event.process.pid);
+        let from_parent = own.is_none();
+        let Some(path) = own.or_else(|| cgroup_v2_path(event.process.ppid)) else {
             return out;
         };
-        self.seen.insert(cgroup_id, ());
         let Some(kube::KubeCgroup {
             pod_uid,
             container_id: Some(id),
             runtime,
         }) = kube::parse(&path)
         else {
+            // A parent outside the pod (containerd-shim, for an exec'd process gone already)
+            // says nothing of the process's cgroup: the next event of it is looked at again.
+            if !from_parent {
+                self.seen.insert(cgroup_id, ());
+            }
             return out;
         };
+        self.seen.insert(cgroup_id, ());
         let mut info = ContainerInfo::new(id.clone(), path, cgroup_id);
         info.runtime = runtime.to_owned();
         info.pod = Some(PodInfo {
@@ -140,7 +226,11 @@ impl PodNamer {
             if !Path::new(socket).exists() {
                 return None;
             }
-            self.worker = Some(Worker::spawn(socket.clone()));
+            let workflow = self
+                .link
+                .take()
+                .map(|link| WorkflowPods::new(self.job_pods.clone(), link));
+            self.worker = Some(Worker::spawn(socket.clone(), workflow));
         }
         let worker = self.worker.as_ref()?;
         worker.ask.send(id.to_owned()).ok()?;
@@ -246,12 +336,19 @@ fn cgroup_v2_path(pid: u32) -> Option<String> {
 struct Worker {
     ask: tokio::sync::mpsc::UnboundedSender<String>,
     answers: mpsc::Receiver<(String, Option<cri::Named>)>,
+    /// The workflow pods' containers linked to jobs.
+    linked: mpsc::Receiver<Linked>,
 }
 
 impl Worker {
-    fn spawn(socket: PathBuf) -> Self {
+    /// The CRI thread; with `workflow`, it also polls for the job pods' workflow pods.
+    fn spawn(socket: PathBuf, mut workflow: Option<WorkflowPods>) -> Self {
         let (ask, mut asked) = tokio::sync::mpsc::unbounded_channel::<String>();
         let (answer, answers) = mpsc::channel();
+        let (told, linked) = mpsc::channel();
+        if let Some(w) = workflow.as_mut() {
+            w.told = Some(told);
+        }
         let spawned = std::thread::Builder::new()
             .name("cri".into())
             .spawn(move || {
@@ -262,38 +359,32 @@ impl Worker {
                     return;
                 };
                 runtime.block_on(async move {
-                    let mut channel = None;
-                    let mut name = String::new();
-                    while let Some(id) = asked.recv().await {
-                        if channel.is_none() {
-                            match cri::connect(socket.clone(), TIMEOUT).await {
-                                Ok(c) => {
-                                    let version: Result<cri::VersionResponse, _> =
-                                        cri::call(&c, "Version", cri::VersionRequest::default())
-                                            .await;
-                                    name = version.map(|v| v.runtime_name).unwrap_or_default();
-                                    channel = Some(c);
-                                }
-                                Err(e) => {
-                                    tracing::debug!(socket = %socket.display(), error = %e, "CRI not reached");
+                    let mut cri = Cri {
+                        socket,
+                        channel: None,
+                        name: String::new(),
+                    };
+                    let mut poll = tokio::time::interval(POLL);
+                    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                    loop {
+                        tokio::select! {
+                            asked = asked.recv() => {
+                                let Some(id) = asked else { return };
+                                let named = cri.name(&id).await;
+                                if answer.send((id, named)).is_err() {
+                                    return;
                                 }
                             }
-                        }
-                        let named = match &channel {
-                            Some(c) => match cri::name(c, &name, &id).await {
-                                Ok(named) => named,
-                                Err(e) => {
-                                    tracing::debug!(id, error = %e, "container not named by the CRI");
-                                    if e.code() == tonic::Code::Unavailable {
-                                        channel = None;
-                                    }
-                                    None
+                            _ = poll.tick(), if workflow.is_some() => {
+                                if let Some(w) = workflow.as_mut()
+                                    && !w.pods.is_empty()
+                                    && let Some(channel) = cri.channel().await
+                                    && let Err(e) = w.poll(&channel, &cri.name).await
+                                {
+                                    tracing::debug!(error = %e, "workflow pods not looked for");
+                                    cri.failed(&e);
                                 }
-                            },
-                            None => None,
-                        };
-                        if answer.send((id, named)).is_err() {
-                            return;
+                            }
                         }
                     }
                 });
@@ -301,7 +392,56 @@ impl Worker {
         if let Err(e) = spawned {
             tracing::warn!(error = %e, "no CRI thread: pods are not named");
         }
-        Self { ask, answers }
+        Self {
+            ask,
+            answers,
+            linked,
+        }
+    }
+}
+
+/// The CRI thread's channel to the socket, made again after an error.
+struct Cri {
+    socket: PathBuf,
+    channel: Option<tonic::transport::Channel>,
+    /// The runtime's name for itself.
+    name: String,
+}
+
+impl Cri {
+    async fn channel(&mut self) -> Option<tonic::transport::Channel> {
+        if self.channel.is_none() {
+            match cri::connect(self.socket.clone(), TIMEOUT).await {
+                Ok(c) => {
+                    let version: Result<cri::VersionResponse, _> =
+                        cri::call(&c, "Version", cri::VersionRequest::default()).await;
+                    self.name = version.map(|v| v.runtime_name).unwrap_or_default();
+                    self.channel = Some(c);
+                }
+                Err(e) => {
+                    tracing::debug!(socket = %self.socket.display(), error = %e, "CRI not reached");
+                }
+            }
+        }
+        self.channel.clone()
+    }
+
+    async fn name(&mut self, id: &str) -> Option<cri::Named> {
+        let channel = self.channel().await?;
+        match cri::name(&channel, &self.name, id).await {
+            Ok(named) => named,
+            Err(e) => {
+                tracing::debug!(id, error = %e, "container not named by the CRI");
+                self.failed(&e);
+                None
+            }
+        }
+    }
+
+    fn failed(&mut self, e: &tonic::Status) {
+        if e.code() == tonic::Code::Unavailable {
+            self.channel = None;
+        }
     }
 }
 

@@ -505,6 +505,14 @@ impl Sensor {
         Ok(c)
     }
 
+    /// The kernel's map of job container cgroups (cgroup id -> job), taken out of the sensor for
+    /// a writer of its own: a process that execs in such a cgroup joins the job
+    /// (`runner-monitor-ebpf/src/containers.rs`). `None` once taken.
+    pub fn take_container_cgroups(&mut self) -> Option<HashMap<MapData, u64, u64>> {
+        let map = self.ebpf.take_map(map_name::CONTAINER_CGROUPS)?;
+        HashMap::try_from(map).ok()
+    }
+
     /// The underlying object, for programs and maps not wrapped here.
     pub fn ebpf(&mut self) -> &mut Ebpf {
         &mut self.ebpf

@@ -96,7 +96,7 @@ impl Agent {
             Some(path) => Policy::load(path).context("refusing to start with an invalid policy")?,
             None => Policy::builtin(),
         });
-        let host = Host {
+        let mut host = Host {
             containers: Default::default(),
             fingerprints: match &args.fingerprint_key {
                 Some(path) => Some(Fingerprinter::load(path)?),
@@ -154,6 +154,13 @@ impl Agent {
             .with_context(|| format!("listening on {} (--listen)", args.listen))?;
         tracing::info!(address = %bound, "serving /metrics, /healthz, /readyz, /jobs");
 
+        // The workflow pods of runner pods (actions-runner-controller's kubernetes mode) join
+        // their jobs through the kernel's map of job container cgroups.
+        if let Some(mut cgroups) = sensor.take_container_cgroups() {
+            host.pods.link_containers(Box::new(move |cgroup, job| {
+                cgroups.insert(cgroup, job.0, 0).map_err(|e| e.to_string())
+            }));
+        }
         let outputs = Self::outputs(&args, &metrics, fleet)?;
         let mut pipeline = Pipeline::new(policy, Some(host), outputs).with_reports(reports);
         Self::resume(&args, &state, &mut sensor, &mut pipeline)?;
