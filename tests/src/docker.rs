@@ -169,6 +169,48 @@ pub fn assert_container(finding: &serde_json::Value, name: Option<&str>) {
     }
 }
 
+/// A container of GitLab's docker executor, created as the runner does it (outside any job):
+/// the runner's labels, the job's `CI_*` variables (a canary `CI_JOB_TOKEN`), the job's home
+/// at `/builds/h`; `kind` is the label's type (`build`, `service`, `helper`). Without
+/// `ci_variables` the container has the labels only (a service such as `docker:dind`).
+pub fn gitlab_container(
+    docker: &Docker,
+    env: &crate::TestEnv,
+    job_id: &str,
+    kind: &str,
+    name: &str,
+    ci_variables: bool,
+    command: &str,
+) {
+    let mut c = docker.cli();
+    c.args(["create", "--name", name, "--network", "none", "-v"])
+        .arg(format!("{}:/builds/h", env.home.display()))
+        .args([
+            "--label",
+            &format!("com.gitlab.gitlab-runner.job.id={job_id}"),
+        ])
+        .args(["--label", "com.gitlab.gitlab-runner.project.id=42"])
+        .args(["--label", "com.gitlab.gitlab-runner.pipeline.id=77"])
+        .args(["--label", "com.gitlab.gitlab-runner.runner.id=9"])
+        .args(["--label", &format!("com.gitlab.gitlab-runner.type={kind}")]);
+    if ci_variables {
+        c.args(["-e", "GITLAB_CI=true", "-e", "CI=true"])
+            .args(["-e", &format!("CI_JOB_ID={job_id}")])
+            .args(["-e", "CI_PROJECT_PATH=group/with-service"])
+            .args(["-e", "CI_PIPELINE_ID=77", "-e", "CI_JOB_NAME=test"])
+            .args(["-e", "CI_RUNNER_ID=9", "-e", "CI_JOB_TOKEN"])
+            // The CLI reads the token from its own environment: not on any command line.
+            .env("CI_JOB_TOKEN", crate::CANARY);
+    }
+    c.args([IMAGE, "sh", "-c", command]);
+    let out = c.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// Debian's static busybox (the dynamic one would need its libraries in the image).
 fn busybox() -> &'static Path {
     let path = Path::new("/bin/busybox");

@@ -10,8 +10,10 @@ use std::{
     sync::atomic::{AtomicU64, Ordering},
 };
 
+use aya::maps::HashMap;
 use runner_monitor_common::{
-    AGENT_JOB_KEY_BIT, JOB_ENDED, JOB_REGISTERED, JobState, PROCESS_JOB_ROOT, ProcessJob, map_name,
+    AGENT_JOB_KEY_BIT, CONTAINER_ID_LEN, JOB_ENDED, JOB_REGISTERED, JobState, PROCESS_JOB_ROOT,
+    ProcessJob, map_name,
 };
 
 use super::{
@@ -92,6 +94,45 @@ impl Sensor {
         }
         tracing::info!(job = %key, root_pid, "job registered");
         Ok(key)
+    }
+
+    /// A new job with no root process, started at `started_ns`: its processes are those of the
+    /// containers registered for it (`request_container`), GitLab's docker executor's. It ends
+    /// when the agent ends it (`end_job`).
+    pub fn register_container_job(&mut self, started_ns: u64) -> Result<JobKey, SensorError> {
+        let key = new_agent_job_key();
+        let state = JobState {
+            root_tgid: 0,
+            flags: JOB_REGISTERED,
+            started_ns,
+            ended_ns: 0,
+        };
+        self.jobs
+            .insert(key.0, state, 0)
+            .map_err(Self::map_error(map_name::JOBS))?;
+        Ok(key)
+    }
+
+    /// Container `id` (64 hex digits) is job `key`'s: the kernel's requested-container map, the
+    /// one a job's `POST /containers/<id>/start` fills. The cgroup its runtime makes at its
+    /// start is the job's, and so is every process in it (`containers.rs` in the kernel).
+    pub fn request_container(&mut self, id: &str, key: JobKey) -> Result<(), SensorError> {
+        let id: [u8; CONTAINER_ID_LEN] = id
+            .as_bytes()
+            .try_into()
+            .ok()
+            .filter(|id: &[u8; CONTAINER_ID_LEN]| id.iter().all(u8::is_ascii_hexdigit))
+            .ok_or_else(|| SensorError::Container(format!("not a container id: {id:?}")))?;
+        // Lowercase, as runtimes name cgroups.
+        let id = id.map(|b| b.to_ascii_lowercase());
+        let map = self
+            .ebpf
+            .map_mut(map_name::REQUESTED_CONTAINERS)
+            .ok_or(SensorError::MissingMap(map_name::REQUESTED_CONTAINERS))?;
+        let mut map: HashMap<_, [u8; CONTAINER_ID_LEN], u64> =
+            HashMap::try_from(map).map_err(Self::map_error(map_name::REQUESTED_CONTAINERS))?;
+        map.insert(id, key.0, 0)
+            .map_err(Self::map_error(map_name::REQUESTED_CONTAINERS))
     }
 
     /// Marks a job ended: from now on its processes' events say so.

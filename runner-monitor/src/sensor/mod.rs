@@ -74,6 +74,8 @@ pub enum SensorError {
     Process { pid: u32, reason: String },
     #[error("no such job {0}")]
     NoSuchJob(crate::event::JobKey),
+    #[error("{0}")]
+    Container(String),
     #[error(
         "kernel state directory {0} is in use by another runner-monitor (one agent per pin \
          directory: they would corrupt each other's jobs)"

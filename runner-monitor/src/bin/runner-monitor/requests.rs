@@ -30,6 +30,21 @@ pub fn control_request(
         return Ok(Reply::status(status(sensor, pipeline)));
     }
     let policy = pipeline.policy().clone();
+    if let Request::ContainerJob {
+        container,
+        created_ns,
+        info,
+        named_by_environment,
+    } = request
+    {
+        return container_job(
+            sensor,
+            pipeline,
+            &container,
+            created_ns,
+            (*info, named_by_environment),
+        );
+    }
     let directory = pipeline.jobs_mut();
     // Stages of one staged job (GitLab) are that job.
     let peer_job = sensor.job_of(peer.pid).map(|k| directory.job_of_stage(k));
@@ -119,8 +134,60 @@ pub fn control_request(
             pipeline.run([agent_event(EventDetail::JobEnd, Some(key), peer.pid)])?;
             Reply::ok(key.to_string())
         }
-        Request::JobReport { .. } | Request::Status => unreachable!("answered above"),
+        Request::JobReport { .. } | Request::Status | Request::ContainerJob { .. } => {
+            unreachable!("answered above")
+        }
     })
+}
+
+/// GitLab Runner created `container` for the job `info` names (Docker's events at its socket):
+/// the container is registered as that job's in the kernel before the runner starts it. The job
+/// is the one with that GitLab job id (an earlier container's, or a stage the environment scan
+/// found), or else a new one that starts at this create. A container whose `CI_*` variables
+/// name the job (`named_by_environment`; a service's may hold none, and then the runner's
+/// labels named the job) names it again: the project's path replaces its id, and the job's
+/// start moves to this create if that is earlier.
+fn container_job(
+    sensor: &mut Sensor,
+    pipeline: &mut Pipeline,
+    container: &str,
+    created_ns: u64,
+    (info, named_by_environment): (runner_monitor::event::JobInfo, bool),
+) -> std::io::Result<Reply> {
+    let policy = pipeline.policy().clone();
+    let directory = pipeline.jobs_mut();
+    let (key, start) = match directory.key_of(&info.id) {
+        Some(key) if named_by_environment && directory.explicit_id(key).is_none() => {
+            let start = job_start_event(key, 0, info.clone());
+            let start = runner_monitor::event::Event {
+                time_ns: created_ns,
+                ..start
+            };
+            (key, Some(start))
+        }
+        Some(key) => (key, None),
+        None => {
+            let key = match sensor.register_container_job(created_ns) {
+                Ok(key) => key,
+                Err(e) => return Ok(Reply::refused(Outcome::Rejected, e.to_string())),
+            };
+            let start = directory.discover_container_job(key, created_ns, info.clone(), &policy);
+            (key, start)
+        }
+    };
+    // First the kernel: the runner starts the container next.
+    if let Err(e) = sensor.request_container(container, key) {
+        return Ok(Reply::refused(Outcome::Rejected, e.to_string()));
+    }
+    // How long after its create: the runner's start request, its runtime and the cgroup come
+    // after this (the margin is measured in tests/tests/containers_gitlab.rs).
+    let after_create_us = runner_monitor::clock::monotonic_ns().saturating_sub(created_ns) / 1000;
+    tracing::info!(job = %key, container, id = ?info.id, after_create_us,
+        "GitLab container registered as its job's");
+    if let Some(start) = start {
+        pipeline.run([start])?;
+    }
+    Ok(Reply::ok(key.to_string()))
 }
 
 /// The agent's state: the egress mode in force, how many jobs block mode has a plan for and

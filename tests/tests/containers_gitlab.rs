@@ -1,0 +1,186 @@
+//! GitLab's docker executor with the agent following the runner's Docker socket: the job starts
+//! at its first container's create, and a container with the runner's labels but no `CI_*`
+//! variable (a service) is the job from its first instruction. The runner is emulated from the
+//! test process (outside any job) through the Docker API, with its labels and the job's CI
+//! variables (a canary `CI_JOB_TOKEN`).
+
+use std::time::Duration;
+
+use integration_tests::{
+    TestEnv,
+    docker::{Docker, gitlab_container, read_three_kinds},
+    live::{
+        Agent, agent_dir, agent_log, alerts, assert_no_secret, free_port, run_id, test_policy,
+        wait_alert, wait_until,
+    },
+    output_of,
+};
+
+/// CLOCK_MONOTONIC, the clock of the agent's times.
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into the timespec we own.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// The job's report over the control socket, as JSON.
+fn report(agent: &Agent, id: &str) -> serde_json::Value {
+    let out = output_of(
+        std::process::Command::new(integration_tests::live::target_dir().join("runner-monitor"))
+            .args(["report", "--job", id, "--format", "json"])
+            .env("RUNNER_MONITOR_SOCKET", &agent.socket),
+    );
+    assert!(
+        out.status.success(),
+        "report failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("the JSON report")
+}
+
+fn trace(agent: &Agent) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(agent.dir.join("events.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+#[test]
+fn a_gitlab_job_starts_at_its_first_create_and_its_labelled_service_without_ci_variables_is_it() {
+    let docker = Docker::start("gitlabcreate");
+    let dir = agent_dir("containers-gitlabcreate");
+    std::fs::write(
+        dir.join("policy.toml"),
+        format!(
+            "{}\n[[secret_sockets]]\nkind = \"docker\"\npaths = [\"{}\"]\n",
+            test_policy().replace("stage_gap_seconds = 1", "stage_gap_seconds = 300"),
+            docker.socket.display()
+        ),
+    )
+    .unwrap();
+    let agent = Agent::launch(&dir, free_port(), &[]);
+    wait_until("the agent follows the daemon's events", 10, || {
+        agent_log(&dir).contains("following Docker's events")
+    });
+    let env = TestEnv::new("containers-gitlabcreate");
+    let job_id = run_id(28);
+    let service = format!("rm-svc-{job_id}");
+    let build = format!("rm-build-{job_id}");
+
+    // The service first, as the runner makes it: labels, no CI variable; it reads credentials
+    // at once (its first instructions) and lives on.
+    let before_create = monotonic_ns();
+    gitlab_container(
+        &docker,
+        &env,
+        &job_id,
+        "service",
+        &service,
+        false,
+        &format!("{} > /dev/null; sleep 60", read_three_kinds("/builds/h")),
+    );
+    let after_create = monotonic_ns();
+    docker.run(&["start", &service]);
+    let harvest = wait_alert(&agent, "credential-harvesting", &job_id, |_| true);
+    assert_eq!(harvest["job"]["platform"], "gitlab", "{harvest}");
+    // The project's id from the runner's label: the service's environment has no path.
+    assert_eq!(harvest["job"]["repository"], "42", "{harvest}");
+    assert_eq!(harvest["job"]["run"], "77", "{harvest}");
+    assert_eq!(harvest["container"]["name"], service.as_str(), "{harvest}");
+    assert_eq!(
+        harvest["container"]["labels"]["com.gitlab.gitlab-runner.type"], "service",
+        "{harvest}"
+    );
+    assert!(
+        harvest["process"]["cmdline"]
+            .as_str()
+            .is_some_and(|c| c.starts_with("cat /builds/h/")),
+        "{harvest}"
+    );
+    let key = harvest["job"]["key"].clone();
+
+    // The job started at the service's create: before the create returned, not at an exec.
+    let started = report(&agent, &job_id);
+    let start = started["start_ns"].as_u64().expect("the report's start");
+    assert!(
+        (before_create..=after_create).contains(&start),
+        "start {start} not within the create [{before_create}, {after_create}]"
+    );
+    assert_eq!(started["key"], key, "{started}");
+
+    // The build container, with the job's CI variables: the same job, now named by its path.
+    gitlab_container(
+        &docker,
+        &env,
+        &job_id,
+        "build",
+        &build,
+        true,
+        "cat /builds/h/.ssh/id_ed25519 > /dev/null",
+    );
+    docker.run(&["start", "-a", &build]);
+    wait_until("the build's read, in the job", 10, || {
+        trace(&agent).iter().any(|e| {
+            e["kind"] == "file_open"
+                && e["path"]
+                    .as_str()
+                    .is_some_and(|p| p.ends_with("/builds/h/.ssh/id_ed25519"))
+                && e["job"]["key"] == key
+        })
+    });
+    let named = report(&agent, &job_id);
+    assert_eq!(named["key"], key, "one job: {named}");
+    assert_eq!(named["job"]["repository"], "group/with-service", "{named}");
+    assert_eq!(named["start_ns"].as_u64(), Some(start), "{named}");
+    // Every start of the job is the one job's.
+    let starts: Vec<_> = trace(&agent)
+        .into_iter()
+        .filter(|e| e["kind"] == "job_start" && e["id"] == job_id.as_str())
+        .collect();
+    assert!(!starts.is_empty());
+    for s in &starts {
+        assert_eq!(s["job"]["key"], key, "a second job for {job_id}: {s}");
+    }
+
+    // The margin: the create, the agent's registration, the cgroup's creation (the service's
+    // `docker start` came from a new CLI process, as the runner's start request would).
+    let made = trace(&agent)
+        .into_iter()
+        .find(|e| e["kind"] == "container" && e["name"] == service.as_str())
+        .expect("the service's container event");
+    let registered = agent_log(&dir)
+        .lines()
+        .find(|l| l.contains("GitLab container registered") && l.contains(job_id.as_str()))
+        .map(str::to_owned)
+        .unwrap_or_default();
+    eprintln!(
+        "service: cgroup made {} us after its create; agent: {registered}",
+        made["time_ns"].as_u64().unwrap_or(0).saturating_sub(start) / 1000
+    );
+
+    // The runner removes both: the job ends then, and nothing of it survives.
+    docker.run(&["rm", "-f", &service, &build]);
+    wait_until("the job's end once its containers are removed", 10, || {
+        trace(&agent)
+            .iter()
+            .any(|e| e["kind"] == "job_end" && e["job"]["key"] == key)
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    let after: Vec<_> = alerts(&agent)
+        .into_iter()
+        .filter(|a| {
+            (a["rule"] == "process-survived-job" || a["rule"] == "credential-after-job-end")
+                && a["job"]["id"] == job_id
+        })
+        .collect();
+    assert!(after.is_empty(), "after the end: {after:#?}");
+    assert_no_secret(&agent);
+    drop(docker);
+    assert!(agent.stop().success());
+    let _ = std::fs::remove_dir_all(&dir);
+}
