@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use integration_tests::{
     TestEnv,
-    docker::{Docker, gitlab_container, read_three_kinds},
+    docker::{Docker, api_gitlab_build, gitlab_container, read_three_kinds},
     live::{
         Agent, agent_dir, agent_log, alerts, assert_no_secret, free_port, run_id, test_policy,
         wait_alert, wait_until,
@@ -114,16 +114,16 @@ fn a_gitlab_job_starts_at_its_first_create_and_its_labelled_service_without_ci_v
     assert_eq!(started["key"], key, "{started}");
 
     // The build container, with the job's CI variables: the same job, now named by its path.
-    gitlab_container(
+    // Made and started over the API at once, as the runner does: the tightest race there is
+    // between the agent's registration and the cgroup's creation.
+    let build_sent = monotonic_ns();
+    let build_id = api_gitlab_build(
         &docker,
         &env,
         &job_id,
-        "build",
         &build,
-        true,
         "cat /builds/h/.ssh/id_ed25519 > /dev/null",
     );
-    docker.run(&["start", "-a", &build]);
     wait_until("the build's read, in the job", 10, || {
         trace(&agent).iter().any(|e| {
             e["kind"] == "file_open"
@@ -153,14 +153,25 @@ fn a_gitlab_job_starts_at_its_first_create_and_its_labelled_service_without_ci_v
         .into_iter()
         .find(|e| e["kind"] == "container" && e["name"] == service.as_str())
         .expect("the service's container event");
-    let registered = agent_log(&dir)
+    let log = agent_log(&dir);
+    let registered: Vec<&str> = log
         .lines()
-        .find(|l| l.contains("GitLab container registered") && l.contains(job_id.as_str()))
-        .map(str::to_owned)
-        .unwrap_or_default();
+        .filter(|l| l.contains("GitLab container registered") && l.contains(job_id.as_str()))
+        .collect();
+    let build_made = trace(&agent)
+        .into_iter()
+        .find(|e| e["kind"] == "container" && e["id"] == build_id.as_str())
+        .expect("the build's container event: its cgroup is the job's");
+    assert_eq!(build_made["job"]["key"], key, "{build_made}");
     eprintln!(
-        "service: cgroup made {} us after its create; agent: {registered}",
-        made["time_ns"].as_u64().unwrap_or(0).saturating_sub(start) / 1000
+        "service: cgroup made {} us after its create; build: cgroup made {} us after its \
+         create request was sent; agent: {registered:#?}",
+        made["time_ns"].as_u64().unwrap_or(0).saturating_sub(start) / 1000,
+        build_made["time_ns"]
+            .as_u64()
+            .unwrap_or(0)
+            .saturating_sub(build_sent)
+            / 1000,
     );
 
     // The runner removes both: the job ends then, and nothing of it survives.
