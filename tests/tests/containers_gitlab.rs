@@ -8,10 +8,10 @@ use std::time::Duration;
 
 use integration_tests::{
     TestEnv,
-    docker::{Docker, api_gitlab_build, gitlab_container, read_three_kinds},
+    docker::{Docker, IMAGE, api_gitlab_build, gitlab_container, read_three_kinds},
     live::{
-        Agent, agent_dir, agent_log, alerts, assert_no_secret, free_port, run_id, test_policy,
-        wait_alert, wait_until,
+        Agent, agent_dir, agent_log, alerts, assert_no_secret, free_port, github_job, run_id,
+        test_policy, wait_alert, wait_until,
     },
     output_of,
 };
@@ -50,10 +50,10 @@ fn trace(agent: &Agent) -> Vec<serde_json::Value> {
         .collect()
 }
 
-#[test]
-fn a_gitlab_job_starts_at_its_first_create_and_its_labelled_service_without_ci_variables_is_it() {
-    let docker = Docker::start("gitlabcreate");
-    let dir = agent_dir("containers-gitlabcreate");
+/// An agent following `docker`'s events (its socket is a `docker` secret socket of the policy),
+/// with a long stage gap: jobs end when their containers are removed.
+fn agent_following(docker: &Docker, name: &str) -> Agent {
+    let dir = agent_dir(name);
     std::fs::write(
         dir.join("policy.toml"),
         format!(
@@ -67,6 +67,14 @@ fn a_gitlab_job_starts_at_its_first_create_and_its_labelled_service_without_ci_v
     wait_until("the agent follows the daemon's events", 10, || {
         agent_log(&dir).contains("following Docker's events")
     });
+    agent
+}
+
+#[test]
+fn a_gitlab_job_starts_at_its_first_create_and_its_labelled_service_without_ci_variables_is_it() {
+    let docker = Docker::start("gitlabcreate");
+    let agent = agent_following(&docker, "containers-gitlabcreate");
+    let dir = agent.dir.clone();
     let env = TestEnv::new("containers-gitlabcreate");
     let job_id = run_id(28);
     let service = format!("rm-svc-{job_id}");
@@ -191,6 +199,46 @@ fn a_gitlab_job_starts_at_its_first_create_and_its_labelled_service_without_ci_v
         .collect();
     assert!(after.is_empty(), "after the end: {after:#?}");
     assert_no_secret(&agent);
+    drop(docker);
+    assert!(agent.stop().success());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A job's own container that claims to be a GitLab job's (the runner's labels, another job
+/// id): the job asked for its start, so its processes are the job's, not the claimed job's.
+#[test]
+fn a_jobs_container_with_gitlab_labels_stays_the_jobs() {
+    let docker = Docker::start("gitlabclaim");
+    let agent = agent_following(&docker, "containers-gitlabclaim");
+    let env = TestEnv::new("containers-gitlabclaim");
+    let run = run_id(29);
+    let claimed = run_id(30);
+    let cli = docker.shell_cli();
+    let step = format!(
+        "cid=$({cli} create --network none -v {home}:/h \\
+         --label com.gitlab.gitlab-runner.job.id={claimed} \\
+         --label com.gitlab.gitlab-runner.project.id=42 {IMAGE} sh -c '{read} > /dev/null')\n\
+         {cli} start -a $cid\n{cli} rm $cid > /dev/null",
+        home = env.home.display(),
+        read = read_three_kinds("/h"),
+    );
+    github_job(&env, &agent, &run, "acme/claims", &step);
+    let id = format!("{run}/build");
+    let harvest = wait_alert(&agent, "credential-harvesting", &id, |_| true);
+    assert_eq!(harvest["job"]["repository"], "acme/claims", "{harvest}");
+    assert_eq!(
+        harvest["container"]["labels"]["com.gitlab.gitlab-runner.job.id"],
+        claimed.as_str(),
+        "{harvest}"
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    let claimed_findings: Vec<_> = alerts(&agent)
+        .into_iter()
+        .filter(|a| a["job"]["id"] == claimed.as_str())
+        .collect();
+    assert!(claimed_findings.is_empty(), "{claimed_findings:#?}");
+    assert_no_secret(&agent);
+    let dir = agent.dir.clone();
     drop(docker);
     assert!(agent.stop().success());
     let _ = std::fs::remove_dir_all(&dir);

@@ -24,6 +24,9 @@ use crate::{clock::monotonic_ns, event::JobKey};
 
 static NEXT_JOB: AtomicU64 = AtomicU64::new(0);
 
+/// `bpf_map_update_elem`'s flag: only when the key has no entry.
+const BPF_NOEXIST: u64 = 1;
+
 /// A key no kernel-made key and no earlier agent key can equal.
 fn new_agent_job_key() -> JobKey {
     let sequence = NEXT_JOB.fetch_add(1, Ordering::Relaxed) & 0xfff;
@@ -96,11 +99,19 @@ impl Sensor {
         Ok(key)
     }
 
-    /// A new job with no root process, started at `started_ns`: its processes are those of the
-    /// containers registered for it (`request_container`), GitLab's docker executor's. It ends
-    /// when the agent ends it (`end_job`).
-    pub fn register_container_job(&mut self, started_ns: u64) -> Result<JobKey, SensorError> {
-        let key = new_agent_job_key();
+    /// A key for a new job with no root process (`register_container_job`).
+    pub fn new_container_job_key(&self) -> JobKey {
+        new_agent_job_key()
+    }
+
+    /// Job `key`, with no root process, started at `started_ns`: its processes are those of
+    /// the containers registered for it (`request_container`), GitLab's docker executor's. It
+    /// ends when the agent ends it (`end_job`).
+    pub fn register_container_job(
+        &mut self,
+        key: JobKey,
+        started_ns: u64,
+    ) -> Result<(), SensorError> {
         let state = JobState {
             root_tgid: 0,
             flags: JOB_REGISTERED,
@@ -109,14 +120,16 @@ impl Sensor {
         };
         self.jobs
             .insert(key.0, state, 0)
-            .map_err(Self::map_error(map_name::JOBS))?;
-        Ok(key)
+            .map_err(Self::map_error(map_name::JOBS))
     }
 
     /// Container `id` (64 hex digits) is job `key`'s: the kernel's requested-container map, the
     /// one a job's `POST /containers/<id>/start` fills. The cgroup its runtime makes at its
     /// start is the job's, and so is every process in it (`containers.rs` in the kernel).
-    pub fn request_container(&mut self, id: &str, key: JobKey) -> Result<(), SensorError> {
+    /// Never over an entry already there (false): a job that asked to start the container
+    /// keeps it, whatever its labels claim, and a job's request after this one wins in the
+    /// kernel too.
+    pub fn request_container(&mut self, id: &str, key: JobKey) -> Result<bool, SensorError> {
         let id: [u8; CONTAINER_ID_LEN] = id
             .as_bytes()
             .try_into()
@@ -131,8 +144,15 @@ impl Sensor {
             .ok_or(SensorError::MissingMap(map_name::REQUESTED_CONTAINERS))?;
         let mut map: HashMap<_, [u8; CONTAINER_ID_LEN], u64> =
             HashMap::try_from(map).map_err(Self::map_error(map_name::REQUESTED_CONTAINERS))?;
-        map.insert(id, key.0, 0)
-            .map_err(Self::map_error(map_name::REQUESTED_CONTAINERS))
+        match map.insert(id, key.0, BPF_NOEXIST) {
+            Ok(()) => Ok(true),
+            Err(aya::maps::MapError::SyscallError(e))
+                if e.io_error.raw_os_error() == Some(libc::EEXIST) =>
+            {
+                Ok(false)
+            }
+            Err(e) => Err(Self::map_error(map_name::REQUESTED_CONTAINERS)(e)),
+        }
     }
 
     /// Marks a job ended: from now on its processes' events say so.

@@ -156,29 +156,35 @@ fn container_job(
 ) -> std::io::Result<Reply> {
     let policy = pipeline.policy().clone();
     let directory = pipeline.jobs_mut();
-    let (key, start) = match directory.key_of(&info.id) {
-        Some(key) if named_by_environment && directory.explicit_id(key).is_none() => {
-            let start = job_start_event(key, 0, info.clone());
-            let start = runner_monitor::event::Event {
-                time_ns: created_ns,
-                ..start
-            };
-            (key, Some(start))
+    let existing = directory.key_of(&info.id);
+    let key = existing.unwrap_or_else(|| sensor.new_container_job_key());
+    // First the kernel: the runner starts the container next. An entry already there is a
+    // job's start request (or this container's registration, when the daemon's events are
+    // followed again): it stays, and the container names nothing.
+    match sensor.request_container(container, key) {
+        Ok(true) => {}
+        Ok(false) => {
+            tracing::info!(container, id = ?info.id,
+                "GitLab-labelled container already requested (by a job, or registered): kept");
+            return Ok(Reply::ok(key.to_string()));
         }
-        Some(key) => (key, None),
-        None => {
-            let key = match sensor.register_container_job(created_ns) {
-                Ok(key) => key,
-                Err(e) => return Ok(Reply::refused(Outcome::Rejected, e.to_string())),
-            };
-            let start = directory.discover_container_job(key, created_ns, info.clone(), &policy);
-            (key, start)
-        }
-    };
-    // First the kernel: the runner starts the container next.
-    if let Err(e) = sensor.request_container(container, key) {
-        return Ok(Reply::refused(Outcome::Rejected, e.to_string()));
+        Err(e) => return Ok(Reply::refused(Outcome::Rejected, e.to_string())),
     }
+    let start = match existing {
+        None => {
+            if let Err(e) = sensor.register_container_job(key, created_ns) {
+                return Ok(Reply::refused(Outcome::Rejected, e.to_string()));
+            }
+            directory.discover_container_job(key, created_ns, info.clone(), &policy)
+        }
+        Some(key) if named_by_environment && directory.explicit_id(key).is_none() => {
+            Some(runner_monitor::event::Event {
+                time_ns: created_ns,
+                ..job_start_event(key, 0, info.clone())
+            })
+        }
+        Some(_) => None,
+    };
     // How long after its create: the runner's start request, its runtime and the cgroup come
     // after this (the margin is measured in tests/tests/containers_gitlab.rs).
     let after_create_us = runner_monitor::clock::monotonic_ns().saturating_sub(created_ns) / 1000;
