@@ -243,3 +243,50 @@ fn a_jobs_container_with_gitlab_labels_stays_the_jobs() {
     assert!(agent.stop().success());
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A labelled container that was running before the agent followed the daemon (an agent
+/// started, or restarted without its pins, during the job): the agent maps its cgroup and takes
+/// in its processes when it subscribes, so what it does from then on is the job's.
+#[test]
+fn a_running_gitlab_container_is_adopted_when_the_agent_subscribes() {
+    let docker = Docker::start("gitlabadopt");
+    let env = TestEnv::new("containers-gitlabadopt");
+    let job_id = run_id(31);
+    let service = format!("rm-svc-{job_id}");
+    // It waits for the test's go-ahead, then reads credentials (no CI variable: labels only).
+    gitlab_container(
+        &docker,
+        &env,
+        &job_id,
+        "service",
+        &service,
+        false,
+        &format!(
+            "until [ -e /builds/h/go-{job_id} ]; do sleep 0.1; done; {} > /dev/null; sleep 60",
+            read_three_kinds("/builds/h")
+        ),
+    );
+    docker.run(&["start", &service]);
+    let agent = agent_following(&docker, "containers-gitlabadopt");
+    wait_until("the running service adopted", 10, || {
+        agent_log(&agent.dir).contains("running container adopted into its job")
+    });
+    let go = env.home.join(format!("go-{job_id}"));
+    std::fs::write(&go, "").unwrap();
+    let harvest = wait_alert(&agent, "credential-harvesting", &job_id, |_| true);
+    let _ = std::fs::remove_file(&go);
+    assert_eq!(harvest["job"]["repository"], "42", "{harvest}");
+    assert!(
+        harvest["process"]["cmdline"]
+            .as_str()
+            .is_some_and(|c| c.starts_with("cat /builds/h/")),
+        "{harvest}"
+    );
+    assert_eq!(harvest["container"]["name"], service.as_str(), "{harvest}");
+    docker.run(&["rm", "-f", &service]);
+    assert_no_secret(&agent);
+    let dir = agent.dir.clone();
+    drop(docker);
+    assert!(agent.stop().success());
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -25,7 +25,7 @@ use crate::{clock::monotonic_ns, event::JobKey};
 static NEXT_JOB: AtomicU64 = AtomicU64::new(0);
 
 /// `bpf_map_update_elem`'s flag: only when the key has no entry.
-const BPF_NOEXIST: u64 = 1;
+pub(super) const BPF_NOEXIST: u64 = 1;
 
 /// A key no kernel-made key and no earlier agent key can equal.
 fn new_agent_job_key() -> JobKey {
@@ -34,7 +34,7 @@ fn new_agent_job_key() -> JobKey {
 }
 
 impl Sensor {
-    fn map_error(name: &'static str) -> impl Fn(aya::maps::MapError) -> SensorError {
+    pub(super) fn map_error(name: &'static str) -> impl Fn(aya::maps::MapError) -> SensorError {
         move |source| SensorError::Map { name, source }
     }
 

@@ -1,6 +1,7 @@
 //! The kernel side of the agent: load the embedded programs, attach them, feed them the patterns
 //! and the job roots, and read what they send.
 
+mod adopt;
 pub mod attach;
 pub mod btf;
 pub mod check;

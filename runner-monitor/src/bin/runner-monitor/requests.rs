@@ -2,7 +2,7 @@
 //! and the resulting `job_start` / `job_end` through the pipeline.
 
 use runner_monitor::{
-    event::EventDetail,
+    event::{ContainerInfo, EventDetail},
     job::{
         agent_event,
         control::{self, Outcome, Reply, Request},
@@ -35,12 +35,13 @@ pub fn control_request(
         created_ns,
         info,
         named_by_environment,
+        running_pid,
     } = request
     {
         return container_job(
             sensor,
             pipeline,
-            &container,
+            (&container, running_pid),
             created_ns,
             (*info, named_by_environment),
         );
@@ -146,11 +147,12 @@ pub fn control_request(
 /// found), or else a new one that starts at this create. A container whose `CI_*` variables
 /// name the job (`named_by_environment`; a service's may hold none, and then the runner's
 /// labels named the job) names it again: the project's path replaces its id, and the job's
-/// start moves to this create if that is earlier.
+/// start moves to this create if that is earlier. A container that runs already (`running_pid`)
+/// is adopted: its cgroup and processes.
 fn container_job(
     sensor: &mut Sensor,
     pipeline: &mut Pipeline,
-    container: &str,
+    (container, running_pid): (&str, u32),
     created_ns: u64,
     (info, named_by_environment): (runner_monitor::event::JobInfo, bool),
 ) -> std::io::Result<Reply> {
@@ -170,6 +172,15 @@ fn container_job(
         }
         Err(e) => return Ok(Reply::refused(Outcome::Rejected, e.to_string())),
     }
+    // Running already: its cgroup was made before the entry, so the agent maps it and takes in
+    // the processes it has (`sensor/adopt.rs`); what they did before is not seen.
+    let adopted = match running_pid {
+        0 => None,
+        pid => sensor.adopt_container(pid, key).unwrap_or_else(|e| {
+            tracing::warn!(container, error = %e, "running GitLab container not adopted");
+            None
+        }),
+    };
     let start = match existing {
         None => {
             if let Err(e) = sensor.register_container_job(key, created_ns) {
@@ -192,6 +203,11 @@ fn container_job(
         "GitLab container registered as its job's");
     if let Some(start) = start {
         pipeline.run([start])?;
+    }
+    // The adopted container as the kernel would have announced it: findings name it.
+    if let Some((path, cgroup)) = adopted {
+        let info = ContainerInfo::new(container.to_owned(), path, cgroup);
+        pipeline.run([agent_event(EventDetail::Container(info), Some(key), 0)])?;
     }
     Ok(Reply::ok(key.to_string()))
 }
