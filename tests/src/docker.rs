@@ -169,6 +169,104 @@ pub fn assert_container(finding: &serde_json::Value, name: Option<&str>) {
     }
 }
 
+/// A container of GitLab's docker executor, created as the runner does it (outside any job):
+/// the runner's labels, the job's `CI_*` variables (a canary `CI_JOB_TOKEN`), the job's home
+/// at `/builds/h`; `kind` is the label's type (`build`, `service`, `helper`). Without
+/// `ci_variables` the container has the labels only (a service such as `docker:dind`).
+pub fn gitlab_container(
+    docker: &Docker,
+    env: &crate::TestEnv,
+    job_id: &str,
+    kind: &str,
+    name: &str,
+    ci_variables: bool,
+    command: &str,
+) {
+    let mut c = docker.cli();
+    c.args(["create", "--name", name, "--network", "none", "-v"])
+        .arg(format!("{}:/builds/h", env.home.display()))
+        .args([
+            "--label",
+            &format!("com.gitlab.gitlab-runner.job.id={job_id}"),
+        ])
+        .args(["--label", "com.gitlab.gitlab-runner.project.id=42"])
+        .args(["--label", "com.gitlab.gitlab-runner.pipeline.id=77"])
+        .args(["--label", "com.gitlab.gitlab-runner.runner.id=9"])
+        .args(["--label", &format!("com.gitlab.gitlab-runner.type={kind}")]);
+    if ci_variables {
+        c.args(["-e", "GITLAB_CI=true", "-e", "CI=true"])
+            .args(["-e", &format!("CI_JOB_ID={job_id}")])
+            .args(["-e", "CI_PROJECT_PATH=group/with-service"])
+            .args(["-e", "CI_PIPELINE_ID=77", "-e", "CI_JOB_NAME=test"])
+            .args(["-e", "CI_RUNNER_ID=9", "-e", "CI_JOB_TOKEN"])
+            // The CLI reads the token from its own environment: not on any command line.
+            .env("CI_JOB_TOKEN", crate::CANARY);
+    }
+    c.args([IMAGE, "sh", "-c", command]);
+    let out = c.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The build container of GitLab job `job_id` as the runner makes it, straight over the Docker
+/// API with no CLI in between: `POST /containers/create` with the runner's labels and the job's
+/// `CI_*` variables (the canary `CI_JOB_TOKEN` in the body, read from a file: on no command
+/// line), then at once `POST /containers/<id>/start`, then `wait`. The container's id.
+pub fn api_gitlab_build(
+    docker: &Docker,
+    env: &crate::TestEnv,
+    job_id: &str,
+    name: &str,
+    command: &str,
+) -> String {
+    let body = serde_json::json!({
+        "Image": IMAGE,
+        "Cmd": ["sh", "-c", command],
+        "Env": [
+            "GITLAB_CI=true", "CI=true", format!("CI_JOB_ID={job_id}"),
+            "CI_PROJECT_PATH=group/with-service", "CI_PIPELINE_ID=77", "CI_JOB_NAME=test",
+            "CI_RUNNER_ID=9", format!("CI_JOB_TOKEN={}", crate::CANARY),
+        ],
+        "Labels": {
+            "com.gitlab.gitlab-runner.job.id": job_id,
+            "com.gitlab.gitlab-runner.project.id": "42",
+            "com.gitlab.gitlab-runner.pipeline.id": "77",
+            "com.gitlab.gitlab-runner.runner.id": "9",
+            "com.gitlab.gitlab-runner.type": "build",
+        },
+        "HostConfig": {
+            "NetworkMode": "none",
+            "Binds": [format!("{}:/builds/h", env.home.display())],
+        },
+    });
+    let file = docker.dir.join(format!("create-{name}.json"));
+    std::fs::write(&file, body.to_string()).unwrap();
+    let api = format!(
+        "curl -s --unix-socket {} http://docker",
+        docker.socket.display()
+    );
+    let script = format!(
+        "id=$({api}/containers/create?name={name} -H 'Content-Type: application/json' \
+         --data-binary @{file} | sed -n 's/.*\"Id\":\"\\([0-9a-f]*\\)\".*/\\1/p')\n\
+         {api}/containers/$id/start -X POST -o /dev/null -w '%{{http_code}}' >&2\n\
+         {api}/containers/$id/wait -X POST > /dev/null\n\
+         echo $id",
+        file = file.display(),
+    );
+    let out = Command::new("sh").arg("-c").arg(&script).output().unwrap();
+    let _ = std::fs::remove_file(&file);
+    let id = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    assert!(
+        id.len() == 64 && String::from_utf8_lossy(&out.stderr) == "204",
+        "create and start over the API: {id:?} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    id
+}
+
 /// Debian's static busybox (the dynamic one would need its libraries in the image).
 fn busybox() -> &'static Path {
     let path = Path::new("/bin/busybox");

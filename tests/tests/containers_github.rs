@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use integration_tests::{
     TestEnv,
-    docker::{Docker, IMAGE, assert_container, docker_run, read_three_kinds},
+    docker::{Docker, IMAGE, assert_container, docker_run, gitlab_container, read_three_kinds},
     live::{
         Agent, agent, agent_dir, alerts, assert_no_secret, free_port, github_job, run_id,
         test_policy, wait_alert, wait_until,
@@ -166,44 +166,6 @@ fn an_entitled_job_raises_no_socket_finding_and_its_containers_are_still_the_job
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// A container of GitLab's docker executor, created as the runner does it (outside any job):
-/// the runner's labels, the job's `CI_*` variables (a canary `CI_JOB_TOKEN`), the job's home
-/// at `/builds/h`; `kind` is the label's type (`build`, `service`, `helper`).
-fn gitlab_container(
-    docker: &Docker,
-    env: &TestEnv,
-    job_id: &str,
-    kind: &str,
-    name: &str,
-    command: &str,
-) {
-    let mut c = docker.cli();
-    c.args(["create", "--name", name, "--network", "none", "-v"])
-        .arg(format!("{}:/builds/h", env.home.display()))
-        .args([
-            "--label",
-            &format!("com.gitlab.gitlab-runner.job.id={job_id}"),
-        ])
-        .args(["--label", "com.gitlab.gitlab-runner.project.id=42"])
-        .args(["--label", "com.gitlab.gitlab-runner.pipeline.id=77"])
-        .args(["--label", "com.gitlab.gitlab-runner.runner.id=9"])
-        .args(["--label", &format!("com.gitlab.gitlab-runner.type={kind}")])
-        .args(["-e", "GITLAB_CI=true", "-e", "CI=true"])
-        .args(["-e", &format!("CI_JOB_ID={job_id}")])
-        .args(["-e", "CI_PROJECT_PATH=group/with-service"])
-        .args(["-e", "CI_PIPELINE_ID=77", "-e", "CI_JOB_NAME=test"])
-        .args(["-e", "CI_RUNNER_ID=9", "-e", "CI_JOB_TOKEN"])
-        // The CLI reads the token from its own environment: not on any command line.
-        .env("CI_JOB_TOKEN", integration_tests::CANARY)
-        .args([IMAGE, "sh", "-c", command]);
-    let out = c.output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 /// GitLab's docker executor with a service: the runner (outside any job) creates the service
 /// and the build container with its labels and the job's `CI_*` variables, the build reads
 /// credentials, the runner removes both. One job (its containers are stages of it, by the
@@ -216,13 +178,16 @@ fn a_gitlab_job_with_a_service_is_one_job_and_leaves_no_survivor_once_removed() 
     let job_id = run_id(25);
     let service = format!("rm-svc-{job_id}");
     let build = format!("rm-build-{job_id}");
-    gitlab_container(&docker, &env, &job_id, "service", &service, "sleep 60");
+    gitlab_container(
+        &docker, &env, &job_id, "service", &service, true, "sleep 60",
+    );
     gitlab_container(
         &docker,
         &env,
         &job_id,
         "build",
         &build,
+        true,
         &format!("{} > /dev/null", read_three_kinds("/builds/h")),
     );
     docker.run(&["start", &service]);
@@ -280,7 +245,7 @@ fn a_gitlab_executor_container_is_named_with_the_runners_labels_and_its_removal_
     let build = format!("rm-build-{job_id}");
     // The entrypoint lives on a second after its reads: the agent reads its cgroup from /proc.
     let read = format!("{} > /dev/null; sleep 1", read_three_kinds("/builds/h"));
-    gitlab_container(&docker, &env, &job_id, "build", &build, &read);
+    gitlab_container(&docker, &env, &job_id, "build", &build, true, &read);
     docker.run(&["start", "-a", &build]);
     let harvest = wait_alert(&agent, "credential-harvesting", &job_id, |_| true);
     assert_eq!(harvest["job"]["platform"], "gitlab", "{harvest}");

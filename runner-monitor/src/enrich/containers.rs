@@ -50,11 +50,16 @@ impl ContainerNamer {
                     self.sockets.insert(job, path.clone());
                 }
             }
-            EventDetail::Container(info) => {
-                if let Some(socket) = self.sockets.get(&job) {
+            EventDetail::Container(info) => match self.sockets.get(&job) {
+                Some(socket) => {
                     name(socket, info);
                 }
-            }
+                // No job process asked for it: a container GitLab Runner made for the job,
+                // registered from its daemon's events (`job/docker_events.rs`).
+                None => {
+                    name_at_policy_sockets(policy, info);
+                }
+            },
             _ => {}
         }
     }
@@ -115,17 +120,19 @@ pub fn of_job_root(start: &Event, policy: &Policy) -> Option<Event> {
         return None;
     }
     let mut info = ContainerInfo::new(id.to_owned(), path.to_owned(), start.process.cgroup_id);
-    for socket in &policy.secret_socket_paths {
-        if policy.secret_socket_of(socket) == Some("docker")
-            && std::path::Path::new(socket).exists()
-            && name(socket, &mut info)
-        {
-            break;
-        }
-    }
+    name_at_policy_sockets(policy, &mut info);
     let mut event = start.clone();
     event.detail = EventDetail::Container(info);
     Some(event)
+}
+
+/// Names `info` by the first `docker` secret-socket path of the policy that exists and knows it.
+fn name_at_policy_sockets(policy: &Policy, info: &mut ContainerInfo) -> bool {
+    policy.secret_socket_paths.iter().any(|socket| {
+        policy.secret_socket_of(socket) == Some("docker")
+            && std::path::Path::new(socket).exists()
+            && name(socket, info)
+    })
 }
 
 /// A container the kernel matched to a start by name or short id: does the daemon agree? A

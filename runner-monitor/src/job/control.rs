@@ -44,6 +44,20 @@ pub enum Request {
     },
     /// The agent's state: the egress mode in force and what block mode enforces.
     Status,
+    /// From the agent itself, never from the socket (no peer can send it): GitLab Runner
+    /// created container `container` (64 hex digits) for the job `info` names, at `created_ns`
+    /// (CLOCK_MONOTONIC). Docker's events at the runner's socket (`docker_events.rs`).
+    /// `named_by_environment`: the container's `CI_*` variables named the job, not only the
+    /// runner's labels. `running_pid`: a process of the container when it runs already (its
+    /// cgroup was made before this), else 0.
+    #[serde(skip)]
+    ContainerJob {
+        container: String,
+        created_ns: u64,
+        info: Box<JobInfo>,
+        named_by_environment: bool,
+        running_pid: u32,
+    },
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -99,11 +113,13 @@ impl Request {
             Request::JobEnd { .. } => "job_end",
             Request::JobReport { .. } => "job_report",
             Request::Status => "status",
+            Request::ContainerJob { .. } => "container_job",
         }
     }
 }
 
-/// Every request name, and `unknown` for what was refused before it was read or parsed.
+/// Every request name a peer can send, and `unknown` for what was refused before it was read or
+/// parsed (`container_job` is the agent's own and never counted).
 pub const REQUEST_NAMES: [&str; 5] = ["job_start", "job_end", "job_report", "status", "unknown"];
 
 /// How a control request ended: the `result` label of `runner_monitor_control_requests_total`.

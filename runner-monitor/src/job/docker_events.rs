@@ -6,22 +6,32 @@
 //! itself): as exact as the runner's hook, with no hook installed. A job with a hook is ended
 //! by the hook first; the second end is refused as a replay, which is harmless.
 //!
-//! What a job is stays the kernel's business (its containers' entrypoints are job roots by
-//! their `CI_*` environment); this only says when it is over. Without the daemon (not running,
-//! the agent not allowed to open its socket) jobs end as before: `stage_gap_seconds` after the
+//! It also says when a job starts and which containers are its: at each container's `create`
+//! (and, when it subscribes, for each labelled container that exists already) it inspects the
+//! container and hands its id, its create time and the job's identity (`gitlab_containers.rs`)
+//! to the agent's main loop (`Request::ContainerJob`), which registers the id as the job's in
+//! the kernel's requested-container map before the runner starts the container: its cgroup,
+//! made at start, is the job's, and so is every process in it from its first instruction,
+//! whatever its environment holds. Without the daemon (not running, the agent not allowed to
+//! open its socket) the kernel's environment scan finds the job at its first entrypoint's exec,
+//! containers without `CI_*` variables are no job, and jobs end `stage_gap_seconds` after the
 //! last stage's root exits.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
     io::{BufRead, BufReader, Read, Write},
     os::unix::net::UnixStream,
-    path::PathBuf,
+    path::{Path, PathBuf},
     time::Duration,
 };
 
 use tokio::sync::{mpsc, oneshot};
 
-use super::control::{Command, Peer, Request};
+use super::{
+    control::{Command, Peer, Request},
+    gitlab_containers,
+};
+use crate::{clock::monotonic_ns, policy::JobIdentity};
 
 /// The label GitLab Runner puts on every container of a job, with the job's id.
 pub const JOB_LABEL: &str = "com.gitlab.gitlab-runner.job.id";
@@ -69,17 +79,20 @@ impl JobContainers {
     }
 }
 
-/// Watches each socket on a thread of its own (reconnecting while the agent runs) and sends a
-/// `job_end` for every job whose containers are all gone.
-pub fn watch(sockets: Vec<PathBuf>, commands: mpsc::Sender<Command>) {
+/// Watches each socket on a thread of its own (reconnecting while the agent runs), hands every
+/// labelled container to the main loop at its create, and sends a `job_end` for every job whose
+/// containers are all gone. `gitlab`: the policy's GitLab identity (which `CI_*` variables name
+/// what).
+pub fn watch(sockets: Vec<PathBuf>, gitlab: Option<JobIdentity>, commands: mpsc::Sender<Command>) {
     for socket in sockets {
         let commands = commands.clone();
+        let gitlab = gitlab.clone();
         let spawned = std::thread::Builder::new()
             .name("docker-events".into())
             .spawn(move || {
                 let mut logged = false;
                 loop {
-                    if let Err(error) = follow(&socket, &commands)
+                    if let Err(error) = follow(&socket, gitlab.as_ref(), &commands)
                         && !logged
                     {
                         tracing::info!(
@@ -104,7 +117,11 @@ pub fn watch(sockets: Vec<PathBuf>, commands: mpsc::Sender<Command>) {
 }
 
 /// Follows one daemon's events until the stream ends or fails.
-fn follow(socket: &PathBuf, commands: &mpsc::Sender<Command>) -> std::io::Result<()> {
+fn follow(
+    socket: &PathBuf,
+    gitlab: Option<&JobIdentity>,
+    commands: &mpsc::Sender<Command>,
+) -> std::io::Result<()> {
     // Subscribe first, then list: a container made in between is in both, never in neither.
     let mut stream = UnixStream::connect(socket)?;
     write!(
@@ -120,6 +137,15 @@ fn follow(socket: &PathBuf, commands: &mpsc::Sender<Command>) -> std::io::Result
             container["Labels"][JOB_LABEL].as_str(),
         ) {
             jobs.add(job, id);
+            // Created before the agent followed the daemon: its job starts no later.
+            let created = container["Created"].as_u64().unwrap_or(0);
+            register(
+                socket,
+                id,
+                created.saturating_mul(1_000_000_000),
+                gitlab,
+                commands,
+            );
         }
     }
     tracing::info!(socket = %socket.display(), jobs = jobs.live.len(), "following Docker's events");
@@ -135,6 +161,12 @@ fn follow(socket: &PathBuf, commands: &mpsc::Sender<Command>) -> std::io::Result
         let Ok(event) = serde_json::from_str::<serde_json::Value>(&line) else {
             continue;
         };
+        if event["Action"] == "create"
+            && let Some(id) = event["Actor"]["ID"].as_str()
+        {
+            let created = event["timeNano"].as_u64().unwrap_or(0);
+            register(socket, id, created, gitlab, commands);
+        }
         if let Some(id) = jobs.event(&event) {
             tracing::info!(id = ?id, "the runner removed the last container of GitLab job: ending it");
             let (reply, answer) = oneshot::channel();
@@ -152,8 +184,63 @@ fn follow(socket: &PathBuf, commands: &mpsc::Sender<Command>) -> std::io::Result
     }
 }
 
+/// Hands container `id` of a GitLab job, created at `created_wall_ns` (CLOCK_REALTIME; 0:
+/// unknown), to the main loop, and waits until it is registered: the runner starts it next.
+fn register(
+    socket: &Path,
+    id: &str,
+    created_wall_ns: u64,
+    gitlab: Option<&JobIdentity>,
+    commands: &mpsc::Sender<Command>,
+) {
+    let inspect = match gitlab_containers::inspect(socket, id) {
+        Ok(inspect) => inspect,
+        Err(error) => {
+            // Removed already, or the daemon did not answer: its job is found at its exec.
+            tracing::debug!(id, %error, "GitLab container not inspected");
+            return;
+        }
+    };
+    let Some((info, named_by_environment)) = gitlab_containers::identity(&inspect, gitlab) else {
+        return;
+    };
+    let (reply, answer) = oneshot::channel();
+    let command = Command {
+        peer: Peer { uid: 0, pid: 0 },
+        request: Request::ContainerJob {
+            container: id.to_owned(),
+            created_ns: monotonic_of_wall(created_wall_ns),
+            info: Box::new(info),
+            named_by_environment,
+            running_pid: inspect["State"]["Pid"]
+                .as_u64()
+                .and_then(|p| u32::try_from(p).ok())
+                .unwrap_or(0),
+        },
+        reply,
+    };
+    if commands.blocking_send(command).is_ok()
+        && let Ok(reply) = answer.blocking_recv()
+        && !reply.response.ok
+    {
+        tracing::warn!(id, error = ?reply.response.error, "GitLab container not registered");
+    }
+}
+
+/// A CLOCK_REALTIME time as CLOCK_MONOTONIC (the events' clock); now for 0 or a future time.
+fn monotonic_of_wall(wall_ns: u64) -> u64 {
+    let now = monotonic_ns();
+    let wall_now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    if wall_ns == 0 {
+        return now;
+    }
+    now.saturating_sub(wall_now.saturating_sub(wall_ns))
+}
+
 /// Reads the status line and headers; an answer other than 200 is an error.
-fn expect_ok(reader: &mut impl BufRead) -> std::io::Result<()> {
+pub(super) fn expect_ok(reader: &mut impl BufRead) -> std::io::Result<()> {
     let mut status = String::new();
     reader.read_line(&mut status)?;
     if !status.contains(" 200 ") {

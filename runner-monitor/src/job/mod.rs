@@ -4,6 +4,7 @@
 pub mod control;
 pub mod discovery;
 pub mod docker_events;
+pub mod gitlab_containers;
 
 use runner_monitor_common::MAX_JOBS;
 
@@ -234,6 +235,24 @@ impl JobDirectory {
             _ => return None,
         };
         self.found(job, event, info, policy)
+    }
+
+    /// GitLab Runner created a container for the job `info` names, which no process or
+    /// container of it revealed before: job `key` (the agent's, with no root process) is that
+    /// job from the container's create at `time_ns`. The `job_start` to judge.
+    pub fn discover_container_job(
+        &mut self,
+        key: JobKey,
+        time_ns: u64,
+        info: JobInfo,
+        policy: &Policy,
+    ) -> Option<Event> {
+        let event = Event {
+            time_ns,
+            ..agent_event(EventDetail::JobEnd, Some(key), 0)
+        };
+        let job = event.job.clone()?;
+        self.found(&job, &event, info, policy)
     }
 
     /// A GitLab kubernetes-executor pod's annotations name the job of `event`'s process: the

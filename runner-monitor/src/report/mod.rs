@@ -19,6 +19,7 @@
 mod after_end;
 mod html;
 mod model;
+mod stages;
 mod steps;
 #[cfg(test)]
 mod tests;
@@ -465,8 +466,10 @@ impl JobReports {
         let staged = policy.has_stages(record.report.job.platform.as_deref());
         let ended = (ended && !staged) || record.report.end_ns.is_some();
         let pid = event.process.pid;
-        if (event.job.as_ref().is_some_and(|j| j.root)
-            || matches!(event.detail, EventDetail::JobStart(_)))
+        // Pid 0 is the agent's own: a job it started at its first container's create.
+        if pid != 0
+            && (event.job.as_ref().is_some_and(|j| j.root)
+                || matches!(event.detail, EventDetail::JobStart(_)))
             && record.roots.len() < MAX_PROCESSES
         {
             record.roots.insert(pid);
@@ -495,49 +498,18 @@ impl JobReports {
             }
             EventDetail::JobStart(info) => {
                 record.report.job = info.clone();
-                record.process(event, pid, event.process.ppid);
+                // A GitLab docker-executor job starts at its first container's create, which
+                // may be before its first event recorded here.
+                record.report.start_ns = record.report.start_ns.min(event.time_ns);
+                if pid != 0 {
+                    record.process(event, pid, event.process.ppid);
+                }
             }
             EventDetail::JobEnd => {
                 record.report.end_ns.get_or_insert(event.time_ns);
             }
             _ => {}
         }
-    }
-
-    /// A `job_start` naming another stage of a running staged job: its events go to that job.
-    fn joins_a_stage(&mut self, key: JobKey, info: &JobInfo) -> bool {
-        if !self.policy.has_stages(info.platform.as_deref()) {
-            return false;
-        }
-        let running = self
-            .jobs
-            .iter()
-            .find(|(k, r)| {
-                **k != key
-                    && r.report.end_ns.is_none()
-                    && r.report.job.id == info.id
-                    && r.report.job.platform == info.platform
-            })
-            .map(|(k, _)| *k);
-        let Some(job) = running else { return false };
-        self.stages.insert(key, job);
-        // Whatever the stage recorded before it was named moves over.
-        if let Some(stage) = self.jobs.remove(&key)
-            && let Some(record) = self.jobs.get_mut(&job)
-        {
-            for p in stage.report.processes {
-                if record.process_at.contains_key(&p.pid) {
-                    continue;
-                }
-                if record.report.processes.len() < MAX_PROCESSES {
-                    record
-                        .process_at
-                        .insert(p.pid, record.report.processes.len());
-                    record.report.processes.push(p);
-                }
-            }
-        }
-        true
     }
 
     /// The report of a job by its CI id or its key (`/jobs/KEY`); the most recent when several

@@ -10,8 +10,10 @@ use std::{
     sync::atomic::{AtomicU64, Ordering},
 };
 
+use aya::maps::HashMap;
 use runner_monitor_common::{
-    AGENT_JOB_KEY_BIT, JOB_ENDED, JOB_REGISTERED, JobState, PROCESS_JOB_ROOT, ProcessJob, map_name,
+    AGENT_JOB_KEY_BIT, CONTAINER_ID_LEN, JOB_ENDED, JOB_REGISTERED, JobState, PROCESS_JOB_ROOT,
+    ProcessJob, map_name,
 };
 
 use super::{
@@ -22,6 +24,9 @@ use crate::{clock::monotonic_ns, event::JobKey};
 
 static NEXT_JOB: AtomicU64 = AtomicU64::new(0);
 
+/// `bpf_map_update_elem`'s flag: only when the key has no entry.
+pub(super) const BPF_NOEXIST: u64 = 1;
+
 /// A key no kernel-made key and no earlier agent key can equal.
 fn new_agent_job_key() -> JobKey {
     let sequence = NEXT_JOB.fetch_add(1, Ordering::Relaxed) & 0xfff;
@@ -29,7 +34,7 @@ fn new_agent_job_key() -> JobKey {
 }
 
 impl Sensor {
-    fn map_error(name: &'static str) -> impl Fn(aya::maps::MapError) -> SensorError {
+    pub(super) fn map_error(name: &'static str) -> impl Fn(aya::maps::MapError) -> SensorError {
         move |source| SensorError::Map { name, source }
     }
 
@@ -92,6 +97,62 @@ impl Sensor {
         }
         tracing::info!(job = %key, root_pid, "job registered");
         Ok(key)
+    }
+
+    /// A key for a new job with no root process (`register_container_job`).
+    pub fn new_container_job_key(&self) -> JobKey {
+        new_agent_job_key()
+    }
+
+    /// Job `key`, with no root process, started at `started_ns`: its processes are those of
+    /// the containers registered for it (`request_container`), GitLab's docker executor's. It
+    /// ends when the agent ends it (`end_job`).
+    pub fn register_container_job(
+        &mut self,
+        key: JobKey,
+        started_ns: u64,
+    ) -> Result<(), SensorError> {
+        let state = JobState {
+            root_tgid: 0,
+            flags: JOB_REGISTERED,
+            started_ns,
+            ended_ns: 0,
+        };
+        self.jobs
+            .insert(key.0, state, 0)
+            .map_err(Self::map_error(map_name::JOBS))
+    }
+
+    /// Container `id` (64 hex digits) is job `key`'s: the kernel's requested-container map, the
+    /// one a job's `POST /containers/<id>/start` fills. The cgroup its runtime makes at its
+    /// start is the job's, and so is every process in it (`containers.rs` in the kernel).
+    /// Never over an entry already there (false): a job that asked to start the container
+    /// keeps it, whatever its labels claim, and a job's request after this one wins in the
+    /// kernel too.
+    pub fn request_container(&mut self, id: &str, key: JobKey) -> Result<bool, SensorError> {
+        let id: [u8; CONTAINER_ID_LEN] = id
+            .as_bytes()
+            .try_into()
+            .ok()
+            .filter(|id: &[u8; CONTAINER_ID_LEN]| id.iter().all(u8::is_ascii_hexdigit))
+            .ok_or_else(|| SensorError::Container(format!("not a container id: {id:?}")))?;
+        // Lowercase, as runtimes name cgroups.
+        let id = id.map(|b| b.to_ascii_lowercase());
+        let map = self
+            .ebpf
+            .map_mut(map_name::REQUESTED_CONTAINERS)
+            .ok_or(SensorError::MissingMap(map_name::REQUESTED_CONTAINERS))?;
+        let mut map: HashMap<_, [u8; CONTAINER_ID_LEN], u64> =
+            HashMap::try_from(map).map_err(Self::map_error(map_name::REQUESTED_CONTAINERS))?;
+        match map.insert(id, key.0, BPF_NOEXIST) {
+            Ok(()) => Ok(true),
+            Err(aya::maps::MapError::SyscallError(e))
+                if e.io_error.raw_os_error() == Some(libc::EEXIST) =>
+            {
+                Ok(false)
+            }
+            Err(e) => Err(Self::map_error(map_name::REQUESTED_CONTAINERS)(e)),
+        }
     }
 
     /// Marks a job ended: from now on its processes' events say so.

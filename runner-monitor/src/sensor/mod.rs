@@ -1,6 +1,7 @@
 //! The kernel side of the agent: load the embedded programs, attach them, feed them the patterns
 //! and the job roots, and read what they send.
 
+mod adopt;
 pub mod attach;
 pub mod btf;
 pub mod check;
@@ -74,6 +75,8 @@ pub enum SensorError {
     Process { pid: u32, reason: String },
     #[error("no such job {0}")]
     NoSuchJob(crate::event::JobKey),
+    #[error("{0}")]
+    Container(String),
     #[error(
         "kernel state directory {0} is in use by another runner-monitor (one agent per pin \
          directory: they would corrupt each other's jobs)"

@@ -2,7 +2,7 @@
 //! and the resulting `job_start` / `job_end` through the pipeline.
 
 use runner_monitor::{
-    event::EventDetail,
+    event::{ContainerInfo, EventDetail},
     job::{
         agent_event,
         control::{self, Outcome, Reply, Request},
@@ -30,6 +30,22 @@ pub fn control_request(
         return Ok(Reply::status(status(sensor, pipeline)));
     }
     let policy = pipeline.policy().clone();
+    if let Request::ContainerJob {
+        container,
+        created_ns,
+        info,
+        named_by_environment,
+        running_pid,
+    } = request
+    {
+        return container_job(
+            sensor,
+            pipeline,
+            (&container, running_pid),
+            created_ns,
+            (*info, named_by_environment),
+        );
+    }
     let directory = pipeline.jobs_mut();
     // Stages of one staged job (GitLab) are that job.
     let peer_job = sensor.job_of(peer.pid).map(|k| directory.job_of_stage(k));
@@ -119,8 +135,81 @@ pub fn control_request(
             pipeline.run([agent_event(EventDetail::JobEnd, Some(key), peer.pid)])?;
             Reply::ok(key.to_string())
         }
-        Request::JobReport { .. } | Request::Status => unreachable!("answered above"),
+        Request::JobReport { .. } | Request::Status | Request::ContainerJob { .. } => {
+            unreachable!("answered above")
+        }
     })
+}
+
+/// GitLab Runner created `container` for the job `info` names (Docker's events at its socket):
+/// the container is registered as that job's in the kernel before the runner starts it. The job
+/// is the one with that GitLab job id (an earlier container's, or a stage the environment scan
+/// found), or else a new one that starts at this create. A container whose `CI_*` variables
+/// name the job (`named_by_environment`; a service's may hold none, and then the runner's
+/// labels named the job) names it again: the project's path replaces its id, and the job's
+/// start moves to this create if that is earlier. A container that runs already (`running_pid`)
+/// is adopted: its cgroup and processes.
+fn container_job(
+    sensor: &mut Sensor,
+    pipeline: &mut Pipeline,
+    (container, running_pid): (&str, u32),
+    created_ns: u64,
+    (info, named_by_environment): (runner_monitor::event::JobInfo, bool),
+) -> std::io::Result<Reply> {
+    let policy = pipeline.policy().clone();
+    let directory = pipeline.jobs_mut();
+    let existing = directory.key_of(&info.id);
+    let key = existing.unwrap_or_else(|| sensor.new_container_job_key());
+    // First the kernel: the runner starts the container next. An entry already there is a
+    // job's start request (or this container's registration, when the daemon's events are
+    // followed again): it stays, and the container names nothing.
+    match sensor.request_container(container, key) {
+        Ok(true) => {}
+        Ok(false) => {
+            tracing::info!(container, id = ?info.id,
+                "GitLab-labelled container already requested (by a job, or registered): kept");
+            return Ok(Reply::ok(key.to_string()));
+        }
+        Err(e) => return Ok(Reply::refused(Outcome::Rejected, e.to_string())),
+    }
+    // Running already: its cgroup was made before the entry, so the agent maps it and takes in
+    // the processes it has (`sensor/adopt.rs`); what they did before is not seen.
+    let adopted = match running_pid {
+        0 => None,
+        pid => sensor.adopt_container(pid, key).unwrap_or_else(|e| {
+            tracing::warn!(container, error = %e, "running GitLab container not adopted");
+            None
+        }),
+    };
+    let start = match existing {
+        None => {
+            if let Err(e) = sensor.register_container_job(key, created_ns) {
+                return Ok(Reply::refused(Outcome::Rejected, e.to_string()));
+            }
+            directory.discover_container_job(key, created_ns, info.clone(), &policy)
+        }
+        Some(key) if named_by_environment && directory.explicit_id(key).is_none() => {
+            Some(runner_monitor::event::Event {
+                time_ns: created_ns,
+                ..job_start_event(key, 0, info.clone())
+            })
+        }
+        Some(_) => None,
+    };
+    // How long after its create: the runner's start request, its runtime and the cgroup come
+    // after this (the margin is measured in tests/tests/containers_gitlab.rs).
+    let after_create_us = runner_monitor::clock::monotonic_ns().saturating_sub(created_ns) / 1000;
+    tracing::info!(job = %key, container, id = ?info.id, after_create_us,
+        "GitLab container registered as its job's");
+    if let Some(start) = start {
+        pipeline.run([start])?;
+    }
+    // The adopted container as the kernel would have announced it: findings name it.
+    if let Some((path, cgroup)) = adopted {
+        let info = ContainerInfo::new(container.to_owned(), path, cgroup);
+        pipeline.run([agent_event(EventDetail::Container(info), Some(key), 0)])?;
+    }
+    Ok(Reply::ok(key.to_string()))
 }
 
 /// The agent's state: the egress mode in force, how many jobs block mode has a plan for and

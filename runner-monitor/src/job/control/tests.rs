@@ -16,6 +16,11 @@ fn requests_parse_and_reject_unknown_fields() {
     assert_eq!(info.repository.as_deref(), Some("acme/app"));
     assert!(serde_json::from_str::<Request>(r#"{"op":"job_end","id":"x","extra":1}"#).is_err());
     assert!(serde_json::from_str::<Request>(r#"{"op":"rename","id":"x"}"#).is_err());
+    // The agent's own request (a GitLab container from Docker's events) is no peer's to send.
+    assert!(
+        parse_request(br#"{"op":"container_job","container":"ab","created_ns":1,"id":"555"}"#)
+            .is_err()
+    );
 }
 
 fn encode(registry: &Registry) -> String {
@@ -106,6 +111,7 @@ async fn socket_round_trip_with_peer_credentials_limits_and_counted_outcomes() {
                 Request::Status => {
                     Reply::status(serde_json::json!({ "egress": { "mode": "block" } }))
                 }
+                Request::ContainerJob { .. } => unreachable!("no peer can send it"),
             });
         }
     });

@@ -384,7 +384,12 @@ impl Agent {
             .map(std::path::PathBuf::from)
             .filter(|p| p.exists())
             .collect();
-        runner_monitor::job::docker_events::watch(docker_sockets, command_tx.clone());
+        let gitlab = policy
+            .job_identity
+            .iter()
+            .find(|i| i.platform == "gitlab")
+            .cloned();
+        runner_monitor::job::docker_events::watch(docker_sockets, gitlab, command_tx.clone());
         tokio::spawn(control::serve(
             listener,
             runner.map(|(uid, _)| uid),
