@@ -31,7 +31,7 @@ use runner_monitor_common::{
 };
 
 use crate::{
-    args::{field, syscall_arg},
+    args::{field, syscall_arg_direct},
     container_refs::{Matched, is_hex, start_by_reference, take_pending},
     emit::send,
     maps::{count, current_tgid},
@@ -91,16 +91,25 @@ fn same<const N: usize>(buf: &[u8], at: usize, want: &[u8; N]) -> bool {
     true
 }
 
-/// A write of `len` bytes at user address `buf` on socket `fd` of the current process.
+/// A `write` or `sendto` of the current process: `(fd, buf, len)` are its first arguments. It
+/// runs on every write on the host, so the cheapest test goes first: a write too short to be a
+/// start request is done with before the map lookup, and the arguments are loaded from the
+/// record, not read with a helper.
 #[inline(always)]
-fn on_send(fd: i64, buf: u64, len: u64) {
-    let key = (u64::from(current_tgid()) << 32) | (fd as u64 & 0xffff_ffff);
+fn on_send(ctx: &TracePointContext) {
+    let len = syscall_arg_direct(ctx, 2);
+    // The shortest request that can name a container: `POST /containers/x/start `.
+    if len < (PREFIX_LEN + 2) as u64 {
+        return;
+    }
+    let fd = syscall_arg_direct(ctx, 0);
+    let key = (u64::from(current_tgid()) << 32) | (fd & 0xffff_ffff);
     // SAFETY: the value is copied out at once.
     let Some(job) = (unsafe { UNIX_CONNS.get(key).copied() }) else {
         return;
     };
-    // The shortest request that can name a container: `POST /containers/x/start `.
-    if len < (PREFIX_LEN + 2) as u64 || buf == 0 {
+    let buf = syscall_arg_direct(ctx, 1);
+    if buf == 0 {
         return;
     }
     let mut prefix = [0u8; PREFIX_LEN];
@@ -148,22 +157,14 @@ fn on_send(fd: i64, buf: u64, len: u64) {
 // long sys_write(unsigned int fd, const char __user *buf, size_t count)
 #[tracepoint]
 pub fn sys_enter_write(ctx: TracePointContext) -> u32 {
-    on_send(
-        syscall_arg(&ctx, 0),
-        syscall_arg(&ctx, 1),
-        syscall_arg(&ctx, 2),
-    );
+    on_send(&ctx);
     0
 }
 
 // long sys_sendto(int fd, void __user *buff, size_t len, unsigned int flags, ...)
 #[tracepoint]
 pub fn sys_enter_sendto(ctx: TracePointContext) -> u32 {
-    on_send(
-        syscall_arg(&ctx, 0),
-        syscall_arg(&ctx, 1),
-        syscall_arg(&ctx, 2),
-    );
+    on_send(&ctx);
     0
 }
 

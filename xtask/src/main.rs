@@ -56,8 +56,8 @@ enum Task {
         /// A short run of each benchmark (CI keeps them working with it).
         #[arg(long)]
         smoke: bool,
-        /// Only these benchmarks (comma-separated): syscalls, exec, workloads, pipeline, memory,
-        /// engine, nats, fleet, dns. All by default.
+        /// Only these benchmarks (comma-separated): syscalls, exec, egress, workloads, pipeline,
+        /// memory, engine, nats, fleet, dns, containers. All by default.
         #[arg(long, value_delimiter = ',')]
         only: Vec<String>,
     },

@@ -1,7 +1,11 @@
-//! Workloads for `cargo xtask bench`, run inside a tracked job.
+//! Workloads for `cargo xtask bench`, run inside a tracked job or outside any.
 //!
 //! bench-workload getppid N            N getppid() calls; prints ns per call
 //! bench-workload open PATH N          N openat(PATH) + close() pairs; prints ns per pair
+//! bench-workload write N [BYTES]      N write(2) of BYTES (default 1) to /dev/null; prints ns per
+//!                                     write
+//! bench-workload sendto N             N sendto(2) of 1 byte on a connected unix datagram socket,
+//!                                     each received by a recv(2) on its peer; prints ns per pair
 //! bench-workload flood PATH SECS P    P processes open PATH as fast as they can for SECS
 //!                                     seconds; prints the number of opens. `{}` in PATH becomes
 //!                                     the process's index: separate paths do not contend for
@@ -62,6 +66,24 @@ fn main() {
             }
             per_op(start, n);
         }
+        "write" => {
+            let n = num(1);
+            let bytes = if args.len() > 2 { num(2) as usize } else { 1 };
+            let data = vec![b'x'; bytes];
+            let null = std::fs::OpenOptions::new()
+                .write(true)
+                .open("/dev/null")
+                .expect("/dev/null");
+            let fd = std::os::fd::AsRawFd::as_raw_fd(&null);
+            let start = Instant::now();
+            for _ in 0..n {
+                // SAFETY: writes `bytes` bytes from a live buffer to an open fd.
+                let written = unsafe { libc::write(fd, data.as_ptr().cast(), bytes) };
+                assert_eq!(written, bytes as isize, "write failed");
+            }
+            per_op(start, n);
+        }
+        "sendto" => sendto(num(1)),
         "flood" => flood(&args[1], Duration::from_secs(num(2)), num(3)),
         "alerts" => alerts(Duration::from_secs(num(1)), Duration::from_micros(num(2))),
         "hold" => hold(num(1)),
@@ -154,6 +176,26 @@ fn open_close(path: &CString) -> bool {
         }
         fd >= 0
     }
+}
+
+/// N sendto + recv of 1 byte over a unix datagram socket pair (connected to each other).
+fn sendto(n: u64) {
+    let mut fds = [0i32; 2];
+    // SAFETY: socketpair fills the two fds.
+    let made = unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_DGRAM, 0, fds.as_mut_ptr()) };
+    assert_eq!(made, 0, "socketpair failed");
+    let mut byte = [0u8; 1];
+    let start = Instant::now();
+    for _ in 0..n {
+        // SAFETY: sends 1 byte from a static on a connected socket (no address), then receives
+        // it into a local buffer.
+        unsafe {
+            let sent = libc::sendto(fds[0], b"x".as_ptr().cast(), 1, 0, std::ptr::null(), 0);
+            assert_eq!(sent, 1, "sendto failed");
+            libc::recv(fds[1], byte.as_mut_ptr().cast(), 1, 0);
+        }
+    }
+    per_op(start, n);
 }
 
 /// Forks; the child runs `f` and exits with its status. Returns the child's pid.

@@ -53,9 +53,13 @@ fn measure(program: &Path, n: u64) -> anyhow::Result<(f64, f64)> {
     }
 }
 
-/// Run time and run count of the agent's exec programs so far (kernel.bpf_stats_enabled), by
-/// program name, from the agent's program fds.
-fn program_stats(agent: &Agent) -> BTreeMap<String, (u64, u64)> {
+/// Run time and run count so far (kernel.bpf_stats_enabled) of the agent's programs whose name
+/// `wanted` accepts, by program name (as the kernel keeps it: 15 characters), from the agent's
+/// program fds.
+pub(super) fn program_stats(
+    agent: &Agent,
+    wanted: impl Fn(&str) -> bool,
+) -> BTreeMap<String, (u64, u64)> {
     let mut stats = BTreeMap::new();
     let dir = format!("/proc/{}/fdinfo", agent.pid());
     for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
@@ -79,7 +83,7 @@ fn program_stats(agent: &Agent) -> BTreeMap<String, (u64, u64)> {
         let name = serde_json::from_slice::<Value>(&out.stdout)
             .ok()
             .and_then(|v| v["name"].as_str().map(str::to_owned));
-        if let Some(name) = name.filter(|n| n.contains("exec")) {
+        if let Some(name) = name.filter(|n| wanted(n)) {
             let e = stats.entry(name).or_insert((0, 0));
             // A program attached to two tracepoints has one fd per attachment's program.
             e.0 = e.0.max(time);
@@ -90,10 +94,10 @@ fn program_stats(agent: &Agent) -> BTreeMap<String, (u64, u64)> {
 }
 
 /// Turns kernel.bpf_stats_enabled on while held.
-struct BpfStats(String);
+pub(super) struct BpfStats(String);
 
 impl BpfStats {
-    fn enable() -> anyhow::Result<Self> {
+    pub(super) fn enable() -> anyhow::Result<Self> {
         let path = "/proc/sys/kernel/bpf_stats_enabled";
         let old = std::fs::read_to_string(path)?;
         std::fs::write(path, "1")?;
@@ -105,6 +109,10 @@ impl Drop for BpfStats {
     fn drop(&mut self) {
         let _ = std::fs::write("/proc/sys/kernel/bpf_stats_enabled", self.0.trim());
     }
+}
+
+fn is_exec(name: &str) -> bool {
+    name.contains("exec")
 }
 
 pub(super) fn run(dir: &Path, sizes: &Sizes) -> anyhow::Result<Value> {
@@ -121,11 +129,11 @@ pub(super) fn run(dir: &Path, sizes: &Sizes) -> anyhow::Result<Value> {
         off_cpu.push(cpu);
         let agent = Agent::start(dir)?;
         let stats = BpfStats::enable()?;
-        let before = program_stats(&agent);
+        let before = program_stats(&agent, is_exec);
         let (wall, cpu) = measure(&program, n)?;
         on.push(wall);
         on_cpu.push(cpu);
-        let after = program_stats(&agent);
+        let after = program_stats(&agent, is_exec);
         drop(stats);
         agent.stop()?;
         for (name, (time, count)) in after {

@@ -2,12 +2,14 @@
 //! Prints a table and writes JSON (`target/bench/results.json`). Benchmarks, not tests: nothing
 //! here asserts a timing; `--smoke` runs each one briefly so CI keeps them working.
 
+mod containers;
 mod dns;
 mod egress;
 mod exec;
 mod fleet;
 mod memory;
 mod nats;
+mod outside;
 mod pipeline;
 mod syscalls;
 mod workloads;
@@ -323,7 +325,7 @@ fn engine(sizes: &Sizes) -> anyhow::Result<Value> {
 }
 
 /// The benchmarks, in the order they run and print.
-const NAMES: [&str; 10] = [
+const NAMES: [&str; 11] = [
     "exec",
     "egress",
     "syscalls",
@@ -334,6 +336,7 @@ const NAMES: [&str; 10] = [
     "nats",
     "fleet",
     "dns",
+    "containers",
 ];
 
 pub fn bench(smoke: bool, only: &[String]) -> anyhow::Result<()> {
@@ -446,6 +449,11 @@ pub fn bench(smoke: bool, only: &[String]) -> anyhow::Result<()> {
     } else {
         skipped()
     }?;
+    let containers = if want("containers") {
+        containers::run(&dir, &sizes)
+    } else {
+        skipped()
+    }?;
     let machine = output(Command::new("uname").arg("-srm")).unwrap_or_default();
     let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
     let results = json!({
@@ -462,6 +470,7 @@ pub fn bench(smoke: bool, only: &[String]) -> anyhow::Result<()> {
         "nats": nats,
         "fleet": fleet,
         "dns": dns,
+        "containers": containers,
     });
 
     println!(
@@ -500,6 +509,9 @@ pub fn bench(smoke: bool, only: &[String]) -> anyhow::Result<()> {
     }
     if ran("dns") {
         dns::print(&results["dns"]);
+    }
+    if ran("containers") {
+        containers::print(&results["containers"]);
     }
     let out = workspace_root().join("target/bench");
     std::fs::create_dir_all(&out)?;

@@ -10,10 +10,10 @@ use super::{Agent, Sizes, median, spread, workload};
 
 /// Enables one syscall tracepoint through tracefs with no program: the floor every tracepoint
 /// sensor pays.
-struct BareTracepoint(PathBuf);
+pub(super) struct BareTracepoint(PathBuf);
 
 impl BareTracepoint {
-    fn enable(event: &str) -> anyhow::Result<Self> {
+    pub(super) fn enable(event: &str) -> anyhow::Result<Self> {
         let path = PathBuf::from(format!(
             "/sys/kernel/tracing/events/syscalls/{event}/enable"
         ));
