@@ -29,12 +29,9 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::{
     control::{Command, Peer, Request},
-    gitlab_containers,
+    gitlab_containers::{self, JOB_LABEL, expect_ok},
 };
 use crate::{clock::monotonic_ns, policy::JobIdentity};
-
-/// The label GitLab Runner puts on every container of a job, with the job's id.
-pub const JOB_LABEL: &str = "com.gitlab.gitlab-runner.job.id";
 
 /// `{"label":["com.gitlab.gitlab-runner.job.id"]}`, URL-encoded.
 const LABEL_FILTER: &str = "%7B%22label%22%3A%5B%22com.gitlab.gitlab-runner.job.id%22%5D%2C\
@@ -237,25 +234,6 @@ fn monotonic_of_wall(wall_ns: u64) -> u64 {
         return now;
     }
     now.saturating_sub(wall_now.saturating_sub(wall_ns))
-}
-
-/// Reads the status line and headers; an answer other than 200 is an error.
-pub(super) fn expect_ok(reader: &mut impl BufRead) -> std::io::Result<()> {
-    let mut status = String::new();
-    reader.read_line(&mut status)?;
-    if !status.contains(" 200 ") {
-        return Err(std::io::Error::other(format!(
-            "the daemon answered {:?}",
-            status.trim_end()
-        )));
-    }
-    let mut header = String::new();
-    loop {
-        header.clear();
-        if reader.read_line(&mut header)? == 0 || header == "\r\n" || header == "\n" {
-            return Ok(());
-        }
-    }
 }
 
 /// The containers with GitLab's job label, running or not.

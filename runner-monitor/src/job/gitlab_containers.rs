@@ -9,14 +9,17 @@
 //! secrets (`CI_JOB_TOKEN`, the project's variables), whose values are never kept or logged.
 
 use std::{
-    io::{BufReader, Read, Write},
+    io::{BufRead, BufReader, Read, Write},
     os::unix::net::UnixStream,
     path::Path,
     time::Duration,
 };
 
-use super::{discovery, docker_events::JOB_LABEL};
+use super::discovery;
 use crate::{event::JobInfo, policy::JobIdentity};
+
+/// The label GitLab Runner puts on every container of a job, with the job's id.
+pub const JOB_LABEL: &str = "com.gitlab.gitlab-runner.job.id";
 
 const PROJECT_LABEL: &str = "com.gitlab.gitlab-runner.project.id";
 const PIPELINE_LABEL: &str = "com.gitlab.gitlab-runner.pipeline.id";
@@ -110,12 +113,31 @@ pub fn inspect(socket: &Path, id: &str) -> std::io::Result<serde_json::Value> {
         "GET /containers/{id}/json HTTP/1.0\r\nHost: docker\r\n\r\n"
     )?;
     let mut reader = BufReader::new(stream);
-    super::docker_events::expect_ok(&mut reader)?;
+    expect_ok(&mut reader)?;
     let mut body = Vec::new();
     reader.take(MAX_ANSWER).read_to_end(&mut body)?;
     // The error says where the JSON broke, never what it held.
     serde_json::from_slice(&body)
         .map_err(|e| std::io::Error::other(format!("inspect at line {}", e.line())))
+}
+
+/// Reads the status line and headers; an answer other than 200 is an error.
+pub(super) fn expect_ok(reader: &mut impl BufRead) -> std::io::Result<()> {
+    let mut status = String::new();
+    reader.read_line(&mut status)?;
+    if !status.contains(" 200 ") {
+        return Err(std::io::Error::other(format!(
+            "the daemon answered {:?}",
+            status.trim_end()
+        )));
+    }
+    let mut header = String::new();
+    loop {
+        header.clear();
+        if reader.read_line(&mut header)? == 0 || header == "\r\n" || header == "\n" {
+            return Ok(());
+        }
+    }
 }
 
 #[cfg(test)]
