@@ -156,7 +156,7 @@ impl Agent {
 
         // The workflow pods of runner pods (actions-runner-controller's kubernetes mode) join
         // their jobs through the kernel's map of job container cgroups.
-        if let Some(mut cgroups) = sensor.take_container_cgroups() {
+        if let Some(mut cgroups) = sensor.container_cgroups_handle() {
             host.pods.link_containers(Box::new(move |cgroup, job| {
                 cgroups.insert(cgroup, job.0, 0).map_err(|e| e.to_string())
             }));
