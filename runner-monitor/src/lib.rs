@@ -7,6 +7,7 @@ pub mod attest;
 pub mod baseline;
 pub mod bounded;
 pub mod clock;
+pub mod docker_api;
 pub mod engine;
 pub mod enrich;
 pub mod event;

@@ -6,14 +6,11 @@
 //! with a short timeout: a daemon that does not answer leaves the name and image out, never the
 //! container. The kernel's attribution does not depend on any of this (docs/containers.md).
 
-use std::{
-    io::{Read, Write},
-    os::unix::net::UnixStream,
-    time::Duration,
-};
+use std::time::Duration;
 
 use crate::{
     bounded::BoundedMap,
+    docker_api,
     event::{ContainerInfo, Event, EventDetail, JobKey, SocketFamily},
     policy::Policy,
 };
@@ -158,33 +155,14 @@ fn confirm(info: &mut ContainerInfo) {
 }
 
 fn inspect(socket: &str, id: &str) -> std::io::Result<serde_json::Value> {
-    let mut stream = UnixStream::connect(socket)?;
-    stream.set_read_timeout(Some(TIMEOUT))?;
-    stream.set_write_timeout(Some(TIMEOUT))?;
     // The container list, filtered by id: it reads the daemon's snapshot of its containers and
     // so answers while the container is starting (an inspect waits for the start to finish).
-    // HTTP/1.0: the daemon closes the connection after its answer, which is read to the end.
-    write!(
-        stream,
-        "GET /containers/json?all=1&filters=%7B%22id%22%3A%5B%22{id}%22%5D%7D HTTP/1.0\r\n\
-         Host: docker\r\n\r\n"
-    )?;
-    let mut answer = Vec::new();
-    stream.take(MAX_ANSWER).read_to_end(&mut answer)?;
-    let invalid =
-        |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, what.to_owned());
-    let split = answer
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .ok_or_else(|| invalid("no end of headers"))?;
-    let status = answer[..split]
-        .split(|b| *b == b'\n')
-        .next()
-        .unwrap_or_default();
-    if !status.windows(5).any(|w| w == b" 200 ") {
-        return Err(invalid("not 200"));
-    }
-    serde_json::from_slice(&answer[split + 4..]).map_err(|e| invalid(&e.to_string()))
+    docker_api::get(
+        std::path::Path::new(socket),
+        &format!("/containers/json?all=1&filters=%7B%22id%22%3A%5B%22{id}%22%5D%7D"),
+        TIMEOUT,
+        MAX_ANSWER,
+    )
 }
 
 #[cfg(test)]

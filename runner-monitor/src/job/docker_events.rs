@@ -19,8 +19,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    io::{BufRead, BufReader, Read, Write},
-    os::unix::net::UnixStream,
+    io::BufRead,
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -29,9 +28,9 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::{
     control::{Command, Peer, Request},
-    gitlab_containers::{self, JOB_LABEL, expect_ok},
+    gitlab_containers::{self, JOB_LABEL},
 };
-use crate::{clock::monotonic_ns, policy::JobIdentity};
+use crate::{clock::monotonic_ns, docker_api, policy::JobIdentity};
 
 /// `{"label":["com.gitlab.gitlab-runner.job.id"]}`, URL-encoded.
 const LABEL_FILTER: &str = "%7B%22label%22%3A%5B%22com.gitlab.gitlab-runner.job.id%22%5D%2C\
@@ -115,18 +114,12 @@ pub fn watch(sockets: Vec<PathBuf>, gitlab: Option<JobIdentity>, commands: mpsc:
 
 /// Follows one daemon's events until the stream ends or fails.
 fn follow(
-    socket: &PathBuf,
+    socket: &Path,
     gitlab: Option<&JobIdentity>,
     commands: &mpsc::Sender<Command>,
 ) -> std::io::Result<()> {
     // Subscribe first, then list: a container made in between is in both, never in neither.
-    let mut stream = UnixStream::connect(socket)?;
-    write!(
-        stream,
-        "GET /events?filters={LABEL_FILTER} HTTP/1.0\r\nHost: docker\r\n\r\n"
-    )?;
-    let mut events = BufReader::new(stream);
-    expect_ok(&mut events)?;
+    let mut events = docker_api::request(socket, &format!("/events?filters={LABEL_FILTER}"), None)?;
     let mut jobs = JobContainers::default();
     for container in list(socket)? {
         if let (Some(id), Some(job)) = (
@@ -237,18 +230,15 @@ fn monotonic_of_wall(wall_ns: u64) -> u64 {
 }
 
 /// The containers with GitLab's job label, running or not.
-fn list(socket: &PathBuf) -> std::io::Result<Vec<serde_json::Value>> {
-    let mut stream = UnixStream::connect(socket)?;
-    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-    write!(
-        stream,
-        "GET /containers/json?all=1&filters={LIST_FILTER} HTTP/1.0\r\nHost: docker\r\n\r\n"
+fn list(socket: &Path) -> std::io::Result<Vec<serde_json::Value>> {
+    let answer = docker_api::get(
+        socket,
+        &format!("/containers/json?all=1&filters={LIST_FILTER}"),
+        Duration::from_secs(5),
+        16 << 20,
     )?;
-    let mut reader = BufReader::new(stream);
-    expect_ok(&mut reader)?;
-    let mut body = Vec::new();
-    reader.take(16 << 20).read_to_end(&mut body)?;
-    serde_json::from_slice(&body).map_err(std::io::Error::other)
+    serde_json::from_value(answer)
+        .map_err(|_| std::io::Error::other("the container list is no list"))
 }
 
 #[cfg(test)]

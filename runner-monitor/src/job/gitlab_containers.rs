@@ -8,15 +8,10 @@
 //! Only the named variables are looked at: the container's environment also holds the job's
 //! secrets (`CI_JOB_TOKEN`, the project's variables), whose values are never kept or logged.
 
-use std::{
-    io::{BufRead, BufReader, Read, Write},
-    os::unix::net::UnixStream,
-    path::Path,
-    time::Duration,
-};
+use std::{path::Path, time::Duration};
 
 use super::discovery;
-use crate::{event::JobInfo, policy::JobIdentity};
+use crate::{docker_api, event::JobInfo, policy::JobIdentity};
 
 /// The label GitLab Runner puts on every container of a job, with the job's id.
 pub const JOB_LABEL: &str = "com.gitlab.gitlab-runner.job.id";
@@ -106,38 +101,12 @@ pub fn inspect(socket: &Path, id: &str) -> std::io::Result<serde_json::Value> {
     if id.is_empty() || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
         return Err(std::io::Error::other("not a container id"));
     }
-    let mut stream = UnixStream::connect(socket)?;
-    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-    write!(
-        stream,
-        "GET /containers/{id}/json HTTP/1.0\r\nHost: docker\r\n\r\n"
-    )?;
-    let mut reader = BufReader::new(stream);
-    expect_ok(&mut reader)?;
-    let mut body = Vec::new();
-    reader.take(MAX_ANSWER).read_to_end(&mut body)?;
-    // The error says where the JSON broke, never what it held.
-    serde_json::from_slice(&body)
-        .map_err(|e| std::io::Error::other(format!("inspect at line {}", e.line())))
-}
-
-/// Reads the status line and headers; an answer other than 200 is an error.
-pub(super) fn expect_ok(reader: &mut impl BufRead) -> std::io::Result<()> {
-    let mut status = String::new();
-    reader.read_line(&mut status)?;
-    if !status.contains(" 200 ") {
-        return Err(std::io::Error::other(format!(
-            "the daemon answered {:?}",
-            status.trim_end()
-        )));
-    }
-    let mut header = String::new();
-    loop {
-        header.clear();
-        if reader.read_line(&mut header)? == 0 || header == "\r\n" || header == "\n" {
-            return Ok(());
-        }
-    }
+    docker_api::get(
+        socket,
+        &format!("/containers/{id}/json"),
+        Duration::from_secs(5),
+        MAX_ANSWER,
+    )
 }
 
 #[cfg(test)]
