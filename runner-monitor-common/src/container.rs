@@ -39,3 +39,41 @@ pub struct ContainerEvent {
     /// The cgroup's path in the v2 hierarchy (`/docker/<id>`, `/system.slice/docker-<id>.scope`).
     pub path: [u8; CGROUP_PATH_LEN],
 }
+
+/// A start by name (`POST /containers/<name>/start`) a job sent, waiting for its container's
+/// cgroup in slot `slot` of the kernel's pending starts (`container_refs.rs`). The agent asks
+/// the daemon for the container's id and, when the answer comes before the cgroup, registers
+/// the id as the job's and frees the slot (`enrich/name_starts.rs`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct ContainerStartEvent {
+    pub header: EventHeader,
+    /// The slot's index, and its time (`PendingStart::ts_ns`): together they say whether the
+    /// slot still holds this start.
+    pub slot: u32,
+    /// Bytes of `reference` used.
+    pub len: u32,
+    pub ts_ns: u64,
+    pub reference: [u8; CONTAINER_ID_LEN],
+}
+
+/// A pending start by name or short id (`container_refs.rs`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct PendingStart {
+    /// The job that asked; 0: a free slot.
+    pub job: u64,
+    pub ts_ns: u64,
+    /// Bytes of `reference` used.
+    pub len: u32,
+    /// Every byte is a lowercase hex digit: a short id, matched by prefix only.
+    pub hex: u32,
+    pub reference: [u8; CONTAINER_ID_LEN],
+}
+
+const _: () = assert!(core::mem::size_of::<PendingStart>() == 24 + CONTAINER_ID_LEN);
+
+#[cfg(feature = "user")]
+// SAFETY: plain `#[repr(C)]` data without padding (size asserted above); every bit pattern is a
+// valid value.
+unsafe impl aya::Pod for PendingStart {}

@@ -54,6 +54,9 @@ pub enum EventKind {
     Container = 18,
     /// A job's TCP socket sent a TLS ClientHello first: its server name (`tls.rs`).
     TlsClientHello = 19,
+    /// A job asked a runtime to start a container by name (`container_refs.rs`): the agent
+    /// asks the daemon which container that is while the start is under way.
+    ContainerStart = 20,
 }
 
 /// Per-kind counter slots: a power of two above the highest `EventKind`, because the kernel
@@ -61,12 +64,12 @@ pub enum EventKind {
 /// bound). At 17 the mask sent every kind but one to slot 0.
 pub const EVENT_KIND_SLOTS: u32 = 32;
 const _: () = assert!(
-    EVENT_KIND_SLOTS.is_power_of_two() && (EventKind::TlsClientHello as u32) < EVENT_KIND_SLOTS,
+    EVENT_KIND_SLOTS.is_power_of_two() && (EventKind::ContainerStart as u32) < EVENT_KIND_SLOTS,
     "EVENT_KIND_SLOTS must be a power of two above every EventKind"
 );
 
 impl EventKind {
-    pub const ALL: [EventKind; 19] = [
+    pub const ALL: [EventKind; 20] = [
         EventKind::Fork,
         EventKind::Exec,
         EventKind::Exit,
@@ -86,6 +89,7 @@ impl EventKind {
         EventKind::IoUringSetup,
         EventKind::Container,
         EventKind::TlsClientHello,
+        EventKind::ContainerStart,
     ];
 
     pub fn from_u32(value: u32) -> Option<Self> {
@@ -114,6 +118,7 @@ impl EventKind {
             EventKind::IoUringSetup => "io_uring_setup",
             EventKind::Container => "container",
             EventKind::TlsClientHello => "tls_client_hello",
+            EventKind::ContainerStart => "container_start",
         }
     }
 }
@@ -556,6 +561,7 @@ assert_size!(
     ContainerEvent,
     64 + 24 + 2 * container::CONTAINER_ID_LEN + container::CGROUP_PATH_LEN
 );
+assert_size!(ContainerStartEvent, 64 + 16 + container::CONTAINER_ID_LEN);
 assert_size!(BpfEvent, 72);
 assert_size!(ChdirEvent, 64 + 8 + PATH_LEN);
 assert_size!(JobEnvValue, 8 + JOB_ENV_VALUE_LEN);
@@ -571,7 +577,7 @@ assert_size!(NameKey, 8 + NAME_LEN);
 pub mod io_uring;
 pub use io_uring::IoUringSetupEvent;
 pub mod container;
-pub use container::{CONTAINER_ID_LEN, ContainerEvent};
+pub use container::{CONTAINER_ID_LEN, ContainerEvent, ContainerStartEvent, PendingStart};
 pub mod tls;
 pub use tls::*;
 

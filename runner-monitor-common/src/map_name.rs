@@ -6,6 +6,7 @@ pub const PROCESSES: &str = "PROCESSES";
 pub const JOBS: &str = "JOBS";
 pub const CONTAINER_CGROUPS: &str = "CONTAINER_CGROUPS";
 pub const REQUESTED_CONTAINERS: &str = "REQUESTED_CONTAINERS";
+pub const PENDING_STARTS: &str = "PENDING_STARTS";
 pub const NAMES: &str = "NAMES";
 pub const SETTINGS: &str = "SETTINGS";
 pub const JOB_BUDGETS: &str = "JOB_BUDGETS";

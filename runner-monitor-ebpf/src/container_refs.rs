@@ -14,11 +14,14 @@
 
 use aya_ebpf::{macros::map, maps::Array};
 use runner_monitor_common::{
-    CONTAINER_ID_LEN,
+    CONTAINER_ID_LEN, ContainerStartEvent, EventKind, PendingStart, ProcessJob,
     container::{MATCHED_BY_NAME, MATCHED_BY_SHORT_ID},
 };
 
-use crate::maps::now_ns;
+use crate::{
+    emit::send,
+    maps::{current_process, now_ns},
+};
 
 /// How many starts by reference may be pending at once (across all jobs): more than a host
 /// starts at the same instant; the oldest is overwritten when full.
@@ -29,19 +32,6 @@ const _: () = assert!(SLOTS == 8);
 /// container already running) or it was matched the other way round. A start makes its cgroup
 /// within tens of milliseconds (docs/containers.md).
 const WINDOW_NS: u64 = 5_000_000_000;
-
-#[repr(C)]
-#[derive(Clone, Copy)]
-pub struct PendingStart {
-    /// The job that asked; 0: a free slot.
-    pub job: u64,
-    pub ts_ns: u64,
-    /// Bytes of `reference` used.
-    pub len: u32,
-    /// Every byte is a lowercase hex digit: a short id, matched by prefix only.
-    pub hex: u32,
-    pub reference: [u8; CONTAINER_ID_LEN],
-}
 
 #[map]
 static PENDING_STARTS: Array<PendingStart> = Array::with_max_entries(SLOTS, 0);
@@ -120,6 +110,53 @@ pub fn start_by_reference(tail: &[u8; CONTAINER_ID_LEN + 8], avail: u64, job: u6
             reference,
         };
     }
+    announce(p, slot);
+}
+
+/// Tells the agent of the pending start by name in slot `slot` (`p`): it asks the daemon which
+/// container the name is while the start is under way (`enrich/name_starts.rs`). A short id is
+/// matched exactly by prefix and needs no answer.
+///
+/// VERIFIER: everything is read back from the map value, not taken from the caller's scan: the
+/// scan ends with one of 64 lengths, and a send that carried its registers and stack on would be
+/// verified once per length (Linux 6.1 gave up at a million instructions). Values loaded from a
+/// map are unknown to the verifier, so the 64 paths meet here as one.
+#[inline(always)]
+fn announce(p: *mut PendingStart, slot: u32) {
+    // SAFETY: `p` points into the array map's value, just written; read back field by field
+    // (a whole copy would not fit the stack beside the scan's buffers).
+    let (hex, job) = unsafe {
+        (
+            core::ptr::read_volatile(&(*p).hex),
+            core::ptr::read_volatile(&(*p).job),
+        )
+    };
+    if hex != 0 || job == 0 {
+        return;
+    }
+    let process = current_process().unwrap_or(ProcessJob {
+        job,
+        ppid: 0,
+        flags: 0,
+        start_ns: 0,
+    });
+    send(
+        EventKind::ContainerStart,
+        Some(&process),
+        |e: &mut ContainerStartEvent| {
+            e.slot = slot;
+            // SAFETY: as above; the name is copied from the map value into the record.
+            unsafe {
+                e.len = core::ptr::read_volatile(&(*p).len);
+                e.ts_ns = core::ptr::read_volatile(&(*p).ts_ns);
+                core::ptr::copy_nonoverlapping(
+                    (*p).reference.as_ptr(),
+                    e.reference.as_mut_ptr(),
+                    CONTAINER_ID_LEN,
+                );
+            }
+        },
+    );
 }
 
 /// The job whose pending start the new container cgroup of `id`, which no job requested by

@@ -70,6 +70,7 @@ events!(
     JobEnvEvent,
     IoUringSetupEvent,
     ContainerEvent,
+    runner_monitor_common::ContainerStartEvent,
     runner_monitor_common::TlsEvent,
 );
 

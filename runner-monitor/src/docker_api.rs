@@ -67,39 +67,55 @@ fn expect_ok(reader: &mut impl BufRead) -> std::io::Result<()> {
     }
 }
 
+/// A fake daemon for unit tests.
 #[cfg(test)]
-mod tests {
-    use std::os::unix::net::UnixListener;
+pub(crate) mod fake {
+    use std::{
+        io::{Read as _, Write as _},
+        os::unix::net::UnixListener,
+    };
 
-    use super::*;
-
-    /// A socket that answers one request with `answer`; removed with the returned guard.
-    fn answering(answer: &'static str) -> (Removed, std::path::PathBuf) {
+    /// A socket that answers one request with `answer`, and hands the request it got to the
+    /// returned receiver; the socket is removed with the returned guard.
+    pub fn answering(
+        answer: &'static str,
+    ) -> (
+        Removed,
+        std::path::PathBuf,
+        std::sync::mpsc::Receiver<String>,
+    ) {
         static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let path =
             std::env::temp_dir().join(format!("rm-docker-api-{}-{n}.sock", std::process::id()));
         let _ = std::fs::remove_file(&path);
         let listener = UnixListener::bind(&path).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             let (mut stream, _) = listener.accept().unwrap();
             let mut request = [0u8; 512];
-            let _ = stream.read(&mut request);
+            let n = stream.read(&mut request).unwrap_or(0);
+            let _ = tx.send(String::from_utf8_lossy(&request[..n]).into_owned());
             stream.write_all(answer.as_bytes()).unwrap();
         });
-        (Removed(path.clone()), path)
+        (Removed(path.clone()), path, rx)
     }
 
-    struct Removed(std::path::PathBuf);
+    pub struct Removed(std::path::PathBuf);
     impl Drop for Removed {
         fn drop(&mut self) {
             let _ = std::fs::remove_file(&self.0);
         }
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{fake::answering, *};
 
     #[test]
     fn a_200_answer_is_parsed_and_anything_else_is_an_error_without_its_body() {
-        let (_dir, path) =
+        let (_dir, path, _) =
             answering("HTTP/1.0 200 OK\r\nContent-Type: application/json\r\n\r\n{\"Id\":\"ab\"}");
         let answer = get(
             &path,
@@ -110,7 +126,7 @@ mod tests {
         .unwrap();
         assert_eq!(answer["Id"], "ab");
 
-        let (_dir, path) = answering("HTTP/1.0 404 Not Found\r\n\r\n{\"message\":\"CANARY\"}");
+        let (_dir, path, _) = answering("HTTP/1.0 404 Not Found\r\n\r\n{\"message\":\"CANARY\"}");
         let error = get(&path, "/x", Duration::from_secs(2), 1 << 10)
             .unwrap_err()
             .to_string();
@@ -119,7 +135,7 @@ mod tests {
             "{error}"
         );
 
-        let (_dir, path) = answering("HTTP/1.0 200 OK\r\n\r\n{\"Env\":[\"TOKEN=CANARY\"");
+        let (_dir, path, _) = answering("HTTP/1.0 200 OK\r\n\r\n{\"Env\":[\"TOKEN=CANARY\"");
         let error = get(&path, "/x", Duration::from_secs(2), 1 << 10)
             .unwrap_err()
             .to_string();

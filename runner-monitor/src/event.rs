@@ -127,6 +127,15 @@ pub enum EventDetail {
     /// From the kernel: the cgroup of a container the job asked a runtime to start was made;
     /// the container's processes are the job's (docs/containers.md). `process` is the runtime's.
     Container(ContainerInfo),
+    /// From the kernel: a job process asked a runtime to start the container named `reference`
+    /// (`POST /containers/<name>/start`); the agent asks the daemon which container that is
+    /// (docs/containers.md, "Starts by name or short id"). `slot` and `pending_ns` name the
+    /// kernel's pending start.
+    ContainerStart {
+        reference: String,
+        slot: u32,
+        pending_ns: u64,
+    },
     /// A job process set up an io_uring instance: what it submits there makes no syscall, and
     /// only some of it is seen (docs/sensors.md, "io_uring").
     IoUringSetup {
@@ -227,6 +236,7 @@ impl EventDetail {
             EventDetail::JobEnv { .. } => "job_env",
             EventDetail::IoUringSetup { .. } => "io_uring_setup",
             EventDetail::Container(_) => "container",
+            EventDetail::ContainerStart { .. } => "container_start",
             EventDetail::JobEnd => "job_end",
             EventDetail::SensorStatus(_) => "sensor_status",
             EventDetail::CredentialFingerprint { .. } => "credential_fingerprint",
@@ -291,6 +301,11 @@ pub struct RequestedAs {
     /// starts with it. False when the daemon named it otherwise; absent when it was not asked.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub confirmed: Option<bool>,
+    /// By name: microseconds from the request to the daemon's answer, when the agent resolved
+    /// the name before the container's cgroup was made and registered the container's id (the
+    /// match is then exact, not a guess). Absent when the kernel's guess made the match.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resolved_us: Option<u64>,
 }
 
 impl ContainerInfo {

@@ -21,17 +21,30 @@ fn create_reader(docker: &Docker, env: &TestEnv, args: &str) -> String {
 }
 
 /// The finding's container was matched to the job's start by `by` (`name`, `short-id`) of
-/// `reference`, and the daemon confirmed it.
+/// `reference`, and the daemon confirmed it. A name was resolved by the agent at the daemon
+/// before the container's cgroup was made (`resolved_us`): the match is exact, not the
+/// kernel's guess.
 fn assert_requested_as(finding: &serde_json::Value, by: &str, reference: &str) {
     let r = &finding["container"]["requested_as"];
     assert_eq!(r["by"], by, "{finding}");
     assert_eq!(r["reference"], reference, "{finding}");
     assert_eq!(r["confirmed"], true, "{finding}");
-    // The window the match depends on: from the job's request to the container's cgroup.
+    // The window the match depends on: from the job's request to the container's cgroup, and
+    // for a name the agent's answer within it.
     eprintln!(
-        "start by {by}: request to cgroup {} us",
-        r["waited_us"].as_u64().unwrap_or_default()
+        "start by {by}: request to cgroup {} us, to the agent's resolution {:?} us",
+        r["waited_us"].as_u64().unwrap_or_default(),
+        r["resolved_us"].as_u64(),
     );
+    if by == "name" {
+        let resolved = r["resolved_us"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("not resolved: {finding}"));
+        assert!(
+            resolved <= r["waited_us"].as_u64().unwrap_or_default(),
+            "{finding}"
+        );
+    }
 }
 
 #[test]
@@ -147,5 +160,84 @@ fn a_compose_service_of_a_job_is_the_job() {
     let harvest = wait_alert(agent, "credential-harvesting", &id, |_| true);
     assert_eq!(harvest["job"]["repository"], "acme/compose", "{harvest}");
     assert_container(&harvest, Some(&format!("rm{run}_reader_1")));
+    assert_no_secret(agent);
+}
+
+/// `POST /containers/<id>/start` from the test itself (outside any job), at once: no CLI start-up.
+fn start_outside_jobs(docker: &Docker, id: &str) {
+    use std::io::{Read as _, Write as _};
+    let mut stream = std::os::unix::net::UnixStream::connect(&docker.socket).unwrap();
+    write!(
+        stream,
+        "POST /v1.41/containers/{id}/start HTTP/1.0\r\nHost: docker\r\nContent-Length: 0\r\n\r\n"
+    )
+    .unwrap();
+    let mut answer = String::new();
+    let _ = stream.read_to_string(&mut answer);
+    assert!(answer.starts_with("HTTP/1.0 204"), "{answer}");
+}
+
+/// The case the kernel's first-in first-out guess gets wrong: a container started outside any
+/// job just before the job's start by name makes its cgroup first, and would take the job's
+/// pending start. The agent resolves the name at the daemon before either cgroup exists, so
+/// the job's container is the job's and the other is nobody's.
+#[test]
+fn a_container_started_outside_jobs_beside_a_start_by_name_does_not_take_it() {
+    let agent = agent();
+    let docker = Docker::start("byname-race");
+    let env = TestEnv::new("containers-byname-race");
+    let run = run_id(15);
+    let name = format!("rm-race-{run}");
+    let other = format!("rm-race-host-{run}");
+    // Outside any job, made from the same image and reading the same credentials.
+    let other_id = docker
+        .run(&[
+            "create",
+            "--network",
+            "none",
+            "--name",
+            &other,
+            "-v",
+            &format!("{}:/h", env.home.display()),
+            IMAGE,
+            "sh",
+            "-c",
+            &format!("{} > /dev/null", read_three_kinds("/h")),
+        ])
+        .trim()
+        .to_owned();
+    let (ready, go) = (env.dir.join("ready"), env.dir.join("go"));
+    let step = format!(
+        "{create} > /dev/null\ntouch {ready}\nwhile [ ! -e {go} ]; do :; done\n\
+         curl -sf --unix-socket {socket} -X POST http://docker/v1.41/containers/{name}/start\n\
+         {cli} wait {name} > /dev/null",
+        create = create_reader(&docker, &env, &format!("--name {name}")),
+        ready = ready.display(),
+        go = go.display(),
+        socket = docker.socket.display(),
+        cli = docker.shell_cli(),
+    );
+    std::thread::scope(|scope| {
+        let job = scope.spawn(|| github_job(&env, agent, &run, "acme/race", &step));
+        integration_tests::live::wait_until("the job's container created", 30, || ready.exists());
+        std::fs::write(&go, "").unwrap();
+        start_outside_jobs(&docker, &other_id);
+        job.join().unwrap();
+    });
+    let id = format!("{run}/build");
+    let harvest = wait_alert(agent, "credential-harvesting", &id, |_| true);
+    assert_container(&harvest, Some(&name));
+    assert_requested_as(&harvest, "name", &name);
+    docker.run(&["wait", &other]);
+    // The other container's reads went to nobody: no alert names it.
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    let named = integration_tests::live::alerts(agent)
+        .into_iter()
+        .filter(|a| a["container"]["id"] == other_id.as_str())
+        .collect::<Vec<_>>();
+    assert!(
+        named.is_empty(),
+        "the container started outside jobs was attributed: {named:#?}"
+    );
     assert_no_secret(agent);
 }

@@ -8,6 +8,7 @@
 
 use std::time::Duration;
 
+use super::name_starts::{NameStarts, Register};
 use crate::{
     bounded::BoundedMap,
     docker_api,
@@ -23,17 +24,32 @@ const MAX_ANSWER: u64 = 1 << 20;
 pub struct ContainerNamer {
     /// job -> the Docker API socket it last connected to.
     sockets: BoundedMap<JobKey, String>,
+    /// Resolves jobs' starts by name while they are under way (`name_starts.rs`).
+    name_starts: Option<NameStarts>,
 }
 
 impl Default for ContainerNamer {
     fn default() -> Self {
         Self {
             sockets: BoundedMap::new(4096),
+            name_starts: None,
         }
     }
 }
 
 impl ContainerNamer {
+    /// Resolves jobs' starts by name at their daemon and registers the container through
+    /// `register` (the kernel's requested-container map), before its cgroup is made.
+    pub fn resolve_names(&mut self, register: Register) {
+        match NameStarts::spawn(register) {
+            Ok(starts) => self.name_starts = Some(starts),
+            Err(error) => tracing::warn!(
+                %error,
+                "no thread to resolve starts by name: they are left to the kernel's guess"
+            ),
+        }
+    }
+
     /// Remembers a job's connect to a Docker socket; names a container of a job.
     pub fn process(&mut self, event: &mut Event, policy: &Policy) {
         let Some(job) = event.job.as_ref().map(|j| j.key) else {
@@ -47,17 +63,37 @@ impl ContainerNamer {
                     self.sockets.insert(job, path.clone());
                 }
             }
-            EventDetail::Container(info) => match self.sockets.get(&job) {
-                Some(socket) => {
-                    name(socket, info);
+            EventDetail::ContainerStart {
+                reference,
+                slot,
+                pending_ns,
+            } => {
+                if let (Some(starts), Some(socket)) = (&self.name_starts, self.sockets.get(&job)) {
+                    starts.ask(socket, reference, job, *slot, *pending_ns);
                 }
-                // No job process asked for it: a container GitLab Runner made for the job,
-                // registered from its daemon's events (`job/docker_events.rs`).
-                None => {
-                    name_at_policy_sockets(policy, info);
+            }
+            EventDetail::Container(info) => {
+                if info.requested_as.is_none()
+                    && let Some(starts) = &self.name_starts
+                {
+                    info.requested_as = starts.requested_as(&info.id, event.time_ns);
                 }
-            },
+                self.name(job, info, policy);
+            }
             _ => {}
+        }
+    }
+
+    fn name(&self, job: JobKey, info: &mut ContainerInfo, policy: &Policy) {
+        match self.sockets.get(&job) {
+            Some(socket) => {
+                name(socket, info);
+            }
+            // No job process asked for it: a container GitLab Runner made for the job,
+            // registered from its daemon's events (`job/docker_events.rs`).
+            None => {
+                name_at_policy_sockets(policy, info);
+            }
         }
     }
 }
@@ -179,6 +215,7 @@ mod tests {
             by: by.into(),
             waited_us: 90_000,
             confirmed: None,
+            resolved_us: None,
         });
         info
     }

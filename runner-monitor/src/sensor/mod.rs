@@ -10,6 +10,7 @@ pub mod dns;
 pub mod egress;
 mod fdstore;
 pub mod file_hooks;
+pub mod handles;
 pub mod io_uring;
 pub mod job_roots;
 pub mod links;
@@ -30,7 +31,7 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, Map, MapData, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
 };
 use runner_monitor_common::{
     EVENT_KIND_SLOTS, EventKind, JobBudget, JobState, NameKey, ProcessJob, counter, map_name,
@@ -506,20 +507,6 @@ impl Sensor {
         c.job_budget_dropped = read(counter::JOB_BUDGET_DROPPED);
         c.egress_blocked = read(counter::EGRESS_BLOCKED);
         Ok(c)
-    }
-
-    /// A handle of its own on the kernel's map of job container cgroups (cgroup id -> job), for
-    /// a writer outside the sensor: a process that execs in such a cgroup joins the job
-    /// (`runner-monitor-ebpf/src/containers.rs`). The sensor keeps its own (`adopt_container`).
-    pub fn container_cgroups_handle(&self) -> Option<HashMap<MapData, u64, u64>> {
-        use std::os::fd::AsFd as _;
-        let data = match self.ebpf.map(map_name::CONTAINER_CGROUPS)? {
-            Map::HashMap(data) | Map::LruHashMap(data) => data,
-            _ => return None,
-        };
-        let fd = data.fd().as_fd().try_clone_to_owned().ok()?;
-        let own = MapData::from_fd(fd).ok()?;
-        HashMap::try_from(Map::LruHashMap(own)).ok()
     }
 
     /// The underlying object, for programs and maps not wrapped here.

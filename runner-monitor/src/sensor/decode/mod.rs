@@ -8,12 +8,12 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use runner_monitor_common::{
     AF_INET, AF_INET6, AF_PACKET, AF_UNIX, BpfEvent, CONNECT_BLOCKED, CONNECT_DNS_REDIRECTED,
-    CONNECT_RAW_SOCKET, CONNECT_UDP_SEND, ChdirEvent, ConnectEvent, ContainerEvent, DnsEvent,
-    EXIT_CODE_KNOWN, EXIT_KILLED_BY_SIGNAL, EventHeader, EventKind, ExecEvent, ExitEvent,
-    FileEvent, ForkEvent, HEADER_IO_URING, HEADER_JOB_ENDED, HEADER_JOB_ROOT, HEADER_TRUNCATED,
-    IoUringSetupEvent, JobEnvEvent, MATCH_BASENAME, MATCH_DIRNAME, MATCH_PREFIX, MATCH_PROC_MEMORY,
-    MATCH_SECOND_PATH, PTRACE_ATTACH, PTRACE_PEEKDATA, PTRACE_PEEKTEXT, PTRACE_PEEKUSER,
-    PTRACE_SEIZE, ProcessAccessEvent, SIGNAL_SYSCALL_KILL, SIGNAL_SYSCALL_TGKILL,
+    CONNECT_RAW_SOCKET, CONNECT_UDP_SEND, ChdirEvent, ConnectEvent, ContainerEvent,
+    ContainerStartEvent, DnsEvent, EXIT_CODE_KNOWN, EXIT_KILLED_BY_SIGNAL, EventHeader, EventKind,
+    ExecEvent, ExitEvent, FileEvent, ForkEvent, HEADER_IO_URING, HEADER_JOB_ENDED, HEADER_JOB_ROOT,
+    HEADER_TRUNCATED, IoUringSetupEvent, JobEnvEvent, MATCH_BASENAME, MATCH_DIRNAME, MATCH_PREFIX,
+    MATCH_PROC_MEMORY, MATCH_SECOND_PATH, PTRACE_ATTACH, PTRACE_PEEKDATA, PTRACE_PEEKTEXT,
+    PTRACE_PEEKUSER, PTRACE_SEIZE, ProcessAccessEvent, SIGNAL_SYSCALL_KILL, SIGNAL_SYSCALL_TGKILL,
     SIGNAL_SYSCALL_TKILL, SOCK_RAW, SignalEvent, TLS_BLOCKED, TLS_NO_SNI, TLS_SNI_TRUNCATED,
     TlsEvent, container,
 };
@@ -237,8 +237,17 @@ impl Decoder {
                     by: by.to_owned(),
                     waited_us: e.waited_ns / 1000,
                     confirmed: None,
+                    resolved_us: None,
                 });
                 EventDetail::Container(info)
+            }
+            EventKind::ContainerStart => {
+                let e: ContainerStartEvent = read(bytes)?;
+                EventDetail::ContainerStart {
+                    reference: lossy(c_bytes(&e.reference, e.len)),
+                    slot: e.slot,
+                    pending_ns: e.ts_ns,
+                }
             }
             EventKind::Chdir => {
                 let e: ChdirEvent = read(bytes)?;

@@ -161,6 +161,13 @@ impl Agent {
                 cgroups.insert(cgroup, job.0, 0).map_err(|e| e.to_string())
             }));
         }
+        // A job's start by name is resolved at its daemon while the start is under way.
+        if let Some(mut maps) = sensor.name_start_maps() {
+            host.containers
+                .resolve_names(Box::new(move |id, job, slot, pending_ns| {
+                    maps.register(id, job, slot, pending_ns)
+                }));
+        }
         let outputs = Self::outputs(&args, &metrics, fleet)?;
         let mut pipeline = Pipeline::new(policy, Some(host), outputs).with_reports(reports);
         Self::resume(&args, &state, &mut sensor, &mut pipeline)?;

@@ -1,0 +1,226 @@
+//! Starts by name made exact: when a job asks the daemon to start a container by name (`docker
+//! start web`, `POST /containers/web/start`), the kernel remembers a pending start and tells the
+//! agent (`container_start`). The daemon then takes tens of milliseconds to make the container's
+//! cgroup (65-135 ms measured here); in that time this asks the same daemon, at the socket the
+//! job connected to, which container the name is (the container list filtered by name answers
+//! while the start is under way), registers its id as the job's in the kernel's
+//! requested-container map and frees the pending start. The cgroup then matches by its id,
+//! exactly as a start by id does, and no other container can take the start by the kernel's
+//! first-in first-out guess.
+//!
+//! When the answer is late (the cgroup was made first) or missing (the daemon does not answer,
+//! no such name), the kernel's guess stands and the container's naming checks it, as before
+//! (docs/containers.md). The asking runs on a thread of its own, one start at a time, never on
+//! the event path.
+
+use std::{
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex, mpsc},
+    time::Duration,
+};
+
+use crate::{
+    bounded::BoundedMap,
+    clock::monotonic_ns,
+    docker_api,
+    event::{JobKey, RequestedAs},
+};
+
+/// How long the daemon may take to answer: past the time it takes to make the cgroup the
+/// answer is of no use.
+const TIMEOUT: Duration = Duration::from_millis(500);
+/// The most of an answer read (a list of the containers with that name: one).
+const MAX_ANSWER: u64 = 1 << 20;
+/// Starts waiting to be asked; more are left to the kernel's guess.
+const QUEUE: usize = 64;
+
+/// Registers container `id` (64 hex digits) as job `job`'s in the kernel and frees the pending
+/// start (`slot`, `pending_ns`) if it is still that start: `Ok(true)`; `Ok(false)` when the
+/// pending start was gone (its container's cgroup was made first and took it).
+pub type Register = Box<dyn FnMut(&str, JobKey, u32, u64) -> Result<bool, String> + Send>;
+
+struct Start {
+    socket: PathBuf,
+    reference: String,
+    job: JobKey,
+    slot: u32,
+    pending_ns: u64,
+}
+
+/// A name resolved to its container before the container's cgroup was made.
+#[derive(Clone, Debug)]
+struct Resolved {
+    reference: String,
+    pending_ns: u64,
+    resolved_ns: u64,
+}
+
+pub struct NameStarts {
+    starts: mpsc::SyncSender<Start>,
+    /// container id -> how its name was resolved, until its container event.
+    resolved: Arc<Mutex<BoundedMap<String, Resolved>>>,
+}
+
+impl NameStarts {
+    /// Starts the thread that asks the daemons and registers through `register`.
+    pub fn spawn(register: Register) -> std::io::Result<Self> {
+        let (starts, queue) = mpsc::sync_channel(QUEUE);
+        let resolved = Arc::new(Mutex::new(BoundedMap::new(256)));
+        let table = resolved.clone();
+        std::thread::Builder::new()
+            .name("name-starts".into())
+            .spawn(move || run(queue, register, &table))?;
+        Ok(Self { starts, resolved })
+    }
+
+    /// A job's start by name `reference` at the Docker socket `socket`: asked at once.
+    pub fn ask(&self, socket: &str, reference: &str, job: JobKey, slot: u32, pending_ns: u64) {
+        let start = Start {
+            socket: socket.into(),
+            reference: reference.to_owned(),
+            job,
+            slot,
+            pending_ns,
+        };
+        if self.starts.try_send(start).is_err() {
+            tracing::warn!(
+                reference,
+                "too many container starts by name at once: this one is left to the kernel's guess"
+            );
+        }
+    }
+
+    /// How container `id`'s start was asked for, when its name was resolved before its cgroup
+    /// was made (`container_ns`: the container event's time).
+    pub fn requested_as(&self, id: &str, container_ns: u64) -> Option<RequestedAs> {
+        let r = self.resolved.lock().ok()?.remove(&id.to_owned())?;
+        Some(RequestedAs {
+            reference: r.reference,
+            by: "name".into(),
+            waited_us: container_ns.saturating_sub(r.pending_ns) / 1000,
+            // The daemon's own answer named this container.
+            confirmed: Some(true),
+            resolved_us: Some(r.resolved_ns.saturating_sub(r.pending_ns) / 1000),
+        })
+    }
+}
+
+fn run(
+    queue: mpsc::Receiver<Start>,
+    mut register: Register,
+    resolved: &Mutex<BoundedMap<String, Resolved>>,
+) {
+    for start in queue {
+        let id = match container_named(&start.socket, &start.reference) {
+            Ok(Some(id)) => id,
+            Ok(None) => {
+                tracing::debug!(reference = %start.reference, "no container of that name");
+                continue;
+            }
+            Err(error) => {
+                tracing::debug!(reference = %start.reference, %error, "a start by name not resolved");
+                continue;
+            }
+        };
+        let entry = Resolved {
+            reference: start.reference.clone(),
+            pending_ns: start.pending_ns,
+            resolved_ns: monotonic_ns(),
+        };
+        // In the table before the kernel's map: the container event can follow at once.
+        if let Ok(mut table) = resolved.lock() {
+            table.insert(id.clone(), entry.clone());
+        }
+        let outcome = register(&id, start.job, start.slot, start.pending_ns);
+        let after_us = entry.resolved_ns.saturating_sub(entry.pending_ns) / 1000;
+        match outcome {
+            Ok(true) => {
+                tracing::debug!(reference = %start.reference, %id, after_us, "start by name resolved")
+            }
+            Ok(false) | Err(_) => {
+                if let Ok(mut table) = resolved.lock() {
+                    table.remove(&id);
+                }
+                match outcome {
+                    Err(error) => {
+                        tracing::warn!(%error, reference = %start.reference, "a start by name could not be registered")
+                    }
+                    _ => {
+                        tracing::info!(reference = %start.reference, %id, after_us, "a start by name was resolved after its container was made: the kernel's guess stands")
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The id of the container named `name` at the daemon `socket`, if there is one.
+fn container_named(socket: &Path, name: &str) -> std::io::Result<Option<String>> {
+    // The kernel passes only names of `[a-zA-Z0-9_.-]`; anything else is not asked.
+    if name.is_empty()
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b))
+    {
+        return Ok(None);
+    }
+    // `{"name":["^/<name>$"]}`, the name's dots escaped (the filter is a regular expression).
+    let pattern = name.replace('.', "%5C.");
+    let path =
+        format!("/containers/json?all=1&filters=%7B%22name%22%3A%5B%22%5E%2F{pattern}%24%22%5D%7D");
+    let answer = docker_api::get(socket, &path, TIMEOUT, MAX_ANSWER)?;
+    let want = format!("/{name}");
+    Ok(answer
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|c| {
+            c["Names"]
+                .as_array()
+                .is_some_and(|names| names.iter().any(|n| n.as_str() == Some(want.as_str())))
+        })
+        .and_then(|c| c["Id"].as_str())
+        .filter(|id| id.len() == 64 && id.bytes().all(|b| b.is_ascii_hexdigit()))
+        .map(str::to_owned))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::docker_api::fake::answering;
+
+    const LIST: &str = "HTTP/1.0 200 OK\r\n\r\n[\
+        {\"Id\":\"aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\",\"Names\":[\"/web.2\"]},\
+        {\"Id\":\"bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb\",\"Names\":[\"/web\"]}]";
+
+    #[test]
+    fn a_name_is_asked_as_an_anchored_pattern_and_only_the_exact_name_is_taken() {
+        let (_guard, socket, request) = answering(LIST);
+        let id = container_named(&socket, "web").unwrap();
+        assert_eq!(id.as_deref(), Some("b".repeat(64).as_str()));
+        let request = request.recv().unwrap();
+        assert!(
+            request.starts_with(
+                "GET /containers/json?all=1&filters=%7B%22name%22%3A%5B%22%5E%2Fweb%24%22%5D%7D "
+            ),
+            "{request}"
+        );
+
+        // A dot is escaped: `web.2` must not match `webx2`.
+        let (_guard, socket, request) = answering(LIST);
+        let id = container_named(&socket, "web.2").unwrap();
+        assert_eq!(id.as_deref(), Some("a".repeat(64).as_str()));
+        let request = request.recv().unwrap();
+        assert!(request.contains("%5E%2Fweb%5C.2%24"), "{request}");
+    }
+
+    #[test]
+    fn a_reference_the_kernel_would_not_pass_is_not_asked() {
+        for name in ["", "a b", "../x", "x%22"] {
+            assert_eq!(
+                container_named(Path::new("/nonexistent"), name).unwrap(),
+                None
+            );
+        }
+    }
+}

@@ -1,0 +1,91 @@
+//! Handles of their own on kernel maps, for writers outside the sensor (cloned descriptors; the
+//! sensor keeps its own): the workflow pods' container cgroups (`enrich/workflow_pods.rs`) and
+//! a job's start by name (`enrich/name_starts.rs`), whose container's id, resolved at the
+//! daemon, goes into the kernel's requested-container map while the kernel's pending start is
+//! freed so that no other container's cgroup takes it.
+
+use aya::maps::{Array, HashMap, Map, MapData};
+use runner_monitor_common::{CONTAINER_ID_LEN, PendingStart, map_name};
+
+use super::{Sensor, job_roots::BPF_NOEXIST};
+use crate::event::JobKey;
+
+/// Own handles on the two kernel maps a resolved start by name writes.
+pub struct NameStartMaps {
+    requested: HashMap<MapData, [u8; CONTAINER_ID_LEN], u64>,
+    pending: Array<MapData, PendingStart>,
+}
+
+/// A handle of its own on map `name` (a cloned descriptor): the sensor keeps its own.
+fn own(sensor: &Sensor, name: &str) -> Option<Map> {
+    use std::os::fd::AsFd as _;
+    let map = sensor.ebpf.map(name)?;
+    let data = match map {
+        Map::HashMap(d) | Map::LruHashMap(d) | Map::Array(d) => d,
+        _ => return None,
+    };
+    let fd = data.fd().as_fd().try_clone_to_owned().ok()?;
+    let own = MapData::from_fd(fd).ok()?;
+    Some(match map {
+        Map::Array(_) => Map::Array(own),
+        Map::HashMap(_) => Map::HashMap(own),
+        _ => Map::LruHashMap(own),
+    })
+}
+
+impl Sensor {
+    /// The kernel's map of job container cgroups (cgroup id -> job): a process that execs in
+    /// such a cgroup joins the job (`runner-monitor-ebpf/src/containers.rs`).
+    pub fn container_cgroups_handle(&self) -> Option<HashMap<MapData, u64, u64>> {
+        HashMap::try_from(own(self, map_name::CONTAINER_CGROUPS)?).ok()
+    }
+
+    /// Handles for resolving starts by name; `None` when the programs lack the maps.
+    pub fn name_start_maps(&self) -> Option<NameStartMaps> {
+        Some(NameStartMaps {
+            requested: HashMap::try_from(own(self, map_name::REQUESTED_CONTAINERS)?).ok()?,
+            pending: Array::try_from(own(self, map_name::PENDING_STARTS)?).ok()?,
+        })
+    }
+}
+
+impl NameStartMaps {
+    /// Container `id` is job `key`'s, and the kernel's pending start `slot` (made at
+    /// `pending_ns`) is freed: `Ok(true)`. `Ok(false)` when the start was no longer pending (a
+    /// cgroup took it first): nothing is written.
+    pub fn register(
+        &mut self,
+        id: &str,
+        key: JobKey,
+        slot: u32,
+        pending_ns: u64,
+    ) -> Result<bool, String> {
+        let id: [u8; CONTAINER_ID_LEN] = id
+            .as_bytes()
+            .try_into()
+            .map_err(|_| format!("not a container id: {id:?}"))?;
+        let id = id.map(|b| b.to_ascii_lowercase());
+        let still = |p: &PendingStart| p.job == key.0 && p.ts_ns == pending_ns;
+        let start = self.pending.get(&slot, 0).map_err(|e| e.to_string())?;
+        if !still(&start) {
+            return Ok(false);
+        }
+        // A job's own start by id of the same container keeps it (BPF_NOEXIST semantics are
+        // not needed: the entry would name the same job or an earlier request).
+        if let Err(e) = self.requested.insert(id, key.0, BPF_NOEXIST) {
+            let exists = matches!(&e, aya::maps::MapError::SyscallError(s) if s.io_error.raw_os_error() == Some(libc::EEXIST));
+            if !exists {
+                return Err(e.to_string());
+            }
+        }
+        // Freed only if it is still this start (a cgroup may have taken it meanwhile).
+        let now = self.pending.get(&slot, 0).map_err(|e| e.to_string())?;
+        if still(&now) {
+            let freed = PendingStart { job: 0, ..now };
+            self.pending
+                .set(slot, freed, 0)
+                .map_err(|e| e.to_string())?;
+        }
+        Ok(true)
+    }
+}
