@@ -175,6 +175,23 @@ fn run_one(
         binaries: Vec::new(),
         crashed: status.is_none(),
     };
+    // Every probe `check` lists must load and attach on every kernel of the matrix: a program
+    // the verifier of one kernel refuses is a probe missing there, which no test binary may
+    // notice (the container probes run in no guest test).
+    let refused: Vec<&str> = check
+        .lines()
+        .filter(|l| l.contains(" FAILED ("))
+        .filter_map(|l| l.split_whitespace().nth(1))
+        .collect();
+    result.binaries.push(BinaryResult {
+        name: "check".into(),
+        summary: if refused.is_empty() {
+            "every probe attached".into()
+        } else {
+            format!("refused: {}", refused.join(", "))
+        },
+        ok: !check.is_empty() && refused.is_empty(),
+    });
     if result.crashed {
         let tail: Vec<&str> = console.lines().rev().take(40).collect();
         let _ = writeln!(
