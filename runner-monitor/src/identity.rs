@@ -12,6 +12,10 @@
 //!   by device and inode (through the process's own root, `/proc/<pid>/root`): a symlink to the
 //!   Docker socket, or the socket bind-mounted under another name, is the Docker socket.
 //!
+//! - a file opened in a container (another mount namespace) is given the path it has on the
+//!   host (`mounts.rs`), with the path used in `via`: `/h/.aws/credentials` under `-v $HOME:/h`
+//!   is the runner's `~/.aws/credentials`.
+//!
 //! What remains (docs/sensors.md): a link made by a process outside jobs or while no agent ran,
 //! a link to a credential's directory (`ln -s ~/.aws /tmp/x`), and a link removed before the
 //! agent looked at it (milliseconds) are not followed.
@@ -23,7 +27,8 @@ use std::{
 
 use crate::{
     bounded::BoundedMap,
-    event::{Connect, Event, EventDetail, FileAccess, SocketFamily},
+    event::{Bind, Connect, Event, EventDetail, FileAccess, SocketFamily},
+    mounts::HostPaths,
     policy::Policy,
 };
 
@@ -45,6 +50,8 @@ pub struct Identities {
     kernel_names: Vec<String>,
     /// The secret sockets' device and inode, and when they were looked at.
     sockets: Option<(Instant, SocketFiles)>,
+    /// Where files opened in containers are on the host (`mounts.rs`).
+    host_paths: HostPaths,
 }
 
 /// The secret sockets found: (device, inode) and path.
@@ -57,15 +64,28 @@ impl Identities {
     /// Learns aliases from links and renames, and brings opens and unix connects back to the
     /// credential or secret socket they reached.
     pub fn process(&mut self, event: &mut Event, policy: &Policy) {
-        let pid = event.process.pid;
+        let (pid, ppid, cgroup) = (
+            event.process.pid,
+            event.process.ppid,
+            event.process.cgroup_id,
+        );
         match &mut event.detail {
             EventDetail::FileRename(f) | EventDetail::FileLink(f) if f.result >= 0 => {
                 self.learn(f, policy)
             }
-            EventDetail::FileOpen(f) if f.target_pid.is_none() => self.resolve_file(f, policy),
+            EventDetail::FileOpen(f) if f.target_pid.is_none() => {
+                self.resolve_file(f, policy);
+                // Opened in a container: the path the file has on the host, and the one used.
+                if f.via.is_none()
+                    && let Some(host) = self.host_paths.host_path(pid, ppid, cgroup, &f.path)
+                {
+                    f.via = Some(std::mem::replace(&mut f.path, host));
+                }
+            }
             EventDetail::Connect(c) if c.family == SocketFamily::Unix => {
                 self.resolve_socket(pid, c, policy)
             }
+            EventDetail::Container(info) => self.learn_binds(&info.binds, policy),
             _ => {}
         }
     }
@@ -99,6 +119,28 @@ impl Identities {
         );
         if let Some(base) = new.rsplit('/').next().filter(|b| !b.is_empty()) {
             self.kernel_names.push(base.to_owned());
+        }
+    }
+
+    /// A credential file bound into a container under another name (`-v
+    /// ~/.aws/credentials:/run/x`): the kernel reports opens of that name from now on, and an
+    /// open of it is brought back to the host's path (`mounts.rs`).
+    fn learn_binds(&mut self, binds: &[Bind], policy: &Policy) {
+        for bind in binds {
+            if policy.credential_of(&bind.source).is_none()
+                || policy.credential_of(&bind.destination).is_some()
+            {
+                continue;
+            }
+            if let Some(base) = bind
+                .destination
+                .rsplit('/')
+                .next()
+                .filter(|b| !b.is_empty())
+                && !self.kernel_names.iter().any(|n| n == base)
+            {
+                self.kernel_names.push(base.to_owned());
+            }
         }
     }
 

@@ -15,6 +15,7 @@ pub mod fleet;
 pub mod identity;
 pub mod job;
 pub mod jsonl;
+pub mod mounts;
 pub mod output;
 pub mod pipeline;
 pub mod policy;

@@ -56,6 +56,17 @@ fn a_detached_container_of_a_job_outlives_it_and_reads_a_credential_after_the_en
     let id = format!("{run}/build");
     let after = wait_alert(agent, "credential-after-job-end", &id, |_| true);
     assert_eq!(after["credential"]["kind"], "aws", "{after}");
+    // The file's path on the host, and the one the container used (`-v $HOME:/h`).
+    let host = env.home.join(".aws/credentials");
+    assert_eq!(
+        after["credential"]["path"],
+        host.to_str().unwrap(),
+        "{after}"
+    );
+    assert_eq!(
+        after["credential"]["used_path"], "/h/.aws/credentials",
+        "{after}"
+    );
     assert_eq!(after["job"]["repository"], "acme/detached", "{after}");
     // busybox's `sh` runs its `cat` applet as `/proc/self/exe`.
     assert_eq!(
@@ -299,4 +310,37 @@ fn a_job_container_stays_the_job_across_an_agent_restart() {
     assert!(agent.stop().success());
     integration_tests::live::assert_no_secret_in(&dir);
     let _ = std::fs::remove_dir_all(&pins);
+}
+
+/// A credential file bound into a job's container under an innocent name (`-v
+/// ~/.aws/credentials:/run/notes.txt`) and read there after the job: the read is of the
+/// credential, reported with its host path and the path used.
+#[test]
+fn a_credential_bound_into_a_container_under_another_name_is_the_credential() {
+    let agent = agent();
+    let docker = Docker::start("bindname");
+    let env = TestEnv::new("containers-bindname");
+    let run = run_id(9);
+    let host = env.home.join(".aws/credentials");
+    let step = format!(
+        "{cli} run -d --network none -v {host}:/run/notes.txt {IMAGE} \
+         sh -c 'sleep 3; cat /run/notes.txt > /dev/null; sleep 30' > /dev/null",
+        cli = docker.shell_cli(),
+        host = host.display(),
+    );
+    github_job(&env, agent, &run, "acme/bindname", &step);
+    let id = format!("{run}/build");
+    let after = wait_alert(agent, "credential-after-job-end", &id, |_| true);
+    assert_eq!(after["credential"]["kind"], "aws", "{after}");
+    assert_eq!(
+        after["credential"]["path"],
+        host.to_str().unwrap(),
+        "{after}"
+    );
+    assert_eq!(
+        after["credential"]["used_path"], "/run/notes.txt",
+        "{after}"
+    );
+    assert_container(&after, None);
+    assert_no_secret(agent);
 }

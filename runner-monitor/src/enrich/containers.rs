@@ -12,7 +12,7 @@ use super::name_starts::{NameStarts, Register};
 use crate::{
     bounded::BoundedMap,
     docker_api,
-    event::{ContainerInfo, Event, EventDetail, JobKey, SocketFamily},
+    event::{Bind, ContainerInfo, Event, EventDetail, JobKey, SocketFamily},
     policy::Policy,
 };
 
@@ -111,6 +111,18 @@ fn name(socket: &str, info: &mut ContainerInfo) -> bool {
                 .as_str()
                 .map(|n| n.trim_start_matches('/').to_owned());
             info.image = c["Image"].as_str().map(str::to_owned);
+            info.binds = c["Mounts"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|m| m["Type"] == "bind")
+                .filter_map(|m| {
+                    Some(Bind {
+                        source: m["Source"].as_str()?.to_owned(),
+                        destination: m["Destination"].as_str()?.to_owned(),
+                    })
+                })
+                .collect();
             if let Some(labels) = c["Labels"].as_object() {
                 info.labels = labels
                     .iter()

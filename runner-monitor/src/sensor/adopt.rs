@@ -5,29 +5,14 @@
 //! it joins by the cgroup; one forked between the two reads of `cgroup.procs` is in the second.
 //! What the container did before is not seen.
 
-use std::os::unix::fs::MetadataExt;
-
 use aya::maps::HashMap;
 use runner_monitor_common::{PROCESS_CONTAINER, ProcessJob, map_name};
 
 use super::{Sensor, SensorError, procfs::start_ns};
-use crate::event::JobKey;
-
-/// The unified (v2) hierarchy's mount point in this mount namespace.
-fn cgroup2_mount() -> Option<String> {
-    let mounts = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-    mounts.lines().find_map(|line| {
-        let (left, right) = line.split_once(" - ")?;
-        if !right.starts_with("cgroup2 ") {
-            return None;
-        }
-        let mut fields = left.split(' ');
-        // Field 4 is the mount's root in the hierarchy, field 5 its mount point.
-        let root = fields.nth(3)?;
-        let point = fields.next()?;
-        (root == "/").then(|| point.to_owned())
-    })
-}
+use crate::{
+    event::JobKey,
+    mounts::{ProcessCgroup, cgroup_of},
+};
 
 impl Sensor {
     /// The cgroup of `pid` (a running container's process) is job `key`'s, and so is every
@@ -42,18 +27,11 @@ impl Sensor {
             pid,
             reason: reason.to_owned(),
         };
-        let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
-            .map_err(|_| unreadable("no /proc/<pid>/cgroup"))?;
-        let path = cgroups
-            .lines()
-            .find_map(|l| l.strip_prefix("0::"))
-            .ok_or_else(|| unreadable("no cgroup v2 path"))?;
-        let mount = cgroup2_mount().ok_or_else(|| unreadable("no cgroup2 mount"))?;
-        let dir = std::path::Path::new(&mount).join(path.trim_start_matches('/'));
-        // A cgroup v2 id is its directory's inode number.
-        let cgroup = std::fs::metadata(&dir)
-            .map_err(|_| unreadable("its cgroup is gone"))?
-            .ino();
+        let ProcessCgroup {
+            path,
+            dir,
+            id: cgroup,
+        } = cgroup_of(pid).map_err(unreadable)?;
         let map = self
             .ebpf
             .map_mut(map_name::CONTAINER_CGROUPS)
@@ -92,6 +70,6 @@ impl Sensor {
             }
         }
         tracing::info!(job = %key, cgroup, joined, "running container adopted into its job");
-        Ok(Some((path.to_owned(), cgroup)))
+        Ok(Some((path, cgroup)))
     }
 }

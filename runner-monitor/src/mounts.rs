@@ -1,0 +1,309 @@
+//! The host's path of a file a process opened in a mount namespace of its own (a container):
+//! `/h/.aws/credentials` in a container started with `-v $HOME:/h` is `$HOME/.aws/credentials`
+//! on the host. From the process's mount table (`/proc/<pid>/mountinfo`) the mount that holds
+//! the path gives its device and the path within that file system; the host's mount table
+//! (the agent's own) gives where that part of the file system is mounted on the host. The
+//! answer is kept only when the host path leads to the very file the process reaches (same
+//! device and inode through `/proc/<pid>/root`). A process already gone leaves the path as it
+//! was seen, unless its container's table was read for an earlier event (kept per cgroup).
+
+use std::{
+    os::unix::fs::MetadataExt as _,
+    time::{Duration, Instant},
+};
+
+use crate::bounded::BoundedMap;
+
+/// One line of a mountinfo file: the file system's device, the mounted part of it, and where.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Mount {
+    device: String,
+    root: String,
+    point: String,
+}
+
+/// How long a mount table read is used before it is read again.
+const FRESH: Duration = Duration::from_secs(2);
+
+#[derive(Default)]
+pub struct HostPaths {
+    host: Option<(Instant, Vec<Mount>)>,
+    /// cgroup id -> its processes' mount table, for events of processes already gone.
+    containers: Option<BoundedMap<u64, (Instant, Vec<Mount>)>>,
+}
+
+impl HostPaths {
+    /// `path` as process `pid` (in cgroup `cgroup`) opened it, on the host; `None` when it is
+    /// the same path there (the process shares the host's mounts) or cannot be told.
+    /// `ppid`, its parent, answers for it when it is gone (a `cat` exits within a millisecond
+    /// of its read) and the parent is still in the same cgroup: the container's shell.
+    pub fn host_path(&mut self, pid: u32, ppid: u32, cgroup: u64, path: &str) -> Option<String> {
+        if !path.starts_with('/') {
+            return None;
+        }
+        // The process, else its parent in the same cgroup: the first whose mount namespace can
+        // be read (a process that just exited, a zombie included, has none).
+        let reader = match same_mounts(pid) {
+            Some(true) => return None,
+            Some(false) => Some(pid),
+            None if ppid > 1 && cgroup > 1 && cgroup_of(ppid).is_ok_and(|c| c.id == cgroup) => {
+                match same_mounts(ppid) {
+                    Some(true) => return None,
+                    Some(false) => Some(ppid),
+                    None => None,
+                }
+            }
+            None => None,
+        };
+        // Neither: only a container whose table was read before can tell.
+        let pid = match reader {
+            Some(pid) => pid,
+            None if self.knows(cgroup) => pid,
+            None => return None,
+        };
+        let theirs = self.table_of(pid, cgroup)?;
+        let (device, within) = locate(&theirs, path)?;
+        let host = self.host_table()?;
+        let host_path = place(host, &device, &within)?;
+        if host_path == path {
+            return None;
+        }
+        // The same file, or nothing: a host path shadowed by another mount is not it.
+        let seen = std::fs::metadata(format!("/proc/{pid}/root{path}")).ok();
+        let there = std::fs::metadata(&host_path).ok()?;
+        match seen {
+            Some(seen) if (seen.dev(), seen.ino()) != (there.dev(), there.ino()) => None,
+            _ => Some(host_path),
+        }
+    }
+
+    fn knows(&self, cgroup: u64) -> bool {
+        cgroup > 1
+            && self
+                .containers
+                .as_ref()
+                .is_some_and(|c| c.contains_key(&cgroup))
+    }
+
+    fn table_of(&mut self, pid: u32, cgroup: u64) -> Option<Vec<Mount>> {
+        let containers = self.containers.get_or_insert_with(|| BoundedMap::new(1024));
+        if let Some((at, table)) = containers.get(&cgroup)
+            && at.elapsed() < FRESH
+        {
+            return Some(table.clone());
+        }
+        match std::fs::read_to_string(format!("/proc/{pid}/mountinfo")) {
+            Ok(text) => {
+                let table = parse(&text);
+                if cgroup > 1 {
+                    containers.insert(cgroup, (Instant::now(), table.clone()));
+                }
+                Some(table)
+            }
+            // Gone: an older read of its container's table still says where things were.
+            Err(_) => containers.get(&cgroup).map(|(_, t)| t.clone()),
+        }
+    }
+
+    fn host_table(&mut self) -> Option<&[Mount]> {
+        let stale = self
+            .host
+            .as_ref()
+            .is_none_or(|(at, _)| at.elapsed() > FRESH);
+        if stale {
+            let text = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+            self.host = Some((Instant::now(), parse(&text)));
+        }
+        self.host.as_ref().map(|(_, t)| t.as_slice())
+    }
+}
+
+/// A process's cgroup in the unified (v2) hierarchy.
+pub struct ProcessCgroup {
+    /// Its path in the hierarchy (`/docker/<id>`).
+    pub path: String,
+    /// Its directory here.
+    pub dir: std::path::PathBuf,
+    /// Its id: the directory's inode number (what the kernel's events carry).
+    pub id: u64,
+}
+
+/// The v2 cgroup of process `pid`, or why not.
+pub fn cgroup_of(pid: u32) -> Result<ProcessCgroup, &'static str> {
+    let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
+        .map_err(|_| "no /proc/<pid>/cgroup")?;
+    let path = cgroups
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .ok_or("no cgroup v2 path")?;
+    let mount = cgroup2_mount().ok_or("no cgroup2 mount")?;
+    let dir = std::path::Path::new(&mount).join(path.trim_start_matches('/'));
+    let id = std::fs::metadata(&dir)
+        .map_err(|_| "its cgroup is gone")?
+        .ino();
+    Ok(ProcessCgroup {
+        path: path.to_owned(),
+        dir,
+        id,
+    })
+}
+
+/// The unified (v2) hierarchy's mount point in this mount namespace.
+fn cgroup2_mount() -> Option<String> {
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    mounts.lines().find_map(|line| {
+        let (left, right) = line.split_once(" - ")?;
+        if !right.starts_with("cgroup2 ") {
+            return None;
+        }
+        let mut fields = left.split(' ');
+        // Field 4 is the mount's root in the hierarchy, field 5 its mount point.
+        let root = fields.nth(3)?;
+        let point = fields.next()?;
+        (root == "/").then(|| point.to_owned())
+    })
+}
+
+/// Whether process `pid` shares the agent's mount namespace; `None` when it cannot be told.
+fn same_mounts(pid: u32) -> Option<bool> {
+    let theirs = std::fs::metadata(format!("/proc/{pid}/ns/mnt")).ok()?;
+    let ours = std::fs::metadata("/proc/self/ns/mnt").ok()?;
+    Some((theirs.dev(), theirs.ino()) == (ours.dev(), ours.ino()))
+}
+
+/// Parses a mountinfo file: `id parent major:minor root point options ... - type source ...`.
+fn parse(text: &str) -> Vec<Mount> {
+    text.lines()
+        .filter_map(|line| {
+            let mut fields = line.split(' ');
+            let device = fields.nth(2)?.to_owned();
+            let root = unescape(fields.next()?);
+            let point = unescape(fields.next()?);
+            Some(Mount {
+                device,
+                root,
+                point,
+            })
+        })
+        .collect()
+}
+
+/// mountinfo writes space, tab, newline and backslash as `\ooo`.
+fn unescape(field: &str) -> String {
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let octal = bytes
+            .get(i + 1..i + 4)
+            .filter(|o| o.iter().all(|b| (b'0'..=b'7').contains(b)));
+        match (bytes[i], octal) {
+            (b'\\', Some(o)) => {
+                out.push((o[0] - b'0') * 64 + (o[1] - b'0') * 8 + (o[2] - b'0'));
+                i += 4;
+            }
+            (b, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// `rest` of `path` below `prefix`, component-wise (`/h` holds `/h/x`, not `/hx`).
+fn below<'a>(path: &'a str, prefix: &str) -> Option<&'a str> {
+    if prefix == "/" {
+        return Some(path);
+    }
+    let rest = path.strip_prefix(prefix)?;
+    (rest.is_empty() || rest.starts_with('/')).then_some(rest)
+}
+
+fn join(base: &str, rest: &str) -> String {
+    match (base.trim_end_matches('/'), rest.trim_start_matches('/')) {
+        ("", r) => format!("/{r}"),
+        (b, "") => b.to_owned(),
+        (b, r) => format!("{b}/{r}"),
+    }
+}
+
+/// The device of the mount that holds `path` in `table` (the last mounted of the deepest mount
+/// points above it) and the path within that file system.
+fn locate(table: &[Mount], path: &str) -> Option<(String, String)> {
+    let mount = table
+        .iter()
+        .filter(|m| below(path, &m.point).is_some())
+        .max_by_key(|m| m.point.len())?;
+    let rest = below(path, &mount.point)?;
+    Some((mount.device.clone(), join(&mount.root, rest)))
+}
+
+/// Where `within` of device `device` is on the host: the host mount of that device whose root
+/// holds it most closely, at the shallowest mount point.
+fn place(host: &[Mount], device: &str, within: &str) -> Option<String> {
+    let mount = host
+        .iter()
+        .filter(|m| m.device == device && below(within, &m.root).is_some())
+        .max_by(|a, b| {
+            a.root
+                .len()
+                .cmp(&b.root.len())
+                .then(b.point.len().cmp(&a.point.len()))
+        })?;
+    Some(join(&mount.point, below(within, &mount.root)?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CONTAINER: &str = "\
+1063 955 0:77 / / rw,relatime master:480 - overlay overlay rw,lowerdir=/x
+1064 1063 0:80 / /proc rw,nosuid - proc proc rw
+1075 1063 254:1 /root /h rw,relatime - ext4 /dev/vda rw
+1076 1063 254:1 /var/lib/docker/containers/abc/hosts /etc/hosts rw - ext4 /dev/vda rw
+1077 1063 254:1 /home/a\\040b /spaced rw - ext4 /dev/vda rw
+";
+    const HOST: &str = "\
+22 1 254:1 / / rw,relatime shared:1 - ext4 /dev/vda rw
+23 22 0:21 / /proc rw - proc proc rw
+400 22 254:1 /var/lib/docker /var/lib/docker rw - ext4 /dev/vda rw
+480 22 0:77 / /var/lib/docker/overlay2/abc/merged rw - overlay overlay rw
+";
+
+    fn host_of(path: &str) -> Option<String> {
+        let (device, within) = locate(&parse(CONTAINER), path)?;
+        place(&parse(HOST), &device, &within)
+    }
+
+    #[test]
+    fn a_bind_mounted_file_is_found_where_the_host_has_it() {
+        assert_eq!(
+            host_of("/h/.aws/credentials").as_deref(),
+            Some("/root/.aws/credentials")
+        );
+        assert_eq!(host_of("/h").as_deref(), Some("/root"));
+        assert_eq!(
+            host_of("/etc/hosts").as_deref(),
+            Some("/var/lib/docker/containers/abc/hosts")
+        );
+        assert_eq!(host_of("/spaced/k").as_deref(), Some("/home/a b/k"));
+        // The container's own files are in its root file system's mount on the host.
+        assert_eq!(
+            host_of("/etc/passwd").as_deref(),
+            Some("/var/lib/docker/overlay2/abc/merged/etc/passwd")
+        );
+        // `/hx` is not under `/h`.
+        assert_eq!(
+            host_of("/hx/y").as_deref(),
+            Some("/var/lib/docker/overlay2/abc/merged/hx/y")
+        );
+    }
+
+    #[test]
+    fn a_device_the_host_does_not_mount_has_no_host_path() {
+        let (device, within) = locate(&parse(CONTAINER), "/proc/1/environ").unwrap();
+        assert_eq!(place(&parse(HOST), &device, &within), None);
+    }
+}
