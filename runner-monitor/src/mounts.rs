@@ -43,24 +43,33 @@ impl HostPaths {
         }
         // The process, else its parent in the same cgroup: the first whose mount namespace can
         // be read (a process that just exited, a zombie included, has none).
-        let reader = match same_mounts(pid) {
-            Some(true) => return None,
-            Some(false) => Some(pid),
-            None if ppid > 1 && cgroup > 1 && cgroup_of(ppid).is_ok_and(|c| c.id == cgroup) => {
-                match same_mounts(ppid) {
-                    Some(true) => return None,
-                    Some(false) => Some(ppid),
-                    None => None,
-                }
+        let opener = match same_mounts(pid) {
+            Some(shared) => Some((pid, shared)),
+            None if ppid > 1 && cgroup > 0 && cgroup_of(ppid).is_ok_and(|c| c.id == cgroup) => {
+                same_mounts(ppid).map(|shared| (ppid, shared))
             }
             None => None,
         };
-        // Neither: only a container whose table was read before can tell.
-        let pid = match reader {
-            Some(pid) => pid,
+        let pid = match opener {
+            Some((_, true)) => {
+                // `/proc/<n>/root/...` opened on the host: the file as process `n` sees it.
+                let (n, rest) = through_proc_root(path)?;
+                return match same_mounts(n)? {
+                    true => Some(rest.to_owned()),
+                    false => self.translate(n, 0, rest),
+                };
+            }
+            Some((reader, false)) => reader,
+            // Neither: only a container whose table was read before can tell.
             None if self.knows(cgroup) => pid,
             None => return None,
         };
+        self.translate(pid, cgroup, path)
+    }
+
+    /// `path` as process `pid` (whose mount table is cached under `cgroup`, when above 1) sees
+    /// it, on the host.
+    fn translate(&mut self, pid: u32, cgroup: u64, path: &str) -> Option<String> {
         let theirs = self.table_of(pid, cgroup)?;
         let (device, within) = locate(&theirs, path)?;
         let host = self.host_table()?;
@@ -162,6 +171,15 @@ fn cgroup2_mount() -> Option<String> {
         let point = fields.next()?;
         (root == "/").then(|| point.to_owned())
     })
+}
+
+/// `/proc/<n>/root/<rest>`: `n` and `/<rest>`.
+fn through_proc_root(path: &str) -> Option<(u32, &str)> {
+    let rest = path.strip_prefix("/proc/")?;
+    let (n, rest) = rest.split_once('/')?;
+    let rest = rest.strip_prefix("root")?;
+    (rest.starts_with('/')).then_some(())?;
+    Some((n.parse().ok()?, rest))
 }
 
 /// Whether process `pid` shares the agent's mount namespace; `None` when it cannot be told.
@@ -299,6 +317,32 @@ mod tests {
             host_of("/hx/y").as_deref(),
             Some("/var/lib/docker/overlay2/abc/merged/hx/y")
         );
+    }
+
+    #[test]
+    fn a_path_through_another_process_root_names_that_process_and_the_rest() {
+        assert_eq!(
+            through_proc_root("/proc/1234/root/h/.aws/credentials"),
+            Some((1234, "/h/.aws/credentials"))
+        );
+        assert_eq!(through_proc_root("/proc/1234/rootx/y"), None);
+        assert_eq!(through_proc_root("/proc/self/root/etc/shadow"), None);
+        assert_eq!(through_proc_root("/proc/1234/cwd/x"), None);
+    }
+
+    /// A process of this host reading through `/proc/self`'s pid, as a number: the host's own
+    /// mounts, so the rest is the host path.
+    #[test]
+    fn a_host_process_root_is_the_host() {
+        let me = std::process::id();
+        let mut paths = HostPaths::default();
+        let path = format!("/proc/{me}/root/etc/hostname");
+        assert_eq!(
+            paths.host_path(me, 0, 0, &path).as_deref(),
+            Some("/etc/hostname")
+        );
+        // The agent's own mounts: nothing to translate.
+        assert_eq!(paths.host_path(me, 0, 0, "/etc/hostname"), None);
     }
 
     #[test]

@@ -89,3 +89,37 @@ fn a_credential_and_a_secret_socket_reached_through_symlinks_are_reported_as_the
     let status = agent.stop();
     assert!(status.success(), "agent exit: {status}");
 }
+
+/// A survivor reading the job's credential through its own `/proc/<pid>/root`: the credential
+/// under its host path, with the path used.
+#[test]
+fn a_credential_read_through_proc_root_is_reported_under_its_host_path() {
+    let dir = agent_dir("identity-procroot");
+    std::fs::write(dir.join("policy.toml"), test_policy()).unwrap();
+    let agent = Agent::launch(&dir, free_port(), &[]);
+    let env = TestEnv::new("identity-procroot");
+    let run = run_id(2);
+    github_job(
+        &env,
+        &agent,
+        &run,
+        "acme/app",
+        "(setsid sh -c 'sleep 2; cat /proc/$$/root'\"$HOME\"'/.aws/credentials > /dev/null; \
+         sleep 3' &)",
+    );
+    let job_id = format!("{run}/build");
+    let credential = env.home.join(".aws/credentials");
+    let credential = credential.to_str().unwrap();
+    let after = wait_alert(&agent, "credential-after-job-end", &job_id, |_| true);
+    assert_eq!(after["credential"]["path"], credential, "{after}");
+    let used = after["credential"]["used_path"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(
+        used.starts_with("/proc/") && used.ends_with(&format!("/root{credential}")),
+        "{after}"
+    );
+    assert_no_secret(&agent);
+    let status = agent.stop();
+    assert!(status.success(), "agent exit: {status}");
+}

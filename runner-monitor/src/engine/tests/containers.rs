@@ -15,6 +15,7 @@ fn container(cgroup_id: u64) -> ContainerInfo {
         pod: None,
         requested_as: None,
         labels: Default::default(),
+        binds: Vec::new(),
     }
 }
 
