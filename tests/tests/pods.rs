@@ -234,6 +234,22 @@ fn an_arc_workflow_pods_exec_steps_are_the_runner_pods_job() {
         &[(&env.home, "/github/home"), (&token, SA_TOKEN)],
         "sleep 1000000",
     );
+    // A container action's step pod (`<runner pod>-step-<hex>`, the same label): the hooks
+    // exec the action into its container `job` too.
+    let step_name = format!("{runner_name}-step-3f9a1c2b");
+    let step_pod = pod(
+        &step_name,
+        "arc-runners",
+        3,
+        &[("runner-pod", &runner_name)],
+    );
+    let action = containerd.run(
+        &step_pod,
+        "job",
+        &[],
+        &[(&token, SA_TOKEN)],
+        "sleep 1000000",
+    );
     let started = std::time::Instant::now();
     wait_linked(&agent, &workflow_name);
     eprintln!(
@@ -282,6 +298,16 @@ fn an_arc_workflow_pods_exec_steps_are_the_runner_pods_job() {
         a["container"]["name"] == "job"
     });
     assert_eq!(after["pod"]["name"], workflow_name.as_str(), "{after}");
+    // The step pod's container is the job's as well.
+    wait_linked(&agent, &step_name);
+    assert_eq!(
+        containerd.exec(&action, &format!("cat {SA_TOKEN} > /dev/null")),
+        0
+    );
+    let in_step = wait_alert(&agent, "credential-after-job-end", &job_id, |a| {
+        a["pod"]["name"] == step_name.as_str()
+    });
+    assert_eq!(in_step["container"]["id"], action.as_str(), "{in_step}");
     drop(containerd);
     assert_no_secret(&agent);
 }
