@@ -248,13 +248,18 @@ pub const PTRACE_PEEKDATA: u64 = 2;
 pub const PTRACE_PEEKUSER: u64 = 3;
 pub const PTRACE_ATTACH: u64 = 16;
 pub const PTRACE_SEIZE: u64 = 0x4206;
+/// `ProcessAccessEvent::request` flag: not a ptrace request but, in the low 32 bits, the number
+/// (of the agent's architecture) of the syscall that made a ptrace attach check, seen by the
+/// LSM or fentry hook on `security_ptrace_access_check`: `process_vm_writev`, `pidfd_getfd`.
+pub const ACCESS_BY_SYSCALL: u64 = 1 << 63;
 
 /// A `ptrace` or `process_vm_readv` aimed at another process.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct ProcessAccessEvent {
     pub header: EventHeader,
-    /// ptrace request; 0 for `process_vm_readv`.
+    /// ptrace request; 0 for `process_vm_readv`; `ACCESS_BY_SYSCALL` | a syscall number for
+    /// another syscall's attach check.
     pub request: u64,
     pub target_pid: u32,
     /// 1 when the target is the agent itself.
@@ -326,6 +331,9 @@ pub struct DnsEvent {
 pub const SIGNAL_SYSCALL_KILL: u32 = 1;
 pub const SIGNAL_SYSCALL_TKILL: u32 = 2;
 pub const SIGNAL_SYSCALL_TGKILL: u32 = 3;
+/// `SignalEvent::syscall` flag: the low bits are the number (of the agent's architecture) of the
+/// syscall that sent the signal, seen by the LSM or fentry hook on `security_task_kill`.
+pub const SIGNAL_SYSCALL_NR: u32 = 1 << 31;
 
 /// A signal sent to the agent (by any process).
 #[repr(C)]
@@ -334,7 +342,7 @@ pub struct SignalEvent {
     pub header: EventHeader,
     pub target_pid: u32,
     pub signal: u32,
-    /// `SIGNAL_SYSCALL_*`.
+    /// `SIGNAL_SYSCALL_*`, or `SIGNAL_SYSCALL_NR` | a syscall number.
     pub syscall: u32,
     pub _pad: u32,
 }

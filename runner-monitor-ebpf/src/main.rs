@@ -26,6 +26,7 @@ mod process;
 mod redirect;
 mod sockets;
 mod tamper;
+mod task_layout;
 mod tls;
 
 #[cfg(not(test))]

@@ -18,6 +18,7 @@ use runner_monitor::{
     sensor::{
         Sensor,
         decode::Decoder,
+        hook_sets::{HookFamily, HookSet},
         reader::{self, ReaderCounters},
     },
 };
@@ -51,7 +52,7 @@ pub fn harness() -> &'static Harness {
             0,
             "the integration tests need root"
         );
-        // RUNNER_MONITOR_TEST_HOOKS=tracepoint|fast|auto (default auto): which file-open hooks
+        // RUNNER_MONITOR_TEST_HOOKS=tracepoint|fast|fentry|auto (default auto): which hook sets
         // the shared sensor uses, so that each set can be tested where the kernel has both.
         let hooks = std::env::var("RUNNER_MONITOR_TEST_HOOKS")
             .unwrap_or_else(|_| "auto".into())
@@ -63,7 +64,9 @@ pub fn harness() -> &'static Harness {
         };
         let mut sensor =
             Sensor::load_with(&SensorPolicy::default(), &options).expect("loading the sensor");
-        eprintln!("file opens: {}", sensor.file_open_hooks().describe());
+        for set in sensor.hook_sets() {
+            eprintln!("{}: {}", set.family.label(), set.describe());
+        }
         for probe in sensor.probes() {
             assert_eq!(
                 probe.state,
@@ -108,8 +111,12 @@ impl Harness {
     /// Whether file opens are seen where the kernel opens the file (LSM or fentry), not at the
     /// open syscalls: then `path` is the file's own path and `raw_path` the same.
     pub fn kernel_opens(&self) -> bool {
-        self.sensor().file_open_hooks().set
-            != runner_monitor::sensor::file_hooks::FileOpenSet::Tracepoint
+        self.sensor().file_open_hooks().set != HookSet::Tracepoint
+    }
+
+    /// Which hook set `family` uses.
+    pub fn hook_set(&self, family: HookFamily) -> HookSet {
+        self.sensor().hook_set(family).set
     }
 
     /// Every event so far that matches `pred`.

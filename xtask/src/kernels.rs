@@ -17,15 +17,21 @@ use crate::{
 
 /// The test binaries the guests run. Built in release: under emulation a debug build's BTF
 /// parsing makes every program load take seconds.
-const BINARIES: [&str; 4] = ["sensors", "io_uring", "handover", "kernel_opens"];
+const BINARIES: [&str; 5] = [
+    "sensors",
+    "io_uring",
+    "handover",
+    "kernel_opens",
+    "process_access",
+];
 
 /// What `cargo xtask test` runs in each guest after the host suite: the sensor tests that prove
 /// the programs load and attach (the shared harness asserts every probe attached) and a core
 /// event of each family (credential open and the kernel's name matching, exec and exit, a
 /// daemonised survivor's read after its job's root exited, connect, DNS through the cgroup
-/// programs, tamper, process memory). The io_uring tests are left out: ~100 s each in a guest
+/// programs, tamper, process memory by each hook set's way). The io_uring tests are left out: ~100 s each in a guest
 /// (uring-cat is compiled there); `--kernels` runs them.
-pub(crate) const CI_SUBSET: [&str; 11] = [
+pub(crate) const CI_SUBSET: [&str; 15] = [
     "job_process_reading_credential_by_absolute_path_gives_one_event",
     "kernel_matches_basename_dirname_and_prefix_and_ignores_other_files",
     "exec_and_exit_carry_arguments_and_status",
@@ -38,6 +44,11 @@ pub(crate) const CI_SUBSET: [&str; 11] = [
     // The file-open hooks the guests' kernels allow (LSM): what the tracepoints cannot see.
     "a_credential_read_through_a_symlink_made_before_the_job_is_reported_as_itself",
     "a_credential_read_through_proc_pid_root_is_reported_under_its_own_path",
+    // Process memory and signals: each set's events, and what only the LSM set sees.
+    "ptrace_seize_of_another_process_is_reported_with_its_pid",
+    "process_vm_readv_of_another_process_is_reported_with_its_pid",
+    "process_vm_writev_is_reported_where_the_access_check_is_hooked",
+    "pidfd_send_signal_to_the_agent_is_reported_where_task_kill_is_hooked",
 ];
 
 /// One test binary's result on one kernel.

@@ -230,6 +230,15 @@ const PROBES: [(&str, &[&str]); 2] = [
     ),
 ];
 
+/// Tells the request probe to leave opens alone: a file-open hook (LSM or fentry) sees them when
+/// they run, with the file's own path, and each would be sent twice.
+pub(super) fn leave_opens(settings: &mut Array<MapData, u32>) {
+    let layout = settings.get(&setting::IO_URING_LAYOUT, 0).unwrap_or(0);
+    if let Err(error) = settings.set(setting::IO_URING_LAYOUT, layout & !LAYOUT_OPEN, 0) {
+        tracing::warn!(%error, "io_uring opens will be sent twice");
+    }
+}
+
 /// Loads and attaches the io_uring probes, after writing the request layout into `settings`.
 /// Never fails as a whole: each probe reports its state. The request probe is not attached
 /// when no request layout can be read from the kernel's BTF.

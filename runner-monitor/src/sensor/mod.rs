@@ -11,6 +11,8 @@ pub mod egress;
 mod fdstore;
 pub mod file_hooks;
 pub mod handles;
+mod heartbeat;
+pub mod hook_sets;
 pub mod io_uring;
 pub mod job_roots;
 pub mod links;
@@ -23,6 +25,7 @@ pub mod reader;
 pub mod reconcile;
 pub mod resolver;
 pub mod ringfill;
+pub mod task_hooks;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -39,6 +42,7 @@ use runner_monitor_common::{
 };
 
 pub use attach::{ProbeState, ProbeStatus};
+use heartbeat::Heartbeat;
 
 use crate::policy::SensorPolicy;
 
@@ -70,7 +74,7 @@ pub enum SensorError {
         target: String,
         reason: String,
     },
-    #[error("--hooks fast: no fast file-open hook loads on this kernel: {0}")]
+    #[error("--hooks fast: no fast hook loads on this kernel for {0}")]
     NoFastHooks(String),
     #[error("process {pid}: {reason}")]
     Process { pid: u32, reason: String },
@@ -98,8 +102,8 @@ pub struct SensorOptions {
     /// restarted agent takes them over and its jobs stay attributed. `None`: maps live and die
     /// with this sensor (tests).
     pub pin_dir: Option<PathBuf>,
-    /// Which hooks see file opens (`file_hooks`): `Auto` takes the fastest the kernel allows.
-    pub hooks: file_hooks::HookChoice,
+    /// Which hooks each family uses (`hook_sets`): `Auto` takes the best the kernel allows.
+    pub hooks: hook_sets::HookChoice,
 }
 
 /// What the kernel counted, summed over CPUs.
@@ -156,7 +160,8 @@ pub struct Sensor {
     counters: PerCpuArray<MapData, u64>,
     events: Option<RingBuf<MapData>>,
     probes: Vec<ProbeStatus>,
-    file_open_hooks: file_hooks::FileOpenHooks,
+    /// The hook set of each family (`hook_sets`), in `HookFamily` order.
+    hook_sets: Vec<hook_sets::FamilyHooks>,
 }
 
 /// Credential alias basenames the kernel's name table takes, beside the policy's patterns.
@@ -216,6 +221,13 @@ impl Sensor {
             .map_err(Clone::clone)
             .and_then(file_hooks::FileLayout::from_btf);
         if let Ok(layout) = &file_layout {
+            layout.set_globals(&mut loader);
+        }
+        let task_layout = kernel_btf
+            .as_ref()
+            .map_err(Clone::clone)
+            .and_then(task_hooks::TaskLayout::from_btf);
+        if let Ok(layout) = &task_layout {
             layout.set_globals(&mut loader);
         }
         let mut ebpf = loader.load(OBJECT).map_err(SensorError::Load)?;
@@ -282,38 +294,51 @@ impl Sensor {
             counters,
             events: Some(events),
             probes: Vec::new(),
-            file_open_hooks: file_hooks::FileOpenHooks {
-                set: file_hooks::FileOpenSet::Tracepoint,
-                reason: String::new(),
-            },
+            hook_sets: Vec::new(),
         };
         // The patterns go in before any probe can look for them.
         sensor.set_names(policy)?;
         // Alive before any program that outlives the agent can look.
         sensor.heartbeat = settings_id.and_then(Heartbeat::start);
-        let (file_open_hooks, mut probes) = file_hooks::attach(
+        let chosen = hook_sets::attach(
             &mut sensor.ebpf,
             options.hooks,
-            &file_layout,
+            &[
+                (
+                    &file_hooks::FILE_OPENS,
+                    file_layout.as_ref().map(|_| ()).map_err(Clone::clone),
+                ),
+                (
+                    &task_hooks::PROCESS_MEMORY,
+                    task_layout.as_ref().map(|_| ()).map_err(Clone::clone),
+                ),
+                (
+                    &task_hooks::SIGNALS,
+                    task_layout.as_ref().map(|_| ()).map_err(Clone::clone),
+                ),
+            ],
             &mut sensor.links,
         );
-        tracing::info!(hooks = %file_open_hooks.describe(), "file opens");
         if matches!(
             options.hooks,
-            file_hooks::HookChoice::Fast | file_hooks::HookChoice::Fentry
-        ) && file_open_hooks.set == file_hooks::FileOpenSet::Tracepoint
+            hook_sets::HookChoice::Fast | hook_sets::HookChoice::Fentry
+        ) && let Some(slow) = chosen
+            .sets
+            .iter()
+            .find(|s| s.set == hook_sets::HookSet::Tracepoint)
         {
-            return Err(SensorError::NoFastHooks(file_open_hooks.reason));
+            return Err(SensorError::NoFastHooks(format!(
+                "{}: {}",
+                slow.family.label(),
+                slow.reason
+            )));
         }
-        let skip: &[&str] = match file_open_hooks.set {
-            file_hooks::FileOpenSet::Tracepoint => &[],
-            _ => &file_hooks::OPEN_TRACEPOINTS,
-        };
-        sensor.file_open_hooks = file_open_hooks;
+        let mut probes = chosen.probes;
+        sensor.hook_sets = chosen.sets;
         probes.extend(attach::attach_all(
             &mut sensor.ebpf,
             &mut sensor.links,
-            skip,
+            &chosen.skip,
         ));
         btf::write_task_layout(&kernel_btf, &mut sensor.settings);
         probes.extend(io_uring::attach(
@@ -322,20 +347,8 @@ impl Sensor {
             kernel_btf,
             &mut sensor.links,
         ));
-        if sensor.file_open_hooks.set != file_hooks::FileOpenSet::Tracepoint {
-            // The file-open hook sees io_uring's opens when they run, with the file's own path:
-            // the request probe leaves them alone, or each would be sent twice.
-            let layout = sensor
-                .settings
-                .get(&setting::IO_URING_LAYOUT, 0)
-                .unwrap_or(0);
-            let open = runner_monitor_common::io_uring::LAYOUT_OPEN;
-            if let Err(error) = sensor
-                .settings
-                .set(setting::IO_URING_LAYOUT, layout & !open, 0)
-            {
-                tracing::warn!(%error, "io_uring opens will be sent twice");
-            }
+        if sensor.file_open_hooks().set != hook_sets::HookSet::Tracepoint {
+            io_uring::leave_opens(&mut sensor.settings);
         }
         {
             let links = &mut sensor.links;
@@ -462,8 +475,21 @@ impl Sensor {
     }
 
     /// Which hooks see file opens, and why.
-    pub fn file_open_hooks(&self) -> &file_hooks::FileOpenHooks {
-        &self.file_open_hooks
+    pub fn file_open_hooks(&self) -> &hook_sets::FamilyHooks {
+        self.hook_set(hook_sets::HookFamily::FileOpens)
+    }
+
+    /// Which hooks `family` uses, and why.
+    pub fn hook_set(&self, family: hook_sets::HookFamily) -> &hook_sets::FamilyHooks {
+        self.hook_sets
+            .iter()
+            .find(|s| s.family == family)
+            .unwrap_or_else(|| unreachable!("load_with chooses a set for every family"))
+    }
+
+    /// Every family's hook set, in `HookFamily` order.
+    pub fn hook_sets(&self) -> &[hook_sets::FamilyHooks] {
+        &self.hook_sets
     }
 
     /// Every probe and whether it attached.
@@ -517,65 +543,6 @@ impl Sensor {
 
 /// How long programs left for the next agent (`Sensor::hand_over`) take the agent for alive.
 const HAND_OVER_SECONDS: u32 = 30;
-
-/// Writes the monotonic second into `setting::AGENT_HEARTBEAT` every second, from a thread of
-/// its own (a busy event loop is not a dead agent). Programs left attached after the agent's
-/// process is gone see it go stale and apply `[egress] on_agent_failure`.
-struct Heartbeat {
-    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    thread: std::thread::JoinHandle<()>,
-}
-
-impl Heartbeat {
-    /// Starts it on the settings map with id `id`, through a handle of its own.
-    fn start(id: u32) -> Option<Self> {
-        let mut own = match MapData::from_id(id) {
-            Ok(map) => match Array::<MapData, u32>::try_from(aya::maps::Map::Array(map)) {
-                Ok(array) => array,
-                Err(error) => {
-                    tracing::warn!(%error, "no heartbeat: on_agent_failure will not apply");
-                    return None;
-                }
-            },
-            Err(error) => {
-                tracing::warn!(%error, "no heartbeat: on_agent_failure will not apply");
-                return None;
-            }
-        };
-        let beat = |settings: &mut Array<MapData, u32>| {
-            let now = (crate::clock::monotonic_ns() / 1_000_000_000) as u32;
-            settings.set(setting::AGENT_HEARTBEAT, now.max(1), 0)
-        };
-        if let Err(error) = beat(&mut own) {
-            tracing::warn!(%error, "no heartbeat: on_agent_failure will not apply");
-            return None;
-        }
-        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let stopped = stop.clone();
-        let thread = std::thread::Builder::new()
-            .name("heartbeat".into())
-            .spawn(move || {
-                while !stopped.load(std::sync::atomic::Ordering::Relaxed) {
-                    std::thread::park_timeout(std::time::Duration::from_secs(1));
-                    if stopped.load(std::sync::atomic::Ordering::Relaxed) {
-                        break;
-                    }
-                    if let Err(error) = beat(&mut own) {
-                        tracing::warn!(%error, "heartbeat not written");
-                    }
-                }
-            })
-            .ok()?;
-        Some(Self { stop, thread })
-    }
-
-    /// Stops the thread and waits for it: nothing writes the heartbeat after this returns.
-    fn stop(self) {
-        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        self.thread.thread().unpark();
-        let _ = self.thread.join();
-    }
-}
 
 impl Drop for Sensor {
     fn drop(&mut self) {

@@ -7,6 +7,11 @@
 //! job-step connect-unix PATH       connect a unix stream socket
 //! job-step listen IP:PORT          accept one TCP connection, then exit
 //! job-step signal PID SIG          kill(PID, SIG)
+//! job-step pidfd-signal PID SIG    pidfd_send_signal(pidfd_open(PID), SIG)
+//! job-step ptrace-seize PID        PTRACE_SEIZE PID (detached again when this exits)
+//! job-step vm-read PID             process_vm_readv of one byte at an unmapped address of PID
+//! job-step vm-write PID            process_vm_writev of one byte to an unmapped address of PID
+//!                                  (both fail with EFAULT after the kernel's access check)
 //! job-step egress HOW ADDR         try `tcp` (connect), `udp` (connect), `udp-send` (sendto) or
 //!                                  `uring` (a TCP connect issued through io_uring) to ADDR
 //!                                  (`IP:PORT`, `[IPv6]:PORT`); print `ok` or `errno N`
@@ -87,6 +92,52 @@ fn main() {
             let sig: i32 = arg(2).parse().unwrap();
             // SAFETY: kill(2).
             unsafe { libc::kill(pid, sig) };
+        }
+        "pidfd-signal" => {
+            let pid: i32 = arg(1).parse().unwrap();
+            let sig: i32 = arg(2).parse().unwrap();
+            // SAFETY: pidfd_open(2) and pidfd_send_signal(2) with a null siginfo.
+            unsafe {
+                let fd = libc::syscall(libc::SYS_pidfd_open, pid, 0);
+                assert!(fd >= 0, "pidfd_open: {}", std::io::Error::last_os_error());
+                let sent = libc::syscall(
+                    libc::SYS_pidfd_send_signal,
+                    fd,
+                    sig,
+                    std::ptr::null::<libc::siginfo_t>(),
+                    0,
+                );
+                assert_eq!(sent, 0, "{}", std::io::Error::last_os_error());
+            }
+        }
+        "ptrace-seize" => {
+            let pid: i32 = arg(1).parse().unwrap();
+            // SAFETY: ptrace(2); the tracee is detached when this process exits.
+            let r = unsafe { libc::ptrace(libc::PTRACE_SEIZE, pid, 0, 0) };
+            assert_eq!(r, 0, "PTRACE_SEIZE: {}", std::io::Error::last_os_error());
+        }
+        "vm-read" | "vm-write" => {
+            let pid: i32 = arg(1).parse().unwrap();
+            let mut byte = 0u8;
+            let local = libc::iovec {
+                iov_base: (&raw mut byte).cast(),
+                iov_len: 1,
+            };
+            // Below mmap_min_addr: never mapped, so nothing is read or written.
+            let remote = libc::iovec {
+                iov_base: 0x1000 as *mut libc::c_void,
+                iov_len: 1,
+            };
+            // SAFETY: process_vm_readv/writev(2) with one-element vectors that outlive the call.
+            let r = unsafe {
+                if arg(0) == "vm-read" {
+                    libc::process_vm_readv(pid, &local, 1, &remote, 1, 0)
+                } else {
+                    libc::process_vm_writev(pid, &local, 1, &remote, 1, 0)
+                }
+            };
+            let errno = std::io::Error::last_os_error().raw_os_error();
+            assert!(r < 0 && errno == Some(libc::EFAULT), "{r} {errno:?}");
         }
         "egress" => {
             let addr: SocketAddr = arg(2).parse().expect("IP:PORT");

@@ -133,11 +133,12 @@ pub struct RunArgs {
     /// Start afresh: forget the saved state and the pinned kernel maps.
     #[arg(long)]
     fresh_state: bool,
-    /// Which hooks see file opens: `auto` (BPF LSM `file_open`, else fentry on
-    /// `security_file_open`, else the open syscall tracepoints), `tracepoint` (always those), or
-    /// `fast` (LSM or fentry, or refuse to start), `fentry` (fentry, or refuse to start).
+    /// Which hooks see file opens, process memory access and signals: `auto` (per family, its
+    /// BPF LSM hook, else fentry on its `security_*` function, else its syscall tracepoints),
+    /// `tracepoint` (always those), `fast` (LSM or fentry for every family, or refuse to start),
+    /// `fentry` (fentry for every family, or refuse to start). docs/sensors.md, "Hook sets".
     #[arg(long, value_name = "SET", default_value = "auto")]
-    hooks: runner_monitor::sensor::file_hooks::HookChoice,
+    hooks: runner_monitor::sensor::hook_sets::HookChoice,
 }
 
 /// How often the state snapshot is written while events arrive.

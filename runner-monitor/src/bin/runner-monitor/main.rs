@@ -109,9 +109,9 @@ enum Command {
         /// The policy whose egress mode to show (default: the built-in one).
         #[arg(long, value_name = "FILE")]
         policy: Option<PathBuf>,
-        /// Which file-open hooks to try, as `run --hooks`.
+        /// Which hook sets to try, as `run --hooks`.
         #[arg(long, value_name = "SET", default_value = "auto")]
-        hooks: runner_monitor::sensor::file_hooks::HookChoice,
+        hooks: runner_monitor::sensor::hook_sets::HookChoice,
     },
 }
 
@@ -266,7 +266,7 @@ fn run_cli() -> anyhow::Result<()> {
 fn check(
     json: bool,
     policy: Option<&std::path::Path>,
-    hooks: runner_monitor::sensor::file_hooks::HookChoice,
+    hooks: runner_monitor::sensor::hook_sets::HookChoice,
 ) -> anyhow::Result<()> {
     let policy = match policy {
         Some(path) => Policy::load(path)?,
@@ -287,10 +287,13 @@ fn check(
         Ok(s) => s.probes().to_vec(),
         Err(_) => Vec::new(),
     };
-    let file_opens = sensor.as_ref().ok().map(|s| s.file_open_hooks().clone());
-    let kernel_opens = file_opens
+    let hook_sets: Vec<runner_monitor::sensor::hook_sets::FamilyHooks> = sensor
         .as_ref()
-        .is_some_and(|f| f.set != runner_monitor::sensor::file_hooks::FileOpenSet::Tracepoint);
+        .map(|s| s.hook_sets().to_vec())
+        .unwrap_or_default();
+    let kernel_opens = sensor.as_ref().is_ok_and(|s| {
+        s.file_open_hooks().set != runner_monitor::sensor::hook_sets::HookSet::Tracepoint
+    });
     let io_uring = runner_monitor::sensor::io_uring::coverage(&probes, kernel_opens);
     let missing_capabilities: Vec<String> = capabilities
         .missing
@@ -304,7 +307,8 @@ fn check(
         let out = serde_json::json!({
             "features": features,
             "probes": probes,
-            "hook_sets": { "file_opens": file_opens },
+            "hook_sets": hook_sets.iter().map(|h| (h.family.key(), h))
+                .collect::<std::collections::BTreeMap<_, _>>(),
             "io_uring": io_uring.iter().map(|(what, how)| (*what, how.as_str()))
                 .collect::<std::collections::BTreeMap<_, _>>(),
             "egress": {
@@ -359,8 +363,8 @@ fn check(
             );
         }
         println!("hook sets (docs/sensors.md, \"Hook sets\")");
-        if let Some(f) = &file_opens {
-            println!("  {:<18} {}", "file opens", f.describe());
+        for h in &hook_sets {
+            println!("  {:<18} {}", h.family.label(), h.describe());
         }
         println!("io_uring coverage (docs/sensors.md, \"io_uring\")");
         for (what, how) in &io_uring {

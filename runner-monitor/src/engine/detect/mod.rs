@@ -177,7 +177,13 @@ pub(super) fn event(engine: &mut Engine, event: &Event, out: &mut Vec<Finding>) 
             event,
             *target_pid,
             *targets_agent,
-            format!("ptrace {request}"),
+            // A ptrace request ("attach"), or the syscall of another access check the LSM set
+            // reports as ptrace events ("process_vm_writev", "pidfd_getfd", "syscall-N").
+            if request.contains('_') || request.starts_with("syscall-") {
+                request.clone()
+            } else {
+                format!("ptrace {request}")
+            },
             out,
         ),
         EventDetail::ProcessVmRead {

@@ -388,3 +388,27 @@ fn tls_server_names_outside_an_sni_rule_are_unexpected_egress_with_destination_s
     t.feed(6, 2, 200, 1, "curl", hello(Some("evil.example"), false));
     assert_eq!(t.findings.len(), 2);
 }
+
+/// The LSM set reports `process_vm_writev` and `pidfd_getfd` as ptrace events named by their
+/// syscall; the finding says the syscall, not "ptrace process_vm_writev".
+#[test]
+fn an_access_check_by_another_syscall_is_named_by_it() {
+    let mut t = Trace::new();
+    t.start(1, 1, 100, "acme/app");
+    t.feed(
+        2,
+        1,
+        100,
+        1,
+        "inject",
+        EventDetail::Ptrace {
+            request: "process_vm_writev".into(),
+            target_pid: 4242,
+            targets_agent: false,
+        },
+    );
+    let f = t.only(RuleId::ProcessMemoryAccess);
+    let target = f.target.as_ref().expect("a target process");
+    assert_eq!(target.access, "process_vm_writev");
+    assert_eq!(target.pid, 4242);
+}

@@ -7,13 +7,14 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use runner_monitor_common::{
-    AF_INET, AF_INET6, AF_PACKET, AF_UNIX, BpfEvent, CONNECT_BLOCKED, CONNECT_DNS_REDIRECTED,
-    CONNECT_RAW_SOCKET, CONNECT_UDP_SEND, ChdirEvent, ConnectEvent, ContainerEvent,
-    ContainerStartEvent, DnsEvent, EXIT_CODE_KNOWN, EXIT_KILLED_BY_SIGNAL, EventHeader, EventKind,
-    ExecEvent, ExitEvent, FileEvent, ForkEvent, HEADER_IO_URING, HEADER_JOB_ENDED, HEADER_JOB_ROOT,
-    HEADER_TRUNCATED, IoUringSetupEvent, JobEnvEvent, MATCH_BASENAME, MATCH_DIRNAME, MATCH_PREFIX,
-    MATCH_PROC_MEMORY, MATCH_SECOND_PATH, PTRACE_ATTACH, PTRACE_PEEKDATA, PTRACE_PEEKTEXT,
-    PTRACE_PEEKUSER, PTRACE_SEIZE, ProcessAccessEvent, SIGNAL_SYSCALL_KILL, SIGNAL_SYSCALL_TGKILL,
+    ACCESS_BY_SYSCALL, AF_INET, AF_INET6, AF_PACKET, AF_UNIX, BpfEvent, CONNECT_BLOCKED,
+    CONNECT_DNS_REDIRECTED, CONNECT_RAW_SOCKET, CONNECT_UDP_SEND, ChdirEvent, ConnectEvent,
+    ContainerEvent, ContainerStartEvent, DnsEvent, EXIT_CODE_KNOWN, EXIT_KILLED_BY_SIGNAL,
+    EventHeader, EventKind, ExecEvent, ExitEvent, FileEvent, ForkEvent, HEADER_IO_URING,
+    HEADER_JOB_ENDED, HEADER_JOB_ROOT, HEADER_TRUNCATED, IoUringSetupEvent, JobEnvEvent,
+    MATCH_BASENAME, MATCH_DIRNAME, MATCH_PREFIX, MATCH_PROC_MEMORY, MATCH_SECOND_PATH,
+    PTRACE_ATTACH, PTRACE_PEEKDATA, PTRACE_PEEKTEXT, PTRACE_PEEKUSER, PTRACE_SEIZE,
+    ProcessAccessEvent, SIGNAL_SYSCALL_KILL, SIGNAL_SYSCALL_NR, SIGNAL_SYSCALL_TGKILL,
     SIGNAL_SYSCALL_TKILL, SOCK_RAW, SignalEvent, TLS_BLOCKED, TLS_NO_SNI, TLS_SNI_TRUNCATED,
     TlsEvent, container,
 };
@@ -187,13 +188,7 @@ impl Decoder {
                 EventDetail::Signal {
                     target_pid: e.target_pid,
                     signal: e.signal,
-                    syscall: match e.syscall {
-                        SIGNAL_SYSCALL_KILL => "kill",
-                        SIGNAL_SYSCALL_TKILL => "tkill",
-                        SIGNAL_SYSCALL_TGKILL => "tgkill",
-                        _ => "unknown",
-                    }
-                    .to_owned(),
+                    syscall: signal_syscall_name(e.syscall),
                 }
             }
             EventKind::Bpf => {
@@ -413,8 +408,28 @@ fn raw_socket(e: &ConnectEvent) -> Result<Connect, DecodeError> {
     })
 }
 
+/// The syscall that sent a signal: named by the tracepoint that saw it, or by its number (the
+/// LSM and fentry hooks on `security_task_kill`).
+fn signal_syscall_name(syscall: u32) -> String {
+    match syscall {
+        SIGNAL_SYSCALL_KILL => "kill".to_owned(),
+        SIGNAL_SYSCALL_TKILL => "tkill".to_owned(),
+        SIGNAL_SYSCALL_TGKILL => "tgkill".to_owned(),
+        nr if nr & SIGNAL_SYSCALL_NR != 0 => syscall_number_name(nr & !SIGNAL_SYSCALL_NR),
+        _ => "unknown".to_owned(),
+    }
+}
+
+/// "pidfd_send_signal", or "syscall-N" for one the agent does not name.
+fn syscall_number_name(nr: u32) -> String {
+    crate::sensor::task_hooks::syscall_name(nr)
+        .map_or_else(|| format!("syscall-{nr}"), str::to_owned)
+}
+
 fn ptrace_request_name(request: u64) -> String {
     match request {
+        // Another syscall's attach check (the LSM or fentry hook): the syscall names it.
+        r if r & ACCESS_BY_SYSCALL != 0 => syscall_number_name(r as u32),
         PTRACE_ATTACH => "attach".to_owned(),
         PTRACE_SEIZE => "seize".to_owned(),
         PTRACE_PEEKTEXT => "peektext".to_owned(),

@@ -399,3 +399,31 @@ fn a_tls_record_decodes_to_its_destination_and_server_name() {
     };
     assert_eq!(t.sni, None);
 }
+
+/// The tracepoints name the syscall; the LSM and fentry hooks send its number, which the agent
+/// names alike, so both sets give the same event.
+#[test]
+fn signal_and_access_syscalls_are_named_alike_from_either_hook_set() {
+    assert_eq!(signal_syscall_name(SIGNAL_SYSCALL_KILL), "kill");
+    let by_number = |nr: i64| SIGNAL_SYSCALL_NR | nr as u32;
+    assert_eq!(signal_syscall_name(by_number(libc::SYS_kill)), "kill");
+    assert_eq!(signal_syscall_name(by_number(libc::SYS_tgkill)), "tgkill");
+    assert_eq!(
+        signal_syscall_name(by_number(libc::SYS_pidfd_send_signal)),
+        "pidfd_send_signal"
+    );
+    assert_eq!(
+        signal_syscall_name(by_number(libc::SYS_read)),
+        format!("syscall-{}", libc::SYS_read)
+    );
+    assert_eq!(signal_syscall_name(77), "unknown");
+    assert_eq!(ptrace_request_name(PTRACE_SEIZE), "seize");
+    assert_eq!(
+        ptrace_request_name(ACCESS_BY_SYSCALL | libc::SYS_process_vm_writev as u64),
+        "process_vm_writev"
+    );
+    assert_eq!(
+        ptrace_request_name(ACCESS_BY_SYSCALL | libc::SYS_pidfd_getfd as u64),
+        "pidfd_getfd"
+    );
+}
