@@ -57,6 +57,8 @@ pub struct ContainerStartEvent {
     pub reference: [u8; CONTAINER_ID_LEN],
 }
 
+const _: () = assert!(core::mem::size_of::<ContainerStartEvent>() == 64 + 16 + CONTAINER_ID_LEN);
+
 /// A pending start by name or short id (`container_refs.rs`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]

@@ -569,7 +569,6 @@ assert_size!(
     ContainerEvent,
     64 + 24 + 2 * container::CONTAINER_ID_LEN + container::CGROUP_PATH_LEN
 );
-assert_size!(ContainerStartEvent, 64 + 16 + container::CONTAINER_ID_LEN);
 assert_size!(BpfEvent, 72);
 assert_size!(ChdirEvent, 64 + 8 + PATH_LEN);
 assert_size!(JobEnvValue, 8 + JOB_ENV_VALUE_LEN);
