@@ -54,3 +54,12 @@ pub fn syscall_arg_direct(ctx: &TracePointContext, index: usize) -> u64 {
 pub fn syscall_ret(ctx: &TracePointContext) -> i64 {
     field(ctx, SYSCALL_RET)
 }
+
+/// The result of the syscall, loaded from a `sys_exit_*` record (a load, not a helper call, as
+/// `syscall_arg_direct`).
+#[inline(always)]
+pub fn syscall_ret_direct(ctx: &TracePointContext) -> i64 {
+    // SAFETY: a sys_exit record holds the 8-byte result at SYSCALL_RET; a constant offset of the
+    // context, which the verifier checks against the record.
+    unsafe { core::ptr::read_volatile((ctx.as_ptr() as *const u8).add(SYSCALL_RET) as *const i64) }
+}

@@ -63,14 +63,30 @@ pub fn verdict(ctx: &SockAddrContext, v6: bool, udp_send: bool) -> i32 {
     let Some(process) = current_process() else {
         return 1;
     };
+    verdict_of(ctx, &process, blocking(&process).as_ref(), v6, udp_send)
+}
+
+/// `verdict` for job process `process`, whose block-mode plan (`blocking`) is `job`.
+#[inline(always)]
+pub fn verdict_of(
+    ctx: &SockAddrContext,
+    process: &ProcessJob,
+    job: Option<&EgressJob>,
+    v6: bool,
+    udp_send: bool,
+) -> i32 {
+    let Some(job) = job else {
+        return 1;
+    };
     // SAFETY: context field reads.
     let port = u16::from_be(unsafe { (*ctx.sock_addr).user_port } as u16);
     let written = written_address(ctx, v6);
-    if !refuses(&process, &written, v6, port) {
+    let dest = normalise(&written, v6);
+    if is_local(&dest) || allowed(job, &dest, port) {
         return 1;
     }
     count(counter::EGRESS_BLOCKED);
-    report(&process, &written, v6, port, udp_send);
+    report(process, &written, v6, port, udp_send);
     0
 }
 

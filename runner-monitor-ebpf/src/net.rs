@@ -24,7 +24,7 @@ use runner_monitor_common::{
 };
 
 use crate::{
-    args::{syscall_arg, syscall_ret},
+    args::{syscall_arg_direct, syscall_ret_direct},
     budget::within_budget,
     emit::{fill_header, send_built},
     maps::{PENDING_CONNECTS, count, current_process},
@@ -130,10 +130,11 @@ pub fn sys_enter_connect(ctx: TracePointContext) -> u32 {
     let Some(process) = current_process() else {
         return 0;
     };
-    let fd: i64 = syscall_arg(&ctx, 0);
-    let addr: u64 = syscall_arg(&ctx, 1);
-    let addrlen: i64 = syscall_arg(&ctx, 2);
-    let Some(event) = connect_event(&process, fd as i32, addr, addrlen) else {
+    // Loads from the record, not helper calls: this runs for every connect of a job.
+    let fd = syscall_arg_direct(&ctx, 0) as i32;
+    let addr = syscall_arg_direct(&ctx, 1);
+    let addrlen = syscall_arg_direct(&ctx, 2) as i64;
+    let Some(event) = connect_event(&process, fd, addr, addrlen) else {
         return 0;
     };
     let tid = bpf_get_current_pid_tgid() as u32;
@@ -174,7 +175,7 @@ pub fn sys_exit_connect(ctx: TracePointContext) -> u32 {
     };
     // SAFETY: the entry belongs to this thread, which is the only one that touches it.
     let event = unsafe { &mut *event };
-    event.result = syscall_ret(&ctx);
+    event.result = syscall_ret_direct(&ctx);
     if event.family == AF_UNIX && event.result == 0 {
         crate::containers::unix_connected(event.header.tgid, event.fd, event.header.job);
     }
@@ -208,27 +209,34 @@ fn note_dns_socket(ctx: &SockAddrContext) {
 // the job's allowlist (`egress::verdict`: 0 makes the syscall fail with EPERM). Their names
 // stay those of the DNS sensor they started as.
 
+// A connect looks the process and its block mode up once (`egress::verdict_of`), for the
+// verdict and the TLS bookkeeping alike: the connect path runs for every connect of a job.
+
 #[cgroup_sock_addr(connect4)]
 pub fn dns_connect4(ctx: SockAddrContext) -> i32 {
     note_dns_socket(&ctx);
     if crate::redirect::redirect4(&ctx, false) {
         return 1;
     }
-    let verdict = crate::egress::verdict(&ctx, false, false);
-    if verdict == 1 {
-        return crate::tls::note_socket(&ctx, false);
-    }
-    verdict
+    connect_verdict(&ctx, false)
 }
 
 #[cgroup_sock_addr(connect6)]
 pub fn dns_connect6(ctx: SockAddrContext) -> i32 {
     note_dns_socket(&ctx);
-    let verdict = crate::egress::verdict(&ctx, true, false);
-    if verdict == 1 {
-        return crate::tls::note_socket(&ctx, true);
+    connect_verdict(&ctx, true)
+}
+
+#[inline(always)]
+fn connect_verdict(ctx: &SockAddrContext, v6: bool) -> i32 {
+    let Some(process) = current_process() else {
+        return 1;
+    };
+    let job = crate::egress::blocking(&process);
+    if crate::egress::verdict_of(ctx, &process, job.as_ref(), v6, false) == 0 {
+        return 0;
     }
-    verdict
+    crate::tls::note_socket(ctx, &process, job.as_ref(), v6)
 }
 
 #[cgroup_sock_addr(sendmsg4)]

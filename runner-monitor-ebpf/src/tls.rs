@@ -23,18 +23,13 @@ use aya_ebpf::{
     programs::{SkBuffContext, SockAddrContext, SockContext},
 };
 use runner_monitor_common::{
-    AF_INET, AF_INET6, EGRESS_BLOCK, EGRESS_SNI, EventKind, MAX_TLS_NAMES, SNI_HASH_SEED, SNI_LEN,
-    TLS_BLOCKED, TLS_NAME_EXACT, TLS_NAME_WILDCARD, TLS_NO_SNI, TLS_SNI_TRUNCATED, TlsEvent,
-    counter,
+    AF_INET, AF_INET6, EGRESS_BLOCK, EGRESS_SNI, EgressJob, EventKind, MAX_TLS_NAMES, ProcessJob,
+    SNI_HASH_SEED, SNI_LEN, TLS_BLOCKED, TLS_NAME_EXACT, TLS_NAME_WILDCARD, TLS_NO_SNI,
+    TLS_SNI_TRUNCATED, TlsEvent, counter,
     tls::{ClientHello, TlsBytes, TlsNameKey, find_server_name, sni_hash_step},
 };
 
-use crate::{
-    budget::within_budget,
-    emit::send_built,
-    maps::{count, current_process},
-    owner::SocketOwner,
-};
+use crate::{budget::within_budget, emit::send_built, maps::count, owner::SocketOwner};
 
 /// A job TCP socket whose first data segment has not been seen yet (or that was refused).
 #[repr(C)]
@@ -71,27 +66,30 @@ const IPPROTO_TCP: u8 = 6;
 const ETH_P_IP: u32 = 0x0800;
 const ETH_P_IPV6: u32 = 0x86DD;
 
-/// Remembers a job process's TCP socket at its (allowed) connect; loopback is left alone.
-/// Returns 0 when the connect must be refused: its TLS is enforced and the socket could not be
-/// remembered (map full).
+/// Remembers job process `process`'s TCP socket at its (allowed) connect; loopback is left
+/// alone. `job` is the process's block-mode plan (`egress::blocking`). Returns 0 when the
+/// connect must be refused: its TLS is enforced and the socket could not be remembered (map
+/// full).
 #[inline(always)]
-pub fn note_socket(ctx: &SockAddrContext, v6: bool) -> i32 {
+pub fn note_socket(
+    ctx: &SockAddrContext,
+    process: &ProcessJob,
+    job: Option<&EgressJob>,
+    v6: bool,
+) -> i32 {
     // SAFETY: context field read.
     if unsafe { (*ctx.sock_addr).type_ } != SOCK_STREAM {
         return 1;
     }
-    let Some(process) = current_process() else {
-        return 1;
-    };
     if crate::egress::local(ctx, v6) {
         return 1;
     }
-    let (policy, egress) = match crate::egress::blocking(&process) {
+    let (policy, egress) = match job {
         Some(job) => (job.policy, job.flags),
         None => (0, 0),
     };
     let socket = TlsSocket {
-        owner: SocketOwner::current(&process),
+        owner: SocketOwner::current(process),
         policy,
         egress,
         refused: 0,
@@ -110,9 +108,15 @@ pub fn note_socket(ctx: &SockAddrContext, v6: bool) -> i32 {
     1
 }
 
-/// A socket is released: a job socket that never sent data (or was refused) is forgotten.
+/// A socket is released: a job socket that never sent data (or was refused) is forgotten. Runs
+/// for every inet socket the host closes: only TCP sockets can be in the map, so the others
+/// (UDP: every DNS lookup) cost a context read.
 #[cgroup_sock(sock_release)]
 pub fn tls_sock_release(ctx: SockContext) -> i32 {
+    // SAFETY: context field read.
+    if unsafe { (*ctx.sock).type_ } != SOCK_STREAM {
+        return 1;
+    }
     // SAFETY: the context is a socket.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let _ = TLS_SOCKETS.remove(cookie);

@@ -24,7 +24,7 @@ use serde_json::{Value, json};
 
 use crate::common::{agent_binary, output, run_cmd};
 
-use super::{Agent, Sizes, bench_workload, job, median, spread};
+use super::{Agent, Sizes, bench_workload, bpf_stats, job, median, spread};
 
 const SERVER: &str = "10.216.0.2";
 const HOST_SIDE: &str = "10.216.0.1";
@@ -246,13 +246,66 @@ pub(super) fn run(dir: &Path, sizes: &Sizes) -> anyhow::Result<Value> {
             }
         }
     }
+    let kernel = kernel_time(dir, &policies, connects, requests)?;
     Ok(json!({
         "connects": connects,
         "requests": requests,
         "rounds": sizes.rounds,
         "connect": connect.summary(),
         "http": http.summary(),
+        "bpf": kernel,
     }))
+}
+
+/// `egress-bpf`: only the agent's in-kernel time per connect and per request
+/// (`kernel_time`), the quick measure while changing the programs.
+pub(super) fn run_bpf(dir: &Path, sizes: &Sizes) -> anyhow::Result<Value> {
+    let _ns = Namespace::new()?;
+    let (connects, requests) = if sizes.smoke {
+        (2_000, 200)
+    } else {
+        (20_000, 2_000)
+    };
+    let policies = [policy(dir, "audit")?, policy(dir, "block")?];
+    timed(dir, &["connect", &format!("{SERVER}:{ACCEPT_PORT}"), "100"])?;
+    Ok(json!({ "bpf": kernel_time(dir, &policies, connects, requests)? }))
+}
+
+/// The agent's programs' run time per connect and per request (`bpf_stats`), in audit and in
+/// block mode: one agent per mode, the same workloads as the rounds.
+fn kernel_time(
+    dir: &Path,
+    policies: &[std::path::PathBuf; 2],
+    connects: u64,
+    requests: u64,
+) -> anyhow::Result<Value> {
+    let accept = format!("{SERVER}:{ACCEPT_PORT}");
+    let http_target = format!("{SERVER}:{HTTP_PORT}");
+    let mut out = serde_json::Map::new();
+    for (mode, policy) in ["audit", "block"].iter().zip(policies) {
+        let agent = Agent::start_with(dir, &["--policy".as_ref(), policy.as_os_str()])?;
+        let connect = bpf_stats::per_op(agent.pid(), connects, || {
+            timed(dir, &["connect", &accept, &connects.to_string()]).map(drop)
+        })?;
+        let http = bpf_stats::per_op(agent.pid(), requests, || {
+            timed(dir, &["http", &http_target, &requests.to_string()]).map(drop)
+        })?;
+        agent.stop()?;
+        out.insert((*mode).into(), json!({ "connect": connect, "http": http }));
+    }
+    Ok(Value::Object(out))
+}
+
+/// The `kernel_time` tables.
+pub(super) fn print_bpf(v: &Value) {
+    println!("\negress, the agent's programs' in-kernel time (bpf_stats):");
+    for mode in ["audit", "block"] {
+        bpf_stats::print(&format!("{mode}, per connect"), &v[mode]["connect"]);
+        bpf_stats::print(
+            &format!("{mode}, per HTTP request (a connection each)"),
+            &v[mode]["http"],
+        );
+    }
 }
 
 pub(super) fn print(v: &Value) {
@@ -292,4 +345,5 @@ pub(super) fn print(v: &Value) {
             .collect();
         println!("  {:<8} {}", "", slow.join("; "));
     }
+    print_bpf(&v["bpf"]);
 }

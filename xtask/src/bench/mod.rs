@@ -2,6 +2,7 @@
 //! Prints a table and writes JSON (`target/bench/results.json`). Benchmarks, not tests: nothing
 //! here asserts a timing; `--smoke` runs each one briefly so CI keeps them working.
 
+mod bpf_stats;
 mod containers;
 mod dns;
 mod egress;
@@ -325,9 +326,10 @@ fn engine(sizes: &Sizes) -> anyhow::Result<Value> {
 }
 
 /// The benchmarks, in the order they run and print.
-const NAMES: [&str; 11] = [
+const NAMES: [&str; 12] = [
     "exec",
     "egress",
+    "egress-bpf",
     "syscalls",
     "workloads",
     "pipeline",
@@ -409,6 +411,12 @@ pub fn bench(smoke: bool, only: &[String]) -> anyhow::Result<()> {
     } else {
         skipped()
     }?;
+    // Part of `egress` already: run alone only when asked by name.
+    let egress_bpf = if only.iter().any(|n| n == "egress-bpf") {
+        egress::run_bpf(&dir, &sizes)
+    } else {
+        skipped()
+    }?;
     let syscalls = if want("syscalls") {
         syscalls::run(&dir, &sizes)
     } else {
@@ -463,6 +471,7 @@ pub fn bench(smoke: bool, only: &[String]) -> anyhow::Result<()> {
         "syscalls": syscalls,
         "exec": exec,
         "egress": egress,
+        "egress_bpf": egress_bpf,
         "workloads": workloads,
         "pipeline": pipeline,
         "memory": memory,
@@ -488,6 +497,9 @@ pub fn bench(smoke: bool, only: &[String]) -> anyhow::Result<()> {
     }
     if ran("egress") {
         egress::print(&results["egress"]);
+    }
+    if ran("egress_bpf") {
+        egress::print_bpf(&results["egress_bpf"]["bpf"]);
     }
     if ran("workloads") {
         workloads::print(&results["workloads"]);
