@@ -186,7 +186,7 @@ impl Fingerprinter {
         let mut out = Vec::new();
         match &mut event.detail {
             EventDetail::FileOpen(f)
-                if f.result >= 0 && policy.credential_of(&f.path).is_some() =>
+                if f.result >= 0 && policy.credential_of_access(f).is_some() =>
             {
                 if f.write {
                     let list = self.pending.get_or_insert_with(pid, Vec::new);

@@ -261,12 +261,16 @@ impl Pipeline {
         let Some(job) = &event.job else {
             return Ok(());
         };
-        let path = match &event.detail {
-            crate::event::EventDetail::FileOpen(f) if f.fingerprint.is_some() => &f.path,
-            crate::event::EventDetail::CredentialFingerprint { path, .. } => path,
+        let kind = match &event.detail {
+            crate::event::EventDetail::FileOpen(f) if f.fingerprint.is_some() => {
+                self.policy.credential_of_access(f)
+            }
+            crate::event::EventDetail::CredentialFingerprint { path, .. } => {
+                self.policy.credential_of(path)
+            }
             _ => return Ok(()),
         };
-        let kind = self.policy.credential_of(path).map(|c| c.kind.clone());
+        let kind = kind.map(|c| c.kind.clone());
         self.out
             .credential_use(event, self.engine.job(job.key), kind.as_deref())
     }

@@ -84,10 +84,28 @@ fn assert_no_canary_in(messages: &[StreamMessage]) {
 /// Waits until the stream holds as many findings as the agent's alert stream (and at least
 /// `min`).
 fn wait_published(broker: &Broker, agent: &Agent, min: usize, tls: Option<&TestPki>) {
-    wait_until("the findings in the fleet stream", 60, || {
-        let n = findings(&broker.messages(STREAM, tls)).len();
-        n >= min && n == alerts(agent).len()
-    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let messages = broker.messages(STREAM, tls);
+        let (published, raised) = (findings(&messages), alerts(agent));
+        if published.len() >= min && published.len() == raised.len() {
+            return;
+        }
+        if std::time::Instant::now() > deadline {
+            let rule = |v: &Value| format!("{} {}", v["rule"], v["job"]["id"]);
+            panic!(
+                "timed out waiting for the findings in the fleet stream: published {:?}, \
+                 raised {:?}\nlog: {}",
+                published
+                    .iter()
+                    .map(|m| rule(&m.payload))
+                    .collect::<Vec<_>>(),
+                raised.iter().map(rule).collect::<Vec<_>>(),
+                agent_log(&agent.dir)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
 }
 
 /// A job of acme/release writes ~/.npmrc (the writer exits: the agent hashes it); a job of

@@ -284,6 +284,14 @@ impl Policy {
         Self::compile(parsed, src)
     }
 
+    /// The credential a file access reached: by the file's path on the host, or else by the
+    /// path the process used (a pod's `/var/run/secrets/.../token` is bound from a file the
+    /// kubelet names otherwise on the host; a container's `/h/.aws/credentials` from any file).
+    pub fn credential_of_access(&self, f: &crate::event::FileAccess) -> Option<&CredentialKind> {
+        self.credential_of(&f.path)
+            .or_else(|| self.credential_of(f.via.as_deref()?))
+    }
+
     /// The credential kind of a path, if it is a credential.
     pub fn credential_of(&self, path: &str) -> Option<&CredentialKind> {
         let mut cache = self

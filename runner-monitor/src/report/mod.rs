@@ -179,7 +179,7 @@ impl Record {
             None => {
                 let (kind, access) = match f.target_pid {
                     Some(pid) => (format!("pid {pid}"), Access::Memory),
-                    None => match policy.credential_of(&f.path) {
+                    None => match policy.credential_of_access(f) {
                         Some(kind) => (kind.kind.clone(), Access::File),
                         None => {
                             self.remember_path(&f.path, None);

@@ -24,7 +24,7 @@ pub(super) fn file_open(
         out.push(process_memory_access(engine, event, f, target));
         return;
     }
-    let Some(kind) = engine.policy.credential_of(&f.path) else {
+    let Some(kind) = engine.policy.credential_of_access(f) else {
         return;
     };
     let (kind_name, runner) = (kind.kind.clone(), kind.runner);
@@ -100,7 +100,7 @@ pub(super) fn after_end(engine: &Engine, event: &Event, f: &FileAccess) -> Optio
     if !is_ended(event) || f.target_pid.is_some() {
         return None;
     }
-    let kind = engine.policy.credential_of(&f.path)?;
+    let kind = engine.policy.credential_of_access(f)?;
     let credential = CredentialRef {
         path: f.path.clone(),
         kind: kind.kind.clone(),

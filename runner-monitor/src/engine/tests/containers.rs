@@ -137,3 +137,42 @@ fn findings_about_a_pod_container_process_name_the_pod_beside_the_container() {
     assert_eq!(shown.pod, None, "the pod is beside the container: {f:#?}");
     assert_eq!(shown.id, c.id);
 }
+
+/// A file opened in a container is reported under its host path (`identity.rs`), which need not
+/// be a credential's name: the path the process used still says what it is (a pod's
+/// service-account token, bound from a file the kubelet names otherwise).
+#[test]
+fn a_credential_is_known_by_the_path_used_when_its_host_path_says_nothing() {
+    let mut t = Trace::new();
+    t.start(1, 7, 100, "group/app");
+    t.exec(2, 7, 200, 100, &["cat"]);
+    for (host, used) in [
+        (
+            "/var/lib/kubelet/pods/1/volumes/kubernetes.io~projected/x/..data/token",
+            "/var/run/secrets/kubernetes.io/serviceaccount/token",
+        ),
+        ("/srv/h/.aws/credentials", "/h/.aws/credentials"),
+        ("/tmp/key-copy", "/h/.ssh/id_rsa"),
+    ] {
+        t.feed(
+            3,
+            7,
+            200,
+            100,
+            "cat",
+            EventDetail::FileOpen(FileAccess {
+                result: 3,
+                via: Some(used.into()),
+                ..FileAccess::at(host)
+            }),
+        );
+    }
+    let f = t.only(RuleId::CredentialHarvesting);
+    let json = serde_json::to_value(f).unwrap();
+    let kinds = json["kinds"].as_array().unwrap();
+    assert!(
+        kinds.iter().any(|k| k == "kubernetes-serviceaccount"),
+        "{json:#}"
+    );
+    assert_eq!(kinds.len(), 3, "{json:#}");
+}
