@@ -111,6 +111,60 @@ fn tracepoint_exists(tracefs: &std::path::Path, category: &str, name: &str) -> b
     tracefs.join("events").join(category).join(name).is_dir()
 }
 
+/// Loads the programs `attach_all` is about to attach, several at a time: the kernel's verifier
+/// takes most of an agent's start (about half a second for each file-syscall program here, 9 s
+/// for all of them one after the other) and runs on the calling CPU, so loads on every CPU
+/// divide it. Best effort: a program that fails to load here is loaded again by `attach_one`,
+/// which reports why.
+fn preload(ebpf: &mut Ebpf, skip: &[&str], tracefs: &Result<PathBuf, String>, cgroup: bool) {
+    use aya::programs::Program;
+    let ready = |hook: &Hook| match hook {
+        Hook::Tracepoint(category, name) | Hook::OptionalTracepoint(category, name) => {
+            !skip.contains(name)
+                && tracefs
+                    .as_ref()
+                    .is_ok_and(|dir| tracepoint_exists(dir, category, name))
+        }
+        Hook::SockAddr | Hook::SockCreate | Hook::SockRelease | Hook::Skb(_) => cgroup,
+    };
+    let wanted: Vec<&str> = PROBES
+        .iter()
+        .filter(|probe| probe.hooks.iter().any(ready))
+        .map(|probe| probe.program)
+        .collect();
+    let started = std::time::Instant::now();
+    let programs: Vec<&mut Program> = ebpf
+        .programs_mut()
+        .filter(|(name, _)| wanted.contains(name))
+        .map(|(_, p)| p)
+        .collect();
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get().clamp(2, 8));
+    // A queue, not fixed shares: a few programs take most of the time.
+    let queue = std::sync::Mutex::new(programs.into_iter());
+    std::thread::scope(|scope| {
+        for _ in 0..threads {
+            scope.spawn(|| {
+                loop {
+                    let next = queue
+                        .lock()
+                        .unwrap_or_else(|poisoned| poisoned.into_inner())
+                        .next();
+                    let Some(program) = next else { break };
+                    // Errors are reported by `attach_one`, which loads it again.
+                    let _ = match program {
+                        Program::TracePoint(p) => p.load(),
+                        Program::CgroupSkb(p) => p.load(),
+                        Program::CgroupSock(p) => p.load(),
+                        Program::CgroupSockAddr(p) => p.load(),
+                        _ => Ok(()),
+                    };
+                }
+            });
+        }
+    });
+    tracing::debug!(elapsed = ?started.elapsed(), programs = wanted.len(), threads, "programs loaded");
+}
+
 /// Loads and attaches every probe; never fails as a whole: each probe reports its state. With
 /// a pin directory in `links`, every attachment is pinned (`links.rs`) in place of an earlier agent's.
 /// Tracepoints named in `skip` are left alone (the open ones, when `file_hooks` attached the
@@ -121,6 +175,7 @@ pub fn attach_all(ebpf: &mut Ebpf, links: &mut LinkPins, skip: &[&str]) -> Vec<P
     let cgroup_name = cgroup
         .as_ref()
         .map_or("?".into(), |p| p.display().to_string());
+    preload(ebpf, skip, &tracefs, cgroup.is_some());
     let mut out = Vec::new();
     for probe in PROBES {
         let mut loaded: Result<(), String> = Ok(());
