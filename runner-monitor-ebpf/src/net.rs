@@ -224,6 +224,9 @@ pub fn dns_connect4(ctx: SockAddrContext) -> i32 {
 #[cgroup_sock_addr(connect6)]
 pub fn dns_connect6(ctx: SockAddrContext) -> i32 {
     note_dns_socket(&ctx);
+    if crate::redirect::redirect6(&ctx) {
+        return 1;
+    }
     connect_verdict(&ctx, true)
 }
 
@@ -312,6 +315,7 @@ fn dns_packet(ctx: &SkBuffContext, direction: u32) {
     // addressed.
     let mut redirected = None;
     if u16::from_be(server_port) != DNS_PORT {
+        // Redirected IPv6 sockets reach the resolver over IPv4 (v4-mapped).
         if family != AF_INET || crate::redirect::resolver_port() != Some(u32::from(server_port)) {
             return;
         }
@@ -342,7 +346,14 @@ fn dns_packet(ctx: &SkBuffContext, direction: u32) {
     event.server_addr = [0; 16];
     if let Some(original) = redirected {
         event.server_port = u16::from_be(original.port as u16);
-        event.server_addr[..4].copy_from_slice(&original.ip4.to_ne_bytes());
+        if original.v6 != 0 {
+            event.family = AF_INET6;
+            for (i, word) in original.ip6.iter().enumerate() {
+                event.server_addr[i * 4..i * 4 + 4].copy_from_slice(&word.to_ne_bytes());
+            }
+        } else {
+            event.server_addr[..4].copy_from_slice(&original.ip4.to_ne_bytes());
+        }
     } else if family == AF_INET {
         if let Ok(ip) = ctx.load::<[u8; 4]>(server_at) {
             event.server_addr[..4].copy_from_slice(&ip);

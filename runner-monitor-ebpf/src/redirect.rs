@@ -1,13 +1,18 @@
 //! Block mode's DNS: a job process in block mode that sends to port 53 (UDP `connect`,
-//! `sendto`/`sendmsg`, TCP `connect`; IPv4) is sent, in the kernel, to the agent's resolver on
-//! 127.0.0.1 instead. The socket's source becomes `127.1.0.0` + the job's policy id
+//! `sendto`/`sendmsg`, TCP `connect` over IPv4; UDP and TCP `connect` over IPv6) is sent, in the
+//! kernel, to the agent's resolver on 127.0.0.1 instead (an IPv6 socket through the v4-mapped
+//! `::ffff:127.0.0.1`). The socket's source becomes `127.1.0.0` + the job's policy id
 //! (`dns_source`), so the resolver knows whose allowlist judges the query without a lookup that
 //! could race the job: `bpf_bind` for a connect, `msg_src_ip4` for an unconnected send. The
 //! resolver writes the addresses of an allowed name into the job's allowlist before it answers.
 //!
 //! Answers come back from 127.0.0.1 and the resolver's port; clients check that an answer comes
 //! from the server they asked (glibc, musl), so `dns_recvmsg4` gives the answer the address the
-//! process wrote, kept per socket in `DNS_REDIRECTS`.
+//! process wrote, kept per socket in `DNS_REDIRECTS` (`dns_recvmsg6` for IPv6 sockets).
+//!
+//! An unconnected IPv6 send (`sendto` on an AF_INET6 socket to an IPv6 server) is not redirected:
+//! the kernel refuses a `sendmsg6` program's rewrite to a v4-mapped address (`ENOTSUPP`), and the
+//! resolver could not tell whose a query from `::1` is. It is judged like any destination.
 
 use aya_ebpf::{
     EbpfContext,
@@ -16,7 +21,9 @@ use aya_ebpf::{
     maps::LruHashMap,
     programs::SockAddrContext,
 };
-use runner_monitor_common::{AF_INET, CONNECT_DNS_REDIRECTED, MAX_DNS_PORTS, dns_source, setting};
+use runner_monitor_common::{
+    AF_INET, AF_INET6, CONNECT_DNS_REDIRECTED, MAX_DNS_PORTS, dns_source, setting,
+};
 
 use crate::{
     maps::{PENDING_CONNECTS, current_process},
@@ -30,6 +37,9 @@ use crate::{
 pub struct Redirected {
     pub ip4: u32,
     pub port: u32,
+    /// The IPv6 address, when `v6` (an IPv6 socket's).
+    pub ip6: [u32; 4],
+    pub v6: u32,
 }
 
 /// How many redirected sockets are remembered at once (LRU: closed sockets age out).
@@ -62,6 +72,13 @@ pub fn resolver_port() -> Option<u32> {
     (port != 0).then(|| u32::from((port as u16).to_be()))
 }
 
+/// `addr` (an IPv4 address as `user_ip4` holds it) as the v4-mapped IPv6 address, as
+/// `user_ip6` holds it.
+#[inline(always)]
+fn mapped(addr: u32) -> [u32; 4] {
+    [0, 0, u32::from_ne_bytes([0, 0, 0xff, 0xff]), addr]
+}
+
 /// sockaddr_in.
 #[repr(C)]
 struct SockaddrIn {
@@ -69,6 +86,62 @@ struct SockaddrIn {
     port: u16,
     addr: u32,
     zero: [u8; 8],
+}
+
+/// sockaddr_in6.
+#[repr(C)]
+struct SockaddrIn6 {
+    family: u16,
+    port: u16,
+    flowinfo: u32,
+    addr: [u32; 4],
+    scope_id: u32,
+}
+
+/// The policy id of the job whose connect or send to `user_port` (network byte order) goes to
+/// the agent's resolver: a job process in block mode, in the agent's network namespace, to port
+/// 53.
+#[inline(always)]
+fn redirected_policy(ctx: &SockAddrContext, user_port: u32) -> Option<u32> {
+    if u16::from_be(user_port as u16) != DNS_PORT {
+        return None;
+    }
+    let process = current_process()?;
+    let job = crate::egress::blocking(&process)?;
+    // Another network namespace's loopback is not the agent's: its DNS is left to the verdict.
+    let netns = (u64::from(names::setting(setting::DNS_NETNS_HI)) << 32)
+        | u64::from(names::setting(setting::DNS_NETNS_LO));
+    // SAFETY: the context is a socket-address context.
+    if unsafe { bpf_get_netns_cookie(ctx.as_ptr()) } != netns {
+        return None;
+    }
+    Some(job.policy)
+}
+
+/// A socket bound to the wildcard address and a port before its connect (`bpf_bind` refused:
+/// bound already): its queries will come from 127.0.0.1 and that port, which says whose they
+/// are. False when it is bound to anything else: the resolver could not tell.
+#[inline(always)]
+fn bound_port_is(policy: u32, wildcard: bool, src_port: u32) -> bool {
+    if !wildcard || src_port == 0 || src_port > 0xffff {
+        return false;
+    }
+    DNS_PORTS.insert(src_port as u16, policy, 0).is_ok()
+}
+
+/// Remembers where a redirected socket's queries were going, and marks a redirected connect.
+#[inline(always)]
+fn remember(ctx: &SockAddrContext, original: Redirected, send: bool) {
+    // SAFETY: the context is a socket-address context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let _ = DNS_REDIRECTS.insert(cookie, original, 0);
+    if !send {
+        let tid = aya_ebpf::helpers::bpf_get_current_pid_tgid() as u32;
+        if let Some(event) = PENDING_CONNECTS.get_ptr_mut(tid) {
+            // SAFETY: the entry belongs to this thread, which is the only one that touches it.
+            unsafe { (*event).flags |= CONNECT_DNS_REDIRECTED };
+        }
+    }
 }
 
 /// Sends a job's IPv4 port-53 connect (`send`: an unconnected UDP send) to the agent's resolver;
@@ -81,23 +154,10 @@ pub fn redirect4(ctx: &SockAddrContext, send: bool) -> bool {
     let sa = ctx.sock_addr;
     // SAFETY: context field reads.
     let (ip4, user_port) = unsafe { ((*sa).user_ip4, (*sa).user_port) };
-    if u16::from_be(user_port as u16) != DNS_PORT {
-        return false;
-    }
-    let Some(process) = current_process() else {
+    let Some(policy) = redirected_policy(ctx, user_port) else {
         return false;
     };
-    let Some(job) = crate::egress::blocking(&process) else {
-        return false;
-    };
-    // Another network namespace's loopback is not the agent's: its DNS is left to the verdict.
-    let netns = (u64::from(names::setting(setting::DNS_NETNS_HI)) << 32)
-        | u64::from(names::setting(setting::DNS_NETNS_LO));
-    // SAFETY: the context is a socket-address context.
-    if unsafe { bpf_get_netns_cookie(ctx.as_ptr()) } != netns {
-        return false;
-    }
-    let source = dns_source(job.policy).to_be();
+    let source = dns_source(policy).to_be();
     if send {
         // SAFETY: sendmsg4 may write the datagram's source address.
         unsafe { (*sa).msg_src_ip4 = source };
@@ -118,43 +178,104 @@ pub fn redirect4(ctx: &SockAddrContext, send: bool) -> bool {
             )
         };
         if rc != 0 {
-            // Bound already. To the wildcard address and a port (`bind(0.0.0.0:0)` before the
-            // connect): the queries will come from 127.0.0.1 and that port, which says whose
-            // they are. To anything else: the resolver could not tell, left to the verdict.
             // SAFETY: reads of the socket the context carries.
             let (src_ip4, src_port) = unsafe {
                 let sk = (*sa).__bindgen_anon_1.sk;
                 ((*sk).src_ip4, (*sk).src_port)
             };
-            if src_ip4 != 0 || src_port == 0 || src_port > 0xffff {
-                return false;
-            }
-            if DNS_PORTS.insert(src_port as u16, job.policy, 0).is_err() {
+            if !bound_port_is(policy, src_ip4 == 0, src_port) {
                 return false;
             }
         }
     }
-    // SAFETY: the context is a socket-address context.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let _ = DNS_REDIRECTS.insert(
-        cookie,
+    remember(
+        ctx,
         Redirected {
             ip4,
             port: user_port,
+            ip6: [0; 4],
+            v6: 0,
         },
-        0,
+        send,
     );
     // SAFETY: context field writes the connect4/sendmsg4 programs may make.
     unsafe {
         (*sa).user_ip4 = resolver_ip4();
         (*sa).user_port = port;
     }
-    if !send {
-        let tid = aya_ebpf::helpers::bpf_get_current_pid_tgid() as u32;
-        if let Some(event) = PENDING_CONNECTS.get_ptr_mut(tid) {
-            // SAFETY: the entry belongs to this thread, which is the only one that touches it.
-            unsafe { (*event).flags |= CONNECT_DNS_REDIRECTED };
+    true
+}
+
+/// Sends a job's IPv6 port-53 connect (UDP or TCP) to the agent's resolver through
+/// `::ffff:127.0.0.1`, the socket bound to `::ffff:` + its job's source address; true when it
+/// did. A socket that cannot be bound to a v4-mapped address (`IPV6_V6ONLY`) is left to the
+/// verdict.
+#[inline(always)]
+pub fn redirect6(ctx: &SockAddrContext) -> bool {
+    let Some(port) = resolver_port() else {
+        return false;
+    };
+    let sa = ctx.sock_addr;
+    // VERIFIER: user_ip6 is read as four 4-byte loads (see `egress::destination`).
+    // SAFETY: context field reads.
+    let (ip6, user_port) = unsafe {
+        (
+            [
+                core::ptr::read_volatile(&(*sa).user_ip6[0]),
+                core::ptr::read_volatile(&(*sa).user_ip6[1]),
+                core::ptr::read_volatile(&(*sa).user_ip6[2]),
+                core::ptr::read_volatile(&(*sa).user_ip6[3]),
+            ],
+            (*sa).user_port,
+        )
+    };
+    let Some(policy) = redirected_policy(ctx, user_port) else {
+        return false;
+    };
+    let mut bind_to = SockaddrIn6 {
+        family: AF_INET6,
+        port: 0,
+        flowinfo: 0,
+        addr: mapped(dns_source(policy).to_be()),
+        scope_id: 0,
+    };
+    // SAFETY: a sockaddr_in6 on the stack; port 0 binds the address only.
+    let rc = unsafe {
+        bpf_bind(
+            sa,
+            (&mut bind_to as *mut SockaddrIn6).cast(),
+            core::mem::size_of::<SockaddrIn6>() as i32,
+        )
+    };
+    if rc != 0 {
+        // SAFETY: reads of the socket the context carries.
+        let (wildcard, src_port) = unsafe {
+            let sk = (*sa).__bindgen_anon_1.sk;
+            let src = (*sk).src_ip6;
+            ((src[0] | src[1] | src[2] | src[3]) == 0, (*sk).src_port)
+        };
+        if !bound_port_is(policy, wildcard, src_port) {
+            return false;
         }
+    }
+    remember(
+        ctx,
+        Redirected {
+            ip4: 0,
+            port: user_port,
+            ip6,
+            v6: 1,
+        },
+        false,
+    );
+    let to = mapped(resolver_ip4());
+    // SAFETY: context field writes connect6 may make, one 4-byte store per word.
+    unsafe {
+        core::ptr::write_volatile(&mut (*sa).user_ip6[0], to[0]);
+        core::ptr::write_volatile(&mut (*sa).user_ip6[1], to[1]);
+        core::ptr::write_volatile(&mut (*sa).user_ip6[2], to[2]);
+        core::ptr::write_volatile(&mut (*sa).user_ip6[3], to[3]);
+        (*sa).user_port = port;
     }
     true
 }
@@ -179,6 +300,45 @@ pub fn dns_recvmsg4(ctx: SockAddrContext) -> i32 {
         // SAFETY: context field writes recvmsg4 may make.
         unsafe {
             (*sa).user_ip4 = original.ip4;
+            (*sa).user_port = original.port;
+        }
+    }
+    1
+}
+
+/// `dns_recvmsg4` for IPv6 sockets: their answers come from `::ffff:127.0.0.1`.
+#[cgroup_sock_addr(recvmsg6)]
+pub fn dns_recvmsg6(ctx: SockAddrContext) -> i32 {
+    let Some(port) = resolver_port() else {
+        return 1;
+    };
+    let sa = ctx.sock_addr;
+    let from = mapped(resolver_ip4());
+    // SAFETY: context field reads, one 4-byte load per word.
+    let (w0, w1, w2, w3, user_port) = unsafe {
+        (
+            core::ptr::read_volatile(&(*sa).user_ip6[0]),
+            core::ptr::read_volatile(&(*sa).user_ip6[1]),
+            core::ptr::read_volatile(&(*sa).user_ip6[2]),
+            core::ptr::read_volatile(&(*sa).user_ip6[3]),
+            (*sa).user_port,
+        )
+    };
+    if [w0, w1, w2, w3] != from || user_port != port {
+        return 1;
+    }
+    // SAFETY: the context is a socket-address context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // SAFETY: copied out at once.
+    if let Some(original) = unsafe { DNS_REDIRECTS.get(cookie).copied() }
+        && original.v6 != 0
+    {
+        // SAFETY: context field writes recvmsg6 may make, one 4-byte store per word.
+        unsafe {
+            core::ptr::write_volatile(&mut (*sa).user_ip6[0], original.ip6[0]);
+            core::ptr::write_volatile(&mut (*sa).user_ip6[1], original.ip6[1]);
+            core::ptr::write_volatile(&mut (*sa).user_ip6[2], original.ip6[2]);
+            core::ptr::write_volatile(&mut (*sa).user_ip6[3], original.ip6[3]);
             (*sa).user_port = original.port;
         }
     }

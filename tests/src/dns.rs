@@ -119,7 +119,11 @@ pub fn ask(how: &str, server: SocketAddr, qname: &str) -> std::io::Result<(Strin
     let timeout = Some(Duration::from_secs(5));
     let answer = match how {
         "udp" | "udp-send" => {
-            let socket = UdpSocket::bind("0.0.0.0:0")?;
+            let socket = UdpSocket::bind(if server.is_ipv6() {
+                "[::]:0"
+            } else {
+                "0.0.0.0:0"
+            })?;
             socket.set_read_timeout(timeout)?;
             if how == "udp" {
                 socket.connect(server)?;

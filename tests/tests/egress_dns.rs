@@ -27,6 +27,8 @@ use integration_tests::{
 use serde_json::Value;
 
 const SERVER: &str = "10.215.0.2";
+/// The same server's IPv6 address (`nodad`: usable at once).
+const SERVER6: &str = "fd72:215::2";
 const PORT: u16 = 7000;
 
 /// The server namespace, its veth pair to this namespace and the servers in it; removed on drop.
@@ -53,7 +55,9 @@ impl ServerNamespace {
              ip addr add 10.215.0.1/24 dev {h} && ip link set {h} up && \
              ip -n {n} addr add {SERVER}/24 dev vs && ip -n {n} addr add {ALLOWED}/24 dev vs && \
              ip -n {n} addr add {DENIED}/24 dev vs && ip -n {n} addr add {CNAME_TARGET}/24 dev vs && \
-             ip -n {n} addr add {GLIBC}/24 dev vs && ip -n {n} link set vs up"
+             ip -n {n} addr add {GLIBC}/24 dev vs && ip -n {n} link set vs up && \
+             ip addr add fd72:215::1/64 dev {h} nodad && \
+             ip -n {n} addr add {SERVER6}/64 dev vs nodad"
         ));
         ns
     }
@@ -85,7 +89,8 @@ fn policy() -> String {
     );
     format!(
         "{}\n[[rules]]\nrepository = \"acme/dns-a\"\nmode = \"block\"\nallow_egress = [{names}]\n\
-         \n[[rules]]\nrepository = \"acme/dns-b\"\nmode = \"block\"\nallow_egress = [{names}]\n",
+         \n[[rules]]\nrepository = \"acme/dns-b\"\nmode = \"block\"\nallow_egress = [{names}]\n\
+         \n[[rules]]\nrepository = \"acme/dns-6\"\nmode = \"block\"\nallow_egress = [{names}]\n",
         test_policy().replace(
             "[egress]\n",
             &format!("[egress]\ndns_upstream = [\"{SERVER}:53\"]\n")
@@ -125,6 +130,7 @@ fn block_mode_admits_what_a_job_resolved_for_an_allowed_name_and_nothing_else() 
     let env = TestEnv::new("egress-dns");
     let mut ns = ServerNamespace::new();
     ns.serve(&["dns-serve".to_owned(), format!("{SERVER}:53")]);
+    ns.serve(&["dns-serve".to_owned(), format!("[{SERVER6}]:53")]);
     let listeners: Vec<String> = [ALLOWED, DENIED, CNAME_TARGET, GLIBC]
         .iter()
         .map(|ip| format!("{ip}:{PORT}"))
@@ -220,6 +226,58 @@ fn block_mode_admits_what_a_job_resolved_for_an_allowed_name_and_nothing_else() 
         Some("errno 1"),
         "job B: {answers:#?}"
     );
+
+    // The same server asked by its IPv6 address (a job of a third rule, so that nothing job A
+    // resolved admits anything here): connects over IPv6 (UDP, a socket bound to `[::]:0`
+    // first; TCP; glibc's resolver with an IPv6 nameserver) are redirected through
+    // `::ffff:127.0.0.1` and the answer comes back from the address the process asked; an
+    // unconnected IPv6 send is not redirected and the server's address is refused.
+    let resolv6 = env.dir.join("resolv6.conf");
+    std::fs::write(
+        &resolv6,
+        format!("nameserver {SERVER6}\noptions attempts:1\n"),
+    )
+    .unwrap();
+    let dns6 = |how: &str, name: &str| format!("dns {how} [{SERVER6}]:53 {name} {PORT}");
+    let run_d = run_id(4);
+    let answers = job(
+        &env,
+        &agent,
+        &run_d,
+        "acme/dns-6",
+        &[
+            ("udp6", dns6("udp", "allowed.test")),
+            ("tcp6", dns6("tcp", "www.allowed.test")),
+            ("denied6", dns6("udp", "denied.test")),
+            ("send6", dns6("udp-send", "allowed.test")),
+            (
+                "glibc6",
+                format!(
+                    "!unshare -m sh -c 'mount --bind {} /etc/resolv.conf && exec \"$JOB_STEP\" connect-name glibc.allowed.test:{PORT}'",
+                    resolv6.display()
+                ),
+            ),
+        ],
+    );
+    let expect6 = |label: &str, want: &str| {
+        assert_eq!(
+            answers.get(label).map(String::as_str),
+            Some(want),
+            "`{label}` over IPv6; all answers: {answers:#?}\nlog: {}",
+            agent_log(&dir)
+        );
+    };
+    expect6("udp6", &format!("NoError {ALLOWED} ok"));
+    expect6("tcp6", &format!("NoError {CNAME_TARGET} ok"));
+    expect6("denied6", "Refused - -");
+    expect6("send6", "error Operation not permitted (os error 1)");
+    expect6("glibc6", "ok");
+    let job_d = format!("{run_d}/build");
+    let alert = wait_alert(&agent, "unexpected-egress", &job_d, |a| {
+        a["destination"]["port"] == 53
+    });
+    assert_eq!(alert["destination"]["ip"], SERVER6, "{alert}");
+    assert_eq!(alert["blocked"], true, "{alert}");
 
     // A job in audit mode and a process outside jobs are not redirected: they ask the server
     // itself, which answers any name.

@@ -27,14 +27,15 @@ use super::SensorError;
 use crate::{event::JobKey, policy::EgressPlan};
 
 /// The programs that refuse egress in block mode (they also watch DNS sockets, hence the names),
-/// and `dns_recvmsg4`, without which answers from the agent's resolver would not look like the
-/// server's and resolvers would drop them.
-pub const ENFORCING_PROGRAMS: [&str; 6] = [
+/// and `dns_recvmsg4`/`dns_recvmsg6`, without which answers from the agent's resolver would not
+/// look like the server's and resolvers would drop them.
+pub const ENFORCING_PROGRAMS: [&str; 7] = [
     "dns_connect4",
     "dns_connect6",
     "dns_sendmsg4",
     "dns_sendmsg6",
     "dns_recvmsg4",
+    "dns_recvmsg6",
     "raw_socket_create",
 ];
 

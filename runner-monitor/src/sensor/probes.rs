@@ -291,6 +291,12 @@ pub(super) const PROBES: &[Probe] = &[
     },
     Probe {
         sensor: "dns",
+        program: "dns_recvmsg6",
+        hooks: &[Hook::SockAddr],
+        required: false,
+    },
+    Probe {
+        sensor: "dns",
         program: "dns_egress",
         hooks: &[Hook::Skb(CgroupSkbAttachType::Egress)],
         required: false,
