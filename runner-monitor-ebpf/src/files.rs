@@ -3,6 +3,11 @@
 //!
 //! Each syscall is seen twice: at entry the path is read from user memory and matched; a match is
 //! kept per thread until the exit, which adds the result and sends the event.
+//!
+//! Every file syscall's entry program only takes its arguments (for a job process) and jumps to
+//! one program, `file_enter`, which reads and matches the paths (a tail call through
+//! `FILE_ENTER`): the kernel's verifier checks the path matching once, not once per syscall. It
+//! took about half a second per program, most of an agent's start.
 
 use aya_ebpf::{
     helpers::{
@@ -10,7 +15,7 @@ use aya_ebpf::{
         generated::{bpf_probe_read_kernel, bpf_probe_read_kernel_str, bpf_probe_read_user_str},
     },
     macros::{map, tracepoint},
-    maps::{HashMap, PerCpuArray},
+    maps::{HashMap, PerCpuArray, ProgramArray},
     programs::TracePointContext,
 };
 use runner_monitor_common::{
@@ -54,6 +59,10 @@ static FILE_SCRATCH: PerCpuArray<PendingFile> = PerCpuArray::with_max_entries(1,
 /// per open; entries go when their thread exits (`forget_thread`).
 #[map]
 static PENDING_FILES: HashMap<u32, PendingFile> = HashMap::with_max_entries(PRIVATE_MAP_ENTRIES, 0);
+
+/// Slot 0: `file_enter`, put there by the agent before it attaches the entry programs.
+#[map]
+static FILE_ENTER: ProgramArray = ProgramArray::with_max_entries(1, 0);
 
 /// Drops the pending-file entry of an exiting thread.
 #[inline(always)]
@@ -163,32 +172,73 @@ fn read_and_match(pending: &mut PendingFile, kernel: bool) -> Outcome {
     }
 }
 
-/// Entry of a file syscall: read and match the path(s), keep a match until the exit.
+/// Entry of a file syscall by a job process: its arguments go to the per-CPU scratch, and
+/// `file_enter` takes it from there.
 #[inline(always)]
-fn enter(kind: EventKind, dirfd: i32, path: u64, dirfd2: i32, path2: u64, flags: u32) {
-    let Some(process) = current_process() else {
+fn enter(
+    ctx: &TracePointContext,
+    kind: EventKind,
+    dirfd: i32,
+    path: u64,
+    dirfd2: i32,
+    path2: u64,
+    flags: u32,
+) {
+    if current_process().is_none() {
         return;
-    };
+    }
     let Some(pending) = FILE_SCRATCH.get_ptr_mut(0) else {
         return;
     };
+    // SAFETY: per-CPU scratch owned by this program run and the one it jumps to.
+    let pending = unsafe { &mut *pending };
+    pending.event.header.kind = kind as u32;
+    pending.event.dirfd = dirfd;
+    pending.event.dirfd2 = dirfd2;
+    pending.event.flags = flags;
+    pending.path = path;
+    pending.path2 = path2;
+    // SAFETY: jumps to `file_enter` (same program type, same context); returns only when the
+    // slot is empty (the agent failed to fill it, and reported the file probes failed).
+    unsafe { FILE_ENTER.tail_call(ctx, 0) };
+}
+
+/// The event kind a file entry program put in the scratch.
+#[inline(always)]
+fn file_kind(kind: u32) -> EventKind {
+    if kind == EventKind::FileRename as u32 {
+        EventKind::FileRename
+    } else if kind == EventKind::FileUnlink as u32 {
+        EventKind::FileUnlink
+    } else if kind == EventKind::FileLink as u32 {
+        EventKind::FileLink
+    } else {
+        EventKind::FileOpen
+    }
+}
+
+/// Every file syscall's entry, reached by tail call from its entry program (never attached):
+/// read and match the path(s), keep a match until the exit.
+#[tracepoint]
+pub fn file_enter(_ctx: TracePointContext) -> u32 {
+    let Some(process) = current_process() else {
+        return 0;
+    };
+    let Some(pending) = FILE_SCRATCH.get_ptr_mut(0) else {
+        return 0;
+    };
     // SAFETY: per-CPU scratch owned by this program run.
     let pending = unsafe { &mut *pending };
+    let kind = file_kind(pending.event.header.kind);
     let event = &mut pending.event;
     // Only what matching needs; the rest of the header is filled for a match alone, since the
     // helpers behind it cost more than the match itself (measured ~330 ns of ~900 ns per open).
-    event.header.kind = kind as u32;
     event.header.tgid = current_tgid();
     event.header.flags = 0;
     event.result = 0;
-    event.dirfd = dirfd;
-    event.dirfd2 = dirfd2;
-    event.flags = flags;
-    pending.path = path;
-    pending.path2 = path2;
     pending._pad = 0;
     pending.state = match read_and_match(pending, false) {
-        Outcome::NoMatch => return,
+        Outcome::NoMatch => return 0,
         Outcome::Match => MATCHED,
         Outcome::Unreadable => RETRY,
     };
@@ -212,6 +262,7 @@ fn enter(kind: EventKind, dirfd: i32, path: u64, dirfd2: i32, path2: u64, flags:
             }
         }
     }
+    0
 }
 
 /// Exit of a file syscall: add the result to the kept event and send it.
@@ -291,6 +342,7 @@ pub fn kernel_file(
 #[tracepoint]
 pub fn sys_enter_openat(ctx: TracePointContext) -> u32 {
     enter(
+        &ctx,
         EventKind::FileOpen,
         syscall_arg::<i64>(&ctx, 0) as i32,
         syscall_arg(&ctx, 1),
@@ -313,6 +365,7 @@ pub fn sys_enter_openat2(ctx: TracePointContext) -> u32 {
         unsafe { bpf_probe_read_user(how as *const u64).unwrap_or(0) }
     };
     enter(
+        &ctx,
         EventKind::FileOpen,
         syscall_arg::<i64>(&ctx, 0) as i32,
         syscall_arg(&ctx, 1),
@@ -327,6 +380,7 @@ pub fn sys_enter_openat2(ctx: TracePointContext) -> u32 {
 #[tracepoint]
 pub fn sys_enter_open(ctx: TracePointContext) -> u32 {
     enter(
+        &ctx,
         EventKind::FileOpen,
         AT_FDCWD,
         syscall_arg(&ctx, 0),
@@ -342,6 +396,7 @@ pub fn sys_enter_open(ctx: TracePointContext) -> u32 {
 pub fn sys_enter_creat(ctx: TracePointContext) -> u32 {
     // creat() is open(O_CREAT|O_WRONLY|O_TRUNC).
     enter(
+        &ctx,
         EventKind::FileOpen,
         AT_FDCWD,
         syscall_arg(&ctx, 0),
@@ -356,6 +411,7 @@ pub fn sys_enter_creat(ctx: TracePointContext) -> u32 {
 #[tracepoint]
 pub fn sys_enter_rename(ctx: TracePointContext) -> u32 {
     enter(
+        &ctx,
         EventKind::FileRename,
         AT_FDCWD,
         syscall_arg(&ctx, 0),
@@ -370,6 +426,7 @@ pub fn sys_enter_rename(ctx: TracePointContext) -> u32 {
 #[tracepoint]
 pub fn sys_enter_renameat(ctx: TracePointContext) -> u32 {
     enter(
+        &ctx,
         EventKind::FileRename,
         syscall_arg::<i64>(&ctx, 0) as i32,
         syscall_arg(&ctx, 1),
@@ -385,6 +442,7 @@ pub fn sys_enter_renameat(ctx: TracePointContext) -> u32 {
 #[tracepoint]
 pub fn sys_enter_renameat2(ctx: TracePointContext) -> u32 {
     enter(
+        &ctx,
         EventKind::FileRename,
         syscall_arg::<i64>(&ctx, 0) as i32,
         syscall_arg(&ctx, 1),
@@ -399,6 +457,7 @@ pub fn sys_enter_renameat2(ctx: TracePointContext) -> u32 {
 #[tracepoint]
 pub fn sys_enter_unlink(ctx: TracePointContext) -> u32 {
     enter(
+        &ctx,
         EventKind::FileUnlink,
         AT_FDCWD,
         syscall_arg(&ctx, 0),
@@ -413,6 +472,7 @@ pub fn sys_enter_unlink(ctx: TracePointContext) -> u32 {
 #[tracepoint]
 pub fn sys_enter_unlinkat(ctx: TracePointContext) -> u32 {
     enter(
+        &ctx,
         EventKind::FileUnlink,
         syscall_arg::<i64>(&ctx, 0) as i32,
         syscall_arg(&ctx, 1),
@@ -427,6 +487,7 @@ pub fn sys_enter_unlinkat(ctx: TracePointContext) -> u32 {
 #[tracepoint]
 pub fn sys_enter_link(ctx: TracePointContext) -> u32 {
     enter(
+        &ctx,
         EventKind::FileLink,
         AT_FDCWD,
         syscall_arg(&ctx, 0),
@@ -442,6 +503,7 @@ pub fn sys_enter_link(ctx: TracePointContext) -> u32 {
 #[tracepoint]
 pub fn sys_enter_linkat(ctx: TracePointContext) -> u32 {
     enter(
+        &ctx,
         EventKind::FileLink,
         syscall_arg::<i64>(&ctx, 0) as i32,
         syscall_arg(&ctx, 1),
@@ -457,6 +519,7 @@ pub fn sys_enter_linkat(ctx: TracePointContext) -> u32 {
 #[tracepoint]
 pub fn sys_enter_symlink(ctx: TracePointContext) -> u32 {
     enter(
+        &ctx,
         EventKind::FileLink,
         AT_FDCWD,
         syscall_arg(&ctx, 0),
@@ -471,6 +534,7 @@ pub fn sys_enter_symlink(ctx: TracePointContext) -> u32 {
 #[tracepoint]
 pub fn sys_enter_symlinkat(ctx: TracePointContext) -> u32 {
     enter(
+        &ctx,
         EventKind::FileLink,
         AT_FDCWD,
         syscall_arg(&ctx, 0),

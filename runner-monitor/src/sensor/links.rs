@@ -37,6 +37,8 @@ pub struct LinkPins {
     earlier: BTreeSet<String>,
     /// How many of the earlier agent's probes this one took over.
     replaced: usize,
+    /// Maps the pinned probes need (tail-call tables), pinned beside them.
+    maps: Vec<PathBuf>,
 }
 
 impl LinkPins {
@@ -99,6 +101,25 @@ impl LinkPins {
         }
     }
 
+    /// Pins a map the probes need while no agent runs: a tail-call table loses its entries once
+    /// no process holds it, and the probes that jump through it would see nothing. Named
+    /// `<name>-<map id>`, which no later agent's map has: to the next agent it is an earlier pin
+    /// of a program it does not have, removed (`finish`) once its own probes replaced these.
+    pub fn pin_map(&mut self, name: &str, fd: i32, map_id: u32) {
+        let Some(dir) = &self.dir else {
+            return;
+        };
+        let path = dir.join(format!("{name}-{map_id}"));
+        match pin(fd, &path) {
+            Ok(()) => self.maps.push(path),
+            Err(reason) => {
+                self.unpinned += 1;
+                self.refusal
+                    .get_or_insert_with(|| format!("{name}: {reason}"));
+            }
+        }
+    }
+
     /// How many probes could not be pinned, and the first reason.
     pub fn refused(&self) -> Option<(usize, &str)> {
         self.refusal.as_deref().map(|r| (self.unpinned, r))
@@ -131,6 +152,11 @@ impl LinkPins {
                 Ok(()) => n += 1,
                 Err(error) => tracing::warn!(path = %path.display(), %error,
                     "a probe's pin could not be removed"),
+            }
+        }
+        for path in self.maps.drain(..) {
+            if let Err(error) = std::fs::remove_file(&path) {
+                tracing::warn!(path = %path.display(), %error, "a map's pin could not be removed");
             }
         }
         n
