@@ -154,28 +154,50 @@ fn agent_gone() -> Option<bool> {
     Some(names::setting(setting::AGENT_FAILURE_CLOSED) != 0)
 }
 
+/// The context's `user_ip6`, network byte order per word.
+#[inline(always)]
+pub fn user_ip6(ctx: &SockAddrContext) -> [u32; 4] {
+    let sa = ctx.sock_addr;
+    // VERIFIER: the context's user_ip6 is read as four 4-byte loads, the access size the kernel
+    // allows at every word (volatile keeps LLVM from merging them).
+    // SAFETY: context field reads.
+    unsafe {
+        [
+            core::ptr::read_volatile(&(*sa).user_ip6[0]),
+            core::ptr::read_volatile(&(*sa).user_ip6[1]),
+            core::ptr::read_volatile(&(*sa).user_ip6[2]),
+            core::ptr::read_volatile(&(*sa).user_ip6[3]),
+        ]
+    }
+}
+
+/// Writes the context's `user_ip6` (the program types that may: connect6, sendmsg6, recvmsg6),
+/// one 4-byte store per word.
+#[inline(always)]
+pub fn set_user_ip6(ctx: &SockAddrContext, addr: [u32; 4]) {
+    let sa = ctx.sock_addr;
+    // SAFETY: context field writes.
+    unsafe {
+        core::ptr::write_volatile(&mut (*sa).user_ip6[0], addr[0]);
+        core::ptr::write_volatile(&mut (*sa).user_ip6[1], addr[1]);
+        core::ptr::write_volatile(&mut (*sa).user_ip6[2], addr[2]);
+        core::ptr::write_volatile(&mut (*sa).user_ip6[3], addr[3]);
+    }
+}
+
 /// The address as the process wrote it.
 #[inline(always)]
 fn written_address(ctx: &SockAddrContext, v6: bool) -> [u8; 16] {
     let mut addr = [0u8; 16];
-    let sa = ctx.sock_addr;
-    // SAFETY: context field reads; user_ip4/user_ip6 hold the address in network byte order.
-    unsafe {
-        if v6 {
-            // VERIFIER: the context's user_ip6 is read as four 4-byte loads, the access size the
-            // kernel allows at every word (volatile keeps LLVM from merging them).
-            let w0 = core::ptr::read_volatile(&(*sa).user_ip6[0]);
-            let w1 = core::ptr::read_volatile(&(*sa).user_ip6[1]);
-            let w2 = core::ptr::read_volatile(&(*sa).user_ip6[2]);
-            let w3 = core::ptr::read_volatile(&(*sa).user_ip6[3]);
-            addr[0..4].copy_from_slice(&w0.to_ne_bytes());
-            addr[4..8].copy_from_slice(&w1.to_ne_bytes());
-            addr[8..12].copy_from_slice(&w2.to_ne_bytes());
-            addr[12..16].copy_from_slice(&w3.to_ne_bytes());
-        } else {
-            let ip = core::ptr::read_volatile(&(*sa).user_ip4);
-            addr[0..4].copy_from_slice(&ip.to_ne_bytes());
+    if v6 {
+        for (i, word) in user_ip6(ctx).iter().enumerate() {
+            addr[i * 4..i * 4 + 4].copy_from_slice(&word.to_ne_bytes());
         }
+    } else {
+        let sa = ctx.sock_addr;
+        // SAFETY: a context field read; user_ip4 holds the address in network byte order.
+        let ip = unsafe { core::ptr::read_volatile(&(*sa).user_ip4) };
+        addr[0..4].copy_from_slice(&ip.to_ne_bytes());
     }
     addr
 }

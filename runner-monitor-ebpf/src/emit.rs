@@ -137,8 +137,14 @@ fn wakeup_flags(backlog: u64, size: u64) -> u64 {
 /// Fills the header for an event of the current task.
 #[inline(always)]
 pub fn fill_header(header: &mut EventHeader, kind: EventKind, process: Option<&ProcessJob>) {
-    let pid_tgid = bpf_get_current_pid_tgid();
     header.kind = kind as u32;
+    fill_task(header, process);
+}
+
+/// Fills the header for an event of the current task whose kind it holds already.
+#[inline(always)]
+pub fn fill_task(header: &mut EventHeader, process: Option<&ProcessJob>) {
+    let pid_tgid = bpf_get_current_pid_tgid();
     header.ts_ns = now_ns();
     header.pid = pid_tgid as u32;
     header.tgid = (pid_tgid >> 32) as u32;

@@ -26,7 +26,7 @@ use runner_monitor_common::{
 use crate::{
     args::{syscall_arg, syscall_ret},
     budget::within_budget,
-    emit::{fill_header, send_built},
+    emit::{fill_header, fill_task, send_built},
     maps::{PRIVATE_MAP_ENTRIES, count, current_process, current_tgid},
     names::{mark, match_credential, match_proc_memory, split},
 };
@@ -203,20 +203,6 @@ fn enter(
     unsafe { FILE_ENTER.tail_call(ctx, 0) };
 }
 
-/// The event kind a file entry program put in the scratch.
-#[inline(always)]
-fn file_kind(kind: u32) -> EventKind {
-    if kind == EventKind::FileRename as u32 {
-        EventKind::FileRename
-    } else if kind == EventKind::FileUnlink as u32 {
-        EventKind::FileUnlink
-    } else if kind == EventKind::FileLink as u32 {
-        EventKind::FileLink
-    } else {
-        EventKind::FileOpen
-    }
-}
-
 /// Every file syscall's entry, reached by tail call from its entry program (never attached):
 /// read and match the path(s), keep a match until the exit.
 #[tracepoint]
@@ -229,7 +215,6 @@ pub fn file_enter(_ctx: TracePointContext) -> u32 {
     };
     // SAFETY: per-CPU scratch owned by this program run.
     let pending = unsafe { &mut *pending };
-    let kind = file_kind(pending.event.header.kind);
     let event = &mut pending.event;
     // Only what matching needs; the rest of the header is filled for a match alone, since the
     // helpers behind it cost more than the match itself (measured ~330 ns of ~900 ns per open).
@@ -244,7 +229,8 @@ pub fn file_enter(_ctx: TracePointContext) -> u32 {
     };
     // `read_and_match` may have flagged a truncated path: keep that flag.
     let truncated = pending.event.header.flags & HEADER_TRUNCATED;
-    fill_header(&mut pending.event.header, kind, Some(&process));
+    // The kind is the one the entry program wrote.
+    fill_task(&mut pending.event.header, Some(&process));
     pending.event.header.flags |= truncated;
     let tid = bpf_get_current_pid_tgid() as u32;
     match PENDING_FILES.get_ptr_mut(tid) {

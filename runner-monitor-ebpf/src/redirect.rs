@@ -26,6 +26,7 @@ use runner_monitor_common::{
 };
 
 use crate::{
+    egress::{set_user_ip6, user_ip6},
     maps::{PENDING_CONNECTS, current_process},
     names,
 };
@@ -98,6 +99,21 @@ struct SockaddrIn6 {
     scope_id: u32,
 }
 
+/// Binds the socket of a connect to `addr` (a `SockaddrIn` or `SockaddrIn6` on the stack, port
+/// 0: the address only, the port is picked at connect); false when it is bound already.
+#[inline(always)]
+fn bind<T>(ctx: &SockAddrContext, addr: &mut T) -> bool {
+    // SAFETY: `addr` is a sockaddr of `size_of::<T>()` bytes on the stack.
+    let rc = unsafe {
+        bpf_bind(
+            ctx.sock_addr,
+            (addr as *mut T).cast(),
+            core::mem::size_of::<T>() as i32,
+        )
+    };
+    rc == 0
+}
+
 /// The policy id of the job whose connect or send to `user_port` (network byte order) goes to
 /// the agent's resolver: a job process in block mode, in the agent's network namespace, to port
 /// 53.
@@ -168,16 +184,7 @@ pub fn redirect4(ctx: &SockAddrContext, send: bool) -> bool {
             addr: source,
             zero: [0; 8],
         };
-        // SAFETY: a sockaddr_in on the stack; port 0 binds the address only (the port is
-        // picked at connect).
-        let rc = unsafe {
-            bpf_bind(
-                sa,
-                (&mut bind_to as *mut SockaddrIn).cast(),
-                core::mem::size_of::<SockaddrIn>() as i32,
-            )
-        };
-        if rc != 0 {
+        if !bind(ctx, &mut bind_to) {
             // SAFETY: reads of the socket the context carries.
             let (src_ip4, src_port) = unsafe {
                 let sk = (*sa).__bindgen_anon_1.sk;
@@ -216,19 +223,9 @@ pub fn redirect6(ctx: &SockAddrContext) -> bool {
         return false;
     };
     let sa = ctx.sock_addr;
-    // VERIFIER: user_ip6 is read as four 4-byte loads (see `egress::destination`).
-    // SAFETY: context field reads.
-    let (ip6, user_port) = unsafe {
-        (
-            [
-                core::ptr::read_volatile(&(*sa).user_ip6[0]),
-                core::ptr::read_volatile(&(*sa).user_ip6[1]),
-                core::ptr::read_volatile(&(*sa).user_ip6[2]),
-                core::ptr::read_volatile(&(*sa).user_ip6[3]),
-            ],
-            (*sa).user_port,
-        )
-    };
+    let ip6 = user_ip6(ctx);
+    // SAFETY: a context field read.
+    let user_port = unsafe { (*sa).user_port };
     let Some(policy) = redirected_policy(ctx, user_port) else {
         return false;
     };
@@ -239,15 +236,7 @@ pub fn redirect6(ctx: &SockAddrContext) -> bool {
         addr: mapped(dns_source(policy).to_be()),
         scope_id: 0,
     };
-    // SAFETY: a sockaddr_in6 on the stack; port 0 binds the address only.
-    let rc = unsafe {
-        bpf_bind(
-            sa,
-            (&mut bind_to as *mut SockaddrIn6).cast(),
-            core::mem::size_of::<SockaddrIn6>() as i32,
-        )
-    };
-    if rc != 0 {
+    if !bind(ctx, &mut bind_to) {
         // SAFETY: reads of the socket the context carries.
         let (wildcard, src_port) = unsafe {
             let sk = (*sa).__bindgen_anon_1.sk;
@@ -268,15 +257,9 @@ pub fn redirect6(ctx: &SockAddrContext) -> bool {
         },
         false,
     );
-    let to = mapped(resolver_ip4());
-    // SAFETY: context field writes connect6 may make, one 4-byte store per word.
-    unsafe {
-        core::ptr::write_volatile(&mut (*sa).user_ip6[0], to[0]);
-        core::ptr::write_volatile(&mut (*sa).user_ip6[1], to[1]);
-        core::ptr::write_volatile(&mut (*sa).user_ip6[2], to[2]);
-        core::ptr::write_volatile(&mut (*sa).user_ip6[3], to[3]);
-        (*sa).user_port = port;
-    }
+    set_user_ip6(ctx, mapped(resolver_ip4()));
+    // SAFETY: a context field write connect6 may make.
+    unsafe { (*sa).user_port = port };
     true
 }
 
@@ -313,18 +296,9 @@ pub fn dns_recvmsg6(ctx: SockAddrContext) -> i32 {
         return 1;
     };
     let sa = ctx.sock_addr;
-    let from = mapped(resolver_ip4());
-    // SAFETY: context field reads, one 4-byte load per word.
-    let (w0, w1, w2, w3, user_port) = unsafe {
-        (
-            core::ptr::read_volatile(&(*sa).user_ip6[0]),
-            core::ptr::read_volatile(&(*sa).user_ip6[1]),
-            core::ptr::read_volatile(&(*sa).user_ip6[2]),
-            core::ptr::read_volatile(&(*sa).user_ip6[3]),
-            (*sa).user_port,
-        )
-    };
-    if [w0, w1, w2, w3] != from || user_port != port {
+    // SAFETY: a context field read.
+    let user_port = unsafe { (*sa).user_port };
+    if user_ip6(&ctx) != mapped(resolver_ip4()) || user_port != port {
         return 1;
     }
     // SAFETY: the context is a socket-address context.
@@ -333,14 +307,9 @@ pub fn dns_recvmsg6(ctx: SockAddrContext) -> i32 {
     if let Some(original) = unsafe { DNS_REDIRECTS.get(cookie).copied() }
         && original.v6 != 0
     {
-        // SAFETY: context field writes recvmsg6 may make, one 4-byte store per word.
-        unsafe {
-            core::ptr::write_volatile(&mut (*sa).user_ip6[0], original.ip6[0]);
-            core::ptr::write_volatile(&mut (*sa).user_ip6[1], original.ip6[1]);
-            core::ptr::write_volatile(&mut (*sa).user_ip6[2], original.ip6[2]);
-            core::ptr::write_volatile(&mut (*sa).user_ip6[3], original.ip6[3]);
-            (*sa).user_port = original.port;
-        }
+        set_user_ip6(&ctx, original.ip6);
+        // SAFETY: a context field write recvmsg6 may make.
+        unsafe { (*sa).user_port = original.port };
     }
     1
 }

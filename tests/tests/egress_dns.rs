@@ -118,6 +118,21 @@ fn job(
     job_answers(env, agent, run, repository, &script)
 }
 
+/// The step `label` answered `want`.
+fn expect_answer(
+    answers: &BTreeMap<String, String>,
+    label: &str,
+    want: &str,
+    dir: &std::path::Path,
+) {
+    assert_eq!(
+        answers.get(label).map(String::as_str),
+        Some(want),
+        "`{label}`; all answers: {answers:#?}\nlog: {}",
+        agent_log(dir)
+    );
+}
+
 fn destination_is(alert: &Value, ip: &str, port: u16) -> bool {
     alert["destination"]["ip"] == ip && alert["destination"]["port"] == port
 }
@@ -168,14 +183,7 @@ fn block_mode_admits_what_a_job_resolved_for_an_allowed_name_and_nothing_else() 
         ("glibc", glibc),
     ];
     let answers = job(&env, &agent, &run_a, "acme/dns-a", &steps);
-    let expect = |label: &str, want: &str| {
-        assert_eq!(
-            answers.get(label).map(String::as_str),
-            Some(want),
-            "`{label}`; all answers: {answers:#?}\nlog: {}",
-            agent_log(&dir)
-        );
-    };
+    let expect = |label: &str, want: &str| expect_answer(&answers, label, want, &dir);
     expect("udp", &format!("NoError {ALLOWED} ok"));
     expect("cname", &format!("NoError {CNAME_TARGET} ok"));
     expect("tcp", &format!("NoError {ALLOWED} ok"));
@@ -259,14 +267,7 @@ fn block_mode_admits_what_a_job_resolved_for_an_allowed_name_and_nothing_else() 
             ),
         ],
     );
-    let expect6 = |label: &str, want: &str| {
-        assert_eq!(
-            answers.get(label).map(String::as_str),
-            Some(want),
-            "`{label}` over IPv6; all answers: {answers:#?}\nlog: {}",
-            agent_log(&dir)
-        );
-    };
+    let expect6 = |label: &str, want: &str| expect_answer(&answers, label, want, &dir);
     expect6("udp6", &format!("NoError {ALLOWED} ok"));
     expect6("tcp6", &format!("NoError {CNAME_TARGET} ok"));
     expect6("denied6", "Refused - -");

@@ -133,33 +133,39 @@ const FILE_ENTRY_PROGRAMS: [&str; 13] = [
     "sys_enter_symlinkat",
 ];
 
+/// The program the file syscalls' entry programs jump to, and the table they jump through.
+const FILE_ENTER_PROGRAM: &str = "file_enter";
+const FILE_ENTER_MAP: &str = "FILE_ENTER";
+
 /// Loads `file_enter` and puts it in `FILE_ENTER` before any entry program is attached (an
 /// empty slot would make them see nothing), pinned beside the probes (`links.rs`).
 fn fill_file_enter(ebpf: &mut Ebpf, links: &mut LinkPins) -> Result<(), String> {
     use aya::maps::{Map, ProgramArray};
-    const PROGRAM: &str = "file_enter";
-    const MAP: &str = "FILE_ENTER";
     let program: &mut TracePoint = ebpf
-        .program_mut(PROGRAM)
-        .ok_or_else(|| format!("program {PROGRAM} is not in the object"))?
+        .program_mut(FILE_ENTER_PROGRAM)
+        .ok_or_else(|| format!("program {FILE_ENTER_PROGRAM} is not in the object"))?
         .try_into()
-        .map_err(|e| format!("{PROGRAM}: {e}"))?;
+        .map_err(|e| format!("{FILE_ENTER_PROGRAM}: {e}"))?;
     if program.fd().is_err() {
-        program.load().map_err(|e| verifier_reason(PROGRAM, &e))?;
+        program
+            .load()
+            .map_err(|e| verifier_reason(FILE_ENTER_PROGRAM, &e))?;
     }
     let fd = program
         .fd()
         .and_then(|fd| fd.try_clone().map_err(Into::into))
-        .map_err(|e| format!("{PROGRAM}: {e}"))?;
+        .map_err(|e| format!("{FILE_ENTER_PROGRAM}: {e}"))?;
     let map = ebpf
-        .map_mut(MAP)
-        .ok_or_else(|| format!("map {MAP} is not in the object"))?;
+        .map_mut(FILE_ENTER_MAP)
+        .ok_or_else(|| format!("map {FILE_ENTER_MAP} is not in the object"))?;
     if let Map::ProgramArray(data) = &*map {
         let id = data.info().map(|i| i.id()).unwrap_or(0);
         links.pin_map("file_enter_calls", data.fd().as_fd().as_raw_fd(), id);
     }
-    let mut table = ProgramArray::try_from(map).map_err(|e| format!("{MAP}: {e}"))?;
-    table.set(0, &fd, 0).map_err(|e| format!("{MAP}: {e}"))
+    let mut table = ProgramArray::try_from(map).map_err(|e| format!("{FILE_ENTER_MAP}: {e}"))?;
+    table
+        .set(0, &fd, 0)
+        .map_err(|e| format!("{FILE_ENTER_MAP}: {e}"))
 }
 
 /// Loads the programs `attach_all` is about to attach, several at a time: the kernel's verifier
@@ -184,7 +190,7 @@ fn preload(ebpf: &mut Ebpf, skip: &[&str], tracefs: &Result<PathBuf, String>, cg
         .map(|probe| probe.program)
         .collect();
     if wanted.iter().any(|p| FILE_ENTRY_PROGRAMS.contains(p)) {
-        wanted.push("file_enter");
+        wanted.push(FILE_ENTER_PROGRAM);
     }
     let started = std::time::Instant::now();
     let programs: Vec<&mut Program> = ebpf
