@@ -58,7 +58,7 @@ pub(super) fn file_open(
         baseline::used(engine, event, job_key, used, out);
     }
     if f.write {
-        materialise(engine, job_key, &f.path, &kind_name);
+        materialise(engine, event, job_key, &f.path, &kind_name, out);
     } else if let Some((origin, copied)) = written_by_another_job(engine, job_key, f) {
         out.push(reuse(engine, event, job_key, origin, &credential, copied));
     }
@@ -281,20 +281,46 @@ fn reuse(
     finding
 }
 
-fn materialise(engine: &mut Engine, job: JobKey, path: &str, kind: &str) {
+/// A credential job `job` put at `path`. Written while the job ran but seen after the engine
+/// ended it (a write is reported once the writer closed it and was hashed, which can come after
+/// the runner's end request): left behind at once, since the end has already been judged.
+fn materialise(
+    engine: &mut Engine,
+    event: &Event,
+    job: JobKey,
+    path: &str,
+    kind: &str,
+    out: &mut Vec<Finding>,
+) {
     engine.ledger.insert(
         path.to_owned(),
         LedgerEntry {
             materialised_by: Some(job),
         },
     );
-    if let Some(j) = engine.jobs.get_mut(&job) {
-        j.written.insert(path.to_owned(), kind.to_owned());
+    let Some(j) = engine.jobs.get_mut(&job) else {
+        return;
+    };
+    match j.ended_ns {
+        None => {
+            j.written.insert(path.to_owned(), kind.to_owned());
+        }
+        Some(ended) if !is_ended(event) => {
+            let fj = finding_job(j, true);
+            out.push(super::left_behind(&fj, path, kind, ended));
+        }
+        // Written by a survivor after the end: credential-after-job-end says it.
+        Some(_) => {}
     }
 }
 
 /// Rename or link: a credential put in place at the new path; one moved away is gone.
-pub(super) fn file_moved(engine: &mut Engine, event: &Event, f: &FileAccess) {
+pub(super) fn file_moved(
+    engine: &mut Engine,
+    event: &Event,
+    f: &FileAccess,
+    out: &mut Vec<Finding>,
+) {
     let Some(job) = event.job.as_ref().map(|j| j.key) else {
         return;
     };
@@ -311,6 +337,6 @@ pub(super) fn file_moved(engine: &mut Engine, event: &Event, f: &FileAccess) {
         && let Some(kind) = engine.policy.credential_of(new_path)
     {
         let kind = kind.kind.clone();
-        materialise(engine, job, new_path, &kind);
+        materialise(engine, event, job, new_path, &kind, out);
     }
 }

@@ -154,7 +154,7 @@ pub(super) fn event(engine: &mut Engine, event: &Event, out: &mut Vec<Finding>) 
         }
         EventDetail::FileRename(f) | EventDetail::FileLink(f) => {
             persistence::file_event(engine, event, f, out);
-            credentials::file_moved(engine, event, f)
+            credentials::file_moved(engine, event, f, out)
         }
         EventDetail::FileUnlink(f) => {
             if let Some(key) = event.job.as_ref().map(|j| j.key)
@@ -331,27 +331,33 @@ fn memory_access(
 pub(super) fn job_ended(engine: &mut Engine, job: &Job, time_ns: u64, out: &mut Vec<Finding>) {
     let fj = finding_job(job, true);
     for (path, kind) in &job.written {
-        let mut finding = Finding::new(
-            RuleId::CredentialLeftBehind,
-            time_ns,
-            format!(
-                "{} ended and left the {kind} credential it wrote at {path}",
-                job_label(&fj)
-            ),
-        );
-        finding.job = Some(fj.clone());
-        finding.credential = Some(CredentialRef {
-            path: path.clone(),
-            kind: kind.clone(),
-            fingerprint: None,
-            used_path: None,
-        });
-        out.push(finding);
+        out.push(left_behind(&fj, path, kind, time_ns));
     }
     // The job's written credentials are reported once.
     if let Some(j) = engine.jobs.get_mut(&job.key) {
         j.written.clear();
     }
+}
+
+/// `credential-left-behind`: job `fj` ended (at `time_ns`) with the credential it wrote at
+/// `path` still there.
+pub(super) fn left_behind(fj: &FindingJob, path: &str, kind: &str, time_ns: u64) -> Finding {
+    let mut finding = Finding::new(
+        RuleId::CredentialLeftBehind,
+        time_ns,
+        format!(
+            "{} ended and left the {kind} credential it wrote at {path}",
+            job_label(fj)
+        ),
+    );
+    finding.job = Some(fj.clone());
+    finding.credential = Some(CredentialRef {
+        path: path.to_owned(),
+        kind: kind.to_owned(),
+        fingerprint: None,
+        used_path: None,
+    });
+    finding
 }
 
 /// Staged jobs whose last stage ended `stage_gap` ago end; survivors: processes of an ended job

@@ -42,6 +42,27 @@ fn reuse_within_the_same_repository_is_high_not_critical() {
     );
 }
 
+/// The runner's end request can reach the engine before the write it follows: a write is reported
+/// once the writer closed the file and it was hashed.
+#[test]
+fn a_write_of_the_job_seen_after_its_end_is_left_behind() {
+    let mut t = Trace::new();
+    t.start(1, 1, 100, "acme/release");
+    t.end(3, 1, 100);
+    assert!(t.findings.is_empty(), "{:#?}", t.findings);
+    // Written at 2 s, while the job ran (the kernel did not mark it ended), seen now.
+    t.ended.remove(&1);
+    t.open(2, 1, 101, "/home/ci/.npmrc", true);
+    let left = t.only(RuleId::CredentialLeftBehind).clone();
+    assert_eq!(left.credential.as_ref().unwrap().path, "/home/ci/.npmrc");
+    assert_eq!(left.time_ns, 3 * S, "at the job's end");
+    // A survivor's write after the end is credential-after-job-end, not left behind as well.
+    t.ended.insert(1);
+    t.findings.clear();
+    t.open(4, 1, 101, "/home/ci/.docker/config.json", true);
+    assert_eq!(t.rules(), [RuleId::CredentialAfterJobEnd]);
+}
+
 #[test]
 fn a_credential_removed_before_the_end_is_not_left_behind() {
     let mut t = Trace::new();
