@@ -8,6 +8,7 @@ pub const CONTAINER_CGROUPS: &str = "CONTAINER_CGROUPS";
 pub const REQUESTED_CONTAINERS: &str = "REQUESTED_CONTAINERS";
 pub const PENDING_STARTS: &str = "PENDING_STARTS";
 pub const NAMES: &str = "NAMES";
+pub const FILE_NAMES: &str = "FILE_NAMES";
 pub const SETTINGS: &str = "SETTINGS";
 pub const JOB_BUDGETS: &str = "JOB_BUDGETS";
 pub const ENV_PREFIXES: &str = "ENV_PREFIXES";

@@ -61,8 +61,8 @@ pub const TLS_NAME_WILDCARD: u32 = 2;
 /// Capacity of `TLS_NAMES` (names over all policies).
 pub const MAX_TLS_NAMES: u32 = 16384;
 
-const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
-const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
+pub(crate) const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+pub(crate) const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
 
 /// The hash before any byte.
 pub const SNI_HASH_SEED: u64 = FNV_OFFSET;

@@ -1,10 +1,10 @@
 //! In-kernel path matching: only opens of interesting paths cross the ring buffer.
 //!
-//! The agent loads a set of names into `NAMES`: credential basenames (`config.json`,
-//! `credentials`), directory names (`.ssh`, `.aws`), basename prefixes (`id_`) and job-root
-//! executable names (`Runner.Worker`). A path matches when its basename, its last directory name
-//! or a prefix of its basename is in the set. This is a prefilter: the agent resolves the full
-//! path and applies the real policy.
+//! The agent loads credential basenames (`config.json`, `credentials`), directory names (`.ssh`,
+//! `.aws`) and basename prefixes (`id_`) into `FILE_NAMES`, by hash, and job-root executable
+//! names (`Runner.Worker`), job parents and identity variables into `NAMES`. A path matches when
+//! its basename, its last directory name or a prefix of its basename is in the set. This is a
+//! prefilter: the agent resolves the full path and applies the real policy.
 
 use aya_ebpf::{
     helpers::generated::bpf_probe_read_kernel,
@@ -12,12 +12,18 @@ use aya_ebpf::{
     maps::{Array, HashMap, PerCpuArray},
 };
 use runner_monitor_common::{
-    COMM_LEN, MATCH_BASENAME, MATCH_DIRNAME, MATCH_PREFIX, MATCH_PROC_MEMORY, MAX_PREFIX_LEN,
-    NAME_KIND_BASENAME, NAME_KIND_DIRNAME, NAME_KIND_PREFIX, NAME_LEN, NameKey, PATH_LEN, setting,
+    COMM_LEN, FILE_NAME_SEED, MATCH_BASENAME, MATCH_DIRNAME, MATCH_PREFIX, MATCH_PROC_MEMORY,
+    MAX_PREFIX_LEN, NAME_KIND_BASENAME, NAME_KIND_DIRNAME, NAME_KIND_PREFIX, NAME_LEN, NameKey,
+    PATH_LEN, file_name_key, file_name_step, setting,
 };
 
 #[map]
 pub static NAMES: HashMap<NameKey, u32> = HashMap::with_max_entries(1024, 0);
+
+/// Credential basenames, directory names and basename prefixes, by `file_name_hash`: what every
+/// file syscall of a job process is matched against.
+#[map]
+static FILE_NAMES: HashMap<u64, u32> = HashMap::with_max_entries(1024, 0);
 
 /// Settings the agent writes (`runner_monitor_common::setting`): at load and on policy reload.
 #[map]
@@ -172,11 +178,6 @@ pub fn comm_key(kind: u32, comm: &[u8; COMM_LEN]) -> NameKey {
     }
 }
 
-#[inline(always)]
-fn in_names(key: &NameKey) -> bool {
-    NAMES.get_ptr(key).is_some()
-}
-
 /// Sets `bit` in `out`, which lives in map memory.
 ///
 /// VERIFIER: match results go to memory at once. Kept in a register, each combination of bits is
@@ -187,43 +188,50 @@ pub fn mark(out: &mut u32, bit: u32) {
     unsafe { core::ptr::write_volatile(out, core::ptr::read_volatile(out) | bit) }
 }
 
-/// ORs into `out` the `MATCH_*` bits of a path.
+/// ORs into `out` the `MATCH_*` bits of a path: its basename, its last directory name and its
+/// basename's prefixes of the lengths in use, each looked up in `FILE_NAMES` by its
+/// `file_name_hash`. One pass over the basename hashes it and its prefixes.
 #[inline(always)]
 pub fn match_credential(path: &[u8; PATH_LEN], parts: &PathParts, out: &mut u32) {
-    if let Some(key) = key_of(NAME_KIND_BASENAME, path, parts.base_start, parts.len)
-        && in_names(&key)
-    {
-        mark(out, MATCH_BASENAME);
-    }
-    if parts.dir_start < parts.base_start
-        && let Some(key) = key_of(
-            NAME_KIND_DIRNAME,
-            path,
-            parts.dir_start,
-            parts.base_start - 1,
-        )
-        && in_names(&key)
-    {
-        mark(out, MATCH_DIRNAME);
-    }
     let prefixes = setting(setting::PREFIX_LENGTHS);
-    if prefixes != 0 {
-        for n in 1..=MAX_PREFIX_LEN {
-            if prefixes & (1 << (n - 1)) != 0
-                && parts.base_start + n <= parts.len
-                && let Some(key) = key_of(
-                    NAME_KIND_PREFIX,
-                    path,
-                    parts.base_start,
-                    parts.base_start + n,
-                )
-                && in_names(&key)
-            {
-                mark(out, MATCH_PREFIX);
-                break;
-            }
+    let (start, len) = (parts.base_start, parts.len.wrapping_sub(parts.base_start));
+    let mut hash = FILE_NAME_SEED;
+    for j in 0..NAME_LEN {
+        if j >= len {
+            break;
+        }
+        // VERIFIER: masked index.
+        hash = file_name_step(hash, path[(start + j) & (PATH_LEN - 1)]);
+        if j < MAX_PREFIX_LEN
+            && prefixes & (1 << j) != 0
+            && in_file_names(file_name_key(hash, NAME_KIND_PREFIX))
+        {
+            mark(out, MATCH_PREFIX);
         }
     }
+    if (1..=NAME_LEN).contains(&len) && in_file_names(file_name_key(hash, NAME_KIND_BASENAME)) {
+        mark(out, MATCH_BASENAME);
+    }
+    // A directory name of at least one byte before the basename's slash.
+    if parts.dir_start + 1 < parts.base_start {
+        let (start, len) = (parts.dir_start, parts.base_start - 1 - parts.dir_start);
+        let mut hash = FILE_NAME_SEED;
+        for j in 0..NAME_LEN {
+            if j >= len {
+                break;
+            }
+            // VERIFIER: masked index.
+            hash = file_name_step(hash, path[(start + j) & (PATH_LEN - 1)]);
+        }
+        if len <= NAME_LEN && in_file_names(file_name_key(hash, NAME_KIND_DIRNAME)) {
+            mark(out, MATCH_DIRNAME);
+        }
+    }
+}
+
+#[inline(always)]
+fn in_file_names(key: u64) -> bool {
+    FILE_NAMES.get_ptr(&key).is_some()
 }
 
 /// Whether `path[at..base_start]` is `task/<tid>/`.

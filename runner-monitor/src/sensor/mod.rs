@@ -138,7 +138,9 @@ pub struct Sensor {
     kernel_log: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
     /// Kept so that the patterns can be changed while running (`set_names`).
     names: HashMap<MapData, NameKey, u32>,
-    /// Basenames of credential aliases (`identity`), kept in `names` across policy reloads.
+    /// The credential names the file programs match, by `file_name_hash`.
+    file_names: HashMap<MapData, u64, u32>,
+    /// Basenames of credential aliases (`identity`), kept in `file_names` across policy reloads.
     alias_names: BTreeSet<String>,
     /// First bytes of the job identity variables (`env_prefix_key`): the environment prefilter.
     env_prefixes: HashMap<MapData, [u64; 2], u32>,
@@ -255,6 +257,8 @@ impl Sensor {
         let map_error = |name| move |source| SensorError::Map { name, source };
         let names = HashMap::try_from(take_map(&mut ebpf, map_name::NAMES)?)
             .map_err(map_error(map_name::NAMES))?;
+        let file_names = HashMap::try_from(take_map(&mut ebpf, map_name::FILE_NAMES)?)
+            .map_err(map_error(map_name::FILE_NAMES))?;
         let env_prefixes = HashMap::try_from(take_map(&mut ebpf, map_name::ENV_PREFIXES)?)
             .map_err(map_error(map_name::ENV_PREFIXES))?;
         let settings = take_map(&mut ebpf, map_name::SETTINGS)?;
@@ -279,6 +283,7 @@ impl Sensor {
             ebpf,
             kernel_log,
             names,
+            file_names,
             alias_names: BTreeSet::new(),
             env_prefixes,
             settings,

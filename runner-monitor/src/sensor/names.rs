@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 use runner_monitor_common::{
     JOB_ENV_INDEX, JOB_ENV_MARKER, MAX_PREFIX_LEN, NAME_KIND_BASENAME, NAME_KIND_DIRNAME,
     NAME_KIND_ENV_VAR, NAME_KIND_JOB_PARENT_COMM, NAME_KIND_JOB_ROOT_EXE, NAME_KIND_PREFIX,
-    NAME_LEN, NameKey, env_prefix_key, map_name, setting,
+    NAME_LEN, NameKey, env_prefix_key, file_name_hash, map_name, setting,
 };
 
 use super::{MAX_ALIAS_NAMES, Sensor, SensorError, attach};
@@ -21,18 +21,16 @@ impl Sensor {
             if self.alias_names.contains(&name) {
                 continue;
             }
-            let Some(key) = NameKey::new(NAME_KIND_BASENAME, name.as_bytes()) else {
-                refused += 1;
-                continue;
-            };
-            if self.alias_names.len() >= MAX_ALIAS_NAMES {
+            if !file_name_fits(NAME_KIND_BASENAME, &name)
+                || self.alias_names.len() >= MAX_ALIAS_NAMES
+            {
                 refused += 1;
                 continue;
             }
-            self.names
-                .insert(key, 1, 0)
+            self.file_names
+                .insert(file_name_hash(NAME_KIND_BASENAME, name.as_bytes()), 1, 0)
                 .map_err(|source| SensorError::Map {
-                    name: map_name::NAMES,
+                    name: map_name::FILE_NAMES,
                     source,
                 })?;
             self.alias_names.insert(name);
@@ -48,23 +46,44 @@ impl Sensor {
             name: map_name::NAMES,
             source,
         };
-        let mut wanted = BTreeSet::new();
+        let file_map_error = |source| SensorError::Map {
+            name: map_name::FILE_NAMES,
+            source,
+        };
+        let mut wanted_files = BTreeSet::new();
         for name in &self.alias_names {
-            if let Some(key) = NameKey::new(NAME_KIND_BASENAME, name.as_bytes()) {
-                wanted.insert(key_bytes(&key));
-            }
+            wanted_files.insert(file_name_hash(NAME_KIND_BASENAME, name.as_bytes()));
         }
         for (kind, list) in [
             (NAME_KIND_BASENAME, &policy.credential_basenames),
             (NAME_KIND_DIRNAME, &policy.credential_dirnames),
             (NAME_KIND_PREFIX, &policy.credential_prefixes),
+        ] {
+            for name in list {
+                if !file_name_fits(kind, name) {
+                    return Err(SensorError::NameTooLong(name.clone()));
+                }
+                let hash = file_name_hash(kind, name.as_bytes());
+                wanted_files.insert(hash);
+                self.file_names.insert(hash, 1, 0).map_err(file_map_error)?;
+            }
+        }
+        let stale: Vec<u64> = self
+            .file_names
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !wanted_files.contains(k))
+            .collect();
+        for key in stale {
+            self.file_names.remove(&key).map_err(file_map_error)?;
+        }
+        let mut wanted = BTreeSet::new();
+        for (kind, list) in [
             (NAME_KIND_JOB_ROOT_EXE, &policy.job_root_executables),
             (NAME_KIND_JOB_PARENT_COMM, &policy.job_parent_executables),
         ] {
             for name in list {
-                let fits = kind != NAME_KIND_PREFIX || name.len() <= MAX_PREFIX_LEN;
                 let key = NameKey::new(kind, name.as_bytes())
-                    .filter(|_| fits)
                     .ok_or_else(|| SensorError::NameTooLong(name.clone()))?;
                 wanted.insert(key_bytes(&key));
                 self.names.insert(key, 1, 0).map_err(map_error)?;
@@ -168,6 +187,17 @@ impl Sensor {
             .map_err(settings_error)?;
         Ok(())
     }
+}
+
+/// Whether a credential name of `kind` can be matched in the kernel: not empty, at most
+/// `NAME_LEN` bytes, and a prefix at most `MAX_PREFIX_LEN`.
+fn file_name_fits(kind: u32, name: &str) -> bool {
+    let max = if kind == NAME_KIND_PREFIX {
+        MAX_PREFIX_LEN
+    } else {
+        NAME_LEN
+    };
+    (1..=max).contains(&name.len())
 }
 
 /// A name key as bytes, to compare keys (the kernel struct has no `Ord`).

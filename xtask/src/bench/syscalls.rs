@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Context as _;
 use serde_json::{Value, json};
 
-use super::{Agent, Sizes, median, spread, workload};
+use super::{Agent, Sizes, bpf_stats, median, spread, workload};
 
 /// Enables one syscall tracepoint through tracefs with no program: the floor every tracepoint
 /// sensor pays.
@@ -62,6 +62,11 @@ pub(super) fn run(dir: &Path, sizes: &Sizes) -> anyhow::Result<Value> {
             on.push(workload(dir, args)?);
             agent.stop()?;
         }
+        // Where the agent's part goes: its programs' in-kernel time per operation.
+        let ops: u64 = args.last().and_then(|n| n.parse().ok()).unwrap_or(1);
+        let agent = Agent::start(dir)?;
+        let bpf = bpf_stats::per_op(agent.pid(), ops, || workload(dir, args).map(drop))?;
+        agent.stop()?;
         let (off_spread, on_spread) = (spread(&off), spread(&on));
         let (off_m, floor_m, on_m) = (median(&mut off), median(&mut floor), median(&mut on));
         results.insert(
@@ -73,6 +78,7 @@ pub(super) fn run(dir: &Path, sizes: &Sizes) -> anyhow::Result<Value> {
                 "off_spread_ns": off_spread,
                 "on_spread_ns": on_spread,
                 "rounds": sizes.rounds,
+                "bpf": bpf,
             }),
         );
     }
@@ -95,6 +101,12 @@ pub(super) fn print(r: &Value) {
             r["floor_ratio"].as_f64().unwrap_or(0.0),
             r["on_ratio"].as_f64().unwrap_or(0.0),
             r["on_minus_floor"].as_f64().unwrap_or(0.0),
+        );
+    }
+    for name in ["getppid", "open_close_reported"] {
+        bpf_stats::print(
+            &format!("{name}, the agent's programs (bpf_stats)"),
+            &r[name]["bpf"],
         );
     }
 }
