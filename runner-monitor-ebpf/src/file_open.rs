@@ -32,7 +32,7 @@ use runner_monitor_common::{
 
 use crate::{
     budget::within_budget,
-    emit::{fill_header, send_built},
+    emit::{fill_header, send_file},
     maps::current_process,
     names::{match_credential, match_proc_memory, split},
 };
@@ -242,7 +242,7 @@ fn file_opened(file: *const c_void) {
     if !within_budget(event.header.job, event.header.kind) {
         return;
     }
-    send_built::<FileEvent>(event);
+    send_file(event);
 }
 
 #[inline(always)]

@@ -26,7 +26,7 @@ use runner_monitor_common::{
 use crate::{
     args::{syscall_arg, syscall_ret},
     budget::within_budget,
-    emit::{fill_header, fill_task, send_built},
+    emit::{fill_header, fill_task, send_file},
     maps::{PRIVATE_MAP_ENTRIES, count, current_process, current_tgid},
     names::{mark, match_credential, match_proc_memory, split},
 };
@@ -293,7 +293,7 @@ fn exit(ctx: &TracePointContext) {
         return;
     }
     pending.event.result = syscall_ret(ctx);
-    send_built::<FileEvent>(&pending.event);
+    send_file(&pending.event);
 }
 
 /// A file operation whose path(s) the kernel already holds (`name`, `name2`: kernel strings):
@@ -335,7 +335,7 @@ pub fn kernel_file(
     if !within_budget(pending.event.header.job, pending.event.header.kind) {
         return;
     }
-    send_built::<FileEvent>(&pending.event);
+    send_file(&pending.event);
 }
 
 // long sys_openat(int dfd, const char __user *filename, int flags, umode_t mode)

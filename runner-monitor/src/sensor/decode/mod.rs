@@ -51,6 +51,24 @@ fn read<T: Copy>(bytes: &[u8]) -> Result<T, DecodeError> {
     Ok(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<T>()) })
 }
 
+/// A `T` from a record that may stop short of its end (down to `min` bytes), the rest zero: a
+/// file event without a second path is sent cut after its first path (`emit::send_file`).
+fn read_prefix<T: Copy>(bytes: &[u8], min: usize) -> Result<T, DecodeError> {
+    let whole = std::mem::size_of::<T>();
+    if bytes.len() >= whole {
+        return read(bytes);
+    }
+    if bytes.len() < min {
+        return Err(DecodeError::Short {
+            len: bytes.len(),
+            needed: min,
+        });
+    }
+    let mut padded = vec![0u8; whole];
+    padded[..bytes.len()].copy_from_slice(bytes);
+    read(&padded)
+}
+
 /// A `TlsEvent`'s destination and server name.
 fn tls_hello(e: &TlsEvent) -> Result<TlsHello, DecodeError> {
     let ip = ip(e.family, &e.addr).ok_or(DecodeError::UnknownFamily(e.family))?;
@@ -137,7 +155,18 @@ impl Decoder {
             | EventKind::FileRename
             | EventKind::FileUnlink
             | EventKind::FileLink => {
-                let e: FileEvent = read(bytes)?;
+                let at = std::mem::offset_of!(FileEvent, path);
+                let e: FileEvent = read_prefix(bytes, at)?;
+                // Cut only after a whole first path, and only when there is no second one.
+                let needed = at + (e.path_len as usize).min(runner_monitor_common::PATH_LEN);
+                if bytes.len() < std::mem::size_of::<FileEvent>()
+                    && (e.path2_len != 0 || bytes.len() < needed)
+                {
+                    return Err(DecodeError::Short {
+                        len: bytes.len(),
+                        needed,
+                    });
+                }
                 let access = self.file_access(&header, &e, kind);
                 match kind {
                     EventKind::FileOpen => EventDetail::FileOpen(access),

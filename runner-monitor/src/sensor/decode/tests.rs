@@ -76,6 +76,29 @@ fn open_of_absolute_credential_path_decodes_with_job_and_process() {
     }
 }
 
+/// The kernel sends a file event without a second path cut after its first path and its NUL;
+/// one cut inside its fixed fields is refused.
+#[test]
+fn a_file_record_cut_after_its_path_decodes_like_the_whole_one() {
+    let e = file_event(b"/home/ci/.npmrc", AT_FDCWD);
+    let whole = bytes_of(&e);
+    let at = std::mem::offset_of!(FileEvent, path);
+    let cut = &whole[..at + "/home/ci/.npmrc".len() + 1];
+    let (a, b) = (
+        decoder().decode(&whole).unwrap(),
+        decoder().decode(cut).unwrap(),
+    );
+    assert_eq!(format!("{a:?}"), format!("{b:?}"));
+    match b.detail {
+        EventDetail::FileOpen(f) => assert_eq!(f.path, "/home/ci/.npmrc"),
+        other => panic!("expected a file open, got {other:?}"),
+    }
+    assert!(matches!(
+        decoder().decode(&whole[..at - 1]),
+        Err(DecodeError::Short { .. })
+    ));
+}
+
 #[test]
 fn lengths_from_the_kernel_are_clamped() {
     let mut e = file_event(b"/x/credentials", AT_FDCWD);
@@ -92,7 +115,9 @@ fn short_and_unknown_records_are_errors_not_panics() {
     let e = file_event(b"/x", AT_FDCWD);
     let bytes = bytes_of(&e);
     let mut d = decoder();
-    for cut in [0, 3, 63, 64, 100, bytes.len() - 1] {
+    // Inside the fixed fields, or inside the path (a file record may stop after its path).
+    let path_at = std::mem::offset_of!(FileEvent, path);
+    for cut in [0, 3, 63, 64, 100, path_at + 1] {
         assert!(
             matches!(d.decode(&bytes[..cut]), Err(DecodeError::Short { .. })),
             "cut at {cut}"
