@@ -25,11 +25,20 @@ struct Mount {
 /// How long a mount table read is used before it is read again.
 const FRESH: Duration = Duration::from_secs(2);
 
+/// How long whether a process shares the agent's mounts is trusted before it is looked at again:
+/// a process changes its mount namespace rarely (`unshare`, `setns`), and looking costs a
+/// `statx` of its `/proc/<pid>/ns/mnt` per event, which was half the agent's CPU per event
+/// under a job opening credentials as fast as it can.
+const SHARES_FRESH: Duration = Duration::from_secs(1);
+
 #[derive(Default)]
 pub struct HostPaths {
     host: Option<(Instant, Vec<Mount>)>,
     /// cgroup id -> its processes' mount table, for events of processes already gone.
     containers: Option<BoundedMap<u64, (Instant, Vec<Mount>)>>,
+    /// (pid, cgroup id) -> whether the process shares the agent's mount namespace, and when that
+    /// was looked at.
+    shares: Option<BoundedMap<(u32, u64), (Instant, bool)>>,
 }
 
 impl HostPaths {
@@ -43,10 +52,11 @@ impl HostPaths {
         }
         // The process, else its parent in the same cgroup: the first whose mount namespace can
         // be read (a process that just exited, a zombie included, has none).
-        let opener = match same_mounts(pid) {
+        let opener = match self.shares_mounts(pid, cgroup) {
             Some(shared) => Some((pid, shared)),
             None if ppid > 1 && cgroup > 0 && cgroup_of(ppid).is_ok_and(|c| c.id == cgroup) => {
-                same_mounts(ppid).map(|shared| (ppid, shared))
+                self.shares_mounts(ppid, cgroup)
+                    .map(|shared| (ppid, shared))
             }
             None => None,
         };
@@ -54,7 +64,7 @@ impl HostPaths {
             Some((_, true)) => {
                 // `/proc/<n>/root/...` opened on the host: the file as process `n` sees it.
                 let (n, rest) = through_proc_root(path)?;
-                return match same_mounts(n)? {
+                return match self.shares_mounts(n, 0)? {
                     true => Some(rest.to_owned()),
                     false => self.translate(n, 0, rest),
                 };
@@ -84,6 +94,20 @@ impl HostPaths {
             Some(seen) if (seen.dev(), seen.ino()) != (there.dev(), there.ino()) => None,
             _ => Some(host_path),
         }
+    }
+
+    /// `same_mounts(pid)`, remembered for `SHARES_FRESH` (a process that cannot be looked at is
+    /// not remembered).
+    fn shares_mounts(&mut self, pid: u32, cgroup: u64) -> Option<bool> {
+        let shares = self.shares.get_or_insert_with(|| BoundedMap::new(4096));
+        if let Some((at, shared)) = shares.get(&(pid, cgroup))
+            && at.elapsed() < SHARES_FRESH
+        {
+            return Some(*shared);
+        }
+        let shared = same_mounts(pid)?;
+        shares.insert((pid, cgroup), (Instant::now(), shared));
+        Some(shared)
     }
 
     fn knows(&self, cgroup: u64) -> bool {
@@ -184,9 +208,14 @@ fn through_proc_root(path: &str) -> Option<(u32, &str)> {
 
 /// Whether process `pid` shares the agent's mount namespace; `None` when it cannot be told.
 fn same_mounts(pid: u32) -> Option<bool> {
+    // The agent's own namespace does not change.
+    static OURS: std::sync::OnceLock<Option<(u64, u64)>> = std::sync::OnceLock::new();
+    let ours = (*OURS.get_or_init(|| {
+        let m = std::fs::metadata("/proc/self/ns/mnt").ok()?;
+        Some((m.dev(), m.ino()))
+    }))?;
     let theirs = std::fs::metadata(format!("/proc/{pid}/ns/mnt")).ok()?;
-    let ours = std::fs::metadata("/proc/self/ns/mnt").ok()?;
-    Some((theirs.dev(), theirs.ino()) == (ours.dev(), ours.ino()))
+    Some((theirs.dev(), theirs.ino()) == ours)
 }
 
 /// Parses a mountinfo file: `id parent major:minor root point options ... - type source ...`.
