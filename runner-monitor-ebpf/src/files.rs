@@ -76,7 +76,7 @@ static FILE_ENTER: ProgramArray = ProgramArray::with_max_entries(1, 0);
 #[inline(always)]
 unsafe fn copy_words(dst: *mut PendingFile, src: *const PendingFile) {
     const WORDS: usize = core::mem::size_of::<PendingFile>() / 8;
-    const _: () = assert!(core::mem::size_of::<PendingFile>() % 8 == 0);
+    const _: () = assert!(core::mem::size_of::<PendingFile>().is_multiple_of(8));
     let (dst, src) = (dst.cast::<u64>(), src.cast::<u64>());
     for w in 0..WORDS {
         // SAFETY: `w` < WORDS, inside both (8-aligned) values.

@@ -231,7 +231,7 @@ pub fn match_credential(path: &[u8; PATH_LEN], parts: &PathParts, out: &mut u32)
 
 #[inline(always)]
 fn in_file_names(key: u64) -> bool {
-    FILE_NAMES.get_ptr(&key).is_some()
+    FILE_NAMES.get_ptr(key).is_some()
 }
 
 /// Whether `path[at..base_start]` is `task/<tid>/`.

@@ -54,10 +54,9 @@ impl HostPaths {
         // be read (a process that just exited, a zombie included, has none).
         let opener = match self.shares_mounts(pid, cgroup) {
             Some(shared) => Some((pid, shared)),
-            None if ppid > 1 && cgroup > 0 && cgroup_of(ppid).is_ok_and(|c| c.id == cgroup) => {
-                self.shares_mounts(ppid, cgroup)
-                    .map(|shared| (ppid, shared))
-            }
+            None if ppid > 1 && cgroup > 0 && cgroup_of(ppid).is_ok_and(|c| c.id == cgroup) => self
+                .shares_mounts(ppid, cgroup)
+                .map(|shared| (ppid, shared)),
             None => None,
         };
         let pid = match opener {
