@@ -68,15 +68,7 @@ impl Sensor {
                 self.file_names.insert(hash, 1, 0).map_err(file_map_error)?;
             }
         }
-        let stale: Vec<u64> = self
-            .file_names
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| !wanted_files.contains(k))
-            .collect();
-        for key in stale {
-            self.file_names.remove(&key).map_err(file_map_error)?;
-        }
+        remove_stale(&mut self.file_names, |k| wanted_files.contains(k)).map_err(file_map_error)?;
         let mut wanted = BTreeSet::new();
         for (kind, list) in [
             (NAME_KIND_JOB_ROOT_EXE, &policy.job_root_executables),
@@ -110,24 +102,8 @@ impl Sensor {
                 .insert(prefix, 1, 0)
                 .map_err(prefix_error)?;
         }
-        let stale: Vec<[u64; 2]> = self
-            .env_prefixes
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| !prefixes.contains(k))
-            .collect();
-        for key in stale {
-            self.env_prefixes.remove(&key).map_err(prefix_error)?;
-        }
-        let stale: Vec<NameKey> = self
-            .names
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| !wanted.contains(&key_bytes(k)))
-            .collect();
-        for key in stale {
-            self.names.remove(&key).map_err(map_error)?;
-        }
+        remove_stale(&mut self.env_prefixes, |k| prefixes.contains(k)).map_err(prefix_error)?;
+        remove_stale(&mut self.names, |k| wanted.contains(&key_bytes(k))).map_err(map_error)?;
         let settings_error = |source| SensorError::Map {
             name: map_name::SETTINGS,
             source,
@@ -187,6 +163,23 @@ impl Sensor {
             .map_err(settings_error)?;
         Ok(())
     }
+}
+
+/// Removes the keys of `map` that `keep` does not want (after the wanted ones are in, so a
+/// reload never opens a gap).
+pub(super) fn remove_stale<K: aya::Pod, V: aya::Pod>(
+    map: &mut aya::maps::HashMap<aya::maps::MapData, K, V>,
+    keep: impl Fn(&K) -> bool,
+) -> Result<(), aya::maps::MapError> {
+    let stale: Vec<K> = map
+        .keys()
+        .filter_map(Result::ok)
+        .filter(|k| !keep(k))
+        .collect();
+    for key in stale {
+        map.remove(&key)?;
+    }
+    Ok(())
 }
 
 /// Whether a credential name of `kind` can be matched in the kernel: not empty, at most

@@ -64,9 +64,13 @@ fn read_prefix<T: Copy>(bytes: &[u8], min: usize) -> Result<T, DecodeError> {
             needed: min,
         });
     }
-    let mut padded = vec![0u8; whole];
-    padded[..bytes.len()].copy_from_slice(bytes);
-    read(&padded)
+    // SAFETY: T is one of the plain-old-data event structs (see `read`), valid all zero; at most
+    // `whole` bytes are copied into it.
+    unsafe {
+        let mut value = std::mem::MaybeUninit::<T>::zeroed();
+        std::ptr::copy_nonoverlapping(bytes.as_ptr(), value.as_mut_ptr().cast::<u8>(), bytes.len());
+        Ok(value.assume_init())
+    }
 }
 
 /// A `TlsEvent`'s destination and server name.
