@@ -236,12 +236,23 @@ pub fn agent_log(dir: &Path) -> String {
     std::fs::read_to_string(dir.join("agent.log")).unwrap_or_default()
 }
 
-pub fn alerts(agent: &Agent) -> Vec<Value> {
-    std::fs::read_to_string(agent.dir.join("alerts.jsonl"))
-        .unwrap_or_default()
+/// The complete lines of the JSON-lines file at `path` (none if it does not exist), each parsed.
+/// The agent may be appending while this reads: a last line without its newline is still being
+/// written and is left for the next read. A complete line that is not one JSON value fails.
+pub fn json_lines(path: &Path) -> Vec<Value> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let complete = text.rfind('\n').map_or("", |end| &text[..end]);
+    complete
         .lines()
-        .map(|l| serde_json::from_str(l).expect("an alert is one JSON object"))
+        .map(|l| {
+            serde_json::from_str(l)
+                .unwrap_or_else(|e| panic!("a line of {} is not JSON ({e}): {l}", path.display()))
+        })
         .collect()
+}
+
+pub fn alerts(agent: &Agent) -> Vec<Value> {
+    json_lines(&agent.dir.join("alerts.jsonl"))
 }
 
 /// The alerts `runner-monitor replay` raises from the event trace the agent in `dir` recorded,
@@ -263,11 +274,7 @@ pub fn replay_alerts(dir: &Path) -> Vec<Value> {
         "replay: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    std::fs::read_to_string(&replayed)
-        .unwrap_or_default()
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("an alert is one JSON object"))
-        .collect()
+    json_lines(&replayed)
 }
 
 /// Waits for an alert of `rule` for the job whose id is `job_id`.

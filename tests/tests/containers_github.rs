@@ -11,8 +11,8 @@ use integration_tests::{
     TestEnv,
     docker::{Docker, IMAGE, assert_container, docker_run, gitlab_container, read_three_kinds},
     live::{
-        Agent, agent, agent_dir, alerts, assert_no_secret, free_port, github_job, run_id,
-        test_policy, wait_alert, wait_until,
+        Agent, agent, agent_dir, alerts, assert_no_secret, free_port, github_job, json_lines,
+        run_id, test_policy, wait_alert, wait_until,
     },
 };
 
@@ -275,13 +275,7 @@ fn a_gitlab_executor_container_is_named_with_the_runners_labels_and_its_removal_
         "{harvest}"
     );
     // The container has exited; the job is not over until the runner removes it.
-    let trace = || -> Vec<serde_json::Value> {
-        std::fs::read_to_string(dir.join("events.jsonl"))
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| serde_json::from_str(l).ok())
-            .collect()
-    };
+    let trace = || -> Vec<serde_json::Value> { json_lines(&dir.join("events.jsonl")) };
     let key = trace()
         .into_iter()
         .find(|e| e["kind"] == "job_start" && e["id"] == job_id.as_str())

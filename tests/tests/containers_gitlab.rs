@@ -10,8 +10,8 @@ use integration_tests::{
     TestEnv,
     docker::{Docker, IMAGE, api_gitlab_build, gitlab_container, read_three_kinds},
     live::{
-        Agent, agent_dir, agent_log, alerts, assert_no_secret, free_port, github_job, run_id,
-        test_policy, wait_alert, wait_until,
+        Agent, agent_dir, agent_log, alerts, assert_no_secret, free_port, github_job, json_lines,
+        run_id, test_policy, wait_alert, wait_until,
     },
     output_of,
 };
@@ -43,11 +43,7 @@ fn report(agent: &Agent, id: &str) -> serde_json::Value {
 }
 
 fn trace(agent: &Agent) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(agent.dir.join("events.jsonl"))
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect()
+    json_lines(&agent.dir.join("events.jsonl"))
 }
 
 /// An agent following `docker`'s events (its socket is a `docker` secret socket of the policy),

@@ -8,17 +8,16 @@ use std::{path::PathBuf, process::Command};
 
 use integration_tests::{
     TestEnv,
-    live::{Agent, assert_no_secret_in, free_port, github_job, repo_root, run_id, wait_until},
+    live::{
+        Agent, assert_no_secret_in, free_port, github_job, json_lines, repo_root, run_id,
+        wait_until,
+    },
 };
 use runner_monitor::output::ocsf::OCSF_VERSION;
 use serde_json::Value;
 
 fn ocsf_alerts(agent: &Agent) -> Vec<Value> {
-    std::fs::read_to_string(agent.dir.join("alerts.jsonl"))
-        .unwrap_or_default()
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("an alert is one JSON object"))
-        .collect()
+    json_lines(&agent.dir.join("alerts.jsonl"))
 }
 
 #[test]

@@ -12,7 +12,10 @@ use std::collections::HashMap;
 use integration_tests::{
     TestEnv,
     cri::{Containerd, IMAGE, PodSpec},
-    live::{Agent, agent_dir, assert_no_secret, free_port, replay_alerts, run_id, wait_alert},
+    live::{
+        Agent, agent_dir, assert_no_secret, free_port, json_lines, replay_alerts, run_id,
+        wait_alert,
+    },
 };
 
 /// Where the kubelet mounts a pod's service-account token.
@@ -106,10 +109,8 @@ fn a_gitlab_kubernetes_executor_pod_is_a_job_and_findings_name_pod_and_container
     assert_eq!(p["namespace"], "gitlab-ci", "{harvest}");
     assert_eq!(p["uid"], uid.as_str(), "{harvest}");
     // The event trace has the container event with its pod, for replay.
-    let events = std::fs::read_to_string(dir.join("events.jsonl")).unwrap();
-    let container = events
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+    let container = json_lines(&dir.join("events.jsonl"))
+        .into_iter()
         .find(|e| e["kind"] == "container" && e["id"] == id.as_str() && e["name"] == "build")
         .unwrap_or_else(|| panic!("no named container event in the trace"));
     assert_eq!(container["pod"]["name"], pod.name.as_str(), "{container}");

@@ -7,8 +7,8 @@ use std::{path::Path, process::Command, time::Duration};
 use integration_tests::{
     CANARY, TestEnv,
     live::{
-        Agent, agent_log, assert_no_secret_in, curl, free_port, job_command, test_policy,
-        wait_alert, wait_until,
+        Agent, agent_log, assert_no_secret_in, curl, free_port, job_command, json_lines,
+        test_policy, wait_alert, wait_until,
     },
     pin_dir_of,
 };
@@ -350,11 +350,7 @@ fn clean_shutdown_writes_what_is_pending_and_detaches_every_probe() {
 }
 
 fn alerts_in(dir: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(dir.join("alerts.jsonl"))
-        .unwrap_or_default()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
+    json_lines(&dir.join("alerts.jsonl"))
 }
 
 #[test]

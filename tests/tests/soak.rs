@@ -21,8 +21,8 @@ use std::{
 use integration_tests::{
     CANARY, TestEnv,
     live::{
-        Agent, agent_log, assert_no_secret_in, free_port, job_command, repo_root, target_dir,
-        wait_alert, wait_until,
+        Agent, agent_log, assert_no_secret_in, free_port, job_command, json_lines, repo_root,
+        target_dir, wait_alert, wait_until,
     },
     pin_dir_of,
 };
@@ -244,10 +244,8 @@ fn soak_floods_restarts_outages_and_a_reload_deliver_every_finding_exactly_once(
         }
         settled
     });
-    let written: Vec<Value> = std::fs::read_to_string(dir.join("alerts.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
+    let written: Vec<Value> = json_lines(&dir.join("alerts.jsonl"))
+        .into_iter()
         .filter(|a: &Value| jobs.iter().any(|j| a["job"]["id"] == j.as_str()))
         .collect();
     let count = |alerts: &[Value]| {

@@ -12,8 +12,8 @@ use std::{
 use integration_tests::{
     CANARY, TestEnv,
     live::{
-        Agent, agent_dir, alerts, assert_no_secret, free_port, github_job, replay_alerts, run_id,
-        test_policy, wait_alert,
+        Agent, agent_dir, alerts, assert_no_secret, free_port, github_job, json_lines,
+        replay_alerts, run_id, test_policy, wait_alert,
     },
     output_of,
 };
@@ -73,11 +73,7 @@ fn gitlab_job(env: &TestEnv, job_id: &str, script: &str) {
 }
 
 fn events_of(agent: &Agent) -> Vec<Value> {
-    std::fs::read_to_string(agent.dir.join("events.jsonl"))
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect()
+    json_lines(&agent.dir.join("events.jsonl"))
 }
 
 #[test]
