@@ -272,7 +272,7 @@ pub struct FileAccess {
     /// Which kernel-side patterns matched: `basename`, `dirname`, `prefix`, `proc_memory`,
     /// `new_path`.
     #[serde(default)]
-    pub matched: Vec<String>,
+    pub matched: Vec<std::borrow::Cow<'static, str>>,
     /// For `/proc/<pid>/{mem,environ,maps}`: whose memory.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target_pid: Option<u32>,

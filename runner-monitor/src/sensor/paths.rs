@@ -14,34 +14,59 @@ use runner_monitor_common::AT_FDCWD;
 /// Lexical normalisation of an absolute path: no `.`, no `..`, no repeated or trailing `/`.
 /// `..` at the root stays at the root, as the kernel does.
 pub fn normalize(path: &str) -> String {
-    let mut parts: Vec<&str> = Vec::new();
-    for part in path.split('/') {
-        match part {
-            "" | "." => {}
-            ".." => {
-                parts.pop();
-            }
-            other => parts.push(other),
-        }
+    if is_normal(path) {
+        // Nearly every path a process opens: one copy, no parsing.
+        return path.to_owned();
     }
     let mut out = String::with_capacity(path.len() + 1);
-    for part in &parts {
-        out.push('/');
-        out.push_str(part);
-    }
+    push_normalized(&mut out, path);
     if out.is_empty() {
         out.push('/');
     }
     out
 }
 
+/// Whether `path` is absolute and already normal: every component non-empty and neither `.`
+/// nor `..`, no trailing `/` (except the root itself).
+fn is_normal(path: &str) -> bool {
+    let Some(rest) = path.strip_prefix('/') else {
+        return false;
+    };
+    rest.is_empty()
+        || rest
+            .as_bytes()
+            .split(|b| *b == b'/')
+            .all(|part| !matches!(part, b"" | b"." | b".."))
+}
+
+/// Appends the components of `path` to `out`, which holds a normalised path without its
+/// trailing `/` (empty for the root): one pass, no allocation beyond `out`'s.
+fn push_normalized(out: &mut String, path: &str) {
+    for part in path.split('/') {
+        match part {
+            "" | "." => {}
+            // `out` is `/a/b/c`: the last `/` starts the component `..` removes.
+            ".." => out.truncate(out.rfind('/').unwrap_or(0)),
+            other => {
+                out.push('/');
+                out.push_str(other);
+            }
+        }
+    }
+}
+
 /// `base` joined with `path` (absolute `path` wins), normalised.
 pub fn join(base: &str, path: &str) -> String {
     if path.starts_with('/') {
-        normalize(path)
-    } else {
-        normalize(&format!("{base}/{path}"))
+        return normalize(path);
     }
+    let mut out = String::with_capacity(base.len() + path.len() + 2);
+    push_normalized(&mut out, base);
+    push_normalized(&mut out, path);
+    if out.is_empty() {
+        out.push('/');
+    }
+    out
 }
 
 /// The working directories of job processes, as far as the agent has seen them change.
@@ -173,6 +198,47 @@ mod tests {
             "/home/u/.aws/credentials"
         );
         assert_eq!(join("/anything", "/etc/shadow"), "/etc/shadow");
+    }
+
+    /// The component-stack definition of normalisation, to check the one-pass version against.
+    fn by_components(path: &str) -> String {
+        let mut parts: Vec<&str> = Vec::new();
+        for part in path.split('/') {
+            match part {
+                "" | "." => {}
+                ".." => {
+                    parts.pop();
+                }
+                other => parts.push(other),
+            }
+        }
+        if parts.is_empty() {
+            return "/".into();
+        }
+        parts.iter().map(|p| format!("/{p}")).collect()
+    }
+
+    #[test]
+    fn one_pass_normalisation_agrees_with_the_component_stack() {
+        let pieces = ["", ".", "..", "...", "a", "..b", "c.", "/"];
+        let mut paths = vec![String::new()];
+        for _ in 0..4 {
+            paths = paths
+                .iter()
+                .flat_map(|p| pieces.iter().map(move |x| format!("{p}/{x}")))
+                .collect();
+            for p in &paths {
+                assert_eq!(normalize(p), by_components(p), "{p:?}");
+                for base in ["/", "/u/v", "/u/../v/"] {
+                    let rel = p.trim_start_matches('/');
+                    assert_eq!(
+                        join(base, rel),
+                        by_components(&format!("{base}/{rel}")),
+                        "{base:?} + {rel:?}"
+                    );
+                }
+            }
+        }
     }
 
     #[test]

@@ -96,7 +96,11 @@ fn c_bytes(buf: &[u8], len: u32) -> &[u8] {
 }
 
 fn lossy(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
+    // Valid UTF-8 (nearly every path and name) is checked by the faster validator and copied.
+    match std::str::from_utf8(bytes) {
+        Ok(s) => s.to_owned(),
+        Err(_) => String::from_utf8_lossy(bytes).into_owned(),
+    }
 }
 
 /// Peeks at a record's kind without decoding it.
@@ -328,7 +332,7 @@ impl Decoder {
             (MATCH_SECOND_PATH, "new_path"),
         ] {
             if e.matched & bit != 0 {
-                matched.push(name.to_owned());
+                matched.push(name.into());
             }
         }
         const WRITE_FLAGS: u32 =
