@@ -3,8 +3,13 @@
 
 use std::collections::{BTreeMap, HashMap};
 
+/// The hasher of the agent's per-event tables. Keys come from jobs (paths, ids): it is seeded at
+/// random for each map, so which keys collide cannot be known in advance, and every such table is
+/// bounded.
+pub type Hasher = foldhash::quality::RandomState;
+
 pub struct BoundedMap<K, V> {
-    entries: HashMap<K, (u64, V)>,
+    entries: HashMap<K, (u64, V), Hasher>,
     order: BTreeMap<u64, K>,
     next: u64,
     capacity: usize,
@@ -14,7 +19,7 @@ pub struct BoundedMap<K, V> {
 impl<K: std::hash::Hash + Eq + Clone, V> BoundedMap<K, V> {
     pub fn new(capacity: usize) -> Self {
         Self {
-            entries: HashMap::new(),
+            entries: HashMap::default(),
             order: BTreeMap::new(),
             next: 0,
             capacity: capacity.max(1),

@@ -143,7 +143,8 @@ pub struct Policy {
     /// path -> its credential kind's index: the paths the kernel lets through repeat (a job reads
     /// the same files again and again), and a glob-set match costs more than the rest of an
     /// event's handling. Emptied when it reaches `CREDENTIAL_CACHE` entries.
-    credential_cache: std::sync::Mutex<std::collections::HashMap<String, Option<usize>>>,
+    credential_cache:
+        std::sync::Mutex<std::collections::HashMap<String, Option<usize>, crate::bounded::Hasher>>,
     /// `[[persistence]]`: paths something outside the job runs later.
     pub persistence: Vec<PersistenceKind>,
     persistence_set: GlobSet,

@@ -33,7 +33,7 @@ use std::{
 };
 
 use crate::{
-    bounded::BoundedMap,
+    bounded::{BoundedMap, Hasher},
     engine::Finding,
     event::{Connect, Dns, Event, EventDetail, FileAccess, JobInfo, JobKey, SocketFamily},
     policy::Policy,
@@ -77,14 +77,14 @@ pub fn lock(reports: &SharedReports) -> MutexGuard<'_, JobReports> {
 struct Record {
     report: JobReport,
     /// pid -> index in `processes` (the latest process with that pid).
-    process_at: HashMap<u32, usize>,
+    process_at: HashMap<u32, usize, Hasher>,
     /// path -> index in `credentials`, or `None` for a path that is no credential.
-    credential_at: HashMap<String, Option<usize>>,
-    egress_at: HashMap<(IpAddr, u16), usize>,
+    credential_at: HashMap<String, Option<usize>, Hasher>,
+    egress_at: HashMap<(IpAddr, u16), usize, Hasher>,
     /// address -> the first name the job resolved to it.
-    names: HashMap<IpAddr, String>,
+    names: HashMap<IpAddr, String, Hasher>,
     /// The job's roots (its root, its stages' shells): their direct children start steps.
-    roots: HashSet<u32>,
+    roots: HashSet<u32, Hasher>,
 }
 
 impl Record {
@@ -107,11 +107,11 @@ impl Record {
                 omitted: Omitted::default(),
                 not_tracked: NOT_TRACKED.iter().map(|s| (*s).to_owned()).collect(),
             },
-            process_at: HashMap::new(),
-            credential_at: HashMap::new(),
-            egress_at: HashMap::new(),
-            names: HashMap::new(),
-            roots: HashSet::new(),
+            process_at: HashMap::default(),
+            credential_at: HashMap::default(),
+            egress_at: HashMap::default(),
+            names: HashMap::default(),
+            roots: HashSet::default(),
         }
     }
 
