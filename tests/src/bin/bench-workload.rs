@@ -6,10 +6,11 @@
 //!                                     write
 //! bench-workload sendto N             N sendto(2) of 1 byte on a connected unix datagram socket,
 //!                                     each received by a recv(2) on its peer; prints ns per pair
-//! bench-workload flood PATH SECS P    P processes open PATH as fast as they can for SECS
-//!                                     seconds; prints the number of opens. `{}` in PATH becomes
-//!                                     the process's index: separate paths do not contend for
-//!                                     one dentry across CPUs
+//! bench-workload flood PATH SECS P [RATE]
+//!                                     P processes open PATH as fast as they can (or RATE opens
+//!                                     per second in all) for SECS seconds; prints the number of
+//!                                     opens. `{}` in PATH becomes the process's index: separate
+//!                                     paths do not contend for one dentry across CPUs
 //! bench-workload alerts SECS US       every US microseconds a new child reads its parent's
 //!                                     environment (one alert each) for SECS; prints how many
 //! bench-workload exec PROGRAM N      N fork + execve(PROGRAM) + wait, with an environment of 60
@@ -84,7 +85,12 @@ fn main() {
             per_op(start, n);
         }
         "sendto" => sendto(num(1)),
-        "flood" => flood(&args[1], Duration::from_secs(num(2)), num(3)),
+        "flood" => flood(
+            &args[1],
+            Duration::from_secs(num(2)),
+            num(3),
+            args.get(4).map(|_| num(4)),
+        ),
         "alerts" => alerts(Duration::from_secs(num(1)), Duration::from_micros(num(2))),
         "hold" => hold(num(1)),
         "exec" => exec(&args[1], num(2)),
@@ -219,19 +225,31 @@ fn reap(pid: libc::pid_t) -> i32 {
     libc::WEXITSTATUS(status)
 }
 
-fn flood(path: &str, secs: Duration, procs: u64) {
+/// `procs` processes open `path` (`{}` replaced by the process's number) for `secs`, each as
+/// fast as it can or, with `rate`, at its share of `rate` opens per second (in steps of 64,
+/// sleeping when ahead: the load a busy but not overloaded runner puts on the pipeline).
+fn flood(path: &str, secs: Duration, procs: u64, rate: Option<u64>) {
+    let procs = procs.max(1);
     let (read_end, write_end) = pipe();
-    let children: Vec<_> = (0..procs.max(1))
+    let children: Vec<_> = (0..procs)
         .map(|i| {
             let path = CString::new(path.replace("{}", &i.to_string())).unwrap();
+            let per_open = rate.map(|r| Duration::from_secs(procs).div_f64(r.max(1) as f64));
             fork_child(move || {
-                let deadline = Instant::now() + secs;
+                let start = Instant::now();
+                let deadline = start + secs;
                 let mut n: u64 = 0;
                 while Instant::now() < deadline {
-                    for _ in 0..256 {
+                    for _ in 0..64 {
                         open_close(&path);
                     }
-                    n += 256;
+                    n += 64;
+                    if let Some(per_open) = per_open {
+                        let due = start + per_open.mul_f64(n as f64);
+                        if let Some(ahead) = due.checked_duration_since(Instant::now()) {
+                            std::thread::sleep(ahead);
+                        }
+                    }
                 }
                 // SAFETY: writes 8 bytes from a live local to our pipe.
                 unsafe { libc::write(write_end, (&raw const n).cast(), 8) };
