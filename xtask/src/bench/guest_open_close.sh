@@ -1,8 +1,9 @@
 #!/bin/bash
 # open+close inside a job (FILE, default a watched credential): agent off, agent with the fast
 # file-open hooks (--hooks fast), agent with the tracepoint set (--hooks tracepoint); interleaved
-# rounds, microseconds per open+close. Not yet part of `cargo xtask bench`; run it in a guest
-# after `cargo xtask test --kernel 6.12` (which builds the release binaries):
+# rounds, nanoseconds per open+close. `cargo xtask bench --only guest` runs it in the 6.1 and 6.12
+# guests (xtask/src/bench/guest.rs); by hand, after `cargo xtask bench` or `cargo xtask test
+# --kernel 6.12` (which build the release binaries):
 #   cargo xtask guest 6.12 env FILE=/tmp/rmb/home/notes.txt bash xtask/src/bench/guest_open_close.sh
 D=/tmp/rmb; rm -rf $D; mkdir -p $D/home/.aws; echo '[default]' > $D/home/.aws/credentials
 cp /bin/sh $D/Runner.Worker

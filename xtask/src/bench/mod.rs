@@ -8,6 +8,7 @@ mod dns;
 mod egress;
 mod exec;
 mod fleet;
+mod guest;
 mod memory;
 mod nats;
 mod outside;
@@ -326,7 +327,7 @@ fn engine(sizes: &Sizes) -> anyhow::Result<Value> {
 }
 
 /// The benchmarks, in the order they run and print.
-const NAMES: [&str; 12] = [
+const NAMES: [&str; 13] = [
     "exec",
     "egress",
     "egress-bpf",
@@ -339,6 +340,7 @@ const NAMES: [&str; 12] = [
     "fleet",
     "dns",
     "containers",
+    "guest",
 ];
 
 pub fn bench(smoke: bool, only: &[String]) -> anyhow::Result<()> {
@@ -462,6 +464,12 @@ pub fn bench(smoke: bool, only: &[String]) -> anyhow::Result<()> {
     } else {
         skipped()
     }?;
+    // QEMU guests take minutes: in a full run and by name, not in the smoke run.
+    let guest = if only.iter().any(|n| n == "guest") || (only.is_empty() && !smoke) {
+        guest::run(&sizes)
+    } else {
+        skipped()
+    }?;
     let machine = output(Command::new("uname").arg("-srm")).unwrap_or_default();
     let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
     let results = json!({
@@ -480,6 +488,7 @@ pub fn bench(smoke: bool, only: &[String]) -> anyhow::Result<()> {
         "fleet": fleet,
         "dns": dns,
         "containers": containers,
+        "guest": guest,
     });
 
     println!(
@@ -524,6 +533,9 @@ pub fn bench(smoke: bool, only: &[String]) -> anyhow::Result<()> {
     }
     if ran("containers") {
         containers::print(&results["containers"]);
+    }
+    if ran("guest") {
+        guest::print(&results["guest"]);
     }
     let out = workspace_root().join("target/bench");
     std::fs::create_dir_all(&out)?;
