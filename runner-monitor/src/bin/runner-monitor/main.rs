@@ -21,11 +21,23 @@ use runner_monitor::{
     },
 };
 
-/// Events are decoded on the ring-buffer reader's thread and freed on the pipeline's. glibc's
+/// Events are decoded on the ring-buffer reader's thread and dropped on the pipeline's. glibc's
 /// malloc sends most such cross-thread frees through an arena lock; mimalloc frees them into the
-/// owning page's list (docs/performance.md has the measured difference).
+/// owning page's list. Measured (docs/performance.md, one run of each build): at 500k events/s,
+/// 656 against 860 ns of agent CPU per event and p99 event-to-alert 6.8 against 22.9 ms; the
+/// price is memory, 1.2 KB against 165 bytes per tracked process.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// mimalloc's `mi_option_purge_delay` (15 in its `mi_option_e`, v2 and v3 alike; libmimalloc-sys
+/// does not name it). With v3's default delay of 1 s, memory freed at start-up (program loading)
+/// stayed resident: 122 MB against glibc's 65 at idle. Purged at once: 67 MB.
+const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+
+fn release_freed_memory_at_once() {
+    // SAFETY: sets one of mimalloc's integer options, before the agent starts any thread.
+    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, 0) };
+}
 
 mod agent;
 mod attest;
@@ -168,6 +180,7 @@ enum PolicyCommand {
 }
 
 fn main() -> std::process::ExitCode {
+    release_freed_memory_at_once();
     match run_cli() {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(error) => {
@@ -536,4 +549,26 @@ fn replay(
         print!("{}", table.table());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_purge_delay_option_is_the_one_set() {
+        // Option 15 must be mimalloc's purge delay, whose default in v3 is 1000 ms: a
+        // renumbering in a new mimalloc would set another option.
+        if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
+            // SAFETY: reads one of mimalloc's integer options.
+            let delay = unsafe { libmimalloc_sys::mi_option_get(MI_OPTION_PURGE_DELAY) };
+            assert_eq!(delay, 1000);
+        }
+        release_freed_memory_at_once();
+        // SAFETY: as above.
+        assert_eq!(
+            unsafe { libmimalloc_sys::mi_option_get(MI_OPTION_PURGE_DELAY) },
+            0
+        );
+    }
 }
