@@ -28,7 +28,8 @@ pub(super) fn file_open(
         return;
     };
     let (kind_name, runner) = (kind.kind.clone(), kind.runner);
-    let credential = CredentialRef {
+    // Built only for a finding: most reads of a credential during its job raise none.
+    let credential = || CredentialRef {
         path: f.path.clone(),
         kind: kind_name.clone(),
         fingerprint: f.fingerprint.clone(),
@@ -39,17 +40,19 @@ pub(super) fn file_open(
         out.push(finding);
     }
     if runner {
-        out.push(runner_credential_access(engine, event, verb, &credential));
+        out.push(runner_credential_access(engine, event, verb, &credential()));
         return;
     }
     if f.result < 0 {
         return;
     }
-    *engine
-        .stats
-        .credential_accesses
-        .entry(kind_name.clone())
-        .or_default() += 1;
+    let accesses = &mut engine.stats.credential_accesses;
+    match accesses.get_mut(&kind_name) {
+        Some(n) => *n += 1,
+        None => {
+            accesses.insert(kind_name.clone(), 1);
+        }
+    }
     if baseline::wanted(engine) {
         let used = Used::Credential {
             kind: kind_name.clone(),
@@ -60,7 +63,7 @@ pub(super) fn file_open(
     if f.write {
         materialise(engine, event, job_key, &f.path, &kind_name, out);
     } else if let Some((origin, copied)) = written_by_another_job(engine, job_key, f) {
-        out.push(reuse(engine, event, job_key, origin, &credential, copied));
+        out.push(reuse(engine, event, job_key, origin, &credential(), copied));
     }
     if let Some(finding) = credential_harvesting(engine, event, job_key, &kind_name, credential) {
         out.push(finding);
@@ -189,12 +192,14 @@ fn credential_harvesting(
     event: &Event,
     job: JobKey,
     kind: &str,
-    credential: CredentialRef,
+    credential: impl FnOnce() -> CredentialRef,
 ) -> Option<Finding> {
     let threshold = engine.policy.harvesting_kinds;
     let mut process_kinds = Vec::new();
     if let Some(p) = engine.processes.get_mut(&event.process.pid) {
-        p.kinds.insert(kind.to_owned());
+        if !p.kinds.contains(kind) {
+            p.kinds.insert(kind.to_owned());
+        }
         if p.kinds.len() >= threshold && !p.harvesting_reported {
             p.harvesting_reported = true;
             process_kinds = p.kinds.iter().cloned().collect();
@@ -202,7 +207,9 @@ fn credential_harvesting(
     }
     let mut job_kinds = Vec::new();
     if let Some(j) = engine.jobs.get_mut(&job) {
-        j.kinds.insert(kind.to_owned());
+        if !j.kinds.contains(kind) {
+            j.kinds.insert(kind.to_owned());
+        }
         if j.kinds.len() >= threshold && !j.harvesting_reported {
             j.harvesting_reported = true;
             job_kinds = j.kinds.iter().cloned().collect();
@@ -226,7 +233,7 @@ fn credential_harvesting(
         ),
     );
     finding.kinds = kinds;
-    finding.credential = Some(credential);
+    finding.credential = Some(credential());
     Some(finding)
 }
 
