@@ -200,10 +200,8 @@ fn a_gitlab_job_with_a_service_is_one_job_and_leaves_no_survivor_once_removed() 
     );
     // Two stages of the one job: the service's and the build's entrypoints, each a root found
     // by the environment scan.
-    let stages = std::fs::read_to_string(agent.dir.join("events.jsonl"))
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+    let stages = json_lines(&agent.dir.join("events.jsonl"))
+        .into_iter()
         .filter(|e| e["kind"] == "job_start" && e["id"] == job_id.as_str())
         .count();
     assert_eq!(stages, 2, "stages of job {job_id}");

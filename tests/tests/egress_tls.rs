@@ -11,8 +11,8 @@
 use integration_tests::{
     TestEnv,
     live::{
-        Agent, agent_dir, agent_log, alerts, free_port, job_answers, run_id, test_policy,
-        wait_alert,
+        Agent, agent_dir, agent_log, alerts, free_port, job_answers, json_lines, run_id,
+        test_policy, wait_alert,
     },
     netpair::{NetPair, assert_answers},
 };
@@ -143,10 +143,8 @@ fn sni_true_in_block_mode_drops_tls_to_a_server_name_outside_the_allowlist() {
         );
     }
     // The event trace has every ClientHello with its name.
-    let trace = std::fs::read_to_string(dir.join("events.jsonl")).unwrap_or_default();
-    let hellos: Vec<Value> = trace
-        .lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+    let hellos: Vec<Value> = json_lines(&dir.join("events.jsonl"))
+        .into_iter()
         .filter(|e| e["kind"] == "tls_client_hello")
         .collect();
     for sni in ["allowed.example", "deep.api.good.example", "evil.example"] {

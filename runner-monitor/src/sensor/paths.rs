@@ -18,8 +18,15 @@ pub fn normalize(path: &str) -> String {
         // Nearly every path a process opens: one copy, no parsing.
         return path.to_owned();
     }
-    let mut out = String::with_capacity(path.len() + 1);
-    push_normalized(&mut out, path);
+    normalized(&[path])
+}
+
+/// `parts` one after the other, normalised in one pass into one string.
+fn normalized(parts: &[&str]) -> String {
+    let mut out = String::with_capacity(parts.iter().map(|p| p.len() + 1).sum());
+    for part in parts {
+        push_normalized(&mut out, part);
+    }
     if out.is_empty() {
         out.push('/');
     }
@@ -58,15 +65,10 @@ fn push_normalized(out: &mut String, path: &str) {
 /// `base` joined with `path` (absolute `path` wins), normalised.
 pub fn join(base: &str, path: &str) -> String {
     if path.starts_with('/') {
-        return normalize(path);
+        normalize(path)
+    } else {
+        normalized(&[base, path])
     }
-    let mut out = String::with_capacity(base.len() + path.len() + 2);
-    push_normalized(&mut out, base);
-    push_normalized(&mut out, path);
-    if out.is_empty() {
-        out.push('/');
-    }
-    out
 }
 
 /// The working directories of job processes, as far as the agent has seen them change.
