@@ -20,7 +20,8 @@ pub fn request(
     let mut stream = UnixStream::connect(socket)?;
     stream.set_read_timeout(timeout)?;
     stream.set_write_timeout(timeout)?;
-    write!(stream, "GET {path} HTTP/1.0\r\nHost: docker\r\n\r\n")?;
+    // One write: `write!` on the bare stream would send each piece of the format on its own.
+    stream.write_all(format!("GET {path} HTTP/1.0\r\nHost: docker\r\n\r\n").as_bytes())?;
     let mut reader = BufReader::new(stream);
     expect_ok(&mut reader)?;
     Ok(reader)
@@ -93,9 +94,17 @@ pub(crate) mod fake {
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             let (mut stream, _) = listener.accept().unwrap();
-            let mut request = [0u8; 512];
-            let n = stream.read(&mut request).unwrap_or(0);
-            let _ = tx.send(String::from_utf8_lossy(&request[..n]).into_owned());
+            // The whole request, up to the blank line after its headers, as a daemon reads it:
+            // answering after the first read and closing made the client's rest fail (EPIPE).
+            let mut request = Vec::new();
+            let mut chunk = [0u8; 512];
+            while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+                match stream.read(&mut chunk) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => request.extend_from_slice(&chunk[..n]),
+                }
+            }
+            let _ = tx.send(String::from_utf8_lossy(&request).into_owned());
             stream.write_all(answer.as_bytes()).unwrap();
         });
         (Removed(path.clone()), path, rx)
