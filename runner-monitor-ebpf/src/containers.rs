@@ -4,9 +4,9 @@
 //! cannot reach them. The link is made in three steps, each before the next can happen:
 //!
 //! 1. a job process's successful `connect` to a unix socket remembers (tgid, fd) (`net.rs`);
-//! 2. a `write` or `sendto` on such a socket that starts an HTTP request `POST
-//!    [/vN.NN]/containers/<64 hex id>/start` (what the docker CLI, compose and the SDKs send
-//!    after create) records the id as the job's, at the syscall's entry: before the daemon can
+//! 2. a `write`, `sendto`, `writev` or `sendmsg` (its first buffer) on such a socket that starts
+//!    an HTTP request `POST [/vN.NN]/containers/<64 hex id>/start` (what the docker CLI, compose
+//!    and the SDKs send after create) records the id as the job's, at the syscall's entry: before the daemon can
 //!    read the request;
 //! 3. when the runtime makes the container's cgroup (`cgroup:cgroup_mkdir` in the cgroup v2
 //!    hierarchy, `.../<id>` or `.../docker-<id>.scope`), the cgroup id becomes the job's.
@@ -91,6 +91,17 @@ fn same<const N: usize>(buf: &[u8], at: usize, want: &[u8; N]) -> bool {
     true
 }
 
+/// The shortest request that can name a container: `POST /containers/x/start `.
+const SHORTEST: u64 = (PREFIX_LEN + 2) as u64;
+
+/// The job whose unix socket `fd` of the current process is, when a job process connected it.
+#[inline(always)]
+fn job_socket(fd: u64) -> Option<u64> {
+    let key = (u64::from(current_tgid()) << 32) | (fd & 0xffff_ffff);
+    // SAFETY: the value is copied out at once.
+    unsafe { UNIX_CONNS.get(key).copied() }
+}
+
 /// A `write` or `sendto` of the current process: `(fd, buf, len)` are its first arguments. It
 /// runs on every write on the host, so the cheapest test goes first: a write too short to be a
 /// start request is done with before the map lookup, and the arguments are loaded from the
@@ -98,17 +109,45 @@ fn same<const N: usize>(buf: &[u8], at: usize, want: &[u8; N]) -> bool {
 #[inline(always)]
 fn on_send(ctx: &TracePointContext) {
     let len = syscall_arg_direct(ctx, 2);
-    // The shortest request that can name a container: `POST /containers/x/start `.
-    if len < (PREFIX_LEN + 2) as u64 {
+    if len < SHORTEST {
         return;
     }
-    let fd = syscall_arg_direct(ctx, 0);
-    let key = (u64::from(current_tgid()) << 32) | (fd & 0xffff_ffff);
-    // SAFETY: the value is copied out at once.
-    let Some(job) = (unsafe { UNIX_CONNS.get(key).copied() }) else {
+    let Some(job) = job_socket(syscall_arg_direct(ctx, 0)) else {
         return;
     };
-    let buf = syscall_arg_direct(ctx, 1);
+    on_request(syscall_arg_direct(ctx, 1), len, job);
+}
+
+/// The first buffer of a `writev` or `sendmsg` on a job's unix socket: `iov` points at the
+/// caller's `struct iovec` array (`{ void *base; size_t len; }`). Only the first buffer is
+/// looked at: HTTP clients put the request line in one buffer (Node's libuv writes a request
+/// of several buffers with `writev`).
+#[inline(always)]
+fn on_vectored(iov: u64, job: u64) {
+    if iov == 0 {
+        return;
+    }
+    let mut first = [0u64; 2];
+    // SAFETY: a checked read of user memory into a stack buffer.
+    if unsafe { bpf_probe_read_user_buf(iov as *const u8, as_bytes(&mut first)) }.is_err() {
+        return;
+    }
+    let [base, len] = first;
+    if len >= SHORTEST {
+        on_request(base, len, job);
+    }
+}
+
+#[inline(always)]
+fn as_bytes(words: &mut [u64; 2]) -> &mut [u8; 16] {
+    // SAFETY: two u64 are 16 bytes, any bit pattern valid both ways; the borrow is carried over.
+    unsafe { &mut *(words as *mut [u64; 2]).cast::<[u8; 16]>() }
+}
+
+/// `len` bytes at `buf` that the current process sends on a job's unix socket: a container
+/// start request records the container as the job's.
+#[inline(always)]
+fn on_request(buf: u64, len: u64, job: u64) {
     if buf == 0 {
         return;
     }
@@ -165,6 +204,45 @@ pub fn sys_enter_write(ctx: TracePointContext) -> u32 {
 #[tracepoint]
 pub fn sys_enter_sendto(ctx: TracePointContext) -> u32 {
     on_send(&ctx);
+    0
+}
+
+// long sys_writev(unsigned long fd, const struct iovec __user *vec, unsigned long vlen)
+// Named so that the kernel's 15-character program name differs from `sys_enter_write`'s.
+#[tracepoint]
+pub fn enter_writev(ctx: TracePointContext) -> u32 {
+    if syscall_arg_direct(&ctx, 2) == 0 {
+        return 0;
+    }
+    if let Some(job) = job_socket(syscall_arg_direct(&ctx, 0)) {
+        on_vectored(syscall_arg_direct(&ctx, 1), job);
+    }
+    0
+}
+
+/// `struct user_msghdr`'s `msg_iov` and `msg_iovlen` (after `msg_name` and the padded
+/// `msg_namelen`).
+const MSG_IOV: u64 = 16;
+
+// long sys_sendmsg(int fd, struct user_msghdr __user *msg, unsigned int flags)
+#[tracepoint]
+pub fn enter_sendmsg(ctx: TracePointContext) -> u32 {
+    let Some(job) = job_socket(syscall_arg_direct(&ctx, 0)) else {
+        return 0;
+    };
+    let msg = syscall_arg_direct(&ctx, 1);
+    if msg == 0 {
+        return 0;
+    }
+    let mut iov = [0u64; 2];
+    // SAFETY: a checked read of user memory into a stack buffer.
+    if unsafe { bpf_probe_read_user_buf((msg + MSG_IOV) as *const u8, as_bytes(&mut iov)) }.is_err()
+    {
+        return 0;
+    }
+    if iov[1] > 0 {
+        on_vectored(iov[0], job);
+    }
     0
 }
 

@@ -272,6 +272,62 @@ fn a_container_a_job_starts_through_the_docker_api_with_curl() {
     assert_no_secret(agent);
 }
 
+/// Start requests sent with `writev` and `sendmsg` (Node's libuv writes a request of several
+/// buffers with `writev`; other clients use `sendmsg`), each split in two buffers: the request
+/// line, then the headers. Both containers are the job's.
+#[test]
+fn a_start_request_sent_with_writev_or_sendmsg_is_the_jobs() {
+    let agent = agent();
+    let docker = Docker::start("vectored");
+    let env = TestEnv::new("containers-vectored");
+    let run = run_id(10);
+    let script = env.dir.join("start.py");
+    std::fs::write(
+        &script,
+        r#"import os, socket, sys
+path, how, cid = sys.argv[1:]
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.connect(path)
+parts = [f"POST /v1.41/containers/{cid}/start HTTP/1.1\r\n".encode(),
+         b"Host: docker\r\nContent-Length: 0\r\n\r\n"]
+if how == "writev":
+    os.writev(s.fileno(), parts)
+else:
+    s.sendmsg(parts)
+answer = s.recv(4096)
+sys.exit(0 if answer.startswith(b"HTTP/1.1 204") else f"{how}: {answer[:40]!r}")
+"#,
+    )
+    .unwrap();
+    let body = format!(
+        r#"{{"Image":"{IMAGE}","Cmd":["sh","-c","{read} > /dev/null"],"HostConfig":{{"Binds":["{home}:/h"],"NetworkMode":"none"}}}}"#,
+        read = read_three_kinds("/h"),
+        home = env.home.display(),
+    );
+    let socket = docker.socket.display();
+    let api = format!("curl -sf --unix-socket {socket}");
+    let mut step = String::new();
+    for how in ["writev", "sendmsg"] {
+        step += &format!(
+            "id=$({api} -H 'Content-Type: application/json' -d '{body}' \
+             http://docker/v1.41/containers/create?name=rm-{how}-{run} | sed 's/.*\"Id\":\"\\([0-9a-f]*\\)\".*/\\1/')\n\
+             python3 {script} {socket} {how} $id\n\
+             {api} -X POST http://docker/v1.41/containers/$id/wait > /dev/null\n",
+            script = script.display(),
+        );
+    }
+    github_job(&env, agent, &run, "acme/vectored", &step);
+    let id = format!("{run}/build");
+    for how in ["writev", "sendmsg"] {
+        let name = format!("rm-{how}-{run}");
+        let harvest = wait_alert(agent, "credential-harvesting", &id, |a| {
+            a["container"]["name"] == name.as_str()
+        });
+        assert_container(&harvest, Some(&name));
+    }
+    assert_no_secret(agent);
+}
+
 /// A job's detached container outlives the job and an agent restart: a program `docker exec`
 /// runs in it afterwards (here from outside any job) is still the job's, because the kernel's
 /// container maps are pinned with the process map.

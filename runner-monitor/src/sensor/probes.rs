@@ -231,6 +231,18 @@ pub(super) const PROBES: &[Probe] = &[
     },
     Probe {
         sensor: "containers",
+        program: "enter_writev",
+        hooks: &[Tp("syscalls", "sys_enter_writev")],
+        required: false,
+    },
+    Probe {
+        sensor: "containers",
+        program: "enter_sendmsg",
+        hooks: &[Tp("syscalls", "sys_enter_sendmsg")],
+        required: false,
+    },
+    Probe {
+        sensor: "containers",
         program: "cgroup_mkdir",
         hooks: &[Tp("cgroup", "cgroup_mkdir")],
         required: false,

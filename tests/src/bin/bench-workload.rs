@@ -6,6 +6,9 @@
 //!                                     write
 //! bench-workload sendto N             N sendto(2) of 1 byte on a connected unix datagram socket,
 //!                                     each received by a recv(2) on its peer; prints ns per pair
+//! bench-workload sendmsg N            the same with sendmsg(2) of one buffer
+//! bench-workload writev N             N writev(2) of one 64-byte buffer to /dev/null; prints ns
+//!                                     per writev
 //! bench-workload flood PATH SECS P [RATE]
 //!                                     P processes open PATH as fast as they can (or RATE opens
 //!                                     per second in all) for SECS seconds; prints the number of
@@ -84,7 +87,28 @@ fn main() {
             }
             per_op(start, n);
         }
-        "sendto" => sendto(num(1)),
+        "sendto" => send(num(1), false),
+        "sendmsg" => send(num(1), true),
+        "writev" => {
+            let n = num(1);
+            let null = std::fs::OpenOptions::new()
+                .write(true)
+                .open("/dev/null")
+                .expect("/dev/null");
+            let fd = std::os::fd::AsRawFd::as_raw_fd(&null);
+            let data = [b'x'; 64];
+            let iov = libc::iovec {
+                iov_base: data.as_ptr() as *mut libc::c_void,
+                iov_len: data.len(),
+            };
+            let start = Instant::now();
+            for _ in 0..n {
+                // SAFETY: one iovec over a live buffer, to an open fd.
+                let written = unsafe { libc::writev(fd, &iov, 1) };
+                assert_eq!(written, 64, "writev failed");
+            }
+            per_op(start, n);
+        }
         "flood" => flood(
             &args[1],
             Duration::from_secs(num(2)),
@@ -184,20 +208,33 @@ fn open_close(path: &CString) -> bool {
     }
 }
 
-/// N sendto + recv of 1 byte over a unix datagram socket pair (connected to each other).
-fn sendto(n: u64) {
+/// N sendto (or sendmsg) + recv of 1 byte over a unix datagram socket pair (connected to each
+/// other).
+fn send(n: u64, msg: bool) {
     let mut fds = [0i32; 2];
     // SAFETY: socketpair fills the two fds.
     let made = unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_DGRAM, 0, fds.as_mut_ptr()) };
     assert_eq!(made, 0, "socketpair failed");
     let mut byte = [0u8; 1];
+    let mut iov = libc::iovec {
+        iov_base: b"x".as_ptr() as *mut libc::c_void,
+        iov_len: 1,
+    };
+    // SAFETY: an all-zero msghdr is a valid empty one; its buffer is set below.
+    let mut header: libc::msghdr = unsafe { std::mem::zeroed() };
+    header.msg_iov = &mut iov;
+    header.msg_iovlen = 1;
     let start = Instant::now();
     for _ in 0..n {
         // SAFETY: sends 1 byte from a static on a connected socket (no address), then receives
         // it into a local buffer.
         unsafe {
-            let sent = libc::sendto(fds[0], b"x".as_ptr().cast(), 1, 0, std::ptr::null(), 0);
-            assert_eq!(sent, 1, "sendto failed");
+            let sent = if msg {
+                libc::sendmsg(fds[0], &header, 0)
+            } else {
+                libc::sendto(fds[0], b"x".as_ptr().cast(), 1, 0, std::ptr::null(), 0)
+            };
+            assert_eq!(sent, 1, "send failed");
             libc::recv(fds[1], byte.as_mut_ptr().cast(), 1, 0);
         }
     }

@@ -2,10 +2,11 @@
 //! agent on, interleaved rounds whose mode order rotates: `getppid` (no program of the agent
 //! runs on it: the cost every syscall pays once the agent's syscall tracepoints are enabled),
 //! `write` of 1 byte to /dev/null (too short to be a Docker API request: the probes' first test),
-//! of 64 bytes (long enough: the probes look the fd up) and `sendto` of 1 byte on a unix datagram
-//! socket (received by its peer). The container probes (`sys_enter_write`, `sys_enter_sendto`) run on every write and
-//! sendto on the host, looking for a job's Docker API requests; this is what they cost everyone
-//! else. Then, with `kernel.bpf_stats_enabled`, the probes' own run time per call on those writes.
+//! of 64 bytes (long enough: the probes look the fd up), `sendto` and `sendmsg` of 1 byte on a
+//! unix datagram socket (received by its peer) and `writev` of one 64-byte buffer. The container
+//! probes (`sys_enter_write`, `sys_enter_sendto`, `enter_writev`, `enter_sendmsg`) run on every
+//! such call on the host, looking for a job's Docker API requests; this is what they cost
+//! everyone else. Then, with `kernel.bpf_stats_enabled`, the probes' own run time per call.
 
 use std::{collections::BTreeMap, process::Command};
 
@@ -20,9 +21,15 @@ use super::{
 };
 
 const MODES: [&str; 3] = ["off", "floor", "on"];
-const CASES: [&str; 4] = ["getppid", "write", "write64", "sendto"];
+const CASES: [&str; 6] = ["getppid", "write", "write64", "sendto", "writev", "sendmsg"];
 /// The tracepoints the floor enables.
-const FLOOR: [&str; 3] = ["sys_enter_getppid", "sys_enter_write", "sys_enter_sendto"];
+const FLOOR: [&str; 5] = [
+    "sys_enter_getppid",
+    "sys_enter_write",
+    "sys_enter_sendto",
+    "sys_enter_writev",
+    "sys_enter_sendmsg",
+];
 
 /// `bench-workload ARGS` run directly, not as a job: ns per operation.
 fn outside(args: &[String]) -> anyhow::Result<f64> {
@@ -42,9 +49,10 @@ fn outside(args: &[String]) -> anyhow::Result<f64> {
         .with_context(|| format!("bench-workload printed {text:?}"))
 }
 
-/// The container probes, as the kernel names programs (15 characters).
+/// The container probes, as bpftool names them (the kernel's name is cut at 15 characters).
 fn is_send_probe(name: &str) -> bool {
-    name == "sys_enter_write" || name.starts_with("sys_enter_sendt")
+    matches!(name, "sys_enter_write" | "enter_writev" | "enter_sendmsg")
+        || name.starts_with("sys_enter_sendt")
 }
 
 pub(super) fn run(dir: &std::path::Path, sizes: &Sizes) -> anyhow::Result<Value> {
@@ -52,13 +60,13 @@ pub(super) fn run(dir: &std::path::Path, sizes: &Sizes) -> anyhow::Result<Value>
     let args = |case: &str| -> Vec<String> {
         // A send and its receive cost about ten 1-byte writes: a quarter as many.
         match case {
-            "sendto" => vec![case.to_owned(), (n / 4).max(1).to_string()],
+            "sendto" | "sendmsg" => vec![case.to_owned(), (n / 4).max(1).to_string()],
             "write64" => vec!["write".to_owned(), n.to_string(), "64".to_owned()],
             _ => vec![case.to_owned(), n.to_string()],
         }
     };
     // ns[case][mode], one per round.
-    let mut ns: [[Vec<f64>; 3]; 4] = Default::default();
+    let mut ns: [[Vec<f64>; 3]; CASES.len()] = Default::default();
     for round in 0..sizes.rounds {
         for step in 0..MODES.len() {
             let mode = (round + step) % MODES.len();
@@ -87,7 +95,7 @@ pub(super) fn run(dir: &std::path::Path, sizes: &Sizes) -> anyhow::Result<Value>
     // the host meanwhile count too; nearly all of them outside jobs as well).
     let agent = Agent::start(dir)?;
     let mut probes = serde_json::Map::new();
-    for case in ["write", "write64", "sendto"] {
+    for case in ["write", "write64", "sendto", "writev", "sendmsg"] {
         let stats = BpfStats::enable()?;
         let before = program_stats(&agent, is_send_probe);
         if let Err(e) = outside(&args(case)) {
@@ -134,7 +142,7 @@ pub(super) fn run(dir: &std::path::Path, sizes: &Sizes) -> anyhow::Result<Value>
 
 pub(super) fn print(r: &Value) {
     println!(
-        "syscalls outside any job ({} operations, sendto+recv a quarter as many; median ns of the \
+        "syscalls outside any job ({} operations, sends (+recv) a quarter as many; median ns of the \
          rounds, their spread, ratio to off):",
         r["operations"]
     );
@@ -155,7 +163,7 @@ pub(super) fn print(r: &Value) {
             .collect();
         println!("  {case:<8} {}", parts.join(", "));
     }
-    for case in ["write", "write64", "sendto"] {
+    for case in ["write", "write64", "sendto", "writev", "sendmsg"] {
         if let Some(probes) = r["probe_ns_per_call"][case].as_object() {
             let parts: Vec<String> = probes
                 .iter()
