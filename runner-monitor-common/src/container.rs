@@ -16,6 +16,9 @@ pub const CGROUP_PATH_LEN: usize = 128;
 pub const MATCHED_BY_ID: u32 = 1;
 pub const MATCHED_BY_SHORT_ID: u32 = 2;
 pub const MATCHED_BY_NAME: u32 = 3;
+/// No request: a job process made the container's cgroup (a runtime the job runs itself,
+/// podman's runc).
+pub const MATCHED_BY_CREATOR: u32 = 4;
 
 /// The cgroup of a container job `header.job` asked a runtime to start was made: from now on,
 /// a process outside jobs that execs in it joins the job. The header's process is whoever made
@@ -29,7 +32,7 @@ pub struct ContainerEvent {
     pub cgroup_id: u64,
     /// Bytes of `path` used (the path's last bytes when it was longer).
     pub path_len: u32,
-    /// `MATCHED_BY_ID`, `MATCHED_BY_SHORT_ID` or `MATCHED_BY_NAME`.
+    /// `MATCHED_BY_ID`, `MATCHED_BY_SHORT_ID`, `MATCHED_BY_NAME` or `MATCHED_BY_CREATOR`.
     pub matched: u32,
     /// Nanoseconds from the job's start request to the cgroup (0 when matched by id).
     pub waited_ns: u64,

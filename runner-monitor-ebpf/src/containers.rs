@@ -11,6 +11,11 @@
 //! 3. when the runtime makes the container's cgroup (`cgroup:cgroup_mkdir` in the cgroup v2
 //!    hierarchy, `.../<id>` or `.../docker-<id>.scope`), the cgroup id becomes the job's.
 //!
+//! A container cgroup that a job process makes itself is the job's too, with no request: the
+//! runtime is the job's (podman's conmon and runc descend from the job's `podman run`; so do a
+//! dockerd's the job started). Its processes are the job's by fork already; the map makes a
+//! process exec'd into it later from outside (`podman exec`) the job's as well.
+//!
 //! A process outside any job that execs inside such a cgroup (runc init exec'ing the entrypoint,
 //! or a `docker exec`'d program) joins the job at `sched_process_exec` (`process.rs`), before
 //! the new program's first instruction; its children inherit at fork as always.
@@ -26,7 +31,7 @@ use aya_ebpf::{
 };
 use runner_monitor_common::{
     CONTAINER_ID_LEN, ContainerEvent, EventKind, ProcessJob,
-    container::{CGROUP_PATH_LEN, MATCHED_BY_ID, MAX_CONTAINERS},
+    container::{CGROUP_PATH_LEN, MATCHED_BY_CREATOR, MATCHED_BY_ID, MAX_CONTAINERS},
     counter,
 };
 
@@ -34,7 +39,7 @@ use crate::{
     args::{field, syscall_arg_direct},
     container_refs::{Matched, is_hex, start_by_reference, take_pending},
     emit::send,
-    maps::{count, current_tgid},
+    maps::{count, current_process, current_tgid},
 };
 
 /// How many unix-socket connections of job processes are remembered; LRU, so closed sockets
@@ -299,7 +304,17 @@ pub fn cgroup_mkdir(ctx: TracePointContext) -> u32 {
             None if !id.iter().all(|c| is_hex(*c)) => continue,
             None => match take_pending(&id) {
                 Some(m) => m,
-                None => return 0,
+                // Nobody asked a daemon for it, but a job process makes it: a runtime the job
+                // runs itself (podman's runc, a dockerd in the job).
+                None => match current_process() {
+                    Some(creator) => Matched {
+                        job: creator.job,
+                        how: MATCHED_BY_CREATOR,
+                        waited_ns: 0,
+                        reference: [0; CONTAINER_ID_LEN],
+                    },
+                    None => return 0,
+                },
             },
         };
         let cgroup: u64 = field(&ctx, offsets::ID);

@@ -110,26 +110,33 @@ impl Docker {
 
     /// A rootfs of Debian's static busybox (`busybox-static`), imported as `IMAGE`.
     fn import_busybox(&self) {
-        let root = self.dir.join("rootfs");
-        for sub in ["bin", "proc", "sys", "dev", "etc", "tmp", "h"] {
-            std::fs::create_dir_all(root.join(sub)).unwrap();
-        }
-        std::fs::copy(busybox(), root.join("bin/busybox")).unwrap();
-        for applet in ["sh", "cat", "sleep", "true", "ls", "tail"] {
-            std::os::unix::fs::symlink("busybox", root.join("bin").join(applet)).unwrap();
-        }
-        let tar = self.dir.join("rootfs.tar");
-        let status = Command::new("tar")
-            .arg("-C")
-            .arg(&root)
-            .arg("-cf")
-            .arg(&tar)
-            .arg(".")
-            .status()
-            .unwrap();
-        assert!(status.success(), "tar of the busybox rootfs failed");
+        let tar = busybox_rootfs(&self.dir);
         self.run(&["import", &tar.display().to_string(), IMAGE]);
     }
+}
+
+/// A tar of a rootfs holding Debian's static busybox and a few applets, made in `dir`, for an
+/// engine to import as `IMAGE`.
+pub fn busybox_rootfs(dir: &Path) -> PathBuf {
+    let root = dir.join("rootfs");
+    for sub in ["bin", "proc", "sys", "dev", "etc", "tmp", "h"] {
+        std::fs::create_dir_all(root.join(sub)).unwrap();
+    }
+    std::fs::copy(busybox(), root.join("bin/busybox")).unwrap();
+    for applet in ["sh", "cat", "sleep", "true", "ls", "tail"] {
+        std::os::unix::fs::symlink("busybox", root.join("bin").join(applet)).unwrap();
+    }
+    let tar = dir.join("rootfs.tar");
+    let status = Command::new("tar")
+        .arg("-C")
+        .arg(&root)
+        .arg("-cf")
+        .arg(&tar)
+        .arg(".")
+        .status()
+        .unwrap();
+    assert!(status.success(), "tar of the busybox rootfs failed");
+    tar
 }
 
 /// `docker run` from a job step, against the test's daemon, with the job's home mounted at

@@ -29,6 +29,7 @@ pub mod docker;
 pub mod live;
 pub mod nats;
 pub mod netpair;
+pub mod podman;
 pub mod systemd;
 pub mod tls;
 

@@ -65,6 +65,9 @@ const DEBIAN_PACKAGES: &[&str] = &[
     // plugin, as the kubelet's runtime, and imports its image with containerd's `ctr`.
     "docker.io",
     "busybox-static",
+    // tests/tests/containers_podman.rs runs podman (daemonless: conmon and runc descend from the
+    // job) with its own roots, and imports the same busybox image.
+    "podman",
     // tests/tests/containers_start.rs runs `docker-compose` (Compose v1, Python, Debian's; the
     // v2 plugin is not packaged in Debian 12) from a job.
     "docker-compose",

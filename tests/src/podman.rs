@@ -1,0 +1,96 @@
+//! Podman for the tests (Debian's `podman` 4.3 with runc, installed by `cargo xtask setup`):
+//! daemonless, with each test's own storage and run roots in a fresh directory, the cgroupfs
+//! manager (this host runs no systemd), the vfs storage driver (no overlay mounts to undo), and
+//! the Docker tests' busybox image (`podman import`: nothing is pulled). Dropping it removes its
+//! containers, files and the cgroups podman made (`libpod_parent`); one test holds podman at a
+//! time, so that one's clean-up cannot pull a parent cgroup from under another's start.
+
+use std::{
+    path::PathBuf,
+    process::{Command, Stdio},
+    sync::{Mutex, MutexGuard},
+};
+
+use crate::docker::{IMAGE, busybox_rootfs};
+
+pub struct Podman {
+    pub dir: PathBuf,
+    _one_at_a_time: MutexGuard<'static, ()>,
+}
+
+static PODMAN: Mutex<()> = Mutex::new(());
+
+impl Podman {
+    /// Podman's files in a fresh directory named after `name`, with `IMAGE` imported.
+    pub fn new(name: &str) -> Self {
+        // A test that failed while holding it leaves nothing behind: its Drop ran.
+        let serial = PODMAN.lock().unwrap_or_else(|e| e.into_inner());
+        let dir = std::env::temp_dir().join(format!("rm-podman-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        // Podman asks runc for 1,048,576 open files and as many processes in a root container;
+        // raising a hard limit above the host's is refused on this VM. The tests lower them.
+        std::fs::write(
+            dir.join("containers.conf"),
+            "[containers]\ndefault_ulimits = [\"nofile=1024:1024\", \"nproc=1024:1024\"]\n",
+        )
+        .unwrap();
+        let podman = Self {
+            dir,
+            _one_at_a_time: serial,
+        };
+        let tar = busybox_rootfs(&podman.dir);
+        podman.run(&["import", &tar.display().to_string(), IMAGE]);
+        podman
+    }
+
+    /// `podman` with this test's roots, as a shell command line (for a job's step too).
+    pub fn shell_cli(&self) -> String {
+        format!(
+            "CONTAINERS_CONF={d}/containers.conf podman --root {d}/root --runroot {d}/run \
+             --tmpdir {d}/tmp --storage-driver vfs --cgroup-manager cgroupfs \
+             --events-backend file --log-level error",
+            d = self.dir.display()
+        )
+    }
+
+    /// `podman <args>`, which must succeed; its stdout.
+    pub fn run(&self, args: &[&str]) -> String {
+        let out = Command::new("sh")
+            .arg("-c")
+            .arg(format!("{} \"$@\"", self.shell_cli()))
+            .arg("podman")
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("podman (Debian's; `cargo xtask setup` installs it)");
+        assert!(
+            out.status.success(),
+            "podman {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+}
+
+impl Drop for Podman {
+    fn drop(&mut self) {
+        let _ = Command::new("sh")
+            .arg("-c")
+            .arg(format!("{} rm --all --force --time 0", self.shell_cli()))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        let _ = std::fs::remove_dir_all(&self.dir);
+        // The cgroupfs manager's parent in every hierarchy (v1 and v2), and conmon's own below.
+        for hierarchy in std::fs::read_dir("/sys/fs/cgroup")
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let parent = hierarchy.path().join("libpod_parent");
+            let _ = std::fs::remove_dir(parent.join("conmon"));
+            let _ = std::fs::remove_dir(parent);
+        }
+    }
+}

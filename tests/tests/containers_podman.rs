@@ -1,0 +1,81 @@
+//! Podman's containers of a job are the job's: podman is daemonless, so the job's `podman run`
+//! forks conmon, which forks runc, which forks the container's init: every process of the
+//! container descends from the job and inherits it at fork, in the kernel, like any child. The
+//! container's cgroup, made by that runc (a job process), is the job's too: a `podman exec`
+//! into it from outside any job is the job's. Real podman (Debian's, with runc, its own roots
+//! per test: `integration_tests::podman`) from GitHub-style jobs of the real agent.
+
+use integration_tests::{
+    TestEnv,
+    docker::{IMAGE, read_three_kinds},
+    live::{agent, assert_no_secret, github_job, run_id, wait_alert},
+    podman::Podman,
+};
+
+#[test]
+fn a_podman_container_of_a_job_is_the_job() {
+    let agent = agent();
+    let podman = Podman::new("short");
+    let env = TestEnv::new("podman-short");
+    let run = run_id(1);
+    let step = format!(
+        "{cli} run --rm --network none -v {home}:/h {IMAGE} {read} > /dev/null",
+        cli = podman.shell_cli(),
+        home = env.home.display(),
+        read = read_three_kinds("/h"),
+    );
+    github_job(&env, agent, &run, "acme/podman", &step);
+    let id = format!("{run}/build");
+    let harvest = wait_alert(agent, "credential-harvesting", &id, |_| true);
+    assert_eq!(harvest["job"]["repository"], "acme/podman", "{harvest}");
+    assert_eq!(harvest["process"]["comm"], "cat", "{harvest}");
+    assert_podman(&harvest);
+    assert_no_secret(agent);
+}
+
+#[test]
+fn a_detached_podman_container_outlives_its_job_and_is_judged_after_the_end() {
+    let agent = agent();
+    let podman = Podman::new("detached");
+    let env = TestEnv::new("podman-detached");
+    let run = run_id(2);
+    let step = format!(
+        "{cli} run -d --name rm-detached --network none -v {home}:/h {IMAGE} sh -c \
+         'sleep 3; cat /h/.aws/credentials > /dev/null; sleep 30' > /dev/null",
+        cli = podman.shell_cli(),
+        home = env.home.display(),
+    );
+    github_job(&env, agent, &run, "acme/podman-detached", &step);
+    let id = format!("{run}/build");
+    let after = wait_alert(agent, "credential-after-job-end", &id, |_| true);
+    assert_eq!(after["credential"]["kind"], "aws", "{after}");
+    assert_eq!(
+        after["credential"]["path"],
+        env.home.join(".aws/credentials").to_str().unwrap(),
+        "{after}"
+    );
+    assert_podman(&after);
+    let survivor = wait_alert(agent, "process-survived-job", &id, |_| true);
+    assert_eq!(survivor["container"]["id"], after["container"]["id"]);
+    // From outside any job, into the job's container: the exec'd program is the job's.
+    podman.run(&["exec", "rm-detached", "cat", "/h/.ssh/id_ed25519"]);
+    let exec = wait_alert(agent, "credential-after-job-end", &id, |a| {
+        a["credential"]["kind"] == "ssh"
+    });
+    assert_eq!(exec["container"]["id"], after["container"]["id"], "{exec}");
+    assert_no_secret(agent);
+}
+
+/// The container is named by its id and runtime (from the cgroup runc made). Its name and image
+/// are podman's own records, which the agent does not read.
+fn assert_podman(finding: &serde_json::Value) {
+    let c = &finding["container"];
+    let id = c["id"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no container: {finding}"));
+    assert!(
+        id.len() == 64 && id.bytes().all(|b| b.is_ascii_hexdigit()),
+        "{finding}"
+    );
+    assert_eq!(c["runtime"], "podman", "{finding}");
+}
