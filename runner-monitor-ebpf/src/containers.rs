@@ -6,7 +6,8 @@
 //! 1. a job process's successful `connect` to a unix socket remembers (tgid, fd) (`net.rs`);
 //! 2. a `write`, `sendto`, `writev` or `sendmsg` (its first buffer) on such a socket that starts
 //!    an HTTP request `POST [/vN.NN]/containers/<64 hex id>/start` (what the docker CLI, compose
-//!    and the SDKs send after create) records the id as the job's, at the syscall's entry: before the daemon can
+//!    and the SDKs send after create) or `.../attach` (the CLI's `run` attaches first; podman's
+//!    API makes the cgroup there) records the id as the job's, at the syscall's entry: before the daemon can
 //!    read the request;
 //! 3. when the runtime makes the container's cgroup (`cgroup:cgroup_mkdir` in the cgroup v2
 //!    hierarchy, `.../<id>` or `.../docker-<id>.scope`), the cgroup id becomes the job's.
@@ -79,6 +80,9 @@ pub fn container_job(cgroup_id: u64) -> Option<u64> {
 const POST: &[u8; 6] = b"POST /";
 const CONTAINERS: &[u8; 12] = b"/containers/";
 const START: &[u8; 6] = b"/start";
+/// The docker CLI's `run` attaches before it starts; podman's Docker API makes the container's
+/// cgroup at the attach (it initialises the container there), before the start request.
+const ATTACH: &[u8; 7] = b"/attach";
 /// The request line's first bytes: `POST /v1.47/containers/`, with room for a longer version.
 const PREFIX_LEN: usize = 32;
 /// Where `/containers/` may begin: unversioned, or after `/v1.9`, `/v1.47`, `/v1.100`.
@@ -174,17 +178,16 @@ fn on_request(buf: u64, len: u64, job: u64) {
     if id_at == 0 {
         return;
     }
-    // The id and what follows it: `/start` then a space or `?`. A shorter request is read past
+    // The id and what follows it: `/start` or `/attach`, then a space or `?`. A shorter request is read past
     // its end (within the sender's buffer: what follows the reference decides).
     let mut tail = [0u8; CONTAINER_ID_LEN + 8];
     // SAFETY: a checked read of user memory into a stack buffer.
     if unsafe { bpf_probe_read_user_buf((buf + id_at as u64) as *const u8, &mut tail) }.is_err() {
         return;
     }
-    let after = tail[CONTAINER_ID_LEN + START.len()];
-    let by_id = len >= (id_at + CONTAINER_ID_LEN + START.len() + 1) as u64
-        && same(&tail, CONTAINER_ID_LEN, START)
-        && (after == b' ' || after == b'?')
+    let ends = |at: usize| len >= (id_at + at + 1) as u64 && (tail[at] == b' ' || tail[at] == b'?');
+    let by_id = ((same(&tail, CONTAINER_ID_LEN, START) && ends(CONTAINER_ID_LEN + START.len()))
+        || (same(&tail, CONTAINER_ID_LEN, ATTACH) && ends(CONTAINER_ID_LEN + ATTACH.len())))
         && tail[..CONTAINER_ID_LEN].iter().all(|c| is_hex(*c));
     if !by_id {
         // By name or short id: `docker start web`, `docker start 3f2a9c`.

@@ -7,14 +7,17 @@
 
 use std::{
     path::PathBuf,
-    process::{Command, Stdio},
+    process::{Child, Command, Stdio},
     sync::{Mutex, MutexGuard},
+    time::{Duration, Instant},
 };
 
 use crate::docker::{IMAGE, busybox_rootfs};
 
 pub struct Podman {
     pub dir: PathBuf,
+    /// `podman system service`, when started: its Docker-compatible API.
+    service: Option<Child>,
     _one_at_a_time: MutexGuard<'static, ()>,
 }
 
@@ -37,6 +40,7 @@ impl Podman {
         .unwrap();
         let podman = Self {
             dir,
+            service: None,
             _one_at_a_time: serial,
         };
         let tar = busybox_rootfs(&podman.dir);
@@ -52,6 +56,39 @@ impl Podman {
              --events-backend file --log-level error",
             d = self.dir.display()
         )
+    }
+
+    /// Starts `podman system service` on `<dir>/podman/podman.sock` (a path the built-in policy
+    /// lists as a Docker API socket, like rootless podman's `$XDG_RUNTIME_DIR/podman/podman.sock`)
+    /// and returns that path once it answers.
+    pub fn serve(&mut self) -> PathBuf {
+        let socket = self.dir.join("podman/podman.sock");
+        std::fs::create_dir_all(socket.parent().unwrap()).unwrap();
+        let log = std::fs::File::create(self.dir.join("service.log")).unwrap();
+        let child = crate::spawn_with_parent_death(
+            Command::new("sh")
+                .arg("-c")
+                .arg(format!(
+                    "exec env {} system service --time=0 unix://{}",
+                    self.shell_cli(),
+                    socket.display()
+                ))
+                .stdout(Stdio::null())
+                .stderr(log),
+            libc::SIGTERM,
+        )
+        .expect("podman system service");
+        self.service = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::os::unix::net::UnixStream::connect(&socket).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "podman system service did not listen: {}",
+                std::fs::read_to_string(self.dir.join("service.log")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        socket
     }
 
     /// `podman <args>`, which must succeed; its stdout.
@@ -75,6 +112,11 @@ impl Podman {
 
 impl Drop for Podman {
     fn drop(&mut self) {
+        if let Some(mut service) = self.service.take() {
+            // SAFETY: a signal to the service this test started.
+            unsafe { libc::kill(service.id() as i32, libc::SIGTERM) };
+            let _ = service.wait();
+        }
         let _ = Command::new("sh")
             .arg("-c")
             .arg(format!("{} rm --all --force --time 0", self.shell_cli()))

@@ -3,11 +3,13 @@
 //! container descends from the job and inherits it at fork, in the kernel, like any child. The
 //! container's cgroup, made by that runc (a job process), is the job's too: a `podman exec`
 //! into it from outside any job is the job's. Real podman (Debian's, with runc, its own roots
-//! per test: `integration_tests::podman`) from GitHub-style jobs of the real agent.
+//! per test: `integration_tests::podman`) from GitHub-style jobs of the real agent. Podman's
+//! Docker-compatible API socket (`podman system service`) is a Docker socket like any other:
+//! the job's connect is `secret-socket-access`, its start request by id links the container.
 
 use integration_tests::{
     TestEnv,
-    docker::{IMAGE, read_three_kinds},
+    docker::{DOCKER_CLI, IMAGE, read_three_kinds},
     live::{agent, assert_no_secret, github_job, run_id, wait_alert},
     podman::Podman,
 };
@@ -63,6 +65,38 @@ fn a_detached_podman_container_outlives_its_job_and_is_judged_after_the_end() {
         a["credential"]["kind"] == "ssh"
     });
     assert_eq!(exec["container"]["id"], after["container"]["id"], "{exec}");
+    assert_no_secret(agent);
+}
+
+/// The docker CLI of a job against podman's Docker-compatible API: the container podman's service
+/// (outside any job) creates is the job's by the start request, as with dockerd, and is named
+/// through that API.
+#[test]
+fn a_container_a_job_starts_through_podmans_docker_api_is_the_job() {
+    let agent = agent();
+    let mut podman = Podman::new("service");
+    let socket = podman.serve();
+    let env = TestEnv::new("podman-service");
+    let run = run_id(3);
+    let step = format!(
+        "DOCKER_CONFIG={cli_config} {DOCKER_CLI} -H unix://{socket} run --rm --name rm-api-{run} \
+         --network none -v {home}:/h {IMAGE} {read} > /dev/null",
+        cli_config = podman.dir.join("cli").display(),
+        socket = socket.display(),
+        home = env.home.display(),
+        read = read_three_kinds("/h"),
+    );
+    github_job(&env, agent, &run, "acme/podman-api", &step);
+    let id = format!("{run}/build");
+    let harvest = wait_alert(agent, "credential-harvesting", &id, |_| true);
+    assert_podman(&harvest);
+    assert_eq!(
+        harvest["container"]["name"],
+        format!("rm-api-{run}"),
+        "{harvest}"
+    );
+    let access = wait_alert(agent, "secret-socket-access", &id, |_| true);
+    assert_eq!(access["socket"]["kind"], "docker", "{access}");
     assert_no_secret(agent);
 }
 
