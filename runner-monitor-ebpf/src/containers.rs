@@ -296,6 +296,7 @@ pub fn cgroup_mkdir(ctx: TracePointContext) -> u32 {
         }
         // SAFETY: the value is copied out at once.
         let requested = unsafe { REQUESTED_CONTAINERS.get(id).copied() };
+        let mut creator_ppid = 0;
         let matched = match requested {
             Some(job) => Matched {
                 job,
@@ -310,12 +311,16 @@ pub fn cgroup_mkdir(ctx: TracePointContext) -> u32 {
                 // Nobody asked a daemon for it, but a job process makes it: a runtime the job
                 // runs itself (podman's runc, a dockerd in the job).
                 None => match current_process() {
-                    Some(creator) => Matched {
-                        job: creator.job,
-                        how: MATCHED_BY_CREATOR,
-                        waited_ns: 0,
-                        reference: [0; CONTAINER_ID_LEN],
-                    },
+                    Some(creator) => {
+                        // Its parent (podman's conmon) names the container for the agent.
+                        creator_ppid = creator.ppid;
+                        Matched {
+                            job: creator.job,
+                            how: MATCHED_BY_CREATOR,
+                            waited_ns: 0,
+                            reference: [0; CONTAINER_ID_LEN],
+                        }
+                    }
                     None => return 0,
                 },
             },
@@ -331,7 +336,10 @@ pub fn cgroup_mkdir(ctx: TracePointContext) -> u32 {
         let path = unsafe { (ctx.as_ptr() as *const u8).add((offset + skip) as usize) };
         send(
             EventKind::Container,
-            Some(&member(matched.job)),
+            Some(&ProcessJob {
+                ppid: creator_ppid,
+                ..member(matched.job)
+            }),
             |e: &mut ContainerEvent| {
                 e.cgroup_id = cgroup;
                 e.matched = matched.how;

@@ -31,7 +31,7 @@ fn a_podman_container_of_a_job_is_the_job() {
     let harvest = wait_alert(agent, "credential-harvesting", &id, |_| true);
     assert_eq!(harvest["job"]["repository"], "acme/podman", "{harvest}");
     assert_eq!(harvest["process"]["comm"], "cat", "{harvest}");
-    assert_podman(&harvest);
+    assert_podman(&harvest, None);
     assert_no_secret(agent);
 }
 
@@ -56,9 +56,11 @@ fn a_detached_podman_container_outlives_its_job_and_is_judged_after_the_end() {
         env.home.join(".aws/credentials").to_str().unwrap(),
         "{after}"
     );
-    assert_podman(&after);
-    let survivor = wait_alert(agent, "process-survived-job", &id, |_| true);
-    assert_eq!(survivor["container"]["id"], after["container"]["id"]);
+    assert_podman(&after, Some("rm-detached"));
+    // The container's processes survive the job (conmon too, outside the container).
+    wait_alert(agent, "process-survived-job", &id, |a| {
+        a["container"]["id"] == after["container"]["id"]
+    });
     // From outside any job, into the job's container: the exec'd program is the job's.
     podman.run(&["exec", "rm-detached", "cat", "/h/.ssh/id_ed25519"]);
     let exec = wait_alert(agent, "credential-after-job-end", &id, |a| {
@@ -89,20 +91,16 @@ fn a_container_a_job_starts_through_podmans_docker_api_is_the_job() {
     github_job(&env, agent, &run, "acme/podman-api", &step);
     let id = format!("{run}/build");
     let harvest = wait_alert(agent, "credential-harvesting", &id, |_| true);
-    assert_podman(&harvest);
-    assert_eq!(
-        harvest["container"]["name"],
-        format!("rm-api-{run}"),
-        "{harvest}"
-    );
+    assert_podman(&harvest, Some(&format!("rm-api-{run}")));
     let access = wait_alert(agent, "secret-socket-access", &id, |_| true);
     assert_eq!(access["socket"]["kind"], "docker", "{access}");
     assert_no_secret(agent);
 }
 
-/// The container is named by its id and runtime (from the cgroup runc made). Its name and image
-/// are podman's own records, which the agent does not read.
-fn assert_podman(finding: &serde_json::Value) {
+/// The container is named: its id and runtime (from the cgroup runc made), its name (`name` when
+/// the test gave one) and image (from conmon's command line and podman's storage, or podman's
+/// Docker API).
+fn assert_podman(finding: &serde_json::Value, name: Option<&str>) {
     let c = &finding["container"];
     let id = c["id"]
         .as_str()
@@ -112,4 +110,15 @@ fn assert_podman(finding: &serde_json::Value) {
         "{finding}"
     );
     assert_eq!(c["runtime"], "podman", "{finding}");
+    assert!(
+        c["image"].as_str().is_some_and(|i| i.ends_with(IMAGE)),
+        "{finding}"
+    );
+    assert!(
+        c["name"].as_str().is_some_and(|n| !n.is_empty()),
+        "{finding}"
+    );
+    if let Some(name) = name {
+        assert_eq!(c["name"], name, "{finding}");
+    }
 }

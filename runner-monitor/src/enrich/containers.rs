@@ -78,17 +78,21 @@ impl ContainerNamer {
                 {
                     info.requested_as = starts.requested_as(&info.id, event.time_ns);
                 }
-                self.name(job, info, policy);
+                let creator_parent = event.process.ppid;
+                self.name(job, info, policy, creator_parent);
             }
             _ => {}
         }
     }
 
-    fn name(&self, job: JobKey, info: &mut ContainerInfo, policy: &Policy) {
+    /// `creator_parent`: the parent of the process that made the container's cgroup.
+    fn name(&self, job: JobKey, info: &mut ContainerInfo, policy: &Policy, creator_parent: u32) {
         match self.sockets.get(&job) {
             Some(socket) => {
                 name(socket, info);
             }
+            // A job's own podman: the runc that made the cgroup is conmon's child.
+            None if info.runtime == "podman" && name_from_conmon(creator_parent, info) => {}
             // No job process asked for it: a container GitLab Runner made for the job,
             // registered from its daemon's events (`job/docker_events.rs`).
             None => {
@@ -139,6 +143,75 @@ fn name(socket: &str, info: &mut ContainerInfo) -> bool {
             false
         }
     }
+}
+
+/// A container a job's own podman made (no daemon): conmon, which podman leaves to watch it and
+/// which forked the runc that made its cgroup, names it on its command line (`-c <id> -n
+/// <name> -b <bundle>`), and podman's storage beside the bundle
+/// (`<root>/<driver>-containers/<id>/userdata`, with `containers.json` two levels up) gives its
+/// image. Both are the job's own processes and files: they can say what the job likes, as a
+/// container name the job chose can; the id must match the kernel's.
+fn name_from_conmon(conmon: u32, info: &mut ContainerInfo) -> bool {
+    let Ok(cmdline) = std::fs::read(format!("/proc/{conmon}/cmdline")) else {
+        return false;
+    };
+    let Some(args) = ConmonArgs::parse(&cmdline) else {
+        return false;
+    };
+    if args.id != info.id {
+        return false;
+    }
+    info.name = Some(args.name);
+    info.image = args
+        .bundle
+        .parent()
+        .and_then(|dir| image_in_storage(dir, &info.id));
+    true
+}
+
+#[derive(Debug, PartialEq)]
+struct ConmonArgs {
+    id: String,
+    name: String,
+    bundle: std::path::PathBuf,
+}
+
+impl ConmonArgs {
+    /// conmon's NUL-separated command line, when its program is conmon.
+    fn parse(cmdline: &[u8]) -> Option<Self> {
+        let mut args = cmdline
+            .split(|b| *b == 0)
+            .map(|a| std::str::from_utf8(a).unwrap_or(""));
+        if !args.next()?.rsplit('/').next()?.starts_with("conmon") {
+            return None;
+        }
+        let (mut id, mut name, mut bundle) = (None, None, None);
+        while let Some(arg) = args.next() {
+            match arg {
+                "-c" | "--cid" => id = args.next(),
+                "-n" | "--name" => name = args.next(),
+                "-b" | "--bundle" => bundle = args.next(),
+                _ => {}
+            }
+        }
+        Some(Self {
+            id: id?.to_owned(),
+            name: name?.to_owned(),
+            bundle: bundle?.into(),
+        })
+    }
+}
+
+/// The image name podman's storage records for container `id`: `containers.json` in the
+/// directory above the container's (`<root>/<driver>-containers/`), its `metadata`'s
+/// `image-name`.
+fn image_in_storage(container_dir: &std::path::Path, id: &str) -> Option<String> {
+    let file = container_dir.parent()?.join("containers.json");
+    let text = std::fs::read_to_string(file).ok()?;
+    let all: serde_json::Value = serde_json::from_str(&text).ok()?;
+    let entry = all.as_array()?.iter().find(|c| c["id"] == id)?;
+    let metadata: serde_json::Value = serde_json::from_str(entry["metadata"].as_str()?).ok()?;
+    metadata["image-name"].as_str().map(str::to_owned)
 }
 
 /// GitLab Runner's labels on the containers of its docker executor.
@@ -217,6 +290,44 @@ fn inspect(socket: &str, id: &str) -> std::io::Result<serde_json::Value> {
 mod tests {
     use super::*;
     use crate::event::RequestedAs;
+
+    #[test]
+    fn conmons_command_line_names_the_container_and_its_bundle() {
+        let id = "c1bb".repeat(16);
+        let cmdline = format!(
+            "/usr/bin/conmon\0--api-version\x001\0-c\0{id}\0-u\0{id}\0-r\0/usr/bin/runc\0-b\0\
+             /s/vfs-containers/{id}/userdata\0-n\0web1\0--exit-dir\0/tmp/exits\0"
+        );
+        assert_eq!(
+            ConmonArgs::parse(cmdline.as_bytes()),
+            Some(ConmonArgs {
+                id: id.clone(),
+                name: "web1".into(),
+                bundle: format!("/s/vfs-containers/{id}/userdata").into(),
+            })
+        );
+        // Another program with the same arguments, or conmon without a name: nothing.
+        assert_eq!(ConmonArgs::parse(&cmdline.as_bytes()[10..]), None);
+        let unnamed = format!("/usr/bin/conmon\0-c\0{id}\0-b\0/b\0");
+        assert_eq!(ConmonArgs::parse(unnamed.as_bytes()), None);
+    }
+
+    #[test]
+    fn podmans_storage_gives_the_image_of_the_container() {
+        let dir = std::env::temp_dir().join(format!("rm-podman-storage-{}", std::process::id()));
+        let containers = dir.join("vfs-containers");
+        let id = "c1bb".repeat(16);
+        std::fs::create_dir_all(containers.join(&id)).unwrap();
+        let metadata = r#"{"image-name":"localhost/rm-busybox:test","name":"web1"}"#;
+        let json = serde_json::json!([
+            {"id": "0".repeat(64), "metadata": "{\"image-name\":\"other\"}"},
+            {"id": id, "names": ["web1"], "metadata": metadata},
+        ]);
+        std::fs::write(containers.join("containers.json"), json.to_string()).unwrap();
+        let image = image_in_storage(&containers.join(&id), &id);
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(image.as_deref(), Some("localhost/rm-busybox:test"));
+    }
 
     fn matched(by: &str, reference: &str, name: Option<&str>) -> ContainerInfo {
         let id = "3f2a".repeat(16);
