@@ -157,6 +157,12 @@ pub fn read_three_kinds(mount: &str) -> String {
 /// The finding names the container: its id, the image the job asked for, its runtime, and its
 /// name (`name` when the job gave one).
 pub fn assert_container(finding: &serde_json::Value, name: Option<&str>) {
+    assert_container_of(finding, "docker", name);
+}
+
+/// The same for a container of `runtime`; its image is `IMAGE`, which podman's own records
+/// prefix with `localhost/`.
+pub fn assert_container_of(finding: &serde_json::Value, runtime: &str, name: Option<&str>) {
     let c = &finding["container"];
     let id = c["id"]
         .as_str()
@@ -165,8 +171,12 @@ pub fn assert_container(finding: &serde_json::Value, name: Option<&str>) {
         id.len() == 64 && id.bytes().all(|b| b.is_ascii_hexdigit()),
         "{finding}"
     );
-    assert_eq!(c["runtime"], "docker", "{finding}");
-    assert_eq!(c["image"], IMAGE, "{finding}");
+    assert_eq!(c["runtime"], runtime, "{finding}");
+    let image = c["image"].as_str().unwrap_or_default();
+    assert!(
+        image == IMAGE || image == format!("localhost/{IMAGE}"),
+        "{finding}"
+    );
     assert!(
         c["name"].as_str().is_some_and(|n| !n.is_empty()),
         "{finding}"

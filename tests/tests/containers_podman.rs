@@ -9,7 +9,7 @@
 
 use integration_tests::{
     TestEnv,
-    docker::{DOCKER_CLI, IMAGE, read_three_kinds},
+    docker::{DOCKER_CLI, IMAGE, assert_container_of, read_three_kinds},
     live::{agent, assert_no_secret, github_job, run_id, wait_alert},
     podman::Podman,
 };
@@ -31,7 +31,7 @@ fn a_podman_container_of_a_job_is_the_job() {
     let harvest = wait_alert(agent, "credential-harvesting", &id, |_| true);
     assert_eq!(harvest["job"]["repository"], "acme/podman", "{harvest}");
     assert_eq!(harvest["process"]["comm"], "cat", "{harvest}");
-    assert_podman(&harvest, None);
+    assert_container_of(&harvest, "podman", None);
     assert_no_secret(agent);
 }
 
@@ -56,7 +56,7 @@ fn a_detached_podman_container_outlives_its_job_and_is_judged_after_the_end() {
         env.home.join(".aws/credentials").to_str().unwrap(),
         "{after}"
     );
-    assert_podman(&after, Some("rm-detached"));
+    assert_container_of(&after, "podman", Some("rm-detached"));
     // The container's processes survive the job (conmon too, outside the container).
     wait_alert(agent, "process-survived-job", &id, |a| {
         a["container"]["id"] == after["container"]["id"]
@@ -91,34 +91,8 @@ fn a_container_a_job_starts_through_podmans_docker_api_is_the_job() {
     github_job(&env, agent, &run, "acme/podman-api", &step);
     let id = format!("{run}/build");
     let harvest = wait_alert(agent, "credential-harvesting", &id, |_| true);
-    assert_podman(&harvest, Some(&format!("rm-api-{run}")));
+    assert_container_of(&harvest, "podman", Some(&format!("rm-api-{run}")));
     let access = wait_alert(agent, "secret-socket-access", &id, |_| true);
     assert_eq!(access["socket"]["kind"], "docker", "{access}");
     assert_no_secret(agent);
-}
-
-/// The container is named: its id and runtime (from the cgroup runc made), its name (`name` when
-/// the test gave one) and image (from conmon's command line and podman's storage, or podman's
-/// Docker API).
-fn assert_podman(finding: &serde_json::Value, name: Option<&str>) {
-    let c = &finding["container"];
-    let id = c["id"]
-        .as_str()
-        .unwrap_or_else(|| panic!("no container: {finding}"));
-    assert!(
-        id.len() == 64 && id.bytes().all(|b| b.is_ascii_hexdigit()),
-        "{finding}"
-    );
-    assert_eq!(c["runtime"], "podman", "{finding}");
-    assert!(
-        c["image"].as_str().is_some_and(|i| i.ends_with(IMAGE)),
-        "{finding}"
-    );
-    assert!(
-        c["name"].as_str().is_some_and(|n| !n.is_empty()),
-        "{finding}"
-    );
-    if let Some(name) = name {
-        assert_eq!(c["name"], name, "{finding}");
-    }
 }
