@@ -7,8 +7,8 @@
 //! 2. a `write`, `sendto`, `writev` or `sendmsg` (its first buffer) on such a socket that starts
 //!    an HTTP request `POST [/vN.NN]/containers/<64 hex id>/start` (what the docker CLI, compose
 //!    and the SDKs send after create) or `.../attach` (the CLI's `run` attaches first; podman's
-//!    API makes the cgroup there) records the id as the job's, at the syscall's entry: before the daemon can
-//!    read the request;
+//!    API makes the cgroup there) records the id as the job's, at the syscall's entry: before
+//!    the daemon can read the request;
 //! 3. when the runtime makes the container's cgroup (`cgroup:cgroup_mkdir` in the cgroup v2
 //!    hierarchy, `.../<id>` or `.../docker-<id>.scope`), the cgroup id becomes the job's.
 //!
@@ -24,7 +24,8 @@
 use aya_ebpf::{
     EbpfContext,
     helpers::{
-        bpf_probe_read_kernel_buf, bpf_probe_read_user_buf, generated::bpf_probe_read_kernel_str,
+        bpf_probe_read_kernel_buf, bpf_probe_read_user, bpf_probe_read_user_buf,
+        generated::bpf_probe_read_kernel_str,
     },
     macros::{map, tracepoint},
     maps::LruHashMap,
@@ -136,21 +137,13 @@ fn on_vectored(iov: u64, job: u64) {
     if iov == 0 {
         return;
     }
-    let mut first = [0u64; 2];
-    // SAFETY: a checked read of user memory into a stack buffer.
-    if unsafe { bpf_probe_read_user_buf(iov as *const u8, as_bytes(&mut first)) }.is_err() {
+    // SAFETY: a checked read of user memory.
+    let Ok([base, len]) = (unsafe { bpf_probe_read_user(iov as *const [u64; 2]) }) else {
         return;
-    }
-    let [base, len] = first;
+    };
     if len >= SHORTEST {
         on_request(base, len, job);
     }
-}
-
-#[inline(always)]
-fn as_bytes(words: &mut [u64; 2]) -> &mut [u8; 16] {
-    // SAFETY: two u64 are 16 bytes, any bit pattern valid both ways; the borrow is carried over.
-    unsafe { &mut *(words as *mut [u64; 2]).cast::<[u8; 16]>() }
 }
 
 /// `len` bytes at `buf` that the current process sends on a job's unix socket: a container
@@ -178,8 +171,8 @@ fn on_request(buf: u64, len: u64, job: u64) {
     if id_at == 0 {
         return;
     }
-    // The id and what follows it: `/start` or `/attach`, then a space or `?`. A shorter request is read past
-    // its end (within the sender's buffer: what follows the reference decides).
+    // The id and what follows it: `/start` or `/attach`, then a space or `?`. A shorter request
+    // is read past its end (within the sender's buffer: what follows the reference decides).
     let mut tail = [0u8; CONTAINER_ID_LEN + 8];
     // SAFETY: a checked read of user memory into a stack buffer.
     if unsafe { bpf_probe_read_user_buf((buf + id_at as u64) as *const u8, &mut tail) }.is_err() {
@@ -242,14 +235,13 @@ pub fn enter_sendmsg(ctx: TracePointContext) -> u32 {
     if msg == 0 {
         return 0;
     }
-    let mut iov = [0u64; 2];
-    // SAFETY: a checked read of user memory into a stack buffer.
-    if unsafe { bpf_probe_read_user_buf((msg + MSG_IOV) as *const u8, as_bytes(&mut iov)) }.is_err()
-    {
+    // SAFETY: a checked read of user memory.
+    let Ok([iov, count]) = (unsafe { bpf_probe_read_user((msg + MSG_IOV) as *const [u64; 2]) })
+    else {
         return 0;
-    }
-    if iov[1] > 0 {
-        on_vectored(iov[0], job);
+    };
+    if count > 0 {
+        on_vectored(iov, job);
     }
     0
 }
