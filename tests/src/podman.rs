@@ -48,13 +48,41 @@ impl Podman {
         podman
     }
 
-    /// `podman` with this test's roots, as a shell command line (for a job's step too).
+    /// podman's options for this test's roots and this host.
+    fn options(&self) -> Vec<String> {
+        let d = self.dir.display();
+        [
+            format!("--root={d}/root"),
+            format!("--runroot={d}/run"),
+            format!("--tmpdir={d}/tmp"),
+            "--storage-driver=vfs".into(),
+            "--cgroup-manager=cgroupfs".into(),
+            "--events-backend=file".into(),
+            "--log-level=error".into(),
+        ]
+        .into()
+    }
+
+    fn conf(&self) -> PathBuf {
+        self.dir.join("containers.conf")
+    }
+
+    /// `podman` with this test's roots.
+    pub fn cli(&self) -> Command {
+        let mut command = Command::new("podman");
+        command
+            .env("CONTAINERS_CONF", self.conf())
+            .args(self.options())
+            .stdin(Stdio::null());
+        command
+    }
+
+    /// The same, as a shell command line for a job's step.
     pub fn shell_cli(&self) -> String {
         format!(
-            "CONTAINERS_CONF={d}/containers.conf podman --root {d}/root --runroot {d}/run \
-             --tmpdir {d}/tmp --storage-driver vfs --cgroup-manager cgroupfs \
-             --events-backend file --log-level error",
-            d = self.dir.display()
+            "CONTAINERS_CONF={} podman {}",
+            self.conf().display(),
+            self.options().join(" ")
         )
     }
 
@@ -66,13 +94,9 @@ impl Podman {
         std::fs::create_dir_all(socket.parent().unwrap()).unwrap();
         let log = std::fs::File::create(self.dir.join("service.log")).unwrap();
         let child = crate::spawn_with_parent_death(
-            Command::new("sh")
-                .arg("-c")
-                .arg(format!(
-                    "exec env {} system service --time=0 unix://{}",
-                    self.shell_cli(),
-                    socket.display()
-                ))
+            self.cli()
+                .args(["system", "service", "--time=0"])
+                .arg(format!("unix://{}", socket.display()))
                 .stdout(Stdio::null())
                 .stderr(log),
             libc::SIGTERM,
@@ -93,12 +117,9 @@ impl Podman {
 
     /// `podman <args>`, which must succeed; its stdout.
     pub fn run(&self, args: &[&str]) -> String {
-        let out = Command::new("sh")
-            .arg("-c")
-            .arg(format!("{} \"$@\"", self.shell_cli()))
-            .arg("podman")
+        let out = self
+            .cli()
             .args(args)
-            .stdin(Stdio::null())
             .output()
             .expect("podman (Debian's; `cargo xtask setup` installs it)");
         assert!(
@@ -117,9 +138,9 @@ impl Drop for Podman {
             unsafe { libc::kill(service.id() as i32, libc::SIGTERM) };
             let _ = service.wait();
         }
-        let _ = Command::new("sh")
-            .arg("-c")
-            .arg(format!("{} rm --all --force --time 0", self.shell_cli()))
+        let _ = self
+            .cli()
+            .args(["rm", "--all", "--force", "--time", "0"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .status();
