@@ -19,6 +19,36 @@ pub const MATCHED_BY_NAME: u32 = 3;
 /// No request: a job process made the container's cgroup (a runtime the job runs itself,
 /// podman's runc).
 pub const MATCHED_BY_CREATOR: u32 = 4;
+/// Not the job's container: a job's `docker exec` ran a process in it, and that process (not
+/// the container) is the job's. The event names the container for findings about it.
+pub const MATCHED_BY_EXEC: u32 = 5;
+
+/// How long a job's exec request waits for its process (`EXEC_TARGETS`): the runtime starts it
+/// within tens of milliseconds (docs/containers.md).
+pub const EXEC_WINDOW_NS: u64 = 5_000_000_000;
+
+/// A job's pending `docker exec` into a container that is not its own (`EXEC_TARGETS`, keyed by
+/// the container's cgroup id): the next `count` runc inits that exec in that cgroup within
+/// `EXEC_WINDOW_NS` of `ts_ns` are the job's.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct ExecTarget {
+    pub job: u64,
+    /// When the last exec request came (ktime ns).
+    pub ts_ns: u64,
+    /// Requests not yet taken by a process.
+    pub count: u32,
+    pub _pad: u32,
+    /// The container's id (64 hex digits), for the event that names it.
+    pub id: [u8; CONTAINER_ID_LEN],
+}
+
+const _: () = assert!(core::mem::size_of::<ExecTarget>() == 24 + CONTAINER_ID_LEN);
+
+#[cfg(feature = "user")]
+// SAFETY: plain `#[repr(C)]` data without padding (size asserted above); every bit pattern is a
+// valid value.
+unsafe impl aya::Pod for ExecTarget {}
 
 /// The cgroup of a container job `header.job` asked a runtime to start was made: from now on,
 /// a process outside jobs that execs in it joins the job. The header's process is whoever made
@@ -32,7 +62,8 @@ pub struct ContainerEvent {
     pub cgroup_id: u64,
     /// Bytes of `path` used (the path's last bytes when it was longer).
     pub path_len: u32,
-    /// `MATCHED_BY_ID`, `MATCHED_BY_SHORT_ID`, `MATCHED_BY_NAME` or `MATCHED_BY_CREATOR`.
+    /// `MATCHED_BY_ID`, `MATCHED_BY_SHORT_ID`, `MATCHED_BY_NAME`, `MATCHED_BY_CREATOR` or
+    /// `MATCHED_BY_EXEC`.
     pub matched: u32,
     /// Nanoseconds from the job's start request to the cgroup (0 when matched by id).
     pub waited_ns: u64,

@@ -57,6 +57,10 @@ pub enum EventKind {
     /// A job asked a runtime to start a container by name (`container_refs.rs`): the agent
     /// asks the daemon which container that is while the start is under way.
     ContainerStart = 20,
+    /// A job asked a runtime to run a command in a container (`docker exec`) by name or short
+    /// id (`container_refs.rs`): the agent asks the daemon which container that is, so that the
+    /// command's process joins the job (`ContainerStartEvent` body, `slot` unused).
+    ContainerExec = 21,
 }
 
 /// Per-kind counter slots: a power of two above the highest `EventKind`, because the kernel
@@ -64,12 +68,12 @@ pub enum EventKind {
 /// bound). At 17 the mask sent every kind but one to slot 0.
 pub const EVENT_KIND_SLOTS: u32 = 32;
 const _: () = assert!(
-    EVENT_KIND_SLOTS.is_power_of_two() && (EventKind::ContainerStart as u32) < EVENT_KIND_SLOTS,
+    EVENT_KIND_SLOTS.is_power_of_two() && (EventKind::ContainerExec as u32) < EVENT_KIND_SLOTS,
     "EVENT_KIND_SLOTS must be a power of two above every EventKind"
 );
 
 impl EventKind {
-    pub const ALL: [EventKind; 20] = [
+    pub const ALL: [EventKind; 21] = [
         EventKind::Fork,
         EventKind::Exec,
         EventKind::Exit,
@@ -90,6 +94,7 @@ impl EventKind {
         EventKind::Container,
         EventKind::TlsClientHello,
         EventKind::ContainerStart,
+        EventKind::ContainerExec,
     ];
 
     pub fn from_u32(value: u32) -> Option<Self> {
@@ -119,6 +124,7 @@ impl EventKind {
             EventKind::Container => "container",
             EventKind::TlsClientHello => "tls_client_hello",
             EventKind::ContainerStart => "container_start",
+            EventKind::ContainerExec => "container_exec",
         }
     }
 }
@@ -525,7 +531,9 @@ assert_size!(NameKey, 8 + NAME_LEN);
 pub mod io_uring;
 pub use io_uring::IoUringSetupEvent;
 pub mod container;
-pub use container::{CONTAINER_ID_LEN, ContainerEvent, ContainerStartEvent, PendingStart};
+pub use container::{
+    CONTAINER_ID_LEN, ContainerEvent, ContainerStartEvent, ExecTarget, PendingStart,
+};
 pub mod tls;
 pub use tls::*;
 

@@ -12,7 +12,10 @@
 //!
 //! A start by the 64-digit id never comes here (`containers.rs` matches it exactly).
 
-use aya_ebpf::{macros::map, maps::Array};
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, PerCpuArray},
+};
 use runner_monitor_common::{
     CONTAINER_ID_LEN, ContainerStartEvent, EventKind, PendingStart, ProcessJob,
     container::{MATCHED_BY_NAME, MATCHED_BY_SHORT_ID},
@@ -79,13 +82,23 @@ pub fn start_by_reference(tail: &[u8; CONTAINER_ID_LEN + 8], avail: u64, job: u6
         reference[i] = c;
         i += 1;
     }
-    if len == 0 || (len + 7) as u64 > avail {
+    if len == 0 {
         return;
     }
-    let Some(start) = tail.get(len..len + 7) else {
+    let Some(after) = tail.get(len..len + 7) else {
         return;
     };
-    if start[..6] != *b"/start" || (start[6] != b' ' && start[6] != b'?') {
+    if after[..5] == *b"/exec"
+        && (after[5] == b' ' || after[5] == b'?')
+        && (len + 6) as u64 <= avail
+    {
+        exec_by_reference(job, len, hex, reference);
+        return;
+    }
+    if (len + 7) as u64 > avail
+        || after[..6] != *b"/start"
+        || (after[6] != b' ' && after[6] != b'?')
+    {
         return;
     }
     let Some(next) = NEXT_SLOT.get_ptr_mut(0) else {
@@ -110,19 +123,45 @@ pub fn start_by_reference(tail: &[u8; CONTAINER_ID_LEN + 8], avail: u64, job: u6
             reference,
         };
     }
-    announce(p, slot);
+    announce(p, slot, EventKind::ContainerStart);
+}
+
+/// A job's `docker exec` by name or short id, kept here for `announce` (see there).
+#[map]
+static EXEC_REFERENCE: PerCpuArray<PendingStart> = PerCpuArray::with_max_entries(1, 0);
+
+/// A job's `docker exec` names its container by `reference` (`len` bytes; `hex`: a short id):
+/// the agent resolves it at the daemon and marks the container's cgroup for the job
+/// (`containers.rs`). The kernel cannot: only the full id is in its map.
+#[inline(always)]
+fn exec_by_reference(job: u64, len: usize, hex: u32, reference: [u8; CONTAINER_ID_LEN]) {
+    let Some(p) = EXEC_REFERENCE.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: per-CPU scratch owned by this program run, written whole.
+    unsafe {
+        *p = PendingStart {
+            job,
+            ts_ns: now_ns(),
+            len: len as u32,
+            hex,
+            reference,
+        };
+    }
+    announce(p, u32::MAX, EventKind::ContainerExec);
 }
 
 /// Tells the agent of the pending start by name in slot `slot` (`p`): it asks the daemon which
 /// container the name is while the start is under way (`enrich/name_starts.rs`). A short id is
-/// matched exactly by prefix and needs no answer.
+/// matched exactly by prefix and needs no answer. An exec (`kind` `ContainerExec`, no slot) is
+/// told by name and by short id alike.
 ///
 /// VERIFIER: everything is read back from the map value, not taken from the caller's scan: the
 /// scan ends with one of 64 lengths, and a send that carried its registers and stack on would be
 /// verified once per length (Linux 6.1 gave up at a million instructions). Values loaded from a
 /// map are unknown to the verifier, so the 64 paths meet here as one.
 #[inline(always)]
-fn announce(p: *mut PendingStart, slot: u32) {
+fn announce(p: *mut PendingStart, slot: u32, kind: EventKind) {
     // SAFETY: `p` points into the array map's value, just written; read back field by field
     // (a whole copy would not fit the stack beside the scan's buffers).
     let (hex, job) = unsafe {
@@ -131,7 +170,7 @@ fn announce(p: *mut PendingStart, slot: u32) {
             core::ptr::read_volatile(&(*p).job),
         )
     };
-    if hex != 0 || job == 0 {
+    if (hex != 0 && kind == EventKind::ContainerStart) || job == 0 {
         return;
     }
     let process = current_process().unwrap_or(ProcessJob {
@@ -140,23 +179,19 @@ fn announce(p: *mut PendingStart, slot: u32) {
         flags: 0,
         start_ns: 0,
     });
-    send(
-        EventKind::ContainerStart,
-        Some(&process),
-        |e: &mut ContainerStartEvent| {
-            e.slot = slot;
-            // SAFETY: as above; the name is copied from the map value into the record.
-            unsafe {
-                e.len = core::ptr::read_volatile(&(*p).len);
-                e.ts_ns = core::ptr::read_volatile(&(*p).ts_ns);
-                core::ptr::copy_nonoverlapping(
-                    (*p).reference.as_ptr(),
-                    e.reference.as_mut_ptr(),
-                    CONTAINER_ID_LEN,
-                );
-            }
-        },
-    );
+    send(kind, Some(&process), |e: &mut ContainerStartEvent| {
+        e.slot = slot;
+        // SAFETY: as above; the name is copied from the map value into the record.
+        unsafe {
+            e.len = core::ptr::read_volatile(&(*p).len);
+            e.ts_ns = core::ptr::read_volatile(&(*p).ts_ns);
+            core::ptr::copy_nonoverlapping(
+                (*p).reference.as_ptr(),
+                e.reference.as_mut_ptr(),
+                CONTAINER_ID_LEN,
+            );
+        }
+    });
 }
 
 /// The job whose pending start the new container cgroup of `id`, which no job requested by

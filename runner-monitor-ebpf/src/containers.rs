@@ -20,20 +20,32 @@
 //! A process outside any job that execs inside such a cgroup (runc init exec'ing the entrypoint,
 //! or a `docker exec`'d program) joins the job at `sched_process_exec` (`process.rs`), before
 //! the new program's first instruction; its children inherit at fork as always.
+//!
+//! A job's `docker exec` into a container that is not its own (a host service's, another
+//! job's): `POST .../containers/<ref>/exec` names the container. Every container cgroup made is
+//! remembered by its id (`CONTAINER_IDS`; the agent adds those made before it started), so a
+//! request by the 64-digit id marks the container's cgroup at once (`EXEC_TARGETS`); a name or
+//! short id is resolved by the agent at the daemon (`enrich/name_starts.rs`), which marks it
+//! the same way, while the daemon is still creating the exec. The next runc init (comm
+//! `runc:[2:INIT]`) that execs in a marked cgroup joins the job at its exec's entry
+//! (`process.rs`): the command, not the container, is the job's.
 
 use aya_ebpf::{
     EbpfContext,
     helpers::{
-        bpf_probe_read_kernel_buf, bpf_probe_read_user, bpf_probe_read_user_buf,
-        generated::bpf_probe_read_kernel_str,
+        bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_probe_read_kernel_buf,
+        bpf_probe_read_user, bpf_probe_read_user_buf, generated::bpf_probe_read_kernel_str,
     },
     macros::{map, tracepoint},
     maps::LruHashMap,
     programs::TracePointContext,
 };
 use runner_monitor_common::{
-    CONTAINER_ID_LEN, ContainerEvent, EventKind, ProcessJob,
-    container::{CGROUP_PATH_LEN, MATCHED_BY_CREATOR, MATCHED_BY_ID, MAX_CONTAINERS},
+    CONTAINER_ID_LEN, ContainerEvent, EventKind, ExecTarget, ProcessJob,
+    container::{
+        CGROUP_PATH_LEN, EXEC_WINDOW_NS, MATCHED_BY_CREATOR, MATCHED_BY_EXEC, MATCHED_BY_ID,
+        MAX_CONTAINERS,
+    },
     counter,
 };
 
@@ -41,7 +53,7 @@ use crate::{
     args::{field, syscall_arg_direct},
     container_refs::{Matched, is_hex, start_by_reference, take_pending},
     emit::send,
-    maps::{count, current_process, current_tgid},
+    maps::{PROCESSES, count, current_process, current_tgid, now_ns},
 };
 
 /// How many unix-socket connections of job processes are remembered; LRU, so closed sockets
@@ -62,6 +74,16 @@ static REQUESTED_CONTAINERS: LruHashMap<[u8; CONTAINER_ID_LEN], u64> =
 pub static CONTAINER_CGROUPS: LruHashMap<u64, u64> =
     LruHashMap::with_max_entries(MAX_CONTAINERS, 0);
 
+/// Container id (64 hex digits) -> its cgroup v2 id, for every container cgroup made on the
+/// host while the programs run, a job's or not; the agent adds the ones it finds at start.
+#[map]
+pub static CONTAINER_IDS: LruHashMap<[u8; CONTAINER_ID_LEN], u64> =
+    LruHashMap::with_max_entries(MAX_CONTAINERS, 0);
+
+/// cgroup v2 id -> a job's pending `docker exec` into that container (`ExecTarget`).
+#[map]
+pub static EXEC_TARGETS: LruHashMap<u64, ExecTarget> = LruHashMap::with_max_entries(1024, 0);
+
 /// A job process connected socket `fd` to a unix address.
 #[inline(always)]
 pub fn unix_connected(tgid: u32, fd: i32, job: u64) {
@@ -81,6 +103,8 @@ pub fn container_job(cgroup_id: u64) -> Option<u64> {
 const POST: &[u8; 6] = b"POST /";
 const CONTAINERS: &[u8; 12] = b"/containers/";
 const START: &[u8; 6] = b"/start";
+/// `docker exec` creates its command with `POST .../containers/<ref>/exec`.
+const EXEC: &[u8; 5] = b"/exec";
 /// The docker CLI's `run` attaches before it starts; podman's Docker API makes the container's
 /// cgroup at the attach (it initialises the container there), before the start request.
 const ATTACH: &[u8; 7] = b"/attach";
@@ -182,8 +206,15 @@ fn on_request(buf: u64, len: u64, job: u64) {
     let by_id = ((same(&tail, CONTAINER_ID_LEN, START) && ends(CONTAINER_ID_LEN + START.len()))
         || (same(&tail, CONTAINER_ID_LEN, ATTACH) && ends(CONTAINER_ID_LEN + ATTACH.len())))
         && tail[..CONTAINER_ID_LEN].iter().all(|c| is_hex(*c));
+    let hex_id = tail[..CONTAINER_ID_LEN].iter().all(|c| is_hex(*c));
     if !by_id {
-        // By name or short id: `docker start web`, `docker start 3f2a9c`.
+        if hex_id && same(&tail, CONTAINER_ID_LEN, EXEC) && ends(CONTAINER_ID_LEN + EXEC.len()) {
+            let mut id = [0u8; CONTAINER_ID_LEN];
+            id.copy_from_slice(&tail[..CONTAINER_ID_LEN]);
+            exec_requested(&id, job);
+            return;
+        }
+        // By name or short id: `docker start web`, `docker start 3f2a9c`, `docker exec web`.
         start_by_reference(&tail, len - id_at as u64, job);
         return;
     }
@@ -192,6 +223,82 @@ fn on_request(buf: u64, len: u64, job: u64) {
     if REQUESTED_CONTAINERS.insert(id, job, 0).is_err() {
         count(counter::PENDING_MAP_FULL);
     }
+}
+
+/// Job `job` asked to run a command in container `id` (its 64-digit id): the container's
+/// cgroup, when known, waits for the command's process. Nothing when the container is unknown
+/// (not made while the programs ran, not found by the agent at start).
+#[inline(always)]
+fn exec_requested(id: &[u8; CONTAINER_ID_LEN], job: u64) {
+    // SAFETY: the value is copied out at once.
+    let Some(cgroup) = (unsafe { CONTAINER_IDS.get(id).copied() }) else {
+        return;
+    };
+    let now = now_ns();
+    if let Some(target) = EXEC_TARGETS.get_ptr_mut(cgroup) {
+        // SAFETY: a pointer into the map's value; two CPUs may count the same request once.
+        let target = unsafe { &mut *target };
+        if target.job == job && now.saturating_sub(target.ts_ns) <= EXEC_WINDOW_NS {
+            target.count = target.count.saturating_add(1);
+            target.ts_ns = now;
+            return;
+        }
+    }
+    let target = ExecTarget {
+        job,
+        ts_ns: now,
+        count: 1,
+        _pad: 0,
+        id: *id,
+    };
+    if EXEC_TARGETS.insert(cgroup, target, 0).is_err() {
+        count(counter::PENDING_MAP_FULL);
+    }
+}
+
+/// What runc calls its process that becomes a container's command (`nsexec`'s last stage).
+const RUNC_INIT: &[u8; 14] = b"runc:[2:INIT]\0";
+
+/// A process outside any job enters exec: when it is a runc init in a container a job's `docker
+/// exec` waits for, it joins that job now, before the command's first instruction, and the
+/// agent is told which container it runs in. The exec's own event follows as a job process's.
+#[inline(always)]
+pub fn join_by_exec(tgid: u32) -> Option<ProcessJob> {
+    // SAFETY: helper without arguments.
+    let cgroup = unsafe { bpf_get_current_cgroup_id() };
+    let target = EXEC_TARGETS.get_ptr_mut(cgroup)?;
+    // SAFETY: a pointer into the map's value.
+    let target = unsafe { &mut *target };
+    if target.count == 0 || now_ns().saturating_sub(target.ts_ns) > EXEC_WINDOW_NS {
+        return None;
+    }
+    // The container's own processes exec too: only runc's init is a new command.
+    let comm = bpf_get_current_comm().ok()?;
+    if comm[..RUNC_INIT.len()] != *RUNC_INIT {
+        return None;
+    }
+    target.count -= 1;
+    let job = target.job;
+    let entry = member(job);
+    if PROCESSES.insert(tgid, entry, 0).is_err() {
+        count(counter::PROCESS_MAP_FULL);
+        return None;
+    }
+    let id = target.id;
+    send(
+        EventKind::Container,
+        Some(&entry),
+        |e: &mut ContainerEvent| {
+            e.cgroup_id = cgroup;
+            e.matched = MATCHED_BY_EXEC;
+            e.waited_ns = 0;
+            e.id = id;
+            e.reference = [0; CONTAINER_ID_LEN];
+            e.path = [0; CGROUP_PATH_LEN];
+            e.path_len = 0;
+        },
+    );
+    Some(entry)
 }
 
 // long sys_write(unsigned int fd, const char __user *buf, size_t count)
@@ -288,6 +395,13 @@ pub fn cgroup_mkdir(ctx: TracePointContext) -> u32 {
         }
         // SAFETY: the value is copied out at once.
         let requested = unsafe { REQUESTED_CONTAINERS.get(id).copied() };
+        // Not the name of a container (`.../<64 hex>`): try the next suffix.
+        if requested.is_none() && !id.iter().all(|c| is_hex(*c)) {
+            continue;
+        }
+        let cgroup: u64 = field(&ctx, offsets::ID);
+        // Every container's, for a job's `docker exec` into it later.
+        let _ = CONTAINER_IDS.insert(id, cgroup, 0);
         let mut creator_ppid = 0;
         let matched = match requested {
             Some(job) => Matched {
@@ -296,8 +410,6 @@ pub fn cgroup_mkdir(ctx: TracePointContext) -> u32 {
                 waited_ns: 0,
                 reference: [0; CONTAINER_ID_LEN],
             },
-            // Not the name of a container (`.../<64 hex>`): try the next suffix.
-            None if !id.iter().all(|c| is_hex(*c)) => continue,
             None => match take_pending(&id) {
                 Some(m) => m,
                 // Nobody asked a daemon for it, but a job process makes it: a runtime the job
@@ -317,7 +429,6 @@ pub fn cgroup_mkdir(ctx: TracePointContext) -> u32 {
                 },
             },
         };
-        let cgroup: u64 = field(&ctx, offsets::ID);
         if CONTAINER_CGROUPS.insert(cgroup, matched.job, 0).is_err() {
             count(counter::PENDING_MAP_FULL);
             return 0;

@@ -251,7 +251,11 @@ fn is_job_root_exe(path: &[u8; PATH_LEN], len_with_nul: usize) -> bool {
 
 #[inline(always)]
 fn enter_exec(filename: u64, argv: u64, envp: u64) {
-    let process = current_process();
+    let mut process = current_process();
+    if process.is_none() {
+        // A job's `docker exec` into a container not its own: its command joins here.
+        process = crate::containers::join_by_exec(current_tgid());
+    }
     let tid = bpf_get_current_pid_tgid() as u32;
     // The new environment of a process outside any job may make it a job root; a root's may
     // name its job (a stage shell GitLab Runner forked). A job's other processes carry the

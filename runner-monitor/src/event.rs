@@ -139,6 +139,12 @@ pub enum EventDetail {
         slot: u32,
         pending_ns: u64,
     },
+    /// From the kernel: a job process asked a runtime to run a command in the container named
+    /// `reference` (`POST /containers/<name>/exec`); the agent asks the daemon which container
+    /// that is, so that the command joins the job (docs/containers.md, "docker exec").
+    ContainerExec {
+        reference: String,
+    },
     /// A job process set up an io_uring instance: what it submits there makes no syscall, and
     /// only some of it is seen (docs/sensors.md, "io_uring").
     IoUringSetup {
@@ -240,6 +246,7 @@ impl EventDetail {
             EventDetail::IoUringSetup { .. } => "io_uring_setup",
             EventDetail::Container(_) => "container",
             EventDetail::ContainerStart { .. } => "container_start",
+            EventDetail::ContainerExec { .. } => "container_exec",
             EventDetail::JobEnd => "job_end",
             EventDetail::SensorStatus(_) => "sensor_status",
             EventDetail::CredentialFingerprint { .. } => "credential_fingerprint",

@@ -9,6 +9,7 @@
 
 use std::{
     os::unix::fs::MetadataExt as _,
+    path::Path,
     time::{Duration, Instant},
 };
 
@@ -178,6 +179,87 @@ pub fn cgroup_of(pid: u32) -> Result<ProcessCgroup, &'static str> {
         dir,
         id,
     })
+}
+
+/// How deep container cgroups sit below the root: `/docker/<id>` is 2,
+/// `/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod<uid>.slice/cri-containerd-<id>.scope`
+/// is 4; below the container nothing is looked at.
+const CONTAINER_CGROUP_DEPTH: usize = 6;
+
+/// The container id a cgroup directory's name ends with (`<id>`, `docker-<id>.scope`,
+/// `cri-containerd-<id>.scope`, `libpod-<id>.scope`), as the kernel's `cgroup_mkdir` reads it.
+pub fn container_id(name: &str) -> Option<[u8; runner_monitor_common::CONTAINER_ID_LEN]> {
+    let stem = name.strip_suffix(".scope").unwrap_or(name);
+    let id = stem.get(
+        stem.len()
+            .checked_sub(runner_monitor_common::CONTAINER_ID_LEN)?..,
+    )?;
+    let hex = |b: u8| b.is_ascii_digit() || (b'a'..=b'f').contains(&b);
+    if !id.bytes().all(hex) {
+        return None;
+    }
+    id.as_bytes().try_into().ok()
+}
+
+/// Every container cgroup of the host: its id and its cgroup id (the directory's inode).
+pub fn container_cgroups() -> Vec<([u8; runner_monitor_common::CONTAINER_ID_LEN], u64)> {
+    let mut found = Vec::new();
+    let Some(root) = cgroup2_mount() else {
+        return found;
+    };
+    walk(Path::new(&root), |id, ino, _| {
+        found.push((id, ino));
+        false
+    });
+    found
+}
+
+/// The path in the v2 hierarchy (`/docker/<id>`) of the cgroup `cgroup_id`, a container's.
+pub fn container_cgroup_path(cgroup_id: u64) -> Option<String> {
+    let root = std::path::PathBuf::from(cgroup2_mount()?);
+    let mut path = None;
+    walk(&root, |_, ino, dir| {
+        if ino != cgroup_id {
+            return false;
+        }
+        path = dir
+            .strip_prefix(&root)
+            .ok()
+            .map(|p| format!("/{}", p.display()));
+        true
+    });
+    path
+}
+
+/// Visits the container cgroups under `root` until `visit` (given the id, the cgroup id and
+/// the directory) says stop.
+fn walk(
+    root: &Path,
+    mut visit: impl FnMut([u8; runner_monitor_common::CONTAINER_ID_LEN], u64, &Path) -> bool,
+) {
+    let mut dirs = vec![(root.to_path_buf(), 0)];
+    while let Some((dir, depth)) = dirs.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            if !entry.file_type().is_ok_and(|t| t.is_dir()) {
+                continue;
+            }
+            let name = entry.file_name();
+            match container_id(&name.to_string_lossy()) {
+                Some(id) => {
+                    if let Ok(meta) = entry.metadata()
+                        && visit(id, meta.ino(), &entry.path())
+                    {
+                        return;
+                    }
+                }
+                None if depth + 1 < CONTAINER_CGROUP_DEPTH => dirs.push((entry.path(), depth + 1)),
+                None => {}
+            }
+        }
+    }
 }
 
 /// The unified (v2) hierarchy's mount point in this mount namespace.
@@ -377,5 +459,74 @@ mod tests {
     fn a_device_the_host_does_not_mount_has_no_host_path() {
         let (device, within) = locate(&parse(CONTAINER), "/proc/1/environ").unwrap();
         assert_eq!(place(&parse(HOST), &device, &within), None);
+    }
+}
+
+#[cfg(test)]
+mod container_cgroup_tests {
+    use super::*;
+
+    fn walked(root: &Path) -> Vec<([u8; 64], u64)> {
+        let mut found = Vec::new();
+        walk(root, |id, ino, _| {
+            found.push((id, ino));
+            false
+        });
+        found
+    }
+
+    #[test]
+    fn the_id_at_the_end_of_each_runtimes_cgroup_name() {
+        let id = "0123456789abcdef".repeat(4);
+        for name in [
+            id.clone(),
+            format!("docker-{id}.scope"),
+            format!("cri-containerd-{id}.scope"),
+            format!("libpod-{id}.scope"),
+        ] {
+            assert_eq!(
+                container_id(&name),
+                Some(id.as_bytes().try_into().unwrap()),
+                "{name}"
+            );
+        }
+        for name in [
+            "system.slice",
+            "docker",
+            &id[1..],
+            &format!("{}X", &id[1..]),
+            &id.to_uppercase(),
+        ] {
+            assert_eq!(container_id(name), None, "{name}");
+        }
+    }
+
+    #[test]
+    fn the_walk_finds_container_cgroups_at_their_depths_with_their_inodes() {
+        let root = std::env::temp_dir().join(format!("rm-cids-{}", std::process::id()));
+        let id = "ab".repeat(32);
+        let docker = root.join("docker").join(&id);
+        let scope = root
+            .join("system.slice")
+            .join(format!("docker-{}.scope", "cd".repeat(32)));
+        // Below a container nothing is looked at.
+        let inner = docker.join("ef".repeat(32));
+        std::fs::create_dir_all(&inner).unwrap();
+        std::fs::create_dir_all(&scope).unwrap();
+        let mut found = walked(&root);
+        found.sort();
+        let ino = |p: &Path| std::fs::metadata(p).unwrap().ino();
+        let want = vec![
+            (
+                *b"abababababababababababababababababababababababababababababababab",
+                ino(&docker),
+            ),
+            (
+                *b"cdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcd",
+                ino(&scope),
+            ),
+        ];
+        assert_eq!(found, want);
+        std::fs::remove_dir_all(&root).unwrap();
     }
 }

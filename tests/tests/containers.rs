@@ -400,3 +400,84 @@ fn a_credential_bound_into_a_container_under_another_name_is_the_credential() {
     assert_container(&after, None);
     assert_no_secret(agent);
 }
+
+/// A job's `docker exec` into containers that are not its own (a host service's): by name into
+/// one that ran before the agent started, detached and by the full id into one started after.
+/// Each command is the job's, named by its container; the containers themselves, and an exec
+/// into them from outside the job, are not.
+#[test]
+fn a_jobs_docker_exec_into_a_container_outside_jobs_is_the_job() {
+    let env = TestEnv::new("containers-exec-outside");
+    let docker = Docker::start("execout");
+    let home = env.home.display().to_string();
+    let service = |name: &str| {
+        let id = docker.run(&[
+            "run",
+            "-d",
+            "--network",
+            "none",
+            "--name",
+            name,
+            "-v",
+            &format!("{home}:/h-svc"),
+            "-v",
+            &format!("{home}:/h-host"),
+            IMAGE,
+            "sleep",
+            "120",
+        ]);
+        id.trim().to_owned()
+    };
+    let run = run_id(11);
+    let before = format!("rm-svc-before-{run}");
+    service(&before);
+    let dir = env.dir.join("agent");
+    let port = integration_tests::live::free_port();
+    let agent = integration_tests::live::Agent::launch(&dir, port, &[]);
+    let after = format!("rm-svc-after-{run}");
+    let after_id = service(&after);
+    // The host's own exec into the same container: nothing.
+    docker.run(&[
+        "exec",
+        &before,
+        "sh",
+        "-c",
+        &format!("{} > /dev/null", read_three_kinds("/h-host")),
+    ]);
+    let step = format!(
+        "{cli} exec {before} {read} > /dev/null\n\
+         {cli} exec -d {after_id} sh -c 'sleep 3; cat /h-svc/.aws/credentials > /dev/null; sleep 20'",
+        cli = docker.shell_cli(),
+        read = read_three_kinds("/h-svc"),
+    );
+    github_job(&env, &agent, &run, "acme/exec-outside", &step);
+    let id = format!("{run}/build");
+    let harvest = wait_alert(&agent, "credential-harvesting", &id, |_| true);
+    assert_eq!(
+        harvest["job"]["repository"], "acme/exec-outside",
+        "{harvest}"
+    );
+    assert_eq!(harvest["process"]["comm"], "cat", "{harvest}");
+    assert_container(&harvest, Some(&before));
+    assert_eq!(harvest["container"]["exec_only"], true, "{harvest}");
+    // The detached command reads after the job ended: judged as after the end.
+    let late = wait_alert(&agent, "credential-after-job-end", &id, |_| true);
+    assert_eq!(late["credential"]["kind"], "aws", "{late}");
+    assert_container(&late, Some(&after));
+    assert_eq!(late["container"]["id"], after_id.as_str(), "{late}");
+    assert_eq!(late["container"]["exec_only"], true, "{late}");
+    std::thread::sleep(Duration::from_millis(500));
+    let host: Vec<_> = alerts(&agent)
+        .into_iter()
+        .filter(|a| a.to_string().contains("/h-host"))
+        .collect();
+    assert!(host.is_empty(), "alerts for the host's own exec: {host:#?}");
+    let events = std::fs::read_to_string(dir.join("events.jsonl")).unwrap_or_default();
+    assert!(
+        !events.contains("/h-host"),
+        "the event trace holds the host's own exec"
+    );
+    drop(docker);
+    assert!(agent.stop().success());
+    integration_tests::live::assert_no_secret_in(&dir);
+}

@@ -72,7 +72,21 @@ impl ContainerNamer {
                     starts.ask(socket, reference, job, *slot, *pending_ns);
                 }
             }
+            EventDetail::ContainerExec { reference } => {
+                if let (Some(starts), Some(socket)) = (&self.name_starts, self.sockets.get(&job)) {
+                    starts.ask_exec(socket, reference, job);
+                }
+            }
             EventDetail::Container(info) => {
+                if info.exec_only
+                    && info.cgroup.is_empty()
+                    && let Some(path) = crate::mounts::container_cgroup_path(info.cgroup_id)
+                {
+                    // The kernel knows the container by its id only: its cgroup's path (and so
+                    // its runtime) is looked up once, here (the command may be gone already).
+                    info.runtime = ContainerInfo::runtime_of(&path).to_owned();
+                    info.cgroup = path;
+                }
                 if info.requested_as.is_none()
                     && let Some(starts) = &self.name_starts
                 {

@@ -34,17 +34,27 @@ const MAX_ANSWER: u64 = 1 << 20;
 /// Starts waiting to be asked; more are left to the kernel's guess.
 const QUEUE: usize = 64;
 
-/// Registers container `id` (64 hex digits) as job `job`'s in the kernel and frees the pending
-/// start (`slot`, `pending_ns`) if it is still that start: `Ok(true)`; `Ok(false)` when the
-/// pending start was gone (its container's cgroup was made first and took it).
-pub type Register = Box<dyn FnMut(&str, JobKey, u32, u64) -> Result<bool, String> + Send>;
+/// What a job asked the daemon to do with a container it named by name or short id.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Asked {
+    /// Start it: the kernel's pending start `slot`, made at `pending_ns`.
+    Start { slot: u32, pending_ns: u64 },
+    /// Run a command in it (`docker exec`).
+    Exec,
+}
+
+/// For a start: registers container `id` (64 hex digits) as job `job`'s in the kernel and frees
+/// the pending start if it is still that start: `Ok(true)`; `Ok(false)` when the pending start
+/// was gone (its container's cgroup was made first and took it). For an exec: marks the
+/// container's cgroup for the job's command: `Ok(false)` when the kernel does not know the
+/// container.
+pub type Register = Box<dyn FnMut(&str, JobKey, Asked) -> Result<bool, String> + Send>;
 
 struct Start {
     socket: PathBuf,
     reference: String,
     job: JobKey,
-    slot: u32,
-    pending_ns: u64,
+    asked: Asked,
 }
 
 /// A name resolved to its container before the container's cgroup was made.
@@ -79,13 +89,30 @@ impl NameStarts {
             socket: socket.into(),
             reference: reference.to_owned(),
             job,
-            slot,
-            pending_ns,
+            asked: Asked::Start { slot, pending_ns },
         };
         if self.starts.try_send(start).is_err() {
             tracing::warn!(
                 reference,
                 "too many container starts by name at once: this one is left to the kernel's guess"
+            );
+        }
+    }
+
+    /// A job's `docker exec` into the container `reference` (a name or short id) at the Docker
+    /// socket `socket`: asked at once, so that the container is marked before the daemon has
+    /// made the command's process.
+    pub fn ask_exec(&self, socket: &str, reference: &str, job: JobKey) {
+        let exec = Start {
+            socket: socket.into(),
+            reference: reference.to_owned(),
+            job,
+            asked: Asked::Exec,
+        };
+        if self.starts.try_send(exec).is_err() {
+            tracing::warn!(
+                reference,
+                "too many container requests by name at once: this docker exec is not followed"
             );
         }
     }
@@ -111,6 +138,13 @@ fn run(
     resolved: &Mutex<BoundedMap<String, Resolved>>,
 ) {
     for start in queue {
+        if start.asked == Asked::Exec {
+            exec(&start, &mut register);
+            continue;
+        }
+        let Asked::Start { pending_ns, .. } = start.asked else {
+            continue;
+        };
         let id = match container_named(&start.socket, &start.reference) {
             Ok(Some(id)) => id,
             Ok(None) => {
@@ -124,14 +158,14 @@ fn run(
         };
         let entry = Resolved {
             reference: start.reference.clone(),
-            pending_ns: start.pending_ns,
+            pending_ns,
             resolved_ns: monotonic_ns(),
         };
         // In the table before the kernel's map: the container event can follow at once.
         if let Ok(mut table) = resolved.lock() {
             table.insert(id.clone(), entry.clone());
         }
-        let outcome = register(&id, start.job, start.slot, start.pending_ns);
+        let outcome = register(&id, start.job, start.asked);
         let after_us = entry.resolved_ns.saturating_sub(entry.pending_ns) / 1000;
         match outcome {
             Ok(true) => {
@@ -154,14 +188,70 @@ fn run(
     }
 }
 
+/// A job's `docker exec` by name or short id: the daemon says which container that is (as it
+/// will for the exec itself), and its cgroup is marked for the job's command.
+fn exec(exec: &Start, register: &mut Register) {
+    let asked_ns = monotonic_ns();
+    let id = match container_referenced(&exec.socket, &exec.reference) {
+        Ok(Some(id)) => id,
+        Ok(None) => return,
+        Err(error) => {
+            tracing::warn!(reference = %exec.reference, %error, "a job's docker exec into a container by name could not be resolved: its command is not the job's");
+            return;
+        }
+    };
+    let after_us = monotonic_ns().saturating_sub(asked_ns) / 1000;
+    match register(&id, exec.job, Asked::Exec) {
+        Ok(true) => {
+            tracing::debug!(reference = %exec.reference, %id, after_us, "docker exec by name resolved")
+        }
+        Ok(false) => {
+            tracing::info!(reference = %exec.reference, %id, "docker exec into a container whose cgroup is unknown: its command is not the job's")
+        }
+        Err(error) => {
+            tracing::warn!(%error, reference = %exec.reference, "a docker exec could not be registered")
+        }
+    }
+}
+
+/// The full id of the container `reference` (a name or a short id) at the daemon `socket`, in
+/// the daemon's own order (a name, then an id prefix). The container list answers from the
+/// daemon's snapshot at once; an inspect waits for the container's lock, which the exec being
+/// created holds (40-60 ms measured here: longer than the exec takes to start).
+fn container_referenced(socket: &Path, reference: &str) -> std::io::Result<Option<String>> {
+    if let Some(id) = container_named(socket, reference)? {
+        return Ok(Some(id));
+    }
+    if !reference.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Ok(None);
+    }
+    let path = format!("/containers/json?all=1&filters=%7B%22id%22%3A%5B%22{reference}%22%5D%7D");
+    let answer = docker_api::get(socket, &path, TIMEOUT, MAX_ANSWER)?;
+    let mut ids = answer
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|c| c["Id"].as_str())
+        .filter(|id| id.len() == 64 && id.starts_with(reference));
+    // An ambiguous prefix: the daemon refuses the exec.
+    Ok(match (ids.next(), ids.next()) {
+        (Some(id), None) => Some(id.to_owned()),
+        _ => None,
+    })
+}
+
+/// What the kernel passes as a reference: `[a-zA-Z0-9_.-]`, not empty.
+fn reference_chars(reference: &str) -> bool {
+    !reference.is_empty()
+        && reference
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b))
+}
+
 /// The id of the container named `name` at the daemon `socket`, if there is one.
 fn container_named(socket: &Path, name: &str) -> std::io::Result<Option<String>> {
     // The kernel passes only names of `[a-zA-Z0-9_.-]`; anything else is not asked.
-    if name.is_empty()
-        || !name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b))
-    {
+    if !reference_chars(name) {
         return Ok(None);
     }
     // `{"name":["^/<name>$"]}`, the name's dots escaped (the filter is a regular expression).

@@ -28,6 +28,10 @@ pub struct ContainerInfo {
     /// short id (the kernel matched it to the next container made: docs/containers.md).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub requested_as: Option<RequestedAs>,
+    /// The container is not the job's: the job ran this process in it with `docker exec`
+    /// (docs/containers.md, "docker exec").
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub exec_only: bool,
     /// GitLab Runner's labels (`com.gitlab.gitlab-runner.*`: job, project, pipeline and runner
     /// ids, the container's type), when the daemon was asked.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
@@ -89,6 +93,7 @@ impl ContainerInfo {
             cgroup_id,
             pod: None,
             requested_as: None,
+            exec_only: false,
             labels: Default::default(),
             binds: Vec::new(),
         }

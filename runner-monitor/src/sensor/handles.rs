@@ -5,15 +5,20 @@
 //! freed so that no other container's cgroup takes it.
 
 use aya::maps::{Array, HashMap, Map, MapData};
-use runner_monitor_common::{CONTAINER_ID_LEN, PendingStart, map_name};
+use runner_monitor_common::{
+    CONTAINER_ID_LEN, ExecTarget, PendingStart, container::EXEC_WINDOW_NS, map_name,
+};
 
 use super::{Sensor, job_roots::BPF_NOEXIST};
-use crate::event::JobKey;
+use crate::{clock::monotonic_ns, enrich::Asked, event::JobKey};
 
-/// Own handles on the two kernel maps a resolved start by name writes.
+/// Own handles on the kernel maps a resolved start or exec by name writes.
 pub struct NameStartMaps {
     requested: HashMap<MapData, [u8; CONTAINER_ID_LEN], u64>,
     pending: Array<MapData, PendingStart>,
+    /// Container id -> cgroup id, and cgroup id -> pending exec (`containers.rs`).
+    ids: HashMap<MapData, [u8; CONTAINER_ID_LEN], u64>,
+    exec_targets: HashMap<MapData, u64, ExecTarget>,
 }
 
 /// A handle of its own on map `name` (a cloned descriptor): the sensor keeps its own.
@@ -45,26 +50,37 @@ impl Sensor {
         Some(NameStartMaps {
             requested: HashMap::try_from(own(self, map_name::REQUESTED_CONTAINERS)?).ok()?,
             pending: Array::try_from(own(self, map_name::PENDING_STARTS)?).ok()?,
+            ids: HashMap::try_from(own(self, map_name::CONTAINER_IDS)?).ok()?,
+            exec_targets: HashMap::try_from(own(self, map_name::EXEC_TARGETS)?).ok()?,
         })
     }
 }
 
 impl NameStartMaps {
-    /// Container `id` is job `key`'s, and the kernel's pending start `slot` (made at
-    /// `pending_ns`) is freed: `Ok(true)`. `Ok(false)` when the start was no longer pending (a
-    /// cgroup took it first): nothing is written.
-    pub fn register(
-        &mut self,
-        id: &str,
-        key: JobKey,
-        slot: u32,
-        pending_ns: u64,
-    ) -> Result<bool, String> {
+    /// What job `key` asked of container `id`, resolved at its daemon, written for the kernel
+    /// (`enrich::NameStartRegister`).
+    pub fn register(&mut self, id: &str, key: JobKey, asked: Asked) -> Result<bool, String> {
         let id: [u8; CONTAINER_ID_LEN] = id
             .as_bytes()
             .try_into()
             .map_err(|_| format!("not a container id: {id:?}"))?;
         let id = id.map(|b| b.to_ascii_lowercase());
+        match asked {
+            Asked::Start { slot, pending_ns } => self.start(id, key, slot, pending_ns),
+            Asked::Exec => self.exec(id, key),
+        }
+    }
+
+    /// Container `id` is job `key`'s, and the kernel's pending start `slot` (made at
+    /// `pending_ns`) is freed: `Ok(true)`. `Ok(false)` when the start was no longer pending (a
+    /// cgroup took it first): nothing is written.
+    fn start(
+        &mut self,
+        id: [u8; CONTAINER_ID_LEN],
+        key: JobKey,
+        slot: u32,
+        pending_ns: u64,
+    ) -> Result<bool, String> {
         let still = |p: &PendingStart| p.job == key.0 && p.ts_ns == pending_ns;
         let start = self.pending.get(&slot, 0).map_err(|e| e.to_string())?;
         if !still(&start) {
@@ -86,6 +102,38 @@ impl NameStartMaps {
                 .set(slot, freed, 0)
                 .map_err(|e| e.to_string())?;
         }
+        Ok(true)
+    }
+
+    /// The next runc init in container `id`'s cgroup is job `key`'s (its `docker exec`), as the
+    /// kernel marks it for a request by the full id: `Ok(false)` when the kernel does not know
+    /// the container's cgroup.
+    fn exec(&mut self, id: [u8; CONTAINER_ID_LEN], key: JobKey) -> Result<bool, String> {
+        let cgroup = match self.ids.get(&id, 0) {
+            Ok(cgroup) => cgroup,
+            Err(aya::maps::MapError::KeyNotFound) => return Ok(false),
+            Err(e) => return Err(e.to_string()),
+        };
+        let now = monotonic_ns();
+        let target = match self.exec_targets.get(&cgroup, 0) {
+            Ok(t) if t.job == key.0 && now.saturating_sub(t.ts_ns) <= EXEC_WINDOW_NS => {
+                ExecTarget {
+                    count: t.count.saturating_add(1),
+                    ts_ns: now,
+                    ..t
+                }
+            }
+            _ => ExecTarget {
+                job: key.0,
+                ts_ns: now,
+                count: 1,
+                _pad: 0,
+                id,
+            },
+        };
+        self.exec_targets
+            .insert(cgroup, target, 0)
+            .map_err(|e| e.to_string())?;
         Ok(true)
     }
 }

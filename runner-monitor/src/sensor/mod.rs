@@ -5,6 +5,7 @@ mod adopt;
 pub mod attach;
 pub mod btf;
 pub mod check;
+pub mod container_ids;
 pub mod decode;
 pub mod dns;
 pub mod egress;

@@ -14,6 +14,7 @@ fn container(cgroup_id: u64) -> ContainerInfo {
         cgroup_id,
         pod: None,
         requested_as: None,
+        exec_only: false,
         labels: Default::default(),
         binds: Vec::new(),
     }

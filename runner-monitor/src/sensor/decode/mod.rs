@@ -264,6 +264,7 @@ impl Decoder {
                     container::MATCHED_BY_NAME => Some("name"),
                     _ => None,
                 };
+                info.exec_only = e.matched == container::MATCHED_BY_EXEC;
                 info.requested_as = by.map(|by| RequestedAs {
                     reference: lossy(c_bytes(&e.reference, e.reference.len() as u32)),
                     by: by.to_owned(),
@@ -279,6 +280,12 @@ impl Decoder {
                     reference: lossy(c_bytes(&e.reference, e.len)),
                     slot: e.slot,
                     pending_ns: e.ts_ns,
+                }
+            }
+            EventKind::ContainerExec => {
+                let e: ContainerStartEvent = read(bytes)?;
+                EventDetail::ContainerExec {
+                    reference: lossy(c_bytes(&e.reference, e.len)),
                 }
             }
             EventKind::Chdir => {

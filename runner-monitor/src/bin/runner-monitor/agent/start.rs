@@ -154,6 +154,13 @@ impl Agent {
             .with_context(|| format!("listening on {} (--listen)", args.listen))?;
         tracing::info!(address = %bound, "serving /metrics, /healthz, /readyz, /jobs");
 
+        // Containers running before the agent: a job's `docker exec` into one finds its cgroup.
+        match sensor.learn_container_ids() {
+            Ok(n) => tracing::info!(containers = n, "running containers learned"),
+            Err(error) => {
+                tracing::warn!(%error, "running containers not learned: a job's docker exec into one is not followed")
+            }
+        }
         // The workflow pods of runner pods (actions-runner-controller's kubernetes mode) join
         // their jobs through the kernel's map of job container cgroups.
         if let Some(mut cgroups) = sensor.container_cgroups_handle() {
@@ -164,8 +171,8 @@ impl Agent {
         // A job's start by name is resolved at its daemon while the start is under way.
         if let Some(mut maps) = sensor.name_start_maps() {
             host.containers
-                .resolve_names(Box::new(move |id, job, slot, pending_ns| {
-                    maps.register(id, job, slot, pending_ns)
+                .resolve_names(Box::new(move |id, job, asked| {
+                    maps.register(id, job, asked)
                 }));
         }
         let outputs = Self::outputs(&args, &metrics, fleet)?;
