@@ -284,6 +284,10 @@ pub fn join_by_exec(tgid: u32) -> Option<ProcessJob> {
         count(counter::PROCESS_MAP_FULL);
         return None;
     }
+    // An exec into the job's own container: the container event came at its cgroup's making.
+    if container_job(cgroup) == Some(job) {
+        return Some(entry);
+    }
     let id = target.id;
     send(
         EventKind::Container,

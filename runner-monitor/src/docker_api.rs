@@ -85,6 +85,18 @@ pub(crate) mod fake {
         std::path::PathBuf,
         std::sync::mpsc::Receiver<String>,
     ) {
+        answering_each(&[answer])
+    }
+
+    /// The same for one request per answer, in order, each on its own connection.
+    pub fn answering_each(
+        answers: &[&'static str],
+    ) -> (
+        Removed,
+        std::path::PathBuf,
+        std::sync::mpsc::Receiver<String>,
+    ) {
+        let answers = answers.to_vec();
         static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let path =
@@ -93,19 +105,21 @@ pub(crate) mod fake {
         let listener = UnixListener::bind(&path).unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
-            let (mut stream, _) = listener.accept().unwrap();
-            // The whole request, up to the blank line after its headers, as a daemon reads it:
-            // answering after the first read and closing made the client's rest fail (EPIPE).
-            let mut request = Vec::new();
-            let mut chunk = [0u8; 512];
-            while !request.windows(4).any(|w| w == b"\r\n\r\n") {
-                match stream.read(&mut chunk) {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => request.extend_from_slice(&chunk[..n]),
+            for answer in answers {
+                let (mut stream, _) = listener.accept().unwrap();
+                // The whole request, up to the blank line after its headers, as a daemon reads it:
+                // answering after the first read and closing made the client's rest fail (EPIPE).
+                let mut request = Vec::new();
+                let mut chunk = [0u8; 512];
+                while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match stream.read(&mut chunk) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => request.extend_from_slice(&chunk[..n]),
+                    }
                 }
+                let _ = tx.send(String::from_utf8_lossy(&request).into_owned());
+                stream.write_all(answer.as_bytes()).unwrap();
             }
-            let _ = tx.send(String::from_utf8_lossy(&request).into_owned());
-            stream.write_all(answer.as_bytes()).unwrap();
         });
         (Removed(path.clone()), path, rx)
     }

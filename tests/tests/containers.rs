@@ -106,6 +106,8 @@ fn docker_exec_into_a_job_container_is_the_job() {
     let harvest = wait_alert(agent, "credential-harvesting", &id, |_| true);
     assert_eq!(harvest["process"]["comm"], "cat", "{harvest}");
     assert_container(&harvest, Some(&name));
+    // The job's own container, not one it only ran a command in.
+    assert!(harvest["container"]["exec_only"].is_null(), "{harvest}");
     assert_no_secret(agent);
 }
 

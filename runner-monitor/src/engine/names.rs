@@ -33,6 +33,15 @@ impl Engine {
 
     /// The kernel made `c`'s cgroup the job's.
     pub(super) fn track_container(&mut self, c: &ContainerInfo) {
+        // A job's exec into another job's container does not rename that job's container.
+        if c.exec_only
+            && self
+                .containers
+                .get(&c.cgroup_id)
+                .is_some_and(|known| !known.exec_only)
+        {
+            return;
+        }
         self.containers.insert(c.cgroup_id, c.clone());
     }
 

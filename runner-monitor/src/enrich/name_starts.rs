@@ -277,7 +277,7 @@ fn container_named(socket: &Path, name: &str) -> std::io::Result<Option<String>>
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::docker_api::fake::answering;
+    use crate::docker_api::fake::{answering, answering_each};
 
     const LIST: &str = "HTTP/1.0 200 OK\r\n\r\n[\
         {\"Id\":\"aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\",\"Names\":[\"/web.2\"]},\
@@ -302,6 +302,38 @@ mod tests {
         assert_eq!(id.as_deref(), Some("a".repeat(64).as_str()));
         let request = request.recv().unwrap();
         assert!(request.contains("%5E%2Fweb%5C.2%24"), "{request}");
+    }
+
+    #[test]
+    fn an_exec_reference_is_a_name_first_then_an_unambiguous_id_prefix() {
+        // A name: the daemon's list by name answers, and nothing else is asked.
+        let (_guard, socket, requests) = answering_each(&[LIST]);
+        let id = container_referenced(&socket, "web").unwrap();
+        assert_eq!(id.as_deref(), Some("b".repeat(64).as_str()));
+        assert!(requests.recv().unwrap().contains("%22name%22"));
+        assert!(requests.try_recv().is_err());
+
+        // A short id no container is named: the list by id prefix, which must be unique.
+        const NONE: &str = "HTTP/1.0 200 OK\r\n\r\n[]";
+        let (_guard, socket, requests) = answering_each(&[NONE, LIST]);
+        let id = container_referenced(&socket, "aaaa").unwrap();
+        assert_eq!(id.as_deref(), Some("a".repeat(64).as_str()));
+        let _ = requests.recv().unwrap();
+        assert!(
+            requests.recv().unwrap().starts_with(
+                "GET /containers/json?all=1&filters=%7B%22id%22%3A%5B%22aaaa%22%5D%7D "
+            )
+        );
+        const TWO: &str = "HTTP/1.0 200 OK\r\n\r\n[\
+            {\"Id\":\"abababababababababababababababababababababababababababababababab\",\"Names\":[\"/x\"]},\
+            {\"Id\":\"abcdabcdabcdabcdabcdabcdabcdabcdabcdabcdabcdabcdabcdabcdabcdabcd\",\"Names\":[\"/y\"]}]";
+        let (_guard, socket, _requests) = answering_each(&[NONE, TWO]);
+        assert_eq!(container_referenced(&socket, "ab").unwrap(), None);
+        // Not hex, not a name: no second question.
+        let (_guard, socket, requests) = answering_each(&[NONE]);
+        assert_eq!(container_referenced(&socket, "postgres").unwrap(), None);
+        let _ = requests.recv().unwrap();
+        assert!(requests.try_recv().is_err());
     }
 
     #[test]
