@@ -96,3 +96,41 @@ fn a_container_a_job_starts_through_podmans_docker_api_is_the_job() {
     assert_eq!(access["socket"]["kind"], "docker", "{access}");
     assert_no_secret(agent);
 }
+
+/// A job's `docker exec`, through podman's Docker API, into a container podman started outside
+/// any job: the command is the job's and named (`exec_only`), as with Docker's daemon.
+#[test]
+fn a_jobs_docker_exec_through_podmans_api_into_a_container_outside_jobs_is_the_job() {
+    let agent = agent();
+    let mut podman = Podman::new("execout");
+    let env = TestEnv::new("podman-exec-outside");
+    let run = run_id(4);
+    let name = format!("rm-psvc-{run}");
+    podman.run(&[
+        "run",
+        "-d",
+        "--name",
+        &name,
+        "--network",
+        "none",
+        "-v",
+        &format!("{}:/h", env.home.display()),
+        IMAGE,
+        "sleep",
+        "60",
+    ]);
+    let socket = podman.serve();
+    let step = format!(
+        "DOCKER_CONFIG={cli_config} {DOCKER_CLI} -H unix://{socket} exec {name} {read} > /dev/null",
+        cli_config = podman.dir.join("cli").display(),
+        socket = socket.display(),
+        read = read_three_kinds("/h"),
+    );
+    github_job(&env, agent, &run, "acme/podman-exec", &step);
+    let id = format!("{run}/build");
+    let harvest = wait_alert(agent, "credential-harvesting", &id, |_| true);
+    assert_eq!(harvest["process"]["comm"], "cat", "{harvest}");
+    assert_container_of(&harvest, "podman", Some(&name));
+    assert_eq!(harvest["container"]["exec_only"], true, "{harvest}");
+    assert_no_secret(agent);
+}

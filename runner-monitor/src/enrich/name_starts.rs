@@ -194,7 +194,10 @@ fn exec(exec: &Start, register: &mut Register) {
     let asked_ns = monotonic_ns();
     let id = match container_referenced(&exec.socket, &exec.reference) {
         Ok(Some(id)) => id,
-        Ok(None) => return,
+        Ok(None) => {
+            tracing::info!(reference = %exec.reference, "docker exec: the daemon names no such container");
+            return;
+        }
         Err(error) => {
             tracing::warn!(reference = %exec.reference, %error, "a job's docker exec into a container by name could not be resolved: its command is not the job's");
             return;
@@ -254,20 +257,23 @@ fn container_named(socket: &Path, name: &str) -> std::io::Result<Option<String>>
     if !reference_chars(name) {
         return Ok(None);
     }
-    // `{"name":["^/<name>$"]}`, the name's dots escaped (the filter is a regular expression).
+    // `{"name":["^/?<name>$"]}`, the name's dots escaped (the filter is a regular expression;
+    // Docker matches it against `/<name>`, podman's compatible API against `<name>`).
     let pattern = name.replace('.', "%5C.");
-    let path =
-        format!("/containers/json?all=1&filters=%7B%22name%22%3A%5B%22%5E%2F{pattern}%24%22%5D%7D");
+    let path = format!(
+        "/containers/json?all=1&filters=%7B%22name%22%3A%5B%22%5E%2F%3F{pattern}%24%22%5D%7D"
+    );
     let answer = docker_api::get(socket, &path, TIMEOUT, MAX_ANSWER)?;
-    let want = format!("/{name}");
     Ok(answer
         .as_array()
         .into_iter()
         .flatten()
         .find(|c| {
-            c["Names"]
-                .as_array()
-                .is_some_and(|names| names.iter().any(|n| n.as_str() == Some(want.as_str())))
+            c["Names"].as_array().is_some_and(|names| {
+                names
+                    .iter()
+                    .any(|n| n.as_str().map(|n| n.trim_start_matches('/')) == Some(name))
+            })
         })
         .and_then(|c| c["Id"].as_str())
         .filter(|id| id.len() == 64 && id.bytes().all(|b| b.is_ascii_hexdigit()))
@@ -291,7 +297,7 @@ mod tests {
         let request = request.recv().unwrap();
         assert!(
             request.starts_with(
-                "GET /containers/json?all=1&filters=%7B%22name%22%3A%5B%22%5E%2Fweb%24%22%5D%7D "
+                "GET /containers/json?all=1&filters=%7B%22name%22%3A%5B%22%5E%2F%3Fweb%24%22%5D%7D "
             ),
             "{request}"
         );
@@ -301,7 +307,7 @@ mod tests {
         let id = container_named(&socket, "web.2").unwrap();
         assert_eq!(id.as_deref(), Some("a".repeat(64).as_str()));
         let request = request.recv().unwrap();
-        assert!(request.contains("%5E%2Fweb%5C.2%24"), "{request}");
+        assert!(request.contains("%5E%2F%3Fweb%5C.2%24"), "{request}");
     }
 
     #[test]
