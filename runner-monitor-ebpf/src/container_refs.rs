@@ -113,16 +113,7 @@ pub fn start_by_reference(tail: &[u8; CONTAINER_ID_LEN + 8], avail: u64, job: u6
     let Some(p) = PENDING_STARTS.get_ptr_mut(slot) else {
         return;
     };
-    // SAFETY: a pointer into the array map's value, written whole.
-    unsafe {
-        *p = PendingStart {
-            job,
-            ts_ns: now_ns(),
-            len: len as u32,
-            hex,
-            reference,
-        };
-    }
+    keep(p, job, len, hex, reference);
     announce(p, slot, EventKind::ContainerStart);
 }
 
@@ -138,7 +129,16 @@ fn exec_by_reference(job: u64, len: usize, hex: u32, reference: [u8; CONTAINER_I
     let Some(p) = EXEC_REFERENCE.get_ptr_mut(0) else {
         return;
     };
-    // SAFETY: per-CPU scratch owned by this program run, written whole.
+    keep(p, job, len, hex, reference);
+    announce(p, u32::MAX, EventKind::ContainerExec);
+}
+
+/// Writes job `job`'s request by `reference` (`len` bytes; `hex`: a short id), made now, into
+/// the map value `p`, whole.
+#[inline(always)]
+fn keep(p: *mut PendingStart, job: u64, len: usize, hex: u32, reference: [u8; CONTAINER_ID_LEN]) {
+    // SAFETY: `p` points into a map value this program run writes (a pending start's slot, or
+    // the per-CPU scratch of an exec).
     unsafe {
         *p = PendingStart {
             job,
@@ -148,7 +148,6 @@ fn exec_by_reference(job: u64, len: usize, hex: u32, reference: [u8; CONTAINER_I
             reference,
         };
     }
-    announce(p, u32::MAX, EventKind::ContainerExec);
 }
 
 /// Tells the agent of the pending start by name in slot `slot` (`p`): it asks the daemon which
