@@ -43,8 +43,7 @@ use aya_ebpf::{
 use runner_monitor_common::{
     CONTAINER_ID_LEN, ContainerEvent, EventKind, ExecTarget, ProcessJob,
     container::{
-        CGROUP_PATH_LEN, EXEC_WINDOW_NS, MATCHED_BY_CREATOR, MATCHED_BY_EXEC, MATCHED_BY_ID,
-        MAX_CONTAINERS,
+        CGROUP_PATH_LEN, MATCHED_BY_CREATOR, MATCHED_BY_EXEC, MATCHED_BY_ID, MAX_CONTAINERS,
     },
     counter,
 };
@@ -234,23 +233,9 @@ fn exec_requested(id: &[u8; CONTAINER_ID_LEN], job: u64) {
     let Some(cgroup) = (unsafe { CONTAINER_IDS.get(id).copied() }) else {
         return;
     };
-    let now = now_ns();
-    if let Some(target) = EXEC_TARGETS.get_ptr_mut(cgroup) {
-        // SAFETY: a pointer into the map's value; two CPUs may count the same request once.
-        let target = unsafe { &mut *target };
-        if target.job == job && now.saturating_sub(target.ts_ns) <= EXEC_WINDOW_NS {
-            target.count = target.count.saturating_add(1);
-            target.ts_ns = now;
-            return;
-        }
-    }
-    let target = ExecTarget {
-        job,
-        ts_ns: now,
-        count: 1,
-        _pad: 0,
-        id: *id,
-    };
+    // SAFETY: the value is copied out at once.
+    let current = unsafe { EXEC_TARGETS.get(cgroup).copied() };
+    let target = ExecTarget::after_request(current.as_ref(), job, now_ns(), id);
     if EXEC_TARGETS.insert(cgroup, target, 0).is_err() {
         count(counter::PENDING_MAP_FULL);
     }
@@ -269,7 +254,7 @@ pub fn join_by_exec(tgid: u32) -> Option<ProcessJob> {
     let target = EXEC_TARGETS.get_ptr_mut(cgroup)?;
     // SAFETY: a pointer into the map's value.
     let target = unsafe { &mut *target };
-    if target.count == 0 || now_ns().saturating_sub(target.ts_ns) > EXEC_WINDOW_NS {
+    if !target.open(now_ns()) {
         return None;
     }
     // The container's own processes exec too: only runc's init is a new command.

@@ -189,6 +189,10 @@ const CONTAINER_CGROUP_DEPTH: usize = 6;
 /// The container id a cgroup directory's name ends with (`<id>`, `docker-<id>.scope`,
 /// `cri-containerd-<id>.scope`, `libpod-<id>.scope`), as the kernel's `cgroup_mkdir` reads it.
 pub fn container_id(name: &str) -> Option<[u8; runner_monitor_common::CONTAINER_ID_LEN]> {
+    // Podman's conmon gets a scope named by the container's id too, beside the container's.
+    if name.starts_with("libpod-conmon-") {
+        return None;
+    }
     let stem = name.strip_suffix(".scope").unwrap_or(name);
     let id = stem.get(
         stem.len()
@@ -495,6 +499,7 @@ mod container_cgroup_tests {
             "docker",
             &id[1..],
             &format!("{}X", &id[1..]),
+            &format!("libpod-conmon-{id}.scope"),
             &id.to_uppercase(),
         ] {
             assert_eq!(container_id(name), None, "{name}");

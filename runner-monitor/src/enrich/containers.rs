@@ -26,6 +26,8 @@ pub struct ContainerNamer {
     sockets: BoundedMap<JobKey, String>,
     /// Resolves jobs' starts by name while they are under way (`name_starts.rs`).
     name_starts: Option<NameStarts>,
+    /// cgroup id -> path, of containers jobs `docker exec`ed into (looked up once each).
+    exec_cgroups: BoundedMap<u64, String>,
 }
 
 impl Default for ContainerNamer {
@@ -33,6 +35,7 @@ impl Default for ContainerNamer {
         Self {
             sockets: BoundedMap::new(4096),
             name_starts: None,
+            exec_cgroups: BoundedMap::new(1024),
         }
     }
 }
@@ -74,18 +77,23 @@ impl ContainerNamer {
             }
             EventDetail::ContainerExec { reference } => {
                 if let (Some(starts), Some(socket)) = (&self.name_starts, self.sockets.get(&job)) {
-                    starts.ask_exec(socket, reference, job);
+                    starts.ask_exec(socket, reference, job, event.time_ns);
                 }
             }
             EventDetail::Container(info) => {
-                if info.exec_only
-                    && info.cgroup.is_empty()
-                    && let Some(path) = crate::mounts::container_cgroup_path(info.cgroup_id)
-                {
+                if info.exec_only && info.cgroup.is_empty() {
                     // The kernel knows the container by its id only: its cgroup's path (and so
-                    // its runtime) is looked up once, here (the command may be gone already).
-                    info.runtime = ContainerInfo::runtime_of(&path).to_owned();
-                    info.cgroup = path;
+                    // its runtime) is looked up here, once per container (the command may be
+                    // gone already, so not through its /proc).
+                    let path = match self.exec_cgroups.get(&info.cgroup_id) {
+                        Some(path) => Some(path.clone()),
+                        None => crate::mounts::container_cgroup_path(info.cgroup_id),
+                    };
+                    if let Some(path) = path {
+                        self.exec_cgroups.insert(info.cgroup_id, path.clone());
+                        info.runtime = ContainerInfo::runtime_of(&path).to_owned();
+                        info.cgroup = path;
+                    }
                 }
                 if info.requested_as.is_none()
                     && let Some(starts) = &self.name_starts

@@ -39,8 +39,8 @@ const QUEUE: usize = 64;
 pub enum Asked {
     /// Start it: the kernel's pending start `slot`, made at `pending_ns`.
     Start { slot: u32, pending_ns: u64 },
-    /// Run a command in it (`docker exec`).
-    Exec,
+    /// Run a command in it (`docker exec`), asked at `requested_ns` (the kernel's clock).
+    Exec { requested_ns: u64 },
 }
 
 /// For a start: registers container `id` (64 hex digits) as job `job`'s in the kernel and frees
@@ -102,12 +102,12 @@ impl NameStarts {
     /// A job's `docker exec` into the container `reference` (a name or short id) at the Docker
     /// socket `socket`: asked at once, so that the container is marked before the daemon has
     /// made the command's process.
-    pub fn ask_exec(&self, socket: &str, reference: &str, job: JobKey) {
+    pub fn ask_exec(&self, socket: &str, reference: &str, job: JobKey, requested_ns: u64) {
         let exec = Start {
             socket: socket.into(),
             reference: reference.to_owned(),
             job,
-            asked: Asked::Exec,
+            asked: Asked::Exec { requested_ns },
         };
         if self.starts.try_send(exec).is_err() {
             tracing::warn!(
@@ -138,8 +138,8 @@ fn run(
     resolved: &Mutex<BoundedMap<String, Resolved>>,
 ) {
     for start in queue {
-        if start.asked == Asked::Exec {
-            exec(&start, &mut register);
+        if let Asked::Exec { requested_ns } = start.asked {
+            exec(&start, requested_ns, &mut register);
             continue;
         }
         let Asked::Start { pending_ns, .. } = start.asked else {
@@ -190,7 +190,7 @@ fn run(
 
 /// A job's `docker exec` by name or short id: the daemon says which container that is (as it
 /// will for the exec itself), and its cgroup is marked for the job's command.
-fn exec(exec: &Start, register: &mut Register) {
+fn exec(exec: &Start, requested_ns: u64, register: &mut Register) {
     let asked_ns = monotonic_ns();
     let id = match container_referenced(&exec.socket, &exec.reference) {
         Ok(Some(id)) => id,
@@ -204,12 +204,12 @@ fn exec(exec: &Start, register: &mut Register) {
         }
     };
     let after_us = monotonic_ns().saturating_sub(asked_ns) / 1000;
-    match register(&id, exec.job, Asked::Exec) {
+    match register(&id, exec.job, Asked::Exec { requested_ns }) {
         Ok(true) => {
             tracing::debug!(reference = %exec.reference, %id, after_us, "docker exec by name resolved")
         }
         Ok(false) => {
-            tracing::info!(reference = %exec.reference, %id, "docker exec into a container whose cgroup is unknown: its command is not the job's")
+            tracing::info!(reference = %exec.reference, %id, "docker exec resolved too late, or into a container whose cgroup is unknown: its command is not the job's")
         }
         Err(error) => {
             tracing::warn!(%error, reference = %exec.reference, "a docker exec could not be registered")

@@ -67,7 +67,7 @@ impl NameStartMaps {
         let id = id.map(|b| b.to_ascii_lowercase());
         match asked {
             Asked::Start { slot, pending_ns } => self.start(id, key, slot, pending_ns),
-            Asked::Exec => self.exec(id, key),
+            Asked::Exec { requested_ns } => self.exec(id, key, requested_ns),
         }
     }
 
@@ -108,29 +108,24 @@ impl NameStartMaps {
     /// The next runc init in container `id`'s cgroup is job `key`'s (its `docker exec`), as the
     /// kernel marks it for a request by the full id: `Ok(false)` when the kernel does not know
     /// the container's cgroup.
-    fn exec(&mut self, id: [u8; CONTAINER_ID_LEN], key: JobKey) -> Result<bool, String> {
+    fn exec(
+        &mut self,
+        id: [u8; CONTAINER_ID_LEN],
+        key: JobKey,
+        requested_ns: u64,
+    ) -> Result<bool, String> {
+        // Past its window the request's command has run or will not: a mark now would wait
+        // for someone else's.
+        if monotonic_ns().saturating_sub(requested_ns) > EXEC_WINDOW_NS {
+            return Ok(false);
+        }
         let cgroup = match self.ids.get(&id, 0) {
             Ok(cgroup) => cgroup,
             Err(aya::maps::MapError::KeyNotFound) => return Ok(false),
             Err(e) => return Err(e.to_string()),
         };
-        let now = monotonic_ns();
-        let target = match self.exec_targets.get(&cgroup, 0) {
-            Ok(t) if t.job == key.0 && now.saturating_sub(t.ts_ns) <= EXEC_WINDOW_NS => {
-                ExecTarget {
-                    count: t.count.saturating_add(1),
-                    ts_ns: now,
-                    ..t
-                }
-            }
-            _ => ExecTarget {
-                job: key.0,
-                ts_ns: now,
-                count: 1,
-                _pad: 0,
-                id,
-            },
-        };
+        let current = self.exec_targets.get(&cgroup, 0).ok();
+        let target = ExecTarget::after_request(current.as_ref(), key.0, requested_ns, &id);
         self.exec_targets
             .insert(cgroup, target, 0)
             .map_err(|e| e.to_string())?;
