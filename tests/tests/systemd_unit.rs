@@ -224,7 +224,7 @@ fn systemctl_restart_keeps_the_probes_recording_and_systemctl_stop_detaches_them
     );
     // The read made while no agent ran is judged by the next one.
     let path = env.path(".aws/credentials");
-    integration_tests::live::wait_until("the read is raised", 20, || {
+    let raised = || {
         systemd
             .read("/var/log/runner-monitor/alerts.jsonl")
             .lines()
@@ -234,7 +234,19 @@ fn systemctl_restart_keeps_the_probes_recording_and_systemctl_stop_detaches_them
                         && a["credential"]["path"] == path.as_str()
                 })
             })
-    });
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !raised() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the read made while no agent ran is not raised; the agent's log:\n{}\nalerts:\n{}\n\
+             saved state:\n{}",
+            systemd.read("/run/rm-agent.log"),
+            systemd.read("/var/log/runner-monitor/alerts.jsonl"),
+            systemd.read("/var/lib/runner-monitor/state/state.json"),
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
 
     // `systemctl stop`: systemd closes its store, the agent removed its pins: nothing stays.
     let pins = integration_tests::pin_dir_of(&dir);
