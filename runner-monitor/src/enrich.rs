@@ -17,7 +17,7 @@ mod name_starts;
 mod pods;
 pub mod workflow_pods;
 pub use containers::{ContainerNamer, of_job_root};
-pub use name_starts::{Asked, Register as NameStartRegister};
+pub use name_starts::Register as NameStartRegister;
 pub use pods::{DEFAULT_CRI_SOCKET, PodContainer, PodNamer, gitlab_job};
 
 use hmac::{Hmac, KeyInit, Mac};

@@ -24,6 +24,7 @@ use crate::{
     clock::monotonic_ns,
     docker_api,
     event::{JobKey, RequestedAs},
+    sensor::handles::Asked,
 };
 
 /// How long the daemon may take to answer: past the time it takes to make the cgroup the
@@ -33,15 +34,6 @@ const TIMEOUT: Duration = Duration::from_millis(500);
 const MAX_ANSWER: u64 = 1 << 20;
 /// Starts waiting to be asked; more are left to the kernel's guess.
 const QUEUE: usize = 64;
-
-/// What a job asked the daemon to do with a container it named by name or short id.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Asked {
-    /// Start it: the kernel's pending start `slot`, made at `pending_ns`.
-    Start { slot: u32, pending_ns: u64 },
-    /// Run a command in it (`docker exec`), asked at `requested_ns` (the kernel's clock).
-    Exec { requested_ns: u64 },
-}
 
 /// For a start: registers container `id` (64 hex digits) as job `job`'s in the kernel and frees
 /// the pending start if it is still that start: `Ok(true)`; `Ok(false)` when the pending start

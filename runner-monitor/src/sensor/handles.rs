@@ -10,7 +10,16 @@ use runner_monitor_common::{
 };
 
 use super::{Sensor, job_roots::BPF_NOEXIST};
-use crate::{clock::monotonic_ns, enrich::Asked, event::JobKey};
+use crate::{clock::monotonic_ns, event::JobKey};
+
+/// What a job asked the daemon to do with a container it named by name or short id.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Asked {
+    /// Start it: the kernel's pending start `slot`, made at `pending_ns`.
+    Start { slot: u32, pending_ns: u64 },
+    /// Run a command in it (`docker exec`), asked at `requested_ns` (the kernel's clock).
+    Exec { requested_ns: u64 },
+}
 
 /// Own handles on the kernel maps a resolved start or exec by name writes.
 pub struct NameStartMaps {
