@@ -66,23 +66,17 @@ impl ExecTarget {
             _pad: 0,
             id: *id,
         };
-        let Some(t) = current else {
-            return fresh;
-        };
-        if now_ns.saturating_sub(t.ts_ns) > EXEC_WINDOW_NS {
-            return fresh;
-        }
-        let (job, count) = if t.job == job {
-            (job, t.count.saturating_add(1))
-        } else {
-            (0, 0)
-        };
-        ExecTarget {
-            job,
-            ts_ns: now_ns,
-            count,
-            _pad: 0,
-            id: *id,
+        match current.filter(|t| now_ns.saturating_sub(t.ts_ns) <= EXEC_WINDOW_NS) {
+            None => fresh,
+            Some(t) if t.job == job => ExecTarget {
+                count: t.count.saturating_add(1),
+                ..fresh
+            },
+            Some(_) => ExecTarget {
+                job: 0,
+                count: 0,
+                ..fresh
+            },
         }
     }
 
