@@ -214,10 +214,37 @@ fn systemctl_restart_keeps_the_probes_recording_and_systemctl_stop_detaches_them
         &["restart", "--no-block", "runner-monitor.service"],
     );
     wait_logged(&systemd, "stopped: every probe detached", 1);
+    // The read comes once the stopped agent's process is gone (its descriptors closed) and
+    // before the next one starts: only the store keeps the probes whole then.
+    integration_tests::live::wait_until("the stopped agent exited", 20, || {
+        let out = systemd.in_namespace(
+            "systemctl",
+            &["show", "-p", "SubState", "runner-monitor.service"],
+        );
+        String::from_utf8_lossy(&out.stdout).trim() == "SubState=start-pre"
+    });
     std::fs::write(&go, "").unwrap();
     integration_tests::live::wait_until("the survivor read", 10, || read.exists());
     let log = wait_logged(&systemd, "control socket ready", 2);
-    assert!(log.contains("systemd handed back the probes"), "{log}");
+    // Every stored descriptor comes back: systemd dropped the tail-call table's (a map polls
+    // EPOLLERR) until the agent asked it not to watch them.
+    let count_after = |text: &str| {
+        log.lines().find_map(|l| {
+            l.split_once(text)?
+                .1
+                .split_whitespace()
+                .next()?
+                .parse::<usize>()
+                .ok()
+        })
+    };
+    let stored = count_after("a restart keeps them attached stored=");
+    assert!(stored.is_some_and(|n| n > 30), "{log}");
+    assert_eq!(
+        count_after("before the restart descriptors="),
+        stored,
+        "{log}"
+    );
     assert!(
         log.contains("took over the probes an earlier agent left attached"),
         "{log}"

@@ -19,6 +19,12 @@ use sd_notify::NotifyState;
 /// Stored names: `link-<program>-<hook>` and the ring buffer's pin name (`events-<hash>`).
 const LINK: &str = "link-";
 
+/// Stored descriptors are not watched. systemd drops a stored descriptor that polls `EPOLLERR`,
+/// and a BPF map without its own poll (the tail-call table, `file_enter_calls-<id>`) always does:
+/// the store lost it at once, the table emptied when the stopping agent exited, and the file
+/// probes saw nothing until the next agent started (systemd 246 and later).
+const NO_POLL: &str = "FDPOLL=0";
+
 /// Pins what systemd handed back (`LISTEN_FDS`, named) under `pin_dir`, unless something is
 /// already pinned there (a crashed agent's pins); the ring buffer only when it is `events` (this
 /// build's). Returns the names it got, to remove from the store once replaced.
@@ -83,7 +89,11 @@ pub fn store(pin_dir: &Path, events: &str, earlier: &[String]) {
         // SAFETY: `fd` is open for the duration of the call.
         let borrowed = unsafe { BorrowedFd::borrow_raw(fd.as_raw_fd()) };
         match sd_notify::notify_with_fds(
-            &[NotifyState::FdStore, NotifyState::FdName(&name)],
+            &[
+                NotifyState::FdStore,
+                NotifyState::FdName(&name),
+                NotifyState::Custom(NO_POLL),
+            ],
             &[borrowed],
         ) {
             Ok(()) => stored += 1,
