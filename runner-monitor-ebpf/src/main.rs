@@ -28,6 +28,7 @@ mod sockets;
 mod tamper;
 mod task_layout;
 mod tls;
+mod unix_peer;
 
 #[cfg(not(test))]
 #[panic_handler]

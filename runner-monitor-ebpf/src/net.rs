@@ -176,7 +176,10 @@ pub fn sys_exit_connect(ctx: TracePointContext) -> u32 {
     // SAFETY: the entry belongs to this thread, which is the only one that touches it.
     let event = unsafe { &mut *event };
     event.result = syscall_ret_direct(&ctx);
-    if event.family == AF_UNIX && event.result == 0 {
+    if event.family == AF_UNIX
+        && event.result == 0
+        && crate::unix_peer::served_outside_jobs(event.fd)
+    {
         crate::containers::unix_connected(event.header.tgid, event.fd, event.header.job);
     }
     if within_budget(event.header.job, EventKind::Connect as u32) {

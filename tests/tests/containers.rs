@@ -330,6 +330,109 @@ sys.exit(0 if answer.startswith(b"HTTP/1.1 204") else f"{how}: {answer[:40]!r}")
     assert_no_secret(agent);
 }
 
+/// A job cannot mark a container for itself by writing an exec request on a unix socket it
+/// serves itself: requests are read only on sockets served outside jobs (`unix_peer.rs`). Were
+/// it read, the host's own exec into that container (a health check) would join the job.
+#[test]
+fn a_jobs_request_on_a_socket_it_serves_itself_marks_nothing() {
+    let agent = agent();
+    let env = TestEnv::new("containers-own-socket");
+    let docker = Docker::start("ownsock");
+    let run = run_id(12);
+    let home = env.home.display().to_string();
+    let service = format!("rm-svc-own-{run}");
+    let id = docker.run(&[
+        "run",
+        "-d",
+        "--network",
+        "none",
+        "--name",
+        &service,
+        "-v",
+        &format!("{home}:/h-own"),
+        IMAGE,
+        "sleep",
+        "120",
+    ]);
+    let id = id.trim();
+    // The job serves a socket and writes the exec request for the host's container there, every
+    // 50 ms, until the host's exec is done.
+    let script = env.dir.join("own-socket.py");
+    let (marking, done) = (env.dir.join("marking"), env.dir.join("done"));
+    std::fs::write(
+        &script,
+        format!(
+            r#"
+import os, socket, time
+path = "{dir}/own.sock"
+server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+server.bind(path)
+server.listen(64)
+request = b"POST /v1.41/containers/{id}/exec HTTP/1.1\r\nHost: docker\r\nContent-Length: 0\r\n\r\n"
+deadline = time.time() + 30
+while not os.path.exists("{done}") and time.time() < deadline:
+    client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    client.connect(path)
+    client.sendall(request)
+    server.accept()[0].close()
+    client.close()
+    open("{marking}", "a").close()
+    time.sleep(0.05)
+"#,
+            dir = env.dir.display(),
+            done = done.display(),
+            marking = marking.display(),
+        ),
+    )
+    .unwrap();
+    let mut exec = docker.cli();
+    exec.args([
+        "exec",
+        &service,
+        "sh",
+        "-c",
+        &format!("{} > /dev/null", read_three_kinds("/h-own")),
+    ]);
+    let host = std::thread::spawn({
+        let (marking, done) = (marking.clone(), done.clone());
+        move || {
+            integration_tests::live::wait_until("the job's requests", 30, || marking.exists());
+            let out = integration_tests::output_of(&mut exec);
+            std::fs::write(&done, "").unwrap();
+            out
+        }
+    });
+    // After the requests, the job reads credentials of its own: once that is raised, what the
+    // host's exec became (before it) has been judged too.
+    let step = format!(
+        "python3 {}\n{} > /dev/null",
+        script.display(),
+        read_three_kinds(&home)
+    );
+    github_job(&env, agent, &run, "acme/own-socket", &step);
+    let out = host.join().unwrap();
+    assert!(out.status.success(), "the host's exec: {out:?}");
+    let harvest = wait_alert(
+        agent,
+        "credential-harvesting",
+        &format!("{run}/build"),
+        |_| true,
+    );
+    assert!(harvest["container"].is_null(), "{harvest}");
+    std::thread::sleep(Duration::from_millis(500));
+    let own: Vec<_> = alerts(agent)
+        .into_iter()
+        .filter(|a| a.to_string().contains("/h-own"))
+        .collect();
+    assert!(own.is_empty(), "the host's exec became the job's: {own:#?}");
+    let events = std::fs::read_to_string(agent.dir.join("events.jsonl")).unwrap_or_default();
+    assert!(
+        !events.contains("/h-own"),
+        "the event trace holds the host's own exec"
+    );
+    assert_no_secret(agent);
+}
+
 /// A job's detached container outlives the job and an agent restart: a program `docker exec`
 /// runs in it afterwards (here from outside any job) is still the job's, because the kernel's
 /// container maps are pinned with the process map.

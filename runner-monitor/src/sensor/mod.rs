@@ -26,6 +26,7 @@ pub mod reader;
 pub mod reconcile;
 pub mod resolver;
 pub mod ringfill;
+pub mod socket_layout;
 pub mod task_hooks;
 
 use std::{
@@ -232,6 +233,18 @@ impl Sensor {
             .and_then(task_hooks::TaskLayout::from_btf);
         if let Ok(layout) = &task_layout {
             layout.set_globals(&mut loader);
+        }
+        let socket_layout = kernel_btf
+            .as_ref()
+            .map_err(Clone::clone)
+            .and_then(socket_layout::SocketLayout::from_btf);
+        match &socket_layout {
+            Ok(layout) => layout.set_globals(&mut loader),
+            Err(reason) => tracing::warn!(
+                %reason,
+                "who serves a unix socket is not known: container requests a job writes on a \
+                 socket it serves itself are read as if a container daemon served it"
+            ),
         }
         let mut ebpf = loader.load(OBJECT).map_err(SensorError::Load)?;
         let links = match (&pin_dir, &options.pin_dir) {
