@@ -357,6 +357,23 @@ mod offsets {
 /// drivers).
 const SUFFIXES: [u32; 2] = [0, 6];
 
+/// What comes before the id in the name of the scope podman's systemd cgroup manager makes for
+/// a container's monitor (`libpod-conmon-<id>.scope`, before `libpod-<id>.scope`): not the
+/// container, though named by its id.
+const MONITOR: &[u8; 7] = b"conmon-";
+
+/// Whether the cgroup name in the record at `at` (the id's first byte) follows `MONITOR`.
+#[inline(always)]
+fn after_monitor(at: *const u8, start: u32) -> bool {
+    if start < MONITOR.len() as u32 {
+        return false;
+    }
+    let mut before = [0u8; MONITOR.len()];
+    // SAFETY: a checked kernel read inside the tracepoint record (`start` bytes precede `at`).
+    let read = unsafe { bpf_probe_read_kernel_buf(at.sub(MONITOR.len()), &mut before) };
+    read.is_ok() && before == *MONITOR
+}
+
 // cgroup:cgroup_mkdir: int root; int level; u64 id; __data_loc char[] path
 #[tracepoint]
 pub fn cgroup_mkdir(ctx: TracePointContext) -> u32 {
@@ -387,6 +404,9 @@ pub fn cgroup_mkdir(ctx: TracePointContext) -> u32 {
         // Not the name of a container (`.../<64 hex>`): try the next suffix.
         if requested.is_none() && !id.iter().all(|c| is_hex(*c)) {
             continue;
+        }
+        if after_monitor(at, start) {
+            return 0;
         }
         let cgroup: u64 = field(&ctx, offsets::ID);
         // Every container's, for a job's `docker exec` into it later.

@@ -134,3 +134,62 @@ fn a_jobs_docker_exec_through_podmans_api_into_a_container_outside_jobs_is_the_j
     assert_eq!(harvest["container"]["exec_only"], true, "{harvest}");
     assert_no_secret(agent);
 }
+
+/// Podman's systemd cgroup manager makes a scope for the container's monitor before the
+/// container's own, both named by the id: `libpod-conmon-<id>.scope`, then `libpod-<id>.scope`.
+/// The monitor's is not the container. This host runs no systemd, so the test makes the two
+/// cgroups itself, in that order, after a job's start request for the id on a socket the test
+/// serves (outside jobs, as a daemon's is).
+#[test]
+fn podmans_monitor_scope_is_not_the_container() {
+    use std::io::{Read, Write};
+    let agent = agent();
+    let env = TestEnv::new("podman-conmon-scope");
+    let run = run_id(5);
+    let id = format!("{:0>64}", format!("c0e{run}"));
+    let socket = env.dir.join("api.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+    let server = std::thread::spawn(move || {
+        let (mut stream, _) = listener.accept().unwrap();
+        let mut request = [0u8; 1024];
+        let n = stream.read(&mut request).unwrap();
+        stream
+            .write_all(b"HTTP/1.1 204 No Content\r\n\r\n")
+            .unwrap();
+        String::from_utf8_lossy(&request[..n]).into_owned()
+    });
+    let step = format!(
+        "curl -sf --unix-socket {} -X POST http://podman/v1.41/containers/{id}/start",
+        socket.display()
+    );
+    github_job(&env, agent, &run, "acme/conmon", &step);
+    assert!(server.join().unwrap().contains(&id));
+    let parent = std::path::Path::new("/sys/fs/cgroup/unified").join(format!("rm-test-{run}"));
+    let monitor = parent.join(format!("libpod-conmon-{id}.scope"));
+    let container = parent.join(format!("libpod-{id}.scope"));
+    for dir in [&parent, &monitor, &container] {
+        std::fs::create_dir(dir).unwrap();
+    }
+    let events = agent.dir.join("events.jsonl");
+    let read = || std::fs::read_to_string(&events).unwrap_or_default();
+    integration_tests::live::wait_until("the container's event", 20, || {
+        read().contains(&format!("libpod-{id}.scope"))
+    });
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let trace = read();
+    for dir in [&container, &monitor, &parent] {
+        std::fs::remove_dir(dir).unwrap();
+    }
+    assert!(
+        !trace.contains(&format!("libpod-conmon-{id}")),
+        "the monitor's scope was taken for the container"
+    );
+    let event = trace
+        .lines()
+        .find(|l| l.contains(&format!("libpod-{id}.scope")))
+        .unwrap();
+    let event: serde_json::Value = serde_json::from_str(event).unwrap();
+    assert_eq!(event["kind"], "container", "{event}");
+    assert!(event["job"]["key"].is_u64(), "{event}");
+    assert_eq!(event["runtime"], "podman", "{event}");
+}
