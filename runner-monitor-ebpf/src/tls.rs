@@ -1,26 +1,25 @@
 //! TLS server names: the ClientHello a job's TCP socket sends first, read in the kernel.
 //!
-//! `connect4`/`connect6` (net.rs) remember a job process's TCP socket by its cookie
-//! (`note_socket`); the `cgroup_skb` egress program then looks every packet's socket up once
-//! (`tls_egress`): a miss (every socket outside jobs, and job sockets past their first data
-//! segment) costs that one look-up. The first segment with a payload is parsed
-//! (`runner_monitor_common::tls::find_server_name`), reported, and the socket forgotten; when
+//! `connect4`/`connect6` (net.rs) give a job process's TCP socket socket-local storage
+//! (`note_socket`); the `cgroup_skb` egress program then asks every packet's socket for it once
+//! (`tls_egress`): a socket without storage (every socket outside jobs) answers from a pointer
+//! in the socket, with no map look-up. The first segment with a payload is parsed
+//! (`runner_monitor_common::tls::find_server_name`), reported, and the socket marked done; when
 //! the job's policy says `sni = true` in block mode and the name is not allowed (`TLS_NAMES`), the
-//! socket is kept, marked refused, and this segment and every later one are dropped.
+//! socket is marked refused, and this segment and every later one are dropped.
 //!
-//! `TLS_SOCKETS` is a plain hash map, not an LRU one: an LRU map would let a job evict its own
-//! refused socket (by connecting thousands of others) and have the retransmitted ClientHello go
-//! out. Entries leave at the first data segment or when the socket is released
-//! (`tls_sock_release`); a job whose TLS is enforced cannot connect while the map is full (fails
-//! closed, EPERM).
+//! The storage lives and dies with its socket (`BPF_MAP_TYPE_SK_STORAGE`): nothing to remove
+//! when a socket is closed, no capacity a job could fill to evict its own refused socket, and no
+//! look-up by cookie for each packet of every socket on the host. A job whose TLS is enforced
+//! cannot connect when the kernel cannot allocate the storage (fails closed, EPERM).
 
 use aya_ebpf::{
     EbpfContext,
-    bindings::BPF_F_NO_PREALLOC,
-    helpers::generated::{bpf_get_socket_cookie, bpf_skb_load_bytes},
-    macros::{cgroup_skb, cgroup_sock, map},
+    btf_maps::SkStorage,
+    helpers::generated::{bpf_sk_fullsock, bpf_sk_storage_get, bpf_skb_load_bytes},
+    macros::{btf_map, cgroup_skb, map},
     maps::{HashMap, PerCpuArray},
-    programs::{SkBuffContext, SockAddrContext, SockContext},
+    programs::{SkBuffContext, SockAddrContext},
 };
 use runner_monitor_common::{
     AF_INET, AF_INET6, EGRESS_BLOCK, EGRESS_SNI, EgressJob, EventKind, MAX_TLS_NAMES, ProcessJob,
@@ -31,7 +30,7 @@ use runner_monitor_common::{
 
 use crate::{budget::within_budget, emit::send_built, maps::count, owner::SocketOwner};
 
-/// A job TCP socket whose first data segment has not been seen yet (or that was refused).
+/// A job TCP socket's storage: watched until its first data segment, then done (or refused).
 #[repr(C)]
 #[derive(Clone, Copy)]
 struct TlsSocket {
@@ -40,18 +39,17 @@ struct TlsSocket {
     policy: u32,
     /// `EGRESS_*` bits of the job when it blocks, else 0.
     egress: u32,
-    /// Non-zero once refused: every segment is dropped.
-    refused: u32,
+    /// `WATCHING`, `DONE` or `REFUSED` (every segment is dropped).
+    state: u32,
     _pad: u32,
 }
 
-/// Job TCP sockets remembered at once: connected, and not past their first data segment (or
-/// refused) yet. Allocated as used.
-const MAX_TLS_SOCKETS: u32 = 32768;
+const WATCHING: u32 = 0;
+const DONE: u32 = 1;
+const REFUSED: u32 = 2;
 
-#[map]
-static TLS_SOCKETS: HashMap<u64, TlsSocket> =
-    HashMap::with_max_entries(MAX_TLS_SOCKETS, BPF_F_NO_PREALLOC);
+#[btf_map]
+static TLS_SOCKETS: SkStorage<TlsSocket> = SkStorage::new();
 
 /// (policy id, exact or wildcard, hash of the name or of the suffix after `*.`) -> 1: the
 /// names a policy with `sni = true` allows (written by the agent, `sensor::egress`).
@@ -88,38 +86,26 @@ pub fn note_socket(
         Some(job) => (job.policy, job.flags),
         None => (0, 0),
     };
-    let socket = TlsSocket {
+    let mut socket = TlsSocket {
         owner: SocketOwner::current(process),
         policy,
         egress,
-        refused: 0,
+        state: WATCHING,
         _pad: 0,
     };
-    // SAFETY: the context is a socket-address context.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    if TLS_SOCKETS.insert(cookie, socket, 0).is_ok() {
+    // SAFETY: the context is a socket-address context; the storage is this socket's.
+    let stored = unsafe { TLS_SOCKETS.get_or_insert_ptr_mut(ctx, Some(&mut socket)) };
+    if !stored.is_null() {
+        // A socket that connects again (after a failed connect) keeps its storage: renewed.
+        // SAFETY: the socket's storage, valid for this program run.
+        unsafe { *stored = socket };
         return 1;
     }
-    // Map full: only the server name is lost, unless the name is enforced.
+    // No storage: only the server name is lost, unless the name is enforced.
     if egress & (EGRESS_BLOCK | EGRESS_SNI) == EGRESS_BLOCK | EGRESS_SNI {
         count(counter::EGRESS_BLOCKED);
         return 0;
     }
-    1
-}
-
-/// A socket is released: a job socket that never sent data (or was refused) is forgotten. Runs
-/// for every inet socket the host closes: only TCP sockets can be in the map, so the others
-/// (UDP: every DNS lookup) cost a context read.
-#[cgroup_sock(sock_release)]
-pub fn tls_sock_release(ctx: SockContext) -> i32 {
-    // SAFETY: context field read.
-    if unsafe { (*ctx.sock).type_ } != SOCK_STREAM {
-        return 1;
-    }
-    // SAFETY: the context is a socket.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let _ = TLS_SOCKETS.remove(cookie);
     1
 }
 
@@ -192,15 +178,36 @@ pub fn tls_egress(ctx: SkBuffContext) -> i32 {
 /// The egress verdict for one packet: 1 passes it, 0 drops it.
 #[inline(always)]
 fn egress_segment(ctx: &SkBuffContext) -> i32 {
-    // SAFETY: the context is a socket buffer.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let Some(entry) = TLS_SOCKETS.get_ptr_mut(cookie) else {
+    // SAFETY: a context field read.
+    let sk = unsafe { (*ctx.skb.skb).__bindgen_anon_2.sk };
+    if sk.is_null() {
         return 1;
-    };
-    // SAFETY: a live map value; copied out before the entry is removed.
+    }
+    // SAFETY: a socket the verifier knows is not null; null back: not a full socket.
+    let sk = unsafe { bpf_sk_fullsock(sk) };
+    if sk.is_null() {
+        return 1;
+    }
+    // SAFETY: `TLS_SOCKETS` is a socket storage map (its address is the map, as aya's own
+    // wrapper passes it); no value, no flags: a look-up that creates nothing.
+    let entry = unsafe {
+        bpf_sk_storage_get(
+            core::ptr::from_ref(&TLS_SOCKETS).cast_mut().cast(),
+            sk.cast(),
+            core::ptr::null_mut(),
+            0,
+        )
+    }
+    .cast::<TlsSocket>();
+    if entry.is_null() {
+        return 1;
+    }
+    // SAFETY: the socket's storage, valid for this program run.
     let socket = unsafe { *entry };
-    if socket.refused != 0 {
-        return 0;
+    match socket.state {
+        WATCHING => {}
+        REFUSED => return 0,
+        _ => return 1,
     }
     let Some(tcp) = tcp_with_payload(ctx) else {
         // The handshake's SYN and ACKs: the first data segment is still to come.
@@ -208,11 +215,13 @@ fn egress_segment(ctx: &SkBuffContext) -> i32 {
     };
     let hello = find_server_name(&Segment(ctx), tcp.payload);
     if hello == ClientHello::NotTls {
-        let _ = TLS_SOCKETS.remove(cookie);
+        // SAFETY: as above.
+        unsafe { (*entry).state = DONE };
         return 1;
     }
     let Some(event) = TLS_SCRATCH.get_ptr_mut(0) else {
-        let _ = TLS_SOCKETS.remove(cookie);
+        // SAFETY: as above.
+        unsafe { (*entry).state = DONE };
         return 1;
     };
     // SAFETY: per-CPU scratch owned by this program run.
@@ -258,11 +267,12 @@ fn egress_segment(ctx: &SkBuffContext) -> i32 {
             || !name_allowed(socket.policy, &event.sni, event.sni_len as usize));
     if refuse {
         event.flags |= TLS_BLOCKED;
-        // SAFETY: the entry is still in the map; only this field changes.
-        unsafe { (*entry).refused = 1 };
+        // SAFETY: as above.
+        unsafe { (*entry).state = REFUSED };
         count(counter::EGRESS_BLOCKED);
     } else {
-        let _ = TLS_SOCKETS.remove(cookie);
+        // SAFETY: as above.
+        unsafe { (*entry).state = DONE };
     }
     if within_budget(socket.owner.job(), EventKind::TlsClientHello as u32) {
         send_built::<TlsEvent>(event);

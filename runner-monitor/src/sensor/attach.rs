@@ -182,7 +182,7 @@ fn preload(ebpf: &mut Ebpf, skip: &[&str], tracefs: &Result<PathBuf, String>, cg
                     .as_ref()
                     .is_ok_and(|dir| tracepoint_exists(dir, category, name))
         }
-        Hook::SockAddr | Hook::SockCreate | Hook::SockRelease | Hook::Skb(_) => cgroup,
+        Hook::SockAddr | Hook::SockCreate | Hook::Skb(_) => cgroup,
     };
     let mut wanted: Vec<&str> = PROBES
         .iter()
@@ -250,7 +250,6 @@ pub fn attach_all(ebpf: &mut Ebpf, links: &mut LinkPins, skip: &[&str]) -> Vec<P
                 Hook::Tracepoint(c, n) | Hook::OptionalTracepoint(c, n) => format!("{c}/{n}"),
                 Hook::SockAddr => format!("cgroup:{cgroup_name}"),
                 Hook::SockCreate => format!("cgroup:{cgroup_name}:sock_create"),
-                Hook::SockRelease => format!("cgroup:{cgroup_name}:sock_release"),
                 Hook::Skb(CgroupSkbAttachType::Ingress) => format!("cgroup:{cgroup_name}:ingress"),
                 Hook::Skb(CgroupSkbAttachType::Egress) => format!("cgroup:{cgroup_name}:egress"),
             };
@@ -353,7 +352,7 @@ fn attach_one(
             }
             Ok(load_attach!(program, name, TracePoint, |p| p.attach(category, tp)))
         }
-        Hook::SockAddr | Hook::SockCreate | Hook::SockRelease | Hook::Skb(_) => {
+        Hook::SockAddr | Hook::SockCreate | Hook::Skb(_) => {
             let Some(cgroup) = cgroup else {
                 return Ok(Attached::No(ProbeState::Failed(
                     "no cgroup v2 hierarchy is mounted".into(),
@@ -377,7 +376,7 @@ fn attach_one(
                     *attach_type,
                     single
                 )),
-                Hook::SockCreate | Hook::SockRelease => {
+                Hook::SockCreate => {
                     load_attach!(program, name, CgroupSock, |p| p.attach(&file, single))
                 }
                 _ => load_attach!(program, name, CgroupSockAddr, |p| p.attach(&file, single)),

@@ -10,8 +10,6 @@ pub(super) enum Hook {
     SockAddr,
     /// `cgroup/sock_create`.
     SockCreate,
-    /// `cgroup/sock_release`.
-    SockRelease,
     Skb(CgroupSkbAttachType),
 }
 
@@ -281,12 +279,6 @@ pub(super) const PROBES: &[Probe] = &[
         sensor: "connect",
         program: "tls_egress",
         hooks: &[Hook::Skb(CgroupSkbAttachType::Egress)],
-        required: false,
-    },
-    Probe {
-        sensor: "connect",
-        program: "tls_sock_release",
-        hooks: &[Hook::SockRelease],
         required: false,
     },
     Probe {
