@@ -147,7 +147,9 @@ fn a_real_systemd_runs_the_agent_in_the_units_sandbox_and_it_raises_alerts() {
     let dir = std::env::temp_dir().join(format!("rm-systemd-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let systemd = boot_systemd(&dir);
-    systemd.wait_agent_ready();
+    let log = systemd.wait_agent_ready();
+    // The heartbeat that on_agent_failure needs works with the unit's capabilities.
+    assert!(!log.contains("no heartbeat"), "{log}");
     let pins = integration_tests::pin_dir_of(&dir);
     assert!(pins.join("PROCESSES").exists() && pins.join("JOBS").exists());
     // The control socket got the runner user's group (CAP_CHOWN and fchownat past seccomp).

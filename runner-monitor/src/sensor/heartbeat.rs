@@ -12,9 +12,10 @@ pub(super) struct Heartbeat {
 }
 
 impl Heartbeat {
-    /// Starts it on the settings map with id `id`, through a handle of its own.
-    pub(super) fn start(id: u32) -> Option<Self> {
-        let mut own = match MapData::from_id(id) {
+    /// Starts it on the settings map, through a handle of its own (`fd`, a copy of the map's
+    /// descriptor).
+    pub(super) fn start(fd: std::os::fd::OwnedFd) -> Option<Self> {
+        let mut own = match MapData::from_fd(fd) {
             Ok(map) => match Array::<MapData, u32>::try_from(aya::maps::Map::Array(map)) {
                 Ok(array) => array,
                 Err(error) => {

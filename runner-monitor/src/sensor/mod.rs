@@ -276,8 +276,13 @@ impl Sensor {
         let env_prefixes = HashMap::try_from(take_map(&mut ebpf, map_name::ENV_PREFIXES)?)
             .map_err(map_error(map_name::ENV_PREFIXES))?;
         let settings = take_map(&mut ebpf, map_name::SETTINGS)?;
-        let settings_id = match &settings {
-            aya::maps::Map::Array(map) => map.info().map(|i| i.id()).ok(),
+        // The heartbeat's own handle: a copy of this descriptor (opening the map by its id
+        // needs CAP_SYS_ADMIN, which the unit does not grant).
+        let settings_fd = match &settings {
+            aya::maps::Map::Array(map) => {
+                use std::os::fd::AsFd;
+                map.fd().as_fd().try_clone_to_owned().ok()
+            }
             _ => None,
         };
         let settings = Array::try_from(settings).map_err(map_error(map_name::SETTINGS))?;
@@ -318,7 +323,7 @@ impl Sensor {
         // The patterns go in before any probe can look for them.
         sensor.set_names(policy)?;
         // Alive before any program that outlives the agent can look.
-        sensor.heartbeat = settings_id.and_then(Heartbeat::start);
+        sensor.heartbeat = settings_fd.and_then(Heartbeat::start);
         let chosen = hook_sets::attach(
             &mut sensor.ebpf,
             options.hooks,
