@@ -238,6 +238,13 @@ impl KernelBtf {
         }
     }
 
+    /// The byte offset of `ty.member`, with the reason as text when there is none.
+    pub fn offset(&self, ty: &str, member: &str) -> Result<u32, String> {
+        self.member(ty, member)
+            .map(|m| m.offset)
+            .map_err(|e| e.to_string())
+    }
+
     /// `Err(())` for a bit field: no byte offset.
     fn find_member(&self, id: u32, member: &str, depth: u32) -> Option<Result<Member, ()>> {
         let (_, r) = self.resolve(id)?;
@@ -274,6 +281,20 @@ impl KernelBtf {
         }
         None
     }
+}
+
+/// Sets a layout's globals in the programs (`name`, value) and its flag `known` to 1: frozen
+/// `.rodata`, which the verifier reads as constants.
+pub(super) fn set_layout<'a>(
+    loader: &mut aya::EbpfLoader<'a>,
+    values: &[(&'static str, &'a u32)],
+    known: &'static str,
+) {
+    static KNOWN: u32 = 1;
+    for (name, value) in values {
+        loader.override_global(name, *value, true);
+    }
+    loader.override_global(known, &KNOWN, true);
 }
 
 /// `task_struct.exit_code`'s offset, for the signal that killed a process.

@@ -72,19 +72,18 @@ impl FileLayout {
 
     /// Sets the programs' layout globals (read by the verifier as constants: frozen `.rodata`).
     pub(super) fn set_globals<'a>(&'a self, loader: &mut EbpfLoader<'a>) {
-        static KNOWN: u32 = 1;
-        let known = &KNOWN;
-        for (name, value) in [
-            ("FILE_F_PATH", &self.file_f_path),
-            ("FILE_F_FLAGS", &self.file_f_flags),
-            ("FILE_F_MODE", &self.file_f_mode),
-            ("PATH_DENTRY", &self.path_dentry),
-            ("DENTRY_D_PARENT", &self.dentry_d_parent),
-            ("DENTRY_D_NAME", &self.dentry_d_name),
-            ("FILE_LAYOUT_KNOWN", known),
-        ] {
-            loader.override_global(name, value, true);
-        }
+        super::btf::set_layout(
+            loader,
+            &[
+                ("FILE_F_PATH", &self.file_f_path),
+                ("FILE_F_FLAGS", &self.file_f_flags),
+                ("FILE_F_MODE", &self.file_f_mode),
+                ("PATH_DENTRY", &self.path_dentry),
+                ("DENTRY_D_PARENT", &self.dentry_d_parent),
+                ("DENTRY_D_NAME", &self.dentry_d_name),
+            ],
+            "FILE_LAYOUT_KNOWN",
+        );
     }
 }
 

@@ -23,11 +23,7 @@ pub struct SocketLayout {
 
 impl SocketLayout {
     pub fn from_btf(btf: &KernelBtf) -> Result<Self, String> {
-        let offset = |ty: &str, m: &str| {
-            btf.member(ty, m)
-                .map(|m| m.offset)
-                .map_err(|e| e.to_string())
-        };
+        let offset = |ty: &str, m: &str| btf.offset(ty, m);
         Ok(Self {
             task_files: offset("task_struct", "files")?,
             files_fdt: offset("files_struct", "fdt")?,
@@ -42,21 +38,20 @@ impl SocketLayout {
 
     /// Sets the connect probe's layout globals (`unix_peer.rs`).
     pub(super) fn set_globals<'a>(&'a self, loader: &mut EbpfLoader<'a>) {
-        static KNOWN: u32 = 1;
-        let known = &KNOWN;
-        for (name, value) in [
-            ("TASK_FILES", &self.task_files),
-            ("FILES_FDT", &self.files_fdt),
-            ("FDTABLE_MAX_FDS", &self.fdtable_max_fds),
-            ("FDTABLE_FD", &self.fdtable_fd),
-            ("FILE_PRIVATE_DATA", &self.file_private_data),
-            ("SOCKET_SK", &self.socket_sk),
-            ("SOCK_PEER_PID", &self.sock_peer_pid),
-            ("PID_NR", &self.pid_nr),
-            ("SOCKET_LAYOUT_KNOWN", known),
-        ] {
-            loader.override_global(name, value, true);
-        }
+        super::btf::set_layout(
+            loader,
+            &[
+                ("TASK_FILES", &self.task_files),
+                ("FILES_FDT", &self.files_fdt),
+                ("FDTABLE_MAX_FDS", &self.fdtable_max_fds),
+                ("FDTABLE_FD", &self.fdtable_fd),
+                ("FILE_PRIVATE_DATA", &self.file_private_data),
+                ("SOCKET_SK", &self.socket_sk),
+                ("SOCK_PEER_PID", &self.sock_peer_pid),
+                ("PID_NR", &self.pid_nr),
+            ],
+            "SOCKET_LAYOUT_KNOWN",
+        );
     }
 }
 

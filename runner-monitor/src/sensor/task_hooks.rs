@@ -58,11 +58,7 @@ pub struct TaskLayout {
 
 impl TaskLayout {
     pub fn from_btf(btf: &KernelBtf) -> Result<Self, String> {
-        let offset = |ty: &str, m: &str| {
-            btf.member(ty, m)
-                .map(|m| m.offset)
-                .map_err(|e| e.to_string())
-        };
+        let offset = |ty: &str, m: &str| btf.offset(ty, m);
         let (nr, arg0) = REGS.ok_or("no pt_regs layout known for this architecture")?;
         Ok(Self {
             task_tgid: offset("task_struct", "tgid")?,
@@ -75,18 +71,17 @@ impl TaskLayout {
 
     /// Sets the programs' layout globals (`task_layout.rs`).
     pub(super) fn set_globals<'a>(&'a self, loader: &mut EbpfLoader<'a>) {
-        static KNOWN: u32 = 1;
-        let known = &KNOWN;
-        for (name, value) in [
-            ("TASK_TGID", &self.task_tgid),
-            ("PT_REGS_SYSCALL_NR", &self.regs_syscall_nr),
-            ("PT_REGS_ARG0", &self.regs_arg0),
-            ("NR_PTRACE", &self.nr_ptrace),
-            ("NR_PROCESS_VM_READV", &self.nr_process_vm_readv),
-            ("TASK_LAYOUT_KNOWN", known),
-        ] {
-            loader.override_global(name, value, true);
-        }
+        super::btf::set_layout(
+            loader,
+            &[
+                ("TASK_TGID", &self.task_tgid),
+                ("PT_REGS_SYSCALL_NR", &self.regs_syscall_nr),
+                ("PT_REGS_ARG0", &self.regs_arg0),
+                ("NR_PTRACE", &self.nr_ptrace),
+                ("NR_PROCESS_VM_READV", &self.nr_process_vm_readv),
+            ],
+            "TASK_LAYOUT_KNOWN",
+        );
     }
 }
 
