@@ -178,7 +178,7 @@ pub fn sys_exit_connect(ctx: TracePointContext) -> u32 {
     event.result = syscall_ret_direct(&ctx);
     if event.family == AF_UNIX
         && event.result == 0
-        && crate::unix_peer::served_outside_jobs(event.fd)
+        && crate::unix_peer::is_runtime_api(event.fd).unwrap_or(true)
     {
         crate::containers::unix_connected(event.header.tgid, event.fd, event.header.job);
     }

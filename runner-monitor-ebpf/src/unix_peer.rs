@@ -1,13 +1,24 @@
-//! Who serves a unix socket a job process just connected: the process that called `listen` on
-//! the other end (the kernel's `sk_peer_pid` of the connected socket, set from the listener at
-//! connect). The container requests a job writes (`containers.rs`) are read only on sockets
-//! served outside jobs: a Docker or podman daemon, or systemd holding an activated socket. A
-//! socket a job process serves itself is not a container runtime the job asks; requests written
-//! there would otherwise let the job mark any container for itself.
+//! Whether a unix socket a job process just connected is a container runtime's API: the
+//! container requests a job writes (`containers.rs`) are read only on those. Otherwise a job
+//! could write `POST /containers/<id>/exec` on any socket (one it serves itself, journald's,
+//! the system bus) and mark any container for itself: the host's next exec there would join the
+//! job.
 //!
-//! Offsets of the running kernel, set by the agent at load from its BTF
+//! A runtime's socket is one whose other end
+//! - was bound at a path whose last component is `docker.sock` or `podman.sock` (the listener's
+//!   own address, so a symlink or a bind mount of it counts, a job's file named so does not
+//!   unless served as below), and
+//! - is served by a live process outside jobs: the process that called `listen` (the socket's
+//!   `sk_peer_pid`), still running (a job's listener that exited after handing the socket to a
+//!   child is not outside jobs, nor is one exiting or a zombie: it has left `PROCESSES`
+//!   already), and not in `PROCESSES` (a job's, or an earlier job's survivor).
+//!   dockerd, podman's service, and systemd holding an activated socket are.
+//!
+//! The kernel's structs are read through the connecting process's descriptor table, at
+//! offsets of the running kernel the agent sets at load from its BTF
 //! (`runner-monitor/src/sensor/socket_layout.rs`), in frozen `.rodata` as in `task_layout.rs`.
-//! All 0: not known, and every connected socket is read as before.
+//! All 0: not known, and every connected socket is read as before. Known, anything that cannot
+//! be read is not a runtime's socket.
 
 use aya_ebpf::helpers::{bpf_get_current_task, bpf_probe_read_kernel};
 
@@ -37,9 +48,44 @@ static SOCK_PEER_PID: u32 = 0;
 /// `struct pid.numbers[0].nr`: the pid in the initial namespace.
 #[unsafe(no_mangle)]
 static PID_NR: u32 = 0;
+/// `struct pid.tasks[PIDTYPE_TGID].first`: the thread group's leader, null once it exited.
+#[unsafe(no_mangle)]
+static PID_TGID_TASK: u32 = 0;
+/// `struct task_struct.pid_links[PIDTYPE_TGID]`: where `PID_TGID_TASK` points into the task.
+#[unsafe(no_mangle)]
+static TASK_TGID_LINK: u32 = 0;
+/// `struct task_struct.flags`.
+#[unsafe(no_mangle)]
+static TASK_FLAGS: u32 = 0;
+/// `struct task_struct.exit_state`.
+#[unsafe(no_mangle)]
+static TASK_EXIT_STATE: u32 = 0;
+/// `struct unix_sock.peer`.
+#[unsafe(no_mangle)]
+static UNIX_SOCK_PEER: u32 = 0;
+/// `struct unix_sock.addr`.
+#[unsafe(no_mangle)]
+static UNIX_SOCK_ADDR: u32 = 0;
+/// `struct unix_address.len`.
+#[unsafe(no_mangle)]
+static UNIX_ADDRESS_LEN: u32 = 0;
+/// `struct unix_address.name[0].sun_path`.
+#[unsafe(no_mangle)]
+static UNIX_ADDRESS_PATH: u32 = 0;
 /// Non-zero when the values above were written.
 #[unsafe(no_mangle)]
 static SOCKET_LAYOUT_KNOWN: u32 = 0;
+
+/// `PF_EXITING` in `task_struct.flags`.
+const PF_EXITING: u32 = 0x4;
+
+/// The last component of a runtime API socket's path, with the `/` before it.
+const RUNTIME_SOCKETS: [&[u8; SUFFIX]; 2] = [b"/docker.sock", b"/podman.sock"];
+const SUFFIX: usize = 12;
+/// `offsetof(struct sockaddr_un, sun_path)` plus the NUL a path address's length counts.
+const ADDRESS_OVERHEAD: i32 = 3;
+/// `sizeof(sun_path)`.
+const SUN_PATH: i32 = 108;
 
 #[inline(always)]
 fn get(field: &'static u32) -> u64 {
@@ -54,12 +100,19 @@ fn read<T>(addr: u64) -> Option<T> {
     unsafe { bpf_probe_read_kernel(addr as *const T) }.ok()
 }
 
-/// The process (thread group id, initial namespace) serving the other end of the current
-/// process's connected unix socket `fd`: `Some(0)` when the socket has no listener's credentials
-/// (a datagram socket), `None` when not known (no layout, or unreadable).
+/// Whether the current process's just-connected unix socket `fd` is a container runtime's API
+/// (above), `None` when the kernel's layout is not known.
 #[inline(always)]
-fn server_tgid(fd: i32) -> Option<u32> {
-    if get(&SOCKET_LAYOUT_KNOWN) == 0 || fd < 0 {
+pub fn is_runtime_api(fd: i32) -> Option<bool> {
+    if get(&SOCKET_LAYOUT_KNOWN) == 0 {
+        return None;
+    }
+    Some(runtime_api(fd).unwrap_or(false))
+}
+
+#[inline(always)]
+fn runtime_api(fd: i32) -> Option<bool> {
+    if fd < 0 {
         return None;
     }
     // SAFETY: a helper without preconditions.
@@ -74,22 +127,33 @@ fn server_tgid(fd: i32) -> Option<u32> {
     let file: u64 = read(fds + 8 * fd as u64)?;
     let socket: u64 = read(file + get(&FILE_PRIVATE_DATA))?;
     let sk: u64 = read(socket + get(&SOCKET_SK))?;
+    // Who listens: alive, and outside jobs.
     let pid: u64 = read(sk + get(&SOCK_PEER_PID))?;
     if pid == 0 {
-        return Some(0);
+        return Some(false);
     }
-    read(pid + get(&PID_NR))
-}
-
-/// Whether requests written on the current process's just-connected unix socket `fd` may be
-/// read as container requests: its server is a process outside jobs (a job's survivor counts as
-/// a job's), or it is not known who serves it (kernels without BTF: as before).
-#[inline(always)]
-pub fn served_outside_jobs(fd: i32) -> bool {
-    match server_tgid(fd) {
-        None => true,
-        Some(0) => false,
-        // SAFETY: a map lookup; the value is not kept.
-        Some(tgid) => unsafe { PROCESSES.get(&tgid) }.is_none(),
+    let link: u64 = read(pid + get(&PID_TGID_TASK))?;
+    if link == 0 {
+        return Some(false);
     }
+    // Exiting or a zombie: gone from `PROCESSES` already, but not outside jobs.
+    let leader = link - get(&TASK_TGID_LINK);
+    let flags: u32 = read(leader + get(&TASK_FLAGS))?;
+    let exit_state: i32 = read(leader + get(&TASK_EXIT_STATE))?;
+    let tgid: u32 = read(pid + get(&PID_NR))?;
+    // SAFETY: a map lookup; the value is not kept.
+    if flags & PF_EXITING != 0 || exit_state != 0 || unsafe { PROCESSES.get(&tgid) }.is_some() {
+        return Some(false);
+    }
+    // Where it listens: the address the other end was bound to.
+    let peer: u64 = read(sk + get(&UNIX_SOCK_PEER))?;
+    let address: u64 = read(peer + get(&UNIX_SOCK_ADDR))?;
+    let len: i32 = read(address + get(&UNIX_ADDRESS_LEN))?;
+    let path_len = len - ADDRESS_OVERHEAD;
+    if !(SUFFIX as i32..=SUN_PATH).contains(&path_len) {
+        return Some(false);
+    }
+    let tail: [u8; SUFFIX] =
+        read(address + get(&UNIX_ADDRESS_PATH) + (path_len as u64 - SUFFIX as u64))?;
+    Some(RUNTIME_SOCKETS.iter().any(|name| tail == **name))
 }

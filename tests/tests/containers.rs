@@ -330,11 +330,13 @@ sys.exit(0 if answer.startswith(b"HTTP/1.1 204") else f"{how}: {answer[:40]!r}")
     assert_no_secret(agent);
 }
 
-/// A job cannot mark a container for itself by writing an exec request on a unix socket it
-/// serves itself: requests are read only on sockets served outside jobs (`unix_peer.rs`). Were
-/// it read, the host's own exec into that container (a health check) would join the job.
+/// A job cannot mark a container for itself by writing an exec request on a unix socket that is
+/// not a container runtime's API (`unix_peer.rs`): one it serves itself (named `docker.sock`),
+/// one whose listener handed it to a child and exited, and one a process outside jobs serves
+/// under another name (journald's, the bus). Were the request read, the host's own exec into
+/// that container (a health check) would join the job.
 #[test]
-fn a_jobs_request_on_a_socket_it_serves_itself_marks_nothing() {
+fn a_jobs_request_on_a_socket_not_a_runtimes_marks_nothing() {
     let agent = agent();
     let env = TestEnv::new("containers-own-socket");
     let docker = Docker::start("ownsock");
@@ -355,36 +357,50 @@ fn a_jobs_request_on_a_socket_it_serves_itself_marks_nothing() {
         "120",
     ]);
     let id = id.trim();
-    // The job serves a socket and writes the exec request for the host's container there, every
-    // 50 ms, until the host's exec is done.
+    // Served outside jobs, not named as a runtime's socket.
+    let outside = env.dir.join("outside/journal.sock");
+    std::fs::create_dir_all(outside.parent().unwrap()).unwrap();
+    let listener = std::os::unix::net::UnixListener::bind(&outside).unwrap();
+    listener.set_nonblocking(true).unwrap();
+    // The job writes the exec request for the host's container every 50 ms on the socket of
+    // `phase`, until the host's exec of that phase is done.
     let script = env.dir.join("own-socket.py");
-    let (marking, done) = (env.dir.join("marking"), env.dir.join("done"));
     std::fs::write(
         &script,
         format!(
             r#"
-import os, socket, time
-path = "{dir}/own.sock"
-server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-server.bind(path)
-server.listen(64)
+import os, socket, sys, time
+phase = sys.argv[1]
+path = "{dir}/" + phase + "/docker.sock"
+server = None
+if phase == "outside":
+    path = "{outside}"
+else:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(path)
+    server.listen(64)
+    # The listener hands the socket to a child and exits.
+    if phase == "handed" and os.fork() > 0:
+        os._exit(0)
 request = b"POST /v1.41/containers/{id}/exec HTTP/1.1\r\nHost: docker\r\nContent-Length: 0\r\n\r\n"
 deadline = time.time() + 30
-while not os.path.exists("{done}") and time.time() < deadline:
+while not os.path.exists("{dir}/done-" + phase) and time.time() < deadline:
     client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     client.connect(path)
     client.sendall(request)
-    server.accept()[0].close()
+    if server:
+        server.accept()[0].close()
     client.close()
-    open("{marking}", "a").close()
+    open("{dir}/marking-" + phase, "a").close()
     time.sleep(0.05)
 "#,
             dir = env.dir.display(),
-            done = done.display(),
-            marking = marking.display(),
+            outside = outside.display(),
         ),
     )
     .unwrap();
+    let phases = ["own", "handed", "outside"];
     let mut exec = docker.cli();
     exec.args([
         "exec",
@@ -394,24 +410,37 @@ while not os.path.exists("{done}") and time.time() < deadline:
         &format!("{} > /dev/null", read_three_kinds("/h-own")),
     ]);
     let host = std::thread::spawn({
-        let (marking, done) = (marking.clone(), done.clone());
+        let dir = env.dir.clone();
         move || {
-            integration_tests::live::wait_until("the job's requests", 30, || marking.exists());
-            let out = integration_tests::output_of(&mut exec);
-            std::fs::write(&done, "").unwrap();
-            out
+            let mut outs = Vec::new();
+            for phase in phases {
+                let marking = dir.join(format!("marking-{phase}"));
+                integration_tests::live::wait_until("the job's requests", 30, || {
+                    // The outside socket's connections are taken and dropped here.
+                    while listener.accept().is_ok() {}
+                    marking.exists()
+                });
+                outs.push(integration_tests::output_of(&mut exec));
+                std::fs::write(dir.join(format!("done-{phase}")), "").unwrap();
+            }
+            outs
         }
     });
     // After the requests, the job reads credentials of its own: once that is raised, what the
-    // host's exec became (before it) has been judged too.
-    let step = format!(
-        "python3 {}\n{} > /dev/null",
-        script.display(),
-        read_three_kinds(&home)
-    );
+    // host's execs became (before it) has been judged too.
+    let mut step = String::new();
+    for phase in phases {
+        step += &format!(
+            "python3 {script} {phase}\nwhile [ ! -e {done} ]; do sleep 0.1; done\n",
+            script = script.display(),
+            done = env.dir.join(format!("done-{phase}")).display(),
+        );
+    }
+    step += &format!("{} > /dev/null", read_three_kinds(&home));
     github_job(&env, agent, &run, "acme/own-socket", &step);
-    let out = host.join().unwrap();
-    assert!(out.status.success(), "the host's exec: {out:?}");
+    for out in host.join().unwrap() {
+        assert!(out.status.success(), "the host's exec: {out:?}");
+    }
     let harvest = wait_alert(
         agent,
         "credential-harvesting",

@@ -147,7 +147,9 @@ fn podmans_monitor_scope_is_not_the_container() {
     let env = TestEnv::new("podman-conmon-scope");
     let run = run_id(5);
     let id = format!("{:0>64}", format!("c0e{run}"));
-    let socket = env.dir.join("api.sock");
+    // A runtime's socket: named as podman's, served outside jobs.
+    let socket = env.dir.join("api/podman.sock");
+    std::fs::create_dir_all(socket.parent().unwrap()).unwrap();
     let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
     let server = std::thread::spawn(move || {
         let (mut stream, _) = listener.accept().unwrap();
@@ -164,7 +166,9 @@ fn podmans_monitor_scope_is_not_the_container() {
     );
     github_job(&env, agent, &run, "acme/conmon", &step);
     assert!(server.join().unwrap().contains(&id));
-    let parent = std::path::Path::new("/sys/fs/cgroup/unified").join(format!("rm-test-{run}"));
+    let parent = runner_monitor::sensor::attach::cgroup2_root()
+        .expect("a cgroup v2 hierarchy")
+        .join(format!("rm-test-{run}"));
     let monitor = parent.join(format!("libpod-conmon-{id}.scope"));
     let container = parent.join(format!("libpod-{id}.scope"));
     for dir in [&parent, &monitor, &container] {

@@ -242,8 +242,8 @@ impl Sensor {
             Ok(layout) => layout.set_globals(&mut loader),
             Err(reason) => tracing::warn!(
                 %reason,
-                "who serves a unix socket is not known: container requests a job writes on a \
-                 socket it serves itself are read as if a container daemon served it"
+                "who serves a unix socket is not known: container requests a job writes on any \
+                 unix socket are read as if a container runtime served it"
             ),
         }
         let mut ebpf = loader.load(OBJECT).map_err(SensorError::Load)?;

@@ -1,6 +1,7 @@
-//! Where the kernel keeps who serves a unix socket: the offsets the connect probe follows from a
-//! job process's socket descriptor to the listener's process (`runner-monitor-ebpf/src/
-//! unix_peer.rs`), so container requests are read only on sockets served outside jobs.
+//! Where the kernel keeps who serves a unix socket and where: the offsets the connect probe
+//! follows from a job process's socket descriptor to the listener's process and bound path
+//! (`runner-monitor-ebpf/src/unix_peer.rs`), so container requests are read only on a container
+//! runtime's API socket.
 
 use aya::EbpfLoader;
 use serde::Serialize;
@@ -19,7 +20,21 @@ pub struct SocketLayout {
     pub sock_peer_pid: u32,
     /// `struct pid.numbers` plus `struct upid.nr`: the pid in the initial namespace.
     pub pid_nr: u32,
+    /// `struct pid.tasks[PIDTYPE_TGID]` (one `hlist_head`, a pointer, per pid type).
+    pub pid_tgid_task: u32,
+    /// `struct task_struct.pid_links[PIDTYPE_TGID]` (one `hlist_node`, two pointers, per type).
+    pub task_tgid_link: u32,
+    pub task_flags: u32,
+    pub task_exit_state: u32,
+    pub unix_sock_peer: u32,
+    pub unix_sock_addr: u32,
+    pub unix_address_len: u32,
+    /// `struct unix_address.name` plus `struct sockaddr_un.sun_path`.
+    pub unix_address_path: u32,
 }
+
+/// `PIDTYPE_TGID` in `enum pid_type`.
+const PIDTYPE_TGID: u32 = 1;
 
 impl SocketLayout {
     pub fn from_btf(btf: &KernelBtf) -> Result<Self, String> {
@@ -33,6 +48,14 @@ impl SocketLayout {
             socket_sk: offset("socket", "sk")?,
             sock_peer_pid: offset("sock", "sk_peer_pid")?,
             pid_nr: offset("pid", "numbers")? + offset("upid", "nr")?,
+            pid_tgid_task: offset("pid", "tasks")? + 8 * PIDTYPE_TGID,
+            task_tgid_link: offset("task_struct", "pid_links")? + 16 * PIDTYPE_TGID,
+            task_flags: offset("task_struct", "flags")?,
+            task_exit_state: offset("task_struct", "exit_state")?,
+            unix_sock_peer: offset("unix_sock", "peer")?,
+            unix_sock_addr: offset("unix_sock", "addr")?,
+            unix_address_len: offset("unix_address", "len")?,
+            unix_address_path: offset("unix_address", "name")? + offset("sockaddr_un", "sun_path")?,
         })
     }
 
@@ -49,6 +72,14 @@ impl SocketLayout {
                 ("SOCKET_SK", &self.socket_sk),
                 ("SOCK_PEER_PID", &self.sock_peer_pid),
                 ("PID_NR", &self.pid_nr),
+                ("PID_TGID_TASK", &self.pid_tgid_task),
+                ("TASK_TGID_LINK", &self.task_tgid_link),
+                ("TASK_FLAGS", &self.task_flags),
+                ("TASK_EXIT_STATE", &self.task_exit_state),
+                ("UNIX_SOCK_PEER", &self.unix_sock_peer),
+                ("UNIX_SOCK_ADDR", &self.unix_sock_addr),
+                ("UNIX_ADDRESS_LEN", &self.unix_address_len),
+                ("UNIX_ADDRESS_PATH", &self.unix_address_path),
             ],
             "SOCKET_LAYOUT_KNOWN",
         );
@@ -73,5 +104,12 @@ mod tests {
             "{layout:?}"
         );
         assert_ne!(layout.fdtable_fd, layout.fdtable_max_fds, "{layout:?}");
+        // `struct unix_address { refcount_t refcnt; int len; struct sockaddr_un name[]; }`,
+        // `sun_path` after the 2-byte family.
+        assert_eq!(
+            (layout.unix_address_len, layout.unix_address_path),
+            (4, 10),
+            "{layout:?}"
+        );
     }
 }
