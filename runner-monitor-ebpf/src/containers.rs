@@ -3,7 +3,9 @@
 //! A container's processes descend from containerd-shim, not from the job, so fork inheritance
 //! cannot reach them. The link is made in three steps, each before the next can happen:
 //!
-//! 1. a job process's successful `connect` to a unix socket remembers (tgid, fd) (`net.rs`);
+//! 1. a job process's successful `connect` to a container runtime's unix socket (bound at
+//!    `.../docker.sock` or `.../podman.sock`, served by a live process outside jobs:
+//!    `unix_peer.rs`) remembers (tgid, fd) (`net.rs`);
 //! 2. a `write`, `sendto`, `writev` or `sendmsg` (its first buffer) on such a socket that starts
 //!    an HTTP request `POST [/vN.NN]/containers/<64 hex id>/start` (what the docker CLI, compose
 //!    and the SDKs send after create) or `.../attach` (the CLI's `run` attaches first; podman's

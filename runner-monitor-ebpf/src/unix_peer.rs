@@ -142,7 +142,7 @@ fn runtime_api(fd: i32) -> Option<bool> {
     let exit_state: i32 = read(leader + get(&TASK_EXIT_STATE))?;
     let tgid: u32 = read(pid + get(&PID_NR))?;
     // SAFETY: a map lookup; the value is not kept.
-    if flags & PF_EXITING != 0 || exit_state != 0 || unsafe { PROCESSES.get(&tgid) }.is_some() {
+    if flags & PF_EXITING != 0 || exit_state != 0 || unsafe { PROCESSES.get(tgid) }.is_some() {
         return Some(false);
     }
     // Where it listens: the address the other end was bound to.
