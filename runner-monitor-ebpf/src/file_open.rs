@@ -19,7 +19,7 @@ use core::ffi::c_void;
 use aya_ebpf::{
     bindings::path,
     helpers::{
-        bpf_get_current_pid_tgid, bpf_probe_read_kernel,
+        bpf_get_current_pid_tgid,
         generated::{bpf_d_path, bpf_probe_read_kernel_str},
     },
     macros::{fentry, lsm, map},
@@ -33,6 +33,7 @@ use runner_monitor_common::{
 use crate::{
     budget::within_budget,
     emit::{fill_header, send_file},
+    layout::{layout, read},
     maps::current_process,
     names::{match_credential, match_proc_memory, split},
 };
@@ -64,12 +65,6 @@ static DENTRY_D_NAME: u32 = 0;
 #[unsafe(no_mangle)]
 static FILE_LAYOUT_KNOWN: u32 = 0;
 
-#[inline(always)]
-fn layout(field: &'static u32) -> u64 {
-    // SAFETY: a read of a global the loader fills in; volatile so it is not constant-folded.
-    u64::from(unsafe { core::ptr::read_volatile(field) })
-}
-
 /// `FMODE_NOACCOUNT` (the same bit in 6.1 and 6.12; `#define`s are not in BTF): a file the kernel
 /// opens for itself. `security_file_open` runs twice for an open on overlayfs: for the overlay's
 /// file, then, nested in it, for the file of the layer beneath, which the kernel allocates
@@ -81,13 +76,6 @@ const FMODE_NOACCOUNT: u32 = 1 << 29;
 /// Per-CPU room to build the event (too large for the BPF stack).
 #[map]
 static OPEN_SCRATCH: PerCpuArray<FileEvent> = PerCpuArray::with_max_entries(1, 0);
-
-/// The `T` at kernel address `at`; `None` when it cannot be read.
-#[inline(always)]
-fn read<T>(at: u64) -> Option<T> {
-    // SAFETY: a checked read of kernel memory (bpf_probe_read_kernel).
-    unsafe { bpf_probe_read_kernel(at as *const T).ok() }
-}
 
 /// Whether `path[start..len]` is `mem`, `environ` or `maps`: perhaps another process's memory,
 /// which only the whole path (`/proc/<pid>/...`) tells.

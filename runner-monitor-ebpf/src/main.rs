@@ -17,6 +17,7 @@ mod env;
 mod file_open;
 mod files;
 mod io_uring;
+mod layout;
 mod maps;
 mod memory;
 mod names;

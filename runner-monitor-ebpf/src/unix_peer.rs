@@ -20,9 +20,12 @@
 //! All 0: not known, and every connected socket is read as before. Known, anything that cannot
 //! be read is not a runtime's socket.
 
-use aya_ebpf::helpers::{bpf_get_current_task, bpf_probe_read_kernel};
+use aya_ebpf::helpers::bpf_get_current_task;
 
-use crate::maps::PROCESSES;
+use crate::{
+    layout::{layout as get, read},
+    maps::PROCESSES,
+};
 
 /// `struct task_struct.files`.
 #[unsafe(no_mangle)]
@@ -86,19 +89,6 @@ const SUFFIX: usize = 12;
 const ADDRESS_OVERHEAD: i32 = 3;
 /// `sizeof(sun_path)`.
 const SUN_PATH: i32 = 108;
-
-#[inline(always)]
-fn get(field: &'static u32) -> u64 {
-    // SAFETY: a read of a global the loader fills in; volatile so it is not constant-folded.
-    u64::from(unsafe { core::ptr::read_volatile(field) })
-}
-
-/// Reads a `T` of kernel memory at `addr`.
-#[inline(always)]
-fn read<T>(addr: u64) -> Option<T> {
-    // SAFETY: a checked read of kernel memory.
-    unsafe { bpf_probe_read_kernel(addr as *const T) }.ok()
-}
 
 /// Whether the current process's just-connected unix socket `fd` is a container runtime's API
 /// (above), `None` when the kernel's layout is not known.
