@@ -20,3 +20,4 @@ pub const EGRESS_ALLOW6: &str = "EGRESS_ALLOW6";
 pub const EGRESS_METADATA: &str = "EGRESS_METADATA";
 pub const DNS_PORTS: &str = "DNS_PORTS";
 pub const TLS_NAMES: &str = "TLS_NAMES";
+pub const TLS_SOCKETS: &str = "TLS_SOCKETS";

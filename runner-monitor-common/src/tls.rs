@@ -58,6 +58,10 @@ pub const TLS_NAME_EXACT: u32 = 1;
 /// `TlsNameKey::kind`: the hash is of the suffix after `*.`: any name with at least one more
 /// label before it matches.
 pub const TLS_NAME_WILDCARD: u32 = 2;
+/// Size of a job TCP socket's storage in `TLS_SOCKETS` (its owner and state,
+/// `runner-monitor-ebpf/src/tls.rs`): the pinned map's shape the agent checks.
+pub const TLS_SOCKET_BYTES: u32 = 64;
+
 /// Capacity of `TLS_NAMES` (names over all policies).
 pub const MAX_TLS_NAMES: u32 = 16384;
 

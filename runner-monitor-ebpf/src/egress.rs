@@ -116,6 +116,12 @@ pub fn blocks(process: &ProcessJob) -> bool {
 /// The plan that judges job process `process`, when it is in block mode.
 #[inline(always)]
 pub fn blocking(process: &ProcessJob) -> Option<EgressJob> {
+    blocking_job(process.job)
+}
+
+/// The plan that judges the processes of `job` now, when it is in block mode.
+#[inline(always)]
+pub fn blocking_job(job: u64) -> Option<EgressJob> {
     match agent_gone() {
         None => {}
         // No plan: the policy id no allowlist entry has, so only loopback gets through.
@@ -128,7 +134,7 @@ pub fn blocking(process: &ProcessJob) -> Option<EgressJob> {
         Some(false) => return None,
     }
     // SAFETY: the value is copied out at once.
-    let job = match unsafe { EGRESS_JOBS.get(process.job) } {
+    let job = match unsafe { EGRESS_JOBS.get(job) } {
         Some(job) => *job,
         None if names::setting(setting::EGRESS_MODE) != 0 => EgressJob {
             policy: EGRESS_GLOBAL_POLICY,

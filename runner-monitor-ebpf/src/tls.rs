@@ -5,13 +5,17 @@
 //! (`tls_egress`): a socket without storage (every socket outside jobs) answers from a pointer
 //! in the socket, with no map look-up. The first segment with a payload is parsed
 //! (`runner_monitor_common::tls::find_server_name`), reported, and the socket marked done; when
-//! the job's policy says `sni = true` in block mode and the name is not allowed (`TLS_NAMES`), the
-//! socket is marked refused, and this segment and every later one are dropped.
+//! the job's plan at that moment says `sni = true` in block mode and the name is not allowed
+//! (`TLS_NAMES`), the socket is marked refused, and this segment and every later one (its
+//! retransmissions too) are dropped.
 //!
 //! The storage lives and dies with its socket (`BPF_MAP_TYPE_SK_STORAGE`): nothing to remove
 //! when a socket is closed, no capacity a job could fill to evict its own refused socket, and no
 //! look-up by cookie for each packet of every socket on the host. A job whose TLS is enforced
-//! cannot connect when the kernel cannot allocate the storage (fails closed, EPERM).
+//! cannot connect when the kernel cannot allocate the storage (fails closed, EPERM). The map is
+//! pinned with the process maps (`sensor/pins.rs`): the next agent's programs see the sockets
+//! this one watched or refused. The plan is not kept in the storage but read at the first data
+//! segment: policy ids are the agent's, and differ after a reload or a restart.
 
 use aya_ebpf::{
     EbpfContext,
@@ -24,7 +28,7 @@ use aya_ebpf::{
 use runner_monitor_common::{
     AF_INET, AF_INET6, EGRESS_BLOCK, EGRESS_SNI, EgressJob, EventKind, MAX_TLS_NAMES, ProcessJob,
     SNI_HASH_SEED, SNI_LEN, TLS_BLOCKED, TLS_NAME_EXACT, TLS_NAME_WILDCARD, TLS_NO_SNI,
-    TLS_SNI_TRUNCATED, TlsEvent, counter,
+    TLS_SNI_TRUNCATED, TLS_SOCKET_BYTES, TlsEvent, counter,
     tls::{ClientHello, TlsBytes, TlsNameKey, find_server_name, sni_hash_step},
 };
 
@@ -35,14 +39,12 @@ use crate::{budget::within_budget, emit::send_built, maps::count, owner::SocketO
 #[derive(Clone, Copy)]
 struct TlsSocket {
     owner: SocketOwner,
-    /// The policy id that judges its server name.
-    policy: u32,
-    /// `EGRESS_*` bits of the job when it blocks, else 0.
-    egress: u32,
     /// `WATCHING`, `DONE` or `REFUSED` (every segment is dropped).
     state: u32,
     _pad: u32,
 }
+
+const _: () = assert!(size_of::<TlsSocket>() == TLS_SOCKET_BYTES as usize);
 
 const WATCHING: u32 = 0;
 const DONE: u32 = 1;
@@ -82,14 +84,8 @@ pub fn note_socket(
     if crate::egress::local(ctx, v6) {
         return 1;
     }
-    let (policy, egress) = match job {
-        Some(job) => (job.policy, job.flags),
-        None => (0, 0),
-    };
     let mut socket = TlsSocket {
         owner: SocketOwner::current(process),
-        policy,
-        egress,
         state: WATCHING,
         _pad: 0,
     };
@@ -102,7 +98,7 @@ pub fn note_socket(
         return 1;
     }
     // No storage: only the server name is lost, unless the name is enforced.
-    if egress & (EGRESS_BLOCK | EGRESS_SNI) == EGRESS_BLOCK | EGRESS_SNI {
+    if job.is_some_and(|job| enforces_names(*job)) {
         count(counter::EGRESS_BLOCKED);
         return 0;
     }
@@ -260,11 +256,14 @@ fn egress_segment(ctx: &SkBuffContext) -> i32 {
         }
         _ => event.flags |= TLS_NO_SNI,
     }
-    let enforced = socket.egress & (EGRESS_BLOCK | EGRESS_SNI) == EGRESS_BLOCK | EGRESS_SNI;
+    // The job's plan now, not at its connect: a reload or the next agent may have changed it
+    // (and its policy id).
+    let plan = crate::egress::blocking_job(socket.owner.job()).filter(|job| enforces_names(*job));
     // A handshake whose name cannot be read, or was cut, cannot be shown to be allowed.
-    let refuse = enforced
-        && (event.flags & (TLS_NO_SNI | TLS_SNI_TRUNCATED) != 0
-            || !name_allowed(socket.policy, &event.sni, event.sni_len as usize));
+    let refuse = plan.is_some_and(|job| {
+        event.flags & (TLS_NO_SNI | TLS_SNI_TRUNCATED) != 0
+            || !name_allowed(job.policy, &event.sni, event.sni_len as usize)
+    });
     if refuse {
         event.flags |= TLS_BLOCKED;
         // SAFETY: as above.
@@ -278,6 +277,12 @@ fn egress_segment(ctx: &SkBuffContext) -> i32 {
         send_built::<TlsEvent>(event);
     }
     if refuse { 0 } else { 1 }
+}
+
+/// Whether `job`'s plan checks TLS server names (`sni = true` in block mode).
+#[inline(always)]
+fn enforces_names(job: EgressJob) -> bool {
+    job.flags & (EGRESS_BLOCK | EGRESS_SNI) == EGRESS_BLOCK | EGRESS_SNI
 }
 
 /// Whether `name` (its first `len` bytes) is allowed under `policy`: its whole hash is an exact

@@ -55,6 +55,54 @@ pub fn send_first(addr: SocketAddr, first: &[u8]) -> String {
     attempt().unwrap_or_else(|e| format!("errno {}", e.raw_os_error().unwrap_or(-1)))
 }
 
+/// A connection that lives across an agent's restart: connects to `addr`, and sends `first`
+/// before (`when` is `before`) or after (`after`) the file `go` appears; prints a line per phase:
+/// `connected` or `sent` (and then `silent` or `answered` after waiting 2 s for the answer), and
+/// once `go` is there (waited for up to 60 s), `answered`, `silent` (nothing within 10 s, the time
+/// for a few TCP retransmissions) or `closed`.
+pub fn held_across(addr: SocketAddr, first: &[u8], go: &std::path::Path, when: &str) {
+    let say = |line: &str| {
+        println!("{line}");
+        let _ = std::io::stdout().flush();
+    };
+    let answer = |stream: &mut TcpStream, within: u64| -> String {
+        let _ = stream.set_read_timeout(Some(Duration::from_secs(within)));
+        let mut byte = [0u8; 1];
+        match stream.read(&mut byte) {
+            Ok(1) => "answered".to_owned(),
+            Ok(_) => "closed".to_owned(),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                "silent".to_owned()
+            }
+            Err(e) => format!("errno {}", e.raw_os_error().unwrap_or(-1)),
+        }
+    };
+    let mut stream = match TcpStream::connect_timeout(&addr, Duration::from_secs(3)) {
+        Ok(stream) => stream,
+        Err(e) => return say(&format!("errno {}", e.raw_os_error().unwrap_or(-1))),
+    };
+    if when == "before" {
+        stream.write_all(first).expect("sending");
+        say("sent");
+        say(&answer(&mut stream, 2));
+    } else {
+        say("connected");
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !go.exists() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    if when != "before" {
+        stream.write_all(first).expect("sending");
+    }
+    say(&answer(&mut stream, 10));
+}
+
 /// Accepts TCP connections on `addr` and answers `!` to the first bytes of each.
 pub fn answer_first_bytes(addr: &str) {
     let listener = TcpListener::bind(addr).expect("bind tcp");

@@ -1,6 +1,6 @@
 //! Probes that outlive the agent (`runner-monitor/src/sensor/links.rs`): real sensors with a pin
-//! directory, one dropped the way a crash leaves it (nothing unpinned), the next taking over. The
-//! kernel matrix runs the first one on Debian's 6.1 and 6.12 too.
+//! directory, one dropped the way a crash leaves it (nothing unpinned) or handed over, the next
+//! taking over. The kernel matrix runs the first one on Debian's 6.1 and 6.12 too.
 
 use std::{
     io::{BufRead, BufReader, Write},
@@ -9,7 +9,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use integration_tests::{TestEnv, job_step, pin_dir_of};
+use integration_tests::{TestEnv, job_step, netpair::NetPair, pin_dir_of};
 use runner_monitor::{
     event::{Event, EventDetail, JobKey},
     policy::{EgressPlan, SensorPolicy},
@@ -215,4 +215,103 @@ fn on_agent_failure_closed_refuses_a_jobs_egress_once_the_agent_is_gone() {
 #[test]
 fn on_agent_failure_open_stops_judging_a_jobs_egress_once_the_agent_is_gone() {
     after_a_crash(false);
+}
+
+/// Block mode with `sni = true` for one job, admitting `server` and TLS named `name`.
+fn tls_plan(server: &str, name: &str) -> EgressPlan {
+    EgressPlan {
+        block: true,
+        nets: vec![(format!("{server}/32").parse().unwrap(), Vec::new())],
+        names: vec![(name.to_owned(), Vec::new())],
+        sni: true,
+        ..EgressPlan::default()
+    }
+}
+
+/// A job's TLS connections live across a hand-over (`SIGUSR2`) to the next agent, whose policy
+/// ids differ: a ClientHello refused before stays refused (its retransmissions are dropped too),
+/// one sent afterwards on a socket connected before is judged by the job's plan as the next agent
+/// wrote it.
+#[test]
+fn tls_refused_before_a_hand_over_stays_refused_and_held_sockets_are_judged_after_it() {
+    const SERVER: &str = "10.218.0.2";
+    let env = TestEnv::new("handover-tls");
+    let mut ns = NetPair::new("ht", 218, &[SERVER], &[]);
+    let server = ns.server.clone();
+    let addr = format!("{SERVER}:7443");
+    ns.serve(&server, &["tls-serve".to_owned(), addr.clone()]);
+    let pins = pin_dir_of(&env.dir);
+    let mut first = load(&pins, &SensorPolicy::default());
+    let mut job = Job::start(&mut first, &env);
+    let plan = tls_plan(SERVER, "allowed.example");
+    first.egress_mut().set_job(job.key, &plan).unwrap();
+
+    let go = env.dir.join("go");
+    let cases = [
+        ("evil.example", "before"),
+        ("evil.example", "after"),
+        ("allowed.example", "after"),
+    ];
+    let out = |i: usize| env.dir.join(format!("held-{i}.out"));
+    for (i, (name, when)) in cases.iter().enumerate() {
+        job.run(&format!(
+            "ip netns exec {} {} tls-held {name} {addr} {} {when} > {} 2>&1 &",
+            ns.client,
+            job_step().display(),
+            go.display(),
+            out(i).display()
+        ));
+    }
+    let lines = |i: usize| -> Vec<String> {
+        std::fs::read_to_string(out(i))
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    };
+    // Each has connected; the one that sent first was refused.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline
+        && !(lines(0).len() >= 2 && lines(1).len() + lines(2).len() >= 2)
+    {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(lines(0), ["sent", "silent"], "before the hand-over");
+    assert_eq!(lines(1), ["connected"]);
+    assert_eq!(lines(2), ["connected"]);
+
+    assert!(first.hand_over() > 0);
+    let mut next = load(&pins, &SensorPolicy::default());
+    // The next agent numbers its plans afresh: another job's plan, which allows the refused
+    // name, takes the id the first agent gave this job's.
+    let other = JobKey(u64::MAX - 1);
+    next.egress_mut()
+        .set_job(other, &tls_plan(SERVER, "evil.example"))
+        .unwrap();
+    next.egress_mut().set_job(job.key, &plan).unwrap();
+    std::fs::write(&go, "").unwrap();
+
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline
+        && !(lines(0).len() >= 3 && lines(1).len() >= 2 && lines(2).len() >= 2)
+    {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(
+        lines(0),
+        ["sent", "silent", "silent"],
+        "a ClientHello refused before the hand-over reached the server after it (retransmitted)"
+    );
+    assert_eq!(
+        lines(1),
+        ["connected", "silent"],
+        "a name outside the job's allowlist, sent after the hand-over on a socket connected before"
+    );
+    assert_eq!(
+        lines(2),
+        ["connected", "answered"],
+        "an allowed name, sent after the hand-over"
+    );
+    next.stop();
+    let _ = std::fs::remove_dir_all(&pins);
 }

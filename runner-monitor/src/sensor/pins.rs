@@ -1,5 +1,6 @@
-//! Kernel state that outlives the agent: the process and job maps, the jobs' containers and the
-//! event ring buffer, pinned on bpffs (the probes' links are pinned by `links.rs`).
+//! Kernel state that outlives the agent: the process and job maps, the jobs' containers, job TCP
+//! sockets' TLS state and the event ring buffer, pinned on bpffs (the probes' links are pinned by
+//! `links.rs`).
 //!
 //! The ring buffer's pin is named after this build's kernel object (`events-<hash>`): a build with
 //! the same object writes the same records, so a restarted agent reads what the probes recorded
@@ -15,7 +16,7 @@ use std::path::{Path, PathBuf};
 use aya::maps::MapInfo;
 use runner_monitor_common::{
     CONTAINER_ID_LEN, JobState, MAX_JOBS, MAX_TRACKED_PROCESSES, ProcessJob, RING_BUFFER_BYTES,
-    container::MAX_CONTAINERS, map_name,
+    container::MAX_CONTAINERS, map_name, tls::TLS_SOCKET_BYTES,
 };
 
 use super::SensorError;
@@ -41,7 +42,7 @@ pub struct Pin {
 
 /// The maps that carry job attribution across restarts, with their expected shape
 /// (key size, value size, capacity).
-fn pinned_maps() -> [(&'static str, u32, u32, u32); 4] {
+fn pinned_maps() -> [(&'static str, u32, u32, u32); 5] {
     [
         (
             map_name::PROCESSES,
@@ -67,6 +68,14 @@ fn pinned_maps() -> [(&'static str, u32, u32, u32); 4] {
             CONTAINER_ID_LEN as u32,
             size_of::<u64>() as u32,
             MAX_CONTAINERS,
+        ),
+        // Job TCP sockets' TLS state (socket-local storage, no capacity): a connection refused
+        // for its server name stays refused under the next agent, retransmissions included.
+        (
+            map_name::TLS_SOCKETS,
+            size_of::<i32>() as u32,
+            TLS_SOCKET_BYTES,
+            0,
         ),
     ]
 }

@@ -29,6 +29,9 @@
 //! job-step tls NAME ADDR          TCP-connect to ADDR, send a rustls ClientHello for NAME (`-`:
 //!                                  a plain HTTP request instead), print `answered`, `silent`
 //!                                  (no answer in 3 s: the server got nothing) or `errno N`
+//! job-step tls-held NAME ADDR GO WHEN  a connection across an agent restart: connect, send
+//!                                  NAME's ClientHello `before` or `after` the file GO appears,
+//!                                  print each phase's answer (`tls::held_across`)
 //! job-step tls-serve ADDR...       answer `!` to the first bytes of each TCP connection on each
 //!                                  ADDR, print `listening`, serve until killed
 //! job-step connect-name HOST:PORT  resolve HOST with the C library (getaddrinfo, so
@@ -211,6 +214,12 @@ fn main() {
             };
             let addr: SocketAddr = arg(2).parse().expect("IP:PORT");
             println!("{}", integration_tests::tls::send_first(addr, &first));
+        }
+        "tls-held" => {
+            let addr: SocketAddr = arg(2).parse().expect("IP:PORT");
+            let first = integration_tests::tls::client_hello(arg(1));
+            let go = std::path::Path::new(arg(3));
+            integration_tests::tls::held_across(addr, &first, go, arg(4));
         }
         "tls-serve" => {
             for addr in &args[1..] {
