@@ -302,7 +302,8 @@ sys.exit(0 if answer.startswith(b"HTTP/1.1 204") else f"{how}: {answer[:40]!r}")
 
 /// A job's detached container outlives the job and an agent restart: a program `docker exec`
 /// runs in it afterwards (here from outside any job) is still the job's, because the kernel's
-/// container maps are pinned with the process map.
+/// container maps are pinned with the process map, and is named, because the engine's container
+/// table is saved with its state.
 #[test]
 fn a_job_container_stays_the_job_across_an_agent_restart() {
     let env = TestEnv::new("containers-restart");
@@ -334,6 +335,8 @@ fn a_job_container_stays_the_job_across_an_agent_restart() {
     let harvest = wait_alert(&agent, "credential-harvesting", &id, |_| true);
     assert_eq!(harvest["job"]["repository"], "acme/restart", "{harvest}");
     assert_eq!(harvest["job"]["ended"], true, "{harvest}");
+    // Named as before the restart: the engine's container table is in its saved state.
+    assert_container(&harvest, Some(&name));
     drop(docker);
     assert!(agent.stop().success());
     integration_tests::live::assert_no_secret_in(&dir);

@@ -1,12 +1,16 @@
 //! The engine's tables as data, so a restarted agent carries on where the last one stopped: jobs
-//! and their processes, credentials and who made them, DNS answers, dedup windows and timers.
+//! and their processes, credentials and who made them, DNS answers, containers, dedup windows and
+//! timers.
 
 use std::{net::IpAddr, sync::Arc};
 
 use serde::{Deserialize, Serialize};
 
 use super::{Engine, EngineStats, Job, LedgerEntry, Process};
-use crate::{event::JobKey, policy::Policy};
+use crate::{
+    event::{ContainerInfo, JobKey},
+    policy::Policy,
+};
 
 /// Every table of an `Engine`, entries oldest first.
 #[derive(Serialize, Deserialize)]
@@ -19,6 +23,9 @@ pub struct EngineSnapshot {
     dns: Vec<((JobKey, IpAddr), Vec<String>)>,
     stages: Vec<(JobKey, JobKey)>,
     dedup: Vec<(String, (u64, u64))>,
+    /// Jobs' containers by cgroup id (absent in snapshots before 2026-12-05).
+    #[serde(default)]
+    containers: Vec<(u64, ContainerInfo)>,
     now_ns: u64,
     next_timer_ns: u64,
     stats: EngineStats,
@@ -35,6 +42,7 @@ struct EngineSnapshotRef<'a> {
     dns: &'a crate::bounded::BoundedMap<(JobKey, IpAddr), Vec<String>>,
     stages: &'a crate::bounded::BoundedMap<JobKey, JobKey>,
     dedup: &'a crate::bounded::BoundedMap<String, (u64, u64)>,
+    containers: &'a crate::bounded::BoundedMap<u64, ContainerInfo>,
     now_ns: u64,
     next_timer_ns: u64,
     stats: &'a EngineStats,
@@ -52,6 +60,7 @@ impl Engine {
             dns: &self.dns,
             stages: &self.stages,
             dedup: &self.dedup,
+            containers: &self.containers,
             now_ns: self.now_ns,
             next_timer_ns: self.next_timer_ns,
             stats: &self.stats,
@@ -71,6 +80,7 @@ impl Engine {
         e.dns.extend(snapshot.dns);
         e.stages.extend(snapshot.stages);
         e.dedup.extend(snapshot.dedup);
+        e.containers.extend(snapshot.containers);
         e.now_ns = snapshot.now_ns;
         e.next_timer_ns = snapshot.next_timer_ns;
         e.stats = snapshot.stats;

@@ -93,6 +93,25 @@ fn a_detached_container_surviving_its_job_is_named_in_the_survivor_finding() {
 }
 
 #[test]
+fn a_restarted_agent_still_names_the_container_of_a_survivor() {
+    let mut t = Trace::new();
+    t.start(1, 7, 100, "acme/app");
+    t.feed(2, 7, 900, 1, "runc", EventDetail::Container(container(79)));
+    t.cgroup = 79;
+    t.exec(2, 7, 300, 0, &["sleep", "600"]);
+    t.cgroup = 1;
+    t.end(5, 7, 100);
+    // The agent restarts: its engine comes back from the saved state.
+    let saved = t.engine.save(serde_json::value::Serializer).unwrap();
+    let snapshot = serde_json::from_value(saved).unwrap();
+    t.engine = Engine::restore(Arc::new(Policy::builtin()), snapshot);
+    t.cgroup = 79;
+    t.open(30, 7, 300, "/h/.aws/credentials", false);
+    let f = t.only(RuleId::CredentialAfterJobEnd);
+    assert_eq!(f.container, Some(container(79)), "{f:#?}");
+}
+
+#[test]
 fn the_runtime_is_read_from_the_cgroup_path() {
     let id = "ab".repeat(32);
     for (path, runtime) in [
