@@ -33,7 +33,10 @@ pub const AGENT_HEARTBEAT: u32 = 24;
 /// `[egress] on_agent_failure`: 1 `closed` (a job's egress is refused while the agent is gone),
 /// 0 `open` (not judged, and DNS not redirected, while the agent is gone).
 pub const AGENT_FAILURE_CLOSED: u32 = 25;
-pub const SLOTS: u32 = 26;
+/// Non-zero when the resolver also listens on `[::1]` at `DNS_RESOLVER_PORT` (UDP): unconnected
+/// IPv6 sends to port 53 are then redirected there.
+pub const DNS_RESOLVER_V6: u32 = 26;
+pub const SLOTS: u32 = 27;
 
 /// How long the heartbeat may be silent before the agent is taken for gone.
 pub const AGENT_STALE_SECONDS: u32 = 5;

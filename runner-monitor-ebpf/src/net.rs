@@ -257,6 +257,9 @@ pub fn dns_sendmsg4(ctx: SockAddrContext) -> i32 {
 #[cgroup_sock_addr(sendmsg6)]
 pub fn dns_sendmsg6(ctx: SockAddrContext) -> i32 {
     note_dns_socket(&ctx);
+    if crate::redirect::redirect6_send(&ctx) {
+        return 1;
+    }
     crate::egress::verdict(&ctx, true, true)
 }
 
@@ -318,8 +321,9 @@ fn dns_packet(ctx: &SkBuffContext, direction: u32) {
     // addressed.
     let mut redirected = None;
     if u16::from_be(server_port) != DNS_PORT {
-        // Redirected IPv6 sockets reach the resolver over IPv4 (v4-mapped).
-        if family != AF_INET || crate::redirect::resolver_port() != Some(u32::from(server_port)) {
+        // Redirected IPv6 sockets reach the resolver over IPv4 (v4-mapped), or at `[::1]` for
+        // unconnected sends.
+        if crate::redirect::resolver_port() != Some(u32::from(server_port)) {
             return;
         }
         // SAFETY: copied out at once.

@@ -1,6 +1,6 @@
 //! Block mode's DNS: a job process in block mode that sends to port 53 (UDP `connect`,
-//! `sendto`/`sendmsg`, TCP `connect` over IPv4; UDP and TCP `connect` over IPv6) is sent, in the
-//! kernel, to the agent's resolver on 127.0.0.1 instead (an IPv6 socket through the v4-mapped
+//! `sendto`/`sendmsg`, TCP `connect` over IPv4 and IPv6) is sent, in the kernel, to the agent's
+//! resolver on 127.0.0.1 instead (an IPv6 socket's connect through the v4-mapped
 //! `::ffff:127.0.0.1`). The socket's source becomes `127.1.0.0` + the job's policy id
 //! (`dns_source`), so the resolver knows whose allowlist judges the query without a lookup that
 //! could race the job: `bpf_bind` for a connect, `msg_src_ip4` for an unconnected send. The
@@ -10,9 +10,12 @@
 //! from the server they asked (glibc, musl), so `dns_recvmsg4` gives the answer the address the
 //! process wrote, kept per socket in `DNS_REDIRECTS` (`dns_recvmsg6` for IPv6 sockets).
 //!
-//! An unconnected IPv6 send (`sendto` on an AF_INET6 socket to an IPv6 server) is not redirected:
-//! the kernel refuses a `sendmsg6` program's rewrite to a v4-mapped address (`ENOTSUPP`), and the
-//! resolver could not tell whose a query from `::1` is. It is judged like any destination.
+//! An unconnected IPv6 send (`sendto` on an AF_INET6 socket to an IPv6 server, as musl's resolver
+//! does) cannot go to a v4-mapped address (the kernel refuses that rewrite in a `sendmsg6`
+//! program: `ENOTSUPP`) and IPv6 has one loopback address, so no source address can name the
+//! job: it goes to the resolver's `[::1]` socket (same port, when the agent could bind it:
+//! `setting::DNS_RESOLVER_V6`), and its local port (bound before the program runs: the kernel
+//! binds an unbound socket before its first send) names the policy in `DNS_PORTS`.
 
 use aya_ebpf::{
     EbpfContext,
@@ -22,7 +25,7 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use runner_monitor_common::{
-    AF_INET, AF_INET6, CONNECT_DNS_REDIRECTED, MAX_DNS_PORTS, dns_source, setting,
+    AF_INET, AF_INET6, CONNECT_DNS_REDIRECTED, MAX_DNS_PORTS, dns_port_key, dns_source, setting,
 };
 
 use crate::{
@@ -51,12 +54,13 @@ const MAX_REDIRECTED: u32 = 8192;
 pub static DNS_REDIRECTS: LruHashMap<u64, Redirected> =
     LruHashMap::with_max_entries(MAX_REDIRECTED, 0);
 
-/// Local port -> policy id, for a socket bound to the wildcard address and a port before its
-/// connect (`bpf_bind` cannot give it a source address): its queries come from 127.0.0.1 and
-/// that port, and the resolver looks the port up here. Written before the connect returns, so
-/// before any query.
+/// Local port (`dns_port_key`) -> policy id, for a socket bound to the wildcard address and a
+/// port before its connect (`bpf_bind` cannot give it a source address), whose queries come from
+/// 127.0.0.1 and that port, and for an IPv6 socket's unconnected sends, which come from `[::1]`
+/// and its port; the resolver looks the port up here. Written before the connect returns or the
+/// datagram is sent, so before any query.
 #[map]
-pub static DNS_PORTS: LruHashMap<u16, u32> = LruHashMap::with_max_entries(MAX_DNS_PORTS, 0);
+pub static DNS_PORTS: LruHashMap<u32, u32> = LruHashMap::with_max_entries(MAX_DNS_PORTS, 0);
 
 const DNS_PORT: u16 = 53;
 
@@ -71,6 +75,12 @@ pub fn resolver_ip4() -> u32 {
 pub fn resolver_port() -> Option<u32> {
     let port = names::setting(setting::DNS_RESOLVER_PORT);
     (port != 0).then(|| u32::from((port as u16).to_be()))
+}
+
+/// `::1` as `user_ip6` holds it.
+#[inline(always)]
+fn loopback6() -> [u32; 4] {
+    [0, 0, 0, u32::from_ne_bytes([0, 0, 0, 1])]
 }
 
 /// `addr` (an IPv4 address as `user_ip4` holds it) as the v4-mapped IPv6 address, as
@@ -138,11 +148,24 @@ fn redirected_policy(ctx: &SockAddrContext, user_port: u32) -> Option<u32> {
 /// bound already): its queries will come from 127.0.0.1 and that port, which says whose they
 /// are. False when it is bound to anything else: the resolver could not tell.
 #[inline(always)]
-fn bound_port_is(policy: u32, wildcard: bool, src_port: u32) -> bool {
+fn bound_port_is(policy: u32, wildcard: bool, src_port: u32, v6_send: bool) -> bool {
     if !wildcard || src_port == 0 || src_port > 0xffff {
         return false;
     }
-    DNS_PORTS.insert(src_port as u16, policy, 0).is_ok()
+    DNS_PORTS
+        .insert(dns_port_key(src_port as u16, v6_send), policy, 0)
+        .is_ok()
+}
+
+/// The socket's local address is the wildcard (IPv6), and its local port.
+#[inline(always)]
+fn bound6(ctx: &SockAddrContext) -> (bool, u32) {
+    // SAFETY: reads of the socket the context carries.
+    unsafe {
+        let sk = (*ctx.sock_addr).__bindgen_anon_1.sk;
+        let src = (*sk).src_ip6;
+        ((src[0] | src[1] | src[2] | src[3]) == 0, (*sk).src_port)
+    }
 }
 
 /// Remembers where a redirected socket's queries were going, and marks a redirected connect.
@@ -190,7 +213,7 @@ pub fn redirect4(ctx: &SockAddrContext, send: bool) -> bool {
                 let sk = (*sa).__bindgen_anon_1.sk;
                 ((*sk).src_ip4, (*sk).src_port)
             };
-            if !bound_port_is(policy, src_ip4 == 0, src_port) {
+            if !bound_port_is(policy, src_ip4 == 0, src_port, false) {
                 return false;
             }
         }
@@ -237,13 +260,8 @@ pub fn redirect6(ctx: &SockAddrContext) -> bool {
         scope_id: 0,
     };
     if !bind(ctx, &mut bind_to) {
-        // SAFETY: reads of the socket the context carries.
-        let (wildcard, src_port) = unsafe {
-            let sk = (*sa).__bindgen_anon_1.sk;
-            let src = (*sk).src_ip6;
-            ((src[0] | src[1] | src[2] | src[3]) == 0, (*sk).src_port)
-        };
-        if !bound_port_is(policy, wildcard, src_port) {
+        let (wildcard, src_port) = bound6(ctx);
+        if !bound_port_is(policy, wildcard, src_port, false) {
             return false;
         }
     }
@@ -259,6 +277,44 @@ pub fn redirect6(ctx: &SockAddrContext) -> bool {
     );
     set_user_ip6(ctx, mapped(resolver_ip4()));
     // SAFETY: a context field write connect6 may make.
+    unsafe { (*sa).user_port = port };
+    true
+}
+
+/// Sends a job's unconnected IPv6 port-53 send to the resolver's `[::1]` socket, its local port
+/// naming its policy; true when it did. A socket bound to an address (not the wildcard) is left
+/// to the verdict: its queries would not come from `[::1]`.
+#[inline(always)]
+pub fn redirect6_send(ctx: &SockAddrContext) -> bool {
+    let Some(port) = resolver_port() else {
+        return false;
+    };
+    if names::setting(setting::DNS_RESOLVER_V6) == 0 {
+        return false;
+    }
+    let sa = ctx.sock_addr;
+    let ip6 = user_ip6(ctx);
+    // SAFETY: a context field read.
+    let user_port = unsafe { (*sa).user_port };
+    let Some(policy) = redirected_policy(ctx, user_port) else {
+        return false;
+    };
+    let (wildcard, src_port) = bound6(ctx);
+    if !bound_port_is(policy, wildcard, src_port, true) {
+        return false;
+    }
+    remember(
+        ctx,
+        Redirected {
+            ip4: 0,
+            port: user_port,
+            ip6,
+            v6: 1,
+        },
+        true,
+    );
+    set_user_ip6(ctx, loopback6());
+    // SAFETY: a context field write sendmsg6 may make.
     unsafe { (*sa).user_port = port };
     true
 }
@@ -289,7 +345,8 @@ pub fn dns_recvmsg4(ctx: SockAddrContext) -> i32 {
     1
 }
 
-/// `dns_recvmsg4` for IPv6 sockets: their answers come from `::ffff:127.0.0.1`.
+/// `dns_recvmsg4` for IPv6 sockets: their answers come from `::ffff:127.0.0.1` (connected) or
+/// `::1` (unconnected sends).
 #[cgroup_sock_addr(recvmsg6)]
 pub fn dns_recvmsg6(ctx: SockAddrContext) -> i32 {
     let Some(port) = resolver_port() else {
@@ -298,7 +355,8 @@ pub fn dns_recvmsg6(ctx: SockAddrContext) -> i32 {
     let sa = ctx.sock_addr;
     // SAFETY: a context field read.
     let user_port = unsafe { (*sa).user_port };
-    if user_ip6(&ctx) != mapped(resolver_ip4()) || user_port != port {
+    let from = user_ip6(&ctx);
+    if (from != mapped(resolver_ip4()) && from != loopback6()) || user_port != port {
         return 1;
     }
     // SAFETY: the context is a socket-address context.

@@ -462,8 +462,13 @@ impl Sensor {
 
     /// Sends the DNS of job processes in block mode to the resolver on 127.0.0.1:`port` in the
     /// network namespace `netns_cookie` (the namespace first: a port without it redirects
-    /// nothing).
-    pub fn set_dns_resolver(&mut self, port: u16, netns_cookie: u64) -> Result<(), SensorError> {
+    /// nothing); IPv6 sockets' unconnected sends to `[::1]:port` when `v6` (it listens there).
+    pub fn set_dns_resolver(
+        &mut self,
+        port: u16,
+        netns_cookie: u64,
+        v6: bool,
+    ) -> Result<(), SensorError> {
         let settings_error = |source| SensorError::Map {
             name: map_name::SETTINGS,
             source,
@@ -473,6 +478,9 @@ impl Sensor {
             .map_err(settings_error)?;
         self.settings
             .set(setting::DNS_NETNS_HI, (netns_cookie >> 32) as u32, 0)
+            .map_err(settings_error)?;
+        self.settings
+            .set(setting::DNS_RESOLVER_V6, u32::from(v6), 0)
             .map_err(settings_error)?;
         self.settings
             .set(setting::DNS_RESOLVER_PORT, u32::from(port), 0)

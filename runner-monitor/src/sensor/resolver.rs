@@ -6,10 +6,14 @@
 //! the answer finds them. A query for any other name is answered REFUSED and not forwarded: a
 //! query is itself a way out (DNS tunnelling puts the data in the name), so block mode does not
 //! let it leave the host.
+//!
+//! It listens on 127.0.0.1 (UDP and TCP) and, when the host has IPv6 loopback, on `[::1]` (UDP,
+//! the same port) for IPv6 sockets' unconnected sends, whose source port names the job's policy
+//! (`DNS_PORTS`).
 
 use std::{
     io,
-    net::{IpAddr, Ipv4Addr, SocketAddr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     sync::{Arc, PoisonError, RwLock},
     time::Duration,
 };
@@ -40,6 +44,9 @@ pub struct Resolver {
     pub port: u16,
     pub netns_cookie: u64,
     pub upstream: Upstream,
+    /// Why it does not listen on `[::1]` too, if it does not (unconnected IPv6 sends to port 53
+    /// are then not redirected).
+    pub no_v6: Option<io::Error>,
 }
 
 /// The nameservers of a resolv.conf text, on port 53.
@@ -76,21 +83,61 @@ fn netns_cookie(socket: &impl std::os::fd::AsRawFd) -> io::Result<u64> {
     Ok(cookie)
 }
 
-/// Starts the resolver on 127.0.0.1 (UDP and TCP on one port) in the current tokio runtime.
+/// Starts the resolver on 127.0.0.1 (UDP and TCP on one port) and `[::1]` (UDP, the same port,
+/// when it can) in the current tokio runtime.
 pub async fn start(lists: SharedAllowlists, upstream: Vec<SocketAddr>) -> io::Result<Resolver> {
     let mut attempt = 0;
-    let (udp, tcp) = loop {
+    let (udp, tcp, udp6) = loop {
         let udp = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).await?;
         let port = udp.local_addr()?.port();
-        match TcpListener::bind((Ipv4Addr::LOCALHOST, port)).await {
-            Ok(tcp) => break (udp, tcp),
+        let tcp = match TcpListener::bind((Ipv4Addr::LOCALHOST, port)).await {
+            Ok(tcp) => tcp,
             Err(error) if attempt >= 10 => return Err(error),
-            Err(_) => attempt += 1,
+            Err(_) => {
+                attempt += 1;
+                continue;
+            }
+        };
+        match UdpSocket::bind((Ipv6Addr::LOCALHOST, port)).await {
+            Err(error) if error.kind() == io::ErrorKind::AddrInUse && attempt < 10 => {
+                attempt += 1;
+            }
+            udp6 => break (udp, tcp, udp6),
         }
     };
     let port = udp.local_addr()?.port();
     let netns_cookie = netns_cookie(&udp)?;
     let upstream: Upstream = Arc::new(RwLock::new(upstream));
+    serve_udp(udp, &lists, &upstream);
+    let no_v6 = match udp6 {
+        Ok(udp6) => {
+            serve_udp(udp6, &lists, &upstream);
+            None
+        }
+        Err(error) => Some(error),
+    };
+    let u = upstream.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, peer)) = tcp.accept().await else {
+                continue;
+            };
+            let (lists, upstream) = (lists.clone(), u.clone());
+            tokio::spawn(async move {
+                let _ = serve_tcp(stream, peer, &lists, &upstream).await;
+            });
+        }
+    });
+    Ok(Resolver {
+        port,
+        netns_cookie,
+        upstream,
+        no_v6,
+    })
+}
+
+/// Answers the queries that reach `udp`.
+fn serve_udp(udp: UdpSocket, lists: &SharedAllowlists, upstream: &Upstream) {
     let udp = Arc::new(udp);
     let (l, u) = (lists.clone(), upstream.clone());
     tokio::spawn(async move {
@@ -108,23 +155,6 @@ pub async fn start(lists: SharedAllowlists, upstream: Vec<SocketAddr>) -> io::Re
             });
         }
     });
-    let u = upstream.clone();
-    tokio::spawn(async move {
-        loop {
-            let Ok((stream, peer)) = tcp.accept().await else {
-                continue;
-            };
-            let (lists, upstream) = (lists.clone(), u.clone());
-            tokio::spawn(async move {
-                let _ = serve_tcp(stream, peer, &lists, &upstream).await;
-            });
-        }
-    });
-    Ok(Resolver {
-        port,
-        netns_cookie,
-        upstream,
-    })
 }
 
 /// DNS over TCP: length-prefixed messages, one answer per query, until the client goes.
@@ -179,8 +209,9 @@ async fn answer(
     let (policy, ports) = {
         let lists = lists.lock().unwrap_or_else(PoisonError::into_inner);
         let policy = match peer.ip() {
-            IpAddr::V4(v4) if v4 == Ipv4Addr::LOCALHOST => lists.policy_of_port(peer.port()),
+            IpAddr::V4(v4) if v4 == Ipv4Addr::LOCALHOST => lists.policy_of_port(peer.port(), false),
             IpAddr::V4(v4) => runner_monitor_common::dns_source_policy(u32::from(v4)),
+            IpAddr::V6(v6) if v6 == Ipv6Addr::LOCALHOST => lists.policy_of_port(peer.port(), true),
             IpAddr::V6(_) => None,
         };
         let ports = policy

@@ -63,14 +63,21 @@ pub(super) async fn start_resolver(policy: &Policy, sensor: &mut Sensor) -> Opti
             return None;
         }
     };
-    if let Err(error) = sensor.set_dns_resolver(started.port, started.netns_cookie) {
+    if let Some(error) = &started.no_v6 {
+        tracing::warn!(%error, "block mode's DNS resolver not on [::1]: unconnected IPv6 sends to \
+            port 53 (musl's resolver with an IPv6 nameserver) are judged by address, not \
+            redirected");
+    }
+    let v6 = started.no_v6.is_none();
+    if let Err(error) = sensor.set_dns_resolver(started.port, started.netns_cookie, v6) {
         tracing::error!(%error, "block mode's DNS redirect not set: job DNS is not redirected");
         return None;
     }
     tracing::info!(
         port = started.port,
         ?upstream,
-        "block mode's DNS resolver on 127.0.0.1"
+        v6,
+        "block mode's DNS resolver on 127.0.0.1 (and [::1] when v6)"
     );
     Some(started.upstream)
 }
