@@ -12,9 +12,7 @@
 //! (`iou-sqp-<pid>`), which is a thread of the process that created the ring. Either way the
 //! process map gives the job.
 
-use aya_ebpf::{
-    helpers::bpf_probe_read_kernel, macros::btf_tracepoint, programs::BtfTracePointContext,
-};
+use aya_ebpf::{macros::btf_tracepoint, programs::BtfTracePointContext};
 use runner_monitor_common::{
     AT_FDCWD, EventKind, IoUringSetupEvent, LINK_SYMBOLIC,
     io_uring::{
@@ -31,8 +29,7 @@ use crate::{
 /// The `T` at kernel address `base + offset`; `None` when it cannot be read.
 #[inline(always)]
 fn kernel_field<T>(base: u64, offset: u32) -> Option<T> {
-    // SAFETY: a checked read of kernel memory (bpf_probe_read_kernel).
-    unsafe { bpf_probe_read_kernel((base + offset as u64) as *const T).ok() }
+    crate::layout::read(base + u64::from(offset))
 }
 
 // TP_PROTO(int fd, void *ctx, u32 sq_entries, u32 cq_entries, u32 flags)

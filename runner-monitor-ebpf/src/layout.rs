@@ -1,5 +1,6 @@
 //! Reading kernel structs at offsets of the running kernel: the offsets are globals the agent
-//! writes at load from the kernel's BTF (frozen `.rodata`: `file_open.rs`, `unix_peer.rs`).
+//! writes at load from the kernel's BTF (frozen `.rodata`: `file_open.rs`, `unix_peer.rs`,
+//! `task_layout.rs`), or settings (`io_uring.rs`).
 
 use aya_ebpf::helpers::bpf_probe_read_kernel;
 

@@ -4,10 +4,9 @@
 //! `runner-monitor/src/sensor/task_hooks.rs`). Globals in frozen `.rodata`, as in `file_open.rs`.
 //! All 0: not known, the hooks send nothing (and the agent does not attach them).
 
-use aya_ebpf::helpers::{
-    bpf_probe_read_kernel,
-    generated::{bpf_get_current_task_btf, bpf_task_pt_regs},
-};
+use aya_ebpf::helpers::generated::{bpf_get_current_task_btf, bpf_task_pt_regs};
+
+use crate::layout::{layout, read};
 
 /// `struct task_struct.tgid`.
 #[unsafe(no_mangle)]
@@ -29,32 +28,25 @@ static NR_PROCESS_VM_READV: u32 = 0;
 static TASK_LAYOUT_KNOWN: u32 = 0;
 
 #[inline(always)]
-fn get(field: &'static u32) -> u32 {
-    // SAFETY: a read of a global the loader fills in; volatile so it is not constant-folded.
-    unsafe { core::ptr::read_volatile(field) }
-}
-
-#[inline(always)]
 pub fn known() -> bool {
-    get(&TASK_LAYOUT_KNOWN) != 0
+    layout(&TASK_LAYOUT_KNOWN) != 0
 }
 
 #[inline(always)]
 pub fn nr_ptrace() -> u32 {
-    get(&NR_PTRACE)
+    layout(&NR_PTRACE) as u32
 }
 
 #[inline(always)]
 pub fn nr_process_vm_readv() -> u32 {
-    get(&NR_PROCESS_VM_READV)
+    layout(&NR_PROCESS_VM_READV) as u32
 }
 
 /// The thread group (process) id of `task` (a `struct task_struct *`), as the kernel sees it (the
 /// initial pid namespace's).
 #[inline(always)]
 pub fn task_tgid(task: u64) -> Option<u32> {
-    // SAFETY: a checked read of kernel memory.
-    unsafe { bpf_probe_read_kernel((task + u64::from(get(&TASK_TGID))) as *const u32).ok() }
+    read(task + layout(&TASK_TGID))
 }
 
 /// The user registers the current task entered the kernel with (`bpf_task_pt_regs`, 5.15+).
@@ -68,17 +60,11 @@ fn current_regs() -> u64 {
 /// that is not in a syscall (an io_uring worker) it is whatever its registers hold.
 #[inline(always)]
 pub fn current_syscall_nr() -> u32 {
-    // SAFETY: a checked read of kernel memory.
-    unsafe {
-        bpf_probe_read_kernel((current_regs() + u64::from(get(&PT_REGS_SYSCALL_NR))) as *const u32)
-    }
-    .unwrap_or(u32::MAX)
+    read(current_regs() + layout(&PT_REGS_SYSCALL_NR)).unwrap_or(u32::MAX)
 }
 
 /// The current syscall's first argument (0 when unreadable).
 #[inline(always)]
 pub fn current_syscall_arg0() -> u64 {
-    // SAFETY: a checked read of kernel memory.
-    unsafe { bpf_probe_read_kernel((current_regs() + u64::from(get(&PT_REGS_ARG0))) as *const u64) }
-        .unwrap_or(0)
+    read(current_regs() + layout(&PT_REGS_ARG0)).unwrap_or(0)
 }

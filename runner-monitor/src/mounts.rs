@@ -9,7 +9,7 @@
 
 use std::{
     os::unix::fs::MetadataExt as _,
-    path::Path,
+    path::{Path, PathBuf},
     time::{Duration, Instant},
 };
 
@@ -169,8 +169,8 @@ pub fn cgroup_of(pid: u32) -> Result<ProcessCgroup, &'static str> {
         .lines()
         .find_map(|l| l.strip_prefix("0::"))
         .ok_or("no cgroup v2 path")?;
-    let mount = cgroup2_mount().ok_or("no cgroup2 mount")?;
-    let dir = std::path::Path::new(&mount).join(path.trim_start_matches('/'));
+    let mount = cgroup2_root().ok_or("no cgroup2 mount")?;
+    let dir = mount.join(path.trim_start_matches('/'));
     let id = std::fs::metadata(&dir)
         .map_err(|_| "its cgroup is gone")?
         .ino();
@@ -208,10 +208,10 @@ pub fn container_id(name: &str) -> Option<[u8; runner_monitor_common::CONTAINER_
 /// Every container cgroup of the host: its id and its cgroup id (the directory's inode).
 pub fn container_cgroups() -> Vec<([u8; runner_monitor_common::CONTAINER_ID_LEN], u64)> {
     let mut found = Vec::new();
-    let Some(root) = cgroup2_mount() else {
+    let Some(root) = cgroup2_root() else {
         return found;
     };
-    walk(Path::new(&root), |id, ino, _| {
+    walk(&root, |id, ino, _| {
         found.push((id, ino));
         false
     });
@@ -220,7 +220,7 @@ pub fn container_cgroups() -> Vec<([u8; runner_monitor_common::CONTAINER_ID_LEN]
 
 /// The path in the v2 hierarchy (`/docker/<id>`) of the cgroup `cgroup_id`, a container's.
 pub fn container_cgroup_path(cgroup_id: u64) -> Option<String> {
-    let root = std::path::PathBuf::from(cgroup2_mount()?);
+    let root = cgroup2_root()?;
     let mut path = None;
     walk(&root, |_, ino, dir| {
         if ino != cgroup_id {
@@ -267,19 +267,26 @@ fn walk(
 }
 
 /// The unified (v2) hierarchy's mount point in this mount namespace.
-fn cgroup2_mount() -> Option<String> {
+/// Mount point of the cgroup v2 hierarchy (`/sys/fs/cgroup` on unified systems,
+/// `/sys/fs/cgroup/unified` on hybrid ones): a mount of its root, else the first cgroup2 mount.
+pub fn cgroup2_root() -> Option<PathBuf> {
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-    mounts.lines().find_map(|line| {
-        let (left, right) = line.split_once(" - ")?;
-        if !right.starts_with("cgroup2 ") {
-            return None;
-        }
-        let mut fields = left.split(' ');
-        // Field 4 is the mount's root in the hierarchy, field 5 its mount point.
-        let root = fields.nth(3)?;
-        let point = fields.next()?;
-        (root == "/").then(|| point.to_owned())
-    })
+    // "<id> <parent> <dev> <root> <mount point> <options> ... - <fstype> <source> <super options>"
+    let cgroup2: Vec<(&str, &str)> = mounts
+        .lines()
+        .filter_map(|line| {
+            let (left, right) = line.split_once(" - ")?;
+            if right.split_whitespace().next()? != "cgroup2" {
+                return None;
+            }
+            let mut fields = left.split_whitespace();
+            Some((fields.nth(3)?, fields.next()?))
+        })
+        .collect();
+    let whole = cgroup2.iter().find(|(root, _)| *root == "/");
+    whole
+        .or(cgroup2.first())
+        .map(|(_, point)| PathBuf::from(point))
 }
 
 /// `/proc/<n>/root/<rest>`: `n` and `/<rest>`.

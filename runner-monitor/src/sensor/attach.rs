@@ -76,19 +76,7 @@ pub fn ensure_tracefs() -> Result<PathBuf, String> {
     Ok("/sys/kernel/tracing".into())
 }
 
-/// Mount point of the cgroup v2 hierarchy (`/sys/fs/cgroup` on unified systems,
-/// `/sys/fs/cgroup/unified` on hybrid ones).
-pub fn cgroup2_root() -> Option<PathBuf> {
-    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-    mountinfo.lines().find_map(|line| {
-        // "... <mount point> <options> - <fstype> <source> <super options>"
-        let (left, right) = line.split_once(" - ")?;
-        if right.split_whitespace().next()? != "cgroup2" {
-            return None;
-        }
-        left.split_whitespace().nth(4).map(PathBuf::from)
-    })
-}
+pub use crate::mounts::cgroup2_root;
 
 /// Offset of `group_dead` in the `sched:sched_process_exit` record, from its tracefs `format`
 /// (`field:bool group_dead;\toffset:32;\tsize:1;\tsigned:0;`); `None` when the kernel's record
