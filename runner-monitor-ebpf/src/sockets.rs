@@ -2,12 +2,14 @@
 //! sockets send without `connect`/`sendmsg` passing the cgroup `sock_addr` programs of
 //! `egress.rs`, so a job process could reach any host through them. A job process creating one
 //! is reported; in block mode the IP ones are refused (`EPERM`) by `cgroup/sock_create`, which
-//! the kernel runs for `AF_INET`/`AF_INET6` sockets only. Packet sockets are seen at the
-//! `socket()` syscall, where a tracepoint can report but not refuse.
+//! the kernel runs for `AF_INET`/`AF_INET6` sockets only. Packet sockets are seen by the BPF LSM
+//! hook `socket_create` where the kernel allows it, which refuses them in block mode too; else by
+//! fentry on `security_socket_create` or the `socket()` syscall's tracepoint, which report but
+//! cannot refuse (`sensor/hook_sets.rs` picks one).
 
 use aya_ebpf::{
-    macros::{cgroup_sock, tracepoint},
-    programs::{SockContext, TracePointContext},
+    macros::{cgroup_sock, fentry, lsm, tracepoint},
+    programs::{FEntryContext, LsmContext, SockContext, TracePointContext},
 };
 use runner_monitor_common::{
     AF_INET, AF_INET6, AF_PACKET, CONNECT_BLOCKED, CONNECT_RAW_SOCKET, ConnectEvent, EventKind,
@@ -49,7 +51,62 @@ pub fn raw_socket_create(ctx: SockContext) -> i32 {
     if refuse { 0 } else { 1 }
 }
 
-// long sys_socket(int family, int type, int protocol)
+/// A packet socket being created (`kern`: by the kernel itself, not a process's `socket()`):
+/// reported for a job process. True when it is refused: in block mode when `can_refuse` (the LSM
+/// hook).
+#[inline(always)]
+fn packet_socket(family: i32, kind: i32, protocol: i32, kern: i32, can_refuse: bool) -> bool {
+    if kern != 0 || family as u16 != AF_PACKET {
+        return false;
+    }
+    let Some(process) = current_process() else {
+        return false;
+    };
+    let refuse = can_refuse && crate::egress::blocks(&process);
+    if refuse {
+        count(counter::EGRESS_BLOCKED);
+    }
+    report(
+        &process,
+        AF_PACKET,
+        (kind & 0xf) as u16,
+        protocol as u16,
+        refuse,
+    );
+    refuse
+}
+
+/// `-EPERM`.
+const REFUSED: i32 = -1;
+
+// int security_socket_create(int family, int type, int protocol, int kern), as the LSM hook
+// `socket_create`; its last argument is the verdict of the LSM programs before it, kept.
+// VERIFIER: an LSM program must return a constant the kernel can bound to [-4095, 0], so the
+// earlier verdict is clamped and the refusal is a literal, not a negated flag.
+#[lsm(hook = "socket_create")]
+pub fn lsm_socket_create(ctx: LsmContext) -> i32 {
+    let earlier: i32 = ctx.arg(4);
+    if earlier != 0 {
+        return if (-4095..0).contains(&earlier) {
+            earlier
+        } else {
+            REFUSED
+        };
+    }
+    if packet_socket(ctx.arg(0), ctx.arg(1), ctx.arg(2), ctx.arg(3), true) {
+        return REFUSED;
+    }
+    0
+}
+
+// int security_socket_create(...): for kernels with fentry but no BPF LSM. Reports only.
+#[fentry(function = "security_socket_create")]
+pub fn fentry_socket_create(ctx: FEntryContext) -> i32 {
+    packet_socket(ctx.arg(0), ctx.arg(1), ctx.arg(2), ctx.arg(3), false);
+    0
+}
+
+// long sys_socket(int family, int type, int protocol): where neither hook loads. Reports only.
 #[tracepoint]
 pub fn sys_enter_socket(ctx: TracePointContext) -> u32 {
     let family: i64 = syscall_arg(&ctx, 0);

@@ -4,7 +4,9 @@
 //! same events; `runner-monitor check` prints the set of each family with its reason.
 //!
 //! The families: file opens (`file_hooks.rs`), process memory access and signals
-//! (`task_hooks.rs`). The LSM and fentry programs only watch: they always return 0.
+//! (`task_hooks.rs`), packet sockets (`PACKET_SOCKETS`). The LSM and fentry programs watch and
+//! return 0, but for one: the LSM `socket_create` refuses a packet socket to a job in block mode
+//! (the tracepoint and fentry sets can only report it).
 
 use aya::{
     Btf, Ebpf,
@@ -54,6 +56,7 @@ pub enum HookFamily {
     FileOpens,
     ProcessMemory,
     Signals,
+    PacketSockets,
 }
 
 impl HookFamily {
@@ -63,6 +66,7 @@ impl HookFamily {
             Self::FileOpens => "file opens",
             Self::ProcessMemory => "process memory",
             Self::Signals => "signals",
+            Self::PacketSockets => "packet sockets",
         }
     }
 
@@ -72,6 +76,7 @@ impl HookFamily {
             Self::FileOpens => "file_opens",
             Self::ProcessMemory => "process_memory",
             Self::Signals => "signals",
+            Self::PacketSockets => "packet_sockets",
         }
     }
 }
@@ -102,6 +107,17 @@ pub(super) struct Family {
     /// Their syscalls, as `check` names the tracepoint set: "ptrace, process_vm_readv".
     pub syscalls: &'static str,
 }
+
+/// Packet sockets (`AF_PACKET`, which no address hook sees): LSM `socket_create`, which can
+/// refuse them in block mode (`runner-monitor-ebpf/src/sockets.rs`).
+pub(super) const PACKET_SOCKETS: Family = Family {
+    family: HookFamily::PacketSockets,
+    sensor: "connect",
+    lsm: ("lsm_socket_create", "socket_create"),
+    fentry: ("fentry_socket_create", "security_socket_create"),
+    tracepoints: &["sys_enter_socket"],
+    syscalls: "socket",
+};
 
 /// The set chosen for a family and why, for `check` and the log.
 #[derive(Clone, Debug, Serialize)]

@@ -340,6 +340,7 @@ impl Sensor {
                     &task_hooks::SIGNALS,
                     task_layout.as_ref().map(|_| ()).map_err(Clone::clone),
                 ),
+                (&hook_sets::PACKET_SOCKETS, Ok(())),
             ],
             &mut sensor.links,
         );
