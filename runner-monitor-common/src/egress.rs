@@ -55,14 +55,17 @@ pub fn dns_source_policy(addr: u32) -> Option<u32> {
     (policy < EGRESS_MAX_POLICY).then_some(policy)
 }
 
-/// Capacity of `DNS_PORTS` (LRU): local port of a redirected socket whose queries come from
-/// loopback without a source address naming its policy -> policy id.
+/// Capacity of `DNS_PORTS` (LRU): local address and port of a redirected socket whose queries
+/// come without a source address naming its policy -> policy id.
 pub const MAX_DNS_PORTS: u32 = 4096;
 
-/// The `DNS_PORTS` key of a redirected socket's local `port`: `v6` for an IPv6 socket whose
-/// unconnected sends reach the resolver on `[::1]` (its own port space beside 127.0.0.1's).
-pub fn dns_port_key(port: u16, v6: bool) -> u32 {
-    u32::from(port) | if v6 { 1 << 16 } else { 0 }
+/// The `DNS_PORTS` key of a redirected socket: the address its queries come from (host byte
+/// order; 0 for 127.0.0.1, where a socket bound to the wildcard address sends from, and for an
+/// IPv6 socket's sends, which come from `[::1]`) and its `port`; `v6` for those IPv6 sends
+/// (their own port space beside IPv4's).
+pub fn dns_port_key(addr: u32, port: u16, v6: bool) -> u64 {
+    let addr = if addr == 0x7f00_0001 { 0 } else { addr };
+    (u64::from(addr) << 32) | u64::from(port) | if v6 { 1 << 16 } else { 0 }
 }
 
 /// Value of an allowlist entry.

@@ -25,7 +25,8 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use runner_monitor_common::{
-    AF_INET, AF_INET6, CONNECT_DNS_REDIRECTED, MAX_DNS_PORTS, dns_port_key, dns_source, setting,
+    AF_INET, AF_INET6, CONNECT_DNS_REDIRECTED, MAX_DNS_PORTS, dns_port_key, dns_source,
+    dns_source_policy, setting,
 };
 
 use crate::{
@@ -54,13 +55,14 @@ const MAX_REDIRECTED: u32 = 8192;
 pub static DNS_REDIRECTS: LruHashMap<u64, Redirected> =
     LruHashMap::with_max_entries(MAX_REDIRECTED, 0);
 
-/// Local port (`dns_port_key`) -> policy id, for a socket bound to the wildcard address and a
-/// port before its connect (`bpf_bind` cannot give it a source address), whose queries come from
-/// 127.0.0.1 and that port, and for an IPv6 socket's unconnected sends, which come from `[::1]`
-/// and its port; the resolver looks the port up here. Written before the connect returns or the
+/// Local address and port (`dns_port_key`) -> policy id, for a socket bound before its connect
+/// (`bpf_bind` cannot give it a source address naming its policy), whose queries come from
+/// 127.0.0.1 (bound to the wildcard) or the address it is bound to, and that port, and for an
+/// IPv6 socket's unconnected sends, which come from `[::1]` and its port; the resolver looks the
+/// address and port up here. Written before the connect returns or the
 /// datagram is sent, so before any query.
 #[map]
-pub static DNS_PORTS: LruHashMap<u32, u32> = LruHashMap::with_max_entries(MAX_DNS_PORTS, 0);
+pub static DNS_PORTS: LruHashMap<u64, u32> = LruHashMap::with_max_entries(MAX_DNS_PORTS, 0);
 
 const DNS_PORT: u16 = 53;
 
@@ -144,16 +146,17 @@ fn redirected_policy(ctx: &SockAddrContext, user_port: u32) -> Option<u32> {
     Some(job.policy)
 }
 
-/// A socket bound to the wildcard address and a port before its connect (`bpf_bind` refused:
-/// bound already): its queries will come from 127.0.0.1 and that port, which says whose they
-/// are. False when it is bound to anything else: the resolver could not tell.
+/// A socket bound to an address (host byte order, 0 for the wildcard) and a port before its
+/// connect or send (`bpf_bind` refused: bound already): its queries will come from that address
+/// (127.0.0.1 for the wildcard) and port, which say whose they are. False for an address that
+/// names a policy itself (`dns_source`: the resolver would read that policy) or no port.
 #[inline(always)]
-fn bound_port_is(policy: u32, wildcard: bool, src_port: u32, v6_send: bool) -> bool {
-    if !wildcard || src_port == 0 || src_port > 0xffff {
+fn bound_port_is(policy: u32, addr: u32, src_port: u32, v6_send: bool) -> bool {
+    if src_port == 0 || src_port > 0xffff || dns_source_policy(addr).is_some() {
         return false;
     }
     DNS_PORTS
-        .insert(dns_port_key(src_port as u16, v6_send), policy, 0)
+        .insert(dns_port_key(addr, src_port as u16, v6_send), policy, 0)
         .is_ok()
 }
 
@@ -213,7 +216,7 @@ pub fn redirect4(ctx: &SockAddrContext, send: bool) -> bool {
                 let sk = (*sa).__bindgen_anon_1.sk;
                 ((*sk).src_ip4, (*sk).src_port)
             };
-            if !bound_port_is(policy, src_ip4 == 0, src_port, false) {
+            if !bound_port_is(policy, u32::from_be(src_ip4), src_port, false) {
                 return false;
             }
         }
@@ -260,8 +263,9 @@ pub fn redirect6(ctx: &SockAddrContext) -> bool {
         scope_id: 0,
     };
     if !bind(ctx, &mut bind_to) {
+        // Bound to an IPv6 address: it cannot reach `::ffff:127.0.0.1`.
         let (wildcard, src_port) = bound6(ctx);
-        if !bound_port_is(policy, wildcard, src_port, false) {
+        if !wildcard || !bound_port_is(policy, 0, src_port, false) {
             return false;
         }
     }
@@ -300,7 +304,7 @@ pub fn redirect6_send(ctx: &SockAddrContext) -> bool {
         return false;
     };
     let (wildcard, src_port) = bound6(ctx);
-    if !bound_port_is(policy, wildcard, src_port, true) {
+    if !wildcard || !bound_port_is(policy, 0, src_port, true) {
         return false;
     }
     remember(

@@ -118,14 +118,21 @@ pub fn ask(how: &str, server: SocketAddr, qname: &str) -> std::io::Result<(Strin
     let bytes = query.to_vec().map_err(std::io::Error::other)?;
     let timeout = Some(Duration::from_secs(5));
     let answer = match how {
-        "udp" | "udp-send" => {
-            let socket = UdpSocket::bind(if server.is_ipv6() {
+        // `udp-from=IP`: connected, from a socket bound to IP first.
+        how if how == "udp" || how == "udp-send" || how.starts_with("udp-from=") => {
+            let any = if server.is_ipv6() {
                 "[::]:0"
             } else {
                 "0.0.0.0:0"
-            })?;
+            };
+            let socket = match how.strip_prefix("udp-from=") {
+                Some(ip) => {
+                    UdpSocket::bind((ip.parse::<IpAddr>().map_err(std::io::Error::other)?, 0))?
+                }
+                None => UdpSocket::bind(any)?,
+            };
             socket.set_read_timeout(timeout)?;
-            if how == "udp" {
+            if how != "udp-send" {
                 socket.connect(server)?;
                 socket.send(&bytes)?;
             } else {

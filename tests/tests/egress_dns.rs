@@ -176,6 +176,10 @@ fn block_mode_admits_what_a_job_resolved_for_an_allowed_name_and_nothing_else() 
         ("cname", dns("udp-send", "www.allowed.test")),
         ("tcp", dns("tcp", "allowed.test")),
         ("denied", dns("udp", "denied.test")),
+        // A socket bound to one of the host's addresses before its connect: redirected too,
+        // known by that address and port (REFUSED proves the agent answered, not the server).
+        ("bound", dns("udp-from=10.215.0.1", "allowed.test")),
+        ("bound-denied", dns("udp-from=10.215.0.1", "denied.test")),
         ("denied-addr", format!("egress tcp {DENIED}:{PORT}")),
         // An allowed name's address on a port its entry does not list: refused, and the
         // finding names it.
@@ -188,6 +192,8 @@ fn block_mode_admits_what_a_job_resolved_for_an_allowed_name_and_nothing_else() 
     expect("cname", &format!("NoError {CNAME_TARGET} ok"));
     expect("tcp", &format!("NoError {ALLOWED} ok"));
     expect("denied", "Refused - -");
+    expect("bound", &format!("NoError {ALLOWED} ok"));
+    expect("bound-denied", "Refused - -");
     expect("denied-addr", "errno 1");
     expect("other-port", "errno 1");
     expect("glibc", "ok");

@@ -140,7 +140,7 @@ pub struct Allowlists {
     /// policy id -> entries the resolver wrote under it, with their expiry (ktime ns).
     resolved: StdHashMap<u32, StdHashMap<EntryKey, u64>>,
     /// Local port -> policy id of redirected sockets bound before their connect.
-    ports: HashMap<MapData, u32, u32>,
+    ports: HashMap<MapData, u64, u32>,
 }
 
 pub type SharedAllowlists = Arc<Mutex<Allowlists>>;
@@ -204,11 +204,11 @@ impl Allowlists {
         };
     }
 
-    /// The policy id of a redirected socket that queries from 127.0.0.1 (`[::1]` when `v6`) and
-    /// `port`.
-    pub fn policy_of_port(&self, port: u16, v6: bool) -> Option<u32> {
+    /// The policy id of a redirected socket that queries from `addr` (host byte order; 127.0.0.1
+    /// for one bound to the wildcard; `[::1]` when `v6`, given as 0) and `port`.
+    pub fn policy_of_port(&self, addr: u32, port: u16, v6: bool) -> Option<u32> {
         self.ports
-            .get(&runner_monitor_common::dns_port_key(port, v6), 0)
+            .get(&runner_monitor_common::dns_port_key(addr, port, v6), 0)
             .ok()
     }
 

@@ -209,9 +209,13 @@ async fn answer(
     let (policy, ports) = {
         let lists = lists.lock().unwrap_or_else(PoisonError::into_inner);
         let policy = match peer.ip() {
-            IpAddr::V4(v4) if v4 == Ipv4Addr::LOCALHOST => lists.policy_of_port(peer.port(), false),
-            IpAddr::V4(v4) => runner_monitor_common::dns_source_policy(u32::from(v4)),
-            IpAddr::V6(v6) if v6 == Ipv6Addr::LOCALHOST => lists.policy_of_port(peer.port(), true),
+            // A source address naming the policy (`bpf_bind`), else the socket's own address
+            // and port (bound before its connect).
+            IpAddr::V4(v4) => runner_monitor_common::dns_source_policy(u32::from(v4))
+                .or_else(|| lists.policy_of_port(u32::from(v4), peer.port(), false)),
+            IpAddr::V6(v6) if v6 == Ipv6Addr::LOCALHOST => {
+                lists.policy_of_port(0, peer.port(), true)
+            }
             IpAddr::V6(_) => None,
         };
         let ports = policy
