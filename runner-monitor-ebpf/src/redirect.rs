@@ -239,49 +239,74 @@ pub fn redirect4(ctx: &SockAddrContext, send: bool) -> bool {
     true
 }
 
+/// An IPv6 port-53 connect or send of a job process in block mode: the resolver's port, the
+/// address and port the process wrote, and the job's policy id.
+struct Redirect6 {
+    resolver_port: u32,
+    ip6: [u32; 4],
+    user_port: u32,
+    policy: u32,
+}
+
+#[inline(always)]
+fn redirect6_of(ctx: &SockAddrContext) -> Option<Redirect6> {
+    let resolver_port = resolver_port()?;
+    let ip6 = user_ip6(ctx);
+    // SAFETY: a context field read.
+    let user_port = unsafe { (*ctx.sock_addr).user_port };
+    let policy = redirected_policy(ctx, user_port)?;
+    Some(Redirect6 {
+        resolver_port,
+        ip6,
+        user_port,
+        policy,
+    })
+}
+
+impl Redirect6 {
+    /// Remembers where the socket's queries were going and sends them to the resolver at `to`.
+    #[inline(always)]
+    fn point_at(&self, ctx: &SockAddrContext, to: [u32; 4], send: bool) {
+        remember(
+            ctx,
+            Redirected {
+                ip4: 0,
+                port: self.user_port,
+                ip6: self.ip6,
+                v6: 1,
+            },
+            send,
+        );
+        set_user_ip6(ctx, to);
+        // SAFETY: a context field write connect6 and sendmsg6 may make.
+        unsafe { (*ctx.sock_addr).user_port = self.resolver_port };
+    }
+}
+
 /// Sends a job's IPv6 port-53 connect (UDP or TCP) to the agent's resolver through
 /// `::ffff:127.0.0.1`, the socket bound to `::ffff:` + its job's source address; true when it
 /// did. A socket that cannot be bound to a v4-mapped address (`IPV6_V6ONLY`) is left to the
 /// verdict.
 #[inline(always)]
 pub fn redirect6(ctx: &SockAddrContext) -> bool {
-    let Some(port) = resolver_port() else {
-        return false;
-    };
-    let sa = ctx.sock_addr;
-    let ip6 = user_ip6(ctx);
-    // SAFETY: a context field read.
-    let user_port = unsafe { (*sa).user_port };
-    let Some(policy) = redirected_policy(ctx, user_port) else {
+    let Some(r) = redirect6_of(ctx) else {
         return false;
     };
     let mut bind_to = SockaddrIn6 {
         family: AF_INET6,
         port: 0,
         flowinfo: 0,
-        addr: mapped(dns_source(policy).to_be()),
+        addr: mapped(dns_source(r.policy).to_be()),
         scope_id: 0,
     };
     if !bind(ctx, &mut bind_to) {
         // Bound to an IPv6 address: it cannot reach `::ffff:127.0.0.1`.
         let (wildcard, src_port) = bound6(ctx);
-        if !wildcard || !bound_port_is(policy, 0, src_port, false) {
+        if !wildcard || !bound_port_is(r.policy, 0, src_port, false) {
             return false;
         }
     }
-    remember(
-        ctx,
-        Redirected {
-            ip4: 0,
-            port: user_port,
-            ip6,
-            v6: 1,
-        },
-        false,
-    );
-    set_user_ip6(ctx, mapped(resolver_ip4()));
-    // SAFETY: a context field write connect6 may make.
-    unsafe { (*sa).user_port = port };
+    r.point_at(ctx, mapped(resolver_ip4()), false);
     true
 }
 
@@ -290,36 +315,17 @@ pub fn redirect6(ctx: &SockAddrContext) -> bool {
 /// to the verdict: its queries would not come from `[::1]`.
 #[inline(always)]
 pub fn redirect6_send(ctx: &SockAddrContext) -> bool {
-    let Some(port) = resolver_port() else {
-        return false;
-    };
     if names::setting(setting::DNS_RESOLVER_V6) == 0 {
         return false;
     }
-    let sa = ctx.sock_addr;
-    let ip6 = user_ip6(ctx);
-    // SAFETY: a context field read.
-    let user_port = unsafe { (*sa).user_port };
-    let Some(policy) = redirected_policy(ctx, user_port) else {
+    let Some(r) = redirect6_of(ctx) else {
         return false;
     };
     let (wildcard, src_port) = bound6(ctx);
-    if !wildcard || !bound_port_is(policy, 0, src_port, true) {
+    if !wildcard || !bound_port_is(r.policy, 0, src_port, true) {
         return false;
     }
-    remember(
-        ctx,
-        Redirected {
-            ip4: 0,
-            port: user_port,
-            ip6,
-            v6: 1,
-        },
-        true,
-    );
-    set_user_ip6(ctx, loopback6());
-    // SAFETY: a context field write sendmsg6 may make.
-    unsafe { (*sa).user_port = port };
+    r.point_at(ctx, loopback6(), true);
     true
 }
 
