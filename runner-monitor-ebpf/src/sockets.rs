@@ -107,25 +107,11 @@ pub fn fentry_socket_create(ctx: FEntryContext) -> i32 {
 }
 
 // long sys_socket(int family, int type, int protocol): where neither hook loads. Reports only.
+// SOCK_NONBLOCK and SOCK_CLOEXEC share the type argument (`packet_socket` masks them off).
 #[tracepoint]
 pub fn sys_enter_socket(ctx: TracePointContext) -> u32 {
-    let family: i64 = syscall_arg(&ctx, 0);
-    if family as u16 != AF_PACKET {
-        return 0;
-    }
-    let Some(process) = current_process() else {
-        return 0;
-    };
-    // SOCK_NONBLOCK and SOCK_CLOEXEC share the type argument.
-    let kind: i64 = syscall_arg(&ctx, 1);
-    let protocol: i64 = syscall_arg(&ctx, 2);
-    report(
-        &process,
-        AF_PACKET,
-        (kind & 0xf) as u16,
-        protocol as u16,
-        false,
-    );
+    let arg = |n| syscall_arg::<i64>(&ctx, n) as i32;
+    packet_socket(arg(0), arg(1), arg(2), 0, false);
     0
 }
 

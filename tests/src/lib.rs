@@ -183,13 +183,6 @@ impl Harness {
     }
 }
 
-/// Whether `bpf` is an active LSM on this kernel (the agent then hooks `socket_create`, and
-/// refuses packet sockets to jobs in block mode).
-pub fn bpf_lsm_active() -> bool {
-    std::fs::read_to_string("/sys/kernel/security/lsm")
-        .is_ok_and(|list| list.trim().split(',').any(|l| l == "bpf"))
-}
-
 /// The `job-step` helper binary, built beside the test binaries (target/<profile>/job-step).
 pub fn job_step() -> PathBuf {
     let exe = std::env::current_exe().expect("test binary path");

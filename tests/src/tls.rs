@@ -35,24 +35,34 @@ pub fn client_hello(server: &str) -> Vec<u8> {
 pub fn send_first(addr: SocketAddr, first: &[u8]) -> String {
     let attempt = || -> std::io::Result<String> {
         let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(3))?;
-        stream.set_read_timeout(Some(Duration::from_secs(3)))?;
         stream.write_all(first)?;
-        let mut answer = [0u8; 1];
-        match stream.read(&mut answer) {
-            Ok(1) => Ok("answered".to_owned()),
-            Ok(_) => Ok("closed".to_owned()),
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) =>
-            {
-                Ok("silent".to_owned())
-            }
-            Err(e) => Err(e),
-        }
+        answer_within(&mut stream, 3)
     };
-    attempt().unwrap_or_else(|e| format!("errno {}", e.raw_os_error().unwrap_or(-1)))
+    attempt().unwrap_or_else(|e| errno(&e))
+}
+
+/// The server's one-byte answer on `stream` within `seconds`: `answered`, `closed`, or `silent`
+/// (nothing came back).
+fn answer_within(stream: &mut TcpStream, seconds: u64) -> std::io::Result<String> {
+    stream.set_read_timeout(Some(Duration::from_secs(seconds)))?;
+    let mut answer = [0u8; 1];
+    match stream.read(&mut answer) {
+        Ok(1) => Ok("answered".to_owned()),
+        Ok(_) => Ok("closed".to_owned()),
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ) =>
+        {
+            Ok("silent".to_owned())
+        }
+        Err(e) => Err(e),
+    }
+}
+
+fn errno(e: &std::io::Error) -> String {
+    format!("errno {}", e.raw_os_error().unwrap_or(-1))
 }
 
 /// A connection that lives across an agent's restart: connects to `addr`, and sends `first`
@@ -65,26 +75,12 @@ pub fn held_across(addr: SocketAddr, first: &[u8], go: &std::path::Path, when: &
         println!("{line}");
         let _ = std::io::stdout().flush();
     };
-    let answer = |stream: &mut TcpStream, within: u64| -> String {
-        let _ = stream.set_read_timeout(Some(Duration::from_secs(within)));
-        let mut byte = [0u8; 1];
-        match stream.read(&mut byte) {
-            Ok(1) => "answered".to_owned(),
-            Ok(_) => "closed".to_owned(),
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) =>
-            {
-                "silent".to_owned()
-            }
-            Err(e) => format!("errno {}", e.raw_os_error().unwrap_or(-1)),
-        }
+    let answer = |stream: &mut TcpStream, within: u64| {
+        answer_within(stream, within).unwrap_or_else(|e| errno(&e))
     };
     let mut stream = match TcpStream::connect_timeout(&addr, Duration::from_secs(3)) {
         Ok(stream) => stream,
-        Err(e) => return say(&format!("errno {}", e.raw_os_error().unwrap_or(-1))),
+        Err(e) => return say(&errno(&e)),
     };
     if when == "before" {
         stream.write_all(first).expect("sending");

@@ -58,7 +58,7 @@ fn raw_packet_and_icmp_sockets_are_refused_in_block_mode_and_reported() {
     // The kernel runs no cgroup hook for packet sockets: refused only where the agent hooks the
     // LSM `socket_create` (not this development host: `egress_kernel.rs` runs that in guests),
     // else reported.
-    let packet_refused = integration_tests::bpf_lsm_active();
+    let packet_refused = runner_monitor::sensor::hook_sets::bpf_lsm_active().is_ok();
     let expected: BTreeMap<String, String> = [
         ("raw", "errno 1"),
         ("raw6", "errno 1"),

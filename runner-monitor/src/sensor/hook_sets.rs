@@ -146,7 +146,7 @@ const LSM_LIST: &str = "/sys/kernel/security/lsm";
 
 /// Whether `bpf` is among the active LSMs. Without it an LSM program loads and attaches and never
 /// runs.
-fn bpf_lsm_active() -> Result<(), String> {
+pub fn bpf_lsm_active() -> Result<(), String> {
     match std::fs::read_to_string(LSM_LIST) {
         Ok(list) if list.trim().split(',').any(|l| l == "bpf") => Ok(()),
         Ok(list) => Err(format!("bpf not in {LSM_LIST}: {}", list.trim())),

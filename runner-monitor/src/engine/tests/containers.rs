@@ -76,15 +76,29 @@ fn findings_about_a_job_container_process_name_the_container() {
     );
 }
 
-#[test]
-fn a_detached_container_surviving_its_job_is_named_in_the_survivor_finding() {
+/// Job 7 (root pid 100) whose container (cgroup `cgroup`) runs pid 300, `sleep 600`, past the
+/// job's end at t = 5 s.
+fn survivor_in_container(cgroup: u64) -> Trace {
     let mut t = Trace::new();
     t.start(1, 7, 100, "acme/app");
-    t.feed(2, 7, 900, 1, "runc", EventDetail::Container(container(78)));
-    t.cgroup = 78;
+    t.feed(
+        2,
+        7,
+        900,
+        1,
+        "runc",
+        EventDetail::Container(container(cgroup)),
+    );
+    t.cgroup = cgroup;
     t.exec(2, 7, 300, 0, &["sleep", "600"]);
     t.cgroup = 1;
     t.end(5, 7, 100);
+    t
+}
+
+#[test]
+fn a_detached_container_surviving_its_job_is_named_in_the_survivor_finding() {
+    let mut t = survivor_in_container(78);
     let found = t.engine.advance(600 * S);
     t.findings.extend(found);
     let f = t.only(RuleId::ProcessSurvivedJob);
@@ -94,13 +108,7 @@ fn a_detached_container_surviving_its_job_is_named_in_the_survivor_finding() {
 
 #[test]
 fn a_restarted_agent_still_names_the_container_of_a_survivor() {
-    let mut t = Trace::new();
-    t.start(1, 7, 100, "acme/app");
-    t.feed(2, 7, 900, 1, "runc", EventDetail::Container(container(79)));
-    t.cgroup = 79;
-    t.exec(2, 7, 300, 0, &["sleep", "600"]);
-    t.cgroup = 1;
-    t.end(5, 7, 100);
+    let mut t = survivor_in_container(79);
     // The agent restarts: its engine comes back from the saved state.
     let saved = t.engine.save(serde_json::value::Serializer).unwrap();
     let snapshot = serde_json::from_value(saved).unwrap();
