@@ -6,7 +6,8 @@
 //! 1. a job process's successful `connect` to a container runtime's unix socket (bound at
 //!    `.../docker.sock` or `.../podman.sock`, served by a live process outside jobs:
 //!    `unix_peer.rs`) remembers (tgid, fd) (`net.rs`);
-//! 2. a `write`, `sendto`, `writev` or `sendmsg` (its first buffer) on such a socket that starts
+//! 2. a `write`, `sendto`, `writev`, `sendmsg` or `sendmmsg` (its first message's first buffer)
+//!    on such a socket that starts
 //!    an HTTP request `POST [/vN.NN]/containers/<64 hex id>/start` (what the docker CLI, compose
 //!    and the SDKs send after create) or `.../attach` (the CLI's `run` attaches first; podman's
 //!    API makes the cgroup there) records the id as the job's, at the syscall's entry: before
@@ -326,22 +327,40 @@ const MSG_IOV: u64 = 16;
 // long sys_sendmsg(int fd, struct user_msghdr __user *msg, unsigned int flags)
 #[tracepoint]
 pub fn enter_sendmsg(ctx: TracePointContext) -> u32 {
-    let Some(job) = job_socket(syscall_arg_direct(&ctx, 0)) else {
-        return 0;
+    on_message(&ctx);
+    0
+}
+
+// long sys_sendmmsg(int fd, struct mmsghdr __user *mmsg, unsigned int vlen, unsigned int flags)
+// A `struct mmsghdr` begins with its `struct user_msghdr`: the first message is read as
+// `sendmsg`'s.
+#[tracepoint]
+pub fn enter_sendmmsg(ctx: TracePointContext) -> u32 {
+    if syscall_arg_direct(&ctx, 2) != 0 {
+        on_message(&ctx);
+    }
+    0
+}
+
+/// The message of a `sendmsg` (or the first of a `sendmmsg`) on a job's unix socket: its first
+/// buffer.
+#[inline(always)]
+fn on_message(ctx: &TracePointContext) {
+    let Some(job) = job_socket(syscall_arg_direct(ctx, 0)) else {
+        return;
     };
-    let msg = syscall_arg_direct(&ctx, 1);
+    let msg = syscall_arg_direct(ctx, 1);
     if msg == 0 {
-        return 0;
+        return;
     }
     // SAFETY: a checked read of user memory.
     let Ok([iov, count]) = (unsafe { bpf_probe_read_user((msg + MSG_IOV) as *const [u64; 2]) })
     else {
-        return 0;
+        return;
     };
     if count > 0 {
         on_vectored(iov, job);
     }
-    0
 }
 
 /// Offsets of `cgroup:cgroup_mkdir` fields (see its `format` file).

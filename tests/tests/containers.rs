@@ -244,11 +244,11 @@ fn a_container_a_job_starts_through_the_docker_api_with_curl() {
     assert_no_secret(agent);
 }
 
-/// Start requests sent with `writev` and `sendmsg` (Node's libuv writes a request of several
-/// buffers with `writev`; other clients use `sendmsg`), each split in two buffers: the request
-/// line, then the headers. Both containers are the job's.
+/// Start requests sent with `writev`, `sendmsg` and `sendmmsg` (Node's libuv writes a request of
+/// several buffers with `writev`; other clients use `sendmsg`; `sendmmsg` is one more way), each
+/// split in two buffers: the request line, then the headers. All three containers are the job's.
 #[test]
-fn a_start_request_sent_with_writev_or_sendmsg_is_the_jobs() {
+fn a_start_request_sent_with_writev_sendmsg_or_sendmmsg_is_the_jobs() {
     let agent = agent();
     let docker = Docker::start("vectored");
     let env = TestEnv::new("containers-vectored");
@@ -264,8 +264,25 @@ parts = [f"POST /v1.41/containers/{cid}/start HTTP/1.1\r\n".encode(),
          b"Host: docker\r\nContent-Length: 0\r\n\r\n"]
 if how == "writev":
     os.writev(s.fileno(), parts)
-else:
+elif how == "sendmsg":
     s.sendmsg(parts)
+else:
+    # sendmmsg(2) of one message of the two buffers (Python has no binding for it).
+    import ctypes
+    class Iovec(ctypes.Structure):
+        _fields_ = [("base", ctypes.c_char_p), ("len", ctypes.c_size_t)]
+    class Msghdr(ctypes.Structure):
+        _fields_ = [("name", ctypes.c_void_p), ("namelen", ctypes.c_uint32),
+                    ("iov", ctypes.POINTER(Iovec)), ("iovlen", ctypes.c_size_t),
+                    ("control", ctypes.c_void_p), ("controllen", ctypes.c_size_t),
+                    ("flags", ctypes.c_int)]
+    class Mmsghdr(ctypes.Structure):
+        _fields_ = [("hdr", Msghdr), ("len", ctypes.c_uint32)]
+    iov = (Iovec * 2)(*[Iovec(p, len(p)) for p in parts])
+    msg = Mmsghdr(Msghdr(None, 0, iov, 2, None, 0, 0), 0)
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.sendmmsg(s.fileno(), ctypes.byref(msg), 1, 0) != 1:
+        sys.exit(f"sendmmsg: errno {ctypes.get_errno()}")
 answer = s.recv(4096)
 sys.exit(0 if answer.startswith(b"HTTP/1.1 204") else f"{how}: {answer[:40]!r}")
 "#,
@@ -279,7 +296,7 @@ sys.exit(0 if answer.startswith(b"HTTP/1.1 204") else f"{how}: {answer[:40]!r}")
     let socket = docker.socket.display();
     let api = format!("curl -sf --unix-socket {socket}");
     let mut step = String::new();
-    for how in ["writev", "sendmsg"] {
+    for how in ["writev", "sendmsg", "sendmmsg"] {
         step += &format!(
             "id=$({api} -H 'Content-Type: application/json' -d '{body}' \
              http://docker/v1.41/containers/create?name=rm-{how}-{run} | sed 's/.*\"Id\":\"\\([0-9a-f]*\\)\".*/\\1/')\n\
@@ -290,7 +307,7 @@ sys.exit(0 if answer.startswith(b"HTTP/1.1 204") else f"{how}: {answer[:40]!r}")
     }
     github_job(&env, agent, &run, "acme/vectored", &step);
     let id = format!("{run}/build");
-    for how in ["writev", "sendmsg"] {
+    for how in ["writev", "sendmsg", "sendmmsg"] {
         let name = format!("rm-{how}-{run}");
         let harvest = wait_alert(agent, "credential-harvesting", &id, |a| {
             a["container"]["name"] == name.as_str()

@@ -241,6 +241,12 @@ pub(super) const PROBES: &[Probe] = &[
     },
     Probe {
         sensor: "containers",
+        program: "enter_sendmmsg",
+        hooks: &[Tp("syscalls", "sys_enter_sendmmsg")],
+        required: false,
+    },
+    Probe {
+        sensor: "containers",
         program: "cgroup_mkdir",
         hooks: &[Tp("cgroup", "cgroup_mkdir")],
         required: false,
