@@ -128,12 +128,25 @@ fn a_gitlab_job_starts_at_its_first_create_and_its_labelled_service_without_ci_v
         &build,
         "cat /builds/h/.ssh/id_ed25519 > /dev/null",
     );
+    // The build's read, told from the service's reads of the same file by its cgroup. Its path
+    // as the build gave it: `path` is the host's file only when the agent read the container's
+    // mount table in time (`mounts.rs`), which a `cat` already gone does not allow.
+    let mut build_made = None;
+    wait_until("the build's container event", 10, || {
+        build_made = trace(&agent)
+            .into_iter()
+            .find(|e| e["kind"] == "container" && e["id"] == build_id.as_str());
+        build_made.is_some()
+    });
+    let build_made = build_made.expect("waited for");
+    // Its cgroup is the job's.
+    assert_eq!(build_made["job"]["key"], key, "{build_made}");
+    let build_cgroup = build_made["cgroup_id"].as_u64();
     wait_until("the build's read, in the job", 10, || {
         trace(&agent).iter().any(|e| {
             e["kind"] == "file_open"
-                && e["path"]
-                    .as_str()
-                    .is_some_and(|p| p.ends_with("/builds/h/.ssh/id_ed25519"))
+                && e["process"]["cgroup_id"].as_u64() == build_cgroup
+                && e["raw_path"] == "/builds/h/.ssh/id_ed25519"
                 && e["job"]["key"] == key
         })
     });
@@ -162,11 +175,6 @@ fn a_gitlab_job_starts_at_its_first_create_and_its_labelled_service_without_ci_v
         .lines()
         .filter(|l| l.contains("GitLab container registered") && l.contains(job_id.as_str()))
         .collect();
-    let build_made = trace(&agent)
-        .into_iter()
-        .find(|e| e["kind"] == "container" && e["id"] == build_id.as_str())
-        .expect("the build's container event: its cgroup is the job's");
-    assert_eq!(build_made["job"]["key"], key, "{build_made}");
     eprintln!(
         "service: cgroup made {} us after its create; build: cgroup made {} us after its \
          create request was sent; agent: {registered:#?}",
