@@ -7,6 +7,10 @@ pub const CONTAINER_ID_LEN: usize = 64;
 /// Capacity of the kernel's container maps (requested ids, container cgroups), which are pinned
 /// like the process map so that a job's containers stay its own across an agent restart.
 pub const MAX_CONTAINERS: u32 = 4096;
+/// Capacity of the kernel's map of job processes' connections to a runtime's socket (LRU, so
+/// closed sockets age out); pinned too, so a connection made before an agent restart is read
+/// after it.
+pub const MAX_UNIX_CONNS: u32 = 4096;
 /// Bytes of the cgroup path kept (the end of it, which holds the id, is what matters).
 pub const CGROUP_PATH_LEN: usize = 128;
 

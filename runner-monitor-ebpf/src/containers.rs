@@ -47,6 +47,7 @@ use runner_monitor_common::{
     CONTAINER_ID_LEN, ContainerEvent, EventKind, ExecTarget, ProcessJob,
     container::{
         CGROUP_PATH_LEN, MATCHED_BY_CREATOR, MATCHED_BY_EXEC, MATCHED_BY_ID, MAX_CONTAINERS,
+        MAX_UNIX_CONNS,
     },
     counter,
 };
@@ -58,13 +59,11 @@ use crate::{
     maps::{PROCESSES, count, current_process, current_tgid, now_ns},
 };
 
-/// How many unix-socket connections of job processes are remembered; LRU, so closed sockets
-/// age out. The container maps hold `MAX_CONTAINERS` each, LRU too, and are pinned by the agent.
-const MAX_ENTRIES: u32 = 4096;
-
-/// (tgid << 32 | fd) -> job, for unix sockets a job process connected to.
+/// (tgid << 32 | fd) -> job, for runtime sockets a job process connected to; LRU, so closed
+/// sockets age out. Pinned by the agent with the container maps: a connection made before an
+/// agent restart is still read after it.
 #[map]
-static UNIX_CONNS: LruHashMap<u64, u64> = LruHashMap::with_max_entries(MAX_ENTRIES, 0);
+static UNIX_CONNS: LruHashMap<u64, u64> = LruHashMap::with_max_entries(MAX_UNIX_CONNS, 0);
 
 /// Container id (64 hex digits) -> job, for containers a job asked a runtime API to start.
 #[map]

@@ -133,7 +133,8 @@ impl Pipeline {
                 continue;
             }
             if let Some(host) = self.host.as_mut() {
-                host.containers.process(&mut event, &self.policy);
+                host.containers
+                    .process(&mut event, &self.policy, &mut self.jobs);
             }
             for pod in self.pods(&event) {
                 if let Some(info) = pod.gitlab_job

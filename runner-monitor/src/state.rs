@@ -293,6 +293,8 @@ mod tests {
             EventDetail::Fork { child_pid: 101 },
         ));
         let mut directory = JobDirectory::default();
+        // The Docker socket the job used before the name: both are kept.
+        directory.set_docker_socket(job, "/run/docker.sock");
         directory.set_explicit(job, "run-1/build");
 
         let state = StateDir::open(&dir).unwrap();
@@ -309,6 +311,8 @@ mod tests {
         assert_eq!(saved.saved_ns, 3_000);
         let directory = JobDirectory::restore(saved.directory);
         assert_eq!(directory.key_of("run-1/build"), Some(job));
+        // Containers the job starts after the restart are named at its Docker socket.
+        assert_eq!(directory.docker_socket(job), Some("/run/docker.sock"));
         let mut engine = Engine::restore(policy, saved.engine);
         // After the restart the survivor reads a credential after its job ended.
         let mut end = event(

@@ -222,20 +222,15 @@ fn a_container_a_job_starts_through_the_docker_api_with_curl() {
     let docker = Docker::start("curl");
     let env = TestEnv::new("containers-curl");
     let run = run_id(7);
-    let body = format!(
-        r#"{{"Image":"{IMAGE}","Cmd":["sh","-c","{read} > /dev/null"],"HostConfig":{{"Binds":["{home}:/h"],"NetworkMode":"none"}}}}"#,
-        read = read_three_kinds("/h"),
-        home = env.home.display(),
-    );
     let api = format!(
         "curl -sf --unix-socket {socket}",
         socket = docker.socket.display()
     );
     let step = format!(
-        "id=$({api} -H 'Content-Type: application/json' -d '{body}' \
-         http://docker/v1.41/containers/create?name=rm-curl-{run} | sed 's/.*\"Id\":\"\\([0-9a-f]*\\)\".*/\\1/')\n\
+        "{create}\n\
          {api} -X POST http://docker/v1.41/containers/$id/start\n\
-         {api} -X POST http://docker/v1.41/containers/$id/wait > /dev/null"
+         {api} -X POST http://docker/v1.41/containers/$id/wait > /dev/null",
+        create = create_reading(&docker, &env, &format!("rm-curl-{run}")),
     );
     github_job(&env, agent, &run, "acme/api", &step);
     let id = format!("{run}/build");
@@ -288,20 +283,15 @@ sys.exit(0 if answer.startswith(b"HTTP/1.1 204") else f"{how}: {answer[:40]!r}")
 "#,
     )
     .unwrap();
-    let body = format!(
-        r#"{{"Image":"{IMAGE}","Cmd":["sh","-c","{read} > /dev/null"],"HostConfig":{{"Binds":["{home}:/h"],"NetworkMode":"none"}}}}"#,
-        read = read_three_kinds("/h"),
-        home = env.home.display(),
-    );
     let socket = docker.socket.display();
     let api = format!("curl -sf --unix-socket {socket}");
     let mut step = String::new();
     for how in ["writev", "sendmsg", "sendmmsg"] {
         step += &format!(
-            "id=$({api} -H 'Content-Type: application/json' -d '{body}' \
-             http://docker/v1.41/containers/create?name=rm-{how}-{run} | sed 's/.*\"Id\":\"\\([0-9a-f]*\\)\".*/\\1/')\n\
+            "{create}\n\
              python3 {script} {socket} {how} $id\n\
              {api} -X POST http://docker/v1.41/containers/$id/wait > /dev/null\n",
+            create = create_reading(&docker, &env, &format!("rm-{how}-{run}")),
             script = script.display(),
         );
     }
@@ -320,7 +310,8 @@ sys.exit(0 if answer.startswith(b"HTTP/1.1 204") else f"{how}: {answer[:40]!r}")
 /// A job's detached container outlives the job and an agent restart: a program `docker exec`
 /// runs in it afterwards (here from outside any job) is still the job's, because the kernel's
 /// container maps are pinned with the process map, and is named, because the engine's container
-/// table is saved with its state.
+/// table is saved with its state. A job process's connection to the Docker socket is pinned too:
+/// a start request it sends on that connection after the restart is the job's.
 #[test]
 fn a_job_container_stays_the_job_across_an_agent_restart() {
     let env = TestEnv::new("containers-restart");
@@ -331,11 +322,41 @@ fn a_job_container_stays_the_job_across_an_agent_restart() {
     let docker = Docker::start("restart");
     let run = run_id(8);
     let name = format!("rm-restart-{run}");
-    let step = docker_run(
-        &docker,
-        &env,
-        "/h",
-        &format!("-d --name {name} {IMAGE} sleep 60 > /dev/null"),
+    let held = format!("rm-held-{run}");
+    let (ready, go) = (env.dir.join("held-ready"), env.dir.join("held-go"));
+    let script = env.dir.join("held.py");
+    std::fs::write(
+        &script,
+        r#"import os, socket, sys, time
+path, cid, ready, go = sys.argv[1:]
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.connect(path)
+open(ready, "w").close()
+while not os.path.exists(go):
+    time.sleep(0.05)
+s.sendall(f"POST /v1.41/containers/{cid}/start HTTP/1.1\r\nHost: docker\r\nContent-Length: 0\r\n\r\n".encode())
+s.recv(4096)
+"#,
+    )
+    .unwrap();
+    let socket = docker.socket.display();
+    // The container to start later is created now; the connection that will start it is held
+    // open by a process of the job that outlives it.
+    let step = format!(
+        "{run_detached}\n\
+         {create}\n\
+         nohup python3 {script} {socket} $id {ready} {go} > /dev/null 2>&1 &\n\
+         until [ -e {ready} ]; do sleep 0.1; done\n",
+        run_detached = docker_run(
+            &docker,
+            &env,
+            "/h",
+            &format!("-d --name {name} {IMAGE} sleep 60 > /dev/null"),
+        ),
+        create = create_reading(&docker, &env, &held),
+        script = script.display(),
+        ready = ready.display(),
+        go = go.display(),
     );
     github_job(&env, &agent, &run, "acme/restart", &step);
     let id = format!("{run}/build");
@@ -349,11 +370,20 @@ fn a_job_container_stays_the_job_across_an_agent_restart() {
         "-c",
         &format!("{} > /dev/null", read_three_kinds("/h")),
     ]);
-    let harvest = wait_alert(&agent, "credential-harvesting", &id, |_| true);
+    let harvest = wait_alert(&agent, "credential-harvesting", &id, |a| {
+        a["container"]["name"] == name.as_str()
+    });
     assert_eq!(harvest["job"]["repository"], "acme/restart", "{harvest}");
     assert_eq!(harvest["job"]["ended"], true, "{harvest}");
     // Named as before the restart: the engine's container table is in its saved state.
     assert_container(&harvest, Some(&name));
+    // The held connection's start request, sent now.
+    std::fs::write(&go, "").unwrap();
+    let started = wait_alert(&agent, "credential-harvesting", &id, |a| {
+        a["container"]["name"] == held.as_str()
+    });
+    assert_eq!(started["job"]["ended"], true, "{started}");
+    assert_container(&started, Some(&held));
     drop(docker);
     assert!(agent.stop().success());
     integration_tests::live::assert_no_secret_in(&dir);
@@ -391,4 +421,19 @@ fn a_credential_bound_into_a_container_under_another_name_is_the_credential() {
     );
     assert_container(&after, None);
     assert_no_secret(agent);
+}
+
+/// A step's line that creates (not starts) container `name` over the Docker API, reading three
+/// kinds of credentials from the test home at `/h` when it runs, and sets `id` to its id.
+fn create_reading(docker: &Docker, env: &TestEnv, name: &str) -> String {
+    let body = format!(
+        r#"{{"Image":"{IMAGE}","Cmd":["sh","-c","{read} > /dev/null"],"HostConfig":{{"Binds":["{home}:/h"],"NetworkMode":"none"}}}}"#,
+        read = read_three_kinds("/h"),
+        home = env.home.display(),
+    );
+    format!(
+        "id=$(curl -sf --unix-socket {socket} -H 'Content-Type: application/json' -d '{body}' \
+         http://docker/v1.41/containers/create?name={name} | sed 's/.*\"Id\":\"\\([0-9a-f]*\\)\".*/\\1/')",
+        socket = docker.socket.display(),
+    )
 }

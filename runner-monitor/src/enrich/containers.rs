@@ -12,7 +12,8 @@ use super::name_starts::{NameStarts, Register};
 use crate::{
     bounded::BoundedMap,
     docker_api,
-    event::{Bind, ContainerInfo, Event, EventDetail, JobKey, SocketFamily},
+    event::{Bind, ContainerInfo, Event, EventDetail, SocketFamily},
+    job::JobDirectory,
     policy::Policy,
 };
 
@@ -21,9 +22,9 @@ const TIMEOUT: Duration = Duration::from_millis(300);
 /// The most of an answer read (an inspect is a few KiB).
 const MAX_ANSWER: u64 = 1 << 20;
 
+/// The Docker API socket each job last connected to is kept in the job directory
+/// (`JobDirectory::docker_socket`), which is saved with the agent's state.
 pub struct ContainerNamer {
-    /// job -> the Docker API socket it last connected to.
-    sockets: BoundedMap<JobKey, String>,
     /// Resolves jobs' starts by name while they are under way (`name_starts.rs`).
     name_starts: Option<NameStarts>,
     /// cgroup id -> path, of containers jobs `docker exec`ed into (looked up once each).
@@ -33,7 +34,6 @@ pub struct ContainerNamer {
 impl Default for ContainerNamer {
     fn default() -> Self {
         Self {
-            sockets: BoundedMap::new(4096),
             name_starts: None,
             exec_cgroups: BoundedMap::new(1024),
         }
@@ -54,7 +54,7 @@ impl ContainerNamer {
     }
 
     /// Remembers a job's connect to a Docker socket; names a container of a job.
-    pub fn process(&mut self, event: &mut Event, policy: &Policy) {
+    pub fn process(&mut self, event: &mut Event, policy: &Policy, jobs: &mut JobDirectory) {
         let Some(job) = event.job.as_ref().map(|j| j.key) else {
             return;
         };
@@ -63,7 +63,7 @@ impl ContainerNamer {
                 if let Some(path) = &c.unix_path
                     && policy.secret_socket_of(path) == Some("docker")
                 {
-                    self.sockets.insert(job, path.clone());
+                    jobs.set_docker_socket(job, path);
                 }
             }
             EventDetail::ContainerStart {
@@ -71,12 +71,12 @@ impl ContainerNamer {
                 slot,
                 pending_ns,
             } => {
-                if let (Some(starts), Some(socket)) = (&self.name_starts, self.sockets.get(&job)) {
+                if let (Some(starts), Some(socket)) = (&self.name_starts, jobs.docker_socket(job)) {
                     starts.ask(socket, reference, job, *slot, *pending_ns);
                 }
             }
             EventDetail::ContainerExec { reference } => {
-                if let (Some(starts), Some(socket)) = (&self.name_starts, self.sockets.get(&job)) {
+                if let (Some(starts), Some(socket)) = (&self.name_starts, jobs.docker_socket(job)) {
                     starts.ask_exec(socket, reference, job, event.time_ns);
                 }
             }
@@ -101,25 +101,32 @@ impl ContainerNamer {
                     info.requested_as = starts.requested_as(&info.id, event.time_ns);
                 }
                 let creator_parent = event.process.ppid;
-                self.name(job, info, policy, creator_parent);
+                name_container(jobs.docker_socket(job), info, policy, creator_parent);
             }
             _ => {}
         }
     }
+}
 
-    /// `creator_parent`: the parent of the process that made the container's cgroup.
-    fn name(&self, job: JobKey, info: &mut ContainerInfo, policy: &Policy, creator_parent: u32) {
-        match self.sockets.get(&job) {
-            Some(socket) => {
-                name(socket, info);
-            }
-            // A job's own podman: the runc that made the cgroup is conmon's child.
-            None if info.runtime == "podman" && name_from_conmon(creator_parent, info) => {}
-            // No job process asked for it: a container GitLab Runner made for the job,
-            // registered from its daemon's events (`job/docker_events.rs`).
-            None => {
-                name_at_policy_sockets(policy, info);
-            }
+/// Names a job's container: at `socket`, the Docker API socket the job connected to; else, for
+/// a container of the job's own podman, from conmon; else at the policy's Docker sockets.
+/// `creator_parent`: the parent of the process that made the container's cgroup.
+fn name_container(
+    socket: Option<&str>,
+    info: &mut ContainerInfo,
+    policy: &Policy,
+    creator_parent: u32,
+) {
+    match socket {
+        Some(socket) => {
+            name(socket, info);
+        }
+        // A job's own podman: the runc that made the cgroup is conmon's child.
+        None if info.runtime == "podman" && name_from_conmon(creator_parent, info) => {}
+        // No job process asked for it: a container GitLab Runner made for the job,
+        // registered from its daemon's events (`job/docker_events.rs`).
+        None => {
+            name_at_policy_sockets(policy, info);
         }
     }
 }

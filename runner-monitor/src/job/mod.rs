@@ -41,6 +41,11 @@ struct Known {
     attempts: u32,
     /// A `job end` for it was carried out.
     end_requested: bool,
+    /// The Docker API socket a process of the job last connected to (a path the policy lists
+    /// as a `docker` secret socket): the daemon asked for its containers' names. Saved with the
+    /// state, so a container a job starts after an agent restart is named too.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    docker_socket: Option<String>,
 }
 
 /// The directory's tables as data (state snapshots), entries oldest first.
@@ -168,6 +173,7 @@ impl JobDirectory {
             discovered: before.is_some_and(|k| k.discovered),
             attempts: 0,
             end_requested: before.is_some_and(|k| k.end_requested),
+            docker_socket: before.and_then(|k| k.docker_socket.clone()),
         };
         self.known.insert(key, known);
     }
@@ -178,6 +184,20 @@ impl JobDirectory {
             .get(&key)
             .filter(|k| k.explicit)
             .and_then(|k| k.id.clone())
+    }
+
+    /// The Docker API socket a process of job `key` last connected to.
+    pub fn docker_socket(&self, key: JobKey) -> Option<&str> {
+        self.known
+            .get(&key)
+            .and_then(|k| k.docker_socket.as_deref())
+    }
+
+    pub fn set_docker_socket(&mut self, key: JobKey, path: &str) {
+        let known = self.known.get_or_insert_with(key, Known::default);
+        if known.docker_socket.as_deref() != Some(path) {
+            known.docker_socket = Some(path.to_owned());
+        }
     }
 
     /// Was a `job end` for this job carried out already?

@@ -1,6 +1,6 @@
-//! Kernel state that outlives the agent: the process and job maps, the jobs' containers, job TCP
-//! sockets' TLS state and the event ring buffer, pinned on bpffs (the probes' links are pinned by
-//! `links.rs`).
+//! Kernel state that outlives the agent: the process and job maps, the jobs' containers and
+//! their connections to a runtime's socket, job TCP sockets' TLS state and the event ring
+//! buffer, pinned on bpffs (the probes' links are pinned by `links.rs`).
 //!
 //! The ring buffer's pin is named after this build's kernel object (`events-<hash>`): a build with
 //! the same object writes the same records, so a restarted agent reads what the probes recorded
@@ -16,7 +16,9 @@ use std::path::{Path, PathBuf};
 use aya::maps::MapInfo;
 use runner_monitor_common::{
     CONTAINER_ID_LEN, JobState, MAX_JOBS, MAX_TRACKED_PROCESSES, ProcessJob, RING_BUFFER_BYTES,
-    container::MAX_CONTAINERS, map_name, tls::TLS_SOCKET_BYTES,
+    container::{MAX_CONTAINERS, MAX_UNIX_CONNS},
+    map_name,
+    tls::TLS_SOCKET_BYTES,
 };
 
 use super::SensorError;
@@ -42,7 +44,7 @@ pub struct Pin {
 
 /// The maps that carry job attribution across restarts, with their expected shape
 /// (key size, value size, capacity).
-fn pinned_maps() -> [(&'static str, u32, u32, u32); 5] {
+fn pinned_maps() -> [(&'static str, u32, u32, u32); 6] {
     [
         (
             map_name::PROCESSES,
@@ -68,6 +70,14 @@ fn pinned_maps() -> [(&'static str, u32, u32, u32); 5] {
             CONTAINER_ID_LEN as u32,
             size_of::<u64>() as u32,
             MAX_CONTAINERS,
+        ),
+        // Job processes' connections to a runtime's socket: a start request sent on one made
+        // before a restart is still the job's.
+        (
+            map_name::UNIX_CONNS,
+            size_of::<u64>() as u32,
+            size_of::<u64>() as u32,
+            MAX_UNIX_CONNS,
         ),
         // Job TCP sockets' TLS state (socket-local storage, no capacity): a connection refused
         // for its server name stays refused under the next agent, retransmissions included.
