@@ -7,11 +7,10 @@
 //!    `.../docker.sock` or `.../podman.sock`, served by a live process outside jobs:
 //!    `unix_peer.rs`) remembers (tgid, fd) (`net.rs`);
 //! 2. a `write`, `sendto`, `writev`, `sendmsg` or `sendmmsg` (its first message's first buffer)
-//!    on such a socket that starts
-//!    an HTTP request `POST [/vN.NN]/containers/<64 hex id>/start` (what the docker CLI, compose
-//!    and the SDKs send after create) or `.../attach` (the CLI's `run` attaches first; podman's
-//!    API makes the cgroup there) records the id as the job's, at the syscall's entry: before
-//!    the daemon can read the request;
+//!    on such a socket that starts an HTTP request `POST [/vN.NN]/containers/<64 hex id>/start`
+//!    (what the docker CLI, compose and the SDKs send after create) or `.../attach` (the CLI's
+//!    `run` attaches first; podman's API makes the cgroup there) records the id as the job's, at
+//!    the syscall's entry: before the daemon can read the request;
 //! 3. when the runtime makes the container's cgroup (`cgroup:cgroup_mkdir` in the cgroup v2
 //!    hierarchy, `.../<id>` or `.../docker-<id>.scope`), the cgroup id becomes the job's.
 //!
