@@ -205,6 +205,24 @@ pub fn container_id(name: &str) -> Option<[u8; runner_monitor_common::CONTAINER_
     id.as_bytes().try_into().ok()
 }
 
+/// The cgroup of container `id` (64 hex digits) in the v2 hierarchy, when its runtime made it.
+pub fn container_cgroup(id: &str) -> Option<ProcessCgroup> {
+    let root = cgroup2_root()?;
+    let mut found = None;
+    walk(&root, |cid, ino, dir| {
+        if !cid.eq_ignore_ascii_case(id.as_bytes()) {
+            return false;
+        }
+        found = dir.strip_prefix(&root).ok().map(|p| ProcessCgroup {
+            path: format!("/{}", p.display()),
+            dir: dir.to_path_buf(),
+            id: ino,
+        });
+        true
+    });
+    found
+}
+
 /// Every container cgroup of the host: its id and its cgroup id (the directory's inode).
 pub fn container_cgroups() -> Vec<([u8; runner_monitor_common::CONTAINER_ID_LEN], u64)> {
     let mut found = Vec::new();

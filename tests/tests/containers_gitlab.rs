@@ -273,7 +273,7 @@ fn a_running_gitlab_container_is_adopted_when_the_agent_subscribes() {
     docker.run(&["start", &service]);
     let agent = agent_following(&docker, "containers-gitlabadopt");
     wait_until("the running service adopted", 10, || {
-        agent_log(&agent.dir).contains("running container adopted into its job")
+        agent_log(&agent.dir).contains("container adopted into its job")
     });
     let go = env.home.join(format!("go-{job_id}"));
     std::fs::write(&go, "").unwrap();

@@ -48,15 +48,13 @@ pub enum Request {
     /// created container `container` (64 hex digits) for the job `info` names, at `created_ns`
     /// (CLOCK_MONOTONIC). Docker's events at the runner's socket (`docker_events.rs`).
     /// `named_by_environment`: the container's `CI_*` variables named the job, not only the
-    /// runner's labels. `running_pid`: a process of the container when it runs already (its
-    /// cgroup was made before this), else 0.
+    /// runner's labels.
     #[serde(skip)]
     ContainerJob {
         container: String,
         created_ns: u64,
         info: Box<JobInfo>,
         named_by_environment: bool,
-        running_pid: u32,
     },
 }
 

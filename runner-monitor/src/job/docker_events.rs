@@ -202,10 +202,6 @@ fn register(
             created_ns: monotonic_of_wall(created_wall_ns),
             info: Box::new(info),
             named_by_environment,
-            running_pid: inspect["State"]["Pid"]
-                .as_u64()
-                .and_then(|p| u32::try_from(p).ok())
-                .unwrap_or(0),
         },
         reply,
     };

@@ -43,6 +43,7 @@ use runner_monitor_common::{
     setting,
 };
 
+pub use adopt::Claim;
 pub use attach::{ProbeState, ProbeStatus};
 use heartbeat::Heartbeat;
 

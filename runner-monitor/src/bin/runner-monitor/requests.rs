@@ -10,7 +10,7 @@ use runner_monitor::{
     },
     pipeline::Pipeline,
     report,
-    sensor::Sensor,
+    sensor::{Claim, Sensor},
 };
 
 /// Carries out a control-socket request. A process inside a job speaks only for its own job; a
@@ -35,13 +35,12 @@ pub fn control_request(
         created_ns,
         info,
         named_by_environment,
-        running_pid,
     } = request
     {
         return container_job(
             sensor,
             pipeline,
-            (&container, running_pid),
+            &container,
             created_ns,
             (*info, named_by_environment),
         );
@@ -147,12 +146,12 @@ pub fn control_request(
 /// found), or else a new one that starts at this create. A container whose `CI_*` variables
 /// name the job (`named_by_environment`; a service's may hold none, and then the runner's
 /// labels named the job) names it again: the project's path replaces its id, and the job's
-/// start moves to this create if that is earlier. A container that runs already (`running_pid`)
-/// is adopted: its cgroup and processes.
+/// start moves to this create if that is earlier. A container whose cgroup is there already
+/// (it runs, or its start beat this registration) is adopted: its cgroup and processes.
 fn container_job(
     sensor: &mut Sensor,
     pipeline: &mut Pipeline,
-    (container, running_pid): (&str, u32),
+    container: &str,
     created_ns: u64,
     (info, named_by_environment): (runner_monitor::event::JobInfo, bool),
 ) -> std::io::Result<Reply> {
@@ -162,24 +161,18 @@ fn container_job(
     let key = existing.unwrap_or_else(|| sensor.new_container_job_key());
     // First the kernel: the runner starts the container next. An entry already there is a
     // job's start request (or this container's registration, when the daemon's events are
-    // followed again): it stays, and the container names nothing.
-    match sensor.request_container(container, key) {
-        Ok(true) => {}
-        Ok(false) => {
+    // followed again): it stays, and the container names nothing. A cgroup made before the
+    // entry (the container runs already, or its start beat this) is adopted
+    // (`sensor/adopt.rs`); what its processes did before is not seen.
+    let adopted = match sensor.claim_container(container, key) {
+        Ok(Claim::Kept) => {
             tracing::info!(container, id = ?info.id,
                 "GitLab-labelled container already requested (by a job, or registered): kept");
             return Ok(Reply::ok(key.to_string()));
         }
+        Ok(Claim::Requested) => None,
+        Ok(Claim::Adopted { path, cgroup }) => Some((path, cgroup)),
         Err(e) => return Ok(Reply::refused(Outcome::Rejected, e.to_string())),
-    }
-    // Running already: its cgroup was made before the entry, so the agent maps it and takes in
-    // the processes it has (`sensor/adopt.rs`); what they did before is not seen.
-    let adopted = match running_pid {
-        0 => None,
-        pid => sensor.adopt_container(pid, key).unwrap_or_else(|e| {
-            tracing::warn!(container, error = %e, "running GitLab container not adopted");
-            None
-        }),
     };
     let start = match existing {
         None => {
