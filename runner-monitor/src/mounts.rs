@@ -207,10 +207,17 @@ pub fn container_id(name: &str) -> Option<[u8; runner_monitor_common::CONTAINER_
 
 /// The cgroup of container `id` (64 hex digits) in the v2 hierarchy, when its runtime made it.
 pub fn container_cgroup(id: &str) -> Option<ProcessCgroup> {
+    find_container_cgroup(|cid, _| cid.eq_ignore_ascii_case(id.as_bytes()))
+}
+
+/// The first container cgroup `wanted` (given its container id and cgroup id) says is it.
+fn find_container_cgroup(
+    mut wanted: impl FnMut(&[u8; runner_monitor_common::CONTAINER_ID_LEN], u64) -> bool,
+) -> Option<ProcessCgroup> {
     let root = cgroup2_root()?;
     let mut found = None;
     walk(&root, |cid, ino, dir| {
-        if !cid.eq_ignore_ascii_case(id.as_bytes()) {
+        if !wanted(&cid, ino) {
             return false;
         }
         found = dir.strip_prefix(&root).ok().map(|p| ProcessCgroup {
@@ -238,19 +245,7 @@ pub fn container_cgroups() -> Vec<([u8; runner_monitor_common::CONTAINER_ID_LEN]
 
 /// The path in the v2 hierarchy (`/docker/<id>`) of the cgroup `cgroup_id`, a container's.
 pub fn container_cgroup_path(cgroup_id: u64) -> Option<String> {
-    let root = cgroup2_root()?;
-    let mut path = None;
-    walk(&root, |_, ino, dir| {
-        if ino != cgroup_id {
-            return false;
-        }
-        path = dir
-            .strip_prefix(&root)
-            .ok()
-            .map(|p| format!("/{}", p.display()));
-        true
-    });
-    path
+    find_container_cgroup(|_, ino| ino == cgroup_id).map(|c| c.path)
 }
 
 /// Visits the container cgroups under `root` until `visit` (given the id, the cgroup id and

@@ -7,6 +7,7 @@
 //! bench-workload sendto N             N sendto(2) of 1 byte on a connected unix datagram socket,
 //!                                     each received by a recv(2) on its peer; prints ns per pair
 //! bench-workload sendmsg N            the same with sendmsg(2) of one buffer
+//! bench-workload sendmmsg N           the same with sendmmsg(2) of one message of one buffer
 //! bench-workload writev N             N writev(2) of one 64-byte buffer to /dev/null; prints ns
 //!                                     per writev
 //! bench-workload flood PATH SECS P [RATE]
@@ -87,8 +88,9 @@ fn main() {
             }
             per_op(start, n);
         }
-        "sendto" => send(num(1), false),
-        "sendmsg" => send(num(1), true),
+        "sendto" => send(num(1), Send::To),
+        "sendmsg" => send(num(1), Send::Msg),
+        "sendmmsg" => send(num(1), Send::Mmsg),
         "writev" => {
             let n = num(1);
             let null = std::fs::OpenOptions::new()
@@ -210,7 +212,15 @@ fn open_close(path: &CString) -> bool {
 
 /// N sendto (or sendmsg) + recv of 1 byte over a unix datagram socket pair (connected to each
 /// other).
-fn send(n: u64, msg: bool) {
+/// Which call sends the byte.
+#[derive(Clone, Copy)]
+enum Send {
+    To,
+    Msg,
+    Mmsg,
+}
+
+fn send(n: u64, how: Send) {
     let mut fds = [0i32; 2];
     // SAFETY: socketpair fills the two fds.
     let made = unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_DGRAM, 0, fds.as_mut_ptr()) };
@@ -224,15 +234,20 @@ fn send(n: u64, msg: bool) {
     let mut header: libc::msghdr = unsafe { std::mem::zeroed() };
     header.msg_iov = &mut iov;
     header.msg_iovlen = 1;
+    let mut message = libc::mmsghdr {
+        msg_hdr: header,
+        msg_len: 0,
+    };
     let start = Instant::now();
     for _ in 0..n {
         // SAFETY: sends 1 byte from a static on a connected socket (no address), then receives
         // it into a local buffer.
         unsafe {
-            let sent = if msg {
-                libc::sendmsg(fds[0], &header, 0)
-            } else {
-                libc::sendto(fds[0], b"x".as_ptr().cast(), 1, 0, std::ptr::null(), 0)
+            // sendmmsg returns the messages sent (one), the others the bytes (one).
+            let sent = match how {
+                Send::To => libc::sendto(fds[0], b"x".as_ptr().cast(), 1, 0, std::ptr::null(), 0),
+                Send::Msg => libc::sendmsg(fds[0], &header, 0),
+                Send::Mmsg => libc::sendmmsg(fds[0], &mut message, 1, 0) as isize,
             };
             assert_eq!(sent, 1, "send failed");
             libc::recv(fds[1], byte.as_mut_ptr().cast(), 1, 0);

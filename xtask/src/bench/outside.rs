@@ -2,9 +2,10 @@
 //! agent on, interleaved rounds whose mode order rotates: `getppid` (no program of the agent
 //! runs on it: the cost every syscall pays once the agent's syscall tracepoints are enabled),
 //! `write` of 1 byte to /dev/null (too short to be a Docker API request: the probes' first test),
-//! of 64 bytes (long enough: the probes look the fd up), `sendto` and `sendmsg` of 1 byte on a
-//! unix datagram socket (received by its peer) and `writev` of one 64-byte buffer. The container
-//! probes (`sys_enter_write`, `sys_enter_sendto`, `enter_writev`, `enter_sendmsg`) run on every
+//! of 64 bytes (long enough: the probes look the fd up), `sendto`, `sendmsg` and `sendmmsg` of 1
+//! byte on a unix datagram socket (received by its peer) and `writev` of one 64-byte buffer. The
+//! container probes (`sys_enter_write`, `sys_enter_sendto`, `enter_writev`, `enter_sendmsg`,
+//! `enter_sendmmsg`) run on every
 //! such call on the host, looking for a job's Docker API requests; this is what they cost
 //! everyone else. Then, with `kernel.bpf_stats_enabled`, the probes' own run time per call.
 
@@ -21,14 +22,21 @@ use super::{
 };
 
 const MODES: [&str; 3] = ["off", "floor", "on"];
-const CASES: [&str; 6] = ["getppid", "write", "write64", "sendto", "writev", "sendmsg"];
+const CASES: [&str; 7] = [
+    "getppid", "write", "write64", "sendto", "writev", "sendmsg", "sendmmsg",
+];
+/// The cases a container probe runs on (all but `getppid`).
+const SENDS: [&str; 6] = [
+    "write", "write64", "sendto", "writev", "sendmsg", "sendmmsg",
+];
 /// The tracepoints the floor enables.
-const FLOOR: [&str; 5] = [
+const FLOOR: [&str; 6] = [
     "sys_enter_getppid",
     "sys_enter_write",
     "sys_enter_sendto",
     "sys_enter_writev",
     "sys_enter_sendmsg",
+    "sys_enter_sendmmsg",
 ];
 
 /// `bench-workload ARGS` run directly, not as a job: ns per operation.
@@ -51,8 +59,10 @@ fn outside(args: &[String]) -> anyhow::Result<f64> {
 
 /// The container probes, as bpftool names them (the kernel's name is cut at 15 characters).
 fn is_send_probe(name: &str) -> bool {
-    matches!(name, "sys_enter_write" | "enter_writev" | "enter_sendmsg")
-        || name.starts_with("sys_enter_sendt")
+    matches!(
+        name,
+        "sys_enter_write" | "enter_writev" | "enter_sendmsg" | "enter_sendmmsg"
+    ) || name.starts_with("sys_enter_sendt")
 }
 
 pub(super) fn run(dir: &std::path::Path, sizes: &Sizes) -> anyhow::Result<Value> {
@@ -60,7 +70,9 @@ pub(super) fn run(dir: &std::path::Path, sizes: &Sizes) -> anyhow::Result<Value>
     let args = |case: &str| -> Vec<String> {
         // A send and its receive cost about ten 1-byte writes: a quarter as many.
         match case {
-            "sendto" | "sendmsg" => vec![case.to_owned(), (n / 4).max(1).to_string()],
+            "sendto" | "sendmsg" | "sendmmsg" => {
+                vec![case.to_owned(), (n / 4).max(1).to_string()]
+            }
             "write64" => vec!["write".to_owned(), n.to_string(), "64".to_owned()],
             _ => vec![case.to_owned(), n.to_string()],
         }
@@ -95,7 +107,7 @@ pub(super) fn run(dir: &std::path::Path, sizes: &Sizes) -> anyhow::Result<Value>
     // the host meanwhile count too; nearly all of them outside jobs as well).
     let agent = Agent::start(dir)?;
     let mut probes = serde_json::Map::new();
-    for case in ["write", "write64", "sendto", "writev", "sendmsg"] {
+    for case in SENDS {
         let stats = BpfStats::enable()?;
         let before = program_stats(&agent, is_send_probe);
         if let Err(e) = outside(&args(case)) {
@@ -163,7 +175,7 @@ pub(super) fn print(r: &Value) {
             .collect();
         println!("  {case:<8} {}", parts.join(", "));
     }
-    for case in ["write", "write64", "sendto", "writev", "sendmsg"] {
+    for case in SENDS {
         if let Some(probes) = r["probe_ns_per_call"][case].as_object() {
             let parts: Vec<String> = probes
                 .iter()
