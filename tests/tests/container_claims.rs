@@ -7,7 +7,7 @@
 
 use std::{path::PathBuf, process::Command};
 
-use integration_tests::{TestEnv, harness};
+use integration_tests::{TestEnv, harness, live::wait_until};
 use runner_monitor::{
     event::{EventDetail, JobKey},
     sensor::Claim,
@@ -112,15 +112,12 @@ fn a_container_cgroup_made_before_its_registration_is_adopted_and_one_made_after
         gate = gate.display()
     ));
     let procs = early.dir.join("cgroup.procs");
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    while !std::fs::read_to_string(&procs)
-        .unwrap_or_default()
-        .split_whitespace()
-        .any(|p| p == init.id().to_string())
-    {
-        assert!(std::time::Instant::now() < deadline, "never in the cgroup");
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    wait_until("the init in its cgroup", 5, || {
+        std::fs::read_to_string(&procs)
+            .unwrap_or_default()
+            .split_whitespace()
+            .any(|p| p == init.id().to_string())
+    });
     assert_eq!(h.sensor().job_of(init.id()), None);
     let job = new_job();
     let claim = h.sensor().claim_container(&container_id(1), job).unwrap();
