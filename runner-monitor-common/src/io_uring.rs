@@ -13,6 +13,18 @@ pub const IORING_OP_CONNECT: u8 = 16;
 pub const IORING_OP_RENAMEAT: u8 = 35;
 pub const IORING_OP_SYMLINKAT: u8 = 38;
 pub const IORING_OP_LINKAT: u8 = 39;
+/// The requests that send bytes on a descriptor, as `write`, `writev`, `send` and `sendmsg` do:
+/// a job's container start request may be one of them (`IORING_OP_WRITE_FIXED` and the
+/// zero-copy sends name user memory too).
+pub const IORING_OP_WRITEV: u8 = 2;
+pub const IORING_OP_WRITE_FIXED: u8 = 5;
+pub const IORING_OP_SENDMSG: u8 = 9;
+pub const IORING_OP_WRITE: u8 = 23;
+pub const IORING_OP_SEND: u8 = 26;
+pub const IORING_OP_SEND_ZC: u8 = 47;
+pub const IORING_OP_SENDMSG_ZC: u8 = 48;
+/// `io_sr_msg.flags` (the SQE's `ioprio`): a send whose buffer is an iovec array (Linux 6.17+).
+pub const IORING_SEND_VECTORIZED: u16 = 1 << 5;
 /// `IORING_SETUP_SQPOLL`: a kernel thread of the ring's creator polls the submission queue, so
 /// requests are submitted without any syscall.
 pub const IORING_SETUP_SQPOLL: u32 = 1 << 1;
@@ -46,6 +58,15 @@ pub mod slot {
     pub const IO_URING_PATHS_OLD: u32 = 15;
     pub const IO_URING_PATHS_NEW: u32 = 16;
     pub const IO_URING_PATHS_FLAGS: u32 = 17;
+    /// From the start of a `struct io_kiocb`: a write's user address and length (`struct io_rw`
+    /// `addr`, u64, and `len`, u32: a buffer, or for `IORING_OP_WRITEV` an iovec array and its
+    /// count), and a send's (`struct io_sr_msg`: `buf`, the `struct user_msghdr *` of a
+    /// `sendmsg`, `len`, i32, and `flags`, u16).
+    pub const IO_URING_RW_ADDR: u32 = 27;
+    pub const IO_URING_RW_LEN: u32 = 28;
+    pub const IO_URING_SEND_BUF: u32 = 29;
+    pub const IO_URING_SEND_LEN: u32 = 30;
+    pub const IO_URING_SEND_FLAGS: u32 = 31;
 }
 
 /// `IO_URING_LAYOUT` bit: the open request's offsets are known.
@@ -54,6 +75,8 @@ pub const LAYOUT_OPEN: u32 = 1;
 pub const LAYOUT_CONNECT: u32 = 1 << 1;
 /// `IO_URING_LAYOUT` bit: the rename and link requests' offsets (and `filename.name`) are known.
 pub const LAYOUT_PATHS: u32 = 1 << 2;
+/// `IO_URING_LAYOUT` bit: the write and send requests' offsets (and the fd's) are known.
+pub const LAYOUT_SEND: u32 = 1 << 3;
 
 /// A job process set up an io_uring instance (`io_uring_setup`).
 #[repr(C)]

@@ -36,7 +36,7 @@ pub const AGENT_FAILURE_CLOSED: u32 = 25;
 /// Non-zero when the resolver also listens on `[::1]` at `DNS_RESOLVER_PORT` (UDP): unconnected
 /// IPv6 sends to port 53 are then redirected there.
 pub const DNS_RESOLVER_V6: u32 = 26;
-pub const SLOTS: u32 = 27;
+pub const SLOTS: u32 = 32;
 
 /// How long the heartbeat may be silent before the agent is taken for gone.
 pub const AGENT_STALE_SECONDS: u32 = 5;

@@ -6,11 +6,12 @@
 //! 1. a job process's successful `connect` to a container runtime's unix socket (bound at
 //!    `.../docker.sock` or `.../podman.sock`, served by a live process outside jobs:
 //!    `unix_peer.rs`) remembers (tgid, fd) (`net.rs`);
-//! 2. a `write`, `sendto`, `writev`, `sendmsg` or `sendmmsg` (its first message's first buffer)
-//!    on such a socket that starts an HTTP request `POST [/vN.NN]/containers/<64 hex id>/start`
-//!    (what the docker CLI, compose and the SDKs send after create) or `.../attach` (the CLI's
-//!    `run` attaches first; podman's API makes the cgroup there) records the id as the job's, at
-//!    the syscall's entry: before the daemon can read the request;
+//! 2. a `write`, `sendto`, `writev`, `sendmsg` or `sendmmsg` (its first message's first buffer),
+//!    or the same submitted through io_uring (`io_uring_send`), on such a socket that starts an
+//!    HTTP request `POST [/vN.NN]/containers/<64 hex id>/start` (what the docker CLI, compose
+//!    and the SDKs send after create) or `.../attach` (the CLI's `run` attaches first; podman's
+//!    API makes the cgroup there) records the id as the job's, at the syscall's entry (or the
+//!    request's submission): before the daemon can read the request;
 //! 3. when the runtime makes the container's cgroup (`cgroup:cgroup_mkdir` in the cgroup v2
 //!    hierarchy, `.../<id>` or `.../docker-<id>.scope`), the cgroup id becomes the job's.
 //!
@@ -347,7 +348,12 @@ fn on_message(ctx: &TracePointContext) {
     let Some(job) = job_socket(syscall_arg_direct(ctx, 0)) else {
         return;
     };
-    let msg = syscall_arg_direct(ctx, 1);
+    on_msghdr(syscall_arg_direct(ctx, 1), job);
+}
+
+/// The first buffer of the `struct user_msghdr` at `msg`, sent on a job's unix socket.
+#[inline(always)]
+fn on_msghdr(msg: u64, job: u64) {
     if msg == 0 {
         return;
     }
@@ -359,6 +365,77 @@ fn on_message(ctx: &TracePointContext) {
     if count > 0 {
         on_vectored(iov, job);
     }
+}
+
+/// What an io_uring write or send request of a job process sends (`io_uring.rs`).
+pub enum Sent {
+    /// `len` bytes at `buf` (`WRITE`, `WRITE_FIXED`, `SEND`, `SEND_ZC`).
+    Buffer { buf: u64, len: u64 },
+    /// An iovec array (`WRITEV`, a vectorized `SEND`): its first buffer.
+    Vectors(u64),
+    /// A `struct user_msghdr` (`SENDMSG`, `SENDMSG_ZC`): its first buffer.
+    Message(u64),
+}
+
+/// An io_uring write or send request that job process `process` submitted on descriptor `fd`:
+/// read as the syscalls' are when `fd` is a connection to a runtime's API. The request is
+/// submitted on the submitter's descriptor table (a ring's polling thread shares its creator's),
+/// so the (tgid, fd) key is the syscalls'. A connection the connect tracepoint did not see (an
+/// io_uring `CONNECT`: no syscall) is checked here, at the first request that begins as a
+/// container request (`POST /`), and remembered as a job's runtime connection from then on.
+#[inline(always)]
+pub fn io_uring_send(process: &ProcessJob, fd: i32, sent: Sent) {
+    if fd < 0 {
+        return;
+    }
+    let (buf, len) = match sent {
+        Sent::Buffer { buf, len } => (buf, len),
+        Sent::Vectors(iov) => {
+            if iov == 0 {
+                return;
+            }
+            // SAFETY: a checked read of user memory.
+            match unsafe { bpf_probe_read_user(iov as *const [u64; 2]) } {
+                Ok([base, len]) => (base, len),
+                Err(_) => return,
+            }
+        }
+        Sent::Message(msg) => {
+            if msg == 0 {
+                return;
+            }
+            // SAFETY: checked reads of user memory.
+            let Ok([iov, count]) =
+                (unsafe { bpf_probe_read_user((msg + MSG_IOV) as *const [u64; 2]) })
+            else {
+                return;
+            };
+            if iov == 0 || count == 0 {
+                return;
+            }
+            // SAFETY: as above.
+            match unsafe { bpf_probe_read_user(iov as *const [u64; 2]) } {
+                Ok([base, len]) => (base, len),
+                Err(_) => return,
+            }
+        }
+    };
+    if len < SHORTEST || buf == 0 {
+        return;
+    }
+    let job = match job_socket(fd as u64) {
+        Some(job) => job,
+        None => {
+            // SAFETY: a checked read of user memory.
+            let begins = unsafe { bpf_probe_read_user(buf as *const [u8; POST.len()]) };
+            if begins != Ok(*POST) || crate::unix_peer::is_runtime_api(fd) != Some(true) {
+                return;
+            }
+            unix_connected(current_tgid(), fd, process.job);
+            process.job
+        }
+    };
+    on_request(buf, len, job);
 }
 
 /// Offsets of `cgroup:cgroup_mkdir` fields (see its `format` file).

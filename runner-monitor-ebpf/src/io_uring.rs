@@ -1,5 +1,5 @@
 //! io_uring: rings set up by job processes, and the opens, renames, links and connects they
-//! submit.
+//! submit, and the writes and sends that may carry a container request (`containers.rs`).
 //!
 //! Syscall tracepoints are blind to io_uring: an `IORING_OP_OPENAT` makes no `openat` syscall.
 //! The `io_uring:` tracepoints are not, and as `tp_btf` programs they get the kernel's typed
@@ -17,13 +17,21 @@ use runner_monitor_common::{
     AT_FDCWD, EventKind, IoUringSetupEvent, LINK_SYMBOLIC,
     io_uring::{
         IORING_OP_CONNECT, IORING_OP_LINKAT, IORING_OP_OPENAT, IORING_OP_OPENAT2,
-        IORING_OP_RENAMEAT, IORING_OP_SYMLINKAT, LAYOUT_CONNECT, LAYOUT_OPEN, LAYOUT_PATHS,
+        IORING_OP_RENAMEAT, IORING_OP_SEND, IORING_OP_SEND_ZC, IORING_OP_SENDMSG,
+        IORING_OP_SENDMSG_ZC, IORING_OP_SYMLINKAT, IORING_OP_WRITE, IORING_OP_WRITE_FIXED,
+        IORING_OP_WRITEV, IORING_SEND_VECTORIZED, LAYOUT_CONNECT, LAYOUT_OPEN, LAYOUT_PATHS,
+        LAYOUT_SEND,
     },
     setting,
 };
 
 use crate::{
-    emit::send, files::kernel_file, maps::current_process, names::setting, net::io_uring_connect,
+    containers::{Sent, io_uring_send},
+    emit::send,
+    files::kernel_file,
+    maps::current_process,
+    names::setting,
+    net::io_uring_connect,
 };
 
 /// The `T` at kernel address `base + offset`; `None` when it cannot be read.
@@ -103,6 +111,78 @@ pub fn io_uring_submit_req(ctx: BtfTracePointContext) -> i32 {
         flags as u32,
     );
     0
+}
+
+// TP_PROTO(struct io_kiocb *req), as `io_uring_submit_req`: a program of its own on the same
+// tracepoint, for the write and send requests. A job's container request on a runtime's socket
+// is read as the syscalls' (`containers::io_uring_send`). Apart, each program is verified
+// alone: together the container request parser took the verifier to its limit.
+#[btf_tracepoint(function = "io_uring_submit_req")]
+pub fn io_uring_send_req(ctx: BtfTracePointContext) -> i32 {
+    let Some(process) = current_process() else {
+        return 0;
+    };
+    if setting(setting::IO_URING_LAYOUT) & LAYOUT_SEND == 0 {
+        return 0;
+    }
+    let req: u64 = ctx.arg(0);
+    let Some(opcode) = kernel_field::<u8>(req, setting(setting::IO_URING_OPCODE)) else {
+        return 0;
+    };
+    if matches!(
+        opcode,
+        IORING_OP_WRITE
+            | IORING_OP_WRITE_FIXED
+            | IORING_OP_WRITEV
+            | IORING_OP_SEND
+            | IORING_OP_SEND_ZC
+            | IORING_OP_SENDMSG
+            | IORING_OP_SENDMSG_ZC
+    ) {
+        sent(&process, req, opcode);
+    }
+    0
+}
+
+/// A write or send request. The fd is the submitter's (`cqe.fd`; a registered file's index
+/// with `IOSQE_FIXED_FILE`, which names no connection the kernel remembers).
+#[inline(always)]
+fn sent(process: &runner_monitor_common::ProcessJob, req: u64, opcode: u8) {
+    let fd = kernel_field::<i32>(req, setting(setting::IO_URING_FD)).unwrap_or(-1);
+    let what = match opcode {
+        IORING_OP_WRITE | IORING_OP_WRITE_FIXED | IORING_OP_WRITEV => {
+            let addr = kernel_field::<u64>(req, setting(setting::IO_URING_RW_ADDR)).unwrap_or(0);
+            if opcode == IORING_OP_WRITEV {
+                Sent::Vectors(addr)
+            } else {
+                let len = kernel_field::<u32>(req, setting(setting::IO_URING_RW_LEN)).unwrap_or(0);
+                Sent::Buffer {
+                    buf: addr,
+                    len: u64::from(len),
+                }
+            }
+        }
+        _ => {
+            let buf = kernel_field::<u64>(req, setting(setting::IO_URING_SEND_BUF)).unwrap_or(0);
+            if opcode == IORING_OP_SENDMSG || opcode == IORING_OP_SENDMSG_ZC {
+                Sent::Message(buf)
+            } else {
+                let flags =
+                    kernel_field::<u16>(req, setting(setting::IO_URING_SEND_FLAGS)).unwrap_or(0);
+                if flags & IORING_SEND_VECTORIZED != 0 {
+                    Sent::Vectors(buf)
+                } else {
+                    let len =
+                        kernel_field::<i32>(req, setting(setting::IO_URING_SEND_LEN)).unwrap_or(0);
+                    Sent::Buffer {
+                        buf,
+                        len: len.max(0) as u64,
+                    }
+                }
+            }
+        }
+    };
+    io_uring_send(process, fd, what);
 }
 
 /// The name (a kernel string) of the `struct filename *` at `req + offset`; 0 when there is none.

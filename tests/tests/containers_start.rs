@@ -241,3 +241,54 @@ fn a_container_started_outside_jobs_beside_a_start_by_name_does_not_take_it() {
     );
     assert_no_secret(agent);
 }
+
+/// Start requests submitted through io_uring make no `write` or `send` syscall: the kernel
+/// reads them at submission (`io_uring_send_req`), as each of the four ways to send (`WRITE`,
+/// `WRITEV`, `SEND`, `SENDMSG`), on connections made by `connect(2)` and by io_uring's own
+/// `CONNECT` (no connect syscall either: the socket is checked at the request). Each container
+/// is the job's.
+#[test]
+fn containers_a_job_starts_through_io_uring_are_the_job() {
+    let agent = agent();
+    let docker = Docker::start("uring");
+    let env = TestEnv::new("containers-uring");
+    let run = run_id(16);
+    let cases = [
+        ("write", "syscall"),
+        ("writev", "uring"),
+        ("send", "uring"),
+        ("sendmsg", "syscall"),
+    ];
+    let answers = env.dir.join("answers");
+    let mut step = String::new();
+    for (op, connect) in cases {
+        step += &format!(
+            "cid=$({create})\n{job_step} uring-start {socket} $cid {op} {connect} >> {answers}\n\
+             {cli} wait $cid > /dev/null\n",
+            create = create_reader(&docker, &env, &format!("--name rm-uring-{op}-{run}")),
+            job_step = integration_tests::job_step().display(),
+            socket = docker.socket.display(),
+            answers = answers.display(),
+            cli = docker.shell_cli(),
+        );
+    }
+    github_job(&env, agent, &run, "acme/uring", &step);
+    let answers = std::fs::read_to_string(&answers).unwrap_or_default();
+    assert_eq!(
+        answers
+            .lines()
+            .filter(|l| l.starts_with("HTTP/1.0 204"))
+            .count(),
+        cases.len(),
+        "the daemon's answers: {answers}"
+    );
+    let id = format!("{run}/build");
+    for (op, _) in cases {
+        let name = format!("rm-uring-{op}-{run}");
+        let harvest = wait_alert(agent, "credential-harvesting", &id, |a| {
+            a["container"]["name"] == name.as_str()
+        });
+        assert_container(&harvest, Some(&name));
+    }
+    assert_no_secret(agent);
+}

@@ -1,6 +1,7 @@
 //! The io_uring probes: `tp_btf` programs on `io_uring:io_uring_create` (a job process sets up a
-//! ring) and `io_uring:io_uring_submit_req` (the opens and connects it submits), with the request
-//! layouts they need read from the running kernel's BTF.
+//! ring) and `io_uring:io_uring_submit_req` (the opens, paths and connects it submits; and, a
+//! program of its own, the writes and sends, for container requests), with the request layouts
+//! they need read from the running kernel's BTF.
 //!
 //! What they cover, and what not, is in `docs/sensors.md` ("io_uring") and in `coverage`, which
 //! `runner-monitor check` prints.
@@ -11,7 +12,7 @@ use aya::{
     programs::BtfTracePoint,
 };
 use runner_monitor_common::{
-    io_uring::{LAYOUT_CONNECT, LAYOUT_OPEN, LAYOUT_PATHS},
+    io_uring::{LAYOUT_CONNECT, LAYOUT_OPEN, LAYOUT_PATHS, LAYOUT_SEND},
     setting,
 };
 
@@ -163,11 +164,50 @@ impl PathsLayout {
     }
 }
 
+/// Where the request probe reads what a write or a send request sends, from the start of
+/// `struct io_kiocb`: a job's container start request through io_uring (`containers.rs`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct SendLayout {
+    pub opcode: u32,
+    /// `io_kiocb.cqe` + `io_cqe.fd`: the descriptor written to.
+    pub fd: u32,
+    /// `io_kiocb.cmd` + `io_rw.addr` (u64) and `io_rw.len` (u32).
+    pub rw_addr: u32,
+    pub rw_len: u32,
+    /// `io_kiocb.cmd` + `io_sr_msg.buf` (the union with `umsg`), `.len` (i32), `.flags` (u16).
+    pub send_buf: u32,
+    pub send_len: u32,
+    pub send_flags: u32,
+}
+
+impl SendLayout {
+    pub fn from_btf(btf: &KernelBtf) -> Result<Self, String> {
+        let m = Members(btf);
+        let rw = m.command_area("io_rw")?;
+        let sr = m.command_area("io_sr_msg")?;
+        // `umsg` shares `buf`'s place (an anonymous union): checked, as the probe reads both there.
+        let buf = m.pointer("io_sr_msg", "buf")?;
+        if m.pointer("io_sr_msg", "umsg")? != buf {
+            return Err("io_sr_msg.umsg is not at io_sr_msg.buf".to_owned());
+        }
+        Ok(Self {
+            opcode: m.sized("io_kiocb", "opcode", 1)?,
+            fd: m.offset("io_kiocb", "cqe")? + m.sized("io_cqe", "fd", 4)?,
+            rw_addr: rw + m.sized("io_rw", "addr", 8)?,
+            rw_len: rw + m.sized("io_rw", "len", 4)?,
+            send_buf: sr + buf,
+            send_len: sr + m.sized("io_sr_msg", "len", 4)?,
+            send_flags: sr + m.sized("io_sr_msg", "flags", 2)?,
+        })
+    }
+}
+
 /// The request layouts of the running kernel, each with the reason it is not known.
 pub struct Layouts {
     pub open: Result<OpenLayout, String>,
     pub connect: Result<ConnectLayout, String>,
     pub paths: Result<PathsLayout, String>,
+    pub send: Result<SendLayout, String>,
 }
 
 impl Layouts {
@@ -177,11 +217,13 @@ impl Layouts {
                 open: OpenLayout::from_btf(btf),
                 connect: ConnectLayout::from_btf(btf),
                 paths: PathsLayout::from_btf(btf),
+                send: SendLayout::from_btf(btf),
             },
             Err(e) => Self {
                 open: Err(e.clone()),
                 connect: Err(e.clone()),
                 paths: Err(e.clone()),
+                send: Err(e.clone()),
             },
         }
     }
@@ -214,6 +256,16 @@ impl Layouts {
             settings.set(setting::IO_URING_PATHS_FLAGS, l.flags, 0)?;
             bits |= LAYOUT_PATHS;
         }
+        if let Ok(l) = &self.send {
+            settings.set(setting::IO_URING_OPCODE, l.opcode, 0)?;
+            settings.set(setting::IO_URING_FD, l.fd, 0)?;
+            settings.set(setting::IO_URING_RW_ADDR, l.rw_addr, 0)?;
+            settings.set(setting::IO_URING_RW_LEN, l.rw_len, 0)?;
+            settings.set(setting::IO_URING_SEND_BUF, l.send_buf, 0)?;
+            settings.set(setting::IO_URING_SEND_LEN, l.send_len, 0)?;
+            settings.set(setting::IO_URING_SEND_FLAGS, l.send_flags, 0)?;
+            bits |= LAYOUT_SEND;
+        }
         settings.set(setting::IO_URING_LAYOUT, bits, 0)
     }
 }
@@ -222,10 +274,14 @@ impl Layouts {
 /// request tracepoint was `io_uring_submit_sqe(struct io_kiocb *req, bool force_nonblock)`, at the
 /// same place in `io_submit_sqe()` (after `io_init_req()`) and with the request as its first
 /// argument too (Debian 12's 6.1 has it, not `io_uring_submit_req`).
-const PROBES: [(&str, &[&str]); 2] = [
+const PROBES: [(&str, &[&str]); 3] = [
     ("io_uring_create", &["io_uring_create"]),
     (
         "io_uring_submit_req",
+        &["io_uring_submit_req", "io_uring_submit_sqe"],
+    ),
+    (
+        "io_uring_send_req",
         &["io_uring_submit_req", "io_uring_submit_sqe"],
     ),
 ];
@@ -268,18 +324,38 @@ pub fn attach(
                     .find(|t| k.has_typedef(&format!("btf_trace_{t}")))
             })
             .copied();
-        let state = match (&btf, (&layouts.open, &layouts.connect, &layouts.paths)) {
+        // Why a request program has nothing to read on this kernel, if so.
+        let no_layout = match (program, &layouts) {
+            (
+                "io_uring_submit_req",
+                Layouts {
+                    open: Err(open),
+                    connect: Err(connect),
+                    paths: Err(paths),
+                    ..
+                },
+            ) => Some(format!(
+                "not attached: the io_uring request layouts are not in the kernel's BTF \
+                 (open: {open}; connect: {connect}; rename and link: {paths})"
+            )),
+            (
+                "io_uring_send_req",
+                Layouts {
+                    send: Err(send), ..
+                },
+            ) => Some(format!(
+                "not attached: the io_uring write and send layouts are not in the kernel's \
+                 BTF ({send})"
+            )),
+            _ => None,
+        };
+        let state = match (&btf, no_layout) {
             (Err(reason), _) => ProbeState::Failed(reason.clone()),
             _ if tracepoint.is_none() => ProbeState::Absent(format!(
                 "no tracepoint io_uring/{} in the kernel's BTF (io_uring not built in?)",
                 tracepoints.join(" or ")
             )),
-            (Ok(_), (Err(open), Err(connect), Err(paths))) if program == "io_uring_submit_req" => {
-                ProbeState::Failed(format!(
-                    "not attached: the io_uring request layouts are not in the kernel's BTF \
-                     (open: {open}; connect: {connect}; rename and link: {paths})"
-                ))
-            }
+            (Ok(_), Some(reason)) => ProbeState::Failed(reason),
             (Ok((_, aya_btf)), _) => {
                 match attach_one(ebpf, program, tracepoint.unwrap_or_default(), aya_btf) {
                     Ok(program_id) => {
@@ -356,12 +432,14 @@ fn coverage_with(probes: &[ProbeStatus], layouts: &Layouts) -> Vec<(&'static str
         }) => Some(r.clone()),
         None => Some("probe not loaded".to_owned()),
     };
-    let request =
-        |layout: Result<(), &String>, seen: &str| match (why("io_uring_submit_req"), layout) {
+    let request_of =
+        |program: &str, layout: Result<(), &String>, seen: &str| match (why(program), layout) {
             (Some(r), _) => format!("NOT seen: {r}"),
             (None, Err(r)) => format!("NOT seen: {r}"),
             (None, Ok(())) => format!("seen at submission: {seen}"),
         };
+    let request =
+        |layout: Result<(), &String>, seen: &str| request_of("io_uring_submit_req", layout, seen);
     vec![
         (
             "ring setup",
@@ -392,7 +470,16 @@ fn coverage_with(probes: &[ProbeStatus], layouts: &Layouts) -> Vec<(&'static str
             ),
         ),
         (
-            "READ, READV, WRITE, ...",
+            "WRITE(V), SEND(MSG), _FIXED, _ZC",
+            request_of(
+                "io_uring_send_req",
+                layouts.send.as_ref().map(|_| ()),
+                "on a container runtime's socket, a job's container start or exec request is \
+                 read as for the syscalls (docs/containers.md); a registered (fixed) file is not",
+            ),
+        ),
+        (
+            "READ, READV, WRITE, ... as file access",
             "not matched by name: the fd's open is (syscall or io_uring); a registered (fixed) \
              file or an fd received from elsewhere is judged where it was opened"
                 .to_owned(),
@@ -426,22 +513,26 @@ mod tests {
         assert!(reason.contains("io_kiocb"), "{reason}");
         assert!(layouts.connect.clone().unwrap_err().contains("io_kiocb"));
         assert!(layouts.paths.clone().unwrap_err().contains("io_kiocb"));
-        let attached = |state| ProbeStatus {
-            sensor: "io_uring",
-            program: "io_uring_submit_req".into(),
-            target: String::new(),
-            required: false,
-            state,
+        assert!(layouts.send.clone().unwrap_err().contains("io_"));
+        let both = |state: ProbeState| {
+            ["io_uring_submit_req", "io_uring_send_req"].map(|program| ProbeStatus {
+                sensor: "io_uring",
+                program: program.into(),
+                target: String::new(),
+                required: false,
+                state: state.clone(),
+            })
         };
         // Not attached: every request kind says why.
-        let lines = coverage_with(&[attached(ProbeState::Failed("EPERM".into()))], &layouts);
+        let lines = coverage_with(&both(ProbeState::Failed("EPERM".into())), &layouts);
         assert!(
-            lines[1..4].iter().all(|(_, how)| how == "NOT seen: EPERM"),
+            lines[1..5].iter().all(|(_, how)| how == "NOT seen: EPERM"),
             "{lines:?}"
         );
         // Attached, but without the layouts: not seen either, with the missing member.
-        let lines = coverage_with(&[attached(ProbeState::Attached)], &layouts);
+        let lines = coverage_with(&both(ProbeState::Attached), &layouts);
         assert!(lines[1].1.starts_with("NOT seen") && lines[1].1.contains(&reason));
+        assert!(lines[4].1.starts_with("NOT seen") && lines[4].1.contains("io_"));
         assert!(coverage_with(&[], &layouts)[0].1.starts_with("NOT seen"));
     }
 
@@ -470,6 +561,15 @@ mod tests {
         assert!(
             paths.oldpath < paths.newpath && paths.newpath < paths.opcode,
             "{paths:?}"
+        );
+        let send = SendLayout::from_btf(&btf).unwrap();
+        assert!(
+            send.rw_addr < send.rw_len && send.send_buf < send.send_len,
+            "{send:?}"
+        );
+        assert!(
+            send.rw_len < send.opcode && send.send_flags < send.opcode,
+            "{send:?}"
         );
     }
 }

@@ -36,6 +36,11 @@
 //!                                  ADDR, print `listening`, serve until killed
 //! job-step connect-name HOST:PORT  resolve HOST with the C library (getaddrinfo, so
 //!                                  /etc/resolv.conf) and TCP-connect; print `ok` or `errno N`
+//! job-step uring-start SOCKET ID OP CONNECT
+//!                                  start container ID at the Docker API socket SOCKET with a
+//!                                  request submitted through io_uring as OP (`write`, `writev`,
+//!                                  `send`, `sendmsg`) on a connection made by CONNECT
+//!                                  (`syscall` or `uring`); print the answer's status line
 
 use std::{
     ffi::CString,
@@ -43,6 +48,7 @@ use std::{
     net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
     os::fd::FromRawFd,
     os::unix::net::UnixStream,
+    path::Path,
 };
 
 fn main() {
@@ -284,6 +290,11 @@ fn main() {
                 },
             }
         }
+        "uring-start" => {
+            let status = uring_start(Path::new(&arg(1)), arg(2), arg(3), arg(4))
+                .unwrap_or_else(|e| panic!("uring-start: {e}"));
+            println!("{status}");
+        }
         other => panic!("unknown step {other}"),
     }
 }
@@ -345,4 +356,90 @@ fn uring_connect(addr: SocketAddr) -> std::io::Result<()> {
     } else {
         Ok(())
     }
+}
+
+/// Submits `request` through io_uring as `op` on `fd` and waits for its completion.
+fn uring_send(fd: std::os::fd::RawFd, request: &[u8], op: &str) -> std::io::Result<()> {
+    use io_uring::{opcode, types::Fd};
+    let mut ring = io_uring::IoUring::new(4)?;
+    let iov = libc::iovec {
+        iov_base: request.as_ptr() as *mut _,
+        iov_len: request.len(),
+    };
+    // SAFETY: an all-zero msghdr is valid; it names only `iov`, which outlives the request.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &iov as *const _ as *mut _;
+    msg.msg_iovlen = 1;
+    let len = request.len() as u32;
+    let entry = match op {
+        "write" => opcode::Write::new(Fd(fd), request.as_ptr(), len).build(),
+        "writev" => opcode::Writev::new(Fd(fd), &iov, 1).build(),
+        "send" => opcode::Send::new(Fd(fd), request.as_ptr(), len).build(),
+        "sendmsg" => opcode::SendMsg::new(Fd(fd), &msg).build(),
+        other => panic!("unknown io_uring send {other}"),
+    };
+    // SAFETY: the buffer, iovec and msghdr outlive the operation (waited for below).
+    unsafe { ring.submission().push(&entry.user_data(2)) }.map_err(std::io::Error::other)?;
+    ring.submit_and_wait(1)?;
+    let result = ring.completion().next().expect("a completion").result();
+    if result < 0 {
+        return Err(std::io::Error::from_raw_os_error(-result));
+    }
+    assert_eq!(result as usize, request.len(), "a short send");
+    Ok(())
+}
+
+/// A unix stream connection to `path` made by io_uring (`IORING_OP_CONNECT`): no `connect`
+/// syscall.
+fn uring_connect_unix(path: &Path) -> std::io::Result<UnixStream> {
+    use std::os::{fd::AsRawFd, unix::ffi::OsStrExt};
+    let mut ring = io_uring::IoUring::new(4)?;
+    // SAFETY: plain socket(2); the fd is owned below.
+    let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a fresh fd nobody else owns.
+    let stream = unsafe { UnixStream::from_raw_fd(fd) };
+    // SAFETY: an all-zero sockaddr_un is valid.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    addr.sun_family = libc::AF_UNIX as u16;
+    let bytes = path.as_os_str().as_bytes();
+    assert!(bytes.len() < addr.sun_path.len(), "socket path too long");
+    for (d, s) in addr.sun_path.iter_mut().zip(bytes) {
+        *d = *s as libc::c_char;
+    }
+    let len = std::mem::size_of::<libc::sa_family_t>() + bytes.len() + 1;
+    let connect = io_uring::opcode::Connect::new(
+        io_uring::types::Fd(stream.as_raw_fd()),
+        &addr as *const _ as *const libc::sockaddr,
+        len as libc::socklen_t,
+    )
+    .build()
+    .user_data(1);
+    // SAFETY: the address and the socket outlive the operation (waited for below).
+    unsafe { ring.submission().push(&connect) }.map_err(std::io::Error::other)?;
+    ring.submit_and_wait(1)?;
+    let result = ring.completion().next().expect("a completion").result();
+    if result < 0 {
+        return Err(std::io::Error::from_raw_os_error(-result));
+    }
+    Ok(stream)
+}
+
+/// `POST /containers/ID/start` sent through io_uring (`uring-start`); the answer's status line.
+fn uring_start(socket: &Path, id: &str, op: &str, connect: &str) -> std::io::Result<String> {
+    use std::os::fd::AsRawFd;
+    let mut stream = match connect {
+        "syscall" => UnixStream::connect(socket)?,
+        "uring" => uring_connect_unix(socket)?,
+        other => panic!("unknown connect {other}"),
+    };
+    let request = format!(
+        "POST /v1.41/containers/{id}/start HTTP/1.0\r\nHost: docker\r\nContent-Length: 0\r\n\r\n"
+    );
+    uring_send(stream.as_raw_fd(), request.as_bytes(), op)?;
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer)?;
+    Ok(answer.lines().next().unwrap_or_default().to_owned())
 }
