@@ -150,7 +150,12 @@ fn on_send(ctx: &TracePointContext) {
     let Some(job) = job_socket(syscall_arg_direct(ctx, 0)) else {
         return;
     };
-    on_request(syscall_arg_direct(ctx, 1), len, job);
+    on_request(
+        syscall_arg_direct(ctx, 1),
+        len,
+        syscall_arg_direct(ctx, 0),
+        job,
+    );
 }
 
 /// The first buffer of a `writev` or `sendmsg` on a job's unix socket: `iov` points at the
@@ -158,7 +163,7 @@ fn on_send(ctx: &TracePointContext) {
 /// looked at: HTTP clients put the request line in one buffer (Node's libuv writes a request
 /// of several buffers with `writev`).
 #[inline(always)]
-fn on_vectored(iov: u64, job: u64) {
+fn on_vectored(iov: u64, fd: u64, job: u64) {
     if iov == 0 {
         return;
     }
@@ -167,14 +172,14 @@ fn on_vectored(iov: u64, job: u64) {
         return;
     };
     if len >= SHORTEST {
-        on_request(base, len, job);
+        on_request(base, len, fd, job);
     }
 }
 
 /// `len` bytes at `buf` that the current process sends on a job's unix socket: a container
 /// start request records the container as the job's.
 #[inline(always)]
-fn on_request(buf: u64, len: u64, job: u64) {
+fn on_request(buf: u64, len: u64, fd: u64, job: u64) {
     if buf == 0 {
         return;
     }
@@ -194,6 +199,9 @@ fn on_request(buf: u64, len: u64, job: u64) {
         }
     }
     if id_at == 0 {
+        return;
+    }
+    if !still_connected(fd) {
         return;
     }
     // The id and what follows it: `/start` or `/attach`, then a space or `?`. A shorter request
@@ -224,6 +232,16 @@ fn on_request(buf: u64, len: u64, job: u64) {
     if REQUESTED_CONTAINERS.insert(id, job, 0).is_err() {
         count(counter::PENDING_MAP_FULL);
     }
+}
+
+/// Whether the runtime connection remembered for socket `fd` of the current process is still
+/// that: the (tgid, fd) key outlives the connection (nothing is removed at `close`), so a
+/// number reused for another socket or a file, or a pid reused by a process outside jobs, would
+/// otherwise inherit it. Checked only for a container request (rare): the writer is a job
+/// process, and the socket is still a runtime's (`unix_peer.rs`; not known: as before).
+#[inline(always)]
+fn still_connected(fd: u64) -> bool {
+    current_process().is_some() && crate::unix_peer::is_runtime_api(fd as i32) != Some(false)
 }
 
 /// Job `job` asked to run a command in container `id` (its 64-digit id): the container's
@@ -314,7 +332,11 @@ pub fn enter_writev(ctx: TracePointContext) -> u32 {
         return 0;
     }
     if let Some(job) = job_socket(syscall_arg_direct(&ctx, 0)) {
-        on_vectored(syscall_arg_direct(&ctx, 1), job);
+        on_vectored(
+            syscall_arg_direct(&ctx, 1),
+            syscall_arg_direct(&ctx, 0),
+            job,
+        );
     }
     0
 }
@@ -348,12 +370,12 @@ fn on_message(ctx: &TracePointContext) {
     let Some(job) = job_socket(syscall_arg_direct(ctx, 0)) else {
         return;
     };
-    on_msghdr(syscall_arg_direct(ctx, 1), job);
+    on_msghdr(syscall_arg_direct(ctx, 1), syscall_arg_direct(ctx, 0), job);
 }
 
 /// The first buffer of the `struct user_msghdr` at `msg`, sent on a job's unix socket.
 #[inline(always)]
-fn on_msghdr(msg: u64, job: u64) {
+fn on_msghdr(msg: u64, fd: u64, job: u64) {
     if msg == 0 {
         return;
     }
@@ -363,7 +385,7 @@ fn on_msghdr(msg: u64, job: u64) {
         return;
     };
     if count > 0 {
-        on_vectored(iov, job);
+        on_vectored(iov, fd, job);
     }
 }
 
@@ -435,7 +457,7 @@ pub fn io_uring_send(process: &ProcessJob, fd: i32, sent: Sent) {
             process.job
         }
     };
-    on_request(buf, len, job);
+    on_request(buf, len, fd as u64, job);
 }
 
 /// Offsets of `cgroup:cgroup_mkdir` fields (see its `format` file).

@@ -44,8 +44,10 @@ fn docker_exec_into_a_job_container_is_the_job() {
 
 /// A job cannot mark a container for itself by writing an exec request on a unix socket that is
 /// not a container runtime's API (`unix_peer.rs`): one it serves itself (named `docker.sock`),
-/// one whose listener handed it to a child and exited, and one a process outside jobs serves
-/// under another name (journald's, the bus). Were the request read, the host's own exec into
+/// one whose listener handed it to a child and exited, one a process outside jobs serves
+/// under another name (journald's, the bus), and that last one again on the descriptor number
+/// of a connection to the real daemon it has just closed (the kernel remembers the job's
+/// runtime connections by process and number). Were the request read, the host's own exec into
 /// that container (a health check) would join the job.
 #[test]
 fn a_jobs_request_on_a_socket_not_a_runtimes_marks_nothing() {
@@ -85,7 +87,7 @@ import os, socket, sys, time
 phase = sys.argv[1]
 path = "{dir}/" + phase + "/docker.sock"
 server = None
-if phase == "outside":
+if phase in ("outside", "reused"):
     path = "{outside}"
 else:
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -98,8 +100,21 @@ else:
 request = b"POST /v1.41/containers/{id}/exec HTTP/1.1\r\nHost: docker\r\nContent-Length: 0\r\n\r\n"
 deadline = time.time() + 30
 while not os.path.exists("{dir}/done-" + phase) and time.time() < deadline:
+    number = None
+    if phase == "reused":
+        daemon = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        daemon.connect("{daemon}")
+        number = daemon.fileno()
+        daemon.close()
     client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    client.connect(path)
+    assert number is None or client.fileno() == number
+    try:
+        client.connect(path)
+    except ConnectionRefusedError:
+        # The test's listener is between phases: its backlog is full until it accepts again.
+        client.close()
+        time.sleep(0.05)
+        continue
     client.sendall(request)
     if server:
         server.accept()[0].close()
@@ -109,10 +124,11 @@ while not os.path.exists("{dir}/done-" + phase) and time.time() < deadline:
 "#,
             dir = env.dir.display(),
             outside = outside.display(),
+            daemon = docker.socket.display(),
         ),
     )
     .unwrap();
-    let phases = ["own", "handed", "outside"];
+    let phases = ["own", "handed", "outside", "reused"];
     let mut exec = docker.cli();
     exec.args([
         "exec",
