@@ -10,6 +10,8 @@
 //! bench-workload sendmmsg N           the same with sendmmsg(2) of one message of one buffer
 //! bench-workload writev N             N writev(2) of one 64-byte buffer to /dev/null; prints ns
 //!                                     per writev
+//! bench-workload uring N              N io_uring IORING_OP_WRITE requests of 64 bytes to
+//!                                     /dev/null, submitted 16 at a time; prints ns per request
 //! bench-workload flood PATH SECS P [RATE]
 //!                                     P processes open PATH as fast as they can (or RATE opens
 //!                                     per second in all) for SECS seconds; prints the number of
@@ -91,6 +93,7 @@ fn main() {
         "sendto" => send(num(1), Send::To),
         "sendmsg" => send(num(1), Send::Msg),
         "sendmmsg" => send(num(1), Send::Mmsg),
+        "uring" => uring(num(1)),
         "writev" => {
             let n = num(1);
             let null = std::fs::OpenOptions::new()
@@ -544,4 +547,33 @@ fn dns(server: &str, name: &str, n: u64) {
     us.sort_by(f64::total_cmp);
     let at = |q: f64| us[((us.len() as f64 * q) as usize).min(us.len() - 1)];
     println!("{:.1} {:.1}", at(0.5), at(0.99));
+}
+
+/// `n` 64-byte `IORING_OP_WRITE` requests to /dev/null, 16 per submission: what io_uring's
+/// request tracepoint costs a process (the agent's two programs on it return at once for a
+/// process outside jobs).
+fn uring(n: u64) {
+    const BATCH: u64 = 16;
+    let null = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/null")
+        .expect("/dev/null");
+    let fd = io_uring::types::Fd(std::os::fd::AsRawFd::as_raw_fd(&null));
+    let data = [b'x'; 64];
+    let mut ring = io_uring::IoUring::new(BATCH as u32).expect("io_uring_setup");
+    let batches = n.div_ceil(BATCH);
+    let start = Instant::now();
+    for _ in 0..batches {
+        for _ in 0..BATCH {
+            let write = io_uring::opcode::Write::new(fd, data.as_ptr(), data.len() as u32).build();
+            // SAFETY: the buffer and the file outlive the request (waited for below).
+            unsafe { ring.submission().push(&write) }.expect("a free submission entry");
+        }
+        ring.submit_and_wait(BATCH as usize)
+            .expect("io_uring_enter");
+        for cqe in ring.completion() {
+            assert_eq!(cqe.result(), 64, "write failed");
+        }
+    }
+    per_op(start, batches * BATCH);
 }

@@ -3,11 +3,14 @@
 //! runs on it: the cost every syscall pays once the agent's syscall tracepoints are enabled),
 //! `write` of 1 byte to /dev/null (too short to be a Docker API request: the probes' first test),
 //! of 64 bytes (long enough: the probes look the fd up), `sendto`, `sendmsg` and `sendmmsg` of 1
-//! byte on a unix datagram socket (received by its peer) and `writev` of one 64-byte buffer. The
-//! container probes (`sys_enter_write`, `sys_enter_sendto`, `enter_writev`, `enter_sendmsg`,
-//! `enter_sendmmsg`) run on every
-//! such call on the host, looking for a job's Docker API requests; this is what they cost
-//! everyone else. Then, with `kernel.bpf_stats_enabled`, the probes' own run time per call.
+//! byte on a unix datagram socket (received by its peer), `writev` of one 64-byte buffer, and
+//! io_uring `WRITE` requests of 64 bytes (16 per submission). The container probes
+//! (`sys_enter_write`, `sys_enter_sendto`, `enter_writev`, `enter_sendmsg`, `enter_sendmmsg`,
+//! and on io_uring's request tracepoint `io_uring_send_req` beside `io_uring_submit_req`) run on
+//! every such call on the host, looking for a job's Docker API requests; this is what they cost
+//! everyone else. Then, with `kernel.bpf_stats_enabled`, the probes' own run time per call. The
+//! floor enables syscall tracepoints only: for io_uring it shows what they cost the submission
+//! syscall.
 
 use std::{collections::BTreeMap, process::Command};
 
@@ -22,12 +25,12 @@ use super::{
 };
 
 const MODES: [&str; 3] = ["off", "floor", "on"];
-const CASES: [&str; 7] = [
-    "getppid", "write", "write64", "sendto", "writev", "sendmsg", "sendmmsg",
+const CASES: [&str; 8] = [
+    "getppid", "write", "write64", "sendto", "writev", "sendmsg", "sendmmsg", "uring",
 ];
 /// The cases a container probe runs on (all but `getppid`).
-const SENDS: [&str; 6] = [
-    "write", "write64", "sendto", "writev", "sendmsg", "sendmmsg",
+const SENDS: [&str; 7] = [
+    "write", "write64", "sendto", "writev", "sendmsg", "sendmmsg", "uring",
 ];
 /// The tracepoints the floor enables.
 const FLOOR: [&str; 6] = [
@@ -57,12 +60,14 @@ fn outside(args: &[String]) -> anyhow::Result<f64> {
         .with_context(|| format!("bench-workload printed {text:?}"))
 }
 
-/// The container probes, as bpftool names them (the kernel's name is cut at 15 characters).
+/// The container probes, as bpftool names them (the kernel's name is cut at 15 characters),
+/// and io_uring's two request programs (`io_uring_submit`, `io_uring_send_r`).
 fn is_send_probe(name: &str) -> bool {
     matches!(
         name,
         "sys_enter_write" | "enter_writev" | "enter_sendmsg" | "enter_sendmmsg"
     ) || name.starts_with("sys_enter_sendt")
+        || name.starts_with("io_uring_s")
 }
 
 pub(super) fn run(dir: &std::path::Path, sizes: &Sizes) -> anyhow::Result<Value> {
