@@ -302,7 +302,6 @@ fn main() {
 /// A TCP connect made by io_uring (`IORING_OP_CONNECT`): no `connect` syscall is made.
 fn uring_connect(addr: SocketAddr) -> std::io::Result<()> {
     use std::os::fd::AsRawFd;
-    let mut ring = io_uring::IoUring::new(4)?;
     // SAFETY: plain socket(2); the fd is owned below.
     let fd = unsafe {
         libc::socket(
@@ -345,23 +344,33 @@ fn uring_connect(addr: SocketAddr) -> std::io::Result<()> {
         &storage as *const _ as *const libc::sockaddr,
         len as libc::socklen_t,
     )
-    .build()
-    .user_data(1);
-    // SAFETY: the address and the socket outlive the operation (we wait for it below).
-    unsafe { ring.submission().push(&connect) }.map_err(std::io::Error::other)?;
+    .build();
+    // SAFETY: the address and the socket outlive the operation.
+    unsafe { uring_once(&connect) }.map(|_| ())
+}
+
+/// Submits `entry` on a ring of its own and waits for its completion: its result, a negative
+/// one as the error it is.
+///
+/// # Safety
+/// What `entry` points at must stay valid until this returns.
+unsafe fn uring_once(entry: &io_uring::squeue::Entry) -> std::io::Result<i32> {
+    let mut ring = io_uring::IoUring::new(4)?;
+    // SAFETY: the caller keeps what the entry points at valid; it is waited for below.
+    unsafe { ring.submission().push(&entry.clone().user_data(1)) }
+        .map_err(std::io::Error::other)?;
     ring.submit_and_wait(1)?;
     let result = ring.completion().next().expect("a completion").result();
     if result < 0 {
         Err(std::io::Error::from_raw_os_error(-result))
     } else {
-        Ok(())
+        Ok(result)
     }
 }
 
 /// Submits `request` through io_uring as `op` on `fd` and waits for its completion.
 fn uring_send(fd: std::os::fd::RawFd, request: &[u8], op: &str) -> std::io::Result<()> {
     use io_uring::{opcode, types::Fd};
-    let mut ring = io_uring::IoUring::new(4)?;
     let iov = libc::iovec {
         iov_base: request.as_ptr() as *mut _,
         iov_len: request.len(),
@@ -378,14 +387,9 @@ fn uring_send(fd: std::os::fd::RawFd, request: &[u8], op: &str) -> std::io::Resu
         "sendmsg" => opcode::SendMsg::new(Fd(fd), &msg).build(),
         other => panic!("unknown io_uring send {other}"),
     };
-    // SAFETY: the buffer, iovec and msghdr outlive the operation (waited for below).
-    unsafe { ring.submission().push(&entry.user_data(2)) }.map_err(std::io::Error::other)?;
-    ring.submit_and_wait(1)?;
-    let result = ring.completion().next().expect("a completion").result();
-    if result < 0 {
-        return Err(std::io::Error::from_raw_os_error(-result));
-    }
-    assert_eq!(result as usize, request.len(), "a short send");
+    // SAFETY: the buffer, iovec and msghdr outlive the operation.
+    let sent = unsafe { uring_once(&entry) }?;
+    assert_eq!(sent as usize, request.len(), "a short send");
     Ok(())
 }
 
@@ -393,7 +397,6 @@ fn uring_send(fd: std::os::fd::RawFd, request: &[u8], op: &str) -> std::io::Resu
 /// syscall.
 fn uring_connect_unix(path: &Path) -> std::io::Result<UnixStream> {
     use std::os::{fd::AsRawFd, unix::ffi::OsStrExt};
-    let mut ring = io_uring::IoUring::new(4)?;
     // SAFETY: plain socket(2); the fd is owned below.
     let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0) };
     if fd < 0 {
@@ -415,15 +418,9 @@ fn uring_connect_unix(path: &Path) -> std::io::Result<UnixStream> {
         &addr as *const _ as *const libc::sockaddr,
         len as libc::socklen_t,
     )
-    .build()
-    .user_data(1);
-    // SAFETY: the address and the socket outlive the operation (waited for below).
-    unsafe { ring.submission().push(&connect) }.map_err(std::io::Error::other)?;
-    ring.submit_and_wait(1)?;
-    let result = ring.completion().next().expect("a completion").result();
-    if result < 0 {
-        return Err(std::io::Error::from_raw_os_error(-result));
-    }
+    .build();
+    // SAFETY: the address and the socket outlive the operation.
+    unsafe { uring_once(&connect) }?;
     Ok(stream)
 }
 
