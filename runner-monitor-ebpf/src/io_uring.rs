@@ -12,7 +12,11 @@
 //! (`iou-sqp-<pid>`), which is a thread of the process that created the ring. Either way the
 //! process map gives the job.
 
-use aya_ebpf::{macros::btf_tracepoint, programs::BtfTracePointContext};
+use aya_ebpf::{
+    macros::{btf_tracepoint, map},
+    maps::ProgramArray,
+    programs::BtfTracePointContext,
+};
 use runner_monitor_common::{
     AT_FDCWD, EventKind, IoUringSetupEvent, LINK_SYMBOLIC,
     io_uring::{
@@ -76,6 +80,12 @@ pub fn io_uring_submit_req(ctx: BtfTracePointContext) -> i32 {
     let Some(opcode) = kernel_field::<u8>(req, setting(setting::IO_URING_OPCODE)) else {
         return 0;
     };
+    if layout & LAYOUT_SEND != 0 && is_send(opcode) {
+        // SAFETY: jumps to `io_uring_send_req` (same program type, same tracepoint); returns
+        // only when the slot is empty (the agent then clears `LAYOUT_SEND`).
+        unsafe { IO_URING_SENDS.tail_call(&ctx, 0) };
+        return 0;
+    }
     if opcode == IORING_OP_CONNECT && layout & LAYOUT_CONNECT != 0 {
         // io_connect_prep() kept the user address (and copied it into the request's async
         // data, whose type differs between kernels; the user copy's place does not).
@@ -113,23 +123,14 @@ pub fn io_uring_submit_req(ctx: BtfTracePointContext) -> i32 {
     0
 }
 
-// TP_PROTO(struct io_kiocb *req), as `io_uring_submit_req`: a program of its own on the same
-// tracepoint, for the write and send requests. A job's container request on a runtime's socket
-// is read as the syscalls' (`containers::io_uring_send`). Apart, each program is verified
-// alone: together the container request parser took the verifier to its limit.
-#[btf_tracepoint(function = "io_uring_submit_req")]
-pub fn io_uring_send_req(ctx: BtfTracePointContext) -> i32 {
-    let Some(process) = current_process() else {
-        return 0;
-    };
-    if setting(setting::IO_URING_LAYOUT) & LAYOUT_SEND == 0 {
-        return 0;
-    }
-    let req: u64 = ctx.arg(0);
-    let Some(opcode) = kernel_field::<u8>(req, setting(setting::IO_URING_OPCODE)) else {
-        return 0;
-    };
-    if matches!(
+/// Slot 0: `io_uring_send_req`, put there by the agent before it attaches the request probe.
+#[map]
+static IO_URING_SENDS: ProgramArray = ProgramArray::with_max_entries(1, 0);
+
+/// The requests that send bytes on a descriptor.
+#[inline(always)]
+fn is_send(opcode: u8) -> bool {
+    matches!(
         opcode,
         IORING_OP_WRITE
             | IORING_OP_WRITE_FIXED
@@ -138,7 +139,24 @@ pub fn io_uring_send_req(ctx: BtfTracePointContext) -> i32 {
             | IORING_OP_SEND_ZC
             | IORING_OP_SENDMSG
             | IORING_OP_SENDMSG_ZC
-    ) {
+    )
+}
+
+// TP_PROTO(struct io_kiocb *req), reached by tail call from `io_uring_submit_req` (never
+// attached) for a job process's write or send request: a job's container request on a
+// runtime's socket is read as the syscalls' (`containers::io_uring_send`). A program apart is
+// verified alone: in one program the container request parser took the verifier to its limit.
+// A process outside jobs never gets here.
+#[btf_tracepoint(function = "io_uring_submit_req")]
+pub fn io_uring_send_req(ctx: BtfTracePointContext) -> i32 {
+    let Some(process) = current_process() else {
+        return 0;
+    };
+    let req: u64 = ctx.arg(0);
+    let Some(opcode) = kernel_field::<u8>(req, setting(setting::IO_URING_OPCODE)) else {
+        return 0;
+    };
+    if is_send(opcode) {
         sent(&process, req, opcode);
     }
     0

@@ -274,17 +274,89 @@ impl Layouts {
 /// request tracepoint was `io_uring_submit_sqe(struct io_kiocb *req, bool force_nonblock)`, at the
 /// same place in `io_submit_sqe()` (after `io_init_req()`) and with the request as its first
 /// argument too (Debian 12's 6.1 has it, not `io_uring_submit_req`).
-const PROBES: [(&str, &[&str]); 3] = [
+const PROBES: [(&str, &[&str]); 2] = [
     ("io_uring_create", &["io_uring_create"]),
     (
         "io_uring_submit_req",
         &["io_uring_submit_req", "io_uring_submit_sqe"],
     ),
-    (
-        "io_uring_send_req",
-        &["io_uring_submit_req", "io_uring_submit_sqe"],
-    ),
 ];
+
+/// The program the request probe jumps to for a job's write and send requests, and its table.
+const SENDS_PROGRAM: &str = "io_uring_send_req";
+const SENDS_MAP: &str = "IO_URING_SENDS";
+
+/// Loads `io_uring_send_req` for `tracepoint` and puts it in `IO_URING_SENDS`, before the
+/// request probe is attached (an empty slot: no write or send is read), pinned beside the
+/// probes (`links.rs`) as the file probes' table is.
+fn fill_sends(
+    ebpf: &mut Ebpf,
+    tracepoint: &str,
+    btf: &aya::Btf,
+    links: &mut super::links::LinkPins,
+) -> Result<(), String> {
+    use aya::maps::{Map, ProgramArray};
+    use std::os::fd::{AsFd as _, AsRawFd as _};
+    let program: &mut BtfTracePoint = ebpf
+        .program_mut(SENDS_PROGRAM)
+        .ok_or_else(|| format!("program {SENDS_PROGRAM} is not in the object"))?
+        .try_into()
+        .map_err(|e| format!("{SENDS_PROGRAM}: {e}"))?;
+    if program.fd().is_err() {
+        program
+            .load(tracepoint, btf)
+            .map_err(|e| super::attach::verifier_reason(SENDS_PROGRAM, &e))?;
+    }
+    let fd = program
+        .fd()
+        .and_then(|fd| fd.try_clone().map_err(Into::into))
+        .map_err(|e| format!("{SENDS_PROGRAM}: {e}"))?;
+    let map = ebpf
+        .map_mut(SENDS_MAP)
+        .ok_or_else(|| format!("map {SENDS_MAP} is not in the object"))?;
+    if let Map::ProgramArray(data) = &*map {
+        let id = data.info().map(|i| i.id()).unwrap_or(0);
+        links.pin_map("io_uring_send_calls", data.fd().as_fd().as_raw_fd(), id);
+    }
+    let mut table = ProgramArray::try_from(map).map_err(|e| format!("{SENDS_MAP}: {e}"))?;
+    table
+        .set(0, &fd, 0)
+        .map_err(|e| format!("{SENDS_MAP}: {e}"))
+}
+
+/// The write and send reader, reached by tail call from the request probe: a program apart,
+/// verified alone (in one program the container request parser took the verifier to its limit),
+/// that only a job process's write or send request runs. Without it the request probe is told
+/// not to jump (`LAYOUT_SEND` cleared).
+fn sends(
+    ebpf: &mut Ebpf,
+    settings: &mut Array<MapData, u32>,
+    layouts: &Layouts,
+    tracepoint: &str,
+    btf: &aya::Btf,
+    links: &mut super::links::LinkPins,
+) -> ProbeStatus {
+    let state = match &layouts.send {
+        Err(reason) => ProbeState::Failed(format!(
+            "not loaded: the io_uring write and send layouts are not in the kernel's BTF ({reason})"
+        )),
+        Ok(_) => match fill_sends(ebpf, tracepoint, btf, links) {
+            Ok(()) => ProbeState::Attached,
+            Err(reason) => ProbeState::Failed(reason),
+        },
+    };
+    if state != ProbeState::Attached {
+        let layout = settings.get(&setting::IO_URING_LAYOUT, 0).unwrap_or(0);
+        let _ = settings.set(setting::IO_URING_LAYOUT, layout & !LAYOUT_SEND, 0);
+    }
+    ProbeStatus {
+        sensor: "io_uring",
+        program: SENDS_PROGRAM.to_owned(),
+        target: format!("tail call: tp_btf:io_uring/{tracepoint} ({SENDS_MAP})"),
+        required: false,
+        state,
+    }
+}
 
 /// Tells the request probe to leave opens alone: a file-open hook (LSM or fentry) sees them when
 /// they run, with the file's own path, and each would be sent twice.
@@ -324,7 +396,7 @@ pub fn attach(
                     .find(|t| k.has_typedef(&format!("btf_trace_{t}")))
             })
             .copied();
-        // Why a request program has nothing to read on this kernel, if so.
+        // Why the request program has nothing to read on this kernel, if so.
         let no_layout = match (program, &layouts) {
             (
                 "io_uring_submit_req",
@@ -332,20 +404,12 @@ pub fn attach(
                     open: Err(open),
                     connect: Err(connect),
                     paths: Err(paths),
-                    ..
+                    send: Err(send),
                 },
             ) => Some(format!(
                 "not attached: the io_uring request layouts are not in the kernel's BTF \
-                 (open: {open}; connect: {connect}; rename and link: {paths})"
-            )),
-            (
-                "io_uring_send_req",
-                Layouts {
-                    send: Err(send), ..
-                },
-            ) => Some(format!(
-                "not attached: the io_uring write and send layouts are not in the kernel's \
-                 BTF ({send})"
+                 (open: {open}; connect: {connect}; rename and link: {paths}; write and \
+                 send: {send})"
             )),
             _ => None,
         };
@@ -357,6 +421,10 @@ pub fn attach(
             )),
             (Ok(_), Some(reason)) => ProbeState::Failed(reason),
             (Ok((_, aya_btf)), _) => {
+                if program == "io_uring_submit_req" {
+                    let tracepoint = tracepoint.unwrap_or_default();
+                    out.push(sends(ebpf, settings, &layouts, tracepoint, aya_btf, links));
+                }
                 match attach_one(ebpf, program, tracepoint.unwrap_or_default(), aya_btf) {
                     Ok(program_id) => {
                         links.pin_new(program, 0, program_id);
