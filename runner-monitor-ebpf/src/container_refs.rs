@@ -10,7 +10,7 @@
 //!   outside jobs) slipped in between. The agent checks every guess against the daemon's name
 //!   for the container (`enrich/containers.rs`) and reports a mismatch.
 //!
-//! A start by the 64-digit id never comes here (`containers.rs` matches it exactly).
+//! A start by the 64-digit id never comes here (`runtime_requests.rs` matches it exactly).
 
 use aya_ebpf::{
     macros::map,

@@ -1,5 +1,5 @@
 //! io_uring: rings set up by job processes, and the opens, renames, links and connects they
-//! submit, and the writes and sends that may carry a container request (`containers.rs`).
+//! submit, and the writes and sends that may carry a container request (`runtime_requests.rs`).
 //!
 //! Syscall tracepoints are blind to io_uring: an `IORING_OP_OPENAT` makes no `openat` syscall.
 //! The `io_uring:` tracepoints are not, and as `tp_btf` programs they get the kernel's typed
@@ -30,12 +30,12 @@ use runner_monitor_common::{
 };
 
 use crate::{
-    containers::{Sent, io_uring_send},
     emit::send,
     files::kernel_file,
     maps::current_process,
     names::setting,
     net::io_uring_connect,
+    runtime_requests::{Sent, io_uring_send},
 };
 
 /// The `T` at kernel address `base + offset`; `None` when it cannot be read.

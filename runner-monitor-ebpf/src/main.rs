@@ -25,6 +25,7 @@ mod net;
 mod owner;
 mod process;
 mod redirect;
+mod runtime_requests;
 mod sockets;
 mod tamper;
 mod task_layout;

@@ -180,7 +180,7 @@ pub fn sys_exit_connect(ctx: TracePointContext) -> u32 {
         && event.result == 0
         && crate::unix_peer::is_runtime_api(event.fd).unwrap_or(true)
     {
-        crate::containers::unix_connected(event.header.tgid, event.fd, event.header.job);
+        crate::runtime_requests::unix_connected(event.header.tgid, event.fd, event.header.job);
     }
     if within_budget(event.header.job, EventKind::Connect as u32) {
         send_built::<ConnectEvent>(event);

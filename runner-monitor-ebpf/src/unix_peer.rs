@@ -1,5 +1,5 @@
 //! Whether a unix socket a job process just connected is a container runtime's API: the
-//! container requests a job writes (`containers.rs`) are read only on those. Otherwise a job
+//! container requests a job writes (`runtime_requests.rs`) are read only on those. Otherwise a job
 //! could write `POST /containers/<id>/exec` on any socket (one it serves itself, journald's,
 //! the system bus) and mark any container for itself: the host's next exec there would join the
 //! job.

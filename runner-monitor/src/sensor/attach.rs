@@ -128,7 +128,6 @@ const FILE_ENTER_MAP: &str = "FILE_ENTER";
 /// Loads `file_enter` and puts it in `FILE_ENTER` before any entry program is attached (an
 /// empty slot would make them see nothing), pinned beside the probes (`links.rs`).
 fn fill_file_enter(ebpf: &mut Ebpf, links: &mut LinkPins) -> Result<(), String> {
-    use aya::maps::{Map, ProgramArray};
     let program: &mut TracePoint = ebpf
         .program_mut(FILE_ENTER_PROGRAM)
         .ok_or_else(|| format!("program {FILE_ENTER_PROGRAM} is not in the object"))?
@@ -143,17 +142,29 @@ fn fill_file_enter(ebpf: &mut Ebpf, links: &mut LinkPins) -> Result<(), String> 
         .fd()
         .and_then(|fd| fd.try_clone().map_err(Into::into))
         .map_err(|e| format!("{FILE_ENTER_PROGRAM}: {e}"))?;
+    fill_table(ebpf, FILE_ENTER_MAP, "file_enter_calls", &fd, links)
+}
+
+/// Puts the loaded program `fd` in slot 0 of the tail-call table `map_name`, pinned beside the
+/// probes as `pin` (`links.rs`): a table loses its entries once no process holds it, and the
+/// programs that jump through it would see nothing while no agent runs.
+pub(super) fn fill_table(
+    ebpf: &mut Ebpf,
+    map_name: &str,
+    pin: &str,
+    fd: &aya::programs::ProgramFd,
+    links: &mut LinkPins,
+) -> Result<(), String> {
+    use aya::maps::{Map, ProgramArray};
     let map = ebpf
-        .map_mut(FILE_ENTER_MAP)
-        .ok_or_else(|| format!("map {FILE_ENTER_MAP} is not in the object"))?;
+        .map_mut(map_name)
+        .ok_or_else(|| format!("map {map_name} is not in the object"))?;
     if let Map::ProgramArray(data) = &*map {
         let id = data.info().map(|i| i.id()).unwrap_or(0);
-        links.pin_map("file_enter_calls", data.fd().as_fd().as_raw_fd(), id);
+        links.pin_map(pin, data.fd().as_fd().as_raw_fd(), id);
     }
-    let mut table = ProgramArray::try_from(map).map_err(|e| format!("{FILE_ENTER_MAP}: {e}"))?;
-    table
-        .set(0, &fd, 0)
-        .map_err(|e| format!("{FILE_ENTER_MAP}: {e}"))
+    let mut table = ProgramArray::try_from(map).map_err(|e| format!("{map_name}: {e}"))?;
+    table.set(0, fd, 0).map_err(|e| format!("{map_name}: {e}"))
 }
 
 /// Loads the programs `attach_all` is about to attach, several at a time: the kernel's verifier

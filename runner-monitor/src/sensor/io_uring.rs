@@ -1,7 +1,7 @@
 //! The io_uring probes: `tp_btf` programs on `io_uring:io_uring_create` (a job process sets up a
 //! ring) and `io_uring:io_uring_submit_req` (the opens, paths and connects it submits; and, a
 //! program of its own, the writes and sends, for container requests), with the request layouts
-//! they need read from the running kernel's BTF.
+//! they need read from the running kernel's BTF (`io_uring_layout.rs`).
 //!
 //! What they cover, and what not, is in `docs/sensors.md` ("io_uring") and in `coverage`, which
 //! `runner-monitor check` prints.
@@ -12,263 +12,12 @@ use aya::{
     programs::BtfTracePoint,
 };
 use runner_monitor_common::{
-    io_uring::{LAYOUT_CONNECT, LAYOUT_OPEN, LAYOUT_PATHS, LAYOUT_SEND},
+    io_uring::{LAYOUT_OPEN, LAYOUT_SEND},
     setting,
 };
 
-use super::{
-    ProbeState, ProbeStatus,
-    attach::error_chain,
-    btf::{BtfError, KernelBtf},
-};
-
-/// Checked member lookups in the kernel's BTF: each error names the member that is missing or
-/// not what the probe reads.
-struct Members<'a>(&'a KernelBtf);
-
-impl Members<'_> {
-    fn offset(&self, ty: &str, name: &str) -> Result<u32, String> {
-        self.0
-            .member(ty, name)
-            .map(|m| m.offset)
-            .map_err(|e: BtfError| e.to_string())
-    }
-
-    fn sized(&self, ty: &str, name: &str, size: u32) -> Result<u32, String> {
-        let m = self.0.member(ty, name).map_err(|e| e.to_string())?;
-        match self.0.size_of(m.type_id) {
-            Some(s) if s == size => Ok(m.offset),
-            other => Err(format!("{ty}.{name} is {other:?} bytes, not {size}")),
-        }
-    }
-
-    fn pointer(&self, ty: &str, name: &str) -> Result<u32, String> {
-        let m = self.0.member(ty, name).map_err(|e| e.to_string())?;
-        if self.0.is_pointer(m.type_id) {
-            Ok(m.offset)
-        } else {
-            Err(format!("{ty}.{name} is not a pointer"))
-        }
-    }
-
-    /// `io_kiocb.cmd`, checked to hold the request struct `op` (the kernel asserts it fits).
-    fn command_area(&self, op: &str) -> Result<u32, String> {
-        let cmd = self.offset("io_kiocb", "cmd")?;
-        let size = |ty| self.0.struct_id(ty).and_then(|id| self.0.size_of(id));
-        match (size(op), size("io_cmd_data")) {
-            (Some(o), Some(area)) if o <= area => Ok(cmd),
-            (o, area) => Err(format!(
-                "struct {op} ({o:?} bytes) is not in io_kiocb's command area ({area:?} bytes)"
-            )),
-        }
-    }
-}
-
-/// Where the request probe reads an open request, in bytes from the start of `struct io_kiocb`
-/// (and of `struct filename`), for the running kernel.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
-pub struct OpenLayout {
-    /// `io_kiocb.opcode`.
-    pub opcode: u32,
-    /// `io_kiocb.cmd` + `io_open.dfd`.
-    pub open_dfd: u32,
-    /// `io_kiocb.cmd` + `io_open.filename`.
-    pub open_filename: u32,
-    /// `io_kiocb.cmd` + `io_open.how` + `open_how.flags`.
-    pub open_flags: u32,
-    /// `filename.name`.
-    pub filename_name: u32,
-}
-
-impl OpenLayout {
-    pub fn from_btf(btf: &KernelBtf) -> Result<Self, String> {
-        let m = Members(btf);
-        let cmd = m.command_area("io_open")?;
-        Ok(Self {
-            opcode: m.sized("io_kiocb", "opcode", 1)?,
-            open_dfd: cmd + m.sized("io_open", "dfd", 4)?,
-            open_filename: cmd + m.pointer("io_open", "filename")?,
-            open_flags: cmd + m.offset("io_open", "how")? + m.sized("open_how", "flags", 8)?,
-            filename_name: m.pointer("filename", "name")?,
-        })
-    }
-}
-
-/// Where the request probe reads a connect request, from the start of `struct io_kiocb`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
-pub struct ConnectLayout {
-    /// `io_kiocb.opcode`.
-    pub opcode: u32,
-    /// `io_kiocb.cqe` + `io_cqe.fd`: the socket's fd.
-    pub fd: u32,
-    /// `io_kiocb.cmd` + `io_connect.addr`: the user address.
-    pub addr: u32,
-    /// `io_kiocb.cmd` + `io_connect.addr_len`.
-    pub addr_len: u32,
-}
-
-impl ConnectLayout {
-    pub fn from_btf(btf: &KernelBtf) -> Result<Self, String> {
-        let m = Members(btf);
-        let cmd = m.command_area("io_connect")?;
-        Ok(Self {
-            opcode: m.sized("io_kiocb", "opcode", 1)?,
-            fd: m.offset("io_kiocb", "cqe")? + m.sized("io_cqe", "fd", 4)?,
-            addr: cmd + m.pointer("io_connect", "addr")?,
-            addr_len: cmd + m.sized("io_connect", "addr_len", 4)?,
-        })
-    }
-}
-
-/// Where the request probe reads a rename or link request (`struct io_rename` and
-/// `struct io_link`, which must be laid out alike), from the start of `struct io_kiocb`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
-pub struct PathsLayout {
-    pub opcode: u32,
-    pub old_dfd: u32,
-    pub new_dfd: u32,
-    pub oldpath: u32,
-    pub newpath: u32,
-    pub flags: u32,
-    /// `filename.name`.
-    pub filename_name: u32,
-}
-
-impl PathsLayout {
-    pub fn from_btf(btf: &KernelBtf) -> Result<Self, String> {
-        let m = Members(btf);
-        let of = |ty: &str| -> Result<[u32; 5], String> {
-            let cmd = m.command_area(ty)?;
-            Ok([
-                cmd + m.sized(ty, "old_dfd", 4)?,
-                cmd + m.sized(ty, "new_dfd", 4)?,
-                cmd + m.pointer(ty, "oldpath")?,
-                cmd + m.pointer(ty, "newpath")?,
-                cmd + m.sized(ty, "flags", 4)?,
-            ])
-        };
-        let rename = of("io_rename")?;
-        if of("io_link")? != rename {
-            return Err("struct io_link is not laid out as struct io_rename".to_owned());
-        }
-        let [old_dfd, new_dfd, oldpath, newpath, flags] = rename;
-        Ok(Self {
-            opcode: m.sized("io_kiocb", "opcode", 1)?,
-            old_dfd,
-            new_dfd,
-            oldpath,
-            newpath,
-            flags,
-            filename_name: m.pointer("filename", "name")?,
-        })
-    }
-}
-
-/// Where the request probe reads what a write or a send request sends, from the start of
-/// `struct io_kiocb`: a job's container start request through io_uring (`containers.rs`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
-pub struct SendLayout {
-    pub opcode: u32,
-    /// `io_kiocb.cqe` + `io_cqe.fd`: the descriptor written to.
-    pub fd: u32,
-    /// `io_kiocb.cmd` + `io_rw.addr` (u64) and `io_rw.len` (u32).
-    pub rw_addr: u32,
-    pub rw_len: u32,
-    /// `io_kiocb.cmd` + `io_sr_msg.buf` (the union with `umsg`), `.len` (i32), `.flags` (u16).
-    pub send_buf: u32,
-    pub send_len: u32,
-    pub send_flags: u32,
-}
-
-impl SendLayout {
-    pub fn from_btf(btf: &KernelBtf) -> Result<Self, String> {
-        let m = Members(btf);
-        let rw = m.command_area("io_rw")?;
-        let sr = m.command_area("io_sr_msg")?;
-        // `umsg` shares `buf`'s place (an anonymous union): checked, as the probe reads both there.
-        let buf = m.pointer("io_sr_msg", "buf")?;
-        if m.pointer("io_sr_msg", "umsg")? != buf {
-            return Err("io_sr_msg.umsg is not at io_sr_msg.buf".to_owned());
-        }
-        Ok(Self {
-            opcode: m.sized("io_kiocb", "opcode", 1)?,
-            fd: m.offset("io_kiocb", "cqe")? + m.sized("io_cqe", "fd", 4)?,
-            rw_addr: rw + m.sized("io_rw", "addr", 8)?,
-            rw_len: rw + m.sized("io_rw", "len", 4)?,
-            send_buf: sr + buf,
-            send_len: sr + m.sized("io_sr_msg", "len", 4)?,
-            send_flags: sr + m.sized("io_sr_msg", "flags", 2)?,
-        })
-    }
-}
-
-/// The request layouts of the running kernel, each with the reason it is not known.
-pub struct Layouts {
-    pub open: Result<OpenLayout, String>,
-    pub connect: Result<ConnectLayout, String>,
-    pub paths: Result<PathsLayout, String>,
-    pub send: Result<SendLayout, String>,
-}
-
-impl Layouts {
-    pub fn of(btf: &Result<KernelBtf, String>) -> Self {
-        match btf {
-            Ok(btf) => Self {
-                open: OpenLayout::from_btf(btf),
-                connect: ConnectLayout::from_btf(btf),
-                paths: PathsLayout::from_btf(btf),
-                send: SendLayout::from_btf(btf),
-            },
-            Err(e) => Self {
-                open: Err(e.clone()),
-                connect: Err(e.clone()),
-                paths: Err(e.clone()),
-                send: Err(e.clone()),
-            },
-        }
-    }
-
-    /// Writes the known offsets and the `LAYOUT_*` bits saying which they are.
-    fn write(&self, settings: &mut Array<MapData, u32>) -> Result<(), aya::maps::MapError> {
-        let mut bits = 0;
-        if let Ok(l) = &self.open {
-            settings.set(setting::IO_URING_OPCODE, l.opcode, 0)?;
-            settings.set(setting::IO_URING_OPEN_DFD, l.open_dfd, 0)?;
-            settings.set(setting::IO_URING_OPEN_FILENAME, l.open_filename, 0)?;
-            settings.set(setting::IO_URING_OPEN_FLAGS, l.open_flags, 0)?;
-            settings.set(setting::IO_URING_FILENAME_NAME, l.filename_name, 0)?;
-            bits |= LAYOUT_OPEN;
-        }
-        if let Ok(l) = &self.connect {
-            settings.set(setting::IO_URING_OPCODE, l.opcode, 0)?;
-            settings.set(setting::IO_URING_FD, l.fd, 0)?;
-            settings.set(setting::IO_URING_CONNECT_ADDR, l.addr, 0)?;
-            settings.set(setting::IO_URING_CONNECT_ADDR_LEN, l.addr_len, 0)?;
-            bits |= LAYOUT_CONNECT;
-        }
-        if let Ok(l) = &self.paths {
-            settings.set(setting::IO_URING_OPCODE, l.opcode, 0)?;
-            settings.set(setting::IO_URING_FILENAME_NAME, l.filename_name, 0)?;
-            settings.set(setting::IO_URING_PATHS_OLD_DFD, l.old_dfd, 0)?;
-            settings.set(setting::IO_URING_PATHS_NEW_DFD, l.new_dfd, 0)?;
-            settings.set(setting::IO_URING_PATHS_OLD, l.oldpath, 0)?;
-            settings.set(setting::IO_URING_PATHS_NEW, l.newpath, 0)?;
-            settings.set(setting::IO_URING_PATHS_FLAGS, l.flags, 0)?;
-            bits |= LAYOUT_PATHS;
-        }
-        if let Ok(l) = &self.send {
-            settings.set(setting::IO_URING_OPCODE, l.opcode, 0)?;
-            settings.set(setting::IO_URING_FD, l.fd, 0)?;
-            settings.set(setting::IO_URING_RW_ADDR, l.rw_addr, 0)?;
-            settings.set(setting::IO_URING_RW_LEN, l.rw_len, 0)?;
-            settings.set(setting::IO_URING_SEND_BUF, l.send_buf, 0)?;
-            settings.set(setting::IO_URING_SEND_LEN, l.send_len, 0)?;
-            settings.set(setting::IO_URING_SEND_FLAGS, l.send_flags, 0)?;
-            bits |= LAYOUT_SEND;
-        }
-        settings.set(setting::IO_URING_LAYOUT, bits, 0)
-    }
-}
+use super::io_uring_layout::Layouts;
+use super::{ProbeState, ProbeStatus, attach::error_chain, btf::KernelBtf};
 
 /// (program, the tracepoints it attaches to, first one the kernel has). Before Linux 6.2 the
 /// request tracepoint was `io_uring_submit_sqe(struct io_kiocb *req, bool force_nonblock)`, at the
@@ -287,16 +36,14 @@ const SENDS_PROGRAM: &str = "io_uring_send_req";
 const SENDS_MAP: &str = "IO_URING_SENDS";
 
 /// Loads `io_uring_send_req` for `tracepoint` and puts it in `IO_URING_SENDS`, before the
-/// request probe is attached (an empty slot: no write or send is read), pinned beside the
-/// probes (`links.rs`) as the file probes' table is.
+/// request probe is attached (an empty slot: no write or send is read), as the file probes'
+/// table is filled.
 fn fill_sends(
     ebpf: &mut Ebpf,
     tracepoint: &str,
     btf: &aya::Btf,
     links: &mut super::links::LinkPins,
 ) -> Result<(), String> {
-    use aya::maps::{Map, ProgramArray};
-    use std::os::fd::{AsFd as _, AsRawFd as _};
     let program: &mut BtfTracePoint = ebpf
         .program_mut(SENDS_PROGRAM)
         .ok_or_else(|| format!("program {SENDS_PROGRAM} is not in the object"))?
@@ -311,17 +58,7 @@ fn fill_sends(
         .fd()
         .and_then(|fd| fd.try_clone().map_err(Into::into))
         .map_err(|e| format!("{SENDS_PROGRAM}: {e}"))?;
-    let map = ebpf
-        .map_mut(SENDS_MAP)
-        .ok_or_else(|| format!("map {SENDS_MAP} is not in the object"))?;
-    if let Map::ProgramArray(data) = &*map {
-        let id = data.info().map(|i| i.id()).unwrap_or(0);
-        links.pin_map("io_uring_send_calls", data.fd().as_fd().as_raw_fd(), id);
-    }
-    let mut table = ProgramArray::try_from(map).map_err(|e| format!("{SENDS_MAP}: {e}"))?;
-    table
-        .set(0, &fd, 0)
-        .map_err(|e| format!("{SENDS_MAP}: {e}"))
+    super::attach::fill_table(ebpf, SENDS_MAP, "io_uring_send_calls", &fd, links)
 }
 
 /// The write and send reader, reached by tail call from the request probe: a program apart,
@@ -602,42 +339,5 @@ mod tests {
         assert!(lines[1].1.starts_with("NOT seen") && lines[1].1.contains(&reason));
         assert!(lines[4].1.starts_with("NOT seen") && lines[4].1.contains("io_"));
         assert!(coverage_with(&[], &layouts)[0].1.starts_with("NOT seen"));
-    }
-
-    /// On a kernel with BTF and io_uring (this project's test hosts), the layout is found and
-    /// the open request's fields lie in the command area, before the opcode.
-    #[test]
-    fn the_running_kernels_open_request_layout_is_found() {
-        let Ok(btf) = KernelBtf::vmlinux() else {
-            eprintln!("no kernel BTF: skipped");
-            return;
-        };
-        if btf.struct_id("io_kiocb").is_none() {
-            eprintln!("kernel without io_uring: skipped");
-            return;
-        }
-        let layout = OpenLayout::from_btf(&btf).unwrap();
-        assert!(layout.open_filename < layout.opcode, "{layout:?}");
-        assert!(layout.open_dfd < layout.open_filename, "{layout:?}");
-        assert_eq!(layout.filename_name, 0, "{layout:?}");
-        let connect = ConnectLayout::from_btf(&btf).unwrap();
-        assert!(
-            connect.addr < connect.opcode && connect.fd > connect.opcode,
-            "{connect:?}"
-        );
-        let paths = PathsLayout::from_btf(&btf).unwrap();
-        assert!(
-            paths.oldpath < paths.newpath && paths.newpath < paths.opcode,
-            "{paths:?}"
-        );
-        let send = SendLayout::from_btf(&btf).unwrap();
-        assert!(
-            send.rw_addr < send.rw_len && send.send_buf < send.send_len,
-            "{send:?}"
-        );
-        assert!(
-            send.rw_len < send.opcode && send.send_flags < send.opcode,
-            "{send:?}"
-        );
     }
 }

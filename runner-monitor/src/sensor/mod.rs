@@ -15,6 +15,7 @@ pub mod handles;
 mod heartbeat;
 pub mod hook_sets;
 pub mod io_uring;
+mod io_uring_layout;
 pub mod job_roots;
 pub mod links;
 mod names;

@@ -213,7 +213,7 @@ pub(super) const PROBES: &[Probe] = &[
         hooks: &[Tp("syscalls", "sys_exit_connect")],
         required: false,
     },
-    // Containers a job starts (runner-monitor-ebpf/src/containers.rs): the start request on a
+    // Containers a job starts (runner-monitor-ebpf/src/runtime_requests.rs, containers.rs): the start request on a
     // job's unix socket, then the container's cgroup.
     Probe {
         sensor: "containers",
