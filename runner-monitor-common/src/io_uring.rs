@@ -67,6 +67,19 @@ pub mod slot {
     pub const IO_URING_SEND_BUF: u32 = 29;
     pub const IO_URING_SEND_LEN: u32 = 30;
     pub const IO_URING_SEND_FLAGS: u32 = 31;
+    /// From the start of a `struct io_kiocb`: its `flags`, whose low byte holds
+    /// `REQ_F_FIXED_FILE` (bit 0, the uapi's `IOSQE_FIXED_FILE`: the request's fd is the index
+    /// of a registered file), and `ctx` (`struct io_ring_ctx *`).
+    pub const IO_URING_REQ_FLAGS: u32 = 32;
+    pub const IO_URING_REQ_CTX: u32 = 33;
+    /// From the start of a `struct io_ring_ctx`: the registered files' table (a pointer to
+    /// 8-byte entries) and how many there are (u32).
+    pub const IO_URING_FILES: u32 = 34;
+    pub const IO_URING_FILES_NR: u32 = 35;
+    /// 0: an entry is a `struct io_fixed_file` whose first member is `file_ptr` (before Linux
+    /// 6.13); otherwise 1 + the offset of `file_ptr` in the `struct io_rsrc_node` an entry points
+    /// at.
+    pub const IO_URING_NODE_FILE: u32 = 36;
 }
 
 /// `IO_URING_LAYOUT` bit: the open request's offsets are known.
@@ -77,6 +90,14 @@ pub const LAYOUT_CONNECT: u32 = 1 << 1;
 pub const LAYOUT_PATHS: u32 = 1 << 2;
 /// `IO_URING_LAYOUT` bit: the write and send requests' offsets (and the fd's) are known.
 pub const LAYOUT_SEND: u32 = 1 << 3;
+/// `IO_URING_LAYOUT` bit: the registered files' table is known (`IO_URING_REQ_CTX` to
+/// `IO_URING_NODE_FILE`): a write or send on a registered file is read as on its fd.
+pub const LAYOUT_FIXED: u32 = 1 << 4;
+/// `io_kiocb.flags`: the request's fd is a registered file's index.
+pub const REQ_F_FIXED_FILE: u8 = 1;
+/// The low bits of a registered file's `file_ptr` that are flags, not the `struct file *`
+/// (`FFS_NOWAIT`, `FFS_ISREG`).
+pub const FILE_PTR_FLAGS: u64 = 3;
 
 /// A job process set up an io_uring instance (`io_uring_setup`).
 #[repr(C)]

@@ -9,7 +9,7 @@ pub const JOB_EVENTS_PER_WINDOW: u32 = 2;
 /// Non-zero when some job marker variables are in `NAMES`: execs outside jobs scan their
 /// environment.
 pub const JOB_ENV: u32 = 3;
-/// Slots 4 to 17: the io_uring request layout (`io_uring::slot`).
+/// Slots 4 to 17 and 27 to 36: the io_uring request layout (`io_uring::slot`).
 pub use crate::io_uring::slot::*;
 /// The global `[egress] mode`: 1 block, 0 audit. Judges jobs without an `EGRESS_JOBS` entry.
 pub const EGRESS_MODE: u32 = 18;
@@ -36,7 +36,7 @@ pub const AGENT_FAILURE_CLOSED: u32 = 25;
 /// Non-zero when the resolver also listens on `[::1]` at `DNS_RESOLVER_PORT` (UDP): unconnected
 /// IPv6 sends to port 53 are then redirected there.
 pub const DNS_RESOLVER_V6: u32 = 26;
-pub const SLOTS: u32 = 32;
+pub const SLOTS: u32 = 40;
 
 /// How long the heartbeat may be silent before the agent is taken for gone.
 pub const AGENT_STALE_SECONDS: u32 = 5;

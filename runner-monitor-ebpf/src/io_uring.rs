@@ -20,11 +20,11 @@ use aya_ebpf::{
 use runner_monitor_common::{
     AT_FDCWD, EventKind, IoUringSetupEvent, LINK_SYMBOLIC,
     io_uring::{
-        IORING_OP_CONNECT, IORING_OP_LINKAT, IORING_OP_OPENAT, IORING_OP_OPENAT2,
+        FILE_PTR_FLAGS, IORING_OP_CONNECT, IORING_OP_LINKAT, IORING_OP_OPENAT, IORING_OP_OPENAT2,
         IORING_OP_RENAMEAT, IORING_OP_SEND, IORING_OP_SEND_ZC, IORING_OP_SENDMSG,
         IORING_OP_SENDMSG_ZC, IORING_OP_SYMLINKAT, IORING_OP_WRITE, IORING_OP_WRITE_FIXED,
-        IORING_OP_WRITEV, IORING_SEND_VECTORIZED, LAYOUT_CONNECT, LAYOUT_OPEN, LAYOUT_PATHS,
-        LAYOUT_SEND,
+        IORING_OP_WRITEV, IORING_SEND_VECTORIZED, LAYOUT_CONNECT, LAYOUT_FIXED, LAYOUT_OPEN,
+        LAYOUT_PATHS, LAYOUT_SEND, REQ_F_FIXED_FILE,
     },
     setting,
 };
@@ -35,7 +35,7 @@ use crate::{
     maps::current_process,
     names::setting,
     net::io_uring_connect,
-    runtime_requests::{Sent, io_uring_send},
+    runtime_requests::{Sent, Socket, io_uring_send},
 };
 
 /// The `T` at kernel address `base + offset`; `None` when it cannot be read.
@@ -162,11 +162,27 @@ pub fn io_uring_send_req(ctx: BtfTracePointContext) -> i32 {
     0
 }
 
-/// A write or send request. The fd is the submitter's (`cqe.fd`; a registered file's index
-/// with `IOSQE_FIXED_FILE`, which names no connection the kernel remembers).
+/// A write or send request. The fd is the submitter's (`cqe.fd`), or with `IOSQE_FIXED_FILE`
+/// a registered file's index: then the file is looked up in the ring's table (`LAYOUT_FIXED`),
+/// never taken for the descriptor of the same number. Flags that cannot be read count as fixed.
 #[inline(always)]
 fn sent(process: &runner_monitor_common::ProcessJob, req: u64, opcode: u8) {
     let fd = kernel_field::<i32>(req, setting(setting::IO_URING_FD)).unwrap_or(-1);
+    if fd < 0 {
+        return;
+    }
+    let flags =
+        kernel_field::<u8>(req, setting(setting::IO_URING_REQ_FLAGS)).unwrap_or(REQ_F_FIXED_FILE);
+    let socket = if flags & REQ_F_FIXED_FILE == 0 {
+        Socket::Fd(fd as u64)
+    } else if setting(setting::IO_URING_LAYOUT) & LAYOUT_FIXED != 0 {
+        match registered_file(req, fd as u32) {
+            Some(file) => Socket::File(file),
+            None => return,
+        }
+    } else {
+        return;
+    };
     let what = match opcode {
         IORING_OP_WRITE | IORING_OP_WRITE_FIXED | IORING_OP_WRITEV => {
             let addr = kernel_field::<u64>(req, setting(setting::IO_URING_RW_ADDR)).unwrap_or(0);
@@ -200,7 +216,34 @@ fn sent(process: &runner_monitor_common::ProcessJob, req: u64, opcode: u8) {
             }
         }
     };
-    io_uring_send(process, fd, what);
+    io_uring_send(process, socket, what);
+}
+
+/// The `struct file *` registered at `index` in the ring of request `req`; `None` for an empty
+/// slot, an index past the table, or a regular file (no socket: `FFS_ISREG`).
+#[inline(always)]
+fn registered_file(req: u64, index: u32) -> Option<u64> {
+    let ctx = kernel_field::<u64>(req, setting(setting::IO_URING_REQ_CTX))?;
+    if index >= kernel_field::<u32>(ctx, setting(setting::IO_URING_FILES_NR))? {
+        return None;
+    }
+    let entry = kernel_field::<u64>(ctx, setting(setting::IO_URING_FILES))? + 8 * u64::from(index);
+    let node_file = setting(setting::IO_URING_NODE_FILE);
+    let file_ptr = if node_file == 0 {
+        kernel_field::<u64>(entry, 0)?
+    } else {
+        let node = kernel_field::<u64>(entry, 0)?;
+        if node == 0 {
+            return None;
+        }
+        kernel_field::<u64>(node, node_file - 1)?
+    };
+    /// `FFS_ISREG`: a regular file.
+    const REGULAR: u64 = 2;
+    if file_ptr & REGULAR != 0 {
+        return None;
+    }
+    Some(file_ptr & !FILE_PTR_FLAGS).filter(|file| *file != 0)
 }
 
 /// The name (a kernel string) of the `struct filename *` at `req + offset`; 0 when there is none.

@@ -80,7 +80,7 @@ fn on_send(ctx: &TracePointContext) {
     on_request(
         syscall_arg_direct(ctx, 1),
         len,
-        syscall_arg_direct(ctx, 0),
+        Socket::Fd(syscall_arg_direct(ctx, 0)),
         job,
     );
 }
@@ -99,14 +99,14 @@ fn on_vectored(iov: u64, fd: u64, job: u64) {
         return;
     };
     if len >= SHORTEST {
-        on_request(base, len, fd, job);
+        on_request(base, len, Socket::Fd(fd), job);
     }
 }
 
 /// `len` bytes at `buf` that the current process sends on a job's unix socket: a container
 /// start request records the container as the job's.
 #[inline(always)]
-fn on_request(buf: u64, len: u64, fd: u64, job: u64) {
+fn on_request(buf: u64, len: u64, socket: Socket, job: u64) {
     if buf == 0 {
         return;
     }
@@ -128,7 +128,7 @@ fn on_request(buf: u64, len: u64, fd: u64, job: u64) {
     if id_at == 0 {
         return;
     }
-    if !still_connected(fd) {
+    if !still_connected(socket) {
         return;
     }
     // The id and what follows it: `/start` or `/attach`, then a space or `?`. A shorter request
@@ -167,8 +167,20 @@ fn on_request(buf: u64, len: u64, fd: u64, job: u64) {
 /// otherwise inherit it. Checked only for a container request (rare): the writer is a job
 /// process, and the socket is still a runtime's (`unix_peer.rs`; not known: as before).
 #[inline(always)]
-fn still_connected(fd: u64) -> bool {
-    current_process().is_some() && crate::unix_peer::is_runtime_api(fd as i32) != Some(false)
+fn still_connected(socket: Socket) -> bool {
+    current_process().is_some()
+        && match socket {
+            Socket::Fd(fd) => crate::unix_peer::is_runtime_api(fd as i32),
+            Socket::File(file) => crate::unix_peer::is_runtime_file(file),
+        } != Some(false)
+}
+
+/// Where a request is sent: a descriptor of the current process, or the file itself (an
+/// io_uring request on a registered file, which has no descriptor).
+#[derive(Clone, Copy)]
+pub enum Socket {
+    Fd(u64),
+    File(u64),
 }
 
 /// Job `job` asked to run a command in container `id` (its 64-digit id): the container's
@@ -277,17 +289,17 @@ pub enum Sent {
     Message(u64),
 }
 
-/// An io_uring write or send request that job process `process` submitted on descriptor `fd`:
-/// read as the syscalls' are when `fd` is a connection to a runtime's API. The request is
-/// submitted on the submitter's descriptor table (a ring's polling thread shares its creator's),
-/// so the (tgid, fd) key is the syscalls'. A connection the connect tracepoint did not see (an
-/// io_uring `CONNECT`: no syscall) is checked here, at the first request that begins as a
-/// container request (`POST /`), and remembered as a job's runtime connection from then on.
+/// An io_uring write or send request that job process `process` submitted on `socket`: read as
+/// the syscalls' are when it is a connection to a runtime's API. A descriptor is the
+/// submitter's (a ring's polling thread shares its creator's table), so the (tgid, fd) key is
+/// the syscalls'. A connection the connect tracepoint did not see (an io_uring `CONNECT`: no
+/// syscall) is checked here, at the first request that begins as a container request
+/// (`POST /`), and remembered as a job's runtime connection from then on. A registered file
+/// (`IOSQE_FIXED_FILE`) has no descriptor to remember it by: its socket is checked at every
+/// container request (`still_connected`), and believed only when the kernel's socket layout is
+/// known.
 #[inline(always)]
-pub fn io_uring_send(process: &ProcessJob, fd: i32, sent: Sent) {
-    if fd < 0 {
-        return;
-    }
+pub fn io_uring_send(process: &ProcessJob, socket: Socket, sent: Sent) {
     let (buf, len) = match sent {
         Sent::Buffer { buf, len } => (buf, len),
         Sent::Vectors(iov) => {
@@ -323,17 +335,26 @@ pub fn io_uring_send(process: &ProcessJob, fd: i32, sent: Sent) {
     if len < SHORTEST || buf == 0 {
         return;
     }
-    let job = match job_socket(fd as u64) {
-        Some(job) => job,
-        None => {
-            // SAFETY: a checked read of user memory.
-            let begins = unsafe { bpf_probe_read_user(buf as *const [u8; POST.len()]) };
-            if begins != Ok(*POST) || crate::unix_peer::is_runtime_api(fd) != Some(true) {
+    let job = match socket {
+        Socket::Fd(fd) => match job_socket(fd) {
+            Some(job) => job,
+            None => {
+                // SAFETY: a checked read of user memory.
+                let begins = unsafe { bpf_probe_read_user(buf as *const [u8; POST.len()]) };
+                if begins != Ok(*POST) || crate::unix_peer::is_runtime_api(fd as i32) != Some(true)
+                {
+                    return;
+                }
+                unix_connected(current_tgid(), fd as i32, process.job);
+                process.job
+            }
+        },
+        Socket::File(file) => {
+            if !crate::unix_peer::layout_known() || file == 0 {
                 return;
             }
-            unix_connected(current_tgid(), fd, process.job);
             process.job
         }
     };
-    on_request(buf, len, fd as u64, job);
+    on_request(buf, len, socket, job);
 }

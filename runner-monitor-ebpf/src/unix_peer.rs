@@ -115,6 +115,30 @@ fn runtime_api(fd: i32) -> Option<bool> {
     }
     let fds: u64 = read(fdt + get(&FDTABLE_FD))?;
     let file: u64 = read(fds + 8 * fd as u64)?;
+    runtime_file(file)
+}
+
+/// Whether the offsets above were written: without them no socket can be checked.
+#[inline(always)]
+pub fn layout_known() -> bool {
+    get(&SOCKET_LAYOUT_KNOWN) != 0
+}
+
+/// Whether unix socket file `file` (a `struct file *`: an io_uring request's registered file)
+/// is connected to a container runtime's API, as `is_runtime_api`.
+#[inline(always)]
+pub fn is_runtime_file(file: u64) -> Option<bool> {
+    if !layout_known() {
+        return None;
+    }
+    Some(runtime_file(file).unwrap_or(false))
+}
+
+#[inline(always)]
+fn runtime_file(file: u64) -> Option<bool> {
+    if file == 0 {
+        return None;
+    }
     let socket: u64 = read(file + get(&FILE_PRIVATE_DATA))?;
     let sk: u64 = read(socket + get(&SOCKET_SK))?;
     // Who listens: alive, and outside jobs.

@@ -245,8 +245,9 @@ fn a_container_started_outside_jobs_beside_a_start_by_name_does_not_take_it() {
 /// Start requests submitted through io_uring make no `write` or `send` syscall: the kernel
 /// reads them at submission (`io_uring_send_req`), as each of the four ways to send (`WRITE`,
 /// `WRITEV`, `SEND`, `SENDMSG`), on connections made by `connect(2)` and by io_uring's own
-/// `CONNECT` (no connect syscall either: the socket is checked at the request). Each container
-/// is the job's.
+/// `CONNECT` (no connect syscall either: the socket is checked at the request), and on a
+/// registered file (`IOSQE_FIXED_FILE`: the request names an index, the file is found in the
+/// ring's table). Each container is the job's.
 #[test]
 fn containers_a_job_starts_through_io_uring_are_the_job() {
     let agent = agent();
@@ -258,6 +259,7 @@ fn containers_a_job_starts_through_io_uring_are_the_job() {
         ("writev", "uring"),
         ("send", "uring"),
         ("sendmsg", "syscall"),
+        ("writev", "fixed"),
     ];
     let answers = env.dir.join("answers");
     let mut step = String::new();
@@ -265,7 +267,11 @@ fn containers_a_job_starts_through_io_uring_are_the_job() {
         step += &format!(
             "cid=$({create})\n{job_step} uring-start {socket} $cid {op} {connect} >> {answers}\n\
              {cli} wait $cid > /dev/null\n",
-            create = create_reader(&docker, &env, &format!("--name rm-uring-{op}-{run}")),
+            create = create_reader(
+                &docker,
+                &env,
+                &format!("--name rm-uring-{op}-{connect}-{run}")
+            ),
             job_step = integration_tests::job_step().display(),
             socket = docker.socket.display(),
             answers = answers.display(),
@@ -283,8 +289,8 @@ fn containers_a_job_starts_through_io_uring_are_the_job() {
         "the daemon's answers: {answers}"
     );
     let id = format!("{run}/build");
-    for (op, _) in cases {
-        let name = format!("rm-uring-{op}-{run}");
+    for (op, connect) in cases {
+        let name = format!("rm-uring-{op}-{connect}-{run}");
         let harvest = wait_alert(agent, "credential-harvesting", &id, |a| {
             a["container"]["name"] == name.as_str()
         });

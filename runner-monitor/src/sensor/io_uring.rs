@@ -142,6 +142,7 @@ pub fn attach(
                     connect: Err(connect),
                     paths: Err(paths),
                     send: Err(send),
+                    ..
                 },
             ) => Some(format!(
                 "not attached: the io_uring request layouts are not in the kernel's BTF \
@@ -280,8 +281,18 @@ fn coverage_with(probes: &[ProbeStatus], layouts: &Layouts) -> Vec<(&'static str
                 "io_uring_send_req",
                 layouts.send.as_ref().map(|_| ()),
                 "on a container runtime's socket, a job's container start or exec request is \
-                 read as for the syscalls (docs/containers.md); a registered (fixed) file is not",
+                 read as for the syscalls (docs/containers.md)",
             ),
+        ),
+        (
+            "... on a registered (fixed) file",
+            match (why("io_uring_send_req"), &layouts.send, &layouts.fixed) {
+                (Some(r), _, _) => format!("NOT seen: {r}"),
+                (None, Err(r), _) | (None, Ok(_), Err(r)) => format!("NOT seen: {r}"),
+                (None, Ok(_), Ok(_)) => "seen: the file is looked up in the ring's table and \
+                                         read as its descriptor would be"
+                    .to_owned(),
+            },
         ),
         (
             "READ, READV, WRITE, ... as file access",

@@ -5,7 +5,7 @@
 
 use aya::maps::{Array, MapData};
 use runner_monitor_common::{
-    io_uring::{LAYOUT_CONNECT, LAYOUT_OPEN, LAYOUT_PATHS, LAYOUT_SEND},
+    io_uring::{LAYOUT_CONNECT, LAYOUT_FIXED, LAYOUT_OPEN, LAYOUT_PATHS, LAYOUT_SEND},
     setting,
 };
 
@@ -167,6 +167,9 @@ pub struct SendLayout {
     pub send_buf: u32,
     pub send_len: u32,
     pub send_flags: u32,
+    /// `io_kiocb.flags` (u32 or u64; its low byte holds `REQ_F_FIXED_FILE`): a request on a
+    /// registered file is never read as one on the descriptor of the same number.
+    pub req_flags: u32,
 }
 
 impl SendLayout {
@@ -187,6 +190,61 @@ impl SendLayout {
             send_buf: sr + buf,
             send_len: sr + m.sized("io_sr_msg", "len", 4)?,
             send_flags: sr + m.sized("io_sr_msg", "flags", 2)?,
+            req_flags: {
+                let flags = m.0.member("io_kiocb", "flags").map_err(|e| e.to_string())?;
+                match m.0.size_of(flags.type_id) {
+                    Some(4 | 8) => flags.offset,
+                    other => return Err(format!("io_kiocb.flags is {other:?} bytes, not 4 or 8")),
+                }
+            },
+        })
+    }
+}
+
+/// Where the send reader finds a registered (fixed) file: from `struct io_kiocb` to its ring,
+/// and in `struct io_ring_ctx` the table of registered files, whose shape changed in Linux 6.13.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct FixedLayout {
+    /// `io_kiocb.ctx`.
+    pub ctx: u32,
+    /// The table (a pointer to 8-byte entries) in `struct io_ring_ctx`: `file_table.files` (an
+    /// array of `struct io_fixed_file`) before 6.13, `file_table.data.nodes` (an array of
+    /// `struct io_rsrc_node *`) since.
+    pub files: u32,
+    /// How many entries: `nr_user_files` before 6.13, `file_table.data.nr` since (u32).
+    pub files_nr: u32,
+    /// 0 before 6.13 (an entry is `{ unsigned long file_ptr; }`); since, 1 + the offset of
+    /// `io_rsrc_node.file_ptr`.
+    pub node_file: u32,
+}
+
+impl FixedLayout {
+    pub fn from_btf(btf: &KernelBtf) -> Result<Self, String> {
+        let m = Members(btf);
+        let ctx = m.pointer("io_kiocb", "ctx")?;
+        let table = m.offset("io_ring_ctx", "file_table")?;
+        if let Ok(data) = m.offset("io_file_table", "data") {
+            return Ok(Self {
+                ctx,
+                files: table + data + m.pointer("io_rsrc_data", "nodes")?,
+                files_nr: table + data + m.sized("io_rsrc_data", "nr", 4)?,
+                node_file: 1 + m.sized("io_rsrc_node", "file_ptr", 8)?,
+            });
+        }
+        // Before 6.13: an array of `struct io_fixed_file { unsigned long file_ptr; }`.
+        if m.sized("io_fixed_file", "file_ptr", 8)? != 0
+            || btf
+                .struct_id("io_fixed_file")
+                .and_then(|id| btf.size_of(id))
+                != Some(8)
+        {
+            return Err("struct io_fixed_file is not { unsigned long file_ptr; }".to_owned());
+        }
+        Ok(Self {
+            ctx,
+            files: table + m.pointer("io_file_table", "files")?,
+            files_nr: m.sized("io_ring_ctx", "nr_user_files", 4)?,
+            node_file: 0,
         })
     }
 }
@@ -197,6 +255,7 @@ pub struct Layouts {
     pub connect: Result<ConnectLayout, String>,
     pub paths: Result<PathsLayout, String>,
     pub send: Result<SendLayout, String>,
+    pub fixed: Result<FixedLayout, String>,
 }
 
 impl Layouts {
@@ -207,12 +266,14 @@ impl Layouts {
                 connect: ConnectLayout::from_btf(btf),
                 paths: PathsLayout::from_btf(btf),
                 send: SendLayout::from_btf(btf),
+                fixed: FixedLayout::from_btf(btf),
             },
             Err(e) => Self {
                 open: Err(e.clone()),
                 connect: Err(e.clone()),
                 paths: Err(e.clone()),
                 send: Err(e.clone()),
+                fixed: Err(e.clone()),
             },
         }
     }
@@ -256,7 +317,15 @@ impl Layouts {
             settings.set(setting::IO_URING_SEND_BUF, l.send_buf, 0)?;
             settings.set(setting::IO_URING_SEND_LEN, l.send_len, 0)?;
             settings.set(setting::IO_URING_SEND_FLAGS, l.send_flags, 0)?;
+            settings.set(setting::IO_URING_REQ_FLAGS, l.req_flags, 0)?;
             bits |= LAYOUT_SEND;
+        }
+        if let Ok(l) = &self.fixed {
+            settings.set(setting::IO_URING_REQ_CTX, l.ctx, 0)?;
+            settings.set(setting::IO_URING_FILES, l.files, 0)?;
+            settings.set(setting::IO_URING_FILES_NR, l.files_nr, 0)?;
+            settings.set(setting::IO_URING_NODE_FILE, l.node_file, 0)?;
+            bits |= LAYOUT_FIXED;
         }
         settings.set(setting::IO_URING_LAYOUT, bits, 0)
     }
@@ -301,5 +370,7 @@ mod tests {
             send.rw_len < send.opcode && send.send_flags < send.opcode,
             "{send:?}"
         );
+        let fixed = FixedLayout::from_btf(&btf).unwrap();
+        assert!(fixed.files != fixed.files_nr, "{fixed:?}");
     }
 }

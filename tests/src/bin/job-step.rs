@@ -40,7 +40,9 @@
 //!                                  start container ID at the Docker API socket SOCKET with a
 //!                                  request submitted through io_uring as OP (`write`, `writev`,
 //!                                  `send`, `sendmsg`) on a connection made by CONNECT
-//!                                  (`syscall` or `uring`); print the answer's status line
+//!                                  (`syscall`, `uring`, or `fixed`: by syscall, then sent
+//!                                  as a registered file whose index is no open fd); print
+//!                                  the answer's status line
 
 use std::{
     ffi::CString,
@@ -355,7 +357,18 @@ fn uring_connect(addr: SocketAddr) -> std::io::Result<()> {
 /// # Safety
 /// What `entry` points at must stay valid until this returns.
 unsafe fn uring_once(entry: &io_uring::squeue::Entry) -> std::io::Result<i32> {
-    let mut ring = io_uring::IoUring::new(4)?;
+    // SAFETY: as the caller's.
+    unsafe { uring_on(&mut io_uring::IoUring::new(4)?, entry) }
+}
+
+/// Submits `entry` on `ring` and waits for its completion, as `uring_once`.
+///
+/// # Safety
+/// As `uring_once`.
+unsafe fn uring_on(
+    ring: &mut io_uring::IoUring,
+    entry: &io_uring::squeue::Entry,
+) -> std::io::Result<i32> {
     // SAFETY: the caller keeps what the entry points at valid; it is waited for below.
     unsafe { ring.submission().push(&entry.clone().user_data(1)) }
         .map_err(std::io::Error::other)?;
@@ -368,9 +381,22 @@ unsafe fn uring_once(entry: &io_uring::squeue::Entry) -> std::io::Result<i32> {
     }
 }
 
-/// Submits `request` through io_uring as `op` on `fd` and waits for its completion.
-fn uring_send(fd: std::os::fd::RawFd, request: &[u8], op: &str) -> std::io::Result<()> {
-    use io_uring::{opcode, types::Fd};
+/// The registered-file index `uring_send` sends on when asked to: past every fd job-step has
+/// open, so that the descriptor of that number is not the connection.
+const FIXED_INDEX: u32 = 40;
+
+/// Submits `request` through io_uring as `op` on `fd` and waits for its completion; with
+/// `fixed`, on the ring's registered file `FIXED_INDEX`, which is `fd`.
+fn uring_send(
+    fd: std::os::fd::RawFd,
+    request: &[u8],
+    op: &str,
+    fixed: bool,
+) -> std::io::Result<()> {
+    use io_uring::{
+        opcode,
+        types::{Fd, Fixed},
+    };
     let iov = libc::iovec {
         iov_base: request.as_ptr() as *mut _,
         iov_len: request.len(),
@@ -380,15 +406,29 @@ fn uring_send(fd: std::os::fd::RawFd, request: &[u8], op: &str) -> std::io::Resu
     msg.msg_iov = &iov as *const _ as *mut _;
     msg.msg_iovlen = 1;
     let len = request.len() as u32;
-    let entry = match op {
-        "write" => opcode::Write::new(Fd(fd), request.as_ptr(), len).build(),
-        "writev" => opcode::Writev::new(Fd(fd), &iov, 1).build(),
-        "send" => opcode::Send::new(Fd(fd), request.as_ptr(), len).build(),
-        "sendmsg" => opcode::SendMsg::new(Fd(fd), &msg).build(),
-        other => panic!("unknown io_uring send {other}"),
+    // The same request on a descriptor or on a registered file (two types of target).
+    macro_rules! entry {
+        ($at:expr) => {
+            match op {
+                "write" => opcode::Write::new($at, request.as_ptr(), len).build(),
+                "writev" => opcode::Writev::new($at, &iov, 1).build(),
+                "send" => opcode::Send::new($at, request.as_ptr(), len).build(),
+                "sendmsg" => opcode::SendMsg::new($at, &msg).build(),
+                other => panic!("unknown io_uring send {other}"),
+            }
+        };
+    }
+    let mut ring = io_uring::IoUring::new(4)?;
+    let entry = if fixed {
+        assert!(fd < FIXED_INDEX as i32, "fd {fd} is the fixed index");
+        ring.submitter().register_files_sparse(FIXED_INDEX + 1)?;
+        ring.submitter().register_files_update(FIXED_INDEX, &[fd])?;
+        entry!(Fixed(FIXED_INDEX))
+    } else {
+        entry!(Fd(fd))
     };
     // SAFETY: the buffer, iovec and msghdr outlive the operation.
-    let sent = unsafe { uring_once(&entry) }?;
+    let sent = unsafe { uring_on(&mut ring, &entry) }?;
     assert_eq!(sent as usize, request.len(), "a short send");
     Ok(())
 }
@@ -428,14 +468,19 @@ fn uring_connect_unix(path: &Path) -> std::io::Result<UnixStream> {
 fn uring_start(socket: &Path, id: &str, op: &str, connect: &str) -> std::io::Result<String> {
     use std::os::fd::AsRawFd;
     let mut stream = match connect {
-        "syscall" => UnixStream::connect(socket)?,
+        "syscall" | "fixed" => UnixStream::connect(socket)?,
         "uring" => uring_connect_unix(socket)?,
         other => panic!("unknown connect {other}"),
     };
     let request = format!(
         "POST /v1.41/containers/{id}/start HTTP/1.0\r\nHost: docker\r\nContent-Length: 0\r\n\r\n"
     );
-    uring_send(stream.as_raw_fd(), request.as_bytes(), op)?;
+    uring_send(
+        stream.as_raw_fd(),
+        request.as_bytes(),
+        op,
+        connect == "fixed",
+    )?;
     let mut answer = String::new();
     stream.read_to_string(&mut answer)?;
     Ok(answer.lines().next().unwrap_or_default().to_owned())
