@@ -189,23 +189,7 @@ fn a_container_started_outside_jobs_beside_a_start_by_name_does_not_take_it() {
     let run = run_id(15);
     let name = format!("rm-race-{run}");
     let other = format!("rm-race-host-{run}");
-    // Outside any job, made from the same image and reading the same credentials.
-    let other_id = docker
-        .run(&[
-            "create",
-            "--network",
-            "none",
-            "--name",
-            &other,
-            "-v",
-            &format!("{}:/h", env.home.display()),
-            IMAGE,
-            "sh",
-            "-c",
-            &format!("{} > /dev/null", read_three_kinds("/h")),
-        ])
-        .trim()
-        .to_owned();
+    let other_id = create_outside_jobs(&docker, &env, &other);
     let (ready, go) = (env.dir.join("ready"), env.dir.join("go"));
     let step = format!(
         "{create} > /dev/null\ntouch {ready}\nwhile [ ! -e {go} ]; do :; done\n\
@@ -228,18 +212,44 @@ fn a_container_started_outside_jobs_beside_a_start_by_name_does_not_take_it() {
     let harvest = wait_alert(agent, "credential-harvesting", &id, |_| true);
     assert_container(&harvest, Some(&name));
     assert_requested_as(&harvest, "name", &name);
-    docker.run(&["wait", &other]);
-    // The other container's reads went to nobody: no alert names it.
+    assert_nobodys(agent, &docker, &other_id);
+    assert_no_secret(agent);
+}
+
+/// A container made outside any job, from the same image as the jobs' and reading the same
+/// credentials when started: its id.
+fn create_outside_jobs(docker: &Docker, env: &TestEnv, name: &str) -> String {
+    docker
+        .run(&[
+            "create",
+            "--network",
+            "none",
+            "--name",
+            name,
+            "-v",
+            &format!("{}:/h", env.home.display()),
+            IMAGE,
+            "sh",
+            "-c",
+            &format!("{} > /dev/null", read_three_kinds("/h")),
+        ])
+        .trim()
+        .to_owned()
+}
+
+/// Once container `id` (started, reading credentials) has exited, no alert names it: its reads
+/// went to nobody.
+fn assert_nobodys(agent: &integration_tests::live::Agent, docker: &Docker, id: &str) {
+    docker.run(&["wait", id]);
     std::thread::sleep(std::time::Duration::from_secs(1));
     let named = integration_tests::live::alerts(agent)
         .into_iter()
-        .filter(|a| a["container"]["id"] == other_id.as_str())
+        .filter(|a| a["container"]["id"] == id)
         .collect::<Vec<_>>();
     assert!(
         named.is_empty(),
         "the container started outside jobs was attributed: {named:#?}"
     );
-    assert_no_secret(agent);
 }
 
 /// Start requests submitted through io_uring make no `write` or `send` syscall: the kernel
@@ -247,7 +257,9 @@ fn a_container_started_outside_jobs_beside_a_start_by_name_does_not_take_it() {
 /// `WRITEV`, `SEND`, `SENDMSG`), on connections made by `connect(2)` and by io_uring's own
 /// `CONNECT` (no connect syscall either: the socket is checked at the request), and on a
 /// registered file (`IOSQE_FIXED_FILE`: the request names an index, the file is found in the
-/// ring's table). Each container is the job's.
+/// ring's table). Each container is the job's. A request on a registered file whose index is the
+/// number of the job's Docker connection, but which is another socket, marks nothing: a
+/// container the host starts afterwards is nobody's.
 #[test]
 fn containers_a_job_starts_through_io_uring_are_the_job() {
     let agent = agent();
@@ -262,7 +274,13 @@ fn containers_a_job_starts_through_io_uring_are_the_job() {
         ("writev", "fixed"),
     ];
     let answers = env.dir.join("answers");
-    let mut step = String::new();
+    let host_id = create_outside_jobs(&docker, &env, &format!("rm-uring-host-{run}"));
+    let mut step = format!(
+        "{job_step} uring-start {socket} {host_id} send decoy >> {answers}\n",
+        job_step = integration_tests::job_step().display(),
+        socket = docker.socket.display(),
+        answers = answers.display(),
+    );
     for (op, connect) in cases {
         step += &format!(
             "cid=$({create})\n{job_step} uring-start {socket} $cid {op} {connect} >> {answers}\n\
@@ -288,6 +306,7 @@ fn containers_a_job_starts_through_io_uring_are_the_job() {
         cases.len(),
         "the daemon's answers: {answers}"
     );
+    assert!(answers.lines().any(|l| l == "decoy"), "{answers}");
     let id = format!("{run}/build");
     for (op, connect) in cases {
         let name = format!("rm-uring-{op}-{connect}-{run}");
@@ -296,5 +315,7 @@ fn containers_a_job_starts_through_io_uring_are_the_job() {
         });
         assert_container(&harvest, Some(&name));
     }
+    start_outside_jobs(&docker, &host_id);
+    assert_nobodys(agent, &docker, &host_id);
     assert_no_secret(agent);
 }

@@ -42,7 +42,9 @@
 //!                                  `send`, `sendmsg`) on a connection made by CONNECT
 //!                                  (`syscall`, `uring`, or `fixed`: by syscall, then sent
 //!                                  as a registered file whose index is no open fd); print
-//!                                  the answer's status line
+//!                                  the answer's status line. CONNECT `decoy`: connect by
+//!                                  syscall, but send on a socket pair's end registered at
+//!                                  the connection's fd number; print `decoy`
 
 use std::{
     ffi::CString,
@@ -386,12 +388,12 @@ unsafe fn uring_on(
 const FIXED_INDEX: u32 = 40;
 
 /// Submits `request` through io_uring as `op` on `fd` and waits for its completion; with
-/// `fixed`, on the ring's registered file `FIXED_INDEX`, which is `fd`.
+/// `fixed: Some(i)`, on the ring's registered file `i`, which is `fd`.
 fn uring_send(
     fd: std::os::fd::RawFd,
     request: &[u8],
     op: &str,
-    fixed: bool,
+    fixed: Option<u32>,
 ) -> std::io::Result<()> {
     use io_uring::{
         opcode,
@@ -419,13 +421,13 @@ fn uring_send(
         };
     }
     let mut ring = io_uring::IoUring::new(4)?;
-    let entry = if fixed {
-        assert!(fd < FIXED_INDEX as i32, "fd {fd} is the fixed index");
-        ring.submitter().register_files_sparse(FIXED_INDEX + 1)?;
-        ring.submitter().register_files_update(FIXED_INDEX, &[fd])?;
-        entry!(Fixed(FIXED_INDEX))
-    } else {
-        entry!(Fd(fd))
+    let entry = match fixed {
+        Some(index) => {
+            ring.submitter().register_files_sparse(index + 1)?;
+            ring.submitter().register_files_update(index, &[fd])?;
+            entry!(Fixed(index))
+        }
+        None => entry!(Fd(fd)),
     };
     // SAFETY: the buffer, iovec and msghdr outlive the operation.
     let sent = unsafe { uring_on(&mut ring, &entry) }?;
@@ -468,19 +470,36 @@ fn uring_connect_unix(path: &Path) -> std::io::Result<UnixStream> {
 fn uring_start(socket: &Path, id: &str, op: &str, connect: &str) -> std::io::Result<String> {
     use std::os::fd::AsRawFd;
     let mut stream = match connect {
-        "syscall" | "fixed" => UnixStream::connect(socket)?,
+        "syscall" | "fixed" | "decoy" => UnixStream::connect(socket)?,
         "uring" => uring_connect_unix(socket)?,
         other => panic!("unknown connect {other}"),
     };
     let request = format!(
         "POST /v1.41/containers/{id}/start HTTP/1.0\r\nHost: docker\r\nContent-Length: 0\r\n\r\n"
     );
-    uring_send(
-        stream.as_raw_fd(),
-        request.as_bytes(),
-        op,
-        connect == "fixed",
-    )?;
+    match connect {
+        "fixed" => {
+            assert!(
+                stream.as_raw_fd() < FIXED_INDEX as i32,
+                "the fd is the fixed index"
+            );
+            uring_send(
+                stream.as_raw_fd(),
+                request.as_bytes(),
+                op,
+                Some(FIXED_INDEX),
+            )?
+        }
+        "decoy" => {
+            // The request goes into the pair, at the index that is the Docker connection's
+            // number: the daemon never gets it.
+            let (pair, _other) = UnixStream::pair()?;
+            let index = stream.as_raw_fd() as u32;
+            uring_send(pair.as_raw_fd(), request.as_bytes(), op, Some(index))?;
+            return Ok("decoy".to_owned());
+        }
+        _ => uring_send(stream.as_raw_fd(), request.as_bytes(), op, None)?,
+    }
     let mut answer = String::new();
     stream.read_to_string(&mut answer)?;
     Ok(answer.lines().next().unwrap_or_default().to_owned())
