@@ -216,6 +216,52 @@ fn a_container_started_outside_jobs_beside_a_start_by_name_does_not_take_it() {
     assert_no_secret(agent);
 }
 
+/// The case the kernel's guess gets wrong and the agent corrects: a container cgroup made
+/// right after the job's start by name (here by the job's own step, at once, before the agent
+/// can have asked the daemon) takes the job's pending start, first in, first out. The agent's
+/// answer then finds the start gone and the job's container not made yet: it registers the
+/// container by id, so its cgroup is the job's when the daemon makes it. Before, it was
+/// nobody's.
+#[test]
+fn a_start_by_name_another_cgroup_took_is_still_the_jobs_container() {
+    let agent = agent();
+    let docker = Docker::start("byname-taken");
+    let env = TestEnv::new("containers-byname-taken");
+    let run = run_id(17);
+    let name = format!("rm-taken-{run}");
+    let unified = std::path::Path::new("/sys/fs/cgroup/unified");
+    let v2 = if unified.join("cgroup.procs").exists() {
+        unified
+    } else {
+        std::path::Path::new("/sys/fs/cgroup")
+    };
+    std::fs::create_dir_all(v2.join("docker")).unwrap();
+    // A container's cgroup by its name: `docker/<64 hex digits>`.
+    let other = v2.join("docker").join(format!("{run:f>64}"));
+    let answers = env.dir.join("answers");
+    let step = format!(
+        "{create} > /dev/null\n\
+         {job_step} start-then-mkdir {socket} {name} {other} > {answers}\n\
+         {cli} wait {name} > /dev/null",
+        create = create_reader(&docker, &env, &format!("--name {name}")),
+        job_step = integration_tests::job_step().display(),
+        socket = docker.socket.display(),
+        other = other.display(),
+        answers = answers.display(),
+        cli = docker.shell_cli(),
+    );
+    github_job(&env, agent, &run, "acme/taken", &step);
+    let answers = std::fs::read_to_string(&answers).unwrap_or_default();
+    assert!(answers.starts_with("HTTP/1.0 204"), "{answers}");
+    let id = format!("{run}/build");
+    let harvest = wait_alert(agent, "credential-harvesting", &id, |a| {
+        a["container"]["name"] == name.as_str()
+    });
+    assert_container(&harvest, Some(&name));
+    assert_requested_as(&harvest, "name", &name);
+    assert_no_secret(agent);
+}
+
 /// A container made outside any job, from the same image as the jobs' and reading the same
 /// credentials when started: its id.
 fn create_outside_jobs(docker: &Docker, env: &TestEnv, name: &str) -> String {

@@ -81,8 +81,12 @@ impl NameStartMaps {
     }
 
     /// Container `id` is job `key`'s, and the kernel's pending start `slot` (made at
-    /// `pending_ns`) is freed: `Ok(true)`. `Ok(false)` when the start was no longer pending (a
-    /// cgroup took it first): nothing is written.
+    /// `pending_ns`) is freed: `Ok(true)`. When the start is no longer pending, a cgroup took it
+    /// first by the kernel's first-in first-out guess: if the kernel knows container `id`
+    /// (its cgroup was made), that was it, and the guess stands: `Ok(false)`, nothing written.
+    /// If not, another container's cgroup took the start (one made by anyone between the job's
+    /// request and its own): `id` is registered as the job's as a start by id would, so its
+    /// cgroup is the job's when the runtime makes it: `Ok(true)`.
     fn start(
         &mut self,
         id: [u8; CONTAINER_ID_LEN],
@@ -92,7 +96,7 @@ impl NameStartMaps {
     ) -> Result<bool, String> {
         let still = |p: &PendingStart| p.job == key.0 && p.ts_ns == pending_ns;
         let start = self.pending.get(&slot, 0).map_err(|e| e.to_string())?;
-        if !still(&start) {
+        if !still(&start) && self.known(&id)? {
             return Ok(false);
         }
         // A job's own start by id of the same container keeps it (BPF_NOEXIST semantics are
@@ -103,6 +107,17 @@ impl NameStartMaps {
                 return Err(e.to_string());
             }
         }
+        if !still(&start) {
+            // The cgroup may have been made between the look-up and the entry, without it.
+            if self.known(&id)? {
+                tracing::warn!(
+                    container = %String::from_utf8_lossy(&id),
+                    "a container started by name was made while the agent registered it after \
+                     another took its start: it is not the job's"
+                );
+            }
+            return Ok(true);
+        }
         // Freed only if it is still this start (a cgroup may have taken it meanwhile).
         let now = self.pending.get(&slot, 0).map_err(|e| e.to_string())?;
         if still(&now) {
@@ -112,6 +127,15 @@ impl NameStartMaps {
                 .map_err(|e| e.to_string())?;
         }
         Ok(true)
+    }
+
+    /// Whether the kernel knows container `id`: its cgroup was made (`CONTAINER_IDS`).
+    fn known(&self, id: &[u8; CONTAINER_ID_LEN]) -> Result<bool, String> {
+        match self.ids.get(id, 0) {
+            Ok(_) => Ok(true),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(false),
+            Err(e) => Err(e.to_string()),
+        }
     }
 
     /// The next runc init in container `id`'s cgroup is job `key`'s (its `docker exec`), as the

@@ -45,10 +45,14 @@
 //!                                  the answer's status line. CONNECT `decoy`: connect by
 //!                                  syscall, but send on a socket pair's end registered at
 //!                                  the connection's fd number; print `decoy`
+//! job-step start-then-mkdir SOCKET REF DIR
+//!                                  send `POST /containers/REF/start` to the Docker API at
+//!                                  SOCKET, make directory DIR (a cgroup) at once, then print
+//!                                  the answer's status line and remove DIR
 
 use std::{
     ffi::CString,
-    io::Read,
+    io::{Read, Write},
     net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
     os::fd::FromRawFd,
     os::unix::net::UnixStream,
@@ -293,6 +297,21 @@ fn main() {
                     None => println!("error {e}"),
                 },
             }
+        }
+        "start-then-mkdir" => {
+            let mut stream = UnixStream::connect(arg(1)).expect("unix connect");
+            // One write: `write!` on the stream would send each piece by a write of its own.
+            let request = format!(
+                "POST /v1.41/containers/{}/start HTTP/1.0\r\nHost: docker\r\n\
+                 Content-Length: 0\r\n\r\n",
+                arg(2)
+            );
+            stream.write_all(request.as_bytes()).expect("request");
+            std::fs::create_dir(arg(3)).expect("mkdir");
+            let mut answer = String::new();
+            stream.read_to_string(&mut answer).expect("answer");
+            println!("{}", answer.lines().next().unwrap_or_default());
+            std::fs::remove_dir(arg(3)).expect("rmdir");
         }
         "uring-start" => {
             let status = uring_start(Path::new(&arg(1)), arg(2), arg(3), arg(4))
