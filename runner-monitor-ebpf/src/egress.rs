@@ -16,10 +16,11 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use runner_monitor_common::{
-    AF_INET, AF_INET6, CONNECT_BLOCKED, CONNECT_UDP_SEND, ConnectEvent, EGRESS_BLOCK,
+    AF_INET, AF_INET6, CONNECT_BLOCKED, CONNECT_QUIC, CONNECT_UDP_SEND, ConnectEvent, EGRESS_BLOCK,
     EGRESS_GLOBAL_POLICY, EGRESS_KEY_FIXED_BITS, EGRESS_METADATA_ENTITLED, EGRESS_NO_POLICY,
-    EgressAllow, EgressJob, EgressKey4, EgressKey6, EventKind, MAX_EGRESS_ENTRIES, MAX_JOBS,
-    MAX_METADATA_ENDPOINTS, ProcessJob, UNIX_PATH_LEN, counter, egress_key, setting,
+    EGRESS_SNI, EgressAllow, EgressJob, EgressKey4, EgressKey6, EventKind, MAX_EGRESS_ENTRIES,
+    MAX_JOBS, MAX_METADATA_ENDPOINTS, ProcessJob, QUIC_PORT, UNIX_PATH_LEN, counter, egress_key,
+    setting,
 };
 
 use crate::{
@@ -82,12 +83,31 @@ pub fn verdict_of(
     let port = u16::from_be(unsafe { (*ctx.sock_addr).user_port } as u16);
     let written = written_address(ctx, v6);
     let dest = normalise(&written, v6);
-    if is_local(&dest) || allowed(job, &dest, port) {
+    if is_local(&dest) {
         return 1;
     }
+    let reason = if !allowed(job, &dest, port) {
+        0
+    } else if job.flags & EGRESS_SNI != 0 && port == QUIC_PORT && is_udp(ctx, udp_send) {
+        // QUIC: its ClientHello is encrypted, so `sni = true` cannot read the server name; the
+        // client falls back to TCP, where it can.
+        CONNECT_QUIC
+    } else {
+        return 1;
+    };
     count(counter::EGRESS_BLOCKED);
-    report(process, &written, v6, port, udp_send);
+    report(process, &written, v6, port, udp_send, reason);
     0
+}
+
+/// Whether the socket is UDP: a send (the sendmsg programs run for UDP only) or a datagram
+/// socket's connect.
+#[inline(always)]
+fn is_udp(ctx: &SockAddrContext, udp_send: bool) -> bool {
+    /// `SOCK_DGRAM`.
+    const DATAGRAM: u32 = 2;
+    // SAFETY: a context field read.
+    udp_send || unsafe { (*ctx.sock_addr).type_ } == DATAGRAM
 }
 
 /// Whether block mode refuses job process `process` the address `written` (as the process wrote
@@ -309,9 +329,16 @@ fn admits(entry: Option<&EgressAllow>) -> bool {
 /// event marked (sent at the syscall's exit with its -EPERM); anything else (a UDP send, an
 /// io_uring connect) is sent now.
 #[inline(always)]
-fn report(process: &ProcessJob, written: &[u8; 16], v6: bool, port: u16, udp_send: bool) {
+fn report(
+    process: &ProcessJob,
+    written: &[u8; 16],
+    v6: bool,
+    port: u16,
+    udp_send: bool,
+    reason: u32,
+) {
     let tid = bpf_get_current_pid_tgid() as u32;
-    if !udp_send && crate::maps::mark_pending_blocked(tid) {
+    if !udp_send && crate::maps::mark_pending_blocked(tid, reason) {
         return;
     }
     if !within_budget(process.job, EventKind::Connect as u32) {
@@ -325,7 +352,7 @@ fn report(process: &ProcessJob, written: &[u8; 16], v6: bool, port: u16, udp_sen
         e.addr = *written;
         e.unix_path_len = 0;
         e.unix_path = [0; UNIX_PATH_LEN];
-        e.flags = CONNECT_BLOCKED | if udp_send { CONNECT_UDP_SEND } else { 0 };
+        e.flags = CONNECT_BLOCKED | reason | if udp_send { CONNECT_UDP_SEND } else { 0 };
         e._pad2 = [0; 4];
     });
 }

@@ -26,14 +26,14 @@ pub const PRIVATE_EVENT_MAP_ENTRIES: u32 = 1024;
 pub static PENDING_CONNECTS: HashMap<u32, ConnectEvent> =
     HashMap::with_max_entries(PRIVATE_MAP_ENTRIES, 0);
 
-/// Marks the connect this thread is in (seen by `sys_enter_connect`) as refused by block mode;
-/// false when there is none (io_uring, or the connect tracepoints are not attached).
+/// Marks the connect this thread is in (seen by `sys_enter_connect`) as refused by block mode,
+/// with `reason` (0, or a `CONNECT_*` bit saying why); false when there is none (io_uring, or the connect tracepoints are not attached).
 #[inline(always)]
-pub fn mark_pending_blocked(tid: u32) -> bool {
+pub fn mark_pending_blocked(tid: u32, reason: u32) -> bool {
     match PENDING_CONNECTS.get_ptr_mut(tid) {
         Some(event) => {
             // SAFETY: the entry belongs to this thread, which is the only one that touches it.
-            unsafe { (*event).flags |= CONNECT_BLOCKED };
+            unsafe { (*event).flags |= CONNECT_BLOCKED | reason };
             true
         }
         None => false,

@@ -365,6 +365,10 @@ pub struct Connect {
     /// process gave).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub dns_redirected: bool,
+    /// With `blocked`: UDP to port 443 (QUIC) refused because a rule of the job checks TLS
+    /// server names (`sni = true`), which QUIC encrypts; the address itself is allowed.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub quic: bool,
 }
 
 /// A TLS ClientHello a job's TCP socket sent as its first data (docs/policy.md, "TLS server
@@ -407,6 +411,7 @@ impl Connect {
             raw_socket: None,
             via: None,
             dns_redirected: false,
+            quic: false,
         }
     }
 

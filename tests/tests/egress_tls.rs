@@ -3,7 +3,8 @@
 //! the first data segment. With `sni = true` in block mode, a name outside the allowlist never
 //! reaches the server (the kernel drops the segment and every later one) and is reported
 //! `"blocked": true` with `destination.sni`; allowed names, exact and `*.` wildcards, go through.
-//! In audit mode the same name reaches the server and is reported.
+//! In audit mode the same name reaches the server and is reported. UDP to port 443 (QUIC, whose
+//! server name is encrypted) of an allowed address is refused with `sni = true` in block mode.
 //!
 //! The server answers one byte to the first bytes it receives: `answered` proves it received
 //! them, `silent` (no answer in 3 s) that it received nothing.
@@ -64,6 +65,28 @@ fn job_sends(
         .map(|case| {
             format!(
                 "printf '%s=' '{case}'; ip netns exec {} \"$JOB_STEP\" tls {case}\n",
+                ns.client
+            )
+        })
+        .collect();
+    job_answers(env, agent, run, repository, &script)
+}
+
+/// Runs a job of `repository` that tries, from the client namespace, each case (`HOW ADDR`,
+/// `job-step egress`); returns case -> answer (`ok` or `errno N`).
+fn job_tries(
+    env: &TestEnv,
+    agent: &Agent,
+    ns: &NetPair,
+    run: &str,
+    repository: &str,
+    cases: &[String],
+) -> std::collections::BTreeMap<String, String> {
+    let script: String = cases
+        .iter()
+        .map(|case| {
+            format!(
+                "printf '%s=' '{case}'; ip netns exec {} \"$JOB_STEP\" egress {case}\n",
                 ns.client
             )
         })
@@ -153,6 +176,45 @@ fn sni_true_in_block_mode_drops_tls_to_a_server_name_outside_the_allowlist() {
             "no tls_client_hello event for {sni}: {hellos:#?}"
         );
     }
+
+    // QUIC: UDP to port 443 of an allowed address carries its server name encrypted, so with
+    // `sni = true` block mode refuses it (clients fall back to TCP); other UDP is judged by the
+    // address alone, and audit mode changes nothing.
+    let quic = [
+        format!("udp {SERVER_V4}:443"),
+        format!("udp-send [{SERVER_V6}]:443"),
+        format!("udp {SERVER_V4}:{PORT}"),
+    ];
+    let run = run_id(3);
+    let answers = job_tries(&env, &agent, &ns, &run, "acme/tls-block", &quic);
+    let expected = ["errno 1", "errno 1", "ok"];
+    for (case, want) in quic.iter().zip(expected) {
+        assert_eq!(
+            answers.get(case).map(String::as_str),
+            Some(want),
+            "block mode, sni = true: `{case}`: {answers:#?}"
+        );
+    }
+    for ip in [SERVER_V4, SERVER_V6] {
+        let alert = wait_alert(&agent, "unexpected-egress", &format!("{run}/build"), |a| {
+            a["destination"]["ip"] == ip && a["destination"]["port"] == 443
+        });
+        assert_eq!(alert["blocked"], true, "{alert}");
+        assert!(
+            alert["summary"]
+                .as_str()
+                .unwrap()
+                .contains("was refused QUIC"),
+            "{alert}"
+        );
+    }
+    let run = run_id(4);
+    let answers = job_tries(&env, &agent, &ns, &run, "acme/tls-audit", &quic[..1]);
+    assert_eq!(
+        answers.get(&quic[0]).map(String::as_str),
+        Some("ok"),
+        "audit mode: {answers:#?}"
+    );
 
     // Audit mode with the same rule: everything reaches the server; the name is reported.
     let run = run_id(2);

@@ -136,6 +136,10 @@ pub(super) fn connect(engine: &mut Engine, event: &Event, c: &Connect, out: &mut
         // have: the job did not resolve the address through the agent's resolver (another
         // network namespace, a resolver it reached some other way), or its TTL ran out.
         let summary = match (c.blocked, allowed) {
+            (true, _) if c.quic => format!(
+                "was refused QUIC (UDP) to {shown} (block mode): its rule checks TLS server names \
+                 (sni = true), which QUIC encrypts; the client can fall back to TCP"
+            ),
             (true, false) => {
                 format!("was refused {refused} {shown} (block mode), outside its egress allowlist")
             }

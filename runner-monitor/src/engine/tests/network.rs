@@ -183,6 +183,7 @@ fn refused(ip: &str, port: u16, udp_send: bool) -> EventDetail {
         raw_socket: None,
         via: None,
         dns_redirected: false,
+        quic: false,
     })
 }
 
@@ -274,6 +275,7 @@ fn a_raw_packet_or_icmp_socket_is_unexpected_egress_refused_in_block_mode() {
             raw_socket: Some(RawSocket { kind, protocol }),
             via: None,
             dns_redirected: false,
+            quic: false,
         })
     };
     let mut t = Trace::new();
@@ -337,6 +339,28 @@ fn a_dns_connect_block_mode_sent_to_the_agents_resolver_is_not_unexpected_egress
     redirected.dns_redirected = true;
     t.feed(2, 1, 100, 1, "curl", EventDetail::Connect(redirected));
     assert!(t.findings.is_empty(), "{:#?}", t.findings);
+}
+
+/// QUIC refused under `sni = true`: the address is allowed, the finding says why it was refused.
+#[test]
+fn quic_refused_under_an_sni_rule_says_so() {
+    let mut t = Trace::new();
+    t.start(1, 1, 100, "acme/app");
+    let EventDetail::Connect(mut quic) = refused("203.0.113.9", 443, true) else {
+        unreachable!()
+    };
+    quic.quic = true;
+    t.feed(2, 1, 100, 1, "curl", EventDetail::Connect(quic));
+    assert_eq!(t.rules(), [RuleId::UnexpectedEgress]);
+    let finding = &t.findings[0];
+    assert!(finding.blocked);
+    assert!(
+        finding
+            .summary
+            .contains("was refused QUIC (UDP) to 203.0.113.9 port 443 (block mode)"),
+        "{}",
+        finding.summary
+    );
 }
 
 #[test]

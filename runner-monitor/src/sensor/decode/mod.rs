@@ -8,11 +8,11 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use runner_monitor_common::{
     ACCESS_BY_SYSCALL, AF_INET, AF_INET6, AF_PACKET, AF_UNIX, BpfEvent, CONNECT_BLOCKED,
-    CONNECT_DNS_REDIRECTED, CONNECT_RAW_SOCKET, CONNECT_UDP_SEND, ChdirEvent, ConnectEvent,
-    ContainerEvent, ContainerStartEvent, DnsEvent, EXIT_CODE_KNOWN, EXIT_KILLED_BY_SIGNAL,
-    EventHeader, EventKind, ExecEvent, ExitEvent, FileEvent, ForkEvent, HEADER_IO_URING,
-    HEADER_JOB_ENDED, HEADER_JOB_ROOT, HEADER_TRUNCATED, IoUringSetupEvent, JobEnvEvent,
-    MATCH_BASENAME, MATCH_DIRNAME, MATCH_PREFIX, MATCH_PROC_MEMORY, MATCH_SECOND_PATH,
+    CONNECT_DNS_REDIRECTED, CONNECT_QUIC, CONNECT_RAW_SOCKET, CONNECT_UDP_SEND, ChdirEvent,
+    ConnectEvent, ContainerEvent, ContainerStartEvent, DnsEvent, EXIT_CODE_KNOWN,
+    EXIT_KILLED_BY_SIGNAL, EventHeader, EventKind, ExecEvent, ExitEvent, FileEvent, ForkEvent,
+    HEADER_IO_URING, HEADER_JOB_ENDED, HEADER_JOB_ROOT, HEADER_TRUNCATED, IoUringSetupEvent,
+    JobEnvEvent, MATCH_BASENAME, MATCH_DIRNAME, MATCH_PREFIX, MATCH_PROC_MEMORY, MATCH_SECOND_PATH,
     PTRACE_ATTACH, PTRACE_PEEKDATA, PTRACE_PEEKTEXT, PTRACE_PEEKUSER, PTRACE_SEIZE,
     ProcessAccessEvent, SIGNAL_SYSCALL_KILL, SIGNAL_SYSCALL_NR, SIGNAL_SYSCALL_TGKILL,
     SIGNAL_SYSCALL_TKILL, SOCK_RAW, SignalEvent, TLS_BLOCKED, TLS_NO_SNI, TLS_SNI_TRUNCATED,
@@ -417,6 +417,7 @@ fn connect(e: &ConnectEvent) -> Result<Connect, DecodeError> {
         raw_socket: None,
         via: None,
         dns_redirected: e.flags & CONNECT_DNS_REDIRECTED != 0,
+        quic: e.flags & CONNECT_QUIC != 0,
     })
 }
 
@@ -449,6 +450,7 @@ fn raw_socket(e: &ConnectEvent) -> Result<Connect, DecodeError> {
         }),
         via: None,
         dns_redirected: false,
+        quic: false,
     })
 }
 
