@@ -49,6 +49,20 @@ impl NetPair {
         pair
     }
 
+    /// Job script lines that run `job-step COMMAND CASE` in the client namespace for each case,
+    /// each printing `CASE=ANSWER` (for `live::job_answers`).
+    pub fn client_steps(&self, command: &str, cases: &[String]) -> String {
+        cases
+            .iter()
+            .map(|case| {
+                format!(
+                    "printf '%s=' '{case}'; ip netns exec {} \"$JOB_STEP\" {command} {case}\n",
+                    self.client
+                )
+            })
+            .collect()
+    }
+
     /// `job-step ARGS` inside namespace `name` (`client` or `server`), ready when it printed
     /// `listening`.
     pub fn serve(&mut self, name: &str, args: &[String]) {

@@ -92,14 +92,7 @@ fn job_tries(
     cases: &[String],
     extra: &str,
 ) -> BTreeMap<String, String> {
-    let mut script = String::new();
-    for case in cases {
-        script.push_str(&format!(
-            "printf '%s=' '{case}'; ip netns exec {} \"$JOB_STEP\" egress {case}\n",
-            ns.client
-        ));
-    }
-    script.push_str(extra);
+    let script = ns.client_steps("egress", cases) + extra;
     job_answers(env, agent, run, repository, &script)
 }
 

@@ -50,48 +50,23 @@ fn policy() -> String {
     )
 }
 
-/// Runs a job of `repository` that sends, from the client namespace, each case (`NAME ADDR`,
-/// `job-step tls`); returns case -> answer.
-fn job_sends(
+/// Runs a job of `repository` that runs `job-step COMMAND CASE` in the client namespace for each
+/// case (`tls NAME ADDR`, `egress HOW ADDR`); returns case -> answer.
+fn job_runs(
     env: &TestEnv,
     agent: &Agent,
-    ns: &NetPair,
+    (ns, command): (&NetPair, &str),
     run: &str,
     repository: &str,
     cases: &[String],
 ) -> std::collections::BTreeMap<String, String> {
-    let script: String = cases
-        .iter()
-        .map(|case| {
-            format!(
-                "printf '%s=' '{case}'; ip netns exec {} \"$JOB_STEP\" tls {case}\n",
-                ns.client
-            )
-        })
-        .collect();
-    job_answers(env, agent, run, repository, &script)
-}
-
-/// Runs a job of `repository` that tries, from the client namespace, each case (`HOW ADDR`,
-/// `job-step egress`); returns case -> answer (`ok` or `errno N`).
-fn job_tries(
-    env: &TestEnv,
-    agent: &Agent,
-    ns: &NetPair,
-    run: &str,
-    repository: &str,
-    cases: &[String],
-) -> std::collections::BTreeMap<String, String> {
-    let script: String = cases
-        .iter()
-        .map(|case| {
-            format!(
-                "printf '%s=' '{case}'; ip netns exec {} \"$JOB_STEP\" egress {case}\n",
-                ns.client
-            )
-        })
-        .collect();
-    job_answers(env, agent, run, repository, &script)
+    job_answers(
+        env,
+        agent,
+        run,
+        repository,
+        &ns.client_steps(command, cases),
+    )
 }
 
 fn sni_is(alert: &Value, sni: &str, ip: &str) -> bool {
@@ -124,7 +99,14 @@ fn sni_true_in_block_mode_drops_tls_to_a_server_name_outside_the_allowlist() {
     ];
     let attempts: Vec<String> = cases.iter().map(|(c, _)| c.clone()).collect();
     let run = run_id(1);
-    let answers = job_sends(&env, &agent, &ns, &run, "acme/tls-block", &attempts);
+    let answers = job_runs(
+        &env,
+        &agent,
+        (&ns, "tls"),
+        &run,
+        "acme/tls-block",
+        &attempts,
+    );
     assert_answers("block mode, sni = true", &cases, &answers, || {
         agent_log(&dir)
     });
@@ -186,7 +168,7 @@ fn sni_true_in_block_mode_drops_tls_to_a_server_name_outside_the_allowlist() {
         format!("udp {SERVER_V4}:{PORT}"),
     ];
     let run = run_id(3);
-    let answers = job_tries(&env, &agent, &ns, &run, "acme/tls-block", &quic);
+    let answers = job_runs(&env, &agent, (&ns, "egress"), &run, "acme/tls-block", &quic);
     let expected = ["errno 1", "errno 1", "ok"];
     for (case, want) in quic.iter().zip(expected) {
         assert_eq!(
@@ -209,7 +191,14 @@ fn sni_true_in_block_mode_drops_tls_to_a_server_name_outside_the_allowlist() {
         );
     }
     let run = run_id(4);
-    let answers = job_tries(&env, &agent, &ns, &run, "acme/tls-audit", &quic[..1]);
+    let answers = job_runs(
+        &env,
+        &agent,
+        (&ns, "egress"),
+        &run,
+        "acme/tls-audit",
+        &quic[..1],
+    );
     assert_eq!(
         answers.get(&quic[0]).map(String::as_str),
         Some("ok"),
@@ -222,7 +211,14 @@ fn sni_true_in_block_mode_drops_tls_to_a_server_name_outside_the_allowlist() {
         format!("evil.example {v4}"),
         format!("allowed.example {v6}"),
     ];
-    let answers = job_sends(&env, &agent, &ns, &run, "acme/tls-audit", &audit_cases);
+    let answers = job_runs(
+        &env,
+        &agent,
+        (&ns, "tls"),
+        &run,
+        "acme/tls-audit",
+        &audit_cases,
+    );
     for case in &audit_cases {
         assert_eq!(
             answers.get(case).map(String::as_str),

@@ -394,3 +394,70 @@ fn a_credential_renamed_into_place_through_io_uring_is_left_behind() {
     );
     assert_eq!(left["credential"]["kind"], "docker", "{left}");
 }
+
+/// Where the cgroup v2 hierarchy is mounted (`/sys/fs/cgroup`, or `/sys/fs/cgroup/unified` on a
+/// hybrid host), when it is.
+fn cgroup_v2() -> Option<PathBuf> {
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    mounts.lines().find_map(|line| {
+        let (fields, rest) = line.split_once(" - ")?;
+        if !rest.starts_with("cgroup2 ") {
+            return None;
+        }
+        fields.split(' ').nth(4).map(PathBuf::from)
+    })
+}
+
+/// A container start request on an io_uring registered file (`IOSQE_FIXED_FILE`: the request
+/// names index 40, which is no open fd) is read on the file the ring holds there, in the
+/// table's shape of the running kernel (an array of `struct io_fixed_file` before Linux 6.13,
+/// of `struct io_rsrc_node` pointers since): the container's cgroup, made afterwards, is the
+/// job's. The API socket is the test's own (outside jobs, at a path named `docker.sock`), the
+/// cgroup one the test makes: no daemon is needed, so this runs in the kernel matrix's guests.
+#[test]
+fn a_start_request_on_a_registered_file_marks_the_container_for_the_job() {
+    use std::io::{Read as _, Write as _};
+    let Some(v2) = cgroup_v2() else {
+        eprintln!("no cgroup v2 hierarchy mounted: skipped");
+        return;
+    };
+    let env = TestEnv::new("uring-fixed");
+    let (sock, listener) = docker_socket(&env);
+    let server = std::thread::spawn(move || {
+        let (mut conn, _) = listener.accept().unwrap();
+        let mut request = [0u8; 512];
+        let n = conn.read(&mut request).unwrap();
+        conn.write_all(b"HTTP/1.0 204 No Content\r\n\r\n").unwrap();
+        String::from_utf8_lossy(&request[..n]).into_owned()
+    });
+    let id = format!("{:f>64}", format!("{:x}", std::process::id()));
+    let h = harness();
+    let job = h
+        .start_job(
+            &env,
+            &format!(
+                "\"$JOB_STEP\" uring-start {} {id} writev fixed > /dev/null",
+                sock.display()
+            ),
+        )
+        .wait_success();
+    let request = server.join().unwrap();
+    assert!(
+        request.starts_with(&format!("POST /v1.41/containers/{id}/start ")),
+        "{request}"
+    );
+    let parent = v2.join(format!("rm-uring-fixed-{}", std::process::id()));
+    std::fs::create_dir_all(&parent).unwrap();
+    let cgroup = parent.join(&id);
+    std::fs::create_dir(&cgroup).unwrap();
+    let found = std::panic::catch_unwind(|| {
+        h.wait_for("the container's cgroup, as the job's", |e| {
+            of_job(job)(e) && matches!(&e.detail, EventDetail::Container(c) if c.id == id)
+        })
+    });
+    let _ = std::fs::remove_dir(&cgroup);
+    let _ = std::fs::remove_dir(&parent);
+    if let Err(panic) = found {
+        std::panic::resume_unwind(panic);
+    }
+}
