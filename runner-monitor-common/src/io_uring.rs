@@ -98,6 +98,8 @@ pub const REQ_F_FIXED_FILE: u8 = 1;
 /// The low bits of a registered file's `file_ptr` that are flags, not the `struct file *`
 /// (`FFS_NOWAIT`, `FFS_ISREG`).
 pub const FILE_PTR_FLAGS: u64 = 3;
+/// `FFS_ISREG` in a registered file's `file_ptr`: a regular file (no socket).
+pub const FILE_PTR_REGULAR: u64 = 2;
 
 /// A job process set up an io_uring instance (`io_uring_setup`).
 #[repr(C)]

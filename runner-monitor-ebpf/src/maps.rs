@@ -27,7 +27,8 @@ pub static PENDING_CONNECTS: HashMap<u32, ConnectEvent> =
     HashMap::with_max_entries(PRIVATE_MAP_ENTRIES, 0);
 
 /// Marks the connect this thread is in (seen by `sys_enter_connect`) as refused by block mode,
-/// with `reason` (0, or a `CONNECT_*` bit saying why); false when there is none (io_uring, or the connect tracepoints are not attached).
+/// with `reason` (0, or a `CONNECT_*` bit saying why); false when there is none (io_uring, or
+/// the connect tracepoints are not attached).
 #[inline(always)]
 pub fn mark_pending_blocked(tid: u32, reason: u32) -> bool {
     match PENDING_CONNECTS.get_ptr_mut(tid) {
