@@ -11,6 +11,16 @@ pub const MAX_CONTAINERS: u32 = 4096;
 /// closed sockets age out); pinned too, so a connection made before an agent restart is read
 /// after it.
 pub const MAX_UNIX_CONNS: u32 = 4096;
+/// Words of the kernel's bitmap of processes with a runtime connection (`RUNTIME_TGIDS`, bit
+/// `tgid % 64` of word `tgid / 64`): room for every pid up to Linux's highest `pid_max` (2^22).
+pub const RUNTIME_TGID_WORDS: u32 = 1 << 16;
+/// Bytes of one buffer a job sends on a runtime connection that the kernel copies for the agent
+/// (`RuntimeSentEvent`); the rest of a longer buffer is a gap the agent skips as a body.
+pub const RUNTIME_SENT_BYTES: usize = 512;
+/// `RuntimeSentEvent::len` of the marker sent after the last buffer read of a send with more
+/// buffers than the kernel reads: the stream has a gap of unknown length there.
+pub const RUNTIME_SENT_MORE: u64 = u64::MAX;
+
 /// Bytes of the cgroup path kept (the end of it, which holds the id, is what matters).
 pub const CGROUP_PATH_LEN: usize = 128;
 
@@ -185,3 +195,25 @@ mod tests {
         assert_eq!((later.job, later.count), (8, 1));
     }
 }
+
+/// One buffer a job process sent on its connection to a runtime's API socket, in the order
+/// sent: the agent reads the HTTP stream from these (`enrich/runtime_streams.rs`). Never
+/// written anywhere: the bytes may hold a registry password or a container's environment.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct RuntimeSentEvent {
+    pub header: EventHeader,
+    /// The connection: `(tgid << 32) | fd`, or the `struct file` address of an io_uring
+    /// registered file.
+    pub conn: u64,
+    /// Bytes of this buffer sent (`RUNTIME_SENT_MORE`: a marker, see there).
+    pub len: u64,
+    /// Bytes of `data` read: the buffer's first bytes, up to `RUNTIME_SENT_BYTES`; 0 when it
+    /// could not be read.
+    pub captured: u32,
+    /// The buffer's index in its send (0 for a `write`, the iovec's for a `writev`).
+    pub buffer: u32,
+    pub data: [u8; RUNTIME_SENT_BYTES],
+}
+
+const _: () = assert!(core::mem::size_of::<RuntimeSentEvent>() == 64 + 24 + RUNTIME_SENT_BYTES);

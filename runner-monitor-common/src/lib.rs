@@ -61,6 +61,10 @@ pub enum EventKind {
     /// id (`container_refs.rs`): the agent asks the daemon which container that is, so that the
     /// command's process joins the job (`ContainerStartEvent` body, `slot` unused).
     ContainerExec = 21,
+    /// Bytes a job process sent on its connection to a runtime's API socket
+    /// (`container::RuntimeSentEvent`): the agent follows the HTTP stream for the requests the
+    /// kernel cannot read at once (cut across writes or buffers, pipelined, encoded).
+    RuntimeSent = 22,
 }
 
 /// Per-kind counter slots: a power of two above the highest `EventKind`, because the kernel
@@ -68,12 +72,12 @@ pub enum EventKind {
 /// bound). At 17 the mask sent every kind but one to slot 0.
 pub const EVENT_KIND_SLOTS: u32 = 32;
 const _: () = assert!(
-    EVENT_KIND_SLOTS.is_power_of_two() && (EventKind::ContainerExec as u32) < EVENT_KIND_SLOTS,
+    EVENT_KIND_SLOTS.is_power_of_two() && (EventKind::RuntimeSent as u32) < EVENT_KIND_SLOTS,
     "EVENT_KIND_SLOTS must be a power of two above every EventKind"
 );
 
 impl EventKind {
-    pub const ALL: [EventKind; 21] = [
+    pub const ALL: [EventKind; 22] = [
         EventKind::Fork,
         EventKind::Exec,
         EventKind::Exit,
@@ -95,6 +99,7 @@ impl EventKind {
         EventKind::TlsClientHello,
         EventKind::ContainerStart,
         EventKind::ContainerExec,
+        EventKind::RuntimeSent,
     ];
 
     pub fn from_u32(value: u32) -> Option<Self> {
@@ -125,6 +130,7 @@ impl EventKind {
             EventKind::TlsClientHello => "tls_client_hello",
             EventKind::ContainerStart => "container_start",
             EventKind::ContainerExec => "container_exec",
+            EventKind::RuntimeSent => "runtime_sent",
         }
     }
 }

@@ -7,6 +7,7 @@ pub const JOBS: &str = "JOBS";
 pub const CONTAINER_CGROUPS: &str = "CONTAINER_CGROUPS";
 pub const REQUESTED_CONTAINERS: &str = "REQUESTED_CONTAINERS";
 pub const UNIX_CONNS: &str = "UNIX_CONNS";
+pub const RUNTIME_TGIDS: &str = "RUNTIME_TGIDS";
 pub const PENDING_STARTS: &str = "PENDING_STARTS";
 pub const CONTAINER_IDS: &str = "CONTAINER_IDS";
 pub const EXEC_TARGETS: &str = "EXEC_TARGETS";

@@ -40,14 +40,14 @@ use aya_ebpf::{
         generated::bpf_probe_read_kernel_str,
     },
     macros::{map, tracepoint},
-    maps::LruHashMap,
+    maps::{Array, LruHashMap},
     programs::TracePointContext,
 };
 use runner_monitor_common::{
     CONTAINER_ID_LEN, ContainerEvent, EventKind, ExecTarget, ProcessJob,
     container::{
         CGROUP_PATH_LEN, MATCHED_BY_CREATOR, MATCHED_BY_EXEC, MATCHED_BY_ID, MAX_CONTAINERS,
-        MAX_UNIX_CONNS,
+        MAX_UNIX_CONNS, RUNTIME_TGID_WORDS,
     },
     counter,
 };
@@ -64,6 +64,13 @@ use crate::{
 /// agent restart is still read after it.
 #[map]
 pub static UNIX_CONNS: LruHashMap<u64, u64> = LruHashMap::with_max_entries(MAX_UNIX_CONNS, 0);
+
+/// The processes in `UNIX_CONNS`, as a bitmap (bit `tgid % 64` of word `tgid / 64`): every
+/// write on the host asks it first, and an array's look-up is a load, where the hash map's is
+/// a call. A bit is never cleared (a pid reused costs that process one hash look-up per write).
+/// Pinned with `UNIX_CONNS`.
+#[map]
+pub static RUNTIME_TGIDS: Array<u64> = Array::with_max_entries(RUNTIME_TGID_WORDS, 0);
 
 /// Container id (64 hex digits) -> job, for containers a job asked a runtime API to start.
 #[map]

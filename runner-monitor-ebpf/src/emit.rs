@@ -72,6 +72,7 @@ events!(
     ContainerEvent,
     runner_monitor_common::ContainerStartEvent,
     runner_monitor_common::TlsEvent,
+    runner_monitor_common::container::RuntimeSentEvent,
 );
 
 /// Sends a small event of the current task: reserves its room in the ring buffer, fills the
@@ -79,6 +80,27 @@ events!(
 /// buffer drops it, counted as lost.
 #[inline(always)]
 pub fn send<T: Event>(kind: EventKind, process: Option<&ProcessJob>, fields: impl FnOnce(&mut T)) {
+    send_waking(kind, process, fields, false);
+}
+
+/// `send`, waking the agent at once: for an event it must act on before the kernel's next step
+/// (a container start to register before the daemon makes the container). Rare events only.
+#[inline(always)]
+pub fn send_urgent<T: Event>(
+    kind: EventKind,
+    process: Option<&ProcessJob>,
+    fields: impl FnOnce(&mut T),
+) {
+    send_waking(kind, process, fields, true);
+}
+
+#[inline(always)]
+fn send_waking<T: Event>(
+    kind: EventKind,
+    process: Option<&ProcessJob>,
+    fields: impl FnOnce(&mut T),
+    urgent: bool,
+) {
     let slot = kind_slot(kind as u32);
     let Some(mut entry) = EVENTS.reserve::<T>(0) else {
         count(counter::LOST + slot);
@@ -91,10 +113,15 @@ pub fn send<T: Event>(kind: EventKind, process: Option<&ProcessJob>, fields: imp
     let size = core::mem::size_of::<T>() as u64;
     // Asked after the reservation, the backlog includes this record; the rule wants the backlog
     // the record was written onto.
-    let backlog = EVENTS
-        .query(BPF_RB_AVAIL_DATA as u64)
-        .wrapping_sub(size + RECORD_HEADER_BYTES);
-    entry.submit(wakeup_flags(backlog, size));
+    let flags = if urgent {
+        BPF_RB_FORCE_WAKEUP as u64
+    } else {
+        let backlog = EVENTS
+            .query(BPF_RB_AVAIL_DATA as u64)
+            .wrapping_sub(size + RECORD_HEADER_BYTES);
+        wakeup_flags(backlog, size)
+    };
+    entry.submit(flags);
     count(counter::EMITTED + slot);
 }
 

@@ -147,7 +147,12 @@ fn is_send(opcode: u8) -> bool {
 // runtime's socket is read as the syscalls' (`containers::io_uring_send`). A program apart is
 // verified alone: in one program the container request parser took the verifier to its limit.
 // A process outside jobs never gets here.
+//
+// VERIFIER: inlined into the macro's entry point, which drops its result: left a function of
+// its own (LLVM does not inline one this long), it returns whatever its last instruction left in
+// r0, and a stack pointer there is refused ("cannot return stack pointer to the caller").
 #[btf_tracepoint(function = "io_uring_submit_req")]
+#[inline(always)]
 pub fn io_uring_send_req(ctx: BtfTracePointContext) -> i32 {
     let Some(process) = current_process() else {
         return 0;
@@ -186,10 +191,14 @@ fn sent(process: &runner_monitor_common::ProcessJob, req: u64, opcode: u8) {
     let what = match opcode {
         IORING_OP_WRITE | IORING_OP_WRITE_FIXED | IORING_OP_WRITEV => {
             let addr = kernel_field::<u64>(req, setting(setting::IO_URING_RW_ADDR)).unwrap_or(0);
+            // WRITEV: the number of iovecs.
+            let len = kernel_field::<u32>(req, setting(setting::IO_URING_RW_LEN)).unwrap_or(0);
             if opcode == IORING_OP_WRITEV {
-                Sent::Vectors(addr)
+                Sent::Vectors {
+                    iov: addr,
+                    count: u64::from(len),
+                }
             } else {
-                let len = kernel_field::<u32>(req, setting(setting::IO_URING_RW_LEN)).unwrap_or(0);
                 Sent::Buffer {
                     buf: addr,
                     len: u64::from(len),
@@ -203,15 +212,17 @@ fn sent(process: &runner_monitor_common::ProcessJob, req: u64, opcode: u8) {
             } else {
                 let flags =
                     kernel_field::<u16>(req, setting(setting::IO_URING_SEND_FLAGS)).unwrap_or(0);
+                // A vectorized SEND: the number of iovecs.
+                let len = kernel_field::<i32>(req, setting(setting::IO_URING_SEND_LEN))
+                    .unwrap_or(0)
+                    .max(0) as u64;
                 if flags & IORING_SEND_VECTORIZED != 0 {
-                    Sent::Vectors(buf)
-                } else {
-                    let len =
-                        kernel_field::<i32>(req, setting(setting::IO_URING_SEND_LEN)).unwrap_or(0);
-                    Sent::Buffer {
-                        buf,
-                        len: len.max(0) as u64,
+                    Sent::Vectors {
+                        iov: buf,
+                        count: len,
                     }
+                } else {
+                    Sent::Buffer { buf, len }
                 }
             }
         }

@@ -4,18 +4,28 @@
 //! a runtime's socket (`unix_connected`), that starts `POST [/vN.NN]/containers/<ref>/start`
 //! (or `/attach`, `/exec`) records the container as the job's, at the syscall's entry (or the
 //! request's submission): before the daemon can read the request.
+//!
+//! Every buffer sent on such a connection is also copied for the agent (`RuntimeSentEvent`, the
+//! first `RUNTIME_SENT_BYTES` of each), which follows the HTTP stream and finds the requests
+//! read here cannot be: a request line cut across writes or buffers, one pipelined after
+//! another, one percent-encoded (`enrich/runtime_streams.rs`).
 
 use aya_ebpf::{
-    helpers::{bpf_probe_read_user, bpf_probe_read_user_buf},
+    helpers::{bpf_probe_read_user, bpf_probe_read_user_buf, generated},
     macros::tracepoint,
     programs::TracePointContext,
 };
-use runner_monitor_common::{CONTAINER_ID_LEN, ExecTarget, ProcessJob, counter};
+use runner_monitor_common::{
+    CONTAINER_ID_LEN, EventKind, ExecTarget, ProcessJob,
+    container::{RUNTIME_SENT_BYTES, RUNTIME_SENT_MORE, RuntimeSentEvent},
+    counter,
+};
 
 use crate::{
     args::syscall_arg_direct,
     container_refs::{is_hex, start_by_reference},
-    containers::{CONTAINER_IDS, EXEC_TARGETS, REQUESTED_CONTAINERS, UNIX_CONNS},
+    containers::{CONTAINER_IDS, EXEC_TARGETS, REQUESTED_CONTAINERS, RUNTIME_TGIDS, UNIX_CONNS},
+    emit::send_urgent,
     maps::{count, current_process, current_tgid, now_ns},
 };
 
@@ -26,6 +36,31 @@ pub fn unix_connected(tgid: u32, fd: i32, job: u64) {
     if UNIX_CONNS.insert(key, job, 0).is_err() {
         count(counter::PENDING_MAP_FULL);
     }
+    if let Some(word) = RUNTIME_TGIDS.get_ptr_mut(tgid >> 6) {
+        // The BPF target has no atomic OR (no compare-and-swap in Rust's `core` for it): two
+        // processes of one word's 64 pids setting their bits at the same instant on two CPUs
+        // could lose one, and with it every request of that process. The bit is read back and
+        // set again until it holds, three times at most (threads of one process set the same
+        // bit, which no race loses).
+        let bit = 1u64 << (tgid & 63);
+        for _ in 0..3 {
+            // SAFETY: a pointer into the array map's value, aligned.
+            let now = unsafe { core::ptr::read_volatile(word) };
+            if now & bit != 0 {
+                break;
+            }
+            // SAFETY: as above.
+            unsafe { core::ptr::write_volatile(word, now | bit) };
+        }
+    }
+}
+
+/// Whether process `tgid` may have a runtime connection: its bit in `RUNTIME_TGIDS`.
+#[inline(always)]
+fn may_have_runtime_conn(tgid: u32) -> bool {
+    RUNTIME_TGIDS
+        .get(tgid >> 6)
+        .is_some_and(|word| word & (1 << (tgid & 63)) != 0)
 }
 
 const POST: &[u8; 6] = b"POST /";
@@ -56,57 +91,132 @@ fn same<const N: usize>(buf: &[u8], at: usize, want: &[u8; N]) -> bool {
 /// The shortest request that can name a container: `POST /containers/x/start `.
 const SHORTEST: u64 = (PREFIX_LEN + 2) as u64;
 
-/// The job whose unix socket `fd` of the current process is, when a job process connected it.
+/// The job whose unix socket `fd` of the current process is, when a job process connected it
+/// and it is still a runtime's connection (`still_connected`). It runs on every write on the
+/// host, so the cheapest test goes first: the process's bit (an array load), then the hash map.
 #[inline(always)]
 fn job_socket(fd: u64) -> Option<u64> {
-    let key = (u64::from(current_tgid()) << 32) | (fd & 0xffff_ffff);
+    let tgid = current_tgid();
+    if !may_have_runtime_conn(tgid) {
+        return None;
+    }
+    let key = (u64::from(tgid) << 32) | (fd & 0xffff_ffff);
     // SAFETY: the value is copied out at once.
-    unsafe { UNIX_CONNS.get(key).copied() }
+    let job = unsafe { UNIX_CONNS.get(key).copied() }?;
+    still_connected(Socket::Fd(fd)).then_some(job)
 }
 
-/// A `write` or `sendto` of the current process: `(fd, buf, len)` are its first arguments. It
-/// runs on every write on the host, so the cheapest test goes first: a write too short to be a
-/// start request is done with before the map lookup, and the arguments are loaded from the
-/// record, not read with a helper.
+/// A `write` or `sendto` of the current process: `(fd, buf, len)` are its first arguments,
+/// loaded from the record, not read with a helper.
 #[inline(always)]
 fn on_send(ctx: &TracePointContext) {
-    let len = syscall_arg_direct(ctx, 2);
-    if len < SHORTEST {
-        return;
-    }
-    let Some(job) = job_socket(syscall_arg_direct(ctx, 0)) else {
+    let fd = syscall_arg_direct(ctx, 0);
+    let Some(job) = job_socket(fd) else {
         return;
     };
-    on_request(
-        syscall_arg_direct(ctx, 1),
-        len,
-        Socket::Fd(syscall_arg_direct(ctx, 0)),
-        job,
-    );
+    let (buf, len) = (syscall_arg_direct(ctx, 1), syscall_arg_direct(ctx, 2));
+    stream(Socket::Fd(fd), job, buf, len, 0);
+    if len >= SHORTEST {
+        on_request(buf, len, Socket::Fd(fd), job);
+    }
 }
 
-/// The first buffer of a `writev` or `sendmsg` on a job's unix socket: `iov` points at the
-/// caller's `struct iovec` array (`{ void *base; size_t len; }`). Only the first buffer is
-/// looked at: HTTP clients put the request line in one buffer (Node's libuv writes a request
-/// of several buffers with `writev`).
+/// The buffers of a `writev` or `sendmsg` on a job's unix socket: `iov` points at the caller's
+/// `count` `struct iovec`s (`{ void *base; size_t len; }`). The first is read for a request
+/// here (HTTP clients put the request line in one buffer: Node's libuv writes a request of
+/// several buffers with `writev`); the first `STREAM_BUFFERS` go to the agent's stream.
 #[inline(always)]
-fn on_vectored(iov: u64, fd: u64, job: u64) {
-    if iov == 0 {
+fn on_vectored(iov: u64, count: u64, socket: Socket, job: u64) {
+    if iov == 0 || count == 0 {
         return;
     }
     // SAFETY: a checked read of user memory.
     let Ok([base, len]) = (unsafe { bpf_probe_read_user(iov as *const [u64; 2]) }) else {
         return;
     };
+    stream_vectors(iov, count, socket, job);
     if len >= SHORTEST {
-        on_request(base, len, Socket::Fd(fd), job);
+        on_request(base, len, socket, job);
     }
+}
+
+/// How many buffers of one send go to the agent's stream; a marker says more were sent.
+const STREAM_BUFFERS: u64 = 4;
+
+/// The first `STREAM_BUFFERS` of `count` iovecs at `iov` (written out: no loop for the
+/// verifier), then a marker when there were more.
+#[inline(always)]
+fn stream_vectors(iov: u64, count: u64, socket: Socket, job: u64) {
+    macro_rules! buffer {
+        ($i:expr) => {
+            if count > $i {
+                // SAFETY: a checked read of user memory.
+                match unsafe { bpf_probe_read_user((iov + 16 * $i) as *const [u64; 2]) } {
+                    Ok([base, len]) => stream(socket, job, base, len, $i),
+                    Err(_) => stream(socket, job, 0, RUNTIME_SENT_MORE, $i),
+                }
+            }
+        };
+    }
+    buffer!(0);
+    buffer!(1);
+    buffer!(2);
+    buffer!(3);
+    if count > STREAM_BUFFERS {
+        stream(socket, job, 0, RUNTIME_SENT_MORE, STREAM_BUFFERS as u32);
+    }
+}
+
+/// Copies buffer `buffer` of a send on a job's runtime connection (`len` bytes at `buf`; `len`
+/// `RUNTIME_SENT_MORE`: the marker of unread buffers) for the agent's stream. The agent is
+/// woken at once: it may have a start to register before the daemon makes the container.
+/// Within the job's event budget, as its file and connect events: a job that floods its Docker
+/// socket with tiny writes is dropped and reported over budget, not every job's events with it.
+#[inline(always)]
+fn stream(socket: Socket, job: u64, buf: u64, len: u64, buffer: u32) {
+    if !crate::budget::within_budget(job, EventKind::RuntimeSent as u32) {
+        return;
+    }
+    let conn = match socket {
+        Socket::Fd(fd) => (u64::from(current_tgid()) << 32) | (fd & 0xffff_ffff),
+        Socket::File(file) => file,
+    };
+    let process = ProcessJob {
+        job,
+        ppid: 0,
+        flags: 0,
+        start_ns: 0,
+    };
+    send_urgent(
+        EventKind::RuntimeSent,
+        Some(&process),
+        |e: &mut RuntimeSentEvent| {
+            e.conn = conn;
+            e.len = len;
+            e.buffer = buffer;
+            e.captured = 0;
+            let n = if len > RUNTIME_SENT_BYTES as u64 {
+                RUNTIME_SENT_BYTES as u32
+            } else {
+                len as u32
+            };
+            if n > 0 && buf != 0 {
+                // SAFETY: a checked read of user memory into the record, `n` within its buffer.
+                let read = unsafe {
+                    generated::bpf_probe_read_user(e.data.as_mut_ptr().cast(), n, buf as *const _)
+                };
+                if read == 0 {
+                    e.captured = n;
+                }
+            }
+        },
+    );
 }
 
 /// `len` bytes at `buf` that the current process sends on a job's unix socket: a container
 /// start request records the container as the job's.
 #[inline(always)]
-fn on_request(buf: u64, len: u64, socket: Socket, job: u64) {
+fn on_request(buf: u64, len: u64, _socket: Socket, job: u64) {
     if buf == 0 {
         return;
     }
@@ -126,9 +236,6 @@ fn on_request(buf: u64, len: u64, socket: Socket, job: u64) {
         }
     }
     if id_at == 0 {
-        return;
-    }
-    if !still_connected(socket) {
         return;
     }
     // The id and what follows it: `/start` or `/attach`, then a space or `?`. A shorter request
@@ -164,7 +271,7 @@ fn on_request(buf: u64, len: u64, socket: Socket, job: u64) {
 /// Whether the runtime connection remembered for socket `fd` of the current process is still
 /// that: the (tgid, fd) key outlives the connection (nothing is removed at `close`), so a
 /// number reused for another socket or a file, or a pid reused by a process outside jobs, would
-/// otherwise inherit it. Checked only for a container request (rare): the writer is a job
+/// otherwise inherit it. Checked at each send on a remembered connection: the writer is a job
 /// process, and the socket is still a runtime's (`unix_peer.rs`; not known: as before).
 #[inline(always)]
 fn still_connected(socket: Socket) -> bool {
@@ -218,15 +325,10 @@ pub fn sys_enter_sendto(ctx: TracePointContext) -> u32 {
 // Named so that the kernel's 15-character program name differs from `sys_enter_write`'s.
 #[tracepoint]
 pub fn enter_writev(ctx: TracePointContext) -> u32 {
-    if syscall_arg_direct(&ctx, 2) == 0 {
-        return 0;
-    }
-    if let Some(job) = job_socket(syscall_arg_direct(&ctx, 0)) {
-        on_vectored(
-            syscall_arg_direct(&ctx, 1),
-            syscall_arg_direct(&ctx, 0),
-            job,
-        );
+    let fd = syscall_arg_direct(&ctx, 0);
+    if let Some(job) = job_socket(fd) {
+        let (iov, count) = (syscall_arg_direct(&ctx, 1), syscall_arg_direct(&ctx, 2));
+        on_vectored(iov, count, Socket::Fd(fd), job);
     }
     0
 }
@@ -247,8 +349,22 @@ pub fn enter_sendmsg(ctx: TracePointContext) -> u32 {
 // `sendmsg`'s.
 #[tracepoint]
 pub fn enter_sendmmsg(ctx: TracePointContext) -> u32 {
-    if syscall_arg_direct(&ctx, 2) != 0 {
+    let messages = syscall_arg_direct(&ctx, 2);
+    if messages != 0 {
         on_message(&ctx);
+    }
+    // Only the first message is read: the stream has a gap after it.
+    if messages > 1 {
+        let fd = syscall_arg_direct(&ctx, 0);
+        if let Some(job) = job_socket(fd) {
+            stream(
+                Socket::Fd(fd),
+                job,
+                0,
+                RUNTIME_SENT_MORE,
+                STREAM_BUFFERS as u32 + 1,
+            );
+        }
     }
     0
 }
@@ -257,15 +373,11 @@ pub fn enter_sendmmsg(ctx: TracePointContext) -> u32 {
 /// buffer.
 #[inline(always)]
 fn on_message(ctx: &TracePointContext) {
-    let Some(job) = job_socket(syscall_arg_direct(ctx, 0)) else {
+    let fd = syscall_arg_direct(ctx, 0);
+    let Some(job) = job_socket(fd) else {
         return;
     };
-    on_msghdr(syscall_arg_direct(ctx, 1), syscall_arg_direct(ctx, 0), job);
-}
-
-/// The first buffer of the `struct user_msghdr` at `msg`, sent on a job's unix socket.
-#[inline(always)]
-fn on_msghdr(msg: u64, fd: u64, job: u64) {
+    let msg = syscall_arg_direct(ctx, 1);
     if msg == 0 {
         return;
     }
@@ -274,18 +386,17 @@ fn on_msghdr(msg: u64, fd: u64, job: u64) {
     else {
         return;
     };
-    if count > 0 {
-        on_vectored(iov, fd, job);
-    }
+    on_vectored(iov, count, Socket::Fd(fd), job);
 }
 
 /// What an io_uring write or send request of a job process sends (`io_uring.rs`).
+#[derive(Clone, Copy)]
 pub enum Sent {
     /// `len` bytes at `buf` (`WRITE`, `WRITE_FIXED`, `SEND`, `SEND_ZC`).
     Buffer { buf: u64, len: u64 },
-    /// An iovec array (`WRITEV`, a vectorized `SEND`): its first buffer.
-    Vectors(u64),
-    /// A `struct user_msghdr` (`SENDMSG`, `SENDMSG_ZC`): its first buffer.
+    /// `count` iovecs at `iov` (`WRITEV`, a vectorized `SEND`).
+    Vectors { iov: u64, count: u64 },
+    /// A `struct user_msghdr` (`SENDMSG`, `SENDMSG_ZC`).
     Message(u64),
 }
 
@@ -293,17 +404,33 @@ pub enum Sent {
 /// the syscalls' are when it is a connection to a runtime's API. A descriptor is the
 /// submitter's (a ring's polling thread shares its creator's table), so the (tgid, fd) key is
 /// the syscalls'. A connection the connect tracepoint did not see (an io_uring `CONNECT`: no
-/// syscall) is checked here, at the first request that begins as a container request
-/// (`POST /`), and remembered as a job's runtime connection from then on. A registered file
-/// (`IOSQE_FIXED_FILE`) has no descriptor to remember it by: its socket is checked at every
-/// container request (`still_connected`), and believed only when the kernel's socket layout is
-/// known.
+/// syscall) is checked here, at the first request that begins as an HTTP request does (an
+/// uppercase letter: a method, or its first bytes), and remembered as a job's runtime
+/// connection from then on. A registered file (`IOSQE_FIXED_FILE`) has no descriptor to
+/// remember it by: its socket is checked at every request (`still_connected`), and believed
+/// only when the kernel's socket layout is known.
 #[inline(always)]
 pub fn io_uring_send(process: &ProcessJob, socket: Socket, sent: Sent) {
+    // The iovecs (`count` 0: one buffer) and the first buffer. Plain values: a returned tuple
+    // of options is returned through a stack pointer, which the verifier refuses.
+    let (iov, count) = match sent {
+        Sent::Buffer { .. } => (0, 0),
+        Sent::Vectors { iov, count } => (iov, count),
+        Sent::Message(msg) => {
+            if msg == 0 {
+                return;
+            }
+            // SAFETY: a checked read of user memory.
+            match unsafe { bpf_probe_read_user((msg + MSG_IOV) as *const [u64; 2]) } {
+                Ok([iov, count]) => (iov, count),
+                Err(_) => return,
+            }
+        }
+    };
     let (buf, len) = match sent {
         Sent::Buffer { buf, len } => (buf, len),
-        Sent::Vectors(iov) => {
-            if iov == 0 {
+        _ => {
+            if iov == 0 || count == 0 {
                 return;
             }
             // SAFETY: a checked read of user memory.
@@ -312,36 +439,16 @@ pub fn io_uring_send(process: &ProcessJob, socket: Socket, sent: Sent) {
                 Err(_) => return,
             }
         }
-        Sent::Message(msg) => {
-            if msg == 0 {
-                return;
-            }
-            // SAFETY: checked reads of user memory.
-            let Ok([iov, count]) =
-                (unsafe { bpf_probe_read_user((msg + MSG_IOV) as *const [u64; 2]) })
-            else {
-                return;
-            };
-            if iov == 0 || count == 0 {
-                return;
-            }
-            // SAFETY: as above.
-            match unsafe { bpf_probe_read_user(iov as *const [u64; 2]) } {
-                Ok([base, len]) => (base, len),
-                Err(_) => return,
-            }
-        }
     };
-    if len < SHORTEST || buf == 0 {
-        return;
-    }
     let job = match socket {
         Socket::Fd(fd) => match job_socket(fd) {
             Some(job) => job,
             None => {
                 // SAFETY: a checked read of user memory.
-                let begins = unsafe { bpf_probe_read_user(buf as *const [u8; POST.len()]) };
-                if begins != Ok(*POST) || crate::unix_peer::is_runtime_api(fd as i32) != Some(true)
+                let first = unsafe { bpf_probe_read_user(buf as *const u8) };
+                if len == 0
+                    || !first.is_ok_and(|c| c.is_ascii_uppercase())
+                    || crate::unix_peer::is_runtime_api(fd as i32) != Some(true)
                 {
                     return;
                 }
@@ -350,11 +457,19 @@ pub fn io_uring_send(process: &ProcessJob, socket: Socket, sent: Sent) {
             }
         },
         Socket::File(file) => {
-            if !crate::unix_peer::layout_known() || file == 0 {
+            if !crate::unix_peer::layout_known() || file == 0 || !still_connected(socket) {
                 return;
             }
             process.job
         }
     };
-    on_request(buf, len, socket, job);
+    // One call of the request parser: the verifier follows each call site's copy.
+    if count != 0 {
+        stream_vectors(iov, count, socket, job);
+    } else {
+        stream(socket, job, buf, len, 0);
+    }
+    if len >= SHORTEST && buf != 0 {
+        on_request(buf, len, socket, job);
+    }
 }

@@ -15,6 +15,7 @@ pub mod cri;
 pub mod kube;
 mod name_starts;
 mod pods;
+mod runtime_streams;
 pub mod workflow_pods;
 pub use containers::{ContainerNamer, of_job_root};
 pub use name_starts::Register as NameStartRegister;

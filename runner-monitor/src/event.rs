@@ -145,6 +145,20 @@ pub enum EventDetail {
     ContainerExec {
         reference: String,
     },
+    /// From the kernel, never judged nor written anywhere: one buffer a job process sent on its
+    /// connection to a runtime's API socket (`enrich/runtime_streams.rs` follows the stream).
+    RuntimeSent {
+        /// `(tgid << 32) | fd`, or an io_uring registered file's address.
+        conn: u64,
+        /// The buffer's index in its send: the kernel reads a request only at the start of
+        /// the first.
+        buffer: u32,
+        /// Bytes sent in this buffer; `None`: more buffers were sent than the kernel reads
+        /// (the stream has a gap of unknown length).
+        len: Option<u64>,
+        /// The buffer's first bytes (at most `RUNTIME_SENT_BYTES`).
+        data: SentBytes,
+    },
     /// A job process set up an io_uring instance: what it submits there makes no syscall, and
     /// only some of it is seen (docs/sensors.md, "io_uring").
     IoUringSetup {
@@ -247,6 +261,7 @@ impl EventDetail {
             EventDetail::Container(_) => "container",
             EventDetail::ContainerStart { .. } => "container_start",
             EventDetail::ContainerExec { .. } => "container_exec",
+            EventDetail::RuntimeSent { .. } => "runtime_sent",
             EventDetail::JobEnd => "job_end",
             EventDetail::SensorStatus(_) => "sensor_status",
             EventDetail::CredentialFingerprint { .. } => "credential_fingerprint",
@@ -512,4 +527,27 @@ pub struct DnsRecord {
     pub ttl: u32,
     /// IP address for A/AAAA, target name for CNAME.
     pub data: String,
+}
+
+/// Bytes a job sent to a runtime's API: they may hold a registry password or a container's
+/// environment, so they are never printed (`Debug` gives their length) nor serialized.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct SentBytes(pub Vec<u8>);
+
+impl std::fmt::Debug for SentBytes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "<{} bytes>", self.0.len())
+    }
+}
+
+impl Serialize for SentBytes {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(self.0.len() as u64)
+    }
+}
+
+impl<'de> Deserialize<'de> for SentBytes {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        u64::deserialize(d).map(|_| SentBytes::default())
+    }
 }

@@ -279,7 +279,6 @@ fn walk(
     }
 }
 
-/// The unified (v2) hierarchy's mount point in this mount namespace.
 /// Mount point of the cgroup v2 hierarchy (`/sys/fs/cgroup` on unified systems,
 /// `/sys/fs/cgroup/unified` on hybrid ones): a mount of its root, else the first cgroup2 mount.
 pub fn cgroup2_root() -> Option<PathBuf> {

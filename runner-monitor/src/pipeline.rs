@@ -136,6 +136,10 @@ impl Pipeline {
                 host.containers
                     .process(&mut event, &self.policy, &mut self.jobs);
             }
+            if matches!(event.detail, EventDetail::RuntimeSent { .. }) {
+                // Read for container requests only: never judged, never in the event trace.
+                continue;
+            }
             for pod in self.pods(&event) {
                 if let Some(info) = pod.gitlab_job
                     && let Some(start) = self.jobs.discover_pod(&event, info, &self.policy)

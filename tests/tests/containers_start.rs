@@ -229,12 +229,7 @@ fn a_start_by_name_another_cgroup_took_is_still_the_jobs_container() {
     let env = TestEnv::new("containers-byname-taken");
     let run = run_id(17);
     let name = format!("rm-taken-{run}");
-    let unified = std::path::Path::new("/sys/fs/cgroup/unified");
-    let v2 = if unified.join("cgroup.procs").exists() {
-        unified
-    } else {
-        std::path::Path::new("/sys/fs/cgroup")
-    };
+    let v2 = runner_monitor::mounts::cgroup2_root().expect("a cgroup v2 hierarchy");
     std::fs::create_dir_all(v2.join("docker")).unwrap();
     // A container's cgroup by its name: `docker/<64 hex digits>`.
     let other = v2.join("docker").join(format!("{run:f>64}"));
@@ -363,5 +358,93 @@ fn containers_a_job_starts_through_io_uring_are_the_job() {
     }
     start_outside_jobs(&docker, &host_id);
     assert_nobodys(agent, &docker, &host_id);
+    assert_no_secret(agent);
+}
+
+/// Start requests the kernel cannot read where they are sent, each from a job step: the request
+/// line cut across two writes (by id, and by name), pipelined after a ping in one write, in the
+/// second buffer of a `writev` after a ping, and with its id percent-encoded (the daemon routes
+/// the decoded path). The agent follows the job's stream and registers each container before
+/// the daemon makes it: every one is the job's. The pings carry the canary credential in a
+/// header, as a registry password would be: it is in no output.
+#[test]
+fn start_requests_the_kernel_cannot_read_where_they_are_sent_are_the_jobs() {
+    let agent = agent();
+    let docker = Docker::start("cut");
+    let env = TestEnv::new("containers-cut");
+    let run = run_id(18);
+    let script = env.dir.join("start.py");
+    std::fs::write(
+        &script,
+        r#"import os, socket, sys, time
+path, how, ref, credentials = sys.argv[1:]
+canary = open(credentials).read().split("= ")[1].strip()
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.connect(path)
+# A secret in the stream the agent reads (a registry password would be there): never printed.
+ping = f"GET /_ping HTTP/1.1\r\nHost: docker\r\nX-Registry-Auth: {canary}\r\n\r\n".encode()
+target = ref
+if how == "encoded":
+    target = "%{:02x}".format(ord(ref[0])) + ref[1:]
+start = f"POST /v1.41/containers/{target}/start HTTP/1.1\r\nHost: docker\r\nContent-Length: 0\r\n\r\n".encode()
+if how in ("cut", "cut-name"):
+    s.send(start[:20])
+    time.sleep(0.05)
+    s.send(start[20:])
+elif how == "pipelined":
+    s.send(ping + start)
+elif how == "later":
+    os.writev(s.fileno(), [ping, start])
+else:
+    s.send(start)
+s.settimeout(20)
+answer = b""
+while b"HTTP/1.1 204" not in answer:
+    chunk = s.recv(4096)
+    if not chunk:
+        break
+    answer += chunk
+print(f"started {how}" if b"HTTP/1.1 204" in answer else f"{how}: {answer[-80:]!r}")
+"#,
+    )
+    .unwrap();
+    let hows = ["cut", "cut-name", "pipelined", "later", "encoded"];
+    let answers = env.dir.join("answers");
+    let mut step = String::new();
+    for how in hows {
+        let name = format!("rm-{how}-{run}");
+        let reference = if how == "cut-name" {
+            name.clone()
+        } else {
+            "$id".into()
+        };
+        step += &format!(
+            "id=$({create})\n\
+             python3 {script} {socket} {how} {reference} {credentials} >> {answers} 2>&1\n\
+             {cli} wait $id > /dev/null\n",
+            create = create_reader(&docker, &env, &format!("--name {name}")),
+            credentials = env.home.join(".aws/credentials").display(),
+            script = script.display(),
+            answers = answers.display(),
+            socket = docker.socket.display(),
+            cli = docker.shell_cli(),
+        );
+    }
+    github_job(&env, agent, &run, "acme/cut", &step);
+    let answers = std::fs::read_to_string(&answers).unwrap_or_default();
+    for how in hows {
+        assert!(
+            answers.lines().any(|l| l == format!("started {how}")),
+            "the daemon's answers: {answers}"
+        );
+    }
+    let id = format!("{run}/build");
+    for how in hows {
+        let name = format!("rm-{how}-{run}");
+        let harvest = wait_alert(agent, "credential-harvesting", &id, |a| {
+            a["container"]["name"] == name.as_str()
+        });
+        assert_container(&harvest, Some(&name));
+    }
     assert_no_secret(agent);
 }

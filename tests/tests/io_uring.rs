@@ -395,19 +395,6 @@ fn a_credential_renamed_into_place_through_io_uring_is_left_behind() {
     assert_eq!(left["credential"]["kind"], "docker", "{left}");
 }
 
-/// Where the cgroup v2 hierarchy is mounted (`/sys/fs/cgroup`, or `/sys/fs/cgroup/unified` on a
-/// hybrid host), when it is.
-fn cgroup_v2() -> Option<PathBuf> {
-    let mounts = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-    mounts.lines().find_map(|line| {
-        let (fields, rest) = line.split_once(" - ")?;
-        if !rest.starts_with("cgroup2 ") {
-            return None;
-        }
-        fields.split(' ').nth(4).map(PathBuf::from)
-    })
-}
-
 /// A container start request on an io_uring registered file (`IOSQE_FIXED_FILE`: the request
 /// names index 40, which is no open fd) is read on the file the ring holds there, in the
 /// table's shape of the running kernel (an array of `struct io_fixed_file` before Linux 6.13,
@@ -417,7 +404,7 @@ fn cgroup_v2() -> Option<PathBuf> {
 #[test]
 fn a_start_request_on_a_registered_file_marks_the_container_for_the_job() {
     use std::io::{Read as _, Write as _};
-    let Some(v2) = cgroup_v2() else {
+    let Some(v2) = runner_monitor::mounts::cgroup2_root() else {
         eprintln!("no cgroup v2 hierarchy mounted: skipped");
         return;
     };

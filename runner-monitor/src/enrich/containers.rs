@@ -8,7 +8,10 @@
 
 use std::time::Duration;
 
-use super::name_starts::{NameStarts, Register};
+use super::{
+    name_starts::{NameStarts, Register},
+    runtime_streams::{Action, RuntimeStreams},
+};
 use crate::{
     bounded::BoundedMap,
     docker_api,
@@ -29,6 +32,8 @@ pub struct ContainerNamer {
     name_starts: Option<NameStarts>,
     /// cgroup id -> path, of containers jobs `docker exec`ed into (looked up once each).
     exec_cgroups: BoundedMap<u64, String>,
+    /// The jobs' API streams, for the container requests the kernel did not read.
+    streams: RuntimeStreams,
 }
 
 impl Default for ContainerNamer {
@@ -36,6 +41,7 @@ impl Default for ContainerNamer {
         Self {
             name_starts: None,
             exec_cgroups: BoundedMap::new(1024),
+            streams: RuntimeStreams::default(),
         }
     }
 }
@@ -60,6 +66,8 @@ impl ContainerNamer {
         };
         match &mut event.detail {
             EventDetail::Connect(c) if c.family == SocketFamily::Unix && c.result == 0 => {
+                let conn = (u64::from(event.process.pid) << 32) | u64::from(c.fd as u32);
+                self.streams.connected(conn);
                 if let Some(path) = &c.unix_path
                     && policy.secret_socket_of(path) == Some("docker")
                 {
@@ -73,6 +81,33 @@ impl ContainerNamer {
             } => {
                 if let (Some(starts), Some(socket)) = (&self.name_starts, jobs.docker_socket(job)) {
                     starts.ask(socket, reference, job, *slot, *pending_ns);
+                }
+            }
+            EventDetail::RuntimeSent {
+                conn,
+                buffer,
+                len,
+                data,
+            } => {
+                for found in self.streams.sent(job, *conn, *buffer, *len, &data.0) {
+                    let Some(starts) = &self.name_starts else {
+                        continue;
+                    };
+                    let socket = jobs.docker_socket(job);
+                    match found.action {
+                        Action::Start => {
+                            starts.ask_found(socket, &found.reference, job, event.time_ns)
+                        }
+                        Action::Exec => match socket {
+                            Some(socket) => {
+                                starts.ask_exec(socket, &found.reference, job, event.time_ns)
+                            }
+                            None => tracing::info!(
+                                "a job's docker exec found in its API stream: no Docker socket \
+                                 known for the job, its command is not followed"
+                            ),
+                        },
+                    }
                 }
             }
             EventDetail::ContainerExec { reference } => {

@@ -109,6 +109,25 @@ impl NameStarts {
         }
     }
 
+    /// A job's start (or attach) of container `reference` that the kernel did not read where
+    /// it was sent, found in the job's API stream (`runtime_streams.rs`): a 64-digit id is
+    /// registered as is; a name or short id is asked of the job's Docker socket `socket` first.
+    /// `sent_ns`: when the job sent the request's last bytes (the kernel's clock).
+    pub fn ask_found(&self, socket: Option<&str>, reference: &str, job: JobKey, sent_ns: u64) {
+        let start = Start {
+            socket: socket.map(PathBuf::from).unwrap_or_default(),
+            reference: reference.to_owned(),
+            job,
+            asked: Asked::Found { found_ns: sent_ns },
+        };
+        if self.starts.try_send(start).is_err() {
+            tracing::warn!(
+                "too many container requests at once: a start found in a job's API stream is \
+                 not registered"
+            );
+        }
+    }
+
     /// How container `id`'s start was asked for, when its name was resolved before its cgroup
     /// was made (`container_ns`: the container event's time).
     pub fn requested_as(&self, id: &str, container_ns: u64) -> Option<RequestedAs> {
@@ -132,6 +151,10 @@ fn run(
     for start in queue {
         if let Asked::Exec { requested_ns } = start.asked {
             exec(&start, requested_ns, &mut register);
+            continue;
+        }
+        if let Asked::Found { found_ns } = start.asked {
+            found(&start, found_ns, &mut register, resolved);
             continue;
         }
         let Asked::Start { pending_ns, .. } = start.asked else {
@@ -176,6 +199,62 @@ fn run(
                     }
                 }
             }
+        }
+    }
+}
+
+/// A start the kernel did not read, found in the job's stream at `found_ns`: the container's
+/// id (the daemon's answer for a name or short id) is registered as the job's, as a start by id
+/// is, before the daemon makes its cgroup (`Ok(false)`: it had made it).
+fn found(
+    start: &Start,
+    found_ns: u64,
+    register: &mut Register,
+    resolved: &Mutex<BoundedMap<String, Resolved>>,
+) {
+    let is_id =
+        start.reference.len() == 64 && start.reference.bytes().all(|b| b.is_ascii_hexdigit());
+    let id = if is_id {
+        start.reference.to_ascii_lowercase()
+    } else if start.socket.as_os_str().is_empty() {
+        tracing::info!(reference = %start.reference, "a start by name found in a job's API stream: no Docker socket known for the job to ask, not registered");
+        return;
+    } else {
+        match container_referenced(&start.socket, &start.reference) {
+            Ok(Some(id)) => {
+                let entry = Resolved {
+                    reference: start.reference.clone(),
+                    pending_ns: found_ns,
+                    resolved_ns: monotonic_ns(),
+                };
+                if let Ok(mut table) = resolved.lock() {
+                    table.insert(id.clone(), entry);
+                }
+                id
+            }
+            Ok(None) => {
+                tracing::debug!(reference = %start.reference, "no container of that name");
+                return;
+            }
+            Err(error) => {
+                tracing::warn!(reference = %start.reference, %error, "a start found in a job's API stream could not be resolved: not registered");
+                return;
+            }
+        }
+    };
+    let after_us = monotonic_ns().saturating_sub(found_ns) / 1000;
+    match register(&id, start.job, Asked::Found { found_ns }) {
+        Ok(true) => {
+            tracing::info!(reference = %start.reference, %id, after_us, "a start the kernel could not read where it was sent, found in the job's API stream: registered")
+        }
+        Ok(false) => {
+            if let Ok(mut table) = resolved.lock() {
+                table.remove(&id);
+            }
+            tracing::warn!(reference = %start.reference, %id, after_us, "a start found in a job's API stream was registered after its container was made: the container is not the job's")
+        }
+        Err(error) => {
+            tracing::warn!(%error, reference = %start.reference, "a start found in a job's API stream could not be registered")
         }
     }
 }

@@ -19,14 +19,19 @@ pub enum Asked {
     Start { slot: u32, pending_ns: u64 },
     /// Run a command in it (`docker exec`), asked at `requested_ns` (the kernel's clock).
     Exec { requested_ns: u64 },
+    /// Start it, in a request the kernel did not read where it was sent (found in the job's API
+    /// stream; sent at `found_ns`): no pending start.
+    Found { found_ns: u64 },
 }
 
 /// Own handles on the kernel maps a resolved start or exec by name writes.
 pub struct NameStartMaps {
     requested: HashMap<MapData, [u8; CONTAINER_ID_LEN], u64>,
     pending: Array<MapData, PendingStart>,
-    /// Container id -> cgroup id, and cgroup id -> pending exec (`containers.rs`).
+    /// Container id -> cgroup id, cgroup id -> job, and cgroup id -> pending exec
+    /// (`containers.rs`).
     ids: HashMap<MapData, [u8; CONTAINER_ID_LEN], u64>,
+    cgroups: HashMap<MapData, u64, u64>,
     exec_targets: HashMap<MapData, u64, ExecTarget>,
 }
 
@@ -60,6 +65,7 @@ impl Sensor {
             requested: HashMap::try_from(own(self, map_name::REQUESTED_CONTAINERS)?).ok()?,
             pending: Array::try_from(own(self, map_name::PENDING_STARTS)?).ok()?,
             ids: HashMap::try_from(own(self, map_name::CONTAINER_IDS)?).ok()?,
+            cgroups: HashMap::try_from(own(self, map_name::CONTAINER_CGROUPS)?).ok()?,
             exec_targets: HashMap::try_from(own(self, map_name::EXEC_TARGETS)?).ok()?,
         })
     }
@@ -77,6 +83,7 @@ impl NameStartMaps {
         match asked {
             Asked::Start { slot, pending_ns } => self.start(id, key, slot, pending_ns),
             Asked::Exec { requested_ns } => self.exec(id, key, requested_ns),
+            Asked::Found { .. } => self.found(id, key),
         }
     }
 
@@ -96,7 +103,8 @@ impl NameStartMaps {
     ) -> Result<bool, String> {
         let still = |p: &PendingStart| p.job == key.0 && p.ts_ns == pending_ns;
         let start = self.pending.get(&slot, 0).map_err(|e| e.to_string())?;
-        if !still(&start) && self.known(&id)? {
+        let taken = !still(&start);
+        if taken && self.known(&id)?.is_some() {
             return Ok(false);
         }
         // A job's own start by id of the same container keeps it (BPF_NOEXIST semantics are
@@ -107,9 +115,12 @@ impl NameStartMaps {
                 return Err(e.to_string());
             }
         }
-        if !still(&start) {
-            // The cgroup may have been made between the look-up and the entry, without it.
-            if self.known(&id)? {
+        if taken {
+            // The cgroup may have been made between the look-up and the entry: it took the
+            // entry (and is the job's) unless it came before it.
+            if let Some(cgroup) = self.known(&id)?
+                && self.cgroups.get(&cgroup, 0).ok() != Some(key.0)
+            {
                 tracing::warn!(
                     container = %String::from_utf8_lossy(&id),
                     "a container started by name was made while the agent registered it after \
@@ -129,11 +140,26 @@ impl NameStartMaps {
         Ok(true)
     }
 
-    /// Whether the kernel knows container `id`: its cgroup was made (`CONTAINER_IDS`).
-    fn known(&self, id: &[u8; CONTAINER_ID_LEN]) -> Result<bool, String> {
+    /// Container `id` is job `key`'s, as a start by id the kernel read would make it:
+    /// `Ok(true)`; `Ok(false)` when its cgroup was made already (it is not the job's).
+    fn found(&mut self, id: [u8; CONTAINER_ID_LEN], key: JobKey) -> Result<bool, String> {
+        if let Some(cgroup) = self.known(&id)? {
+            return Ok(self.cgroups.get(&cgroup, 0).ok() == Some(key.0));
+        }
+        if let Err(e) = self.requested.insert(id, key.0, BPF_NOEXIST) {
+            let exists = matches!(&e, aya::maps::MapError::SyscallError(s) if s.io_error.raw_os_error() == Some(libc::EEXIST));
+            if !exists {
+                return Err(e.to_string());
+            }
+        }
+        Ok(true)
+    }
+
+    /// The cgroup of container `id`, when the kernel knows it: it was made (`CONTAINER_IDS`).
+    fn known(&self, id: &[u8; CONTAINER_ID_LEN]) -> Result<Option<u64>, String> {
         match self.ids.get(id, 0) {
-            Ok(_) => Ok(true),
-            Err(aya::maps::MapError::KeyNotFound) => Ok(false),
+            Ok(cgroup) => Ok(Some(cgroup)),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
             Err(e) => Err(e.to_string()),
         }
     }

@@ -1,6 +1,7 @@
 //! Kernel state that outlives the agent: the process and job maps, the jobs' containers and
-//! their connections to a runtime's socket, job TCP sockets' TLS state and the event ring
-//! buffer, pinned on bpffs (the probes' links are pinned by `links.rs`).
+//! their connections to a runtime's socket (and the bitmap of processes with one), job TCP
+//! sockets' TLS state and the event ring buffer, pinned on bpffs (the probes' links are pinned
+//! by `links.rs`).
 //!
 //! The ring buffer's pin is named after this build's kernel object (`events-<hash>`): a build with
 //! the same object writes the same records, so a restarted agent reads what the probes recorded
@@ -16,7 +17,7 @@ use std::path::{Path, PathBuf};
 use aya::maps::MapInfo;
 use runner_monitor_common::{
     CONTAINER_ID_LEN, JobState, MAX_JOBS, MAX_TRACKED_PROCESSES, ProcessJob, RING_BUFFER_BYTES,
-    container::{MAX_CONTAINERS, MAX_UNIX_CONNS},
+    container::{MAX_CONTAINERS, MAX_UNIX_CONNS, RUNTIME_TGID_WORDS},
     map_name,
     tls::TLS_SOCKET_BYTES,
 };
@@ -44,7 +45,7 @@ pub struct Pin {
 
 /// The maps that carry job attribution across restarts, with their expected shape
 /// (key size, value size, capacity).
-fn pinned_maps() -> [(&'static str, u32, u32, u32); 6] {
+fn pinned_maps() -> [(&'static str, u32, u32, u32); 7] {
     [
         (
             map_name::PROCESSES,
@@ -78,6 +79,13 @@ fn pinned_maps() -> [(&'static str, u32, u32, u32); 6] {
             size_of::<u64>() as u32,
             size_of::<u64>() as u32,
             MAX_UNIX_CONNS,
+        ),
+        // The processes in it (a bitmap every write asks first).
+        (
+            map_name::RUNTIME_TGIDS,
+            size_of::<u32>() as u32,
+            size_of::<u64>() as u32,
+            RUNTIME_TGID_WORDS,
         ),
         // Job TCP sockets' TLS state (socket-local storage, no capacity): a connection refused
         // for its server name stays refused under the next agent, retransmissions included.

@@ -17,12 +17,13 @@ use runner_monitor_common::{
     ProcessAccessEvent, SIGNAL_SYSCALL_KILL, SIGNAL_SYSCALL_NR, SIGNAL_SYSCALL_TGKILL,
     SIGNAL_SYSCALL_TKILL, SOCK_RAW, SignalEvent, TLS_BLOCKED, TLS_NO_SNI, TLS_SNI_TRUNCATED,
     TlsEvent, container,
+    container::{RUNTIME_SENT_MORE, RuntimeSentEvent},
 };
 
 use super::{dns, paths::WorkingDirectories};
 use crate::event::{
     Connect, ContainerInfo, Event, EventDetail, FileAccess, JobKey, JobRef, ProcessRef, RawSocket,
-    RawSocketKind, RequestedAs, SocketFamily, TlsHello,
+    RawSocketKind, RequestedAs, SentBytes, SocketFamily, TlsHello,
 };
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -286,6 +287,16 @@ impl Decoder {
                 let e: ContainerStartEvent = read(bytes)?;
                 EventDetail::ContainerExec {
                     reference: lossy(c_bytes(&e.reference, e.len)),
+                }
+            }
+            EventKind::RuntimeSent => {
+                let e: RuntimeSentEvent = read(bytes)?;
+                let captured = (e.captured as usize).min(e.data.len());
+                EventDetail::RuntimeSent {
+                    conn: e.conn,
+                    buffer: e.buffer,
+                    len: (e.len != RUNTIME_SENT_MORE).then_some(e.len),
+                    data: SentBytes(e.data[..captured].to_vec()),
                 }
             }
             EventKind::Chdir => {

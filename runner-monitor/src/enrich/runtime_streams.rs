@@ -1,0 +1,570 @@
+//! The HTTP streams jobs send on their connections to a runtime's API socket, followed for the
+//! container requests the kernel cannot read where they are sent. The kernel reads a request
+//! line only at the start of a send's first buffer (`runner-monitor-ebpf/src/runtime_requests.rs`);
+//! a job that cuts `POST /containers/<id>/start` across writes or buffers, pipelines it after
+//! another request, or percent-encodes its id would start a container that is not its own. The
+//! kernel copies the first `RUNTIME_SENT_BYTES` of every buffer sent on such a connection
+//! (`EventDetail::RuntimeSent`, woken at once); this puts them back together as the daemon
+//! reads them (request heads with `httparse`, bodies skipped by `Content-Length` or chunk sizes)
+//! and returns the container requests the kernel did not read, for `name_starts.rs` to register
+//! before the daemon makes the container (tens of milliseconds later).
+//!
+//! What cannot be followed: bytes past the copy of a long buffer are skipped as the body they
+//! should be; a head begun there, a chunk size there, more buffers in one send than the kernel
+//! copies, or a request that may switch the connection to a raw stream (`attach`, an exec's
+//! start, `Upgrade`) lose the thread, which is picked up again at the next request line at the
+//! start of a buffer or of a line. Nothing here is ever printed: the bytes may hold a registry
+//! password or a container's environment.
+
+use percent_encoding::percent_decode;
+use runner_monitor_common::CONTAINER_ID_LEN;
+
+use crate::{bounded::BoundedMap, event::JobKey};
+
+/// Connections followed at once (the least recently used is forgotten).
+const CONNECTIONS: usize = 1024;
+/// The longest request head kept; a longer one loses the thread.
+const MAX_HEAD: usize = 64 << 10;
+
+/// A container request found in a job's stream that the kernel did not read.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Found {
+    pub job: JobKey,
+    /// The container as the request names it (decoded): a 64-digit id, a short id or a name.
+    pub reference: String,
+    pub action: Action,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// `start`, or `attach` (podman makes the cgroup there): the container becomes the job's.
+    Start,
+    /// `exec`: the command's process joins the job.
+    Exec,
+}
+
+/// Where the reader is in one connection's stream.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum State {
+    /// In a request head: its bytes so far.
+    Head(Vec<u8>),
+    /// In a body of this many bytes still to come.
+    Body(u64),
+    /// In a chunk-size line (chunked body): its bytes so far.
+    ChunkSize(Vec<u8>),
+    /// In chunk data of this many bytes (with its closing CRLF).
+    ChunkData(u64),
+    /// In the trailer after the last chunk: its bytes so far.
+    Trailer(Vec<u8>),
+    /// Thread lost: waiting for a request line at the start of a buffer or a line.
+    Lost,
+}
+
+#[derive(Default)]
+struct Stream {
+    state: State,
+    /// Bytes of the head being read that the kernel saw as one buffer: the head began at the
+    /// start of a send's first buffer, and that buffer gave it these (`kernel_reads`); 0 when
+    /// it began anywhere else.
+    kernel_window: usize,
+}
+
+impl Default for State {
+    fn default() -> Self {
+        State::Head(Vec::new())
+    }
+}
+
+pub struct RuntimeStreams {
+    conns: BoundedMap<u64, Stream>,
+}
+
+impl Default for RuntimeStreams {
+    fn default() -> Self {
+        Self {
+            conns: BoundedMap::new(CONNECTIONS),
+        }
+    }
+}
+
+impl RuntimeStreams {
+    /// A new connection `conn` (a job's connect): its stream starts afresh.
+    pub fn connected(&mut self, conn: u64) {
+        self.conns.remove(&conn);
+    }
+
+    /// Buffer `buffer` of a send on connection `conn` of job `job`: `data`, the first bytes of
+    /// `len` sent (`None`: an unknown number of buffers past the kernel's copy). Returns the
+    /// container requests completed in it that the kernel did not read.
+    pub fn sent(
+        &mut self,
+        job: JobKey,
+        conn: u64,
+        buffer: u32,
+        len: Option<u64>,
+        data: &[u8],
+    ) -> Vec<Found> {
+        let stream = self.conns.get_or_insert_with(conn, Stream::default);
+        let mut found = Vec::new();
+        let Some(len) = len else {
+            stream.state = State::Lost;
+            return found;
+        };
+        if matches!(&stream.state, State::Head(h) if h.is_empty()) || stream.state == State::Lost {
+            stream.kernel_window = if buffer == 0 { data.len() } else { 0 };
+        }
+        feed(stream, data, job, &mut found);
+        let gap = len.saturating_sub(data.len() as u64);
+        if gap > 0 {
+            skip(stream, gap);
+        }
+        found
+    }
+}
+
+/// Whether `data` begins like a request line: a method of Docker's API, a space and a target
+/// (origin or absolute form).
+fn is_request_line(data: &[u8]) -> bool {
+    const METHODS: [&[u8]; 5] = [b"POST ", b"GET ", b"PUT ", b"DELETE ", b"HEAD "];
+    METHODS.iter().any(|m| {
+        data.starts_with(m) && matches!(data.get(m.len()), Some(b'/') | Some(b'h') | Some(b'H'))
+    })
+}
+
+/// Reads `data` on from the stream's state.
+fn feed(stream: &mut Stream, mut data: &[u8], job: JobKey, found: &mut Vec<Found>) {
+    while !data.is_empty() {
+        match &mut stream.state {
+            State::Lost => {
+                // Picked up again at the first request line: at `data`'s start (a buffer's, or
+                // just after a head or body) or after a line feed.
+                let Some(at) = (0..data.len())
+                    .find(|&i| (i == 0 || data[i - 1] == b'\n') && is_request_line(&data[i..]))
+                else {
+                    return;
+                };
+                if at > 0 {
+                    stream.kernel_window = 0;
+                }
+                stream.state = State::Head(Vec::new());
+                data = &data[at..];
+            }
+            State::Head(head) => {
+                let before = head.len();
+                head.extend_from_slice(data);
+                let Some(end) = head_end(head) else {
+                    if head.len() > MAX_HEAD {
+                        stream.state = State::Lost;
+                    }
+                    return;
+                };
+                let used = end - before;
+                let head = std::mem::take(head);
+                let window = stream.kernel_window.min(end);
+                stream.state = request(&head[..end], &head[..window], job, found);
+                stream.kernel_window = 0;
+                data = &data[used..];
+            }
+            State::Body(left) => {
+                let n = (*left).min(data.len() as u64);
+                *left -= n;
+                data = &data[n as usize..];
+                if *left == 0 {
+                    stream.state = State::Head(Vec::new());
+                }
+            }
+            State::ChunkSize(line) => {
+                let Some(nl) = data.iter().position(|&b| b == b'\n') else {
+                    line.extend_from_slice(data);
+                    if line.len() > 1024 {
+                        stream.state = State::Lost;
+                    }
+                    return;
+                };
+                line.extend_from_slice(&data[..nl]);
+                data = &data[nl + 1..];
+                let size = std::str::from_utf8(line)
+                    .ok()
+                    .map(|l| l.trim_end_matches('\r'))
+                    .map(|l| l.split(';').next().unwrap_or("").trim())
+                    .and_then(|hex| u64::from_str_radix(hex, 16).ok());
+                stream.state = match size {
+                    Some(0) => State::Trailer(Vec::new()),
+                    // The data, then its CRLF.
+                    Some(size) => State::ChunkData(size.saturating_add(2)),
+                    None => State::Lost,
+                };
+            }
+            State::ChunkData(left) => {
+                let n = (*left).min(data.len() as u64);
+                *left -= n;
+                data = &data[n as usize..];
+                if *left == 0 {
+                    stream.state = State::ChunkSize(Vec::new());
+                }
+            }
+            State::Trailer(trailer) => {
+                // Ends at an empty line: CRLF right away, or CRLF CRLF after trailer fields.
+                let before = trailer.len();
+                trailer.extend_from_slice(data);
+                let end = if trailer.starts_with(b"\r\n") {
+                    Some(2)
+                } else {
+                    find(trailer, b"\r\n\r\n").map(|at| at + 4)
+                };
+                let Some(end) = end else {
+                    if trailer.len() > MAX_HEAD {
+                        stream.state = State::Lost;
+                    }
+                    return;
+                };
+                data = &data[end - before..];
+                stream.state = State::Head(Vec::new());
+                stream.kernel_window = 0;
+            }
+        }
+    }
+}
+
+/// Bytes the kernel did not copy: a body's or chunk's as they should be; anywhere else the
+/// thread is lost.
+fn skip(stream: &mut Stream, gap: u64) {
+    stream.state = match stream.state {
+        State::Body(left) if gap < left => State::Body(left - gap),
+        State::Body(left) if gap == left => State::Head(Vec::new()),
+        State::ChunkData(left) if gap < left => State::ChunkData(left - gap),
+        _ => State::Lost,
+    };
+    stream.kernel_window = 0;
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+/// Where a request head ends (past its empty line), if it has.
+fn head_end(head: &[u8]) -> Option<usize> {
+    find(head, b"\r\n\r\n").map(|at| at + 4)
+}
+
+/// A whole request head: the container request it is, if the kernel did not read it (in
+/// `window`, the head's bytes the kernel saw at the start of a send's first buffer), and the
+/// state after it.
+fn request(head: &[u8], window: &[u8], job: JobKey, found: &mut Vec<Found>) -> State {
+    let mut headers = [httparse::EMPTY_HEADER; 64];
+    let mut req = httparse::Request::new(&mut headers);
+    let Ok(httparse::Status::Complete(_)) = req.parse(head) else {
+        return State::Lost;
+    };
+    let (Some(method), Some(target)) = (req.method, req.path) else {
+        return State::Lost;
+    };
+    let asked = (method == "POST")
+        .then(|| container_request(target))
+        .flatten();
+    if let Some((reference, action)) = &asked
+        && !kernel_reads(window)
+    {
+        found.push(Found {
+            job,
+            reference: reference.clone(),
+            action: *action,
+        });
+    }
+    let header = |name: &str| {
+        req.headers
+            .iter()
+            .find(|h| h.name.eq_ignore_ascii_case(name))
+            .map(|h| String::from_utf8_lossy(h.value).trim().to_ascii_lowercase())
+    };
+    // The daemon may answer by taking the connection over (attach, an exec's start, an
+    // upgrade): what follows is then no HTTP. Picked up again at the next request line.
+    let path = decoded_path(target);
+    let raw_after = header("upgrade").is_some()
+        || path.as_deref().is_some_and(|p| {
+            let p = strip_version(p);
+            p.ends_with("/attach") || (p.starts_with("/exec/") && p.ends_with("/start"))
+        });
+    if raw_after {
+        return State::Lost;
+    }
+    if header("transfer-encoding").is_some_and(|te| te.ends_with("chunked")) {
+        return State::ChunkSize(Vec::new());
+    }
+    match header("content-length").map(|l| l.parse::<u64>()) {
+        None | Some(Ok(0)) => State::Head(Vec::new()),
+        Some(Ok(n)) => State::Body(n),
+        Some(Err(_)) => State::Lost,
+    }
+}
+
+/// The request target's path, percent-decoded, as the daemon routes it: an absolute-form
+/// target (`http://host/path`) is its path; the query is cut.
+fn decoded_path(target: &str) -> Option<String> {
+    let path = match target.split_once("://") {
+        Some((_, rest)) => &rest[rest.find('/')?..],
+        None => target,
+    };
+    let path = path.split(['?', '#']).next().unwrap_or("");
+    Some(
+        percent_decode(path.as_bytes())
+            .decode_utf8()
+            .ok()?
+            .into_owned(),
+    )
+}
+
+/// `path` without Docker's `/v<version>` prefix.
+fn strip_version(path: &str) -> &str {
+    if let Some(rest) = path.strip_prefix("/v") {
+        let end = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(rest.len());
+        if end > 0 && rest[end..].starts_with('/') {
+            return &rest[end..];
+        }
+    }
+    path
+}
+
+/// `POST [/v<version>]/containers/<ref>/{start,attach,exec}`: the container and what is asked.
+fn container_request(target: &str) -> Option<(String, Action)> {
+    let path = decoded_path(target)?;
+    let rest = strip_version(&path).strip_prefix("/containers/")?;
+    let (reference, action) = rest.split_once('/')?;
+    let action = match action {
+        "start" | "attach" => Action::Start,
+        "exec" => Action::Exec,
+        _ => return None,
+    };
+    let name_byte = |b: u8| b.is_ascii_alphanumeric() || b"_.-".contains(&b);
+    (!reference.is_empty()
+        && reference.len() <= CONTAINER_ID_LEN
+        && reference.bytes().all(name_byte))
+    .then(|| (reference.to_owned(), action))
+}
+
+/// Whether the kernel read this request where it was sent (it began a send's first buffer):
+/// the grammar of `runtime_requests.rs::on_request` and `container_refs.rs::start_by_reference`,
+/// on the same bytes. A request read there is registered by the kernel; one read twice would
+/// leave a pending start by name for another container to take.
+fn kernel_reads(head: &[u8]) -> bool {
+    const PREFIX_LEN: usize = 32;
+    if head.len() < PREFIX_LEN + 2 || !head.starts_with(b"POST /") {
+        return false;
+    }
+    let Some(id_at) = [5usize, 10, 11, 12]
+        .into_iter()
+        .find(|&at| head[at..].starts_with(b"/containers/"))
+        .map(|at| at + "/containers/".len())
+    else {
+        return false;
+    };
+    let tail = &head[id_at..];
+    let ends = |at: usize| matches!(tail.get(at), Some(b' ') | Some(b'?'));
+    let is_hex = |c: &u8| c.is_ascii_digit() || (b'a'..=b'f').contains(c);
+    let id = CONTAINER_ID_LEN;
+    if tail.len() > id && tail[..id].iter().all(is_hex) {
+        let suffix = &tail[id..];
+        if (suffix.starts_with(b"/start") && ends(id + 6))
+            || (suffix.starts_with(b"/attach") && ends(id + 7))
+            || (suffix.starts_with(b"/exec") && ends(id + 5))
+        {
+            return true;
+        }
+    }
+    // By name or short id: `<ref>/start` or `<ref>/exec`, `ref` shorter than an id.
+    let name_byte = |b: &u8| b.is_ascii_alphanumeric() || b"_.-".contains(b);
+    let Some(len) = tail.iter().take(id).position(|&b| b == b'/') else {
+        return false;
+    };
+    if len == 0 || !tail[..len].iter().all(name_byte) {
+        return false;
+    }
+    let after = &tail[len..];
+    (after.starts_with(b"/start") && ends(len + 6))
+        || (after.starts_with(b"/exec") && ends(len + 5))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const JOB: JobKey = JobKey(7);
+    const ID: &str = "3f2a9c3f2a9c3f2a9c3f2a9c3f2a9c3f2a9c3f2a9c3f2a9c3f2a9c3f2a9c3f2a";
+
+    fn start(reference: &str) -> Found {
+        Found {
+            job: JOB,
+            reference: reference.to_owned(),
+            action: Action::Start,
+        }
+    }
+
+    /// Sends `pieces` as writes (one buffer each) on one connection; all that was found.
+    fn writes(pieces: &[&[u8]]) -> Vec<Found> {
+        let mut streams = RuntimeStreams::default();
+        pieces
+            .iter()
+            .flat_map(|p| streams.sent(JOB, 1, 0, Some(p.len() as u64), p))
+            .collect()
+    }
+
+    #[test]
+    fn a_request_the_kernel_reads_where_it_is_sent_is_not_found_again() {
+        let whole = format!("POST /v1.47/containers/{ID}/start HTTP/1.1\r\nHost: d\r\n\r\n");
+        assert_eq!(writes(&[whole.as_bytes()]), vec![]);
+        let by_name = b"POST /containers/web/start HTTP/1.1\r\nHost: d\r\n\r\n";
+        assert_eq!(writes(&[by_name]), vec![]);
+    }
+
+    #[test]
+    fn a_request_line_cut_across_writes_is_found_once_its_head_is_whole() {
+        let line = format!("POST /containers/{ID}/start HTTP/1.1\r\nHost: d\r\n\r\n");
+        for cut in [1, 6, 20, 40] {
+            let (a, b) = line.as_bytes().split_at(cut);
+            assert_eq!(writes(&[a, b]), vec![start(ID)], "cut at {cut}");
+        }
+        // Cut after the request line: the kernel read it in the first write.
+        let (a, b) = line.as_bytes().split_at(line.len() - 3);
+        assert_eq!(writes(&[a, b]), vec![]);
+        // Cut after the id, before its suffix: the kernel saw the start but not the request.
+        let (a, b) = line.as_bytes().split_at(17 + 64);
+        assert_eq!(writes(&[a, b]), vec![start(ID)]);
+        // Byte by byte.
+        let bytes: Vec<&[u8]> = line.as_bytes().chunks(1).collect();
+        assert_eq!(writes(&bytes), vec![start(ID)]);
+    }
+
+    #[test]
+    fn a_request_pipelined_after_another_and_its_body_is_found() {
+        let two = "POST /containers/create HTTP/1.1\r\nContent-Length: 5\r\n\r\n{}abc\
+             POST /containers/web/start HTTP/1.1\r\n\r\n";
+        assert_eq!(writes(&[two.as_bytes()]), vec![start("web")]);
+        // The body ends in the next write, which goes on with the request.
+        let (a, b) = two.as_bytes().split_at(58);
+        assert_eq!(writes(&[a, b]), vec![start("web")]);
+        // The request begins the next write: the kernel read it there.
+        let (a, b) = two.as_bytes().split_at(60);
+        assert_eq!(writes(&[a, b]), vec![]);
+    }
+
+    #[test]
+    fn a_chunked_body_is_skipped_by_its_chunk_sizes() {
+        let s = format!(
+            "POST /build HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n\
+             4\r\nPOST\r\n3;x=y\r\nabc\r\n0\r\n\r\nPOST /containers/{ID}/exec HTTP/1.1\r\n\r\n"
+        );
+        let found = writes(&[s.as_bytes()]);
+        assert_eq!(
+            found,
+            vec![Found {
+                job: JOB,
+                reference: ID.into(),
+                action: Action::Exec
+            }]
+        );
+    }
+
+    #[test]
+    fn an_encoded_or_absolute_target_is_read_as_the_daemon_routes_it() {
+        let encoded = b"POST /containers/%77eb/start HTTP/1.1\r\n\r\n";
+        assert_eq!(writes(&[encoded]), vec![start("web")]);
+        let absolute = b"POST http://docker/v1.47/containers/web/start HTTP/1.1\r\n\r\n";
+        assert_eq!(writes(&[absolute]), vec![start("web")]);
+        let long_version = b"POST /v1.0000047/containers/web/start?x=1 HTTP/1.1\r\n\r\n";
+        assert_eq!(writes(&[long_version]), vec![start("web")]);
+        // Not a container request: a path below it, another method, a stopped one.
+        for other in [
+            &b"POST /containers/web/stop HTTP/1.1\r\n\r\n"[..],
+            b"GET /containers/web/start HTTP/1.1\r\n\r\n",
+            b"POST /containers/a/b/start HTTP/1.1\r\n\r\n",
+            b"POST /containers/../start HTTP/1.1\r\n\r\n",
+        ] {
+            assert_eq!(writes(&[other]), vec![]);
+        }
+    }
+
+    #[test]
+    fn a_request_in_a_later_buffer_of_a_send_is_found() {
+        let mut streams = RuntimeStreams::default();
+        let line = b"POST /containers/web/start HTTP/1.1\r\n\r\n";
+        let found = streams.sent(JOB, 1, 1, Some(line.len() as u64), line);
+        assert_eq!(found, vec![start("web")]);
+    }
+
+    #[test]
+    fn a_long_body_past_the_copy_is_skipped_and_a_head_there_loses_the_thread() {
+        let mut streams = RuntimeStreams::default();
+        let head = b"POST /containers/create HTTP/1.1\r\nContent-Length: 1000\r\n\r\n";
+        assert!(
+            streams
+                .sent(JOB, 1, 0, Some(head.len() as u64), head)
+                .is_empty()
+        );
+        // 1000 body bytes sent, 10 copied.
+        assert!(streams.sent(JOB, 1, 0, Some(1000), &[b'x'; 10]).is_empty());
+        // The next request, in a send's second buffer (the kernel reads only the first).
+        let line = b"POST /containers/web/start HTTP/1.1\r\n\r\n";
+        assert_eq!(
+            streams.sent(JOB, 1, 1, Some(line.len() as u64), line),
+            vec![start("web")]
+        );
+        // A send whose uncopied part goes past the body: lost, then picked up again at the
+        // next request line at a line's start.
+        assert!(
+            streams
+                .sent(JOB, 1, 0, Some(head.len() as u64), head)
+                .is_empty()
+        );
+        assert!(streams.sent(JOB, 1, 0, Some(2000), &[b'x'; 10]).is_empty());
+        let mut resumed = b"junk\r\n".to_vec();
+        resumed.extend_from_slice(line);
+        assert_eq!(
+            streams.sent(JOB, 1, 0, Some(resumed.len() as u64), &resumed),
+            vec![start("web")]
+        );
+    }
+
+    #[test]
+    fn after_a_request_that_may_take_the_connection_over_the_next_request_line_is_read() {
+        let s = format!(
+            "POST /containers/{ID}/attach?stream=1 HTTP/1.1\r\nUpgrade: tcp\r\n\r\n\
+             raw stdin\nPOST /containers/web/start HTTP/1.1\r\n\r\n"
+        );
+        // The attach begins the send: the kernel reads it; the start after it is found.
+        assert_eq!(writes(&[s.as_bytes()]), vec![start("web")]);
+    }
+
+    #[test]
+    fn a_new_connection_on_the_same_descriptor_starts_afresh() {
+        let mut streams = RuntimeStreams::default();
+        assert!(streams.sent(JOB, 1, 0, Some(8), b"POST /co").is_empty());
+        streams.connected(1);
+        let whole = format!("POST /containers/{ID}/start HTTP/1.1\r\n\r\n");
+        // Read by the kernel where it was sent: not found again.
+        assert!(
+            streams
+                .sent(JOB, 1, 0, Some(whole.len() as u64), whole.as_bytes())
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn the_kernels_grammar_is_mirrored() {
+        let kernel = |s: &str| kernel_reads(s.as_bytes());
+        assert!(kernel(&format!(
+            "POST /v1.47/containers/{ID}/attach?x HTTP/1.1\r\n\r\n"
+        )));
+        assert!(kernel("POST /v1.9/containers/web/exec HTTP/1.1\r\n\r\n"));
+        assert!(kernel(
+            "POST /v1.100/containers/3f2a/start HTTP/1.1\r\n\r\n"
+        ));
+        // The kernel does not read these: an attach by name, a long version, an encoding.
+        assert!(!kernel("POST /containers/web/attach HTTP/1.1\r\n\r\n"));
+        assert!(!kernel(
+            "POST /v1.00047/containers/web/start HTTP/1.1\r\n\r\n"
+        ));
+        assert!(!kernel("POST /containers/%77eb/start HTTP/1.1\r\n\r\n"));
+    }
+}
