@@ -109,12 +109,7 @@ impl NameStartMaps {
         }
         // A job's own start by id of the same container keeps it (BPF_NOEXIST semantics are
         // not needed: the entry would name the same job or an earlier request).
-        if let Err(e) = self.requested.insert(id, key.0, BPF_NOEXIST) {
-            let exists = matches!(&e, aya::maps::MapError::SyscallError(s) if s.io_error.raw_os_error() == Some(libc::EEXIST));
-            if !exists {
-                return Err(e.to_string());
-            }
-        }
+        self.request(id, key)?;
         if taken {
             // The cgroup may have been made between the look-up and the entry: it took the
             // entry (and is the job's) unless it came before it.
@@ -146,13 +141,21 @@ impl NameStartMaps {
         if let Some(cgroup) = self.known(&id)? {
             return Ok(self.cgroups.get(&cgroup, 0).ok() == Some(key.0));
         }
-        if let Err(e) = self.requested.insert(id, key.0, BPF_NOEXIST) {
-            let exists = matches!(&e, aya::maps::MapError::SyscallError(s) if s.io_error.raw_os_error() == Some(libc::EEXIST));
-            if !exists {
-                return Err(e.to_string());
-            }
-        }
+        self.request(id, key)?;
         Ok(true)
+    }
+
+    /// Container `id` is job `key`'s in the kernel's requested-container map, unless an entry
+    /// is there already (the same job's, or an earlier request).
+    fn request(&mut self, id: [u8; CONTAINER_ID_LEN], key: JobKey) -> Result<(), String> {
+        match self.requested.insert(id, key.0, BPF_NOEXIST) {
+            Err(aya::maps::MapError::SyscallError(e))
+                if e.io_error.raw_os_error() == Some(libc::EEXIST) =>
+            {
+                Ok(())
+            }
+            other => other.map_err(|e| e.to_string()),
+        }
     }
 
     /// The cgroup of container `id`, when the kernel knows it: it was made (`CONTAINER_IDS`).
