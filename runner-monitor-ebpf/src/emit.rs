@@ -80,27 +80,6 @@ events!(
 /// buffer drops it, counted as lost.
 #[inline(always)]
 pub fn send<T: Event>(kind: EventKind, process: Option<&ProcessJob>, fields: impl FnOnce(&mut T)) {
-    send_waking(kind, process, fields, false);
-}
-
-/// `send`, waking the agent at once: for an event it must act on before the kernel's next step
-/// (a container start to register before the daemon makes the container). Rare events only.
-#[inline(always)]
-pub fn send_urgent<T: Event>(
-    kind: EventKind,
-    process: Option<&ProcessJob>,
-    fields: impl FnOnce(&mut T),
-) {
-    send_waking(kind, process, fields, true);
-}
-
-#[inline(always)]
-fn send_waking<T: Event>(
-    kind: EventKind,
-    process: Option<&ProcessJob>,
-    fields: impl FnOnce(&mut T),
-    urgent: bool,
-) {
     let slot = kind_slot(kind as u32);
     let Some(mut entry) = EVENTS.reserve::<T>(0) else {
         count(counter::LOST + slot);
@@ -113,15 +92,10 @@ fn send_waking<T: Event>(
     let size = core::mem::size_of::<T>() as u64;
     // Asked after the reservation, the backlog includes this record; the rule wants the backlog
     // the record was written onto.
-    let flags = if urgent {
-        BPF_RB_FORCE_WAKEUP as u64
-    } else {
-        let backlog = EVENTS
-            .query(BPF_RB_AVAIL_DATA as u64)
-            .wrapping_sub(size + RECORD_HEADER_BYTES);
-        wakeup_flags(backlog, size)
-    };
-    entry.submit(flags);
+    let backlog = EVENTS
+        .query(BPF_RB_AVAIL_DATA as u64)
+        .wrapping_sub(size + RECORD_HEADER_BYTES);
+    entry.submit(wakeup_flags(backlog, size));
     count(counter::EMITTED + slot);
 }
 
@@ -160,6 +134,28 @@ pub fn send_file(event: &FileEvent) {
     let bytes =
         unsafe { core::slice::from_raw_parts((event as *const FileEvent).cast::<u8>(), size) };
     match EVENTS.output::<[u8]>(bytes, flags) {
+        Ok(()) => count(counter::EMITTED + slot),
+        Err(_) => count(counter::LOST + slot),
+    }
+}
+
+/// Sends the bytes of a job's send on a runtime connection, built elsewhere, cut after the bytes
+/// read (the agent reads a short record as the struct with the rest zero), and wakes the agent
+/// at once: it may have a container start to register before the daemon makes the container.
+/// Only a job's sends on its runtime connections get here, within its event budget.
+#[inline(always)]
+pub fn send_runtime_sent(event: &runner_monitor_common::container::RuntimeSentEvent) {
+    use runner_monitor_common::container::RuntimeSentEvent;
+    const WHOLE: usize = core::mem::size_of::<RuntimeSentEvent>();
+    const DATA_AT: usize = core::mem::offset_of!(RuntimeSentEvent, data);
+    // VERIFIER: a bound it can see, whatever `captured` says.
+    let size = (DATA_AT + event.captured as usize).min(WHOLE);
+    let slot = kind_slot(event.header.kind);
+    // SAFETY: `size` bytes from the start of `event`, which is WHOLE bytes long.
+    let bytes = unsafe {
+        core::slice::from_raw_parts((event as *const RuntimeSentEvent).cast::<u8>(), size)
+    };
+    match EVENTS.output::<[u8]>(bytes, BPF_RB_FORCE_WAKEUP as u64) {
         Ok(()) => count(counter::EMITTED + slot),
         Err(_) => count(counter::LOST + slot),
     }

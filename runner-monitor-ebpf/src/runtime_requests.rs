@@ -12,7 +12,8 @@
 
 use aya_ebpf::{
     helpers::{bpf_probe_read_user, bpf_probe_read_user_buf, generated},
-    macros::tracepoint,
+    macros::{map, tracepoint},
+    maps::PerCpuArray,
     programs::TracePointContext,
 };
 use runner_monitor_common::{
@@ -25,7 +26,7 @@ use crate::{
     args::syscall_arg_direct,
     container_refs::{is_hex, start_by_reference},
     containers::{CONTAINER_IDS, EXEC_TARGETS, REQUESTED_CONTAINERS, RUNTIME_TGIDS, UNIX_CONNS},
-    emit::send_urgent,
+    emit::{fill_header, send_runtime_sent},
     maps::{count, current_process, current_tgid, now_ns},
 };
 
@@ -117,7 +118,7 @@ fn on_send(ctx: &TracePointContext) {
     let (buf, len) = (syscall_arg_direct(ctx, 1), syscall_arg_direct(ctx, 2));
     stream(Socket::Fd(fd), job, buf, len, 0);
     if len >= SHORTEST {
-        on_request(buf, len, Socket::Fd(fd), job);
+        on_request(buf, len, job);
     }
 }
 
@@ -136,7 +137,7 @@ fn on_vectored(iov: u64, count: u64, socket: Socket, job: u64) {
     };
     stream_vectors(iov, count, socket, job);
     if len >= SHORTEST {
-        on_request(base, len, socket, job);
+        on_request(base, len, job);
     }
 }
 
@@ -187,36 +188,42 @@ fn stream(socket: Socket, job: u64, buf: u64, len: u64, buffer: u32) {
         flags: 0,
         start_ns: 0,
     };
-    send_urgent(
-        EventKind::RuntimeSent,
-        Some(&process),
-        |e: &mut RuntimeSentEvent| {
-            e.conn = conn;
-            e.len = len;
-            e.buffer = buffer;
-            e.captured = 0;
-            let n = if len > RUNTIME_SENT_BYTES as u64 {
-                RUNTIME_SENT_BYTES as u32
-            } else {
-                len as u32
-            };
-            if n > 0 && buf != 0 {
-                // SAFETY: a checked read of user memory into the record, `n` within its buffer.
-                let read = unsafe {
-                    generated::bpf_probe_read_user(e.data.as_mut_ptr().cast(), n, buf as *const _)
-                };
-                if read == 0 {
-                    e.captured = n;
-                }
-            }
-        },
-    );
+    let Some(e) = SENT_SCRATCH.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: this CPU's scratch value, used by this program run only.
+    let e = unsafe { &mut *e };
+    fill_header(&mut e.header, EventKind::RuntimeSent, Some(&process));
+    e.conn = conn;
+    e.len = len;
+    e.buffer = buffer;
+    e.captured = 0;
+    let n = if len > RUNTIME_SENT_BYTES as u64 {
+        RUNTIME_SENT_BYTES as u32
+    } else {
+        len as u32
+    };
+    if n > 0 && buf != 0 {
+        // SAFETY: a checked read of user memory into the scratch, `n` within its buffer.
+        let read = unsafe {
+            generated::bpf_probe_read_user(e.data.as_mut_ptr().cast(), n, buf as *const _)
+        };
+        if read == 0 {
+            e.captured = n;
+        }
+    }
+    send_runtime_sent(e);
 }
+
+/// A `RuntimeSentEvent` is built here and sent cut after the bytes read (`send_runtime_sent`):
+/// most sends are far shorter than the 512 bytes kept.
+#[map]
+static SENT_SCRATCH: PerCpuArray<RuntimeSentEvent> = PerCpuArray::with_max_entries(1, 0);
 
 /// `len` bytes at `buf` that the current process sends on a job's unix socket: a container
 /// start request records the container as the job's.
 #[inline(always)]
-fn on_request(buf: u64, len: u64, _socket: Socket, job: u64) {
+fn on_request(buf: u64, len: u64, job: u64) {
     if buf == 0 {
         return;
     }
@@ -470,6 +477,6 @@ pub fn io_uring_send(process: &ProcessJob, socket: Socket, sent: Sent) {
         stream(socket, job, buf, len, 0);
     }
     if len >= SHORTEST && buf != 0 {
-        on_request(buf, len, socket, job);
+        on_request(buf, len, job);
     }
 }

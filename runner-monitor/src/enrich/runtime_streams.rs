@@ -23,8 +23,10 @@ use crate::{bounded::BoundedMap, event::JobKey};
 
 /// Connections followed at once (the least recently used is forgotten).
 const CONNECTIONS: usize = 1024;
-/// The longest request head kept; a longer one loses the thread.
-const MAX_HEAD: usize = 64 << 10;
+/// The longest request head kept; a longer one loses the thread. With `CONNECTIONS`, what jobs
+/// can make the agent hold: 16 MiB at most (a buffer's copy is 512 bytes: a longer head comes
+/// in many small sends).
+const MAX_HEAD: usize = 16 << 10;
 
 /// A container request found in a job's stream that the kernel did not read.
 #[derive(Clone, Debug, PartialEq, Eq)]

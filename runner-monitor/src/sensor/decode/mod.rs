@@ -290,7 +290,9 @@ impl Decoder {
                 }
             }
             EventKind::RuntimeSent => {
-                let e: RuntimeSentEvent = read(bytes)?;
+                // Cut after the bytes read (`emit::send_runtime_sent`).
+                let e: RuntimeSentEvent =
+                    read_prefix(bytes, std::mem::offset_of!(RuntimeSentEvent, data))?;
                 let captured = (e.captured as usize).min(e.data.len());
                 EventDetail::RuntimeSent {
                     conn: e.conn,
