@@ -171,15 +171,8 @@ fn run(
                 continue;
             }
         };
-        let entry = Resolved {
-            reference: start.reference.clone(),
-            pending_ns,
-            resolved_ns: monotonic_ns(),
-        };
         // In the table before the kernel's map: the container event can follow at once.
-        if let Ok(mut table) = resolved.lock() {
-            table.insert(id.clone(), entry.clone());
-        }
+        let entry = remember(resolved, &id, &start.reference, pending_ns);
         let outcome = register(&id, start.job, start.asked);
         let after_us = entry.resolved_ns.saturating_sub(entry.pending_ns) / 1000;
         match outcome {
@@ -203,6 +196,25 @@ fn run(
     }
 }
 
+/// Container `id` was resolved now from `reference`, asked at `pending_ns`: kept for its
+/// container event (`requested_as`).
+fn remember(
+    resolved: &Mutex<BoundedMap<String, Resolved>>,
+    id: &str,
+    reference: &str,
+    pending_ns: u64,
+) -> Resolved {
+    let entry = Resolved {
+        reference: reference.to_owned(),
+        pending_ns,
+        resolved_ns: monotonic_ns(),
+    };
+    if let Ok(mut table) = resolved.lock() {
+        table.insert(id.to_owned(), entry.clone());
+    }
+    entry
+}
+
 /// A start the kernel did not read, found in the job's stream at `found_ns`: the container's
 /// id (the daemon's answer for a name or short id) is registered as the job's, as a start by id
 /// is, before the daemon makes its cgroup (`Ok(false)`: it had made it).
@@ -222,14 +234,7 @@ fn found(
     } else {
         match container_referenced(&start.socket, &start.reference) {
             Ok(Some(id)) => {
-                let entry = Resolved {
-                    reference: start.reference.clone(),
-                    pending_ns: found_ns,
-                    resolved_ns: monotonic_ns(),
-                };
-                if let Ok(mut table) = resolved.lock() {
-                    table.insert(id.clone(), entry);
-                }
+                remember(resolved, &id, &start.reference, found_ns);
                 id
             }
             Ok(None) => {

@@ -168,10 +168,7 @@ fn feed(stream: &mut Stream, mut data: &[u8], job: JobKey, found: &mut Vec<Found
                 data = &data[used..];
             }
             State::Body(left) => {
-                let n = (*left).min(data.len() as u64);
-                *left -= n;
-                data = &data[n as usize..];
-                if *left == 0 {
+                if take(left, &mut data) {
                     stream.state = State::Head(Vec::new());
                 }
             }
@@ -198,10 +195,7 @@ fn feed(stream: &mut Stream, mut data: &[u8], job: JobKey, found: &mut Vec<Found
                 };
             }
             State::ChunkData(left) => {
-                let n = (*left).min(data.len() as u64);
-                *left -= n;
-                data = &data[n as usize..];
-                if *left == 0 {
+                if take(left, &mut data) {
                     stream.state = State::ChunkSize(Vec::new());
                 }
             }
@@ -226,6 +220,14 @@ fn feed(stream: &mut Stream, mut data: &[u8], job: JobKey, found: &mut Vec<Found
             }
         }
     }
+}
+
+/// Takes up to `left` bytes off `data`; whether none are left to take.
+fn take(left: &mut u64, data: &mut &[u8]) -> bool {
+    let n = (*left).min(data.len() as u64);
+    *left -= n;
+    *data = &data[n as usize..];
+    *left == 0
 }
 
 /// Bytes the kernel did not copy: a body's or chunk's as they should be; anywhere else the
@@ -261,9 +263,12 @@ fn request(head: &[u8], window: &[u8], job: JobKey, found: &mut Vec<Found>) -> S
     let (Some(method), Some(target)) = (req.method, req.path) else {
         return State::Lost;
     };
-    let asked = (method == "POST")
-        .then(|| container_request(target))
-        .flatten();
+    // The path as the daemon routes it, without its version: decoded once for both questions.
+    let path = decoded_path(target);
+    let path = path.as_deref().map(strip_version);
+    let asked = path
+        .filter(|_| method == "POST")
+        .and_then(container_request);
     if let Some((reference, action)) = &asked
         && !kernel_reads(window)
     {
@@ -281,10 +286,8 @@ fn request(head: &[u8], window: &[u8], job: JobKey, found: &mut Vec<Found>) -> S
     };
     // The daemon may answer by taking the connection over (attach, an exec's start, an
     // upgrade): what follows is then no HTTP. Picked up again at the next request line.
-    let path = decoded_path(target);
     let raw_after = header("upgrade").is_some()
-        || path.as_deref().is_some_and(|p| {
-            let p = strip_version(p);
+        || path.is_some_and(|p| {
             p.ends_with("/attach") || (p.starts_with("/exec/") && p.ends_with("/start"))
         });
     if raw_after {
@@ -329,10 +332,10 @@ fn strip_version(path: &str) -> &str {
     path
 }
 
-/// `POST [/v<version>]/containers/<ref>/{start,attach,exec}`: the container and what is asked.
-fn container_request(target: &str) -> Option<(String, Action)> {
-    let path = decoded_path(target)?;
-    let rest = strip_version(&path).strip_prefix("/containers/")?;
+/// `/containers/<ref>/{start,attach,exec}` (a decoded path without its version): the container
+/// and what is asked.
+fn container_request(path: &str) -> Option<(String, Action)> {
+    let rest = path.strip_prefix("/containers/")?;
     let (reference, action) = rest.split_once('/')?;
     let action = match action {
         "start" | "attach" => Action::Start,
