@@ -2,7 +2,8 @@
 //!
 //! Properties beyond "no panic": every string taken from a kernel buffer is no longer (in chars)
 //! than that buffer, and the event's JSON line (`output::jsonl`, the `--events-out` format) has no
-//! raw control character and reads back as the same event.
+//! raw control character and reads back as the same event (bytes sent to a runtime's API read
+//! back as none: they are written as their length).
 
 #![no_main]
 
@@ -64,5 +65,16 @@ fuzz_target!(|record: &[u8]| {
         "raw control character in {line:?}"
     );
     let back: Event = serde_json::from_str(&line).expect("the JSON line reads back");
-    assert_eq!(back, event, "JSON round trip changed the event: {line}");
+    // Bytes a job sent to a runtime are written as their length, never themselves: they read
+    // back empty, and the line says how many there were.
+    let mut expected = event.clone();
+    if let EventDetail::RuntimeSent { data, .. } = &mut expected.detail {
+        let len = data.0.len();
+        assert!(
+            line.contains(&format!("\"data\":{len}")),
+            "sent bytes not written as their length: {line}"
+        );
+        *data = Default::default();
+    }
+    assert_eq!(back, expected, "JSON round trip changed the event: {line}");
 });
