@@ -21,6 +21,34 @@ pub const RUNTIME_SENT_BYTES: usize = 512;
 /// buffers than the kernel reads: the stream has a gap of unknown length there.
 pub const RUNTIME_SENT_MORE: u64 = u64::MAX;
 
+/// `RuntimeSentEvent::via`: from a buffer of the sender's memory (`write`, `send*`,
+/// io_uring's writes and sends), copied up to `RUNTIME_SENT_BYTES`.
+pub const SENT_BY_BUFFER: u16 = 0;
+/// `sendfile`: from a file, nothing the kernel programs can copy.
+pub const SENT_BY_SENDFILE: u16 = 1;
+/// `splice`: from a pipe, nothing the kernel programs can copy.
+pub const SENT_BY_SPLICE: u16 = 2;
+
+/// The Docker API request line the kernel reads where a send's first buffer begins
+/// (`runner-monitor-ebpf/src/runtime_requests.rs` and `container_refs.rs`); the agent mirrors
+/// it on the bytes the kernel saw (`enrich/runtime_streams.rs`, `kernel_reads`).
+pub mod request {
+    pub const POST: &[u8; 6] = b"POST /";
+    pub const CONTAINERS: &[u8; 12] = b"/containers/";
+    pub const START: &[u8; 6] = b"/start";
+    /// `docker exec` creates its command with `POST .../containers/<ref>/exec`.
+    pub const EXEC: &[u8; 5] = b"/exec";
+    /// The docker CLI's `run` attaches before it starts; podman's Docker API makes the
+    /// container's cgroup at the attach (it initialises the container there), before the start
+    /// request. Read by full id only.
+    pub const ATTACH: &[u8; 7] = b"/attach";
+    /// The request line's first bytes: `POST /v1.47/containers/`, with room for a longer
+    /// version.
+    pub const PREFIX_LEN: usize = 32;
+    /// Where `/containers/` may begin: unversioned, or after `/v1.9`, `/v1.47`, `/v1.100`.
+    pub const CONTAINERS_AT: [usize; 4] = [5, 10, 11, 12];
+}
+
 /// Bytes of the cgroup path kept (the end of it, which holds the id, is what matters).
 pub const CGROUP_PATH_LEN: usize = 128;
 
@@ -212,7 +240,10 @@ pub struct RuntimeSentEvent {
     /// could not be read.
     pub captured: u32,
     /// The buffer's index in its send (0 for a `write`, the iovec's for a `writev`).
-    pub buffer: u32,
+    pub buffer: u16,
+    /// How the bytes were sent: `SENT_BY_BUFFER`, or `SENT_BY_SENDFILE`/`SENT_BY_SPLICE`
+    /// (from a file or a pipe: no buffer to copy, `captured` is 0).
+    pub via: u16,
     pub data: [u8; RUNTIME_SENT_BYTES],
 }
 

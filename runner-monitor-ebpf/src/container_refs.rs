@@ -18,7 +18,10 @@ use aya_ebpf::{
 };
 use runner_monitor_common::{
     CONTAINER_ID_LEN, ContainerStartEvent, EventKind, PendingStart, ProcessJob,
-    container::{MATCHED_BY_NAME, MATCHED_BY_SHORT_ID},
+    container::{
+        MATCHED_BY_NAME, MATCHED_BY_SHORT_ID,
+        request::{EXEC, START},
+    },
 };
 
 use crate::{
@@ -88,17 +91,11 @@ pub fn start_by_reference(tail: &[u8; CONTAINER_ID_LEN + 8], avail: u64, job: u6
     let Some(after) = tail.get(len..len + 7) else {
         return;
     };
-    if after[..5] == *b"/exec"
-        && (after[5] == b' ' || after[5] == b'?')
-        && (len + 6) as u64 <= avail
-    {
+    if after[..5] == *EXEC && (after[5] == b' ' || after[5] == b'?') && (len + 6) as u64 <= avail {
         exec_by_reference(job, len, hex, reference);
         return;
     }
-    if (len + 7) as u64 > avail
-        || after[..6] != *b"/start"
-        || (after[6] != b' ' && after[6] != b'?')
-    {
+    if (len + 7) as u64 > avail || after[..6] != *START || (after[6] != b' ' && after[6] != b'?') {
         return;
     }
     let Some(next) = NEXT_SLOT.get_ptr_mut(0) else {

@@ -18,7 +18,11 @@ use aya_ebpf::{
 };
 use runner_monitor_common::{
     CONTAINER_ID_LEN, EventKind, ExecTarget, ProcessJob,
-    container::{RUNTIME_SENT_BYTES, RUNTIME_SENT_MORE, RuntimeSentEvent},
+    container::{
+        RUNTIME_SENT_BYTES, RUNTIME_SENT_MORE, RuntimeSentEvent, SENT_BY_BUFFER, SENT_BY_SENDFILE,
+        SENT_BY_SPLICE,
+        request::{ATTACH, CONTAINERS, CONTAINERS_AT, EXEC, POST, PREFIX_LEN, START},
+    },
     counter,
 };
 
@@ -63,19 +67,6 @@ fn may_have_runtime_conn(tgid: u32) -> bool {
         .get(tgid >> 6)
         .is_some_and(|word| word & (1 << (tgid & 63)) != 0)
 }
-
-const POST: &[u8; 6] = b"POST /";
-const CONTAINERS: &[u8; 12] = b"/containers/";
-const START: &[u8; 6] = b"/start";
-/// `docker exec` creates its command with `POST .../containers/<ref>/exec`.
-const EXEC: &[u8; 5] = b"/exec";
-/// The docker CLI's `run` attaches before it starts; podman's Docker API makes the container's
-/// cgroup at the attach (it initialises the container there), before the start request.
-const ATTACH: &[u8; 7] = b"/attach";
-/// The request line's first bytes: `POST /v1.47/containers/`, with room for a longer version.
-const PREFIX_LEN: usize = 32;
-/// Where `/containers/` may begin: unversioned, or after `/v1.9`, `/v1.47`, `/v1.100`.
-const CONTAINERS_AT: [usize; 4] = [5, 10, 11, 12];
 
 #[inline(always)]
 fn same<const N: usize>(buf: &[u8], at: usize, want: &[u8; N]) -> bool {
@@ -175,6 +166,14 @@ fn stream_vectors(iov: u64, count: u64, socket: Socket, job: u64) {
 /// socket with tiny writes is dropped and reported over budget, not every job's events with it.
 #[inline(always)]
 fn stream(socket: Socket, job: u64, buf: u64, len: u64, buffer: u32) {
+    sent_record(socket, job, buf, len, buffer, SENT_BY_BUFFER);
+}
+
+/// The record of `stream`, for bytes sent `via` any way (`SENT_BY_*`): from a buffer, its
+/// first bytes are copied; from a file or pipe (`buf` 0) none are, and the agent knows the
+/// stream has bytes it cannot read.
+#[inline(always)]
+fn sent_record(socket: Socket, job: u64, buf: u64, len: u64, buffer: u32, via: u16) {
     if !crate::budget::within_budget(job, EventKind::RuntimeSent as u32) {
         return;
     }
@@ -196,7 +195,8 @@ fn stream(socket: Socket, job: u64, buf: u64, len: u64, buffer: u32) {
     fill_header(&mut e.header, EventKind::RuntimeSent, Some(&process));
     e.conn = conn;
     e.len = len;
-    e.buffer = buffer;
+    e.buffer = buffer as u16;
+    e.via = via;
     e.captured = 0;
     let n = if len > RUNTIME_SENT_BYTES as u64 {
         RUNTIME_SENT_BYTES as u32
@@ -372,6 +372,32 @@ pub fn enter_sendmmsg(ctx: TracePointContext) -> u32 {
                 STREAM_BUFFERS as u32 + 1,
             );
         }
+    }
+    0
+}
+
+// ssize_t sendfile64(int out_fd, int in_fd, loff_t __user *offset, size_t count)
+// Bytes from a file: nothing to copy, and nothing the request reader above can read. The agent
+// is told how many (a job hiding a container request from the monitor this way is a finding).
+#[tracepoint]
+pub fn enter_sendfile(ctx: TracePointContext) -> u32 {
+    let fd = syscall_arg_direct(&ctx, 0);
+    if let Some(job) = job_socket(fd) {
+        let count = syscall_arg_direct(&ctx, 3);
+        sent_record(Socket::Fd(fd), job, 0, count, 0, SENT_BY_SENDFILE);
+    }
+    0
+}
+
+// long splice(int fd_in, loff_t __user *off_in, int fd_out, loff_t __user *off_out,
+//             size_t len, unsigned int flags)
+// Bytes from a pipe (filled by `write` or `vmsplice`): as `sendfile`'s.
+#[tracepoint]
+pub fn enter_splice(ctx: TracePointContext) -> u32 {
+    let fd = syscall_arg_direct(&ctx, 2);
+    if let Some(job) = job_socket(fd) {
+        let len = syscall_arg_direct(&ctx, 4);
+        sent_record(Socket::Fd(fd), job, 0, len, 0, SENT_BY_SPLICE);
     }
     0
 }

@@ -158,6 +158,19 @@ pub enum EventDetail {
         len: Option<u64>,
         /// The buffer's first bytes (at most `RUNTIME_SENT_BYTES`).
         data: SentBytes,
+        /// How they were sent: from `sendfile` or `splice` nothing is copied.
+        via: SentVia,
+    },
+    /// From the agent's reading of a job's runtime API stream (`enrich/runtime_streams.rs`): a
+    /// job process sent bytes there that the monitor cannot read, where a request could begin
+    /// (by `sendfile` or `splice`, or from memory the kernel could not copy). A container
+    /// request among them would not be the job's: a way to hide from the monitor.
+    RuntimeUnread {
+        /// The runtime's socket, when known.
+        socket: Option<String>,
+        via: SentVia,
+        /// Bytes sent that way.
+        bytes: u64,
     },
     /// A job process set up an io_uring instance: what it submits there makes no syscall, and
     /// only some of it is seen (docs/sensors.md, "io_uring").
@@ -262,6 +275,7 @@ impl EventDetail {
             EventDetail::ContainerStart { .. } => "container_start",
             EventDetail::ContainerExec { .. } => "container_exec",
             EventDetail::RuntimeSent { .. } => "runtime_sent",
+            EventDetail::RuntimeUnread { .. } => "runtime_unread",
             EventDetail::JobEnd => "job_end",
             EventDetail::SensorStatus(_) => "sensor_status",
             EventDetail::CredentialFingerprint { .. } => "credential_fingerprint",
@@ -328,6 +342,26 @@ impl FileAccess {
             fingerprint: None,
             io_uring: false,
             via: None,
+        }
+    }
+}
+
+/// How bytes were sent on a job's runtime connection (`RuntimeSentEvent::via`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SentVia {
+    /// From the sender's memory (`write`, `send*`, io_uring's writes and sends).
+    Buffer,
+    Sendfile,
+    Splice,
+}
+
+impl SentVia {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SentVia::Buffer => "write",
+            SentVia::Sendfile => "sendfile",
+            SentVia::Splice => "splice",
         }
     }
 }

@@ -366,7 +366,9 @@ fn containers_a_job_starts_through_io_uring_are_the_job() {
 /// second buffer of a `writev` after a ping, and with its id percent-encoded (the daemon routes
 /// the decoded path). The agent follows the job's stream and registers each container before
 /// the daemon makes it: every one is the job's. The pings carry the canary credential in a
-/// header, as a registry password would be: it is in no output.
+/// header, as a registry password would be: it is in no output. Starts sent from a file
+/// (`sendfile`) or a pipe (`splice`), which nothing can copy, are the job hiding from the
+/// monitor: `agent-tamper` for the job, naming the call.
 #[test]
 fn start_requests_the_kernel_cannot_read_where_they_are_sent_are_the_jobs() {
     let agent = agent();
@@ -395,6 +397,16 @@ elif how == "pipelined":
     s.send(ping + start)
 elif how == "later":
     os.writev(s.fileno(), [ping, start])
+elif how == "sendfile":
+    request = os.path.join(os.path.dirname(sys.argv[0]), "request")
+    with open(request, "wb") as f:
+        f.write(start)
+    with open(request, "rb") as f:
+        os.sendfile(s.fileno(), f.fileno(), 0, len(start))
+elif how == "splice":
+    r, w = os.pipe()
+    os.write(w, start)
+    os.splice(r, s.fileno(), len(start))
 else:
     s.send(start)
 s.settimeout(20)
@@ -409,9 +421,11 @@ print(f"started {how}" if b"HTTP/1.1 204" in answer else f"{how}: {answer[-80:]!
     )
     .unwrap();
     let hows = ["cut", "cut-name", "pipelined", "later", "encoded"];
+    let hidden = ["sendfile", "splice"];
     let answers = env.dir.join("answers");
     let mut step = String::new();
-    for how in hows {
+    for how in hows.iter().chain(&hidden) {
+        let how = *how;
         let name = format!("rm-{how}-{run}");
         let reference = if how == "cut-name" {
             name.clone()
@@ -432,7 +446,7 @@ print(f"started {how}" if b"HTTP/1.1 204" in answer else f"{how}: {answer[-80:]!
     }
     github_job(&env, agent, &run, "acme/cut", &step);
     let answers = std::fs::read_to_string(&answers).unwrap_or_default();
-    for how in hows {
+    for how in hows.iter().chain(&hidden) {
         assert!(
             answers.lines().any(|l| l == format!("started {how}")),
             "the daemon's answers: {answers}"
@@ -445,6 +459,15 @@ print(f"started {how}" if b"HTTP/1.1 204" in answer else f"{how}: {answer[-80:]!
             a["container"]["name"] == name.as_str()
         });
         assert_container(&harvest, Some(&name));
+    }
+    for how in hidden {
+        let tamper = wait_alert(agent, "agent-tamper", &id, |a| {
+            a["target"]["access"]
+                .as_str()
+                .is_some_and(|t| t.starts_with(&format!("{how} to ")))
+        });
+        let summary = tamper["summary"].as_str().unwrap_or_default();
+        assert!(summary.contains("cannot read"), "{tamper}");
     }
     assert_no_secret(agent);
 }

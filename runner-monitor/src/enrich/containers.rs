@@ -88,8 +88,19 @@ impl ContainerNamer {
                 buffer,
                 len,
                 data,
+                via,
             } => {
-                for found in self.streams.sent(job, *conn, *buffer, *len, &data.0) {
+                let read = self.streams.sent(job, *conn, *buffer, *len, &data.0);
+                if read.unread {
+                    // Judged (agent-tamper): a request there would not be the job's.
+                    event.detail = EventDetail::RuntimeUnread {
+                        socket: jobs.docker_socket(job).map(str::to_owned),
+                        via: *via,
+                        bytes: len.unwrap_or_default(),
+                    };
+                    return;
+                }
+                for found in read.found {
                     let Some(starts) = &self.name_starts else {
                         continue;
                     };
@@ -98,15 +109,13 @@ impl ContainerNamer {
                         Action::Start => {
                             starts.ask_found(socket, &found.reference, job, event.time_ns)
                         }
-                        Action::Exec => match socket {
-                            Some(socket) => {
-                                starts.ask_exec(socket, &found.reference, job, event.time_ns)
-                            }
-                            None => tracing::info!(
-                                "a job's docker exec found in its API stream: no Docker socket \
-                                 known for the job, its command is not followed"
-                            ),
-                        },
+                        // No socket: a full id needs none (`name_starts::exec`).
+                        Action::Exec => starts.ask_exec(
+                            socket.unwrap_or_default(),
+                            &found.reference,
+                            job,
+                            event.time_ns,
+                        ),
                     }
                 }
             }

@@ -224,10 +224,8 @@ fn found(
     register: &mut Register,
     resolved: &Mutex<BoundedMap<String, Resolved>>,
 ) {
-    let is_id =
-        start.reference.len() == 64 && start.reference.bytes().all(|b| b.is_ascii_hexdigit());
-    let id = if is_id {
-        start.reference.to_ascii_lowercase()
+    let id = if let Some(id) = full_id(&start.reference) {
+        id
     } else if start.socket.as_os_str().is_empty() {
         tracing::info!(reference = %start.reference, "a start by name found in a job's API stream: no Docker socket known for the job to ask, not registered");
         return;
@@ -256,7 +254,7 @@ fn found(
             if let Ok(mut table) = resolved.lock() {
                 table.remove(&id);
             }
-            tracing::warn!(reference = %start.reference, %id, after_us, "a start found in a job's API stream was registered after its container was made: the container is not the job's")
+            tracing::warn!(reference = %start.reference, %id, after_us, "a start or attach found in a job's API stream names a container the kernel already had (running before the request, e.g. an attach, or made before the registration): not made the job's")
         }
         Err(error) => {
             tracing::warn!(%error, reference = %start.reference, "a start found in a job's API stream could not be registered")
@@ -265,10 +263,20 @@ fn found(
 }
 
 /// A job's `docker exec` by name or short id: the daemon says which container that is (as it
-/// will for the exec itself), and its cgroup is marked for the job's command.
+/// will for the exec itself), and its cgroup is marked for the job's command. A full id (found
+/// in the job's stream where the kernel could not read it) is marked as is.
 fn exec(exec: &Start, requested_ns: u64, register: &mut Register) {
     let asked_ns = monotonic_ns();
-    let id = match container_referenced(&exec.socket, &exec.reference) {
+    let id = match full_id(&exec.reference) {
+        // A full id found in the job's stream: nothing to ask.
+        Some(id) => Ok(Some(id)),
+        None if exec.socket.as_os_str().is_empty() => {
+            tracing::info!(reference = %exec.reference, "a job's docker exec by name found in its API stream: no Docker socket known for the job to ask, its command is not followed");
+            return;
+        }
+        None => container_referenced(&exec.socket, &exec.reference),
+    };
+    let id = match id {
         Ok(Some(id)) => id,
         Ok(None) => {
             tracing::info!(reference = %exec.reference, "docker exec: the daemon names no such container");
@@ -291,6 +299,12 @@ fn exec(exec: &Start, requested_ns: u64, register: &mut Register) {
             tracing::warn!(%error, reference = %exec.reference, "a docker exec could not be registered")
         }
     }
+}
+
+/// `reference` as a container's full id, when it is one (64 hex digits), lowercase.
+fn full_id(reference: &str) -> Option<String> {
+    (reference.len() == 64 && reference.bytes().all(|b| b.is_ascii_hexdigit()))
+        .then(|| reference.to_ascii_lowercase())
 }
 
 /// The full id of the container `reference` (a name or a short id) at the daemon `socket`, in

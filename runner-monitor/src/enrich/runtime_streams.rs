@@ -45,6 +45,16 @@ pub enum Action {
     Exec,
 }
 
+/// What one send gave the reader.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Read {
+    /// The container requests completed in it that the kernel did not read.
+    pub found: Vec<Found>,
+    /// It held bytes nothing could copy (`sendfile`, `splice`, memory the kernel could not
+    /// read) where a request could begin: not wholly in a body whose length was known.
+    pub unread: bool,
+}
+
 /// Where the reader is in one connection's stream.
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum State {
@@ -96,8 +106,8 @@ impl RuntimeStreams {
     }
 
     /// Buffer `buffer` of a send on connection `conn` of job `job`: `data`, the first bytes of
-    /// `len` sent (`None`: an unknown number of buffers past the kernel's copy). Returns the
-    /// container requests completed in it that the kernel did not read.
+    /// `len` sent (`None`: an unknown number of buffers past the kernel's copy; `data` empty
+    /// with `len` above 0: none could be copied).
     pub fn sent(
         &mut self,
         job: JobKey,
@@ -105,22 +115,23 @@ impl RuntimeStreams {
         buffer: u32,
         len: Option<u64>,
         data: &[u8],
-    ) -> Vec<Found> {
+    ) -> Read {
         let stream = self.conns.get_or_insert_with(conn, Stream::default);
-        let mut found = Vec::new();
+        let mut read = Read::default();
         let Some(len) = len else {
             stream.state = State::Lost;
-            return found;
+            return read;
         };
         if matches!(&stream.state, State::Head(h) if h.is_empty()) || stream.state == State::Lost {
             stream.kernel_window = if buffer == 0 { data.len() } else { 0 };
         }
-        feed(stream, data, job, &mut found);
+        feed(stream, data, job, &mut read.found);
         let gap = len.saturating_sub(data.len() as u64);
         if gap > 0 {
-            skip(stream, gap);
+            let in_body = skip(stream, gap);
+            read.unread = data.is_empty() && !in_body;
         }
-        found
+        read
     }
 }
 
@@ -231,15 +242,17 @@ fn take(left: &mut u64, data: &mut &[u8]) -> bool {
 }
 
 /// Bytes the kernel did not copy: a body's or chunk's as they should be; anywhere else the
-/// thread is lost.
-fn skip(stream: &mut Stream, gap: u64) {
-    stream.state = match stream.state {
-        State::Body(left) if gap < left => State::Body(left - gap),
-        State::Body(left) if gap == left => State::Head(Vec::new()),
-        State::ChunkData(left) if gap < left => State::ChunkData(left - gap),
-        _ => State::Lost,
+/// thread is lost. Whether they were all a body's or chunk's.
+fn skip(stream: &mut Stream, gap: u64) -> bool {
+    let (state, in_body) = match stream.state {
+        State::Body(left) if gap < left => (State::Body(left - gap), true),
+        State::Body(left) if gap == left => (State::Head(Vec::new()), true),
+        State::ChunkData(left) if gap < left => (State::ChunkData(left - gap), true),
+        _ => (State::Lost, false),
     };
+    stream.state = state;
     stream.kernel_window = 0;
+    in_body
 }
 
 fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
@@ -354,14 +367,16 @@ fn container_request(path: &str) -> Option<(String, Action)> {
 /// on the same bytes. A request read there is registered by the kernel; one read twice would
 /// leave a pending start by name for another container to take.
 fn kernel_reads(head: &[u8]) -> bool {
-    const PREFIX_LEN: usize = 32;
-    if head.len() < PREFIX_LEN + 2 || !head.starts_with(b"POST /") {
+    use runner_monitor_common::container::request::{
+        ATTACH, CONTAINERS, CONTAINERS_AT, EXEC, POST, PREFIX_LEN, START,
+    };
+    if head.len() < PREFIX_LEN + 2 || !head.starts_with(POST) {
         return false;
     }
-    let Some(id_at) = [5usize, 10, 11, 12]
+    let Some(id_at) = CONTAINERS_AT
         .into_iter()
-        .find(|&at| head[at..].starts_with(b"/containers/"))
-        .map(|at| at + "/containers/".len())
+        .find(|&at| head[at..].starts_with(CONTAINERS))
+        .map(|at| at + CONTAINERS.len())
     else {
         return false;
     };
@@ -371,9 +386,9 @@ fn kernel_reads(head: &[u8]) -> bool {
     let id = CONTAINER_ID_LEN;
     if tail.len() > id && tail[..id].iter().all(is_hex) {
         let suffix = &tail[id..];
-        if (suffix.starts_with(b"/start") && ends(id + 6))
-            || (suffix.starts_with(b"/attach") && ends(id + 7))
-            || (suffix.starts_with(b"/exec") && ends(id + 5))
+        if [&START[..], ATTACH, EXEC]
+            .iter()
+            .any(|action| suffix.starts_with(action) && ends(id + action.len()))
         {
             return true;
         }
@@ -387,8 +402,9 @@ fn kernel_reads(head: &[u8]) -> bool {
         return false;
     }
     let after = &tail[len..];
-    (after.starts_with(b"/start") && ends(len + 6))
-        || (after.starts_with(b"/exec") && ends(len + 5))
+    [&START[..], EXEC]
+        .iter()
+        .any(|action| after.starts_with(action) && ends(len + action.len()))
 }
 
 #[cfg(test)]
@@ -411,7 +427,7 @@ mod tests {
         let mut streams = RuntimeStreams::default();
         pieces
             .iter()
-            .flat_map(|p| streams.sent(JOB, 1, 0, Some(p.len() as u64), p))
+            .flat_map(|p| streams.sent(JOB, 1, 0, Some(p.len() as u64), p).found)
             .collect()
     }
 
@@ -494,7 +510,7 @@ mod tests {
     fn a_request_in_a_later_buffer_of_a_send_is_found() {
         let mut streams = RuntimeStreams::default();
         let line = b"POST /containers/web/start HTTP/1.1\r\n\r\n";
-        let found = streams.sent(JOB, 1, 1, Some(line.len() as u64), line);
+        let found = streams.sent(JOB, 1, 1, Some(line.len() as u64), line).found;
         assert_eq!(found, vec![start("web")]);
     }
 
@@ -505,14 +521,20 @@ mod tests {
         assert!(
             streams
                 .sent(JOB, 1, 0, Some(head.len() as u64), head)
+                .found
                 .is_empty()
         );
         // 1000 body bytes sent, 10 copied.
-        assert!(streams.sent(JOB, 1, 0, Some(1000), &[b'x'; 10]).is_empty());
+        assert!(
+            streams
+                .sent(JOB, 1, 0, Some(1000), &[b'x'; 10])
+                .found
+                .is_empty()
+        );
         // The next request, in a send's second buffer (the kernel reads only the first).
         let line = b"POST /containers/web/start HTTP/1.1\r\n\r\n";
         assert_eq!(
-            streams.sent(JOB, 1, 1, Some(line.len() as u64), line),
+            streams.sent(JOB, 1, 1, Some(line.len() as u64), line).found,
             vec![start("web")]
         );
         // A send whose uncopied part goes past the body: lost, then picked up again at the
@@ -520,13 +542,21 @@ mod tests {
         assert!(
             streams
                 .sent(JOB, 1, 0, Some(head.len() as u64), head)
+                .found
                 .is_empty()
         );
-        assert!(streams.sent(JOB, 1, 0, Some(2000), &[b'x'; 10]).is_empty());
+        assert!(
+            streams
+                .sent(JOB, 1, 0, Some(2000), &[b'x'; 10])
+                .found
+                .is_empty()
+        );
         let mut resumed = b"junk\r\n".to_vec();
         resumed.extend_from_slice(line);
         assert_eq!(
-            streams.sent(JOB, 1, 0, Some(resumed.len() as u64), &resumed),
+            streams
+                .sent(JOB, 1, 0, Some(resumed.len() as u64), &resumed)
+                .found,
             vec![start("web")]
         );
     }
@@ -544,15 +574,60 @@ mod tests {
     #[test]
     fn a_new_connection_on_the_same_descriptor_starts_afresh() {
         let mut streams = RuntimeStreams::default();
-        assert!(streams.sent(JOB, 1, 0, Some(8), b"POST /co").is_empty());
+        assert!(
+            streams
+                .sent(JOB, 1, 0, Some(8), b"POST /co")
+                .found
+                .is_empty()
+        );
         streams.connected(1);
         let whole = format!("POST /containers/{ID}/start HTTP/1.1\r\n\r\n");
         // Read by the kernel where it was sent: not found again.
         assert!(
             streams
                 .sent(JOB, 1, 0, Some(whole.len() as u64), whole.as_bytes())
+                .found
                 .is_empty()
         );
+    }
+
+    #[test]
+    fn bytes_nothing_could_copy_are_unread_unless_a_body_holds_them() {
+        let mut streams = RuntimeStreams::default();
+        // Between requests: a request could be among them.
+        assert_eq!(
+            streams.sent(JOB, 1, 0, Some(100), b""),
+            Read {
+                found: vec![],
+                unread: true
+            }
+        );
+        // Lost: so could one.
+        assert!(streams.sent(JOB, 1, 0, Some(100), b"").unread);
+        // Picked up again at a request (in a later buffer: the kernel did not read it).
+        let line = b"POST /containers/web/start HTTP/1.1\r\n\r\n";
+        assert_eq!(
+            streams.sent(JOB, 1, 1, Some(line.len() as u64), line).found,
+            vec![start("web")]
+        );
+        // A body sent from a file: its length is known, nothing can hide there.
+        let head = b"POST /images/load HTTP/1.1\r\nContent-Length: 5000\r\n\r\n";
+        assert!(
+            !streams
+                .sent(JOB, 1, 0, Some(head.len() as u64), head)
+                .unread
+        );
+        assert!(!streams.sent(JOB, 1, 0, Some(5000), b"").unread);
+        // Past the body's end: unread.
+        assert!(
+            !streams
+                .sent(JOB, 1, 0, Some(head.len() as u64), head)
+                .unread
+        );
+        assert!(streams.sent(JOB, 1, 0, Some(5001), b"").unread);
+        // Bytes copied in part (a long buffer): skipped as today, not unread.
+        let mut streams = RuntimeStreams::default();
+        assert!(!streams.sent(JOB, 1, 0, Some(2000), &[b'x'; 512]).unread);
     }
 
     #[test]

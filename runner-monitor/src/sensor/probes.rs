@@ -247,6 +247,18 @@ pub(super) const PROBES: &[Probe] = &[
     },
     Probe {
         sensor: "containers",
+        program: "enter_sendfile",
+        hooks: &[Tp("syscalls", "sys_enter_sendfile64")],
+        required: false,
+    },
+    Probe {
+        sensor: "containers",
+        program: "enter_splice",
+        hooks: &[Tp("syscalls", "sys_enter_splice")],
+        required: false,
+    },
+    Probe {
+        sensor: "containers",
         program: "cgroup_mkdir",
         hooks: &[Tp("cgroup", "cgroup_mkdir")],
         required: false,

@@ -94,6 +94,30 @@ fn main() {
         "sendmsg" => send(num(1), Send::Msg),
         "sendmmsg" => send(num(1), Send::Mmsg),
         "uring" => uring(num(1)),
+        "sendfile" => {
+            // 1 byte of a file to /dev/null, from offset 0 each time.
+            let n = num(1);
+            let file = std::env::temp_dir().join(format!("bench-sendfile-{}", std::process::id()));
+            std::fs::write(&file, b"x").expect("sendfile source");
+            let from = std::fs::File::open(&file).expect("sendfile source");
+            std::fs::remove_file(&file).ok();
+            let null = std::fs::OpenOptions::new()
+                .write(true)
+                .open("/dev/null")
+                .expect("/dev/null");
+            let (from, to) = (
+                std::os::fd::AsRawFd::as_raw_fd(&from),
+                std::os::fd::AsRawFd::as_raw_fd(&null),
+            );
+            let start = Instant::now();
+            for _ in 0..n {
+                let mut offset: libc::off_t = 0;
+                // SAFETY: two open fds and a live offset.
+                let sent = unsafe { libc::sendfile(to, from, &mut offset, 1) };
+                assert_eq!(sent, 1, "sendfile failed");
+            }
+            per_op(start, n);
+        }
         "writev" => {
             let n = num(1);
             let null = std::fs::OpenOptions::new()

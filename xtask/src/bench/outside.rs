@@ -3,10 +3,10 @@
 //! runs on it: the cost every syscall pays once the agent's syscall tracepoints are enabled),
 //! `write` of 1 byte to /dev/null (too short to be a Docker API request: the probes' first test),
 //! of 64 bytes (long enough: the probes look the fd up), `sendto`, `sendmsg` and `sendmmsg` of 1
-//! byte on a unix datagram socket (received by its peer), `writev` of one 64-byte buffer, and
-//! io_uring `WRITE` requests of 64 bytes (16 per submission). The container probes
-//! (`sys_enter_write`, `sys_enter_sendto`, `enter_writev`, `enter_sendmsg`, `enter_sendmmsg`,
-//! and on io_uring's request tracepoint `io_uring_send_req` beside `io_uring_submit_req`) run on
+//! byte on a unix datagram socket (received by its peer), `writev` of one 64-byte buffer,
+//! io_uring `WRITE` requests of 64 bytes (16 per submission), and `sendfile` of 1 byte of a file
+//! to /dev/null. The container probes (`sys_enter_write`, `sys_enter_sendto`, `enter_writev`,
+//! `enter_sendmsg`, `enter_sendmmsg`, `enter_sendfile`, and on io_uring's request tracepoint `io_uring_send_req` beside `io_uring_submit_req`) run on
 //! every such call on the host, looking for a job's Docker API requests; this is what they cost
 //! everyone else. Then, with `kernel.bpf_stats_enabled`, the probes' own run time per call. The
 //! floor enables syscall tracepoints only: for io_uring it shows what they cost the submission
@@ -25,21 +25,22 @@ use super::{
 };
 
 const MODES: [&str; 3] = ["off", "floor", "on"];
-const CASES: [&str; 8] = [
-    "getppid", "write", "write64", "sendto", "writev", "sendmsg", "sendmmsg", "uring",
+const CASES: [&str; 9] = [
+    "getppid", "write", "write64", "sendto", "writev", "sendmsg", "sendmmsg", "uring", "sendfile",
 ];
 /// The cases a container probe runs on (all but `getppid`).
-const SENDS: [&str; 7] = [
-    "write", "write64", "sendto", "writev", "sendmsg", "sendmmsg", "uring",
+const SENDS: [&str; 8] = [
+    "write", "write64", "sendto", "writev", "sendmsg", "sendmmsg", "uring", "sendfile",
 ];
 /// The tracepoints the floor enables.
-const FLOOR: [&str; 6] = [
+const FLOOR: [&str; 7] = [
     "sys_enter_getppid",
     "sys_enter_write",
     "sys_enter_sendto",
     "sys_enter_writev",
     "sys_enter_sendmsg",
     "sys_enter_sendmmsg",
+    "sys_enter_sendfile64",
 ];
 
 /// `bench-workload ARGS` run directly, not as a job: ns per operation.
@@ -65,7 +66,7 @@ fn outside(args: &[String]) -> anyhow::Result<f64> {
 fn is_send_probe(name: &str) -> bool {
     matches!(
         name,
-        "sys_enter_write" | "enter_writev" | "enter_sendmsg" | "enter_sendmmsg"
+        "sys_enter_write" | "enter_writev" | "enter_sendmsg" | "enter_sendmmsg" | "enter_sendfile"
     ) || name.starts_with("sys_enter_sendt")
         || name.starts_with("io_uring_s")
 }

@@ -228,6 +228,26 @@ pub(super) fn event(engine: &mut Engine, event: &Event, out: &mut Vec<Finding>) 
             });
             out.push(f);
         }
+        EventDetail::RuntimeUnread { socket, via, bytes } if event.job.is_some() => {
+            let socket = socket
+                .as_deref()
+                .unwrap_or("a container runtime's API socket");
+            let mut f = engine.raise(
+                RuleId::AgentTamper,
+                event,
+                format!(
+                    "sent {bytes} bytes to {socket} by {} that the monitor cannot read: a \
+                     container request among them would not be attributed to the job",
+                    via.as_str()
+                ),
+            );
+            f.target = Some(TargetProcess {
+                pid: 0,
+                exe: None,
+                access: format!("{} to {socket}", via.as_str()),
+            });
+            out.push(f);
+        }
         EventDetail::SensorStatus(status)
             if status.lost_events > 0 || !status.detached_probes.is_empty() =>
         {

@@ -2,7 +2,7 @@
 //! them name the container.
 
 use super::*;
-use crate::event::ContainerInfo;
+use crate::event::{ContainerInfo, SentVia};
 
 fn container(cgroup_id: u64) -> ContainerInfo {
     ContainerInfo {
@@ -203,4 +203,46 @@ fn a_credential_is_known_by_the_path_used_when_its_host_path_says_nothing() {
         "{json:#}"
     );
     assert_eq!(kinds.len(), 3, "{json:#}");
+}
+
+#[test]
+fn bytes_sent_to_the_docker_api_that_the_monitor_cannot_read_are_tampering() {
+    let mut t = Trace::new();
+    t.start(1, 7, 100, "acme/app");
+    t.feed(
+        2,
+        7,
+        100,
+        1,
+        "python3",
+        EventDetail::RuntimeUnread {
+            socket: Some("/var/run/docker.sock".into()),
+            via: SentVia::Sendfile,
+            bytes: 93,
+        },
+    );
+    let f = t.only(RuleId::AgentTamper);
+    assert!(f.summary.ends_with(
+        "sent 93 bytes to /var/run/docker.sock by sendfile that the monitor cannot read: a \
+         container request among them would not be attributed to the job"
+    ));
+    assert_eq!(
+        f.target.as_ref().unwrap().access,
+        "sendfile to /var/run/docker.sock"
+    );
+    // Outside jobs: nothing (the kernel sends these for job connections only).
+    let mut t = Trace::new();
+    t.feed(
+        2,
+        0,
+        300,
+        1,
+        "dockerd",
+        EventDetail::RuntimeUnread {
+            socket: None,
+            via: SentVia::Splice,
+            bytes: 10,
+        },
+    );
+    assert!(t.rules().is_empty());
 }

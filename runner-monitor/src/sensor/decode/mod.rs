@@ -17,13 +17,13 @@ use runner_monitor_common::{
     ProcessAccessEvent, SIGNAL_SYSCALL_KILL, SIGNAL_SYSCALL_NR, SIGNAL_SYSCALL_TGKILL,
     SIGNAL_SYSCALL_TKILL, SOCK_RAW, SignalEvent, TLS_BLOCKED, TLS_NO_SNI, TLS_SNI_TRUNCATED,
     TlsEvent, container,
-    container::{RUNTIME_SENT_MORE, RuntimeSentEvent},
+    container::{RUNTIME_SENT_MORE, RuntimeSentEvent, SENT_BY_SENDFILE, SENT_BY_SPLICE},
 };
 
 use super::{dns, paths::WorkingDirectories};
 use crate::event::{
     Connect, ContainerInfo, Event, EventDetail, FileAccess, JobKey, JobRef, ProcessRef, RawSocket,
-    RawSocketKind, RequestedAs, SentBytes, SocketFamily, TlsHello,
+    RawSocketKind, RequestedAs, SentBytes, SentVia, SocketFamily, TlsHello,
 };
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -296,9 +296,14 @@ impl Decoder {
                 let captured = (e.captured as usize).min(e.data.len());
                 EventDetail::RuntimeSent {
                     conn: e.conn,
-                    buffer: e.buffer,
+                    buffer: u32::from(e.buffer),
                     len: (e.len != RUNTIME_SENT_MORE).then_some(e.len),
                     data: SentBytes(e.data[..captured].to_vec()),
+                    via: match e.via {
+                        SENT_BY_SENDFILE => SentVia::Sendfile,
+                        SENT_BY_SPLICE => SentVia::Splice,
+                        _ => SentVia::Buffer,
+                    },
                 }
             }
             EventKind::Chdir => {
