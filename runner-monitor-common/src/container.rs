@@ -28,6 +28,9 @@ pub const SENT_BY_BUFFER: u16 = 0;
 pub const SENT_BY_SENDFILE: u16 = 1;
 /// `splice`: from a pipe, nothing the kernel programs can copy.
 pub const SENT_BY_SPLICE: u16 = 2;
+/// The marker (`RUNTIME_SENT_MORE`) of a `sendmmsg`'s messages after its first: none is read,
+/// and no HTTP client sends a stream's requests as several messages of one call.
+pub const SENT_BY_SENDMMSG: u16 = 3;
 
 /// The Docker API request line the kernel reads where a send's first buffer begins
 /// (`runner-monitor-ebpf/src/runtime_requests.rs` and `container_refs.rs`); the agent mirrors
@@ -242,7 +245,8 @@ pub struct RuntimeSentEvent {
     /// The buffer's index in its send (0 for a `write`, the iovec's for a `writev`).
     pub buffer: u16,
     /// How the bytes were sent: `SENT_BY_BUFFER`, or `SENT_BY_SENDFILE`/`SENT_BY_SPLICE`
-    /// (from a file or a pipe: no buffer to copy, `captured` is 0).
+    /// (from a file or a pipe: no buffer to copy, `captured` is 0), or `SENT_BY_SENDMMSG` (the
+    /// marker of a `sendmmsg`'s later messages).
     pub via: u16,
     pub data: [u8; RUNTIME_SENT_BYTES],
 }

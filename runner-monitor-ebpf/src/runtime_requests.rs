@@ -20,7 +20,7 @@ use runner_monitor_common::{
     CONTAINER_ID_LEN, EventKind, ExecTarget, ProcessJob,
     container::{
         RUNTIME_SENT_BYTES, RUNTIME_SENT_MORE, RuntimeSentEvent, SENT_BY_BUFFER, SENT_BY_SENDFILE,
-        SENT_BY_SPLICE,
+        SENT_BY_SENDMMSG, SENT_BY_SPLICE,
         request::{ATTACH, CONTAINERS, CONTAINERS_AT, EXEC, POST, PREFIX_LEN, START},
     },
     counter,
@@ -364,12 +364,13 @@ pub fn enter_sendmmsg(ctx: TracePointContext) -> u32 {
     if messages > 1 {
         let fd = syscall_arg_direct(&ctx, 0);
         if let Some(job) = job_socket(fd) {
-            stream(
+            sent_record(
                 Socket::Fd(fd),
                 job,
                 0,
                 RUNTIME_SENT_MORE,
                 STREAM_BUFFERS as u32 + 1,
+                SENT_BY_SENDMMSG,
             );
         }
     }

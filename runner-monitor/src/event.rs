@@ -169,8 +169,8 @@ pub enum EventDetail {
         /// The runtime's socket, when known.
         socket: Option<String>,
         via: SentVia,
-        /// Bytes sent that way.
-        bytes: u64,
+        /// Bytes sent that way (`None`: a `sendmmsg`'s later messages, of unknown length).
+        bytes: Option<u64>,
     },
     /// A job process set up an io_uring instance: what it submits there makes no syscall, and
     /// only some of it is seen (docs/sensors.md, "io_uring").
@@ -354,6 +354,8 @@ pub enum SentVia {
     Buffer,
     Sendfile,
     Splice,
+    /// A `sendmmsg`'s messages after its first (none read: their length is unknown).
+    Sendmmsg,
 }
 
 impl SentVia {
@@ -362,6 +364,7 @@ impl SentVia {
             SentVia::Buffer => "write",
             SentVia::Sendfile => "sendfile",
             SentVia::Splice => "splice",
+            SentVia::Sendmmsg => "sendmmsg",
         }
     }
 }

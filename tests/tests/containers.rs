@@ -242,6 +242,8 @@ fn a_container_a_job_starts_through_the_docker_api_with_curl() {
 /// Start requests sent with `writev`, `sendmsg` and `sendmmsg` (Node's libuv writes a request of
 /// several buffers with `writev`; other clients use `sendmsg`; `sendmmsg` is one more way), each
 /// split in two buffers: the request line, then the headers. All three containers are the job's.
+/// A start in a `sendmmsg`'s second message (no message after the first is read, and no HTTP
+/// client sends so) raises `agent-tamper` for the job.
 #[test]
 fn a_start_request_sent_with_writev_sendmsg_or_sendmmsg_is_the_jobs() {
     let agent = agent();
@@ -274,19 +276,31 @@ else:
     class Mmsghdr(ctypes.Structure):
         _fields_ = [("hdr", Msghdr), ("len", ctypes.c_uint32)]
     iov = (Iovec * 2)(*[Iovec(p, len(p)) for p in parts])
-    msg = Mmsghdr(Msghdr(None, 0, iov, 2, None, 0, 0), 0)
+    msgs = [Mmsghdr(Msghdr(None, 0, iov, 2, None, 0, 0), 0)]
+    if how == "sendmmsg-later":
+        # The start in a second message, after a ping: the kernel reads only the first.
+        ping = b"GET /_ping HTTP/1.1\r\nHost: docker\r\n\r\n"
+        first = (Iovec * 1)(Iovec(ping, len(ping)))
+        msgs.insert(0, Mmsghdr(Msghdr(None, 0, first, 1, None, 0, 0), 0))
+    vec = (Mmsghdr * len(msgs))(*msgs)
     libc = ctypes.CDLL(None, use_errno=True)
-    if libc.sendmmsg(s.fileno(), ctypes.byref(msg), 1, 0) != 1:
+    if libc.sendmmsg(s.fileno(), vec, len(msgs), 0) != len(msgs):
         sys.exit(f"sendmmsg: errno {ctypes.get_errno()}")
-answer = s.recv(4096)
-sys.exit(0 if answer.startswith(b"HTTP/1.1 204") else f"{how}: {answer[:40]!r}")
+s.settimeout(20)
+answer = b""
+while b"HTTP/1.1 204" not in answer:
+    chunk = s.recv(4096)
+    if not chunk:
+        break
+    answer += chunk
+sys.exit(0 if b"HTTP/1.1 204" in answer else f"{how}: {answer[-40:]!r}")
 "#,
     )
     .unwrap();
     let socket = docker.socket.display();
     let api = format!("curl -sf --unix-socket {socket}");
     let mut step = String::new();
-    for how in ["writev", "sendmsg", "sendmmsg"] {
+    for how in ["writev", "sendmsg", "sendmmsg", "sendmmsg-later"] {
         step += &format!(
             "{create}\n\
              python3 {script} {socket} {how} $id\n\
@@ -304,6 +318,17 @@ sys.exit(0 if answer.startswith(b"HTTP/1.1 204") else f"{how}: {answer[:40]!r}")
         });
         assert_container(&harvest, Some(&name));
     }
+    let tamper = wait_alert(agent, "agent-tamper", &id, |a| {
+        a["target"]["access"]
+            .as_str()
+            .is_some_and(|t| t.starts_with("sendmmsg to "))
+    });
+    assert!(
+        tamper["summary"]
+            .as_str()
+            .is_some_and(|s| s.contains("sent messages to")),
+        "{tamper}"
+    );
     assert_no_secret(agent);
 }
 

@@ -15,7 +15,7 @@ use super::{
 use crate::{
     bounded::BoundedMap,
     docker_api,
-    event::{Bind, ContainerInfo, Event, EventDetail, SocketFamily},
+    event::{Bind, ContainerInfo, Event, EventDetail, SentVia, SocketFamily},
     job::JobDirectory,
     policy::Policy,
 };
@@ -91,12 +91,13 @@ impl ContainerNamer {
                 via,
             } => {
                 let read = self.streams.sent(job, *conn, *buffer, *len, &data.0);
-                if read.unread {
+                // A `sendmmsg`'s later messages: no HTTP client sends so, and none is read.
+                if read.unread || *via == SentVia::Sendmmsg {
                     // Judged (agent-tamper): a request there would not be the job's.
                     event.detail = EventDetail::RuntimeUnread {
                         socket: jobs.docker_socket(job).map(str::to_owned),
                         via: *via,
-                        bytes: len.unwrap_or_default(),
+                        bytes: *len,
                     };
                     return;
                 }

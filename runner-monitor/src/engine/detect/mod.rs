@@ -232,12 +232,16 @@ pub(super) fn event(engine: &mut Engine, event: &Event, out: &mut Vec<Finding>) 
             let socket = socket
                 .as_deref()
                 .unwrap_or("a container runtime's API socket");
+            let what = match bytes {
+                Some(n) => format!("{n} bytes"),
+                None => "messages".to_owned(),
+            };
             let mut f = engine.raise(
                 RuleId::AgentTamper,
                 event,
                 format!(
-                    "sent {bytes} bytes to {socket} by {} that the monitor cannot read: a \
-                     container request among them would not be attributed to the job",
+                    "sent {what} to {socket} by {} that the monitor cannot read: a container \
+                     request among them would not be attributed to the job",
                     via.as_str()
                 ),
             );

@@ -218,7 +218,7 @@ fn bytes_sent_to_the_docker_api_that_the_monitor_cannot_read_are_tampering() {
         EventDetail::RuntimeUnread {
             socket: Some("/var/run/docker.sock".into()),
             via: SentVia::Sendfile,
-            bytes: 93,
+            bytes: Some(93),
         },
     );
     let f = t.only(RuleId::AgentTamper);
@@ -230,6 +230,24 @@ fn bytes_sent_to_the_docker_api_that_the_monitor_cannot_read_are_tampering() {
         f.target.as_ref().unwrap().access,
         "sendfile to /var/run/docker.sock"
     );
+    // A `sendmmsg`'s later messages: their length is unknown.
+    t.feed(
+        3,
+        7,
+        100,
+        1,
+        "python3",
+        EventDetail::RuntimeUnread {
+            socket: Some("/var/run/docker.sock".into()),
+            via: SentVia::Sendmmsg,
+            bytes: None,
+        },
+    );
+    assert!(t.findings.iter().any(|f| {
+        f.rule == RuleId::AgentTamper
+            && f.summary
+                .contains("sent messages to /var/run/docker.sock by sendmmsg")
+    }));
     // Outside jobs: nothing (the kernel sends these for job connections only).
     let mut t = Trace::new();
     t.feed(
@@ -241,7 +259,7 @@ fn bytes_sent_to_the_docker_api_that_the_monitor_cannot_read_are_tampering() {
         EventDetail::RuntimeUnread {
             socket: None,
             via: SentVia::Splice,
-            bytes: 10,
+            bytes: Some(10),
         },
     );
     assert!(t.rules().is_empty());

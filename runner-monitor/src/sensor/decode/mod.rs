@@ -17,7 +17,9 @@ use runner_monitor_common::{
     ProcessAccessEvent, SIGNAL_SYSCALL_KILL, SIGNAL_SYSCALL_NR, SIGNAL_SYSCALL_TGKILL,
     SIGNAL_SYSCALL_TKILL, SOCK_RAW, SignalEvent, TLS_BLOCKED, TLS_NO_SNI, TLS_SNI_TRUNCATED,
     TlsEvent, container,
-    container::{RUNTIME_SENT_MORE, RuntimeSentEvent, SENT_BY_SENDFILE, SENT_BY_SPLICE},
+    container::{
+        RUNTIME_SENT_MORE, RuntimeSentEvent, SENT_BY_SENDFILE, SENT_BY_SENDMMSG, SENT_BY_SPLICE,
+    },
 };
 
 use super::{dns, paths::WorkingDirectories};
@@ -302,6 +304,7 @@ impl Decoder {
                     via: match e.via {
                         SENT_BY_SENDFILE => SentVia::Sendfile,
                         SENT_BY_SPLICE => SentVia::Splice,
+                        SENT_BY_SENDMMSG => SentVia::Sendmmsg,
                         _ => SentVia::Buffer,
                     },
                 }
