@@ -15,8 +15,12 @@ pub const MAX_UNIX_CONNS: u32 = 4096;
 /// `tgid % 64` of word `tgid / 64`): room for every pid up to Linux's highest `pid_max` (2^22).
 pub const RUNTIME_TGID_WORDS: u32 = 1 << 16;
 /// Bytes of one buffer a job sends on a runtime connection that the kernel copies for the agent
-/// (`RuntimeSentEvent`); the rest of a longer buffer is a gap the agent skips as a body.
-pub const RUNTIME_SENT_BYTES: usize = 512;
+/// (`RuntimeSentEvent`); the rest of a longer buffer is a gap the agent skips as a body, or
+/// reports where a request could hide. 8 KiB holds any head a Docker client sends in one buffer
+/// (Go's client writes through a 4 KiB buffer; docker-py sends a head whole, with a registry's
+/// `X-Registry-Auth`, ECR's over 4 KiB).
+pub const RUNTIME_SENT_BYTES: usize = 8192;
+const _: () = assert!(RUNTIME_SENT_BYTES.is_power_of_two());
 /// `RuntimeSentEvent::len` of the marker sent after the last buffer read of a send with more
 /// buffers than the kernel reads: the stream has a gap of unknown length there.
 pub const RUNTIME_SENT_MORE: u64 = u64::MAX;

@@ -177,6 +177,13 @@ fn sent_record(socket: Socket, job: u64, buf: u64, len: u64, buffer: u32, via: u
     if !crate::budget::within_budget(job, EventKind::RuntimeSent as u32) {
         return;
     }
+    let n = if buf == 0 {
+        0
+    } else if len > RUNTIME_SENT_BYTES as u64 {
+        RUNTIME_SENT_BYTES as u32
+    } else {
+        len as u32
+    };
     let conn = match socket {
         Socket::Fd(fd) => (u64::from(current_tgid()) << 32) | (fd & 0xffff_ffff),
         Socket::File(file) => file,
@@ -198,25 +205,32 @@ fn sent_record(socket: Socket, job: u64, buf: u64, len: u64, buffer: u32, via: u
     e.buffer = buffer as u16;
     e.via = via;
     e.captured = 0;
-    let n = if len > RUNTIME_SENT_BYTES as u64 {
-        RUNTIME_SENT_BYTES as u32
-    } else {
-        len as u32
-    };
-    if n > 0 && buf != 0 {
-        // SAFETY: a checked read of user memory into the scratch, `n` within its buffer.
-        let read = unsafe {
-            generated::bpf_probe_read_user(e.data.as_mut_ptr().cast(), n, buf as *const _)
+    if n > 0 {
+        // VERIFIER: 6.1's verifier loses the bound above at 8 KiB. Read back from memory
+        // (volatile: the compiler knows nothing of it, so keeps the mask), `n` is in
+        // 1..=RUNTIME_SENT_BYTES (a power of two) where the helper takes it, and unchanged.
+        // SAFETY: a field of this CPU's scratch.
+        let n = unsafe {
+            core::ptr::write_volatile(&mut e.captured, n);
+            core::ptr::read_volatile(&e.captured)
         };
-        if read == 0 {
-            e.captured = n;
+        e.captured = 0;
+        if n != 0 {
+            let n = ((n - 1) & (RUNTIME_SENT_BYTES as u32 - 1)) + 1;
+            // SAFETY: a checked read of user memory into the scratch, `n` within its buffer.
+            let read = unsafe {
+                generated::bpf_probe_read_user(e.data.as_mut_ptr().cast(), n, buf as *const _)
+            };
+            if read == 0 {
+                e.captured = n;
+            }
         }
     }
     send_runtime_sent(e);
 }
 
 /// A `RuntimeSentEvent` is built here and sent cut after the bytes read (`send_runtime_sent`):
-/// most sends are far shorter than the 512 bytes kept.
+/// most sends are far shorter than the 8 KiB kept.
 #[map]
 static SENT_SCRATCH: PerCpuArray<RuntimeSentEvent> = PerCpuArray::with_max_entries(1, 0);
 

@@ -117,6 +117,20 @@ impl Docker {
 
 /// A tar of a rootfs holding Debian's static busybox and a few applets, made in `dir`, for an
 /// engine to import as `IMAGE`.
+/// Python for a test script that sent a start request on its Docker socket `s`: reads what the
+/// daemon answers until its 204 (or the end, or 20 s) and returns it.
+pub const PY_AWAIT_START: &str = r#"
+def await_start(s):
+    s.settimeout(20)
+    answer = b""
+    while b"HTTP/1.1 204" not in answer:
+        chunk = s.recv(4096)
+        if not chunk:
+            break
+        answer += chunk
+    return answer
+"#;
+
 pub fn busybox_rootfs(dir: &Path) -> PathBuf {
     let root = dir.join("rootfs");
     for sub in ["bin", "proc", "sys", "dev", "etc", "tmp", "h"] {

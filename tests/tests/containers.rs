@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use integration_tests::{
     TestEnv,
-    docker::{Docker, IMAGE, assert_container, docker_run, read_three_kinds},
+    docker::{Docker, IMAGE, PY_AWAIT_START, assert_container, docker_run, read_three_kinds},
     live::{agent, alerts, assert_no_secret, github_job, run_id, wait_alert},
 };
 
@@ -253,7 +253,9 @@ fn a_start_request_sent_with_writev_sendmsg_or_sendmmsg_is_the_jobs() {
     let script = env.dir.join("start.py");
     std::fs::write(
         &script,
-        r#"import os, socket, sys
+        [
+            PY_AWAIT_START,
+            r#"import os, socket, sys
 path, how, cid = sys.argv[1:]
 s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
 s.connect(path)
@@ -286,15 +288,11 @@ else:
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.sendmmsg(s.fileno(), vec, len(msgs), 0) != len(msgs):
         sys.exit(f"sendmmsg: errno {ctypes.get_errno()}")
-s.settimeout(20)
-answer = b""
-while b"HTTP/1.1 204" not in answer:
-    chunk = s.recv(4096)
-    if not chunk:
-        break
-    answer += chunk
+answer = await_start(s)
 sys.exit(0 if b"HTTP/1.1 204" in answer else f"{how}: {answer[-40:]!r}")
 "#,
+        ]
+        .concat(),
     )
     .unwrap();
     let socket = docker.socket.display();

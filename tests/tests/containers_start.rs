@@ -5,7 +5,7 @@
 
 use integration_tests::{
     TestEnv,
-    docker::{Docker, IMAGE, assert_container, read_three_kinds},
+    docker::{Docker, IMAGE, PY_AWAIT_START, assert_container, read_three_kinds},
     live::{agent, assert_no_secret, github_job, run_id, wait_alert},
 };
 
@@ -362,13 +362,14 @@ fn containers_a_job_starts_through_io_uring_are_the_job() {
 }
 
 /// Start requests the kernel cannot read where they are sent, each from a job step: the request
-/// line cut across two writes (by id, and by name), pipelined after a ping in one write, in the
-/// second buffer of a `writev` after a ping, and with its id percent-encoded (the daemon routes
-/// the decoded path). The agent follows the job's stream and registers each container before
-/// the daemon makes it: every one is the job's. The pings carry the canary credential in a
-/// header, as a registry password would be: it is in no output. Starts sent from a file
-/// (`sendfile`) or a pipe (`splice`), which nothing can copy, are the job hiding from the
-/// monitor: `agent-tamper` for the job, naming the call.
+/// line cut across two writes (by id, and by name), pipelined after a ping in one write (and
+/// after a ping whose head is 3 KB long), in the second buffer of a `writev` after a ping, and
+/// with its id percent-encoded (the daemon routes the decoded path). The agent follows the
+/// job's stream and registers each container before the daemon makes it: every one is the
+/// job's. The pings carry the canary credential in a header, as a registry password would be:
+/// it is in no output. Starts sent from a file (`sendfile`) or a pipe (`splice`), which nothing
+/// can copy, or pipelined past the kernel's copy of a buffer (after a 9 KB head), are the job
+/// hiding from the monitor: `agent-tamper` for the job, naming the call.
 #[test]
 fn start_requests_the_kernel_cannot_read_where_they_are_sent_are_the_jobs() {
     let agent = agent();
@@ -378,7 +379,9 @@ fn start_requests_the_kernel_cannot_read_where_they_are_sent_are_the_jobs() {
     let script = env.dir.join("start.py");
     std::fs::write(
         &script,
-        r#"import os, socket, sys, time
+        [
+            PY_AWAIT_START,
+            r#"import os, socket, sys, time
 path, how, ref, credentials = sys.argv[1:]
 canary = open(credentials).read().split("= ")[1].strip()
 s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -395,6 +398,10 @@ if how in ("cut", "cut-name"):
     s.send(start[20:])
 elif how == "pipelined":
     s.send(ping + start)
+elif how in ("long-ping", "padded"):
+    # A head longer than the kernel copied before (512 bytes), or than it copies (8 KiB).
+    pad = 3000 if how == "long-ping" else 9000
+    s.send(ping[:-2] + b"X-Pad: " + b"a" * pad + b"\r\n\r\n" + start)
 elif how == "later":
     os.writev(s.fileno(), [ping, start])
 elif how == "sendfile":
@@ -409,19 +416,24 @@ elif how == "splice":
     os.splice(r, s.fileno(), len(start))
 else:
     s.send(start)
-s.settimeout(20)
-answer = b""
-while b"HTTP/1.1 204" not in answer:
-    chunk = s.recv(4096)
-    if not chunk:
-        break
-    answer += chunk
+answer = await_start(s)
 print(f"started {how}" if b"HTTP/1.1 204" in answer else f"{how}: {answer[-80:]!r}")
 "#,
+        ]
+        .concat(),
     )
     .unwrap();
-    let hows = ["cut", "cut-name", "pipelined", "later", "encoded"];
-    let hidden = ["sendfile", "splice"];
+    let hows = [
+        "cut",
+        "cut-name",
+        "pipelined",
+        "long-ping",
+        "later",
+        "encoded",
+    ];
+    let hidden = ["sendfile", "splice", "padded"];
+    // The calls the agent-tamper findings name.
+    let calls = ["sendfile", "splice", "write"];
     let answers = env.dir.join("answers");
     let mut step = String::new();
     for how in hows.iter().chain(&hidden) {
@@ -460,11 +472,11 @@ print(f"started {how}" if b"HTTP/1.1 204" in answer else f"{how}: {answer[-80:]!
         });
         assert_container(&harvest, Some(&name));
     }
-    for how in hidden {
+    for call in calls {
         let tamper = wait_alert(agent, "agent-tamper", &id, |a| {
             a["target"]["access"]
                 .as_str()
-                .is_some_and(|t| t.starts_with(&format!("{how} to ")))
+                .is_some_and(|t| t.starts_with(&format!("{call} to ")))
         });
         let summary = tamper["summary"].as_str().unwrap_or_default();
         assert!(summary.contains("cannot read"), "{tamper}");

@@ -15,7 +15,7 @@ use super::{
 use crate::{
     bounded::BoundedMap,
     docker_api,
-    event::{Bind, ContainerInfo, Event, EventDetail, SentVia, SocketFamily},
+    event::{Bind, ContainerInfo, Event, EventDetail, SocketFamily},
     job::JobDirectory,
     policy::Policy,
 };
@@ -90,17 +90,8 @@ impl ContainerNamer {
                 data,
                 via,
             } => {
-                let read = self.streams.sent(job, *conn, *buffer, *len, &data.0);
-                // A `sendmmsg`'s later messages: no HTTP client sends so, and none is read.
-                if read.unread || *via == SentVia::Sendmmsg {
-                    // Judged (agent-tamper): a request there would not be the job's.
-                    event.detail = EventDetail::RuntimeUnread {
-                        socket: jobs.docker_socket(job).map(str::to_owned),
-                        via: *via,
-                        bytes: *len,
-                    };
-                    return;
-                }
+                let (via, len) = (*via, *len);
+                let read = self.streams.sent(job, *conn, *buffer, len, &data.0, via);
                 for found in read.found {
                     let Some(starts) = &self.name_starts else {
                         continue;
@@ -118,6 +109,14 @@ impl ContainerNamer {
                             event.time_ns,
                         ),
                     }
+                }
+                if read.unread {
+                    // Judged (agent-tamper): a request there would not be the job's.
+                    event.detail = EventDetail::RuntimeUnread {
+                        socket: jobs.docker_socket(job).map(str::to_owned),
+                        via,
+                        bytes: len,
+                    };
                 }
             }
             EventDetail::ContainerExec { reference } => {

@@ -9,23 +9,31 @@
 //! and returns the container requests the kernel did not read, for `name_starts.rs` to register
 //! before the daemon makes the container (tens of milliseconds later).
 //!
-//! What cannot be followed: bytes past the copy of a long buffer are skipped as the body they
-//! should be; a head begun there, a chunk size there, more buffers in one send than the kernel
-//! copies, or a request that may switch the connection to a raw stream (`attach`, an exec's
-//! start, `Upgrade`) lose the thread, which is picked up again at the next request line at the
-//! start of a buffer or of a line. Nothing here is ever printed: the bytes may hold a registry
-//! password or a container's environment.
+//! Bytes the kernel could not copy are a gap in the stream. Inside a body whose length was read
+//! they are skipped. Anywhere else a request could hide there, and the send is `Read::unread`
+//! (the job's `agent-tamper`): bytes nothing could copy (`sendfile`, `splice`, memory the kernel
+//! could not read), a head longer than the copy (`RUNTIME_SENT_BYTES`, 8 KiB: no Docker client
+//! sends a head that long in one buffer), bytes past a body's end, a `sendmmsg`'s later
+//! messages. Where the thread was already lost (more buffers in one send than the kernel
+//! copies, a request that may switch the connection to a raw stream: `attach`, an exec's start,
+//! an upgraded `/session` or `/grpc`) the bytes past a long buffer's copy are not a finding: an
+//! attached stdin comes in long writes. The thread is picked up again at the next request line
+//! at the start of a buffer or of a line. Nothing here is ever printed: the bytes may hold a
+//! registry password or a container's environment.
 
 use percent_encoding::percent_decode;
 use runner_monitor_common::CONTAINER_ID_LEN;
 
-use crate::{bounded::BoundedMap, event::JobKey};
+use crate::{
+    bounded::BoundedMap,
+    event::{JobKey, SentVia},
+};
 
 /// Connections followed at once (the least recently used is forgotten).
 const CONNECTIONS: usize = 1024;
 /// The longest request head kept; a longer one loses the thread. With `CONNECTIONS`, what jobs
-/// can make the agent hold: 16 MiB at most (a buffer's copy is 512 bytes: a longer head comes
-/// in many small sends).
+/// can make the agent hold: 16 MiB at most (a buffer's copy is 8 KiB: a longer head comes in
+/// several sends).
 const MAX_HEAD: usize = 16 << 10;
 
 /// A container request found in a job's stream that the kernel did not read.
@@ -50,8 +58,8 @@ pub enum Action {
 pub struct Read {
     /// The container requests completed in it that the kernel did not read.
     pub found: Vec<Found>,
-    /// It held bytes nothing could copy (`sendfile`, `splice`, memory the kernel could not
-    /// read) where a request could begin: not wholly in a body whose length was known.
+    /// It held bytes the kernel could not copy where a request could hide (see the module's
+    /// notes): not wholly in a body whose length was known.
     pub unread: bool,
 }
 
@@ -105,9 +113,9 @@ impl RuntimeStreams {
         self.conns.remove(&conn);
     }
 
-    /// Buffer `buffer` of a send on connection `conn` of job `job`: `data`, the first bytes of
-    /// `len` sent (`None`: an unknown number of buffers past the kernel's copy; `data` empty
-    /// with `len` above 0: none could be copied).
+    /// Buffer `buffer` of a send on connection `conn` of job `job`, sent `via`: `data`, the
+    /// first bytes of `len` sent (`None`: an unknown number of buffers, or of a `sendmmsg`'s
+    /// messages, past the kernel's copy; `data` empty with `len` above 0: none could be copied).
     pub fn sent(
         &mut self,
         job: JobKey,
@@ -115,11 +123,15 @@ impl RuntimeStreams {
         buffer: u32,
         len: Option<u64>,
         data: &[u8],
+        via: SentVia,
     ) -> Read {
         let stream = self.conns.get_or_insert_with(conn, Stream::default);
         let mut read = Read::default();
         let Some(len) = len else {
             stream.state = State::Lost;
+            // No HTTP client sends requests as several messages of one `sendmmsg`; a `writev`
+            // of many buffers is Node's chunked body.
+            read.unread = via == SentVia::Sendmmsg;
             return read;
         };
         if matches!(&stream.state, State::Head(h) if h.is_empty()) || stream.state == State::Lost {
@@ -128,21 +140,38 @@ impl RuntimeStreams {
         feed(stream, data, job, &mut read.found);
         let gap = len.saturating_sub(data.len() as u64);
         if gap > 0 {
+            let lost = stream.state == State::Lost;
             let in_body = skip(stream, gap);
-            read.unread = data.is_empty() && !in_body;
+            read.unread = !in_body && (data.is_empty() || !lost);
         }
         read
     }
 }
 
-/// Whether `data` begins like a request line: a method of Docker's API, a space and a target
-/// (origin or absolute form).
+/// Whether `data` begins with a request line: a method (any upper-case token: the daemon reads
+/// an `OPTIONS` or a made-up method's request, and its connection goes on), a target (origin or
+/// absolute form) and `HTTP/1.x`, the whole line in `data`. A raw stream's line that merely
+/// starts like one is not taken for a request.
 fn is_request_line(data: &[u8]) -> bool {
-    const METHODS: [&[u8]; 5] = [b"POST ", b"GET ", b"PUT ", b"DELETE ", b"HEAD "];
-    METHODS.iter().any(|m| {
-        data.starts_with(m) && matches!(data.get(m.len()), Some(b'/') | Some(b'h') | Some(b'H'))
-    })
+    let Some(end) = data.iter().take(MAX_LINE).position(|&b| b == b'\n') else {
+        return false;
+    };
+    let line = &data[..end];
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    let mut parts = line.split(|&b| b == b' ');
+    let (Some(method), Some(target), Some(version), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return false;
+    };
+    (1..=16).contains(&method.len())
+        && method.iter().all(u8::is_ascii_uppercase)
+        && matches!(target.first(), Some(b'/' | b'h' | b'H'))
+        && matches!(version, b"HTTP/1.1" | b"HTTP/1.0")
 }
+
+/// The longest request line picked up where the thread was lost.
+const MAX_LINE: usize = 8 << 10;
 
 /// Reads `data` on from the stream's state.
 fn feed(stream: &mut Stream, mut data: &[u8], job: JobKey, found: &mut Vec<Found>) {
@@ -248,6 +277,7 @@ fn skip(stream: &mut Stream, gap: u64) -> bool {
         State::Body(left) if gap < left => (State::Body(left - gap), true),
         State::Body(left) if gap == left => (State::Head(Vec::new()), true),
         State::ChunkData(left) if gap < left => (State::ChunkData(left - gap), true),
+        State::ChunkData(left) if gap == left => (State::ChunkSize(Vec::new()), true),
         _ => (State::Lost, false),
     };
     stream.state = state;
@@ -297,12 +327,15 @@ fn request(head: &[u8], window: &[u8], job: JobKey, found: &mut Vec<Found>) -> S
             .find(|h| h.name.eq_ignore_ascii_case(name))
             .map(|h| String::from_utf8_lossy(h.value).trim().to_ascii_lowercase())
     };
-    // The daemon may answer by taking the connection over (attach, an exec's start, an
-    // upgrade): what follows is then no HTTP. Picked up again at the next request line.
-    let raw_after = header("upgrade").is_some()
-        || path.is_some_and(|p| {
-            p.ends_with("/attach") || (p.starts_with("/exec/") && p.ends_with("/start"))
-        });
+    // The daemon may answer by taking the connection over (attach, an exec's start, an upgraded
+    // session): what follows is then no HTTP. Picked up again at the next request line. An
+    // `Upgrade` header elsewhere changes nothing for the daemon, nor here.
+    let raw_after = path.is_some_and(|p| {
+        p.ends_with("/attach")
+            || p.ends_with("/attach/ws")
+            || (p.starts_with("/exec/") && p.ends_with("/start"))
+            || (matches!(p, "/session" | "/grpc") && header("upgrade").is_some())
+    });
     if raw_after {
         return State::Lost;
     }

@@ -10,7 +10,7 @@ use crate::{
     engine::finding::{
         Ancestor, CredentialRef, Finding, FindingJob, FindingProcess, TargetProcess,
     },
-    event::{Event, EventDetail, JobKey},
+    event::{Event, EventDetail, JobKey, SentVia},
     policy::JobSelector,
     rule::RuleId,
 };
@@ -232,9 +232,11 @@ pub(super) fn event(engine: &mut Engine, event: &Event, out: &mut Vec<Finding>) 
             let socket = socket
                 .as_deref()
                 .unwrap_or("a container runtime's API socket");
-            let what = match bytes {
-                Some(n) => format!("{n} bytes"),
-                None => "messages".to_owned(),
+            let what = match (bytes, via) {
+                // A buffer longer than the kernel's copy, where a request could go on past it.
+                (Some(n), SentVia::Buffer) => format!("{n} bytes in one buffer"),
+                (Some(n), _) => format!("{n} bytes"),
+                (None, _) => "messages".to_owned(),
             };
             let mut f = engine.raise(
                 RuleId::AgentTamper,

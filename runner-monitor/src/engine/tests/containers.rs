@@ -248,6 +248,27 @@ fn bytes_sent_to_the_docker_api_that_the_monitor_cannot_read_are_tampering() {
             && f.summary
                 .contains("sent messages to /var/run/docker.sock by sendmmsg")
     }));
+    // A buffer longer than the kernel's copy, where a request could go on past it.
+    t.feed(
+        4,
+        7,
+        100,
+        1,
+        "python3",
+        EventDetail::RuntimeUnread {
+            socket: Some("/var/run/docker.sock".into()),
+            via: SentVia::Buffer,
+            bytes: Some(9127),
+        },
+    );
+    assert!(t.findings.iter().any(|f| {
+        f.rule == RuleId::AgentTamper
+            && f.summary.contains(
+                "sent 9127 bytes in one buffer to /var/run/docker.sock by write that the monitor \
+                 cannot read",
+            )
+            && f.target.as_ref().unwrap().access == "write to /var/run/docker.sock"
+    }));
     // Outside jobs: nothing (the kernel sends these for job connections only).
     let mut t = Trace::new();
     t.feed(

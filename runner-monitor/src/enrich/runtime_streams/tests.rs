@@ -1,3 +1,5 @@
+use runner_monitor_common::container::RUNTIME_SENT_BYTES;
+
 use super::*;
 
 const JOB: JobKey = JobKey(7);
@@ -11,12 +13,23 @@ fn start(reference: &str) -> Found {
     }
 }
 
+/// A send from the sender's memory (`write`, `send*`, `writev`'s buffers).
+trait Buffers {
+    fn buffer(&mut self, job: JobKey, conn: u64, i: u32, len: Option<u64>, data: &[u8]) -> Read;
+}
+
+impl Buffers for RuntimeStreams {
+    fn buffer(&mut self, job: JobKey, conn: u64, i: u32, len: Option<u64>, data: &[u8]) -> Read {
+        self.sent(job, conn, i, len, data, SentVia::Buffer)
+    }
+}
+
 /// Sends `pieces` as writes (one buffer each) on one connection; all that was found.
 fn writes(pieces: &[&[u8]]) -> Vec<Found> {
     let mut streams = RuntimeStreams::default();
     pieces
         .iter()
-        .flat_map(|p| streams.sent(JOB, 1, 0, Some(p.len() as u64), p).found)
+        .flat_map(|p| streams.buffer(JOB, 1, 0, Some(p.len() as u64), p).found)
         .collect()
 }
 
@@ -99,7 +112,9 @@ fn an_encoded_or_absolute_target_is_read_as_the_daemon_routes_it() {
 fn a_request_in_a_later_buffer_of_a_send_is_found() {
     let mut streams = RuntimeStreams::default();
     let line = b"POST /containers/web/start HTTP/1.1\r\n\r\n";
-    let found = streams.sent(JOB, 1, 1, Some(line.len() as u64), line).found;
+    let found = streams
+        .buffer(JOB, 1, 1, Some(line.len() as u64), line)
+        .found;
     assert_eq!(found, vec![start("web")]);
 }
 
@@ -109,34 +124,36 @@ fn a_long_body_past_the_copy_is_skipped_and_a_head_there_loses_the_thread() {
     let head = b"POST /containers/create HTTP/1.1\r\nContent-Length: 1000\r\n\r\n";
     assert!(
         streams
-            .sent(JOB, 1, 0, Some(head.len() as u64), head)
+            .buffer(JOB, 1, 0, Some(head.len() as u64), head)
             .found
             .is_empty()
     );
     // 1000 body bytes sent, 10 copied.
     assert!(
         streams
-            .sent(JOB, 1, 0, Some(1000), &[b'x'; 10])
+            .buffer(JOB, 1, 0, Some(1000), &[b'x'; 10])
             .found
             .is_empty()
     );
     // The next request, in a send's second buffer (the kernel reads only the first).
     let line = b"POST /containers/web/start HTTP/1.1\r\n\r\n";
     assert_eq!(
-        streams.sent(JOB, 1, 1, Some(line.len() as u64), line).found,
+        streams
+            .buffer(JOB, 1, 1, Some(line.len() as u64), line)
+            .found,
         vec![start("web")]
     );
     // A send whose uncopied part goes past the body: lost, then picked up again at the
     // next request line at a line's start.
     assert!(
         streams
-            .sent(JOB, 1, 0, Some(head.len() as u64), head)
+            .buffer(JOB, 1, 0, Some(head.len() as u64), head)
             .found
             .is_empty()
     );
     assert!(
         streams
-            .sent(JOB, 1, 0, Some(2000), &[b'x'; 10])
+            .buffer(JOB, 1, 0, Some(2000), &[b'x'; 10])
             .found
             .is_empty()
     );
@@ -144,7 +161,7 @@ fn a_long_body_past_the_copy_is_skipped_and_a_head_there_loses_the_thread() {
     resumed.extend_from_slice(line);
     assert_eq!(
         streams
-            .sent(JOB, 1, 0, Some(resumed.len() as u64), &resumed)
+            .buffer(JOB, 1, 0, Some(resumed.len() as u64), &resumed)
             .found,
         vec![start("web")]
     );
@@ -165,7 +182,7 @@ fn a_new_connection_on_the_same_descriptor_starts_afresh() {
     let mut streams = RuntimeStreams::default();
     assert!(
         streams
-            .sent(JOB, 1, 0, Some(8), b"POST /co")
+            .buffer(JOB, 1, 0, Some(8), b"POST /co")
             .found
             .is_empty()
     );
@@ -174,7 +191,7 @@ fn a_new_connection_on_the_same_descriptor_starts_afresh() {
     // Read by the kernel where it was sent: not found again.
     assert!(
         streams
-            .sent(JOB, 1, 0, Some(whole.len() as u64), whole.as_bytes())
+            .buffer(JOB, 1, 0, Some(whole.len() as u64), whole.as_bytes())
             .found
             .is_empty()
     );
@@ -185,38 +202,125 @@ fn bytes_nothing_could_copy_are_unread_unless_a_body_holds_them() {
     let mut streams = RuntimeStreams::default();
     // Between requests: a request could be among them.
     assert_eq!(
-        streams.sent(JOB, 1, 0, Some(100), b""),
+        streams.buffer(JOB, 1, 0, Some(100), b""),
         Read {
             found: vec![],
             unread: true
         }
     );
     // Lost: so could one.
-    assert!(streams.sent(JOB, 1, 0, Some(100), b"").unread);
+    assert!(streams.buffer(JOB, 1, 0, Some(100), b"").unread);
     // Picked up again at a request (in a later buffer: the kernel did not read it).
     let line = b"POST /containers/web/start HTTP/1.1\r\n\r\n";
     assert_eq!(
-        streams.sent(JOB, 1, 1, Some(line.len() as u64), line).found,
+        streams
+            .buffer(JOB, 1, 1, Some(line.len() as u64), line)
+            .found,
         vec![start("web")]
     );
     // A body sent from a file: its length is known, nothing can hide there.
     let head = b"POST /images/load HTTP/1.1\r\nContent-Length: 5000\r\n\r\n";
     assert!(
         !streams
-            .sent(JOB, 1, 0, Some(head.len() as u64), head)
+            .buffer(JOB, 1, 0, Some(head.len() as u64), head)
             .unread
     );
-    assert!(!streams.sent(JOB, 1, 0, Some(5000), b"").unread);
+    assert!(!streams.buffer(JOB, 1, 0, Some(5000), b"").unread);
     // Past the body's end: unread.
     assert!(
         !streams
-            .sent(JOB, 1, 0, Some(head.len() as u64), head)
+            .buffer(JOB, 1, 0, Some(head.len() as u64), head)
             .unread
     );
-    assert!(streams.sent(JOB, 1, 0, Some(5001), b"").unread);
-    // Bytes copied in part (a long buffer): skipped as today, not unread.
+    assert!(streams.buffer(JOB, 1, 0, Some(5001), b"").unread);
+}
+
+#[test]
+fn a_long_buffer_copied_in_part_is_unread_where_a_request_could_hide_past_the_copy() {
+    let copy = RUNTIME_SENT_BYTES;
+    // A head longer than the copy, then a start pipelined after it in the same buffer.
+    let mut padded = b"GET /_ping HTTP/1.1\r\nX-Pad: ".to_vec();
+    padded.resize(copy + 100, b'a');
+    padded.extend_from_slice(b"\r\n\r\nPOST /containers/web/start HTTP/1.1\r\n\r\n");
     let mut streams = RuntimeStreams::default();
-    assert!(!streams.sent(JOB, 1, 0, Some(2000), &[b'x'; 512]).unread);
+    let read = streams.buffer(JOB, 1, 0, Some(padded.len() as u64), &padded[..copy]);
+    assert_eq!(
+        read,
+        Read {
+            found: vec![],
+            unread: true
+        }
+    );
+    // A start found in the copy still counts when the gap after it is unread.
+    let mut two = b"POST /containers/web/start HTTP/1.1\r\n\r\nGET /x HTTP/1.1\r\nX: ".to_vec();
+    two.resize(copy + 10, b'a');
+    let mut streams = RuntimeStreams::default();
+    let read = streams.buffer(JOB, 1, 1, Some(copy as u64 + 10), &two[..copy]);
+    assert_eq!(read.found, vec![start("web")]);
+    assert!(read.unread);
+    // A long body, or a chunk's data ending with the buffer, is only a body.
+    let mut streams = RuntimeStreams::default();
+    let head = b"POST /containers/create HTTP/1.1\r\nContent-Length: 20000\r\n\r\n";
+    let mut body = head.to_vec();
+    body.resize(head.len() + 20000, b'{');
+    let read = streams.buffer(JOB, 1, 0, Some(body.len() as u64), &body[..copy]);
+    assert_eq!(read, Read::default());
+    let chunked = b"PUT /containers/x/archive HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n";
+    let mut streams = RuntimeStreams::default();
+    assert!(
+        !streams
+            .buffer(JOB, 1, 0, Some(chunked.len() as u64), chunked)
+            .unread
+    );
+    let size = b"4e20\r\n";
+    assert!(
+        !streams
+            .buffer(JOB, 1, 0, Some(size.len() as u64), size)
+            .unread
+    );
+    // 20000 bytes of data and the CRLF after them, as one long write.
+    let data = vec![b'x'; copy];
+    assert!(!streams.buffer(JOB, 1, 0, Some(20002), &data).unread);
+    let last = b"0\r\n\r\nPOST /containers/web/start HTTP/1.1\r\n\r\n";
+    let read = streams.buffer(JOB, 1, 0, Some(last.len() as u64), last);
+    assert_eq!(read.found, vec![start("web")]);
+    // An attached stdin comes in long writes after its request: not a finding.
+    let mut streams = RuntimeStreams::default();
+    let attach = format!("POST /containers/{ID}/attach?stdin=1 HTTP/1.1\r\n\r\n");
+    assert!(
+        !streams
+            .buffer(JOB, 1, 0, Some(attach.len() as u64), attach.as_bytes())
+            .unread
+    );
+    let stdin = vec![b'y'; copy];
+    assert!(!streams.buffer(JOB, 1, 0, Some(32768), &stdin).unread);
+}
+
+#[test]
+fn a_sendmmsgs_later_messages_are_unread_and_a_writevs_later_buffers_are_not() {
+    let mut streams = RuntimeStreams::default();
+    let read = streams.sent(JOB, 1, 5, None, b"", SentVia::Sendmmsg);
+    assert!(read.unread);
+    let mut streams = RuntimeStreams::default();
+    assert!(!streams.buffer(JOB, 1, 4, None, b"").unread);
+}
+
+#[test]
+fn any_upper_case_method_is_a_request_and_an_upgrade_header_alone_takes_nothing_over() {
+    // A made-up method and an Upgrade header: the daemon answers both and reads on.
+    let s = "GET /_ping HTTP/1.1\r\nUpgrade: tcp\r\n\r\n\
+             OPTIONS /x HTTP/1.1\r\nContent-Length: 3\r\n\r\nabc\
+             POST /containers/web/start HTTP/1.1\r\n\r\n";
+    assert_eq!(writes(&[s.as_bytes()]), vec![start("web")]);
+    // Where the thread was lost, a line is a request only whole and ending in HTTP/1.x.
+    assert!(is_request_line(b"PATCH /containers/x HTTP/1.1\r\n"));
+    assert!(!is_request_line(b"GET /etc/passwd\n"));
+    assert!(!is_request_line(b"cd /tmp HTTP/1.1\n"));
+    assert!(!is_request_line(b"POST /containers/x/start HTTP/1.1"));
+    // An upgraded session is taken over: a line after it is read only at a line's start.
+    let session = "POST /session HTTP/1.1\r\nUpgrade: h2c\r\n\r\n\
+                   POST /containers/web/start HTTP/1.1\r\n\r\n";
+    assert_eq!(writes(&[session.as_bytes()]), vec![start("web")]);
 }
 
 #[test]
