@@ -24,6 +24,11 @@ impl Buffers for RuntimeStreams {
     }
 }
 
+/// The requests found in a write of `len` bytes on connection 1, `data` the kernel's copy.
+fn found_in(streams: &mut RuntimeStreams, len: u64, data: &[u8]) -> Vec<Found> {
+    streams.buffer(JOB, 1, 0, Some(len), data).found
+}
+
 /// Sends `pieces` as writes (one buffer each) on one connection; all that was found.
 fn writes(pieces: &[&[u8]]) -> Vec<Found> {
     let mut streams = RuntimeStreams::default();
@@ -122,19 +127,9 @@ fn a_request_in_a_later_buffer_of_a_send_is_found() {
 fn a_long_body_past_the_copy_is_skipped_and_a_head_there_loses_the_thread() {
     let mut streams = RuntimeStreams::default();
     let head = b"POST /containers/create HTTP/1.1\r\nContent-Length: 1000\r\n\r\n";
-    assert!(
-        streams
-            .buffer(JOB, 1, 0, Some(head.len() as u64), head)
-            .found
-            .is_empty()
-    );
+    assert!(found_in(&mut streams, head.len() as u64, head).is_empty());
     // 1000 body bytes sent, 10 copied.
-    assert!(
-        streams
-            .buffer(JOB, 1, 0, Some(1000), &[b'x'; 10])
-            .found
-            .is_empty()
-    );
+    assert!(found_in(&mut streams, 1000, &[b'x'; 10]).is_empty());
     // The next request, in a send's second buffer (the kernel reads only the first).
     let line = b"POST /containers/web/start HTTP/1.1\r\n\r\n";
     assert_eq!(
@@ -145,24 +140,12 @@ fn a_long_body_past_the_copy_is_skipped_and_a_head_there_loses_the_thread() {
     );
     // A send whose uncopied part goes past the body: lost, then picked up again at the
     // next request line at a line's start.
-    assert!(
-        streams
-            .buffer(JOB, 1, 0, Some(head.len() as u64), head)
-            .found
-            .is_empty()
-    );
-    assert!(
-        streams
-            .buffer(JOB, 1, 0, Some(2000), &[b'x'; 10])
-            .found
-            .is_empty()
-    );
+    assert!(found_in(&mut streams, head.len() as u64, head).is_empty());
+    assert!(found_in(&mut streams, 2000, &[b'x'; 10]).is_empty());
     let mut resumed = b"junk\r\n".to_vec();
     resumed.extend_from_slice(line);
     assert_eq!(
-        streams
-            .buffer(JOB, 1, 0, Some(resumed.len() as u64), &resumed)
-            .found,
+        found_in(&mut streams, resumed.len() as u64, &resumed),
         vec![start("web")]
     );
 }
@@ -180,12 +163,7 @@ fn after_a_request_that_may_take_the_connection_over_the_next_request_line_is_re
 #[test]
 fn a_new_connection_on_the_same_descriptor_starts_afresh() {
     let mut streams = RuntimeStreams::default();
-    assert!(
-        streams
-            .buffer(JOB, 1, 0, Some(8), b"POST /co")
-            .found
-            .is_empty()
-    );
+    assert!(found_in(&mut streams, 8, b"POST /co").is_empty());
     streams.connected(1);
     let whole = format!("POST /containers/{ID}/start HTTP/1.1\r\n\r\n");
     // Read by the kernel where it was sent: not found again.
