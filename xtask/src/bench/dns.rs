@@ -3,16 +3,12 @@
 //! answering). The server is the tests' tiny zone on 127.0.0.2:53; each lookup is a new UDP
 //! socket, as glibc's. Target: block mode at most +200 us at p50 over the agent off.
 
-use std::{
-    io::BufRead as _,
-    path::Path,
-    process::{Command, Stdio},
-};
+use std::{path::Path, process::Command};
 
-use anyhow::{Context as _, bail};
+use anyhow::bail;
 use serde_json::{Value, json};
 
-use super::{Agent, Sizes, bench_workload, job, median};
+use super::{Agent, Sizes, bench_workload, job, median, spawn_ready};
 
 const SERVER: &str = "127.0.0.2:53";
 
@@ -43,18 +39,10 @@ fn lookups(dir: &Path, n: u64) -> anyhow::Result<(f64, f64)> {
 }
 
 pub(crate) fn run(dir: &Path, sizes: &Sizes) -> anyhow::Result<Value> {
-    let mut server = Command::new(bench_workload())
-        .args(["dns-serve", SERVER])
-        .stdout(Stdio::piped())
-        .spawn()
-        .context("starting the DNS server")?;
-    let mut ready = String::new();
-    std::io::BufReader::new(server.stdout.take().context("server stdout")?)
-        .read_line(&mut ready)?;
-    if ready.trim() != "listening" {
-        let _ = server.kill();
-        bail!("the DNS server on {SERVER} did not start");
-    }
+    let mut server = spawn_ready(
+        Command::new(bench_workload()).args(["dns-serve", SERVER]),
+        "listening",
+    )?;
     let n = if sizes.smoke { 100 } else { 2_000 };
     let result = (|| -> anyhow::Result<Value> {
         let mut p50: [Vec<f64>; 3] = Default::default();

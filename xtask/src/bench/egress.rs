@@ -1,5 +1,7 @@
-//! Egress with the agent off, in audit mode and in block mode (the connect goes through the
-//! cgroup programs' allowlist lookup), interleaved rounds (each round runs the three modes, in an
+//! Egress with the agent off, with the floor (programs that do nothing on the agent's hooks:
+//! `bench-workload floor-egress`, what the kernel charges for any program there), in audit mode
+//! and in block mode (the connect goes through the cgroup programs' allowlist lookup),
+//! interleaved rounds (each round runs the four modes, in an
 //! order that rotates from round to round, so a busy host's noise hits all three): TCP connects
 //! to a listener in a network namespace, and a workload of many short HTTP requests to a server
 //! there. The job runs in the host's namespace; the servers' address is on the allowlist, so
@@ -14,7 +16,6 @@
 //! that hit a retransmission shows.
 
 use std::{
-    io::BufRead as _,
     path::Path,
     process::{Child, Command, Stdio},
 };
@@ -24,7 +25,7 @@ use serde_json::{Value, json};
 
 use crate::common::{agent_binary, output, run_cmd};
 
-use super::{Agent, Sizes, bench_workload, bpf_stats, job, median, spread};
+use super::{Agent, Sizes, bench_workload, bpf_stats, job, median, spawn_ready, spread};
 
 const SERVER: &str = "10.216.0.2";
 const HOST_SIDE: &str = "10.216.0.1";
@@ -78,21 +79,13 @@ impl Namespace {
 
     /// `bench-workload ARGS` in the namespace, once it printed "listening".
     fn spawn(&self, args: &[&str]) -> anyhow::Result<Child> {
-        let mut server = Command::new("ip")
-            .args(["netns", "exec", &self.name])
-            .arg(bench_workload())
-            .args(args)
-            .stdout(Stdio::piped())
-            .spawn()
-            .with_context(|| format!("starting {args:?}"))?;
-        let mut ready = String::new();
-        std::io::BufReader::new(server.stdout.take().context("server stdout")?)
-            .read_line(&mut ready)?;
-        if ready.trim() != "listening" {
-            let _ = server.kill();
-            bail!("{args:?} in {} did not start", self.name);
-        }
-        Ok(server)
+        spawn_ready(
+            Command::new("ip")
+                .args(["netns", "exec", &self.name])
+                .arg(bench_workload())
+                .args(args),
+            "listening",
+        )
     }
 
     /// The namespace's TcpExt ListenDrops: SYNs and handshakes its listeners dropped (a full
@@ -168,15 +161,57 @@ fn policy(dir: &Path, mode: &str) -> anyhow::Result<std::path::PathBuf> {
     Ok(path)
 }
 
-const MODES: [&str; 3] = ["off", "audit", "block"];
+const MODES: [&str; 4] = ["off", "floor", "audit", "block"];
 
 /// Each mode's runs of one part, in round order.
 #[derive(Default)]
 struct Runs {
-    ns: [Vec<f64>; 3],
-    max_ns: [Vec<f64>; 3],
-    over_100ms: [Vec<f64>; 3],
-    listen_drops: [Vec<f64>; 3],
+    ns: [Vec<f64>; 4],
+    max_ns: [Vec<f64>; 4],
+    over_100ms: [Vec<f64>; 4],
+    listen_drops: [Vec<f64>; 4],
+}
+
+/// What runs beside the workload in one mode: nothing, the floor's programs, or the agent.
+enum Beside {
+    Nothing,
+    Floor(Child),
+    Agent(Agent),
+}
+
+impl Beside {
+    fn start(dir: &Path, mode: usize, policies: &[std::path::PathBuf; 2]) -> anyhow::Result<Self> {
+        Ok(match mode {
+            0 => Self::Nothing,
+            1 => {
+                let floor = spawn_ready(
+                    Command::new(bench_workload())
+                        .arg("floor-egress")
+                        .stdin(Stdio::piped()),
+                    "attached",
+                )?;
+                Self::Floor(floor)
+            }
+            _ => Self::Agent(Agent::start_with(
+                dir,
+                &["--policy".as_ref(), policies[mode - 2].as_os_str()],
+            )?),
+        })
+    }
+
+    fn stop(self) -> anyhow::Result<()> {
+        match self {
+            Self::Nothing => Ok(()),
+            Self::Floor(mut floor) => {
+                // Closing its stdin detaches the programs.
+                drop(floor.stdin.take());
+                let status = floor.wait()?;
+                anyhow::ensure!(status.success(), "bench-workload floor-egress: {status}");
+                Ok(())
+            }
+            Self::Agent(agent) => agent.stop(),
+        }
+    }
 }
 
 impl Runs {
@@ -228,22 +263,14 @@ pub(super) fn run(dir: &Path, sizes: &Sizes) -> anyhow::Result<Value> {
     for round in 0..sizes.rounds {
         for step in 0..MODES.len() {
             let i = (round + step) % MODES.len();
-            let agent = match i {
-                0 => None,
-                _ => Some(Agent::start_with(
-                    dir,
-                    &["--policy".as_ref(), policies[i - 1].as_os_str()],
-                )?),
-            };
+            let beside = Beside::start(dir, i, &policies)?;
             let drops = ns.listen_drops()?;
             let c = timed(dir, &["connect", &accept, &connects_arg])?;
             let after = ns.listen_drops()?;
             connect.push(i, c, after - drops);
             let h = timed(dir, &["http", &http_target, &requests_arg])?;
             http.push(i, h, ns.listen_drops()? - after);
-            if let Some(agent) = agent {
-                agent.stop()?;
-            }
+            beside.stop()?;
         }
     }
     let kernel = kernel_time(dir, &policies, connects, requests)?;

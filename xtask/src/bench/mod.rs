@@ -17,6 +17,7 @@ mod syscalls;
 mod workloads;
 
 use std::{
+    io::BufRead as _,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
@@ -56,6 +57,23 @@ pub(crate) fn spread(values: &[f64]) -> [f64; 2] {
 
 pub(crate) fn bench_workload() -> PathBuf {
     workspace_root().join("target/release/bench-workload")
+}
+
+/// Starts `command` with its standard output piped and waits for its first line to be `ready`
+/// (a server listening, programs attached).
+pub(crate) fn spawn_ready(command: &mut Command, ready: &str) -> anyhow::Result<Child> {
+    let mut child = command
+        .stdout(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting {command:?}"))?;
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().context("stdout")?).read_line(&mut line)?;
+    if line.trim() != ready {
+        let _ = child.kill();
+        let _ = child.wait();
+        bail!("{command:?} did not print {ready:?}");
+    }
+    Ok(child)
 }
 
 /// A shell command run as a `Runner.Worker` job (so the agent tracks it when it is on); returns

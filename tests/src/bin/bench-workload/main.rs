@@ -38,11 +38,15 @@
 //!                                     "listening", then serves until killed
 //! bench-workload dns-serve ADDR       serve the test DNS zone on ADDR; print "listening", then
 //!                                     serve until killed
+//! bench-workload floor-egress        programs that do nothing on the hooks a job's connects and
+//!                                     packets meet in the agent; prints "attached", then holds
+//!                                     them until stdin closes (floor.rs)
 //! bench-workload dns SERVER NAME N    N lookups of NAME's A record at SERVER, each on a new UDP
 //!                                     socket (connect, send, receive), as glibc does; prints the
 //!                                     p50 and p99 latency in microseconds, or `rcode CODE` at
 //!                                     the first answer without an address
 
+mod floor;
 mod sends;
 
 use std::{
@@ -135,6 +139,7 @@ fn main() {
             }
         }
         "dns" => dns(&args[1], &args[2], num(3)),
+        "floor-egress" => floor::egress(),
         other => panic!("unknown workload {other}"),
     }
 }
