@@ -23,6 +23,7 @@ mod memory;
 mod names;
 mod net;
 mod owner;
+mod packet;
 mod process;
 mod redirect;
 mod runtime_requests;

@@ -29,6 +29,7 @@ use crate::{
     emit::{fill_header, send_built},
     maps::{PENDING_CONNECTS, count, current_process},
     owner::SocketOwner,
+    packet::{self, ETH_P_IP, ETH_P_IPV6, IPPROTO_UDP},
 };
 
 #[map]
@@ -46,9 +47,6 @@ static DNS_SOCKETS: LruHashMap<u64, SocketOwner> = LruHashMap::with_max_entries(
 static DNS_SCRATCH: PerCpuArray<DnsEvent> = PerCpuArray::with_max_entries(1, 0);
 
 const DNS_PORT: u16 = 53;
-const ETH_P_IP: u32 = 0x0800;
-const ETH_P_IPV6: u32 = 0x86DD;
-const IPPROTO_UDP: u8 = 17;
 
 /// Builds, in per-CPU scratch, the connect event of the current job process for the user
 /// address `addr` (`addrlen` bytes); `None` when the address is not one the agent reports
@@ -63,10 +61,21 @@ fn connect_event(
     if addr == 0 {
         return None;
     }
+    // The first 8 bytes in one read: an inet address's family, port and IPv4 address (a
+    // `sockaddr_in` is 16 bytes). Each user read is a helper call on every connect of a job; a
+    // shorter buffer (a unix address of one byte at the end of a page) is read as before.
     // SAFETY: checked reads of user memory.
-    let Ok(family) = (unsafe { bpf_probe_read_user(addr as *const u16) }) else {
-        count(counter::USER_READ_ERRORS);
-        return None;
+    let head = unsafe { bpf_probe_read_user(addr as *const [u8; 8]) }.ok();
+    let family = match head {
+        Some(head) => u16::from_ne_bytes([head[0], head[1]]),
+        // SAFETY: as above.
+        None => match unsafe { bpf_probe_read_user(addr as *const u16) } {
+            Ok(family) => family,
+            Err(_) => {
+                count(counter::USER_READ_ERRORS);
+                return None;
+            }
+        },
     };
     if family != AF_INET && family != AF_INET6 && family != AF_UNIX {
         return None;
@@ -86,19 +95,19 @@ fn connect_event(
     // SAFETY: checked reads of user memory at the sockaddr's fixed offsets.
     unsafe {
         match family {
-            AF_INET => {
-                // struct sockaddr_in { u16 family; be16 port; be32 addr; }
-                let port: u16 = bpf_probe_read_user((addr + 2) as *const u16).unwrap_or(0);
-                let ip: [u8; 4] =
-                    bpf_probe_read_user((addr + 4) as *const [u8; 4]).unwrap_or([0; 4]);
-                event.port = u16::from_be(port);
-                event.addr[..4].copy_from_slice(&ip);
-            }
-            AF_INET6 => {
-                // struct sockaddr_in6 { u16 family; be16 port; u32 flowinfo; u8 addr[16]; ... }
-                let port: u16 = bpf_probe_read_user((addr + 2) as *const u16).unwrap_or(0);
-                event.port = u16::from_be(port);
-                event.addr = bpf_probe_read_user((addr + 8) as *const [u8; 16]).unwrap_or([0; 16]);
+            // struct sockaddr_in { u16 family; be16 port; be32 addr; }
+            // struct sockaddr_in6 { u16 family; be16 port; u32 flowinfo; u8 addr[16]; ... }
+            // An inet address of fewer than 8 bytes is refused by the syscall: reported with
+            // port and address 0, as when they cannot be read.
+            AF_INET | AF_INET6 => {
+                let head = head.unwrap_or([0; 8]);
+                event.port = u16::from_be_bytes([head[2], head[3]]);
+                if family == AF_INET {
+                    event.addr[..4].copy_from_slice(&head[4..]);
+                } else {
+                    event.addr =
+                        bpf_probe_read_user((addr + 8) as *const [u8; 16]).unwrap_or([0; 16]);
+                }
             }
             _ => {
                 // struct sockaddr_un { u16 family; char sun_path[108]; }
@@ -266,6 +275,12 @@ pub fn dns_sendmsg6(ctx: SockAddrContext) -> i32 {
 /// Copies a DNS message of a remembered socket into a DNS event.
 #[inline(always)]
 fn dns_packet(ctx: &SkBuffContext, direction: u32) {
+    // Every packet of the host comes here: what is not UDP goes at once, without a helper call.
+    if let Some((protocol, _)) = packet::transport(ctx)
+        && protocol != IPPROTO_UDP
+    {
+        return;
+    }
     // __sk_buff.protocol holds the big-endian 16-bit ethertype.
     let protocol = u16::from_be(ctx.skb.protocol() as u16) as u32;
     let (l4, family, udp_proto, server_at) = match protocol {

@@ -32,7 +32,13 @@ use runner_monitor_common::{
     tls::{ClientHello, TlsBytes, TlsNameKey, find_server_name, sni_hash_step},
 };
 
-use crate::{budget::within_budget, emit::send_built, maps::count, owner::SocketOwner};
+use crate::{
+    budget::within_budget,
+    emit::send_built,
+    maps::count,
+    owner::SocketOwner,
+    packet::{self, ETH_P_IP, ETH_P_IPV6, IPPROTO_TCP},
+};
 
 /// A job TCP socket's storage: watched until its first data segment, then done (or refused).
 #[repr(C)]
@@ -62,9 +68,6 @@ static TLS_NAMES: HashMap<TlsNameKey, u32> = HashMap::with_max_entries(MAX_TLS_N
 static TLS_SCRATCH: PerCpuArray<TlsEvent> = PerCpuArray::with_max_entries(1, 0);
 
 const SOCK_STREAM: u32 = 1;
-const IPPROTO_TCP: u8 = 6;
-const ETH_P_IP: u32 = 0x0800;
-const ETH_P_IPV6: u32 = 0x86DD;
 
 /// Remembers job process `process`'s TCP socket at its (allowed) connect; loopback is left
 /// alone. `job` is the process's block-mode plan (`egress::blocking`). Returns 0 when the
@@ -174,6 +177,14 @@ pub fn tls_egress(ctx: SkBuffContext) -> i32 {
 /// The egress verdict for one packet: 1 passes it, 0 drops it.
 #[inline(always)]
 fn egress_segment(ctx: &SkBuffContext) -> i32 {
+    // Most packets go here, for a few loads and no helper call: what is not TCP, and the TCP
+    // segments without a payload (handshakes, ACKs, FIN, RST), which hold no ClientHello. A
+    // refused socket's segments without payload pass too: they carry nothing out.
+    if let Some((protocol, l4)) = packet::transport(ctx)
+        && (protocol != IPPROTO_TCP || packet::tcp_without_payload(ctx, l4) == Some(true))
+    {
+        return 1;
+    }
     // SAFETY: a context field read.
     let sk = unsafe { (*ctx.skb.skb).__bindgen_anon_2.sk };
     if sk.is_null() {
