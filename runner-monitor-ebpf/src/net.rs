@@ -319,28 +319,29 @@ fn dns_packet(ctx: &SkBuffContext, direction: u32) {
     if udp_proto != IPPROTO_UDP || l4 < 20 {
         return;
     }
-    let Ok(sport) = ctx.load::<u16>(l4) else {
+    // Both ports, source then destination: from the linear data, else in one helper read.
+    let Some(ports) = packet::ports(ctx, l4).or_else(|| ctx.load::<[u8; 4]>(l4).ok()) else {
         return;
     };
-    let Ok(dport) = ctx.load::<u16>(l4 + 2) else {
-        return;
-    };
-    let server_port = if direction == DNS_DIRECTION_ANSWER {
-        sport
+    let at = if direction == DNS_DIRECTION_ANSWER {
+        0
     } else {
-        dport
+        2
     };
+    // As the packet holds it (big-endian), as `resolver_port` gives it.
+    let server_port = u16::from_ne_bytes([ports[at], ports[at + 1]]);
+    let to_resolver = u16::from_be(server_port) != DNS_PORT;
+    // Redirected IPv6 sockets reach the resolver over IPv4 (v4-mapped), or at `[::1]` for
+    // unconnected sends. Any other UDP packet of the host leaves here, before the cookie.
+    if to_resolver && crate::redirect::resolver_port() != Some(u32::from(server_port)) {
+        return;
+    }
     // SAFETY: the context is a socket buffer.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     // A query block mode sent to the agent's resolver is reported with the server the process
     // addressed.
     let mut redirected = None;
-    if u16::from_be(server_port) != DNS_PORT {
-        // Redirected IPv6 sockets reach the resolver over IPv4 (v4-mapped), or at `[::1]` for
-        // unconnected sends.
-        if crate::redirect::resolver_port() != Some(u32::from(server_port)) {
-            return;
-        }
+    if to_resolver {
         // SAFETY: copied out at once.
         redirected = unsafe { crate::redirect::DNS_REDIRECTS.get(cookie).copied() };
         if redirected.is_none() {

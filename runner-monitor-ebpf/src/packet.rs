@@ -49,6 +49,20 @@ pub fn transport(ctx: &SkBuffContext) -> Option<(u8, usize)> {
     }
 }
 
+/// The first 4 bytes of the transport header at `l4` (a UDP or TCP header's source and
+/// destination ports, as the packet holds them); `None` when they are not in the linear data.
+#[inline(always)]
+pub fn ports(ctx: &SkBuffContext, l4: usize) -> Option<[u8; 4]> {
+    let (data, end) = linear(ctx);
+    // `l4` is at most 60 (IHL); the mask says so to the verifier.
+    let at = data + (l4 & 0x3f);
+    if at + 4 > end {
+        return None;
+    }
+    // SAFETY: checked against data_end above.
+    Some(unsafe { *(at as *const [u8; 4]) })
+}
+
 /// Whether a TCP segment whose header starts at `l4` carries no payload; `None` when its data
 /// offset is not in the linear data.
 #[inline(always)]
