@@ -29,7 +29,7 @@ use crate::{
     emit::{fill_header, send_built},
     maps::{PENDING_CONNECTS, count, current_process},
     owner::SocketOwner,
-    packet::{self, ETH_P_IP, ETH_P_IPV6, IPPROTO_UDP},
+    packet::{self, IPPROTO_UDP},
 };
 
 #[map]
@@ -276,51 +276,26 @@ pub fn dns_sendmsg6(ctx: SockAddrContext) -> i32 {
 #[inline(always)]
 fn dns_packet(ctx: &SkBuffContext, direction: u32) {
     // Every packet of the host comes here: what is not UDP goes at once, without a helper call.
-    if let Some((protocol, _)) = packet::transport(ctx)
-        && protocol != IPPROTO_UDP
-    {
+    let Some(packet::Transport {
+        family,
+        protocol,
+        l4,
+    }) = packet::transport(ctx)
+    else {
         return;
-    }
-    // __sk_buff.protocol holds the big-endian 16-bit ethertype.
-    let protocol = u16::from_be(ctx.skb.protocol() as u16) as u32;
-    let (l4, family, udp_proto, server_at) = match protocol {
-        ETH_P_IP => {
-            let Ok(vihl) = ctx.load::<u8>(0) else { return };
-            let Ok(proto) = ctx.load::<u8>(9) else { return };
-            let l4 = ((vihl & 0x0f) as usize) * 4;
-            // Egress: the server is the destination (16); ingress: the source (12).
-            (
-                l4,
-                AF_INET,
-                proto,
-                if direction == DNS_DIRECTION_ANSWER {
-                    12
-                } else {
-                    16
-                },
-            )
-        }
-        ETH_P_IPV6 => {
-            // Extension headers before UDP are not followed: DNS clients do not send them.
-            let Ok(next) = ctx.load::<u8>(6) else { return };
-            (
-                40,
-                AF_INET6,
-                next,
-                if direction == DNS_DIRECTION_ANSWER {
-                    8
-                } else {
-                    24
-                },
-            )
-        }
-        _ => return,
     };
-    if udp_proto != IPPROTO_UDP || l4 < 20 {
+    if protocol != IPPROTO_UDP || l4 < 20 {
         return;
     }
-    // Both ports, source then destination: from the linear data, else in one helper read.
-    let Some(ports) = packet::ports(ctx, l4).or_else(|| ctx.load::<[u8; 4]>(l4).ok()) else {
+    // The server's address: egress, the destination (IPv4 16, IPv6 24); ingress, the source.
+    let server_at = match (family == AF_INET, direction == DNS_DIRECTION_ANSWER) {
+        (true, true) => 12,
+        (true, false) => 16,
+        (false, true) => 8,
+        (false, false) => 24,
+    };
+    // Both ports, source then destination.
+    let Some(ports) = packet::ports(ctx, l4) else {
         return;
     };
     let at = if direction == DNS_DIRECTION_ANSWER {

@@ -2,10 +2,10 @@
 //! checks against `data_end`, no helper call. The `cgroup_skb` programs run on every packet the
 //! host sends or receives; with this they let most packets go (a TCP segment is not DNS; an ACK
 //! carries no ClientHello) for the cost of a few loads, before `bpf_skb_load_bytes` or a socket
-//! look-up. Where the headers are not in the linear data (`None`), the programs read them with
-//! the helper as before.
+//! look-up. Where the headers are not in the linear data, they are read with the helper.
 
 use aya_ebpf::programs::SkBuffContext;
+use runner_monitor_common::{AF_INET, AF_INET6};
 
 pub const ETH_P_IP: u32 = 0x0800;
 pub const ETH_P_IPV6: u32 = 0x86DD;
@@ -24,56 +24,76 @@ fn linear(ctx: &SkBuffContext) -> (usize, usize) {
     }
 }
 
-/// The transport protocol and the offset of the transport header, if the IP header is in the
-/// linear data (IPv6 extension headers are not followed: the programs do not either).
+/// A packet's network and transport layer: the address family, the transport protocol and
+/// where the transport header starts.
+pub struct Transport {
+    pub family: u16,
+    pub protocol: u8,
+    pub l4: usize,
+}
+
+/// The packet's transport, from its linear data, else from `bpf_skb_load_bytes` (IPv6
+/// extension headers are not followed: CI clients' TCP and DNS do not send them).
 #[inline(always)]
-pub fn transport(ctx: &SkBuffContext) -> Option<(u8, usize)> {
+pub fn transport(ctx: &SkBuffContext) -> Option<Transport> {
     let (data, end) = linear(ctx);
     match u16::from_be(ctx.skb.protocol() as u16) as u32 {
         ETH_P_IP => {
-            if data + 20 > end {
-                return None;
-            }
-            // SAFETY: within [data, data + 20), checked against data_end above.
-            let (vihl, proto) = unsafe { (*(data as *const u8), *((data + 9) as *const u8)) };
-            Some((proto, usize::from(vihl & 0x0f) * 4))
+            let (vihl, protocol) = if data + 20 <= end {
+                // SAFETY: within [data, data + 20), checked against data_end above.
+                unsafe { (*(data as *const u8), *((data + 9) as *const u8)) }
+            } else {
+                (ctx.load::<u8>(0).ok()?, ctx.load::<u8>(9).ok()?)
+            };
+            Some(Transport {
+                family: AF_INET,
+                protocol,
+                l4: usize::from(vihl & 0x0f) * 4,
+            })
         }
         ETH_P_IPV6 => {
-            if data + 40 > end {
-                return None;
-            }
-            // SAFETY: as above.
-            Some((unsafe { *((data + 6) as *const u8) }, 40))
+            let protocol = if data + 40 <= end {
+                // SAFETY: as above.
+                unsafe { *((data + 6) as *const u8) }
+            } else {
+                ctx.load::<u8>(6).ok()?
+            };
+            Some(Transport {
+                family: AF_INET6,
+                protocol,
+                l4: 40,
+            })
         }
         _ => None,
     }
 }
 
 /// The first 4 bytes of the transport header at `l4` (a UDP or TCP header's source and
-/// destination ports, as the packet holds them); `None` when they are not in the linear data.
+/// destination ports, as the packet holds them), from the linear data, else in one helper read.
 #[inline(always)]
 pub fn ports(ctx: &SkBuffContext, l4: usize) -> Option<[u8; 4]> {
     let (data, end) = linear(ctx);
     // `l4` is at most 60 (IHL); the mask says so to the verifier.
     let at = data + (l4 & 0x3f);
-    if at + 4 > end {
-        return None;
+    if at + 4 <= end {
+        // SAFETY: checked against data_end above.
+        return Some(unsafe { *(at as *const [u8; 4]) });
     }
-    // SAFETY: checked against data_end above.
-    Some(unsafe { *(at as *const [u8; 4]) })
+    ctx.load::<[u8; 4]>(l4).ok()
 }
 
-/// Whether a TCP segment whose header starts at `l4` carries no payload; `None` when its data
-/// offset is not in the linear data.
+/// Where the payload of the TCP segment whose header starts at `l4` begins, if it has one.
 #[inline(always)]
-pub fn tcp_without_payload(ctx: &SkBuffContext, l4: usize) -> Option<bool> {
+pub fn tcp_payload(ctx: &SkBuffContext, l4: usize) -> Option<usize> {
     let (data, end) = linear(ctx);
-    // `l4` is at most 60 (IHL); the mask says so to the verifier.
+    // As in `ports`.
     let at = data + (l4 & 0x3f) + 12;
-    if at + 1 > end {
-        return None;
-    }
-    // SAFETY: checked against data_end above.
-    let data_offset = usize::from(unsafe { *(at as *const u8) } >> 4) * 4;
-    Some(ctx.len() as usize <= (l4 & 0x3f) + data_offset)
+    let offset_byte = if at < end {
+        // SAFETY: checked against data_end above.
+        unsafe { *(at as *const u8) }
+    } else {
+        ctx.load::<u8>(l4 + 12).ok()?
+    };
+    let payload = l4 + usize::from(offset_byte >> 4) * 4;
+    (ctx.len() as usize > payload).then_some(payload)
 }

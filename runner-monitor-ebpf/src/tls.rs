@@ -26,7 +26,7 @@ use aya_ebpf::{
     programs::{SkBuffContext, SockAddrContext},
 };
 use runner_monitor_common::{
-    AF_INET, AF_INET6, EGRESS_BLOCK, EGRESS_SNI, EgressJob, EventKind, MAX_TLS_NAMES, ProcessJob,
+    AF_INET, EGRESS_BLOCK, EGRESS_SNI, EgressJob, EventKind, MAX_TLS_NAMES, ProcessJob,
     SNI_HASH_SEED, SNI_LEN, TLS_BLOCKED, TLS_NAME_EXACT, TLS_NAME_WILDCARD, TLS_NO_SNI,
     TLS_SNI_TRUNCATED, TLS_SOCKET_BYTES, TlsEvent, counter,
     tls::{ClientHello, TlsBytes, TlsNameKey, find_server_name, sni_hash_step},
@@ -37,7 +37,7 @@ use crate::{
     emit::send_built,
     maps::count,
     owner::SocketOwner,
-    packet::{self, ETH_P_IP, ETH_P_IPV6, IPPROTO_TCP},
+    packet::{self, IPPROTO_TCP},
 };
 
 /// A job TCP socket's storage: watched until its first data segment, then done (or refused).
@@ -123,47 +123,16 @@ impl TlsBytes for Segment<'_> {
     }
 }
 
-/// Where a TCP segment's payload starts and where it goes.
-struct Tcp {
-    family: u16,
-    port: u16,
-    addr: [u8; 16],
-    payload: u32,
-}
-
-/// The TCP segment in `ctx`, if it carries a payload.
+/// A TCP segment's destination address, as the event holds it.
 #[inline(always)]
-fn tcp_with_payload(ctx: &SkBuffContext) -> Option<Tcp> {
-    let protocol = u16::from_be(ctx.skb.protocol() as u16) as u32;
+fn destination(ctx: &SkBuffContext, family: u16) -> Option<[u8; 16]> {
     let mut addr = [0u8; 16];
-    let (family, l4) = match protocol {
-        ETH_P_IP => {
-            let vihl = ctx.load::<u8>(0).ok()?;
-            if ctx.load::<u8>(9).ok()? != IPPROTO_TCP {
-                return None;
-            }
-            addr[..4].copy_from_slice(&ctx.load::<[u8; 4]>(16).ok()?);
-            (AF_INET, u32::from(vihl & 0x0f) * 4)
-        }
-        ETH_P_IPV6 => {
-            // Extension headers are not followed: TCP clients do not send them.
-            if ctx.load::<u8>(6).ok()? != IPPROTO_TCP {
-                return None;
-            }
-            addr = ctx.load::<[u8; 16]>(24).ok()?;
-            (AF_INET6, 40)
-        }
-        _ => return None,
-    };
-    let port = u16::from_be(ctx.load::<u16>(l4 as usize + 2).ok()?);
-    let data_offset = u32::from(ctx.load::<u8>(l4 as usize + 12).ok()? >> 4) * 4;
-    let payload = l4 + data_offset;
-    (ctx.len() > payload).then_some(Tcp {
-        family,
-        port,
-        addr,
-        payload,
-    })
+    if family == AF_INET {
+        addr[..4].copy_from_slice(&ctx.load::<[u8; 4]>(16).ok()?);
+    } else {
+        addr = ctx.load::<[u8; 16]>(24).ok()?;
+    }
+    Some(addr)
 }
 
 /// Every packet a socket in the cgroup tree sends: 1 passes it, 0 drops it (a refused socket's).
@@ -180,11 +149,12 @@ fn egress_segment(ctx: &SkBuffContext) -> i32 {
     // Most packets go here, for a few loads and no helper call: what is not TCP, and the TCP
     // segments without a payload (handshakes, ACKs, FIN, RST), which hold no ClientHello. A
     // refused socket's segments without payload pass too: they carry nothing out.
-    if let Some((protocol, l4)) = packet::transport(ctx)
-        && (protocol != IPPROTO_TCP || packet::tcp_without_payload(ctx, l4) == Some(true))
-    {
+    let Some(tcp) = packet::transport(ctx).filter(|t| t.protocol == IPPROTO_TCP) else {
         return 1;
-    }
+    };
+    let Some(payload) = packet::tcp_payload(ctx, tcp.l4) else {
+        return 1;
+    };
     // SAFETY: a context field read.
     let sk = unsafe { (*ctx.skb.skb).__bindgen_anon_2.sk };
     if sk.is_null() {
@@ -216,11 +186,11 @@ fn egress_segment(ctx: &SkBuffContext) -> i32 {
         REFUSED => return 0,
         _ => return 1,
     }
-    let Some(tcp) = tcp_with_payload(ctx) else {
-        // The handshake's SYN and ACKs: the first data segment is still to come.
+    let (Some(ports), Some(addr)) = (packet::ports(ctx, tcp.l4), destination(ctx, tcp.family))
+    else {
         return 1;
     };
-    let hello = find_server_name(&Segment(ctx), tcp.payload);
+    let hello = find_server_name(&Segment(ctx), payload as u32);
     if hello == ClientHello::NotTls {
         // SAFETY: as above.
         unsafe { (*entry).state = DONE };
@@ -237,8 +207,8 @@ fn egress_segment(ctx: &SkBuffContext) -> i32 {
         .owner
         .fill_header(&mut event.header, EventKind::TlsClientHello);
     event.family = tcp.family;
-    event.port = tcp.port;
-    event.addr = tcp.addr;
+    event.port = u16::from_be_bytes([ports[2], ports[3]]);
+    event.addr = addr;
     event.flags = 0;
     event.sni_len = 0;
     event._pad = 0;
