@@ -23,3 +23,4 @@ pub const EGRESS_METADATA: &str = "EGRESS_METADATA";
 pub const DNS_PORTS: &str = "DNS_PORTS";
 pub const TLS_NAMES: &str = "TLS_NAMES";
 pub const TLS_SOCKETS: &str = "TLS_SOCKETS";
+pub const TLS_WATCHES: &str = "TLS_WATCHES";

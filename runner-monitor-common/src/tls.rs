@@ -62,6 +62,14 @@ pub const TLS_NAME_WILDCARD: u32 = 2;
 /// `runner-monitor-ebpf/src/tls.rs`): the pinned map's shape the agent checks.
 pub const TLS_SOCKET_BYTES: u32 = 64;
 
+/// Slots of `TLS_WATCHES`: job TCP sockets whose server name is only reported, each watched
+/// from its connect to its first data segment in the slot its socket cookie's low bits name (a
+/// power of two).
+pub const MAX_TLS_WATCHES: u32 = 32768;
+const _: () = assert!(MAX_TLS_WATCHES.is_power_of_two());
+/// Size of a `TLS_WATCHES` slot (the cookie, then the socket's state).
+pub const TLS_WATCH_BYTES: u32 = 8 + TLS_SOCKET_BYTES;
+
 /// Capacity of `TLS_NAMES` (names over all policies).
 pub const MAX_TLS_NAMES: u32 = 16384;
 

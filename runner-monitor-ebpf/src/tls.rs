@@ -1,34 +1,43 @@
 //! TLS server names: the ClientHello a job's TCP socket sends first, read in the kernel.
 //!
-//! `connect4`/`connect6` (net.rs) give a job process's TCP socket socket-local storage
-//! (`note_socket`); the `cgroup_skb` egress program then asks every packet's socket for it once
-//! (`tls_egress`): a socket without storage (every socket outside jobs) answers from a pointer
-//! in the socket, with no map look-up. The first segment with a payload is parsed
-//! (`runner_monitor_common::tls::find_server_name`), reported, and the socket marked done; when
-//! the job's plan at that moment says `sni = true` in block mode and the name is not allowed
-//! (`TLS_NAMES`), the socket is marked refused, and this segment and every later one (its
-//! retransmissions too) are dropped.
+//! `connect4`/`connect6` (net.rs) remember a job process's TCP socket (`note_socket`): when the
+//! job's plan enforces server names (`sni = true` in block mode), in socket-local storage
+//! (`TLS_SOCKETS`); otherwise, where only a report is at stake, in `TLS_WATCHES`, an array slot
+//! its socket cookie names: a few stores, where the storage's allocation took ~0.9 us of a
+//! connect's ~1.3 us in `dns_connect4`. The `cgroup_skb` egress program (`tls_egress`) asks each
+//! data segment's socket for its storage (a socket without storage answers from a pointer in
+//! the socket), and a socket's first data segment for its watch. That segment is parsed (`runner_monitor_common::tls::find_server_name`), reported, and the socket let go;
+//! when the job's plan at that moment enforces names and the name is not allowed (`TLS_NAMES`),
+//! the socket is refused: this segment and every later one (its retransmissions too) are
+//! dropped, and a watched socket gets storage then, to stay refused.
 //!
 //! The storage lives and dies with its socket (`BPF_MAP_TYPE_SK_STORAGE`): nothing to remove
-//! when a socket is closed, no capacity a job could fill to evict its own refused socket, and no
-//! look-up by cookie for each packet of every socket on the host. A job whose TLS is enforced
-//! cannot connect when the kernel cannot allocate the storage (fails closed, EPERM). The map is
-//! pinned with the process maps (`sensor/pins.rs`): the next agent's programs see the sockets
-//! this one watched or refused. The plan is not kept in the storage but read at the first data
-//! segment: policy ids are the agent's, and differ after a reload or a restart.
+//! when a socket is closed, and no capacity a job could fill to evict its own refused socket. A
+//! job whose TLS is enforced cannot connect when the kernel cannot allocate the storage (fails
+//! closed, EPERM). A watch lasts until a later socket's cookie names its slot (after about
+//! `MAX_TLS_WATCHES` more connects of jobs): a job that connects that many sockets between one
+//! socket's connect and its first data loses that socket's server name (its connect is still
+//! reported). Both maps are pinned with the process maps
+//! (`sensor/pins.rs`): the next agent's programs see the sockets this one watched or refused.
+//! The plan is not kept with the socket but read at the first data segment: policy ids are the
+//! agent's, and differ after a reload or a restart.
 
 use aya_ebpf::{
     EbpfContext,
+    bindings::{BPF_SK_STORAGE_GET_F_CREATE, bpf_sock},
     btf_maps::SkStorage,
-    helpers::generated::{bpf_sk_fullsock, bpf_sk_storage_get, bpf_skb_load_bytes},
+    helpers::generated::{
+        bpf_get_socket_cookie, bpf_sk_fullsock, bpf_sk_storage_get, bpf_skb_load_bytes,
+        bpf_tcp_sock,
+    },
     macros::{btf_map, cgroup_skb, map},
-    maps::{HashMap, PerCpuArray},
+    maps::{Array, HashMap, PerCpuArray},
     programs::{SkBuffContext, SockAddrContext},
 };
 use runner_monitor_common::{
-    AF_INET, EGRESS_BLOCK, EGRESS_SNI, EgressJob, EventKind, MAX_TLS_NAMES, ProcessJob,
-    SNI_HASH_SEED, SNI_LEN, TLS_BLOCKED, TLS_NAME_EXACT, TLS_NAME_WILDCARD, TLS_NO_SNI,
-    TLS_SNI_TRUNCATED, TLS_SOCKET_BYTES, TlsEvent, counter,
+    AF_INET, EGRESS_BLOCK, EGRESS_SNI, EgressJob, EventKind, MAX_TLS_NAMES, MAX_TLS_WATCHES,
+    ProcessJob, SNI_HASH_SEED, SNI_LEN, TLS_BLOCKED, TLS_NAME_EXACT, TLS_NAME_WILDCARD, TLS_NO_SNI,
+    TLS_SNI_TRUNCATED, TLS_SOCKET_BYTES, TLS_WATCH_BYTES, TlsEvent, counter,
     tls::{ClientHello, TlsBytes, TlsNameKey, find_server_name, sni_hash_step},
 };
 
@@ -40,7 +49,8 @@ use crate::{
     packet::{self, IPPROTO_TCP},
 };
 
-/// A job TCP socket's storage: watched until its first data segment, then done (or refused).
+/// A job TCP socket's state (its storage, or in its watch): watched until its first data
+/// segment, then done (or refused).
 #[repr(C)]
 #[derive(Clone, Copy)]
 struct TlsSocket {
@@ -59,6 +69,27 @@ const REFUSED: u32 = 2;
 #[btf_map]
 static TLS_SOCKETS: SkStorage<TlsSocket> = SkStorage::new();
 
+/// A watch: the socket's cookie (0: the slot is free), then its state.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct TlsWatch {
+    cookie: u64,
+    socket: TlsSocket,
+}
+
+const _: () = assert!(size_of::<TlsWatch>() == TLS_WATCH_BYTES as usize);
+
+/// The watches of job TCP sockets whose server name is only reported, each in the slot of its
+/// cookie (`watch_slot`): an array, so a watch is written with stores, no lock, no allocation.
+/// A socket's first data segment frees its slot; a later socket may take it before.
+#[map]
+static TLS_WATCHES: Array<TlsWatch> = Array::with_max_entries(MAX_TLS_WATCHES, 0);
+
+#[inline(always)]
+fn watch_slot(cookie: u64) -> u32 {
+    cookie as u32 & (MAX_TLS_WATCHES - 1)
+}
+
 /// (policy id, exact or wildcard, hash of the name or of the suffix after `*.`) -> 1: the
 /// names a policy with `sni = true` allows (written by the agent, `sensor::egress`).
 #[map]
@@ -71,8 +102,8 @@ const SOCK_STREAM: u32 = 1;
 
 /// Remembers job process `process`'s TCP socket at its (allowed) connect; loopback is left
 /// alone. `job` is the process's block-mode plan (`egress::blocking`). Returns 0 when the
-/// connect must be refused: its TLS is enforced and the socket could not be remembered (map
-/// full).
+/// connect must be refused: its TLS is enforced and the socket's storage could not be
+/// allocated.
 #[inline(always)]
 pub fn note_socket(
     ctx: &SockAddrContext,
@@ -92,6 +123,22 @@ pub fn note_socket(
         state: WATCHING,
         _pad: 0,
     };
+    if !job.is_some_and(|job| enforces_names(*job)) {
+        // SAFETY: the context is a socket-address context.
+        let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+        if let Some(slot) = TLS_WATCHES.get_ptr_mut(watch_slot(cookie)) {
+            // The cookie last, cleared first: a segment of the slot's earlier socket, read on
+            // another CPU meanwhile, does not find its cookie beside this socket's owner
+            // (`watched` reads it again after its copy).
+            // SAFETY: an array slot.
+            unsafe {
+                core::ptr::write_volatile(&raw mut (*slot).cookie, 0);
+                (*slot).socket = socket;
+                core::ptr::write_volatile(&raw mut (*slot).cookie, cookie);
+            }
+        }
+        return 1;
+    }
     // SAFETY: the context is a socket-address context; the storage is this socket's.
     let stored = unsafe { TLS_SOCKETS.get_or_insert_ptr_mut(ctx, Some(&mut socket)) };
     if !stored.is_null() {
@@ -100,12 +147,9 @@ pub fn note_socket(
         unsafe { *stored = socket };
         return 1;
     }
-    // No storage: only the server name is lost, unless the name is enforced.
-    if job.is_some_and(|job| enforces_names(*job)) {
-        count(counter::EGRESS_BLOCKED);
-        return 0;
-    }
-    1
+    // No storage for a socket whose name is enforced: refused (fails closed).
+    count(counter::EGRESS_BLOCKED);
+    0
 }
 
 /// The socket buffer as `find_server_name` reads it.
@@ -165,22 +209,22 @@ fn egress_segment(ctx: &SkBuffContext) -> i32 {
     if sk.is_null() {
         return 1;
     }
-    // SAFETY: `TLS_SOCKETS` is a socket storage map (its address is the map, as aya's own
-    // wrapper passes it); no value, no flags: a look-up that creates nothing.
-    let entry = unsafe {
-        bpf_sk_storage_get(
-            core::ptr::from_ref(&TLS_SOCKETS).cast_mut().cast(),
-            sk.cast(),
-            core::ptr::null_mut(),
-            0,
-        )
-    }
-    .cast::<TlsSocket>();
-    if entry.is_null() {
-        return 1;
-    }
-    // SAFETY: the socket's storage, valid for this program run.
-    let socket = unsafe { *entry };
+    // No value, no flags: a look-up that creates nothing.
+    let stored = storage(sk, core::ptr::null_mut(), 0);
+    let (socket, home) = if stored.is_null() {
+        // A watch is asked for once per socket, at its first data segment: a later one is not
+        // a ClientHello, and a watched socket refused gets storage.
+        if !first_data(ctx, sk) {
+            return 1;
+        }
+        match watched(ctx) {
+            Some((slot, socket)) => (socket, Home::Watch(slot)),
+            None => return 1,
+        }
+    } else {
+        // SAFETY: the socket's storage, valid for this program run.
+        (unsafe { *stored }, Home::Storage(stored))
+    };
     match socket.state {
         WATCHING => {}
         REFUSED => return 0,
@@ -192,13 +236,11 @@ fn egress_segment(ctx: &SkBuffContext) -> i32 {
     };
     let hello = find_server_name(&Segment(ctx), payload as u32);
     if hello == ClientHello::NotTls {
-        // SAFETY: as above.
-        unsafe { (*entry).state = DONE };
+        settle(&socket, home, sk, DONE);
         return 1;
     }
     let Some(event) = TLS_SCRATCH.get_ptr_mut(0) else {
-        // SAFETY: as above.
-        unsafe { (*entry).state = DONE };
+        settle(&socket, home, sk, DONE);
         return 1;
     };
     // SAFETY: per-CPU scratch owned by this program run.
@@ -247,17 +289,95 @@ fn egress_segment(ctx: &SkBuffContext) -> i32 {
     });
     if refuse {
         event.flags |= TLS_BLOCKED;
-        // SAFETY: as above.
-        unsafe { (*entry).state = REFUSED };
+        settle(&socket, home, sk, REFUSED);
         count(counter::EGRESS_BLOCKED);
     } else {
-        // SAFETY: as above.
-        unsafe { (*entry).state = DONE };
+        settle(&socket, home, sk, DONE);
     }
     if within_budget(socket.owner.job(), EventKind::TlsClientHello as u32) {
         send_built::<TlsEvent>(event);
     }
     if refuse { 0 } else { 1 }
+}
+
+/// Where a socket's state is kept.
+#[derive(Clone, Copy)]
+enum Home {
+    /// Its storage in `TLS_SOCKETS`.
+    Storage(*mut TlsSocket),
+    /// Its slot in `TLS_WATCHES`.
+    Watch(*mut TlsWatch),
+}
+
+/// The watch of the packet's socket, with a copy of its state, when its slot holds it.
+#[inline(always)]
+fn watched(ctx: &SkBuffContext) -> Option<(*mut TlsWatch, TlsSocket)> {
+    // SAFETY: the context is a socket buffer's.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let slot = TLS_WATCHES.get_ptr_mut(watch_slot(cookie))?;
+    // SAFETY: an array slot; the cookie is read before and after the copy (`note_socket` writes
+    // it last): a copy another socket's watch overwrote meanwhile is not taken.
+    unsafe {
+        if core::ptr::read_volatile(&raw const (*slot).cookie) != cookie {
+            return None;
+        }
+        let socket = (*slot).socket;
+        (core::ptr::read_volatile(&raw const (*slot).cookie) == cookie).then_some((slot, socket))
+    }
+}
+
+/// Whether this data segment is the first its TCP socket sends (not a later one, nor the first
+/// sent again): the kernel adds a segment to the socket's `data_segs_out` before the packet
+/// reaches this hook, and `gso_segs` is how many segments the packet is.
+#[inline(always)]
+fn first_data(ctx: &SkBuffContext, sk: *mut bpf_sock) -> bool {
+    // SAFETY: `sk` is a full socket; null back: not TCP.
+    let tp = unsafe { bpf_tcp_sock(sk) };
+    if tp.is_null() {
+        return false;
+    }
+    // SAFETY: context and TCP socket field reads.
+    let (sent, segments) = unsafe { ((*tp).data_segs_out, (*ctx.skb.skb).gso_segs) };
+    sent <= segments.max(1)
+}
+
+/// `bpf_sk_storage_get` on `TLS_SOCKETS` for full socket `sk`.
+#[inline(always)]
+fn storage(sk: *mut bpf_sock, value: *mut TlsSocket, flags: u64) -> *mut TlsSocket {
+    // SAFETY: `TLS_SOCKETS` is a socket storage map (its address is the map, as aya's own
+    // wrapper passes it); `sk` is a full socket; `value` is null or a whole `TlsSocket`.
+    unsafe {
+        bpf_sk_storage_get(
+            core::ptr::from_ref(&TLS_SOCKETS).cast_mut().cast(),
+            sk.cast(),
+            value.cast(),
+            flags,
+        )
+    }
+    .cast()
+}
+
+/// Leaves the socket's state `state` (`DONE` or `REFUSED`) after its first data segment, and
+/// frees a watch's slot. A refused watch (its job's plan came to enforce names after its
+/// connect) gets storage, which keeps its later segments and retransmissions refused; when the
+/// kernel cannot allocate it, only this segment is dropped.
+#[inline(always)]
+fn settle(socket: &TlsSocket, home: Home, sk: *mut bpf_sock, state: u32) {
+    let slot = match home {
+        // SAFETY: the socket's storage, valid for this program run.
+        Home::Storage(stored) => return unsafe { (*stored).state = state },
+        Home::Watch(slot) => slot,
+    };
+    if state == REFUSED {
+        let mut refused = TlsSocket { state, ..*socket };
+        let stored = storage(sk, &mut refused, u64::from(BPF_SK_STORAGE_GET_F_CREATE));
+        if !stored.is_null() {
+            // SAFETY: the socket's storage, valid for this program run.
+            unsafe { *stored = refused };
+        }
+    }
+    // SAFETY: as above.
+    unsafe { core::ptr::write_volatile(&raw mut (*slot).cookie, 0) };
 }
 
 /// Whether `job`'s plan checks TLS server names (`sni = true` in block mode).

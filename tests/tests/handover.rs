@@ -228,6 +228,44 @@ fn tls_plan(server: &str, name: &str) -> EgressPlan {
     }
 }
 
+/// Starts a `tls-held` connection of `job` for each (name, when) of `cases`, from the client
+/// namespace of `ns` to `addr`; each one's output lines come from the function returned.
+fn held_connections(
+    env: &TestEnv,
+    job: &mut Job,
+    ns: &NetPair,
+    addr: &str,
+    cases: &[(&str, &str)],
+) -> impl Fn(usize) -> Vec<String> + use<> {
+    let go = env.dir.join("go");
+    let out = |i: usize| env.dir.join(format!("held-{i}.out"));
+    for (i, (name, when)) in cases.iter().enumerate() {
+        job.run(&format!(
+            "ip netns exec {} {} tls-held {name} {addr} {} {when} > {} 2>&1 &",
+            ns.client,
+            job_step().display(),
+            go.display(),
+            out(i).display()
+        ));
+    }
+    let dir = env.dir.clone();
+    move |i: usize| {
+        std::fs::read_to_string(dir.join(format!("held-{i}.out")))
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    }
+}
+
+/// Waits up to `within` for `done`.
+fn wait_for(within: Duration, done: impl Fn() -> bool) {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline && !done() {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// A job's TLS connections live across a hand-over (`SIGUSR2`) to the next agent, whose policy
 /// ids differ: a ClientHello refused before stays refused (its retransmissions are dropped too),
 /// one sent afterwards on a socket connected before is judged by the job's plan as the next agent
@@ -246,36 +284,16 @@ fn tls_refused_before_a_hand_over_stays_refused_and_held_sockets_are_judged_afte
     let plan = tls_plan(SERVER, "allowed.example");
     first.egress_mut().set_job(job.key, &plan).unwrap();
 
-    let go = env.dir.join("go");
     let cases = [
         ("evil.example", "before"),
         ("evil.example", "after"),
         ("allowed.example", "after"),
     ];
-    let out = |i: usize| env.dir.join(format!("held-{i}.out"));
-    for (i, (name, when)) in cases.iter().enumerate() {
-        job.run(&format!(
-            "ip netns exec {} {} tls-held {name} {addr} {} {when} > {} 2>&1 &",
-            ns.client,
-            job_step().display(),
-            go.display(),
-            out(i).display()
-        ));
-    }
-    let lines = |i: usize| -> Vec<String> {
-        std::fs::read_to_string(out(i))
-            .unwrap_or_default()
-            .lines()
-            .map(str::to_owned)
-            .collect()
-    };
+    let lines = held_connections(&env, &mut job, &ns, &addr, &cases);
     // Each has connected; the one that sent first was refused.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while Instant::now() < deadline
-        && !(lines(0).len() >= 2 && lines(1).len() + lines(2).len() >= 2)
-    {
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_for(Duration::from_secs(20), || {
+        lines(0).len() >= 2 && lines(1).len() + lines(2).len() >= 2
+    });
     assert_eq!(lines(0), ["sent", "silent"], "before the hand-over");
     assert_eq!(lines(1), ["connected"]);
     assert_eq!(lines(2), ["connected"]);
@@ -289,14 +307,11 @@ fn tls_refused_before_a_hand_over_stays_refused_and_held_sockets_are_judged_afte
         .set_job(other, &tls_plan(SERVER, "evil.example"))
         .unwrap();
     next.egress_mut().set_job(job.key, &plan).unwrap();
-    std::fs::write(&go, "").unwrap();
+    std::fs::write(env.dir.join("go"), "").unwrap();
 
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while Instant::now() < deadline
-        && !(lines(0).len() >= 3 && lines(1).len() >= 2 && lines(2).len() >= 2)
-    {
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_for(Duration::from_secs(30), || {
+        lines(0).len() >= 3 && lines(1).len() >= 2 && lines(2).len() >= 2
+    });
     assert_eq!(
         lines(0),
         ["sent", "silent", "silent"],
@@ -313,5 +328,51 @@ fn tls_refused_before_a_hand_over_stays_refused_and_held_sockets_are_judged_afte
         "an allowed name, sent after the hand-over"
     );
     next.stop();
+    let _ = std::fs::remove_dir_all(&pins);
+}
+
+/// A socket connected while its job's plan only reports server names is watched, not given
+/// storage (`runner-monitor-ebpf/src/tls.rs`); when the plan enforces names by the time it sends
+/// its ClientHello (a reload), a name outside the allowlist is refused there, and its
+/// retransmissions with it (the socket gets storage then), while an allowed name goes through.
+#[test]
+fn a_socket_connected_before_its_plan_enforces_names_is_judged_at_its_client_hello() {
+    const SERVER: &str = "10.219.0.2";
+    let env = TestEnv::new("watched-tls");
+    let mut ns = NetPair::new("wt", 219, &[SERVER], &[]);
+    let server = ns.server.clone();
+    let addr = format!("{SERVER}:7443");
+    ns.serve(&server, &["tls-serve".to_owned(), addr.clone()]);
+    let pins = pin_dir_of(&env.dir);
+    let mut sensor = load(&pins, &SensorPolicy::default());
+    let mut job = Job::start(&mut sensor, &env);
+    let enforced = tls_plan(SERVER, "allowed.example");
+    let reported = EgressPlan {
+        sni: false,
+        ..enforced.clone()
+    };
+    sensor.egress_mut().set_job(job.key, &reported).unwrap();
+
+    let cases = [("evil.example", "after"), ("allowed.example", "after")];
+    let lines = held_connections(&env, &mut job, &ns, &addr, &cases);
+    wait_for(Duration::from_secs(20), || {
+        lines(0).len() + lines(1).len() >= 2
+    });
+    assert_eq!(lines(0), ["connected"]);
+    assert_eq!(lines(1), ["connected"]);
+
+    sensor.egress_mut().set_job(job.key, &enforced).unwrap();
+    std::fs::write(env.dir.join("go"), "").unwrap();
+    wait_for(Duration::from_secs(30), || {
+        lines(0).len() >= 2 && lines(1).len() >= 2
+    });
+    assert_eq!(
+        lines(0),
+        ["connected", "silent"],
+        "a name outside the allowlist (or its retransmission), on a socket connected before \
+         the plan enforced names, reached the server"
+    );
+    assert_eq!(lines(1), ["connected", "answered"], "an allowed name");
+    sensor.stop();
     let _ = std::fs::remove_dir_all(&pins);
 }

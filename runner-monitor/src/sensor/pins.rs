@@ -19,7 +19,7 @@ use runner_monitor_common::{
     CONTAINER_ID_LEN, JobState, MAX_JOBS, MAX_TRACKED_PROCESSES, ProcessJob, RING_BUFFER_BYTES,
     container::{MAX_CONTAINERS, MAX_UNIX_CONNS, RUNTIME_TGID_WORDS},
     map_name,
-    tls::TLS_SOCKET_BYTES,
+    tls::{MAX_TLS_WATCHES, TLS_SOCKET_BYTES, TLS_WATCH_BYTES},
 };
 
 use super::SensorError;
@@ -45,7 +45,7 @@ pub struct Pin {
 
 /// The maps that carry job attribution across restarts, with their expected shape
 /// (key size, value size, capacity).
-fn pinned_maps() -> [(&'static str, u32, u32, u32); 7] {
+fn pinned_maps() -> [(&'static str, u32, u32, u32); 8] {
     [
         (
             map_name::PROCESSES,
@@ -94,6 +94,14 @@ fn pinned_maps() -> [(&'static str, u32, u32, u32); 7] {
             size_of::<i32>() as u32,
             TLS_SOCKET_BYTES,
             0,
+        ),
+        // And those whose server name is only reported: one connected before a restart and
+        // sending its ClientHello after is still reported.
+        (
+            map_name::TLS_WATCHES,
+            size_of::<u32>() as u32,
+            TLS_WATCH_BYTES,
+            MAX_TLS_WATCHES,
         ),
     ]
 }
