@@ -228,6 +228,21 @@ fn tls_plan(server: &str, name: &str) -> EgressPlan {
     }
 }
 
+/// A namespace pair tagged `tag` whose server `server` (10.N.0.2) answers TLS on port 7443: the
+/// pair, and the server's address.
+fn tls_server(tag: &str, server: &str) -> (NetPair, String) {
+    let net = server
+        .split('.')
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .expect("10.N.0.2");
+    let mut ns = NetPair::new(tag, net, &[server], &[]);
+    let host = ns.server.clone();
+    let addr = format!("{server}:7443");
+    ns.serve(&host, &["tls-serve".to_owned(), addr.clone()]);
+    (ns, addr)
+}
+
 /// Starts a `tls-held` connection of `job` for each (name, when) of `cases`, from the client
 /// namespace of `ns` to `addr`; each one's output lines come from the function returned.
 fn held_connections(
@@ -274,10 +289,7 @@ fn wait_for(within: Duration, done: impl Fn() -> bool) {
 fn tls_refused_before_a_hand_over_stays_refused_and_held_sockets_are_judged_after_it() {
     const SERVER: &str = "10.218.0.2";
     let env = TestEnv::new("handover-tls");
-    let mut ns = NetPair::new("ht", 218, &[SERVER], &[]);
-    let server = ns.server.clone();
-    let addr = format!("{SERVER}:7443");
-    ns.serve(&server, &["tls-serve".to_owned(), addr.clone()]);
+    let (ns, addr) = tls_server("ht", SERVER);
     let pins = pin_dir_of(&env.dir);
     let mut first = load(&pins, &SensorPolicy::default());
     let mut job = Job::start(&mut first, &env);
@@ -339,10 +351,7 @@ fn tls_refused_before_a_hand_over_stays_refused_and_held_sockets_are_judged_afte
 fn a_socket_connected_before_its_plan_enforces_names_is_judged_at_its_client_hello() {
     const SERVER: &str = "10.219.0.2";
     let env = TestEnv::new("watched-tls");
-    let mut ns = NetPair::new("wt", 219, &[SERVER], &[]);
-    let server = ns.server.clone();
-    let addr = format!("{SERVER}:7443");
-    ns.serve(&server, &["tls-serve".to_owned(), addr.clone()]);
+    let (ns, addr) = tls_server("wt", SERVER);
     let pins = pin_dir_of(&env.dir);
     let mut sensor = load(&pins, &SensorPolicy::default());
     let mut job = Job::start(&mut sensor, &env);
