@@ -227,12 +227,21 @@ impl Runs {
         let mut out = serde_json::Map::new();
         for (i, mode) in MODES.iter().enumerate() {
             let m = median(&mut self.ns[i].clone());
+            // Each round's ratio to the same round's off: the modes of a round run one after
+            // the other, so what drifts between rounds (the host's load) falls out.
+            let mut paired: Vec<f64> = self.ns[i]
+                .iter()
+                .zip(&self.ns[0])
+                .map(|(mode, off)| mode / off)
+                .collect();
             out.insert(
                 (*mode).into(),
                 json!({
                     "ns": m,
                     "spread": spread(&self.ns[i]),
                     "ratio": m / off,
+                    "paired_ratio": median(&mut paired),
+                    "paired_spread": spread(&paired),
                     "rounds": self.ns[i],
                     "max_ns": self.max_ns[i].iter().cloned().fold(0.0, f64::max),
                     "over_100ms": self.over_100ms[i].iter().sum::<f64>(),
@@ -339,7 +348,7 @@ pub(super) fn print(v: &Value) {
     println!(
         "\negress (connect: {} TCP connects to a namespace listener that accepts and closes; http: \
          {} requests of 16 KiB, a connection each; median of {} interleaved rounds, spread, ratio \
-         to agent off):",
+         of the medians to agent off, and the median of each round's ratio to its own off):",
         v["connects"], v["requests"], v["rounds"]
     );
     for part in ["connect", "http"] {
@@ -348,12 +357,16 @@ pub(super) fn print(v: &Value) {
             .map(|mode| {
                 let m = &v[part][mode];
                 let us = |x: &Value| x.as_f64().unwrap_or(0.0) / 1000.0;
+                let x = |v: &Value| v.as_f64().unwrap_or(0.0);
                 format!(
-                    "{mode} {:.1} us ({:.1}-{:.1}) {:.3}x",
+                    "{mode} {:.1} us ({:.1}-{:.1}) {:.3}x, paired {:.3}x ({:.3}-{:.3})",
                     us(&m["ns"]),
                     us(&m["spread"][0]),
                     us(&m["spread"][1]),
-                    m["ratio"].as_f64().unwrap_or(0.0)
+                    x(&m["ratio"]),
+                    x(&m["paired_ratio"]),
+                    x(&m["paired_spread"][0]),
+                    x(&m["paired_spread"][1])
                 )
             })
             .collect();
