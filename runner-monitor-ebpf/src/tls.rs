@@ -6,10 +6,11 @@
 //! its socket cookie names: a few stores, where the storage's allocation took ~0.9 us of a
 //! connect's ~1.3 us in `dns_connect4`. The `cgroup_skb` egress program (`tls_egress`) asks each
 //! data segment's socket for its storage (a socket without storage answers from a pointer in
-//! the socket), and a socket's first data segment for its watch. That segment is parsed (`runner_monitor_common::tls::find_server_name`), reported, and the socket let go;
-//! when the job's plan at that moment enforces names and the name is not allowed (`TLS_NAMES`),
-//! the socket is refused: this segment and every later one (its retransmissions too) are
-//! dropped, and a watched socket gets storage then, to stay refused.
+//! the socket), and a socket's first data segment for its watch. That segment is parsed
+//! (`runner_monitor_common::tls::find_server_name`), reported, and the socket let go; when the
+//! job's plan at that moment enforces names and the name is not allowed (`TLS_NAMES`), the
+//! socket is refused: this segment and every later one (its retransmissions too) are dropped,
+//! and a watched socket gets storage then, to stay refused.
 //!
 //! The storage lives and dies with its socket (`BPF_MAP_TYPE_SK_STORAGE`): nothing to remove
 //! when a socket is closed, and no capacity a job could fill to evict its own refused socket. A
@@ -17,10 +18,10 @@
 //! closed, EPERM). A watch lasts until a later socket's cookie names its slot (after about
 //! `MAX_TLS_WATCHES` more connects of jobs): a job that connects that many sockets between one
 //! socket's connect and its first data loses that socket's server name (its connect is still
-//! reported). Both maps are pinned with the process maps
-//! (`sensor/pins.rs`): the next agent's programs see the sockets this one watched or refused.
-//! The plan is not kept with the socket but read at the first data segment: policy ids are the
-//! agent's, and differ after a reload or a restart.
+//! reported). Both maps are pinned with the process maps (`sensor/pins.rs`): the next agent's
+//! programs see the sockets this one watched or refused. The plan is not kept with the socket
+//! but read at the first data segment: policy ids are the agent's, and differ after a reload or
+//! a restart.
 
 use aya_ebpf::{
     EbpfContext,
