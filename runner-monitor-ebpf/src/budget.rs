@@ -17,15 +17,23 @@ static JOB_BUDGETS: LruHashMap<u64, JobBudget> = LruHashMap::with_max_entries(MA
 /// counted, per kind with the ring buffer's losses and per job in `JOB_BUDGETS`.
 #[inline(always)]
 pub fn within_budget(job: u64, kind: u32) -> bool {
+    within_budget_at(job, kind, now_ns())
+}
+
+/// `within_budget`, with the clock already read (`now`, from `bpf_ktime_get_ns`): an event
+/// whose header holds its time spares the budget a clock read.
+#[inline(always)]
+pub fn within_budget_at(job: u64, kind: u32, now: u64) -> bool {
     let per_window = u64::from(crate::names::setting(setting::JOB_EVENTS_PER_WINDOW));
     if per_window == 0 {
         return true;
     }
-    let now = now_ns();
     match JOB_BUDGETS.get_ptr_mut(job) {
         // SAFETY: a map value; concurrent updates from other CPUs only make the counts inexact.
         Some(b) => unsafe {
-            if now.wrapping_sub((*b).window_ns) >= BUDGET_WINDOW_NS {
+            // A time older than the window's start (a long connect's, read at its entry) counts
+            // in the window: it never moves the window back.
+            if now.saturating_sub((*b).window_ns) >= BUDGET_WINDOW_NS {
                 (*b).window_ns = now;
                 (*b).count = 1;
                 return true;

@@ -25,15 +25,17 @@ use runner_monitor_common::{
 
 use crate::{
     args::{syscall_arg_direct, syscall_ret_direct},
-    budget::within_budget,
+    budget::{within_budget, within_budget_at},
     emit::{fill_header, send_built},
-    maps::{PENDING_CONNECTS, count, current_process},
+    maps::{PENDING_CONNECTS, PendingConnect, count, current_process},
     owner::SocketOwner,
     packet::{self, IPPROTO_UDP},
 };
 
+/// Per-CPU room to build a connect record (too large for the BPF stack): a thread's first
+/// connect, before its insert, and io_uring connects.
 #[map]
-static CONNECT_SCRATCH: PerCpuArray<ConnectEvent> = PerCpuArray::with_max_entries(1, 0);
+static CONNECT_SCRATCH: PerCpuArray<PendingConnect> = PerCpuArray::with_max_entries(1, 0);
 
 /// How many sockets that talk to port 53 are remembered at once.
 const MAX_DNS_SOCKETS: u32 = 8192;
@@ -48,18 +50,19 @@ static DNS_SCRATCH: PerCpuArray<DnsEvent> = PerCpuArray::with_max_entries(1, 0);
 
 const DNS_PORT: u16 = 53;
 
-/// Builds, in per-CPU scratch, the connect event of the current job process for the user
-/// address `addr` (`addrlen` bytes); `None` when the address is not one the agent reports
-/// (inet, inet6, unix) or cannot be read.
+/// Builds, in `event`, the connect event of the current job process for the user address
+/// `addr` (`addrlen` bytes); false, with `event` untouched, when the address is not one the
+/// agent reports (inet, inet6, unix) or cannot be read.
 #[inline(always)]
 fn connect_event(
     process: &ProcessJob,
     fd: i32,
     addr: u64,
     addrlen: i64,
-) -> Option<&'static mut ConnectEvent> {
+    event: &mut ConnectEvent,
+) -> bool {
     if addr == 0 {
-        return None;
+        return false;
     }
     // The first 8 bytes in one read: an inet address's family, port and IPv4 address (a
     // `sockaddr_in` is 16 bytes). Each user read is a helper call on every connect of a job; a
@@ -73,16 +76,13 @@ fn connect_event(
             Ok(family) => family,
             Err(_) => {
                 count(counter::USER_READ_ERRORS);
-                return None;
+                return false;
             }
         },
     };
     if family != AF_INET && family != AF_INET6 && family != AF_UNIX {
-        return None;
+        return false;
     }
-    let event = CONNECT_SCRATCH.get_ptr_mut(0)?;
-    // SAFETY: per-CPU scratch owned by this program run.
-    let event = unsafe { &mut *event };
     fill_header(&mut event.header, EventKind::Connect, Some(process));
     event.result = 0;
     event.fd = fd;
@@ -130,7 +130,7 @@ fn connect_event(
             }
         }
     }
-    Some(event)
+    true
 }
 
 // long sys_connect(int fd, struct sockaddr __user *uservaddr, int addrlen)
@@ -143,11 +143,30 @@ pub fn sys_enter_connect(ctx: TracePointContext) -> u32 {
     let fd = syscall_arg_direct(&ctx, 0) as i32;
     let addr = syscall_arg_direct(&ctx, 1);
     let addrlen = syscall_arg_direct(&ctx, 2) as i64;
-    let Some(event) = connect_event(&process, fd, addr, addrlen) else {
+    let tid = bpf_get_current_pid_tgid() as u32;
+    if let Some(pending) = PENDING_CONNECTS.get_ptr_mut(tid) {
+        // SAFETY: the entry belongs to this thread, which is the only one that touches it.
+        let pending = unsafe { &mut *pending };
+        pending.armed = u32::from(connect_event(
+            &process,
+            fd,
+            addr,
+            addrlen,
+            &mut pending.event,
+        ));
+        return 0;
+    }
+    let Some(pending) = CONNECT_SCRATCH.get_ptr_mut(0) else {
         return 0;
     };
-    let tid = bpf_get_current_pid_tgid() as u32;
-    if PENDING_CONNECTS.insert(tid, event, 0).is_err() {
+    // SAFETY: per-CPU scratch owned by this program run.
+    let pending = unsafe { &mut *pending };
+    if !connect_event(&process, fd, addr, addrlen, &mut pending.event) {
+        return 0;
+    }
+    pending.armed = 1;
+    pending._pad = 0;
+    if PENDING_CONNECTS.insert(tid, pending, 0).is_err() {
         count(counter::PENDING_MAP_FULL);
     }
     0
@@ -159,9 +178,14 @@ pub fn sys_enter_connect(ctx: TracePointContext) -> u32 {
 /// with `result` 0: the connect runs later.
 #[inline(always)]
 pub fn io_uring_connect(process: &ProcessJob, fd: i32, addr: u64, addrlen: i64) {
-    let Some(event) = connect_event(process, fd, addr, addrlen) else {
+    let Some(pending) = CONNECT_SCRATCH.get_ptr_mut(0) else {
         return;
     };
+    // SAFETY: per-CPU scratch owned by this program run.
+    let event = unsafe { &mut (*pending).event };
+    if !connect_event(process, fd, addr, addrlen, event) {
+        return;
+    }
     // A connect block mode will refuse is reported by the sock_addr program when the request
     // runs, as refused; reported here too it would be one connection seen twice, the first time
     // as if it had gone through.
@@ -179,11 +203,16 @@ pub fn io_uring_connect(process: &ProcessJob, fd: i32, addr: u64, addrlen: i64) 
 #[tracepoint]
 pub fn sys_exit_connect(ctx: TracePointContext) -> u32 {
     let tid = bpf_get_current_pid_tgid() as u32;
-    let Some(event) = PENDING_CONNECTS.get_ptr_mut(tid) else {
+    let Some(pending) = PENDING_CONNECTS.get_ptr_mut(tid) else {
         return 0;
     };
     // SAFETY: the entry belongs to this thread, which is the only one that touches it.
-    let event = unsafe { &mut *event };
+    let pending = unsafe { &mut *pending };
+    if pending.armed == 0 {
+        return 0;
+    }
+    pending.armed = 0;
+    let event = &mut pending.event;
     event.result = syscall_ret_direct(&ctx);
     if event.family == AF_UNIX
         && event.result == 0
@@ -191,10 +220,14 @@ pub fn sys_exit_connect(ctx: TracePointContext) -> u32 {
     {
         crate::runtime_requests::unix_connected(event.header.tgid, event.fd, event.header.job);
     }
-    if within_budget(event.header.job, EventKind::Connect as u32) {
+    // The budget's clock: the connect's start, read at its entry, for one clock read less.
+    if within_budget_at(
+        event.header.job,
+        EventKind::Connect as u32,
+        event.header.ts_ns,
+    ) {
         send_built::<ConnectEvent>(event);
     }
-    let _ = PENDING_CONNECTS.remove(tid);
     0
 }
 

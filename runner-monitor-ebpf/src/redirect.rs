@@ -31,7 +31,7 @@ use runner_monitor_common::{
 
 use crate::{
     egress::{set_user_ip6, user_ip6},
-    maps::{PENDING_CONNECTS, current_process},
+    maps::{current_process, pending_connect},
     names,
 };
 
@@ -179,7 +179,7 @@ fn remember(ctx: &SockAddrContext, original: Redirected, send: bool) {
     let _ = DNS_REDIRECTS.insert(cookie, original, 0);
     if !send {
         let tid = aya_ebpf::helpers::bpf_get_current_pid_tgid() as u32;
-        if let Some(event) = PENDING_CONNECTS.get_ptr_mut(tid) {
+        if let Some(event) = pending_connect(tid) {
             // SAFETY: the entry belongs to this thread, which is the only one that touches it.
             unsafe { (*event).flags |= CONNECT_DNS_REDIRECTED };
         }

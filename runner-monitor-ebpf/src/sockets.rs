@@ -17,7 +17,7 @@ use runner_monitor_common::{
 };
 
 use crate::{
-    args::syscall_arg,
+    args::syscall_arg_direct,
     budget::within_budget,
     emit::send,
     maps::{count, current_process},
@@ -26,9 +26,8 @@ use crate::{
 /// Runs in the task calling `socket()`: 1 lets the socket be created, 0 refuses it (EPERM).
 #[cgroup_sock(sock_create)]
 pub fn raw_socket_create(ctx: SockContext) -> i32 {
-    let Some(process) = current_process() else {
-        return 1;
-    };
+    // Every inet socket of the host comes here: its kind is checked from the context first, and
+    // only a raw or ping socket pays the process look-up.
     // SAFETY: context field reads.
     let (family, kind, protocol) = unsafe {
         let sk = ctx.sock;
@@ -43,6 +42,9 @@ pub fn raw_socket_create(ctx: SockContext) -> i32 {
     if !(inet && (kind == SOCK_RAW || ping)) {
         return 1;
     }
+    let Some(process) = current_process() else {
+        return 1;
+    };
     let refuse = crate::egress::blocks(&process);
     if refuse {
         count(counter::EGRESS_BLOCKED);
@@ -110,8 +112,12 @@ pub fn fentry_socket_create(ctx: FEntryContext) -> i32 {
 // SOCK_NONBLOCK and SOCK_CLOEXEC share the type argument (`packet_socket` masks them off).
 #[tracepoint]
 pub fn sys_enter_socket(ctx: TracePointContext) -> u32 {
-    let arg = |n| syscall_arg::<i64>(&ctx, n) as i32;
-    packet_socket(arg(0), arg(1), arg(2), 0, false);
+    // Every socket() of the host: loads from the record, the family first.
+    let arg = |n| syscall_arg_direct(&ctx, n) as i32;
+    let family = arg(0);
+    if family as u16 == AF_PACKET {
+        packet_socket(family, arg(1), arg(2), 0, false);
+    }
     0
 }
 
