@@ -488,10 +488,27 @@ pub fn alertmanager_has(port: u16, job_id: &str) -> bool {
         })
 }
 
-pub fn wait_until(what: &str, seconds: u64, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(seconds);
-    while !done() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(250));
+/// Waits up to `seconds` for `done`, polled every 250 ms; panics naming `what` at the deadline.
+pub fn wait_until(what: &str, seconds: u64, done: impl FnMut() -> bool) {
+    let within = Duration::from_secs(seconds);
+    let every = Duration::from_millis(250);
+    assert!(
+        poll_until(within, every, done),
+        "timed out waiting for {what}"
+    );
+}
+
+/// Polls `done` every `every` until it holds (true) or `within` has passed (false): for a test
+/// whose own assertions, after the wait, say better what went wrong.
+pub fn poll_until(within: Duration, every: Duration, mut done: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + within;
+    loop {
+        if done() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(every);
     }
 }

@@ -9,7 +9,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use integration_tests::{TestEnv, job_step, netpair::NetPair, pin_dir_of};
+use integration_tests::{TestEnv, job_step, live::poll_until, netpair::NetPair, pin_dir_of};
 use runner_monitor::{
     event::{Event, EventDetail, JobKey},
     policy::{EgressPlan, SensorPolicy},
@@ -230,17 +230,13 @@ fn tls_plan(server: &str, name: &str) -> EgressPlan {
 
 /// A namespace pair tagged `tag` whose server `server` (10.N.0.2) answers TLS on port 7443: the
 /// pair, and the server's address.
-fn tls_server(tag: &str, server: &str) -> (NetPair, String) {
-    let net = server
-        .split('.')
-        .nth(1)
-        .and_then(|n| n.parse().ok())
-        .expect("10.N.0.2");
-    let mut ns = NetPair::new(tag, net, &[server], &[]);
+fn tls_server(tag: &str, net: u8) -> (NetPair, String, String) {
+    let server = format!("10.{net}.0.2");
+    let mut ns = NetPair::new(tag, net, &[&server], &[]);
     let host = ns.server.clone();
     let addr = format!("{server}:7443");
     ns.serve(&host, &["tls-serve".to_owned(), addr.clone()]);
-    (ns, addr)
+    (ns, server, addr)
 }
 
 /// Starts a `tls-held` connection of `job` for each (name, when) of `cases`, from the client
@@ -273,12 +269,13 @@ fn held_connections(
     }
 }
 
-/// Waits up to `within` for `done`.
-fn wait_for(within: Duration, done: impl Fn() -> bool) {
-    let deadline = Instant::now() + within;
-    while Instant::now() < deadline && !done() {
-        std::thread::sleep(Duration::from_millis(50));
-    }
+/// Waits up to `seconds` for `done`; the assertions after it say what did not happen.
+fn wait_for(seconds: u64, done: impl Fn() -> bool) {
+    poll_until(
+        Duration::from_secs(seconds),
+        Duration::from_millis(50),
+        done,
+    );
 }
 
 /// A job's TLS connections live across a hand-over (`SIGUSR2`) to the next agent, whose policy
@@ -287,13 +284,12 @@ fn wait_for(within: Duration, done: impl Fn() -> bool) {
 /// wrote it.
 #[test]
 fn tls_refused_before_a_hand_over_stays_refused_and_held_sockets_are_judged_after_it() {
-    const SERVER: &str = "10.218.0.2";
     let env = TestEnv::new("handover-tls");
-    let (ns, addr) = tls_server("ht", SERVER);
+    let (ns, server, addr) = tls_server("ht", 218);
     let pins = pin_dir_of(&env.dir);
     let mut first = load(&pins, &SensorPolicy::default());
     let mut job = Job::start(&mut first, &env);
-    let plan = tls_plan(SERVER, "allowed.example");
+    let plan = tls_plan(&server, "allowed.example");
     first.egress_mut().set_job(job.key, &plan).unwrap();
 
     let cases = [
@@ -303,7 +299,7 @@ fn tls_refused_before_a_hand_over_stays_refused_and_held_sockets_are_judged_afte
     ];
     let lines = held_connections(&env, &mut job, &ns, &addr, &cases);
     // Each has connected; the one that sent first was refused.
-    wait_for(Duration::from_secs(20), || {
+    wait_for(20, || {
         lines(0).len() >= 2 && lines(1).len() + lines(2).len() >= 2
     });
     assert_eq!(lines(0), ["sent", "silent"], "before the hand-over");
@@ -316,12 +312,12 @@ fn tls_refused_before_a_hand_over_stays_refused_and_held_sockets_are_judged_afte
     // name, takes the id the first agent gave this job's.
     let other = JobKey(u64::MAX - 1);
     next.egress_mut()
-        .set_job(other, &tls_plan(SERVER, "evil.example"))
+        .set_job(other, &tls_plan(&server, "evil.example"))
         .unwrap();
     next.egress_mut().set_job(job.key, &plan).unwrap();
     std::fs::write(env.dir.join("go"), "").unwrap();
 
-    wait_for(Duration::from_secs(30), || {
+    wait_for(30, || {
         lines(0).len() >= 3 && lines(1).len() >= 2 && lines(2).len() >= 2
     });
     assert_eq!(
@@ -349,13 +345,12 @@ fn tls_refused_before_a_hand_over_stays_refused_and_held_sockets_are_judged_afte
 /// retransmissions with it (the socket gets storage then), while an allowed name goes through.
 #[test]
 fn a_socket_connected_before_its_plan_enforces_names_is_judged_at_its_client_hello() {
-    const SERVER: &str = "10.219.0.2";
     let env = TestEnv::new("watched-tls");
-    let (ns, addr) = tls_server("wt", SERVER);
+    let (ns, server, addr) = tls_server("wt", 219);
     let pins = pin_dir_of(&env.dir);
     let mut sensor = load(&pins, &SensorPolicy::default());
     let mut job = Job::start(&mut sensor, &env);
-    let enforced = tls_plan(SERVER, "allowed.example");
+    let enforced = tls_plan(&server, "allowed.example");
     let reported = EgressPlan {
         sni: false,
         ..enforced.clone()
@@ -364,17 +359,13 @@ fn a_socket_connected_before_its_plan_enforces_names_is_judged_at_its_client_hel
 
     let cases = [("evil.example", "after"), ("allowed.example", "after")];
     let lines = held_connections(&env, &mut job, &ns, &addr, &cases);
-    wait_for(Duration::from_secs(20), || {
-        lines(0).len() + lines(1).len() >= 2
-    });
+    wait_for(20, || lines(0).len() + lines(1).len() >= 2);
     assert_eq!(lines(0), ["connected"]);
     assert_eq!(lines(1), ["connected"]);
 
     sensor.egress_mut().set_job(job.key, &enforced).unwrap();
     std::fs::write(env.dir.join("go"), "").unwrap();
-    wait_for(Duration::from_secs(30), || {
-        lines(0).len() >= 2 && lines(1).len() >= 2
-    });
+    wait_for(30, || lines(0).len() >= 2 && lines(1).len() >= 2);
     assert_eq!(
         lines(0),
         ["connected", "silent"],
