@@ -23,6 +23,8 @@ pub const IORING_OP_WRITE: u8 = 23;
 pub const IORING_OP_SEND: u8 = 26;
 pub const IORING_OP_SEND_ZC: u8 = 47;
 pub const IORING_OP_SENDMSG_ZC: u8 = 48;
+/// `IORING_OP_SPLICE`: bytes from a pipe (or into one) that no program can copy, as `splice`'s.
+pub const IORING_OP_SPLICE: u8 = 30;
 /// `io_sr_msg.flags` (the SQE's `ioprio`): a send whose buffer is an iovec array (Linux 6.17+).
 pub const IORING_SEND_VECTORIZED: u16 = 1 << 5;
 /// `IORING_SETUP_SQPOLL`: a kernel thread of the ring's creator polls the submission queue, so
@@ -80,6 +82,9 @@ pub mod slot {
     /// 6.13); otherwise 1 + the offset of `file_ptr` in the `struct io_rsrc_node` an entry points
     /// at.
     pub const IO_URING_NODE_FILE: u32 = 36;
+    /// From the start of a `struct io_kiocb`: a splice's length (`struct io_splice` `len`, u64);
+    /// 0 when not known (the splice is then reported with its length unknown).
+    pub const IO_URING_SPLICE_LEN: u32 = 37;
 }
 
 /// `IO_URING_LAYOUT` bit: the open request's offsets are known.

@@ -19,12 +19,13 @@ use aya_ebpf::{
 };
 use runner_monitor_common::{
     AT_FDCWD, EventKind, IoUringSetupEvent, LINK_SYMBOLIC,
+    container::RUNTIME_SENT_MORE,
     io_uring::{
         FILE_PTR_FLAGS, FILE_PTR_REGULAR, IORING_OP_CONNECT, IORING_OP_LINKAT, IORING_OP_OPENAT,
         IORING_OP_OPENAT2, IORING_OP_RENAMEAT, IORING_OP_SEND, IORING_OP_SEND_ZC,
-        IORING_OP_SENDMSG, IORING_OP_SENDMSG_ZC, IORING_OP_SYMLINKAT, IORING_OP_WRITE,
-        IORING_OP_WRITE_FIXED, IORING_OP_WRITEV, IORING_SEND_VECTORIZED, LAYOUT_CONNECT,
-        LAYOUT_FIXED, LAYOUT_OPEN, LAYOUT_PATHS, LAYOUT_SEND, REQ_F_FIXED_FILE,
+        IORING_OP_SENDMSG, IORING_OP_SENDMSG_ZC, IORING_OP_SPLICE, IORING_OP_SYMLINKAT,
+        IORING_OP_WRITE, IORING_OP_WRITE_FIXED, IORING_OP_WRITEV, IORING_SEND_VECTORIZED,
+        LAYOUT_CONNECT, LAYOUT_FIXED, LAYOUT_OPEN, LAYOUT_PATHS, LAYOUT_SEND, REQ_F_FIXED_FILE,
     },
     setting,
 };
@@ -127,7 +128,7 @@ pub fn io_uring_submit_req(ctx: BtfTracePointContext) -> i32 {
 #[map]
 static IO_URING_SENDS: ProgramArray = ProgramArray::with_max_entries(1, 0);
 
-/// The requests that send bytes on a descriptor.
+/// The requests that send bytes on a descriptor (a splice: from a pipe).
 #[inline(always)]
 fn is_send(opcode: u8) -> bool {
     matches!(
@@ -139,6 +140,7 @@ fn is_send(opcode: u8) -> bool {
             | IORING_OP_SEND_ZC
             | IORING_OP_SENDMSG
             | IORING_OP_SENDMSG_ZC
+            | IORING_OP_SPLICE
     )
 }
 
@@ -189,6 +191,18 @@ fn sent(process: &runner_monitor_common::ProcessJob, req: u64, opcode: u8) {
         return;
     };
     let what = match opcode {
+        // Into the request's descriptor (the SQE's `fd` is the splice's output).
+        IORING_OP_SPLICE => {
+            let at = setting(setting::IO_URING_SPLICE_LEN);
+            let len = if at == 0 {
+                None
+            } else {
+                kernel_field::<u64>(req, at)
+            };
+            Sent::Spliced {
+                len: len.unwrap_or(RUNTIME_SENT_MORE),
+            }
+        }
         IORING_OP_WRITE | IORING_OP_WRITE_FIXED | IORING_OP_WRITEV => {
             let addr = kernel_field::<u64>(req, setting(setting::IO_URING_RW_ADDR)).unwrap_or(0);
             // WRITEV: the number of iovecs.

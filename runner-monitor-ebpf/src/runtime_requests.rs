@@ -19,8 +19,8 @@ use aya_ebpf::{
 use runner_monitor_common::{
     CONTAINER_ID_LEN, EventKind, ExecTarget, ProcessJob,
     container::{
-        RUNTIME_SENT_BYTES, RUNTIME_SENT_MORE, RuntimeSentEvent, SENT_BY_BUFFER, SENT_BY_SENDFILE,
-        SENT_BY_SENDMMSG, SENT_BY_SPLICE,
+        RUNTIME_SENT_BYTES, RUNTIME_SENT_MORE, RuntimeSentEvent, SENT_BY_BUFFER,
+        SENT_BY_IO_URING_SPLICE, SENT_BY_SENDFILE, SENT_BY_SENDMMSG, SENT_BY_SPLICE,
         request::{ATTACH, CONTAINERS, CONTAINERS_AT, EXEC, POST, PREFIX_LEN, START},
     },
     counter,
@@ -446,6 +446,8 @@ pub enum Sent {
     Vectors { iov: u64, count: u64 },
     /// A `struct user_msghdr` (`SENDMSG`, `SENDMSG_ZC`).
     Message(u64),
+    /// `len` bytes from a pipe (`SPLICE`; `RUNTIME_SENT_MORE`: not known): nothing to copy.
+    Spliced { len: u64 },
 }
 
 /// An io_uring write or send request that job process `process` submitted on `socket`: read as
@@ -456,13 +458,15 @@ pub enum Sent {
 /// uppercase letter: a method, or its first bytes), and remembered as a job's runtime
 /// connection from then on. A registered file (`IOSQE_FIXED_FILE`) has no descriptor to
 /// remember it by: its socket is checked at every request (`still_connected`), and believed
-/// only when the kernel's socket layout is known.
+/// only when the kernel's socket layout is known. A splice has no bytes to look at: its socket
+/// is checked whatever it sends, and on a runtime's connection it is reported as the `splice`
+/// syscall's is (`SENT_BY_IO_URING_SPLICE`).
 #[inline(always)]
 pub fn io_uring_send(process: &ProcessJob, socket: Socket, sent: Sent) {
     // The iovecs (`count` 0: one buffer) and the first buffer. Plain values: a returned tuple
     // of options is returned through a stack pointer, which the verifier refuses.
     let (iov, count) = match sent {
-        Sent::Buffer { .. } => (0, 0),
+        Sent::Buffer { .. } | Sent::Spliced { .. } => (0, 0),
         Sent::Vectors { iov, count } => (iov, count),
         Sent::Message(msg) => {
             if msg == 0 {
@@ -475,8 +479,10 @@ pub fn io_uring_send(process: &ProcessJob, socket: Socket, sent: Sent) {
             }
         }
     };
+    let spliced = matches!(sent, Sent::Spliced { .. });
     let (buf, len) = match sent {
         Sent::Buffer { buf, len } => (buf, len),
+        Sent::Spliced { len } => (0, len),
         _ => {
             if iov == 0 || count == 0 {
                 return;
@@ -493,9 +499,11 @@ pub fn io_uring_send(process: &ProcessJob, socket: Socket, sent: Sent) {
             Some(job) => job,
             None => {
                 // SAFETY: a checked read of user memory.
-                let first = unsafe { bpf_probe_read_user(buf as *const u8) };
+                let request_like = spliced
+                    || unsafe { bpf_probe_read_user(buf as *const u8) }
+                        .is_ok_and(|c| c.is_ascii_uppercase());
                 if len == 0
-                    || !first.is_ok_and(|c| c.is_ascii_uppercase())
+                    || !request_like
                     || crate::unix_peer::is_runtime_api(fd as i32) != Some(true)
                 {
                     return;
@@ -511,6 +519,10 @@ pub fn io_uring_send(process: &ProcessJob, socket: Socket, sent: Sent) {
             process.job
         }
     };
+    if spliced {
+        sent_record(socket, job, 0, len, 0, SENT_BY_IO_URING_SPLICE);
+        return;
+    }
     // One call of the request parser: the verifier follows each call site's copy.
     if count != 0 {
         stream_vectors(iov, count, socket, job);

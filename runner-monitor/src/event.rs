@@ -356,6 +356,8 @@ pub enum SentVia {
     Splice,
     /// A `sendmmsg`'s messages after its first (none read: their length is unknown).
     Sendmmsg,
+    /// io_uring's `IORING_OP_SPLICE`: from a pipe, as `splice`'s, with no syscall.
+    IoUringSplice,
 }
 
 impl SentVia {
@@ -365,6 +367,7 @@ impl SentVia {
             SentVia::Sendfile => "sendfile",
             SentVia::Splice => "splice",
             SentVia::Sendmmsg => "sendmmsg",
+            SentVia::IoUringSplice => "io_uring splice",
         }
     }
 }

@@ -300,7 +300,9 @@ fn assert_nobodys(agent: &integration_tests::live::Agent, docker: &Docker, id: &
 /// registered file (`IOSQE_FIXED_FILE`: the request names an index, the file is found in the
 /// ring's table). Each container is the job's. A request on a registered file whose index is the
 /// number of the job's Docker connection, but which is another socket, marks nothing: a
-/// container the host starts afterwards is nobody's.
+/// container the host starts afterwards is nobody's. A start request spliced from a pipe
+/// (`IORING_OP_SPLICE`), which nothing can copy, is the job hiding from the monitor:
+/// `agent-tamper` for the job, naming io_uring's splice.
 #[test]
 fn containers_a_job_starts_through_io_uring_are_the_job() {
     let agent = agent();
@@ -337,6 +339,15 @@ fn containers_a_job_starts_through_io_uring_are_the_job() {
             cli = docker.shell_cli(),
         );
     }
+    step += &format!(
+        "cid=$({create})\n{job_step} uring-start {socket} $cid splice syscall >> {answers}\n\
+         {cli} wait $cid > /dev/null\n",
+        create = create_reader(&docker, &env, &format!("--name rm-uring-splice-{run}")),
+        job_step = integration_tests::job_step().display(),
+        socket = docker.socket.display(),
+        answers = answers.display(),
+        cli = docker.shell_cli(),
+    );
     github_job(&env, agent, &run, "acme/uring", &step);
     let answers = std::fs::read_to_string(&answers).unwrap_or_default();
     assert_eq!(
@@ -344,7 +355,7 @@ fn containers_a_job_starts_through_io_uring_are_the_job() {
             .lines()
             .filter(|l| l.starts_with("HTTP/1.0 204"))
             .count(),
-        cases.len(),
+        cases.len() + 1,
         "the daemon's answers: {answers}"
     );
     assert!(answers.lines().any(|l| l == "decoy"), "{answers}");
@@ -356,6 +367,13 @@ fn containers_a_job_starts_through_io_uring_are_the_job() {
         });
         assert_container(&harvest, Some(&name));
     }
+    let tamper = wait_alert(agent, "agent-tamper", &id, |a| {
+        a["target"]["access"]
+            .as_str()
+            .is_some_and(|t| t.starts_with("io_uring splice to "))
+    });
+    let summary = tamper["summary"].as_str().unwrap_or_default();
+    assert!(summary.contains("cannot read"), "{tamper}");
     start_outside_jobs(&docker, &host_id);
     assert_nobodys(agent, &docker, &host_id);
     assert_no_secret(agent);

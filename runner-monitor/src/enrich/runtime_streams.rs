@@ -130,8 +130,9 @@ impl RuntimeStreams {
         let Some(len) = len else {
             stream.state = State::Lost;
             // No HTTP client sends requests as several messages of one `sendmmsg`; a `writev`
-            // of many buffers is Node's chunked body.
-            read.unread = via == SentVia::Sendmmsg;
+            // of many buffers is Node's chunked body. An io_uring splice whose length the
+            // kernel's layout did not give is bytes nothing read, as any splice's.
+            read.unread = matches!(via, SentVia::Sendmmsg | SentVia::IoUringSplice);
             return read;
         };
         if matches!(&stream.state, State::Head(h) if h.is_empty()) || stream.state == State::Lost {

@@ -285,6 +285,23 @@ fn coverage_with(probes: &[ProbeStatus], layouts: &Layouts) -> Vec<(&'static str
             ),
         ),
         (
+            "SPLICE",
+            request_of(
+                "io_uring_send_req",
+                layouts.send.as_ref().map(|_| ()),
+                match &layouts.send {
+                    Ok(l) if l.splice_len == 0 => {
+                        "into a container runtime's socket, bytes the monitor cannot read \
+                         (agent-tamper, as for splice; their number not known on this kernel)"
+                    }
+                    _ => {
+                        "into a container runtime's socket, bytes the monitor cannot read \
+                          (agent-tamper, as for splice)"
+                    }
+                },
+            ),
+        ),
+        (
             "... on a registered (fixed) file",
             match (why("io_uring_send_req"), &layouts.send, &layouts.fixed) {
                 (Some(r), _, _) => format!("NOT seen: {r}"),

@@ -170,6 +170,9 @@ pub struct SendLayout {
     /// `io_kiocb.flags` (u32 or u64; its low byte holds `REQ_F_FIXED_FILE`): a request on a
     /// registered file is never read as one on the descriptor of the same number.
     pub req_flags: u32,
+    /// `io_kiocb.cmd` + `io_splice.len` (u64); 0 when not known: a splice is then reported
+    /// with its length unknown, and the sends are still read.
+    pub splice_len: u32,
 }
 
 impl SendLayout {
@@ -197,6 +200,10 @@ impl SendLayout {
                     other => return Err(format!("io_kiocb.flags is {other:?} bytes, not 4 or 8")),
                 }
             },
+            splice_len: m
+                .command_area("io_splice")
+                .and_then(|area| Ok(area + m.sized("io_splice", "len", 8)?))
+                .unwrap_or(0),
         })
     }
 }
@@ -318,6 +325,7 @@ impl Layouts {
             settings.set(setting::IO_URING_SEND_LEN, l.send_len, 0)?;
             settings.set(setting::IO_URING_SEND_FLAGS, l.send_flags, 0)?;
             settings.set(setting::IO_URING_REQ_FLAGS, l.req_flags, 0)?;
+            settings.set(setting::IO_URING_SPLICE_LEN, l.splice_len, 0)?;
             bits |= LAYOUT_SEND;
         }
         if let Ok(l) = &self.fixed {
@@ -368,6 +376,10 @@ mod tests {
         );
         assert!(
             send.rw_len < send.opcode && send.send_flags < send.opcode,
+            "{send:?}"
+        );
+        assert!(
+            send.splice_len != 0 && send.splice_len < send.opcode,
             "{send:?}"
         );
         let fixed = FixedLayout::from_btf(&btf).unwrap();

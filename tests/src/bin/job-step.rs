@@ -39,7 +39,8 @@
 //! job-step uring-start SOCKET ID OP CONNECT
 //!                                  start container ID at the Docker API socket SOCKET with a
 //!                                  request submitted through io_uring as OP (`write`, `writev`,
-//!                                  `send`, `sendmsg`) on a connection made by CONNECT
+//!                                  `send`, `sendmsg`, or `splice` from a pipe the request was
+//!                                  written into) on a connection made by CONNECT
 //!                                  (`syscall`, `uring`, or `fixed`: by syscall, then sent
 //!                                  as a registered file whose index is no open fd); print
 //!                                  the answer's status line. CONNECT `decoy`: connect by
@@ -418,6 +419,7 @@ fn uring_send(
         opcode,
         types::{Fd, Fixed},
     };
+    use std::os::fd::AsRawFd;
     let iov = libc::iovec {
         iov_base: request.as_ptr() as *mut _,
         iov_len: request.len(),
@@ -427,10 +429,19 @@ fn uring_send(
     msg.msg_iov = &iov as *const _ as *mut _;
     msg.msg_iovlen = 1;
     let len = request.len() as u32;
+    // A splice's bytes come from a pipe that holds the request (the kernel's pipe buffer is
+    // larger than any request here).
+    let pipe = if op == "splice" {
+        Some(filled_pipe(request)?)
+    } else {
+        None
+    };
+    let pipe_in = pipe.as_ref().map_or(-1, |(read, _)| read.as_raw_fd());
     // The same request on a descriptor or on a registered file (two types of target).
     macro_rules! entry {
         ($at:expr) => {
             match op {
+                "splice" => opcode::Splice::new(Fd(pipe_in), -1, $at, -1, len).build(),
                 "write" => opcode::Write::new($at, request.as_ptr(), len).build(),
                 "writev" => opcode::Writev::new($at, &iov, 1).build(),
                 "send" => opcode::Send::new($at, request.as_ptr(), len).build(),
@@ -452,6 +463,24 @@ fn uring_send(
     let sent = unsafe { uring_on(&mut ring, &entry) }?;
     assert_eq!(sent as usize, request.len(), "a short send");
     Ok(())
+}
+
+/// A pipe holding `bytes`: (read end, write end).
+fn filled_pipe(bytes: &[u8]) -> std::io::Result<(std::os::fd::OwnedFd, std::os::fd::OwnedFd)> {
+    let mut fds = [0; 2];
+    // SAFETY: pipe(2) writes two descriptors into `fds`, owned below.
+    if unsafe { libc::pipe(fds.as_mut_ptr()) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: fresh descriptors nobody else owns.
+    let (read, write) = unsafe {
+        (
+            std::os::fd::OwnedFd::from_raw_fd(fds[0]),
+            std::os::fd::OwnedFd::from_raw_fd(fds[1]),
+        )
+    };
+    std::fs::File::from(write.try_clone()?).write_all(bytes)?;
+    Ok((read, write))
 }
 
 /// A unix stream connection to `path` made by io_uring (`IORING_OP_CONNECT`): no `connect`

@@ -284,6 +284,22 @@ fn a_sendmmsgs_later_messages_are_unread_and_a_writevs_later_buffers_are_not() {
 }
 
 #[test]
+fn an_io_uring_splice_is_unread_with_its_length_or_without() {
+    let mut streams = RuntimeStreams::default();
+    assert!(
+        streams
+            .sent(JOB, 1, 0, Some(90), b"", SentVia::IoUringSplice)
+            .unread
+    );
+    let mut streams = RuntimeStreams::default();
+    assert!(
+        streams
+            .sent(JOB, 1, 0, None, b"", SentVia::IoUringSplice)
+            .unread
+    );
+}
+
+#[test]
 fn any_upper_case_method_is_a_request_and_an_upgrade_header_alone_takes_nothing_over() {
     // A made-up method and an Upgrade header: the daemon answers both and reads on.
     let s = "GET /_ping HTTP/1.1\r\nUpgrade: tcp\r\n\r\n\
