@@ -30,13 +30,12 @@ pub const RUNTIME_SENT_MORE: u64 = u64::MAX;
 pub const SENT_BY_BUFFER: u16 = 0;
 /// `sendfile`: from a file, nothing the kernel programs can copy.
 pub const SENT_BY_SENDFILE: u16 = 1;
-/// `splice`: from a pipe, nothing the kernel programs can copy.
+/// `splice`: from a pipe, nothing the kernel programs can copy (io_uring's `IORING_OP_SPLICE`
+/// too, its header flagged `HEADER_IO_URING`).
 pub const SENT_BY_SPLICE: u16 = 2;
 /// The marker (`RUNTIME_SENT_MORE`) of a `sendmmsg`'s messages after its first: none is read,
 /// and no HTTP client sends a stream's requests as several messages of one call.
 pub const SENT_BY_SENDMMSG: u16 = 3;
-/// io_uring's `IORING_OP_SPLICE`: from a pipe, as `splice`'s, with no syscall.
-pub const SENT_BY_IO_URING_SPLICE: u16 = 4;
 
 /// The Docker API request line the kernel reads where a send's first buffer begins
 /// (`runner-monitor-ebpf/src/runtime_requests.rs` and `container_refs.rs`); the agent mirrors

@@ -34,7 +34,7 @@ pub struct PendingConnect {
 ///
 /// A thread's entry stays (disarmed) after its event is sent and is written over in place by its
 /// next connect, so a thread that keeps connecting does not pay a map insert and delete per
-/// connect (~0.4 us of one); entries go when their thread exits (`forget_thread`).
+/// connect (~0.4 us of one); entries go when their thread exits (`forget_connect`).
 #[map]
 pub static PENDING_CONNECTS: HashMap<u32, PendingConnect> =
     HashMap::with_max_entries(PRIVATE_MAP_ENTRIES, 0);
@@ -49,7 +49,7 @@ pub fn pending_connect(tid: u32) -> Option<*mut ConnectEvent> {
 
 /// Drops the connect record of an exiting thread.
 #[inline(always)]
-pub fn forget_thread(tid: u32) {
+pub fn forget_connect(tid: u32) {
     let _ = PENDING_CONNECTS.remove(tid);
 }
 

@@ -469,7 +469,7 @@ pub fn sched_process_exit(ctx: TracePointContext) -> u32 {
     };
     let tid = bpf_get_current_pid_tgid() as u32;
     crate::files::forget_thread(tid);
-    crate::maps::forget_thread(tid);
+    crate::maps::forget_connect(tid);
     // `group_dead` is where the kernel's record has it (the agent read its format); without it,
     // the leader's exit is the process's (a leader that leaves with pthread_exit before its
     // other threads ends the process early: the price of older kernels).

@@ -17,10 +17,10 @@ use aya_ebpf::{
     programs::TracePointContext,
 };
 use runner_monitor_common::{
-    CONTAINER_ID_LEN, EventKind, ExecTarget, ProcessJob,
+    CONTAINER_ID_LEN, EventKind, ExecTarget, HEADER_IO_URING, ProcessJob,
     container::{
-        RUNTIME_SENT_BYTES, RUNTIME_SENT_MORE, RuntimeSentEvent, SENT_BY_BUFFER,
-        SENT_BY_IO_URING_SPLICE, SENT_BY_SENDFILE, SENT_BY_SENDMMSG, SENT_BY_SPLICE,
+        RUNTIME_SENT_BYTES, RUNTIME_SENT_MORE, RuntimeSentEvent, SENT_BY_BUFFER, SENT_BY_SENDFILE,
+        SENT_BY_SENDMMSG, SENT_BY_SPLICE,
         request::{ATTACH, CONTAINERS, CONTAINERS_AT, EXEC, POST, PREFIX_LEN, START},
     },
     counter,
@@ -166,14 +166,15 @@ fn stream_vectors(iov: u64, count: u64, socket: Socket, job: u64) {
 /// socket with tiny writes is dropped and reported over budget, not every job's events with it.
 #[inline(always)]
 fn stream(socket: Socket, job: u64, buf: u64, len: u64, buffer: u32) {
-    sent_record(socket, job, buf, len, buffer, SENT_BY_BUFFER);
+    sent_record(socket, job, buf, len, buffer, SENT_BY_BUFFER, 0);
 }
 
 /// The record of `stream`, for bytes sent `via` any way (`SENT_BY_*`): from a buffer, its
 /// first bytes are copied; from a file or pipe (`buf` 0) none are, and the agent knows the
-/// stream has bytes it cannot read.
+/// stream has bytes it cannot read. `flags` go into the header (`HEADER_IO_URING`: sent by an
+/// io_uring operation, not a syscall).
 #[inline(always)]
-fn sent_record(socket: Socket, job: u64, buf: u64, len: u64, buffer: u32, via: u16) {
+fn sent_record(socket: Socket, job: u64, buf: u64, len: u64, buffer: u32, via: u16, flags: u32) {
     if !crate::budget::within_budget(job, EventKind::RuntimeSent as u32) {
         return;
     }
@@ -200,6 +201,7 @@ fn sent_record(socket: Socket, job: u64, buf: u64, len: u64, buffer: u32, via: u
     // SAFETY: this CPU's scratch value, used by this program run only.
     let e = unsafe { &mut *e };
     fill_header(&mut e.header, EventKind::RuntimeSent, Some(&process));
+    e.header.flags |= flags;
     e.conn = conn;
     e.len = len;
     e.buffer = buffer as u16;
@@ -385,6 +387,7 @@ pub fn enter_sendmmsg(ctx: TracePointContext) -> u32 {
                 RUNTIME_SENT_MORE,
                 STREAM_BUFFERS as u32 + 1,
                 SENT_BY_SENDMMSG,
+                0,
             );
         }
     }
@@ -399,7 +402,7 @@ pub fn enter_sendfile(ctx: TracePointContext) -> u32 {
     let fd = syscall_arg_direct(&ctx, 0);
     if let Some(job) = job_socket(fd) {
         let count = syscall_arg_direct(&ctx, 3);
-        sent_record(Socket::Fd(fd), job, 0, count, 0, SENT_BY_SENDFILE);
+        sent_record(Socket::Fd(fd), job, 0, count, 0, SENT_BY_SENDFILE, 0);
     }
     0
 }
@@ -412,7 +415,7 @@ pub fn enter_splice(ctx: TracePointContext) -> u32 {
     let fd = syscall_arg_direct(&ctx, 2);
     if let Some(job) = job_socket(fd) {
         let len = syscall_arg_direct(&ctx, 4);
-        sent_record(Socket::Fd(fd), job, 0, len, 0, SENT_BY_SPLICE);
+        sent_record(Socket::Fd(fd), job, 0, len, 0, SENT_BY_SPLICE, 0);
     }
     0
 }
@@ -460,7 +463,7 @@ pub enum Sent {
 /// remember it by: its socket is checked at every request (`still_connected`), and believed
 /// only when the kernel's socket layout is known. A splice has no bytes to look at: its socket
 /// is checked whatever it sends, and on a runtime's connection it is reported as the `splice`
-/// syscall's is (`SENT_BY_IO_URING_SPLICE`).
+/// syscall's is (`SENT_BY_SPLICE`), flagged `HEADER_IO_URING`.
 #[inline(always)]
 pub fn io_uring_send(process: &ProcessJob, socket: Socket, sent: Sent) {
     // The iovecs (`count` 0: one buffer) and the first buffer. Plain values: a returned tuple
@@ -520,7 +523,7 @@ pub fn io_uring_send(process: &ProcessJob, socket: Socket, sent: Sent) {
         }
     };
     if spliced {
-        sent_record(socket, job, 0, len, 0, SENT_BY_IO_URING_SPLICE);
+        sent_record(socket, job, 0, len, 0, SENT_BY_SPLICE, HEADER_IO_URING);
         return;
     }
     // One call of the request parser: the verifier follows each call site's copy.

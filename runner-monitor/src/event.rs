@@ -160,6 +160,8 @@ pub enum EventDetail {
         data: SentBytes,
         /// How they were sent: from `sendfile` or `splice` nothing is copied.
         via: SentVia,
+        /// Sent by an io_uring operation (its `IORING_OP_SPLICE`), not a syscall.
+        io_uring: bool,
     },
     /// From the agent's reading of a job's runtime API stream (`enrich/runtime_streams.rs`): a
     /// job process sent bytes there that the monitor cannot read, where a request could begin
@@ -169,7 +171,10 @@ pub enum EventDetail {
         /// The runtime's socket, when known.
         socket: Option<String>,
         via: SentVia,
-        /// Bytes sent that way (`None`: a `sendmmsg`'s later messages, of unknown length).
+        /// Sent by an io_uring operation, not a syscall.
+        io_uring: bool,
+        /// Bytes sent that way (`None`: a `sendmmsg`'s later messages, or an io_uring splice
+        /// whose length the kernel's layout did not give).
         bytes: Option<u64>,
     },
     /// A job process set up an io_uring instance: what it submits there makes no syscall, and
@@ -356,8 +361,6 @@ pub enum SentVia {
     Splice,
     /// A `sendmmsg`'s messages after its first (none read: their length is unknown).
     Sendmmsg,
-    /// io_uring's `IORING_OP_SPLICE`: from a pipe, as `splice`'s, with no syscall.
-    IoUringSplice,
 }
 
 impl SentVia {
@@ -367,7 +370,6 @@ impl SentVia {
             SentVia::Sendfile => "sendfile",
             SentVia::Splice => "splice",
             SentVia::Sendmmsg => "sendmmsg",
-            SentVia::IoUringSplice => "io_uring splice",
         }
     }
 }

@@ -89,6 +89,7 @@ impl ContainerNamer {
                 len,
                 data,
                 via,
+                io_uring,
             } => {
                 let (via, len) = (*via, *len);
                 let read = self.streams.sent(job, *conn, *buffer, len, &data.0, via);
@@ -115,6 +116,7 @@ impl ContainerNamer {
                     event.detail = EventDetail::RuntimeUnread {
                         socket: jobs.docker_socket(job).map(str::to_owned),
                         via,
+                        io_uring: *io_uring,
                         bytes: len,
                     };
                 }

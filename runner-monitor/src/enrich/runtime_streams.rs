@@ -130,9 +130,9 @@ impl RuntimeStreams {
         let Some(len) = len else {
             stream.state = State::Lost;
             // No HTTP client sends requests as several messages of one `sendmmsg`; a `writev`
-            // of many buffers is Node's chunked body. An io_uring splice whose length the
-            // kernel's layout did not give is bytes nothing read, as any splice's.
-            read.unread = matches!(via, SentVia::Sendmmsg | SentVia::IoUringSplice);
+            // of many buffers is Node's chunked body. A splice whose length is not known (an
+            // io_uring one, where the kernel's layout did not give it) is bytes nothing read.
+            read.unread = matches!(via, SentVia::Sendmmsg | SentVia::Splice);
             return read;
         };
         if matches!(&stream.state, State::Head(h) if h.is_empty()) || stream.state == State::Lost {

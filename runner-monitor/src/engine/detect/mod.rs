@@ -228,29 +228,38 @@ pub(super) fn event(engine: &mut Engine, event: &Event, out: &mut Vec<Finding>) 
             });
             out.push(f);
         }
-        EventDetail::RuntimeUnread { socket, via, bytes } if event.job.is_some() => {
+        EventDetail::RuntimeUnread {
+            socket,
+            via,
+            io_uring,
+            bytes,
+        } if event.job.is_some() => {
             let socket = socket
                 .as_deref()
                 .unwrap_or("a container runtime's API socket");
+            let how = match io_uring {
+                true => format!("io_uring {}", via.as_str()),
+                false => via.as_str().to_owned(),
+            };
             let what = match (bytes, via) {
                 // A buffer longer than the kernel's copy, where a request could go on past it.
                 (Some(n), SentVia::Buffer) => format!("{n} bytes in one buffer"),
                 (Some(n), _) => format!("{n} bytes"),
-                (None, _) => "messages".to_owned(),
+                (None, SentVia::Sendmmsg) => "messages".to_owned(),
+                (None, _) => "bytes".to_owned(),
             };
             let mut f = engine.raise(
                 RuleId::AgentTamper,
                 event,
                 format!(
-                    "sent {what} to {socket} by {} that the monitor cannot read: a container \
+                    "sent {what} to {socket} by {how} that the monitor cannot read: a container \
                      request among them would not be attributed to the job",
-                    via.as_str()
                 ),
             );
             f.target = Some(TargetProcess {
                 pid: 0,
                 exe: None,
-                access: format!("{} to {socket}", via.as_str()),
+                access: format!("{how} to {socket}"),
             });
             out.push(f);
         }

@@ -218,6 +218,7 @@ fn bytes_sent_to_the_docker_api_that_the_monitor_cannot_read_are_tampering() {
         EventDetail::RuntimeUnread {
             socket: Some("/var/run/docker.sock".into()),
             via: SentVia::Sendfile,
+            io_uring: false,
             bytes: Some(93),
         },
     );
@@ -240,6 +241,7 @@ fn bytes_sent_to_the_docker_api_that_the_monitor_cannot_read_are_tampering() {
         EventDetail::RuntimeUnread {
             socket: Some("/var/run/docker.sock".into()),
             via: SentVia::Sendmmsg,
+            io_uring: false,
             bytes: None,
         },
     );
@@ -258,6 +260,7 @@ fn bytes_sent_to_the_docker_api_that_the_monitor_cannot_read_are_tampering() {
         EventDetail::RuntimeUnread {
             socket: Some("/var/run/docker.sock".into()),
             via: SentVia::Buffer,
+            io_uring: false,
             bytes: Some(9127),
         },
     );
@@ -268,6 +271,26 @@ fn bytes_sent_to_the_docker_api_that_the_monitor_cannot_read_are_tampering() {
                  cannot read",
             )
             && f.target.as_ref().unwrap().access == "write to /var/run/docker.sock"
+    }));
+    // io_uring's splice, its length not given by the kernel's layout.
+    t.feed(
+        5,
+        7,
+        100,
+        1,
+        "python3",
+        EventDetail::RuntimeUnread {
+            socket: Some("/var/run/docker.sock".into()),
+            via: SentVia::Splice,
+            io_uring: true,
+            bytes: None,
+        },
+    );
+    assert!(t.findings.iter().any(|f| {
+        f.rule == RuleId::AgentTamper
+            && f.summary
+                .contains("sent bytes to /var/run/docker.sock by io_uring splice that")
+            && f.target.as_ref().unwrap().access == "io_uring splice to /var/run/docker.sock"
     }));
     // Outside jobs: nothing (the kernel sends these for job connections only).
     let mut t = Trace::new();
@@ -280,6 +303,7 @@ fn bytes_sent_to_the_docker_api_that_the_monitor_cannot_read_are_tampering() {
         EventDetail::RuntimeUnread {
             socket: None,
             via: SentVia::Splice,
+            io_uring: false,
             bytes: Some(10),
         },
     );

@@ -18,8 +18,7 @@ use runner_monitor_common::{
     SIGNAL_SYSCALL_TKILL, SOCK_RAW, SignalEvent, TLS_BLOCKED, TLS_NO_SNI, TLS_SNI_TRUNCATED,
     TlsEvent, container,
     container::{
-        RUNTIME_SENT_MORE, RuntimeSentEvent, SENT_BY_IO_URING_SPLICE, SENT_BY_SENDFILE,
-        SENT_BY_SENDMMSG, SENT_BY_SPLICE,
+        RUNTIME_SENT_MORE, RuntimeSentEvent, SENT_BY_SENDFILE, SENT_BY_SENDMMSG, SENT_BY_SPLICE,
     },
 };
 
@@ -306,9 +305,9 @@ impl Decoder {
                         SENT_BY_SENDFILE => SentVia::Sendfile,
                         SENT_BY_SPLICE => SentVia::Splice,
                         SENT_BY_SENDMMSG => SentVia::Sendmmsg,
-                        SENT_BY_IO_URING_SPLICE => SentVia::IoUringSplice,
                         _ => SentVia::Buffer,
                     },
+                    io_uring: header.flags & HEADER_IO_URING != 0,
                 }
             }
             EventKind::Chdir => {
