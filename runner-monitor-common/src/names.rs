@@ -24,6 +24,9 @@ pub const NAME_KIND_JOB_ROOT_EXE: u32 = 4;
 pub const NAME_KIND_JOB_PARENT_COMM: u32 = 5;
 /// An environment variable name (a job marker or identity field); the value holds `JOB_ENV_*`.
 pub const NAME_KIND_ENV_VAR: u32 = 6;
+/// The file name a container runtime's API socket is bound at (`docker.sock`): the policy's
+/// `[[secret_sockets]]` of kind `docker`.
+pub const NAME_KIND_RUNTIME_SOCKET: u32 = 7;
 
 /// Key of `FILE_NAMES`, the kernel's set of credential basenames, directory names and basename
 /// prefixes: the name hashed from its first byte to its last (FNV-1a, 64 bits), then its kind.

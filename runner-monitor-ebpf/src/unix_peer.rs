@@ -5,9 +5,10 @@
 //! job.
 //!
 //! A runtime's socket is one whose other end
-//! - was bound at a path whose last component is `docker.sock` or `podman.sock` (the listener's
-//!   own address, so a symlink or a bind mount of it counts, a job's file named so does not
-//!   unless served as below), and
+//! - was bound at a path whose last component is a runtime socket's name in `NAMES`
+//!   (`NAME_KIND_RUNTIME_SOCKET`: those of the policy's `docker` secret sockets, `docker.sock`
+//!   and `podman.sock` in the built-in one; the listener's own address, so a symlink or a bind
+//!   mount of it counts, a job's file named so does not unless served as below), and
 //! - is served by a live process outside jobs: the process that called `listen` (the socket's
 //!   `sk_peer_pid`), still running (a job's listener that exited after handing the socket to a
 //!   child is not outside jobs, nor is one exiting or a zombie: it has left `PROCESSES`
@@ -20,11 +21,17 @@
 //! All 0: not known, and every connected socket is read as before. Known, anything that cannot
 //! be read is not a runtime's socket.
 
-use aya_ebpf::helpers::bpf_get_current_task;
+use aya_ebpf::{
+    helpers::{bpf_get_current_task, generated::bpf_probe_read_kernel},
+    macros::map,
+    maps::PerCpuArray,
+};
+use runner_monitor_common::{NAME_KIND_RUNTIME_SOCKET, PATH_LEN};
 
 use crate::{
     layout::{layout as get, read},
     maps::PROCESSES,
+    names::{NAMES, key_of, split},
 };
 
 /// `struct task_struct.files`.
@@ -82,9 +89,10 @@ static SOCKET_LAYOUT_KNOWN: u32 = 0;
 /// `PF_EXITING` in `task_struct.flags`.
 const PF_EXITING: u32 = 0x4;
 
-/// The last component of a runtime API socket's path, with the `/` before it.
-const RUNTIME_SOCKETS: [&[u8; SUFFIX]; 2] = [b"/docker.sock", b"/podman.sock"];
-const SUFFIX: usize = 12;
+/// The listener's path, read to look its last component up.
+#[map]
+static SOCKET_PATH: PerCpuArray<[u8; PATH_LEN]> = PerCpuArray::with_max_entries(1, 0);
+
 /// `offsetof(struct sockaddr_un, sun_path)` plus the NUL a path address's length counts.
 const ADDRESS_OVERHEAD: i32 = 3;
 /// `sizeof(sun_path)`.
@@ -164,10 +172,28 @@ fn runtime_file(file: u64) -> Option<bool> {
     let address: u64 = read(peer + get(&UNIX_SOCK_ADDR))?;
     let len: i32 = read(address + get(&UNIX_ADDRESS_LEN))?;
     let path_len = len - ADDRESS_OVERHEAD;
-    if !(SUFFIX as i32..=SUN_PATH).contains(&path_len) {
+    if !(1..=SUN_PATH).contains(&path_len) {
         return Some(false);
     }
-    let tail: [u8; SUFFIX] =
-        read(address + get(&UNIX_ADDRESS_PATH) + (path_len as u64 - SUFFIX as u64))?;
-    Some(RUNTIME_SOCKETS.iter().any(|name| tail == **name))
+    let path = SOCKET_PATH.get_ptr_mut(0)?;
+    // SAFETY: this CPU's scratch, used by this program run only.
+    let path = unsafe { &mut *path };
+    // VERIFIER: the length masked into 1..=128, within the 256-byte scratch; `path_len` is at
+    // most 108, so unchanged.
+    let n = ((path_len as u32 - 1) & 127) + 1;
+    // SAFETY: a checked read of kernel memory into the scratch.
+    let read = unsafe {
+        bpf_probe_read_kernel(
+            path.as_mut_ptr().cast(),
+            n,
+            (address + get(&UNIX_ADDRESS_PATH)) as *const _,
+        )
+    };
+    if read != 0 {
+        return None;
+    }
+    let parts = split(path, n as usize + 1)?;
+    let key = key_of(NAME_KIND_RUNTIME_SOCKET, path, parts.base_start, parts.len)?;
+    // SAFETY: a map lookup; the value is not kept.
+    Some(unsafe { NAMES.get(key) }.is_some())
 }

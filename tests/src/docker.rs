@@ -27,9 +27,14 @@ impl Docker {
     /// Starts dockerd with its files in a fresh directory named after `name`, and imports
     /// `IMAGE`.
     pub fn start(name: &str) -> Self {
+        Self::start_at(name, "docker.sock")
+    }
+
+    /// The same, its API socket at `<dir>/.docker/run/<socket_name>`.
+    pub fn start_at(name: &str, socket_name: &str) -> Self {
         let dir = std::env::temp_dir().join(format!("rm-docker-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
-        let socket = dir.join(".docker/run/docker.sock");
+        let socket = dir.join(".docker/run").join(socket_name);
         std::fs::create_dir_all(socket.parent().unwrap()).unwrap();
         let log = std::fs::File::create(dir.join("dockerd.log")).unwrap();
         let child = crate::spawn_with_parent_death(

@@ -9,7 +9,10 @@ use std::time::Duration;
 use integration_tests::{
     TestEnv,
     docker::{Docker, IMAGE, PY_AWAIT_START, assert_container, docker_run, read_three_kinds},
-    live::{agent, alerts, assert_no_secret, github_job, run_id, wait_alert},
+    live::{
+        Agent, agent, agent_dir, alerts, assert_no_secret, free_port, github_job, run_id,
+        test_policy, wait_alert,
+    },
 };
 
 #[test]
@@ -36,6 +39,39 @@ fn a_short_container_of_a_job_is_seen_from_its_first_instruction() {
     let socket = wait_alert(agent, "secret-socket-access", &id, |_| true);
     assert_eq!(socket["socket"]["kind"], "docker", "{socket}");
     assert_no_secret(agent);
+}
+
+/// A Docker API socket under a name of its own (`DOCKER_HOST=unix:///run/engine-api.sock`), listed
+/// among the policy's `docker` secret sockets: the kernel reads the job's requests there (it
+/// knows runtime sockets by the file names the policy gives), so the container is the job's from
+/// its first instruction. Before, only `docker.sock` and `podman.sock` were read.
+#[test]
+fn a_docker_socket_the_policy_lists_under_another_name_is_read() {
+    let dir = agent_dir("containers-renamed");
+    let policy = test_policy().replace(
+        "\"**/podman/podman.sock\",",
+        "\"**/podman/podman.sock\",\n    \"**/.docker/run/engine-api.sock\",",
+    );
+    assert!(policy.contains("engine-api.sock"));
+    std::fs::write(dir.join("policy.toml"), policy).unwrap();
+    let agent = Agent::launch(&dir, free_port(), &[]);
+    let docker = Docker::start_at("renamed", "engine-api.sock");
+    let env = TestEnv::new("containers-renamed");
+    let run = run_id(41);
+    let step = docker_run(
+        &docker,
+        &env,
+        "/h",
+        &format!("--rm {IMAGE} {} > /dev/null", read_three_kinds("/h")),
+    );
+    github_job(&env, &agent, &run, "acme/renamed", &step);
+    let id = format!("{run}/build");
+    let harvest = wait_alert(&agent, "credential-harvesting", &id, |_| true);
+    assert_eq!(harvest["process"]["comm"], "cat", "{harvest}");
+    assert_container(&harvest, None);
+    let socket = wait_alert(&agent, "secret-socket-access", &id, |_| true);
+    assert_eq!(socket["socket"]["kind"], "docker", "{socket}");
+    assert_no_secret(&agent);
 }
 
 #[test]

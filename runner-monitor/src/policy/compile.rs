@@ -28,6 +28,7 @@ impl Policy {
             compile_credentials(&f.credentials, src)?;
         let (secret_socket_kinds, socket_set, socket_owner) =
             compile_secret_sockets(&f.secret_sockets, src)?;
+        let runtime_sockets = super::sensor::runtime_socket_names(&f.secret_sockets, src)?;
         let secret_socket_paths = f
             .secret_sockets
             .iter()
@@ -65,6 +66,7 @@ impl Policy {
             socket_set,
             socket_owner,
             secret_socket_paths,
+            runtime_sockets,
             metadata_endpoints,
             egress_allow,
             egress,

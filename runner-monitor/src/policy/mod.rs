@@ -156,6 +156,8 @@ pub struct Policy {
     /// The secret socket paths that are not globs: the agent compares what a job connects to
     /// with the sockets at these paths (`identity`).
     pub secret_socket_paths: Vec<String>,
+    /// The file names of the `docker` kind's socket paths (`sensor::runtime_socket_names`).
+    pub runtime_sockets: Vec<String>,
     pub metadata_endpoints: Vec<IpAddr>,
     pub egress_allow: Vec<AllowedDestination>,
     /// `[egress] mode` and `on_agent_failure`.
@@ -394,6 +396,7 @@ impl Policy {
         p.metadata_endpoints = self.metadata_endpoints.clone();
         p.failure_closed = self.egress.on_agent_failure == AgentFailure::Closed;
         p.job_env_vars = self.job_env_vars();
+        p.runtime_socket_names = self.runtime_sockets.clone();
         p
     }
 }

@@ -2,7 +2,9 @@
 //! its last directory name, or a prefix of its basename is listed; the agent then applies the full
 //! glob to the resolved path. Each credential glob is turned into one such name.
 
-use runner_monitor_common::MAX_PREFIX_LEN;
+use runner_monitor_common::{MAX_PREFIX_LEN, NAME_LEN};
+
+use super::{PolicyError, Source, file};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SensorPolicy {
@@ -28,6 +30,9 @@ pub struct SensorPolicy {
     /// `[egress] on_agent_failure = "closed"`: programs that outlive a crashed agent refuse
     /// jobs' egress.
     pub failure_closed: bool,
+    /// The file names of container runtime API sockets (`docker.sock`): a job's requests are
+    /// read only on a socket whose listener was bound at such a name (`Policy::runtime_sockets`).
+    pub runtime_socket_names: Vec<String>,
 }
 
 impl Default for SensorPolicy {
@@ -100,6 +105,7 @@ impl SensorPolicy {
             egress: super::EgressPlan::default(),
             metadata_endpoints: Vec::new(),
             failure_closed: false,
+            runtime_socket_names: Vec::new(),
         };
         for pattern in patterns {
             let (list, name) = match kernel_name(pattern) {
@@ -115,6 +121,38 @@ impl SensorPolicy {
         }
         p
     }
+}
+
+/// The file names of the `docker` kind's `[[secret_sockets]]` paths (Docker's API, and podman's
+/// that speaks it): the kernel reads a job's container requests on sockets bound at those names
+/// only, so each must be literal.
+pub(super) fn runtime_socket_names(
+    sections: &[file::SecretSocketSection],
+    src: &Source<'_>,
+) -> Result<Vec<String>, PolicyError> {
+    let mut names = Vec::new();
+    for (i, s) in sections.iter().enumerate() {
+        if s.kind.get_ref() != "docker" {
+            continue;
+        }
+        for (j, p) in s.paths.iter().enumerate() {
+            let name = p.get_ref().rsplit('/').next().unwrap_or("");
+            if name.is_empty() || !is_literal(name) || name.len() > NAME_LEN {
+                return Err(src.error(
+                    p.span(),
+                    &format!("secret_sockets[{i}].paths[{j}]"),
+                    format!(
+                        "a Docker API socket's file name must be literal and at most {NAME_LEN} \
+                         bytes: the kernel reads job requests on sockets bound at these names"
+                    ),
+                ));
+            }
+            if !names.iter().any(|n| n == name) {
+                names.push(name.to_owned());
+            }
+        }
+    }
+    Ok(names)
 }
 
 #[cfg(test)]
@@ -157,5 +195,6 @@ mod tests {
         assert_eq!(p.credential_prefixes, ["id_"]);
         assert_eq!(p.job_root_executables, ["Runner.Worker"]);
         assert_eq!(p.job_parent_executables, ["gitlab-runner"]);
+        assert_eq!(p.runtime_socket_names, ["docker.sock", "podman.sock"]);
     }
 }

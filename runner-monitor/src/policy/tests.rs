@@ -33,6 +33,7 @@ fn builtin_policy_parses_and_knows_the_usual_credentials() {
     assert!(p.credential_of("/home/u/.ssh/known_hosts").is_none());
     assert!(p.credential_of("/home/u/src/config.json").is_none());
     assert_eq!(p.secret_socket_of("/var/run/docker.sock"), Some("docker"));
+    assert_eq!(p.runtime_sockets, ["docker.sock", "podman.sock"]);
     assert_eq!(
         p.secret_socket_of("/tmp/ssh-XXXXabcd/agent.1234"),
         Some("ssh-agent")
@@ -120,6 +121,17 @@ fn errors_name_file_line_and_field() {
 
     let e = error_of("[[rules]]\nsuppress = [{ rule = \"agent-tamper\", reason = \" \" }]\n");
     assert_eq!(e.field, "rules[0].suppress[0].reason", "{e}");
+
+    // The kernel reads container requests on Docker API sockets by their file name.
+    let e = error_of(
+        "[[secret_sockets]]\nkind = \"docker\"\npaths = [\"/run/a.sock\", \"/run/*.sock\"]\n",
+    );
+    assert_eq!(
+        (e.line, e.field.as_str()),
+        (3, "secret_sockets[0].paths[1]"),
+        "{e}"
+    );
+    assert!(e.message.contains("must be literal"), "{e}");
 
     let e = error_of("[[rules]]\nsecret_sockets = [\"docker\"]\n");
     assert_eq!(

@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 use runner_monitor_common::{
     JOB_ENV_INDEX, JOB_ENV_MARKER, MAX_PREFIX_LEN, NAME_KIND_BASENAME, NAME_KIND_DIRNAME,
     NAME_KIND_ENV_VAR, NAME_KIND_JOB_PARENT_COMM, NAME_KIND_JOB_ROOT_EXE, NAME_KIND_PREFIX,
-    NAME_LEN, NameKey, env_prefix_key, file_name_hash, map_name, setting,
+    NAME_KIND_RUNTIME_SOCKET, NAME_LEN, NameKey, env_prefix_key, file_name_hash, map_name, setting,
 };
 
 use super::{MAX_ALIAS_NAMES, Sensor, SensorError, attach};
@@ -73,6 +73,7 @@ impl Sensor {
         for (kind, list) in [
             (NAME_KIND_JOB_ROOT_EXE, &policy.job_root_executables),
             (NAME_KIND_JOB_PARENT_COMM, &policy.job_parent_executables),
+            (NAME_KIND_RUNTIME_SOCKET, &policy.runtime_socket_names),
         ] {
             for name in list {
                 let key = NameKey::new(kind, name.as_bytes())
