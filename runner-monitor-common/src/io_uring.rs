@@ -23,6 +23,9 @@ pub const IORING_OP_WRITE: u8 = 23;
 pub const IORING_OP_SEND: u8 = 26;
 pub const IORING_OP_SEND_ZC: u8 = 47;
 pub const IORING_OP_SENDMSG_ZC: u8 = 48;
+/// `IORING_OP_WRITEV_FIXED` (Linux 6.15+): a `WRITEV` whose iovecs lie in a registered buffer,
+/// user memory all the same.
+pub const IORING_OP_WRITEV_FIXED: u8 = 61;
 /// `IORING_OP_SPLICE`: bytes from a pipe (or into one) that no program can copy, as `splice`'s.
 pub const IORING_OP_SPLICE: u8 = 30;
 /// `io_sr_msg.flags` (the SQE's `ioprio`): a send whose buffer is an iovec array (Linux 6.17+).

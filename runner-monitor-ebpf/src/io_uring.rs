@@ -24,8 +24,9 @@ use runner_monitor_common::{
         FILE_PTR_FLAGS, FILE_PTR_REGULAR, IORING_OP_CONNECT, IORING_OP_LINKAT, IORING_OP_OPENAT,
         IORING_OP_OPENAT2, IORING_OP_RENAMEAT, IORING_OP_SEND, IORING_OP_SEND_ZC,
         IORING_OP_SENDMSG, IORING_OP_SENDMSG_ZC, IORING_OP_SPLICE, IORING_OP_SYMLINKAT,
-        IORING_OP_WRITE, IORING_OP_WRITE_FIXED, IORING_OP_WRITEV, IORING_SEND_VECTORIZED,
-        LAYOUT_CONNECT, LAYOUT_FIXED, LAYOUT_OPEN, LAYOUT_PATHS, LAYOUT_SEND, REQ_F_FIXED_FILE,
+        IORING_OP_WRITE, IORING_OP_WRITE_FIXED, IORING_OP_WRITEV, IORING_OP_WRITEV_FIXED,
+        IORING_SEND_VECTORIZED, LAYOUT_CONNECT, LAYOUT_FIXED, LAYOUT_OPEN, LAYOUT_PATHS,
+        LAYOUT_SEND, REQ_F_FIXED_FILE,
     },
     setting,
 };
@@ -136,6 +137,7 @@ fn is_send(opcode: u8) -> bool {
         IORING_OP_WRITE
             | IORING_OP_WRITE_FIXED
             | IORING_OP_WRITEV
+            | IORING_OP_WRITEV_FIXED
             | IORING_OP_SEND
             | IORING_OP_SEND_ZC
             | IORING_OP_SENDMSG
@@ -203,11 +205,11 @@ fn sent(process: &runner_monitor_common::ProcessJob, req: u64, opcode: u8) {
                 len: len.unwrap_or(RUNTIME_SENT_MORE),
             }
         }
-        IORING_OP_WRITE | IORING_OP_WRITE_FIXED | IORING_OP_WRITEV => {
+        IORING_OP_WRITE | IORING_OP_WRITE_FIXED | IORING_OP_WRITEV | IORING_OP_WRITEV_FIXED => {
             let addr = kernel_field::<u64>(req, setting(setting::IO_URING_RW_ADDR)).unwrap_or(0);
             // WRITEV: the number of iovecs.
             let len = kernel_field::<u32>(req, setting(setting::IO_URING_RW_LEN)).unwrap_or(0);
-            if opcode == IORING_OP_WRITEV {
+            if opcode == IORING_OP_WRITEV || opcode == IORING_OP_WRITEV_FIXED {
                 Sent::Vectors {
                     iov: addr,
                     count: u64::from(len),

@@ -422,3 +422,13 @@ pub fn pin_dir_of(dir: &Path) -> PathBuf {
         .collect();
     root.join(format!("rm-test-{name}-{}", std::process::id()))
 }
+
+/// Whether the running kernel is `major.minor` or newer (`/proc/sys/kernel/osrelease`).
+pub fn kernel_at_least(major: u32, minor: u32) -> bool {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let mut parts = release
+        .trim()
+        .split(['.', '-'])
+        .map(|p| p.parse::<u32>().unwrap_or(0));
+    (parts.next().unwrap_or(0), parts.next().unwrap_or(0)) >= (major, minor)
+}

@@ -6,6 +6,7 @@
 use integration_tests::{
     TestEnv,
     docker::{Docker, IMAGE, PY_AWAIT_START, assert_container, read_three_kinds},
+    kernel_at_least,
     live::{agent, assert_no_secret, github_job, run_id, wait_alert},
 };
 
@@ -298,7 +299,8 @@ fn assert_nobodys(agent: &integration_tests::live::Agent, docker: &Docker, id: &
 /// `WRITEV`, `SEND`, `SENDMSG`), on connections made by `connect(2)` and by io_uring's own
 /// `CONNECT` (no connect syscall either: the socket is checked at the request), and on a
 /// registered file (`IOSQE_FIXED_FILE`: the request names an index, the file is found in the
-/// ring's table). Each container is the job's. A request on a registered file whose index is the
+/// ring's table), and from 6.15 as a `WRITEV_FIXED` (iovecs in a registered buffer). Each
+/// container is the job's. A request on a registered file whose index is the
 /// number of the job's Docker connection, but which is another socket, marks nothing: a
 /// container the host starts afterwards is nobody's. A start request spliced from a pipe
 /// (`IORING_OP_SPLICE`), which nothing can copy, is the job hiding from the monitor:
@@ -309,13 +311,17 @@ fn containers_a_job_starts_through_io_uring_are_the_job() {
     let docker = Docker::start("uring");
     let env = TestEnv::new("containers-uring");
     let run = run_id(16);
-    let cases = [
+    let mut cases = vec![
         ("write", "syscall"),
         ("writev", "uring"),
         ("send", "uring"),
         ("sendmsg", "syscall"),
         ("writev", "fixed"),
     ];
+    if kernel_at_least(6, 15) {
+        // `IORING_OP_WRITEV_FIXED`: iovecs in a registered buffer.
+        cases.push(("writev_fixed", "syscall"));
+    }
     let answers = env.dir.join("answers");
     let host_id = create_outside_jobs(&docker, &env, &format!("rm-uring-host-{run}"));
     let mut step = format!(
@@ -324,7 +330,7 @@ fn containers_a_job_starts_through_io_uring_are_the_job() {
         socket = docker.socket.display(),
         answers = answers.display(),
     );
-    for (op, connect) in cases {
+    for &(op, connect) in &cases {
         step += &format!(
             "cid=$({create})\n{job_step} uring-start {socket} $cid {op} {connect} >> {answers}\n\
              {cli} wait $cid > /dev/null\n",

@@ -39,6 +39,7 @@
 //! job-step uring-start SOCKET ID OP CONNECT
 //!                                  start container ID at the Docker API socket SOCKET with a
 //!                                  request submitted through io_uring as OP (`write`, `writev`,
+//!                                  `writev_fixed` from a registered buffer (Linux 6.15+),
 //!                                  `send`, `sendmsg`, or `splice` from a pipe the request was
 //!                                  written into) on a connection made by CONNECT
 //!                                  (`syscall`, `uring`, or `fixed`: by syscall, then sent
@@ -444,6 +445,7 @@ fn uring_send(
                 "splice" => opcode::Splice::new(Fd(pipe_in), -1, $at, -1, len).build(),
                 "write" => opcode::Write::new($at, request.as_ptr(), len).build(),
                 "writev" => opcode::Writev::new($at, &iov, 1).build(),
+                "writev_fixed" => opcode::WritevFixed::new($at, &iov, 1, 0).build(),
                 "send" => opcode::Send::new($at, request.as_ptr(), len).build(),
                 "sendmsg" => opcode::SendMsg::new($at, &msg).build(),
                 other => panic!("unknown io_uring send {other}"),
@@ -451,6 +453,13 @@ fn uring_send(
         };
     }
     let mut ring = io_uring::IoUring::new(4)?;
+    if op == "writev_fixed" {
+        // SAFETY: the request's buffer outlives the ring, which is dropped at the end.
+        unsafe {
+            ring.submitter()
+                .register_buffers(std::slice::from_ref(&iov))
+        }?;
+    }
     let entry = match fixed {
         Some(index) => {
             ring.submitter().register_files_sparse(index + 1)?;
