@@ -36,6 +36,9 @@ pub const SENT_BY_SPLICE: u16 = 2;
 /// The marker (`RUNTIME_SENT_MORE`) of a `sendmmsg`'s messages after its first: none is read,
 /// and no HTTP client sends a stream's requests as several messages of one call.
 pub const SENT_BY_SENDMMSG: u16 = 3;
+/// An io_uring send from the ring's provided buffers (`IOSQE_BUFFER_SELECT`): the buffer is
+/// picked when the request runs, so there is none to read at submission.
+pub const SENT_BY_PROVIDED_BUFFER: u16 = 4;
 
 /// The Docker API request line the kernel reads where a send's first buffer begins
 /// (`runner-monitor-ebpf/src/runtime_requests.rs` and `container_refs.rs`); the agent mirrors

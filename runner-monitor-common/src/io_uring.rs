@@ -103,6 +103,9 @@ pub const LAYOUT_SEND: u32 = 1 << 3;
 pub const LAYOUT_FIXED: u32 = 1 << 4;
 /// `io_kiocb.flags`: the request's fd is a registered file's index.
 pub const REQ_F_FIXED_FILE: u8 = 1;
+/// `io_kiocb.flags` (the uapi's `IOSQE_BUFFER_SELECT`): the request's buffer is one the kernel
+/// picks from the ring's provided buffers when it runs, not the SQE's `addr`.
+pub const REQ_F_BUFFER_SELECT: u8 = 1 << 5;
 /// The low bits of a registered file's `file_ptr` that are flags, not the `struct file *`
 /// (`FFS_NOWAIT`, `FFS_ISREG`).
 pub const FILE_PTR_FLAGS: u64 = 3;

@@ -19,14 +19,14 @@ use aya_ebpf::{
 };
 use runner_monitor_common::{
     AT_FDCWD, EventKind, IoUringSetupEvent, LINK_SYMBOLIC,
-    container::RUNTIME_SENT_MORE,
+    container::{RUNTIME_SENT_MORE, SENT_BY_PROVIDED_BUFFER, SENT_BY_SPLICE},
     io_uring::{
         FILE_PTR_FLAGS, FILE_PTR_REGULAR, IORING_OP_CONNECT, IORING_OP_LINKAT, IORING_OP_OPENAT,
         IORING_OP_OPENAT2, IORING_OP_RENAMEAT, IORING_OP_SEND, IORING_OP_SEND_ZC,
         IORING_OP_SENDMSG, IORING_OP_SENDMSG_ZC, IORING_OP_SPLICE, IORING_OP_SYMLINKAT,
         IORING_OP_WRITE, IORING_OP_WRITE_FIXED, IORING_OP_WRITEV, IORING_OP_WRITEV_FIXED,
         IORING_SEND_VECTORIZED, LAYOUT_CONNECT, LAYOUT_FIXED, LAYOUT_OPEN, LAYOUT_PATHS,
-        LAYOUT_SEND, REQ_F_FIXED_FILE,
+        LAYOUT_SEND, REQ_F_BUFFER_SELECT, REQ_F_FIXED_FILE,
     },
     setting,
 };
@@ -193,6 +193,12 @@ fn sent(process: &runner_monitor_common::ProcessJob, req: u64, opcode: u8) {
         return;
     };
     let what = match opcode {
+        // The buffer is picked from the ring's provided buffers when the request runs: the
+        // SQE's `addr` may name anything (a harmless decoy), so nothing is read.
+        _ if flags & REQ_F_BUFFER_SELECT != 0 => Sent::Unreadable {
+            len: RUNTIME_SENT_MORE,
+            via: SENT_BY_PROVIDED_BUFFER,
+        },
         // Into the request's descriptor (the SQE's `fd` is the splice's output).
         IORING_OP_SPLICE => {
             let at = setting(setting::IO_URING_SPLICE_LEN);
@@ -201,8 +207,9 @@ fn sent(process: &runner_monitor_common::ProcessJob, req: u64, opcode: u8) {
             } else {
                 kernel_field::<u64>(req, at)
             };
-            Sent::Spliced {
+            Sent::Unreadable {
                 len: len.unwrap_or(RUNTIME_SENT_MORE),
+                via: SENT_BY_SPLICE,
             }
         }
         IORING_OP_WRITE | IORING_OP_WRITE_FIXED | IORING_OP_WRITEV | IORING_OP_WRITEV_FIXED => {

@@ -449,8 +449,9 @@ pub enum Sent {
     Vectors { iov: u64, count: u64 },
     /// A `struct user_msghdr` (`SENDMSG`, `SENDMSG_ZC`).
     Message(u64),
-    /// `len` bytes from a pipe (`SPLICE`; `RUNTIME_SENT_MORE`: not known): nothing to copy.
-    Spliced { len: u64 },
+    /// `len` bytes (`RUNTIME_SENT_MORE`: not known) with nothing to copy at submission, sent
+    /// `via` (`SENT_BY_*`): from a pipe (`SPLICE`), or from a provided buffer.
+    Unreadable { len: u64, via: u16 },
 }
 
 /// An io_uring write or send request that job process `process` submitted on `socket`: read as
@@ -461,15 +462,16 @@ pub enum Sent {
 /// uppercase letter: a method, or its first bytes), and remembered as a job's runtime
 /// connection from then on. A registered file (`IOSQE_FIXED_FILE`) has no descriptor to
 /// remember it by: its socket is checked at every request (`still_connected`), and believed
-/// only when the kernel's socket layout is known. A splice has no bytes to look at: its socket
-/// is checked whatever it sends, and on a runtime's connection it is reported as the `splice`
-/// syscall's is (`SENT_BY_SPLICE`), flagged `HEADER_IO_URING`.
+/// only when the kernel's socket layout is known. A splice, or a send from the ring's provided
+/// buffers, has no bytes to look at: its socket is checked whatever it sends, and on a
+/// runtime's connection it is reported as the `splice` syscall's is (`SENT_BY_SPLICE`,
+/// `SENT_BY_PROVIDED_BUFFER`), flagged `HEADER_IO_URING`.
 #[inline(always)]
 pub fn io_uring_send(process: &ProcessJob, socket: Socket, sent: Sent) {
     // The iovecs (`count` 0: one buffer) and the first buffer. Plain values: a returned tuple
     // of options is returned through a stack pointer, which the verifier refuses.
     let (iov, count) = match sent {
-        Sent::Buffer { .. } | Sent::Spliced { .. } => (0, 0),
+        Sent::Buffer { .. } | Sent::Unreadable { .. } => (0, 0),
         Sent::Vectors { iov, count } => (iov, count),
         Sent::Message(msg) => {
             if msg == 0 {
@@ -482,10 +484,13 @@ pub fn io_uring_send(process: &ProcessJob, socket: Socket, sent: Sent) {
             }
         }
     };
-    let spliced = matches!(sent, Sent::Spliced { .. });
+    let (unreadable, via) = match sent {
+        Sent::Unreadable { via, .. } => (true, via),
+        _ => (false, SENT_BY_BUFFER),
+    };
     let (buf, len) = match sent {
         Sent::Buffer { buf, len } => (buf, len),
-        Sent::Spliced { len } => (0, len),
+        Sent::Unreadable { len, .. } => (0, len),
         _ => {
             if iov == 0 || count == 0 {
                 return;
@@ -502,7 +507,7 @@ pub fn io_uring_send(process: &ProcessJob, socket: Socket, sent: Sent) {
             Some(job) => job,
             None => {
                 // SAFETY: a checked read of user memory.
-                let request_like = spliced
+                let request_like = unreadable
                     || unsafe { bpf_probe_read_user(buf as *const u8) }
                         .is_ok_and(|c| c.is_ascii_uppercase());
                 if len == 0
@@ -522,8 +527,8 @@ pub fn io_uring_send(process: &ProcessJob, socket: Socket, sent: Sent) {
             process.job
         }
     };
-    if spliced {
-        sent_record(socket, job, 0, len, 0, SENT_BY_SPLICE, HEADER_IO_URING);
+    if unreadable {
+        sent_record(socket, job, 0, len, 0, via, HEADER_IO_URING);
         return;
     }
     // One call of the request parser: the verifier follows each call site's copy.

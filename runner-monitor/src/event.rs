@@ -361,6 +361,8 @@ pub enum SentVia {
     Splice,
     /// A `sendmmsg`'s messages after its first (none read: their length is unknown).
     Sendmmsg,
+    /// An io_uring send from the ring's provided buffers, picked when it runs: none read.
+    ProvidedBuffer,
 }
 
 impl SentVia {
@@ -370,6 +372,7 @@ impl SentVia {
             SentVia::Sendfile => "sendfile",
             SentVia::Splice => "splice",
             SentVia::Sendmmsg => "sendmmsg",
+            SentVia::ProvidedBuffer => "send from a provided buffer",
         }
     }
 }

@@ -131,8 +131,12 @@ impl RuntimeStreams {
             stream.state = State::Lost;
             // No HTTP client sends requests as several messages of one `sendmmsg`; a `writev`
             // of many buffers is Node's chunked body. A splice whose length is not known (an
-            // io_uring one, where the kernel's layout did not give it) is bytes nothing read.
-            read.unread = matches!(via, SentVia::Sendmmsg | SentVia::Splice);
+            // io_uring one, where the kernel's layout did not give it) and an io_uring send
+            // from a provided buffer are bytes nothing read.
+            read.unread = matches!(
+                via,
+                SentVia::Sendmmsg | SentVia::Splice | SentVia::ProvidedBuffer
+            );
             return read;
         };
         if matches!(&stream.state, State::Head(h) if h.is_empty()) || stream.state == State::Lost {

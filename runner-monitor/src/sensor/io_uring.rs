@@ -281,7 +281,8 @@ fn coverage_with(probes: &[ProbeStatus], layouts: &Layouts) -> Vec<(&'static str
                 "io_uring_send_req",
                 layouts.send.as_ref().map(|_| ()),
                 "on a container runtime's socket, a job's container start or exec request is \
-                 read as for the syscalls (docs/containers.md)",
+                 read as for the syscalls (docs/containers.md); a send from the ring's provided \
+                 buffers, bytes the monitor cannot read (agent-tamper)",
             ),
         ),
         (

@@ -404,6 +404,10 @@ unsafe fn uring_on(
     }
 }
 
+/// The provided-buffer group of a `send_select`, and the bytes its SQE's `addr` names.
+const SELECT_GROUP: u16 = 7;
+const DECOY: &[u8] = b"GET /_ping HTTP/1.1\r\nHost: docker\r\n\r\n";
+
 /// The registered-file index `uring_send` sends on when asked to: past every fd job-step has
 /// open, so that the descriptor of that number is not the connection.
 const FIXED_INDEX: u32 = 40;
@@ -447,12 +451,29 @@ fn uring_send(
                 "writev" => opcode::Writev::new($at, &iov, 1).build(),
                 "writev_fixed" => opcode::WritevFixed::new($at, &iov, 1, 0).build(),
                 "send" => opcode::Send::new($at, request.as_ptr(), len).build(),
+                // The bytes sent are the provided buffer's; `addr` names a harmless decoy.
+                "send_select" => opcode::Send::new($at, DECOY.as_ptr(), len)
+                    .buf_group(SELECT_GROUP)
+                    .build()
+                    .flags(io_uring::squeue::Flags::BUFFER_SELECT),
                 "sendmsg" => opcode::SendMsg::new($at, &msg).build(),
                 other => panic!("unknown io_uring send {other}"),
             }
         };
     }
     let mut ring = io_uring::IoUring::new(4)?;
+    if op == "send_select" {
+        let provide = opcode::ProvideBuffers::new(
+            request.as_ptr() as *mut u8,
+            len as i32,
+            1,
+            SELECT_GROUP,
+            0,
+        )
+        .build();
+        // SAFETY: the request's buffer outlives the ring; the kernel only reads it (a send).
+        unsafe { uring_on(&mut ring, &provide) }?;
+    }
     if op == "writev_fixed" {
         // SAFETY: the request's buffer outlives the ring, which is dropped at the end.
         unsafe {

@@ -284,7 +284,7 @@ fn a_sendmmsgs_later_messages_are_unread_and_a_writevs_later_buffers_are_not() {
 }
 
 #[test]
-fn a_splice_is_unread_with_its_length_or_without() {
+fn a_splice_or_a_provided_buffer_is_unread_with_its_length_or_without() {
     // Without: an io_uring splice where the kernel's layout did not give the length.
     let mut streams = RuntimeStreams::default();
     assert!(
@@ -294,6 +294,10 @@ fn a_splice_is_unread_with_its_length_or_without() {
     );
     let mut streams = RuntimeStreams::default();
     assert!(streams.sent(JOB, 1, 0, None, b"", SentVia::Splice).unread);
+    // An io_uring send from a provided buffer: the kernel had nothing to read.
+    let mut streams = RuntimeStreams::default();
+    let read = streams.sent(JOB, 1, 0, None, b"", SentVia::ProvidedBuffer);
+    assert!(read.unread);
 }
 
 #[test]

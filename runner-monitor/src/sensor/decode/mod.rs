@@ -18,7 +18,8 @@ use runner_monitor_common::{
     SIGNAL_SYSCALL_TKILL, SOCK_RAW, SignalEvent, TLS_BLOCKED, TLS_NO_SNI, TLS_SNI_TRUNCATED,
     TlsEvent, container,
     container::{
-        RUNTIME_SENT_MORE, RuntimeSentEvent, SENT_BY_SENDFILE, SENT_BY_SENDMMSG, SENT_BY_SPLICE,
+        RUNTIME_SENT_MORE, RuntimeSentEvent, SENT_BY_PROVIDED_BUFFER, SENT_BY_SENDFILE,
+        SENT_BY_SENDMMSG, SENT_BY_SPLICE,
     },
 };
 
@@ -305,6 +306,7 @@ impl Decoder {
                         SENT_BY_SENDFILE => SentVia::Sendfile,
                         SENT_BY_SPLICE => SentVia::Splice,
                         SENT_BY_SENDMMSG => SentVia::Sendmmsg,
+                        SENT_BY_PROVIDED_BUFFER => SentVia::ProvidedBuffer,
                         _ => SentVia::Buffer,
                     },
                     io_uring: header.flags & HEADER_IO_URING != 0,
