@@ -104,6 +104,7 @@ pub fn task_newtask(ctx: TracePointContext) -> u32 {
             "process map full: child {} of job process {} is untracked", child, entry.ppid
         );
     }
+    crate::runtime_requests::forked(entry.ppid, child);
     send(EventKind::Fork, Some(&parent), |e: &mut ForkEvent| {
         e.child_tgid = child;
         e._pad = 0;

@@ -41,6 +41,21 @@ pub fn unix_connected(tgid: u32, fd: i32, job: u64) {
     if UNIX_CONNS.insert(key, job, 0).is_err() {
         count(counter::PENDING_MAP_FULL);
     }
+    mark_runtime_tgid(tgid);
+}
+
+/// A job process forked `child`: a runtime connection of the parent's is the child's too (the
+/// descriptor is inherited), so the child is looked at as the parent is (`adopt`).
+#[inline(always)]
+pub fn forked(parent: u32, child: u32) {
+    if may_have_runtime_conn(parent) {
+        mark_runtime_tgid(child);
+    }
+}
+
+/// Sets process `tgid`'s bit in `RUNTIME_TGIDS`.
+#[inline(always)]
+fn mark_runtime_tgid(tgid: u32) {
     if let Some(word) = RUNTIME_TGIDS.get_ptr_mut(tgid >> 6) {
         // The BPF target has no atomic OR (no compare-and-swap in Rust's `core` for it): two
         // processes of one word's 64 pids setting their bits at the same instant on two CPUs
@@ -94,8 +109,24 @@ fn job_socket(fd: u64) -> Option<u64> {
     }
     let key = (u64::from(tgid) << 32) | (fd & 0xffff_ffff);
     // SAFETY: the value is copied out at once.
-    let job = unsafe { UNIX_CONNS.get(key).copied() }?;
-    still_connected(Socket::Fd(fd)).then_some(job)
+    match unsafe { UNIX_CONNS.get(key).copied() } {
+        Some(job) => still_connected(Socket::Fd(fd)).then_some(job),
+        None => adopt(tgid, fd),
+    }
+}
+
+/// A runtime connection of a job process that it did not `connect` on descriptor `fd`: a copy
+/// (`dup`, `dup2`, `fcntl(F_DUPFD)`) or one inherited at fork. Only a process that connected to
+/// a runtime, or the child of one, gets here, for a descriptor not known yet; believed as a
+/// connect's is: a job process's, whose other end is a runtime's API, remembered from then on.
+#[inline(always)]
+fn adopt(tgid: u32, fd: u64) -> Option<u64> {
+    let process = current_process()?;
+    if crate::unix_peer::is_runtime_api(fd as i32) != Some(true) {
+        return None;
+    }
+    unix_connected(tgid, fd as i32, process.job);
+    Some(process.job)
 }
 
 /// A `write` or `sendto` of the current process: `(fd, buf, len)` are its first arguments,
@@ -370,7 +401,11 @@ pub fn enter_sendmsg(ctx: TracePointContext) -> u32 {
 // long sys_sendmmsg(int fd, struct mmsghdr __user *mmsg, unsigned int vlen, unsigned int flags)
 // A `struct mmsghdr` begins with its `struct user_msghdr`: the first message is read as
 // `sendmsg`'s.
+//
+// VERIFIER: inlined into the macro's entry point (see `io_uring_send_req`): left a function of
+// its own, it returns whatever its last instruction left in r0, a stack pointer here.
 #[tracepoint]
+#[inline(always)]
 pub fn enter_sendmmsg(ctx: TracePointContext) -> u32 {
     let messages = syscall_arg_direct(&ctx, 2);
     if messages != 0 {

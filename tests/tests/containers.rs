@@ -279,7 +279,9 @@ fn a_container_a_job_starts_through_the_docker_api_with_curl() {
 /// several buffers with `writev`; other clients use `sendmsg`; `sendmmsg` is one more way), each
 /// split in two buffers: the request line, then the headers. All three containers are the job's.
 /// A start in a `sendmmsg`'s second message (no message after the first is read, and no HTTP
-/// client sends so) raises `agent-tamper` for the job.
+/// client sends so) raises `agent-tamper` for the job. A start written on a `dup` of the
+/// connection, and one from a forked child on the descriptor it inherited (neither the
+/// descriptor `connect` made), are the job's too: both were nobody's before.
 #[test]
 fn a_start_request_sent_with_writev_sendmsg_or_sendmmsg_is_the_jobs() {
     let agent = agent();
@@ -297,7 +299,17 @@ s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
 s.connect(path)
 parts = [f"POST /v1.41/containers/{cid}/start HTTP/1.1\r\n".encode(),
          b"Host: docker\r\nContent-Length: 0\r\n\r\n"]
-if how == "writev":
+if how == "dup":
+    # On a copy of the connected descriptor: not the one `connect` made.
+    os.write(os.dup(s.fileno()), b"".join(parts))
+elif how == "fork":
+    # From a child, on the descriptor it inherited.
+    pid = os.fork()
+    if pid == 0:
+        os.write(s.fileno(), b"".join(parts))
+        os._exit(0)
+    os.waitpid(pid, 0)
+elif how == "writev":
     os.writev(s.fileno(), parts)
 elif how == "sendmsg":
     s.sendmsg(parts)
@@ -334,7 +346,14 @@ sys.exit(0 if b"HTTP/1.1 204" in answer else f"{how}: {answer[-40:]!r}")
     let socket = docker.socket.display();
     let api = format!("curl -sf --unix-socket {socket}");
     let mut step = String::new();
-    for how in ["writev", "sendmsg", "sendmmsg", "sendmmsg-later"] {
+    for how in [
+        "writev",
+        "sendmsg",
+        "sendmmsg",
+        "sendmmsg-later",
+        "dup",
+        "fork",
+    ] {
         step += &format!(
             "{create}\n\
              python3 {script} {socket} {how} $id\n\
@@ -345,7 +364,7 @@ sys.exit(0 if b"HTTP/1.1 204" in answer else f"{how}: {answer[-40:]!r}")
     }
     github_job(&env, agent, &run, "acme/vectored", &step);
     let id = format!("{run}/build");
-    for how in ["writev", "sendmsg", "sendmmsg"] {
+    for how in ["writev", "sendmsg", "sendmmsg", "dup", "fork"] {
         let name = format!("rm-{how}-{run}");
         let harvest = wait_alert(agent, "credential-harvesting", &id, |a| {
             a["container"]["name"] == name.as_str()
