@@ -65,9 +65,11 @@ use crate::{
 #[map]
 pub static UNIX_CONNS: LruHashMap<u64, u64> = LruHashMap::with_max_entries(MAX_UNIX_CONNS, 0);
 
-/// The processes in `UNIX_CONNS`, as a bitmap (bit `tgid % 64` of word `tgid / 64`): every
-/// write on the host asks it first, and an array's look-up is a load, where the hash map's is
-/// a call. A bit is never cleared (a pid reused costs that process one hash look-up per write).
+/// The processes in `UNIX_CONNS`, and the children they forked (an inherited descriptor is
+/// checked at its first send: `runtime_requests::adopt`), as a bitmap (bit `tgid % 64` of word
+/// `tgid / 64`): every write on the host asks it first, and an array's look-up is a load, where
+/// the hash map's is a call. A bit is never cleared (a pid reused costs that process two hash
+/// look-ups per write).
 /// Pinned with `UNIX_CONNS`.
 #[map]
 pub static RUNTIME_TGIDS: Array<u64> = Array::with_max_entries(RUNTIME_TGID_WORDS, 0);
