@@ -122,11 +122,18 @@ fn job_socket(fd: u64) -> Option<u64> {
 #[inline(always)]
 fn adopt(tgid: u32, fd: u64) -> Option<u64> {
     let process = current_process()?;
+    remember_if_runtime(tgid, fd, process.job).then_some(process.job)
+}
+
+/// Remembers descriptor `fd` of process `tgid` as job `job`'s runtime connection when its
+/// other end is a runtime's API (`unix_peer`); whether it did.
+#[inline(always)]
+fn remember_if_runtime(tgid: u32, fd: u64, job: u64) -> bool {
     if crate::unix_peer::is_runtime_api(fd as i32) != Some(true) {
-        return None;
+        return false;
     }
-    unix_connected(tgid, fd as i32, process.job);
-    Some(process.job)
+    unix_connected(tgid, fd as i32, job);
+    true
 }
 
 /// A `write` or `sendto` of the current process: `(fd, buf, len)` are its first arguments,
@@ -547,11 +554,10 @@ pub fn io_uring_send(process: &ProcessJob, socket: Socket, sent: Sent) {
                         .is_ok_and(|c| c.is_ascii_uppercase());
                 if len == 0
                     || !request_like
-                    || crate::unix_peer::is_runtime_api(fd as i32) != Some(true)
+                    || !remember_if_runtime(current_tgid(), fd, process.job)
                 {
                     return;
                 }
-                unix_connected(current_tgid(), fd as i32, process.job);
                 process.job
             }
         },
