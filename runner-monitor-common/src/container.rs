@@ -75,6 +75,64 @@ pub const MATCHED_BY_CREATOR: u32 = 4;
 /// Not the job's container: a job's `docker exec` ran a process in it, and that process (not
 /// the container) is the job's. The event names the container for findings about it.
 pub const MATCHED_BY_EXEC: u32 = 5;
+/// No request: a step of a `docker build` a job asked for (its connection still open), made by
+/// the daemon (the classic builder's containers, BuildKit's step cgroups).
+pub const MATCHED_BY_BUILD: u32 = 6;
+/// The same, while builds of more than one job were open: the oldest build's job, a guess.
+pub const MATCHED_BY_BUILD_CONTESTED: u32 = 7;
+
+/// How many `docker build`s may be open at once (across all jobs); the oldest is overwritten
+/// when full.
+pub const BUILD_SLOTS: u32 = 8;
+/// An open build whose connection the agent has not seen alive for this long is over: the agent
+/// refreshes `OpenBuild::seen_ns` every second while the job's connection lives
+/// (`enrich/builds.rs`), so a stopped agent leaves no build open for long.
+pub const BUILD_QUIET_NS: u64 = 30_000_000_000;
+
+/// A job's `docker build` request (`POST [/vN.NN]/build`), in the kernel's `BUILDS` slots
+/// (`runner-monitor-ebpf/src/builds.rs`), which the agent writes: while it is open, a container
+/// cgroup a Docker daemon makes with no start request is a step of it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OpenBuild {
+    /// The job; 0: a free slot.
+    pub job: u64,
+    /// When the request was sent (ktime ns).
+    pub ts_ns: u64,
+    /// When its connection was last seen alive (the request, then the agent's checks).
+    pub seen_ns: u64,
+    /// The process that sent it and the descriptor (-1: sent through io_uring on a registered
+    /// file).
+    pub tgid: u32,
+    pub fd: i32,
+}
+
+const _: () = assert!(core::mem::size_of::<OpenBuild>() == 32);
+
+impl OpenBuild {
+    #[inline(always)]
+    pub fn open(&self, now_ns: u64) -> bool {
+        self.job != 0 && now_ns.saturating_sub(self.seen_ns) <= BUILD_QUIET_NS
+    }
+
+    /// A new build request takes the slot of lowest rank: the same connection's, then
+    /// a closed slot, then the oldest open build.
+    #[inline(always)]
+    pub fn replace_rank(&self, now_ns: u64, tgid: u32, fd: i32) -> u64 {
+        if !self.open(now_ns) {
+            1
+        } else if self.tgid == tgid && self.fd == fd {
+            0
+        } else {
+            self.ts_ns.saturating_add(2)
+        }
+    }
+}
+
+#[cfg(feature = "user")]
+// SAFETY: plain `#[repr(C)]` data without padding (size asserted above); every bit pattern is a
+// valid value.
+unsafe impl aya::Pod for OpenBuild {}
 
 /// How long a job's exec request waits for its process (`EXEC_TARGETS`): the runtime starts it
 /// within tens of milliseconds (40-53 ms measured here, docs/containers.md). Short, because a

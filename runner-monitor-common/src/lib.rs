@@ -544,7 +544,7 @@ pub mod io_uring;
 pub use io_uring::IoUringSetupEvent;
 pub mod container;
 pub use container::{
-    CONTAINER_ID_LEN, ContainerEvent, ContainerStartEvent, ExecTarget, PendingStart,
+    CONTAINER_ID_LEN, ContainerEvent, ContainerStartEvent, ExecTarget, OpenBuild, PendingStart,
 };
 pub mod tls;
 pub use tls::*;

@@ -11,6 +11,7 @@ pub const RUNTIME_TGIDS: &str = "RUNTIME_TGIDS";
 pub const PENDING_STARTS: &str = "PENDING_STARTS";
 pub const CONTAINER_IDS: &str = "CONTAINER_IDS";
 pub const EXEC_TARGETS: &str = "EXEC_TARGETS";
+pub const BUILDS: &str = "BUILDS";
 pub const NAMES: &str = "NAMES";
 pub const FILE_NAMES: &str = "FILE_NAMES";
 pub const SETTINGS: &str = "SETTINGS";

@@ -15,6 +15,9 @@
 //! 3. when the runtime makes the container's cgroup (`cgroup:cgroup_mkdir` in the cgroup v2
 //!    hierarchy, `.../<id>` or `.../docker-<id>.scope`), the cgroup id becomes the job's.
 //!
+//! A container cgroup a Docker daemon makes with no request, while a job's `docker build` is
+//! open, is a step of that build (`builds.rs`), and so are BuildKit's step cgroups.
+//!
 //! A container cgroup that a job process makes itself is the job's too, with no request: the
 //! runtime is the job's (podman's conmon and runc descend from the job's `podman run`; so do a
 //! dockerd's the job started). Its processes are the job's by fork already; the map makes a
@@ -170,18 +173,6 @@ const SUFFIXES: [u32; 2] = [0, 6];
 /// container, though named by its id.
 const MONITOR: &[u8; 7] = b"conmon-";
 
-/// Whether the cgroup name in the record at `at` (the id's first byte) follows `MONITOR`.
-#[inline(always)]
-fn after_monitor(at: *const u8, start: u32) -> bool {
-    if start < MONITOR.len() as u32 {
-        return false;
-    }
-    let mut before = [0u8; MONITOR.len()];
-    // SAFETY: a checked kernel read inside the tracepoint record (`start` bytes precede `at`).
-    let read = unsafe { bpf_probe_read_kernel_buf(at.sub(MONITOR.len()), &mut before) };
-    read.is_ok() && before == *MONITOR
-}
-
 // cgroup:cgroup_mkdir: int root; int level; u64 id; __data_loc char[] path
 #[tracepoint]
 pub fn cgroup_mkdir(ctx: TracePointContext) -> u32 {
@@ -213,7 +204,7 @@ pub fn cgroup_mkdir(ctx: TracePointContext) -> u32 {
         if requested.is_none() && !id.iter().all(|c| is_hex(*c)) {
             continue;
         }
-        if after_monitor(at, start) {
+        if before(at, start, MONITOR) {
             return 0;
         }
         let cgroup: u64 = field(&ctx, offsets::ID);
@@ -242,44 +233,150 @@ pub fn cgroup_mkdir(ctx: TracePointContext) -> u32 {
                             reference: [0; CONTAINER_ID_LEN],
                         }
                     }
+                    // A Docker daemon's container nobody asked to start: a step of a job's
+                    // build, while one is open.
+                    None if docker_named(at, start, suffix) => match crate::builds::open_build() {
+                        Some(m) => m,
+                        None => return 0,
+                    },
                     None => return 0,
                 },
             },
         };
-        if CONTAINER_CGROUPS.insert(cgroup, matched.job, 0).is_err() {
-            count(counter::PENDING_MAP_FULL);
-            return 0;
-        }
-        // The agent learns the container's id and cgroup (to name it in findings).
-        let skip = len.saturating_sub(CGROUP_PATH_LEN as u32);
-        // SAFETY: a pointer inside the tracepoint record; read with a checked helper below.
-        let path = unsafe { (ctx.as_ptr() as *const u8).add((offset + skip) as usize) };
-        send(
-            EventKind::Container,
-            Some(&ProcessJob {
-                ppid: creator_ppid,
-                ..member(matched.job)
-            }),
-            |e: &mut ContainerEvent| {
-                e.cgroup_id = cgroup;
-                e.matched = matched.how;
-                e.waited_ns = matched.waited_ns;
-                e.id = id;
-                e.reference = matched.reference;
-                // SAFETY: the helper bounds the copy to the buffer.
-                let n = unsafe {
-                    bpf_probe_read_kernel_str(
-                        e.path.as_mut_ptr().cast(),
-                        CGROUP_PATH_LEN as u32,
-                        path.cast(),
-                    )
-                };
-                e.path_len = if n > 0 { (n - 1) as u32 } else { 0 };
-            },
-        );
+        link(&ctx, cgroup, id, &matched, creator_ppid, offset, len);
         return 0;
     }
+    if let Some(id) = buildkit_step(&ctx, offset, len)
+        && let Some(matched) = crate::builds::open_build()
+    {
+        let cgroup: u64 = field(&ctx, offsets::ID);
+        link(&ctx, cgroup, id, &matched, 0, offset, len);
+    }
     0
+}
+
+/// The cgroup `cgroup` of container `id` is `matched.job`'s; the agent learns it (to name the
+/// container in findings): the event's process is the creator's parent `creator_ppid` (when a
+/// job process made it), and it carries the cgroup's path (at `offset`, `len` bytes with the
+/// NUL, in the record).
+#[inline(always)]
+fn link(
+    ctx: &TracePointContext,
+    cgroup: u64,
+    id: [u8; CONTAINER_ID_LEN],
+    matched: &Matched,
+    creator_ppid: u32,
+    offset: u32,
+    len: u32,
+) {
+    if CONTAINER_CGROUPS.insert(cgroup, matched.job, 0).is_err() {
+        count(counter::PENDING_MAP_FULL);
+        return;
+    }
+    let skip = len.saturating_sub(CGROUP_PATH_LEN as u32);
+    // SAFETY: a pointer inside the tracepoint record; read with a checked helper below.
+    let path = unsafe { (ctx.as_ptr() as *const u8).add((offset + skip) as usize) };
+    send(
+        EventKind::Container,
+        Some(&ProcessJob {
+            ppid: creator_ppid,
+            ..member(matched.job)
+        }),
+        |e: &mut ContainerEvent| {
+            e.cgroup_id = cgroup;
+            e.matched = matched.how;
+            e.waited_ns = matched.waited_ns;
+            e.id = id;
+            e.reference = matched.reference;
+            // SAFETY: the helper bounds the copy to the buffer.
+            let n = unsafe {
+                bpf_probe_read_kernel_str(
+                    e.path.as_mut_ptr().cast(),
+                    CGROUP_PATH_LEN as u32,
+                    path.cast(),
+                )
+            };
+            e.path_len = if n > 0 { (n - 1) as u32 } else { 0 };
+        },
+    );
+}
+
+/// What comes before a Docker container's id in its cgroup's name: its parent `docker` (the
+/// cgroupfs driver: `/docker/<id>`), or `docker-` (the systemd driver: `docker-<id>.scope`).
+const DOCKER_PARENT: &[u8; 8] = b"/docker/";
+const DOCKER_SCOPE: &[u8; 7] = b"docker-";
+
+/// Whether the container cgroup whose id is at `at` (`start` bytes into its path, followed by
+/// `suffix` bytes) is named as a Docker daemon names its containers' (not kubepods',
+/// containerd's or podman's).
+#[inline(always)]
+fn docker_named(at: *const u8, start: u32, suffix: u32) -> bool {
+    if suffix == 0 {
+        before(at, start, DOCKER_PARENT)
+    } else {
+        before(at, start, DOCKER_SCOPE)
+    }
+}
+
+/// Whether the `N` bytes before `at` (`start` bytes into the path) are `want`.
+#[inline(always)]
+fn before<const N: usize>(at: *const u8, start: u32, want: &[u8; N]) -> bool {
+    if (start as usize) < N {
+        return false;
+    }
+    let mut got = [0u8; N];
+    // SAFETY: a checked kernel read inside the tracepoint record (`start` bytes precede `at`).
+    let read = unsafe { bpf_probe_read_kernel_buf(at.sub(N), &mut got) };
+    read.is_ok() && got == *want
+}
+
+/// Length of BuildKit's ids (`identity.NewID`: 25 base-36 digits, zero-padded).
+const BUILDKIT_ID_LEN: usize = 25;
+/// The id of the BuildKit step whose cgroup the record at `offset` (`len` bytes with the NUL)
+/// makes, NUL-padded; `None` when the cgroup is not one. dockerd names them
+/// `<parent>/buildkit/<id>` (cgroupfs driver, measured here) or `buildkit-<id>.scope` (systemd
+/// driver; untested).
+#[inline(always)]
+fn buildkit_step(ctx: &TracePointContext, offset: u32, len: u32) -> Option<[u8; CONTAINER_ID_LEN]> {
+    // VERIFIER: two calls, not a loop over a table of markers: a pointer kept in read-only data
+    // is a scalar to the verifier.
+    buildkit_named(ctx, offset, len, b"/buildkit/", b"")
+        .or_else(|| buildkit_named(ctx, offset, len, b"/buildkit-", b".scope"))
+}
+
+/// The id of a BuildKit step's cgroup named `<marker><id><suffix>`.
+#[inline(always)]
+fn buildkit_named<const S: usize>(
+    ctx: &TracePointContext,
+    offset: u32,
+    len: u32,
+    marker: &[u8; 10],
+    suffix: &[u8; S],
+) -> Option<[u8; CONTAINER_ID_LEN]> {
+    let start = len.checked_sub(1 + (S + BUILDKIT_ID_LEN) as u32)?;
+    let mut name = [0u8; BUILDKIT_ID_LEN];
+    // SAFETY: a checked kernel read inside the tracepoint record.
+    let at = unsafe { (ctx.as_ptr() as *const u8).add((offset + start) as usize) };
+    // SAFETY: as above.
+    unsafe { bpf_probe_read_kernel_buf(at, &mut name) }.ok()?;
+    if !name
+        .iter()
+        .all(|c| c.is_ascii_digit() || c.is_ascii_lowercase())
+        || !before(at, start, marker)
+    {
+        return None;
+    }
+    if S != 0 {
+        let mut after = [0u8; S];
+        // SAFETY: as above: the suffix's bytes end the name.
+        unsafe { bpf_probe_read_kernel_buf(at.add(BUILDKIT_ID_LEN), &mut after) }.ok()?;
+        if after != *suffix {
+            return None;
+        }
+    }
+    let mut id = [0u8; CONTAINER_ID_LEN];
+    id[..BUILDKIT_ID_LEN].copy_from_slice(&name);
+    Some(id)
 }
 
 /// The process-map entry of a process that joins job `job` by its container's cgroup.

@@ -8,6 +8,7 @@
 
 mod args;
 mod budget;
+mod builds;
 mod chdir;
 mod container_refs;
 mod containers;

@@ -10,6 +10,7 @@
 
 use std::{io::Read, os::unix::fs::PermissionsExt, path::Path};
 
+mod builds;
 mod containers;
 pub mod cri;
 pub mod kube;
@@ -17,6 +18,7 @@ mod name_starts;
 mod pods;
 mod runtime_streams;
 pub mod workflow_pods;
+pub use builds::BuildSlots;
 pub use containers::{ContainerNamer, of_job_root};
 pub use name_starts::Register as NameStartRegister;
 pub use pods::{DEFAULT_CRI_SOCKET, PodContainer, PodNamer, gitlab_job};

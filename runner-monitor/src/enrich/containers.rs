@@ -9,6 +9,7 @@
 use std::time::Duration;
 
 use super::{
+    builds::{BuildSlots, Builds},
     name_starts::{NameStarts, Register},
     runtime_streams::{Action, RuntimeStreams},
 };
@@ -34,6 +35,8 @@ pub struct ContainerNamer {
     exec_cgroups: BoundedMap<u64, String>,
     /// The jobs' API streams, for the container requests the kernel did not read.
     streams: RuntimeStreams,
+    /// Keeps the kernel's open builds true to their connections (`builds.rs`).
+    builds: Option<Builds>,
 }
 
 impl Default for ContainerNamer {
@@ -42,6 +45,7 @@ impl Default for ContainerNamer {
             name_starts: None,
             exec_cgroups: BoundedMap::new(1024),
             streams: RuntimeStreams::default(),
+            builds: None,
         }
     }
 }
@@ -55,6 +59,17 @@ impl ContainerNamer {
             Err(error) => tracing::warn!(
                 %error,
                 "no thread to resolve starts by name: they are left to the kernel's guess"
+            ),
+        }
+    }
+
+    /// Keeps the kernel's build slots (`slots`) open while the builds' connections live.
+    pub fn watch_builds(&mut self, slots: Box<dyn BuildSlots>) {
+        match Builds::spawn(slots) {
+            Ok(builds) => self.builds = Some(builds),
+            Err(error) => tracing::warn!(
+                %error,
+                "no thread to follow builds: a job's build steps are its own for 30 s only"
             ),
         }
     }
@@ -94,6 +109,19 @@ impl ContainerNamer {
                 let (via, len) = (*via, *len);
                 let read = self.streams.sent(job, *conn, *buffer, len, &data.0, via);
                 for found in read.found {
+                    if found.action == Action::Build {
+                        if let Some(builds) = &self.builds {
+                            // The descriptor, unless the connection is an io_uring file's.
+                            let pid = event.process.pid;
+                            let fd = if *conn >> 32 == u64::from(pid) {
+                                *conn as u32 as i32
+                            } else {
+                                -1
+                            };
+                            builds.open(job, pid, fd, event.time_ns);
+                        }
+                        continue;
+                    }
                     let Some(starts) = &self.name_starts else {
                         continue;
                     };
@@ -109,6 +137,7 @@ impl ContainerNamer {
                             job,
                             event.time_ns,
                         ),
+                        Action::Build => {}
                     }
                 }
                 if read.unread {
@@ -337,6 +366,8 @@ fn confirm(info: &mut ContainerInfo) {
     };
     let confirmed = match requested.by.as_str() {
         "short-id" => info.id.starts_with(&requested.reference),
+        // Nothing the daemon says tells a build's step from another container.
+        "build" => return,
         _ => info.name.as_deref() == Some(requested.reference.as_str()),
     };
     requested.confirmed = Some(confirmed);

@@ -36,7 +36,7 @@ const CONNECTIONS: usize = 1024;
 /// several sends).
 const MAX_HEAD: usize = 16 << 10;
 
-/// A container request found in a job's stream that the kernel did not read.
+/// A container request found in a job's stream that the kernel did not read, or a build.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Found {
     pub job: JobKey,
@@ -51,6 +51,9 @@ pub enum Action {
     Start,
     /// `exec`: the command's process joins the job.
     Exec,
+    /// `POST /build` (no container named: `reference` is empty): the build's steps are the
+    /// job's while its connection lives (`builds.rs`).
+    Build,
 }
 
 /// What one send gave the reader.
@@ -314,11 +317,16 @@ fn request(head: &[u8], window: &[u8], job: JobKey, found: &mut Vec<Found>) -> S
     // The path as the daemon routes it, without its version: decoded once for both questions.
     let path = decoded_path(target);
     let path = path.as_deref().map(strip_version);
-    let asked = path
-        .filter(|_| method == "POST")
-        .and_then(container_request);
+    let asked = path.filter(|_| method == "POST").and_then(|p| {
+        if p == "/build" {
+            Some((String::new(), Action::Build))
+        } else {
+            container_request(p)
+        }
+    });
+    // A build is never read by the kernel (`runner-monitor-ebpf/src/builds.rs`).
     if let Some((reference, action)) = &asked
-        && !kernel_reads(window)
+        && (*action == Action::Build || !kernel_reads(window))
     {
         found.push(Found {
             job,

@@ -13,7 +13,8 @@ pub struct ContainerInfo {
     /// Its image, as the job asked for it (same source as `name`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<String>,
-    /// `docker`, `podman`, `containerd`, `cri-o` or `unknown`, from its cgroup's path.
+    /// `docker`, `buildkit` (a step of a `docker build`), `podman`, `containerd`, `cri-o` or
+    /// `unknown`, from its cgroup's path.
     pub runtime: String,
     /// Its cgroup: path in the cgroup v2 hierarchy (its last 127 bytes) and id.
     #[serde(default)]
@@ -65,8 +66,9 @@ pub struct PodInfo {
 pub struct RequestedAs {
     /// The name or short id in the job's request.
     pub reference: String,
-    /// `short-id` (the container's id starts with it: exact) or `name` (the first container
-    /// made after the request: a guess).
+    /// `short-id` (the container's id starts with it: exact), `name` (the first container
+    /// made after the request: a guess) or `build` (no start request: a step of the job's open
+    /// `docker build`; `reference` is empty, `confirmed` false when other jobs' builds were open).
     pub by: String,
     /// Microseconds from the request to the container's cgroup.
     pub waited_us: u64,
@@ -104,7 +106,9 @@ impl ContainerInfo {
     pub fn runtime_of(path: &str) -> &'static str {
         let name = path.rsplit('/').next().unwrap_or(path);
         let parent = path.rsplit('/').nth(1).unwrap_or("");
-        if name.starts_with("docker-") || parent == "docker" {
+        if name.starts_with("buildkit-") || parent == "buildkit" {
+            "buildkit"
+        } else if name.starts_with("docker-") || parent == "docker" {
             "docker"
         } else if name.starts_with("libpod-") || parent == "libpod_parent" {
             "podman"

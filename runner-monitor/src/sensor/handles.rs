@@ -6,7 +6,7 @@
 
 use aya::maps::{Array, HashMap, Map, MapData};
 use runner_monitor_common::{
-    CONTAINER_ID_LEN, ExecTarget, PendingStart, container::EXEC_WINDOW_NS, map_name,
+    CONTAINER_ID_LEN, ExecTarget, OpenBuild, PendingStart, container::EXEC_WINDOW_NS, map_name,
 };
 
 use super::{Sensor, job_roots::BPF_NOEXIST};
@@ -57,6 +57,14 @@ impl Sensor {
     /// such a cgroup joins the job (`runner-monitor-ebpf/src/containers.rs`).
     pub fn container_cgroups_handle(&self) -> Option<HashMap<MapData, u64, u64>> {
         HashMap::try_from(own(self, map_name::CONTAINER_CGROUPS)?).ok()
+    }
+
+    /// The kernel's open builds (`runner-monitor-ebpf/src/builds.rs`), for the agent that keeps
+    /// them true to their connections.
+    pub fn build_slots(&self) -> Option<BuildSlotsMap> {
+        Array::try_from(own(self, map_name::BUILDS)?)
+            .ok()
+            .map(BuildSlotsMap)
     }
 
     /// Handles for resolving starts by name; `None` when the programs lack the maps.
@@ -192,5 +200,18 @@ impl NameStartMaps {
             .insert(cgroup, target, 0)
             .map_err(|e| e.to_string())?;
         Ok(true)
+    }
+}
+
+/// Own handle on the kernel's build slots.
+pub struct BuildSlotsMap(Array<MapData, OpenBuild>);
+
+impl crate::enrich::BuildSlots for BuildSlotsMap {
+    fn get(&self, slot: u32) -> Result<OpenBuild, String> {
+        self.0.get(&slot, 0).map_err(|e| e.to_string())
+    }
+
+    fn set(&mut self, slot: u32, build: OpenBuild) -> Result<(), String> {
+        self.0.set(slot, build, 0).map_err(|e| e.to_string())
     }
 }

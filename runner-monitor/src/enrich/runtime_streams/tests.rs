@@ -86,11 +86,18 @@ fn a_chunked_body_is_skipped_by_its_chunk_sizes() {
     let found = writes(&[s.as_bytes()]);
     assert_eq!(
         found,
-        vec![Found {
-            job: JOB,
-            reference: ID.into(),
-            action: Action::Exec
-        }]
+        vec![
+            Found {
+                job: JOB,
+                reference: String::new(),
+                action: Action::Build
+            },
+            Found {
+                job: JOB,
+                reference: ID.into(),
+                action: Action::Exec
+            }
+        ]
     );
 }
 
@@ -334,4 +341,27 @@ fn the_kernels_grammar_is_mirrored() {
         "POST /v1.00047/containers/web/start HTTP/1.1\r\n\r\n"
     ));
     assert!(!kernel("POST /containers/%77eb/start HTTP/1.1\r\n\r\n"));
+}
+
+#[test]
+fn a_build_request_is_found_however_it_is_sent_and_only_a_post() {
+    let build = Found {
+        job: JOB,
+        reference: String::new(),
+        action: Action::Build,
+    };
+    // The docker CLI's, whole in one write (the kernel does not read builds).
+    let cli = b"POST /v1.41/build?buildargs=%7B%7D&t=x HTTP/1.1\r\nHost: d\r\n\
+                Content-Type: application/x-tar\r\nContent-Length: 3\r\n\r\nabc";
+    assert_eq!(writes(&[cli]), vec![build.clone()]);
+    // Unversioned, percent-encoded, cut across writes.
+    let line = b"POST /b%75ild HTTP/1.1\r\nHost: d\r\n\r\n";
+    let (a, b) = line.split_at(9);
+    assert_eq!(writes(&[a, b]), vec![build]);
+    // Not a build: another method, another path.
+    assert_eq!(writes(&[b"GET /build HTTP/1.1\r\nHost: d\r\n\r\n"]), vec![]);
+    assert_eq!(
+        writes(&[b"POST /builds HTTP/1.1\r\nHost: d\r\n\r\n"]),
+        vec![]
+    );
 }

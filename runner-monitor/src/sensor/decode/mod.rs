@@ -262,10 +262,15 @@ impl Decoder {
             EventKind::Container => {
                 let e: ContainerEvent = read(bytes)?;
                 let path = lossy(c_bytes(&e.path, e.path_len));
-                let mut info = ContainerInfo::new(lossy(&e.id), path, e.cgroup_id);
+                // A BuildKit step's id is shorter, NUL-padded.
+                let id = lossy(c_bytes(&e.id, e.id.len() as u32));
+                let mut info = ContainerInfo::new(id, path, e.cgroup_id);
                 let by = match e.matched {
                     container::MATCHED_BY_SHORT_ID => Some("short-id"),
                     container::MATCHED_BY_NAME => Some("name"),
+                    container::MATCHED_BY_BUILD | container::MATCHED_BY_BUILD_CONTESTED => {
+                        Some("build")
+                    }
                     _ => None,
                 };
                 info.exec_only = e.matched == container::MATCHED_BY_EXEC;
@@ -273,7 +278,9 @@ impl Decoder {
                     reference: lossy(c_bytes(&e.reference, e.reference.len() as u32)),
                     by: by.to_owned(),
                     waited_us: e.waited_ns / 1000,
-                    confirmed: None,
+                    // Builds of several jobs were open: the oldest's job is a guess.
+                    confirmed: (e.matched == container::MATCHED_BY_BUILD_CONTESTED)
+                        .then_some(false),
                     resolved_us: None,
                 });
                 EventDetail::Container(info)

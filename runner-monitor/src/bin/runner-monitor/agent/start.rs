@@ -168,6 +168,10 @@ impl Agent {
                 cgroups.insert(cgroup, job.0, 0).map_err(|e| e.to_string())
             }));
         }
+        // A job's `docker build` stays open while its connection lives.
+        if let Some(slots) = sensor.build_slots() {
+            host.containers.watch_builds(Box::new(slots));
+        }
         // A job's start by name is resolved at its daemon while the start is under way.
         if let Some(mut maps) = sensor.name_start_maps() {
             host.containers

@@ -1,0 +1,108 @@
+//! A job's `docker build`: the daemon runs the build's `RUN` steps in containers it makes
+//! itself, with no start request from the job (the classic builder's containers, BuildKit's
+//! step cgroups). While the job's build request is open they are the job's steps; a build
+//! outside any job is nobody's. A real Docker engine (`integration_tests::docker`) and the real
+//! agent.
+
+use std::path::{Path, PathBuf};
+
+use integration_tests::{
+    TestEnv,
+    docker::{Docker, IMAGE},
+    live::{agent, alerts, assert_no_secret, github_job, run_id, wait_alert},
+};
+
+/// A build context whose one `RUN` step writes three kinds of credentials under `/<marker>` and
+/// reads them back (made-up values: no canary leaves the test's home).
+fn context(docker: &Docker, marker: &str) -> PathBuf {
+    let dir = docker.dir.join(format!("context-{marker}"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let files = [".aws/credentials", ".ssh/id_ed25519", ".docker/config.json"]
+        .map(|f| format!("/{marker}/{f}"));
+    let run = format!(
+        "busybox mkdir -p /{marker}/.aws /{marker}/.ssh /{marker}/.docker && \
+         for f in {all}; do echo made-up > $f; done && cat {all} > /dev/null",
+        all = files.join(" "),
+    );
+    std::fs::write(dir.join("Dockerfile"), format!("FROM {IMAGE}\nRUN {run}\n")).unwrap();
+    dir
+}
+
+fn build(docker: &Docker, buildkit: bool, tag: &str, context: &Path) -> String {
+    format!(
+        "DOCKER_BUILDKIT={kit} {cli} build --progress plain --network none -t {tag} {context} \
+         > /dev/null 2>&1",
+        kit = u8::from(buildkit),
+        cli = docker.shell_cli(),
+        context = context.display(),
+    )
+}
+
+#[test]
+fn a_jobs_docker_build_steps_are_the_jobs_and_a_build_outside_jobs_is_nobodys() {
+    let agent = agent();
+    let docker = Docker::start("build");
+    let env = TestEnv::new("containers-build");
+    // A build outside any job first: its step reads the same kinds of credentials.
+    let outside = context(&docker, "outside");
+    let out = docker
+        .cli()
+        .env("DOCKER_BUILDKIT", "0")
+        .args(["build", "--network", "none", "-t", "rm-build-outside"])
+        .arg(&outside)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let run = run_id(1);
+    let steps = [
+        build(
+            &docker,
+            false,
+            "rm-build-classic",
+            &context(&docker, "classic"),
+        ),
+        build(&docker, true, "rm-build-kit", &context(&docker, "kit")),
+    ]
+    .join("\n");
+    github_job(&env, agent, &run, "acme/build", &steps);
+    let id = format!("{run}/build");
+    // The classic builder's step is a container of the daemon's (`/docker/<id>`).
+    let classic = wait_alert(agent, "credential-harvesting", &id, |a| {
+        a.to_string().contains("/classic/")
+    });
+    assert_eq!(classic["job"]["repository"], "acme/build", "{classic}");
+    // The step's shell writes the files (the first touches), then its `cat` reads them.
+    assert_eq!(classic["process"]["exe"], "/bin/sh", "{classic}");
+    let c = &classic["container"];
+    assert_eq!(c["runtime"], "docker", "{classic}");
+    assert_eq!(c["id"].as_str().map(str::len), Some(64), "{classic}");
+    assert_eq!(c["requested_as"]["by"], "build", "{classic}");
+    // BuildKit's step has a cgroup of its own (`/docker/buildkit/<id>`), no container.
+    let kit = wait_alert(agent, "credential-harvesting", &id, |a| {
+        a.to_string().contains("/kit/")
+    });
+    let c = &kit["container"];
+    assert_eq!(c["runtime"], "buildkit", "{kit}");
+    assert_eq!(c["id"].as_str().map(str::len), Some(25), "{kit}");
+    assert_eq!(c["requested_as"]["by"], "build", "{kit}");
+    assert!(c["requested_as"].get("confirmed").is_none(), "{kit}");
+    // The outside build's step came first in the one ring buffer: nothing of it.
+    let seen: Vec<_> = alerts(agent)
+        .into_iter()
+        .filter(|a| a.to_string().contains("/outside/"))
+        .collect();
+    assert!(
+        seen.is_empty(),
+        "alerts for a build outside jobs: {seen:#?}"
+    );
+    let events = std::fs::read_to_string(agent.dir.join("events.jsonl")).unwrap_or_default();
+    assert!(
+        !events.contains("/outside/"),
+        "the event trace holds a build step outside jobs"
+    );
+    assert_no_secret(agent);
+}
