@@ -26,26 +26,17 @@ use runner_monitor_common::{
     container::{BUILD_SLOTS, MATCHED_BY_BUILD, MATCHED_BY_BUILD_CONTESTED},
 };
 
-use crate::{container_refs::Matched, maps::now_ns};
+use crate::{
+    container_refs::{Matched, each_slot},
+    maps::now_ns,
+};
 
 /// The open builds (`OpenBuild`), written by the agent, which opens, refreshes and frees them.
 #[map]
 pub static BUILDS: Array<OpenBuild> = Array::with_max_entries(BUILD_SLOTS, 0);
 
-// The slots are visited by a written-out sequence (see `container_refs::take_pending`).
+// The slots are visited by a written-out sequence (`container_refs::each_slot`).
 const _: () = assert!(BUILD_SLOTS == 8);
-macro_rules! each_slot {
-    ($visit:ident) => {
-        $visit!(0);
-        $visit!(1);
-        $visit!(2);
-        $visit!(3);
-        $visit!(4);
-        $visit!(5);
-        $visit!(6);
-        $visit!(7);
-    };
-}
 
 /// The build a container cgroup that no job requested is a step of: the oldest open one;
 /// contested when another job's build is open too.

@@ -190,6 +190,21 @@ fn announce(p: *mut PendingStart, slot: u32, kind: EventKind) {
     });
 }
 
+/// `$visit!(slot)` for slots 0 to 7, written out (see `take_pending`); also `builds.rs`'s.
+macro_rules! each_slot {
+    ($visit:ident) => {
+        $visit!(0);
+        $visit!(1);
+        $visit!(2);
+        $visit!(3);
+        $visit!(4);
+        $visit!(5);
+        $visit!(6);
+        $visit!(7);
+    };
+}
+pub(crate) use each_slot;
+
 /// The job whose pending start the new container cgroup of `id`, which no job requested by
 /// id, takes: a short id it starts with, else the oldest pending name. The slot is freed.
 ///
@@ -205,18 +220,6 @@ pub fn take_pending(id: &[u8; CONTAINER_ID_LEN]) -> Option<Matched> {
     let now = now_ns();
     // First a short id (exact), then the oldest name: two passes, so that the verifier does not
     // follow every combination of the two.
-    macro_rules! each_slot {
-        ($visit:ident) => {
-            $visit!(0);
-            $visit!(1);
-            $visit!(2);
-            $visit!(3);
-            $visit!(4);
-            $visit!(5);
-            $visit!(6);
-            $visit!(7);
-        };
-    }
     macro_rules! short_id {
         ($slot:expr) => {
             if short_id_matches($slot, now, id) {

@@ -391,6 +391,18 @@ pub fn job_command(program: &Path, env: &TestEnv, agent: &Agent) -> Command {
     command
 }
 
+/// Neither an alert nor the event trace of `agent` mentions `marker` (a path only something that
+/// must stay nobody's used): `what` it would be, for the failure.
+pub fn assert_nothing_of(agent: &Agent, marker: &str, what: &str) {
+    let seen: Vec<_> = alerts(agent)
+        .into_iter()
+        .filter(|a| a.to_string().contains(marker))
+        .collect();
+    assert!(seen.is_empty(), "alerts for {what}: {seen:#?}");
+    let events = std::fs::read_to_string(agent.dir.join("events.jsonl")).unwrap_or_default();
+    assert!(!events.contains(marker), "the event trace holds {what}");
+}
+
 /// No output of the agent (alerts, event trace, log) carries the canary secret planted in the
 /// credential files and in the jobs' environment (`GITHUB_TOKEN`, `CI_JOB_TOKEN`).
 pub fn assert_no_secret(agent: &Agent) {

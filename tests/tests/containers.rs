@@ -10,8 +10,8 @@ use integration_tests::{
     TestEnv,
     docker::{Docker, IMAGE, PY_AWAIT_START, assert_container, docker_run, read_three_kinds},
     live::{
-        Agent, agent, agent_dir, alerts, assert_no_secret, free_port, github_job, run_id,
-        test_policy, wait_alert,
+        Agent, agent, agent_dir, assert_no_secret, assert_nothing_of, free_port, github_job,
+        run_id, test_policy, wait_alert,
     },
 };
 
@@ -153,19 +153,8 @@ fn a_container_started_outside_any_job_produces_nothing() {
         |_| true,
     );
     std::thread::sleep(Duration::from_millis(500));
-    let outside: Vec<_> = alerts(agent)
-        .into_iter()
-        .filter(|a| a.to_string().contains("/h-outside"))
-        .collect();
-    assert!(
-        outside.is_empty(),
-        "alerts for a container outside jobs: {outside:#?}"
-    );
+    assert_nothing_of(agent, "/h-outside", "a container outside jobs");
     let events = std::fs::read_to_string(agent.dir.join("events.jsonl")).unwrap_or_default();
-    assert!(
-        !events.contains("/h-outside"),
-        "the event trace holds a container outside jobs"
-    );
     assert!(
         events.contains("/h-job"),
         "the control job's container left no event"

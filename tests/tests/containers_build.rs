@@ -9,7 +9,10 @@ use std::path::{Path, PathBuf};
 use integration_tests::{
     TestEnv,
     docker::{Docker, IMAGE},
-    live::{agent, alerts, assert_no_secret, github_job, run_id, wait_alert},
+    live::{
+        Agent, agent, agent_dir, assert_no_secret, assert_no_secret_in, assert_nothing_of,
+        free_port, github_job, run_id, test_policy, wait_alert,
+    },
 };
 
 /// A build context whose one `RUN` step writes three kinds of credentials under `/<marker>` and
@@ -38,8 +41,13 @@ fn build(docker: &Docker, buildkit: bool, tag: &str, context: &Path) -> String {
     )
 }
 
+/// While a job's build is open, every Docker daemon's new container is taken for its step
+/// (docs/containers.md, "A job's docker build"): the tests' builds take turns.
+static ONE_BUILD: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 #[test]
 fn a_jobs_docker_build_steps_are_the_jobs_and_a_build_outside_jobs_is_nobodys() {
+    let _turn = ONE_BUILD.lock().unwrap_or_else(|e| e.into_inner());
     let agent = agent();
     let docker = Docker::start("build");
     let env = TestEnv::new("containers-build");
@@ -91,18 +99,46 @@ fn a_jobs_docker_build_steps_are_the_jobs_and_a_build_outside_jobs_is_nobodys() 
     assert_eq!(c["requested_as"]["by"], "build", "{kit}");
     assert!(c["requested_as"].get("confirmed").is_none(), "{kit}");
     // The outside build's step came first in the one ring buffer: nothing of it.
-    let seen: Vec<_> = alerts(agent)
-        .into_iter()
-        .filter(|a| a.to_string().contains("/outside/"))
-        .collect();
-    assert!(
-        seen.is_empty(),
-        "alerts for a build outside jobs: {seen:#?}"
-    );
-    let events = std::fs::read_to_string(agent.dir.join("events.jsonl")).unwrap_or_default();
-    assert!(
-        !events.contains("/outside/"),
-        "the event trace holds a build step outside jobs"
-    );
+    assert_nothing_of(agent, "/outside/", "a build step outside jobs");
     assert_no_secret(agent);
 }
+
+/// Block mode reaches a job's build steps: a `RUN` step's connect to an address the job's rule
+/// does not admit fails with EPERM in the kernel, reported for the job. Before, the step was
+/// nobody's and block mode let it through: a way out of the allowlist. The build has no network
+/// (`--network none`): a connect the kernel let through fails with ENETUNREACH, so nothing
+/// leaves the host either way.
+#[test]
+fn block_mode_refuses_a_jobs_build_step_what_the_job_may_not_reach() {
+    let _turn = ONE_BUILD.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = agent_dir("containers-build-block");
+    let policy = format!(
+        "{}\n[[rules]]\nrepository = \"acme/build-blocked\"\nmode = \"block\"\n",
+        test_policy()
+    );
+    std::fs::write(dir.join("policy.toml"), policy).unwrap();
+    let agent = Agent::launch(&dir, free_port(), &[]);
+    let docker = Docker::start("build-block");
+    let env = TestEnv::new("containers-build-block");
+    let context = docker.dir.join("context-egress");
+    std::fs::create_dir_all(&context).unwrap();
+    std::fs::write(
+        context.join("Dockerfile"),
+        format!("FROM {IMAGE}\nRUN busybox nc -w 1 {REFUSED} 7000 < /dev/null; echo nc=$?\n"),
+    )
+    .unwrap();
+    let run = run_id(2);
+    let step = build(&docker, false, "rm-build-egress", &context);
+    github_job(&env, &agent, &run, "acme/build-blocked", &step);
+    let alert = wait_alert(&agent, "unexpected-egress", &format!("{run}/build"), |a| {
+        a["destination"]["ip"] == REFUSED
+    });
+    assert_eq!(alert["blocked"], true, "{alert}");
+    assert_eq!(alert["container"]["requested_as"]["by"], "build", "{alert}");
+    drop(docker);
+    assert!(agent.stop().success());
+    assert_no_secret_in(&dir);
+}
+
+/// An address no rule admits (and no route reaches from the build's empty network).
+const REFUSED: &str = "10.214.9.3";

@@ -9,7 +9,7 @@ use std::time::Duration;
 use integration_tests::{
     TestEnv,
     docker::{Docker, IMAGE, assert_container, docker_run, read_three_kinds},
-    live::{agent, alerts, assert_no_secret, github_job, run_id, wait_alert},
+    live::{agent, assert_no_secret, assert_nothing_of, github_job, run_id, wait_alert},
 };
 
 #[test]
@@ -177,16 +177,7 @@ while not os.path.exists("{dir}/done-" + phase) and time.time() < deadline:
     );
     assert!(harvest["container"].is_null(), "{harvest}");
     std::thread::sleep(Duration::from_millis(500));
-    let own: Vec<_> = alerts(agent)
-        .into_iter()
-        .filter(|a| a.to_string().contains("/h-own"))
-        .collect();
-    assert!(own.is_empty(), "the host's exec became the job's: {own:#?}");
-    let events = std::fs::read_to_string(agent.dir.join("events.jsonl")).unwrap_or_default();
-    assert!(
-        !events.contains("/h-own"),
-        "the event trace holds the host's own exec"
-    );
+    assert_nothing_of(agent, "/h-own", "the host's own exec");
     assert_no_secret(agent);
 }
 
@@ -256,16 +247,7 @@ fn a_jobs_docker_exec_into_a_container_outside_jobs_is_the_job() {
     assert_eq!(late["container"]["id"], after_id.as_str(), "{late}");
     assert_eq!(late["container"]["exec_only"], true, "{late}");
     std::thread::sleep(Duration::from_millis(500));
-    let host: Vec<_> = alerts(&agent)
-        .into_iter()
-        .filter(|a| a.to_string().contains("/h-host"))
-        .collect();
-    assert!(host.is_empty(), "alerts for the host's own exec: {host:#?}");
-    let events = std::fs::read_to_string(dir.join("events.jsonl")).unwrap_or_default();
-    assert!(
-        !events.contains("/h-host"),
-        "the event trace holds the host's own exec"
-    );
+    assert_nothing_of(&agent, "/h-host", "the host's own exec");
     drop(docker);
     assert!(agent.stop().success());
     integration_tests::live::assert_no_secret_in(&dir);
