@@ -4,11 +4,15 @@
 //! outside any job is nobody's. A real Docker engine (`integration_tests::docker`) and the real
 //! agent.
 
-use std::path::{Path, PathBuf};
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+    time::{Duration, Instant},
+};
 
 use integration_tests::{
     TestEnv,
-    docker::{Docker, IMAGE},
+    docker::{DOCKER_CLI, Docker, IMAGE, read_three_kinds},
     live::{
         Agent, agent, agent_dir, assert_no_secret, assert_no_secret_in, assert_nothing_of,
         free_port, github_job, run_id, test_policy, wait_alert,
@@ -100,6 +104,73 @@ fn a_jobs_docker_build_steps_are_the_jobs_and_a_build_outside_jobs_is_nobodys() 
     assert!(c["requested_as"].get("confirmed").is_none(), "{kit}");
     // The outside build's step came first in the one ring buffer: nothing of it.
     assert_nothing_of(agent, "/outside/", "a build step outside jobs");
+    assert_no_secret(agent);
+}
+
+/// While a job's build is open, a container that something outside jobs starts on another
+/// daemon is taken for a step of the build (the kernel cannot tell daemons apart); the job's
+/// daemon does not know it, so the finding says the match is not confirmed.
+#[test]
+fn another_daemons_container_made_during_a_jobs_build_is_not_confirmed() {
+    let _turn = ONE_BUILD.lock().unwrap_or_else(|e| e.into_inner());
+    let agent = agent();
+    let docker = Docker::start("build-slow");
+    let other = Docker::start("build-other");
+    let env = TestEnv::new("containers-build-other");
+    let context = docker.dir.join("context-slow");
+    std::fs::create_dir_all(&context).unwrap();
+    std::fs::write(
+        context.join("Dockerfile"),
+        format!("FROM {IMAGE}\nRUN sleep 5\n"),
+    )
+    .unwrap();
+    let home = env.home.display().to_string();
+    // Once the job's build step runs (it sleeps), the other daemon's container comes.
+    let host = docker.host();
+    let outside = std::thread::spawn(move || {
+        let step_runs = || {
+            let ps = Command::new(DOCKER_CLI)
+                .args(["-H", &host, "ps", "-q"])
+                .output();
+            ps.is_ok_and(|o| !o.stdout.is_empty())
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !step_runs() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let sweep = format!("{} > /dev/null", read_three_kinds("/h-other"));
+        let mount = format!("{home}:/h-other");
+        let args = [
+            "run",
+            "--rm",
+            "--network",
+            "none",
+            "-v",
+            &mount,
+            IMAGE,
+            "sh",
+            "-c",
+            &sweep,
+        ];
+        other.run(&args);
+        other
+    });
+    let run = run_id(3);
+    let step = build(&docker, false, "rm-build-slow", &context);
+    github_job(&env, agent, &run, "acme/build-other", &step);
+    let other = outside.join().unwrap();
+    let alert = wait_alert(
+        agent,
+        "credential-harvesting",
+        &format!("{run}/build"),
+        |a| a.to_string().contains("/h-other"),
+    );
+    assert_eq!(alert["container"]["requested_as"]["by"], "build", "{alert}");
+    assert_eq!(
+        alert["container"]["requested_as"]["confirmed"], false,
+        "{alert}"
+    );
+    drop(other);
     assert_no_secret(agent);
 }
 

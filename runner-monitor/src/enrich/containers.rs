@@ -241,7 +241,10 @@ fn name(socket: &str, info: &mut ContainerInfo) -> bool {
             confirm(info);
             true
         }
-        Ok(_) => false,
+        Ok(_) => {
+            unknown_to_the_daemon(info);
+            false
+        }
         Err(e) => {
             tracing::debug!(socket, id = %info.id, error = %e, "container not named");
             false
@@ -366,7 +369,8 @@ fn confirm(info: &mut ContainerInfo) {
     };
     let confirmed = match requested.by.as_str() {
         "short-id" => info.id.starts_with(&requested.reference),
-        // Nothing the daemon says tells a build's step from another container.
+        // A daemon that knows the container says no more: on it, a build's step and another
+        // container look alike (one it does not know: `unknown_to_the_daemon`).
         "build" => return,
         _ => info.name.as_deref() == Some(requested.reference.as_str()),
     };
@@ -379,6 +383,20 @@ fn confirm(info: &mut ContainerInfo) {
             "a container was attributed to a job's start by name, but the daemon names it otherwise"
         );
     }
+}
+
+/// The job's daemon answered that it has no container `info.id`. A step of the job's build
+/// would be its container: this one was another daemon's, taken for the build's step because
+/// it was made while the build was open (docs/containers.md, "A job's docker build").
+fn unknown_to_the_daemon(info: &mut ContainerInfo) {
+    let Some(requested) = info.requested_as.as_mut().filter(|r| r.by == "build") else {
+        return;
+    };
+    requested.confirmed = Some(false);
+    tracing::warn!(
+        id = %info.id,
+        "a container was taken for a step of a job's build, but the job's daemon does not know it"
+    );
 }
 
 fn inspect(socket: &str, id: &str) -> std::io::Result<serde_json::Value> {
