@@ -88,7 +88,7 @@ fn run(queue: mpsc::Receiver<Opened>, mut watcher: Watcher) {
             Ok(o) => {
                 watcher.open(o.job, o.tgid, o.fd, o.at_ns);
                 let lag_us = monotonic_ns().saturating_sub(o.at_ns) / 1000;
-                tracing::debug!(job = %o.job, tgid = o.tgid, lag_us, "a job's build is open");
+                tracing::info!(job = %o.job, tgid = o.tgid, lag_us, "a job's build is open");
             }
             Err(mpsc::RecvTimeoutError::Timeout) => {
                 watcher.check(monotonic_ns());
