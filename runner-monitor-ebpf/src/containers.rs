@@ -246,9 +246,20 @@ pub fn cgroup_mkdir(ctx: TracePointContext) -> u32 {
         link(&ctx, cgroup, id, &matched, creator_ppid, offset, len);
         return 0;
     }
-    if let Some(id) = buildkit_step(&ctx, offset, len)
-        && let Some(matched) = crate::builds::open_build()
-    {
+    if let Some(id) = buildkit_step(&ctx, offset, len) {
+        // A BuildKit of a dockerd the job runs itself: the creator's job, as above.
+        let matched = match current_process() {
+            Some(creator) => Matched {
+                job: creator.job,
+                how: MATCHED_BY_CREATOR,
+                waited_ns: 0,
+                reference: [0; CONTAINER_ID_LEN],
+            },
+            None => match crate::builds::open_build() {
+                Some(m) => m,
+                None => return 0,
+            },
+        };
         let cgroup: u64 = field(&ctx, offsets::ID);
         link(&ctx, cgroup, id, &matched, 0, offset, len);
     }
@@ -334,23 +345,24 @@ fn before<const N: usize>(at: *const u8, start: u32, want: &[u8; N]) -> bool {
 const BUILDKIT_ID_LEN: usize = 25;
 /// The id of the BuildKit step whose cgroup the record at `offset` (`len` bytes with the NUL)
 /// makes, NUL-padded; `None` when the cgroup is not one. dockerd names them
-/// `<parent>/buildkit/<id>` (cgroupfs driver, measured here) or `buildkit-<id>.scope` (systemd
-/// driver; untested).
+/// `<parent>/buildkit/<id>` (cgroupfs driver, measured here) or, with the systemd driver (its
+/// cgroup parent `system.slice:docker:`, moby's `newCgroupParent`), `docker-<id>.scope`
+/// (untested here: no systemd).
 #[inline(always)]
 fn buildkit_step(ctx: &TracePointContext, offset: u32, len: u32) -> Option<[u8; CONTAINER_ID_LEN]> {
     // VERIFIER: two calls, not a loop over a table of markers: a pointer kept in read-only data
     // is a scalar to the verifier.
     buildkit_named(ctx, offset, len, b"/buildkit/", b"")
-        .or_else(|| buildkit_named(ctx, offset, len, b"/buildkit-", b".scope"))
+        .or_else(|| buildkit_named(ctx, offset, len, b"/docker-", b".scope"))
 }
 
 /// The id of a BuildKit step's cgroup named `<marker><id><suffix>`.
 #[inline(always)]
-fn buildkit_named<const S: usize>(
+fn buildkit_named<const M: usize, const S: usize>(
     ctx: &TracePointContext,
     offset: u32,
     len: u32,
-    marker: &[u8; 10],
+    marker: &[u8; M],
     suffix: &[u8; S],
 ) -> Option<[u8; CONTAINER_ID_LEN]> {
     let start = len.checked_sub(1 + (S + BUILDKIT_ID_LEN) as u32)?;

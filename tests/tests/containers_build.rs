@@ -22,8 +22,6 @@ use integration_tests::{
 /// A build context whose one `RUN` step writes three kinds of credentials under `/<marker>` and
 /// reads them back (made-up values: no canary leaves the test's home).
 fn context(docker: &Docker, marker: &str) -> PathBuf {
-    let dir = docker.dir.join(format!("context-{marker}"));
-    std::fs::create_dir_all(&dir).unwrap();
     let files = [".aws/credentials", ".ssh/id_ed25519", ".docker/config.json"]
         .map(|f| format!("/{marker}/{f}"));
     let run = format!(
@@ -31,6 +29,13 @@ fn context(docker: &Docker, marker: &str) -> PathBuf {
          for f in {all}; do echo made-up > $f; done && cat {all} > /dev/null",
         all = files.join(" "),
     );
+    context_running(docker, marker, &run)
+}
+
+/// A build context `context-<name>` whose one step runs `run` in the busybox image.
+fn context_running(docker: &Docker, name: &str, run: &str) -> PathBuf {
+    let dir = docker.dir.join(format!("context-{name}"));
+    std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join("Dockerfile"), format!("FROM {IMAGE}\nRUN {run}\n")).unwrap();
     dir
 }
@@ -93,6 +98,8 @@ fn a_jobs_docker_build_steps_are_the_jobs_and_a_build_outside_jobs_is_nobodys() 
     assert_eq!(c["runtime"], "docker", "{classic}");
     assert_eq!(c["id"].as_str().map(str::len), Some(64), "{classic}");
     assert_eq!(c["requested_as"]["by"], "build", "{classic}");
+    // The job's daemon made it: nothing says otherwise.
+    assert!(c["requested_as"].get("confirmed").is_none(), "{classic}");
     // BuildKit's step has a cgroup of its own (`/docker/buildkit/<id>`), no container.
     let kit = wait_alert(agent, "credential-harvesting", &id, |a| {
         a.to_string().contains("/kit/")
@@ -117,13 +124,7 @@ fn another_daemons_container_made_during_a_jobs_build_is_not_confirmed() {
     let docker = Docker::start("build-slow");
     let other = Docker::start("build-other");
     let env = TestEnv::new("containers-build-other");
-    let context = docker.dir.join("context-slow");
-    std::fs::create_dir_all(&context).unwrap();
-    std::fs::write(
-        context.join("Dockerfile"),
-        format!("FROM {IMAGE}\nRUN sleep 5\n"),
-    )
-    .unwrap();
+    let context = context_running(&docker, "slow", "sleep 5");
     let home = env.home.display().to_string();
     // Once the job's build step runs (it sleeps), the other daemon's container comes.
     let host = docker.host();
@@ -191,13 +192,8 @@ fn block_mode_refuses_a_jobs_build_step_what_the_job_may_not_reach() {
     let agent = Agent::launch(&dir, free_port(), &[]);
     let docker = Docker::start("build-block");
     let env = TestEnv::new("containers-build-block");
-    let context = docker.dir.join("context-egress");
-    std::fs::create_dir_all(&context).unwrap();
-    std::fs::write(
-        context.join("Dockerfile"),
-        format!("FROM {IMAGE}\nRUN busybox nc -w 1 {REFUSED} 7000 < /dev/null; echo nc=$?\n"),
-    )
-    .unwrap();
+    let nc = format!("busybox nc -w 1 {REFUSED} 7000 < /dev/null; echo nc=$?");
+    let context = context_running(&docker, "egress", &nc);
     let run = run_id(2);
     let step = build(&docker, false, "rm-build-egress", &context);
     github_job(&env, &agent, &run, "acme/build-blocked", &step);

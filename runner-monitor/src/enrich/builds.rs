@@ -44,52 +44,71 @@ pub fn probe_proc(tgid: u32, fd: i32) -> Option<u64> {
         .ok()
 }
 
-/// A build request of job `job`, sent by `tgid` on `fd` at `at_ns`.
-struct Opened {
-    job: JobKey,
-    tgid: u32,
-    fd: i32,
-    at_ns: u64,
+/// What the agent's main loop tells the thread.
+enum Message {
+    /// A build request of job `job`, sent by `tgid` on `fd` at `at_ns`.
+    Open {
+        job: JobKey,
+        tgid: u32,
+        fd: i32,
+        at_ns: u64,
+    },
+    /// Another request on `tgid`'s `fd`: a build there is over (HTTP/1.1 sends the next request
+    /// once the answer is whole), though the connection lives on (a client's pool).
+    Next { tgid: u32, fd: i32 },
 }
 
 pub struct Builds {
-    opened: mpsc::SyncSender<Opened>,
+    queue: mpsc::SyncSender<Message>,
 }
 
 impl Builds {
     /// Starts the thread that keeps `slots` true to the builds' connections.
     pub fn spawn(slots: Box<dyn BuildSlots>) -> std::io::Result<Self> {
-        let (opened, queue) = mpsc::sync_channel(64);
+        let (queue, messages) = mpsc::sync_channel(64);
         std::thread::Builder::new()
             .name("builds".into())
-            .spawn(move || run(queue, Watcher::new(slots, probe_proc)))?;
-        Ok(Self { opened })
+            .spawn(move || run(messages, Watcher::new(slots, probe_proc)))?;
+        Ok(Self { queue })
     }
 
     /// Job `job`'s build request, sent by `tgid` on `fd` (-1: unknown) at `at_ns` (the
     /// kernel's clock).
     pub fn open(&self, job: JobKey, tgid: u32, fd: i32, at_ns: u64) {
-        let opened = Opened {
+        let open = Message::Open {
             job,
             tgid,
             fd,
             at_ns,
         };
-        if self.opened.try_send(opened).is_err() {
+        if self.queue.try_send(open).is_err() {
             tracing::warn!(job = %job, "a build request found in a job's stream was not opened");
+        }
+    }
+
+    /// Another request was sent on `tgid`'s `fd`.
+    pub fn next_request(&self, tgid: u32, fd: i32) {
+        if self.queue.try_send(Message::Next { tgid, fd }).is_err() {
+            tracing::warn!(tgid, fd, "the end of a job's build was not noted");
         }
     }
 }
 
-fn run(queue: mpsc::Receiver<Opened>, mut watcher: Watcher) {
+fn run(messages: mpsc::Receiver<Message>, mut watcher: Watcher) {
     let mut next = std::time::Instant::now();
     loop {
-        match queue.recv_timeout(next.saturating_duration_since(std::time::Instant::now())) {
-            Ok(o) => {
-                watcher.open(o.job, o.tgid, o.fd, o.at_ns);
-                let lag_us = monotonic_ns().saturating_sub(o.at_ns) / 1000;
-                tracing::info!(job = %o.job, tgid = o.tgid, lag_us, "a job's build is open");
+        match messages.recv_timeout(next.saturating_duration_since(std::time::Instant::now())) {
+            Ok(Message::Open {
+                job,
+                tgid,
+                fd,
+                at_ns,
+            }) => {
+                watcher.open(job, tgid, fd, at_ns);
+                let lag_us = monotonic_ns().saturating_sub(at_ns) / 1000;
+                tracing::info!(job = %job, tgid, lag_us, "a job's build is open");
             }
+            Ok(Message::Next { tgid, fd }) => watcher.close(tgid, fd, monotonic_ns()),
             Err(mpsc::RecvTimeoutError::Timeout) => {
                 watcher.check(monotonic_ns());
                 next = std::time::Instant::now() + PERIOD;
@@ -125,7 +144,7 @@ impl Watcher {
         }
     }
 
-    /// Opens job `job`'s build in the slot the kernel would take (`OpenBuild::replace_rank`).
+    /// Opens job `job`'s build in the slot of lowest `OpenBuild::replace_rank`.
     fn open(&mut self, job: JobKey, tgid: u32, fd: i32, now_ns: u64) {
         let mut pick = None;
         for slot in 0..BUILD_SLOTS {
@@ -139,9 +158,15 @@ impl Watcher {
                 Err(error) => tracing::warn!(%error, slot, "a build slot could not be read"),
             }
         }
-        let Some((slot, _)) = pick else {
+        let Some((slot, rank)) = pick else {
             return;
         };
+        if rank > 1 {
+            tracing::warn!(
+                job = %job,
+                "more builds are open than the kernel holds: the oldest is forgotten"
+            );
+        }
         let build = OpenBuild {
             job: job.0,
             ts_ns: now_ns,
@@ -149,8 +174,28 @@ impl Watcher {
             tgid,
             fd,
         };
-        if let Err(error) = self.slots.set(slot, build) {
-            tracing::warn!(%error, job = %job, "a job's build could not be opened");
+        // The socket now, while the request is under way.
+        let socket = (self.probe)(tgid, fd);
+        match self.slots.set(slot, build) {
+            Ok(()) => {
+                self.watched.insert(slot, Watched { build, socket });
+            }
+            Err(error) => tracing::warn!(%error, job = %job, "a job's build could not be opened"),
+        }
+    }
+
+    /// The builds open on `tgid`'s `fd` are over.
+    fn close(&mut self, tgid: u32, fd: i32, now_ns: u64) {
+        for slot in 0..BUILD_SLOTS {
+            let Ok(build) = self.slots.get(slot) else {
+                continue;
+            };
+            if build.open(now_ns) && (build.tgid, build.fd) == (tgid, fd) {
+                if let Err(error) = self.slots.set(slot, OpenBuild::default()) {
+                    tracing::warn!(%error, slot, "a build slot could not be written");
+                }
+                self.watched.remove(&slot);
+            }
         }
     }
 
@@ -176,19 +221,17 @@ impl Watcher {
                 };
             }
             let alive = watched.socket.is_some() && probe(build.tgid, build.fd) == watched.socket;
-            // The kernel may have given the slot to another build meanwhile: left to that one.
-            if self.slots.get(slot).is_ok_and(|now| same(&now, &build)) {
-                let update = if alive {
-                    OpenBuild {
-                        seen_ns: now_ns,
-                        ..build
-                    }
-                } else {
-                    OpenBuild::default()
-                };
-                if let Err(error) = self.slots.set(slot, update) {
-                    tracing::warn!(%error, slot, "a build slot could not be written");
+            let update = if alive {
+                OpenBuild {
+                    seen_ns: now_ns,
+                    ..build
                 }
+            } else {
+                OpenBuild::default()
+            };
+            // Only this thread writes the slots: the build read above is still there.
+            if let Err(error) = self.slots.set(slot, update) {
+                tracing::warn!(%error, slot, "a build slot could not be written");
             }
             if !alive {
                 self.watched.remove(&slot);
@@ -263,6 +306,9 @@ mod tests {
         // Descriptor 3 is another socket now: that build is over.
         watcher.check(at(6_000_000_000));
         assert_eq!(open(6_000_000_000), [8]);
+        // Another request on the connection: its build is over, though it lives on.
+        watcher.close(11, -1, at(6_500_000_000));
+        assert_eq!(open(6_500_000_000), Vec::<u64>::new());
     }
 
     #[test]

@@ -108,16 +108,22 @@ impl ContainerNamer {
             } => {
                 let (via, len) = (*via, *len);
                 let read = self.streams.sent(job, *conn, *buffer, len, &data.0, via);
+                // The descriptor, unless the connection is an io_uring file's.
+                let pid = event.process.pid;
+                let fd = if *conn >> 32 == u64::from(pid) {
+                    *conn as u32 as i32
+                } else {
+                    -1
+                };
+                let builds_found = read.found.iter().filter(|f| f.action == Action::Build);
+                if let Some(builds) = &self.builds
+                    && read.heads > builds_found.count()
+                {
+                    builds.next_request(pid, fd);
+                }
                 for found in read.found {
                     if found.action == Action::Build {
                         if let Some(builds) = &self.builds {
-                            // The descriptor, unless the connection is an io_uring file's.
-                            let pid = event.process.pid;
-                            let fd = if *conn >> 32 == u64::from(pid) {
-                                *conn as u32 as i32
-                            } else {
-                                -1
-                            };
                             builds.open(job, pid, fd, event.time_ns);
                         }
                         continue;
@@ -194,7 +200,9 @@ fn name_container(
 ) {
     match socket {
         Some(socket) => {
-            name(socket, info);
+            if name(socket, info) == Some(false) {
+                unknown_to_the_daemon(info);
+            }
         }
         // A job's own podman: the runc that made the cgroup is conmon's child.
         None if info.runtime == "podman" && name_from_conmon(creator_parent, info) => {}
@@ -207,10 +215,11 @@ fn name_container(
 }
 
 /// Fills `info`'s name, image and GitLab Runner labels from the Docker API at `socket`, when it
-/// answers and knows the container.
-fn name(socket: &str, info: &mut ContainerInfo) -> bool {
+/// answers and knows the container: `Some(true)`; `Some(false)`: it answered that it has no
+/// such container; `None`: no answer, or not a container id.
+fn name(socket: &str, info: &mut ContainerInfo) -> Option<bool> {
     if info.id.len() != 64 || !info.id.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return false;
+        return None;
     }
     match inspect(socket, &info.id) {
         Ok(answer) if answer[0].is_object() => {
@@ -239,15 +248,12 @@ fn name(socket: &str, info: &mut ContainerInfo) -> bool {
                     .collect();
             }
             confirm(info);
-            true
+            Some(true)
         }
-        Ok(_) => {
-            unknown_to_the_daemon(info);
-            false
-        }
+        Ok(_) => Some(false),
         Err(e) => {
             tracing::debug!(socket, id = %info.id, error = %e, "container not named");
-            false
+            None
         }
     }
 }
@@ -356,7 +362,7 @@ fn name_at_policy_sockets(policy: &Policy, info: &mut ContainerInfo) -> bool {
     policy.secret_socket_paths.iter().any(|socket| {
         policy.secret_socket_of(socket) == Some("docker")
             && std::path::Path::new(socket).exists()
-            && name(socket, info)
+            && name(socket, info) == Some(true)
     })
 }
 
@@ -386,12 +392,18 @@ fn confirm(info: &mut ContainerInfo) {
 }
 
 /// The job's daemon answered that it has no container `info.id`. A step of the job's build
-/// would be its container: this one was another daemon's, taken for the build's step because
-/// it was made while the build was open (docs/containers.md, "A job's docker build").
+/// would be its container: unless the step is over already (the classic builder removes it at
+/// once; its cgroup goes with it), this one is another daemon's, taken for the build's step
+/// because it was made while the build was open (docs/containers.md, "A job's docker build").
 fn unknown_to_the_daemon(info: &mut ContainerInfo) {
     let Some(requested) = info.requested_as.as_mut().filter(|r| r.by == "build") else {
         return;
     };
+    let cgroup =
+        crate::mounts::cgroup2_root().map(|root| root.join(info.cgroup.trim_start_matches('/')));
+    if !cgroup.is_some_and(|c| c.is_dir()) {
+        return;
+    }
     requested.confirmed = Some(false);
     tracing::warn!(
         id = %info.id,

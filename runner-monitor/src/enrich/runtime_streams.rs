@@ -51,8 +51,8 @@ pub enum Action {
     Start,
     /// `exec`: the command's process joins the job.
     Exec,
-    /// `POST /build` (no container named: `reference` is empty): the build's steps are the
-    /// job's while its connection lives (`builds.rs`).
+    /// `POST /build` or `/grpc` (no container named: `reference` is empty): the build's steps
+    /// are the job's while its connection lives (`builds.rs`).
     Build,
 }
 
@@ -64,6 +64,9 @@ pub struct Read {
     /// It held bytes the kernel could not copy where a request could hide (see the module's
     /// notes): not wholly in a body whose length was known.
     pub unread: bool,
+    /// Request heads completed in it, of any request (an open build ends at the next request
+    /// on its connection: its answer was whole).
+    pub heads: usize,
 }
 
 /// Where the reader is in one connection's stream.
@@ -90,6 +93,8 @@ struct Stream {
     /// start of a send's first buffer, and that buffer gave it these (`kernel_reads`); 0 when
     /// it began anywhere else.
     kernel_window: usize,
+    /// Request heads completed on the connection.
+    heads: usize,
 }
 
 impl Default for State {
@@ -145,7 +150,9 @@ impl RuntimeStreams {
         if matches!(&stream.state, State::Head(h) if h.is_empty()) || stream.state == State::Lost {
             stream.kernel_window = if buffer == 0 { data.len() } else { 0 };
         }
+        let heads = stream.heads;
         feed(stream, data, job, &mut read.found);
+        read.heads = stream.heads - heads;
         let gap = len.saturating_sub(data.len() as u64);
         if gap > 0 {
             let lost = stream.state == State::Lost;
@@ -212,6 +219,7 @@ fn feed(stream: &mut Stream, mut data: &[u8], job: JobKey, found: &mut Vec<Found
                 let head = std::mem::take(head);
                 let window = stream.kernel_window.min(end);
                 stream.state = request(&head[..end], &head[..window], job, found);
+                stream.heads += 1;
                 stream.kernel_window = 0;
                 data = &data[used..];
             }
@@ -317,8 +325,11 @@ fn request(head: &[u8], window: &[u8], job: JobKey, found: &mut Vec<Found>) -> S
     // The path as the daemon routes it, without its version: decoded once for both questions.
     let path = decoded_path(target);
     let path = path.as_deref().map(strip_version);
+    // `/build`: the classic builder's, and the 20.10 CLI's BuildKit. `/grpc`: buildx's docker
+    // driver (Docker 23 and later, `docker/build-push-action`) runs BuildKit's gRPC API over it
+    // for the whole build.
     let asked = path.filter(|_| method == "POST").and_then(|p| {
-        if p == "/build" {
+        if p == "/build" || p == "/grpc" {
             Some((String::new(), Action::Build))
         } else {
             container_request(p)

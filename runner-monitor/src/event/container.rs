@@ -106,7 +106,9 @@ impl ContainerInfo {
     pub fn runtime_of(path: &str) -> &'static str {
         let name = path.rsplit('/').next().unwrap_or(path);
         let parent = path.rsplit('/').nth(1).unwrap_or("");
-        if name.starts_with("buildkit-") || parent == "buildkit" {
+        // BuildKit's step ids are 25 characters: `<parent>/buildkit/<id>`, or the systemd
+        // driver's `docker-<id>.scope` (a container's id is 64).
+        if parent == "buildkit" || (name.starts_with("docker-") && name.len() == 7 + 25 + 6) {
             "buildkit"
         } else if name.starts_with("docker-") || parent == "docker" {
             "docker"
