@@ -24,6 +24,16 @@ pub trait BuildSlots: Send {
     fn set(&mut self, slot: u32, build: OpenBuild) -> Result<(), String>;
 }
 
+impl BuildSlots for crate::sensor::handles::BuildSlotsMap {
+    fn get(&self, slot: u32) -> Result<OpenBuild, String> {
+        Self::get(self, slot)
+    }
+
+    fn set(&mut self, slot: u32, build: OpenBuild) -> Result<(), String> {
+        Self::set(self, slot, build)
+    }
+}
+
 /// What descriptor `fd` of process `tgid` is now: the inode of the socket it is, or `None`
 /// (gone, or not a socket). `fd` -1 (a request sent through io_uring, no descriptor known):
 /// `Some(0)` while the process lives.

@@ -203,15 +203,15 @@ impl NameStartMaps {
     }
 }
 
-/// Own handle on the kernel's build slots.
+/// Own handle on the kernel's build slots (`enrich/builds.rs` reads and writes them).
 pub struct BuildSlotsMap(Array<MapData, OpenBuild>);
 
-impl crate::enrich::BuildSlots for BuildSlotsMap {
-    fn get(&self, slot: u32) -> Result<OpenBuild, String> {
+impl BuildSlotsMap {
+    pub fn get(&self, slot: u32) -> Result<OpenBuild, String> {
         self.0.get(&slot, 0).map_err(|e| e.to_string())
     }
 
-    fn set(&mut self, slot: u32, build: OpenBuild) -> Result<(), String> {
+    pub fn set(&mut self, slot: u32, build: OpenBuild) -> Result<(), String> {
         self.0.set(slot, build, 0).map_err(|e| e.to_string())
     }
 }
