@@ -62,11 +62,32 @@ pub const MAX_DNS_PORTS: u32 = 4096;
 /// The `DNS_PORTS` key of a redirected socket: the address its queries come from (host byte
 /// order; 0 for 127.0.0.1, where a socket bound to the wildcard address sends from, and for an
 /// IPv6 socket's sends, which come from `[::1]`) and its `port`; `v6` for those IPv6 sends
-/// (their own port space beside IPv4's).
-pub fn dns_port_key(addr: u32, port: u16, v6: bool) -> u64 {
+/// (their own port space beside IPv4's); `netns` the cookie of the network namespace it is in
+/// (each namespace has its own addresses and ports).
+pub fn dns_port_key(addr: u32, port: u16, v6: bool, netns: u64) -> [u64; 2] {
     let addr = if addr == 0x7f00_0001 { 0 } else { addr };
-    (u64::from(addr) << 32) | u64::from(port) | if v6 { 1 << 16 } else { 0 }
+    let key = (u64::from(addr) << 32) | u64::from(port) | if v6 { 1 << 16 } else { 0 };
+    [netns, key]
 }
+
+/// Capacity of `DNS_NETNS`: the network namespaces block mode's resolver listens in at once
+/// (the agent's own and those of job processes: containers, `ip netns exec`).
+pub const MAX_DNS_NETNS: u32 = 1024;
+/// `DNS_NETNS` value bit: the resolver listens on `[::1]` in that namespace too (UDP, the same
+/// port): IPv6 sockets' unconnected sends to port 53 are redirected there.
+pub const DNS_NETNS_V6: u32 = 1 << 16;
+/// `DNS_NETNS` value bit: the resolver does not listen in that namespace (no interface but
+/// loopback, or its sockets could not be bound): its DNS is left to the verdict, not parked.
+pub const DNS_NETNS_PASS: u32 = 1 << 17;
+/// `DNS_NETNS` value bit: the agent's own namespace. Elsewhere a loopback DNS server is the
+/// namespace's own (Docker's embedded DNS at 127.0.0.11) and is not redirected.
+pub const DNS_NETNS_OWN: u32 = 1 << 18;
+/// Size of the `DNS_NETNS_WANTED` ring buffer: processes whose network namespace the agent
+/// should check for a resolver (8 bytes each, and the ring's 8-byte header).
+pub const DNS_NETNS_WANTED_BYTES: u32 = 64 * 1024;
+/// `DNS_NETNS_WANTED` values: why the process was named.
+pub const DNS_NETNS_WANTED_EXEC: u32 = 1;
+pub const DNS_NETNS_WANTED_QUERY: u32 = 2;
 
 /// Value of an allowlist entry.
 #[repr(C)]

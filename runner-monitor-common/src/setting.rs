@@ -13,12 +13,9 @@ pub const JOB_ENV: u32 = 3;
 pub use crate::io_uring::slot::*;
 /// The global `[egress] mode`: 1 block, 0 audit. Judges jobs without an `EGRESS_JOBS` entry.
 pub const EGRESS_MODE: u32 = 18;
-/// The port of the agent's DNS resolver on 127.0.0.1; 0: job DNS is not redirected.
+/// The port of the agent's DNS resolver on 127.0.0.1, the same in every network namespace it
+/// listens in (`DNS_NETNS`); 0: job DNS is not redirected. (Slots 20, 21 and 26 are free.)
 pub const DNS_RESOLVER_PORT: u32 = 19;
-/// The agent's network namespace cookie (low and high halves): only port-53 traffic in that
-/// namespace can reach the resolver, so only it is redirected.
-pub const DNS_NETNS_LO: u32 = 20;
-pub const DNS_NETNS_HI: u32 = 21;
 /// Byte offset of `task_struct.exit_code` plus one, from the kernel's BTF; 0: unknown (the
 /// exit status of a process killed by a signal is then unknown).
 pub const TASK_EXIT_CODE: u32 = 22;
@@ -33,9 +30,6 @@ pub const AGENT_HEARTBEAT: u32 = 24;
 /// `[egress] on_agent_failure`: 1 `closed` (a job's egress is refused while the agent is gone),
 /// 0 `open` (not judged, and DNS not redirected, while the agent is gone).
 pub const AGENT_FAILURE_CLOSED: u32 = 25;
-/// Non-zero when the resolver also listens on `[::1]` at `DNS_RESOLVER_PORT` (UDP): unconnected
-/// IPv6 sends to port 53 are then redirected there.
-pub const DNS_RESOLVER_V6: u32 = 26;
 pub const SLOTS: u32 = 40;
 
 /// How long the heartbeat may be silent before the agent is taken for gone.

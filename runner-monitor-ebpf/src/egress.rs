@@ -103,7 +103,7 @@ pub fn verdict_of(
 /// Whether the socket is UDP: a send (the sendmsg programs run for UDP only) or a datagram
 /// socket's connect.
 #[inline(always)]
-fn is_udp(ctx: &SockAddrContext, udp_send: bool) -> bool {
+pub fn is_udp(ctx: &SockAddrContext, udp_send: bool) -> bool {
     /// `SOCK_DGRAM`.
     const DATAGRAM: u32 = 2;
     // SAFETY: a context field read.

@@ -305,9 +305,10 @@ pub fn dns_sendmsg6(ctx: SockAddrContext) -> i32 {
     crate::egress::verdict(&ctx, true, true)
 }
 
-/// Copies a DNS message of a remembered socket into a DNS event.
+/// Copies a DNS message of a remembered socket into a DNS event; the egress verdict (1, or
+/// `redirect::PARK` for a query parked until the resolver listens in its namespace).
 #[inline(always)]
-fn dns_packet(ctx: &SkBuffContext, direction: u32) {
+fn dns_packet(ctx: &SkBuffContext, direction: u32) -> i32 {
     // Every packet of the host comes here: what is not UDP goes at once, without a helper call.
     let Some(packet::Transport {
         family,
@@ -315,10 +316,10 @@ fn dns_packet(ctx: &SkBuffContext, direction: u32) {
         l4,
     }) = packet::transport(ctx)
     else {
-        return;
+        return 1;
     };
     if protocol != IPPROTO_UDP || l4 < 20 {
-        return;
+        return 1;
     }
     // The server's address: egress, the destination (IPv4 16, IPv6 24); ingress, the source.
     let server_at = match (family == AF_INET, direction == DNS_DIRECTION_ANSWER) {
@@ -329,7 +330,7 @@ fn dns_packet(ctx: &SkBuffContext, direction: u32) {
     };
     // Both ports, source then destination.
     let Some(ports) = packet::ports(ctx, l4) else {
-        return;
+        return 1;
     };
     let at = if direction == DNS_DIRECTION_ANSWER {
         0
@@ -342,7 +343,7 @@ fn dns_packet(ctx: &SkBuffContext, direction: u32) {
     // Redirected IPv6 sockets reach the resolver over IPv4 (v4-mapped), or at `[::1]` for
     // unconnected sends. Any other UDP packet of the host leaves here, before the cookie.
     if to_resolver && crate::redirect::resolver_port() != Some(u32::from(server_port)) {
-        return;
+        return 1;
     }
     // SAFETY: the context is a socket buffer.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
@@ -352,16 +353,20 @@ fn dns_packet(ctx: &SkBuffContext, direction: u32) {
     if to_resolver {
         // SAFETY: copied out at once.
         redirected = unsafe { crate::redirect::DNS_REDIRECTS.get(cookie).copied() };
-        if redirected.is_none() {
-            return;
+        match &redirected {
+            None => return 1,
+            Some(r) if direction != DNS_DIRECTION_ANSWER && crate::redirect::parked(r) => {
+                return crate::redirect::PARK;
+            }
+            Some(_) => {}
         }
     }
     // SAFETY: copied out at once.
     let Some(owner) = (unsafe { DNS_SOCKETS.get(cookie).copied() }) else {
-        return;
+        return 1;
     };
     let Some(event) = DNS_SCRATCH.get_ptr_mut(0) else {
-        return;
+        return 1;
     };
     // SAFETY: per-CPU scratch owned by this program run.
     let event = unsafe { &mut *event };
@@ -415,12 +420,12 @@ fn dns_packet(ctx: &SkBuffContext, direction: u32) {
     if within_budget(event.header.job, kind as u32) {
         send_built::<DnsEvent>(event);
     }
+    1
 }
 
 #[cgroup_skb(egress)]
 pub fn dns_egress(ctx: SkBuffContext) -> i32 {
-    dns_packet(&ctx, runner_monitor_common::DNS_DIRECTION_QUERY);
-    1
+    dns_packet(&ctx, runner_monitor_common::DNS_DIRECTION_QUERY)
 }
 
 #[cgroup_skb(ingress)]

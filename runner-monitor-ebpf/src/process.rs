@@ -425,6 +425,14 @@ pub fn sched_process_exec(ctx: TracePointContext) -> u32 {
     scratch.event.filename_len = if n > 0 { (n - 1) as u32 } else { 0 };
     scratch.event._pad = 0;
     send_built::<ExecEvent>(&scratch.event);
+    // A program in block mode may be in a network namespace of its own (a job's container, `ip
+    // netns exec`): the agent checks that its resolver listens there before the program asks.
+    if let Some(process) = process
+        && crate::redirect::resolver_port().is_some()
+        && crate::egress::blocks(&process)
+    {
+        crate::redirect::want_netns(tgid, runner_monitor_common::DNS_NETNS_WANTED_EXEC);
+    }
     0
 }
 

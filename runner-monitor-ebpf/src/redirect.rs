@@ -14,19 +14,31 @@
 //! does) cannot go to a v4-mapped address (the kernel refuses that rewrite in a `sendmsg6`
 //! program: `ENOTSUPP`) and IPv6 has one loopback address, so no source address can name the
 //! job: it goes to the resolver's `[::1]` socket (same port, when the agent could bind it:
-//! `setting::DNS_RESOLVER_V6`), and its local port (bound before the program runs: the kernel
-//! binds an unbound socket before its first send) names the policy in `DNS_PORTS`.
+//! `DNS_NETNS_V6`), and its local port (bound before the program runs: the kernel binds an
+//! unbound socket before its first send) names the policy in `DNS_PORTS`.
+//!
+//! Loopback is the network namespace's own, so the resolver listens, on the same port, in every
+//! namespace it serves (`DNS_NETNS`: the agent's, and those of job processes: a job's containers,
+//! `ip netns exec`). A job process in block mode in a namespace it does not serve yet is named
+//! in `DNS_NETNS_WANTED` at its exec and at its DNS, and the agent opens the resolver's sockets
+//! in that namespace (or says it will not: `DNS_NETNS_PASS`, left to the verdict). A UDP query
+//! that comes before the agent did either is redirected all the same and parked: `dns_egress`
+//! drops it without an error (`PARK`) while the namespace has no `DNS_NETNS` entry, so the
+//! client's retry (on the same socket, after its timeout) reaches the resolver. Nothing leaves
+//! in the meantime. A TCP connect then is left to the verdict (refused unless the server's
+//! address is allowed).
 
 use aya_ebpf::{
     EbpfContext,
     helpers::generated::{bpf_bind, bpf_get_netns_cookie, bpf_get_socket_cookie},
     macros::{cgroup_sock_addr, map},
-    maps::LruHashMap,
+    maps::{HashMap, LruHashMap, RingBuf},
     programs::SockAddrContext,
 };
 use runner_monitor_common::{
-    AF_INET, AF_INET6, CONNECT_DNS_REDIRECTED, MAX_DNS_PORTS, dns_port_key, dns_source,
-    dns_source_policy, setting,
+    AF_INET, AF_INET6, CONNECT_DNS_REDIRECTED, DNS_NETNS_OWN, DNS_NETNS_PASS, DNS_NETNS_V6,
+    DNS_NETNS_WANTED_BYTES, DNS_NETNS_WANTED_QUERY, MAX_DNS_NETNS, MAX_DNS_PORTS, dns_port_key,
+    dns_source, dns_source_policy, setting,
 };
 
 use crate::{
@@ -45,6 +57,21 @@ pub struct Redirected {
     /// The IPv6 address, when `v6` (an IPv6 socket's).
     pub ip6: [u32; 4],
     pub v6: u32,
+    /// Non-zero: redirected before the resolver listened in the socket's network namespace
+    /// (cookie `netns`): its queries are dropped until the namespace has a `DNS_NETNS` entry.
+    pub parked: u32,
+    pub netns: u64,
+}
+
+/// What `dns_egress` returns for a parked query: drop it, and tell the sender "congestion",
+/// which a UDP send takes for success (`ENOBUFS`, not reported without `IP_RECVERR`).
+pub const PARK: i32 = 2;
+
+/// Whether a query of a socket redirected as `redirected` waits for the resolver (`PARK`).
+#[inline(always)]
+pub fn parked(redirected: &Redirected) -> bool {
+    // SAFETY: a lookup; only its presence is read.
+    redirected.parked != 0 && unsafe { DNS_NETNS.get(redirected.netns) }.is_none()
 }
 
 /// How many redirected sockets are remembered at once (LRU: closed sockets age out).
@@ -62,7 +89,26 @@ pub static DNS_REDIRECTS: LruHashMap<u64, Redirected> =
 /// address and port up here. Written before the connect returns or the
 /// datagram is sent, so before any query.
 #[map]
-pub static DNS_PORTS: LruHashMap<u64, u32> = LruHashMap::with_max_entries(MAX_DNS_PORTS, 0);
+pub static DNS_PORTS: LruHashMap<[u64; 2], u32> = LruHashMap::with_max_entries(MAX_DNS_PORTS, 0);
+
+/// Network namespace cookie -> the resolver listens there (flags: `DNS_NETNS_V6`), or will not
+/// (`DNS_NETNS_PASS`). Written by the agent once it looked at the namespace.
+#[map]
+pub static DNS_NETNS: HashMap<u64, u32> = HashMap::with_max_entries(MAX_DNS_NETNS, 0);
+
+/// `[tgid, why]` (`DNS_NETNS_WANTED_*`): a job process in block mode whose network namespace
+/// the agent should serve, if it does not yet. A ring of its own, which wakes the agent at once
+/// (the events ring wakes it only past a backlog): the agent races the program's first query.
+#[map]
+pub static DNS_NETNS_WANTED: RingBuf = RingBuf::with_byte_size(DNS_NETNS_WANTED_BYTES, 0);
+
+/// Names process `tgid` to the agent for a resolver in its network namespace.
+#[inline(always)]
+pub fn want_netns(tgid: u32, why: u32) {
+    // Full: the agent is behind; a namespace it has not looked at parks the queries of non-glibc
+    // resolvers until it does.
+    let _ = DNS_NETNS_WANTED.output::<[u32; 2]>(&[tgid, why], 0);
+}
 
 const DNS_PORT: u16 = 53;
 
@@ -126,24 +172,56 @@ fn bind<T>(ctx: &SockAddrContext, addr: &mut T) -> bool {
     rc == 0
 }
 
-/// The policy id of the job whose connect or send to `user_port` (network byte order) goes to
-/// the agent's resolver: a job process in block mode, in the agent's network namespace, to port
-/// 53.
+/// A port-53 connect or send that goes to the agent's resolver: the job's policy id, the
+/// socket's network namespace (cookie) and how the resolver listens there (`DNS_NETNS`), or
+/// `parked` when the agent has not looked at the namespace yet.
+#[derive(Clone, Copy)]
+struct Served {
+    policy: u32,
+    netns: u32,
+    cookie: u64,
+    parked: bool,
+}
+
+/// Whose connect or send to `user_port` (network byte order) goes to the agent's resolver: a job
+/// process in block mode, to port 53, in a network namespace the resolver listens in, or that
+/// it has not looked at yet (`udp` only: parked). A `loopback` server outside the agent's
+/// namespace is that namespace's own (Docker's embedded DNS): left alone.
 #[inline(always)]
-fn redirected_policy(ctx: &SockAddrContext, user_port: u32) -> Option<u32> {
+fn redirected_policy(
+    ctx: &SockAddrContext,
+    user_port: u32,
+    udp: bool,
+    loopback: bool,
+) -> Option<Served> {
     if u16::from_be(user_port as u16) != DNS_PORT {
         return None;
     }
     let process = current_process()?;
     let job = crate::egress::blocking(&process)?;
-    // Another network namespace's loopback is not the agent's: its DNS is left to the verdict.
-    let netns = (u64::from(names::setting(setting::DNS_NETNS_HI)) << 32)
-        | u64::from(names::setting(setting::DNS_NETNS_LO));
     // SAFETY: the context is a socket-address context.
-    if unsafe { bpf_get_netns_cookie(ctx.as_ptr()) } != netns {
-        return None;
+    let cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    // SAFETY: copied out at once.
+    match unsafe { DNS_NETNS.get(cookie).copied() } {
+        Some(netns) if loopback && netns & DNS_NETNS_OWN == 0 => None,
+        Some(netns) if netns & DNS_NETNS_PASS != 0 => None,
+        Some(netns) => Some(Served {
+            policy: job.policy,
+            netns,
+            cookie,
+            parked: false,
+        }),
+        None => {
+            let tgid = (aya_ebpf::helpers::bpf_get_current_pid_tgid() >> 32) as u32;
+            want_netns(tgid, DNS_NETNS_WANTED_QUERY);
+            (udp && !loopback).then_some(Served {
+                policy: job.policy,
+                netns: 0,
+                cookie,
+                parked: true,
+            })
+        }
     }
-    Some(job.policy)
 }
 
 /// A socket bound to an address (host byte order, 0 for the wildcard) and a port before its
@@ -151,13 +229,12 @@ fn redirected_policy(ctx: &SockAddrContext, user_port: u32) -> Option<u32> {
 /// (127.0.0.1 for the wildcard) and port, which say whose they are. False for an address that
 /// names a policy itself (`dns_source`: the resolver would read that policy) or no port.
 #[inline(always)]
-fn bound_port_is(policy: u32, addr: u32, src_port: u32, v6_send: bool) -> bool {
+fn bound_port_is(served: Served, addr: u32, src_port: u32, v6_send: bool) -> bool {
     if src_port == 0 || src_port > 0xffff || dns_source_policy(addr).is_some() {
         return false;
     }
-    DNS_PORTS
-        .insert(dns_port_key(addr, src_port as u16, v6_send), policy, 0)
-        .is_ok()
+    let key = dns_port_key(addr, src_port as u16, v6_send, served.cookie);
+    DNS_PORTS.insert(key, served.policy, 0).is_ok()
 }
 
 /// The socket's local address is the wildcard (IPv6), and its local port.
@@ -173,7 +250,9 @@ fn bound6(ctx: &SockAddrContext) -> (bool, u32) {
 
 /// Remembers where a redirected socket's queries were going, and marks a redirected connect.
 #[inline(always)]
-fn remember(ctx: &SockAddrContext, original: Redirected, send: bool) {
+fn remember(ctx: &SockAddrContext, mut original: Redirected, served: Served, send: bool) {
+    original.parked = u32::from(served.parked);
+    original.netns = served.cookie;
     // SAFETY: the context is a socket-address context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let _ = DNS_REDIRECTS.insert(cookie, original, 0);
@@ -196,10 +275,12 @@ pub fn redirect4(ctx: &SockAddrContext, send: bool) -> bool {
     let sa = ctx.sock_addr;
     // SAFETY: context field reads.
     let (ip4, user_port) = unsafe { ((*sa).user_ip4, (*sa).user_port) };
-    let Some(policy) = redirected_policy(ctx, user_port) else {
+    let udp = send || crate::egress::is_udp(ctx, false);
+    let loopback = ip4.to_ne_bytes()[0] == 127;
+    let Some(served) = redirected_policy(ctx, user_port, udp, loopback) else {
         return false;
     };
-    let source = dns_source(policy).to_be();
+    let source = dns_source(served.policy).to_be();
     if send {
         // SAFETY: sendmsg4 may write the datagram's source address.
         unsafe { (*sa).msg_src_ip4 = source };
@@ -216,7 +297,7 @@ pub fn redirect4(ctx: &SockAddrContext, send: bool) -> bool {
                 let sk = (*sa).__bindgen_anon_1.sk;
                 ((*sk).src_ip4, (*sk).src_port)
             };
-            if !bound_port_is(policy, u32::from_be(src_ip4), src_port, false) {
+            if !bound_port_is(served, u32::from_be(src_ip4), src_port, false) {
                 return false;
             }
         }
@@ -228,7 +309,10 @@ pub fn redirect4(ctx: &SockAddrContext, send: bool) -> bool {
             port: user_port,
             ip6: [0; 4],
             v6: 0,
+            parked: 0,
+            netns: 0,
         },
+        served,
         send,
     );
     // SAFETY: context field writes the connect4/sendmsg4 programs may make.
@@ -245,21 +329,23 @@ struct Redirect6 {
     resolver_port: u32,
     ip6: [u32; 4],
     user_port: u32,
-    policy: u32,
+    served: Served,
 }
 
 #[inline(always)]
-fn redirect6_of(ctx: &SockAddrContext) -> Option<Redirect6> {
+fn redirect6_of(ctx: &SockAddrContext, udp: bool) -> Option<Redirect6> {
     let resolver_port = resolver_port()?;
     let ip6 = user_ip6(ctx);
     // SAFETY: a context field read.
     let user_port = unsafe { (*ctx.sock_addr).user_port };
-    let policy = redirected_policy(ctx, user_port)?;
+    let loopback =
+        ip6 == loopback6() || (ip6[..3] == mapped(0)[..3] && ip6[3].to_ne_bytes()[0] == 127);
+    let served = redirected_policy(ctx, user_port, udp, loopback)?;
     Some(Redirect6 {
         resolver_port,
         ip6,
         user_port,
-        policy,
+        served,
     })
 }
 
@@ -274,7 +360,10 @@ impl Redirect6 {
                 port: self.user_port,
                 ip6: self.ip6,
                 v6: 1,
+                parked: 0,
+                netns: 0,
             },
+            self.served,
             send,
         );
         set_user_ip6(ctx, to);
@@ -289,20 +378,20 @@ impl Redirect6 {
 /// verdict.
 #[inline(always)]
 pub fn redirect6(ctx: &SockAddrContext) -> bool {
-    let Some(r) = redirect6_of(ctx) else {
+    let Some(r) = redirect6_of(ctx, crate::egress::is_udp(ctx, false)) else {
         return false;
     };
     let mut bind_to = SockaddrIn6 {
         family: AF_INET6,
         port: 0,
         flowinfo: 0,
-        addr: mapped(dns_source(r.policy).to_be()),
+        addr: mapped(dns_source(r.served.policy).to_be()),
         scope_id: 0,
     };
     if !bind(ctx, &mut bind_to) {
         // Bound to an IPv6 address: it cannot reach `::ffff:127.0.0.1`.
         let (wildcard, src_port) = bound6(ctx);
-        if !wildcard || !bound_port_is(r.policy, 0, src_port, false) {
+        if !wildcard || !bound_port_is(r.served, 0, src_port, false) {
             return false;
         }
     }
@@ -315,14 +404,15 @@ pub fn redirect6(ctx: &SockAddrContext) -> bool {
 /// to the verdict: its queries would not come from `[::1]`.
 #[inline(always)]
 pub fn redirect6_send(ctx: &SockAddrContext) -> bool {
-    if names::setting(setting::DNS_RESOLVER_V6) == 0 {
-        return false;
-    }
-    let Some(r) = redirect6_of(ctx) else {
+    let Some(r) = redirect6_of(ctx, true) else {
         return false;
     };
+    // Also when parked: the namespace's `[::1]` is not known yet.
+    if r.served.netns & DNS_NETNS_V6 == 0 {
+        return false;
+    }
     let (wildcard, src_port) = bound6(ctx);
-    if !wildcard || !bound_port_is(r.policy, 0, src_port, true) {
+    if !wildcard || !bound_port_is(r.served, 0, src_port, true) {
         return false;
     }
     r.point_at(ctx, loopback6(), true);

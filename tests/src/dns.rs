@@ -106,7 +106,8 @@ fn serve_tcp(mut stream: TcpStream) {
 }
 
 /// Asks `server` for the A records of `qname`, over `how`: `udp` (a connected socket, as
-/// glibc), `udp-send` (an unconnected one, `sendto`, as musl) or `tcp`. A UDP answer must come
+/// glibc), `udp-retry` (the same, sent again after each second without an answer, three times
+/// at most, as resolvers do; an error ends it), `udp-send` (an unconnected one, `sendto`, as musl) or `tcp`. A UDP answer must come
 /// from `server`, as clients check. Returns the response code and the addresses.
 pub fn ask(how: &str, server: SocketAddr, qname: &str) -> std::io::Result<(String, Vec<IpAddr>)> {
     let mut query = Message::new();
@@ -119,7 +120,11 @@ pub fn ask(how: &str, server: SocketAddr, qname: &str) -> std::io::Result<(Strin
     let timeout = Some(Duration::from_secs(5));
     let answer = match how {
         // `udp-from=IP`: connected, from a socket bound to IP first.
-        how if how == "udp" || how == "udp-send" || how.starts_with("udp-from=") => {
+        how if how == "udp"
+            || how == "udp-send"
+            || how == "udp-retry"
+            || how.starts_with("udp-from=") =>
+        {
             let any = if server.is_ipv6() {
                 "[::]:0"
             } else {
@@ -131,15 +136,37 @@ pub fn ask(how: &str, server: SocketAddr, qname: &str) -> std::io::Result<(Strin
                 }
                 None => UdpSocket::bind(any)?,
             };
-            socket.set_read_timeout(timeout)?;
+            let retry = how == "udp-retry";
+            let sends = if retry { 3 } else { 1 };
+            if retry {
+                socket.set_read_timeout(Some(Duration::from_secs(1)))?;
+            } else {
+                socket.set_read_timeout(timeout)?;
+            }
             if how != "udp-send" {
                 socket.connect(server)?;
-                socket.send(&bytes)?;
-            } else {
-                socket.send_to(&bytes, server)?;
             }
             let mut buf = vec![0u8; 4096];
-            let (n, from) = socket.recv_from(&mut buf)?;
+            let mut received = Err(std::io::ErrorKind::TimedOut.into());
+            for _ in 0..sends {
+                if how == "udp-send" {
+                    socket.send_to(&bytes, server)?;
+                } else {
+                    socket.send(&bytes)?;
+                }
+                received = socket.recv_from(&mut buf);
+                // Only silence is answered by a resend: an error (a refused port) ends it.
+                let silence = received.as_ref().is_err_and(|e| {
+                    matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    )
+                });
+                if !silence {
+                    break;
+                }
+            }
+            let (n, from) = received?;
             if from != server {
                 return Err(std::io::Error::other(format!(
                     "answer from {from}, not {server}"

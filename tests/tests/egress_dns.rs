@@ -31,6 +31,9 @@ const SERVER: &str = "10.215.0.2";
 const SERVER6: &str = "fd72:215::2";
 const PORT: u16 = 7000;
 
+/// The tests share the namespaces' names and each starts an agent: one at a time.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// The server namespace, its veth pair to this namespace and the servers in it; removed on drop.
 struct ServerNamespace {
     name: String,
@@ -68,6 +71,39 @@ impl ServerNamespace {
     }
 }
 
+/// A namespace of the job's own (as a container on a bridge network has), joined to the server
+/// namespace by a veth pair (10.216.0.0/24) and routed through it; removed on drop.
+struct JobNamespace {
+    name: String,
+}
+
+impl JobNamespace {
+    fn new(server: &ServerNamespace) -> Self {
+        let id = std::process::id() % 100000;
+        let ns = JobNamespace {
+            name: format!("rmdj{id}"),
+        };
+        let (j, s) = (&ns.name, &server.name);
+        let _ = Command::new("ip").args(["netns", "del", j]).output();
+        sh(&format!(
+            "ip netns add {j} && ip -n {j} link set lo up && \
+             ip -n {s} link add vk type veth peer name vj netns {j} && \
+             ip -n {s} addr add 10.216.0.2/24 dev vk && ip -n {s} link set vk up && \
+             ip -n {j} addr add 10.216.0.1/24 dev vj && ip -n {j} link set vj up && \
+             ip -n {j} route add default via 10.216.0.2"
+        ));
+        ns
+    }
+}
+
+impl Drop for JobNamespace {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
+    }
+}
+
 impl Drop for ServerNamespace {
     fn drop(&mut self) {
         for child in &mut self.servers {
@@ -90,7 +126,8 @@ fn policy() -> String {
     format!(
         "{}\n[[rules]]\nrepository = \"acme/dns-a\"\nmode = \"block\"\nallow_egress = [{names}]\n\
          \n[[rules]]\nrepository = \"acme/dns-b\"\nmode = \"block\"\nallow_egress = [{names}]\n\
-         \n[[rules]]\nrepository = \"acme/dns-6\"\nmode = \"block\"\nallow_egress = [{names}]\n",
+         \n[[rules]]\nrepository = \"acme/dns-6\"\nmode = \"block\"\nallow_egress = [{names}]\n\
+         \n[[rules]]\nrepository = \"acme/dns-ns\"\nmode = \"block\"\nallow_egress = [{names}]\n",
         test_policy().replace(
             "[egress]\n",
             &format!("[egress]\ndns_upstream = [\"{SERVER}:53\"]\n")
@@ -139,6 +176,9 @@ fn destination_is(alert: &Value, ip: &str, port: u16) -> bool {
 
 #[test]
 fn block_mode_admits_what_a_job_resolved_for_an_allowed_name_and_nothing_else() {
+    let _one = ONE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let dir = agent_dir("egress-dns");
     std::fs::write(dir.join("policy.toml"), policy()).unwrap();
     let agent = Agent::launch(&dir, free_port(), &[]);
@@ -338,6 +378,127 @@ fn block_mode_admits_what_a_job_resolved_for_an_allowed_name_and_nothing_else() 
         "outside jobs nothing is redirected"
     );
 
+    drop(ns);
+    let status = agent.stop();
+    assert!(status.success(), "agent exit: {status}");
+}
+
+/// A job process in a network namespace of its own reaches the agent's resolver there: the agent
+/// listens in the namespace once the kernel names it (at an exec there, or at its first query),
+/// and the job's allowlist judges names and addresses as in the agent's own namespace. A query
+/// that comes before the resolver is there is parked (dropped, nothing sent): the client's retry
+/// gets the resolver.
+#[test]
+fn block_mode_serves_dns_in_a_jobs_own_network_namespace() {
+    let _one = ONE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let dir = agent_dir("egress-dns-ns");
+    std::fs::write(dir.join("policy.toml"), policy()).unwrap();
+    let agent = Agent::launch(&dir, free_port(), &[]);
+    let env = TestEnv::new("egress-dns-ns");
+    let mut ns = ServerNamespace::new();
+    ns.serve(&["dns-serve".to_owned(), format!("{SERVER}:53")]);
+    let listeners: Vec<String> = [ALLOWED, DENIED, CNAME_TARGET, GLIBC]
+        .iter()
+        .map(|ip| format!("{ip}:{PORT}"))
+        .collect();
+    ns.serve(&[vec!["serve".to_owned()], listeners].concat());
+    let job_ns = JobNamespace::new(&ns);
+    let j = &job_ns.name;
+    // The namespace's own loopback DNS server, as Docker's embedded DNS is.
+    let mut embedded = serve_in(j, &["dns-serve".to_owned(), "127.0.0.11:53".to_owned()]);
+
+    let resolv = env.dir.join("resolv.conf");
+    std::fs::write(
+        &resolv,
+        format!("nameserver {SERVER}\noptions timeout:1 attempts:2\n"),
+    )
+    .unwrap();
+    // The first thing of the job in its namespace: a process that entered it by setns, with no
+    // exec there, asks over connected UDP. Its first query is parked, unless the agent (named
+    // at the exec before the setns) was quicker; its resend, a second later, is answered by
+    // the resolver the agent opened meanwhile.
+    let parked =
+        format!("!\"$JOB_STEP\" in-netns {j} dns udp-retry {SERVER}:53 allowed.test {PORT}");
+    // In the job's namespace, after a shell's exec there (which names it to the agent) and a
+    // wait.
+    let in_ns =
+        |step: &str| format!("!ip netns exec {j} sh -c 'sleep 0.5; exec \"$JOB_STEP\" {step}'");
+    let dns = |how: &str, name: &str| format!("dns {how} {SERVER}:53 {name} {PORT}");
+    let glibc = format!(
+        "!ip netns exec {j} unshare -m sh -c 'mount --bind {} /etc/resolv.conf && sleep 0.5 && \
+         exec \"$JOB_STEP\" connect-name glibc.allowed.test:{PORT}'",
+        resolv.display()
+    );
+    let run = run_id(5);
+    let answers = job(
+        &env,
+        &agent,
+        &run,
+        "acme/dns-ns",
+        &[
+            ("parked", parked),
+            ("udp", in_ns(&dns("udp", "allowed.test"))),
+            ("cname", in_ns(&dns("udp-send", "www.allowed.test"))),
+            ("tcp", in_ns(&dns("tcp", "allowed.test"))),
+            ("denied", in_ns(&dns("udp", "denied.test"))),
+            ("denied-addr", in_ns(&format!("egress tcp {DENIED}:{PORT}"))),
+            // Not redirected: the namespace's own server answers any name, and its answer
+            // admits nothing.
+            (
+                "embedded",
+                in_ns(&format!("dns udp 127.0.0.11:53 denied.test {PORT}")),
+            ),
+            ("glibc", glibc),
+        ],
+    );
+    let expect = |label: &str, want: &str| expect_answer(&answers, label, want, &dir);
+    expect("parked", &format!("NoError {ALLOWED} ok"));
+    expect("udp", &format!("NoError {ALLOWED} ok"));
+    expect("cname", &format!("NoError {CNAME_TARGET} ok"));
+    expect("tcp", &format!("NoError {ALLOWED} ok"));
+    expect("denied", "Refused - -");
+    expect("denied-addr", "errno 1");
+    expect("embedded", &format!("NoError {DENIED} errno-1"));
+    expect("glibc", "ok");
+    let log = agent_log(&dir);
+    let listens: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("listens in a job's network namespace"))
+        .collect();
+    assert!(
+        !listens.is_empty(),
+        "the agent says where it listens: {log}"
+    );
+    eprintln!("{}", listens.join("\n"));
+    let job_id = format!("{run}/build");
+    let alert = wait_alert(&agent, "unexpected-egress", &job_id, |a| {
+        destination_is(a, &DENIED.to_string(), PORT)
+    });
+    assert_eq!(alert["blocked"], true, "{alert}");
+
+    // A process outside jobs in that namespace is not redirected: the server answers any name.
+    let out = output_of(Command::new("ip").args([
+        "netns",
+        "exec",
+        j,
+        &job_step().display().to_string(),
+        "dns",
+        "udp",
+        &format!("{SERVER}:53"),
+        "denied.test",
+        &PORT.to_string(),
+    ]));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        format!("NoError {DENIED} ok"),
+        "outside jobs nothing is redirected"
+    );
+
+    let _ = embedded.kill();
+    let _ = embedded.wait();
+    drop(job_ns);
     drop(ns);
     let status = agent.stop();
     assert!(status.success(), "agent exit: {status}");

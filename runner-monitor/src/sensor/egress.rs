@@ -140,7 +140,7 @@ pub struct Allowlists {
     /// policy id -> entries the resolver wrote under it, with their expiry (ktime ns).
     resolved: StdHashMap<u32, StdHashMap<EntryKey, u64>>,
     /// Local port -> policy id of redirected sockets bound before their connect.
-    ports: HashMap<MapData, u64, u32>,
+    ports: HashMap<MapData, [u64; 2], u32>,
 }
 
 pub type SharedAllowlists = Arc<Mutex<Allowlists>>;
@@ -205,11 +205,11 @@ impl Allowlists {
     }
 
     /// The policy id of a redirected socket that queries from `addr` (host byte order; 127.0.0.1
-    /// for one bound to the wildcard; `[::1]` when `v6`, given as 0) and `port`.
-    pub fn policy_of_port(&self, addr: u32, port: u16, v6: bool) -> Option<u32> {
-        self.ports
-            .get(&runner_monitor_common::dns_port_key(addr, port, v6), 0)
-            .ok()
+    /// for one bound to the wildcard; `[::1]` when `v6`, given as 0) and `port` in network
+    /// namespace `netns` (its cookie).
+    pub fn policy_of_port(&self, addr: u32, port: u16, v6: bool, netns: u64) -> Option<u32> {
+        let key = runner_monitor_common::dns_port_key(addr, port, v6, netns);
+        self.ports.get(&key, 0).ok()
     }
 
     /// The plan judged under `policy` (a job's, or the global one), if it blocks.

@@ -67,6 +67,22 @@ impl Sensor {
             .map(BuildSlotsMap)
     }
 
+    /// The network namespaces block mode's resolver listens in, and the processes whose
+    /// namespace it should check (`dns_netns.rs`); `None` when the programs lack the maps.
+    /// The ring is taken: one caller gets it.
+    pub fn dns_netns_maps(&mut self) -> Option<super::dns_netns::DnsNetnsMaps> {
+        Some(super::dns_netns::DnsNetnsMaps {
+            served: self.dns_netns_served()?,
+            wanted: aya::maps::RingBuf::try_from(self.ebpf.take_map(map_name::DNS_NETNS_WANTED)?)
+                .ok()?,
+        })
+    }
+
+    /// The network namespaces block mode's resolver listens in (`DNS_NETNS`).
+    pub(super) fn dns_netns_served(&self) -> Option<HashMap<MapData, u64, u32>> {
+        HashMap::try_from(own(self, map_name::DNS_NETNS)?).ok()
+    }
+
     /// Handles for resolving starts by name; `None` when the programs lack the maps.
     pub fn name_start_maps(&self) -> Option<NameStartMaps> {
         Some(NameStartMaps {

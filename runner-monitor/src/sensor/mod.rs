@@ -8,6 +8,7 @@ pub mod check;
 pub mod container_ids;
 pub mod decode;
 pub mod dns;
+pub mod dns_netns;
 pub mod egress;
 mod fdstore;
 pub mod file_hooks;
@@ -466,28 +467,34 @@ impl Sensor {
     /// Sends the DNS of job processes in block mode to the resolver on 127.0.0.1:`port` in the
     /// network namespace `netns_cookie` (the namespace first: a port without it redirects
     /// nothing); IPv6 sockets' unconnected sends to `[::1]:port` when `v6` (it listens there).
+    /// The resolver listens on the same port in the job namespaces it serves (`dns_netns.rs`).
     pub fn set_dns_resolver(
         &mut self,
         port: u16,
         netns_cookie: u64,
         v6: bool,
     ) -> Result<(), SensorError> {
-        let settings_error = |source| SensorError::Map {
-            name: map_name::SETTINGS,
-            source,
-        };
-        self.settings
-            .set(setting::DNS_NETNS_LO, netns_cookie as u32, 0)
-            .map_err(settings_error)?;
-        self.settings
-            .set(setting::DNS_NETNS_HI, (netns_cookie >> 32) as u32, 0)
-            .map_err(settings_error)?;
-        self.settings
-            .set(setting::DNS_RESOLVER_V6, u32::from(v6), 0)
-            .map_err(settings_error)?;
+        let mut served = self
+            .dns_netns_served()
+            .ok_or(SensorError::MissingMap(map_name::DNS_NETNS))?;
+        let flags = runner_monitor_common::DNS_NETNS_OWN
+            | if v6 {
+                runner_monitor_common::DNS_NETNS_V6
+            } else {
+                0
+            };
+        served
+            .insert(netns_cookie, flags, 0)
+            .map_err(|source| SensorError::Map {
+                name: map_name::DNS_NETNS,
+                source,
+            })?;
         self.settings
             .set(setting::DNS_RESOLVER_PORT, u32::from(port), 0)
-            .map_err(settings_error)
+            .map_err(|source| SensorError::Map {
+                name: map_name::SETTINGS,
+                source,
+            })
     }
 
     /// Block mode's per-job plans.

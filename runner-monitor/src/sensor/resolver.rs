@@ -43,10 +43,49 @@ pub type Upstream = Arc<RwLock<Vec<SocketAddr>>>;
 pub struct Resolver {
     pub port: u16,
     pub netns_cookie: u64,
-    pub upstream: Upstream,
+    /// What answers queries: in the agent's namespace and the job namespaces it serves later
+    /// (`dns_netns.rs`).
+    pub service: Service,
     /// Why it does not listen on `[::1]` too, if it does not (unconnected IPv6 sends to port 53
     /// are then not redirected).
     pub no_v6: Option<io::Error>,
+}
+
+/// What the resolver's sockets answer with: the jobs' allowlists and the upstream servers.
+#[derive(Clone)]
+pub struct Service {
+    pub lists: SharedAllowlists,
+    pub upstream: Upstream,
+}
+
+/// The resolver's sockets in one network namespace, bound in it (a socket stays in the
+/// namespace it was made in, whichever thread later uses it).
+pub struct Sockets {
+    udp: std::net::UdpSocket,
+    tcp: std::net::TcpListener,
+    /// `[::1]`, the same port, when the namespace has IPv6 loopback.
+    pub udp6: io::Result<std::net::UdpSocket>,
+}
+
+impl Sockets {
+    /// The resolver's sockets on `port` (0: any free one) in the calling thread's network
+    /// namespace.
+    pub fn bind(port: u16) -> io::Result<Self> {
+        let udp = std::net::UdpSocket::bind((Ipv4Addr::LOCALHOST, port))?;
+        let port = udp.local_addr()?.port();
+        let tcp = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, port))?;
+        let udp6 = std::net::UdpSocket::bind((Ipv6Addr::LOCALHOST, port));
+        Ok(Self { udp, tcp, udp6 })
+    }
+
+    pub fn port(&self) -> io::Result<u16> {
+        Ok(self.udp.local_addr()?.port())
+    }
+
+    /// The cookie of the network namespace the sockets are in.
+    pub fn netns_cookie(&self) -> io::Result<u64> {
+        netns_cookie(&self.udp)
+    }
 }
 
 /// The nameservers of a resolv.conf text, on port 53.
@@ -63,7 +102,7 @@ pub fn nameservers(resolv_conf: &str) -> Vec<SocketAddr> {
 }
 
 /// The network namespace cookie of the namespace `socket` lives in (`SO_NETNS_COOKIE`).
-fn netns_cookie(socket: &impl std::os::fd::AsRawFd) -> io::Result<u64> {
+pub fn netns_cookie(socket: &impl std::os::fd::AsRawFd) -> io::Result<u64> {
     const SO_NETNS_COOKIE: libc::c_int = 71;
     let mut cookie: u64 = 0;
     let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
@@ -87,59 +126,71 @@ fn netns_cookie(socket: &impl std::os::fd::AsRawFd) -> io::Result<u64> {
 /// when it can) in the current tokio runtime.
 pub async fn start(lists: SharedAllowlists, upstream: Vec<SocketAddr>) -> io::Result<Resolver> {
     let mut attempt = 0;
-    let (udp, tcp, udp6) = loop {
-        let udp = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).await?;
-        let port = udp.local_addr()?.port();
-        let tcp = match TcpListener::bind((Ipv4Addr::LOCALHOST, port)).await {
-            Ok(tcp) => tcp,
-            Err(error) if attempt >= 10 => return Err(error),
-            Err(_) => {
-                attempt += 1;
-                continue;
-            }
-        };
-        match UdpSocket::bind((Ipv6Addr::LOCALHOST, port)).await {
-            Err(error) if error.kind() == io::ErrorKind::AddrInUse && attempt < 10 => {
-                attempt += 1;
-            }
-            udp6 => break (udp, tcp, udp6),
+    let sockets = loop {
+        // A free UDP port may be taken for TCP or on `[::1]`: another one, a few times.
+        let retry = |error: &io::Error| error.kind() == io::ErrorKind::AddrInUse && attempt < 10;
+        match Sockets::bind(0) {
+            Ok(s) if s.udp6.as_ref().is_err_and(retry) => attempt += 1,
+            Ok(s) => break s,
+            Err(error) if retry(&error) => attempt += 1,
+            Err(error) => return Err(error),
         }
     };
-    let port = udp.local_addr()?.port();
-    let netns_cookie = netns_cookie(&udp)?;
-    let upstream: Upstream = Arc::new(RwLock::new(upstream));
-    serve_udp(udp, &lists, &upstream);
-    let no_v6 = match udp6 {
-        Ok(udp6) => {
-            serve_udp(udp6, &lists, &upstream);
-            None
-        }
-        Err(error) => Some(error),
+    let port = sockets.port()?;
+    let netns_cookie = sockets.netns_cookie()?;
+    let service = Service {
+        lists,
+        upstream: Arc::new(RwLock::new(upstream)),
     };
-    let u = upstream.clone();
-    tokio::spawn(async move {
-        loop {
-            let Ok((stream, peer)) = tcp.accept().await else {
-                continue;
-            };
-            let (lists, upstream) = (lists.clone(), u.clone());
-            tokio::spawn(async move {
-                let _ = serve_tcp(stream, peer, &lists, &upstream).await;
-            });
-        }
-    });
+    let (_, no_v6) = serve(sockets, &service, netns_cookie)?;
     Ok(Resolver {
         port,
         netns_cookie,
-        upstream,
+        service,
         no_v6,
     })
 }
 
+/// Answers the queries that reach `sockets`, in network namespace `netns` (its cookie): the
+/// tasks that do, and why `[::1]` is not served, if it is not.
+pub fn serve(
+    sockets: Sockets,
+    service: &Service,
+    netns: u64,
+) -> io::Result<(Vec<tokio::task::JoinHandle<()>>, Option<io::Error>)> {
+    let tokio_udp = |udp: std::net::UdpSocket| {
+        udp.set_nonblocking(true)?;
+        UdpSocket::from_std(udp)
+    };
+    let mut tasks = vec![serve_udp(tokio_udp(sockets.udp)?, service, netns)];
+    let no_v6 = match sockets.udp6.and_then(tokio_udp) {
+        Ok(udp6) => {
+            tasks.push(serve_udp(udp6, service, netns));
+            None
+        }
+        Err(error) => Some(error),
+    };
+    sockets.tcp.set_nonblocking(true)?;
+    let tcp = TcpListener::from_std(sockets.tcp)?;
+    let service = service.clone();
+    tasks.push(tokio::spawn(async move {
+        loop {
+            let Ok((stream, peer)) = tcp.accept().await else {
+                continue;
+            };
+            let service = service.clone();
+            tokio::spawn(async move {
+                let _ = serve_tcp(stream, peer, &service, netns).await;
+            });
+        }
+    }));
+    Ok((tasks, no_v6))
+}
+
 /// Answers the queries that reach `udp`.
-fn serve_udp(udp: UdpSocket, lists: &SharedAllowlists, upstream: &Upstream) {
+fn serve_udp(udp: UdpSocket, service: &Service, netns: u64) -> tokio::task::JoinHandle<()> {
     let udp = Arc::new(udp);
-    let (l, u) = (lists.clone(), upstream.clone());
+    let service = service.clone();
     tokio::spawn(async move {
         let mut buf = vec![0u8; 4096];
         loop {
@@ -147,22 +198,22 @@ fn serve_udp(udp: UdpSocket, lists: &SharedAllowlists, upstream: &Upstream) {
                 continue;
             };
             let query = buf[..n].to_vec();
-            let (udp, lists, upstream) = (udp.clone(), l.clone(), u.clone());
+            let (udp, service) = (udp.clone(), service.clone());
             tokio::spawn(async move {
-                if let Some(answer) = answer(&lists, &upstream, peer, &query, false).await {
+                if let Some(answer) = answer(&service, netns, peer, &query, false).await {
                     let _ = udp.send_to(&answer, peer).await;
                 }
             });
         }
-    });
+    })
 }
 
 /// DNS over TCP: length-prefixed messages, one answer per query, until the client goes.
 async fn serve_tcp(
     mut stream: TcpStream,
     peer: SocketAddr,
-    lists: &SharedAllowlists,
-    upstream: &Upstream,
+    service: &Service,
+    netns: u64,
 ) -> io::Result<()> {
     loop {
         let Ok(len) = timeout(TCP_IDLE, stream.read_u16()).await else {
@@ -170,7 +221,7 @@ async fn serve_tcp(
         };
         let mut query = vec![0u8; usize::from(len?)];
         stream.read_exact(&mut query).await?;
-        let Some(answer) = answer(lists, upstream, peer, &query, true).await else {
+        let Some(answer) = answer(service, netns, peer, &query, true).await else {
             return Ok(());
         };
         let mut out = (answer.len() as u16).to_be_bytes().to_vec();
@@ -193,14 +244,16 @@ fn refusal(query: &Message, code: ResponseCode) -> Option<Vec<u8>> {
     response.to_vec().ok()
 }
 
-/// The answer to a query from `peer`; `None`: nothing to send (not a DNS query).
+/// The answer to a query from `peer` in network namespace `netns` (its cookie); `None`: nothing
+/// to send (not a DNS query).
 async fn answer(
-    lists: &SharedAllowlists,
-    upstream: &Upstream,
+    service: &Service,
+    netns: u64,
     peer: SocketAddr,
     query: &[u8],
     tcp: bool,
 ) -> Option<Vec<u8>> {
+    let Service { lists, upstream } = service;
     let message = Message::from_vec(query).ok()?;
     if message.message_type() != MessageType::Query {
         return None;
@@ -212,9 +265,9 @@ async fn answer(
             // A source address naming the policy (`bpf_bind`), else the socket's own address
             // and port (bound before its connect).
             IpAddr::V4(v4) => runner_monitor_common::dns_source_policy(u32::from(v4))
-                .or_else(|| lists.policy_of_port(u32::from(v4), peer.port(), false)),
+                .or_else(|| lists.policy_of_port(u32::from(v4), peer.port(), false, netns)),
             IpAddr::V6(v6) if v6 == Ipv6Addr::LOCALHOST => {
-                lists.policy_of_port(0, peer.port(), true)
+                lists.policy_of_port(0, peer.port(), true, netns)
             }
             IpAddr::V6(_) => None,
         };

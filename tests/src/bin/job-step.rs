@@ -47,6 +47,8 @@
 //!                                  the answer's status line. CONNECT `decoy`: connect by
 //!                                  syscall, but send on a socket pair's end registered at
 //!                                  the connection's fd number; print `decoy`
+//! job-step in-netns NAME ARGS...  enter network namespace NAME (`ip netns`) by setns, with no
+//!                                  exec, then do ARGS
 //! job-step start-then-mkdir SOCKET REF DIR
 //!                                  send `POST /containers/REF/start` to the Docker API at
 //!                                  SOCKET, make directory DIR (a cgroup) at once, then print
@@ -62,7 +64,14 @@ use std::{
 };
 
 fn main() {
-    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().is_some_and(|a| a == "in-netns") && args.len() > 2 {
+        let ns = std::fs::File::open(format!("/run/netns/{}", args[1])).expect("the namespace");
+        // SAFETY: setns with a namespace descriptor we hold open.
+        let rc = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&ns), libc::CLONE_NEWNET) };
+        assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+        args.drain(..2);
+    }
     let arg = |i: usize| {
         args.get(i)
             .unwrap_or_else(|| panic!("missing argument {i}: {args:?}"))

@@ -9,6 +9,7 @@ use runner_monitor::{
     policy::{JobSelector, Policy},
     sensor::{
         ProbeStatus, Sensor,
+        dns_netns::NetnsResolvers,
         egress::missing_enforcement,
         resolver::{self, Upstream},
     },
@@ -79,7 +80,25 @@ pub(super) async fn start_resolver(policy: &Policy, sensor: &mut Sensor) -> Opti
         v6,
         "block mode's DNS resolver on 127.0.0.1 (and [::1] when v6)"
     );
-    Some(started.upstream)
+    // Job processes in network namespaces of their own (containers, `ip netns exec`).
+    let in_namespaces = sensor
+        .dns_netns_maps()
+        .ok_or_else(|| std::io::Error::other("no namespace maps"))
+        .and_then(|maps| NetnsResolvers::new(maps, started.service.clone(), started.port));
+    match in_namespaces {
+        Ok(resolvers) => {
+            if let Err(error) = resolvers.spawn() {
+                tracing::warn!(%error, "block mode's DNS resolver serves the agent's network \
+                    namespace only");
+            }
+        }
+        Err(error) => {
+            tracing::warn!(%error, "block mode's DNS resolver serves the agent's network \
+            namespace only: job processes in other namespaces reach DNS servers their allowlist \
+            admits by address")
+        }
+    }
+    Some(started.service.upstream)
 }
 
 impl Agent {
