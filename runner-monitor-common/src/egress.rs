@@ -82,6 +82,10 @@ pub const DNS_NETNS_PASS: u32 = 1 << 17;
 /// `DNS_NETNS` value bit: the agent's own namespace. Elsewhere a loopback DNS server is the
 /// namespace's own (Docker's embedded DNS at 127.0.0.11) and is not redirected.
 pub const DNS_NETNS_OWN: u32 = 1 << 18;
+/// `DNS_NETNS` value bit: the namespace's own loopback server answers its DNS (Docker's
+/// embedded DNS), asked by the resolver from inside the namespace: queries to it are
+/// redirected too.
+pub const DNS_NETNS_LOCAL: u32 = 1 << 19;
 /// Size of the `DNS_NETNS_WANTED` ring buffer: processes whose network namespace the agent
 /// should check for a resolver (8 bytes each, and the ring's 8-byte header).
 pub const DNS_NETNS_WANTED_BYTES: u32 = 64 * 1024;

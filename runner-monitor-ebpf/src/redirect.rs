@@ -36,9 +36,9 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use runner_monitor_common::{
-    AF_INET, AF_INET6, CONNECT_DNS_REDIRECTED, DNS_NETNS_OWN, DNS_NETNS_PASS, DNS_NETNS_V6,
-    DNS_NETNS_WANTED_BYTES, DNS_NETNS_WANTED_QUERY, MAX_DNS_NETNS, MAX_DNS_PORTS, dns_port_key,
-    dns_source, dns_source_policy, setting,
+    AF_INET, AF_INET6, CONNECT_DNS_REDIRECTED, DNS_NETNS_LOCAL, DNS_NETNS_OWN, DNS_NETNS_PASS,
+    DNS_NETNS_V6, DNS_NETNS_WANTED_BYTES, DNS_NETNS_WANTED_QUERY, MAX_DNS_NETNS, MAX_DNS_PORTS,
+    dns_port_key, dns_source, dns_source_policy, setting,
 };
 
 use crate::{
@@ -186,7 +186,8 @@ struct Served {
 /// Whose connect or send to `user_port` (network byte order) goes to the agent's resolver: a job
 /// process in block mode, to port 53, in a network namespace the resolver listens in, or that
 /// it has not looked at yet (`udp` only: parked). A `loopback` server outside the agent's
-/// namespace is that namespace's own (Docker's embedded DNS): left alone.
+/// namespace is that namespace's own (Docker's embedded DNS): redirected only where the
+/// resolver asks it itself (`DNS_NETNS_LOCAL`), else left alone.
 #[inline(always)]
 fn redirected_policy(
     ctx: &SockAddrContext,
@@ -203,7 +204,7 @@ fn redirected_policy(
     let cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     // SAFETY: copied out at once.
     match unsafe { DNS_NETNS.get(cookie).copied() } {
-        Some(netns) if loopback && netns & DNS_NETNS_OWN == 0 => None,
+        Some(netns) if loopback && netns & (DNS_NETNS_OWN | DNS_NETNS_LOCAL) == 0 => None,
         Some(netns) if netns & DNS_NETNS_PASS != 0 => None,
         Some(netns) => Some(Served {
             policy: job.policy,
@@ -214,7 +215,7 @@ fn redirected_policy(
         None => {
             let tgid = (aya_ebpf::helpers::bpf_get_current_pid_tgid() >> 32) as u32;
             want_netns(tgid, DNS_NETNS_WANTED_QUERY);
-            (udp && !loopback).then_some(Served {
+            udp.then_some(Served {
                 policy: job.policy,
                 netns: 0,
                 cookie,

@@ -72,32 +72,39 @@ impl ServerNamespace {
 }
 
 /// A namespace of the job's own (as a container on a bridge network has), joined to the server
-/// namespace by a veth pair (10.216.0.0/24) and routed through it; removed on drop.
+/// namespace by a veth pair (10.216.N.0/24) and routed through it, with its own resolv.conf for
+/// `ip netns exec` when given one; removed on drop.
 struct JobNamespace {
     name: String,
 }
 
 impl JobNamespace {
-    fn new(server: &ServerNamespace) -> Self {
+    fn new(server: &ServerNamespace, n: u8, resolv_conf: Option<&str>) -> Self {
         let id = std::process::id() % 100000;
         let ns = JobNamespace {
-            name: format!("rmdj{id}"),
+            name: format!("rmdj{id}{n}"),
         };
         let (j, s) = (&ns.name, &server.name);
         let _ = Command::new("ip").args(["netns", "del", j]).output();
         sh(&format!(
             "ip netns add {j} && ip -n {j} link set lo up && \
-             ip -n {s} link add vk type veth peer name vj netns {j} && \
-             ip -n {s} addr add 10.216.0.2/24 dev vk && ip -n {s} link set vk up && \
-             ip -n {j} addr add 10.216.0.1/24 dev vj && ip -n {j} link set vj up && \
-             ip -n {j} route add default via 10.216.0.2"
+             ip -n {s} link add vk{n} type veth peer name vj netns {j} && \
+             ip -n {s} addr add 10.216.{n}.2/24 dev vk{n} && ip -n {s} link set vk{n} up && \
+             ip -n {j} addr add 10.216.{n}.1/24 dev vj && ip -n {j} link set vj up && \
+             ip -n {j} route add default via 10.216.{n}.2"
         ));
+        if let Some(conf) = resolv_conf {
+            let dir = std::path::Path::new("/etc/netns").join(j);
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::write(dir.join("resolv.conf"), conf).unwrap();
+        }
         ns
     }
 }
 
 impl Drop for JobNamespace {
     fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(std::path::Path::new("/etc/netns").join(&self.name));
         let _ = Command::new("ip")
             .args(["netns", "del", &self.name])
             .output();
@@ -404,10 +411,18 @@ fn block_mode_serves_dns_in_a_jobs_own_network_namespace() {
         .map(|ip| format!("{ip}:{PORT}"))
         .collect();
     ns.serve(&[vec!["serve".to_owned()], listeners].concat());
-    let job_ns = JobNamespace::new(&ns);
+    let job_ns = JobNamespace::new(&ns, 0, None);
     let j = &job_ns.name;
-    // The namespace's own loopback DNS server, as Docker's embedded DNS is.
+    // The namespace's own loopback DNS server, as Docker's embedded DNS is: one the job does not
+    // name in its resolv.conf here, and one it does in a second namespace (as a container on a
+    // user-defined Docker network does).
     let mut embedded = serve_in(j, &["dns-serve".to_owned(), "127.0.0.11:53".to_owned()]);
+    let conf = "nameserver 127.0.0.11\noptions timeout:1 attempts:2\n";
+    let docker_ns = JobNamespace::new(&ns, 1, Some(conf));
+    let d = &docker_ns.name;
+    let mut embedded_d = serve_in(d, &["dns-serve".to_owned(), "127.0.0.11:53".to_owned()]);
+    let in_d =
+        |step: &str| format!("!ip netns exec {d} sh -c 'sleep 0.5; exec \"$JOB_STEP\" {step}'");
 
     let resolv = env.dir.join("resolv.conf");
     std::fs::write(
@@ -450,6 +465,20 @@ fn block_mode_serves_dns_in_a_jobs_own_network_namespace() {
                 "embedded",
                 in_ns(&format!("dns udp 127.0.0.11:53 denied.test {PORT}")),
             ),
+            // Where the job's resolv.conf names its namespace's own server, the resolver asks
+            // that server, from inside the namespace, for the names the allowlist admits.
+            (
+                "local",
+                in_d(&format!("dns udp 127.0.0.11:53 allowed.test {PORT}")),
+            ),
+            (
+                "local-denied",
+                in_d(&format!("dns udp 127.0.0.11:53 denied.test {PORT}")),
+            ),
+            (
+                "local-glibc",
+                in_d(&format!("connect-name glibc.allowed.test:{PORT}")),
+            ),
             ("glibc", glibc),
         ],
     );
@@ -461,6 +490,9 @@ fn block_mode_serves_dns_in_a_jobs_own_network_namespace() {
     expect("denied", "Refused - -");
     expect("denied-addr", "errno 1");
     expect("embedded", &format!("NoError {DENIED} errno-1"));
+    expect("local", &format!("NoError {ALLOWED} ok"));
+    expect("local-denied", "Refused - -");
+    expect("local-glibc", "ok");
     expect("glibc", "ok");
     let log = agent_log(&dir);
     let listens: Vec<&str> = log
@@ -496,8 +528,11 @@ fn block_mode_serves_dns_in_a_jobs_own_network_namespace() {
         "outside jobs nothing is redirected"
     );
 
-    let _ = embedded.kill();
-    let _ = embedded.wait();
+    for server in [&mut embedded, &mut embedded_d] {
+        let _ = server.kill();
+        let _ = server.wait();
+    }
+    drop(docker_ns);
     drop(job_ns);
     drop(ns);
     let status = agent.stop();

@@ -23,17 +23,18 @@ use std::{
     collections::{HashMap as StdHashMap, HashSet},
     fs::File,
     io,
-    os::{fd::AsRawFd, unix::fs::MetadataExt},
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    os::unix::fs::MetadataExt,
     time::{Duration, Instant},
 };
 
 use aya::maps::{HashMap, MapData, RingBuf};
 use runner_monitor_common::{
-    DNS_NETNS_PASS, DNS_NETNS_V6, DNS_NETNS_WANTED_EXEC, DNS_NETNS_WANTED_QUERY,
+    DNS_NETNS_LOCAL, DNS_NETNS_PASS, DNS_NETNS_V6, DNS_NETNS_WANTED_EXEC, DNS_NETNS_WANTED_QUERY,
 };
 use tokio::{io::unix::AsyncFd, task::JoinHandle};
 
-use super::resolver::{self, Service, Sockets};
+use super::resolver::{self, Local, Service, Sockets};
 
 /// How often namespaces no process is in are let go, and how long a new one is kept at least.
 const SWEEP: Duration = Duration::from_secs(10);
@@ -63,6 +64,8 @@ fn take_wanted(ring: &mut RingBuf<MapData>) -> Vec<(u32, u32)> {
 /// at again after `retry`).
 struct Served {
     cookie: u64,
+    /// The namespace's own servers the resolver asks, if any.
+    local: Option<Vec<SocketAddr>>,
     tasks: Vec<JoinHandle<()>>,
     since: Instant,
     retry: Option<Instant>,
@@ -149,7 +152,9 @@ impl NetnsResolvers {
         };
         let listen = way_out(tgid);
         let port = self.port;
-        let bound = tokio::task::spawn_blocking(move || bind_in(&ns, port, listen))
+        let ns = std::sync::Arc::new(ns);
+        let inside = ns.clone();
+        let bound = tokio::task::spawn_blocking(move || bind_in(&inside, port, listen))
             .await
             .map_err(io::Error::other)
             .and_then(|bound| bound);
@@ -162,7 +167,11 @@ impl NetnsResolvers {
             }
         };
         let served = match sockets {
-            Some(Ok(sockets)) => self.listen(cookie, sockets),
+            Some(Ok(sockets)) => {
+                let local = local_servers(tgid);
+                let local = (!local.is_empty()).then_some(Local { ns, servers: local });
+                self.listen(cookie, sockets, local)
+            }
             Some(Err(error)) => Err(error),
             None => {
                 tracing::debug!(
@@ -180,6 +189,7 @@ impl NetnsResolvers {
                     netns = inode,
                     at = why,
                     v6,
+                    local = ?served.local,
                     lag_us = now.elapsed().as_micros() as u64,
                     "block mode's DNS resolver listens in a job's network namespace"
                 );
@@ -196,6 +206,7 @@ impl NetnsResolvers {
                 }
                 Served {
                     cookie,
+                    local: None,
                     tasks: Vec::new(),
                     since: now,
                     retry: Some(now + RETRY),
@@ -208,18 +219,29 @@ impl NetnsResolvers {
     }
 
     /// Serves `sockets`, bound in namespace `cookie`; whether on `[::1]` too.
-    fn listen(&mut self, cookie: u64, sockets: Sockets) -> io::Result<(Served, bool)> {
-        let (tasks, no_v6) = resolver::serve(sockets, &self.service, cookie)?;
+    /// `local`: the namespace's own loopback servers answer its queries.
+    fn listen(
+        &mut self,
+        cookie: u64,
+        sockets: Sockets,
+        local: Option<Local>,
+    ) -> io::Result<(Served, bool)> {
+        let servers = local.as_ref().map(|l| l.servers.clone());
+        let flags = if local.is_some() { DNS_NETNS_LOCAL } else { 0 };
+        let service = Service {
+            local,
+            ..self.service.clone()
+        };
+        let (tasks, no_v6) = resolver::serve(sockets, &service, cookie)?;
         let v6 = no_v6.is_none();
-        if let Err(error) = self
-            .kernel
-            .insert(cookie, if v6 { DNS_NETNS_V6 } else { 0 }, 0)
-        {
+        let flags = flags | if v6 { DNS_NETNS_V6 } else { 0 };
+        if let Err(error) = self.kernel.insert(cookie, flags, 0) {
             tasks.iter().for_each(JoinHandle::abort);
             return Err(io::Error::other(error));
         }
         let served = Served {
             cookie,
+            local: servers,
             tasks,
             since: Instant::now(),
             retry: None,
@@ -263,21 +285,37 @@ impl NetnsResolvers {
 /// made by a thread of its own that enters the namespace and ends (no thread of the runtime
 /// ever changes namespace).
 fn bind_in(ns: &File, port: u16, listen: bool) -> io::Result<(u64, Option<io::Result<Sockets>>)> {
-    let fd = ns.as_raw_fd();
-    std::thread::scope(|scope| {
-        scope
-            .spawn(move || {
-                // SAFETY: setns on this thread only, with a namespace descriptor we hold open.
-                if unsafe { libc::setns(fd, libc::CLONE_NEWNET) } != 0 {
-                    return Err(io::Error::last_os_error());
-                }
-                let probe = std::net::UdpSocket::bind((std::net::Ipv4Addr::UNSPECIFIED, 0))?;
-                let cookie = resolver::netns_cookie(&probe)?;
-                Ok((cookie, listen.then(|| Sockets::bind(port))))
-            })
-            .join()
-            .map_err(|_| io::Error::other("the thread that binds in the namespace panicked"))?
+    resolver::in_namespace(ns, || {
+        let probe = std::net::UdpSocket::bind((std::net::Ipv4Addr::UNSPECIFIED, 0))?;
+        let cookie = resolver::netns_cookie(&probe)?;
+        Ok((cookie, listen.then(|| Sockets::bind(port))))
     })
+}
+
+/// The nameservers of process `tgid`'s resolv.conf that are its namespace's own: on IPv4
+/// loopback, with a UDP socket bound to that address in the namespace (Docker's embedded DNS
+/// listens on 127.0.0.11; a host's 127.0.0.53 seen through `ip netns exec` has nobody there).
+fn local_servers(tgid: u32) -> Vec<SocketAddr> {
+    let Ok(conf) = std::fs::read_to_string(format!("/proc/{tgid}/root/etc/resolv.conf")) else {
+        return Vec::new();
+    };
+    let bound = std::fs::read_to_string(format!("/proc/{tgid}/net/udp")).unwrap_or_default();
+    let bound = udp_addresses(&bound);
+    resolver::nameservers(&conf)
+        .into_iter()
+        .filter(|s| matches!(s.ip(), IpAddr::V4(ip) if ip.is_loopback() && bound.contains(&ip)))
+        .collect()
+}
+
+/// The local addresses of a `/proc/net/udp` text.
+fn udp_addresses(table: &str) -> HashSet<Ipv4Addr> {
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|line| line.split_whitespace().nth(1)?.split(':').next())
+        .filter_map(|hex| u32::from_str_radix(hex, 16).ok())
+        .map(|word| Ipv4Addr::from(word.to_ne_bytes()))
+        .collect()
 }
 
 /// Whether process `tgid`'s network namespace has an interface besides loopback.
@@ -316,6 +354,16 @@ fn namespaces_in_use() -> io::Result<HashSet<u64>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn udp_table_addresses_are_read_in_network_order() {
+        let table = "  sl  local_address rem_address   st\n   \
+            1: 0B00007F:A1B2 00000000:0000 07\n   2: 00000000:0035 00000000:0000 07\n";
+        let addrs = udp_addresses(table);
+        assert!(addrs.contains(&Ipv4Addr::new(127, 0, 0, 11)), "{addrs:?}");
+        assert!(addrs.contains(&Ipv4Addr::UNSPECIFIED));
+        assert_eq!(addrs.len(), 2);
+    }
 
     #[test]
     fn only_loopback_is_no_way_out() {

@@ -56,6 +56,16 @@ pub struct Resolver {
 pub struct Service {
     pub lists: SharedAllowlists,
     pub upstream: Upstream,
+    /// In a job namespace whose own loopback server answers its DNS (Docker's embedded DNS at
+    /// 127.0.0.11): that server, asked from inside the namespace, instead of `upstream`.
+    pub local: Option<Local>,
+}
+
+/// A job namespace's own DNS servers on its loopback, and the namespace.
+#[derive(Clone)]
+pub struct Local {
+    pub ns: Arc<std::fs::File>,
+    pub servers: Vec<SocketAddr>,
 }
 
 /// The resolver's sockets in one network namespace, bound in it (a socket stays in the
@@ -141,6 +151,7 @@ pub async fn start(lists: SharedAllowlists, upstream: Vec<SocketAddr>) -> io::Re
     let service = Service {
         lists,
         upstream: Arc::new(RwLock::new(upstream)),
+        local: None,
     };
     let (_, no_v6) = serve(sockets, &service, netns_cookie)?;
     Ok(Resolver {
@@ -253,7 +264,11 @@ async fn answer(
     query: &[u8],
     tcp: bool,
 ) -> Option<Vec<u8>> {
-    let Service { lists, upstream } = service;
+    let Service {
+        lists,
+        upstream,
+        local,
+    } = service;
     let message = Message::from_vec(query).ok()?;
     if message.message_type() != MessageType::Query {
         return None;
@@ -280,15 +295,26 @@ async fn answer(
     let (Some(policy), Some(question), Some(ports)) = (policy, question, ports) else {
         return refusal(&message, ResponseCode::Refused);
     };
-    let servers = upstream
-        .read()
-        .unwrap_or_else(PoisonError::into_inner)
-        .clone();
+    let servers = match local {
+        Some(local) => local.servers.clone(),
+        None => upstream
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone(),
+    };
     for server in servers {
-        let forwarded = if tcp {
-            timeout(UPSTREAM_TIMEOUT, forward_tcp(server, query)).await
-        } else {
-            timeout(UPSTREAM_TIMEOUT, forward_udp(server, query)).await
+        let forwarded = match local {
+            Some(local) => {
+                let (ns, query) = (local.ns.clone(), query.to_vec());
+                let asked = tokio::task::spawn_blocking(move || {
+                    in_namespace(&ns, || forward_blocking(server, &query, tcp))
+                });
+                timeout(UPSTREAM_TIMEOUT, asked)
+                    .await
+                    .map(|joined| joined.map_err(io::Error::other).and_then(|r| r))
+            }
+            None if tcp => timeout(UPSTREAM_TIMEOUT, forward_tcp(server, query)).await,
+            None => timeout(UPSTREAM_TIMEOUT, forward_udp(server, query)).await,
         };
         let Ok(Ok(response)) = forwarded else {
             continue;
@@ -340,6 +366,53 @@ pub fn addresses(response: &Message, name: &Name) -> Vec<(IpAddr, u32)> {
             _ => None,
         })
         .collect()
+}
+
+/// Runs `f` in a thread of its own that enters network namespace `ns` first (no thread of the
+/// runtime ever changes namespace): the sockets it makes are that namespace's.
+pub fn in_namespace<T: Send>(
+    ns: &std::fs::File,
+    f: impl FnOnce() -> io::Result<T> + Send,
+) -> io::Result<T> {
+    use std::os::fd::AsRawFd as _;
+    let fd = ns.as_raw_fd();
+    std::thread::scope(|scope| {
+        scope
+            .spawn(move || {
+                // SAFETY: setns on this thread only, with a namespace descriptor held open.
+                if unsafe { libc::setns(fd, libc::CLONE_NEWNET) } != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                f()
+            })
+            .join()
+            .map_err(|_| io::Error::other("the thread in the namespace panicked"))?
+    })
+}
+
+/// `forward_udp` or `forward_tcp`, blocking (in a namespace's thread).
+fn forward_blocking(server: SocketAddr, query: &[u8], tcp: bool) -> io::Result<Vec<u8>> {
+    use std::io::{Read as _, Write as _};
+    if tcp {
+        let mut stream = std::net::TcpStream::connect_timeout(&server, UPSTREAM_TIMEOUT)?;
+        stream.set_read_timeout(Some(UPSTREAM_TIMEOUT))?;
+        let mut out = (query.len() as u16).to_be_bytes().to_vec();
+        out.extend_from_slice(query);
+        stream.write_all(&out)?;
+        let mut len = [0u8; 2];
+        stream.read_exact(&mut len)?;
+        let mut buf = vec![0u8; usize::from(u16::from_be_bytes(len))];
+        stream.read_exact(&mut buf)?;
+        return Ok(buf);
+    }
+    let socket = std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
+    socket.set_read_timeout(Some(UPSTREAM_TIMEOUT))?;
+    socket.connect(server)?;
+    socket.send(query)?;
+    let mut buf = vec![0u8; 65535];
+    let n = socket.recv(&mut buf)?;
+    buf.truncate(n);
+    Ok(buf)
 }
 
 async fn forward_udp(server: SocketAddr, query: &[u8]) -> io::Result<Vec<u8>> {
