@@ -177,19 +177,46 @@ fn expect_answer(
     );
 }
 
+/// A process outside jobs (started through `launcher`, if any: `ip netns exec NS`) asking the
+/// server is not redirected: the server answers any name.
+fn outside_jobs_is_not_redirected(launcher: &[&str]) {
+    let (step, server, port) = (
+        job_step().display().to_string(),
+        format!("{SERVER}:53"),
+        PORT.to_string(),
+    );
+    let mut argv = launcher.to_vec();
+    argv.extend([step.as_str(), "dns", "udp", &server, "denied.test", &port]);
+    let out = output_of(Command::new(argv[0]).args(&argv[1..]));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        format!("NoError {DENIED} ok"),
+        "outside jobs nothing is redirected ({launcher:?})"
+    );
+}
+
 fn destination_is(alert: &Value, ip: &str, port: u16) -> bool {
     alert["destination"]["ip"] == ip && alert["destination"]["port"] == port
 }
 
-#[test]
-fn block_mode_admits_what_a_job_resolved_for_an_allowed_name_and_nothing_else() {
-    let _one = ONE_AT_A_TIME
+/// This test's turn, the agent (its directory) on `policy()`, a job environment, and the
+/// server namespace with the DNS server (IPv4 and IPv6) and the listeners.
+fn started(
+    name: &str,
+) -> (
+    std::sync::MutexGuard<'static, ()>,
+    std::path::PathBuf,
+    Agent,
+    TestEnv,
+    ServerNamespace,
+) {
+    let turn = ONE_AT_A_TIME
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
-    let dir = agent_dir("egress-dns");
+    let dir = agent_dir(name);
     std::fs::write(dir.join("policy.toml"), policy()).unwrap();
     let agent = Agent::launch(&dir, free_port(), &[]);
-    let env = TestEnv::new("egress-dns");
+    let env = TestEnv::new(name);
     let mut ns = ServerNamespace::new();
     ns.serve(&["dns-serve".to_owned(), format!("{SERVER}:53")]);
     ns.serve(&["dns-serve".to_owned(), format!("[{SERVER6}]:53")]);
@@ -198,6 +225,12 @@ fn block_mode_admits_what_a_job_resolved_for_an_allowed_name_and_nothing_else() 
         .map(|ip| format!("{ip}:{PORT}"))
         .collect();
     ns.serve(&[vec!["serve".to_owned()], listeners].concat());
+    (turn, dir, agent, env, ns)
+}
+
+#[test]
+fn block_mode_admits_what_a_job_resolved_for_an_allowed_name_and_nothing_else() {
+    let (_one, dir, agent, env, ns) = started("egress-dns");
     assert!(
         agent_log(&dir).contains("DNS resolver on 127.0.0.1"),
         "the resolver started: {}",
@@ -372,18 +405,7 @@ fn block_mode_admits_what_a_job_resolved_for_an_allowed_name_and_nothing_else() 
         Some(format!("NoError {DENIED} ok").as_str()),
         "audit mode: {answers:#?}"
     );
-    let out = output_of(Command::new(job_step()).args([
-        "dns",
-        "udp",
-        &format!("{SERVER}:53"),
-        "denied.test",
-        &PORT.to_string(),
-    ]));
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout).trim(),
-        format!("NoError {DENIED} ok"),
-        "outside jobs nothing is redirected"
-    );
+    outside_jobs_is_not_redirected(&[]);
 
     drop(ns);
     let status = agent.stop();
@@ -397,20 +419,7 @@ fn block_mode_admits_what_a_job_resolved_for_an_allowed_name_and_nothing_else() 
 /// gets the resolver.
 #[test]
 fn block_mode_serves_dns_in_a_jobs_own_network_namespace() {
-    let _one = ONE_AT_A_TIME
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
-    let dir = agent_dir("egress-dns-ns");
-    std::fs::write(dir.join("policy.toml"), policy()).unwrap();
-    let agent = Agent::launch(&dir, free_port(), &[]);
-    let env = TestEnv::new("egress-dns-ns");
-    let mut ns = ServerNamespace::new();
-    ns.serve(&["dns-serve".to_owned(), format!("{SERVER}:53")]);
-    let listeners: Vec<String> = [ALLOWED, DENIED, CNAME_TARGET, GLIBC]
-        .iter()
-        .map(|ip| format!("{ip}:{PORT}"))
-        .collect();
-    ns.serve(&[vec!["serve".to_owned()], listeners].concat());
+    let (_one, dir, agent, env, ns) = started("egress-dns-ns");
     let job_ns = JobNamespace::new(&ns, 0, None);
     let j = &job_ns.name;
     // The namespace's own loopback DNS server, as Docker's embedded DNS is: one the job does not
@@ -510,23 +519,8 @@ fn block_mode_serves_dns_in_a_jobs_own_network_namespace() {
     });
     assert_eq!(alert["blocked"], true, "{alert}");
 
-    // A process outside jobs in that namespace is not redirected: the server answers any name.
-    let out = output_of(Command::new("ip").args([
-        "netns",
-        "exec",
-        j,
-        &job_step().display().to_string(),
-        "dns",
-        "udp",
-        &format!("{SERVER}:53"),
-        "denied.test",
-        &PORT.to_string(),
-    ]));
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout).trim(),
-        format!("NoError {DENIED} ok"),
-        "outside jobs nothing is redirected"
-    );
+    // A process outside jobs in that namespace is not redirected either.
+    outside_jobs_is_not_redirected(&["ip", "netns", "exec", j]);
 
     for server in [&mut embedded, &mut embedded_d] {
         let _ = server.kill();

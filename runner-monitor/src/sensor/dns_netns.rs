@@ -115,7 +115,11 @@ impl NetnsResolvers {
                     ready = ring.readable_mut() => {
                         let Ok(mut guard) = ready else { return };
                         let named = take_wanted(guard.get_inner_mut());
-                        guard.clear_ready();
+                        // Ready again at once until a read finds the ring empty: nothing
+                        // written between the read and the clearing waits for the next record.
+                        if named.is_empty() {
+                            guard.clear_ready();
+                        }
                         for (tgid, why) in named {
                             self.check(tgid, why).await;
                         }
