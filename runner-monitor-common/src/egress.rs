@@ -80,12 +80,20 @@ pub const DNS_NETNS_V6: u32 = 1 << 16;
 /// loopback, or its sockets could not be bound): its DNS is left to the verdict, not parked.
 pub const DNS_NETNS_PASS: u32 = 1 << 17;
 /// `DNS_NETNS` value bit: the agent's own namespace. Elsewhere a loopback DNS server is the
-/// namespace's own (Docker's embedded DNS at 127.0.0.11) and is not redirected.
+/// namespace's own (Docker's embedded DNS at 127.0.0.11): redirected only with
+/// `DNS_NETNS_LOCAL`.
 pub const DNS_NETNS_OWN: u32 = 1 << 18;
 /// `DNS_NETNS` value bit: the namespace's own loopback server answers its DNS (Docker's
 /// embedded DNS), asked by the resolver from inside the namespace: queries to it are
 /// redirected too.
 pub const DNS_NETNS_LOCAL: u32 = 1 << 19;
+
+/// The `DNS_NETNS` value of a namespace the resolver listens in: `own` (the agent's), `local`
+/// (asks the namespace's own loopback server), `v6` (listens on `[::1]` too).
+pub fn dns_netns_flags(own: bool, local: bool, v6: bool) -> u32 {
+    let bit = |on: bool, bit: u32| if on { bit } else { 0 };
+    bit(own, DNS_NETNS_OWN) | bit(local, DNS_NETNS_LOCAL) | bit(v6, DNS_NETNS_V6)
+}
 /// Size of the `DNS_NETNS_WANTED` ring buffer: processes whose network namespace the agent
 /// should check for a resolver (8 bytes each, and the ring's 8-byte header).
 pub const DNS_NETNS_WANTED_BYTES: u32 = 64 * 1024;

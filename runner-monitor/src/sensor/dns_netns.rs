@@ -30,7 +30,7 @@ use std::{
 
 use aya::maps::{HashMap, MapData, RingBuf};
 use runner_monitor_common::{
-    DNS_NETNS_LOCAL, DNS_NETNS_PASS, DNS_NETNS_V6, DNS_NETNS_WANTED_EXEC, DNS_NETNS_WANTED_QUERY,
+    DNS_NETNS_PASS, DNS_NETNS_WANTED_EXEC, DNS_NETNS_WANTED_QUERY, dns_netns_flags,
 };
 use tokio::{io::unix::AsyncFd, task::JoinHandle};
 
@@ -231,14 +231,14 @@ impl NetnsResolvers {
         local: Option<Local>,
     ) -> io::Result<(Served, bool)> {
         let servers = local.as_ref().map(|l| l.servers.clone());
-        let flags = if local.is_some() { DNS_NETNS_LOCAL } else { 0 };
+        let is_local = local.is_some();
         let service = Service {
             local,
             ..self.service.clone()
         };
         let (tasks, no_v6) = resolver::serve(sockets, &service, cookie)?;
         let v6 = no_v6.is_none();
-        let flags = flags | if v6 { DNS_NETNS_V6 } else { 0 };
+        let flags = dns_netns_flags(false, is_local, v6);
         if let Err(error) = self.kernel.insert(cookie, flags, 0) {
             tasks.iter().for_each(JoinHandle::abort);
             return Err(io::Error::other(error));

@@ -477,12 +477,7 @@ impl Sensor {
         let mut served = self
             .dns_netns_served()
             .ok_or(SensorError::MissingMap(map_name::DNS_NETNS))?;
-        let flags = runner_monitor_common::DNS_NETNS_OWN
-            | if v6 {
-                runner_monitor_common::DNS_NETNS_V6
-            } else {
-                0
-            };
+        let flags = runner_monitor_common::dns_netns_flags(true, false, v6);
         served
             .insert(netns_cookie, flags, 0)
             .map_err(|source| SensorError::Map {

@@ -303,18 +303,11 @@ async fn answer(
             .clone(),
     };
     for server in servers {
-        let forwarded = match local {
-            Some(local) => {
-                let (ns, query) = (local.ns.clone(), query.to_vec());
-                let asked = tokio::task::spawn_blocking(move || {
-                    in_namespace(&ns, || forward_blocking(server, &query, tcp))
-                });
-                timeout(UPSTREAM_TIMEOUT, asked)
-                    .await
-                    .map(|joined| joined.map_err(io::Error::other).and_then(|r| r))
-            }
-            None if tcp => timeout(UPSTREAM_TIMEOUT, forward_tcp(server, query)).await,
-            None => timeout(UPSTREAM_TIMEOUT, forward_udp(server, query)).await,
+        let ns = local.as_ref().map(|l| &l.ns);
+        let forwarded = if tcp {
+            timeout(UPSTREAM_TIMEOUT, forward_tcp(ns, server, query)).await
+        } else {
+            timeout(UPSTREAM_TIMEOUT, forward_udp(ns, server, query)).await
         };
         let Ok(Ok(response)) = forwarded else {
             continue;
@@ -390,38 +383,38 @@ pub fn in_namespace<T: Send>(
     })
 }
 
-/// `forward_udp` or `forward_tcp`, blocking (in a namespace's thread).
-fn forward_blocking(server: SocketAddr, query: &[u8], tcp: bool) -> io::Result<Vec<u8>> {
-    use std::io::{Read as _, Write as _};
-    if tcp {
-        let mut stream = std::net::TcpStream::connect_timeout(&server, UPSTREAM_TIMEOUT)?;
-        stream.set_read_timeout(Some(UPSTREAM_TIMEOUT))?;
-        let mut out = (query.len() as u16).to_be_bytes().to_vec();
-        out.extend_from_slice(query);
-        stream.write_all(&out)?;
-        let mut len = [0u8; 2];
-        stream.read_exact(&mut len)?;
-        let mut buf = vec![0u8; usize::from(u16::from_be_bytes(len))];
-        stream.read_exact(&mut buf)?;
-        return Ok(buf);
-    }
-    let socket = std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
-    socket.set_read_timeout(Some(UPSTREAM_TIMEOUT))?;
-    socket.connect(server)?;
-    socket.send(query)?;
-    let mut buf = vec![0u8; 65535];
-    let n = socket.recv(&mut buf)?;
-    buf.truncate(n);
-    Ok(buf)
+/// What `make` makes (a socket), made in namespace `ns` when given (`in_namespace`, from the
+/// blocking pool), else here in the agent's own.
+async fn made_in<T: Send + 'static>(
+    ns: Option<&Arc<std::fs::File>>,
+    make: impl FnOnce() -> io::Result<T> + Send + 'static,
+) -> io::Result<T> {
+    let Some(ns) = ns.cloned() else {
+        return make();
+    };
+    tokio::task::spawn_blocking(move || in_namespace(&ns, make))
+        .await
+        .map_err(io::Error::other)?
 }
 
-async fn forward_udp(server: SocketAddr, query: &[u8]) -> io::Result<Vec<u8>> {
+/// Asks `server` over UDP from a socket of namespace `ns` (the agent's own when `None`).
+async fn forward_udp(
+    ns: Option<&Arc<std::fs::File>>,
+    server: SocketAddr,
+    query: &[u8],
+) -> io::Result<Vec<u8>> {
     let bind: SocketAddr = if server.is_ipv4() {
         (Ipv4Addr::UNSPECIFIED, 0).into()
     } else {
         (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
     };
-    let socket = UdpSocket::bind(bind).await?;
+    let socket = made_in(ns, move || {
+        let socket = std::net::UdpSocket::bind(bind)?;
+        socket.set_nonblocking(true)?;
+        Ok(socket)
+    })
+    .await?;
+    let socket = UdpSocket::from_std(socket)?;
     socket.connect(server).await?;
     socket.send(query).await?;
     let mut buf = vec![0u8; 65535];
@@ -430,8 +423,21 @@ async fn forward_udp(server: SocketAddr, query: &[u8]) -> io::Result<Vec<u8>> {
     Ok(buf)
 }
 
-async fn forward_tcp(server: SocketAddr, query: &[u8]) -> io::Result<Vec<u8>> {
-    let mut stream = TcpStream::connect(server).await?;
+/// Asks `server` over TCP from a socket of namespace `ns` (the agent's own when `None`).
+async fn forward_tcp(
+    ns: Option<&Arc<std::fs::File>>,
+    server: SocketAddr,
+    query: &[u8],
+) -> io::Result<Vec<u8>> {
+    let socket = made_in(ns, move || {
+        if server.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()
+        } else {
+            tokio::net::TcpSocket::new_v6()
+        }
+    })
+    .await?;
+    let mut stream = socket.connect(server).await?;
     let mut out = (query.len() as u16).to_be_bytes().to_vec();
     out.extend_from_slice(query);
     stream.write_all(&out).await?;
