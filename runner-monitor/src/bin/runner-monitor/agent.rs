@@ -18,7 +18,10 @@ use std::{
 use runner_monitor::{
     clock::monotonic_ns,
     event::{Event, EventDetail, JobKey, JobOverBudget, SensorStatus},
-    job::{agent_event, control},
+    job::{
+        agent_event,
+        control::{self, Reply, Request},
+    },
     output::{metrics::Metrics, ocsf::AlertFormat},
     pipeline::Pipeline,
     policy::{Policy, SensorPolicy},
@@ -257,10 +260,10 @@ impl Agent {
                         self.pipeline.flush()?;
                     }
                 }
-                Some(command) = inputs.commands.recv() => self.command(command)?,
+                Some(command) = inputs.commands.recv() => self.command(command).await?,
                 _ = inputs.sighup.recv() => self.reload(),
                 // A tick while a snapshot is still being written waits for the next.
-                _ = inputs.snapshot_tick.tick(), if self.dirty && self.snapshot_write.as_ref().is_none_or(|w| w.is_finished()) => self.snapshot(),
+                _ = inputs.snapshot_tick.tick(), if self.dirty && self.snapshot_write.as_ref().is_none_or(|w| w.is_finished()) => self.snapshot(None),
                 _ = inputs.second.tick() => self.second()?,
                 _ = inputs.status_tick.tick() => self.status()?,
                 _ = tokio::signal::ctrl_c() => break,
@@ -297,12 +300,17 @@ impl Agent {
     }
 
     /// A control-socket request, carried out and answered.
-    fn command(&mut self, command: control::Command) -> std::io::Result<()> {
+    async fn command(&mut self, command: control::Command) -> std::io::Result<()> {
         let control::Command {
             peer,
             request,
             reply,
         } = command;
+        // A job's name, end and containers come only from here.
+        let names_jobs = matches!(
+            request,
+            Request::JobStart { .. } | Request::JobEnd { .. } | Request::ContainerJob { .. }
+        );
         let response = control_request(&mut self.sensor, &mut self.pipeline, peer, request)?;
         // What it raised and recorded is written now, not with the next batch of events.
         self.pipeline.flush()?;
@@ -310,13 +318,17 @@ impl Agent {
         // already is renamed without a new start: always look).
         self.egress_seen = None;
         self.sync_egress();
-        let _ = reply.send(response);
-        self.dirty = true;
-        // A job's name and end come only from here: saved at once, so that an agent that
-        // crashes next still knows whose events its probes kept recording.
-        if self.snapshot_write.as_ref().is_none_or(|w| w.is_finished()) {
-            self.snapshot();
+        if !names_jobs {
+            let _ = reply.send(response);
+            return Ok(());
         }
+        // Saved before the answer, so that an agent that crashes right after the hook returns
+        // still knows whose events its probes kept recording. A snapshot being written is
+        // waited for (it may not hold this change).
+        if let Some(write) = self.snapshot_write.take() {
+            let _ = write.await;
+        }
+        self.snapshot(Some((reply, response)));
         Ok(())
     }
 
@@ -362,8 +374,8 @@ impl Agent {
     }
 
     /// The state snapshot: encoded here, written and synced on a blocking thread (the fsync must
-    /// not hold up events), one write at a time.
-    fn snapshot(&mut self) {
+    /// not hold up events), one write at a time; `answer`, if any, is sent once it is written.
+    fn snapshot(&mut self, answer: Option<(oneshot::Sender<Reply>, Reply)>) {
         match StateDir::encode(self.pipeline.engine(), self.pipeline.jobs(), monotonic_ns()) {
             Ok(bytes) => {
                 let writer = self.state.writer();
@@ -371,9 +383,17 @@ impl Agent {
                     if let Err(error) = writer.write(&bytes) {
                         tracing::warn!(%error, "writing the state snapshot");
                     }
+                    if let Some((reply, response)) = answer {
+                        let _ = reply.send(response);
+                    }
                 }));
             }
-            Err(error) => tracing::warn!(%error, "encoding the state snapshot"),
+            Err(error) => {
+                tracing::warn!(%error, "encoding the state snapshot");
+                if let Some((reply, response)) = answer {
+                    let _ = reply.send(response);
+                }
+            }
         }
         self.dirty = false;
     }
