@@ -121,29 +121,18 @@ impl ContainerNamer {
                 {
                     builds.next_request(pid, fd);
                 }
+                let (socket, at) = (jobs.docker_socket(job), event.time_ns);
                 for found in read.found {
-                    if found.action == Action::Build {
-                        if let Some(builds) = &self.builds {
-                            builds.open(job, pid, fd, event.time_ns);
-                        }
-                        continue;
-                    }
-                    let Some(starts) = &self.name_starts else {
-                        continue;
-                    };
-                    let socket = jobs.docker_socket(job);
-                    match found.action {
-                        Action::Start => {
-                            starts.ask_found(socket, &found.reference, job, event.time_ns)
+                    match (found.action, &self.builds, &self.name_starts) {
+                        (Action::Build, Some(builds), _) => builds.open(job, pid, fd, at),
+                        (Action::Start, _, Some(starts)) => {
+                            starts.ask_found(socket, &found.reference, job, at)
                         }
                         // No socket: a full id needs none (`name_starts::exec`).
-                        Action::Exec => starts.ask_exec(
-                            socket.unwrap_or_default(),
-                            &found.reference,
-                            job,
-                            event.time_ns,
-                        ),
-                        Action::Build => {}
+                        (Action::Exec, _, Some(starts)) => {
+                            starts.ask_exec(socket.unwrap_or_default(), &found.reference, job, at)
+                        }
+                        _ => {}
                     }
                 }
                 if read.unread {
