@@ -431,7 +431,7 @@ pub fn sched_process_exec(ctx: TracePointContext) -> u32 {
         && crate::redirect::resolver_port().is_some()
         && crate::egress::blocks(&process)
     {
-        crate::redirect::want_netns(tgid, runner_monitor_common::DNS_NETNS_WANTED_EXEC);
+        crate::redirect::want_netns_at_exec(tgid);
     }
     0
 }

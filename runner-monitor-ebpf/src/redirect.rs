@@ -30,19 +30,23 @@
 
 use aya_ebpf::{
     EbpfContext,
-    helpers::generated::{bpf_bind, bpf_get_netns_cookie, bpf_get_socket_cookie},
+    helpers::{
+        bpf_get_current_task,
+        generated::{bpf_bind, bpf_get_netns_cookie, bpf_get_socket_cookie},
+    },
     macros::{cgroup_sock_addr, map},
     maps::{HashMap, LruHashMap, RingBuf},
     programs::SockAddrContext,
 };
 use runner_monitor_common::{
     AF_INET, AF_INET6, CONNECT_DNS_REDIRECTED, DNS_NETNS_LOCAL, DNS_NETNS_OWN, DNS_NETNS_PASS,
-    DNS_NETNS_V6, DNS_NETNS_WANTED_BYTES, DNS_NETNS_WANTED_QUERY, MAX_DNS_NETNS, MAX_DNS_PORTS,
-    dns_port_key, dns_source, dns_source_policy, setting,
+    DNS_NETNS_V6, DNS_NETNS_WANTED_BYTES, DNS_NETNS_WANTED_EXEC, DNS_NETNS_WANTED_QUERY,
+    MAX_DNS_NETNS, MAX_DNS_PORTS, dns_port_key, dns_source, dns_source_policy, setting,
 };
 
 use crate::{
     egress::{set_user_ip6, user_ip6},
+    layout::{layout, read},
     maps::{current_process, pending_connect},
     names,
 };
@@ -101,6 +105,53 @@ pub static DNS_NETNS: HashMap<u64, u32> = HashMap::with_max_entries(MAX_DNS_NETN
 /// (the events ring wakes it only past a backlog): the agent races the program's first query.
 #[map]
 pub static DNS_NETNS_WANTED: RingBuf = RingBuf::with_byte_size(DNS_NETNS_WANTED_BYTES, 0);
+
+/// `struct task_struct.nsproxy`, `struct nsproxy.net_ns`, `struct net.net_cookie`: offsets of the
+/// running kernel the agent sets at load from its BTF (`NetnsLayout` in
+/// `runner-monitor/src/sensor/dns_netns.rs`), frozen `.rodata` as in `task_layout.rs`. All 0: not
+/// known, and every exec of a job process in block mode names it to the agent.
+#[unsafe(no_mangle)]
+static TASK_NSPROXY: u32 = 0;
+#[unsafe(no_mangle)]
+static NSPROXY_NET_NS: u32 = 0;
+#[unsafe(no_mangle)]
+static NET_COOKIE: u32 = 0;
+#[unsafe(no_mangle)]
+static NETNS_LAYOUT_KNOWN: u32 = 0;
+
+/// The cookie of the current task's network namespace (what `SO_NETNS_COOKIE` and
+/// `bpf_get_netns_cookie` give), if the layout is known and the task has one.
+#[inline(always)]
+fn current_netns_cookie() -> Option<u64> {
+    if layout(&NETNS_LAYOUT_KNOWN) == 0 {
+        return None;
+    }
+    // SAFETY: helper without arguments.
+    let task = unsafe { bpf_get_current_task() };
+    let nsproxy: u64 = read(task + layout(&TASK_NSPROXY))?;
+    if nsproxy == 0 {
+        return None;
+    }
+    let net: u64 = read(nsproxy + layout(&NSPROXY_NET_NS))?;
+    if net == 0 {
+        return None;
+    }
+    read(net + layout(&NET_COOKIE))
+}
+
+/// At the exec of job process `tgid` in block mode: names it to the agent unless its namespace
+/// is served already (an entry without `DNS_NETNS_PASS`; a passed one is looked at again).
+#[inline(always)]
+pub fn want_netns_at_exec(tgid: u32) {
+    if let Some(cookie) = current_netns_cookie()
+        // SAFETY: a lookup; the value is copied.
+        && let Some(flags) = unsafe { DNS_NETNS.get(cookie) }
+        && *flags & DNS_NETNS_PASS == 0
+    {
+        return;
+    }
+    want_netns(tgid, DNS_NETNS_WANTED_EXEC);
+}
 
 /// Names process `tgid` to the agent for a resolver in its network namespace.
 #[inline(always)]

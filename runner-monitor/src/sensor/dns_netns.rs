@@ -6,8 +6,10 @@
 //! (`DNS_NETNS`: cookie -> flags).
 //!
 //! The kernel names job processes in block mode whose namespace it may not serve yet in
-//! `DNS_NETNS_WANTED`: at every exec (before the program's first instruction, so the resolver is
-//! normally there before the program asks) and at a DNS query in a namespace the agent has not
+//! `DNS_NETNS_WANTED`: at an exec in a namespace without an entry, or with a `DNS_NETNS_PASS` one
+//! (before the program's first instruction, so the resolver is normally there before the program
+//! asks; the kernel reads the namespace's cookie at offsets from the BTF, `NetnsLayout`; without
+//! them, at every exec) and at a DNS query in a namespace the agent has not
 //! looked at (that query is parked: dropped until the namespace has an entry, so the client's
 //! retry gets the resolver; `runner-monitor-ebpf/src/redirect.rs`). The ring wakes the agent at
 //! once; it opens `/proc/<pid>/ns/net` and, in a thread of its own, enters the namespace and
@@ -34,13 +36,49 @@ use runner_monitor_common::{
 };
 use tokio::{io::unix::AsyncFd, task::JoinHandle};
 
-use super::resolver::{self, Local, Service, Sockets};
+use super::{
+    btf::KernelBtf,
+    resolver::{self, Local, Service, Sockets},
+};
 
 /// How often namespaces no process is in are let go, and how long a new one is kept at least.
 const SWEEP: Duration = Duration::from_secs(10);
 /// How long a namespace the resolver does not listen in (no way out, or the sockets failed) is
 /// not looked at again.
 const RETRY: Duration = Duration::from_secs(2);
+
+/// Where the kernel keeps a task's network namespace cookie: byte offsets of the running kernel,
+/// from its BTF, so that an exec in a namespace served already names nothing to the agent
+/// (`want_netns_at_exec` in `runner-monitor-ebpf/src/redirect.rs`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NetnsLayout {
+    pub task_nsproxy: u32,
+    pub nsproxy_net_ns: u32,
+    pub net_cookie: u32,
+}
+
+impl NetnsLayout {
+    pub fn from_btf(btf: &KernelBtf) -> Result<Self, String> {
+        Ok(Self {
+            task_nsproxy: btf.offset("task_struct", "nsproxy")?,
+            nsproxy_net_ns: btf.offset("nsproxy", "net_ns")?,
+            net_cookie: btf.offset("net", "net_cookie")?,
+        })
+    }
+
+    /// Sets the exec hook's layout globals.
+    pub(super) fn set_globals<'a>(&'a self, loader: &mut aya::EbpfLoader<'a>) {
+        super::btf::set_layout(
+            loader,
+            &[
+                ("TASK_NSPROXY", &self.task_nsproxy),
+                ("NSPROXY_NET_NS", &self.nsproxy_net_ns),
+                ("NET_COOKIE", &self.net_cookie),
+            ],
+            "NETNS_LAYOUT_KNOWN",
+        );
+    }
+}
 
 /// An own handle on the kernel's `DNS_NETNS`, and the `DNS_NETNS_WANTED` ring.
 pub struct DnsNetnsMaps {
@@ -141,6 +179,12 @@ impl NetnsResolvers {
             return;
         };
         let now = Instant::now();
+        tracing::debug!(
+            pid = tgid,
+            why,
+            netns = inode,
+            "the kernel names a job process's network namespace"
+        );
         if inode == self.own {
             return;
         }
@@ -367,6 +411,22 @@ mod tests {
         assert!(addrs.contains(&Ipv4Addr::new(127, 0, 0, 11)), "{addrs:?}");
         assert!(addrs.contains(&Ipv4Addr::UNSPECIFIED));
         assert_eq!(addrs.len(), 2);
+    }
+
+    #[test]
+    fn the_running_kernels_netns_layout_is_found() {
+        let Ok(btf) = KernelBtf::vmlinux() else {
+            eprintln!("no kernel BTF: skipped");
+            return;
+        };
+        let layout = NetnsLayout::from_btf(&btf).unwrap();
+        // `struct nsproxy` starts with its reference count and the uts, ipc, mnt and pid
+        // namespaces' pointers.
+        assert!(layout.nsproxy_net_ns >= 8, "{layout:?}");
+        assert!(
+            layout.task_nsproxy > 0 && layout.net_cookie > 0,
+            "{layout:?}"
+        );
     }
 
     #[test]

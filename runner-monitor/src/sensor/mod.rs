@@ -237,6 +237,13 @@ impl Sensor {
         if let Ok(layout) = &task_layout {
             layout.set_globals(&mut loader);
         }
+        let netns_layout = kernel_btf
+            .as_ref()
+            .map_err(Clone::clone)
+            .and_then(dns_netns::NetnsLayout::from_btf);
+        if let Ok(layout) = &netns_layout {
+            layout.set_globals(&mut loader);
+        }
         let socket_layout = kernel_btf
             .as_ref()
             .map_err(Clone::clone)

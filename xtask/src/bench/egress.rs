@@ -326,10 +326,42 @@ fn kernel_time(
         let http = bpf_stats::per_op(agent.pid(), requests, || {
             timed(dir, &["http", &http_target, &requests.to_string()]).map(drop)
         })?;
+        let exec = execs_in_job(dir, &agent, requests)?;
         agent.stop()?;
-        out.insert((*mode).into(), json!({ "connect": connect, "http": http }));
+        out.insert(
+            (*mode).into(),
+            json!({ "connect": connect, "http": http, "exec": exec }),
+        );
     }
     Ok(Value::Object(out))
+}
+
+/// `n` fork + exec + wait of a static program in a job: in block mode the kernel names a job
+/// process to the agent at its exec unless its network namespace is served already
+/// (`want_netns_at_exec`). The programs' time per exec, wall ns per exec, and the agent's CPU
+/// per exec (all its threads).
+fn execs_in_job(dir: &Path, agent: &Agent, n: u64) -> anyhow::Result<Value> {
+    let program = super::exec::noop(dir)?;
+    let script = format!(
+        "exec {} exec {} {n}",
+        bench_workload().display(),
+        program.display()
+    );
+    let cpu = agent.cpu_ns()?;
+    let mut wall = 0.0;
+    let mut kernel = bpf_stats::per_op(agent.pid(), n, || {
+        let out = job(dir, &script)?;
+        wall = out
+            .split_whitespace()
+            .next()
+            .and_then(|w| w.parse().ok())
+            .with_context(|| format!("bench-workload exec printed {out:?}"))?;
+        Ok(())
+    })?;
+    let agent_cpu = agent.cpu_ns()?.saturating_sub(cpu) as f64 / n as f64;
+    kernel["wall_ns"] = json!(wall);
+    kernel["agent_cpu_ns"] = json!(agent_cpu);
+    Ok(kernel)
 }
 
 /// The `kernel_time` tables.
@@ -340,6 +372,13 @@ pub(super) fn print_bpf(v: &Value) {
         bpf_stats::print(
             &format!("{mode}, per HTTP request (a connection each)"),
             &v[mode]["http"],
+        );
+        let exec = &v[mode]["exec"];
+        bpf_stats::print(&format!("{mode}, per exec in a job"), exec);
+        println!(
+            "    {mode}, per exec in a job: {:.0} ns wall, the agent's CPU {:.0} ns",
+            exec["wall_ns"].as_f64().unwrap_or(0.0),
+            exec["agent_cpu_ns"].as_f64().unwrap_or(0.0)
         );
     }
 }

@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 use super::{Agent, Sizes, bench_workload, median, spread};
 
 /// A static program that returns at once, compiled here (`cc` is the toolchain's linker).
-fn noop(dir: &Path) -> anyhow::Result<std::path::PathBuf> {
+pub(super) fn noop(dir: &Path) -> anyhow::Result<std::path::PathBuf> {
     let source = dir.join("noop.c");
     let program = dir.join("noop");
     std::fs::write(&source, "int main(void) { return 0; }\n")?;

@@ -103,11 +103,19 @@ pub(crate) fn workload(dir: &Path, args: &[String]) -> anyhow::Result<f64> {
 
 /// CPU time (user + system) of process `pid` so far, from /proc/PID/schedstat.
 pub(crate) fn cpu_ns(pid: u32) -> anyhow::Result<u64> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/schedstat"))?;
-    text.split_whitespace()
-        .next()
-        .and_then(|s| s.parse().ok())
-        .context("parsing schedstat")
+    // `/proc/PID/schedstat` is the main thread's alone: every thread's, summed.
+    let mut total = 0;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        let Ok(text) = std::fs::read_to_string(task?.path().join("schedstat")) else {
+            continue; // the thread exited
+        };
+        total += text
+            .split_whitespace()
+            .next()
+            .and_then(|s| s.parse::<u64>().ok())
+            .context("parsing schedstat")?;
+    }
+    Ok(total)
 }
 
 /// CPU time of this process's waited-for children so far, in nanoseconds.
