@@ -509,6 +509,10 @@ pub const RING_BUFFER_BYTES: u32 = 16 << 20;
 pub const WAKEUP_BYTES: u64 = 256 << 10;
 /// How often the agent polls the ring buffer when nobody woke it.
 pub const WAKEUP_POLL_MS: u64 = 2;
+/// Polls in a row that find nothing before the reader sleeps (`setting::READER_ASLEEP`).
+pub const READER_IDLE_POLLS: u32 = 25;
+/// How often a sleeping reader looks all the same (a record written while it fell asleep).
+pub const READER_SLEEP_POLL_MS: u64 = 50;
 
 macro_rules! assert_size {
     ($t:ty, $size:expr) => {

@@ -14,8 +14,12 @@ pub use crate::io_uring::slot::*;
 /// The global `[egress] mode`: 1 block, 0 audit. Judges jobs without an `EGRESS_JOBS` entry.
 pub const EGRESS_MODE: u32 = 18;
 /// The port of the agent's DNS resolver on 127.0.0.1, the same in every network namespace it
-/// listens in (`DNS_NETNS`); 0: job DNS is not redirected. (Slots 20, 21 and 26 are free.)
+/// listens in (`DNS_NETNS`); 0: job DNS is not redirected. (Slots 21 and 26 are free.)
 pub const DNS_RESOLVER_PORT: u32 = 19;
+/// Non-zero while the agent's event reader sleeps (nothing came for a while): a record then
+/// wakes it when the reader has read everything before it (the ring buffer's own rule). 0: it
+/// polls every `WAKEUP_POLL_MS` and is woken only past `WAKEUP_BYTES`.
+pub const READER_ASLEEP: u32 = 20;
 /// Byte offset of `task_struct.exit_code` plus one, from the kernel's BTF; 0: unknown (the
 /// exit status of a process killed by a signal is then unknown).
 pub const TASK_EXIT_CODE: u32 = 22;

@@ -24,7 +24,7 @@ use runner_monitor_common::{
     BpfEvent, ChdirEvent, ConnectEvent, ContainerEvent, DnsEvent, EVENT_KIND_SLOTS, EventHeader,
     EventKind, ExecEvent, ExitEvent, FileEvent, ForkEvent, HEADER_JOB_ENDED, HEADER_JOB_ROOT,
     IoUringSetupEvent, JobEnvEvent, PATH_LEN, PROCESS_JOB_ROOT, ProcessAccessEvent, ProcessJob,
-    RING_BUFFER_BYTES, SignalEvent, WAKEUP_BYTES, counter,
+    RING_BUFFER_BYTES, SignalEvent, WAKEUP_BYTES, counter, setting,
 };
 
 use crate::maps::{count, job_ended, now_ns};
@@ -170,15 +170,19 @@ fn kind_slot(kind: u32) -> u32 {
 
 /// Wake-up flags for a record of `size` bytes written onto a backlog of `backlog` bytes.
 ///
-/// The agent is not woken for each record: it polls the ring buffer on a short timer
-/// (`WAKEUP_POLL_MS`), and is woken early only by the record that takes the backlog past
-/// `WAKEUP_BYTES`. A wake-up is an inter-processor interrupt sent from the traced syscall; one
-/// per event cost a reported `openat` more than all the probes together (measured: ~3 µs of a
-/// 6 µs overhead on this VM).
+/// The agent is not woken for each record: while events come it polls the ring buffer on a
+/// short timer (`WAKEUP_POLL_MS`), and is woken early only by the record that takes the backlog
+/// past `WAKEUP_BYTES`. A wake-up is an inter-processor interrupt sent from the traced syscall;
+/// one per event cost a reported `openat` more than all the probes together (measured: ~3 µs of
+/// a 6 µs overhead on this VM). Once nothing came for a while the agent sleeps
+/// (`setting::READER_ASLEEP`, polling costs it CPU for nothing): then the ring buffer's own rule
+/// applies, a record wakes it when it has read everything before.
 #[inline(always)]
 fn wakeup_flags(backlog: u64, size: u64) -> u64 {
     if backlog < WAKEUP_BYTES && backlog + size + RECORD_HEADER_BYTES >= WAKEUP_BYTES {
         BPF_RB_FORCE_WAKEUP as u64
+    } else if crate::names::setting(setting::READER_ASLEEP) != 0 {
+        0
     } else {
         BPF_RB_NO_WAKEUP as u64
     }

@@ -78,6 +78,7 @@ pub fn harness() -> &'static Harness {
             );
         }
         let ring = sensor.take_events().expect("ring buffer");
+        let settings = sensor.settings_handle();
         let events: Arc<(Mutex<Vec<Event>>, Condvar)> = Arc::default();
         let sink = events.clone();
         std::thread::spawn(move || {
@@ -89,7 +90,14 @@ pub fn harness() -> &'static Harness {
                 let (tx, mut rx) = tokio::sync::mpsc::channel(64);
                 let (_stop_tx, stop) = tokio::sync::oneshot::channel();
                 let counters = Arc::new(ReaderCounters::default());
-                tokio::spawn(reader::run(ring, Decoder::new(), tx, counters, stop));
+                tokio::spawn(reader::run(
+                    ring,
+                    Decoder::new(),
+                    tx,
+                    counters,
+                    stop,
+                    settings,
+                ));
                 while let Some(batch) = rx.recv().await {
                     let (lock, cvar) = &*sink;
                     lock.lock().unwrap().extend(batch);

@@ -37,6 +37,7 @@ fn load(pins: &std::path::Path, policy: &SensorPolicy) -> Sensor {
 /// Reads `sensor`'s ring buffer for up to `within`, until `want` matches an event.
 fn read_until(sensor: &mut Sensor, within: Duration, want: impl Fn(&Event) -> bool) -> Vec<Event> {
     let ring = sensor.take_events().expect("ring buffer");
+    let settings = sensor.settings_handle();
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -45,7 +46,14 @@ fn read_until(sensor: &mut Sensor, within: Duration, want: impl Fn(&Event) -> bo
         let (tx, mut rx) = tokio::sync::mpsc::channel(64);
         let (_stop, stop) = tokio::sync::oneshot::channel();
         let counters = Arc::new(ReaderCounters::default());
-        tokio::spawn(reader::run(ring, Decoder::new(), tx, counters, stop));
+        tokio::spawn(reader::run(
+            ring,
+            Decoder::new(),
+            tx,
+            counters,
+            stop,
+            settings,
+        ));
         let deadline = tokio::time::Instant::now() + within;
         let mut events = Vec::new();
         while let Ok(Some(batch)) = tokio::time::timeout_at(deadline, rx.recv()).await {
@@ -375,4 +383,71 @@ fn a_socket_connected_before_its_plan_enforces_names_is_judged_at_its_client_hel
     assert_eq!(lines(1), ["connected", "answered"], "an allowed name");
     sensor.stop();
     let _ = std::fs::remove_dir_all(&pins);
+}
+
+/// The event reader sleeps once nothing comes (`setting::READER_ASLEEP`: records then wake it,
+/// instead of its polling every 2 ms), and the next record wakes it: read, and polling again.
+/// How soon a sleeping reader reads is measured by `cargo xtask bench` (alert latency).
+#[test]
+fn the_event_reader_sleeps_when_nothing_comes_and_the_next_record_wakes_it() {
+    let env = TestEnv::new("reader-pace");
+    let pins = pin_dir_of(&env.dir);
+    let mut sensor = load(&pins, &SensorPolicy::default());
+    let mut job = Job::start(&mut sensor, &env);
+    let flag = sensor.settings_handle().expect("the settings map");
+    let asleep = || {
+        flag.get(&runner_monitor_common::setting::READER_ASLEEP, 0)
+            .unwrap()
+            != 0
+    };
+    let ring = sensor.take_events().expect("ring buffer");
+    let settings = sensor.settings_handle();
+    let (tx, events) = std::sync::mpsc::channel::<Event>();
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async move {
+            let (batches_tx, mut batches) = tokio::sync::mpsc::channel(64);
+            let (_stop, stop) = tokio::sync::oneshot::channel();
+            let counters = Arc::new(ReaderCounters::default());
+            tokio::spawn(reader::run(
+                ring,
+                Decoder::new(),
+                batches_tx,
+                counters,
+                stop,
+                settings,
+            ));
+            while let Some(batch) = batches.recv().await {
+                for event in batch {
+                    let _ = tx.send(event);
+                }
+            }
+        });
+    });
+    let (within, every) = (Duration::from_secs(10), Duration::from_millis(5));
+    assert!(poll_until(within, every, &asleep), "the reader never slept");
+    let marker = env.dir.join("pace-marker");
+    job.run(&format!("touch {}", marker.display()));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let woken = loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let event = events.recv_timeout(left).expect("no event of the job");
+        if event.job.as_ref().is_some_and(|j| j.key == job.key)
+            && matches!(&event.detail, EventDetail::Exec { filename, .. } if filename.ends_with("touch"))
+        {
+            break event;
+        }
+    };
+    assert!(
+        !asleep(),
+        "the reader read {woken:?} and still says it sleeps"
+    );
+    // Asleep again once nothing more comes.
+    assert!(
+        poll_until(within, every, &asleep),
+        "the reader never slept again"
+    );
 }

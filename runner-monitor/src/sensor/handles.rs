@@ -59,6 +59,14 @@ impl Sensor {
         HashMap::try_from(own(self, map_name::CONTAINER_CGROUPS)?).ok()
     }
 
+    /// An own handle on the settings map, for the event reader (`reader.rs`).
+    pub fn settings_handle(&self) -> Option<Array<MapData, u32>> {
+        use std::os::fd::AsFd as _;
+        let map = aya::maps::IterableMap::map(&self.settings);
+        let fd = map.fd().as_fd().try_clone_to_owned().ok()?;
+        Array::try_from(Map::Array(MapData::from_fd(fd).ok()?)).ok()
+    }
+
     /// The kernel's open builds (`runner-monitor-ebpf/src/builds.rs`), for the agent that keeps
     /// them true to their connections.
     pub fn build_slots(&self) -> Option<BuildSlotsMap> {

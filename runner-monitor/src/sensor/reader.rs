@@ -11,10 +11,12 @@ use std::sync::{
     atomic::{AtomicU64, Ordering},
 };
 
-use aya::maps::{MapData, RingBuf};
+use aya::maps::{Array, MapData, RingBuf};
 use tokio::{io::unix::AsyncFd, sync::mpsc};
 
-use runner_monitor_common::WAKEUP_POLL_MS;
+use runner_monitor_common::{
+    READER_IDLE_POLLS, READER_SLEEP_POLL_MS, WAKEUP_POLL_MS, setting::READER_ASLEEP,
+};
 
 use super::decode::Decoder;
 use crate::event::Event;
@@ -52,14 +54,63 @@ pub fn spawn_kernel_log<T: log::Log + Send + 'static>(logger: aya_log::EbpfLogge
     });
 }
 
+/// Polling, or asleep: `READER_ASLEEP` in the settings map (`settings`, an own handle; `None`:
+/// it always polls).
+struct Pace {
+    settings: Option<Array<MapData, u32>>,
+    asleep: bool,
+    empty_polls: u32,
+}
+
+impl Pace {
+    /// The interval of the current pace.
+    fn interval(&self) -> tokio::time::Interval {
+        let ms = if self.asleep {
+            READER_SLEEP_POLL_MS
+        } else {
+            WAKEUP_POLL_MS
+        };
+        let mut poll = tokio::time::interval(std::time::Duration::from_millis(ms));
+        poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        poll
+    }
+
+    fn set(&mut self, asleep: bool) -> bool {
+        let Some(settings) = &mut self.settings else {
+            return false;
+        };
+        if let Err(error) = settings.set(READER_ASLEEP, u32::from(asleep), 0) {
+            tracing::warn!(%error, "the event reader's pace not written: it keeps polling");
+            self.settings = None;
+            return false;
+        }
+        self.asleep = asleep;
+        true
+    }
+
+    /// After a look at the ring buffer that read `records`: whether the pace changed (a new
+    /// interval, and when falling asleep, one more look: a record written while the flag
+    /// changed woke nobody).
+    fn after(&mut self, records: usize) -> bool {
+        if records > 0 {
+            self.empty_polls = 0;
+            return self.asleep && self.set(false);
+        }
+        self.empty_polls = self.empty_polls.saturating_add(1);
+        !self.asleep && self.empty_polls >= READER_IDLE_POLLS && self.set(true)
+    }
+}
+
 /// Reads `ring` until `stop` fires or the receiver is dropped. On stop, everything still in the
-/// ring buffer is read and handed on first: a clean shutdown loses nothing.
+/// ring buffer is read and handed on first: a clean shutdown loses nothing. `settings`: an own
+/// handle on the settings map, where the reader says when it sleeps (`Pace`).
 pub async fn run(
     ring: RingBuf<MapData>,
     mut decoder: Decoder,
     events: mpsc::Sender<Vec<Event>>,
     counters: Arc<ReaderCounters>,
     mut stop: tokio::sync::oneshot::Receiver<()>,
+    settings: Option<Array<MapData, u32>>,
 ) -> std::io::Result<()> {
     // SAFETY: the RingBuf owns its map fd for as long as the AsyncFd owns the RingBuf.
     let mut fd = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
@@ -67,9 +118,15 @@ pub async fn run(
     let mut batch = Vec::with_capacity(BATCH);
     let mut stopping = false;
     // Producers wake the reader only when the backlog passes `WAKEUP_BYTES`; below it the reader
-    // polls, which saves the traced syscall an inter-processor interrupt per event.
-    let mut poll = tokio::time::interval(std::time::Duration::from_millis(WAKEUP_POLL_MS));
-    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // polls, which saves the traced syscall an inter-processor interrupt per event. After
+    // `READER_IDLE_POLLS` empty polls it sleeps, and the next record wakes it.
+    let mut pace = Pace {
+        settings,
+        asleep: false,
+        empty_polls: 0,
+    };
+    pace.set(false);
+    let mut poll = pace.interval();
     // Set when the last drain stopped at a full batch: there is more to read now, and waiting
     // for a wake-up would be wrong (once the backlog is past the mark no producer crosses it
     // again, so none comes; each poll would read one batch).
@@ -104,6 +161,10 @@ pub async fn run(
             }
         };
         more = !drained;
+        if pace.after(batch.len()) {
+            poll = pace.interval();
+            more |= pace.asleep;
+        }
         if !batch.is_empty() {
             let full = std::mem::replace(&mut batch, Vec::with_capacity(BATCH));
             if events.send(full).await.is_err() {

@@ -220,6 +220,7 @@ impl Agent {
             tx,
             reader_counters.clone(),
             stop,
+            sensor.settings_handle(),
         ));
         let mut status_tick =
             tokio::time::interval(Duration::from_secs(args.status_interval.max(1)));
