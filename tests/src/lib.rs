@@ -44,6 +44,39 @@ pub struct Harness {
 
 static HARNESS: OnceLock<Harness> = OnceLock::new();
 
+/// Reads `sensor`'s ring buffer with the agent's reader (its pace in the settings map), on a
+/// thread of its own: the batches as they come, until the receiver is dropped.
+pub fn read_events(sensor: &mut Sensor) -> std::sync::mpsc::Receiver<Vec<Event>> {
+    let ring = sensor.take_events().expect("ring buffer");
+    let settings = sensor.settings_handle();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        runtime.block_on(async move {
+            let (batches_tx, mut batches) = tokio::sync::mpsc::channel(64);
+            let (_stop_tx, stop) = tokio::sync::oneshot::channel();
+            let counters = Arc::new(ReaderCounters::default());
+            tokio::spawn(reader::run(
+                ring,
+                Decoder::new(),
+                batches_tx,
+                counters,
+                stop,
+                settings,
+            ));
+            while let Some(batch) = batches.recv().await {
+                if tx.send(batch).is_err() {
+                    return;
+                }
+            }
+        });
+    });
+    rx
+}
+
 /// The shared sensor, loaded on first use.
 pub fn harness() -> &'static Harness {
     HARNESS.get_or_init(|| {
@@ -77,33 +110,15 @@ pub fn harness() -> &'static Harness {
                 probe.target
             );
         }
-        let ring = sensor.take_events().expect("ring buffer");
-        let settings = sensor.settings_handle();
+        let batches = read_events(&mut sensor);
         let events: Arc<(Mutex<Vec<Event>>, Condvar)> = Arc::default();
         let sink = events.clone();
         std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("runtime");
-            runtime.block_on(async move {
-                let (tx, mut rx) = tokio::sync::mpsc::channel(64);
-                let (_stop_tx, stop) = tokio::sync::oneshot::channel();
-                let counters = Arc::new(ReaderCounters::default());
-                tokio::spawn(reader::run(
-                    ring,
-                    Decoder::new(),
-                    tx,
-                    counters,
-                    stop,
-                    settings,
-                ));
-                while let Some(batch) = rx.recv().await {
-                    let (lock, cvar) = &*sink;
-                    lock.lock().unwrap().extend(batch);
-                    cvar.notify_all();
-                }
-            });
+            for batch in batches {
+                let (lock, cvar) = &*sink;
+                lock.lock().unwrap().extend(batch);
+                cvar.notify_all();
+            }
         });
         Harness {
             sensor: Mutex::new(sensor),

@@ -5,19 +5,16 @@
 use std::{
     io::{BufRead, BufReader, Write},
     process::{Child, ChildStdin, ChildStdout, Command, Stdio},
-    sync::Arc,
     time::{Duration, Instant},
 };
 
-use integration_tests::{TestEnv, job_step, live::poll_until, netpair::NetPair, pin_dir_of};
+use integration_tests::{
+    TestEnv, job_step, live::poll_until, netpair::NetPair, pin_dir_of, read_events,
+};
 use runner_monitor::{
     event::{Event, EventDetail, JobKey},
     policy::{EgressPlan, SensorPolicy},
-    sensor::{
-        Sensor, SensorOptions,
-        decode::Decoder,
-        reader::{self, ReaderCounters},
-    },
+    sensor::{Sensor, SensorOptions},
 };
 
 fn load(pins: &std::path::Path, policy: &SensorPolicy) -> Sensor {
@@ -36,34 +33,16 @@ fn load(pins: &std::path::Path, policy: &SensorPolicy) -> Sensor {
 
 /// Reads `sensor`'s ring buffer for up to `within`, until `want` matches an event.
 fn read_until(sensor: &mut Sensor, within: Duration, want: impl Fn(&Event) -> bool) -> Vec<Event> {
-    let ring = sensor.take_events().expect("ring buffer");
-    let settings = sensor.settings_handle();
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    runtime.block_on(async move {
-        let (tx, mut rx) = tokio::sync::mpsc::channel(64);
-        let (_stop, stop) = tokio::sync::oneshot::channel();
-        let counters = Arc::new(ReaderCounters::default());
-        tokio::spawn(reader::run(
-            ring,
-            Decoder::new(),
-            tx,
-            counters,
-            stop,
-            settings,
-        ));
-        let deadline = tokio::time::Instant::now() + within;
-        let mut events = Vec::new();
-        while let Ok(Some(batch)) = tokio::time::timeout_at(deadline, rx.recv()).await {
-            events.extend(batch);
-            if events.iter().any(&want) {
-                break;
-            }
+    let batches = read_events(sensor);
+    let deadline = Instant::now() + within;
+    let mut events = Vec::new();
+    while let Ok(batch) = batches.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+        events.extend(batch);
+        if events.iter().any(&want) {
+            break;
         }
-        events
-    })
+    }
+    events
 }
 
 /// A job's root: a shell the sensor registers, running the lines it is sent, one at a time,
@@ -400,33 +379,7 @@ fn the_event_reader_sleeps_when_nothing_comes_and_the_next_record_wakes_it() {
             .unwrap()
             != 0
     };
-    let ring = sensor.take_events().expect("ring buffer");
-    let settings = sensor.settings_handle();
-    let (tx, events) = std::sync::mpsc::channel::<Event>();
-    std::thread::spawn(move || {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        runtime.block_on(async move {
-            let (batches_tx, mut batches) = tokio::sync::mpsc::channel(64);
-            let (_stop, stop) = tokio::sync::oneshot::channel();
-            let counters = Arc::new(ReaderCounters::default());
-            tokio::spawn(reader::run(
-                ring,
-                Decoder::new(),
-                batches_tx,
-                counters,
-                stop,
-                settings,
-            ));
-            while let Some(batch) = batches.recv().await {
-                for event in batch {
-                    let _ = tx.send(event);
-                }
-            }
-        });
-    });
+    let events = read_events(&mut sensor);
     let (within, every) = (Duration::from_secs(10), Duration::from_millis(5));
     assert!(poll_until(within, every, &asleep), "the reader never slept");
     let marker = env.dir.join("pace-marker");
@@ -434,10 +387,11 @@ fn the_event_reader_sleeps_when_nothing_comes_and_the_next_record_wakes_it() {
     let deadline = Instant::now() + Duration::from_secs(5);
     let woken = loop {
         let left = deadline.saturating_duration_since(Instant::now());
-        let event = events.recv_timeout(left).expect("no event of the job");
-        if event.job.as_ref().is_some_and(|j| j.key == job.key)
-            && matches!(&event.detail, EventDetail::Exec { filename, .. } if filename.ends_with("touch"))
-        {
+        let batch = events.recv_timeout(left).expect("no event of the job");
+        if let Some(event) = batch.into_iter().find(|event| {
+            event.job.as_ref().is_some_and(|j| j.key == job.key)
+                && matches!(&event.detail, EventDetail::Exec { filename, .. } if filename.ends_with("touch"))
+        }) {
             break event;
         }
     };
