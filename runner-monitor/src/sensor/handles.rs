@@ -59,7 +59,7 @@ impl Sensor {
         HashMap::try_from(own(self, map_name::CONTAINER_CGROUPS)?).ok()
     }
 
-    /// An own handle on the settings map, for the event reader (`reader.rs`).
+    /// An own handle on the settings map, for the event reader (`reader.rs`) and the heartbeat.
     pub fn settings_handle(&self) -> Option<Array<MapData, u32>> {
         use std::os::fd::AsFd as _;
         let map = aya::maps::IterableMap::map(&self.settings);

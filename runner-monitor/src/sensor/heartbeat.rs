@@ -12,21 +12,16 @@ pub(super) struct Heartbeat {
 }
 
 impl Heartbeat {
-    /// Starts it on the settings map, through a handle of its own (`fd`, a copy of the map's
-    /// descriptor).
-    pub(super) fn start(fd: std::os::fd::OwnedFd) -> Option<Self> {
-        let mut own = match MapData::from_fd(fd) {
-            Ok(map) => match Array::<MapData, u32>::try_from(aya::maps::Map::Array(map)) {
-                Ok(array) => array,
-                Err(error) => {
-                    tracing::warn!(%error, "no heartbeat: on_agent_failure will not apply");
-                    return None;
-                }
-            },
-            Err(error) => {
-                tracing::warn!(%error, "no heartbeat: on_agent_failure will not apply");
-                return None;
-            }
+    /// Starts it on the settings map, through a handle of its own (`Sensor::settings_handle`:
+    /// a copy of the map's descriptor, since opening the map by its id needs CAP_SYS_ADMIN,
+    /// which the unit does not grant).
+    pub(super) fn start(own: Option<Array<MapData, u32>>) -> Option<Self> {
+        let Some(mut own) = own else {
+            tracing::warn!(
+                "no heartbeat (the settings map could not be opened again): on_agent_failure \
+                 will not apply"
+            );
+            return None;
         };
         let beat = |settings: &mut Array<MapData, u32>| {
             let now = (crate::clock::monotonic_ns() / 1_000_000_000) as u32;

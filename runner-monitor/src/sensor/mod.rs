@@ -285,17 +285,8 @@ impl Sensor {
             .map_err(map_error(map_name::FILE_NAMES))?;
         let env_prefixes = HashMap::try_from(take_map(&mut ebpf, map_name::ENV_PREFIXES)?)
             .map_err(map_error(map_name::ENV_PREFIXES))?;
-        let settings = take_map(&mut ebpf, map_name::SETTINGS)?;
-        // The heartbeat's own handle: a copy of this descriptor (opening the map by its id
-        // needs CAP_SYS_ADMIN, which the unit does not grant).
-        let settings_fd = match &settings {
-            aya::maps::Map::Array(map) => {
-                use std::os::fd::AsFd;
-                map.fd().as_fd().try_clone_to_owned().ok()
-            }
-            _ => None,
-        };
-        let settings = Array::try_from(settings).map_err(map_error(map_name::SETTINGS))?;
+        let settings = Array::try_from(take_map(&mut ebpf, map_name::SETTINGS)?)
+            .map_err(map_error(map_name::SETTINGS))?;
         let processes = HashMap::try_from(take_map(&mut ebpf, map_name::PROCESSES)?)
             .map_err(map_error(map_name::PROCESSES))?;
         let jobs = HashMap::try_from(take_map(&mut ebpf, map_name::JOBS)?)
@@ -333,7 +324,7 @@ impl Sensor {
         // The patterns go in before any probe can look for them.
         sensor.set_names(policy)?;
         // Alive before any program that outlives the agent can look.
-        sensor.heartbeat = settings_fd.and_then(Heartbeat::start);
+        sensor.heartbeat = Heartbeat::start(sensor.settings_handle());
         let chosen = hook_sets::attach(
             &mut sensor.ebpf,
             options.hooks,
