@@ -70,6 +70,24 @@ pub fn dns_port_key(addr: u32, port: u16, v6: bool, netns: u64) -> [u64; 2] {
     [netns, key]
 }
 
+/// Capacity of `DNS_ASKED` (LRU): redirected UDP queries whose server the resolver has not read
+/// yet, keyed as `DNS_PORTS` is.
+pub const MAX_DNS_ASKED: u32 = 4096;
+
+/// `DNS_ASKED` value: the server a job process addressed a redirected UDP query to, written by
+/// `dns_egress` as the query leaves for the resolver, keyed by the query's source address and
+/// port (`dns_port_key`). The resolver asks that server instead of its upstream when the job's
+/// allowlist admits the address on port 53 (a cluster's DNS service).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DnsAsked {
+    /// The address as 16 bytes in network order; an IPv4 one as `::ffff:a.b.c.d`.
+    pub addr: [u8; 16],
+    /// Host byte order.
+    pub port: u16,
+    pub _pad: [u8; 6],
+}
+
 /// Capacity of `DNS_NETNS`: the network namespaces block mode's resolver listens in at once
 /// (the agent's own and those of job processes: containers, `ip netns exec`).
 pub const MAX_DNS_NETNS: u32 = 1024;
@@ -122,6 +140,7 @@ pub fn egress_key<const N: usize>(policy: u32, port: u16, addr: &[u8]) -> [u8; N
 
 const _: () = assert!(core::mem::size_of::<EgressJob>() == 8);
 const _: () = assert!(core::mem::size_of::<EgressAllow>() == 8);
+const _: () = assert!(core::mem::size_of::<DnsAsked>() == 24);
 
 #[cfg(feature = "user")]
 mod user {
@@ -130,4 +149,5 @@ mod user {
     // is a valid value.
     unsafe impl aya::Pod for EgressJob {}
     unsafe impl aya::Pod for EgressAllow {}
+    unsafe impl aya::Pod for DnsAsked {}
 }

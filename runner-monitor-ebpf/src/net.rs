@@ -358,6 +358,17 @@ fn dns_packet(ctx: &SkBuffContext, direction: u32) -> i32 {
             Some(r) if direction != DNS_DIRECTION_ANSWER && crate::redirect::parked(r) => {
                 return crate::redirect::PARK;
             }
+            Some(r) if direction != DNS_DIRECTION_ANSWER => {
+                // Where it comes from: IPv4 from the address naming its policy (or the one
+                // it was bound to), IPv6 from `[::1]`.
+                let from = if family == AF_INET {
+                    ctx.load::<u32>(12).map(u32::from_be).unwrap_or(0)
+                } else {
+                    0
+                };
+                let src_port = u16::from_be_bytes([ports[0], ports[1]]);
+                crate::redirect::note_asked(r, from, src_port, family != AF_INET);
+            }
             Some(_) => {}
         }
     }

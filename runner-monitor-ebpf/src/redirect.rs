@@ -40,8 +40,9 @@ use aya_ebpf::{
 };
 use runner_monitor_common::{
     AF_INET, AF_INET6, CONNECT_DNS_REDIRECTED, DNS_NETNS_LOCAL, DNS_NETNS_OWN, DNS_NETNS_PASS,
-    DNS_NETNS_V6, DNS_NETNS_WANTED_BYTES, DNS_NETNS_WANTED_EXEC, DNS_NETNS_WANTED_QUERY,
-    MAX_DNS_NETNS, MAX_DNS_PORTS, dns_port_key, dns_source, dns_source_policy, setting,
+    DNS_NETNS_V6, DNS_NETNS_WANTED_BYTES, DNS_NETNS_WANTED_EXEC, DNS_NETNS_WANTED_QUERY, DnsAsked,
+    MAX_DNS_ASKED, MAX_DNS_NETNS, MAX_DNS_PORTS, dns_port_key, dns_source, dns_source_policy,
+    setting,
 };
 
 use crate::{
@@ -94,6 +95,31 @@ pub static DNS_REDIRECTS: LruHashMap<u64, Redirected> =
 /// datagram is sent, so before any query.
 #[map]
 pub static DNS_PORTS: LruHashMap<[u64; 2], u32> = LruHashMap::with_max_entries(MAX_DNS_PORTS, 0);
+
+/// Source address and port of a redirected UDP query (`dns_port_key`) -> the server the process
+/// addressed, written as the query leaves (`dns_egress`), so before the resolver reads it.
+#[map]
+pub static DNS_ASKED: LruHashMap<[u64; 2], DnsAsked> =
+    LruHashMap::with_max_entries(MAX_DNS_ASKED, 0);
+
+/// Tells the resolver where a redirected UDP query from `addr` (host byte order; 0 for an IPv6
+/// send, which comes from `[::1]`) and `port` was going.
+#[inline(always)]
+pub fn note_asked(redirected: &Redirected, addr: u32, port: u16, v6: bool) {
+    let mut asked = DnsAsked::default();
+    if redirected.v6 != 0 {
+        for (i, word) in redirected.ip6.iter().enumerate() {
+            asked.addr[i * 4..i * 4 + 4].copy_from_slice(&word.to_ne_bytes());
+        }
+    } else {
+        asked.addr[10] = 0xff;
+        asked.addr[11] = 0xff;
+        asked.addr[12..].copy_from_slice(&redirected.ip4.to_ne_bytes());
+    }
+    asked.port = u16::from_be(redirected.port as u16);
+    let key = dns_port_key(addr, port, v6, redirected.netns);
+    let _ = DNS_ASKED.insert(key, asked, 0);
+}
 
 /// Network namespace cookie -> the resolver listens there (flags: `DNS_NETNS_V6`), or will not
 /// (`DNS_NETNS_PASS`). Written by the agent once it looked at the namespace.

@@ -3,7 +3,8 @@
 //!
 //! The zone: `allowed.test` and `glibc.allowed.test` have an address each, `www.allowed.test`
 //! is a CNAME to `edge.cdn.test` (a name no allowlist holds) which has one, `denied.test` has
-//! one; every other name is NXDOMAIN.
+//! one; `whoami.allowed.test` has the address of the server that answers (which server a query
+//! reached); every other name is NXDOMAIN.
 
 use std::{
     io::{Read, Write},
@@ -27,8 +28,8 @@ fn name(s: &str) -> Name {
     Name::from_ascii(s).expect("a DNS name")
 }
 
-/// The answer of the test zone to `query`.
-pub fn zone_answer(query: &[u8]) -> Option<Vec<u8>> {
+/// The answer of the test zone to `query`, given by the server at `server`.
+pub fn zone_answer(query: &[u8], server: IpAddr) -> Option<Vec<u8>> {
     let query = Message::from_vec(query).ok()?;
     let question = query.queries().first()?.clone();
     let mut response = Message::new();
@@ -45,6 +46,10 @@ pub fn zone_answer(query: &[u8]) -> Option<Vec<u8>> {
         "allowed.test." => vec![a("allowed.test.", ALLOWED)],
         "glibc.allowed.test." => vec![a("glibc.allowed.test.", GLIBC)],
         "denied.test." => vec![a("denied.test.", DENIED)],
+        "whoami.allowed.test." => match server {
+            IpAddr::V4(ip) => vec![a("whoami.allowed.test.", ip)],
+            IpAddr::V6(_) => Vec::new(),
+        },
         "www.allowed.test." => vec![
             Record::from_rdata(
                 name("www.allowed.test."),
@@ -71,20 +76,20 @@ pub fn serve(addr: SocketAddr) {
     let tcp = TcpListener::bind(addr).expect("bind tcp 53");
     std::thread::spawn(move || {
         for stream in tcp.incoming().flatten() {
-            std::thread::spawn(move || serve_tcp(stream));
+            std::thread::spawn(move || serve_tcp(stream, addr.ip()));
         }
     });
     std::thread::spawn(move || {
         let mut buf = [0u8; 4096];
         while let Ok((n, peer)) = udp.recv_from(&mut buf) {
-            if let Some(answer) = zone_answer(&buf[..n]) {
+            if let Some(answer) = zone_answer(&buf[..n], addr.ip()) {
                 let _ = udp.send_to(&answer, peer);
             }
         }
     });
 }
 
-fn serve_tcp(mut stream: TcpStream) {
+fn serve_tcp(mut stream: TcpStream, server: IpAddr) {
     loop {
         let mut len = [0u8; 2];
         if stream.read_exact(&mut len).is_err() {
@@ -94,7 +99,7 @@ fn serve_tcp(mut stream: TcpStream) {
         if stream.read_exact(&mut query).is_err() {
             return;
         }
-        let Some(answer) = zone_answer(&query) else {
+        let Some(answer) = zone_answer(&query, server) else {
             return;
         };
         let mut out = (answer.len() as u16).to_be_bytes().to_vec();

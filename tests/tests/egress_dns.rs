@@ -27,6 +27,8 @@ use integration_tests::{
 use serde_json::Value;
 
 const SERVER: &str = "10.215.0.2";
+/// A second DNS server, as a cluster's DNS service is: asked where a job's allowlist admits it.
+const CLUSTER: &str = "10.215.0.7";
 /// The same server's IPv6 address (`nodad`: usable at once).
 const SERVER6: &str = "fd72:215::2";
 const PORT: u16 = 7000;
@@ -58,7 +60,8 @@ impl ServerNamespace {
              ip addr add 10.215.0.1/24 dev {h} && ip link set {h} up && \
              ip -n {n} addr add {SERVER}/24 dev vs && ip -n {n} addr add {ALLOWED}/24 dev vs && \
              ip -n {n} addr add {DENIED}/24 dev vs && ip -n {n} addr add {CNAME_TARGET}/24 dev vs && \
-             ip -n {n} addr add {GLIBC}/24 dev vs && ip -n {n} link set vs up && \
+             ip -n {n} addr add {GLIBC}/24 dev vs && ip -n {n} addr add {CLUSTER}/24 dev vs && \
+             ip -n {n} link set vs up && \
              ip addr add fd72:215::1/64 dev {h} nodad && \
              ip -n {n} addr add {SERVER6}/64 dev vs nodad"
         ));
@@ -134,7 +137,9 @@ fn policy() -> String {
         "{}\n[[rules]]\nrepository = \"acme/dns-a\"\nmode = \"block\"\nallow_egress = [{names}]\n\
          \n[[rules]]\nrepository = \"acme/dns-b\"\nmode = \"block\"\nallow_egress = [{names}]\n\
          \n[[rules]]\nrepository = \"acme/dns-6\"\nmode = \"block\"\nallow_egress = [{names}]\n\
-         \n[[rules]]\nrepository = \"acme/dns-ns\"\nmode = \"block\"\nallow_egress = [{names}]\n",
+         \n[[rules]]\nrepository = \"acme/dns-ns\"\nmode = \"block\"\nallow_egress = [{names}]\n\
+         \n[[rules]]\nrepository = \"acme/dns-cluster\"\nmode = \"block\"\n\
+         allow_egress = [{names}, {{ cidr = \"{CLUSTER}\", ports = [53] }}]\n",
         test_policy().replace(
             "[egress]\n",
             &format!("[egress]\ndns_upstream = [\"{SERVER}:53\"]\n")
@@ -220,10 +225,12 @@ fn started(
     let mut ns = ServerNamespace::new();
     ns.serve(&["dns-serve".to_owned(), format!("{SERVER}:53")]);
     ns.serve(&["dns-serve".to_owned(), format!("[{SERVER6}]:53")]);
-    let listeners: Vec<String> = [ALLOWED, DENIED, CNAME_TARGET, GLIBC]
+    ns.serve(&["dns-serve".to_owned(), format!("{CLUSTER}:53")]);
+    let mut listeners: Vec<String> = [ALLOWED, DENIED, CNAME_TARGET, GLIBC]
         .iter()
         .map(|ip| format!("{ip}:{PORT}"))
         .collect();
+    listeners.extend([SERVER, CLUSTER].map(|ip| format!("{ip}:{PORT}")));
     ns.serve(&[vec!["serve".to_owned()], listeners].concat());
     (turn, dir, agent, env, ns)
 }
@@ -527,6 +534,56 @@ fn block_mode_serves_dns_in_a_jobs_own_network_namespace() {
         let _ = server.wait();
     }
     drop(docker_ns);
+    drop(job_ns);
+    drop(ns);
+    let status = agent.stop();
+    assert!(status.success(), "agent exit: {status}");
+}
+
+/// A job that addresses a DNS server its allowlist admits on port 53 (a Kubernetes pod's cluster
+/// DNS: `{ cidr = "10.96.0.10", ports = [53] }`) is answered by that server, which knows names
+/// the agent's upstream does not; the name must still be allowed, and what it resolved is
+/// admitted as always. Any other server is the agent's upstream, as before. `whoami.allowed.test`
+/// resolves to the address of the server that answered.
+#[test]
+fn block_mode_asks_the_dns_server_a_job_addressed_where_its_allowlist_admits_it() {
+    let (_one, dir, agent, env, ns) = started("egress-dns-cluster");
+    let job_ns = JobNamespace::new(&ns, 2, None);
+    let j = &job_ns.name;
+    let ask = |how: &str, server: &str, name: &str| format!("dns {how} {server}:53 {name} {PORT}");
+    let whoami = |how: &str, server: &str| ask(how, server, "whoami.allowed.test");
+    let steps = [
+        ("udp", whoami("udp", CLUSTER)),
+        ("send", whoami("udp-send", CLUSTER)),
+        ("denied", ask("udp", CLUSTER, "denied.test")),
+        // TCP: the kernel does not note the server of a TCP query; the upstream answers.
+        ("tcp", whoami("tcp", CLUSTER)),
+        ("upstream", whoami("udp", SERVER)),
+        (
+            "in-ns",
+            format!(
+                "!\"$JOB_STEP\" in-netns {j} {}",
+                whoami("udp-retry", CLUSTER)
+            ),
+        ),
+    ];
+    let answers = job(&env, &agent, &run_id(6), "acme/dns-cluster", &steps);
+    let expect = |label: &str, want: &str| expect_answer(&answers, label, want, &dir);
+    expect("udp", &format!("NoError {CLUSTER} ok"));
+    expect("send", &format!("NoError {CLUSTER} ok"));
+    expect("denied", "Refused - -");
+    expect("tcp", &format!("NoError {SERVER} ok"));
+    expect("upstream", &format!("NoError {SERVER} ok"));
+    expect("in-ns", &format!("NoError {CLUSTER} ok"));
+    // A job whose allowlist does not admit that server gets the agent's upstream.
+    let answers = job(
+        &env,
+        &agent,
+        &run_id(7),
+        "acme/dns-a",
+        &[("other", whoami("udp", CLUSTER))],
+    );
+    expect_answer(&answers, "other", &format!("NoError {SERVER} ok"), &dir);
     drop(job_ns);
     drop(ns);
     let status = agent.stop();

@@ -86,6 +86,20 @@ impl EgressPlan {
         ports.dedup();
         any.then_some(ports)
     }
+
+    /// Whether block mode's resolver may ask `server`, the DNS server a job process addressed,
+    /// instead of the agent's upstream: an address the plan's own networks admit on that port
+    /// (a cluster's DNS service, `{ cidr = "10.96.0.10", ports = [53] }`). Never loopback or
+    /// the unspecified address: a job could run a server there that answers what it likes for
+    /// an allowed name, and the answer would be admitted.
+    pub fn asks_dns(&self, server: std::net::SocketAddr) -> bool {
+        let ip = server.ip().to_canonical();
+        !ip.is_loopback()
+            && !ip.is_unspecified()
+            && self.nets.iter().any(|(net, ports)| {
+                net.contains(&ip) && (ports.is_empty() || ports.contains(&server.port()))
+            })
+    }
 }
 
 /// `audit` or `block`, `field` naming it in errors.

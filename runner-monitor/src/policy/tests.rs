@@ -448,6 +448,32 @@ fn dns_upstream_and_the_names_a_plan_admits() {
 }
 
 #[test]
+fn the_resolver_asks_a_server_the_job_addressed_only_where_the_plans_networks_admit_it() {
+    let p = Policy::parse(
+        "[egress]\nallow = [{ cidr = \"10.96.0.10\", ports = [53] }, { cidr = \"10.20.0.0/16\" }, \
+         { cidr = \"127.0.0.0/8\" }, { cidr = \"fd00::/8\", ports = [443] }]\n",
+        "t",
+    )
+    .unwrap();
+    let plan = p.global_egress_plan();
+    let asks = |server: &str| plan.asks_dns(server.parse().unwrap());
+    assert!(asks("10.96.0.10:53"), "a cluster's DNS service, port 53");
+    assert!(asks("[::ffff:10.96.0.10]:53"), "the same, v4-mapped");
+    assert!(asks("10.20.3.4:53"), "a network allowed on every port");
+    assert!(!asks("10.96.0.11:53"), "another address");
+    assert!(!asks("10.96.0.10:5353"), "another port");
+    assert!(!asks("[fd00::1]:53"), "allowed on 443 only");
+    assert!(!asks("127.0.0.53:53"), "loopback, allowed or not");
+    assert!(!asks("0.0.0.0:53"), "the unspecified address");
+    assert!(
+        !Policy::parse("", "t")
+            .unwrap()
+            .global_egress_plan()
+            .asks_dns("10.96.0.10:53".parse().unwrap())
+    );
+}
+
+#[test]
 fn sni_true_needs_dns_names_in_the_rule_and_reaches_the_plan() {
     let text = |allow: &str| {
         format!(

@@ -38,7 +38,7 @@ use tokio::{io::unix::AsyncFd, task::JoinHandle};
 
 use super::{
     btf::KernelBtf,
-    resolver::{self, Local, Service, Sockets},
+    resolver::{self, Service, Sockets},
 };
 
 /// How often namespaces no process is in are let go, and how long a new one is kept at least.
@@ -217,8 +217,7 @@ impl NetnsResolvers {
         let served = match sockets {
             Some(Ok(sockets)) => {
                 let local = local_servers(tgid);
-                let local = (!local.is_empty()).then_some(Local { ns, servers: local });
-                self.listen(cookie, sockets, local)
+                self.listen(cookie, sockets, ns, local)
             }
             Some(Err(error)) => Err(error),
             None => {
@@ -266,17 +265,19 @@ impl NetnsResolvers {
         }
     }
 
-    /// Serves `sockets`, bound in namespace `cookie`; whether on `[::1]` too.
-    /// `local`: the namespace's own loopback servers answer its queries.
+    /// Serves `sockets`, bound in namespace `ns` (cookie `cookie`); whether on `[::1]` too.
+    /// `local`: the namespace's own loopback servers that answer its queries, if any.
     fn listen(
         &mut self,
         cookie: u64,
         sockets: Sockets,
-        local: Option<Local>,
+        ns: std::sync::Arc<File>,
+        local: Vec<SocketAddr>,
     ) -> io::Result<(Served, bool)> {
-        let servers = local.as_ref().map(|l| l.servers.clone());
-        let is_local = local.is_some();
+        let is_local = !local.is_empty();
+        let servers = is_local.then(|| local.clone());
         let service = Service {
+            ns: Some(ns),
             local,
             ..self.service.clone()
         };

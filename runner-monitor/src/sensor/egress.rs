@@ -7,7 +7,7 @@
 
 use std::{
     collections::{BTreeSet, HashMap as StdHashMap},
-    net::IpAddr,
+    net::{IpAddr, SocketAddr},
     sync::{Arc, Mutex},
 };
 
@@ -17,7 +17,7 @@ use aya::maps::{
 };
 use ipnet::IpNet;
 use runner_monitor_common::{
-    EGRESS_BLOCK, EGRESS_GLOBAL_POLICY, EGRESS_KEY_FIXED_BITS, EGRESS_MAX_POLICY,
+    DnsAsked, EGRESS_BLOCK, EGRESS_GLOBAL_POLICY, EGRESS_KEY_FIXED_BITS, EGRESS_MAX_POLICY,
     EGRESS_METADATA_ENTITLED, EGRESS_SNI, EgressAllow, EgressJob, EgressKey4, EgressKey6,
     TLS_NAME_EXACT, TLS_NAME_WILDCARD, egress_key, map_name,
     tls::{TlsNameKey, sni_hash},
@@ -141,6 +141,8 @@ pub struct Allowlists {
     resolved: StdHashMap<u32, StdHashMap<EntryKey, u64>>,
     /// Local port -> policy id of redirected sockets bound before their connect.
     ports: HashMap<MapData, [u64; 2], u32>,
+    /// Source of a redirected UDP query -> the server the process addressed.
+    asked: HashMap<MapData, [u64; 2], DnsAsked>,
 }
 
 pub type SharedAllowlists = Arc<Mutex<Allowlists>>;
@@ -210,6 +212,15 @@ impl Allowlists {
     pub fn policy_of_port(&self, addr: u32, port: u16, v6: bool, netns: u64) -> Option<u32> {
         let key = runner_monitor_common::dns_port_key(addr, port, v6, netns);
         self.ports.get(&key, 0).ok()
+    }
+
+    /// The server a redirected UDP query from `addr` and `port` (as `policy_of_port` takes them)
+    /// was addressed to, as the kernel noted it when the query left.
+    pub fn asked_server(&self, addr: u32, port: u16, v6: bool, netns: u64) -> Option<SocketAddr> {
+        let key = runner_monitor_common::dns_port_key(addr, port, v6, netns);
+        let asked = self.asked.get(&key, 0).ok()?;
+        let ip = std::net::Ipv6Addr::from(asked.addr).to_canonical();
+        Some(SocketAddr::new(ip, asked.port))
     }
 
     /// The plan judged under `policy` (a job's, or the global one), if it blocks.
@@ -314,6 +325,8 @@ impl EgressMaps {
             .map_err(map_error(map_name::EGRESS_METADATA))?;
         let ports = HashMap::try_from(take(map_name::DNS_PORTS)?)
             .map_err(map_error(map_name::DNS_PORTS))?;
+        let asked = HashMap::try_from(take(map_name::DNS_ASKED)?)
+            .map_err(map_error(map_name::DNS_ASKED))?;
         let tls_names = HashMap::try_from(take(map_name::TLS_NAMES)?)
             .map_err(map_error(map_name::TLS_NAMES))?;
         Ok(Self {
@@ -325,6 +338,7 @@ impl EgressMaps {
                 plans: StdHashMap::new(),
                 resolved: StdHashMap::new(),
                 ports,
+                asked,
             })),
             metadata,
             tls_names,

@@ -1,7 +1,8 @@
 //! Block mode's DNS resolver. The kernel sends the port-53 traffic of job processes in block
 //! mode here (`runner-monitor-ebpf/src/redirect.rs`), from a loopback source address that
 //! carries the job's policy id. A query for a name the job's plan allows is forwarded to the
-//! upstream resolver, and the A/AAAA addresses of the answer (through CNAME chains from the name
+//! upstream resolver (or, over UDP, to the server the job addressed, where its plan admits that
+//! server: `EgressPlan::asks_dns`; the kernel notes it in `DNS_ASKED`), and the A/AAAA addresses of the answer (through CNAME chains from the name
 //! asked) are written into the job's allowlist BEFORE the answer is sent: a connect right after
 //! the answer finds them. A query for any other name is answered REFUSED and not forwarded: a
 //! query is itself a way out (DNS tunnelling puts the data in the name), so block mode does not
@@ -56,16 +57,12 @@ pub struct Resolver {
 pub struct Service {
     pub lists: SharedAllowlists,
     pub upstream: Upstream,
+    /// The job namespace the sockets are in (`None`: the agent's own), where the servers the
+    /// namespace's jobs address are asked from.
+    pub ns: Option<Arc<std::fs::File>>,
     /// In a job namespace whose own loopback server answers its DNS (Docker's embedded DNS at
     /// 127.0.0.11): that server, asked from inside the namespace, instead of `upstream`.
-    pub local: Option<Local>,
-}
-
-/// A job namespace's own DNS servers on its loopback, and the namespace.
-#[derive(Clone)]
-pub struct Local {
-    pub ns: Arc<std::fs::File>,
-    pub servers: Vec<SocketAddr>,
+    pub local: Vec<SocketAddr>,
 }
 
 /// The resolver's sockets in one network namespace, bound in it (a socket stays in the
@@ -151,7 +148,8 @@ pub async fn start(lists: SharedAllowlists, upstream: Vec<SocketAddr>) -> io::Re
     let service = Service {
         lists,
         upstream: Arc::new(RwLock::new(upstream)),
-        local: None,
+        ns: None,
+        local: Vec::new(),
     };
     let (_, no_v6) = serve(sockets, &service, netns_cookie)?;
     Ok(Resolver {
@@ -267,6 +265,7 @@ async fn answer(
     let Service {
         lists,
         upstream,
+        ns,
         local,
     } = service;
     let message = Message::from_vec(query).ok()?;
@@ -274,36 +273,50 @@ async fn answer(
         return None;
     }
     let question = message.queries().first().map(|q| q.name().clone());
-    let (policy, ports) = {
+    let (policy, ports, asked) = {
         let lists = lists.lock().unwrap_or_else(PoisonError::into_inner);
-        let policy = match peer.ip() {
-            // A source address naming the policy (`bpf_bind`), else the socket's own address
-            // and port (bound before its connect).
-            IpAddr::V4(v4) => runner_monitor_common::dns_source_policy(u32::from(v4))
-                .or_else(|| lists.policy_of_port(u32::from(v4), peer.port(), false, netns)),
-            IpAddr::V6(v6) if v6 == Ipv6Addr::LOCALHOST => {
-                lists.policy_of_port(0, peer.port(), true, netns)
-            }
+        // The query's source: an address naming the policy (`bpf_bind`), else the socket's own
+        // address and port (bound before its connect), or `[::1]` and the port (IPv6 sends).
+        let source = match peer.ip() {
+            IpAddr::V4(v4) => Some((u32::from(v4), false)),
+            IpAddr::V6(v6) if v6 == Ipv6Addr::LOCALHOST => Some((0, true)),
             IpAddr::V6(_) => None,
         };
-        let ports = policy
-            .and_then(|p| lists.plan(p))
+        let policy = source.and_then(|(addr, v6)| {
+            runner_monitor_common::dns_source_policy(addr)
+                .or_else(|| lists.policy_of_port(addr, peer.port(), v6, netns))
+        });
+        let plan = policy.and_then(|p| lists.plan(p));
+        let ports = plan
             .zip(question.as_ref())
             .and_then(|(plan, name)| plan.name_ports(&name.to_utf8()));
-        (policy, ports)
+        // The server the job addressed, where its plan lets the resolver ask it (UDP: the
+        // kernel notes it as the query leaves).
+        let asked = plan
+            .zip(source.filter(|_| !tcp))
+            .and_then(|(plan, (addr, v6))| {
+                lists
+                    .asked_server(addr, peer.port(), v6, netns)
+                    .filter(|server| plan.asks_dns(*server))
+            });
+        (policy, ports, asked)
     };
     let (Some(policy), Some(question), Some(ports)) = (policy, question, ports) else {
         return refusal(&message, ResponseCode::Refused);
     };
-    let servers = match local {
-        Some(local) => local.servers.clone(),
-        None => upstream
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone(),
+    // Upstream is asked from the agent's namespace; the others from the job's.
+    let (servers, ns) = match asked {
+        Some(server) => (vec![server], ns.as_ref()),
+        None if !local.is_empty() => (local.clone(), ns.as_ref()),
+        None => (
+            upstream
+                .read()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clone(),
+            None,
+        ),
     };
     for server in servers {
-        let ns = local.as_ref().map(|l| &l.ns);
         let forwarded = if tcp {
             timeout(UPSTREAM_TIMEOUT, forward_tcp(ns, server, query)).await
         } else {
