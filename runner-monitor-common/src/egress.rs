@@ -74,18 +74,41 @@ pub fn dns_port_key(addr: u32, port: u16, v6: bool, netns: u64) -> [u64; 2] {
 /// yet, keyed as `DNS_PORTS` is.
 pub const MAX_DNS_ASKED: u32 = 4096;
 
-/// `DNS_ASKED` value: the server a job process addressed a redirected UDP query to, written by
-/// `dns_egress` as the query leaves for the resolver, keyed by the query's source address and
-/// port (`dns_port_key`). The resolver asks that server instead of its upstream when the job's
-/// allowlist admits the address on port 53 (a cluster's DNS service).
+/// Where a redirected socket's queries were going (`DNS_REDIRECTS`, by socket cookie), and where
+/// a redirected UDP query was going (`DNS_ASKED`, written by `dns_egress` as the query leaves
+/// for the resolver, keyed by its source address and port: `dns_port_key`). The resolver asks
+/// that server instead of its upstream when the job's allowlist admits it on port 53 (a
+/// cluster's DNS service).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct DnsAsked {
-    /// The address as 16 bytes in network order; an IPv4 one as `::ffff:a.b.c.d`.
-    pub addr: [u8; 16],
-    /// Host byte order.
-    pub port: u16,
-    pub _pad: [u8; 6],
+pub struct DnsRedirected {
+    /// The IPv4 address and the port as the process wrote them (network byte order).
+    pub ip4: u32,
+    pub port: u32,
+    /// The IPv6 address, when `v6` (an IPv6 socket's), as the process wrote it.
+    pub ip6: [u32; 4],
+    pub v6: u32,
+    /// Non-zero: redirected before the resolver listened in the socket's network namespace
+    /// (cookie `netns`): its queries are dropped until the namespace has a `DNS_NETNS` entry.
+    pub parked: u32,
+    pub netns: u64,
+}
+
+impl DnsRedirected {
+    /// The server the process addressed (a v4-mapped IPv6 address as IPv4).
+    pub fn server(&self) -> core::net::SocketAddr {
+        let port = u16::from_be(self.port as u16);
+        let ip = if self.v6 != 0 {
+            let mut octets = [0u8; 16];
+            for (i, word) in self.ip6.iter().enumerate() {
+                octets[i * 4..i * 4 + 4].copy_from_slice(&word.to_ne_bytes());
+            }
+            core::net::Ipv6Addr::from(octets).to_canonical()
+        } else {
+            core::net::IpAddr::V4(core::net::Ipv4Addr::from(self.ip4.to_ne_bytes()))
+        };
+        core::net::SocketAddr::new(ip, port)
+    }
 }
 
 /// Capacity of `DNS_NETNS`: the network namespaces block mode's resolver listens in at once
@@ -140,7 +163,7 @@ pub fn egress_key<const N: usize>(policy: u32, port: u16, addr: &[u8]) -> [u8; N
 
 const _: () = assert!(core::mem::size_of::<EgressJob>() == 8);
 const _: () = assert!(core::mem::size_of::<EgressAllow>() == 8);
-const _: () = assert!(core::mem::size_of::<DnsAsked>() == 24);
+const _: () = assert!(core::mem::size_of::<DnsRedirected>() == 40);
 
 #[cfg(feature = "user")]
 mod user {
@@ -149,5 +172,5 @@ mod user {
     // is a valid value.
     unsafe impl aya::Pod for EgressJob {}
     unsafe impl aya::Pod for EgressAllow {}
-    unsafe impl aya::Pod for DnsAsked {}
+    unsafe impl aya::Pod for DnsRedirected {}
 }

@@ -23,6 +23,7 @@ pub const EGRESS_ALLOW6: &str = "EGRESS_ALLOW6";
 pub const EGRESS_METADATA: &str = "EGRESS_METADATA";
 pub const DNS_PORTS: &str = "DNS_PORTS";
 pub const DNS_ASKED: &str = "DNS_ASKED";
+pub const DNS_REDIRECTS: &str = "DNS_REDIRECTS";
 pub const DNS_NETNS: &str = "DNS_NETNS";
 pub const DNS_NETNS_WANTED: &str = "DNS_NETNS_WANTED";
 pub const TLS_NAMES: &str = "TLS_NAMES";

@@ -40,9 +40,9 @@ use aya_ebpf::{
 };
 use runner_monitor_common::{
     AF_INET, AF_INET6, CONNECT_DNS_REDIRECTED, DNS_NETNS_LOCAL, DNS_NETNS_OWN, DNS_NETNS_PASS,
-    DNS_NETNS_V6, DNS_NETNS_WANTED_BYTES, DNS_NETNS_WANTED_EXEC, DNS_NETNS_WANTED_QUERY, DnsAsked,
-    MAX_DNS_ASKED, MAX_DNS_NETNS, MAX_DNS_PORTS, dns_port_key, dns_source, dns_source_policy,
-    setting,
+    DNS_NETNS_V6, DNS_NETNS_WANTED_BYTES, DNS_NETNS_WANTED_EXEC, DNS_NETNS_WANTED_QUERY,
+    DnsRedirected, MAX_DNS_ASKED, MAX_DNS_NETNS, MAX_DNS_PORTS, dns_port_key, dns_source,
+    dns_source_policy, setting,
 };
 
 use crate::{
@@ -52,29 +52,13 @@ use crate::{
     names,
 };
 
-/// Where a redirected socket's queries were going: address and port as the process wrote them
-/// (network byte order).
-#[repr(C)]
-#[derive(Clone, Copy)]
-pub struct Redirected {
-    pub ip4: u32,
-    pub port: u32,
-    /// The IPv6 address, when `v6` (an IPv6 socket's).
-    pub ip6: [u32; 4],
-    pub v6: u32,
-    /// Non-zero: redirected before the resolver listened in the socket's network namespace
-    /// (cookie `netns`): its queries are dropped until the namespace has a `DNS_NETNS` entry.
-    pub parked: u32,
-    pub netns: u64,
-}
-
 /// What `dns_egress` returns for a parked query: drop it, and tell the sender "congestion",
 /// which a UDP send takes for success (`ENOBUFS`, not reported without `IP_RECVERR`).
 pub const PARK: i32 = 2;
 
 /// Whether a query of a socket redirected as `redirected` waits for the resolver (`PARK`).
 #[inline(always)]
-pub fn parked(redirected: &Redirected) -> bool {
+pub fn parked(redirected: &DnsRedirected) -> bool {
     // SAFETY: a lookup; only its presence is read.
     redirected.parked != 0 && unsafe { DNS_NETNS.get(redirected.netns) }.is_none()
 }
@@ -84,7 +68,7 @@ const MAX_REDIRECTED: u32 = 8192;
 
 /// socket cookie -> the server the process addressed.
 #[map]
-pub static DNS_REDIRECTS: LruHashMap<u64, Redirected> =
+pub static DNS_REDIRECTS: LruHashMap<u64, DnsRedirected> =
     LruHashMap::with_max_entries(MAX_REDIRECTED, 0);
 
 /// Local address and port (`dns_port_key`) -> policy id, for a socket bound before its connect
@@ -99,26 +83,15 @@ pub static DNS_PORTS: LruHashMap<[u64; 2], u32> = LruHashMap::with_max_entries(M
 /// Source address and port of a redirected UDP query (`dns_port_key`) -> the server the process
 /// addressed, written as the query leaves (`dns_egress`), so before the resolver reads it.
 #[map]
-pub static DNS_ASKED: LruHashMap<[u64; 2], DnsAsked> =
+pub static DNS_ASKED: LruHashMap<[u64; 2], DnsRedirected> =
     LruHashMap::with_max_entries(MAX_DNS_ASKED, 0);
 
 /// Tells the resolver where a redirected UDP query from `addr` (host byte order; 0 for an IPv6
 /// send, which comes from `[::1]`) and `port` was going.
 #[inline(always)]
-pub fn note_asked(redirected: &Redirected, addr: u32, port: u16, v6: bool) {
-    let mut asked = DnsAsked::default();
-    if redirected.v6 != 0 {
-        for (i, word) in redirected.ip6.iter().enumerate() {
-            asked.addr[i * 4..i * 4 + 4].copy_from_slice(&word.to_ne_bytes());
-        }
-    } else {
-        asked.addr[10] = 0xff;
-        asked.addr[11] = 0xff;
-        asked.addr[12..].copy_from_slice(&redirected.ip4.to_ne_bytes());
-    }
-    asked.port = u16::from_be(redirected.port as u16);
+pub fn note_asked(redirected: &DnsRedirected, addr: u32, port: u16, v6: bool) {
     let key = dns_port_key(addr, port, v6, redirected.netns);
-    let _ = DNS_ASKED.insert(key, asked, 0);
+    let _ = DNS_ASKED.insert(key, redirected, 0);
 }
 
 /// Network namespace cookie -> the resolver listens there (flags: `DNS_NETNS_V6`), or will not
@@ -328,7 +301,7 @@ fn bound6(ctx: &SockAddrContext) -> (bool, u32) {
 
 /// Remembers where a redirected socket's queries were going, and marks a redirected connect.
 #[inline(always)]
-fn remember(ctx: &SockAddrContext, mut original: Redirected, served: Served, send: bool) {
+fn remember(ctx: &SockAddrContext, mut original: DnsRedirected, served: Served, send: bool) {
     original.parked = u32::from(served.parked);
     original.netns = served.cookie;
     // SAFETY: the context is a socket-address context.
@@ -382,7 +355,7 @@ pub fn redirect4(ctx: &SockAddrContext, send: bool) -> bool {
     }
     remember(
         ctx,
-        Redirected {
+        DnsRedirected {
             ip4,
             port: user_port,
             ip6: [0; 4],
@@ -433,7 +406,7 @@ impl Redirect6 {
     fn point_at(&self, ctx: &SockAddrContext, to: [u32; 4], send: bool) {
         remember(
             ctx,
-            Redirected {
+            DnsRedirected {
                 ip4: 0,
                 port: self.user_port,
                 ip6: self.ip6,

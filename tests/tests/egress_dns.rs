@@ -552,38 +552,46 @@ fn block_mode_asks_the_dns_server_a_job_addressed_where_its_allowlist_admits_it(
     let j = &job_ns.name;
     let ask = |how: &str, server: &str, name: &str| format!("dns {how} {server}:53 {name} {PORT}");
     let whoami = |how: &str, server: &str| ask(how, server, "whoami.allowed.test");
+    let in_ns = |how: &str| format!("!\"$JOB_STEP\" in-netns {j} {}", whoami(how, CLUSTER));
     let steps = [
         ("udp", whoami("udp", CLUSTER)),
         ("send", whoami("udp-send", CLUSTER)),
-        ("denied", ask("udp", CLUSTER, "denied.test")),
-        // TCP: the kernel does not note the server of a TCP query; the upstream answers.
         ("tcp", whoami("tcp", CLUSTER)),
+        // An IPv6 socket that addresses it v4-mapped.
+        ("udp-mapped", whoami("udp", &format!("[::ffff:{CLUSTER}]"))),
+        ("tcp-mapped", whoami("tcp", &format!("[::ffff:{CLUSTER}]"))),
+        ("denied", ask("udp", CLUSTER, "denied.test")),
         ("upstream", whoami("udp", SERVER)),
-        (
-            "in-ns",
-            format!(
-                "!\"$JOB_STEP\" in-netns {j} {}",
-                whoami("udp-retry", CLUSTER)
-            ),
-        ),
+        ("upstream-tcp", whoami("tcp", SERVER)),
+        // In the job's own namespace: asked from there (the first query may be parked).
+        ("in-ns", in_ns("udp-retry")),
+        ("in-ns-tcp", in_ns("tcp")),
     ];
     let answers = job(&env, &agent, &run_id(6), "acme/dns-cluster", &steps);
     let expect = |label: &str, want: &str| expect_answer(&answers, label, want, &dir);
-    expect("udp", &format!("NoError {CLUSTER} ok"));
-    expect("send", &format!("NoError {CLUSTER} ok"));
+    for label in [
+        "udp",
+        "send",
+        "tcp",
+        "udp-mapped",
+        "tcp-mapped",
+        "in-ns",
+        "in-ns-tcp",
+    ] {
+        expect(label, &format!("NoError {CLUSTER} ok"));
+    }
     expect("denied", "Refused - -");
-    expect("tcp", &format!("NoError {SERVER} ok"));
     expect("upstream", &format!("NoError {SERVER} ok"));
-    expect("in-ns", &format!("NoError {CLUSTER} ok"));
+    expect("upstream-tcp", &format!("NoError {SERVER} ok"));
     // A job whose allowlist does not admit that server gets the agent's upstream.
-    let answers = job(
-        &env,
-        &agent,
-        &run_id(7),
-        "acme/dns-a",
-        &[("other", whoami("udp", CLUSTER))],
-    );
-    expect_answer(&answers, "other", &format!("NoError {SERVER} ok"), &dir);
+    let steps = [
+        ("other", whoami("udp", CLUSTER)),
+        ("other-tcp", whoami("tcp", CLUSTER)),
+    ];
+    let answers = job(&env, &agent, &run_id(7), "acme/dns-a", &steps);
+    for label in ["other", "other-tcp"] {
+        expect_answer(&answers, label, &format!("NoError {SERVER} ok"), &dir);
+    }
     drop(job_ns);
     drop(ns);
     let status = agent.stop();

@@ -17,7 +17,7 @@ use aya::maps::{
 };
 use ipnet::IpNet;
 use runner_monitor_common::{
-    DnsAsked, EGRESS_BLOCK, EGRESS_GLOBAL_POLICY, EGRESS_KEY_FIXED_BITS, EGRESS_MAX_POLICY,
+    DnsRedirected, EGRESS_BLOCK, EGRESS_GLOBAL_POLICY, EGRESS_KEY_FIXED_BITS, EGRESS_MAX_POLICY,
     EGRESS_METADATA_ENTITLED, EGRESS_SNI, EgressAllow, EgressJob, EgressKey4, EgressKey6,
     TLS_NAME_EXACT, TLS_NAME_WILDCARD, egress_key, map_name,
     tls::{TlsNameKey, sni_hash},
@@ -141,8 +141,10 @@ pub struct Allowlists {
     resolved: StdHashMap<u32, StdHashMap<EntryKey, u64>>,
     /// Local port -> policy id of redirected sockets bound before their connect.
     ports: HashMap<MapData, [u64; 2], u32>,
-    /// Source of a redirected UDP query -> the server the process addressed.
-    asked: HashMap<MapData, [u64; 2], DnsAsked>,
+    /// Source of a redirected UDP query -> where the process sent it.
+    asked: HashMap<MapData, [u64; 2], DnsRedirected>,
+    /// Socket cookie of a redirected socket -> where the process sent it.
+    redirects: HashMap<MapData, u64, DnsRedirected>,
 }
 
 pub type SharedAllowlists = Arc<Mutex<Allowlists>>;
@@ -218,9 +220,12 @@ impl Allowlists {
     /// was addressed to, as the kernel noted it when the query left.
     pub fn asked_server(&self, addr: u32, port: u16, v6: bool, netns: u64) -> Option<SocketAddr> {
         let key = runner_monitor_common::dns_port_key(addr, port, v6, netns);
-        let asked = self.asked.get(&key, 0).ok()?;
-        let ip = std::net::Ipv6Addr::from(asked.addr).to_canonical();
-        Some(SocketAddr::new(ip, asked.port))
+        self.asked.get(&key, 0).ok().map(|r| r.server())
+    }
+
+    /// The server a redirected socket (its cookie) was addressed to.
+    pub fn redirected_server(&self, cookie: u64) -> Option<SocketAddr> {
+        self.redirects.get(&cookie, 0).ok().map(|r| r.server())
     }
 
     /// The plan judged under `policy` (a job's, or the global one), if it blocks.
@@ -327,6 +332,8 @@ impl EgressMaps {
             .map_err(map_error(map_name::DNS_PORTS))?;
         let asked = HashMap::try_from(take(map_name::DNS_ASKED)?)
             .map_err(map_error(map_name::DNS_ASKED))?;
+        let redirects = HashMap::try_from(take(map_name::DNS_REDIRECTS)?)
+            .map_err(map_error(map_name::DNS_REDIRECTS))?;
         let tls_names = HashMap::try_from(take(map_name::TLS_NAMES)?)
             .map_err(map_error(map_name::TLS_NAMES))?;
         Ok(Self {
@@ -339,6 +346,7 @@ impl EgressMaps {
                 resolved: StdHashMap::new(),
                 ports,
                 asked,
+                redirects,
             })),
             metadata,
             tls_names,

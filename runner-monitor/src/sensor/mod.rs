@@ -28,6 +28,7 @@ pub mod reader;
 pub mod reconcile;
 pub mod resolver;
 pub mod ringfill;
+pub mod sock_diag;
 pub mod socket_layout;
 pub mod task_hooks;
 

@@ -1,10 +1,11 @@
 //! Block mode's DNS resolver. The kernel sends the port-53 traffic of job processes in block
 //! mode here (`runner-monitor-ebpf/src/redirect.rs`), from a loopback source address that
 //! carries the job's policy id. A query for a name the job's plan allows is forwarded to the
-//! upstream resolver (or, over UDP, to the server the job addressed, where its plan admits that
-//! server: `EgressPlan::asks_dns`; the kernel notes it in `DNS_ASKED`), and the A/AAAA addresses of the answer (through CNAME chains from the name
-//! asked) are written into the job's allowlist BEFORE the answer is sent: a connect right after
-//! the answer finds them. A query for any other name is answered REFUSED and not forwarded: a
+//! upstream resolver (or to the server the job addressed, where its plan admits that server:
+//! `EgressPlan::asks_dns`; `DNS_ASKED` for UDP, `DNS_REDIRECTS` and `sock_diag` for TCP), and
+//! the A/AAAA addresses of the answer (through CNAME chains from the name asked) are written
+//! into the job's allowlist BEFORE the answer is sent: a connect right after the answer finds
+//! them. A query for any other name is answered REFUSED and not forwarded: a
 //! query is itself a way out (DNS tunnelling puts the data in the name), so block mode does not
 //! let it leave the host.
 //!
@@ -209,12 +210,20 @@ fn serve_udp(udp: UdpSocket, service: &Service, netns: u64) -> tokio::task::Join
             let query = buf[..n].to_vec();
             let (udp, service) = (udp.clone(), service.clone());
             tokio::spawn(async move {
-                if let Some(answer) = answer(&service, netns, peer, &query, false).await {
+                if let Some(answer) = answer(&service, netns, peer, &query, Via::Udp).await {
                     let _ = udp.send_to(&answer, peer).await;
                 }
             });
         }
     })
+}
+
+/// How a query came: over UDP (the kernel noted where each was going: `DNS_ASKED`), or on a
+/// TCP connection, with the server the job's socket was connecting to, if the kernel kept it.
+#[derive(Clone, Copy)]
+enum Via {
+    Udp,
+    Tcp(Option<SocketAddr>),
 }
 
 /// DNS over TCP: length-prefixed messages, one answer per query, until the client goes.
@@ -224,13 +233,31 @@ async fn serve_tcp(
     service: &Service,
     netns: u64,
 ) -> io::Result<()> {
+    // Where the job's socket was connecting: kept under its cookie (`DNS_REDIRECTS`), which
+    // `sock_diag` finds by the connection's addresses, in the connection's namespace.
+    let local = stream.local_addr()?;
+    let cookie = made_in(service.ns.as_ref(), move || {
+        super::sock_diag::tcp_socket_cookie(peer, local)
+    })
+    .await;
+    let asked = match cookie {
+        Ok(cookie) => service
+            .lists
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .redirected_server(cookie),
+        Err(error) => {
+            tracing::debug!(%peer, %error, "a DNS-over-TCP client's socket was not found");
+            None
+        }
+    };
     loop {
         let Ok(len) = timeout(TCP_IDLE, stream.read_u16()).await else {
             return Ok(());
         };
         let mut query = vec![0u8; usize::from(len?)];
         stream.read_exact(&mut query).await?;
-        let Some(answer) = answer(service, netns, peer, &query, true).await else {
+        let Some(answer) = answer(service, netns, peer, &query, Via::Tcp(asked)).await else {
             return Ok(());
         };
         let mut out = (answer.len() as u16).to_be_bytes().to_vec();
@@ -260,7 +287,7 @@ async fn answer(
     netns: u64,
     peer: SocketAddr,
     query: &[u8],
-    tcp: bool,
+    via: Via,
 ) -> Option<Vec<u8>> {
     let Service {
         lists,
@@ -290,15 +317,16 @@ async fn answer(
         let ports = plan
             .zip(question.as_ref())
             .and_then(|(plan, name)| plan.name_ports(&name.to_utf8()));
-        // The server the job addressed, where its plan lets the resolver ask it (UDP: the
-        // kernel notes it as the query leaves).
+        // The server the job addressed, where its plan lets the resolver ask it.
+        let asked = match via {
+            Via::Udp => {
+                source.and_then(|(addr, v6)| lists.asked_server(addr, peer.port(), v6, netns))
+            }
+            Via::Tcp(asked) => asked,
+        };
         let asked = plan
-            .zip(source.filter(|_| !tcp))
-            .and_then(|(plan, (addr, v6))| {
-                lists
-                    .asked_server(addr, peer.port(), v6, netns)
-                    .filter(|server| plan.asks_dns(*server))
-            });
+            .zip(asked)
+            .and_then(|(plan, server)| plan.asks_dns(server).then_some(server));
         (policy, ports, asked)
     };
     let (Some(policy), Some(question), Some(ports)) = (policy, question, ports) else {
@@ -317,7 +345,7 @@ async fn answer(
         ),
     };
     for server in servers {
-        let forwarded = if tcp {
+        let forwarded = if matches!(via, Via::Tcp(_)) {
             timeout(UPSTREAM_TIMEOUT, forward_tcp(ns, server, query)).await
         } else {
             timeout(UPSTREAM_TIMEOUT, forward_udp(ns, server, query)).await
