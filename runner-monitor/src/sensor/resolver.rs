@@ -112,6 +112,12 @@ pub fn nameservers(resolv_conf: &str) -> Vec<SocketAddr> {
 /// The network namespace cookie of the namespace `socket` lives in (`SO_NETNS_COOKIE`).
 pub fn netns_cookie(socket: &impl std::os::fd::AsRawFd) -> io::Result<u64> {
     const SO_NETNS_COOKIE: libc::c_int = 71;
+    socket_cookie(socket, SO_NETNS_COOKIE)
+}
+
+/// A cookie `socket` gives as its `SOL_SOCKET` option `option` (`SO_COOKIE`: its own;
+/// `SO_NETNS_COOKIE`: its network namespace's).
+pub fn socket_cookie(socket: &impl std::os::fd::AsRawFd, option: libc::c_int) -> io::Result<u64> {
     let mut cookie: u64 = 0;
     let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
     // SAFETY: getsockopt writes at most `len` bytes into the u64 we own.
@@ -119,7 +125,7 @@ pub fn netns_cookie(socket: &impl std::os::fd::AsRawFd) -> io::Result<u64> {
         libc::getsockopt(
             socket.as_raw_fd(),
             libc::SOL_SOCKET,
-            SO_NETNS_COOKIE,
+            option,
             (&mut cookie as *mut u64).cast(),
             &mut len,
         )
@@ -318,15 +324,16 @@ async fn answer(
             .zip(question.as_ref())
             .and_then(|(plan, name)| plan.name_ports(&name.to_utf8()));
         // The server the job addressed, where its plan lets the resolver ask it.
-        let asked = match via {
-            Via::Udp => {
-                source.and_then(|(addr, v6)| lists.asked_server(addr, peer.port(), v6, netns))
-            }
-            Via::Tcp(asked) => asked,
-        };
-        let asked = plan
-            .zip(asked)
-            .and_then(|(plan, server)| plan.asks_dns(server).then_some(server));
+        let asked = plan.and_then(|plan| {
+            let server = match via {
+                Via::Udp => {
+                    let (addr, v6) = source?;
+                    lists.asked_server(addr, peer.port(), v6, netns)?
+                }
+                Via::Tcp(asked) => asked?,
+            };
+            plan.asks_dns(server).then_some(server)
+        });
         (policy, ports, asked)
     };
     let (Some(policy), Some(question), Some(ports)) = (policy, question, ports) else {

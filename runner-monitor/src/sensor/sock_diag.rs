@@ -80,24 +80,11 @@ mod tests {
 
     #[test]
     fn a_connected_sockets_cookie_is_the_one_the_socket_gives() {
-        use std::os::fd::AsRawFd as _;
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
         let (server, _) = listener.accept().unwrap();
         let (local, remote) = (client.local_addr().unwrap(), client.peer_addr().unwrap());
-        let mut cookie: u64 = 0;
-        let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
-        // SAFETY: getsockopt writes at most `len` bytes into the u64 we own.
-        let rc = unsafe {
-            libc::getsockopt(
-                client.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_COOKIE,
-                (&mut cookie as *mut u64).cast(),
-                &mut len,
-            )
-        };
-        assert_eq!(rc, 0, "{}", io::Error::last_os_error());
+        let cookie = super::super::resolver::socket_cookie(&client, libc::SO_COOKIE).unwrap();
         assert_eq!(tcp_socket_cookie(local, remote).unwrap(), cookie);
         // The accepted end is another socket, with a cookie of its own.
         assert_ne!(tcp_socket_cookie(remote, local).unwrap(), cookie);
