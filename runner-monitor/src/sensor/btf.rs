@@ -283,6 +283,22 @@ impl KernelBtf {
     }
 }
 
+/// Offsets of kernel structs that programs read, found in the running kernel's BTF and handed
+/// to the programs as load-time globals.
+pub trait KernelLayout {
+    fn from_btf(btf: &KernelBtf) -> Result<Self, String>
+    where
+        Self: Sized;
+
+    /// Sets the programs' layout globals (`set_layout`).
+    fn set_globals<'a>(&'a self, loader: &mut aya::EbpfLoader<'a>);
+}
+
+/// Layout `L` of the running kernel, from its BTF (or why that could not be read).
+pub(super) fn layout<L: KernelLayout>(btf: &Result<KernelBtf, String>) -> Result<L, String> {
+    btf.as_ref().map_err(Clone::clone).and_then(L::from_btf)
+}
+
 /// Sets a layout's globals in the programs (`name`, value) and its flag `known` to 1: frozen
 /// `.rodata`, which the verifier reads as constants.
 pub(super) fn set_layout<'a>(

@@ -37,7 +37,7 @@ use runner_monitor_common::{
 use tokio::{io::unix::AsyncFd, task::JoinHandle};
 
 use super::{
-    btf::KernelBtf,
+    btf::{KernelBtf, KernelLayout},
     resolver::{self, Service, Sockets},
 };
 
@@ -57,8 +57,8 @@ pub struct NetnsLayout {
     pub net_cookie: u32,
 }
 
-impl NetnsLayout {
-    pub fn from_btf(btf: &KernelBtf) -> Result<Self, String> {
+impl KernelLayout for NetnsLayout {
+    fn from_btf(btf: &KernelBtf) -> Result<Self, String> {
         Ok(Self {
             task_nsproxy: btf.offset("task_struct", "nsproxy")?,
             nsproxy_net_ns: btf.offset("nsproxy", "net_ns")?,
@@ -67,7 +67,7 @@ impl NetnsLayout {
     }
 
     /// Sets the exec hook's layout globals.
-    pub(super) fn set_globals<'a>(&'a self, loader: &mut aya::EbpfLoader<'a>) {
+    fn set_globals<'a>(&'a self, loader: &mut aya::EbpfLoader<'a>) {
         super::btf::set_layout(
             loader,
             &[

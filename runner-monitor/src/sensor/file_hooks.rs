@@ -7,7 +7,7 @@
 //! both with EPERM). The choice is made at start-up for every family alike (`hook_sets.rs`);
 //! `runner-monitor check` prints it with its reason.
 
-use aya::EbpfLoader;
+use super::btf::KernelLayout;
 use serde::Serialize;
 
 use super::{
@@ -49,8 +49,8 @@ pub struct FileLayout {
     pub dentry_d_name: u32,
 }
 
-impl FileLayout {
-    pub fn from_btf(btf: &KernelBtf) -> Result<Self, String> {
+impl KernelLayout for FileLayout {
+    fn from_btf(btf: &KernelBtf) -> Result<Self, String> {
         let offset = |ty: &str, m: &str| btf.member(ty, m).map_err(|e| e.to_string());
         let pointer = |ty: &str, m: &str| -> Result<u32, String> {
             let member = btf.member(ty, m).map_err(|e| e.to_string())?;
@@ -71,7 +71,7 @@ impl FileLayout {
     }
 
     /// Sets the programs' layout globals (read by the verifier as constants: frozen `.rodata`).
-    pub(super) fn set_globals<'a>(&'a self, loader: &mut EbpfLoader<'a>) {
+    fn set_globals<'a>(&'a self, loader: &mut aya::EbpfLoader<'a>) {
         super::btf::set_layout(
             loader,
             &[

@@ -224,38 +224,25 @@ impl Sensor {
             loader.map_pin_path(pin.name, pin.path.clone());
         }
         let kernel_btf = btf::KernelBtf::vmlinux().map_err(|e| e.to_string());
-        let file_layout = kernel_btf
-            .as_ref()
-            .map_err(Clone::clone)
-            .and_then(file_hooks::FileLayout::from_btf);
-        if let Ok(layout) = &file_layout {
-            layout.set_globals(&mut loader);
-        }
-        let task_layout = kernel_btf
-            .as_ref()
-            .map_err(Clone::clone)
-            .and_then(task_hooks::TaskLayout::from_btf);
-        if let Ok(layout) = &task_layout {
-            layout.set_globals(&mut loader);
-        }
-        let netns_layout = kernel_btf
-            .as_ref()
-            .map_err(Clone::clone)
-            .and_then(dns_netns::NetnsLayout::from_btf);
-        if let Ok(layout) = &netns_layout {
-            layout.set_globals(&mut loader);
-        }
-        let socket_layout = kernel_btf
-            .as_ref()
-            .map_err(Clone::clone)
-            .and_then(socket_layout::SocketLayout::from_btf);
-        match &socket_layout {
-            Ok(layout) => layout.set_globals(&mut loader),
-            Err(reason) => tracing::warn!(
+        let file_layout = btf::layout::<file_hooks::FileLayout>(&kernel_btf);
+        let task_layout = btf::layout::<task_hooks::TaskLayout>(&kernel_btf);
+        let netns_layout = btf::layout::<dns_netns::NetnsLayout>(&kernel_btf);
+        let socket_layout = btf::layout::<socket_layout::SocketLayout>(&kernel_btf);
+        if let Err(reason) = &socket_layout {
+            tracing::warn!(
                 %reason,
                 "who serves a unix socket is not known: container requests a job writes on any \
                  unix socket are read as if a container runtime served it"
-            ),
+            );
+        }
+        let known: [Option<&dyn btf::KernelLayout>; 4] = [
+            file_layout.as_ref().ok().map(|l| l as _),
+            task_layout.as_ref().ok().map(|l| l as _),
+            netns_layout.as_ref().ok().map(|l| l as _),
+            socket_layout.as_ref().ok().map(|l| l as _),
+        ];
+        for layout in known.into_iter().flatten() {
+            layout.set_globals(&mut loader);
         }
         let mut ebpf = loader.load(OBJECT).map_err(SensorError::Load)?;
         let links = match (&pin_dir, &options.pin_dir) {

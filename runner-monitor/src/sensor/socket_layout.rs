@@ -3,7 +3,7 @@
 //! (`runner-monitor-ebpf/src/unix_peer.rs`), so container requests are read only on a container
 //! runtime's API socket.
 
-use aya::EbpfLoader;
+use super::btf::KernelLayout;
 use serde::Serialize;
 
 use super::btf::KernelBtf;
@@ -36,8 +36,8 @@ pub struct SocketLayout {
 /// `PIDTYPE_TGID` in `enum pid_type`.
 const PIDTYPE_TGID: u32 = 1;
 
-impl SocketLayout {
-    pub fn from_btf(btf: &KernelBtf) -> Result<Self, String> {
+impl KernelLayout for SocketLayout {
+    fn from_btf(btf: &KernelBtf) -> Result<Self, String> {
         let offset = |ty: &str, m: &str| btf.offset(ty, m);
         Ok(Self {
             task_files: offset("task_struct", "files")?,
@@ -60,7 +60,7 @@ impl SocketLayout {
     }
 
     /// Sets the connect probe's layout globals (`unix_peer.rs`).
-    pub(super) fn set_globals<'a>(&'a self, loader: &mut EbpfLoader<'a>) {
+    fn set_globals<'a>(&'a self, loader: &mut aya::EbpfLoader<'a>) {
         super::btf::set_layout(
             loader,
             &[

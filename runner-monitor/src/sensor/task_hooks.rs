@@ -9,7 +9,7 @@
 //! the kernel with (`bpf_task_pt_regs`), at offsets from the kernel's BTF, and send numbers of
 //! this architecture, which the agent names (`syscall_name`).
 
-use aya::EbpfLoader;
+use super::btf::KernelLayout;
 use serde::Serialize;
 
 use super::{
@@ -56,8 +56,8 @@ pub struct TaskLayout {
     pub nr_process_vm_readv: u32,
 }
 
-impl TaskLayout {
-    pub fn from_btf(btf: &KernelBtf) -> Result<Self, String> {
+impl KernelLayout for TaskLayout {
+    fn from_btf(btf: &KernelBtf) -> Result<Self, String> {
         let offset = |ty: &str, m: &str| btf.offset(ty, m);
         let (nr, arg0) = REGS.ok_or("no pt_regs layout known for this architecture")?;
         Ok(Self {
@@ -70,7 +70,7 @@ impl TaskLayout {
     }
 
     /// Sets the programs' layout globals (`task_layout.rs`).
-    pub(super) fn set_globals<'a>(&'a self, loader: &mut EbpfLoader<'a>) {
+    fn set_globals<'a>(&'a self, loader: &mut aya::EbpfLoader<'a>) {
         super::btf::set_layout(
             loader,
             &[
