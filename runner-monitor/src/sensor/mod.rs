@@ -2,6 +2,7 @@
 //! and the job roots, and read what they send.
 
 mod adopt;
+pub mod allowlists;
 pub mod attach;
 pub mod btf;
 pub mod check;

@@ -30,7 +30,7 @@ use tokio::{
     time::timeout,
 };
 
-use super::egress::SharedAllowlists;
+use super::allowlists::SharedAllowlists;
 use crate::clock::monotonic_ns;
 
 /// How long the upstream has to answer one query.
