@@ -20,7 +20,7 @@ use runner_monitor_common::{
     DnsRedirected, EGRESS_KEY_FIXED_BITS, EgressAllow, EgressKey4, EgressKey6, egress_key, map_name,
 };
 
-use super::{SensorError, egress::map_error};
+use super::{SensorError, map_error};
 use crate::policy::EgressPlan;
 
 /// One allowlist entry's key: the trie, the prefix length and the key bytes.

@@ -21,6 +21,7 @@ use runner_monitor_common::{
 use super::{
     SensorError,
     allowlists::{Allowlists, EntryKey, SharedAllowlists, entries},
+    map_error,
 };
 use crate::{event::JobKey, policy::EgressPlan};
 
@@ -89,10 +90,6 @@ fn metadata_key(ip: IpAddr) -> [u8; 16] {
         IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
         IpAddr::V6(v6) => v6.octets(),
     }
-}
-
-pub(super) fn map_error(name: &'static str) -> impl Fn(aya::maps::MapError) -> SensorError {
-    move |source| SensorError::Map { name, source }
 }
 
 pub struct EgressMaps {

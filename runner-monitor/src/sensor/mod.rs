@@ -102,6 +102,11 @@ pub enum SensorError {
     },
 }
 
+/// A map error of map `name`, as `SensorError::Map`.
+pub(super) fn map_error(name: &'static str) -> impl Fn(aya::maps::MapError) -> SensorError {
+    move |source| SensorError::Map { name, source }
+}
+
 /// How to load the sensor.
 #[derive(Clone, Debug, Default)]
 pub struct SensorOptions {
@@ -267,7 +272,6 @@ impl Sensor {
             }
         };
 
-        let map_error = |name| move |source| SensorError::Map { name, source };
         let names = HashMap::try_from(take_map(&mut ebpf, map_name::NAMES)?)
             .map_err(map_error(map_name::NAMES))?;
         let file_names = HashMap::try_from(take_map(&mut ebpf, map_name::FILE_NAMES)?)
