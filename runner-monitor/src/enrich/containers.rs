@@ -132,6 +132,11 @@ impl ContainerNamer {
                         (Action::Exec, _, Some(starts)) => {
                             starts.ask_exec(socket.unwrap_or_default(), &found.reference, job, at)
                         }
+                        (Action::Inspect, _, Some(starts)) => {
+                            if let Some(socket) = socket {
+                                starts.look_up(socket, &found.reference, job)
+                            }
+                        }
                         _ => {}
                     }
                 }

@@ -34,6 +34,11 @@ const TIMEOUT: Duration = Duration::from_millis(500);
 const MAX_ANSWER: u64 = 1 << 20;
 /// Starts waiting to be asked; more are left to the kernel's guess.
 const QUEUE: usize = 64;
+/// How long the container the daemon named for a job's inspect stands for that job's exec of
+/// the same name (`docker exec` sends its inspect a few milliseconds before the exec).
+const LOOKED_UP_FOR_NS: u64 = 2_000_000_000;
+/// Inspects' answers kept at once (the oldest is forgotten).
+const LOOKED_UP: usize = 256;
 
 /// For a start: registers container `id` (64 hex digits) as job `job`'s in the kernel and frees
 /// the pending start if it is still that start: `Ok(true)`; `Ok(false)` when the pending start
@@ -49,6 +54,17 @@ struct Start {
     asked: Asked,
 }
 
+/// What the thread is asked to do, in the order the job's requests came.
+enum Request {
+    Register(Start),
+    /// A job's inspect of a container by name or short id at a daemon: looked up for the exec
+    /// that may follow (`exec`).
+    LookUp(Start),
+}
+
+/// (daemon socket, job, reference) -> the container's id and when the daemon named it.
+type LookedUp = BoundedMap<(PathBuf, JobKey, String), (String, u64)>;
+
 /// A name resolved to its container before the container's cgroup was made.
 #[derive(Clone, Debug)]
 struct Resolved {
@@ -58,7 +74,7 @@ struct Resolved {
 }
 
 pub struct NameStarts {
-    starts: mpsc::SyncSender<Start>,
+    starts: mpsc::SyncSender<Request>,
     /// container id -> how its name was resolved, until its container event.
     resolved: Arc<Mutex<BoundedMap<String, Resolved>>>,
 }
@@ -83,7 +99,7 @@ impl NameStarts {
             job,
             asked: Asked::Start { slot, pending_ns },
         };
-        if self.starts.try_send(start).is_err() {
+        if self.starts.try_send(Request::Register(start)).is_err() {
             tracing::warn!(
                 reference,
                 "too many container starts by name at once: this one is left to the kernel's guess"
@@ -101,12 +117,26 @@ impl NameStarts {
             job,
             asked: Asked::Exec { requested_ns },
         };
-        if self.starts.try_send(exec).is_err() {
+        if self.starts.try_send(Request::Register(exec)).is_err() {
             tracing::warn!(
                 reference,
                 "too many container requests by name at once: this docker exec is not followed"
             );
         }
+    }
+
+    /// A job's inspect of container `reference` (a name or short id) at the Docker socket
+    /// `socket`, found in its API stream: `docker exec` sends one just before its exec, so the
+    /// daemon is asked now and its answer is kept for that exec (`exec`). Dropped when the
+    /// thread is busy: the exec is then asked as before.
+    pub fn look_up(&self, socket: &str, reference: &str, job: JobKey) {
+        let inspect = Start {
+            socket: socket.into(),
+            reference: reference.to_owned(),
+            job,
+            asked: Asked::Exec { requested_ns: 0 },
+        };
+        let _ = self.starts.try_send(Request::LookUp(inspect));
     }
 
     /// A job's start (or attach) of container `reference` that the kernel did not read where
@@ -120,7 +150,7 @@ impl NameStarts {
             job,
             asked: Asked::Found { found_ns: sent_ns },
         };
-        if self.starts.try_send(start).is_err() {
+        if self.starts.try_send(Request::Register(start)).is_err() {
             tracing::warn!(
                 "too many container requests at once: a start found in a job's API stream is \
                  not registered"
@@ -144,13 +174,21 @@ impl NameStarts {
 }
 
 fn run(
-    queue: mpsc::Receiver<Start>,
+    queue: mpsc::Receiver<Request>,
     mut register: Register,
     resolved: &Mutex<BoundedMap<String, Resolved>>,
 ) {
-    for start in queue {
+    let mut looked_up = LookedUp::new(LOOKED_UP);
+    for request in queue {
+        let start = match request {
+            Request::LookUp(inspect) => {
+                look_up(&mut looked_up, inspect);
+                continue;
+            }
+            Request::Register(start) => start,
+        };
         if let Asked::Exec { requested_ns } = start.asked {
-            exec(&start, requested_ns, &mut register);
+            exec(&start, requested_ns, &mut register, &mut looked_up);
             continue;
         }
         if let Asked::Found { found_ns } = start.asked {
@@ -262,11 +300,48 @@ fn found(
     }
 }
 
+/// A job's inspect of a container by name or short id: the daemon's answer, kept for the job's
+/// exec of the same reference.
+fn look_up(looked_up: &mut LookedUp, inspect: Start) {
+    match container_referenced(&inspect.socket, &inspect.reference) {
+        Ok(Some(id)) => {
+            let key = (inspect.socket, inspect.job, inspect.reference);
+            looked_up.insert(key, (id, monotonic_ns()));
+        }
+        Ok(None) => {}
+        Err(error) => {
+            tracing::debug!(reference = %inspect.reference, %error, "an inspect's container not looked up")
+        }
+    }
+}
+
 /// A job's `docker exec` by name or short id: the daemon says which container that is (as it
 /// will for the exec itself), and its cgroup is marked for the job's command. A full id (found
 /// in the job's stream where the kernel could not read it) is marked as is.
-fn exec(exec: &Start, requested_ns: u64, register: &mut Register) {
+///
+/// The container the daemon named for the job's inspect just before (`look_up`) is marked
+/// first, at once, and the daemon is asked again after: podman's answer waits for the
+/// container's lock, which the exec's start holds until its command runs (73 ms measured here,
+/// after the command's runc init had passed). The second answer is marked only when it names
+/// another container (renamed in between); a second mark of the same one would let another
+/// command there take it.
+fn exec(exec: &Start, requested_ns: u64, register: &mut Register, looked_up: &mut LookedUp) {
     let asked_ns = monotonic_ns();
+    let key = (exec.socket.clone(), exec.job, exec.reference.clone());
+    let early = looked_up
+        .remove(&key)
+        .filter(|(_, at)| asked_ns.saturating_sub(*at) <= LOOKED_UP_FOR_NS)
+        .map(|(id, _)| id);
+    if let Some(id) = &early {
+        mark(
+            exec,
+            id,
+            requested_ns,
+            asked_ns,
+            register,
+            "from its inspect",
+        );
+    }
     let id = match full_id(&exec.reference) {
         // A full id found in the job's stream: nothing to ask.
         Some(id) => Ok(Some(id)),
@@ -278,6 +353,8 @@ fn exec(exec: &Start, requested_ns: u64, register: &mut Register) {
     };
     let id = match id {
         Ok(Some(id)) => id,
+        // Marked from its inspect: the daemon's second answer only checks that.
+        Ok(None) | Err(_) if early.is_some() => return,
         Ok(None) => {
             tracing::info!(reference = %exec.reference, "docker exec: the daemon names no such container");
             return;
@@ -287,10 +364,29 @@ fn exec(exec: &Start, requested_ns: u64, register: &mut Register) {
             return;
         }
     };
+    match early {
+        Some(early) if early == id => return,
+        Some(early) => {
+            tracing::warn!(reference = %exec.reference, inspected = %early, %id, "the container a job's docker exec names changed since its inspect: the one the daemon names now is marked too")
+        }
+        None => {}
+    }
+    mark(exec, &id, requested_ns, asked_ns, register, "asked");
+}
+
+/// Marks container `id` for `exec`'s command (`how`: where the id came from).
+fn mark(
+    exec: &Start,
+    id: &str,
+    requested_ns: u64,
+    asked_ns: u64,
+    register: &mut Register,
+    how: &str,
+) {
     let after_us = monotonic_ns().saturating_sub(asked_ns) / 1000;
-    match register(&id, exec.job, Asked::Exec { requested_ns }) {
+    match register(id, exec.job, Asked::Exec { requested_ns }) {
         Ok(true) => {
-            tracing::debug!(reference = %exec.reference, %id, after_us, "docker exec by name resolved")
+            tracing::debug!(reference = %exec.reference, %id, after_us, how, "docker exec by name resolved")
         }
         Ok(false) => {
             tracing::info!(reference = %exec.reference, %id, "docker exec resolved too late, or into a container whose cgroup is unknown: its command is not the job's")
@@ -430,6 +526,81 @@ mod tests {
         assert_eq!(container_referenced(&socket, "postgres").unwrap(), None);
         let _ = requests.recv().unwrap();
         assert!(requests.try_recv().is_err());
+    }
+
+    /// `exec` for job 7's exec of `web` at `socket`: the ids `register` was given, in order,
+    /// each with how many requests the daemon (`requests`) had had by then.
+    fn exec_marks(
+        socket: &Path,
+        looked_up: &mut LookedUp,
+        requests: mpsc::Receiver<String>,
+    ) -> Vec<(String, usize)> {
+        let marks = Arc::new(Mutex::new(Vec::new()));
+        let seen = marks.clone();
+        let mut asked = 0;
+        let mut register: Register = Box::new(move |id, job, _| {
+            assert_eq!(job, JobKey(7));
+            asked += requests.try_iter().count();
+            seen.lock().unwrap().push((id.to_owned(), asked));
+            Ok(true)
+        });
+        let start = Start {
+            socket: socket.into(),
+            reference: "web".into(),
+            job: JobKey(7),
+            asked: Asked::Exec { requested_ns: 1 },
+        };
+        exec(&start, monotonic_ns(), &mut register, looked_up);
+        marks.lock().unwrap().clone()
+    }
+
+    #[test]
+    fn an_exec_is_marked_from_the_jobs_inspect_before_the_daemon_is_asked_again() {
+        let (b, a) = ("b".repeat(64), "a".repeat(64));
+        // Inspected just before, and the daemon still names the same container: one mark, made
+        // before the daemon's second answer.
+        let (_guard, socket, requests) = answering_each(&[LIST]);
+        let mut looked_up = LookedUp::new(4);
+        let key = |socket: &Path| (socket.to_owned(), JobKey(7), "web".to_owned());
+        looked_up.insert(key(&socket), (b.clone(), monotonic_ns()));
+        assert_eq!(
+            exec_marks(&socket, &mut looked_up, requests),
+            vec![(b.clone(), 0)]
+        );
+        assert!(looked_up.is_empty(), "an inspect's answer serves one exec");
+
+        // Renamed in between: the container the daemon names now is marked too.
+        let (_guard, socket, requests) = answering_each(&[LIST]);
+        looked_up.insert(key(&socket), (a.clone(), monotonic_ns()));
+        let marks = exec_marks(&socket, &mut looked_up, requests);
+        assert_eq!(marks, vec![(a.clone(), 0), (b.clone(), 1)]);
+
+        // Another job's inspect, or one too old, is not taken: the daemon is asked.
+        for (job, at) in [(8, monotonic_ns()), (7, 1)] {
+            let (_guard, socket, requests) = answering_each(&[LIST]);
+            let mut looked_up = LookedUp::new(4);
+            looked_up.insert((socket.clone(), JobKey(job), "web".into()), (a.clone(), at));
+            let marks = exec_marks(&socket, &mut looked_up, requests);
+            assert_eq!(marks, vec![(b.clone(), 1)], "job {job}, looked up at {at}");
+        }
+    }
+
+    #[test]
+    fn an_inspects_answer_is_kept_for_the_job_and_reference() {
+        let (_guard, socket, _requests) = answering_each(&[LIST]);
+        let mut looked_up = LookedUp::new(4);
+        let inspect = Start {
+            socket: socket.clone(),
+            reference: "web".into(),
+            job: JobKey(7),
+            asked: Asked::Exec { requested_ns: 0 },
+        };
+        look_up(&mut looked_up, inspect);
+        let kept = looked_up.get(&(socket, JobKey(7), "web".to_owned()));
+        assert_eq!(
+            kept.map(|(id, _)| id.as_str()),
+            Some("b".repeat(64).as_str())
+        );
     }
 
     #[test]

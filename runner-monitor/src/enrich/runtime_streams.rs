@@ -36,7 +36,8 @@ const CONNECTIONS: usize = 1024;
 /// several sends).
 const MAX_HEAD: usize = 16 << 10;
 
-/// A container request found in a job's stream that the kernel did not read, or a build.
+/// A container request found in a job's stream that the kernel did not read, a build, or an
+/// inspect by name.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Found {
     pub job: JobKey,
@@ -54,6 +55,9 @@ pub enum Action {
     /// `POST /build` or `/grpc` (no container named: `reference` is empty): the build's steps
     /// are the job's while its connection lives (`builds.rs`).
     Build,
+    /// `GET /containers/<name or short id>/json`, an inspect: what `docker exec` sends just
+    /// before the exec, so the name is looked up ahead of it (`name_starts.rs`).
+    Inspect,
 }
 
 /// What one send gave the reader.
@@ -328,16 +332,15 @@ fn request(head: &[u8], window: &[u8], job: JobKey, found: &mut Vec<Found>) -> S
     // `/build`: the classic builder's, and the 20.10 CLI's BuildKit. `/grpc`: buildx's docker
     // driver (Docker 23 and later, `docker/build-push-action`) runs BuildKit's gRPC API over it
     // for the whole build.
-    let asked = path.filter(|_| method == "POST").and_then(|p| {
-        if p == "/build" || p == "/grpc" {
-            Some((String::new(), Action::Build))
-        } else {
-            container_request(p)
-        }
+    let asked = path.and_then(|p| match method {
+        "POST" if p == "/build" || p == "/grpc" => Some((String::new(), Action::Build)),
+        "POST" => container_request(p),
+        "GET" => inspect_request(p),
+        _ => None,
     });
-    // A build is never read by the kernel (`runner-monitor-ebpf/src/builds.rs`).
+    // A build or an inspect is never read by the kernel (`runner-monitor-ebpf/src/builds.rs`).
     if let Some((reference, action)) = &asked
-        && (*action == Action::Build || !kernel_reads(window))
+        && (matches!(action, Action::Build | Action::Inspect) || !kernel_reads(window))
     {
         found.push(Found {
             job,
@@ -412,11 +415,21 @@ fn container_request(path: &str) -> Option<(String, Action)> {
         "exec" => Action::Exec,
         _ => return None,
     };
+    container_reference(reference).then(|| (reference.to_owned(), action))
+}
+
+/// `/containers/<ref>/json` with `ref` a name or a short id (a full id needs no look-up).
+fn inspect_request(path: &str) -> Option<(String, Action)> {
+    let reference = path.strip_prefix("/containers/")?.strip_suffix("/json")?;
+    let full_id = reference.len() == CONTAINER_ID_LEN;
+    (container_reference(reference) && !full_id).then(|| (reference.to_owned(), Action::Inspect))
+}
+
+/// A container's name or id as the daemon takes it in a path: `[a-zA-Z0-9_.-]`, at most an
+/// id long.
+fn container_reference(reference: &str) -> bool {
     let name_byte = |b: u8| b.is_ascii_alphanumeric() || b"_.-".contains(&b);
-    (!reference.is_empty()
-        && reference.len() <= CONTAINER_ID_LEN
-        && reference.bytes().all(name_byte))
-    .then(|| (reference.to_owned(), action))
+    !reference.is_empty() && reference.len() <= CONTAINER_ID_LEN && reference.bytes().all(name_byte)
 }
 
 /// Whether the kernel read this request where it was sent (it began a send's first buffer):

@@ -379,3 +379,34 @@ fn a_build_request_is_found_however_it_is_sent_and_only_a_post() {
         vec![]
     );
 }
+
+#[test]
+fn an_inspect_by_name_or_short_id_is_found_for_the_exec_after_it() {
+    let inspect = |reference: &str| Found {
+        job: JOB,
+        reference: reference.to_owned(),
+        action: Action::Inspect,
+    };
+    // What `docker exec web` sends before its exec (Docker 20.10's CLI).
+    let cli = b"HEAD /_ping HTTP/1.1\r\nHost: docker\r\n\r\n\
+        GET /v1.41/containers/web/json HTTP/1.1\r\nHost: docker\r\n\r\n";
+    assert_eq!(writes(&[cli]), vec![inspect("web")]);
+    let short = b"GET /containers/3f2a9c/json HTTP/1.1\r\n\r\n";
+    assert_eq!(writes(&[short]), vec![inspect("3f2a9c")]);
+    // A full id needs no look-up; other paths and methods are not inspects.
+    let by_id = format!("GET /containers/{ID}/json HTTP/1.1\r\n\r\n");
+    for other in [
+        by_id.as_bytes(),
+        b"GET /containers/web/top HTTP/1.1\r\n\r\n",
+        b"GET /containers/json HTTP/1.1\r\n\r\n",
+        b"POST /containers/web/json HTTP/1.1\r\n\r\n",
+        b"GET /containers/a%2Fb/json HTTP/1.1\r\n\r\n",
+    ] {
+        assert_eq!(
+            writes(&[other]),
+            vec![],
+            "{}",
+            String::from_utf8_lossy(other)
+        );
+    }
+}
