@@ -318,12 +318,15 @@ pub const CONNECT_UDP_SEND: u32 = 1 << 1;
 pub const CONNECT_RAW_SOCKET: u32 = 1 << 2;
 /// `ConnectEvent::flags`: a DNS connect that block mode sent to the agent's resolver.
 pub const CONNECT_DNS_REDIRECTED: u32 = 1 << 3;
-/// `ConnectEvent::flags`, with `CONNECT_BLOCKED`: UDP to port 443 (QUIC), refused because a rule
-/// of the job checks TLS server names (`sni = true`) and QUIC's are encrypted; the address
-/// itself is allowed.
+/// `ConnectEvent::flags`, with `CONNECT_BLOCKED`: UDP refused because a rule of the job checks
+/// TLS server names (`sni = true`) and UDP carries none to check (QUIC's are encrypted): to port
+/// 443 (QUIC) of any allowed address, or to another port (but DNS) of an address only a name
+/// admitted. The address itself is allowed.
 pub const CONNECT_QUIC: u32 = 1 << 4;
 /// The port QUIC (HTTP/3) is served on.
 pub const QUIC_PORT: u16 = 443;
+/// The port DNS is served on: block mode sends a job's queries there to the agent's resolver.
+pub const DNS_PORT: u16 = 53;
 
 pub const DNS_DIRECTION_QUERY: u32 = 0;
 pub const DNS_DIRECTION_ANSWER: u32 = 1;

@@ -16,11 +16,11 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use runner_monitor_common::{
-    AF_INET, AF_INET6, CONNECT_BLOCKED, CONNECT_QUIC, CONNECT_UDP_SEND, ConnectEvent, EGRESS_BLOCK,
-    EGRESS_GLOBAL_POLICY, EGRESS_KEY_FIXED_BITS, EGRESS_METADATA_ENTITLED, EGRESS_NO_POLICY,
-    EGRESS_SNI, EgressAllow, EgressJob, EgressKey4, EgressKey6, EventKind, MAX_EGRESS_ENTRIES,
-    MAX_JOBS, MAX_METADATA_ENDPOINTS, ProcessJob, QUIC_PORT, UNIX_PATH_LEN, counter, egress_key,
-    setting,
+    AF_INET, AF_INET6, CONNECT_BLOCKED, CONNECT_QUIC, CONNECT_UDP_SEND, ConnectEvent, DNS_PORT,
+    EGRESS_BLOCK, EGRESS_GLOBAL_POLICY, EGRESS_KEY_FIXED_BITS, EGRESS_METADATA_ENTITLED,
+    EGRESS_NO_POLICY, EGRESS_SNI, EgressAllow, EgressJob, EgressKey4, EgressKey6, EventKind,
+    MAX_EGRESS_ENTRIES, MAX_JOBS, MAX_METADATA_ENDPOINTS, ProcessJob, QUIC_PORT, UNIX_PATH_LEN,
+    counter, egress_key, setting,
 };
 
 use crate::{
@@ -86,11 +86,16 @@ pub fn verdict_of(
     if is_local(&dest) {
         return 1;
     }
-    let reason = if !allowed(job, &dest, port) {
+    let admitted = admission(job, &dest, port);
+    let reason = if admitted == Admitted::No {
         0
-    } else if job.flags & EGRESS_SNI != 0 && port == QUIC_PORT && is_udp(ctx, udp_send) {
+    } else if job.flags & EGRESS_SNI != 0
+        && is_udp(ctx, udp_send)
+        && (port == QUIC_PORT || (admitted == Admitted::ByName && port != DNS_PORT))
+    {
         // QUIC: its ClientHello is encrypted, so `sni = true` cannot read the server name; the
-        // client falls back to TCP, where it can.
+        // client falls back to TCP, where it can. On another port (an `Alt-Svc` may name one),
+        // UDP to an address only a name admitted carries no name to check either.
         CONNECT_QUIC
     } else {
         return 1;
@@ -296,32 +301,65 @@ fn is_local(dest: &Destination) -> bool {
 
 #[inline(always)]
 fn allowed(job: &EgressJob, dest: &Destination, port: u16) -> bool {
+    admission(job, dest, port) != Admitted::No
+}
+
+/// What admits a destination.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Admitted {
+    No,
+    /// Only an address a job resolved for an allowed name (an entry with an expiry). The agent
+    /// writes none where the plan's networks admit the address on that port already, so a
+    /// name's entry (a /32 or /128) never hides a network's from the longest-prefix match.
+    ByName,
+    /// A network of the plan (never expires), or a metadata endpoint the job is entitled to.
+    ByNet,
+}
+
+/// What admits `dest` on `port` for `job`: its entry for that port, or for every port.
+#[inline(always)]
+fn admission(job: &EgressJob, dest: &Destination, port: u16) -> Admitted {
     // SAFETY: the value is only tested.
     let metadata = unsafe { EGRESS_METADATA.get(dest.addr) }.is_some();
     if metadata {
-        return job.flags & EGRESS_METADATA_ENTITLED != 0;
+        return if job.flags & EGRESS_METADATA_ENTITLED != 0 {
+            Admitted::ByNet
+        } else {
+            Admitted::No
+        };
     }
-    if dest.v4 {
+    let (on_port, on_any) = if dest.v4 {
         let v4 = [dest.addr[12], dest.addr[13], dest.addr[14], dest.addr[15]];
         let bits = EGRESS_KEY_FIXED_BITS + 32;
-        admits(EGRESS_ALLOW4.get(Key::new(bits, egress_key::<10>(job.policy, port, &v4))))
-            || admits(EGRESS_ALLOW4.get(Key::new(bits, egress_key::<10>(job.policy, 0, &v4))))
+        (
+            admits(EGRESS_ALLOW4.get(Key::new(bits, egress_key::<10>(job.policy, port, &v4)))),
+            admits(EGRESS_ALLOW4.get(Key::new(bits, egress_key::<10>(job.policy, 0, &v4)))),
+        )
     } else {
         let bits = EGRESS_KEY_FIXED_BITS + 128;
-        admits(EGRESS_ALLOW6.get(Key::new(
-            bits,
-            egress_key::<22>(job.policy, port, &dest.addr),
-        ))) || admits(
-            EGRESS_ALLOW6.get(Key::new(bits, egress_key::<22>(job.policy, 0, &dest.addr))),
+        (
+            admits(EGRESS_ALLOW6.get(Key::new(
+                bits,
+                egress_key::<22>(job.policy, port, &dest.addr),
+            ))),
+            admits(EGRESS_ALLOW6.get(Key::new(bits, egress_key::<22>(job.policy, 0, &dest.addr)))),
         )
+    };
+    if on_port == Admitted::ByNet || on_any == Admitted::ByNet {
+        Admitted::ByNet
+    } else if on_port == Admitted::ByName || on_any == Admitted::ByName {
+        Admitted::ByName
+    } else {
+        Admitted::No
     }
 }
 
 #[inline(always)]
-fn admits(entry: Option<&EgressAllow>) -> bool {
+fn admits(entry: Option<&EgressAllow>) -> Admitted {
     match entry {
-        Some(e) => e.expires_ns == 0 || now_ns() < e.expires_ns,
-        None => false,
+        Some(e) if e.expires_ns == 0 => Admitted::ByNet,
+        Some(e) if now_ns() < e.expires_ns => Admitted::ByName,
+        _ => Admitted::No,
     }
 }
 

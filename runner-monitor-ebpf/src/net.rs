@@ -19,8 +19,8 @@ use aya_ebpf::{
     programs::{SkBuffContext, SockAddrContext, TracePointContext},
 };
 use runner_monitor_common::{
-    AF_INET, AF_INET6, AF_UNIX, ConnectEvent, DNS_DIRECTION_ANSWER, DNS_LEN, DnsEvent, EventKind,
-    HEADER_IO_URING, ProcessJob, UNIX_PATH_LEN, counter,
+    AF_INET, AF_INET6, AF_UNIX, ConnectEvent, DNS_DIRECTION_ANSWER, DNS_LEN, DNS_PORT, DnsEvent,
+    EventKind, HEADER_IO_URING, ProcessJob, UNIX_PATH_LEN, counter,
 };
 
 use crate::{
@@ -47,8 +47,6 @@ static DNS_SOCKETS: LruHashMap<u64, SocketOwner> = LruHashMap::with_max_entries(
 
 #[map]
 static DNS_SCRATCH: PerCpuArray<DnsEvent> = PerCpuArray::with_max_entries(1, 0);
-
-const DNS_PORT: u16 = 53;
 
 /// Builds, in `event`, the connect event of the current job process for the user address
 /// `addr` (`addrlen` bytes); false, with `event` untouched, when the address is not one the

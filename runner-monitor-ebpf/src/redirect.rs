@@ -40,7 +40,7 @@ use aya_ebpf::{
 };
 use runner_monitor_common::{
     AF_INET, AF_INET6, CONNECT_DNS_REDIRECTED, DNS_NETNS_LOCAL, DNS_NETNS_OWN, DNS_NETNS_PASS,
-    DNS_NETNS_V6, DNS_NETNS_WANTED_BYTES, DNS_NETNS_WANTED_EXEC, DNS_NETNS_WANTED_QUERY,
+    DNS_NETNS_V6, DNS_NETNS_WANTED_BYTES, DNS_NETNS_WANTED_EXEC, DNS_NETNS_WANTED_QUERY, DNS_PORT,
     DnsRedirected, MAX_DNS_ASKED, MAX_DNS_NETNS, MAX_DNS_PORTS, dns_port_key, dns_source,
     dns_source_policy, setting,
 };
@@ -159,8 +159,6 @@ pub fn want_netns(tgid: u32, why: u32) {
     // resolvers until it does.
     let _ = DNS_NETNS_WANTED.output::<[u32; 2]>(&[tgid, why], 0);
 }
-
-const DNS_PORT: u16 = 53;
 
 /// 127.0.0.1 as `user_ip4` holds it.
 #[inline(always)]

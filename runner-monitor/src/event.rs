@@ -425,8 +425,9 @@ pub struct Connect {
     /// process gave).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub dns_redirected: bool,
-    /// With `blocked`: UDP to port 443 (QUIC) refused because a rule of the job checks TLS
-    /// server names (`sni = true`), which QUIC encrypts; the address itself is allowed.
+    /// With `blocked`: UDP refused because a rule of the job checks TLS server names (`sni =
+    /// true`), which UDP does not carry (QUIC encrypts them): to port 443 (QUIC) of any allowed
+    /// address, or to another port (but 53) of an address only a name admits.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub quic: bool,
 }

@@ -25,6 +25,7 @@ use runner_monitor::{
 
 pub mod cri;
 pub mod dns;
+pub mod dns_hosts;
 pub mod docker;
 pub mod live;
 pub mod nats;

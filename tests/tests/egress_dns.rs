@@ -8,126 +8,26 @@
 //! (10.215.0.0/24): the job's processes run in the agent's network namespace, whose loopback is
 //! where the resolver listens. Nothing is sent anywhere else.
 
-use std::{
-    collections::BTreeMap,
-    process::{Child, Command},
-};
+use std::{collections::BTreeMap, process::Command};
 
 use integration_tests::{
     TestEnv,
     dns::{ALLOWED, CNAME_TARGET, DENIED, GLIBC},
+    dns_hosts::{CLUSTER, JobNamespace, SERVER, SERVER6, ServerNamespace},
     job_step,
     live::{
         Agent, agent_dir, agent_log, alerts, free_port, job_answers, json_lines, run_id,
         test_policy, wait_alert,
     },
     netpair::serve_in,
-    output_of, sh,
+    output_of,
 };
 use serde_json::Value;
 
-const SERVER: &str = "10.215.0.2";
-/// A second DNS server, as a cluster's DNS service is: asked where a job's allowlist admits it.
-const CLUSTER: &str = "10.215.0.7";
-/// The same server's IPv6 address (`nodad`: usable at once).
-const SERVER6: &str = "fd72:215::2";
 const PORT: u16 = 7000;
 
 /// The tests share the namespaces' names and each starts an agent: one at a time.
 static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-/// The server namespace, its veth pair to this namespace and the servers in it; removed on drop.
-struct ServerNamespace {
-    name: String,
-    host_link: String,
-    servers: Vec<Child>,
-}
-
-impl ServerNamespace {
-    fn new() -> Self {
-        let id = std::process::id() % 100000;
-        let ns = ServerNamespace {
-            name: format!("rmdns{id}"),
-            host_link: format!("rmdh{id}"),
-            servers: Vec::new(),
-        };
-        let (n, h) = (&ns.name, &ns.host_link);
-        let _ = Command::new("ip").args(["netns", "del", n]).output();
-        let _ = Command::new("ip").args(["link", "del", h]).output();
-        sh(&format!(
-            "ip netns add {n} && ip -n {n} link set lo up && \
-             ip link add {h} type veth peer name vs netns {n} && \
-             ip addr add 10.215.0.1/24 dev {h} && ip link set {h} up && \
-             ip -n {n} addr add {SERVER}/24 dev vs && ip -n {n} addr add {ALLOWED}/24 dev vs && \
-             ip -n {n} addr add {DENIED}/24 dev vs && ip -n {n} addr add {CNAME_TARGET}/24 dev vs && \
-             ip -n {n} addr add {GLIBC}/24 dev vs && ip -n {n} addr add {CLUSTER}/24 dev vs && \
-             ip -n {n} link set vs up && \
-             ip addr add fd72:215::1/64 dev {h} nodad && \
-             ip -n {n} addr add {SERVER6}/64 dev vs nodad"
-        ));
-        ns
-    }
-
-    /// `job-step ARGS` inside the namespace, ready when it printed `listening`.
-    fn serve(&mut self, args: &[String]) {
-        self.servers.push(serve_in(&self.name, args));
-    }
-}
-
-/// A namespace of the job's own (as a container on a bridge network has), joined to the server
-/// namespace by a veth pair (10.216.N.0/24) and routed through it, with its own resolv.conf for
-/// `ip netns exec` when given one; removed on drop.
-struct JobNamespace {
-    name: String,
-}
-
-impl JobNamespace {
-    fn new(server: &ServerNamespace, n: u8, resolv_conf: Option<&str>) -> Self {
-        let id = std::process::id() % 100000;
-        let ns = JobNamespace {
-            name: format!("rmdj{id}{n}"),
-        };
-        let (j, s) = (&ns.name, &server.name);
-        let _ = Command::new("ip").args(["netns", "del", j]).output();
-        sh(&format!(
-            "ip netns add {j} && ip -n {j} link set lo up && \
-             ip -n {s} link add vk{n} type veth peer name vj netns {j} && \
-             ip -n {s} addr add 10.216.{n}.2/24 dev vk{n} && ip -n {s} link set vk{n} up && \
-             ip -n {j} addr add 10.216.{n}.1/24 dev vj && ip -n {j} link set vj up && \
-             ip -n {j} route add default via 10.216.{n}.2"
-        ));
-        if let Some(conf) = resolv_conf {
-            let dir = std::path::Path::new("/etc/netns").join(j);
-            std::fs::create_dir_all(&dir).unwrap();
-            std::fs::write(dir.join("resolv.conf"), conf).unwrap();
-        }
-        ns
-    }
-}
-
-impl Drop for JobNamespace {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(std::path::Path::new("/etc/netns").join(&self.name));
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .output();
-    }
-}
-
-impl Drop for ServerNamespace {
-    fn drop(&mut self) {
-        for child in &mut self.servers {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .output();
-        let _ = Command::new("ip")
-            .args(["link", "del", &self.host_link])
-            .output();
-    }
-}
 
 fn policy() -> String {
     let names = format!(
@@ -139,7 +39,11 @@ fn policy() -> String {
          \n[[rules]]\nrepository = \"acme/dns-6\"\nmode = \"block\"\nallow_egress = [{names}]\n\
          \n[[rules]]\nrepository = \"acme/dns-ns\"\nmode = \"block\"\nallow_egress = [{names}]\n\
          \n[[rules]]\nrepository = \"acme/dns-cluster\"\nmode = \"block\"\n\
-         allow_egress = [{names}, {{ cidr = \"{CLUSTER}\", ports = [53] }}]\n",
+         allow_egress = [{names}, {{ cidr = \"{CLUSTER}\", ports = [53] }}]\n\
+         \n[[rules]]\nrepository = \"acme/dns-sni\"\nmode = \"block\"\nsni = true\n\
+         allow_egress = [{names}, {{ cidr = \"{CLUSTER}\", ports = [{PORT}] }}]\n\
+         \n[[rules]]\nrepository = \"acme/dns-sni-net\"\nmode = \"block\"\nsni = true\n\
+         allow_egress = [{names}, {{ cidr = \"10.215.0.0/29\", ports = [{PORT}] }}]\n",
         test_policy().replace(
             "[egress]\n",
             &format!("[egress]\ndns_upstream = [\"{SERVER}:53\"]\n")
@@ -222,7 +126,7 @@ fn started(
     std::fs::write(dir.join("policy.toml"), policy()).unwrap();
     let agent = Agent::launch(&dir, free_port(), &[]);
     let env = TestEnv::new(name);
-    let mut ns = ServerNamespace::new();
+    let mut ns = ServerNamespace::create();
     ns.serve(&["dns-serve".to_owned(), format!("{SERVER}:53")]);
     ns.serve(&["dns-serve".to_owned(), format!("[{SERVER6}]:53")]);
     ns.serve(&["dns-serve".to_owned(), format!("{CLUSTER}:53")]);
@@ -596,4 +500,50 @@ fn block_mode_asks_the_dns_server_a_job_addressed_where_its_allowlist_admits_it(
     drop(ns);
     let status = agent.stop();
     assert!(status.success(), "agent exit: {status}");
+}
+
+/// With `sni = true` in block mode, UDP to an address only a name admitted is refused on every
+/// port but 53 (QUIC on any port included: no server name can be read from it), and TCP to it
+/// goes through; an address the rule's networks admit keeps its UDP, also once the job resolved
+/// a name to it (the name's entry must not hide the network's from the kernel's look-up).
+#[test]
+fn under_sni_true_udp_to_an_address_only_a_name_admits_is_refused() {
+    let (_one, dir, agent, env, _ns) = started("egress-dns-sni");
+    let resolved = |how: &str| {
+        format!(
+            "!\"$JOB_STEP\" dns udp {SERVER}:53 allowed.test {PORT} > /dev/null && \
+             \"$JOB_STEP\" egress {how} {ALLOWED}:{PORT}"
+        )
+    };
+    let run = run_id(1);
+    let steps = [
+        ("udp", resolved("udp")),
+        ("udp-send", resolved("udp-send")),
+        ("tcp", resolved("tcp")),
+        ("udp-net", format!("egress udp {CLUSTER}:{PORT}")),
+    ];
+    let answers = job(&env, &agent, &run, "acme/dns-sni", &steps);
+    let expect = |label: &str, want: &str| expect_answer(&answers, label, want, &dir);
+    expect("udp", "errno 1");
+    expect("udp-send", "errno 1");
+    expect("tcp", "ok");
+    expect("udp-net", "ok");
+    let alert = wait_alert(&agent, "unexpected-egress", &format!("{run}/build"), |a| {
+        destination_is(a, &ALLOWED.to_string(), PORT)
+    });
+    assert_eq!(alert["blocked"], true, "{alert}");
+    assert!(
+        alert["summary"]
+            .as_str()
+            .unwrap()
+            .contains("was refused UDP to"),
+        "{alert}"
+    );
+
+    // The rule's network holds the address as well: its UDP goes through, resolved or not.
+    let run = run_id(2);
+    let steps = [("udp", resolved("udp")), ("udp-send", resolved("udp-send"))];
+    let answers = job(&env, &agent, &run, "acme/dns-sni-net", &steps);
+    expect_answer(&answers, "udp", "ok", &dir);
+    expect_answer(&answers, "udp-send", "ok", &dir);
 }

@@ -160,8 +160,9 @@ fn sni_true_in_block_mode_drops_tls_to_a_server_name_outside_the_allowlist() {
     }
 
     // QUIC: UDP to port 443 of an allowed address carries its server name encrypted, so with
-    // `sni = true` block mode refuses it (clients fall back to TCP); other UDP is judged by the
-    // address alone, and audit mode changes nothing.
+    // `sni = true` block mode refuses it (clients fall back to TCP); other UDP to a listed
+    // address (`cidr`) is judged by the address alone (to one only a name admits: egress_dns.rs),
+    // and audit mode changes nothing.
     let quic = [
         format!("udp {SERVER_V4}:443"),
         format!("udp-send [{SERVER_V6}]:443"),

@@ -96,9 +96,16 @@ impl EgressPlan {
         let ip = server.ip().to_canonical();
         !ip.is_loopback()
             && !ip.is_unspecified()
-            && self.nets.iter().any(|(net, ports)| {
-                net.contains(&ip) && (ports.is_empty() || ports.contains(&server.port()))
-            })
+            && server.port() != 0
+            && self.nets_admit(ip, server.port())
+    }
+
+    /// Whether the plan's own networks admit `ip` on `port` (0: on every port).
+    pub fn nets_admit(&self, ip: std::net::IpAddr, port: u16) -> bool {
+        let ip = ip.to_canonical();
+        self.nets.iter().any(|(net, ports)| {
+            net.contains(&ip) && (ports.is_empty() || (port != 0 && ports.contains(&port)))
+        })
     }
 }
 

@@ -474,6 +474,24 @@ fn the_resolver_asks_a_server_the_job_addressed_only_where_the_plans_networks_ad
 }
 
 #[test]
+fn a_plans_networks_admit_an_address_on_a_port_or_on_every_port() {
+    let p = Policy::parse(
+        "[egress]\nallow = [{ cidr = \"10.20.0.0/16\" }, { cidr = \"10.96.0.0/24\", ports = [443] }]\n",
+        "t",
+    )
+    .unwrap();
+    let plan = p.global_egress_plan();
+    let admit = |ip: &str, port| plan.nets_admit(ip.parse().unwrap(), port);
+    assert!(admit("10.20.3.4", 0) && admit("10.20.3.4", 8443));
+    assert!(admit("10.96.0.9", 443) && admit("::ffff:10.96.0.9", 443));
+    assert!(
+        !admit("10.96.0.9", 0),
+        "every port: a network with a port list does not admit"
+    );
+    assert!(!admit("10.96.0.9", 80) && !admit("10.97.0.1", 443));
+}
+
+#[test]
 fn sni_true_needs_dns_names_in_the_rule_and_reaches_the_plan() {
     let text = |allow: &str| {
         format!(

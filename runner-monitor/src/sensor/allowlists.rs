@@ -180,8 +180,11 @@ impl Allowlists {
     }
 
     /// Admits `addrs` (with their TTL in seconds) on `ports` (empty: any) under `policy` until
-    /// `now_ns` + the TTL (at least `RESOLVED_FLOOR_NS`). An entry of the plan itself is left
-    /// as it is; a longer expiry already written is kept.
+    /// `now_ns` + the TTL (at least `RESOLVED_FLOOR_NS`). An address the plan's networks admit
+    /// on that port already gets no entry: the kernel takes the longest prefix, and a name's
+    /// address would hide the network's entry, which says the address needs no name (UDP under
+    /// `sni = true` is refused to addresses only a name admits). A longer expiry already
+    /// written is kept.
     pub fn admit(
         &mut self,
         policy: u32,
@@ -189,13 +192,17 @@ impl Allowlists {
         ports: &[u16],
         now_ns: u64,
     ) -> Result<(), SensorError> {
-        if !self.plans.contains_key(&policy) {
+        let Some(plan) = self.plans.get(&policy) else {
             return Ok(());
-        }
+        };
         let any: &[u16] = if ports.is_empty() { &[0] } else { ports };
+        let mut wanted = Vec::new();
         for (ip, ttl) in addrs {
             let expires = now_ns + (u64::from(*ttl) * 1_000_000_000).max(RESOLVED_FLOOR_NS);
             for port in any {
+                if plan.nets_admit(*ip, *port) {
+                    continue;
+                }
                 let entry = match super::super::policy::egress_address(*ip) {
                     IpAddr::V4(v4) => EntryKey::V4(
                         EGRESS_KEY_FIXED_BITS + 32,
@@ -206,23 +213,19 @@ impl Allowlists {
                         egress_key(policy, *port, &v6.octets()),
                     ),
                 };
-                if self
-                    .written
-                    .get(&policy)
-                    .is_some_and(|w| w.contains(&entry))
-                {
-                    continue;
-                }
-                let known = self.resolved.entry(policy).or_default();
-                let expires = expires.max(known.get(&entry).copied().unwrap_or(0));
-                known.insert(entry, expires);
-                self.insert(
-                    &entry,
-                    EgressAllow {
-                        expires_ns: expires,
-                    },
-                )?;
+                wanted.push((entry, expires));
             }
+        }
+        for (entry, expires) in wanted {
+            let known = self.resolved.entry(policy).or_default();
+            let expires = expires.max(known.get(&entry).copied().unwrap_or(0));
+            known.insert(entry, expires);
+            self.insert(
+                &entry,
+                EgressAllow {
+                    expires_ns: expires,
+                },
+            )?;
         }
         Ok(())
     }

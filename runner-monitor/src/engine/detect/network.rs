@@ -3,6 +3,8 @@
 
 use std::net::IpAddr;
 
+use runner_monitor_common::QUIC_PORT;
+
 use super::{Engine, baseline, is_ended};
 use crate::{
     engine::{
@@ -136,9 +138,14 @@ pub(super) fn connect(engine: &mut Engine, event: &Event, c: &Connect, out: &mut
         // have: the job did not resolve the address through the agent's resolver (another
         // network namespace, a resolver it reached some other way), or its TTL ran out.
         let summary = match (c.blocked, allowed) {
-            (true, _) if c.quic => format!(
+            (true, _) if c.quic && port == QUIC_PORT => format!(
                 "was refused QUIC (UDP) to {shown} (block mode): its rule checks TLS server names \
                  (sni = true), which QUIC encrypts; the client can fall back to TCP"
+            ),
+            (true, _) if c.quic => format!(
+                "was refused UDP to {shown} (block mode): its rule checks TLS server names \
+                 (sni = true), and only a name admits this address, which UDP does not name \
+                 (QUIC encrypts it); the client can fall back to TCP"
             ),
             (true, false) => {
                 format!("was refused {refused} {shown} (block mode), outside its egress allowlist")

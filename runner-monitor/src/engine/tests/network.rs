@@ -363,6 +363,24 @@ fn quic_refused_under_an_sni_rule_says_so() {
     );
 }
 
+/// UDP to another port of an address only a name admitted, refused under `sni = true`.
+#[test]
+fn udp_to_a_name_only_address_refused_under_an_sni_rule_says_so() {
+    let mut t = Trace::new();
+    t.start(1, 1, 100, "acme/app");
+    let EventDetail::Connect(mut udp) = refused("203.0.113.9", 8443, true) else {
+        unreachable!()
+    };
+    udp.quic = true;
+    t.feed(2, 1, 100, 1, "curl", EventDetail::Connect(udp));
+    let summary = &t.findings[0].summary;
+    assert!(
+        summary.contains("was refused UDP to 203.0.113.9 port 8443 (block mode)")
+            && summary.contains("only a name admits this address"),
+        "{summary}"
+    );
+}
+
 #[test]
 fn tls_server_names_outside_an_sni_rule_are_unexpected_egress_with_destination_sni() {
     let policy = Policy::parse(
