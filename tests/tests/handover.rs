@@ -101,12 +101,19 @@ impl Drop for Job {
     }
 }
 
+/// A job environment named `name`, its pin directory, a sensor loaded there on the default
+/// policy, and a job registered with that sensor.
+fn sensor_with_job(name: &str) -> (TestEnv, std::path::PathBuf, Sensor, Job) {
+    let env = TestEnv::new(name);
+    let pins = pin_dir_of(&env.dir);
+    let mut sensor = load(&pins, &SensorPolicy::default());
+    let job = Job::start(&mut sensor, &env);
+    (env, pins, sensor, job)
+}
+
 #[test]
 fn probes_outlive_a_crashed_agent_and_the_next_reads_what_they_recorded() {
-    let env = TestEnv::new("handover-crash");
-    let pins = pin_dir_of(&env.dir);
-    let mut first = load(&pins, &SensorPolicy::default());
-    let mut job = Job::start(&mut first, &env);
+    let (env, pins, first, mut job) = sensor_with_job("handover-crash");
     // Dropped without `stop`: what a crash leaves. The probes stay attached and recording.
     drop(first);
     let cred = env.path(".aws/credentials");
@@ -271,11 +278,8 @@ fn wait_for(seconds: u64, done: impl Fn() -> bool) {
 /// wrote it.
 #[test]
 fn tls_refused_before_a_hand_over_stays_refused_and_held_sockets_are_judged_after_it() {
-    let env = TestEnv::new("handover-tls");
+    let (env, pins, mut first, mut job) = sensor_with_job("handover-tls");
     let (ns, server, addr) = tls_server("ht", 218);
-    let pins = pin_dir_of(&env.dir);
-    let mut first = load(&pins, &SensorPolicy::default());
-    let mut job = Job::start(&mut first, &env);
     let plan = tls_plan(&server, "allowed.example");
     first.egress_mut().set_job(job.key, &plan).unwrap();
 
@@ -332,11 +336,8 @@ fn tls_refused_before_a_hand_over_stays_refused_and_held_sockets_are_judged_afte
 /// retransmissions with it (the socket gets storage then), while an allowed name goes through.
 #[test]
 fn a_socket_connected_before_its_plan_enforces_names_is_judged_at_its_client_hello() {
-    let env = TestEnv::new("watched-tls");
+    let (env, pins, mut sensor, mut job) = sensor_with_job("watched-tls");
     let (ns, server, addr) = tls_server("wt", 219);
-    let pins = pin_dir_of(&env.dir);
-    let mut sensor = load(&pins, &SensorPolicy::default());
-    let mut job = Job::start(&mut sensor, &env);
     let enforced = tls_plan(&server, "allowed.example");
     let reported = EgressPlan {
         sni: false,
@@ -369,10 +370,7 @@ fn a_socket_connected_before_its_plan_enforces_names_is_judged_at_its_client_hel
 /// How soon a sleeping reader reads is measured by `cargo xtask bench` (alert latency).
 #[test]
 fn the_event_reader_sleeps_when_nothing_comes_and_the_next_record_wakes_it() {
-    let env = TestEnv::new("reader-pace");
-    let pins = pin_dir_of(&env.dir);
-    let mut sensor = load(&pins, &SensorPolicy::default());
-    let mut job = Job::start(&mut sensor, &env);
+    let (env, _pins, mut sensor, mut job) = sensor_with_job("reader-pace");
     let flag = sensor.settings_handle().expect("the settings map");
     let asleep = || {
         flag.get(&runner_monitor_common::setting::READER_ASLEEP, 0)
