@@ -86,11 +86,11 @@ pub fn verdict_of(
     if is_local(&dest) {
         return 1;
     }
-    let admitted = admission(job, &dest, port);
+    let names_checked = job.flags & EGRESS_SNI != 0 && is_udp(ctx, udp_send);
+    let admitted = admission(job, &dest, port, names_checked);
     let reason = if admitted == Admitted::No {
         0
-    } else if job.flags & EGRESS_SNI != 0
-        && is_udp(ctx, udp_send)
+    } else if names_checked
         && (port == QUIC_PORT || (admitted == Admitted::ByName && port != DNS_PORT))
     {
         // QUIC: its ClientHello is encrypted, so `sni = true` cannot read the server name; the
@@ -301,11 +301,11 @@ fn is_local(dest: &Destination) -> bool {
 
 #[inline(always)]
 fn allowed(job: &EgressJob, dest: &Destination, port: u16) -> bool {
-    admission(job, dest, port) != Admitted::No
+    admission(job, dest, port, false) != Admitted::No
 }
 
-/// What admits a destination.
-#[derive(Clone, Copy, PartialEq, Eq)]
+/// What admits a destination, the weakest first.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Admitted {
     No,
     /// Only an address a job resolved for an allowed name (an entry with an expiry). The agent
@@ -316,9 +316,12 @@ enum Admitted {
     ByNet,
 }
 
-/// What admits `dest` on `port` for `job`: its entry for that port, or for every port.
+/// What admits `dest` on `port` for `job`: its entry for that port, or for every port. A name's
+/// entry for the port ends the look-up unless `which` (what admits it matters: UDP under `sni =
+/// true`; a network may still admit the address on every port), so a connect pays the second
+/// look-up only when the first admits nothing, as before.
 #[inline(always)]
-fn admission(job: &EgressJob, dest: &Destination, port: u16) -> Admitted {
+fn admission(job: &EgressJob, dest: &Destination, port: u16, which: bool) -> Admitted {
     // SAFETY: the value is only tested.
     let metadata = unsafe { EGRESS_METADATA.get(dest.addr) }.is_some();
     if metadata {
@@ -328,29 +331,23 @@ fn admission(job: &EgressJob, dest: &Destination, port: u16) -> Admitted {
             Admitted::No
         };
     }
-    let (on_port, on_any) = if dest.v4 {
+    let on_port = entry(job.policy, dest, port);
+    if on_port == Admitted::ByNet || (on_port == Admitted::ByName && !which) {
+        return on_port;
+    }
+    on_port.max(entry(job.policy, dest, 0))
+}
+
+/// What `policy`'s allowlist entry for `dest` on `port` (0: every port) admits.
+#[inline(always)]
+fn entry(policy: u32, dest: &Destination, port: u16) -> Admitted {
+    if dest.v4 {
         let v4 = [dest.addr[12], dest.addr[13], dest.addr[14], dest.addr[15]];
         let bits = EGRESS_KEY_FIXED_BITS + 32;
-        (
-            admits(EGRESS_ALLOW4.get(Key::new(bits, egress_key::<10>(job.policy, port, &v4)))),
-            admits(EGRESS_ALLOW4.get(Key::new(bits, egress_key::<10>(job.policy, 0, &v4)))),
-        )
+        admits(EGRESS_ALLOW4.get(Key::new(bits, egress_key::<10>(policy, port, &v4))))
     } else {
         let bits = EGRESS_KEY_FIXED_BITS + 128;
-        (
-            admits(EGRESS_ALLOW6.get(Key::new(
-                bits,
-                egress_key::<22>(job.policy, port, &dest.addr),
-            ))),
-            admits(EGRESS_ALLOW6.get(Key::new(bits, egress_key::<22>(job.policy, 0, &dest.addr)))),
-        )
-    };
-    if on_port == Admitted::ByNet || on_any == Admitted::ByNet {
-        Admitted::ByNet
-    } else if on_port == Admitted::ByName || on_any == Admitted::ByName {
-        Admitted::ByName
-    } else {
-        Admitted::No
+        admits(EGRESS_ALLOW6.get(Key::new(bits, egress_key::<22>(policy, port, &dest.addr))))
     }
 }
 
