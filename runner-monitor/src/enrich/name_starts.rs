@@ -59,11 +59,14 @@ enum Request {
     Register(Start),
     /// A job's inspect of a container by name or short id at a daemon: looked up for the exec
     /// that may follow (`exec`).
-    LookUp(Start),
+    LookUp(Inspected),
 }
 
-/// (daemon socket, job, reference) -> the container's id and when the daemon named it.
-type LookedUp = BoundedMap<(PathBuf, JobKey, String), (String, u64)>;
+/// A job's inspect: (daemon socket, job, reference).
+type Inspected = (PathBuf, JobKey, String);
+
+/// An inspect -> the container's id and when the daemon named it.
+type LookedUp = BoundedMap<Inspected, (String, u64)>;
 
 /// A name resolved to its container before the container's cgroup was made.
 #[derive(Clone, Debug)]
@@ -130,12 +133,7 @@ impl NameStarts {
     /// daemon is asked now and its answer is kept for that exec (`exec`). Dropped when the
     /// thread is busy: the exec is then asked as before.
     pub fn look_up(&self, socket: &str, reference: &str, job: JobKey) {
-        let inspect = Start {
-            socket: socket.into(),
-            reference: reference.to_owned(),
-            job,
-            asked: Asked::Exec { requested_ns: 0 },
-        };
+        let inspect = (socket.into(), job, reference.to_owned());
         let _ = self.starts.try_send(Request::LookUp(inspect));
     }
 
@@ -302,15 +300,15 @@ fn found(
 
 /// A job's inspect of a container by name or short id: the daemon's answer, kept for the job's
 /// exec of the same reference.
-fn look_up(looked_up: &mut LookedUp, inspect: Start) {
-    match container_referenced(&inspect.socket, &inspect.reference) {
+fn look_up(looked_up: &mut LookedUp, inspect: Inspected) {
+    let (socket, _, reference) = &inspect;
+    match container_referenced(socket, reference) {
         Ok(Some(id)) => {
-            let key = (inspect.socket, inspect.job, inspect.reference);
-            looked_up.insert(key, (id, monotonic_ns()));
+            looked_up.insert(inspect, (id, monotonic_ns()));
         }
         Ok(None) => {}
         Err(error) => {
-            tracing::debug!(reference = %inspect.reference, %error, "an inspect's container not looked up")
+            tracing::debug!(%reference, %error, "an inspect's container not looked up")
         }
     }
 }

@@ -120,13 +120,7 @@ fn an_exec_is_marked_from_the_jobs_inspect_before_the_daemon_is_asked_again() {
 fn an_inspects_answer_is_kept_for_the_job_and_reference() {
     let (_guard, socket, _requests) = answering_each(&[LIST]);
     let mut looked_up = LookedUp::new(4);
-    let inspect = Start {
-        socket: socket.clone(),
-        reference: "web".into(),
-        job: JobKey(7),
-        asked: Asked::Exec { requested_ns: 0 },
-    };
-    look_up(&mut looked_up, inspect);
+    look_up(&mut looked_up, (socket.clone(), JobKey(7), "web".into()));
     let kept = looked_up.get(&(socket, JobKey(7), "web".to_owned()));
     assert_eq!(
         kept.map(|(id, _)| id.as_str()),
