@@ -77,6 +77,26 @@ impl HostPaths {
         self.translate(pid, cgroup, path)
     }
 
+    /// Where the agent reaches the file process `pid` (in cgroup `cgroup`) reaches at `path`
+    /// (a socket it connected to): `path` when the process shares the agent's mounts or cannot
+    /// be looked at any more (gone: what it reached cannot be told), or when the same file is
+    /// there; the file's host path when the process's own mounts put another file at `path` (a
+    /// daemon's socket bound over `/var/run/docker.sock` in a container); `None` when the agent
+    /// reaches that file nowhere, so that no other file (another daemon's socket) stands for it.
+    pub fn reachable(&mut self, pid: u32, cgroup: u64, path: &str) -> Option<String> {
+        if self.shares_mounts(pid, cgroup) != Some(false) {
+            return Some(path.to_owned());
+        }
+        let Ok(theirs) = stat_in_root(pid, path) else {
+            return Some(path.to_owned());
+        };
+        let here = |p: &str| std::fs::metadata(p).is_ok_and(|m| (m.dev(), m.ino()) == theirs);
+        if here(path) {
+            return Some(path.to_owned());
+        }
+        self.translate(pid, cgroup, path).filter(|host| here(host))
+    }
+
     /// `path` as process `pid` (whose mount table is cached under `cgroup`, when above 1) sees
     /// it, on the host.
     fn translate(&mut self, pid: u32, cgroup: u64, path: &str) -> Option<String> {
@@ -245,7 +265,47 @@ pub fn container_cgroups() -> Vec<([u8; runner_monitor_common::CONTAINER_ID_LEN]
 
 /// The path in the v2 hierarchy (`/docker/<id>`) of the cgroup `cgroup_id`, a container's.
 pub fn container_cgroup_path(cgroup_id: u64) -> Option<String> {
-    find_container_cgroup(|_, ino| ino == cgroup_id).map(|c| c.path)
+    cgroup_path(cgroup_id)
+        .or_else(|| find_container_cgroup(|_, ino| ino == cgroup_id).map(|c| c.path))
+}
+
+/// The path in the v2 hierarchy of the cgroup `cgroup_id`, at any depth: the cgroup opened by
+/// its handle (cgroupfs takes the id as a kernfs file handle, as `bpftool cgroup` does) and its
+/// descriptor's path read back.
+fn cgroup_path(cgroup_id: u64) -> Option<String> {
+    use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
+    /// `struct file_handle` with kernfs's 8-byte handle.
+    #[repr(C)]
+    struct KernfsHandle {
+        bytes: u32,
+        kind: i32,
+        id: u64,
+    }
+    /// `FILEID_KERNFS`.
+    const KERNFS: i32 = 0xfe;
+    let root = cgroup2_root()?;
+    let mount = std::fs::File::open(&root).ok()?;
+    let mut handle = KernfsHandle {
+        bytes: 8,
+        kind: KERNFS,
+        id: cgroup_id,
+    };
+    // SAFETY: a file handle of the size it says, and a directory we hold open.
+    let fd = unsafe {
+        libc::open_by_handle_at(
+            mount.as_raw_fd(),
+            (&raw mut handle).cast(),
+            libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: a descriptor the kernel just gave us, owned from here.
+    let dir = unsafe { OwnedFd::from_raw_fd(fd) };
+    let path = std::fs::read_link(format!("/proc/self/fd/{}", dir.as_raw_fd())).ok()?;
+    let within = path.strip_prefix(&root).ok()?;
+    Some(format!("/{}", within.display()))
 }
 
 /// Visits the container cgroups under `root` until `visit` (given the id, the cgroup id and
@@ -308,6 +368,36 @@ fn through_proc_root(path: &str) -> Option<(u32, &str)> {
     let rest = rest.strip_prefix("root")?;
     (rest.starts_with('/')).then_some(())?;
     Some((n.parse().ok()?, rest))
+}
+
+/// The device and inode of the file process `pid` reaches at `path`, resolved in its root
+/// (`openat2` with `RESOLVE_IN_ROOT`): its absolute symlinks (`/var/run` -> `/run`) lead into its
+/// own file system, where a path through `/proc/<pid>/root` would follow them into the agent's.
+fn stat_in_root(pid: u32, path: &str) -> std::io::Result<(u64, u64)> {
+    use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
+    let root = std::fs::File::open(format!("/proc/{pid}/root"))?;
+    let path = std::ffi::CString::new(path)?;
+    // SAFETY: a plain C struct, all zero is a valid value.
+    let mut how: libc::open_how = unsafe { std::mem::zeroed() };
+    how.flags = (libc::O_PATH | libc::O_CLOEXEC) as u64;
+    how.resolve = libc::RESOLVE_IN_ROOT;
+    // SAFETY: openat2 with a directory we hold open, a NUL-terminated path and `how`'s size.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_openat2,
+            root.as_raw_fd(),
+            path.as_ptr(),
+            &raw const how,
+            std::mem::size_of::<libc::open_how>(),
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a descriptor openat2 just gave us, owned from here.
+    let file = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(fd as i32) });
+    let meta = file.metadata()?;
+    Ok((meta.dev(), meta.ino()))
 }
 
 /// Whether process `pid` shares the agent's mount namespace; `None` when it cannot be told.
@@ -426,6 +516,37 @@ mod tests {
     fn host_of(path: &str) -> Option<String> {
         let (device, within) = locate(&parse(CONTAINER), path)?;
         place(&parse(HOST), &device, &within)
+    }
+
+    /// This process's own cgroup, found by its id alone (run as root: opening by handle needs
+    /// `CAP_DAC_READ_SEARCH`).
+    #[test]
+    fn a_cgroup_is_found_by_its_id() {
+        let Ok(mine) = cgroup_of(std::process::id()) else {
+            return;
+        };
+        if unsafe { libc::geteuid() } != 0 {
+            return;
+        }
+        assert_eq!(cgroup_path(mine.id).as_deref(), Some(mine.path.as_str()));
+        assert_eq!(cgroup_path(u64::MAX), None);
+    }
+
+    /// A file reached through this process's root is the file at that path.
+    #[test]
+    fn a_file_in_a_process_root_is_the_file_there() {
+        let me = std::process::id();
+        let meta = std::fs::metadata("/etc/hostname").unwrap();
+        assert_eq!(
+            stat_in_root(me, "/etc/hostname").unwrap(),
+            (meta.dev(), meta.ino())
+        );
+        assert!(stat_in_root(me, "/no/such/file").is_err());
+        let mut paths = HostPaths::default();
+        assert_eq!(
+            paths.reachable(me, 0, "/etc/hostname").as_deref(),
+            Some("/etc/hostname")
+        );
     }
 
     #[test]

@@ -32,6 +32,11 @@ impl Docker {
 
     /// The same, its API socket at `<dir>/.docker/run/<socket_name>`.
     pub fn start_at(name: &str, socket_name: &str) -> Self {
+        Self::start_with(name, socket_name, &[])
+    }
+
+    /// The same, with more of dockerd's options (`--cgroup-parent=...`).
+    pub fn start_with(name: &str, socket_name: &str, options: &[&str]) -> Self {
         let dir = std::env::temp_dir().join(format!("rm-docker-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let socket = dir.join(".docker/run").join(socket_name);
@@ -48,6 +53,7 @@ impl Docker {
                 .arg("-H")
                 .arg(format!("unix://{}", socket.display()))
                 .args(["--bridge=none", "--iptables=false", "--ip6tables=false"])
+                .args(options)
                 .stdout(Stdio::null())
                 .stderr(log),
             libc::SIGTERM,
@@ -120,8 +126,6 @@ impl Docker {
     }
 }
 
-/// A tar of a rootfs holding Debian's static busybox and a few applets, made in `dir`, for an
-/// engine to import as `IMAGE`.
 /// Python for a test script that sent a start request on its Docker socket `s`: reads what the
 /// daemon answers until its 204 (or the end, or 20 s) and returns it.
 pub const PY_AWAIT_START: &str = r#"
@@ -136,6 +140,8 @@ def await_start(s):
     return answer
 "#;
 
+/// A tar of a rootfs holding Debian's static busybox and a few applets, made in `dir`, for an
+/// engine to import as `IMAGE`.
 pub fn busybox_rootfs(dir: &Path) -> PathBuf {
     let root = dir.join("rootfs");
     for sub in ["bin", "proc", "sys", "dev", "etc", "tmp", "h"] {
@@ -202,6 +208,33 @@ pub fn assert_container_of(finding: &serde_json::Value, runtime: &str, name: Opt
     );
     if let Some(name) = name {
         assert_eq!(c["name"], name, "{finding}");
+    }
+}
+
+/// The finding's container was matched to the job's start by `by` (`name`, `short-id`) of
+/// `reference`, and the daemon confirmed it. A name was resolved by the agent at the daemon
+/// before the container's cgroup was made (`resolved_us`): the match is exact, not the
+/// kernel's guess.
+pub fn assert_requested_as(finding: &serde_json::Value, by: &str, reference: &str) {
+    let r = &finding["container"]["requested_as"];
+    assert_eq!(r["by"], by, "{finding}");
+    assert_eq!(r["reference"], reference, "{finding}");
+    assert_eq!(r["confirmed"], true, "{finding}");
+    // The window the match depends on: from the job's request to the container's cgroup, and
+    // for a name the agent's answer within it.
+    eprintln!(
+        "start by {by}: request to cgroup {} us, to the agent's resolution {:?} us",
+        r["waited_us"].as_u64().unwrap_or_default(),
+        r["resolved_us"].as_u64(),
+    );
+    if by == "name" {
+        let resolved = r["resolved_us"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("not resolved: {finding}"));
+        assert!(
+            resolved <= r["waited_us"].as_u64().unwrap_or_default(),
+            "{finding}"
+        );
     }
 }
 

@@ -5,7 +5,9 @@
 
 use integration_tests::{
     TestEnv,
-    docker::{Docker, IMAGE, PY_AWAIT_START, assert_container, read_three_kinds},
+    docker::{
+        Docker, IMAGE, PY_AWAIT_START, assert_container, assert_requested_as, read_three_kinds,
+    },
     kernel_at_least,
     live::{agent, assert_no_secret, github_job, run_id, wait_alert},
 };
@@ -19,33 +21,6 @@ fn create_reader(docker: &Docker, env: &TestEnv, args: &str) -> String {
         home = env.home.display(),
         read = read_three_kinds("/h"),
     )
-}
-
-/// The finding's container was matched to the job's start by `by` (`name`, `short-id`) of
-/// `reference`, and the daemon confirmed it. A name was resolved by the agent at the daemon
-/// before the container's cgroup was made (`resolved_us`): the match is exact, not the
-/// kernel's guess.
-fn assert_requested_as(finding: &serde_json::Value, by: &str, reference: &str) {
-    let r = &finding["container"]["requested_as"];
-    assert_eq!(r["by"], by, "{finding}");
-    assert_eq!(r["reference"], reference, "{finding}");
-    assert_eq!(r["confirmed"], true, "{finding}");
-    // The window the match depends on: from the job's request to the container's cgroup, and
-    // for a name the agent's answer within it.
-    eprintln!(
-        "start by {by}: request to cgroup {} us, to the agent's resolution {:?} us",
-        r["waited_us"].as_u64().unwrap_or_default(),
-        r["resolved_us"].as_u64(),
-    );
-    if by == "name" {
-        let resolved = r["resolved_us"]
-            .as_u64()
-            .unwrap_or_else(|| panic!("not resolved: {finding}"));
-        assert!(
-            resolved <= r["waited_us"].as_u64().unwrap_or_default(),
-            "{finding}"
-        );
-    }
 }
 
 #[test]

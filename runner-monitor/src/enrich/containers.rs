@@ -16,8 +16,9 @@ use super::{
 use crate::{
     bounded::BoundedMap,
     docker_api,
-    event::{Bind, ContainerInfo, Event, EventDetail, SocketFamily},
+    event::{Bind, ContainerInfo, Event, EventDetail, JobKey, SocketFamily},
     job::JobDirectory,
+    mounts::HostPaths,
     policy::Policy,
 };
 
@@ -37,6 +38,10 @@ pub struct ContainerNamer {
     streams: RuntimeStreams,
     /// Keeps the kernel's open builds true to their connections (`builds.rs`).
     builds: Option<Builds>,
+    /// Where the agent reaches the socket a job in a mount namespace of its own connected to.
+    host_paths: HostPaths,
+    /// Jobs whose Docker socket the agent reaches nowhere (said once each).
+    unreached: BoundedMap<JobKey, ()>,
 }
 
 impl Default for ContainerNamer {
@@ -46,6 +51,8 @@ impl Default for ContainerNamer {
             exec_cgroups: BoundedMap::new(1024),
             streams: RuntimeStreams::default(),
             builds: None,
+            host_paths: HostPaths::default(),
+            unreached: BoundedMap::new(256),
         }
     }
 }
@@ -81,12 +88,24 @@ impl ContainerNamer {
         };
         match &mut event.detail {
             EventDetail::Connect(c) if c.family == SocketFamily::Unix && c.result == 0 => {
-                let conn = (u64::from(event.process.pid) << 32) | u64::from(c.fd as u32);
+                let (pid, cgroup) = (event.process.pid, event.process.cgroup_id);
+                let conn = (u64::from(pid) << 32) | u64::from(c.fd as u32);
                 self.streams.connected(conn);
                 if let Some(path) = &c.unix_path
                     && policy.secret_socket_of(path) == Some("docker")
                 {
-                    jobs.set_docker_socket(job, path);
+                    // The daemon the job reached, wherever its mounts put it: never another
+                    // daemon that the agent finds at the same path.
+                    match self.host_paths.reachable(pid, cgroup, path) {
+                        Some(here) => jobs.set_docker_socket(job, &here),
+                        None => {
+                            if !self.unreached.contains_key(&job) {
+                                self.unreached.insert(job, ());
+                                tracing::info!(socket = %path, pid, "a job's Docker socket is not the file the agent finds at that path, and the agent reaches it nowhere: its containers are not named, and its starts by name are left to the kernel's guess");
+                            }
+                            jobs.forget_docker_socket(job);
+                        }
+                    }
                 }
             }
             EventDetail::ContainerStart {
@@ -167,6 +186,13 @@ impl ContainerNamer {
                     if let Some(path) = path {
                         self.exec_cgroups.insert(info.cgroup_id, path.clone());
                         info.runtime = ContainerInfo::runtime_of(&path).to_owned();
+                        info.cgroup = path;
+                    }
+                }
+                if !info.cgroup.is_empty() && !info.cgroup.starts_with('/') {
+                    // The kernel sends a path's last 128 bytes: a container nested deeper (a
+                    // dind sidecar's, below its pod's) is looked up by its cgroup id.
+                    if let Some(path) = crate::mounts::container_cgroup_path(info.cgroup_id) {
                         info.cgroup = path;
                     }
                 }

@@ -200,6 +200,13 @@ impl JobDirectory {
         }
     }
 
+    /// The job's last Docker socket is one the agent cannot reach: no earlier one stands for it.
+    pub fn forget_docker_socket(&mut self, key: JobKey) {
+        if let Some(known) = self.known.get_mut(&key) {
+            known.docker_socket = None;
+        }
+    }
+
     /// Was a `job end` for this job carried out already?
     pub fn end_requested(&self, key: JobKey) -> bool {
         self.known.get(&key).is_some_and(|k| k.end_requested)
