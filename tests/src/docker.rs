@@ -211,6 +211,27 @@ pub fn assert_container_of(finding: &serde_json::Value, runtime: &str, name: Opt
     }
 }
 
+/// A container made outside any job, from the same image as the jobs' and reading the same
+/// credentials when started: its id.
+pub fn create_outside_jobs(docker: &Docker, env: &crate::TestEnv, name: &str) -> String {
+    docker
+        .run(&[
+            "create",
+            "--network",
+            "none",
+            "--name",
+            name,
+            "-v",
+            &format!("{}:/h", env.home.display()),
+            IMAGE,
+            "sh",
+            "-c",
+            &format!("{} > /dev/null", read_three_kinds("/h")),
+        ])
+        .trim()
+        .to_owned()
+}
+
 /// The finding's container was matched to the job's start by `by` (`name`, `short-id`) of
 /// `reference`, and the daemon confirmed it. A name was resolved by the agent at the daemon
 /// before the container's cgroup was made (`resolved_us`): the match is exact, not the

@@ -8,7 +8,7 @@
 
 use integration_tests::{
     TestEnv,
-    docker::{Docker, IMAGE, assert_container, assert_requested_as, read_three_kinds},
+    docker::{Docker, assert_container, assert_requested_as, create_outside_jobs},
     live::{agent, assert_no_secret, github_job, run_id, wait_alert},
 };
 
@@ -73,26 +73,8 @@ fn a_dind_sidecars_container_a_job_starts_by_name_is_the_job() {
     let env = TestEnv::new("containers-dind");
     let run = run_id(52);
     let name = format!("rm-dind-{run}");
-    let create = |docker: &Docker| {
-        docker
-            .run(&[
-                "create",
-                "--network",
-                "none",
-                "-v",
-                &format!("{}:/h", env.home.display()),
-                "--name",
-                &name,
-                IMAGE,
-                "sh",
-                "-c",
-                &format!("{} > /dev/null", read_three_kinds("/h")),
-            ])
-            .trim()
-            .to_owned()
-    };
-    let decoy = create(&host);
-    let theirs = create(&sidecar);
+    let decoy = create_outside_jobs(&host, &env, &name);
+    let theirs = create_outside_jobs(&sidecar, &env, &name);
     let path = host.socket.display();
     let step = format!(
         "unshare -m sh -c 'mount --bind {sidecar} {path} && {cli} start {name} > /dev/null && {cli} wait {name} > /dev/null'",

@@ -6,7 +6,8 @@
 use integration_tests::{
     TestEnv,
     docker::{
-        Docker, IMAGE, PY_AWAIT_START, assert_container, assert_requested_as, read_three_kinds,
+        Docker, IMAGE, PY_AWAIT_START, assert_container, assert_requested_as, create_outside_jobs,
+        read_three_kinds,
     },
     kernel_at_least,
     live::{agent, assert_no_secret, github_job, run_id, wait_alert},
@@ -231,27 +232,6 @@ fn a_start_by_name_another_cgroup_took_is_still_the_jobs_container() {
     assert_container(&harvest, Some(&name));
     assert_requested_as(&harvest, "name", &name);
     assert_no_secret(agent);
-}
-
-/// A container made outside any job, from the same image as the jobs' and reading the same
-/// credentials when started: its id.
-fn create_outside_jobs(docker: &Docker, env: &TestEnv, name: &str) -> String {
-    docker
-        .run(&[
-            "create",
-            "--network",
-            "none",
-            "--name",
-            name,
-            "-v",
-            &format!("{}:/h", env.home.display()),
-            IMAGE,
-            "sh",
-            "-c",
-            &format!("{} > /dev/null", read_three_kinds("/h")),
-        ])
-        .trim()
-        .to_owned()
 }
 
 /// Once container `id` (started, reading credentials) has exited, no alert names it: its reads
