@@ -194,10 +194,10 @@ impl Identities {
         if sockets.is_empty() {
             return;
         }
-        let meta = std::fs::metadata(format!("/proc/{pid}/root{path}"))
-            .or_else(|_| std::fs::metadata(path));
-        let Ok(meta) = meta else { return };
-        let reached = (meta.dev(), meta.ino());
+        // Resolved in the process's root: its absolute symlinks stay there.
+        let reached = crate::mounts::stat_in_root(pid, path)
+            .or_else(|_| std::fs::metadata(path).map(|m| (m.dev(), m.ino())));
+        let Ok(reached) = reached else { return };
         if let Some((_, socket)) = sockets.iter().find(|(id, _)| *id == reached) {
             c.via = c.unix_path.replace(socket.clone());
         }

@@ -108,10 +108,10 @@ impl HostPaths {
             return None;
         }
         // The same file, or nothing: a host path shadowed by another mount is not it.
-        let seen = std::fs::metadata(format!("/proc/{pid}/root{path}")).ok();
+        let seen = stat_in_root(pid, path).ok();
         let there = std::fs::metadata(&host_path).ok()?;
         match seen {
-            Some(seen) if (seen.dev(), seen.ino()) != (there.dev(), there.ino()) => None,
+            Some(seen) if seen != (there.dev(), there.ino()) => None,
             _ => Some(host_path),
         }
     }
@@ -373,7 +373,7 @@ fn through_proc_root(path: &str) -> Option<(u32, &str)> {
 /// The device and inode of the file process `pid` reaches at `path`, resolved in its root
 /// (`openat2` with `RESOLVE_IN_ROOT`): its absolute symlinks (`/var/run` -> `/run`) lead into its
 /// own file system, where a path through `/proc/<pid>/root` would follow them into the agent's.
-fn stat_in_root(pid: u32, path: &str) -> std::io::Result<(u64, u64)> {
+pub fn stat_in_root(pid: u32, path: &str) -> std::io::Result<(u64, u64)> {
     use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
     let root = std::fs::File::open(format!("/proc/{pid}/root"))?;
     let path = std::ffi::CString::new(path)?;
@@ -547,6 +547,50 @@ mod tests {
             paths.reachable(me, 0, "/etc/hostname").as_deref(),
             Some("/etc/hostname")
         );
+    }
+
+    /// A process in a root of its own (`chroot`), where `/var/run` is an absolute symlink to
+    /// `/run`: its `/var/run/x` is its own `/run/x`, not the host's `/run/x` that a path through
+    /// `/proc/<pid>/root` leads to. Needs root (`chroot`).
+    #[test]
+    fn an_absolute_symlink_in_a_process_root_stays_in_that_root() {
+        if unsafe { libc::geteuid() } != 0 {
+            return;
+        }
+        let dir = std::env::temp_dir().join(format!("rm-stat-in-root-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("run")).unwrap();
+        std::fs::create_dir_all(dir.join("var")).unwrap();
+        std::os::unix::fs::symlink("/run", dir.join("var/run")).unwrap();
+        std::fs::write(dir.join("run/x"), b"").unwrap();
+        let root = std::ffi::CString::new(dir.to_str().unwrap()).unwrap();
+        // SAFETY: the child calls only chroot, sleep and _exit (async-signal-safe).
+        let child = unsafe { libc::fork() };
+        if child == 0 {
+            unsafe {
+                libc::chroot(root.as_ptr());
+                libc::sleep(10);
+                libc::_exit(0);
+            }
+        }
+        assert!(child > 0);
+        let pid = child as u32;
+        let theirs = std::fs::metadata(dir.join("run/x")).unwrap();
+        let mut found = Err(std::io::Error::other("not yet"));
+        for _ in 0..100 {
+            found = stat_in_root(pid, "/var/run/x");
+            if found.is_ok() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        // SAFETY: our own child.
+        unsafe {
+            libc::kill(child, libc::SIGKILL);
+            libc::waitpid(child, std::ptr::null_mut(), 0);
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!(found.unwrap(), (theirs.dev(), theirs.ino()));
     }
 
     #[test]
