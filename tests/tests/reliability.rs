@@ -57,13 +57,42 @@ fn named_job_with_survivor(
     run: &str,
     survivor: &str,
     down: &Path,
+    hook: bool,
 ) -> std::process::Child {
     let hooks = integration_tests::live::repo_root().join("hooks/github");
     let path = env.dir.join("survivor.sh");
     std::fs::write(&path, survivor).unwrap();
+    let hooked = env.dir.join("hooked");
+    let state = env.dir.join("agent/state/state.json");
+    let saved = |name: &str| {
+        std::fs::read_to_string(&state)
+            .unwrap_or_default()
+            .contains(name)
+    };
+    if !hook {
+        // A first job, so that the snapshot the agent writes at its first events is behind us:
+        // the next one on the 10 s tick would come well after the 3 s allowed below.
+        let primer = job_command(&worker(env), env, agent)
+            .args(["-c", "true"])
+            .env("GITHUB_RUN_ID", format!("{run}0"))
+            .env("GITHUB_JOB", "prime")
+            .env("GITHUB_REPOSITORY", "acme/primer")
+            .status()
+            .unwrap();
+        assert!(primer.success());
+        wait_until("the first job's name saved", 15, || saved("acme/primer"));
+    }
+    let started = if hook {
+        format!(
+            "sh {} && touch {}\n",
+            hooks.join("job-started.sh").display(),
+            hooked.display()
+        )
+    } else {
+        String::new()
+    };
     let script = format!(
-        "sh {started}\n(setsid sh {survivor} &)\nwhile [ ! -e {down} ]; do sleep 0.1; done\n",
-        started = hooks.join("job-started.sh").display(),
+        "{started}(setsid sh {survivor} &)\nwhile [ ! -e {down} ]; do sleep 0.1; done\n",
         survivor = path.display(),
         down = down.display(),
     );
@@ -83,6 +112,13 @@ fn named_job_with_survivor(
             .unwrap_or_default()
             .contains(&id)
     });
+    if hook {
+        // The hook has returned: the agent saved the job's name before answering it.
+        wait_until("the job-started hook", 20, || hooked.exists());
+    } else {
+        // Named by its environment alone: saved at once, well before the next snapshot tick.
+        wait_until("the job's name saved", 3, || saved(repository));
+    }
     job
 }
 
@@ -108,7 +144,8 @@ fn a_restarted_agent_keeps_its_jobs_and_judges_one_that_ended_while_it_was_down(
         down = down.display(),
         gate = gate.display(),
     );
-    let mut job = named_job_with_survivor(&env, &agent, "acme/restart", &run, &survivor, &down);
+    let mut job =
+        named_job_with_survivor(&env, &agent, "acme/restart", &run, &survivor, &down, true);
 
     let status = agent.stop();
     assert!(status.success(), "the agent stopped with {status}");
@@ -160,7 +197,7 @@ fn a_restarted_agent_keeps_its_jobs_and_judges_one_that_ended_while_it_was_down(
 /// The agent ends with `signal` (SIGKILL: a crash; SIGUSR2: a hand-over) while a job runs; while
 /// no agent runs, the job's root exits and its survivor reads a credential. The probes stayed
 /// attached (pinned) and recorded it: the next agent judges the read as after the job's end.
-fn probes_record_while_no_agent_runs(signal: i32, name: &str) {
+fn probes_record_while_no_agent_runs(signal: i32, name: &str, hook: bool) {
     let _machine = beside_others();
     let env = TestEnv::new(name);
     let dir = env.dir.join("agent");
@@ -177,7 +214,8 @@ fn probes_record_while_no_agent_runs(signal: i32, name: &str) {
         down = down.display(),
         read = read.display(),
     );
-    let mut job = named_job_with_survivor(&env, &agent, "acme/handover", &run, &survivor, &down);
+    let mut job =
+        named_job_with_survivor(&env, &agent, "acme/handover", &run, &survivor, &down, hook);
     let status = agent.end_with(signal);
     if signal == libc::SIGUSR2 {
         assert_eq!(status.code(), Some(75), "a hand-over exits 75: {status}");
@@ -209,12 +247,19 @@ fn probes_record_while_no_agent_runs(signal: i32, name: &str) {
 
 #[test]
 fn a_crashed_agents_probes_record_until_the_next_agent_reads_them() {
-    probes_record_while_no_agent_runs(libc::SIGKILL, "crash");
+    probes_record_while_no_agent_runs(libc::SIGKILL, "crash", true);
+}
+
+/// The same for a job no hook names: its name comes from its environment alone, and is saved
+/// at once (before, only at the next 10 s tick: a crash in between lost it).
+#[test]
+fn a_crashed_agent_hands_on_a_job_named_by_its_environment_alone() {
+    probes_record_while_no_agent_runs(libc::SIGKILL, "crash-env", false);
 }
 
 #[test]
 fn an_agent_hands_over_with_sigusr2_and_the_next_reads_what_happened_between() {
-    probes_record_while_no_agent_runs(libc::SIGUSR2, "handover");
+    probes_record_while_no_agent_runs(libc::SIGUSR2, "handover", true);
 }
 
 #[test]

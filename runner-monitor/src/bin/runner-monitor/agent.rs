@@ -185,6 +185,8 @@ struct Agent {
     dns_upstream: Option<runner_monitor::sensor::resolver::Upstream>,
     /// Something changed since the last snapshot; the snapshot being written, if one is.
     dirty: bool,
+    /// A job was named by its environment since the last snapshot (`save_names`).
+    names_unsaved: bool,
     snapshot_write: Option<JoinHandle<()>>,
 }
 
@@ -276,11 +278,25 @@ impl Agent {
 
     /// A batch from the ring buffer.
     fn events(&mut self, batch: Vec<Event>) -> std::io::Result<()> {
+        let names = batch
+            .iter()
+            .any(|e| matches!(e.detail, EventDetail::JobEnv { .. }));
         self.pipeline.run(batch)?;
         self.sync_egress();
         self.sync_alias_names();
         self.dirty = true;
+        self.names_unsaved |= names;
+        self.save_names();
         Ok(())
+    }
+
+    /// A job named by its environment (no hook) is saved at once, not at the next tick, so
+    /// that an agent that crashes soon after still knows whose events its probes recorded;
+    /// after the snapshot being written, if one is (looked at again every second).
+    fn save_names(&mut self) {
+        if self.names_unsaved && self.snapshot_write.as_ref().is_none_or(|w| w.is_finished()) {
+            self.snapshot(None);
+        }
     }
 
     /// Credential aliases the pipeline learned: the kernel reports their opens from now on.
@@ -396,11 +412,13 @@ impl Agent {
             }
         }
         self.dirty = false;
+        self.names_unsaved = false;
     }
 
     /// Every second: time moves (survivors' grace periods), the kernel's losses are raised, the
     /// gauges refreshed.
     fn second(&mut self) -> anyhow::Result<()> {
+        self.save_names();
         self.pipeline.advance(monotonic_ns())?;
         // Jobs forgotten as time passes, addresses whose TTL passed.
         self.sync_egress();

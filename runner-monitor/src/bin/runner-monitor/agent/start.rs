@@ -251,6 +251,7 @@ impl Agent {
             egress_seen: None,
             dns_upstream,
             dirty: false,
+            names_unsaved: false,
             snapshot_write: None,
         };
         Ok((agent, inputs))
