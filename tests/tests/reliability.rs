@@ -47,6 +47,21 @@ fn metric(agent: &Agent, series: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
+/// Files a test's job and survivor wait for, made when the test ends however it ends: a test
+/// that fails before it lets them go must not leave a job looping on the host (its `sleep`s
+/// would be job roots for every later test's agent).
+struct Release(Vec<std::path::PathBuf>);
+
+impl Drop for Release {
+    fn drop(&mut self) {
+        for file in &self.0 {
+            let _ = std::fs::write(file, "");
+        }
+        // Seen by the shells' 0.1 s polls before the test's directory, and the files, go.
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    }
+}
+
 /// A GitHub-style job named by its hook (`repository`, run `run`) whose root leaves a setsid'd
 /// survivor running `survivor` (a shell script) and exits once `down` exists; returns the root
 /// once the agent has named the job.
@@ -133,6 +148,7 @@ fn a_restarted_agent_keeps_its_jobs_and_judges_one_that_ended_while_it_was_down(
     let run = format!("{}41", std::process::id());
     let id = format!("{run}/build");
     let (down, gate) = (env.dir.join("agent-down"), env.dir.join("gate"));
+    let _release = Release(vec![down.clone(), gate.clone()]);
     // The job names itself through the runner's hook, leaves a setsid'd shell behind, and its
     // root exits only once the agent is down. The shell starts a new process while the agent is
     // down; that one reads a credential after the agent is back.
@@ -208,6 +224,7 @@ fn probes_record_while_no_agent_runs(signal: i32, name: &str, hook: bool) {
     let id = format!("{run}/build");
     let down = env.dir.join("agent-down");
     let read = env.dir.join("read");
+    let _release = Release(vec![down.clone()]);
     let survivor = format!(
         "while [ ! -e {down} ]; do sleep 0.1; done; sleep 1\n\
          cat \"$HOME/.aws/credentials\" > /dev/null; touch {read}; sleep 5\n",
