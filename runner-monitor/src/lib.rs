@@ -6,6 +6,7 @@
 pub mod attest;
 pub mod baseline;
 pub mod bounded;
+pub mod cgroups;
 pub mod clock;
 pub mod docker_api;
 pub mod engine;

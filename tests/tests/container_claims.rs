@@ -20,7 +20,7 @@ struct ContainerCgroup {
 
 impl ContainerCgroup {
     fn path(id: &str) -> PathBuf {
-        let root = runner_monitor::mounts::cgroup2_root().expect("a cgroup v2 hierarchy");
+        let root = runner_monitor::cgroups::cgroup2_root().expect("a cgroup v2 hierarchy");
         root.join(format!("rm-claim-{}", std::process::id()))
             .join(id)
     }

@@ -206,7 +206,7 @@ fn a_start_by_name_another_cgroup_took_is_still_the_jobs_container() {
     let env = TestEnv::new("containers-byname-taken");
     let run = run_id(17);
     let name = format!("rm-taken-{run}");
-    let v2 = runner_monitor::mounts::cgroup2_root().expect("a cgroup v2 hierarchy");
+    let v2 = runner_monitor::cgroups::cgroup2_root().expect("a cgroup v2 hierarchy");
     std::fs::create_dir_all(v2.join("docker")).unwrap();
     // A container's cgroup by its name: `docker/<64 hex digits>`.
     let other = v2.join("docker").join(format!("{run:f>64}"));

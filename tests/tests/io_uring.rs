@@ -404,7 +404,7 @@ fn a_credential_renamed_into_place_through_io_uring_is_left_behind() {
 #[test]
 fn a_start_request_on_a_registered_file_marks_the_container_for_the_job() {
     use std::io::{Read as _, Write as _};
-    let Some(v2) = runner_monitor::mounts::cgroup2_root() else {
+    let Some(v2) = runner_monitor::cgroups::cgroup2_root() else {
         eprintln!("no cgroup v2 hierarchy mounted: skipped");
         return;
     };

@@ -181,7 +181,7 @@ impl ContainerNamer {
                     // gone already, so not through its /proc).
                     let path = match self.exec_cgroups.get(&info.cgroup_id) {
                         Some(path) => Some(path.clone()),
-                        None => crate::mounts::container_cgroup_path(info.cgroup_id),
+                        None => crate::cgroups::container_cgroup_path(info.cgroup_id),
                     };
                     if let Some(path) = path {
                         self.exec_cgroups.insert(info.cgroup_id, path.clone());
@@ -192,7 +192,7 @@ impl ContainerNamer {
                 if !info.cgroup.is_empty() && !info.cgroup.starts_with('/') {
                     // The kernel sends a path's last 128 bytes: a container nested deeper (a
                     // dind sidecar's, below its pod's) is looked up by its cgroup id.
-                    if let Some(path) = crate::mounts::container_cgroup_path(info.cgroup_id) {
+                    if let Some(path) = crate::cgroups::container_cgroup_path(info.cgroup_id) {
                         info.cgroup = path;
                     }
                 }
@@ -420,7 +420,7 @@ fn unknown_to_the_daemon(info: &mut ContainerInfo) {
         return;
     };
     let cgroup =
-        crate::mounts::cgroup2_root().map(|root| root.join(info.cgroup.trim_start_matches('/')));
+        crate::cgroups::cgroup2_root().map(|root| root.join(info.cgroup.trim_start_matches('/')));
     if !cgroup.is_some_and(|c| c.is_dir()) {
         return;
     }

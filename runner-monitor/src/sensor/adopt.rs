@@ -11,8 +11,8 @@ use runner_monitor_common::{PROCESS_CONTAINER, ProcessJob, map_name};
 
 use super::{Sensor, SensorError, procfs::start_ns};
 use crate::{
+    cgroups::{ProcessCgroup, container_cgroup},
     event::JobKey,
-    mounts::{ProcessCgroup, container_cgroup},
 };
 
 /// What registering a container for a job did (`Sensor::claim_container`).

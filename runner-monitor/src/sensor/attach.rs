@@ -76,7 +76,7 @@ pub fn ensure_tracefs() -> Result<PathBuf, String> {
     Ok("/sys/kernel/tracing".into())
 }
 
-pub use crate::mounts::cgroup2_root;
+pub use crate::cgroups::cgroup2_root;
 
 /// Offset of `group_dead` in the `sched:sched_process_exit` record, from its tracefs `format`
 /// (`field:bool group_dead;\toffset:32;\tsize:1;\tsigned:0;`); `None` when the kernel's record

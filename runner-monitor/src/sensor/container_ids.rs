@@ -8,7 +8,7 @@ use aya::maps::HashMap;
 use runner_monitor_common::{CONTAINER_ID_LEN, map_name};
 
 use super::{Sensor, SensorError};
-use crate::mounts::container_cgroups;
+use crate::cgroups::container_cgroups;
 
 impl Sensor {
     /// Puts the containers running now into the kernel's map of container ids; how many.

@@ -188,7 +188,7 @@ fn tracepoint(tracefs: &std::path::Path, name: &str) -> io::Result<OwnedFd> {
 /// Attaches the floor's programs, prints "attached", and holds them until stdin closes.
 pub fn egress() {
     let tracefs = runner_monitor::sensor::attach::ensure_tracefs().expect("tracefs");
-    let root = runner_monitor::mounts::cgroup2_root().expect("a cgroup v2 hierarchy");
+    let root = runner_monitor::cgroups::cgroup2_root().expect("a cgroup v2 hierarchy");
     let cgroup = std::fs::File::open(&root).expect("opening the cgroup v2 root");
     let mut held = Vec::new();
     for name in TRACEPOINTS {
