@@ -32,7 +32,7 @@ const MAX_ANSWER: u64 = 1 << 20;
 pub struct ContainerNamer {
     /// Resolves jobs' starts by name while they are under way (`name_starts.rs`).
     name_starts: Option<NameStarts>,
-    /// cgroup id -> path, of containers jobs `docker exec`ed into (looked up once each).
+    /// cgroup id -> path, of containers the kernel gave no whole path for (looked up once each).
     exec_cgroups: BoundedMap<u64, String>,
     /// The jobs' API streams, for the container requests the kernel did not read.
     streams: RuntimeStreams,
@@ -175,9 +175,11 @@ impl ContainerNamer {
                 }
             }
             EventDetail::Container(info) => {
-                if info.exec_only && info.cgroup.is_empty() {
-                    // The kernel knows the container by its id only: its cgroup's path (and so
-                    // its runtime) is looked up here, once per container (the command may be
+                if !info.cgroup.starts_with('/') {
+                    // No whole path from the kernel: none for a container it knows by its id
+                    // only (a `docker exec` target), a path's last 128 bytes for one nested
+                    // deeper (a dind sidecar's, below its pod's). The path (and so the runtime)
+                    // is looked up by the cgroup id, once per container (the command may be
                     // gone already, so not through its /proc).
                     let path = match self.exec_cgroups.get(&info.cgroup_id) {
                         Some(path) => Some(path.clone()),
@@ -186,13 +188,6 @@ impl ContainerNamer {
                     if let Some(path) = path {
                         self.exec_cgroups.insert(info.cgroup_id, path.clone());
                         info.runtime = ContainerInfo::runtime_of(&path).to_owned();
-                        info.cgroup = path;
-                    }
-                }
-                if !info.cgroup.is_empty() && !info.cgroup.starts_with('/') {
-                    // The kernel sends a path's last 128 bytes: a container nested deeper (a
-                    // dind sidecar's, below its pod's) is looked up by its cgroup id.
-                    if let Some(path) = crate::cgroups::container_cgroup_path(info.cgroup_id) {
                         info.cgroup = path;
                     }
                 }
