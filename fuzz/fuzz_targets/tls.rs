@@ -1,7 +1,8 @@
 //! The first data segment of a job's TCP socket, through the ClientHello parser the kernel's
-//! `tls_egress` program runs (`runner_monitor_common::tls::find_server_name`), checked against an
-//! independent TLS parser (rusticata's `tls-parser`). The first input byte is where the record
-//! starts in the segment (the kernel passes the TCP payload's offset); the rest is the segment.
+//! `packet_egress` program runs (`runner_monitor_common::tls::find_server_name`), checked
+//! against an independent TLS parser (rusticata's `tls-parser`). The first input byte is where
+//! the record starts in the segment (the kernel passes the TCP payload's offset); the rest is
+//! the segment.
 //!
 //! Properties: a server name found lies inside the segment, after the record's start, and is
 //! not empty; a segment that does not start a TLS 1.x handshake record is `NotTls`; whenever

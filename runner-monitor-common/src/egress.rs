@@ -75,7 +75,7 @@ pub fn dns_port_key(addr: u32, port: u16, v6: bool, netns: u64) -> [u64; 2] {
 pub const MAX_DNS_ASKED: u32 = 4096;
 
 /// Where a redirected socket's queries were going (`DNS_REDIRECTS`, by socket cookie), and where
-/// a redirected UDP query was going (`DNS_ASKED`, written by `dns_egress` as the query leaves
+/// a redirected UDP query was going (`DNS_ASKED`, written by `packet_egress` as the query leaves
 /// for the resolver, keyed by its source address and port: `dns_port_key`). The resolver asks
 /// that server instead of its upstream when the job's allowlist admits it on port 53 (a
 /// cluster's DNS service).

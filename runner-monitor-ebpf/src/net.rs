@@ -29,7 +29,7 @@ use crate::{
     emit::{fill_header, send_built},
     maps::{PENDING_CONNECTS, PendingConnect, count, current_process},
     owner::SocketOwner,
-    packet::{self, IPPROTO_UDP},
+    packet::{self, IPPROTO_TCP, IPPROTO_UDP},
 };
 
 /// Per-CPU room to build a connect record (too large for the BPF stack): a thread's first
@@ -306,16 +306,12 @@ pub fn dns_sendmsg6(ctx: SockAddrContext) -> i32 {
 /// Copies a DNS message of a remembered socket into a DNS event; the egress verdict (1, or
 /// `redirect::PARK` for a query parked until the resolver listens in its namespace).
 #[inline(always)]
-fn dns_packet(ctx: &SkBuffContext, direction: u32) -> i32 {
-    // Every packet of the host comes here: what is not UDP goes at once, without a helper call.
-    let Some(packet::Transport {
+fn dns_packet(ctx: &SkBuffContext, transport: &packet::Transport, direction: u32) -> i32 {
+    let packet::Transport {
         family,
         protocol,
         l4,
-    }) = packet::transport(ctx)
-    else {
-        return 1;
-    };
+    } = *transport;
     if protocol != IPPROTO_UDP || l4 < 20 {
         return 1;
     }
@@ -432,13 +428,28 @@ fn dns_packet(ctx: &SkBuffContext, direction: u32) -> i32 {
     1
 }
 
+/// Every packet a socket in the cgroup tree sends, its headers read once: a UDP datagram may be
+/// a DNS query (`dns_packet`), a TCP segment a first ClientHello (`tls::egress_segment`). 1
+/// passes it, 0 drops it (a refused TLS socket's), `redirect::PARK` parks a query. One program
+/// for both: each program on a hook costs every packet of the host its run.
 #[cgroup_skb(egress)]
-pub fn dns_egress(ctx: SkBuffContext) -> i32 {
-    dns_packet(&ctx, runner_monitor_common::DNS_DIRECTION_QUERY)
+pub fn packet_egress(ctx: SkBuffContext) -> i32 {
+    // Every packet of the host comes here: what is neither UDP nor TCP goes at once.
+    let Some(transport) = packet::transport(&ctx) else {
+        return 1;
+    };
+    match transport.protocol {
+        IPPROTO_UDP => dns_packet(&ctx, &transport, runner_monitor_common::DNS_DIRECTION_QUERY),
+        IPPROTO_TCP => crate::tls::egress_segment(&ctx, &transport),
+        _ => 1,
+    }
 }
 
 #[cgroup_skb(ingress)]
 pub fn dns_ingress(ctx: SkBuffContext) -> i32 {
-    dns_packet(&ctx, DNS_DIRECTION_ANSWER);
+    // What is not UDP goes at once, without a helper call.
+    if let Some(transport) = packet::transport(&ctx) {
+        dns_packet(&ctx, &transport, DNS_DIRECTION_ANSWER);
+    }
     1
 }

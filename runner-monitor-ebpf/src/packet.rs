@@ -26,6 +26,7 @@ fn linear(ctx: &SkBuffContext) -> (usize, usize) {
 
 /// A packet's network and transport layer: the address family, the transport protocol and
 /// where the transport header starts.
+#[derive(Clone, Copy)]
 pub struct Transport {
     pub family: u16,
     pub protocol: u8,

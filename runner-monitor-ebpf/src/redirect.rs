@@ -22,7 +22,7 @@
 //! `ip netns exec`). A job process in block mode in a namespace it does not serve yet is named
 //! in `DNS_NETNS_WANTED` at its exec and at its DNS, and the agent opens the resolver's sockets
 //! in that namespace (or says it will not: `DNS_NETNS_PASS`, left to the verdict). A UDP query
-//! that comes before the agent did either is redirected all the same and parked: `dns_egress`
+//! that comes before the agent did either is redirected all the same and parked: `packet_egress`
 //! drops it without an error (`PARK`) while the namespace has no `DNS_NETNS` entry, so the
 //! client's retry (on the same socket, after its timeout) reaches the resolver. Nothing leaves
 //! in the meantime. A TCP connect then is left to the verdict (refused unless the server's
@@ -52,7 +52,7 @@ use crate::{
     names,
 };
 
-/// What `dns_egress` returns for a parked query: drop it, and tell the sender "congestion",
+/// What `packet_egress` returns for a parked query: drop it, and tell the sender "congestion",
 /// which a UDP send takes for success (`ENOBUFS`, not reported without `IP_RECVERR`).
 pub const PARK: i32 = 2;
 
@@ -81,7 +81,7 @@ pub static DNS_REDIRECTS: LruHashMap<u64, DnsRedirected> =
 pub static DNS_PORTS: LruHashMap<[u64; 2], u32> = LruHashMap::with_max_entries(MAX_DNS_PORTS, 0);
 
 /// Source address and port of a redirected UDP query (`dns_port_key`) -> the server the process
-/// addressed, written as the query leaves (`dns_egress`), so before the resolver reads it.
+/// addressed, written as the query leaves (`packet_egress`), so before the resolver reads it.
 #[map]
 pub static DNS_ASKED: LruHashMap<[u64; 2], DnsRedirected> =
     LruHashMap::with_max_entries(MAX_DNS_ASKED, 0);

@@ -4,9 +4,10 @@
 //! job's plan enforces server names (`sni = true` in block mode), in socket-local storage
 //! (`TLS_SOCKETS`); otherwise, where only a report is at stake, in `TLS_WATCHES`, an array slot
 //! its socket cookie names: a few stores, where the storage's allocation took ~0.9 us of a
-//! connect's ~1.3 us in `dns_connect4`. The `cgroup_skb` egress program (`tls_egress`) asks each
-//! data segment's socket for its storage (a socket without storage answers from a pointer in
-//! the socket), and a socket's first data segment for its watch. That segment is parsed
+//! connect's ~1.3 us in `dns_connect4`. The `cgroup_skb` egress program (`packet_egress`, which
+//! hands TCP segments to `egress_segment`) asks each data segment's socket for its storage (a
+//! socket without storage answers from a pointer in the socket), and a socket's first data
+//! segment for its watch. That segment is parsed
 //! (`runner_monitor_common::tls::find_server_name`), reported, and the socket let go; when the
 //! job's plan at that moment enforces names and the name is not allowed (`TLS_NAMES`), the
 //! socket is refused: this segment and every later one (its retransmissions too) are dropped,
@@ -31,7 +32,7 @@ use aya_ebpf::{
         bpf_get_socket_cookie, bpf_sk_fullsock, bpf_sk_storage_get, bpf_skb_load_bytes,
         bpf_tcp_sock,
     },
-    macros::{btf_map, cgroup_skb, map},
+    macros::{btf_map, map},
     maps::{Array, HashMap, PerCpuArray},
     programs::{SkBuffContext, SockAddrContext},
 };
@@ -42,13 +43,7 @@ use runner_monitor_common::{
     tls::{ClientHello, TlsBytes, TlsNameKey, find_server_name, sni_hash_step},
 };
 
-use crate::{
-    budget::within_budget,
-    emit::send_built,
-    maps::count,
-    owner::SocketOwner,
-    packet::{self, IPPROTO_TCP},
-};
+use crate::{budget::within_budget, emit::send_built, maps::count, owner::SocketOwner, packet};
 
 /// A job TCP socket's state (its storage, or in its watch): watched until its first data
 /// segment, then done (or refused).
@@ -180,23 +175,13 @@ fn destination(ctx: &SkBuffContext, family: u16) -> Option<[u8; 16]> {
     Some(addr)
 }
 
-/// Every packet a socket in the cgroup tree sends: 1 passes it, 0 drops it (a refused socket's).
-/// A program of its own beside `dns_egress` (the kernel passes a packet only when both say
-/// so): each is verified alone, and a kernel that refuses one keeps the other.
-#[cgroup_skb(egress)]
-pub fn tls_egress(ctx: SkBuffContext) -> i32 {
-    egress_segment(&ctx)
-}
-
-/// The egress verdict for one packet: 1 passes it, 0 drops it.
+/// The egress verdict for TCP segment `tcp` (from `net::packet_egress`): 1 passes it, 0 drops
+/// it (a refused socket's).
 #[inline(always)]
-fn egress_segment(ctx: &SkBuffContext) -> i32 {
-    // Most packets go here, for a few loads and no helper call: what is not TCP, and the TCP
-    // segments without a payload (handshakes, ACKs, FIN, RST), which hold no ClientHello. A
-    // refused socket's segments without payload pass too: they carry nothing out.
-    let Some(tcp) = packet::transport(ctx).filter(|t| t.protocol == IPPROTO_TCP) else {
-        return 1;
-    };
+pub fn egress_segment(ctx: &SkBuffContext, tcp: &packet::Transport) -> i32 {
+    // Most segments go here, for a few loads and no helper call: those without a payload
+    // (handshakes, ACKs, FIN, RST), which hold no ClientHello. A refused socket's segments
+    // without payload pass too: they carry nothing out.
     let Some(payload) = packet::tcp_payload(ctx, tcp.l4) else {
         return 1;
     };

@@ -39,10 +39,10 @@ pub const ENFORCING_PROGRAMS: [&str; 7] = [
 ];
 
 /// The program that refuses TLS to server names outside the allowlist (`sni = true`).
-pub const SNI_PROGRAM: &str = "tls_egress";
+pub const SNI_PROGRAM: &str = "packet_egress";
 
 /// The programs block mode needs under `policy` that are not among the attached `probes`: block
-/// mode can only report (or, for `tls_egress`, not check server names) while any is missing.
+/// mode can only report (or, for `packet_egress`, not check server names) while any is missing.
 pub fn missing_enforcement(
     probes: &[super::ProbeStatus],
     policy: &crate::policy::Policy,
@@ -289,7 +289,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn block_mode_needs_tls_egress_only_when_a_rule_checks_server_names() {
+    fn block_mode_needs_packet_egress_only_when_a_rule_checks_server_names() {
         let attached = |program: &str| super::super::ProbeStatus {
             sensor: "egress",
             program: program.to_owned(),

@@ -295,12 +295,6 @@ pub(super) const PROBES: &[Probe] = &[
     },
     Probe {
         sensor: "connect",
-        program: "tls_egress",
-        hooks: &[Hook::Skb(CgroupSkbAttachType::Egress)],
-        required: false,
-    },
-    Probe {
-        sensor: "connect",
         program: "sys_enter_socket",
         hooks: &[Tp("syscalls", "sys_enter_socket")],
         required: false,
@@ -317,9 +311,11 @@ pub(super) const PROBES: &[Probe] = &[
         hooks: &[Hook::SockAddr],
         required: false,
     },
+    // DNS queries and TLS ClientHellos, one program: each program on the hook costs every
+    // packet the host sends a run.
     Probe {
         sensor: "dns",
-        program: "dns_egress",
+        program: "packet_egress",
         hooks: &[Hook::Skb(CgroupSkbAttachType::Egress)],
         required: false,
     },

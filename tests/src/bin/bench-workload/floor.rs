@@ -42,8 +42,8 @@ const TRACEPOINTS: &[&str] = &[
     "sys_enter_sendmsg",
 ];
 
-/// The agent's cgroup hooks, one program each as the agent has (two on egress: the TLS and the
-/// DNS program), with the verdict that lets everything through.
+/// The agent's cgroup hooks, one program each as the agent has, with the verdict that lets
+/// everything through.
 const CGROUP_HOOKS: &[(u32, u32)] = &[
     (PROG_TYPE_CGROUP_SOCK_ADDR, CGROUP_INET4_CONNECT),
     (PROG_TYPE_CGROUP_SOCK_ADDR, CGROUP_INET6_CONNECT),
@@ -52,7 +52,6 @@ const CGROUP_HOOKS: &[(u32, u32)] = &[
     (PROG_TYPE_CGROUP_SOCK_ADDR, CGROUP_UDP4_RECVMSG),
     (PROG_TYPE_CGROUP_SOCK_ADDR, CGROUP_UDP6_RECVMSG),
     (PROG_TYPE_CGROUP_SOCK, CGROUP_INET_SOCK_CREATE),
-    (PROG_TYPE_CGROUP_SKB, CGROUP_INET_EGRESS),
     (PROG_TYPE_CGROUP_SKB, CGROUP_INET_EGRESS),
     (PROG_TYPE_CGROUP_SKB, CGROUP_INET_INGRESS),
 ];
