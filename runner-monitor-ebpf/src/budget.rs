@@ -6,7 +6,7 @@ use runner_monitor_common::{
     BUDGET_WINDOW_NS, EVENT_KIND_SLOTS, JobBudget, MAX_JOBS, counter, setting,
 };
 
-use crate::maps::{count, now_ns};
+use crate::maps::{count_by, now_ns};
 
 /// job key -> its use of the event budget. LRU: jobs long gone make room by themselves.
 #[map]
@@ -24,6 +24,20 @@ pub fn within_budget(job: u64, kind: u32) -> bool {
 /// whose header holds its time spares the budget a clock read.
 #[inline(always)]
 pub fn within_budget_at(job: u64, kind: u32, now: u64) -> bool {
+    charge(job, kind, now, 1)
+}
+
+/// Whether `events` more events of `job` fit its budget, all or none: the records of one send's
+/// buffers (`runtime_requests::stream_vectors`), charged once before they are made.
+#[inline(always)]
+pub fn within_budget_for(job: u64, kind: u32, events: u64) -> bool {
+    charge(job, kind, now_ns(), events)
+}
+
+/// Adds `events` to `job`'s count in the window `now` falls in; false when that takes it over
+/// the budget (the events are dropped, and counted).
+#[inline(always)]
+fn charge(job: u64, kind: u32, now: u64, events: u64) -> bool {
     let per_window = u64::from(crate::names::setting(setting::JOB_EVENTS_PER_WINDOW));
     if per_window == 0 {
         return true;
@@ -35,26 +49,27 @@ pub fn within_budget_at(job: u64, kind: u32, now: u64) -> bool {
             // in the window: it never moves the window back.
             if now.saturating_sub((*b).window_ns) >= BUDGET_WINDOW_NS {
                 (*b).window_ns = now;
-                (*b).count = 1;
-                return true;
+                (*b).count = 0;
             }
-            (*b).count += 1;
+            (*b).count += events;
             if (*b).count <= per_window {
                 return true;
             }
-            (*b).dropped += 1;
-            count(counter::JOB_BUDGET_DROPPED);
-            count(counter::LOST + (kind & (EVENT_KIND_SLOTS - 1)));
-            false
+            (*b).dropped += events;
         },
         None => {
             let fresh = JobBudget {
                 window_ns: now,
-                count: 1,
-                dropped: 0,
+                count: events,
+                dropped: if events <= per_window { 0 } else { events },
             };
             let _ = JOB_BUDGETS.insert(job, fresh, 0);
-            true
+            if events <= per_window {
+                return true;
+            }
         }
     }
+    count_by(counter::JOB_BUDGET_DROPPED, events);
+    count_by(counter::LOST + (kind & (EVENT_KIND_SLOTS - 1)), events);
+    false
 }

@@ -14,8 +14,8 @@
 use aya_ebpf::{
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::{
-        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
-        generated::bpf_get_current_cgroup_id,
+        bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
+        generated::{bpf_get_current_cgroup_id, bpf_get_current_comm},
     },
     macros::map,
     maps::RingBuf,
@@ -205,7 +205,11 @@ pub fn fill_task(header: &mut EventHeader, process: Option<&ProcessJob>) {
     header.uid = bpf_get_current_uid_gid() as u32;
     // SAFETY: helper without arguments.
     header.cgroup_id = unsafe { bpf_get_current_cgroup_id() };
-    header.comm = bpf_get_current_comm().unwrap_or([0; 16]);
+    // Straight into the header (zeros when it fails), not through 16 bytes of the caller's
+    // stack: a `bpf_loop` callback that sends events (`runtime_requests::stream_one`) must fit
+    // beside its caller in the 512 bytes the verifier allows them together.
+    // SAFETY: writes 16 bytes into the header's 16-byte `comm`.
+    unsafe { bpf_get_current_comm(header.comm.as_mut_ptr().cast(), header.comm.len() as u32) };
     fill_job(header, process);
 }
 

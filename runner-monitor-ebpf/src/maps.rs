@@ -93,9 +93,15 @@ pub fn agent_tgid() -> u32 {
 
 #[inline(always)]
 pub fn count(index: u32) {
+    count_by(index, 1);
+}
+
+/// Adds `n` to counter `index`.
+#[inline(always)]
+pub fn count_by(index: u32, n: u64) {
     if let Some(slot) = COUNTERS.get_ptr_mut(index) {
         // SAFETY: per-CPU slot, no other writer while this program runs on this CPU.
-        unsafe { *slot += 1 }
+        unsafe { *slot += n }
     }
 }
 

@@ -11,7 +11,11 @@
 //! another, one percent-encoded (`enrich/runtime_streams.rs`).
 
 use aya_ebpf::{
-    helpers::{bpf_probe_read_user, bpf_probe_read_user_buf, generated},
+    cty::c_void,
+    helpers::{
+        bpf_probe_read_user, bpf_probe_read_user_buf,
+        generated::{self, bpf_loop},
+    },
     macros::{map, tracepoint},
     maps::PerCpuArray,
     programs::TracePointContext,
@@ -145,7 +149,7 @@ fn on_send(ctx: &TracePointContext) {
         return;
     };
     let (buf, len) = (syscall_arg_direct(ctx, 1), syscall_arg_direct(ctx, 2));
-    stream(Socket::Fd(fd), job, buf, len, 0);
+    stream(Socket::Fd(fd).conn(), job, buf, len, 0);
     if len >= SHORTEST {
         on_request(buf, len, job);
     }
@@ -154,7 +158,7 @@ fn on_send(ctx: &TracePointContext) {
 /// The buffers of a `writev` or `sendmsg` on a job's unix socket: `iov` points at the caller's
 /// `count` `struct iovec`s (`{ void *base; size_t len; }`). The first is read for a request
 /// here (HTTP clients put the request line in one buffer: Node's libuv writes a request of
-/// several buffers with `writev`); the first `STREAM_BUFFERS` go to the agent's stream.
+/// several buffers with `writev`); every one goes to the agent's stream.
 #[inline(always)]
 fn on_vectored(iov: u64, count: u64, socket: Socket, job: u64) {
     if iov == 0 || count == 0 {
@@ -170,31 +174,105 @@ fn on_vectored(iov: u64, count: u64, socket: Socket, job: u64) {
     }
 }
 
-/// How many buffers of one send go to the agent's stream; a marker says more were sent.
-const STREAM_BUFFERS: u64 = 4;
+/// How many buffers of one send go to the agent's stream: every one a `writev` or `sendmsg` can
+/// have (`UIO_MAXIOV`); a marker would say more were sent.
+const STREAM_BUFFERS: u64 = 1024;
 
-/// The first `STREAM_BUFFERS` of `count` iovecs at `iov` (written out: no loop for the
-/// verifier), then a marker when there were more.
+/// What `stream_one` needs of a vectored send, and the iovec it reads.
+struct Vectors {
+    iov: u64,
+    /// `Socket::conn`.
+    conn: u64,
+    job: u64,
+    iovec: [u64; 2],
+}
+
+/// The send `stream_one` copies, per CPU. VERIFIER: in a map, not on the stack: a stack slot
+/// the loop is given makes the caller's states after it differ from those of its other paths
+/// (the io_uring request program then went past a million instructions), and 6.1's verifier
+/// refuses a callback whose stack and its caller's pass 512 bytes together.
+#[map]
+static VECTORS: PerCpuArray<Vectors> = PerCpuArray::with_max_entries(1, 0);
+
+/// Every buffer (up to `STREAM_BUFFERS`) of `count` iovecs at `iov`, one `bpf_loop` step each,
+/// then a marker when there were more. Until 2026-12-07 the first four were copied and the
+/// rest marked: a start request in a send's fifth buffer started a container that was not the
+/// job's. The job's event budget is charged for all of them at once, before: over it, none is
+/// sent (the agent's thread on the connection is lost, as for any record dropped).
 #[inline(always)]
 fn stream_vectors(iov: u64, count: u64, socket: Socket, job: u64) {
-    macro_rules! buffer {
-        ($i:expr) => {
-            if count > $i {
-                // SAFETY: a checked read of user memory.
-                match unsafe { bpf_probe_read_user((iov + 16 * $i) as *const [u64; 2]) } {
-                    Ok([base, len]) => stream(socket, job, base, len, $i),
-                    Err(_) => stream(socket, job, 0, RUNTIME_SENT_MORE, $i),
-                }
-            }
-        };
+    let buffers = count.min(STREAM_BUFFERS);
+    let marker = u64::from(count > STREAM_BUFFERS);
+    if !crate::budget::within_budget_for(job, EventKind::RuntimeSent as u32, buffers + marker) {
+        return;
     }
-    buffer!(0);
-    buffer!(1);
-    buffer!(2);
-    buffer!(3);
-    if count > STREAM_BUFFERS {
-        stream(socket, job, 0, RUNTIME_SENT_MORE, STREAM_BUFFERS as u32);
+    let Some(vectors) = VECTORS.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: this CPU's value, used by this program run only.
+    unsafe {
+        (*vectors).iov = iov;
+        (*vectors).conn = socket.conn();
+        (*vectors).job = job;
     }
+    // VERIFIER: bpf_loop, so that one step is verified once, not once per buffer.
+    // SAFETY: helper call; the callback is a static function.
+    unsafe {
+        bpf_loop(
+            buffers as u32,
+            stream_one as *mut c_void,
+            core::ptr::null_mut(),
+            0,
+        );
+    }
+    if marker != 0 {
+        let conn = socket.conn();
+        record(
+            conn,
+            job,
+            0,
+            RUNTIME_SENT_MORE,
+            STREAM_BUFFERS as u32,
+            SENT_BY_BUFFER,
+            0,
+        );
+    }
+}
+
+/// Buffer `index` of the send in `VECTORS` (its budget charged). An empty one sends nothing;
+/// one whose iovec cannot be read ends the copy with a marker (the agent's thread is lost
+/// there).
+extern "C" fn stream_one(index: u64, _: *mut c_void) -> i64 {
+    let Some(vectors) = VECTORS.get_ptr_mut(0) else {
+        return 1;
+    };
+    let index = index & (STREAM_BUFFERS - 1);
+    // SAFETY: this CPU's value, written before the loop; the iovec is read into it (a checked
+    // read of user memory).
+    let (conn, job, read, [base, len]) = unsafe {
+        let read = generated::bpf_probe_read_user(
+            (&raw mut (*vectors).iovec).cast(),
+            16,
+            ((*vectors).iov + 16 * index) as *const _,
+        );
+        ((*vectors).conn, (*vectors).job, read, (*vectors).iovec)
+    };
+    if read != 0 {
+        record(
+            conn,
+            job,
+            0,
+            RUNTIME_SENT_MORE,
+            index as u32,
+            SENT_BY_BUFFER,
+            0,
+        );
+        return 1;
+    }
+    if len != 0 {
+        record(conn, job, base, len, index as u32, SENT_BY_BUFFER, 0);
+    }
+    0
 }
 
 /// Copies buffer `buffer` of a send on a job's runtime connection (`len` bytes at `buf`; `len`
@@ -203,8 +281,8 @@ fn stream_vectors(iov: u64, count: u64, socket: Socket, job: u64) {
 /// Within the job's event budget, as its file and connect events: a job that floods its Docker
 /// socket with tiny writes is dropped and reported over budget, not every job's events with it.
 #[inline(always)]
-fn stream(socket: Socket, job: u64, buf: u64, len: u64, buffer: u32) {
-    sent_record(socket, job, buf, len, buffer, SENT_BY_BUFFER, 0);
+fn stream(conn: u64, job: u64, buf: u64, len: u64, buffer: u32) {
+    sent_record(conn, job, buf, len, buffer, SENT_BY_BUFFER, 0);
 }
 
 /// The record of `stream`, for bytes sent `via` any way (`SENT_BY_*`): from a buffer, its
@@ -212,20 +290,21 @@ fn stream(socket: Socket, job: u64, buf: u64, len: u64, buffer: u32) {
 /// stream has bytes it cannot read. `flags` go into the header (`HEADER_IO_URING`: sent by an
 /// io_uring operation, not a syscall).
 #[inline(always)]
-fn sent_record(socket: Socket, job: u64, buf: u64, len: u64, buffer: u32, via: u16, flags: u32) {
-    if !crate::budget::within_budget(job, EventKind::RuntimeSent as u32) {
-        return;
+fn sent_record(conn: u64, job: u64, buf: u64, len: u64, buffer: u32, via: u16, flags: u32) {
+    if crate::budget::within_budget(job, EventKind::RuntimeSent as u32) {
+        record(conn, job, buf, len, buffer, via, flags);
     }
+}
+
+/// `sent_record` once the budget is charged.
+#[inline(always)]
+fn record(conn: u64, job: u64, buf: u64, len: u64, buffer: u32, via: u16, flags: u32) {
     let n = if buf == 0 {
         0
     } else if len > RUNTIME_SENT_BYTES as u64 {
         RUNTIME_SENT_BYTES as u32
     } else {
         len as u32
-    };
-    let conn = match socket {
-        Socket::Fd(fd) => (u64::from(current_tgid()) << 32) | (fd & 0xffff_ffff),
-        Socket::File(file) => file,
     };
     let process = ProcessJob {
         job,
@@ -351,6 +430,18 @@ pub enum Socket {
     File(u64),
 }
 
+impl Socket {
+    /// The connection as the agent knows it (`RuntimeSentEvent::conn`): the process and
+    /// descriptor, or the file.
+    #[inline(always)]
+    fn conn(self) -> u64 {
+        match self {
+            Socket::Fd(fd) => (u64::from(current_tgid()) << 32) | (fd & 0xffff_ffff),
+            Socket::File(file) => file,
+        }
+    }
+}
+
 /// Job `job` asked to run a command in container `id` (its 64-digit id): the container's
 /// cgroup, when known, waits for the command's process. Nothing when the container is unknown
 /// (not made while the programs ran, not found by the agent at start).
@@ -423,7 +514,7 @@ pub fn enter_sendmmsg(ctx: TracePointContext) -> u32 {
         let fd = syscall_arg_direct(&ctx, 0);
         if let Some(job) = job_socket(fd) {
             sent_record(
-                Socket::Fd(fd),
+                Socket::Fd(fd).conn(),
                 job,
                 0,
                 RUNTIME_SENT_MORE,
@@ -444,7 +535,7 @@ pub fn enter_sendfile(ctx: TracePointContext) -> u32 {
     let fd = syscall_arg_direct(&ctx, 0);
     if let Some(job) = job_socket(fd) {
         let count = syscall_arg_direct(&ctx, 3);
-        sent_record(Socket::Fd(fd), job, 0, count, 0, SENT_BY_SENDFILE, 0);
+        sent_record(Socket::Fd(fd).conn(), job, 0, count, 0, SENT_BY_SENDFILE, 0);
     }
     0
 }
@@ -457,7 +548,7 @@ pub fn enter_splice(ctx: TracePointContext) -> u32 {
     let fd = syscall_arg_direct(&ctx, 2);
     if let Some(job) = job_socket(fd) {
         let len = syscall_arg_direct(&ctx, 4);
-        sent_record(Socket::Fd(fd), job, 0, len, 0, SENT_BY_SPLICE, 0);
+        sent_record(Socket::Fd(fd).conn(), job, 0, len, 0, SENT_BY_SPLICE, 0);
     }
     0
 }
@@ -569,14 +660,14 @@ pub fn io_uring_send(process: &ProcessJob, socket: Socket, sent: Sent) {
         }
     };
     if unreadable {
-        sent_record(socket, job, 0, len, 0, via, HEADER_IO_URING);
+        sent_record(socket.conn(), job, 0, len, 0, via, HEADER_IO_URING);
         return;
     }
     // One call of the request parser: the verifier follows each call site's copy.
     if count != 0 {
         stream_vectors(iov, count, socket, job);
     } else {
-        stream(socket, job, buf, len, 0);
+        stream(socket.conn(), job, buf, len, 0);
     }
     if len >= SHORTEST && buf != 0 {
         on_request(buf, len, job);

@@ -353,8 +353,9 @@ fn containers_a_job_starts_through_io_uring_are_the_job() {
 
 /// Start requests the kernel cannot read where they are sent, each from a job step: the request
 /// line cut across two writes (by id, and by name), pipelined after a ping in one write (and
-/// after a ping whose head is 3 KB long), in the second buffer of a `writev` after a ping, and
-/// with its id percent-encoded (the daemon routes the decoded path). The agent follows the
+/// after a ping whose head is 3 KB long), in the second buffer of a `writev` after a ping, in
+/// the eleventh and twelfth of one after a ping in ten (the kernel copied four until
+/// 2026-12-07), and with its id percent-encoded (the daemon routes the decoded path). The agent follows the
 /// job's stream and registers each container before the daemon makes it: every one is the
 /// job's. The pings carry the canary credential in a header, as a registry password would be:
 /// it is in no output. Starts sent from a file (`sendfile`) or a pipe (`splice`), which nothing
@@ -394,6 +395,10 @@ elif how in ("long-ping", "padded"):
     s.send(ping[:-2] + b"X-Pad: " + b"a" * pad + b"\r\n\r\n" + start)
 elif how == "later":
     os.writev(s.fileno(), [ping, start])
+elif how == "many-buffers":
+    # The ping in ten pieces, then the start cut in two: its line begins in the eleventh buffer.
+    pieces = [ping[i * len(ping) // 10:(i + 1) * len(ping) // 10] for i in range(10)]
+    os.writev(s.fileno(), pieces + [start[:30], start[30:]])
 elif how == "sendfile":
     request = os.path.join(os.path.dirname(sys.argv[0]), "request")
     with open(request, "wb") as f:
@@ -419,6 +424,7 @@ print(f"started {how}" if b"HTTP/1.1 204" in answer else f"{how}: {answer[-80:]!
         "pipelined",
         "long-ping",
         "later",
+        "many-buffers",
         "encoded",
     ];
     let hidden = ["sendfile", "splice", "padded"];

@@ -126,7 +126,7 @@ impl ContainerNamer {
                 io_uring,
             } => {
                 let (via, len) = (*via, *len);
-                let read = self.streams.sent(job, *conn, *buffer, len, &data.0, via);
+                let read = self.streams.sent(job, *conn, *buffer, len, &data.0);
                 // The descriptor, unless the connection is an io_uring file's.
                 let pid = event.process.pid;
                 let fd = if *conn >> 32 == u64::from(pid) {

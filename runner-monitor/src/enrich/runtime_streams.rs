@@ -14,9 +14,9 @@
 //! (the job's `agent-tamper`): bytes nothing could copy (`sendfile`, `splice`, memory the kernel
 //! could not read), a head longer than the copy (`RUNTIME_SENT_BYTES`, 8 KiB: no Docker client
 //! sends a head that long in one buffer), bytes past a body's end, a `sendmmsg`'s later
-//! messages. Where the thread was already lost (more buffers in one send than the kernel
-//! copies, a request that may switch the connection to a raw stream: `attach`, an exec's start,
-//! an upgraded `/session` or `/grpc`) the bytes past a long buffer's copy are not a finding: an
+//! messages. Where the thread was already lost (a record the job's event budget dropped, a
+//! request that may switch the connection to a raw stream: `attach`, an exec's start, an
+//! upgraded `/session` or `/grpc`) the bytes past a long buffer's copy are not a finding: an
 //! attached stdin comes in long writes. The thread is picked up again at the next request line
 //! at the start of a buffer or of a line. Nothing here is ever printed: the bytes may hold a
 //! registry password or a container's environment.
@@ -24,10 +24,7 @@
 use percent_encoding::percent_decode;
 use runner_monitor_common::CONTAINER_ID_LEN;
 
-use crate::{
-    bounded::BoundedMap,
-    event::{JobKey, SentVia},
-};
+use crate::{bounded::BoundedMap, event::JobKey};
 
 /// Connections followed at once (the least recently used is forgotten).
 const CONNECTIONS: usize = 1024;
@@ -125,9 +122,10 @@ impl RuntimeStreams {
         self.conns.remove(&conn);
     }
 
-    /// Buffer `buffer` of a send on connection `conn` of job `job`, sent `via`: `data`, the
-    /// first bytes of `len` sent (`None`: an unknown number of buffers, or of a `sendmmsg`'s
-    /// messages, past the kernel's copy; `data` empty with `len` above 0: none could be copied).
+    /// Buffer `buffer` of a send on connection `conn` of job `job` (by any call): `data`, the
+    /// first bytes of `len` sent (`None`: an unknown number of bytes, of buffers or of a
+    /// `sendmmsg`'s messages, nothing read; `data` empty with `len` above 0: none could be
+    /// copied).
     pub fn sent(
         &mut self,
         job: JobKey,
@@ -135,20 +133,19 @@ impl RuntimeStreams {
         buffer: u32,
         len: Option<u64>,
         data: &[u8],
-        via: SentVia,
     ) -> Read {
         let stream = self.conns.get_or_insert_with(conn, Stream::default);
         let mut read = Read::default();
         let Some(len) = len else {
             stream.state = State::Lost;
-            // No HTTP client sends requests as several messages of one `sendmmsg`; a `writev`
-            // of many buffers is Node's chunked body. A splice whose length is not known (an
-            // io_uring one, where the kernel's layout did not give it) and an io_uring send
-            // from a provided buffer are bytes nothing read.
-            read.unread = matches!(
-                via,
-                SentVia::Sendmmsg | SentVia::Splice | SentVia::ProvidedBuffer
-            );
+            // Bytes nothing read: a `sendmmsg`'s later messages (no HTTP client sends requests
+            // that way), a splice whose length is not known (an io_uring one, where the
+            // kernel's layout did not give it), an io_uring send from a provided buffer, the
+            // buffers of a `writev` or `sendmsg` whose iovecs the kernel could not read (not
+            // yet paged in: the send itself faults them in). Until 2026-12-07 the kernel copied
+            // a send's first four buffers and marked the rest, and a `writev` of more (Node's
+            // chunked bodies) was not a finding.
+            read.unread = true;
             return read;
         };
         if matches!(&stream.state, State::Head(h) if h.is_empty()) || stream.state == State::Lost {

@@ -246,6 +246,8 @@ pub(super) fn event(engine: &mut Engine, event: &Event, out: &mut Vec<Finding>) 
                 (Some(n), SentVia::Buffer) => format!("{n} bytes in one buffer"),
                 (Some(n), _) => format!("{n} bytes"),
                 (None, SentVia::Sendmmsg) => "messages".to_owned(),
+                // Iovecs the kernel could not read.
+                (None, SentVia::Buffer) => "buffers".to_owned(),
                 (None, _) => "bytes".to_owned(),
             };
             let mut f = engine.raise(
