@@ -28,6 +28,7 @@ mod packet;
 mod process;
 mod redirect;
 mod runtime_requests;
+mod runtime_sent;
 mod sockets;
 mod tamper;
 mod task_layout;
