@@ -28,7 +28,7 @@ pub fn within_budget_at(job: u64, kind: u32, now: u64) -> bool {
 }
 
 /// Whether `events` more events of `job` fit its budget, all or none: the records of one send's
-/// buffers (`runtime_requests::stream_vectors`), charged once before they are made.
+/// buffers (`runtime_sent::stream_vectors`), charged once before they are made.
 #[inline(always)]
 pub fn within_budget_for(job: u64, kind: u32, events: u64) -> bool {
     charge(job, kind, now_ns(), events)
