@@ -206,7 +206,7 @@ pub fn fill_task(header: &mut EventHeader, process: Option<&ProcessJob>) {
     // SAFETY: helper without arguments.
     header.cgroup_id = unsafe { bpf_get_current_cgroup_id() };
     // Straight into the header (zeros when it fails), not through 16 bytes of the caller's
-    // stack: a `bpf_loop` callback that sends events (`runtime_requests::stream_one`) must fit
+    // stack: a `bpf_loop` callback that sends events (`runtime_sent::stream_one`) must fit
     // beside its caller in the 512 bytes the verifier allows them together.
     // SAFETY: writes 16 bytes into the header's 16-byte `comm`.
     unsafe { bpf_get_current_comm(header.comm.as_mut_ptr().cast(), header.comm.len() as u32) };
