@@ -6,9 +6,9 @@
 //! request's submission): before the daemon can read the request.
 //!
 //! Every buffer sent on such a connection is also copied for the agent (`runtime_sent.rs`:
-//! `RuntimeSentEvent`, the first `RUNTIME_SENT_BYTES` of each), which follows the HTTP stream and finds the requests
-//! read here cannot be: a request line cut across writes or buffers, one pipelined after
-//! another, one percent-encoded (`enrich/runtime_streams.rs`).
+//! `RuntimeSentEvent`, the first `RUNTIME_SENT_BYTES` of each), which follows the HTTP stream
+//! and finds the requests read here cannot be: a request line cut across writes or buffers,
+//! one pipelined after another, one percent-encoded (`enrich/runtime_streams.rs`).
 
 use aya_ebpf::{
     helpers::{bpf_probe_read_user, bpf_probe_read_user_buf},
@@ -162,7 +162,7 @@ fn on_vectored(iov: u64, count: u64, socket: Socket, job: u64) {
     let Ok([base, len]) = (unsafe { bpf_probe_read_user(iov as *const [u64; 2]) }) else {
         return;
     };
-    stream_vectors(iov, count, socket, job);
+    stream_vectors(iov, count, socket.conn(), job);
     if len >= SHORTEST {
         on_request(base, len, job);
     }
@@ -480,7 +480,7 @@ pub fn io_uring_send(process: &ProcessJob, socket: Socket, sent: Sent) {
     }
     // One call of the request parser: the verifier follows each call site's copy.
     if count != 0 {
-        stream_vectors(iov, count, socket, job);
+        stream_vectors(iov, count, socket.conn(), job);
     } else {
         stream(socket.conn(), job, buf, len, 0);
     }

@@ -14,10 +14,7 @@ use runner_monitor_common::{
     container::{RUNTIME_SENT_BYTES, RUNTIME_SENT_MORE, RuntimeSentEvent, SENT_BY_BUFFER},
 };
 
-use crate::{
-    emit::{fill_header, send_runtime_sent},
-    runtime_requests::Socket,
-};
+use crate::emit::{fill_header, send_runtime_sent};
 
 /// How many buffers of one send go to the agent's stream: every one a `writev` or `sendmsg` can
 /// have (`UIO_MAXIOV`); a marker would say more were sent.
@@ -26,7 +23,7 @@ pub const STREAM_BUFFERS: u64 = 1024;
 /// What `stream_one` needs of a vectored send, and the iovec it reads.
 struct Vectors {
     iov: u64,
-    /// `Socket::conn`.
+    /// The connection (`RuntimeSentEvent::conn`).
     conn: u64,
     job: u64,
     iovec: [u64; 2],
@@ -45,7 +42,7 @@ static VECTORS: PerCpuArray<Vectors> = PerCpuArray::with_max_entries(1, 0);
 /// job's. The job's event budget is charged for all of them at once, before: over it, none is
 /// sent (the agent's thread on the connection is lost, as for any record dropped).
 #[inline(always)]
-pub fn stream_vectors(iov: u64, count: u64, socket: Socket, job: u64) {
+pub fn stream_vectors(iov: u64, count: u64, conn: u64, job: u64) {
     let buffers = count.min(STREAM_BUFFERS);
     let marker = u64::from(count > STREAM_BUFFERS);
     if !crate::budget::within_budget_for(job, EventKind::RuntimeSent as u32, buffers + marker) {
@@ -57,7 +54,7 @@ pub fn stream_vectors(iov: u64, count: u64, socket: Socket, job: u64) {
     // SAFETY: this CPU's value, used by this program run only.
     unsafe {
         (*vectors).iov = iov;
-        (*vectors).conn = socket.conn();
+        (*vectors).conn = conn;
         (*vectors).job = job;
     }
     // VERIFIER: bpf_loop, so that one step is verified once, not once per buffer.
@@ -71,7 +68,6 @@ pub fn stream_vectors(iov: u64, count: u64, socket: Socket, job: u64) {
         );
     }
     if marker != 0 {
-        let conn = socket.conn();
         record(
             conn,
             job,
