@@ -2,16 +2,15 @@
 //!
 //! `connect4`/`connect6` (net.rs) remember a job process's TCP socket (`note_socket`): when the
 //! job's plan enforces server names (`sni = true` in block mode), in socket-local storage
-//! (`TLS_SOCKETS`); otherwise, where only a report is at stake, in `TLS_WATCHES`, an array slot
-//! its socket cookie names: a few stores, where the storage's allocation took ~0.9 us of a
-//! connect's ~1.3 us in `dns_connect4`. The `cgroup_skb` egress program (`packet_egress`, which
-//! hands TCP segments to `egress_segment`) asks each data segment's socket for its storage (a
-//! socket without storage answers from a pointer in the socket), and a socket's first data
-//! segment for its watch. That segment is parsed
-//! (`runner_monitor_common::tls::find_server_name`), reported, and the socket let go; when the
-//! job's plan at that moment enforces names and the name is not allowed (`TLS_NAMES`), the
-//! socket is refused: this segment and every later one (its retransmissions too) are dropped,
-//! and a watched socket gets storage then, to stay refused.
+//! (`TLS_SOCKETS`); otherwise, where only a report is at stake, in `TLS_WATCHES`, an array slot its
+//! socket cookie names: a few stores, where the storage's allocation took ~0.9 us of a connect's
+//! ~1.3 us in `dns_connect4`. The `cgroup_skb` egress program (`packet_egress`, which hands TCP
+//! segments to `egress_segment`) asks each data segment's socket for its storage (a socket without
+//! storage answers from a pointer in the socket), and a socket's first data segment for its watch.
+//! That segment is parsed (`runner_monitor_common::tls::find_server_name`), reported, and the
+//! socket let go; when the job's plan at that moment enforces names and the name is not allowed
+//! (`TLS_NAMES`), the socket is refused: this segment and every later one (its retransmissions too)
+//! are dropped, and a watched socket gets storage then, to stay refused.
 //!
 //! The storage lives and dies with its socket (`BPF_MAP_TYPE_SK_STORAGE`): nothing to remove
 //! when a socket is closed, and no capacity a job could fill to evict its own refused socket. A

@@ -352,15 +352,15 @@ fn containers_a_job_starts_through_io_uring_are_the_job() {
 }
 
 /// Start requests the kernel cannot read where they are sent, each from a job step: the request
-/// line cut across two writes (by id, and by name), pipelined after a ping in one write (and
-/// after a ping whose head is 3 KB long), in the second buffer of a `writev` after a ping, in
-/// the eleventh and twelfth of one after a ping in ten (the kernel copied four until
-/// 2026-12-07), and with its id percent-encoded (the daemon routes the decoded path). The agent follows the
-/// job's stream and registers each container before the daemon makes it: every one is the
-/// job's. The pings carry the canary credential in a header, as a registry password would be:
-/// it is in no output. Starts sent from a file (`sendfile`) or a pipe (`splice`), which nothing
-/// can copy, or pipelined past the kernel's copy of a buffer (after a 9 KB head), are the job
-/// hiding from the monitor: `agent-tamper` for the job, naming the call.
+/// line cut across two writes (by id, and by name), pipelined after a ping in one write (and after
+/// a ping whose head is 3 KB long), in the second buffer of a `writev` after a ping, in the
+/// eleventh and twelfth of one after a ping in ten (the kernel copied four until 2026-12-07), and
+/// with its id percent-encoded (the daemon routes the decoded path). The agent follows the job's
+/// stream and registers each container before the daemon makes it: every one is the job's. The
+/// pings carry the canary credential in a header, as a registry password would be: it is in no
+/// output. Starts sent from a file (`sendfile`) or a pipe (`splice`), which nothing can copy, or
+/// pipelined past the kernel's copy of a buffer (after a 9 KB head), are the job hiding from the
+/// monitor: `agent-tamper` for the job, naming the call.
 #[test]
 fn start_requests_the_kernel_cannot_read_where_they_are_sent_are_the_jobs() {
     let agent = agent();
