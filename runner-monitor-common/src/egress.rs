@@ -128,6 +128,11 @@ pub const DNS_NETNS_OWN: u32 = 1 << 18;
 /// embedded DNS), asked by the resolver from inside the namespace: queries to it are
 /// redirected too.
 pub const DNS_NETNS_LOCAL: u32 = 1 << 19;
+/// `DNS_NETNS` value bit: the agent looked at that namespace when a job thread entered it
+/// (`setns`), before the exec of the program that will run there: the first exec names it
+/// again, so that the agent reads that program's resolv.conf (and, had the namespace only
+/// loopback then, its interfaces) once more.
+pub const DNS_NETNS_EARLY: u32 = 1 << 20;
 
 /// The `DNS_NETNS` value of a namespace the resolver listens in: `own` (the agent's), `local`
 /// (asks the namespace's own loopback server), `v6` (listens on `[::1]` too).
@@ -138,9 +143,10 @@ pub fn dns_netns_flags(own: bool, local: bool, v6: bool) -> u32 {
 /// Size of the `DNS_NETNS_WANTED` ring buffer: processes whose network namespace the agent
 /// should check for a resolver (8 bytes each, and the ring's 8-byte header).
 pub const DNS_NETNS_WANTED_BYTES: u32 = 64 * 1024;
-/// `DNS_NETNS_WANTED` values: why the process was named.
+/// `DNS_NETNS_WANTED` values: why the process (for `SETNS`, the thread) was named.
 pub const DNS_NETNS_WANTED_EXEC: u32 = 1;
 pub const DNS_NETNS_WANTED_QUERY: u32 = 2;
+pub const DNS_NETNS_WANTED_SETNS: u32 = 3;
 
 /// Value of an allowlist entry.
 #[repr(C)]

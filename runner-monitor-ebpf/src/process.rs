@@ -21,10 +21,10 @@ use aya_ebpf::{
     programs::TracePointContext,
 };
 use runner_monitor_common::{
-    ARG_LEN, ARGV_LEN, ARGV_MAX_ARGS, EXIT_CODE_KNOWN, EXIT_KILLED_BY_SIGNAL, EventKind, ExecEvent,
-    ExitEvent, ForkEvent, HEADER_TRUNCATED, JOB_ENDED, JobEnvEvent, JobState,
-    NAME_KIND_JOB_PARENT_COMM, NAME_KIND_JOB_ROOT_EXE, PATH_LEN, PROCESS_JOB_ROOT, ProcessJob,
-    counter, setting,
+    ARG_LEN, ARGV_LEN, ARGV_MAX_ARGS, DNS_NETNS_WANTED_EXEC, EXIT_CODE_KNOWN,
+    EXIT_KILLED_BY_SIGNAL, EventKind, ExecEvent, ExitEvent, ForkEvent, HEADER_TRUNCATED, JOB_ENDED,
+    JobEnvEvent, JobState, NAME_KIND_JOB_PARENT_COMM, NAME_KIND_JOB_ROOT_EXE, PATH_LEN,
+    PROCESS_JOB_ROOT, ProcessJob, counter, setting,
 };
 
 use aya_log_ebpf::warn;
@@ -431,7 +431,7 @@ pub fn sched_process_exec(ctx: TracePointContext) -> u32 {
         && crate::redirect::resolver_port().is_some()
         && crate::egress::blocks(&process)
     {
-        crate::redirect::want_netns_at_exec(tgid);
+        crate::redirect::want_netns_unless_served(tgid, DNS_NETNS_WANTED_EXEC);
     }
     0
 }

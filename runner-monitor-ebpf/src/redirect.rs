@@ -20,7 +20,8 @@
 //! Loopback is the network namespace's own, so the resolver listens, on the same port, in every
 //! namespace it serves (`DNS_NETNS`: the agent's, and those of job processes: a job's containers,
 //! `ip netns exec`). A job process in block mode in a namespace it does not serve yet is named
-//! in `DNS_NETNS_WANTED` at its exec and at its DNS, and the agent opens the resolver's sockets
+//! in `DNS_NETNS_WANTED` at its `setns` into it, at its exec and at its DNS, and the agent opens
+//! the resolver's sockets
 //! in that namespace (or says it will not: `DNS_NETNS_PASS`, left to the verdict). A UDP query
 //! that comes before the agent did either is redirected all the same and parked: `packet_egress`
 //! drops it without an error (`PARK`) while the namespace has no `DNS_NETNS` entry, so the
@@ -31,21 +32,22 @@
 use aya_ebpf::{
     EbpfContext,
     helpers::{
-        bpf_get_current_task,
+        bpf_get_current_pid_tgid, bpf_get_current_task,
         generated::{bpf_bind, bpf_get_netns_cookie, bpf_get_socket_cookie},
     },
-    macros::{cgroup_sock_addr, map},
+    macros::{cgroup_sock_addr, map, tracepoint},
     maps::{HashMap, LruHashMap, RingBuf},
-    programs::SockAddrContext,
+    programs::{SockAddrContext, TracePointContext},
 };
 use runner_monitor_common::{
-    AF_INET, AF_INET6, CONNECT_DNS_REDIRECTED, DNS_NETNS_LOCAL, DNS_NETNS_OWN, DNS_NETNS_PASS,
-    DNS_NETNS_V6, DNS_NETNS_WANTED_BYTES, DNS_NETNS_WANTED_EXEC, DNS_NETNS_WANTED_QUERY, DNS_PORT,
-    DnsRedirected, MAX_DNS_ASKED, MAX_DNS_NETNS, MAX_DNS_PORTS, dns_port_key, dns_source,
-    dns_source_policy, setting,
+    AF_INET, AF_INET6, CONNECT_DNS_REDIRECTED, DNS_NETNS_EARLY, DNS_NETNS_LOCAL, DNS_NETNS_OWN,
+    DNS_NETNS_PASS, DNS_NETNS_V6, DNS_NETNS_WANTED_BYTES, DNS_NETNS_WANTED_EXEC,
+    DNS_NETNS_WANTED_QUERY, DNS_NETNS_WANTED_SETNS, DNS_PORT, DnsRedirected, MAX_DNS_ASKED,
+    MAX_DNS_NETNS, MAX_DNS_PORTS, dns_port_key, dns_source, dns_source_policy, setting,
 };
 
 use crate::{
+    args::syscall_ret_direct,
     egress::{set_user_ip6, user_ip6},
     layout::{layout, read},
     maps::{current_process, pending_connect},
@@ -138,18 +140,42 @@ fn current_netns_cookie() -> Option<u64> {
     read(net + layout(&NET_COOKIE))
 }
 
-/// At the exec of job process `tgid` in block mode: names it to the agent unless its namespace
-/// is served already (an entry without `DNS_NETNS_PASS`; a passed one is looked at again).
+/// At the exec of job process `tgid` in block mode (`why`: `DNS_NETNS_WANTED_EXEC`), or when a
+/// thread `tid` of one entered another namespace (`DNS_NETNS_WANTED_SETNS`): names it to the
+/// agent unless its namespace is served already. Looked at again: a passed namespace, and at an
+/// exec one looked at only at a `setns` (`DNS_NETNS_EARLY`).
 #[inline(always)]
-pub fn want_netns_at_exec(tgid: u32) {
+pub fn want_netns_unless_served(pid: u32, why: u32) {
+    let again = if why == DNS_NETNS_WANTED_EXEC {
+        DNS_NETNS_PASS | DNS_NETNS_EARLY
+    } else {
+        DNS_NETNS_PASS
+    };
     if let Some(cookie) = current_netns_cookie()
         // SAFETY: a lookup; the value is copied.
         && let Some(flags) = unsafe { DNS_NETNS.get(cookie) }
-        && *flags & DNS_NETNS_PASS == 0
+        && *flags & again == 0
     {
         return;
     }
-    want_netns(tgid, DNS_NETNS_WANTED_EXEC);
+    want_netns(pid, why);
+}
+
+/// A job thread in block mode that entered a network namespace by `setns` (a container runtime
+/// joining the namespace a container will run in, `ip netns exec`, `nsenter`) is named at once,
+/// not at its first exec or query there: the agent's resolver is listening before the container's
+/// program starts. The thread's id, not its process's: `setns` moves one thread.
+#[tracepoint]
+pub fn sys_exit_setns(ctx: TracePointContext) -> u32 {
+    if syscall_ret_direct(&ctx) != 0 || resolver_port().is_none() {
+        return 0;
+    }
+    if let Some(process) = current_process()
+        && crate::egress::blocks(&process)
+    {
+        want_netns_unless_served(bpf_get_current_pid_tgid() as u32, DNS_NETNS_WANTED_SETNS);
+    }
+    0
 }
 
 /// Names process `tgid` to the agent for a resolver in its network namespace.
@@ -235,7 +261,8 @@ struct Served {
 /// process in block mode, to port 53, in a network namespace the resolver listens in, or that
 /// it has not looked at yet (`udp` only: parked). A `loopback` server outside the agent's
 /// namespace is that namespace's own (Docker's embedded DNS): redirected only where the
-/// resolver asks it itself (`DNS_NETNS_LOCAL`), else left alone.
+/// resolver asks it itself (`DNS_NETNS_LOCAL`) or has not read the program's resolv.conf yet
+/// (`DNS_NETNS_EARLY`), else left alone.
 #[inline(always)]
 fn redirected_policy(
     ctx: &SockAddrContext,
@@ -252,7 +279,14 @@ fn redirected_policy(
     let cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     // SAFETY: copied out at once.
     match unsafe { DNS_NETNS.get(cookie).copied() } {
-        Some(netns) if loopback && netns & (DNS_NETNS_OWN | DNS_NETNS_LOCAL) == 0 => None,
+        // Until the first exec in a namespace looked at only at a `setns` has been read, its
+        // loopback server may be the one its program's resolv.conf will name: the resolver
+        // answers (from upstream) rather than no one judging.
+        Some(netns)
+            if loopback && netns & (DNS_NETNS_OWN | DNS_NETNS_LOCAL | DNS_NETNS_EARLY) == 0 =>
+        {
+            None
+        }
         Some(netns) if netns & DNS_NETNS_PASS != 0 => None,
         Some(netns) => Some(Served {
             policy: job.policy,

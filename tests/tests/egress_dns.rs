@@ -351,11 +351,38 @@ fn block_mode_serves_dns_in_a_jobs_own_network_namespace() {
     )
     .unwrap();
     // The first thing of the job in its namespace: a process that entered it by setns, with no
-    // exec there, asks over connected UDP. Its first query is parked, unless the agent (named
-    // at the exec before the setns) was quicker; its resend, a second later, is answered by
-    // the resolver the agent opened meanwhile.
+    // exec there, asks over connected UDP at once. Its first query is parked, unless the agent
+    // (named at the setns) was quicker; its resend, a second later, is answered by the
+    // resolver the agent opened meanwhile.
     let parked =
         format!("!\"$JOB_STEP\" in-netns {j} dns udp-retry {SERVER}:53 allowed.test {PORT}");
+    // A process that entered a third namespace by setns and asks once, with no resend, a moment
+    // later (as a container's program asks after its runtime joined the namespace): the agent,
+    // named at the setns, listens there by then.
+    let early_ns = JobNamespace::new(&ns, 2, None);
+    let early = format!(
+        "!\"$JOB_STEP\" in-netns {} wait-ms 300 dns udp {SERVER}:53 allowed.test {PORT}",
+        early_ns.name
+    );
+    // As a container runtime starts a container's program on a Docker network: a thread joins
+    // the namespace (named to the agent then), makes a mount namespace with the container's
+    // resolv.conf (naming the namespace's own server at 127.0.0.11), and only then execs. The
+    // agent reads that resolv.conf at the exec: the resolver asks the namespace's server
+    // (`whoami` answers with the answering server's address; from upstream it would be
+    // SERVER's), and a name outside the allowlist is refused (left to the namespace's server,
+    // it would be answered).
+    let runtime_ns = JobNamespace::new(&ns, 3, None);
+    let r = &runtime_ns.name;
+    let mut embedded_r = serve_in(r, &["dns-serve".to_owned(), "127.0.0.11:53".to_owned()]);
+    let runtime_conf = env.dir.join("runtime-resolv.conf");
+    std::fs::write(&runtime_conf, conf).unwrap();
+    let runtime = |name: &str| {
+        format!(
+            "!\"$JOB_STEP\" in-netns {r} wait-ms 300 with-resolv-conf {} wait-ms 300 \
+             dns udp 127.0.0.11:53 {name} {PORT}",
+            runtime_conf.display()
+        )
+    };
     // In the job's namespace, after a shell's exec there (which names it to the agent) and a
     // wait.
     let in_ns =
@@ -374,6 +401,9 @@ fn block_mode_serves_dns_in_a_jobs_own_network_namespace() {
         "acme/dns-ns",
         &[
             ("parked", parked),
+            ("early", early),
+            ("runtime", runtime("whoami.allowed.test")),
+            ("runtime-denied", runtime("denied.test")),
             ("udp", in_ns(&dns("udp", "allowed.test"))),
             ("cname", in_ns(&dns("udp-send", "www.allowed.test"))),
             ("tcp", in_ns(&dns("tcp", "allowed.test"))),
@@ -404,6 +434,9 @@ fn block_mode_serves_dns_in_a_jobs_own_network_namespace() {
     );
     let expect = |label: &str, want: &str| expect_answer(&answers, label, want, &dir);
     expect("parked", &format!("NoError {ALLOWED} ok"));
+    expect("early", &format!("NoError {ALLOWED} ok"));
+    expect("runtime", "NoError 127.0.0.11 errno-111");
+    expect("runtime-denied", "Refused - -");
     expect("udp", &format!("NoError {ALLOWED} ok"));
     expect("cname", &format!("NoError {CNAME_TARGET} ok"));
     expect("tcp", &format!("NoError {ALLOWED} ok"));
@@ -433,10 +466,12 @@ fn block_mode_serves_dns_in_a_jobs_own_network_namespace() {
     // A process outside jobs in that namespace is not redirected either.
     outside_jobs_is_not_redirected(&["ip", "netns", "exec", j]);
 
-    for server in [&mut embedded, &mut embedded_d] {
+    for server in [&mut embedded, &mut embedded_d, &mut embedded_r] {
         let _ = server.kill();
         let _ = server.wait();
     }
+    drop(runtime_ns);
+    drop(early_ns);
     drop(docker_ns);
     drop(job_ns);
     drop(ns);

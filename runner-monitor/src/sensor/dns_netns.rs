@@ -6,14 +6,16 @@
 //! (`DNS_NETNS`: cookie -> flags).
 //!
 //! The kernel names job processes in block mode whose namespace it may not serve yet in
-//! `DNS_NETNS_WANTED`: at an exec in a namespace without an entry, or with a `DNS_NETNS_PASS` one
-//! (before the program's first instruction, so the resolver is normally there before the program
-//! asks; the kernel reads the namespace's cookie at offsets from the BTF, `NetnsLayout`; without
-//! them, at every exec) and at a DNS query in a namespace the agent has not
-//! looked at (that query is parked: dropped until the namespace has an entry, so the client's
-//! retry gets the resolver; `runner-monitor-ebpf/src/redirect.rs`). The ring wakes the agent at
-//! once; it opens `/proc/<pid>/ns/net` and, in a thread of its own, enters the namespace and
-//! binds.
+//! `DNS_NETNS_WANTED`: when a job thread enters a namespace without an entry (`setns`: a
+//! container runtime joining the namespace the container's program will run in, `ip netns exec`,
+//! `nsenter`), at an exec in a namespace without an entry, or with a `DNS_NETNS_PASS` one, or
+//! one looked at only at a `setns` (`DNS_NETNS_EARLY`: the program's resolv.conf and the
+//! namespace's interfaces are read again then), before the program's first instruction (the
+//! kernel reads the namespace's cookie at offsets from the BTF, `NetnsLayout`; without them, at
+//! every exec), and at a DNS query in a namespace the agent has not looked at (that query is
+//! parked: dropped until the namespace has an entry, so the client's retry gets the resolver;
+//! `runner-monitor-ebpf/src/redirect.rs`). The ring wakes the agent at once; it opens
+//! `/proc/<pid>/ns/net` and, in a thread of its own, enters the namespace and binds.
 //!
 //! A namespace with no interface but loopback has no way out and gets no resolver (the resolver
 //! would give it one): its entry says `DNS_NETNS_PASS`, and its DNS is left to the verdict, as
@@ -27,18 +29,20 @@ use std::{
     io,
     net::{IpAddr, Ipv4Addr, SocketAddr},
     os::unix::fs::MetadataExt,
+    sync::PoisonError,
     time::{Duration, Instant},
 };
 
 use aya::maps::{HashMap, MapData, RingBuf};
 use runner_monitor_common::{
-    DNS_NETNS_PASS, DNS_NETNS_WANTED_EXEC, DNS_NETNS_WANTED_QUERY, dns_netns_flags,
+    DNS_NETNS_EARLY, DNS_NETNS_PASS, DNS_NETNS_WANTED_EXEC, DNS_NETNS_WANTED_QUERY,
+    DNS_NETNS_WANTED_SETNS, dns_netns_flags,
 };
 use tokio::{io::unix::AsyncFd, task::JoinHandle};
 
 use super::{
     btf::{KernelBtf, KernelLayout},
-    resolver::{self, Service, Sockets},
+    resolver::{self, Servers, Service, Sockets},
 };
 
 /// How often namespaces no process is in are let go, and how long a new one is kept at least.
@@ -49,7 +53,7 @@ const RETRY: Duration = Duration::from_secs(2);
 
 /// Where the kernel keeps a task's network namespace cookie: byte offsets of the running kernel,
 /// from its BTF, so that an exec in a namespace served already names nothing to the agent
-/// (`want_netns_at_exec` in `runner-monitor-ebpf/src/redirect.rs`).
+/// (`want_netns_unless_served` in `runner-monitor-ebpf/src/redirect.rs`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct NetnsLayout {
     pub task_nsproxy: u32,
@@ -102,8 +106,13 @@ fn take_wanted(ring: &mut RingBuf<MapData>) -> Vec<(u32, u32)> {
 /// at again after `retry`).
 struct Served {
     cookie: u64,
-    /// The namespace's own servers the resolver asks, if any.
-    local: Option<Vec<SocketAddr>>,
+    /// The namespace's own servers the resolver asks, if any (empty: upstream).
+    local: Servers,
+    /// The resolver listens on `[::1]` there too.
+    v6: bool,
+    /// Looked at when a job thread entered it (`setns`), before the program that will run
+    /// there: its first exec is looked at again (`DNS_NETNS_EARLY`).
+    early: bool,
     tasks: Vec<JoinHandle<()>>,
     since: Instant,
     retry: Option<Instant>,
@@ -169,7 +178,7 @@ impl NetnsResolvers {
         Ok(())
     }
 
-    /// Serves the namespace of process `tgid` if it needs it.
+    /// Serves the namespace of process `tgid` (for a `setns`, of thread `tgid`) if it needs it.
     async fn check(&mut self, tgid: u32, why: u32) {
         // Gone already: its namespace is named again by its next process.
         let Ok(ns) = File::open(format!("/proc/{tgid}/ns/net")) else {
@@ -188,14 +197,23 @@ impl NetnsResolvers {
         if inode == self.own {
             return;
         }
-        if let Some(seen) = self.served.get(&inode)
-            && seen.retry.is_none_or(|retry| now < retry)
-        {
-            return;
+        let early = why == DNS_NETNS_WANTED_SETNS;
+        if let Some(seen) = self.served.get(&inode) {
+            let exec_after_setns = seen.early && why == DNS_NETNS_WANTED_EXEC;
+            if exec_after_setns && seen.retry.is_none() {
+                self.read_again(inode, tgid);
+                return;
+            }
+            // Passed at a `setns`, the exec is looked at whatever the retry says: the runtime
+            // may have given the namespace its interfaces since.
+            if !exec_after_setns && seen.retry.is_none_or(|retry| now < retry) {
+                return;
+            }
         }
         let why = match why {
             DNS_NETNS_WANTED_EXEC => "exec",
             DNS_NETNS_WANTED_QUERY => "query",
+            DNS_NETNS_WANTED_SETNS => "setns",
             _ => "unknown",
         };
         let listen = way_out(tgid);
@@ -217,7 +235,7 @@ impl NetnsResolvers {
         let served = match sockets {
             Some(Ok(sockets)) => {
                 let local = local_servers(tgid);
-                self.listen(cookie, sockets, ns, local)
+                self.listen(cookie, sockets, ns, local, early)
             }
             Some(Err(error)) => Err(error),
             None => {
@@ -236,7 +254,7 @@ impl NetnsResolvers {
                     netns = inode,
                     at = why,
                     v6,
-                    local = ?served.local,
+                    local = ?served.local.read().unwrap_or_else(PoisonError::into_inner),
                     lag_us = now.elapsed().as_micros() as u64,
                     "block mode's DNS resolver listens in a job's network namespace"
                 );
@@ -253,7 +271,9 @@ impl NetnsResolvers {
                 }
                 Served {
                     cookie,
-                    local: None,
+                    local: Servers::default(),
+                    v6: false,
+                    early,
                     tasks: Vec::new(),
                     since: now,
                     retry: Some(now + RETRY),
@@ -266,36 +286,68 @@ impl NetnsResolvers {
     }
 
     /// Serves `sockets`, bound in namespace `ns` (cookie `cookie`); whether on `[::1]` too.
-    /// `local`: the namespace's own loopback servers that answer its queries, if any.
+    /// `local`: the namespace's own loopback servers that answer its queries, if any; `early`:
+    /// looked at a `setns`, before its program's exec.
     fn listen(
         &mut self,
         cookie: u64,
         sockets: Sockets,
         ns: std::sync::Arc<File>,
         local: Vec<SocketAddr>,
+        early: bool,
     ) -> io::Result<(Served, bool)> {
         let is_local = !local.is_empty();
-        let servers = is_local.then(|| local.clone());
+        let local = Servers::new(local.into());
         let service = Service {
             ns: Some(ns),
-            local,
+            local: local.clone(),
             ..self.service.clone()
         };
         let (tasks, no_v6) = resolver::serve(sockets, &service, cookie)?;
         let v6 = no_v6.is_none();
-        let flags = dns_netns_flags(false, is_local, v6);
+        let early_bit = if early { DNS_NETNS_EARLY } else { 0 };
+        let flags = dns_netns_flags(false, is_local, v6) | early_bit;
         if let Err(error) = self.kernel.insert(cookie, flags, 0) {
             tasks.iter().for_each(JoinHandle::abort);
             return Err(io::Error::other(error));
         }
         let served = Served {
             cookie,
-            local: servers,
+            local,
+            v6,
+            early,
             tasks,
             since: Instant::now(),
             retry: None,
         };
         Ok((served, v6))
+    }
+
+    /// At the first exec in namespace `inode`, served since a job thread entered it: the
+    /// program's resolv.conf (which the runtime put in place after its `setns`) says whether the
+    /// namespace's own loopback server answers its DNS, as it would have at the exec.
+    fn read_again(&mut self, inode: u64, pid: u32) {
+        let Some(served) = self.served.get_mut(&inode) else {
+            return;
+        };
+        served.early = false;
+        let local = local_servers(pid);
+        let flags = dns_netns_flags(false, !local.is_empty(), served.v6);
+        let mut servers = served.local.write().unwrap_or_else(PoisonError::into_inner);
+        if *servers != local {
+            tracing::info!(
+                pid,
+                netns = inode,
+                ?local,
+                "block mode's DNS resolver in a job's network namespace: its program's \
+                 resolv.conf read at its exec"
+            );
+            *servers = local;
+        }
+        drop(servers);
+        if let Err(error) = self.kernel.insert(served.cookie, flags, 0) {
+            tracing::warn!(%error, "a job's network namespace not written to the kernel");
+        }
     }
 
     /// Stops serving a namespace; `forget`: its kernel entry goes too.

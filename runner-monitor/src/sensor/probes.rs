@@ -311,6 +311,14 @@ pub(super) const PROBES: &[Probe] = &[
         hooks: &[Hook::SockAddr],
         required: false,
     },
+    // Block mode's resolver in a namespace a job thread entered, before the program that will
+    // run there starts.
+    Probe {
+        sensor: "dns",
+        program: "sys_exit_setns",
+        hooks: &[Tp("syscalls", "sys_exit_setns")],
+        required: false,
+    },
     // DNS queries and TLS ClientHellos, one program: each program on the hook costs every
     // packet the host sends a run.
     Probe {

@@ -38,8 +38,11 @@ const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long a TCP client may stay idle between queries.
 const TCP_IDLE: Duration = Duration::from_secs(10);
 
+/// DNS servers the resolver forwards to, replaced while it runs: the upstream (on reload), a
+/// job namespace's own (when a program's resolv.conf is read, `dns_netns.rs`).
+pub type Servers = Arc<RwLock<Vec<SocketAddr>>>;
 /// The upstream servers, replaced on reload.
-pub type Upstream = Arc<RwLock<Vec<SocketAddr>>>;
+pub type Upstream = Servers;
 
 /// A running resolver: where it listens, and the network namespace it listens in.
 pub struct Resolver {
@@ -63,7 +66,7 @@ pub struct Service {
     pub ns: Option<Arc<std::fs::File>>,
     /// In a job namespace whose own loopback server answers its DNS (Docker's embedded DNS at
     /// 127.0.0.11): that server, asked from inside the namespace, instead of `upstream`.
-    pub local: Vec<SocketAddr>,
+    pub local: Servers,
 }
 
 /// The resolver's sockets in one network namespace, bound in it (a socket stays in the
@@ -156,7 +159,7 @@ pub async fn start(lists: SharedAllowlists, upstream: Vec<SocketAddr>) -> io::Re
         lists,
         upstream: Arc::new(RwLock::new(upstream)),
         ns: None,
-        local: Vec::new(),
+        local: Servers::default(),
     };
     let (_, no_v6) = serve(sockets, &service, netns_cookie)?;
     Ok(Resolver {
@@ -340,9 +343,10 @@ async fn answer(
         return refusal(&message, ResponseCode::Refused);
     };
     // Upstream is asked from the agent's namespace; the others from the job's.
+    let local = local.read().unwrap_or_else(PoisonError::into_inner).clone();
     let (servers, ns) = match asked {
         Some(server) => (vec![server], ns.as_ref()),
-        None if !local.is_empty() => (local.clone(), ns.as_ref()),
+        None if !local.is_empty() => (local, ns.as_ref()),
         None => (
             upstream
                 .read()

@@ -49,6 +49,11 @@
 //!                                  the connection's fd number; print `decoy`
 //! job-step in-netns NAME ARGS...  enter network namespace NAME (`ip netns`) by setns, with no
 //!                                  exec, then do ARGS
+//! job-step wait-ms N ARGS...       sleep N ms, then do ARGS
+//! job-step with-resolv-conf FILE ARGS...
+//!                                  in a mount namespace of its own, FILE bind-mounted on
+//!                                  /etc/resolv.conf, exec job-step ARGS (as a container runtime
+//!                                  sets up a container's program, with no exec before)
 //! job-step start-then-mkdir SOCKET REF DIR
 //!                                  send `POST /containers/REF/start` to the Docker API at
 //!                                  SOCKET, make directory DIR (a cgroup) at once, then print
@@ -65,11 +70,25 @@ use std::{
 
 fn main() {
     let mut args: Vec<String> = std::env::args().skip(1).collect();
-    if args.first().is_some_and(|a| a == "in-netns") && args.len() > 2 {
-        let ns = std::fs::File::open(format!("/run/netns/{}", args[1])).expect("the namespace");
-        // SAFETY: setns with a namespace descriptor we hold open.
-        let rc = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&ns), libc::CLONE_NEWNET) };
-        assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+    // Prefixes, each followed by more arguments: where and when the step runs.
+    while args.len() > 2 {
+        match args[0].as_str() {
+            "in-netns" => {
+                let ns =
+                    std::fs::File::open(format!("/run/netns/{}", args[1])).expect("the namespace");
+                // SAFETY: setns with a namespace descriptor we hold open.
+                let rc = unsafe {
+                    libc::setns(std::os::fd::AsRawFd::as_raw_fd(&ns), libc::CLONE_NEWNET)
+                };
+                assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+            }
+            "wait-ms" => {
+                let ms = args[1].parse().expect("milliseconds");
+                std::thread::sleep(std::time::Duration::from_millis(ms));
+            }
+            "with-resolv-conf" => with_resolv_conf(&args[1], &args[2..]),
+            _ => break,
+        }
         args.drain(..2);
     }
     let arg = |i: usize| {
@@ -590,4 +609,35 @@ fn uring_start(socket: &Path, id: &str, op: &str, connect: &str) -> std::io::Res
     let mut answer = String::new();
     stream.read_to_string(&mut answer)?;
     Ok(answer.lines().next().unwrap_or_default().to_owned())
+}
+
+/// In a private mount namespace, `conf` on /etc/resolv.conf, then this program again with `rest`:
+/// what a container runtime does between joining a container's network namespace and its
+/// program's exec.
+fn with_resolv_conf(conf: &str, rest: &[String]) -> ! {
+    let c = |s: &str| CString::new(s).unwrap();
+    let (conf, target, root) = (c(conf), c("/etc/resolv.conf"), c("/"));
+    // SAFETY: plain syscalls with NUL-terminated strings; the null pointers are optional
+    // arguments.
+    unsafe {
+        assert_eq!(libc::unshare(libc::CLONE_NEWNS), 0, "unshare");
+        let private = libc::MS_REC | libc::MS_PRIVATE;
+        let none = std::ptr::null();
+        assert_eq!(
+            libc::mount(none, root.as_ptr(), none, private, none.cast()),
+            0
+        );
+        let bind = libc::mount(
+            conf.as_ptr(),
+            target.as_ptr(),
+            none,
+            libc::MS_BIND,
+            none.cast(),
+        );
+        assert_eq!(bind, 0, "bind {}", std::io::Error::last_os_error());
+    }
+    let error = std::os::unix::process::CommandExt::exec(
+        std::process::Command::new("/proc/self/exe").args(rest),
+    );
+    panic!("exec: {error}");
 }

@@ -338,7 +338,7 @@ fn kernel_time(
 
 /// `n` fork + exec + wait of a static program in a job: in block mode the kernel names a job
 /// process to the agent at its exec unless its network namespace is served already
-/// (`want_netns_at_exec`). The programs' time per exec, wall ns per exec, and the agent's CPU
+/// (`want_netns_unless_served`). The programs' time per exec, wall ns per exec, and the agent's CPU
 /// per exec (all its threads).
 fn execs_in_job(dir: &Path, agent: &Agent, n: u64) -> anyhow::Result<Value> {
     let program = super::exec::noop(dir)?;
