@@ -60,6 +60,10 @@ enum Task {
         /// memory, engine, nats, fleet, dns, containers. All by default.
         #[arg(long, value_delimiter = ',')]
         only: Vec<String>,
+        /// Interleaved rounds of the benchmarks that compare modes round by round (5; `--smoke`:
+        /// 1). More rounds narrow the medians on a noisy host.
+        #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
+        rounds: Option<u16>,
     },
     /// Fuzz the parsers of untrusted input (libFuzzer via cargo-fuzz, nightly) for a bounded
     /// time per target; fails on a crash and names the reproducer.
@@ -125,12 +129,16 @@ fn main() -> anyhow::Result<()> {
             setup()?;
             build::check()
         }
-        Task::Bench { smoke, only } => {
+        Task::Bench {
+            smoke,
+            only,
+            rounds,
+        } => {
             setup()?;
             if !is_root() {
                 bail!("the benchmarks load the agent and enable tracepoints: run them as root");
             }
-            bench::bench(smoke, &only)
+            bench::bench(smoke, &only, rounds.map(usize::from))
         }
         Task::Lint => {
             setup()?;

@@ -369,7 +369,7 @@ const NAMES: [&str; 13] = [
     "guest",
 ];
 
-pub fn bench(smoke: bool, only: &[String]) -> anyhow::Result<()> {
+pub fn bench(smoke: bool, only: &[String], rounds: Option<usize>) -> anyhow::Result<()> {
     if let Some(unknown) = only.iter().find(|n| !NAMES.contains(&n.as_str())) {
         anyhow::bail!(
             "no benchmark named {unknown:?}; there are {}",
@@ -377,7 +377,7 @@ pub fn bench(smoke: bool, only: &[String]) -> anyhow::Result<()> {
         );
     }
     let want = |name: &str| only.is_empty() || only.iter().any(|n| n == name);
-    let sizes = if smoke {
+    let mut sizes = if smoke {
         Sizes {
             smoke,
             rounds: 1,
@@ -402,6 +402,9 @@ pub fn bench(smoke: bool, only: &[String]) -> anyhow::Result<()> {
             fleet_fingerprints: 1_000_000,
         }
     };
+    if let Some(rounds) = rounds {
+        sizes.rounds = rounds;
+    }
     run_cmd(Command::new("cargo").args(["build", "--release", "-p", "runner-monitor"]))?;
     run_cmd(Command::new("cargo").args([
         "build",
