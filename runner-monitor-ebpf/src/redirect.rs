@@ -21,13 +21,12 @@
 //! namespace it serves (`DNS_NETNS`: the agent's, and those of job processes: a job's containers,
 //! `ip netns exec`). A job process in block mode in a namespace it does not serve yet is named
 //! in `DNS_NETNS_WANTED` at its `setns` into it, at its exec and at its DNS, and the agent opens
-//! the resolver's sockets
-//! in that namespace (or says it will not: `DNS_NETNS_PASS`, left to the verdict). A UDP query
-//! that comes before the agent did either is redirected all the same and parked: `packet_egress`
-//! drops it without an error (`PARK`) while the namespace has no `DNS_NETNS` entry, so the
-//! client's retry (on the same socket, after its timeout) reaches the resolver. Nothing leaves
-//! in the meantime. A TCP connect then is left to the verdict (refused unless the server's
-//! address is allowed).
+//! the resolver's sockets in that namespace (or says it will not: `DNS_NETNS_PASS`, left to the
+//! verdict). A UDP query that comes before the agent did either is redirected all the same and
+//! parked: `packet_egress` drops it without an error (`PARK`) while the namespace has no
+//! `DNS_NETNS` entry, so the client's retry (on the same socket, after its timeout) reaches the
+//! resolver. Nothing leaves in the meantime. A TCP connect then is left to the verdict (refused
+//! unless the server's address is allowed).
 
 use aya_ebpf::{
     EbpfContext,
