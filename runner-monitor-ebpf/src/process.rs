@@ -427,11 +427,8 @@ pub fn sched_process_exec(ctx: TracePointContext) -> u32 {
     send_built::<ExecEvent>(&scratch.event);
     // A program in block mode may be in a network namespace of its own (a job's container, `ip
     // netns exec`): the agent checks that its resolver listens there before the program asks.
-    if let Some(process) = process
-        && crate::redirect::resolver_port().is_some()
-        && crate::egress::blocks(&process)
-    {
-        crate::redirect::want_netns_unless_served(tgid, DNS_NETNS_WANTED_EXEC);
+    if let Some(process) = process {
+        crate::redirect::want_netns_unless_served(&process, tgid, DNS_NETNS_WANTED_EXEC);
     }
     0
 }

@@ -42,7 +42,7 @@ use runner_monitor_common::{
     AF_INET, AF_INET6, CONNECT_DNS_REDIRECTED, DNS_NETNS_EARLY, DNS_NETNS_LOCAL, DNS_NETNS_OWN,
     DNS_NETNS_PASS, DNS_NETNS_V6, DNS_NETNS_WANTED_BYTES, DNS_NETNS_WANTED_EXEC,
     DNS_NETNS_WANTED_QUERY, DNS_NETNS_WANTED_SETNS, DNS_PORT, DnsRedirected, MAX_DNS_ASKED,
-    MAX_DNS_NETNS, MAX_DNS_PORTS, dns_port_key, dns_source, dns_source_policy, setting,
+    MAX_DNS_NETNS, MAX_DNS_PORTS, ProcessJob, dns_port_key, dns_source, dns_source_policy, setting,
 };
 
 use crate::{
@@ -139,12 +139,16 @@ fn current_netns_cookie() -> Option<u64> {
     read(net + layout(&NET_COOKIE))
 }
 
-/// At the exec of job process `tgid` in block mode (`why`: `DNS_NETNS_WANTED_EXEC`), or when a
-/// thread `tid` of one entered another namespace (`DNS_NETNS_WANTED_SETNS`): names it to the
-/// agent unless its namespace is served already. Looked at again: a passed namespace, and at an
-/// exec one looked at only at a `setns` (`DNS_NETNS_EARLY`).
+/// At the exec of job process `tgid` (`why`: `DNS_NETNS_WANTED_EXEC`), or when a thread `tid` of
+/// one entered another namespace (`DNS_NETNS_WANTED_SETNS`): names it to the agent if DNS is
+/// redirected, `process` is in block mode and its namespace is not served already. Looked at
+/// again: a passed namespace, and at an exec one looked at only at a `setns`
+/// (`DNS_NETNS_EARLY`).
 #[inline(always)]
-pub fn want_netns_unless_served(pid: u32, why: u32) {
+pub fn want_netns_unless_served(process: &ProcessJob, pid: u32, why: u32) {
+    if resolver_port().is_none() || !crate::egress::blocks(process) {
+        return;
+    }
     let again = if why == DNS_NETNS_WANTED_EXEC {
         DNS_NETNS_PASS | DNS_NETNS_EARLY
     } else {
@@ -166,13 +170,11 @@ pub fn want_netns_unless_served(pid: u32, why: u32) {
 /// program starts. The thread's id, not its process's: `setns` moves one thread.
 #[tracepoint]
 pub fn sys_exit_setns(ctx: TracePointContext) -> u32 {
-    if syscall_ret_direct(&ctx) != 0 || resolver_port().is_none() {
-        return 0;
-    }
-    if let Some(process) = current_process()
-        && crate::egress::blocks(&process)
+    if syscall_ret_direct(&ctx) == 0
+        && let Some(process) = current_process()
     {
-        want_netns_unless_served(bpf_get_current_pid_tgid() as u32, DNS_NETNS_WANTED_SETNS);
+        let tid = bpf_get_current_pid_tgid() as u32;
+        want_netns_unless_served(&process, tid, DNS_NETNS_WANTED_SETNS);
     }
     0
 }
