@@ -61,7 +61,7 @@ enum Task {
         #[arg(long, value_delimiter = ',')]
         only: Vec<String>,
         /// Interleaved rounds of the benchmarks that compare modes round by round (5; `--smoke`:
-        /// 1). More rounds narrow the medians on a noisy host.
+        /// 1; dns and workloads run at most 3). More rounds narrow the medians on a noisy host.
         #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
         rounds: Option<u16>,
     },
